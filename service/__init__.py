@@ -1,0 +1,13 @@
+"""lrserve's server: learning-rate schedules over HTTP, computed by torch's own schedulers."""
+
+from __future__ import annotations
+
+__all__ = ["create_app"]
+
+
+def __getattr__(name: str):  # lazy, so `python -m service --help` stays fast
+    if name == "create_app":
+        from service.app import create_app
+
+        return create_app
+    raise AttributeError(name)

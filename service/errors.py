@@ -1,0 +1,125 @@
+"""Domain errors, and the one place that turns them into HTTP answers.
+
+Handlers and the engine raise these; ``install_error_handlers`` maps every one of
+them (and FastAPI's own validation errors) to a JSON body of one shape::
+
+    {"detail": "schedule.milestones: must be strictly increasing",
+     "code": "invalid_spec",
+     "errors": [{"field": "schedule.milestones", "message": "must be strictly increasing"}]}
+
+so a user always reads what was wrong and where, never a stack trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one field; ``field`` is a dotted path such as ``schedule.schedulers.1.T_max``."""
+
+    field: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """Join a location tuple (``("schedule", "schedulers", 1)``) into ``schedule.schedulers.1``."""
+    return ".".join(str(part) for part in loc)
+
+
+class LRServeError(Exception):
+    """Root of every error the service reports on purpose."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, errors: Sequence[FieldError] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errors = list(errors)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "detail": self.message,
+            "code": self.code,
+            "errors": [e.as_dict() for e in self.errors],
+        }
+
+
+class InvalidInput(LRServeError):
+    """A request field has a value the service cannot accept."""
+
+    status_code = 422
+    code = "invalid_input"
+
+    @classmethod
+    def at(cls, field: str, message: str) -> InvalidInput:
+        return cls(f"{field}: {message}", errors=[FieldError(field, message)])
+
+    @classmethod
+    def many(cls, errors: Sequence[FieldError]) -> InvalidInput:
+        return cls("; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors)
+
+
+class SpecError(InvalidInput):
+    """A schedule spec is invalid; every problem names its field path."""
+
+    code = "invalid_spec"
+
+
+class ScheduleError(InvalidInput):
+    """The schedule cannot produce a value at the asked step (torch itself would raise there)."""
+
+    code = "schedule_error"
+
+
+class LimitExceeded(LRServeError):
+    """A request is larger than a configured limit."""
+
+    status_code = 413
+    code = "limit_exceeded"
+
+
+class RunNotFound(LRServeError):
+    """No run has this id."""
+
+    status_code = 404
+    code = "run_not_found"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} does not exist", errors=[FieldError("run_id", "not found")])
+        self.run_id = run_id
+
+
+class RunConflict(LRServeError):
+    """The run exists with a different spec, or the request contradicts the run's state."""
+
+    status_code = 409
+    code = "run_conflict"
+
+
+class Unauthorized(LRServeError):
+    """Missing or unknown bearer token."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(LRServeError):
+    """The token's role may not use this route."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class StoreUnavailable(LRServeError):
+    """The database could not be reached or refused the write."""
+
+    status_code = 503
+    code = "store_unavailable"

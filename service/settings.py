@@ -1,0 +1,66 @@
+"""Server settings: one pydantic-settings class, read from ``LRSERVE_*`` variables.
+
+Defaults run locally with no setup (an SQLite file in the working directory).
+Read through ``get_settings()``; tests build ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DB = "sqlite:///./lrserve.db"
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Environment: ``LRSERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LRSERVE_", extra="ignore")
+
+    db: str = Field(DEFAULT_DB, description="Database URL: sqlite:///file.db or postgresql+psycopg://...")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    tokens: str = Field("", description="Comma-separated role:token pairs (roles: read, write, admin).")
+    tokens_file: Path | None = Field(None, description="File with one role:token per line.")
+    insecure: bool = Field(False, description="Allow a non-loopback bind without tokens.")
+
+    barrier_timeout_s: float = Field(
+        30.0, gt=0, description="How long a metric barrier waits for every rank before deciding."
+    )
+    max_ahead: int = Field(10_000, ge=0, description="Most steps one window may return beyond `step`.")
+    max_jump: int = Field(10_000, ge=1, description="Most steps one request may move the horizon.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
+    max_groups: int = Field(1024, ge=1, description="Most param groups per run.")
+    snapshot_every: int = Field(
+        1000, ge=1, description="Steps between engine snapshots (bounds replay after restart)."
+    )
+    sqlite_synchronous: str = Field(
+        "NORMAL", description="SQLite synchronous mode: NORMAL survives a process crash, FULL power loss."
+    )
+
+    @field_validator("db")
+    @classmethod
+    def _normalise_db(cls, value: str) -> str:
+        if value.startswith("postgres://"):
+            value = "postgresql://" + value.removeprefix("postgres://")
+        if value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        if not value.startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError("db must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        return value
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _check_synchronous(cls, value: str) -> str:
+        if value.upper() not in {"NORMAL", "FULL", "EXTRA"}:
+            raise ValueError("sqlite_synchronous must be NORMAL, FULL or EXTRA")
+        return value.upper()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,179 @@
+"""The storage contract shared by the SQLite and PostgreSQL backends.
+
+A store keeps, per run: one row (spec, labels, status, horizon), an append-only
+event log, optional engine snapshots, metric history and metric-barrier reports.
+
+Contract (every backend, every process):
+
+- **Per-run ordering.** Events of one run get consecutive ``seq`` numbers from 1, in
+  the order their transactions committed. Events are never changed or deleted
+  (except with their run).
+- **One writer per run at a time.** ``lock_run`` opens a transaction that holds the
+  run's lock (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL)
+  until it commits; everything written through it lands together or not at all.
+  Other runs are not blocked (PostgreSQL) or only for the commit (SQLite).
+- **Durability.** When a write method or a ``lock_run`` block returns, the data
+  survives a ``kill -9`` of the process.
+- **Immutability of answers.** Returned objects are frozen snapshots; they never
+  change under the caller.
+- **Thread and process safety.** A store object may be shared by all threads of a
+  process; several processes may open the same database.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from service.store.events import Event, NewEvent
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run's row. ``spec`` is the create request (schedule, base_lrs, ...), immutable."""
+
+    run_id: str
+    spec: dict[str, Any]
+    labels: dict[str, str]
+    status: str
+    horizon: int
+    last_seq: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Engine state after applying events up to ``seq`` and stepping to ``step``."""
+
+    step: int
+    seq: int
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    """One logged value; ``(run_id, name, step, rank)`` identifies it, so retries are harmless."""
+
+    name: str
+    step: int
+    rank: int
+    value: float
+
+
+class RunTransaction(abc.ABC):
+    """A run locked for writing; obtained from ``BaseStore.lock_run``."""
+
+    run: RunRecord
+    """The run's row as read under the lock."""
+
+    @abc.abstractmethod
+    def read_events(self, after_seq: int = 0) -> list[Event]:
+        """Events with ``seq > after_seq``, in order."""
+
+    @abc.abstractmethod
+    def append_events(self, events: Sequence[NewEvent]) -> list[Event]:
+        """Append events after the last one; returns them with ``seq`` and ``at`` set."""
+
+    @abc.abstractmethod
+    def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
+        """Set the horizon and/or status (``updated_at`` follows). The horizon never goes down."""
+
+
+class BaseStore(abc.ABC):
+    """Persistent state of every run. See the module docstring for the contract."""
+
+    @abc.abstractmethod
+    def create_run(
+        self, run_id: str, spec: Mapping[str, Any], labels: Mapping[str, str], created: NewEvent
+    ) -> tuple[RunRecord, bool]:
+        """Create a run with its first event, unless it exists.
+
+        Returns:
+            The run's record and ``True`` if this call created it, or the existing
+            record and ``False`` (the caller compares specs).
+        """
+
+    @abc.abstractmethod
+    def read_run(self, run_id: str) -> RunRecord:
+        """Raises:
+        RunNotFound: no such run.
+        """
+
+    @abc.abstractmethod
+    def list_runs(
+        self,
+        *,
+        labels: Mapping[str, str] | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[RunRecord]:
+        """Runs ordered by ``run_id``, those after ``after`` (the cursor), matching every label."""
+
+    @abc.abstractmethod
+    def count_runs(self) -> int:
+        """How many runs exist."""
+
+    @abc.abstractmethod
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and everything of it. Raises RunNotFound."""
+
+    @abc.abstractmethod
+    def lock_run(self, run_id: str) -> AbstractContextManager[RunTransaction]:
+        """Open a transaction holding the run's lock; commits on exit, rolls back on error.
+
+        Raises:
+            RunNotFound: no such run (on enter).
+            StoreUnavailable: the database failed.
+        """
+
+    @abc.abstractmethod
+    def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        """Events with ``seq > after_seq``, in order, without taking the lock."""
+
+    @abc.abstractmethod
+    def save_snapshot(self, run_id: str, snapshot: Snapshot) -> None:
+        """Keep an engine snapshot (replaces one at the same step)."""
+
+    @abc.abstractmethod
+    def load_snapshot(self, run_id: str, *, max_step: int | None = None) -> Snapshot | None:
+        """The snapshot with the highest step (at most ``max_step``), or None."""
+
+    @abc.abstractmethod
+    def append_metrics(self, run_id: str, records: Sequence[MetricRecord]) -> int:
+        """Record metric values for history; a record already stored is kept as it was.
+
+        Returns:
+            How many records were new.
+        """
+
+    @abc.abstractmethod
+    def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
+        """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
+
+    @abc.abstractmethod
+    def add_barrier_report(self, run_id: str, step: int, rank: int, name: str, value: float) -> None:
+        """Record one rank's watched metric for ``step`` (idempotent per rank)."""
+
+    @abc.abstractmethod
+    def read_barrier_reports(self, run_id: str, step: int) -> dict[int, float]:
+        """The ranks that reported for ``step`` and their values."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raises StoreUnavailable if the database cannot be reached."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+
+def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Split ``items`` into slices of at most ``size`` (bulk inserts stay under driver limits)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,52 @@
+"""Event kinds and records of a run's append-only log.
+
+Values never stored per step: they are a pure function of these events (see DESIGN.md).
+Kinds are stable strings; never rename or reuse one, the log on disk depends on them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class EventKind(str, enum.Enum):
+    """What an event records. Inputs feed the replay; outputs only document what it did."""
+
+    CREATED = "created"  # input: the run's spec
+    METRIC = "metric"  # input: a watched metric fed to a decision at ``step``
+    CONTROL = "control"  # input: an operator action applied right after ``step``
+    STATUS = "status"  # output: the run's status changed
+    PLATEAU_REDUCTION = "plateau_reduction"  # output: a plateau stage lowered the LRs
+    BARRIER_TIMEOUT = "barrier_timeout"  # output: not every rank reported in time
+    SCHEDULE_SWITCH = "schedule_switch"  # output: the schedule changed (range test ended)
+
+    @property
+    def is_input(self) -> bool:
+        return self in (EventKind.CREATED, EventKind.METRIC, EventKind.CONTROL)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event about to be appended; the store gives it ``seq`` and ``at``."""
+
+    kind: EventKind
+    step: int | None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event as stored: ``seq`` counts from 1 per run, without gaps."""
+
+    seq: int
+    kind: EventKind
+    step: int | None
+    payload: dict[str, Any]
+    at: datetime
+
+    def public(self) -> dict[str, Any]:
+        """The event as the API shows it: ``kind``, ``step``, ``at``, then the payload's fields."""
+        return {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), **self.payload}
