@@ -123,3 +123,51 @@ class StoreUnavailable(LRServeError):
 
     status_code = 503
     code = "store_unavailable"
+
+
+def _validation_errors(raw: Sequence[Any]) -> list[FieldError]:
+    """FastAPI's request validation errors, as field paths and plain words."""
+    errors = []
+    for err in raw:
+        loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            message = f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+        if err.get("type") == "missing" and not loc:
+            loc = ["body"]
+        errors.append(FieldError(field_path(loc) or "body", message))
+    return errors
+
+
+def install_error_handlers(app: Any) -> None:
+    """Register the one mapping from errors to JSON answers on a FastAPI app."""
+    import logging
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from service.api.responses import FastJSONResponse
+
+    log = logging.getLogger("lrserve")
+
+    async def on_domain_error(request: Any, exc: LRServeError) -> FastJSONResponse:
+        return FastJSONResponse(exc.body(), status_code=exc.status_code)
+
+    async def on_validation_error(request: Any, exc: RequestValidationError) -> FastJSONResponse:
+        return await on_domain_error(request, InvalidInput.many(_validation_errors(exc.errors())))
+
+    async def on_http_error(request: Any, exc: HTTPException) -> FastJSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"detail": str(exc.detail), "code": code, "errors": []}
+        return FastJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def on_unexpected(request: Any, exc: Exception) -> FastJSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        body = {"detail": "internal error; the server log has the details", "code": "internal_error",
+                "errors": []}
+        return FastJSONResponse(body, status_code=500)
+
+    app.add_exception_handler(LRServeError, on_domain_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,11 @@
+"""``python -m service [OPTIONS]`` starts the server (same as ``lrserve serve``);
+``python -m service COMMAND ...`` runs any other ``lrserve`` command."""
+
+import sys
+
+from service.cli import main
+
+args = sys.argv[1:]
+if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
+    args = ["serve", *args]
+raise SystemExit(main(args))

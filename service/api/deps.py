@@ -1,0 +1,40 @@
+"""Dependencies of the routes, each with an ``Annotated`` alias."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.runs.manager import RunManager
+from service.settings import Settings
+from service.store.base import BaseStore
+
+
+def get_manager(request: Request) -> RunManager:
+    return request.app.state.manager
+
+
+def get_store(request: Request) -> BaseStore:
+    return request.app.state.manager.store
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+ManagerDep = Annotated[RunManager, Depends(get_manager)]
+StoreDep = Annotated[BaseStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def _role(required: str):
+    def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+        return request.app.state.auth.require(authorization, required)
+
+    return Depends(check)
+
+
+ReadAccess = _role("read")
+WriteAccess = _role("write")
+AdminAccess = _role("admin")

@@ -1,0 +1,30 @@
+"""Operations: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.deps import StoreDep
+from service.api.responses import FastJSONResponse
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def read_health() -> Response:
+    """The process is up."""
+    return FastJSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+def read_ready(store: StoreDep) -> Response:
+    """The store is reachable (503 otherwise)."""
+    store.ping()
+    return FastJSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+def read_metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(request.app.state.telemetry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,108 @@
+"""Runs: create, list, read, delete, operator control, history."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from service.api.deps import AdminAccess, ManagerDep, ReadAccess, WriteAccess
+from service.api.responses import FastJSONResponse
+from service.api.schemas import (
+    ControlRequest,
+    ControlResult,
+    HistoryPublic,
+    RunCreate,
+    RunId,
+    RunPublic,
+    RunsPublic,
+    Status,
+)
+from service.errors import InvalidInput
+from service.runs.manager import RunManager
+from service.store.base import RunRecord
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+
+def run_public(manager: RunManager, record: RunRecord) -> dict:
+    state = manager.state(record.run_id)
+    lrs, moms = state.values[-1]
+    return {
+        "run_id": record.run_id,
+        "schedule": record.spec["schedule"],
+        "base_lrs": record.spec["base_lrs"],
+        "base_momentums": record.spec["base_momentums"],
+        "labels": record.labels,
+        "world_size": record.spec["world_size"],
+        "status": state.status,
+        "horizon": state.horizon,
+        "lrs": list(lrs),
+        "momentums": list(moms) if moms is not None else None,
+        "stopped_at": state.stopped_at,
+        "created_at": record.created_at.isoformat(),
+        "updated_at": record.updated_at.isoformat(),
+    }
+
+
+@router.post("", response_model=RunPublic, status_code=201, dependencies=[WriteAccess],
+             responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}})
+def create_run(body: RunCreate, manager: ManagerDep) -> Response:
+    """Create a run (idempotent: every rank may call it)."""
+    record, created = manager.create_run(body.model_dump())
+    return FastJSONResponse(run_public(manager, record), status_code=201 if created else 200)
+
+
+def _parse_labels(labels: list[str]) -> dict[str, str]:
+    parsed = {}
+    for item in labels:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise InvalidInput.at("label", f"expected key:value, got {item!r}")
+        parsed[key] = value
+    return parsed
+
+
+@router.get("", response_model=RunsPublic, dependencies=[ReadAccess])
+def list_runs(
+    manager: ManagerDep,
+    label: Annotated[list[str], Query(description="key:value; repeat to require several")] = [],  # noqa: B006
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> Response:
+    """List runs, filtered by labels and status, a page at a time."""
+    records = manager.store.list_runs(labels=_parse_labels(label), status=status, limit=limit + 1, after=cursor)
+    page = records[:limit]
+    next_cursor = page[-1].run_id if len(records) > limit else None
+    data = [run_public(manager, r) for r in page]
+    return FastJSONResponse({"data": data, "count": len(data), "next_cursor": next_cursor})
+
+
+@router.get("/{run_id}", response_model=RunPublic, dependencies=[ReadAccess])
+def read_run(run_id: RunId, manager: ManagerDep) -> Response:
+    """Read one run, with its values at the horizon."""
+    return FastJSONResponse(run_public(manager, manager.store.read_run(run_id)))
+
+
+@router.delete("/{run_id}", status_code=204, dependencies=[AdminAccess])
+def delete_run(run_id: RunId, manager: ManagerDep) -> Response:
+    """Delete a run and its whole log (admin)."""
+    manager.delete_run(run_id)
+    return Response(status_code=204)
+
+
+@router.post("/{run_id}/control", response_model=ControlResult, dependencies=[AdminAccess])
+def control_run(run_id: RunId, body: ControlRequest, manager: ManagerDep) -> Response:
+    """Apply an operator action at the first free step (or at `at_step`)."""
+    action = body.model_dump(exclude={"at_step"}, exclude_none=True)
+    applied_at, event = manager.control(run_id, action, body.at_step)
+    return FastJSONResponse({"run_id": run_id, "applied_at": applied_at, "event": event})
+
+
+@router.get("/{run_id}/history", response_model=HistoryPublic, dependencies=[ReadAccess])
+def read_history(
+    run_id: RunId, manager: ManagerDep, max_points: Annotated[int, Query(ge=1, le=100_000)] = 1000
+) -> Response:
+    """LR and metric series (downsampled) and the run's events."""
+    return FastJSONResponse(manager.history(run_id, max_points))

@@ -1,0 +1,32 @@
+"""Schedules without a run: previews and the catalog of accepted types."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from service.api.deps import ReadAccess
+from service.api.responses import FastJSONResponse
+from service.api.schemas import PreviewRequest, PreviewResult
+from service.engine.catalog import catalog
+from service.engine.preview import preview
+from service.engine.spec import parse_schedule
+from service.errors import InvalidInput
+
+router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
+
+
+@router.post("/preview", response_model=PreviewResult, dependencies=[ReadAccess])
+def preview_schedule(body: PreviewRequest) -> Response:
+    """Values at steps 0..steps-1, simulating plateau decisions from `metrics`."""
+    n_groups = len(body.base_lrs)
+    if body.base_momentums is not None and len(body.base_momentums) != n_groups:
+        raise InvalidInput.at("base_momentums", f"expected {n_groups} values, got {len(body.base_momentums)}")
+    schedule = parse_schedule(body.schedule, n_groups=n_groups)
+    lrs, moms = preview(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
+    return FastJSONResponse({"lrs": lrs, "momentums": moms})
+
+
+@router.get("/catalog", dependencies=[ReadAccess])
+def read_catalog() -> Response:
+    """Every accepted schedule type with its arguments, types and defaults."""
+    return FastJSONResponse({"types": catalog()})

@@ -1,0 +1,53 @@
+"""Stepping, the hot path: windows of final values, metrics that drive decisions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from service.api.deps import ManagerDep, ReadAccess, WriteAccess
+from service.api.responses import FastJSONResponse
+from service.api.schemas import MetricsAccepted, MetricsCreate, RunId, Step, StepRequest, StepResult
+from service.runs.manager import Window
+
+router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
+
+
+def window_public(window: Window) -> dict:
+    lrs = [list(v[0]) for v in window.values]
+    moms = None if window.values[0][1] is None else [list(v[1]) for v in window.values]
+    return {
+        "run_id": window.run_id,
+        "step": window.start,
+        "lrs": lrs[0],
+        "momentums": moms[0] if moms is not None else None,
+        "status": window.status,
+        "stopped_at": window.stopped_at,
+        "window": {"start": window.start, "lrs": lrs, "momentums": moms},
+    }
+
+
+@router.get("/lr", response_model=StepResult, dependencies=[ReadAccess])
+def read_lr(
+    run_id: RunId,
+    manager: ManagerDep,
+    step: Annotated[Step, Query()],
+    ahead: Annotated[int, Query(ge=0)] = 0,
+) -> Response:
+    """Values for steps step..step+ahead (capped); asking commits them (they become final)."""
+    return FastJSONResponse(window_public(manager.window(run_id, step, ahead)))
+
+
+@router.post("/step", response_model=StepResult, dependencies=[WriteAccess])
+def step_run(run_id: RunId, body: StepRequest, manager: ManagerDep) -> Response:
+    """Commit `step` with the metrics reported with it, as `scheduler.step(metric)` would."""
+    window = manager.step_run(run_id, body.step, body.metrics, body.rank, body.ahead)
+    return FastJSONResponse(window_public(window))
+
+
+@router.post("/metrics", response_model=MetricsAccepted, status_code=202, dependencies=[WriteAccess])
+def log_metrics(run_id: RunId, body: MetricsCreate, manager: ManagerDep) -> Response:
+    """Record metrics for history and plots (idempotent per name, step and rank)."""
+    new = manager.record_metrics(run_id, [r.model_dump() for r in body.records])
+    return FastJSONResponse({"accepted": len(body.records), "new": new}, status_code=202)

@@ -1,0 +1,169 @@
+"""Request and response bodies of API v1 (API.md), named by role: XCreate, XPublic, ...
+
+Requests are validated here (types, ranges, lengths); the spec itself is validated by
+``service.engine.spec.parse_schedule`` because its rules depend on the run's groups.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+NAME_PATTERN = r"^[A-Za-z0-9._/:-]{1,64}$"
+MAX_GROUPS = 1024
+MAX_LABELS = 32
+
+RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN, description="1-128 chars of [A-Za-z0-9._-]")]
+MetricName = Annotated[str, Field(pattern=NAME_PATTERN)]
+LearningRate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Momentum = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Step = Annotated[int, Field(ge=0, le=2**53)]
+Rank = Annotated[int, Field(ge=0, lt=1 << 16)]
+LabelText = Annotated[str, Field(min_length=1, max_length=128)]
+Schedule = Annotated[
+    dict[str, Any],
+    Field(
+        description="A schedule spec: {\"type\": <torch class name>, <its arguments>}; "
+        "GET /v1/schedules/catalog lists every type.",
+        examples=[{"type": "StepLR", "step_size": 30, "gamma": 0.1}],
+    ),
+]
+Status = Literal["active", "held", "stopped"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunCreate(_Strict):
+    run_id: RunId | None = None
+    schedule: Schedule
+    base_lrs: list[LearningRate] = Field(min_length=1, max_length=MAX_GROUPS)
+    base_momentums: list[Momentum] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
+    labels: dict[LabelText, LabelText] = Field(default_factory=dict, max_length=MAX_LABELS)
+    world_size: int = Field(1, ge=1, le=65536)
+
+
+class RunPublic(BaseModel):
+    run_id: str
+    schedule: dict[str, Any]
+    base_lrs: list[float]
+    base_momentums: list[float] | None
+    labels: dict[str, str]
+    world_size: int
+    status: Status
+    horizon: int
+    lrs: list[float]
+    momentums: list[float] | None
+    stopped_at: int | None = Field(None, description="The step from which the run is stopped.")
+    created_at: str
+    updated_at: str
+
+
+class RunsPublic(BaseModel):
+    data: list[RunPublic]
+    count: int
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+class WindowPublic(BaseModel):
+    start: int
+    lrs: list[list[float]]
+    momentums: list[list[float]] | None
+
+
+class StepResult(BaseModel):
+    run_id: str
+    step: int
+    lrs: list[float]
+    momentums: list[float] | None
+    status: Status
+    stopped_at: int | None = Field(
+        None, description="Step at which the run stops (clients report should_stop from it)."
+    )
+    window: WindowPublic
+
+
+class StepRequest(_Strict):
+    step: Step
+    metrics: dict[MetricName, float] = Field(default_factory=dict, max_length=64)
+    rank: Rank = 0
+    ahead: int = Field(0, ge=0)
+
+
+class MetricRecordIn(_Strict):
+    step: Step
+    name: MetricName
+    value: float
+    rank: Rank = 0
+
+
+class MetricsCreate(_Strict):
+    records: list[MetricRecordIn] = Field(min_length=1, max_length=10_000)
+
+
+class MetricsAccepted(BaseModel):
+    accepted: int
+    new: int
+
+
+class ControlRequest(_Strict):
+    action: Literal["set_lr", "scale", "hold", "resume", "replace_schedule", "stop"]
+    at_step: Step | None = Field(None, description="Must be above the horizon; default: the first free step.")
+    lr: LearningRate | None = None
+    lrs: list[LearningRate] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
+    factor: float | None = Field(None, gt=0, allow_inf_nan=False)
+    schedule: Schedule | None = None
+
+    @model_validator(mode="after")
+    def _fields_match_action(self) -> ControlRequest:
+        needs = {"set_lr": ("lr", "lrs"), "scale": ("factor",), "replace_schedule": ("schedule",)}
+        wanted = needs.get(self.action, ())
+        given = [f for f in ("lr", "lrs", "factor", "schedule") if getattr(self, f) is not None]
+        if self.action == "set_lr" and len(given) != 1:
+            raise ValueError("set_lr takes exactly one of `lr` or `lrs`")
+        if wanted and not given:
+            raise ValueError(f"{self.action} needs `{wanted[0]}`")
+        extra = [f for f in given if f not in wanted]
+        if extra:
+            raise ValueError(f"{self.action} does not take `{extra[0]}`")
+        return self
+
+
+class ControlResult(BaseModel):
+    run_id: str
+    applied_at: int
+    event: dict[str, Any]
+
+
+class Series(BaseModel):
+    steps: list[int]
+    values: list[Any]
+
+
+class HistoryPublic(BaseModel):
+    run_id: str
+    lrs: Series
+    metrics: dict[str, dict[str, list[Any]]]
+    events: list[dict[str, Any]]
+
+
+class PreviewRequest(_Strict):
+    schedule: Schedule
+    base_lrs: list[LearningRate] = Field(min_length=1, max_length=MAX_GROUPS)
+    base_momentums: list[Momentum] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
+    steps: int = Field(ge=1, le=100_000)
+    metrics: dict[MetricName, list[float | None]] = Field(default_factory=dict, max_length=16)
+
+
+class PreviewResult(BaseModel):
+    lrs: list[list[float]]
+    momentums: list[list[float]] | None
+
+
+class Message(BaseModel):
+    detail: str
+    code: str
+    errors: list[dict[str, str]] = []

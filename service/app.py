@@ -1,0 +1,56 @@
+"""``create_app(settings)``: the FastAPI application, built by a factory (no import-time state)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.routes import health, runs, schedules, steps
+from service.auth import Authenticator, load_tokens
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimit
+from service.runs.manager import RunManager
+from service.settings import Settings, get_settings
+from service.store import open_store
+from service.telemetry import Telemetry, TelemetryMiddleware
+
+DESCRIPTION = """Learning-rate schedules served over HTTP, computed by torch's own schedulers.
+
+The contract (paths, fields, finality, decisions on the first free step, parity) is API.md;
+limits and lrserve's own choices are in the README.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the store opens in the lifespan and closes with it.
+
+    Args:
+        settings: Defaults to ``get_settings()`` (the environment).
+    """
+    settings = settings or get_settings()
+    telemetry = Telemetry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        manager = RunManager(store, settings)
+        manager.on_outcome.append(telemetry.record_outcome)
+        app.state.manager = manager
+        telemetry.runs_loaded.set_function(lambda: len(manager._runs))
+        try:
+            yield
+        finally:
+            store.close()
+
+    app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
+    app.state.telemetry = telemetry
+    for module in (runs, steps, schedules, health):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
+    return app

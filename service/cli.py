@@ -1,0 +1,86 @@
+"""The ``lrserve`` command: ``lrserve serve`` starts the server; the operator commands
+(``runs``, ``control``, ``preview``, ``history``) come from the client package."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+
+from service.settings import DEFAULT_DB
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="start the server", description="Start the lrserve HTTP server (uvicorn)."
+    )
+    env = os.environ.get
+    serve.add_argument("--host", default=env("LRSERVE_HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=int(env("LRSERVE_PORT", "8000")), help="port (default 8000)")
+    serve.add_argument("--db", default=env("LRSERVE_DB", DEFAULT_DB),
+                       help=f"database URL: sqlite:///PATH or postgresql+psycopg://... (default {DEFAULT_DB})")
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    serve.add_argument("--tokens-file", default=env("LRSERVE_TOKENS_FILE"),
+                       help="file with one role:token per line (or set LRSERVE_TOKENS)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback bind without any token (anyone may steer runs)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    has_tokens = bool(os.environ.get("LRSERVE_TOKENS") or args.tokens_file)
+    if not has_tokens and not is_loopback(args.host) and not args.insecure:
+        print(
+            f"lrserve: refusing to listen on {args.host} without tokens: anyone could steer your runs.\n"
+            "Set LRSERVE_TOKENS or --tokens-file, bind 127.0.0.1, or pass --insecure.",
+            file=sys.stderr,
+        )
+        return 2
+    # Settings travel by environment so every worker process reads the same ones.
+    os.environ["LRSERVE_DB"] = args.db
+    os.environ["LRSERVE_INSECURE"] = "1" if args.insecure else "0"
+    if args.tokens_file:
+        os.environ["LRSERVE_TOKENS_FILE"] = args.tokens_file
+    uvicorn.run(
+        "service.app:create_app", factory=True, host=args.host, port=args.port,
+        workers=args.workers, log_level=args.log_level,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrserve", description="Learning-rate schedules served over HTTP."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_command(subparsers)
+    try:
+        from client._cli import add_operator_commands
+    except ImportError:  # the operator commands are optional for a server-only install
+        pass
+    else:
+        add_operator_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""The schedule engine: real torch schedulers driven on a shadow optimizer.
+
+lrserve never re-implements a schedule formula. ``Engine`` builds the torch scheduler
+tree a spec describes on an SGD over zero-size tensors (one param group per run group)
+and steps it, so every value is torch's own. What torch cannot do is a thin layer on
+top that touches the same objects the way a person would in a training loop:
+
+- **Plateau stages.** ``ReduceLROnPlateau`` may sit inside ``SequentialLR`` (warm-up
+  then plateau). The composite holds a placeholder that keeps the LRs as they are
+  (and restarts them at the base LRs when the stage begins, as torch's closed-form
+  schedulers do at a milestone); the stage's real ``ReduceLROnPlateau`` lowers them
+  when metrics arrive. A metric reported with step *k* is fed to a stage only if the
+  stage was active at step *k-1*: it was measured at those values. Patience and
+  cooldown therefore count reports, not steps.
+- **Operator actions** write ``param_group["lr"]`` by hand, freeze the clock, or build
+  a new schedule from the current LRs.
+
+Example (StepLR(step_size=2, gamma=0.1), base lr 1.0)::
+
+    >>> e = Engine(parse_schedule({"type": "StepLR", "step_size": 2}, n_groups=1), [1.0])
+    >>> [e.values()[0][0]] + [(e.advance(), e.values()[0][0])[1] for _ in range(4)]
+    [1.0, 1.0, 0.1, 0.1, 0.010000000000000002]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import lr_scheduler as torch_schedulers
+
+from service.engine.spec import ScheduleSpec, cycles_momentum, parse_schedule, spec_to_json
+from service.errors import ScheduleError
+
+Values = tuple[tuple[float, ...], "tuple[float, ...] | None"]
+"""The LRs of every param group at one step, and their momentums (None: not cycled)."""
+
+# Errors torch (or an lr_lambda expression) raises when a schedule cannot take a step,
+# e.g. OneCycleLR stepped past total_steps.
+_STEP_ERRORS = (ValueError, ZeroDivisionError, OverflowError, ArithmeticError)
+
+
+@dataclass(frozen=True)
+class PlateauReduction:
+    """A plateau stage lowered the LRs while taking a step."""
+
+    stage: str
+    monitor: str
+    value: float
+    before: tuple[float, ...]
+    after: tuple[float, ...]
+
+
+class _PlateauStage:
+    """A ReduceLROnPlateau that receives metrics only while its stage is active."""
+
+    def __init__(self, spec: Any, optimizer: torch.optim.Optimizer, path: str, always: bool) -> None:
+        self.monitor: str = spec.monitor
+        self.path = path
+        self.always = always
+        self.active = always
+        self.seen = False
+        self.scheduler = torch_schedulers.ReduceLROnPlateau(optimizer, **spec.torch_kwargs())
+
+
+class _PlateauClock(torch_schedulers.LRScheduler):
+    """Stands in a SequentialLR for a plateau stage: keeps the LRs, restarts them at the stage's start."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, stage: _PlateauStage) -> None:
+        self._stage = stage
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        self._stage.seen = True
+        if self.last_epoch == 0:
+            return [float(lr) for lr in self.base_lrs]
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "_stage"}
+
+
+def _shadow_optimizer(base_lrs: Sequence[float], momentums: Sequence[float] | None) -> torch.optim.SGD:
+    groups = [
+        {"params": [torch.zeros(0)], "lr": float(lr), "momentum": float(momentums[i]) if momentums else 0.0}
+        for i, lr in enumerate(base_lrs)
+    ]
+    return torch.optim.SGD(groups, lr=float(base_lrs[0]))
+
+
+def _without_lambdas(state: Any) -> Any:
+    """Drop LambdaLR's lambda state: the expressions are rebuilt from the spec and hold no state."""
+    if isinstance(state, dict):
+        return {
+            k: ([None] * len(v) if k == "lr_lambdas" else _without_lambdas(v)) for k, v in state.items()
+        }
+    if isinstance(state, list):
+        return [_without_lambdas(v) for v in state]
+    return state
+
+
+class Engine:
+    """One run's live schedule: the values at ``self.step`` and how to take the next step.
+
+    Args:
+        schedule: A validated spec (``parse_schedule``).
+        base_lrs: One base LR per param group.
+        base_momentums: The groups' momentum (or Adam's ``betas[0]``), if known.
+        reports_momentum: Whether values carry momentums; default: the schedule cycles them.
+    """
+
+    def __init__(
+        self,
+        schedule: ScheduleSpec,
+        base_lrs: Sequence[float],
+        base_momentums: Sequence[float] | None = None,
+        *,
+        reports_momentum: bool | None = None,
+    ) -> None:
+        self.n_groups = len(base_lrs)
+        self.optimizer = _shadow_optimizer(base_lrs, base_momentums)
+        self.reports_momentum = (
+            cycles_momentum(schedule) if reports_momentum is None else reports_momentum
+        )
+        self.step = 0
+        self.held = False
+        self._install(schedule, list(base_lrs))
+        # Tell torch the optimizer has stepped, so it does not warn about the call order.
+        self.optimizer.step()
+
+    def _install(self, schedule: ScheduleSpec, base_lrs: list[float]) -> None:
+        self.schedule = schedule
+        self.base_lrs = [float(lr) for lr in base_lrs]
+        self._stages: list[_PlateauStage] = []
+        self._root = self._build(schedule, "schedule", top=True)
+        for stage in self._stages:
+            stage.active = stage.always or stage.seen
+
+    def _build(self, spec: Any, path: str, top: bool = False) -> torch_schedulers.LRScheduler | None:
+        if spec.type == "ReduceLROnPlateau":
+            self._stages.append(_PlateauStage(spec, self.optimizer, path, always=top))
+            return None
+        if spec.type == "SequentialLR":
+            children = [self._build_stage(c, f"{path}.schedulers.{i}") for i, c in enumerate(spec.schedulers)]
+            for stage in self._stages:  # only the stage SequentialLR starts is active at step 0
+                stage.seen = False
+            return torch_schedulers.SequentialLR(self.optimizer, children, milestones=list(spec.milestones))
+        if spec.type == "ChainedScheduler":
+            children = [self._build_stage(c, f"{path}.schedulers.{i}") for i, c in enumerate(spec.schedulers)]
+            return torch_schedulers.ChainedScheduler(children, optimizer=self.optimizer)
+        cls = getattr(torch_schedulers, spec.type)
+        return cls(self.optimizer, **spec.torch_kwargs())
+
+    def _build_stage(self, spec: Any, path: str) -> torch_schedulers.LRScheduler:
+        if spec.type == "ReduceLROnPlateau":
+            stage = _PlateauStage(spec, self.optimizer, path, always=False)
+            self._stages.append(stage)
+            return _PlateauClock(self.optimizer, stage)
+        built = self._build(spec, path)
+        assert built is not None
+        return built
+
+    # -- reading -------------------------------------------------------------------
+
+    def values(self) -> Values:
+        """The LRs (and momentums, if reported) of every group at ``self.step``."""
+        groups = self.optimizer.param_groups
+        lrs = tuple(float(g["lr"]) for g in groups)
+        if not self.reports_momentum:
+            return lrs, None
+        return lrs, tuple(float(g["momentum"]) for g in groups)
+
+    @property
+    def watched(self) -> set[str]:
+        """Names of the metrics some plateau stage of the current schedule watches."""
+        return {stage.monitor for stage in self._stages}
+
+    # -- stepping ------------------------------------------------------------------
+
+    def advance(self, metrics: Mapping[str, float] | None = None) -> list[PlateauReduction]:
+        """Take step ``self.step + 1``, as torch's ``scheduler.step(metric)`` would.
+
+        Args:
+            metrics: Metrics reported with this step; plateau stages active at the
+                previous step receive the one they watch.
+
+        Returns:
+            The plateau reductions this step caused.
+
+        Raises:
+            ScheduleError: torch cannot take this step (the engine is then unusable).
+        """
+        reductions: list[PlateauReduction] = []
+        if not self.held:
+            try:
+                if metrics:
+                    reductions = self._feed(metrics)
+                self._tick()
+            except _STEP_ERRORS as exc:
+                raise ScheduleError.at("step", f"the schedule cannot take step {self.step + 1}: {exc}") from exc
+        self.step += 1
+        return reductions
+
+    def _feed(self, metrics: Mapping[str, float]) -> list[PlateauReduction]:
+        reductions = []
+        for stage in self._stages:
+            if stage.active and stage.monitor in metrics:
+                value = float(metrics[stage.monitor])
+                before = self.values()[0]
+                stage.scheduler.step(value)
+                after = self.values()[0]
+                if after != before:
+                    reductions.append(PlateauReduction(stage.path, stage.monitor, value, before, after))
+        return reductions
+
+    def _tick(self) -> None:
+        for stage in self._stages:
+            stage.seen = False
+        if self._root is not None:
+            self._root.step()
+        for stage in self._stages:
+            stage.active = stage.always or stage.seen
+
+    # -- operator actions ----------------------------------------------------------
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        """Write every group's LR by hand; the schedule continues from there as torch would."""
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = float(lr)
+
+    def scale(self, factor: float) -> None:
+        """Multiply every group's current LR."""
+        self.set_lrs([lr * factor for lr in self.values()[0]])
+
+    def hold(self) -> None:
+        """Freeze the clock: later steps keep these values and feed no decisions."""
+        self.held = True
+
+    def resume(self) -> None:
+        """Let the clock run on from where it was frozen."""
+        self.held = False
+
+    def replace_schedule(self, schedule: ScheduleSpec) -> None:
+        """Build ``schedule`` now, its base LRs being the current LRs.
+
+        Raises:
+            ScheduleError: torch cannot construct it on these LRs.
+        """
+        current = list(self.values()[0])
+        for group in self.optimizer.param_groups:
+            group.pop("initial_lr", None)  # torch takes base LRs from here (setdefault)
+        try:
+            self._install(schedule, current)
+        except _STEP_ERRORS as exc:
+            raise ScheduleError.at("schedule", f"cannot start this schedule: {exc}") from exc
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to continue exactly from here (see ``codec`` for the JSON form)."""
+        return {
+            "step": self.step,
+            "held": self.held,
+            "reports_momentum": self.reports_momentum,
+            "schedule": spec_to_json(self.schedule),
+            "base_lrs": list(self.base_lrs),
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+            "root": _without_lambdas(self._root.state_dict()) if self._root is not None else None,
+            "stages": [
+                {"active": s.active, "state": s.scheduler.state_dict()} for s in self._stages
+            ],
+        }
+
+    @classmethod
+    def restore(cls, snapshot: Mapping[str, Any]) -> Engine:
+        """Rebuild an engine from ``snapshot()``; it continues bit for bit as the original."""
+        n_groups = len(snapshot["base_lrs"])
+        schedule = parse_schedule(snapshot["schedule"], n_groups=n_groups)
+        engine = cls(schedule, snapshot["base_lrs"], reports_momentum=snapshot["reports_momentum"])
+        for group, saved in zip(engine.optimizer.param_groups, snapshot["groups"], strict=True):
+            group.update(saved)
+        if engine._root is not None:
+            engine._root.load_state_dict(snapshot["root"])
+        for stage, saved in zip(engine._stages, snapshot["stages"], strict=True):
+            stage.scheduler.load_state_dict(saved["state"])
+            stage.active = saved["active"]
+        engine.step = snapshot["step"]
+        engine.held = snapshot["held"]
+        return engine
+
+
+def apply_action(engine: Engine, action: Mapping[str, Any]) -> None:
+    """Apply one validated operator action (API.md, Operator control) to the engine.
+
+    ``set_lr`` must carry ``lrs`` (one per group); ``replace_schedule`` a raw spec.
+    ``stop`` changes only the run's status, not its values.
+    """
+    kind = action["action"]
+    if kind == "set_lr":
+        engine.set_lrs(action["lrs"])
+    elif kind == "scale":
+        engine.scale(action["factor"])
+    elif kind == "hold":
+        engine.hold()
+    elif kind == "resume":
+        engine.resume()
+    elif kind == "replace_schedule":
+        engine.replace_schedule(parse_schedule(action["schedule"], n_groups=engine.n_groups))
+    elif kind != "stop":
+        raise ValueError(f"unknown action {kind!r}")

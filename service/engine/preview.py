@@ -1,0 +1,45 @@
+"""Previews: a schedule's values over ``steps`` steps, with no run and no storage."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from service.engine.engine import Engine
+from service.engine.spec import ScheduleSpec
+
+
+def preview(
+    schedule: ScheduleSpec,
+    base_lrs: Sequence[float],
+    base_momentums: Sequence[float] | None,
+    steps: int,
+    metrics: Mapping[str, Sequence[float | None]] | None = None,
+) -> tuple[list[list[float]], list[list[float]] | None]:
+    """Values at steps ``0 .. steps-1``, as a job reporting ``metrics`` would see them.
+
+    Args:
+        metrics: ``metrics[name][j-1]`` is passed with the *j*-th ``step()`` call;
+            ``None`` (or a list too short) means no report with that call.
+
+    Returns:
+        One row of LRs per step, and one row of momentums per step (or None).
+    """
+    engine = Engine(schedule, base_lrs, base_momentums)
+    lrs: list[list[float]] = []
+    moms: list[list[float]] | None = [] if engine.reports_momentum else None
+    for j in range(steps):
+        if j > 0:
+            engine.advance(_reports_at(metrics or {}, j - 1))
+        step_lrs, step_moms = engine.values()
+        lrs.append(list(step_lrs))
+        if moms is not None and step_moms is not None:
+            moms.append(list(step_moms))
+    return lrs, moms
+
+
+def _reports_at(metrics: Mapping[str, Sequence[float | None]], index: int) -> dict[str, float]:
+    return {
+        name: value
+        for name, values in metrics.items()
+        if index < len(values) and (value := values[index]) is not None
+    }

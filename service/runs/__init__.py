@@ -1,0 +1,1 @@
+"""Runs: per-run state kept in memory over the durable event log (see DESIGN.md)."""

@@ -1,0 +1,413 @@
+"""``RunManager``: the one place that turns requests into log entries and final values.
+
+Every answer obeys API.md's three rules:
+
+- *Finality*: values at or below a run's horizon are served from memory and never
+  recomputed differently; advancing the horizon happens under the run's lock and the
+  store's lock, and is durable before the answer leaves.
+- *Decisions on the first free step*: a metric or action is placed above the horizon
+  read under the store's lock, so every process places it at the same step.
+- *Parity*: values come from ``Engine``, i.e. from torch's own schedulers.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from service.engine import codec
+from service.engine.engine import Engine, Values
+from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
+from service.errors import InvalidInput, RunConflict, RunNotFound
+from service.runs.state import RunState, StepOutcome
+from service.settings import Settings
+from service.store.base import BaseStore, RunRecord, RunTransaction, Snapshot
+from service.store.events import EventKind, NewEvent
+
+
+@dataclass(frozen=True)
+class Window:
+    """Final values of steps ``start .. start + len(values) - 1``."""
+
+    run_id: str
+    start: int
+    values: list[Values]
+    status: str
+    stopped_at: int | None
+
+
+class RunManager:
+    """Loads runs lazily, serves final values, commits new ones.
+
+    Args:
+        store: Where the log lives.
+        settings: Limits and snapshot cadence.
+    """
+
+    def __init__(self, store: BaseStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._runs: dict[str, RunState] = {}
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.on_outcome: list[Any] = []  # callbacks(run_id, StepOutcome), for telemetry
+
+    # -- creating and reading runs ------------------------------------------------
+
+    def create_run(self, request: Mapping[str, Any]) -> tuple[RunRecord, bool]:
+        """Create a run, or return the existing one if its spec is identical.
+
+        Raises:
+            SpecError: the schedule is invalid.
+            RunConflict: the run exists with a different spec.
+        """
+        spec = self._canonical_spec(request)
+        run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
+        created = NewEvent(EventKind.CREATED, 0, {"spec": spec})
+        record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
+        if not is_new and record.spec != spec:
+            raise RunConflict(
+                f"run {run_id!r} already exists with a different spec; pick another run_id",
+                errors=[],
+            )
+        return record, is_new
+
+    def _canonical_spec(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        base_lrs = [float(v) for v in request["base_lrs"]]
+        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs))
+        moms = request.get("base_momentums")
+        if moms is not None and len(moms) != len(base_lrs):
+            raise InvalidInput.at(
+                "base_momentums", f"expected {len(base_lrs)} values (one per param group), got {len(moms)}"
+            )
+        Engine(schedule, base_lrs, moms)  # torch itself must accept it on these LRs
+        return {
+            "schedule": spec_to_json(schedule),
+            "base_lrs": base_lrs,
+            "base_momentums": [float(m) for m in moms] if moms is not None else None,
+            "world_size": int(request.get("world_size") or 1),
+        }
+
+    def read_run(self, run_id: str) -> tuple[RunRecord, RunState]:
+        """The stored record and the loaded state (values at the horizon)."""
+        state = self.state(run_id)
+        return self.store.read_run(run_id), state
+
+    def delete_run(self, run_id: str) -> None:
+        self.store.delete_run(run_id)
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    # -- loading ----------------------------------------------------------------------
+
+    def state(self, run_id: str) -> RunState:
+        """The run's in-memory state, loaded from the log on first use."""
+        state = self._runs.get(run_id)
+        if state is not None:
+            return state
+        with self._lock:
+            load_lock = self._load_locks.setdefault(run_id, threading.Lock())
+        with load_lock:
+            state = self._runs.get(run_id)
+            if state is None:
+                state = self._load(run_id)
+                with self._lock:
+                    self._runs[run_id] = state
+        return state
+
+    def _evict(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def _load(self, run_id: str) -> RunState:
+        record = self.store.read_run(run_id)
+        snapshot = self.store.load_snapshot(run_id, max_step=record.horizon)
+        state = self._fresh_state(record, snapshot)
+        for event in self.store.read_events(run_id):
+            if event.kind.is_input and event.kind is not EventKind.CREATED and event.step > state.horizon:
+                state.inputs.add(event)
+            state.last_seq = max(state.last_seq, event.seq)
+        state.advance_to(record.horizon)
+        return state
+
+    def _fresh_state(self, record: RunRecord, snapshot: Snapshot | None) -> RunState:
+        spec = record.spec
+        if snapshot is None:
+            schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
+            engine = Engine(schedule, spec["base_lrs"], spec["base_momentums"])
+            return RunState(record.run_id, spec, engine, last_seq=0)
+        saved = codec.from_jsonable(snapshot.state)
+        state = RunState(record.run_id, spec, Engine.restore(saved["engine"]), last_seq=0)
+        state.status, state.stopped_at = saved["status"], saved["stopped_at"]
+        return state
+
+    def values_between(self, run_id: str, start: int, end: int) -> list[Values]:
+        """Final values of steps ``start..end`` (all at or below the horizon), replaying if needed."""
+        state = self.state(run_id)
+        if state.cached(start) is not None and state.cached(end) is not None:
+            return [state.values[s - state.first_step] for s in range(start, end + 1)]
+        record = self.store.read_run(run_id)
+        replay = self._fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
+        for event in self.store.read_events(run_id):
+            if event.kind.is_input and event.kind is not EventKind.CREATED and event.step > replay.horizon:
+                replay.inputs.add(event)
+        replay.advance_to(end)
+        return [replay.values[s - replay.first_step] for s in range(start, end + 1)]
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def window(self, run_id: str, step: int, ahead: int) -> Window:
+        """Final values for ``step .. step + ahead`` (fewer if capped), committing them.
+
+        Raises:
+            InvalidInput: ``step`` is negative or jumps too far beyond the horizon.
+            ScheduleError: torch cannot reach that step.
+        """
+        state = self.state(run_id)
+        end = step + min(ahead, self.settings.max_ahead)
+        if state.cached(end) is None or state.cached(step) is None:
+            self._check_jump(state, step)
+            end = min(end, max(state.horizon, step) + self.settings.max_jump)
+            if end > state.horizon:
+                self.commit(run_id, end)
+            state = self.state(run_id)
+        return self._window(state, step, end)
+
+    def _window(self, state: RunState, step: int, end: int) -> Window:
+        if state.cached(step) is None:
+            values = self.values_between(state.run_id, step, end)
+        else:
+            values = state.values[step - state.first_step : end - state.first_step + 1]
+        return Window(state.run_id, step, values, state.status, state.stopped_at)
+
+    def _check_jump(self, state: RunState, step: int) -> None:
+        if step < 0:
+            raise InvalidInput.at("step", f"must be >= 0, got {step}")
+        if step > state.horizon + self.settings.max_jump:
+            raise InvalidInput.at(
+                "step",
+                f"step {step} is more than {self.settings.max_jump} steps beyond the horizon "
+                f"({state.horizon}); step through the steps between first",
+            )
+
+    def step_run(
+        self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int
+    ) -> Window:
+        """Commit ``step`` with the metrics reported with it (API.md ``POST .../step``).
+
+        Metrics for a step that is already final are recorded for history only.
+        """
+        state = self.state(run_id)
+        self._check_jump(state, step)
+        self.store.append_metrics(run_id, _records(metrics, step, rank))
+        watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
+        if step > state.horizon:
+            self.commit(run_id, step, metric=(step, watched) if watched else None)
+        return self.window(run_id, step, ahead)
+
+    # -- committing -------------------------------------------------------------------------
+
+    def commit(
+        self,
+        run_id: str,
+        target: int,
+        *,
+        metric: tuple[int, dict[str, float]] | None = None,
+        action: tuple[int | None, dict[str, Any]] | None = None,
+        extra_events: Sequence[NewEvent] = (),
+    ) -> int | None:
+        """Advance the run to ``target`` (at least), placing a new decision on the way.
+
+        Returns:
+            The step an ``action`` was placed at, if one was given.
+        """
+        state = self.state(run_id)
+        with state.lock, self._evicting_on_error(run_id):
+            with self.store.lock_run(run_id) as tx:
+                self._catch_up(state, tx)
+                old_horizon = tx.run.horizon
+                new_events, placed = self._place(state, tx, metric, action)
+                new_events.extend(extra_events)
+                outcomes = state.advance_to(max(target, old_horizon))
+                new_events.extend(_output_events(outcomes, old_horizon, state))
+                appended = tx.append_events(new_events) if new_events else []
+                tx.update_run(horizon=state.horizon, status=state.status)
+                state.last_seq = appended[-1].seq if appended else tx.run.last_seq
+            for outcome in outcomes:
+                for callback in self.on_outcome:
+                    callback(run_id, outcome)
+            self._maybe_snapshot(state, outcomes)
+        return placed
+
+    def _catch_up(self, state: RunState, tx: RunTransaction) -> None:
+        """Take in what other processes appended since this one last looked."""
+        if tx.run.last_seq > state.last_seq:
+            for event in tx.read_events(state.last_seq):
+                if event.kind.is_input and event.kind is not EventKind.CREATED:
+                    state.inputs.add(event)
+            state.last_seq = tx.run.last_seq
+        state.advance_to(tx.run.horizon)
+
+    def _place(
+        self,
+        state: RunState,
+        tx: RunTransaction,
+        metric: tuple[int, dict[str, float]] | None,
+        action: tuple[int | None, dict[str, Any]] | None,
+    ) -> tuple[list[NewEvent], int | None]:
+        events: list[NewEvent] = []
+        placed = None
+        first_free = tx.run.horizon + 1
+        if metric is not None and metric[0] >= first_free and metric[1]:
+            events.append(NewEvent(EventKind.METRIC, metric[0], {"values": metric[1]}))
+        if action is not None:
+            at_step, payload = action
+            if at_step is not None and at_step < first_free:
+                raise InvalidInput.at(
+                    "at_step", f"must be above the horizon ({tx.run.horizon}), got {at_step}"
+                )
+            placed = at_step if at_step is not None else first_free
+            events.append(NewEvent(EventKind.CONTROL, placed, payload))
+        for event in events:
+            state.inputs.add(_as_event(event))
+        return events, placed
+
+    @contextmanager
+    def _evicting_on_error(self, run_id: str) -> Iterator[None]:
+        """An error mid-commit leaves the engine ahead of the store: drop it, reload later."""
+        try:
+            yield
+        except BaseException:
+            self._evict(run_id)
+            raise
+
+    def _maybe_snapshot(self, state: RunState, outcomes: list[StepOutcome]) -> None:
+        every = self.settings.snapshot_every
+        if outcomes and state.horizon // every > (state.horizon - len(outcomes)) // every:
+            payload = {
+                "engine": state.engine.snapshot(),
+                "status": state.status,
+                "stopped_at": state.stopped_at,
+            }
+            self.store.save_snapshot(
+                state.run_id, Snapshot(state.horizon, state.last_seq, codec.to_jsonable(payload))
+            )
+
+    # -- operator control -----------------------------------------------------------------
+
+    def control(self, run_id: str, action: dict[str, Any], at_step: int | None) -> tuple[int, dict[str, Any]]:
+        """Record an operator action at ``at_step`` (default: the first free step).
+
+        Returns:
+            The step it applies at, and the event as the API shows it.
+        """
+        state = self.state(run_id)
+        if state.status == "stopped":
+            raise RunConflict(f"run {run_id!r} is stopped; it takes no more actions")
+        action = self._validate_action(state, action)
+        placed = self.commit(run_id, state.horizon, action=(at_step, action))
+        assert placed is not None
+        event = {"kind": "control", "step": placed, **action}
+        return placed, event
+
+    def _validate_action(self, state: RunState, action: dict[str, Any]) -> dict[str, Any]:
+        kind = action["action"]
+        if kind == "set_lr":
+            lrs = action.get("lrs")
+            if lrs is None:
+                lrs = [action["lr"]] * state.n_groups
+            if len(lrs) != state.n_groups:
+                raise InvalidInput.at(
+                    "lrs", f"expected {state.n_groups} values (one per param group), got {len(lrs)}"
+                )
+            return {"action": "set_lr", "lrs": [float(v) for v in lrs]}
+        if kind == "replace_schedule":
+            schedule = parse_schedule(action["schedule"], n_groups=state.n_groups)
+            if cycles_momentum(schedule) and not state.engine.reports_momentum:
+                raise InvalidInput.at(
+                    "schedule",
+                    "this run does not cycle momentum, so its new schedule cannot either "
+                    "(set cycle_momentum: false)",
+                )
+            return {"action": kind, "schedule": spec_to_json(schedule)}
+        return {k: v for k, v in action.items() if v is not None}
+
+    # -- history --------------------------------------------------------------------------
+
+    def history(self, run_id: str, max_points: int) -> dict[str, Any]:
+        state = self.state(run_id)
+        horizon = state.horizon
+        steps = _downsample(range(horizon + 1), max_points)
+        values = self.values_between(run_id, 0, horizon)
+        metrics = {}
+        for name, rows in self.store.read_metrics(run_id).items():
+            picked = _downsample(rows, max_points)
+            metrics[name] = {"steps": [r[0] for r in picked], "values": [r[2] for r in picked],
+                             "ranks": [r[1] for r in picked]}
+        events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
+        return {
+            "run_id": run_id,
+            "lrs": {"steps": list(steps), "values": [list(values[s][0]) for s in steps]},
+            "metrics": metrics,
+            "events": events,
+        }
+
+    def record_metrics(self, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
+        """Store history-only metrics (idempotent per name, step and rank)."""
+        from service.store.base import MetricRecord
+
+        self.state(run_id)  # 404 for an unknown run
+        return self.store.append_metrics(
+            run_id, [MetricRecord(r["name"], r["step"], r["rank"], float(r["value"])) for r in records]
+        )
+
+
+def _records(metrics: Mapping[str, float], step: int, rank: int) -> list[Any]:
+    from service.store.base import MetricRecord
+
+    return [MetricRecord(name, step, rank, float(value)) for name, value in metrics.items()]
+
+
+def _as_event(new: NewEvent) -> Any:
+    from datetime import datetime, timezone
+
+    from service.store.events import Event
+
+    return Event(0, new.kind, new.step, new.payload, datetime.now(timezone.utc))
+
+
+def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunState) -> list[NewEvent]:
+    """Events that document what newly final steps did (never replayed)."""
+    events = []
+    for outcome in outcomes:
+        if outcome.step <= old_horizon:
+            continue
+        for r in outcome.reductions:
+            events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
+                "stage": r.stage, "monitor": r.monitor, "value": _json_float(r.value),
+                "lrs_before": list(r.before), "lrs_after": list(r.after)}))
+        for action in outcome.actions:
+            status = {"stop": "stopped", "hold": "held", "resume": "active"}.get(action["action"])
+            if status is not None:
+                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status}))
+    return events
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else repr(value)
+
+
+def _downsample(items: Sequence[Any], max_points: int) -> Sequence[Any]:
+    """At most ``max_points`` items, evenly spaced, always keeping the first and the last."""
+    n = len(items)
+    if n <= max_points:
+        return items
+    if max_points == 1:
+        return [items[-1]]
+    picks = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
+    return [items[i] for i in picks]

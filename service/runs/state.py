@@ -1,0 +1,92 @@
+"""``RunState``: one run's engine, its final values, and the inputs still ahead of it."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.engine.engine import Engine, PlateauReduction, Values, apply_action
+from service.engine.spec import parse_schedule, watched_metrics
+from service.store.events import Event, EventKind
+
+
+@dataclass
+class Inputs:
+    """Decisions placed at steps: metrics fed with step k, actions applied right after step k."""
+
+    metrics: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    actions: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, event: Event) -> None:
+        assert event.step is not None
+        if event.kind is EventKind.METRIC:
+            self.metrics[event.step].update(event.payload["values"])
+        elif event.kind is EventKind.CONTROL:
+            self.actions[event.step].append(event.payload)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What taking one step did, besides changing the values."""
+
+    step: int
+    reductions: list[PlateauReduction]
+    actions: list[dict[str, Any]]
+
+
+class RunState:
+    """A loaded run. All mutation happens under ``lock`` (and the store's run lock).
+
+    ``values[i]`` holds the final values of step ``first_step + i``; the engine sits at
+    ``horizon``. Steps before ``first_step`` are recomputed on demand by replay.
+    """
+
+    def __init__(self, run_id: str, spec: dict[str, Any], engine: Engine, last_seq: int) -> None:
+        self.run_id = run_id
+        self.spec = spec
+        self.n_groups = len(spec["base_lrs"])
+        self.world_size: int = spec.get("world_size", 1)
+        self.watched = watched_metrics(parse_schedule(spec["schedule"], n_groups=self.n_groups))
+        self.engine = engine
+        self.inputs = Inputs()
+        self.first_step = engine.step
+        self.values: list[Values] = [engine.values()]
+        self.last_seq = last_seq
+        self.status = "active"
+        self.stopped_at: int | None = None
+        self.lock = threading.Lock()
+
+    @property
+    def horizon(self) -> int:
+        return self.engine.step
+
+    def cached(self, step: int) -> Values | None:
+        index = step - self.first_step
+        if 0 <= index < len(self.values):
+            return self.values[index]
+        return None
+
+    def advance_to(self, target: int) -> list[StepOutcome]:
+        """Step the engine up to ``target``, applying the inputs placed on the way."""
+        outcomes = []
+        while self.engine.step < target:
+            step = self.engine.step + 1
+            reductions = self.engine.advance(self.inputs.metrics.pop(step, None))
+            actions = self.inputs.actions.pop(step, [])
+            for action in actions:
+                apply_action(self.engine, action)
+                self._track_status(action, step)
+            self.values.append(self.engine.values())
+            outcomes.append(StepOutcome(step, reductions, actions))
+        return outcomes
+
+    def _track_status(self, action: dict[str, Any], step: int) -> None:
+        kind = action["action"]
+        if kind == "stop":
+            self.status, self.stopped_at = "stopped", step
+        elif kind == "hold" and self.status != "stopped":
+            self.status = "held"
+        elif kind == "resume" and self.status != "stopped":
+            self.status = "active"

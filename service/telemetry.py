@@ -1,0 +1,70 @@
+"""Prometheus metrics: requests, latencies, runs, decisions (one registry per app)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.runs.state import StepOutcome
+
+
+class Telemetry:
+    """The app's metrics. A registry per app keeps tests (many apps, one process) apart."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lrserve_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "lrserve_request_seconds", "Time to answer a request", ["method", "route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+        self.runs_loaded = Gauge("lrserve_runs_loaded", "Runs held in memory", registry=self.registry)
+        self.steps = Counter("lrserve_steps_committed", "Steps made final", registry=self.registry)
+        self.decisions = Counter(
+            "lrserve_decisions", "Decisions applied to runs", ["kind"], registry=self.registry
+        )
+
+    def record_outcome(self, run_id: str, outcome: StepOutcome) -> None:
+        self.steps.inc()
+        if outcome.reductions:
+            self.decisions.labels("plateau_reduction").inc(len(outcome.reductions))
+        for action in outcome.actions:
+            self.decisions.labels(action["action"]).inc()
+
+
+class TelemetryMiddleware:
+    """Counts and times every HTTP request by its route template (not its raw path)."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = _route_of(scope)
+            self.telemetry.requests.labels(scope["method"], route, str(status[0])).inc()
+            self.telemetry.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+
+def _route_of(scope: dict[str, Any]) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

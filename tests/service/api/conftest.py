@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(db=f"sqlite:///{tmp_path}/lrserve.db", snapshot_every=50)
+
+
+@pytest.fixture
+def app(settings):
+    return create_app(settings)
+
+
+@pytest.fixture
+def api(app):
+    with TestClient(app) as client:
+        yield client
+
+
+def make_run(api, run_id="r1", schedule=None, base_lrs=(0.1,), **extra):
+    body = {"run_id": run_id, "schedule": schedule or {"type": "StepLR", "step_size": 3, "gamma": 0.5},
+            "base_lrs": list(base_lrs), **extra}
+    response = api.post("/v1/runs", json=body)
+    assert response.status_code in (200, 201), response.text
+    return response.json()

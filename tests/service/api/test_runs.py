@@ -1,0 +1,109 @@
+"""Runs: idempotent create, list, read, delete, and what bad input gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.api.conftest import make_run
+
+STEP = {"type": "StepLR", "step_size": 3, "gamma": 0.5}
+
+
+def test_create_answers_201_then_200_for_the_same_spec(api):
+    body = {"run_id": "a", "schedule": STEP, "base_lrs": [0.1, 0.01], "labels": {"sweep": "7"}}
+    first = api.post("/v1/runs", json=body)
+    again = api.post("/v1/runs", json=body)
+    assert first.status_code == 201 and again.status_code == 200
+    run = first.json()
+    assert run["horizon"] == 0 and run["lrs"] == [0.1, 0.01] and run["status"] == "active"
+    assert run["momentums"] is None and run["labels"] == {"sweep": "7"}
+    assert again.json()["run_id"] == "a"
+
+
+def test_create_with_a_different_spec_is_409(api):
+    make_run(api, "a")
+    response = api.post("/v1/runs", json={"run_id": "a", "schedule": STEP, "base_lrs": [0.2]})
+    assert response.status_code == 409
+    assert response.json()["code"] == "run_conflict"
+
+
+def test_create_without_run_id_makes_one(api):
+    response = api.post("/v1/runs", json={"schedule": STEP, "base_lrs": [0.1]})
+    assert response.status_code == 201
+    assert response.json()["run_id"].startswith("run-")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        pytest.param({"schedule": {"type": "StepLR", "step_size": 0}, "base_lrs": [0.1]},
+                     "schedule.step_size", id="zero-step-size"),
+        pytest.param({"schedule": {"type": "MultiStepLR", "milestones": [30, 10]}, "base_lrs": [0.1]},
+                     "schedule.milestones", id="unsorted-milestones"),
+        pytest.param({"schedule": {"type": "Nope"}, "base_lrs": [0.1]}, "schedule.type", id="unknown-type"),
+        pytest.param({"schedule": STEP, "base_lrs": []}, "base_lrs", id="no-groups"),
+        pytest.param({"schedule": STEP, "base_lrs": [-1.0]}, "base_lrs.0", id="negative-lr"),
+        pytest.param({"schedule": STEP, "base_lrs": [0.1], "base_momentums": [0.9, 0.9]},
+                     "base_momentums", id="momentum-length"),
+        pytest.param({"schedule": STEP, "base_lrs": [0.1], "run_id": "bad id!"}, "run_id", id="bad-run-id"),
+        pytest.param({"schedule": STEP, "base_lrs": [0.1], "world_size": 0}, "world_size", id="world-size"),
+        pytest.param({"schedule": STEP, "base_lrs": [0.1], "colour": "red"}, "colour", id="unknown-key"),
+        pytest.param({"base_lrs": [0.1]}, "schedule", id="missing-schedule"),
+    ],
+)
+def test_invalid_create_is_422_naming_the_field(api, body, field):
+    response = api.post("/v1/runs", json=body)
+    assert response.status_code == 422, response.text
+    payload = response.json()
+    assert payload["errors"][0]["field"] == field
+    assert field in payload["detail"]
+    assert api.get("/v1/runs").json()["count"] == 0  # nothing stored
+
+
+def test_non_json_body_is_422(api):
+    response = api.post("/v1/runs", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "body"
+
+
+def test_oversized_body_is_413(api):
+    response = api.post("/v1/runs", json={"schedule": STEP, "base_lrs": [0.1] * 200_000})
+    assert response.status_code == 413
+    assert response.json()["code"] == "limit_exceeded"
+
+
+def test_list_filters_by_labels_and_status_and_pages(api):
+    for i in range(5):
+        make_run(api, f"r{i}", labels={"sweep": "a" if i % 2 else "b", "team": "x"})
+    api.post("/v1/runs/r1/control", json={"action": "stop"})
+    api.get("/v1/runs/r1/lr", params={"step": 1})
+    by_label = api.get("/v1/runs", params=[("label", "sweep:a"), ("label", "team:x")]).json()
+    assert [r["run_id"] for r in by_label["data"]] == ["r1", "r3"]
+    stopped = api.get("/v1/runs", params={"status": "stopped"}).json()
+    assert [r["run_id"] for r in stopped["data"]] == ["r1"]
+    page1 = api.get("/v1/runs", params={"limit": 2}).json()
+    page2 = api.get("/v1/runs", params={"limit": 2, "cursor": page1["next_cursor"]}).json()
+    page3 = api.get("/v1/runs", params={"limit": 2, "cursor": page2["next_cursor"]}).json()
+    assert [r["run_id"] for r in page1["data"] + page2["data"] + page3["data"]] == [f"r{i}" for i in range(5)]
+    assert page3["next_cursor"] is None
+
+
+def test_bad_label_filter_is_422(api):
+    response = api.get("/v1/runs", params={"label": "nocolon"})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "label"
+
+
+def test_read_and_delete(api):
+    make_run(api, "gone")
+    assert api.get("/v1/runs/gone").status_code == 200
+    assert api.delete("/v1/runs/gone").status_code == 204
+    missing = api.get("/v1/runs/gone")
+    assert missing.status_code == 404 and missing.json()["code"] == "run_not_found"
+    assert api.delete("/v1/runs/gone").status_code == 404
+
+
+def test_unknown_route_is_json_404(api):
+    response = api.get("/v2/nothing")
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"

@@ -1,0 +1,224 @@
+"""The engine against in-process torch, bit for bit (``==`` on float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from service.engine import codec
+from service.engine.engine import Engine, apply_action
+from service.engine.preview import preview
+from service.engine.spec import parse_schedule
+from tests.service.engine import reference
+
+STEPS = 60
+
+EXAMPLES = [
+    pytest.param({"type": "StepLR", "step_size": 7, "gamma": 0.5}, id="step"),
+    pytest.param({"type": "MultiStepLR", "milestones": [5, 12, 30], "gamma": 0.3}, id="multistep"),
+    pytest.param({"type": "ConstantLR", "factor": 0.25, "total_iters": 9}, id="constant"),
+    pytest.param({"type": "LinearLR", "start_factor": 0.1, "total_iters": 13}, id="linear"),
+    pytest.param({"type": "ExponentialLR", "gamma": 0.93}, id="exponential"),
+    pytest.param({"type": "PolynomialLR", "total_iters": 40, "power": 2.0}, id="polynomial"),
+    pytest.param({"type": "CosineAnnealingLR", "T_max": 17, "eta_min": 0.001}, id="cosine"),
+    pytest.param({"type": "CosineAnnealingWarmRestarts", "T_0": 5, "T_mult": 2}, id="cosine-warm-restarts"),
+    pytest.param(
+        {"type": "CyclicLR", "base_lr": 0.01, "max_lr": 0.2, "step_size_up": 6, "mode": "triangular2"},
+        id="cyclic-momentum",
+    ),
+    pytest.param(
+        {"type": "CyclicLR", "base_lr": [0.01, 0.02], "max_lr": 0.3, "step_size_up": 4,
+         "mode": "exp_range", "gamma": 0.97, "cycle_momentum": False},
+        id="cyclic-exp-range",
+    ),
+    pytest.param({"type": "OneCycleLR", "max_lr": 0.5, "total_steps": 100}, id="one-cycle"),
+    pytest.param(
+        {"type": "OneCycleLR", "max_lr": [0.5, 0.1], "epochs": 10, "steps_per_epoch": 10,
+         "three_phase": True, "anneal_strategy": "linear"},
+        id="one-cycle-three-phase",
+    ),
+    pytest.param({"type": "LambdaLR", "lr_lambda": "0.95 ** step"}, id="lambda"),
+    pytest.param({"type": "LambdaLR", "lr_lambda": ["min(1.0, (step + 1) / 10)", "0.95 ** step"]}, id="lambda-per-group"),
+    pytest.param({"type": "MultiplicativeLR", "lr_lambda": "0.9 if step % 3 == 0 else 1.0"}, id="multiplicative"),
+    pytest.param(
+        {"type": "SequentialLR", "milestones": [10],
+         "schedulers": [{"type": "LinearLR", "start_factor": 0.01, "total_iters": 10},
+                        {"type": "CosineAnnealingLR", "T_max": 50}]},
+        id="warmup-cosine",
+    ),
+    pytest.param(
+        {"type": "SequentialLR", "milestones": [5, 20],
+         "schedulers": [{"type": "ConstantLR", "factor": 0.1, "total_iters": 5},
+                        {"type": "ExponentialLR", "gamma": 0.9},
+                        {"type": "SequentialLR", "milestones": [7],
+                         "schedulers": [{"type": "StepLR", "step_size": 3}, {"type": "LinearLR"}]}]},
+        id="nested-sequential",
+    ),
+    pytest.param(
+        {"type": "ChainedScheduler",
+         "schedulers": [{"type": "ConstantLR", "factor": 0.1, "total_iters": 2},
+                        {"type": "ExponentialLR", "gamma": 0.9}]},
+        id="chained",
+    ),
+    pytest.param(
+        {"type": "ChainedScheduler",
+         "schedulers": [{"type": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 5},
+                        {"type": "ExponentialLR", "gamma": 0.99}]},
+        id="chained-cyclic-momentum",
+    ),
+]
+
+
+def engine_trajectory(spec, base_lrs, steps, metrics=None):
+    engine = Engine(parse_schedule(spec, n_groups=len(base_lrs)), base_lrs, [0.9] * len(base_lrs))
+    out = [engine.values()]
+    for k in range(1, steps):
+        reports = {"val_loss": metrics[k - 1]} if metrics and metrics[k - 1] is not None else None
+        engine.advance(reports)
+        out.append(engine.values())
+    return out
+
+
+@pytest.mark.parametrize("base_lrs", [[0.1], [0.1, 0.025]], ids=["1-group", "2-groups"])
+@pytest.mark.parametrize("spec", EXAMPLES)
+def test_engine_equals_torch(spec, base_lrs):
+    ours = engine_trajectory(spec, base_lrs, STEPS)
+    theirs = reference.trajectory(spec, base_lrs, STEPS)
+    assert [list(lrs) for lrs, _ in ours] == [lrs for lrs, _ in theirs]
+    for (_, our_moms), (_, their_moms) in zip(ours, theirs):
+        if our_moms is not None:
+            assert list(our_moms) == their_moms
+
+
+def test_momentums_reported_only_when_cycled():
+    cyc = Engine(parse_schedule(EXAMPLES[8].values[0], n_groups=1), [0.1])
+    step = Engine(parse_schedule({"type": "StepLR", "step_size": 2}, n_groups=1), [0.1])
+    assert cyc.values()[1] is not None
+    assert step.values()[1] is None
+
+
+PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 2, "threshold": 0.01, "cooldown": 1}
+LOSSES = [1.0, 0.9, 0.95, 0.93, 0.94, 0.96, 0.7, 0.71, 0.72, 0.73, 0.74, 0.75, float("nan"),
+          0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+
+
+def test_plateau_equals_torch_fed_the_same_metrics():
+    ours = engine_trajectory(PLATEAU, [0.1, 0.2], len(LOSSES) + 1, LOSSES)
+    theirs = reference.trajectory(PLATEAU, [0.1, 0.2], len(LOSSES) + 1, LOSSES)
+    assert [list(v[0]) for v in ours] == [v[0] for v in theirs]
+    assert ours[-1][0][0] < 0.1  # it really reduced
+
+
+def test_plateau_ignores_steps_without_its_metric():
+    sparse = [m if i % 3 == 0 else None for i, m in enumerate(LOSSES * 3)]
+    dense = [m for m in sparse if m is not None]
+    ours = engine_trajectory(PLATEAU, [0.1], len(sparse) + 1, sparse)
+    torch_dense = reference.trajectory(PLATEAU, [0.1], len(dense) + 1, dense)
+    reported_at = [k for k in range(1, len(sparse) + 1) if sparse[k - 1] is not None]
+    assert [list(ours[k][0]) for k in reported_at] == [torch_dense[i + 1][0] for i in range(len(dense))]
+
+
+def test_warmup_then_plateau_follows_the_documented_rule():
+    warm = 5
+    spec = {"type": "SequentialLR", "milestones": [warm],
+            "schedulers": [{"type": "LinearLR", "start_factor": 0.2, "total_iters": warm}, PLATEAU]}
+    ours = engine_trajectory(spec, [0.1], len(LOSSES) + 1, LOSSES)
+    # By hand: torch's LinearLR for the warm-up, base LR at the milestone, then a torch
+    # ReduceLROnPlateau fed the metrics reported with steps k > warm.
+    opt = reference.make_optimizer([0.1])
+    linear = reference.build({"type": "LinearLR", "start_factor": 0.2, "total_iters": warm}, opt)
+    expected = [float(opt.param_groups[0]["lr"])]
+    for k in range(1, warm):
+        opt.step()
+        linear.step()
+        expected.append(float(opt.param_groups[0]["lr"]))
+    opt.param_groups[0]["lr"] = 0.1
+    expected.append(0.1)
+    plateau = reference.build(PLATEAU, opt)
+    for k in range(warm + 1, len(LOSSES) + 1):
+        plateau.step(LOSSES[k - 1])
+        expected.append(float(opt.param_groups[0]["lr"]))
+    assert [v[0][0] for v in ours] == expected
+    assert min(expected) < 0.1
+
+
+@pytest.mark.parametrize("spec", EXAMPLES + [pytest.param(PLATEAU, id="plateau")])
+def test_snapshot_round_trip_continues_identically(spec):
+    base = [0.1, 0.05]
+    original = Engine(parse_schedule(spec, n_groups=2), base, [0.9, 0.9])
+    metrics = iter(LOSSES * 10)
+    for _ in range(23):
+        original.advance({"val_loss": next(metrics)})
+    restored = Engine.restore(codec.loads(codec.dumps(original.snapshot())))
+    assert restored.values() == original.values()
+    for _ in range(30):
+        m = {"val_loss": next(metrics)}
+        original.advance(m)
+        restored.advance(m)
+        assert restored.values() == original.values()
+
+
+def test_engine_survives_deepcopy():
+    engine = Engine(parse_schedule(EXAMPLES[0].values[0], n_groups=1), [0.1])
+    twin = copy.deepcopy(engine)
+    engine.advance()
+    twin.advance()
+    assert twin.values() == engine.values()
+
+
+class TestActions:
+    def make(self, spec=None):
+        return Engine(parse_schedule(spec or {"type": "ExponentialLR", "gamma": 0.5}, n_groups=2), [1.0, 0.5])
+
+    def test_set_lr_then_schedule_continues_from_it(self):
+        engine = self.make()
+        engine.advance()
+        apply_action(engine, {"action": "set_lr", "lrs": [0.3, 0.2]})
+        assert engine.values()[0] == (0.3, 0.2)
+        engine.advance()
+        assert engine.values()[0] == (0.3 * 0.5, 0.2 * 0.5)
+
+    def test_scale(self):
+        engine = self.make()
+        apply_action(engine, {"action": "scale", "factor": 0.1})
+        assert engine.values()[0] == (1.0 * 0.1, 0.5 * 0.1)
+
+    def test_hold_freezes_and_resume_continues_the_clock(self):
+        engine = self.make({"type": "StepLR", "step_size": 2})
+        apply_action(engine, {"action": "hold"})
+        for _ in range(5):
+            engine.advance()
+        assert engine.values()[0] == (1.0, 0.5)
+        apply_action(engine, {"action": "resume"})
+        engine.advance()
+        assert engine.values()[0] == (1.0, 0.5)  # the schedule's own step 1
+        engine.advance()
+        assert engine.values()[0] == (1.0 * 0.1, 0.5 * 0.1)
+
+    def test_replace_schedule_starts_from_current_lrs(self):
+        engine = self.make()
+        engine.advance()
+        apply_action(engine, {"action": "replace_schedule",
+                              "schedule": {"type": "LinearLR", "start_factor": 0.5, "total_iters": 2}})
+        assert engine.values()[0] == (0.5 * 0.5, 0.25 * 0.5)
+        engine.advance()
+        engine.advance()
+        assert engine.values()[0] == (0.5, 0.25)
+
+
+def test_one_cycle_past_its_end_is_a_schedule_error():
+    from service.errors import ScheduleError
+
+    engine = Engine(parse_schedule({"type": "OneCycleLR", "max_lr": 0.1, "total_steps": 5}, n_groups=1), [0.1])
+    with pytest.raises(ScheduleError):
+        for _ in range(10):
+            engine.advance()
+
+
+def test_preview_matches_engine_trajectory():
+    spec = parse_schedule(EXAMPLES[15].values[0], n_groups=2)
+    lrs, moms = preview(spec, [0.1, 0.025], None, 40)
+    theirs = reference.trajectory(EXAMPLES[15].values[0], [0.1, 0.025], 40)
+    assert lrs == [v[0] for v in theirs]
+    assert moms is None
