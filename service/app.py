@@ -11,6 +11,7 @@ from service.api.routes import health, runs, schedules, steps
 from service.auth import Authenticator, load_tokens
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
+from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
 from service.settings import Settings, get_settings
 from service.store import open_store
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = RunManager(store, settings)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
+        app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager._runs))
         try:
             yield

@@ -210,6 +210,38 @@ class RunManager:
             self.commit(run_id, step, metric=(step, watched) if watched else None)
         return self.window(run_id, step, ahead)
 
+    # -- the metric barrier -------------------------------------------------------------
+
+    def report_to_barrier(
+        self, run_id: str, step: int, rank: int, metrics: Mapping[str, float], watched: Mapping[str, float]
+    ) -> None:
+        """Keep one rank's report: all its metrics for history, the watched ones for the barrier."""
+        self.store.append_metrics(run_id, _records(metrics, step, rank))
+        for name, value in watched.items():
+            self.store.add_barrier_report(run_id, step, rank, name, value)
+
+    def resolve_barrier(self, run_id: str, step: int, timed_out: bool) -> bool:
+        """Decide the barrier at ``step`` if every rank reported (or time is up).
+
+        Returns:
+            True once ``step`` is final (decided here, by another request, or elsewhere).
+        """
+        state = self.state(run_id)
+        if state.horizon >= step:
+            return True
+        reports = self.store.read_barrier_reports(run_id, step)
+        if len(reports) < state.world_size and not timed_out:
+            return self.store.read_run(run_id).horizon >= step
+        missing = [r for r in range(state.world_size) if r not in reports]
+        means = _rank_order_means(reports)
+        extra = []
+        if missing:
+            extra.append(NewEvent(EventKind.BARRIER_TIMEOUT, step, {
+                "missing_ranks": missing, "reported_ranks": sorted(reports),
+                "timeout_s": self.settings.barrier_timeout_s}))
+        self.commit(run_id, step, metric=(step, means), extra_events=extra)
+        return True
+
     # -- committing -------------------------------------------------------------------------
 
     def commit(
@@ -232,7 +264,8 @@ class RunManager:
                 self._catch_up(state, tx)
                 old_horizon = tx.run.horizon
                 new_events, placed = self._place(state, tx, metric, action)
-                new_events.extend(extra_events)
+                if metric is None or new_events:  # extra events go with a decision that was taken
+                    new_events.extend(extra_events)
                 outcomes = state.advance_to(max(target, old_horizon))
                 new_events.extend(_output_events(outcomes, old_horizon, state))
                 appended = tx.append_events(new_events) if new_events else []
@@ -365,6 +398,19 @@ class RunManager:
         return self.store.append_metrics(
             run_id, [MetricRecord(r["name"], r["step"], r["rank"], float(r["value"])) for r in records]
         )
+
+
+def _rank_order_means(reports: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Per metric: the sum over ranks in rank order, divided by how many ranks reported it."""
+    names = sorted({name for values in reports.values() for name in values})
+    means = {}
+    for name in names:
+        values = [reports[r][name] for r in sorted(reports) if name in reports[r]]
+        total = 0.0
+        for value in values:  # left to right on purpose: sum() may compensate (Python >= 3.12)
+            total += value
+        means[name] = total / len(values)
+    return means
 
 
 def _records(metrics: Mapping[str, float], step: int, rank: int) -> list[Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
@@ -40,9 +40,13 @@ def read_lr(
 
 
 @router.post("/step", response_model=StepResult, dependencies=[WriteAccess])
-def step_run(run_id: RunId, body: StepRequest, manager: ManagerDep) -> Response:
-    """Commit `step` with the metrics reported with it, as `scheduler.step(metric)` would."""
-    window = manager.step_run(run_id, body.step, body.metrics, body.rank, body.ahead)
+async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Response:
+    """Commit `step` with the metrics reported with it, as `scheduler.step(metric)` would.
+
+    With `world_size > 1` and the watched metric, waits at the metric barrier.
+    """
+    barriers = request.app.state.barriers
+    window = await barriers.step(run_id, body.step, body.metrics, body.rank, body.ahead)
     return FastJSONResponse(window_public(window))
 
 

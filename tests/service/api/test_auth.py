@@ -1,0 +1,94 @@
+"""Every route x {no token, read, write, admin}: 401 / 403 / allowed, as API.md says."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.auth import Authenticator, TokenError, parse_tokens
+from service.settings import Settings
+
+TOKENS = {"read": "r-token", "write": "w-token", "admin": "a-token"}
+RANK = {None: -1, "read": 0, "write": 1, "admin": 2}
+SPEC = {"type": "StepLR", "step_size": 2}
+
+# (method, path template) -> (least role, request kwargs). None: open to everyone.
+ROUTES = {
+    ("POST", "/v1/runs"): ("write", {"json": {"run_id": "new", "schedule": SPEC, "base_lrs": [0.1]}}),
+    ("GET", "/v1/runs"): ("read", {}),
+    ("GET", "/v1/runs/{run_id}"): ("read", {}),
+    ("DELETE", "/v1/runs/{run_id}"): ("admin", {}),
+    ("POST", "/v1/runs/{run_id}/control"): ("admin", {"json": {"action": "hold"}}),
+    ("GET", "/v1/runs/{run_id}/history"): ("read", {}),
+    ("GET", "/v1/runs/{run_id}/lr"): ("read", {"params": {"step": 1}}),
+    ("POST", "/v1/runs/{run_id}/step"): ("write", {"json": {"step": 1}}),
+    ("POST", "/v1/runs/{run_id}/metrics"): (
+        "write", {"json": {"records": [{"step": 0, "name": "loss", "value": 1.0}]}}),
+    ("POST", "/v1/schedules/preview"): ("read", {"json": {"schedule": SPEC, "base_lrs": [0.1], "steps": 3}}),
+    ("GET", "/v1/schedules/catalog"): ("read", {}),
+    ("GET", "/healthz"): (None, {}),
+    ("GET", "/readyz"): (None, {}),
+    ("GET", "/metrics"): (None, {}),
+}
+
+
+@pytest.fixture
+def secured(tmp_path):
+    tokens = ",".join(f"{role}:{token}" for role, token in TOKENS.items())
+    app = create_app(Settings(db=f"sqlite:///{tmp_path}/auth.db", tokens=tokens))
+    with TestClient(app) as client:
+        yield app, client
+
+
+def test_every_route_is_in_the_matrix(secured):
+    app, _ = secured
+    routes = {(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
+    assert routes == set(ROUTES)
+
+
+@pytest.mark.parametrize("who", [None, "read", "write", "admin"], ids=lambda w: w or "no-token")
+@pytest.mark.parametrize(("method", "template"), list(ROUTES), ids=lambda x: str(x))
+def test_role_matrix(secured, method, template, who):
+    _, client = secured
+    least, kwargs = ROUTES[(method, template)]
+    admin = {"Authorization": f"Bearer {TOKENS['admin']}"}
+    client.post("/v1/runs", json={"run_id": "r", "schedule": SPEC, "base_lrs": [0.1]}, headers=admin)
+    headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
+    response = client.request(method, template.replace("{run_id}", "r"), headers=headers, **kwargs)
+    if least is None or RANK[who] >= RANK[least]:
+        assert response.status_code not in (401, 403), response.text
+        assert response.status_code < 400, response.text
+    elif who is None:
+        assert response.status_code == 401
+        assert response.json()["code"] == "unauthorized"
+    else:
+        assert response.status_code == 403
+        assert least in response.json()["detail"]
+
+
+def test_wrong_token_is_401_and_never_echoed(secured):
+    _, client = secured
+    response = client.get("/v1/runs", headers={"Authorization": "Bearer not-a-token-xyz"})
+    assert response.status_code == 401
+    assert "not-a-token-xyz" not in response.text
+
+
+def test_tokens_file(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# ops\nadmin:file-admin\nread:file-read\n")
+    app = create_app(Settings(db=f"sqlite:///{tmp_path}/t.db", tokens_file=path))
+    with TestClient(app) as client:
+        assert client.get("/v1/runs", headers={"Authorization": "Bearer file-read"}).status_code == 200
+        assert client.get("/v1/runs").status_code == 401
+
+
+@pytest.mark.parametrize("text", ["admin", "root:x", "read:", ":tok"])
+def test_malformed_tokens_fail_loudly(text):
+    with pytest.raises(TokenError):
+        parse_tokens(text, source="LRSERVE_TOKENS")
+
+
+def test_open_server_treats_everyone_as_admin():
+    assert Authenticator({}).role_of(None) == "admin"
