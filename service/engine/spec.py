@@ -1,0 +1,411 @@
+"""The schedule spec language: one pydantic model per ``torch.optim.lr_scheduler`` class.
+
+A spec is ``{"type": "<torch class name>", <constructor keyword arguments>}`` without
+``optimizer``, ``last_epoch`` and ``verbose``; composites nest specs in ``schedulers``.
+Argument names and defaults are torch's own. Validation is stricter than torch where
+torch would crash later (at some step) or silently do something unlikely to be meant,
+and every error names its field path, e.g. ``schedule.schedulers.1.T_max``.
+
+Example:
+    >>> spec = parse_schedule({"type": "StepLR", "step_size": 30}, n_groups=1)
+    >>> spec.torch_kwargs()
+    {'step_size': 30, 'gamma': 0.1}
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
+
+from service.engine import _validators as v
+from service.engine._validators import PerGroupExpression, PerGroupFloat, Problems
+from service.engine.expr import Expression, compile_expression
+from service.errors import FieldError, SpecError
+
+MAX_DEPTH: int = 4
+"""Nesting levels of schedules allowed (the top level is 1)."""
+MAX_CHILDREN = 32
+"""Most schedulers in one SequentialLR / ChainedScheduler."""
+MAX_MILESTONES = 10_000
+MAX_STEPS = 10**12
+"""Largest step count an argument may name; keeps torch's float arithmetic exact and finite."""
+
+COMPOSITES = ("SequentialLR", "ChainedScheduler")
+PLATEAU = "ReduceLROnPlateau"
+
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    # Where parse_schedule found the node; names the field in expression errors.
+    _path: str = PrivateAttr(default="schedule")
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the torch constructor, without ``optimizer``."""
+        return self.model_dump(exclude={"type"})
+
+    def problems(self, n_groups: int) -> Problems:
+        """Yield ``(field, message)`` for each rule that needs more than one field."""
+        return iter(())
+
+    def __eq__(self, other: object) -> bool:
+        # Fields only: where a spec was found (_path) does not make it a different spec.
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+
+class _LambdaSpec(_Spec):
+    lr_lambda: PerGroupExpression = Field(
+        description="Factor as an expression of step, e.g. '0.95 ** step', or one per param group."
+    )
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """``lr_lambda`` as a callable :class:`Expression` (or one per group)."""
+        return {"lr_lambda": self.expressions()}
+
+    def expressions(self) -> Expression | list[Expression]:
+        """Compile ``lr_lambda``; expression errors name the field under ``_path``."""
+        field = f"{self._path}.lr_lambda"
+        if isinstance(self.lr_lambda, list):
+            return [
+                compile_expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)
+            ]
+        return compile_expression(self.lr_lambda, field=field)
+
+    def problems(self, n_groups: int) -> Problems:
+        yield from v.group_count("lr_lambda", self.lr_lambda, n_groups)
+        sources = self.lr_lambda if isinstance(self.lr_lambda, list) else [self.lr_lambda]
+        for i, source in enumerate(sources):
+            name = f"lr_lambda.{i}" if isinstance(self.lr_lambda, list) else "lr_lambda"
+            try:
+                compile_expression(source, field=name)
+            except SpecError as exc:
+                yield name, exc.errors[0].message
+
+
+class LambdaLRSpec(_LambdaSpec):
+    """lr = base_lr * lr_lambda(step)."""
+
+    type: Literal["LambdaLR"] = "LambdaLR"
+
+
+class MultiplicativeLRSpec(_LambdaSpec):
+    """lr = previous lr * lr_lambda(step), from step 1 on."""
+
+    type: Literal["MultiplicativeLR"] = "MultiplicativeLR"
+
+
+class StepLRSpec(_Spec):
+    type: Literal["StepLR"] = "StepLR"
+    step_size: Steps = Field(description="Period of learning rate decay, in steps.")
+    gamma: Positive = Field(0.1, description="Multiplicative factor of learning rate decay.")
+
+
+class MultiStepLRSpec(_Spec):
+    type: Literal["MultiStepLR"] = "MultiStepLR"
+    milestones: list[int] = Field(
+        min_length=1, max_length=MAX_MILESTONES, description="Strictly increasing steps (>= 1)."
+    )
+    gamma: Positive = Field(0.1, description="Multiplicative factor of learning rate decay.")
+
+    def problems(self, n_groups: int) -> Problems:
+        yield from v.milestone_problems("milestones", self.milestones)
+
+
+class ConstantLRSpec(_Spec):
+    type: Literal["ConstantLR"] = "ConstantLR"
+    factor: float = Field(1.0 / 3, description="Multiplies the LR until total_iters; in (0, 1].")
+    total_iters: int = Field(5, le=MAX_STEPS, description="Steps the factor applies for (>= 1).")
+
+    def problems(self, n_groups: int) -> Problems:
+        if not v.in_range(self.factor, 0, 1, low_open=True, high_open=False):
+            why = ": torch divides by it when it restores the LR" if self.factor == 0 else ""
+            yield "factor", f"expected a number in (0, 1], got {v.describe(self.factor)}{why}"
+        if self.total_iters < 1:
+            why = "with 0, torch scales the LR at step 0 and never restores it"
+            yield "total_iters", f"expected an integer >= 1, got {self.total_iters}: {why}"
+
+
+class LinearLRSpec(_Spec):
+    type: Literal["LinearLR"] = "LinearLR"
+    start_factor: float = Field(1.0 / 3, gt=0, le=1, description="Factor at step 0; in (0, 1].")
+    end_factor: float = Field(1.0, ge=0, le=1, description="Factor from total_iters on; in [0, 1].")
+    total_iters: int = Field(5, le=MAX_STEPS, description="Steps to go from start to end factor.")
+
+    def problems(self, n_groups: int) -> Problems:
+        if self.total_iters < 1:
+            why = "with 0, torch scales the LR by start_factor at step 0 and never again"
+            yield "total_iters", f"expected an integer >= 1, got {self.total_iters}: {why}"
+
+
+class ExponentialLRSpec(_Spec):
+    type: Literal["ExponentialLR"] = "ExponentialLR"
+    gamma: Positive = Field(description="Multiplicative factor of learning rate decay per step.")
+
+
+class CosineAnnealingLRSpec(_Spec):
+    type: Literal["CosineAnnealingLR"] = "CosineAnnealingLR"
+    T_max: Steps = Field(description="Steps of a half cosine period.")
+    eta_min: NonNegative = Field(0.0, description="Minimum learning rate.")
+
+
+class CosineAnnealingWarmRestartsSpec(_Spec):
+    type: Literal["CosineAnnealingWarmRestarts"] = "CosineAnnealingWarmRestarts"
+    T_0: Steps = Field(description="Steps until the first restart.")
+    T_mult: Annotated[int, Field(ge=1, le=1000)] = Field(
+        1, description="Factor by which the period grows after each restart."
+    )
+    eta_min: NonNegative = Field(0.0, description="Minimum learning rate.")
+
+
+class PolynomialLRSpec(_Spec):
+    type: Literal["PolynomialLR"] = "PolynomialLR"
+    total_iters: Steps = Field(5, description="Steps over which the LR decays to 0.")
+    power: float = Field(1.0, description="Power of the polynomial (>= 0).")
+
+    def problems(self, n_groups: int) -> Problems:
+        if self.power < 0:
+            why = "torch raises 0 to it (ZeroDivisionError) when the step reaches total_iters"
+            yield "power", f"expected a number >= 0, got {v.describe(self.power)}: {why}"
+
+
+class CyclicLRSpec(_Spec):
+    type: Literal["CyclicLR"] = "CyclicLR"
+    base_lr: PerGroupFloat = Field(description="Lower LR boundary (replaces the group's LR).")
+    max_lr: PerGroupFloat = Field(description="Upper LR boundary.")
+    step_size_up: Steps = Field(2000, description="Steps in the increasing half of a cycle.")
+    step_size_down: Steps | None = Field(
+        None, description="Steps in the decreasing half; null: same as up."
+    )
+    mode: Literal["triangular", "triangular2", "exp_range"] = Field(
+        "triangular", description="Amplitude scaling policy (scale_fn is not accepted)."
+    )
+    gamma: Positive = Field(1.0, description="exp_range scaling: gamma ** step; in (0, 1].")
+    scale_mode: Literal["cycle", "iterations"] = Field(
+        "cycle", description="Ignored by torch unless scale_fn is given; kept for parity."
+    )
+    cycle_momentum: bool = Field(True, description="Cycle momentum inversely to the LR.")
+    base_momentum: PerGroupFloat = Field(0.8, description="Lower momentum boundary.")
+    max_momentum: PerGroupFloat = Field(0.9, description="Upper momentum boundary.")
+
+    def problems(self, n_groups: int) -> Problems:
+        yield from v.cyclic_lr_problems(self, n_groups)
+        yield from v.momentum_problems(self, n_groups)
+
+
+class OneCycleLRSpec(_Spec):
+    type: Literal["OneCycleLR"] = "OneCycleLR"
+    max_lr: PerGroupFloat = Field(description="Peak LR (the cycle starts at max_lr / div_factor).")
+    total_steps: Steps | None = Field(
+        None, description="Steps in the cycle; or epochs * steps_per_epoch."
+    )
+    epochs: Steps | None = Field(None, description="With steps_per_epoch, gives total_steps.")
+    steps_per_epoch: Steps | None = Field(None, description="With epochs, gives total_steps.")
+    pct_start: float = Field(
+        0.3, gt=0, lt=1, description="Fraction of the cycle spent increasing the LR."
+    )
+    anneal_strategy: Literal["cos", "linear"] = Field("cos", description="Annealing shape.")
+    cycle_momentum: bool = Field(True, description="Cycle momentum inversely to the LR.")
+    base_momentum: PerGroupFloat = Field(0.85, description="Lower momentum boundary.")
+    max_momentum: PerGroupFloat = Field(0.95, description="Upper momentum boundary.")
+    div_factor: Positive = Field(25.0, description="initial_lr = max_lr / div_factor.")
+    final_div_factor: Positive = Field(1e4, description="min_lr = initial_lr / final_div_factor.")
+    three_phase: bool = Field(
+        False, description="Use the paper's three phases instead of fastai's two."
+    )
+
+    def problems(self, n_groups: int) -> Problems:
+        yield from v.group_count("max_lr", self.max_lr, n_groups)
+        yield from v.each_group("max_lr", self.max_lr, lambda x: x > 0, "a number > 0")
+        yield from v.momentum_problems(self, n_groups)
+        yield from v.one_cycle_length_problems(self)
+
+
+class ReduceLROnPlateauSpec(_Spec):
+    type: Literal["ReduceLROnPlateau"] = "ReduceLROnPlateau"
+    mode: Literal["min", "max"] = Field(
+        "min", description="Whether the metric should go down or up."
+    )
+    factor: float = Field(0.1, description="new_lr = lr * factor; in (0, 1).")
+    patience: Count = Field(10, description="Reports without improvement before a reduction.")
+    threshold: NonNegative = Field(1e-4, description="Smallest change that counts as improvement.")
+    threshold_mode: Literal["rel", "abs"] = Field(
+        "rel", description="Relative or absolute threshold."
+    )
+    cooldown: Count = Field(0, description="Reports to wait after a reduction.")
+    min_lr: PerGroupFloat = Field(0.0, description="Lower bound on the LR, or one per group.")
+    eps: NonNegative = Field(1e-8, description="Reductions smaller than eps are skipped.")
+    monitor: str = Field(
+        "val_loss", min_length=1, max_length=64, description="Name of the metric watched (lrserve)."
+    )
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """Torch's arguments; ``monitor`` is lrserve's own."""
+        return self.model_dump(exclude={"type", "monitor"})
+
+    def problems(self, n_groups: int) -> Problems:
+        if not 0 < self.factor < 1:
+            why = "torch raises on factor >= 1" if self.factor >= 1 else "the LR would not shrink"
+            yield "factor", f"expected a number in (0, 1), got {v.describe(self.factor)}: {why}"
+        if self.mode == "min" and self.threshold_mode == "rel" and self.threshold >= 1:
+            why = f"a metric would have to fall below best * {1 - self.threshold} to improve"
+            expected = "expected a number < 1 with mode 'min' and threshold_mode 'rel'"
+            yield "threshold", f"{expected}, got {self.threshold}: {why}"
+        yield from v.group_count("min_lr", self.min_lr, n_groups)
+        yield from v.each_group("min_lr", self.min_lr, lambda x: x >= 0, "a number >= 0")
+
+
+_NESTED = (
+    ": torch steps a composite first stage once more when it is built (its values shift by "
+    "a step) and cannot restart one at a later milestone (NotImplementedError); merge the "
+    "stages into one SequentialLR, or put the SequentialLR in a ChainedScheduler"
+)
+_CHAINED_PLATEAU = (
+    "ReduceLROnPlateau cannot be chained: it needs a metric at every step; "
+    "use it as a SequentialLR stage (e.g. after a warm-up) or on its own"
+)
+
+Schedulers = Annotated[
+    list["ScheduleSpec"],
+    Field(min_length=1, max_length=MAX_CHILDREN),
+    v.TypeLabel("list[schedule]"),
+]
+
+
+class SequentialLRSpec(_Spec):
+    type: Literal["SequentialLR"] = "SequentialLR"
+    schedulers: Schedulers = Field(description="Stages, run one after another.")
+    milestones: list[int] = Field(
+        max_length=MAX_MILESTONES,
+        description="Steps at which the next stage starts; one fewer than stages.",
+    )
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """``milestones`` only: the engine builds the stages itself."""
+        return {"milestones": list(self.milestones)}
+
+    def problems(self, n_groups: int) -> Problems:
+        stages = len(self.schedulers)
+        if len(self.milestones) != stages - 1:
+            expected = f"expected {stages - 1} milestones (one fewer than the {stages} schedulers)"
+            yield "milestones", f"{expected}, got {len(self.milestones)}"
+        yield from v.milestone_problems("milestones", self.milestones)
+        for i, child in enumerate(self.schedulers):
+            if child.type in COMPOSITES:
+                yield f"schedulers.{i}", f"a SequentialLR stage cannot be a {child.type}{_NESTED}"
+
+
+class ChainedSchedulerSpec(_Spec):
+    type: Literal["ChainedScheduler"] = "ChainedScheduler"
+    schedulers: Schedulers = Field(description="Schedulers all stepped at every step, in order.")
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """Nothing: the engine builds the chained schedulers itself."""
+        return {}
+
+    def problems(self, n_groups: int) -> Problems:
+        for i, child in enumerate(self.schedulers):
+            if child.type == PLATEAU:
+                yield f"schedulers.{i}", _CHAINED_PLATEAU
+
+
+ScheduleSpec = Annotated[
+    LambdaLRSpec
+    | MultiplicativeLRSpec
+    | StepLRSpec
+    | MultiStepLRSpec
+    | ConstantLRSpec
+    | LinearLRSpec
+    | ExponentialLRSpec
+    | SequentialLRSpec
+    | CosineAnnealingLRSpec
+    | ChainedSchedulerSpec
+    | ReduceLROnPlateauSpec
+    | CyclicLRSpec
+    | CosineAnnealingWarmRestartsSpec
+    | OneCycleLRSpec
+    | PolynomialLRSpec,
+    Field(discriminator="type"),
+]
+"""Any schedule spec; pydantic picks the model by ``type``."""
+
+SPEC_MODELS: tuple[type[_Spec], ...] = typing.get_args(typing.get_args(ScheduleSpec)[0])
+"""Every model, in the order of ``torch.optim.lr_scheduler.__all__``."""
+SPEC_TYPES: tuple[str, ...] = tuple(m.model_fields["type"].default for m in SPEC_MODELS)
+_MODEL_BY_TYPE = dict(zip(SPEC_TYPES, SPEC_MODELS, strict=True))
+
+SequentialLRSpec.model_rebuild()
+ChainedSchedulerSpec.model_rebuild()
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(ScheduleSpec)
+
+
+def parse_schedule(data: Any, *, n_groups: int, field: str = "schedule") -> ScheduleSpec:
+    """Validate a raw JSON spec for a run with ``n_groups`` param groups.
+
+    Args:
+        data: The decoded JSON value.
+        n_groups: Number of param groups; per-group lists must have this many items.
+        field: Path of the spec in the request, the prefix of every error's field.
+
+    Returns:
+        The validated spec model.
+
+    Raises:
+        SpecError: Listing every problem found, each with its dotted field path.
+    """
+    errors = v.structure_problems(data, field, SPEC_TYPES, COMPOSITES, MAX_DEPTH, MAX_CHILDREN)
+    if errors:
+        raise SpecError.many(errors)
+    try:
+        spec = _ADAPTER.validate_python(data, strict=True)
+    except ValidationError as exc:
+        raise SpecError.many(
+            v.translate_errors(exc.errors(), field, SPEC_TYPES, _accepted_keys)
+        ) from None
+    for path, node in iter_nodes(spec, root=field):
+        node._path = path
+        errors.extend(
+            FieldError(f"{path}.{name}", message) for name, message in node.problems(n_groups)
+        )
+    if errors:
+        raise SpecError.many(errors)
+    return spec
+
+
+def _accepted_keys(type_name: str) -> list[str]:
+    return [name for name in _MODEL_BY_TYPE[type_name].model_fields if name != "type"]
+
+
+def iter_nodes(spec: Any, *, root: str = "schedule") -> Iterator[tuple[str, Any]]:
+    """Yield ``(dotted path, node)`` for every node, depth first, the root first."""
+    stack = [(root, spec)]
+    while stack:
+        path, node = stack.pop()
+        yield path, node
+        children = getattr(node, "schedulers", None) or []
+        stack.extend(reversed([(f"{path}.schedulers.{i}", c) for i, c in enumerate(children)]))
+
+
+def cycles_momentum(spec: Any) -> bool:
+    """Whether some CyclicLR / OneCycleLR in the tree cycles momentum."""
+    return any(
+        node.type in ("CyclicLR", "OneCycleLR") and node.cycle_momentum
+        for _, node in iter_nodes(spec)
+    )
+
+
+def watched_metrics(spec: Any) -> set[str]:
+    """The ``monitor`` of every ReduceLROnPlateau in the tree."""
+    return {node.monitor for _, node in iter_nodes(spec) if node.type == PLATEAU}
+
+
+def spec_to_json(spec: Any) -> dict[str, Any]:
+    """The canonical JSON form: every argument present, defaults filled in."""
+    return _ADAPTER.dump_python(spec, mode="json")  # type: ignore[no-any-return]
