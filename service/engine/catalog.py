@@ -1,0 +1,110 @@
+"""The catalog of schedule types: what ``GET /v1/schedules/catalog`` lists.
+
+Built from the spec models themselves, so it cannot drift from what ``parse_schedule``
+accepts: every type with its arguments, their JSON types, defaults and descriptions.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import types
+import typing
+from typing import Any
+
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
+from torch.optim import lr_scheduler as torch_schedulers
+
+from service.engine._validators import TypeLabel
+from service.engine.spec import SPEC_MODELS
+
+# Where torch's first docstring line misleads ("Sets the initial learning rate.").
+_DESCRIPTIONS = {
+    "LambdaLR": "Sets the learning rate of each parameter group to the initial lr times a "
+    "given function.",
+}
+
+# What lrserve adds to, or restricts in, torch's description of a class.
+_NOTES = {
+    "LambdaLR": "lr_lambda is an expression of step, e.g. '0.95 ** step' (no Python lambdas).",
+    "MultiplicativeLR": "lr_lambda is an expression of step, e.g. '0.95' (no Python lambdas).",
+    "SequentialLR": "Stages may be ReduceLROnPlateau (lrserve), but not SequentialLR or "
+    "ChainedScheduler.",
+    "ChainedScheduler": "May not contain ReduceLROnPlateau; use a SequentialLR stage instead.",
+    "ReduceLROnPlateau": "Watches the metric named by monitor; may also be a SequentialLR stage.",
+    "CyclicLR": "scale_fn is not accepted (a callable cannot travel over HTTP); use mode.",
+}
+
+_SCALARS = {int: "int", float: "float", bool: "bool", str: "string", type(None): "null"}
+
+
+def catalog() -> list[dict[str, Any]]:
+    """Describe every accepted schedule type.
+
+    Returns:
+        One dict per type: ``{"type", "description", "args": [{"name", "type",
+        "default" (absent when required), "required", "description"}, ...]}``; Literal
+        arguments also carry ``"choices"``.
+
+    Example:
+        >>> next(e for e in catalog() if e["type"] == "StepLR")["args"][0]["name"]
+        'step_size'
+    """
+    return copy.deepcopy(_catalog())
+
+
+@functools.cache
+def _catalog() -> list[dict[str, Any]]:
+    return [_entry(model) for model in SPEC_MODELS]
+
+
+def _entry(model: Any) -> dict[str, Any]:
+    name = model.model_fields["type"].default
+    description = _DESCRIPTIONS.get(name) or _first_line(getattr(torch_schedulers, name))
+    if name in _NOTES:
+        description = f"{description} {_NOTES[name]}"
+    args = [_arg(arg, info) for arg, info in model.model_fields.items() if arg != "type"]
+    return {"type": name, "description": description, "args": args}
+
+
+def _first_line(cls: type) -> str:
+    doc = inspect.getdoc(cls) or ""
+    return next((line.strip() for line in doc.splitlines() if line.strip()), cls.__name__)
+
+
+def _arg(name: str, info: FieldInfo) -> dict[str, Any]:
+    arg: dict[str, Any] = {"name": name, "type": _label(info.annotation, info.metadata)}
+    choices = _choices(info.annotation)
+    if choices:
+        arg["choices"] = choices
+    required = info.is_required()
+    if not required:
+        arg["default"] = to_jsonable_python(info.default)
+    arg["required"] = required
+    arg["description"] = info.description or ""
+    return arg
+
+
+def _label(annotation: Any, metadata: list[Any] = ()) -> str:  # type: ignore[assignment]
+    for item in metadata:
+        if isinstance(item, TypeLabel):
+            return item.label
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base, *extra = typing.get_args(annotation)
+        return _label(base, extra)
+    if origin is typing.Literal:
+        return "string"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_label(arg) for arg in typing.get_args(annotation))
+    if origin is list:
+        return f"list[{_label(typing.get_args(annotation)[0])}]"
+    return _SCALARS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _choices(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    return []
