@@ -38,6 +38,7 @@ PLATEAU = "ReduceLROnPlateau"
 
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+Milestone = Annotated[int, Field(le=MAX_STEPS)]  # >= 1 is checked later, with the reason
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 
@@ -110,7 +111,7 @@ class StepLRSpec(_Spec):
 
 class MultiStepLRSpec(_Spec):
     type: Literal["MultiStepLR"] = "MultiStepLR"
-    milestones: list[int] = Field(
+    milestones: list[Milestone] = Field(
         min_length=1, max_length=MAX_MILESTONES, description="Strictly increasing steps (>= 1)."
     )
     gamma: Positive = Field(0.1, description="Multiplicative factor of learning rate decay.")
@@ -282,7 +283,7 @@ Schedulers = Annotated[
 class SequentialLRSpec(_Spec):
     type: Literal["SequentialLR"] = "SequentialLR"
     schedulers: Schedulers = Field(description="Stages, run one after another.")
-    milestones: list[int] = Field(
+    milestones: list[Milestone] = Field(
         max_length=MAX_MILESTONES,
         description="Steps at which the next stage starts; one fewer than stages.",
     )

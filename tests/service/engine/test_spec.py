@@ -184,6 +184,11 @@ INVALID = [
         {"type": "MultiStepLR", "milestones": [0, 3]}, "schedule.milestones", id="milestone-zero"
     ),
     pytest.param(
+        {"type": "MultiStepLR", "milestones": [3, 10**13]},
+        "schedule.milestones.1",
+        id="milestone-huge",
+    ),
+    pytest.param(
         {"type": "MultiStepLR", "milestones": [1.5]}, "schedule.milestones.0", id="milestone-float"
     ),
     pytest.param(
