@@ -351,7 +351,7 @@ def parse_schedule(data: Any, *, n_groups: int, field: str = "schedule") -> Sche
     """Validate a raw JSON spec for a run with ``n_groups`` param groups.
 
     Args:
-        data: The decoded JSON value.
+        data: The decoded JSON value (or a spec model, checked again).
         n_groups: Number of param groups; per-group lists must have this many items.
         field: Path of the spec in the request, the prefix of every error's field.
 
@@ -361,6 +361,8 @@ def parse_schedule(data: Any, *, n_groups: int, field: str = "schedule") -> Sche
     Raises:
         SpecError: Listing every problem found, each with its dotted field path.
     """
+    if isinstance(data, _Spec):
+        data = spec_to_json(data)  # re-check a built spec, e.g. against another group count
     errors = v.structure_problems(data, field, SPEC_TYPES, COMPOSITES, MAX_DEPTH, MAX_CHILDREN)
     if errors:
         raise SpecError.many(errors)

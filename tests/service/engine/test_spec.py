@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.optim import lr_scheduler as torch_schedulers
 
 from service.engine import spec as spec_module
@@ -876,3 +877,42 @@ def test_generated_specs_are_accepted_and_round_trip(raw):
 def test_generated_specs_step_in_torch_with_finite_values(raw):
     lrs = step_torch(parse_schedule(raw, n_groups=2), SAFE_STEPS)
     assert all(math.isfinite(lr) for row in lrs for lr in row)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@st.composite
+def mutated_specs(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid spec with one key of one node set to an arbitrary JSON value."""
+    raw = draw(valid_specs(2, max_depth=3))
+    node = raw
+    while node.get("schedulers") and draw(st.booleans()):
+        node = draw(st.sampled_from(node["schedulers"]))
+    key = draw(
+        st.sampled_from(["type", "schedulers", "milestones", "gamma", "lr_lambda", "max_lr", "x"])
+    )
+    node[key] = draw(JSON | st.sampled_from(SPEC_TYPES))
+    return raw
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=JSON | mutated_specs())
+def test_any_json_gives_a_spec_or_a_spec_error(raw):
+    try:
+        parse_schedule(raw, n_groups=2)
+    except SpecError as exc:
+        assert exc.errors and all(e.field.startswith("schedule") for e in exc.errors)
+
+
+def test_a_spec_model_is_checked_again():
+    spec = parse_schedule({"type": "CyclicLR", "base_lr": [0.1, 0.2], "max_lr": 1.0}, n_groups=2)
+    assert parse_schedule(spec, n_groups=2) == spec
+    with pytest.raises(SpecError):
+        parse_schedule(spec, n_groups=3)
