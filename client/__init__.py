@@ -1,0 +1,61 @@
+"""lrserve's thin client: ``RemoteScheduler`` (a drop-in torch LR scheduler) and ``LRClient``.
+
+Needs only httpx (and the job's own torch); imports nothing of the server.
+"""
+
+from __future__ import annotations
+
+from client._client import LRClient
+from client._exceptions import (
+    AuthenticationError,
+    CadenceWarning,
+    ClientClosed,
+    ClientMisuseError,
+    InvalidRequest,
+    InvalidSchedule,
+    LimitExceeded,
+    LRServiceError,
+    LRServiceWarning,
+    MetricsDroppedWarning,
+    PermissionDenied,
+    RunConflict,
+    RunNotFound,
+    ScheduleError,
+    ServerAwayWarning,
+    ServerError,
+    ServerTimeout,
+    ServerUnavailable,
+    ServerUnreachable,
+    TransportError,
+)
+from client._scheduler import RemoteScheduler
+
+__all__ = [
+    "AuthenticationError",
+    "CadenceWarning",
+    "ClientClosed",
+    "ClientMisuseError",
+    "InvalidRequest",
+    "InvalidSchedule",
+    "LimitExceeded",
+    "LRClient",
+    "LRServiceError",
+    "LRServiceWarning",
+    "MetricsDroppedWarning",
+    "PermissionDenied",
+    "RemoteScheduler",
+    "RunConflict",
+    "RunNotFound",
+    "ScheduleError",
+    "ServerAwayWarning",
+    "ServerError",
+    "ServerTimeout",
+    "ServerUnavailable",
+    "ServerUnreachable",
+    "TransportError",
+]
+
+__locals = locals()
+for __name in __all__:
+    if not __name.startswith("__"):
+        setattr(__locals[__name], "__module__", "client")  # noqa

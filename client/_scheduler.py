@@ -1,0 +1,815 @@
+"""``RemoteScheduler``: a drop-in for a ``torch.optim.lr_scheduler`` object, served by lrserve.
+
+How a step works (see DESIGN.md, "Flow of one step"): the scheduler holds a window of final
+values, so ``step()`` is an index into a list plus writing ``param_group["lr"]``. A worker
+thread fetches the next window before this one runs out. A step that carries a watched
+metric is the one step that must talk to the server (``POST .../step``), since the metric
+decides that step's values; windows end before such steps (``client._windows``).
+
+When the server is away, training goes on with the values held; past them the last values
+are kept (a ``ServerAwayWarning``, once per outage) while the worker retries with backoff,
+and the schedule catches up with the current step when the server is back.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import httpx
+
+from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer
+from client._client import DEFAULT_MAX_BACKOFF, DEFAULT_MAX_RETRIES, LRClient, backoff_delay
+from client._exceptions import (
+    CadenceWarning,
+    ClientClosed,
+    LRServiceError,
+    MetricsDroppedWarning,
+    RunConflict,
+    ScheduleError,
+    ServerAwayWarning,
+    ServerError,
+    TransportError,
+    warn,
+)
+from client._windows import (
+    DEFAULT_MONITOR,
+    DEFAULT_TIME_BUDGET_S,
+    Cadence,
+    WindowSizer,
+    watched_metrics,
+)
+
+__all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "REPORT_TIMEOUT", "RemoteScheduler"]
+
+#: How long ``close()`` keeps trying to send buffered metrics.
+DEFAULT_CLOSE_TIMEOUT_S = 10.0
+#: Timeout of a report with ``world_size > 1``: the server's metric barrier may hold it.
+REPORT_TIMEOUT = httpx.Timeout(60.0, connect=3.0)
+ENV_RANK = "RANK"
+ENV_WORLD_SIZE = "WORLD_SIZE"
+_NEVER = float("inf")
+
+
+class RemoteScheduler:
+    """A learning-rate scheduler whose values come from an lrserve server.
+
+    Replace ``torch.optim.lr_scheduler.X(optimizer, **kwargs)`` with
+    ``RemoteScheduler(optimizer, {"type": "X", **kwargs}, run_id=...)``: the values written
+    into ``optimizer.param_groups`` at every step are the ones torch's ``X`` would write, and
+    operators can steer the run from outside. Creating it creates the run (or joins it:
+    every rank of a job may) and writes the values of step 0.
+
+    Args:
+        optimizer: Anything with ``param_groups`` (a torch optimizer). Base LRs are each
+            group's ``initial_lr``, else ``lr``; base momentums are ``momentum`` or
+            ``betas[0]`` where every group has one.
+        schedule: The schedule spec, ``{"type": "<torch class>", <its arguments>}``.
+        run_id: The run's id; the server makes one when omitted. Resumable and distributed
+            jobs should name it.
+        url: The server; default ``$LRSERVE_URL``, else ``http://127.0.0.1:8000``.
+        token: Bearer token; default ``$LRSERVE_TOKEN``.
+        steps_per_epoch: Scheduler steps per epoch, the one carrying the watched metric
+            included. Tells when this job reports the metric a plateau schedule watches;
+            when omitted it is learned from the first report.
+        rank: This process's rank (default ``$RANK``, else 0).
+        world_size: Ranks that report metrics (default ``$WORLD_SIZE``, else 1).
+        labels: ``{"key": "value"}`` labels for the run.
+        strict: Raise instead of holding the last LR when the server is away.
+        http_client: An ``httpx.Client`` to talk through (test seam; not closed by ``close()``).
+        time_budget_s: Seconds of training one window of values should cover.
+        timeout: Per-request timeout in seconds.
+        max_retries: Retries of a request the training loop waits for.
+        max_buffered_metrics: Most logged metric records held unsent (oldest dropped beyond).
+        flush_interval_s: Longest a logged metric waits before it is sent.
+        clock: Monotonic clock for measuring the time per step (test seam).
+        sleep: Sleep used between retries the loop waits for (test seam).
+        rand: Random numbers in ``[0, 1)`` for backoff jitter (test seam).
+
+    Raises:
+        InvalidSchedule: The spec is invalid (``errors`` names the field).
+        RunConflict: ``run_id`` exists with a different spec.
+        AuthenticationError: The token is missing or unknown.
+        PermissionDenied: The token may not create runs.
+        TransportError: The server cannot be reached (values of step 0 are needed now).
+
+    Example:
+        >>> sched = RemoteScheduler(opt, {"type": "StepLR", "step_size": 2, "gamma": 0.1},
+        ...                         run_id="demo")  # doctest: +SKIP
+        >>> for _ in range(4):  # doctest: +SKIP
+        ...     print(sched.get_last_lr()); opt.step(); sched.step()
+        [0.1]
+        [0.1]
+        [0.010000000000000002]
+        [0.010000000000000002]
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        schedule: Mapping[str, Any],
+        run_id: str | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        steps_per_epoch: int | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        strict: bool = False,
+        http_client: httpx.Client | None = None,
+        time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+        timeout: float | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_buffered_metrics: int = DEFAULT_MAX_BUFFERED,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        groups = getattr(optimizer, "param_groups", None)
+        if not isinstance(groups, list) or not groups:
+            raise TypeError(f"{type(optimizer).__name__} is not an optimizer: it has no param_groups")
+        if not isinstance(schedule, Mapping) or "type" not in schedule:
+            raise TypeError('schedule must be a spec like {"type": "StepLR", "step_size": 30}')
+        self.optimizer = optimizer
+        self.schedule = dict(schedule)
+        self.rank = int(os.environ.get(ENV_RANK, 0)) if rank is None else int(rank)
+        self.world_size = int(os.environ.get(ENV_WORLD_SIZE, 1)) if world_size is None else int(world_size)
+        self.steps_per_epoch = steps_per_epoch
+        self.strict = strict
+        self._groups: list[dict[str, Any]] = groups
+        self._watched = watched_metrics(self.schedule)
+        self._cadence = Cadence(steps_per_epoch)
+        self._sizer = WindowSizer(time_budget_s)
+        self._clock = clock
+        self._rand = rand
+        self._patience = max_retries
+        self._max_buffered = max_buffered_metrics
+        self._flush_interval_s = flush_interval_s
+        self._report_timeout = REPORT_TIMEOUT if self.world_size > 1 else None
+        self._named_run = run_id is not None
+        self._init_state()
+        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
+        for group in groups:
+            lr = group["lr"]
+            group.setdefault("initial_lr", lr.clone() if hasattr(lr, "clone") else lr)
+        self._client = LRClient(
+            url,
+            token=token,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=http_client,
+            sleep=sleep,
+            rand=rand,
+        )
+        try:
+            self._create(run_id, labels)
+        except BaseException:
+            self._client.close()
+            raise
+
+    def _init_state(self) -> None:
+        self.last_epoch = 0
+        self.run_id: str = ""
+        self._status = "active"
+        self._base = 0  # the step of _lrs[0]
+        self._lrs: list[list[float]] = []
+        self._moms: list[list[float] | None] = []
+        self._last_lr: list[float] = []
+        self._last_window = 1
+        self._prefetch_at = _NEVER
+        self._end_at = _NEVER  # first step the server said it cannot produce
+        self._fast = not any(_is_tensor(g["lr"]) for g in self._groups)
+        self._closed = False
+        self._away = False
+        self._warned: set[str] = set()
+        self._pending: deque[tuple[int, dict[str, float]]] = deque()
+        self._future: Future[Any] | None = None
+        self._cancel = threading.Event()
+        self._cv = threading.Condition()
+        self._bg_failures = 0  # failed tries of the fetch in flight
+        self._bg_error: BaseException | None = None
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._buffer: MetricBuffer | None = None
+
+    def _create(self, run_id: str | None, labels: Mapping[str, str] | None) -> None:
+        run = self._client.create_run(
+            self.schedule,
+            self.base_lrs,
+            base_momentums=_base_momentums(self._groups),
+            run_id=run_id,
+            labels=labels,
+            world_size=self.world_size,
+        )
+        self.run_id = str(run["run_id"])
+        self._status = str(run.get("status") or "active")
+        if int(run.get("horizon", 0)) == 0 and run.get("lrs") is not None:
+            moms = run.get("momentums")
+            self._merge(0, [run["lrs"]], None if moms is None else [moms])
+        else:
+            self._accept(self._client.read_lr(self.run_id, 0))
+        self._apply(0)
+        self._maybe_prefetch(0)
+
+    # -- the torch surface --------------------------------------------------------------
+
+    def step(self, metrics: float | Mapping[str, float] | None = None, epoch: None = None) -> None:
+        """Advance one step and write its values into the optimizer's param groups.
+
+        Args:
+            metrics: The watched metric of this step (as torch's ``ReduceLROnPlateau.step``
+                takes it), or ``{"name": value}``. Watched metrics decide this step's
+                values (one request); others are logged for history like ``log()``.
+                A bare number when the schedule watches no metric is logged as
+                ``val_loss``.
+            epoch: Not supported (torch deprecated it); must be ``None``.
+
+        Raises:
+            ClientClosed: After ``close()``.
+            TransportError: ``strict=True`` and the server is away when values are needed.
+            ScheduleError: The schedule cannot go on (torch would raise at this step too).
+        """
+        if metrics is None and epoch is None and self._fast:
+            s = self.last_epoch + 1
+            i = s - self._base
+            if i < len(self._lrs):
+                self.last_epoch = s
+                row = self._lrs[i]
+                for group, lr in zip(self._groups, row, strict=False):
+                    group["lr"] = lr
+                moms = self._moms[i]
+                if moms is not None:
+                    self._write_momentums(moms)
+                self._last_lr = row
+                if s >= self._prefetch_at:
+                    self._maybe_prefetch(s)
+                return
+        self._step_slow(metrics, epoch)
+
+    def get_last_lr(self) -> list[float]:
+        """The LRs of the current step, one per param group (as torch's)."""
+        return list(self._last_lr)
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether an operator stopped the run: the job should finish (save, exit)."""
+        return self._status == "stopped"
+
+    @property
+    def status(self) -> str:
+        """The run's status as last seen: ``active``, ``held`` or ``stopped``."""
+        return self._status
+
+    def log(
+        self,
+        metrics: Mapping[str, float] | None = None,
+        /,
+        *,
+        step: int | None = None,
+        **named: float,
+    ) -> None:
+        """Log metrics for history and plots; sent in batches in the background.
+
+        Records are keyed ``(name, step, rank)``; logging a key again replaces its value.
+        The step defaults to the one the next ``step()`` call commits, as for metrics passed
+        to ``step()`` (the training they describe ran at the current step's values).
+        History only: a watched metric drives the schedule only when passed to ``step()``.
+
+        Args:
+            metrics: ``{"name": value}``.
+            step: The step to file them under (default ``last_epoch + 1``).
+            **named: More metrics, e.g. ``log(train_loss=0.4)``.
+
+        Raises:
+            ClientClosed: After ``close()``.
+        """
+        self._check_open()
+        items = {**(metrics or {}), **named}
+        self._log_at(self.last_epoch + 1 if step is None else int(step), items)
+
+    def flush(self, timeout: float | None = DEFAULT_CLOSE_TIMEOUT_S) -> bool:
+        """Send the logged metrics now; returns whether all were sent within ``timeout``."""
+        self._check_open()
+        if self._buffer is None:
+            return True
+        done = self._buffer.flush(timeout)
+        self._warn_buffer_problems()
+        return done
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume this schedule (plain Python values)."""
+        return {
+            "run_id": self.run_id,
+            "url": self._client.base_url,
+            "last_epoch": self.last_epoch,
+            "base_lrs": list(self.base_lrs),
+            "_last_lr": list(self._last_lr),
+            "schedule": self.schedule,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "cadence": self._cadence.state_dict(),
+            "status": self._status,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict()``: fetches the values of its ``last_epoch`` and applies them.
+
+        Values are final, so a resumed job applies exactly the values it would have.
+
+        Raises:
+            ValueError: The checkpoint belongs to another run than the one named at creation.
+            LRServiceError: The server could not give the values (it must, to resume).
+        """
+        self._check_open()
+        run_id = str(state_dict["run_id"])
+        if run_id != self.run_id and self._named_run:
+            raise ValueError(
+                f"the checkpoint is of run {run_id!r} but this scheduler was made for run "
+                f"{self.run_id!r}; pass run_id={run_id!r} (or no run_id) to resume it"
+            )
+        self._drop_fetch()
+        self.run_id = run_id
+        self.last_epoch = int(state_dict["last_epoch"])
+        if "cadence" in state_dict:
+            self._cadence.load_state_dict(state_dict["cadence"])
+        self._base, self._lrs, self._moms, self._end_at = self.last_epoch, [], [], _NEVER
+        self._accept(self._client.read_lr(self.run_id, self.last_epoch))
+        self._apply(self.last_epoch)
+        self._maybe_prefetch(self.last_epoch)
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Send what is buffered (for up to ``timeout`` s), stop the worker, close the connection.
+
+        Idempotent. Later ``step()``, ``log()`` and ``load_state_dict()`` raise ``ClientClosed``;
+        ``get_last_lr()`` and ``state_dict()`` still answer.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._fast = False
+        self._drop_fetch()
+        self._jobs.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout)
+        for step, report in self._pending:  # undelivered decisions still belong in history
+            self._log_at(step, report)
+        self._pending.clear()
+        lost = self._buffer.close(timeout) if self._buffer is not None else 0
+        self._client.close()
+        self._warn_buffer_problems()
+        if lost:
+            warn(
+                f"lrserve: {lost} logged metric records of run {self.run_id!r} could not be sent "
+                f"before close() (last error: {self._buffer.last_error if self._buffer else None})",
+                MetricsDroppedWarning,
+            )
+
+    def __enter__(self) -> RemoteScheduler:
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"RemoteScheduler(run_id={self.run_id!r}, last_epoch={self.last_epoch}, "
+            f"status={self._status!r}, url={self._client.base_url!r})"
+        )
+
+    # -- the slow path ------------------------------------------------------------------
+
+    def _step_slow(self, metrics: Any, epoch: Any) -> None:
+        self._check_open()
+        if epoch is not None:
+            raise TypeError(
+                "RemoteScheduler.step() takes no epoch: the server keeps the schedule's clock "
+                "(torch deprecated step(epoch) as well)"
+            )
+        report, extra = self._split_metrics(metrics)
+        s = self.last_epoch + 1
+        self.last_epoch = s
+        try:
+            if extra:
+                self._log_at(s, extra)
+            self._collect(wait=False)
+            if report:
+                self._take_report(s, report)
+            elif self._holds(s):
+                self._apply(s)
+            else:
+                self._obtain(s)
+        except BaseException:
+            if self.strict:
+                self.last_epoch = s - 1  # the caller may retry the same step
+            raise
+        self._maybe_prefetch(s)
+
+    def _split_metrics(self, metrics: Any) -> tuple[dict[str, float], dict[str, float]]:
+        if metrics is None:
+            return {}, {}
+        if isinstance(metrics, Mapping):
+            items = {str(k): _to_float(v) for k, v in metrics.items()}
+        else:
+            if len(self._watched) > 1:
+                raise TypeError(
+                    f"the schedule watches {sorted(self._watched)}; pass step(metrics={{name: value, ...}})"
+                )
+            name = next(iter(self._watched)) if self._watched else DEFAULT_MONITOR
+            items = {name: _to_float(metrics)}
+        report = {k: v for k, v in items.items() if k in self._watched}
+        for name, value in report.items():
+            if not math.isfinite(value):
+                raise ValueError(f"the watched metric {name!r} is {value}; the server takes finite numbers")
+        return report, {k: v for k, v in items.items() if k not in self._watched}
+
+    def _take_report(self, s: int, report: dict[str, float]) -> None:
+        self._cadence.observe_report(s)
+        self._collect(wait=True)  # a window in flight may already cover s
+        if self._holds(s):
+            self._warn_once(
+                "cadence",
+                f"lrserve: {sorted(report)} for step {s} came after that step's values were "
+                f"fetched, so it is recorded for history only; pass steps_per_epoch= so windows "
+                f"end before the steps that report",
+                CadenceWarning,
+            )
+            self._log_at(s, report)
+            self._apply(s)
+            return
+        if self._away:
+            self._pending.append((s, report))
+            self._hold(s, self._bg_error)
+            return
+        self._sizer.observe(s, self._clock())
+        try:
+            answer = self._client.step_run(
+                self.run_id,
+                s,
+                metrics=report,
+                rank=self.rank,
+                ahead=self._ahead_from(s),
+                timeout=self._report_timeout,
+            )
+        except LRServiceError as exc:
+            if not _is_outage(exc):
+                raise
+            if not self.strict:
+                self._pending.append((s, report))
+            self._hold(s, exc)
+            return
+        self._accept(answer)
+        self._apply(s)
+
+    def _obtain(self, s: int) -> None:
+        if self._future is not None:
+            self._collect(wait=True)
+            if self._holds(s):
+                self._apply(s)
+                return
+        if self._future is not None:  # still running: the worker is retrying, the server is away
+            if not self.strict:
+                self._hold(s, self._bg_error)
+                return
+            self._drop_fetch()  # strict: the caller waits for an answer, so ask now
+        self._sizer.observe(s, self._clock())
+        try:
+            answer = self._client.read_lr(self.run_id, s, ahead=self._ahead_from(s))
+        except LRServiceError as exc:
+            if not _is_outage(exc):
+                raise
+            self._hold(s, exc)
+            return
+        self._accept(answer)
+        self._apply(s)
+
+    def _hold(self, s: int, exc: BaseException | None) -> None:
+        """No values for step ``s``: keep the last ones, warn once, let the worker catch up."""
+        if self.strict:
+            raise exc if exc is not None else TransportError("the server is away")
+        self._away = True
+        self._fast = False
+        self._warn_once(
+            "away",
+            f"lrserve: the server is away ({exc}); step {s} keeps the last learning rates "
+            f"{self._last_lr} until it is back. Training goes on; the schedule catches up then.",
+            ServerAwayWarning,
+        )
+        if self._future is None:
+            self._future = self._submit(None, 0 if self._watched else self._sizer.next_ahead())
+
+    # -- windows ------------------------------------------------------------------------
+
+    def _holds(self, s: int) -> bool:
+        return 0 <= s - self._base < len(self._lrs)
+
+    def _apply(self, s: int) -> None:
+        i = s - self._base
+        row = self._lrs[i]
+        for group, lr in zip(self._groups, row, strict=False):
+            current = group["lr"]
+            if _is_tensor(current):
+                current.fill_(lr)
+            else:
+                group["lr"] = lr
+        moms = self._moms[i]
+        if moms is not None:
+            self._write_momentums(moms)
+        self._last_lr = row
+
+    def _write_momentums(self, moms: Sequence[float]) -> None:
+        for group, m in zip(self._groups, moms, strict=False):
+            if "betas" in group:
+                group["betas"] = (m, *tuple(group["betas"])[1:])
+            else:
+                group["momentum"] = m
+
+    def _accept(self, answer: Mapping[str, Any]) -> None:
+        self._status = str(answer.get("status") or self._status)
+        window = answer.get("window")
+        if window:
+            self._merge(int(window["start"]), window["lrs"], window.get("momentums"))
+        else:
+            moms = answer.get("momentums")
+            self._merge(int(answer["step"]), [answer["lrs"]], None if moms is None else [moms])
+        if self._away and self._holds(self.last_epoch):
+            self._apply(self.last_epoch)  # catch up now, not one step later
+            self._back()
+
+    def _merge(self, start: int, lrs: list[list[float]], moms: list[list[float]] | None) -> None:
+        if not lrs:
+            return
+        if len(lrs[0]) != len(self._groups):
+            raise RunConflict(
+                f"run {self.run_id!r} has {len(lrs[0])} param groups, the optimizer has "
+                f"{len(self._groups)}; use another run_id"
+            )
+        rows_m: list[list[float] | None] = list(moms) if moms is not None else [None] * len(lrs)
+        end = self._base + len(self._lrs)
+        if not self._lrs or start < self._base or start > end:
+            self._base, self._lrs, self._moms = start, list(lrs), rows_m
+        elif start + len(lrs) > end:
+            cut = start - self._base
+            self._lrs[cut:] = lrs
+            self._moms[cut:] = rows_m
+        self._last_window = len(lrs)
+        self._compact()
+        self._reschedule()
+
+    def _compact(self) -> None:
+        done = self.last_epoch - self._base  # rows of steps already passed
+        if done > 1024 and done * 2 > len(self._lrs):
+            del self._lrs[:done]
+            del self._moms[:done]
+            self._base += done
+
+    def _reschedule(self) -> None:
+        nxt = self._base + len(self._lrs)
+        if self._closed or nxt >= self._end_at or (self._watched and self._cadence.may_report_at(nxt)):
+            self._prefetch_at = _NEVER
+        else:
+            self._prefetch_at = nxt - 1 - max(1, self._last_window // 2)
+
+    def _ahead_from(self, start: int) -> int:
+        ahead = self._sizer.next_ahead()
+        if self._watched:
+            ahead = min(ahead, self._cadence.next_report_after(start) - 1 - start)
+        if self._end_at != _NEVER:
+            ahead = min(ahead, int(self._end_at) - 1 - start)
+        return max(0, ahead)
+
+    # -- the worker ---------------------------------------------------------------------
+
+    def _maybe_prefetch(self, s: int) -> None:
+        if self._future is not None:
+            if not self._future.done():
+                self._prefetch_at = s + 1  # look again next step
+                return
+            self._collect(wait=False)
+        if s < self._prefetch_at or self._closed or self._away:
+            return
+        self._reschedule()
+        if s < self._prefetch_at:
+            return
+        nxt = self._base + len(self._lrs)
+        self._sizer.observe(s, self._clock())
+        self._future = self._submit(nxt, self._ahead_from(nxt))
+        self._prefetch_at = s + 1
+
+    def _submit(self, start: int | None, ahead: int) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.add_done_callback(self._notify)
+        cancel = self._cancel
+        self._jobs.put((future, lambda: self._fetch_loop(start, ahead, cancel)))
+        if self._worker is None:
+            self._worker = threading.Thread(
+                target=_work, args=(self._jobs,), name="lrserve-fetch", daemon=True
+            )
+            self._worker.start()
+        return future
+
+    def _fetch_loop(self, start: int | None, ahead: int, cancel: threading.Event) -> Any:
+        """Worker: fetch a window from ``start`` (None: the current step); retry until it works."""
+        attempt = 0
+        while not cancel.is_set():
+            try:
+                self._deliver_pending()
+                first = self._first_step(start, attempt)
+                if first != start and self._watched:  # moved on: stay before the next report
+                    ahead = min(ahead, max(0, self._cadence.next_report_after(first) - 1 - first))
+                answer = self._read_window(first, ahead)
+                self._bg_failures = 0
+                return answer
+            except LRServiceError as exc:
+                if not _is_outage(exc):
+                    raise
+                with self._cv:
+                    self._bg_error = exc
+                    self._bg_failures += 1
+                    self._cv.notify_all()
+                cancel.wait(backoff_delay(attempt, cap=DEFAULT_MAX_BACKOFF, rand=self._rand))
+                attempt += 1
+        raise ClientClosed("the scheduler was closed")
+
+    def _first_step(self, start: int | None, attempt: int) -> int:
+        if start is None:
+            return self.last_epoch
+        # after a failure the job may have gone past `start`, holding its last values:
+        # catch up with the step it is at rather than fetch steps it no longer needs
+        return max(start, self.last_epoch) if attempt else start
+
+    def _read_window(self, first: int, ahead: int) -> Any:
+        while True:
+            try:
+                return self._client.read_lr(self.run_id, first, ahead=ahead, max_retries=0)
+            except ScheduleError:
+                if ahead == 0:
+                    return _EndOfSchedule(first)
+                ahead //= 2  # the schedule ends inside the window: ask for less
+
+    def _deliver_pending(self) -> None:
+        while self._pending:
+            step, report = self._pending[0]
+            self._client.step_run(
+                self.run_id,
+                step,
+                metrics=report,
+                rank=self.rank,
+                timeout=self._report_timeout,
+                max_retries=0,
+            )
+            self._pending.popleft()
+
+    def _collect(self, *, wait: bool) -> None:
+        future = self._future
+        if future is None:
+            return
+        if not future.done():
+            if not wait:
+                return
+            # wait as long as a request of the loop's own would retry, unless known away
+            with self._cv:
+                self._cv.wait_for(lambda: future.done() or self._away or self._bg_failures > self._patience)
+            if not future.done():
+                return
+        self._future = None
+        try:
+            result = future.result()
+        except ClientClosed:
+            return
+        if isinstance(result, _EndOfSchedule):
+            self._end_at = result.step
+            self._reschedule()
+        else:
+            self._accept(result)
+
+    def _drop_fetch(self) -> None:
+        """Abandon the fetch in flight (close, or a resume that replaces every value)."""
+        self._cancel.set()
+        self._notify(None)
+        self._cancel = threading.Event()
+        self._future = None
+        self._bg_failures = 0
+
+    def _back(self) -> None:
+        self._away = False
+        self._fast = not any(_is_tensor(g["lr"]) for g in self._groups) and not self._closed
+        self._warned.discard("away")
+
+    def _notify(self, _: object) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def _log_at(self, step: int, items: Mapping[str, Any]) -> None:
+        buffer = self._ensure_buffer()
+        for name, value in items.items():
+            number = _to_float(value)
+            if not math.isfinite(number):
+                self._warn_once(
+                    f"nonfinite:{name}",
+                    f"lrserve: metric {name!r} is {number} at step {step}; JSON cannot carry it, "
+                    "so it is not logged",
+                    MetricsDroppedWarning,
+                )
+                continue
+            if not buffer.add(str(name), step, self.rank, number):
+                self._warn_once(
+                    "full",
+                    f"lrserve: the metric buffer is full ({buffer.max_records} records, the "
+                    f"server is away or slow); the oldest records are dropped "
+                    f"(last error: {buffer.last_error})",
+                    MetricsDroppedWarning,
+                )
+        if "full" in self._warned and len(buffer) < buffer.max_records // 2:
+            self._warned.discard("full")
+        self._warn_buffer_problems()
+
+    def _ensure_buffer(self) -> MetricBuffer:
+        if self._buffer is None:
+            self._buffer = MetricBuffer(
+                self._send_metrics,
+                max_records=self._max_buffered,
+                flush_interval_s=self._flush_interval_s,
+                rand=self._rand,
+            )
+        return self._buffer
+
+    def _send_metrics(self, records: list[dict[str, Any]]) -> Any:
+        return self._client.send_metrics(self.run_id, records, max_retries=0)
+
+    def _warn_buffer_problems(self) -> None:
+        if self._buffer is not None:
+            for problem in self._buffer.take_problems():
+                warn(f"lrserve: {problem}", MetricsDroppedWarning)
+
+    # -- small helpers ------------------------------------------------------------------
+
+    def _warn_once(self, key: str, message: str, category: type[Warning]) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warn(message, category)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("this RemoteScheduler is closed")
+
+
+class _EndOfSchedule:
+    """The worker's answer when the schedule cannot produce ``step`` (torch would raise)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+
+def _work(jobs: queue.SimpleQueue[Any]) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        future, fn = job
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the training thread through the future
+            future.set_exception(exc)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, TransportError) or (isinstance(exc, ServerError) and exc.retryable)
+
+
+def _is_tensor(value: Any) -> bool:
+    return not isinstance(value, (float, int)) and hasattr(value, "fill_")
+
+
+def _to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"a metric must be a number, got {type(value).__name__}: {value!r}") from exc
+
+
+def _base_momentums(groups: Sequence[Mapping[str, Any]]) -> list[float] | None:
+    moms = []
+    for group in groups:
+        if "betas" in group:
+            moms.append(float(group["betas"][0]))
+        elif "momentum" in group:
+            moms.append(float(group["momentum"]))
+        else:
+            return None
+    return moms

@@ -1,0 +1,175 @@
+"""How far ahead the client asks: window sizing and the cadence of watched-metric reports.
+
+Two things bound a window of final values that ``RemoteScheduler`` fetches:
+
+- **Time.** One window should cover about ``time_budget_s`` of training, so an operator's
+  action lands within about that long. ``WindowSizer`` measures the time per step and sizes
+  the next window from it: it starts small, grows at most ``growth``-fold per window and
+  never asks for more than ``MAX_AHEAD`` steps.
+- **Decisions.** A plateau decision lands on the step that carries its metric, so a window
+  must end before the next step at which this job will report a watched metric.
+  ``Cadence`` predicts those steps: every ``steps_per_epoch`` steps when given, else
+  learned from the first report. Until it is known, the client fetches no step beyond the
+  one it is taking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "DEFAULT_FIRST_AHEAD",
+    "DEFAULT_GROWTH",
+    "DEFAULT_MONITOR",
+    "DEFAULT_TIME_BUDGET_S",
+    "MAX_AHEAD",
+    "Cadence",
+    "WindowSizer",
+    "watched_metrics",
+]
+
+#: Seconds of training one window should cover (bounds how late an operator action lands).
+DEFAULT_TIME_BUDGET_S = 1.0
+#: Steps beyond the first one asked for before the time per step is known.
+DEFAULT_FIRST_AHEAD = 16
+#: Most a window may grow from one fetch to the next.
+DEFAULT_GROWTH = 4
+#: Most steps asked beyond the first one (the server's default cap).
+MAX_AHEAD = 10_000
+#: The metric a ``ReduceLROnPlateau`` node watches when its spec names none.
+DEFAULT_MONITOR = "val_loss"
+_DEFAULT_MONITORS = {"ReduceLROnPlateau": DEFAULT_MONITOR, "LRRangeTest": "loss"}
+_SMOOTHING = 0.5  # weight of the newest measurement of the time per step
+
+
+def watched_metrics(spec: Mapping[str, Any]) -> frozenset[str]:
+    """The metric names a schedule spec decides on (its plateau and range-test monitors).
+
+    Example:
+        >>> sorted(watched_metrics({"type": "SequentialLR", "milestones": [5], "schedulers": [
+        ...     {"type": "LinearLR"}, {"type": "ReduceLROnPlateau", "monitor": "val_acc"}]}))
+        ['val_acc']
+    """
+    names: set[str] = set()
+    stack: list[Any] = [spec]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        default = _DEFAULT_MONITORS.get(str(node.get("type")))
+        if default is not None:
+            names.add(str(node.get("monitor") or default))
+        children = node.get("schedulers")
+        if isinstance(children, list):
+            stack.extend(children)
+        stack.append(node.get("then"))
+    return frozenset(names)
+
+
+class Cadence:
+    """Predicts the steps at which this job reports a watched metric.
+
+    With ``steps_per_epoch`` (scheduler steps per epoch, the reporting one included) the
+    reports are predicted at its multiples. Without it, the period is learned from the first
+    report: the steps from ``start`` to it. A report off the predicted grid re-anchors the
+    grid there (and, when learned, re-learns the period from the two last reports).
+
+    Args:
+        steps_per_epoch: The fixed period, or ``None`` to learn it.
+        start: The step the job started (or resumed) at.
+    """
+
+    def __init__(self, steps_per_epoch: int | None = None, start: int = 0) -> None:
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+        self.fixed = steps_per_epoch is not None
+        self.period: int | None = steps_per_epoch
+        self.anchor = 0 if self.fixed else start
+
+    @property
+    def known(self) -> bool:
+        """Whether the next report step can be predicted."""
+        return self.period is not None
+
+    def may_report_at(self, step: int) -> bool:
+        """Whether the job may report a watched metric with ``step`` (always, while unknown)."""
+        if self.period is None:
+            return True
+        return (step - self.anchor) % self.period == 0
+
+    def next_report_after(self, step: int) -> int:
+        """The first step above ``step`` that may carry a report (``step + 1`` while unknown)."""
+        if self.period is None:
+            return step + 1
+        passed = (step - self.anchor) // self.period
+        return self.anchor + (passed + 1) * self.period
+
+    def observe_report(self, step: int) -> None:
+        """Learn from a report of a watched metric with ``step``."""
+        if self.fixed:
+            return  # the job said its period; the grid stays on its multiples
+        if step > self.anchor and (self.period is None or (step - self.anchor) % self.period):
+            self.period = step - self.anchor
+        self.anchor = step
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps."""
+        return {"fixed": self.fixed, "period": self.period, "anchor": self.anchor}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.fixed = bool(state.get("fixed", False))
+        period = state.get("period")
+        self.period = None if period is None else int(period)
+        self.anchor = int(state.get("anchor", 0))
+
+
+class WindowSizer:
+    """Sizes windows to a time budget from the measured time per step.
+
+    Args:
+        time_budget_s: Seconds of training one window should cover.
+        first: ``ahead`` asked before any measurement.
+        growth: Most a window grows from one fetch to the next.
+        cap: Most ``ahead`` ever asked.
+    """
+
+    def __init__(
+        self,
+        time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+        *,
+        first: int = DEFAULT_FIRST_AHEAD,
+        growth: int = DEFAULT_GROWTH,
+        cap: int = MAX_AHEAD,
+    ) -> None:
+        if not time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be positive, got {time_budget_s!r}")
+        self.time_budget_s = float(time_budget_s)
+        self.growth = max(1, int(growth))
+        self.cap = int(cap)
+        self.seconds_per_step: float | None = None
+        self._last_ahead = max(0, min(int(first), self.cap))
+        self._mark: tuple[int, float] | None = None
+
+    def observe(self, step: int, now: float) -> None:
+        """Note that the job was at ``step`` at time ``now``; measures since the last note."""
+        if self._mark is not None:
+            steps, seconds = step - self._mark[0], now - self._mark[1]
+            if steps > 0 and seconds >= 0:
+                rate = seconds / steps
+                old = self.seconds_per_step
+                self.seconds_per_step = rate if old is None else _SMOOTHING * rate + (1 - _SMOOTHING) * old
+        self._mark = (step, now)
+
+    def next_ahead(self) -> int:
+        """The ``ahead`` to ask for next: the budget's worth of steps, grown gradually, capped."""
+        if self.seconds_per_step is None:
+            return self._last_ahead
+        if self.seconds_per_step <= 0:
+            target = self.cap
+        else:
+            target = round(self.time_budget_s / self.seconds_per_step) - 1  # the window's steps
+        grown = max(1, self._last_ahead) * self.growth
+        self._last_ahead = max(0, min(target, grown, self.cap))
+        return self._last_ahead
