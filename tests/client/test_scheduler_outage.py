@@ -1,0 +1,201 @@
+"""When the server is away: held values carry on, then the last LR is held, then it catches up."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from client import MetricsDroppedWarning, ServerAwayWarning, ServerUnreachable
+from tests.client.conftest import PLATEAU
+from tests.client.fake_server import expected_lrs
+
+CATCH_UP_S = 10.0
+
+
+def held_until(sched):
+    return sched._base + len(sched._lrs) - 1
+
+
+def step_once(sched, clock):
+    clock.advance(0.001)
+    sched.step()
+    return sched.get_last_lr()
+
+
+def step_until_caught_up(sched, clock, reports=None):
+    """Step (slowly, so the worker's retries get time) until values follow the schedule again."""
+    deadline = time.monotonic() + CATCH_UP_S
+    while time.monotonic() < deadline:
+        lrs = step_once(sched, clock)
+        if not sched._away and lrs == expected_lrs([0.1], sched.last_epoch, reports)[-1]:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the scheduler did not catch up with the server")
+
+
+def test_held_values_carry_training_through_an_outage(make_scheduler, fake, clock):
+    sched = make_scheduler(time_budget_s=100.0)
+    for _ in range(300):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    fake.down = True
+    while sched.last_epoch < held_until(sched):  # no warning: nothing is lost yet
+        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+    fake.down = False
+
+
+def test_past_held_values_the_last_lr_is_held_with_one_warning(make_scheduler, fake, clock):
+    sched = make_scheduler()
+    for _ in range(50):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    fake.down = True
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+    last = sched.get_last_lr()
+    with pytest.warns(ServerAwayWarning, match="away") as record:
+        held = [step_once(sched, clock) for _ in range(30)]
+    assert len(record) == 1
+    assert held == [last] * 30
+    fake.down = False
+    step_until_caught_up(sched, clock)
+    for _ in range(100):  # and on with the schedule
+        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+
+
+def test_a_second_outage_warns_again(make_scheduler, fake, clock):
+    sched = make_scheduler()
+    for _ in range(2):
+        fake.down = True
+        with pytest.warns(ServerAwayWarning):
+            while not sched._away:
+                step_once(sched, clock)
+        fake.down = False
+        step_until_caught_up(sched, clock)
+
+
+def test_report_during_an_outage_is_delivered_when_the_server_is_back(make_scheduler, fake, clock):
+    sched = make_scheduler(schedule=PLATEAU, run_id="p", steps_per_epoch=5)
+    reports = {}
+    for k in range(1, 11):
+        if k % 5:
+            step_once(sched, clock)
+        else:
+            sched.step(1.0 / k)
+            reports[k] = 1.0 / k
+    fake.down = True
+    for _ in range(4):  # 11..14 are held
+        step_once(sched, clock)
+    with pytest.warns(ServerAwayWarning):
+        sched.step(0.5)  # 15: cannot be committed now
+        for _ in range(4):
+            step_once(sched, clock)
+    fake.down = False
+    reports[15] = 0.5
+    deadline = time.monotonic() + CATCH_UP_S
+    while 15 not in fake.runs["p"].reports and time.monotonic() < deadline:
+        step_once(sched, clock)
+        time.sleep(0.01)
+    assert fake.runs["p"].reports[15] == {"val_loss": 0.5}
+    assert fake.runs["p"].values[15] == expected_lrs([0.1], 15, reports)[15]
+
+
+def test_strict_raises_and_the_same_step_can_be_retried(make_scheduler, fake, clock):
+    sched = make_scheduler(strict=True)
+    for _ in range(20):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    fake.down = True
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+    at = sched.last_epoch
+    with pytest.raises(ServerUnreachable):
+        sched.step()
+    assert sched.last_epoch == at
+    fake.down = False
+    assert step_once(sched, clock) == expected_lrs([0.1], at + 1)[-1]
+    assert sched.last_epoch == at + 1
+
+
+def test_strict_report_raises_when_the_server_is_away(make_scheduler, fake, clock):
+    sched = make_scheduler(schedule=PLATEAU, strict=True, steps_per_epoch=1)
+    fake.down = True
+    with pytest.raises(ServerUnreachable):
+        sched.step(0.5)
+    assert sched.last_epoch == 0
+    fake.down = False
+
+
+def test_timeouts_and_5xx_count_as_outage(make_scheduler, fake, clock):
+    sched = make_scheduler()
+    fake.fail = [503, httpx.ReadTimeout("slow"), 500]
+    for k in range(1, 60):  # retried by the worker and the loop alike: no warning, no error
+        assert step_once(sched, clock) == expected_lrs([0.1], k)[-1]
+
+
+def test_logged_metrics_survive_an_outage_once_each(make_scheduler, fake, clock):
+    sched = make_scheduler(run_id="m", flush_interval_s=0.01)
+    fake.down = True
+    for k in range(1, 31):
+        sched.log(loss=float(k))
+        if k < 10:
+            step_once(sched, clock)
+    time.sleep(0.1)  # the sender tries and backs off meanwhile
+    fake.down = False
+    assert sched.flush(timeout=CATCH_UP_S)
+    assert sorted(fake.runs["m"].metrics) == sorted(
+        [("loss", k, 0) for k in range(1, 10)] + [("loss", 10, 0)]
+    )
+    assert fake.runs["m"].metrics[("loss", 10, 0)] == 30.0  # re-logged key: last value wins
+
+
+def test_metrics_resent_after_a_lost_answer_keep_their_keys(make_scheduler, fake):
+    sched = make_scheduler(run_id="m")
+    sent = []
+
+    def lose_first_answer(request, response):
+        if request.url.path.endswith("/metrics"):
+            sent.append(request.content)
+            if len(sent) == 1:  # stored, but the answer never arrives
+                raise httpx.ReadTimeout("answer lost", request=request)
+
+    fake.after_request = lose_first_answer
+    sched.log(loss=1.0, acc=0.5)
+    assert sched.flush(timeout=CATCH_UP_S)
+    assert len(sent) == 2 and sent[0] == sent[1]  # the same records: the server keeps one each
+    assert fake.runs["m"].metrics == {("loss", 1, 0): 1.0, ("acc", 1, 0): 0.5}
+
+
+def test_full_buffer_drops_oldest_with_a_warning(make_scheduler, fake):
+    sched = make_scheduler(run_id="m", max_buffered_metrics=5)
+    fake.down = True
+    with pytest.warns(MetricsDroppedWarning, match="full") as record:
+        for k in range(8):
+            sched.log(step=k, loss=float(k))
+    assert len(record) == 1
+    assert sched._buffer.dropped == 3
+    fake.down = False
+    assert sched.flush(timeout=CATCH_UP_S)
+    assert sorted(fake.runs["m"].metrics) == [("loss", k, 0) for k in range(3, 8)]
+
+
+def test_close_during_an_outage_reports_what_was_not_sent(make_scheduler, fake):
+    sched = make_scheduler(run_id="m")
+    fake.down = True
+    sched.log(loss=1.0)
+    with pytest.warns(MetricsDroppedWarning, match="1 logged metric"):
+        sched.close(timeout=0.2)
+    fake.down = False
+
+
+def test_metrics_the_server_refuses_are_reported(make_scheduler, fake):
+    sched = make_scheduler(run_id="m")
+    sched._collect(wait=True)  # the first prefetch is done: the next request is the batch
+    fake.fail = [422]
+    sched.log(loss=1.0)
+    with pytest.warns(MetricsDroppedWarning, match="refused"):
+        sched.flush(timeout=CATCH_UP_S)
+    sched.log(loss=2.0)
+    assert sched.flush(timeout=CATCH_UP_S)
