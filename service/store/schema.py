@@ -1,0 +1,202 @@
+"""Tables of the SQL store and the versioned migrations that create them.
+
+The database records its schema version in ``schema_version`` (one row). Opening a store
+brings an older database up to ``SCHEMA_VERSION`` by running the missing steps of
+``MIGRATIONS`` in one transaction, under a lock, so that two processes opening a fresh
+database at once neither crash nor run a step twice. A database written by a newer
+version of the code is refused (``SchemaTooNew``) rather than misread.
+
+Rules for changing the schema: never edit a released step; append a new one, bump
+``SCHEMA_VERSION`` implicitly by appending, and keep ``metadata`` describing the newest
+schema. Step 1 creates the version-1 tables from ``metadata``; the first step that alters
+one of them must therefore freeze the version-1 definitions inside ``_migrate_v1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    select,
+    text,
+)
+
+from service.errors import StoreUnavailable
+
+
+class SchemaTooNew(StoreUnavailable):
+    """The database was written by a newer lrserve; this one must not touch it."""
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    PostgreSQL keeps ``timestamptz`` (returned in the session's zone, so we convert);
+    SQLite keeps text without a zone, so we store naive UTC and reattach the zone.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use timezone-aware UTC")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _double() -> Float[float]:
+    """A 64-bit float column (DOUBLE PRECISION on PostgreSQL, REAL on SQLite)."""
+    return Float(precision=53)
+
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1: one row
+    Column("version", Integer, nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("spec", Text, nullable=False),  # JSON
+    Column("status", String(32), nullable=False),
+    Column("horizon", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+run_labels = Table(
+    "run_labels",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("value", String(256), nullable=False),
+    Index("ix_run_labels_key_value", "key", "value"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(32), nullable=False),
+    Column("step", BigInteger, nullable=True),
+    Column("payload", Text, nullable=False),  # JSON
+    Column("at", UTCDateTime, nullable=False),
+)
+
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("step", BigInteger, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("state", Text, nullable=False),  # JSON
+)
+
+# Float values: ``value`` holds the number; where SQLite's REAL cannot (it turns NaN into
+# NULL and -0.0 into 0.0), ``value`` is NULL and ``value_text`` spells it ("nan", "-inf", "-0.0").
+metrics = Table(
+    "metrics",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("step", BigInteger, primary_key=True, autoincrement=False),
+    Column("rank", Integer, primary_key=True, autoincrement=False),
+    Column("value", _double(), nullable=True),
+    Column("value_text", String(8), nullable=True),
+    Column("at", UTCDateTime, nullable=False),
+)
+
+barrier_reports = Table(
+    "barrier_reports",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("step", BigInteger, primary_key=True, autoincrement=False),
+    Column("rank", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(128), nullable=False),
+    Column("value", _double(), nullable=True),
+    Column("value_text", String(8), nullable=True),
+)
+
+RUN_TABLES = (run_labels, events, snapshots, metrics, barrier_reports)
+"""Tables keyed by ``run_id`` besides ``runs`` itself (deleted with the run)."""
+
+
+def _migrate_v1(conn: Connection) -> None:
+    """Initial schema."""
+    metadata.create_all(conn, tables=[runs, *RUN_TABLES], checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1]
+"""``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; append only."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_PG_MIGRATION_LOCK = 0x6C72_7376  # advisory lock key ("lrsv"); held for the migration only
+
+
+def migrate(conn: Connection) -> int:
+    """Create or upgrade the schema inside the caller's (write) transaction.
+
+    The caller's transaction must already exclude other writers on SQLite
+    (``BEGIN IMMEDIATE``); on PostgreSQL this takes a transaction-scoped advisory lock,
+    because two ``CREATE TABLE IF NOT EXISTS`` racing there can still collide.
+
+    Returns:
+        The version the database is at afterwards.
+
+    Raises:
+        SchemaTooNew: the database is newer than this code.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+    schema_version.create(conn, checkfirst=True)
+    current = conn.execute(select(schema_version.c.version)).scalar_one_or_none()
+    if current is not None and current > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"the database schema is version {current}, newer than this lrserve understands "
+            f"({SCHEMA_VERSION}); upgrade lrserve or point it at another database"
+        )
+    for step in MIGRATIONS[current or 0 :]:
+        step(conn)
+    _record_version(conn, current)
+    return SCHEMA_VERSION
+
+
+def _record_version(conn: Connection, previous: int | None) -> None:
+    values: dict[str, Any] = {"version": SCHEMA_VERSION}
+    if previous is None:
+        conn.execute(schema_version.insert().values(id=1, **values))
+    elif previous != SCHEMA_VERSION:
+        conn.execute(schema_version.update().where(schema_version.c.id == 1).values(**values))
