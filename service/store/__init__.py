@@ -1,0 +1,122 @@
+"""Persistent state of runs: the store contract and ``open_store``, which picks the backend.
+
+``open_store`` is the only place that reads a database URL's scheme (optuna's
+``get_storage``): ``sqlite:///path`` opens an SQLite file, ``postgresql+psycopg://...``
+a PostgreSQL database. Both are served by the same ``SqlStore``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy import exc as sa_exc
+
+from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
+from service.store.events import Event, EventKind, NewEvent
+from service.store.schema import SchemaTooNew
+from service.store.sql import SQLITE_BEGIN_OPTION, SqlStore
+
+__all__ = [
+    "BaseStore",
+    "Event",
+    "EventKind",
+    "MetricRecord",
+    "NewEvent",
+    "RunRecord",
+    "RunTransaction",
+    "SchemaTooNew",
+    "Snapshot",
+    "open_store",
+]
+
+SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long an SQLite writer waits for the file's write lock before giving up (503)."""
+POSTGRES_CONNECT_TIMEOUT_S = 5
+
+
+def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> BaseStore:
+    """Open (and create or migrate) the store a database URL names.
+
+    Args:
+        url: ``sqlite:///path/to/file.db`` or ``postgresql+psycopg://user@host:port/db``
+            (``postgresql://`` means psycopg too).
+        sqlite_synchronous: SQLite's ``synchronous`` pragma. With WAL, ``NORMAL`` makes a
+            commit survive a crash of the process, ``FULL`` also a power loss.
+
+    Returns:
+        An open store; call ``close`` when done.
+
+    Raises:
+        ValueError: the URL names no supported backend, or the SQLite mode is unknown.
+        StoreUnavailable: the database cannot be reached (the message names the host or
+            file, never the password).
+        SchemaTooNew: the database was written by a newer lrserve.
+    """
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError as exc:
+        raise ValueError(f"not a database URL: {url!r}") from exc
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        return _open_sqlite(parsed, sqlite_synchronous)
+    if parsed.drivername in ("postgresql", "postgresql+psycopg"):
+        return _open_postgres(parsed.set(drivername="postgresql+psycopg"))
+    raise ValueError(
+        f"unsupported database URL scheme {parsed.drivername!r}: "
+        "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+    )
+
+
+def _open_sqlite(url: URL, synchronous: str) -> SqlStore:
+    """An SQLite file in WAL mode, shared by threads through a pool of connections."""
+    mode = synchronous.upper()
+    if mode not in SQLITE_SYNCHRONOUS:
+        raise ValueError(f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
+    path = url.database or ""
+    if path in ("", ":memory:") or path.startswith("file::memory:"):
+        raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+        pool_size=10,
+        max_overflow=30,
+    )
+    _install_sqlite_hooks(engine, mode)
+    return SqlStore(engine, where=f"SQLite database {path}")
+
+
+def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
+    """Let SQLAlchemy, not the sqlite3 module, emit BEGIN (SQLAlchemy's pysqlite recipe).
+
+    sqlite3 (Python < 3.12 default) begins transactions lazily and not for SELECT or
+    DDL; we need a real BEGIN, and ``BEGIN IMMEDIATE`` for write transactions (the
+    store sets the ``SQLITE_BEGIN_OPTION`` execution option for those).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")  # checked against a fixed list
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _open_postgres(url: URL) -> SqlStore:
+    """PostgreSQL through psycopg 3, with a pool that checks connections before use."""
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
+    engine = create_engine(
+        url, connect_args=connect_args, pool_size=10, max_overflow=20, pool_pre_ping=True
+    )
+    where = f"PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    return SqlStore(engine, where=where, secrets=[url.password or ""])

@@ -1,0 +1,531 @@
+"""The SQL store: one SQLAlchemy Core code path for SQLite and PostgreSQL.
+
+Every statement runs inside ``SqlStore._transaction``, the one place that begins,
+commits, rolls back and turns driver errors into ``StoreUnavailable``. The two dialects
+differ in only two places, both below and both branched on purpose:
+
+- ``_insert``: the dialect's ``INSERT`` construct, for ``ON CONFLICT DO NOTHING/UPDATE``.
+- ``_run_row``: row locks. PostgreSQL locks the run's row (``FOR NO KEY UPDATE`` for a
+  writer holding the run, ``FOR KEY SHARE`` for writes that only need the run to exist,
+  ``FOR UPDATE`` to delete it). SQLite has no row locks; there every write transaction
+  starts with ``BEGIN IMMEDIATE`` (the engine's begin hook, see ``open_store``), which
+  excludes all other writers of the file until commit, and the ``FOR ...`` clauses
+  compile to nothing.
+
+Values cross the boundary as JSON text written by ``json`` (floats as ``repr``, so
+float64 values come back bit for bit; NaN and infinities as ``NaN``/``Infinity``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, Row, Table, delete, func, select, text, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+
+from service.errors import RunNotFound, StoreUnavailable
+from service.store.base import (
+    BaseStore,
+    MetricRecord,
+    RunRecord,
+    RunTransaction,
+    Snapshot,
+)
+from service.store.events import Event, EventKind, NewEvent
+from service.store.schema import (
+    RUN_TABLES,
+    barrier_reports,
+    events,
+    metrics,
+    migrate,
+    run_labels,
+    runs,
+    snapshots,
+)
+
+SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
+"""Execution option read by the SQLite begin hook: ``"IMMEDIATE"`` or ``"DEFERRED"``."""
+
+RowLock = Literal["hold", "keep", "delete"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _dumps(value: Any) -> str:
+    """JSON text that restores every float64 exactly, NaN and infinities included."""
+    return json.dumps(value, allow_nan=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _loads(raw: str) -> Any:
+    return json.loads(raw)
+
+
+def _split_float(value: float) -> tuple[float | None, str | None]:
+    """``(value, value_text)`` columns: SQLite's REAL loses NaN and -0.0, so spell those out."""
+    value = float(value)
+    negative_zero = value == 0.0 and math.copysign(1.0, value) < 0
+    if math.isfinite(value) and not negative_zero:
+        return value, None
+    return None, repr(value)  # "nan", "inf", "-inf", "-0.0"
+
+
+def _join_float(value: float | None, value_text: str | None) -> float:
+    return float(value_text) if value_text is not None else float(value)  # type: ignore[arg-type]
+
+
+class SqlStore(BaseStore):
+    """``BaseStore`` over a SQLAlchemy engine (SQLite file or PostgreSQL).
+
+    Build it through ``open_store``, which configures the engine for its dialect.
+    Opening runs the schema migrations (see ``service.store.schema``).
+    """
+
+    def __init__(self, engine: Engine, *, where: str, secrets: Sequence[str] = ()) -> None:
+        """Take ownership of ``engine`` and bring its schema up to date.
+
+        Args:
+            engine: A configured engine; closed by ``close`` (or here, if opening fails).
+            where: The database in words, without credentials; starts every error message.
+            secrets: Strings never to repeat in an error message (the password).
+
+        Raises:
+            StoreUnavailable: the database cannot be reached.
+            SchemaTooNew: the database was written by a newer lrserve.
+        """
+        self._engine = engine
+        self._where = where
+        self._secrets = tuple(s for s in secrets if s)
+        try:
+            with self._transaction(write=True) as conn:
+                migrate(conn)
+        except BaseException:
+            engine.dispose()
+            raise
+
+    # -- the transaction helper and the dialect branches ---------------------------------
+
+    @contextmanager
+    def _transaction(self, *, write: bool = False) -> Iterator[Connection]:
+        """One transaction: commit on success, roll back on error, driver errors → StoreUnavailable.
+
+        ``write`` makes SQLite take its write lock at ``BEGIN`` rather than on the first
+        write, so a transaction that reads and then writes never fails on lock upgrade.
+        """
+        try:
+            with self._engine.connect() as conn:
+                if write:
+                    conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+                with conn.begin():
+                    yield conn
+        except sa_exc.DBAPIError as exc:
+            raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
+        except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
+            raise StoreUnavailable(f"{self._where}: no free database connection") from exc
+
+    def _reason(self, error: BaseException | None) -> str:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = lines[0]
+        for secret in self._secrets:
+            reason = reason.replace(secret, "***")
+        return reason
+
+    def _insert(self, table: Table) -> Any:
+        """The dialect's INSERT, which knows ``on_conflict_do_nothing/do_update``."""
+        if self._engine.dialect.name == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    @staticmethod
+    def _run_row(conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any] | None:
+        """The run's row, locked as asked on PostgreSQL (SQLite: see the module docstring).
+
+        ``hold``: exclusive for ``lock_run`` (``FOR NO KEY UPDATE``; lets ``keep`` through).
+        ``keep``: the run must not vanish while we add rows to it (``FOR KEY SHARE``).
+        ``delete``: excludes both (``FOR UPDATE``).
+        """
+        query = select(runs).where(runs.c.run_id == run_id)
+        if lock == "hold":
+            query = query.with_for_update(key_share=True)
+        elif lock == "keep":
+            query = query.with_for_update(read=True, key_share=True)
+        elif lock == "delete":
+            query = query.with_for_update()
+        return conn.execute(query).one_or_none()
+
+    def _require_run(self, conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any]:
+        row = self._run_row(conn, run_id, lock)
+        if row is None:
+            raise RunNotFound(run_id)
+        return row
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def create_run(
+        self, run_id: str, spec: Mapping[str, Any], labels: Mapping[str, str], created: NewEvent
+    ) -> tuple[RunRecord, bool]:
+        """Create a run with its first event (seq 1), unless it exists.
+
+        A concurrent create of the same id (any process) is settled by the primary key:
+        ``ON CONFLICT DO NOTHING`` waits for the other insert, and the loser reads the winner's row.
+
+        Returns:
+            The record and ``True`` if this call created it, else the existing record and ``False``.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        now = _now()
+        row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": "active", "horizon": 0,
+               "last_seq": 1, "created_at": now, "updated_at": now}
+        with self._transaction(write=True) as conn:
+            insert = self._insert(runs).values(row).on_conflict_do_nothing(index_elements=["run_id"])
+            # RETURNING, not rowcount: psycopg's rowcount reads -1 here under SQLAlchemy 2.1
+            if conn.execute(insert.returning(runs.c.run_id)).first() is None:
+                return self._read_record(conn, self._require_run(conn, run_id)), False
+            if labels:
+                conn.execute(run_labels.insert(), [
+                    {"run_id": run_id, "key": k, "value": v} for k, v in labels.items()
+                ])
+            conn.execute(events.insert().values(_event_row(run_id, 1, created, now)))
+            return self._read_record(conn, self._require_run(conn, run_id)), True
+
+    def read_run(self, run_id: str) -> RunRecord:
+        """The run's record.
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction() as conn:
+            return self._read_record(conn, self._require_run(conn, run_id))
+
+    def _read_record(self, conn: Connection, row: Row[Any]) -> RunRecord:
+        labels = self._labels_of(conn, [row.run_id]).get(row.run_id, {})
+        return _record(row, labels)
+
+    @staticmethod
+    def _labels_of(conn: Connection, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        found: dict[str, dict[str, str]] = {}
+        if not run_ids:
+            return found
+        query = select(run_labels).where(run_labels.c.run_id.in_(run_ids)).order_by(
+            run_labels.c.run_id, run_labels.c.key
+        )
+        for row in conn.execute(query):
+            found.setdefault(row.run_id, {})[row.key] = row.value
+        return found
+
+    def list_runs(
+        self,
+        *,
+        labels: Mapping[str, str] | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[RunRecord]:
+        """Runs ordered by ``run_id``: those after the cursor, with this status, matching every label.
+
+        Args:
+            labels: Every pair must be among the run's labels.
+            status: Only runs with this status.
+            limit: At most this many runs.
+            after: The cursor: the last ``run_id`` of the previous page.
+
+        Returns:
+            The page, in ``run_id`` order.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(runs).order_by(runs.c.run_id).limit(max(0, limit))
+        if after is not None:
+            query = query.where(runs.c.run_id > after)
+        if status is not None:
+            query = query.where(runs.c.status == status)
+        for key, value in (labels or {}).items():
+            matching = select(run_labels.c.run_id).where(
+                run_labels.c.key == key, run_labels.c.value == value
+            )
+            query = query.where(runs.c.run_id.in_(matching))
+        with self._transaction() as conn:
+            rows = conn.execute(query).all()
+            labels_by_run = self._labels_of(conn, [r.run_id for r in rows])
+        return [_record(r, labels_by_run.get(r.run_id, {})) for r in rows]
+
+    def count_runs(self) -> int:
+        """How many runs exist.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction() as conn:
+            return int(conn.execute(select(func.count()).select_from(runs)).scalar_one())
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and all its rows in one transaction (no foreign keys needed).
+
+        The run's row is locked first, so a ``lock_run`` holder or a concurrent metric
+        write finishes before (and its rows go too) or finds the run gone.
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction(write=True) as conn:
+            self._require_run(conn, run_id, "delete")
+            for table in RUN_TABLES:
+                conn.execute(delete(table).where(table.c.run_id == run_id))
+            conn.execute(delete(runs).where(runs.c.run_id == run_id))
+
+    # -- the event log ---------------------------------------------------------------------
+
+    @contextmanager
+    def lock_run(self, run_id: str) -> Iterator[RunTransaction]:
+        """Open a transaction holding the run's lock; commits on exit, rolls back on error.
+
+        PostgreSQL: ``SELECT ... FOR NO KEY UPDATE`` on the run's row (other runs, and
+        metric writes to this one, go on). SQLite: ``BEGIN IMMEDIATE`` (all writers of the
+        file, in every process, wait until this commits; readers go on, WAL). So inside the
+        block, write only through the transaction: another write method of the store
+        would wait for this very lock on SQLite (and fail after the busy timeout).
+
+        Raises:
+            RunNotFound: no such run (on enter).
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction(write=True) as conn:
+            row = self._require_run(conn, run_id, "hold")
+            tx = SqlRunTransaction(conn, self._read_record(conn, row))
+            try:
+                yield tx
+            finally:
+                tx.closed = True
+
+    def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        """Events with ``seq > after_seq``, in order, without the lock (an unknown run has none).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction() as conn:
+            return _select_events(conn, run_id, after_seq)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def save_snapshot(self, run_id: str, snapshot: Snapshot) -> None:
+        """Keep an engine snapshot; one at the same step is replaced.
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        row = {"run_id": run_id, "step": snapshot.step, "seq": snapshot.seq,
+               "state": _dumps(snapshot.state)}
+        insert = self._insert(snapshots).values(row)
+        upsert = insert.on_conflict_do_update(
+            index_elements=["run_id", "step"],
+            set_={"seq": insert.excluded.seq, "state": insert.excluded.state},
+        )
+        with self._transaction(write=True) as conn:
+            self._require_run(conn, run_id, "keep")
+            conn.execute(upsert)
+
+    def load_snapshot(self, run_id: str, *, max_step: int | None = None) -> Snapshot | None:
+        """The snapshot with the highest step (at most ``max_step``), or None.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(snapshots).where(snapshots.c.run_id == run_id)
+        if max_step is not None:
+            query = query.where(snapshots.c.step <= max_step)
+        query = query.order_by(snapshots.c.step.desc()).limit(1)
+        with self._transaction() as conn:
+            row = conn.execute(query).one_or_none()
+        if row is None:
+            return None
+        return Snapshot(step=row.step, seq=row.seq, state=_loads(row.state))
+
+    # -- metrics and the barrier -------------------------------------------------------------
+
+    def append_metrics(self, run_id: str, records: Sequence[MetricRecord]) -> int:
+        """Record metric values; a record already stored (same name, step, rank) is kept as it was.
+
+        Returns:
+            How many records were new (duplicates within ``records`` count once).
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        now = _now()
+        rows = [_metric_row(run_id, r, now) for r in records]
+        new = 0
+        with self._transaction(write=True) as conn:
+            self._require_run(conn, run_id, "keep")
+            if rows:  # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs
+                insert = self._insert(metrics).on_conflict_do_nothing().returning(metrics.c.step)
+                new = len(conn.execute(insert, rows).all())
+        return new
+
+    def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
+        """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(metrics).where(metrics.c.run_id == run_id).order_by(
+            metrics.c.name, metrics.c.step, metrics.c.rank
+        )
+        found: dict[str, list[tuple[int, int, float]]] = {}
+        with self._transaction() as conn:
+            for row in conn.execute(query):
+                value = _join_float(row.value, row.value_text)
+                found.setdefault(row.name, []).append((row.step, row.rank, value))
+        return found
+
+    def add_barrier_report(self, run_id: str, step: int, rank: int, name: str, value: float) -> None:
+        """Record one rank's watched metric for ``step``; a rank's first report stands.
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        finite, value_text = _split_float(value)
+        row = {"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
+               "value_text": value_text}
+        with self._transaction(write=True) as conn:
+            self._require_run(conn, run_id, "keep")
+            conn.execute(self._insert(barrier_reports).values(row).on_conflict_do_nothing())
+
+    def read_barrier_reports(self, run_id: str, step: int) -> dict[int, float]:
+        """The ranks that reported for ``step`` and their values.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(barrier_reports).where(
+            barrier_reports.c.run_id == run_id, barrier_reports.c.step == step
+        ).order_by(barrier_reports.c.rank)
+        with self._transaction() as conn:
+            return {r.rank: _join_float(r.value, r.value_text) for r in conn.execute(query)}
+
+    # -- health ----------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raises StoreUnavailable if the database cannot be reached."""
+        with self._transaction() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def close(self) -> None:
+        """Release every pooled connection (idempotent)."""
+        self._engine.dispose()
+
+
+class SqlRunTransaction(RunTransaction):
+    """A run locked for writing; valid only inside its ``lock_run`` block.
+
+    ``run`` starts as the row read under the lock and follows this transaction's own
+    writes (``last_seq``, ``horizon``, ``status``, ``updated_at``).
+    """
+
+    def __init__(self, conn: Connection, run: RunRecord) -> None:
+        self._conn = conn
+        self.run = run
+        self.closed = False
+
+    def _connection(self) -> Connection:
+        if self.closed:
+            raise RuntimeError("the run's transaction is over; use it inside its lock_run block")
+        return self._conn
+
+    def read_events(self, after_seq: int = 0) -> list[Event]:
+        """Events with ``seq > after_seq``, in order (including ones appended here)."""
+        return _select_events(self._connection(), self.run.run_id, after_seq)
+
+    def append_events(self, new_events: Sequence[NewEvent]) -> list[Event]:
+        """Append events as ``last_seq + 1, ...`` and move ``runs.last_seq`` along.
+
+        Returns:
+            The events as stored (``seq`` and ``at`` set, payloads as read back from JSON).
+        """
+        conn = self._connection()
+        if not new_events:
+            return []
+        now, first = _now(), self.run.last_seq + 1
+        rows = [_event_row(self.run.run_id, first + i, e, now) for i, e in enumerate(new_events)]
+        conn.execute(events.insert(), rows)
+        last = first + len(rows) - 1
+        conn.execute(
+            update(runs).where(runs.c.run_id == self.run.run_id).values(last_seq=last, updated_at=now)
+        )
+        self.run = replace(self.run, last_seq=last, updated_at=now)
+        return [_event(row) for row in rows]
+
+    def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
+        """Set the horizon and/or status; ``updated_at`` follows.
+
+        A horizon below the current one is ignored (the stored value is the max of the
+        two): the horizon only ever moves forward.
+        """
+        conn = self._connection()
+        if horizon is None and status is None:
+            return
+        changes: dict[str, Any] = {"updated_at": _now()}
+        if horizon is not None:
+            changes["horizon"] = max(int(horizon), self.run.horizon)
+        if status is not None:
+            changes["status"] = status
+        conn.execute(update(runs).where(runs.c.run_id == self.run.run_id).values(**changes))
+        self.run = replace(self.run, **changes)
+
+
+# -- rows <-> records --------------------------------------------------------------------
+
+
+def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
+    return RunRecord(
+        run_id=row.run_id,
+        spec=_loads(row.spec),
+        labels=labels,
+        status=row.status,
+        horizon=row.horizon,
+        last_seq=row.last_seq,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime) -> dict[str, Any]:
+    kind = EventKind(event.kind)
+    return {"run_id": run_id, "seq": seq, "kind": kind.value, "step": event.step,
+            "payload": _dumps(event.payload), "at": at}
+
+
+def _event(row: Any) -> Event:
+    """An ``Event`` from an events row (a Row or the dict that was inserted)."""
+    get = row.get if isinstance(row, dict) else row._mapping.get
+    return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
+                 payload=_loads(get("payload")), at=get("at"))
+
+
+def _select_events(conn: Connection, run_id: str, after_seq: int) -> list[Event]:
+    query = select(events).where(events.c.run_id == run_id, events.c.seq > after_seq).order_by(
+        events.c.seq
+    )
+    return [_event(row) for row in conn.execute(query)]
+
+
+def _metric_row(run_id: str, record: MetricRecord, at: datetime) -> dict[str, Any]:
+    value, value_text = _split_float(record.value)
+    return {"run_id": run_id, "name": record.name, "step": record.step, "rank": record.rank,
+            "value": value, "value_text": value_text, "at": at}
