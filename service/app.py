@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import dashboard
 from service.api.routes import health, runs, schedules, steps
 from service.auth import Authenticator, load_tokens
 from service.errors import install_error_handlers
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.telemetry = telemetry
     for module in (runs, steps, schedules, health):
         app.include_router(module.router)
+    app.include_router(dashboard.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(TelemetryMiddleware, telemetry=telemetry)

@@ -1,0 +1,165 @@
+// The run page: LR per param group and every metric on one shared step axis, events marked
+// on the curves and listed, the spec, and (for admins) the operator actions.
+
+import { api, coalesced } from "./api.js";
+import { EVENT_COLORS, lineChart, prefersLog } from "./chart.js";
+import { controlPanel } from "./controls.js";
+import { fmt, fmtTime, h, labelChips, statusBadge } from "./dom.js";
+import { watchedMetrics } from "./spec.js";
+
+const REFRESH_MS = 4000;
+const MARKED = new Set(["plateau_reduction", "control", "status", "barrier_timeout", "schedule_switch"]);
+const prefs = { log: null, maxPoints: 500 }; // kept while the tab lives; log null: decide per run
+
+/** The event's own fields in a line: "scale factor=0.5", "val_loss=0.41: 0.1 → 0.05". */
+export function eventText(ev) {
+  const { kind, step, at, ...rest } = ev;
+  switch (kind) {
+    case "created": return "run created";
+    case "control": {
+      const { action, ...args } = rest;
+      const shown = Object.entries(args).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : fmt(v, 6)}`);
+      return [action, ...shown].join(" ");
+    }
+    case "plateau_reduction":
+      return `${rest.monitor}=${fmt(rest.value, 5)}: ${(rest.lrs_before || []).map((v) => fmt(v)).join(", ")} → ${(rest.lrs_after || []).map((v) => fmt(v)).join(", ")}`;
+    case "status": return `status → ${rest.status}`;
+    case "barrier_timeout": return `missing ranks ${JSON.stringify(rest.missing_ranks)} after ${rest.timeout_s}s`;
+    default: return JSON.stringify(rest);
+  }
+}
+
+function metricSeries(name, series) {
+  const ranks = series.ranks || series.steps.map(() => 0);
+  const byRank = new Map();
+  series.steps.forEach((step, i) => {
+    if (!byRank.has(ranks[i])) byRank.set(ranks[i], { steps: [], values: [] });
+    byRank.get(ranks[i]).steps.push(step);
+    byRank.get(ranks[i]).values.push(series.values[i]);
+  });
+  return [...byRank.entries()].sort((a, b) => a[0] - b[0]).map(([rank, sr]) =>
+    ({ label: byRank.size > 1 ? `${name} (rank ${rank})` : name, ...sr }));
+}
+
+function header(run) {
+  return [
+    h("div", { class: "page-head" }, h("h1", {}, run.run_id), statusBadge(run.status),
+      run.stopped_at !== null && run.stopped_at !== undefined ? h("span", { class: "muted" }, `stops at step ${run.stopped_at}`) : null),
+    h("dl", { class: "facts" },
+      h("dt", {}, "step (horizon)"), h("dd", { id: "run-horizon" }, String(run.horizon)),
+      h("dt", {}, "LR now"), h("dd", { id: "run-lrs" }, run.lrs.map((v) => fmt(v, 6)).join(", ")),
+      run.momentums ? [h("dt", {}, "momentum"), h("dd", {}, run.momentums.map((v) => fmt(v, 4)).join(", "))] : null,
+      h("dt", {}, "world size"), h("dd", {}, String(run.world_size)),
+      h("dt", {}, "labels"), h("dd", {}, Object.keys(run.labels).length ? labelChips(run.labels) : "—"),
+      h("dt", {}, "updated"), h("dd", {}, fmtTime(run.updated_at))),
+  ];
+}
+
+function eventsTable(events) {
+  if (!events.length) return h("p", { class: "muted" }, "No events yet.");
+  return h("table", { class: "events", id: "events-table" },
+    h("thead", {}, h("tr", {}, ["Step", "Event", "What", "When"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, [...events].reverse().map((ev) => h("tr", { "data-kind": ev.kind },
+      h("td", { class: "num" }, ev.step === null ? "—" : String(ev.step)),
+      h("td", {}, dot(ev.kind), ev.kind), h("td", {}, eventText(ev)), h("td", { class: "muted small" }, fmtTime(ev.at))))));
+}
+
+function dot(kind) {
+  const el = h("span", { class: "swatch" });
+  el.style.background = EVENT_COLORS[kind] || "#6b7280";
+  return el;
+}
+
+function eventLegend(kinds) {
+  return h("div", { class: "event-legend" }, kinds.map((k) => h("span", {}, dot(k), k)));
+}
+
+function charts(run, history) {
+  const metricNames = Object.keys(history.metrics).sort();
+  const watched = new Set(watchedMetrics(run.schedule));
+  metricNames.sort((a, b) => Number(watched.has(b)) - Number(watched.has(a)));
+  const last = (sr) => (sr.steps.length ? sr.steps[sr.steps.length - 1] : 0);
+  const events = history.events.filter((ev) => MARKED.has(ev.kind)).map((ev) => ({ ...ev, text: eventText(ev) }));
+  // Actions placed above the horizon (not yet handed out) stay in view as markers ahead of the curve.
+  const x1 = Math.max(1, run.horizon, last(history.lrs), ...metricNames.map((n) => last(history.metrics[n])),
+    ...events.map((ev) => ev.step ?? 0));
+  const xDomain = [0, x1];
+  const groups = run.base_lrs.length;
+  const lrSeries = Array.from({ length: groups }, (_, g) => ({
+    label: groups > 1 ? `lr (group ${g})` : "lr",
+    steps: history.lrs.steps,
+    values: history.lrs.values.map((row) => row[g]),
+  }));
+  const log = prefs.log ?? prefersLog(lrSeries);
+  const kinds = [...new Set(events.map((ev) => ev.kind))];
+  const out = [
+    h("h3", {}, "Learning rate", log ? h("span", { class: "badge subtle" }, "log scale") : null),
+    lineChart({ series: lrSeries, events, xDomain, log, name: "lr" }),
+  ];
+  if (kinds.length) out.unshift(eventLegend(kinds));
+  for (const name of metricNames) {
+    out.push(h("h3", {}, name, watched.has(name) ? h("span", { class: "badge subtle" }, "watched") : null),
+      lineChart({ series: metricSeries(name, history.metrics[name]), events, xDomain, height: 200, name: `metric:${name}` }));
+  }
+  if (!metricNames.length) out.push(h("p", { class: "muted" }, "No metrics reported yet."));
+  return { nodes: out, log };
+}
+
+export function runPage(root, session, runId) {
+  let run = null;
+  let lastKey = "";
+  const head = h("section", { class: "run-head" }, h("h1", {}, runId));
+  const chartBox = h("div", { class: "charts", id: "charts" });
+  const eventsBox = h("div");
+  const specBox = h("pre", { class: "spec", id: "run-spec" });
+  const error = h("p", { class: "banner-inline", hidden: true });
+  const panel = session.admin ? controlPanel(runId, () => run, () => refresh()) : null;
+
+  const logBox = h("input", { type: "checkbox", id: "log-scale" });
+  logBox.addEventListener("change", () => { prefs.log = logBox.checked; refresh(); });
+  const points = h("select", { id: "max-points", "aria-label": "points per series" },
+    [100, 200, 500, 1000, 2000, 5000].map((n) => h("option", { value: n, selected: n === prefs.maxPoints }, `${n} points`)));
+  points.addEventListener("change", () => { prefs.maxPoints = Number(points.value); refresh(); });
+
+  root.append(
+    h("p", {}, h("a", { href: "#/" }, "← all runs")),
+    head, error,
+    panel,
+    h("section", { class: "card" },
+      h("div", { class: "card-head" }, h("h2", {}, "Curves"),
+        h("label", { class: "inline" }, logBox, " log-scale LR"), points),
+      chartBox),
+    h("div", { class: "split" },
+      h("section", { class: "card" }, h("h2", {}, "Events"), eventsBox),
+      h("section", { class: "card" }, h("h2", {}, "Spec"), specBox)),
+  );
+
+  const refresh = coalesced(async () => {
+    try {
+      const path = `/v1/runs/${encodeURIComponent(runId)}`;
+      const [fresh, history] = await Promise.all([api(path), api(`${path}/history`, { query: { max_points: prefs.maxPoints } })]);
+      run = fresh;
+      error.hidden = true;
+      head.replaceChildren(...header(run));
+      if (panel) panel.update(run);
+      const key = JSON.stringify([history, prefs.log]);
+      if (key !== lastKey) { // redraw only on change: the hover readout survives a quiet refresh
+        lastKey = key;
+        const drawn = charts(run, history);
+        chartBox.replaceChildren(...drawn.nodes);
+        logBox.checked = drawn.log;
+        chartBox.dataset.lrPoints = String(history.lrs.steps.length);
+        eventsBox.replaceChildren(eventsTable(history.events));
+      }
+      specBox.textContent = JSON.stringify({ schedule: run.schedule, base_lrs: run.base_lrs,
+        base_momentums: run.base_momentums, world_size: run.world_size }, null, 2);
+    } catch (err) {
+      error.textContent = err.status === 404 ? `Run ${runId} does not exist.` : `Could not load the run: ${err.message}`;
+      error.hidden = false;
+    }
+  });
+
+  refresh();
+  const timer = setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
+  return { stop: () => clearInterval(timer) };
+}
