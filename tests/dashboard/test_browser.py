@@ -1,0 +1,186 @@
+"""The dashboard in a real Chromium against a real server: what an operator sees and does."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.dashboard.conftest import screenshot
+from tests.dashboard.seed import RUNS
+
+pytestmark = pytest.mark.slow
+
+MARKED = {"plateau_reduction", "control", "status", "barrier_timeout", "schedule_switch"}
+
+
+def vertices(path_d: str) -> int:
+    """Points of an SVG path drawn by the dashboard: one M or L command each."""
+    return len(re.findall(r"[ML]", path_d))
+
+
+def finite(values: list) -> int:
+    return sum(isinstance(v, (int, float)) for v in values)
+
+
+def test_runs_page_lists_filters_and_refreshes(page, live):
+    server, http = live
+    page.goto(f"{server.url}/")
+    rows = page.locator("#runs-table tbody tr")
+    expect(rows).to_have_count(len(RUNS))
+    for run in http.get("/v1/runs").json()["data"]:
+        row = page.locator(f'tr[data-run-id="{run["run_id"]}"]')
+        expect(row).to_have_attribute("data-status", run["status"])
+        expect(row.locator('[data-col="horizon"]')).to_have_text(str(run["horizon"]))
+        for key, value in run["labels"].items():
+            expect(row.locator(".chip", has_text=f"{key}:{value}")).to_be_visible()
+        expect(row.locator("svg.sparkline path")).to_have_count(1)
+    expect(page.locator('tr[data-run-id="resnet50-a1"] [data-col="metric"]')).to_contain_text(
+        "val_loss"
+    )
+    page.set_viewport_size({"width": 1360, "height": 420})  # the table, not a screen of blank page
+    screenshot(page, "runs.png")
+
+    page.fill("#filter-label", "team:nlp")
+    page.press("#filter-label", "Enter")
+    expect(rows).to_have_count(2)
+    page.select_option("#filter-status", "held")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-run-id", "gpt-small-3")
+    assert "label=team%3Anlp" in page.url and "status=held" in page.url
+
+    page.click("text=Clear")
+    expect(rows).to_have_count(len(RUNS))
+    page.locator('tr[data-run-id="resnet50-a1"] .chip', has_text="team:vision").click()
+    expect(rows).to_have_count(2)  # a label chip filters by itself
+    expect(page.locator("#filter-label")).to_have_value("team:vision")
+    page.click("text=Clear")
+    expect(rows).to_have_count(len(RUNS))
+    horizon = http.get("/v1/runs/bert-base-ft").json()["horizon"]
+    http.get(
+        "/v1/runs/bert-base-ft/lr", params={"step": horizon + 1, "ahead": 9}
+    ).raise_for_status()
+    cell = page.locator('tr[data-run-id="bert-base-ft"] [data-col="horizon"]')
+    expect(cell).to_have_text(str(horizon + 10), timeout=8000)  # the page refreshes itself
+
+
+def test_run_page_draws_history_points_and_events(page, live):
+    server, http = live
+    page.goto(f"{server.url}/#/runs/resnet50-a1")
+    lr_path = page.locator('[data-chart="lr"] path.series')
+    expect(lr_path).to_have_count(1)
+    history = http.get("/v1/runs/resnet50-a1/history", params={"max_points": 500}).json()
+    assert vertices(lr_path.get_attribute("d")) == len(history["lrs"]["steps"]) == 81
+    for name, series in history["metrics"].items():
+        path = page.locator(f'[data-chart="metric:{name}"] path.series')
+        assert vertices(path.get_attribute("d")) == finite(series["values"]) > 0
+    marked = [e for e in history["events"] if e["kind"] in MARKED]
+    assert any(e["kind"] == "plateau_reduction" for e in marked)
+    expect(page.locator('[data-chart="lr"] .event-marker')).to_have_count(len(marked))
+    expect(page.locator("#events-table tbody tr")).to_have_count(len(history["events"]))
+    expect(page.locator("#run-spec")).to_contain_text("ReduceLROnPlateau")
+    screenshot(page, "run.png")
+
+    page.select_option("#max-points", "100")  # downsampled by the server, drawn as given
+    expect(page.locator("#charts")).to_have_attribute("data-lr-points", "81")
+    bert = http.get("/v1/runs/bert-base-ft/history", params={"max_points": 100}).json()
+    page.goto(f"{server.url}/#/runs/bert-base-ft")
+    groups = page.locator('[data-chart="lr"] path.series')
+    expect(groups).to_have_count(2)  # one curve per param group
+    expect(page.locator("#charts")).to_have_attribute(
+        "data-lr-points", str(len(bert["lrs"]["steps"]))
+    )
+    assert len(bert["lrs"]["steps"]) == 100
+    assert [vertices(groups.nth(g).get_attribute("d")) for g in range(2)] == [100, 100]
+
+
+def test_operator_action_is_confirmed_and_lands_on_the_run(page, live):
+    server, http = live
+    page.goto(f"{server.url}/#/runs/bert-base-ft")
+    expect(page.locator("#session-badge")).to_have_text("open server")
+    page.fill("#ctl-factor", "0.5")
+    page.click('button[data-action="scale"]')
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("Multiply the current LRs by 0.5")
+    page.click("#confirm-cancel")
+    expect(page.locator("#control-message")).to_have_text("Cancelled.")
+    assert not [
+        e
+        for e in http.get("/v1/runs/bert-base-ft/history").json()["events"]
+        if e["kind"] == "control"
+    ]
+
+    horizon = http.get("/v1/runs/bert-base-ft").json()["horizon"]
+    page.click('button[data-action="scale"]')
+    page.click("#confirm-ok")
+    expect(page.locator("#control-message")).to_contain_text("scale applied at step")
+    applied = int(re.search(r"step (\d+)", page.locator("#control-message").inner_text()).group(1))
+    assert applied == horizon + 1
+    controls = [
+        e
+        for e in http.get("/v1/runs/bert-base-ft/history").json()["events"]
+        if e["kind"] == "control"
+    ]
+    assert [(e["action"], e["factor"], e["step"]) for e in controls] == [("scale", 0.5, applied)]
+    expect(page.locator('#events-table tr[data-kind="control"]')).to_have_count(1)
+
+    page.fill("#ctl-at", str(applied - 1))  # below the horizon: the server's 422 lands at the field
+    page.click('button[data-action="hold"]')
+    page.click("#confirm-ok")
+    expect(page.locator('[data-field-error="at_step"]')).to_contain_text(
+        "must be above the horizon"
+    )
+
+
+def test_designer_draws_preview_and_shows_field_errors(page, live):
+    server, _ = live
+    page.goto(f"{server.url}/#/designer")
+    curve = page.locator('[data-chart="preview"] path.series')
+    expect(curve).to_have_count(1)
+    assert vertices(curve.get_attribute("d")) == 300  # steps 0..299 of the example
+
+    page.fill("#designer-spec", '{"type": "MultiStepLR", "milestones": [30, 10]}')
+    page.click("#designer-preview")
+    error = page.locator('[data-field-error="schedule"]')
+    expect(error).to_contain_text("schedule.milestones: must be strictly increasing")
+    expect(page.locator("#designer-spec")).to_have_attribute("aria-invalid", "true")
+
+    page.fill("#designer-spec", '{"type": "StepLR", "step_size": 10}')
+    page.fill("#designer-base-lrs", "-1")
+    page.click("#designer-preview")
+    expect(page.locator('[data-field-error="base_lrs"]')).to_contain_text("base_lrs.0")
+    expect(error).to_be_hidden()
+
+    page.fill("#designer-base-lrs", "0.1, 0.01")
+    page.fill("#designer-steps", "50")
+    page.click("#designer-preview")
+    expect(curve).to_have_count(2)
+    expect(page.locator('[data-field-error="base_lrs"]')).to_be_hidden()
+
+
+def test_read_only_token_sees_no_controls_and_token_stays_in_session(page, secured):
+    server, _ = secured
+    page.goto(f"{server.url}/#/runs/guarded")
+    expect(page.locator("#banner")).to_contain_text("needs a token")
+    expect(page.locator("#session-badge")).to_have_text("signed out")
+
+    page.fill("#token-input", "r")
+    page.press("#token-input", "Enter")
+    expect(page.locator("#session-badge")).to_have_text("read-only")
+    expect(page.locator('[data-chart="lr"] path.series')).to_have_count(1)
+    expect(page.locator("#controls")).to_have_count(0)
+    expect(page.locator("button[data-action]")).to_have_count(0)
+    assert page.evaluate("sessionStorage.getItem('lrserve.token')") == "r"
+    assert page.evaluate("localStorage.length") == 0
+
+    page.fill("#token-input", "a")
+    page.press("#token-input", "Enter")
+    expect(page.locator("#session-badge")).to_have_text("admin")
+    expect(page.locator("button[data-action]")).to_have_count(5)
+
+    page.fill("#token-input", "wrong")
+    page.press("#token-input", "Enter")
+    expect(page.locator("#banner")).to_contain_text("not accepted")
+    expect(page.locator("#controls")).to_have_count(0)
