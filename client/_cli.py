@@ -1,0 +1,491 @@
+"""The operator commands of ``lrserve``: ``runs``, ``control``, ``preview``, ``history``.
+
+``service/cli.py`` adds them next to ``serve`` with ``add_operator_commands``; ``main()``
+runs them alone. Exit codes: 0 ok, 1 the server reported an error (its words on stderr),
+2 usage error, 3 the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+import httpx
+
+from client._client import DEFAULT_URL, ENV_TOKEN, ENV_URL, LRClient
+from client._exceptions import ServerError, TransportError
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_SERVER_ERROR",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "add_operator_commands",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_SERVER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+DEFAULT_PREVIEW_STEPS = 100
+DEFAULT_PREVIEW_BASE_LR = 0.1
+_STATUSES = ("active", "held", "stopped")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A command-line value the command cannot use (exit code 2)."""
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+
+def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``runs``, ``control``, ``preview`` and ``history`` to an ``lrserve`` parser.
+
+    Args:
+        subparsers: What ``parser.add_subparsers()`` returned; each command sets ``func``.
+    """
+    common = _common_options()
+    _add_runs(subparsers, common)
+    _add_control(subparsers, common)
+    _add_preview(subparsers, common)
+    _add_history(subparsers, common)
+
+
+def main(argv: Sequence[str] | None = None, *, http_client: httpx.Client | None = None) -> int:
+    """Run one operator command; returns its exit code.
+
+    Args:
+        argv: The arguments (default ``sys.argv[1:]``).
+        http_client: An ``httpx.Client`` to talk through (test seam).
+    """
+    parser = argparse.ArgumentParser(
+        prog="lrserve", description="Operate lrserve runs: list, steer, preview, export."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_operator_commands(subparsers)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    args.http_client = http_client
+    return int(args.func(args))
+
+
+def _common_options() -> argparse.ArgumentParser:
+    # SUPPRESS: an option given before the subcommand is not reset by the subcommand's default
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("server")
+    group.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help=f"server URL (default: ${ENV_URL}, else {DEFAULT_URL})",
+    )
+    group.add_argument("--token", default=argparse.SUPPRESS, help=f"bearer token (default: ${ENV_TOKEN})")
+    return common
+
+
+def _add_runs(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    runs = subparsers.add_parser(
+        "runs", parents=[common], help="list or show runs", description="List or show runs."
+    )
+    actions = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list", parents=[common], help="list runs", description="List runs, newest first."
+    )
+    listing.add_argument(
+        "--label", action="append", default=[], metavar="KEY:VALUE", help="filter (repeatable)"
+    )
+    listing.add_argument("--status", choices=_STATUSES, help="filter by status")
+    listing.add_argument("--limit", type=_positive_int, help="most runs to list")
+    listing.add_argument("--cursor", help="continue after this page cursor")
+    listing.add_argument("--json", action="store_true", help="print the server's JSON")
+    listing.set_defaults(func=_command(_runs_list))
+    show = actions.add_parser(
+        "show", parents=[common], help="show one run", description="Show one run as JSON."
+    )
+    show.add_argument("run_id", metavar="RUN")
+    show.set_defaults(func=_command(_runs_show))
+
+
+def _add_control(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    control = subparsers.add_parser(
+        "control",
+        parents=[common],
+        help="steer a running job (admin)",
+        description="Apply one operator action to a run. It lands on the first step no rank "
+        "has been handed yet, or at --at-step.",
+    )
+    control.add_argument("run_id", metavar="RUN")
+    actions = control.add_subparsers(dest="action", required=True, metavar="ACTION")
+    at_step = argparse.ArgumentParser(add_help=False)
+    at_step.add_argument(
+        "--at-step",
+        type=_nonnegative_int,
+        metavar="STEP",
+        help="apply at this step (above the horizon)",
+    )
+    parents = [common, at_step]
+    set_lr = actions.add_parser("set-lr", parents=parents, help="set the LR (one, or one per param group)")
+    set_lr.add_argument("lrs", nargs="+", type=_finite_float, metavar="LR")
+    set_lr.set_defaults(func=_command(_control), make_body=_set_lr_body)
+    scale = actions.add_parser("scale", parents=parents, help="multiply the current LRs")
+    scale.add_argument("factor", type=_finite_float, metavar="FACTOR")
+    scale.set_defaults(func=_command(_control), make_body=lambda a: {"action": "scale", "factor": a.factor})
+    replace = actions.add_parser("replace", parents=parents, help="replace the schedule from that step on")
+    replace.add_argument("spec", metavar="SPEC", help="schedule spec: a JSON file or inline JSON")
+    replace.set_defaults(
+        func=_command(_control),
+        make_body=lambda a: {"action": "replace_schedule", "schedule": _load_spec(a.spec)},
+    )
+    for name, text in (
+        ("hold", "freeze the schedule's clock"),
+        ("resume", "let a held schedule run on"),
+        ("stop", "ask the job to stop (should_stop)"),
+    ):
+        plain = actions.add_parser(name, parents=parents, help=text)
+        plain.set_defaults(func=_command(_control), make_body=functools.partial(_plain_body, name))
+
+
+def _add_preview(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    preview = subparsers.add_parser(
+        "preview",
+        parents=[common],
+        help="print (or plot) a schedule's curve without creating a run",
+        description="Print the values of a schedule at steps 0 .. N-1, as a job would get them.",
+    )
+    preview.add_argument("spec", metavar="SPEC", help="schedule spec: a JSON file or inline JSON")
+    preview.add_argument(
+        "--base-lr",
+        action="append",
+        type=_finite_float,
+        dest="base_lrs",
+        metavar="LR",
+        help=f"base LR of a param group (repeatable; default {DEFAULT_PREVIEW_BASE_LR})",
+    )
+    preview.add_argument(
+        "--base-momentum",
+        action="append",
+        type=_finite_float,
+        dest="base_momentums",
+        metavar="M",
+        help="base momentum of a param group (repeatable; for momentum-cycling schedules)",
+    )
+    preview.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=DEFAULT_PREVIEW_STEPS,
+        metavar="N",
+        help=f"how many steps (default {DEFAULT_PREVIEW_STEPS})",
+    )
+    preview.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="values reported with step() calls 1, 2, ... (empty: no report); repeatable",
+    )
+    preview.add_argument("--plot", metavar="FILE.png", help="also draw the curve into a PNG")
+    preview.add_argument("--json", action="store_true", help="print the server's JSON")
+    preview.set_defaults(func=_command(_preview))
+
+
+def _add_history(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    history = subparsers.add_parser(
+        "history",
+        parents=[common],
+        help="export a run's LRs, metrics and events",
+        description="Export a run's history. CSV has one row per point: series,step,value "
+        "(series: lr[i], momentum[i], a metric name, or event:KIND).",
+    )
+    history.add_argument("run_id", metavar="RUN")
+    history.add_argument("--format", choices=("csv", "json"), default="csv", help="default csv")
+    history.add_argument(
+        "--max-points", type=_positive_int, metavar="N", help="downsample each series to N points"
+    )
+    history.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    history.set_defaults(func=_command(_history))
+
+
+# -- running a command -----------------------------------------------------------------------
+
+
+def _command(fn: Callable[[argparse.Namespace, LRClient], int | None]) -> Command:
+    """Wrap a command: open the client, turn errors into messages and exit codes."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with _client_for(args) as api:
+                return int(fn(args, api) or EXIT_OK)
+        except UsageError as exc:
+            _error(f"lrserve {args.command}: error: {exc}")
+            return EXIT_USAGE
+        except TransportError as exc:
+            _error(f"lrserve: cannot reach the server at {_url_of(args)}: {exc}")
+            return EXIT_UNREACHABLE
+        except ServerError as exc:
+            _error(_describe(exc))
+            return EXIT_SERVER_ERROR
+
+    return run
+
+
+def _client_for(args: argparse.Namespace) -> LRClient:
+    return LRClient(
+        getattr(args, "url", None) or _url_of(args),
+        token=getattr(args, "token", None),
+        http_client=getattr(args, "http_client", None),
+    )
+
+
+def _url_of(args: argparse.Namespace) -> str:
+    return getattr(args, "url", None) or os.environ.get(ENV_URL) or DEFAULT_URL
+
+
+def _describe(exc: ServerError) -> str:
+    lines = [f"lrserve: {exc.detail} (HTTP {exc.status_code}{', ' + exc.code if exc.code else ''})"]
+    for error in exc.errors:
+        field, message = error.get("field"), error.get("message")
+        if field and message and message not in exc.detail:
+            lines.append(f"  {field}: {message}")
+    return "\n".join(lines)
+
+
+def _error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+
+def _runs_list(args: argparse.Namespace, api: LRClient) -> int:
+    for label in args.label:
+        if ":" not in label:
+            raise UsageError(f"--label must be KEY:VALUE, got {label!r}")
+    page = api.list_runs(labels=args.label, status=args.status, limit=args.limit, cursor=args.cursor)
+    if args.json:
+        _print_json(page)
+        return EXIT_OK
+    runs = _items_of(page)
+    rows = [
+        [
+            str(run.get("run_id", "")),
+            str(run.get("status", "")),
+            str(run.get("horizon", "")),
+            " ".join(_fmt(x) for x in run.get("lrs") or []),
+            ",".join(f"{k}={v}" for k, v in (run.get("labels") or {}).items()),
+        ]
+        for run in runs
+    ]
+    _print_table(["RUN", "STATUS", "STEP", "LR", "LABELS"], rows)
+    cursor = page.get("next_cursor") or page.get("cursor") if isinstance(page, Mapping) else None
+    if cursor:
+        print(f"(more: --cursor {cursor})")
+    return EXIT_OK
+
+
+def _runs_show(args: argparse.Namespace, api: LRClient) -> int:
+    _print_json(api.read_run(args.run_id))
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace, api: LRClient) -> int:
+    body = dict(args.make_body(args))
+    action = body.pop("action")
+    answer = api.control_run(args.run_id, action, at_step=args.at_step, **body)
+    applied = answer.get("applied_at") if isinstance(answer, Mapping) else None
+    print(f"{action} applied to run {args.run_id} at step {applied}")
+    return EXIT_OK
+
+
+def _set_lr_body(args: argparse.Namespace) -> dict[str, Any]:
+    if len(args.lrs) == 1:
+        return {"action": "set_lr", "lr": args.lrs[0]}
+    return {"action": "set_lr", "lrs": list(args.lrs)}
+
+
+def _plain_body(action: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {"action": action}
+
+
+def _preview(args: argparse.Namespace, api: LRClient) -> int:
+    spec = _load_spec(args.spec)
+    metrics = _parse_metrics(args.metric)
+    figure_class = _figure_class() if args.plot else None
+    answer = api.preview_schedule(
+        spec,
+        args.base_lrs or [DEFAULT_PREVIEW_BASE_LR],
+        steps=args.steps,
+        base_momentums=args.base_momentums,
+        metrics=metrics or None,
+    )
+    if args.json:
+        _print_json(answer)
+    else:
+        _print_curve(answer)
+    if figure_class is not None:
+        _plot(figure_class, answer, args.plot, title=str(spec.get("type", "")))
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _history(args: argparse.Namespace, api: LRClient) -> int:
+    history = api.read_history(args.run_id, max_points=args.max_points)
+    text = json.dumps(history, indent=2) + "\n" if args.format == "json" else _history_csv(history)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+# -- input -----------------------------------------------------------------------------------
+
+
+def _load_spec(text: str) -> dict[str, Any]:
+    """A schedule spec from a JSON file path, or from inline JSON."""
+    source = text
+    if not text.lstrip().startswith("{"):
+        try:
+            with open(text, encoding="utf-8") as spec_file:
+                source = spec_file.read()
+        except OSError as exc:
+            raise UsageError(f"SPEC is neither inline JSON nor a readable file: {exc}") from exc
+    try:
+        spec = json.loads(source)
+    except ValueError as exc:
+        raise UsageError(f"SPEC is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise UsageError('SPEC must be a JSON object such as {"type": "StepLR", "step_size": 30}')
+    return spec
+
+
+def _parse_metrics(items: Sequence[str]) -> dict[str, list[float | None]]:
+    metrics: dict[str, list[float | None]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--metric must be NAME=V1,V2,..., got {item!r}")
+        try:
+            metrics[name] = [float(v) if v.strip() else None for v in values.split(",")]
+        except ValueError as exc:
+            raise UsageError(f"--metric {name}: {exc}") from exc
+    return metrics
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _print_json(data: Any, out: TextIO | None = None) -> None:
+    print(json.dumps(data, indent=2), file=out or sys.stdout)
+
+
+def _items_of(page: Any) -> list[Mapping[str, Any]]:
+    if isinstance(page, list):
+        return page
+    for key in ("data", "runs", "items"):
+        if isinstance(page.get(key), list):
+            return page[key]
+    return []
+
+
+def _fmt(value: Any) -> str:
+    return format(value, ".8g") if isinstance(value, float) else str(value)
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    for row in [list(header), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_curve(answer: Mapping[str, Any]) -> None:
+    lrs = answer.get("lrs") or []
+    moms = answer.get("momentums")
+    groups = len(lrs[0]) if lrs else 0
+    header = ["step", *(f"lr[{g}]" for g in range(groups))]
+    if moms:
+        header += [f"momentum[{g}]" for g in range(len(moms[0]))]
+    rows = []
+    for step, row in enumerate(lrs):
+        cells = [str(step), *(_fmt(v) for v in row)]
+        if moms:
+            cells += [_fmt(v) for v in moms[step]]
+        rows.append(cells)
+    _print_table(header, rows)
+
+
+def _history_csv(history: Mapping[str, Any]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["series", "step", "value"])
+    for prefix, key in (("lr", "lrs"), ("momentum", "momentums")):
+        series = history.get(key) or {}
+        for step, values in zip(series.get("steps") or [], series.get("values") or [], strict=False):
+            for group, value in enumerate(values):
+                writer.writerow([f"{prefix}[{group}]", step, repr(float(value))])
+    for name, series in sorted((history.get("metrics") or {}).items()):
+        for step, value in zip(series.get("steps") or [], series.get("values") or [], strict=False):
+            writer.writerow([name, step, repr(float(value))])
+    for event in history.get("events") or []:
+        writer.writerow([f"event:{event.get('kind')}", event.get("step"), ""])
+    return out.getvalue()
+
+
+def _figure_class() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib: pip install 'lrserve[plot]'") from exc
+    return Figure
+
+
+def _plot(figure_class: Any, answer: Mapping[str, Any], path: str, *, title: str) -> None:
+    lrs = answer.get("lrs") or []
+    figure = figure_class(figsize=(8, 4.5))
+    axes = figure.subplots()
+    steps = list(range(len(lrs)))
+    for group in range(len(lrs[0]) if lrs else 0):
+        axes.plot(steps, [row[group] for row in lrs], label=f"lr[{group}]")
+    axes.set_xlabel("step")
+    axes.set_ylabel("learning rate")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    try:
+        figure.savefig(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot write {path}: {exc}") from exc
