@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from service import dashboard
 from service.api.routes import health, runs, schedules, steps
+from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
@@ -51,8 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
     app.state.telemetry = telemetry
-    for module in (runs, steps, schedules, health):
-        app.include_router(module.router)
+    for module in (runs, steps, schedules):
+        app.include_router(module.router, responses=ERROR_RESPONSES)
+    app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     app.include_router(dashboard.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -132,6 +132,7 @@ def _validation_errors(raw: Sequence[Any]) -> list[FieldError]:
         loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
+            loc = ["body"]  # FastAPI puts the character offset here, not a field
             message = f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
         if err.get("type") == "missing" and not loc:
             loc = ["body"]
@@ -157,8 +158,11 @@ def install_error_handlers(app: Any) -> None:
         return await on_domain_error(request, InvalidInput.many(_validation_errors(exc.errors())))
 
     async def on_http_error(request: Any, exc: HTTPException) -> FastJSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        body = {"detail": str(exc.detail), "code": code, "errors": []}
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        errors = [{"field": "body", "message": str(exc.detail)}] if exc.status_code == 400 else []
+        body = {"detail": str(exc.detail), "code": code, "errors": errors}
         return FastJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     async def on_unexpected(request: Any, exc: Exception) -> FastJSONResponse:

@@ -34,7 +34,7 @@ Status = Literal["active", "held", "stopped"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RunCreate(_Strict):
@@ -167,3 +167,19 @@ class Message(BaseModel):
     detail: str
     code: str
     errors: list[dict[str, str]] = []
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Message, "description": text}
+    for status, text in {
+        400: "The body could not be decoded (not UTF-8 JSON).",
+        401: "Missing or unknown bearer token.",
+        403: "The token's role may not use this route.",
+        404: "No such run.",
+        409: "The run exists with another spec, or is stopped.",
+        413: "The body is larger than the server accepts.",
+        422: "A field is invalid; `errors` names it.",
+        503: "The database is unreachable.",
+    }.items()
+}
+"""Every error answer has the same body (``Message``); documented on every API route."""

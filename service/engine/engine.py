@@ -24,6 +24,7 @@ Example (StepLR(step_size=2, gamma=0.1), base lr 1.0)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,8 @@ class Engine:
                 self._tick()
             except _STEP_ERRORS as exc:
                 raise ScheduleError.at("step", f"the schedule cannot take step {self.step + 1}: {exc}") from exc
+            if not all(math.isfinite(lr) for lr in self.values()[0]):
+                raise ScheduleError.at("step", f"the schedule's LR is not finite at step {self.step + 1}")
         self.step += 1
         return reductions
 

@@ -23,7 +23,7 @@ from typing import Any
 from service.engine import codec
 from service.engine.engine import Engine, Values
 from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
-from service.errors import InvalidInput, RunConflict, RunNotFound
+from service.errors import InvalidInput, RunConflict
 from service.runs.state import RunState, StepOutcome
 from service.settings import Settings
 from service.store.base import BaseStore, RunRecord, RunTransaction, Snapshot
@@ -217,8 +217,7 @@ class RunManager:
     ) -> None:
         """Keep one rank's report: all its metrics for history, the watched ones for the barrier."""
         self.store.append_metrics(run_id, _records(metrics, step, rank))
-        for name, value in watched.items():
-            self.store.add_barrier_report(run_id, step, rank, name, value)
+        self.store.add_barrier_report(run_id, step, rank, watched)
 
     def resolve_barrier(self, run_id: str, step: int, timed_out: bool) -> bool:
         """Decide the barrier at ``step`` if every rank reported (or time is up).

@@ -157,12 +157,12 @@ class BaseStore(abc.ABC):
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
 
     @abc.abstractmethod
-    def add_barrier_report(self, run_id: str, step: int, rank: int, name: str, value: float) -> None:
-        """Record one rank's watched metric for ``step`` (idempotent per rank)."""
+    def add_barrier_report(self, run_id: str, step: int, rank: int, values: Mapping[str, float]) -> None:
+        """Record one rank's watched metrics for ``step`` (idempotent per rank and name)."""
 
     @abc.abstractmethod
-    def read_barrier_reports(self, run_id: str, step: int) -> dict[int, float]:
-        """The ranks that reported for ``step`` and their values."""
+    def read_barrier_reports(self, run_id: str, step: int) -> dict[int, dict[str, float]]:
+        """The ranks that reported for ``step``: rank -> {metric name: value}."""
 
     @abc.abstractmethod
     def ping(self) -> None:

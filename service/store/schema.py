@@ -144,7 +144,7 @@ barrier_reports = Table(
     Column("run_id", String(128), primary_key=True),
     Column("step", BigInteger, primary_key=True, autoincrement=False),
     Column("rank", Integer, primary_key=True, autoincrement=False),
-    Column("name", String(128), nullable=False),
+    Column("name", String(128), primary_key=True),
     Column("value", _double(), nullable=True),
     Column("value_text", String(8), nullable=True),
 )

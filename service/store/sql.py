@@ -393,31 +393,40 @@ class SqlStore(BaseStore):
                 found.setdefault(row.name, []).append((row.step, row.rank, value))
         return found
 
-    def add_barrier_report(self, run_id: str, step: int, rank: int, name: str, value: float) -> None:
-        """Record one rank's watched metric for ``step``; a rank's first report stands.
+    def add_barrier_report(
+        self, run_id: str, step: int, rank: int, values: Mapping[str, float]
+    ) -> None:
+        """Record one rank's watched metrics for ``step``; a rank's first report of a name stands.
 
         Raises:
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        finite, value_text = _split_float(value)
-        row = {"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
-               "value_text": value_text}
+        rows = []
+        for name, value in values.items():
+            finite, value_text = _split_float(value)
+            rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
+                         "value_text": value_text})
+        if not rows:
+            return
         with self._transaction(write=True) as conn:
             self._require_run(conn, run_id, "keep")
-            conn.execute(self._insert(barrier_reports).values(row).on_conflict_do_nothing())
+            conn.execute(self._insert(barrier_reports).values(rows).on_conflict_do_nothing())
 
-    def read_barrier_reports(self, run_id: str, step: int) -> dict[int, float]:
-        """The ranks that reported for ``step`` and their values.
+    def read_barrier_reports(self, run_id: str, step: int) -> dict[int, dict[str, float]]:
+        """The ranks that reported for ``step``, each with its values by metric name.
 
         Raises:
             StoreUnavailable: the database failed.
         """
         query = select(barrier_reports).where(
             barrier_reports.c.run_id == run_id, barrier_reports.c.step == step
-        ).order_by(barrier_reports.c.rank)
+        ).order_by(barrier_reports.c.rank, barrier_reports.c.name)
+        reports: dict[int, dict[str, float]] = {}
         with self._transaction() as conn:
-            return {r.rank: _join_float(r.value, r.value_text) for r in conn.execute(query)}
+            for r in conn.execute(query):
+                reports.setdefault(r.rank, {})[r.name] = _join_float(r.value, r.value_text)
+        return reports
 
     # -- health ----------------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ def test_non_json_body_is_422(api):
 
 
 def test_oversized_body_is_413(api):
-    response = api.post("/v1/runs", json={"schedule": STEP, "base_lrs": [0.1] * 200_000})
+    response = api.post("/v1/runs", json={"schedule": STEP, "base_lrs": [0.1] * 300_000})
     assert response.status_code == 413
     assert response.json()["code"] == "limit_exceeded"
 

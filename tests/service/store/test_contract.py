@@ -158,7 +158,7 @@ class TestStoreContract:
         advance(store, "r1", 3)
         store.save_snapshot("r1", Snapshot(2, 3, {"x": 1}))
         store.append_metrics("r1", [MetricRecord("loss", 1, 0, 0.5)])
-        store.add_barrier_report("r1", 1, 0, "loss", 0.5)
+        store.add_barrier_report("r1", 1, 0, {"loss": 0.5})
         store.delete_run("r1")
         with pytest.raises(RunNotFound):
             store.read_run("r1")
@@ -308,8 +308,8 @@ class TestStoreContract:
         values = [value for _, _, value in store.read_metrics("r1")["x"]]
         assert same_floats(values, [r.value for r in records])
         for rank, value in enumerate(TRICKY_FLOATS):
-            store.add_barrier_report("r1", 1, rank, "x", value)
-        assert same_floats(store.read_barrier_reports("r1", 1).values(), TRICKY_FLOATS)
+            store.add_barrier_report("r1", 1, rank, {"x": value})
+        assert same_floats([v["x"] for v in store.read_barrier_reports("r1", 1).values()], TRICKY_FLOATS)
 
     def test_floats_in_json_are_bit_exact(self, store):
         spec = {**SPEC, "values": TRICKY_FLOATS}
@@ -325,12 +325,12 @@ class TestStoreContract:
 
     def test_barrier_reports_are_idempotent_per_rank(self, store):
         make(store)
-        store.add_barrier_report("r1", 5, 0, "loss", 1.0)
-        store.add_barrier_report("r1", 5, 0, "loss", 2.0)  # a retry: the first report stands
-        store.add_barrier_report("r1", 5, 1, "loss", 3.0)
-        store.add_barrier_report("r1", 6, 0, "loss", 4.0)
-        assert store.read_barrier_reports("r1", 5) == {0: 1.0, 1: 3.0}
-        assert store.read_barrier_reports("r1", 6) == {0: 4.0}
+        store.add_barrier_report("r1", 5, 0, {"loss": 1.0})
+        store.add_barrier_report("r1", 5, 0, {"loss": 2.0, "acc": 0.5})  # a retry: the first loss stands
+        store.add_barrier_report("r1", 5, 1, {"loss": 3.0})
+        store.add_barrier_report("r1", 6, 0, {"loss": 4.0})
+        assert store.read_barrier_reports("r1", 5) == {0: {"acc": 0.5, "loss": 1.0}, 1: {"loss": 3.0}}
+        assert store.read_barrier_reports("r1", 6) == {0: {"loss": 4.0}}
         assert store.read_barrier_reports("r1", 7) == {}
 
     # -- opening, durability, health -------------------------------------------------------
