@@ -23,6 +23,15 @@ LAMBDAS = {
 }
 
 
+def _lambda(source: str) -> Any:
+    """A hand-written lambda where the test has one; else the expression (itself tested against lambdas)."""
+    if source in LAMBDAS:
+        return LAMBDAS[source]
+    from service.engine.expr import compile_expression
+
+    return compile_expression(source, field="lr_lambda")
+
+
 def make_optimizer(base_lrs: list[float], momentum: float = 0.9) -> torch.optim.SGD:
     params = [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": lr} for lr in base_lrs]
     return torch.optim.SGD(params, lr=base_lrs[0], momentum=momentum)
@@ -38,7 +47,7 @@ def build(spec: dict[str, Any], opt: torch.optim.Optimizer) -> Any:
         return S.ChainedScheduler([build(c, opt) for c in spec["schedulers"]], optimizer=opt)
     if kind in ("LambdaLR", "MultiplicativeLR"):
         fns = spec["lr_lambda"]
-        kwargs["lr_lambda"] = [LAMBDAS[f] for f in fns] if isinstance(fns, list) else LAMBDAS[fns]
+        kwargs["lr_lambda"] = [_lambda(f) for f in fns] if isinstance(fns, list) else _lambda(fns)
     return getattr(S, kind)(opt, **kwargs)
 
 

@@ -230,3 +230,44 @@ def test_preview_matches_engine_trajectory():
     theirs = reference.trajectory(EXAMPLES[15].values[0], [0.1, 0.025], 40)
     assert lrs == [v[0] for v in theirs]
     assert moms is None
+
+
+# -- properties over random valid specs ------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tests.service.engine.strategies import SAFE_STEPS, valid_specs  # noqa: E402
+
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(data=st.data(), n_groups=st.integers(1, 3))
+def test_any_torch_spec_equals_torch(data, n_groups):
+    spec = data.draw(valid_specs(n_groups, allow_plateau=False))
+    base = [0.1 * (i + 1) for i in range(n_groups)]
+    ours = engine_trajectory(spec, base, 80)
+    theirs = reference.trajectory(spec, base, 80)
+    assert [list(lrs) for lrs, _ in ours] == [lrs for lrs, _ in theirs]
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    n_groups=st.integers(1, 3),
+    cut=st.integers(1, SAFE_STEPS // 2),
+    losses=st.lists(st.one_of(st.none(), st.floats(0, 10)), min_size=SAFE_STEPS, max_size=SAFE_STEPS),
+)
+def test_any_spec_survives_a_snapshot(data, n_groups, cut, losses):
+    spec = parse_schedule(data.draw(valid_specs(n_groups)), n_groups=n_groups)
+    original = Engine(spec, [0.1] * n_groups, [0.9] * n_groups)
+    restored = None
+    for k in range(1, SAFE_STEPS // 2 + cut):
+        if k == cut:
+            restored = Engine.restore(codec.loads(codec.dumps(original.snapshot())))
+        reports = {m: losses[k] for m in ("val_loss", "val_acc", "train_loss")} if losses[k] is not None else None
+        original.advance(reports)
+        if restored is not None:
+            restored.advance(reports)
+            assert restored.values() == original.values()
