@@ -186,6 +186,7 @@ class RemoteScheduler:
         self._moms: list[list[float] | None] = []
         self._last_lr: list[float] = []
         self._last_window = 1
+        self._fetch_seconds = 0.0  # how long a window fetch takes (smoothed)
         self._prefetch_at = _NEVER
         self._end_at = _NEVER  # first step the server said it cannot produce
         self._fast = not any(_is_tensor(g["lr"]) for g in self._groups)
@@ -579,7 +580,19 @@ class RemoteScheduler:
         if self._closed or nxt >= self._end_at or (self._watched and self._cadence.may_report_at(nxt)):
             self._prefetch_at = _NEVER
         else:
-            self._prefetch_at = nxt - 1 - max(1, self._last_window // 2)
+            self._prefetch_at = nxt - 1 - self._prefetch_margin()
+
+    def _prefetch_margin(self) -> int:
+        """Steps before the end of the values held at which to ask for more.
+
+        Half a window, or twice the steps a fetch takes if that is more (a fast loop, a
+        slow answer), so the next window arrives before this one runs out.
+        """
+        margin = max(1, self._last_window // 2)
+        per_step = self._sizer.seconds_per_step
+        if per_step and self._fetch_seconds:
+            margin = max(margin, math.ceil(2 * self._fetch_seconds / per_step))
+        return margin
 
     def _ahead_from(self, start: int) -> int:
         ahead = self._sizer.next_ahead()
@@ -628,7 +641,10 @@ class RemoteScheduler:
                 first = self._first_step(start, attempt)
                 if first != start and self._watched:  # moved on: stay before the next report
                     ahead = min(ahead, max(0, self._cadence.next_report_after(first) - 1 - first))
+                started = self._clock()
                 answer = self._read_window(first, ahead)
+                took = self._clock() - started
+                self._fetch_seconds = took if not self._fetch_seconds else (took + self._fetch_seconds) / 2
                 self._bg_failures = 0
                 return answer
             except LRServiceError as exc:

@@ -294,3 +294,16 @@ def test_context_manager_closes(make_scheduler):
 def test_injected_http_client_is_left_open(make_scheduler, http):
     make_scheduler().close()
     assert not http.is_closed
+
+
+def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):
+    def slow(request):
+        if request.url.path.endswith("/lr"):
+            clock.advance(0.2)
+
+    fake.on_request = slow
+    sched = make_scheduler(time_budget_s=100.0)
+    run_steps(sched, clock, 3000, seconds_per_step=0.001)
+    assert sched._fetch_seconds == pytest.approx(0.2)
+    per_step = sched._sizer.seconds_per_step
+    assert sched._prefetch_margin() >= int(2 * 0.2 / per_step)
