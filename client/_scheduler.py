@@ -13,10 +13,12 @@ and the schedule catches up with the current step when the server is back.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import queue
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -112,6 +114,13 @@ class RemoteScheduler:
         [0.010000000000000002]
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> RemoteScheduler:
+        # Frameworks check isinstance(scheduler, torch's LRScheduler) (Lightning refuses
+        # other schedulers). When the job has torch loaded, be one, without importing it here.
+        if cls is RemoteScheduler and "torch" in sys.modules:
+            cls = _torch_flavour()
+        return super().__new__(cls)
+
     def __init__(
         self,
         optimizer: Any,
@@ -146,7 +155,6 @@ class RemoteScheduler:
         self.world_size = int(os.environ.get(ENV_WORLD_SIZE, 1)) if world_size is None else int(world_size)
         self.steps_per_epoch = steps_per_epoch
         self.strict = strict
-        self._groups: list[dict[str, Any]] = groups
         self._watched = watched_metrics(self.schedule)
         self._cadence = Cadence(steps_per_epoch)
         self._sizer = WindowSizer(time_budget_s)
@@ -189,7 +197,7 @@ class RemoteScheduler:
         self._fetch_seconds = 0.0  # how long a window fetch takes (smoothed)
         self._prefetch_at = _NEVER
         self._end_at = _NEVER  # first step the server said it cannot produce
-        self._fast = not any(_is_tensor(g["lr"]) for g in self._groups)
+        self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
         self._closed = False
         self._away = False
         self._warned: set[str] = set()
@@ -207,7 +215,7 @@ class RemoteScheduler:
         run = self._client.create_run(
             self.schedule,
             self.base_lrs,
-            base_momentums=_base_momentums(self._groups),
+            base_momentums=_base_momentums(self.optimizer.param_groups),
             run_id=run_id,
             labels=labels,
             world_size=self.world_size,
@@ -246,7 +254,9 @@ class RemoteScheduler:
             if i < len(self._lrs):
                 self.last_epoch = s
                 row = self._lrs[i]
-                for group, lr in zip(self._groups, row, strict=False):
+                # looked up every step, as torch does: optimizer.load_state_dict() (which
+                # accelerate calls in prepare()) replaces the param group dicts
+                for group, lr in zip(self.optimizer.param_groups, row, strict=False):
                     group["lr"] = lr
                 moms = self._moms[i]
                 if moms is not None:
@@ -259,6 +269,10 @@ class RemoteScheduler:
 
     def get_last_lr(self) -> list[float]:
         """The LRs of the current step, one per param group (as torch's)."""
+        return list(self._last_lr)
+
+    def get_lr(self) -> list[float]:
+        """The LRs of the current step (torch computes them here; the server did)."""
         return list(self._last_lr)
 
     @property
@@ -518,7 +532,7 @@ class RemoteScheduler:
     def _apply(self, s: int) -> None:
         i = s - self._base
         row = self._lrs[i]
-        for group, lr in zip(self._groups, row, strict=False):
+        for group, lr in zip(self.optimizer.param_groups, row, strict=False):
             current = group["lr"]
             if _is_tensor(current):
                 current.fill_(lr)
@@ -530,7 +544,7 @@ class RemoteScheduler:
         self._last_lr = row
 
     def _write_momentums(self, moms: Sequence[float]) -> None:
-        for group, m in zip(self._groups, moms, strict=False):
+        for group, m in zip(self.optimizer.param_groups, moms, strict=False):
             if "betas" in group:
                 group["betas"] = (m, *tuple(group["betas"])[1:])
             else:
@@ -551,10 +565,10 @@ class RemoteScheduler:
     def _merge(self, start: int, lrs: list[list[float]], moms: list[list[float]] | None) -> None:
         if not lrs:
             return
-        if len(lrs[0]) != len(self._groups):
+        if len(lrs[0]) != len(self.optimizer.param_groups):
             raise RunConflict(
                 f"run {self.run_id!r} has {len(lrs[0])} param groups, the optimizer has "
-                f"{len(self._groups)}; use another run_id"
+                f"{len(self.optimizer.param_groups)}; use another run_id"
             )
         rows_m: list[list[float] | None] = list(moms) if moms is not None else [None] * len(lrs)
         end = self._base + len(self._lrs)
@@ -720,7 +734,7 @@ class RemoteScheduler:
 
     def _back(self) -> None:
         self._away = False
-        self._fast = not any(_is_tensor(g["lr"]) for g in self._groups) and not self._closed
+        self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups) and not self._closed
         self._warned.discard("away")
 
     def _notify(self, _: object) -> None:
@@ -781,6 +795,22 @@ class RemoteScheduler:
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosed("this RemoteScheduler is closed")
+
+
+@functools.cache
+def _torch_flavour() -> type[RemoteScheduler]:
+    """``RemoteScheduler`` that is also a ``torch.optim.lr_scheduler.LRScheduler``.
+
+    Its methods are all ``RemoteScheduler``'s (first in the MRO); torch's ``__init__`` is
+    never called, so torch does not wrap ``optimizer.step``.
+    """
+    from torch.optim.lr_scheduler import LRScheduler
+
+    return type(
+        "RemoteScheduler",
+        (RemoteScheduler, LRScheduler),
+        {"__module__": RemoteScheduler.__module__, "__doc__": RemoteScheduler.__doc__},
+    )
 
 
 class _EndOfSchedule:

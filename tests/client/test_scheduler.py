@@ -307,3 +307,23 @@ def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):
     assert sched._fetch_seconds == pytest.approx(0.2)
     per_step = sched._sizer.seconds_per_step
     assert sched._prefetch_margin() >= int(2 * 0.2 / per_step)
+
+
+def test_is_a_torch_lr_scheduler_when_torch_is_loaded(make_scheduler):
+    torch = pytest.importorskip("torch")
+    from client import RemoteScheduler
+
+    sched = make_scheduler()
+    assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)  # what Lightning checks
+    assert isinstance(sched, RemoteScheduler)
+    assert type(sched).__name__ == "RemoteScheduler"
+    assert sched.get_lr() == sched.get_last_lr()
+
+
+def test_values_reach_param_groups_replaced_by_optimizer_load_state_dict(make_scheduler, clock):
+    torch = pytest.importorskip("torch")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = make_scheduler(opt)
+    opt.load_state_dict(opt.state_dict())  # new group dicts, as accelerate's prepare() does
+    run_steps(sched, clock, 25)
+    assert opt.param_groups[0]["lr"] == expected_lrs([0.1], 25)[-1][0]
