@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.engine.engine import ScheduleSwitch
 from service.runs.state import StepOutcome
 
 
@@ -32,8 +33,9 @@ class Telemetry:
 
     def record_outcome(self, run_id: str, outcome: StepOutcome) -> None:
         self.steps.inc()
-        if outcome.reductions:
-            self.decisions.labels("plateau_reduction").inc(len(outcome.reductions))
+        for decision in outcome.reductions:
+            kind = "schedule_switch" if isinstance(decision, ScheduleSwitch) else "plateau_reduction"
+            self.decisions.labels(kind).inc()
         for action in outcome.actions:
             self.decisions.labels(action["action"]).inc()
 

@@ -58,6 +58,7 @@ class RunPublic(BaseModel):
     lrs: list[float]
     momentums: list[float] | None
     stopped_at: int | None = Field(None, description="The step from which the run is stopped.")
+    switched_at: int | None = Field(None, description="Step where a range test switched schedules.")
     created_at: str
     updated_at: str
 
@@ -82,6 +83,9 @@ class StepResult(BaseModel):
     status: Status
     stopped_at: int | None = Field(
         None, description="Step at which the run stops (clients report should_stop from it)."
+    )
+    switched_at: int | None = Field(
+        None, description="Step at which a range test ended and the run switched schedules."
     )
     window: WindowPublic
 
@@ -148,6 +152,20 @@ class HistoryPublic(BaseModel):
     lrs: Series
     metrics: dict[str, dict[str, list[Any]]]
     events: list[dict[str, Any]]
+
+
+class Suggestions(BaseModel):
+    steepest: float | None = Field(description="Lightning's rule: steepest fall of the smoothed loss.")
+    min_over_10: float | None = Field(description="LR at the lowest smoothed loss, divided by 10.")
+
+
+class LRFinderPublic(BaseModel):
+    lrs: list[float] = Field(description="LR of each reported loss (the step before the report).")
+    losses: list[float | None] = Field(description="Smoothed losses (null where not finite).")
+    suggestions: Suggestions
+    chosen: float | None
+    done: bool
+    switched_at: int | None
 
 
 class PreviewRequest(_Strict):

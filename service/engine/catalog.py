@@ -20,10 +20,14 @@ from torch.optim import lr_scheduler as torch_schedulers
 from service.engine._validators import TypeLabel
 from service.engine.spec import SPEC_MODELS
 
-# Where torch's first docstring line misleads ("Sets the initial learning rate.").
+# Where torch's first docstring line misleads ("Sets the initial learning rate."), or
+# the type is lrserve's own.
 _DESCRIPTIONS = {
     "LambdaLR": "Sets the learning rate of each parameter group to the initial lr times a "
     "given function.",
+    "LRRangeTest": "Learning-rate range test (lrserve): raises the LR from min_lr towards max_lr "
+    "while the job reports its loss every step, suggests an LR (Lightning's steepest-slope rule, "
+    "and the minimum / 10) and, with `then`, switches to that schedule at the suggested LR.",
 }
 
 # What lrserve adds to, or restricts in, torch's description of a class.

@@ -24,6 +24,7 @@ Example (StepLR(step_size=2, gamma=0.1), base lr 1.0)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as torch_schedulers
 
+from service.engine.range_test import RangeTest
 from service.engine.spec import ScheduleSpec, cycles_momentum, parse_schedule, spec_to_json
 from service.errors import ScheduleError
 
@@ -41,6 +43,15 @@ Values = tuple[tuple[float, ...], "tuple[float, ...] | None"]
 # Errors torch (or an lr_lambda expression) raises when a schedule cannot take a step,
 # e.g. OneCycleLR stepped past total_steps.
 _STEP_ERRORS = (ValueError, ZeroDivisionError, OverflowError, ArithmeticError)
+
+
+@dataclass(frozen=True)
+class ScheduleSwitch:
+    """A range test ended: the run switched to its ``then`` schedule (or holds the chosen LR)."""
+
+    chosen: float
+    lrs: tuple[float, ...]
+    then: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -123,21 +134,34 @@ class Engine:
         self.n_groups = len(base_lrs)
         self.optimizer = _shadow_optimizer(base_lrs, base_momentums)
         self.reports_momentum = (
-            cycles_momentum(schedule) if reports_momentum is None else reports_momentum
+            cycles_momentum(schedule, self.n_groups) if reports_momentum is None else reports_momentum
         )
         self.step = 0
         self.held = False
+        self.range_test: RangeTest | None = None
+        self._range_step = 0
         self._install(schedule, list(base_lrs))
-        # Tell torch the optimizer has stepped, so it does not warn about the call order.
-        self.optimizer.step()
 
     def _install(self, schedule: ScheduleSpec, base_lrs: list[float]) -> None:
         self.schedule = schedule
         self.base_lrs = [float(lr) for lr in base_lrs]
         self._stages: list[_PlateauStage] = []
+        if self.range_test is not None:
+            self.range_test.done = True  # a new schedule ends a test still running
+        if schedule.type == "LRRangeTest":
+            self.range_test = RangeTest(
+                schedule.min_lr, schedule.max_lr, schedule.num_steps, schedule.mode, schedule.beta,
+                schedule.early_stop_threshold, schedule.monitor,
+            )
+            self._range_step = 0
+            self._root = None
+            self.set_lrs(self._range_lrs(0))
+            return
         self._root = self._build(schedule, "schedule", top=True)
         for stage in self._stages:
             stage.active = stage.always or stage.seen
+        # Tell torch the (shadow) optimizer has stepped, so it does not warn about the call order.
+        self.optimizer.step()
 
     def _build(self, spec: Any, path: str, top: bool = False) -> torch_schedulers.LRScheduler | None:
         if spec.type == "ReduceLROnPlateau":
@@ -180,7 +204,9 @@ class Engine:
 
     # -- stepping ------------------------------------------------------------------
 
-    def advance(self, metrics: Mapping[str, float] | None = None) -> list[PlateauReduction]:
+    def advance(
+        self, metrics: Mapping[str, float] | None = None
+    ) -> list[PlateauReduction | ScheduleSwitch]:
         """Take step ``self.step + 1``, as torch's ``scheduler.step(metric)`` would.
 
         Args:
@@ -188,17 +214,20 @@ class Engine:
                 previous step receive the one they watch.
 
         Returns:
-            The plateau reductions this step caused.
+            The decisions this step caused: plateau reductions, a range test's switch.
 
         Raises:
             ScheduleError: torch cannot take this step (the engine is then unusable).
         """
-        reductions: list[PlateauReduction] = []
+        reductions: list[PlateauReduction | ScheduleSwitch] = []
         if not self.held:
             try:
-                if metrics:
-                    reductions = self._feed(metrics)
-                self._tick()
+                if self.range_test is not None and not self.range_test.done:
+                    reductions = self._advance_range_test(metrics or {})
+                else:
+                    if metrics:
+                        reductions.extend(self._feed(metrics))
+                    self._tick()
             except _STEP_ERRORS as exc:
                 raise ScheduleError.at("step", f"the schedule cannot take step {self.step + 1}: {exc}") from exc
             if not all(math.isfinite(lr) for lr in self.values()[0]):
@@ -217,6 +246,38 @@ class Engine:
                 if after != before:
                     reductions.append(PlateauReduction(stage.path, stage.monitor, value, before, after))
         return reductions
+
+    def _range_lrs(self, step: int) -> list[float]:
+        """The test's LR at ``step``, scaled per group as the base LRs are (group 0 is 1:1)."""
+        assert self.range_test is not None
+        lr = self.range_test.lr_at(step)
+        return [lr * ratio for ratio in self._group_ratios()]
+
+    def _group_ratios(self) -> list[float]:
+        first = self.base_lrs[0]
+        return [lr / first if first > 0 else 1.0 for lr in self.base_lrs]
+
+    def _advance_range_test(self, metrics: Mapping[str, float]) -> list[PlateauReduction | ScheduleSwitch]:
+        test = self.range_test
+        assert test is not None and self.schedule.type == "LRRangeTest"
+        step = self._range_step + 1
+        if test.monitor in metrics:
+            test.record(test.lr_at(step - 1), float(metrics[test.monitor]))
+        self._range_step = step
+        if not test.done and step < test.num_steps:
+            self.set_lrs(self._range_lrs(step))
+            return []
+        chosen = test.finish(fallback=self.base_lrs[0])
+        bases = [chosen * ratio for ratio in self._group_ratios()]
+        then = self.schedule.then
+        if then is None:
+            self.set_lrs(bases)
+        else:
+            for group in self.optimizer.param_groups:
+                group.pop("initial_lr", None)
+            self.set_lrs(bases)
+            self._install(self.schedule.then_spec(self.n_groups), bases)
+        return [ScheduleSwitch(chosen, self.values()[0], then)]
 
     def _tick(self) -> None:
         for stage in self._stages:
@@ -274,6 +335,8 @@ class Engine:
             "stages": [
                 {"active": s.active, "state": s.scheduler.state_dict()} for s in self._stages
             ],
+            "range_test": dataclasses.asdict(self.range_test) if self.range_test is not None else None,
+            "range_step": self._range_step,
         }
 
     @classmethod
@@ -291,6 +354,9 @@ class Engine:
             stage.active = saved["active"]
         engine.step = snapshot["step"]
         engine.held = snapshot["held"]
+        if snapshot.get("range_test") is not None:
+            engine.range_test = RangeTest(**snapshot["range_test"])
+            engine._range_step = snapshot["range_step"]
         return engine
 
 

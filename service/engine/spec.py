@@ -35,6 +35,7 @@ MAX_STEPS = 10**12
 
 COMPOSITES = ("SequentialLR", "ChainedScheduler")
 PLATEAU = "ReduceLROnPlateau"
+RANGE_TEST = "LRRangeTest"
 
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
@@ -273,6 +274,10 @@ _CHAINED_PLATEAU = (
     "use it as a SequentialLR stage (e.g. after a warm-up) or on its own"
 )
 
+_NESTED_RANGE_TEST = (
+    "LRRangeTest must be the whole schedule; give what follows it as its `then`"
+)
+
 Schedulers = Annotated[
     list["ScheduleSpec"],
     Field(min_length=1, max_length=MAX_CHILDREN),
@@ -301,6 +306,8 @@ class SequentialLRSpec(_Spec):
         for i, child in enumerate(self.schedulers):
             if child.type in COMPOSITES:
                 yield f"schedulers.{i}", f"a SequentialLR stage cannot be a {child.type}{_NESTED}"
+            if child.type == RANGE_TEST:
+                yield f"schedulers.{i}", _NESTED_RANGE_TEST
 
 
 class ChainedSchedulerSpec(_Spec):
@@ -315,6 +322,54 @@ class ChainedSchedulerSpec(_Spec):
         for i, child in enumerate(self.schedulers):
             if child.type == PLATEAU:
                 yield f"schedulers.{i}", _CHAINED_PLATEAU
+            if child.type == RANGE_TEST:
+                yield f"schedulers.{i}", _NESTED_RANGE_TEST
+
+
+class LRRangeTestSpec(_Spec):
+    """lrserve's learning-rate range test (see ``range_test.py``); the whole schedule, not a stage."""
+
+    type: Literal["LRRangeTest"] = "LRRangeTest"
+    min_lr: Positive = Field(description="LR at the first step of the test.")
+    max_lr: Positive = Field(description="LR the test would reach at num_steps.")
+    num_steps: Annotated[int, Field(ge=2, le=100_000)] = Field(
+        100, description="Steps of the test (one reported loss each)."
+    )
+    mode: Literal["exponential", "linear"] = Field("exponential", description="How the LR rises.")
+    monitor: str = Field("loss", min_length=1, max_length=64, description="Name of the loss reported.")
+    beta: float = Field(0.98, ge=0, lt=1, description="Smoothing of the loss (Lightning's beta).")
+    early_stop_threshold: Positive | None = Field(
+        4.0, description="Stop when the smoothed loss exceeds this times its best; null: never."
+    )
+    then: dict[str, Any] | None = Field(
+        None, description="Schedule to switch to when the test ends, its base LR the suggestion."
+    )
+
+    def problems(self, n_groups: int) -> Problems:
+        if self.max_lr <= self.min_lr:
+            yield "max_lr", f"expected a number above min_lr ({self.min_lr}), got {self.max_lr}"
+        if self.early_stop_threshold is not None and self.early_stop_threshold <= 1:
+            yield "early_stop_threshold", (
+                f"expected a number > 1 (or null), got {self.early_stop_threshold}: the test would "
+                "stop at its second report"
+            )
+        if self.then is not None:
+            yield from _then_problems(self.then, self._path, n_groups)
+
+    def then_spec(self, n_groups: int) -> ScheduleSpec | None:
+        """The validated ``then`` schedule."""
+        return None if self.then is None else parse_schedule(self.then, n_groups=n_groups, field="then")
+
+
+def _then_problems(then: dict[str, Any], path: str, n_groups: int) -> Problems:
+    if then.get("type") == "LRRangeTest":
+        yield "then.type", "a range test cannot be followed by another range test"
+        return
+    try:
+        parse_schedule(then, n_groups=n_groups, field="then")
+    except SpecError as exc:
+        for error in exc.errors:
+            yield error.field, error.message
 
 
 ScheduleSpec = Annotated[
@@ -332,13 +387,14 @@ ScheduleSpec = Annotated[
     | CyclicLRSpec
     | CosineAnnealingWarmRestartsSpec
     | OneCycleLRSpec
-    | PolynomialLRSpec,
+    | PolynomialLRSpec
+    | LRRangeTestSpec,
     Field(discriminator="type"),
 ]
 """Any schedule spec; pydantic picks the model by ``type``."""
 
 SPEC_MODELS: tuple[type[_Spec], ...] = typing.get_args(typing.get_args(ScheduleSpec)[0])
-"""Every model, in the order of ``torch.optim.lr_scheduler.__all__``."""
+"""Every model, in the order of ``torch.optim.lr_scheduler.__all__``, then lrserve's own."""
 SPEC_TYPES: tuple[str, ...] = tuple(m.model_fields["type"].default for m in SPEC_MODELS)
 _MODEL_BY_TYPE = dict(zip(SPEC_TYPES, SPEC_MODELS, strict=True))
 
@@ -396,17 +452,22 @@ def iter_nodes(spec: Any, *, root: str = "schedule") -> Iterator[tuple[str, Any]
         stack.extend(reversed([(f"{path}.schedulers.{i}", c) for i, c in enumerate(children)]))
 
 
-def cycles_momentum(spec: Any) -> bool:
-    """Whether some CyclicLR / OneCycleLR in the tree cycles momentum."""
+def cycles_momentum(spec: Any, n_groups: int = 1) -> bool:
+    """Whether some CyclicLR / OneCycleLR in the tree (or a range test's ``then``) cycles momentum."""
+    if spec.type == RANGE_TEST:
+        return spec.then is not None and cycles_momentum(spec.then_spec(n_groups), n_groups)
     return any(
         node.type in ("CyclicLR", "OneCycleLR") and node.cycle_momentum
         for _, node in iter_nodes(spec)
     )
 
 
-def watched_metrics(spec: Any) -> set[str]:
-    """The ``monitor`` of every ReduceLROnPlateau in the tree."""
-    return {node.monitor for _, node in iter_nodes(spec) if node.type == PLATEAU}
+def watched_metrics(spec: Any, n_groups: int = 1) -> set[str]:
+    """The ``monitor`` of every ReduceLROnPlateau and LRRangeTest (and its ``then``)."""
+    watched = {node.monitor for _, node in iter_nodes(spec) if node.type in (PLATEAU, RANGE_TEST)}
+    if spec.type == RANGE_TEST and spec.then is not None:
+        watched |= watched_metrics(spec.then_spec(n_groups), n_groups)
+    return watched
 
 
 def spec_to_json(spec: Any) -> dict[str, Any]:

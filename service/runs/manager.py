@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.engine import codec
-from service.engine.engine import Engine, Values
+from service.engine.engine import Engine, ScheduleSwitch, Values
 from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
 from service.errors import InvalidInput, RunConflict
 from service.runs.state import RunState, StepOutcome
@@ -39,6 +39,7 @@ class Window:
     values: list[Values]
     status: str
     stopped_at: int | None
+    switched_at: int | None
 
 
 class RunManager:
@@ -144,6 +145,7 @@ class RunManager:
         saved = codec.from_jsonable(snapshot.state)
         state = RunState(record.run_id, spec, Engine.restore(saved["engine"]), last_seq=0)
         state.status, state.stopped_at = saved["status"], saved["stopped_at"]
+        state.switched_at = saved.get("switched_at")
         return state
 
     def values_between(self, run_id: str, start: int, end: int) -> list[Values]:
@@ -183,7 +185,7 @@ class RunManager:
             values = self.values_between(state.run_id, step, end)
         else:
             values = state.values[step - state.first_step : end - state.first_step + 1]
-        return Window(state.run_id, step, values, state.status, state.stopped_at)
+        return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at)
 
     def _check_jump(self, state: RunState, step: int) -> None:
         if step < 0:
@@ -325,6 +327,7 @@ class RunManager:
                 "engine": state.engine.snapshot(),
                 "status": state.status,
                 "stopped_at": state.stopped_at,
+                "switched_at": state.switched_at,
             }
             self.store.save_snapshot(
                 state.run_id, Snapshot(state.horizon, state.last_seq, codec.to_jsonable(payload))
@@ -368,6 +371,21 @@ class RunManager:
                 )
             return {"action": kind, "schedule": spec_to_json(schedule)}
         return {k: v for k, v in action.items() if v is not None}
+
+    # -- the range test -------------------------------------------------------------------
+
+    def lr_finder(self, run_id: str) -> dict[str, Any]:
+        """The range test's curve, suggestions and choice (API.md, LR range test).
+
+        Raises:
+            RunConflict: the run's schedule is not an LRRangeTest.
+        """
+        state = self.state(run_id)
+        with state.lock:
+            test = state.engine.range_test
+            if test is None:
+                raise RunConflict(f"run {run_id!r} has no LRRangeTest schedule")
+            return {**test.public(), "switched_at": state.switched_at}
 
     # -- history --------------------------------------------------------------------------
 
@@ -433,6 +451,10 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
         if outcome.step <= old_horizon:
             continue
         for r in outcome.reductions:
+            if isinstance(r, ScheduleSwitch):
+                events.append(NewEvent(EventKind.SCHEDULE_SWITCH, outcome.step, {
+                    "chosen": r.chosen, "lrs": list(r.lrs), "schedule": r.then}))
+                continue
             events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
                 "stage": r.stage, "monitor": r.monitor, "value": _json_float(r.value),
                 "lrs_before": list(r.before), "lrs_after": list(r.after)}))

@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine.engine import Engine, PlateauReduction, Values, apply_action
+from service.engine.engine import Engine, PlateauReduction, ScheduleSwitch, Values, apply_action
 from service.engine.spec import parse_schedule, watched_metrics
 from service.store.events import Event, EventKind
 
@@ -32,7 +32,7 @@ class StepOutcome:
     """What taking one step did, besides changing the values."""
 
     step: int
-    reductions: list[PlateauReduction]
+    reductions: list[PlateauReduction | ScheduleSwitch]
     actions: list[dict[str, Any]]
 
 
@@ -48,7 +48,8 @@ class RunState:
         self.spec = spec
         self.n_groups = len(spec["base_lrs"])
         self.world_size: int = spec.get("world_size", 1)
-        self.watched = watched_metrics(parse_schedule(spec["schedule"], n_groups=self.n_groups))
+        schedule = parse_schedule(spec["schedule"], n_groups=self.n_groups)
+        self.watched = watched_metrics(schedule, self.n_groups)
         self.engine = engine
         self.inputs = Inputs()
         self.first_step = engine.step
@@ -56,6 +57,7 @@ class RunState:
         self.last_seq = last_seq
         self.status = "active"
         self.stopped_at: int | None = None
+        self.switched_at: int | None = None
         self.lock = threading.Lock()
 
     @property
@@ -74,6 +76,8 @@ class RunState:
         while self.engine.step < target:
             step = self.engine.step + 1
             reductions = self.engine.advance(self.inputs.metrics.pop(step, None))
+            if any(isinstance(r, ScheduleSwitch) for r in reductions):
+                self.switched_at = step
             actions = self.inputs.actions.pop(step, [])
             for action in actions:
                 apply_action(self.engine, action)

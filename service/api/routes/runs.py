@@ -12,6 +12,7 @@ from service.api.schemas import (
     ControlRequest,
     ControlResult,
     HistoryPublic,
+    LRFinderPublic,
     RunCreate,
     RunId,
     RunPublic,
@@ -40,6 +41,7 @@ def run_public(manager: RunManager, record: RunRecord) -> dict:
         "lrs": list(lrs),
         "momentums": list(moms) if moms is not None else None,
         "stopped_at": state.stopped_at,
+        "switched_at": state.switched_at,
         "created_at": record.created_at.isoformat(),
         "updated_at": record.updated_at.isoformat(),
     }
@@ -98,6 +100,12 @@ def control_run(run_id: RunId, body: ControlRequest, manager: ManagerDep) -> Res
     action = body.model_dump(exclude={"at_step"}, exclude_none=True)
     applied_at, event = manager.control(run_id, action, body.at_step)
     return FastJSONResponse({"run_id": run_id, "applied_at": applied_at, "event": event})
+
+
+@router.get("/{run_id}/lr-finder", response_model=LRFinderPublic, dependencies=[ReadAccess])
+def read_lr_finder(run_id: RunId, manager: ManagerDep) -> Response:
+    """The range test's loss curve, its suggestions and the chosen LR (409 if the run has none)."""
+    return FastJSONResponse(manager.lr_finder(run_id))
 
 
 @router.get("/{run_id}/history", response_model=HistoryPublic, dependencies=[ReadAccess])

@@ -24,6 +24,7 @@ def window_public(window: Window) -> dict:
         "momentums": moms[0] if moms is not None else None,
         "status": window.status,
         "stopped_at": window.stopped_at,
+        "switched_at": window.switched_at,
         "window": {"start": window.start, "lrs": lrs, "momentums": moms},
     }
 

@@ -7,7 +7,6 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.auth import Authenticator, TokenError, parse_tokens
-from service.settings import Settings
 
 TOKENS = {"read": "r-token", "write": "w-token", "admin": "a-token"}
 RANK = {None: -1, "read": 0, "write": 1, "admin": 2}
@@ -21,6 +20,7 @@ ROUTES = {
     ("DELETE", "/v1/runs/{run_id}"): ("admin", {}),
     ("POST", "/v1/runs/{run_id}/control"): ("admin", {"json": {"action": "hold"}}),
     ("GET", "/v1/runs/{run_id}/history"): ("read", {}),
+    ("GET", "/v1/runs/{run_id}/lr-finder"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/lr"): ("read", {"params": {"step": 1}}),
     ("POST", "/v1/runs/{run_id}/step"): ("write", {"json": {"step": 1}}),
     ("POST", "/v1/runs/{run_id}/metrics"): (
@@ -34,9 +34,9 @@ ROUTES = {
 
 
 @pytest.fixture
-def secured(tmp_path):
+def secured(settings):
     tokens = ",".join(f"{role}:{token}" for role, token in TOKENS.items())
-    app = create_app(Settings(db=f"sqlite:///{tmp_path}/auth.db", tokens=tokens))
+    app = create_app(settings.model_copy(update={"tokens": tokens}))
     with TestClient(app) as client:
         yield app, client
 
@@ -53,7 +53,8 @@ def test_role_matrix(secured, method, template, who):
     _, client = secured
     least, kwargs = ROUTES[(method, template)]
     admin = {"Authorization": f"Bearer {TOKENS['admin']}"}
-    client.post("/v1/runs", json={"run_id": "r", "schedule": SPEC, "base_lrs": [0.1]}, headers=admin)
+    range_test = {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 1.0}  # every route has something to show
+    client.post("/v1/runs", json={"run_id": "r", "schedule": range_test, "base_lrs": [0.1]}, headers=admin)
     headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
     response = client.request(method, template.replace("{run_id}", "r"), headers=headers, **kwargs)
     if least is None or RANK[who] >= RANK[least]:
@@ -74,10 +75,10 @@ def test_wrong_token_is_401_and_never_echoed(secured):
     assert "not-a-token-xyz" not in response.text
 
 
-def test_tokens_file(tmp_path):
+def test_tokens_file(settings, tmp_path):
     path = tmp_path / "tokens"
     path.write_text("# ops\nadmin:file-admin\nread:file-read\n")
-    app = create_app(Settings(db=f"sqlite:///{tmp_path}/t.db", tokens_file=path))
+    app = create_app(settings.model_copy(update={"tokens_file": path}))
     with TestClient(app) as client:
         assert client.get("/v1/runs", headers={"Authorization": "Bearer file-read"}).status_code == 200
         assert client.get("/v1/runs").status_code == 401
