@@ -137,7 +137,9 @@ def _add_control(subparsers: argparse._SubParsersAction, common: argparse.Argume
     )
     parents = [common, at_step]
     set_lr = actions.add_parser("set-lr", parents=parents, help="set the LR (one, or one per param group)")
-    set_lr.add_argument("lrs", nargs="+", type=_finite_float, metavar="LR")
+    set_lr.add_argument(
+        "lrs", nargs="+", type=_finite_float, metavar="LR", help="one LR for every group, or one per group"
+    )
     set_lr.set_defaults(func=_command(_control), make_body=_set_lr_body)
     scale = actions.add_parser("scale", parents=parents, help="multiply the current LRs")
     scale.add_argument("factor", type=_finite_float, metavar="FACTOR")
@@ -237,6 +239,9 @@ def _command(fn: Callable[[argparse.Namespace, LRClient], int | None]) -> Comman
         except ServerError as exc:
             _error(_describe(exc))
             return EXIT_SERVER_ERROR
+        except BrokenPipeError:  # `lrserve preview ... | head`: the reader has seen enough
+            _silence_stdout()
+            return EXIT_OK
 
     return run
 
@@ -260,6 +265,14 @@ def _describe(exc: ServerError) -> str:
         if field and message and message not in exc.detail:
             lines.append(f"  {field}: {message}")
     return "\n".join(lines)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second BrokenPipeError at interpreter exit
+    except (OSError, ValueError):
+        pass
 
 
 def _error(message: str) -> None:
@@ -288,7 +301,7 @@ def _runs_list(args: argparse.Namespace, api: LRClient) -> int:
         ]
         for run in runs
     ]
-    _print_table(["RUN", "STATUS", "STEP", "LR", "LABELS"], rows)
+    _print_table(["RUN", "STATUS", "HORIZON", "LR", "LABELS"], rows)
     cursor = page.get("next_cursor") or page.get("cursor") if isinstance(page, Mapping) else None
     if cursor:
         print(f"(more: --cursor {cursor})")

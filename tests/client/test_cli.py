@@ -116,7 +116,7 @@ def test_runs_list_prints_a_table_and_passes_filters(run):
     assert code == EXIT_OK
     assert str(server.requests[0].url).endswith("/v1/runs?label=k%3Av&status=active&limit=5")
     header, row = out.splitlines()[:2]
-    assert header.split() == ["RUN", "STATUS", "STEP", "LR", "LABELS"]
+    assert header.split() == ["RUN", "STATUS", "HORIZON", "LR", "LABELS"]
     assert row.split() == ["a", "active", "12", "0.1", "k=v"]
 
 
