@@ -163,6 +163,16 @@ class RunManager:
 
     # -- the hot path ---------------------------------------------------------------------
 
+    def cached_window(self, run_id: str, step: int, ahead: int) -> Window | None:
+        """The window if every value in it is final and in memory; never blocks (event loop safe)."""
+        state = self._runs.get(run_id)
+        if state is None:
+            return None
+        end = step + min(ahead, self.settings.max_ahead)
+        if state.cached(step) is None or state.cached(end) is None:
+            return None
+        return self._window(state, step, end)
+
     def window(self, run_id: str, step: int, ahead: int) -> Window:
         """Final values for ``step .. step + ahead`` (fewer if capped), committing them.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
@@ -30,14 +31,18 @@ def window_public(window: Window) -> dict:
 
 
 @router.get("/lr", response_model=StepResult, dependencies=[ReadAccess])
-def read_lr(
+async def read_lr(
     run_id: RunId,
     manager: ManagerDep,
     step: Annotated[Step, Query()],
     ahead: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
     """Values for steps step..step+ahead (capped); asking commits them (they become final)."""
-    return FastJSONResponse(window_public(manager.window(run_id, step, ahead)))
+    # Final values already in memory are answered right here, without a worker thread.
+    window = manager.cached_window(run_id, step, ahead)
+    if window is None:
+        window = await run_in_threadpool(manager.window, run_id, step, ahead)
+    return FastJSONResponse(window_public(window))
 
 
 @router.post("/step", response_model=StepResult, dependencies=[WriteAccess])
