@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, Row, Table, delete, func, select, tex
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
-from service.errors import RunNotFound, StoreUnavailable
+from service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from service.store.base import (
     BaseStore,
     MetricRecord,
@@ -181,8 +181,13 @@ class SqlStore(BaseStore):
             The record and ``True`` if this call created it, else the existing record and ``False``.
 
         Raises:
+            InvalidInput: a label holds a NUL character (PostgreSQL cannot store one, so
+                SQLite refuses it too: both backends take the same labels).
             StoreUnavailable: the database failed.
         """
+        for key, value in labels.items():
+            if "\x00" in key or "\x00" in value:
+                raise InvalidInput.at("labels", "must not contain NUL characters")
         now = _now()
         row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": "active", "horizon": 0,
                "last_seq": 1, "created_at": now, "updated_at": now}
@@ -247,11 +252,13 @@ class SqlStore(BaseStore):
             StoreUnavailable: the database failed.
         """
         query = select(runs).order_by(runs.c.run_id).limit(max(0, limit))
-        if after is not None:
-            query = query.where(runs.c.run_id > after)
+        if after is not None:  # no stored id holds NUL: "x\0..." and "x" split them alike
+            query = query.where(runs.c.run_id > after.split("\x00", 1)[0])
         if status is not None:
             query = query.where(runs.c.status == status)
         for key, value in (labels or {}).items():
+            if "\x00" in key or "\x00" in value:  # PostgreSQL cannot even compare such text
+                return []
             matching = select(run_labels.c.run_id).where(
                 run_labels.c.key == key, run_labels.c.value == value
             )

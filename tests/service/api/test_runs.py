@@ -94,6 +94,16 @@ def test_bad_label_filter_is_422(api):
     assert response.json()["errors"][0]["field"] == "label"
 
 
+def test_nul_in_labels_is_422_and_in_filters_matches_nothing(api):
+    """PostgreSQL cannot store NUL: both backends answer alike, never with a 5xx."""
+    response = api.post("/v1/runs", json={"run_id": "n", "schedule": STEP, "base_lrs": [0.1],
+                                          "labels": {"team": "a\x00b"}})
+    assert response.status_code == 422 and response.json()["errors"][0]["field"] == "labels"
+    make_run(api, "x", labels={"team": "a"})
+    assert api.get("/v1/runs", params={"label": "team:a\x00"}).json()["data"] == []
+    assert [r["run_id"] for r in api.get("/v1/runs", params={"cursor": "w\x00"}).json()["data"]] == ["x"]
+
+
 def test_read_and_delete(api):
     make_run(api, "gone")
     assert api.get("/v1/runs/gone").status_code == 200

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from service.errors import RunNotFound, StoreUnavailable
+from service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from service.store import (
     BaseStore,
     EventKind,
@@ -151,6 +151,15 @@ class TestStoreContract:
         assert pages == [["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6"]]
         assert store.list_runs(labels={"team": "b"})[0].labels == {"team": "b", "env": "prod"}
         assert store.count_runs() == 7
+
+    def test_nul_in_text_is_refused_alike(self, store):
+        """PostgreSQL cannot store NUL; SQLite could, so both refuse it (parity), never a 503."""
+        with pytest.raises(InvalidInput):
+            store.create_run("n", SPEC, {"team": "a\x00b"}, created())
+        make(store, "x", {"team": "a"})
+        assert store.list_runs(labels={"team": "a\x00"}) == []
+        assert [r.run_id for r in store.list_runs(after="w\x00z")] == ["x"]
+        assert store.list_runs(after="x\x00") == []
 
     def test_delete_removes_everything(self, store):
         make(store, "r1", {"team": "a"})
