@@ -1,3 +1,5 @@
+"""Fixtures of the API tests: every test that uses ``settings`` runs on SQLite and on PostgreSQL."""
+
 from __future__ import annotations
 
 import pytest
@@ -5,11 +7,23 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.conftest import BACKENDS
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """The store backend of this test: ``sqlite`` or ``postgres`` (skipped, with the reason, if absent)."""
+    return request.param
 
 
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    return Settings(db=f"sqlite:///{tmp_path}/lrserve.db", snapshot_every=50)
+def settings(backend, database_url) -> Settings:
+    """Settings on a fresh, empty database of the test's backend.
+
+    Tests that need other settings derive them with ``settings.model_copy(update=...)``,
+    so they too run on both backends.
+    """
+    return Settings(db=database_url(backend), snapshot_every=50)
 
 
 @pytest.fixture

@@ -8,16 +8,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
 
 PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.0,
            "threshold_mode": "abs"}
 
 
 @pytest.fixture
-def api(tmp_path):
-    settings = Settings(db=f"sqlite:///{tmp_path}/b.db", barrier_timeout_s=0.5)
-    with TestClient(create_app(settings)) as client:
+def api(settings):
+    """The API with a short barrier timeout, on each backend."""
+    with TestClient(create_app(settings.model_copy(update={"barrier_timeout_s": 0.5}))) as client:
         yield client
 
 
