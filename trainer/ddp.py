@@ -1,0 +1,96 @@
+"""torchrun and DDP plumbing: who am I, which backend, and the few collectives the loop needs.
+
+Under ``torchrun`` every process gets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; started
+plainly, the trainer is rank 0 of 1 and never touches ``torch.distributed``, so the same
+loop serves both. gloo on the CPU, NCCL on CUDA (NCCL cannot reduce CPU tensors, gloo is
+slow on GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Dist", "setup", "pick_device"]
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``auto``: this rank's GPU if CUDA is there, else the CPU; ``cuda`` insists on a GPU."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SystemExit("trainer: --device cuda, but torch sees no CUDA device")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@dataclass
+class Dist:
+    """This process's place in the job and the collectives over it (no-ops for one process)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (identical bits on every rank)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank says yes: all ranks then leave the loop at the same step."""
+        return bool(self.all_sum([1.0 if flag else 0.0])[0]) if self.enabled else flag
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (e.g. a generated run id)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self._comm_device())
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def setup(device_choice: str) -> Dist:
+    """Read torchrun's environment, pick the device, and join the process group if there is one."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_choice, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    return Dist(rank, local_rank, world_size, device)

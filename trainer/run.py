@@ -1,0 +1,131 @@
+"""The whole job: set up (ranks, data, model, served schedule), resume, train, summarise.
+
+Every rank runs this. They share one run id, so the server hands all of them the same
+values at every step; they leave the loop together (a stop is agreed by all_reduce at
+epoch ends, because a rank that left alone would hang the others in DDP's all_reduce).
+"""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from client import RemoteScheduler
+from trainer import checkpoint, ddp
+from trainer.data import load_split, train_loader, val_shard
+from trainer.loop import EpochContext, Evaluation, evaluate, make_precision, train_epoch
+from trainer.model import make_model
+from trainer.schedules import resolve_schedule
+from trainer.trace import Trace
+
+__all__ = ["run"]
+
+
+def run(args: argparse.Namespace) -> None:
+    env = ddp.setup(args.device)
+    try:
+        _run(args, env)
+    finally:
+        env.close()
+
+
+def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
+    if args.world_size != env.world_size:
+        raise SystemExit(
+            f"trainer: --world-size {args.world_size}, but torchrun started {env.world_size} ranks"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cuda = env.device.type == "cuda"
+    split = load_split(args.seed)
+    loader = train_loader(split, args.batch_size, env.rank, env.world_size, args.seed, pin_memory=cuda)
+    x_val, y_val = (t.pin_memory() if cuda else t for t in val_shard(split, env.rank, env.world_size))
+    x_val, y_val = x_val.to(env.device, non_blocking=True), y_val.to(env.device, non_blocking=True)
+    steps_per_epoch = len(loader) if args.step_per == "batch" else 1
+
+    saved = checkpoint.load(args.checkpoint) if args.checkpoint else None
+    if saved is not None and saved["steps_per_epoch"] != steps_per_epoch:
+        raise SystemExit(
+            f"trainer: {args.checkpoint} was taken at {saved['steps_per_epoch']} scheduler steps per "
+            f"epoch, this job has {steps_per_epoch} (batch size, ranks or --step-per changed)"
+        )
+    run_id = args.run_id or (saved["run_id"] if saved else None)
+    if run_id is None:
+        run_id = env.broadcast(f"digits-{uuid.uuid4().hex[:12]}")
+    schedule = saved["schedule"] if saved else resolve_schedule(
+        args.schedule, steps_per_epoch=steps_per_epoch, epochs=args.epochs, lr=args.lr)
+
+    model = make_model(split.n_features, split.n_classes, seed=args.seed).to(env.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    precision = make_precision(env.device, args.amp)
+    barrier = args.metric_mode == "barrier"
+    scheduler = RemoteScheduler(
+        optimizer, schedule, run_id=run_id, url=args.url, token=args.token,
+        steps_per_epoch=steps_per_epoch, rank=env.rank, world_size=env.world_size if barrier else 1,
+        labels={"trainer": "digits", "metric_mode": args.metric_mode},
+    )
+    with scheduler:
+        done = 0
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if precision.scaler is not None and saved.get("scaler"):
+                precision.scaler.load_state_dict(saved["scaler"])
+            done = int(saved["epoch"])
+        net: torch.nn.Module = model
+        if env.enabled:
+            net = DistributedDataParallel(model, device_ids=[env.device.index] if cuda else None)
+        trace = Trace(args.trace, env.rank)
+        trace.step(scheduler.last_epoch, done, optimizer)
+        bar = tqdm(total=steps_per_epoch * max(0, args.epochs - done) if args.step_per == "batch"
+                   else len(loader) * max(0, args.epochs - done),
+                   disable=not (env.is_main and args.progress), unit="step", desc=run_id, leave=False)
+
+        def validate() -> Evaluation:
+            return evaluate(model, x_val, y_val, precision, env.all_sum)
+
+        def report(ev: Evaluation) -> dict[str, float]:
+            return ({"val_loss": ev.local_loss, "val_acc": ev.local_acc} if barrier
+                    else {"val_loss": ev.loss, "val_acc": ev.acc})
+
+        ctx = EpochContext(net, optimizer, scheduler, loader, precision, args.step_per,
+                           on_step=lambda step, epoch: trace.step(step, epoch, optimizer),
+                           on_batch=lambda: bar.update(1))
+        stopped = env.any(scheduler.should_stop)
+        evaluation: Evaluation | None = None
+        epoch = done
+        while epoch < args.epochs and not stopped:
+            train_loss, evaluation = train_epoch(ctx, epoch, validate, report)
+            epoch += 1
+            trace.record("epoch", epoch=epoch, step=scheduler.last_epoch, train_loss=train_loss,
+                         reported=report(evaluation), val_loss=evaluation.loss, val_acc=evaluation.acc)
+            if args.checkpoint and env.is_main:
+                checkpoint.save(args.checkpoint, epoch=epoch, model=model, optimizer=optimizer,
+                                scheduler=scheduler, scaler=precision.scaler,
+                                extra={"run_id": scheduler.run_id, "schedule": schedule,
+                                       "steps_per_epoch": steps_per_epoch})
+            if env.is_main:
+                bar.write(f"epoch {epoch}/{args.epochs}  lr {optimizer.param_groups[0]['lr']:.4g}  "
+                          f"train_loss {train_loss:.4f}  val_loss {evaluation.loss:.4f}  "
+                          f"val_acc {evaluation.acc:.4f}")
+            stopped = env.any(scheduler.should_stop)
+        bar.close()
+        trace.close()
+        if evaluation is None:  # nothing left to train (resumed at the end, or stopped)
+            evaluation = validate()
+        summary: dict[str, Any] = {
+            "run_id": scheduler.run_id, "epochs": epoch, "steps": scheduler.last_epoch,
+            "val_acc": round(evaluation.acc, 4), "val_loss": round(evaluation.loss, 4),
+            **{k: round(v, 4) for k, v in ctx.times.summary().items()},
+            "stopped": stopped, "device": env.device.type, "amp": precision.name,
+            "world_size": env.world_size, "metric_mode": args.metric_mode,
+        }
+    if env.is_main:
+        print("summary " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
