@@ -102,7 +102,7 @@ class LRClient:
         max_backoff: Longest retry delay.
         http_client: An ``httpx.Client`` to use instead of a new one (the test seam:
             ``httpx.Client(transport=httpx.MockTransport(...))`` or Starlette's ``TestClient``).
-            It is not closed by ``close()``.
+            It is not closed by ``close()`` and keeps its own timeouts unless ``timeout`` is given.
         sleep: The function that waits between retries (tests pass a fake).
         rand: Random numbers in ``[0, 1)`` for the jitter.
 
@@ -362,7 +362,10 @@ class LRClient:
         kwargs: dict[str, Any] = {"headers": self._headers, "params": params}
         if json is not None:
             kwargs["json"] = json
-        timeout = timeout if timeout is not None else self._timeout
+        # a per-call timeout tunes our own pool; an injected client keeps the timeouts it was
+        # given (or the one passed to LRClient): Starlette's TestClient refuses per-call ones
+        if timeout is None or not self._owns_http:
+            timeout = self._timeout
         if timeout is not None:
             kwargs["timeout"] = timeout
         with map_transport_errors():

@@ -287,3 +287,14 @@ def test_owned_http_client_is_closed():
 def test_negative_retries_refused():
     with pytest.raises(ValueError, match="max_retries"):
         LRClient("http://x", max_retries=-1)
+
+
+def test_injected_client_keeps_its_timeouts_unless_told(sleeps):
+    recorder = Recorder()
+    http = httpx.Client(transport=httpx.MockTransport(recorder), timeout=4.0)
+    with LRClient("http://x", http_client=http) as client:
+        client.step_run("r", 1, timeout=60.0)  # e.g. a barrier wait: not forced on a client we do not own
+    with LRClient("http://x", http_client=http, timeout=7.0) as client:
+        client.read_run("r")
+    assert [r.extensions["timeout"]["read"] for r in recorder.requests] == [4.0, 7.0]
+    http.close()

@@ -261,3 +261,44 @@ def test_bad_spec_and_conflict_are_clear(api):
     RemoteScheduler(opt, {"type": "StepLR", "step_size": 3}, run_id="c", http_client=api).close()
     with pytest.raises(RunConflict):
         RemoteScheduler(opt, {"type": "StepLR", "step_size": 4}, run_id="c", http_client=api)
+
+
+def test_ranks_apply_identical_values_and_decide_on_the_mean(api):
+    import threading
+
+    spec = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+    local_metrics = {0: [1.0, 0.9, 1.2, 0.8, 0.8, 0.7], 1: [1.0, 1.1, 0.6, 1.0, 0.9, 0.9]}
+    seen: dict[int, list[list[float]]] = {}
+    errors = []
+
+    def rank_job(rank):
+        try:
+            opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+            with RemoteScheduler(
+                opt, spec, run_id="ddp", rank=rank, world_size=2, steps_per_epoch=5, http_client=api
+            ) as sched:
+                trajectory = [sched.get_last_lr()]
+                for value in local_metrics[rank]:
+                    for i in range(5):
+                        sched.step(value) if i == 4 else sched.step()
+                        trajectory.append(sched.get_last_lr())
+                seen[rank] = trajectory
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank_job, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert seen[0] == seen[1]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    expected = [[0.1]]
+    for epoch in range(6):
+        for i in range(5):
+            if i == 4:
+                plateau.step((local_metrics[0][epoch] + local_metrics[1][epoch]) / 2)
+            expected.append([opt.param_groups[0]["lr"]])
+    assert seen[0] == expected
