@@ -2,9 +2,10 @@
 
 How a step works (see DESIGN.md, "Flow of one step"): the scheduler holds a window of final
 values, so ``step()`` is an index into a list plus writing ``param_group["lr"]``. A worker
-thread fetches the next window before this one runs out. A step that carries a watched
-metric is the one step that must talk to the server (``POST .../step``), since the metric
-decides that step's values; windows end before such steps (``client._windows``).
+thread (``client._fetcher``) fetches the next window before this one runs out. A step that
+carries a watched metric is the one step that must talk to the server (``POST .../step``),
+since the metric decides that step's values; windows end before such steps
+(``client._windows``).
 
 When the server is away, training goes on with the values held; past them the last values
 are kept (a ``ServerAwayWarning``, once per outage) while the worker retries with backoff,
@@ -16,32 +17,27 @@ from __future__ import annotations
 import functools
 import math
 import os
-import queue
 import random
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import httpx
 
 from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer
-from client._client import DEFAULT_MAX_BACKOFF, DEFAULT_MAX_RETRIES, LRClient, backoff_delay
+from client._client import DEFAULT_MAX_RETRIES, LRClient
 from client._exceptions import (
     CadenceWarning,
     ClientClosed,
     LRServiceError,
     MetricsDroppedWarning,
     RunConflict,
-    ScheduleError,
     ServerAwayWarning,
-    ServerError,
     TransportError,
     warn,
 )
+from client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
 from client._windows import (
     DEFAULT_MONITOR,
     DEFAULT_TIME_BUDGET_S,
@@ -179,6 +175,16 @@ class RemoteScheduler:
             sleep=sleep,
             rand=rand,
         )
+        self._fetcher = WindowFetcher(
+            self._client,
+            run_id=lambda: self.run_id,
+            current_step=lambda: self.last_epoch,
+            limit_ahead=self._limit_ahead,
+            rank=self.rank,
+            report_timeout=self._report_timeout,
+            clock=clock,
+            rand=rand,
+        )
         try:
             self._create(run_id, labels)
         except BaseException:
@@ -194,21 +200,12 @@ class RemoteScheduler:
         self._moms: list[list[float] | None] = []
         self._last_lr: list[float] = []
         self._last_window = 1
-        self._fetch_seconds = 0.0  # how long a window fetch takes (smoothed)
         self._prefetch_at = _NEVER
         self._end_at = _NEVER  # first step the server said it cannot produce
         self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
         self._closed = False
         self._away = False
         self._warned: set[str] = set()
-        self._pending: deque[tuple[int, dict[str, float]]] = deque()
-        self._future: Future[Any] | None = None
-        self._cancel = threading.Event()
-        self._cv = threading.Condition()
-        self._bg_failures = 0  # failed tries of the fetch in flight
-        self._bg_error: BaseException | None = None
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
         self._buffer: MetricBuffer | None = None
 
     def _create(self, run_id: str | None, labels: Mapping[str, str] | None) -> None:
@@ -353,7 +350,7 @@ class RemoteScheduler:
                 f"the checkpoint is of run {run_id!r} but this scheduler was made for run "
                 f"{self.run_id!r}; pass run_id={run_id!r} (or no run_id) to resume it"
             )
-        self._drop_fetch()
+        self._fetcher.drop()
         self.run_id = run_id
         self.last_epoch = int(state_dict["last_epoch"])
         if "cadence" in state_dict:
@@ -373,13 +370,10 @@ class RemoteScheduler:
             return
         self._closed = True
         self._fast = False
-        self._drop_fetch()
-        self._jobs.put(None)
-        if self._worker is not None:
-            self._worker.join(timeout)
-        for step, report in self._pending:  # undelivered decisions still belong in history
+        self._fetcher.close(timeout)
+        for step, report in self._fetcher.pending:  # undelivered decisions still belong in history
             self._log_at(step, report)
-        self._pending.clear()
+        self._fetcher.pending.clear()
         lost = self._buffer.close(timeout) if self._buffer is not None else 0
         self._client.close()
         self._warn_buffer_problems()
@@ -464,8 +458,8 @@ class RemoteScheduler:
             self._apply(s)
             return
         if self._away:
-            self._pending.append((s, report))
-            self._hold(s, self._bg_error)
+            self._fetcher.pending.append((s, report))
+            self._hold(s, self._fetcher.error)
             return
         self._sizer.observe(s, self._clock())
         try:
@@ -478,31 +472,31 @@ class RemoteScheduler:
                 timeout=self._report_timeout,
             )
         except LRServiceError as exc:
-            if not _is_outage(exc):
+            if not is_outage(exc):
                 raise
             if not self.strict:
-                self._pending.append((s, report))
+                self._fetcher.pending.append((s, report))
             self._hold(s, exc)
             return
         self._accept(answer)
         self._apply(s)
 
     def _obtain(self, s: int) -> None:
-        if self._future is not None:
+        if self._fetcher.busy:
             self._collect(wait=True)
             if self._holds(s):
                 self._apply(s)
                 return
-        if self._future is not None:  # still running: the worker is retrying, the server is away
+        if self._fetcher.busy:  # still running: the worker is retrying, the server is away
             if not self.strict:
-                self._hold(s, self._bg_error)
+                self._hold(s, self._fetcher.error)
                 return
-            self._drop_fetch()  # strict: the caller waits for an answer, so ask now
+            self._fetcher.drop()  # strict: the caller waits for an answer, so ask now
         self._sizer.observe(s, self._clock())
         try:
             answer = self._client.read_lr(self.run_id, s, ahead=self._ahead_from(s))
         except LRServiceError as exc:
-            if not _is_outage(exc):
+            if not is_outage(exc):
                 raise
             self._hold(s, exc)
             return
@@ -521,8 +515,8 @@ class RemoteScheduler:
             f"{self._last_lr} until it is back. Training goes on; the schedule catches up then.",
             ServerAwayWarning,
         )
-        if self._future is None:
-            self._future = self._submit(None, 0 if self._watched else self._sizer.next_ahead())
+        if not self._fetcher.busy:
+            self._fetcher.submit(None, 0 if self._watched else self._sizer.next_ahead())
 
     # -- windows ------------------------------------------------------------------------
 
@@ -604,14 +598,12 @@ class RemoteScheduler:
         """
         margin = max(1, self._last_window // 2)
         per_step = self._sizer.seconds_per_step
-        if per_step and self._fetch_seconds:
-            margin = max(margin, math.ceil(2 * self._fetch_seconds / per_step))
+        if per_step and self._fetcher.seconds:
+            margin = max(margin, math.ceil(2 * self._fetcher.seconds / per_step))
         return margin
 
     def _ahead_from(self, start: int) -> int:
-        ahead = self._sizer.next_ahead()
-        if self._watched:
-            ahead = min(ahead, self._cadence.next_report_after(start) - 1 - start)
+        ahead = self._limit_ahead(start, self._sizer.next_ahead())
         if self._end_at != _NEVER:
             ahead = min(ahead, int(self._end_at) - 1 - start)
         return max(0, ahead)
@@ -619,8 +611,8 @@ class RemoteScheduler:
     # -- the worker ---------------------------------------------------------------------
 
     def _maybe_prefetch(self, s: int) -> None:
-        if self._future is not None:
-            if not self._future.done():
+        if self._fetcher.busy:
+            if not self._fetcher.done():
                 self._prefetch_at = s + 1  # look again next step
                 return
             self._collect(wait=False)
@@ -631,115 +623,32 @@ class RemoteScheduler:
             return
         nxt = self._base + len(self._lrs)
         self._sizer.observe(s, self._clock())
-        self._future = self._submit(nxt, self._ahead_from(nxt))
+        self._fetcher.submit(nxt, self._ahead_from(nxt))
         self._prefetch_at = s + 1
 
-    def _submit(self, start: int | None, ahead: int) -> Future[Any]:
-        future: Future[Any] = Future()
-        future.add_done_callback(self._notify)
-        cancel = self._cancel
-        self._jobs.put((future, lambda: self._fetch_loop(start, ahead, cancel)))
-        if self._worker is None:
-            self._worker = threading.Thread(
-                target=_work, args=(self._jobs,), name="lrserve-fetch", daemon=True
-            )
-            self._worker.start()
-        return future
-
-    def _fetch_loop(self, start: int | None, ahead: int, cancel: threading.Event) -> Any:
-        """Worker: fetch a window from ``start`` (None: the current step); retry until it works."""
-        attempt = 0
-        while not cancel.is_set():
-            try:
-                self._deliver_pending()
-                first = self._first_step(start, attempt)
-                if first != start and self._watched:  # moved on: stay before the next report
-                    ahead = min(ahead, max(0, self._cadence.next_report_after(first) - 1 - first))
-                started = self._clock()
-                answer = self._read_window(first, ahead)
-                took = self._clock() - started
-                self._fetch_seconds = took if not self._fetch_seconds else (took + self._fetch_seconds) / 2
-                self._bg_failures = 0
-                return answer
-            except LRServiceError as exc:
-                if not _is_outage(exc):
-                    raise
-                with self._cv:
-                    self._bg_error = exc
-                    self._bg_failures += 1
-                    self._cv.notify_all()
-                cancel.wait(backoff_delay(attempt, cap=DEFAULT_MAX_BACKOFF, rand=self._rand))
-                attempt += 1
-        raise ClientClosed("the scheduler was closed")
-
-    def _first_step(self, start: int | None, attempt: int) -> int:
-        if start is None:
-            return self.last_epoch
-        # after a failure the job may have gone past `start`, holding its last values:
-        # catch up with the step it is at rather than fetch steps it no longer needs
-        return max(start, self.last_epoch) if attempt else start
-
-    def _read_window(self, first: int, ahead: int) -> Any:
-        while True:
-            try:
-                return self._client.read_lr(self.run_id, first, ahead=ahead, max_retries=0)
-            except ScheduleError:
-                if ahead == 0:
-                    return _EndOfSchedule(first)
-                ahead //= 2  # the schedule ends inside the window: ask for less
-
-    def _deliver_pending(self) -> None:
-        while self._pending:
-            step, report = self._pending[0]
-            self._client.step_run(
-                self.run_id,
-                step,
-                metrics=report,
-                rank=self.rank,
-                timeout=self._report_timeout,
-                max_retries=0,
-            )
-            self._pending.popleft()
+    def _limit_ahead(self, first: int, ahead: int) -> int:
+        """``ahead`` from ``first``, ending before the next report (read by the worker)."""
+        if self._watched:
+            ahead = min(ahead, self._cadence.next_report_after(first) - 1 - first)
+        return max(0, ahead)
 
     def _collect(self, *, wait: bool) -> None:
-        future = self._future
-        if future is None:
+        # a loop's own request would retry `patience` times: wait that long, unless known away
+        result = self._fetcher.take(
+            wait=wait, stop_waiting=lambda: self._away or self._fetcher.failures > self._patience
+        )
+        if result is NOT_READY:
             return
-        if not future.done():
-            if not wait:
-                return
-            # wait as long as a request of the loop's own would retry, unless known away
-            with self._cv:
-                self._cv.wait_for(lambda: future.done() or self._away or self._bg_failures > self._patience)
-            if not future.done():
-                return
-        self._future = None
-        try:
-            result = future.result()
-        except ClientClosed:
-            return
-        if isinstance(result, _EndOfSchedule):
+        if isinstance(result, EndOfSchedule):
             self._end_at = result.step
             self._reschedule()
         else:
             self._accept(result)
 
-    def _drop_fetch(self) -> None:
-        """Abandon the fetch in flight (close, or a resume that replaces every value)."""
-        self._cancel.set()
-        self._notify(None)
-        self._cancel = threading.Event()
-        self._future = None
-        self._bg_failures = 0
-
     def _back(self) -> None:
         self._away = False
         self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups) and not self._closed
         self._warned.discard("away")
-
-    def _notify(self, _: object) -> None:
-        with self._cv:
-            self._cv.notify_all()
 
     # -- metrics ------------------------------------------------------------------------
 
@@ -811,31 +720,6 @@ def _torch_flavour() -> type[RemoteScheduler]:
         (RemoteScheduler, LRScheduler),
         {"__module__": RemoteScheduler.__module__, "__doc__": RemoteScheduler.__doc__},
     )
-
-
-class _EndOfSchedule:
-    """The worker's answer when the schedule cannot produce ``step`` (torch would raise)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-
-def _work(jobs: queue.SimpleQueue[Any]) -> None:
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        future, fn = job
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # handed to the training thread through the future
-            future.set_exception(exc)
-
-
-def _is_outage(exc: BaseException) -> bool:
-    return isinstance(exc, TransportError) or (isinstance(exc, ServerError) and exc.retryable)
 
 
 def _is_tensor(value: Any) -> bool:

@@ -1,0 +1,223 @@
+"""``WindowFetcher``: fetches windows of final values on one background thread.
+
+The training thread submits one fetch at a time and takes its result when it wants it;
+the thread retries a failed fetch with backoff until the server answers (or the fetch is
+dropped), delivering first any watched-metric reports that waited for the server. It
+never touches the scheduler's values: merging them stays on the training thread, so the
+hot path needs no lock.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import httpx
+
+from client._client import DEFAULT_MAX_BACKOFF, LRClient, backoff_delay
+from client._exceptions import ClientClosed, LRServiceError, ScheduleError, ServerError, TransportError
+
+__all__ = ["NOT_READY", "EndOfSchedule", "WindowFetcher", "is_outage"]
+
+#: What ``take()`` answers when no result is there to take.
+NOT_READY: Any = object()
+
+
+class EndOfSchedule:
+    """The answer when the schedule cannot produce ``step`` (torch would raise there)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether an error means "the server is away" (retry later), not "the request is wrong"."""
+    return isinstance(exc, TransportError) or (isinstance(exc, ServerError) and exc.retryable)
+
+
+class WindowFetcher:
+    """One daemon thread that fetches windows (``GET .../lr``) and delivers late reports.
+
+    Args:
+        client: The connection (shared with the training thread; httpx pools are thread-safe).
+        run_id: Returns the run's id (it changes when a checkpoint of another run is loaded).
+        current_step: Returns the step the job is at.
+        limit_ahead: ``(first, ahead) -> ahead`` that stays before the next report step.
+        rank: Sent with late reports.
+        report_timeout: Timeout of a report (a metric barrier may hold it).
+        clock: Measures how long fetches take.
+        rand: Random numbers for the backoff jitter.
+    """
+
+    def __init__(
+        self,
+        client: LRClient,
+        *,
+        run_id: Callable[[], str],
+        current_step: Callable[[], int],
+        limit_ahead: Callable[[int, int], int],
+        rank: int = 0,
+        report_timeout: httpx.Timeout | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._current_step = current_step
+        self._limit_ahead = limit_ahead
+        self._rank = rank
+        self._report_timeout = report_timeout
+        self._clock = clock
+        self._rand = rand
+        self.pending: deque[tuple[int, dict[str, float]]] = deque()  # reports the server has not had
+        self.failures = 0  # failed tries of the fetch in flight
+        self.error: BaseException | None = None  # the last of them
+        self.seconds = 0.0  # how long a fetch takes (smoothed)
+        self._future: Future[Any] | None = None
+        self._cancel = threading.Event()
+        self._cv = threading.Condition()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a fetch was submitted and its result not taken yet."""
+        return self._future is not None
+
+    def done(self) -> bool:
+        """Whether the fetch in flight has a result (or an error) to take."""
+        return self._future is not None and self._future.done()
+
+    def submit(self, start: int | None, ahead: int) -> None:
+        """Fetch the window of ``start .. start + ahead`` (``None``: from the job's current step)."""
+        future: Future[Any] = Future()
+        future.add_done_callback(self._notify)
+        cancel = self._cancel
+        self._jobs.put((future, lambda: self._fetch(start, ahead, cancel)))
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_work, args=(self._jobs,), name="lrserve-fetch", daemon=True
+            )
+            self._thread.start()
+        self._future = future
+
+    def take(self, *, wait: bool, stop_waiting: Callable[[], bool]) -> Any:
+        """The result of the fetch in flight, or ``NOT_READY``.
+
+        Args:
+            wait: Wait for it, until it is done or ``stop_waiting()`` is true.
+            stop_waiting: Checked whenever a try fails.
+
+        Raises:
+            LRServiceError: The fetch failed for good (e.g. the run is gone).
+        """
+        future = self._future
+        if future is None:
+            return NOT_READY
+        if not future.done():
+            if not wait:
+                return NOT_READY
+            with self._cv:
+                self._cv.wait_for(lambda: future.done() or stop_waiting())
+            if not future.done():
+                return NOT_READY
+        self._future = None
+        try:
+            return future.result()
+        except ClientClosed:
+            return NOT_READY
+
+    def drop(self) -> None:
+        """Abandon the fetch in flight; its thread stops retrying."""
+        self._cancel.set()
+        self._notify(None)
+        self._cancel = threading.Event()
+        self._future = None
+        self.failures = 0
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drop the fetch in flight and stop the thread (waiting up to ``timeout``)."""
+        self.drop()
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- on the thread ----------------------------------------------------------------------
+
+    def _fetch(self, start: int | None, ahead: int, cancel: threading.Event) -> Any:
+        attempt = 0
+        while not cancel.is_set():
+            try:
+                self._deliver_pending()
+                first = self._first_step(start, attempt)
+                if first != start:  # moved on: stay before the next report from there
+                    ahead = self._limit_ahead(first, ahead)
+                started = self._clock()
+                answer = self._read_window(first, ahead)
+                took = self._clock() - started
+                self.seconds = took if not self.seconds else (took + self.seconds) / 2
+                self.failures = 0
+                return answer
+            except LRServiceError as exc:
+                if not is_outage(exc):
+                    raise
+                with self._cv:
+                    self.error = exc
+                    self.failures += 1
+                    self._cv.notify_all()
+                cancel.wait(backoff_delay(attempt, cap=DEFAULT_MAX_BACKOFF, rand=self._rand))
+                attempt += 1
+        raise ClientClosed("the fetch was dropped")
+
+    def _first_step(self, start: int | None, attempt: int) -> int:
+        if start is None:
+            return self._current_step()
+        # after a failure the job may have gone past `start`, holding its last values:
+        # catch up with the step it is at rather than fetch steps it no longer needs
+        return max(start, self._current_step()) if attempt else start
+
+    def _read_window(self, first: int, ahead: int) -> Any:
+        while True:
+            try:
+                return self._client.read_lr(self._run_id(), first, ahead=ahead, max_retries=0)
+            except ScheduleError:
+                if ahead == 0:
+                    return EndOfSchedule(first)
+                ahead //= 2  # the schedule ends inside the window: ask for less
+
+    def _deliver_pending(self) -> None:
+        while self.pending:
+            step, report = self.pending[0]
+            self._client.step_run(
+                self._run_id(),
+                step,
+                metrics=report,
+                rank=self._rank,
+                timeout=self._report_timeout,
+                max_retries=0,
+            )
+            self.pending.popleft()
+
+    def _notify(self, _: object) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+
+def _work(jobs: queue.SimpleQueue[Any]) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        future, fn = job
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the training thread through the future
+            future.set_exception(exc)
