@@ -212,11 +212,13 @@ class RunManager:
     ) -> Window:
         """Commit ``step`` with the metrics reported with it (API.md ``POST .../step``).
 
-        Metrics for a step that is already final are recorded for history only.
+        Metrics for a step that is already final are recorded for history only. A step
+        without metrics at or below the cached horizon touches no database (the hot path).
         """
         state = self.state(run_id)
         self._check_jump(state, step)
-        self.store.append_metrics(run_id, _records(metrics, step, rank))
+        if metrics:
+            self.store.append_metrics(run_id, _records(metrics, step, rank))
         watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
         if step > state.horizon:
             self.commit(run_id, step, metric=(step, watched) if watched else None)
