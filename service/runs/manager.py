@@ -24,7 +24,7 @@ from service.engine import codec
 from service.engine.engine import Engine, ScheduleSwitch, Values
 from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
 from service.errors import InvalidInput, RunConflict
-from service.runs.state import RunState, StepOutcome
+from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
 from service.store.base import BaseStore, RunRecord, RunTransaction, Snapshot
 from service.store.events import EventKind, NewEvent
@@ -134,6 +134,7 @@ class RunManager:
                 state.inputs.add(event)
             state.last_seq = max(state.last_seq, event.seq)
         state.advance_to(record.horizon)
+        state.publish()
         return state
 
     def _fresh_state(self, record: RunRecord, snapshot: Snapshot | None) -> RunState:
@@ -144,8 +145,7 @@ class RunManager:
             return RunState(record.run_id, spec, engine, last_seq=0)
         saved = codec.from_jsonable(snapshot.state)
         state = RunState(record.run_id, spec, Engine.restore(saved["engine"]), last_seq=0)
-        state.status, state.stopped_at = saved["status"], saved["stopped_at"]
-        state.switched_at = saved.get("switched_at")
+        state.restore_marks(Marks(saved["status"], saved["stopped_at"], saved.get("switched_at")))
         return state
 
     def values_between(self, run_id: str, start: int, end: int) -> list[Values]:
@@ -159,6 +159,7 @@ class RunManager:
             if event.kind.is_input and event.kind is not EventKind.CREATED and event.step > replay.horizon:
                 replay.inputs.add(event)
         replay.advance_to(end)
+        replay.publish()
         return [replay.values[s - replay.first_step] for s in range(start, end + 1)]
 
     # -- the hot path ---------------------------------------------------------------------
@@ -282,8 +283,9 @@ class RunManager:
                 outcomes = state.advance_to(max(target, old_horizon))
                 new_events.extend(_output_events(outcomes, old_horizon, state))
                 appended = tx.append_events(new_events) if new_events else []
-                tx.update_run(horizon=state.horizon, status=state.status)
+                tx.update_run(horizon=state.engine.step, status=state.marks.status)
                 state.last_seq = appended[-1].seq if appended else tx.run.last_seq
+            state.publish()  # durable now: other threads may see the new steps
             for outcome in outcomes:
                 for callback in self.on_outcome:
                     callback(run_id, outcome)
@@ -298,6 +300,7 @@ class RunManager:
                     state.inputs.add(event)
             state.last_seq = tx.run.last_seq
         state.advance_to(tx.run.horizon)
+        state.publish()  # committed by another process: durable already
 
     def _place(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from service.engine.engine import Engine, PlateauReduction, ScheduleSwitch, Values, apply_action
@@ -36,11 +36,24 @@ class StepOutcome:
     actions: list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Marks:
+    """The run's status (and the steps it changed at) as of some step."""
+
+    status: str = "active"
+    stopped_at: int | None = None
+    switched_at: int | None = None
+
+
 class RunState:
     """A loaded run. All mutation happens under ``lock`` (and the store's run lock).
 
-    ``values[i]`` holds the final values of step ``first_step + i``; the engine sits at
-    ``horizon``. Steps before ``first_step`` are recomputed on demand by replay.
+    ``values[i]`` holds the final values of step ``first_step + i`` up to ``horizon``;
+    steps before ``first_step`` are recomputed on demand by replay. Only durable steps
+    are visible: ``advance_to`` computes the next steps (the engine then sits ahead of
+    ``horizon``), and ``publish`` shows them once the store holds them, so that no
+    answer, from any thread, depends on a commit that may still fail (API.md, finality).
+    ``status``, ``stopped_at`` and ``switched_at`` describe the run at ``horizon``.
     """
 
     def __init__(self, run_id: str, spec: dict[str, Any], engine: Engine, last_seq: int) -> None:
@@ -59,10 +72,25 @@ class RunState:
         self.stopped_at: int | None = None
         self.switched_at: int | None = None
         self.lock = threading.Lock()
+        self._pending: list[Values] = []  # computed, not yet durable
+        self.marks = Marks()  # the status at the engine's step (ahead of ``status`` in a commit)
 
     @property
     def horizon(self) -> int:
-        return self.engine.step
+        """The highest step whose values are final, durable and visible here."""
+        return self.first_step + len(self.values) - 1
+
+    def restore_marks(self, marks: Marks) -> None:
+        """Set the status at the engine's step (a snapshot's), before anything was published."""
+        self.marks = marks
+        self.status, self.stopped_at, self.switched_at = marks.status, marks.stopped_at, marks.switched_at
+
+    def publish(self) -> None:
+        """Show every step computed so far: call once the store holds them durably."""
+        self.values.extend(self._pending)
+        self._pending.clear()
+        marks = self.marks
+        self.status, self.stopped_at, self.switched_at = marks.status, marks.stopped_at, marks.switched_at
 
     def cached(self, step: int) -> Values | None:
         index = step - self.first_step
@@ -71,26 +99,29 @@ class RunState:
         return None
 
     def advance_to(self, target: int) -> list[StepOutcome]:
-        """Step the engine up to ``target``, applying the inputs placed on the way."""
+        """Step the engine up to ``target``, applying the inputs placed on the way.
+
+        The new steps stay invisible (``cached`` does not see them) until ``publish``.
+        """
         outcomes = []
         while self.engine.step < target:
             step = self.engine.step + 1
             reductions = self.engine.advance(self.inputs.metrics.pop(step, None))
             if any(isinstance(r, ScheduleSwitch) for r in reductions):
-                self.switched_at = step
+                self.marks = replace(self.marks, switched_at=step)
             actions = self.inputs.actions.pop(step, [])
             for action in actions:
                 apply_action(self.engine, action)
                 self._track_status(action, step)
-            self.values.append(self.engine.values())
+            self._pending.append(self.engine.values())
             outcomes.append(StepOutcome(step, reductions, actions))
         return outcomes
 
     def _track_status(self, action: dict[str, Any], step: int) -> None:
-        kind = action["action"]
+        kind, marks = action["action"], self.marks
         if kind == "stop":
-            self.status, self.stopped_at = "stopped", step
-        elif kind == "hold" and self.status != "stopped":
-            self.status = "held"
-        elif kind == "resume" and self.status != "stopped":
-            self.status = "active"
+            self.marks = replace(marks, status="stopped", stopped_at=step)
+        elif kind == "hold" and marks.status != "stopped":
+            self.marks = replace(marks, status="held")
+        elif kind == "resume" and marks.status != "stopped":
+            self.marks = replace(marks, status="active")
