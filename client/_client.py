@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as _json
 import math
 import os
 import random
@@ -361,7 +362,10 @@ class LRClient:
             raise ClientClosed("this LRClient is closed; make a new one")
         kwargs: dict[str, Any] = {"headers": self._headers, "params": params}
         if json is not None:
-            kwargs["json"] = json
+            # Python's encoder, not httpx's: a diverged loss (NaN, inf) is real data, and the
+            # server reads the NaN / Infinity tokens (httpx refuses to write them).
+            kwargs["content"] = _json.dumps(json, separators=(",", ":")).encode()
+            kwargs["headers"] = {**self._headers, "content-type": "application/json"}
         # a per-call timeout tunes our own pool; an injected client keeps the timeouts it was
         # given (or the one passed to LRClient): Starlette's TestClient refuses per-call ones
         if timeout is None or not self._owns_http:

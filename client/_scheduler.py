@@ -91,6 +91,10 @@ class RemoteScheduler:
         clock: Monotonic clock for measuring the time per step (test seam).
         sleep: Sleep used between retries the loop waits for (test seam).
         rand: Random numbers in ``[0, 1)`` for backoff jitter (test seam).
+        on_schedule_switch: Called once, with this scheduler, when the job reaches the step
+            where an ``LRRangeTest`` ended and the run switched to its ``then`` schedule,
+            before that step's values are written: restore the weights (and optimizer
+            state) saved before the test here, as Lightning's ``lr_find`` does.
 
     Raises:
         InvalidSchedule: The spec is invalid (``errors`` names the field).
@@ -139,6 +143,7 @@ class RemoteScheduler:
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
+        on_schedule_switch: Callable[[RemoteScheduler], None] | None = None,
     ) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups:
@@ -152,7 +157,8 @@ class RemoteScheduler:
         self.steps_per_epoch = steps_per_epoch
         self.strict = strict
         self._watched = watched_metrics(self.schedule)
-        self._cadence = Cadence(steps_per_epoch)
+        # A range test takes the loss of every step; steps_per_epoch is for what follows it.
+        self._cadence = Cadence(1 if self.schedule["type"] == "LRRangeTest" else steps_per_epoch)
         self._sizer = WindowSizer(time_budget_s)
         self._clock = clock
         self._rand = rand
@@ -160,6 +166,7 @@ class RemoteScheduler:
         self._max_buffered = max_buffered_metrics
         self._flush_interval_s = flush_interval_s
         self._report_timeout = REPORT_TIMEOUT if self.world_size > 1 else None
+        self._on_switch = on_schedule_switch
         self._named_run = run_id is not None
         self._init_state()
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
@@ -204,6 +211,8 @@ class RemoteScheduler:
         self._end_at = _NEVER  # first step the server said it cannot produce
         self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
         self._closed = False
+        self._switch_at: int | None = None  # where the run's range test switched schedules
+        self._switched = False
         self._away = False
         self._warned: set[str] = set()
         self._buffer: MetricBuffer | None = None
@@ -332,6 +341,7 @@ class RemoteScheduler:
             "steps_per_epoch": self.steps_per_epoch,
             "cadence": self._cadence.state_dict(),
             "status": self._status,
+            "switched_at": self._switch_at if self._switched else None,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -355,6 +365,9 @@ class RemoteScheduler:
         self.last_epoch = int(state_dict["last_epoch"])
         if "cadence" in state_dict:
             self._cadence.load_state_dict(state_dict["cadence"])
+        if state_dict.get("switched_at") is not None:  # the range test was over at the checkpoint
+            self._switch_at, self._switched = int(state_dict["switched_at"]), True
+            self._watched = watched_metrics(self.schedule.get("then") or {"type": "none"})
         self._base, self._lrs, self._moms, self._end_at = self.last_epoch, [], [], _NEVER
         self._accept(self._client.read_lr(self.run_id, self.last_epoch))
         self._apply(self.last_epoch)
@@ -438,9 +451,6 @@ class RemoteScheduler:
             name = next(iter(self._watched)) if self._watched else DEFAULT_MONITOR
             items = {name: _to_float(metrics)}
         report = {k: v for k, v in items.items() if k in self._watched}
-        for name, value in report.items():
-            if not math.isfinite(value):
-                raise ValueError(f"the watched metric {name!r} is {value}; the server takes finite numbers")
         return report, {k: v for k, v in items.items() if k not in self._watched}
 
     def _take_report(self, s: int, report: dict[str, float]) -> None:
@@ -524,6 +534,8 @@ class RemoteScheduler:
         return 0 <= s - self._base < len(self._lrs)
 
     def _apply(self, s: int) -> None:
+        if self._switch_at is not None and s >= self._switch_at and not self._switched:
+            self._take_switch(s)
         i = s - self._base
         row = self._lrs[i]
         for group, lr in zip(self.optimizer.param_groups, row, strict=False):
@@ -544,8 +556,22 @@ class RemoteScheduler:
             else:
                 group["momentum"] = m
 
+    def _take_switch(self, s: int) -> None:
+        """The range test is over: what follows watches ``then``'s metrics, on its own cadence."""
+        self._switched = True
+        self._watched = watched_metrics(self.schedule.get("then") or {"type": "none"})
+        self._cadence = Cadence(self.steps_per_epoch, start=s)
+        if self._on_switch is not None:
+            self._on_switch(self)
+        if not self._away:
+            self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups) and not self._closed
+
     def _accept(self, answer: Mapping[str, Any]) -> None:
         self._status = str(answer.get("status") or self._status)
+        switched = answer.get("switched_at")
+        if switched is not None and not self._switched and self._switch_at is None:
+            self._switch_at = int(switched)
+            self._fast = False  # the step that switches goes through _apply
         window = answer.get("window")
         if window:
             self._merge(int(window["start"]), window["lrs"], window.get("momentums"))
@@ -655,15 +681,7 @@ class RemoteScheduler:
     def _log_at(self, step: int, items: Mapping[str, Any]) -> None:
         buffer = self._ensure_buffer()
         for name, value in items.items():
-            number = _to_float(value)
-            if not math.isfinite(number):
-                self._warn_once(
-                    f"nonfinite:{name}",
-                    f"lrserve: metric {name!r} is {number} at step {step}; JSON cannot carry it, "
-                    "so it is not logged",
-                    MetricsDroppedWarning,
-                )
-                continue
+            number = _to_float(value)  # NaN and inf travel too: a diverged loss is history
             if not buffer.add(str(name), step, self.rank, number):
                 self._warn_once(
                     "full",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from client import CadenceWarning, MetricsDroppedWarning
+from client import CadenceWarning
 from tests.client.conftest import PLATEAU
 from tests.client.fake_server import Optimizer, expected_lrs
 
@@ -114,10 +116,10 @@ def test_bare_number_with_two_watched_metrics_is_refused(make_scheduler):
         sched.step(0.5)
 
 
-def test_non_finite_watched_metric_is_refused(make_scheduler):
-    sched = make_scheduler(schedule=PLATEAU)
-    with pytest.raises(ValueError, match="finite"):
-        sched.step(float("nan"))
+def test_non_finite_watched_metric_is_reported_as_torch_would_take_it(make_scheduler, fake):
+    sched = make_scheduler(schedule=PLATEAU, steps_per_epoch=1)
+    sched.step(float("nan"))  # a diverged loss: torch's plateau counts it as no improvement
+    assert math.isnan(fake.requests[-1][3]["metrics"]["val_loss"])
 
 
 def test_report_for_an_already_fetched_step_warns_and_goes_to_history(make_scheduler, fake, clock):
@@ -169,12 +171,11 @@ def test_log_batches_records(make_scheduler, fake):
     assert fake.runs["m"].metric_posts <= 4  # batches of up to 1000
 
 
-def test_non_finite_logged_values_are_dropped_with_a_warning(make_scheduler, fake):
+def test_non_finite_logged_values_are_kept(make_scheduler, fake):
     sched = make_scheduler(run_id="m")
-    with pytest.warns(MetricsDroppedWarning, match="inf"):
-        sched.log(loss=float("inf"), acc=0.5)
+    sched.log(loss=float("inf"), acc=0.5)
     assert sched.flush()
-    assert fake.runs["m"].metrics == {("acc", 1, 0): 0.5}
+    assert fake.runs["m"].metrics == {("acc", 1, 0): 0.5, ("loss", 1, 0): float("inf")}
 
 
 def test_metrics_from_tensors_and_numpy(make_scheduler, fake):
