@@ -7,6 +7,8 @@ is missing and cannot be installed.
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,9 @@ from tests.live_server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Test runs write here (ignored by git); LRSERVE_SCREENSHOTS=docs/screenshots refreshes the
+# README's pictures on purpose.
+SCREENSHOTS = ROOT / os.environ.get("LRSERVE_SCREENSHOTS", "test-artifacts/screenshots")
 CHROMIUM_ARGS = [
     "--headless=new",
     "--no-sandbox",
