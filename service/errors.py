@@ -167,8 +167,11 @@ def install_error_handlers(app: Any) -> None:
 
     async def on_unexpected(request: Any, exc: Exception) -> FastJSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        body = {"detail": "internal error; the server log has the details", "code": "internal_error",
-                "errors": []}
+        body = {
+            "detail": "internal error; the server log has the details",
+            "code": "internal_error",
+            "errors": [],
+        }
         return FastJSONResponse(body, status_code=500)
 
     app.add_exception_handler(LRServeError, on_domain_error)

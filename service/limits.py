@@ -38,14 +38,23 @@ class BodySizeLimit:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = orjson.dumps({
-            "detail": f"request body is larger than {self.max_bytes} bytes",
-            "code": "limit_exceeded",
-            "errors": [{"field": "body", "message": f"at most {self.max_bytes} bytes"}],
-        })
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        body = orjson.dumps(
+            {
+                "detail": f"request body is larger than {self.max_bytes} bytes",
+                "code": "limit_exceeded",
+                "errors": [{"field": "body", "message": f"at most {self.max_bytes} bytes"}],
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

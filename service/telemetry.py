@@ -18,10 +18,15 @@ class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "lrserve_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
+            "lrserve_requests",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "lrserve_request_seconds", "Time to answer a request", ["method", "route"],
+            "lrserve_request_seconds",
+            "Time to answer a request",
+            ["method", "route"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
             registry=self.registry,
         )

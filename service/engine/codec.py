@@ -41,7 +41,7 @@ def from_jsonable(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
-        (tag, inner), = value.items()
+        ((tag, inner),) = value.items()
         if tag == "$float":
             return float(inner)
         if tag == "$counter":

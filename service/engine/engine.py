@@ -105,9 +105,7 @@ def _shadow_optimizer(base_lrs: Sequence[float], momentums: Sequence[float] | No
 def _without_lambdas(state: Any) -> Any:
     """Drop LambdaLR's lambda state: the expressions are rebuilt from the spec and hold no state."""
     if isinstance(state, dict):
-        return {
-            k: ([None] * len(v) if k == "lr_lambdas" else _without_lambdas(v)) for k, v in state.items()
-        }
+        return {k: ([None] * len(v) if k == "lr_lambdas" else _without_lambdas(v)) for k, v in state.items()}
     if isinstance(state, list):
         return [_without_lambdas(v) for v in state]
     return state
@@ -150,8 +148,13 @@ class Engine:
             self.range_test.done = True  # a new schedule ends a test still running
         if schedule.type == "LRRangeTest":
             self.range_test = RangeTest(
-                schedule.min_lr, schedule.max_lr, schedule.num_steps, schedule.mode, schedule.beta,
-                schedule.early_stop_threshold, schedule.monitor,
+                schedule.min_lr,
+                schedule.max_lr,
+                schedule.num_steps,
+                schedule.mode,
+                schedule.beta,
+                schedule.early_stop_threshold,
+                schedule.monitor,
             )
             self._range_step = 0
             self._root = None
@@ -204,9 +207,7 @@ class Engine:
 
     # -- stepping ------------------------------------------------------------------
 
-    def advance(
-        self, metrics: Mapping[str, float] | None = None
-    ) -> list[PlateauReduction | ScheduleSwitch]:
+    def advance(self, metrics: Mapping[str, float] | None = None) -> list[PlateauReduction | ScheduleSwitch]:
         """Take step ``self.step + 1``, as torch's ``scheduler.step(metric)`` would.
 
         Args:
@@ -229,7 +230,9 @@ class Engine:
                         reductions.extend(self._feed(metrics))
                     self._tick()
             except _STEP_ERRORS as exc:
-                raise ScheduleError.at("step", f"the schedule cannot take step {self.step + 1}: {exc}") from exc
+                raise ScheduleError.at(
+                    "step", f"the schedule cannot take step {self.step + 1}: {exc}"
+                ) from exc
             if not all(math.isfinite(lr) for lr in self.values()[0]):
                 raise ScheduleError.at("step", f"the schedule's LR is not finite at step {self.step + 1}")
         self.step += 1
@@ -332,9 +335,7 @@ class Engine:
             "base_lrs": list(self.base_lrs),
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
             "root": _without_lambdas(self._root.state_dict()) if self._root is not None else None,
-            "stages": [
-                {"active": s.active, "state": s.scheduler.state_dict()} for s in self._stages
-            ],
+            "stages": [{"active": s.active, "state": s.scheduler.state_dict()} for s in self._stages],
             "range_test": dataclasses.asdict(self.range_test) if self.range_test is not None else None,
             "range_step": self._range_step,
         }

@@ -62,7 +62,11 @@ class RangeTest:
         i = len(self.losses) + 1
         self.avg = self.beta * self.avg + (1 - self.beta) * loss
         smoothed = self.avg / (1 - self.beta ** (i + 1))
-        if self.early_stop_threshold is not None and i > 1 and smoothed > self.early_stop_threshold * self.best:
+        if (
+            self.early_stop_threshold is not None
+            and i > 1
+            and smoothed > self.early_stop_threshold * self.best
+        ):
             self.done = True
         if smoothed < self.best or i == 1:
             self.best = smoothed
@@ -82,7 +86,11 @@ class RangeTest:
 
     def min_over_10(self) -> float | None:
         """The LR at the lowest smoothed loss, divided by 10."""
-        points = [(loss, lr) for loss, lr in zip(self.losses[:-SKIP_END], self.lrs) if math.isfinite(loss)]
+        points = [
+            (loss, lr)
+            for loss, lr in zip(self.losses[:-SKIP_END], self.lrs[:-SKIP_END], strict=True)
+            if math.isfinite(loss)
+        ]
         if not points:
             return None
         return min(points)[1] / 10

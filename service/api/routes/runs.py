@@ -47,8 +47,13 @@ def run_public(manager: RunManager, record: RunRecord) -> dict:
     }
 
 
-@router.post("", response_model=RunPublic, status_code=201, dependencies=[WriteAccess],
-             responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}})
+@router.post(
+    "",
+    response_model=RunPublic,
+    status_code=201,
+    dependencies=[WriteAccess],
+    responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}},
+)
 def create_run(body: RunCreate, manager: ManagerDep) -> Response:
     """Create a run (idempotent: every rank may call it)."""
     record, created = manager.create_run(body.model_dump())
@@ -74,7 +79,9 @@ def list_runs(
     cursor: Annotated[str | None, Query(max_length=128)] = None,
 ) -> Response:
     """List runs, filtered by labels and status, a page at a time."""
-    records = manager.store.list_runs(labels=_parse_labels(label), status=status, limit=limit + 1, after=cursor)
+    records = manager.store.list_runs(
+        labels=_parse_labels(label), status=status, limit=limit + 1, after=cursor
+    )
     page = records[:limit]
     next_cursor = page[-1].run_id if len(records) > limit else None
     data = [run_public(manager, r) for r in page]
