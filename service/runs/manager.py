@@ -101,8 +101,9 @@ class RunManager:
 
     def delete_run(self, run_id: str) -> None:
         self.store.delete_run(run_id)
-        with self._lock:
-            self._runs.pop(run_id, None)
+        state = self._runs.get(run_id)
+        if state is not None:
+            self._evict(state)
 
     # -- loading ----------------------------------------------------------------------
 
@@ -121,9 +122,12 @@ class RunManager:
                     self._runs[run_id] = state
         return state
 
-    def _evict(self, run_id: str) -> None:
+    def _evict(self, state: RunState) -> None:
+        """Drop ``state`` for good: threads that still hold it must not use it (see ``commit``)."""
+        state.evicted = True
         with self._lock:
-            self._runs.pop(run_id, None)
+            if self._runs.get(state.run_id) is state:
+                del self._runs[state.run_id]
 
     def _load(self, run_id: str) -> RunState:
         record = self.store.read_run(run_id)
@@ -272,8 +276,22 @@ class RunManager:
         Returns:
             The step an ``action`` was placed at, if one was given.
         """
-        state = self.state(run_id)
-        with state.lock, self._evicting_on_error(run_id):
+        while True:
+            state = self.state(run_id)
+            with state.lock:
+                if not state.evicted:  # else a commit failed while we waited: take the reloaded state
+                    return self._commit_locked(state, target, metric, action, extra_events)
+
+    def _commit_locked(
+        self,
+        state: RunState,
+        target: int,
+        metric: tuple[int, dict[str, float]] | None,
+        action: tuple[int | None, dict[str, Any]] | None,
+        extra_events: Sequence[NewEvent],
+    ) -> int | None:
+        run_id = state.run_id
+        with self._evicting_on_error(state):
             with self.store.lock_run(run_id) as tx:
                 self._catch_up(state, tx)
                 old_horizon = tx.run.horizon
@@ -327,12 +345,12 @@ class RunManager:
         return events, placed
 
     @contextmanager
-    def _evicting_on_error(self, run_id: str) -> Iterator[None]:
+    def _evicting_on_error(self, state: RunState) -> Iterator[None]:
         """An error mid-commit leaves the engine ahead of the store: drop it, reload later."""
         try:
             yield
         except BaseException:
-            self._evict(run_id)
+            self._evict(state)
             raise
 
     def _maybe_snapshot(self, state: RunState, outcomes: list[StepOutcome]) -> None:

@@ -72,6 +72,7 @@ class RunState:
         self.stopped_at: int | None = None
         self.switched_at: int | None = None
         self.lock = threading.Lock()
+        self.evicted = False  # dropped by its manager after a failed commit: reload, never reuse
         self._pending: list[Values] = []  # computed, not yet durable
         self.marks = Marks()  # the status at the engine's step (ahead of ``status`` in a commit)
 
