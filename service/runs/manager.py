@@ -133,6 +133,7 @@ class RunManager:
         record = self.store.read_run(run_id)
         snapshot = self.store.load_snapshot(run_id, max_step=record.horizon)
         state = self._fresh_state(record, snapshot)
+        state.created_at = record.created_at
         for event in self.store.read_events(run_id):
             if event.kind.is_input and event.kind is not EventKind.CREATED and event.step > state.horizon:
                 state.inputs.add(event)
@@ -279,8 +280,12 @@ class RunManager:
         while True:
             state = self.state(run_id)
             with state.lock:
-                if not state.evicted:  # else a commit failed while we waited: take the reloaded state
+                if state.evicted:  # a commit failed while we waited: take the reloaded state
+                    continue
+                try:
                     return self._commit_locked(state, target, metric, action, extra_events)
+                except _RunReplaced:  # evicted on the way out; the next turn loads the new run
+                    continue
 
     def _commit_locked(
         self,
@@ -311,7 +316,14 @@ class RunManager:
         return placed
 
     def _catch_up(self, state: RunState, tx: RunTransaction) -> None:
-        """Take in what other processes appended since this one last looked."""
+        """Take in what other processes appended since this one last looked.
+
+        Raises:
+            _RunReplaced: the run was deleted and created anew (same id) by another
+                process since this one loaded it; this state belongs to the old run.
+        """
+        if tx.run.created_at != state.created_at or tx.run.horizon < state.horizon:
+            raise _RunReplaced(state.run_id)
         if tx.run.last_seq > state.last_seq:
             for event in tx.read_events(state.last_seq):
                 if event.kind.is_input and event.kind is not EventKind.CREATED:
@@ -423,7 +435,12 @@ class RunManager:
     # -- history --------------------------------------------------------------------------
 
     def history(self, run_id: str, max_points: int) -> dict[str, Any]:
+        """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
+        record = self.store.read_run(run_id)
         state = self.state(run_id)
+        if record.horizon > state.horizon or record.created_at != state.created_at:
+            self.commit(run_id, record.horizon)  # catch up with what other processes committed
+            state = self.state(run_id)
         horizon = state.horizon
         steps = _downsample(range(horizon + 1), max_points)
         values = self.values_between(run_id, 0, horizon)
@@ -448,6 +465,10 @@ class RunManager:
         return self.store.append_metrics(
             run_id, [MetricRecord(r["name"], r["step"], r["rank"], float(r["value"])) for r in records]
         )
+
+
+class _RunReplaced(Exception):
+    """A loaded run turned out to be deleted and created anew by another process."""
 
 
 def _rank_order_means(reports: Mapping[int, Mapping[str, float]]) -> dict[str, float]:

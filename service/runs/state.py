@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from service.engine.engine import Engine, PlateauReduction, ScheduleSwitch, Values, apply_action
@@ -72,6 +73,7 @@ class RunState:
         self.stopped_at: int | None = None
         self.switched_at: int | None = None
         self.lock = threading.Lock()
+        self.created_at: datetime | None = None  # the stored run's; tells a re-created run apart
         self.evicted = False  # dropped by its manager after a failed commit: reload, never reuse
         self._pending: list[Values] = []  # computed, not yet durable
         self.marks = Marks()  # the status at the engine's step (ahead of ``status`` in a commit)
