@@ -345,6 +345,8 @@ class RunManager:
         if metric is not None and metric[0] >= first_free and metric[1]:
             events.append(NewEvent(EventKind.METRIC, metric[0], {"values": metric[1]}))
         if action is not None:
+            if state.status == "stopped":  # as of the stored horizon, whoever stopped it
+                raise RunConflict(f"run {state.run_id!r} is stopped; it takes no more actions")
             at_step, payload = action
             if at_step is not None and at_step < first_free:
                 raise InvalidInput.at(
@@ -387,7 +389,7 @@ class RunManager:
             The step it applies at, and the event as the API shows it.
         """
         state = self.state(run_id)
-        if state.status == "stopped":
+        if state.status == "stopped":  # stopped is for good; another replica may know it first (_place)
             raise RunConflict(f"run {run_id!r} is stopped; it takes no more actions")
         action = self._validate_action(state, action)
         placed = self.commit(run_id, state.horizon, action=(at_step, action))
