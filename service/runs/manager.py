@@ -204,13 +204,18 @@ class RunManager:
         return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at)
 
     def _check_jump(self, state: RunState, step: int) -> None:
+        """Refuse steps too far beyond the horizon: the stored one, which other processes may
+        have moved past this one's cached horizon (so every replica answers alike)."""
         if step < 0:
             raise InvalidInput.at("step", f"must be >= 0, got {step}")
-        if step > state.horizon + self.settings.max_jump:
+        if step <= state.horizon + self.settings.max_jump:
+            return
+        horizon = max(state.horizon, self.store.read_run(state.run_id).horizon)
+        if step > horizon + self.settings.max_jump:
             raise InvalidInput.at(
                 "step",
                 f"step {step} is more than {self.settings.max_jump} steps beyond the horizon "
-                f"({state.horizon}); step through the steps between first",
+                f"({horizon}); step through the steps between first",
             )
 
     def step_run(
