@@ -240,7 +240,12 @@ class RunManager:
     def report_to_barrier(
         self, run_id: str, step: int, rank: int, metrics: Mapping[str, float], watched: Mapping[str, float]
     ) -> None:
-        """Keep one rank's report: all its metrics for history, the watched ones for the barrier."""
+        """Keep one rank's report: all its metrics for history, the watched ones for the barrier.
+
+        Raises:
+            InvalidInput: ``step`` jumps too far beyond the horizon (as ``step_run`` would say).
+        """
+        self._check_jump(self.state(run_id), step)
         self.store.append_metrics(run_id, _records(metrics, step, rank))
         self.store.add_barrier_report(run_id, step, rank, watched)
 
