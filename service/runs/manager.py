@@ -316,7 +316,8 @@ class RunManager:
                 outcomes = state.advance_to(max(target, old_horizon))
                 new_events.extend(_output_events(outcomes, old_horizon, state))
                 appended = tx.append_events(new_events) if new_events else []
-                tx.update_run(horizon=state.engine.step, status=state.marks.status)
+                if outcomes:  # a commit that only caught up writes nothing
+                    tx.update_run(horizon=state.engine.step, status=state.marks.status)
                 state.last_seq = appended[-1].seq if appended else tx.run.last_seq
             state.publish()  # durable now: other threads may see the new steps
             for outcome in outcomes:
