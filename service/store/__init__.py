@@ -7,11 +7,14 @@ a PostgreSQL database. Both are served by the same ``SqlStore``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy import exc as sa_exc
 
+from service.errors import StoreUnavailable
 from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
 from service.store.events import Event, EventKind, NewEvent
 from service.store.schema import SchemaTooNew
@@ -28,6 +31,7 @@ __all__ = [
     "SchemaTooNew",
     "Snapshot",
     "open_store",
+    "wait_for_store",
 ]
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -57,7 +61,10 @@ def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> BaseStore:
     try:
         parsed = make_url(url)
     except sa_exc.ArgumentError as exc:
-        raise ValueError(f"not a database URL: {url!r}") from exc
+        # the text itself is not repeated: it may hold a password
+        raise ValueError(
+            "not a database URL: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        ) from exc
     if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
         return _open_sqlite(parsed, sqlite_synchronous)
     if parsed.drivername in ("postgresql", "postgresql+psycopg"):
@@ -66,6 +73,45 @@ def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> BaseStore:
         f"unsupported database URL scheme {parsed.drivername!r}: "
         "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
     )
+
+
+def wait_for_store(
+    url: str,
+    *,
+    wait_s: float = 0.0,
+    sqlite_synchronous: str = "NORMAL",
+    on_wait: Callable[[StoreUnavailable, float], None] | None = None,
+    poll_s: float = 1.0,
+) -> BaseStore:
+    """``open_store``, retried for up to ``wait_s`` seconds while the database cannot be reached.
+
+    Services start in any order (a compose file, a database restarting under its
+    replicas): waiting a little at start-up beats crashing into a restart loop. A schema
+    newer than the code is not retried; waiting cannot fix it.
+
+    Args:
+        url: As for ``open_store``.
+        wait_s: How long to keep trying; 0 tries once.
+        sqlite_synchronous: As for ``open_store``.
+        on_wait: Called before each pause with the error and the seconds left.
+        poll_s: Pause between tries.
+
+    Raises:
+        ValueError, StoreUnavailable, SchemaTooNew: as ``open_store``, once time is up.
+    """
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while True:
+        try:
+            return open_store(url, sqlite_synchronous=sqlite_synchronous)
+        except SchemaTooNew:
+            raise
+        except StoreUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if on_wait is not None:
+                on_wait(exc, left)
+            time.sleep(min(poll_s, left))
 
 
 def _open_sqlite(url: URL, synchronous: str) -> SqlStore:
