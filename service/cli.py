@@ -26,16 +26,24 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="start the server", description="Start the lrserve HTTP server (uvicorn)."
     )
     env = os.environ.get
-    serve.add_argument("--host", default=env("LRSERVE_HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(env("LRSERVE_PORT", "8000")), help="port (default 8000)")
+    serve.add_argument("--host", default=env("LRSERVE_HOST", "127.0.0.1"),
+                       help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=int(env("LRSERVE_PORT", "8000")),
+                       help="port (default 8000)")
     serve.add_argument("--db", default=env("LRSERVE_DB", DEFAULT_DB),
-                       help=f"database URL: sqlite:///PATH or postgresql+psycopg://... (default {DEFAULT_DB})")
+                       help="database URL: sqlite:///PATH or postgresql+psycopg://... "
+                            f"(default {DEFAULT_DB})")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    serve.add_argument("--db-wait", type=float, default=float(env("LRSERVE_DB_WAIT_S", "0")),
+                       metavar="SECONDS",
+                       help="at start-up, wait up to this long for the database to be reachable "
+                            "(default 0; or LRSERVE_DB_WAIT_S, e.g. 60 where the database starts alongside)")
     serve.add_argument("--tokens-file", default=env("LRSERVE_TOKENS_FILE"),
                        help="file with one role:token per line (or set LRSERVE_TOKENS)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback bind without any token (anyone may steer runs)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=serve_command)
 
 
@@ -50,6 +58,10 @@ def serve_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    problem = check_database(args.db, args.db_wait)
+    if problem is not None:
+        print(f"lrserve: cannot start: {problem}", file=sys.stderr)
+        return 1
     # Settings travel by environment so every worker process reads the same ones.
     os.environ["LRSERVE_DB"] = args.db
     os.environ["LRSERVE_INSECURE"] = "1" if args.insecure else "0"
@@ -60,6 +72,27 @@ def serve_command(args: argparse.Namespace) -> int:
         workers=args.workers, log_level=args.log_level,
     )
     return 0
+
+
+def check_database(url: str, wait_s: float) -> str | None:
+    """Open the store once before any worker starts: one clear line instead of N tracebacks.
+
+    Returns:
+        ``None`` when the database is usable (created or migrated now), else why not, in
+        one line that names the host or file and never the password.
+    """
+    from service.errors import StoreUnavailable
+    from service.store import wait_for_store
+
+    def waiting(error: StoreUnavailable, left: float) -> None:
+        print(f"lrserve: waiting for the database ({left:.0f} s left): {error}", file=sys.stderr)
+
+    try:
+        store = wait_for_store(url, wait_s=wait_s, on_wait=waiting)
+    except (ValueError, StoreUnavailable) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    store.close()
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
