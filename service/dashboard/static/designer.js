@@ -15,6 +15,11 @@ const EXAMPLE = {
   ],
 };
 const PLACEHOLDER = { int: 10, float: 0.1, bool: false, string: "" };
+// Types whose placeholder arguments would not make a valid spec (LRRangeTest needs max_lr > min_lr).
+const EXAMPLES = {
+  LRRangeTest: { type: "LRRangeTest", min_lr: 1e-6, max_lr: 1, num_steps: 100, mode: "exponential",
+    then: { type: "CosineAnnealingLR", T_max: 200 } },
+};
 const state = { spec: JSON.stringify(EXAMPLE, null, 2), baseLrs: "0.1", moms: "", steps: "300", metrics: "", log: false };
 
 // errors[].field's first segment → the form field it belongs to.
@@ -24,8 +29,25 @@ function numbers(text) {
   return text.split(/[,\s]+/).filter(Boolean).map(Number);
 }
 
+/**
+ * What a range-test preview cannot show by itself: with no losses for its monitor the test
+ * runs all its steps and `then` starts from the base LR; with losses the server simulates it.
+ */
+function rangeTestNote(spec, metrics) {
+  if (!spec || spec.type !== "LRRangeTest") return "";
+  const monitor = spec.monitor || "loss";
+  if (metrics && Array.isArray(metrics[monitor]) && metrics[monitor].some((v) => v !== null)) {
+    return `Range test: the simulated ${monitor} values are smoothed as on a run; the curve switches where ` +
+      "the test would stop (early stop or num_steps), at the LR it would choose.";
+  }
+  return `Range test: no ${monitor} values given, so the curve shows the rising LR for all ${spec.num_steps ?? 100} ` +
+    `steps${spec.then ? ", then the next schedule from the base LR" : ""}. Give {"${monitor}": [...]} as simulated ` +
+    "metrics to see where the test would stop and which LR it would choose.";
+}
+
 /** A spec skeleton for a catalog entry: its required arguments with placeholder values. */
 function template(entry) {
+  if (EXAMPLES[entry.type]) return structuredClone(EXAMPLES[entry.type]);
   const spec = { type: entry.type };
   for (const arg of entry.args) {
     if (!arg.required) continue;
@@ -43,7 +65,7 @@ export function designerPage(root) {
     base_momentums: h("input", { id: "designer-moms", "aria-label": "base momentums", placeholder: "optional: 0.9" }),
     steps: h("input", { id: "designer-steps", type: "number", min: 1, max: 100000, "aria-label": "steps" }),
     metrics: h("textarea", { id: "designer-metrics", rows: 3, spellcheck: "false", "aria-label": "simulated metrics (JSON)",
-      placeholder: '{"val_loss": [1.0, 0.9, 0.9, 0.9, null, 0.9]}  (optional: drives ReduceLROnPlateau)' }),
+      placeholder: '{"val_loss": [1.0, 0.9, 0.9, 0.9, null, 0.9]}  (optional: drives ReduceLROnPlateau and LRRangeTest)' }),
   };
   fields.schedule.value = state.spec;
   fields.base_lrs.value = state.baseLrs;
@@ -53,6 +75,7 @@ export function designerPage(root) {
   const errors = Object.fromEntries(Object.keys(fields).map((f) => [f, h("p", { class: "field-error", "data-field-error": f, hidden: true })]));
   const general = h("p", { class: "field-error", "data-field-error": "general", hidden: true });
   const chartBox = h("div", { class: "charts", id: "designer-chart" });
+  const note = h("p", { class: "muted small", id: "designer-note", hidden: true });
   const picker = h("select", { id: "designer-type", "aria-label": "insert a schedule type" }, h("option", { value: "" }, "insert a type…"));
   const help = h("p", { class: "muted small", id: "designer-help" });
   const logBox = h("input", { type: "checkbox", id: "designer-log", checked: state.log });
@@ -72,7 +95,7 @@ export function designerPage(root) {
           field("base_momentums", "Base momentums"), field("steps", "Steps")),
         field("metrics", "Simulated metrics (JSON)", "value passed with the j-th step() call; null = no report"),
         h("div", { class: "button-row" }, previewButton, h("label", { class: "inline" }, logBox, " log-scale"))),
-      h("section", { class: "card" }, h("h2", {}, "Curve"), general, chartBox)),
+      h("section", { class: "card" }, h("h2", {}, "Curve"), general, note, chartBox)),
   );
 
   const clearErrors = () => {
@@ -93,6 +116,7 @@ export function designerPage(root) {
     Object.assign(state, { spec: fields.schedule.value, baseLrs: fields.base_lrs.value, moms: fields.base_momentums.value,
       steps: fields.steps.value, metrics: fields.metrics.value, log: logBox.checked });
     clearErrors();
+    note.hidden = true;
     const body = { base_lrs: numbers(state.baseLrs), steps: Number(state.steps) };
     try { body.schedule = JSON.parse(state.spec); } catch (err) { return showError("schedule", `not valid JSON (${err.message})`); }
     if (state.moms.trim()) body.base_momentums = numbers(state.moms);
@@ -109,6 +133,8 @@ export function designerPage(root) {
       const out = [lineChart({ series: series(result.lrs, "lr"), log: state.log, name: "preview" })];
       if (result.momentums) out.push(h("h3", {}, "Momentum"), lineChart({ series: series(result.momentums, "momentum"), height: 160, name: "preview-momentum" }));
       chartBox.replaceChildren(...out);
+      note.textContent = rangeTestNote(body.schedule, body.metrics);
+      note.hidden = !note.textContent;
     } catch (err) {
       if (mine !== seq) return;
       if (err.errors.length) for (const e of err.errors) showError(e.field, e.message);
@@ -129,7 +155,9 @@ export function designerPage(root) {
       const entry = types.find((t) => t.type === picker.value);
       if (!entry) return;
       help.textContent = `${entry.type}: ${entry.description} Arguments: ${entry.args.map((a) => `${a.name} (${a.type}${a.required ? ", required" : `, default ${JSON.stringify(a.default)}`})`).join(", ")}.`;
-      fields.schedule.value = JSON.stringify(template(entry), null, 2);
+      const spec = template(entry);
+      fields.schedule.value = JSON.stringify(spec, null, 2);
+      if (spec.type === "LRRangeTest") logBox.checked = spec.mode !== "linear"; // decades of LR
       picker.value = "";
       preview();
     });

@@ -1,11 +1,13 @@
 // The run page: LR per param group and every metric on one shared step axis, events marked
-// on the curves and listed, the spec, and (for admins) the operator actions.
+// on the curves and listed, the spec, (for admins) the operator actions, and for a range
+// test its LR finder panel.
 
 import { api, coalesced } from "./api.js";
 import { EVENT_COLORS, lineChart, prefersLog } from "./chart.js";
 import { controlPanel } from "./controls.js";
 import { fmt, fmtTime, h, labelChips, statusBadge } from "./dom.js";
-import { watchedMetrics } from "./spec.js";
+import { finderPanel } from "./finder.js";
+import { specSummary, watchedMetrics } from "./spec.js";
 
 const REFRESH_MS = 4000;
 const MARKED = new Set(["plateau_reduction", "control", "status", "barrier_timeout", "schedule_switch"]);
@@ -25,6 +27,8 @@ export function eventText(ev) {
       return `${rest.monitor}=${fmt(rest.value, 5)}: ${(rest.lrs_before || []).map((v) => fmt(v)).join(", ")} → ${(rest.lrs_after || []).map((v) => fmt(v)).join(", ")}`;
     case "status": return `status → ${rest.status}`;
     case "barrier_timeout": return `missing ranks ${JSON.stringify(rest.missing_ranks)} after ${rest.timeout_s}s`;
+    case "schedule_switch":
+      return `range test chose lr ${fmt(rest.chosen, 6)}${rest.schedule ? ` → ${specSummary(rest.schedule)}` : ""}`;
     default: return JSON.stringify(rest);
   }
 }
@@ -114,6 +118,7 @@ export function runPage(root, session, runId) {
   const specBox = h("pre", { class: "spec", id: "run-spec" });
   const error = h("p", { class: "banner-inline", hidden: true });
   const panel = session.admin ? controlPanel(runId, () => run, () => refresh()) : null;
+  const finder = finderPanel(runId);
 
   const logBox = h("input", { type: "checkbox", id: "log-scale" });
   logBox.addEventListener("change", () => { prefs.log = logBox.checked; refresh(); });
@@ -125,6 +130,7 @@ export function runPage(root, session, runId) {
     h("p", {}, h("a", { href: "#/" }, "← all runs")),
     head, error,
     panel,
+    finder.node,
     h("section", { class: "card" },
       h("div", { class: "card-head" }, h("h2", {}, "Curves"),
         h("label", { class: "inline" }, logBox, " log-scale LR"), points),
@@ -142,6 +148,7 @@ export function runPage(root, session, runId) {
       error.hidden = true;
       head.replaceChildren(...header(run));
       if (panel) panel.update(run);
+      await finder.refresh(run); // while a range test runs, its curve moves with the steps
       const key = JSON.stringify([history, prefs.log]);
       if (key !== lastKey) { // redraw only on change: the hover readout survives a quiet refresh
         lastKey = key;
