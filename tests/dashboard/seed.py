@@ -2,7 +2,8 @@
 
 The dashboard tests (and their screenshots) need a server with a few runs in different
 states: warm-up then plateau with reductions, two param groups, a held run, a stopped
-one, metrics reported with steps and in batches.
+one, metrics reported with steps and in batches, and an LR range test that switched to
+its main schedule.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ PLATEAU = {
 COSINE = {"type": "CosineAnnealingLR", "T_max": 200, "eta_min": 1e-5}
 ONECYCLE = {"type": "OneCycleLR", "max_lr": 0.01, "total_steps": 300}
 STEP = {"type": "StepLR", "step_size": 20, "gamma": 0.5}
+RANGE_TEST = {
+    "type": "LRRangeTest",
+    "min_lr": 1e-6,
+    "max_lr": 10.0,
+    "num_steps": 100,
+    "then": {"type": "CosineAnnealingLR", "T_max": 60, "eta_min": 1e-5},
+}
+RANGE_TEST_RUN = "resnet18-lr-find"
 
 RUNS = {
     "resnet50-a1": {
@@ -41,6 +50,7 @@ RUNS = {
         "base_lrs": [0.05],
         "labels": {"team": "vision", "sweep": "7"},
     },
+    RANGE_TEST_RUN: {"schedule": RANGE_TEST, "base_lrs": [0.1], "labels": {"team": "research"}},
 }
 
 
@@ -64,6 +74,35 @@ def train_loss_records(last: int, scale: float = 1.0) -> list[dict]:
     ]
 
 
+def range_test_loss(lr: float, step: int) -> float:
+    """Flat at tiny LRs, falls around 3e-3, blows up past 0.3: the shape a range test looks for."""
+    fall = 1.6 * (1 + math.tanh(1.3 * math.log10(lr / 3e-3))) / 2
+    return 2.3 - fall + (8 * (lr - 0.3) if lr > 0.3 else 0.0) + 0.03 * math.sin(1.7 * step)
+
+
+def seed_range_test(http: httpx.Client, run_id: str, after: int = 20) -> int:
+    """Report the loss with every step until the test switches, then train ``after`` steps on.
+
+    Returns the step of the switch. Each loss is measured at the LR the previous answer
+    handed out, as a job's would be.
+    """
+    lr = http.get(f"/v1/runs/{run_id}").json()["lrs"][0]
+    step = 0
+    switched_at = None
+    while switched_at is None:
+        step += 1
+        metrics = {"loss": range_test_loss(lr, step)}
+        answer = http.post(f"/v1/runs/{run_id}/step", json={"step": step, "metrics": metrics})
+        answer.raise_for_status()
+        lr, switched_at = answer.json()["lrs"][0], answer.json()["switched_at"]
+    for k in range(step + 1, step + after + 1):
+        loss = 0.6 + 0.5 * math.exp(-(k - step) / 8) + 0.02 * math.sin(k)
+        http.post(
+            f"/v1/runs/{run_id}/step", json={"step": k, "metrics": {"loss": loss}}
+        ).raise_for_status()
+    return switched_at
+
+
 def seed(http: httpx.Client) -> None:
     """Create every run in RUNS and move it along; raises on any refused request."""
     for run_id, body in RUNS.items():
@@ -85,3 +124,4 @@ def seed(http: httpx.Client) -> None:
     http.get("/v1/runs/vit-tiny-sweep7-t3/lr", params={"step": 0, "ahead": 60}).raise_for_status()
     http.post("/v1/runs/vit-tiny-sweep7-t3/control", json={"action": "stop"}).raise_for_status()
     http.get("/v1/runs/vit-tiny-sweep7-t3/lr", params={"step": 61}).raise_for_status()
+    seed_range_test(http, RANGE_TEST_RUN)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from playwright.sync_api import expect
 
 from tests.dashboard.conftest import screenshot
-from tests.dashboard.seed import RUNS
+from tests.dashboard.seed import RANGE_TEST, RANGE_TEST_RUN, RUNS, range_test_loss
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +159,92 @@ def test_designer_draws_preview_and_shows_field_errors(page, live):
     page.click("#designer-preview")
     expect(curve).to_have_count(2)
     expect(page.locator('[data-field-error="base_lrs"]')).to_be_hidden()
+
+
+def post_loss(http, run_id: str, step: int, loss: float) -> dict:
+    """One step with its loss; Python's JSON (as the client sends it), so NaN travels too."""
+    body = json.dumps({"step": step, "metrics": {"loss": loss}})
+    answer = http.post(
+        f"/v1/runs/{run_id}/step", content=body, headers={"content-type": "application/json"}
+    )
+    return answer.raise_for_status().json()
+
+
+def test_lr_finder_panel_draws_the_curve_suggestions_and_choice(page, live):
+    server, http = live
+    finder = http.get(f"/v1/runs/{RANGE_TEST_RUN}/lr-finder").json()
+    assert finder["done"] and finder["switched_at"] is not None and finder["chosen"] is not None
+    page.goto(f"{server.url}/#/runs/{RANGE_TEST_RUN}")
+    panel = page.locator("#lr-finder")
+    expect(panel).to_be_visible()
+    curve = panel.locator('[data-chart="lr-finder"] path.series')
+    expect(curve).to_have_count(1)
+    assert vertices(curve.get_attribute("d")) == finite(finder["losses"]) > 10
+    expect(panel.locator("#finder-status")).to_have_text(f"switched at step {finder['switched_at']}")
+    expect(panel.locator("#finder-switched")).to_have_text(str(finder["switched_at"]))
+    chosen = panel.locator("#finder-chosen")
+    assert float(chosen.get_attribute("data-lr")) == finder["chosen"]
+    expect(chosen).not_to_have_text("—")
+    for key in ("steepest", "min_over_10", "chosen"):
+        value = finder["chosen"] if key == "chosen" else finder["suggestions"][key]
+        mark = panel.locator(f'[data-marker="{key}"]')
+        expect(mark).to_have_count(1)
+        assert float(mark.get_attribute("data-lr")) == value
+    expect(panel.locator("svg")).to_contain_text("learning rate (log)")  # exponential test: log x
+    expect(page.locator('[data-chart="lr"] .event-marker[data-kind="schedule_switch"]')).to_have_count(1)
+    switch_row = page.locator('#events-table tr[data-kind="schedule_switch"]')
+    expect(switch_row).to_contain_text("range test chose lr")
+    screenshot(page, "lr-finder.png")
+
+    page.goto(f"{server.url}/#/runs/resnet50-a1")  # no range test: no panel
+    expect(page.locator('[data-chart="lr"] path.series')).to_have_count(1)
+    expect(page.locator("#lr-finder")).to_be_hidden()
+
+
+def test_lr_finder_panel_follows_a_running_test(page, live):
+    server, http = live
+    run_id = "lr-find-running"
+    spec = {**RANGE_TEST, "mode": "linear", "min_lr": 1e-4, "max_lr": 0.5, "then": None}
+    http.post("/v1/runs", json={"run_id": run_id, "schedule": spec, "base_lrs": [0.1]}).raise_for_status()
+    try:
+        lr = http.get(f"/v1/runs/{run_id}").json()["lrs"][0]
+        for k in range(1, 13):
+            lr = post_loss(http, run_id, k, range_test_loss(lr, k))["lrs"][0]
+        page.goto(f"{server.url}/#/runs/{run_id}")
+        panel = page.locator("#lr-finder")
+        expect(panel.locator("#finder-status")).to_have_text("running: 12 of 100 losses")
+        expect(panel.locator("#finder-chart")).to_have_attribute("data-points", "12")
+        expect(panel.locator("svg")).not_to_contain_text("(log)")  # linear test: linear x
+        for k, loss in ((13, float("nan")), (14, 1.0)):  # a NaN poisons the smoothed loss from there on
+            post_loss(http, run_id, k, loss)
+        expect(panel.locator("#finder-points")).to_have_text("12 finite of 14", timeout=8000)  # refreshed
+        finder = http.get(f"/v1/runs/{run_id}/lr-finder").json()
+        assert finder["losses"][12:] == [None, None] and not finder["done"]
+        curve = panel.locator('[data-chart="lr-finder"] path.series')
+        assert vertices(curve.get_attribute("d")) == finite(finder["losses"]) == 12
+        expect(panel.locator("#finder-chosen")).to_have_text("—")
+        expect(panel.locator('[data-marker="chosen"]')).to_have_count(0)
+    finally:
+        http.delete(f"/v1/runs/{run_id}").raise_for_status()  # the runs page test counts the seeded runs
+
+
+def test_designer_previews_a_range_test(page, live):
+    server, _ = live
+    page.goto(f"{server.url}/#/designer")
+    expect(page.locator('[data-chart="preview"] path.series')).to_have_count(1)
+    page.select_option("#designer-type", "LRRangeTest")
+    expect(page.locator("#designer-spec")).to_have_value(re.compile(r'"type": "LRRangeTest"'))
+    expect(page.locator("#designer-log")).to_be_checked()
+    note = page.locator("#designer-note")
+    expect(note).to_contain_text("no loss values given")
+    curve = page.locator('[data-chart="preview"] path.series')
+    assert vertices(curve.get_attribute("d")) == 300
+    expect(page.locator('[data-field-error="schedule"]')).to_be_hidden()
+
+    page.fill("#designer-metrics", '{"loss": [2.0, 1.9, 1.5, 1.2, 9.0, 50.0]}')
+    page.click("#designer-preview")
+    expect(note).to_contain_text("where the test would stop")
+    expect(curve).to_have_count(1)
 
 
 def test_read_only_token_sees_no_controls_and_token_stays_in_session(page, secured):
