@@ -1,0 +1,299 @@
+"""Real server processes on loopback: lrserve, its bench twin, and throwaway databases.
+
+Every figure measures a real ``uvicorn`` process, started the way users start it, so what
+is timed includes the HTTP stack, the event loop and the store, not a test client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+HOST = "127.0.0.1"  # loopback only: nothing in the suite leaves this machine
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PG_ENV = ("LRSERVE_BENCH_PG", "TEST_DATABASE_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One GET on a fresh connection (stdlib only: cheap to call while polling)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class Server:
+    """One server process (its own session, so its workers stop with it).
+
+    Args:
+        db: Database URL (``LRSERVE_DB``).
+        log_dir: Where its log goes.
+        app: ``"service"`` runs ``python -m service serve`` (what users run); ``"bench"``
+            runs the same app plus ``GET /bench/ping`` (``bench._app``) under the same
+            uvicorn settings, for the ceiling of the stack.
+        workers: uvicorn worker processes.
+        env: Extra environment variables.
+    """
+
+    def __init__(self, db: str, log_dir: Path, *, app: str = "service", workers: int = 1,
+                 env: dict[str, str] | None = None, name: str = "server") -> None:
+        self.db = db
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.app = app
+        self.workers = workers
+        self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
+        self.env = {**os.environ, "LRSERVE_DB": db, **(env or {})}
+        self.env.pop("LRSERVE_TOKENS", None)
+        self.env.pop("LRSERVE_TOKENS_FILE", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def command(self) -> list[str]:
+        common = ["--host", HOST, "--port", str(self.port), "--workers", str(self.workers),
+                  "--log-level", "warning"]
+        if self.app == "bench":
+            return [sys.executable, "-m", "uvicorn", "bench._app:create_app", "--factory", *common]
+        return [sys.executable, "-m", "service", "serve", "--db", self.db, *common]
+
+    def spawn(self) -> Server:
+        """Start the process and return at once (``wait_ready`` or ``first_answer`` next)."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env,
+                                     cwd=_repo_root(), start_new_session=True)
+        log.close()
+        return self
+
+    def first_answer(self, path: str, timeout: float = 120.0, poll_s: float = 0.005) -> float:
+        """Seconds from ``spawn`` to the first 200 answer to ``GET path``."""
+        assert self.proc is not None
+        deadline = self.started_at + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log_tail()}")
+            try:
+                status, _ = http_get(self.port, path, timeout=10.0)
+            except OSError:
+                time.sleep(poll_s)
+                continue
+            if status == 200:
+                return time.perf_counter() - self.started_at
+            time.sleep(poll_s)
+        raise RuntimeError(f"no answer to {path} within {timeout}s:\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float = 120.0) -> Server:
+        self.first_answer("/readyz", timeout=timeout, poll_s=0.05)
+        return self
+
+    def start(self, timeout: float = 120.0) -> Server:
+        return self.spawn().wait_ready(timeout)
+
+    def pids(self) -> list[int]:
+        """The processes of this server (the uvicorn supervisor and its workers)."""
+        if self.proc is None:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == self.proc.pid:  # process group = session leader's pid
+                found.append(int(entry))
+        return sorted(found)
+
+    def worker_pids(self) -> list[int]:
+        """The processes that answer requests (the supervisor too, with one worker)."""
+        pids = self.pids()
+        if self.workers <= 1 or self.proc is None:
+            return [self.proc.pid] if self.proc is not None else []
+        return [p for p in pids if p != self.proc.pid and _is_uvicorn_worker(p)]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of all its processes, from ``/proc/PID/status`` (VmRSS)."""
+        return sum(rss_of(pid) for pid in self.pids())
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL what is left after 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def rss_of(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _is_uvicorn_worker(pid: int) -> bool:
+    """Workers are multiprocessing children; skip helpers such as the resource tracker."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"resource_tracker" not in cmdline and b"semaphore_tracker" not in cmdline
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def workdir(prefix: str = "lrserve-bench-") -> Iterator[Path]:
+    """A temporary folder for databases and server logs, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as path:
+        yield Path(path)
+
+
+def sqlite_url(folder: Path, name: str = "bench") -> str:
+    return f"sqlite:///{folder / name}.db"
+
+
+# -- PostgreSQL: one private schema per server set, dropped afterwards ----------------------
+
+
+def pg_base_url() -> str:
+    for name in PG_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return DEFAULT_PG
+
+
+def _pg_connect(url: str):  # -> psycopg.Connection
+    import psycopg
+
+    plain = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    return psycopg.connect(plain, connect_timeout=3, autocommit=True)
+
+
+def pg_problem() -> str | None:
+    """Why PostgreSQL cannot be used here, or None when it can."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed (pip install 'lrserve[postgres]')"
+    try:
+        _pg_connect(pg_base_url()).close()
+    except Exception as exc:  # unreachable, refused, bad credentials
+        return f"PostgreSQL at {pg_base_url()} is not reachable: {str(exc).strip().splitlines()[0]}"
+    return None
+
+
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """A fresh schema in the bench database; yields a URL whose ``search_path`` is it."""
+    base = pg_base_url()
+    name = f"lrserve_bench_{uuid.uuid4().hex[:10]}"
+    with _pg_connect(base) as conn:
+        conn.execute(f'CREATE SCHEMA "{name}"')
+    from sqlalchemy import make_url
+
+    url = make_url(base).update_query_dict({"options": f"-csearch_path={name}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with _pg_connect(base) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+class Pool:
+    """The servers a suite run uses: fresh ones per figure, or (``share=True``, the tiny size
+    of the smoke test) one SQLite server and one pair of PostgreSQL servers, started
+    together at the beginning and shared by every figure.
+
+    Starting a server costs seconds here (Python, torch, and torch's lazy imports on the
+    first run), which is most of a tiny run. Sharing does not make a measurement invalid,
+    but only the default size's numbers (fresh servers) are meant to be quoted.
+    """
+
+    def __init__(self, work: Path, *, share: bool) -> None:
+        self.work = work
+        self.share = share
+        self._stack = contextlib.ExitStack()
+        self._sqlite: Server | None = None
+        self._pg: dict[int, Server] = {}
+        if share:
+            self._sqlite = self._track(Server(sqlite_url(work, "shared"), work, app="bench", name="shared"))
+            if pg_problem() is None:
+                url = self._stack.enter_context(pg_schema())
+                for workers in (1, 2):
+                    self._pg[workers] = self._track(Server(url, work, workers=workers, name=f"pg{workers}"))
+
+    def _track(self, server: Server) -> Server:
+        self._stack.callback(server.stop)
+        return server.spawn()
+
+    @contextlib.contextmanager
+    def sqlite(self, name: str, *, app: str = "service") -> Iterator[Server]:
+        """A started SQLite server (``app`` is ignored when shared: the bench app serves all)."""
+        if self._sqlite is not None:
+            yield self._sqlite.wait_ready()
+            return
+        server = Server(sqlite_url(self.work, name), self.work, app=app, name=name)
+        try:
+            yield server.start()
+        finally:
+            server.stop()
+
+    @contextlib.contextmanager
+    def postgres(self) -> Iterator[dict[int, Server]]:
+        """Two started servers on one PostgreSQL schema: ``{1: one process, 2: two workers}``."""
+        if self._pg:
+            yield {w: s.wait_ready() for w, s in self._pg.items()}
+            return
+        with pg_schema() as url, contextlib.ExitStack() as stack:
+            servers = {w: Server(url, self.work, workers=w, name=f"pg{w}") for w in (1, 2)}
+            for server in servers.values():
+                stack.callback(server.stop)
+                server.spawn()
+            yield {w: s.wait_ready() for w, s in servers.items()}
+
+    def close(self) -> None:
+        self._stack.close()
