@@ -1,4 +1,5 @@
-"""The operator commands of ``lrserve``: ``runs``, ``control``, ``preview``, ``history``.
+"""The operator commands of ``lrserve``: ``runs``, ``control``, ``preview``, ``history``,
+``lr-finder``.
 
 ``service/cli.py`` adds them next to ``serve`` with ``add_operator_commands``; ``main()``
 runs them alone. Exit codes: 0 ok, 1 the server reported an error (its words on stderr),
@@ -50,7 +51,7 @@ class UsageError(Exception):
 
 
 def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``runs``, ``control``, ``preview`` and ``history`` to an ``lrserve`` parser.
+    """Add ``runs``, ``control``, ``preview``, ``history`` and ``lr-finder`` to an ``lrserve`` parser.
 
     Args:
         subparsers: What ``parser.add_subparsers()`` returned; each command sets ``func``.
@@ -60,6 +61,7 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_control(subparsers, common)
     _add_preview(subparsers, common)
     _add_history(subparsers, common)
+    _add_lr_finder(subparsers, common)
 
 
 def main(argv: Sequence[str] | None = None, *, http_client: httpx.Client | None = None) -> int:
@@ -219,6 +221,25 @@ def _add_history(subparsers: argparse._SubParsersAction, common: argparse.Argume
     history.set_defaults(func=_command(_history))
 
 
+def _add_lr_finder(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    finder = subparsers.add_parser(
+        "lr-finder",
+        parents=[common],
+        help="print (or plot) a range test's loss curve and suggested LR",
+        description="Print the LR range test of a run (schedule LRRangeTest): each LR with the "
+        "smoothed loss measured at it, the two suggestions (steepest fall, lowest loss / 10), the "
+        "chosen LR, and whether the test is done and at which step the run switched. A run "
+        "whose schedule is not a range test is a server error (exit 1).",
+        epilog="table: summary then one row per point (mark names the suggestions' points); "
+        "csv: the curve only (lr,smoothed_loss; empty where not finite), the summary on stderr; "
+        "json: the server's answer.",
+    )
+    finder.add_argument("run_id", metavar="RUN")
+    finder.add_argument("--format", choices=("table", "json", "csv"), default="table", help="default table")
+    finder.add_argument("--plot", metavar="FILE.png", help="also draw the curve into a PNG")
+    finder.set_defaults(func=_command(_lr_finder))
+
+
 # -- running a command -----------------------------------------------------------------------
 
 
@@ -364,6 +385,23 @@ def _history(args: argparse.Namespace, api: LRClient) -> int:
     return EXIT_OK
 
 
+def _lr_finder(args: argparse.Namespace, api: LRClient) -> int:
+    figure_class = _figure_class() if args.plot else None
+    finder = api.read_lr_finder(args.run_id)
+    if args.format == "json":
+        _print_json(finder)
+    elif args.format == "csv":
+        sys.stdout.write(_finder_csv(finder))
+        _error(" ".join(f"{k}={v}" for k, v in _finder_summary(finder)))
+    else:
+        _print_finder(args.run_id, finder)
+    if figure_class is not None:
+        schedule = api.read_run(args.run_id).get("schedule") or {}  # the mode decides the x scale
+        _plot_finder(figure_class, finder, schedule, args.plot, title=f"{args.run_id}: LR range test")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return EXIT_OK
+
+
 # -- input -----------------------------------------------------------------------------------
 
 
@@ -478,6 +516,74 @@ def _history_csv(history: Mapping[str, Any]) -> str:
     return out.getvalue()
 
 
+def _finder_summary(finder: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The test's outcome as (name, text) pairs: what an operator copies into a config."""
+    suggestions = finder.get("suggestions") or {}
+    return [
+        ("chosen", _fmt_opt(finder.get("chosen"))),
+        ("steepest", _fmt_opt(suggestions.get("steepest"))),
+        ("min_over_10", _fmt_opt(suggestions.get("min_over_10"))),
+        ("done", "yes" if finder.get("done") else "no"),
+        ("switched_at", _fmt_opt(finder.get("switched_at"))),
+    ]
+
+
+def _fmt_opt(value: Any) -> str:
+    return "-" if value is None else _fmt(value)
+
+
+def _finder_marks(finder: Mapping[str, Any]) -> dict[int, list[str]]:
+    """Which points the suggestions come from, by index: steepest and chosen are LRs of points,
+    min_over_10 is the LR of the lowest point divided by 10."""
+    suggestions = finder.get("suggestions") or {}
+    wanted = [
+        ("steepest", suggestions.get("steepest"), 1.0),
+        ("chosen", finder.get("chosen"), 1.0),
+        ("lowest loss", suggestions.get("min_over_10"), 10.0),
+    ]
+    marks: dict[int, list[str]] = {}
+    for name, value, factor in wanted:
+        if value is None:
+            continue
+        for i, lr in enumerate(finder.get("lrs") or []):
+            if lr / factor == value:  # the server's own arithmetic: exact
+                marks.setdefault(i, []).append(name)
+                break
+    return marks
+
+
+def _print_finder(run_id: str, finder: Mapping[str, Any]) -> None:
+    if finder.get("switched_at") is not None:
+        state = f"switched at step {finder['switched_at']}"
+    else:
+        state = "done" if finder.get("done") else "running"
+    print(f"run {run_id}: range test {state}")
+    summary = _finder_summary(finder)
+    width = max(len(name) for name, _ in summary)
+    for name, text in summary:
+        print(f"{name.ljust(width)}  {text}")
+    lrs, losses = finder.get("lrs") or [], finder.get("losses") or []
+    if not lrs:
+        print("\n(no loss reported yet)")
+        return
+    marks = _finder_marks(finder)
+    rows = [
+        [str(i), _fmt(float(lr)), _fmt_opt(loss), ", ".join(marks.get(i, []))]
+        for i, (lr, loss) in enumerate(zip(lrs, losses, strict=False))
+    ]
+    print()
+    _print_table(["point", "lr", "smoothed_loss", "mark"], rows)
+
+
+def _finder_csv(finder: Mapping[str, Any]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["lr", "smoothed_loss"])
+    for lr, loss in zip(finder.get("lrs") or [], finder.get("losses") or [], strict=False):
+        writer.writerow([repr(float(lr)), "" if loss is None else repr(float(loss))])
+    return out.getvalue()
+
+
 def _figure_class() -> Any:
     try:
         from matplotlib.figure import Figure
@@ -495,6 +601,38 @@ def _plot(figure_class: Any, answer: Mapping[str, Any], path: str, *, title: str
         axes.plot(steps, [row[group] for row in lrs], label=f"lr[{group}]")
     axes.set_xlabel("step")
     axes.set_ylabel("learning rate")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    try:
+        figure.savefig(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot write {path}: {exc}") from exc
+
+
+def _plot_finder(
+    figure_class: Any, finder: Mapping[str, Any], schedule: Mapping[str, Any], path: str, *, title: str
+) -> None:
+    """Smoothed loss against LR, log x unless the test is linear (as Lightning plots it)."""
+    lrs = [float(v) for v in finder.get("lrs") or []]
+    losses = [float("nan") if v is None else float(v) for v in finder.get("losses") or []]
+    figure = figure_class(figsize=(8, 4.5))
+    axes = figure.subplots()
+    axes.plot(lrs, losses, label=f"smoothed {schedule.get('monitor') or 'loss'}")
+    if schedule.get("type") != "LRRangeTest" or schedule.get("mode", "exponential") == "exponential":
+        axes.set_xscale("log")
+    suggestions = finder.get("suggestions") or {}
+    for name, value, style in (
+        ("steepest", suggestions.get("steepest"), {"color": "tab:orange", "linestyle": "--"}),
+        ("min / 10", suggestions.get("min_over_10"), {"color": "tab:purple", "linestyle": ":"}),
+        ("chosen", finder.get("chosen"), {"color": "tab:green", "linestyle": "-"}),
+    ):
+        if value is not None and value > 0:
+            axes.axvline(value, label=f"{name} {float(value):.3g}", **style)
+    if finder.get("switched_at") is not None:
+        title += f" (switched at step {finder['switched_at']})"
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("smoothed loss")
     axes.set_title(title)
     axes.legend()
     figure.tight_layout()
