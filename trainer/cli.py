@@ -15,8 +15,11 @@ Two ranks on the CPU (gloo), every rank on the same run:
   torchrun --standalone --nproc_per_node=2 -m trainer --url http://127.0.0.1:8000 \\
       --run-id digits-1 --schedule warmup-plateau --epochs 10 --checkpoint ckpt.pt
 On a GPU machine the same command uses NCCL and mixed precision.
-The last line rank 0 prints is a summary: final val accuracy, mean step time and the
-share of step time spent in scheduler.step().
+An operator's stop (lrserve control RUN stop) ends the job at the next epoch end, on every
+rank together, after the checkpoint is saved. The last line rank 0 prints is a summary:
+final val accuracy, mean step time (step_ms), the share of step time spent in
+scheduler.step() (scheduler_share), the mean plain scheduler.step() (scheduler_us) and the
+mean epoch-end step that reports the metric (report_ms: a request, maybe a barrier wait).
 """
 
 

@@ -66,13 +66,6 @@ class Dist:
         dist.broadcast_object_list(box, src=0, device=self._comm_device())
         return box[0]
 
-    def barrier(self) -> None:
-        if self.enabled:
-            if self.device.type == "cuda":
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
-
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

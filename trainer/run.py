@@ -58,9 +58,7 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
     run_id = args.run_id or (saved["run_id"] if saved else None)
     if run_id is None:
         run_id = env.broadcast(f"digits-{uuid.uuid4().hex[:12]}")
-    schedule = saved["schedule"] if saved else resolve_schedule(
-        args.schedule, steps_per_epoch=steps_per_epoch, epochs=args.epochs, lr=args.lr)
-
+    schedule = _schedule(args, steps_per_epoch, saved, env.is_main)
     model = make_model(split.n_features, split.n_classes, seed=args.seed).to(env.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     precision = make_precision(env.device, args.amp)
@@ -84,9 +82,9 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
             net = DistributedDataParallel(model, device_ids=[env.device.index] if cuda else None)
         trace = Trace(args.trace, env.rank)
         trace.step(scheduler.last_epoch, done, optimizer)
-        bar = tqdm(total=steps_per_epoch * max(0, args.epochs - done) if args.step_per == "batch"
-                   else len(loader) * max(0, args.epochs - done),
-                   disable=not (env.is_main and args.progress), unit="step", desc=run_id, leave=False)
+        batches = len(loader) * max(0, args.epochs - done)
+        bar = tqdm(total=batches, disable=not (env.is_main and args.progress and batches),
+                   unit="step", desc=run_id, leave=False)
 
         def validate() -> Evaluation:
             return evaluate(model, x_val, y_val, precision, env.all_sum)
@@ -129,3 +127,22 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
         }
     if env.is_main:
         print("summary " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+
+
+def _schedule(args: argparse.Namespace, steps_per_epoch: int, saved: dict[str, Any] | None,
+              is_main: bool) -> dict[str, Any]:
+    """``--schedule`` sized to this job; on resume the checkpoint's (the run exists with it)."""
+    def resolve() -> dict[str, Any]:
+        return resolve_schedule(args.schedule, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
+                                lr=args.lr)
+
+    if saved is None:
+        return resolve()
+    try:
+        asked = resolve()
+    except SystemExit:
+        asked = None  # e.g. the JSON file is gone: the checkpoint has the spec
+    if asked is not None and asked != saved["schedule"] and is_main:
+        print(f"trainer: resuming with the checkpoint's schedule; --schedule {args.schedule!r} "
+              "differs (e.g. through --epochs) and would conflict with the run", flush=True)
+    return saved["schedule"]

@@ -29,7 +29,10 @@ class Trace:
         if template:
             path = trace_path(template, rank)
             path.parent.mkdir(parents=True, exist_ok=True)
+            torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
             self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+            if torn:  # a killed job left half a line: end it, so the next record stays whole
+                self._file.write("\n")
 
     def step(self, step: int, epoch: int, optimizer: Any) -> None:
         if self._file is None:

@@ -81,7 +81,6 @@ def test_step_times_share():
 def test_single_process_collectives_are_identities():
     env = ddp.Dist(0, 0, 1, torch.device("cpu"))
     assert env.all_sum([1.0, 2.0]) == [1.0, 2.0] and env.any(True) and env.broadcast("x") == "x"
-    env.barrier()
     env.close()
     assert ddp.pick_device("cpu", 0).type == "cpu"
 
@@ -114,3 +113,25 @@ def test_checkpoint_round_trip(tmp_path):
     torch.save({"format": 99}, path)
     with pytest.raises(SystemExit, match="not a checkpoint"):
         checkpoint.load(path)
+
+
+def test_a_torn_trace_line_is_ended_before_new_records(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kind": "step", "st')  # a job killed mid-write
+    trace = Trace(str(path), 0)
+    trace.record("epoch", epoch=3)
+    trace.close()
+    assert path.read_text().splitlines()[1] == '{"kind": "epoch", "epoch": 3}'
+
+
+def test_resume_keeps_the_checkpoints_schedule(capsys):
+    import argparse
+
+    from trainer.run import _schedule
+
+    args = argparse.Namespace(schedule="warmup-cosine", epochs=20, lr=0.1)
+    saved = {"schedule": resolve_schedule("warmup-cosine", steps_per_epoch=10, epochs=10, lr=0.1)}
+    assert _schedule(args, 10, saved, is_main=True) == saved["schedule"]
+    assert "checkpoint's schedule" in capsys.readouterr().out
+    args.schedule = "/no/such/file.json"
+    assert _schedule(args, 10, saved, is_main=True) == saved["schedule"]

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow
 
-ARGS = ("--epochs", "4", "--batch-size", "8", "--lr", "0.02", "--threads", "1", "--no-progress")
+ARGS = ("--epochs", "5", "--batch-size", "8", "--lr", "0.02", "--threads", "1", "--no-progress")
 
 
 def test_kill_mid_epoch_and_resume_replays_identical_values(server, tmp_path):
@@ -27,7 +27,7 @@ def test_kill_mid_epoch_and_resume_replays_identical_values(server, tmp_path):
     wait_until("epoch 3", lambda: sum(r["epoch"] == 2 for r in first.records(0)) >= 5, first, timeout=120)
     first.kill()
     saved = torch.load(ckpt, weights_only=True)
-    assert saved["epoch"] == 2 and saved["run_id"] == "resumed"
+    assert saved["epoch"] >= 2 and saved["run_id"] == "resumed"  # later if this machine is slow
     killed_at = first.records(0)[-1]["step"]
     assert killed_at > saved["scheduler"]["last_epoch"]  # steps to replay
 

@@ -23,14 +23,14 @@ from tests.trainer.harness import (
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 8
+EPOCHS = 10
 SCALE = 0.5
 
 
 def test_two_ranks_barrier_plateau_and_operator_scale(server, tmp_path):
     trainer = Trainer(tmp_path, "barrier", server.url, "--run-id", "ddp-barrier", "--epochs", str(EPOCHS),
                       "--schedule", "warmup-plateau", "--metric-mode", "barrier", ranks=2)
-    wait_until("epoch 2", lambda: any(r["epoch"] >= 2 for r in trainer.records(0)), trainer)
+    wait_until("epoch 2", lambda: any(r["epoch"] >= 1 for r in trainer.records(0)), trainer)
     with admin(server.url) as http:
         action = http.post("/v1/runs/ddp-barrier/control", json={"action": "scale", "factor": SCALE})
         assert action.status_code == 200, action.text
@@ -56,7 +56,7 @@ def test_two_ranks_barrier_plateau_and_operator_scale(server, tmp_path):
     assert all(r["momentums"] == [0.9] for r in steps[0])  # the schedule leaves momentum alone
 
     # the operator's action: issued mid-run, in history, applied by both ranks at applied_at
-    assert 2 * spe < applied_at < EPOCHS * spe
+    assert spe < applied_at < EPOCHS * spe
     controls = [e for e in history["events"] if e["kind"] == "control"]
     assert [(e["step"], e["action"], e["factor"]) for e in controls] == [(applied_at, "scale", SCALE)]
     reductions = [e for e in history["events"] if e["kind"] == "plateau_reduction"]
