@@ -202,6 +202,7 @@ class RemoteScheduler:
         self.last_epoch = 0
         self.run_id: str = ""
         self._status = "active"
+        self._stopped_at: int | None = None  # the step from which the run is stopped
         self._base = 0  # the step of _lrs[0]
         self._lrs: list[list[float]] = []
         self._moms: list[list[float] | None] = []
@@ -228,6 +229,7 @@ class RemoteScheduler:
         )
         self.run_id = str(run["run_id"])
         self._status = str(run.get("status") or "active")
+        self._note_stop(run)
         if int(run.get("horizon", 0)) == 0 and run.get("lrs") is not None:
             moms = run.get("momentums")
             self._merge(0, [run["lrs"]], None if moms is None else [moms])
@@ -284,7 +286,9 @@ class RemoteScheduler:
     @property
     def should_stop(self) -> bool:
         """Whether an operator stopped the run: the job should finish (save, exit)."""
-        return self._status == "stopped"
+        # Tied to the step, not to when an answer came: every rank stops at the same step
+        # (a rank's prefetch may learn of the stop before the other rank gets there).
+        return self._stopped_at is not None and self.last_epoch >= self._stopped_at
 
     @property
     def status(self) -> str:
@@ -341,6 +345,7 @@ class RemoteScheduler:
             "steps_per_epoch": self.steps_per_epoch,
             "cadence": self._cadence.state_dict(),
             "status": self._status,
+            "stopped_at": self._stopped_at,
             "switched_at": self._switch_at if self._switched else None,
         }
 
@@ -365,6 +370,7 @@ class RemoteScheduler:
         self.last_epoch = int(state_dict["last_epoch"])
         if "cadence" in state_dict:
             self._cadence.load_state_dict(state_dict["cadence"])
+        self._stopped_at = state_dict.get("stopped_at")
         if state_dict.get("switched_at") is not None:  # the range test was over at the checkpoint
             self._switch_at, self._switched = int(state_dict["switched_at"]), True
             self._watched = watched_metrics(self.schedule.get("then") or {"type": "none"})
@@ -556,6 +562,13 @@ class RemoteScheduler:
             else:
                 group["momentum"] = m
 
+    def _note_stop(self, answer: Mapping[str, Any]) -> None:
+        stopped_at = answer.get("stopped_at")
+        if stopped_at is not None:
+            self._stopped_at = int(stopped_at)
+        elif answer.get("status") == "stopped" and self._stopped_at is None:
+            self._stopped_at = self.last_epoch  # an older server: stop now
+
     def _take_switch(self, s: int) -> None:
         """The range test is over: what follows watches ``then``'s metrics, on its own cadence."""
         self._switched = True
@@ -568,6 +581,7 @@ class RemoteScheduler:
 
     def _accept(self, answer: Mapping[str, Any]) -> None:
         self._status = str(answer.get("status") or self._status)
+        self._note_stop(answer)
         switched = answer.get("switched_at")
         if switched is not None and not self._switched and self._switch_at is None:
             self._switch_at = int(switched)
