@@ -577,7 +577,8 @@ class RemoteScheduler:
         if self._on_switch is not None:
             self._on_switch(self)
         if not self._away:
-            self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups) and not self._closed
+            tensors = any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
+            self._fast = not tensors and not self._closed
 
     def _accept(self, answer: Mapping[str, Any]) -> None:
         self._status = str(answer.get("status") or self._status)
