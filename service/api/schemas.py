@@ -160,6 +160,11 @@ class Suggestions(BaseModel):
 
 
 class LRFinderPublic(BaseModel):
+    min_lr: float
+    max_lr: float
+    num_steps: int
+    mode: str
+    monitor: str
     lrs: list[float] = Field(description="LR of each reported loss (the step before the report).")
     losses: list[float | None] = Field(description="Smoothed losses (null where not finite).")
     suggestions: Suggestions

@@ -85,12 +85,13 @@ class RangeTest:
         return self.lrs[int(index)]
 
     def min_over_10(self) -> float | None:
-        """The LR at the lowest smoothed loss, divided by 10."""
-        points = [
-            (loss, lr)
-            for loss, lr in zip(self.losses[:-SKIP_END], self.lrs[:-SKIP_END], strict=True)
-            if math.isfinite(loss)
-        ]
+        """The LR at the lowest smoothed loss, divided by 10 (same points as ``steepest``).
+
+        The first points are skipped as for ``steepest``: the bias correction makes the
+        first smoothed losses come out low, so they would win the minimum.
+        """
+        pairs = zip(self.losses[SKIP_BEGIN:-SKIP_END], self.lrs[SKIP_BEGIN:-SKIP_END], strict=True)
+        points = [(loss, lr) for loss, lr in pairs if math.isfinite(loss)]
         if not points:
             return None
         return min(points)[1] / 10
@@ -109,6 +110,11 @@ class RangeTest:
     def public(self) -> dict[str, Any]:
         """The ``GET .../lr-finder`` answer."""
         return {
+            "min_lr": self.min_lr,
+            "max_lr": self.max_lr,
+            "num_steps": self.num_steps,
+            "mode": self.mode,
+            "monitor": self.monitor,
             "lrs": list(self.lrs),
             "losses": [v if math.isfinite(v) else None for v in self.losses],
             "suggestions": {"steepest": self.steepest(), "min_over_10": self.min_over_10()},

@@ -438,22 +438,27 @@ class RunManager:
         Raises:
             RunConflict: the run's schedule is not an LRRangeTest.
         """
-        state = self.state(run_id)
+        state = self._caught_up(run_id)
         with state.lock:
             test = state.engine.range_test
             if test is None:
                 raise RunConflict(f"run {run_id!r} has no LRRangeTest schedule")
             return {**test.public(), "switched_at": state.switched_at}
 
+    def _caught_up(self, run_id: str) -> RunState:
+        """The run's state as of the stored horizon (other processes may have gone further)."""
+        record = self.store.read_run(run_id)
+        state = self.state(run_id)
+        if record.horizon > state.horizon or record.created_at != state.created_at:
+            self.commit(run_id, record.horizon)
+            state = self.state(run_id)
+        return state
+
     # -- history --------------------------------------------------------------------------
 
     def history(self, run_id: str, max_points: int) -> dict[str, Any]:
         """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
-        record = self.store.read_run(run_id)
-        state = self.state(run_id)
-        if record.horizon > state.horizon or record.created_at != state.created_at:
-            self.commit(run_id, record.horizon)  # catch up with what other processes committed
-            state = self.state(run_id)
+        state = self._caught_up(run_id)
         horizon = state.horizon
         steps = _downsample(range(horizon + 1), max_points)
         values = self.values_between(run_id, 0, horizon)

@@ -69,10 +69,12 @@ def test_lr_rises_from_min_to_max():
 def test_too_few_points_falls_back():
     test = RangeTest(min_lr=1e-4, max_lr=1.0, num_steps=100, mode="exponential", beta=0.98,
                      early_stop_threshold=4.0)
-    for k in range(5):
-        test.record(test.lr_at(k), 1.0 - k * 0.1)
-    assert test.steepest() is None
-    lowest = min(range(4), key=lambda i: test.losses[i])  # the last point is skipped
+    for k in range(11):
+        test.record(test.lr_at(k), 1.0 - k * 0.05)
+    assert test.steepest() is None  # the first ten and the last point are skipped: nothing left
+    assert test.min_over_10() is None
+    assert test.finish(fallback=0.1) == 0.1
+    for k in range(11, 20):
+        test.record(test.lr_at(k), 1.0 - k * 0.05)
+    lowest = min(range(10, 19), key=lambda i: test.losses[i])  # not the first ten, not the last
     assert test.min_over_10() == test.lr_at(lowest) / 10
-    assert test.finish(fallback=0.1) == test.lr_at(lowest) / 10
-    assert test.done and test.chosen == test.lr_at(lowest) / 10
