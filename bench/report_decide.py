@@ -69,6 +69,22 @@ def optuna_proxy(storage: str, log_dir: Path) -> Iterator[int]:
             proc.wait()
 
 
+def server_seconds(port: int, route: str = "/v1/runs/{run_id}/step") -> tuple[float, float]:
+    """(sum of seconds, count) of lrserve's request histogram for ``POST route``, from /metrics."""
+    from bench.servers import http_get
+
+    _, body = http_get(port, "/metrics")
+    total = count = 0.0
+    labels = f'method="POST",route="{route}"'
+    for line in body.decode().splitlines():
+        if labels in line:
+            if line.startswith("lrserve_request_seconds_sum"):
+                total = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("lrserve_request_seconds_count"):
+                count = float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def _value(k: int) -> float:
     return 1.0 / (1 + k % 13)
 
@@ -140,6 +156,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
                 step[name] += 1
                 call(step[name])
         latencies: dict[str, list[float]] = {name: [] for name in callers}
+        server_before = server_seconds(server.port)
         for order in rotations(list(callers), size.report_rounds):
             for name in order:
                 call = callers[name][0]
@@ -148,13 +165,18 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     call(step[name])
                     latencies[name].append((time.perf_counter() - t0) * 1e3)
+        server_after = server_seconds(server.port)
     lr_p50 = median(latencies["lrserve (SQLite)"])
     rows = []
     for name, ms in latencies.items():
         p50 = median(ms)
         rows.append({"variant": name, "p50_ms": p50, "p99_ms": percentile(ms, 99),
                      "mean_ms": sum(ms) / len(ms), "lrserve_vs": lr_p50 / p50, "calls": len(ms)})
-    durable = rows[1]["lrserve_vs"]
+    calls = server_after[1] - server_before[1]
+    server_mean = (server_after[0] - server_before[0]) / calls * 1e3 if calls else float("nan")
+    rows.insert(1, {"variant": "  lrserve inside the server (mean, /metrics)", "mean_ms": server_mean,
+                    "calls": int(calls)})
+    durable = rows[2]["lrserve_vs"]
     return report.figure(
         NAME, TITLE,
         ran=f"one client process, sequential calls, {size.report_rounds} rotated rounds x "
@@ -165,7 +187,9 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
         holds=durable <= TARGET,
         columns=COLUMNS, rows=rows,
         notes=["optuna per step = trial.report() + trial.should_prune(); lrserve per step = one POST "
-               ".../step with the metric (decision and durable commit included)"],
+               ".../step with the metric (decision and durable commit included)",
+               "'inside the server': lrserve's own request histogram (TelemetryMiddleware) over the same "
+               "calls; the rest of lrserve's mean is the client (httpx), loopback and the event loop"],
     )
 
 

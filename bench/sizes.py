@@ -53,11 +53,11 @@ SIZES = {
                   scale_runs=(1000,), scale_steps_per_run=100, scale_cold_rounds=1,
                   scale_cold_small=True, scale_step_runs=20, scale_extra_steps=500,
                   ranks=200, rank_runs=20, rank_epochs=2, rank_epoch_s=2.0),
-    "default": Size("default", step_rounds=3, step_segment=2000, step_work_s=0.0001,
+    "default": Size("default", step_rounds=3, step_segment=1500, step_work_s=0.0001,
                     load_rounds=3, load_seconds=2.0, load_connections=64, load_warmup_s=1.0, hot_runs=16,
                    
-                    report_rounds=5, report_calls=200, report_seeded_trials=10,
-                    scale_runs=(10_000,), scale_steps_per_run=100, scale_cold_rounds=3,
+                    report_rounds=5, report_calls=100, report_seeded_trials=10,
+                    scale_runs=(10_000,), scale_steps_per_run=100, scale_cold_rounds=2,
                     scale_cold_small=True, scale_step_runs=100, scale_extra_steps=1000,
                     ranks=1000, rank_runs=100, rank_epochs=2, rank_epoch_s=5.0),
 }
