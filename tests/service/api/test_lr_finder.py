@@ -6,8 +6,13 @@ import math
 
 from tests.service.api.conftest import make_run
 
-RANGE = {"type": "LRRangeTest", "min_lr": 1e-5, "max_lr": 10.0, "num_steps": 80,
-         "then": {"type": "CosineAnnealingLR", "T_max": 50}}
+RANGE = {
+    "type": "LRRangeTest",
+    "min_lr": 1e-5,
+    "max_lr": 10.0,
+    "num_steps": 80,
+    "then": {"type": "CosineAnnealingLR", "T_max": 50},
+}
 
 
 def synthetic_loss(lr: float) -> float:
@@ -20,7 +25,9 @@ def test_range_test_suggests_and_switches(api):
     lrs = [api.get("/v1/runs/rt").json()["lrs"]]
     switched_at = None
     for k in range(1, 120):
-        answer = api.post("/v1/runs/rt/step", json={"step": k, "metrics": {"loss": synthetic_loss(lrs[-1][0])}})
+        answer = api.post(
+            "/v1/runs/rt/step", json={"step": k, "metrics": {"loss": synthetic_loss(lrs[-1][0])}}
+        )
         assert answer.status_code == 200, answer.text
         lrs.append(answer.json()["lrs"])
         if answer.json()["switched_at"] is not None:
@@ -46,8 +53,11 @@ def test_lr_finder_on_another_schedule_is_409(api):
 
 
 def test_range_test_cannot_be_a_stage(api):
-    spec = {"type": "SequentialLR", "milestones": [5],
-            "schedulers": [{"type": "LinearLR"}, {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 1.0}]}
+    spec = {
+        "type": "SequentialLR",
+        "milestones": [5],
+        "schedulers": [{"type": "LinearLR"}, {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 1.0}],
+    }
     response = api.post("/v1/runs", json={"schedule": spec, "base_lrs": [0.1]})
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "schedule.schedulers.1"

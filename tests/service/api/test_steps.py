@@ -57,11 +57,16 @@ def test_plateau_through_post_step_equals_torch(api):
 
 
 def test_warmup_then_plateau_reduces_after_the_warmup(api):
-    spec = {"type": "SequentialLR", "milestones": [3],
-            "schedulers": [{"type": "LinearLR", "start_factor": 0.1, "total_iters": 3}, PLATEAU]}
+    spec = {
+        "type": "SequentialLR",
+        "milestones": [3],
+        "schedulers": [{"type": "LinearLR", "start_factor": 0.1, "total_iters": 3}, PLATEAU],
+    }
     make_run(api, "wp", spec)
-    lrs = [api.post("/v1/runs/wp/step", json={"step": k, "metrics": {"val_loss": 1.0}}).json()["lrs"][0]
-           for k in range(1, 10)]
+    lrs = [
+        api.post("/v1/runs/wp/step", json={"step": k, "metrics": {"val_loss": 1.0}}).json()["lrs"][0]
+        for k in range(1, 10)
+    ]
     assert lrs[0] < lrs[2] == 0.1  # warming up to the base LR at the milestone
     assert lrs[-1] < 0.1  # then the plateau stage reduced it
 
@@ -90,8 +95,14 @@ def test_control_lands_on_the_first_free_step_and_nothing_before(api):
     [
         pytest.param({"action": "scale", "factor": 0.1}, [0.0625 * 0.1, 0.0625 * 0.1 * 0.5], id="scale"),
         pytest.param({"action": "hold"}, [0.0625, 0.0625], id="hold"),
-        pytest.param({"action": "replace_schedule", "schedule": {"type": "ConstantLR", "factor": 0.5,
-                      "total_iters": 5}}, [0.0625 * 0.5, 0.0625 * 0.5], id="replace"),
+        pytest.param(
+            {
+                "action": "replace_schedule",
+                "schedule": {"type": "ConstantLR", "factor": 0.5, "total_iters": 5},
+            },
+            [0.0625 * 0.5, 0.0625 * 0.5],
+            id="replace",
+        ),
         pytest.param({"action": "stop"}, [0.0625, 0.0625 * 0.5], id="stop"),
     ],
 )
@@ -124,8 +135,11 @@ def test_hold_then_resume_changes_status(api):
         pytest.param({"action": "set_lr"}, "body", id="set-lr-without-value"),
         pytest.param({"action": "scale", "factor": -1}, "factor", id="negative-factor"),
         pytest.param({"action": "scale", "factor": 0.5, "at_step": 0}, "at_step", id="at-step-not-free"),
-        pytest.param({"action": "replace_schedule", "schedule": {"type": "StepLR"}},
-                     "schedule.step_size", id="bad-new-schedule"),
+        pytest.param(
+            {"action": "replace_schedule", "schedule": {"type": "StepLR"}},
+            "schedule.step_size",
+            id="bad-new-schedule",
+        ),
         pytest.param({"action": "explode"}, "action", id="unknown-action"),
     ],
 )
@@ -177,8 +191,11 @@ def test_preview_matches_torch_and_simulates_plateau(api):
     body = {"schedule": spec, "base_lrs": [0.1, 0.3], "steps": 30}
     answer = api.post("/v1/schedules/preview", json=body).json()
     assert answer["lrs"] == [lrs for lrs, _ in reference.trajectory(spec, [0.1, 0.3], 30)]
-    plateau = post(api, "/v1/schedules/preview", {
-        "schedule": PLATEAU, "base_lrs": [0.1], "steps": len(LOSSES) + 1, "metrics": {"val_loss": LOSSES}}).json()
+    plateau = post(
+        api,
+        "/v1/schedules/preview",
+        {"schedule": PLATEAU, "base_lrs": [0.1], "steps": len(LOSSES) + 1, "metrics": {"val_loss": LOSSES}},
+    ).json()
     assert plateau["lrs"] == [lrs for lrs, _ in reference.trajectory(PLATEAU, [0.1], len(LOSSES) + 1, LOSSES)]
 
 

@@ -26,44 +26,84 @@ EXAMPLES = [
         id="cyclic-momentum",
     ),
     pytest.param(
-        {"type": "CyclicLR", "base_lr": [0.01, 0.02], "max_lr": 0.3, "step_size_up": 4,
-         "mode": "exp_range", "gamma": 0.97, "cycle_momentum": False},
+        {
+            "type": "CyclicLR",
+            "base_lr": [0.01, 0.02],
+            "max_lr": 0.3,
+            "step_size_up": 4,
+            "mode": "exp_range",
+            "gamma": 0.97,
+            "cycle_momentum": False,
+        },
         id="cyclic-exp-range",
     ),
     pytest.param({"type": "OneCycleLR", "max_lr": 0.5, "total_steps": 100}, id="one-cycle"),
     pytest.param(
-        {"type": "OneCycleLR", "max_lr": [0.5, 0.1], "epochs": 10, "steps_per_epoch": 10,
-         "three_phase": True, "anneal_strategy": "linear"},
+        {
+            "type": "OneCycleLR",
+            "max_lr": [0.5, 0.1],
+            "epochs": 10,
+            "steps_per_epoch": 10,
+            "three_phase": True,
+            "anneal_strategy": "linear",
+        },
         id="one-cycle-three-phase",
     ),
     pytest.param({"type": "LambdaLR", "lr_lambda": "0.95 ** step"}, id="lambda"),
-    pytest.param({"type": "LambdaLR", "lr_lambda": ["min(1.0, (step + 1) / 10)", "0.95 ** step"]}, id="lambda-per-group"),
-    pytest.param({"type": "MultiplicativeLR", "lr_lambda": "0.9 if step % 3 == 0 else 1.0"}, id="multiplicative"),
     pytest.param(
-        {"type": "SequentialLR", "milestones": [10],
-         "schedulers": [{"type": "LinearLR", "start_factor": 0.01, "total_iters": 10},
-                        {"type": "CosineAnnealingLR", "T_max": 50}]},
+        {"type": "LambdaLR", "lr_lambda": ["min(1.0, (step + 1) / 10)", "0.95 ** step"]},
+        id="lambda-per-group",
+    ),
+    pytest.param(
+        {"type": "MultiplicativeLR", "lr_lambda": "0.9 if step % 3 == 0 else 1.0"}, id="multiplicative"
+    ),
+    pytest.param(
+        {
+            "type": "SequentialLR",
+            "milestones": [10],
+            "schedulers": [
+                {"type": "LinearLR", "start_factor": 0.01, "total_iters": 10},
+                {"type": "CosineAnnealingLR", "T_max": 50},
+            ],
+        },
         id="warmup-cosine",
     ),
     pytest.param(
-        {"type": "ChainedScheduler",
-         "schedulers": [{"type": "SequentialLR", "milestones": [5, 20],
-                         "schedulers": [{"type": "ConstantLR", "factor": 0.1, "total_iters": 5},
-                                        {"type": "ExponentialLR", "gamma": 0.9},
-                                        {"type": "StepLR", "step_size": 3}]},
-                        {"type": "MultiStepLR", "milestones": [30, 40], "gamma": 0.5}]},
+        {
+            "type": "ChainedScheduler",
+            "schedulers": [
+                {
+                    "type": "SequentialLR",
+                    "milestones": [5, 20],
+                    "schedulers": [
+                        {"type": "ConstantLR", "factor": 0.1, "total_iters": 5},
+                        {"type": "ExponentialLR", "gamma": 0.9},
+                        {"type": "StepLR", "step_size": 3},
+                    ],
+                },
+                {"type": "MultiStepLR", "milestones": [30, 40], "gamma": 0.5},
+            ],
+        },
         id="sequential-in-chained",
     ),
     pytest.param(
-        {"type": "ChainedScheduler",
-         "schedulers": [{"type": "ConstantLR", "factor": 0.1, "total_iters": 2},
-                        {"type": "ExponentialLR", "gamma": 0.9}]},
+        {
+            "type": "ChainedScheduler",
+            "schedulers": [
+                {"type": "ConstantLR", "factor": 0.1, "total_iters": 2},
+                {"type": "ExponentialLR", "gamma": 0.9},
+            ],
+        },
         id="chained",
     ),
     pytest.param(
-        {"type": "ChainedScheduler",
-         "schedulers": [{"type": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 5},
-                        {"type": "ExponentialLR", "gamma": 0.99}]},
+        {
+            "type": "ChainedScheduler",
+            "schedulers": [
+                {"type": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 5},
+                {"type": "ExponentialLR", "gamma": 0.99},
+            ],
+        },
         id="chained-cyclic-momentum",
     ),
 ]
@@ -72,8 +112,10 @@ EXAMPLES = [
 def _per_group(spec) -> bool:
     """Whether the spec carries per-group lists (then it needs exactly two groups here)."""
     if isinstance(spec, dict):
-        return any(isinstance(v, list) and k not in ("milestones", "schedulers") or _per_group(v)
-                   for k, v in spec.items())
+        return any(
+            isinstance(v, list) and k not in ("milestones", "schedulers") or _per_group(v)
+            for k, v in spec.items()
+        )
     if isinstance(spec, list):
         return any(_per_group(v) for v in spec)
     return False
@@ -102,7 +144,7 @@ def test_engine_equals_torch(spec, base_lrs):
     ours = engine_trajectory(spec, base_lrs, STEPS)
     theirs = reference.trajectory(spec, base_lrs, STEPS)
     assert [list(lrs) for lrs, _ in ours] == [lrs for lrs, _ in theirs]
-    for (_, our_moms), (_, their_moms) in zip(ours, theirs):
+    for (_, our_moms), (_, their_moms) in zip(ours, theirs, strict=False):
         if our_moms is not None:
             assert list(our_moms) == their_moms
 
@@ -115,8 +157,28 @@ def test_momentums_reported_only_when_cycled():
 
 
 PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 2, "threshold": 0.01, "cooldown": 1}
-LOSSES = [1.0, 0.9, 0.95, 0.93, 0.94, 0.96, 0.7, 0.71, 0.72, 0.73, 0.74, 0.75, float("nan"),
-          0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+LOSSES = [
+    1.0,
+    0.9,
+    0.95,
+    0.93,
+    0.94,
+    0.96,
+    0.7,
+    0.71,
+    0.72,
+    0.73,
+    0.74,
+    0.75,
+    float("nan"),
+    0.8,
+    0.8,
+    0.8,
+    0.8,
+    0.8,
+    0.8,
+    0.8,
+]
 
 
 def test_plateau_equals_torch_fed_the_same_metrics():
@@ -137,15 +199,18 @@ def test_plateau_ignores_steps_without_its_metric():
 
 def test_warmup_then_plateau_follows_the_documented_rule():
     warm = 5
-    spec = {"type": "SequentialLR", "milestones": [warm],
-            "schedulers": [{"type": "LinearLR", "start_factor": 0.2, "total_iters": warm}, PLATEAU]}
+    spec = {
+        "type": "SequentialLR",
+        "milestones": [warm],
+        "schedulers": [{"type": "LinearLR", "start_factor": 0.2, "total_iters": warm}, PLATEAU],
+    }
     ours = engine_trajectory(spec, [0.1], len(LOSSES) + 1, LOSSES)
     # By hand: torch's LinearLR for the warm-up, base LR at the milestone, then a torch
     # ReduceLROnPlateau fed the metrics reported with steps k > warm.
     opt = reference.make_optimizer([0.1])
     linear = reference.build({"type": "LinearLR", "start_factor": 0.2, "total_iters": warm}, opt)
     expected = [float(opt.param_groups[0]["lr"])]
-    for k in range(1, warm):
+    for _ in range(1, warm):
         opt.step()
         linear.step()
         expected.append(float(opt.param_groups[0]["lr"]))
@@ -207,8 +272,13 @@ class TestActions:
     def test_replace_schedule_starts_from_current_lrs(self):
         engine = self.make()
         engine.advance()
-        apply_action(engine, {"action": "replace_schedule",
-                              "schedule": {"type": "LinearLR", "start_factor": 0.5, "total_iters": 2}})
+        apply_action(
+            engine,
+            {
+                "action": "replace_schedule",
+                "schedule": {"type": "LinearLR", "start_factor": 0.5, "total_iters": 2},
+            },
+        )
         assert engine.values()[0] == (0.5 * 0.5, 0.25 * 0.5)
         engine.advance()
         engine.advance()
@@ -218,7 +288,9 @@ class TestActions:
 def test_one_cycle_past_its_end_is_a_schedule_error():
     from service.errors import ScheduleError
 
-    engine = Engine(parse_schedule({"type": "OneCycleLR", "max_lr": 0.1, "total_steps": 5}, n_groups=1), [0.1])
+    engine = Engine(
+        parse_schedule({"type": "OneCycleLR", "max_lr": 0.1, "total_steps": 5}, n_groups=1), [0.1]
+    )
     with pytest.raises(ScheduleError):
         for _ in range(10):
             engine.advance()
@@ -266,7 +338,9 @@ def test_any_spec_survives_a_snapshot(data, n_groups, cut, losses):
     for k in range(1, SAFE_STEPS // 2 + cut):
         if k == cut:
             restored = Engine.restore(codec.loads(codec.dumps(original.snapshot())))
-        reports = {m: losses[k] for m in ("val_loss", "val_acc", "train_loss")} if losses[k] is not None else None
+        reports = (
+            {m: losses[k] for m in ("val_loss", "val_acc", "train_loss")} if losses[k] is not None else None
+        )
         original.advance(reports)
         if restored is not None:
             restored.advance(reports)

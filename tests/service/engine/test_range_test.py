@@ -42,13 +42,20 @@ def test_smoothing_early_stop_and_suggestion_equal_lightnings(tmp_path):
     torch.manual_seed(0)
     model = TinyRegression()
     trainer = lightning.Trainer(
-        default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
     )
     finder = lightning.tuner.Tuner(trainer).lr_find(model, min_lr=1e-5, max_lr=10.0, num_training=100)
-    ours = RangeTest(min_lr=1e-5, max_lr=10.0, num_steps=100, mode="exponential", beta=0.98,
-                     early_stop_threshold=4.0)
-    for lr, loss in zip(finder.results["lr"], model.raw_losses):
+    ours = RangeTest(
+        min_lr=1e-5, max_lr=10.0, num_steps=100, mode="exponential", beta=0.98, early_stop_threshold=4.0
+    )
+    for lr, loss in zip(finder.results["lr"], model.raw_losses, strict=False):
         assert not ours.done  # Lightning went on, so must we
         ours.record(lr, loss)
     assert ours.losses == finder.results["loss"]
@@ -58,17 +65,20 @@ def test_smoothing_early_stop_and_suggestion_equal_lightnings(tmp_path):
 
 
 def test_lr_rises_from_min_to_max():
-    test = RangeTest(min_lr=1e-4, max_lr=1.0, num_steps=4, mode="exponential", beta=0.98,
-                     early_stop_threshold=None)
+    test = RangeTest(
+        min_lr=1e-4, max_lr=1.0, num_steps=4, mode="exponential", beta=0.98, early_stop_threshold=None
+    )
     assert [test.lr_at(k) for k in range(5)] == [1e-4 * (1.0 / 1e-4) ** (k / 4) for k in range(5)]
-    linear = RangeTest(min_lr=0.0001, max_lr=1.0, num_steps=4, mode="linear", beta=0.98,
-                       early_stop_threshold=None)
+    linear = RangeTest(
+        min_lr=0.0001, max_lr=1.0, num_steps=4, mode="linear", beta=0.98, early_stop_threshold=None
+    )
     assert linear.lr_at(4) == 1.0
 
 
 def test_too_few_points_falls_back():
-    test = RangeTest(min_lr=1e-4, max_lr=1.0, num_steps=100, mode="exponential", beta=0.98,
-                     early_stop_threshold=4.0)
+    test = RangeTest(
+        min_lr=1e-4, max_lr=1.0, num_steps=100, mode="exponential", beta=0.98, early_stop_threshold=4.0
+    )
     for k in range(11):
         test.record(test.lr_at(k), 1.0 - k * 0.05)
     assert test.steepest() is None  # the first ten and the last point are skipped: nothing left

@@ -17,13 +17,21 @@ from service.app import create_app
 from service.settings import Settings
 
 ASSET = Path(__file__).parent / "assets" / "events_v1.jsonl"
-SCHEDULE = {"type": "SequentialLR", "milestones": [5], "schedulers": [
-    {"type": "LinearLR", "start_factor": 0.1, "total_iters": 5},
-    {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 1, "threshold": 0.01}]}
+SCHEDULE = {
+    "type": "SequentialLR",
+    "milestones": [5],
+    "schedulers": [
+        {"type": "LinearLR", "start_factor": 0.1, "total_iters": 5},
+        {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 1, "threshold": 0.01},
+    ],
+}
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp, TestClient(create_app(Settings(db=f"sqlite:///{tmp}/f.db"))) as api:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        TestClient(create_app(Settings(db=f"sqlite:///{tmp}/f.db"))) as api,
+    ):
         api.post("/v1/runs", json={"run_id": "frozen", "schedule": SCHEDULE, "base_lrs": [0.1, 0.02]})
         losses = [1.0, 0.9, 0.95, 0.96, 0.97, 0.8, 0.81, 0.82, 0.83, 0.84, 0.85, 0.86, 0.87]
         for k, loss in enumerate(losses, start=1):
@@ -37,8 +45,10 @@ def main() -> None:
         store = api.app.state.manager.store
         record = store.read_run("frozen")
         lines = [{"spec": record.spec, "horizon": horizon, "lrs": lrs}]
-        lines += [{"seq": e.seq, "kind": e.kind.value, "step": e.step, "payload": e.payload}
-                  for e in store.read_events("frozen")]
+        lines += [
+            {"seq": e.seq, "kind": e.kind.value, "step": e.step, "payload": e.payload}
+            for e in store.read_events("frozen")
+        ]
     ASSET.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
