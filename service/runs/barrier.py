@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 from starlette.concurrency import run_in_threadpool
 
+from service.errors import InvalidInput
 from service.runs.manager import RunManager, Window
 
 POLL_S = 0.02
@@ -39,9 +40,9 @@ class Barriers:
         if state.world_size == 1 or not watched or step <= state.horizon:
             return await run_in_threadpool(self.manager.step_run, run_id, step, metrics, rank, ahead)
         if rank >= state.world_size:
-            from service.errors import InvalidInput
-
-            raise InvalidInput.at("rank", f"must be below the run's world_size ({state.world_size}), got {rank}")
+            raise InvalidInput.at(
+                "rank", f"must be below the run's world_size ({state.world_size}), got {rank}"
+            )
         await run_in_threadpool(self.manager.report_to_barrier, run_id, step, rank, metrics, watched)
         key = (run_id, step)
         wakeup = self._wakeups.setdefault(key, asyncio.Event())
