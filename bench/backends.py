@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.hot_path import RECENT, final_paths, load_row, paired_ratio, prepare_runs
-from bench.loadgen import load
+from bench.hot_path import RECENT, final_paths, load_row, paired_ratio, prepare_runs, settled_load
 from bench.servers import Pool, pg_problem
 from bench.sizes import Size
 from bench.stats import rotations
 
 NAME = "backends"
+OLD = "final, old steps"
 TITLE = "Figure 5: backends, SQLite x1 vs PostgreSQL x1 vs PostgreSQL x2 processes"
 
 
@@ -53,24 +53,24 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
             ids = prepare_runs(server.port, f"be-{tag}", runs=size.hot_runs)
             paths[(label, "final")] = [final_paths(ids)] * size.load_rounds
             if server.workers > 1:
-                paths[(label, "final, old steps")] = [final_paths(ids, low=0, high=RECENT)] * size.load_rounds
+                paths[(label, OLD)] = [final_paths(ids, low=0, high=RECENT)] * size.load_rounds
             paths[(label, "commit")] = [
                 _commit_paths(prepare_runs(server.port, f"bc-{tag}-{r}", runs=commit_runs, horizon=0))
                 for r in range(size.load_rounds + 1)  # one set for the warm-up
             ]
         for (label, kind), sets in paths.items():  # warm-up: every worker loads the runs
-            if size.load_warmup_s:
-                load(servers[label].port, sets[-1] if kind == "commit" else sets[0],
-                     connections=size.load_connections, duration_s=size.load_warmup_s)
+            if size.load_warmup_s and kind != OLD:
+                warm = sets[-1] if kind == "commit" else sets[0]
+                settled_load(servers[label], warm, size, size.load_warmup_s)
         results: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in paths}
-        for r, order in enumerate(rotations(list(servers), size.load_rounds)):
-            for kind in ("final", "commit", "final, old steps"):
-                for label in order:
-                    if (label, kind) not in paths:
-                        continue
-                    results[(label, kind)].append(load(servers[label].port, paths[(label, kind)][r],
-                                                       connections=size.load_connections,
-                                                       duration_s=size.load_seconds))
+        for kinds in (("final", "commit"), (OLD,)):  # old steps last: their replays queue up
+            for r, order in enumerate(rotations(list(servers), size.load_rounds)):
+                for kind in kinds:
+                    for label in order:
+                        if (label, kind) in paths:
+                            paths_now = paths[(label, kind)][r]
+                            results[(label, kind)].append(
+                                settled_load(servers[label], paths_now, size, size.load_seconds))
     rows = []
     for (label, kind), rounds in results.items():
         row = {"server": label, **load_row(kind, rounds)}

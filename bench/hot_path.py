@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import report
 from bench.loadgen import load, wrk_path
-from bench.servers import Pool, http_get
+from bench.servers import Pool, Server, http_get
 from bench.sizes import Size
 from bench.stats import median, rotations
 
@@ -64,16 +64,23 @@ def final_paths(ids: list[str], low: int = RECENT, high: int = HORIZON, ahead: i
     return paths
 
 
-def measure_loads(port: int, targets: dict[str, list[str]], size: Size) -> dict[str, list[dict[str, Any]]]:
+def settled_load(server: Server, paths: list[str], size: Size, seconds: float) -> dict[str, Any]:
+    """One load, then wait for the server to go idle (nothing queued spills into the next)."""
+    result = load(server.port, paths, connections=size.load_connections, duration_s=seconds)
+    server.settle()
+    return result
+
+
+def measure_loads(server: Server, targets: dict[str, list[str]],
+                  size: Size) -> dict[str, list[dict[str, Any]]]:
     """Warm each target up once, then load them in rotated order for ``load_rounds`` rounds."""
     for paths in targets.values():
         if size.load_warmup_s:
-            load(port, paths, connections=size.load_connections, duration_s=size.load_warmup_s)
+            settled_load(server, paths, size, size.load_warmup_s)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for order in rotations(list(targets), size.load_rounds):
         for name in order:
-            results[name].append(load(port, targets[name], connections=size.load_connections,
-                                      duration_s=size.load_seconds))
+            results[name].append(settled_load(server, targets[name], size, size.load_seconds))
     return results
 
 
@@ -110,7 +117,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
             "lr window": final_paths(ids, ahead=99),
             "lr, lean route (prototype)": [p.replace("/v1/", "/bench/lean/v1/", 1) for p in final_paths(ids)],
         }
-        results = measure_loads(server.port, targets, size)
+        results = measure_loads(server, targets, size)
     rows = []
     for name, rounds in results.items():
         row = load_row(name, rounds)

@@ -136,7 +136,8 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
             small.stop()
         rows, extra = _memory(big, size)
         big_db = big.db
-    rows += _cold_start(big_db, small_db, "warm-0", work, size)
+    if size.scale_cold_rounds:
+        rows += _cold_start(big_db, small_db, "warm-0", work, size)
     ranks = _ranks(size, pool)
     rows.append({"what": f"ranks: {ranks['ranks']:,} ranks over {ranks['runs']} runs, p99 all requests",
                  "value": ranks["all_p99_ms"], "unit": "ms", "rss_mb": None, "errors": ranks["errors"],

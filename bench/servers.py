@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -135,6 +137,34 @@ class Server:
     def rss_bytes(self) -> int:
         """Resident memory of all its processes, from ``/proc/PID/status`` (VmRSS)."""
         return sum(rss_of(pid) for pid in self.pids())
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of all its processes so far, from ``/proc/PID/stat``."""
+        ticks = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def settle(self, idle_share: float = 0.1, window_s: float = 0.1, limit_s: float = 5.0) -> float:
+        """Wait until the server is idle (below ``idle_share`` of a core over ``window_s``).
+
+        A load generator that stops leaves answers queued in the server (thread pool work,
+        replays); without this wait they would run during, and be charged to, the next load.
+        Returns the seconds waited.
+        """
+        began = time.perf_counter()
+        last = self.cpu_seconds()
+        while time.perf_counter() - began < limit_s:
+            time.sleep(window_s)
+            now = self.cpu_seconds()
+            if now - last <= idle_share * window_s:
+                break
+            last = now
+        return time.perf_counter() - began
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -259,12 +289,31 @@ class Pool:
         self._stack = contextlib.ExitStack()
         self._sqlite: Server | None = None
         self._pg: dict[int, Server] = {}
+        self._warmer: threading.Thread | None = None
         if share:
             self._sqlite = self._track(Server(sqlite_url(work, "shared"), work, app="bench", name="shared"))
             if pg_problem() is None:
                 url = self._stack.enter_context(pg_schema())
                 for workers in (1, 2):
                     self._pg[workers] = self._track(Server(url, work, workers=workers, name=f"pg{workers}"))
+            self._warmer = threading.Thread(target=self._warm_all, name="bench-pool-warm", daemon=True)
+            self._warmer.start()
+
+    def _warm_all(self) -> None:
+        """Create a run on each shared server (each worker, likely) while the first figure runs:
+        the first run of a process pays torch's lazy imports (seconds), once."""
+        body = json.dumps({"run_id": "pool-warm", "base_lrs": [0.1],
+                           "schedule": {"type": "StepLR", "step_size": 10}})
+        for server in [s for s in (self._sqlite, *self._pg.values()) if s is not None]:
+            try:
+                server.wait_ready()
+                for _ in range(2 * server.workers - 1):  # fresh connections reach both workers
+                    conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
+                    conn.request("POST", "/v1/runs", body, {"content-type": "application/json"})
+                    conn.getresponse().read()
+                    conn.close()
+            except (OSError, RuntimeError):
+                return  # best effort: a figure that needs the server will report the problem
 
     def _track(self, server: Server) -> Server:
         self._stack.callback(server.stop)
@@ -296,4 +345,6 @@ class Pool:
             yield {w: s.wait_ready() for w, s in servers.items()}
 
     def close(self) -> None:
+        if self._warmer is not None:
+            self._warmer.join(timeout=60)
         self._stack.close()

@@ -29,7 +29,7 @@ class Size:
     # figure 4: scale
     scale_runs: tuple[int, ...]  # cumulative run counts at which memory is read
     scale_steps_per_run: int
-    scale_cold_rounds: int
+    scale_cold_rounds: int  # 0: no cold start (the tiny size: a start is most of its time)
     scale_cold_small: bool  # also time the one-run database (the comparison)
     scale_step_runs: int  # runs stepped further, for the memory of one held step
     scale_extra_steps: int
@@ -41,9 +41,9 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", step_rounds=1, step_segment=100, step_work_s=0.0001,
-                 load_rounds=1, load_seconds=0.3, load_connections=8, load_warmup_s=0.0, hot_runs=4,
+                 load_rounds=1, load_seconds=0.3, load_connections=8, load_warmup_s=0.0, hot_runs=2,
                  report_rounds=1, report_calls=10, report_seeded_trials=2,
-                 scale_runs=(50,), scale_steps_per_run=10, scale_cold_rounds=1,
+                 scale_runs=(50,), scale_steps_per_run=10, scale_cold_rounds=0,
                  scale_cold_small=False, scale_step_runs=5, scale_extra_steps=100,
                  ranks=20, rank_runs=4, rank_epochs=2, rank_epoch_s=0.5),
     "quick": Size("quick", step_rounds=2, step_segment=600, step_work_s=0.0001,
