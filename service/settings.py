@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     tokens: str = Field("", description="Comma-separated role:token pairs (roles: read, write, admin).")
     tokens_file: Path | None = Field(None, description="File with one role:token per line.")
     insecure: bool = Field(False, description="Allow a non-loopback bind without tokens.")
+    db_wait_s: float = Field(
+        0.0, ge=0, description="`lrserve serve`: how long to wait for the database at start-up."
+    )
 
     barrier_timeout_s: float = Field(
         30.0, gt=0, description="How long a metric barrier waits for every rank before deciding."

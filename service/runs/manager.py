@@ -136,7 +136,8 @@ class RunManager:
         state.created_at = record.created_at
         for event in self.store.read_events(run_id):
             if event.kind.is_input and event.kind is not EventKind.CREATED and event.step > state.horizon:
-                state.inputs.add(event)
+                state.take_input(event)
+            state.note_watched(event)
             state.last_seq = max(state.last_seq, event.seq)
         state.advance_to(record.horizon)
         state.publish()
@@ -338,7 +339,7 @@ class RunManager:
         if tx.run.last_seq > state.last_seq:
             for event in tx.read_events(state.last_seq):
                 if event.kind.is_input and event.kind is not EventKind.CREATED:
-                    state.inputs.add(event)
+                    state.take_input(event)
             state.last_seq = tx.run.last_seq
         state.advance_to(tx.run.horizon)
         state.publish()  # committed by another process: durable already
@@ -366,7 +367,7 @@ class RunManager:
             placed = at_step if at_step is not None else first_free
             events.append(NewEvent(EventKind.CONTROL, placed, payload))
         for event in events:
-            state.inputs.add(_as_event(event))
+            state.take_input(_as_event(event))
         return events, placed
 
     @contextmanager
@@ -438,14 +439,14 @@ class RunManager:
         Raises:
             RunConflict: the run's schedule is not an LRRangeTest.
         """
-        state = self._caught_up(run_id)
+        state = self.caught_up(run_id)
         with state.lock:
             test = state.engine.range_test
             if test is None:
                 raise RunConflict(f"run {run_id!r} has no LRRangeTest schedule")
             return {**test.public(), "switched_at": state.switched_at}
 
-    def _caught_up(self, run_id: str) -> RunState:
+    def caught_up(self, run_id: str) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further)."""
         record = self.store.read_run(run_id)
         state = self.state(run_id)
@@ -458,7 +459,7 @@ class RunManager:
 
     def history(self, run_id: str, max_points: int) -> dict[str, Any]:
         """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
-        state = self._caught_up(run_id)
+        state = self.caught_up(run_id)
         horizon = state.horizon
         steps = _downsample(range(horizon + 1), max_points)
         values = self.values_between(run_id, 0, horizon)

@@ -95,6 +95,17 @@ class RunState:
         marks = self.marks
         self.status, self.stopped_at, self.switched_at = marks.status, marks.stopped_at, marks.switched_at
 
+    def take_input(self, event: Event) -> None:
+        """Queue a decision input for its step, and learn what a new schedule watches."""
+        self.inputs.add(event)
+        self.note_watched(event)
+
+    def note_watched(self, event: Event) -> None:
+        """A ``replace_schedule`` action may bring metrics to watch from then on."""
+        if event.kind is EventKind.CONTROL and event.payload.get("action") == "replace_schedule":
+            schedule = parse_schedule(event.payload["schedule"], n_groups=self.n_groups)
+            self.watched = self.watched | watched_metrics(schedule, self.n_groups)
+
     def cached(self, step: int) -> Values | None:
         index = step - self.first_step
         if 0 <= index < len(self.values):

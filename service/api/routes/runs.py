@@ -91,6 +91,7 @@ def list_runs(
 @router.get("/{run_id}", response_model=RunPublic, dependencies=[ReadAccess])
 def read_run(run_id: RunId, manager: ManagerDep) -> Response:
     """Read one run, with its values at the horizon."""
+    manager.caught_up(run_id)  # another replica may have gone further
     return FastJSONResponse(run_public(manager, manager.store.read_run(run_id)))
 
 

@@ -211,3 +211,12 @@ def test_health_ready_and_metrics(api):
     lr_at(api, "t", 0, ahead=3)
     text = api.get("/metrics").text
     assert "lrserve_requests_total" in text and "lrserve_steps_committed_total 3.0" in text
+
+
+def test_replaced_schedule_watches_its_own_metric(api):
+    make_run(api, "rw", {"type": "ExponentialLR", "gamma": 0.9})
+    plateau = {"type": "ReduceLROnPlateau", "monitor": "val_acc", "mode": "max", "patience": 0, "factor": 0.5}
+    api.post("/v1/runs/rw/control", json={"action": "replace_schedule", "schedule": plateau})
+    lrs = [api.post("/v1/runs/rw/step", json={"step": k, "metrics": {"val_acc": 0.5}}).json()["lrs"][0]
+           for k in range(1, 5)]
+    assert lrs[-1] < lrs[1]  # val_acc did not improve: the new plateau stage reduced the LR
