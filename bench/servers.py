@@ -274,9 +274,9 @@ def pg_schema() -> Iterator[str]:
 
 
 class Pool:
-    """The servers a suite run uses: fresh ones per figure, or (``share=True``, the tiny size
-    of the smoke test) one SQLite server and one pair of PostgreSQL servers, started
-    together at the beginning and shared by every figure.
+    """The servers a suite run uses: fresh ones per figure, or (``share=True``: the tiny and
+    quick sizes) one SQLite server and one pair of PostgreSQL servers, started together at
+    the beginning and shared by every figure.
 
     Starting a server costs seconds here (Python, torch, and torch's lazy imports on the
     first run), which is most of a tiny run. Sharing does not make a measurement invalid,

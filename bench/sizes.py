@@ -1,4 +1,8 @@
-"""The three sizes of the suite: ``tiny`` (smoke test), ``quick`` (under a minute), ``default``.
+"""The three sizes of the suite: ``tiny`` (smoke test), ``quick`` (about a minute), ``default``.
+
+``tiny`` and ``quick`` share their servers between figures (``servers.Pool``): a server
+start costs seconds here. Only ``default`` starts fresh servers per figure; its numbers
+are the ones to quote.
 
 Each figure reads its knobs from ``Size``; one object keeps the suite's total time readable
 in one place.
@@ -47,12 +51,12 @@ SIZES = {
                  scale_cold_small=False, scale_step_runs=5, scale_extra_steps=100,
                  ranks=20, rank_runs=4, rank_epochs=2, rank_epoch_s=0.5),
     "quick": Size("quick", step_rounds=2, step_segment=600, step_work_s=0.0001,
-                  load_rounds=2, load_seconds=1.0, load_connections=32, load_warmup_s=0.5, hot_runs=16,
+                  load_rounds=1, load_seconds=1.0, load_connections=32, load_warmup_s=0.5, hot_runs=8,
                  
                   report_rounds=2, report_calls=50, report_seeded_trials=5,
-                  scale_runs=(1000,), scale_steps_per_run=100, scale_cold_rounds=1,
-                  scale_cold_small=True, scale_step_runs=20, scale_extra_steps=500,
-                  ranks=200, rank_runs=20, rank_epochs=2, rank_epoch_s=2.0),
+                  scale_runs=(500,), scale_steps_per_run=100, scale_cold_rounds=1,
+                  scale_cold_small=False, scale_step_runs=20, scale_extra_steps=500,
+                  ranks=200, rank_runs=20, rank_epochs=2, rank_epoch_s=1.5),
     "default": Size("default", step_rounds=3, step_segment=1500, step_work_s=0.0001,
                     load_rounds=3, load_seconds=2.0, load_connections=64, load_warmup_s=1.0, hot_runs=16,
                    
