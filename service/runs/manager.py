@@ -26,7 +26,7 @@ from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
 from service.errors import InvalidInput, RunConflict
 from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
-from service.store.base import BaseStore, RunRecord, RunTransaction, Snapshot
+from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
 from service.store.events import EventKind, NewEvent
 
 
@@ -229,11 +229,14 @@ class RunManager:
         """
         state = self.state(run_id)
         self._check_jump(state, step)
-        if metrics:
-            self.store.append_metrics(run_id, _records(metrics, step, rank))
+        records = _records(metrics, step, rank)
         watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
         if step > state.horizon:
-            self.commit(run_id, step, metric=(step, watched) if watched else None)
+            # One write transaction: the metrics, the decision and the whole window asked for.
+            end = min(step + min(ahead, self.settings.max_ahead), step + self.settings.max_jump)
+            self.commit(run_id, end, metric=(step, watched) if watched else None, records=records)
+        elif records:
+            self.store.append_metrics(run_id, records)
         return self.window(run_id, step, ahead)
 
     # -- the metric barrier -------------------------------------------------------------
@@ -282,8 +285,11 @@ class RunManager:
         metric: tuple[int, dict[str, float]] | None = None,
         action: tuple[int | None, dict[str, Any]] | None = None,
         extra_events: Sequence[NewEvent] = (),
+        records: Sequence[MetricRecord] = (),
     ) -> int | None:
         """Advance the run to ``target`` (at least), placing a new decision on the way.
+
+        ``records`` (metric history) are written in the same transaction.
 
         Returns:
             The step an ``action`` was placed at, if one was given.
@@ -294,7 +300,7 @@ class RunManager:
                 if state.evicted:  # a commit failed while we waited: take the reloaded state
                     continue
                 try:
-                    return self._commit_locked(state, target, metric, action, extra_events)
+                    return self._commit_locked(state, target, metric, action, extra_events, records)
                 except _RunReplaced:  # evicted on the way out; the next turn loads the new run
                     continue
 
@@ -305,11 +311,14 @@ class RunManager:
         metric: tuple[int, dict[str, float]] | None,
         action: tuple[int | None, dict[str, Any]] | None,
         extra_events: Sequence[NewEvent],
+        records: Sequence[MetricRecord] = (),
     ) -> int | None:
         run_id = state.run_id
         with self._evicting_on_error(state):
             with self.store.lock_run(run_id) as tx:
                 self._catch_up(state, tx)
+                if records:
+                    tx.append_metrics(records)
                 old_horizon = tx.run.horizon
                 new_events, placed = self._place(state, tx, metric, action)
                 if metric is None or new_events:  # extra events go with a decision that was taken
@@ -478,8 +487,6 @@ class RunManager:
 
     def record_metrics(self, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
         """Store history-only metrics (idempotent per name, step and rank)."""
-        from service.store.base import MetricRecord
-
         self.state(run_id)  # 404 for an unknown run
         return self.store.append_metrics(
             run_id, [MetricRecord(r["name"], r["step"], r["rank"], float(r["value"])) for r in records]
@@ -504,8 +511,6 @@ def _rank_order_means(reports: Mapping[int, Mapping[str, float]]) -> dict[str, f
 
 
 def _records(metrics: Mapping[str, float], step: int, rank: int) -> list[Any]:
-    from service.store.base import MetricRecord
-
     return [MetricRecord(name, step, rank, float(value)) for name, value in metrics.items()]
 
 

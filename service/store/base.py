@@ -80,6 +80,10 @@ class RunTransaction(abc.ABC):
         """Append events after the last one; returns them with ``seq`` and ``at`` set."""
 
     @abc.abstractmethod
+    def append_metrics(self, records: Sequence[MetricRecord]) -> int:
+        """Record metric values with this transaction (as ``BaseStore.append_metrics``)."""
+
+    @abc.abstractmethod
     def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
         """Set the horizon and/or status (``updated_at`` follows). The horizon never goes down."""
 

@@ -311,7 +311,7 @@ class SqlStore(BaseStore):
         """
         with self._transaction(write=True) as conn:
             row = self._require_run(conn, run_id, "hold")
-            tx = SqlRunTransaction(conn, self._read_record(conn, row))
+            tx = SqlRunTransaction(conn, self._read_record(conn, row), self)
             try:
                 yield tx
             finally:
@@ -374,15 +374,17 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        now = _now()
-        rows = [_metric_row(run_id, r, now) for r in records]
-        new = 0
         with self._transaction(write=True) as conn:
             self._require_run(conn, run_id, "keep")
-            if rows:  # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs
-                insert = self._insert(metrics).on_conflict_do_nothing().returning(metrics.c.step)
-                new = len(conn.execute(insert, rows).all())
-        return new
+            return self._insert_metrics(conn, run_id, records)
+
+    def _insert_metrics(self, conn: Connection, run_id: str, records: Sequence[MetricRecord]) -> int:
+        rows = [_metric_row(run_id, r, _now()) for r in records]
+        if not rows:
+            return 0
+        # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs
+        insert = self._insert(metrics).on_conflict_do_nothing().returning(metrics.c.step)
+        return len(conn.execute(insert, rows).all())
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.
@@ -454,10 +456,16 @@ class SqlRunTransaction(RunTransaction):
     writes (``last_seq``, ``horizon``, ``status``, ``updated_at``).
     """
 
-    def __init__(self, conn: Connection, run: RunRecord) -> None:
+    def __init__(self, conn: Connection, run: RunRecord, store: SqlStore | None = None) -> None:
         self._conn = conn
         self.run = run
         self.closed = False
+        self._store = store
+
+    def append_metrics(self, records: Sequence[MetricRecord]) -> int:
+        """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
+        assert self._store is not None
+        return self._store._insert_metrics(self._connection(), self.run.run_id, records)
 
     def _connection(self) -> Connection:
         if self.closed:

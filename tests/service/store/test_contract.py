@@ -267,6 +267,16 @@ class TestStoreContract:
         advance(store, "r1", 1)  # the lock was released
         assert store.read_run("r1").last_seq == 2
 
+    def test_metrics_in_lock_run_commit_and_roll_back_with_it(self, store):
+        make(store)
+        with store.lock_run("r1") as tx:
+            assert tx.append_metrics([MetricRecord("loss", 1, 0, 0.5), MetricRecord("loss", 1, 0, 0.7)]) == 1
+        with pytest.raises(ZeroDivisionError):
+            with store.lock_run("r1") as tx:
+                tx.append_metrics([MetricRecord("loss", 2, 0, 0.4)])
+                raise ZeroDivisionError
+        assert store.read_metrics("r1") == {"loss": [(1, 0, 0.5)]}
+
     def test_transaction_is_unusable_after_its_block(self, store):
         make(store)
         with store.lock_run("r1") as tx:
