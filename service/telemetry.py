@@ -73,5 +73,7 @@ class TelemetryMiddleware:
 
 
 def _route_of(scope: dict[str, Any]) -> str:
+    if "lrserve.route" in scope:  # answered by the fast path, before routing
+        return scope["lrserve.route"]
     route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"

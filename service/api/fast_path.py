@@ -1,0 +1,84 @@
+"""The hot path, answered before FastAPI: ``GET /v1/runs/{run_id}/lr`` of final steps.
+
+Profiling (docs/performance.md) showed FastAPI's dependency solving and validation taking
+most of a request whose answer is already in memory. This ASGI layer answers exactly
+those requests itself — a well-formed query, an authorised token, every step in the
+window final and cached — with the same body the route would give. Anything else
+(errors, steps to commit, other routes) goes on to the FastAPI app unchanged, so the
+route stays the one definition of the behaviour and of the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api.routes.steps import window_public
+from service.errors import LRServeError
+
+ROUTE = "/v1/runs/{run_id}/lr"
+_PATH = re.compile(r"^/v1/runs/([A-Za-z0-9._-]{1,128})/lr$")
+_MAX_STEP = 2**53
+
+
+class FastWindows:
+    """Serves cached windows of final values; passes every other request on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            body = self._answer(scope)
+            if body is not None:
+                scope["lrserve.route"] = ROUTE
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def _answer(self, scope: Scope) -> bytes | None:
+        match = _PATH.match(scope["path"])
+        if match is None:
+            return None
+        query = _parse_query(scope.get("query_string", b""))
+        if query is None:
+            return None
+        app = scope["app"]
+        manager = getattr(app.state, "manager", None)
+        if manager is None:
+            return None
+        try:
+            app.state.auth.require(_header(scope, b"authorization"), "read")
+        except LRServeError:
+            return None  # the route answers 401/403 with its usual body
+        window = manager.cached_window(match.group(1), *query)
+        return None if window is None else orjson.dumps(window_public(window))
+
+
+def _parse_query(raw: bytes) -> tuple[int, int] | None:
+    """``step`` and ``ahead`` when the query holds exactly those, as plain non-negative ints."""
+    try:
+        pairs = parse_qsl(raw.decode("latin-1"), strict_parsing=True)
+    except ValueError:
+        return None
+    params: dict[str, Any] = dict(pairs)
+    if len(params) != len(pairs) or not set(params) <= {"step", "ahead"} or "step" not in params:
+        return None
+    values = [params["step"], params.get("ahead", "0")]
+    if not all(v.isdigit() and v.isascii() for v in values):
+        return None
+    step, ahead = (int(v) for v in values)
+    return (step, ahead) if step <= _MAX_STEP else None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
