@@ -4,7 +4,9 @@ Per-batch stepping calls ``scheduler.step()`` after every optimizer step, and on
 epoch's last batch ``scheduler.step(metrics)`` after validation: the metric then describes
 the training done at the previous step's values, as API.md's step rule wants. Per-epoch
 stepping makes only that last call. Nothing in the hot path forces a GPU sync: the
-training loss is accumulated on the device and read once per epoch.
+training loss is accumulated on the device and read once per epoch. Except while a range
+test runs: then every step carries the training loss (``step_metrics``), the batch's, or
+the epoch's mean when stepping per epoch, since the server chooses the LR from them.
 
 Timing: a step is one batch (to device, forward, backward, optimizer, scheduler); the
 time spent inside ``scheduler.step()`` is measured separately, so the summary can say
@@ -111,6 +113,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision
     return Evaluation(local[0] / local[2], local[1] / local[2], total[0] / total[2], total[1] / total[2])
 
 
+def _no_metrics(loss: Any) -> None:
+    """Plain steps carry no metric (no range test): the scheduler's fast path."""
+    return None
+
+
 @dataclass
 class EpochContext:
     """What ``train_epoch`` works with; built once per run."""
@@ -124,6 +131,7 @@ class EpochContext:
     on_step: Any  # (step, epoch) -> None, after each scheduler.step()
     on_batch: Any  # () -> None, after each batch (progress bar)
     times: StepTimes = field(default_factory=StepTimes)
+    step_metrics: Any = field(default=_no_metrics)  # (loss) -> a range test's metrics, or None
 
 
 def train_epoch(ctx: EpochContext, epoch: int, validate: Any, report: Any) -> tuple[float, Evaluation]:
@@ -157,10 +165,11 @@ def train_epoch(ctx: EpochContext, epoch: int, validate: Any, report: Any) -> tu
         seen += len(yb)
         if i < last:
             if ctx.step_per == "batch":
+                metrics = ctx.step_metrics(loss.detach())
                 t1 = time.perf_counter()
-                ctx.scheduler.step()
+                ctx.scheduler.step(metrics)
                 t2 = time.perf_counter()
-                ctx.times.add(t2 - t0, t2 - t1)
+                ctx.times.add(t2 - t0, t2 - t1, report=metrics is not None)
                 ctx.on_step(ctx.scheduler.last_epoch, epoch)
             else:
                 ctx.times.add(time.perf_counter() - t0, 0.0)
@@ -172,8 +181,10 @@ def train_epoch(ctx: EpochContext, epoch: int, validate: Any, report: Any) -> tu
         evaluation = validate()
         train_loss = float(loss_sum) / max(1, seen)
         ctx.scheduler.log(train_loss=train_loss)
+        test_loss = loss.detach() if ctx.step_per == "batch" else train_loss
+        metrics = {**report(evaluation), **(ctx.step_metrics(test_loss) or {})}
         t1 = time.perf_counter()
-        ctx.scheduler.step(report(evaluation))
+        ctx.scheduler.step(metrics)
         sched_s = time.perf_counter() - t1
         ctx.times.add(computed + sched_s, sched_s, report=True)
         ctx.on_step(ctx.scheduler.last_epoch, epoch)
