@@ -20,6 +20,10 @@ rank together, after the checkpoint is saved. The last line rank 0 prints is a s
 final val accuracy, mean step time (step_ms), the share of step time spent in
 scheduler.step() (scheduler_share), the mean plain scheduler.step() (scheduler_us) and the
 mean epoch-end step that reports the metric (report_ms: a request, maybe a barrier wait).
+With an LR range test (--schedule range-test, or a JSON LRRangeTest spec) every step reports
+the training loss until the run switches to its `then` schedule; the weights of before the
+test are restored then, rank 0 prints the lr-finder's suggestions, and the summary adds
+chosen_lr and switched_at.
 """
 
 

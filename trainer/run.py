@@ -3,6 +3,8 @@
 Every rank runs this. They share one run id, so the server hands all of them the same
 values at every step; they leave the loop together (a stop is agreed by all_reduce at
 epoch ends, because a rank that left alone would hang the others in DDP's all_reduce).
+An ``LRRangeTest`` schedule adds the per-step loss reports and the restore at the switch
+(``trainer.range_test``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from trainer import checkpoint, ddp
 from trainer.data import load_split, train_loader, val_shard
 from trainer.loop import EpochContext, Evaluation, evaluate, make_precision, train_epoch
 from trainer.model import make_model
+from trainer.range_test import RangeTest, allreduce_mean, finder_line, read_finder, weights_fingerprint
 from trainer.schedules import resolve_schedule
 from trainer.trace import Trace
 
@@ -63,16 +66,21 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     precision = make_precision(env.device, args.amp)
     barrier = args.metric_mode == "barrier"
+    test = RangeTest(schedule, model, optimizer,
+                     mean=float if barrier else allreduce_mean(env.all_sum, env.world_size))
     scheduler = RemoteScheduler(
         optimizer, schedule, run_id=run_id, url=args.url, token=args.token,
         steps_per_epoch=steps_per_epoch, rank=env.rank, world_size=env.world_size if barrier else 1,
         labels={"trainer": "digits", "metric_mode": args.metric_mode},
+        on_schedule_switch=test.on_switch if test.enabled else None,
     )
     with scheduler:
         done = 0
         if saved is not None:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
+        test.start(saved)
+        if saved is not None:
             scheduler.load_state_dict(saved["scheduler"])
             if precision.scaler is not None and saved.get("scaler"):
                 precision.scaler.load_state_dict(saved["scaler"])
@@ -93,9 +101,22 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
             return ({"val_loss": ev.local_loss, "val_acc": ev.local_acc} if barrier
                     else {"val_loss": ev.loss, "val_acc": ev.acc})
 
+        finder: dict[str, Any] | None = None
+
+        def on_step(step: int, epoch: int) -> None:
+            nonlocal finder
+            trace.step(step, epoch, optimizer)
+            if test.just_switched():  # this step ended the range test; the weights are restored
+                trace.record("switch", step=test.switched_at, epoch=epoch,
+                             lrs=[float(g["lr"]) for g in optimizer.param_groups],
+                             weights=weights_fingerprint(model))
+                if env.is_main:
+                    finder = read_finder(args.url, args.token, scheduler.run_id)
+                    bar.write(finder_line(finder) if finder else f"range test over at step {step}")
+
         ctx = EpochContext(net, optimizer, scheduler, loader, precision, args.step_per,
-                           on_step=lambda step, epoch: trace.step(step, epoch, optimizer),
-                           on_batch=lambda: bar.update(1))
+                           on_step=on_step, on_batch=lambda: bar.update(1),
+                           step_metrics=test.step_metrics)
         stopped = env.any(scheduler.should_stop)
         evaluation: Evaluation | None = None
         epoch = done
@@ -108,7 +129,7 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
                 checkpoint.save(args.checkpoint, epoch=epoch, model=model, optimizer=optimizer,
                                 scheduler=scheduler, scaler=precision.scaler,
                                 extra={"run_id": scheduler.run_id, "schedule": schedule,
-                                       "steps_per_epoch": steps_per_epoch})
+                                       "steps_per_epoch": steps_per_epoch, **test.checkpoint_extra()})
             if env.is_main:
                 bar.write(f"epoch {epoch}/{args.epochs}  lr {optimizer.param_groups[0]['lr']:.4g}  "
                           f"train_loss {train_loss:.4f}  val_loss {evaluation.loss:.4f}  "
@@ -125,8 +146,24 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
             "stopped": stopped, "device": env.device.type, "amp": precision.name,
             "world_size": env.world_size, "metric_mode": args.metric_mode,
         }
+        if test.enabled:
+            summary.update(_range_test_summary(args, scheduler.run_id, test, finder, env.is_main))
     if env.is_main:
         print("summary " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+
+
+def _range_test_summary(args: argparse.Namespace, run_id: str, test: RangeTest,
+                        finder: dict[str, Any] | None, is_main: bool) -> dict[str, Any]:
+    """``chosen_lr`` and ``switched_at`` for rank 0's summary (read now if not at the switch)."""
+    if not is_main:
+        return {}
+    if test.running:
+        print("trainer: the range test was still running when training ended; give it more "
+              "--epochs or fewer num_steps", flush=True)
+    if finder is None:  # resumed after the switch, or the test never ended
+        finder = read_finder(args.url, args.token, run_id)
+    finder = finder or {}
+    return {"chosen_lr": finder.get("chosen"), "switched_at": finder.get("switched_at")}
 
 
 def _schedule(args: argparse.Namespace, steps_per_epoch: int, saved: dict[str, Any] | None,
