@@ -59,12 +59,25 @@ def _plateau(steps_per_epoch: int, epochs: int, lr: float) -> Spec:
     return {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 1, "threshold": 0.01}
 
 
+def _range_test(steps_per_epoch: int, epochs: int, lr: float) -> Spec:
+    # Two epochs of an exponential sweep (enough points past the 10 the suggestion skips),
+    # then cosine decay from the suggested LR. T_max spans the whole job so the cosine never
+    # passes its minimum and rises again, wherever the test stops early.
+    num_steps = max(2, 2 * steps_per_epoch)
+    return {
+        "type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 10.0, "num_steps": num_steps,
+        "then": {"type": "CosineAnnealingLR", "T_max": max(1, steps_per_epoch * epochs)},
+    }
+
+
 EXAMPLES: dict[str, tuple[Callable[[int, int, float], Spec], str]] = {
     "warmup-plateau": (_warmup_plateau, "1 epoch linear warm-up from 0.1x, then halve on a val_loss plateau"),
     "warmup-cosine": (_warmup_cosine, "1 epoch linear warm-up, then cosine decay to 0.01x"),
     "onecycle": (_one_cycle, "OneCycleLR to --lr over the whole run (cycles momentum)"),
     "step": (_step, "halve the LR every 2 epochs"),
     "plateau": (_plateau, "ReduceLROnPlateau alone (patience 1)"),
+    "range-test": (_range_test, "2 epochs of LR range test 1e-4 to 10, then cosine decay from the "
+                   "suggested LR (weights restored at the switch)"),
 }
 
 
