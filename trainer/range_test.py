@@ -80,10 +80,12 @@ class RangeTest:
         optimizer: Its optimizer (momentum buffers are restored too).
         mean: Turns this rank's loss into the value to report (the identity with the
             barrier, the all_reduced mean in allreduce mode).
+        scaler: fp16's GradScaler, if any: the test's overflows lower its scale, so it is
+            restored too.
     """
 
     def __init__(self, spec: Mapping[str, Any], model: torch.nn.Module, optimizer: Any,
-                 mean: Callable[[float], float] = float) -> None:
+                 mean: Callable[[float], float] = float, scaler: Any | None = None) -> None:
         self.enabled = is_range_test(spec)
         self.running = self.enabled
         self.monitor = str(spec.get("monitor") or "loss")
@@ -91,6 +93,7 @@ class RangeTest:
         self._model = model
         self._optimizer = optimizer
         self._mean = mean
+        self._scaler = scaler
         self._saved: dict[str, Any] | None = None
         self._untraced = False
 
@@ -108,8 +111,13 @@ class RangeTest:
         elif checkpoint is not None and checkpoint.get(SNAPSHOT_KEY) is not None:
             self._saved = checkpoint[SNAPSHOT_KEY]
         else:
-            self._saved = {"model": copy.deepcopy(self._model.state_dict()),
-                           "optimizer": copy.deepcopy(self._optimizer.state_dict())}
+            self._saved = self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
+        scaler = self._scaler.state_dict() if self._scaler is not None else None
+        return {"model": copy.deepcopy(self._model.state_dict()),
+                "optimizer": copy.deepcopy(self._optimizer.state_dict()),
+                "scaler": copy.deepcopy(scaler)}
 
     def step_metrics(self, loss: Any) -> dict[str, float] | None:
         """What to pass to ``scheduler.step()`` for a step that trained with ``loss``.
@@ -126,6 +134,8 @@ class RangeTest:
         if self._saved is not None:
             self._model.load_state_dict(self._saved["model"])
             self._optimizer.load_state_dict(self._saved["optimizer"])
+            if self._scaler is not None and self._saved.get("scaler"):
+                self._scaler.load_state_dict(self._saved["scaler"])
         self._saved = None
         self.running = False
         self.switched_at = int(scheduler.last_epoch)

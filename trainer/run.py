@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     precision = make_precision(env.device, args.amp)
     barrier = args.metric_mode == "barrier"
-    test = RangeTest(schedule, model, optimizer,
+    test = RangeTest(schedule, model, optimizer, scaler=precision.scaler,
                      mean=float if barrier else allreduce_mean(env.all_sum, env.world_size))
     scheduler = RemoteScheduler(
         optimizer, schedule, run_id=run_id, url=args.url, token=args.token,

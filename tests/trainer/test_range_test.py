@@ -162,6 +162,29 @@ def test_reports_the_loss_every_step_until_the_switch_restores_the_weights():
     assert test.step_metrics(torch.tensor(3.0)) is None and test.checkpoint_extra() == {}
 
 
+class Scaler:
+    """GradScaler's state surface (fp16 runs only, which this CPU cannot make)."""
+
+    def __init__(self) -> None:
+        self.scale = 65536.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale = state["scale"]
+
+
+def test_the_switch_restores_the_fp16_loss_scale():
+    model, opt = model_and_optimizer()
+    scaler = Scaler()
+    test = RangeTest(RANGE, model, opt, scaler=scaler)
+    test.start(None)
+    scaler.scale = 0.5  # the test's overflows halved it again and again
+    test.on_switch(SimpleNamespace(last_epoch=9))
+    assert scaler.scale == 65536.0
+
+
 def test_a_job_resumed_mid_test_restores_the_checkpoints_saved_state(tmp_path):
     model, opt = model_and_optimizer()
     test = RangeTest(RANGE, model, opt)
