@@ -20,6 +20,7 @@ Policy (documented in the README):
 from __future__ import annotations
 
 import atexit
+import math
 import random
 import sys
 import threading
@@ -225,7 +226,9 @@ class MetricBuffer:
     def _remove(self, batch: Sequence[tuple[Key, float]]) -> None:
         with self._cv:
             for key, value in batch:
-                if self._records.get(key) == value:  # re-logged meanwhile: keep the new value
+                held = self._records.get(key)
+                # re-logged meanwhile: keep the new value (NaN != NaN, so compare bit patterns)
+                if held is not None and _same(held, value):
                     del self._records[key]
             self.sent += len(batch)
             self._failures = 0
@@ -269,3 +272,8 @@ def _flush_open_buffers() -> None:
                 f"(last error: {buffer.last_error})",
                 file=sys.stderr,
             )
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal as floats, or both NaN (a diverged loss is sent once, like any value)."""
+    return a == b or (math.isnan(a) and math.isnan(b))

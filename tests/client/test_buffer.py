@@ -156,3 +156,14 @@ def test_sender_thread_starts_lazily_and_stops_on_close(made):
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError):
         MetricBuffer(Sink(), max_records=0)
+
+
+def test_a_sent_nan_leaves_the_buffer(made):
+    """NaN != NaN must not keep a delivered record (it was re-sent forever)."""
+    sink = Sink()
+    buffer = make(made, sink)
+    buffer.add("loss", 1, 0, float("nan"))
+    assert buffer.flush(5.0)
+    assert len(buffer) == 0
+    assert buffer.close(5.0) == 0
+    assert len(sink.batches) == 1
