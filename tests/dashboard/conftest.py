@@ -8,7 +8,6 @@ is missing and cannot be installed.
 from __future__ import annotations
 
 import os
-
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path

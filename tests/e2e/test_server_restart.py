@@ -10,9 +10,14 @@ from tests.service.engine import reference
 
 pytestmark = pytest.mark.slow
 
-PLATEAU_AFTER_WARMUP = {"type": "SequentialLR", "milestones": [4], "schedulers": [
-    {"type": "LinearLR", "start_factor": 0.25, "total_iters": 4},
-    {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 1}]}
+PLATEAU_AFTER_WARMUP = {
+    "type": "SequentialLR",
+    "milestones": [4],
+    "schedulers": [
+        {"type": "LinearLR", "start_factor": 0.25, "total_iters": 4},
+        {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 1},
+    ],
+}
 
 
 def test_kill_9_and_restart_keeps_every_value_and_acknowledgement(tmp_path):
@@ -20,19 +25,32 @@ def test_kill_9_and_restart_keeps_every_value_and_acknowledgement(tmp_path):
     server = ServerProcess(db, tmp_path).start()
     try:
         with httpx.Client(base_url=server.url, timeout=10) as http:
-            http.post("/v1/runs", json={"run_id": "t", "schedule": {"type": "CosineAnnealingLR", "T_max": 700},
-                                        "base_lrs": [0.1, 0.05]}).raise_for_status()
-            http.post("/v1/runs", json={"run_id": "p", "schedule": PLATEAU_AFTER_WARMUP,
-                                        "base_lrs": [0.1]}).raise_for_status()
+            http.post(
+                "/v1/runs",
+                json={
+                    "run_id": "t",
+                    "schedule": {"type": "CosineAnnealingLR", "T_max": 700},
+                    "base_lrs": [0.1, 0.05],
+                },
+            ).raise_for_status()
+            http.post(
+                "/v1/runs", json={"run_id": "p", "schedule": PLATEAU_AFTER_WARMUP, "base_lrs": [0.1]}
+            ).raise_for_status()
             handed = {}
             for start in range(0, 2400, 200):  # crosses several snapshots
                 w = http.get("/v1/runs/t/lr", params={"step": start, "ahead": 199}).json()["window"]
                 handed.update({start + i: row for i, row in enumerate(w["lrs"])})
-            plateau = [http.post("/v1/runs/p/step", json={"step": k, "metrics": {"val_loss": 1.0}}).json()["lrs"]
-                       for k in range(1, 12)]
+            plateau = [
+                http.post("/v1/runs/p/step", json={"step": k, "metrics": {"val_loss": 1.0}}).json()["lrs"]
+                for k in range(1, 12)
+            ]
             action = http.post("/v1/runs/p/control", json={"action": "scale", "factor": 0.1}).json()
-            accepted = http.post("/v1/runs/t/metrics", json={"records": [
-                {"step": s, "name": "train_loss", "value": 1 / (s + 1)} for s in range(50)]})
+            accepted = http.post(
+                "/v1/runs/t/metrics",
+                json={
+                    "records": [{"step": s, "name": "train_loss", "value": 1 / (s + 1)} for s in range(50)]
+                },
+            )
             assert accepted.status_code == 202
         server.kill()
         server = ServerProcess(db, tmp_path, port=server.port).start()
@@ -61,7 +79,9 @@ def test_refuses_public_bind_without_tokens(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--host", "0.0.0.0", "--db", f"sqlite:///{tmp_path}/x.db"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "--insecure" in result.stderr
