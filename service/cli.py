@@ -1,5 +1,5 @@
 """The ``lrserve`` command: ``lrserve serve`` starts the server; the operator commands
-(``runs``, ``control``, ``preview``, ``history``) come from the client package."""
+(``runs``, ``control``, ``preview``, ``history``, ``lr-finder``) come from the client package."""
 
 from __future__ import annotations
 
