@@ -7,7 +7,6 @@ import builtins
 import csv
 import io
 import json
-import math
 
 import pytest
 from starlette.testclient import TestClient
@@ -16,19 +15,7 @@ import client._cli as cli
 from client._cli import EXIT_OK, EXIT_SERVER_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, add_operator_commands, main
 from service import create_app
 from service.settings import Settings
-
-RANGE = {
-    "type": "LRRangeTest",
-    "min_lr": 1e-5,
-    "max_lr": 10.0,
-    "num_steps": 80,
-    "then": {"type": "CosineAnnealingLR", "T_max": 50},
-}
-
-
-def synthetic_loss(lr: float) -> float:
-    """Falls fastest near lr = 0.01, flat below, explodes above 1 (as the API's own test)."""
-    return 2.0 - math.tanh(math.log10(lr / 0.01) + 1.0) + (50.0 * lr if lr > 1 else 0.0)
+from tests.service.api.test_lr_finder import RANGE, synthetic_loss  # the API test's own curve
 
 
 @pytest.fixture
