@@ -94,11 +94,6 @@ class RunManager:
             "world_size": int(request.get("world_size") or 1),
         }
 
-    def read_run(self, run_id: str) -> tuple[RunRecord, RunState]:
-        """The stored record and the loaded state (values at the horizon)."""
-        state = self.state(run_id)
-        return self.store.read_run(run_id), state
-
     def delete_run(self, run_id: str) -> None:
         self.store.delete_run(run_id)
         state = self._runs.get(run_id)
@@ -135,7 +130,7 @@ class RunManager:
         state = self._fresh_state(record, snapshot)
         state.created_at = record.created_at
         for event in self.store.read_events(run_id):
-            if event.kind.is_input and event.kind is not EventKind.CREATED and event.step > state.horizon:
+            if event.kind.is_step_input and event.step > state.horizon:
                 state.take_input(event)
             state.note_watched(event)
             state.last_seq = max(state.last_seq, event.seq)
@@ -162,7 +157,7 @@ class RunManager:
         record = self.store.read_run(run_id)
         replay = self._fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
         for event in self.store.read_events(run_id):
-            if event.kind.is_input and event.kind is not EventKind.CREATED and event.step > replay.horizon:
+            if event.kind.is_step_input and event.step > replay.horizon:
                 replay.inputs.add(event)
         replay.advance_to(end)
         replay.publish()
@@ -347,7 +342,7 @@ class RunManager:
             raise _RunReplaced(state.run_id)
         if tx.run.last_seq > state.last_seq:
             for event in tx.read_events(state.last_seq):
-                if event.kind.is_input and event.kind is not EventKind.CREATED:
+                if event.kind.is_step_input:
                     state.take_input(event)
             state.last_seq = tx.run.last_seq
         state.advance_to(tx.run.horizon)

@@ -24,8 +24,9 @@ class EventKind(str, enum.Enum):
     SCHEDULE_SWITCH = "schedule_switch"  # output: the schedule changed (range test ended)
 
     @property
-    def is_input(self) -> bool:
-        return self in (EventKind.CREATED, EventKind.METRIC, EventKind.CONTROL)
+    def is_step_input(self) -> bool:
+        """Placed at a step and applied when the engine reaches it (replay queues these)."""
+        return self in (EventKind.METRIC, EventKind.CONTROL)
 
 
 @dataclass(frozen=True)
