@@ -23,7 +23,7 @@ from typing import Any
 from service.engine import codec
 from service.engine.engine import Engine, ScheduleSwitch, Values
 from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
-from service.errors import InvalidInput, RunConflict
+from service.errors import InvalidInput, RunConflict, RunNotFound
 from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
 from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
@@ -69,14 +69,24 @@ class RunManager:
         """
         spec = self._canonical_spec(request)
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
+        try:  # every rank joins: an existing run needs no torch engine built to check the spec
+            return self._same_run(self.store.read_run(run_id), spec), False
+        except RunNotFound:
+            pass
+        schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
+        Engine(schedule, spec["base_lrs"], spec["base_momentums"])  # torch must accept it on these LRs
         created = NewEvent(EventKind.CREATED, 0, {"spec": spec})
         record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
-        if not is_new and record.spec != spec:
+        return (record if is_new else self._same_run(record, spec)), is_new
+
+    @staticmethod
+    def _same_run(record: RunRecord, spec: dict[str, Any]) -> RunRecord:
+        if record.spec != spec:
             raise RunConflict(
-                f"run {run_id!r} already exists with a different spec; pick another run_id",
+                f"run {record.run_id!r} already exists with a different spec; pick another run_id",
                 errors=[],
             )
-        return record, is_new
+        return record
 
     def _canonical_spec(self, request: Mapping[str, Any]) -> dict[str, Any]:
         base_lrs = [float(v) for v in request["base_lrs"]]
@@ -86,7 +96,6 @@ class RunManager:
             raise InvalidInput.at(
                 "base_momentums", f"expected {len(base_lrs)} values (one per param group), got {len(moms)}"
             )
-        Engine(schedule, base_lrs, moms)  # torch itself must accept it on these LRs
         return {
             "schedule": spec_to_json(schedule),
             "base_lrs": base_lrs,
