@@ -191,15 +191,16 @@ class RunManager:
             InvalidInput: ``step`` is negative or jumps too far beyond the horizon.
             ScheduleError: torch cannot reach that step.
         """
-        state = self.state(run_id)
-        end = step + min(ahead, self.settings.max_ahead)
-        if state.cached(end) is None or state.cached(step) is None:
-            self._check_jump(state, step)
-            end = min(end, max(state.horizon, step) + self.settings.max_jump)
-            if end > state.horizon:
-                self.commit(run_id, end)
-            state = self.state(run_id)
-        return self._window(state, step, end)
+        state = self.state(run_id)  # loads the run if this process has not yet
+        window = self.cached_window(run_id, step, ahead)
+        if window is not None:
+            return window
+        self._check_jump(state, step)
+        wanted = step + min(ahead, self.settings.max_ahead)
+        end = min(wanted, max(state.horizon, step) + self.settings.max_jump)
+        if end > state.horizon:
+            self.commit(run_id, end)
+        return self._window(self.state(run_id), step, end)
 
     def _window(self, state: RunState, step: int, end: int) -> Window:
         if state.cached(step) is None:
