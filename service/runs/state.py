@@ -10,6 +10,7 @@ from typing import Any
 
 from service.engine.engine import Engine, PlateauReduction, ScheduleSwitch, Values, apply_action
 from service.engine.spec import parse_schedule, watched_metrics
+from service.runs.value_log import ValueLog
 from service.store.events import Event, EventKind
 
 
@@ -67,7 +68,8 @@ class RunState:
         self.engine = engine
         self.inputs = Inputs()
         self.first_step = engine.step
-        self.values: list[Values] = [engine.values()]
+        self.values = ValueLog(self.n_groups, momentum=engine.reports_momentum)  # packed: all runs hold it
+        self.values.append(engine.values())
         self.last_seq = last_seq
         self.status = "active"
         self.stopped_at: int | None = None

@@ -1,0 +1,75 @@
+"""``ValueLog``: a run's final values in memory, packed into arrays of doubles."""
+
+from __future__ import annotations
+
+import operator
+from array import array
+from collections.abc import Iterable, Iterator
+from itertools import repeat
+from typing import overload
+
+from service.engine.engine import Values
+
+
+class ValueLog:
+    """The values of consecutive steps, read like a list of ``Values`` tuples.
+
+    Every final step of every loaded run stays in memory, so its form matters: as tuples of
+    floats a step costs ~148 B (one group); here each float is 8 B in an ``array('d')``,
+    groups interleaved (step ``i``'s LRs are ``lrs[i*g : (i+1)*g]``). A float64 goes in and
+    comes out bit for bit; the tuples are built again on each read.
+    """
+
+    __slots__ = ("n_groups", "_shape", "_lrs", "_moms")
+
+    def __init__(self, n_groups: int, momentum: bool) -> None:
+        self.n_groups = n_groups
+        self._shape = (n_groups, n_groups if momentum else None)  # of a step's (LRs, momentums)
+        self._lrs = array("d")
+        self._moms = array("d") if momentum else None
+
+    def __len__(self) -> int:
+        return len(self._lrs) // self.n_groups
+
+    @overload
+    def __getitem__(self, key: int) -> Values: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[Values]: ...
+    def __getitem__(self, key: int | slice) -> Values | list[Values]:
+        if isinstance(key, slice):
+            start, stop, stride = key.indices(len(self))
+            if stride != 1:
+                return [self[i] for i in range(start, stop, stride)]
+            return self._steps(start, max(start, stop))
+        index = operator.index(key)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("ValueLog index out of range")
+        at = slice(index * self.n_groups, (index + 1) * self.n_groups)
+        return tuple(self._lrs[at]), None if self._moms is None else tuple(self._moms[at])
+
+    def append(self, values: Values) -> None:
+        lrs, moms = values
+        shape = (len(lrs), None if moms is None else len(moms))
+        if shape != self._shape:
+            raise ValueError(f"expected {self._shape} (LRs, momentums) per step, got {shape}")
+        self._lrs.extend(lrs)
+        if moms is not None and self._moms is not None:
+            self._moms.extend(moms)
+
+    def extend(self, values: Iterable[Values]) -> None:
+        for one in values:
+            self.append(one)
+
+    def _steps(self, start: int, stop: int) -> list[Values]:
+        """Steps ``start .. stop - 1`` as ``Values``, built at C speed (the hot path reads windows)."""
+        g, packed = self.n_groups, self._moms
+        lrs = _tuples(self._lrs[start * g : stop * g], g)
+        moms = repeat(None, stop - start) if packed is None else _tuples(packed[start * g : stop * g], g)
+        return list(zip(lrs, moms, strict=False))  # equal lengths
+
+
+def _tuples(flat: array, size: int) -> Iterator[tuple[float, ...]]:
+    """``flat``'s floats in consecutive tuples of ``size``."""
+    return zip(*[iter(flat)] * size, strict=False)  # len(flat) is a multiple of size
