@@ -154,12 +154,13 @@ class WindowFetcher:
         attempt = 0
         while not cancel.is_set():
             try:
-                self._deliver_pending()
                 first = self._first_step(start, attempt)
                 if first != start:  # moved on: stay before the next report from there
                     ahead = self._limit_ahead(first, ahead)
                 started = self._clock()
-                answer = self._read_window(first, ahead)
+                answer = self._deliver_pending(first, ahead)
+                if answer is None:
+                    answer = self._read_window(first, ahead)
                 took = self._clock() - started
                 self.seconds = took if not self.seconds else (took + self.seconds) / 2
                 self.failures = 0
@@ -191,18 +192,32 @@ class WindowFetcher:
                     return EndOfSchedule(first)
                 ahead //= 2  # the schedule ends inside the window: ask for less
 
-    def _deliver_pending(self) -> None:
+    def _deliver_pending(self, first: int, ahead: int) -> Any:
+        """Post the reports the server has not had, oldest first.
+
+        Returns the answer of the report at step ``first`` (asked with ``ahead``: it is the
+        window wanted), or ``None`` when no report is at that step.
+        """
+        answer = None
         while self.pending:
             step, report = self.pending[0]
-            self._client.step_run(
-                self._run_id(),
-                step,
-                metrics=report,
-                rank=self._rank,
-                timeout=self._report_timeout,
-                max_retries=0,
-            )
+            try:
+                reply = self._client.step_run(
+                    self._run_id(),
+                    step,
+                    metrics=report,
+                    rank=self._rank,
+                    ahead=ahead if step == first else 0,
+                    timeout=self._report_timeout,
+                    max_retries=0,
+                )
+            except LRServiceError as exc:
+                if not is_outage(exc):  # refused for good: raised to the job, not retried
+                    self.pending.popleft()
+                raise
             self.pending.popleft()
+            answer = reply if step == first else None
+        return answer
 
     def _notify(self, _: object) -> None:
         with self._cv:

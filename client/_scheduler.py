@@ -95,6 +95,17 @@ class RemoteScheduler:
             where an ``LRRangeTest`` ended and the run switched to its ``then`` schedule,
             before that step's values are written: restore the weights (and optimizer
             state) saved before the test here, as Lightning's ``lr_find`` does.
+        overlap_decisions: Let ``step(metric)`` return before the server's decision comes,
+            so its round trip (and a metric barrier's wait for the other ranks) overlaps
+            the next batch. The decided values are written when the job next needs them,
+            at the latest just before the next ``optimizer.step()`` (a hook on the
+            optimizer): the optimizer applies exactly the values it would have.
+            ``get_last_lr()``, ``state_dict()``, ``should_stop``, the next ``step()`` and
+            ``optimizer.state_dict()`` wait for them; code that reads ``param_groups``
+            directly in between sees the previous step's values, which is why it is off by
+            default (torch's timing). Ignored with ``strict=True``, for range tests (the
+            switch restores weights before the next batch) and for optimizers whose
+            ``step`` torch does not hook.
 
     Raises:
         InvalidSchedule: The spec is invalid (``errors`` names the field).
@@ -144,6 +155,7 @@ class RemoteScheduler:
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
         on_schedule_switch: Callable[[RemoteScheduler], None] | None = None,
+        overlap_decisions: bool = False,
     ) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups:
@@ -197,6 +209,8 @@ class RemoteScheduler:
         except BaseException:
             self._client.close()
             raise
+        overlap = overlap_decisions and not strict and self.schedule["type"] != "LRRangeTest"
+        self._overlap = overlap and bool(self._watched) and self._hook_optimizer()
 
     def _init_state(self) -> None:
         self.last_epoch = 0
@@ -210,13 +224,16 @@ class RemoteScheduler:
         self._last_window = 1
         self._prefetch_at = _NEVER
         self._end_at = _NEVER  # first step the server said it cannot produce
-        self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
         self._closed = False
         self._switch_at: int | None = None  # where the run's range test switched schedules
         self._switched = False
         self._away = False
         self._warned: set[str] = set()
         self._buffer: MetricBuffer | None = None
+        self._overlap = False
+        self._deciding: int | None = None  # the step whose decision step(metric) left on its way
+        self._hooks: list[Any] = []  # handles of the optimizer hooks that take that decision
+        self._fast = self._fast_ok()
 
     def _create(self, run_id: str | None, labels: Mapping[str, str] | None) -> None:
         run = self._client.create_run(
@@ -277,10 +294,12 @@ class RemoteScheduler:
 
     def get_last_lr(self) -> list[float]:
         """The LRs of the current step, one per param group (as torch's)."""
+        self._settle()
         return list(self._last_lr)
 
     def get_lr(self) -> list[float]:
         """The LRs of the current step (torch computes them here; the server did)."""
+        self._settle()
         return list(self._last_lr)
 
     @property
@@ -288,6 +307,7 @@ class RemoteScheduler:
         """Whether an operator stopped the run: the job should finish (save, exit)."""
         # Tied to the step, not to when an answer came: every rank stops at the same step
         # (a rank's prefetch may learn of the stop before the other rank gets there).
+        self._settle()
         return self._stopped_at is not None and self.last_epoch >= self._stopped_at
 
     @property
@@ -333,6 +353,7 @@ class RemoteScheduler:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume this schedule (plain Python values)."""
+        self._settle()
         return {
             "run_id": self.run_id,
             "url": self._client.base_url,
@@ -359,6 +380,7 @@ class RemoteScheduler:
             LRServiceError: The server could not give the values (it must, to resume).
         """
         self._check_open()
+        self._settle()
         run_id = str(state_dict["run_id"])
         if run_id != self.run_id and self._named_run:
             raise ValueError(
@@ -389,6 +411,10 @@ class RemoteScheduler:
             return
         self._closed = True
         self._fast = False
+        self._deciding = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         self._fetcher.close(timeout)
         for step, report in self._fetcher.pending:  # undelivered decisions still belong in history
             self._log_at(step, report)
@@ -420,6 +446,7 @@ class RemoteScheduler:
 
     def _step_slow(self, metrics: Any, epoch: Any) -> None:
         self._check_open()
+        self._settle()
         if epoch is not None:
             raise TypeError(
                 "RemoteScheduler.step() takes no epoch: the server keeps the schedule's clock "
@@ -478,6 +505,13 @@ class RemoteScheduler:
             self._hold(s, self._fetcher.error)
             return
         self._sizer.observe(s, self._clock())
+        if self._overlap and not self._fetcher.busy:
+            # the worker posts it; the values of s are taken by _settle, when first needed
+            self._fetcher.pending.append((s, report))
+            self._fetcher.submit(s, self._ahead_from(s))
+            self._deciding = s
+            self._fast = False
+            return
         try:
             answer = self._client.step_run(
                 self.run_id,
@@ -576,9 +610,7 @@ class RemoteScheduler:
         self._cadence = Cadence(self.steps_per_epoch, start=s)
         if self._on_switch is not None:
             self._on_switch(self)
-        if not self._away:
-            tensors = any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
-            self._fast = not tensors and not self._closed
+        self._fast = self._fast_ok()
 
     def _accept(self, answer: Mapping[str, Any]) -> None:
         self._status = str(answer.get("status") or self._status)
@@ -688,8 +720,59 @@ class RemoteScheduler:
 
     def _back(self) -> None:
         self._away = False
-        self._fast = not any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups) and not self._closed
+        self._fast = self._fast_ok()
         self._warned.discard("away")
+
+    # -- decisions on their way ---------------------------------------------------------
+
+    def _hook_optimizer(self) -> bool:
+        """Hook the optimizer so a pending decision is applied before it next uses the LRs.
+
+        The hooks go on the innermost torch optimizer (wrappers such as accelerate's share
+        its ``param_groups`` and call its ``step``); where torch does not hook ``step``
+        there is no such guarantee, and ``step(metric)`` waits instead.
+        """
+        opt = _innermost_optimizer(self.optimizer)
+        if not getattr(getattr(type(opt), "step", None), "hooked", False):
+            return False
+        try:
+            self._hooks = [
+                opt.register_step_pre_hook(self._before_optimizer_reads),
+                opt.register_state_dict_pre_hook(self._before_optimizer_reads),
+            ]
+        except (AttributeError, TypeError):  # not a torch optimizer after all
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+            return False
+        return True
+
+    def _before_optimizer_reads(self, *_: Any) -> None:
+        if self._deciding is not None:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Wait for the decision ``step(metric)`` sent, and write its values (now due)."""
+        if self._deciding is None:
+            return
+        s, self._deciding = self._deciding, None
+        self._collect(wait=True)
+        if self._holds(s):
+            self._apply(s)
+        else:  # the server is away: the worker keeps trying to deliver the report
+            self._hold(s, self._fetcher.error)
+        self._fast = self._fast_ok()
+        self._maybe_prefetch(s)
+
+    def _fast_ok(self) -> bool:
+        """Whether ``step()`` may be a bare index: nothing pending, no switch due, float LRs."""
+        return not (
+            self._closed
+            or self._away
+            or self._deciding is not None
+            or (self._switch_at is not None and not self._switched)
+            or any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
+        )
 
     # -- metrics ------------------------------------------------------------------------
 
@@ -753,6 +836,16 @@ def _torch_flavour() -> type[RemoteScheduler]:
         (RemoteScheduler, LRScheduler),
         {"__module__": RemoteScheduler.__module__, "__doc__": RemoteScheduler.__doc__},
     )
+
+
+def _innermost_optimizer(optimizer: Any) -> Any:
+    """The optimizer under wrappers that share its ``param_groups`` (accelerate, Lightning)."""
+    while True:
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        shares_groups = getattr(inner, "param_groups", None) is optimizer.param_groups
+        if inner is None or inner is optimizer or not shares_groups:
+            return optimizer
+        optimizer = inner
 
 
 def _is_tensor(value: Any) -> bool:

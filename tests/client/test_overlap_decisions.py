@@ -1,0 +1,174 @@
+"""``overlap_decisions=True``: ``step(metric)`` returns at once, the optimizer still gets the decision.
+
+The report's round trip overlaps the next batch; a hook applies the decided values just
+before the next ``optimizer.step()``. What must hold: the optimizer applies exactly the
+values it would have (bit-identical weights against torch in process), the decision is
+really made after ``step(metric)`` returned (a metric barrier proves it: the other rank has
+not reported yet), every reader that promises current values waits for it, and an outage
+while a decision is on its way ends as any outage does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("service.app", reason="the server is not importable")
+
+from client import RemoteScheduler, ServerAwayWarning  # noqa: E402
+from tests.client.conftest import PLATEAU  # noqa: E402
+from tests.client.fake_server import Optimizer, expected_lrs  # noqa: E402
+from tests.client.test_e2e_inprocess import (  # noqa: E402
+    PLATEAU_SPEC,
+    STEPS_PER_EPOCH,
+    make_model,
+    train_with_plateau,
+    weights,
+)
+from tests.live_server import ServerProcess  # noqa: E402
+
+BARRIER_PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+
+
+def sgd(lr=0.1):
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+
+
+def record_used_lrs(opt):
+    """The LRs each ``optimizer.step()`` ran with (read in a post-step hook)."""
+    used = []
+    opt.register_step_post_hook(lambda o, args, kwargs: used.append([g["lr"] for g in o.param_groups]))
+    return used
+
+
+def test_overlapped_decisions_give_bit_identical_weights(tmp_path):
+    from starlette.testclient import TestClient
+
+    from service import create_app
+    from service.settings import Settings
+
+    # torch by hand, as test_e2e_inprocess does it: warm-up, then a plateau at the milestone
+    model, opt = make_model("sgd")
+    local_used = record_used_lrs(opt)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=25)
+    plateau = {}
+
+    def local_step(k, metric):
+        if k < 25:
+            warmup.step()
+        elif k == 25:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"]
+            plateau["s"] = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+        elif metric is not None:
+            plateau["s"].step(metric)
+
+    train_with_plateau(model, opt, local_step)
+    local_weights = weights(model)
+    assert len({tuple(lrs) for lrs in local_used[26:]}) > 2  # the plateau did lower the LRs
+
+    model, opt = make_model("sgd")
+    served_used = record_used_lrs(opt)
+    with TestClient(create_app(Settings(db=f"sqlite:///{tmp_path}/t.db"))) as api, RemoteScheduler(
+        opt, PLATEAU_SPEC, run_id="overlap", steps_per_epoch=STEPS_PER_EPOCH, http_client=api,
+        overlap_decisions=True,
+    ) as remote:
+        train_with_plateau(model, opt, lambda k, metric: remote.step(metric))
+    assert served_used == local_used
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), local_weights, strict=True))
+
+
+@pytest.fixture
+def server(tmp_path):
+    proc = ServerProcess(f"sqlite:///{tmp_path}/barrier.db", tmp_path,
+                         env={"LRSERVE_BARRIER_TIMEOUT_S": "20"}).start()
+    yield proc
+    proc.stop()
+
+
+def test_step_with_metric_returns_before_the_other_ranks_reported(server):
+    """Rank 0 overlaps; rank 1 waits (the default). Rank 0's step(metric) cannot have waited
+    for the decision: it is made only when rank 1 reports, after rank 0's call returned."""
+    opt0, opt1 = sgd(), sgd()
+    common = {"run_id": "barrier", "url": server.url, "world_size": 2, "steps_per_epoch": 1}
+    with RemoteScheduler(opt0, BARRIER_PLATEAU, rank=0, overlap_decisions=True, **common) as r0, \
+            RemoteScheduler(opt1, BARRIER_PLATEAU, rank=1, **common) as r1:
+        # epoch 1 sets the best (mean 1.0); epoch 2: rank 0 alone (2.0) would not improve
+        # on it, the mean with rank 1 (0.5) does, so the LR stays only if rank 1 was counted
+        previous = 0.1
+        for metrics, lr in (((1.0, 1.0), 0.1), ((2.0, -1.0), 0.1), ((3.0, 3.0), 0.05)):
+            r0.step(metrics[0])
+            assert opt0.param_groups[0]["lr"] == previous  # not decided yet: written later
+            r1.step(metrics[1])  # waits at the barrier until both reported
+            assert opt1.param_groups[0]["lr"] == lr
+            opt0.step()  # the hook takes the decision first
+            assert opt0.param_groups[0]["lr"] == lr
+            assert r0.get_last_lr() == r1.get_last_lr() == [lr]
+            opt1.step()
+            previous = lr
+
+
+def test_readers_wait_for_the_decision(make_scheduler, fake):
+    """get_last_lr(), state_dict(), optimizer.state_dict() and the next step() see it."""
+    opt = sgd()
+    sched = make_scheduler(opt, PLATEAU, run_id="p", steps_per_epoch=1, overlap_decisions=True)
+    sched.step(1.0)
+    sched.step(2.0)  # not a new best: divided by 10 at step 2
+    assert sched.get_last_lr() == expected_lrs([0.1], 2, {1: 1.0, 2: 2.0})[2]
+    sched.step(3.0)
+    assert sched.state_dict()["_last_lr"] == expected_lrs([0.1], 3, {1: 1.0, 2: 2.0, 3: 3.0})[3]
+    sched.step(4.0)
+    reports = {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    assert opt.state_dict()["param_groups"][0]["lr"] == expected_lrs([0.1], 4, reports)[4][0]
+    sched.step(5.0)
+    sched.step(6.0)  # the step before was decided on the way in
+    reports.update({5: 5.0, 6: 6.0})
+    assert 5 in fake.runs["p"].reports  # step 6 may still be on its way
+    opt.step()
+    assert opt.param_groups[0]["lr"] == expected_lrs([0.1], 6, reports)[6][0]
+
+
+def test_no_overlap_without_a_torch_optimizer_or_when_strict(make_scheduler):
+    """Where no hook can apply the decision later, step(metric) writes it before returning."""
+    plain = Optimizer({"lr": 0.1})
+    sched = make_scheduler(plain, PLATEAU, steps_per_epoch=1, overlap_decisions=True)
+    sched.step(1.0)
+    sched.step(2.0)
+    assert plain.param_groups[0]["lr"] == expected_lrs([0.1], 2, {1: 1.0, 2: 2.0})[2][0]
+    opt = sgd()
+    strict = make_scheduler(opt, PLATEAU, steps_per_epoch=1, overlap_decisions=True, strict=True)
+    strict.step(1.0)
+    strict.step(2.0)
+    assert opt.param_groups[0]["lr"] == expected_lrs([0.1], 2, {1: 1.0, 2: 2.0})[2][0]
+
+
+def test_outage_with_a_decision_on_its_way_holds_then_delivers_it(make_scheduler, fake):
+    opt = sgd()
+    sched = make_scheduler(opt, PLATEAU, run_id="p", steps_per_epoch=5, overlap_decisions=True,
+                           max_retries=1)
+    reports = {}
+    for k in range(1, 11):
+        sched.step(1.0 / k if k % 5 == 0 else None)
+        if k % 5 == 0:
+            reports[k] = 1.0 / k
+        opt.step()
+    for _ in range(4):
+        sched.step()
+        opt.step()
+    fake.down = True
+    sched.step(0.5)  # step 15: returns; the worker tries to post it
+    held = opt.param_groups[0]["lr"]
+    with pytest.warns(ServerAwayWarning):
+        opt.step()  # the decision cannot come: the last values are held
+    assert opt.param_groups[0]["lr"] == held
+    fake.down = False
+    reports[15] = 0.5
+    deadline = time.monotonic() + 10.0
+    while 15 not in fake.runs["p"].reports and time.monotonic() < deadline:
+        sched.step()
+        opt.step()
+        time.sleep(0.01)
+    assert fake.runs["p"].reports[15] == {"val_loss": 0.5}
+    assert fake.runs["p"].values[15] == expected_lrs([0.1], 15, reports)[15]
