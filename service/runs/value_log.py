@@ -41,10 +41,10 @@ class ValueLog:
             if stride != 1:
                 return [self[i] for i in range(start, stop, stride)]
             return self._steps(start, max(start, stop))
-        index = operator.index(key)
+        index, steps = operator.index(key), len(self)
         if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
+            index += steps
+        if not 0 <= index < steps:
             raise IndexError("ValueLog index out of range")
         at = slice(index * self.n_groups, (index + 1) * self.n_groups)
         return tuple(self._lrs[at]), None if self._moms is None else tuple(self._moms[at])
