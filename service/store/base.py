@@ -56,6 +56,15 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class BarrierTally:
+    """A metric barrier as stored: the run's horizon and the reports for one step."""
+
+    horizon: int
+    reports: dict[int, dict[str, float]]
+    """rank -> {metric name: value}."""
+
+
+@dataclass(frozen=True)
 class MetricRecord:
     """One logged value; ``(run_id, name, step, rank)`` identifies it, so retries are harmless."""
 
@@ -69,7 +78,8 @@ class RunTransaction(abc.ABC):
     """A run locked for writing; obtained from ``BaseStore.lock_run``."""
 
     run: RunRecord
-    """The run's row as read under the lock."""
+    """The run's row as read under the lock, without its labels (``labels`` is empty: no
+    writer needs them, and reading them would cost every commit a query)."""
 
     @abc.abstractmethod
     def read_events(self, after_seq: int = 0) -> list[Event]:
@@ -161,8 +171,33 @@ class BaseStore(abc.ABC):
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
 
     @abc.abstractmethod
-    def add_barrier_report(self, run_id: str, step: int, rank: int, values: Mapping[str, float]) -> None:
-        """Record one rank's watched metrics for ``step`` (idempotent per rank and name)."""
+    def add_barrier_report(
+        self,
+        run_id: str,
+        step: int,
+        rank: int,
+        values: Mapping[str, float],
+        records: Sequence[MetricRecord] = (),
+    ) -> BarrierTally:
+        """Record one rank's watched metrics for ``step`` (idempotent per rank and name).
+
+        Args:
+            records: The report's metrics for history, written in the same transaction.
+
+        Returns:
+            The barrier as of this write: so the last rank to report knows it is the last.
+
+        Raises:
+            RunNotFound: no such run.
+        """
+
+    @abc.abstractmethod
+    def read_barrier(self, run_id: str, step: int) -> BarrierTally:
+        """The run's horizon and the reports for ``step``, read together.
+
+        Raises:
+            RunNotFound: no such run.
+        """
 
     @abc.abstractmethod
     def read_barrier_reports(self, run_id: str, step: int) -> dict[int, dict[str, float]]:

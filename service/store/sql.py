@@ -18,6 +18,7 @@ float64 values come back bit for bit; NaN and infinities as ``NaN``/``Infinity``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,12 +27,13 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, Row, Table, delete, func, select, text, update
+from sqlalchemy import Connection, Engine, Row, Table, bindparam, delete, func, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from service.store.base import (
+    BarrierTally,
     BaseStore,
     MetricRecord,
     RunRecord,
@@ -54,6 +56,23 @@ SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
 """Execution option read by the SQLite begin hook: ``"IMMEDIATE"`` or ``"DEFERRED"``."""
 
 RowLock = Literal["hold", "keep", "delete"]
+
+# Statements of the hot paths, built once: building one costs more than running it on SQLite.
+_RUN_ROWS: dict[RowLock | None, Any] = {
+    None: select(runs).where(runs.c.run_id == bindparam("run_id")),
+    "hold": select(runs).where(runs.c.run_id == bindparam("run_id")).with_for_update(key_share=True),
+    "keep": select(runs).where(runs.c.run_id == bindparam("run_id")).with_for_update(
+        read=True, key_share=True),
+    "delete": select(runs).where(runs.c.run_id == bindparam("run_id")).with_for_update(),
+}
+_INSERT_EVENTS = events.insert()
+_UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
+    horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
+    updated_at=bindparam("b_updated_at"))
+_SELECT_REPORTS = select(barrier_reports.c.rank, barrier_reports.c.name, barrier_reports.c.value,
+                         barrier_reports.c.value_text).where(
+    barrier_reports.c.run_id == bindparam("run_id"), barrier_reports.c.step == bindparam("step")
+).order_by(barrier_reports.c.rank, barrier_reports.c.name)
 
 
 def _now() -> datetime:
@@ -144,6 +163,15 @@ class SqlStore(BaseStore):
             return postgresql.insert(table)
         return sqlite.insert(table)
 
+    @functools.cached_property
+    def _insert_new_metrics(self) -> Any:
+        # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs
+        return self._insert(metrics).on_conflict_do_nothing().returning(metrics.c.step)
+
+    @functools.cached_property
+    def _insert_new_reports(self) -> Any:
+        return self._insert(barrier_reports).on_conflict_do_nothing()
+
     @staticmethod
     def _run_row(conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any] | None:
         """The run's row, locked as asked on PostgreSQL (SQLite: see the module docstring).
@@ -152,14 +180,7 @@ class SqlStore(BaseStore):
         ``keep``: the run must not vanish while we add rows to it (``FOR KEY SHARE``).
         ``delete``: excludes both (``FOR UPDATE``).
         """
-        query = select(runs).where(runs.c.run_id == run_id)
-        if lock == "hold":
-            query = query.with_for_update(key_share=True)
-        elif lock == "keep":
-            query = query.with_for_update(read=True, key_share=True)
-        elif lock == "delete":
-            query = query.with_for_update()
-        return conn.execute(query).one_or_none()
+        return conn.execute(_RUN_ROWS[lock], {"run_id": run_id}).one_or_none()
 
     def _require_run(self, conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any]:
         row = self._run_row(conn, run_id, lock)
@@ -311,9 +332,10 @@ class SqlStore(BaseStore):
         """
         with self._transaction(write=True) as conn:
             row = self._require_run(conn, run_id, "hold")
-            tx = SqlRunTransaction(conn, self._read_record(conn, row), self)
+            tx = SqlRunTransaction(conn, _record(row, {}), self)
             try:
                 yield tx
+                tx.write_run()
             finally:
                 tx.closed = True
 
@@ -379,12 +401,11 @@ class SqlStore(BaseStore):
             return self._insert_metrics(conn, run_id, records)
 
     def _insert_metrics(self, conn: Connection, run_id: str, records: Sequence[MetricRecord]) -> int:
-        rows = [_metric_row(run_id, r, _now()) for r in records]
+        now = _now()
+        rows = [_metric_row(run_id, r, now) for r in records]
         if not rows:
             return 0
-        # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs
-        insert = self._insert(metrics).on_conflict_do_nothing().returning(metrics.c.step)
-        return len(conn.execute(insert, rows).all())
+        return len(conn.execute(self._insert_new_metrics, rows).all())
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.
@@ -403,9 +424,22 @@ class SqlStore(BaseStore):
         return found
 
     def add_barrier_report(
-        self, run_id: str, step: int, rank: int, values: Mapping[str, float]
-    ) -> None:
+        self,
+        run_id: str,
+        step: int,
+        rank: int,
+        values: Mapping[str, float],
+        records: Sequence[MetricRecord] = (),
+    ) -> BarrierTally:
         """Record one rank's watched metrics for ``step``; a rank's first report of a name stands.
+
+        One transaction writes the history ``records`` and the report, then reads the
+        barrier back. On SQLite writers take turns, so the last rank to report sees every
+        report; on PostgreSQL two last reports may each miss the other (``read_barrier``
+        settles that later).
+
+        Returns:
+            The run's horizon and every report for ``step``, this one included.
 
         Raises:
             RunNotFound: no such run.
@@ -416,11 +450,23 @@ class SqlStore(BaseStore):
             finite, value_text = _split_float(value)
             rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
                          "value_text": value_text})
-        if not rows:
-            return
         with self._transaction(write=True) as conn:
-            self._require_run(conn, run_id, "keep")
-            conn.execute(self._insert(barrier_reports).values(rows).on_conflict_do_nothing())
+            row = self._require_run(conn, run_id, "keep")
+            self._insert_metrics(conn, run_id, records)
+            if rows:
+                conn.execute(self._insert_new_reports, rows)
+            return BarrierTally(row.horizon, _select_reports(conn, run_id, step))
+
+    def read_barrier(self, run_id: str, step: int) -> BarrierTally:
+        """The run's horizon and the reports for ``step``, in one read transaction.
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction() as conn:
+            row = self._require_run(conn, run_id)
+            return BarrierTally(row.horizon, _select_reports(conn, run_id, step))
 
     def read_barrier_reports(self, run_id: str, step: int) -> dict[int, dict[str, float]]:
         """The ranks that reported for ``step``, each with its values by metric name.
@@ -428,14 +474,8 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        query = select(barrier_reports).where(
-            barrier_reports.c.run_id == run_id, barrier_reports.c.step == step
-        ).order_by(barrier_reports.c.rank, barrier_reports.c.name)
-        reports: dict[int, dict[str, float]] = {}
         with self._transaction() as conn:
-            for r in conn.execute(query):
-                reports.setdefault(r.rank, {})[r.name] = _join_float(r.value, r.value_text)
-        return reports
+            return _select_reports(conn, run_id, step)
 
     # -- health ----------------------------------------------------------------------------
 
@@ -453,7 +493,9 @@ class SqlRunTransaction(RunTransaction):
     """A run locked for writing; valid only inside its ``lock_run`` block.
 
     ``run`` starts as the row read under the lock and follows this transaction's own
-    writes (``last_seq``, ``horizon``, ``status``, ``updated_at``).
+    writes (``last_seq``, ``horizon``, ``status``, ``updated_at``). Those reach the
+    ``runs`` row once, in ``write_run`` as the block ends: one UPDATE per commit, not one
+    per call.
     """
 
     def __init__(self, conn: Connection, run: RunRecord, store: SqlStore | None = None) -> None:
@@ -461,6 +503,17 @@ class SqlRunTransaction(RunTransaction):
         self.run = run
         self.closed = False
         self._store = store
+        self._run_changed = False
+
+    def write_run(self) -> None:
+        """Write this transaction's changes to the run's row (``lock_run`` calls it at the end)."""
+        if not self._run_changed:
+            return
+        run = self.run
+        self._connection().execute(_UPDATE_RUN, {
+            "b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status,
+            "b_last_seq": run.last_seq, "b_updated_at": run.updated_at})
+        self._run_changed = False
 
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
         """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
@@ -487,12 +540,10 @@ class SqlRunTransaction(RunTransaction):
             return []
         now, first = _now(), self.run.last_seq + 1
         rows = [_event_row(self.run.run_id, first + i, e, now) for i, e in enumerate(new_events)]
-        conn.execute(events.insert(), rows)
+        conn.execute(_INSERT_EVENTS, rows)
         last = first + len(rows) - 1
-        conn.execute(
-            update(runs).where(runs.c.run_id == self.run.run_id).values(last_seq=last, updated_at=now)
-        )
         self.run = replace(self.run, last_seq=last, updated_at=now)
+        self._run_changed = True
         return [_event(row) for row in rows]
 
     def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
@@ -501,7 +552,7 @@ class SqlRunTransaction(RunTransaction):
         A horizon below the current one is ignored (the stored value is the max of the
         two): the horizon only ever moves forward.
         """
-        conn = self._connection()
+        self._connection()
         if horizon is None and status is None:
             return
         changes: dict[str, Any] = {"updated_at": _now()}
@@ -509,8 +560,8 @@ class SqlRunTransaction(RunTransaction):
             changes["horizon"] = max(int(horizon), self.run.horizon)
         if status is not None:
             changes["status"] = status
-        conn.execute(update(runs).where(runs.c.run_id == self.run.run_id).values(**changes))
         self.run = replace(self.run, **changes)
+        self._run_changed = True
 
 
 # -- rows <-> records --------------------------------------------------------------------
@@ -540,6 +591,13 @@ def _event(row: Any) -> Event:
     get = row.get if isinstance(row, dict) else row._mapping.get
     return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
                  payload=_loads(get("payload")), at=get("at"))
+
+
+def _select_reports(conn: Connection, run_id: str, step: int) -> dict[int, dict[str, float]]:
+    reports: dict[int, dict[str, float]] = {}
+    for r in conn.execute(_SELECT_REPORTS, {"run_id": run_id, "step": step}):
+        reports.setdefault(r.rank, {})[r.name] = _join_float(r.value, r.value_text)
+    return reports
 
 
 def _select_events(conn: Connection, run_id: str, after_seq: int) -> list[Event]:
