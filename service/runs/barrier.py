@@ -4,23 +4,40 @@ Each rank reports its own value of the watched metric for step *k*; the decision
 until all ``world_size`` ranks have reported, then uses their mean (the sum in rank
 order divided by N), so it does not depend on which rank came first. If some rank has
 not reported after ``barrier_timeout_s``, the ranks that did decide with their own mean
-and a ``barrier_timeout`` event names the missing ranks. Reports are stored in the
-database, so ranks spread over several replicas meet in the same barrier; a waiting
-request polls the store, and is woken at once by reports that reach its own process.
+and a ``barrier_timeout`` event names the missing ranks.
+
+Reports are stored in the database, so ranks spread over several replicas meet in the
+same barrier. A report's transaction reads the barrier back, so the rank that completes
+it decides at once, and wakes the ranks waiting in its own process. Ranks waiting in
+other processes learn of it by asking the store every ``POLL_S`` (one question per
+barrier and process, however many ranks wait there); so does a barrier whose last two
+reports crossed on PostgreSQL, and one that times out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidInput
 from service.runs.manager import RunManager, Window
 
-POLL_S = 0.02
+POLL_S = 0.2
+"""How often ranks waiting in this process ask the store whether another process decided."""
+
+
+@dataclass(eq=False)
+class _Barrier:
+    """One (run, step) barrier as this process sees it, while requests use it."""
+
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    polled_at: float = field(default_factory=time.monotonic)
+    users: int = 0
 
 
 class Barriers:
@@ -29,13 +46,13 @@ class Barriers:
     def __init__(self, manager: RunManager, timeout_s: float) -> None:
         self.manager = manager
         self.timeout_s = timeout_s
-        self._wakeups: dict[tuple[str, int], asyncio.Event] = {}
+        self._open: dict[tuple[str, int], _Barrier] = {}
 
     async def step(
         self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int
     ) -> Window:
         """``POST .../step``: through the barrier when the run needs one, else straight on."""
-        state = await run_in_threadpool(self.manager.state, run_id)
+        state = self.manager.loaded(run_id) or await run_in_threadpool(self.manager.state, run_id)
         watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
         if state.world_size == 1 or not watched or step <= state.horizon:
             return await run_in_threadpool(self.manager.step_run, run_id, step, metrics, rank, ahead)
@@ -43,27 +60,41 @@ class Barriers:
             raise InvalidInput.at(
                 "rank", f"must be below the run's world_size ({state.world_size}), got {rank}"
             )
-        await run_in_threadpool(self.manager.report_to_barrier, run_id, step, rank, metrics, watched)
         key = (run_id, step)
-        wakeup = self._wakeups.setdefault(key, asyncio.Event())
-        wakeup.set()  # let ranks already waiting here count the new report
-        await self._wait(run_id, step, key)
-        return await run_in_threadpool(self.manager.window, run_id, step, ahead)
-
-    async def _wait(self, run_id: str, step: int, key: tuple[str, int]) -> None:
-        deadline = time.monotonic() + self.timeout_s
+        barrier = self._enter(key)
         try:
-            while True:
-                timed_out = time.monotonic() >= deadline
-                if await run_in_threadpool(self.manager.resolve_barrier, run_id, step, timed_out):
-                    break
-                wakeup = self._wakeups.setdefault(key, asyncio.Event())
-                wakeup.clear()
-                try:
-                    await asyncio.wait_for(wakeup.wait(), min(POLL_S, max(0.0, deadline - time.monotonic())))
-                except asyncio.TimeoutError:
-                    pass
+            args = (run_id, step, rank, metrics, watched)
+            if await run_in_threadpool(self.manager.report_to_barrier, *args):
+                barrier.done.set()  # wake the ranks waiting here
+            else:
+                await self._wait(run_id, step, barrier)
         finally:
-            event = self._wakeups.pop(key, None)
-            if event is not None:
-                event.set()
+            self._leave(key, barrier)
+        window = self.manager.cached_window(run_id, step, ahead)
+        return window or await run_in_threadpool(self.manager.window, run_id, step, ahead)
+
+    def _enter(self, key: tuple[str, int]) -> _Barrier:
+        barrier = self._open.get(key)
+        if barrier is None:
+            barrier = self._open[key] = _Barrier()
+        barrier.users += 1
+        return barrier
+
+    def _leave(self, key: tuple[str, int], barrier: _Barrier) -> None:
+        barrier.users -= 1
+        if barrier.users == 0:
+            del self._open[key]
+
+    async def _wait(self, run_id: str, step: int, barrier: _Barrier) -> None:
+        """Until the barrier is decided: woken by a report here, or asking the store now and then."""
+        deadline = time.monotonic() + self.timeout_s
+        while not barrier.done.is_set():
+            now = time.monotonic()
+            timed_out = now >= deadline
+            if timed_out or now >= barrier.polled_at + POLL_S:
+                barrier.polled_at = now  # the other ranks waiting here skip this round
+                if await run_in_threadpool(self.manager.resolve_barrier, run_id, step, timed_out):
+                    barrier.done.set()
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(barrier.done.wait(), min(deadline, barrier.polled_at + POLL_S) - now)

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from service.engine import codec
@@ -26,8 +27,8 @@ from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
 from service.errors import InvalidInput, RunConflict, RunNotFound
 from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
-from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
-from service.store.events import EventKind, NewEvent
+from service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
+from service.store.events import Event, EventKind, NewEvent
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ class RunManager:
             self._evict(state)
 
     # -- loading ----------------------------------------------------------------------
+
+    def loaded(self, run_id: str) -> RunState | None:
+        """The run's state if this process has loaded it; never blocks (event loop safe)."""
+        return self._runs.get(run_id)
 
     def state(self, run_id: str) -> RunState:
         """The run's in-memory state, loaded from the log on first use."""
@@ -248,18 +253,25 @@ class RunManager:
 
     def report_to_barrier(
         self, run_id: str, step: int, rank: int, metrics: Mapping[str, float], watched: Mapping[str, float]
-    ) -> None:
-        """Keep one rank's report: all its metrics for history, the watched ones for the barrier.
+    ) -> bool:
+        """Keep one rank's report (all its metrics for history, the watched ones for the
+        barrier, in one transaction); the rank that completes the barrier decides it.
+
+        Returns:
+            True once ``step`` is final (decided here or already before).
 
         Raises:
             InvalidInput: ``step`` jumps too far beyond the horizon (as ``step_run`` would say).
         """
-        self._check_jump(self.state(run_id), step)
-        self.store.append_metrics(run_id, _records(metrics, step, rank))
-        self.store.add_barrier_report(run_id, step, rank, watched)
+        state = self.state(run_id)
+        self._check_jump(state, step)
+        tally = self.store.add_barrier_report(run_id, step, rank, watched, _records(metrics, step, rank))
+        return self._settle_barrier(state, step, tally, timed_out=False)
 
     def resolve_barrier(self, run_id: str, step: int, timed_out: bool) -> bool:
         """Decide the barrier at ``step`` if every rank reported (or time is up).
+
+        The store is asked because ranks may report to other processes or replicas.
 
         Returns:
             True once ``step`` is final (decided here, by another request, or elsewhere).
@@ -267,9 +279,14 @@ class RunManager:
         state = self.state(run_id)
         if state.horizon >= step:
             return True
-        reports = self.store.read_barrier_reports(run_id, step)
+        return self._settle_barrier(state, step, self.store.read_barrier(run_id, step), timed_out)
+
+    def _settle_barrier(self, state: RunState, step: int, tally: BarrierTally, timed_out: bool) -> bool:
+        if state.horizon >= step or tally.horizon >= step:
+            return True
+        reports = tally.reports
         if len(reports) < state.world_size and not timed_out:
-            return self.store.read_run(run_id).horizon >= step
+            return False
         missing = [r for r in range(state.world_size) if r not in reports]
         means = _rank_order_means(reports)
         extra = []
@@ -277,7 +294,7 @@ class RunManager:
             extra.append(NewEvent(EventKind.BARRIER_TIMEOUT, step, {
                 "missing_ranks": missing, "reported_ranks": sorted(reports),
                 "timeout_s": self.settings.barrier_timeout_s}))
-        self.commit(run_id, step, metric=(step, means), extra_events=extra)
+        self.commit(state.run_id, step, metric=(step, means), extra_events=extra)
         return True
 
     # -- committing -------------------------------------------------------------------------
@@ -519,11 +536,7 @@ def _records(metrics: Mapping[str, float], step: int, rank: int) -> list[Any]:
     return [MetricRecord(name, step, rank, float(value)) for name, value in metrics.items()]
 
 
-def _as_event(new: NewEvent) -> Any:
-    from datetime import datetime, timezone
-
-    from service.store.events import Event
-
+def _as_event(new: NewEvent) -> Event:
     return Event(0, new.kind, new.step, new.payload, datetime.now(timezone.utc))
 
 
