@@ -143,7 +143,7 @@ def _hot_path(server: Server, seconds: float) -> Any:
 def _client_step(server: Server, seconds: float) -> Any:
     import warnings
 
-    from bench.client_step import SCHEDULES, _optimizer, _ticks, _torch_scheduler
+    from bench.client_step import SCHEDULES, _optimizer, tick
 
     def go() -> dict[str, Any]:
         from client import RemoteScheduler
@@ -156,11 +156,12 @@ def _client_step(server: Server, seconds: float) -> Any:
                 for name in SCHEDULES:
                     opt = _optimizer(10)
                     remote = RemoteScheduler(opt, SCHEDULES[name], url=server.url,
-                                             steps_per_epoch=100 if name == "plateau" else None)
-                    tick = _ticks(name, _torch_scheduler(name, _optimizer(1)), remote)["remote"]
+                                             steps_per_epoch=1 if name == "plateau" else None)
+                    step = tick(name, remote)
                     for _ in range(1000):
                         time.sleep(0.0001)
-                        tick()
+                        opt.step()
+                        step()
                         steps += 1
                     remote.close()
         return {"steps": steps}

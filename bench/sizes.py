@@ -20,6 +20,8 @@ class Size:
     step_rounds: int
     step_segment: int  # steps per measured segment
     step_work_s: float  # simulated training step (a sleep: releases the GIL as torch kernels do)
+    step_long_work_s: float  # plateau rows again at a step longer than one round trip
+    step_long_segment: int
     # figures 2 and 5: HTTP load
     load_rounds: int
     load_seconds: float  # below 1 s the asyncio generator runs (wrk counts whole seconds)
@@ -45,12 +47,14 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", step_rounds=1, step_segment=100, step_work_s=0.0001,
+                 step_long_work_s=0.002, step_long_segment=100,
                  load_rounds=1, load_seconds=0.3, load_connections=8, load_warmup_s=0.0, hot_runs=2,
                  report_rounds=1, report_calls=10, report_seeded_trials=2,
                  scale_runs=(50,), scale_steps_per_run=10, scale_cold_rounds=0,
                  scale_cold_small=False, scale_step_runs=5, scale_extra_steps=100,
                  ranks=20, rank_runs=4, rank_epochs=2, rank_epoch_s=0.5),
     "quick": Size("quick", step_rounds=2, step_segment=600, step_work_s=0.0001,
+                  step_long_work_s=0.005, step_long_segment=200,
                   load_rounds=1, load_seconds=1.0, load_connections=32, load_warmup_s=0.5, hot_runs=8,
                  
                   report_rounds=2, report_calls=50, report_seeded_trials=5,
@@ -58,6 +62,7 @@ SIZES = {
                   scale_cold_small=False, scale_step_runs=20, scale_extra_steps=500,
                   ranks=200, rank_runs=20, rank_epochs=2, rank_epoch_s=1.5),
     "default": Size("default", step_rounds=3, step_segment=1500, step_work_s=0.0001,
+                    step_long_work_s=0.005, step_long_segment=300,
                     load_rounds=3, load_seconds=2.0, load_connections=64, load_warmup_s=1.0, hot_runs=16,
                    
                     report_rounds=5, report_calls=100, report_seeded_trials=10,
