@@ -6,12 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from service import dashboard
 from service.api.fast_path import FastWindows
 from service.api.routes import health, runs, schedules, steps
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
+from service.engine.engine import warm_up_torch
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.runs.barrier import Barriers
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.manager = manager
         app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager._runs))
+        await run_in_threadpool(warm_up_torch)
         try:
             yield
         finally:

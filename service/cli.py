@@ -44,6 +44,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                        help="allow a non-loopback bind without any token (anyone may steer runs)")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every request (off by default: a line per request costs the hot path "
+                            "more than it answers; /metrics counts requests by route and status)")
     serve.set_defaults(func=serve_command)
 
 
@@ -69,7 +72,7 @@ def serve_command(args: argparse.Namespace) -> int:
         os.environ["LRSERVE_TOKENS_FILE"] = args.tokens_file
     uvicorn.run(
         "service.app:create_app", factory=True, host=args.host, port=args.port,
-        workers=args.workers, log_level=args.log_level,
+        workers=args.workers, log_level=args.log_level, access_log=args.access_log,
     )
     return 0
 

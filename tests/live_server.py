@@ -23,19 +23,21 @@ class ServerProcess:
     """``python -m service serve`` on a free loopback port, logging to a file."""
 
     def __init__(self, db_url: str, log_dir: Path, *, port: int | None = None, env: dict | None = None,
-                 workers: int = 1) -> None:
+                 workers: int = 1, log_level: str = "warning", args: tuple[str, ...] = ()) -> None:
         self.db_url = db_url
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         self.env = {**os.environ, **(env or {})}
         self.workers = workers
+        self.log_level = log_level
+        self.args = args
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--db", self.db_url,
-               "--workers", str(self.workers), "--log-level", "warning"]
+               "--workers", str(self.workers), "--log-level", self.log_level, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

@@ -380,3 +380,14 @@ def apply_action(engine: Engine, action: Mapping[str, Any]) -> None:
         engine.replace_schedule(parse_schedule(action["schedule"], n_groups=engine.n_groups))
     elif kind != "stop":
         raise ValueError(f"unknown action {kind!r}")
+
+
+def warm_up_torch() -> None:
+    """Build and step one throwaway engine, so the first run a process loads does not stall.
+
+    torch imports most of itself (``torch._dynamo`` among it) on the first optimizer and
+    scheduler built, seconds on a small machine; paid at start-up, before the server takes
+    requests, instead of by the first request (and every request queued behind it).
+    """
+    engine = Engine(parse_schedule({"type": "StepLR", "step_size": 1}, n_groups=1), [0.1], None)
+    engine.advance()
