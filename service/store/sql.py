@@ -18,9 +18,11 @@ float64 values come back bit for bit; NaN and infinities as ``NaN``/``Infinity``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -123,6 +125,10 @@ class SqlStore(BaseStore):
         self._engine = engine
         self._where = where
         self._secrets = tuple(s for s in secrets if s)
+        # SQLite has one writer per file; a writer that finds it taken sleeps in SQLite's busy
+        # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
+        # here instead and go in as soon as the last one commits; other processes still nap.
+        self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
         try:
             with self._transaction(write=True) as conn:
                 migrate(conn)
@@ -139,8 +145,9 @@ class SqlStore(BaseStore):
         ``write`` makes SQLite take its write lock at ``BEGIN`` rather than on the first
         write, so a transaction that reads and then writes never fails on lock upgrade.
         """
+        turn = self._sqlite_writers if write and self._sqlite_writers is not None else None
         try:
-            with self._engine.connect() as conn:
+            with turn or contextlib.nullcontext(), self._engine.connect() as conn:
                 if write:
                     conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
                 with conn.begin():
