@@ -63,11 +63,11 @@ class Barriers:
         key = (run_id, step)
         barrier = self._enter(key)
         try:
-            args = (run_id, step, rank, metrics, watched)
+            args = (run_id, step, rank, metrics, watched, ahead)
             if await run_in_threadpool(self.manager.report_to_barrier, *args):
                 barrier.done.set()  # wake the ranks waiting here
             else:
-                await self._wait(run_id, step, barrier)
+                await self._wait(run_id, step, ahead, barrier)
         finally:
             self._leave(key, barrier)
         window = self.manager.cached_window(run_id, step, ahead)
@@ -85,7 +85,7 @@ class Barriers:
         if barrier.users == 0:
             del self._open[key]
 
-    async def _wait(self, run_id: str, step: int, barrier: _Barrier) -> None:
+    async def _wait(self, run_id: str, step: int, ahead: int, barrier: _Barrier) -> None:
         """Until the barrier is decided: woken by a report here, or asking the store now and then."""
         deadline = time.monotonic() + self.timeout_s
         while not barrier.done.is_set():
@@ -93,7 +93,7 @@ class Barriers:
             timed_out = now >= deadline
             if timed_out or now >= barrier.polled_at + POLL_S:
                 barrier.polled_at = now  # the other ranks waiting here skip this round
-                if await run_in_threadpool(self.manager.resolve_barrier, run_id, step, timed_out):
+                if await run_in_threadpool(self.manager.resolve_barrier, run_id, step, timed_out, ahead):
                     barrier.done.set()
                 continue
             with contextlib.suppress(asyncio.TimeoutError):

@@ -204,7 +204,7 @@ class RunManager:
         wanted = step + min(ahead, self.settings.max_ahead)
         end = min(wanted, max(state.horizon, step) + self.settings.max_jump)
         if end > state.horizon:
-            self.commit(run_id, end)
+            self.commit(run_id, end, if_behind=True)
         return self._window(self.state(run_id), step, end)
 
     def _window(self, state: RunState, step: int, end: int) -> Window:
@@ -229,6 +229,10 @@ class RunManager:
                 f"({horizon}); step through the steps between first",
             )
 
+    def _window_end(self, step: int, ahead: int) -> int:
+        """The last step of the window asked at ``step`` (capped), when ``step`` is the first free one."""
+        return min(step + min(ahead, self.settings.max_ahead), step + self.settings.max_jump)
+
     def step_run(
         self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int
     ) -> Window:
@@ -243,7 +247,7 @@ class RunManager:
         watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
         if step > state.horizon:
             # One write transaction: the metrics, the decision and the whole window asked for.
-            end = min(step + min(ahead, self.settings.max_ahead), step + self.settings.max_jump)
+            end = self._window_end(step, ahead)
             self.commit(run_id, end, metric=(step, watched) if watched else None, records=records)
         elif records:
             self.store.append_metrics(run_id, records)
@@ -252,10 +256,17 @@ class RunManager:
     # -- the metric barrier -------------------------------------------------------------
 
     def report_to_barrier(
-        self, run_id: str, step: int, rank: int, metrics: Mapping[str, float], watched: Mapping[str, float]
+        self,
+        run_id: str,
+        step: int,
+        rank: int,
+        metrics: Mapping[str, float],
+        watched: Mapping[str, float],
+        ahead: int = 0,
     ) -> bool:
         """Keep one rank's report (all its metrics for history, the watched ones for the
-        barrier, in one transaction); the rank that completes the barrier decides it.
+        barrier, in one transaction); the rank that completes the barrier decides it, and
+        commits the window it asks for (``ahead``) with the decision.
 
         Returns:
             True once ``step`` is final (decided here or already before).
@@ -266,9 +277,9 @@ class RunManager:
         state = self.state(run_id)
         self._check_jump(state, step)
         tally = self.store.add_barrier_report(run_id, step, rank, watched, _records(metrics, step, rank))
-        return self._settle_barrier(state, step, tally, timed_out=False)
+        return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
 
-    def resolve_barrier(self, run_id: str, step: int, timed_out: bool) -> bool:
+    def resolve_barrier(self, run_id: str, step: int, timed_out: bool, ahead: int = 0) -> bool:
         """Decide the barrier at ``step`` if every rank reported (or time is up).
 
         The store is asked because ranks may report to other processes or replicas.
@@ -279,9 +290,11 @@ class RunManager:
         state = self.state(run_id)
         if state.horizon >= step:
             return True
-        return self._settle_barrier(state, step, self.store.read_barrier(run_id, step), timed_out)
+        return self._settle_barrier(state, step, self.store.read_barrier(run_id, step), timed_out, ahead)
 
-    def _settle_barrier(self, state: RunState, step: int, tally: BarrierTally, timed_out: bool) -> bool:
+    def _settle_barrier(
+        self, state: RunState, step: int, tally: BarrierTally, timed_out: bool, ahead: int
+    ) -> bool:
         if state.horizon >= step or tally.horizon >= step:
             return True
         reports = tally.reports
@@ -294,7 +307,7 @@ class RunManager:
             extra.append(NewEvent(EventKind.BARRIER_TIMEOUT, step, {
                 "missing_ranks": missing, "reported_ranks": sorted(reports),
                 "timeout_s": self.settings.barrier_timeout_s}))
-        self.commit(state.run_id, step, metric=(step, means), extra_events=extra)
+        self.commit(state.run_id, self._window_end(step, ahead), metric=(step, means), extra_events=extra)
         return True
 
     # -- committing -------------------------------------------------------------------------
@@ -308,10 +321,13 @@ class RunManager:
         action: tuple[int | None, dict[str, Any]] | None = None,
         extra_events: Sequence[NewEvent] = (),
         records: Sequence[MetricRecord] = (),
+        if_behind: bool = False,
     ) -> int | None:
         """Advance the run to ``target`` (at least), placing a new decision on the way.
 
-        ``records`` (metric history) are written in the same transaction.
+        ``records`` (metric history) are written in the same transaction. ``if_behind``
+        skips the store when this process holds ``target`` already (another request took
+        the run there while this one waited for its lock: ranks asking the same window).
 
         Returns:
             The step an ``action`` was placed at, if one was given.
@@ -321,6 +337,8 @@ class RunManager:
             with state.lock:
                 if state.evicted:  # a commit failed while we waited: take the reloaded state
                     continue
+                if if_behind and state.horizon >= target:
+                    return None
                 try:
                     return self._commit_locked(state, target, metric, action, extra_events, records)
                 except _RunReplaced:  # evicted on the way out; the next turn loads the new run
