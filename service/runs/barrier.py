@@ -7,11 +7,13 @@ not reported after ``barrier_timeout_s``, the ranks that did decide with their o
 and a ``barrier_timeout`` event names the missing ranks.
 
 Reports are stored in the database, so ranks spread over several replicas meet in the
-same barrier. A report's transaction reads the barrier back, so the rank that completes
-it decides at once, and wakes the ranks waiting in its own process. Ranks waiting in
-other processes learn of it by asking the store every ``POLL_S`` (one question per
-barrier and process, however many ranks wait there); so does a barrier whose last two
-reports crossed on PostgreSQL, and one that times out.
+same barrier. The rank that completes it decides at once and wakes the ranks waiting in
+its own process: it knows it is the last either from its report's transaction, which
+reads the barrier back (on SQLite, where writers take turns, always), or from the
+reports this process has counted (PostgreSQL lets concurrent reports miss each other).
+Ranks waiting in other processes learn of the decision by asking the store every
+``POLL_S`` (one question per barrier and process, however many ranks wait there); so
+does a barrier whose last reports crossed on two replicas, and one that times out.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class _Barrier:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     polled_at: float = field(default_factory=time.monotonic)
     users: int = 0
+    reported: set[int] = field(default_factory=set)
+    """Ranks whose report this process has written (committed)."""
 
 
 class Barriers:
@@ -64,7 +68,11 @@ class Barriers:
         barrier = self._enter(key)
         try:
             args = (run_id, step, rank, metrics, watched, ahead)
-            if await run_in_threadpool(self.manager.report_to_barrier, *args):
+            decided = await run_in_threadpool(self.manager.report_to_barrier, *args)
+            barrier.reported.add(rank)
+            if not decided and len(barrier.reported) >= state.world_size:  # all in, though unseen
+                decided = await run_in_threadpool(self.manager.resolve_barrier, run_id, step, False, ahead)
+            if decided:
                 barrier.done.set()  # wake the ranks waiting here
             else:
                 await self._wait(run_id, step, ahead, barrier)

@@ -352,6 +352,43 @@ class TestStoreContract:
         assert store.read_barrier_reports("r1", 6) == {0: {"loss": 4.0}}
         assert store.read_barrier_reports("r1", 7) == {}
 
+    def test_a_barrier_report_returns_the_tally_with_itself_in_it(self, store):
+        make(store)
+        advance(store, "r1", 3)
+        store.add_barrier_report("r1", 5, 1, {"loss": 3.0})
+        tally = store.add_barrier_report("r1", 5, 0, {"loss": 1.0})
+        assert (tally.horizon, tally.reports) == (3, {0: {"loss": 1.0}, 1: {"loss": 3.0}})
+        assert store.read_barrier("r1", 5) == tally
+        assert store.read_barrier("r1", 6).reports == {}
+
+    def test_a_barrier_report_writes_its_history_records_with_it(self, store):
+        make(store)
+        records = [MetricRecord("loss", 5, 2, 1.0), MetricRecord("acc", 5, 2, 0.75)]
+        store.add_barrier_report("r1", 5, 2, {"loss": 1.0}, records)
+        assert store.read_metrics("r1") == {"loss": [(5, 2, 1.0)], "acc": [(5, 2, 0.75)]}
+
+    def test_a_barrier_of_an_unknown_run_is_not_found(self, store):
+        with pytest.raises(RunNotFound):
+            store.add_barrier_report("nope", 1, 0, {"loss": 1.0}, [MetricRecord("loss", 1, 0, 1.0)])
+        with pytest.raises(RunNotFound):
+            store.read_barrier("nope", 1)
+        assert store.read_metrics("nope") == {}
+
+    def test_lock_run_writes_the_run_row_once_at_commit_and_not_on_rollback(self, store):
+        make(store)
+        with pytest.raises(RuntimeError), store.lock_run("r1") as tx:
+            tx.append_events([NewEvent(EventKind.CONTROL, 1, {"n": 1})])
+            tx.update_run(horizon=4, status="held")
+            raise RuntimeError("before commit")
+        assert (store.read_run("r1").last_seq, store.read_run("r1").horizon) == (1, 0)
+        with store.lock_run("r1") as tx:
+            tx.append_events([NewEvent(EventKind.CONTROL, 1, {"n": 1})])
+            tx.update_run(horizon=4, status="held")
+            tx.append_events([NewEvent(EventKind.CONTROL, 2, {"n": 2})])
+        stored = store.read_run("r1")
+        assert (stored.last_seq, stored.horizon, stored.status) == (3, 4, "held")
+        assert [e.seq for e in store.read_events("r1")] == [1, 2, 3]
+
     # -- opening, durability, health -------------------------------------------------------
 
     def test_second_store_reads_what_the_first_wrote(self, store, store_url):

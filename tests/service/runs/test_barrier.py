@@ -1,0 +1,167 @@
+"""The metric barrier inside the server: who decides, who is woken, who asks the store.
+
+Every test runs on SQLite and on PostgreSQL; "replicas" are managers with their own
+stores on one database, as separate processes would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from service.runs import barrier as barrier_module
+from service.runs.barrier import Barriers
+from service.runs.manager import RunManager
+from service.settings import Settings
+from service.store import open_store
+from tests.conftest import BACKENDS
+from tests.service.engine import reference
+
+PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.0,
+           "threshold_mode": "abs"}
+GUARD_S = 120  # only so that a broken wake-up fails instead of hanging; nothing is timed
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request, database_url) -> Settings:
+    return Settings(db=database_url(request.param), max_jump=100, max_ahead=100, barrier_timeout_s=3600)
+
+
+@pytest.fixture
+def replicas(settings) -> Iterator[list[RunManager]]:
+    stores = [open_store(settings.db) for _ in range(2)]
+    yield [RunManager(store, settings) for store in stores]
+    for store in stores:
+        store.close()
+
+
+def create(manager: RunManager, world_size: int, run_id: str = "r") -> None:
+    manager.create_run({"run_id": run_id, "schedule": PLATEAU, "base_lrs": [0.1], "world_size": world_size})
+
+
+def report(manager: RunManager, step: int, rank: int, loss: float, ahead: int = 0) -> bool:
+    metrics = {"val_loss": loss, "acc": 0.5}
+    return manager.report_to_barrier("r", step, rank, metrics, {"val_loss": loss}, ahead)
+
+
+@contextmanager
+def counting(obj, name: str) -> Iterator[list[tuple]]:
+    """Count the calls of ``obj.name`` (the real method still runs)."""
+    original = getattr(obj, name)
+    calls: list[tuple] = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(obj, name, wrapper)
+    try:
+        yield calls
+    finally:
+        setattr(obj, name, original)
+
+
+def test_the_last_report_decides_with_the_rank_order_mean_and_commits_the_window(replicas):
+    a, _ = replicas
+    create(a, world_size=3)
+    assert not report(a, 1, 2, 3.0)
+    assert not report(a, 1, 0, 1.0)
+    assert a.state("r").horizon == 0
+    assert report(a, 1, 1, 2.0, ahead=4)
+    assert a.state("r").horizon == 5  # the decision and the window its rank asked for, together
+    assert a.store.read_run("r").horizon == 5
+    [metric] = [e for e in a.store.read_events("r") if e.kind.value == "metric"]
+    assert (metric.step, metric.payload["values"]) == (1, {"val_loss": (1.0 + 2.0 + 3.0) / 3})
+    history = a.store.read_metrics("r")
+    assert [r for _, r, _ in history["acc"]] == [0, 1, 2]  # every report's history, once
+
+
+def test_a_report_for_a_step_decided_on_another_replica_is_final_at_once(replicas):
+    a, b = replicas
+    create(a, world_size=2)
+    assert not report(b, 1, 0, 1.0)
+    assert report(b, 1, 1, 3.0)
+    with counting(a, "commit") as commits:
+        assert report(a, 1, 0, 9.0)  # a retry through another replica: history only
+    assert commits == []
+    assert a.window("r", 1, 0).values == b.window("r", 1, 0).values
+
+
+def test_two_last_reports_on_two_replicas_are_settled_by_asking_the_store(replicas):
+    """On PostgreSQL two last reports may each miss the other; the waiters' poll decides."""
+    a, b = replicas
+    create(a, world_size=2)
+    a.store.add_barrier_report("r", 1, 0, {"val_loss": 1.0})  # as if both crossed
+    b.store.add_barrier_report("r", 1, 1, {"val_loss": 3.0})
+    assert a.resolve_barrier("r", 1, timed_out=False, ahead=2)
+    assert b.resolve_barrier("r", 1, timed_out=False)
+    assert a.store.read_run("r").horizon == 3
+    assert a.window("r", 1, 2).values == b.window("r", 1, 2).values
+    assert not [e for e in a.history("r", 10)["events"] if e["kind"] == "barrier_timeout"]
+
+
+def test_ranks_waiting_in_the_process_of_the_last_report_are_woken_by_it(replicas, monkeypatch):
+    a, _ = replicas
+    create(a, world_size=4)
+    monkeypatch.setattr(barrier_module, "POLL_S", 3600.0)  # no poll would come in time
+    gate = Barriers(a, timeout_s=3600)
+    losses = [1.0, 2.0, 4.0, 0.5]
+
+    async def ranks():
+        return await asyncio.wait_for(asyncio.gather(*(
+            gate.step("r", 1, {"val_loss": losses[r]}, r, 2) for r in range(4))), GUARD_S)
+
+    with counting(a, "resolve_barrier") as asked:
+        answers = asyncio.run(ranks())
+    # SQLite: the last report's own transaction saw all four. PostgreSQL: concurrent reports
+    # may miss each other, and the fourth one counted here asks the store once.
+    assert len(asked) <= 1
+    assert len({tuple(w.values) for w in answers}) == 1 and answers[0].start == 1
+    assert len(answers[0].values) == 3
+
+
+def test_ranks_waiting_on_one_replica_meet_a_rank_reporting_to_another(replicas, monkeypatch):
+    a, b = replicas
+    create(a, world_size=3)
+    monkeypatch.setattr(barrier_module, "POLL_S", 0.05)
+    gates = [Barriers(a, 3600), Barriers(b, 3600)]
+    losses = {0: [1.0, 1.5, 0.7], 1: [3.0, 2.6, 1.0], 2: [2.0, 2.0, 2.0]}
+    replica_of = {0: 0, 1: 0, 2: 1}  # ranks 0 and 1 wait on a; rank 2 reports to b
+
+    async def step(k: int):
+        async def rank(r: int):
+            if r == 2:
+                await asyncio.sleep(0.2)  # let a's ranks wait long enough to poll
+            return await gates[replica_of[r]].step("r", k, {"val_loss": losses[r][k - 1]}, r, 0)
+        return await asyncio.wait_for(asyncio.gather(*(rank(r) for r in range(3))), GUARD_S)
+
+    answers = [asyncio.run(step(k)) for k in (1, 2, 3)]
+    for ranks in answers:
+        assert len({tuple(w.values) for w in ranks}) == 1
+    means = [sum(losses[r][k] for r in range(3)) / 3 for k in range(3)]
+    expected = [lrs for lrs, _ in reference.trajectory(PLATEAU, [0.1], 4, means)]
+    assert [list(ranks[0].values[0][0]) for ranks in answers] == expected[1:]
+
+
+def test_a_waiting_rank_times_out_into_a_decision_with_the_ranks_that_reported(replicas):
+    a, _ = replicas
+    create(a, world_size=3)
+    gate = Barriers(a, timeout_s=0.3)
+    answer = asyncio.run(asyncio.wait_for(gate.step("r", 1, {"val_loss": 2.0}, 1, 0), GUARD_S))
+    assert answer.start == 1 and a.state("r").horizon == 1
+    [timeout] = [e for e in a.history("r", 10)["events"] if e["kind"] == "barrier_timeout"]
+    assert timeout["missing_ranks"] == [0, 2] and timeout["reported_ranks"] == [1]
+
+
+def test_a_window_commit_skips_the_store_when_the_run_is_there_already(replicas):
+    a, _ = replicas
+    create(a, world_size=1)
+    a.window("r", 0, 10)
+    with counting(a.store, "lock_run") as transactions:
+        a.commit("r", 8, if_behind=True)
+        assert transactions == []
+        a.commit("r", 8)  # without it: the store is asked (another replica may have moved on)
+        assert len(transactions) == 1
