@@ -67,6 +67,8 @@ _RUN_ROWS: dict[RowLock | None, Any] = {
         read=True, key_share=True),
     "delete": select(runs).where(runs.c.run_id == bindparam("run_id")).with_for_update(),
 }
+_RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
+    run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
 _INSERT_EVENTS = events.insert()
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
@@ -242,7 +244,7 @@ class SqlStore(BaseStore):
             return self._read_record(conn, self._require_run(conn, run_id))
 
     def _read_record(self, conn: Connection, row: Row[Any]) -> RunRecord:
-        labels = self._labels_of(conn, [row.run_id]).get(row.run_id, {})
+        labels = {r.key: r.value for r in conn.execute(_RUN_LABELS, {"run_id": row.run_id})}
         return _record(row, labels)
 
     @staticmethod
