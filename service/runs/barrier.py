@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import InvalidInput
 from service.runs.manager import RunManager, Window
 
-POLL_S = 0.2
+POLL_S = 0.1
 """How often ranks waiting in this process ask the store whether another process decided."""
 
 
