@@ -167,7 +167,7 @@ class RunManager:
         """Final values of steps ``start..end`` (all at or below the horizon), replaying if needed."""
         state = self.state(run_id)
         if state.cached(start) is not None and state.cached(end) is not None:
-            return [state.values[s - state.first_step] for s in range(start, end + 1)]
+            return state.values[start - state.first_step : end - state.first_step + 1]
         record = self.store.read_run(run_id)
         replay = self._fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
         for event in self.store.read_events(run_id):
@@ -175,7 +175,7 @@ class RunManager:
                 replay.inputs.add(event)
         replay.advance_to(end)
         replay.publish()
-        return [replay.values[s - replay.first_step] for s in range(start, end + 1)]
+        return replay.values[start - replay.first_step : end - replay.first_step + 1]
 
     # -- the hot path ---------------------------------------------------------------------
 
