@@ -74,10 +74,15 @@ class RunManager:
             return self._same_run(self.store.read_run(run_id), spec), False
         except RunNotFound:
             pass
-        schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
-        Engine(schedule, spec["base_lrs"], spec["base_momentums"])  # torch must accept it on these LRs
-        created = NewEvent(EventKind.CREATED, 0, {"spec": spec})
-        record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
+        with self._run_lock(run_id):  # a job's ranks arrive together: one builds the run, the rest join
+            try:
+                return self._same_run(self.store.read_run(run_id), spec), False
+            except RunNotFound:
+                pass
+            schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
+            Engine(schedule, spec["base_lrs"], spec["base_momentums"])  # torch must accept it on these LRs
+            created = NewEvent(EventKind.CREATED, 0, {"spec": spec})
+            record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
         return (record if is_new else self._same_run(record, spec)), is_new
 
     @staticmethod
@@ -121,15 +126,18 @@ class RunManager:
         state = self._runs.get(run_id)
         if state is not None:
             return state
-        with self._lock:
-            load_lock = self._load_locks.setdefault(run_id, threading.Lock())
-        with load_lock:
+        with self._run_lock(run_id):
             state = self._runs.get(run_id)
             if state is None:
                 state = self._load(run_id)
                 with self._lock:
                     self._runs[run_id] = state
         return state
+
+    def _run_lock(self, run_id: str) -> threading.Lock:
+        """This process's lock for creating or loading one run (once, however many ask)."""
+        with self._lock:
+            return self._load_locks.setdefault(run_id, threading.Lock())
 
     def _evict(self, state: RunState) -> None:
         """Drop ``state`` for good: threads that still hold it must not use it (see ``commit``)."""

@@ -1,0 +1,63 @@
+"""Creating a run while all of a job's ranks ask at once: one creates it, the others join it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from service.errors import RunConflict
+from service.runs.manager import RunManager
+from service.settings import Settings
+from service.store import open_store
+from service.store.events import EventKind
+from tests.conftest import BACKENDS
+
+RANKS = 16
+SPEC = {"run_id": "job", "schedule": {"type": "StepLR", "step_size": 3}, "base_lrs": [0.1],
+        "world_size": RANKS}
+
+
+@pytest.fixture(params=BACKENDS)
+def manager(request, database_url):
+    store = open_store(database_url(request.param))
+    yield RunManager(store, Settings(db=database_url(request.param)))
+    store.close()
+
+
+def all_at_once(fn, n):
+    """Run ``fn(i)`` on ``n`` threads released together; results (or exceptions) by index."""
+    start = threading.Barrier(n)
+    out = [None] * n
+
+    def go(i):
+        start.wait()
+        try:
+            out[i] = fn(i)
+        except Exception as exc:  # handed back to the test
+            out[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_ranks_creating_together_get_one_run(manager: RunManager):
+    results = all_at_once(lambda _: manager.create_run(SPEC), RANKS)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert sum(created for _, created in results) == 1
+    assert len({(record.run_id, record.created_at) for record, _ in results}) == 1
+    kinds = [e.kind for e in manager.store.read_events("job")]
+    assert kinds.count(EventKind.CREATED) == 1
+
+
+def test_a_different_spec_racing_the_same_id_is_refused(manager: RunManager):
+    other = {**SPEC, "base_lrs": [0.2]}
+    results = all_at_once(lambda i: manager.create_run(SPEC if i % 2 else other), 8)
+    winners = {tuple(r[0].spec["base_lrs"]) for r in results if not isinstance(r, Exception)}
+    assert len(winners) == 1  # whichever came first, every request of the other spec is refused
+    losers = [r for r in results if isinstance(r, Exception)]
+    assert len(losers) == 4 and all(isinstance(r, RunConflict) for r in losers)
