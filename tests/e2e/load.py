@@ -155,9 +155,16 @@ class Load:
     # -- the load ---------------------------------------------------------------------------
 
     def rank(self, cluster: Cluster, run_id: str, rank: int, steps: int, replica_of: Callable[[int], int],
-             report: bool = True) -> None:
-        """One training rank: ``POST .../step`` for steps 1..steps, with its own plateau metric."""
+             report: bool = True, midway: Callable[[], bool] | None = None) -> None:
+        """One training rank: ``POST .../step`` for steps 1..steps, with its own plateau metric.
+
+        With ``midway``, the rank waits halfway until ``midway()`` is true: what the test
+        needs to happen while the run is live (operator actions) then does, however fast
+        the server takes the steps.
+        """
         for k in range(1, steps + 1):
+            if midway is not None and k == steps // 2:
+                self.wait_for(midway)
             if self.over():
                 return
             metrics = {"val_loss": loss(run_id, rank, k)} if report else {}

@@ -35,8 +35,10 @@ def test_replicas_share_one_truth_through_a_kill_9(database_url, tmp_path):
             create_run(url, "bar", world_size=2)
         ledger = Ledger()
         load = Load([a.url, b.url], ledger, deadline=time.monotonic() + 45)
-        ranks = [load.spawn(load.rank, "solo", r, STEPS, lambda k, r=r: (k + r) % 2) for r in (0, 1)]
-        ranks += [load.spawn(load.rank, "bar", r, STEPS, lambda k, r=r: r) for r in (0, 1)]
+        actions = lambda: len(ledger.controls) >= 5  # noqa: E731 - some land while the runs are live
+        ranks = [load.spawn(load.rank, "solo", r, STEPS, lambda k, r=r: (k + r) % 2, True, actions)
+                 for r in (0, 1)]
+        ranks += [load.spawn(load.rank, "bar", r, STEPS, lambda k, r=r: r, True, actions) for r in (0, 1)]
         load.spawn(load.operator, RUNS, 0.1)
         load.spawn(load.logger, RUNS)
         load.spawn(load.reader, RUNS, 11)

@@ -30,7 +30,9 @@ def test_two_workers_keep_finality(backend, database_url, tmp_path):
         create_run(server.url, "bar", world_size=2)
         ledger = Ledger()
         load = Load([server.url], ledger, deadline=time.monotonic() + 40, keepalive=False)
-        ranks = [load.spawn(load.rank, run_id, r, STEPS, lambda k: 0) for run_id in RUNS for r in (0, 1)]
+        actions = lambda: len(ledger.controls) >= 5  # noqa: E731 - some land while the runs are live
+        ranks = [load.spawn(load.rank, run_id, r, STEPS, lambda k: 0, True, actions)
+                 for run_id in RUNS for r in (0, 1)]
         load.spawn(load.operator, RUNS, 0.1)
         load.spawn(load.logger, RUNS)
         load.spawn(load.reader, RUNS, 7)
