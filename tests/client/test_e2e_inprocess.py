@@ -157,11 +157,13 @@ def train_with_plateau(model, opt, step):
     return trajectory
 
 
-def test_warmup_then_plateau_gives_bit_identical_weights(api):
-    # By hand, in torch: LinearLR warms up; at the milestone the LRs restart at their base
-    # values and a ReduceLROnPlateau takes over; it hears the metric sent with step k only
-    # if it was already in charge at step k-1 (the training it describes ran under it).
-    model, opt = make_model("sgd")
+def torch_plateau_spec_by_hand(opt):
+    """``PLATEAU_SPEC`` in torch, by hand: ``step(k, metric)`` for the loop above.
+
+    LinearLR warms up; at the milestone the LRs restart at their base values and a
+    ReduceLROnPlateau takes over; it hears the metric sent with step k only if it was
+    already in charge at step k-1 (the training it describes ran under it).
+    """
     warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=25)
     plateau = {}
 
@@ -175,7 +177,12 @@ def test_warmup_then_plateau_gives_bit_identical_weights(api):
         elif metric is not None:
             plateau["s"].step(metric)
 
-    local = train_with_plateau(model, opt, local_step)
+    return local_step
+
+
+def test_warmup_then_plateau_gives_bit_identical_weights(api):
+    model, opt = make_model("sgd")
+    local = train_with_plateau(model, opt, torch_plateau_spec_by_hand(opt))
     local_weights = weights(model)
     assert len({tuple(lrs) for lrs in local[26:]}) > 2  # the plateau did lower the LRs
 

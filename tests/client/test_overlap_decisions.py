@@ -24,6 +24,7 @@ from tests.client.test_e2e_inprocess import (  # noqa: E402
     PLATEAU_SPEC,
     STEPS_PER_EPOCH,
     make_model,
+    torch_plateau_spec_by_hand,
     train_with_plateau,
     weights,
 )
@@ -49,23 +50,9 @@ def test_overlapped_decisions_give_bit_identical_weights(tmp_path):
     from service import create_app
     from service.settings import Settings
 
-    # torch by hand, as test_e2e_inprocess does it: warm-up, then a plateau at the milestone
     model, opt = make_model("sgd")
     local_used = record_used_lrs(opt)
-    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=25)
-    plateau = {}
-
-    def local_step(k, metric):
-        if k < 25:
-            warmup.step()
-        elif k == 25:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"]
-            plateau["s"] = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
-        elif metric is not None:
-            plateau["s"].step(metric)
-
-    train_with_plateau(model, opt, local_step)
+    train_with_plateau(model, opt, torch_plateau_spec_by_hand(opt))
     local_weights = weights(model)
     assert len({tuple(lrs) for lrs in local_used[26:]}) > 2  # the plateau did lower the LRs
 
