@@ -159,3 +159,16 @@ def test_outage_with_a_decision_on_its_way_holds_then_delivers_it(make_scheduler
         time.sleep(0.01)
     assert fake.runs["p"].reports[15] == {"val_loss": 0.5}
     assert fake.runs["p"].values[15] == expected_lrs([0.1], 15, reports)[15]
+
+
+def test_a_wrapped_optimizer_gets_the_decision_through_the_one_it_wraps(make_scheduler):
+    """accelerate's optimizer wraps torch's and shares its param_groups: the hook goes inside."""
+    accelerate = pytest.importorskip("accelerate")
+    opt = accelerate.Accelerator(cpu=True).prepare(sgd())
+    used = record_used_lrs(opt.optimizer)
+    sched = make_scheduler(opt, PLATEAU, steps_per_epoch=1, overlap_decisions=True)
+    assert sched._overlap  # hooked, not falling back to waiting in step(metric)
+    for metric in (1.0, 2.0, 3.0):
+        sched.step(metric)
+        opt.step()
+    assert used == [expected_lrs([0.1], 3, {1: 1.0, 2: 2.0, 3: 3.0})[k] for k in (1, 2, 3)]
