@@ -200,10 +200,6 @@ class BaseStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def read_barrier_reports(self, run_id: str, step: int) -> dict[int, dict[str, float]]:
-        """The ranks that reported for ``step``: rank -> {metric name: value}."""
-
-    @abc.abstractmethod
     def ping(self) -> None:
         """Raises StoreUnavailable if the database cannot be reached."""
 

@@ -477,15 +477,6 @@ class SqlStore(BaseStore):
             row = self._require_run(conn, run_id)
             return BarrierTally(row.horizon, _select_reports(conn, run_id, step))
 
-    def read_barrier_reports(self, run_id: str, step: int) -> dict[int, dict[str, float]]:
-        """The ranks that reported for ``step``, each with its values by metric name.
-
-        Raises:
-            StoreUnavailable: the database failed.
-        """
-        with self._transaction() as conn:
-            return _select_reports(conn, run_id, step)
-
     # -- health ----------------------------------------------------------------------------
 
     def ping(self) -> None:

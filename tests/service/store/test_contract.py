@@ -130,7 +130,9 @@ class TestStoreContract:
         with pytest.raises(RunNotFound):
             store.append_metrics("nope", [MetricRecord("loss", 1, 0, 1.0)])
         assert store.read_events("nope") == [] and store.load_snapshot("nope") is None
-        assert store.read_metrics("nope") == {} and store.read_barrier_reports("nope", 1) == {}
+        assert store.read_metrics("nope") == {}
+        with pytest.raises(RunNotFound):
+            store.read_barrier("nope", 1)
 
     def test_list_filters_and_pages(self, store):
         for i in range(7):
@@ -172,7 +174,9 @@ class TestStoreContract:
         with pytest.raises(RunNotFound):
             store.read_run("r1")
         assert store.read_events("r1") == [] and store.load_snapshot("r1") is None
-        assert store.read_metrics("r1") == {} and store.read_barrier_reports("r1", 1) == {}
+        assert store.read_metrics("r1") == {}
+        with pytest.raises(RunNotFound):
+            store.read_barrier("r1", 1)
         assert [r.run_id for r in store.list_runs(labels={"team": "a"})] == ["keep"]
         fresh = make(store, "r1")  # the id is free again, and nothing of the old run shows
         assert (fresh.last_seq, fresh.horizon, fresh.labels) == (1, 0, {})
@@ -328,7 +332,7 @@ class TestStoreContract:
         assert same_floats(values, [r.value for r in records])
         for rank, value in enumerate(TRICKY_FLOATS):
             store.add_barrier_report("r1", 1, rank, {"x": value})
-        assert same_floats([v["x"] for v in store.read_barrier_reports("r1", 1).values()], TRICKY_FLOATS)
+        assert same_floats([v["x"] for v in store.read_barrier("r1", 1).reports.values()], TRICKY_FLOATS)
 
     def test_floats_in_json_are_bit_exact(self, store):
         spec = {**SPEC, "values": TRICKY_FLOATS}
@@ -348,9 +352,9 @@ class TestStoreContract:
         store.add_barrier_report("r1", 5, 0, {"loss": 2.0, "acc": 0.5})  # a retry: the first loss stands
         store.add_barrier_report("r1", 5, 1, {"loss": 3.0})
         store.add_barrier_report("r1", 6, 0, {"loss": 4.0})
-        assert store.read_barrier_reports("r1", 5) == {0: {"acc": 0.5, "loss": 1.0}, 1: {"loss": 3.0}}
-        assert store.read_barrier_reports("r1", 6) == {0: {"loss": 4.0}}
-        assert store.read_barrier_reports("r1", 7) == {}
+        assert store.read_barrier("r1", 5).reports == {0: {"acc": 0.5, "loss": 1.0}, 1: {"loss": 3.0}}
+        assert store.read_barrier("r1", 6).reports == {0: {"loss": 4.0}}
+        assert store.read_barrier("r1", 7).reports == {}
 
     def test_a_barrier_report_returns_the_tally_with_itself_in_it(self, store):
         make(store)
