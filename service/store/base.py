@@ -23,7 +23,7 @@ Contract (every backend, every process):
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -207,8 +207,3 @@ class BaseStore(abc.ABC):
     def close(self) -> None:
         """Release connections."""
 
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    """Split ``items`` into slices of at most ``size`` (bulk inserts stay under driver limits)."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
