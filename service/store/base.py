@@ -206,4 +206,3 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections."""
-
