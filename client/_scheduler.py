@@ -736,11 +736,9 @@ class RemoteScheduler:
         if not getattr(getattr(type(opt), "step", None), "hooked", False):
             return False
         try:
-            self._hooks = [
-                opt.register_step_pre_hook(self._before_optimizer_reads),
-                opt.register_state_dict_pre_hook(self._before_optimizer_reads),
-            ]
-        except (AttributeError, TypeError):  # not a torch optimizer after all
+            for register in (opt.register_step_pre_hook, opt.register_state_dict_pre_hook):
+                self._hooks.append(register(self._before_optimizer_reads))
+        except (AttributeError, TypeError):  # not a torch optimizer after all: undo what took
             for hook in self._hooks:
                 hook.remove()
             self._hooks = []
