@@ -498,7 +498,7 @@ class SqlRunTransaction(RunTransaction):
     per call.
     """
 
-    def __init__(self, conn: Connection, run: RunRecord, store: SqlStore | None = None) -> None:
+    def __init__(self, conn: Connection, run: RunRecord, store: SqlStore) -> None:
         self._conn = conn
         self.run = run
         self.closed = False
@@ -517,7 +517,6 @@ class SqlRunTransaction(RunTransaction):
 
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
         """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
-        assert self._store is not None
         return self._store._insert_metrics(self._connection(), self.run.run_id, records)
 
     def _connection(self) -> Connection:
