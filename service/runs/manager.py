@@ -70,20 +70,25 @@ class RunManager:
         """
         spec = self._canonical_spec(request)
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
-        try:  # every rank joins: an existing run needs no torch engine built to check the spec
-            return self._same_run(self.store.read_run(run_id), spec), False
-        except RunNotFound:
-            pass
+        existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
+        if existing is not None:
+            return existing, False
         with self._run_lock(run_id):  # a job's ranks arrive together: one builds the run, the rest join
-            try:
-                return self._same_run(self.store.read_run(run_id), spec), False
-            except RunNotFound:
-                pass
+            existing = self._existing(run_id, spec)
+            if existing is not None:
+                return existing, False
             schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
             Engine(schedule, spec["base_lrs"], spec["base_momentums"])  # torch must accept it on these LRs
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec})
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
         return (record if is_new else self._same_run(record, spec)), is_new
+
+    def _existing(self, run_id: str, spec: dict[str, Any]) -> RunRecord | None:
+        """The stored run if there is one (``RunConflict`` if its spec differs), else ``None``."""
+        try:
+            return self._same_run(self.store.read_run(run_id), spec)
+        except RunNotFound:
+            return None
 
     @staticmethod
     def _same_run(record: RunRecord, spec: dict[str, Any]) -> RunRecord:
