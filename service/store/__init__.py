@@ -7,6 +7,7 @@ a PostgreSQL database. Both are served by the same ``SqlStore``.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -145,7 +146,7 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
         dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor)
             cursor.execute(f"PRAGMA synchronous={synchronous}")  # checked against a fixed list
         finally:
             cursor.close()
@@ -154,6 +155,24 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Put the file in WAL mode (it stays so), waiting while another connection writes to it.
+
+    Only a new file switches; while another connection holds a write transaction on it (a
+    second store opening the same new file, say), SQLite answers "database is locked" at
+    once rather than calling its busy handler, so the wait is here.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "database is locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _open_postgres(url: URL) -> SqlStore:

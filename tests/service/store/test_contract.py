@@ -497,3 +497,29 @@ def test_unsupported_urls(url):
 def test_unknown_sqlite_synchronous(tmp_path):
     with pytest.raises(ValueError, match="synchronous"):
         open_store(f"sqlite:///{tmp_path}/x.db", sqlite_synchronous="sometimes")
+
+
+def test_opening_a_new_file_waits_for_another_writer(tmp_path):
+    """A new file switches to WAL; while another connection writes to it, SQLite refuses the
+    switch at once ("database is locked", no busy handler): the open must wait, not fail."""
+    import sqlite3
+
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None)  # rollback journal: the file is new
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE other (x)")
+    opened: list[object] = []
+    opener = threading.Thread(target=lambda: opened.append(open_store(f"sqlite:///{path}")))
+    opener.start()
+    opener.join(0.3)
+    assert opener.is_alive() and not opened  # waiting for the writer, not failed
+    writer.execute("COMMIT")
+    opener.join(30)
+    writer.close()
+    assert opened, "open_store did not finish"
+    store = opened[0]
+    try:
+        make(store)
+        assert store.read_run("r1").run_id == "r1"
+    finally:
+        store.close()
