@@ -73,29 +73,32 @@ def _collate(rows: list[Any]) -> dict[str, torch.Tensor]:
 
 
 def hf_train(out_dir: Path, make_scheduler: Callable[[torch.optim.Optimizer], Any], callbacks: list[Any],
-             world_size: int = 1) -> tuple[torch.nn.Module, list[float], dict[int, float]]:
-    """Train with the Trainer's evaluation every epoch; the LRs applied and ``{step: eval_loss}``."""
+             world_size: int = 1, **overrides: Any) -> tuple[torch.nn.Module, list[float], dict[int, float]]:
+    """Train with the Trainer's evaluation every epoch; the LRs applied and ``{step: eval_loss}``.
+
+    ``overrides`` replace ``TrainingArguments``."""
     import transformers
 
     model = HFModel()
     opt = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=0.9)
     sched = make_scheduler(opt)
     lrs = record_lrs(opt)
-    args = transformers.TrainingArguments(
-        output_dir=str(out_dir),
-        num_train_epochs=EPOCHS,
-        per_device_train_batch_size=BATCH,
-        per_device_eval_batch_size=16,
-        eval_strategy="epoch",
-        metric_for_best_model="loss",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
+    args = transformers.TrainingArguments(**{
+        "output_dir": str(out_dir),
+        "num_train_epochs": EPOCHS,
+        "per_device_train_batch_size": BATCH,
+        "per_device_eval_batch_size": 16,
+        "eval_strategy": "epoch",
+        "metric_for_best_model": "loss",
+        "use_cpu": True,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+        **overrides,
+    })
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' own deprecation chatter
         trainer = transformers.Trainer(

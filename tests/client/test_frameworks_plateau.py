@@ -102,15 +102,30 @@ def test_hf_warmup_then_plateau_matches_torch_by_hand(server, tmp_path):
     assert reductions(server.url, "hf-warm") == [k for k in drops(expected) if k > job.MILESTONE]
 
 
-def test_hf_callback_refuses_a_mode_against_greater_is_better(server, tmp_path):
+@pytest.mark.parametrize(("spec", "overrides", "error", "message"), [
+    ({**job.PLATEAU, "mode": "max"}, {}, ValueError, "mode is 'max'.*eval_loss is minimised"),
+    (job.PLATEAU, {"metric_for_best_model": "accuracy"}, ValueError, "mode is 'min'.*maximised"),
+    (job.PLATEAU, {"eval_strategy": "no", "metric_for_best_model": None}, ValueError, "set eval_strategy"),
+    (job.PLATEAU, {"metric_for_best_model": "accuracy", "greater_is_better": False}, KeyError,
+     "'eval_accuracy'.*not among the evaluation metrics"),
+    ({"type": "StepLR", "step_size": 3}, {}, ValueError, "watches no metric"),
+])
+def test_hf_callback_misconfigured_says_what_to_fix(server, tmp_path, spec, overrides, error, message):
     pytest.importorskip("transformers")
     from client.integrations.huggingface import LRServeCallback
 
     made = []
-    with pytest.raises(ValueError, match="mode is 'max'.*minimised"):
-        job.hf_train(tmp_path, hf_remote(server, "hf-mode", {**job.PLATEAU, "mode": "max"}, made),
-                     [LRServeCallback()])
+    with pytest.raises(error, match=message):
+        job.hf_train(tmp_path, hf_remote(server, None, spec, made), [LRServeCallback()], **overrides)
     made[0].close()
+
+
+def test_hf_callback_needs_a_remote_scheduler(tmp_path):
+    pytest.importorskip("transformers")
+    from client.integrations.huggingface import LRServeCallback
+
+    with pytest.raises(TypeError, match="RemoteScheduler.*it has ReduceLROnPlateau"):
+        job.hf_train(tmp_path, job.torch_plateau, [LRServeCallback()])
 
 
 # -- PyTorch Lightning --------------------------------------------------------------------------
@@ -168,6 +183,21 @@ def test_lightning_warmup_by_step_then_plateau_matches_torch_by_hand(server, tmp
     assert lrs == expected
     assert len(set(expected[job.MILESTONE:])) >= 3
     assert reductions(server.url, "pl-warm") == [k for k in drops(expected) if k > job.MILESTONE]
+
+
+def test_lightning_callback_names_a_metric_validation_did_not_log(server, tmp_path):
+    pytest.importorskip("lightning")
+    from client.integrations.lightning import LRServeCallback
+
+    made = []
+
+    def remote(opt):
+        made.append(RemoteScheduler(opt, job.PLATEAU, url=server.url))
+        return {"scheduler": made[-1]}
+
+    with pytest.raises(KeyError, match="'val_acc', which validation did not log; logged: \\['val_loss'\\]"):
+        job.lightning_fit(tmp_path, remote, [LRServeCallback(monitor="val_acc")])
+    made[0].close()
 
 
 # -- two processes ------------------------------------------------------------------------------
