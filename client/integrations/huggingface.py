@@ -41,7 +41,8 @@ class LRServeCallback(TrainerCallback):
         TypeError: The Trainer's scheduler is not a ``RemoteScheduler``.
         ValueError: ``eval_strategy="no"`` (nothing would be reported), the schedule watches
             no metric, or a plateau stage's ``mode`` contradicts ``greater_is_better``.
-    KeyError (at an evaluation): ``eval_<metric_for_best_model>`` is not among its metrics.
+    KeyError (at the next step): no evaluation at a step had ``eval_<metric_for_best_model>``
+        (with several eval datasets, each is evaluated apart; one of them must have it).
     """
 
     def __init__(self, monitor: str | None = None) -> None:
@@ -49,6 +50,8 @@ class LRServeCallback(TrainerCallback):
         self.scheduler: RemoteScheduler | None = None
         self.key = "eval_loss"  # the Trainer's metric, as its own plateau path picks it
         self.name = ""  # the name the schedule watches it under
+        self.reported_at: int | None = None  # the global step last reported
+        self.missing: tuple[int, list[str]] | None = None  # (step, metrics) of an evaluation without it
 
     def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **_: Any) -> None:
         scheduler = remote_scheduler(lr_scheduler)
@@ -78,14 +81,26 @@ class LRServeCallback(TrainerCallback):
         self.scheduler = scheduler
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **_: Any) -> None:
-        if self.scheduler is None:  # trainer.evaluate() outside training: no schedule to steer
-            return
-        if not metrics or self.key not in metrics:
-            raise KeyError(
-                f"LRServeCallback reports {self.key!r} (metric_for_best_model), which is not among "
-                f"the evaluation metrics {sorted(metrics or {})}"
-            )
-        self.scheduler.report(**{self.name: metrics[self.key]})
+        if self.scheduler is None or self.reported_at == state.global_step:
+            return  # outside training (trainer.evaluate()), or this step is decided already
+        if metrics and self.key in metrics:
+            self.scheduler.report(**{self.name: metrics[self.key]})
+            self.reported_at, self.missing = state.global_step, None
+        else:  # another eval dataset of the same evaluation may have it: judge at the next step
+            self.missing = (state.global_step, sorted(metrics or {}))
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self._check_reported()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         self.scheduler = None
+        self._check_reported()
+
+    def _check_reported(self) -> None:
+        if self.missing is not None:
+            step, names = self.missing
+            self.missing = None
+            raise KeyError(
+                f"LRServeCallback reports {self.key!r} (metric_for_best_model), which the "
+                f"evaluation at step {step} did not have: {names}"
+            )

@@ -76,7 +76,8 @@ def hf_train(out_dir: Path, make_scheduler: Callable[[torch.optim.Optimizer], An
              world_size: int = 1, **overrides: Any) -> tuple[torch.nn.Module, list[float], dict[int, float]]:
     """Train with the Trainer's evaluation every epoch; the LRs applied and ``{step: eval_loss}``.
 
-    ``overrides`` replace ``TrainingArguments``."""
+    ``overrides`` replace ``TrainingArguments`` (and ``eval_dataset``, the Trainer's)."""
+    eval_dataset = overrides.pop("eval_dataset", None) or dataset(32, 4)
     import transformers
 
     model = HFModel()
@@ -103,11 +104,12 @@ def hf_train(out_dir: Path, make_scheduler: Callable[[torch.optim.Optimizer], An
         warnings.simplefilter("ignore")  # transformers' own deprecation chatter
         trainer = transformers.Trainer(
             model=model, args=args, train_dataset=dataset(BATCH * EPOCH * world_size, 3),
-            eval_dataset=dataset(32, 4), data_collator=_collate, optimizers=(opt, sched), callbacks=callbacks,
+            eval_dataset=eval_dataset, data_collator=_collate, optimizers=(opt, sched), callbacks=callbacks,
         )
         trainer.train()
     lrs.append(float(opt.param_groups[0]["lr"]))
-    evals = {int(e["step"]): float(e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e}
+    key = f"eval_{args.metric_for_best_model}"
+    evals = {int(e["step"]): float(e[key]) for e in trainer.state.log_history if key in e}
     return model.net, lrs, evals
 
 

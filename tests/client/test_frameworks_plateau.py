@@ -88,6 +88,24 @@ def test_hf_plain_plateau_matches_the_trainers_own_reduce_lr_on_plateau(server, 
     assert set(drops(lrs)) <= set(evals)
 
 
+def test_hf_several_eval_datasets_report_the_one_metric_for_best_model(server, tmp_path):
+    """Each eval dataset is evaluated apart (one on_evaluate each); the Trainer's own path
+    steps its plateau with ``eval_<metric_for_best_model>`` of the merged metrics."""
+    pytest.importorskip("transformers")
+    from client.integrations.huggingface import LRServeCallback
+
+    evals = {"a": job.dataset(16, 5), "b": job.dataset(32, 4)}
+    local, local_lrs, _ = job.hf_train(tmp_path / "torch", job.torch_plateau, [],
+                                       eval_dataset=evals, metric_for_best_model="b_loss")
+    assert len(set(local_lrs)) >= 3
+    made = []
+    served, lrs, _ = job.hf_train(tmp_path / "lrserve", hf_remote(server, "hf-two-sets", job.PLATEAU, made),
+                                  [LRServeCallback()], eval_dataset=evals, metric_for_best_model="b_loss")
+    made[0].close()
+    assert lrs == local_lrs
+    assert same_weights(served, local)
+
+
 def test_hf_warmup_then_plateau_matches_torch_by_hand(server, tmp_path):
     pytest.importorskip("transformers")
     from client.integrations.huggingface import LRServeCallback
@@ -107,7 +125,7 @@ def test_hf_warmup_then_plateau_matches_torch_by_hand(server, tmp_path):
     (job.PLATEAU, {"metric_for_best_model": "accuracy"}, ValueError, "mode is 'min'.*maximised"),
     (job.PLATEAU, {"eval_strategy": "no", "metric_for_best_model": None}, ValueError, "set eval_strategy"),
     (job.PLATEAU, {"metric_for_best_model": "accuracy", "greater_is_better": False}, KeyError,
-     "'eval_accuracy'.*not among the evaluation metrics"),
+     "'eval_accuracy'.*\\['eval_loss'"),  # the Trainer's own check comes first, as clear
     ({"type": "StepLR", "step_size": 3}, {}, ValueError, "watches no metric"),
 ])
 def test_hf_callback_misconfigured_says_what_to_fix(server, tmp_path, spec, overrides, error, message):
@@ -118,6 +136,27 @@ def test_hf_callback_misconfigured_says_what_to_fix(server, tmp_path, spec, over
     with pytest.raises(error, match=message):
         job.hf_train(tmp_path, hf_remote(server, None, spec, made), [LRServeCallback()], **overrides)
     made[0].close()
+
+
+def test_hf_callback_raises_when_no_evaluation_of_a_step_had_the_metric(server, tmp_path):
+    """The Trainer checks metric_for_best_model itself when it is set; when it is not, the
+    callback's key is eval_loss, which an evaluation without labels lacks."""
+    transformers = pytest.importorskip("transformers")
+    from client.integrations.huggingface import LRServeCallback
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch", use_cpu=True,
+                                          report_to=[])
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    callback = LRServeCallback()
+    with RemoteScheduler(torch.optim.SGD(job.net().parameters(), lr=0.1), job.PLATEAU, run_id="hf-no-loss",
+                         url=server.url) as sched:
+        callback.on_train_begin(args, state, control, lr_scheduler=sched)
+        state.global_step = 8
+        callback.on_evaluate(args, state, control, metrics={"eval_a_loss": 1.0})  # eval set "a"
+        callback.on_evaluate(args, state, control, metrics={"eval_b_acc": 0.5})  # eval set "b"
+        with pytest.raises(KeyError, match="'eval_loss'.*at step 8 did not have: \\['eval_b_acc'\\]"):
+            callback.on_step_begin(args, state, control)
+    assert httpx.get(f"{server.url}/v1/runs/hf-no-loss/history", timeout=30).json()["metrics"] == {}
 
 
 def test_hf_callback_needs_a_remote_scheduler(tmp_path):
