@@ -56,18 +56,20 @@ def history(server, run_id):
     return httpx.get(f"{server.url}/v1/runs/{run_id}/history", timeout=30).json()
 
 
-def test_report_after_step_decides_the_next_batch_as_step_with_the_metric(server):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_report_after_step_decides_the_next_batch_as_step_with_the_metric(server, overlap):
     expected = warmup_plateau_reference(WARMUP_THEN_PLATEAU, 0.05, STEPS, VAL, {})
     assert len(set(expected[EPOCH * 4:])) >= 3
 
     opt = optimizer()
-    with RemoteScheduler(opt, WARMUP_THEN_PLATEAU, run_id="with-step", url=server.url) as sched:
+    run = f"after-overlap-{overlap}"
+    with RemoteScheduler(opt, WARMUP_THEN_PLATEAU, run_id=f"with-step-{overlap}", url=server.url) as sched:
         along = train(opt, lambda k: sched.step(VAL.get(k)))
     assert along == expected
 
     opt = optimizer()
-    with RemoteScheduler(opt, WARMUP_THEN_PLATEAU, run_id="after", url=server.url,
-                         reports_after_step=True) as sched:
+    with RemoteScheduler(opt, WARMUP_THEN_PLATEAU, run_id=run, url=server.url,
+                         reports_after_step=True, overlap_decisions=overlap) as sched:
 
         def step_then_report(k):
             sched.step()
@@ -76,10 +78,12 @@ def test_report_after_step_decides_the_next_batch_as_step_with_the_metric(server
                 sched.report(val_loss=VAL[k])
 
         after = train(opt, step_then_report)
-    assert after == expected
-    events = [e["step"] for e in history(server, "after")["events"] if e["kind"] == "plateau_reduction"]
+        # with overlap, param_groups show the last decision only when next needed
+        assert sched.get_last_lr() == [expected[STEPS]]
+    assert after[:STEPS] == expected[:STEPS]
+    events = [e["step"] for e in history(server, run)["events"] if e["kind"] == "plateau_reduction"]
     assert events == [k for k in range(1, STEPS + 1) if expected[k] < expected[k - 1] and k in VAL]
-    assert history(server, "after")["metrics"]["val_loss"]["steps"] == sorted(VAL)
+    assert history(server, run)["metrics"]["val_loss"]["steps"] == sorted(VAL)
 
 
 def test_report_before_step_goes_with_that_step(server):
