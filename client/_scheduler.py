@@ -106,6 +106,12 @@ class RemoteScheduler:
             default (torch's timing). Ignored with ``strict=True``, for range tests (the
             switch restores weights before the next batch) and for optimizers whose
             ``step`` torch does not hook.
+        reports_after_step: The job calls ``report()`` after the ``step()`` that ends an
+            epoch, as frameworks do (they step the scheduler, then evaluate): such steps
+            keep their values open until the report (or the next ``optimizer.step()``), so
+            it decides the values of the next batch. Meanwhile ``param_groups`` and
+            ``get_last_lr()`` hold the previous step's values. The callbacks in
+            ``client.integrations`` set it. Needs a torch optimizer and ``strict=False``.
 
     Raises:
         InvalidSchedule: The spec is invalid (``errors`` names the field).
@@ -156,6 +162,7 @@ class RemoteScheduler:
         rand: Callable[[], float] = random.random,
         on_schedule_switch: Callable[[RemoteScheduler], None] | None = None,
         overlap_decisions: bool = False,
+        reports_after_step: bool = False,
     ) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups:
@@ -209,8 +216,12 @@ class RemoteScheduler:
         except BaseException:
             self._client.close()
             raise
-        overlap = overlap_decisions and not strict and self.schedule["type"] != "LRRangeTest"
-        self._overlap = overlap and bool(self._watched) and self._hook_optimizer()
+        # The optimizer hook lets a report come after step() (report()) and, with
+        # overlap_decisions, a decision travel during the next batch.
+        hookable = not strict and self.schedule["type"] != "LRRangeTest" and bool(self._watched)
+        self._hooked = hookable and self._hook_optimizer()
+        self._overlap = overlap_decisions and self._hooked
+        self.reports_after_step = reports_after_step
 
     def _init_state(self) -> None:
         self.last_epoch = 0
@@ -232,6 +243,9 @@ class RemoteScheduler:
         self._buffer: MetricBuffer | None = None
         self._overlap = False
         self._deciding: int | None = None  # the step whose decision step(metric) left on its way
+        self._open: int | None = None  # a step whose values wait for report() (or the optimizer)
+        self._reported: dict[str, float] = {}  # report()ed metrics for the next step()
+        self._hooked = False  # whether the optimizer's hooks are ours to use
         self._hooks: list[Any] = []  # handles of the optimizer hooks that take that decision
         self._fast = self._fast_ok()
 
@@ -293,7 +307,11 @@ class RemoteScheduler:
         self._step_slow(metrics, epoch)
 
     def get_last_lr(self) -> list[float]:
-        """The LRs of the current step, one per param group (as torch's)."""
+        """The LRs of the current step, one per param group (as torch's).
+
+        While the step waits for ``report()``, the previous step's LRs (those in the param
+        groups), as torch's ``ReduceLROnPlateau`` shows before its ``step(metric)``.
+        """
         self._settle()
         return list(self._last_lr)
 
@@ -342,6 +360,40 @@ class RemoteScheduler:
         items = {**(metrics or {}), **named}
         self._log_at(self.last_epoch + 1 if step is None else int(step), items)
 
+    def report(self, **metrics: float) -> None:
+        """Report metrics measured after the last ``step()``, e.g. ``report(val_loss=0.41)``.
+
+        With ``reports_after_step=True`` they decide the values of the next
+        ``optimizer.step()``, as torch's ``ReduceLROnPlateau`` stepped after an evaluation
+        would: a step that may carry the watched metric keeps its values open after
+        ``step()`` until ``report()`` brings it, or until the optimizer next steps without
+        one (a hook on the optimizer), whichever comes first. Where no step is open
+        (the default, ``strict=True``, an optimizer torch does not hook, or ``report()``
+        before ``step()``) they go with the next ``step()``, as ``step(metrics=...)``
+        would. Metrics the schedule does not watch are logged for history. The Hugging
+        Face and Lightning callbacks in ``client.integrations`` call it.
+
+        Raises:
+            ClientClosed: After ``close()``.
+            TypeError: A value is not a number.
+        """
+        self._check_open()
+        items = {name: _to_float(value) for name, value in metrics.items()}
+        s = self._open
+        if s is None:
+            self._reported.update(items)
+            self._fast = False  # the next step() takes them
+            return
+        report, extra = self._split_metrics(items)
+        if extra:
+            self._log_at(s, extra)
+        if not report:
+            return  # the step stays open for the watched metric
+        self._open = None
+        self._take_report(s, report)
+        self._fast = self._fast_ok()
+        self._maybe_prefetch(s)
+
     def flush(self, timeout: float | None = DEFAULT_CLOSE_TIMEOUT_S) -> bool:
         """Send the logged metrics now; returns whether all were sent within ``timeout``."""
         self._check_open()
@@ -353,7 +405,7 @@ class RemoteScheduler:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume this schedule (plain Python values)."""
-        self._settle()
+        self._close_step()
         return {
             "run_id": self.run_id,
             "url": self._client.base_url,
@@ -380,7 +432,7 @@ class RemoteScheduler:
             LRServiceError: The server could not give the values (it must, to resume).
         """
         self._check_open()
-        self._settle()
+        self._close_step()
         run_id = str(state_dict["run_id"])
         if run_id != self.run_id and self._named_run:
             raise ValueError(
@@ -412,6 +464,7 @@ class RemoteScheduler:
         self._closed = True
         self._fast = False
         self._deciding = None
+        self._open = None  # the job is done with it: nothing needs its values
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -446,13 +499,16 @@ class RemoteScheduler:
 
     def _step_slow(self, metrics: Any, epoch: Any) -> None:
         self._check_open()
-        self._settle()
+        self._close_step()
         if epoch is not None:
             raise TypeError(
                 "RemoteScheduler.step() takes no epoch: the server keeps the schedule's clock "
                 "(torch deprecated step(epoch) as well)"
             )
         report, extra = self._split_metrics(metrics)
+        if self._reported:  # report() before step(): they go with this step
+            queued, self._reported = self._split_metrics(self._reported), {}
+            report, extra = {**queued[0], **report}, {**queued[1], **extra}
         s = self.last_epoch + 1
         self.last_epoch = s
         try:
@@ -463,6 +519,12 @@ class RemoteScheduler:
                 self._take_report(s, report)
             elif self._holds(s):
                 self._apply(s)
+            elif self.reports_after_step and self._hooked and self._cadence.may_report_at(s):
+                # the job may report() this step's metric after step() (frameworks evaluate
+                # after stepping the scheduler): its values are taken then, or by the hook
+                self._open = s
+                self._fast = False
+                return
             else:
                 self._obtain(s)
         except BaseException:
@@ -746,8 +808,22 @@ class RemoteScheduler:
         return True
 
     def _before_optimizer_reads(self, *_: Any) -> None:
+        if self._open is not None:
+            self._close_step()
         if self._deciding is not None:
             self._settle()
+
+    def _close_step(self) -> None:
+        """No report came for the open step: take its values as they are (then settle)."""
+        s, self._open = self._open, None
+        if s is not None:
+            if self._holds(s):
+                self._apply(s)
+            else:
+                self._obtain(s)
+            self._fast = self._fast_ok()
+            self._maybe_prefetch(s)
+        self._settle()
 
     def _settle(self) -> None:
         """Wait for the decision ``step(metric)`` sent, and write its values (now due)."""
@@ -768,6 +844,8 @@ class RemoteScheduler:
             self._closed
             or self._away
             or self._deciding is not None
+            or self._open is not None
+            or bool(self._reported)
             or (self._switch_at is not None and not self._switched)
             or any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
         )
