@@ -1,13 +1,15 @@
 """Bearer tokens with roles (API.md, Authentication).
 
 Roles nest: ``admin`` implies ``write`` implies ``read``. Tokens come from
-``LRSERVE_TOKENS`` (``role:token,role:token``) and/or a tokens file (one per line).
-They are compared in constant time and never logged or echoed.
+``LRSERVE_TOKENS`` (``role:token`` or ``name:role:token`` entries, commas between them)
+and/or a tokens file (one entry per line). A token's name (its role when unnamed) is the
+*actor* of what it does. Tokens are compared in constant time and never logged or echoed.
 """
 
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import Forbidden, Unauthorized
@@ -20,21 +22,41 @@ class TokenError(ValueError):
     """The token configuration is malformed (raised at start-up)."""
 
 
-def parse_tokens(text: str, *, source: str) -> dict[str, str]:
-    """``role:token`` pairs (commas or newlines between them) -> {token: role}."""
-    tokens: dict[str, str] = {}
+@dataclass(frozen=True)
+class Identity:
+    """Who a request acts as: the token's name (the actor on events) and its role."""
+
+    name: str
+    role: str
+
+
+LOCAL = Identity("local", "admin")  # every caller of a server with no token configured
+
+
+def parse_tokens(text: str, *, source: str) -> dict[str, Identity]:
+    """``role:token`` / ``name:role:token`` entries (commas or newlines between them) -> {token: identity}.
+
+    Three fields with a role in the middle are ``name:role:token``; otherwise the first
+    field is the role and the rest is the token (which may itself contain ``:``).
+    """
+    tokens: dict[str, Identity] = {}
     for n, item in enumerate(text.replace("\n", ",").split(","), start=1):
         item = item.strip()
         if not item or item.startswith("#"):
             continue
-        role, sep, token = item.partition(":")
-        if not sep or role not in _RANK or not token:
-            raise TokenError(f"{source}: entry {n} is not role:token with role in {ROLES}")
-        tokens[token] = role
+        fields = item.split(":", 2)
+        if len(fields) == 3 and fields[1] in _RANK:
+            name, role, token = fields
+        else:
+            role, _, token = item.partition(":")
+            name = role
+        if role not in _RANK or not token or not name:
+            raise TokenError(f"{source}: entry {n} is not role:token or name:role:token with role in {ROLES}")
+        tokens[token] = Identity(name, role)
     return tokens
 
 
-def load_tokens(env_value: str, tokens_file: Path | None) -> dict[str, str]:
+def load_tokens(env_value: str, tokens_file: Path | None) -> dict[str, Identity]:
     tokens = parse_tokens(env_value, source="LRSERVE_TOKENS")
     if tokens_file is not None:
         tokens.update(parse_tokens(tokens_file.read_text(), source=str(tokens_file)))
@@ -44,31 +66,31 @@ def load_tokens(env_value: str, tokens_file: Path | None) -> dict[str, str]:
 class Authenticator:
     """Checks the ``Authorization`` header against the configured tokens."""
 
-    def __init__(self, tokens: dict[str, str]) -> None:
-        self._tokens = [(t.encode(), role) for t, role in tokens.items()]
+    def __init__(self, tokens: dict[str, Identity]) -> None:
+        self._tokens = [(t.encode(), identity) for t, identity in tokens.items()]
 
     @property
     def open(self) -> bool:
         """No token configured: every caller is admin (the server binds loopback only)."""
         return not self._tokens
 
-    def role_of(self, authorization: str | None) -> str:
+    def identify(self, authorization: str | None) -> Identity:
         if self.open:
-            return "admin"
+            return LOCAL
         scheme, _, candidate = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not candidate:
             raise Unauthorized("missing bearer token (send 'Authorization: Bearer <token>')")
         found = None
         given = candidate.strip().encode()
-        for token, role in self._tokens:  # compare with every token: time does not depend on which
+        for token, identity in self._tokens:  # compare with every token: time does not depend on which
             if hmac.compare_digest(given, token):
-                found = role
+                found = identity
         if found is None:
             raise Unauthorized("unknown token")
         return found
 
-    def require(self, authorization: str | None, role: str) -> str:
-        have = self.role_of(authorization)
-        if _RANK[have] < _RANK[role]:
-            raise Forbidden(f"this route needs the {role!r} role; the token has {have!r}")
-        return have
+    def require(self, authorization: str | None, role: str) -> Identity:
+        identity = self.identify(authorization)
+        if _RANK[identity.role] < _RANK[role]:
+            raise Forbidden(f"this route needs the {role!r} role; the token has {identity.role!r}")
+        return identity

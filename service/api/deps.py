@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from service.auth import Identity
 from service.runs.manager import RunManager
 from service.settings import Settings
 from service.store.base import BaseStore
@@ -33,12 +34,14 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 def _role(required: str):
-    async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Identity:
         return request.app.state.auth.require(authorization, required)
 
     return Depends(check)
 
 
+# As ``dependencies=[...]`` when the route only checks the role; as a parameter's
+# ``Annotated[Identity, AdminAccess]`` when it needs who acts (the actor of its events).
 ReadAccess = _role("read")
 WriteAccess = _role("write")
 AdminAccess = _role("admin")

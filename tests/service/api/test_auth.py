@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.auth import Authenticator, TokenError, parse_tokens
+from service.auth import Authenticator, Identity, TokenError, parse_tokens
 
 TOKENS = {"read": "r-token", "write": "w-token", "admin": "a-token"}
 RANK = {None: -1, "read": 0, "write": 1, "admin": 2}
@@ -84,11 +84,22 @@ def test_tokens_file(settings, tmp_path):
         assert client.get("/v1/runs").status_code == 401
 
 
-@pytest.mark.parametrize("text", ["admin", "root:x", "read:", ":tok"])
+@pytest.mark.parametrize("text", ["admin", "root:x", "read:", ":tok", "alice:root:x", ":read:tok"])
 def test_malformed_tokens_fail_loudly(text):
     with pytest.raises(TokenError):
         parse_tokens(text, source="LRSERVE_TOKENS")
 
 
 def test_open_server_treats_everyone_as_admin():
-    assert Authenticator({}).role_of(None) == "admin"
+    assert Authenticator({}).identify(None) == Identity("local", "admin")
+
+
+def test_named_tokens_carry_their_name_unnamed_ones_their_role():
+    tokens = parse_tokens("ops-alice:admin:t0k,write:job:token,read:viewer", source="LRSERVE_TOKENS")
+    assert tokens == {
+        "t0k": Identity("ops-alice", "admin"),
+        "job:token": Identity("write", "write"),  # role:token, the token holds a ':'
+        "viewer": Identity("read", "read"),
+    }
+    auth = Authenticator(tokens)
+    assert auth.require("Bearer t0k", "admin") == Identity("ops-alice", "admin")
