@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long a metric barrier waits for every rank before deciding."
     )
     max_ahead: int = Field(10_000, ge=0, description="Most steps one window may return beyond `step`.")
+    max_provisional: int = Field(
+        100_000,
+        ge=0,
+        description="Most steps of a provisional tail (values after a window, ridden in outages).",
+    )
     max_jump: int = Field(10_000, ge=1, description="Most steps one request may move the horizon.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_groups: int = Field(1024, ge=1, description="Most param groups per run.")

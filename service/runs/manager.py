@@ -41,6 +41,8 @@ class Window:
     status: str
     stopped_at: int | None
     switched_at: int | None
+    watched: tuple[str, ...] = ()  # the metrics the run decides on now (clients report these)
+    max_ahead: int = 0  # the server's cap on ``ahead``
 
 
 class RunManager:
@@ -225,7 +227,8 @@ class RunManager:
             values = self.values_between(state.run_id, step, end)
         else:
             values = state.values[step - state.first_step : end - state.first_step + 1]
-        return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at)
+        return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at,
+                      state.watching, self.settings.max_ahead)
 
     def _check_jump(self, state: RunState, step: int) -> None:
         """Refuse steps too far beyond the horizon: the stored one, which other processes may
