@@ -59,6 +59,10 @@ class RunPublic(BaseModel):
     momentums: list[float] | None
     stopped_at: int | None = Field(None, description="The step from which the run is stopped.")
     switched_at: int | None = Field(None, description="Step where a range test switched schedules.")
+    watched: list[str] = Field(
+        default_factory=list, description="Metrics the run decides on now: a job reports these with step()."
+    )
+    max_ahead: int = Field(0, description="The server's cap on `ahead`.")
     created_at: str
     updated_at: str
 
