@@ -67,29 +67,38 @@ class _LambdaSpec(_Spec):
     lr_lambda: PerGroupExpression = Field(
         description="Factor as an expression of step, e.g. '0.95 ** step', or one per param group."
     )
+    # Compiled once per spec node (parse_schedule's check builds them): the run that holds
+    # the spec holds its expressions; nothing is re-parsed while it steps.
+    _compiled: list[Expression] | None = PrivateAttr(default=None)
 
     def torch_kwargs(self) -> dict[str, Any]:
         """``lr_lambda`` as a callable :class:`Expression` (or one per group)."""
         return {"lr_lambda": self.expressions()}
 
     def expressions(self) -> Expression | list[Expression]:
-        """Compile ``lr_lambda``; expression errors name the field under ``_path``."""
-        field = f"{self._path}.lr_lambda"
-        if isinstance(self.lr_lambda, list):
-            return [
-                compile_expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)
-            ]
-        return compile_expression(self.lr_lambda, field=field)
+        """The compiled ``lr_lambda``; expression errors name the field under ``_path``."""
+        if self._compiled is None:
+            field = f"{self._path}.lr_lambda"
+            if isinstance(self.lr_lambda, list):
+                self._compiled = [
+                    compile_expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)
+                ]
+            else:
+                self._compiled = [compile_expression(self.lr_lambda, field=field)]
+        return self._compiled if isinstance(self.lr_lambda, list) else self._compiled[0]
 
     def problems(self, n_groups: int) -> Problems:
         yield from v.group_count("lr_lambda", self.lr_lambda, n_groups)
         sources = self.lr_lambda if isinstance(self.lr_lambda, list) else [self.lr_lambda]
+        compiled = []
         for i, source in enumerate(sources):
             name = f"lr_lambda.{i}" if isinstance(self.lr_lambda, list) else "lr_lambda"
             try:
-                compile_expression(source, field=name)
+                compiled.append(compile_expression(source, field=f"{self._path}.{name}"))
             except SpecError as exc:
                 yield name, exc.errors[0].message
+        if len(compiled) == len(sources):
+            self._compiled = compiled
 
 
 class LambdaLRSpec(_LambdaSpec):
