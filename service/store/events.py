@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from service.engine.codec import legacy_float_text, public_json
+
 
 class EventKind(str, enum.Enum):
     """What an event records. Inputs feed the replay; outputs only document what it did."""
@@ -49,5 +51,12 @@ class Event:
     at: datetime
 
     def public(self) -> dict[str, Any]:
-        """The event as the API shows it: ``kind``, ``step``, ``at``, then the payload's fields."""
-        return {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), **self.payload}
+        """The event as the API shows it: ``kind``, ``step``, ``at``, then the payload's fields.
+
+        Non-finite numbers (a NaN loss in a metric event or a decision) are spelled
+        "NaN", "Infinity", "-Infinity" (``codec.public_json``).
+        """
+        payload = public_json(self.payload)
+        if self.kind is EventKind.PLATEAU_REDUCTION and isinstance(payload.get("value"), str):
+            payload["value"] = legacy_float_text(payload["value"])  # stored as repr() before 1.1
+        return {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), **payload}

@@ -9,6 +9,7 @@ from service.api.responses import FastJSONResponse
 from service.api.schemas import PreviewRequest, PreviewResult
 from service.engine import cost
 from service.engine.catalog import catalog
+from service.engine.codec import public_rows
 from service.engine.preview import preview
 from service.engine.spec import parse_schedule
 from service.errors import InvalidInput
@@ -27,7 +28,7 @@ def preview_schedule(body: PreviewRequest, settings: SettingsDep) -> Response:
     what = f"a preview of {body.steps} steps on {n_groups} param groups"
     cost.check(what, "steps", units, settings.work_budget)
     lrs, moms = preview(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
-    return FastJSONResponse({"lrs": lrs, "momentums": moms})
+    return FastJSONResponse({"lrs": public_rows(lrs), "momentums": moms and public_rows(moms)})
 
 
 @router.get("/catalog", dependencies=[ReadAccess])
