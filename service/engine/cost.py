@@ -71,10 +71,7 @@ def per_step(spec: Any, n_groups: int) -> float:
     """Units one step of ``spec`` costs per param group (see the module docstring)."""
     own = PER_STEP.get(spec.type, 1.0)
     if spec.type in ("LambdaLR", "MultiplicativeLR"):
-        expressions = spec.expressions()
-        if not isinstance(expressions, list):
-            expressions = [expressions]
-        return own + max(e.nodes for e in expressions) / NODES_PER_UNIT
+        return own + spec.max_nodes() / NODES_PER_UNIT
     if spec.type == "ChainedScheduler":
         return own + sum(per_step(child, n_groups) for child in spec.schedulers)
     if spec.type == "SequentialLR":

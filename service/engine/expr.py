@@ -208,6 +208,17 @@ def compile_expression(source: str, *, field: str) -> Expression:
     return expression
 
 
+def node_count(source: str) -> int:
+    """How many terms ``source`` has, without building or checking it (1 if it does not parse)."""
+    if len(source) > MAX_SOURCE_CHARS:
+        return 1
+    try:
+        tree = ast.parse(source.strip(), mode="eval")
+    except (SyntaxError, SyntaxWarning, ValueError):
+        return 1
+    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr))
+
+
 def _failure(source: str, step: int, exc: Exception) -> str:
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, OverflowError):

@@ -15,14 +15,14 @@ Example:
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from service.engine import _validators as v
 from service.engine._validators import PerGroupExpression, PerGroupFloat, Problems
-from service.engine.expr import Expression, compile_expression
+from service.engine.expr import Expression, compile_expression, node_count
 from service.errors import FieldError, SpecError
 
 MAX_DEPTH: int = 4
@@ -86,6 +86,13 @@ class _LambdaSpec(_Spec):
             else:
                 self._compiled = [compile_expression(self.lr_lambda, field=field)]
         return self._compiled if isinstance(self.lr_lambda, list) else self._compiled[0]
+
+    def max_nodes(self) -> int:
+        """Terms of the largest expression (its cost per evaluation), known before any is checked."""
+        if self._compiled is not None:
+            return max(e.nodes for e in self._compiled)
+        sources = self.lr_lambda if isinstance(self.lr_lambda, list) else [self.lr_lambda]
+        return max(node_count(s) for s in sources)
 
     def problems(self, n_groups: int) -> Problems:
         yield from v.group_count("lr_lambda", self.lr_lambda, n_groups)
@@ -412,13 +419,21 @@ ChainedSchedulerSpec.model_rebuild()
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(ScheduleSpec)
 
 
-def parse_schedule(data: Any, *, n_groups: int, field: str = "schedule") -> ScheduleSpec:
+def parse_schedule(
+    data: Any,
+    *,
+    n_groups: int,
+    field: str = "schedule",
+    before_checks: Callable[[ScheduleSpec], None] | None = None,
+) -> ScheduleSpec:
     """Validate a raw JSON spec for a run with ``n_groups`` param groups.
 
     Args:
         data: The decoded JSON value (or a spec model, checked again).
         n_groups: Number of param groups; per-group lists must have this many items.
         field: Path of the spec in the request, the prefix of every error's field.
+        before_checks: Called with the typed spec before the checks that cost work (each
+            expression evaluated at steps 0..100), e.g. to refuse it over the work budget.
 
     Returns:
         The validated spec model.
@@ -437,6 +452,8 @@ def parse_schedule(data: Any, *, n_groups: int, field: str = "schedule") -> Sche
         raise SpecError.many(
             v.translate_errors(exc.errors(), field, SPEC_TYPES, _accepted_keys)
         ) from None
+    if before_checks is not None:
+        before_checks(spec)
     for path, node in iter_nodes(spec, root=field):
         node._path = path
         errors.extend(

@@ -12,6 +12,7 @@ Every answer obeys API.md's three rules:
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import weakref
@@ -106,8 +107,8 @@ class RunManager:
     def _canonical_spec(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         """The stored form of a create request, and its parsed schedule (work budget checked)."""
         base_lrs = [float(v) for v in request["base_lrs"]]
-        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs))
-        self._check_schedule_cost(schedule, len(base_lrs))
+        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs),
+                                  before_checks=lambda s: self._check_schedule_cost(s, len(base_lrs)))
         moms = request.get("base_momentums")
         if moms is not None and len(moms) != len(base_lrs):
             raise InvalidInput.at(
@@ -538,8 +539,8 @@ class RunManager:
                 )
             return {"action": "set_lr", "lrs": [float(v) for v in lrs]}
         if kind == "replace_schedule":
-            schedule = parse_schedule(action["schedule"], n_groups=state.n_groups)
-            self._check_schedule_cost(schedule, state.n_groups)
+            schedule = parse_schedule(action["schedule"], n_groups=state.n_groups,
+                                      before_checks=lambda s: self._check_schedule_cost(s, state.n_groups))
             if cycles_momentum(schedule) and not state.engine.reports_momentum:
                 raise InvalidInput.at(
                     "schedule",

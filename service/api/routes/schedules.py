@@ -11,7 +11,7 @@ from service.engine import cost
 from service.engine.catalog import catalog
 from service.engine.codec import public_rows
 from service.engine.preview import preview
-from service.engine.spec import parse_schedule
+from service.engine.spec import ScheduleSpec, parse_schedule
 from service.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
@@ -23,10 +23,13 @@ def preview_schedule(body: PreviewRequest, settings: SettingsDep) -> Response:
     n_groups = len(body.base_lrs)
     if body.base_momentums is not None and len(body.base_momentums) != n_groups:
         raise InvalidInput.at("base_momentums", f"expected {n_groups} values, got {len(body.base_momentums)}")
-    schedule = parse_schedule(body.schedule, n_groups=n_groups)
-    units = cost.cost(schedule, n_groups=n_groups, steps=body.steps)
     what = f"a preview of {body.steps} steps on {n_groups} param groups"
-    cost.check(what, "steps", units, settings.work_budget)
+
+    def within_budget(schedule: ScheduleSpec) -> None:
+        units = cost.cost(schedule, n_groups=n_groups, steps=max(body.steps, cost.CREATE_STEPS))
+        cost.check(what, "steps", units, settings.work_budget)
+
+    schedule = parse_schedule(body.schedule, n_groups=n_groups, before_checks=within_budget)
     lrs, moms = preview(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
     return FastJSONResponse({"lrs": public_rows(lrs), "momentums": moms and public_rows(moms)})
 
