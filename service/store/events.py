@@ -29,13 +29,23 @@ class EventKind(str, enum.Enum):
         return self in (EventKind.METRIC, EventKind.CONTROL)
 
 
+SERVER = "server"
+"""The actor of what the server decides by itself (plateau reductions, barrier timeouts, ...)."""
+
+
 @dataclass(frozen=True)
 class NewEvent:
-    """An event about to be appended; the store gives it ``seq`` and ``at``."""
+    """An event about to be appended; the store gives it ``seq`` and ``at``.
+
+    ``actor`` is who caused it: a token's name, ``local`` (a server without tokens), or
+    ``server``. ``reason`` is the words an operator gave with an action (None otherwise).
+    """
 
     kind: EventKind
     step: int | None
     payload: dict[str, Any] = field(default_factory=dict)
+    actor: str = SERVER
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,14 @@ class Event:
     step: int | None
     payload: dict[str, Any]
     at: datetime
+    actor: str = SERVER
+    reason: str | None = None
 
     def public(self) -> dict[str, Any]:
-        """The event as the API shows it: ``kind``, ``step``, ``at``, then the payload's fields."""
-        return {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), **self.payload}
+        """The event as the API shows it: ``kind``, ``step``, ``at``, ``actor``, then the
+        payload's fields; ``reason`` too on actions and on what an action caused."""
+        shown = {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), "actor": self.actor,
+                 **self.payload}
+        if self.reason is not None or self.kind is EventKind.CONTROL:
+            shown["reason"] = self.reason
+        return shown
