@@ -14,6 +14,7 @@ RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NAME_PATTERN = r"^[A-Za-z0-9._/:-]{1,64}$"
 MAX_GROUPS = 1024
 MAX_LABELS = 32
+NON_FINITE = 'Non-finite numbers are the strings "NaN", "Infinity", "-Infinity".'
 
 RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN, description="1-128 chars of [A-Za-z0-9._-]")]
 MetricName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -143,7 +144,7 @@ class ControlRequest(_Strict):
 class ControlResult(BaseModel):
     run_id: str
     applied_at: int
-    event: dict[str, Any]
+    event: dict[str, Any] = Field(description=f"The event recorded. {NON_FINITE}")
 
 
 class Series(BaseModel):
@@ -154,8 +155,12 @@ class Series(BaseModel):
 class HistoryPublic(BaseModel):
     run_id: str
     lrs: Series
-    metrics: dict[str, dict[str, list[Any]]]
-    events: list[dict[str, Any]]
+    metrics: dict[str, dict[str, list[Any]]] = Field(
+        description=f"Per metric name: `steps`, `values`, `ranks` (downsampled). {NON_FINITE}"
+    )
+    events: list[dict[str, Any]] = Field(
+        description=f"The run's events (kind, step, at, payload fields). {NON_FINITE}"
+    )
 
 
 class Suggestions(BaseModel):
@@ -186,8 +191,8 @@ class PreviewRequest(_Strict):
 
 
 class PreviewResult(BaseModel):
-    lrs: list[list[float]]
-    momentums: list[list[float]] | None
+    lrs: list[list[float | str]] = Field(description=f"One row per step. {NON_FINITE}")
+    momentums: list[list[float | str]] | None = Field(description=f"One row per step, or null. {NON_FINITE}")
 
 
 class Message(BaseModel):

@@ -12,7 +12,6 @@ Every answer obeys API.md's three rules:
 
 from __future__ import annotations
 
-import math
 import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -554,7 +553,8 @@ class RunManager:
         metrics = {}
         for name, rows in self.store.read_metrics(run_id).items():
             picked = _downsample(rows, max_points)
-            metrics[name] = {"steps": [r[0] for r in picked], "values": [r[2] for r in picked],
+            metrics[name] = {"steps": [r[0] for r in picked],
+                             "values": [codec.public_float(r[2]) for r in picked],
                              "ranks": [r[1] for r in picked]}
         events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
         return {
@@ -609,7 +609,7 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
                     "chosen": r.chosen, "lrs": list(r.lrs), "schedule": r.then}))
                 continue
             events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
-                "stage": r.stage, "monitor": r.monitor, "value": _json_float(r.value),
+                "stage": r.stage, "monitor": r.monitor, "value": r.value,
                 "lrs_before": list(r.before), "lrs_after": list(r.after)}))
         for action in outcome.actions:
             status = {"stop": "stopped", "hold": "held", "resume": "active"}.get(action.payload["action"])
@@ -617,10 +617,6 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
                 events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status},
                                        action.actor, action.reason))
     return events
-
-
-def _json_float(value: float) -> float | str:
-    return value if math.isfinite(value) else repr(value)
 
 
 def _downsample(items: Sequence[Any], max_points: int) -> Sequence[Any]:

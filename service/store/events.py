@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from service.engine.codec import legacy_float_text, public_json
+
 
 class EventKind(str, enum.Enum):
     """What an event records. Inputs feed the replay; outputs only document what it did."""
@@ -62,9 +64,16 @@ class Event:
 
     def public(self) -> dict[str, Any]:
         """The event as the API shows it: ``kind``, ``step``, ``at``, ``actor``, then the
-        payload's fields; ``reason`` too on actions and on what an action caused."""
+        payload's fields; ``reason`` too on actions and on what an action caused.
+
+        Non-finite numbers (a NaN loss in a metric event or a decision) are spelled
+        "NaN", "Infinity", "-Infinity" (``codec.public_json``).
+        """
+        payload = public_json(self.payload)
+        if self.kind is EventKind.PLATEAU_REDUCTION and isinstance(payload.get("value"), str):
+            payload["value"] = legacy_float_text(payload["value"])  # stored as repr() before 1.1
         shown = {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), "actor": self.actor,
-                 **self.payload}
+                 **payload}
         if self.reason is not None or self.kind is EventKind.CONTROL:
             shown["reason"] = self.reason
         return shown
