@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NAME_PATTERN = r"^[A-Za-z0-9._/:-]{1,64}$"
@@ -22,7 +22,8 @@ LearningRate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Momentum = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Step = Annotated[int, Field(ge=0, le=2**53)]
 Rank = Annotated[int, Field(ge=0, lt=1 << 16)]
-LabelText = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_LABEL_LENGTH = 128
+LabelText = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)]
 Schedule = Annotated[
     dict[str, Any],
     Field(
@@ -41,8 +42,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _not_a_dot_segment(run_id: str) -> str:
+    if run_id in (".", ".."):  # a URL path cannot address them: /v1/runs/.. is /v1
+        raise ValueError(f"{run_id!r} is a path segment of its own; use letters or digits too")
+    return run_id
+
+
 class RunCreate(_Strict):
-    run_id: RunId | None = None
+    run_id: Annotated[RunId, AfterValidator(_not_a_dot_segment)] | None = None
     schedule: Schedule
     base_lrs: list[LearningRate] = Field(min_length=1, max_length=MAX_GROUPS)
     base_momentums: list[Momentum] | None = Field(None, min_length=1, max_length=MAX_GROUPS)

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query, Response
 from service.api.deps import AdminAccess, ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
 from service.api.schemas import (
+    MAX_LABEL_LENGTH,
+    MAX_LABELS,
     ControlRequest,
     ControlResult,
     HistoryPublic,
@@ -61,11 +63,15 @@ def create_run(body: RunCreate, manager: ManagerDep, identity: Annotated[Identit
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:  # a run has at most this many labels: more filters match nothing
+        raise InvalidInput.at("label", f"at most {MAX_LABELS} filters; got {len(labels)}")
     parsed = {}
     for item in labels:
         key, sep, value = item.partition(":")
         if not sep or not key:
-            raise InvalidInput.at("label", f"expected key:value, got {item!r}")
+            raise InvalidInput.at("label", f"expected key:value, got {item[:64]!r}")
+        if len(key) > MAX_LABEL_LENGTH or len(value) > MAX_LABEL_LENGTH:
+            raise InvalidInput.at("label", f"keys and values have at most {MAX_LABEL_LENGTH} characters")
         parsed[key] = value
     return parsed
 
@@ -73,7 +79,9 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
 @router.get("", response_model=RunsPublic, dependencies=[ReadAccess])
 def list_runs(
     manager: ManagerDep,
-    label: Annotated[list[str], Query(description="key:value; repeat to require several")] = [],  # noqa: B006
+    label: Annotated[
+        list[str], Query(description=f"key:value; repeat to require several (at most {MAX_LABELS})")
+    ] = [],  # noqa: B006
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
