@@ -33,6 +33,9 @@ Schedule = Annotated[
     ),
 ]
 Status = Literal["active", "held", "stopped"]
+Reason = Annotated[
+    str, Field(min_length=1, max_length=1000, description="Why: recorded on the action's events.")
+]
 
 
 class _Strict(BaseModel):
@@ -128,6 +131,7 @@ class ControlRequest(_Strict):
     lrs: list[LearningRate] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
     factor: float | None = Field(None, gt=0, allow_inf_nan=False)
     schedule: Schedule | None = None
+    reason: Reason | None = None
 
     @model_validator(mode="after")
     def _fields_match_action(self) -> ControlRequest:

@@ -21,14 +21,14 @@ class Inputs:
     """Decisions placed at steps: metrics fed with step k, actions applied right after step k."""
 
     metrics: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
-    actions: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    actions: dict[int, list[Event]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, event: Event) -> None:
         assert event.step is not None
         if event.kind is EventKind.METRIC:
             self.metrics[event.step].update(event.payload["values"])
         elif event.kind is EventKind.CONTROL:
-            self.actions[event.step].append(event.payload)
+            self.actions[event.step].append(event)
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class StepOutcome:
 
     step: int
     reductions: list[PlateauReduction | ScheduleSwitch]
-    actions: list[dict[str, Any]]
+    actions: list[Event]
+    """The ``control`` events applied right after this step (their payload is the action)."""
 
 
 @dataclass(frozen=True)
@@ -147,12 +148,12 @@ class RunState:
             if any(isinstance(r, ScheduleSwitch) for r in reductions):
                 self.marks = replace(self.marks, switched_at=step)
             for action in actions:
-                self._track_status(action, step)
+                self._track_status(action.payload, step)
             self._pending.append(self.engine.values())
             outcomes.append(StepOutcome(step, reductions, actions))
         return outcomes
 
-    def _take_step(self, step: int) -> tuple[list[PlateauReduction | ScheduleSwitch], list[dict[str, Any]]]:
+    def _take_step(self, step: int) -> tuple[list[PlateauReduction | ScheduleSwitch], list[Event]]:
         """Advance the engine to ``step`` and apply the operator actions placed there.
 
         A step that fails but carries actions is taken on the last good values (the clock
@@ -171,9 +172,9 @@ class RunState:
             self.engine.step = step
             reductions = []
         for action in actions:
-            apply_action(self.engine, action)
+            apply_action(self.engine, action.payload)
         if actions:
-            kinds = ", ".join(a["action"] for a in actions)
+            kinds = ", ".join(a.payload["action"] for a in actions)
             self.engine.check_values(step, f"after the operator's actions ({kinds}), the")
         return reductions, actions
 

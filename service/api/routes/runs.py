@@ -21,6 +21,7 @@ from service.api.schemas import (
     RunsPublic,
     Status,
 )
+from service.auth import Identity
 from service.errors import InvalidInput
 from service.runs.manager import RunManager
 from service.store.base import RunRecord
@@ -53,12 +54,11 @@ def run_public(manager: RunManager, record: RunRecord) -> dict:
     "",
     response_model=RunPublic,
     status_code=201,
-    dependencies=[WriteAccess],
     responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}},
 )
-def create_run(body: RunCreate, manager: ManagerDep) -> Response:
+def create_run(body: RunCreate, manager: ManagerDep, identity: Annotated[Identity, WriteAccess]) -> Response:
     """Create a run (idempotent: every rank may call it)."""
-    record, created = manager.create_run(body.model_dump())
+    record, created = manager.create_run(body.model_dump(), actor=identity.name)
     return FastJSONResponse(run_public(manager, record), status_code=201 if created else 200)
 
 
@@ -110,11 +110,15 @@ def delete_run(run_id: RunId, manager: ManagerDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{run_id}/control", response_model=ControlResult, dependencies=[AdminAccess])
-def control_run(run_id: RunId, body: ControlRequest, manager: ManagerDep) -> Response:
-    """Apply an operator action at the first free step (or at `at_step`)."""
-    action = body.model_dump(exclude={"at_step"}, exclude_none=True)
-    applied_at, event = manager.control(run_id, action, body.at_step)
+@router.post("/{run_id}/control", response_model=ControlResult)
+def control_run(
+    run_id: RunId, body: ControlRequest, manager: ManagerDep, identity: Annotated[Identity, AdminAccess]
+) -> Response:
+    """Apply an operator action at the first free step (or at `at_step`); `reason` goes on its event."""
+    action = body.model_dump(exclude={"at_step", "reason"}, exclude_none=True)
+    applied_at, event = manager.control(
+        run_id, action, body.at_step, actor=identity.name, reason=body.reason
+    )
     return FastJSONResponse({"run_id": run_id, "applied_at": applied_at, "event": event})
 
 
