@@ -8,6 +8,8 @@ Contract (every backend, every process):
 - **Per-run ordering.** Events of one run get consecutive ``seq`` numbers from 1, in
   the order their transactions committed. Events are never changed or deleted
   (except with their run).
+- **Global ids.** Every event also gets a ``gid``, increasing across all runs and
+  processes in commit order (``read_feed`` reads them in that order).
 - **One writer per run at a time.** ``lock_run`` opens a transaction that holds the
   run's lock (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL)
   until it commits; everything written through it lands together or not at all.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from service.store.events import Event, NewEvent
+from service.store.events import Event, FeedEntry, NewEvent
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,18 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order, without taking the lock."""
+
+    @abc.abstractmethod
+    def read_feed(self, after_gid: int, limit: int = 500) -> list[FeedEntry]:
+        """Events of every run with a global id above ``after_gid``, in id order (at most ``limit``).
+
+        Global ids increase across runs and processes and become visible in increasing
+        order: a reader going on from the last id it saw misses nothing committed later.
+        """
+
+    @abc.abstractmethod
+    def last_gid(self) -> int:
+        """The highest global event id committed so far (0 before the first event)."""
 
     @abc.abstractmethod
     def save_snapshot(self, run_id: str, snapshot: Snapshot) -> None:

@@ -47,7 +47,18 @@ class Event:
     step: int | None
     payload: dict[str, Any]
     at: datetime
+    gid: int | None = None
+    """The global event id (increasing across runs, in commit order); None before storing."""
 
     def public(self) -> dict[str, Any]:
         """The event as the API shows it: ``kind``, ``step``, ``at``, then the payload's fields."""
         return {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), **self.payload}
+
+
+@dataclass(frozen=True)
+class FeedEntry:
+    """An event of the global feed (``BaseStore.read_feed``), with its run and the run's labels."""
+
+    run_id: str
+    labels: dict[str, str]
+    event: Event

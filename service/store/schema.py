@@ -32,8 +32,12 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    bindparam,
+    func,
+    inspect,
     select,
     text,
+    update,
 )
 
 from service.errors import StoreUnavailable
@@ -113,7 +117,22 @@ events = Table(
     Column("step", BigInteger, nullable=True),
     Column("payload", Text, nullable=False),  # JSON
     Column("at", UTCDateTime, nullable=False),
+    # The global event id: increasing across runs, in commit order (see ``event_ids``).
+    # NULL only while ``_migrate_v2`` fills the rows of an older database.
+    Column("gid", BigInteger, nullable=True),
+    Index("ux_events_gid", "gid", unique=True),
 )
+
+event_ids = Table(
+    "event_ids",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1: one row
+    Column("last_gid", BigInteger, nullable=False),
+)
+"""The last global event id given out. A transaction appending events takes the next ids
+from this row, which locks it until that transaction commits: so ids become visible in
+increasing order, and a reader that has seen id ``n`` never later finds a smaller one
+committed (on PostgreSQL a sequence would not promise that)."""
 
 snapshots = Table(
     "snapshots",
@@ -154,11 +173,61 @@ RUN_TABLES = (run_labels, events, snapshots, metrics, barrier_reports)
 
 
 def _migrate_v1(conn: Connection) -> None:
-    """Initial schema."""
-    metadata.create_all(conn, tables=[runs, *RUN_TABLES], checkfirst=True)
+    """Initial schema: the version-1 tables, frozen here as they were."""
+    v1 = MetaData()
+    Table("runs", v1, Column("run_id", String(128), primary_key=True),
+          Column("spec", Text, nullable=False), Column("status", String(32), nullable=False),
+          Column("horizon", BigInteger, nullable=False), Column("last_seq", BigInteger, nullable=False),
+          Column("created_at", UTCDateTime, nullable=False),
+          Column("updated_at", UTCDateTime, nullable=False))
+    Table("run_labels", v1, Column("run_id", String(128), primary_key=True),
+          Column("key", String(128), primary_key=True), Column("value", String(256), nullable=False),
+          Index("ix_run_labels_key_value", "key", "value"))
+    Table("events", v1, Column("run_id", String(128), primary_key=True),
+          Column("seq", BigInteger, primary_key=True, autoincrement=False),
+          Column("kind", String(32), nullable=False), Column("step", BigInteger, nullable=True),
+          Column("payload", Text, nullable=False), Column("at", UTCDateTime, nullable=False))
+    Table("snapshots", v1, Column("run_id", String(128), primary_key=True),
+          Column("step", BigInteger, primary_key=True, autoincrement=False),
+          Column("seq", BigInteger, nullable=False), Column("state", Text, nullable=False))
+    Table("metrics", v1, Column("run_id", String(128), primary_key=True),
+          Column("name", String(128), primary_key=True),
+          Column("step", BigInteger, primary_key=True, autoincrement=False),
+          Column("rank", Integer, primary_key=True, autoincrement=False),
+          Column("value", _double(), nullable=True), Column("value_text", String(8), nullable=True),
+          Column("at", UTCDateTime, nullable=False))
+    Table("barrier_reports", v1, Column("run_id", String(128), primary_key=True),
+          Column("step", BigInteger, primary_key=True, autoincrement=False),
+          Column("rank", Integer, primary_key=True, autoincrement=False),
+          Column("name", String(128), primary_key=True),
+          Column("value", _double(), nullable=True), Column("value_text", String(8), nullable=True))
+    v1.create_all(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1]
+def _migrate_v2(conn: Connection) -> None:
+    """Global event ids: ``events.gid`` (existing events numbered in the order they were
+    written) and the ``event_ids`` counter."""
+    if "gid" not in {c["name"] for c in inspect(conn).get_columns("events")}:
+        conn.execute(text("ALTER TABLE events ADD COLUMN gid BIGINT"))
+    ordered = conn.execute(
+        select(events.c.run_id, events.c.seq).where(events.c.gid.is_(None))
+        .order_by(events.c.at, events.c.run_id, events.c.seq)
+    ).all()
+    start = conn.execute(select(func.coalesce(func.max(events.c.gid), 0))).scalar_one()
+    if ordered:
+        conn.execute(
+            update(events).where(events.c.run_id == bindparam("b_run"), events.c.seq == bindparam("b_seq"))
+            .values(gid=bindparam("b_gid")),
+            [{"b_run": r.run_id, "b_seq": r.seq, "b_gid": start + i} for i, r in enumerate(ordered, 1)],
+        )
+    Index("ux_events_gid", events.c.gid, unique=True).create(conn, checkfirst=True)
+    event_ids.create(conn, checkfirst=True)
+    last = start + len(ordered)
+    if conn.execute(select(event_ids.c.id)).first() is None:
+        conn.execute(event_ids.insert().values(id=1, last_gid=last))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2]
 """``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

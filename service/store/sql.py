@@ -42,10 +42,11 @@ from service.store.base import (
     RunTransaction,
     Snapshot,
 )
-from service.store.events import Event, EventKind, NewEvent
+from service.store.events import Event, EventKind, FeedEntry, NewEvent
 from service.store.schema import (
     RUN_TABLES,
     barrier_reports,
+    event_ids,
     events,
     metrics,
     migrate,
@@ -70,6 +71,11 @@ _RUN_ROWS: dict[RowLock | None, Any] = {
 _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
     run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
 _INSERT_EVENTS = events.insert()
+_TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
+    last_gid=event_ids.c.last_gid + bindparam("n")).returning(event_ids.c.last_gid)
+EVENTS_CHANNEL = "lrserve_events"
+"""PostgreSQL ``NOTIFY`` channel: a transaction that appended events notifies it on commit."""
+_NOTIFY_EVENTS = text(f"SELECT pg_notify('{EVENTS_CHANNEL}', '')")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
     updated_at=bindparam("b_updated_at"))
@@ -230,7 +236,8 @@ class SqlStore(BaseStore):
                 conn.execute(run_labels.insert(), [
                     {"run_id": run_id, "key": k, "value": v} for k, v in labels.items()
                 ])
-            conn.execute(events.insert().values(_event_row(run_id, 1, created, now)))
+            (gid,) = _take_gids(conn, 1)
+            conn.execute(events.insert().values(_event_row(run_id, 1, created, now, gid)))
             return self._read_record(conn, self._require_run(conn, run_id)), True
 
     def read_run(self, run_id: str) -> RunRecord:
@@ -356,6 +363,30 @@ class SqlStore(BaseStore):
         """
         with self._transaction() as conn:
             return _select_events(conn, run_id, after_seq)
+
+    def read_feed(self, after_gid: int, limit: int = 500) -> list[FeedEntry]:
+        """Events of every run with a global id above ``after_gid``, in id order, at most ``limit``.
+
+        Ids become visible in increasing order (see ``schema.event_ids``), so reading on
+        from the last id returned never skips an event committed later.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(events).where(events.c.gid > after_gid).order_by(events.c.gid).limit(max(1, limit))
+        with self._transaction() as conn:
+            rows = conn.execute(query).all()
+            labels = self._labels_of(conn, sorted({r.run_id for r in rows}))
+        return [FeedEntry(r.run_id, labels.get(r.run_id, {}), _event(r)) for r in rows]
+
+    def last_gid(self) -> int:
+        """The highest global event id committed so far (0 before the first event).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction() as conn:
+            return int(conn.execute(select(event_ids.c.last_gid)).scalar_one())
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -538,7 +569,8 @@ class SqlRunTransaction(RunTransaction):
         if not new_events:
             return []
         now, first = _now(), self.run.last_seq + 1
-        rows = [_event_row(self.run.run_id, first + i, e, now) for i, e in enumerate(new_events)]
+        gids = _take_gids(conn, len(new_events))
+        rows = [_event_row(self.run.run_id, first + i, e, now, gids[i]) for i, e in enumerate(new_events)]
         conn.execute(_INSERT_EVENTS, rows)
         last = first + len(rows) - 1
         self.run = replace(self.run, last_seq=last, updated_at=now)
@@ -579,17 +611,30 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
     )
 
 
-def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime) -> dict[str, Any]:
+def _take_gids(conn: Connection, n: int) -> list[int]:
+    """The next ``n`` global event ids; locks the counter row until this transaction ends.
+
+    Holding that lock to the commit is what makes ids visible in increasing order: a
+    transaction that takes ids after this one waits for this one to commit or roll back.
+    On PostgreSQL this also queues a ``NOTIFY``, sent when (and only if) the transaction commits.
+    """
+    last = conn.execute(_TAKE_GIDS, {"n": n}).scalar_one()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_NOTIFY_EVENTS)
+    return list(range(last - n + 1, last + 1))
+
+
+def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -> dict[str, Any]:
     kind = EventKind(event.kind)
     return {"run_id": run_id, "seq": seq, "kind": kind.value, "step": event.step,
-            "payload": _dumps(event.payload), "at": at}
+            "payload": _dumps(event.payload), "at": at, "gid": gid}
 
 
 def _event(row: Any) -> Event:
     """An ``Event`` from an events row (a Row or the dict that was inserted)."""
     get = row.get if isinstance(row, dict) else row._mapping.get
     return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
-                 payload=_loads(get("payload")), at=get("at"))
+                 payload=_loads(get("payload")), at=get("at"), gid=get("gid"))
 
 
 def _select_reports(conn: Connection, run_id: str, step: int) -> dict[int, dict[str, float]]:
