@@ -50,6 +50,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=serve_command)
 
 
+SHUTDOWN_GRACE_S = 5
+"""On SIGTERM, how long open requests (event streams never end by themselves) may finish."""
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -73,6 +77,7 @@ def serve_command(args: argparse.Namespace) -> int:
     uvicorn.run(
         "service.app:create_app", factory=True, host=args.host, port=args.port,
         workers=args.workers, log_level=args.log_level, access_log=args.access_log,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     return 0
 

@@ -25,7 +25,7 @@ Contract (every backend, every process):
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -159,6 +159,15 @@ class BaseStore(abc.ABC):
         Global ids increase across runs and processes and become visible in increasing
         order: a reader going on from the last id it saw misses nothing committed later.
         """
+
+    @abc.abstractmethod
+    def watch_commits(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (from the committing thread) after each commit that added events."""
+
+    @abc.abstractmethod
+    def commit_listener(self) -> Callable[[Callable[[], None]], Awaitable[None]] | None:
+        """An async function waiting for commits of other processes, calling its argument on
+        each, where the database can tell (PostgreSQL ``LISTEN``); else None."""
 
     @abc.abstractmethod
     def last_gid(self) -> int:

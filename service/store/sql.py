@@ -23,7 +23,7 @@ import functools
 import json
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -137,6 +137,7 @@ class SqlStore(BaseStore):
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
+        self._commit_watchers: list[Callable[[], None]] = []
         try:
             with self._transaction(write=True) as conn:
                 migrate(conn)
@@ -238,7 +239,9 @@ class SqlStore(BaseStore):
                 ])
             (gid,) = _take_gids(conn, 1)
             conn.execute(events.insert().values(_event_row(run_id, 1, created, now, gid)))
-            return self._read_record(conn, self._require_run(conn, run_id)), True
+            record = self._read_record(conn, self._require_run(conn, run_id))
+        self._events_committed()
+        return record, True
 
     def read_run(self, run_id: str) -> RunRecord:
         """The run's record.
@@ -354,6 +357,8 @@ class SqlStore(BaseStore):
                 tx.write_run()
             finally:
                 tx.closed = True
+        if tx.appended:
+            self._events_committed()
 
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order, without the lock (an unknown run has none).
@@ -378,6 +383,33 @@ class SqlStore(BaseStore):
             rows = conn.execute(query).all()
             labels = self._labels_of(conn, sorted({r.run_id for r in rows}))
         return [FeedEntry(r.run_id, labels.get(r.run_id, {}), _event(r)) for r in rows]
+
+    def watch_commits(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (from the committing thread) after each commit that added events."""
+        self._commit_watchers.append(callback)
+
+    def _events_committed(self) -> None:
+        for callback in self._commit_watchers:
+            callback()
+
+    def commit_listener(self) -> Callable[[Callable[[], None]], Awaitable[None]] | None:
+        """PostgreSQL: an async function that ``LISTEN``s for commits of every process and
+        calls its argument on each (returns when the connection is lost). SQLite: None."""
+        if self._engine.dialect.name != "postgresql":
+            return None
+        conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        async def listen(wake: Callable[[], None]) -> None:
+            import psycopg
+
+            async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, connect_timeout=5) as conn:
+                await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                wake()  # commits between the last read and the LISTEN
+                async for _ in conn.notifies():
+                    wake()
+
+        return listen
 
     def last_gid(self) -> int:
         """The highest global event id committed so far (0 before the first event).
@@ -535,6 +567,7 @@ class SqlRunTransaction(RunTransaction):
         self.closed = False
         self._store = store
         self._run_changed = False
+        self.appended = False
 
     def write_run(self) -> None:
         """Write this transaction's changes to the run's row (``lock_run`` calls it at the end)."""
@@ -572,6 +605,7 @@ class SqlRunTransaction(RunTransaction):
         gids = _take_gids(conn, len(new_events))
         rows = [_event_row(self.run.run_id, first + i, e, now, gids[i]) for i, e in enumerate(new_events)]
         conn.execute(_INSERT_EVENTS, rows)
+        self.appended = True
         last = first + len(rows) - 1
         self.run = replace(self.run, last_seq=last, updated_at=now)
         self._run_changed = True
