@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import dashboard
 from service.api.fast_path import FastWindows
+from service.api.query import SingleQueryValues, repeatable_parameters
 from service.api.routes import events, health, runs, schedules, steps
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     install_error_handlers(app)
     app.add_middleware(FastWindows)  # innermost: limits and telemetry still see its answers
+    app.add_middleware(SingleQueryValues, repeatable=lambda: repeatable_parameters(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
     return app

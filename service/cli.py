@@ -8,8 +8,9 @@ import ipaddress
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from service.settings import DEFAULT_DB
+from service.settings import DEFAULT_DB, Settings
 
 
 def is_loopback(host: str) -> bool:
@@ -28,13 +29,13 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     env = os.environ.get
     serve.add_argument("--host", default=env("LRSERVE_HOST", "127.0.0.1"),
                        help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(env("LRSERVE_PORT", "8000")),
-                       help="port (default 8000)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port (default 8000, or LRSERVE_PORT)")
     serve.add_argument("--db", default=env("LRSERVE_DB", DEFAULT_DB),
                        help="database URL: sqlite:///PATH or postgresql+psycopg://... "
                             f"(default {DEFAULT_DB})")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
-    serve.add_argument("--db-wait", type=float, default=float(env("LRSERVE_DB_WAIT_S", "0")),
+    serve.add_argument("--db-wait", type=float, default=None,
                        metavar="SECONDS",
                        help="at start-up, wait up to this long for the database to be reachable "
                             "(default 0; or LRSERVE_DB_WAIT_S, e.g. 60 where the database starts alongside)")
@@ -54,11 +55,28 @@ SHUTDOWN_GRACE_S = 5
 """On SIGTERM, how long open requests (event streams never end by themselves) may finish."""
 
 
+def fail(problem: str) -> int:
+    """One line on stderr and exit status 1: how every start-up problem is told."""
+    print(f"lrserve: cannot start: {problem}", file=sys.stderr)
+    return 1
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    has_tokens = bool(os.environ.get("LRSERVE_TOKENS") or args.tokens_file)
-    if not has_tokens and not is_loopback(args.host) and not args.insecure:
+    from service.auth import TokenError, load_tokens
+
+    settings, problem = check_settings(args.db)
+    if settings is None:
+        return fail(problem or "bad settings")
+    args.port = settings.port if args.port is None else args.port
+    args.db_wait = settings.db_wait_s if args.db_wait is None else args.db_wait
+    try:  # the set the server will use: a configuration that yields none is refused there
+        tokens = load_tokens(os.environ.get("LRSERVE_TOKENS", ""),
+                             Path(args.tokens_file) if args.tokens_file else None)
+    except TokenError as exc:
+        return fail(str(exc))
+    if not tokens and not is_loopback(args.host) and not args.insecure:
         print(
             f"lrserve: refusing to listen on {args.host} without tokens: anyone could steer your runs.\n"
             "Set LRSERVE_TOKENS or --tokens-file, bind 127.0.0.1, or pass --insecure.",
@@ -67,8 +85,7 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     problem = check_database(args.db, args.db_wait)
     if problem is not None:
-        print(f"lrserve: cannot start: {problem}", file=sys.stderr)
-        return 1
+        return fail(problem)
     # Settings travel by environment so every worker process reads the same ones.
     os.environ["LRSERVE_DB"] = args.db
     os.environ["LRSERVE_INSECURE"] = "1" if args.insecure else "0"
@@ -80,6 +97,22 @@ def serve_command(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     return 0
+
+
+def check_settings(db: str) -> tuple[Settings | None, str | None]:
+    """Every ``LRSERVE_*`` variable, read as the workers will read it (``db`` as given): the first
+    bad one in a line."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(db=db), None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = "LRSERVE_" + "_".join(str(p) for p in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if name in ("LRSERVE_DB", "LRSERVE_TOKENS"):  # may hold a password or a token: not echoed
+            return None, f"{name}: {message}"
+        return None, f"{name}: {message} (got {str(error.get('input'))[:80]!r})"
 
 
 def check_database(url: str, wait_s: float) -> str | None:

@@ -12,7 +12,6 @@ Every answer obeys API.md's three rules:
 
 from __future__ import annotations
 
-import math
 import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +28,19 @@ from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
 from service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
 from service.store.events import Event, EventKind, NewEvent
+
+LOCAL_ACTOR = "local"
+"""The actor of a call made in this process without a token (tests, a server without tokens)."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """An operator action to place: at ``at_step`` (None: the first free step), by ``actor``."""
+
+    at_step: int | None
+    payload: dict[str, Any]
+    actor: str = LOCAL_ACTOR
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,10 @@ class RunManager:
 
     # -- creating and reading runs ------------------------------------------------
 
-    def create_run(self, request: Mapping[str, Any]) -> tuple[RunRecord, bool]:
+    def create_run(self, request: Mapping[str, Any], *, actor: str = LOCAL_ACTOR) -> tuple[RunRecord, bool]:
         """Create a run, or return the existing one if its spec is identical.
+
+        ``actor`` (who asks) is recorded on the ``created`` event when this call creates it.
 
         Raises:
             SpecError: the schedule is invalid.
@@ -79,7 +93,7 @@ class RunManager:
                 return existing, False
             schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
             Engine(schedule, spec["base_lrs"], spec["base_momentums"])  # torch must accept it on these LRs
-            created = NewEvent(EventKind.CREATED, 0, {"spec": spec})
+            created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
         return (record if is_new else self._same_run(record, spec)), is_new
 
@@ -331,7 +345,7 @@ class RunManager:
         target: int,
         *,
         metric: tuple[int, dict[str, float]] | None = None,
-        action: tuple[int | None, dict[str, Any]] | None = None,
+        action: Action | None = None,
         extra_events: Sequence[NewEvent] = (),
         records: Sequence[MetricRecord] = (),
         if_behind: bool = False,
@@ -362,7 +376,7 @@ class RunManager:
         state: RunState,
         target: int,
         metric: tuple[int, dict[str, float]] | None,
-        action: tuple[int | None, dict[str, Any]] | None,
+        action: Action | None,
         extra_events: Sequence[NewEvent],
         records: Sequence[MetricRecord] = (),
     ) -> int | None:
@@ -411,7 +425,7 @@ class RunManager:
         state: RunState,
         tx: RunTransaction,
         metric: tuple[int, dict[str, float]] | None,
-        action: tuple[int | None, dict[str, Any]] | None,
+        action: Action | None,
     ) -> tuple[list[NewEvent], int | None]:
         events: list[NewEvent] = []
         placed = None
@@ -421,13 +435,13 @@ class RunManager:
         if action is not None:
             if state.status == "stopped":  # as of the stored horizon, whoever stopped it
                 raise RunConflict(f"run {state.run_id!r} is stopped; it takes no more actions")
-            at_step, payload = action
+            at_step = action.at_step
             if at_step is not None and at_step < first_free:
                 raise InvalidInput.at(
                     "at_step", f"must be above the horizon ({tx.run.horizon}), got {at_step}"
                 )
             placed = at_step if at_step is not None else first_free
-            events.append(NewEvent(EventKind.CONTROL, placed, payload))
+            events.append(NewEvent(EventKind.CONTROL, placed, action.payload, action.actor, action.reason))
         for event in events:
             state.take_input(_as_event(event))
         return events, placed
@@ -456,8 +470,19 @@ class RunManager:
 
     # -- operator control -----------------------------------------------------------------
 
-    def control(self, run_id: str, action: dict[str, Any], at_step: int | None) -> tuple[int, dict[str, Any]]:
+    def control(
+        self,
+        run_id: str,
+        action: dict[str, Any],
+        at_step: int | None,
+        *,
+        actor: str = LOCAL_ACTOR,
+        reason: str | None = None,
+    ) -> tuple[int, dict[str, Any]]:
         """Record an operator action at ``at_step`` (default: the first free step).
+
+        ``actor`` and ``reason`` go on the ``control`` event and on the ``status`` event it
+        causes.
 
         Returns:
             The step it applies at, and the event as the API shows it.
@@ -466,9 +491,9 @@ class RunManager:
         if state.status == "stopped":  # stopped is for good; another replica may know it first (_place)
             raise RunConflict(f"run {run_id!r} is stopped; it takes no more actions")
         action = self._validate_action(state, action)
-        placed = self.commit(run_id, state.horizon, action=(at_step, action))
+        placed = self.commit(run_id, state.horizon, action=Action(at_step, action, actor, reason))
         assert placed is not None
-        event = {"kind": "control", "step": placed, **action}
+        event = {"kind": "control", "step": placed, "actor": actor, **action, "reason": reason}
         return placed, event
 
     def _validate_action(self, state: RunState, action: dict[str, Any]) -> dict[str, Any]:
@@ -528,7 +553,8 @@ class RunManager:
         metrics = {}
         for name, rows in self.store.read_metrics(run_id).items():
             picked = _downsample(rows, max_points)
-            metrics[name] = {"steps": [r[0] for r in picked], "values": [r[2] for r in picked],
+            metrics[name] = {"steps": [r[0] for r in picked],
+                             "values": [codec.public_float(r[2]) for r in picked],
                              "ranks": [r[1] for r in picked]}
         events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
         return {
@@ -568,7 +594,7 @@ def _records(metrics: Mapping[str, float], step: int, rank: int) -> list[Any]:
 
 
 def _as_event(new: NewEvent) -> Event:
-    return Event(0, new.kind, new.step, new.payload, datetime.now(timezone.utc))
+    return Event(0, new.kind, new.step, new.payload, datetime.now(timezone.utc), new.actor, new.reason)
 
 
 def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunState) -> list[NewEvent]:
@@ -583,17 +609,14 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
                     "chosen": r.chosen, "lrs": list(r.lrs), "schedule": r.then}))
                 continue
             events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
-                "stage": r.stage, "monitor": r.monitor, "value": _json_float(r.value),
+                "stage": r.stage, "monitor": r.monitor, "value": r.value,
                 "lrs_before": list(r.before), "lrs_after": list(r.after)}))
         for action in outcome.actions:
-            status = {"stop": "stopped", "hold": "held", "resume": "active"}.get(action["action"])
-            if status is not None:
-                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status}))
+            status = {"stop": "stopped", "hold": "held", "resume": "active"}.get(action.payload["action"])
+            if status is not None:  # the action's doing: its actor and reason
+                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status},
+                                       action.actor, action.reason))
     return events
-
-
-def _json_float(value: float) -> float | str:
-    return value if math.isfinite(value) else repr(value)
 
 
 def _downsample(items: Sequence[Any], max_points: int) -> Sequence[Any]:

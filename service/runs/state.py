@@ -19,14 +19,14 @@ class Inputs:
     """Decisions placed at steps: metrics fed with step k, actions applied right after step k."""
 
     metrics: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
-    actions: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    actions: dict[int, list[Event]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, event: Event) -> None:
         assert event.step is not None
         if event.kind is EventKind.METRIC:
             self.metrics[event.step].update(event.payload["values"])
         elif event.kind is EventKind.CONTROL:
-            self.actions[event.step].append(event.payload)
+            self.actions[event.step].append(event)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class StepOutcome:
 
     step: int
     reductions: list[PlateauReduction | ScheduleSwitch]
-    actions: list[dict[str, Any]]
+    actions: list[Event]
+    """The ``control`` events applied right after this step (their payload is the action)."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,8 @@ class RunState:
                 self.marks = replace(self.marks, switched_at=step)
             actions = self.inputs.actions.pop(step, [])
             for action in actions:
-                apply_action(self.engine, action)
-                self._track_status(action, step)
+                apply_action(self.engine, action.payload)
+                self._track_status(action.payload, step)
             self._pending.append(self.engine.values())
             outcomes.append(StepOutcome(step, reductions, actions))
         return outcomes

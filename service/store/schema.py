@@ -39,6 +39,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.schema import CreateColumn
 
 from service.errors import StoreUnavailable
 
@@ -97,6 +98,7 @@ runs = Table(
     Column("last_seq", BigInteger, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=True),  # v2: last request of any rank (liveness)
 )
 
 run_labels = Table(
@@ -117,8 +119,10 @@ events = Table(
     Column("step", BigInteger, nullable=True),
     Column("payload", Text, nullable=False),  # JSON
     Column("at", UTCDateTime, nullable=False),
-    # The global event id: increasing across runs, in commit order (see ``event_ids``).
-    # NULL only while ``_migrate_v2`` fills the rows of an older database.
+    Column("actor", String(128), nullable=False, server_default="server"),  # v2
+    Column("reason", Text, nullable=True),  # v2: an operator's words with an action
+    # v3: the global event id, increasing across runs in commit order (see ``event_ids``);
+    # NULL only while ``_migrate_v3`` numbers the rows of an older database.
     Column("gid", BigInteger, nullable=True),
     Index("ux_events_gid", "gid", unique=True),
 )
@@ -172,13 +176,12 @@ RUN_TABLES = (run_labels, events, snapshots, metrics, barrier_reports)
 """Tables keyed by ``run_id`` besides ``runs`` itself (deleted with the run)."""
 
 
-def _migrate_v1(conn: Connection) -> None:
-    """Initial schema: the version-1 tables, frozen here as they were."""
+def _v1_metadata() -> MetaData:
+    """The version-1 tables, frozen: ``_migrate_v1`` creates exactly these, forever."""
     v1 = MetaData()
-    Table("runs", v1, Column("run_id", String(128), primary_key=True),
-          Column("spec", Text, nullable=False), Column("status", String(32), nullable=False),
-          Column("horizon", BigInteger, nullable=False), Column("last_seq", BigInteger, nullable=False),
-          Column("created_at", UTCDateTime, nullable=False),
+    Table("runs", v1, Column("run_id", String(128), primary_key=True), Column("spec", Text, nullable=False),
+          Column("status", String(32), nullable=False), Column("horizon", BigInteger, nullable=False),
+          Column("last_seq", BigInteger, nullable=False), Column("created_at", UTCDateTime, nullable=False),
           Column("updated_at", UTCDateTime, nullable=False))
     Table("run_labels", v1, Column("run_id", String(128), primary_key=True),
           Column("key", String(128), primary_key=True), Column("value", String(256), nullable=False),
@@ -199,12 +202,38 @@ def _migrate_v1(conn: Connection) -> None:
     Table("barrier_reports", v1, Column("run_id", String(128), primary_key=True),
           Column("step", BigInteger, primary_key=True, autoincrement=False),
           Column("rank", Integer, primary_key=True, autoincrement=False),
-          Column("name", String(128), primary_key=True),
-          Column("value", _double(), nullable=True), Column("value_text", String(8), nullable=True))
-    v1.create_all(conn, checkfirst=True)
+          Column("name", String(128), primary_key=True), Column("value", _double(), nullable=True),
+          Column("value_text", String(8), nullable=True))
+    return v1
+
+
+def _migrate_v1(conn: Connection) -> None:
+    """Initial schema."""
+    _v1_metadata().create_all(conn, checkfirst=True)
+
+
+_V2_COLUMNS = (
+    ("events", Column("actor", String(128), nullable=False, server_default="server")),
+    ("events", Column("reason", Text, nullable=True)),
+    ("runs", Column("last_seen", UTCDateTime, nullable=True)),
+)
 
 
 def _migrate_v2(conn: Connection) -> None:
+    """Who caused each event (``actor``, ``reason``) and when a run was last heard from.
+
+    Events written before it record the actor ``server``. A column already there (a
+    half-applied step on a backend without transactional DDL) is left as it is.
+    """
+    inspector = inspect(conn)
+    for table_name, column in _V2_COLUMNS:
+        if column.name in {c["name"] for c in inspector.get_columns(table_name)}:
+            continue
+        ddl = CreateColumn(column).compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE {table_name} ADD COLUMN {ddl}"))
+
+
+def _migrate_v3(conn: Connection) -> None:
     """Global event ids: ``events.gid`` (existing events numbered in the order they were
     written) and the ``event_ids`` counter."""
     if "gid" not in {c["name"] for c in inspect(conn).get_columns("events")}:
@@ -220,14 +249,14 @@ def _migrate_v2(conn: Connection) -> None:
             .values(gid=bindparam("b_gid")),
             [{"b_run": r.run_id, "b_seq": r.seq, "b_gid": start + i} for i, r in enumerate(ordered, 1)],
         )
-    Index("ux_events_gid", events.c.gid, unique=True).create(conn, checkfirst=True)
+    next(i for i in events.indexes if i.name == "ux_events_gid").create(conn, checkfirst=True)
     event_ids.create(conn, checkfirst=True)
     last = start + len(ordered)
     if conn.execute(select(event_ids.c.id)).first() is None:
         conn.execute(event_ids.insert().values(id=1, last_gid=last))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
 """``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -227,7 +227,7 @@ class SqlStore(BaseStore):
                 raise InvalidInput.at("labels", "must not contain NUL characters")
         now = _now()
         row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": "active", "horizon": 0,
-               "last_seq": 1, "created_at": now, "updated_at": now}
+               "last_seq": 1, "created_at": now, "updated_at": now, "last_seen": now}
         with self._transaction(write=True) as conn:
             insert = self._insert(runs).values(row).on_conflict_do_nothing(index_elements=["run_id"])
             # RETURNING, not rowcount: psycopg's rowcount reads -1 here under SQLAlchemy 2.1
@@ -642,6 +642,7 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         last_seq=row.last_seq,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        last_seen=row.last_seen,
     )
 
 
@@ -661,14 +662,16 @@ def _take_gids(conn: Connection, n: int) -> list[int]:
 def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -> dict[str, Any]:
     kind = EventKind(event.kind)
     return {"run_id": run_id, "seq": seq, "kind": kind.value, "step": event.step,
-            "payload": _dumps(event.payload), "at": at, "gid": gid}
+            "payload": _dumps(event.payload), "at": at, "actor": event.actor, "reason": event.reason,
+            "gid": gid}
 
 
 def _event(row: Any) -> Event:
     """An ``Event`` from an events row (a Row or the dict that was inserted)."""
     get = row.get if isinstance(row, dict) else row._mapping.get
     return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
-                 payload=_loads(get("payload")), at=get("at"), gid=get("gid"))
+                 payload=_loads(get("payload")), at=get("at"), actor=get("actor"), reason=get("reason"),
+                 gid=get("gid"))
 
 
 def _select_reports(conn: Connection, run_id: str, step: int) -> dict[int, dict[str, float]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -26,18 +25,7 @@ KINDS = sorted(k.value for k in EventKind)
 def event_message(entry: FeedEntry) -> dict[str, Any]:
     """An event as the stream (and webhooks) show it: its global ``id``, its run, then as in history."""
     event = entry.event
-    return _finite({"id": event.gid, "run_id": entry.run_id, "seq": event.seq, **event.public()})
-
-
-def _finite(value: Any) -> Any:
-    """Non-finite floats as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (API.md)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+    return {"id": event.gid, "run_id": entry.run_id, "seq": event.seq, **event.public()}
 
 
 def overflow_message(overflow: Overflow) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from service.api.deps import ReadAccess
 from service.api.responses import FastJSONResponse
 from service.api.schemas import PreviewRequest, PreviewResult
 from service.engine.catalog import catalog
+from service.engine.codec import public_rows
 from service.engine.preview import preview
 from service.engine.spec import parse_schedule
 from service.errors import InvalidInput
@@ -23,7 +24,7 @@ def preview_schedule(body: PreviewRequest) -> Response:
         raise InvalidInput.at("base_momentums", f"expected {n_groups} values, got {len(body.base_momentums)}")
     schedule = parse_schedule(body.schedule, n_groups=n_groups)
     lrs, moms = preview(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
-    return FastJSONResponse({"lrs": lrs, "momentums": moms})
+    return FastJSONResponse({"lrs": public_rows(lrs), "momentums": moms and public_rows(moms)})
 
 
 @router.get("/catalog", dependencies=[ReadAccess])
