@@ -41,6 +41,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                             "(default 0; or LRSERVE_DB_WAIT_S, e.g. 60 where the database starts alongside)")
     serve.add_argument("--tokens-file", default=env("LRSERVE_TOKENS_FILE"),
                        help="file with one role:token per line (or set LRSERVE_TOKENS)")
+    serve.add_argument("--create-db", action="store_true", default=None,
+                       help="create the SQLite database even where one existed and is gone "
+                            "(default: refuse to start without it; or LRSERVE_CREATE_DB=1)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback bind without any token (anyone may steer runs)")
     serve.add_argument("--log-level", default="info",
@@ -71,6 +74,7 @@ def serve_command(args: argparse.Namespace) -> int:
         return fail(problem or "bad settings")
     args.port = settings.port if args.port is None else args.port
     args.db_wait = settings.db_wait_s if args.db_wait is None else args.db_wait
+    args.create_db = settings.create_db if args.create_db is None else args.create_db
     try:  # the set the server will use: a configuration that yields none is refused there
         tokens = load_tokens(os.environ.get("LRSERVE_TOKENS", ""),
                              Path(args.tokens_file) if args.tokens_file else None)
@@ -83,12 +87,13 @@ def serve_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    problem = check_database(args.db, args.db_wait)
+    problem = check_database(args.db, args.db_wait, create_db=args.create_db)
     if problem is not None:
         return fail(problem)
     # Settings travel by environment so every worker process reads the same ones.
     os.environ["LRSERVE_DB"] = args.db
     os.environ["LRSERVE_INSECURE"] = "1" if args.insecure else "0"
+    os.environ["LRSERVE_CREATE_DB"] = "1" if args.create_db else "0"
     if args.tokens_file:
         os.environ["LRSERVE_TOKENS_FILE"] = args.tokens_file
     uvicorn.run(
@@ -115,7 +120,7 @@ def check_settings(db: str) -> tuple[Settings | None, str | None]:
         return None, f"{name}: {message} (got {str(error.get('input'))[:80]!r})"
 
 
-def check_database(url: str, wait_s: float) -> str | None:
+def check_database(url: str, wait_s: float, *, create_db: bool = False) -> str | None:
     """Open the store once before any worker starts: one clear line instead of N tracebacks.
 
     Returns:
@@ -129,7 +134,7 @@ def check_database(url: str, wait_s: float) -> str | None:
         print(f"lrserve: waiting for the database ({left:.0f} s left): {error}", file=sys.stderr)
 
     try:
-        store = wait_for_store(url, wait_s=wait_s, on_wait=waiting)
+        store = wait_for_store(url, wait_s=wait_s, create_db=create_db, on_wait=waiting)
     except (ValueError, StoreUnavailable) as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     store.close()

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     tokens: str = Field("", description="Comma-separated role:token pairs (roles: read, write, admin).")
     tokens_file: Path | None = Field(None, description="File with one role:token per line.")
     insecure: bool = Field(False, description="Allow a non-loopback bind without tokens.")
+    create_db: bool = Field(
+        False, description="Create the SQLite database even where one existed and is gone "
+        "(else start-up refuses: it would start empty)."
+    )
     db_wait_s: float = Field(
         0.0, ge=0, description="`lrserve serve`: how long to wait for the database at start-up."
     )
