@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     )
     max_ahead: int = Field(10_000, ge=0, description="Most steps one window may return beyond `step`.")
     max_jump: int = Field(10_000, ge=1, description="Most steps one request may move the horizon.")
+    work_budget: int = Field(
+        500_000,
+        ge=10_000,
+        description=(
+            "Most work one request may cause, in units of about one scheduler step of one param "
+            "group: steps × (param groups + 6) × per-step cost of the schedule (service/engine/cost.py). "
+            "Previews, history, step jumps and creates over it are a 422 `work_budget_exceeded`; "
+            "windows asked ahead are cut to fit."
+        ),
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_groups: int = Field(1024, ge=1, description="Most param groups per run.")
     snapshot_every: int = Field(
