@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous,
+                           create_db=settings.create_db)
         manager = RunManager(store, settings)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager

@@ -43,6 +43,7 @@ from service.store.base import (
     Snapshot,
 )
 from service.store.events import Event, EventKind, NewEvent
+from service.store.guard import FileIdentity
 from service.store.schema import (
     RUN_TABLES,
     barrier_reports,
@@ -112,13 +113,16 @@ class SqlStore(BaseStore):
     Opening runs the schema migrations (see ``service.store.schema``).
     """
 
-    def __init__(self, engine: Engine, *, where: str, secrets: Sequence[str] = ()) -> None:
+    def __init__(
+        self, engine: Engine, *, where: str, secrets: Sequence[str] = (), guard: FileIdentity | None = None
+    ) -> None:
         """Take ownership of ``engine`` and bring its schema up to date.
 
         Args:
             engine: A configured engine; closed by ``close`` (or here, if opening fails).
             where: The database in words, without credentials; starts every error message.
             secrets: Strings never to repeat in an error message (the password).
+            guard: The SQLite file's identity, checked before each write commits and on ``ping``.
 
         Raises:
             StoreUnavailable: the database cannot be reached.
@@ -127,6 +131,7 @@ class SqlStore(BaseStore):
         self._engine = engine
         self._where = where
         self._secrets = tuple(s for s in secrets if s)
+        self._guard = guard
         # SQLite has one writer per file; a writer that finds it taken sleeps in SQLite's busy
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
@@ -154,10 +159,22 @@ class SqlStore(BaseStore):
                     conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
                 with conn.begin():
                     yield conn
+                    if write and self._guard is not None:
+                        self._guard.check()  # never commit (and acknowledge) into a file that is gone
         except sa_exc.DBAPIError as exc:
+            self._after_failure(exc)
             raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
         except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
             raise StoreUnavailable(f"{self._where}: no free database connection") from exc
+
+    def _after_failure(self, exc: sa_exc.DBAPIError) -> None:
+        """After SQLite reports a damaged or unreadable file, drop every pooled connection:
+        their page caches may hold what it read before, and fresh ones see the file as it is
+        now (restored, say). A busy file is not damage. PostgreSQL's pool already drops
+        connections a restart broke (``pool_pre_ping``, and SQLAlchemy's disconnect check)."""
+        if self._engine.dialect.name != "sqlite" or "locked" in str(exc.orig):
+            return
+        self._engine.dispose()
 
     def _reason(self, error: BaseException | None) -> str:
         lines = str(error).strip().splitlines() or [type(error).__name__]
@@ -480,7 +497,9 @@ class SqlStore(BaseStore):
     # -- health ----------------------------------------------------------------------------
 
     def ping(self) -> None:
-        """Raises StoreUnavailable if the database cannot be reached."""
+        """Raises StoreUnavailable if the database cannot be reached (or its file changed)."""
+        if self._guard is not None:
+            self._guard.check()
         with self._transaction() as conn:
             conn.execute(text("SELECT 1"))
 
