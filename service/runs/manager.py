@@ -267,7 +267,7 @@ class RunManager:
         else:
             values = state.values[step - state.first_step : end - state.first_step + 1]
         return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at,
-                      state.watching, self.settings.max_ahead)
+                      state.watching, self._ahead_cap(state))
 
     def _budget_steps(self, state: RunState) -> int:
         """The most steps of this run's current schedule one request may compute (work budget)."""

@@ -45,13 +45,14 @@ class Tail:
 
 
 def tail(manager: RunManager, run_id: str, after: int, n: int) -> Tail:
-    """The ``n`` (capped by ``LRSERVE_MAX_PROVISIONAL``) provisional values after step ``after``.
+    """The ``n`` provisional values after step ``after``, capped by ``LRSERVE_MAX_PROVISIONAL``
+    and by the steps one request may compute (the work budget).
 
     Steps up to the horizon are final and served as such; the rest come from a copy of the
     engine. A schedule that cannot go on (torch would raise) ends the tail early.
     """
-    n = max(0, min(n, manager.settings.max_provisional))
     state = manager.state(run_id)
+    n = max(0, min(n, manager.settings.max_provisional, manager._budget_steps(state)))
     with state.lock:
         tail_id, horizon = state.last_seq, state.horizon
         if n == 0:

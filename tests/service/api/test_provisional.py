@@ -141,3 +141,15 @@ def test_watched_follows_a_replaced_schedule(api):
     assert api.get("/v1/runs/w/lr", params={"step": 1}).json()["watched"] == ["val_acc"]
     # the fast path (a cached window) says it too
     assert api.get("/v1/runs/w/lr", params={"step": 1}).json()["watched"] == ["val_acc"]
+
+
+def test_the_tail_and_max_ahead_are_bounded_by_the_work_budget(settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"work_budget": 10_000}))) as api:
+        make_run(api, "t", {"type": "CosineAnnealingLR", "T_max": 100_000})
+        answer = api.get("/v1/runs/t/lr", params={"step": 0, "provisional": 100_000}).json()
+    assert 0 < len(answer["provisional"]["lrs"]) < 10_000
+    assert 0 < answer["max_ahead"] < 10_000  # what a window may hold under this budget
