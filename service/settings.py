@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     )
     max_ahead: int = Field(10_000, ge=0, description="Most steps one window may return beyond `step`.")
     max_jump: int = Field(10_000, ge=1, description="Most steps one request may move the horizon.")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="A request's headers and body must arrive within this time (else 408)."
+    )
+    max_connections: int = Field(
+        4096, ge=1, description="Open connections per server process; beyond, the oldest idle or "
+        "half-sent one is closed with a 503 (or the new one, when every one is busy)."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_groups: int = Field(1024, ge=1, description="Most param groups per run.")
     snapshot_every: int = Field(
