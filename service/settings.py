@@ -46,6 +46,16 @@ class Settings(BaseSettings):
         4096, ge=1, description="Open connections per server process; beyond, the oldest idle or "
         "half-sent one is closed with a 503 (or the new one, when every one is busy)."
     )
+    work_budget: int = Field(
+        500_000,
+        ge=10_000,
+        description=(
+            "Most work one request may cause, in units of about one scheduler step of one param "
+            "group: steps × (param groups + 6) × per-step cost of the schedule (service/engine/cost.py). "
+            "Previews, history, step jumps and creates over it are a 422 `work_budget_exceeded`; "
+            "windows asked ahead are cut to fit."
+        ),
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_groups: int = Field(1024, ge=1, description="Most param groups per run.")
     snapshot_every: int = Field(
