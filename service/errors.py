@@ -123,6 +123,7 @@ class StoreUnavailable(LRServeError):
 
     status_code = 503
     code = "store_unavailable"
+    logged = False  # True where the raiser already told the log (once per fault, not per request)
 
 
 STORE_UNAVAILABLE = "the database is unavailable; retry later (the server log says why)"
@@ -190,7 +191,8 @@ def install_error_handlers(app: Any) -> None:
 
     async def on_store_error(request: Any, exc: StoreUnavailable) -> FastJSONResponse:
         # The store's words name the file or host: they go to the log, never to a caller.
-        store_log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc.message)
+        if not exc.logged:
+            store_log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc.message)
         return FastJSONResponse(StoreUnavailable(STORE_UNAVAILABLE).body(), status_code=503,
                                 headers={"retry-after": "1"})
 

@@ -12,15 +12,17 @@ Every answer obeys API.md's three rules:
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from service.engine import codec
+from service.engine import codec, cost
 from service.engine.engine import Engine, ScheduleSwitch, Values
 from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
 from service.errors import InvalidInput, RunConflict, RunNotFound
@@ -67,8 +69,13 @@ class RunManager:
         self.store = store
         self.settings = settings
         self._runs: dict[str, RunState] = {}
-        self._load_locks: dict[str, threading.Lock] = {}
+        # Only while some thread holds or waits for it: an entry per unknown or deleted run id
+        # asked for would otherwise outlive its request (weak values; see ``_RunLock``).
+        self._load_locks: weakref.WeakValueDictionary[str, _RunLock] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
+        # Runs whose schedule fails at a step above the horizon: windows stop before it (so
+        # each one does not fail, drop the engine and reload again). One entry per such run.
+        self._fails_at: dict[str, int] = {}
         self.on_outcome: list[Any] = []  # callbacks(run_id, StepOutcome), for telemetry
 
     # -- creating and reading runs ------------------------------------------------
@@ -82,7 +89,7 @@ class RunManager:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
-        spec = self._canonical_spec(request)
+        spec, schedule = self._canonical_spec(request)
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
@@ -91,8 +98,7 @@ class RunManager:
             existing = self._existing(run_id, spec)
             if existing is not None:
                 return existing, False
-            schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
-            Engine(schedule, spec["base_lrs"], spec["base_momentums"])  # torch must accept it on these LRs
+            _first_steps(schedule, spec["base_lrs"], spec["base_momentums"])
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
         return (record if is_new else self._same_run(record, spec)), is_new
@@ -113,9 +119,11 @@ class RunManager:
             )
         return record
 
-    def _canonical_spec(self, request: Mapping[str, Any]) -> dict[str, Any]:
+    def _canonical_spec(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The stored form of a create request, and its parsed schedule (work budget checked)."""
         base_lrs = [float(v) for v in request["base_lrs"]]
-        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs))
+        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs),
+                                  before_checks=lambda s: self._check_schedule_cost(s, len(base_lrs)))
         moms = request.get("base_momentums")
         if moms is not None and len(moms) != len(base_lrs):
             raise InvalidInput.at(
@@ -126,10 +134,19 @@ class RunManager:
             "base_lrs": base_lrs,
             "base_momentums": [float(m) for m in moms] if moms is not None else None,
             "world_size": int(request.get("world_size") or 1),
-        }
+        }, schedule
+
+    def _check_schedule_cost(self, schedule: Any, n_groups: int) -> None:
+        """Refuse a schedule whose checks (expressions at steps 0..100, the first steps) are over budget."""
+        units = cost.cost(schedule, n_groups=n_groups, steps=cost.CREATE_STEPS)
+        cost.check(
+            f"checking this schedule ({cost.CREATE_STEPS} steps on {n_groups} param groups)",
+            "schedule", units, self.settings.work_budget,
+        )
 
     def delete_run(self, run_id: str) -> None:
         self.store.delete_run(run_id)
+        self._fails_at.pop(run_id, None)
         state = self._runs.get(run_id)
         if state is not None:
             self._evict(state)
@@ -153,10 +170,17 @@ class RunManager:
                     self._runs[run_id] = state
         return state
 
-    def _run_lock(self, run_id: str) -> threading.Lock:
-        """This process's lock for creating or loading one run (once, however many ask)."""
+    def _run_lock(self, run_id: str) -> _RunLock:
+        """This process's lock for creating or loading one run (once, however many ask).
+
+        The entry lives as long as a caller holds the returned object, so every thread that
+        asks while another holds or waits for it gets the same lock.
+        """
         with self._lock:
-            return self._load_locks.setdefault(run_id, threading.Lock())
+            lock = self._load_locks.get(run_id)
+            if lock is None:
+                lock = self._load_locks[run_id] = _RunLock()
+            return lock
 
     def _evict(self, state: RunState) -> None:
         """Drop ``state`` for good: threads that still hold it must not use it (see ``commit``)."""
@@ -211,7 +235,7 @@ class RunManager:
         state = self._runs.get(run_id)
         if state is None:
             return None
-        end = step + min(ahead, self.settings.max_ahead)
+        end = step + min(ahead, self._ahead_cap(state))
         if state.cached(step) is None or state.cached(end) is None:
             return None
         return self._window(state, step, end)
@@ -228,11 +252,12 @@ class RunManager:
         if window is not None:
             return window
         self._check_jump(state, step)
-        wanted = step + min(ahead, self.settings.max_ahead)
-        end = min(wanted, max(state.horizon, step) + self.settings.max_jump)
+        wanted = min(step + min(ahead, self._ahead_cap(state)), self._fails_at.get(run_id, math.inf) - 1)
+        end = max(step, min(wanted, state.horizon + self._budget_steps(state)))
         if end > state.horizon:
-            self.commit(run_id, end, if_behind=True)
-        return self._window(self.state(run_id), step, end)
+            self.commit(run_id, end, if_behind=True, need=step)
+        state = self.state(run_id)
+        return self._window(state, step, min(end, max(state.horizon, step)))
 
     def _window(self, state: RunState, step: int, end: int) -> Window:
         if state.cached(step) is None:
@@ -241,12 +266,26 @@ class RunManager:
             values = state.values[step - state.first_step : end - state.first_step + 1]
         return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at)
 
+    def _budget_steps(self, state: RunState) -> int:
+        """The most steps of this run's current schedule one request may compute (work budget)."""
+        schedule = state.engine.schedule
+        cached = state.budget_steps
+        if cached is None or cached[0] is not schedule:
+            steps = cost.steps_within(schedule, n_groups=state.n_groups, budget=self.settings.work_budget)
+            state.budget_steps = cached = (schedule, steps)
+        return cached[1]
+
+    def _ahead_cap(self, state: RunState) -> int:
+        """The most steps a window may hold after its first: ``max_ahead``, cut to the work budget."""
+        return min(self.settings.max_ahead, self._budget_steps(state) - 1)
+
     def _check_jump(self, state: RunState, step: int) -> None:
         """Refuse steps too far beyond the horizon: the stored one, which other processes may
         have moved past this one's cached horizon (so every replica answers alike)."""
         if step < 0:
             raise InvalidInput.at("step", f"must be >= 0, got {step}")
-        if step <= state.horizon + self.settings.max_jump:
+        most = min(self.settings.max_jump, self._budget_steps(state))
+        if step <= state.horizon + most:
             return
         horizon = max(state.horizon, self.store.read_run(state.run_id).horizon)
         if step > horizon + self.settings.max_jump:
@@ -255,10 +294,17 @@ class RunManager:
                 f"step {step} is more than {self.settings.max_jump} steps beyond the horizon "
                 f"({horizon}); step through the steps between first",
             )
+        if step > horizon + most:
+            units = cost.cost(state.engine.schedule, n_groups=state.n_groups, steps=step - horizon)
+            cost.check(
+                f"reaching step {step} from the horizon ({horizon}) on {state.n_groups} param groups",
+                "step", units, self.settings.work_budget,
+            )
 
-    def _window_end(self, step: int, ahead: int) -> int:
+    def _window_end(self, state: RunState, step: int, ahead: int) -> int:
         """The last step of the window asked at ``step`` (capped), when ``step`` is the first free one."""
-        return min(step + min(ahead, self.settings.max_ahead), step + self.settings.max_jump)
+        end = min(step + min(ahead, self._ahead_cap(state)), step + self.settings.max_jump)
+        return max(step, min(end, self._fails_at.get(state.run_id, math.inf) - 1))
 
     def step_run(
         self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int
@@ -274,8 +320,8 @@ class RunManager:
         watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
         if step > state.horizon:
             # One write transaction: the metrics, the decision and the whole window asked for.
-            end = self._window_end(step, ahead)
-            self.commit(run_id, end, metric=(step, watched) if watched else None, records=records)
+            end = self._window_end(state, step, ahead)
+            self.commit(run_id, end, metric=(step, watched) if watched else None, records=records, need=step)
         elif records:
             self.store.append_metrics(run_id, records)
         return self.window(run_id, step, ahead)
@@ -334,7 +380,8 @@ class RunManager:
             extra.append(NewEvent(EventKind.BARRIER_TIMEOUT, step, {
                 "missing_ranks": missing, "reported_ranks": sorted(reports),
                 "timeout_s": self.settings.barrier_timeout_s}))
-        self.commit(state.run_id, self._window_end(step, ahead), metric=(step, means), extra_events=extra)
+        end = self._window_end(state, step, ahead)
+        self.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
         return True
 
     # -- committing -------------------------------------------------------------------------
@@ -349,12 +396,15 @@ class RunManager:
         extra_events: Sequence[NewEvent] = (),
         records: Sequence[MetricRecord] = (),
         if_behind: bool = False,
+        need: int | None = None,
     ) -> int | None:
         """Advance the run to ``target`` (at least), placing a new decision on the way.
 
         ``records`` (metric history) are written in the same transaction. ``if_behind``
         skips the store when this process holds ``target`` already (another request took
         the run there while this one waited for its lock: ranks asking the same window).
+        ``need``: the last step that must be reached; the steps of a window after a step the
+        schedule cannot take are left out (``RunState.advance_to``).
 
         Returns:
             The step an ``action`` was placed at, if one was given.
@@ -367,7 +417,7 @@ class RunManager:
                 if if_behind and state.horizon >= target:
                     return None
                 try:
-                    return self._commit_locked(state, target, metric, action, extra_events, records)
+                    return self._commit_locked(state, target, metric, action, extra_events, records, need)
                 except _RunReplaced:  # evicted on the way out; the next turn loads the new run
                     continue
 
@@ -379,6 +429,7 @@ class RunManager:
         action: Action | None,
         extra_events: Sequence[NewEvent],
         records: Sequence[MetricRecord] = (),
+        need: int | None = None,
     ) -> int | None:
         run_id = state.run_id
         with self._evicting_on_error(state):
@@ -390,17 +441,23 @@ class RunManager:
                 new_events, placed = self._place(state, tx, metric, action)
                 if metric is None or new_events:  # extra events go with a decision that was taken
                     new_events.extend(extra_events)
-                outcomes = state.advance_to(max(target, old_horizon))
+                outcomes = state.advance_to(max(target, old_horizon), need=need)
                 new_events.extend(_output_events(outcomes, old_horizon, state))
                 appended = tx.append_events(new_events) if new_events else []
                 if outcomes:  # a commit that only caught up writes nothing
                     tx.update_run(horizon=state.engine.step, status=state.marks.status)
                 state.last_seq = appended[-1].seq if appended else tx.run.last_seq
             state.publish()  # durable now: other threads may see the new steps
+            if state.broken:  # its engine failed past the published steps: the next request reloads
+                self._fails_at[run_id] = state.engine.step + 1
+                self._evict(state)
+            elif self._fails_at.get(run_id, math.inf) <= state.horizon:  # an action moved it past
+                self._fails_at.pop(run_id, None)
             for outcome in outcomes:
                 for callback in self.on_outcome:
                     callback(run_id, outcome)
-            self._maybe_snapshot(state, outcomes)
+            if not state.broken:
+                self._maybe_snapshot(state, outcomes)
         return placed
 
     def _catch_up(self, state: RunState, tx: RunTransaction) -> None:
@@ -508,7 +565,8 @@ class RunManager:
                 )
             return {"action": "set_lr", "lrs": [float(v) for v in lrs]}
         if kind == "replace_schedule":
-            schedule = parse_schedule(action["schedule"], n_groups=state.n_groups)
+            schedule = parse_schedule(action["schedule"], n_groups=state.n_groups,
+                                      before_checks=lambda s: self._check_schedule_cost(s, state.n_groups))
             if cycles_momentum(schedule) and not state.engine.reports_momentum:
                 raise InvalidInput.at(
                     "schedule",
@@ -547,6 +605,9 @@ class RunManager:
     def history(self, run_id: str, max_points: int) -> dict[str, Any]:
         """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
         state = self.caught_up(run_id)
+        units = cost.history_cost(n_groups=state.n_groups, points=min(max_points, state.horizon + 1))
+        cost.check(f"a history of {max_points} points on {state.n_groups} param groups", "max_points",
+                   units, self.settings.work_budget)
         horizon = state.horizon
         steps = _downsample(range(horizon + 1), max_points)
         values = self.values_between(run_id, 0, horizon)
@@ -570,6 +631,34 @@ class RunManager:
         return self.store.append_metrics(
             run_id, [MetricRecord(r["name"], r["step"], r["rank"], float(r["value"])) for r in records]
         )
+
+
+def _first_steps(schedule: Any, base_lrs: Sequence[float], base_momentums: Sequence[float] | None) -> None:
+    """Build the run's engine and take steps 1 and 2: a schedule that cannot start is a 422 at create.
+
+    Raises:
+        ScheduleError: torch refuses the schedule on these LRs, or a value of step 0, 1 or 2
+            would be negative or not finite (e.g. ExponentialLR with gamma 1e308).
+    """
+    engine = Engine(schedule, base_lrs, base_momentums)
+    engine.check_values(0, "the schedule's")
+    for _ in range(2):
+        engine.advance()
+
+
+class _RunLock:
+    """A ``threading.Lock`` that a ``WeakValueDictionary`` can hold (a bare lock takes no weak reference)."""
+
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 class _RunReplaced(Exception):
