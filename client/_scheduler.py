@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,6 +51,8 @@ __all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "DEFAULT_REPORT_WAIT_S", "REPORT_TIMEOUT",
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
 #: How long a step whose report decides its values waits for a server that is away.
 DEFAULT_REPORT_WAIT_S = 60.0
+#: How long a scheduler collected without ``close()`` tries to send its buffered metrics.
+DROPPED_FLUSH_S = 1.0
 #: Timeout of a report with ``world_size > 1``: the server's metric barrier may hold it.
 REPORT_TIMEOUT = httpx.Timeout(60.0, connect=3.0)
 ENV_RANK = "RANK"
@@ -201,6 +204,7 @@ class RemoteScheduler:
         self._report_timeout = REPORT_TIMEOUT if self.world_size > 1 else None
         self._on_switch = on_schedule_switch
         self._named_run = run_id is not None
+        self._link = _Link()
         self._init_state()
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
         for group in groups:
@@ -215,12 +219,15 @@ class RemoteScheduler:
             sleep=sleep,
             rand=rand,
         )
+        # The worker threads hold the scheduler weakly: a job that drops it without close()
+        # (torch users never call it) frees it with its optimizer, and the finalizer stops them.
+        me = weakref.ref(self)
         self._fetcher = WindowFetcher(
             self._client,
-            run_id=lambda: self.run_id,
-            current_step=lambda: self.last_epoch,
-            limit_ahead=self._limit_ahead,
-            tail_fields=self._tail_fields,
+            run_id=self._link.get_run_id,
+            current_step=_weakly(me, "_current_step"),
+            limit_ahead=_weakly(me, "_limit_ahead"),
+            tail_fields=_weakly(me, "_tail_fields"),
             rank=self.rank,
             report_timeout=self._report_timeout,
             clock=clock,
@@ -231,16 +238,31 @@ class RemoteScheduler:
         # run watches a metric (an operator may replace its schedule by one that does).
         self._hookable = not strict and self.schedule["type"] != "LRRangeTest"
         self._want_overlap = overlap_decisions
+        self._finalizer = weakref.finalize(
+            self, _release, self._fetcher, self._link, self._client, self._hooks
+        )
         try:
             self._create(run_id, labels)
         except BaseException:
-            self._client.close()
+            self._finalizer()
             raise
         self.reports_after_step = reports_after_step
 
+    @property
+    def run_id(self) -> str:
+        """The run's id (the server's, when none was given; a loaded checkpoint's)."""
+        return self._link.run_id
+
+    @run_id.setter
+    def run_id(self, value: str) -> None:
+        self._link.run_id = value
+
+    def _current_step(self) -> int:
+        return self.last_epoch
+
     def _init_state(self) -> None:
         self.last_epoch = 0
-        self.run_id: str = ""
+        self.run_id = ""
         self._status = "active"
         self._stopped_at: int | None = None  # the step from which the run is stopped
         self._base = 0  # the step of _lrs[0]
@@ -485,6 +507,7 @@ class RemoteScheduler:
         """
         if self._closed:
             return
+        self._finalizer.detach()  # this does what it would, and more
         self._closed = True
         self._fast = False
         self._deciding = None
@@ -899,12 +922,13 @@ class RemoteScheduler:
         if not getattr(getattr(type(opt), "step", None), "hooked", False):
             return False
         try:
+            hook = _weakly(weakref.ref(self), "_before_optimizer_reads", gone=None)
             for register in (opt.register_step_pre_hook, opt.register_state_dict_pre_hook):
-                self._hooks.append(register(self._before_optimizer_reads))
+                self._hooks.append(register(hook))
         except (AttributeError, TypeError):  # not a torch optimizer after all: undo what took
             for hook in self._hooks:
                 hook.remove()
-            self._hooks = []
+            self._hooks.clear()
             return False
         return True
 
@@ -971,16 +995,13 @@ class RemoteScheduler:
 
     def _ensure_buffer(self) -> MetricBuffer:
         if self._buffer is None:
-            self._buffer = MetricBuffer(
-                self._send_metrics,
+            self._buffer = self._link.buffer = MetricBuffer(
+                functools.partial(_send_metrics, self._client, self._link),
                 max_records=self._max_buffered,
                 flush_interval_s=self._flush_interval_s,
                 rand=self._rand,
             )
         return self._buffer
-
-    def _send_metrics(self, records: list[dict[str, Any]]) -> Any:
-        return self._client.send_metrics(self.run_id, records, max_retries=0)
 
     def _warn_buffer_problems(self) -> None:
         if self._buffer is not None:
@@ -997,6 +1018,54 @@ class RemoteScheduler:
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosed("this RemoteScheduler is closed")
+
+
+class _Link:
+    """What the worker threads share with a scheduler without keeping it alive."""
+
+    __slots__ = ("buffer", "run_id")
+
+    def __init__(self) -> None:
+        self.run_id = ""
+        self.buffer: MetricBuffer | None = None
+
+    def get_run_id(self) -> str:
+        return self.run_id
+
+
+_GONE: Any = ClientClosed
+
+
+def _weakly(ref: weakref.ref[RemoteScheduler], name: str, gone: Any = _GONE) -> Callable[..., Any]:
+    """``ref().<name>(...)``; once the scheduler is collected, raise ``ClientClosed`` (or return ``gone``)."""
+
+    def call(*args: Any) -> Any:
+        scheduler = ref()
+        if scheduler is None:
+            if gone is _GONE:
+                raise ClientClosed("the RemoteScheduler was garbage-collected")
+            return gone
+        return getattr(scheduler, name)(*args)
+
+    return call
+
+
+def _send_metrics(client: LRClient, link: _Link, records: list[dict[str, Any]]) -> Any:
+    return client.send_metrics(link.run_id, records, max_retries=0)
+
+
+def _release(fetcher: WindowFetcher, link: _Link, client: LRClient, hooks: list[Any]) -> None:
+    """A scheduler dropped without ``close()``: unhook the optimizer, stop the worker threads.
+
+    Logged metrics still unsent get a short try (the exit handler gives the rest theirs).
+    """
+    for hook in hooks:
+        hook.remove()
+    hooks.clear()
+    fetcher.close(0)
+    if link.buffer is not None:
+        link.buffer.close(DROPPED_FLUSH_S)
+    client.close()
 
 
 @functools.cache
