@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager._runs))
         await run_in_threadpool(warm_up_torch)
+        gc.freeze()  # start-up objects (torch, most of all) stay out of every later collection: shorter pauses
         try:
             yield
         finally:

@@ -45,6 +45,11 @@ class Action:
     reason: str | None = None
 
 
+ON_LOOP_VALUES = 4096
+"""Most LR values an answer built and serialised on the event loop may hold; bigger answers
+are built in a worker thread, so that no answer stalls the requests the loop serves."""
+
+
 @dataclass(frozen=True)
 class Window:
     """Final values of steps ``start .. start + len(values) - 1``."""
@@ -230,12 +235,20 @@ class RunManager:
 
     # -- the hot path ---------------------------------------------------------------------
 
-    def cached_window(self, run_id: str, step: int, ahead: int) -> Window | None:
-        """The window if every value in it is final and in memory; never blocks (event loop safe)."""
+    def cached_window(
+        self, run_id: str, step: int, ahead: int, *, most_values: int | None = None
+    ) -> Window | None:
+        """The window if every value in it is final and in memory; never blocks (event loop safe).
+
+        ``most_values``: ``None`` too when the window would hold more values (LRs) than this
+        (``ON_LOOP_VALUES`` on the event loop).
+        """
         state = self._runs.get(run_id)
         if state is None:
             return None
         end = step + min(ahead, self._ahead_cap(state))
+        if most_values is not None and (end - step + 1) * state.n_groups > most_values:
+            return None
         if state.cached(step) is None or state.cached(end) is None:
             return None
         return self._window(state, step, end)

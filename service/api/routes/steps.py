@@ -10,9 +10,14 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
 from service.api.schemas import MetricsAccepted, MetricsCreate, RunId, Step, StepRequest, StepResult
-from service.runs.manager import Window
+from service.runs.manager import ON_LOOP_VALUES, Window
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
+
+
+def window_response(window: Window) -> Response:
+    """The answer for ``window``, built and serialised (in a worker thread when it is big)."""
+    return FastJSONResponse(window_public(window))
 
 
 def window_public(window: Window) -> dict:
@@ -38,11 +43,11 @@ async def read_lr(
     ahead: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
     """Values for steps step..step+ahead (capped); asking commits them (they become final)."""
-    # Final values already in memory are answered right here, without a worker thread.
-    window = manager.cached_window(run_id, step, ahead)
-    if window is None:
-        window = await run_in_threadpool(manager.window, run_id, step, ahead)
-    return FastJSONResponse(window_public(window))
+    # Final values already in memory are answered right here, without a worker thread (if few).
+    window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
+    if window is not None:
+        return FastJSONResponse(window_public(window))
+    return await run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
 
 
 @router.post("/step", response_model=StepResult, dependencies=[WriteAccess])
@@ -53,7 +58,9 @@ async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Respon
     """
     barriers = request.app.state.barriers
     window = await barriers.step(run_id, body.step, body.metrics, body.rank, body.ahead)
-    return FastJSONResponse(window_public(window))
+    if len(window.values) * len(window.values[0][0]) <= ON_LOOP_VALUES:
+        return FastJSONResponse(window_public(window))
+    return await run_in_threadpool(window_response, window)
 
 
 @router.post("/metrics", response_model=MetricsAccepted, status_code=202, dependencies=[WriteAccess])
