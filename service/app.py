@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager._runs))
         await run_in_threadpool(warm_up_torch)
-        gc.freeze()  # start-up objects (torch, most of all) stay out of every later collection: shorter pauses
+        gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
         try:
             yield
         finally:
