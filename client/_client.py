@@ -301,6 +301,25 @@ class LRClient:
             body["at_step"] = int(at_step)
         return self.request("POST", f"/v1/runs/{_quote(run_id)}/control", json=body, idempotent=False)
 
+    def control_fleet(
+        self,
+        labels: Mapping[str, str],
+        action: Mapping[str, Any],
+        *,
+        statuses: Sequence[str] | None = None,
+        reason: str | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Apply one action (``{"action": "scale", "factor": 0.5}``) to every run carrying
+        ``labels`` (and one of ``statuses``): ``POST /v1/control``. Not retried once sent."""
+        selector: dict[str, Any] = {"labels": dict(labels)}
+        if statuses:
+            selector["status"] = list(statuses)
+        body: dict[str, Any] = {"selector": selector, "action": dict(action), "dry_run": bool(dry_run)}
+        if reason is not None:
+            body["reason"] = reason
+        return self.request("POST", "/v1/control", json=body, idempotent=dry_run)
+
     def preview_schedule(
         self,
         schedule: Mapping[str, Any],

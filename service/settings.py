@@ -54,6 +54,18 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         1000, ge=1, description="Steps between engine snapshots (bounds replay after restart)."
     )
+    max_fleet_runs: int = Field(
+        10_000, ge=1, description="Most runs one `POST /v1/control` may act on (more matching: a 422)."
+    )
+    stale_after_s: float = Field(
+        300.0, gt=0, description="An active run not heard from (any rank) for this long is `stale`."
+    )
+    last_seen_flush_s: float = Field(
+        5.0, gt=0, description="How often each server process writes the runs' `last_seen` to the database."
+    )
+    events_buffer: int = Field(
+        1000, ge=1, description="Events one /v1/events stream may fall behind before it is cut off."
+    )
     sqlite_synchronous: str = Field(
         "NORMAL", description="SQLite synchronous mode: NORMAL survives a process crash, FULL power loss."
     )

@@ -124,17 +124,17 @@ class MetricsAccepted(BaseModel):
     new: int
 
 
-class ControlRequest(_Strict):
+class ActionSpec(_Strict):
+    """One operator action and its arguments (API.md, Operator control)."""
+
     action: Literal["set_lr", "scale", "hold", "resume", "replace_schedule", "stop"]
-    at_step: Step | None = Field(None, description="Must be above the horizon; default: the first free step.")
     lr: LearningRate | None = None
     lrs: list[LearningRate] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
     factor: float | None = Field(None, gt=0, allow_inf_nan=False)
     schedule: Schedule | None = None
-    reason: Reason | None = None
 
     @model_validator(mode="after")
-    def _fields_match_action(self) -> ControlRequest:
+    def _fields_match_action(self) -> ActionSpec:
         needs = {"set_lr": ("lr", "lrs"), "scale": ("factor",), "replace_schedule": ("schedule",)}
         wanted = needs.get(self.action, ())
         given = [f for f in ("lr", "lrs", "factor", "schedule") if getattr(self, f) is not None]
@@ -148,10 +148,53 @@ class ControlRequest(_Strict):
         return self
 
 
+class ControlRequest(ActionSpec):
+    at_step: Step | None = Field(None, description="Must be above the horizon; default: the first free step.")
+    reason: Reason | None = None
+
+
 class ControlResult(BaseModel):
     run_id: str
     applied_at: int
     event: dict[str, Any] = Field(description=f"The event recorded. {NON_FINITE}")
+
+
+class FleetSelector(_Strict):
+    labels: dict[LabelText, LabelText] = Field(
+        default_factory=dict, max_length=MAX_LABELS, description="Every pair must be among the run's labels."
+    )
+    status: list[Status] | None = Field(
+        None, min_length=1, max_length=3, description="Only runs with one of these statuses."
+    )
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> FleetSelector:
+        if not self.labels and self.status is None:
+            raise ValueError(
+                'give labels and/or status (to act on every run, say so: "status": ["active", "held"])'
+            )
+        return self
+
+
+class FleetControlRequest(_Strict):
+    selector: FleetSelector
+    action: ActionSpec = Field(description="As `POST /v1/runs/{run_id}/control`, without `at_step`.")
+    reason: Reason | None = None
+    dry_run: bool = Field(False, description="Only list the matching runs; change nothing.")
+
+
+class FleetRunResult(BaseModel):
+    run_id: str
+    applied_at: int | None = Field(None, description="The step the action landed on (this run's first free).")
+    error: Message | None = Field(None, description="Why this run refused the action (the others took it).")
+    status: Status | None = Field(None, description="Dry run: the run's status.")
+    horizon: int | None = Field(None, description="Dry run: the run's horizon (the action would land after).")
+
+
+class FleetControlResult(BaseModel):
+    matched: int
+    dry_run: bool
+    results: list[FleetRunResult]
 
 
 class Series(BaseModel):
