@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         1000, ge=1, description="Steps between engine snapshots (bounds replay after restart)."
     )
+    webhooks: str = Field("", description="Webhook endpoints, a JSON list (see docs/events.md).")
+    webhooks_file: Path | None = Field(None, description="File holding the webhook endpoints' JSON list.")
     events_buffer: int = Field(
         1000, ge=1, description="Events one /v1/events stream may fall behind before it is cut off."
     )
