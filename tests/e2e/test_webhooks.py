@@ -154,3 +154,34 @@ def test_a_bad_webhook_configuration_stops_the_start_with_one_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "url" in done.stderr and "[0.url]" in done.stderr
     assert "very-secret" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_two_replicas_on_postgres_deliver_each_event_once(tmp_path, database_url):
+    db = database_url("postgres")
+    with Receiver(fail_first=0) as receiver:
+        env = {"LRSERVE_WEBHOOKS": json.dumps([{"url": f"{receiver.url}/all", "secret": SECRET}])}
+        replicas = [ServerProcess(db, tmp_path, env=env).start() for _ in range(2)]
+        try:
+            def drive(server, run_id):
+                with httpx.Client(base_url=server.url, timeout=10) as http:
+                    http.post("/v1/runs", json={"run_id": run_id, "schedule": SCHEDULE,
+                                                "base_lrs": [0.1]}).raise_for_status()
+                    for _ in range(10):
+                        http.post(f"/v1/runs/{run_id}/control",
+                                  json={"action": "scale", "factor": 0.9}).raise_for_status()
+
+            threads = [threading.Thread(target=drive, args=(replicas[i % 2], f"r{i}")) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wait_until(lambda: len(receiver.received("/all")) >= 44, 60, "44 deliveries")
+            time.sleep(1.5)  # three idle rounds of both senders: a duplicate would show now
+            got = [(b["run_id"], b["seq"]) for b, _, _ in receiver.received("/all")]
+            assert sorted(got) == sorted((f"r{i}", s) for i in range(4) for s in range(1, 12))
+            for i in range(4):
+                seqs = [s for r, s in got if r == f"r{i}"]
+                assert seqs == list(range(1, 12))
+        finally:
+            for server in replicas:
+                server.stop()
