@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service import dashboard
 from service.api.fast_path import FastWindows
 from service.api.query import SingleQueryValues, repeatable_parameters
-from service.api.routes import events, health, runs, schedules, steps, webhooks
+from service.api.routes import events, fleet, health, runs, schedules, steps, webhooks
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.engine.engine import warm_up_torch
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
     app.state.telemetry = telemetry
-    for module in (runs, steps, schedules):
+    for module in (runs, steps, schedules, fleet):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(events.router)
     app.include_router(webhooks.router, responses=ERROR_RESPONSES)

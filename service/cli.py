@@ -71,6 +71,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.auth import TokenError, load_tokens
+    from service.connections import raise_fd_limit
 
     settings, problem = check_settings(args.db)
     if settings is None:
@@ -107,9 +108,13 @@ def serve_command(args: argparse.Namespace) -> int:
         os.environ["LRSERVE_TOKENS_FILE"] = args.tokens_file
     if args.webhooks_file:
         os.environ["LRSERVE_WEBHOOKS_FILE"] = args.webhooks_file
+    problem = raise_fd_limit(settings.max_connections)
+    if problem is not None:
+        print(f"lrserve: warning: {problem}", file=sys.stderr)
     uvicorn.run(
         "service.app:create_app", factory=True, host=args.host, port=args.port,
         workers=args.workers, log_level=args.log_level, access_log=args.access_log,
+        http="service.connections:GuardedHttpProtocol",  # request timeout, connection limit
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     return 0

@@ -44,9 +44,13 @@ class Cluster:
     Each thread should build its own ``Cluster`` (own connections).
     """
 
-    def __init__(self, urls: Sequence[str], *, keepalive: bool = True) -> None:
+    def __init__(
+        self, urls: Sequence[str], *, keepalive: bool = True, headers: dict[str, str] | None = None
+    ) -> None:
         limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
-        self.clients = [httpx.Client(base_url=url, timeout=60, limits=limits) for url in urls]
+        self.clients = [
+            httpx.Client(base_url=url, timeout=60, limits=limits, headers=headers) for url in urls
+        ]
 
     def call(
         self, replica: int, method: str, path: str, *, retry: bool = True, **kwargs: Any
@@ -113,6 +117,7 @@ class Load:
     ledger: Ledger
     deadline: float
     keepalive: bool = True
+    headers: dict[str, str] | None = None  # e.g. the jobs' bearer token
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -135,7 +140,7 @@ class Load:
             time.sleep(0.02)
 
     def _guarded(self, target: Callable[..., None], *args: Any) -> None:
-        cluster = Cluster(self.urls, keepalive=self.keepalive)
+        cluster = Cluster(self.urls, keepalive=self.keepalive, headers=self.headers)
         try:
             target(cluster, *args)
         except Exception as exc:  # a crash in a load thread must fail the test, not vanish

@@ -19,6 +19,8 @@ ROUTES = {
     ("GET", "/v1/runs/{run_id}"): ("read", {}),
     ("DELETE", "/v1/runs/{run_id}"): ("admin", {}),
     ("POST", "/v1/runs/{run_id}/control"): ("admin", {"json": {"action": "hold"}}),
+    ("POST", "/v1/control"): (
+        "admin", {"json": {"selector": {"status": ["active"]}, "action": {"action": "hold"}}}),
     ("GET", "/v1/runs/{run_id}/history"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/lr-finder"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/lr"): ("read", {"params": {"step": 1}}),
