@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long a metric barrier waits for every rank before deciding."
     )
     max_ahead: int = Field(10_000, ge=0, description="Most steps one window may return beyond `step`.")
+    max_provisional: int = Field(
+        100_000,
+        ge=0,
+        description="Most steps of a provisional tail (values after a window, ridden in outages).",
+    )
     max_jump: int = Field(10_000, ge=1, description="Most steps one request may move the horizon.")
     request_timeout_s: float = Field(
         10.0, gt=0, description="A request's headers and body must arrive within this time (else 408)."
