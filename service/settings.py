@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     last_seen_flush_s: float = Field(
         5.0, gt=0, description="How often each server process writes the runs' `last_seen` to the database."
     )
+    webhooks: str = Field("", description="Webhook endpoints, a JSON list (see docs/events.md).")
+    webhooks_file: Path | None = Field(None, description="File holding the webhook endpoints' JSON list.")
     events_buffer: int = Field(
         1000, ge=1, description="Events one /v1/events stream may fall behind before it is cut off."
     )
