@@ -31,6 +31,13 @@ class Telemetry:
             registry=self.registry,
         )
         self.runs_loaded = Gauge("lrserve_runs_loaded", "Runs held in memory", registry=self.registry)
+        self.runs_by_status = Gauge(
+            "lrserve_runs",
+            "Runs in the database by status; stale: active runs not heard from for LRSERVE_STALE_AFTER_S "
+            "(every replica reports the same shared count: aggregate with max, not sum)",
+            ["status"],
+            registry=self.registry,
+        )
         self.event_streams = Gauge("lrserve_event_streams", "Open GET /v1/events streams",
                                    registry=self.registry)
         self.steps = Counter("lrserve_steps_committed", "Steps made final", registry=self.registry)

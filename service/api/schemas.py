@@ -72,6 +72,12 @@ class RunPublic(BaseModel):
     switched_at: int | None = Field(None, description="Step where a range test switched schedules.")
     created_at: str
     updated_at: str
+    last_seen: str | None = Field(
+        None, description="Last request of any rank about this run (written in batches, seconds behind)."
+    )
+    stale: bool = Field(
+        False, description="Active, and not heard from for LRSERVE_STALE_AFTER_S (default 300 s)."
+    )
 
 
 class RunsPublic(BaseModel):
