@@ -20,7 +20,7 @@ from service.engine.engine import warm_up_torch
 from service.errors import StoreUnavailable, install_error_handlers
 from service.events.hub import EventHub
 from service.limits import BodySizeLimit
-from service.liveness import Liveness, LivenessMiddleware
+from service.liveness import Liveness
 from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
 from service.settings import Settings, get_settings
@@ -88,8 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     install_error_handlers(app)
     app.add_middleware(FastWindows)  # innermost: limits and telemetry still see its answers
-    app.add_middleware(LivenessMiddleware, liveness=liveness)  # sees the fast path's answers too
     app.add_middleware(SingleQueryValues, repeatable=lambda: repeatable_parameters(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
+    app.add_middleware(TelemetryMiddleware, telemetry=telemetry, observers=[liveness.observe])
     return app

@@ -2,12 +2,13 @@
 
 Every request a job's rank makes about its run (``GET .../lr``, ``POST .../step``,
 ``POST .../metrics``) that the server answers with success marks the run as seen. On
-the hot path that is one regular-expression match and one dict write (``LivenessMiddleware``,
-outermost but one, so it sees the fast path's answers too); the database learns of it in
-batches: every ``LRSERVE_LAST_SEEN_FLUSH_S`` each process writes the runs it saw since its
-last flush, in one transaction (``Liveness.flush``). ``last_seen`` in an answer is the
-later of the stored time and this process's unflushed one; another replica's unflushed
-sightings are at most one flush interval behind, far below ``LRSERVE_STALE_AFTER_S``.
+the hot path that is one set lookup and one dict write (``observe``, called by the
+telemetry middleware, which knows every answer's route and status, the fast path's
+included); the database learns of it in batches: every ``LRSERVE_LAST_SEEN_FLUSH_S``
+each process writes the runs it saw since its last flush, in one transaction
+(``Liveness.flush``). ``last_seen`` in an answer is the later of the stored time and
+this process's unflushed one; another replica's unflushed sightings are at most one
+flush interval behind, far below ``LRSERVE_STALE_AFTER_S``.
 
 A run is ``stale`` when it is ``active`` and has not been heard from for
 ``LRSERVE_STALE_AFTER_S`` (a ``held`` job is expected to be quiet; a ``stopped`` one is
@@ -18,27 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from service.errors import StoreUnavailable
 from service.store.base import BaseStore, RunRecord
 
 log = logging.getLogger("lrserve")
 
-_RANK_PATH = re.compile(r"/v1/runs/([A-Za-z0-9._-]{1,128})/(?:lr|step|metrics)")
+RANK_ROUTES = frozenset({"/v1/runs/{run_id}/lr", "/v1/runs/{run_id}/step", "/v1/runs/{run_id}/metrics"})
+"""The routes a job's ranks call: a successful answer on one marks its run as seen."""
 MAX_PENDING = 100_000
 """Most distinct runs one process remembers between two flushes (more are seen at the next)."""
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+def _utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, timezone.utc)
 
 
 class Liveness:
@@ -46,14 +48,23 @@ class Liveness:
 
     Args:
         stale_after_s: An active run not heard from for this long is stale.
-        clock: The wall clock (UTC), for tests.
+        clock: The wall clock in seconds since the epoch (a float is cheaper to take than a
+            datetime, on every request), for tests.
     """
 
-    def __init__(self, stale_after_s: float, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(self, stale_after_s: float, clock: Callable[[], float] = time.time) -> None:
         self.stale_after = timedelta(seconds=stale_after_s)
         self._clock = clock
-        self._pending: dict[str, datetime] = {}
+        self._pending: dict[str, float] = {}
         self._flush_lock = threading.Lock()
+
+    def observe(self, route: str, scope: Scope, status: int) -> None:
+        """Called with every answered request (``TelemetryMiddleware``, which has its route and
+        status anyway): a set lookup for most requests, one dict write for a rank's."""
+        if status < 300 and route in RANK_ROUTES:
+            run_id = scope.get("path_params", {}).get("run_id")
+            if run_id is not None:
+                self.seen(run_id)
 
     def seen(self, run_id: str) -> None:
         """A rank asked about ``run_id`` just now (a dict write: safe from the event loop)."""
@@ -70,7 +81,7 @@ class Liveness:
         with self._flush_lock:
             batch, self._pending = self._pending, {}
             try:
-                store.mark_seen(batch)
+                store.mark_seen({run_id: _utc(at) for run_id, at in batch.items()})
             except StoreUnavailable:
                 for run_id, at in batch.items():  # merge back: newer sightings win
                     if self._pending.get(run_id, at) <= at:
@@ -82,13 +93,13 @@ class Liveness:
         """The later of the stored ``last_seen`` and this process's unflushed sighting."""
         pending = self._pending.get(record.run_id)
         stored = record.last_seen
-        if pending is None or (stored is not None and stored >= pending):
+        if pending is None or (stored is not None and stored >= _utc(pending)):
             return stored
-        return pending
+        return _utc(pending)
 
     def stale_before(self) -> datetime:
         """Runs last heard from before this instant are stale (if active)."""
-        return self._clock() - self.stale_after
+        return _utc(self._clock()) - self.stale_after
 
     def is_stale(self, record: RunRecord, status: str) -> bool:
         heard = self.last_seen(record) or record.updated_at
@@ -97,7 +108,7 @@ class Liveness:
     def heard_recently(self, run_id: str) -> bool:
         """This process saw the run after the stale cut-off (its database row may not say so yet)."""
         pending = self._pending.get(run_id)
-        return pending is not None and pending >= self.stale_before()
+        return pending is not None and _utc(pending) >= self.stale_before()
 
     async def flush_every(self, store: BaseStore, interval_s: float, after: Callable[[], Any]) -> None:
         """Flush every ``interval_s`` until cancelled, then ``after()`` (the gauges); failures are logged."""
@@ -108,25 +119,3 @@ class Liveness:
                 await run_in_threadpool(after)
             except StoreUnavailable as exc:
                 log.warning("last_seen not written (kept for the next try): %s", exc)
-
-
-class LivenessMiddleware:
-    """Marks a run as seen when a request about it under ``/lr``, ``/step`` or ``/metrics`` succeeds."""
-
-    def __init__(self, app: ASGIApp, liveness: Liveness) -> None:
-        self.app = app
-        self.liveness = liveness
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _RANK_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        liveness, run_id = self.liveness, match.group(1)
-
-        async def send_seen(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] < 300:
-                liveness.seen(run_id)
-            await send(message)
-
-        await self.app(scope, receive, send_seen)
