@@ -62,6 +62,7 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_preview(subparsers, common)
     _add_history(subparsers, common)
     _add_lr_finder(subparsers, common)
+    _add_webhooks(subparsers, common)
 
 
 def main(argv: Sequence[str] | None = None, *, http_client: httpx.Client | None = None) -> int:
@@ -280,6 +281,19 @@ def _add_lr_finder(subparsers: argparse._SubParsersAction, common: argparse.Argu
     finder.set_defaults(func=_command(_lr_finder))
 
 
+def _add_webhooks(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    webhooks = subparsers.add_parser(
+        "webhooks", help="webhook delivery status",
+        description="Webhook endpoints the server delivers events to (docs/events.md).")
+    actions = webhooks.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
+    status = actions.add_parser(
+        "status", parents=[common], help="each endpoint's queue, deliveries and last error (admin)",
+        description="Each configured endpoint: events waiting (pending, of which retrying), "
+        "delivered, failed attempts, the last error. Counts cover every replica.")
+    status.add_argument("--json", action="store_true", help="print the server's answer")
+    status.set_defaults(func=_command(_webhooks_status))
+
+
 # -- running a command -----------------------------------------------------------------------
 
 
@@ -467,6 +481,20 @@ def _history(args: argparse.Namespace, api: LRClient) -> int:
             out.write(text)
     else:
         sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _webhooks_status(args: argparse.Namespace, api: LRClient) -> int:
+    answer = api.request("GET", "/v1/webhooks")
+    if args.json:
+        _print_json(answer)
+        return EXIT_OK
+    rows = [[str(w["url"]), str(w["pending"]), str(w["retrying"]), str(w["delivered"]),
+             str(w["failed_attempts"]), w["last_error"] or "-"] for w in _items_of(answer)]
+    if not rows:
+        print("no webhooks configured (LRSERVE_WEBHOOKS or --webhooks-file)")
+        return EXIT_OK
+    _print_table(["URL", "PENDING", "RETRYING", "DELIVERED", "FAILED", "LAST ERROR"], rows)
     return EXIT_OK
 
 

@@ -13,18 +13,20 @@ from starlette.concurrency import run_in_threadpool
 from service import dashboard
 from service.api.fast_path import FastWindows
 from service.api.query import SingleQueryValues, repeatable_parameters
-from service.api.routes import events, fleet, health, runs, schedules, steps
+from service.api.routes import events, fleet, health, runs, schedules, steps, webhooks
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.engine.engine import warm_up_torch
 from service.errors import StoreUnavailable, install_error_handlers
 from service.events.hub import EventHub
+from service.events.webhooks import WebhookSender, load_webhooks
 from service.limits import BodySizeLimit
 from service.liveness import Liveness
 from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
 from service.settings import Settings, get_settings
 from service.store import open_store
+from service.store.webhook_queue import WebhookQueue
 from service.telemetry import Telemetry, TelemetryMiddleware
 
 DESCRIPTION = """Learning-rate schedules served over HTTP, computed by torch's own schedulers.
@@ -41,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings: Defaults to ``get_settings()`` (the environment).
     """
     settings = settings or get_settings()
+    endpoints = load_webhooks(settings.webhooks, settings.webhooks_file)
     telemetry = Telemetry()
 
     @asynccontextmanager
@@ -64,6 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await hub.start()
         app.state.events = hub
         telemetry.event_streams.set_function(lambda: hub.streams)
+        sender = WebhookSender(WebhookQueue(store), endpoints, telemetry)
+        await sender.start()
+        app.state.webhooks = sender
         await run_in_threadpool(warm_up_torch)
         try:
             yield
@@ -73,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await flusher
             with contextlib.suppress(StoreUnavailable):
                 await run_in_threadpool(liveness.flush, store)  # what this process saw last
+            await sender.close()
             await hub.close()
             store.close()
 
@@ -84,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (runs, steps, schedules, fleet):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(events.router)
+    app.include_router(webhooks.router, responses=ERROR_RESPONSES)
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     app.include_router(dashboard.router)
     install_error_handlers(app)

@@ -70,6 +70,10 @@ class RunPublic(BaseModel):
     momentums: list[float] | None
     stopped_at: int | None = Field(None, description="The step from which the run is stopped.")
     switched_at: int | None = Field(None, description="Step where a range test switched schedules.")
+    watched: list[str] = Field(
+        default_factory=list, description="Metrics the run decides on now: a job reports these with step()."
+    )
+    max_ahead: int = Field(0, description="The server's cap on `ahead`.")
     created_at: str
     updated_at: str
     last_seen: str | None = Field(
@@ -92,6 +96,13 @@ class WindowPublic(BaseModel):
     momentums: list[list[float]] | None
 
 
+class ProvisionalPublic(BaseModel):
+    id: int = Field(description="Valid until the run's next event; sent back as `provisional_id`.")
+    start: int
+    lrs: list[list[float]]
+    momentums: list[list[float]] | None
+
+
 class StepResult(BaseModel):
     run_id: str
     step: int
@@ -105,6 +116,16 @@ class StepResult(BaseModel):
         None, description="Step at which a range test ended and the run switched schedules."
     )
     window: WindowPublic
+    watched: list[str] = Field(
+        default_factory=list, description="Metrics the run decides on now: a job reports these with step()."
+    )
+    max_ahead: int = Field(0, description="The server's cap on `ahead`.")
+    provisional: ProvisionalPublic | None = Field(
+        None, description="Values after the window as if no input arrived: not committed, not final."
+    )
+    provisional_divergence: dict[str, Any] | None = Field(
+        None, description="The event recorded when the steps ridden on a tail were changed by an input."
+    )
 
 
 class StepRequest(_Strict):
@@ -112,6 +133,13 @@ class StepRequest(_Strict):
     metrics: dict[MetricName, float] = Field(default_factory=dict, max_length=64)
     rank: Rank = 0
     ahead: int = Field(0, ge=0)
+    provisional: int = Field(
+        0, ge=0, description="Steps of provisional values wanted after the window (see GET .../lr)."
+    )
+    provisional_from: int | None = Field(
+        None, ge=0, description="The first step this job took on provisional values (an outage now over)."
+    )
+    provisional_id: int | None = Field(None, ge=0, description="The `provisional.id` of the tail it rode.")
 
 
 class MetricRecordIn(_Strict):

@@ -55,6 +55,8 @@ class Window:
     status: str
     stopped_at: int | None
     switched_at: int | None
+    watched: tuple[str, ...] = ()  # the metrics the run decides on now (clients report these)
+    max_ahead: int = 0  # the server's cap on ``ahead``
 
 
 class RunManager:
@@ -264,7 +266,8 @@ class RunManager:
             values = self.values_between(state.run_id, step, end)
         else:
             values = state.values[step - state.first_step : end - state.first_step + 1]
-        return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at)
+        return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at,
+                      state.watching, self._ahead_cap(state))
 
     def _budget_steps(self, state: RunState) -> int:
         """The most steps of this run's current schedule one request may compute (work budget)."""

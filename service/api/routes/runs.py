@@ -47,6 +47,8 @@ def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> di
         "momentums": list(moms) if moms is not None else None,
         "stopped_at": state.stopped_at,
         "switched_at": state.switched_at,
+        "watched": list(state.watching),
+        "max_ahead": manager.settings.max_ahead,
         "created_at": record.created_at.isoformat(),
         "updated_at": record.updated_at.isoformat(),
         "last_seen": last_seen.isoformat() if last_seen is not None else None,

@@ -32,6 +32,7 @@ ROUTES = {
     # a stream never ends, which TestClient waits for: an unknown kind makes it a 422 once
     # access is granted (tests/e2e/test_event_stream.py reads the stream with a read token)
     ("GET", "/v1/events"): ("read", {"params": {"kind": "unknown"}}),
+    ("GET", "/v1/webhooks"): ("admin", {}),
     ("GET", "/healthz"): (None, {}),
     ("GET", "/readyz"): (None, {}),
     ("GET", "/metrics"): (None, {}),
