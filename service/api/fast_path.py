@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.routes.steps import window_public
 from service.errors import LRServeError
+from service.runs.manager import ON_LOOP_VALUES
 
 ROUTE = "/v1/runs/{run_id}/lr"
 _PATH = re.compile(r"^/v1/runs/([A-Za-z0-9._-]{1,128})/lr$")
@@ -58,7 +59,7 @@ class FastWindows:
             app.state.auth.require(_header(scope, b"authorization"), "read")
         except LRServeError:
             return None  # the route answers 401/403 with its usual body
-        window = manager.cached_window(match.group(1), *query)
+        window = manager.cached_window(match.group(1), *query, most_values=ON_LOOP_VALUES)
         if window is None:
             return None
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
