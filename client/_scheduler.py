@@ -30,7 +30,7 @@ import httpx
 
 from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer
 from client._client import DEFAULT_MAX_RETRIES, LRClient
-from client._env import labels_from_env, run_id_from_env
+from client._env import labels_from_env, mode_from_env, run_id_from_env
 from client._exceptions import (
     CadenceWarning,
     ClientClosed,
@@ -124,6 +124,9 @@ class RemoteScheduler:
             ``get_last_lr()`` hold the previous step's values. The callbacks in
             ``client.integrations`` set it. Needs a torch optimizer and ``strict=False``.
 
+    With ``LRSERVE_MODE=disabled`` in the environment, the object made is a
+    ``LocalScheduler``: torch's own scheduler of the same spec, no server (docs/fleet.md).
+
     Raises:
         InvalidSchedule: The spec is invalid (``errors`` names the field).
         RunConflict: ``run_id`` exists with a different spec.
@@ -143,6 +146,10 @@ class RemoteScheduler:
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RemoteScheduler:
+        if mode_from_env() == "disabled":  # no server: torch's own scheduler (client/_disabled.py)
+            from client._disabled import LocalScheduler
+
+            return LocalScheduler(*args, **kwargs)  # type: ignore[return-value]
         # Frameworks check isinstance(scheduler, torch's LRScheduler) (Lightning refuses
         # other schedulers). When the job has torch loaded, be one, without importing it here.
         if cls is RemoteScheduler and "torch" in sys.modules:
