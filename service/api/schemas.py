@@ -76,6 +76,12 @@ class RunPublic(BaseModel):
     max_ahead: int = Field(0, description="The server's cap on `ahead`.")
     created_at: str
     updated_at: str
+    last_seen: str | None = Field(
+        None, description="Last request of any rank about this run (written in batches, seconds behind)."
+    )
+    stale: bool = Field(
+        False, description="Active, and not heard from for LRSERVE_STALE_AFTER_S (default 300 s)."
+    )
 
 
 class RunsPublic(BaseModel):

@@ -130,8 +130,21 @@ class BaseStore(abc.ABC):
         status: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        stale_before: datetime | None = None,
     ) -> list[RunRecord]:
-        """Runs ordered by ``run_id``, those after ``after`` (the cursor), matching every label."""
+        """Runs ordered by ``run_id``, those after ``after`` (the cursor), matching every label.
+
+        ``stale_before``: only active runs last seen (or, never seen, last updated) before it.
+        """
+
+    @abc.abstractmethod
+    def mark_seen(self, seen: Mapping[str, datetime]) -> None:
+        """Move each run's ``last_seen`` forward to the given time (never back; unknown runs are skipped)."""
+
+    @abc.abstractmethod
+    def count_by_status(self, *, stale_before: datetime) -> dict[str, int]:
+        """How many runs are ``active``, ``held``, ``stopped``, and ``stale`` (active, not seen
+        since ``stale_before``)."""
 
     @abc.abstractmethod
     def count_runs(self) -> int:
