@@ -259,7 +259,7 @@ class LRFinderPublic(BaseModel):
     mode: str
     monitor: str
     lrs: list[float] = Field(description="LR of each reported loss (the step before the report).")
-    losses: list[float | None] = Field(description="Smoothed losses (null where not finite).")
+    losses: list[float | str] = Field(description=f"Smoothed losses. {NON_FINITE}")
     suggestions: Suggestions
     chosen: float | None
     done: bool

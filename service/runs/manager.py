@@ -28,7 +28,16 @@ from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
 from service.errors import InvalidInput, RunConflict, RunNotFound
 from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
-from service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
+from service.store.base import (
+    BarrierTally,
+    BaseStore,
+    MetricRecord,
+    RunRecord,
+    RunTransaction,
+    Snapshot,
+    ValueChunk,
+    pack_lrs,
+)
 from service.store.events import Event, EventKind, NewEvent
 
 LOCAL_ACTOR = "local"
@@ -580,9 +589,13 @@ class RunManager:
                 "stopped_at": state.stopped_at,
                 "switched_at": state.switched_at,
             }
+            first = state.checkpointed_to + 1  # the LRs since the last snapshot go with it (history)
+            lrs = state.values.packed_lrs(first - state.first_step, state.horizon + 1 - state.first_step)
+            chunk = ValueChunk(first, state.horizon + 1 - first, state.n_groups, pack_lrs(lrs))
             self.store.save_snapshot(
-                state.run_id, Snapshot(state.horizon, state.last_seq, codec.to_jsonable(payload))
+                state.run_id, Snapshot(state.horizon, state.last_seq, codec.to_jsonable(payload)), chunk
             )
+            state.checkpointed_to = state.horizon
 
     # -- operator control -----------------------------------------------------------------
 
@@ -669,7 +682,7 @@ class RunManager:
                    units, self.settings.work_budget)
         horizon = state.horizon
         steps = _downsample(range(horizon + 1), max_points)
-        values = self.values_between(run_id, 0, horizon)
+        lrs = self._lrs_at(state, steps)
         metrics = {}
         for name, rows in self.store.read_metrics(run_id).items():
             picked = _downsample(rows, max_points)
@@ -679,10 +692,24 @@ class RunManager:
         events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
         return {
             "run_id": run_id,
-            "lrs": {"steps": list(steps), "values": [list(values[s][0]) for s in steps]},
+            "lrs": {"steps": list(steps), "values": [list(lrs[s]) for s in steps]},
             "metrics": metrics,
             "events": events,
         }
+
+    def _lrs_at(self, state: RunState, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
+        """Final LRs of ``steps`` (at most the horizon): from memory, else as stored with the
+        snapshots (a read per step, however long the run), else (runs written before the
+        values were stored) replayed."""
+        found = {s: state.cached(s)[0] for s in steps if s >= state.first_step}  # type: ignore[index]
+        older = [s for s in steps if s < state.first_step]
+        if older:
+            found.update(self.store.read_lrs(state.run_id, older))
+            missing = [s for s in older if s not in found]
+            if missing:
+                replayed = self.values_between(state.run_id, missing[0], missing[-1])
+                found.update({s: replayed[s - missing[0]][0] for s in missing})
+        return found
 
     def record_metrics(self, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
         """Store history-only metrics (idempotent per name, step and rank)."""

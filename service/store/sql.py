@@ -32,11 +32,13 @@ from typing import Any, Literal
 from sqlalchemy import (
     Connection,
     Engine,
+    Integer,
     Row,
     Table,
     and_,
     bindparam,
     case,
+    cast,
     delete,
     func,
     or_,
@@ -55,6 +57,8 @@ from service.store.base import (
     RunRecord,
     RunTransaction,
     Snapshot,
+    ValueChunk,
+    unpack_lrs,
 )
 from service.store.events import Event, EventKind, FeedEntry, NewEvent
 from service.store.guard import FileIdentity
@@ -68,6 +72,7 @@ from service.store.schema import (
     run_labels,
     runs,
     snapshots,
+    value_chunks,
 )
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
@@ -499,8 +504,9 @@ class SqlStore(BaseStore):
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def save_snapshot(self, run_id: str, snapshot: Snapshot) -> None:
-        """Keep an engine snapshot; one at the same step is replaced.
+    def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None) -> None:
+        """Keep an engine snapshot; one at the same step is replaced. ``chunk``: the run's final
+        LRs since the last snapshot, kept in the same transaction (for ``read_lrs``).
 
         Raises:
             RunNotFound: no such run.
@@ -516,6 +522,37 @@ class SqlStore(BaseStore):
         with self._transaction(write=True) as conn:
             self._require_run(conn, run_id, "keep")
             conn.execute(upsert)
+            if chunk is not None:
+                values = {"steps": chunk.steps, "groups": chunk.groups, "lrs": chunk.lrs}
+                row = self._insert(value_chunks).values(run_id=run_id, first_step=chunk.first_step, **values)
+                conn.execute(row.on_conflict_do_update(index_elements=["run_id", "first_step"], set_=values))
+
+    def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
+        """The stored final LRs of those of ``steps`` a value chunk holds (a step none holds is left out).
+
+        Each step reads only its own bytes of the chunk (``substr``), so the cost is bounded by
+        the number of steps asked, not by the run's length.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        c = value_chunks.c
+        width = c.groups * 8
+        # PostgreSQL has substr(bytea, int, int) only
+        offset = cast((bindparam("b_step") - c.first_step) * width + 1, Integer)
+        piece = func.substr(c.lrs, offset, width)
+        query = (
+            select(c.first_step, c.steps, c.groups, piece.label("piece"))
+            .where(c.run_id == run_id, c.first_step <= bindparam("b_step"))
+            .order_by(c.first_step.desc()).limit(1)
+        )
+        found = {}
+        with self._transaction() as conn:
+            for step in steps:
+                row = conn.execute(query, {"b_step": step}).one_or_none()
+                if row is not None and step < row.first_step + row.steps:
+                    found[step] = tuple(unpack_lrs(bytes(row.piece), row.groups))
+        return found
 
     def load_snapshot(self, run_id: str, *, max_step: int | None = None) -> Snapshot | None:
         """The snapshot with the highest step (at most ``max_step``), or None.
