@@ -22,6 +22,8 @@ __all__ = ["DEFAULT_FIRST_TAIL", "DEFAULT_RIDE_S", "MAX_TAIL", "ProvisionalTail"
 DEFAULT_RIDE_S = 60.0
 #: Steps of tail asked for before the time per step is known.
 DEFAULT_FIRST_TAIL = 1024
+#: Most a tail grows per request, in windows (the request's window size).
+TAIL_CHUNK_WINDOWS = 4
 #: Most steps of tail asked for (the server's default cap, ``LRSERVE_MAX_PROVISIONAL``): a
 #: loop faster than 0.6 ms per step rides a shorter outage than ``ride_s``.
 MAX_TAIL = 100_000
@@ -44,6 +46,7 @@ class ProvisionalTail:
         self.moms: list[list[float]] | None = None
         self.ridden_from: int | None = None  # the first step taken on it in this outage
         self._named: int | None = None  # the ridden_from the latest request named
+        self._window_start = 0  # where the latest window the job took started
 
     @property
     def end(self) -> int:
@@ -73,16 +76,27 @@ class ProvisionalTail:
 
     def request_fields(self, window_end: int, seconds_per_step: float | None, rank: int) -> dict[str, int]:
         """What to send with a request whose window ends at ``window_end``: ``provisional``
-        when the tail beyond it is short, ``provisional_from`` after riding it."""
+        when the tail beyond it is short, ``provisional_from`` after riding it.
+
+        A tail still held is continued (``provisional_after``), by at most a few windows'
+        worth per request, so no answer (nor its parsing, on the worker thread) is much
+        bigger than a window.
+        """
         fields: dict[str, int] = {}
         want = self.size_wanted(seconds_per_step)
-        if want and self.end - (window_end + 1) < want // 2:
-            fields["provisional"] = want
+        beyond = self.end - (window_end + 1) if self.lrs else 0
+        if want and beyond < want // 2:
+            chunk = max(DEFAULT_FIRST_TAIL, TAIL_CHUNK_WINDOWS * (window_end + 1 - self._window_start))
+            if beyond > 0 and self.id is not None:
+                fields["provisional"] = min(want - beyond, chunk)
+                fields["provisional_after"] = self.end - 1
+            else:
+                fields["provisional"] = min(want, chunk)
         self._named = self.ridden_from
         if self.ridden_from is not None:
             fields["provisional_from"] = self.ridden_from
-            if self.id is not None:
-                fields["provisional_id"] = self.id
+        if self.id is not None and fields:
+            fields["provisional_id"] = self.id
         if fields and rank:
             fields["rank"] = rank
         return fields
@@ -94,12 +108,26 @@ class ProvisionalTail:
             held = self.lrs[lo - self.start : hi - self.start]
             if lo < hi and window[lo - window_start : hi - window_start] != held:
                 self.lrs, self.moms = [], None  # a decision changed what follows: ask for a new one
+        self._window_start = window_start
         tail = answer.get("provisional")
         if tail is None:
             return
+        same = self.lrs and tail["id"] == self.id and int(tail["start"]) == self.end
         self.id = int(tail["id"])
-        if tail.get("lrs"):
+        if not tail.get("lrs"):
+            return
+        if same:  # it continues the tail held
+            self.lrs.extend(tail["lrs"])
+            if self.moms is not None and tail.get("momentums") is not None:
+                self.moms.extend(tail["momentums"])
+        else:
             self.start, self.lrs, self.moms = int(tail["start"]), tail["lrs"], tail.get("momentums")
+        done = window_start - self.start  # steps the job is past: forget them
+        if done > len(self.lrs) // 2 and done > DEFAULT_FIRST_TAIL:
+            del self.lrs[:done]
+            if self.moms is not None:
+                del self.moms[:done]
+            self.start += done
 
     def back(self) -> None:
         """The server answered after an outage: forget the ridden steps once a request named them."""
