@@ -672,7 +672,7 @@ class RemoteScheduler:
                 rank=self.rank,
                 ahead=ahead,
                 timeout=self._report_timeout,
-                tail=self._tail_fields(s, ahead),
+                tail=self._tail_fields(s, ahead, grow=False),
             )
         except LRServiceError as exc:
             if not is_outage(exc):
@@ -736,7 +736,8 @@ class RemoteScheduler:
         self._sizer.observe(s, self._clock())
         try:
             ahead = self._ahead_from(s)
-            answer = self._client.read_lr(self.run_id, s, ahead=ahead, tail=self._tail_fields(s, ahead))
+            tail = self._tail_fields(s, ahead, grow=False)
+            answer = self._client.read_lr(self.run_id, s, ahead=ahead, tail=tail)
         except LRServiceError as exc:
             if not is_outage(exc):
                 raise
@@ -949,9 +950,10 @@ class RemoteScheduler:
         else:
             self._accept(result)
 
-    def _tail_fields(self, first: int, ahead: int) -> dict[str, int]:
-        """Provisional-tail fields of a request for ``first .. first + ahead`` (either thread)."""
-        return self._tail.request_fields(first + ahead, self._sizer.seconds_per_step, self.rank)
+    def _tail_fields(self, first: int, ahead: int, grow: bool = True) -> dict[str, int]:
+        """Provisional-tail fields of a request for ``first .. first + ahead`` (either thread);
+        ``grow=False`` for one the loop waits for: no tail asked (its work would be waited for)."""
+        return self._tail.request_fields(first, first + ahead, self._sizer.seconds_per_step, self.rank, grow)
 
     def _back(self) -> None:
         self._away = False

@@ -23,7 +23,9 @@ DEFAULT_RIDE_S = 60.0
 #: Steps of tail asked for before the time per step is known.
 DEFAULT_FIRST_TAIL = 1024
 #: Most a tail grows per request, in windows (the request's window size).
-TAIL_CHUNK_WINDOWS = 4
+TAIL_CHUNK_WINDOWS = 2
+#: ... but at least this many steps.
+MIN_TAIL_CHUNK = 256
 #: Most steps of tail asked for (the server's default cap, ``LRSERVE_MAX_PROVISIONAL``): a
 #: loop faster than 0.6 ms per step rides a shorter outage than ``ride_s``.
 MAX_TAIL = 100_000
@@ -46,7 +48,6 @@ class ProvisionalTail:
         self.moms: list[list[float]] | None = None
         self.ridden_from: int | None = None  # the first step taken on it in this outage
         self._named: int | None = None  # the ridden_from the latest request named
-        self._window_start = 0  # where the latest window the job took started
 
     @property
     def end(self) -> int:
@@ -74,19 +75,24 @@ class ProvisionalTail:
             return DEFAULT_FIRST_TAIL
         return min(MAX_TAIL, max(DEFAULT_FIRST_TAIL, math.ceil(self.ride_s / seconds_per_step)))
 
-    def request_fields(self, window_end: int, seconds_per_step: float | None, rank: int) -> dict[str, int]:
-        """What to send with a request whose window ends at ``window_end``: ``provisional``
-        when the tail beyond it is short, ``provisional_from`` after riding it.
+    def request_fields(
+        self, window_start: int, window_end: int, seconds_per_step: float | None, rank: int, grow: bool = True
+    ) -> dict[str, int]:
+        """What to send with a request for the window ``window_start .. window_end``:
+        ``provisional`` when the tail beyond it is short, ``provisional_from`` after riding it.
 
-        A tail still held is continued (``provisional_after``), by at most a few windows'
-        worth per request, so no answer (nor its parsing, on the worker thread) is much
-        bigger than a window.
+        The tail grows by at most ``TAIL_CHUNK_WINDOWS`` windows' worth per request, and a
+        tail still held is continued (``provisional_after``), not sent again: an answer (and
+        its parsing, on the worker thread, which holds the GIL) stays about a window's size,
+        so the training loop pays for the tail about what it pays for the windows. The
+        tail so reaches ``ride_s`` of training after about as long a training. Requests the
+        training loop waits for (``grow=False``: reports, a window needed now) ask none.
         """
         fields: dict[str, int] = {}
         want = self.size_wanted(seconds_per_step)
         beyond = self.end - (window_end + 1) if self.lrs else 0
-        if want and beyond < want // 2:
-            chunk = max(DEFAULT_FIRST_TAIL, TAIL_CHUNK_WINDOWS * (window_end + 1 - self._window_start))
+        if grow and want and beyond < want // 2:
+            chunk = max(MIN_TAIL_CHUNK, TAIL_CHUNK_WINDOWS * (window_end + 1 - window_start))
             if beyond > 0 and self.id is not None:
                 fields["provisional"] = min(want - beyond, chunk)
                 fields["provisional_after"] = self.end - 1
@@ -108,7 +114,6 @@ class ProvisionalTail:
             held = self.lrs[lo - self.start : hi - self.start]
             if lo < hi and window[lo - window_start : hi - window_start] != held:
                 self.lrs, self.moms = [], None  # a decision changed what follows: ask for a new one
-        self._window_start = window_start
         tail = answer.get("provisional")
         if tail is None:
             return
