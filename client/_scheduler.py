@@ -844,7 +844,7 @@ class RemoteScheduler:
             start, lrs = int(answer["step"]), [answer["lrs"]]
             self._merge(start, lrs, None if moms is None else [moms])
         self._tail.take(answer, start, lrs)
-        self._tail.back()
+        self._tail.back(self.last_epoch)
         if self._away and self._holds(self.last_epoch):
             self._apply(self.last_epoch)  # catch up now, not one step later
             self._back()

@@ -48,6 +48,7 @@ class ProvisionalTail:
         self.moms: list[list[float]] | None = None
         self.ridden_from: int | None = None  # the first step taken on it in this outage
         self._named: int | None = None  # the ridden_from the latest request named
+        self._named_step = 0  # the step that request asked for
 
     @property
     def end(self) -> int:
@@ -98,7 +99,7 @@ class ProvisionalTail:
                 fields["provisional_after"] = self.end - 1
             else:
                 fields["provisional"] = min(want, chunk)
-        self._named = self.ridden_from
+        self._named, self._named_step = self.ridden_from, window_start
         if self.ridden_from is not None:
             fields["provisional_from"] = self.ridden_from
         if self.id is not None and fields:
@@ -134,10 +135,12 @@ class ProvisionalTail:
                 del self.moms[:done]
             self.start += done
 
-    def back(self) -> None:
-        """The server answered after an outage: forget the ridden steps once a request named them."""
+    def back(self, current_step: int) -> None:
+        """The server answered after an outage: forget the ridden steps once a request named
+        them, except those the job took while that request was on its way (named next)."""
         if self._named is not None and self._named == self.ridden_from:
-            self.ridden_from = self._named = None
+            self.ridden_from = self._named_step + 1 if current_step > self._named_step else None
+            self._named = None
 
     def clear(self) -> None:
         self.id, self.start, self.lrs, self.moms, self.ridden_from = None, 0, [], None, None

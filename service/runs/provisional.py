@@ -136,9 +136,10 @@ def settle(
 ) -> dict[str, Any] | None:
     """The job took steps ``start .. until`` on a tail (id ``tail_id``); they are committed now.
 
-    Records a ``provisional_divergence`` event (once per rank and ``start``) when an input
-    was placed on those steps after the tail was computed (any input, if ``tail_id`` is
-    unknown), and returns it; ``None`` when the job's values were the final ones.
+    Records a ``provisional_divergence`` event (once per rank and tail: a job still riding
+    it when the answer came names the steps after in its next request) when an input
+    newer than the tail was placed at or before ``until`` (without ``tail_id``: an input
+    on those steps), and returns it; ``None`` when the job's values were the final ones.
 
     Raises:
         InvalidInput: ``start`` is negative or above ``until``.
@@ -150,14 +151,16 @@ def settle(
     if manager.state(run_id).horizon < until:
         manager.commit(run_id, until, if_behind=True)
     events = manager.store.read_events(run_id)
+    # An input newer than the tail, placed at or before a step the job took on it (any step
+    # below ``start`` too: it changed what followed); without the tail's id, one on those steps.
     placed = sorted({
         e.step for e in events
-        if e.kind.is_step_input and e.step is not None and start <= e.step <= until
-        and (tail_id is None or e.seq > tail_id)
+        if e.kind.is_step_input and e.step is not None and e.step <= until
+        and (e.seq > tail_id if tail_id is not None else e.step >= start)
     })
     if not placed:
         return None
-    told = _divergence(events, rank, start)
+    told = _divergence(events, rank, start, tail_id)
     if told is not None:
         return told  # recorded already (the answer before was lost): once
     payload = {
@@ -166,12 +169,16 @@ def settle(
     manager.commit(run_id, manager.state(run_id).horizon, extra_events=[
         NewEvent(EventKind.PROVISIONAL_DIVERGENCE, start, payload)])
     newer = manager.store.read_events(run_id, after_seq=events[-1].seq if events else 0)
-    return _divergence(newer, rank, start)
+    return _divergence(newer, rank, start, tail_id)
 
 
-def _divergence(events: list[Event], rank: int, start: int) -> dict[str, Any] | None:
+def _divergence(events: list[Event], rank: int, start: int, tail_id: int | None) -> dict[str, Any] | None:
+    """The event recorded for this rank's ride on tail ``tail_id`` (or from ``start``), if any."""
     for e in events:
-        if e.kind is EventKind.PROVISIONAL_DIVERGENCE and e.payload.get("rank") == rank and e.step == start:
+        if e.kind is not EventKind.PROVISIONAL_DIVERGENCE or e.payload.get("rank") != rank:
+            continue
+        same = e.payload.get("provisional_id") == tail_id if tail_id is not None else e.step == start
+        if same:
             return e.public()
     return None
 
