@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import dashboard
 from service.api.fast_path import FastWindows
-from service.api.routes import health, runs, schedules, steps
+from service.api.routes import health, runs, schedules, spike_guard, steps
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.engine.engine import warm_up_torch
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
     app.state.telemetry = telemetry
-    for module in (runs, steps, schedules):
+    for module in (runs, steps, schedules, spike_guard):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     app.include_router(dashboard.router)

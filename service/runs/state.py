@@ -8,23 +8,31 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from service.engine.engine import Engine, PlateauReduction, ScheduleSwitch, Values, apply_action
-from service.engine.spec import parse_schedule, watched_metrics
+from service.engine.engine import Decision, Engine, ScheduleSwitch, Values, apply_action
+from service.engine.spec import guard_of, parse_schedule, watched_metrics
+from service.engine.spike_guard import Spike
 from service.runs.value_log import ValueLog
 from service.store.events import Event, EventKind
 
 
 @dataclass
 class Inputs:
-    """Decisions placed at steps: metrics fed with step k, actions applied right after step k."""
+    """Decisions placed at steps: metrics fed with step k, actions applied right after step k.
+
+    ``reports`` are the per-rank reports a spike guard judges at step k, in log order.
+    """
 
     metrics: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     actions: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    reports: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, event: Event) -> None:
         assert event.step is not None
         if event.kind is EventKind.METRIC:
-            self.metrics[event.step].update(event.payload["values"])
+            if event.payload.get("values"):
+                self.metrics[event.step].update(event.payload["values"])
+            if event.payload.get("reports"):
+                self.reports[event.step].extend(event.payload["reports"])
         elif event.kind is EventKind.CONTROL:
             self.actions[event.step].append(event.payload)
 
@@ -34,7 +42,7 @@ class StepOutcome:
     """What taking one step did, besides changing the values."""
 
     step: int
-    reductions: list[PlateauReduction | ScheduleSwitch]
+    reductions: list[Decision]
     actions: list[dict[str, Any]]
 
 
@@ -65,6 +73,7 @@ class RunState:
         self.world_size: int = spec.get("world_size", 1)
         schedule = parse_schedule(spec["schedule"], n_groups=self.n_groups)
         self.watched = watched_metrics(schedule, self.n_groups)
+        self.guard_monitors = _guard_monitors(schedule, self.n_groups)
         self.engine = engine
         self.inputs = Inputs()
         self.first_step = engine.step
@@ -107,6 +116,7 @@ class RunState:
         if event.kind is EventKind.CONTROL and event.payload.get("action") == "replace_schedule":
             schedule = parse_schedule(event.payload["schedule"], n_groups=self.n_groups)
             self.watched = self.watched | watched_metrics(schedule, self.n_groups)
+            self.guard_monitors = self.guard_monitors | _guard_monitors(schedule, self.n_groups)
 
     def cached(self, step: int) -> Values | None:
         index = step - self.first_step
@@ -122,9 +132,12 @@ class RunState:
         outcomes = []
         while self.engine.step < target:
             step = self.engine.step + 1
-            reductions = self.engine.advance(self.inputs.metrics.pop(step, None))
+            inputs = self.inputs
+            reductions = self.engine.advance(inputs.metrics.pop(step, None), inputs.reports.pop(step, ()))
             if any(isinstance(r, ScheduleSwitch) for r in reductions):
                 self.marks = replace(self.marks, switched_at=step)
+            if any(isinstance(r, Spike) and r.stop for r in reductions) and self.marks.status != "stopped":
+                self.marks = replace(self.marks, status="stopped", stopped_at=step)
             actions = self.inputs.actions.pop(step, [])
             for action in actions:
                 apply_action(self.engine, action)
@@ -132,6 +145,10 @@ class RunState:
             self._pending.append(self.engine.values())
             outcomes.append(StepOutcome(step, reductions, actions))
         return outcomes
+
+    def spikes_between(self, start: int, end: int) -> list[Spike]:
+        """Spikes that took effect at steps ``start .. end`` (final ones only: call with end <= horizon)."""
+        return [s for s in list(self.engine.spikes) if start <= s.applied_at <= end]
 
     def _track_status(self, action: dict[str, Any], step: int) -> None:
         kind, marks = action["action"], self.marks
@@ -141,3 +158,9 @@ class RunState:
             self.marks = replace(marks, status="held")
         elif kind == "resume" and marks.status != "stopped":
             self.marks = replace(marks, status="active")
+
+
+def _guard_monitors(schedule: Any, n_groups: int) -> frozenset[str]:
+    """The metric a spike guard in ``schedule`` judges per rank (none without a guard)."""
+    guard = guard_of(schedule, n_groups)
+    return frozenset() if guard is None else frozenset({guard.monitor})

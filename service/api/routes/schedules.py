@@ -6,9 +6,10 @@ from fastapi import APIRouter, Response
 
 from service.api.deps import ReadAccess
 from service.api.responses import FastJSONResponse
+from service.api.routes.spike_guard import spike_public
 from service.api.schemas import PreviewRequest, PreviewResult
 from service.engine.catalog import catalog
-from service.engine.preview import preview
+from service.engine.preview import simulate
 from service.engine.spec import parse_schedule
 from service.errors import InvalidInput
 
@@ -17,13 +18,14 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
 @router.post("/preview", response_model=PreviewResult, dependencies=[ReadAccess])
 def preview_schedule(body: PreviewRequest) -> Response:
-    """Values at steps 0..steps-1, simulating plateau decisions from `metrics`."""
+    """Values at steps 0..steps-1, simulating plateau decisions and spikes from `metrics`."""
     n_groups = len(body.base_lrs)
     if body.base_momentums is not None and len(body.base_momentums) != n_groups:
         raise InvalidInput.at("base_momentums", f"expected {n_groups} values, got {len(body.base_momentums)}")
     schedule = parse_schedule(body.schedule, n_groups=n_groups)
-    lrs, moms = preview(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
-    return FastJSONResponse({"lrs": lrs, "momentums": moms})
+    result = simulate(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
+    spikes = [spike_public(s) for s in result.spikes]
+    return FastJSONResponse({"lrs": result.lrs, "momentums": result.momentums, "spikes": spikes})
 
 
 @router.get("/catalog", dependencies=[ReadAccess])

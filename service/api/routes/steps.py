@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
+from service.api.routes.spike_guard import spike_public
 from service.api.schemas import MetricsAccepted, MetricsCreate, RunId, Step, StepRequest, StepResult
 from service.runs.manager import Window
 
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 def window_public(window: Window) -> dict:
     lrs = [list(v[0]) for v in window.values]
     moms = None if window.values[0][1] is None else [list(v[1]) for v in window.values]
-    return {
+    public = {
         "run_id": window.run_id,
         "step": window.start,
         "lrs": lrs[0],
@@ -28,6 +29,9 @@ def window_public(window: Window) -> dict:
         "switched_at": window.switched_at,
         "window": {"start": window.start, "lrs": lrs, "momentums": moms},
     }
+    if window.spikes:  # a spike guard's backoffs that take effect in this window
+        public["spikes"] = [spike_public(s) for s in window.spikes]
+    return public
 
 
 @router.get("/lr", response_model=StepResult, dependencies=[ReadAccess])
