@@ -46,7 +46,8 @@ def test_no_spike_is_bit_identical_to_the_inner_schedule():
 def test_torch_reference_with_the_guard_and_no_spikes():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     ref = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
-    engine = Engine(parse_schedule(guarded({"type": "StepLR", "step_size": 7, "gamma": 0.5}), n_groups=1), [0.1])
+    spec = guarded({"type": "StepLR", "step_size": 7, "gamma": 0.5})
+    engine = Engine(parse_schedule(spec, n_groups=1), [0.1])
     for k in range(1, 50):
         opt.step()
         ref.step()
