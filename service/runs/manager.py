@@ -672,12 +672,12 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
                 events.append(NewEvent(EventKind.SCHEDULE_SWITCH, outcome.step, {
                     "chosen": r.chosen, "lrs": list(r.lrs), "schedule": r.then}))
                 continue
-            events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
-                "stage": r.stage, "monitor": r.monitor, "value": _json_float(r.value),
-                "lrs_before": list(r.before), "lrs_after": list(r.after)}))
             if isinstance(r, Spike):
                 events.extend(_spike_events(r, outcome.step))
                 continue
+            events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
+                "stage": r.stage, "monitor": r.monitor, "value": _json_float(r.value),
+                "lrs_before": list(r.before), "lrs_after": list(r.after)}))
         for action in outcome.actions:
             status = {"stop": "stopped", "hold": "held", "resume": "active"}.get(action["action"])
             if status is not None:
