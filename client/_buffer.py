@@ -115,7 +115,9 @@ class MetricBuffer:
                 self.dropped += 1
                 room = False
             self._records[key] = value
-            if len(self._records) >= self.batch_size:
+            # wake the sender: a full batch goes now; the first record after the buffer was
+            # empty starts its flush_interval_s clock (the sender sleeps while nothing waits)
+            if len(self._records) >= self.batch_size or len(self._records) == 1:
                 self._cv.notify_all()
         if self._thread is None:
             self._start()

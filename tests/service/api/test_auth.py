@@ -21,6 +21,7 @@ ROUTES = {
     ("POST", "/v1/runs/{run_id}/control"): ("admin", {"json": {"action": "hold"}}),
     ("GET", "/v1/runs/{run_id}/history"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/lr-finder"): ("read", {}),
+    ("GET", "/v1/runs/{run_id}/spike-guard"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/lr"): ("read", {"params": {"step": 1}}),
     ("POST", "/v1/runs/{run_id}/step"): ("write", {"json": {"step": 1}}),
     ("POST", "/v1/runs/{run_id}/metrics"): (
