@@ -26,6 +26,7 @@ __all__ = [
     "MAX_AHEAD",
     "Cadence",
     "WindowSizer",
+    "guard_monitor",
     "watched_metrics",
 ]
 
@@ -64,7 +65,22 @@ def watched_metrics(spec: Mapping[str, Any]) -> frozenset[str]:
         if isinstance(children, list):
             stack.extend(children)
         stack.append(node.get("then"))
+        if node.get("type") == "SpikeGuard":  # its own monitor is judged per rank, no decision waits
+            stack.append(node.get("schedule"))
     return frozenset(names)
+
+
+def guard_monitor(spec: Mapping[str, Any]) -> str | None:
+    """The metric a ``SpikeGuard`` (the whole schedule, or a range test's ``then``) judges.
+
+    Example:
+        >>> guard_monitor({"type": "SpikeGuard", "schedule": {"type": "StepLR", "step_size": 9}})
+        'loss'
+    """
+    for node in (spec, spec.get("then")):
+        if isinstance(node, Mapping) and node.get("type") == "SpikeGuard":
+            return str(node.get("monitor") or "loss")
+    return None
 
 
 class Cadence:

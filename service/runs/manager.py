@@ -24,8 +24,8 @@ from typing import Any
 
 from service.engine import codec
 from service.engine.engine import Engine, ScheduleSwitch, Values
-from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
-from service.engine.spike_guard import Report, Spike, replay_band
+from service.engine.spec import cycles_momentum, guard_of, parse_schedule, spec_to_json
+from service.engine.spike_guard import GuardSettings, Report, Spike, replay_band
 from service.errors import InvalidInput, RunConflict, RunNotFound
 from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
@@ -542,10 +542,14 @@ class RunManager:
         state = self.caught_up(run_id)
         with state.lock:
             guard, horizon = state.engine.guard, state.horizon
-            if guard is None:
-                raise RunConflict(f"run {run_id!r} has no SpikeGuard schedule")
-            settings, multiplier = guard.settings, guard.multiplier
             spikes = state.spikes_between(0, horizon)
+        if guard is not None:
+            settings, multiplier = guard.settings, guard.multiplier
+        else:  # not (yet) acting, e.g. the `then` of a range test still running
+            spec = guard_of(parse_schedule(state.spec["schedule"], n_groups=state.n_groups), state.n_groups)
+            if spec is None:
+                raise RunConflict(f"run {run_id!r} has no SpikeGuard schedule")
+            settings, multiplier = GuardSettings.from_spec(spec), 1.0
         placed = [
             (event.step, Report.from_payload(r))
             for event in sorted(self.store.read_events(run_id), key=lambda e: (e.step, e.seq))

@@ -54,7 +54,8 @@ def test_role_matrix(secured, method, template, who):
     _, client = secured
     least, kwargs = ROUTES[(method, template)]
     admin = {"Authorization": f"Bearer {TOKENS['admin']}"}
-    range_test = {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 1.0}  # every route has something to show
+    then = {"type": "SpikeGuard", "schedule": SPEC}  # every route has something to show
+    range_test = {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 1.0, "then": then}
     client.post("/v1/runs", json={"run_id": "r", "schedule": range_test, "base_lrs": [0.1]}, headers=admin)
     headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
     response = client.request(method, template.replace("{run_id}", "r"), headers=headers, **kwargs)
