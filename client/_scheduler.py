@@ -894,7 +894,8 @@ class RemoteScheduler:
         buffer = self._ensure_buffer()
         for name, value in items.items():
             number = _to_float(value)  # NaN and inf travel too: a diverged loss is history
-            if not buffer.add(str(name), step, self.rank, number):
+            urgent = name == self._guard_monitor  # the spike guard decides from it: send it now
+            if not buffer.add(str(name), step, self.rank, number, urgent=urgent):
                 self._warn_once(
                     "full",
                     f"lrserve: the metric buffer is full ({buffer.max_records} records, the "

@@ -193,7 +193,7 @@ def _schedule(args: argparse.Namespace, steps_per_epoch: int, saved: dict[str, A
     def resolve() -> dict[str, Any]:
         spec = resolve_schedule(args.schedule, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
                                 lr=args.lr)
-        if args.spike_guard is None:
+        if getattr(args, "spike_guard", None) is None:
             return spec
         try:
             settings = json.loads(args.spike_guard)

@@ -281,9 +281,9 @@ class Engine:
         for stage in self._stages:
             if stage.active and stage.monitor in metrics:
                 value = float(metrics[stage.monitor])
-                before = self.values()[0]
+                before = self._inner_lrs()  # a spike guard's backoff is not the stage's doing
                 stage.scheduler.step(value)
-                after = self.values()[0]
+                after = self._inner_lrs()
                 if after != before:
                     reductions.append(PlateauReduction(stage.path, stage.monitor, value, before, after))
         return reductions

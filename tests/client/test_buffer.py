@@ -87,6 +87,18 @@ def test_a_record_after_the_buffer_emptied_waits_at_most_the_flush_interval_too(
         assert ("loss", step, 0) in sink.stored, f"record of step {step} still waiting"
 
 
+def test_an_urgent_record_goes_without_waiting_for_the_interval(made):
+    sink = Sink()
+    buffer = make(made, sink)  # flush_interval_s=60: only urgency can send it in time
+    buffer.add("train_loss", 1, 0, 0.5)
+    buffer.add("loss", 1, 0, float("inf"), urgent=True)
+    for _ in range(500):
+        if sink.stored:
+            break
+        threading.Event().wait(0.01)
+    assert sink.stored == {("train_loss", 1, 0): 0.5, ("loss", 1, 0): float("inf")}  # together
+
+
 def test_same_key_keeps_the_last_value(made):
     sink = Sink()
     buffer = make(made, sink)
