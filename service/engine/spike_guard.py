@@ -21,6 +21,10 @@ below that backoff's ``applied_at``) belongs to the incident that backoff answer
 there is not counted again (no event, no new backoff) and never enters the baseline. So a
 spike that corrupts every rank's weights until the job rolls back is one spike, not N.
 
+**Last good step.** The highest step every rank heard from so far reported without a
+spike, and below the spike's own step: a checkpoint taken at or before it holds weights
+no spoiled batch of any rank went into (data parallelism averages every rank's gradient).
+
 **Backoff.** A spike found while taking step *a* multiplies the inner schedule's LRs by
 ``factor`` at steps ``a .. a+hold-1``, then by ``factor + (1 - factor) * min(1, (t+1) /
 ramp)`` at step ``a+hold+t``: back to the inner schedule after ``ramp`` steps. The inner
@@ -180,7 +184,10 @@ class Detector:
         report = verdict.report
         self.count += 1
         self.incident_until = applied_at
-        good = min(self.last_good.get(report.rank, 0), report.step - 1)
+        # In data-parallel training every rank's batch goes into every update: the weights
+        # after step s are good only if every rank's report of s was. Ranks not heard from
+        # yet at all do not count; a rank that lags makes the rollback go further back.
+        good = min([report.step - 1, *self.last_good.values()])
         return Spike(
             report.step, report.rank, report.value, verdict.baseline, applied_at,
             max(good, 0), self.count, stop=self.count > self.settings.max_spikes,

@@ -52,9 +52,10 @@ def test_a_spike_on_rank_1_backs_off_and_rolls_back_both_ranks(server, tmp_path)
     steps, spikes = same_on_both_ranks(hit)
     (spike,) = spikes  # on_spike once on each rank
     event = spike["event"]
-    assert event["step"] == 60 and event["rank"] == 1 and event["applied_at"] > 60
+    # rank 1's own report of 60, or rank 0's of 61 (the wrecked weights), whichever came first
+    assert (event["step"], event["rank"]) in ((60, 1), (61, 0)) and event["applied_at"] > 61
     assert spike["step"] == event["applied_at"]  # called when the ranks reached it
-    assert 0 <= spike["rollback"] <= event["last_good_step"] == 59
+    assert 0 <= spike["rollback"] <= event["last_good_step"] <= 59
     with admin(server.url) as http:
         history = http.get("/v1/runs/sg-hit/history", params={"max_points": 100_000}).json()
         guard = http.get("/v1/runs/sg-hit/spike-guard").json()
@@ -93,7 +94,9 @@ def test_the_default_settings_too(server, tmp_path):
     trainer = run(server, tmp_path, "sg-default", "--spike-guard", "--inject-spike", "60:1:nan")
     _, spikes = same_on_both_ranks(trainer)
     events = [s["event"] for s in spikes]
-    assert any(e["step"] == 60 and e["rank"] == 1 and e["value"] == "NaN" for e in events), events
+    injected = [e for e in events if (e["step"], e["rank"]) in ((60, 1), (61, 0))]
+    assert len(injected) == 1, events
+    assert injected[0]["value"] == "NaN" and injected[0]["last_good_step"] <= 59
     for spike in spikes:
         assert spike["rollback"] <= spike["event"]["last_good_step"]
     print(f"\nspike guard, default settings: {len(spikes)} spikes "

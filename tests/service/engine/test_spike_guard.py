@@ -210,3 +210,13 @@ def test_guard_snapshot_round_trips_as_json():
     guard.observe([Report(1, 3, 1.0), Report(2, 3, float("nan"))], step=2)
     again = SpikeGuard.restore(codec.loads(codec.dumps(guard.snapshot())))
     assert again.snapshot() == guard.snapshot()
+
+
+def test_last_good_step_is_good_on_every_rank_heard_from():
+    """Rank 1's bad batch at 60 spoils the shared update: rank 0's report of 61 may come first."""
+    engine = Engine(parse_schedule(guarded(), n_groups=1), [1.0])
+    for k in range(1, 60):
+        engine.advance(None, [report(k, 1.0, rank=0), report(k, 1.0, rank=1)])
+    engine.advance(None, [report(60, 1.0, rank=0)])  # rank 1's report of 60 is still on its way
+    (spike,) = engine.advance(None, [report(61, float("nan"), rank=0), report(60, float("nan"), rank=1)])
+    assert (spike.step, spike.rank, spike.last_good_step) == (61, 0, 59)
