@@ -209,8 +209,9 @@ def _add_history(subparsers: argparse._SubParsersAction, common: argparse.Argume
         "history",
         parents=[common],
         help="export a run's LRs, metrics and events",
-        description="Export a run's history. CSV has one row per point: series,step,value "
-        "(series: lr[i], momentum[i], a metric name, or event:KIND).",
+        description="Export a run's history. CSV has one row per point: series,step,value,actor,reason "
+        "(series: lr[i], momentum[i], a metric name, or event:KIND; actor and reason: who caused "
+        "an event and the words they gave).",
     )
     history.add_argument("run_id", metavar="RUN")
     history.add_argument("--format", choices=("csv", "json"), default="csv", help="default csv")
@@ -502,17 +503,18 @@ def _print_curve(answer: Mapping[str, Any]) -> None:
 def _history_csv(history: Mapping[str, Any]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["series", "step", "value"])
+    writer.writerow(["series", "step", "value", "actor", "reason"])
     for prefix, key in (("lr", "lrs"), ("momentum", "momentums")):
         series = history.get(key) or {}
         for step, values in zip(series.get("steps") or [], series.get("values") or [], strict=False):
             for group, value in enumerate(values):
-                writer.writerow([f"{prefix}[{group}]", step, repr(float(value))])
+                writer.writerow([f"{prefix}[{group}]", step, repr(float(value)), "", ""])
     for name, series in sorted((history.get("metrics") or {}).items()):
         for step, value in zip(series.get("steps") or [], series.get("values") or [], strict=False):
-            writer.writerow([name, step, repr(float(value))])
+            writer.writerow([name, step, repr(float(value)), "", ""])
     for event in history.get("events") or []:
-        writer.writerow([f"event:{event.get('kind')}", event.get("step"), ""])
+        writer.writerow([f"event:{event.get('kind')}", event.get("step"), "", event.get("actor") or "",
+                         event.get("reason") or ""])
     return out.getvalue()
 
 

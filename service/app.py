@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import dashboard
 from service.api.fast_path import FastWindows
+from service.api.query import SingleQueryValues, repeatable_parameters
 from service.api.routes import health, runs, schedules, spike_guard, steps
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
@@ -40,7 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous)
+        store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous,
+                           create_db=settings.create_db)
         manager = RunManager(store, settings)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     install_error_handlers(app)
     app.add_middleware(FastWindows)  # innermost: limits and telemetry still see its answers
+    app.add_middleware(SingleQueryValues, repeatable=lambda: repeatable_parameters(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
     return app

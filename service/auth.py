@@ -52,14 +52,33 @@ def parse_tokens(text: str, *, source: str) -> dict[str, Identity]:
             name = role
         if role not in _RANK or not token or not name:
             raise TokenError(f"{source}: entry {n} is not role:token or name:role:token with role in {ROLES}")
-        tokens[token] = Identity(name, role)
+        tokens[token.strip()] = Identity(name.strip(), role)
     return tokens
 
 
 def load_tokens(env_value: str, tokens_file: Path | None) -> dict[str, Identity]:
+    """Every configured token; ``{}`` (an open server) only when none is configured at all.
+
+    Raises:
+        TokenError: an entry is malformed, the file cannot be read, or a configuration
+            was given (``LRSERVE_TOKENS`` not empty, or a file) that yields no token: the
+            operator meant to close the server, so it must not come up open.
+    """
     tokens = parse_tokens(env_value, source="LRSERVE_TOKENS")
     if tokens_file is not None:
-        tokens.update(parse_tokens(tokens_file.read_text(), source=str(tokens_file)))
+        try:
+            text = Path(tokens_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenError(f"cannot read the tokens file {tokens_file}: {exc.strerror or exc}") from exc
+        tokens.update(parse_tokens(text, source=str(tokens_file)))
+    if not tokens and (env_value or tokens_file is not None):
+        given = " and ".join(
+            name for name, used in (("LRSERVE_TOKENS", env_value), (str(tokens_file), tokens_file)) if used
+        )
+        raise TokenError(
+            f"{given} holds no role:token entry (only blanks, commas or # comments): "
+            "the server would be open to everyone; add a token or unset it"
+        )
     return tokens
 
 

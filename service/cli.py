@@ -8,8 +8,9 @@ import ipaddress
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from service.settings import DEFAULT_DB
+from service.settings import DEFAULT_DB, Settings
 
 
 def is_loopback(host: str) -> bool:
@@ -28,18 +29,21 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     env = os.environ.get
     serve.add_argument("--host", default=env("LRSERVE_HOST", "127.0.0.1"),
                        help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(env("LRSERVE_PORT", "8000")),
-                       help="port (default 8000)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port (default 8000, or LRSERVE_PORT)")
     serve.add_argument("--db", default=env("LRSERVE_DB", DEFAULT_DB),
                        help="database URL: sqlite:///PATH or postgresql+psycopg://... "
                             f"(default {DEFAULT_DB})")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
-    serve.add_argument("--db-wait", type=float, default=float(env("LRSERVE_DB_WAIT_S", "0")),
+    serve.add_argument("--db-wait", type=float, default=None,
                        metavar="SECONDS",
                        help="at start-up, wait up to this long for the database to be reachable "
                             "(default 0; or LRSERVE_DB_WAIT_S, e.g. 60 where the database starts alongside)")
     serve.add_argument("--tokens-file", default=env("LRSERVE_TOKENS_FILE"),
                        help="file with one role:token per line (or set LRSERVE_TOKENS)")
+    serve.add_argument("--create-db", action="store_true", default=None,
+                       help="create the SQLite database even where one existed and is gone "
+                            "(default: refuse to start without it; or LRSERVE_CREATE_DB=1)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback bind without any token (anyone may steer runs)")
     serve.add_argument("--log-level", default="info",
@@ -50,24 +54,42 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=serve_command)
 
 
+def fail(problem: str) -> int:
+    """One line on stderr and exit status 1: how every start-up problem is told."""
+    print(f"lrserve: cannot start: {problem}", file=sys.stderr)
+    return 1
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    has_tokens = bool(os.environ.get("LRSERVE_TOKENS") or args.tokens_file)
-    if not has_tokens and not is_loopback(args.host) and not args.insecure:
+    from service.auth import TokenError, load_tokens
+
+    settings, problem = check_settings(args.db)
+    if settings is None:
+        return fail(problem or "bad settings")
+    args.port = settings.port if args.port is None else args.port
+    args.db_wait = settings.db_wait_s if args.db_wait is None else args.db_wait
+    args.create_db = settings.create_db if args.create_db is None else args.create_db
+    try:  # the set the server will use: a configuration that yields none is refused there
+        tokens = load_tokens(os.environ.get("LRSERVE_TOKENS", ""),
+                             Path(args.tokens_file) if args.tokens_file else None)
+    except TokenError as exc:
+        return fail(str(exc))
+    if not tokens and not is_loopback(args.host) and not args.insecure:
         print(
             f"lrserve: refusing to listen on {args.host} without tokens: anyone could steer your runs.\n"
             "Set LRSERVE_TOKENS or --tokens-file, bind 127.0.0.1, or pass --insecure.",
             file=sys.stderr,
         )
         return 2
-    problem = check_database(args.db, args.db_wait)
+    problem = check_database(args.db, args.db_wait, create_db=args.create_db)
     if problem is not None:
-        print(f"lrserve: cannot start: {problem}", file=sys.stderr)
-        return 1
+        return fail(problem)
     # Settings travel by environment so every worker process reads the same ones.
     os.environ["LRSERVE_DB"] = args.db
     os.environ["LRSERVE_INSECURE"] = "1" if args.insecure else "0"
+    os.environ["LRSERVE_CREATE_DB"] = "1" if args.create_db else "0"
     if args.tokens_file:
         os.environ["LRSERVE_TOKENS_FILE"] = args.tokens_file
     uvicorn.run(
@@ -77,7 +99,23 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_database(url: str, wait_s: float) -> str | None:
+def check_settings(db: str) -> tuple[Settings | None, str | None]:
+    """Every ``LRSERVE_*`` variable, read as the workers will read it (``db`` as given): the first
+    bad one in a line."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(db=db), None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = "LRSERVE_" + "_".join(str(p) for p in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if name in ("LRSERVE_DB", "LRSERVE_TOKENS"):  # may hold a password or a token: not echoed
+            return None, f"{name}: {message}"
+        return None, f"{name}: {message} (got {str(error.get('input'))[:80]!r})"
+
+
+def check_database(url: str, wait_s: float, *, create_db: bool = False) -> str | None:
     """Open the store once before any worker starts: one clear line instead of N tracebacks.
 
     Returns:
@@ -91,7 +129,7 @@ def check_database(url: str, wait_s: float) -> str | None:
         print(f"lrserve: waiting for the database ({left:.0f} s left): {error}", file=sys.stderr)
 
     try:
-        store = wait_for_store(url, wait_s=wait_s, on_wait=waiting)
+        store = wait_for_store(url, wait_s=wait_s, create_db=create_db, on_wait=waiting)
     except (ValueError, StoreUnavailable) as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     store.close()

@@ -123,6 +123,39 @@ class StoreUnavailable(LRServeError):
 
     status_code = 503
     code = "store_unavailable"
+    logged = False  # True where the raiser already told the log (once per fault, not per request)
+
+
+STORE_UNAVAILABLE = "the database is unavailable; retry later (the server log says why)"
+"""The only words a caller reads about a store failure: its details name server files and hosts."""
+
+
+class _Throttled:
+    """A logger that writes the same message at most once per ``every_s`` (an outage fails
+    every request: one line per request would bury the log), counting what it held back."""
+
+    def __init__(self, log: Any, every_s: float) -> None:
+        import threading
+
+        self._log = log
+        self._every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, fmt: str, *args: Any) -> None:
+        import time
+
+        key = str(args[-1]) if args else fmt
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._last.get(key, (-self._every_s, 0))
+            if now - last < self._every_s:
+                self._last[key] = (last, held + 1)
+                return
+            if len(self._last) > 1000:
+                self._last.clear()
+            self._last[key] = (now, 0)
+        self._log.warning(fmt + (" (and %d more like it)" if held else ""), *args, *((held,) if held else ()))
 
 
 def _validation_errors(raw: Sequence[Any]) -> list[FieldError]:
@@ -154,6 +187,15 @@ def install_error_handlers(app: Any) -> None:
     async def on_domain_error(request: Any, exc: LRServeError) -> FastJSONResponse:
         return FastJSONResponse(exc.body(), status_code=exc.status_code)
 
+    store_log = _Throttled(log, every_s=5.0)
+
+    async def on_store_error(request: Any, exc: StoreUnavailable) -> FastJSONResponse:
+        # The store's words name the file or host: they go to the log, never to a caller.
+        if not exc.logged:
+            store_log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc.message)
+        return FastJSONResponse(StoreUnavailable(STORE_UNAVAILABLE).body(), status_code=503,
+                                headers={"retry-after": "1"})
+
     async def on_validation_error(request: Any, exc: RequestValidationError) -> FastJSONResponse:
         return await on_domain_error(request, InvalidInput.many(_validation_errors(exc.errors())))
 
@@ -175,6 +217,7 @@ def install_error_handlers(app: Any) -> None:
         return FastJSONResponse(body, status_code=500)
 
     app.add_exception_handler(LRServeError, on_domain_error)
+    app.add_exception_handler(StoreUnavailable, on_store_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     tokens: str = Field("", description="Comma-separated role:token pairs (roles: read, write, admin).")
     tokens_file: Path | None = Field(None, description="File with one role:token per line.")
     insecure: bool = Field(False, description="Allow a non-loopback bind without tokens.")
+    create_db: bool = Field(
+        False, description="Create the SQLite database even where one existed and is gone "
+        "(else start-up refuses: it would start empty)."
+    )
     db_wait_s: float = Field(
         0.0, ge=0, description="`lrserve serve`: how long to wait for the database at start-up."
     )
@@ -35,6 +39,16 @@ class Settings(BaseSettings):
     )
     max_ahead: int = Field(10_000, ge=0, description="Most steps one window may return beyond `step`.")
     max_jump: int = Field(10_000, ge=1, description="Most steps one request may move the horizon.")
+    work_budget: int = Field(
+        500_000,
+        ge=10_000,
+        description=(
+            "Most work one request may cause, in units of about one scheduler step of one param "
+            "group: steps × (param groups + 6) × per-step cost of the schedule (service/engine/cost.py). "
+            "Previews, history, step jumps and creates over it are a 422 `work_budget_exceeded`; "
+            "windows asked ahead are cut to fit."
+        ),
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_groups: int = Field(1024, ge=1, description="Most param groups per run.")
     snapshot_every: int = Field(

@@ -42,7 +42,7 @@ class Telemetry:
             kind = "schedule_switch" if isinstance(decision, ScheduleSwitch) else "plateau_reduction"
             self.decisions.labels(kind).inc()
         for action in outcome.actions:
-            self.decisions.labels(action["action"]).inc()
+            self.decisions.labels(action.payload["action"]).inc()
 
 
 class TelemetryMiddleware:

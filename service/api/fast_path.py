@@ -23,6 +23,7 @@ from service.errors import LRServeError
 ROUTE = "/v1/runs/{run_id}/lr"
 _PATH = re.compile(r"^/v1/runs/([A-Za-z0-9._-]{1,128})/lr$")
 _MAX_STEP = 2**53
+_MAX_DIGITS = 16  # 2**53 has 16 digits; longer strings go to the route's 422 (never to int())
 
 
 class FastWindows:
@@ -71,7 +72,7 @@ def _parse_query(raw: bytes) -> tuple[int, int] | None:
     if len(params) != len(pairs) or not set(params) <= {"step", "ahead"} or "step" not in params:
         return None
     values = [params["step"], params.get("ahead", "0")]
-    if not all(v.isdigit() and v.isascii() for v in values):
+    if not all(len(v) <= _MAX_DIGITS and v.isdigit() and v.isascii() for v in values):
         return None
     step, ahead = (int(v) for v in values)
     return (step, ahead) if step <= _MAX_STEP else None

@@ -1,4 +1,8 @@
-"""A JSON response rendered by orjson: fast, exact floats, and NaN/inf become null."""
+"""A JSON response rendered by orjson: fast, exact floats.
+
+Non-finite numbers are spelled "NaN" / "Infinity" / "-Infinity" before they get here
+(``service.engine.codec.public_float``); orjson would write ``null``.
+"""
 
 from __future__ import annotations
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NAME_PATTERN = r"^[A-Za-z0-9._/:-]{1,64}$"
 MAX_GROUPS = 1024
 MAX_LABELS = 32
+NON_FINITE = 'Non-finite numbers are the strings "NaN", "Infinity", "-Infinity".'
 
 RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN, description="1-128 chars of [A-Za-z0-9._-]")]
 MetricName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -21,7 +22,8 @@ LearningRate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Momentum = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Step = Annotated[int, Field(ge=0, le=2**53)]
 Rank = Annotated[int, Field(ge=0, lt=1 << 16)]
-LabelText = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_LABEL_LENGTH = 128
+LabelText = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)]
 Schedule = Annotated[
     dict[str, Any],
     Field(
@@ -31,14 +33,23 @@ Schedule = Annotated[
     ),
 ]
 Status = Literal["active", "held", "stopped"]
+Reason = Annotated[
+    str, Field(min_length=1, max_length=1000, description="Why: recorded on the action's events.")
+]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _not_a_dot_segment(run_id: str) -> str:
+    if run_id in (".", ".."):  # a URL path cannot address them: /v1/runs/.. is /v1
+        raise ValueError(f"{run_id!r} is a path segment of its own; use letters or digits too")
+    return run_id
+
+
 class RunCreate(_Strict):
-    run_id: RunId | None = None
+    run_id: Annotated[RunId, AfterValidator(_not_a_dot_segment)] | None = None
     schedule: Schedule
     base_lrs: list[LearningRate] = Field(min_length=1, max_length=MAX_GROUPS)
     base_momentums: list[Momentum] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
@@ -123,6 +134,7 @@ class ControlRequest(_Strict):
     lrs: list[LearningRate] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
     factor: float | None = Field(None, gt=0, allow_inf_nan=False)
     schedule: Schedule | None = None
+    reason: Reason | None = None
 
     @model_validator(mode="after")
     def _fields_match_action(self) -> ControlRequest:
@@ -142,7 +154,7 @@ class ControlRequest(_Strict):
 class ControlResult(BaseModel):
     run_id: str
     applied_at: int
-    event: dict[str, Any]
+    event: dict[str, Any] = Field(description=f"The event recorded. {NON_FINITE}")
 
 
 class Series(BaseModel):
@@ -153,8 +165,12 @@ class Series(BaseModel):
 class HistoryPublic(BaseModel):
     run_id: str
     lrs: Series
-    metrics: dict[str, dict[str, list[Any]]]
-    events: list[dict[str, Any]]
+    metrics: dict[str, dict[str, list[Any]]] = Field(
+        description=f"Per metric name: `steps`, `values`, `ranks` (downsampled). {NON_FINITE}"
+    )
+    events: list[dict[str, Any]] = Field(
+        description=f"The run's events (kind, step, at, payload fields). {NON_FINITE}"
+    )
 
 
 class Suggestions(BaseModel):
@@ -185,8 +201,8 @@ class PreviewRequest(_Strict):
 
 
 class PreviewResult(BaseModel):
-    lrs: list[list[float]]
-    momentums: list[list[float]] | None
+    lrs: list[list[float | str]] = Field(description=f"One row per step. {NON_FINITE}")
+    momentums: list[list[float | str]] | None = Field(description=f"One row per step, or null. {NON_FINITE}")
     spikes: list[SpikePublic] = Field(
         default_factory=list, description="What a SpikeGuard found in `metrics` (rank 0's reports)."
     )

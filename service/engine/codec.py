@@ -1,6 +1,12 @@
-"""JSON codec for engine snapshots.
+"""JSON codecs: the API's one spelling of non-finite numbers, and engine snapshots.
 
-torch's ``state_dict()`` is not plain JSON: MultiStepLR keeps a ``Counter`` with int
+**Non-finite numbers in answers.** JSON has no token for NaN or the infinities, so every
+answer spells them as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (the
+tokens JavaScript and Python print, which ``float()`` reads back): a diverged loss in
+history, an event's metric values, a plateau decision's ``value``, the range test's
+losses, a preview. ``public_float`` / ``public_json`` are the only place that does it.
+
+**Snapshots.** torch's ``state_dict()`` is not plain JSON: MultiStepLR keeps a ``Counter`` with int
 keys, ReduceLROnPlateau holds ``inf``, some fields are tuples. This codec tags those
 so a snapshot reloads to the identical Python objects, floats bit for bit.
 """
@@ -13,6 +19,39 @@ from collections import Counter
 from typing import Any
 
 _TAGS = ("$float", "$counter", "$tuple", "$dict")
+
+
+_SPELLED = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def public_float(value: float) -> float | str:
+    """A float as every answer shows it: itself when finite, else "NaN", "Infinity" or "-Infinity"."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def public_json(value: Any) -> Any:
+    """``value`` (lists, dicts, scalars) with every non-finite float spelled by ``public_float``."""
+    if isinstance(value, float):
+        return public_float(value)
+    if isinstance(value, list):
+        return [public_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: public_json(v) for k, v in value.items()}
+    return value
+
+
+def public_rows(rows: list[list[float]]) -> list[list[Any]]:
+    """A table of floats (preview values), spelled only where a value is not finite (rare)."""
+    if all(math.isfinite(v) for row in rows for v in row):
+        return rows
+    return [[public_float(v) for v in row] for row in rows]
+
+
+def legacy_float_text(text: str) -> str:
+    """A non-finite float stored as ``repr`` text by older versions ("nan", "inf") -> its public spelling."""
+    return _SPELLED.get(text, text)
 
 
 def to_jsonable(value: Any) -> Any:

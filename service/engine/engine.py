@@ -261,8 +261,7 @@ class Engine:
                 raise ScheduleError.at(
                     "step", f"the schedule cannot take step {self.step + 1}: {exc}"
                 ) from exc
-            if not all(math.isfinite(lr) for lr in self.values()[0]):
-                raise ScheduleError.at("step", f"the schedule's LR is not finite at step {self.step + 1}")
+            self.check_values(self.step + 1, "the schedule's")
         self.step += 1
         return reductions
 
@@ -275,6 +274,17 @@ class Engine:
         spikes = guard.observe(mine, self.step + 1) if mine else []
         self.spikes.extend(spikes)
         return spikes
+
+    def check_values(self, step: int, whose: str) -> None:
+        """Refuse LRs that must never be served: negative or not finite.
+
+        Raises:
+            ScheduleError: naming ``step`` and the first bad LR.
+        """
+        for lr in self.values()[0]:
+            if not math.isfinite(lr) or lr < 0:
+                what = "not finite" if not math.isfinite(lr) else "negative"
+                raise ScheduleError.at("step", f"{whose} LR is {what} at step {step} (got {lr!r})")
 
     def _feed(self, metrics: Mapping[str, float]) -> list[PlateauReduction]:
         reductions = []

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import ast
-import functools
 import math
 import operator
 from collections.abc import Callable
@@ -125,18 +124,34 @@ class _Rejected(Exception):
 class Expression:
     """A validated ``lr_lambda`` expression, callable like the lambda it stands for.
 
-    Only ``source`` and ``field`` are stored (the compiled closures live in a module
-    cache), so an Expression deep-copies and pickles as plain data, and torch's
-    ``LambdaLR.state_dict()`` (which copies a callable object's ``__dict__``) stays JSON.
+    The closure tree is built once, when the Expression is made, and held by it (so by
+    the spec and the run that own it: no process-wide cache whose size a request could
+    exceed). It lives in a slot, outside ``__dict__``: torch's ``LambdaLR.state_dict()``
+    copies a callable object's ``__dict__``, which thus stays JSON (``source``, ``field``);
+    copies and pickles carry the text and build the closures again.
 
     Attributes:
         source: The expression text, e.g. ``"0.95 ** step"``.
         field: The spec field it came from, named in evaluation errors.
+        nodes: How many terms the expression has (its cost per evaluation).
+
+    Raises:
+        _Rejected: ``source`` is not an allowed expression (``compile_expression`` says so
+            as a ``SpecError``).
     """
+
+    __slots__ = ("__dict__", "_fn", "nodes")
 
     def __init__(self, source: str, *, field: str = "lr_lambda") -> None:
         self.source = source
         self.field = field
+        self._fn, self.nodes = _compile(source)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"source": self.source, "field": self.field}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["source"], field=state["field"])  # type: ignore[misc]
 
     def __call__(self, step: int) -> float:
         """Evaluate at ``step``.
@@ -146,7 +161,7 @@ class Expression:
                 zero, overflow, math domain error) or its value is not a finite number.
         """
         try:
-            value = _compile(self.source)(step)
+            value = self._fn(step)
         except (ArithmeticError, ValueError, TypeError) as exc:
             raise ScheduleError.at(self.field, _failure(self.source, step, exc)) from exc
         return _finite(value, self.source, self.field, step)
@@ -182,16 +197,26 @@ def compile_expression(source: str, *, field: str) -> Expression:
     if not isinstance(source, str):
         raise SpecError.at(field, f"expected an expression string, got {type(source).__name__}")
     try:
-        _compile(source)
+        expression = Expression(source, field=field)
     except _Rejected as exc:
         raise SpecError.at(field, str(exc)) from None
-    expression = Expression(source, field=field)
     for step in range(CHECKED_STEPS):
         try:
             expression(step)
         except ScheduleError as exc:
             raise SpecError.at(field, exc.errors[0].message) from None
     return expression
+
+
+def node_count(source: str) -> int:
+    """How many terms ``source`` has, without building or checking it (1 if it does not parse)."""
+    if len(source) > MAX_SOURCE_CHARS:
+        return 1
+    try:
+        tree = ast.parse(source.strip(), mode="eval")
+    except (SyntaxError, SyntaxWarning, ValueError):
+        return 1
+    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr))
 
 
 def _failure(source: str, step: int, exc: Exception) -> str:
@@ -217,9 +242,8 @@ def _finite(value: Any, source: str, field: str, step: int) -> float:
     return result
 
 
-@functools.lru_cache(maxsize=512)
-def _compile(source: str) -> _Fn:
-    """Parse, check and build the closure tree for ``source`` (raises ``_Rejected``)."""
+def _compile(source: str) -> tuple[_Fn, int]:
+    """Parse, check and build the closure tree for ``source``, with its node count (raises ``_Rejected``)."""
     if len(source) > MAX_SOURCE_CHARS:
         raise _Rejected(f"expected at most {MAX_SOURCE_CHARS} characters, got {len(source)}")
     if not source.strip():
@@ -232,7 +256,7 @@ def _compile(source: str) -> _Fn:
     nodes = sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr))
     if nodes > MAX_NODES:
         raise _Rejected(f"expected at most {MAX_NODES} terms, got {nodes}")
-    return _build(tree.body)
+    return _build(tree.body), nodes
 
 
 def _build(node: ast.expr) -> _Fn:

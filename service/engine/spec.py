@@ -15,14 +15,14 @@ Example:
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from service.engine import _validators as v
 from service.engine._validators import PerGroupExpression, PerGroupFloat, Problems
-from service.engine.expr import Expression, compile_expression
+from service.engine.expr import Expression, compile_expression, node_count
 from service.errors import FieldError, SpecError
 
 MAX_DEPTH: int = 4
@@ -68,29 +68,45 @@ class _LambdaSpec(_Spec):
     lr_lambda: PerGroupExpression = Field(
         description="Factor as an expression of step, e.g. '0.95 ** step', or one per param group."
     )
+    # Compiled once per spec node (parse_schedule's check builds them): the run that holds
+    # the spec holds its expressions; nothing is re-parsed while it steps.
+    _compiled: list[Expression] | None = PrivateAttr(default=None)
 
     def torch_kwargs(self) -> dict[str, Any]:
         """``lr_lambda`` as a callable :class:`Expression` (or one per group)."""
         return {"lr_lambda": self.expressions()}
 
     def expressions(self) -> Expression | list[Expression]:
-        """Compile ``lr_lambda``; expression errors name the field under ``_path``."""
-        field = f"{self._path}.lr_lambda"
-        if isinstance(self.lr_lambda, list):
-            return [
-                compile_expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)
-            ]
-        return compile_expression(self.lr_lambda, field=field)
+        """The compiled ``lr_lambda``; expression errors name the field under ``_path``."""
+        if self._compiled is None:
+            field = f"{self._path}.lr_lambda"
+            if isinstance(self.lr_lambda, list):
+                self._compiled = [
+                    compile_expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)
+                ]
+            else:
+                self._compiled = [compile_expression(self.lr_lambda, field=field)]
+        return self._compiled if isinstance(self.lr_lambda, list) else self._compiled[0]
+
+    def max_nodes(self) -> int:
+        """Terms of the largest expression (its cost per evaluation), known before any is checked."""
+        if self._compiled is not None:
+            return max(e.nodes for e in self._compiled)
+        sources = self.lr_lambda if isinstance(self.lr_lambda, list) else [self.lr_lambda]
+        return max(node_count(s) for s in sources)
 
     def problems(self, n_groups: int) -> Problems:
         yield from v.group_count("lr_lambda", self.lr_lambda, n_groups)
         sources = self.lr_lambda if isinstance(self.lr_lambda, list) else [self.lr_lambda]
+        compiled = []
         for i, source in enumerate(sources):
             name = f"lr_lambda.{i}" if isinstance(self.lr_lambda, list) else "lr_lambda"
             try:
-                compile_expression(source, field=name)
+                compiled.append(compile_expression(source, field=f"{self._path}.{name}"))
             except SpecError as exc:
                 yield name, exc.errors[0].message
+        if len(compiled) == len(sources):
+            self._compiled = compiled
 
 
 class LambdaLRSpec(_LambdaSpec):
@@ -470,13 +486,21 @@ ChainedSchedulerSpec.model_rebuild()
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(ScheduleSpec)
 
 
-def parse_schedule(data: Any, *, n_groups: int, field: str = "schedule") -> ScheduleSpec:
+def parse_schedule(
+    data: Any,
+    *,
+    n_groups: int,
+    field: str = "schedule",
+    before_checks: Callable[[ScheduleSpec], None] | None = None,
+) -> ScheduleSpec:
     """Validate a raw JSON spec for a run with ``n_groups`` param groups.
 
     Args:
         data: The decoded JSON value (or a spec model, checked again).
         n_groups: Number of param groups; per-group lists must have this many items.
         field: Path of the spec in the request, the prefix of every error's field.
+        before_checks: Called with the typed spec before the checks that cost work (each
+            expression evaluated at steps 0..100), e.g. to refuse it over the work budget.
 
     Returns:
         The validated spec model.
@@ -495,6 +519,8 @@ def parse_schedule(data: Any, *, n_groups: int, field: str = "schedule") -> Sche
         raise SpecError.many(
             v.translate_errors(exc.errors(), field, SPEC_TYPES, _accepted_keys)
         ) from None
+    if before_checks is not None:
+        before_checks(spec)
     for path, node in iter_nodes(spec, root=field):
         node._path = path
         errors.extend(

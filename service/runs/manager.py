@@ -16,13 +16,14 @@ import dataclasses
 import math
 import secrets
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from service.engine import codec
+from service.engine import codec, cost
 from service.engine.engine import Engine, ScheduleSwitch, Values
 from service.engine.spec import cycles_momentum, guard_of, parse_schedule, spec_to_json
 from service.engine.spike_guard import GuardSettings, Report, Spike, replay_band
@@ -31,6 +32,19 @@ from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
 from service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
 from service.store.events import Event, EventKind, NewEvent
+
+LOCAL_ACTOR = "local"
+"""The actor of a call made in this process without a token (tests, a server without tokens)."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """An operator action to place: at ``at_step`` (None: the first free step), by ``actor``."""
+
+    at_step: int | None
+    payload: dict[str, Any]
+    actor: str = LOCAL_ACTOR
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,20 +77,27 @@ class RunManager:
         self.store = store
         self.settings = settings
         self._runs: dict[str, RunState] = {}
-        self._load_locks: dict[str, threading.Lock] = {}
+        # Only while some thread holds or waits for it: an entry per unknown or deleted run id
+        # asked for would otherwise outlive its request (weak values; see ``_RunLock``).
+        self._load_locks: weakref.WeakValueDictionary[str, _RunLock] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
+        # Runs whose schedule fails at a step above the horizon: windows stop before it (so
+        # each one does not fail, drop the engine and reload again). One entry per such run.
+        self._fails_at: dict[str, int] = {}
         self.on_outcome: list[Any] = []  # callbacks(run_id, StepOutcome), for telemetry
 
     # -- creating and reading runs ------------------------------------------------
 
-    def create_run(self, request: Mapping[str, Any]) -> tuple[RunRecord, bool]:
+    def create_run(self, request: Mapping[str, Any], *, actor: str = LOCAL_ACTOR) -> tuple[RunRecord, bool]:
         """Create a run, or return the existing one if its spec is identical.
+
+        ``actor`` (who asks) is recorded on the ``created`` event when this call creates it.
 
         Raises:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
-        spec = self._canonical_spec(request)
+        spec, schedule = self._canonical_spec(request)
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
@@ -85,9 +106,8 @@ class RunManager:
             existing = self._existing(run_id, spec)
             if existing is not None:
                 return existing, False
-            schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
-            Engine(schedule, spec["base_lrs"], spec["base_momentums"])  # torch must accept it on these LRs
-            created = NewEvent(EventKind.CREATED, 0, {"spec": spec})
+            _first_steps(schedule, spec["base_lrs"], spec["base_momentums"])
+            created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
         return (record if is_new else self._same_run(record, spec)), is_new
 
@@ -107,9 +127,11 @@ class RunManager:
             )
         return record
 
-    def _canonical_spec(self, request: Mapping[str, Any]) -> dict[str, Any]:
+    def _canonical_spec(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The stored form of a create request, and its parsed schedule (work budget checked)."""
         base_lrs = [float(v) for v in request["base_lrs"]]
-        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs))
+        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs),
+                                  before_checks=lambda s: self._check_schedule_cost(s, len(base_lrs)))
         moms = request.get("base_momentums")
         if moms is not None and len(moms) != len(base_lrs):
             raise InvalidInput.at(
@@ -120,10 +142,19 @@ class RunManager:
             "base_lrs": base_lrs,
             "base_momentums": [float(m) for m in moms] if moms is not None else None,
             "world_size": int(request.get("world_size") or 1),
-        }
+        }, schedule
+
+    def _check_schedule_cost(self, schedule: Any, n_groups: int) -> None:
+        """Refuse a schedule whose checks (expressions at steps 0..100, the first steps) are over budget."""
+        units = cost.cost(schedule, n_groups=n_groups, steps=cost.CREATE_STEPS)
+        cost.check(
+            f"checking this schedule ({cost.CREATE_STEPS} steps on {n_groups} param groups)",
+            "schedule", units, self.settings.work_budget,
+        )
 
     def delete_run(self, run_id: str) -> None:
         self.store.delete_run(run_id)
+        self._fails_at.pop(run_id, None)
         state = self._runs.get(run_id)
         if state is not None:
             self._evict(state)
@@ -147,10 +178,17 @@ class RunManager:
                     self._runs[run_id] = state
         return state
 
-    def _run_lock(self, run_id: str) -> threading.Lock:
-        """This process's lock for creating or loading one run (once, however many ask)."""
+    def _run_lock(self, run_id: str) -> _RunLock:
+        """This process's lock for creating or loading one run (once, however many ask).
+
+        The entry lives as long as a caller holds the returned object, so every thread that
+        asks while another holds or waits for it gets the same lock.
+        """
         with self._lock:
-            return self._load_locks.setdefault(run_id, threading.Lock())
+            lock = self._load_locks.get(run_id)
+            if lock is None:
+                lock = self._load_locks[run_id] = _RunLock()
+            return lock
 
     def _evict(self, state: RunState) -> None:
         """Drop ``state`` for good: threads that still hold it must not use it (see ``commit``)."""
@@ -205,7 +243,7 @@ class RunManager:
         state = self._runs.get(run_id)
         if state is None:
             return None
-        end = step + min(ahead, self.settings.max_ahead)
+        end = step + min(ahead, self._ahead_cap(state))
         if state.cached(step) is None or state.cached(end) is None:
             return None
         return self._window(state, step, end)
@@ -222,11 +260,12 @@ class RunManager:
         if window is not None:
             return window
         self._check_jump(state, step)
-        wanted = step + min(ahead, self.settings.max_ahead)
-        end = min(wanted, max(state.horizon, step) + self.settings.max_jump)
+        wanted = min(step + min(ahead, self._ahead_cap(state)), self._fails_at.get(run_id, math.inf) - 1)
+        end = max(step, min(wanted, state.horizon + self._budget_steps(state)))
         if end > state.horizon:
-            self.commit(run_id, end, if_behind=True)
-        return self._window(self.state(run_id), step, end)
+            self.commit(run_id, end, if_behind=True, need=step)
+        state = self.state(run_id)
+        return self._window(state, step, min(end, max(state.horizon, step)))
 
     def _window(self, state: RunState, step: int, end: int) -> Window:
         if state.cached(step) is None:
@@ -236,12 +275,26 @@ class RunManager:
         spikes = state.spikes_between(step, end) if state.engine.spikes else []
         return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at, spikes)
 
+    def _budget_steps(self, state: RunState) -> int:
+        """The most steps of this run's current schedule one request may compute (work budget)."""
+        schedule = state.engine.schedule
+        cached = state.budget_steps
+        if cached is None or cached[0] is not schedule:
+            steps = cost.steps_within(schedule, n_groups=state.n_groups, budget=self.settings.work_budget)
+            state.budget_steps = cached = (schedule, steps)
+        return cached[1]
+
+    def _ahead_cap(self, state: RunState) -> int:
+        """The most steps a window may hold after its first: ``max_ahead``, cut to the work budget."""
+        return min(self.settings.max_ahead, self._budget_steps(state) - 1)
+
     def _check_jump(self, state: RunState, step: int) -> None:
         """Refuse steps too far beyond the horizon: the stored one, which other processes may
         have moved past this one's cached horizon (so every replica answers alike)."""
         if step < 0:
             raise InvalidInput.at("step", f"must be >= 0, got {step}")
-        if step <= state.horizon + self.settings.max_jump:
+        most = min(self.settings.max_jump, self._budget_steps(state))
+        if step <= state.horizon + most:
             return
         horizon = max(state.horizon, self.store.read_run(state.run_id).horizon)
         if step > horizon + self.settings.max_jump:
@@ -250,10 +303,17 @@ class RunManager:
                 f"step {step} is more than {self.settings.max_jump} steps beyond the horizon "
                 f"({horizon}); step through the steps between first",
             )
+        if step > horizon + most:
+            units = cost.cost(state.engine.schedule, n_groups=state.n_groups, steps=step - horizon)
+            cost.check(
+                f"reaching step {step} from the horizon ({horizon}) on {state.n_groups} param groups",
+                "step", units, self.settings.work_budget,
+            )
 
-    def _window_end(self, step: int, ahead: int) -> int:
+    def _window_end(self, state: RunState, step: int, ahead: int) -> int:
         """The last step of the window asked at ``step`` (capped), when ``step`` is the first free one."""
-        return min(step + min(ahead, self.settings.max_ahead), step + self.settings.max_jump)
+        end = min(step + min(ahead, self._ahead_cap(state)), step + self.settings.max_jump)
+        return max(step, min(end, self._fails_at.get(state.run_id, math.inf) - 1))
 
     def step_run(
         self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int
@@ -270,9 +330,9 @@ class RunManager:
         reports = _guard_reports(state, records)
         if step > state.horizon:
             # One write transaction: the metrics, the decision and the whole window asked for.
-            end = self._window_end(step, ahead)
+            end = self._window_end(state, step, ahead)
             metric = (step, watched) if watched else None
-            self.commit(run_id, end, metric=metric, records=records, reports=reports)
+            self.commit(run_id, end, metric=metric, records=records, reports=reports, need=step)
         elif reports:
             self.commit(run_id, state.horizon, records=records, reports=reports)
         elif records:
@@ -336,7 +396,8 @@ class RunManager:
             extra.append(NewEvent(EventKind.BARRIER_TIMEOUT, step, {
                 "missing_ranks": missing, "reported_ranks": sorted(reports),
                 "timeout_s": self.settings.barrier_timeout_s}))
-        self.commit(state.run_id, self._window_end(step, ahead), metric=(step, means), extra_events=extra)
+        end = self._window_end(state, step, ahead)
+        self.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
         return True
 
     # -- committing -------------------------------------------------------------------------
@@ -347,11 +408,12 @@ class RunManager:
         target: int,
         *,
         metric: tuple[int, dict[str, float]] | None = None,
-        action: tuple[int | None, dict[str, Any]] | None = None,
+        action: Action | None = None,
         extra_events: Sequence[NewEvent] = (),
         records: Sequence[MetricRecord] = (),
         reports: Reports = (),
         if_behind: bool = False,
+        need: int | None = None,
     ) -> int | None:
         """Advance the run to ``target`` (at least), placing a new decision on the way.
 
@@ -359,6 +421,8 @@ class RunManager:
         transaction. ``if_behind``
         skips the store when this process holds ``target`` already (another request took
         the run there while this one waited for its lock: ranks asking the same window).
+        ``need``: the last step that must be reached; the steps of a window after a step the
+        schedule cannot take are left out (``RunState.advance_to``).
 
         Returns:
             The step an ``action`` was placed at, if one was given.
@@ -371,7 +435,9 @@ class RunManager:
                 if if_behind and state.horizon >= target:
                     return None
                 try:
-                    return self._commit_locked(state, target, metric, action, extra_events, records, reports)
+                    return self._commit_locked(
+                        state, target, metric, action, extra_events, records, need, reports
+                    )
                 except _RunReplaced:  # evicted on the way out; the next turn loads the new run
                     continue
 
@@ -380,9 +446,10 @@ class RunManager:
         state: RunState,
         target: int,
         metric: tuple[int, dict[str, float]] | None,
-        action: tuple[int | None, dict[str, Any]] | None,
+        action: Action | None,
         extra_events: Sequence[NewEvent],
         records: Sequence[MetricRecord] = (),
+        need: int | None = None,
         reports: Reports = (),
     ) -> int | None:
         run_id = state.run_id
@@ -395,17 +462,23 @@ class RunManager:
                 new_events, placed = self._place(state, tx, metric, action, reports)
                 if metric is None or new_events:  # extra events go with a decision that was taken
                     new_events.extend(extra_events)
-                outcomes = state.advance_to(max(target, old_horizon))
+                outcomes = state.advance_to(max(target, old_horizon), need=need)
                 new_events.extend(_output_events(outcomes, old_horizon, state))
                 appended = tx.append_events(new_events) if new_events else []
                 if outcomes:  # a commit that only caught up writes nothing
                     tx.update_run(horizon=state.engine.step, status=state.marks.status)
                 state.last_seq = appended[-1].seq if appended else tx.run.last_seq
             state.publish()  # durable now: other threads may see the new steps
+            if state.broken:  # its engine failed past the published steps: the next request reloads
+                self._fails_at[run_id] = state.engine.step + 1
+                self._evict(state)
+            elif self._fails_at.get(run_id, math.inf) <= state.horizon:  # an action moved it past
+                self._fails_at.pop(run_id, None)
             for outcome in outcomes:
                 for callback in self.on_outcome:
                     callback(run_id, outcome)
-            self._maybe_snapshot(state, outcomes)
+            if not state.broken:
+                self._maybe_snapshot(state, outcomes)
         return placed
 
     def _catch_up(self, state: RunState, tx: RunTransaction) -> None:
@@ -430,7 +503,7 @@ class RunManager:
         state: RunState,
         tx: RunTransaction,
         metric: tuple[int, dict[str, float]] | None,
-        action: tuple[int | None, dict[str, Any]] | None,
+        action: Action | None,
         reports: Reports = (),
     ) -> tuple[list[NewEvent], int | None]:
         events: list[NewEvent] = []
@@ -443,13 +516,13 @@ class RunManager:
         if action is not None:
             if state.status == "stopped":  # as of the stored horizon, whoever stopped it
                 raise RunConflict(f"run {state.run_id!r} is stopped; it takes no more actions")
-            at_step, payload = action
+            at_step = action.at_step
             if at_step is not None and at_step < first_free:
                 raise InvalidInput.at(
                     "at_step", f"must be above the horizon ({tx.run.horizon}), got {at_step}"
                 )
             placed = at_step if at_step is not None else first_free
-            events.append(NewEvent(EventKind.CONTROL, placed, payload))
+            events.append(NewEvent(EventKind.CONTROL, placed, action.payload, action.actor, action.reason))
         for event in events:
             state.take_input(_as_event(event))
         return events, placed
@@ -478,8 +551,19 @@ class RunManager:
 
     # -- operator control -----------------------------------------------------------------
 
-    def control(self, run_id: str, action: dict[str, Any], at_step: int | None) -> tuple[int, dict[str, Any]]:
+    def control(
+        self,
+        run_id: str,
+        action: dict[str, Any],
+        at_step: int | None,
+        *,
+        actor: str = LOCAL_ACTOR,
+        reason: str | None = None,
+    ) -> tuple[int, dict[str, Any]]:
         """Record an operator action at ``at_step`` (default: the first free step).
+
+        ``actor`` and ``reason`` go on the ``control`` event and on the ``status`` event it
+        causes.
 
         Returns:
             The step it applies at, and the event as the API shows it.
@@ -488,9 +572,9 @@ class RunManager:
         if state.status == "stopped":  # stopped is for good; another replica may know it first (_place)
             raise RunConflict(f"run {run_id!r} is stopped; it takes no more actions")
         action = self._validate_action(state, action)
-        placed = self.commit(run_id, state.horizon, action=(at_step, action))
+        placed = self.commit(run_id, state.horizon, action=Action(at_step, action, actor, reason))
         assert placed is not None
-        event = {"kind": "control", "step": placed, **action}
+        event = {"kind": "control", "step": placed, "actor": actor, **action, "reason": reason}
         return placed, event
 
     def _validate_action(self, state: RunState, action: dict[str, Any]) -> dict[str, Any]:
@@ -505,7 +589,8 @@ class RunManager:
                 )
             return {"action": "set_lr", "lrs": [float(v) for v in lrs]}
         if kind == "replace_schedule":
-            schedule = parse_schedule(action["schedule"], n_groups=state.n_groups)
+            schedule = parse_schedule(action["schedule"], n_groups=state.n_groups,
+                                      before_checks=lambda s: self._check_schedule_cost(s, state.n_groups))
             if cycles_momentum(schedule) and not state.engine.reports_momentum:
                 raise InvalidInput.at(
                     "schedule",
@@ -585,13 +670,17 @@ class RunManager:
     def history(self, run_id: str, max_points: int) -> dict[str, Any]:
         """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
         state = self.caught_up(run_id)
+        units = cost.history_cost(n_groups=state.n_groups, points=min(max_points, state.horizon + 1))
+        cost.check(f"a history of {max_points} points on {state.n_groups} param groups", "max_points",
+                   units, self.settings.work_budget)
         horizon = state.horizon
         steps = _downsample(range(horizon + 1), max_points)
         values = self.values_between(run_id, 0, horizon)
         metrics = {}
         for name, rows in self.store.read_metrics(run_id).items():
             picked = _downsample(rows, max_points)
-            metrics[name] = {"steps": [r[0] for r in picked], "values": [r[2] for r in picked],
+            metrics[name] = {"steps": [r[0] for r in picked],
+                             "values": [codec.public_float(r[2]) for r in picked],
                              "ranks": [r[1] for r in picked]}
         events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
         return {
@@ -611,6 +700,34 @@ class RunManager:
         new = self.store.append_metrics(run_id, rows)  # first, to count the new ones; resends are
         self.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
         return new
+
+
+def _first_steps(schedule: Any, base_lrs: Sequence[float], base_momentums: Sequence[float] | None) -> None:
+    """Build the run's engine and take steps 1 and 2: a schedule that cannot start is a 422 at create.
+
+    Raises:
+        ScheduleError: torch refuses the schedule on these LRs, or a value of step 0, 1 or 2
+            would be negative or not finite (e.g. ExponentialLR with gamma 1e308).
+    """
+    engine = Engine(schedule, base_lrs, base_momentums)
+    engine.check_values(0, "the schedule's")
+    for _ in range(2):
+        engine.advance()
+
+
+class _RunLock:
+    """A ``threading.Lock`` that a ``WeakValueDictionary`` can hold (a bare lock takes no weak reference)."""
+
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 class _RunReplaced(Exception):
@@ -662,7 +779,7 @@ def _records(metrics: Mapping[str, float], step: int, rank: int) -> list[Any]:
 
 
 def _as_event(new: NewEvent) -> Event:
-    return Event(0, new.kind, new.step, new.payload, datetime.now(timezone.utc))
+    return Event(0, new.kind, new.step, new.payload, datetime.now(timezone.utc), new.actor, new.reason)
 
 
 def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunState) -> list[NewEvent]:
@@ -680,12 +797,13 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
                 events.extend(_spike_events(r, outcome.step))
                 continue
             events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
-                "stage": r.stage, "monitor": r.monitor, "value": _json_float(r.value),
+                "stage": r.stage, "monitor": r.monitor, "value": r.value,
                 "lrs_before": list(r.before), "lrs_after": list(r.after)}))
         for action in outcome.actions:
-            status = {"stop": "stopped", "hold": "held", "resume": "active"}.get(action["action"])
-            if status is not None:
-                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status}))
+            status = {"stop": "stopped", "hold": "held", "resume": "active"}.get(action.payload["action"])
+            if status is not None:  # the action's doing: its actor and reason
+                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status},
+                                       action.actor, action.reason))
     return events
 
 
@@ -697,12 +815,8 @@ def _spike_events(spike: Spike, step: int) -> list[NewEvent]:
             f"spike guard: {spike.count} loss spikes, more than max_spikes allows "
             f"(the last on rank {spike.rank} at step {spike.step})"
         )
-        events.append(NewEvent(EventKind.STATUS, step, {"status": "stopped", "reason": reason}))
+        events.append(NewEvent(EventKind.STATUS, step, {"status": "stopped"}, reason=reason))
     return events
-
-
-def _json_float(value: float) -> float | str:
-    return value if math.isfinite(value) else repr(value)
 
 
 def _downsample(items: Sequence[Any], max_points: int) -> Sequence[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -11,6 +12,7 @@ from typing import Any
 from service.engine.engine import Decision, Engine, ScheduleSwitch, Values, apply_action
 from service.engine.spec import guard_of, parse_schedule, watched_metrics
 from service.engine.spike_guard import Spike
+from service.errors import ScheduleError
 from service.runs.value_log import ValueLog
 from service.store.events import Event, EventKind
 
@@ -23,7 +25,7 @@ class Inputs:
     """
 
     metrics: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
-    actions: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    actions: dict[int, list[Event]] = field(default_factory=lambda: defaultdict(list))
     reports: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, event: Event) -> None:
@@ -34,7 +36,7 @@ class Inputs:
             if event.payload.get("reports"):
                 self.reports[event.step].extend(event.payload["reports"])
         elif event.kind is EventKind.CONTROL:
-            self.actions[event.step].append(event.payload)
+            self.actions[event.step].append(event)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class StepOutcome:
 
     step: int
     reductions: list[Decision]
-    actions: list[dict[str, Any]]
+    actions: list[Event]
+    """The ``control`` events applied right after this step (their payload is the action)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class RunState:
         self.lock = threading.Lock()
         self.created_at: datetime | None = None  # the stored run's; tells a re-created run apart
         self.evicted = False  # dropped by its manager after a failed commit: reload, never reuse
+        self.budget_steps: tuple[Any, int] | None = None  # (schedule, steps it may take per request)
+        self.broken = False  # the engine failed past the last step computed (``advance_to``)
         self._pending: list[Values] = []  # computed, not yet durable
         self.marks = Marks()  # the status at the engine's step (ahead of ``status`` in a commit)
 
@@ -124,24 +129,38 @@ class RunState:
             return self.values[index]
         return None
 
-    def advance_to(self, target: int) -> list[StepOutcome]:
+    def advance_to(self, target: int, *, need: int | None = None) -> list[StepOutcome]:
         """Step the engine up to ``target``, applying the inputs placed on the way.
 
         The new steps stay invisible (``cached`` does not see them) until ``publish``.
+
+        Args:
+            need: The last step that must be reached; a step after it that the schedule
+                cannot take ends the advance before it (a window crossing a failing step
+                is the steps before it). ``broken`` is then set: the engine sits past its
+                last good step, so the state must be dropped once those are published.
+                ``None``: every step up to ``target`` must be reached.
+
+        Raises:
+            ScheduleError: a step up to ``need`` would serve an LR that is negative or not
+                finite, or torch cannot take it.
         """
         outcomes = []
         while self.engine.step < target:
             step = self.engine.step + 1
-            inputs = self.inputs
-            reductions = self.engine.advance(inputs.metrics.pop(step, None), inputs.reports.pop(step, ()))
+            try:
+                reductions, actions = self._take_step(step)
+            except ScheduleError:
+                if need is None or step <= need:
+                    raise
+                self.broken = True
+                break
             if any(isinstance(r, ScheduleSwitch) for r in reductions):
                 self.marks = replace(self.marks, switched_at=step)
             if any(isinstance(r, Spike) and r.stop for r in reductions) and self.marks.status != "stopped":
                 self.marks = replace(self.marks, status="stopped", stopped_at=step)
-            actions = self.inputs.actions.pop(step, [])
             for action in actions:
-                apply_action(self.engine, action)
-                self._track_status(action, step)
+                self._track_status(action.payload, step)
             self._pending.append(self.engine.values())
             outcomes.append(StepOutcome(step, reductions, actions))
         return outcomes
@@ -149,6 +168,32 @@ class RunState:
     def spikes_between(self, start: int, end: int) -> list[Spike]:
         """Spikes that took effect at steps ``start .. end`` (final ones only: call with end <= horizon)."""
         return [s for s in list(self.engine.spikes) if start <= s.applied_at <= end]
+
+    def _take_step(self, step: int) -> tuple[list[Decision], list[Event]]:
+        """Advance the engine to ``step`` and apply the operator actions placed there.
+
+        A step that fails but carries actions is taken on the last good values (the clock
+        moves, the LRs stay), and the actions apply to those: an operator can always move
+        a run past a failing step. The values after the actions are checked as torch's are.
+        """
+        metrics = self.inputs.metrics.pop(step, None)
+        reports = self.inputs.reports.pop(step, ())
+        actions = self.inputs.actions.pop(step, [])
+        before = copy.deepcopy(self.engine) if actions else None  # rare: steps with actions
+        try:
+            reductions = self.engine.advance(metrics, reports)
+        except ScheduleError:
+            if before is None:
+                raise
+            self.engine = before
+            self.engine.step = step
+            reductions = []
+        for action in actions:
+            apply_action(self.engine, action.payload)
+        if actions:
+            kinds = ", ".join(a.payload["action"] for a in actions)
+            self.engine.check_values(step, f"after the operator's actions ({kinds}), the")
+        return reductions, actions
 
     def _track_status(self, action: dict[str, Any], step: int) -> None:
         kind, marks = action["action"], self.marks

@@ -7,9 +7,11 @@ a PostgreSQL database. Both are served by the same ``SqlStore``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
@@ -18,11 +20,13 @@ from sqlalchemy import exc as sa_exc
 from service.errors import StoreUnavailable
 from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
 from service.store.events import Event, EventKind, NewEvent
+from service.store.guard import DatabaseMissing, FileIdentity, check_existed, write_marker
 from service.store.schema import SchemaTooNew
 from service.store.sql import SQLITE_BEGIN_OPTION, SqlStore
 
 __all__ = [
     "BaseStore",
+    "DatabaseMissing",
     "Event",
     "EventKind",
     "MetricRecord",
@@ -41,7 +45,7 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 POSTGRES_CONNECT_TIMEOUT_S = 5
 
 
-def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> BaseStore:
+def open_store(url: str, *, sqlite_synchronous: str = "NORMAL", create_db: bool = False) -> BaseStore:
     """Open (and create or migrate) the store a database URL names.
 
     Args:
@@ -49,6 +53,8 @@ def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> BaseStore:
             (``postgresql://`` means psycopg too).
         sqlite_synchronous: SQLite's ``synchronous`` pragma. With WAL, ``NORMAL`` makes a
             commit survive a crash of the process, ``FULL`` also a power loss.
+        create_db: Create an SQLite file even where one existed before and is gone
+            (``service.store.guard``); a first start creates it regardless.
 
     Returns:
         An open store; call ``close`` when done.
@@ -58,6 +64,7 @@ def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> BaseStore:
         StoreUnavailable: the database cannot be reached (the message names the host or
             file, never the password).
         SchemaTooNew: the database was written by a newer lrserve.
+        DatabaseMissing: the SQLite file existed here before and is gone (not ``create_db``).
     """
     try:
         parsed = make_url(url)
@@ -67,7 +74,7 @@ def open_store(url: str, *, sqlite_synchronous: str = "NORMAL") -> BaseStore:
             "not a database URL: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
         ) from exc
     if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
-        return _open_sqlite(parsed, sqlite_synchronous)
+        return _open_sqlite(parsed, sqlite_synchronous, create_db)
     if parsed.drivername in ("postgresql", "postgresql+psycopg"):
         return _open_postgres(parsed.set(drivername="postgresql+psycopg"))
     raise ValueError(
@@ -81,6 +88,7 @@ def wait_for_store(
     *,
     wait_s: float = 0.0,
     sqlite_synchronous: str = "NORMAL",
+    create_db: bool = False,
     on_wait: Callable[[StoreUnavailable, float], None] | None = None,
     poll_s: float = 1.0,
 ) -> BaseStore:
@@ -98,13 +106,14 @@ def wait_for_store(
         poll_s: Pause between tries.
 
     Raises:
-        ValueError, StoreUnavailable, SchemaTooNew: as ``open_store``, once time is up.
+        ValueError, StoreUnavailable, SchemaTooNew, DatabaseMissing: as ``open_store``, once
+            time is up (the last two at once: waiting cannot fix them).
     """
     deadline = time.monotonic() + max(0.0, wait_s)
     while True:
         try:
-            return open_store(url, sqlite_synchronous=sqlite_synchronous)
-        except SchemaTooNew:
+            return open_store(url, sqlite_synchronous=sqlite_synchronous, create_db=create_db)
+        except (SchemaTooNew, DatabaseMissing):
             raise
         except StoreUnavailable as exc:
             left = deadline - time.monotonic()
@@ -115,14 +124,19 @@ def wait_for_store(
             time.sleep(min(poll_s, left))
 
 
-def _open_sqlite(url: URL, synchronous: str) -> SqlStore:
-    """An SQLite file in WAL mode, shared by threads through a pool of connections."""
+def _open_sqlite(url: URL, synchronous: str, create_db: bool) -> SqlStore:
+    """An SQLite file in WAL mode, shared by threads through a pool of connections, its
+    identity guarded (``service.store.guard``)."""
     mode = synchronous.upper()
     if mode not in SQLITE_SYNCHRONOUS:
         raise ValueError(f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
     path = url.database or ""
     if path in ("", ":memory:") or path.startswith("file::memory:"):
         raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
+    if path.startswith("file:"):
+        raise ValueError("give the SQLite database as sqlite:///PATH (not a file: URI)")
+    database = Path(os.path.abspath(path))
+    check_existed(database, create=create_db)
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
@@ -130,7 +144,16 @@ def _open_sqlite(url: URL, synchronous: str) -> SqlStore:
         max_overflow=30,
     )
     _install_sqlite_hooks(engine, mode)
-    return SqlStore(engine, where=f"SQLite database {path}")
+    try:
+        with engine.connect():  # creates the file: its identity is what the guard keeps
+            pass
+    except sa_exc.DBAPIError as exc:
+        engine.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+        raise StoreUnavailable(f"SQLite database {path}: {reason}") from exc
+    store = SqlStore(engine, where=f"SQLite database {path}", guard=FileIdentity(database))
+    write_marker(database)
+    return store
 
 
 def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:

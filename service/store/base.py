@@ -44,6 +44,8 @@ class RunRecord:
     last_seq: int
     created_at: datetime
     updated_at: datetime
+    last_seen: datetime | None = None
+    """When any rank last asked the server about the run (flushed in batches; None: never)."""
 
 
 @dataclass(frozen=True)

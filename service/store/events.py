@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from service.engine.codec import legacy_float_text, public_json
+
 
 class EventKind(str, enum.Enum):
     """What an event records. Inputs feed the replay; outputs only document what it did."""
@@ -30,13 +32,23 @@ class EventKind(str, enum.Enum):
         return self in (EventKind.METRIC, EventKind.CONTROL)
 
 
+SERVER = "server"
+"""The actor of what the server decides by itself (plateau reductions, barrier timeouts, ...)."""
+
+
 @dataclass(frozen=True)
 class NewEvent:
-    """An event about to be appended; the store gives it ``seq`` and ``at``."""
+    """An event about to be appended; the store gives it ``seq`` and ``at``.
+
+    ``actor`` is who caused it: a token's name, ``local`` (a server without tokens), or
+    ``server``. ``reason`` is the words an operator gave with an action (None otherwise).
+    """
 
     kind: EventKind
     step: int | None
     payload: dict[str, Any] = field(default_factory=dict)
+    actor: str = SERVER
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,21 @@ class Event:
     step: int | None
     payload: dict[str, Any]
     at: datetime
+    actor: str = SERVER
+    reason: str | None = None
 
     def public(self) -> dict[str, Any]:
-        """The event as the API shows it: ``kind``, ``step``, ``at``, then the payload's fields."""
-        return {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), **self.payload}
+        """The event as the API shows it: ``kind``, ``step``, ``at``, ``actor``, then the
+        payload's fields; ``reason`` too on actions and on what an action caused.
+
+        Non-finite numbers (a NaN loss in a metric event or a decision) are spelled
+        "NaN", "Infinity", "-Infinity" (``codec.public_json``).
+        """
+        payload = public_json(self.payload)
+        if self.kind is EventKind.PLATEAU_REDUCTION and isinstance(payload.get("value"), str):
+            payload["value"] = legacy_float_text(payload["value"])  # stored as repr() before 1.1
+        shown = {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), "actor": self.actor,
+                 **payload}
+        if self.reason is not None or self.kind is EventKind.CONTROL:
+            shown["reason"] = self.reason
+        return shown

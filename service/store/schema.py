@@ -32,9 +32,11 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    inspect,
     select,
     text,
 )
+from sqlalchemy.schema import CreateColumn
 
 from service.errors import StoreUnavailable
 
@@ -93,6 +95,7 @@ runs = Table(
     Column("last_seq", BigInteger, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=True),  # v2: last request of any rank (liveness)
 )
 
 run_labels = Table(
@@ -113,6 +116,8 @@ events = Table(
     Column("step", BigInteger, nullable=True),
     Column("payload", Text, nullable=False),  # JSON
     Column("at", UTCDateTime, nullable=False),
+    Column("actor", String(128), nullable=False, server_default="server"),  # v2
+    Column("reason", Text, nullable=True),  # v2: an operator's words with an action
 )
 
 snapshots = Table(
@@ -153,12 +158,64 @@ RUN_TABLES = (run_labels, events, snapshots, metrics, barrier_reports)
 """Tables keyed by ``run_id`` besides ``runs`` itself (deleted with the run)."""
 
 
+def _v1_metadata() -> MetaData:
+    """The version-1 tables, frozen: ``_migrate_v1`` creates exactly these, forever."""
+    v1 = MetaData()
+    Table("runs", v1, Column("run_id", String(128), primary_key=True), Column("spec", Text, nullable=False),
+          Column("status", String(32), nullable=False), Column("horizon", BigInteger, nullable=False),
+          Column("last_seq", BigInteger, nullable=False), Column("created_at", UTCDateTime, nullable=False),
+          Column("updated_at", UTCDateTime, nullable=False))
+    Table("run_labels", v1, Column("run_id", String(128), primary_key=True),
+          Column("key", String(128), primary_key=True), Column("value", String(256), nullable=False),
+          Index("ix_run_labels_key_value", "key", "value"))
+    Table("events", v1, Column("run_id", String(128), primary_key=True),
+          Column("seq", BigInteger, primary_key=True, autoincrement=False),
+          Column("kind", String(32), nullable=False), Column("step", BigInteger, nullable=True),
+          Column("payload", Text, nullable=False), Column("at", UTCDateTime, nullable=False))
+    Table("snapshots", v1, Column("run_id", String(128), primary_key=True),
+          Column("step", BigInteger, primary_key=True, autoincrement=False),
+          Column("seq", BigInteger, nullable=False), Column("state", Text, nullable=False))
+    Table("metrics", v1, Column("run_id", String(128), primary_key=True),
+          Column("name", String(128), primary_key=True),
+          Column("step", BigInteger, primary_key=True, autoincrement=False),
+          Column("rank", Integer, primary_key=True, autoincrement=False),
+          Column("value", _double(), nullable=True), Column("value_text", String(8), nullable=True),
+          Column("at", UTCDateTime, nullable=False))
+    Table("barrier_reports", v1, Column("run_id", String(128), primary_key=True),
+          Column("step", BigInteger, primary_key=True, autoincrement=False),
+          Column("rank", Integer, primary_key=True, autoincrement=False),
+          Column("name", String(128), primary_key=True), Column("value", _double(), nullable=True),
+          Column("value_text", String(8), nullable=True))
+    return v1
+
+
 def _migrate_v1(conn: Connection) -> None:
     """Initial schema."""
-    metadata.create_all(conn, tables=[runs, *RUN_TABLES], checkfirst=True)
+    _v1_metadata().create_all(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1]
+_V2_COLUMNS = (
+    ("events", Column("actor", String(128), nullable=False, server_default="server")),
+    ("events", Column("reason", Text, nullable=True)),
+    ("runs", Column("last_seen", UTCDateTime, nullable=True)),
+)
+
+
+def _migrate_v2(conn: Connection) -> None:
+    """Who caused each event (``actor``, ``reason``) and when a run was last heard from.
+
+    Events written before it record the actor ``server``. A column already there (a
+    half-applied step on a backend without transactional DDL) is left as it is.
+    """
+    inspector = inspect(conn)
+    for table_name, column in _V2_COLUMNS:
+        if column.name in {c["name"] for c in inspector.get_columns(table_name)}:
+            continue
+        ddl = CreateColumn(column).compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE {table_name} ADD COLUMN {ddl}"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2]
 """``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

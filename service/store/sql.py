@@ -43,6 +43,7 @@ from service.store.base import (
     Snapshot,
 )
 from service.store.events import Event, EventKind, NewEvent
+from service.store.guard import FileIdentity
 from service.store.schema import (
     RUN_TABLES,
     barrier_reports,
@@ -112,13 +113,16 @@ class SqlStore(BaseStore):
     Opening runs the schema migrations (see ``service.store.schema``).
     """
 
-    def __init__(self, engine: Engine, *, where: str, secrets: Sequence[str] = ()) -> None:
+    def __init__(
+        self, engine: Engine, *, where: str, secrets: Sequence[str] = (), guard: FileIdentity | None = None
+    ) -> None:
         """Take ownership of ``engine`` and bring its schema up to date.
 
         Args:
             engine: A configured engine; closed by ``close`` (or here, if opening fails).
             where: The database in words, without credentials; starts every error message.
             secrets: Strings never to repeat in an error message (the password).
+            guard: The SQLite file's identity, checked before each write commits and on ``ping``.
 
         Raises:
             StoreUnavailable: the database cannot be reached.
@@ -127,6 +131,7 @@ class SqlStore(BaseStore):
         self._engine = engine
         self._where = where
         self._secrets = tuple(s for s in secrets if s)
+        self._guard = guard
         # SQLite has one writer per file; a writer that finds it taken sleeps in SQLite's busy
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
@@ -154,10 +159,22 @@ class SqlStore(BaseStore):
                     conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
                 with conn.begin():
                     yield conn
+                    if write and self._guard is not None:
+                        self._guard.check()  # never commit (and acknowledge) into a file that is gone
         except sa_exc.DBAPIError as exc:
+            self._after_failure(exc)
             raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
         except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
             raise StoreUnavailable(f"{self._where}: no free database connection") from exc
+
+    def _after_failure(self, exc: sa_exc.DBAPIError) -> None:
+        """After SQLite reports a damaged or unreadable file, drop every pooled connection:
+        their page caches may hold what it read before, and fresh ones see the file as it is
+        now (restored, say). A busy file is not damage. PostgreSQL's pool already drops
+        connections a restart broke (``pool_pre_ping``, and SQLAlchemy's disconnect check)."""
+        if self._engine.dialect.name != "sqlite" or "locked" in str(exc.orig):
+            return
+        self._engine.dispose()
 
     def _reason(self, error: BaseException | None) -> str:
         lines = str(error).strip().splitlines() or [type(error).__name__]
@@ -220,7 +237,7 @@ class SqlStore(BaseStore):
                 raise InvalidInput.at("labels", "must not contain NUL characters")
         now = _now()
         row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": "active", "horizon": 0,
-               "last_seq": 1, "created_at": now, "updated_at": now}
+               "last_seq": 1, "created_at": now, "updated_at": now, "last_seen": now}
         with self._transaction(write=True) as conn:
             insert = self._insert(runs).values(row).on_conflict_do_nothing(index_elements=["run_id"])
             # RETURNING, not rowcount: psycopg's rowcount reads -1 here under SQLAlchemy 2.1
@@ -480,7 +497,9 @@ class SqlStore(BaseStore):
     # -- health ----------------------------------------------------------------------------
 
     def ping(self) -> None:
-        """Raises StoreUnavailable if the database cannot be reached."""
+        """Raises StoreUnavailable if the database cannot be reached (or its file changed)."""
+        if self._guard is not None:
+            self._guard.check()
         with self._transaction() as conn:
             conn.execute(text("SELECT 1"))
 
@@ -576,20 +595,21 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         last_seq=row.last_seq,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        last_seen=row.last_seen,
     )
 
 
 def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime) -> dict[str, Any]:
     kind = EventKind(event.kind)
     return {"run_id": run_id, "seq": seq, "kind": kind.value, "step": event.step,
-            "payload": _dumps(event.payload), "at": at}
+            "payload": _dumps(event.payload), "at": at, "actor": event.actor, "reason": event.reason}
 
 
 def _event(row: Any) -> Event:
     """An ``Event`` from an events row (a Row or the dict that was inserted)."""
     get = row.get if isinstance(row, dict) else row._mapping.get
     return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
-                 payload=_loads(get("payload")), at=get("at"))
+                 payload=_loads(get("payload")), at=get("at"), actor=get("actor"), reason=get("reason"))
 
 
 def _select_reports(conn: Connection, run_id: str, step: int) -> dict[int, dict[str, float]]:

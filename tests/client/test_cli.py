@@ -24,7 +24,9 @@ HISTORY = {
     "run_id": "r",
     "lrs": {"steps": [0, 10], "values": [[0.1], [0.05]]},
     "metrics": {"val_loss": {"steps": [10], "values": [0.4]}},
-    "events": [{"kind": "created", "step": 0, "at": "2025-01-01T00:00:00Z"}],
+    "events": [{"kind": "created", "step": 0, "at": "2025-01-01T00:00:00Z", "actor": "ops-alice"},
+               {"kind": "control", "step": 11, "at": "2025-01-01T00:01:00Z", "actor": "ops-alice",
+                "action": "hold", "reason": "loss diverged"}],
 }
 
 
@@ -282,11 +284,12 @@ def test_history_csv(run):
     assert str(server.requests[0].url).endswith("/v1/runs/r/history?max_points=100")
     rows = list(csv.reader(io.StringIO(out)))
     assert rows == [
-        ["series", "step", "value"],
-        ["lr[0]", "0", "0.1"],
-        ["lr[0]", "10", "0.05"],
-        ["val_loss", "10", "0.4"],
-        ["event:created", "0", ""],
+        ["series", "step", "value", "actor", "reason"],
+        ["lr[0]", "0", "0.1", "", ""],
+        ["lr[0]", "10", "0.05", "", ""],
+        ["val_loss", "10", "0.4", "", ""],
+        ["event:created", "0", "", "ops-alice", ""],
+        ["event:control", "11", "", "ops-alice", "loss diverged"],
     ]
 
 

@@ -126,6 +126,7 @@ def test_operator_action_is_confirmed_and_lands_on_the_run(page, live):
     ]
     assert [(e["action"], e["factor"], e["step"]) for e in controls] == [("scale", 0.5, applied)]
     expect(page.locator('#events-table tr[data-kind="control"]')).to_have_count(1)
+    expect(page.locator('#events-table tr[data-kind="control"] .event-actor')).to_have_text("local")
 
     page.fill("#ctl-at", str(applied - 1))  # below the horizon: the server's 422 lands at the field
     page.click('button[data-action="hold"]')

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query, Response
 from service.api.deps import AdminAccess, ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
 from service.api.schemas import (
+    MAX_LABEL_LENGTH,
+    MAX_LABELS,
     ControlRequest,
     ControlResult,
     HistoryPublic,
@@ -19,6 +21,7 @@ from service.api.schemas import (
     RunsPublic,
     Status,
 )
+from service.auth import Identity
 from service.errors import InvalidInput
 from service.runs.manager import RunManager
 from service.store.base import RunRecord
@@ -51,21 +54,24 @@ def run_public(manager: RunManager, record: RunRecord) -> dict:
     "",
     response_model=RunPublic,
     status_code=201,
-    dependencies=[WriteAccess],
     responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}},
 )
-def create_run(body: RunCreate, manager: ManagerDep) -> Response:
+def create_run(body: RunCreate, manager: ManagerDep, identity: Annotated[Identity, WriteAccess]) -> Response:
     """Create a run (idempotent: every rank may call it)."""
-    record, created = manager.create_run(body.model_dump())
+    record, created = manager.create_run(body.model_dump(), actor=identity.name)
     return FastJSONResponse(run_public(manager, record), status_code=201 if created else 200)
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:  # a run has at most this many labels: more filters match nothing
+        raise InvalidInput.at("label", f"at most {MAX_LABELS} filters; got {len(labels)}")
     parsed = {}
     for item in labels:
         key, sep, value = item.partition(":")
         if not sep or not key:
-            raise InvalidInput.at("label", f"expected key:value, got {item!r}")
+            raise InvalidInput.at("label", f"expected key:value, got {item[:64]!r}")
+        if len(key) > MAX_LABEL_LENGTH or len(value) > MAX_LABEL_LENGTH:
+            raise InvalidInput.at("label", f"keys and values have at most {MAX_LABEL_LENGTH} characters")
         parsed[key] = value
     return parsed
 
@@ -73,7 +79,9 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
 @router.get("", response_model=RunsPublic, dependencies=[ReadAccess])
 def list_runs(
     manager: ManagerDep,
-    label: Annotated[list[str], Query(description="key:value; repeat to require several")] = [],  # noqa: B006
+    label: Annotated[
+        list[str], Query(description=f"key:value; repeat to require several (at most {MAX_LABELS})")
+    ] = [],  # noqa: B006
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
@@ -102,11 +110,15 @@ def delete_run(run_id: RunId, manager: ManagerDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{run_id}/control", response_model=ControlResult, dependencies=[AdminAccess])
-def control_run(run_id: RunId, body: ControlRequest, manager: ManagerDep) -> Response:
-    """Apply an operator action at the first free step (or at `at_step`)."""
-    action = body.model_dump(exclude={"at_step"}, exclude_none=True)
-    applied_at, event = manager.control(run_id, action, body.at_step)
+@router.post("/{run_id}/control", response_model=ControlResult)
+def control_run(
+    run_id: RunId, body: ControlRequest, manager: ManagerDep, identity: Annotated[Identity, AdminAccess]
+) -> Response:
+    """Apply an operator action at the first free step (or at `at_step`); `reason` goes on its event."""
+    action = body.model_dump(exclude={"at_step", "reason"}, exclude_none=True)
+    applied_at, event = manager.control(
+        run_id, action, body.at_step, actor=identity.name, reason=body.reason
+    )
     return FastJSONResponse({"run_id": run_id, "applied_at": applied_at, "event": event})
 
 

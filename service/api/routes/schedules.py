@@ -4,28 +4,38 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import ReadAccess
+from service.api.deps import ReadAccess, SettingsDep
 from service.api.responses import FastJSONResponse
 from service.api.routes.spike_guard import spike_public
 from service.api.schemas import PreviewRequest, PreviewResult
+from service.engine import cost
 from service.engine.catalog import catalog
+from service.engine.codec import public_rows
 from service.engine.preview import simulate
-from service.engine.spec import parse_schedule
+from service.engine.spec import ScheduleSpec, parse_schedule
 from service.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
 
 @router.post("/preview", response_model=PreviewResult, dependencies=[ReadAccess])
-def preview_schedule(body: PreviewRequest) -> Response:
+def preview_schedule(body: PreviewRequest, settings: SettingsDep) -> Response:
     """Values at steps 0..steps-1, simulating plateau decisions and spikes from `metrics`."""
     n_groups = len(body.base_lrs)
     if body.base_momentums is not None and len(body.base_momentums) != n_groups:
         raise InvalidInput.at("base_momentums", f"expected {n_groups} values, got {len(body.base_momentums)}")
-    schedule = parse_schedule(body.schedule, n_groups=n_groups)
+    what = f"a preview of {body.steps} steps on {n_groups} param groups"
+
+    def within_budget(schedule: ScheduleSpec) -> None:
+        units = cost.cost(schedule, n_groups=n_groups, steps=max(body.steps, cost.CREATE_STEPS))
+        cost.check(what, "steps", units, settings.work_budget)
+
+    schedule = parse_schedule(body.schedule, n_groups=n_groups, before_checks=within_budget)
     result = simulate(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
+    lrs, moms = result.lrs, result.momentums
     spikes = [spike_public(s) for s in result.spikes]
-    return FastJSONResponse({"lrs": result.lrs, "momentums": result.momentums, "spikes": spikes})
+    body_out = {"lrs": public_rows(lrs), "momentums": moms and public_rows(moms), "spikes": spikes}
+    return FastJSONResponse(body_out)
 
 
 @router.get("/catalog", dependencies=[ReadAccess])

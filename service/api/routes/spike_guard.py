@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
@@ -11,16 +10,10 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import ManagerDep, ReadAccess
 from service.api.responses import FastJSONResponse
 from service.api.schemas import RunId, SpikeGuardPublic
+from service.engine.codec import public_float
 from service.engine.spike_guard import Spike
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["runs"])
-
-
-def public_float(value: float | None) -> float | str | None:
-    """A float as answers show it: non-finite ones as "NaN", "Infinity", "-Infinity"."""
-    if value is None or math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 def spike_public(spike: Spike) -> dict[str, Any]:
@@ -40,5 +33,5 @@ async def read_spike_guard(
     guard = await run_in_threadpool(manager.spike_guard, run_id, max_points)
     guard["spikes"] = [spike_public(s) for s in guard["spikes"]]
     for series in guard["band"].values():
-        series["values"] = [public_float(v) for v in series["values"]]
+        series["values"] = [public_float(v) for v in series["values"]]  # NaN: a spike, plotted
     return FastJSONResponse(guard)

@@ -15,7 +15,7 @@ const prefs = { log: null, maxPoints: 500 }; // kept while the tab lives; log nu
 
 /** The event's own fields in a line: "scale factor=0.5", "val_loss=0.41: 0.1 → 0.05". */
 export function eventText(ev) {
-  const { kind, step, at, ...rest } = ev;
+  const { kind, step, at, actor, reason, ...rest } = ev;
   switch (kind) {
     case "created": return "run created";
     case "control": {
@@ -62,10 +62,13 @@ function header(run) {
 function eventsTable(events) {
   if (!events.length) return h("p", { class: "muted" }, "No events yet.");
   return h("table", { class: "events", id: "events-table" },
-    h("thead", {}, h("tr", {}, ["Step", "Event", "What", "When"].map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, ["Step", "Event", "What", "Who", "When"].map((t) => h("th", {}, t)))),
     h("tbody", {}, [...events].reverse().map((ev) => h("tr", { "data-kind": ev.kind },
       h("td", { class: "num" }, ev.step === null ? "—" : String(ev.step)),
-      h("td", {}, dot(ev.kind), ev.kind), h("td", {}, eventText(ev)), h("td", { class: "muted small" }, fmtTime(ev.at))))));
+      h("td", {}, dot(ev.kind), ev.kind),
+      h("td", {}, eventText(ev), ev.reason ? h("div", { class: "muted small event-reason" }, `“${ev.reason}”`) : null),
+      h("td", { class: "event-actor" }, ev.actor || "—"),
+      h("td", { class: "muted small" }, fmtTime(ev.at))))));
 }
 
 function dot(kind) {

@@ -206,3 +206,23 @@ def test_torch_scheduler_with_expressions_deep_copies_and_saves_json_state():
     clone = copy.deepcopy(scheduler)
     assert [fn(3) for fn in clone.lr_lambdas] == [0.9**3, 1.0]
     json.dumps(scheduler.state_dict())
+
+
+def test_an_engine_steps_on_its_compiled_expressions_however_many_distinct_exist(monkeypatch):
+    """Each expression is parsed once, when the spec is checked; stepping never parses again
+    (a process-wide cache of 512 re-parsed every expression on every step beyond 512)."""
+    from service.engine import expr
+    from service.engine.engine import Engine
+    from service.engine.spec import parse_schedule
+
+    n = 600
+    spec = parse_schedule(
+        {"type": "LambdaLR", "lr_lambda": [f"0.99 ** step * {i + 1}" for i in range(n)]}, n_groups=n
+    )
+    engine = Engine(spec, [0.1] * n)
+    parses = []
+    monkeypatch.setattr(expr, "_compile", lambda source: parses.append(source))
+    for _ in range(20):
+        engine.advance()
+    assert parses == []
+    assert engine.values()[0][5] == pytest.approx(0.1 * 0.99**20 * 6)

@@ -1,0 +1,119 @@
+"""The work a request causes, in budget units, known before any of it is done.
+
+One unit is about one torch scheduler step of one param group (0.5-1 µs on a small
+machine). A request that computes or serialises values costs::
+
+    steps × (param groups + 6) × per-step cost of the spec
+
+``+ 6`` is the per-step overhead paid whatever the group count (the scheduler call, the
+step's bookkeeping, its JSON framing). The per-step cost of a spec is ``PER_STEP[type]``;
+a ``LambdaLR`` / ``MultiplicativeLR`` adds its expressions' size (``1 + nodes / 20`` for
+its largest expression: evaluating a 200-term expression costs about ten scheduler
+steps); a ``ChainedScheduler`` steps all its children (their sum), a ``SequentialLR``
+one at a time (the dearest), a range test its ``then`` schedule once it switches, a
+``SpikeGuard`` its inner schedule.
+
+Requests whose cost is over ``Settings.work_budget`` are refused with
+``WorkBudgetExceeded`` (422, naming the budget and the cost), or, for windows of values
+asked ahead, cut to fit (``steps_within``).
+
+Example:
+    >>> spec = parse_schedule({"type": "StepLR", "step_size": 10}, n_groups=2)
+    >>> cost(spec, n_groups=2, steps=1000)
+    8000
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from service.engine.expr import CHECKED_STEPS
+from service.errors import InvalidInput
+
+GROUP_OVERHEAD = 6
+"""Per-step units paid whatever the number of param groups."""
+
+PER_STEP: dict[str, float] = {
+    "LambdaLR": 1.0,
+    "MultiplicativeLR": 1.0,
+    "StepLR": 1.0,
+    "MultiStepLR": 1.0,
+    "ConstantLR": 1.0,
+    "LinearLR": 1.0,
+    "ExponentialLR": 1.0,
+    "CosineAnnealingLR": 1.0,
+    "CosineAnnealingWarmRestarts": 1.0,
+    "PolynomialLR": 1.0,
+    "CyclicLR": 1.0,
+    "OneCycleLR": 1.0,
+    "ReduceLROnPlateau": 1.0,
+    "LRRangeTest": 1.0,
+    "SequentialLR": 1.0,
+    "ChainedScheduler": 1.0,
+    "SpikeGuard": 1.0,
+}
+"""Units per step and param group of each schedule type, before its children/expressions."""
+
+NODES_PER_UNIT = 20
+"""Expression terms evaluated in the time of one scheduler step."""
+
+CREATE_STEPS = CHECKED_STEPS + 2
+"""Steps a create (or a new schedule) costs: each expression is checked at steps 0..100,
+and the engine takes steps 1 and 2 to see that the schedule can start."""
+
+
+class WorkBudgetExceeded(InvalidInput):
+    """A request would cost more work than ``Settings.work_budget`` allows."""
+
+    code = "work_budget_exceeded"
+
+
+def per_step(spec: Any, n_groups: int) -> float:
+    """Units one step of ``spec`` costs per param group (see the module docstring)."""
+    own = PER_STEP.get(spec.type, 1.0)
+    if spec.type in ("LambdaLR", "MultiplicativeLR"):
+        return own + spec.max_nodes() / NODES_PER_UNIT
+    if spec.type == "ChainedScheduler":
+        return own + sum(per_step(child, n_groups) for child in spec.schedulers)
+    if spec.type == "SequentialLR":
+        return own + max(per_step(child, n_groups) for child in spec.schedulers)
+    if spec.type == "LRRangeTest" and spec.then is not None:
+        return own + per_step(spec.then_spec(n_groups), n_groups)
+    if spec.type == "SpikeGuard":  # its inner schedule, and judging the reports (per report)
+        return own + per_step(spec.inner_spec(n_groups), n_groups)
+    return own
+
+
+def cost(spec: Any, *, n_groups: int, steps: int) -> int:
+    """Units of ``steps`` steps of ``spec`` on ``n_groups`` param groups."""
+    return math.ceil(steps * (n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups))
+
+
+def history_cost(*, n_groups: int, points: int) -> int:
+    """Units of a history of ``points`` points: stored values read and serialised, no schedule stepped."""
+    return points * (n_groups + GROUP_OVERHEAD)
+
+
+def steps_within(spec: Any, *, n_groups: int, budget: int) -> int:
+    """The most steps of ``spec`` that fit in ``budget`` units (at least 1: one step is always served)."""
+    return max(1, int(budget // ((n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups))))
+
+
+def check(what: str, field: str, units: int, budget: int) -> None:
+    """Refuse a request whose cost ``units`` is over ``budget``.
+
+    Args:
+        what: The work in words, e.g. ``"a preview of 4000 steps on 1024 param groups"``.
+        field: The request field to change.
+
+    Raises:
+        WorkBudgetExceeded: naming the budget and the cost.
+    """
+    if units > budget:
+        raise WorkBudgetExceeded.at(
+            field,
+            f"{what} costs {units} work units, over the work budget of {budget} "
+            f"(LRSERVE_WORK_BUDGET; cost = steps × (param groups + {GROUP_OVERHEAD}) × "
+            "per-step cost of the schedule)",
+        )

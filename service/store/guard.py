@@ -1,0 +1,115 @@
+"""The SQLite file under a running server: never acknowledge a write into the void.
+
+A database file deleted, replaced or moved while the server runs does not stop SQLite:
+its open connections keep writing to the old inode, every write is acknowledged, and
+the next start finds no file (or another one) and begins from an empty database. Two
+guards close that hole:
+
+- ``FileIdentity`` remembers the file's identity (``st_dev``, ``st_ino``) when the store
+  opens it and compares it before every write transaction commits and on ``/readyz``. A
+  file that is gone or not the same one makes the write a ``503`` (rolled back, never
+  acknowledged) and readiness fail, with one log line when it happens (and one when the
+  file is back).
+- A marker file next to the database (``.<name>.lrserve``), written once the database
+  exists, is how a later start knows that one *existed*: finding the marker but no
+  database, ``open_store`` refuses (one line, exit 1) instead of creating an empty one,
+  unless asked to create it (``--create-db`` / ``LRSERVE_CREATE_DB=1``). The first start
+  in a fresh place has no marker and creates the database as always.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from service.errors import StoreUnavailable
+
+log = logging.getLogger("lrserve")
+
+
+class DatabaseMissing(StoreUnavailable):
+    """A database existed at the configured path and is gone: not created anew unasked."""
+
+
+def marker_path(database: Path) -> Path:
+    return database.with_name(f".{database.name}.lrserve")
+
+
+def check_existed(database: Path, *, create: bool) -> None:
+    """Refuse to start on a missing database that the marker says existed (unless ``create``).
+
+    Raises:
+        DatabaseMissing: the marker is there and the database is not.
+    """
+    if create or database.exists() or not marker_path(database).exists():
+        return
+    raise DatabaseMissing(
+        f"SQLite database {database} does not exist, but lrserve created one there before "
+        f"({marker_path(database).name} says so): restore it, or pass --create-db "
+        "(LRSERVE_CREATE_DB=1) to start an empty one"
+    )
+
+
+def write_marker(database: Path) -> None:
+    """Note that the database exists (idempotent; a directory we cannot write is only logged)."""
+    marker = marker_path(database)
+    if marker.exists():
+        return
+    try:
+        marker.write_text(
+            f"lrserve created the SQLite database {database.name} in this directory. While this file\n"
+            "exists, lrserve refuses to start without that database (it would start empty);\n"
+            "pass --create-db or set LRSERVE_CREATE_DB=1 to start a new one on purpose.\n"
+        )
+    except OSError as exc:
+        log.warning("cannot write %s (%s): a deleted database would not be noticed at start-up",
+                    marker, exc.strerror)
+
+
+class FileIdentity:
+    """The identity of the SQLite file a store opened; ``check`` raises once it changed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._identity = self._stat()
+        self._problem: str | None = None
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check(self) -> None:
+        """Raises StoreUnavailable if the file at the path is not the one opened.
+
+        Cost: one ``stat`` (about a microsecond), once per write transaction.
+        """
+        try:
+            now = self._stat()
+        except OSError as exc:  # the directory itself went away or is unreadable
+            now, problem = None, f"cannot be checked ({exc.strerror})"
+        else:
+            problem = None
+        if now is not None and now == self._identity:
+            if self._problem is not None:
+                with self._lock:
+                    if self._problem is not None:
+                        log.warning("SQLite database %s is back: writes accepted again", self.path)
+                        self._problem = None
+            return
+        problem = problem or ("deleted or moved" if now is None else "replaced by another file")
+        if self._problem != problem:
+            with self._lock:
+                if self._problem != problem:
+                    log.error("SQLite database %s was %s while the server ran: refusing every write "
+                              "(nothing is acknowledged) until the file is back; restart to pick up a "
+                              "replacement", self.path, problem)
+                    self._problem = problem
+        error = StoreUnavailable(f"SQLite database {self.path} was {problem} while the server ran")
+        error.logged = True  # the line above, once per fault
+        raise error

@@ -1,0 +1,90 @@
+"""Work budgets against a real server with the default settings: every request's work is
+bounded before it starts; windows are cut to fit, everything else over it is a 422."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.engine import cost
+from service.engine.spec import parse_schedule
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+BUDGET = Settings().work_budget
+GROUPS = 1024
+
+
+def _over_budget(response, field: str) -> dict:
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "work_budget_exceeded"
+    assert body["errors"][0]["field"] == field
+    message = body["errors"][0]["message"]
+    assert f"work budget of {BUDGET}" in message and "costs" in message
+    return body
+
+
+def _wide_run(http, run_id: str, schedule: dict | None = None) -> None:
+    body = {"run_id": run_id, "schedule": schedule or {"type": "StepLR", "step_size": 7},
+            "base_lrs": [0.1] * GROUPS}
+    assert http.post("/v1/runs", json=body).status_code == 201
+
+
+def test_a_preview_of_many_groups_times_many_steps_is_refused(http):
+    # Steps and groups are each within their limit; their product is 1024 x 4000 values (164 MB).
+    body = {"schedule": {"type": "StepLR", "step_size": 7}, "base_lrs": [0.1] * GROUPS, "steps": 4000}
+    _over_budget(http.post("/v1/schedules/preview", json=body), "steps")
+    body["steps"] = 50
+    answer = http.post("/v1/schedules/preview", json=body)
+    assert answer.status_code == 200 and len(answer.json()["lrs"]) == 50
+
+
+def test_a_window_far_ahead_on_many_groups_is_cut_to_the_budget(http):
+    _wide_run(http, "wide-window")
+    spec = parse_schedule({"type": "StepLR", "step_size": 7}, n_groups=GROUPS)
+    fits = cost.steps_within(spec, n_groups=GROUPS, budget=BUDGET)
+    for _ in range(2):  # computed, then from memory: the same cut
+        window = http.get("/v1/runs/wide-window/lr", params={"step": 0, "ahead": 10_000}).json()["window"]
+        assert len(window["lrs"]) == fits
+        assert cost.cost(spec, n_groups=GROUPS, steps=len(window["lrs"])) <= BUDGET
+    answer = http.post("/v1/runs/wide-window/step", json={"step": 1, "ahead": 10_000}).json()
+    assert len(answer["window"]["lrs"]) == fits
+
+
+def test_a_step_jump_beyond_the_budget_is_refused_and_changes_nothing(http):
+    _wide_run(http, "wide-jump")
+    _over_budget(http.get("/v1/runs/wide-jump/lr", params={"step": 5000}), "step")
+    _over_budget(http.post("/v1/runs/wide-jump/step", json={"step": 5000}), "step")
+    assert http.get("/v1/runs/wide-jump").json()["horizon"] == 0
+    assert http.get("/v1/runs/wide-jump/lr", params={"step": 100}).status_code == 200
+
+
+def test_a_create_whose_expressions_cost_too_much_to_check_is_refused(http):
+    # 1024 different 199-term expressions: each is evaluated at 101 steps before the run exists.
+    lambdas = [f"{i + 1}/({i + 1}+step)" + "+0*step" * 48 for i in range(GROUPS)]
+    body = {"run_id": "wide-exprs", "schedule": {"type": "LambdaLR", "lr_lambda": lambdas},
+            "base_lrs": [0.1] * GROUPS}
+    _over_budget(http.post("/v1/runs", json=body), "schedule")
+    assert http.get("/v1/runs/wide-exprs").status_code == 404
+
+
+def test_many_distinct_short_expressions_fit_and_step(http):
+    lambdas = [f"0.999 ** step * {i + 1} / {i + 2}" for i in range(GROUPS)]
+    body = {"run_id": "distinct-exprs", "schedule": {"type": "LambdaLR", "lr_lambda": lambdas},
+            "base_lrs": [0.1] * GROUPS}
+    assert http.post("/v1/runs", json=body).status_code == 201
+    window = http.get("/v1/runs/distinct-exprs/lr", params={"step": 0, "ahead": 100}).json()["window"]
+    assert len(window["lrs"]) == 101
+    assert window["lrs"][100][3] == pytest.approx(0.1 * 0.999**100 * 4 / 5)
+
+
+def test_a_history_of_too_many_points_on_many_groups_is_refused(http):
+    _wide_run(http, "wide-history")
+    horizon = 0
+    while horizon < 1000:  # windows are cut: several requests
+        horizon = http.post("/v1/runs/wide-history/step", json={"step": horizon + 1, "ahead": 10_000}).json()
+        horizon = http.get("/v1/runs/wide-history").json()["horizon"]
+    _over_budget(http.get("/v1/runs/wide-history/history", params={"max_points": 1000}), "max_points")
+    history = http.get("/v1/runs/wide-history/history", params={"max_points": 100}).json()
+    assert len(history["lrs"]["steps"]) == 100

@@ -1,0 +1,112 @@
+"""Storage faults under a running server: a clean 503, readiness fails, nothing acknowledged lost.
+
+Before issue 13, a database file deleted, replaced or moved under the server kept every
+write acknowledged (into an unlinked inode), ``/readyz`` said ready, and the next start
+created an empty database: every acknowledged step gone. Real server processes, real
+SQLite files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.live_server import ServerProcess, free_port
+
+RUN = {"run_id": "r", "schedule": {"type": "StepLR", "step_size": 2}, "base_lrs": [0.1]}
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "data" / "lrserve.db"
+
+
+@pytest.fixture
+def server(db, tmp_path):
+    db.parent.mkdir()
+    proc = ServerProcess(f"sqlite:///{db}", tmp_path).start()
+    yield proc
+    proc.stop()
+
+
+def step(server, k: int) -> httpx.Response:
+    body = {"step": k, "metrics": {"loss": 1.0 / k}}
+    return httpx.post(f"{server.url}/v1/runs/r/step", json=body, timeout=30)
+
+
+def start_steps(server, n: int) -> int:
+    assert httpx.post(f"{server.url}/v1/runs", json=RUN).status_code == 201
+    for k in range(1, n + 1):
+        assert step(server, k).status_code == 200
+    return n
+
+
+def assert_clean_503(response, db) -> None:
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["code"] == "store_unavailable" and str(db.parent) not in response.text
+
+
+def log_lines(server, words: str) -> list[str]:
+    return [line for line in server.log_path.read_text().splitlines() if words in line]
+
+
+def test_deleted_database_refuses_writes_and_the_next_start(server, db, tmp_path):
+    acked = start_steps(server, 5)
+    os.remove(db)
+    for k in range(acked + 1, acked + 4):
+        assert_clean_503(step(server, k), db)
+    assert_clean_503(httpx.get(f"{server.url}/readyz"), db)
+    assert httpx.get(f"{server.url}/healthz").status_code == 200  # the process is up; not ready
+    assert len(log_lines(server, "was deleted or moved while the server ran")) == 1  # not one per request
+    server.stop()
+
+    cmd = [sys.executable, "-m", "service", "serve", "--db", f"sqlite:///{db}", "--port", str(free_port())]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+    assert "does not exist, but lrserve created one there before" in lines[0] and "--create-db" in lines[0]
+    assert not db.exists()  # no empty database was created over the history
+
+    with ServerProcess(f"sqlite:///{db}", tmp_path, args=("--create-db",)) as again:  # asked for: a new one
+        assert httpx.get(f"{again.url}/v1/runs").json()["count"] == 0
+
+
+def test_replaced_database_refuses_writes(server, db):
+    start_steps(server, 3)
+    shutil.copy(db, db.with_suffix(".copy"))
+    os.replace(db.with_suffix(".copy"), db)  # same path, another file
+    assert_clean_503(step(server, 4), db)
+    assert_clean_503(httpx.post(f"{server.url}/v1/runs", json={**RUN, "run_id": "new"}), db)
+    assert_clean_503(httpx.get(f"{server.url}/readyz"), db)
+    assert len(log_lines(server, "was replaced by another file")) == 1
+
+
+def test_moved_database_refuses_writes_until_it_is_back_and_loses_nothing(server, db):
+    acked = start_steps(server, 4)
+    moved = db.with_name("elsewhere.db")
+    os.rename(db, moved)
+    refused = [k for k in range(acked + 1, acked + 4) if step(server, k).status_code == 503]
+    assert refused == [acked + 1, acked + 2, acked + 3]
+    assert httpx.get(f"{server.url}/readyz").status_code == 503
+    os.rename(moved, db)
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert step(server, acked + 1).status_code == 200
+    assert len(log_lines(server, "is back: writes accepted again")) == 1
+    server.stop()
+    with ServerProcess(f"sqlite:///{db}", db.parent.parent) as again:  # every acknowledged step is there
+        run = httpx.get(f"{again.url}/v1/runs/r").json()
+        assert run["horizon"] == acked + 1
+        history = httpx.get(f"{again.url}/v1/runs/r/history").json()
+        assert history["metrics"]["loss"]["steps"] == list(range(1, acked + 2))
+
+
+def test_the_first_start_creates_the_database_and_its_marker(db, tmp_path):
+    db.parent.mkdir()
+    with ServerProcess(f"sqlite:///{db}", tmp_path):
+        assert db.exists() and (db.parent / ".lrserve.db.lrserve").exists()
