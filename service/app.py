@@ -11,11 +11,12 @@ from starlette.concurrency import run_in_threadpool
 from service import dashboard
 from service.api.fast_path import FastWindows
 from service.api.query import SingleQueryValues, repeatable_parameters
-from service.api.routes import health, runs, schedules, spike_guard, steps
+from service.api.routes import events, health, runs, schedules, spike_guard, steps
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.engine.engine import warm_up_torch
 from service.errors import install_error_handlers
+from service.events.hub import EventHub
 from service.limits import BodySizeLimit
 from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
@@ -48,10 +49,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.manager = manager
         app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager._runs))
+        hub = EventHub(store, buffer=settings.events_buffer, listen=store.commit_listener())
+        await hub.start()
+        app.state.events = hub
+        telemetry.event_streams.set_function(lambda: hub.streams)
         await run_in_threadpool(warm_up_torch)
         try:
             yield
         finally:
+            await hub.close()
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -60,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.telemetry = telemetry
     for module in (runs, steps, schedules, spike_guard):
         app.include_router(module.router, responses=ERROR_RESPONSES)
+    app.include_router(events.router)
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     app.include_router(dashboard.router)
     install_error_handlers(app)

@@ -54,6 +54,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=serve_command)
 
 
+SHUTDOWN_GRACE_S = 5
+"""On SIGTERM, how long open requests (event streams never end by themselves) may finish."""
+
+
 def fail(problem: str) -> int:
     """One line on stderr and exit status 1: how every start-up problem is told."""
     print(f"lrserve: cannot start: {problem}", file=sys.stderr)
@@ -95,6 +99,7 @@ def serve_command(args: argparse.Namespace) -> int:
     uvicorn.run(
         "service.app:create_app", factory=True, host=args.host, port=args.port,
         workers=args.workers, log_level=args.log_level, access_log=args.access_log,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     return 0
 

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         1000, ge=1, description="Steps between engine snapshots (bounds replay after restart)."
     )
+    events_buffer: int = Field(
+        1000, ge=1, description="Events one /v1/events stream may fall behind before it is cut off."
+    )
     sqlite_synchronous: str = Field(
         "NORMAL", description="SQLite synchronous mode: NORMAL survives a process crash, FULL power loss."
     )

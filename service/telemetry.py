@@ -31,6 +31,8 @@ class Telemetry:
             registry=self.registry,
         )
         self.runs_loaded = Gauge("lrserve_runs_loaded", "Runs held in memory", registry=self.registry)
+        self.event_streams = Gauge("lrserve_event_streams", "Open GET /v1/events streams",
+                                   registry=self.registry)
         self.steps = Counter("lrserve_steps_committed", "Steps made final", registry=self.registry)
         self.decisions = Counter(
             "lrserve_decisions", "Decisions applied to runs", ["kind"], registry=self.registry

@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 
 from service.errors import StoreUnavailable
 from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
-from service.store.events import Event, EventKind, NewEvent
+from service.store.events import Event, EventKind, FeedEntry, NewEvent
 from service.store.guard import DatabaseMissing, FileIdentity, check_existed, write_marker
 from service.store.schema import SchemaTooNew
 from service.store.sql import SQLITE_BEGIN_OPTION, SqlStore
@@ -29,6 +29,7 @@ __all__ = [
     "DatabaseMissing",
     "Event",
     "EventKind",
+    "FeedEntry",
     "MetricRecord",
     "NewEvent",
     "RunRecord",

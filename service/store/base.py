@@ -8,6 +8,8 @@ Contract (every backend, every process):
 - **Per-run ordering.** Events of one run get consecutive ``seq`` numbers from 1, in
   the order their transactions committed. Events are never changed or deleted
   (except with their run).
+- **Global ids.** Every event also gets a ``gid``, increasing across all runs and
+  processes in commit order (``read_feed`` reads them in that order).
 - **One writer per run at a time.** ``lock_run`` opens a transaction that holds the
   run's lock (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL)
   until it commits; everything written through it lands together or not at all.
@@ -23,13 +25,13 @@ Contract (every backend, every process):
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from service.store.events import Event, NewEvent
+from service.store.events import Event, FeedEntry, NewEvent
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,27 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order, without taking the lock."""
+
+    @abc.abstractmethod
+    def read_feed(self, after_gid: int, limit: int = 500) -> list[FeedEntry]:
+        """Events of every run with a global id above ``after_gid``, in id order (at most ``limit``).
+
+        Global ids increase across runs and processes and become visible in increasing
+        order: a reader going on from the last id it saw misses nothing committed later.
+        """
+
+    @abc.abstractmethod
+    def watch_commits(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (from the committing thread) after each commit that added events."""
+
+    @abc.abstractmethod
+    def commit_listener(self) -> Callable[[Callable[[], None]], Awaitable[None]] | None:
+        """An async function waiting for commits of other processes, calling its argument on
+        each, where the database can tell (PostgreSQL ``LISTEN``); else None."""
+
+    @abc.abstractmethod
+    def last_gid(self) -> int:
+        """The highest global event id committed so far (0 before the first event)."""
 
     @abc.abstractmethod
     def save_snapshot(self, run_id: str, snapshot: Snapshot) -> None:

@@ -62,6 +62,8 @@ class Event:
     at: datetime
     actor: str = SERVER
     reason: str | None = None
+    gid: int | None = None
+    """The global event id (increasing across runs, in commit order); None before storing."""
 
     def public(self) -> dict[str, Any]:
         """The event as the API shows it: ``kind``, ``step``, ``at``, ``actor``, then the
@@ -78,3 +80,12 @@ class Event:
         if self.reason is not None or self.kind is EventKind.CONTROL:
             shown["reason"] = self.reason
         return shown
+
+
+@dataclass(frozen=True)
+class FeedEntry:
+    """An event of the global feed (``BaseStore.read_feed``), with its run and the run's labels."""
+
+    run_id: str
+    labels: dict[str, str]
+    event: Event

@@ -32,9 +32,12 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    bindparam,
+    func,
     inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.schema import CreateColumn
 
@@ -118,7 +121,22 @@ events = Table(
     Column("at", UTCDateTime, nullable=False),
     Column("actor", String(128), nullable=False, server_default="server"),  # v2
     Column("reason", Text, nullable=True),  # v2: an operator's words with an action
+    # v3: the global event id, increasing across runs in commit order (see ``event_ids``);
+    # NULL only while ``_migrate_v3`` numbers the rows of an older database.
+    Column("gid", BigInteger, nullable=True),
+    Index("ux_events_gid", "gid", unique=True),
 )
+
+event_ids = Table(
+    "event_ids",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1: one row
+    Column("last_gid", BigInteger, nullable=False),
+)
+"""The last global event id given out. A transaction appending events takes the next ids
+from this row, which locks it until that transaction commits: so ids become visible in
+increasing order, and a reader that has seen id ``n`` never later finds a smaller one
+committed (on PostgreSQL a sequence would not promise that)."""
 
 snapshots = Table(
     "snapshots",
@@ -215,7 +233,30 @@ def _migrate_v2(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE {table_name} ADD COLUMN {ddl}"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2]
+def _migrate_v3(conn: Connection) -> None:
+    """Global event ids: ``events.gid`` (existing events numbered in the order they were
+    written) and the ``event_ids`` counter."""
+    if "gid" not in {c["name"] for c in inspect(conn).get_columns("events")}:
+        conn.execute(text("ALTER TABLE events ADD COLUMN gid BIGINT"))
+    ordered = conn.execute(
+        select(events.c.run_id, events.c.seq).where(events.c.gid.is_(None))
+        .order_by(events.c.at, events.c.run_id, events.c.seq)
+    ).all()
+    start = conn.execute(select(func.coalesce(func.max(events.c.gid), 0))).scalar_one()
+    if ordered:
+        conn.execute(
+            update(events).where(events.c.run_id == bindparam("b_run"), events.c.seq == bindparam("b_seq"))
+            .values(gid=bindparam("b_gid")),
+            [{"b_run": r.run_id, "b_seq": r.seq, "b_gid": start + i} for i, r in enumerate(ordered, 1)],
+        )
+    next(i for i in events.indexes if i.name == "ux_events_gid").create(conn, checkfirst=True)
+    event_ids.create(conn, checkfirst=True)
+    last = start + len(ordered)
+    if conn.execute(select(event_ids.c.id)).first() is None:
+        conn.execute(event_ids.insert().values(id=1, last_gid=last))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
 """``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -23,7 +23,7 @@ import functools
 import json
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -42,11 +42,12 @@ from service.store.base import (
     RunTransaction,
     Snapshot,
 )
-from service.store.events import Event, EventKind, NewEvent
+from service.store.events import Event, EventKind, FeedEntry, NewEvent
 from service.store.guard import FileIdentity
 from service.store.schema import (
     RUN_TABLES,
     barrier_reports,
+    event_ids,
     events,
     metrics,
     migrate,
@@ -71,6 +72,11 @@ _RUN_ROWS: dict[RowLock | None, Any] = {
 _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
     run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
 _INSERT_EVENTS = events.insert()
+_TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
+    last_gid=event_ids.c.last_gid + bindparam("n")).returning(event_ids.c.last_gid)
+EVENTS_CHANNEL = "lrserve_events"
+"""PostgreSQL ``NOTIFY`` channel: a transaction that appended events notifies it on commit."""
+_NOTIFY_EVENTS = text(f"SELECT pg_notify('{EVENTS_CHANNEL}', '')")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
     updated_at=bindparam("b_updated_at"))
@@ -136,6 +142,7 @@ class SqlStore(BaseStore):
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
+        self._commit_watchers: list[Callable[[], None]] = []
         try:
             with self._transaction(write=True) as conn:
                 migrate(conn)
@@ -247,8 +254,11 @@ class SqlStore(BaseStore):
                 conn.execute(run_labels.insert(), [
                     {"run_id": run_id, "key": k, "value": v} for k, v in labels.items()
                 ])
-            conn.execute(events.insert().values(_event_row(run_id, 1, created, now)))
-            return self._read_record(conn, self._require_run(conn, run_id)), True
+            (gid,) = _take_gids(conn, 1)
+            conn.execute(events.insert().values(_event_row(run_id, 1, created, now, gid)))
+            record = self._read_record(conn, self._require_run(conn, run_id))
+        self._events_committed()
+        return record, True
 
     def read_run(self, run_id: str) -> RunRecord:
         """The run's record.
@@ -364,6 +374,8 @@ class SqlStore(BaseStore):
                 tx.write_run()
             finally:
                 tx.closed = True
+        if tx.appended:
+            self._events_committed()
 
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order, without the lock (an unknown run has none).
@@ -373,6 +385,57 @@ class SqlStore(BaseStore):
         """
         with self._transaction() as conn:
             return _select_events(conn, run_id, after_seq)
+
+    def read_feed(self, after_gid: int, limit: int = 500) -> list[FeedEntry]:
+        """Events of every run with a global id above ``after_gid``, in id order, at most ``limit``.
+
+        Ids become visible in increasing order (see ``schema.event_ids``), so reading on
+        from the last id returned never skips an event committed later.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(events).where(events.c.gid > after_gid).order_by(events.c.gid).limit(max(1, limit))
+        with self._transaction() as conn:
+            rows = conn.execute(query).all()
+            labels = self._labels_of(conn, sorted({r.run_id for r in rows}))
+        return [FeedEntry(r.run_id, labels.get(r.run_id, {}), _event(r)) for r in rows]
+
+    def watch_commits(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (from the committing thread) after each commit that added events."""
+        self._commit_watchers.append(callback)
+
+    def _events_committed(self) -> None:
+        for callback in self._commit_watchers:
+            callback()
+
+    def commit_listener(self) -> Callable[[Callable[[], None]], Awaitable[None]] | None:
+        """PostgreSQL: an async function that ``LISTEN``s for commits of every process and
+        calls its argument on each (returns when the connection is lost). SQLite: None."""
+        if self._engine.dialect.name != "postgresql":
+            return None
+        conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        async def listen(wake: Callable[[], None]) -> None:
+            import psycopg
+
+            async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, connect_timeout=5) as conn:
+                await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                wake()  # commits between the last read and the LISTEN
+                async for _ in conn.notifies():
+                    wake()
+
+        return listen
+
+    def last_gid(self) -> int:
+        """The highest global event id committed so far (0 before the first event).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction() as conn:
+            return int(conn.execute(select(event_ids.c.last_gid)).scalar_one())
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -523,6 +586,7 @@ class SqlRunTransaction(RunTransaction):
         self.closed = False
         self._store = store
         self._run_changed = False
+        self.appended = False
 
     def write_run(self) -> None:
         """Write this transaction's changes to the run's row (``lock_run`` calls it at the end)."""
@@ -557,8 +621,10 @@ class SqlRunTransaction(RunTransaction):
         if not new_events:
             return []
         now, first = _now(), self.run.last_seq + 1
-        rows = [_event_row(self.run.run_id, first + i, e, now) for i, e in enumerate(new_events)]
+        gids = _take_gids(conn, len(new_events))
+        rows = [_event_row(self.run.run_id, first + i, e, now, gids[i]) for i, e in enumerate(new_events)]
         conn.execute(_INSERT_EVENTS, rows)
+        self.appended = True
         last = first + len(rows) - 1
         self.run = replace(self.run, last_seq=last, updated_at=now)
         self._run_changed = True
@@ -599,17 +665,32 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
     )
 
 
-def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime) -> dict[str, Any]:
+def _take_gids(conn: Connection, n: int) -> list[int]:
+    """The next ``n`` global event ids; locks the counter row until this transaction ends.
+
+    Holding that lock to the commit is what makes ids visible in increasing order: a
+    transaction that takes ids after this one waits for this one to commit or roll back.
+    On PostgreSQL this also queues a ``NOTIFY``, sent when (and only if) the transaction commits.
+    """
+    last = conn.execute(_TAKE_GIDS, {"n": n}).scalar_one()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_NOTIFY_EVENTS)
+    return list(range(last - n + 1, last + 1))
+
+
+def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -> dict[str, Any]:
     kind = EventKind(event.kind)
     return {"run_id": run_id, "seq": seq, "kind": kind.value, "step": event.step,
-            "payload": _dumps(event.payload), "at": at, "actor": event.actor, "reason": event.reason}
+            "payload": _dumps(event.payload), "at": at, "actor": event.actor, "reason": event.reason,
+            "gid": gid}
 
 
 def _event(row: Any) -> Event:
     """An ``Event`` from an events row (a Row or the dict that was inserted)."""
     get = row.get if isinstance(row, dict) else row._mapping.get
     return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
-                 payload=_loads(get("payload")), at=get("at"), actor=get("actor"), reason=get("reason"))
+                 payload=_loads(get("payload")), at=get("at"), actor=get("actor"), reason=get("reason"),
+                 gid=get("gid"))
 
 
 def _select_reports(conn: Connection, run_id: str, step: int) -> dict[int, dict[str, float]]:

@@ -135,7 +135,7 @@ def test_report_refuses_what_is_not_a_number_and_stores_nothing(server):
         opt.step()
         assert sched.last_epoch == EPOCH
     metrics = history(server, "bad")["metrics"]["val_loss"]
-    assert metrics["steps"] == [EPOCH] and metrics["values"] == [None]
+    assert metrics["steps"] == [EPOCH] and metrics["values"] == ["NaN"]
 
 
 def test_integrations_import_their_framework_only_when_imported():

@@ -1,0 +1,1 @@
+"""The live event feed (SSE hub) and webhooks."""

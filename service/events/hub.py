@@ -1,0 +1,207 @@
+"""The live event feed of one server process: follows the store's global log, fans out to streams.
+
+One ``EventHub`` per process reads events in global-id order (``BaseStore.read_feed``)
+and offers each to every open stream (``EventHub.follow``). It reads when woken: at
+once by a commit of this process (``BaseStore.watch_commits``), by PostgreSQL's
+``NOTIFY`` for commits of other replicas, and every ``poll_s`` in any case (other SQLite
+processes, a lost notification).
+
+A stream never blocks the hub: each has a bounded buffer (``buffer`` events). A stream
+whose consumer falls that far behind while live is cut off: its buffer is dropped and it
+ends with an ``Overflow`` marker (the route sends it as an ``overflow`` message); the
+consumer resumes from its last id and loses nothing. While a stream is still catching up
+from the database it reads on from the database instead, at its own pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import StoreUnavailable
+from service.store.base import BaseStore
+from service.store.events import FeedEntry
+
+log = logging.getLogger("lrserve.events")
+
+DEFAULT_BUFFER = 1000
+DEFAULT_POLL_S = 0.25
+PAGE = 500
+
+
+@dataclass(frozen=True)
+class FeedFilter:
+    """Which events a stream wants: every given condition must hold."""
+
+    run_id: str | None = None
+    labels: Mapping[str, str] | None = None
+    kinds: frozenset[str] | None = None
+
+    def matches(self, entry: FeedEntry) -> bool:
+        if self.run_id is not None and entry.run_id != self.run_id:
+            return False
+        if self.kinds is not None and entry.event.kind.value not in self.kinds:
+            return False
+        return all(entry.labels.get(k) == v for k, v in (self.labels or {}).items())
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """The stream was cut off: its consumer fell ``buffer`` events behind. ``last_id`` is
+    the last id it was sent (or the one it asked to resume after)."""
+
+    last_id: int
+    buffer: int
+
+
+class _Subscription:
+    def __init__(self, feed_filter: FeedFilter, limit: int) -> None:
+        self.filter = feed_filter
+        self.limit = limit
+        self.pending: deque[FeedEntry] = deque()
+        self.overflowed = False
+        self.ready = asyncio.Event()
+
+    def offer(self, entry: FeedEntry) -> None:
+        if self.overflowed or not self.filter.matches(entry):
+            return
+        if len(self.pending) >= self.limit:
+            self.overflowed = True
+            self.pending.clear()
+        else:
+            self.pending.append(entry)
+        self.ready.set()
+
+
+class EventHub:
+    """Follows the global event log for this process's streams.
+
+    Args:
+        store: The store whose log to follow.
+        buffer: Events one stream may fall behind before it is cut off.
+        poll_s: Longest pause between two reads of the log.
+        listen: An async callable that waits for the database's own wake-ups and calls
+            its argument on each (PostgreSQL ``LISTEN``); None where there is none.
+    """
+
+    def __init__(
+        self,
+        store: BaseStore,
+        *,
+        buffer: int = DEFAULT_BUFFER,
+        poll_s: float = DEFAULT_POLL_S,
+        listen: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        self.store = store
+        self.buffer = buffer
+        self.poll_s = poll_s
+        self._listen = listen
+        self._subs: set[_Subscription] = set()
+        self._wake = asyncio.Event()
+        self._last = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def streams(self) -> int:
+        """How many streams are open."""
+        return len(self._subs)
+
+    async def start(self) -> None:
+        """Start following the log from its current end."""
+        loop = asyncio.get_running_loop()
+        self._last = await run_in_threadpool(self.store.last_gid)
+        self.store.watch_commits(lambda: loop.call_soon_threadsafe(self._wake.set))
+        self._tasks.append(asyncio.create_task(self._follow(), name="lrserve-event-hub"))
+        if self._listen is not None:
+            self._tasks.append(asyncio.create_task(self._listen_forever(), name="lrserve-event-listen"))
+
+    async def close(self) -> None:
+        """End every stream and stop following."""
+        self._closed = True
+        for sub in self._subs:
+            sub.ready.set()
+        self._wake.set()  # the follower ends after its read in flight (a cancelled read's thread
+        for task in self._tasks[1:]:  # would still hold a connection while the store closes)
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        """Read the log now (call from the event loop's thread)."""
+        self._wake.set()
+
+    async def _follow(self) -> None:
+        while not self._closed:
+            try:
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                while True:
+                    page = await run_in_threadpool(self.store.read_feed, self._last, PAGE)
+                    for entry in page:
+                        self._last = entry.event.gid or self._last
+                        for sub in self._subs:
+                            sub.offer(entry)
+                    if len(page) < PAGE:
+                        break
+            except StoreUnavailable as exc:
+                log.warning("event feed: cannot read the log: %s", exc)
+                await asyncio.sleep(self.poll_s)
+
+    async def _listen_forever(self) -> None:
+        assert self._listen is not None
+        while not self._closed:
+            try:
+                await self._listen(self.wake)  # type: ignore[misc]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the poll still runs; try again later
+                log.warning("event feed: database notifications lost, polling only: %s", exc)
+            await asyncio.sleep(max(1.0, self.poll_s))
+
+    async def follow(self, after: int, feed_filter: FeedFilter) -> AsyncIterator[FeedEntry | Overflow]:
+        """Every matching event with a global id above ``after``, in id order, then live ones.
+
+        Ends with an ``Overflow`` if the consumer falls ``buffer`` events behind while
+        live, or plainly when the hub closes.
+        """
+        sub = _Subscription(feed_filter, self.buffer)
+        self._subs.add(sub)  # first: what the hub reads from now on reaches the buffer
+        try:
+            cursor = after
+            while True:  # catch up from the database, at the consumer's pace
+                page = await run_in_threadpool(self.store.read_feed, cursor, PAGE)
+                for entry in page:
+                    cursor = entry.event.gid or cursor
+                    if feed_filter.matches(entry):
+                        yield entry
+                if len(page) == PAGE:
+                    continue
+                if not sub.overflowed:
+                    break
+                sub.overflowed = False  # fell behind while catching up: read on from the database
+                sub.pending.clear()
+            while not self._closed:
+                await sub.ready.wait()
+                sub.ready.clear()
+                if sub.overflowed:
+                    self._subs.discard(sub)
+                    yield Overflow(cursor, self.buffer)
+                    return
+                while sub.pending:
+                    entry = sub.pending.popleft()
+                    if (entry.event.gid or 0) > cursor:
+                        cursor = entry.event.gid or cursor
+                        yield entry
+        finally:
+            self._subs.discard(sub)

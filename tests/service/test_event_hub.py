@@ -1,0 +1,87 @@
+"""The event hub on a real store: a live stream that falls behind is cut off, one catching up is not.
+
+Streams over HTTP are tested against real servers in tests/e2e/test_event_stream.py; here the
+hub is driven directly so that a consumer can stop reading at an exact point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.events.hub import DEFAULT_BUFFER, EventHub, FeedFilter, Overflow
+from service.settings import Settings
+from service.store import EventKind, NewEvent, open_store
+
+
+def _append(store, n: int) -> None:
+    with store.lock_run("r") as tx:
+        tx.append_events([NewEvent(EventKind.CONTROL, 1, {"i": i}) for i in range(n)])
+
+
+def test_a_live_stream_that_falls_a_buffer_behind_is_cut_off_and_the_rest_go_on(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/hub.db")
+    store.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
+    assert Settings().events_buffer == DEFAULT_BUFFER == 1000
+
+    async def scenario():
+        hub = EventHub(store)
+        await hub.start()
+        slow = hub.follow(1, FeedFilter())
+        fast = hub.follow(1, FeedFilter())
+        for gid in (2, 3):  # whether 2 comes from the database or live, 3 comes live
+            both = asyncio.gather(anext(slow), anext(fast))
+            await asyncio.to_thread(_append, store, 1)
+            assert [e.event.gid for e in await both] == [gid, gid]
+        fast_got = []
+
+        async def read_fast():
+            async for item in fast:
+                fast_got.append(item)
+                if len(fast_got) == DEFAULT_BUFFER + 5:
+                    return
+
+        reader = asyncio.create_task(read_fast())
+        for _ in range(DEFAULT_BUFFER + 5):  # one commit each: the hub offers them as they come
+            await asyncio.to_thread(_append, store, 1)
+        await asyncio.wait_for(reader, 60)
+        assert [e.event.gid for e in fast_got] == list(range(4, DEFAULT_BUFFER + 9))
+        cut = await anext(slow)
+        assert cut == Overflow(last_id=3, buffer=DEFAULT_BUFFER)
+        assert hub.streams == 1  # the slow one is gone; resuming from its last id loses nothing
+        resumed = hub.follow(cut.last_id, FeedFilter())
+        assert (await anext(resumed)).event.gid == 4
+        await slow.aclose()
+        await fast.aclose()
+        await resumed.aclose()
+        await hub.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
+def test_a_stream_catching_up_reads_on_from_the_database_however_far_behind(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/hub.db")
+    store.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
+    _append(store, 2500)  # more than a page and more than the buffer, before the stream opens
+
+    async def scenario():
+        hub = EventHub(store, buffer=10)
+        await hub.start()
+        stream = hub.follow(0, FeedFilter(kinds=frozenset({"control"})))
+        got = [await anext(stream) for _ in range(100)]
+        for _ in range(30):  # live events arrive while it is still reading the backlog
+            await asyncio.to_thread(_append, store, 1)
+        await asyncio.sleep(0.5)  # the hub has offered them all: the buffer overflowed
+        while len(got) < 2530:
+            got.append(await asyncio.wait_for(anext(stream), 10))
+        assert all(not isinstance(g, Overflow) for g in got)
+        assert [g.event.gid for g in got] == list(range(2, 2532))
+        await stream.aclose()
+        await hub.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
