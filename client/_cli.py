@@ -62,6 +62,7 @@ def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_preview(subparsers, common)
     _add_history(subparsers, common)
     _add_lr_finder(subparsers, common)
+    _add_webhooks(subparsers, common)
 
 
 def main(argv: Sequence[str] | None = None, *, http_client: httpx.Client | None = None) -> int:
@@ -120,15 +121,54 @@ def _add_runs(subparsers: argparse._SubParsersAction, common: argparse.ArgumentP
     show.set_defaults(func=_command(_runs_show))
 
 
+class _ControlParser(argparse.ArgumentParser):
+    """``control``'s parser: with ``--selector`` there is no RUN; a placeholder stands in for it.
+
+    argparse gives the first word to RUN, so ``control --selector sweep=7 scale 0.5`` would
+    read ``scale`` as a run id; the placeholder (never a valid run id) keeps the words in place.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        words = list(sys.argv[1:] if args is None else args)
+        if any(w == "--selector" or w.startswith("--selector=") for w in words):
+            words.insert(0, _FLEET)
+        return super().parse_known_args(words, namespace)
+
+
+_FLEET = "@selector"
+
+
 def _add_control(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    fleet = argparse.ArgumentParser(add_help=False)  # on control and on every action: any order works
+    group = fleet.add_argument_group("fleet and audit")
+    group.add_argument(
+        "--selector", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE[,KEY=VALUE]",
+        help="act on every run carrying these labels instead of one RUN (repeatable)",
+    )
+    group.add_argument(
+        "--status", action="append", choices=_STATUSES, default=argparse.SUPPRESS,
+        help="with --selector: only runs with this status (repeatable)",
+    )
+    group.add_argument("--reason", default=argparse.SUPPRESS, help="why: recorded on the action's events")
+    group.add_argument(
+        "--dry-run", action="store_true", default=argparse.SUPPRESS,
+        help="with --selector: list the runs that match, change nothing",
+    )
+    group.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the server's JSON"
+    )
     control = subparsers.add_parser(
         "control",
-        parents=[common],
-        help="steer a running job (admin)",
-        description="Apply one operator action to a run. It lands on the first step no rank "
-        "has been handed yet, or at --at-step.",
+        parents=[common, fleet],
+        help="steer a running job, or every run a selector matches (admin)",
+        description="Apply one operator action to a run, or with --selector to every run whose "
+        "labels (and --status) match, each at its own first free step. It lands on the first "
+        "step no rank has been handed yet, or at --at-step (one run only).",
+        usage="%(prog)s (RUN | --selector KEY=VALUE[,KEY=VALUE]) ACTION [ARGS] [--reason TEXT] "
+        "[--dry-run] [--json]",
     )
-    control.add_argument("run_id", metavar="RUN")
+    control.__class__ = _ControlParser  # see its docstring; argparse builds subparsers itself
+    control.add_argument("run_id", metavar="RUN", help="the run (leave out with --selector)")
     actions = control.add_subparsers(dest="action", required=True, metavar="ACTION")
     at_step = argparse.ArgumentParser(add_help=False)
     at_step.add_argument(
@@ -137,7 +177,7 @@ def _add_control(subparsers: argparse._SubParsersAction, common: argparse.Argume
         metavar="STEP",
         help="apply at this step (above the horizon)",
     )
-    parents = [common, at_step]
+    parents = [common, at_step, fleet]
     set_lr = actions.add_parser("set-lr", parents=parents, help="set the LR (one, or one per param group)")
     set_lr.add_argument(
         "lrs", nargs="+", type=_finite_float, metavar="LR", help="one LR for every group, or one per group"
@@ -241,6 +281,19 @@ def _add_lr_finder(subparsers: argparse._SubParsersAction, common: argparse.Argu
     finder.set_defaults(func=_command(_lr_finder))
 
 
+def _add_webhooks(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    webhooks = subparsers.add_parser(
+        "webhooks", help="webhook delivery status",
+        description="Webhook endpoints the server delivers events to (docs/events.md).")
+    actions = webhooks.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
+    status = actions.add_parser(
+        "status", parents=[common], help="each endpoint's queue, deliveries and last error (admin)",
+        description="Each configured endpoint: events waiting (pending, of which retrying), "
+        "delivered, failed attempts, the last error. Counts cover every replica.")
+    status.add_argument("--json", action="store_true", help="print the server's answer")
+    status.set_defaults(func=_command(_webhooks_status))
+
+
 # -- running a command -----------------------------------------------------------------------
 
 
@@ -337,10 +390,55 @@ def _runs_show(args: argparse.Namespace, api: LRClient) -> int:
 
 def _control(args: argparse.Namespace, api: LRClient) -> int:
     body = dict(args.make_body(args))
+    reason = getattr(args, "reason", None)
+    if args.run_id == _FLEET:
+        return _control_fleet(args, api, body, reason)
+    for option in ("status", "dry_run"):
+        if getattr(args, option, None):
+            raise UsageError(f"--{option.replace('_', '-')} goes with --selector, not with a RUN")
     action = body.pop("action")
+    if reason is not None:
+        body["reason"] = reason
     answer = api.control_run(args.run_id, action, at_step=args.at_step, **body)
+    if getattr(args, "json", False):
+        _print_json(answer)
+        return EXIT_OK
     applied = answer.get("applied_at") if isinstance(answer, Mapping) else None
     print(f"{action} applied to run {args.run_id} at step {applied}")
+    return EXIT_OK
+
+
+def _control_fleet(
+    args: argparse.Namespace, api: LRClient, action: dict[str, Any], reason: str | None
+) -> int:
+    if args.at_step is not None:
+        raise UsageError("--at-step is for one RUN: with --selector each run takes the action at its own "
+                         "first free step")
+    labels: dict[str, str] = {}
+    for item in ",".join(args.selector).split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"--selector takes KEY=VALUE pairs, got {item!r}")
+        labels[key] = value
+    dry_run = bool(getattr(args, "dry_run", False))
+    answer = api.control_fleet(labels, action, statuses=getattr(args, "status", None), reason=reason,
+                               dry_run=dry_run)
+    results = list(answer.get("results") or [])
+    refused = [r for r in results if "error" in r]
+    if getattr(args, "json", False):
+        _print_json(answer)
+    elif dry_run:
+        _print_table(["RUN", "STATUS", "HORIZON"], [
+            [str(r.get("run_id")), str(r.get("status")), str(r.get("horizon"))] for r in results])
+        print(f"{answer.get('matched')} runs would take {action['action']} (dry run: nothing changed)")
+    else:
+        _print_table(["RUN", "RESULT"], [
+            [str(r.get("run_id")), f"refused: {r['error'].get('detail')}" if "error" in r
+             else f"applied at step {r.get('applied_at')}"] for r in results])
+        print(f"{action['action']} applied to {len(results) - len(refused)} of {answer.get('matched')} runs")
+    if refused:
+        _error(f"lrserve: {len(refused)} of {answer.get('matched')} runs refused {action['action']}")
+        return EXIT_SERVER_ERROR
     return EXIT_OK
 
 
@@ -383,6 +481,20 @@ def _history(args: argparse.Namespace, api: LRClient) -> int:
             out.write(text)
     else:
         sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _webhooks_status(args: argparse.Namespace, api: LRClient) -> int:
+    answer = api.request("GET", "/v1/webhooks")
+    if args.json:
+        _print_json(answer)
+        return EXIT_OK
+    rows = [[str(w["url"]), str(w["pending"]), str(w["retrying"]), str(w["delivered"]),
+             str(w["failed_attempts"]), w["last_error"] or "-"] for w in _items_of(answer)]
+    if not rows:
+        print("no webhooks configured (LRSERVE_WEBHOOKS or --webhooks-file)")
+        return EXIT_OK
+    _print_table(["URL", "PENDING", "RETRYING", "DELIVERED", "FAILED", "LAST ERROR"], rows)
     return EXIT_OK
 
 

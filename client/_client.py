@@ -238,10 +238,21 @@ class LRClient:
     # -- stepping -----------------------------------------------------------------------
 
     def read_lr(
-        self, run_id: str, step: int, *, ahead: int = 0, max_retries: int | None = None
+        self,
+        run_id: str,
+        step: int,
+        *,
+        ahead: int = 0,
+        max_retries: int | None = None,
+        tail: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
-        """The final values of ``step .. step + m`` (``m <= ahead``); commits them."""
+        """The final values of ``step .. step + m`` (``m <= ahead``); commits them.
+
+        ``tail``: the provisional-tail fields (``provisional``, ``provisional_from``,
+        ``provisional_id``, ``rank``; API.md, "Outages: the provisional tail").
+        """
         params = {"step": str(int(step)), "ahead": str(int(ahead))}
+        params.update({k: str(int(v)) for k, v in (tail or {}).items()})
         return self.request("GET", f"/v1/runs/{_quote(run_id)}/lr", params=params, max_retries=max_retries)
 
     def step_run(
@@ -254,6 +265,7 @@ class LRClient:
         ahead: int = 0,
         timeout: float | httpx.Timeout | None = None,
         max_retries: int | None = None,
+        tail: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """Commit ``step`` with the metrics passed to the ``step``-th ``step()``; as ``read_lr``.
 
@@ -264,6 +276,7 @@ class LRClient:
             "metrics": dict(metrics or {}),
             "rank": int(rank),
             "ahead": int(ahead),
+            **{k: int(v) for k, v in (tail or {}).items() if k != "rank"},
         }
         path = f"/v1/runs/{_quote(run_id)}/step"
         return self.request("POST", path, json=body, timeout=timeout, max_retries=max_retries)
@@ -300,6 +313,25 @@ class LRClient:
         if at_step is not None:
             body["at_step"] = int(at_step)
         return self.request("POST", f"/v1/runs/{_quote(run_id)}/control", json=body, idempotent=False)
+
+    def control_fleet(
+        self,
+        labels: Mapping[str, str],
+        action: Mapping[str, Any],
+        *,
+        statuses: Sequence[str] | None = None,
+        reason: str | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Apply one action (``{"action": "scale", "factor": 0.5}``) to every run carrying
+        ``labels`` (and one of ``statuses``): ``POST /v1/control``. Not retried once sent."""
+        selector: dict[str, Any] = {"labels": dict(labels)}
+        if statuses:
+            selector["status"] = list(statuses)
+        body: dict[str, Any] = {"selector": selector, "action": dict(action), "dry_run": bool(dry_run)}
+        if reason is not None:
+            body["reason"] = reason
+        return self.request("POST", "/v1/control", json=body, idempotent=dry_run)
 
     def preview_schedule(
         self,

@@ -49,6 +49,7 @@ class WindowFetcher:
         run_id: Returns the run's id (it changes when a checkpoint of another run is loaded).
         current_step: Returns the step the job is at.
         limit_ahead: ``(first, ahead) -> ahead`` that stays before the next report step.
+        tail_fields: ``(first, ahead) -> fields`` of the provisional tail to send with a request.
         rank: Sent with late reports.
         report_timeout: Timeout of a report (a metric barrier may hold it).
         clock: Measures how long fetches take.
@@ -62,6 +63,7 @@ class WindowFetcher:
         run_id: Callable[[], str],
         current_step: Callable[[], int],
         limit_ahead: Callable[[int, int], int],
+        tail_fields: Callable[[int, int], dict[str, int]] = lambda first, ahead: {},
         rank: int = 0,
         report_timeout: httpx.Timeout | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -71,6 +73,7 @@ class WindowFetcher:
         self._run_id = run_id
         self._current_step = current_step
         self._limit_ahead = limit_ahead
+        self._tail_fields = tail_fields
         self._rank = rank
         self._report_timeout = report_timeout
         self._clock = clock
@@ -107,12 +110,13 @@ class WindowFetcher:
             self._thread.start()
         self._future = future
 
-    def take(self, *, wait: bool, stop_waiting: Callable[[], bool]) -> Any:
+    def take(self, *, wait: bool, stop_waiting: Callable[[], bool], timeout: float | None = None) -> Any:
         """The result of the fetch in flight, or ``NOT_READY``.
 
         Args:
             wait: Wait for it, until it is done or ``stop_waiting()`` is true.
             stop_waiting: Checked whenever a try fails.
+            timeout: Wait at most this long (seconds).
 
         Raises:
             LRServiceError: The fetch failed for good (e.g. the run is gone).
@@ -124,7 +128,7 @@ class WindowFetcher:
             if not wait:
                 return NOT_READY
             with self._cv:
-                self._cv.wait_for(lambda: future.done() or stop_waiting())
+                self._cv.wait_for(lambda: future.done() or stop_waiting(), timeout)
             if not future.done():
                 return NOT_READY
         self._future = None
@@ -186,7 +190,9 @@ class WindowFetcher:
     def _read_window(self, first: int, ahead: int) -> Any:
         while True:
             try:
-                return self._client.read_lr(self._run_id(), first, ahead=ahead, max_retries=0)
+                return self._client.read_lr(
+                    self._run_id(), first, ahead=ahead, max_retries=0, tail=self._tail_fields(first, ahead)
+                )
             except ScheduleError:
                 if ahead == 0:
                     return EndOfSchedule(first)
@@ -210,6 +216,7 @@ class WindowFetcher:
                     ahead=ahead if step == first else 0,
                     timeout=self._report_timeout,
                     max_retries=0,
+                    tail=self._tail_fields(first, ahead) if step == first else None,
                 )
             except LRServiceError as exc:
                 if not is_outage(exc):  # refused for good: raised to the job, not retried

@@ -7,9 +7,12 @@ carries a watched metric is the one step that must talk to the server (``POST ..
 since the metric decides that step's values; windows end before such steps
 (``client._windows``).
 
-When the server is away, training goes on with the values held; past them the last values
-are kept (a ``ServerAwayWarning``, once per outage) while the worker retries with backoff,
-and the schedule catches up with the current step when the server is back.
+When the server is away, training goes on with the values held, then on the provisional
+tail the server sent ahead (``client._tail``: the values as if no decision or operator
+action came, enough for ``outage_ride_s`` of training), while the worker retries with
+backoff (a ``ServerAwayWarning``, once per outage). A step whose report decides its
+values waits for a server, up to ``report_wait_s``. Past the tail the last values are
+kept, and the schedule catches up with the current step when the server is back.
 """
 
 from __future__ import annotations
@@ -38,19 +41,15 @@ from client._exceptions import (
     warn,
 )
 from client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
-from client._windows import (
-    DEFAULT_MONITOR,
-    DEFAULT_TIME_BUDGET_S,
-    Cadence,
-    WindowSizer,
-    guard_monitor,
-    watched_metrics,
-)
+from client._tail import DEFAULT_RIDE_S, ProvisionalTail
+from client._windows import DEFAULT_MONITOR, DEFAULT_TIME_BUDGET_S, Cadence, WindowSizer, guard_monitor
 
-__all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "REPORT_TIMEOUT", "RemoteScheduler"]
+__all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "DEFAULT_REPORT_WAIT_S", "REPORT_TIMEOUT", "RemoteScheduler"]
 
 #: How long ``close()`` keeps trying to send buffered metrics.
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
+#: How long a step whose report decides its values waits for a server that is away.
+DEFAULT_REPORT_WAIT_S = 60.0
 #: Timeout of a report with ``world_size > 1``: the server's metric barrier may hold it.
 REPORT_TIMEOUT = httpx.Timeout(60.0, connect=3.0)
 ENV_RANK = "RANK"
@@ -84,7 +83,16 @@ class RemoteScheduler:
         labels: ``{"key": "value"}`` labels for the run.
         strict: Raise instead of holding the last LR when the server is away.
         http_client: An ``httpx.Client`` to talk through (test seam; not closed by ``close()``).
-        time_budget_s: Seconds of training one window of values should cover.
+        time_budget_s: Seconds of training one window of final values should cover (how
+            late an operator action may land).
+        outage_ride_s: Seconds of training the provisional tail should cover: an outage
+            that short changes no value the job takes (unless an input lands meanwhile).
+        report_wait_s: How long a step that carries a watched metric waits for a server
+            that is away (one ``ServerAwayWarning``), so the decision lands on the same step
+            as without the outage. Past it the step goes on with the values held (the tail's
+            or the last ones) and the report is delivered when the server is back: its
+            decision then lands on the first free step, and the server records a
+            ``provisional_divergence`` for the steps taken meanwhile.
         timeout: Per-request timeout in seconds.
         max_retries: Retries of a request the training loop waits for.
         max_buffered_metrics: Most logged metric records held unsent (oldest dropped beyond).
@@ -161,6 +169,8 @@ class RemoteScheduler:
         strict: bool = False,
         http_client: httpx.Client | None = None,
         time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+        outage_ride_s: float = DEFAULT_RIDE_S,
+        report_wait_s: float = DEFAULT_REPORT_WAIT_S,
         timeout: float | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_buffered_metrics: int = DEFAULT_MAX_BUFFERED,
@@ -184,7 +194,10 @@ class RemoteScheduler:
         self.world_size = int(os.environ.get(ENV_WORLD_SIZE, 1)) if world_size is None else int(world_size)
         self.steps_per_epoch = steps_per_epoch
         self.strict = strict
-        self._watched = watched_metrics(self.schedule)
+        if not report_wait_s >= 0:
+            raise ValueError(f"report_wait_s must be >= 0, got {report_wait_s!r}")
+        self._report_wait_s = float(report_wait_s)
+        self._tail = ProvisionalTail(outage_ride_s)
         self._guard_monitor = guard_monitor(self.schedule)
         # A range test takes the loss of every step; steps_per_epoch is for what follows it.
         self._cadence = Cadence(1 if self.schedule["type"] == "LRRangeTest" else steps_per_epoch)
@@ -217,21 +230,22 @@ class RemoteScheduler:
             run_id=lambda: self.run_id,
             current_step=lambda: self.last_epoch,
             limit_ahead=self._limit_ahead,
+            tail_fields=self._tail_fields,
             rank=self.rank,
             report_timeout=self._report_timeout,
             clock=clock,
             rand=rand,
         )
+        # The optimizer hook lets a report come after step() (report()) and, with
+        # overlap_decisions, a decision travel during the next batch; hooked once the
+        # run watches a metric (an operator may replace its schedule by one that does).
+        self._hookable = not strict and self.schedule["type"] != "LRRangeTest"
+        self._want_overlap = overlap_decisions
         try:
             self._create(run_id, labels)
         except BaseException:
             self._client.close()
             raise
-        # The optimizer hook lets a report come after step() (report()) and, with
-        # overlap_decisions, a decision travel during the next batch.
-        hookable = not strict and self.schedule["type"] != "LRRangeTest" and bool(self._watched)
-        self._hooked = hookable and self._hook_optimizer()
-        self._overlap = overlap_decisions and self._hooked
         self.reports_after_step = reports_after_step
 
     def _init_state(self) -> None:
@@ -249,6 +263,7 @@ class RemoteScheduler:
         self._closed = False
         self._switch_at: int | None = None  # where the run's range test switched schedules
         self._switched = False
+        self._watched: frozenset[str] = frozenset()  # the metrics the server says the run decides on
         self._away = False
         self._warned: set[str] = set()
         self._buffer: MetricBuffer | None = None
@@ -257,6 +272,8 @@ class RemoteScheduler:
         self._open: int | None = None  # a step whose values wait for report() (or the optimizer)
         self._reported: dict[str, float] = {}  # report()ed metrics for the next step()
         self._hooked = False  # whether the optimizer's hooks are ours to use
+        self._hookable = False
+        self._want_overlap = False
         self._hooks: list[Any] = []  # handles of the optimizer hooks that take that decision
         self._spikes_due: list[dict[str, Any]] = []  # spikes whose applied_at the job has not reached
         self._spikes_seen: set[tuple[int, int, int]] = set()
@@ -274,6 +291,7 @@ class RemoteScheduler:
         )
         self.run_id = str(run["run_id"])
         self._status = str(run.get("status") or "active")
+        self._note_server(run)
         self._note_stop(run)
         if int(run.get("horizon", 0)) == 0 and run.get("lrs") is not None:
             moms = run.get("momentums")
@@ -341,6 +359,12 @@ class RemoteScheduler:
         # (a rank's prefetch may learn of the stop before the other rank gets there).
         self._settle()
         return self._stopped_at is not None and self.last_epoch >= self._stopped_at
+
+    @property
+    def watched(self) -> frozenset[str]:
+        """The metrics the run decides on now, as the server last said: ``step(metric)`` and
+        ``report()`` send these with the step (an operator may change them)."""
+        return self._watched
 
     @property
     def status(self) -> str:
@@ -461,7 +485,6 @@ class RemoteScheduler:
         self._stopped_at = state_dict.get("stopped_at")
         if state_dict.get("switched_at") is not None:  # the range test was over at the checkpoint
             self._switch_at, self._switched = int(state_dict["switched_at"]), True
-            self._watched = watched_metrics(self.schedule.get("then") or {"type": "none"})
         self._base, self._lrs, self._moms, self._end_at = self.last_epoch, [], [], _NEVER
         self._spikes_due, self._spikes_from = [], self.last_epoch + 1  # handled before the checkpoint
         self._accept(self._client.read_lr(self.run_id, self.last_epoch))
@@ -579,7 +602,8 @@ class RemoteScheduler:
             return
         if self._away:
             self._fetcher.pending.append((s, report))
-            self._hold(s, self._fetcher.error)
+            if not self._wait_for_server(s, report, self._fetcher.error):
+                self._hold(s, self._fetcher.error)
             return
         self._sizer.observe(s, self._clock())
         if self._overlap and not self._fetcher.busy:
@@ -590,23 +614,63 @@ class RemoteScheduler:
             self._fast = False
             return
         try:
+            ahead = self._ahead_from(s)
             answer = self._client.step_run(
                 self.run_id,
                 s,
                 metrics=report,
                 rank=self.rank,
-                ahead=self._ahead_from(s),
+                ahead=ahead,
                 timeout=self._report_timeout,
+                tail=self._tail_fields(s, ahead),
             )
         except LRServiceError as exc:
             if not is_outage(exc):
                 raise
             if not self.strict:
                 self._fetcher.pending.append((s, report))
+                self._away = True
+                self._fast = False
+                if self._wait_for_server(s, report, exc):
+                    return
             self._hold(s, exc)
             return
         self._accept(answer)
         self._apply(s)
+
+    def _wait_for_server(self, s: int, report: Mapping[str, float], exc: BaseException | None) -> bool:
+        """Step ``s`` needs the decision its report brings: wait for a server (``report_wait_s``).
+
+        The worker delivers the report (``pending``) as soon as a server answers. Returns
+        whether the values of ``s`` came; if not, the report stays pending (the fallback).
+        """
+        if self._report_wait_s <= 0:
+            return False
+        self._warn_once(
+            "away",
+            f"lrserve: the server is away ({exc}); step {s} carries {sorted(report)}, whose "
+            f"decision sets its values: training waits for the server, up to "
+            f"{self._report_wait_s:g} s (report_wait_s)",
+            ServerAwayWarning,
+        )
+        deadline = time.monotonic() + self._report_wait_s
+        while True:
+            if not self._fetcher.busy:
+                self._fetcher.submit(None, self._ahead_from(s))
+            left = deadline - time.monotonic()
+            result = self._fetcher.take(wait=True, stop_waiting=lambda: False, timeout=max(0.0, left))
+            if result is NOT_READY:
+                return False  # past the bound: the worker keeps trying to deliver it
+            if isinstance(result, EndOfSchedule):
+                self._end_at = result.step
+                self._reschedule()
+                return False
+            self._accept(result)
+            if self._holds(s):
+                self._apply(s)
+                if self._away:
+                    self._back()
+                return True
 
     def _obtain(self, s: int) -> None:
         if self._fetcher.busy:
@@ -621,7 +685,8 @@ class RemoteScheduler:
             self._fetcher.drop()  # strict: the caller waits for an answer, so ask now
         self._sizer.observe(s, self._clock())
         try:
-            answer = self._client.read_lr(self.run_id, s, ahead=self._ahead_from(s))
+            ahead = self._ahead_from(s)
+            answer = self._client.read_lr(self.run_id, s, ahead=ahead, tail=self._tail_fields(s, ahead))
         except LRServiceError as exc:
             if not is_outage(exc):
                 raise
@@ -636,12 +701,22 @@ class RemoteScheduler:
             raise exc if exc is not None else TransportError("the server is away")
         self._away = True
         self._fast = False
-        self._warn_once(
-            "away",
-            f"lrserve: the server is away ({exc}); step {s} keeps the last learning rates "
-            f"{self._last_lr} until it is back. Training goes on; the schedule catches up then.",
-            ServerAwayWarning,
-        )
+        if self._tail.holds(s):
+            self._write(*self._tail.ride(s))
+            self._warn_once(
+                "away",
+                f"lrserve: the server is away ({exc}); from step {s} training goes on with the "
+                f"provisional values it sent ahead (steps up to {self._tail.end - 1}), as if no "
+                f"decision or operator action came, until it is back.",
+                ServerAwayWarning,
+            )
+        else:
+            self._warn_once(
+                "away",
+                f"lrserve: the server is away ({exc}); step {s} keeps the last learning rates "
+                f"{self._last_lr} until it is back. Training goes on; the schedule catches up then.",
+                ServerAwayWarning,
+            )
         if not self._fetcher.busy:
             self._fetcher.submit(None, 0 if self._watched else self._sizer.next_ahead())
 
@@ -656,14 +731,15 @@ class RemoteScheduler:
         if self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
             self._take_spikes(s)
         i = s - self._base
-        row = self._lrs[i]
+        self._write(self._lrs[i], self._moms[i])
+
+    def _write(self, row: list[float], moms: Sequence[float] | None) -> None:
         for group, lr in zip(self.optimizer.param_groups, row, strict=False):
             current = group["lr"]
             if _is_tensor(current):
                 current.fill_(lr)
             else:
                 group["lr"] = lr
-        moms = self._moms[i]
         if moms is not None:
             self._write_momentums(moms)
         self._last_lr = row
@@ -683,9 +759,8 @@ class RemoteScheduler:
             self._stopped_at = self.last_epoch  # an older server: stop now
 
     def _take_switch(self, s: int) -> None:
-        """The range test is over: what follows watches ``then``'s metrics, on its own cadence."""
+        """The range test is over: what follows reports ``then``'s metrics, on its own cadence."""
         self._switched = True
-        self._watched = watched_metrics(self.schedule.get("then") or {"type": "none"})
         self._cadence = Cadence(self.steps_per_epoch, start=s)
         if self._on_switch is not None:
             self._on_switch(self)
@@ -709,8 +784,19 @@ class RemoteScheduler:
             self._spikes_due.sort(key=lambda e: (e["applied_at"], e["count"]))
             self._fast = False  # the step that reaches it goes through _apply
 
+    def _note_server(self, answer: Mapping[str, Any]) -> None:
+        """What the server says of the run now: the metrics it decides on, its cap on ``ahead``."""
+        watched = answer.get("watched")
+        if watched is not None and frozenset(watched) != self._watched:
+            self._watched = frozenset(str(name) for name in watched)
+            self._maybe_hook()
+        max_ahead = answer.get("max_ahead")
+        if max_ahead:
+            self._sizer.cap = int(max_ahead)
+
     def _accept(self, answer: Mapping[str, Any]) -> None:
         self._status = str(answer.get("status") or self._status)
+        self._note_server(answer)
         self._note_stop(answer)
         if answer.get("spikes"):
             self._note_spikes(answer["spikes"])
@@ -720,10 +806,14 @@ class RemoteScheduler:
             self._fast = False  # the step that switches goes through _apply
         window = answer.get("window")
         if window:
-            self._merge(int(window["start"]), window["lrs"], window.get("momentums"))
+            start, lrs = int(window["start"]), window["lrs"]
+            self._merge(start, lrs, window.get("momentums"))
         else:
             moms = answer.get("momentums")
-            self._merge(int(answer["step"]), [answer["lrs"]], None if moms is None else [moms])
+            start, lrs = int(answer["step"]), [answer["lrs"]]
+            self._merge(start, lrs, None if moms is None else [moms])
+        self._tail.take(answer, start, lrs)
+        self._tail.back()
         if self._away and self._holds(self.last_epoch):
             self._apply(self.last_epoch)  # catch up now, not one step later
             self._back()
@@ -817,12 +907,22 @@ class RemoteScheduler:
         else:
             self._accept(result)
 
+    def _tail_fields(self, first: int, ahead: int) -> dict[str, int]:
+        """Provisional-tail fields of a request for ``first .. first + ahead`` (either thread)."""
+        return self._tail.request_fields(first + ahead, self._sizer.seconds_per_step, self.rank)
+
     def _back(self) -> None:
         self._away = False
         self._fast = self._fast_ok()
         self._warned.discard("away")
 
     # -- decisions on their way ---------------------------------------------------------
+
+    def _maybe_hook(self) -> None:
+        """Hook the optimizer once the run watches a metric (not before: no cost without)."""
+        if self._hookable and self._watched and not self._hooked:
+            self._hooked = self._hook_optimizer()
+            self._overlap = self._want_overlap and self._hooked
 
     def _hook_optimizer(self) -> bool:
         """Hook the optimizer so a pending decision is applied before it next uses the LRs.

@@ -27,7 +27,6 @@ __all__ = [
     "Cadence",
     "WindowSizer",
     "guard_monitor",
-    "watched_metrics",
 ]
 
 #: Seconds of training one window should cover (bounds how late an operator action lands).
@@ -38,36 +37,9 @@ DEFAULT_FIRST_AHEAD = 16
 DEFAULT_GROWTH = 4
 #: Most steps asked beyond the first one (the server's default cap).
 MAX_AHEAD = 10_000
-#: The metric a ``ReduceLROnPlateau`` node watches when its spec names none.
+#: The name a bare number passed to ``step()`` is logged under when the run watches no metric.
 DEFAULT_MONITOR = "val_loss"
-_DEFAULT_MONITORS = {"ReduceLROnPlateau": DEFAULT_MONITOR, "LRRangeTest": "loss"}
 _SMOOTHING = 0.5  # weight of the newest measurement of the time per step
-
-
-def watched_metrics(spec: Mapping[str, Any]) -> frozenset[str]:
-    """The metric names a schedule spec decides on (its plateau and range-test monitors).
-
-    Example:
-        >>> sorted(watched_metrics({"type": "SequentialLR", "milestones": [5], "schedulers": [
-        ...     {"type": "LinearLR"}, {"type": "ReduceLROnPlateau", "monitor": "val_acc"}]}))
-        ['val_acc']
-    """
-    names: set[str] = set()
-    stack: list[Any] = [spec]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, Mapping):
-            continue
-        default = _DEFAULT_MONITORS.get(str(node.get("type")))
-        if default is not None:
-            names.add(str(node.get("monitor") or default))
-        children = node.get("schedulers")
-        if isinstance(children, list):
-            stack.extend(children)
-        stack.append(node.get("then"))
-        if node.get("type") == "SpikeGuard":  # its own monitor is judged per rank, no decision waits
-            stack.append(node.get("schedule"))
-    return frozenset(names)
 
 
 def guard_monitor(spec: Mapping[str, Any]) -> str | None:

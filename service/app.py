@@ -11,17 +11,19 @@ from starlette.concurrency import run_in_threadpool
 from service import dashboard
 from service.api.fast_path import FastWindows
 from service.api.query import SingleQueryValues, repeatable_parameters
-from service.api.routes import events, health, runs, schedules, spike_guard, steps
+from service.api.routes import events, fleet, health, runs, schedules, spike_guard, steps, webhooks
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.engine.engine import warm_up_torch
 from service.errors import install_error_handlers
 from service.events.hub import EventHub
+from service.events.webhooks import WebhookSender, load_webhooks
 from service.limits import BodySizeLimit
 from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
 from service.settings import Settings, get_settings
 from service.store import open_store
+from service.store.webhook_queue import WebhookQueue
 from service.telemetry import Telemetry, TelemetryMiddleware
 
 DESCRIPTION = """Learning-rate schedules served over HTTP, computed by torch's own schedulers.
@@ -38,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings: Defaults to ``get_settings()`` (the environment).
     """
     settings = settings or get_settings()
+    endpoints = load_webhooks(settings.webhooks, settings.webhooks_file)
     telemetry = Telemetry()
 
     @asynccontextmanager
@@ -53,10 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await hub.start()
         app.state.events = hub
         telemetry.event_streams.set_function(lambda: hub.streams)
+        sender = WebhookSender(WebhookQueue(store), endpoints, telemetry)
+        await sender.start()
+        app.state.webhooks = sender
         await run_in_threadpool(warm_up_torch)
         try:
             yield
         finally:
+            await sender.close()
             await hub.close()
             store.close()
 
@@ -64,9 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
     app.state.telemetry = telemetry
-    for module in (runs, steps, schedules, spike_guard):
+    for module in (runs, steps, schedules, fleet, spike_guard):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(events.router)
+    app.include_router(webhooks.router, responses=ERROR_RESPONSES)
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     app.include_router(dashboard.router)
     install_error_handlers(app)

@@ -44,6 +44,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--create-db", action="store_true", default=None,
                        help="create the SQLite database even where one existed and is gone "
                             "(default: refuse to start without it; or LRSERVE_CREATE_DB=1)")
+    serve.add_argument("--webhooks-file", default=env("LRSERVE_WEBHOOKS_FILE"),
+                       help="JSON file listing webhook endpoints (or set LRSERVE_WEBHOOKS; "
+                            "see docs/events.md)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback bind without any token (anyone may steer runs)")
     serve.add_argument("--log-level", default="info",
@@ -68,6 +71,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.auth import TokenError, load_tokens
+    from service.connections import raise_fd_limit
 
     settings, problem = check_settings(args.db)
     if settings is None:
@@ -79,6 +83,12 @@ def serve_command(args: argparse.Namespace) -> int:
         tokens = load_tokens(os.environ.get("LRSERVE_TOKENS", ""),
                              Path(args.tokens_file) if args.tokens_file else None)
     except TokenError as exc:
+        return fail(str(exc))
+    from service.events.webhooks import WebhookConfigError, load_webhooks
+
+    try:
+        load_webhooks(settings.webhooks, Path(args.webhooks_file) if args.webhooks_file else None)
+    except WebhookConfigError as exc:
         return fail(str(exc))
     if not tokens and not is_loopback(args.host) and not args.insecure:
         print(
@@ -96,9 +106,15 @@ def serve_command(args: argparse.Namespace) -> int:
     os.environ["LRSERVE_CREATE_DB"] = "1" if args.create_db else "0"
     if args.tokens_file:
         os.environ["LRSERVE_TOKENS_FILE"] = args.tokens_file
+    if args.webhooks_file:
+        os.environ["LRSERVE_WEBHOOKS_FILE"] = args.webhooks_file
+    problem = raise_fd_limit(settings.max_connections)
+    if problem is not None:
+        print(f"lrserve: warning: {problem}", file=sys.stderr)
     uvicorn.run(
         "service.app:create_app", factory=True, host=args.host, port=args.port,
         workers=args.workers, log_level=args.log_level, access_log=args.access_log,
+        http="service.connections:GuardedHttpProtocol",  # request timeout, connection limit
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     return 0

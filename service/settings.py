@@ -38,7 +38,19 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long a metric barrier waits for every rank before deciding."
     )
     max_ahead: int = Field(10_000, ge=0, description="Most steps one window may return beyond `step`.")
+    max_provisional: int = Field(
+        100_000,
+        ge=0,
+        description="Most steps of a provisional tail (values after a window, ridden in outages).",
+    )
     max_jump: int = Field(10_000, ge=1, description="Most steps one request may move the horizon.")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="A request's headers and body must arrive within this time (else 408)."
+    )
+    max_connections: int = Field(
+        4096, ge=1, description="Open connections per server process; beyond, the oldest idle or "
+        "half-sent one is closed with a 503 (or the new one, when every one is busy)."
+    )
     work_budget: int = Field(
         500_000,
         ge=10_000,
@@ -54,6 +66,17 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         1000, ge=1, description="Steps between engine snapshots (bounds replay after restart)."
     )
+    max_fleet_runs: int = Field(
+        10_000, ge=1, description="Most runs one `POST /v1/control` may act on (more matching: a 422)."
+    )
+    stale_after_s: float = Field(
+        300.0, gt=0, description="An active run not heard from (any rank) for this long is `stale`."
+    )
+    last_seen_flush_s: float = Field(
+        5.0, gt=0, description="How often each server process writes the runs' `last_seen` to the database."
+    )
+    webhooks: str = Field("", description="Webhook endpoints, a JSON list (see docs/events.md).")
+    webhooks_file: Path | None = Field(None, description="File holding the webhook endpoints' JSON list.")
     events_buffer: int = Field(
         1000, ge=1, description="Events one /v1/events stream may fall behind before it is cut off."
     )

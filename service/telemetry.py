@@ -33,6 +33,15 @@ class Telemetry:
         self.runs_loaded = Gauge("lrserve_runs_loaded", "Runs held in memory", registry=self.registry)
         self.event_streams = Gauge("lrserve_event_streams", "Open GET /v1/events streams",
                                    registry=self.registry)
+        self.webhook_attempts = Counter(
+            "lrserve_webhook_attempts", "Webhook POSTs by this process, by endpoint and outcome",
+            ["endpoint", "outcome"], registry=self.registry)
+        self.webhook_pending = Gauge(
+            "lrserve_webhook_pending", "Events queued for a webhook endpoint, undelivered (all replicas)",
+            ["endpoint"], registry=self.registry)
+        self.webhook_delivered = Gauge(
+            "lrserve_webhook_delivered", "Events delivered to a webhook endpoint, all time (all replicas)",
+            ["endpoint"], registry=self.registry)
         self.steps = Counter("lrserve_steps_committed", "Steps made final", registry=self.registry)
         self.decisions = Counter(
             "lrserve_decisions", "Decisions applied to runs", ["kind"], registry=self.registry

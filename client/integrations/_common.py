@@ -6,7 +6,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from client._scheduler import RemoteScheduler
-from client._windows import watched_metrics
 
 
 def remote_scheduler(scheduler: Any) -> RemoteScheduler | None:
@@ -27,7 +26,7 @@ def reported_name(scheduler: RemoteScheduler, key: str | None) -> str:
     Raises:
         ValueError: The schedule watches no metric, or several and ``key`` is none of them.
     """
-    watched = watched_metrics(scheduler.schedule)
+    watched = scheduler.watched
     if len(watched) == 1:
         return next(iter(watched))
     if key in watched:

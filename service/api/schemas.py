@@ -70,6 +70,10 @@ class RunPublic(BaseModel):
     momentums: list[float] | None
     stopped_at: int | None = Field(None, description="The step from which the run is stopped.")
     switched_at: int | None = Field(None, description="Step where a range test switched schedules.")
+    watched: list[str] = Field(
+        default_factory=list, description="Metrics the run decides on now: a job reports these with step()."
+    )
+    max_ahead: int = Field(0, description="The server's cap on `ahead`.")
     created_at: str
     updated_at: str
 
@@ -81,6 +85,13 @@ class RunsPublic(BaseModel):
 
 
 class WindowPublic(BaseModel):
+    start: int
+    lrs: list[list[float]]
+    momentums: list[list[float]] | None
+
+
+class ProvisionalPublic(BaseModel):
+    id: int = Field(description="Valid until the run's next event; sent back as `provisional_id`.")
     start: int
     lrs: list[list[float]]
     momentums: list[list[float]] | None
@@ -99,6 +110,16 @@ class StepResult(BaseModel):
         None, description="Step at which a range test ended and the run switched schedules."
     )
     window: WindowPublic
+    watched: list[str] = Field(
+        default_factory=list, description="Metrics the run decides on now: a job reports these with step()."
+    )
+    max_ahead: int = Field(0, description="The server's cap on `ahead`.")
+    provisional: ProvisionalPublic | None = Field(
+        None, description="Values after the window as if no input arrived: not committed, not final."
+    )
+    provisional_divergence: dict[str, Any] | None = Field(
+        None, description="The event recorded when the steps ridden on a tail were changed by an input."
+    )
     spikes: list[SpikePublic] | None = Field(
         None, description="Spike-guard backoffs taking effect in this window (absent: none)."
     )
@@ -109,6 +130,13 @@ class StepRequest(_Strict):
     metrics: dict[MetricName, float] = Field(default_factory=dict, max_length=64)
     rank: Rank = 0
     ahead: int = Field(0, ge=0)
+    provisional: int = Field(
+        0, ge=0, description="Steps of provisional values wanted after the window (see GET .../lr)."
+    )
+    provisional_from: int | None = Field(
+        None, ge=0, description="The first step this job took on provisional values (an outage now over)."
+    )
+    provisional_id: int | None = Field(None, ge=0, description="The `provisional.id` of the tail it rode.")
 
 
 class MetricRecordIn(_Strict):
@@ -127,17 +155,17 @@ class MetricsAccepted(BaseModel):
     new: int
 
 
-class ControlRequest(_Strict):
+class ActionSpec(_Strict):
+    """One operator action and its arguments (API.md, Operator control)."""
+
     action: Literal["set_lr", "scale", "hold", "resume", "replace_schedule", "stop"]
-    at_step: Step | None = Field(None, description="Must be above the horizon; default: the first free step.")
     lr: LearningRate | None = None
     lrs: list[LearningRate] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
     factor: float | None = Field(None, gt=0, allow_inf_nan=False)
     schedule: Schedule | None = None
-    reason: Reason | None = None
 
     @model_validator(mode="after")
-    def _fields_match_action(self) -> ControlRequest:
+    def _fields_match_action(self) -> ActionSpec:
         needs = {"set_lr": ("lr", "lrs"), "scale": ("factor",), "replace_schedule": ("schedule",)}
         wanted = needs.get(self.action, ())
         given = [f for f in ("lr", "lrs", "factor", "schedule") if getattr(self, f) is not None]
@@ -151,10 +179,53 @@ class ControlRequest(_Strict):
         return self
 
 
+class ControlRequest(ActionSpec):
+    at_step: Step | None = Field(None, description="Must be above the horizon; default: the first free step.")
+    reason: Reason | None = None
+
+
 class ControlResult(BaseModel):
     run_id: str
     applied_at: int
     event: dict[str, Any] = Field(description=f"The event recorded. {NON_FINITE}")
+
+
+class FleetSelector(_Strict):
+    labels: dict[LabelText, LabelText] = Field(
+        default_factory=dict, max_length=MAX_LABELS, description="Every pair must be among the run's labels."
+    )
+    status: list[Status] | None = Field(
+        None, min_length=1, max_length=3, description="Only runs with one of these statuses."
+    )
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> FleetSelector:
+        if not self.labels and self.status is None:
+            raise ValueError(
+                'give labels and/or status (to act on every run, say so: "status": ["active", "held"])'
+            )
+        return self
+
+
+class FleetControlRequest(_Strict):
+    selector: FleetSelector
+    action: ActionSpec = Field(description="As `POST /v1/runs/{run_id}/control`, without `at_step`.")
+    reason: Reason | None = None
+    dry_run: bool = Field(False, description="Only list the matching runs; change nothing.")
+
+
+class FleetRunResult(BaseModel):
+    run_id: str
+    applied_at: int | None = Field(None, description="The step the action landed on (this run's first free).")
+    error: Message | None = Field(None, description="Why this run refused the action (the others took it).")
+    status: Status | None = Field(None, description="Dry run: the run's status.")
+    horizon: int | None = Field(None, description="Dry run: the run's horizon (the action would land after).")
+
+
+class FleetControlResult(BaseModel):
+    matched: int
+    dry_run: bool
+    results: list[FleetRunResult]
 
 
 class Series(BaseModel):

@@ -222,8 +222,12 @@ class Engine:
 
     @property
     def watched(self) -> set[str]:
-        """Names of the metrics some plateau stage of the current schedule watches."""
-        return {stage.monitor for stage in self._stages}
+        """Names of the metrics the current schedule decides on: its plateau stages' and a
+        running range test's."""
+        names = {stage.monitor for stage in self._stages}
+        if self.range_test is not None and not self.range_test.done:
+            names.add(self.range_test.monitor)
+        return names
 
     # -- stepping ------------------------------------------------------------------
 

@@ -57,6 +57,8 @@ class Window:
     status: str
     stopped_at: int | None
     switched_at: int | None
+    watched: tuple[str, ...] = ()  # the metrics the run decides on now (clients report these)
+    max_ahead: int = 0  # the server's cap on ``ahead``
     spikes: list[Spike] = dataclasses.field(default_factory=list)
 
 
@@ -273,7 +275,8 @@ class RunManager:
         else:
             values = state.values[step - state.first_step : end - state.first_step + 1]
         spikes = state.spikes_between(step, end) if state.engine.spikes else []
-        return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at, spikes)
+        return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at,
+                      state.watching, self._ahead_cap(state), spikes)
 
     def _budget_steps(self, state: RunState) -> int:
         """The most steps of this run's current schedule one request may compute (work budget)."""

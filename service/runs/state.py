@@ -93,6 +93,7 @@ class RunState:
         self.broken = False  # the engine failed past the last step computed (``advance_to``)
         self._pending: list[Values] = []  # computed, not yet durable
         self.marks = Marks()  # the status at the engine's step (ahead of ``status`` in a commit)
+        self.watching: tuple[str, ...] = tuple(sorted(engine.watched))  # decided on at ``horizon``
 
     @property
     def horizon(self) -> int:
@@ -110,6 +111,7 @@ class RunState:
         self._pending.clear()
         marks = self.marks
         self.status, self.stopped_at, self.switched_at = marks.status, marks.stopped_at, marks.switched_at
+        self.watching = tuple(sorted(self.engine.watched))
 
     def take_input(self, event: Event) -> None:
         """Queue a decision input for its step, and learn what a new schedule watches."""

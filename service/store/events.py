@@ -24,6 +24,7 @@ class EventKind(str, enum.Enum):
     PLATEAU_REDUCTION = "plateau_reduction"  # output: a plateau stage lowered the LRs
     BARRIER_TIMEOUT = "barrier_timeout"  # output: not every rank reported in time
     SCHEDULE_SWITCH = "schedule_switch"  # output: the schedule changed (range test ended)
+    PROVISIONAL_DIVERGENCE = "provisional_divergence"  # output: an input changed steps a job rode
     LOSS_SPIKE = "loss_spike"  # output: a spike guard found a spike and backed the LRs off
 
     @property

@@ -138,6 +138,37 @@ from this row, which locks it until that transaction commits: so ids become visi
 increasing order, and a reader that has seen id ``n`` never later finds a smaller one
 committed (on PostgreSQL a sequence would not promise that)."""
 
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("endpoint", String(512), primary_key=True),  # the configured URL
+    Column("last_gid", BigInteger, nullable=False),  # events up to here are queued (or did not match)
+    Column("delivered", BigInteger, nullable=False, server_default="0"),
+    Column("failures", BigInteger, nullable=False, server_default="0"),  # failed attempts, all time
+    Column("last_error", Text, nullable=True),
+    Column("last_error_at", UTCDateTime, nullable=True),
+    Column("last_delivered_at", UTCDateTime, nullable=True),
+)
+"""One row per configured webhook URL: how far its queue has been filled, and its record."""
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("endpoint", String(512), nullable=False),
+    Column("run_id", String(128), nullable=False),
+    Column("gid", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),  # the exact bytes signed and sent, every attempt
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_at", UTCDateTime, nullable=False),
+    Column("lease_until", UTCDateTime, nullable=True),  # claimed by a sender until then
+    Column("last_error", Text, nullable=True),
+    Index("ux_webhook_deliveries_order", "endpoint", "run_id", "gid", unique=True),
+    Index("ix_webhook_deliveries_due", "endpoint", "next_at"),
+)
+"""The durable webhook queue: a row per event still to deliver to an endpoint (deleted once
+delivered). Only a run's oldest row per endpoint is ever sent, so runs stay in order."""
+
 snapshots = Table(
     "snapshots",
     metadata,
@@ -256,7 +287,12 @@ def _migrate_v3(conn: Connection) -> None:
         conn.execute(event_ids.insert().values(id=1, last_gid=last))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
+def _migrate_v4(conn: Connection) -> None:
+    """The webhook queue: ``webhook_endpoints`` and ``webhook_deliveries``."""
+    metadata.create_all(conn, tables=[webhook_endpoints, webhook_deliveries], checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4]
 """``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -395,10 +395,13 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        query = select(events).where(events.c.gid > after_gid).order_by(events.c.gid).limit(max(1, limit))
         with self._transaction() as conn:
-            rows = conn.execute(query).all()
-            labels = self._labels_of(conn, sorted({r.run_id for r in rows}))
+            return self._read_feed(conn, after_gid, limit)
+
+    def _read_feed(self, conn: Connection, after_gid: int, limit: int) -> list[FeedEntry]:
+        query = select(events).where(events.c.gid > after_gid).order_by(events.c.gid).limit(max(1, limit))
+        rows = conn.execute(query).all()
+        labels = self._labels_of(conn, sorted({r.run_id for r in rows}))
         return [FeedEntry(r.run_id, labels.get(r.run_id, {}), _event(r)) for r in rows]
 
     def watch_commits(self, callback: Callable[[], None]) -> None:
@@ -435,7 +438,11 @@ class SqlStore(BaseStore):
             StoreUnavailable: the database failed.
         """
         with self._transaction() as conn:
-            return int(conn.execute(select(event_ids.c.last_gid)).scalar_one())
+            return self._last_gid(conn)
+
+    @staticmethod
+    def _last_gid(conn: Connection) -> int:
+        return int(conn.execute(select(event_ids.c.last_gid)).scalar_one())
 
     # -- snapshots -------------------------------------------------------------------------
 

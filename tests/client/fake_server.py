@@ -101,7 +101,7 @@ class FakeServer:
         if tail == "" and method == "GET":
             return httpx.Response(200, json=self._run_json(run))
         if tail == "lr" and method == "GET":
-            return self._window(run, int(params["step"]), int(params.get("ahead", 0)), None)
+            return self._window(run, int(params["step"]), int(params.get("ahead", 0)), None, asked=params)
         if tail == "step" and method == "POST":
             return self._window(run, body["step"], body.get("ahead", 0), body, rank=body.get("rank", 0))
         if tail == "metrics" and method == "POST":
@@ -136,10 +136,18 @@ class FakeServer:
             "horizon": run.horizon,
             "lrs": run.values[-1],
             "momentums": run.momentums[-1] if run.momentums else None,
+            "watched": sorted(watched(run.body["schedule"])),
+            "max_ahead": self.max_ahead,
         }
 
     def _window(
-        self, run: FakeRun, step: int, ahead: int, report: Mapping[str, Any] | None, rank: int = 0
+        self,
+        run: FakeRun,
+        step: int,
+        ahead: int,
+        report: Mapping[str, Any] | None,
+        rank: int = 0,
+        asked: Mapping[str, Any] | None = None,
     ) -> httpx.Response:
         metrics = (report or {}).get("metrics") or {}
         if report is not None:
@@ -168,8 +176,28 @@ class FakeServer:
                 "momentums": run.momentums[step] if run.momentums else None,
                 "status": run.status,
                 "window": window,
+                "watched": sorted(watched(run.body["schedule"])),
+                "max_ahead": self.max_ahead,
+                **self._tail(run, last, asked if report is None else report),
             },
         )
+
+    def _tail(self, run: FakeRun, last: int, asked: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The provisional tail: the toy schedule continued without reports (not committed)."""
+        asked = asked or {}
+        size = min(100_000, int(asked.get("provisional") or 0))  # the server's default cap
+        if not size and asked.get("provisional_from") is None:
+            return {}
+        lrs, best, values = run.values[last], run.best, []
+        for k in range(last + 1, last + 1 + size):
+            if self.end_at is not None and k >= self.end_at:
+                break
+            lrs, best = next_lrs(lrs, k, None, best, self.step_size, self.gamma)
+            values.append(lrs)
+        moms = None
+        if run.momentums is not None:
+            moms = [[0.9 - 0.001 * k for _ in run.values[0]] for k in range(last + 1, last + 1 + len(values))]
+        return {"provisional": {"id": len(run.reports), "start": last + 1, "lrs": values, "momentums": moms}}
 
     def _commit(self, run: FakeRun, upto: int, metrics: Mapping[str, float] | None = None) -> None:
         while run.horizon < upto:
@@ -181,6 +209,22 @@ class FakeServer:
             run.values.append(lrs)
             if run.momentums is not None:
                 run.momentums.append([0.9 - 0.001 * k for _ in lrs])
+
+
+def watched(spec: Mapping[str, Any]) -> set[str]:
+    """The metrics a spec decides on (what the real server says in ``watched``)."""
+    names: set[str] = set()
+    stack: list[Any] = [spec]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        default = {"ReduceLROnPlateau": "val_loss", "LRRangeTest": "loss"}.get(str(node.get("type")))
+        if default is not None:
+            names.add(str(node.get("monitor") or default))
+        stack.extend(node.get("schedulers") or [])
+        stack.append(node.get("then"))
+    return names
 
 
 def next_lrs(

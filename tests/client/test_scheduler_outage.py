@@ -1,7 +1,9 @@
-"""When the server is away: held values carry on, then the last LR is held, then it catches up."""
+"""When the server is away: final values carry on, then the provisional tail, then the last LR
+is held; a step whose report decides its values waits for the server; then it catches up."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -46,8 +48,32 @@ def test_held_values_carry_training_through_an_outage(make_scheduler, fake, cloc
     fake.down = False
 
 
-def test_past_held_values_the_last_lr_is_held_with_one_warning(make_scheduler, fake, clock):
-    sched = make_scheduler()
+def test_past_final_values_the_tail_carries_the_schedule_on_and_is_named_after(make_scheduler, fake, clock):
+    sched = make_scheduler(run_id="t")  # defaults: a tail for 60 s of training
+    for _ in range(50):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    assert sched._tail.end > held_until(sched) + 1000  # the tail reaches far beyond the window
+    fake.down = True
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+    first = sched.last_epoch + 1
+    with pytest.warns(ServerAwayWarning, match="provisional") as record:
+        rode = [step_once(sched, clock) for _ in range(300)]
+    assert len(record) == 1
+    assert rode == expected_lrs([0.1], sched.last_epoch)[first:]  # the schedule, not the last LR
+    fake.down = False
+    step_until_caught_up(sched, clock)
+    sent = [{**(params or {}), **(body or {})} for _, _, params, body in fake.requests]
+    named = [int(fields["provisional_from"]) for fields in sent if "provisional_from" in fields]
+    assert named == [first]  # the first request after the outage names the first step ridden
+    assert sched._tail.ridden_from is None
+    for _ in range(100):  # and on with the schedule
+        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+
+
+def test_past_the_tail_the_last_lr_is_held_with_one_warning(make_scheduler, fake, clock):
+    sched = make_scheduler(outage_ride_s=0)  # no tail asked for
     for _ in range(50):
         step_once(sched, clock)
     sched._collect(wait=True)
@@ -76,8 +102,26 @@ def test_a_second_outage_warns_again(make_scheduler, fake, clock):
         step_until_caught_up(sched, clock)
 
 
-def test_report_during_an_outage_is_delivered_when_the_server_is_back(make_scheduler, fake, clock):
-    sched = make_scheduler(schedule=PLATEAU, run_id="p", steps_per_epoch=5)
+def test_a_report_during_an_outage_waits_for_the_server_and_lands_on_its_step(make_scheduler, fake, clock):
+    sched = make_scheduler(schedule=PLATEAU, run_id="p", steps_per_epoch=5)  # report_wait_s: 60 s
+    for k in range(1, 11):
+        if k % 5:
+            step_once(sched, clock)
+        else:
+            sched.step(2.0 - k / 10)
+    fake.down = True
+    for _ in range(4):
+        step_once(sched, clock)
+    threading.Timer(0.5, lambda: setattr(fake, "down", False)).start()
+    with pytest.warns(ServerAwayWarning, match="waits") as record:
+        sched.step(5.0)  # 15: worse, so the LR drops at 15, as without the outage
+    assert len(record) == 1
+    assert fake.runs["p"].reports[15] == {"val_loss": 5.0}
+    assert sched.get_last_lr() == expected_lrs([0.1], 15, {5: 1.5, 10: 1.0, 15: 5.0})[15]
+
+
+def test_report_past_report_wait_s_is_delivered_when_the_server_is_back(make_scheduler, fake, clock):
+    sched = make_scheduler(schedule=PLATEAU, run_id="p", steps_per_epoch=5, report_wait_s=0.2)
     reports = {}
     for k in range(1, 11):
         if k % 5:

@@ -4,41 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client._windows import MAX_AHEAD, Cadence, WindowSizer, watched_metrics
-
-
-@pytest.mark.parametrize(
-    ("spec", "names"),
-    [
-        pytest.param({"type": "StepLR", "step_size": 3}, set(), id="time-based"),
-        pytest.param({"type": "ReduceLROnPlateau"}, {"val_loss"}, id="plateau-default"),
-        pytest.param({"type": "ReduceLROnPlateau", "monitor": "acc"}, {"acc"}, id="plateau-monitor"),
-        pytest.param(
-            {
-                "type": "SequentialLR",
-                "milestones": [5],
-                "schedulers": [{"type": "LinearLR"}, {"type": "ReduceLROnPlateau", "monitor": "a"}],
-            },
-            {"a"},
-            id="warmup-plateau",
-        ),
-        pytest.param(
-            {
-                "type": "ChainedScheduler",
-                "schedulers": [{"type": "ReduceLROnPlateau"}, {"type": "ExponentialLR"}],
-            },
-            {"val_loss"},
-            id="chained",
-        ),
-        pytest.param(
-            {"type": "LRRangeTest", "then": {"type": "ReduceLROnPlateau", "monitor": "v"}},
-            {"loss", "v"},
-            id="range-test",
-        ),
-    ],
-)
-def test_watched_metrics(spec, names):
-    assert watched_metrics(spec) == names
+from client._windows import MAX_AHEAD, Cadence, WindowSizer
 
 
 def test_fixed_cadence_is_the_multiples_of_steps_per_epoch():

@@ -30,6 +30,10 @@ PLATEAU_AFTER_WARMUP = {"type": "SequentialLR", "milestones": [4], "schedulers":
      "threshold_mode": "abs"}]}
 ACTIONS = ({"action": "scale", "factor": 0.9}, {"action": "hold"}, {"action": "resume"},
            {"action": "set_lr", "lr": 0.05}, {"action": "scale", "factor": 1.1})
+# Actions that leave the schedule's clock running: a held run feeds no metric to its plateau
+# stage, so a run whose plateau decisions a test expects must not be held for a
+# timing-dependent share of its steps (test_replicas' "bar" once had none, issue 13).
+CLOCK_RUNNING_ACTIONS = tuple(a for a in ACTIONS if a["action"] not in ("hold", "resume"))
 
 
 def loss(run_id: str, rank: int, step: int) -> float:
@@ -44,9 +48,13 @@ class Cluster:
     Each thread should build its own ``Cluster`` (own connections).
     """
 
-    def __init__(self, urls: Sequence[str], *, keepalive: bool = True) -> None:
+    def __init__(
+        self, urls: Sequence[str], *, keepalive: bool = True, headers: dict[str, str] | None = None
+    ) -> None:
         limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
-        self.clients = [httpx.Client(base_url=url, timeout=60, limits=limits) for url in urls]
+        self.clients = [
+            httpx.Client(base_url=url, timeout=60, limits=limits, headers=headers) for url in urls
+        ]
 
     def call(
         self, replica: int, method: str, path: str, *, retry: bool = True, **kwargs: Any
@@ -113,6 +121,7 @@ class Load:
     ledger: Ledger
     deadline: float
     keepalive: bool = True
+    headers: dict[str, str] | None = None  # e.g. the jobs' bearer token
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -135,7 +144,7 @@ class Load:
             time.sleep(0.02)
 
     def _guarded(self, target: Callable[..., None], *args: Any) -> None:
-        cluster = Cluster(self.urls, keepalive=self.keepalive)
+        cluster = Cluster(self.urls, keepalive=self.keepalive, headers=self.headers)
         try:
             target(cluster, *args)
         except Exception as exc:  # a crash in a load thread must fail the test, not vanish
@@ -179,12 +188,18 @@ class Load:
                 self.ledger.by_rank[(run_id, rank)][k] = body["lrs"]
                 self.ledger.metrics.update((run_id, name, k, rank) for name in metrics)
 
-    def operator(self, cluster: Cluster, run_ids: Sequence[str], pause_s: float) -> None:
-        """Operator actions on every run, through alternating replicas, until the load ends."""
+    def operator(self, cluster: Cluster, run_ids: Sequence[str], pause_s: float,
+                 actions: dict[str, Sequence[dict[str, Any]]] | None = None) -> None:
+        """Operator actions on every run, through alternating replicas, until the load ends.
+
+        ``actions[run_id]`` replaces ``ACTIONS`` for that run.
+        """
         for i in range(10_000):
             if self.over():
                 return
-            run_id, action = run_ids[i % len(run_ids)], ACTIONS[i % len(ACTIONS)]
+            run_id = run_ids[i % len(run_ids)]
+            choices = (actions or {}).get(run_id, ACTIONS)
+            action = choices[(i // len(run_ids)) % len(choices)]
             try:  # not idempotent: never retried on another replica
                 response = cluster.call(i % len(self.urls), "POST", f"/v1/runs/{run_id}/control",
                                         json=action, retry=False)

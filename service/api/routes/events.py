@@ -15,26 +15,12 @@ from service.api.routes.runs import _parse_labels
 from service.api.schemas import ERROR_RESPONSES
 from service.errors import InvalidInput
 from service.events.hub import EventHub, FeedFilter, Overflow
-from service.store.events import EventKind, FeedEntry
+from service.events.wire import event_message, overflow_message
+from service.store.events import EventKind
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
 KINDS = sorted(k.value for k in EventKind)
-
-
-def event_message(entry: FeedEntry) -> dict[str, Any]:
-    """An event as the stream (and webhooks) show it: its global ``id``, its run, then as in history."""
-    event = entry.event
-    return {"id": event.gid, "run_id": entry.run_id, "seq": event.seq, **event.public()}
-
-
-def overflow_message(overflow: Overflow) -> dict[str, Any]:
-    return {
-        "code": "slow_consumer",
-        "detail": f"this stream fell {overflow.buffer} events behind and was cut off; "
-                  f"reconnect with Last-Event-ID: {overflow.last_id} to resume",
-        "last_id": overflow.last_id,
-    }
 
 
 async def _stream_request(

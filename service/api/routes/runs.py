@@ -45,6 +45,8 @@ def run_public(manager: RunManager, record: RunRecord) -> dict:
         "momentums": list(moms) if moms is not None else None,
         "stopped_at": state.stopped_at,
         "switched_at": state.switched_at,
+        "watched": list(state.watching),
+        "max_ahead": manager.settings.max_ahead,
         "created_at": record.created_at.isoformat(),
         "updated_at": record.updated_at.isoformat(),
     }

@@ -11,9 +11,14 @@ from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
 from service.api.routes.spike_guard import spike_public
 from service.api.schemas import MetricsAccepted, MetricsCreate, RunId, Step, StepRequest, StepResult
-from service.runs.manager import Window
+from service.runs import provisional
+from service.runs.manager import RunManager, Window
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
+
+_TAIL_DOC = "Steps of provisional values wanted after the window (capped by LRSERVE_MAX_PROVISIONAL)."
+_FROM_DOC = "The first step this job took on provisional values during an outage now over."
+_ID_DOC = "The `provisional.id` of the tail those steps came from."
 
 
 def window_public(window: Window) -> dict:
@@ -28,10 +33,32 @@ def window_public(window: Window) -> dict:
         "stopped_at": window.stopped_at,
         "switched_at": window.switched_at,
         "window": {"start": window.start, "lrs": lrs, "momentums": moms},
+        "watched": list(window.watched),
+        "max_ahead": window.max_ahead,
     }
     if window.spikes:  # a spike guard's backoffs that take effect in this window
         public["spikes"] = [spike_public(s) for s in window.spikes]
     return public
+
+
+def _with_tail(
+    manager: RunManager,
+    window: Window,
+    rank: int,
+    size: int,
+    since: int | None,
+    tail_id: int | None,
+) -> dict:
+    """The answer, with the provisional tail asked for and the outage settled (in a worker thread)."""
+    body = window_public(window)
+    if since is not None:
+        divergence = provisional.settle(manager, window.run_id, rank, since, window.start, tail_id)
+        if divergence is not None:
+            body["provisional_divergence"] = divergence
+    if size > 0 or since is not None:
+        end = window.start + len(window.values) - 1
+        body["provisional"] = provisional.tail(manager, window.run_id, end, size).public(len(body["lrs"]))
+    return body
 
 
 @router.get("/lr", response_model=StepResult, dependencies=[ReadAccess])
@@ -40,10 +67,25 @@ async def read_lr(
     manager: ManagerDep,
     step: Annotated[Step, Query()],
     ahead: Annotated[int, Query(ge=0)] = 0,
+    provisional_size: Annotated[int, Query(alias="provisional", ge=0, description=_TAIL_DOC)] = 0,
+    provisional_from: Annotated[int | None, Query(ge=0, description=_FROM_DOC)] = None,
+    provisional_id: Annotated[int | None, Query(ge=0, description=_ID_DOC)] = None,
+    rank: Annotated[int, Query(ge=0, description="The asking rank (named in a provisional_divergence).")] = 0,
 ) -> Response:
-    """Values for steps step..step+ahead (capped); asking commits them (they become final)."""
+    """Values for steps step..step+ahead (capped); asking commits them (they become final).
+
+    With `provisional=n`, also the next n values as if no input arrived (uncommitted), to
+    ride an outage on (API.md, "Outages: the provisional tail").
+    """
     # Final values already in memory are answered right here, without a worker thread.
     window = manager.cached_window(run_id, step, ahead)
+    if provisional_size or provisional_from is not None:
+        if window is None:
+            window = await run_in_threadpool(manager.window, run_id, step, ahead)
+        body = await run_in_threadpool(
+            _with_tail, manager, window, rank, provisional_size, provisional_from, provisional_id
+        )
+        return FastJSONResponse(body)
     if window is None:
         window = await run_in_threadpool(manager.window, run_id, step, ahead)
     return FastJSONResponse(window_public(window))
@@ -57,6 +99,12 @@ async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Respon
     """
     barriers = request.app.state.barriers
     window = await barriers.step(run_id, body.step, body.metrics, body.rank, body.ahead)
+    if body.provisional or body.provisional_from is not None:
+        answer = await run_in_threadpool(
+            _with_tail, barriers.manager, window, body.rank, body.provisional, body.provisional_from,
+            body.provisional_id,
+        )
+        return FastJSONResponse(answer)
     return FastJSONResponse(window_public(window))
 
 

@@ -19,6 +19,8 @@ ROUTES = {
     ("GET", "/v1/runs/{run_id}"): ("read", {}),
     ("DELETE", "/v1/runs/{run_id}"): ("admin", {}),
     ("POST", "/v1/runs/{run_id}/control"): ("admin", {"json": {"action": "hold"}}),
+    ("POST", "/v1/control"): (
+        "admin", {"json": {"selector": {"status": ["active"]}, "action": {"action": "hold"}}}),
     ("GET", "/v1/runs/{run_id}/history"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/lr-finder"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/spike-guard"): ("read", {}),
@@ -31,6 +33,7 @@ ROUTES = {
     # a stream never ends, which TestClient waits for: an unknown kind makes it a 422 once
     # access is granted (tests/e2e/test_event_stream.py reads the stream with a read token)
     ("GET", "/v1/events"): ("read", {"params": {"kind": "unknown"}}),
+    ("GET", "/v1/webhooks"): ("admin", {}),
     ("GET", "/healthz"): (None, {}),
     ("GET", "/readyz"): (None, {}),
     ("GET", "/metrics"): (None, {}),

@@ -1,0 +1,159 @@
+"""Connections that never finish their request cannot exhaust the server.
+
+uvicorn waits forever for a request's headers and body, and holds a file descriptor per
+connection meanwhile: 19,990 half-sent requests once took every descriptor and
+``/healthz`` failed for their lifetime. ``GuardedHttpProtocol`` (uvicorn's httptools
+protocol, passed as ``http=``) adds two rules, per server process:
+
+- **Request timeout** (``LRSERVE_REQUEST_TIMEOUT_S``, default 10): a request's headers and
+  body must arrive within this many seconds of its first byte (of the connection, for the
+  first one). Otherwise the server answers ``408`` and closes the connection.
+- **Connection limit** (``LRSERVE_MAX_CONNECTIONS``, default 4096): a connection beyond it
+  makes room by closing, with a ``503``, the oldest connection that has no request in
+  progress (half-sent or idle keep-alive); when every connection is busy with a request,
+  the new one gets the ``503`` instead. So a flood of half-sent requests evicts itself, and a
+  client that sends its request at once (``/healthz``, a training job) still gets in.
+
+Both answers are the API's error body and say ``connection: close``. What happened is
+logged at most once per 5 seconds per kind, with a count (a flood would bury the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.settings import get_settings
+
+log = logging.getLogger("lrserve")
+
+# Connections of this process with no request in progress, oldest first (dicts keep order).
+_waiting: dict[GuardedHttpProtocol, None] = {}
+
+
+class _Tally:
+    """Counts an event and logs it at most once per ``every_s``."""
+
+    def __init__(self, text: str, every_s: float = 5.0) -> None:
+        self.text = text
+        self.every_s = every_s
+        self.count = 0
+        self.logged_at = -every_s
+
+    def add(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at >= self.every_s:
+            log.warning("%s (%d connection(s) since the last such line)", self.text, self.count)
+            self.count = 0
+            self.logged_at = now
+
+
+_timed_out = _Tally("request not received in LRSERVE_REQUEST_TIMEOUT_S: answered 408 and closed")
+_evicted = _Tally("LRSERVE_MAX_CONNECTIONS reached: answered 503 and closed")
+
+
+def _answer(status: int, reason: bytes, detail: str, code: str) -> bytes:
+    body = orjson.dumps({"detail": detail, "code": code, "errors": []})
+    return b"".join([
+        b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n",
+        b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(), b"\r\n",
+        b"connection: close\r\n\r\n", body,
+    ])
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` with a request timeout and a connection limit (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = get_settings()
+        self.request_timeout_s = settings.request_timeout_s
+        self.max_connections = settings.max_connections
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- the request timeout: armed while a request is awaited, until it is all received --
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            _waiting[self] = None
+            self._deadline = self.loop.call_later(self.request_timeout_s, self._on_timeout)
+
+    def _disarm(self) -> None:
+        _waiting.pop(self, None)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _on_timeout(self) -> None:
+        self._deadline = None
+        _waiting.pop(self, None)
+        _timed_out.add()
+        self._close_with(_answer(
+            408, b"Request Timeout",
+            f"the request was not received within {self.request_timeout_s:g} s "
+            "(LRSERVE_REQUEST_TIMEOUT_S); send it at once", "request_timeout"))
+
+    def _close_with(self, answer: bytes) -> None:
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(answer)
+        self.transport.close()
+
+    # -- uvicorn's callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            victim = next(iter(_waiting), None)  # the oldest connection with no request in progress
+            _evicted.add()
+            busy = _answer(503, b"Service Unavailable",
+                           f"the server holds {self.max_connections} connections (LRSERVE_MAX_CONNECTIONS); "
+                           "retry shortly", "too_many_connections")
+            if victim is None:
+                self._close_with(busy)
+                return
+            victim._close_with(busy)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()  # a keep-alive connection's next request: its own deadline
+
+    def on_message_complete(self) -> None:
+        self._disarm()  # received in full: the application's time starts
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            _waiting[self] = None  # idle keep-alive: may make room (uvicorn closes it after 5 s)
+
+
+def raise_fd_limit(connections: int) -> str | None:
+    """Raise the soft limit on open files to fit ``connections`` (and the database's files).
+
+    Returns:
+        ``None``, or a line saying the hard limit is too low (the server still starts).
+    """
+    want = connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            return (f"the open-files limit is {new} (hard); LRSERVE_MAX_CONNECTIONS={connections} "
+                    f"needs about {want}: raise it (ulimit -n) or lower LRSERVE_MAX_CONNECTIONS")
+    return None

@@ -1,0 +1,71 @@
+"""Slow and half-sent requests cannot exhaust the server (``service/connections.py``).
+
+Before issue 13, uvicorn waited forever for a request's headers and body: 19,990
+half-sent requests took every file descriptor and ``/healthz`` failed for their lifetime.
+Default settings (10 s request timeout, 4,096 connections) unless a test proves a knob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.adversarial.flood import flood
+from tests.live_server import ServerProcess
+
+
+async def _send_and_wait(url: str, data: bytes) -> tuple[bytes, float]:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    started = time.monotonic()
+    writer.write(data)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 60)  # until the server closes
+    writer.close()
+    return answer, time.monotonic() - started
+
+
+def test_a_request_that_never_finishes_is_a_408_after_the_timeout(server):
+    half_headers = b"GET /v1/runs HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    half_body = b"POST /v1/runs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"run"
+
+    async def both():
+        return await asyncio.gather(*(_send_and_wait(server.url, d) for d in (half_headers, half_body, b"")))
+
+    for answer, waited in asyncio.run(both()):
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), answer
+        assert json.loads(body)["code"] == "request_timeout"
+        assert 9 < waited < 20  # LRSERVE_REQUEST_TIMEOUT_S defaults to 10
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_flood_of_half_sent_requests_leaves_healthz_answering(server):
+    summary = asyncio.run(flood(server.url, 5000, hold_s=30))  # more than the 4,096 connections allowed
+    print(summary)
+    outcomes = summary["flood_outcomes"]
+    assert set(outcomes) <= {"408", "503"}, outcomes  # every one ended by the server, with an answer
+    assert outcomes.get("503", 0) >= 5000 - 4096  # the oldest made room for newer ones
+    assert summary["healthz"]["statuses"] == {"200": summary["healthz"]["count"]}
+    assert httpx.post(f"{server.url}/v1/runs", json={"schedule": {"type": "StepLR", "step_size": 2},
+                                                     "base_lrs": [0.1]}).status_code == 201
+
+
+def test_the_knobs(tmp_path):
+    env = {"LRSERVE_MAX_CONNECTIONS": "20", "LRSERVE_REQUEST_TIMEOUT_S": "1"}
+    with ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, env=env) as proc:
+        summary = asyncio.run(flood(proc.url, 50, hold_s=10))
+        assert summary["flood_outcomes"]["503"] >= 30 and set(summary["flood_outcomes"]) == {"408", "503"}
+        answer, waited = asyncio.run(_send_and_wait(proc.url, b"GET /v1/runs HTTP/1.1\r\n"))
+        assert answer.startswith(b"HTTP/1.1 408 ") and waited < 5
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slow")
+    with ServerProcess(f"sqlite:///{tmp / 'db.sqlite'}", tmp) as proc:
+        yield proc

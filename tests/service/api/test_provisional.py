@@ -1,0 +1,155 @@
+"""The provisional tail (API.md, "Outages: the provisional tail"), ``watched`` and ``max_ahead``.
+
+A tail is the values after a window as if no input arrived; not committed. A job that rode
+one names its first step in ``provisional_from``: the steps are committed, and an input
+placed on them meanwhile is recorded once as ``provisional_divergence``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.api.conftest import make_run
+
+torch = pytest.importorskip("torch")
+
+COSINE = {"type": "CosineAnnealingLR", "T_max": 40, "eta_min": 0.001}
+PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+
+
+def torch_lrs(steps):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40, eta_min=0.001)
+    out = [sched.get_last_lr()]
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        out.append(sched.get_last_lr())
+    return out
+
+
+def history_kinds(api, run_id):
+    events = api.get(f"/v1/runs/{run_id}/history").json()["events"]
+    return [e for e in events if e["kind"] == "provisional_divergence"]
+
+
+def test_the_tail_follows_the_window_is_torchs_and_is_not_committed(api):
+    make_run(api, "t", COSINE)
+    answer = api.get("/v1/runs/t/lr", params={"step": 0, "ahead": 4, "provisional": 20}).json()
+    tail = answer["provisional"]
+    assert tail["start"] == 5 and len(tail["lrs"]) == 20 and tail["momentums"] is None
+    assert answer["window"]["lrs"] + tail["lrs"] == torch_lrs(24)
+    assert api.get("/v1/runs/t").json()["horizon"] == 4  # not committed
+    assert answer["watched"] == [] and answer["max_ahead"] == 10_000
+
+
+def test_without_provisional_no_tail_is_computed(api):
+    make_run(api, "t", COSINE)
+    answer = api.get("/v1/runs/t/lr", params={"step": 0, "ahead": 2}).json()
+    assert "provisional" not in answer and answer["watched"] == []
+
+
+def test_the_tail_is_capped_by_the_setting(settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"max_provisional": 7}))) as api:
+        make_run(api, "t", COSINE)
+        tail = api.get("/v1/runs/t/lr", params={"step": 0, "provisional": 1000}).json()["provisional"]
+    assert len(tail["lrs"]) == 7
+
+
+def test_the_tail_ends_where_the_schedule_does(api):
+    make_run(api, "o", {"type": "OneCycleLR", "max_lr": 0.1, "total_steps": 10})
+    answer = api.get("/v1/runs/o/lr", params={"step": 0, "ahead": 2, "provisional": 100}).json()
+    assert len(answer["provisional"]["lrs"]) == 8  # steps 3..10; torch raises at 11
+    assert answer["provisional"]["momentums"] is not None
+
+
+def test_post_step_carries_a_tail_and_the_watched_metric(api):
+    make_run(api, "p", PLATEAU)
+    body = {"step": 1, "metrics": {"val_loss": 1.0}, "provisional": 5}
+    answer = api.post("/v1/runs/p/step", json=body).json()
+    assert answer["watched"] == ["val_loss"]
+    assert answer["provisional"]["start"] == 2 and answer["provisional"]["lrs"] == [[0.1]] * 5
+
+
+def test_the_tail_includes_an_action_already_placed(api):
+    make_run(api, "t", COSINE)
+    api.get("/v1/runs/t/lr", params={"step": 0, "ahead": 2})
+    response = api.post("/v1/runs/t/control", json={"action": "set_lr", "lr": 0.05, "at_step": 6})
+    assert response.status_code == 200, response.text
+    answer = api.get("/v1/runs/t/lr", params={"step": 2, "provisional": 10}).json()
+    after = api.get("/v1/runs/t/lr", params={"step": 3, "ahead": 9}).json()
+    assert answer["provisional"]["lrs"] == after["window"]["lrs"]  # the tail was right
+    assert answer["provisional"]["lrs"][3] == [0.05]
+
+
+def test_riding_a_tail_no_input_changed_commits_it_and_records_nothing(api):
+    make_run(api, "t", COSINE)
+    first = api.get("/v1/runs/t/lr", params={"step": 0, "ahead": 2, "provisional": 10}).json()
+    tail = first["provisional"]
+    # the job took steps 3..7 on the tail; its first request after names them
+    back = api.get("/v1/runs/t/lr", params={"step": 7, "ahead": 2, "provisional_from": 3,
+                                            "provisional_id": tail["id"]}).json()
+    assert "provisional_divergence" not in back
+    assert back["lrs"] == tail["lrs"][4]
+    assert api.get("/v1/runs/t/lr", params={"step": 3, "ahead": 4}).json()["window"]["lrs"] == tail["lrs"][:5]
+    assert history_kinds(api, "t") == []
+
+
+def test_an_action_placed_during_the_outage_is_a_divergence_recorded_once(api):
+    make_run(api, "t", COSINE)
+    tail = api.get("/v1/runs/t/lr", params={"step": 0, "ahead": 2, "provisional": 10}).json()["provisional"]
+    # another replica took an operator action while this job rode the tail (first free step: 3)
+    assert api.post("/v1/runs/t/control", json={"action": "scale", "factor": 0.5}).status_code == 200
+    params = {"step": 6, "provisional_from": 3, "provisional_id": tail["id"], "rank": 1}
+    back = api.get("/v1/runs/t/lr", params=params).json()
+    divergence = back["provisional_divergence"]
+    assert divergence["step"] == 3 and divergence["rank"] == 1
+    assert divergence["from_step"] == 3 and divergence["to_step"] == 6 and divergence["input_steps"] == [3]
+    assert back["lrs"][0] < tail["lrs"][3][0]  # the final values, not the tail's
+    again = api.get("/v1/runs/t/lr", params=params).json()  # the answer was lost: asked again
+    assert again["provisional_divergence"] == divergence
+    events = history_kinds(api, "t")
+    assert len(events) == 1 and events[0]["input_steps"] == [3]
+
+
+def test_provisional_from_past_the_step_asked_is_a_422_naming_it(api):
+    make_run(api, "t", COSINE)
+    response = api.get("/v1/runs/t/lr", params={"step": 2, "provisional_from": 5})
+    assert response.status_code == 422
+    assert "provisional_from" in response.text
+
+
+@pytest.mark.parametrize("field", ["provisional", "provisional_from", "provisional_id"])
+def test_negative_provisional_fields_are_422s(api, field):
+    make_run(api, "t", COSINE)
+    response = api.post("/v1/runs/t/step", json={"step": 1, field: -1})
+    assert response.status_code == 422 and field in response.text
+    response = api.get("/v1/runs/t/lr", params={"step": 1, field: -1})
+    assert response.status_code == 422 and field in response.text
+
+
+def test_watched_follows_a_replaced_schedule(api):
+    make_run(api, "w", COSINE)
+    assert api.get("/v1/runs/w/lr", params={"step": 0}).json()["watched"] == []
+    response = api.post("/v1/runs/w/control", json={"action": "replace_schedule", "schedule": {
+        "type": "ReduceLROnPlateau", "monitor": "val_acc", "mode": "max"}})
+    assert response.status_code == 200, response.text
+    assert api.get("/v1/runs/w/lr", params={"step": 1}).json()["watched"] == ["val_acc"]
+    # the fast path (a cached window) says it too
+    assert api.get("/v1/runs/w/lr", params={"step": 1}).json()["watched"] == ["val_acc"]
+
+
+def test_the_tail_and_max_ahead_are_bounded_by_the_work_budget(settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"work_budget": 10_000}))) as api:
+        make_run(api, "t", {"type": "CosineAnnealingLR", "T_max": 100_000})
+        answer = api.get("/v1/runs/t/lr", params={"step": 0, "provisional": 100_000}).json()
+    assert 0 < len(answer["provisional"]["lrs"]) < 10_000
+    assert 0 < answer["max_ahead"] < 10_000  # what a window may hold under this budget
