@@ -145,3 +145,49 @@ def test_injection_spoils_only_its_rank_and_step():
     assert math.isnan(float(handler.shape_loss(loss, 7)))
     assert float(handler.shape_loss(loss, 8)) == 0.5  # another rank's injection
     assert float(handler.shape_loss(loss, 6)) == 0.5
+
+
+def check_rollback_on(device: str, dtype: torch.dtype | None) -> dict:
+    """Train a few steps (autocast at ``dtype``), a NaN injected at step 7, roll back on the
+    spike: the weights and momentum buffers are the snapshot's, bit for bit, on ``device``."""
+    import torch.nn.functional as F
+
+    from trainer.model import make_model
+
+    gen = torch.Generator().manual_seed(0)
+    model = make_model(64, 10, seed=0).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    handler = SpikeHandler(model, opt, rank=0, enabled=True, injections=[parse_injection("7:0:nan")],
+                           snapshot_every=5)
+    weights, buffers = {}, {}
+    for step in range(1, 10):
+        x = torch.randn(32, 64, generator=gen).to(device)
+        y = torch.randint(0, 10, (32,), generator=gen).to(device)
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            loss = handler.shape_loss(F.cross_entropy(model(x), y), step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 5 == 0:
+            handler.snapshot(step)
+        weights[step] = [p.detach().clone() for p in model.parameters()]
+        buffers[step] = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    spoiled = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    handler.on_spike({"step": 7, "rank": 0, "last_good_step": 6, "applied_at": 9})
+    restored = all(torch.equal(p, w) for p, w in zip(model.parameters(), weights[5], strict=True))
+    momentum = all(torch.equal(opt.state[p]["momentum_buffer"], b)
+                   for p, b in zip(model.parameters(), buffers[5], strict=True))
+    on_device = all(p.device.type == torch.device(device).type for p in model.parameters())
+    return {"spoiled": spoiled, "rollbacks": handler.rollbacks, "restored": restored,
+            "momentum": momentum, "on_device": on_device}
+
+
+def test_rollback_restores_weights_and_optimizer_state_after_a_nan():
+    assert check_rollback_on("cpu", None) == {
+        "spoiled": True, "rollbacks": [5], "restored": True, "momentum": True, "on_device": True}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")
+def test_rollback_on_cuda_under_bf16_autocast():
+    assert check_rollback_on("cuda", torch.bfloat16) == {
+        "spoiled": True, "rollbacks": [5], "restored": True, "momentum": True, "on_device": True}
