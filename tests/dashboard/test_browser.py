@@ -220,7 +220,7 @@ def test_lr_finder_panel_follows_a_running_test(page, live):
             post_loss(http, run_id, k, loss)
         expect(panel.locator("#finder-points")).to_have_text("12 finite of 14", timeout=8000)  # refreshed
         finder = http.get(f"/v1/runs/{run_id}/lr-finder").json()
-        assert finder["losses"][12:] == [None, None] and not finder["done"]
+        assert finder["losses"][12:] == ["NaN", "NaN"] and not finder["done"]
         curve = panel.locator('[data-chart="lr-finder"] path.series')
         assert vertices(curve.get_attribute("d")) == finite(finder["losses"]) == 12
         expect(panel.locator("#finder-chosen")).to_have_text("—")
@@ -330,3 +330,28 @@ def test_designer_marks_the_spikes_a_metric_stream_would_cause(page, live):
     marker = page.locator('[data-chart="preview"] .event-marker[data-kind="loss_spike"]')
     expect(marker).to_have_count(1)
     assert marker.get_attribute("data-step") == "90"
+
+
+def test_a_live_event_arrives_on_the_run_page_without_a_reload(page, live):
+    """The event list follows GET /v1/events: the page shows the event's global id, which
+    only the stream carries (history has no ids), and its row, without reloading."""
+    from tests.sse import read_stream
+
+    server, http = live
+    http.post("/v1/runs", json={"run_id": "live-events", "schedule": {"type": "StepLR", "step_size": 5},
+                                "base_lrs": [0.1]}).raise_for_status()
+    page.goto(f"{server.url}/#/runs/live-events")
+    expect(page.locator("#events-live")).to_have_attribute("data-state", "live")
+    expect(page.locator("#events-table tbody tr")).to_have_count(1)  # created
+    http.post("/v1/runs/live-events/control", json={"action": "scale", "factor": 0.5,
+                                                     "reason": "live test"}).raise_for_status()
+    streamed = read_stream(f"{server.url}/v1/events", lambda ms: ms[-1].json()["kind"] == "control",
+                           params={"since": 0, "run_id": "live-events"})
+    control_id = streamed[-1].json()["id"]
+    expect(page.locator("#events-live")).to_have_attribute("data-last-event-id", str(control_id))
+    expect(page.locator("#events-live")).to_contain_text(f"#{control_id} (control)")
+    expect(page.locator('#events-table tr[data-kind="control"]')).to_have_count(1)
+    expect(page.locator('#events-table tr[data-kind="control"] .event-reason')).to_contain_text("live test")
+    page.goto(f"{server.url}/")  # leaving the page ends its stream
+    expect(page.locator("#runs-table tbody tr")).not_to_have_count(0)
+    expect(page.locator("#runs-updated")).to_have_attribute("data-live", "live")

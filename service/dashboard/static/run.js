@@ -7,6 +7,7 @@ import { EVENT_COLORS, lineChart, prefersLog } from "./chart.js";
 import { controlPanel } from "./controls.js";
 import { fmt, fmtTime, h, labelChips, statusBadge } from "./dom.js";
 import { finderPanel } from "./finder.js";
+import { liveEvents } from "./live.js";
 import { guardOf, specSummary, spikeText, watchedMetrics } from "./spec.js";
 
 const REFRESH_MS = 4000;
@@ -136,6 +137,7 @@ export function runPage(root, session, runId) {
   const eventsBox = h("div");
   const specBox = h("pre", { class: "spec", id: "run-spec" });
   const error = h("p", { class: "banner-inline", hidden: true });
+  const liveState = h("span", { class: "muted small", id: "events-live" }, "connecting…");
   const panel = session.admin ? controlPanel(runId, () => run, () => refresh()) : null;
   const finder = finderPanel(runId);
 
@@ -155,7 +157,7 @@ export function runPage(root, session, runId) {
         h("label", { class: "inline" }, logBox, " log-scale LR"), points),
       chartBox),
     h("div", { class: "split" },
-      h("section", { class: "card" }, h("h2", {}, "Events"), eventsBox),
+      h("section", { class: "card" }, h("div", { class: "card-head" }, h("h2", {}, "Events"), liveState), eventsBox),
       h("section", { class: "card" }, h("h2", {}, "Spec"), specBox)),
   );
 
@@ -187,6 +189,16 @@ export function runPage(root, session, runId) {
   });
 
   refresh();
+  // Events arrive live (GET /v1/events); the curves grow with steps, which are not events,
+  // so the timer still refreshes them.
+  const live = liveEvents({ run_id: runId }, (ev) => {
+    liveState.dataset.lastEventId = String(ev.id);
+    liveState.textContent = `live · last event #${ev.id} (${ev.kind})`;
+    refresh();
+  }, (state) => {
+    liveState.dataset.state = state;
+    if (state !== "live" || !liveState.dataset.lastEventId) liveState.textContent = state === "live" ? "live" : "reconnecting…";
+  });
   const timer = setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
-  return { stop: () => clearInterval(timer) };
+  return { stop: () => { clearInterval(timer); live.stop(); } };
 }

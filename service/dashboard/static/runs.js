@@ -4,6 +4,7 @@
 import { api, coalesced, mapLimited } from "./api.js";
 import { sparkline } from "./chart.js";
 import { fmt, fmtTime, h, labelChips, statusBadge } from "./dom.js";
+import { liveEvents } from "./live.js";
 import { lastMetric, specSummary } from "./spec.js";
 
 const REFRESH_MS = 3000;
@@ -132,6 +133,9 @@ export function runsPage(root) {
   });
 
   refresh();
+  // A new run, a status change or an action shows at once (GET /v1/events); steps are not
+  // events, so the timer still refreshes the step and LR columns.
+  const live = liveEvents({}, () => refresh(), (state) => { stamp.dataset.live = state; });
   const timer = setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
-  return { stop: () => clearInterval(timer) };
+  return { stop: () => { clearInterval(timer); live.stop(); } };
 }
