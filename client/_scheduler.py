@@ -32,6 +32,7 @@ import httpx
 
 from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer
 from client._client import DEFAULT_MAX_RETRIES, LRClient
+from client._env import labels_from_env, mode_from_env, run_id_from_env
 from client._exceptions import (
     CadenceWarning,
     ClientClosed,
@@ -75,8 +76,8 @@ class RemoteScheduler:
             group's ``initial_lr``, else ``lr``; base momentums are ``momentum`` or
             ``betas[0]`` where every group has one.
         schedule: The schedule spec, ``{"type": "<torch class>", <its arguments>}``.
-        run_id: The run's id; the server makes one when omitted. Resumable and distributed
-            jobs should name it.
+        run_id: The run's id; default ``$LRSERVE_RUN_ID``, else the server makes one.
+            Resumable and distributed jobs should name it.
         url: The server; default ``$LRSERVE_URL``, else ``http://127.0.0.1:8000``.
         token: Bearer token; default ``$LRSERVE_TOKEN``.
         steps_per_epoch: Scheduler steps per epoch, the one carrying the watched metric
@@ -84,7 +85,8 @@ class RemoteScheduler:
             when omitted it is learned from the first report.
         rank: This process's rank (default ``$RANK``, else 0).
         world_size: Ranks that report metrics (default ``$WORLD_SIZE``, else 1).
-        labels: ``{"key": "value"}`` labels for the run.
+        labels: ``{"key": "value"}`` labels for the run; default ``$LRSERVE_LABELS``
+            (``key=value,key2=value2``).
         strict: Raise instead of holding the last LR when the server is away.
         http_client: An ``httpx.Client`` to talk through (test seam; not closed by ``close()``).
         time_budget_s: Seconds of training one window of final values should cover (how
@@ -133,6 +135,9 @@ class RemoteScheduler:
             ``get_last_lr()`` hold the previous step's values. The callbacks in
             ``client.integrations`` set it. Needs a torch optimizer and ``strict=False``.
 
+    With ``LRSERVE_MODE=disabled`` in the environment, the object made is a
+    ``LocalScheduler``: torch's own scheduler of the same spec, no server (docs/fleet.md).
+
     Raises:
         InvalidSchedule: The spec is invalid (``errors`` names the field).
         RunConflict: ``run_id`` exists with a different spec.
@@ -152,6 +157,10 @@ class RemoteScheduler:
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RemoteScheduler:
+        if mode_from_env() == "disabled":  # no server: torch's own scheduler (client/_disabled.py)
+            from client._disabled import LocalScheduler
+
+            return LocalScheduler(*args, **kwargs)  # type: ignore[return-value]
         # Frameworks check isinstance(scheduler, torch's LRScheduler) (Lightning refuses
         # other schedulers). When the job has torch loaded, be one, without importing it here.
         if cls is RemoteScheduler and "torch" in sys.modules:
@@ -195,6 +204,8 @@ class RemoteScheduler:
         _check_optimizer(optimizer, schedule)
         self.optimizer = optimizer
         self.schedule = dict(schedule)
+        run_id = run_id if run_id is not None else run_id_from_env()
+        labels = labels if labels is not None else labels_from_env()
         self._n_groups = len(groups)
         self.rank = int(os.environ.get(ENV_RANK, 0)) if rank is None else int(rank)
         self.world_size = int(os.environ.get(ENV_WORLD_SIZE, 1)) if world_size is None else int(world_size)

@@ -73,6 +73,8 @@ def test_run_page_draws_history_points_and_events(page, live):
     expect(lr_path).to_have_count(1)
     history = http.get("/v1/runs/resnet50-a1/history", params={"max_points": 500}).json()
     assert vertices(lr_path.get_attribute("d")) == len(history["lrs"]["steps"]) == 81
+    # stairs: each LR holds until the next point (an "H" run), then steps to the next value
+    assert lr_path.get_attribute("data-shape") == "stairs" and "H" in lr_path.get_attribute("d")
     for name, series in history["metrics"].items():
         path = page.locator(f'[data-chart="metric:{name}"] path.series')
         assert vertices(path.get_attribute("d")) == finite(series["values"]) > 0
@@ -355,3 +357,57 @@ def test_a_live_event_arrives_on_the_run_page_without_a_reload(page, live):
     page.goto(f"{server.url}/")  # leaving the page ends its stream
     expect(page.locator("#runs-table tbody tr")).not_to_have_count(0)
     expect(page.locator("#runs-updated")).to_have_attribute("data-live", "live")
+
+
+def test_fleet_action_on_the_filtered_runs_with_stale_badges(page, tmp_path):
+    """An admin filters the runs page, acts on all shown runs, and sees who refused."""
+    import time
+
+    import httpx
+
+    from tests.dashboard.conftest import _server
+
+    server = _server(tmp_path, {"LRSERVE_STALE_AFTER_S": "1", "LRSERVE_LAST_SEEN_FLUSH_S": "0.2"})
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            for run_id in ("ui-a", "ui-b", "ui-c", "other"):
+                labels = {"fleet": "ui"} if run_id != "other" else {"fleet": "no"}
+                http.post("/v1/runs", json={"run_id": run_id, "schedule": {"type": "StepLR", "step_size": 5},
+                                            "base_lrs": [0.1], "labels": labels}).raise_for_status()
+            http.post("/v1/runs/ui-c/control", json={"action": "stop"}).raise_for_status()
+            http.get("/v1/runs/ui-c/lr", params={"step": 1}).raise_for_status()
+            time.sleep(1.2)  # quiet for longer than LRSERVE_STALE_AFTER_S
+
+            page.goto(f"{server.url}/#/runs?label=fleet%3Aui")
+            rows = page.locator("#runs-table tbody tr")
+            expect(rows).to_have_count(3)
+            expect(page.locator('tr[data-run-id="ui-a"] .badge.stale')).to_be_visible()
+            stopped = page.locator('tr[data-run-id="ui-c"] .badge.stale')
+            expect(stopped).to_have_count(0)  # stopped: done, not stale
+
+            page.select_option("#fleet-action", "scale")
+            page.fill("#fleet-factor", "0.5")
+            page.fill("#fleet-reason", "too hot")
+            page.click("#fleet-apply")
+            dialog = page.locator("#confirm-dialog")
+            expect(dialog).to_contain_text("Multiply the current LRs by 0.5 on 3 runs (fleet:ui)")
+            page.click("#confirm-cancel")
+            expect(page.locator("#fleet-message")).to_have_text("Cancelled.")
+            assert _controls(http, "ui-a") == []
+
+            page.click("#fleet-apply")
+            page.click("#confirm-ok")
+            message = page.locator("#fleet-message")
+            expect(message).to_contain_text("scale applied to 2 of 3 runs")
+            expect(message).to_contain_text("ui-c")  # stopped: refused, named
+            for run_id in ("ui-a", "ui-b"):
+                assert _controls(http, run_id) == [("scale", 0.5, "local", "too hot")]
+            assert _controls(http, "other") == []
+    finally:
+        server.stop()
+
+
+def _controls(http, run_id):
+    events = http.get(f"/v1/runs/{run_id}/history").json()["events"]
+    return [(e["action"], e.get("factor"), e["actor"], e["reason"]) for e in events if e["kind"] == "control"
+            and e["action"] != "stop"]

@@ -5,7 +5,7 @@
 import { api, coalesced } from "./api.js";
 import { EVENT_COLORS, lineChart, prefersLog } from "./chart.js";
 import { controlPanel } from "./controls.js";
-import { fmt, fmtTime, h, labelChips, statusBadge } from "./dom.js";
+import { fmt, fmtTime, h, labelChips, staleBadge, statusBadge } from "./dom.js";
 import { finderPanel } from "./finder.js";
 import { liveEvents } from "./live.js";
 import { guardOf, specSummary, spikeText, watchedMetrics } from "./spec.js";
@@ -49,7 +49,7 @@ function metricSeries(name, series) {
 
 function header(run) {
   return [
-    h("div", { class: "page-head" }, h("h1", {}, run.run_id), statusBadge(run.status),
+    h("div", { class: "page-head" }, h("h1", {}, run.run_id), statusBadge(run.status), staleBadge(run),
       run.stopped_at !== null && run.stopped_at !== undefined ? h("span", { class: "muted" }, `stops at step ${run.stopped_at}`) : null),
     h("dl", { class: "facts" },
       h("dt", {}, "step (horizon)"), h("dd", { id: "run-horizon" }, String(run.horizon)),
@@ -114,7 +114,7 @@ function charts(run, history, guard) {
   const kinds = [...new Set(events.map((ev) => ev.kind))];
   const out = [
     h("h3", {}, "Learning rate", log ? h("span", { class: "badge subtle" }, "log scale") : null),
-    lineChart({ series: lrSeries, events, xDomain, log, name: "lr" }),
+    lineChart({ series: lrSeries, events, xDomain, log, name: "lr", stairs: true }),
   ];
   if (kinds.length) out.unshift(eventLegend(kinds));
   const guarded = guard && guard.settings.monitor;
