@@ -144,9 +144,9 @@ def victim_horizon(url: str, run_id: str) -> int:
 
 COLUMNS = [("attacker", "worst request running"), ("step_p50_ms", "step p50 ms"),
            ("step_p99_ms", "step p99 ms"), ("step_vs_none", "step p99 vs none"),
-           ("healthz_p99_ms", "healthz p99 ms"),
+           ("healthz_p50_ms", "healthz p50 ms"), ("healthz_p99_ms", "healthz p99 ms"),
            ("healthz_vs_none", "healthz p99 vs none"), ("worst_ms", "worst request ms"),
-           ("worst_units", "its work units"), ("worst_count", "worst requests")]
+           ("worst_units", "its work units"), ("worst_count", "worst requests"), ("steps", "victim steps")]
 
 
 def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
