@@ -30,7 +30,7 @@ async def _stream_request(
     kind: Annotated[list[str], Query(description=f"Only these kinds (repeat): {', '.join(KINDS)}")] = [],  # noqa: B006
     since: Annotated[int | None, Query(ge=0, description="Resume after this id")] = None,
     last_event_id: Annotated[str | None, Header(description="Resume after this id (wins over since)")] = None,
-) -> tuple[int | None, FeedFilter]:
+) -> tuple[int, FeedFilter]:
     for value in kind:
         if value not in KINDS:
             raise InvalidInput.at("kind", f"unknown event kind {value!r}; one of {', '.join(KINDS)}")
@@ -42,6 +42,9 @@ async def _stream_request(
         after = int(text)
     feed_filter = FeedFilter(run_id=run_id, labels=_parse_labels(label) or None,
                              kinds=frozenset(kind) or None)
+    if after is None:  # "from now": fixed before the answer starts, so a client that has its
+        # headers back is sure to see every event written after that
+        after = await run_in_threadpool(request.app.state.events.store.last_gid)
     return after, feed_filter
 
 
@@ -55,7 +58,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.get("", response_class=EventSourceResponse, dependencies=[ReadAccess], responses=_ERRORS)
 async def stream_events(
     request: Request,
-    params: Annotated[tuple[int | None, FeedFilter], Depends(_stream_request)],
+    params: Annotated[tuple[int, FeedFilter], Depends(_stream_request)],
 ) -> AsyncIterator[ServerSentEvent]:
     """Events of every run as they are written (`text/event-stream`); see docs/events.md.
 
@@ -64,8 +67,6 @@ async def stream_events(
     """
     hub: EventHub = request.app.state.events
     after, feed_filter = params
-    if after is None:
-        after = await run_in_threadpool(hub.store.last_gid)
     async for item in hub.follow(after, feed_filter):
         if isinstance(item, Overflow):
             yield ServerSentEvent(event="overflow", raw_data=orjson.dumps(overflow_message(item)).decode())
