@@ -76,6 +76,12 @@ class RunPublic(BaseModel):
     max_ahead: int = Field(0, description="The server's cap on `ahead`.")
     created_at: str
     updated_at: str
+    last_seen: str | None = Field(
+        None, description="Last request of any rank about this run (written in batches, seconds behind)."
+    )
+    stale: bool = Field(
+        False, description="Active, and not heard from for LRSERVE_STALE_AFTER_S (default 300 s)."
+    )
 
 
 class RunsPublic(BaseModel):
@@ -253,7 +259,7 @@ class LRFinderPublic(BaseModel):
     mode: str
     monitor: str
     lrs: list[float] = Field(description="LR of each reported loss (the step before the report).")
-    losses: list[float | None] = Field(description="Smoothed losses (null where not finite).")
+    losses: list[float | str] = Field(description=f"Smoothed losses. {NON_FINITE}")
     suggestions: Suggestions
     chosen: float | None
     done: bool

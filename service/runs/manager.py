@@ -28,7 +28,16 @@ from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
 from service.errors import InvalidInput, RunConflict, RunNotFound
 from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
-from service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
+from service.store.base import (
+    BarrierTally,
+    BaseStore,
+    MetricRecord,
+    RunRecord,
+    RunTransaction,
+    Snapshot,
+    ValueChunk,
+    pack_lrs,
+)
 from service.store.events import Event, EventKind, NewEvent
 
 LOCAL_ACTOR = "local"
@@ -43,6 +52,11 @@ class Action:
     payload: dict[str, Any]
     actor: str = LOCAL_ACTOR
     reason: str | None = None
+
+
+ON_LOOP_VALUES = 4096
+"""Most LR values an answer built and serialised on the event loop may hold; bigger answers
+are built in a worker thread, so that no answer stalls the requests the loop serves."""
 
 
 @dataclass(frozen=True)
@@ -232,12 +246,20 @@ class RunManager:
 
     # -- the hot path ---------------------------------------------------------------------
 
-    def cached_window(self, run_id: str, step: int, ahead: int) -> Window | None:
-        """The window if every value in it is final and in memory; never blocks (event loop safe)."""
+    def cached_window(
+        self, run_id: str, step: int, ahead: int, *, most_values: int | None = None
+    ) -> Window | None:
+        """The window if every value in it is final and in memory; never blocks (event loop safe).
+
+        ``most_values``: ``None`` too when the window would hold more values (LRs) than this
+        (``ON_LOOP_VALUES`` on the event loop).
+        """
         state = self._runs.get(run_id)
         if state is None:
             return None
         end = step + min(ahead, self._ahead_cap(state))
+        if most_values is not None and (end - step + 1) * state.n_groups > most_values:
+            return None
         if state.cached(step) is None or state.cached(end) is None:
             return None
         return self._window(state, step, end)
@@ -436,20 +458,25 @@ class RunManager:
     ) -> int | None:
         run_id = state.run_id
         with self._evicting_on_error(state):
-            with self.store.lock_run(run_id) as tx:
-                self._catch_up(state, tx)
-                if records:
-                    tx.append_metrics(records)
-                old_horizon = tx.run.horizon
-                new_events, placed = self._place(state, tx, metric, action)
+            stored = self.store.read_run(run_id)  # no lock: has another process moved the run?
+            if _moved(stored, state):
+                with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
+                    self._catch_up(state, tx)
+                    decision = (metric, action, extra_events, records)
+                    outcomes, placed = self._write(state, tx, target, *decision, need)
+            else:
+                # The torch work happens here, before the write slot: the store's lock (on SQLite
+                # the file's, which every run's commit needs) is held only to append and commit.
+                old_horizon = state.horizon
+                new_events, placed = self._place(state, old_horizon, metric, action)
                 if metric is None or new_events:  # extra events go with a decision that was taken
                     new_events.extend(extra_events)
                 outcomes = state.advance_to(max(target, old_horizon), need=need)
                 new_events.extend(_output_events(outcomes, old_horizon, state))
-                appended = tx.append_events(new_events) if new_events else []
-                if outcomes:  # a commit that only caught up writes nothing
-                    tx.update_run(horizon=state.engine.step, status=state.marks.status)
-                state.last_seq = appended[-1].seq if appended else tx.run.last_seq
+                with self.store.lock_run(run_id) as tx:
+                    if _moved(tx.run, state):  # another process committed meanwhile: start again
+                        raise _RunReplaced(run_id)
+                    self._append(state, tx, outcomes, new_events, records)
             state.publish()  # durable now: other threads may see the new steps
             if state.broken:  # its engine failed past the published steps: the next request reloads
                 self._fails_at[run_id] = state.engine.step + 1
@@ -462,6 +489,43 @@ class RunManager:
             if not state.broken:
                 self._maybe_snapshot(state, outcomes)
         return placed
+
+    def _write(
+        self,
+        state: RunState,
+        tx: RunTransaction,
+        target: int,
+        metric: tuple[int, dict[str, float]] | None,
+        action: Action | None,
+        extra_events: Sequence[NewEvent],
+        records: Sequence[MetricRecord],
+        need: int | None,
+    ) -> tuple[list[StepOutcome], int | None]:
+        """Place the decision and compute the steps inside ``tx`` (the run moved elsewhere meanwhile)."""
+        old_horizon = tx.run.horizon
+        new_events, placed = self._place(state, old_horizon, metric, action)
+        if metric is None or new_events:
+            new_events.extend(extra_events)
+        outcomes = state.advance_to(max(target, old_horizon), need=need)
+        new_events.extend(_output_events(outcomes, old_horizon, state))
+        self._append(state, tx, outcomes, new_events, records)
+        return outcomes, placed
+
+    @staticmethod
+    def _append(
+        state: RunState,
+        tx: RunTransaction,
+        outcomes: list[StepOutcome],
+        new_events: list[NewEvent],
+        records: Sequence[MetricRecord],
+    ) -> None:
+        """Write what a commit computed: metrics, events, the new horizon."""
+        if records:
+            tx.append_metrics(records)
+        appended = tx.append_events(new_events) if new_events else []
+        if outcomes:  # a commit that only caught up writes nothing
+            tx.update_run(horizon=state.engine.step, status=state.marks.status)
+        state.last_seq = appended[-1].seq if appended else tx.run.last_seq
 
     def _catch_up(self, state: RunState, tx: RunTransaction) -> None:
         """Take in what other processes appended since this one last looked.
@@ -483,13 +547,14 @@ class RunManager:
     def _place(
         self,
         state: RunState,
-        tx: RunTransaction,
+        horizon: int,
         metric: tuple[int, dict[str, float]] | None,
         action: Action | None,
     ) -> tuple[list[NewEvent], int | None]:
+        """The decision's events, placed on the first free step above the stored ``horizon``."""
         events: list[NewEvent] = []
         placed = None
-        first_free = tx.run.horizon + 1
+        first_free = horizon + 1
         if metric is not None and metric[0] >= first_free and metric[1]:
             events.append(NewEvent(EventKind.METRIC, metric[0], {"values": metric[1]}))
         if action is not None:
@@ -498,7 +563,7 @@ class RunManager:
             at_step = action.at_step
             if at_step is not None and at_step < first_free:
                 raise InvalidInput.at(
-                    "at_step", f"must be above the horizon ({tx.run.horizon}), got {at_step}"
+                    "at_step", f"must be above the horizon ({horizon}), got {at_step}"
                 )
             placed = at_step if at_step is not None else first_free
             events.append(NewEvent(EventKind.CONTROL, placed, action.payload, action.actor, action.reason))
@@ -524,9 +589,13 @@ class RunManager:
                 "stopped_at": state.stopped_at,
                 "switched_at": state.switched_at,
             }
+            first = state.checkpointed_to + 1  # the LRs since the last snapshot go with it (history)
+            lrs = state.values.packed_lrs(first - state.first_step, state.horizon + 1 - state.first_step)
+            chunk = ValueChunk(first, state.horizon + 1 - first, state.n_groups, pack_lrs(lrs))
             self.store.save_snapshot(
-                state.run_id, Snapshot(state.horizon, state.last_seq, codec.to_jsonable(payload))
+                state.run_id, Snapshot(state.horizon, state.last_seq, codec.to_jsonable(payload)), chunk
             )
+            state.checkpointed_to = state.horizon
 
     # -- operator control -----------------------------------------------------------------
 
@@ -613,7 +682,7 @@ class RunManager:
                    units, self.settings.work_budget)
         horizon = state.horizon
         steps = _downsample(range(horizon + 1), max_points)
-        values = self.values_between(run_id, 0, horizon)
+        lrs = self._lrs_at(state, steps)
         metrics = {}
         for name, rows in self.store.read_metrics(run_id).items():
             picked = _downsample(rows, max_points)
@@ -623,10 +692,24 @@ class RunManager:
         events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
         return {
             "run_id": run_id,
-            "lrs": {"steps": list(steps), "values": [list(values[s][0]) for s in steps]},
+            "lrs": {"steps": list(steps), "values": [list(lrs[s]) for s in steps]},
             "metrics": metrics,
             "events": events,
         }
+
+    def _lrs_at(self, state: RunState, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
+        """Final LRs of ``steps`` (at most the horizon): from memory, else as stored with the
+        snapshots (a read per step, however long the run), else (runs written before the
+        values were stored) replayed."""
+        found = {s: state.cached(s)[0] for s in steps if s >= state.first_step}  # type: ignore[index]
+        older = [s for s in steps if s < state.first_step]
+        if older:
+            found.update(self.store.read_lrs(state.run_id, older))
+            missing = [s for s in older if s not in found]
+            if missing:
+                replayed = self.values_between(state.run_id, missing[0], missing[-1])
+                found.update({s: replayed[s - missing[0]][0] for s in missing})
+        return found
 
     def record_metrics(self, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
         """Store history-only metrics (idempotent per name, step and rank)."""
@@ -647,6 +730,16 @@ def _first_steps(schedule: Any, base_lrs: Sequence[float], base_momentums: Seque
     engine.check_values(0, "the schedule's")
     for _ in range(2):
         engine.advance()
+
+
+def _moved(stored: RunRecord, state: RunState) -> bool:
+    """Whether the stored run is not the one ``state`` holds as of its horizon (another process
+    appended, or deleted and created it anew)."""
+    return (
+        stored.created_at != state.created_at
+        or stored.horizon != state.horizon
+        or stored.last_seq != state.last_seq
+    )
 
 
 class _RunLock:

@@ -82,6 +82,7 @@ class RunState:
         self.evicted = False  # dropped by its manager after a failed commit: reload, never reuse
         self.budget_steps: tuple[Any, int] | None = None  # (schedule, steps it may take per request)
         self.broken = False  # the engine failed past the last step computed (``advance_to``)
+        self.checkpointed_to = engine.step - 1  # the LRs of steps up to here are stored (value_chunks)
         self._pending: list[Values] = []  # computed, not yet durable
         self.marks = Marks()  # the status at the engine's step (ahead of ``status`` in a commit)
         self.watching: tuple[str, ...] = tuple(sorted(engine.watched))  # decided on at ``horizon``

@@ -191,3 +191,36 @@ def test_a_full_disk_is_a_clean_503_and_nothing_acknowledged_is_lost(small_disk,
         history = httpx.get(f"{again.url}/v1/runs/r/history", params={"max_points": 100_000}).json()
         assert set(range(1, acked + 2)) <= set(history["metrics"]["loss"]["steps"])
         assert set(logged) <= set(history["metrics"].get("m0", {"steps": []})["steps"])
+
+
+def _immutable(paths, on: bool) -> None:
+    for path in paths:
+        if path.exists():
+            subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True, capture_output=True)
+
+
+def test_a_read_only_file_mid_run_is_a_clean_503_and_writes_resume(server, db):
+    """The file turns read-only under the server (as a filesystem remounted read-only on errors
+    does; ``chattr +i`` blocks even root's writes to descriptors already open)."""
+    acked = start_steps(server, 5)
+    files = [db, db.with_name(db.name + "-wal")]
+    try:
+        _immutable(files, True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make the file immutable here: {exc}")
+    try:
+        statuses = [step(server, acked + 1).status_code for _ in range(3)]
+        response = step(server, acked + 1)
+        assert 503 in statuses and set(statuses) <= {503}, statuses
+        assert_clean_503(response, db)
+        assert httpx.get(f"{server.url}/v1/runs/r/lr", params={"step": 2}).status_code == 200  # reads go on
+    finally:
+        _immutable(files, False)
+    # A connection opened while the file was read-only stays so: the first write that meets
+    # one is a 503 and drops the pool; the next gets fresh connections (one retry, as a client).
+    retried = [step(server, acked + 1).status_code for _ in range(2)]
+    assert 200 in retried, retried
+    server.stop()
+    with ServerProcess(f"sqlite:///{db}", db.parent.parent) as again:
+        history = httpx.get(f"{again.url}/v1/runs/r/history").json()
+        assert set(range(1, acked + 2)) <= set(history["metrics"]["loss"]["steps"])

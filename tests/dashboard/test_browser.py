@@ -220,7 +220,7 @@ def test_lr_finder_panel_follows_a_running_test(page, live):
             post_loss(http, run_id, k, loss)
         expect(panel.locator("#finder-points")).to_have_text("12 finite of 14", timeout=8000)  # refreshed
         finder = http.get(f"/v1/runs/{run_id}/lr-finder").json()
-        assert finder["losses"][12:] == [None, None] and not finder["done"]
+        assert finder["losses"][12:] == ["NaN", "NaN"] and not finder["done"]
         curve = panel.locator('[data-chart="lr-finder"] path.series')
         assert vertices(curve.get_attribute("d")) == finite(finder["losses"]) == 12
         expect(panel.locator("#finder-chosen")).to_have_text("—")
