@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
+from service.api.routes.spike_guard import spike_public
 from service.api.schemas import MetricsAccepted, MetricsCreate, RunId, Step, StepRequest, StepResult
 from service.runs import provisional
 from service.runs.manager import ON_LOOP_VALUES, RunManager, Window
@@ -28,7 +29,7 @@ def window_response(window: Window) -> Response:
 def window_public(window: Window) -> dict:
     lrs = [list(v[0]) for v in window.values]
     moms = None if window.values[0][1] is None else [list(v[1]) for v in window.values]
-    return {
+    public = {
         "run_id": window.run_id,
         "step": window.start,
         "lrs": lrs[0],
@@ -40,6 +41,9 @@ def window_public(window: Window) -> dict:
         "watched": list(window.watched),
         "max_ahead": window.max_ahead,
     }
+    if window.spikes:  # a spike guard's backoffs that take effect in this window
+        public["spikes"] = [spike_public(s) for s in window.spikes]
+    return public
 
 
 def _with_tail(
