@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -642,6 +643,15 @@ def _finder_summary(finder: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _finite_or_none(value: Any) -> float | None:
+    """A number of an answer as a float, or None where it is not finite (the server spells
+    those "NaN", "Infinity", "-Infinity"; older servers sent null)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def _fmt_opt(value: Any) -> str:
     return "-" if value is None else _fmt(value)
 
@@ -682,7 +692,7 @@ def _print_finder(run_id: str, finder: Mapping[str, Any]) -> None:
         return
     marks = _finder_marks(finder)
     rows = [
-        [str(i), _fmt(float(lr)), _fmt_opt(loss), ", ".join(marks.get(i, []))]
+        [str(i), _fmt(float(lr)), _fmt_opt(_finite_or_none(loss)), ", ".join(marks.get(i, []))]
         for i, (lr, loss) in enumerate(zip(lrs, losses, strict=False))
     ]
     print()
@@ -694,7 +704,8 @@ def _finder_csv(finder: Mapping[str, Any]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["lr", "smoothed_loss"])
     for lr, loss in zip(finder.get("lrs") or [], finder.get("losses") or [], strict=False):
-        writer.writerow([repr(float(lr)), "" if loss is None else repr(float(loss))])
+        value = _finite_or_none(loss)
+        writer.writerow([repr(float(lr)), "" if value is None else repr(value)])
     return out.getvalue()
 
 
@@ -729,7 +740,7 @@ def _plot_finder(
 ) -> None:
     """Smoothed loss against LR, log x unless the test is linear (as Lightning plots it)."""
     lrs = [float(v) for v in finder.get("lrs") or []]
-    losses = [float("nan") if v is None else float(v) for v in finder.get("losses") or []]
+    losses = [float("nan") if v is None else float(v) for v in finder.get("losses") or []]  # "NaN" too
     figure = figure_class(figsize=(8, 4.5))
     axes = figure.subplots()
     axes.plot(lrs, losses, label=f"smoothed {schedule.get('monitor') or 'loss'}")

@@ -237,9 +237,10 @@ def _work(jobs: queue.SimpleQueue[Any]) -> None:
         if job is None:
             return
         future, fn = job
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # handed to the training thread through the future
-            future.set_exception(exc)
+        del job
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the training thread through the future
+                future.set_exception(exc)
+        del future, fn  # hold nothing of the job while waiting for the next

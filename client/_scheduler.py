@@ -17,12 +17,14 @@ kept, and the schedule catches up with the current step when the server is back.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import random
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +32,7 @@ import httpx
 
 from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer
 from client._client import DEFAULT_MAX_RETRIES, LRClient
+from client._env import labels_from_env, mode_from_env, run_id_from_env
 from client._exceptions import (
     CadenceWarning,
     ClientClosed,
@@ -42,7 +45,7 @@ from client._exceptions import (
 )
 from client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
 from client._tail import DEFAULT_RIDE_S, ProvisionalTail
-from client._windows import DEFAULT_MONITOR, DEFAULT_TIME_BUDGET_S, Cadence, WindowSizer
+from client._windows import DEFAULT_MONITOR, DEFAULT_TIME_BUDGET_S, Cadence, WindowSizer, guard_monitor
 
 __all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "DEFAULT_REPORT_WAIT_S", "REPORT_TIMEOUT", "RemoteScheduler"]
 
@@ -50,6 +53,8 @@ __all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "DEFAULT_REPORT_WAIT_S", "REPORT_TIMEOUT",
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
 #: How long a step whose report decides its values waits for a server that is away.
 DEFAULT_REPORT_WAIT_S = 60.0
+#: How long a scheduler collected without ``close()`` tries to send its buffered metrics.
+DROPPED_FLUSH_S = 1.0
 #: Timeout of a report with ``world_size > 1``: the server's metric barrier may hold it.
 REPORT_TIMEOUT = httpx.Timeout(60.0, connect=3.0)
 ENV_RANK = "RANK"
@@ -71,8 +76,8 @@ class RemoteScheduler:
             group's ``initial_lr``, else ``lr``; base momentums are ``momentum`` or
             ``betas[0]`` where every group has one.
         schedule: The schedule spec, ``{"type": "<torch class>", <its arguments>}``.
-        run_id: The run's id; the server makes one when omitted. Resumable and distributed
-            jobs should name it.
+        run_id: The run's id; default ``$LRSERVE_RUN_ID``, else the server makes one.
+            Resumable and distributed jobs should name it.
         url: The server; default ``$LRSERVE_URL``, else ``http://127.0.0.1:8000``.
         token: Bearer token; default ``$LRSERVE_TOKEN``.
         steps_per_epoch: Scheduler steps per epoch, the one carrying the watched metric
@@ -80,7 +85,8 @@ class RemoteScheduler:
             when omitted it is learned from the first report.
         rank: This process's rank (default ``$RANK``, else 0).
         world_size: Ranks that report metrics (default ``$WORLD_SIZE``, else 1).
-        labels: ``{"key": "value"}`` labels for the run.
+        labels: ``{"key": "value"}`` labels for the run; default ``$LRSERVE_LABELS``
+            (``key=value,key2=value2``).
         strict: Raise instead of holding the last LR when the server is away.
         http_client: An ``httpx.Client`` to talk through (test seam; not closed by ``close()``).
         time_budget_s: Seconds of training one window of final values should cover (how
@@ -115,12 +121,22 @@ class RemoteScheduler:
             default (torch's timing). Ignored with ``strict=True``, for range tests (the
             switch restores weights before the next batch) and for optimizers whose
             ``step`` torch does not hook.
+        on_spike: Called once per spike on every rank, with the ``loss_spike`` event
+            (``step``, ``rank``, ``value``, ``baseline``, ``applied_at``,
+            ``last_good_step``), when the job reaches the step the spike guard's backoff
+            applies at (``applied_at``, the same on every rank), before that step's values
+            are written: restore a checkpoint taken at or before ``last_good_step`` here
+            (weights and optimizer state) and every rank rolls back alike. The monitored
+            metric reaches the guard through ``log()`` (or ``step()``), without waiting.
         reports_after_step: The job calls ``report()`` after the ``step()`` that ends an
             epoch, as frameworks do (they step the scheduler, then evaluate): such steps
             keep their values open until the report (or the next ``optimizer.step()``), so
             it decides the values of the next batch. Meanwhile ``param_groups`` and
             ``get_last_lr()`` hold the previous step's values. The callbacks in
             ``client.integrations`` set it. Needs a torch optimizer and ``strict=False``.
+
+    With ``LRSERVE_MODE=disabled`` in the environment, the object made is a
+    ``LocalScheduler``: torch's own scheduler of the same spec, no server (docs/fleet.md).
 
     Raises:
         InvalidSchedule: The spec is invalid (``errors`` names the field).
@@ -141,6 +157,10 @@ class RemoteScheduler:
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RemoteScheduler:
+        if mode_from_env() == "disabled":  # no server: torch's own scheduler (client/_disabled.py)
+            from client._disabled import LocalScheduler
+
+            return LocalScheduler(*args, **kwargs)  # type: ignore[return-value]
         # Frameworks check isinstance(scheduler, torch's LRScheduler) (Lightning refuses
         # other schedulers). When the job has torch loaded, be one, without importing it here.
         if cls is RemoteScheduler and "torch" in sys.modules:
@@ -174,14 +194,19 @@ class RemoteScheduler:
         on_schedule_switch: Callable[[RemoteScheduler], None] | None = None,
         overlap_decisions: bool = False,
         reports_after_step: bool = False,
+        on_spike: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups:
             raise TypeError(f"{type(optimizer).__name__} is not an optimizer: it has no param_groups")
         if not isinstance(schedule, Mapping) or "type" not in schedule:
             raise TypeError('schedule must be a spec like {"type": "StepLR", "step_size": 30}')
+        _check_optimizer(optimizer, schedule)
         self.optimizer = optimizer
         self.schedule = dict(schedule)
+        run_id = run_id if run_id is not None else run_id_from_env()
+        labels = labels if labels is not None else labels_from_env()
+        self._n_groups = len(groups)
         self.rank = int(os.environ.get(ENV_RANK, 0)) if rank is None else int(rank)
         self.world_size = int(os.environ.get(ENV_WORLD_SIZE, 1)) if world_size is None else int(world_size)
         self.steps_per_epoch = steps_per_epoch
@@ -190,6 +215,7 @@ class RemoteScheduler:
             raise ValueError(f"report_wait_s must be >= 0, got {report_wait_s!r}")
         self._report_wait_s = float(report_wait_s)
         self._tail = ProvisionalTail(outage_ride_s)
+        self._guard_monitor = guard_monitor(self.schedule)
         # A range test takes the loss of every step; steps_per_epoch is for what follows it.
         self._cadence = Cadence(1 if self.schedule["type"] == "LRRangeTest" else steps_per_epoch)
         self._sizer = WindowSizer(time_budget_s)
@@ -200,7 +226,9 @@ class RemoteScheduler:
         self._flush_interval_s = flush_interval_s
         self._report_timeout = REPORT_TIMEOUT if self.world_size > 1 else None
         self._on_switch = on_schedule_switch
+        self._on_spike = on_spike
         self._named_run = run_id is not None
+        self._link = _Link()
         self._init_state()
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
         for group in groups:
@@ -215,12 +243,15 @@ class RemoteScheduler:
             sleep=sleep,
             rand=rand,
         )
+        # The worker threads hold the scheduler weakly: a job that drops it without close()
+        # (torch users never call it) frees it with its optimizer, and the finalizer stops them.
+        me = weakref.ref(self)
         self._fetcher = WindowFetcher(
             self._client,
-            run_id=lambda: self.run_id,
-            current_step=lambda: self.last_epoch,
-            limit_ahead=self._limit_ahead,
-            tail_fields=self._tail_fields,
+            run_id=self._link.get_run_id,
+            current_step=_weakly(me, "_current_step"),
+            limit_ahead=_weakly(me, "_limit_ahead"),
+            tail_fields=_weakly(me, "_tail_fields"),
             rank=self.rank,
             report_timeout=self._report_timeout,
             clock=clock,
@@ -231,16 +262,42 @@ class RemoteScheduler:
         # run watches a metric (an operator may replace its schedule by one that does).
         self._hookable = not strict and self.schedule["type"] != "LRRangeTest"
         self._want_overlap = overlap_decisions
+        self._finalizer = weakref.finalize(
+            self, _release, self._fetcher, self._link, self._client, self._hooks
+        )
         try:
             self._create(run_id, labels)
         except BaseException:
-            self._client.close()
+            self._finalizer()
             raise
+        with contextlib.suppress(TypeError):
+            _DRIVERS[optimizer] = weakref.ref(self)
         self.reports_after_step = reports_after_step
+
+    def __getattr__(self, name: str) -> Any:
+        """The schedule's arguments as attributes, as torch's classes expose theirs
+        (``sched.T_max``, ``sched.gamma``); the spec the server filled in when it has one."""
+        if not name.startswith("_"):
+            for spec in (self.__dict__.get("_spec_filled"), self.__dict__.get("schedule")):
+                if spec is not None and name in spec and name != "type":
+                    return spec[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def run_id(self) -> str:
+        """The run's id (the server's, when none was given; a loaded checkpoint's)."""
+        return self._link.run_id
+
+    @run_id.setter
+    def run_id(self, value: str) -> None:
+        self._link.run_id = value
+
+    def _current_step(self) -> int:
+        return self.last_epoch
 
     def _init_state(self) -> None:
         self.last_epoch = 0
-        self.run_id: str = ""
+        self.run_id = ""
         self._status = "active"
         self._stopped_at: int | None = None  # the step from which the run is stopped
         self._base = 0  # the step of _lrs[0]
@@ -265,6 +322,9 @@ class RemoteScheduler:
         self._hookable = False
         self._want_overlap = False
         self._hooks: list[Any] = []  # handles of the optimizer hooks that take that decision
+        self._spikes_due: list[dict[str, Any]] = []  # spikes whose applied_at the job has not reached
+        self._spikes_seen: set[tuple[int, int, int]] = set()
+        self._spikes_from = 0  # spikes applied before this step are not the job's to handle
         self._fast = self._fast_ok()
 
     def _create(self, run_id: str | None, labels: Mapping[str, str] | None) -> None:
@@ -277,6 +337,8 @@ class RemoteScheduler:
             world_size=self.world_size,
         )
         self.run_id = str(run["run_id"])
+        if isinstance(run.get("schedule"), Mapping):
+            self._spec_filled = dict(run["schedule"])  # every argument, defaults filled in
         self._status = str(run.get("status") or "active")
         self._note_server(run)
         self._note_stop(run)
@@ -314,8 +376,12 @@ class RemoteScheduler:
                 row = self._lrs[i]
                 # looked up every step, as torch does: optimizer.load_state_dict() (which
                 # accelerate calls in prepare()) replaces the param group dicts
-                for group, lr in zip(self.optimizer.param_groups, row, strict=False):
-                    group["lr"] = lr
+                try:
+                    for group, lr in zip(self.optimizer.param_groups, row, strict=True):
+                        group["lr"] = lr
+                except ValueError:
+                    self.last_epoch = s - 1
+                    raise self._groups_changed() from None
                 moms = self._moms[i]
                 if moms is not None:
                     self._write_momentums(moms)
@@ -466,6 +532,9 @@ class RemoteScheduler:
             )
         self._fetcher.drop()
         self.run_id = run_id
+        if state_dict.get("schedule") is not None:
+            self.schedule = dict(state_dict["schedule"])  # the loaded run's
+            self.__dict__.pop("_spec_filled", None)
         self.last_epoch = int(state_dict["last_epoch"])
         if "cadence" in state_dict:
             self._cadence.load_state_dict(state_dict["cadence"])
@@ -473,6 +542,7 @@ class RemoteScheduler:
         if state_dict.get("switched_at") is not None:  # the range test was over at the checkpoint
             self._switch_at, self._switched = int(state_dict["switched_at"]), True
         self._base, self._lrs, self._moms, self._end_at = self.last_epoch, [], [], _NEVER
+        self._spikes_due, self._spikes_from = [], self.last_epoch + 1  # handled before the checkpoint
         self._accept(self._client.read_lr(self.run_id, self.last_epoch))
         self._apply(self.last_epoch)
         self._maybe_prefetch(self.last_epoch)
@@ -485,6 +555,7 @@ class RemoteScheduler:
         """
         if self._closed:
             return
+        self._finalizer.detach()  # this does what it would, and more
         self._closed = True
         self._fast = False
         self._deciding = None
@@ -563,11 +634,18 @@ class RemoteScheduler:
         if isinstance(metrics, Mapping):
             items = {str(k): _to_float(v) for k, v in metrics.items()}
         else:
+            if not self._watched and isinstance(metrics, int) and not isinstance(metrics, bool):
+                raise TypeError(
+                    f"step({metrics!r}): torch reads a number passed to a scheduler that watches "
+                    f"no metric as the deprecated step(epoch) jump, which lrserve does not do "
+                    f"(the server keeps the schedule's clock); call step() once per step, and "
+                    f"log(name=value) for metrics"
+                )
             if len(self._watched) > 1:
                 raise TypeError(
                     f"the schedule watches {sorted(self._watched)}; pass step(metrics={{name: value, ...}})"
                 )
-            name = next(iter(self._watched)) if self._watched else DEFAULT_MONITOR
+            name = next(iter(self._watched)) if self._watched else (self._guard_monitor or DEFAULT_MONITOR)
             items = {name: _to_float(metrics)}
         report = {k: v for k, v in items.items() if k in self._watched}
         return report, {k: v for k, v in items.items() if k not in self._watched}
@@ -714,10 +792,14 @@ class RemoteScheduler:
     def _apply(self, s: int) -> None:
         if self._switch_at is not None and s >= self._switch_at and not self._switched:
             self._take_switch(s)
+        if self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
+            self._take_spikes(s)
         i = s - self._base
         self._write(self._lrs[i], self._moms[i])
 
     def _write(self, row: list[float], moms: Sequence[float] | None) -> None:
+        if len(self.optimizer.param_groups) != len(row):
+            raise self._groups_changed()
         for group, lr in zip(self.optimizer.param_groups, row, strict=False):
             current = group["lr"]
             if _is_tensor(current):
@@ -750,6 +832,24 @@ class RemoteScheduler:
             self._on_switch(self)
         self._fast = self._fast_ok()
 
+    def _take_spikes(self, s: int) -> None:
+        """The job reached a spike's backoff: tell it (once per spike), before the values."""
+        while self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
+            spike = self._spikes_due.pop(0)
+            if self._on_spike is not None:
+                self._on_spike(dict(spike))
+        self._fast = self._fast_ok()
+
+    def _note_spikes(self, spikes: Sequence[Mapping[str, Any]]) -> None:
+        for spike in spikes:
+            key = (int(spike["applied_at"]), int(spike["rank"]), int(spike["step"]))
+            if key in self._spikes_seen or key[0] < self._spikes_from:
+                continue
+            self._spikes_seen.add(key)
+            self._spikes_due.append(dict(spike))
+            self._spikes_due.sort(key=lambda e: (e["applied_at"], e["count"]))
+            self._fast = False  # the step that reaches it goes through _apply
+
     def _note_server(self, answer: Mapping[str, Any]) -> None:
         """What the server says of the run now: the metrics it decides on, its cap on ``ahead``."""
         watched = answer.get("watched")
@@ -764,6 +864,8 @@ class RemoteScheduler:
         self._status = str(answer.get("status") or self._status)
         self._note_server(answer)
         self._note_stop(answer)
+        if answer.get("spikes"):
+            self._note_spikes(answer["spikes"])
         switched = answer.get("switched_at")
         if switched is not None and not self._switched and self._switch_at is None:
             self._switch_at = int(switched)
@@ -785,6 +887,8 @@ class RemoteScheduler:
     def _merge(self, start: int, lrs: list[list[float]], moms: list[list[float]] | None) -> None:
         if not lrs:
             return
+        if len(self.optimizer.param_groups) != self._n_groups:
+            raise self._groups_changed()
         if len(lrs[0]) != len(self.optimizer.param_groups):
             raise RunConflict(
                 f"run {self.run_id!r} has {len(lrs[0])} param groups, the optimizer has "
@@ -836,7 +940,17 @@ class RemoteScheduler:
 
     # -- the worker ---------------------------------------------------------------------
 
+    def _groups_changed(self) -> ValueError:
+        return ValueError(
+            f"the optimizer has {len(self.optimizer.param_groups)} param groups, it had "
+            f"{self._n_groups} when this RemoteScheduler was built (optimizer.add_param_group()): "
+            f"an lrserve run serves a fixed number of groups, so torch's handling of a new group "
+            f"cannot be matched; build the optimizer with all its groups, or a new "
+            f"RemoteScheduler (new run_id) after adding them"
+        )
+
     def _maybe_prefetch(self, s: int) -> None:
+        _check_not_composed(self.optimizer)  # a torch scheduler built on it since (each window)
         if self._fetcher.busy:
             if not self._fetcher.done():
                 self._prefetch_at = s + 1  # look again next step
@@ -899,12 +1013,13 @@ class RemoteScheduler:
         if not getattr(getattr(type(opt), "step", None), "hooked", False):
             return False
         try:
+            hook = _weakly(weakref.ref(self), "_before_optimizer_reads", gone=None)
             for register in (opt.register_step_pre_hook, opt.register_state_dict_pre_hook):
-                self._hooks.append(register(self._before_optimizer_reads))
+                self._hooks.append(register(hook))
         except (AttributeError, TypeError):  # not a torch optimizer after all: undo what took
             for hook in self._hooks:
                 hook.remove()
-            self._hooks = []
+            self._hooks.clear()
             return False
         return True
 
@@ -948,6 +1063,7 @@ class RemoteScheduler:
             or self._open is not None
             or bool(self._reported)
             or (self._switch_at is not None and not self._switched)
+            or bool(self._spikes_due)
             or any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
         )
 
@@ -957,7 +1073,8 @@ class RemoteScheduler:
         buffer = self._ensure_buffer()
         for name, value in items.items():
             number = _to_float(value)  # NaN and inf travel too: a diverged loss is history
-            if not buffer.add(str(name), step, self.rank, number):
+            urgent = name == self._guard_monitor  # the spike guard decides from it: send it now
+            if not buffer.add(str(name), step, self.rank, number, urgent=urgent):
                 self._warn_once(
                     "full",
                     f"lrserve: the metric buffer is full ({buffer.max_records} records, the "
@@ -971,16 +1088,13 @@ class RemoteScheduler:
 
     def _ensure_buffer(self) -> MetricBuffer:
         if self._buffer is None:
-            self._buffer = MetricBuffer(
-                self._send_metrics,
+            self._buffer = self._link.buffer = MetricBuffer(
+                functools.partial(_send_metrics, self._client, self._link),
                 max_records=self._max_buffered,
                 flush_interval_s=self._flush_interval_s,
                 rand=self._rand,
             )
         return self._buffer
-
-    def _send_metrics(self, records: list[dict[str, Any]]) -> Any:
-        return self._client.send_metrics(self.run_id, records, max_retries=0)
 
     def _warn_buffer_problems(self) -> None:
         if self._buffer is not None:
@@ -997,6 +1111,110 @@ class RemoteScheduler:
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosed("this RemoteScheduler is closed")
+
+
+#: The RemoteScheduler driving each optimizer (torch composes schedulers sharing one; lrserve can't).
+_DRIVERS: weakref.WeakKeyDictionary[Any, weakref.ref[RemoteScheduler]] = weakref.WeakKeyDictionary()
+
+
+def _check_optimizer(optimizer: Any, schedule: Mapping[str, Any]) -> None:
+    """Refuse, as torch does or where lrserve cannot give torch's values, before any run is made.
+
+    Raises:
+        ValueError: ``cycle_momentum`` on an optimizer without momentum (torch's own error);
+            another scheduler steps this optimizer, or drove it before (torch's chainable
+            forms would compose with it or continue from its LR).
+    """
+    groups = optimizer.param_groups
+    if _base_momentums(groups) is None and _cycles_momentum(schedule):
+        raise ValueError(
+            "optimizer must support momentum or beta1 with `cycle_momentum` option enabled "
+            "(torch's words; or set cycle_momentum: false)"
+        )
+    try:
+        ref = _DRIVERS.get(optimizer)
+    except TypeError:  # not hashable: not a torch optimizer, nothing to compose with
+        ref = None
+    other = ref() if ref is not None else None
+    if other is not None and not other._closed:
+        raise ValueError(
+            f"another RemoteScheduler (run {other.run_id!r}) steps this optimizer: torch would "
+            f"compose two schedulers on one optimizer (each scaling the LR the other wrote), "
+            f"lrserve serves one schedule per optimizer; put both in one spec "
+            f'({{"type": "ChainedScheduler", "schedulers": [...]}}) or close() the other first'
+        )
+    _check_not_composed(optimizer)
+
+
+def _check_not_composed(optimizer: Any) -> None:
+    """A torch scheduler steps (or stepped) this optimizer: torch would compose it with this
+    one, or continue from the LR it left (its chainable forms); lrserve does neither."""
+    if getattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched", False):
+        raise ValueError(
+            "a torch.optim.lr_scheduler scheduler was built on this optimizer: torch would "
+            "compose the two (each scaling the LR the other wrote) or continue from the LR it "
+            "left; lrserve serves one schedule per optimizer, from its base LRs. Put both in "
+            'one spec ({"type": "ChainedScheduler", "schedulers": [...]}, or "SequentialLR" '
+            "for a warm-up), on a fresh optimizer"
+        )
+
+
+def _cycles_momentum(spec: Any) -> bool:
+    """Whether a CyclicLR/OneCycleLR in the spec cycles momentum (torch's default: it does)."""
+    if not isinstance(spec, Mapping):
+        return False
+    if spec.get("type") in ("CyclicLR", "OneCycleLR") and spec.get("cycle_momentum", True):
+        return True
+    children = [*(spec.get("schedulers") or []), spec.get("then")]
+    return any(_cycles_momentum(child) for child in children)
+
+
+class _Link:
+    """What the worker threads share with a scheduler without keeping it alive."""
+
+    __slots__ = ("buffer", "run_id")
+
+    def __init__(self) -> None:
+        self.run_id = ""
+        self.buffer: MetricBuffer | None = None
+
+    def get_run_id(self) -> str:
+        return self.run_id
+
+
+_GONE: Any = ClientClosed
+
+
+def _weakly(ref: weakref.ref[RemoteScheduler], name: str, gone: Any = _GONE) -> Callable[..., Any]:
+    """``ref().<name>(...)``; once the scheduler is collected, raise ``ClientClosed`` (or return ``gone``)."""
+
+    def call(*args: Any) -> Any:
+        scheduler = ref()
+        if scheduler is None:
+            if gone is _GONE:
+                raise ClientClosed("the RemoteScheduler was garbage-collected")
+            return gone
+        return getattr(scheduler, name)(*args)
+
+    return call
+
+
+def _send_metrics(client: LRClient, link: _Link, records: list[dict[str, Any]]) -> Any:
+    return client.send_metrics(link.run_id, records, max_retries=0)
+
+
+def _release(fetcher: WindowFetcher, link: _Link, client: LRClient, hooks: list[Any]) -> None:
+    """A scheduler dropped without ``close()``: unhook the optimizer, stop the worker threads.
+
+    Logged metrics still unsent get a short try (the exit handler gives the rest theirs).
+    """
+    for hook in hooks:
+        hook.remove()
+    hooks.clear()
+    fetcher.close(0)
+    if link.buffer is not None:
+        link.buffer.close(DROPPED_FLUSH_S)
+    client.close()
 
 
 @functools.cache

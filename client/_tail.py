@@ -87,22 +87,19 @@ class ProvisionalTail:
             fields["rank"] = rank
         return fields
 
-    def take(self, answer: Mapping[str, Any], window_start: int, window: Sequence[Sequence[float]]) -> None:
+    def take(self, answer: Mapping[str, Any], window_start: int, window: Sequence[list[float]]) -> None:
         """Keep an answer's tail; drop the one held if the answer's final values disagree with it."""
-        if self.lrs:
+        if self.lrs:  # rows are the JSON's lists: compared (and kept) as they are, at C speed
             lo, hi = max(window_start, self.start), min(window_start + len(window), self.end)
-            if lo < hi and [list(r) for r in window[lo - window_start : hi - window_start]] != self.lrs[
-                lo - self.start : hi - self.start
-            ]:
+            held = self.lrs[lo - self.start : hi - self.start]
+            if lo < hi and window[lo - window_start : hi - window_start] != held:
                 self.lrs, self.moms = [], None  # a decision changed what follows: ask for a new one
         tail = answer.get("provisional")
         if tail is None:
             return
         self.id = int(tail["id"])
         if tail.get("lrs"):
-            self.start, self.lrs = int(tail["start"]), [list(r) for r in tail["lrs"]]
-            moms = tail.get("momentums")
-            self.moms = None if moms is None else [list(r) for r in moms]
+            self.start, self.lrs, self.moms = int(tail["start"]), tail["lrs"], tail.get("momentums")
 
     def back(self) -> None:
         """The server answered after an outage: forget the ridden steps once a request named them."""

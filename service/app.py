@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,14 +14,15 @@ from starlette.concurrency import run_in_threadpool
 from service import dashboard
 from service.api.fast_path import FastWindows
 from service.api.query import SingleQueryValues, repeatable_parameters
-from service.api.routes import events, fleet, health, runs, schedules, steps, webhooks
+from service.api.routes import events, fleet, health, runs, schedules, spike_guard, steps, webhooks
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.engine.engine import warm_up_torch
-from service.errors import install_error_handlers
+from service.errors import StoreUnavailable, install_error_handlers
 from service.events.hub import EventHub
 from service.events.webhooks import WebhookSender, load_webhooks
 from service.limits import BodySizeLimit
+from service.liveness import Liveness
 from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
 from service.settings import Settings, get_settings
@@ -52,6 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.manager = manager
         app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager._runs))
+
+        def count_runs() -> None:
+            counts = store.count_by_status(stale_before=liveness.stale_before())
+            for status, count in counts.items():
+                telemetry.runs_by_status.labels(status).set(count)
+
+        await run_in_threadpool(count_runs)
+        flusher = asyncio.create_task(liveness.flush_every(store, settings.last_seen_flush_s, count_runs))
         hub = EventHub(store, buffer=settings.events_buffer, listen=store.commit_listener())
         await hub.start()
         app.state.events = hub
@@ -60,9 +72,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await sender.start()
         app.state.webhooks = sender
         await run_in_threadpool(warm_up_torch)
+        gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
         try:
             yield
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            with contextlib.suppress(StoreUnavailable):
+                await run_in_threadpool(liveness.flush, store)  # what this process saw last
             await sender.close()
             await hub.close()
             store.close()
@@ -71,7 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
     app.state.telemetry = telemetry
-    for module in (runs, steps, schedules, fleet):
+    liveness = app.state.liveness = Liveness(settings.stale_after_s)
+    for module in (runs, steps, schedules, fleet, spike_guard):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(events.router)
     app.include_router(webhooks.router, responses=ERROR_RESPONSES)
@@ -81,5 +100,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(FastWindows)  # innermost: limits and telemetry still see its answers
     app.add_middleware(SingleQueryValues, repeatable=lambda: repeatable_parameters(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(TelemetryMiddleware, telemetry=telemetry)
+    app.add_middleware(TelemetryMiddleware, telemetry=telemetry, observers=[liveness.observe])
     return app

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -33,8 +34,9 @@ from service.settings import get_settings
 
 log = logging.getLogger("lrserve")
 
-# Connections of this process with no request in progress, oldest first (dicts keep order).
-_waiting: dict[GuardedHttpProtocol, None] = {}
+# Connections of this process with no request in progress, oldest first. An OrderedDict:
+# finding the first of a plain dict after many deletions at its front scans their holes.
+_waiting: OrderedDict[GuardedHttpProtocol, None] = OrderedDict()
 
 
 class _Tally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -31,6 +32,13 @@ class Telemetry:
             registry=self.registry,
         )
         self.runs_loaded = Gauge("lrserve_runs_loaded", "Runs held in memory", registry=self.registry)
+        self.runs_by_status = Gauge(
+            "lrserve_runs",
+            "Runs in the database by status; stale: active runs not heard from for LRSERVE_STALE_AFTER_S "
+            "(every replica reports the same shared count: aggregate with max, not sum)",
+            ["status"],
+            registry=self.registry,
+        )
         self.event_streams = Gauge("lrserve_event_streams", "Open GET /v1/events streams",
                                    registry=self.registry)
         self.webhook_attempts = Counter(
@@ -59,9 +67,12 @@ class Telemetry:
 class TelemetryMiddleware:
     """Counts and times every HTTP request by its route template (not its raw path)."""
 
-    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+    def __init__(
+        self, app: ASGIApp, telemetry: Telemetry, observers: Sequence[Callable[[str, Scope, int], None]] = ()
+    ) -> None:
         self.app = app
         self.telemetry = telemetry
+        self.observers = tuple(observers)  # (route, scope, status) of every answer: liveness
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,6 +92,8 @@ class TelemetryMiddleware:
             route = _route_of(scope)
             self.telemetry.requests.labels(scope["method"], route, str(status[0])).inc()
             self.telemetry.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            for observer in self.observers:
+                observer(route, scope, status[0])
 
 
 def _route_of(scope: dict[str, Any]) -> str:

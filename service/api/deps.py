@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service.auth import Identity
+from service.liveness import Liveness
 from service.runs.manager import RunManager
 from service.settings import Settings
 from service.store.base import BaseStore
@@ -28,9 +29,14 @@ async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+async def get_liveness(request: Request) -> Liveness:
+    return request.app.state.liveness
+
+
 ManagerDep = Annotated[RunManager, Depends(get_manager)]
 StoreDep = Annotated[BaseStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+LivenessDep = Annotated[Liveness, Depends(get_liveness)]
 
 
 def _role(required: str):

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.routes.steps import window_public
 from service.errors import LRServeError
+from service.runs.manager import ON_LOOP_VALUES
 
 ROUTE = "/v1/runs/{run_id}/lr"
 _PATH = re.compile(r"^/v1/runs/([A-Za-z0-9._-]{1,128})/lr$")
@@ -36,7 +37,7 @@ class FastWindows:
         if scope["type"] == "http" and scope["method"] == "GET":
             body = self._answer(scope)
             if body is not None:
-                scope["lrserve.route"] = ROUTE
+                scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
@@ -58,8 +59,11 @@ class FastWindows:
             app.state.auth.require(_header(scope, b"authorization"), "read")
         except LRServeError:
             return None  # the route answers 401/403 with its usual body
-        window = manager.cached_window(match.group(1), *query)
-        return None if window is None else orjson.dumps(window_public(window))
+        window = manager.cached_window(match.group(1), *query, most_values=ON_LOOP_VALUES)
+        if window is None:
+            return None
+        scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
+        return orjson.dumps(window_public(window))
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:

@@ -76,6 +76,12 @@ class RunPublic(BaseModel):
     max_ahead: int = Field(0, description="The server's cap on `ahead`.")
     created_at: str
     updated_at: str
+    last_seen: str | None = Field(
+        None, description="Last request of any rank about this run (written in batches, seconds behind)."
+    )
+    stale: bool = Field(
+        False, description="Active, and not heard from for LRSERVE_STALE_AFTER_S (default 300 s)."
+    )
 
 
 class RunsPublic(BaseModel):
@@ -119,6 +125,9 @@ class StepResult(BaseModel):
     )
     provisional_divergence: dict[str, Any] | None = Field(
         None, description="The event recorded when the steps ridden on a tail were changed by an input."
+    )
+    spikes: list[SpikePublic] | None = Field(
+        None, description="Spike-guard backoffs taking effect in this window (absent: none)."
     )
 
 
@@ -253,7 +262,7 @@ class LRFinderPublic(BaseModel):
     mode: str
     monitor: str
     lrs: list[float] = Field(description="LR of each reported loss (the step before the report).")
-    losses: list[float | None] = Field(description="Smoothed losses (null where not finite).")
+    losses: list[float | str] = Field(description=f"Smoothed losses. {NON_FINITE}")
     suggestions: Suggestions
     chosen: float | None
     done: bool
@@ -271,6 +280,39 @@ class PreviewRequest(_Strict):
 class PreviewResult(BaseModel):
     lrs: list[list[float | str]] = Field(description=f"One row per step. {NON_FINITE}")
     momentums: list[list[float | str]] | None = Field(description=f"One row per step, or null. {NON_FINITE}")
+    spikes: list[SpikePublic] = Field(
+        default_factory=list, description="What a SpikeGuard found in `metrics` (rank 0's reports)."
+    )
+
+
+class SpikePublic(BaseModel):
+    kind: Literal["loss_spike"] = "loss_spike"
+    step: int = Field(description="The step the spiking report was sent with.")
+    rank: int
+    value: float | str = Field(description="The value reported (\"NaN\", \"Infinity\" when not finite).")
+    baseline: float | None = Field(description="The rank's baseline (median) when it was judged.")
+    applied_at: int = Field(description="The first step the backoff applies at (the same on every rank).")
+    last_good_step: int = Field(
+        description="The last step this rank reported without a spike: roll back at or before it."
+    )
+    count: int = Field(description="How many spikes the guard has counted, this one included.")
+
+
+class BandPublic(BaseModel):
+    steps: list[int]
+    values: list[float | str]
+    baseline: list[float | None]
+    upper: list[float | None] = Field(description="Above this a value is a spike (null during warm-up).")
+
+
+class SpikeGuardPublic(BaseModel):
+    run_id: str
+    settings: dict[str, Any]
+    horizon: int
+    multiplier: float = Field(description="The backoff multiplier at the horizon (1.0: none).")
+    count: int
+    spikes: list[SpikePublic]
+    band: dict[str, BandPublic] = Field(description="Per rank, as the detector met each report.")
 
 
 class Message(BaseModel):

@@ -176,11 +176,12 @@ def in_range(value: float, low: float, high: float, *, low_open: bool, high_open
 
 
 def momentum_problems(spec: Any, n_groups: int) -> Problems:
-    """CyclicLR / OneCycleLR momentums: in [0, 1], one per group, base <= max."""
+    """CyclicLR / OneCycleLR momentums: >= 0 (torch accepts above 1, as do its own tests; torch's
+    optimizers refuse negative ones), one per group, base <= max."""
     for name in ("base_momentum", "max_momentum"):
         value = getattr(spec, name)
         yield from group_count(name, value, n_groups)
-        yield from each_group(name, value, lambda m: 0 <= m <= 1, "a momentum in [0, 1]")
+        yield from each_group(name, value, lambda m: m >= 0, "a momentum >= 0 (optimizers refuse < 0)")
     yield from _ordered_pair(spec, "base_momentum", "max_momentum", n_groups)
 
 

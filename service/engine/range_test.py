@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from service.engine.codec import public_float
+
 SKIP_BEGIN = 10
 SKIP_END = 1
 
@@ -116,7 +118,7 @@ class RangeTest:
             "mode": self.mode,
             "monitor": self.monitor,
             "lrs": list(self.lrs),
-            "losses": [v if math.isfinite(v) else None for v in self.losses],
+            "losses": [public_float(v) for v in self.losses],
             "suggestions": {"steepest": self.steepest(), "min_over_10": self.min_over_10()},
             "chosen": self.chosen,
             "done": self.done,

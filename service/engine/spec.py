@@ -36,6 +36,7 @@ MAX_STEPS = 10**12
 COMPOSITES = ("SequentialLR", "ChainedScheduler")
 PLATEAU = "ReduceLROnPlateau"
 RANGE_TEST = "LRRangeTest"
+SPIKE_GUARD = "SpikeGuard"
 
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
@@ -293,6 +294,11 @@ _CHAINED_PLATEAU = (
 _NESTED_RANGE_TEST = (
     "LRRangeTest must be the whole schedule; give what follows it as its `then`"
 )
+_NESTED_GUARD = (
+    "SpikeGuard must wrap the whole schedule (or be a range test's `then`): its backoff, its "
+    "clock and its spike count belong to the run, and a stage's guard would stop acting at the "
+    "next milestone; put the SequentialLR / ChainedScheduler inside the SpikeGuard instead"
+)
 
 Schedulers = Annotated[
     list["ScheduleSpec"],
@@ -324,6 +330,8 @@ class SequentialLRSpec(_Spec):
                 yield f"schedulers.{i}", f"a SequentialLR stage cannot be a {child.type}{_NESTED}"
             if child.type == RANGE_TEST:
                 yield f"schedulers.{i}", _NESTED_RANGE_TEST
+            if child.type == SPIKE_GUARD:
+                yield f"schedulers.{i}", _NESTED_GUARD
 
 
 class ChainedSchedulerSpec(_Spec):
@@ -340,6 +348,8 @@ class ChainedSchedulerSpec(_Spec):
                 yield f"schedulers.{i}", _CHAINED_PLATEAU
             if child.type == RANGE_TEST:
                 yield f"schedulers.{i}", _NESTED_RANGE_TEST
+            if child.type == SPIKE_GUARD:
+                yield f"schedulers.{i}", _NESTED_GUARD
 
 
 class LRRangeTestSpec(_Spec):
@@ -377,6 +387,62 @@ class LRRangeTestSpec(_Spec):
         return None if self.then is None else parse_schedule(self.then, n_groups=n_groups, field="then")
 
 
+class SpikeGuardSpec(_Spec):
+    """lrserve's spike guard (see ``spike_guard.py``): backs the wrapped schedule off after a loss spike."""
+
+    type: Literal["SpikeGuard"] = "SpikeGuard"
+    schedule: dict[str, Any] = Field(description="The schedule guarded (any spec but another SpikeGuard).")
+    monitor: str = Field(
+        "loss", min_length=1, max_length=64, description="Name of the per-rank metric watched."
+    )
+    threshold: Positive = Field(3.0, description="Robust deviations above the baseline that make a spike.")
+    warmup_reports: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        20, description="Reports per rank before deviations count (non-finite values always do)."
+    )
+    factor: float = Field(0.5, gt=0, le=1, description="LR multiplier right after a spike; in (0, 1].")
+    hold: Count = Field(100, description="Steps the LR stays at factor x the inner schedule's.")
+    ramp: Count = Field(200, description="Steps of the linear return to the inner schedule.")
+    max_spikes: Count = Field(5, description="Spikes handled by backing off; the next one stops the run.")
+    window: Annotated[int, Field(ge=3, le=10_000)] = Field(
+        50, description="Recent non-spike reports per rank the baseline (median, MAD) is taken over."
+    )
+    rel_scale_floor: NonNegative = Field(
+        0.25, description="Smallest deviation, as a fraction of |median| (keeps smooth losses quiet)."
+    )
+    min_delta: NonNegative = Field(0.0, description="Smallest deviation, in the metric's own units.")
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """Nothing: the guard is lrserve's own, around the inner schedule."""
+        return {}
+
+    def problems(self, n_groups: int) -> Problems:
+        if self.warmup_reports > self.window:
+            yield "warmup_reports", (
+                f"expected at most window ({self.window}), got {self.warmup_reports}: "
+                "the baseline never holds more than window reports"
+            )
+        yield from _guarded_problems(self.schedule, n_groups)
+
+    def inner_spec(self, n_groups: int) -> ScheduleSpec:
+        """The validated inner schedule."""
+        return parse_schedule(self.schedule, n_groups=n_groups, field="schedule")
+
+
+def _guarded_problems(inner: dict[str, Any], n_groups: int) -> Problems:
+    if inner.get("type") == SPIKE_GUARD or (
+        inner.get("type") == RANGE_TEST
+        and isinstance(inner.get("then"), dict)
+        and inner["then"].get("type") == SPIKE_GUARD
+    ):
+        yield "schedule.type", "a SpikeGuard cannot guard another SpikeGuard"
+        return
+    try:
+        parse_schedule(inner, n_groups=n_groups, field="schedule")
+    except SpecError as exc:
+        for error in exc.errors:
+            yield error.field, error.message
+
+
 def _then_problems(then: dict[str, Any], path: str, n_groups: int) -> Problems:
     if then.get("type") == "LRRangeTest":
         yield "then.type", "a range test cannot be followed by another range test"
@@ -404,7 +470,8 @@ ScheduleSpec = Annotated[
     | CosineAnnealingWarmRestartsSpec
     | OneCycleLRSpec
     | PolynomialLRSpec
-    | LRRangeTestSpec,
+    | LRRangeTestSpec
+    | SpikeGuardSpec,
     Field(discriminator="type"),
 ]
 """Any schedule spec; pydantic picks the model by ``type``."""
@@ -482,6 +549,8 @@ def cycles_momentum(spec: Any, n_groups: int = 1) -> bool:
     """Whether some CyclicLR / OneCycleLR in the tree (or a range test's ``then``) cycles momentum."""
     if spec.type == RANGE_TEST:
         return spec.then is not None and cycles_momentum(spec.then_spec(n_groups), n_groups)
+    if spec.type == SPIKE_GUARD:
+        return cycles_momentum(spec.inner_spec(n_groups), n_groups)
     return any(
         node.type in ("CyclicLR", "OneCycleLR") and node.cycle_momentum
         for _, node in iter_nodes(spec)
@@ -489,11 +558,25 @@ def cycles_momentum(spec: Any, n_groups: int = 1) -> bool:
 
 
 def watched_metrics(spec: Any, n_groups: int = 1) -> set[str]:
-    """The ``monitor`` of every ReduceLROnPlateau and LRRangeTest (and its ``then``)."""
+    """The ``monitor`` of every ReduceLROnPlateau and LRRangeTest (and its ``then``).
+
+    A SpikeGuard's own monitor is not among them: it is judged per rank, with no barrier.
+    """
+    if spec.type == SPIKE_GUARD:
+        return watched_metrics(spec.inner_spec(n_groups), n_groups)
     watched = {node.monitor for _, node in iter_nodes(spec) if node.type in (PLATEAU, RANGE_TEST)}
     if spec.type == RANGE_TEST and spec.then is not None:
         watched |= watched_metrics(spec.then_spec(n_groups), n_groups)
     return watched
+
+
+def guard_of(spec: Any, n_groups: int = 1) -> Any:
+    """The SpikeGuard at the top of ``spec`` (or as a top range test's ``then``), if any."""
+    if spec.type == SPIKE_GUARD:
+        return spec
+    if spec.type == RANGE_TEST and spec.then is not None and spec.then.get("type") == SPIKE_GUARD:
+        return spec.then_spec(n_groups)
+    return None
 
 
 def spec_to_json(spec: Any) -> dict[str, Any]:

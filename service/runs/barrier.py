@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidInput
-from service.runs.manager import RunManager, Window
+from service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 
 POLL_S = 0.1
 """How often ranks waiting in this process ask the store whether another process decided."""
@@ -78,7 +78,7 @@ class Barriers:
                 await self._wait(run_id, step, ahead, barrier)
         finally:
             self._leave(key, barrier)
-        window = self.manager.cached_window(run_id, step, ahead)
+        window = self.manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
         return window or await run_in_threadpool(self.manager.window, run_id, step, ahead)
 
     def _enter(self, key: tuple[str, int]) -> _Barrier:

@@ -62,6 +62,10 @@ class ValueLog:
         for one in values:
             self.append(one)
 
+    def packed_lrs(self, start: int, stop: int) -> array:
+        """The LRs of steps ``start .. stop - 1``, packed as they are held (step-major)."""
+        return self._lrs[start * self.n_groups : stop * self.n_groups]
+
     def _steps(self, start: int, stop: int) -> list[Values]:
         """Steps ``start .. stop - 1`` as ``Values``, built at C speed (the hot path reads windows)."""
         g, packed = self.n_groups, self._moms

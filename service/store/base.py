@@ -25,6 +25,8 @@ Contract (every backend, every process):
 from __future__ import annotations
 
 import abc
+import sys
+from array import array
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -48,6 +50,33 @@ class RunRecord:
     updated_at: datetime
     last_seen: datetime | None = None
     """When any rank last asked the server about the run (flushed in batches; None: never)."""
+
+
+@dataclass(frozen=True)
+class ValueChunk:
+    """Final LRs of steps ``first_step .. first_step + steps - 1``, packed (see ``value_chunks``)."""
+
+    first_step: int
+    steps: int
+    groups: int
+    lrs: bytes
+
+
+def pack_lrs(lrs: array) -> bytes:
+    """An ``array('d')`` of LRs as ``value_chunks.lrs`` bytes (float64, little-endian)."""
+    if sys.byteorder == "big":
+        lrs = array("d", lrs)
+        lrs.byteswap()
+    return lrs.tobytes()
+
+
+def unpack_lrs(data: bytes, groups: int) -> array:
+    """``pack_lrs``'s bytes back into an ``array('d')`` (bit for bit)."""
+    lrs = array("d")
+    lrs.frombytes(data[: len(data) - len(data) % 8])
+    if sys.byteorder == "big":
+        lrs.byteswap()
+    return lrs
 
 
 @dataclass(frozen=True)
@@ -130,8 +159,21 @@ class BaseStore(abc.ABC):
         status: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        stale_before: datetime | None = None,
     ) -> list[RunRecord]:
-        """Runs ordered by ``run_id``, those after ``after`` (the cursor), matching every label."""
+        """Runs ordered by ``run_id``, those after ``after`` (the cursor), matching every label.
+
+        ``stale_before``: only active runs last seen (or, never seen, last updated) before it.
+        """
+
+    @abc.abstractmethod
+    def mark_seen(self, seen: Mapping[str, datetime]) -> None:
+        """Move each run's ``last_seen`` forward to the given time (never back; unknown runs are skipped)."""
+
+    @abc.abstractmethod
+    def count_by_status(self, *, stale_before: datetime) -> dict[str, int]:
+        """How many runs are ``active``, ``held``, ``stopped``, and ``stale`` (active, not seen
+        since ``stale_before``)."""
 
     @abc.abstractmethod
     def count_runs(self) -> int:
@@ -176,8 +218,12 @@ class BaseStore(abc.ABC):
         """The highest global event id committed so far (0 before the first event)."""
 
     @abc.abstractmethod
-    def save_snapshot(self, run_id: str, snapshot: Snapshot) -> None:
-        """Keep an engine snapshot (replaces one at the same step)."""
+    def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None) -> None:
+        """Keep an engine snapshot (replaces one at the same step), with the LRs since the last one."""
+
+    @abc.abstractmethod
+    def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
+        """The stored final LRs of those of ``steps`` some ``ValueChunk`` holds (one read per step)."""
 
     @abc.abstractmethod
     def load_snapshot(self, run_id: str, *, max_step: int | None = None) -> Snapshot | None:

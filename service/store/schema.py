@@ -27,6 +27,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -178,6 +179,19 @@ snapshots = Table(
     Column("state", Text, nullable=False),  # JSON
 )
 
+value_chunks = Table(
+    "value_chunks",
+    metadata,
+    Column("run_id", String(128), primary_key=True),
+    Column("first_step", BigInteger, primary_key=True, autoincrement=False),
+    Column("steps", BigInteger, nullable=False),
+    Column("groups", Integer, nullable=False),
+    Column("lrs", LargeBinary, nullable=False),  # float64 little-endian, step-major: steps × groups
+)
+"""A run's final LRs, saved with each engine snapshot (the steps since the last one), so that
+``GET .../history`` reads the values of the steps it shows, however long the run, instead of
+replaying it from step 0 after a restart. Chunks may overlap (replicas); final values agree."""
+
 # Float values: ``value`` holds the number; where SQLite's REAL cannot (it turns NaN into
 # NULL and -0.0 into 0.0), ``value`` is NULL and ``value_text`` spells it ("nan", "-inf", "-0.0").
 metrics = Table(
@@ -203,7 +217,7 @@ barrier_reports = Table(
     Column("value_text", String(8), nullable=True),
 )
 
-RUN_TABLES = (run_labels, events, snapshots, metrics, barrier_reports)
+RUN_TABLES = (run_labels, events, snapshots, metrics, barrier_reports, value_chunks)
 """Tables keyed by ``run_id`` besides ``runs`` itself (deleted with the run)."""
 
 
@@ -292,7 +306,14 @@ def _migrate_v4(conn: Connection) -> None:
     metadata.create_all(conn, tables=[webhook_endpoints, webhook_deliveries], checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4]
+def _migrate_v5(conn: Connection) -> None:
+    """Stored final LRs for history: ``value_chunks`` (runs written before it replay instead)."""
+    metadata.create_all(conn, tables=[value_chunks], checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4, _migrate_v5,
+]
 """``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -29,7 +29,23 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, Row, Table, bindparam, delete, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -41,6 +57,8 @@ from service.store.base import (
     RunRecord,
     RunTransaction,
     Snapshot,
+    ValueChunk,
+    unpack_lrs,
 )
 from service.store.events import Event, EventKind, FeedEntry, NewEvent
 from service.store.guard import FileIdentity
@@ -54,6 +72,7 @@ from service.store.schema import (
     run_labels,
     runs,
     snapshots,
+    value_chunks,
 )
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
@@ -80,6 +99,12 @@ _NOTIFY_EVENTS = text(f"SELECT pg_notify('{EVENTS_CHANNEL}', '')")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
     updated_at=bindparam("b_updated_at"))
+_HEARD = func.coalesce(runs.c.last_seen, runs.c.updated_at)
+"""When a run was last heard from (never seen since the upgrade to schema v2: its last change)."""
+_MARK_SEEN = update(runs).where(
+    runs.c.run_id == bindparam("b_run_id"),
+    or_(runs.c.last_seen.is_(None), runs.c.last_seen < bindparam("b_seen")),
+).values(last_seen=bindparam("b_seen"))
 _SELECT_REPORTS = select(barrier_reports.c.rank, barrier_reports.c.name, barrier_reports.c.value,
                          barrier_reports.c.value_text).where(
     barrier_reports.c.run_id == bindparam("run_id"), barrier_reports.c.step == bindparam("step")
@@ -293,6 +318,7 @@ class SqlStore(BaseStore):
         status: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        stale_before: datetime | None = None,
     ) -> list[RunRecord]:
         """Runs ordered by ``run_id``: those after the cursor, with this status, matching every label.
 
@@ -301,6 +327,7 @@ class SqlStore(BaseStore):
             status: Only runs with this status.
             limit: At most this many runs.
             after: The cursor: the last ``run_id`` of the previous page.
+            stale_before: Only active runs not heard from since then (``_STALE``).
 
         Returns:
             The page, in ``run_id`` order.
@@ -313,6 +340,8 @@ class SqlStore(BaseStore):
             query = query.where(runs.c.run_id > after.split("\x00", 1)[0])
         if status is not None:
             query = query.where(runs.c.status == status)
+        if stale_before is not None:
+            query = query.where(runs.c.status == "active", _HEARD < stale_before)
         for key, value in (labels or {}).items():
             if "\x00" in key or "\x00" in value:  # PostgreSQL cannot even compare such text
                 return []
@@ -324,6 +353,35 @@ class SqlStore(BaseStore):
             rows = conn.execute(query).all()
             labels_by_run = self._labels_of(conn, [r.run_id for r in rows])
         return [_record(r, labels_by_run.get(r.run_id, {})) for r in rows]
+
+    def mark_seen(self, seen: Mapping[str, datetime]) -> None:
+        """Move ``last_seen`` forward, in ``run_id`` order (two replicas flushing at once lock
+        the rows in the same order, so they never deadlock); one short transaction.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        if not seen:
+            return
+        rows = [{"b_run_id": run_id, "b_seen": seen[run_id]} for run_id in sorted(seen)]
+        with self._transaction(write=True) as conn:
+            conn.execute(_MARK_SEEN, rows)
+
+    def count_by_status(self, *, stale_before: datetime) -> dict[str, int]:
+        """Runs per status, and the stale ones (active, not heard from since ``stale_before``).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        counts = {"active": 0, "held": 0, "stopped": 0}
+        stale = func.sum(case((and_(runs.c.status == "active", _HEARD < stale_before), 1), else_=0))
+        query = select(runs.c.status, func.count(), stale).group_by(runs.c.status)
+        with self._transaction() as conn:
+            rows = conn.execute(query).all()
+        for status, count, _ in rows:
+            counts[status] = int(count)
+        counts["stale"] = sum(int(s or 0) for _, _, s in rows)
+        return counts
 
     def count_runs(self) -> int:
         """How many runs exist.
@@ -446,8 +504,9 @@ class SqlStore(BaseStore):
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def save_snapshot(self, run_id: str, snapshot: Snapshot) -> None:
-        """Keep an engine snapshot; one at the same step is replaced.
+    def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None) -> None:
+        """Keep an engine snapshot; one at the same step is replaced. ``chunk``: the run's final
+        LRs since the last snapshot, kept in the same transaction (for ``read_lrs``).
 
         Raises:
             RunNotFound: no such run.
@@ -463,6 +522,37 @@ class SqlStore(BaseStore):
         with self._transaction(write=True) as conn:
             self._require_run(conn, run_id, "keep")
             conn.execute(upsert)
+            if chunk is not None:
+                values = {"steps": chunk.steps, "groups": chunk.groups, "lrs": chunk.lrs}
+                row = self._insert(value_chunks).values(run_id=run_id, first_step=chunk.first_step, **values)
+                conn.execute(row.on_conflict_do_update(index_elements=["run_id", "first_step"], set_=values))
+
+    def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
+        """The stored final LRs of those of ``steps`` a value chunk holds (a step none holds is left out).
+
+        Each step reads only its own bytes of the chunk (``substr``), so the cost is bounded by
+        the number of steps asked, not by the run's length.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        c = value_chunks.c
+        width = c.groups * 8
+        # PostgreSQL has substr(bytea, int, int) only
+        offset = cast((bindparam("b_step") - c.first_step) * width + 1, Integer)
+        piece = func.substr(c.lrs, offset, width)
+        query = (
+            select(c.first_step, c.steps, c.groups, piece.label("piece"))
+            .where(c.run_id == run_id, c.first_step <= bindparam("b_step"))
+            .order_by(c.first_step.desc()).limit(1)
+        )
+        found = {}
+        with self._transaction() as conn:
+            for step in steps:
+                row = conn.execute(query, {"b_step": step}).one_or_none()
+                if row is not None and step < row.first_step + row.steps:
+                    found[step] = tuple(unpack_lrs(bytes(row.piece), row.groups))
+        return found
 
     def load_snapshot(self, run_id: str, *, max_step: int | None = None) -> Snapshot | None:
         """The snapshot with the highest step (at most ``max_step``), or None.

@@ -69,3 +69,15 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slow")
     with ServerProcess(f"sqlite:///{tmp / 'db.sqlite'}", tmp) as proc:
         yield proc
+
+
+def test_start_up_raises_a_low_open_files_limit():
+    import subprocess
+    import sys
+
+    code = ("import resource as r; s, h = r.getrlimit(r.RLIMIT_NOFILE); "
+            "r.setrlimit(r.RLIMIT_NOFILE, (256, h)); "
+            "from service.connections import raise_fd_limit; print(raise_fd_limit(4096)); "
+            "print(r.getrlimit(r.RLIMIT_NOFILE)[0] >= min(4096 + 256, h))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "True"  # the default LRSERVE_MAX_CONNECTIONS fits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -110,3 +111,116 @@ def test_the_first_start_creates_the_database_and_its_marker(db, tmp_path):
     db.parent.mkdir()
     with ServerProcess(f"sqlite:///{db}", tmp_path):
         assert db.exists() and (db.parent / ".lrserve.db.lrserve").exists()
+
+
+def _checkpoint(db) -> None:
+    """Move every committed page from the WAL into the main file (what the fault then hits)."""
+    with sqlite3.connect(db, timeout=30) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def test_a_corrupt_page_mid_run_is_a_clean_503_and_recovers_once_restored(server, db):
+    acked = start_steps(server, 20)
+    _checkpoint(db)
+    original = db.read_bytes()
+    page = 4096
+    with open(db, "r+b") as f:  # the same file (same inode), every page after the header garbled
+        f.seek(page)
+        f.write(bytes([0xA5]) * (len(original) - page))
+    statuses = []
+    for k in range(acked + 1, acked + 6):
+        response = step(server, k)
+        statuses.append(response.status_code)
+        if response.status_code != 200:
+            assert_clean_503(response, db)
+        history = httpx.get(f"{server.url}/v1/runs/r/history", timeout=30)
+        statuses.append(history.status_code)
+        if history.status_code != 200:
+            assert_clean_503(history, db)
+    assert 503 in statuses and set(statuses) <= {200, 503}, statuses
+    assert "malformed" in server.log_path.read_text()  # the details are in the log
+
+    with open(db, "r+b") as f:  # the operator restores the file in place
+        f.write(original)
+    assert httpx.get(f"{server.url}/v1/runs/r/history", timeout=30).status_code == 200  # a fresh pool
+    k = httpx.get(f"{server.url}/v1/runs/r").json()["horizon"] + 1
+    assert step(server, k).status_code == 200
+    steps = httpx.get(f"{server.url}/v1/runs/r/history").json()["metrics"]["loss"]["steps"]
+    assert set(range(1, acked + 1)) <= set(steps)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only): a disk that fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_a_clean_503_and_nothing_acknowledged_is_lost(small_disk, tmp_path):
+    db = small_disk / "lrserve.db"
+    with ServerProcess(f"sqlite:///{db}", tmp_path) as server:
+        acked = start_steps(server, 5)
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        logged: list[int] = []
+        statuses = []
+        for i in range(200):  # history metrics, 2,000 a request: the WAL must grow
+            records = [{"step": 1000 + i, "name": f"m{j}", "value": float(j)} for j in range(2000)]
+            response = httpx.post(f"{server.url}/v1/runs/r/metrics", json={"records": records}, timeout=30)
+            statuses.append(response.status_code)
+            if response.status_code == 202:
+                logged.append(1000 + i)
+            else:
+                assert_clean_503(response, db)
+                break
+        assert statuses[-1] == 503, statuses
+        filler.unlink()
+        assert step(server, acked + 1).status_code == 200  # room again: writes go on
+    with ServerProcess(f"sqlite:///{db}", tmp_path) as again:
+        history = httpx.get(f"{again.url}/v1/runs/r/history", params={"max_points": 100_000}).json()
+        assert set(range(1, acked + 2)) <= set(history["metrics"]["loss"]["steps"])
+        assert set(logged) <= set(history["metrics"].get("m0", {"steps": []})["steps"])
+
+
+def _immutable(paths, on: bool) -> None:
+    for path in paths:
+        if path.exists():
+            subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True, capture_output=True)
+
+
+def test_a_read_only_file_mid_run_is_a_clean_503_and_writes_resume(server, db):
+    """The file turns read-only under the server (as a filesystem remounted read-only on errors
+    does; ``chattr +i`` blocks even root's writes to descriptors already open)."""
+    acked = start_steps(server, 5)
+    files = [db, db.with_name(db.name + "-wal")]
+    try:
+        _immutable(files, True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make the file immutable here: {exc}")
+    try:
+        statuses = [step(server, acked + 1).status_code for _ in range(3)]
+        response = step(server, acked + 1)
+        assert 503 in statuses and set(statuses) <= {503}, statuses
+        assert_clean_503(response, db)
+        assert httpx.get(f"{server.url}/v1/runs/r/lr", params={"step": 2}).status_code == 200  # reads go on
+    finally:
+        _immutable(files, False)
+    # A connection opened while the file was read-only stays so: the first write that meets
+    # one is a 503 and drops the pool; the next gets fresh connections (one retry, as a client).
+    retried = [step(server, acked + 1).status_code for _ in range(2)]
+    assert 200 in retried, retried
+    server.stop()
+    with ServerProcess(f"sqlite:///{db}", db.parent.parent) as again:
+        history = httpx.get(f"{again.url}/v1/runs/r/history").json()
+        assert set(range(1, acked + 2)) <= set(history["metrics"]["loss"]["steps"])

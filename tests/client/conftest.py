@@ -29,7 +29,8 @@ class FakeClock:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RANK", "WORLD_SIZE", "LRSERVE_URL", "LRSERVE_TOKEN"):
+    for name in ("RANK", "WORLD_SIZE", "LRSERVE_URL", "LRSERVE_TOKEN", "LRSERVE_RUN_ID", "LRSERVE_LABELS",
+                 "LRSERVE_MODE"):
         monkeypatch.delenv(name, raising=False)
 
 

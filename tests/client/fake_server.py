@@ -54,6 +54,7 @@ class FakeServer:
         self.step_size = step_size
         self.gamma = gamma
         self.max_ahead = max_ahead
+        self.max_provisional = 5_000  # its LRSERVE_MAX_PROVISIONAL: the toy schedule is Python
         self.cycle_momentum = cycle_momentum
         self.runs: dict[str, FakeRun] = {}
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []
@@ -185,7 +186,7 @@ class FakeServer:
     def _tail(self, run: FakeRun, last: int, asked: Mapping[str, Any] | None) -> dict[str, Any]:
         """The provisional tail: the toy schedule continued without reports (not committed)."""
         asked = asked or {}
-        size = min(100_000, int(asked.get("provisional") or 0))  # the server's default cap
+        size = min(self.max_provisional, int(asked.get("provisional") or 0))
         if not size and asked.get("provisional_from") is None:
             return {}
         lrs, best, values = run.values[last], run.best, []

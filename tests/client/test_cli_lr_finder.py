@@ -66,7 +66,7 @@ def running_test(api, run_id: str = "live") -> dict:
     for k, loss in enumerate([2.0, 1.9, 1.8, 1.7, float("nan"), 1.5], start=1):
         post_loss(api, run_id, k, loss)
     finder = api.get(f"/v1/runs/{run_id}/lr-finder").json()
-    assert not finder["done"] and finder["losses"][4:] == [None, None]
+    assert not finder["done"] and finder["losses"][4:] == ["NaN", "NaN"]
     return finder
 
 
@@ -109,8 +109,8 @@ def test_csv_is_the_curve_and_the_summary_goes_to_stderr(api, run):
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0] == ["lr", "smoothed_loss"]
     assert [float(r[0]) for r in rows[1:]] == finder["lrs"]  # repr: exact
-    assert [float(r[1]) if r[1] else None for r in rows[1:]] == finder["losses"]
-    assert rows[-1][1] == ""  # not finite: empty, as the server's null
+    assert [float(r[1]) if r[1] else "NaN" for r in rows[1:]] == finder["losses"]
+    assert rows[-1][1] == ""  # not finite: empty
     assert "chosen=- " in err and "done=no" in err and "switched_at=-" in err
 
 

@@ -168,3 +168,86 @@ def _history(url, run_id):
         answer = http.get(f"/v1/runs/{run_id}/history", params={"max_points": 100_000})
         answer.raise_for_status()
         return answer.json()
+
+
+def test_an_operator_action_in_normal_running_lands_within_one_window(tmp_path):
+    import httpx
+
+    with ServerProcess(f"sqlite:///{tmp_path}/action.db", tmp_path) as server:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        with RemoteScheduler(opt, SPEC, run_id="act", url=server.url) as sched:  # defaults
+            seen = {0: sched.get_last_lr()}
+            placed = held_then = None
+            for k in range(1, 2001):
+                time.sleep(SECONDS_PER_STEP)
+                opt.step()
+                sched.step()
+                seen[k] = sched.get_last_lr()
+                if k == 800:
+                    held_then = sched._base + len(sched._lrs) - 1  # the last final step it held
+                    answer = httpx.post(f"{server.url}/v1/runs/act/control",
+                                        json={"action": "set_lr", "lr": 0.05}, timeout=30)
+                    assert answer.status_code == 200, answer.text
+                    placed = answer.json()["applied_at"]
+    assert placed <= held_then + 1  # the first step after the window the job held
+    assert seen[placed] == [0.05]  # and the job took it there, at that very step
+    assert all(seen[k] == torch_trajectory(placed - 1)[k] for k in range(placed))
+
+
+def test_a_restart_while_an_operator_acts_through_another_replica_records_a_divergence(
+    tmp_path, database_url
+):
+    import httpx
+
+    db = database_url("postgres")
+    a = ServerProcess(db, tmp_path).start()
+    b = ServerProcess(db, tmp_path).start()
+    restarter = Restarter(a)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    acted = None
+    try:
+        with RemoteScheduler(opt, SPEC, run_id="div", url=a.url) as sched:  # the job talks to A only
+            seen = [sched.get_last_lr()]
+            k = 0
+            with pytest.warns(ServerAwayWarning, match="provisional"):
+                # on until A is back and the job has talked to it (however slow the restart)
+                while (k < KILL_AT + 100 or restarter.downtime is None or sched._away
+                       or sched._tail.ridden_from is not None):
+                    k += 1
+                    time.sleep(SECONDS_PER_STEP)
+                    opt.step()
+                    sched.step()
+                    seen.append(sched.get_last_lr())
+                    if k == KILL_AT:
+                        restarter.kill_and_restart()
+                    if k == KILL_AT + 50:  # A is down: the operator acts through B
+                        answer = httpx.post(f"{b.url}/v1/runs/div/control",
+                                            json={"action": "scale", "factor": 0.5}, timeout=30)
+                        assert answer.status_code == 200, answer.text
+                        acted = answer.json()
+                for _ in range(200):  # and on, on final values
+                    k += 1
+                    opt.step()
+                    sched.step()
+                    seen.append(sched.get_last_lr())
+            restarter.join()
+        history = _history(b.url, "div")
+    finally:
+        restarter.join()
+        restarter.server.stop()
+        b.stop()
+    assert acted is not None and restarter.downtime > 1.5
+    events = [e for e in history["events"] if e["kind"] == "provisional_divergence"]
+    assert len(events) == 1, events
+    divergence = events[0]
+    assert divergence["rank"] == 0 and divergence["actor"] == "server"
+    first, last = divergence["from_step"], divergence["to_step"]
+    control = [e for e in history["events"] if e["kind"] == "control"]
+    assert [e["step"] for e in control] == divergence["input_steps"]
+    assert first <= control[0]["step"] <= last
+    expected = torch_trajectory(STEPS)
+    assert seen[:first] == expected[:first]  # final values before the outage's tail
+    assert seen[first:control[0]["step"]] == expected[first:control[0]["step"]]  # tail = final there
+    final = dict(zip(history["lrs"]["steps"], history["lrs"]["values"], strict=True))
+    assert all(seen[k] == final[k] for k in range(last + 1, len(seen)))  # on final values after
+    assert any(seen[k] != final[k] for k in range(control[0]["step"], last + 1))  # it did diverge

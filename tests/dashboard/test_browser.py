@@ -73,6 +73,8 @@ def test_run_page_draws_history_points_and_events(page, live):
     expect(lr_path).to_have_count(1)
     history = http.get("/v1/runs/resnet50-a1/history", params={"max_points": 500}).json()
     assert vertices(lr_path.get_attribute("d")) == len(history["lrs"]["steps"]) == 81
+    # stairs: each LR holds until the next point (an "H" run), then steps to the next value
+    assert lr_path.get_attribute("data-shape") == "stairs" and "H" in lr_path.get_attribute("d")
     for name, series in history["metrics"].items():
         path = page.locator(f'[data-chart="metric:{name}"] path.series')
         assert vertices(path.get_attribute("d")) == finite(series["values"]) > 0
@@ -220,7 +222,7 @@ def test_lr_finder_panel_follows_a_running_test(page, live):
             post_loss(http, run_id, k, loss)
         expect(panel.locator("#finder-points")).to_have_text("12 finite of 14", timeout=8000)  # refreshed
         finder = http.get(f"/v1/runs/{run_id}/lr-finder").json()
-        assert finder["losses"][12:] == [None, None] and not finder["done"]
+        assert finder["losses"][12:] == ["NaN", "NaN"] and not finder["done"]
         curve = panel.locator('[data-chart="lr-finder"] path.series')
         assert vertices(curve.get_attribute("d")) == finite(finder["losses"]) == 12
         expect(panel.locator("#finder-chosen")).to_have_text("—")
@@ -272,3 +274,140 @@ def test_read_only_token_sees_no_controls_and_token_stays_in_session(page, secur
     page.press("#token-input", "Enter")
     expect(page.locator("#banner")).to_contain_text("not accepted")
     expect(page.locator("#controls")).to_have_count(0)
+
+
+GUARDED = {"type": "SpikeGuard", "schedule": {"type": "CosineAnnealingLR", "T_max": 200}}
+
+
+def guarded_loss(step: int) -> float:
+    return 2.0 * 2.718281828 ** (-step / 60) + 0.4 + 0.02 * ((step * 7) % 5 - 2)
+
+
+def test_run_page_marks_spikes_and_draws_the_guards_band(page, live):
+    server, http = live
+    http.post("/v1/runs", json={"run_id": "llm-guarded", "schedule": GUARDED, "base_lrs": [3e-4],
+                                "world_size": 2}).raise_for_status()
+    for k in range(1, 61):  # two ranks log their loss; rank 1's diverges once (NaN), rank 0's jumps 6x
+        http.get("/v1/runs/llm-guarded/lr", params={"step": k}).raise_for_status()
+        value = {(35, 1): float("nan"), (50, 0): guarded_loss(k) * 6}
+        records = [{"step": k, "name": "loss", "rank": r, "value": value.get((k, r), guarded_loss(k))}
+                   for r in (0, 1)]
+        body = json.dumps({"records": records})  # Python's JSON writes NaN, as the client does
+        http.post("/v1/runs/llm-guarded/metrics", content=body,
+                  headers={"content-type": "application/json"}).raise_for_status()
+    http.get("/v1/runs/llm-guarded/lr", params={"step": 61, "ahead": 20}).raise_for_status()
+    guard = http.get("/v1/runs/llm-guarded/spike-guard").json()
+    assert [(s["step"], s["rank"]) for s in guard["spikes"]] == [(35, 1), (50, 0)]
+
+    page.goto(f"{server.url}/#/runs/llm-guarded")
+    chart = page.locator('[data-chart="metric:loss"]').first
+    for rank in ("0", "1"):
+        band = guard["band"][rank]
+        baseline = chart.locator(f'path.series.dashed[data-series="baseline (rank {rank})"]')
+        upper = chart.locator(f'path.series.dashed[data-series="spike line (rank {rank})"]')
+        expect(baseline).to_have_attribute("data-points", str(finite(band["baseline"])))
+        expect(upper).to_have_attribute("data-points", str(finite(band["upper"])))
+    markers = chart.locator('.event-marker[data-kind="loss_spike"]')
+    expect(markers).to_have_count(2)
+    assert sorted(int(m.get_attribute("data-step")) for m in markers.all()) == [35, 50]
+    lr_markers = page.locator('[data-chart="lr"] .event-marker[data-kind="loss_spike"]')
+    expect(lr_markers).to_have_count(2)  # on the LR curve too, where it backed off
+    rows = page.locator('#events-table tr[data-kind="loss_spike"]')
+    expect(rows).to_have_count(2)
+    expect(rows.first).to_contain_text("rank 0 reported")
+    expect(rows.last).to_contain_text(f"backoff from step {guard['spikes'][0]['applied_at']}")
+    screenshot(page, "spike-guard.png")
+
+
+def test_designer_marks_the_spikes_a_metric_stream_would_cause(page, live):
+    server, _ = live
+    page.goto(f"{server.url}/#/designer")
+    losses = [round(guarded_loss(k), 4) for k in range(1, 120)]
+    losses[79] = None  # no report with the 80th step()
+    losses[89] = losses[88] * 8
+    page.fill("#designer-spec", json.dumps(GUARDED))
+    page.fill("#designer-steps", "120")
+    page.fill("#designer-metrics", json.dumps({"loss": losses}))
+    page.click("#designer-preview")
+    marker = page.locator('[data-chart="preview"] .event-marker[data-kind="loss_spike"]')
+    expect(marker).to_have_count(1)
+    assert marker.get_attribute("data-step") == "90"
+
+
+def test_a_live_event_arrives_on_the_run_page_without_a_reload(page, live):
+    """The event list follows GET /v1/events: the page shows the event's global id, which
+    only the stream carries (history has no ids), and its row, without reloading."""
+    from tests.sse import read_stream
+
+    server, http = live
+    http.post("/v1/runs", json={"run_id": "live-events", "schedule": {"type": "StepLR", "step_size": 5},
+                                "base_lrs": [0.1]}).raise_for_status()
+    page.goto(f"{server.url}/#/runs/live-events")
+    expect(page.locator("#events-live")).to_have_attribute("data-state", "live")
+    expect(page.locator("#events-table tbody tr")).to_have_count(1)  # created
+    http.post("/v1/runs/live-events/control", json={"action": "scale", "factor": 0.5,
+                                                     "reason": "live test"}).raise_for_status()
+    streamed = read_stream(f"{server.url}/v1/events", lambda ms: ms[-1].json()["kind"] == "control",
+                           params={"since": 0, "run_id": "live-events"})
+    control_id = streamed[-1].json()["id"]
+    expect(page.locator("#events-live")).to_have_attribute("data-last-event-id", str(control_id))
+    expect(page.locator("#events-live")).to_contain_text(f"#{control_id} (control)")
+    expect(page.locator('#events-table tr[data-kind="control"]')).to_have_count(1)
+    expect(page.locator('#events-table tr[data-kind="control"] .event-reason')).to_contain_text("live test")
+    page.goto(f"{server.url}/")  # leaving the page ends its stream
+    expect(page.locator("#runs-table tbody tr")).not_to_have_count(0)
+    expect(page.locator("#runs-updated")).to_have_attribute("data-live", "live")
+
+
+def test_fleet_action_on_the_filtered_runs_with_stale_badges(page, tmp_path):
+    """An admin filters the runs page, acts on all shown runs, and sees who refused."""
+    import time
+
+    import httpx
+
+    from tests.dashboard.conftest import _server
+
+    server = _server(tmp_path, {"LRSERVE_STALE_AFTER_S": "1", "LRSERVE_LAST_SEEN_FLUSH_S": "0.2"})
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            for run_id in ("ui-a", "ui-b", "ui-c", "other"):
+                labels = {"fleet": "ui"} if run_id != "other" else {"fleet": "no"}
+                http.post("/v1/runs", json={"run_id": run_id, "schedule": {"type": "StepLR", "step_size": 5},
+                                            "base_lrs": [0.1], "labels": labels}).raise_for_status()
+            http.post("/v1/runs/ui-c/control", json={"action": "stop"}).raise_for_status()
+            http.get("/v1/runs/ui-c/lr", params={"step": 1}).raise_for_status()
+            time.sleep(1.2)  # quiet for longer than LRSERVE_STALE_AFTER_S
+
+            page.goto(f"{server.url}/#/runs?label=fleet%3Aui")
+            rows = page.locator("#runs-table tbody tr")
+            expect(rows).to_have_count(3)
+            expect(page.locator('tr[data-run-id="ui-a"] .badge.stale')).to_be_visible()
+            stopped = page.locator('tr[data-run-id="ui-c"] .badge.stale')
+            expect(stopped).to_have_count(0)  # stopped: done, not stale
+
+            page.select_option("#fleet-action", "scale")
+            page.fill("#fleet-factor", "0.5")
+            page.fill("#fleet-reason", "too hot")
+            page.click("#fleet-apply")
+            dialog = page.locator("#confirm-dialog")
+            expect(dialog).to_contain_text("Multiply the current LRs by 0.5 on 3 runs (fleet:ui)")
+            page.click("#confirm-cancel")
+            expect(page.locator("#fleet-message")).to_have_text("Cancelled.")
+            assert _controls(http, "ui-a") == []
+
+            page.click("#fleet-apply")
+            page.click("#confirm-ok")
+            message = page.locator("#fleet-message")
+            expect(message).to_contain_text("scale applied to 2 of 3 runs")
+            expect(message).to_contain_text("ui-c")  # stopped: refused, named
+            for run_id in ("ui-a", "ui-b"):
+                assert _controls(http, run_id) == [("scale", 0.5, "local", "too hot")]
+            assert _controls(http, "other") == []
+    finally:
+        server.stop()
+
+
+def _controls(http, run_id):
+    events = http.get(f"/v1/runs/{run_id}/history").json()["events"]
+    return [(e["action"], e.get("factor"), e["actor"], e["reason"]) for e in events if e["kind"] == "control"
+            and e["action"] != "stop"]

@@ -30,6 +30,10 @@ PLATEAU_AFTER_WARMUP = {"type": "SequentialLR", "milestones": [4], "schedulers":
      "threshold_mode": "abs"}]}
 ACTIONS = ({"action": "scale", "factor": 0.9}, {"action": "hold"}, {"action": "resume"},
            {"action": "set_lr", "lr": 0.05}, {"action": "scale", "factor": 1.1})
+# Actions that leave the schedule's clock running: a held run feeds no metric to its plateau
+# stage, so a run whose plateau decisions a test expects must not be held for a
+# timing-dependent share of its steps (test_replicas' "bar" once had none, issue 13).
+CLOCK_RUNNING_ACTIONS = tuple(a for a in ACTIONS if a["action"] not in ("hold", "resume"))
 
 
 def loss(run_id: str, rank: int, step: int) -> float:
@@ -184,12 +188,18 @@ class Load:
                 self.ledger.by_rank[(run_id, rank)][k] = body["lrs"]
                 self.ledger.metrics.update((run_id, name, k, rank) for name in metrics)
 
-    def operator(self, cluster: Cluster, run_ids: Sequence[str], pause_s: float) -> None:
-        """Operator actions on every run, through alternating replicas, until the load ends."""
+    def operator(self, cluster: Cluster, run_ids: Sequence[str], pause_s: float,
+                 actions: dict[str, Sequence[dict[str, Any]]] | None = None) -> None:
+        """Operator actions on every run, through alternating replicas, until the load ends.
+
+        ``actions[run_id]`` replaces ``ACTIONS`` for that run.
+        """
         for i in range(10_000):
             if self.over():
                 return
-            run_id, action = run_ids[i % len(run_ids)], ACTIONS[i % len(ACTIONS)]
+            run_id = run_ids[i % len(run_ids)]
+            choices = (actions or {}).get(run_id, ACTIONS)
+            action = choices[(i // len(run_ids)) % len(choices)]
             try:  # not idempotent: never retried on another replica
                 response = cluster.call(i % len(self.urls), "POST", f"/v1/runs/{run_id}/control",
                                         json=action, retry=False)

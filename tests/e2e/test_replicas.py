@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.e2e.load import Ledger, Load, check_everything, create_run
+from tests.e2e.load import CLOCK_RUNNING_ACTIONS, Ledger, Load, check_everything, create_run
 from tests.live_server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,9 @@ def test_replicas_share_one_truth_through_a_kill_9(database_url, tmp_path):
         ranks = [load.spawn(load.rank, "solo", r, STEPS, lambda k, r=r: (k + r) % 2, True, actions)
                  for r in (0, 1)]
         ranks += [load.spawn(load.rank, "bar", r, STEPS, lambda k, r=r: r, True, actions) for r in (0, 1)]
-        load.spawn(load.operator, RUNS, 0.1)
+        # "bar" must show plateau decisions: it gets no hold, which would stop them for as
+        # long as the operator's timing happens to keep it held ("solo" gets every action).
+        load.spawn(load.operator, RUNS, 0.1, {"bar": CLOCK_RUNNING_ACTIONS})
         load.spawn(load.logger, RUNS)
         load.spawn(load.reader, RUNS, 11)
 

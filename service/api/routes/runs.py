@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from service.api.deps import AdminAccess, ManagerDep, ReadAccess, WriteAccess
+from service.api.deps import AdminAccess, LivenessDep, ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
 from service.api.schemas import (
     MAX_LABEL_LENGTH,
@@ -23,15 +23,17 @@ from service.api.schemas import (
 )
 from service.auth import Identity
 from service.errors import InvalidInput
+from service.liveness import Liveness
 from service.runs.manager import RunManager
 from service.store.base import RunRecord
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
-def run_public(manager: RunManager, record: RunRecord) -> dict:
+def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> dict:
     state = manager.state(record.run_id)
     lrs, moms = state.values[-1]
+    last_seen = liveness.last_seen(record)
     return {
         "run_id": record.run_id,
         "schedule": record.spec["schedule"],
@@ -49,6 +51,8 @@ def run_public(manager: RunManager, record: RunRecord) -> dict:
         "max_ahead": manager.settings.max_ahead,
         "created_at": record.created_at.isoformat(),
         "updated_at": record.updated_at.isoformat(),
+        "last_seen": last_seen.isoformat() if last_seen is not None else None,
+        "stale": liveness.is_stale(record, state.status),
     }
 
 
@@ -58,10 +62,13 @@ def run_public(manager: RunManager, record: RunRecord) -> dict:
     status_code=201,
     responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}},
 )
-def create_run(body: RunCreate, manager: ManagerDep, identity: Annotated[Identity, WriteAccess]) -> Response:
+def create_run(
+    body: RunCreate, manager: ManagerDep, liveness: LivenessDep, identity: Annotated[Identity, WriteAccess]
+) -> Response:
     """Create a run (idempotent: every rank may call it)."""
     record, created = manager.create_run(body.model_dump(), actor=identity.name)
-    return FastJSONResponse(run_public(manager, record), status_code=201 if created else 200)
+    liveness.seen(record.run_id)  # a rank asked
+    return FastJSONResponse(run_public(manager, liveness, record), status_code=201 if created else 200)
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
@@ -81,28 +88,37 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
 @router.get("", response_model=RunsPublic, dependencies=[ReadAccess])
 def list_runs(
     manager: ManagerDep,
+    liveness: LivenessDep,
     label: Annotated[
         list[str], Query(description=f"key:value; repeat to require several (at most {MAX_LABELS})")
     ] = [],  # noqa: B006
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
+    stale: Annotated[
+        bool | None, Query(description="true: only active runs not heard from for LRSERVE_STALE_AFTER_S")
+    ] = None,
 ) -> Response:
-    """List runs, filtered by labels and status, a page at a time."""
+    """List runs, filtered by labels, status and staleness, a page at a time."""
+    if stale is False:
+        raise InvalidInput.at("stale", "only stale=true filters; leave it out to list every run")
     records = manager.store.list_runs(
-        labels=_parse_labels(label), status=status, limit=limit + 1, after=cursor
+        labels=_parse_labels(label), status=status, limit=limit + 1, after=cursor,
+        stale_before=liveness.stale_before() if stale else None,
     )
     page = records[:limit]
     next_cursor = page[-1].run_id if len(records) > limit else None
-    data = [run_public(manager, r) for r in page]
+    if stale:  # heard by this process since its last flush: not stale after all
+        page = [r for r in page if not liveness.heard_recently(r.run_id)]
+    data = [run_public(manager, liveness, r) for r in page]
     return FastJSONResponse({"data": data, "count": len(data), "next_cursor": next_cursor})
 
 
 @router.get("/{run_id}", response_model=RunPublic, dependencies=[ReadAccess])
-def read_run(run_id: RunId, manager: ManagerDep) -> Response:
-    """Read one run, with its values at the horizon."""
+def read_run(run_id: RunId, manager: ManagerDep, liveness: LivenessDep) -> Response:
+    """Read one run, with its values at the horizon, when it was last heard from and whether it is stale."""
     manager.caught_up(run_id)  # another replica may have gone further
-    return FastJSONResponse(run_public(manager, manager.store.read_run(run_id)))
+    return FastJSONResponse(run_public(manager, liveness, manager.store.read_run(run_id)))
 
 
 @router.delete("/{run_id}", status_code=204, dependencies=[AdminAccess])

@@ -9,9 +9,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
+from service.api.routes.spike_guard import spike_public
 from service.api.schemas import MetricsAccepted, MetricsCreate, RunId, Step, StepRequest, StepResult
 from service.runs import provisional
-from service.runs.manager import RunManager, Window
+from service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 
@@ -20,10 +21,15 @@ _FROM_DOC = "The first step this job took on provisional values during an outage
 _ID_DOC = "The `provisional.id` of the tail those steps came from."
 
 
+def window_response(window: Window) -> Response:
+    """The answer for ``window``, built and serialised (in a worker thread when it is big)."""
+    return FastJSONResponse(window_public(window))
+
+
 def window_public(window: Window) -> dict:
     lrs = [list(v[0]) for v in window.values]
     moms = None if window.values[0][1] is None else [list(v[1]) for v in window.values]
-    return {
+    public = {
         "run_id": window.run_id,
         "step": window.start,
         "lrs": lrs[0],
@@ -35,6 +41,9 @@ def window_public(window: Window) -> dict:
         "watched": list(window.watched),
         "max_ahead": window.max_ahead,
     }
+    if window.spikes:  # a spike guard's backoffs that take effect in this window
+        public["spikes"] = [spike_public(s) for s in window.spikes]
+    return public
 
 
 def _with_tail(
@@ -73,18 +82,18 @@ async def read_lr(
     With `provisional=n`, also the next n values as if no input arrived (uncommitted), to
     ride an outage on (API.md, "Outages: the provisional tail").
     """
-    # Final values already in memory are answered right here, without a worker thread.
-    window = manager.cached_window(run_id, step, ahead)
     if provisional_size or provisional_from is not None:
-        if window is None:
-            window = await run_in_threadpool(manager.window, run_id, step, ahead)
-        body = await run_in_threadpool(
-            _with_tail, manager, window, rank, provisional_size, provisional_from, provisional_id
-        )
-        return FastJSONResponse(body)
-    if window is None:
-        window = await run_in_threadpool(manager.window, run_id, step, ahead)
-    return FastJSONResponse(window_public(window))
+        def with_tail() -> Response:
+            window = manager.window(run_id, step, ahead)
+            tail = _with_tail(manager, window, rank, provisional_size, provisional_from, provisional_id)
+            return FastJSONResponse(tail)
+
+        return await run_in_threadpool(with_tail)
+    # Final values already in memory are answered right here, without a worker thread (if few).
+    window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
+    if window is not None:
+        return FastJSONResponse(window_public(window))
+    return await run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
 
 
 @router.post("/step", response_model=StepResult, dependencies=[WriteAccess])
@@ -96,12 +105,11 @@ async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Respon
     barriers = request.app.state.barriers
     window = await barriers.step(run_id, body.step, body.metrics, body.rank, body.ahead)
     if body.provisional or body.provisional_from is not None:
-        answer = await run_in_threadpool(
-            _with_tail, barriers.manager, window, body.rank, body.provisional, body.provisional_from,
-            body.provisional_id,
-        )
-        return FastJSONResponse(answer)
-    return FastJSONResponse(window_public(window))
+        args = (body.rank, body.provisional, body.provisional_from, body.provisional_id)
+        return await run_in_threadpool(lambda: FastJSONResponse(_with_tail(barriers.manager, window, *args)))
+    if len(window.values) * len(window.values[0][0]) <= ON_LOOP_VALUES:
+        return FastJSONResponse(window_public(window))
+    return await run_in_threadpool(window_response, window)
 
 
 @router.post("/metrics", response_model=MetricsAccepted, status_code=202, dependencies=[WriteAccess])

@@ -57,6 +57,13 @@ export function statusBadge(status) {
   return h("span", { class: `badge status status-${status}`, text: status });
 }
 
+/** "stale" next to the status of an active run not heard from for LRSERVE_STALE_AFTER_S. */
+export function staleBadge(run) {
+  if (!run.stale) return null;
+  const title = run.last_seen ? `no request from any rank since ${new Date(run.last_seen).toLocaleString()}` : "never heard from";
+  return h("span", { class: "badge stale", title, "data-stale": "true" }, "stale");
+}
+
 /** Label chips; a click calls onPick("key:value") (the runs page filters by it). */
 export function labelChips(labels, onPick) {
   return Object.entries(labels || {}).map(([k, v]) =>

@@ -3,7 +3,9 @@
 
 import { api, coalesced, mapLimited } from "./api.js";
 import { sparkline } from "./chart.js";
-import { fmt, fmtTime, h, labelChips, statusBadge } from "./dom.js";
+import { fmt, fmtTime, h, labelChips, staleBadge, statusBadge } from "./dom.js";
+import { fleetBar } from "./fleet.js";
+import { liveEvents } from "./live.js";
 import { lastMetric, specSummary } from "./spec.js";
 
 const REFRESH_MS = 3000;
@@ -43,10 +45,10 @@ function row(run, history, onPick) {
   const metric = lastMetric(history, run.schedule);
   const lrs = run.lrs || [];
   const lrSeries = history ? history.lrs : { steps: [], values: [] };
-  return h("tr", { "data-run-id": run.run_id, "data-status": run.status },
+  return h("tr", { "data-run-id": run.run_id, "data-status": run.status, "data-stale": String(Boolean(run.stale)) },
     h("td", {}, h("a", { href: `#/runs/${encodeURIComponent(run.run_id)}`, class: "run-link" }, run.run_id),
       h("div", { class: "muted small" }, specSummary(run.schedule))),
-    h("td", {}, statusBadge(run.status)),
+    h("td", {}, statusBadge(run.status), staleBadge(run)),
     h("td", { class: "labels" }, labelChips(run.labels, onPick)),
     h("td", { class: "num", "data-col": "horizon" }, String(run.horizon)),
     h("td", { class: "num", "data-col": "lr", title: lrs.map((v) => fmt(v, 8)).join(", ") },
@@ -60,7 +62,7 @@ function row(run, history, onPick) {
   );
 }
 
-export function runsPage(root) {
+export function runsPage(root, session = {}) {
   const filters = readFilters();
   const labelInput = h("input", { id: "filter-label", placeholder: "label key:value (several: comma-separated)",
     value: filters.labels.join(", "), "aria-label": "label filter" });
@@ -90,6 +92,7 @@ export function runsPage(root) {
     h("section", { class: "page-head" }, h("h1", {}, "Runs"), stamp),
     h("div", { class: "filters" }, h("div", { class: "field" }, labelInput, labelError), statusSelect,
       h("button", { type: "button", class: "secondary", onclick: () => { labelInput.value = ""; statusSelect.value = ""; apply(); } }, "Clear")),
+    session.admin ? fleetBar(() => filters, () => refresh()) : null,
     h("table", { class: "runs", id: "runs-table" },
       h("thead", {}, h("tr", {}, ["Run", "Status", "Labels", "Step", "LR", "Last metric", "LR curve", "Updated"].map((t) => h("th", {}, t)))),
       tbody),
@@ -132,6 +135,9 @@ export function runsPage(root) {
   });
 
   refresh();
+  // A new run, a status change or an action shows at once (GET /v1/events); steps are not
+  // events, so the timer still refreshes the step and LR columns.
+  const live = liveEvents({}, () => refresh(), (state) => { stamp.dataset.live = state; });
   const timer = setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
-  return { stop: () => clearInterval(timer) };
+  return { stop: () => { clearInterval(timer); live.stop(); } };
 }

@@ -117,3 +117,11 @@ def test_unknown_route_is_json_404(api):
     response = api.get("/v2/nothing")
     assert response.status_code == 404
     assert response.json()["code"] == "not_found"
+
+
+def test_runs_carry_last_seen_and_are_not_stale_by_default(api):
+    created = make_run(api, "r1")
+    assert created["stale"] is False and created["last_seen"] is not None
+    assert api.get("/v1/runs", params={"stale": "true"}).json()["data"] == []  # 300 s is far away
+    answer = api.get("/v1/runs", params={"stale": "false"})
+    assert answer.status_code == 422 and answer.json()["errors"][0]["field"] == "stale"

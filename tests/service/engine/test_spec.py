@@ -339,9 +339,9 @@ INVALID = [
         id="cyclic-momentum-inverted",
     ),
     pytest.param(
-        {"type": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1, "max_momentum": [0.9, 1.5]},
+        {"type": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1, "max_momentum": [0.9, -0.5]},
         "schedule.max_momentum.1",
-        id="cyclic-momentum-above-one",
+        id="cyclic-momentum-negative",
     ),
     pytest.param(
         {"type": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1, "mode": "exp_range", "gamma": 1.5},

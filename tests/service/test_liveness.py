@@ -1,0 +1,88 @@
+"""``Liveness`` and the store's ``last_seen``: batched writes, never backwards, stale counts."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from service.errors import StoreUnavailable
+from service.liveness import MAX_PENDING, Liveness
+from service.store import EventKind, NewEvent, open_store
+from tests.conftest import BACKENDS
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now.timestamp()
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request, database_url):
+    opened = open_store(database_url(request.param))
+    for run_id in ("a", "b", "c"):
+        opened.create_run(run_id, {}, {}, NewEvent(EventKind.CREATED, 0, {}))
+    yield opened
+    opened.close()
+
+
+def test_sightings_reach_the_store_in_one_flush_and_never_move_back(store):
+    clock = Clock()
+    liveness = Liveness(300, clock)
+    created = store.read_run("a").last_seen
+    clock.now = created + timedelta(seconds=10)
+    liveness.seen("a")
+    liveness.seen("nope")  # an unknown run is skipped by the store
+    assert store.read_run("a").last_seen == created  # nothing written per request
+    assert liveness.last_seen(store.read_run("a")) == clock.now  # but this process knows
+    assert liveness.flush(store) == 2
+    assert store.read_run("a").last_seen == clock.now
+    store.mark_seen({"a": created})  # a late flush from a slower replica
+    assert store.read_run("a").last_seen == clock.now
+
+
+def test_stale_counts_and_filter(store):
+    clock = Clock()
+    clock.now = store.read_run("a").last_seen + timedelta(seconds=301)
+    liveness = Liveness(300, clock)
+    liveness.seen("b")
+    liveness.flush(store)
+    with store.lock_run("c") as tx:
+        tx.update_run(status="held")
+    assert store.count_by_status(stale_before=liveness.stale_before()) == {
+        "active": 2, "held": 1, "stopped": 0, "stale": 1}
+    stale = store.list_runs(stale_before=liveness.stale_before())
+    assert [r.run_id for r in stale] == ["a"]
+    assert liveness.is_stale(stale[0], "active") and not liveness.is_stale(stale[0], "held")
+
+
+def test_a_failed_flush_keeps_the_sightings_for_the_next(tmp_path):
+    class Down:
+        def mark_seen(self, seen):
+            raise StoreUnavailable("database down")
+
+    clock = Clock()
+    clock.now = later = datetime.now(timezone.utc) + timedelta(hours=1)
+    liveness = Liveness(300, clock)
+    liveness.seen("a")
+    with pytest.raises(StoreUnavailable):
+        liveness.flush(Down())
+    store = open_store(f"sqlite:///{tmp_path}/l.db")
+    try:
+        store.create_run("a", {}, {}, NewEvent(EventKind.CREATED, 0, {}))
+        assert liveness.flush(store) == 1
+        assert store.read_run("a").last_seen == later
+    finally:
+        store.close()
+
+
+def test_pending_sightings_are_bounded():
+    liveness = Liveness(300)
+    for i in range(MAX_PENDING + 10):
+        liveness.seen(f"r{i}")
+    assert len(liveness._pending) == MAX_PENDING
