@@ -173,6 +173,24 @@ def _validation_errors(raw: Sequence[Any]) -> list[FieldError]:
     return errors
 
 
+def _unparsable_body(cause: BaseException | None) -> InvalidInput | None:
+    """Why a body that is JSON could still not be parsed, as a 422 naming the limit.
+
+    FastAPI turns every parser failure other than bad JSON syntax into a bare 400 ("There
+    was an error parsing the body"), keeping the parser's exception as ``__cause__``: an
+    integer past Python's int-string limit is a ``ValueError``, nesting past the parser's
+    depth a ``RecursionError``. The parser reads the whole body first, so no field is known.
+    """
+    import sys
+
+    if isinstance(cause, RecursionError):
+        return InvalidInput.at("body", "the JSON is nested too deeply (arrays and objects within each other)")
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        limit = sys.get_int_max_str_digits()
+        return InvalidInput.at("body", f"an integer has more than {limit} digits (the limit is {limit})")
+    return None
+
+
 def install_error_handlers(app: Any) -> None:
     """Register the one mapping from errors to JSON answers on a FastAPI app."""
     import logging
@@ -200,6 +218,8 @@ def install_error_handlers(app: Any) -> None:
         return await on_domain_error(request, InvalidInput.many(_validation_errors(exc.errors())))
 
     async def on_http_error(request: Any, exc: HTTPException) -> FastJSONResponse:
+        if exc.status_code == 400 and (unparsable := _unparsable_body(exc.__cause__)) is not None:
+            return await on_domain_error(request, unparsable)
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
