@@ -58,9 +58,10 @@ PER_STEP: dict[str, float] = {
 NODES_PER_UNIT = 20
 """Expression terms evaluated in the time of one scheduler step."""
 
-CREATE_STEPS = CHECKED_STEPS + 2
-"""Steps a create (or a new schedule) costs: each expression is checked at steps 0..100,
-and the engine takes steps 1 and 2 to see that the schedule can start."""
+CREATE_STEPS = 2 * (CHECKED_STEPS + 2)
+"""Steps a create (or a new schedule) costs: each expression is checked at steps 0..100 and
+the engine takes steps 1 and 2 to see that the schedule can start; then the run is built
+again to serve it (expressions compiled, the engine loaded): measured, about as much again."""
 
 
 class WorkBudgetExceeded(InvalidInput):

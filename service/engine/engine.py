@@ -398,7 +398,7 @@ class Engine:
     def restore(cls, snapshot: Mapping[str, Any]) -> Engine:
         """Rebuild an engine from ``snapshot()``; it continues bit for bit as the original."""
         n_groups = len(snapshot["base_lrs"])
-        schedule = parse_schedule(snapshot["schedule"], n_groups=n_groups)
+        schedule = parse_schedule(snapshot["schedule"], n_groups=n_groups, validated=True)
         engine = cls(schedule, snapshot["base_lrs"], reports_momentum=snapshot["reports_momentum"])
         for group, saved in zip(engine.optimizer.param_groups, snapshot["groups"], strict=True):
             group.update(saved)
@@ -434,7 +434,7 @@ def apply_action(engine: Engine, action: Mapping[str, Any]) -> None:
     elif kind == "resume":
         engine.resume()
     elif kind == "replace_schedule":
-        engine.replace_schedule(parse_schedule(action["schedule"], n_groups=engine.n_groups))
+        engine.replace_schedule(parse_schedule(action["schedule"], n_groups=engine.n_groups, validated=True))
     elif kind != "stop":
         raise ValueError(f"unknown action {kind!r}")
 

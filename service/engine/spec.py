@@ -79,13 +79,12 @@ class _LambdaSpec(_Spec):
     def expressions(self) -> Expression | list[Expression]:
         """The compiled ``lr_lambda``; expression errors name the field under ``_path``."""
         if self._compiled is None:
+            # Checked when the spec was accepted (parse_schedule's ``validated``): only built here.
             field = f"{self._path}.lr_lambda"
             if isinstance(self.lr_lambda, list):
-                self._compiled = [
-                    compile_expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)
-                ]
+                self._compiled = [Expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)]
             else:
-                self._compiled = [compile_expression(self.lr_lambda, field=field)]
+                self._compiled = [Expression(self.lr_lambda, field=field)]
         return self._compiled if isinstance(self.lr_lambda, list) else self._compiled[0]
 
     def max_nodes(self) -> int:
@@ -492,6 +491,7 @@ def parse_schedule(
     n_groups: int,
     field: str = "schedule",
     before_checks: Callable[[ScheduleSpec], None] | None = None,
+    validated: bool = False,
 ) -> ScheduleSpec:
     """Validate a raw JSON spec for a run with ``n_groups`` param groups.
 
@@ -501,6 +501,8 @@ def parse_schedule(
         field: Path of the spec in the request, the prefix of every error's field.
         before_checks: Called with the typed spec before the checks that cost work (each
             expression evaluated at steps 0..100), e.g. to refuse it over the work budget.
+        validated: The spec passed every check when it was accepted (it is read back from
+            the run's log): only its types are checked again, not the rules that cost work.
 
     Returns:
         The validated spec model.
@@ -523,6 +525,8 @@ def parse_schedule(
         before_checks(spec)
     for path, node in iter_nodes(spec, root=field):
         node._path = path
+        if validated:
+            continue
         errors.extend(
             FieldError(f"{path}.{name}", message) for name, message in node.problems(n_groups)
         )

@@ -201,20 +201,21 @@ class WebhookSender:
     async def _round(self) -> bool:
         """Fill every queue, send what is due; True if there may be more to do right away."""
         busy = False
+        sends = []
         for endpoint in self.endpoints:
+            if self._closed:
+                break
             flt = endpoint.filter
 
             def render(entry: FeedEntry, flt: FeedFilter = flt) -> str | None:
                 return orjson.dumps(event_message(entry)).decode() if flt.matches(entry) else None
 
-            read = await run_in_threadpool(self.queue.fill, endpoint.key, render)
-            busy |= read > 0
-        sends = []
-        for endpoint in self.endpoints:
-            if self._closed:
-                break
-            claimed = await run_in_threadpool(self.queue.claim, endpoint.key, lease_s=LEASE_S)
-            sends.extend(self._send(endpoint, d) for d in claimed)
+            to_fill, due = await run_in_threadpool(self.queue.work, endpoint.key)
+            if to_fill:
+                busy |= await run_in_threadpool(self.queue.fill, endpoint.key, render) > 0
+            if due or to_fill:
+                claimed = await run_in_threadpool(self.queue.claim, endpoint.key, lease_s=LEASE_S)
+                sends.extend(self._send(endpoint, d) for d in claimed)
         if sends:
             await asyncio.gather(*sends)
             busy = True

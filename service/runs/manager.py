@@ -230,7 +230,7 @@ class RunManager:
     def _fresh_state(self, record: RunRecord, snapshot: Snapshot | None) -> RunState:
         spec = record.spec
         if snapshot is None:
-            schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
+            schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]), validated=True)
             engine = Engine(schedule, spec["base_lrs"], spec["base_momentums"])
             return RunState(record.run_id, spec, engine, last_seq=0)
         saved = codec.from_jsonable(snapshot.state)

@@ -74,7 +74,7 @@ class RunState:
         self.spec = spec
         self.n_groups = len(spec["base_lrs"])
         self.world_size: int = spec.get("world_size", 1)
-        schedule = parse_schedule(spec["schedule"], n_groups=self.n_groups)
+        schedule = parse_schedule(spec["schedule"], n_groups=self.n_groups, validated=True)
         self.watched = watched_metrics(schedule, self.n_groups)
         self.guard_monitors = _guard_monitors(schedule, self.n_groups)
         self.engine = engine
@@ -122,7 +122,7 @@ class RunState:
     def note_watched(self, event: Event) -> None:
         """A ``replace_schedule`` action may bring metrics to watch from then on."""
         if event.kind is EventKind.CONTROL and event.payload.get("action") == "replace_schedule":
-            schedule = parse_schedule(event.payload["schedule"], n_groups=self.n_groups)
+            schedule = parse_schedule(event.payload["schedule"], n_groups=self.n_groups, validated=True)
             self.watched = self.watched | watched_metrics(schedule, self.n_groups)
             self.guard_monitors = self.guard_monitors | _guard_monitors(schedule, self.n_groups)
 
