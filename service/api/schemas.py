@@ -38,6 +38,12 @@ Reason = Annotated[
 ]
 
 
+AHEAD_DOC = (
+    "Steps wanted after `step`. Cut, not refused, to LRSERVE_MAX_AHEAD and to the work budget "
+    "(LRSERVE_WORK_BUDGET: steps x (param groups + 6) x per-step cost; a 1024-group StepLR run gets "
+    "485): the answer's `max_ahead` says the cap."
+)
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -135,7 +141,7 @@ class StepRequest(_Strict):
     step: Step
     metrics: dict[MetricName, float] = Field(default_factory=dict, max_length=64)
     rank: Rank = 0
-    ahead: int = Field(0, ge=0)
+    ahead: int = Field(0, ge=0, description=AHEAD_DOC)
     provisional: int = Field(
         0, ge=0, description="Steps of provisional values wanted after the window (see GET .../lr)."
     )

@@ -10,7 +10,15 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
 from service.api.routes.spike_guard import spike_public
-from service.api.schemas import MetricsAccepted, MetricsCreate, RunId, Step, StepRequest, StepResult
+from service.api.schemas import (
+    AHEAD_DOC,
+    MetricsAccepted,
+    MetricsCreate,
+    RunId,
+    Step,
+    StepRequest,
+    StepResult,
+)
 from service.runs import provisional
 from service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 
@@ -71,7 +79,7 @@ async def read_lr(
     run_id: RunId,
     manager: ManagerDep,
     step: Annotated[Step, Query()],
-    ahead: Annotated[int, Query(ge=0)] = 0,
+    ahead: Annotated[int, Query(ge=0, description=AHEAD_DOC)] = 0,
     provisional_size: Annotated[int, Query(alias="provisional", ge=0, description=_TAIL_DOC)] = 0,
     provisional_from: Annotated[int | None, Query(ge=0, description=_FROM_DOC)] = None,
     provisional_id: Annotated[int | None, Query(ge=0, description=_ID_DOC)] = None,
