@@ -3,7 +3,9 @@
 - ``populate``: create runs and step them, from many concurrent connections (figure 4's
   memory per run);
 - ``ranks``: simulated ranks of distributed jobs stepping their runs like
-  ``RemoteScheduler`` does (figure 4's ranks).
+  ``RemoteScheduler`` does (figure 4's ranks, figure 6's load);
+- ``subscribers``: ``GET /v1/events`` streams held open, timing each event's delivery
+  (figure 6); prints ``ready`` once all are connected, stops at a line on stdin.
 
 Both print one JSON object. A separate process keeps the driver's CPU and GIL apart from
 the bench (which reads the server's memory and times what happens).
@@ -69,7 +71,7 @@ async def populate(port: int, prefix: str, runs: int, steps: int, connections: i
 
 
 async def ranks(port: int, runs: int, ranks: int, epochs: int, epoch_s: float, windows: int,
-                window_steps: int) -> dict[str, Any]:
+                window_steps: int, prefix: str = "ranks") -> dict[str, Any]:
     """Ranks of ``runs`` jobs (``ranks // runs`` each) stepping a warm-up-then-plateau schedule.
 
     Like ``RemoteScheduler`` with ``steps_per_epoch``: a rank fetches windows of final
@@ -102,7 +104,7 @@ async def ranks(port: int, runs: int, ranks: int, epochs: int, epoch_s: float, w
 
     async def rank(run: int, r: int) -> None:
         conn = Connection(HOST, port)
-        run_id = f"ranks-{run}"
+        run_id = f"{prefix}-{run}"
         # jobs start at different times; the ranks of one job start together (DDP keeps them
         # in step: each training step ends in an all-reduce), give or take a few milliseconds
         start = (random.Random(run).random() * epoch_s / windows
@@ -148,6 +150,82 @@ async def ranks(port: int, runs: int, ranks: int, epochs: int, epoch_s: float, w
     }
 
 
+async def subscribers(port: int, n: int) -> dict[str, Any]:
+    """``n`` SSE streams from now on; the delay from each event's ``at`` (taken as it was
+    appended) to its arrival, for events written after every stream was connected.
+
+    Raw sockets and a regular expression, not an HTTP client: 200 streams must cost this
+    process little of the cores it shares with the server it measures.
+    """
+    import re
+    import sys
+    from datetime import datetime
+
+    message = re.compile(rb'id: (\d+)\ndata: [^\n]*?"at":"([^"]+)"[^\n]*\n\n')
+    delays_ms: list[float] = []
+    ids: list[set[int]] = [set() for _ in range(n)]
+    errors: list[str] = []
+    connected = 0
+    everyone = asyncio.Event()
+    ready_at = [float("inf")]
+    stamps: dict[bytes, float] = {}  # "at" text -> epoch seconds (many streams, one parse)
+
+    async def follow(i: int) -> None:
+        nonlocal connected
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(f"GET /v1/events HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n\r\n"
+                         .encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors.append(f"stream {i}: {head[:40]!r}")
+                return
+            connected += 1
+            if connected == n:
+                everyone.set()
+            buffer = b""
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    errors.append(f"stream {i}: closed by the server")
+                    return
+                now = time.time()
+                buffer += chunk
+                end = 0
+                for found in message.finditer(buffer):
+                    end = found.end()
+                    text = found.group(2)
+                    at = stamps.get(text)
+                    if at is None:
+                        at = stamps[text] = datetime.fromisoformat(text.decode()).timestamp()
+                    if at >= ready_at[0]:
+                        delays_ms.append((now - at) * 1e3)
+                        ids[i].add(int(found.group(1)))
+                if b"event: overflow" in buffer:
+                    errors.append(f"stream {i}: cut off as a slow consumer")
+                    return
+                buffer = buffer[end:]
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            errors.append(f"stream {i}: {type(exc).__name__}: {exc}")
+        finally:
+            writer.close()
+
+    tasks = [asyncio.create_task(follow(i)) for i in range(n)]
+    await asyncio.wait_for(everyone.wait(), 120)
+    ready_at[0] = time.time()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    every = set().union(*ids)
+    return {"subscribers": n, "events": len(every), "deliveries": len(delays_ms),
+            "missing": sum(len(every - got) for got in ids), "errors": len(errors),
+            "first_errors": errors[:5],
+            "delivery_p50_ms": percentile(delays_ms, 50), "delivery_p99_ms": percentile(delays_ms, 99),
+            "delivery_max_ms": max(delays_ms, default=float("nan"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="load drivers for the scale figure")
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -166,14 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--windows", type=int, default=5)
     r.add_argument("--window-steps", type=int, default=50)
     r.add_argument("--timeout", type=float, default=120.0)
+    r.add_argument("--prefix", default="ranks", help="run ids are PREFIX-0, PREFIX-1, ...")
+    s = sub.add_parser("subscribers")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--n", type=int, default=200)
     args = parser.parse_args(argv)
     raise_fd_limit()
     if args.kind == "populate":
         coro = populate(args.port, args.prefix, args.runs, args.steps, args.connections)
         limit = 3600.0
+    elif args.kind == "subscribers":
+        coro = subscribers(args.port, args.n)
+        limit = 3600.0
     else:
         coro = ranks(args.port, args.runs, args.ranks, args.epochs, args.epoch_s, args.windows,
-                     args.window_steps)
+                     args.window_steps, args.prefix)
         limit = args.timeout
     loop = new_event_loop()
     try:

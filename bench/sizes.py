@@ -43,6 +43,8 @@ class Size:
     rank_runs: int
     rank_epochs: int
     rank_epoch_s: float
+    # figure 6: event stream fan-out (with the ranks above)
+    fanout_subscribers: int
 
 
 SIZES = {
@@ -52,7 +54,7 @@ SIZES = {
                  report_rounds=1, report_calls=10, report_seeded_trials=2,
                  scale_runs=(50,), scale_steps_per_run=10, scale_cold_rounds=0,
                  scale_cold_small=False, scale_step_runs=5, scale_extra_steps=100,
-                 ranks=20, rank_runs=4, rank_epochs=2, rank_epoch_s=0.5),
+                 ranks=20, rank_runs=4, rank_epochs=2, rank_epoch_s=0.5, fanout_subscribers=20),
     "quick": Size("quick", step_rounds=2, step_segment=600, step_work_s=0.0001,
                   step_long_work_s=0.005, step_long_segment=200,
                   load_rounds=1, load_seconds=1.0, load_connections=32, load_warmup_s=0.5, hot_runs=8,
@@ -60,7 +62,7 @@ SIZES = {
                   report_rounds=2, report_calls=50, report_seeded_trials=5,
                   scale_runs=(500,), scale_steps_per_run=100, scale_cold_rounds=1,
                   scale_cold_small=False, scale_step_runs=20, scale_extra_steps=500,
-                  ranks=200, rank_runs=20, rank_epochs=2, rank_epoch_s=1.5),
+                  ranks=200, rank_runs=20, rank_epochs=2, rank_epoch_s=1.5, fanout_subscribers=200),
     "default": Size("default", step_rounds=3, step_segment=1500, step_work_s=0.0001,
                     step_long_work_s=0.005, step_long_segment=300,
                     load_rounds=3, load_seconds=2.0, load_connections=64, load_warmup_s=1.0, hot_runs=16,
@@ -68,5 +70,5 @@ SIZES = {
                     report_rounds=5, report_calls=100, report_seeded_trials=10,
                     scale_runs=(10_000,), scale_steps_per_run=100, scale_cold_rounds=2,
                     scale_cold_small=True, scale_step_runs=100, scale_extra_steps=1000,
-                    ranks=1000, rank_runs=100, rank_epochs=2, rank_epoch_s=5.0),
+                    ranks=1000, rank_runs=100, rank_epochs=2, rank_epoch_s=5.0, fanout_subscribers=200),
 }

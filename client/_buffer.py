@@ -12,6 +12,11 @@ Policy (documented in the README):
   to make room, so the training loop never blocks on a server that is away; every drop is
   counted and reported (``MetricsDroppedWarning``), never silent. A batch the server
   refuses for good (a 4xx other than 408/413/429) is dropped and reported the same way.
+- An **urgent** record (a spike guard's monitored loss: ``add(..., urgent=True)``) is sent
+  as soon as the sender is free, with whatever else waits, instead of after
+  ``flush_interval_s``: the guard decides from it, and its backoff lands at the first step
+  not yet handed out when it arrives. Records logged while a send is in flight go together
+  in the next one, so a fast loop still sends few requests.
 - ``flush()`` waits until everything is sent (or a timeout passes); ``close()`` flushes,
   then stops the thread. Buffers still open at interpreter exit are flushed for a few
   seconds, and what could not be sent is reported on stderr.
@@ -95,6 +100,7 @@ class MetricBuffer:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._flushing = 0
+        self._urgent = False
         self._failures = 0
         self._problems: list[str] = []
         self.sent = 0
@@ -103,8 +109,11 @@ class MetricBuffer:
 
     # -- the caller's side (the training thread) -----------------------------------------
 
-    def add(self, name: str, step: int, rank: int, value: float) -> bool:
-        """Buffer one record. Returns ``False`` when an older record was dropped for room."""
+    def add(self, name: str, step: int, rank: int, value: float, *, urgent: bool = False) -> bool:
+        """Buffer one record. Returns ``False`` when an older record was dropped for room.
+
+        ``urgent``: send it as soon as the sender is free (see the module docstring).
+        """
         key = (name, step, rank)
         with self._cv:
             if self._closing:
@@ -115,7 +124,11 @@ class MetricBuffer:
                 self.dropped += 1
                 room = False
             self._records[key] = value
-            if len(self._records) >= self.batch_size:
+            # wake the sender: a full batch goes now; the first record after the buffer was
+            # empty starts its flush_interval_s clock (the sender sleeps while nothing waits)
+            if urgent:
+                self._urgent = True
+            if urgent or len(self._records) >= self.batch_size or len(self._records) == 1:
                 self._cv.notify_all()
         if self._thread is None:
             self._start()
@@ -191,7 +204,7 @@ class MetricBuffer:
     def _next_batch(self) -> list[tuple[Key, float]] | None:
         with self._cv:
             while not self._closing:
-                urgent = self._flushing or len(self._records) >= self.batch_size
+                urgent = self._flushing or self._urgent or len(self._records) >= self.batch_size
                 if self._records and urgent:
                     break
                 if self._records:
@@ -202,6 +215,7 @@ class MetricBuffer:
                     self._cv.wait()
             if self._closing:
                 return None
+            self._urgent = False
             return [item for _, item in zip(range(self.batch_size), self._records.items(), strict=False)]
 
     def _deliver(self, batch: list[tuple[Key, float]]) -> None:

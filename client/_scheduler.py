@@ -45,7 +45,7 @@ from client._exceptions import (
 )
 from client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
 from client._tail import DEFAULT_RIDE_S, ProvisionalTail
-from client._windows import DEFAULT_MONITOR, DEFAULT_TIME_BUDGET_S, Cadence, WindowSizer
+from client._windows import DEFAULT_MONITOR, DEFAULT_TIME_BUDGET_S, Cadence, WindowSizer, guard_monitor
 
 __all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "DEFAULT_REPORT_WAIT_S", "REPORT_TIMEOUT", "RemoteScheduler"]
 
@@ -121,6 +121,13 @@ class RemoteScheduler:
             default (torch's timing). Ignored with ``strict=True``, for range tests (the
             switch restores weights before the next batch) and for optimizers whose
             ``step`` torch does not hook.
+        on_spike: Called once per spike on every rank, with the ``loss_spike`` event
+            (``step``, ``rank``, ``value``, ``baseline``, ``applied_at``,
+            ``last_good_step``), when the job reaches the step the spike guard's backoff
+            applies at (``applied_at``, the same on every rank), before that step's values
+            are written: restore a checkpoint taken at or before ``last_good_step`` here
+            (weights and optimizer state) and every rank rolls back alike. The monitored
+            metric reaches the guard through ``log()`` (or ``step()``), without waiting.
         reports_after_step: The job calls ``report()`` after the ``step()`` that ends an
             epoch, as frameworks do (they step the scheduler, then evaluate): such steps
             keep their values open until the report (or the next ``optimizer.step()``), so
@@ -187,6 +194,7 @@ class RemoteScheduler:
         on_schedule_switch: Callable[[RemoteScheduler], None] | None = None,
         overlap_decisions: bool = False,
         reports_after_step: bool = False,
+        on_spike: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups:
@@ -207,6 +215,7 @@ class RemoteScheduler:
             raise ValueError(f"report_wait_s must be >= 0, got {report_wait_s!r}")
         self._report_wait_s = float(report_wait_s)
         self._tail = ProvisionalTail(outage_ride_s)
+        self._guard_monitor = guard_monitor(self.schedule)
         # A range test takes the loss of every step; steps_per_epoch is for what follows it.
         self._cadence = Cadence(1 if self.schedule["type"] == "LRRangeTest" else steps_per_epoch)
         self._sizer = WindowSizer(time_budget_s)
@@ -217,6 +226,7 @@ class RemoteScheduler:
         self._flush_interval_s = flush_interval_s
         self._report_timeout = REPORT_TIMEOUT if self.world_size > 1 else None
         self._on_switch = on_schedule_switch
+        self._on_spike = on_spike
         self._named_run = run_id is not None
         self._link = _Link()
         self._init_state()
@@ -312,6 +322,9 @@ class RemoteScheduler:
         self._hookable = False
         self._want_overlap = False
         self._hooks: list[Any] = []  # handles of the optimizer hooks that take that decision
+        self._spikes_due: list[dict[str, Any]] = []  # spikes whose applied_at the job has not reached
+        self._spikes_seen: set[tuple[int, int, int]] = set()
+        self._spikes_from = 0  # spikes applied before this step are not the job's to handle
         self._fast = self._fast_ok()
 
     def _create(self, run_id: str | None, labels: Mapping[str, str] | None) -> None:
@@ -529,6 +542,7 @@ class RemoteScheduler:
         if state_dict.get("switched_at") is not None:  # the range test was over at the checkpoint
             self._switch_at, self._switched = int(state_dict["switched_at"]), True
         self._base, self._lrs, self._moms, self._end_at = self.last_epoch, [], [], _NEVER
+        self._spikes_due, self._spikes_from = [], self.last_epoch + 1  # handled before the checkpoint
         self._accept(self._client.read_lr(self.run_id, self.last_epoch))
         self._apply(self.last_epoch)
         self._maybe_prefetch(self.last_epoch)
@@ -631,7 +645,7 @@ class RemoteScheduler:
                 raise TypeError(
                     f"the schedule watches {sorted(self._watched)}; pass step(metrics={{name: value, ...}})"
                 )
-            name = next(iter(self._watched)) if self._watched else DEFAULT_MONITOR
+            name = next(iter(self._watched)) if self._watched else (self._guard_monitor or DEFAULT_MONITOR)
             items = {name: _to_float(metrics)}
         report = {k: v for k, v in items.items() if k in self._watched}
         return report, {k: v for k, v in items.items() if k not in self._watched}
@@ -779,6 +793,8 @@ class RemoteScheduler:
     def _apply(self, s: int) -> None:
         if self._switch_at is not None and s >= self._switch_at and not self._switched:
             self._take_switch(s)
+        if self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
+            self._take_spikes(s)
         i = s - self._base
         self._write(self._lrs[i], self._moms[i])
 
@@ -817,6 +833,24 @@ class RemoteScheduler:
             self._on_switch(self)
         self._fast = self._fast_ok()
 
+    def _take_spikes(self, s: int) -> None:
+        """The job reached a spike's backoff: tell it (once per spike), before the values."""
+        while self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
+            spike = self._spikes_due.pop(0)
+            if self._on_spike is not None:
+                self._on_spike(dict(spike))
+        self._fast = self._fast_ok()
+
+    def _note_spikes(self, spikes: Sequence[Mapping[str, Any]]) -> None:
+        for spike in spikes:
+            key = (int(spike["applied_at"]), int(spike["rank"]), int(spike["step"]))
+            if key in self._spikes_seen or key[0] < self._spikes_from:
+                continue
+            self._spikes_seen.add(key)
+            self._spikes_due.append(dict(spike))
+            self._spikes_due.sort(key=lambda e: (e["applied_at"], e["count"]))
+            self._fast = False  # the step that reaches it goes through _apply
+
     def _note_server(self, answer: Mapping[str, Any]) -> None:
         """What the server says of the run now: the metrics it decides on, its cap on ``ahead``."""
         watched = answer.get("watched")
@@ -831,6 +865,8 @@ class RemoteScheduler:
         self._status = str(answer.get("status") or self._status)
         self._note_server(answer)
         self._note_stop(answer)
+        if answer.get("spikes"):
+            self._note_spikes(answer["spikes"])
         switched = answer.get("switched_at")
         if switched is not None and not self._switched and self._switch_at is None:
             self._switch_at = int(switched)
@@ -1029,6 +1065,7 @@ class RemoteScheduler:
             or self._open is not None
             or bool(self._reported)
             or (self._switch_at is not None and not self._switched)
+            or bool(self._spikes_due)
             or any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
         )
 
@@ -1038,7 +1075,8 @@ class RemoteScheduler:
         buffer = self._ensure_buffer()
         for name, value in items.items():
             number = _to_float(value)  # NaN and inf travel too: a diverged loss is history
-            if not buffer.add(str(name), step, self.rank, number):
+            urgent = name == self._guard_monitor  # the spike guard decides from it: send it now
+            if not buffer.add(str(name), step, self.rank, number, urgent=urgent):
                 self._warn_once(
                     "full",
                     f"lrserve: the metric buffer is full ({buffer.max_records} records, the "

@@ -26,6 +26,7 @@ __all__ = [
     "MAX_AHEAD",
     "Cadence",
     "WindowSizer",
+    "guard_monitor",
 ]
 
 #: Seconds of training one window should cover (bounds how late an operator action lands).
@@ -39,6 +40,19 @@ MAX_AHEAD = 10_000
 #: The name a bare number passed to ``step()`` is logged under when the run watches no metric.
 DEFAULT_MONITOR = "val_loss"
 _SMOOTHING = 0.5  # weight of the newest measurement of the time per step
+
+
+def guard_monitor(spec: Mapping[str, Any]) -> str | None:
+    """The metric a ``SpikeGuard`` (the whole schedule, or a range test's ``then``) judges.
+
+    Example:
+        >>> guard_monitor({"type": "SpikeGuard", "schedule": {"type": "StepLR", "step_size": 9}})
+        'loss'
+    """
+    for node in (spec, spec.get("then")):
+        if isinstance(node, Mapping) and node.get("type") == "SpikeGuard":
+            return str(node.get("monitor") or "loss")
+    return None
 
 
 class Cadence:

@@ -158,6 +158,49 @@ class _Throttled:
         self._log.warning(fmt + (" (and %d more like it)" if held else ""), *args, *((held,) if held else ()))
 
 
+class OutageLog:
+    """What a background loop (the liveness flusher, the event feed, webhooks) says about its
+    database: one warning when it first fails, one when it works again, nothing in between
+    however often the loop retries (it retries every second or so: a line per try buries
+    the log during an outage)."""
+
+    def __init__(self, log: Any, loop: str, failing: str) -> None:
+        import threading
+
+        self._log = log
+        self._loop = loop
+        self._failing = failing
+        self._lock = threading.Lock()
+        self._since: float | None = None  # monotonic start of the outage; None while working
+        self._tries = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """A try failed: the first failure of an outage is logged (on one line)."""
+        import time
+
+        with self._lock:
+            self._tries += 1
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        self._log.warning("%s: %s: %s (said once; a line follows when it is back)",
+                          self._loop, self._failing, " ".join(str(exc).split()))
+
+    def ok(self) -> None:
+        """A try worked: the end of an outage is logged, with how long it lasted."""
+        import time
+
+        if self._since is None:  # the usual case: no lock
+            return
+        with self._lock:
+            if self._since is None:
+                return
+            lasted, tries = time.monotonic() - self._since, self._tries
+            self._since, self._tries = None, 0
+        self._log.warning("%s: the database is back after %.1f s, %d failed tries (it was: %s)",
+                          self._loop, lasted, tries, self._failing)
+
+
 def _validation_errors(raw: Sequence[Any]) -> list[FieldError]:
     """FastAPI's request validation errors, as field paths and plain words."""
     errors = []
@@ -171,6 +214,24 @@ def _validation_errors(raw: Sequence[Any]) -> list[FieldError]:
             loc = ["body"]
         errors.append(FieldError(field_path(loc) or "body", message))
     return errors
+
+
+def _unparsable_body(cause: BaseException | None) -> InvalidInput | None:
+    """Why a body that is JSON could still not be parsed, as a 422 naming the limit.
+
+    FastAPI turns every parser failure other than bad JSON syntax into a bare 400 ("There
+    was an error parsing the body"), keeping the parser's exception as ``__cause__``: an
+    integer past Python's int-string limit is a ``ValueError``, nesting past the parser's
+    depth a ``RecursionError``. The parser reads the whole body first, so no field is known.
+    """
+    import sys
+
+    if isinstance(cause, RecursionError):
+        return InvalidInput.at("body", "the JSON is nested too deeply (arrays and objects within each other)")
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        limit = sys.get_int_max_str_digits()
+        return InvalidInput.at("body", f"an integer has more than {limit} digits (the limit is {limit})")
+    return None
 
 
 def install_error_handlers(app: Any) -> None:
@@ -200,6 +261,8 @@ def install_error_handlers(app: Any) -> None:
         return await on_domain_error(request, InvalidInput.many(_validation_errors(exc.errors())))
 
     async def on_http_error(request: Any, exc: HTTPException) -> FastJSONResponse:
+        if exc.status_code == 400 and (unparsable := _unparsable_body(exc.__cause__)) is not None:
+            return await on_domain_error(request, unparsable)
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )

@@ -24,6 +24,11 @@ With an LR range test (--schedule range-test, or a JSON LRRangeTest spec) every 
 the training loss until the run switches to its `then` schedule; the weights of before the
 test are restored then, rank 0 prints the lr-finder's suggestions, and the summary adds
 chosen_lr and switched_at.
+With --spike-guard the schedule is wrapped in a SpikeGuard: every rank logs its batch loss
+at every step, a spike on any rank backs the LR off on every rank from the same step, and
+every rank rolls back to its newest in-memory snapshot at or before the spike event's
+last_good_step. --inject-spike 150:1:50 (or 150:1:nan) spoils rank 1's loss of step 150 to
+try it; the summary adds spikes, rollbacks and applied_at.
 """
 
 
@@ -62,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="number of ranks; read from torchrun's WORLD_SIZE (default 1 "
                         "when run plainly); given, it must match")
 
+    guard = p.add_argument_group("spike guard")
+    guard.add_argument("--spike-guard", nargs="?", const="{}", default=None, metavar="JSON",
+                       help="wrap the schedule in a SpikeGuard (the server's defaults; a JSON object "
+                       "overrides some, e.g. '{\"max_spikes\": 0}') and roll back on a spike")
+    guard.add_argument("--inject-spike", action="append", default=[], metavar="STEP:RANK:FACTOR",
+                       help="multiply RANK's loss of the batch reported with STEP by FACTOR before "
+                       "the backward pass, or make it NaN (FACTOR 'nan'); repeatable")
+    guard.add_argument("--snapshot-every", type=int, default=10, metavar="STEPS",
+                       help="keep an in-memory rollback snapshot every STEPS steps (default 10)")
+
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=10, help="epochs to train in total (default 10)")
     train.add_argument("--batch-size", type=int, default=32, help="batch size per rank (default 32)")
@@ -95,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise SystemExit("trainer: --epochs and --batch-size must be at least 1, --lr above 0")
+    if (args.spike_guard is not None or args.inject_spike) and args.step_per != "batch":
+        raise SystemExit("trainer: --spike-guard and --inject-spike need --step-per batch (a loss per step)")
+    if args.snapshot_every < 1:
+        raise SystemExit("trainer: --snapshot-every must be at least 1")
     from trainer.run import run
 
     run(args)

@@ -118,6 +118,14 @@ def _no_metrics(loss: Any) -> None:
     return None
 
 
+def _same_loss(loss: Any, step: int) -> Any:
+    return loss
+
+
+def _nothing(loss: Any, step: int) -> None:
+    return None
+
+
 @dataclass
 class EpochContext:
     """What ``train_epoch`` works with; built once per run."""
@@ -132,6 +140,8 @@ class EpochContext:
     on_batch: Any  # () -> None, after each batch (progress bar)
     times: StepTimes = field(default_factory=StepTimes)
     step_metrics: Any = field(default=_no_metrics)  # (loss) -> a range test's metrics, or None
+    shape_loss: Any = field(default=_same_loss)  # (loss, step) -> the loss to back-propagate
+    after_step: Any = field(default=_nothing)  # (loss, step) after scheduler.step(): spike guard
 
 
 def train_epoch(ctx: EpochContext, epoch: int, validate: Any, report: Any) -> tuple[float, Evaluation]:
@@ -151,7 +161,7 @@ def train_epoch(ctx: EpochContext, epoch: int, validate: Any, report: Any) -> tu
         xb = xb.to(device, non_blocking=True)
         yb = yb.to(device, non_blocking=True)
         with ctx.precision.autocast():
-            loss = F.cross_entropy(ctx.model(xb), yb)
+            loss = ctx.shape_loss(F.cross_entropy(ctx.model(xb), yb), ctx.scheduler.last_epoch + 1)
         ctx.optimizer.zero_grad(set_to_none=True)
         scaler = ctx.precision.scaler
         if scaler is not None:
@@ -170,6 +180,7 @@ def train_epoch(ctx: EpochContext, epoch: int, validate: Any, report: Any) -> tu
                 ctx.scheduler.step(metrics)
                 t2 = time.perf_counter()
                 ctx.times.add(t2 - t0, t2 - t1, report=metrics is not None)
+                ctx.after_step(loss, ctx.scheduler.last_epoch)
                 ctx.on_step(ctx.scheduler.last_epoch, epoch)
             else:
                 ctx.times.add(time.perf_counter() - t0, 0.0)
@@ -187,6 +198,7 @@ def train_epoch(ctx: EpochContext, epoch: int, validate: Any, report: Any) -> tu
         ctx.scheduler.step(metrics)
         sched_s = time.perf_counter() - t1
         ctx.times.add(computed + sched_s, sched_s, report=True)
+        ctx.after_step(loss, ctx.scheduler.last_epoch)
         ctx.on_step(ctx.scheduler.last_epoch, epoch)
         ctx.on_batch()
     return train_loss, evaluation

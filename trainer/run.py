@@ -10,6 +10,7 @@ An ``LRRangeTest`` schedule adds the per-step loss reports and the restore at th
 from __future__ import annotations
 
 import argparse
+import json
 import uuid
 from typing import Any
 
@@ -24,6 +25,7 @@ from trainer.loop import EpochContext, Evaluation, evaluate, make_precision, tra
 from trainer.model import make_model
 from trainer.range_test import RangeTest, allreduce_mean, finder_line, read_finder, weights_fingerprint
 from trainer.schedules import resolve_schedule
+from trainer.spike import SpikeHandler, guard_schedule, parse_injection
 from trainer.trace import Trace
 
 __all__ = ["run"]
@@ -68,11 +70,15 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
     barrier = args.metric_mode == "barrier"
     test = RangeTest(schedule, model, optimizer, scaler=precision.scaler,
                      mean=float if barrier else allreduce_mean(env.all_sum, env.world_size))
+    guard = SpikeHandler(model, optimizer, env.rank, enabled=schedule.get("type") == "SpikeGuard",
+                         injections=[parse_injection(t) for t in args.inject_spike],
+                         monitor=str(schedule.get("monitor", "loss")), snapshot_every=args.snapshot_every)
     scheduler = RemoteScheduler(
         optimizer, schedule, run_id=run_id, url=args.url, token=args.token,
         steps_per_epoch=steps_per_epoch, rank=env.rank, world_size=env.world_size if barrier else 1,
         labels={"trainer": "digits", "metric_mode": args.metric_mode},
         on_schedule_switch=test.on_switch if test.enabled else None,
+        on_spike=guard.on_spike if guard.enabled else None,
     )
     with scheduler:
         done = 0
@@ -114,9 +120,19 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
                     finder = read_finder(args.url, args.token, scheduler.run_id)
                     bar.write(finder_line(finder) if finder else f"range test over at step {step}")
 
+        def after_step(loss: torch.Tensor, step: int) -> None:
+            guard.after_step(scheduler, loss, step)
+            for event, rollback in guard.take_new():  # on_spike ran in this step's scheduler.step()
+                trace.record("spike", step=step, event=event, rollback=rollback,
+                             weights=weights_fingerprint(model))
+                if env.is_main:
+                    bar.write(f"loss spike on rank {event['rank']} at step {event['step']}: backed off "
+                              f"from step {event['applied_at']}, rolled back to step {rollback}")
+
         ctx = EpochContext(net, optimizer, scheduler, loader, precision, args.step_per,
                            on_step=on_step, on_batch=lambda: bar.update(1),
-                           step_metrics=test.step_metrics)
+                           step_metrics=test.step_metrics, shape_loss=guard.shape_loss,
+                           after_step=after_step)
         stopped = env.any(scheduler.should_stop)
         evaluation: Evaluation | None = None
         epoch = done
@@ -148,6 +164,11 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
         }
         if test.enabled:
             summary.update(_range_test_summary(args, scheduler.run_id, test, finder, env.is_main))
+        if guard.enabled:
+            guard.flush_losses(scheduler)
+            summary.update(spikes=len(guard.events),
+                           applied_at=",".join(str(e["applied_at"]) for e in guard.events) or "-",
+                           rollbacks=",".join(str(s) for s in guard.rollbacks) or "-")
     if env.is_main:
         print("summary " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
 
@@ -170,8 +191,17 @@ def _schedule(args: argparse.Namespace, steps_per_epoch: int, saved: dict[str, A
               is_main: bool) -> dict[str, Any]:
     """``--schedule`` sized to this job; on resume the checkpoint's (the run exists with it)."""
     def resolve() -> dict[str, Any]:
-        return resolve_schedule(args.schedule, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
+        spec = resolve_schedule(args.schedule, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
                                 lr=args.lr)
+        if getattr(args, "spike_guard", None) is None:
+            return spec
+        try:
+            settings = json.loads(args.spike_guard)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"trainer: --spike-guard: not a JSON object: {exc}") from None
+        if not isinstance(settings, dict):
+            raise SystemExit("trainer: --spike-guard: expected a JSON object, e.g. '{\"max_spikes\": 0}'")
+        return guard_schedule(spec, settings)
 
     if saved is None:
         return resolve()

@@ -38,6 +38,12 @@ Reason = Annotated[
 ]
 
 
+AHEAD_DOC = (
+    "Steps wanted after `step`. Cut, not refused, to LRSERVE_MAX_AHEAD and to the work budget "
+    "(LRSERVE_WORK_BUDGET: steps x (param groups + 6) x per-step cost; a 1024-group StepLR run gets "
+    "485): the answer's `max_ahead` says the cap."
+)
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -126,13 +132,16 @@ class StepResult(BaseModel):
     provisional_divergence: dict[str, Any] | None = Field(
         None, description="The event recorded when the steps ridden on a tail were changed by an input."
     )
+    spikes: list[SpikePublic] | None = Field(
+        None, description="Spike-guard backoffs taking effect in this window (absent: none)."
+    )
 
 
 class StepRequest(_Strict):
     step: Step
     metrics: dict[MetricName, float] = Field(default_factory=dict, max_length=64)
     rank: Rank = 0
-    ahead: int = Field(0, ge=0)
+    ahead: int = Field(0, ge=0, description=AHEAD_DOC)
     provisional: int = Field(
         0, ge=0, description="Steps of provisional values wanted after the window (see GET .../lr)."
     )
@@ -280,6 +289,39 @@ class PreviewRequest(_Strict):
 class PreviewResult(BaseModel):
     lrs: list[list[float | str]] = Field(description=f"One row per step. {NON_FINITE}")
     momentums: list[list[float | str]] | None = Field(description=f"One row per step, or null. {NON_FINITE}")
+    spikes: list[SpikePublic] = Field(
+        default_factory=list, description="What a SpikeGuard found in `metrics` (rank 0's reports)."
+    )
+
+
+class SpikePublic(BaseModel):
+    kind: Literal["loss_spike"] = "loss_spike"
+    step: int = Field(description="The step the spiking report was sent with.")
+    rank: int
+    value: float | str = Field(description="The value reported (\"NaN\", \"Infinity\" when not finite).")
+    baseline: float | None = Field(description="The rank's baseline (median) when it was judged.")
+    applied_at: int = Field(description="The first step the backoff applies at (the same on every rank).")
+    last_good_step: int = Field(
+        description="The last step this rank reported without a spike: roll back at or before it."
+    )
+    count: int = Field(description="How many spikes the guard has counted, this one included.")
+
+
+class BandPublic(BaseModel):
+    steps: list[int]
+    values: list[float | str]
+    baseline: list[float | None]
+    upper: list[float | None] = Field(description="Above this a value is a spike (null during warm-up).")
+
+
+class SpikeGuardPublic(BaseModel):
+    run_id: str
+    settings: dict[str, Any]
+    horizon: int
+    multiplier: float = Field(description="The backoff multiplier at the horizon (1.0: none).")
+    count: int
+    spikes: list[SpikePublic]
+    band: dict[str, BandPublic] = Field(description="Per rank, as the detector met each report.")
 
 
 class Message(BaseModel):

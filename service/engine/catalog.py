@@ -28,6 +28,10 @@ _DESCRIPTIONS = {
     "LRRangeTest": "Learning-rate range test (lrserve): raises the LR from min_lr towards max_lr "
     "while the job reports its loss every step, suggests an LR (Lightning's steepest-slope rule, "
     "and the minimum / 10) and, with `then`, switches to that schedule at the suggested LR.",
+    "SpikeGuard": "Spike guard (lrserve): wraps any schedule; a loss spike on any rank (a value "
+    "more than threshold robust deviations above the rank's recent median, or not finite) backs "
+    "the LRs off to factor x the inner schedule's for hold steps, then ramps back; the run stops "
+    "after max_spikes spikes.",
 }
 
 # What lrserve adds to, or restricts in, torch's description of a class.

@@ -10,7 +10,8 @@ step's bookkeeping, its JSON framing). The per-step cost of a spec is ``PER_STEP
 a ``LambdaLR`` / ``MultiplicativeLR`` adds its expressions' size (``1 + nodes / 20`` for
 its largest expression: evaluating a 200-term expression costs about ten scheduler
 steps); a ``ChainedScheduler`` steps all its children (their sum), a ``SequentialLR``
-one at a time (the dearest), a range test its ``then`` schedule once it switches.
+one at a time (the dearest), a range test its ``then`` schedule once it switches, a
+``SpikeGuard`` its inner schedule.
 
 Requests whose cost is over ``Settings.work_budget`` are refused with
 ``WorkBudgetExceeded`` (422, naming the budget and the cost), or, for windows of values
@@ -50,15 +51,17 @@ PER_STEP: dict[str, float] = {
     "LRRangeTest": 1.0,
     "SequentialLR": 1.0,
     "ChainedScheduler": 1.0,
+    "SpikeGuard": 1.0,
 }
 """Units per step and param group of each schedule type, before its children/expressions."""
 
 NODES_PER_UNIT = 20
 """Expression terms evaluated in the time of one scheduler step."""
 
-CREATE_STEPS = CHECKED_STEPS + 2
-"""Steps a create (or a new schedule) costs: each expression is checked at steps 0..100,
-and the engine takes steps 1 and 2 to see that the schedule can start."""
+CREATE_STEPS = 2 * (CHECKED_STEPS + 2)
+"""Steps a create (or a new schedule) costs: each expression is checked at steps 0..100 and
+the engine takes steps 1 and 2 to see that the schedule can start; then the run is built
+again to serve it (expressions compiled, the engine loaded): measured, about as much again."""
 
 
 class WorkBudgetExceeded(InvalidInput):
@@ -78,6 +81,8 @@ def per_step(spec: Any, n_groups: int) -> float:
         return own + max(per_step(child, n_groups) for child in spec.schedulers)
     if spec.type == "LRRangeTest" and spec.then is not None:
         return own + per_step(spec.then_spec(n_groups), n_groups)
+    if spec.type == "SpikeGuard":  # its inner schedule, and judging the reports (per report)
+        return own + per_step(spec.inner_spec(n_groups), n_groups)
     return own
 
 

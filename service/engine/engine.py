@@ -12,6 +12,9 @@ top that touches the same objects the way a person would in a training loop:
   when metrics arrive. A metric reported with step *k* is fed to a stage only if the
   stage was active at step *k-1*: it was measured at those values. Patience and
   cooldown therefore count reports, not steps.
+- **Spike guard.** A ``SpikeGuard`` at the top multiplies the values the inner schedule
+  leaves in the param groups on the way out (``values``), so the inner clock and its
+  recursive formulas never see the backoff (see ``spike_guard.py``).
 - **Operator actions** write ``param_group["lr"]`` by hand, freeze the clock, or build
   a new schedule from the current LRs.
 
@@ -34,7 +37,8 @@ import torch
 from torch.optim import lr_scheduler as torch_schedulers
 
 from service.engine.range_test import RangeTest
-from service.engine.spec import ScheduleSpec, cycles_momentum, parse_schedule, spec_to_json
+from service.engine.spec import SPIKE_GUARD, ScheduleSpec, cycles_momentum, parse_schedule, spec_to_json
+from service.engine.spike_guard import GuardSettings, Report, Spike, SpikeGuard
 from service.errors import ScheduleError
 
 Values = tuple[tuple[float, ...], "tuple[float, ...] | None"]
@@ -63,6 +67,10 @@ class PlateauReduction:
     value: float
     before: tuple[float, ...]
     after: tuple[float, ...]
+
+
+Decision = PlateauReduction | ScheduleSwitch | Spike
+"""Something a step decided that an event documents."""
 
 
 class _PlateauStage:
@@ -138,9 +146,16 @@ class Engine:
         self.held = False
         self.range_test: RangeTest | None = None
         self._range_step = 0
+        self.guard: SpikeGuard | None = None
+        self.spikes: list[Spike] = []  # every spike that took effect, for windows and events
         self._install(schedule, list(base_lrs))
 
-    def _install(self, schedule: ScheduleSpec, base_lrs: list[float]) -> None:
+    def _install(self, schedule: ScheduleSpec, base_lrs: list[float], keep_guard: bool = False) -> None:
+        if schedule.type == SPIKE_GUARD:
+            self.guard = SpikeGuard(GuardSettings.from_spec(schedule))
+            schedule = schedule.inner_spec(self.n_groups)
+        elif not keep_guard:
+            self.guard = None
         self.schedule = schedule
         self.base_lrs = [float(lr) for lr in base_lrs]
         self._stages: list[_PlateauStage] = []
@@ -195,10 +210,15 @@ class Engine:
     def values(self) -> Values:
         """The LRs (and momentums, if reported) of every group at ``self.step``."""
         groups = self.optimizer.param_groups
-        lrs = tuple(float(g["lr"]) for g in groups)
+        lrs = self._inner_lrs()
+        if self.guard is not None and (m := self.guard.multiplier) != 1.0:
+            lrs = tuple(lr * m for lr in lrs)
         if not self.reports_momentum:
             return lrs, None
         return lrs, tuple(float(g["momentum"]) for g in groups)
+
+    def _inner_lrs(self) -> tuple[float, ...]:
+        return tuple(float(g["lr"]) for g in self.optimizer.param_groups)
 
     @property
     def watched(self) -> set[str]:
@@ -211,28 +231,36 @@ class Engine:
 
     # -- stepping ------------------------------------------------------------------
 
-    def advance(self, metrics: Mapping[str, float] | None = None) -> list[PlateauReduction | ScheduleSwitch]:
+    def advance(
+        self,
+        metrics: Mapping[str, float] | None = None,
+        reports: Sequence[Mapping[str, Any]] = (),
+    ) -> list[Decision]:
         """Take step ``self.step + 1``, as torch's ``scheduler.step(metric)`` would.
 
         Args:
             metrics: Metrics reported with this step; plateau stages active at the
                 previous step receive the one they watch.
+            reports: Per-rank reports applied at this step (``{"step", "rank", "name",
+                "value"}``); a spike guard judges those of its monitor.
 
         Returns:
-            The decisions this step caused: plateau reductions, a range test's switch.
+            The decisions this step caused: plateau reductions, a range test's switch, spikes.
 
         Raises:
             ScheduleError: torch cannot take this step (the engine is then unusable).
         """
-        reductions: list[PlateauReduction | ScheduleSwitch] = []
+        reductions: list[Decision] = []
         if not self.held:
             try:
                 if self.range_test is not None and not self.range_test.done:
-                    reductions = self._advance_range_test(metrics or {})
+                    reductions = list(self._advance_range_test(metrics or {}))
                 else:
                     if metrics:
                         reductions.extend(self._feed(metrics))
                     self._tick()
+                if self.guard is not None:
+                    reductions.extend(self._guard_step(reports))
             except _STEP_ERRORS as exc:
                 raise ScheduleError.at(
                     "step", f"the schedule cannot take step {self.step + 1}: {exc}"
@@ -240,6 +268,16 @@ class Engine:
             self.check_values(self.step + 1, "the schedule's")
         self.step += 1
         return reductions
+
+    def _guard_step(self, reports: Sequence[Mapping[str, Any]]) -> list[Spike]:
+        guard = self.guard
+        assert guard is not None
+        guard.tick()
+        monitor = guard.settings.monitor
+        mine = [Report.from_payload(r) for r in reports if r.get("name") == monitor]
+        spikes = guard.observe(mine, self.step + 1) if mine else []
+        self.spikes.extend(spikes)
+        return spikes
 
     def check_values(self, step: int, whose: str) -> None:
         """Refuse LRs that must never be served: negative or not finite.
@@ -257,9 +295,9 @@ class Engine:
         for stage in self._stages:
             if stage.active and stage.monitor in metrics:
                 value = float(metrics[stage.monitor])
-                before = self.values()[0]
+                before = self._inner_lrs()  # a spike guard's backoff is not the stage's doing
                 stage.scheduler.step(value)
-                after = self.values()[0]
+                after = self._inner_lrs()
                 if after != before:
                     reductions.append(PlateauReduction(stage.path, stage.monitor, value, before, after))
         return reductions
@@ -293,7 +331,7 @@ class Engine:
             for group in self.optimizer.param_groups:
                 group.pop("initial_lr", None)
             self.set_lrs(bases)
-            self._install(self.schedule.then_spec(self.n_groups), bases)
+            self._install(self.schedule.then_spec(self.n_groups), bases, keep_guard=True)
         return [ScheduleSwitch(chosen, self.values()[0], then)]
 
     def _tick(self) -> None:
@@ -312,8 +350,8 @@ class Engine:
             group["lr"] = float(lr)
 
     def scale(self, factor: float) -> None:
-        """Multiply every group's current LR."""
-        self.set_lrs([lr * factor for lr in self.values()[0]])
+        """Multiply every group's current LR (the inner schedule's, under a spike guard)."""
+        self.set_lrs([lr * factor for lr in self._inner_lrs()])
 
     def hold(self) -> None:
         """Freeze the clock: later steps keep these values and feed no decisions."""
@@ -352,13 +390,15 @@ class Engine:
             "stages": [{"active": s.active, "state": s.scheduler.state_dict()} for s in self._stages],
             "range_test": dataclasses.asdict(self.range_test) if self.range_test is not None else None,
             "range_step": self._range_step,
+            "guard": self.guard.snapshot() if self.guard is not None else None,
+            "spikes": [dataclasses.asdict(s) for s in self.spikes],
         }
 
     @classmethod
     def restore(cls, snapshot: Mapping[str, Any]) -> Engine:
         """Rebuild an engine from ``snapshot()``; it continues bit for bit as the original."""
         n_groups = len(snapshot["base_lrs"])
-        schedule = parse_schedule(snapshot["schedule"], n_groups=n_groups)
+        schedule = parse_schedule(snapshot["schedule"], n_groups=n_groups, validated=True)
         engine = cls(schedule, snapshot["base_lrs"], reports_momentum=snapshot["reports_momentum"])
         for group, saved in zip(engine.optimizer.param_groups, snapshot["groups"], strict=True):
             group.update(saved)
@@ -372,6 +412,9 @@ class Engine:
         if snapshot.get("range_test") is not None:
             engine.range_test = RangeTest(**snapshot["range_test"])
             engine._range_step = snapshot["range_step"]
+        if snapshot.get("guard") is not None:
+            engine.guard = SpikeGuard.restore(snapshot["guard"])
+        engine.spikes = [Spike(**s) for s in snapshot.get("spikes", [])]
         return engine
 
 
@@ -391,7 +434,7 @@ def apply_action(engine: Engine, action: Mapping[str, Any]) -> None:
     elif kind == "resume":
         engine.resume()
     elif kind == "replace_schedule":
-        engine.replace_schedule(parse_schedule(action["schedule"], n_groups=engine.n_groups))
+        engine.replace_schedule(parse_schedule(action["schedule"], n_groups=engine.n_groups, validated=True))
     elif kind != "stop":
         raise ValueError(f"unknown action {kind!r}")
 

@@ -36,6 +36,7 @@ MAX_STEPS = 10**12
 COMPOSITES = ("SequentialLR", "ChainedScheduler")
 PLATEAU = "ReduceLROnPlateau"
 RANGE_TEST = "LRRangeTest"
+SPIKE_GUARD = "SpikeGuard"
 
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
@@ -78,13 +79,12 @@ class _LambdaSpec(_Spec):
     def expressions(self) -> Expression | list[Expression]:
         """The compiled ``lr_lambda``; expression errors name the field under ``_path``."""
         if self._compiled is None:
+            # Checked when the spec was accepted (parse_schedule's ``validated``): only built here.
             field = f"{self._path}.lr_lambda"
             if isinstance(self.lr_lambda, list):
-                self._compiled = [
-                    compile_expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)
-                ]
+                self._compiled = [Expression(s, field=f"{field}.{i}") for i, s in enumerate(self.lr_lambda)]
             else:
-                self._compiled = [compile_expression(self.lr_lambda, field=field)]
+                self._compiled = [Expression(self.lr_lambda, field=field)]
         return self._compiled if isinstance(self.lr_lambda, list) else self._compiled[0]
 
     def max_nodes(self) -> int:
@@ -293,6 +293,11 @@ _CHAINED_PLATEAU = (
 _NESTED_RANGE_TEST = (
     "LRRangeTest must be the whole schedule; give what follows it as its `then`"
 )
+_NESTED_GUARD = (
+    "SpikeGuard must wrap the whole schedule (or be a range test's `then`): its backoff, its "
+    "clock and its spike count belong to the run, and a stage's guard would stop acting at the "
+    "next milestone; put the SequentialLR / ChainedScheduler inside the SpikeGuard instead"
+)
 
 Schedulers = Annotated[
     list["ScheduleSpec"],
@@ -324,6 +329,8 @@ class SequentialLRSpec(_Spec):
                 yield f"schedulers.{i}", f"a SequentialLR stage cannot be a {child.type}{_NESTED}"
             if child.type == RANGE_TEST:
                 yield f"schedulers.{i}", _NESTED_RANGE_TEST
+            if child.type == SPIKE_GUARD:
+                yield f"schedulers.{i}", _NESTED_GUARD
 
 
 class ChainedSchedulerSpec(_Spec):
@@ -340,6 +347,8 @@ class ChainedSchedulerSpec(_Spec):
                 yield f"schedulers.{i}", _CHAINED_PLATEAU
             if child.type == RANGE_TEST:
                 yield f"schedulers.{i}", _NESTED_RANGE_TEST
+            if child.type == SPIKE_GUARD:
+                yield f"schedulers.{i}", _NESTED_GUARD
 
 
 class LRRangeTestSpec(_Spec):
@@ -377,6 +386,67 @@ class LRRangeTestSpec(_Spec):
         return None if self.then is None else parse_schedule(self.then, n_groups=n_groups, field="then")
 
 
+class SpikeGuardSpec(_Spec):
+    """lrserve's spike guard (see ``spike_guard.py``): backs the wrapped schedule off after a loss spike."""
+
+    type: Literal["SpikeGuard"] = "SpikeGuard"
+    schedule: dict[str, Any] = Field(description="The schedule guarded (any spec but another SpikeGuard).")
+    monitor: str = Field(
+        "loss", min_length=1, max_length=64, description="Name of the per-rank metric watched."
+    )
+    threshold: Positive = Field(3.0, description="Robust deviations above the baseline that make a spike.")
+    warmup_reports: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        20, description="Reports per rank before deviations count (non-finite values always do)."
+    )
+    factor: float = Field(0.5, gt=0, le=1, description="LR multiplier right after a spike; in (0, 1].")
+    hold: Count = Field(100, description="Steps the LR stays at factor x the inner schedule's.")
+    ramp: Count = Field(200, description="Steps of the linear return to the inner schedule.")
+    max_spikes: Count = Field(5, description="Spikes handled by backing off; the next one stops the run.")
+    window: Annotated[int, Field(ge=3, le=10_000)] = Field(
+        50, description="Recent non-spike reports per rank the baseline (median, MAD) is taken over."
+    )
+    rel_scale_floor: NonNegative = Field(
+        0.25, description="Smallest deviation, as a fraction of |median| (keeps smooth losses quiet)."
+    )
+    min_delta: NonNegative = Field(0.0, description="Smallest deviation, in the metric's own units.")
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """Nothing: the guard is lrserve's own, around the inner schedule."""
+        return {}
+
+    def problems(self, n_groups: int) -> Problems:
+        if self.warmup_reports > self.window:
+            yield "warmup_reports", (
+                f"expected at most window ({self.window}), got {self.warmup_reports}: "
+                "the baseline never holds more than window reports"
+            )
+        yield from _guarded_problems(self.schedule, n_groups)
+
+    # The inner schedule, parsed once per group count (engines, previews and the manager ask often).
+    _inner: tuple[int, Any] | None = PrivateAttr(default=None)
+
+    def inner_spec(self, n_groups: int) -> ScheduleSpec:
+        """The validated inner schedule."""
+        if self._inner is None or self._inner[0] != n_groups:
+            self._inner = (n_groups, parse_schedule(self.schedule, n_groups=n_groups, field="schedule"))
+        return self._inner[1]
+
+
+def _guarded_problems(inner: dict[str, Any], n_groups: int) -> Problems:
+    if inner.get("type") == SPIKE_GUARD or (
+        inner.get("type") == RANGE_TEST
+        and isinstance(inner.get("then"), dict)
+        and inner["then"].get("type") == SPIKE_GUARD
+    ):
+        yield "schedule.type", "a SpikeGuard cannot guard another SpikeGuard"
+        return
+    try:
+        parse_schedule(inner, n_groups=n_groups, field="schedule")
+    except SpecError as exc:
+        for error in exc.errors:
+            yield error.field, error.message
+
+
 def _then_problems(then: dict[str, Any], path: str, n_groups: int) -> Problems:
     if then.get("type") == "LRRangeTest":
         yield "then.type", "a range test cannot be followed by another range test"
@@ -404,7 +474,8 @@ ScheduleSpec = Annotated[
     | CosineAnnealingWarmRestartsSpec
     | OneCycleLRSpec
     | PolynomialLRSpec
-    | LRRangeTestSpec,
+    | LRRangeTestSpec
+    | SpikeGuardSpec,
     Field(discriminator="type"),
 ]
 """Any schedule spec; pydantic picks the model by ``type``."""
@@ -425,6 +496,7 @@ def parse_schedule(
     n_groups: int,
     field: str = "schedule",
     before_checks: Callable[[ScheduleSpec], None] | None = None,
+    validated: bool = False,
 ) -> ScheduleSpec:
     """Validate a raw JSON spec for a run with ``n_groups`` param groups.
 
@@ -434,6 +506,8 @@ def parse_schedule(
         field: Path of the spec in the request, the prefix of every error's field.
         before_checks: Called with the typed spec before the checks that cost work (each
             expression evaluated at steps 0..100), e.g. to refuse it over the work budget.
+        validated: The spec passed every check when it was accepted (it is read back from
+            the run's log): only its types are checked again, not the rules that cost work.
 
     Returns:
         The validated spec model.
@@ -456,6 +530,8 @@ def parse_schedule(
         before_checks(spec)
     for path, node in iter_nodes(spec, root=field):
         node._path = path
+        if validated:
+            continue
         errors.extend(
             FieldError(f"{path}.{name}", message) for name, message in node.problems(n_groups)
         )
@@ -482,6 +558,8 @@ def cycles_momentum(spec: Any, n_groups: int = 1) -> bool:
     """Whether some CyclicLR / OneCycleLR in the tree (or a range test's ``then``) cycles momentum."""
     if spec.type == RANGE_TEST:
         return spec.then is not None and cycles_momentum(spec.then_spec(n_groups), n_groups)
+    if spec.type == SPIKE_GUARD:
+        return cycles_momentum(spec.inner_spec(n_groups), n_groups)
     return any(
         node.type in ("CyclicLR", "OneCycleLR") and node.cycle_momentum
         for _, node in iter_nodes(spec)
@@ -489,11 +567,25 @@ def cycles_momentum(spec: Any, n_groups: int = 1) -> bool:
 
 
 def watched_metrics(spec: Any, n_groups: int = 1) -> set[str]:
-    """The ``monitor`` of every ReduceLROnPlateau and LRRangeTest (and its ``then``)."""
+    """The ``monitor`` of every ReduceLROnPlateau and LRRangeTest (and its ``then``).
+
+    A SpikeGuard's own monitor is not among them: it is judged per rank, with no barrier.
+    """
+    if spec.type == SPIKE_GUARD:
+        return watched_metrics(spec.inner_spec(n_groups), n_groups)
     watched = {node.monitor for _, node in iter_nodes(spec) if node.type in (PLATEAU, RANGE_TEST)}
     if spec.type == RANGE_TEST and spec.then is not None:
         watched |= watched_metrics(spec.then_spec(n_groups), n_groups)
     return watched
+
+
+def guard_of(spec: Any, n_groups: int = 1) -> Any:
+    """The SpikeGuard at the top of ``spec`` (or as a top range test's ``then``), if any."""
+    if spec.type == SPIKE_GUARD:
+        return spec
+    if spec.type == RANGE_TEST and spec.then is not None and spec.then.get("type") == SPIKE_GUARD:
+        return spec.then_spec(n_groups)
+    return None
 
 
 def spec_to_json(spec: Any) -> dict[str, Any]:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import StoreUnavailable
+from service.errors import OutageLog, StoreUnavailable
 from service.store.base import BaseStore
 from service.store.events import FeedEntry
 
@@ -31,6 +31,7 @@ log = logging.getLogger("lrserve.events")
 
 DEFAULT_BUFFER = 1000
 DEFAULT_POLL_S = 0.25
+HEARTBEAT_S = 15.0
 PAGE = 500
 
 
@@ -99,8 +100,12 @@ class EventHub:
     ) -> None:
         self.store = store
         self.buffer = buffer
+        self.heartbeat_s = HEARTBEAT_S
+        self.encoded: OrderedDict[int, bytes] = OrderedDict()
+        """Recent events as the stream sends them, by id: encoded once, sent to every stream."""
         self.poll_s = poll_s
         self._listen = listen
+        self._read_outage = OutageLog(log, "event feed", "cannot read the log")
         self._subs: set[_Subscription] = set()
         self._wake = asyncio.Event()
         self._last = 0
@@ -155,22 +160,32 @@ class EventHub:
                     if len(page) < PAGE:
                         break
             except StoreUnavailable as exc:
-                log.warning("event feed: cannot read the log: %s", exc)
+                self._read_outage.failed(exc)
                 await asyncio.sleep(self.poll_s)
+            else:
+                self._read_outage.ok()
 
     async def _listen_forever(self) -> None:
         assert self._listen is not None
+        outage = OutageLog(log, "event feed", "database notifications lost, polling only")
+
+        def woke() -> None:  # the listener calls it once listening, then on every notification
+            outage.ok()
+            self.wake()
+
         while not self._closed:
             try:
-                await self._listen(self.wake)  # type: ignore[misc]
+                await self._listen(woke)  # type: ignore[misc]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the poll still runs; try again later
-                log.warning("event feed: database notifications lost, polling only: %s", exc)
+                outage.failed(exc)
             await asyncio.sleep(max(1.0, self.poll_s))
 
-    async def follow(self, after: int, feed_filter: FeedFilter) -> AsyncIterator[FeedEntry | Overflow]:
-        """Every matching event with a global id above ``after``, in id order, then live ones.
+    async def follow(self, after: int, feed_filter: FeedFilter) -> AsyncIterator[list[FeedEntry] | Overflow]:
+        """Every matching event with a global id above ``after``, in id order, then live ones,
+        in batches (what is there when the consumer asks); an empty batch after
+        ``heartbeat_s`` without events.
 
         Ends with an ``Overflow`` if the consumer falls ``buffer`` events behind while
         live, or plainly when the hub closes.
@@ -181,10 +196,11 @@ class EventHub:
             cursor = after
             while True:  # catch up from the database, at the consumer's pace
                 page = await run_in_threadpool(self.store.read_feed, cursor, PAGE)
-                for entry in page:
-                    cursor = entry.event.gid or cursor
-                    if feed_filter.matches(entry):
-                        yield entry
+                if page:
+                    cursor = page[-1].event.gid or cursor
+                    batch = [entry for entry in page if feed_filter.matches(entry)]
+                    if batch:
+                        yield batch
                 if len(page) == PAGE:
                     continue
                 if not sub.overflowed:
@@ -192,16 +208,24 @@ class EventHub:
                 sub.overflowed = False  # fell behind while catching up: read on from the database
                 sub.pending.clear()
             while not self._closed:
-                await sub.ready.wait()
+                try:
+                    async with asyncio.timeout(self.heartbeat_s):
+                        await sub.ready.wait()
+                except TimeoutError:
+                    yield []
+                    continue
                 sub.ready.clear()
                 if sub.overflowed:
                     self._subs.discard(sub)
                     yield Overflow(cursor, self.buffer)
                     return
+                batch = []
                 while sub.pending:
                     entry = sub.pending.popleft()
                     if (entry.event.gid or 0) > cursor:
                         cursor = entry.event.gid or cursor
-                        yield entry
+                        batch.append(entry)
+                if batch:
+                    yield batch
         finally:
             self._subs.discard(sub)

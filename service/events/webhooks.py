@@ -30,7 +30,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import StoreUnavailable
+from service.errors import OutageLog, StoreUnavailable
 from service.events.hub import FeedFilter
 from service.events.wire import event_message
 from service.store.events import EventKind, FeedEntry
@@ -178,6 +178,7 @@ class WebhookSender:
 
     async def _run(self) -> None:
         next_gauges = 0.0
+        outage = OutageLog(log, "webhooks", "the queue is unreachable")
         while not self._closed:
             try:
                 busy = await self._round()
@@ -187,8 +188,10 @@ class WebhookSender:
                         self.telemetry.webhook_pending.labels(endpoint.shown).set(status.pending)
                         self.telemetry.webhook_delivered.labels(endpoint.shown).set(status.delivered)
             except StoreUnavailable as exc:
-                log.warning("webhooks: the queue is unreachable: %s", exc)
+                outage.failed(exc)
                 busy = False
+            else:
+                outage.ok()
             if busy or self._closed:
                 continue
             try:
@@ -201,20 +204,21 @@ class WebhookSender:
     async def _round(self) -> bool:
         """Fill every queue, send what is due; True if there may be more to do right away."""
         busy = False
+        sends = []
         for endpoint in self.endpoints:
+            if self._closed:
+                break
             flt = endpoint.filter
 
             def render(entry: FeedEntry, flt: FeedFilter = flt) -> str | None:
                 return orjson.dumps(event_message(entry)).decode() if flt.matches(entry) else None
 
-            read = await run_in_threadpool(self.queue.fill, endpoint.key, render)
-            busy |= read > 0
-        sends = []
-        for endpoint in self.endpoints:
-            if self._closed:
-                break
-            claimed = await run_in_threadpool(self.queue.claim, endpoint.key, lease_s=LEASE_S)
-            sends.extend(self._send(endpoint, d) for d in claimed)
+            to_fill, due = await run_in_threadpool(self.queue.work, endpoint.key)
+            if to_fill:
+                busy |= await run_in_threadpool(self.queue.fill, endpoint.key, render) > 0
+            if due or to_fill:
+                claimed = await run_in_threadpool(self.queue.claim, endpoint.key, lease_s=LEASE_S)
+                sends.extend(self._send(endpoint, d) for d in claimed)
         if sends:
             await asyncio.gather(*sends)
             busy = True

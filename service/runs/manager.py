@@ -12,6 +12,7 @@ Every answer obeys API.md's three rules:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import threading
@@ -24,7 +25,8 @@ from typing import Any
 
 from service.engine import codec, cost
 from service.engine.engine import Engine, ScheduleSwitch, Values
-from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
+from service.engine.spec import cycles_momentum, guard_of, parse_schedule, spec_to_json
+from service.engine.spike_guard import GuardSettings, Report, Spike, replay_band
 from service.errors import InvalidInput, RunConflict, RunNotFound
 from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
@@ -71,6 +73,12 @@ class Window:
     switched_at: int | None
     watched: tuple[str, ...] = ()  # the metrics the run decides on now (clients report these)
     max_ahead: int = 0  # the server's cap on ``ahead``
+    spikes: list[Spike] = dataclasses.field(default_factory=list)
+
+
+Reports = Sequence[dict[str, Any]]
+"""Spike-guard reports (``step``, ``rank``, ``name``, ``value``): each placed at its ``step``
+or the first free step, whichever is later."""
 
 
 class RunManager:
@@ -222,7 +230,7 @@ class RunManager:
     def _fresh_state(self, record: RunRecord, snapshot: Snapshot | None) -> RunState:
         spec = record.spec
         if snapshot is None:
-            schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]))
+            schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]), validated=True)
             engine = Engine(schedule, spec["base_lrs"], spec["base_momentums"])
             return RunState(record.run_id, spec, engine, last_seq=0)
         saved = codec.from_jsonable(snapshot.state)
@@ -288,8 +296,9 @@ class RunManager:
             values = self.values_between(state.run_id, step, end)
         else:
             values = state.values[step - state.first_step : end - state.first_step + 1]
+        spikes = state.spikes_between(step, end) if state.engine.spikes else []
         return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at,
-                      state.watching, self._ahead_cap(state))
+                      state.watching, self._ahead_cap(state), spikes)
 
     def _budget_steps(self, state: RunState) -> int:
         """The most steps of this run's current schedule one request may compute (work budget)."""
@@ -343,10 +352,14 @@ class RunManager:
         self._check_jump(state, step)
         records = _records(metrics, step, rank)
         watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
+        reports = _guard_reports(state, records)
         if step > state.horizon:
             # One write transaction: the metrics, the decision and the whole window asked for.
             end = self._window_end(state, step, ahead)
-            self.commit(run_id, end, metric=(step, watched) if watched else None, records=records, need=step)
+            metric = (step, watched) if watched else None
+            self.commit(run_id, end, metric=metric, records=records, reports=reports, need=step)
+        elif reports:
+            self.commit(run_id, state.horizon, records=records, reports=reports)
         elif records:
             self.store.append_metrics(run_id, records)
         return self.window(run_id, step, ahead)
@@ -374,6 +387,9 @@ class RunManager:
         """
         state = self.state(run_id)
         self._check_jump(state, step)
+        reports = _guard_reports(state, _records(metrics, step, rank))
+        if reports:  # judged per rank, not at the barrier: placed now, at step (or the first free one)
+            self.commit(run_id, state.horizon, reports=reports)
         tally = self.store.add_barrier_report(run_id, step, rank, watched, _records(metrics, step, rank))
         return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
 
@@ -420,12 +436,14 @@ class RunManager:
         action: Action | None = None,
         extra_events: Sequence[NewEvent] = (),
         records: Sequence[MetricRecord] = (),
+        reports: Reports = (),
         if_behind: bool = False,
         need: int | None = None,
     ) -> int | None:
         """Advance the run to ``target`` (at least), placing a new decision on the way.
 
-        ``records`` (metric history) are written in the same transaction. ``if_behind``
+        ``records`` (metric history) and spike-guard ``reports`` are written in the same
+        transaction. ``if_behind``
         skips the store when this process holds ``target`` already (another request took
         the run there while this one waited for its lock: ranks asking the same window).
         ``need``: the last step that must be reached; the steps of a window after a step the
@@ -442,7 +460,9 @@ class RunManager:
                 if if_behind and state.horizon >= target:
                     return None
                 try:
-                    return self._commit_locked(state, target, metric, action, extra_events, records, need)
+                    return self._commit_locked(
+                        state, target, metric, action, extra_events, records, need, reports
+                    )
                 except _RunReplaced:  # evicted on the way out; the next turn loads the new run
                     continue
 
@@ -455,6 +475,7 @@ class RunManager:
         extra_events: Sequence[NewEvent],
         records: Sequence[MetricRecord] = (),
         need: int | None = None,
+        reports: Reports = (),
     ) -> int | None:
         run_id = state.run_id
         with self._evicting_on_error(state):
@@ -463,12 +484,12 @@ class RunManager:
                 with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
                     self._catch_up(state, tx)
                     decision = (metric, action, extra_events, records)
-                    outcomes, placed = self._write(state, tx, target, *decision, need)
+                    outcomes, placed = self._write(state, tx, target, *decision, need, reports)
             else:
                 # The torch work happens here, before the write slot: the store's lock (on SQLite
                 # the file's, which every run's commit needs) is held only to append and commit.
                 old_horizon = state.horizon
-                new_events, placed = self._place(state, old_horizon, metric, action)
+                new_events, placed = self._place(state, old_horizon, metric, action, reports)
                 if metric is None or new_events:  # extra events go with a decision that was taken
                     new_events.extend(extra_events)
                 outcomes = state.advance_to(max(target, old_horizon), need=need)
@@ -500,10 +521,11 @@ class RunManager:
         extra_events: Sequence[NewEvent],
         records: Sequence[MetricRecord],
         need: int | None,
+        reports: Reports = (),
     ) -> tuple[list[StepOutcome], int | None]:
         """Place the decision and compute the steps inside ``tx`` (the run moved elsewhere meanwhile)."""
         old_horizon = tx.run.horizon
-        new_events, placed = self._place(state, old_horizon, metric, action)
+        new_events, placed = self._place(state, old_horizon, metric, action, reports)
         if metric is None or new_events:
             new_events.extend(extra_events)
         outcomes = state.advance_to(max(target, old_horizon), need=need)
@@ -550,6 +572,7 @@ class RunManager:
         horizon: int,
         metric: tuple[int, dict[str, float]] | None,
         action: Action | None,
+        reports: Reports = (),
     ) -> tuple[list[NewEvent], int | None]:
         """The decision's events, placed on the first free step above the stored ``horizon``."""
         events: list[NewEvent] = []
@@ -557,6 +580,8 @@ class RunManager:
         first_free = horizon + 1
         if metric is not None and metric[0] >= first_free and metric[1]:
             events.append(NewEvent(EventKind.METRIC, metric[0], {"values": metric[1]}))
+        if reports:
+            events.extend(_report_events(reports, first_free, events))
         if action is not None:
             if state.status == "stopped":  # as of the stored horizon, whoever stopped it
                 raise RunConflict(f"run {state.run_id!r} is stopped; it takes no more actions")
@@ -663,6 +688,47 @@ class RunManager:
                 raise RunConflict(f"run {run_id!r} has no LRRangeTest schedule")
             return {**test.public(), "switched_at": state.switched_at}
 
+    # -- the spike guard ------------------------------------------------------------------
+
+    def spike_guard(self, run_id: str, max_points: int) -> dict[str, Any]:
+        """The guard's settings, spikes and backoff at the stored horizon, and each rank's
+        band (baseline and spike line) as the detector met each report, downsampled.
+
+        Raises:
+            RunConflict: the run has no spike guard (now).
+        """
+        state = self.caught_up(run_id)
+        with state.lock:
+            guard, horizon = state.engine.guard, state.horizon
+            spikes = state.spikes_between(0, horizon)
+        if guard is not None:
+            settings, multiplier = guard.settings, guard.multiplier
+        else:  # not (yet) acting, e.g. the `then` of a range test still running
+            spec = guard_of(parse_schedule(state.spec["schedule"], n_groups=state.n_groups), state.n_groups)
+            if spec is None:
+                raise RunConflict(f"run {run_id!r} has no SpikeGuard schedule")
+            settings, multiplier = GuardSettings.from_spec(spec), 1.0
+        placed = [
+            (event.step, Report.from_payload(r))
+            for event in sorted(self.store.read_events(run_id), key=lambda e: (e.step, e.seq))
+            if event.kind is EventKind.METRIC and event.step <= horizon
+            for r in event.payload.get("reports", ())
+            if r.get("name") == settings.monitor
+        ]
+        bands, _ = replay_band(settings, placed)
+        for rank, series in bands.items():
+            keep = _downsample(range(len(series["steps"])), max_points)
+            bands[rank] = {name: [values[i] for i in keep] for name, values in series.items()}
+        return {
+            "run_id": run_id,
+            "settings": dataclasses.asdict(settings),
+            "horizon": horizon,
+            "multiplier": multiplier,
+            "count": len(spikes),
+            "spikes": spikes,
+            "band": {str(rank): series for rank, series in sorted(bands.items())},
+        }
+
     def caught_up(self, run_id: str) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further)."""
         record = self.store.read_run(run_id)
@@ -713,10 +779,14 @@ class RunManager:
 
     def record_metrics(self, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
         """Store history-only metrics (idempotent per name, step and rank)."""
-        self.state(run_id)  # 404 for an unknown run
-        return self.store.append_metrics(
-            run_id, [MetricRecord(r["name"], r["step"], r["rank"], float(r["value"])) for r in records]
-        )
+        state = self.state(run_id)  # 404 for an unknown run
+        rows = [MetricRecord(r["name"], r["step"], r["rank"], float(r["value"])) for r in records]
+        reports = _guard_reports(state, rows)
+        if not reports:
+            return self.store.append_metrics(run_id, rows)
+        new = self.store.append_metrics(run_id, rows)  # first, to count the new ones; resends are
+        self.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
+        return new
 
 
 def _first_steps(schedule: Any, base_lrs: Sequence[float], base_momentums: Sequence[float] | None) -> None:
@@ -774,6 +844,33 @@ def _rank_order_means(reports: Mapping[int, Mapping[str, float]]) -> dict[str, f
     return means
 
 
+def _report_events(reports: Reports, first_free: int, events: list[NewEvent]) -> list[NewEvent]:
+    """METRIC events placing each report at its step or ``first_free``; joins a plateau
+    metric event of the same step (in ``events``) instead of adding another."""
+    groups: dict[int, Reports] = {}
+    for report in reports:
+        groups.setdefault(max(report["step"], first_free), []).append(report)
+    added = []
+    for at, group in sorted(groups.items()):
+        same = next((e for e in events if e.kind is EventKind.METRIC and e.step == at), None)
+        if same is not None:
+            same.payload["reports"] = group
+        else:
+            added.append(NewEvent(EventKind.METRIC, at, {"values": {}, "reports": group}))
+    return added
+
+
+def _guard_reports(state: RunState, records: Sequence[MetricRecord]) -> list[dict[str, Any]]:
+    """The records a spike guard of the run judges, as METRIC event ``reports`` items."""
+    if not state.guard_monitors:
+        return []
+    return [
+        {"step": r.step, "rank": r.rank, "name": r.name, "value": r.value}
+        for r in records
+        if r.name in state.guard_monitors
+    ]
+
+
 def _records(metrics: Mapping[str, float], step: int, rank: int) -> list[Any]:
     return [MetricRecord(name, step, rank, float(value)) for name, value in metrics.items()]
 
@@ -793,6 +890,9 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
                 events.append(NewEvent(EventKind.SCHEDULE_SWITCH, outcome.step, {
                     "chosen": r.chosen, "lrs": list(r.lrs), "schedule": r.then}))
                 continue
+            if isinstance(r, Spike):
+                events.extend(_spike_events(r, outcome.step))
+                continue
             events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
                 "stage": r.stage, "monitor": r.monitor, "value": r.value,
                 "lrs_before": list(r.before), "lrs_after": list(r.after)}))
@@ -801,6 +901,18 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
             if status is not None:  # the action's doing: its actor and reason
                 events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status},
                                        action.actor, action.reason))
+    return events
+
+
+def _spike_events(spike: Spike, step: int) -> list[NewEvent]:
+    """A ``loss_spike`` event; and the run's stop, when it is one spike too many."""
+    events = [NewEvent(EventKind.LOSS_SPIKE, step, spike.payload())]
+    if spike.stop:
+        reason = (
+            f"spike guard: {spike.count} loss spikes, more than max_spikes allows "
+            f"(the last on rank {spike.rank} at step {spike.step})"
+        )
+        events.append(NewEvent(EventKind.STATUS, step, {"status": "stopped"}, reason=reason))
     return events
 
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from service.engine.engine import Engine, PlateauReduction, ScheduleSwitch, Values, apply_action
-from service.engine.spec import parse_schedule, watched_metrics
+from service.engine.engine import Decision, Engine, ScheduleSwitch, Values, apply_action
+from service.engine.spec import guard_of, parse_schedule, watched_metrics
+from service.engine.spike_guard import Spike
 from service.errors import ScheduleError
 from service.runs.value_log import ValueLog
 from service.store.events import Event, EventKind
@@ -18,15 +19,22 @@ from service.store.events import Event, EventKind
 
 @dataclass
 class Inputs:
-    """Decisions placed at steps: metrics fed with step k, actions applied right after step k."""
+    """Decisions placed at steps: metrics fed with step k, actions applied right after step k.
+
+    ``reports`` are the per-rank reports a spike guard judges at step k, in log order.
+    """
 
     metrics: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     actions: dict[int, list[Event]] = field(default_factory=lambda: defaultdict(list))
+    reports: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, event: Event) -> None:
         assert event.step is not None
         if event.kind is EventKind.METRIC:
-            self.metrics[event.step].update(event.payload["values"])
+            if event.payload.get("values"):
+                self.metrics[event.step].update(event.payload["values"])
+            if event.payload.get("reports"):
+                self.reports[event.step].extend(event.payload["reports"])
         elif event.kind is EventKind.CONTROL:
             self.actions[event.step].append(event)
 
@@ -36,7 +44,7 @@ class StepOutcome:
     """What taking one step did, besides changing the values."""
 
     step: int
-    reductions: list[PlateauReduction | ScheduleSwitch]
+    reductions: list[Decision]
     actions: list[Event]
     """The ``control`` events applied right after this step (their payload is the action)."""
 
@@ -66,8 +74,9 @@ class RunState:
         self.spec = spec
         self.n_groups = len(spec["base_lrs"])
         self.world_size: int = spec.get("world_size", 1)
-        schedule = parse_schedule(spec["schedule"], n_groups=self.n_groups)
+        schedule = parse_schedule(spec["schedule"], n_groups=self.n_groups, validated=True)
         self.watched = watched_metrics(schedule, self.n_groups)
+        self.guard_monitors = _guard_monitors(schedule, self.n_groups)
         self.engine = engine
         self.inputs = Inputs()
         self.first_step = engine.step
@@ -119,8 +128,9 @@ class RunState:
     def note_watched(self, event: Event) -> None:
         """A ``replace_schedule`` action may bring metrics to watch from then on."""
         if event.kind is EventKind.CONTROL and event.payload.get("action") == "replace_schedule":
-            schedule = parse_schedule(event.payload["schedule"], n_groups=self.n_groups)
+            schedule = parse_schedule(event.payload["schedule"], n_groups=self.n_groups, validated=True)
             self.watched = self.watched | watched_metrics(schedule, self.n_groups)
+            self.guard_monitors = self.guard_monitors | _guard_monitors(schedule, self.n_groups)
 
     def cached(self, step: int) -> Values | None:
         index = step - self.first_step
@@ -156,13 +166,19 @@ class RunState:
                 break
             if any(isinstance(r, ScheduleSwitch) for r in reductions):
                 self.marks = replace(self.marks, switched_at=step)
+            if any(isinstance(r, Spike) and r.stop for r in reductions) and self.marks.status != "stopped":
+                self.marks = replace(self.marks, status="stopped", stopped_at=step)
             for action in actions:
                 self._track_status(action.payload, step)
             self._pending.append(self.engine.values())
             outcomes.append(StepOutcome(step, reductions, actions))
         return outcomes
 
-    def _take_step(self, step: int) -> tuple[list[PlateauReduction | ScheduleSwitch], list[Event]]:
+    def spikes_between(self, start: int, end: int) -> list[Spike]:
+        """Spikes that took effect at steps ``start .. end`` (final ones only: call with end <= horizon)."""
+        return [s for s in list(self.engine.spikes) if start <= s.applied_at <= end]
+
+    def _take_step(self, step: int) -> tuple[list[Decision], list[Event]]:
         """Advance the engine to ``step`` and apply the operator actions placed there.
 
         A step that fails but carries actions is taken on the last good values (the clock
@@ -170,10 +186,11 @@ class RunState:
         a run past a failing step. The values after the actions are checked as torch's are.
         """
         metrics = self.inputs.metrics.pop(step, None)
+        reports = self.inputs.reports.pop(step, ())
         actions = self.inputs.actions.pop(step, [])
         before = copy.deepcopy(self.engine) if actions else None  # rare: steps with actions
         try:
-            reductions = self.engine.advance(metrics)
+            reductions = self.engine.advance(metrics, reports)
         except ScheduleError:
             if before is None:
                 raise
@@ -195,3 +212,9 @@ class RunState:
             self.marks = replace(marks, status="held")
         elif kind == "resume" and marks.status != "stopped":
             self.marks = replace(marks, status="active")
+
+
+def _guard_monitors(schedule: Any, n_groups: int) -> frozenset[str]:
+    """The metric a spike guard in ``schedule`` judges per rank (none without a guard)."""
+    guard = guard_of(schedule, n_groups)
+    return frozenset() if guard is None else frozenset({guard.monitor})

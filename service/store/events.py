@@ -25,6 +25,7 @@ class EventKind(str, enum.Enum):
     BARRIER_TIMEOUT = "barrier_timeout"  # output: not every rank reported in time
     SCHEDULE_SWITCH = "schedule_switch"  # output: the schedule changed (range test ended)
     PROVISIONAL_DIVERGENCE = "provisional_divergence"  # output: an input changed steps a job rode
+    LOSS_SPIKE = "loss_spike"  # output: a spike guard found a spike and backed the LRs off
 
     @property
     def is_step_input(self) -> bool:

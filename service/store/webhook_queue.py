@@ -75,6 +75,19 @@ class WebhookQueue:
                 conn.execute(self.store._insert(webhook_endpoints).values(
                     endpoint=endpoint, last_gid=last, delivered=0, failures=0).on_conflict_do_nothing())
 
+    def work(self, endpoint: str) -> tuple[bool, bool]:
+        """``(events to queue, deliveries due)`` for ``endpoint``, read without any lock, so
+        an idle sender costs the database a read, never a write lock (SQLite has one)."""
+        d, e = webhook_deliveries, webhook_endpoints
+        now = _now()
+        with self.store._transaction() as conn:
+            queued = conn.execute(select(e.c.last_gid).where(e.c.endpoint == endpoint)).scalar()
+            newer = queued is not None and queued < self.store._last_gid(conn)
+            due = conn.execute(select(d.c.id).where(
+                d.c.endpoint == endpoint, d.c.next_at <= now,
+                (d.c.lease_until.is_(None)) | (d.c.lease_until < now)).limit(1)).first() is not None
+        return newer, due
+
     def fill(self, endpoint: str, render: Callable[[FeedEntry], str | None]) -> int:
         """Queue the endpoint's next page of events; ``render`` gives the body, or None to skip one.
 

@@ -73,6 +73,32 @@ def test_records_wait_at_most_the_flush_interval(made):
     assert sink.stored == {("loss", 1, 0): 1.0}
 
 
+def test_a_record_after_the_buffer_emptied_waits_at_most_the_flush_interval_too(made):
+    """Regression: the sender slept until a full batch once the buffer had been empty, so a
+    spike guard's loss report could wait for 999 more records."""
+    sink = Sink()
+    buffer = make(made, sink, flush_interval_s=0.01)
+    for step in (1, 2, 3):
+        buffer.add("loss", step, 0, 1.0)
+        for _ in range(500):
+            if ("loss", step, 0) in sink.stored:
+                break
+            threading.Event().wait(0.01)
+        assert ("loss", step, 0) in sink.stored, f"record of step {step} still waiting"
+
+
+def test_an_urgent_record_goes_without_waiting_for_the_interval(made):
+    sink = Sink()
+    buffer = make(made, sink)  # flush_interval_s=60: only urgency can send it in time
+    buffer.add("train_loss", 1, 0, 0.5)
+    buffer.add("loss", 1, 0, float("inf"), urgent=True)
+    for _ in range(500):
+        if sink.stored:
+            break
+        threading.Event().wait(0.01)
+    assert sink.stored == {("train_loss", 1, 0): 0.5, ("loss", 1, 0): float("inf")}  # together
+
+
 def test_same_key_keeps_the_last_value(made):
     sink = Sink()
     buffer = make(made, sink)

@@ -276,6 +276,64 @@ def test_read_only_token_sees_no_controls_and_token_stays_in_session(page, secur
     expect(page.locator("#controls")).to_have_count(0)
 
 
+GUARDED = {"type": "SpikeGuard", "schedule": {"type": "CosineAnnealingLR", "T_max": 200}}
+
+
+def guarded_loss(step: int) -> float:
+    return 2.0 * 2.718281828 ** (-step / 60) + 0.4 + 0.02 * ((step * 7) % 5 - 2)
+
+
+def test_run_page_marks_spikes_and_draws_the_guards_band(page, live):
+    server, http = live
+    http.post("/v1/runs", json={"run_id": "llm-guarded", "schedule": GUARDED, "base_lrs": [3e-4],
+                                "world_size": 2}).raise_for_status()
+    for k in range(1, 61):  # two ranks log their loss; rank 1's diverges once (NaN), rank 0's jumps 6x
+        http.get("/v1/runs/llm-guarded/lr", params={"step": k}).raise_for_status()
+        value = {(35, 1): float("nan"), (50, 0): guarded_loss(k) * 6}
+        records = [{"step": k, "name": "loss", "rank": r, "value": value.get((k, r), guarded_loss(k))}
+                   for r in (0, 1)]
+        body = json.dumps({"records": records})  # Python's JSON writes NaN, as the client does
+        http.post("/v1/runs/llm-guarded/metrics", content=body,
+                  headers={"content-type": "application/json"}).raise_for_status()
+    http.get("/v1/runs/llm-guarded/lr", params={"step": 61, "ahead": 20}).raise_for_status()
+    guard = http.get("/v1/runs/llm-guarded/spike-guard").json()
+    assert [(s["step"], s["rank"]) for s in guard["spikes"]] == [(35, 1), (50, 0)]
+
+    page.goto(f"{server.url}/#/runs/llm-guarded")
+    chart = page.locator('[data-chart="metric:loss"]').first
+    for rank in ("0", "1"):
+        band = guard["band"][rank]
+        baseline = chart.locator(f'path.series.dashed[data-series="baseline (rank {rank})"]')
+        upper = chart.locator(f'path.series.dashed[data-series="spike line (rank {rank})"]')
+        expect(baseline).to_have_attribute("data-points", str(finite(band["baseline"])))
+        expect(upper).to_have_attribute("data-points", str(finite(band["upper"])))
+    markers = chart.locator('.event-marker[data-kind="loss_spike"]')
+    expect(markers).to_have_count(2)
+    assert sorted(int(m.get_attribute("data-step")) for m in markers.all()) == [35, 50]
+    lr_markers = page.locator('[data-chart="lr"] .event-marker[data-kind="loss_spike"]')
+    expect(lr_markers).to_have_count(2)  # on the LR curve too, where it backed off
+    rows = page.locator('#events-table tr[data-kind="loss_spike"]')
+    expect(rows).to_have_count(2)
+    expect(rows.first).to_contain_text("rank 0 reported")
+    expect(rows.last).to_contain_text(f"backoff from step {guard['spikes'][0]['applied_at']}")
+    screenshot(page, "spike-guard.png")
+
+
+def test_designer_marks_the_spikes_a_metric_stream_would_cause(page, live):
+    server, _ = live
+    page.goto(f"{server.url}/#/designer")
+    losses = [round(guarded_loss(k), 4) for k in range(1, 120)]
+    losses[79] = None  # no report with the 80th step()
+    losses[89] = losses[88] * 8
+    page.fill("#designer-spec", json.dumps(GUARDED))
+    page.fill("#designer-steps", "120")
+    page.fill("#designer-metrics", json.dumps({"loss": losses}))
+    page.click("#designer-preview")
+    marker = page.locator('[data-chart="preview"] .event-marker[data-kind="loss_spike"]')
+    expect(marker).to_have_count(1)
+    assert marker.get_attribute("data-step") == "90"
+
+
 def test_a_live_event_arrives_on_the_run_page_without_a_reload(page, live):
     """The event list follows GET /v1/events: the page shows the event's global id, which
     only the stream carries (history has no ids), and its row, without reloading."""

@@ -6,6 +6,7 @@ exactly the events stored there, each once, in increasing id order.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import httpx
@@ -158,3 +159,25 @@ def test_the_stream_needs_a_read_token(tmp_path):
         got = read_stream(f"{server.url}/v1/events", lambda ms: len(ms) == 1, params={"since": 0},
                           headers={"Authorization": "Bearer r-token"})
         assert got[0].json()["run_id"] == "a"
+
+
+def test_sigterm_ends_a_server_with_open_streams_by_itself(tmp_path):
+    """Streams never end on their own; serve gives them a grace period on SIGTERM, then closes
+    them and exits (no SIGKILL needed)."""
+    import signal
+    import subprocess
+
+    server = ServerProcess(f"sqlite:///{tmp_path}/term.db", tmp_path).start()
+    client = httpx.Client(timeout=httpx.Timeout(10.0, read=60.0))
+    try:
+        with client.stream("GET", f"{server.url}/v1/events") as response:
+            assert response.status_code == 200
+            os.killpg(server.proc.pid, signal.SIGTERM)
+            try:
+                server.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the server did not exit within 30 s of SIGTERM with a stream open")
+        assert server.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    finally:
+        client.close()
+        server.kill()

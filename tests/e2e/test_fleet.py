@@ -131,3 +131,43 @@ def test_a_selector_action_over_50_live_runs_on_two_replicas(database_url, tmp_p
         b.stop()
     logs = a.log_path.read_text() + b.log_path.read_text()
     assert ALICE not in logs and JOBS not in logs
+
+
+KINDS = [
+    (["set-lr", "0.05"], "set_lr"),
+    (["scale", "0.5"], "scale"),
+    (["hold"], "hold"),
+    (["resume"], "resume"),
+    (["replace", '{"type": "ConstantLR", "factor": 0.5, "total_iters": 2}'], "replace_schedule"),
+    (["stop"], "stop"),
+]
+
+
+def test_every_action_kind_records_its_actor_through_the_cli(database_url, tmp_path, capsys):
+    """A real server with named tokens; each action kind through ``lrserve control RUN ...
+    --reason``, the job stepping between them; history and ``lrserve history`` name who did
+    what and why, and what the server decided itself."""
+    server = ServerProcess(database_url("sqlite"), tmp_path, env=ENV).start()
+    try:
+        body = {"run_id": "r", "schedule": {"type": "StepLR", "step_size": 3}, "base_lrs": [0.1]}
+        assert httpx.post(f"{server.url}/v1/runs", json=body, headers=AS_JOBS, timeout=30).status_code == 201
+        cli = ["--url", server.url, "--token", ALICE]
+        for n, (words, _) in enumerate(KINDS, start=1):
+            assert lrserve(["control", "r", *words, "--reason", f"why {n}", *cli]) == 0, capsys.readouterr()
+            httpx.get(f"{server.url}/v1/runs/r/lr", params={"step": n}, headers=AS_JOBS,
+                      timeout=30).raise_for_status()
+        capsys.readouterr()
+        assert lrserve(["history", "r", *cli]) == 0
+        rows = [line.split(",") for line in capsys.readouterr().out.splitlines()]
+    finally:
+        server.stop()
+    assert rows[0] == ["series", "step", "value", "actor", "reason"]
+    events = [(r[0], r[3], r[4]) for r in rows if r[0].startswith("event:")]
+    assert events[0] == ("event:created", "jobs", "")
+    controls = [e for e in events if e[0] == "event:control"]
+    assert controls == [("event:control", "ops-alice", f"why {n}") for n in range(1, 7)]
+    statuses = [e for e in events if e[0] == "event:status"]
+    assert statuses == [("event:status", "ops-alice", "why 3"), ("event:status", "ops-alice", "why 4"),
+                        ("event:status", "ops-alice", "why 6")]
+    log = server.log_path.read_text()
+    assert ALICE not in log and JOBS not in log

@@ -13,6 +13,17 @@ from service.settings import Settings
 from service.store import EventKind, NewEvent, open_store
 
 
+async def _next_events(stream, n: int) -> list:
+    """The next ``n`` events of a hub stream (it yields them in batches)."""
+    got: list = []
+    while len(got) < n:
+        batch = await asyncio.wait_for(anext(stream), 30)
+        assert not isinstance(batch, Overflow), batch
+        got.extend(batch)
+    assert len(got) == n
+    return got
+
+
 def _append(store, n: int) -> None:
     with store.lock_run("r") as tx:
         tx.append_events([NewEvent(EventKind.CONTROL, 1, {"i": i}) for i in range(n)])
@@ -29,15 +40,15 @@ def test_a_live_stream_that_falls_a_buffer_behind_is_cut_off_and_the_rest_go_on(
         slow = hub.follow(1, FeedFilter())
         fast = hub.follow(1, FeedFilter())
         for gid in (2, 3):  # whether 2 comes from the database or live, 3 comes live
-            both = asyncio.gather(anext(slow), anext(fast))
+            both = asyncio.gather(_next_events(slow, 1), _next_events(fast, 1))
             await asyncio.to_thread(_append, store, 1)
-            assert [e.event.gid for e in await both] == [gid, gid]
+            assert [e[0].event.gid for e in await both] == [gid, gid]
         fast_got = []
 
         async def read_fast():
-            async for item in fast:
-                fast_got.append(item)
-                if len(fast_got) == DEFAULT_BUFFER + 5:
+            async for batch in fast:
+                fast_got.extend(batch)
+                if len(fast_got) >= DEFAULT_BUFFER + 5:
                     return
 
         reader = asyncio.create_task(read_fast())
@@ -49,7 +60,7 @@ def test_a_live_stream_that_falls_a_buffer_behind_is_cut_off_and_the_rest_go_on(
         assert cut == Overflow(last_id=3, buffer=DEFAULT_BUFFER)
         assert hub.streams == 1  # the slow one is gone; resuming from its last id loses nothing
         resumed = hub.follow(cut.last_id, FeedFilter())
-        assert (await anext(resumed)).event.gid == 4
+        assert (await anext(resumed))[0].event.gid == 4
         await slow.aclose()
         await fast.aclose()
         await resumed.aclose()
@@ -70,13 +81,11 @@ def test_a_stream_catching_up_reads_on_from_the_database_however_far_behind(tmp_
         hub = EventHub(store, buffer=10)
         await hub.start()
         stream = hub.follow(0, FeedFilter(kinds=frozenset({"control"})))
-        got = [await anext(stream) for _ in range(100)]
+        got = await _next_events(stream, 499)  # the first page: gid 1 is the created event
         for _ in range(30):  # live events arrive while it is still reading the backlog
             await asyncio.to_thread(_append, store, 1)
         await asyncio.sleep(0.5)  # the hub has offered them all: the buffer overflowed
-        while len(got) < 2530:
-            got.append(await asyncio.wait_for(anext(stream), 10))
-        assert all(not isinstance(g, Overflow) for g in got)
+        got += await _next_events(stream, 2530 - 499)
         assert [g.event.gid for g in got] == list(range(2, 2532))
         await stream.aclose()
         await hub.close()
@@ -85,3 +94,46 @@ def test_a_stream_catching_up_reads_on_from_the_database_however_far_behind(tmp_
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_an_idle_stream_gets_heartbeats(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/hub.db")
+
+    async def scenario():
+        hub = EventHub(store)
+        hub.heartbeat_s = 0.05  # 15 s by default (HEARTBEAT_S): the interval is not the point here
+        await hub.start()
+        stream = hub.follow(0, FeedFilter())
+        assert [await anext(stream), await anext(stream)] == [[], []]
+        await stream.aclose()
+        await hub.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
+def test_on_postgres_a_commit_of_another_process_wakes_the_hub_through_notify(database_url):
+    """The hub's poll is set to an hour: only NOTIFY can bring it another store's commit."""
+    url = database_url("postgres")
+    mine, other = open_store(url), open_store(url)  # two stores: two processes' pools
+    other.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
+
+    async def scenario():
+        hub = EventHub(mine, poll_s=3600, listen=mine.commit_listener())
+        await hub.start()
+        stream = hub.follow(await asyncio.to_thread(mine.last_gid), FeedFilter())
+        waiting = asyncio.ensure_future(_next_events(stream, 1))
+        await asyncio.sleep(0.5)  # the stream is live and the listener connected
+        await asyncio.to_thread(_append, other, 1)
+        (event,) = await asyncio.wait_for(waiting, 30)
+        assert event.event.kind is EventKind.CONTROL
+        await stream.aclose()
+        await hub.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        mine.close()
+        other.close()

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Response
 
 from service.api.deps import ReadAccess, SettingsDep
 from service.api.responses import FastJSONResponse
+from service.api.routes.spike_guard import spike_public
 from service.api.schemas import PreviewRequest, PreviewResult
 from service.engine import cost
 from service.engine.catalog import catalog
 from service.engine.codec import public_rows
-from service.engine.preview import preview
+from service.engine.preview import simulate
 from service.engine.spec import ScheduleSpec, parse_schedule
 from service.errors import InvalidInput
 
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
 @router.post("/preview", response_model=PreviewResult, dependencies=[ReadAccess])
 def preview_schedule(body: PreviewRequest, settings: SettingsDep) -> Response:
-    """Values at steps 0..steps-1, simulating plateau decisions from `metrics`."""
+    """Values at steps 0..steps-1, simulating plateau decisions and spikes from `metrics`."""
     n_groups = len(body.base_lrs)
     if body.base_momentums is not None and len(body.base_momentums) != n_groups:
         raise InvalidInput.at("base_momentums", f"expected {n_groups} values, got {len(body.base_momentums)}")
@@ -30,8 +31,11 @@ def preview_schedule(body: PreviewRequest, settings: SettingsDep) -> Response:
         cost.check(what, "steps", units, settings.work_budget)
 
     schedule = parse_schedule(body.schedule, n_groups=n_groups, before_checks=within_budget)
-    lrs, moms = preview(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
-    return FastJSONResponse({"lrs": public_rows(lrs), "momentums": moms and public_rows(moms)})
+    result = simulate(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
+    lrs, moms = result.lrs, result.momentums
+    spikes = [spike_public(s) for s in result.spikes]
+    body_out = {"lrs": public_rows(lrs), "momentums": moms and public_rows(moms), "spikes": spikes}
+    return FastJSONResponse(body_out)
 
 
 @router.get("/catalog", dependencies=[ReadAccess])

@@ -9,7 +9,16 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
 from service.api.responses import FastJSONResponse
-from service.api.schemas import MetricsAccepted, MetricsCreate, RunId, Step, StepRequest, StepResult
+from service.api.routes.spike_guard import spike_public
+from service.api.schemas import (
+    AHEAD_DOC,
+    MetricsAccepted,
+    MetricsCreate,
+    RunId,
+    Step,
+    StepRequest,
+    StepResult,
+)
 from service.runs import provisional
 from service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 
@@ -32,7 +41,7 @@ def window_response(window: Window) -> Response:
 def window_public(window: Window) -> dict:
     lrs = [list(v[0]) for v in window.values]
     moms = None if window.values[0][1] is None else [list(v[1]) for v in window.values]
-    return {
+    public = {
         "run_id": window.run_id,
         "step": window.start,
         "lrs": lrs[0],
@@ -44,6 +53,9 @@ def window_public(window: Window) -> dict:
         "watched": list(window.watched),
         "max_ahead": window.max_ahead,
     }
+    if window.spikes:  # a spike guard's backoffs that take effect in this window
+        public["spikes"] = [spike_public(s) for s in window.spikes]
+    return public
 
 
 def _with_tail(
@@ -73,7 +85,7 @@ async def read_lr(
     run_id: RunId,
     manager: ManagerDep,
     step: Annotated[Step, Query()],
-    ahead: Annotated[int, Query(ge=0)] = 0,
+    ahead: Annotated[int, Query(ge=0, description=AHEAD_DOC)] = 0,
     provisional_size: Annotated[int, Query(alias="provisional", ge=0, description=_TAIL_DOC)] = 0,
     provisional_from: Annotated[int | None, Query(ge=0, description=_FROM_DOC)] = None,
     provisional_id: Annotated[int | None, Query(ge=0, description=_ID_DOC)] = None,

@@ -10,6 +10,7 @@ export const EVENT_COLORS = {
   status: "#0891b2",
   barrier_timeout: "#dc2626",
   schedule_switch: "#059669",
+  loss_spike: "#e11d48",
   created: "#6b7280",
 };
 
@@ -79,7 +80,7 @@ function nearest(steps, x) {
 /**
  * A line chart on a step axis.
  *
- * series: [{label, steps, values, color?}] (values: numbers, null for a gap).
+ * series: [{label, steps, values, color?, dashed?}] (values: numbers, null for a gap).
  * events: [{step, kind, text}] drawn as vertical markers. xDomain: [x0, x1] shared by the
  * charts of one page. Each series is one <path> whose "M"/"L" commands are its points (a
  * gap starts a new "M"), so the point count can be checked from the markup. stairs: a value
@@ -143,7 +144,8 @@ export function lineChart({ series, events = [], xDomain, log = false, height = 
       pen = true;
       n += 1;
     });
-    const path = s("path", { d: d || "M0 0", class: "series", stroke: color, "data-series": sr.label, "data-points": n,
+    const cls = sr.dashed ? "series dashed" : "series";
+    const path = s("path", { d: d || "M0 0", class: cls, stroke: color, "data-series": sr.label, "data-points": n,
       "data-shape": stairs ? "stairs" : "line" });
     if (!d) path.setAttribute("visibility", "hidden");
     lines.append(path);

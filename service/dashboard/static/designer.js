@@ -4,6 +4,7 @@
 
 import { api } from "./api.js";
 import { lineChart } from "./chart.js";
+import { spikeText } from "./spec.js";
 import { h } from "./dom.js";
 
 const EXAMPLE = {
@@ -130,7 +131,9 @@ export function designerPage(root) {
       const groups = body.base_lrs.length;
       const series = (rows, name) => Array.from({ length: rows[0].length }, (_, g) =>
         ({ label: groups > 1 ? `${name} (group ${g})` : name, steps, values: rows.map((r) => r[g]) }));
-      const out = [lineChart({ series: series(result.lrs, "lr"), log: state.log, name: "preview" })];
+      // a spike guard's backoffs, found in the simulated metric stream, marked where they land
+      const events = (result.spikes || []).map((sp) => ({ step: sp.applied_at, kind: "loss_spike", text: spikeText(sp) }));
+      const out = [lineChart({ series: series(result.lrs, "lr"), events, log: state.log, name: "preview" })];
       if (result.momentums) out.push(h("h3", {}, "Momentum"), lineChart({ series: series(result.momentums, "momentum"), height: 160, name: "preview-momentum" }));
       chartBox.replaceChildren(...out);
       note.textContent = rangeTestNote(body.schedule, body.metrics);

@@ -8,10 +8,10 @@ import { controlPanel } from "./controls.js";
 import { fmt, fmtTime, h, labelChips, staleBadge, statusBadge } from "./dom.js";
 import { finderPanel } from "./finder.js";
 import { liveEvents } from "./live.js";
-import { specSummary, watchedMetrics } from "./spec.js";
+import { guardOf, specSummary, spikeText, watchedMetrics } from "./spec.js";
 
 const REFRESH_MS = 4000;
-const MARKED = new Set(["plateau_reduction", "control", "status", "barrier_timeout", "schedule_switch"]);
+const MARKED = new Set(["plateau_reduction", "control", "status", "barrier_timeout", "schedule_switch", "loss_spike"]);
 const prefs = { log: null, maxPoints: 500 }; // kept while the tab lives; log null: decide per run
 
 /** The event's own fields in a line: "scale factor=0.5", "val_loss=0.41: 0.1 → 0.05". */
@@ -30,6 +30,7 @@ export function eventText(ev) {
     case "barrier_timeout": return `missing ranks ${JSON.stringify(rest.missing_ranks)} after ${rest.timeout_s}s`;
     case "schedule_switch":
       return `range test chose lr ${fmt(rest.chosen, 6)}${rest.schedule ? ` → ${specSummary(rest.schedule)}` : ""}`;
+    case "loss_spike": return spikeText(ev);
     default: return JSON.stringify(rest);
   }
 }
@@ -82,7 +83,18 @@ function eventLegend(kinds) {
   return h("div", { class: "event-legend" }, kinds.map((k) => h("span", {}, dot(k), k)));
 }
 
-function charts(run, history) {
+/** The spike guard's band on its monitor's chart: per rank, the baseline and the spike line. */
+function bandSeries(guard) {
+  const out = [];
+  for (const [rank, band] of Object.entries((guard && guard.band) || {})) {
+    const ranks = Object.keys(guard.band).length > 1 ? ` (rank ${rank})` : "";
+    out.push({ label: `baseline${ranks}`, steps: band.steps, values: band.baseline, color: "#9ca3af", dashed: true },
+      { label: `spike line${ranks}`, steps: band.steps, values: band.upper, color: "#e11d48", dashed: true });
+  }
+  return out;
+}
+
+function charts(run, history, guard) {
   const metricNames = Object.keys(history.metrics).sort();
   const watched = new Set(watchedMetrics(run.schedule));
   metricNames.sort((a, b) => Number(watched.has(b)) - Number(watched.has(a)));
@@ -105,9 +117,13 @@ function charts(run, history) {
     lineChart({ series: lrSeries, events, xDomain, log, name: "lr", stairs: true }),
   ];
   if (kinds.length) out.unshift(eventLegend(kinds));
+  const guarded = guard && guard.settings.monitor;
   for (const name of metricNames) {
-    out.push(h("h3", {}, name, watched.has(name) ? h("span", { class: "badge subtle" }, "watched") : null),
-      lineChart({ series: metricSeries(name, history.metrics[name]), events, xDomain, height: 200, name: `metric:${name}` }));
+    const band = name === guarded ? bandSeries(guard) : [];
+    out.push(h("h3", {}, name, watched.has(name) ? h("span", { class: "badge subtle" }, "watched") : null,
+      band.length ? h("span", { class: "badge subtle" }, "spike guard") : null),
+    lineChart({ series: [...metricSeries(name, history.metrics[name]), ...band], events, xDomain, height: 200,
+      name: `metric:${name}` }));
   }
   if (!metricNames.length) out.push(h("p", { class: "muted" }, "No metrics reported yet."));
   return { nodes: out, log };
@@ -149,15 +165,16 @@ export function runPage(root, session, runId) {
     try {
       const path = `/v1/runs/${encodeURIComponent(runId)}`;
       const [fresh, history] = await Promise.all([api(path), api(`${path}/history`, { query: { max_points: prefs.maxPoints } })]);
+      const guard = guardOf(fresh.schedule) ? await api(`${path}/spike-guard`, { query: { max_points: prefs.maxPoints } }) : null;
       run = fresh;
       error.hidden = true;
       head.replaceChildren(...header(run));
       if (panel) panel.update(run);
       await finder.refresh(run); // while a range test runs, its curve moves with the steps
-      const key = JSON.stringify([history, prefs.log]);
+      const key = JSON.stringify([history, guard, prefs.log]);
       if (key !== lastKey) { // redraw only on change: the hover readout survives a quiet refresh
         lastKey = key;
-        const drawn = charts(run, history);
+        const drawn = charts(run, history, guard);
         chartBox.replaceChildren(...drawn.nodes);
         logBox.checked = drawn.log;
         chartBox.dataset.lrPoints = String(history.lrs.steps.length);

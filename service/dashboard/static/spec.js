@@ -9,9 +9,23 @@ export function watchedMetrics(spec) {
     if (node.type === "LRRangeTest") found.push(node.monitor || "loss");
     for (const child of node.schedulers || []) walk(child);
     if (node.then) walk(node.then);
+    if (node.type === "SpikeGuard") walk(node.schedule);
   };
   walk(spec);
   return [...new Set(found)];
+}
+
+/** The SpikeGuard of a spec (the whole schedule or a range test's `then`), or null. */
+export function guardOf(spec) {
+  for (const node of [spec, spec && spec.then]) if (node && node.type === "SpikeGuard") return node;
+  return null;
+}
+
+/** A loss_spike event (or a preview's spike) in a line. */
+export function spikeText(sp) {
+  const num = (v) => (typeof v === "number" ? Number(v.toPrecision(5)) : v);
+  return `rank ${sp.rank} reported ${num(sp.value)} with step ${sp.step} (baseline ${num(sp.baseline) ?? "—"}): ` +
+    `backoff from step ${sp.applied_at}, roll back to ≤ ${sp.last_good_step} (spike ${sp.count})`;
 }
 
 /**
@@ -42,6 +56,7 @@ export function lastMetric(history, spec) {
 export function specSummary(spec) {
   if (!spec || typeof spec !== "object") return "";
   const kids = spec.schedulers || [];
+  if (spec.type === "SpikeGuard") return `SpikeGuard(${specSummary(spec.schedule)})`;
   const inner = kids.length ? `(${kids.map(specSummary).join(spec.type === "SequentialLR" ? " → " : " + ")})` : "";
   return `${spec.type || "?"}${inner}${spec.then ? ` then ${specSummary(spec.then)}` : ""}`;
 }

@@ -23,6 +23,7 @@ ROUTES = {
         "admin", {"json": {"selector": {"status": ["active"]}, "action": {"action": "hold"}}}),
     ("GET", "/v1/runs/{run_id}/history"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/lr-finder"): ("read", {}),
+    ("GET", "/v1/runs/{run_id}/spike-guard"): ("read", {}),
     ("GET", "/v1/runs/{run_id}/lr"): ("read", {"params": {"step": 1}}),
     ("POST", "/v1/runs/{run_id}/step"): ("write", {"json": {"step": 1}}),
     ("POST", "/v1/runs/{run_id}/metrics"): (
@@ -59,7 +60,8 @@ def test_role_matrix(secured, method, template, who):
     _, client = secured
     least, kwargs = ROUTES[(method, template)]
     admin = {"Authorization": f"Bearer {TOKENS['admin']}"}
-    range_test = {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 1.0}  # every route has something to show
+    then = {"type": "SpikeGuard", "schedule": SPEC}  # every route has something to show
+    range_test = {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 1.0, "then": then}
     client.post("/v1/runs", json={"run_id": "r", "schedule": range_test, "base_lrs": [0.1]}, headers=admin)
     headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
     response = client.request(method, template.replace("{run_id}", "r"), headers=headers, **kwargs)

@@ -70,6 +70,7 @@ def test_defaults_make_a_valid_spec():
         "CosineAnnealingWarmRestarts": {"T_0": 5},
         "OneCycleLR": {"max_lr": 0.1, "total_steps": 100},
         "LRRangeTest": {"min_lr": 1e-6, "max_lr": 1.0},
+        "SpikeGuard": {"schedule": {"type": "StepLR", "step_size": 10}},
     }
     for entry in catalog():
         defaults = {arg["name"]: arg["default"] for arg in entry["args"] if not arg["required"]}

@@ -32,10 +32,10 @@ def test_another_runs_step_does_not_wait_behind_a_window_being_computed(manager)
     computing, release = threading.Event(), threading.Event()
     advance = engine.advance
 
-    def slow_advance(metrics=None):  # the big window's torch work, held until we say so
+    def slow_advance(*args):  # the big window's torch work, held until we say so
         computing.set()
         assert release.wait(30)
-        return advance(metrics)
+        return advance(*args)
 
     engine.advance = slow_advance
     big = threading.Thread(target=manager.window, args=("big", 0, 500))
@@ -63,10 +63,10 @@ def test_a_commit_that_finds_the_run_moved_meanwhile_computes_again(manager):
     computing, release = threading.Event(), threading.Event()
     advance = engine.advance
 
-    def slow_advance(metrics=None):
+    def slow_advance(*args):
         computing.set()
         assert release.wait(30)
-        return advance(metrics)
+        return advance(*args)
 
     engine.advance = slow_advance
     windows = []

@@ -71,6 +71,18 @@ def test_only_heads_are_claimed_a_claim_is_exclusive_and_a_failure_waits_its_bac
     assert (status.pending, status.retrying, status.failures, status.last_error) == (3, 1, 1, "HTTP 500")
 
 
+def test_idle_work_is_read_without_locks_and_says_what_to_do(replicas):
+    one, _ = replicas
+    one.register(URL)
+    assert one.work(URL) == (False, False)
+    make(one.store, "a")
+    assert one.work(URL) == (True, False)  # an event to queue
+    one.fill(URL, render)
+    assert one.work(URL) == (False, True)  # a delivery due
+    one.claim(URL, lease_s=60)
+    assert one.work(URL) == (False, False)  # leased: nothing for anyone until it is answered
+
+
 def test_delivered_frees_the_next_of_the_run_and_a_lapsed_lease_is_claimed_again(replicas):
     one, two = replicas
     one.register(URL)

@@ -1,0 +1,192 @@
+"""Figure 6: work budgets: what the worst request each budget allows does to everyone else.
+
+One server process on SQLite, default settings. A *victim* job steps its own run
+(``POST .../step``, one new step per request, a commit each) and a probe asks ``GET /healthz``,
+each one request at a time, while an *attacker* repeats the worst request a budget allows,
+one at a time, with a read/write token's rights:
+
+- ``none``: no attacker (the baseline);
+- ``window``: ``GET .../lr?step=<first free>&ahead=10000`` on a 1024-group run (cut to the budget);
+- ``step jump``: ``POST .../step`` as far beyond the horizon as the budget allows, same run;
+- ``preview``: ``POST /v1/schedules/preview``, 1024 groups, the most steps the budget allows;
+- ``history``: ``GET .../history`` of that run, the most points the budget allows;
+- ``create``: a 1024-group LambdaLR run with distinct expressions as long as the budget allows.
+
+Rows: the victim's and the probe's p50/p99, their ratio to the baseline's, and the attacker
+request's own time (its server time plus one loopback round trip): the "worst allowed
+request per route" figure the README quotes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import report
+from bench.servers import Pool
+from bench.sizes import Size
+from bench.stats import p99, percentile
+from service.engine import cost
+from service.engine.spec import parse_schedule
+from service.settings import Settings
+
+NAME = "budgets"
+TITLE = "Figure 6: another run's step and /healthz while the worst request each budget allows runs"
+GROUPS = 1024
+TARGET_RATIO = 2.0
+TARGET_MS = 100.0
+STEP_LR = {"type": "StepLR", "step_size": 7}
+
+
+def _seconds(size: Size) -> float:
+    return {"tiny": 1.0, "quick": 3.0}.get(size.name, 8.0)
+
+
+class _Attacker:
+    """One kind of worst request, repeated one at a time (``next_request`` builds each)."""
+
+    def __init__(self, url: str, name: str, wide: str, budget: int) -> None:
+        self.url, self.name, self.wide, self.budget = url, name, wide, budget
+        self.spec = parse_schedule(STEP_LR, n_groups=GROUPS)
+        self.fits = cost.steps_within(self.spec, n_groups=GROUPS, budget=budget)
+        self.times_ms: list[float] = []
+        self.units = 0
+        self.count = 0
+
+    def one(self, http: httpx.Client) -> None:
+        t0 = time.perf_counter()
+        if self.name == "window":
+            horizon = http.get(f"/v1/runs/{self.wide}").json()["horizon"]
+            started = time.perf_counter()
+            params = {"step": horizon + 1, "ahead": 10_000}
+            http.get(f"/v1/runs/{self.wide}/lr", params=params).raise_for_status()
+            self.units = cost.cost(self.spec, n_groups=GROUPS, steps=self.fits)
+            t0 = started
+        elif self.name == "step jump":
+            horizon = http.get(f"/v1/runs/{self.wide}").json()["horizon"]
+            started = time.perf_counter()
+            http.post(f"/v1/runs/{self.wide}/step", json={"step": horizon + self.fits}).raise_for_status()
+            self.units = cost.cost(self.spec, n_groups=GROUPS, steps=self.fits)
+            t0 = started
+        elif self.name == "preview":
+            body = {"schedule": STEP_LR, "base_lrs": [0.1] * GROUPS, "steps": self.fits}
+            http.post("/v1/schedules/preview", json=body).raise_for_status()
+            self.units = cost.cost(self.spec, n_groups=GROUPS, steps=self.fits)
+        elif self.name == "history":
+            points = self.budget // (GROUPS + cost.GROUP_OVERHEAD)
+            http.get(f"/v1/runs/{self.wide}/history", params={"max_points": points}).raise_for_status()
+            self.units = cost.history_cost(n_groups=GROUPS, points=points)
+        elif self.name == "create":
+            lambdas = [f"{i + 1}/({i + 1}+step)" + "+0*step" * 5 for i in range(GROUPS)]
+            schedule = {"type": "LambdaLR", "lr_lambda": lambdas}
+            body = {"run_id": f"attack-create-{self.count}", "schedule": schedule, "base_lrs": [0.1] * GROUPS}
+            http.post("/v1/runs", json=body).raise_for_status()
+            self.units = cost.cost(parse_schedule(schedule, n_groups=GROUPS), n_groups=GROUPS,
+                                   steps=cost.CREATE_STEPS)
+        self.times_ms.append((time.perf_counter() - t0) * 1000)
+        self.count += 1
+
+
+def _loop(url: str, stop: threading.Event, work: Any, out: list[float]) -> None:
+    with httpx.Client(base_url=url, timeout=120) as http:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            work(http)
+            out.append((time.perf_counter() - t0) * 1000)
+
+
+def _scenario(url: str, attacker: _Attacker | None, seconds: float, victim: str) -> dict[str, Any]:
+    stop = threading.Event()
+    steps: list[float] = []
+    health: list[float] = []
+    attack: list[float] = []
+    counter = {"step": victim_horizon(url, victim)}
+
+    def step(http: httpx.Client) -> None:
+        counter["step"] += 1
+        http.post(f"/v1/runs/{victim}/step", json={"step": counter["step"]}).raise_for_status()
+
+    def healthz(http: httpx.Client) -> None:
+        http.get("/healthz").raise_for_status()
+        time.sleep(0.002)  # a probe, not a load
+
+    threads = [threading.Thread(target=_loop, args=(url, stop, step, steps)),
+               threading.Thread(target=_loop, args=(url, stop, healthz, health))]
+    if attacker is not None:
+        threads.append(threading.Thread(target=_loop, args=(url, stop, attacker.one, attack)))
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    row: dict[str, Any] = {
+        "attacker": "none" if attacker is None else attacker.name,
+        "step_p50_ms": percentile(steps, 50), "step_p99_ms": p99(steps),
+        "healthz_p50_ms": percentile(health, 50), "healthz_p99_ms": p99(health),
+        "steps": len(steps),
+    }
+    if attacker is not None and attacker.times_ms:
+        row["worst_ms"] = statistics.median(attacker.times_ms)
+        row["worst_units"] = attacker.units
+        row["worst_count"] = len(attacker.times_ms)
+    return row
+
+
+def victim_horizon(url: str, run_id: str) -> int:
+    return httpx.get(f"{url}/v1/runs/{run_id}", timeout=60).json()["horizon"]
+
+
+COLUMNS = [("attacker", "worst request running"), ("step_p50_ms", "step p50 ms"),
+           ("step_p99_ms", "step p99 ms"), ("step_vs_none", "step p99 vs none"),
+           ("healthz_p50_ms", "healthz p50 ms"), ("healthz_p99_ms", "healthz p99 ms"),
+           ("healthz_vs_none", "healthz p99 vs none"), ("worst_ms", "worst request ms"),
+           ("worst_units", "its work units"), ("worst_count", "worst requests"), ("steps", "victim steps")]
+
+
+def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
+    budget = Settings().work_budget
+    seconds = _seconds(size)
+    with pool.sqlite("budgets") as server:
+        url = f"http://127.0.0.1:{server.port}"
+        with httpx.Client(base_url=url, timeout=120) as http:
+            http.post("/v1/runs", json={"run_id": "victim", "schedule": STEP_LR, "base_lrs": [0.1]})
+            http.post("/v1/runs", json={"run_id": "wide", "schedule": STEP_LR, "base_lrs": [0.1] * GROUPS})
+            while http.get("/v1/runs/wide").json()["horizon"] < 2_000:  # history has points to show
+                horizon = http.get("/v1/runs/wide").json()["horizon"]
+                http.get("/v1/runs/wide/lr", params={"step": horizon + 1, "ahead": 10_000}).raise_for_status()
+        rows = [_scenario(url, None, seconds, "victim")]
+        for name in ("window", "step jump", "preview", "history", "create"):
+            rows.append(_scenario(url, _Attacker(url, name, "wide", budget), seconds, "victim"))
+        rows.append(_scenario(url, None, seconds, "victim"))  # the baseline again: did it drift?
+        rows[-1]["attacker"] = "none (again)"
+    base = rows[0]
+    for row in rows:
+        for what in ("step", "healthz"):
+            baseline = base[f"{what}_p99_ms"]
+            row[f"{what}_vs_none"] = row[f"{what}_p99_ms"] / baseline if baseline else None
+    attacked = [r for r in rows if "worst_ms" in r]
+    holds = all(
+        r["step_vs_none"] <= TARGET_RATIO and r["healthz_vs_none"] <= TARGET_RATIO
+        and r["step_p99_ms"] <= TARGET_MS and r["healthz_p99_ms"] <= TARGET_MS
+        for r in attacked
+    )
+    return report.figure(
+        NAME, TITLE,
+        ran=f"lrserve under uvicorn, 1 process, SQLite, default settings (work budget {budget}); "
+            f"each scenario {seconds:g} s: a victim run stepped one commit at a time, /healthz probed, "
+            f"and one client repeating the worst request of one budget on a {GROUPS}-group run",
+        target=f"step and /healthz p99 <= {TARGET_RATIO:g} x the baseline's and <= {TARGET_MS:g} ms",
+        holds=holds, columns=COLUMNS, rows=rows,
+        notes=[
+            "worst request ms: the attacker's own requests (median), server time plus one loopback "
+            "round trip: the README's 'worst allowed request per route'",
+            "the victim, the probe and the attacker are threads of this process, sharing the 2 cores "
+            "with the server",
+        ],
+    )
