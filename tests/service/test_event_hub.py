@@ -112,3 +112,28 @@ def test_an_idle_stream_gets_heartbeats(tmp_path):
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_on_postgres_a_commit_of_another_process_wakes_the_hub_through_notify(database_url):
+    """The hub's poll is set to an hour: only NOTIFY can bring it another store's commit."""
+    url = database_url("postgres")
+    mine, other = open_store(url), open_store(url)  # two stores: two processes' pools
+    other.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
+
+    async def scenario():
+        hub = EventHub(mine, poll_s=3600, listen=mine.commit_listener())
+        await hub.start()
+        stream = hub.follow(await asyncio.to_thread(mine.last_gid), FeedFilter())
+        waiting = asyncio.ensure_future(_next_events(stream, 1))
+        await asyncio.sleep(0.5)  # the stream is live and the listener connected
+        await asyncio.to_thread(_append, other, 1)
+        (event,) = await asyncio.wait_for(waiting, 30)
+        assert event.event.kind is EventKind.CONTROL
+        await stream.aclose()
+        await hub.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        mine.close()
+        other.close()
