@@ -111,6 +111,10 @@ def _add_runs(subparsers: argparse._SubParsersAction, common: argparse.ArgumentP
         "--label", action="append", default=[], metavar="KEY:VALUE", help="filter (repeatable)"
     )
     listing.add_argument("--status", choices=_STATUSES, help="filter by status")
+    listing.add_argument(
+        "--stale", action="store_true", help="only active runs no rank has asked about lately (the server's "
+        "LRSERVE_STALE_AFTER_S)"
+    )
     listing.add_argument("--limit", type=_positive_int, help="most runs to list")
     listing.add_argument("--cursor", help="continue after this page cursor")
     listing.add_argument("--json", action="store_true", help="print the server's JSON")
@@ -362,7 +366,8 @@ def _runs_list(args: argparse.Namespace, api: LRClient) -> int:
     for label in args.label:
         if ":" not in label:
             raise UsageError(f"--label must be KEY:VALUE, got {label!r}")
-    page = api.list_runs(labels=args.label, status=args.status, limit=args.limit, cursor=args.cursor)
+    page = api.list_runs(labels=args.label, status=args.status, limit=args.limit, cursor=args.cursor,
+                         stale=args.stale)
     if args.json:
         _print_json(page)
         return EXIT_OK
@@ -370,7 +375,7 @@ def _runs_list(args: argparse.Namespace, api: LRClient) -> int:
     rows = [
         [
             str(run.get("run_id", "")),
-            str(run.get("status", "")),
+            str(run.get("status", "")) + (" (stale)" if run.get("stale") else ""),
             str(run.get("horizon", "")),
             " ".join(_fmt(x) for x in run.get("lrs") or []),
             ",".join(f"{k}={v}" for k, v in (run.get("labels") or {}).items()),

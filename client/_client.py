@@ -219,8 +219,10 @@ class LRClient:
         status: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        stale: bool = False,
     ) -> dict[str, Any]:
-        """One page of runs; ``labels`` as ``{"key": "value"}`` or ``["key:value"]``."""
+        """One page of runs; ``labels`` as ``{"key": "value"}`` or ``["key:value"]``; ``stale``:
+        only active runs no rank has asked about for the server's ``LRSERVE_STALE_AFTER_S``."""
         params: list[tuple[str, str]] = []
         if isinstance(labels, Mapping):
             params += [("label", f"{k}:{v}") for k, v in labels.items()]
@@ -229,6 +231,8 @@ class LRClient:
         for key, value in (("status", status), ("limit", limit), ("cursor", cursor)):
             if value is not None:
                 params.append((key, str(value)))
+        if stale:
+            params.append(("stale", "true"))
         return self.request("GET", "/v1/runs", params=params)
 
     def delete_run(self, run_id: str) -> None:

@@ -10,6 +10,7 @@ refused with a ``ValueError`` that says so, rather than run differently.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -52,7 +53,14 @@ def _build(spec: Mapping[str, Any], optimizer: Any, *, nested: bool = False) -> 
 class LocalScheduler:
     """What ``RemoteScheduler(...)`` returns under ``LRSERVE_MODE=disabled``: the same
     methods, torch's values, no server. Arguments only a server uses are accepted and ignored.
+    It is also a ``torch.optim.lr_scheduler.LRScheduler`` (frameworks check), without
+    torch's ``__init__`` (which would wrap ``optimizer.step``), as ``RemoteScheduler`` is.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> LocalScheduler:
+        if cls is LocalScheduler:
+            cls = _torch_flavour()
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -72,6 +80,7 @@ class LocalScheduler:
         self.monitor = str(self.schedule.get("monitor", _DEFAULT_MONITOR))
         self.last_epoch = 0
         self._reported: dict[str, float] = {}
+        self.reports_after_step = False  # the framework callbacks set it, as on RemoteScheduler
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
 
     def step(self, metrics: float | Mapping[str, float] | None = None, epoch: None = None) -> None:
@@ -90,8 +99,13 @@ class LocalScheduler:
             self.scheduler.step(value)
 
     def report(self, **metrics: float) -> None:
-        """Metrics for the next ``step()`` (the watched one feeds a plateau schedule)."""
-        self._reported.update({k: float(v) for k, v in metrics.items()})
+        """The watched metric feeds a plateau schedule: at the next ``step()``, or at once
+        when reports come after the step that ends an epoch (``reports_after_step``, what
+        frameworks do: torch's plateau then decides the next batch's LR)."""
+        values = {k: float(v) for k, v in metrics.items()}
+        if self.reports_after_step and self._plateau and self.monitor in values:
+            self.scheduler.step(values.pop(self.monitor))
+        self._reported.update(values)
 
     def log(self, *args: Any, **kwargs: Any) -> None:
         """Metrics for history: there is no server to keep them."""
@@ -137,3 +151,11 @@ class LocalScheduler:
     def __repr__(self) -> str:
         kind = self.schedule.get("type")
         return f"LocalScheduler(run_id={self.run_id!r}, type={kind!r}, LRSERVE_MODE=disabled)"
+
+
+@functools.cache
+def _torch_flavour() -> type[LocalScheduler]:
+    from torch.optim.lr_scheduler import LRScheduler
+
+    return type("LocalScheduler", (LocalScheduler, LRScheduler), {"__module__": __name__,
+                                                                  "__doc__": LocalScheduler.__doc__})

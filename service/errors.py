@@ -158,6 +158,49 @@ class _Throttled:
         self._log.warning(fmt + (" (and %d more like it)" if held else ""), *args, *((held,) if held else ()))
 
 
+class OutageLog:
+    """What a background loop (the liveness flusher, the event feed, webhooks) says about its
+    database: one warning when it first fails, one when it works again, nothing in between
+    however often the loop retries (it retries every second or so: a line per try buries
+    the log during an outage)."""
+
+    def __init__(self, log: Any, loop: str, failing: str) -> None:
+        import threading
+
+        self._log = log
+        self._loop = loop
+        self._failing = failing
+        self._lock = threading.Lock()
+        self._since: float | None = None  # monotonic start of the outage; None while working
+        self._tries = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """A try failed: the first failure of an outage is logged (on one line)."""
+        import time
+
+        with self._lock:
+            self._tries += 1
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        self._log.warning("%s: %s: %s (said once; a line follows when it is back)",
+                          self._loop, self._failing, " ".join(str(exc).split()))
+
+    def ok(self) -> None:
+        """A try worked: the end of an outage is logged, with how long it lasted."""
+        import time
+
+        if self._since is None:  # the usual case: no lock
+            return
+        with self._lock:
+            if self._since is None:
+                return
+            lasted, tries = time.monotonic() - self._since, self._tries
+            self._since, self._tries = None, 0
+        self._log.warning("%s: the database is back after %.1f s, %d failed tries (it was: %s)",
+                          self._loop, lasted, tries, self._failing)
+
+
 def _validation_errors(raw: Sequence[Any]) -> list[FieldError]:
     """FastAPI's request validation errors, as field paths and plain words."""
     errors = []

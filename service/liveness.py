@@ -28,7 +28,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
-from service.errors import StoreUnavailable
+from service.errors import OutageLog, StoreUnavailable
 from service.store.base import BaseStore, RunRecord
 
 log = logging.getLogger("lrserve")
@@ -112,10 +112,13 @@ class Liveness:
 
     async def flush_every(self, store: BaseStore, interval_s: float, after: Callable[[], Any]) -> None:
         """Flush every ``interval_s`` until cancelled, then ``after()`` (the gauges); failures are logged."""
+        outage = OutageLog(log, "last_seen", "not written (kept for the next try)")
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await run_in_threadpool(self.flush, store)
                 await run_in_threadpool(after)
             except StoreUnavailable as exc:
-                log.warning("last_seen not written (kept for the next try): %s", exc)
+                outage.failed(exc)
+            else:
+                outage.ok()

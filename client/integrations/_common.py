@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from client._disabled import LocalScheduler
 from client._scheduler import RemoteScheduler
 
 
 def remote_scheduler(scheduler: Any) -> RemoteScheduler | None:
-    """The ``RemoteScheduler`` behind ``scheduler`` (accelerate wraps it in ``.scheduler``)."""
-    while scheduler is not None and not isinstance(scheduler, RemoteScheduler):
+    """The ``RemoteScheduler`` behind ``scheduler`` (accelerate wraps it in ``.scheduler``);
+    under ``LRSERVE_MODE=disabled`` the ``LocalScheduler`` it became."""
+    while scheduler is not None and not isinstance(scheduler, (RemoteScheduler, LocalScheduler)):
         inner = getattr(scheduler, "scheduler", None)
         scheduler = None if inner is scheduler else inner
     return scheduler

@@ -422,9 +422,14 @@ class SpikeGuardSpec(_Spec):
             )
         yield from _guarded_problems(self.schedule, n_groups)
 
+    # The inner schedule, parsed once per group count (engines, previews and the manager ask often).
+    _inner: tuple[int, Any] | None = PrivateAttr(default=None)
+
     def inner_spec(self, n_groups: int) -> ScheduleSpec:
         """The validated inner schedule."""
-        return parse_schedule(self.schedule, n_groups=n_groups, field="schedule")
+        if self._inner is None or self._inner[0] != n_groups:
+            self._inner = (n_groups, parse_schedule(self.schedule, n_groups=n_groups, field="schedule"))
+        return self._inner[1]
 
 
 def _guarded_problems(inner: dict[str, Any], n_groups: int) -> Problems:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import StoreUnavailable
+from service.errors import OutageLog, StoreUnavailable
 from service.store.base import BaseStore
 from service.store.events import FeedEntry
 
@@ -105,6 +105,7 @@ class EventHub:
         """Recent events as the stream sends them, by id: encoded once, sent to every stream."""
         self.poll_s = poll_s
         self._listen = listen
+        self._read_outage = OutageLog(log, "event feed", "cannot read the log")
         self._subs: set[_Subscription] = set()
         self._wake = asyncio.Event()
         self._last = 0
@@ -159,18 +160,26 @@ class EventHub:
                     if len(page) < PAGE:
                         break
             except StoreUnavailable as exc:
-                log.warning("event feed: cannot read the log: %s", exc)
+                self._read_outage.failed(exc)
                 await asyncio.sleep(self.poll_s)
+            else:
+                self._read_outage.ok()
 
     async def _listen_forever(self) -> None:
         assert self._listen is not None
+        outage = OutageLog(log, "event feed", "database notifications lost, polling only")
+
+        def woke() -> None:  # the listener calls it once listening, then on every notification
+            outage.ok()
+            self.wake()
+
         while not self._closed:
             try:
-                await self._listen(self.wake)  # type: ignore[misc]
+                await self._listen(woke)  # type: ignore[misc]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the poll still runs; try again later
-                log.warning("event feed: database notifications lost, polling only: %s", exc)
+                outage.failed(exc)
             await asyncio.sleep(max(1.0, self.poll_s))
 
     async def follow(self, after: int, feed_filter: FeedFilter) -> AsyncIterator[list[FeedEntry] | Overflow]:

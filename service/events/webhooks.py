@@ -30,7 +30,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import StoreUnavailable
+from service.errors import OutageLog, StoreUnavailable
 from service.events.hub import FeedFilter
 from service.events.wire import event_message
 from service.store.events import EventKind, FeedEntry
@@ -178,6 +178,7 @@ class WebhookSender:
 
     async def _run(self) -> None:
         next_gauges = 0.0
+        outage = OutageLog(log, "webhooks", "the queue is unreachable")
         while not self._closed:
             try:
                 busy = await self._round()
@@ -187,8 +188,10 @@ class WebhookSender:
                         self.telemetry.webhook_pending.labels(endpoint.shown).set(status.pending)
                         self.telemetry.webhook_delivered.labels(endpoint.shown).set(status.delivered)
             except StoreUnavailable as exc:
-                log.warning("webhooks: the queue is unreachable: %s", exc)
+                outage.failed(exc)
                 busy = False
+            else:
+                outage.ok()
             if busy or self._closed:
                 continue
             try:

@@ -125,3 +125,41 @@ def test_postgres_restarted_under_load(cluster, tmp_path):
         history = httpx.get(f"{again.url}/v1/runs/pg/history", params={"max_points": 100_000}).json()
         assert set(acked) <= set(history["metrics"]["loss"]["steps"])
         assert httpx.get(f"{again.url}/v1/runs/pg").json()["horizon"] >= acked[-1]
+
+
+
+BACKGROUND = ("last_seen: ", "event feed: ", "webhooks: ")
+
+
+def _background_lines(server) -> list[str]:
+    """The background loops' lines (requests' own 503s are throttled apart, in service/errors.py)."""
+    return [line for line in server.log_path.read_text().splitlines() if line.startswith(BACKGROUND)]
+
+
+def test_an_outage_is_one_log_line_per_background_loop_and_one_when_it_recovers(cluster, tmp_path):
+    """The liveness flusher, the event feed and its notifications each say once that the
+    database went away and once that it is back, however long it stays away (before: a
+    line or more per loop and try, ~10 lines every 2 s, some of them three lines long)."""
+    with ServerProcess(cluster.url, tmp_path) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.post("/v1/runs", json=RUN).status_code == 201
+        assert http.post("/v1/runs/pg/step", json={"step": 1}).status_code == 200
+        cluster.stop("immediate")
+        until = time.monotonic() + 8
+        while time.monotonic() < until:  # a job still asking: a sighting for every flush to write
+            http.get("/v1/runs/pg/lr", params={"step": 1})
+            time.sleep(0.2)
+        down = _background_lines(server)
+        assert 2 <= len(down) <= 3, down  # last_seen, the feed, and its notifications (maybe not yet)
+        assert len({line.split(": ")[1] for line in down}) == len(down), down  # one per loop
+        assert all("said once" in line for line in down), down
+        cluster.start()
+        deadline = time.monotonic() + 30
+        while http.post("/v1/runs/pg/step", json={"step": 2}).status_code != 200:
+            assert time.monotonic() < deadline, "no recovery"
+            time.sleep(0.2)
+        http.get("/v1/runs/pg/lr", params={"step": 2})
+        time.sleep(4)  # a few flushes, polls and reconnections after recovery
+        lines = _background_lines(server)
+        after = lines[len(down):]
+        assert len(after) == len(down) and all("the database is back after" in line for line in after), lines

@@ -82,3 +82,24 @@ def test_an_unknown_mode_names_the_variable(monkeypatch):
     monkeypatch.setenv("LRSERVE_MODE", "offline")
     with pytest.raises(ValueError, match="LRSERVE_MODE must be one of remote, disabled"):
         RemoteScheduler(_sgd((0.1,)), {"type": "StepLR", "step_size": 2}, url=NOWHERE)
+
+
+def test_it_is_a_torch_scheduler_and_the_framework_callbacks_find_it(monkeypatch):
+    from client.integrations._common import remote_scheduler
+
+    monkeypatch.setenv("LRSERVE_MODE", "disabled")
+    opt = _sgd((0.1,))
+    sched = RemoteScheduler(opt, {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}, url=NOWHERE)
+    assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
+    assert remote_scheduler(sched) is sched
+
+    class Wrapped:  # as accelerate wraps a scheduler
+        scheduler = sched
+
+    assert remote_scheduler(Wrapped()) is sched
+    sched.reports_after_step = True  # what the callbacks set: the report decides at once
+    sched.step()
+    sched.report(val_loss=1.0)
+    sched.step()
+    sched.report(val_loss=2.0)
+    assert sched.get_last_lr() == [0.05] and [g["lr"] for g in opt.param_groups] == [0.05]

@@ -13,6 +13,7 @@ from datetime import datetime
 import httpx
 import pytest
 
+from client._cli import main as lrserve
 from tests.live_server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ class Ranks(threading.Thread):
                     http.get(f"/v1/runs/{run_id}/lr", params={"step": 0}).raise_for_status()
 
 
-def test_a_quiet_run_goes_stale_and_comes_back_when_a_rank_asks(database_url, tmp_path):
+def test_a_quiet_run_goes_stale_and_comes_back_when_a_rank_asks(database_url, tmp_path, capsys):
     db = database_url("postgres")
     a = ServerProcess(db, tmp_path, env=ENV).start()
     b = ServerProcess(db, tmp_path, env=ENV).start()
@@ -82,6 +83,9 @@ def test_a_quiet_run_goes_stale_and_comes_back_when_a_rank_asks(database_url, tm
         assert paused["status"] == "held" and paused["stale"] is False  # a held job may be quiet
         assert datetime.fromisoformat(busy["last_seen"]) > datetime.fromisoformat(quiet["last_seen"])
         _until(lambda: _gauges(b.url) == {"active": 2, "held": 1, "stopped": 0, "stale": 1})
+        assert lrserve(["runs", "list", "--stale", "--url", b.url]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert [line.split()[:3] for line in listed[1:]] == [["quiet", "active", "(stale)"]]
         exposition = httpx.get(f"{b.url}/metrics", timeout=30).text
         assert 'run_id="' not in exposition and "quiet" not in exposition  # no label per run
 

@@ -8,6 +8,7 @@ from service.engine import codec
 from service.engine.engine import Engine, apply_action
 from service.engine.preview import preview
 from service.engine.spec import parse_schedule
+from service.errors import ScheduleError
 from tests.service.engine import reference
 
 STEPS = 60
@@ -341,7 +342,16 @@ def test_any_spec_survives_a_snapshot(data, n_groups, cut, losses):
         reports = (
             {m: losses[k] for m in ("val_loss", "val_acc", "train_loss")} if losses[k] is not None else None
         )
-        original.advance(reports)
+        try:
+            original.advance(reports)
+        except ScheduleError as exc:
+            # Some chains torch drives negative (ChainedScheduler(StepLR, CosineAnnealingLR)'s
+            # recursive cosine): never served, and the restored engine refuses the same step.
+            if restored is not None:
+                with pytest.raises(ScheduleError) as again:
+                    restored.advance(reports)
+                assert str(again.value) == str(exc)
+            return
         if restored is not None:
             restored.advance(reports)
             assert restored.values() == original.values()
