@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from service.errors import StoreUnavailable
 from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
 from service.store.events import Event, EventKind, FeedEntry, NewEvent
-from service.store.guard import DatabaseMissing, FileIdentity, check_existed, write_marker
+from service.store.guard import DatabaseMissing, FileIdentity, check_existed, unwritable, write_marker
 from service.store.schema import SchemaTooNew
 from service.store.sql import SQLITE_BEGIN_OPTION, SqlStore
 
@@ -138,6 +138,8 @@ def _open_sqlite(url: URL, synchronous: str, create_db: bool) -> SqlStore:
         raise ValueError("give the SQLite database as sqlite:///PATH (not a file: URI)")
     database = Path(os.path.abspath(path))
     check_existed(database, create=create_db)
+    if (why := unwritable(database)) is not None:
+        raise StoreUnavailable(f"SQLite database {path}: {why}")
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},

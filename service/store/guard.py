@@ -52,6 +52,33 @@ def check_existed(database: Path, *, create: bool) -> None:
     )
 
 
+def unwritable(database: Path) -> str | None:
+    """Why the server could not write the SQLite database, and what to do; ``None`` when it can.
+
+    SQLite opens a file it cannot write read-only without a word (every write then fails),
+    and one in a directory where it cannot create its ``-wal`` file fails with only "unable to
+    open database file": a start-up asks first. ``os.access`` answers for the server's user,
+    root included (an immutable file, ``chattr +i``, or a read-only mount refuse root too).
+    """
+    directory = database.parent
+    try:
+        read_only_mount = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return None  # a missing directory: SQLite's own error says so
+    if read_only_mount:
+        return (f"the file system holding {directory} is mounted read-only: remount it read-write, "
+                "or point LRSERVE_DB at a writable place")
+    wal = database.with_name(database.name + "-wal")
+    for path in (database, wal):
+        if path.exists() and not os.access(path, os.W_OK):
+            return (f"{path.name} is read-only for this user (permissions, or chattr +i): make it "
+                    "writable (chmod u+w, chattr -i), or start from a writable copy")
+    if not wal.exists() and not os.access(directory, os.W_OK):
+        return (f"the directory {directory} is not writable for this user and SQLite keeps its "
+                f"-wal and -shm files there: make it writable, or move the database")
+    return None
+
+
 def write_marker(database: Path) -> None:
     """Note that the database exists (idempotent; a directory we cannot write is only logged)."""
     marker = marker_path(database)

@@ -224,3 +224,36 @@ def test_a_read_only_file_mid_run_is_a_clean_503_and_writes_resume(server, db):
     with ServerProcess(f"sqlite:///{db}", db.parent.parent) as again:
         history = httpx.get(f"{again.url}/v1/runs/r/history").json()
         assert set(range(1, acked + 2)) <= set(history["metrics"]["loss"]["steps"])
+
+
+@pytest.mark.parametrize("how", ["mount", "file"])
+def test_a_read_only_database_at_start_is_one_line_saying_what_to_do(small_disk, tmp_path, how):
+    """A read-only mount, or a read-only file (``chattr +i``: root too), at start-up: one line
+    naming the cause and the fix, exit 1. Before: "unable to open database file" for the
+    mount, and for the file a server that started and answered every write 503."""
+    db = small_disk / "lrserve.db"
+    with ServerProcess(f"sqlite:///{db}", tmp_path) as first:
+        start_steps(first, 3)
+    if how == "mount":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True, capture_output=True)
+        undo = ["mount", "-o", "remount,rw", str(small_disk)]
+        words = ("mounted read-only", "remount it read-write")
+    else:
+        try:
+            _immutable([db], True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            pytest.skip(f"cannot make the file immutable here: {exc}")
+        undo = ["chattr", "-i", str(db)]
+        words = ("lrserve.db is read-only", "chmod u+w, chattr -i")
+    try:
+        cmd = [sys.executable, "-m", "service", "serve", "--db", f"sqlite:///{db}",
+               "--port", str(free_port())]
+        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(undo, check=True, capture_output=True)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+    assert lines[0].startswith("lrserve: cannot start: SQLite database"), lines
+    assert all(w in lines[0] for w in words), lines
+    with ServerProcess(f"sqlite:///{db}", tmp_path) as again:  # writable again: it starts, history intact
+        assert step(again, 4).status_code == 200

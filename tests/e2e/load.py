@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import reprlib
 import threading
 import time
 from collections import defaultdict
@@ -149,7 +150,8 @@ class Load:
             target(cluster, *args)
         except Exception as exc:  # a crash in a load thread must fail the test, not vanish
             with self.ledger.lock:
-                self.ledger.errors.append(f"{target.__name__}{args}: {exc!r}")
+                # reprlib: an argument holding the ledger must not copy every earlier error into this one
+                self.ledger.errors.append(f"{target.__name__}{reprlib.repr(args)}: {exc!r}")
         finally:
             cluster.close()
 

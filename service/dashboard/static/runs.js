@@ -9,6 +9,7 @@ import { liveEvents } from "./live.js";
 import { lastMetric, specSummary } from "./spec.js";
 
 const REFRESH_MS = 3000;
+const LIVE_REFRESH_MS = 1000;
 const PAGE = 200;
 const MAX_RUNS = 1000; // a page of a dashboard, not an export: beyond this, filter
 const SPARK_POINTS = 80;
@@ -137,7 +138,11 @@ export function runsPage(root, session = {}) {
   refresh();
   // A new run, a status change or an action shows at once (GET /v1/events); steps are not
   // events, so the timer still refreshes the step and LR columns.
-  const live = liveEvents({}, () => refresh(), (state) => { stamp.dataset.live = state; });
+  // At most one refresh a second however busy the fleet (a burst of events is one refresh).
+  let soon = null;
+  const live = liveEvents({}, () => {
+    if (!soon) soon = setTimeout(() => { soon = null; refresh(); }, LIVE_REFRESH_MS);
+  }, (state) => { stamp.dataset.live = state; });
   const timer = setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
-  return { stop: () => { clearInterval(timer); live.stop(); } };
+  return { stop: () => { clearInterval(timer); clearTimeout(soon); live.stop(); } };
 }
