@@ -255,3 +255,38 @@ def test_a_restart_while_an_operator_acts_through_another_replica_records_a_dive
     back = next(k for k in range(last + 1, len(seen)) if seen[k] == final[k])
     assert all(seen[k] == final[k] for k in range(back, len(seen)))
     assert len(seen) - back >= 200
+
+
+def test_two_replicas_behind_a_proxy_one_killed_the_job_fails_over_without_the_tail(
+    tmp_path, database_url
+):
+    import warnings
+
+    from tests.e2e.proxy import FailoverProxy
+
+    db = database_url("postgres")
+    a = ServerProcess(db, tmp_path).start()
+    b = ServerProcess(db, tmp_path).start()
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:
+        with FailoverProxy([a.port, b.port]) as proxy, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with RemoteScheduler(opt, SPEC, run_id="fo", url=proxy.url) as sched:  # defaults
+                seen = [sched.get_last_lr()]
+                for k in range(1, STEPS + 1):
+                    time.sleep(SECONDS_PER_STEP)
+                    opt.step()
+                    sched.log(train_loss=1.0 / k)
+                    sched.step()
+                    seen.append(sched.get_last_lr())
+                    assert sched._tail.ridden_from is None, f"step {k} rode the tail"
+                    if k == KILL_AT:
+                        a.kill()  # the replica every connection went to
+        history = _history(b.url, "fo")
+    finally:
+        a.stop()
+        b.stop()
+    assert not [w for w in caught if issubclass(w.category, ServerAwayWarning)]
+    assert seen == torch_trajectory(STEPS)
+    assert history["metrics"]["train_loss"]["steps"] == list(range(1, STEPS + 1))
+    assert not [e for e in history["events"] if e["kind"] == "provisional_divergence"]
