@@ -29,10 +29,15 @@ SECRET = "webhook-secret-7"
 
 
 class Receiver:
-    """An HTTP server on loopback: answers 500 to its first ``fail_first`` POSTs per path, then 204."""
+    """An HTTP server on loopback: answers 500 to its first ``fail_first`` POSTs per path, then 204.
 
-    def __init__(self, fail_first: int) -> None:
+    With ``hold=True`` it answers 500 to everything until ``release()`` (then counts
+    ``fail_first`` from there): what a test expects still queued must not hang on timing.
+    """
+
+    def __init__(self, fail_first: int, hold: bool = False) -> None:
         self.fail_first = fail_first
+        self.holding = hold
         self.lock = threading.Lock()
         self.seen: dict[str, int] = {}
         self.got: dict[str, list[tuple[dict, bytes, str]]] = {}  # path -> (body, raw, signature)
@@ -43,7 +48,7 @@ class Receiver:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 with receiver.lock:
                     n = receiver.seen[self.path] = receiver.seen.get(self.path, 0) + 1
-                    ok = n > receiver.fail_first
+                    ok = not receiver.holding and n > receiver.fail_first
                     if ok:
                         receiver.got.setdefault(self.path, []).append(
                             (json.loads(raw), raw, self.headers["X-LRServe-Signature"]))
@@ -65,6 +70,11 @@ class Receiver:
         self.server.shutdown()
         self.server.server_close()
 
+    def release(self) -> None:
+        with self.lock:
+            self.holding = False
+            self.seen.clear()
+
     def received(self, path: str) -> list[tuple[dict, bytes, str]]:
         with self.lock:
             return list(self.got.get(path, []))
@@ -80,7 +90,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 def test_every_event_arrives_signed_in_order_per_run_across_kill_9(tmp_path):
     db = f"sqlite:///{tmp_path}/hooks.db"
-    with Receiver(fail_first=3) as receiver:
+    with Receiver(fail_first=3, hold=True) as receiver:
         hooks = [{"url": f"{receiver.url}/all", "secret": SECRET},
                  {"url": f"{receiver.url}/sweep7", "secret": SECRET, "kinds": ["control"],
                   "labels": {"sweep": "7"}}]
@@ -96,6 +106,7 @@ def test_every_event_arrives_signed_in_order_per_run_across_kill_9(tmp_path):
                               json={"action": "scale", "factor": 0.9}).raise_for_status()
             server.kill()  # the receiver has refused everything so far: all of it waits in the queue
             assert receiver.received("/all") == []
+            receiver.release()  # and refuses 3 more per path after the restart
             server = ServerProcess(db, tmp_path, env=env, port=server.port).start()
             with httpx.Client(base_url=server.url, timeout=10) as http:
                 for run_id in "ab":
