@@ -304,9 +304,10 @@ def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):
     fake.on_request = slow
     sched = make_scheduler(time_budget_s=100.0)
     run_steps(sched, clock, 3000, seconds_per_step=0.001)
-    # The server's 0.2 s, plus the steps the job took meanwhile: a prefetch runs while the
-    # job steps and the clock is shared, so a step may land inside a fetch (as in real time).
-    assert 0.2 - 1e-9 <= sched._fetcher.seconds < 0.2 + 0.01
+    # At least the server's 0.2 s. The job keeps stepping while a prefetch is out, and on this
+    # one fake clock its steps add to the fetch's time (in real time they would overlap it);
+    # how many land inside depends on thread scheduling, so only the lower bound is exact.
+    assert sched._fetcher.seconds >= 0.2 - 1e-9
     per_step = sched._sizer.seconds_per_step
     assert sched._prefetch_margin() >= int(2 * 0.2 / per_step)
 
