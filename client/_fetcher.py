@@ -49,7 +49,8 @@ class WindowFetcher:
         run_id: Returns the run's id (it changes when a checkpoint of another run is loaded).
         current_step: Returns the step the job is at.
         limit_ahead: ``(first, ahead) -> ahead`` that stays before the next report step.
-        tail_fields: ``(first, ahead) -> fields`` of the provisional tail to send with a request.
+        tail_fields: ``(first, ahead, grow=True) -> fields`` of the provisional tail to send
+            with a request (``grow=False``: a report's, which asks for no tail).
         rank: Sent with late reports.
         report_timeout: Timeout of a report (a metric barrier may hold it).
         clock: Measures how long fetches take.
@@ -63,7 +64,7 @@ class WindowFetcher:
         run_id: Callable[[], str],
         current_step: Callable[[], int],
         limit_ahead: Callable[[int, int], int],
-        tail_fields: Callable[[int, int], dict[str, int]] = lambda first, ahead: {},
+        tail_fields: Callable[..., dict[str, int]] = lambda first, ahead, grow=True: {},
         rank: int = 0,
         report_timeout: httpx.Timeout | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -216,7 +217,7 @@ class WindowFetcher:
                     ahead=ahead if step == first else 0,
                     timeout=self._report_timeout,
                     max_retries=0,
-                    tail=self._tail_fields(first, ahead) if step == first else None,
+                    tail=self._tail_fields(first, ahead, False) if step == first else None,
                 )
             except LRServiceError as exc:
                 if not is_outage(exc):  # refused for good: raised to the job, not retried

@@ -686,7 +686,7 @@ class RemoteScheduler:
                 rank=self.rank,
                 ahead=ahead,
                 timeout=self._report_timeout,
-                tail=self._tail_fields(s, ahead),
+                tail=self._tail_fields(s, ahead, grow=False),
             )
         except LRServiceError as exc:
             if not is_outage(exc):
@@ -750,7 +750,8 @@ class RemoteScheduler:
         self._sizer.observe(s, self._clock())
         try:
             ahead = self._ahead_from(s)
-            answer = self._client.read_lr(self.run_id, s, ahead=ahead, tail=self._tail_fields(s, ahead))
+            tail = self._tail_fields(s, ahead, grow=False)
+            answer = self._client.read_lr(self.run_id, s, ahead=ahead, tail=tail)
         except LRServiceError as exc:
             if not is_outage(exc):
                 raise
@@ -879,7 +880,7 @@ class RemoteScheduler:
             start, lrs = int(answer["step"]), [answer["lrs"]]
             self._merge(start, lrs, None if moms is None else [moms])
         self._tail.take(answer, start, lrs)
-        self._tail.back()
+        self._tail.back(self.last_epoch)
         if self._away and self._holds(self.last_epoch):
             self._apply(self.last_epoch)  # catch up now, not one step later
             self._back()
@@ -985,9 +986,10 @@ class RemoteScheduler:
         else:
             self._accept(result)
 
-    def _tail_fields(self, first: int, ahead: int) -> dict[str, int]:
-        """Provisional-tail fields of a request for ``first .. first + ahead`` (either thread)."""
-        return self._tail.request_fields(first + ahead, self._sizer.seconds_per_step, self.rank)
+    def _tail_fields(self, first: int, ahead: int, grow: bool = True) -> dict[str, int]:
+        """Provisional-tail fields of a request for ``first .. first + ahead`` (either thread);
+        ``grow=False`` for one the loop waits for: no tail asked (its work would be waited for)."""
+        return self._tail.request_fields(first, first + ahead, self._sizer.seconds_per_step, self.rank, grow)
 
     def _back(self) -> None:
         self._away = False

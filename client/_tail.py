@@ -22,6 +22,10 @@ __all__ = ["DEFAULT_FIRST_TAIL", "DEFAULT_RIDE_S", "MAX_TAIL", "ProvisionalTail"
 DEFAULT_RIDE_S = 60.0
 #: Steps of tail asked for before the time per step is known.
 DEFAULT_FIRST_TAIL = 1024
+#: Most a tail grows per request, in windows (the request's window size).
+TAIL_CHUNK_WINDOWS = 2
+#: ... but at least this many steps.
+MIN_TAIL_CHUNK = 256
 #: Most steps of tail asked for (the server's default cap, ``LRSERVE_MAX_PROVISIONAL``): a
 #: loop faster than 0.6 ms per step rides a shorter outage than ``ride_s``.
 MAX_TAIL = 100_000
@@ -44,6 +48,7 @@ class ProvisionalTail:
         self.moms: list[list[float]] | None = None
         self.ridden_from: int | None = None  # the first step taken on it in this outage
         self._named: int | None = None  # the ridden_from the latest request named
+        self._named_step = 0  # the step that request asked for
 
     @property
     def end(self) -> int:
@@ -71,18 +76,34 @@ class ProvisionalTail:
             return DEFAULT_FIRST_TAIL
         return min(MAX_TAIL, max(DEFAULT_FIRST_TAIL, math.ceil(self.ride_s / seconds_per_step)))
 
-    def request_fields(self, window_end: int, seconds_per_step: float | None, rank: int) -> dict[str, int]:
-        """What to send with a request whose window ends at ``window_end``: ``provisional``
-        when the tail beyond it is short, ``provisional_from`` after riding it."""
+    def request_fields(
+        self, window_start: int, window_end: int, seconds_per_step: float | None, rank: int, grow: bool = True
+    ) -> dict[str, int]:
+        """What to send with a request for the window ``window_start .. window_end``:
+        ``provisional`` when the tail beyond it is short, ``provisional_from`` after riding it.
+
+        The tail grows by at most ``TAIL_CHUNK_WINDOWS`` windows' worth per request, and a
+        tail still held is continued (``provisional_after``), not sent again: an answer (and
+        its parsing, on the worker thread, which holds the GIL) stays about a window's size,
+        so the training loop pays for the tail about what it pays for the windows. The
+        tail so reaches ``ride_s`` of training after about as long a training. Requests the
+        training loop waits for (``grow=False``: reports, a window needed now) ask none.
+        """
         fields: dict[str, int] = {}
         want = self.size_wanted(seconds_per_step)
-        if want and self.end - (window_end + 1) < want // 2:
-            fields["provisional"] = want
-        self._named = self.ridden_from
+        beyond = self.end - (window_end + 1) if self.lrs else 0
+        if grow and want and beyond < want // 2:
+            chunk = max(MIN_TAIL_CHUNK, TAIL_CHUNK_WINDOWS * (window_end + 1 - window_start))
+            if beyond > 0 and self.id is not None:
+                fields["provisional"] = min(want - beyond, chunk)
+                fields["provisional_after"] = self.end - 1
+            else:
+                fields["provisional"] = min(want, chunk)
+        self._named, self._named_step = self.ridden_from, window_start
         if self.ridden_from is not None:
             fields["provisional_from"] = self.ridden_from
-            if self.id is not None:
-                fields["provisional_id"] = self.id
+        if self.id is not None and fields:
+            fields["provisional_id"] = self.id
         if fields and rank:
             fields["rank"] = rank
         return fields
@@ -97,14 +118,29 @@ class ProvisionalTail:
         tail = answer.get("provisional")
         if tail is None:
             return
+        same = self.lrs and tail["id"] == self.id and int(tail["start"]) == self.end
         self.id = int(tail["id"])
-        if tail.get("lrs"):
+        if not tail.get("lrs"):
+            return
+        if same:  # it continues the tail held
+            self.lrs.extend(tail["lrs"])
+            if self.moms is not None and tail.get("momentums") is not None:
+                self.moms.extend(tail["momentums"])
+        else:
             self.start, self.lrs, self.moms = int(tail["start"]), tail["lrs"], tail.get("momentums")
+        done = window_start - self.start  # steps the job is past: forget them
+        if done > len(self.lrs) // 2 and done > DEFAULT_FIRST_TAIL:
+            del self.lrs[:done]
+            if self.moms is not None:
+                del self.moms[:done]
+            self.start += done
 
-    def back(self) -> None:
-        """The server answered after an outage: forget the ridden steps once a request named them."""
+    def back(self, current_step: int) -> None:
+        """The server answered after an outage: forget the ridden steps once a request named
+        them, except those the job took while that request was on its way (named next)."""
         if self._named is not None and self._named == self.ridden_from:
-            self.ridden_from = self._named = None
+            self.ridden_from = self._named_step + 1 if current_step > self._named_step else None
+            self._named = None
 
     def clear(self) -> None:
         self.id, self.start, self.lrs, self.moms, self.ridden_from = None, 0, [], None, None

@@ -148,7 +148,10 @@ class StepRequest(_Strict):
     provisional_from: int | None = Field(
         None, ge=0, description="The first step this job took on provisional values (an outage now over)."
     )
-    provisional_id: int | None = Field(None, ge=0, description="The `provisional.id` of the tail it rode.")
+    provisional_id: int | None = Field(None, ge=0, description="The `provisional.id` of the tail it holds.")
+    provisional_after: int | None = Field(
+        None, ge=0, description="The last step of the tail it holds: a valid one is continued, not repeated."
+    )
 
 
 class MetricRecordIn(_Strict):

@@ -17,8 +17,10 @@ for a new one when the id it is told differs from the one it holds.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+import threading
+import weakref
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.engine.engine import Engine, Values
@@ -36,7 +38,7 @@ class Tail:
     start: int
     values: list[Values]
 
-    def public(self, n_groups: int) -> dict[str, Any]:
+    def public(self) -> dict[str, Any]:
         moms = None
         if self.values and self.values[0][1] is not None:
             moms = [list(v[1]) for v in self.values]
@@ -44,37 +46,89 @@ class Tail:
         return {"id": self.id, "start": self.start, "lrs": lrs, "momentums": moms}
 
 
-def tail(manager: RunManager, run_id: str, after: int, n: int) -> Tail:
+@dataclass(eq=False)
+class _Shadow:
+    """A run's tail as last computed: ``values`` from ``start``, and the shadow state after them."""
+
+    owner: RunState
+    id: int
+    start: int
+    values: list[Values]
+    run: RunState | None  # None: the schedule cannot go on (torch raised)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.values)
+
+
+#: Tails of the runs clients asked lately, per manager (a tail is extended, not recomputed,
+#: while the run has no new event: the work per step is one engine step, once).
+_SHADOWS: weakref.WeakKeyDictionary[RunManager, OrderedDict[str, _Shadow]] = weakref.WeakKeyDictionary()
+_SHADOWS_LOCK = threading.Lock()
+_MOST_SHADOWS = 1024
+
+
+def tail(manager: RunManager, run_id: str, after: int, n: int, held: tuple[int, int] | None = None) -> Tail:
     """The ``n`` provisional values after step ``after``, capped by ``LRSERVE_MAX_PROVISIONAL``
     and by the steps one request may compute (the work budget).
 
     Steps up to the horizon are final and served as such; the rest come from a copy of the
     engine. A schedule that cannot go on (torch would raise) ends the tail early.
+    ``held``: ``(id, last step)`` of the tail the client holds; if it is still valid, the
+    answer continues it (starts after its last step) instead of repeating it.
     """
     state = manager.state(run_id)
     n = max(0, min(n, manager.settings.max_provisional, manager._budget_steps(state)))
+    shadow = _shadow(manager, state, after)
+    if held is not None and held[0] == shadow.id:
+        after = max(after, held[1])
+    with shadow.lock:
+        first = after + 1
+        if first < shadow.start:
+            return Tail(shadow.id, first, [])
+        missing = first + n - shadow.end
+        run = shadow.run
+        if missing > 0 and run is not None:
+            try:
+                run.advance_to(run.engine.step + missing)
+            except ScheduleError:
+                shadow.run = None  # the steps before the one torch refuses are in the tail
+            shadow.values.extend(run.take_computed())
+        values = shadow.values[first - shadow.start : first - shadow.start + n]
+        keep_from = first - shadow.start - manager.settings.max_provisional
+        if keep_from > 0:  # the job moved on: forget steps far behind it
+            del shadow.values[:keep_from]
+            shadow.start += keep_from
+    return Tail(shadow.id, first, values)
+
+
+def _shadow(manager: RunManager, state: RunState, after: int) -> _Shadow:
+    """The run's cached tail if it is valid and starts at or before ``after + 1``, else a new one."""
+    with _SHADOWS_LOCK:
+        shadows = _SHADOWS.setdefault(manager, OrderedDict())
+        shadow = shadows.get(state.run_id)
+        if shadow is not None:
+            shadows.move_to_end(state.run_id)
     with state.lock:
         tail_id, horizon = state.last_seq, state.horizon
-        if n == 0:
-            return Tail(tail_id, after + 1, [])
+        if (shadow is not None and shadow.owner is state and shadow.id == tail_id
+                and shadow.start <= after + 1 <= shadow.end):
+            return shadow
         first = max(after + 1, state.first_step)
-        final = state.values[first - state.first_step : min(after + n, horizon) + 1 - state.first_step]
-        if first != after + 1:  # old steps, replayed: no tail (a client at such a step is not at the edge)
-            return Tail(tail_id, after + 1, [])
+        final = state.values[first - state.first_step : horizon + 1 - state.first_step]
         snapshot = state.engine.snapshot() if state.engine.step == horizon else None
         inputs = _copy_inputs(state.inputs)
-    values = list(final)
-    missing = n - len(values)
-    if missing > 0 and snapshot is not None:
-        shadow = RunState(run_id, state.spec, Engine.restore(snapshot), last_seq=tail_id)
-        shadow.inputs = inputs
-        try:
-            shadow.advance_to(horizon + missing)
-        except ScheduleError:
-            pass  # the steps before the one torch refuses are in the tail
-        shadow.publish()
-        values.extend(shadow.values[1:])
-    return Tail(tail_id, after + 1, values)
+    run = None
+    if snapshot is not None:
+        run = RunState(state.run_id, state.spec, Engine.restore(snapshot), last_seq=tail_id)
+        run.inputs = inputs
+    shadow = _Shadow(state, tail_id, first, list(final), run)
+    with _SHADOWS_LOCK:
+        shadows[state.run_id] = shadow
+        while len(shadows) > _MOST_SHADOWS:
+            shadows.popitem(last=False)
+    return shadow
 
 
 def settle(
@@ -82,9 +136,10 @@ def settle(
 ) -> dict[str, Any] | None:
     """The job took steps ``start .. until`` on a tail (id ``tail_id``); they are committed now.
 
-    Records a ``provisional_divergence`` event (once per rank and ``start``) when an input
-    was placed on those steps after the tail was computed (any input, if ``tail_id`` is
-    unknown), and returns it; ``None`` when the job's values were the final ones.
+    Records a ``provisional_divergence`` event (once per rank and tail: a job still riding
+    it when the answer came names the steps after in its next request) when an input
+    newer than the tail was placed at or before ``until`` (without ``tail_id``: an input
+    on those steps), and returns it; ``None`` when the job's values were the final ones.
 
     Raises:
         InvalidInput: ``start`` is negative or above ``until``.
@@ -96,14 +151,16 @@ def settle(
     if manager.state(run_id).horizon < until:
         manager.commit(run_id, until, if_behind=True)
     events = manager.store.read_events(run_id)
+    # An input newer than the tail, placed at or before a step the job took on it (any step
+    # below ``start`` too: it changed what followed); without the tail's id, one on those steps.
     placed = sorted({
         e.step for e in events
-        if e.kind.is_step_input and e.step is not None and start <= e.step <= until
-        and (tail_id is None or e.seq > tail_id)
+        if e.kind.is_step_input and e.step is not None and e.step <= until
+        and (e.seq > tail_id if tail_id is not None else e.step >= start)
     })
     if not placed:
         return None
-    told = _divergence(events, rank, start)
+    told = _divergence(events, rank, start, tail_id)
     if told is not None:
         return told  # recorded already (the answer before was lost): once
     payload = {
@@ -112,12 +169,16 @@ def settle(
     manager.commit(run_id, manager.state(run_id).horizon, extra_events=[
         NewEvent(EventKind.PROVISIONAL_DIVERGENCE, start, payload)])
     newer = manager.store.read_events(run_id, after_seq=events[-1].seq if events else 0)
-    return _divergence(newer, rank, start)
+    return _divergence(newer, rank, start, tail_id)
 
 
-def _divergence(events: list[Event], rank: int, start: int) -> dict[str, Any] | None:
+def _divergence(events: list[Event], rank: int, start: int, tail_id: int | None) -> dict[str, Any] | None:
+    """The event recorded for this rank's ride on tail ``tail_id`` (or from ``start``), if any."""
     for e in events:
-        if e.kind is EventKind.PROVISIONAL_DIVERGENCE and e.payload.get("rank") == rank and e.step == start:
+        if e.kind is not EventKind.PROVISIONAL_DIVERGENCE or e.payload.get("rank") != rank:
+            continue
+        same = e.payload.get("provisional_id") == tail_id if tail_id is not None else e.step == start
+        if same:
             return e.public()
     return None
 

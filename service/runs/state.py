@@ -114,6 +114,12 @@ class RunState:
         self.status, self.stopped_at, self.switched_at = marks.status, marks.stopped_at, marks.switched_at
         self.watching = tuple(sorted(self.engine.watched))
 
+    def take_computed(self) -> list[Values]:
+        """The values ``advance_to`` computed since, never to be published (a shadow's, see
+        ``service.runs.provisional``)."""
+        computed, self._pending = self._pending, []
+        return computed
+
     def take_input(self, event: Event) -> None:
         """Queue a decision input for its step, and learn what a new schedule watches."""
         self.inputs.add(event)

@@ -50,10 +50,10 @@ def test_held_values_carry_training_through_an_outage(make_scheduler, fake, cloc
 
 def test_past_final_values_the_tail_carries_the_schedule_on_and_is_named_after(make_scheduler, fake, clock):
     sched = make_scheduler(run_id="t")  # defaults: a tail for 60 s of training
-    for _ in range(50):
+    for _ in range(300):
         step_once(sched, clock)
     sched._collect(wait=True)
-    assert sched._tail.end > held_until(sched) + 1000  # the tail reaches far beyond the window
+    assert sched._tail.end > held_until(sched) + 300  # the tail reaches beyond the window
     fake.down = True
     while sched.last_epoch < held_until(sched):
         step_once(sched, clock)
@@ -66,8 +66,8 @@ def test_past_final_values_the_tail_carries_the_schedule_on_and_is_named_after(m
     step_until_caught_up(sched, clock)
     sent = [{**(params or {}), **(body or {})} for _, _, params, body in fake.requests]
     named = [int(fields["provisional_from"]) for fields in sent if "provisional_from" in fields]
-    assert named == [first]  # the first request after the outage names the first step ridden
-    assert sched._tail.ridden_from is None
+    assert named[0] == first  # the first request after the outage names the first step ridden
+    assert named == sorted(named)  # a later one, steps taken while that one was on its way
     for _ in range(100):  # and on with the schedule
         assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
 

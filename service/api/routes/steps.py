@@ -26,7 +26,11 @@ router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 
 _TAIL_DOC = "Steps of provisional values wanted after the window (capped by LRSERVE_MAX_PROVISIONAL)."
 _FROM_DOC = "The first step this job took on provisional values during an outage now over."
-_ID_DOC = "The `provisional.id` of the tail those steps came from."
+_ID_DOC = "The `provisional.id` of the tail held (those steps came from)."
+_AFTER_DOC = (
+    "The last step of the tail held (with `provisional_id`): if still valid, the answer's tail "
+    "continues it rather than repeating it."
+)
 
 
 def window_response(window: Window) -> Response:
@@ -61,6 +65,7 @@ def _with_tail(
     size: int,
     since: int | None,
     tail_id: int | None,
+    held_until: int | None = None,
 ) -> dict:
     """The answer, with the provisional tail asked for and the outage settled (in a worker thread)."""
     body = window_public(window)
@@ -70,7 +75,8 @@ def _with_tail(
             body["provisional_divergence"] = divergence
     if size > 0 or since is not None:
         end = window.start + len(window.values) - 1
-        body["provisional"] = provisional.tail(manager, window.run_id, end, size).public(len(body["lrs"]))
+        held = (tail_id, held_until) if tail_id is not None and held_until is not None else None
+        body["provisional"] = provisional.tail(manager, window.run_id, end, size, held).public()
     return body
 
 
@@ -83,6 +89,7 @@ async def read_lr(
     provisional_size: Annotated[int, Query(alias="provisional", ge=0, description=_TAIL_DOC)] = 0,
     provisional_from: Annotated[int | None, Query(ge=0, description=_FROM_DOC)] = None,
     provisional_id: Annotated[int | None, Query(ge=0, description=_ID_DOC)] = None,
+    provisional_after: Annotated[int | None, Query(ge=0, description=_AFTER_DOC)] = None,
     rank: Annotated[int, Query(ge=0, description="The asking rank (named in a provisional_divergence).")] = 0,
 ) -> Response:
     """Values for steps step..step+ahead (capped); asking commits them (they become final).
@@ -93,7 +100,9 @@ async def read_lr(
     if provisional_size or provisional_from is not None:
         def with_tail() -> Response:
             window = manager.window(run_id, step, ahead)
-            tail = _with_tail(manager, window, rank, provisional_size, provisional_from, provisional_id)
+            tail = _with_tail(
+                manager, window, rank, provisional_size, provisional_from, provisional_id, provisional_after
+            )
             return FastJSONResponse(tail)
 
         return await run_in_threadpool(with_tail)
@@ -113,7 +122,8 @@ async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Respon
     barriers = request.app.state.barriers
     window = await barriers.step(run_id, body.step, body.metrics, body.rank, body.ahead)
     if body.provisional or body.provisional_from is not None:
-        args = (body.rank, body.provisional, body.provisional_from, body.provisional_id)
+        args = (body.rank, body.provisional, body.provisional_from, body.provisional_id,
+                body.provisional_after)
         return await run_in_threadpool(lambda: FastJSONResponse(_with_tail(barriers.manager, window, *args)))
     if len(window.values) * len(window.values[0][0]) <= ON_LOOP_VALUES:
         return FastJSONResponse(window_public(window))

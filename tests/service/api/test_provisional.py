@@ -153,3 +153,20 @@ def test_the_tail_and_max_ahead_are_bounded_by_the_work_budget(settings):
         answer = api.get("/v1/runs/t/lr", params={"step": 0, "provisional": 100_000}).json()
     assert 0 < len(answer["provisional"]["lrs"]) < 10_000
     assert 0 < answer["max_ahead"] < 10_000  # what a window may hold under this budget
+
+
+def test_a_held_tail_is_continued_not_repeated_while_it_is_valid(api):
+    make_run(api, "t", COSINE)
+    first = api.get("/v1/runs/t/lr", params={"step": 0, "ahead": 2, "provisional": 10}).json()["provisional"]
+    assert first["start"] == 3
+    held = {"provisional_id": first["id"], "provisional_after": 12}
+    more = api.get("/v1/runs/t/lr", params={"step": 3, "ahead": 2, "provisional": 10, **held}).json()
+    assert more["provisional"]["start"] == 13  # after the held tail
+    assert first["lrs"] + more["provisional"]["lrs"] == torch_lrs(22)[3:]
+    # an input changes what follows: the held tail is no longer valid, a new one is sent
+    assert api.post("/v1/runs/t/control", json={"action": "scale", "factor": 0.5}).status_code == 200
+    held = {"provisional_id": first["id"], "provisional_after": 22}
+    again = api.get("/v1/runs/t/lr", params={"step": 6, "provisional": 5, **held}).json()
+    assert again["provisional"]["start"] == 7 and again["provisional"]["id"] > first["id"]
+    after = api.get("/v1/runs/t/lr", params={"step": 7, "ahead": 4}).json()["window"]["lrs"]
+    assert again["provisional"]["lrs"] == after
