@@ -97,7 +97,8 @@ def serve_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    problem = check_database(args.db, args.db_wait, create_db=args.create_db)
+    problem = check_database(args.db, args.db_wait, create_db=args.create_db,
+                             sqlite_synchronous=settings.sqlite_synchronous)
     if problem is not None:
         return fail(problem)
     # Settings travel by environment so every worker process reads the same ones.
@@ -136,8 +137,10 @@ def check_settings(db: str) -> tuple[Settings | None, str | None]:
         return None, f"{name}: {message} (got {str(error.get('input'))[:80]!r})"
 
 
-def check_database(url: str, wait_s: float, *, create_db: bool = False) -> str | None:
+def check_database(url: str, wait_s: float, *, create_db: bool = False,
+                   sqlite_synchronous: str = "NORMAL") -> str | None:
     """Open the store once before any worker starts: one clear line instead of N tracebacks.
+    It creates or migrates the database, so with the settings' ``sqlite_synchronous``.
 
     Returns:
         ``None`` when the database is usable (created or migrated now), else why not, in
@@ -150,7 +153,8 @@ def check_database(url: str, wait_s: float, *, create_db: bool = False) -> str |
         print(f"lrserve: waiting for the database ({left:.0f} s left): {error}", file=sys.stderr)
 
     try:
-        store = wait_for_store(url, wait_s=wait_s, create_db=create_db, on_wait=waiting)
+        store = wait_for_store(url, wait_s=wait_s, create_db=create_db, on_wait=waiting,
+                               sqlite_synchronous=sqlite_synchronous)
     except (ValueError, StoreUnavailable) as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     store.close()

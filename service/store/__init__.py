@@ -146,7 +146,7 @@ def _open_sqlite(url: URL, synchronous: str, create_db: bool) -> SqlStore:
         pool_size=10,
         max_overflow=30,
     )
-    _install_sqlite_hooks(engine, mode)
+    _install_sqlite_hooks(engine, mode, database)
     try:
         with engine.connect():  # creates the file: its identity is what the guard keeps
             pass
@@ -159,13 +159,27 @@ def _open_sqlite(url: URL, synchronous: str, create_db: bool) -> SqlStore:
     return store
 
 
-def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
+def _install_sqlite_hooks(engine: Engine, synchronous: str, database: Path) -> None:
     """Let SQLAlchemy, not the sqlite3 module, emit BEGIN (SQLAlchemy's pysqlite recipe).
 
     sqlite3 (Python < 3.12 default) begins transactions lazily and not for SELECT or
     DDL; we need a real BEGIN, and ``BEGIN IMMEDIATE`` for write transactions (the
     store sets the ``SQLITE_BEGIN_OPTION`` execution option for those).
+
+    SQLite opens a file it cannot write read-only, and the connection stays so after the
+    file is writable again (its first write fails, even after ``BEGIN IMMEDIATE``): a
+    connection opened while the file was unwritable is marked, and the pool discards it at
+    checkout once the file is writable, so the first write after recovery succeeds.
     """
+
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(_dialect: Any, record: Any, _cargs: Any, _cparams: Any) -> None:
+        record.info[_OPENED_READ_ONLY] = unwritable(database) is not None  # before: a race only discards
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get(_OPENED_READ_ONLY) and unwritable(database) is None:
+            raise sa_exc.DisconnectionError("opened read-only; the file is writable now")
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -181,6 +195,9 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+_OPENED_READ_ONLY = "lrserve_opened_read_only"
 
 
 def _enable_wal(cursor: Any) -> None:

@@ -81,3 +81,24 @@ def test_schema_too_new_is_not_retried(tmp_path):
     with pytest.raises(SchemaTooNew):
         wait_for_store(url, wait_s=30)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("mode,level", [("NORMAL", 1), ("FULL", 2), ("EXTRA", 3)])
+def test_the_start_up_check_opens_sqlite_with_the_configured_synchronous(tmp_path, mode, level):
+    """The check creates or migrates the database: it writes with the settings' durability
+    (before: always NORMAL). Every connection it opens is asked for its pragma."""
+    from sqlalchemy import Engine, event
+
+    from service.cli import check_database
+
+    seen: list[int] = []
+
+    def ask(conn) -> None:
+        seen.append(conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0])
+
+    event.listen(Engine, "engine_connect", ask)
+    try:
+        assert check_database(f"sqlite:///{tmp_path / 'l.db'}", 0, sqlite_synchronous=mode) is None
+    finally:
+        event.remove(Engine, "engine_connect", ask)
+    assert seen and set(seen) == {level}, seen
