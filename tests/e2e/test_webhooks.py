@@ -31,8 +31,9 @@ SECRET = "webhook-secret-7"
 class Receiver:
     """An HTTP server on loopback: answers 500 to its first ``fail_first`` POSTs per path, then 204.
 
-    With ``hold=True`` it answers 500 to everything until ``release()`` (then counts
-    ``fail_first`` from there): what a test expects still queued must not hang on timing.
+    With ``hold=True`` it answers 500 to everything until ``release()``, and after that
+    until ``fail_first`` POSTs per path were refused in all: what a test expects still queued
+    must not hang on timing, and the sender's backoff stays what those refusals make it.
     """
 
     def __init__(self, fail_first: int, hold: bool = False) -> None:
@@ -73,7 +74,6 @@ class Receiver:
     def release(self) -> None:
         with self.lock:
             self.holding = False
-            self.seen.clear()
 
     def received(self, path: str) -> list[tuple[dict, bytes, str]]:
         with self.lock:
@@ -106,7 +106,7 @@ def test_every_event_arrives_signed_in_order_per_run_across_kill_9(tmp_path):
                               json={"action": "scale", "factor": 0.9}).raise_for_status()
             server.kill()  # the receiver has refused everything so far: all of it waits in the queue
             assert receiver.received("/all") == []
-            receiver.release()  # and refuses 3 more per path after the restart
+            receiver.release()  # refusing on until 3 per path were refused in all
             server = ServerProcess(db, tmp_path, env=env, port=server.port).start()
             with httpx.Client(base_url=server.url, timeout=10) as http:
                 for run_id in "ab":
