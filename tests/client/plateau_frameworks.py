@@ -188,6 +188,10 @@ def _job(out: Path, url: str, run_id: str) -> None:
     weights = [p.detach().flatten().tolist() for p in model.parameters()]
     (out / f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world_size": made[0].world_size, "lrs": lrs, "evals": evals, "weights": weights}))
+    # Torch asks for this before exit: a gloo group left to the interpreter's teardown aborted
+    # rank 1 once ("terminate called without an active exception", SIGABRT) after training.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
