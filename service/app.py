@@ -41,7 +41,7 @@ limits and lrserve's own choices are in the README.
 SWITCH_INTERVAL_S = 0.0005
 """How long a thread computing values may hold the GIL while another waits (Python's default:
 5 ms). A request's path hands the GIL back and forth dozens of times; behind a worker thread
-that computes a big window, each handoff waited up to 5 ms (bench figure 6)."""
+that computes a big window, each handoff waited up to 5 ms (bench figure 7, budgets)."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
