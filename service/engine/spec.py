@@ -379,7 +379,7 @@ class LRRangeTestSpec(_Spec):
                 "stop at its second report"
             )
         if self.then is not None:
-            yield from _then_problems(self.then, self._path, n_groups)
+            yield from _then_problems(self.then, n_groups)
 
     def then_spec(self, n_groups: int) -> ScheduleSpec | None:
         """The validated ``then`` schedule."""
@@ -440,19 +440,20 @@ def _guarded_problems(inner: dict[str, Any], n_groups: int) -> Problems:
     ):
         yield "schedule.type", "a SpikeGuard cannot guard another SpikeGuard"
         return
-    try:
-        parse_schedule(inner, n_groups=n_groups, field="schedule")
-    except SpecError as exc:
-        for error in exc.errors:
-            yield error.field, error.message
+    yield from _nested_problems(inner, n_groups, "schedule")
 
 
-def _then_problems(then: dict[str, Any], path: str, n_groups: int) -> Problems:
-    if then.get("type") == "LRRangeTest":
+def _then_problems(then: dict[str, Any], n_groups: int) -> Problems:
+    if then.get("type") == RANGE_TEST:
         yield "then.type", "a range test cannot be followed by another range test"
         return
+    yield from _nested_problems(then, n_groups, "then")
+
+
+def _nested_problems(spec: dict[str, Any], n_groups: int, field: str) -> Problems:
+    """A nested spec's own errors (a guard's ``schedule``, a range test's ``then``), under ``field``."""
     try:
-        parse_schedule(then, n_groups=n_groups, field="then")
+        parse_schedule(spec, n_groups=n_groups, field=field)
     except SpecError as exc:
         for error in exc.errors:
             yield error.field, error.message
