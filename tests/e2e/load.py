@@ -19,7 +19,7 @@ import reprlib
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,19 @@ class Ledger:
                 if first != row:
                     self.violations.append((key, first, row))
 
+    def stepped(self, run_id: str, rank: int, k: int, response: httpx.Response,
+                metrics: Iterable[str] = ()) -> bool:
+        """Keep one rank's ``POST .../step`` answer for step ``k``; ``False`` (an error kept) unless 200."""
+        if response.status_code != 200:
+            self.fail(f"rank {rank} step {k} of {run_id}", response)
+            return False
+        body = response.json()
+        self.answer(run_id, body)
+        with self.lock:
+            self.by_rank[(run_id, rank)][k] = body["lrs"]
+            self.metrics.update((run_id, name, k, rank) for name in metrics)
+        return True
+
     def horizon(self, run_id: str) -> int:
         with self.lock:
             return max((step for run, step in self.values if run == run_id), default=0)
@@ -181,14 +194,8 @@ class Load:
             metrics = {"val_loss": loss(run_id, rank, k)} if report else {}
             response = cluster.call(replica_of(k), "POST", f"/v1/runs/{run_id}/step",
                                     json={"step": k, "rank": rank, "metrics": metrics})
-            if response.status_code != 200:
-                self.ledger.fail(f"rank {rank} step {k} of {run_id}", response)
+            if not self.ledger.stepped(run_id, rank, k, response, metrics):
                 return
-            body = response.json()
-            self.ledger.answer(run_id, body)
-            with self.ledger.lock:
-                self.ledger.by_rank[(run_id, rank)][k] = body["lrs"]
-                self.ledger.metrics.update((run_id, name, k, rank) for name in metrics)
 
     def operator(self, cluster: Cluster, run_ids: Sequence[str], pause_s: float,
                  actions: dict[str, Sequence[dict[str, Any]]] | None = None) -> None:

@@ -54,13 +54,8 @@ def stepper(load: Load, acted: list) -> Callable[[Cluster, str], None]:
                     return
                 answer = cluster.call((k + rank) % 2, "POST", f"/v1/runs/{run_id}/step",
                                       json={"step": k, "rank": rank})
-                if answer.status_code != 200:
-                    load.ledger.fail(f"rank {rank} step {k} of {run_id}", answer)
+                if not load.ledger.stepped(run_id, rank, k, answer):
                     return
-                body = answer.json()
-                load.ledger.answer(run_id, body)
-                with load.ledger.lock:
-                    load.ledger.by_rank[(run_id, rank)][k] = body["lrs"]
 
     return job
 
