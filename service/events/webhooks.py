@@ -39,9 +39,12 @@ from service.store.webhook_queue import Delivery, EndpointStatus, WebhookQueue
 log = logging.getLogger("lrserve.webhooks")
 
 SIGNATURE_HEADER = "X-LRServe-Signature"
-LEASE_S = 60.0
-"""A claimed delivery is another sender's to retry if this one has not answered by then."""
 SEND_TIMEOUT_S = 10.0
+"""The whole POST (connect, send, answer) is cut off after this long: one failed attempt."""
+LEASE_S = SEND_TIMEOUT_S + 5.0
+"""A claimed delivery is another sender's to retry if this one has not recorded an outcome
+by then: a send's bound, plus time to write it down. After a ``kill -9`` this is how long
+what was in flight waits before it is sent again."""
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 300.0
 GAUGES_EVERY_S = 2.0
@@ -230,10 +233,13 @@ class WebhookSender:
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(endpoint.secret, body),
                    "X-LRServe-Event-Id": str(delivery.gid), "X-LRServe-Attempt": str(delivery.attempts)}
         try:
-            response = await self._client.post(endpoint.key, content=body, headers=headers)
+            async with asyncio.timeout(SEND_TIMEOUT_S):  # httpx's timeout bounds each phase, not the sum
+                response = await self._client.post(endpoint.key, content=body, headers=headers)
             error = None if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {str(exc)[:200] or 'no answer'}"
+        except TimeoutError:
+            error = f"no answer within {SEND_TIMEOUT_S:g} s"
         if error is None:
             await run_in_threadpool(self.queue.delivered, delivery)
         else:

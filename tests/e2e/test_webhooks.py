@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from service.store import open_store
+from service.store.webhook_queue import WebhookQueue
 from tests.live_server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -32,8 +33,10 @@ class Receiver:
     """An HTTP server on loopback: answers 500 to its first ``fail_first`` POSTs per path, then 204.
 
     With ``hold=True`` it answers 500 to everything until ``release()``, and after that
-    until ``fail_first`` POSTs per path were refused in all: what a test expects still queued
-    must not hang on timing, and the sender's backoff stays what those refusals make it.
+    until ``fail_first`` POSTs per path were refused in all and at least one since the
+    release: what a test expects still queued must not hang on timing, the sender's backoff
+    stays what those refusals make it, and the server that runs after a release surely
+    records a failure. ``refused`` counts the 500s it answered per path.
     """
 
     def __init__(self, fail_first: int, hold: bool = False) -> None:
@@ -41,6 +44,8 @@ class Receiver:
         self.holding = hold
         self.lock = threading.Lock()
         self.seen: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.refused_since_release: dict[str, int] = {}
         self.got: dict[str, list[tuple[dict, bytes, str]]] = {}  # path -> (body, raw, signature)
         receiver = self
 
@@ -49,10 +54,16 @@ class Receiver:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 with receiver.lock:
                     n = receiver.seen[self.path] = receiver.seen.get(self.path, 0) + 1
-                    ok = not receiver.holding and n > receiver.fail_first
+                    ok = (not receiver.holding and n > receiver.fail_first
+                          and receiver.refused_since_release.get(self.path, 0) > 0)
                     if ok:
                         receiver.got.setdefault(self.path, []).append(
                             (json.loads(raw), raw, self.headers["X-LRServe-Signature"]))
+                    else:
+                        receiver.refused[self.path] = receiver.refused.get(self.path, 0) + 1
+                        if not receiver.holding:
+                            receiver.refused_since_release[self.path] = \
+                                receiver.refused_since_release.get(self.path, 0) + 1
                 self.send_response(204 if ok else 500)
                 self.end_headers()
 
@@ -74,6 +85,10 @@ class Receiver:
     def release(self) -> None:
         with self.lock:
             self.holding = False
+
+    def refusals(self, path: str) -> int:
+        with self.lock:
+            return self.refused.get(path, 0)
 
     def received(self, path: str) -> list[tuple[dict, bytes, str]]:
         with self.lock:
@@ -106,7 +121,17 @@ def test_every_event_arrives_signed_in_order_per_run_across_kill_9(tmp_path):
                               json={"action": "scale", "factor": 0.9}).raise_for_status()
             server.kill()  # the receiver has refused everything so far: all of it waits in the queue
             assert receiver.received("/all") == []
-            receiver.release()  # refusing on until 3 per path were refused in all
+            # A refusal the receiver answered while kill -9 landed before the server wrote it
+            # down is not counted (the delivery is simply sent again): the count the server
+            # kept is what its database holds now, plus every refusal after the restart.
+            refused_before = receiver.refusals("/all")
+            store = open_store(db)
+            try:
+                recorded_before = WebhookQueue(store).status([f"{receiver.url}/all"])[0].failures
+            finally:
+                store.close()
+            assert recorded_before <= refused_before
+            receiver.release()  # refusing on until 3 per path were refused in all, 1 at least from now
             server = ServerProcess(db, tmp_path, env=env, port=server.port).start()
             with httpx.Client(base_url=server.url, timeout=10) as http:
                 for run_id in "ab":
@@ -123,6 +148,9 @@ def test_every_event_arrives_signed_in_order_per_run_across_kill_9(tmp_path):
                 wait_until(lambda path=path, expected=expected: {
                     (b["run_id"], b["seq"]) for b, _, _ in receiver.received(path)
                 } >= {(r, s) for r, s, _, _ in expected}, 60, f"every event at {path}")
+            # The receiver keeps a body before the server has written down its delivery.
+            wait_until(lambda: all(w["pending"] == 0 for w in httpx.get(
+                f"{server.url}/v1/webhooks", timeout=10).json()["data"]), 60, "no delivery pending")
             for path, expected in wanted.items():
                 got = receiver.received(path)
                 assert {(b["run_id"], b["seq"]) for b, _, _ in got} == {(r, s) for r, s, _, _ in expected}
@@ -141,7 +169,9 @@ def test_every_event_arrives_signed_in_order_per_run_across_kill_9(tmp_path):
             assert set(by_url) == {f"{receiver.url}/all", f"{receiver.url}/sweep7"}
             assert by_url[f"{receiver.url}/all"]["delivered"] >= 10
             assert by_url[f"{receiver.url}/all"]["pending"] == 0
-            assert by_url[f"{receiver.url}/all"]["failed_attempts"] >= 3
+            refused_after = receiver.refusals("/all") - refused_before
+            assert refused_after >= 1
+            assert by_url[f"{receiver.url}/all"]["failed_attempts"] == recorded_before + refused_after
             assert by_url[f"{receiver.url}/all"]["last_error"] == "HTTP 500"
             assert SECRET not in status.stdout
             table = subprocess.run(
