@@ -24,6 +24,7 @@ from service.engine.engine import Engine, Values
 from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
 from service.engine.spike_guard import Spike
 from service.errors import InvalidInput, RunConflict, RunNotFound
+from service.offload import BigWork, is_big
 from service.runs.cache import RunCache
 from service.runs.commit import (
     LOCAL_ACTOR,
@@ -70,9 +71,10 @@ class RunManager:
         settings: Limits and snapshot cadence.
     """
 
-    def __init__(self, store: BaseStore, settings: Settings) -> None:
+    def __init__(self, store: BaseStore, settings: Settings, big_work: BigWork | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.big_work = big_work or BigWork(0)  # creates whose checks are big work (service.offload)
         self.runs = RunCache(store)
         self.committer = Committer(store, settings, self.runs)
         self.reads = ReadModels(store, settings, self.runs, self.committer)
@@ -139,7 +141,12 @@ class RunManager:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
-        spec, schedule = self._canonical_spec(request)
+        budget = self.settings.work_budget
+        if is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"]):
+            # checked whole in a worker process (first steps included): nothing left to build here
+            spec, schedule = self.big_work.run(checked_spec, dict(request), budget), None
+        else:
+            spec, schedule = canonical_spec(request, budget)
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
@@ -148,7 +155,8 @@ class RunManager:
             existing = self._existing(run_id, spec)
             if existing is not None:
                 return existing, False
-            _first_steps(schedule, spec["base_lrs"], spec["base_momentums"])
+            if schedule is not None:
+                _first_steps(schedule, spec["base_lrs"], spec["base_momentums"])
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
         return (record if is_new else self._same_run(record, spec)), is_new
@@ -169,30 +177,8 @@ class RunManager:
             )
         return record
 
-    def _canonical_spec(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-        """The stored form of a create request, and its parsed schedule (work budget checked)."""
-        base_lrs = [float(v) for v in request["base_lrs"]]
-        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs),
-                                  before_checks=lambda s: self._check_schedule_cost(s, len(base_lrs)))
-        moms = request.get("base_momentums")
-        if moms is not None and len(moms) != len(base_lrs):
-            raise InvalidInput.at(
-                "base_momentums", f"expected {len(base_lrs)} values (one per param group), got {len(moms)}"
-            )
-        return {
-            "schedule": spec_to_json(schedule),
-            "base_lrs": base_lrs,
-            "base_momentums": [float(m) for m in moms] if moms is not None else None,
-            "world_size": int(request.get("world_size") or 1),
-        }, schedule
-
     def _check_schedule_cost(self, schedule: Any, n_groups: int) -> None:
-        """Refuse a schedule whose checks (expressions at steps 0..100, the first steps) are over budget."""
-        units = cost.cost(schedule, n_groups=n_groups, steps=cost.CREATE_STEPS)
-        cost.check(
-            f"checking this schedule ({cost.CREATE_STEPS} steps on {n_groups} param groups)",
-            "schedule", units, self.settings.work_budget,
-        )
+        check_schedule_cost(schedule, n_groups, self.settings.work_budget)
 
     def delete_run(self, run_id: str) -> None:
         self.store.delete_run(run_id)
@@ -433,6 +419,41 @@ class RunManager:
         new = self.store.append_metrics(run_id, rows)  # first, to count the new ones; resends are
         self.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
         return new
+
+
+def canonical_spec(request: Mapping[str, Any], work_budget: int) -> tuple[dict[str, Any], Any]:
+    """The stored form of a create request, and its parsed schedule (work budget checked)."""
+    base_lrs = [float(v) for v in request["base_lrs"]]
+    schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs),
+                              before_checks=lambda s: check_schedule_cost(s, len(base_lrs), work_budget))
+    moms = request.get("base_momentums")
+    if moms is not None and len(moms) != len(base_lrs):
+        raise InvalidInput.at(
+            "base_momentums", f"expected {len(base_lrs)} values (one per param group), got {len(moms)}"
+        )
+    return {
+        "schedule": spec_to_json(schedule),
+        "base_lrs": base_lrs,
+        "base_momentums": [float(m) for m in moms] if moms is not None else None,
+        "world_size": int(request.get("world_size") or 1),
+    }, schedule
+
+
+def checked_spec(request: Mapping[str, Any], work_budget: int) -> dict[str, Any]:
+    """``canonical_spec`` and the first steps: every check of a create, as big work runs it
+    (in a worker process: ``service.offload``); the stored form of the request."""
+    spec, schedule = canonical_spec(request, work_budget)
+    _first_steps(schedule, spec["base_lrs"], spec["base_momentums"])
+    return spec
+
+
+def check_schedule_cost(schedule: Any, n_groups: int, work_budget: int) -> None:
+    """Refuse a schedule whose checks (expressions at steps 0..100, the first steps) are over budget."""
+    units = cost.cost(schedule, n_groups=n_groups, steps=cost.CREATE_STEPS)
+    cost.check(
+        f"checking this schedule ({cost.CREATE_STEPS} steps on {n_groups} param groups)",
+        "schedule", units, work_budget,
+    )
 
 
 def _first_steps(schedule: Any, base_lrs: Sequence[float], base_momentums: Sequence[float] | None) -> None:
