@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.manager = manager
         barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s, store.run_listener())
         await barriers.start()
-        telemetry.runs_loaded.set_function(lambda: len(manager._runs))
+        telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
         def count_runs() -> None:
             counts = store.count_by_status(stale_before=liveness.stale_before())
