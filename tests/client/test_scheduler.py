@@ -308,8 +308,8 @@ def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):
     # one fake clock its steps add to the fetch's time (in real time they would overlap it);
     # how many land inside depends on thread scheduling, so only the lower bound is exact.
     assert sched._fetcher.seconds >= 0.2 - 1e-9
-    per_step = sched._sizer.seconds_per_step
-    assert sched._prefetch_margin() >= int(2 * 0.2 / per_step)
+    per_step = sched._policy.sizer.seconds_per_step
+    assert sched._policy.margin(sched._cache.last_window, sched._fetcher.seconds) >= int(2 * 0.2 / per_step)
 
 
 def test_is_a_torch_lr_scheduler_when_torch_is_loaded(make_scheduler):
