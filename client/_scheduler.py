@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer
+from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED
 from client._cache import NEVER, WindowCache
 from client._client import DEFAULT_MAX_RETRIES, LRClient
 from client._env import labels_from_env, mode_from_env, run_id_from_env
@@ -46,6 +46,7 @@ from client._exceptions import (
     warn,
 )
 from client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
+from client._metrics import MetricLog, to_float
 from client._optimizer import (
     OptimizerWriter,
     check_not_composed,
@@ -54,6 +55,7 @@ from client._optimizer import (
     release_driver,
     unhook,
 )
+from client._run_events import RunEvents
 from client._tail import DEFAULT_RIDE_S, ProvisionalTail
 from client._windows import (
     DEFAULT_MONITOR,
@@ -240,28 +242,11 @@ class RemoteScheduler:
         if not report_wait_s >= 0:
             raise ValueError(f"report_wait_s must be >= 0, got {report_wait_s!r}")
         check_optimizer(optimizer, schedule)
-        if client is None:
-            client = LRClient(
-                url,
-                token=token,
-                timeout=timeout,
-                max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
-                http_client=http_client,
-                sleep=time.sleep if sleep is None else sleep,
-                rand=rand,
-            )
-            self._owns_client = True
-        else:
-            given = dict(url=url, token=token, timeout=timeout, max_retries=max_retries,
-                         http_client=http_client, sleep=sleep)
-            if any(v is not None for v in given.values()):
-                raise TypeError(
-                    f"RemoteScheduler(client=...) talks through that LRClient; "
-                    f"{sorted(k for k, v in given.items() if v is not None)} configure the one it "
-                    f"builds when none is given: pass one or the other"
-                )
-            self._owns_client = False
-        self._client = client
+        self._owns_client = client is None
+        self._client = client = _client_for(
+            client, url=url, token=token, timeout=timeout, max_retries=max_retries,
+            http_client=http_client, sleep=sleep, rand=rand,
+        )
         self.optimizer = optimizer
         self.schedule = dict(schedule)
         self.rank = int(os.environ.get(ENV_RANK, 0)) if rank is None else int(rank)
@@ -275,9 +260,6 @@ class RemoteScheduler:
         self._report_wait_s = float(report_wait_s)
         self._report_timeout = REPORT_TIMEOUT if self.world_size > 1 else None
         self._clock = clock
-        self._rand = rand
-        self._max_buffered = max_buffered_metrics
-        self._flush_interval_s = flush_interval_s
         self._on_switch = on_schedule_switch
         self._on_spike = on_spike
         self._guard_monitor = guard_monitor(self.schedule)
@@ -290,11 +272,8 @@ class RemoteScheduler:
         self._prefetch_at: float = NEVER  # the step at which the next window is fetched
         self._state = ClientState.ACTIVE
         self._run_status = "active"  # the run's, as the server last said
-        self._stopped_at: int | None = None  # the step from which the run is stopped
-        self._switch_due: int | None = None  # where the run's range test switched schedules...
-        self._switched_at: int | None = None  # ... once the job got there
+        self._events = RunEvents()  # a stop, a range test's switch, spikes: due at a step
         self._warned: set[str] = set()
-        self._buffer: MetricBuffer | None = None
         self._deciding: int | None = None  # the step whose decision step(metric) left on its way
         self._open: int | None = None  # a step whose values wait for report() (or the optimizer)
         self._reported: dict[str, float] = {}  # report()ed metrics for the next step()
@@ -304,13 +283,18 @@ class RemoteScheduler:
         self._hookable = not strict and not is_range_test
         self._hooked = False
         self._want_overlap = overlap_decisions
-        self._spikes_due: list[dict[str, Any]] = []  # spikes whose applied_at the job has not reached
-        self._spikes_seen: set[tuple[int, int, int]] = set()
-        self._spikes_from = 0  # spikes applied before this step are not the job's to handle
         run_id = run_id if run_id is not None else run_id_from_env()
         labels = labels if labels is not None else labels_from_env()
         self._named_run = run_id is not None
         self._link = _Link()
+        self._metrics = MetricLog(
+            functools.partial(_send_metrics, client, self._link),
+            rank=self.rank,
+            urgent=self._guard_monitor,
+            max_records=max_buffered_metrics,
+            flush_interval_s=flush_interval_s,
+            rand=rand,
+        )
         self._refresh()
         # The worker threads hold the scheduler weakly: a job that drops it without close()
         # (torch users never call it) frees it with its optimizer, and the finalizer stops them.
@@ -326,7 +310,7 @@ class RemoteScheduler:
             rand=rand,
         )
         self._finalizer = weakref.finalize(
-            self, _release, self._fetcher, self._link, client if self._owns_client else None, writer.hooks
+            self, _release, self._fetcher, self._metrics, client if self._owns_client else None, writer.hooks
         )
         try:
             self._create(run_id, labels)
@@ -375,7 +359,7 @@ class RemoteScheduler:
             self._spec_filled = dict(run["schedule"])  # every argument, defaults filled in
         self._run_status = str(run.get("status") or "active")
         self._note_server(run)
-        self._note_stop(run)
+        self._events.note_stop(run, self.last_epoch)
         if int(run.get("horizon", 0)) == 0 and run.get("lrs") is not None:
             moms = run.get("momentums")
             self._merge(0, [run["lrs"]], None if moms is None else [moms])
@@ -447,7 +431,7 @@ class RemoteScheduler:
         # Tied to the step, not to when an answer came: every rank stops at the same step
         # (a rank's prefetch may learn of the stop before the other rank gets there).
         self._settle()
-        return self._stopped_at is not None and self.last_epoch >= self._stopped_at
+        return self._events.stopped(self.last_epoch)
 
     @property
     def watched(self) -> frozenset[str]:
@@ -485,7 +469,7 @@ class RemoteScheduler:
         """
         self._check_open()
         items = {**(metrics or {}), **named}
-        self._log_at(self.last_epoch + 1 if step is None else int(step), items)
+        self._metrics.add(self.last_epoch + 1 if step is None else int(step), items)
 
     def report(self, **metrics: float) -> None:
         """Report metrics measured after the last ``step()``, e.g. ``report(val_loss=0.41)``.
@@ -505,7 +489,7 @@ class RemoteScheduler:
             TypeError: A value is not a number.
         """
         self._check_open()
-        items = {name: _to_float(value) for name, value in metrics.items()}
+        items = {name: to_float(value) for name, value in metrics.items()}
         s = self._open
         if s is None:
             self._reported.update(items)
@@ -513,7 +497,7 @@ class RemoteScheduler:
             return
         report, extra = self._split_metrics(items)
         if extra:
-            self._log_at(s, extra)
+            self._metrics.add(s, extra)
         if not report:
             return  # the step stays open for the watched metric
         self._open = None
@@ -524,11 +508,7 @@ class RemoteScheduler:
     def flush(self, timeout: float | None = DEFAULT_CLOSE_TIMEOUT_S) -> bool:
         """Send the logged metrics now; returns whether all were sent within ``timeout``."""
         self._check_open()
-        if self._buffer is None:
-            return True
-        done = self._buffer.flush(timeout)
-        self._warn_buffer_problems()
-        return done
+        return self._metrics.flush(timeout)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume this schedule (plain Python values)."""
@@ -545,8 +525,8 @@ class RemoteScheduler:
             "steps_per_epoch": self.steps_per_epoch,
             "cadence": self._policy.cadence.state_dict(),
             "status": self._run_status,
-            "stopped_at": self._stopped_at,
-            "switched_at": self._switched_at,
+            "stopped_at": self._events.stopped_at,
+            "switched_at": self._events.switched_at,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -574,11 +554,8 @@ class RemoteScheduler:
         self.last_epoch = int(state_dict["last_epoch"])
         if "cadence" in state_dict:
             self._policy.cadence.load_state_dict(state_dict["cadence"])
-        self._stopped_at = state_dict.get("stopped_at")
-        if state_dict.get("switched_at") is not None:  # the range test was over at the checkpoint
-            self._switched_at, self._switch_due = int(state_dict["switched_at"]), None
+        self._events.restore(state_dict, self.last_epoch)
         self._cache.restart(self.last_epoch)
-        self._spikes_due, self._spikes_from = [], self.last_epoch + 1  # handled before the checkpoint
         self._accept(self._client.read_lr(self.run_id, self.last_epoch))
         self._apply(self.last_epoch)
         self._maybe_prefetch(self.last_epoch)
@@ -600,16 +577,15 @@ class RemoteScheduler:
         self._writer.unhook()
         self._fetcher.close(timeout)
         for step, report in self._fetcher.pending:  # undelivered decisions still belong in history
-            self._log_at(step, report)
+            self._metrics.add(step, report)
         self._fetcher.pending.clear()
-        lost = self._buffer.close(timeout) if self._buffer is not None else 0
+        lost = self._metrics.close(timeout)
         if self._owns_client:
             self._client.close()
-        self._warn_buffer_problems()
         if lost:
             warn(
                 f"lrserve: {lost} logged metric records of run {self.run_id!r} could not be sent "
-                f"before close() (last error: {self._buffer.last_error if self._buffer else None})",
+                f"before close() (last error: {self._metrics.last_error})",
                 MetricsDroppedWarning,
             )
 
@@ -641,8 +617,7 @@ class RemoteScheduler:
             or self._deciding is not None
             or self._open is not None
             or bool(self._reported)
-            or self._switch_due is not None
-            or bool(self._spikes_due)
+            or self._events.pending
             or self._writer.has_tensor_lrs()
         )
 
@@ -672,7 +647,7 @@ class RemoteScheduler:
         self.last_epoch = s
         try:
             if extra:
-                self._log_at(s, extra)
+                self._metrics.add(s, extra)
             self._collect(wait=False)
             if report:
                 self._take_report(s, report)
@@ -697,7 +672,7 @@ class RemoteScheduler:
             return {}, {}
         watched = self._policy.watched
         if isinstance(metrics, Mapping):
-            items = {str(k): _to_float(v) for k, v in metrics.items()}
+            items = {str(k): to_float(v) for k, v in metrics.items()}
         else:
             if not watched and isinstance(metrics, int) and not isinstance(metrics, bool):
                 raise TypeError(
@@ -711,7 +686,7 @@ class RemoteScheduler:
                     f"the schedule watches {sorted(watched)}; pass step(metrics={{name: value, ...}})"
                 )
             name = next(iter(watched)) if watched else (self._guard_monitor or DEFAULT_MONITOR)
-            items = {name: _to_float(metrics)}
+            items = {name: to_float(metrics)}
         report = {k: v for k, v in items.items() if k in watched}
         return report, {k: v for k, v in items.items() if k not in watched}
 
@@ -726,7 +701,7 @@ class RemoteScheduler:
                 f"end before the steps that report",
                 CadenceWarning,
             )
-            self._log_at(s, report)
+            self._metrics.add(s, report)
             self._apply(s)
             return
         if self._state is ClientState.AWAY:
@@ -851,11 +826,22 @@ class RemoteScheduler:
     # -- values -------------------------------------------------------------------------
 
     def _apply(self, s: int) -> None:
-        if self._switch_due is not None and s >= self._switch_due:
-            self._take_switch(s)
-        if self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
-            self._take_spikes(s)
+        if self._events.pending:
+            self._reach(s)
         self._write(*self._cache.row(s))
+
+    def _reach(self, s: int) -> None:
+        """Act on what is due at step ``s``, before its values are written: the range test is
+        over (what follows reports ``then``'s metrics, on its own cadence; the job restores
+        its weights), spike backoffs (the job rolls back, once per spike)."""
+        if self._events.switch_reached(s):
+            self._policy.cadence = Cadence(self.steps_per_epoch, start=s)
+            if self._on_switch is not None:
+                self._on_switch(self)
+        for spike in self._events.spikes_reached(s):
+            if self._on_spike is not None:
+                self._on_spike(dict(spike))
+        self._refresh()
 
     def _write(self, row: list[float], moms: Sequence[float] | None) -> None:
         self._writer.write(row, moms)
@@ -864,13 +850,8 @@ class RemoteScheduler:
     def _accept(self, answer: Mapping[str, Any]) -> None:
         self._run_status = str(answer.get("status") or self._run_status)
         self._note_server(answer)
-        self._note_stop(answer)
-        if answer.get("spikes"):
-            self._note_spikes(answer["spikes"])
-        switched = answer.get("switched_at")
-        if switched is not None and self._switched_at is None and self._switch_due is None:
-            self._switch_due = int(switched)
-            self._refresh()  # the step that switches goes through _apply
+        self._events.note(answer, self.last_epoch)
+        self._refresh()  # a switch or a spike due: the step that reaches it goes through _apply
         window = answer.get("window")
         if window:
             start, lrs = int(window["start"]), window["lrs"]
@@ -897,13 +878,6 @@ class RemoteScheduler:
         self._cache.merge(start, lrs, moms, self.last_epoch)
         self._reschedule()
 
-    def _note_stop(self, answer: Mapping[str, Any]) -> None:
-        stopped_at = answer.get("stopped_at")
-        if stopped_at is not None:
-            self._stopped_at = int(stopped_at)
-        elif answer.get("status") == "stopped" and self._stopped_at is None:
-            self._stopped_at = self.last_epoch  # an older server: stop now
-
     def _note_server(self, answer: Mapping[str, Any]) -> None:
         """What the server says of the run now: the metrics it decides on, its cap on ``ahead``."""
         watched = answer.get("watched")
@@ -913,32 +887,6 @@ class RemoteScheduler:
         max_ahead = answer.get("max_ahead")
         if max_ahead:
             self._policy.sizer.cap = int(max_ahead)
-
-    def _take_switch(self, s: int) -> None:
-        """The range test is over: what follows reports ``then``'s metrics, on its own cadence."""
-        self._switched_at, self._switch_due = self._switch_due, None
-        self._policy.cadence = Cadence(self.steps_per_epoch, start=s)
-        if self._on_switch is not None:
-            self._on_switch(self)
-        self._refresh()
-
-    def _take_spikes(self, s: int) -> None:
-        """The job reached a spike's backoff: tell it (once per spike), before the values."""
-        while self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
-            spike = self._spikes_due.pop(0)
-            if self._on_spike is not None:
-                self._on_spike(dict(spike))
-        self._refresh()
-
-    def _note_spikes(self, spikes: Sequence[Mapping[str, Any]]) -> None:
-        for spike in spikes:
-            key = (int(spike["applied_at"]), int(spike["rank"]), int(spike["step"]))
-            if key in self._spikes_seen or key[0] < self._spikes_from:
-                continue
-            self._spikes_seen.add(key)
-            self._spikes_due.append(dict(spike))
-            self._spikes_due.sort(key=lambda e: (e["applied_at"], e["count"]))
-            self._refresh()  # the step that reaches it goes through _apply
 
     # -- fetching windows ---------------------------------------------------------------
 
@@ -1026,39 +974,7 @@ class RemoteScheduler:
         self._refresh()
         self._maybe_prefetch(s)
 
-    # -- metrics ------------------------------------------------------------------------
-
-    def _log_at(self, step: int, items: Mapping[str, Any]) -> None:
-        buffer = self._ensure_buffer()
-        for name, value in items.items():
-            number = _to_float(value)  # NaN and inf travel too: a diverged loss is history
-            urgent = name == self._guard_monitor  # the spike guard decides from it: send it now
-            if not buffer.add(str(name), step, self.rank, number, urgent=urgent):
-                self._warn_once(
-                    "full",
-                    f"lrserve: the metric buffer is full ({buffer.max_records} records, the "
-                    f"server is away or slow); the oldest records are dropped "
-                    f"(last error: {buffer.last_error})",
-                    MetricsDroppedWarning,
-                )
-        if "full" in self._warned and len(buffer) < buffer.max_records // 2:
-            self._warned.discard("full")
-        self._warn_buffer_problems()
-
-    def _ensure_buffer(self) -> MetricBuffer:
-        if self._buffer is None:
-            self._buffer = self._link.buffer = MetricBuffer(
-                functools.partial(_send_metrics, self._client, self._link),
-                max_records=self._max_buffered,
-                flush_interval_s=self._flush_interval_s,
-                rand=self._rand,
-            )
-        return self._buffer
-
-    def _warn_buffer_problems(self) -> None:
-        if self._buffer is not None:
-            for problem in self._buffer.take_problems():
-                warn(f"lrserve: {problem}", MetricsDroppedWarning)
+    # -- small helpers ------------------------------------------------------------------
 
     def _warn_once(self, key: str, message: str, category: type[Warning]) -> None:
         if key not in self._warned:
@@ -1067,13 +983,12 @@ class RemoteScheduler:
 
 
 class _Link:
-    """What the worker threads share with a scheduler without keeping it alive."""
+    """The run's id, which the worker threads read without keeping the scheduler alive."""
 
-    __slots__ = ("buffer", "run_id")
+    __slots__ = ("run_id",)
 
     def __init__(self) -> None:
         self.run_id = ""
-        self.buffer: MetricBuffer | None = None
 
     def get_run_id(self) -> str:
         return self.run_id
@@ -1104,11 +1019,48 @@ def _tail_fields(
     return tail.request_fields(first, first + ahead, sizer.seconds_per_step, rank, grow)
 
 
+def _client_for(
+    client: LRClient | None,
+    *,
+    url: str | None,
+    token: str | None,
+    timeout: float | None,
+    max_retries: int | None,
+    http_client: httpx.Client | None,
+    sleep: Callable[[float], None] | None,
+    rand: Callable[[], float],
+) -> LRClient:
+    """``client``, or (when ``None``) the ``LRClient`` the scheduler's own arguments describe.
+
+    Raises:
+        TypeError: Both a client and arguments for building one were given.
+    """
+    if client is not None:
+        given = {"url": url, "token": token, "timeout": timeout, "max_retries": max_retries,
+                 "http_client": http_client, "sleep": sleep}
+        if any(value is not None for value in given.values()):
+            raise TypeError(
+                f"RemoteScheduler(client=...) talks through that LRClient; "
+                f"{sorted(k for k, v in given.items() if v is not None)} configure the one it "
+                f"builds when none is given: pass one or the other"
+            )
+        return client
+    return LRClient(
+        url,
+        token=token,
+        timeout=timeout,
+        max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
+        http_client=http_client,
+        sleep=time.sleep if sleep is None else sleep,
+        rand=rand,
+    )
+
+
 def _send_metrics(client: LRClient, link: _Link, records: list[dict[str, Any]]) -> Any:
     return client.send_metrics(link.run_id, records, max_retries=0)
 
 
-def _release(fetcher: WindowFetcher, link: _Link, client: LRClient | None, hooks: list[Any]) -> None:
+def _release(fetcher: WindowFetcher, metrics: MetricLog, client: LRClient | None, hooks: list[Any]) -> None:
     """A scheduler dropped without ``close()``: unhook the optimizer, stop the worker threads.
 
     Logged metrics still unsent get a short try (the exit handler gives the rest theirs).
@@ -1116,8 +1068,8 @@ def _release(fetcher: WindowFetcher, link: _Link, client: LRClient | None, hooks
     """
     unhook(hooks)
     fetcher.close(0)
-    if link.buffer is not None:
-        link.buffer.close(DROPPED_FLUSH_S)
+    if metrics.buffer is not None:
+        metrics.buffer.close(DROPPED_FLUSH_S)
     if client is not None:
         client.close()
 
@@ -1138,8 +1090,3 @@ def _torch_flavour() -> type[RemoteScheduler]:
     )
 
 
-def _to_float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"a metric must be a number, got {type(value).__name__}: {value!r}") from exc

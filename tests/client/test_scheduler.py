@@ -7,9 +7,12 @@ import pytest
 from client import (
     AuthenticationError,
     ClientClosed,
+    ClientState,
+    LRClient,
     InvalidSchedule,
     PermissionDenied,
     RunConflict,
+    RemoteScheduler,
     RunNotFound,
     ScheduleError,
 )
@@ -294,6 +297,34 @@ def test_context_manager_closes(make_scheduler):
 def test_injected_http_client_is_left_open(make_scheduler, http):
     make_scheduler().close()
     assert not http.is_closed
+
+
+def test_the_state_says_active_then_closed(make_scheduler):
+    sched = make_scheduler()
+    assert sched.state is ClientState.ACTIVE
+    sched.close()
+    assert sched.state is ClientState.CLOSED
+
+
+def test_an_injected_lrclient_carries_every_request_and_is_left_open(http, clock, fake):
+    with LRClient(http_client=http, max_retries=0, sleep=lambda s: None) as api:
+        opt = Optimizer({"lr": 0.1})
+        with RemoteScheduler(opt, STEP_LR, run_id="shared", client=api, clock=clock) as sched:
+            seen = run_steps(sched, clock, 25)
+            assert sched.run_id == "shared"
+        assert not api.is_closed  # its owner closes it
+        assert api.read_run("shared")["run_id"] == "shared"  # and may go on using it
+    assert seen == expected_lrs([0.1], 25)[1:]
+    assert [r[:2] for r in fake.requests[:1]] == [("POST", "/v1/runs")]
+
+
+@pytest.mark.parametrize("setting", [{"url": "http://x"}, {"token": "t"}, {"max_retries": 1},
+                                     {"timeout": 3.0}, {"sleep": lambda s: None}])
+def test_an_injected_lrclient_with_settings_for_another_is_refused(http, fake, setting):
+    with LRClient(http_client=http) as api:
+        with pytest.raises(TypeError, match=f"client=.*{next(iter(setting))}"):
+            RemoteScheduler(Optimizer({"lr": 0.1}), STEP_LR, client=api, **setting)
+    assert fake.requests == []  # refused before any run was made
 
 
 def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):

@@ -181,6 +181,7 @@ def test_timeouts_and_5xx_count_as_outage(make_scheduler, fake, clock):
 
 def test_logged_metrics_survive_an_outage_once_each(make_scheduler, fake, clock):
     sched = make_scheduler(run_id="m", flush_interval_s=0.01)
+    sched._collect(wait=True)  # the window after step 0 is held: steps 1..9 need no server
     fake.down = True
     for k in range(1, 31):
         sched.log(loss=float(k))
@@ -219,7 +220,7 @@ def test_full_buffer_drops_oldest_with_a_warning(make_scheduler, fake):
         for k in range(8):
             sched.log(step=k, loss=float(k))
     assert len(record) == 1
-    assert sched._buffer.dropped == 3
+    assert sched._metrics.buffer.dropped == 3
     fake.down = False
     assert sched.flush(timeout=CATCH_UP_S)
     assert sorted(fake.runs["m"].metrics) == [("loss", k, 0) for k in range(3, 8)]
