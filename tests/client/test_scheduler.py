@@ -8,11 +8,11 @@ from client import (
     AuthenticationError,
     ClientClosed,
     ClientState,
-    LRClient,
     InvalidSchedule,
+    LRClient,
     PermissionDenied,
-    RunConflict,
     RemoteScheduler,
+    RunConflict,
     RunNotFound,
     ScheduleError,
 )
