@@ -253,7 +253,8 @@ def test_a_restart_while_an_operator_acts_through_another_replica_records_a_dive
     assert any(seen[k] != final[k] for k in range(control[0]["step"], last + 1))  # it did diverge
     # once the answer came (steps taken while it was on its way rode on), final values only
     back = next(k for k in range(last + 1, len(seen)) if seen[k] == final[k])
-    assert all(seen[k] == final[k] for k in range(back, len(seen)))
+    wrong = [k for k in range(back, len(seen)) if seen[k] != final[k]]
+    assert not wrong, (first, last, back, wrong[:5], [(seen[k], final[k]) for k in wrong[:5]])
     assert len(seen) - back >= 200
 
 
