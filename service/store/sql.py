@@ -163,10 +163,10 @@ class _DriverSql:
         binds = compiled.binds
         self.defaults = {name: binds[name].value for name in self.names if binds[name].value is not None}
         self.processors = [binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in self.names]
-        columns = list(getattr(statement, "selected_columns", ())) or list(
-            getattr(statement, "_returning", ()) or ())
-        self.columns = [c.key for c in columns]
-        self.results = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns]
+        self._dialect = dialect
+        self._types = list(getattr(statement, "selected_columns", ()))
+        self.columns = [c.key for c in self._types]
+        self._results: list[Any] | None = None  # the columns' result processors, on first use
 
     def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         out = [values[name] if name in values else self.defaults[name] for name in self.names]
@@ -183,11 +183,16 @@ class _DriverSql:
         cursor.executemany(self.sql, [self.params(row) for row in rows])
         return int(cursor.rowcount)
 
-    def row(self, raw: Sequence[Any] | None) -> dict[str, Any] | None:
+    def one(self, cursor: Any) -> dict[str, Any] | None:
+        """The next row of a SELECT as a dict by column, its values as Core would return them."""
+        raw = cursor.fetchone()
         if raw is None:
             return None
+        if self._results is None:  # PostgreSQL's need the driver's type codes
+            self._results = [c.type.dialect_impl(self._dialect).result_processor(self._dialect, d[1])
+                             for c, d in zip(self._types, cursor.description, strict=True)]
         return {name: (value if process is None else process(value))
-                for name, process, value in zip(self.columns, self.results, raw, strict=True)}
+                for name, process, value in zip(self.columns, self._results, raw, strict=True)}
 
 
 class SqlStore(BaseStore):
@@ -291,11 +296,6 @@ class SqlStore(BaseStore):
         return sqlite.insert(table)
 
     @functools.cached_property
-    def _insert_new_metrics(self) -> Any:
-        # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs
-        return self._insert(metrics).on_conflict_do_nothing().returning(metrics.c.step)
-
-    @functools.cached_property
     def _insert_new_reports(self) -> Any:
         return self._insert(barrier_reports).on_conflict_do_nothing()
 
@@ -363,7 +363,7 @@ class SqlStore(BaseStore):
         """
         rows, labels = self._driver_sql("run", _RUN_ROWS[None]), self._driver_sql("labels", _RUN_LABELS)
         with self._driver_read(snapshot=True) as cursor:
-            row = rows.row(rows.execute(cursor, {"run_id": run_id}).fetchone())
+            row = rows.one(rows.execute(cursor, {"run_id": run_id}))
             if row is None:
                 raise RunNotFound(run_id)
             found = dict(labels.execute(cursor, {"run_id": run_id}).fetchall())
@@ -379,7 +379,7 @@ class SqlStore(BaseStore):
         """
         sql = self._driver_sql("head", _RUN_HEAD)
         with self._driver_read() as cursor:
-            row = sql.row(sql.execute(cursor, {"run_id": run_id}).fetchone())
+            row = sql.one(sql.execute(cursor, {"run_id": run_id}))
         if row is None:
             raise RunNotFound(run_id)
         return RunHead(row["created_at"], row["horizon"], row["last_seq"])
@@ -541,10 +541,9 @@ class SqlStore(BaseStore):
             RunNotFound: no such run (on enter).
             StoreUnavailable: the database failed.
         """
-        with self._transaction(write=True) as conn:
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
             hold = self._driver_sql("hold", _RUN_ROWS["hold"])
-            row = hold.row(hold.execute(cursor, {"run_id": run_id}).fetchone())
+            row = hold.one(hold.execute(cursor, {"run_id": run_id}))
             if row is None:
                 raise RunNotFound(run_id)
             tx = SqlRunTransaction(conn, _record_of(row), self, cursor)
@@ -553,7 +552,6 @@ class SqlStore(BaseStore):
                 tx.write_run()
             finally:
                 tx.closed = True
-                cursor.close()
         if tx.appended:
             self._events_committed()
 
@@ -592,11 +590,8 @@ class SqlStore(BaseStore):
         On PostgreSQL this also queues a ``NOTIFY`` naming the run, sent when (and only if)
         the transaction commits.
         """
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
+        with _cursor(conn) as cursor:
             return self._take_gids_on(cursor, n, run_id)
-        finally:
-            cursor.close()
 
     def _take_gids_on(self, cursor: Any, n: int, run_id: str) -> list[int]:
         (last,) = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
@@ -756,16 +751,25 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        with self._transaction(write=True) as conn:
-            self._require_run(conn, run_id, "keep")
-            return self._insert_metrics(conn, run_id, records)
+        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+            self._keep_run(cursor, run_id)
+            return self._insert_metrics_on(cursor, run_id, records)
 
-    def _insert_metrics(self, conn: Connection, run_id: str, records: Sequence[MetricRecord]) -> int:
+    def _keep_run(self, cursor: Any, run_id: str) -> dict[str, Any]:
+        """The run's row, which must not vanish before this transaction ends (``keep``)."""
+        keep = self._driver_sql("keep", _RUN_ROWS["keep"])
+        row = keep.one(keep.execute(cursor, {"run_id": run_id}))
+        if row is None:
+            raise RunNotFound(run_id)
+        return row
+
+    def _insert_metrics_on(self, cursor: Any, run_id: str, records: Sequence[MetricRecord]) -> int:
+        if not records:
+            return 0
         now = _now()
         rows = [_metric_row(run_id, r, now) for r in records]
-        if not rows:
-            return 0
-        return len(conn.execute(self._insert_new_metrics, rows).all())
+        insert = self._driver_sql("insert_metrics", self._insert(metrics).on_conflict_do_nothing())
+        return insert.executemany(cursor, rows)
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.
@@ -810,13 +814,19 @@ class SqlStore(BaseStore):
             finite, value_text = _split_float(value)
             rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
                          "value_text": value_text})
-        with self._transaction(write=True) as conn:
-            row = self._require_run(conn, run_id, "keep")
-            self._insert_metrics(conn, run_id, records)
+        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+            row = self._keep_run(cursor, run_id)
+            self._insert_metrics_on(cursor, run_id, records)
             if rows:
-                conn.execute(self._insert_new_reports, rows)
-                self._notify(conn, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
-            return BarrierTally(row.horizon, _select_reports(conn, run_id, step))
+                self._driver_sql("insert_reports", self._insert_new_reports).executemany(cursor, rows)
+                self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
+            reports: dict[int, dict[str, float]] = {}
+            select_reports = self._driver_sql("reports", _SELECT_REPORTS)
+            select_reports.execute(cursor, {"run_id": run_id, "step": step})
+            while (report := select_reports.one(cursor)) is not None:
+                value = _join_float(report["value"], report["value_text"])
+                reports.setdefault(report["rank"], {})[report["name"]] = value
+            return BarrierTally(row["horizon"], reports)
 
     def read_barrier(self, run_id: str, step: int) -> BarrierTally:
         """The run's horizon and the reports for ``step``, in one read transaction.
@@ -875,13 +885,7 @@ class SqlRunTransaction(RunTransaction):
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
         """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
         self._connection()
-        if not records:
-            return 0
-        now = _now()
-        rows = [_metric_row(self.run.run_id, r, now) for r in records]
-        store = self._store
-        return store._driver_sql("insert_metrics", store._insert(metrics).on_conflict_do_nothing()
-                                 ).executemany(self._cursor, rows)
+        return self._store._insert_metrics_on(self._cursor, self.run.run_id, records)
 
     def _connection(self) -> Connection:
         if self.closed:
@@ -944,6 +948,16 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         updated_at=row.updated_at,
         last_seen=row.last_seen,
     )
+
+
+@contextmanager
+def _cursor(conn: Connection) -> Iterator[Any]:
+    """A DBAPI cursor on the connection of ``conn``'s transaction (for ``_DriverSql``)."""
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        yield cursor
+    finally:
+        cursor.close()
 
 
 def _record_of(row: Mapping[str, Any]) -> RunRecord:
