@@ -25,8 +25,9 @@ from typing import Any
 
 from service.engine import codec, cost
 from service.engine.engine import Engine, ScheduleSwitch, Values
+from service.engine.range_test import RangeTestReport
 from service.engine.spec import cycles_momentum, guard_of, parse_schedule, spec_to_json
-from service.engine.spike_guard import GuardSettings, Report, Spike, replay_band
+from service.engine.spike_guard import Band, GuardSettings, Report, Spike, replay_band
 from service.errors import InvalidInput, RunConflict, RunNotFound
 from service.runs.state import Marks, RunState, StepOutcome
 from service.settings import Settings
@@ -74,6 +75,37 @@ class Window:
     watched: tuple[str, ...] = ()  # the metrics the run decides on now (clients report these)
     max_ahead: int = 0  # the server's cap on ``ahead``
     spikes: list[Spike] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LRFinder:
+    """A range test as ``GET .../lr-finder`` shows it: what it found, and where the run switched."""
+
+    test: RangeTestReport
+    switched_at: int | None
+
+
+@dataclass(frozen=True)
+class SpikeGuardView:
+    """A spike guard at the stored horizon: settings, spikes, backoff, each rank's band."""
+
+    run_id: str
+    settings: GuardSettings
+    horizon: int
+    multiplier: float  # the backoff at the horizon (1.0: none)
+    spikes: list[Spike]
+    bands: dict[int, Band]  # by rank, downsampled
+
+
+@dataclass(frozen=True)
+class History:
+    """A run's curves (downsampled) and events up to the stored horizon."""
+
+    run_id: str
+    steps: Sequence[int]
+    lrs: list[tuple[float, ...]]  # the LRs of each of ``steps``
+    metrics: dict[str, Sequence[tuple[int, int, float]]]  # per name: (step, rank, value) rows
+    events: list[Event]  # every event but the metric ones
 
 
 Reports = Sequence[dict[str, Any]]
@@ -632,14 +664,14 @@ class RunManager:
         *,
         actor: str = LOCAL_ACTOR,
         reason: str | None = None,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, NewEvent]:
         """Record an operator action at ``at_step`` (default: the first free step).
 
         ``actor`` and ``reason`` go on the ``control`` event and on the ``status`` event it
         causes.
 
         Returns:
-            The step it applies at, and the event as the API shows it.
+            The step it applies at, and the ``control`` event recorded there.
         """
         state = self.state(run_id)
         if state.status == "stopped":  # stopped is for good; another replica may know it first (_place)
@@ -647,8 +679,7 @@ class RunManager:
         action = self._validate_action(state, action)
         placed = self.commit(run_id, state.horizon, action=Action(at_step, action, actor, reason))
         assert placed is not None
-        event = {"kind": "control", "step": placed, "actor": actor, **action, "reason": reason}
-        return placed, event
+        return placed, NewEvent(EventKind.CONTROL, placed, action, actor, reason)
 
     def _validate_action(self, state: RunState, action: dict[str, Any]) -> dict[str, Any]:
         kind = action["action"]
@@ -675,7 +706,7 @@ class RunManager:
 
     # -- the range test -------------------------------------------------------------------
 
-    def lr_finder(self, run_id: str) -> dict[str, Any]:
+    def lr_finder(self, run_id: str) -> LRFinder:
         """The range test's curve, suggestions and choice (API.md, LR range test).
 
         Raises:
@@ -686,11 +717,11 @@ class RunManager:
             test = state.engine.range_test
             if test is None:
                 raise RunConflict(f"run {run_id!r} has no LRRangeTest schedule")
-            return {**test.public(), "switched_at": state.switched_at}
+            return LRFinder(test.report(), state.switched_at)
 
     # -- the spike guard ------------------------------------------------------------------
 
-    def spike_guard(self, run_id: str, max_points: int) -> dict[str, Any]:
+    def spike_guard(self, run_id: str, max_points: int) -> SpikeGuardView:
         """The guard's settings, spikes and backoff at the stored horizon, and each rank's
         band (baseline and spike line) as the detector met each report, downsampled.
 
@@ -716,18 +747,9 @@ class RunManager:
             if r.get("name") == settings.monitor
         ]
         bands, _ = replay_band(settings, placed)
-        for rank, series in bands.items():
-            keep = _downsample(range(len(series["steps"])), max_points)
-            bands[rank] = {name: [values[i] for i in keep] for name, values in series.items()}
-        return {
-            "run_id": run_id,
-            "settings": dataclasses.asdict(settings),
-            "horizon": horizon,
-            "multiplier": multiplier,
-            "count": len(spikes),
-            "spikes": spikes,
-            "band": {str(rank): series for rank, series in sorted(bands.items())},
-        }
+        shown = {rank: band.picked(_downsample(range(len(band.steps)), max_points))
+                 for rank, band in sorted(bands.items())}
+        return SpikeGuardView(run_id, settings, horizon, multiplier, spikes, shown)
 
     def caught_up(self, run_id: str) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further)."""
@@ -740,7 +762,7 @@ class RunManager:
 
     # -- history --------------------------------------------------------------------------
 
-    def history(self, run_id: str, max_points: int) -> dict[str, Any]:
+    def history(self, run_id: str, max_points: int) -> History:
         """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
         state = self.caught_up(run_id)
         units = cost.history_cost(n_groups=state.n_groups, points=min(max_points, state.horizon + 1))
@@ -749,19 +771,10 @@ class RunManager:
         horizon = state.horizon
         steps = _downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
-        metrics = {}
-        for name, rows in self.store.read_metrics(run_id).items():
-            picked = _downsample(rows, max_points)
-            metrics[name] = {"steps": [r[0] for r in picked],
-                             "values": [codec.public_float(r[2]) for r in picked],
-                             "ranks": [r[1] for r in picked]}
-        events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
-        return {
-            "run_id": run_id,
-            "lrs": {"steps": list(steps), "values": [list(lrs[s]) for s in steps]},
-            "metrics": metrics,
-            "events": events,
-        }
+        metrics = {name: _downsample(rows, max_points)
+                   for name, rows in self.store.read_metrics(run_id).items()}
+        events = [e for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
+        return History(run_id, steps, [lrs[s] for s in steps], metrics, events)
 
     def _lrs_at(self, state: RunState, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
         """Final LRs of ``steps`` (at most the horizon): from memory, else as stored with the
