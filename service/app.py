@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
         app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
-        telemetry.runs_loaded.set_function(lambda: len(manager._runs))
+        telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
         def count_runs() -> None:
             counts = store.count_by_status(stale_before=liveness.stale_before())

@@ -71,7 +71,7 @@ def tail(manager: RunManager, run_id: str, after: int, n: int, held: tuple[int, 
     answer continues it (starts after its last step) instead of repeating it.
     """
     state = manager.state(run_id)
-    n = max(0, min(n, manager.settings.max_provisional, manager._budget_steps(state)))
+    n = max(0, min(n, manager.settings.max_provisional, manager.budget_steps(state)))
     shadow = _shadow(manager, state, after)
     if held is not None and held[0] == shadow.id:
         after = max(after, held[1])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.runs.manager import History, RunManager
+from service.runs.cache import RunCache
+from service.runs.manager import RunManager
+from service.runs.read_models import History
 from service.settings import Settings
 from service.store import open_store
 from tests.conftest import BACKENDS
@@ -33,7 +35,7 @@ def test_history_after_a_restart_reads_stored_values_without_replay(url, monkeyp
     try:
         second = RunManager(store, settings)
         replays = []
-        monkeypatch.setattr(RunManager, "values_between", lambda *args: replays.append(args))
+        monkeypatch.setattr(RunCache, "values_between", lambda *args: replays.append(args))
         after = second.history("long", 57)
         assert replays == []
         assert (after.steps, after.lrs) == (before.steps, before.lrs)
