@@ -23,6 +23,7 @@ from service.errors import LRServeError
 from service.store.events import Event, EventKind, FeedEntry, NewEvent
 
 if TYPE_CHECKING:
+    from service.engine.catalog import CatalogArg, CatalogEntry
     from service.engine.engine import Values
     from service.engine.range_test import RangeTestReport
     from service.engine.spike_guard import Band, Spike
@@ -272,9 +273,20 @@ def preview_body(
             "spikes": [spike_body(s) for s in spikes]}
 
 
-def catalog_body(types: list[Body]) -> Body:
-    """``CatalogPublic``."""
-    return {"types": types}
+def catalog_body(entries: Iterable[CatalogEntry]) -> Body:
+    """``CatalogPublic``: each type's arguments; ``default`` only when not required, ``choices``
+    only for a fixed set of values."""
+    def arg_body(arg: CatalogArg) -> Body:
+        shown: Body = {"name": arg.name, "type": arg.type}
+        if arg.choices:
+            shown["choices"] = list(arg.choices)
+        if not arg.required:
+            shown["default"] = arg.default
+        shown.update(required=arg.required, description=arg.description)
+        return shown
+
+    return {"types": [{"type": e.type, "description": e.description, "args": [arg_body(a) for a in e.args]}
+                      for e in entries]}
 
 
 def status_body(status: str) -> Body:
