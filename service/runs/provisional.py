@@ -178,5 +178,5 @@ def _divergence(events: list[Event], rank: int, start: int, tail_id: int | None)
 def _copy_inputs(inputs: Inputs) -> Inputs:
     copy = Inputs()
     copy.metrics = defaultdict(dict, {k: dict(v) for k, v in inputs.metrics.items()})
-    copy.actions = defaultdict(list, {k: list(v) for k, v in inputs.actions.items()})
+    copy.actions = defaultdict(list, {k: list(v) for k, v in inputs.actions.items()})  # Control: frozen
     return copy

@@ -10,7 +10,7 @@ from typing import Any
 
 from service.engine import cost
 from service.engine.range_test import RangeTestReport
-from service.engine.spec import guard_of, parse_schedule
+from service.engine.spec import guard_of
 from service.engine.spike_guard import Band, GuardSettings, Report, Spike, replay_band
 from service.errors import RunConflict
 from service.runs.cache import RunCache
@@ -88,7 +88,7 @@ class ReadModels:
         if guard is not None:
             settings, multiplier = guard.settings, guard.multiplier
         else:  # not (yet) acting, e.g. the `then` of a range test still running
-            spec = guard_of(parse_schedule(state.spec["schedule"], n_groups=state.n_groups), state.n_groups)
+            spec = guard_of(state.spec.schedule, state.n_groups)
             if spec is None:
                 raise RunConflict(f"run {run_id!r} has no SpikeGuard schedule")
             settings, multiplier = GuardSettings.from_spec(spec), 1.0
