@@ -12,8 +12,9 @@ import threading
 import weakref
 
 from service.engine import codec
+from service.engine.actions import RunStatus
 from service.engine.engine import Engine, Values
-from service.engine.spec import parse_schedule
+from service.engine.run_spec import RunSpec
 from service.runs.replay import apply_logs
 from service.runs.state import Marks, RunState
 from service.store.base import BaseStore, RunRecord, Snapshot
@@ -104,14 +105,12 @@ class RunCache:
 
 def fresh_state(record: RunRecord, snapshot: Snapshot | None) -> RunState:
     """The run's state at its snapshot's step (step 0 without one), before any event is applied."""
-    spec = record.spec
+    spec = RunSpec.from_stored(record.spec)
     if snapshot is None:
-        schedule = parse_schedule(spec["schedule"], n_groups=len(spec["base_lrs"]), validated=True)
-        engine = Engine(schedule, spec["base_lrs"], spec["base_momentums"])
-        return RunState(record.run_id, spec, engine, last_seq=0)
+        return RunState(record.run_id, spec, spec.new_engine(), last_seq=0)
     saved = codec.from_jsonable(snapshot.state)
     state = RunState(record.run_id, spec, Engine.restore(saved["engine"]), last_seq=0)
-    state.restore_marks(Marks(saved["status"], saved["stopped_at"], saved.get("switched_at")))
+    state.restore_marks(Marks(RunStatus(saved["status"]), saved["stopped_at"], saved.get("switched_at")))
     return state
 
 

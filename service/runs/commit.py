@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from service.engine import codec
+from service.engine.actions import Action, RunStatus
 from service.engine.engine import ScheduleSwitch
 from service.engine.spike_guard import Spike
 from service.errors import InvalidInput, RunConflict
@@ -34,6 +35,7 @@ from service.settings import Settings
 from service.store.base import (
     BaseStore,
     MetricRecord,
+    RunHead,
     RunRecord,
     RunTransaction,
     Snapshot,
@@ -47,11 +49,11 @@ LOCAL_ACTOR = "local"
 
 
 @dataclass(frozen=True)
-class Action:
+class PlacedAction:
     """An operator action to place: at ``at_step`` (None: the first free step), by ``actor``."""
 
     at_step: int | None
-    payload: dict[str, Any]
+    action: Action
     actor: str = LOCAL_ACTOR
     reason: str | None = None
 
@@ -85,7 +87,7 @@ class Committer:
         target: int,
         *,
         metric: Metric | None = None,
-        action: Action | None = None,
+        action: PlacedAction | None = None,
         extra_events: Sequence[NewEvent] = (),
         records: Sequence[MetricRecord] = (),
         reports: Reports = (),
@@ -132,7 +134,7 @@ class Committer:
         state: RunState,
         target: int,
         metric: Metric | None,
-        action: Action | None,
+        action: PlacedAction | None,
         extra_events: Sequence[NewEvent],
         records: Sequence[MetricRecord] = (),
         need: int | None = None,
@@ -140,7 +142,7 @@ class Committer:
     ) -> int | None:
         run_id = state.run_id
         with self._evicting_on_error(state):
-            stored = self.store.read_run(run_id)  # no lock: has another process moved the run?
+            stored = self.store.run_head(run_id)  # no lock: has another process moved the run?
             if _moved(stored, state):
                 with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
                     self._catch_up(state, tx)
@@ -199,7 +201,7 @@ class Committer:
         if outcomes and state.horizon // every > (state.horizon - len(outcomes)) // every:
             payload = {
                 "engine": state.engine.snapshot(),
-                "status": state.status,
+                "status": state.status.value,
                 "stopped_at": state.stopped_at,
                 "switched_at": state.switched_at,
             }
@@ -217,7 +219,7 @@ def _compute(
     horizon: int,
     target: int,
     metric: Metric | None,
-    action: Action | None,
+    action: PlacedAction | None,
     extra_events: Sequence[NewEvent],
     need: int | None,
     reports: Reports,
@@ -244,7 +246,7 @@ def _append(
         tx.append_metrics(records)
     appended = tx.append_events(new_events) if new_events else []
     if outcomes:  # a commit that only caught up writes nothing
-        tx.update_run(horizon=state.engine.step, status=state.marks.status)
+        tx.update_run(horizon=state.engine.step, status=state.marks.status.value)
     state.last_seq = appended[-1].seq if appended else tx.run.last_seq
 
 
@@ -252,7 +254,7 @@ def _place(
     state: RunState,
     horizon: int,
     metric: Metric | None,
-    action: Action | None,
+    action: PlacedAction | None,
     reports: Reports = (),
 ) -> tuple[list[NewEvent], int | None]:
     """The decision's events, placed on the first free step above the stored ``horizon``."""
@@ -264,7 +266,7 @@ def _place(
     if reports:
         events.extend(_report_events(reports, first_free, events))
     if action is not None:
-        if state.status == "stopped":  # as of the stored horizon, whoever stopped it
+        if state.status is RunStatus.STOPPED:  # as of the stored horizon, whoever stopped it
             raise RunConflict(f"run {state.run_id!r} is stopped; it takes no more actions")
         at_step = action.at_step
         if at_step is not None and at_step < first_free:
@@ -272,12 +274,13 @@ def _place(
                 "at_step", f"must be above the horizon ({horizon}), got {at_step}"
             )
         placed = at_step if at_step is not None else first_free
-        events.append(NewEvent(EventKind.CONTROL, placed, action.payload, action.actor, action.reason))
+        payload = action.action.payload()
+        events.append(NewEvent(EventKind.CONTROL, placed, payload, action.actor, action.reason))
     apply_logs(state, [_as_event(event) for event in events])
     return events, placed
 
 
-def _moved(stored: RunRecord, state: RunState) -> bool:
+def _moved(stored: RunHead | RunRecord, state: RunState) -> bool:
     """Whether the stored run is not the one ``state`` holds as of its horizon (another process
     appended, or deleted and created it anew)."""
     return (
@@ -344,11 +347,11 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
             events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
                 "stage": r.stage, "monitor": r.monitor, "value": r.value,
                 "lrs_before": list(r.before), "lrs_after": list(r.after)}))
-        for action in outcome.actions:
-            status = {"stop": "stopped", "hold": "held", "resume": "active"}.get(action.payload["action"])
+        for control in outcome.actions:
+            status = control.action.sets_status
             if status is not None:  # the action's doing: its actor and reason
-                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status},
-                                       action.actor, action.reason))
+                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status.value},
+                                       control.actor, control.reason))
     return events
 
 
@@ -360,5 +363,5 @@ def _spike_events(spike: Spike, step: int) -> list[NewEvent]:
             f"spike guard: {spike.count} loss spikes, more than max_spikes allows "
             f"(the last on rank {spike.rank} at step {spike.step})"
         )
-        events.append(NewEvent(EventKind.STATUS, step, {"status": "stopped"}, reason=reason))
+        events.append(NewEvent(EventKind.STATUS, step, {"status": RunStatus.STOPPED.value}, reason=reason))
     return events

@@ -20,27 +20,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.engine import cost
-from service.engine.engine import Engine, Values
-from service.engine.spec import cycles_momentum, parse_schedule, spec_to_json
+from service.engine.actions import RunStatus, action_for_run
+from service.engine.engine import Values
+from service.engine.run_spec import RunSpec
 from service.engine.spike_guard import Spike
 from service.errors import InvalidInput, RunConflict, RunNotFound
 from service.runs.cache import RunCache
 from service.runs.commit import (
     LOCAL_ACTOR,
-    Action,
     Committer,
     Metric,
+    PlacedAction,
     Reports,
     guard_reports,
     metric_records,
 )
-from service.runs.read_models import ReadModels
+from service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
 from service.runs.state import RunState, StepOutcome
 from service.settings import Settings
 from service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord
 from service.store.events import EventKind, NewEvent
 
-__all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "Action", "Reports", "RunManager", "Window"]
+__all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManager", "Window"]
 
 ON_LOOP_VALUES = 4096
 """Most LR values an answer built and serialised on the event loop may hold; bigger answers
@@ -54,7 +55,7 @@ class Window:
     run_id: str
     start: int
     values: list[Values]
-    status: str
+    status: RunStatus
     stopped_at: int | None
     switched_at: int | None
     watched: tuple[str, ...] = ()  # the metrics the run decides on now (clients report these)
@@ -106,7 +107,7 @@ class RunManager:
         target: int,
         *,
         metric: Metric | None = None,
-        action: Action | None = None,
+        action: PlacedAction | None = None,
         extra_events: Sequence[NewEvent] = (),
         records: Sequence[MetricRecord] = (),
         reports: Reports = (),
@@ -119,13 +120,13 @@ class RunManager:
             reports=reports, if_behind=if_behind, need=need,
         )
 
-    def history(self, run_id: str, max_points: int) -> dict[str, Any]:
+    def history(self, run_id: str, max_points: int) -> History:
         return self.reads.history(run_id, max_points)
 
-    def lr_finder(self, run_id: str) -> dict[str, Any]:
+    def lr_finder(self, run_id: str) -> LRFinder:
         return self.reads.lr_finder(run_id)
 
-    def spike_guard(self, run_id: str, max_points: int) -> dict[str, Any]:
+    def spike_guard(self, run_id: str, max_points: int) -> SpikeGuardView:
         return self.reads.spike_guard(run_id, max_points)
 
     # -- creating and reading runs ------------------------------------------------
@@ -139,7 +140,8 @@ class RunManager:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
-        spec, schedule = self._canonical_spec(request)
+        parsed = RunSpec.from_request(request, check_cost=self._check_schedule_cost)
+        spec = parsed.to_json()
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
@@ -148,7 +150,7 @@ class RunManager:
             existing = self._existing(run_id, spec)
             if existing is not None:
                 return existing, False
-            _first_steps(schedule, spec["base_lrs"], spec["base_momentums"])
+            _first_steps(parsed)
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
         return (record if is_new else self._same_run(record, spec)), is_new
@@ -168,23 +170,6 @@ class RunManager:
                 errors=[],
             )
         return record
-
-    def _canonical_spec(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-        """The stored form of a create request, and its parsed schedule (work budget checked)."""
-        base_lrs = [float(v) for v in request["base_lrs"]]
-        schedule = parse_schedule(request["schedule"], n_groups=len(base_lrs),
-                                  before_checks=lambda s: self._check_schedule_cost(s, len(base_lrs)))
-        moms = request.get("base_momentums")
-        if moms is not None and len(moms) != len(base_lrs):
-            raise InvalidInput.at(
-                "base_momentums", f"expected {len(base_lrs)} values (one per param group), got {len(moms)}"
-            )
-        return {
-            "schedule": spec_to_json(schedule),
-            "base_lrs": base_lrs,
-            "base_momentums": [float(m) for m in moms] if moms is not None else None,
-            "world_size": int(request.get("world_size") or 1),
-        }, schedule
 
     def _check_schedule_cost(self, schedule: Any, n_groups: int) -> None:
         """Refuse a schedule whose checks (expressions at steps 0..100, the first steps) are over budget."""
@@ -377,51 +362,31 @@ class RunManager:
     def control(
         self,
         run_id: str,
-        action: dict[str, Any],
+        request: Mapping[str, Any],
         at_step: int | None,
         *,
         actor: str = LOCAL_ACTOR,
         reason: str | None = None,
-    ) -> tuple[int, dict[str, Any]]:
-        """Record an operator action at ``at_step`` (default: the first free step).
+    ) -> tuple[int, NewEvent]:
+        """Record an operator action (``request``: its fields as ``POST .../control`` takes
+        them) at ``at_step`` (default: the first free step).
 
         ``actor`` and ``reason`` go on the ``control`` event and on the ``status`` event it
         causes.
 
         Returns:
-            The step it applies at, and the event as the API shows it.
+            The step it applies at, and the ``control`` event recorded there.
         """
         state = self.state(run_id)
-        if state.status == "stopped":  # stopped is for good; another replica may know it first (_place)
+        if state.status is RunStatus.STOPPED:  # for good; another replica may know it first (commit)
             raise RunConflict(f"run {run_id!r} is stopped; it takes no more actions")
-        action = self._validate_action(state, action)
-        placed = self.commit(run_id, state.horizon, action=Action(at_step, action, actor, reason))
+        action = action_for_run(
+            request, n_groups=state.n_groups, reports_momentum=state.engine.reports_momentum,
+            check_cost=lambda s: self._check_schedule_cost(s, state.n_groups),
+        )
+        placed = self.commit(run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason))
         assert placed is not None
-        event = {"kind": "control", "step": placed, "actor": actor, **action, "reason": reason}
-        return placed, event
-
-    def _validate_action(self, state: RunState, action: dict[str, Any]) -> dict[str, Any]:
-        kind = action["action"]
-        if kind == "set_lr":
-            lrs = action.get("lrs")
-            if lrs is None:
-                lrs = [action["lr"]] * state.n_groups
-            if len(lrs) != state.n_groups:
-                raise InvalidInput.at(
-                    "lrs", f"expected {state.n_groups} values (one per param group), got {len(lrs)}"
-                )
-            return {"action": "set_lr", "lrs": [float(v) for v in lrs]}
-        if kind == "replace_schedule":
-            schedule = parse_schedule(action["schedule"], n_groups=state.n_groups,
-                                      before_checks=lambda s: self._check_schedule_cost(s, state.n_groups))
-            if cycles_momentum(schedule) and not state.engine.reports_momentum:
-                raise InvalidInput.at(
-                    "schedule",
-                    "this run does not cycle momentum, so its new schedule cannot either "
-                    "(set cycle_momentum: false)",
-                )
-            return {"action": kind, "schedule": spec_to_json(schedule)}
-        return {k: v for k, v in action.items() if v is not None}
+        return placed, NewEvent(EventKind.CONTROL, placed, action.payload(), actor, reason)
 
     def record_metrics(self, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
         """Store history-only metrics (idempotent per name, step and rank)."""
@@ -435,14 +400,14 @@ class RunManager:
         return new
 
 
-def _first_steps(schedule: Any, base_lrs: Sequence[float], base_momentums: Sequence[float] | None) -> None:
+def _first_steps(spec: RunSpec) -> None:
     """Build the run's engine and take steps 1 and 2: a schedule that cannot start is a 422 at create.
 
     Raises:
         ScheduleError: torch refuses the schedule on these LRs, or a value of step 0, 1 or 2
             would be negative or not finite (e.g. ExponentialLR with gamma 1e308).
     """
-    engine = Engine(schedule, base_lrs, base_momentums)
+    engine = spec.new_engine()
     engine.check_values(0, "the schedule's")
     for _ in range(2):
         engine.advance()

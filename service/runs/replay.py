@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from service.runs.state import RunState
+from service.engine.actions import parse_action
+from service.runs.state import Control, RunState
 from service.store.events import Event, EventKind
 
 
@@ -30,14 +31,22 @@ def apply_logs(state: RunState, events: Iterable[Event]) -> None:
 
 
 def _apply_metric(state: RunState, event: Event) -> None:
-    if event.step is not None and event.step > state.horizon:
-        state.inputs.add(event)
+    """A watched metric's values (a decision's input) and spike-guard reports, for their step."""
+    step = event.step
+    if step is None or step <= state.horizon:
+        return
+    if event.payload.get("values"):
+        state.inputs.metrics[step].update(event.payload["values"])
+    if event.payload.get("reports"):
+        state.inputs.reports[step].extend(event.payload["reports"])
 
 
 def _apply_control(state: RunState, event: Event) -> None:
+    """An operator action, applied right after its step (``engine.actions``)."""
+    action = parse_action(event.payload)
     if event.step is not None and event.step > state.horizon:
-        state.inputs.add(event)
-    state.note_watched(event)  # a new schedule's metrics are watched from then on, whenever placed
+        state.inputs.actions[event.step].append(Control(action, event.actor, event.reason))
+    state.note_action(action)  # a new schedule's metrics are watched from then on, whenever placed
 
 
 _HANDLERS: dict[EventKind, Callable[[RunState, Event], None]] = {
