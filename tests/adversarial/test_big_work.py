@@ -27,9 +27,11 @@ def workers(pid: int) -> list[int]:
 
 
 def big_preview(http, steps: int = 300):
+    """A preview of 1024 groups; the first waits for the worker's start (it imports torch: seconds,
+    a minute on this shared machine at load 25), so its client waits longer than the fixture's."""
     base_lrs = [0.1 / (1 + i) for i in range(GROUPS)]
     body = {"schedule": COSINE, "base_lrs": base_lrs, "steps": steps}
-    answer = http.post("/v1/schedules/preview", json=body)
+    answer = http.post("/v1/schedules/preview", json=body, timeout=180)
     return answer, base_lrs
 
 
