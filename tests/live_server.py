@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,11 +13,38 @@ from pathlib import Path
 
 import httpx
 
+# Ports for servers that tests start come from below the kernel's ephemeral range
+# (32768-60999 on Linux), so no outgoing connection of any process takes one between
+# ``free_port()`` and the server's bind, nor while a killed server's port waits for its
+# restart; each xdist worker draws from its own slice, so parallel workers never collide.
+_PORTS = range(12000, 32000)
+_SLICE = 1000
+_given: set[int] = set()
+_random = random.Random()  # its own: a test seeding `random` must not make workers agree
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3"; unset outside xdist
+    index = int(worker[2:]) if worker[2:].isdigit() else len(_PORTS) // _SLICE - 1
+    start = _PORTS.start + (index % (len(_PORTS) // _SLICE)) * _SLICE
+    return range(start, start + _SLICE)
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, never handed out before in this process."""
+    ports = _port_slice()
+    for _ in range(len(ports)):
+        port = _random.choice(ports)
+        if port in _given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {ports}")
 
 
 class ServerProcess:
