@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from client import RemoteScheduler  # noqa: E402
-from client._disabled import LocalScheduler  # noqa: E402
+from client import RemoteScheduler
+from client._disabled import LocalScheduler
 
 NOWHERE = "http://127.0.0.1:9"  # nothing listens: any request would fail
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
+from starlette.testclient import TestClient
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from starlette.testclient import TestClient  # noqa: E402
-
-from client import RemoteScheduler  # noqa: E402
-from service import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from client import RemoteScheduler
+from service import create_app
+from service.settings import Settings
 
 STEPS = 120
 STEPS_PER_EPOCH = 10

@@ -15,12 +15,10 @@ import threading
 import time
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from client import RemoteScheduler, ServerAwayWarning  # noqa: E402
-from tests.live_server import ServerProcess  # noqa: E402
+from client import RemoteScheduler, ServerAwayWarning
+from tests.live_server import ServerProcess
 
 pytestmark = pytest.mark.slow
 

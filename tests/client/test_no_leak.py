@@ -13,12 +13,10 @@ import time
 import weakref
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from client import RemoteScheduler  # noqa: E402
-from tests.live_server import ServerProcess  # noqa: E402
+from client import RemoteScheduler
+from tests.live_server import ServerProcess
 
 PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
 COSINE = {"type": "CosineAnnealingLR", "T_max": 100}

@@ -179,7 +179,7 @@ def test_non_finite_logged_values_are_kept(make_scheduler, fake):
 
 
 def test_metrics_from_tensors_and_numpy(make_scheduler, fake):
-    torch = pytest.importorskip("torch")
+    import torch
     sched = make_scheduler(run_id="m", schedule=PLATEAU, steps_per_epoch=1)
     sched.log(loss=torch.tensor(0.5))
     sched.step(torch.tensor(0.25, dtype=torch.float64))

@@ -11,14 +11,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
+from torch.optim import lr_scheduler as L
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from torch.optim import lr_scheduler as L  # noqa: E402
-
-from client import RemoteScheduler  # noqa: E402
-from tests.live_server import ServerProcess  # noqa: E402
+from client import RemoteScheduler
+from tests.live_server import ServerProcess
 
 
 @pytest.fixture(scope="module")

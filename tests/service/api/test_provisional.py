@@ -8,10 +8,9 @@ placed on them meanwhile is recorded once as ``provisional_divergence``.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.service.api.conftest import make_run
-
-torch = pytest.importorskip("torch")
 
 COSINE = {"type": "CosineAnnealingLR", "T_max": 40, "eta_min": 0.001}
 PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}

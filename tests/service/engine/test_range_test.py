@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as lightning
 import pytest
 import torch
 
 from service.engine.range_test import RangeTest
-
-lightning = pytest.importorskip("lightning.pytorch", reason="Lightning is a dev dependency")
 
 
 class TinyRegression(lightning.LightningModule):
