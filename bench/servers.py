@@ -251,7 +251,7 @@ def pg_problem() -> str | None:
         return "psycopg is not installed (pip install 'lrserve[postgres]')"
     try:
         _pg_connect(pg_base_url()).close()
-    except Exception as exc:  # unreachable, refused, bad credentials
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad credentials
         return f"PostgreSQL at {pg_base_url()} is not reachable: {str(exc).strip().splitlines()[0]}"
     return None
 

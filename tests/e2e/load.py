@@ -161,7 +161,7 @@ class Load:
         cluster = Cluster(self.urls, keepalive=self.keepalive, headers=self.headers)
         try:
             target(cluster, *args)
-        except Exception as exc:  # a crash in a load thread must fail the test, not vanish
+        except Exception as exc:  # noqa: BLE001 - a crash in a load thread must fail the test, not vanish
             with self.ledger.lock:
                 # reprlib: an argument holding the ledger must not copy every earlier error into this one
                 self.ledger.errors.append(f"{target.__name__}{reprlib.repr(args)}: {exc!r}")
