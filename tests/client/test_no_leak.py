@@ -17,8 +17,9 @@ import torch
 
 from client import RemoteScheduler
 from tests.live_server import ServerProcess
+from tests.specs import plateau
 
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+PLATEAU = plateau()
 COSINE = {"type": "CosineAnnealingLR", "T_max": 100}
 
 

@@ -27,8 +27,9 @@ from tests.client.test_e2e_inprocess import (
     weights,
 )
 from tests.live_server import ServerProcess
+from tests.specs import plateau
 
-BARRIER_PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+BARRIER_PLATEAU = plateau()
 
 
 def sgd(lr=0.1):
