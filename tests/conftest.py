@@ -141,3 +141,11 @@ def database_url(tmp_path) -> Iterator[Callable[[str], str]]:
     yield make
     for db_url, name in schemas:
         _run_admin(db_url, f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules holding a test marked ``slow`` go first, each module's order kept: under
+    xdist (``--dist loadfile``) the long end-to-end modules then start at once and the short
+    ones fill the gaps at the end, instead of one long module running alone at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
