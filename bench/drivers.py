@@ -88,6 +88,7 @@ async def ranks(port: int, runs: int, ranks: int, epochs: int, epoch_s: float, w
     create_ms: list[float] = []
     errors: list[str] = []
     seen: dict[tuple[int, int], set[float]] = {}
+    barrier_times: dict[tuple[int, int], list[tuple[float, float]]] = {}  # (sent, answered) per rank
 
     async def call(conn: Connection, method: str, path: str, body: Any, into: list[float]) -> Any:
         t0 = time.perf_counter()
@@ -124,11 +125,13 @@ async def ranks(port: int, runs: int, ranks: int, epochs: int, epoch_s: float, w
                     await asyncio.sleep(step_s * (ahead + 1))
                     step += ahead + 1
                 metric = 1.0 / (1 + (epoch % 3)) + 0.01 * r
+                sent = time.perf_counter()
                 answer = await call(conn, "POST", f"/v1/runs/{run_id}/step",
                                     {"step": report_at, "metrics": {"val_loss": metric}, "rank": r,
                                      "ahead": window_steps - 1}, post_ms)
                 if answer is not None:
                     seen.setdefault((run, report_at), set()).add(answer["lrs"][0])
+                    barrier_times.setdefault((run, report_at), []).append((sent, time.perf_counter()))
                 await asyncio.sleep(step_s * window_steps)
                 step = report_at + window_steps - 1
         finally:
@@ -137,6 +140,10 @@ async def ranks(port: int, runs: int, ranks: int, epochs: int, epoch_s: float, w
     began = time.perf_counter()
     await asyncio.gather(*(rank(run, r) for run in range(runs) for r in range(world)))
     elapsed = time.perf_counter() - began
+    # a barrier's answers, timed from the moment its last rank sent its report (the wait for
+    # the slowest rank is the job's, not the server's)
+    after_last_ms = [(answered - max(s for s, _ in times)) * 1e3
+                     for times in barrier_times.values() for _, answered in times]
     return {
         "ranks": runs * world, "runs": runs, "world_size": world, "epochs": epochs, "seconds": elapsed,
         "requests": len(get_ms) + len(post_ms) + len(create_ms), "errors": len(errors),
@@ -145,6 +152,8 @@ async def ranks(port: int, runs: int, ranks: int, epochs: int, epoch_s: float, w
         "get_p50_ms": percentile(get_ms, 50), "get_p99_ms": percentile(get_ms, 99),
         "post_p50_ms": percentile(post_ms, 50), "post_p99_ms": percentile(post_ms, 99),
         "all_p99_ms": percentile(get_ms + post_ms + create_ms, 99),
+        "after_last_p50_ms": percentile(after_last_ms, 50),
+        "after_last_p99_ms": percentile(after_last_ms, 99),
         "divergent_steps": sum(1 for values in seen.values() if len(values) > 1),
         "decided_steps": len(seen),
     }

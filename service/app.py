@@ -44,6 +44,11 @@ SWITCH_INTERVAL_S = 0.0005
 that computes a big window, each handoff waited up to 5 ms (bench figure 7, budgets)."""
 
 
+def _warm_up_torch() -> None:
+    warm_up_torch()
+    gc.freeze()  # what torch imported on the way stays out of later collections too
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the store opens in the lifespan and closes with it.
 
@@ -61,8 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = RunManager(store, settings)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
-        app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
-        telemetry.runs_loaded.set_function(lambda: len(manager._runs))
+        barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s, store.run_listener())
+        await barriers.start()
+        telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
         def count_runs() -> None:
             counts = store.count_by_status(stale_before=liveness.stale_before())
@@ -78,12 +84,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sender = WebhookSender(WebhookQueue(store), endpoints, telemetry)
         await sender.start()
         app.state.webhooks = sender
-        await run_in_threadpool(warm_up_torch)
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
+        # After start-up, not before it: readiness does not wait for torch's lazy imports (seconds
+        # here); a run loaded meanwhile waits for them on the import lock, other requests go on.
+        warm_up = asyncio.create_task(run_in_threadpool(_warm_up_torch), name="lrserve-warm-up")
         try:
             yield
         finally:
+            with contextlib.suppress(Exception):
+                await warm_up  # a thread cannot be cancelled; let it end before the store closes
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
@@ -91,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(liveness.flush, store)  # what this process saw last
             await sender.close()
             await hub.close()
+            await barriers.close()
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan)

@@ -161,12 +161,16 @@ def check_database(url: str, wait_s: float, *, create_db: bool = False,
     return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, operator_commands: bool = True) -> argparse.ArgumentParser:
+    """The ``lrserve`` parser; ``operator_commands=False`` leaves out the client's commands (and
+    their imports: ``lrserve serve`` starts without them)."""
     parser = argparse.ArgumentParser(
         prog="lrserve", description="Learning-rate schedules served over HTTP."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_command(subparsers)
+    if not operator_commands:
+        return parser
     try:
         from client._cli import add_operator_commands
     except ImportError:  # the operator commands are optional for a server-only install
@@ -177,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    serving = bool(argv) and argv[0] == "serve" and not {"-h", "--help"} & set(argv)
+    args = build_parser(operator_commands=not serving).parse_args(argv)
     return int(args.func(args) or 0)
 
 

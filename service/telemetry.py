@@ -60,8 +60,8 @@ class Telemetry:
         for decision in outcome.reductions:
             kind = "schedule_switch" if isinstance(decision, ScheduleSwitch) else "plateau_reduction"
             self.decisions.labels(kind).inc()
-        for action in outcome.actions:
-            self.decisions.labels(action.payload["action"]).inc()
+        for control in outcome.actions:
+            self.decisions.labels(control.action.kind).inc()
 
 
 class TelemetryMiddleware:

@@ -418,27 +418,6 @@ class Engine:
         return engine
 
 
-def apply_action(engine: Engine, action: Mapping[str, Any]) -> None:
-    """Apply one validated operator action (API.md, Operator control) to the engine.
-
-    ``set_lr`` must carry ``lrs`` (one per group); ``replace_schedule`` a raw spec.
-    ``stop`` changes only the run's status, not its values.
-    """
-    kind = action["action"]
-    if kind == "set_lr":
-        engine.set_lrs(action["lrs"])
-    elif kind == "scale":
-        engine.scale(action["factor"])
-    elif kind == "hold":
-        engine.hold()
-    elif kind == "resume":
-        engine.resume()
-    elif kind == "replace_schedule":
-        engine.replace_schedule(parse_schedule(action["schedule"], n_groups=engine.n_groups, validated=True))
-    elif kind != "stop":
-        raise ValueError(f"unknown action {kind!r}")
-
-
 def warm_up_torch() -> None:
     """Build and step one throwaway engine, so the first run a process loads does not stall.
 

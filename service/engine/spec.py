@@ -381,9 +381,16 @@ class LRRangeTestSpec(_Spec):
         if self.then is not None:
             yield from _then_problems(self.then, n_groups)
 
+    # The ``then`` schedule, parsed once per group count (engines, cost and watched metrics ask often).
+    _then: tuple[int, Any] | None = PrivateAttr(default=None)
+
     def then_spec(self, n_groups: int) -> ScheduleSpec | None:
         """The validated ``then`` schedule."""
-        return None if self.then is None else parse_schedule(self.then, n_groups=n_groups, field="then")
+        if self.then is None:
+            return None
+        if self._then is None or self._then[0] != n_groups:
+            self._then = (n_groups, parse_schedule(self.then, n_groups=n_groups, field="then"))
+        return self._then[1]
 
 
 class SpikeGuardSpec(_Spec):

@@ -4,7 +4,9 @@ One ``EventHub`` per process reads events in global-id order (``BaseStore.read_f
 and offers each to every open stream (``EventHub.follow``). It reads when woken: at
 once by a commit of this process (``BaseStore.watch_commits``), by PostgreSQL's
 ``NOTIFY`` for commits of other replicas, and every ``poll_s`` in any case (other SQLite
-processes, a lost notification).
+processes, a lost notification). While no stream is open it reads only where the log ends,
+every ``poll_s`` (a commit costs no read then): a stream that opens catches up from the
+database by itself.
 
 A stream never blocks the hub: each has a bounded buffer (``buffer`` events). A stream
 whose consumer falls that far behind while live is cut off: its buffer is dropped and it
@@ -107,6 +109,7 @@ class EventHub:
         self._listen = listen
         self._read_outage = OutageLog(log, "event feed", "cannot read the log")
         self._subs: set[_Subscription] = set()
+        self._joined = 0  # streams opened so far (a count, to tell that one opened meanwhile)
         self._wake = asyncio.Event()
         self._last = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -121,7 +124,12 @@ class EventHub:
         """Start following the log from its current end."""
         loop = asyncio.get_running_loop()
         self._last = await run_in_threadpool(self.store.last_gid)
-        self.store.watch_commits(lambda: loop.call_soon_threadsafe(self._wake.set))
+
+        def committed() -> None:  # in the committing thread; with no stream open, the poll suffices
+            if self._subs:
+                loop.call_soon_threadsafe(self._wake.set)
+
+        self.store.watch_commits(committed)
         self._tasks.append(asyncio.create_task(self._follow(), name="lrserve-event-hub"))
         if self._listen is not None:
             self._tasks.append(asyncio.create_task(self._listen_forever(), name="lrserve-event-listen"))
@@ -151,6 +159,8 @@ class EventHub:
             if self._closed:
                 return
             try:
+                if not self._subs and await self._skip_ahead():
+                    continue
                 while True:
                     page = await run_in_threadpool(self.store.read_feed, self._last, PAGE)
                     for entry in page:
@@ -165,13 +175,26 @@ class EventHub:
             else:
                 self._read_outage.ok()
 
+    async def _skip_ahead(self) -> bool:
+        """With no stream open, move the cursor to the log's end without reading the events:
+        a stream that opens catches up from the database itself. False (read on as usual) if
+        one opened while the end was read: it may have caught up to an earlier end."""
+        joined = self._joined
+        last = await run_in_threadpool(self.store.last_gid)
+        if self._joined != joined or self._subs:
+            return False
+        self._last = max(self._last, last)
+        self._read_outage.ok()
+        return True
+
     async def _listen_forever(self) -> None:
         assert self._listen is not None
         outage = OutageLog(log, "event feed", "database notifications lost, polling only")
 
         def woke() -> None:  # the listener calls it once listening, then on every notification
             outage.ok()
-            self.wake()
+            if self._subs:
+                self.wake()
 
         while not self._closed:
             try:
@@ -192,6 +215,8 @@ class EventHub:
         """
         sub = _Subscription(feed_filter, self.buffer)
         self._subs.add(sub)  # first: what the hub reads from now on reaches the buffer
+        self._joined += 1
+        self._wake.set()  # the hub may have skipped reads while no stream was open
         try:
             cursor = after
             while True:  # catch up from the database, at the consumer's pace

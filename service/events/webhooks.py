@@ -23,9 +23,9 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +35,9 @@ from service.events.hub import FeedFilter
 from service.events.wire import event_message
 from service.store.events import EventKind, FeedEntry
 from service.store.webhook_queue import Delivery, EndpointStatus, WebhookQueue
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("lrserve.webhooks")
 
@@ -159,6 +162,8 @@ class WebhookSender:
             await run_in_threadpool(self.queue.register, endpoint.key)
         loop = asyncio.get_running_loop()
         self.queue.store.watch_commits(lambda: loop.call_soon_threadsafe(self._wake.set))
+        import httpx  # here, not at import: a server without webhooks starts without it
+
         self._client = httpx.AsyncClient(timeout=SEND_TIMEOUT_S, follow_redirects=False)
         self._task = asyncio.create_task(self._run(), name="lrserve-webhooks")
 
@@ -228,6 +233,8 @@ class WebhookSender:
         return busy
 
     async def _send(self, endpoint: WebhookEndpoint, delivery: Delivery) -> None:
+        import httpx  # imported by start() already
+
         assert self._client is not None
         body = delivery.body.encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(endpoint.secret, body),

@@ -11,46 +11,115 @@ same barrier. The rank that completes it decides at once and wakes the ranks wai
 its own process: it knows it is the last either from its report's transaction, which
 reads the barrier back (on SQLite, where writers take turns, always), or from the
 reports this process has counted (PostgreSQL lets concurrent reports miss each other).
-Ranks waiting in other processes learn of the decision by asking the store every
-``POLL_S`` (one question per barrier and process, however many ranks wait there); so
-does a barrier whose last reports crossed on two replicas, and one that times out.
+Ranks waiting in other processes learn of the decision by asking the store: on
+PostgreSQL when a notification says another process reported to or decided the run
+(``LISTEN``/``NOTIFY``, ``BaseStore.run_listener``), which also settles a barrier whose
+last reports crossed on two replicas; and every ``POLL_S`` where no notification can come
+(SQLite replicas, a lost listener), every ``NOTIFIED_POLL_S`` while one can. One question
+per barrier and process, however many ranks wait there. A barrier that times out asks too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, OutageLog
 from service.runs.manager import ON_LOOP_VALUES, RunManager, Window
+
+log = logging.getLogger("lrserve.barrier")
+Listener = Callable[[Callable[[str | None], None]], Awaitable[None]]
 
 POLL_S = 0.1
 """How often ranks waiting in this process ask the store whether another process decided."""
+NOTIFIED_POLL_S = 2.0
+"""The same while the database notifies this process of other processes' reports and decisions."""
 
 
 @dataclass(eq=False)
 class _Barrier:
     """One (run, step) barrier as this process sees it, while requests use it."""
 
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+    stirred: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the barrier is decided here or another process may have changed it."""
+    nudged: bool = False
+    """Another process reported or decided since this process last asked the store."""
     polled_at: float = field(default_factory=time.monotonic)
     users: int = 0
     reported: set[int] = field(default_factory=set)
     """Ranks whose report this process has written (committed)."""
 
+    def finish(self) -> None:
+        self.done = True
+        self.stirred.set()
+
+    def nudge(self) -> None:
+        self.nudged = True
+        self.stirred.set()
+
 
 class Barriers:
     """Waits at metric barriers without holding a worker thread."""
 
-    def __init__(self, manager: RunManager, timeout_s: float) -> None:
+    def __init__(self, manager: RunManager, timeout_s: float, listen: Listener | None = None) -> None:
+        """``listen``: the store's ``run_listener()`` (None: other processes are polled)."""
         self.manager = manager
         self.timeout_s = timeout_s
         self._open: dict[tuple[str, int], _Barrier] = {}
+        self._by_run: dict[str, set[int]] = {}  # steps of the open barriers, by run
+        self._listen = listen
+        self._listening = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start listening for other processes' reports and decisions (where the store can)."""
+        if self._listen is not None:
+            self._task = asyncio.create_task(self._listen_forever(), name="lrserve-barrier-listen")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _poll_s(self) -> float:
+        return NOTIFIED_POLL_S if self._listening else POLL_S
+
+    def _notified(self, run_id: str | None) -> None:
+        """Another process reported to or decided ``run_id`` (None: any run, we just connected)."""
+        if run_id is None:
+            self._listening = True
+            keys = list(self._open)
+        else:
+            keys = [(run_id, step) for step in self._by_run.get(run_id, ())]
+        for key in keys:
+            self._open[key].nudge()
+
+    async def _listen_forever(self) -> None:
+        assert self._listen is not None
+        outage = OutageLog(log, "metric barrier", "database notifications lost, polling only")
+
+        def woke(run_id: str | None) -> None:  # None once listening, then a run per notification
+            if run_id is None:
+                outage.ok()
+            self._notified(run_id)
+
+        while True:
+            try:
+                await self._listen(woke)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - polling goes on meanwhile; try again later
+                outage.failed(exc)
+            finally:
+                self._listening = False
+            await asyncio.sleep(1.0)
 
     async def step(
         self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int
@@ -73,7 +142,7 @@ class Barriers:
             if not decided and len(barrier.reported) >= state.world_size:  # all in, though unseen
                 decided = await run_in_threadpool(self.manager.resolve_barrier, run_id, step, False, ahead)
             if decided:
-                barrier.done.set()  # wake the ranks waiting here
+                barrier.finish()  # wake the ranks waiting here
             else:
                 await self._wait(run_id, step, ahead, barrier)
         finally:
@@ -85,6 +154,7 @@ class Barriers:
         barrier = self._open.get(key)
         if barrier is None:
             barrier = self._open[key] = _Barrier()
+            self._by_run.setdefault(key[0], set()).add(key[1])
         barrier.users += 1
         return barrier
 
@@ -92,17 +162,25 @@ class Barriers:
         barrier.users -= 1
         if barrier.users == 0:
             del self._open[key]
+            steps = self._by_run[key[0]]
+            steps.discard(key[1])
+            if not steps:
+                del self._by_run[key[0]]
 
     async def _wait(self, run_id: str, step: int, ahead: int, barrier: _Barrier) -> None:
-        """Until the barrier is decided: woken by a report here, or asking the store now and then."""
+        """Until the barrier is decided: woken by a report here, or asking the store when another
+        process may have changed it (notified), now and then, and when time is up."""
         deadline = time.monotonic() + self.timeout_s
-        while not barrier.done.is_set():
+        while not barrier.done:
             now = time.monotonic()
             timed_out = now >= deadline
-            if timed_out or now >= barrier.polled_at + POLL_S:
+            if timed_out or barrier.nudged or now >= barrier.polled_at + self._poll_s():
                 barrier.polled_at = now  # the other ranks waiting here skip this round
+                barrier.nudged = False  # a notification from now on asks again
+                barrier.stirred.clear()
                 if await run_in_threadpool(self.manager.resolve_barrier, run_id, step, timed_out, ahead):
-                    barrier.done.set()
+                    barrier.finish()
                 continue
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(barrier.done.wait(), min(deadline, barrier.polled_at + POLL_S) - now)
+                wait_s = min(deadline, barrier.polled_at + self._poll_s()) - now
+                await asyncio.wait_for(barrier.stirred.wait(), wait_s)

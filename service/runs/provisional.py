@@ -79,7 +79,7 @@ def tail(manager: RunManager, run_id: str, after: int, n: int, held: tuple[int, 
     answer continues it (starts after its last step) instead of repeating it.
     """
     state = manager.state(run_id)
-    n = max(0, min(n, manager.settings.max_provisional, manager._budget_steps(state)))
+    n = max(0, min(n, manager.settings.max_provisional, manager.budget_steps(state)))
     shadow = _shadow(manager, state, after)
     if held is not None and held[0] == shadow.id:
         after = max(after, held[1])
@@ -186,5 +186,5 @@ def _divergence(events: list[Event], rank: int, start: int, tail_id: int | None)
 def _copy_inputs(inputs: Inputs) -> Inputs:
     copy = Inputs()
     copy.metrics = defaultdict(dict, {k: dict(v) for k, v in inputs.metrics.items()})
-    copy.actions = defaultdict(list, {k: list(v) for k, v in inputs.actions.items()})
+    copy.actions = defaultdict(list, {k: list(v) for k, v in inputs.actions.items()})  # Control: frozen
     return copy

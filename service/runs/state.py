@@ -9,12 +9,22 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from service.engine.engine import Decision, Engine, ScheduleSwitch, Values, apply_action
-from service.engine.spec import guard_of, parse_schedule, watched_metrics
+from service.engine.actions import Action, RunStatus
+from service.engine.engine import Decision, Engine, ScheduleSwitch, Values
+from service.engine.run_spec import RunSpec
 from service.engine.spike_guard import Spike
 from service.errors import ScheduleError
 from service.runs.value_log import ValueLog
-from service.store.events import Event, EventKind
+from service.store.events import SERVER
+
+
+@dataclass(frozen=True)
+class Control:
+    """An operator action as placed in the log: the action, who asked and why."""
+
+    action: Action
+    actor: str = SERVER
+    reason: str | None = None
 
 
 @dataclass
@@ -25,18 +35,8 @@ class Inputs:
     """
 
     metrics: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
-    actions: dict[int, list[Event]] = field(default_factory=lambda: defaultdict(list))
+    actions: dict[int, list[Control]] = field(default_factory=lambda: defaultdict(list))
     reports: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
-
-    def add(self, event: Event) -> None:
-        assert event.step is not None
-        if event.kind is EventKind.METRIC:
-            if event.payload.get("values"):
-                self.metrics[event.step].update(event.payload["values"])
-            if event.payload.get("reports"):
-                self.reports[event.step].extend(event.payload["reports"])
-        elif event.kind is EventKind.CONTROL:
-            self.actions[event.step].append(event)
 
 
 @dataclass(frozen=True)
@@ -45,15 +45,15 @@ class StepOutcome:
 
     step: int
     reductions: list[Decision]
-    actions: list[Event]
-    """The ``control`` events applied right after this step (their payload is the action)."""
+    actions: list[Control]
+    """The operator actions applied right after this step."""
 
 
 @dataclass(frozen=True)
 class Marks:
     """The run's status (and the steps it changed at) as of some step."""
 
-    status: str = "active"
+    status: RunStatus = RunStatus.ACTIVE
     stopped_at: int | None = None
     switched_at: int | None = None
 
@@ -69,21 +69,20 @@ class RunState:
     ``status``, ``stopped_at`` and ``switched_at`` describe the run at ``horizon``.
     """
 
-    def __init__(self, run_id: str, spec: dict[str, Any], engine: Engine, last_seq: int) -> None:
+    def __init__(self, run_id: str, spec: RunSpec, engine: Engine, last_seq: int) -> None:
         self.run_id = run_id
         self.spec = spec
-        self.n_groups = len(spec["base_lrs"])
-        self.world_size: int = spec.get("world_size", 1)
-        schedule = parse_schedule(spec["schedule"], n_groups=self.n_groups, validated=True)
-        self.watched = watched_metrics(schedule, self.n_groups)
-        self.guard_monitors = _guard_monitors(schedule, self.n_groups)
+        self.n_groups = spec.n_groups
+        self.world_size = spec.world_size
+        self.watched = spec.watched  # and every metric a new schedule brought (``note_action``)
+        self.guard_monitors = spec.guard_monitors
         self.engine = engine
         self.inputs = Inputs()
         self.first_step = engine.step
         self.values = ValueLog(self.n_groups, momentum=engine.reports_momentum)  # packed: all runs hold it
         self.values.append(engine.values())
         self.last_seq = last_seq
-        self.status = "active"
+        self.status = RunStatus.ACTIVE
         self.stopped_at: int | None = None
         self.switched_at: int | None = None
         self.lock = threading.Lock()
@@ -120,17 +119,13 @@ class RunState:
         computed, self._pending = self._pending, []
         return computed
 
-    def take_input(self, event: Event) -> None:
-        """Queue a decision input for its step, and learn what a new schedule watches."""
-        self.inputs.add(event)
-        self.note_watched(event)
-
-    def note_watched(self, event: Event) -> None:
-        """A ``replace_schedule`` action may bring metrics to watch from then on."""
-        if event.kind is EventKind.CONTROL and event.payload.get("action") == "replace_schedule":
-            schedule = parse_schedule(event.payload["schedule"], n_groups=self.n_groups, validated=True)
-            self.watched = self.watched | watched_metrics(schedule, self.n_groups)
-            self.guard_monitors = self.guard_monitors | _guard_monitors(schedule, self.n_groups)
+    def note_action(self, action: Action) -> None:
+        """An action placed at any step may bring metrics to watch from then on (a new schedule)."""
+        watched, monitors = action.watched(self.n_groups), action.guard_monitors(self.n_groups)
+        if watched:
+            self.watched = self.watched | watched
+        if monitors:
+            self.guard_monitors = self.guard_monitors | monitors
 
     def cached(self, step: int) -> Values | None:
         index = step - self.first_step
@@ -166,10 +161,11 @@ class RunState:
                 break
             if any(isinstance(r, ScheduleSwitch) for r in reductions):
                 self.marks = replace(self.marks, switched_at=step)
-            if any(isinstance(r, Spike) and r.stop for r in reductions) and self.marks.status != "stopped":
-                self.marks = replace(self.marks, status="stopped", stopped_at=step)
-            for action in actions:
-                self._track_status(action.payload, step)
+            stops = any(isinstance(r, Spike) and r.stop for r in reductions)
+            if stops and self.marks.status is not RunStatus.STOPPED:
+                self.marks = replace(self.marks, status=RunStatus.STOPPED, stopped_at=step)
+            for control in actions:
+                self._track_status(control.action, step)
             self._pending.append(self.engine.values())
             outcomes.append(StepOutcome(step, reductions, actions))
         return outcomes
@@ -178,7 +174,7 @@ class RunState:
         """Spikes that took effect at steps ``start .. end`` (final ones only: call with end <= horizon)."""
         return [s for s in list(self.engine.spikes) if start <= s.applied_at <= end]
 
-    def _take_step(self, step: int) -> tuple[list[Decision], list[Event]]:
+    def _take_step(self, step: int) -> tuple[list[Decision], list[Control]]:
         """Advance the engine to ``step`` and apply the operator actions placed there.
 
         A step that fails but carries actions is taken on the last good values (the clock
@@ -197,24 +193,16 @@ class RunState:
             self.engine = before
             self.engine.step = step
             reductions = []
-        for action in actions:
-            apply_action(self.engine, action.payload)
+        for control in actions:
+            control.action.apply(self.engine)
         if actions:
-            kinds = ", ".join(a.payload["action"] for a in actions)
+            kinds = ", ".join(c.action.kind for c in actions)
             self.engine.check_values(step, f"after the operator's actions ({kinds}), the")
         return reductions, actions
 
-    def _track_status(self, action: dict[str, Any], step: int) -> None:
-        kind, marks = action["action"], self.marks
-        if kind == "stop":
-            self.marks = replace(marks, status="stopped", stopped_at=step)
-        elif kind == "hold" and marks.status != "stopped":
-            self.marks = replace(marks, status="held")
-        elif kind == "resume" and marks.status != "stopped":
-            self.marks = replace(marks, status="active")
-
-
-def _guard_monitors(schedule: Any, n_groups: int) -> frozenset[str]:
-    """The metric a spike guard in ``schedule`` judges per rank (none without a guard)."""
-    guard = guard_of(schedule, n_groups)
-    return frozenset() if guard is None else frozenset({guard.monitor})
+    def _track_status(self, action: Action, step: int) -> None:
+        status, marks = action.sets_status, self.marks
+        if status is RunStatus.STOPPED:
+            self.marks = replace(marks, status=status, stopped_at=step)
+        elif status is not None and marks.status is not RunStatus.STOPPED:
+            self.marks = replace(marks, status=status)

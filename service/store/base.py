@@ -213,6 +213,13 @@ class BaseStore(abc.ABC):
         """An async function waiting for commits of other processes, calling its argument on
         each, where the database can tell (PostgreSQL ``LISTEN``); else None."""
 
+    def run_listener(self) -> Callable[[Callable[[str | None], None]], Awaitable[None]] | None:
+        """An async function waiting for other processes' commits that touch a run's barrier
+        (a rank's report, a decision), calling its argument with the run's id on each, and
+        with None once listening (anything may have changed before); returns when the
+        connection is lost. Where the database can tell (PostgreSQL ``LISTEN``); else None."""
+        return None
+
     @abc.abstractmethod
     def last_gid(self) -> int:
         """The highest global event id committed so far (0 before the first event)."""

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
+from secrets import token_hex
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -94,8 +95,11 @@ _INSERT_EVENTS = events.insert()
 _TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
     last_gid=event_ids.c.last_gid + bindparam("n")).returning(event_ids.c.last_gid)
 EVENTS_CHANNEL = "lrserve_events"
-"""PostgreSQL ``NOTIFY`` channel: a transaction that appended events notifies it on commit."""
-_NOTIFY_EVENTS = text(f"SELECT pg_notify('{EVENTS_CHANNEL}', '')")
+"""PostgreSQL ``NOTIFY`` channel: a transaction that appended events notifies it on commit,
+with ``"<sender> <run_id>"`` as payload (``sender``: the store that wrote, see ``SqlStore``)."""
+REPORTS_CHANNEL = "lrserve_reports"
+"""PostgreSQL ``NOTIFY`` channel: a transaction that added a rank's barrier report notifies it."""
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
     updated_at=bindparam("b_updated_at"))
@@ -168,6 +172,8 @@ class SqlStore(BaseStore):
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
         self._commit_watchers: list[Callable[[], None]] = []
+        self._sender = token_hex(6)
+        """Names this store in its notifications, so its own listener can skip them."""
         try:
             with self._transaction(write=True) as conn:
                 migrate(conn)
@@ -279,7 +285,7 @@ class SqlStore(BaseStore):
                 conn.execute(run_labels.insert(), [
                     {"run_id": run_id, "key": k, "value": v} for k, v in labels.items()
                 ])
-            (gid,) = _take_gids(conn, 1)
+            (gid,) = self._take_gids(conn, 1, run_id)
             conn.execute(events.insert().values(_event_row(run_id, 1, created, now, gid)))
             record = self._read_record(conn, self._require_run(conn, run_id))
         self._events_committed()
@@ -462,6 +468,22 @@ class SqlStore(BaseStore):
         labels = self._labels_of(conn, sorted({r.run_id for r in rows}))
         return [FeedEntry(r.run_id, labels.get(r.run_id, {}), _event(r)) for r in rows]
 
+    def _take_gids(self, conn: Connection, n: int, run_id: str) -> list[int]:
+        """The next ``n`` global event ids; locks the counter row until this transaction ends.
+
+        Holding that lock to the commit is what makes ids visible in increasing order: a
+        transaction that takes ids after this one waits for this one to commit or roll back.
+        On PostgreSQL this also queues a ``NOTIFY`` naming the run, sent when (and only if)
+        the transaction commits.
+        """
+        last = conn.execute(_TAKE_GIDS, {"n": n}).scalar_one()
+        self._notify(conn, EVENTS_CHANNEL, run_id)
+        return list(range(last - n + 1, last + 1))
+
+    def _notify(self, conn: Connection, channel: str, run_id: str) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(_NOTIFY, {"channel": channel, "payload": f"{self._sender} {run_id}"})
+
     def watch_commits(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (from the committing thread) after each commit that added events."""
         self._commit_watchers.append(callback)
@@ -486,6 +508,30 @@ class SqlStore(BaseStore):
                 wake()  # commits between the last read and the LISTEN
                 async for _ in conn.notifies():
                     wake()
+
+        return listen
+
+    def run_listener(self) -> Callable[[Callable[[str | None], None]], Awaitable[None]] | None:
+        """PostgreSQL: an async function that ``LISTEN``s for other processes' reports and
+        decisions and calls its argument with the run's id on each (None once listening);
+        returns when the connection is lost. SQLite: None (see ``BaseStore.run_listener``)."""
+        if self._engine.dialect.name != "postgresql":
+            return None
+        conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        mine = f"{self._sender} "
+
+        async def listen(wake: Callable[[str | None], None]) -> None:
+            import psycopg
+
+            async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, connect_timeout=5) as conn:
+                await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                await conn.execute(f"LISTEN {REPORTS_CHANNEL}")
+                wake(None)  # commits between the last read and the LISTEN
+                async for notice in conn.notifies():
+                    run_id = notice.payload.partition(" ")[2]
+                    if run_id and not notice.payload.startswith(mine):
+                        wake(run_id)
 
         return listen
 
@@ -641,6 +687,7 @@ class SqlStore(BaseStore):
             self._insert_metrics(conn, run_id, records)
             if rows:
                 conn.execute(self._insert_new_reports, rows)
+                self._notify(conn, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
             return BarrierTally(row.horizon, _select_reports(conn, run_id, step))
 
     def read_barrier(self, run_id: str, step: int) -> BarrierTally:
@@ -718,7 +765,7 @@ class SqlRunTransaction(RunTransaction):
         if not new_events:
             return []
         now, first = _now(), self.run.last_seq + 1
-        gids = _take_gids(conn, len(new_events))
+        gids = self._store._take_gids(conn, len(new_events), self.run.run_id)
         rows = [_event_row(self.run.run_id, first + i, e, now, gids[i]) for i, e in enumerate(new_events)]
         conn.execute(_INSERT_EVENTS, rows)
         self.appended = True
@@ -760,19 +807,6 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         updated_at=row.updated_at,
         last_seen=row.last_seen,
     )
-
-
-def _take_gids(conn: Connection, n: int) -> list[int]:
-    """The next ``n`` global event ids; locks the counter row until this transaction ends.
-
-    Holding that lock to the commit is what makes ids visible in increasing order: a
-    transaction that takes ids after this one waits for this one to commit or roll back.
-    On PostgreSQL this also queues a ``NOTIFY``, sent when (and only if) the transaction commits.
-    """
-    last = conn.execute(_TAKE_GIDS, {"n": n}).scalar_one()
-    if conn.dialect.name == "postgresql":
-        conn.execute(_NOTIFY_EVENTS)
-    return list(range(last - n + 1, last + 1))
 
 
 def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -> dict[str, Any]:

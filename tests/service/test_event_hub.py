@@ -137,3 +137,33 @@ def test_on_postgres_a_commit_of_another_process_wakes_the_hub_through_notify(da
     finally:
         mine.close()
         other.close()
+
+
+def test_with_no_stream_open_commits_cost_no_read_and_a_stream_opened_later_misses_nothing(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/hub.db")
+    store.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
+    reads: list[int] = []
+    read_feed = store.read_feed
+    store.read_feed = lambda after, limit=500: reads.append(after) or read_feed(after, limit)
+
+    async def scenario():
+        hub = EventHub(store, poll_s=0.05)
+        await hub.start()
+        for _ in range(20):
+            await asyncio.to_thread(_append, store, 1)
+        await asyncio.sleep(0.3)  # several polls: each reads only where the log ends
+        assert reads == []
+        stream = hub.follow(1, FeedFilter())  # from just after the created event
+        got = await _next_events(stream, 20)
+        live = asyncio.ensure_future(_next_events(stream, 3))
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(_append, store, 3)
+        got += await live
+        assert [e.event.gid for e in got] == list(range(2, 25))
+        await stream.aclose()
+        await hub.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from service.engine import codec
-from service.engine.engine import Engine, apply_action
+from service.engine.actions import parse_action
+from service.engine.engine import Engine
 from service.engine.preview import preview
 from service.engine.spec import parse_schedule
 from service.errors import ScheduleError
@@ -245,23 +246,23 @@ class TestActions:
     def test_set_lr_then_schedule_continues_from_it(self):
         engine = self.make()
         engine.advance()
-        apply_action(engine, {"action": "set_lr", "lrs": [0.3, 0.2]})
+        apply(engine, {"action": "set_lr", "lrs": [0.3, 0.2]})
         assert engine.values()[0] == (0.3, 0.2)
         engine.advance()
         assert engine.values()[0] == (0.3 * 0.5, 0.2 * 0.5)
 
     def test_scale(self):
         engine = self.make()
-        apply_action(engine, {"action": "scale", "factor": 0.1})
+        apply(engine, {"action": "scale", "factor": 0.1})
         assert engine.values()[0] == (1.0 * 0.1, 0.5 * 0.1)
 
     def test_hold_freezes_and_resume_continues_the_clock(self):
         engine = self.make({"type": "StepLR", "step_size": 2})
-        apply_action(engine, {"action": "hold"})
+        apply(engine, {"action": "hold"})
         for _ in range(5):
             engine.advance()
         assert engine.values()[0] == (1.0, 0.5)
-        apply_action(engine, {"action": "resume"})
+        apply(engine, {"action": "resume"})
         engine.advance()
         assert engine.values()[0] == (1.0, 0.5)  # the schedule's own step 1
         engine.advance()
@@ -270,7 +271,7 @@ class TestActions:
     def test_replace_schedule_starts_from_current_lrs(self):
         engine = self.make()
         engine.advance()
-        apply_action(
+        apply(
             engine,
             {
                 "action": "replace_schedule",
@@ -352,3 +353,8 @@ def test_any_spec_survives_a_snapshot(data, n_groups, cut, losses):
         if restored is not None:
             restored.advance(reports)
             assert restored.values() == original.values()
+
+
+def apply(engine, payload):
+    """Apply a stored action (a ``control`` event's payload) as the replay does."""
+    parse_action(payload).apply(engine)

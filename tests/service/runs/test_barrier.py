@@ -165,3 +165,36 @@ def test_a_window_commit_skips_the_store_when_the_run_is_there_already(replicas)
         assert transactions == []
         a.commit("r", 8)  # without it: the store is asked (another replica may have moved on)
         assert len(transactions) == 1
+
+
+def test_on_postgres_ranks_waiting_on_one_replica_are_woken_by_a_notification(replicas, monkeypatch):
+    """Polls are an hour apart: only NOTIFY can bring the other replica's report in time, and
+    it brings both crossings: the last report seen here, or the decision taken there."""
+    a, b = replicas
+    if a.store.run_listener() is None:
+        pytest.skip("SQLite cannot notify another process: its replicas poll (the test above)")
+    create(a, world_size=3)
+    monkeypatch.setattr(barrier_module, "POLL_S", 3600.0)
+    monkeypatch.setattr(barrier_module, "NOTIFIED_POLL_S", 3600.0)
+    gates = [Barriers(a, 3600, a.store.run_listener()), Barriers(b, 3600, b.store.run_listener())]
+
+    async def step(k: int, last_on: int):
+        for gate in gates:
+            await gate.start()
+        try:
+            while not all(gate._listening for gate in gates):
+                await asyncio.sleep(0.01)
+
+            async def rank(r: int):
+                if r == 2:
+                    await asyncio.sleep(0.2)  # ranks 0 and 1 wait on a first
+                return await gates[last_on if r == 2 else 0].step("r", k, {"val_loss": 1.0 + r}, r, 0)
+            return await asyncio.wait_for(asyncio.gather(*(rank(r) for r in range(3))), GUARD_S)
+        finally:
+            for gate in gates:
+                await gate.close()
+
+    for k, last_on in ((1, 1), (2, 1)):
+        ranks = asyncio.run(step(k, last_on))
+        assert len({tuple(w.values) for w in ranks}) == 1 and ranks[0].start == k
+    assert a.store.read_run("r").horizon == 2

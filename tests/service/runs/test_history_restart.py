@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from service.runs.cache import RunCache
 from service.runs.manager import RunManager
 from service.settings import Settings
 from service.store import open_store
@@ -33,7 +34,7 @@ def test_history_after_a_restart_reads_stored_values_without_replay(url, monkeyp
     try:
         second = RunManager(store, settings)
         replays = []
-        monkeypatch.setattr(RunManager, "values_between", lambda *args: replays.append(args))
+        monkeypatch.setattr(RunCache, "values_between", lambda *args: replays.append(args))
         after = second.history("long", 57)
         assert replays == []
         assert after["lrs"] == before["lrs"]

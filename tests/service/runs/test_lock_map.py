@@ -31,13 +31,13 @@ def test_unknown_and_deleted_run_ids_leave_no_lock_behind(manager):
     with pytest.raises(RunNotFound):
         manager.state("gone")
     gc.collect()
-    assert len(manager._load_locks) == 0
+    assert len(manager.runs._load_locks) == 0
 
 
 def test_threads_asking_together_share_one_lock(manager):
-    first = manager._run_lock("r")
+    first = manager.runs.run_lock("r")
     seen = []
-    thread = threading.Thread(target=lambda: seen.append(manager._run_lock("r")))
+    thread = threading.Thread(target=lambda: seen.append(manager.runs.run_lock("r")))
     thread.start()
     thread.join()
     assert seen[0] is first

@@ -10,6 +10,7 @@ import tracemalloc
 import pytest
 
 from service.engine.engine import Engine, Values
+from service.engine.run_spec import RunSpec
 from service.engine.spec import parse_schedule
 from service.runs.state import RunState
 from service.runs.value_log import ValueLog
@@ -107,8 +108,8 @@ def test_a_held_step_costs_about_its_floats():
 
 def test_a_run_state_holds_the_engines_values_in_order():
     schedule = {"type": "OneCycleLR", "max_lr": [0.5, 0.25], "total_steps": 30}
-    spec = {"base_lrs": [0.1, 0.05], "schedule": schedule}
-    state = RunState("r", spec, Engine(parse_schedule(schedule, n_groups=2), [0.1, 0.05]), last_seq=0)
+    spec = RunSpec.from_request({"base_lrs": [0.1, 0.05], "schedule": schedule})
+    state = RunState("r", spec, spec.new_engine(), last_seq=0)
     reference = Engine(parse_schedule(schedule, n_groups=2), [0.1, 0.05])
     expected = [reference.values()]
     for _ in range(20):

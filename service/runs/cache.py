@@ -1,0 +1,129 @@
+"""``RunCache``: the runs this process has loaded, each loaded once from the log.
+
+A run's state is built from its latest snapshot (or its spec) and the events after it
+(``replay.apply_logs``), kept while the process lives, and dropped (``evict``) when a
+commit fails half-way or the run is deleted: threads that still hold a dropped state see
+``evicted`` and take the reloaded one.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from service.engine import codec
+from service.engine.actions import RunStatus
+from service.engine.engine import Engine, Values
+from service.engine.run_spec import RunSpec
+from service.runs.replay import apply_logs
+from service.runs.state import Marks, RunState
+from service.store.base import BaseStore, RunRecord, Snapshot
+
+
+class RunCache:
+    """Loads runs lazily and keeps them; event loop safe where a method says so."""
+
+    def __init__(self, store: BaseStore) -> None:
+        self.store = store
+        self._runs: dict[str, RunState] = {}
+        # Only while some thread holds or waits for it: an entry per unknown or deleted run id
+        # asked for would otherwise outlive its request (weak values; see ``RunLock``).
+        self._load_locks: weakref.WeakValueDictionary[str, RunLock] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        # Runs whose schedule fails at a step above the horizon: windows stop before it (so
+        # each one does not fail, drop the engine and reload again). One entry per such run.
+        self.fails_at: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """How many runs this process holds in memory."""
+        return len(self._runs)
+
+    def loaded(self, run_id: str) -> RunState | None:
+        """The run's state if this process has loaded it; never blocks (event loop safe)."""
+        return self._runs.get(run_id)
+
+    def state(self, run_id: str) -> RunState:
+        """The run's in-memory state, loaded from the log on first use."""
+        state = self._runs.get(run_id)
+        if state is not None:
+            return state
+        with self.run_lock(run_id):
+            state = self._runs.get(run_id)
+            if state is None:
+                state = self._load(run_id)
+                with self._lock:
+                    self._runs[run_id] = state
+        return state
+
+    def run_lock(self, run_id: str) -> RunLock:
+        """This process's lock for creating or loading one run (once, however many ask).
+
+        The entry lives as long as a caller holds the returned object, so every thread that
+        asks while another holds or waits for it gets the same lock.
+        """
+        with self._lock:
+            lock = self._load_locks.get(run_id)
+            if lock is None:
+                lock = self._load_locks[run_id] = RunLock()
+            return lock
+
+    def evict(self, state: RunState) -> None:
+        """Drop ``state`` for good: threads that still hold it must not use it (see ``commit``)."""
+        state.evicted = True
+        with self._lock:
+            if self._runs.get(state.run_id) is state:
+                del self._runs[state.run_id]
+
+    def forget(self, run_id: str) -> None:
+        """The run was deleted: drop its state and what this process knew of it."""
+        self.fails_at.pop(run_id, None)
+        state = self._runs.get(run_id)
+        if state is not None:
+            self.evict(state)
+
+    def _load(self, run_id: str) -> RunState:
+        record = self.store.read_run(run_id)
+        state = fresh_state(record, self.store.load_snapshot(run_id, max_step=record.horizon))
+        state.created_at = record.created_at
+        apply_logs(state, self.store.read_events(run_id))
+        state.advance_to(record.horizon)
+        state.publish()
+        return state
+
+    def values_between(self, run_id: str, start: int, end: int) -> list[Values]:
+        """Final values of steps ``start..end`` (all at or below the horizon), replaying if needed."""
+        state = self.state(run_id)
+        if state.cached(start) is not None and state.cached(end) is not None:
+            return state.values[start - state.first_step : end - state.first_step + 1]
+        record = self.store.read_run(run_id)
+        replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
+        apply_logs(replay, self.store.read_events(run_id))
+        replay.advance_to(end)
+        replay.publish()
+        return replay.values[start - replay.first_step : end - replay.first_step + 1]
+
+
+def fresh_state(record: RunRecord, snapshot: Snapshot | None) -> RunState:
+    """The run's state at its snapshot's step (step 0 without one), before any event is applied."""
+    spec = RunSpec.from_stored(record.spec)
+    if snapshot is None:
+        return RunState(record.run_id, spec, spec.new_engine(), last_seq=0)
+    saved = codec.from_jsonable(snapshot.state)
+    state = RunState(record.run_id, spec, Engine.restore(saved["engine"]), last_seq=0)
+    state.restore_marks(Marks(RunStatus(saved["status"]), saved["stopped_at"], saved.get("switched_at")))
+    return state
+
+
+class RunLock:
+    """A ``threading.Lock`` that a ``WeakValueDictionary`` can hold (a bare lock takes no weak reference)."""
+
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()

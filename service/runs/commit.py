@@ -1,0 +1,366 @@
+"""The commit protocol: how a run's horizon moves, durably, in every process alike.
+
+API.md's rules, as this module keeps them:
+
+- *Finality*: values at or below a run's horizon are served from memory and never
+  recomputed differently; advancing the horizon happens under the run's lock and the
+  store's lock, and is durable before any thread sees it (``RunState.publish``).
+- *Decisions on the first free step*: a metric or action is placed above the horizon
+  read under the store's lock, so every process places it at the same step.
+
+A commit computes the new steps (torch's work) before taking the store's write lock, and
+holds that lock only to append and commit; if another process moved the run meanwhile,
+it starts again. Only where the stored run had already moved when the commit began (rare:
+replicas) does it catch up and compute inside the lock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from service.engine import codec
+from service.engine.actions import Action, RunStatus
+from service.engine.engine import ScheduleSwitch
+from service.engine.spike_guard import Spike
+from service.errors import InvalidInput, RunConflict
+from service.runs.cache import RunCache
+from service.runs.replay import apply_logs
+from service.runs.state import RunState, StepOutcome
+from service.settings import Settings
+from service.store.base import (
+    BaseStore,
+    MetricRecord,
+    RunRecord,
+    RunTransaction,
+    Snapshot,
+    ValueChunk,
+    pack_lrs,
+)
+from service.store.events import Event, EventKind, NewEvent
+
+LOCAL_ACTOR = "local"
+"""The actor of a call made in this process without a token (tests, a server without tokens)."""
+
+
+@dataclass(frozen=True)
+class PlacedAction:
+    """An operator action to place: at ``at_step`` (None: the first free step), by ``actor``."""
+
+    at_step: int | None
+    action: Action
+    actor: str = LOCAL_ACTOR
+    reason: str | None = None
+
+
+Reports = Sequence[dict[str, Any]]
+"""Spike-guard reports (``step``, ``rank``, ``name``, ``value``): each placed at its ``step``
+or the first free step, whichever is later."""
+
+Metric = tuple[int, dict[str, float]]
+"""A decision's metric values, placed at a step (or nowhere, when that step is final)."""
+
+
+class Committer:
+    """Moves runs' horizons: places decisions, computes the steps, writes them, publishes them.
+
+    Args:
+        store: Where the log lives.
+        settings: The snapshot cadence.
+        runs: The loaded runs (a failed commit drops its run's state there).
+    """
+
+    def __init__(self, store: BaseStore, settings: Settings, runs: RunCache) -> None:
+        self.store = store
+        self.settings = settings
+        self.runs = runs
+        self.on_outcome: list[Callable[[str, StepOutcome], Any]] = []  # for telemetry
+
+    def commit(
+        self,
+        run_id: str,
+        target: int,
+        *,
+        metric: Metric | None = None,
+        action: PlacedAction | None = None,
+        extra_events: Sequence[NewEvent] = (),
+        records: Sequence[MetricRecord] = (),
+        reports: Reports = (),
+        if_behind: bool = False,
+        need: int | None = None,
+    ) -> int | None:
+        """Advance the run to ``target`` (at least), placing a new decision on the way.
+
+        ``records`` (metric history) and spike-guard ``reports`` are written in the same
+        transaction. ``if_behind``
+        skips the store when this process holds ``target`` already (another request took
+        the run there while this one waited for its lock: ranks asking the same window).
+        ``need``: the last step that must be reached; the steps of a window after a step the
+        schedule cannot take are left out (``RunState.advance_to``).
+
+        Returns:
+            The step an ``action`` was placed at, if one was given.
+        """
+        while True:
+            state = self.runs.state(run_id)
+            with state.lock:
+                if state.evicted:  # a commit failed while we waited: take the reloaded state
+                    continue
+                if if_behind and state.horizon >= target:
+                    return None
+                try:
+                    return self._commit_locked(
+                        state, target, metric, action, extra_events, records, need, reports
+                    )
+                except _RunReplaced:  # evicted on the way out; the next turn loads the new run
+                    continue
+
+    def caught_up(self, run_id: str) -> RunState:
+        """The run's state as of the stored horizon (other processes may have gone further)."""
+        record = self.store.read_run(run_id)
+        state = self.runs.state(run_id)
+        if record.horizon > state.horizon or record.created_at != state.created_at:
+            self.commit(run_id, record.horizon)
+            state = self.runs.state(run_id)
+        return state
+
+    def _commit_locked(
+        self,
+        state: RunState,
+        target: int,
+        metric: Metric | None,
+        action: PlacedAction | None,
+        extra_events: Sequence[NewEvent],
+        records: Sequence[MetricRecord] = (),
+        need: int | None = None,
+        reports: Reports = (),
+    ) -> int | None:
+        run_id = state.run_id
+        with self._evicting_on_error(state):
+            stored = self.store.read_run(run_id)  # no lock: has another process moved the run?
+            if _moved(stored, state):
+                with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
+                    self._catch_up(state, tx)
+                    outcomes, placed, new_events = _compute(
+                        state, tx.run.horizon, target, metric, action, extra_events, need, reports)
+                    _append(state, tx, outcomes, new_events, records)
+            else:
+                # The torch work happens here, before the write slot: the store's lock (on SQLite
+                # the file's, which every run's commit needs) is held only to append and commit.
+                outcomes, placed, new_events = _compute(
+                    state, state.horizon, target, metric, action, extra_events, need, reports)
+                with self.store.lock_run(run_id) as tx:
+                    if _moved(tx.run, state):  # another process committed meanwhile: start again
+                        raise _RunReplaced(run_id)
+                    _append(state, tx, outcomes, new_events, records)
+            state.publish()  # durable now: other threads may see the new steps
+            fails_at = self.runs.fails_at
+            if state.broken:  # its engine failed past the published steps: the next request reloads
+                fails_at[run_id] = state.engine.step + 1
+                self.runs.evict(state)
+            elif fails_at.get(run_id, math.inf) <= state.horizon:  # an action moved it past
+                fails_at.pop(run_id, None)
+            for outcome in outcomes:
+                for callback in self.on_outcome:
+                    callback(run_id, outcome)
+            if not state.broken:
+                self._maybe_snapshot(state, outcomes)
+        return placed
+
+    def _catch_up(self, state: RunState, tx: RunTransaction) -> None:
+        """Take in what other processes appended since this one last looked.
+
+        Raises:
+            _RunReplaced: the run was deleted and created anew (same id) by another
+                process since this one loaded it; this state belongs to the old run.
+        """
+        if tx.run.created_at != state.created_at or tx.run.horizon < state.horizon:
+            raise _RunReplaced(state.run_id)
+        if tx.run.last_seq > state.last_seq:
+            apply_logs(state, tx.read_events(state.last_seq))
+            state.last_seq = tx.run.last_seq
+        state.advance_to(tx.run.horizon)
+        state.publish()  # committed by another process: durable already
+
+    @contextmanager
+    def _evicting_on_error(self, state: RunState) -> Iterator[None]:
+        """An error mid-commit leaves the engine ahead of the store: drop it, reload later."""
+        try:
+            yield
+        except BaseException:
+            self.runs.evict(state)
+            raise
+
+    def _maybe_snapshot(self, state: RunState, outcomes: list[StepOutcome]) -> None:
+        every = self.settings.snapshot_every
+        if outcomes and state.horizon // every > (state.horizon - len(outcomes)) // every:
+            payload = {
+                "engine": state.engine.snapshot(),
+                "status": state.status.value,
+                "stopped_at": state.stopped_at,
+                "switched_at": state.switched_at,
+            }
+            first = state.checkpointed_to + 1  # the LRs since the last snapshot go with it (history)
+            lrs = state.values.packed_lrs(first - state.first_step, state.horizon + 1 - state.first_step)
+            chunk = ValueChunk(first, state.horizon + 1 - first, state.n_groups, pack_lrs(lrs))
+            self.store.save_snapshot(
+                state.run_id, Snapshot(state.horizon, state.last_seq, codec.to_jsonable(payload)), chunk
+            )
+            state.checkpointed_to = state.horizon
+
+
+def _compute(
+    state: RunState,
+    horizon: int,
+    target: int,
+    metric: Metric | None,
+    action: PlacedAction | None,
+    extra_events: Sequence[NewEvent],
+    need: int | None,
+    reports: Reports,
+) -> tuple[list[StepOutcome], int | None, list[NewEvent]]:
+    """Place the decision above the stored ``horizon`` and compute the steps up to ``target``:
+    what the steps did, the step the action went to, and the events to append."""
+    new_events, placed = _place(state, horizon, metric, action, reports)
+    if metric is None or new_events:  # extra events go with a decision that was taken
+        new_events.extend(extra_events)
+    outcomes = state.advance_to(max(target, horizon), need=need)
+    new_events.extend(_output_events(outcomes, horizon, state))
+    return outcomes, placed, new_events
+
+
+def _append(
+    state: RunState,
+    tx: RunTransaction,
+    outcomes: list[StepOutcome],
+    new_events: list[NewEvent],
+    records: Sequence[MetricRecord],
+) -> None:
+    """Write what a commit computed: metrics, events, the new horizon."""
+    if records:
+        tx.append_metrics(records)
+    appended = tx.append_events(new_events) if new_events else []
+    if outcomes:  # a commit that only caught up writes nothing
+        tx.update_run(horizon=state.engine.step, status=state.marks.status.value)
+    state.last_seq = appended[-1].seq if appended else tx.run.last_seq
+
+
+def _place(
+    state: RunState,
+    horizon: int,
+    metric: Metric | None,
+    action: PlacedAction | None,
+    reports: Reports = (),
+) -> tuple[list[NewEvent], int | None]:
+    """The decision's events, placed on the first free step above the stored ``horizon``."""
+    events: list[NewEvent] = []
+    placed = None
+    first_free = horizon + 1
+    if metric is not None and metric[0] >= first_free and metric[1]:
+        events.append(NewEvent(EventKind.METRIC, metric[0], {"values": metric[1]}))
+    if reports:
+        events.extend(_report_events(reports, first_free, events))
+    if action is not None:
+        if state.status is RunStatus.STOPPED:  # as of the stored horizon, whoever stopped it
+            raise RunConflict(f"run {state.run_id!r} is stopped; it takes no more actions")
+        at_step = action.at_step
+        if at_step is not None and at_step < first_free:
+            raise InvalidInput.at(
+                "at_step", f"must be above the horizon ({horizon}), got {at_step}"
+            )
+        placed = at_step if at_step is not None else first_free
+        payload = action.action.payload()
+        events.append(NewEvent(EventKind.CONTROL, placed, payload, action.actor, action.reason))
+    apply_logs(state, [_as_event(event) for event in events])
+    return events, placed
+
+
+def _moved(stored: RunRecord, state: RunState) -> bool:
+    """Whether the stored run is not the one ``state`` holds as of its horizon (another process
+    appended, or deleted and created it anew)."""
+    return (
+        stored.created_at != state.created_at
+        or stored.horizon != state.horizon
+        or stored.last_seq != state.last_seq
+    )
+
+
+class _RunReplaced(Exception):
+    """A loaded run turned out to be deleted and created anew by another process."""
+
+
+def guard_reports(state: RunState, records: Sequence[MetricRecord]) -> list[dict[str, Any]]:
+    """The records a spike guard of the run judges, as METRIC event ``reports`` items."""
+    if not state.guard_monitors:
+        return []
+    return [
+        {"step": r.step, "rank": r.rank, "name": r.name, "value": r.value}
+        for r in records
+        if r.name in state.guard_monitors
+    ]
+
+
+def metric_records(metrics: Mapping[str, float], step: int, rank: int) -> list[MetricRecord]:
+    """One rank's metrics of one step, as history rows."""
+    return [MetricRecord(name, step, rank, float(value)) for name, value in metrics.items()]
+
+
+def _report_events(reports: Reports, first_free: int, events: list[NewEvent]) -> list[NewEvent]:
+    """METRIC events placing each report at its step or ``first_free``; joins a plateau
+    metric event of the same step (in ``events``) instead of adding another."""
+    groups: dict[int, Reports] = {}
+    for report in reports:
+        groups.setdefault(max(report["step"], first_free), []).append(report)
+    added = []
+    for at, group in sorted(groups.items()):
+        same = next((e for e in events if e.kind is EventKind.METRIC and e.step == at), None)
+        if same is not None:
+            same.payload["reports"] = group
+        else:
+            added.append(NewEvent(EventKind.METRIC, at, {"values": {}, "reports": group}))
+    return added
+
+
+def _as_event(new: NewEvent) -> Event:
+    return Event(0, new.kind, new.step, new.payload, datetime.now(timezone.utc), new.actor, new.reason)
+
+
+def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunState) -> list[NewEvent]:
+    """Events that document what newly final steps did (never replayed)."""
+    events = []
+    for outcome in outcomes:
+        if outcome.step <= old_horizon:
+            continue
+        for r in outcome.reductions:
+            if isinstance(r, ScheduleSwitch):
+                events.append(NewEvent(EventKind.SCHEDULE_SWITCH, outcome.step, {
+                    "chosen": r.chosen, "lrs": list(r.lrs), "schedule": r.then}))
+                continue
+            if isinstance(r, Spike):
+                events.extend(_spike_events(r, outcome.step))
+                continue
+            events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
+                "stage": r.stage, "monitor": r.monitor, "value": r.value,
+                "lrs_before": list(r.before), "lrs_after": list(r.after)}))
+        for control in outcome.actions:
+            status = control.action.sets_status
+            if status is not None:  # the action's doing: its actor and reason
+                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status.value},
+                                       control.actor, control.reason))
+    return events
+
+
+def _spike_events(spike: Spike, step: int) -> list[NewEvent]:
+    """A ``loss_spike`` event; and the run's stop, when it is one spike too many."""
+    events = [NewEvent(EventKind.LOSS_SPIKE, step, spike.payload())]
+    if spike.stop:
+        reason = (
+            f"spike guard: {spike.count} loss spikes, more than max_spikes allows "
+            f"(the last on rank {spike.rank} at step {spike.step})"
+        )
+        events.append(NewEvent(EventKind.STATUS, step, {"status": RunStatus.STOPPED.value}, reason=reason))
+    return events

@@ -1,0 +1,130 @@
+"""Read models of a run: its history (curves and events), the LR range test's curve, the
+spike guard's bands. Each reads as of the stored horizon (another process may have gone
+further than this one) and commits nothing new."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from service.engine import codec, cost
+from service.engine.spec import guard_of
+from service.engine.spike_guard import GuardSettings, Report, replay_band
+from service.errors import RunConflict
+from service.runs.cache import RunCache
+from service.runs.commit import Committer
+from service.runs.state import RunState
+from service.settings import Settings
+from service.store.base import BaseStore
+from service.store.events import EventKind
+
+
+class ReadModels:
+    """The answers built from a run's whole log (``GET .../history``, ``lr-finder``, ``spike-guard``)."""
+
+    def __init__(self, store: BaseStore, settings: Settings, runs: RunCache, committer: Committer) -> None:
+        self.store = store
+        self.settings = settings
+        self.runs = runs
+        self.committer = committer
+
+    def lr_finder(self, run_id: str) -> dict[str, Any]:
+        """The range test's curve, suggestions and choice (API.md, LR range test).
+
+        Raises:
+            RunConflict: the run's schedule is not an LRRangeTest.
+        """
+        state = self.committer.caught_up(run_id)
+        with state.lock:
+            test = state.engine.range_test
+            if test is None:
+                raise RunConflict(f"run {run_id!r} has no LRRangeTest schedule")
+            return {**test.public(), "switched_at": state.switched_at}
+
+    def spike_guard(self, run_id: str, max_points: int) -> dict[str, Any]:
+        """The guard's settings, spikes and backoff at the stored horizon, and each rank's
+        band (baseline and spike line) as the detector met each report, downsampled.
+
+        Raises:
+            RunConflict: the run has no spike guard (now).
+        """
+        state = self.committer.caught_up(run_id)
+        with state.lock:
+            guard, horizon = state.engine.guard, state.horizon
+            spikes = state.spikes_between(0, horizon)
+        if guard is not None:
+            settings, multiplier = guard.settings, guard.multiplier
+        else:  # not (yet) acting, e.g. the `then` of a range test still running
+            spec = guard_of(state.spec.schedule, state.n_groups)
+            if spec is None:
+                raise RunConflict(f"run {run_id!r} has no SpikeGuard schedule")
+            settings, multiplier = GuardSettings.from_spec(spec), 1.0
+        placed = [
+            (event.step, Report.from_payload(r))
+            for event in sorted(self.store.read_events(run_id), key=lambda e: (e.step, e.seq))
+            if event.kind is EventKind.METRIC and event.step <= horizon
+            for r in event.payload.get("reports", ())
+            if r.get("name") == settings.monitor
+        ]
+        bands, _ = replay_band(settings, placed)
+        for rank, series in bands.items():
+            keep = downsample(range(len(series["steps"])), max_points)
+            bands[rank] = {name: [values[i] for i in keep] for name, values in series.items()}
+        return {
+            "run_id": run_id,
+            "settings": dataclasses.asdict(settings),
+            "horizon": horizon,
+            "multiplier": multiplier,
+            "count": len(spikes),
+            "spikes": spikes,
+            "band": {str(rank): series for rank, series in sorted(bands.items())},
+        }
+
+    def history(self, run_id: str, max_points: int) -> dict[str, Any]:
+        """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
+        state = self.committer.caught_up(run_id)
+        units = cost.history_cost(n_groups=state.n_groups, points=min(max_points, state.horizon + 1))
+        cost.check(f"a history of {max_points} points on {state.n_groups} param groups", "max_points",
+                   units, self.settings.work_budget)
+        horizon = state.horizon
+        steps = downsample(range(horizon + 1), max_points)
+        lrs = self._lrs_at(state, steps)
+        metrics = {}
+        for name, rows in self.store.read_metrics(run_id).items():
+            picked = downsample(rows, max_points)
+            metrics[name] = {"steps": [r[0] for r in picked],
+                             "values": [codec.public_float(r[2]) for r in picked],
+                             "ranks": [r[1] for r in picked]}
+        events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
+        return {
+            "run_id": run_id,
+            "lrs": {"steps": list(steps), "values": [list(lrs[s]) for s in steps]},
+            "metrics": metrics,
+            "events": events,
+        }
+
+    def _lrs_at(self, state: RunState, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
+        """Final LRs of ``steps`` (at most the horizon): from memory, else as stored with the
+        snapshots (a read per step, however long the run), else (runs written before the
+        values were stored) replayed."""
+        found = {s: state.cached(s)[0] for s in steps if s >= state.first_step}  # type: ignore[index]
+        older = [s for s in steps if s < state.first_step]
+        if older:
+            found.update(self.store.read_lrs(state.run_id, older))
+            missing = [s for s in older if s not in found]
+            if missing:
+                replayed = self.runs.values_between(state.run_id, missing[0], missing[-1])
+                found.update({s: replayed[s - missing[0]][0] for s in missing})
+        return found
+
+
+def downsample(items: Sequence[Any], max_points: int) -> Sequence[Any]:
+    """At most ``max_points`` items, evenly spaced, always keeping the first and the last."""
+    n = len(items)
+    if n <= max_points:
+        return items
+    if max_points == 1:
+        return [items[-1]]
+    picks = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
+    return [items[i] for i in picks]

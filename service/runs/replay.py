@@ -1,0 +1,55 @@
+"""``apply_logs``: the one way log entries change a loaded run's state.
+
+Values are a pure function of a run's events (DESIGN.md), so every path that takes events
+into a ``RunState`` (loading a run, catching up with another process's appends, replaying
+old steps for a value read, placing a new decision) goes through here: one handler per
+event kind, as optuna's storages apply their logs. Output events (status changes, plateau
+reductions, ...) only document what a replay did; they change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from service.engine.actions import parse_action
+from service.runs.state import Control, RunState
+from service.store.events import Event, EventKind
+
+
+def apply_logs(state: RunState, events: Iterable[Event]) -> None:
+    """Take ``events`` (in ``seq`` order) into ``state``.
+
+    A step input (metric, operator action) placed above the state's horizon is queued for
+    its step; one at or below it is already in the values (a snapshot's, or published).
+    Every event is seen once: ``last_seq`` ends at the highest ``seq`` applied.
+    """
+    for event in events:
+        handler = _HANDLERS.get(event.kind)
+        if handler is not None:
+            handler(state, event)
+        state.last_seq = max(state.last_seq, event.seq)
+
+
+def _apply_metric(state: RunState, event: Event) -> None:
+    """A watched metric's values (a decision's input) and spike-guard reports, for their step."""
+    step = event.step
+    if step is None or step <= state.horizon:
+        return
+    if event.payload.get("values"):
+        state.inputs.metrics[step].update(event.payload["values"])
+    if event.payload.get("reports"):
+        state.inputs.reports[step].extend(event.payload["reports"])
+
+
+def _apply_control(state: RunState, event: Event) -> None:
+    """An operator action, applied right after its step (``engine.actions``)."""
+    action = parse_action(event.payload)
+    if event.step is not None and event.step > state.horizon:
+        state.inputs.actions[event.step].append(Control(action, event.actor, event.reason))
+    state.note_action(action)  # a new schedule's metrics are watched from then on, whenever placed
+
+
+_HANDLERS: dict[EventKind, Callable[[RunState, Event], None]] = {
+    EventKind.METRIC: _apply_metric,
+    EventKind.CONTROL: _apply_control,
+}
