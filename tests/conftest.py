@@ -105,12 +105,15 @@ def _postgres_schema_url(base_url: str, schema: str) -> str:
     a private database for one test."""
     if base_url in _postgres_problem:
         pytest.skip(_postgres_problem[base_url])
-    try:
-        db_url = _worker_database(base_url)
-        _run_admin(db_url, f'CREATE SCHEMA "{schema}"')
-    except SQLAlchemyError as exc:  # unreachable or refused: skip the postgres tests, saying why
-        _postgres_problem[base_url] = f"{POSTGRES_ENV} is not usable: {str(exc).splitlines()[0]}"
-        pytest.skip(_postgres_problem[base_url])
+    if base_url not in _worker_dbs:
+        try:
+            _worker_database(base_url)
+        except SQLAlchemyError as exc:  # unreachable or refused: skip the postgres tests, saying why
+            _postgres_problem[base_url] = f"{POSTGRES_ENV} is not usable: {str(exc).splitlines()[0]}"
+            pytest.skip(_postgres_problem[base_url])
+    # once it worked, a failure is the test's error (e.g. "too many clients"), never a skip
+    db_url = _worker_dbs[base_url]
+    _run_admin(db_url, f'CREATE SCHEMA "{schema}"')
     url = make_url(db_url).update_query_dict({"options": f"-csearch_path={schema}"})
     return url.render_as_string(hide_password=False)
 
