@@ -6,6 +6,7 @@ is timed includes the HTTP stack, the event loop and the store, not a test clien
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import json
@@ -131,6 +132,7 @@ class Server:
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env,
                                      cwd=_repo_root(), start_new_session=True)
         log.close()
+        _running.add(self)
         return self
 
     def first_answer(self, path: str, timeout: float = 120.0, poll_s: float = 0.005) -> float:
@@ -221,6 +223,7 @@ class Server:
 
     def kill(self) -> None:
         """SIGKILL the whole process group: no shutdown hooks run."""
+        _running.discard(self)
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -228,6 +231,7 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL what is left after 10 s."""
+        _running.discard(self)
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -244,6 +248,17 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_running: set[Server] = set()  # spawned and not yet stopped or killed
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A server its starter did not stop (a test that failed before its ``finally``) dies with
+    the process that started it, instead of holding its port and database connections."""
+    for server in list(_running):
+        server.kill()
 
 
 def rss_of(pid: int) -> int:
