@@ -14,12 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service import dashboard
 from service.api.fast_path import FastWindows
+from service.api.handlers import install_error_handlers
 from service.api.query import SingleQueryValues, repeatable_parameters
-from service.api.routes import events, fleet, health, runs, schedules, spike_guard, steps, webhooks
+from service.api.routes import events, fleet, health, runs, schedules, spike_guard, steps, webhooks, whoami
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.engine.engine import warm_up_torch
-from service.errors import StoreUnavailable, install_error_handlers
+from service.errors import StoreUnavailable
 from service.events.hub import EventHub
 from service.events.webhooks import WebhookSender, load_webhooks
 from service.limits import BodySizeLimit
@@ -66,8 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = RunManager(store, settings)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
-        barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s, store.run_listener())
-        await barriers.start()
+        barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
         def count_runs() -> None:
@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         await run_in_threadpool(count_runs)
         flusher = asyncio.create_task(liveness.flush_every(store, settings.last_seen_flush_s, count_runs))
-        hub = EventHub(store, buffer=settings.events_buffer, listen=store.commit_listener())
+        # one LISTEN connection per process: the hub's, which also wakes the barriers' waiters
+        hub = EventHub(store, buffer=settings.events_buffer, listen=store.run_listener())
+        hub.notices.append(barriers.notified)
         await hub.start()
         app.state.events = hub
         telemetry.event_streams.set_function(lambda: hub.streams)
@@ -101,7 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(liveness.flush, store)  # what this process saw last
             await sender.close()
             await hub.close()
-            await barriers.close()
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -109,7 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
     app.state.telemetry = telemetry
     liveness = app.state.liveness = Liveness(settings.stale_after_s)
-    for module in (runs, steps, schedules, fleet, spike_guard):
+    for module in (runs, steps, schedules, fleet, spike_guard, whoami):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(events.router)
     app.include_router(webhooks.router, responses=ERROR_RESPONSES)

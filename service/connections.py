@@ -30,6 +30,8 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.api.responses import error_body
+from service.errors import LRServeError, RequestTimeout, TooManyConnections
 from service.settings import get_settings
 
 log = logging.getLogger("lrserve")
@@ -61,10 +63,10 @@ _timed_out = _Tally("request not received in LRSERVE_REQUEST_TIMEOUT_S: answered
 _evicted = _Tally("LRSERVE_MAX_CONNECTIONS reached: answered 503 and closed")
 
 
-def _answer(status: int, reason: bytes, detail: str, code: str) -> bytes:
-    body = orjson.dumps({"detail": detail, "code": code, "errors": []})
+def _answer(reason: bytes, error: LRServeError) -> bytes:
+    body = orjson.dumps(error_body(error))
     return b"".join([
-        b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n",
+        b"HTTP/1.1 ", str(error.status_code).encode(), b" ", reason, b"\r\n",
         b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(), b"\r\n",
         b"connection: close\r\n\r\n", body,
     ])
@@ -97,10 +99,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline = None
         _waiting.pop(self, None)
         _timed_out.add()
-        self._close_with(_answer(
-            408, b"Request Timeout",
+        self._close_with(_answer(b"Request Timeout", RequestTimeout(
             f"the request was not received within {self.request_timeout_s:g} s "
-            "(LRSERVE_REQUEST_TIMEOUT_S); send it at once", "request_timeout"))
+            "(LRSERVE_REQUEST_TIMEOUT_S); send it at once")))
 
     def _close_with(self, answer: bytes) -> None:
         self._disarm()
@@ -117,9 +118,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if len(self.connections) > self.max_connections:
             victim = next(iter(_waiting), None)  # the oldest connection with no request in progress
             _evicted.add()
-            busy = _answer(503, b"Service Unavailable",
-                           f"the server holds {self.max_connections} connections (LRSERVE_MAX_CONNECTIONS); "
-                           "retry shortly", "too_many_connections")
+            busy = _answer(b"Service Unavailable", TooManyConnections(
+                f"the server holds {self.max_connections} connections (LRSERVE_MAX_CONNECTIONS); "
+                "retry shortly"))
             if victim is None:
                 self._close_with(busy)
                 return
