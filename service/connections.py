@@ -21,16 +21,19 @@ logged at most once per 5 seconds per kind, with a count (a flood would bury the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.settings import get_settings
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger("lrserve")
 
@@ -70,14 +73,22 @@ def _answer(status: int, reason: bytes, detail: str, code: str) -> bytes:
     ])
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` with a request timeout and a connection limit (module docstring)."""
+def guarded_protocol(settings: Settings) -> Callable[..., GuardedHttpProtocol]:
+    """The protocol factory to give uvicorn as ``http=`` (picklable: worker processes get it)."""
+    return functools.partial(GuardedHttpProtocol, request_timeout_s=settings.request_timeout_s,
+                             max_connections=settings.max_connections)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` with a request timeout and a connection limit (module docstring).
+
+    uvicorn builds one per connection; ``guarded_protocol`` binds the server's settings.
+    """
+
+    def __init__(self, *args: Any, request_timeout_s: float, max_connections: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        settings = get_settings()
-        self.request_timeout_s = settings.request_timeout_s
-        self.max_connections = settings.max_connections
+        self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- the request timeout: armed while a request is awaited, until it is all received --
