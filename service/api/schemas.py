@@ -10,9 +10,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from service.engine.spec import MAX_GROUPS
+
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NAME_PATTERN = r"^[A-Za-z0-9._/:-]{1,64}$"
-MAX_GROUPS = 1024
 MAX_LABELS = 32
 NON_FINITE = 'Non-finite numbers are the strings "NaN", "Infinity", "-Infinity".'
 
