@@ -27,7 +27,7 @@ from bench import report
 from bench.servers import Pool, workdir
 from bench.sizes import SIZES
 
-FIGURES = ("client_step", "hot_path", "report_decide", "scale", "backends", "fanout", "budgets")
+FIGURES = ("client_step", "hot_path", "report_decide", "scale", "backends", "fanout", "budgets", "routes")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 

@@ -8,9 +8,7 @@ asyncio fallback) hits, in rotated order each round:
 - ``ping``: an ``async`` route returning a constant JSON body: the ceiling of the stack;
 - ``healthz``: ``GET /healthz``, a plain ``def`` route (FastAPI runs it in a thread);
 - ``lr``: ``GET /v1/runs/{id}/lr?step=k``, one final step, over many runs and steps;
-- ``lr window``: the same with ``ahead=99`` (100 steps per answer, as clients ask);
-- ``lr, lean route (prototype)``: the same answers from ``bench._app``'s prototype route
-  without FastAPI's dependency solving: the measured basis of a proposal, not a target row.
+- ``lr window``: the same with ``ahead=99`` (100 steps per answer, as clients ask).
 """
 
 from __future__ import annotations
@@ -115,7 +113,6 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
             "healthz": ["/healthz"],
             "lr": final_paths(ids),
             "lr window": final_paths(ids, ahead=99),
-            "lr, lean route (prototype)": [p.replace("/v1/", "/bench/lean/v1/", 1) for p in final_paths(ids)],
         }
         results = measure_loads(server, targets, size)
     rows = []
@@ -138,8 +135,6 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
         notes=[
             "medians over rounds; p50/p99 are the load generator's per-round percentiles (median of rounds)",
             "healthz is a sync route (runs in FastAPI's thread pool), so it is a lower bar than ping",
-            "'lr, lean route (prototype)' is bench/_app.py's Starlette route, not lrserve's: what skipping "
-            "FastAPI's dependency solving on the hot path would gain",
             f"load generator: {_tool_name(tool)}; it shares the 2 cores with the server",
         ],
     )

@@ -14,12 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service import dashboard
 from service.api.fast_path import FastWindows
+from service.api.handlers import install_error_handlers
 from service.api.query import SingleQueryValues, repeatable_parameters
-from service.api.routes import events, fleet, health, runs, schedules, spike_guard, steps, webhooks
+from service.api.routes import events, fleet, health, runs, schedules, spike_guard, steps, webhooks, whoami
 from service.api.schemas import ERROR_RESPONSES
 from service.auth import Authenticator, load_tokens
 from service.engine.engine import warm_up_torch
-from service.errors import StoreUnavailable, install_error_handlers
+from service.errors import StoreUnavailable
 from service.events.hub import EventHub
 from service.events.webhooks import WebhookSender, load_webhooks
 from service.limits import BodySizeLimit
@@ -110,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
     app.state.telemetry = telemetry
     liveness = app.state.liveness = Liveness(settings.stale_after_s)
-    for module in (runs, steps, schedules, fleet, spike_guard):
+    for module in (runs, steps, schedules, fleet, spike_guard, whoami):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     app.include_router(events.router)
     app.include_router(webhooks.router, responses=ERROR_RESPONSES)

@@ -134,13 +134,12 @@ def run_server(settings: Settings, *, workers: int, log_level: str, access_log: 
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from service.connections import guarded_protocol
-    from service.workers import AppFactory
+    from service.workers import AppFactory, GuardedProtocol
 
     config = uvicorn.Config(
         AppFactory(settings), factory=True, host=settings.host, port=settings.port, workers=workers,
         log_level=log_level, access_log=access_log,
-        http=guarded_protocol(settings),  # request timeout, connection limit
+        http=GuardedProtocol.of(settings),  # request timeout, connection limit
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     if config.workers > 1:

@@ -21,19 +21,17 @@ logged at most once per 5 seconds per kind, with a count (a flood would bury the
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import resource
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-if TYPE_CHECKING:
-    from service.settings import Settings
+from service.api.responses import error_body
+from service.errors import LRServeError, RequestTimeout, TooManyConnections
 
 log = logging.getLogger("lrserve")
 
@@ -64,25 +62,20 @@ _timed_out = _Tally("request not received in LRSERVE_REQUEST_TIMEOUT_S: answered
 _evicted = _Tally("LRSERVE_MAX_CONNECTIONS reached: answered 503 and closed")
 
 
-def _answer(status: int, reason: bytes, detail: str, code: str) -> bytes:
-    body = orjson.dumps({"detail": detail, "code": code, "errors": []})
+def _answer(reason: bytes, error: LRServeError) -> bytes:
+    body = orjson.dumps(error_body(error))
     return b"".join([
-        b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n",
+        b"HTTP/1.1 ", str(error.status_code).encode(), b" ", reason, b"\r\n",
         b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(), b"\r\n",
         b"connection: close\r\n\r\n", body,
     ])
 
 
-def guarded_protocol(settings: Settings) -> Callable[..., GuardedHttpProtocol]:
-    """The protocol factory to give uvicorn as ``http=`` (picklable: worker processes get it)."""
-    return functools.partial(GuardedHttpProtocol, request_timeout_s=settings.request_timeout_s,
-                             max_connections=settings.max_connections)
-
-
 class GuardedHttpProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` with a request timeout and a connection limit (module docstring).
 
-    uvicorn builds one per connection; ``guarded_protocol`` binds the server's settings.
+    uvicorn builds one per connection, through ``service.workers.GuardedProtocol`` (which
+    binds the server's settings).
     """
 
     def __init__(self, *args: Any, request_timeout_s: float, max_connections: int, **kwargs: Any) -> None:
@@ -108,10 +101,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline = None
         _waiting.pop(self, None)
         _timed_out.add()
-        self._close_with(_answer(
-            408, b"Request Timeout",
+        self._close_with(_answer(b"Request Timeout", RequestTimeout(
             f"the request was not received within {self.request_timeout_s:g} s "
-            "(LRSERVE_REQUEST_TIMEOUT_S); send it at once", "request_timeout"))
+            "(LRSERVE_REQUEST_TIMEOUT_S); send it at once")))
 
     def _close_with(self, answer: bytes) -> None:
         self._disarm()
@@ -128,9 +120,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if len(self.connections) > self.max_connections:
             victim = next(iter(_waiting), None)  # the oldest connection with no request in progress
             _evicted.add()
-            busy = _answer(503, b"Service Unavailable",
-                           f"the server holds {self.max_connections} connections (LRSERVE_MAX_CONNECTIONS); "
-                           "retry shortly", "too_many_connections")
+            busy = _answer(b"Service Unavailable", TooManyConnections(
+                f"the server holds {self.max_connections} connections (LRSERVE_MAX_CONNECTIONS); "
+                "retry shortly"))
             if victim is None:
                 self._close_with(busy)
                 return

@@ -1,17 +1,22 @@
-"""Domain errors, and the one place that turns them into HTTP answers.
+"""Domain errors, and the words of validation messages.
 
-Handlers and the engine raise these; ``install_error_handlers`` maps every one of
-them (and FastAPI's own validation errors) to a JSON body of one shape::
+Handlers and the engine raise these; ``service.api.handlers`` maps every one of them (and
+FastAPI's own validation errors) to one JSON body (``service.api.responses.error_body``)::
 
     {"detail": "schedule.milestones: must be strictly increasing",
      "code": "invalid_spec",
      "errors": [{"field": "schedule.milestones", "message": "must be strictly increasing"}]}
 
 so a user always reads what was wrong and where, never a stack trace.
+
+**One voice.** A request body's fields and a schedule spec's arguments are both checked by
+pydantic; ``validation_message`` words both alike ("expected a value >= 0, got -1"), so
+a bad ``base_lrs`` and a bad ``step_size`` read the same way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +28,6 @@ class FieldError:
 
     field: str
     message: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"field": self.field, "message": self.message}
 
 
 def field_path(loc: Iterable[Any]) -> str:
@@ -43,13 +45,6 @@ class LRServeError(Exception):
         super().__init__(message)
         self.message = message
         self.errors = list(errors)
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "detail": self.message,
-            "code": self.code,
-            "errors": [e.as_dict() for e in self.errors],
-        }
 
 
 class InvalidInput(LRServeError):
@@ -84,6 +79,20 @@ class LimitExceeded(LRServeError):
 
     status_code = 413
     code = "limit_exceeded"
+
+
+class RequestTimeout(LRServeError):
+    """The request was not received in time (the connection is closed after the answer)."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
+class TooManyConnections(LRServeError):
+    """The server holds as many connections as it may; this one is closed."""
+
+    status_code = 503
+    code = "too_many_connections"
 
 
 class RunNotFound(LRServeError):
@@ -130,34 +139,6 @@ STORE_UNAVAILABLE = "the database is unavailable; retry later (the server log sa
 """The only words a caller reads about a store failure: its details name server files and hosts."""
 
 
-class _Throttled:
-    """A logger that writes the same message at most once per ``every_s`` (an outage fails
-    every request: one line per request would bury the log), counting what it held back."""
-
-    def __init__(self, log: Any, every_s: float) -> None:
-        import threading
-
-        self._log = log
-        self._every_s = every_s
-        self._last: dict[str, tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, fmt: str, *args: Any) -> None:
-        import time
-
-        key = str(args[-1]) if args else fmt
-        now = time.monotonic()
-        with self._lock:
-            last, held = self._last.get(key, (-self._every_s, 0))
-            if now - last < self._every_s:
-                self._last[key] = (last, held + 1)
-                return
-            if len(self._last) > 1000:
-                self._last.clear()
-            self._last[key] = (now, 0)
-        self._log.warning(fmt + (" (and %d more like it)" if held else ""), *args, *((held,) if held else ()))
-
-
 class OutageLog:
     """What a background loop (the liveness flusher, the event feed, webhooks) says about its
     database: one warning when it first fails, one when it works again, nothing in between
@@ -201,86 +182,80 @@ class OutageLog:
                           self._loop, lasted, tries, self._failing)
 
 
-def _validation_errors(raw: Sequence[Any]) -> list[FieldError]:
-    """FastAPI's request validation errors, as field paths and plain words."""
-    errors = []
-    for err in raw:
-        loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
-        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        if err.get("type") == "json_invalid":
-            loc = ["body"]  # FastAPI puts the character offset here, not a field
-            message = f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
-        if err.get("type") == "missing" and not loc:
-            loc = ["body"]
-        errors.append(FieldError(field_path(loc) or "body", message))
-    return errors
+def describe(value: Any) -> str:
+    """Name a JSON value the way a user wrote it: ``the string '5'``, ``NaN``, ``true``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if value.bit_length() < 100 else f"an integer with {len(str(value))} digits"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
-def _unparsable_body(cause: BaseException | None) -> InvalidInput | None:
-    """Why a body that is JSON could still not be parsed, as a 422 naming the limit.
+_MESSAGES = {
+    "missing": "required, but missing",
+    "int_type": "expected an integer, got {got}",
+    "int_parsing": "expected an integer, got {got}",
+    "int_from_float": "expected an integer, got {got}",
+    "float_type": "expected a number, got {got}",
+    "float_parsing": "expected a number, got {got}",
+    "finite_number": "expected a finite number, got {got}",
+    "bool_type": "expected true or false, got {got}",
+    "bool_parsing": "expected true or false, got {got}",
+    "string_type": "expected a string, got {got}",
+    "list_type": "expected a list, got {got}",
+    "literal_error": "expected {expected}, got {got}",
+    "enum": "expected {expected}, got {got}",
+    "greater_than": "expected a value > {gt}, got {got}",
+    "greater_than_equal": "expected a value >= {ge}, got {got}",
+    "less_than": "expected a value < {lt}, got {got}",
+    "less_than_equal": "expected a value <= {le}, got {got}",
+    "string_too_short": "expected at least {min_length} characters, got {got}",
+    "string_too_long": "expected at most {max_length} characters, got {got}",
+    "string_pattern_mismatch": "expected text matching {pattern}, got {got}",
+    "model_attributes_type": "expected an object, got {got}",
+    "model_type": "expected an object, got {got}",
+    "dict_type": "expected an object, got {got}",
+}
 
-    FastAPI turns every parser failure other than bad JSON syntax into a bare 400 ("There
-    was an error parsing the body"), keeping the parser's exception as ``__cause__``: an
-    integer past Python's int-string limit is a ``ValueError``, nesting past the parser's
-    depth a ``RecursionError``. The parser reads the whole body first, so no field is known.
+
+def validation_message(
+    error: dict[str, Any], *, got: str | None = None, unknown_key: str = "unknown field"
+) -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) in the service's words.
+
+    ``got`` names the value received (default: ``describe`` of the error's input);
+    ``unknown_key`` is what an ``extra_forbidden`` error says (the caller knows what was
+    accepted there).
     """
-    import sys
-
-    if isinstance(cause, RecursionError):
-        return InvalidInput.at("body", "the JSON is nested too deeply (arrays and objects within each other)")
-    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
-        limit = sys.get_int_max_str_digits()
-        return InvalidInput.at("body", f"an integer has more than {limit} digits (the limit is {limit})")
-    return None
-
-
-def install_error_handlers(app: Any) -> None:
-    """Register the one mapping from errors to JSON answers on a FastAPI app."""
-    import logging
-
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
-    from service.api.responses import FastJSONResponse
-
-    log = logging.getLogger("lrserve")
-
-    async def on_domain_error(request: Any, exc: LRServeError) -> FastJSONResponse:
-        return FastJSONResponse(exc.body(), status_code=exc.status_code)
-
-    store_log = _Throttled(log, every_s=5.0)
-
-    async def on_store_error(request: Any, exc: StoreUnavailable) -> FastJSONResponse:
-        # The store's words name the file or host: they go to the log, never to a caller.
-        if not exc.logged:
-            store_log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc.message)
-        return FastJSONResponse(StoreUnavailable(STORE_UNAVAILABLE).body(), status_code=503,
-                                headers={"retry-after": "1"})
-
-    async def on_validation_error(request: Any, exc: RequestValidationError) -> FastJSONResponse:
-        return await on_domain_error(request, InvalidInput.many(_validation_errors(exc.errors())))
-
-    async def on_http_error(request: Any, exc: HTTPException) -> FastJSONResponse:
-        if exc.status_code == 400 and (unparsable := _unparsable_body(exc.__cause__)) is not None:
-            return await on_domain_error(request, unparsable)
-        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "http_error"
-        )
-        errors = [{"field": "body", "message": str(exc.detail)}] if exc.status_code == 400 else []
-        body = {"detail": str(exc.detail), "code": code, "errors": errors}
-        return FastJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    async def on_unexpected(request: Any, exc: Exception) -> FastJSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        body = {
-            "detail": "internal error; the server log has the details",
-            "code": "internal_error",
-            "errors": [],
-        }
-        return FastJSONResponse(body, status_code=500)
-
-    app.add_exception_handler(LRServeError, on_domain_error)
-    app.add_exception_handler(StoreUnavailable, on_store_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(HTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+    kind = error["type"]
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v  # ">= 0", not ">= 0.0"
+           for k, v in (error.get("ctx") or {}).items()}
+    if got is None:
+        got = describe(error.get("input"))
+    if kind == "extra_forbidden":
+        return unknown_key
+    if kind == "value_error":  # a model validator's own words
+        return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    template = _MESSAGES.get(kind)
+    if template is not None:
+        return template.format(got=got, **ctx)
+    if kind in ("too_short", "too_long"):
+        most = kind == "too_long"
+        bound = ("at most", ctx.get("max_length")) if most else ("at least", ctx.get("min_length"))
+        return f"expected {bound[0]} {bound[1]} items, got {ctx.get('actual_length', '?')}"
+    return f"{error.get('msg', 'invalid value')}, got {got}"

@@ -31,6 +31,28 @@ class Selector:
         return self.statuses is None or record.status in self.statuses
 
 
+@dataclass(frozen=True)
+class FleetResult:
+    """What one matching run made of the action: ``applied_at``, or the ``error`` it refused
+    with; for a dry run, its ``status`` and ``horizon``."""
+
+    run_id: str
+    applied_at: int | None = None
+    error: LRServeError | None = None
+    status: str | None = None
+    horizon: int | None = None
+
+
+@dataclass(frozen=True)
+class FleetOutcome:
+    results: list[FleetResult]
+    dry_run: bool
+
+    @property
+    def matched(self) -> int:
+        return len(self.results)
+
+
 def select_runs(store: BaseStore, selector: Selector, *, most: int) -> list[RunRecord]:
     """The matching runs in ``run_id`` order.
 
@@ -66,27 +88,23 @@ def control_fleet(
     actor: str,
     reason: str | None,
     dry_run: bool = False,
-) -> dict[str, Any]:
-    """Apply ``action`` to every run ``selector`` matches; one result per run, in ``run_id`` order.
-
-    Returns:
-        ``{"matched", "dry_run", "results"}``: each result ``{"run_id", "applied_at"}`` or
-        ``{"run_id", "error"}`` (the error body a per-run request would have had); for a
-        dry run ``{"run_id", "status", "horizon"}``.
+) -> FleetOutcome:
+    """Apply ``action`` to every run ``selector`` matches; one result per run, in ``run_id`` order
+    (the error a run refused with is the one a per-run request would have had).
 
     Raises:
         InvalidInput: the selector matches more runs than ``max_fleet_runs``.
     """
     records = select_runs(manager.store, selector, most=manager.settings.max_fleet_runs)
-    results: list[dict[str, Any]] = []
+    results: list[FleetResult] = []
     for record in records:
         if dry_run:
-            results.append({"run_id": record.run_id, "status": record.status, "horizon": record.horizon})
+            results.append(FleetResult(record.run_id, status=record.status, horizon=record.horizon))
             continue
         try:
             applied_at, _ = manager.control(record.run_id, dict(action), None, actor=actor, reason=reason)
         except LRServeError as exc:  # this run refuses; the others still take the action
-            results.append({"run_id": record.run_id, "error": exc.body()})
+            results.append(FleetResult(record.run_id, error=exc))
         else:
-            results.append({"run_id": record.run_id, "applied_at": applied_at})
-    return {"matched": len(records), "dry_run": dry_run, "results": results}
+            results.append(FleetResult(record.run_id, applied_at=applied_at))
+    return FleetOutcome(results, dry_run)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.responses import error_body
+from service.errors import FieldError, LimitExceeded
+
 
 class BodySizeLimit:
     """Answers 413 when a body is larger than ``max_bytes`` (declared or streamed)."""
@@ -38,13 +41,9 @@ class BodySizeLimit:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = orjson.dumps(
-            {
-                "detail": f"request body is larger than {self.max_bytes} bytes",
-                "code": "limit_exceeded",
-                "errors": [{"field": "body", "message": f"at most {self.max_bytes} bytes"}],
-            }
-        )
+        error = LimitExceeded(f"request body is larger than {self.max_bytes} bytes",
+                              errors=[FieldError("body", f"at most {self.max_bytes} bytes")])
+        body = orjson.dumps(error_body(error))
         await send(
             {
                 "type": "http.response.start",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from client import RemoteScheduler
 from trainer import checkpoint, ddp
 from trainer.data import load_split, train_loader, val_shard
-from trainer.loop import EpochContext, Evaluation, evaluate, make_precision, train_epoch
+from trainer.loop import EpochContext, Evaluation, Precision, evaluate, make_precision, train_epoch
 from trainer.model import make_model
 from trainer.range_test import RangeTest, allreduce_mean, finder_line, read_finder, weights_fingerprint
 from trainer.schedules import resolve_schedule
@@ -40,6 +41,61 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
+    job = _setup(args, env)
+    with job.scheduler:
+        done = _resume(job)
+        trained = _epochs(job, done)
+        summary = _summary(job, trained)
+    if env.is_main:
+        print("summary " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+
+
+@dataclass
+class Job:
+    """One rank's job as set up: its data, model, optimizer and the served schedule's client."""
+
+    args: argparse.Namespace
+    env: ddp.Dist
+    loader: Any
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    steps_per_epoch: int
+    saved: dict[str, Any] | None  # the checkpoint resumed from
+    schedule: dict[str, Any]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    test: RangeTest
+    guard: SpikeHandler
+    scheduler: RemoteScheduler
+
+    @property
+    def barrier(self) -> bool:
+        """Each rank reports its own metrics and the server's barrier averages them."""
+        return self.args.metric_mode == "barrier"
+
+    def validate(self) -> Evaluation:
+        return evaluate(self.model, self.x_val, self.y_val, self.precision, self.env.all_sum)
+
+    def report(self, ev: Evaluation) -> dict[str, float]:
+        """The metrics this rank sends with the epoch's last step."""
+        return ({"val_loss": ev.local_loss, "val_acc": ev.local_acc} if self.barrier
+                else {"val_loss": ev.loss, "val_acc": ev.acc})
+
+
+@dataclass
+class Trained:
+    """What the epochs left: how far they got, why they ended, the last evaluation."""
+
+    epoch: int
+    stopped: bool
+    evaluation: Evaluation | None
+    times: dict[str, float]
+    finder: dict[str, Any] | None  # the range test's answer, read at the switch (rank 0)
+
+
+def _setup(args: argparse.Namespace, env: ddp.Dist) -> Job:
+    """Seeds, this rank's data, the checkpoint (if resuming), the schedule, model and client."""
     if args.world_size != env.world_size:
         raise SystemExit(
             f"trainer: --world-size {args.world_size}, but torchrun started {env.world_size} ranks"
@@ -80,97 +136,111 @@ def _run(args: argparse.Namespace, env: ddp.Dist) -> None:
         on_schedule_switch=test.on_switch if test.enabled else None,
         on_spike=guard.on_spike if guard.enabled else None,
     )
-    with scheduler:
-        done = 0
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-        test.start(saved)
-        if saved is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-            if precision.scaler is not None and saved.get("scaler"):
-                precision.scaler.load_state_dict(saved["scaler"])
-            done = int(saved["epoch"])
-        net: torch.nn.Module = model
-        if env.enabled:
-            net = DistributedDataParallel(model, device_ids=[env.device.index] if cuda else None)
-        trace = Trace(args.trace, env.rank)
-        trace.step(scheduler.last_epoch, done, optimizer)
-        batches = len(loader) * max(0, args.epochs - done)
-        bar = tqdm(total=batches, disable=not (env.is_main and args.progress and batches),
-                   unit="step", desc=run_id, leave=False)
+    return Job(args, env, loader, x_val, y_val, steps_per_epoch, saved, schedule, model, optimizer,
+               precision, test, guard, scheduler)
 
-        def validate() -> Evaluation:
-            return evaluate(model, x_val, y_val, precision, env.all_sum)
 
-        def report(ev: Evaluation) -> dict[str, float]:
-            return ({"val_loss": ev.local_loss, "val_acc": ev.local_acc} if barrier
-                    else {"val_loss": ev.loss, "val_acc": ev.acc})
+def _resume(job: Job) -> int:
+    """Load the checkpoint's states (model, optimizer, range test, scheduler, scaler); the
+    epochs it had done (0 on a fresh start)."""
+    saved = job.saved
+    if saved is not None:
+        job.model.load_state_dict(saved["model"])
+        job.optimizer.load_state_dict(saved["optimizer"])
+    job.test.start(saved)
+    if saved is None:
+        return 0
+    job.scheduler.load_state_dict(saved["scheduler"])
+    if job.precision.scaler is not None and saved.get("scaler"):
+        job.precision.scaler.load_state_dict(saved["scaler"])
+    return int(saved["epoch"])
 
-        finder: dict[str, Any] | None = None
 
-        def on_step(step: int, epoch: int) -> None:
-            nonlocal finder
-            trace.step(step, epoch, optimizer)
-            if test.just_switched():  # this step ended the range test; the weights are restored
-                trace.record("switch", step=test.switched_at, epoch=epoch,
-                             lrs=[float(g["lr"]) for g in optimizer.param_groups],
-                             weights=weights_fingerprint(model))
-                if env.is_main:
-                    finder = read_finder(args.url, args.token, scheduler.run_id)
-                    bar.write(finder_line(finder) if finder else f"range test over at step {step}")
+def _epochs(job: Job, done: int) -> Trained:
+    """Train from epoch ``done`` until ``--epochs`` or a stop every rank agrees on, tracing each
+    step, checkpointing (rank 0) and printing each epoch."""
+    args, env, model, optimizer, scheduler, test, guard = (
+        job.args, job.env, job.model, job.optimizer, job.scheduler, job.test, job.guard)
+    net: torch.nn.Module = model
+    if env.enabled:
+        cuda = env.device.type == "cuda"
+        net = DistributedDataParallel(model, device_ids=[env.device.index] if cuda else None)
+    trace = Trace(args.trace, env.rank)
+    trace.step(scheduler.last_epoch, done, optimizer)
+    batches = len(job.loader) * max(0, args.epochs - done)
+    bar = tqdm(total=batches, disable=not (env.is_main and args.progress and batches),
+               unit="step", desc=scheduler.run_id, leave=False)
+    finder: dict[str, Any] | None = None
 
-        def after_step(loss: torch.Tensor, step: int) -> None:
-            guard.after_step(scheduler, loss, step)
-            for event, rollback in guard.take_new():  # on_spike ran in this step's scheduler.step()
-                trace.record("spike", step=step, event=event, rollback=rollback,
-                             weights=weights_fingerprint(model))
-                if env.is_main:
-                    bar.write(f"loss spike on rank {event['rank']} at step {event['step']}: backed off "
-                              f"from step {event['applied_at']}, rolled back to step {rollback}")
-
-        ctx = EpochContext(net, optimizer, scheduler, loader, precision, args.step_per,
-                           on_step=on_step, on_batch=lambda: bar.update(1),
-                           step_metrics=test.step_metrics, shape_loss=guard.shape_loss,
-                           after_step=after_step)
-        stopped = env.any(scheduler.should_stop)
-        evaluation: Evaluation | None = None
-        epoch = done
-        while epoch < args.epochs and not stopped:
-            train_loss, evaluation = train_epoch(ctx, epoch, validate, report)
-            epoch += 1
-            trace.record("epoch", epoch=epoch, step=scheduler.last_epoch, train_loss=train_loss,
-                         reported=report(evaluation), val_loss=evaluation.loss, val_acc=evaluation.acc)
-            if args.checkpoint and env.is_main:
-                checkpoint.save(args.checkpoint, epoch=epoch, model=model, optimizer=optimizer,
-                                scheduler=scheduler, scaler=precision.scaler,
-                                extra={"run_id": scheduler.run_id, "schedule": schedule,
-                                       "steps_per_epoch": steps_per_epoch, **test.checkpoint_extra()})
+    def on_step(step: int, epoch: int) -> None:
+        nonlocal finder
+        trace.step(step, epoch, optimizer)
+        if test.just_switched():  # this step ended the range test; the weights are restored
+            trace.record("switch", step=test.switched_at, epoch=epoch,
+                         lrs=[float(g["lr"]) for g in optimizer.param_groups],
+                         weights=weights_fingerprint(model))
             if env.is_main:
-                bar.write(f"epoch {epoch}/{args.epochs}  lr {optimizer.param_groups[0]['lr']:.4g}  "
-                          f"train_loss {train_loss:.4f}  val_loss {evaluation.loss:.4f}  "
-                          f"val_acc {evaluation.acc:.4f}")
-            stopped = env.any(scheduler.should_stop)
-        bar.close()
-        trace.close()
-        if evaluation is None:  # nothing left to train (resumed at the end, or stopped)
-            evaluation = validate()
-        summary: dict[str, Any] = {
-            "run_id": scheduler.run_id, "epochs": epoch, "steps": scheduler.last_epoch,
-            "val_acc": round(evaluation.acc, 4), "val_loss": round(evaluation.loss, 4),
-            **{k: round(v, 4) for k, v in ctx.times.summary().items()},
-            "stopped": stopped, "device": env.device.type, "amp": precision.name,
-            "world_size": env.world_size, "metric_mode": args.metric_mode,
-        }
-        if test.enabled:
-            summary.update(_range_test_summary(args, scheduler.run_id, test, finder, env.is_main))
-        if guard.enabled:
-            guard.flush_losses(scheduler)
-            summary.update(spikes=len(guard.events),
-                           applied_at=",".join(str(e["applied_at"]) for e in guard.events) or "-",
-                           rollbacks=",".join(str(s) for s in guard.rollbacks) or "-")
-    if env.is_main:
-        print("summary " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+                finder = read_finder(args.url, args.token, scheduler.run_id)
+                bar.write(finder_line(finder) if finder else f"range test over at step {step}")
+
+    def after_step(loss: torch.Tensor, step: int) -> None:
+        guard.after_step(scheduler, loss, step)
+        for event, rollback in guard.take_new():  # on_spike ran in this step's scheduler.step()
+            trace.record("spike", step=step, event=event, rollback=rollback,
+                         weights=weights_fingerprint(model))
+            if env.is_main:
+                bar.write(f"loss spike on rank {event['rank']} at step {event['step']}: backed off "
+                          f"from step {event['applied_at']}, rolled back to step {rollback}")
+
+    ctx = EpochContext(net, optimizer, scheduler, job.loader, job.precision, args.step_per,
+                       on_step=on_step, on_batch=lambda: bar.update(1),
+                       step_metrics=test.step_metrics, shape_loss=guard.shape_loss,
+                       after_step=after_step)
+    stopped = env.any(scheduler.should_stop)
+    evaluation: Evaluation | None = None
+    epoch = done
+    while epoch < args.epochs and not stopped:
+        train_loss, evaluation = train_epoch(ctx, epoch, job.validate, job.report)
+        epoch += 1
+        trace.record("epoch", epoch=epoch, step=scheduler.last_epoch, train_loss=train_loss,
+                     reported=job.report(evaluation), val_loss=evaluation.loss, val_acc=evaluation.acc)
+        if args.checkpoint and env.is_main:
+            checkpoint.save(args.checkpoint, epoch=epoch, model=model, optimizer=optimizer,
+                            scheduler=scheduler, scaler=job.precision.scaler,
+                            extra={"run_id": scheduler.run_id, "schedule": job.schedule,
+                                   "steps_per_epoch": job.steps_per_epoch, **test.checkpoint_extra()})
+        if env.is_main:
+            bar.write(f"epoch {epoch}/{args.epochs}  lr {optimizer.param_groups[0]['lr']:.4g}  "
+                      f"train_loss {train_loss:.4f}  val_loss {evaluation.loss:.4f}  "
+                      f"val_acc {evaluation.acc:.4f}")
+        stopped = env.any(scheduler.should_stop)
+    bar.close()
+    trace.close()
+    return Trained(epoch, stopped, evaluation, ctx.times.summary(), finder)
+
+
+def _summary(job: Job, trained: Trained) -> dict[str, Any]:
+    """The job's one-line summary (rank 0 prints it): how far, how well, how fast, what happened."""
+    args, env, scheduler = job.args, job.env, job.scheduler
+    evaluation = trained.evaluation
+    if evaluation is None:  # nothing left to train (resumed at the end, or stopped)
+        evaluation = job.validate()
+    summary: dict[str, Any] = {
+        "run_id": scheduler.run_id, "epochs": trained.epoch, "steps": scheduler.last_epoch,
+        "val_acc": round(evaluation.acc, 4), "val_loss": round(evaluation.loss, 4),
+        **{k: round(v, 4) for k, v in trained.times.items()},
+        "stopped": trained.stopped, "device": env.device.type, "amp": job.precision.name,
+        "world_size": env.world_size, "metric_mode": args.metric_mode,
+    }
+    if job.test.enabled:
+        summary.update(_range_test_summary(args, scheduler.run_id, job.test, trained.finder, env.is_main))
+    if job.guard.enabled:
+        guard = job.guard
+        guard.flush_losses(scheduler)
+        summary.update(spikes=len(guard.events),
+                       applied_at=",".join(str(e["applied_at"]) for e in guard.events) or "-",
+                       rollbacks=",".join(str(s) for s in guard.rollbacks) or "-")
+    return summary
 
 
 def _range_test_summary(args: argparse.Namespace, run_id: str, test: RangeTest,

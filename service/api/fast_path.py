@@ -17,14 +17,14 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.routes.steps import window_public
+from service.api.responses import window_body
+from service.api.schemas import MAX_STEP, RUN_ID_PATTERN
 from service.errors import LRServeError
 from service.runs.manager import ON_LOOP_VALUES
 
 ROUTE = "/v1/runs/{run_id}/lr"
-_PATH = re.compile(r"^/v1/runs/([A-Za-z0-9._-]{1,128})/lr$")
-_MAX_STEP = 2**53
-_MAX_DIGITS = 16  # 2**53 has 16 digits; longer strings go to the route's 422 (never to int())
+_PATH = re.compile(rf"^/v1/runs/({RUN_ID_PATTERN.strip('^$')})/lr$")
+_MAX_DIGITS = len(str(MAX_STEP))  # longer strings go to the route's 422 (never to int())
 
 
 class FastWindows:
@@ -63,7 +63,7 @@ class FastWindows:
         if window is None:
             return None
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
-        return orjson.dumps(window_public(window))
+        return orjson.dumps(window_body(window))
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:
@@ -79,7 +79,7 @@ def _parse_query(raw: bytes) -> tuple[int, int] | None:
     if not all(len(v) <= _MAX_DIGITS and v.isdigit() and v.isascii() for v in values):
         return None
     step, ahead = (int(v) for v in values)
-    return (step, ahead) if step <= _MAX_STEP else None
+    return (step, ahead) if step <= MAX_STEP else None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -16,6 +16,7 @@ import orjson
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api.responses import error_body
 from service.errors import InvalidInput
 
 
@@ -44,7 +45,7 @@ class SingleQueryValues:
         if scope["type"] == "http" and b"&" in scope.get("query_string", b""):
             error = self._check(scope["query_string"])
             if error is not None:
-                body = orjson.dumps(error.body())
+                body = orjson.dumps(error_body(error))
                 await send({"type": "http.response.start", "status": error.status_code, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})

@@ -13,6 +13,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from service.engine.spec import MAX_GROUPS
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+"""A run id: also what the fast path (``fast_path.py``) matches in ``/v1/runs/{run_id}/lr``."""
+MAX_STEP = 2**53
+"""The highest step accepted (the last integer a JSON double holds exactly)."""
 NAME_PATTERN = r"^[A-Za-z0-9._/:-]{1,64}$"
 MAX_LABELS = 32
 NON_FINITE = 'Non-finite numbers are the strings "NaN", "Infinity", "-Infinity".'
@@ -21,7 +24,7 @@ RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN, description="1-128 chars of
 MetricName = Annotated[str, Field(pattern=NAME_PATTERN)]
 LearningRate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Momentum = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-Step = Annotated[int, Field(ge=0, le=2**53)]
+Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
 Rank = Annotated[int, Field(ge=0, lt=1 << 16)]
 MAX_LABEL_LENGTH = 128
 LabelText = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)]
@@ -323,6 +326,56 @@ class SpikeGuardPublic(BaseModel):
     count: int
     spikes: list[SpikePublic]
     band: dict[str, BandPublic] = Field(description="Per rank, as the detector met each report.")
+
+
+class CatalogArg(BaseModel):
+    name: str
+    type: str = Field(description="As a user writes it: int, float, list[int], schedule, expression, ...")
+    choices: list[Any] | None = Field(None, description="The accepted values, when there are few.")
+    default: Any = Field(None, description="Absent when `required`.")
+    required: bool
+    description: str
+
+
+class CatalogType(BaseModel):
+    type: str
+    description: str
+    args: list[CatalogArg]
+
+
+class CatalogPublic(BaseModel):
+    types: list[CatalogType]
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok", "ready"]
+
+
+class WhoAmI(BaseModel):
+    name: str = Field(description="The token's name: the actor recorded on what it does.")
+    role: Literal["read", "write", "admin"] = Field(
+        description="What the token may do (roles nest: admin > write > read); "
+        "admin on a server without tokens."
+    )
+
+
+class WebhookStatus(BaseModel):
+    url: str
+    kinds: list[str] | None
+    labels: dict[str, str] | None
+    pending: int
+    retrying: int
+    oldest_pending_id: int | None
+    queued_through_id: int
+    delivered: int
+    failed_attempts: int
+    last_error: str | None
+    last_error_at: str | None
+    last_delivered_at: str | None
+
+
+class WebhooksPublic(BaseModel):
+    data: list[WebhookStatus]
 
 
 class Message(BaseModel):

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/dashboard/static"
@@ -57,8 +58,7 @@ async def static_file(request: Request) -> Response:
     """One of the files shipped in ``static/``; anything else is a 404 in the API's error shape."""
     path = _FILES.get(request.path_params["name"])
     if path is None:
-        body = {"detail": "no such dashboard file", "code": "not_found", "errors": []}
-        return JSONResponse(body, status_code=404)
+        raise HTTPException(404, "no such dashboard file")  # the app's handlers write the body
     return _file(path)
 
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import PlainValidator
 from pydantic_core import PydanticCustomError
 
-from service.errors import FieldError, field_path
+from service.errors import FieldError, describe, field_path, validation_message
 
 MAX_GROUPS = 1024
 """Most param groups a run may have: the one definition (request bodies use it too, through
@@ -32,33 +32,6 @@ class TypeLabel:
     """How the catalog names a field's type, when the annotation alone cannot say."""
 
     label: str
-
-
-def describe(value: Any) -> str:
-    """Name a JSON value the way a user wrote it: ``the string '5'``, ``NaN``, ``true``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        text = (
-            str(value) if value.bit_length() < 100 else f"an integer with {len(str(value))} digits"
-        )
-        return text
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return repr(value)
-    if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"the string {shown!r}"
-    if isinstance(value, (list, tuple)):
-        return f"a list of {len(value)} items"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _fail(message: str, sub: str = "") -> PydanticCustomError:
@@ -362,47 +335,13 @@ def _message(
     node_type: str,
     accepted_keys: Callable[[str], list[str]],
 ) -> str:
-    kind, value = error["type"], error.get("input")
-    got = describe(value)
-    if kind == "lrserve":
+    if error["type"] == "lrserve":
         return str(ctx["message"])
-    if kind == "extra_forbidden":
+    unknown = ""
+    if error["type"] == "extra_forbidden":
         key = str(error["loc"][-1])
-        if key in _REFUSED_KEYS:
-            return _REFUSED_KEYS[key]
         accepted = ", ".join(accepted_keys(node_type)) if node_type else ""
-        return f"unknown argument for {node_type or 'this schedule'}; accepted: {accepted}"
-    simple = _SIMPLE_MESSAGES.get(kind)
-    if simple is not None:
-        return simple.format(got=got, **ctx)
-    if kind in ("too_short", "too_long"):
-        size = ctx.get("actual_length", "?")
-        bound = (
-            ("at least", ctx.get("min_length"))
-            if kind == "too_short"
-            else ("at most", ctx.get("max_length"))
+        unknown = _REFUSED_KEYS.get(
+            key, f"unknown argument for {node_type or 'this schedule'}; accepted: {accepted}"
         )
-        return f"expected {bound[0]} {bound[1]} items, got {size}"
-    return f"{error['msg']}, got {got}"
-
-
-_SIMPLE_MESSAGES = {
-    "missing": "required, but missing",
-    "int_type": "expected an integer, got {got}",
-    "int_from_float": "expected an integer, got {got}",
-    "float_type": "expected a number, got {got}",
-    "finite_number": "expected a finite number, got {got}",
-    "bool_type": "expected true or false, got {got}",
-    "string_type": "expected a string, got {got}",
-    "list_type": "expected a list, got {got}",
-    "literal_error": "expected {expected}, got {got}",
-    "greater_than": "expected a value > {gt}, got {got}",
-    "greater_than_equal": "expected a value >= {ge}, got {got}",
-    "less_than": "expected a value < {lt}, got {got}",
-    "less_than_equal": "expected a value <= {le}, got {got}",
-    "string_too_short": "expected at least {min_length} characters, got {got}",
-    "string_too_long": "expected at most {max_length} characters, got {got}",
-    "model_attributes_type": "expected an object, got {got}",
-    "model_type": "expected an object, got {got}",
-    "dict_type": "expected an object, got {got}",
-}
+    return validation_message(error, unknown_key=unknown)

@@ -6,11 +6,11 @@ accepts: every type with its arguments, their JSON types, defaults and descripti
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic.fields import FieldInfo
@@ -48,33 +48,45 @@ _NOTES = {
 _SCALARS = {int: "int", float: "float", bool: "bool", str: "string", type(None): "null"}
 
 
-def catalog() -> list[dict[str, Any]]:
-    """Describe every accepted schedule type.
+@dataclass(frozen=True)
+class CatalogArg:
+    """One argument of a schedule type, as a user writes it."""
 
-    Returns:
-        One dict per type: ``{"type", "description", "args": [{"name", "type",
-        "default" (absent when required), "required", "description"}, ...]}``; Literal
-        arguments also carry ``"choices"``.
+    name: str
+    type: str  # int, float, list[int], schedule, string (expression of step), ...
+    required: bool
+    description: str
+    default: Any = None  # JSON-ready; only when not ``required``
+    choices: tuple[Any, ...] = ()  # a Literal's values
 
-    Example:
-        >>> next(e for e in catalog() if e["type"] == "StepLR")["args"][0]["name"]
-        'step_size'
-    """
-    return copy.deepcopy(_catalog())
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One accepted schedule type: its name, what it does, its arguments."""
+
+    type: str
+    description: str
+    args: tuple[CatalogArg, ...]
 
 
 @functools.cache
-def _catalog() -> list[dict[str, Any]]:
-    return [_entry(model) for model in SPEC_MODELS]
+def catalog() -> tuple[CatalogEntry, ...]:
+    """Describe every accepted schedule type (built once; frozen).
+
+    Example:
+        >>> next(e for e in catalog() if e.type == "StepLR").args[0].name
+        'step_size'
+    """
+    return tuple(_entry(model) for model in SPEC_MODELS)
 
 
-def _entry(model: Any) -> dict[str, Any]:
+def _entry(model: Any) -> CatalogEntry:
     name = model.model_fields["type"].default
     description = _DESCRIPTIONS.get(name) or _first_line(getattr(torch_schedulers, name))
     if name in _NOTES:
         description = f"{description} {_NOTES[name]}"
-    args = [_arg(arg, info) for arg, info in model.model_fields.items() if arg != "type"]
-    return {"type": name, "description": description, "args": args}
+    args = tuple(_arg(arg, info) for arg, info in model.model_fields.items() if arg != "type")
+    return CatalogEntry(name, description, args)
 
 
 def _first_line(cls: type) -> str:
@@ -82,17 +94,11 @@ def _first_line(cls: type) -> str:
     return next((line.strip() for line in doc.splitlines() if line.strip()), cls.__name__)
 
 
-def _arg(name: str, info: FieldInfo) -> dict[str, Any]:
-    arg: dict[str, Any] = {"name": name, "type": _label(info.annotation, info.metadata)}
-    choices = _choices(info.annotation)
-    if choices:
-        arg["choices"] = choices
+def _arg(name: str, info: FieldInfo) -> CatalogArg:
     required = info.is_required()
-    if not required:
-        arg["default"] = to_jsonable_python(info.default)
-    arg["required"] = required
-    arg["description"] = info.description or ""
-    return arg
+    default = None if required else to_jsonable_python(info.default)
+    return CatalogArg(name, _label(info.annotation, info.metadata), required, info.description or "",
+                      default, tuple(_choices(info.annotation)))
 
 
 def _label(annotation: Any, metadata: list[Any] = ()) -> str:  # type: ignore[assignment]

@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-
-from service.engine.codec import public_float
 
 SKIP_BEGIN = 10
 SKIP_END = 1
@@ -109,17 +106,26 @@ class RangeTest:
             self.chosen = fallback
         return self.chosen
 
-    def public(self) -> dict[str, Any]:
-        """The ``GET .../lr-finder`` answer."""
-        return {
-            "min_lr": self.min_lr,
-            "max_lr": self.max_lr,
-            "num_steps": self.num_steps,
-            "mode": self.mode,
-            "monitor": self.monitor,
-            "lrs": list(self.lrs),
-            "losses": [public_float(v) for v in self.losses],
-            "suggestions": {"steepest": self.steepest(), "min_over_10": self.min_over_10()},
-            "chosen": self.chosen,
-            "done": self.done,
-        }
+    def report(self) -> RangeTestReport:
+        """What the test found so far (``GET .../lr-finder`` shows it)."""
+        return RangeTestReport(
+            self.min_lr, self.max_lr, self.num_steps, self.mode, self.monitor, tuple(self.lrs),
+            tuple(self.losses), self.steepest(), self.min_over_10(), self.chosen, self.done,
+        )
+
+
+@dataclass(frozen=True)
+class RangeTestReport:
+    """A range test's curve (smoothed losses, each paired with its LR), suggestions and choice."""
+
+    min_lr: float
+    max_lr: float
+    num_steps: int
+    mode: str
+    monitor: str
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    steepest: float | None
+    min_over_10: float | None
+    chosen: float | None
+    done: bool

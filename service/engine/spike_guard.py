@@ -264,27 +264,43 @@ class SpikeGuard:
         return guard
 
 
+@dataclass(frozen=True)
+class Band:
+    """One rank's reports as the detector met them: each value with the baseline (median)
+    and the spike line it was judged against (None during warm-up)."""
+
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    baseline: list[float | None] = field(default_factory=list)
+    upper: list[float | None] = field(default_factory=list)
+
+    def picked(self, indices: Iterable[int]) -> Band:
+        """The band at these positions only (downsampling)."""
+        keep = list(indices)
+        series = (self.steps, self.values, self.baseline, self.upper)
+        return Band(*([values[i] for i in keep] for values in series))
+
+
 def replay_band(
     settings: GuardSettings, placed: Iterable[tuple[int, Report]]
-) -> tuple[dict[int, dict[str, list[Any]]], list[Spike]]:
+) -> tuple[dict[int, Band], list[Spike]]:
     """Run the detector over ``(step applied at, report)`` pairs, in order, as the engine does.
 
     Returns:
-        Per rank: ``steps``, ``values``, ``baseline`` and ``upper`` as each report met
-        them; and the spikes.
+        Per rank, its band; and the spikes.
     """
     detector = Detector(settings)
-    bands: dict[int, dict[str, list[Any]]] = {}
+    bands: dict[int, Band] = {}
     spikes = []
     for at, report in placed:
         verdict = detector.judge(report)
         if verdict is None:
             continue
-        series = bands.setdefault(report.rank, {"steps": [], "values": [], "baseline": [], "upper": []})
-        series["steps"].append(report.step)
-        series["values"].append(report.value)
-        series["baseline"].append(verdict.baseline)
-        series["upper"].append(verdict.upper)
+        band = bands.setdefault(report.rank, Band())
+        band.steps.append(report.step)
+        band.values.append(report.value)
+        band.baseline.append(verdict.baseline)
+        band.upper.append(verdict.upper)
         if verdict.spike:
             spikes.append(detector.spike_at(verdict, at))
     return bands, spikes

@@ -30,9 +30,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from service.api.responses import feed_message
 from service.errors import OutageLog, StoreUnavailable
 from service.events.hub import FeedFilter
-from service.events.wire import event_message
 from service.store.events import EventKind, FeedEntry
 from service.store.webhook_queue import Delivery, EndpointStatus, WebhookQueue
 
@@ -219,7 +219,7 @@ class WebhookSender:
             flt = endpoint.filter
 
             def render(entry: FeedEntry, flt: FeedFilter = flt) -> str | None:
-                return orjson.dumps(event_message(entry)).decode() if flt.matches(entry) else None
+                return orjson.dumps(feed_message(entry)).decode() if flt.matches(entry) else None
 
             to_fill, due = await run_in_threadpool(self.queue.work, endpoint.key)
             if to_fill:

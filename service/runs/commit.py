@@ -35,6 +35,7 @@ from service.settings import Settings
 from service.store.base import (
     BaseStore,
     MetricRecord,
+    RunHead,
     RunRecord,
     RunTransaction,
     Snapshot,
@@ -141,7 +142,7 @@ class Committer:
     ) -> int | None:
         run_id = state.run_id
         with self._evicting_on_error(state):
-            stored = self.store.read_run(run_id)  # no lock: has another process moved the run?
+            stored = self.store.run_head(run_id)  # no lock: has another process moved the run?
             if _moved(stored, state):
                 with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
                     self._catch_up(state, tx)
@@ -279,7 +280,7 @@ def _place(
     return events, placed
 
 
-def _moved(stored: RunRecord, state: RunState) -> bool:
+def _moved(stored: RunHead | RunRecord, state: RunState) -> bool:
     """Whether the stored run is not the one ``state`` holds as of its horizon (another process
     appended, or deleted and created it anew)."""
     return (

@@ -35,7 +35,7 @@ from service.runs.commit import (
     guard_reports,
     metric_records,
 )
-from service.runs.read_models import ReadModels
+from service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
 from service.runs.state import RunState, StepOutcome
 from service.settings import Settings
 from service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord
@@ -120,13 +120,13 @@ class RunManager:
             reports=reports, if_behind=if_behind, need=need,
         )
 
-    def history(self, run_id: str, max_points: int) -> dict[str, Any]:
+    def history(self, run_id: str, max_points: int) -> History:
         return self.reads.history(run_id, max_points)
 
-    def lr_finder(self, run_id: str) -> dict[str, Any]:
+    def lr_finder(self, run_id: str) -> LRFinder:
         return self.reads.lr_finder(run_id)
 
-    def spike_guard(self, run_id: str, max_points: int) -> dict[str, Any]:
+    def spike_guard(self, run_id: str, max_points: int) -> SpikeGuardView:
         return self.reads.spike_guard(run_id, max_points)
 
     # -- creating and reading runs ------------------------------------------------
@@ -367,7 +367,7 @@ class RunManager:
         *,
         actor: str = LOCAL_ACTOR,
         reason: str | None = None,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, NewEvent]:
         """Record an operator action (``request``: its fields as ``POST .../control`` takes
         them) at ``at_step`` (default: the first free step).
 
@@ -375,7 +375,7 @@ class RunManager:
         causes.
 
         Returns:
-            The step it applies at, and the event as the API shows it.
+            The step it applies at, and the ``control`` event recorded there.
         """
         state = self.state(run_id)
         if state.status is RunStatus.STOPPED:  # for good; another replica may know it first (commit)
@@ -386,8 +386,7 @@ class RunManager:
         )
         placed = self.commit(run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason))
         assert placed is not None
-        event = {"kind": "control", "step": placed, "actor": actor, **action.payload(), "reason": reason}
-        return placed, event
+        return placed, NewEvent(EventKind.CONTROL, placed, action.payload(), actor, reason)
 
     def record_metrics(self, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
         """Store history-only metrics (idempotent per name, step and rank)."""

@@ -21,7 +21,6 @@ import threading
 import weakref
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 from service.engine.engine import Engine, Values
 from service.errors import InvalidInput, ScheduleError
@@ -37,13 +36,6 @@ class Tail:
     id: int
     start: int
     values: list[Values]
-
-    def public(self) -> dict[str, Any]:
-        moms = None
-        if self.values and self.values[0][1] is not None:
-            moms = [list(v[1]) for v in self.values]
-        lrs = [list(v[0]) for v in self.values]
-        return {"id": self.id, "start": self.start, "lrs": lrs, "momentums": moms}
 
 
 @dataclass(eq=False)
@@ -133,7 +125,7 @@ def _shadow(manager: RunManager, state: RunState, after: int) -> _Shadow:
 
 def settle(
     manager: RunManager, run_id: str, rank: int, start: int, until: int, tail_id: int | None
-) -> dict[str, Any] | None:
+) -> Event | None:
     """The job took steps ``start .. until`` on a tail (id ``tail_id``); they are committed now.
 
     Records a ``provisional_divergence`` event (once per rank and tail: a job still riding
@@ -172,14 +164,14 @@ def settle(
     return _divergence(newer, rank, start, tail_id)
 
 
-def _divergence(events: list[Event], rank: int, start: int, tail_id: int | None) -> dict[str, Any] | None:
+def _divergence(events: list[Event], rank: int, start: int, tail_id: int | None) -> Event | None:
     """The event recorded for this rank's ride on tail ``tail_id`` (or from ``start``), if any."""
     for e in events:
         if e.kind is not EventKind.PROVISIONAL_DIVERGENCE or e.payload.get("rank") != rank:
             continue
         same = e.payload.get("provisional_id") == tail_id if tail_id is not None else e.step == start
         if same:
-            return e.public()
+            return e
     return None
 
 

@@ -4,20 +4,52 @@ further than this one) and commits nothing new."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from service.engine import codec, cost
+from service.engine import cost
+from service.engine.range_test import RangeTestReport
 from service.engine.spec import guard_of
-from service.engine.spike_guard import GuardSettings, Report, replay_band
+from service.engine.spike_guard import Band, GuardSettings, Report, Spike, replay_band
 from service.errors import RunConflict
 from service.runs.cache import RunCache
 from service.runs.commit import Committer
 from service.runs.state import RunState
 from service.settings import Settings
 from service.store.base import BaseStore
-from service.store.events import EventKind
+from service.store.events import Event, EventKind
+
+
+@dataclass(frozen=True)
+class LRFinder:
+    """A range test as ``GET .../lr-finder`` shows it: what it found, and where the run switched."""
+
+    test: RangeTestReport
+    switched_at: int | None
+
+
+@dataclass(frozen=True)
+class SpikeGuardView:
+    """A spike guard at the stored horizon: settings, spikes, backoff, each rank's band."""
+
+    run_id: str
+    settings: GuardSettings
+    horizon: int
+    multiplier: float  # the backoff at the horizon (1.0: none)
+    spikes: list[Spike]
+    bands: dict[int, Band]  # by rank, downsampled
+
+
+@dataclass(frozen=True)
+class History:
+    """A run's curves (downsampled) and events up to the stored horizon."""
+
+    run_id: str
+    steps: Sequence[int]
+    lrs: list[tuple[float, ...]]  # the LRs of each of ``steps``
+    metrics: dict[str, Sequence[tuple[int, int, float]]]  # per name: (step, rank, value) rows
+    events: list[Event]  # every event but the metric ones
 
 
 class ReadModels:
@@ -29,7 +61,7 @@ class ReadModels:
         self.runs = runs
         self.committer = committer
 
-    def lr_finder(self, run_id: str) -> dict[str, Any]:
+    def lr_finder(self, run_id: str) -> LRFinder:
         """The range test's curve, suggestions and choice (API.md, LR range test).
 
         Raises:
@@ -40,9 +72,9 @@ class ReadModels:
             test = state.engine.range_test
             if test is None:
                 raise RunConflict(f"run {run_id!r} has no LRRangeTest schedule")
-            return {**test.public(), "switched_at": state.switched_at}
+            return LRFinder(test.report(), state.switched_at)
 
-    def spike_guard(self, run_id: str, max_points: int) -> dict[str, Any]:
+    def spike_guard(self, run_id: str, max_points: int) -> SpikeGuardView:
         """The guard's settings, spikes and backoff at the stored horizon, and each rank's
         band (baseline and spike line) as the detector met each report, downsampled.
 
@@ -68,20 +100,11 @@ class ReadModels:
             if r.get("name") == settings.monitor
         ]
         bands, _ = replay_band(settings, placed)
-        for rank, series in bands.items():
-            keep = downsample(range(len(series["steps"])), max_points)
-            bands[rank] = {name: [values[i] for i in keep] for name, values in series.items()}
-        return {
-            "run_id": run_id,
-            "settings": dataclasses.asdict(settings),
-            "horizon": horizon,
-            "multiplier": multiplier,
-            "count": len(spikes),
-            "spikes": spikes,
-            "band": {str(rank): series for rank, series in sorted(bands.items())},
-        }
+        shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
+                 for rank, band in sorted(bands.items())}
+        return SpikeGuardView(run_id, settings, horizon, multiplier, spikes, shown)
 
-    def history(self, run_id: str, max_points: int) -> dict[str, Any]:
+    def history(self, run_id: str, max_points: int) -> History:
         """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
         state = self.committer.caught_up(run_id)
         units = cost.history_cost(n_groups=state.n_groups, points=min(max_points, state.horizon + 1))
@@ -90,19 +113,10 @@ class ReadModels:
         horizon = state.horizon
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
-        metrics = {}
-        for name, rows in self.store.read_metrics(run_id).items():
-            picked = downsample(rows, max_points)
-            metrics[name] = {"steps": [r[0] for r in picked],
-                             "values": [codec.public_float(r[2]) for r in picked],
-                             "ranks": [r[1] for r in picked]}
-        events = [e.public() for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
-        return {
-            "run_id": run_id,
-            "lrs": {"steps": list(steps), "values": [list(lrs[s]) for s in steps]},
-            "metrics": metrics,
-            "events": events,
-        }
+        metrics = {name: downsample(rows, max_points)
+                   for name, rows in self.store.read_metrics(run_id).items()}
+        events = [e for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
+        return History(run_id, steps, [lrs[s] for s in steps], metrics, events)
 
     def _lrs_at(self, state: RunState, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
         """Final LRs of ``steps`` (at most the horizon): from memory, else as stored with the

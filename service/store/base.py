@@ -53,6 +53,15 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class RunHead:
+    """What says whether a run moved: the fields of its row a commit compares (``run_head``)."""
+
+    created_at: datetime
+    horizon: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
 class ValueChunk:
     """Final LRs of steps ``first_step .. first_step + steps - 1``, packed (see ``value_chunks``)."""
 
@@ -212,6 +221,16 @@ class BaseStore(abc.ABC):
     def commit_listener(self) -> Callable[[Callable[[], None]], Awaitable[None]] | None:
         """An async function waiting for commits of other processes, calling its argument on
         each, where the database can tell (PostgreSQL ``LISTEN``); else None."""
+
+    def run_head(self, run_id: str) -> RunHead:
+        """The run's ``created_at``, ``horizon`` and ``last_seq``, without taking a lock (a
+        commit's cheap question: did another process move the run?).
+
+        Raises:
+            RunNotFound: no such run.
+        """
+        record = self.read_run(run_id)
+        return RunHead(record.created_at, record.horizon, record.last_seq)
 
     def run_listener(self) -> Callable[[Callable[[str | None], None]], Awaitable[None]] | None:
         """An async function waiting for other processes' commits that touch a run's barrier

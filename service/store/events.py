@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from service.engine.codec import legacy_float_text, public_json
-
 
 class EventKind(str, enum.Enum):
     """What an event records. Inputs feed the replay; outputs only document what it did."""
@@ -65,22 +63,6 @@ class Event:
     reason: str | None = None
     gid: int | None = None
     """The global event id (increasing across runs, in commit order); None before storing."""
-
-    def public(self) -> dict[str, Any]:
-        """The event as the API shows it: ``kind``, ``step``, ``at``, ``actor``, then the
-        payload's fields; ``reason`` too on actions and on what an action caused.
-
-        Non-finite numbers (a NaN loss in a metric event or a decision) are spelled
-        "NaN", "Infinity", "-Infinity" (``codec.public_json``).
-        """
-        payload = public_json(self.payload)
-        if self.kind is EventKind.PLATEAU_REDUCTION and isinstance(payload.get("value"), str):
-            payload["value"] = legacy_float_text(payload["value"])  # stored as repr() before 1.1
-        shown = {"kind": self.kind.value, "step": self.step, "at": self.at.isoformat(), "actor": self.actor,
-                 **payload}
-        if self.reason is not None or self.kind is EventKind.CONTROL:
-            shown["reason"] = self.reason
-        return shown
 
 
 @dataclass(frozen=True)

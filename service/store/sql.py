@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ from service.store.base import (
     BarrierTally,
     BaseStore,
     MetricRecord,
+    RunHead,
     RunRecord,
     RunTransaction,
     Snapshot,
@@ -89,6 +91,8 @@ _RUN_ROWS: dict[RowLock | None, Any] = {
         read=True, key_share=True),
     "delete": select(runs).where(runs.c.run_id == bindparam("run_id")).with_for_update(),
 }
+_RUN_HEAD = select(runs.c.created_at, runs.c.horizon, runs.c.last_seq).where(
+    runs.c.run_id == bindparam("run_id"))
 _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
     run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
 _INSERT_EVENTS = events.insert()
@@ -141,6 +145,56 @@ def _join_float(value: float | None, value_text: str | None) -> float:
     return float(value_text) if value_text is not None else float(value)  # type: ignore[arg-type]
 
 
+class _DriverSql:
+    """A Core statement compiled once for a dialect and run on the DBAPI cursor.
+
+    For the commit path's few small statements: there SQLAlchemy's per-execution work
+    (execution context, cache key, result set-up) cost about ten times the statement itself
+    on SQLite. The SQL is SQLAlchemy's own compilation; values go through the columns' own
+    bind processors and come back through their result processors, as Core would do.
+    """
+
+    def __init__(self, statement: Any, dialect: Any) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.positional = bool(dialect.positional)
+        self.names: list[str] = (list(compiled.positiontup or ()) if self.positional
+                                 else list(dict.fromkeys(re.findall(r"%\((\w+)\)s", self.sql))))
+        binds = compiled.binds
+        self.defaults = {name: binds[name].value for name in self.names if binds[name].value is not None}
+        self.processors = [binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in self.names]
+        self._dialect = dialect
+        self._types = list(getattr(statement, "selected_columns", ()))
+        self.columns = [c.key for c in self._types]
+        self._results: list[Any] | None = None  # the columns' result processors, on first use
+
+    def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
+        out = [values[name] if name in values else self.defaults[name] for name in self.names]
+        for i, process in enumerate(self.processors):
+            if process is not None:
+                out[i] = process(out[i])
+        return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
+
+    def execute(self, cursor: Any, values: Mapping[str, Any]) -> Any:
+        cursor.execute(self.sql, self.params(values))
+        return cursor
+
+    def executemany(self, cursor: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+        cursor.executemany(self.sql, [self.params(row) for row in rows])
+        return int(cursor.rowcount)
+
+    def one(self, cursor: Any) -> dict[str, Any] | None:
+        """The next row of a SELECT as a dict by column, its values as Core would return them."""
+        raw = cursor.fetchone()
+        if raw is None:
+            return None
+        if self._results is None:  # PostgreSQL's need the driver's type codes
+            self._results = [c.type.dialect_impl(self._dialect).result_processor(self._dialect, d[1])
+                             for c, d in zip(self._types, cursor.description, strict=True)]
+        return {name: (value if process is None else process(value))
+                for name, process, value in zip(self.columns, self._results, raw, strict=True)}
+
+
 class SqlStore(BaseStore):
     """``BaseStore`` over a SQLAlchemy engine (SQLite file or PostgreSQL).
 
@@ -172,6 +226,7 @@ class SqlStore(BaseStore):
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
         self._commit_watchers: list[Callable[[], None]] = []
+        self._compiled: dict[str, _DriverSql] = {}
         self._sender = token_hex(6)
         """Names this store in its notifications, so its own listener can skip them."""
         try:
@@ -200,17 +255,30 @@ class SqlStore(BaseStore):
                     if write and self._guard is not None:
                         self._guard.check()  # never commit (and acknowledge) into a file that is gone
         except sa_exc.DBAPIError as exc:
-            self._after_failure(exc)
+            self._after_failure(exc.orig)
             raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
+        except self._driver_error as exc:  # raised on the DBAPI cursor (``_DriverSql``)
+            self._after_failure(exc)
+            raise StoreUnavailable(f"{self._where}: {self._reason(exc)}") from exc
         except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
             raise StoreUnavailable(f"{self._where}: no free database connection") from exc
 
-    def _after_failure(self, exc: sa_exc.DBAPIError) -> None:
+    @functools.cached_property
+    def _driver_error(self) -> type[Exception]:
+        return self._engine.dialect.loaded_dbapi.Error  # type: ignore[no-any-return]
+
+    def _driver_sql(self, name: str, statement: Any) -> _DriverSql:
+        found = self._compiled.get(name)
+        if found is None:
+            found = self._compiled[name] = _DriverSql(statement, self._engine.dialect)
+        return found
+
+    def _after_failure(self, error: BaseException | None) -> None:
         """After SQLite reports a damaged or unreadable file, drop every pooled connection:
         their page caches may hold what it read before, and fresh ones see the file as it is
         now (restored, say). A busy file is not damage. PostgreSQL's pool already drops
         connections a restart broke (``pool_pre_ping``, and SQLAlchemy's disconnect check)."""
-        if self._engine.dialect.name != "sqlite" or "locked" in str(exc.orig):
+        if self._engine.dialect.name != "sqlite" or "locked" in str(error):
             return
         self._engine.dispose()
 
@@ -226,11 +294,6 @@ class SqlStore(BaseStore):
         if self._engine.dialect.name == "postgresql":
             return postgresql.insert(table)
         return sqlite.insert(table)
-
-    @functools.cached_property
-    def _insert_new_metrics(self) -> Any:
-        # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs
-        return self._insert(metrics).on_conflict_do_nothing().returning(metrics.c.step)
 
     @functools.cached_property
     def _insert_new_reports(self) -> Any:
@@ -298,8 +361,56 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        with self._transaction() as conn:
-            return self._read_record(conn, self._require_run(conn, run_id))
+        rows, labels = self._driver_sql("run", _RUN_ROWS[None]), self._driver_sql("labels", _RUN_LABELS)
+        with self._driver_read(snapshot=True) as cursor:
+            row = rows.one(rows.execute(cursor, {"run_id": run_id}))
+            if row is None:
+                raise RunNotFound(run_id)
+            found = dict(labels.execute(cursor, {"run_id": run_id}).fetchall())
+        return replace(_record_of(row), labels=found)
+
+    def run_head(self, run_id: str) -> RunHead:
+        """The run's ``created_at``, ``horizon`` and ``last_seq`` in one statement (one row,
+        read at once: no transaction of its own).
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        sql = self._driver_sql("head", _RUN_HEAD)
+        with self._driver_read() as cursor:
+            row = sql.one(sql.execute(cursor, {"run_id": run_id}))
+        if row is None:
+            raise RunNotFound(run_id)
+        return RunHead(row["created_at"], row["horizon"], row["last_seq"])
+
+    @contextmanager
+    def _driver_read(self, *, snapshot: bool = False) -> Iterator[Any]:
+        """A DBAPI cursor on a pooled connection, for reads of a row or two (``_DriverSql``).
+
+        ``snapshot``: the statements see one state of the database (SQLite: a read transaction;
+        PostgreSQL's reads are in one transaction anyway, which the pool ends on return).
+        """
+        try:
+            conn = self._engine.raw_connection()
+            try:
+                cursor = conn.cursor()
+                if snapshot and self._engine.dialect.name == "sqlite":
+                    cursor.execute("BEGIN DEFERRED")
+                try:
+                    yield cursor
+                finally:
+                    cursor.close()
+            finally:
+                conn.close()  # back to the pool, which rolls back what the reads began
+        except sa_exc.DBAPIError as exc:  # from the pool's connect
+            self._after_failure(exc.orig)
+            raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
+        except self._driver_error as exc:
+            self._after_failure(exc)
+            raise StoreUnavailable(f"{self._where}: {self._reason(exc)}") from exc
+        except sa_exc.TimeoutError as exc:
+            raise StoreUnavailable(f"{self._where}: no free database connection") from exc
 
     def _read_record(self, conn: Connection, row: Row[Any]) -> RunRecord:
         labels = {r.key: r.value for r in conn.execute(_RUN_LABELS, {"run_id": row.run_id})}
@@ -430,9 +541,12 @@ class SqlStore(BaseStore):
             RunNotFound: no such run (on enter).
             StoreUnavailable: the database failed.
         """
-        with self._transaction(write=True) as conn:
-            row = self._require_run(conn, run_id, "hold")
-            tx = SqlRunTransaction(conn, _record(row, {}), self)
+        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+            hold = self._driver_sql("hold", _RUN_ROWS["hold"])
+            row = hold.one(hold.execute(cursor, {"run_id": run_id}))
+            if row is None:
+                raise RunNotFound(run_id)
+            tx = SqlRunTransaction(conn, _record_of(row), self, cursor)
             try:
                 yield tx
                 tx.write_run()
@@ -476,13 +590,22 @@ class SqlStore(BaseStore):
         On PostgreSQL this also queues a ``NOTIFY`` naming the run, sent when (and only if)
         the transaction commits.
         """
-        last = conn.execute(_TAKE_GIDS, {"n": n}).scalar_one()
-        self._notify(conn, EVENTS_CHANNEL, run_id)
+        with _cursor(conn) as cursor:
+            return self._take_gids_on(cursor, n, run_id)
+
+    def _take_gids_on(self, cursor: Any, n: int, run_id: str) -> list[int]:
+        (last,) = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
+        self._notify_on(cursor, EVENTS_CHANNEL, run_id)
         return list(range(last - n + 1, last + 1))
 
     def _notify(self, conn: Connection, channel: str, run_id: str) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(_NOTIFY, {"channel": channel, "payload": f"{self._sender} {run_id}"})
+
+    def _notify_on(self, cursor: Any, channel: str, run_id: str) -> None:
+        if self._engine.dialect.name == "postgresql":
+            payload = {"channel": channel, "payload": f"{self._sender} {run_id}"}
+            self._driver_sql("notify", _NOTIFY).execute(cursor, payload)
 
     def watch_commits(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (from the committing thread) after each commit that added events."""
@@ -628,16 +751,25 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        with self._transaction(write=True) as conn:
-            self._require_run(conn, run_id, "keep")
-            return self._insert_metrics(conn, run_id, records)
+        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+            self._keep_run(cursor, run_id)
+            return self._insert_metrics_on(cursor, run_id, records)
 
-    def _insert_metrics(self, conn: Connection, run_id: str, records: Sequence[MetricRecord]) -> int:
+    def _keep_run(self, cursor: Any, run_id: str) -> dict[str, Any]:
+        """The run's row, which must not vanish before this transaction ends (``keep``)."""
+        keep = self._driver_sql("keep", _RUN_ROWS["keep"])
+        row = keep.one(keep.execute(cursor, {"run_id": run_id}))
+        if row is None:
+            raise RunNotFound(run_id)
+        return row
+
+    def _insert_metrics_on(self, cursor: Any, run_id: str, records: Sequence[MetricRecord]) -> int:
+        if not records:
+            return 0
         now = _now()
         rows = [_metric_row(run_id, r, now) for r in records]
-        if not rows:
-            return 0
-        return len(conn.execute(self._insert_new_metrics, rows).all())
+        insert = self._driver_sql("insert_metrics", self._insert(metrics).on_conflict_do_nothing())
+        return insert.executemany(cursor, rows)
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.
@@ -682,13 +814,19 @@ class SqlStore(BaseStore):
             finite, value_text = _split_float(value)
             rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
                          "value_text": value_text})
-        with self._transaction(write=True) as conn:
-            row = self._require_run(conn, run_id, "keep")
-            self._insert_metrics(conn, run_id, records)
+        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+            row = self._keep_run(cursor, run_id)
+            self._insert_metrics_on(cursor, run_id, records)
             if rows:
-                conn.execute(self._insert_new_reports, rows)
-                self._notify(conn, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
-            return BarrierTally(row.horizon, _select_reports(conn, run_id, step))
+                self._driver_sql("insert_reports", self._insert_new_reports).executemany(cursor, rows)
+                self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
+            reports: dict[int, dict[str, float]] = {}
+            select_reports = self._driver_sql("reports", _SELECT_REPORTS)
+            select_reports.execute(cursor, {"run_id": run_id, "step": step})
+            while (report := select_reports.one(cursor)) is not None:
+                value = _join_float(report["value"], report["value_text"])
+                reports.setdefault(report["rank"], {})[report["name"]] = value
+            return BarrierTally(row["horizon"], reports)
 
     def read_barrier(self, run_id: str, step: int) -> BarrierTally:
         """The run's horizon and the reports for ``step``, in one read transaction.
@@ -724,8 +862,9 @@ class SqlRunTransaction(RunTransaction):
     per call.
     """
 
-    def __init__(self, conn: Connection, run: RunRecord, store: SqlStore) -> None:
+    def __init__(self, conn: Connection, run: RunRecord, store: SqlStore, cursor: Any) -> None:
         self._conn = conn
+        self._cursor = cursor  # the same connection's DBAPI cursor, for the hot statements
         self.run = run
         self.closed = False
         self._store = store
@@ -737,14 +876,16 @@ class SqlRunTransaction(RunTransaction):
         if not self._run_changed:
             return
         run = self.run
-        self._connection().execute(_UPDATE_RUN, {
+        self._connection()
+        self._store._driver_sql("update_run", _UPDATE_RUN).execute(self._cursor, {
             "b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status,
             "b_last_seq": run.last_seq, "b_updated_at": run.updated_at})
         self._run_changed = False
 
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
         """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
-        return self._store._insert_metrics(self._connection(), self.run.run_id, records)
+        self._connection()
+        return self._store._insert_metrics_on(self._cursor, self.run.run_id, records)
 
     def _connection(self) -> Connection:
         if self.closed:
@@ -761,13 +902,13 @@ class SqlRunTransaction(RunTransaction):
         Returns:
             The events as stored (``seq`` and ``at`` set, payloads as read back from JSON).
         """
-        conn = self._connection()
+        self._connection()
         if not new_events:
             return []
         now, first = _now(), self.run.last_seq + 1
-        gids = self._store._take_gids(conn, len(new_events), self.run.run_id)
+        gids = self._store._take_gids_on(self._cursor, len(new_events), self.run.run_id)
         rows = [_event_row(self.run.run_id, first + i, e, now, gids[i]) for i, e in enumerate(new_events)]
-        conn.execute(_INSERT_EVENTS, rows)
+        self._store._driver_sql("insert_events", _INSERT_EVENTS).executemany(self._cursor, rows)
         self.appended = True
         last = first + len(rows) - 1
         self.run = replace(self.run, last_seq=last, updated_at=now)
@@ -807,6 +948,23 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         updated_at=row.updated_at,
         last_seen=row.last_seen,
     )
+
+
+@contextmanager
+def _cursor(conn: Connection) -> Iterator[Any]:
+    """A DBAPI cursor on the connection of ``conn``'s transaction (for ``_DriverSql``)."""
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
+def _record_of(row: Mapping[str, Any]) -> RunRecord:
+    """A ``RunRecord`` (without labels) from a runs row read on the DBAPI cursor."""
+    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={}, status=row["status"],
+                     horizon=row["horizon"], last_seq=row["last_seq"], created_at=row["created_at"],
+                     updated_at=row["updated_at"], last_seen=row["last_seen"])
 
 
 def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -> dict[str, Any]:

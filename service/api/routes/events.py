@@ -11,11 +11,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from service.api.deps import ReadAccess
+from service.api.responses import feed_message, overflow_message
 from service.api.routes.runs import _parse_labels
 from service.api.schemas import ERROR_RESPONSES
 from service.errors import InvalidInput
 from service.events.hub import EventHub, FeedFilter, Overflow
-from service.events.wire import event_message, overflow_message
 from service.store.events import EventKind, FeedEntry
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
@@ -71,7 +71,7 @@ def _encoded(hub: EventHub, entry: FeedEntry) -> bytes:
     gid = entry.event.gid or 0
     found = hub.encoded.get(gid)
     if found is None:
-        found = b"id: %d\ndata: %s\n\n" % (gid, orjson.dumps(event_message(entry)))
+        found = b"id: %d\ndata: %s\n\n" % (gid, orjson.dumps(feed_message(entry)))
         hub.encoded[gid] = found
         if len(hub.encoded) > ENCODED_KEEP:
             hub.encoded.popitem(last=False)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Response
 
 from service.api.deps import AdminAccess, ManagerDep
-from service.api.responses import FastJSONResponse
+from service.api.responses import FastJSONResponse, fleet_body
 from service.api.schemas import FleetControlRequest, FleetControlResult
 from service.auth import Identity
 from service.fleet import Selector, control_fleet
@@ -24,6 +24,6 @@ def control_selected(
     (the others still took the action). `dry_run` lists the matches and changes nothing."""
     selector = Selector(body.selector.labels, body.selector.status)
     action = body.action.model_dump(exclude_none=True)
-    answer = control_fleet(manager, selector, action, actor=identity.name, reason=body.reason,
-                           dry_run=body.dry_run)
-    return FastJSONResponse(answer)
+    outcome = control_fleet(manager, selector, action, actor=identity.name, reason=body.reason,
+                            dry_run=body.dry_run)
+    return FastJSONResponse(fleet_body(outcome))

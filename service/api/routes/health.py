@@ -7,22 +7,23 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import StoreDep
-from service.api.responses import FastJSONResponse
+from service.api.responses import FastJSONResponse, status_body
+from service.api.schemas import HealthPublic
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=HealthPublic)
 def read_health() -> Response:
     """The process is up."""
-    return FastJSONResponse({"status": "ok"})
+    return FastJSONResponse(status_body("ok"))
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=HealthPublic)
 def read_ready(store: StoreDep) -> Response:
     """The store is reachable (503 otherwise)."""
     store.ping()
-    return FastJSONResponse({"status": "ready"})
+    return FastJSONResponse(status_body("ready"))
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from service.api.deps import AdminAccess, LivenessDep, ManagerDep, ReadAccess, WriteAccess
-from service.api.responses import FastJSONResponse
+from service.api.responses import (
+    FastJSONResponse,
+    control_body,
+    history_body,
+    lr_finder_body,
+    run_body,
+    runs_body,
+)
 from service.api.schemas import (
     MAX_LABEL_LENGTH,
     MAX_LABELS,
@@ -31,29 +38,10 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
 def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> dict:
+    """The run's body: its record, its state in this process and what liveness knows."""
     state = manager.state(record.run_id)
-    lrs, moms = state.values[-1]
-    last_seen = liveness.last_seen(record)
-    return {
-        "run_id": record.run_id,
-        "schedule": record.spec["schedule"],
-        "base_lrs": record.spec["base_lrs"],
-        "base_momentums": record.spec["base_momentums"],
-        "labels": record.labels,
-        "world_size": record.spec["world_size"],
-        "status": state.status,
-        "horizon": state.horizon,
-        "lrs": list(lrs),
-        "momentums": list(moms) if moms is not None else None,
-        "stopped_at": state.stopped_at,
-        "switched_at": state.switched_at,
-        "watched": list(state.watching),
-        "max_ahead": manager.settings.max_ahead,
-        "created_at": record.created_at.isoformat(),
-        "updated_at": record.updated_at.isoformat(),
-        "last_seen": last_seen.isoformat() if last_seen is not None else None,
-        "stale": liveness.is_stale(record, state.status),
-    }
+    return run_body(record, state, max_ahead=manager.settings.max_ahead, last_seen=liveness.last_seen(record),
+                     stale=liveness.is_stale(record, state.status))
 
 
 @router.post(
@@ -111,7 +99,7 @@ def list_runs(
     if stale:  # heard by this process since its last flush: not stale after all
         page = [r for r in page if not liveness.heard_recently(r.run_id)]
     data = [run_public(manager, liveness, r) for r in page]
-    return FastJSONResponse({"data": data, "count": len(data), "next_cursor": next_cursor})
+    return FastJSONResponse(runs_body(data, next_cursor))
 
 
 @router.get("/{run_id}", response_model=RunPublic, dependencies=[ReadAccess])
@@ -134,16 +122,14 @@ def control_run(
 ) -> Response:
     """Apply an operator action at the first free step (or at `at_step`); `reason` goes on its event."""
     action = body.model_dump(exclude={"at_step", "reason"}, exclude_none=True)
-    applied_at, event = manager.control(
-        run_id, action, body.at_step, actor=identity.name, reason=body.reason
-    )
-    return FastJSONResponse({"run_id": run_id, "applied_at": applied_at, "event": event})
+    _, event = manager.control(run_id, action, body.at_step, actor=identity.name, reason=body.reason)
+    return FastJSONResponse(control_body(run_id, event))
 
 
 @router.get("/{run_id}/lr-finder", response_model=LRFinderPublic, dependencies=[ReadAccess])
 def read_lr_finder(run_id: RunId, manager: ManagerDep) -> Response:
     """The range test's loss curve, its suggestions and the chosen LR (409 if the run has none)."""
-    return FastJSONResponse(manager.lr_finder(run_id))
+    return FastJSONResponse(lr_finder_body(manager.lr_finder(run_id)))
 
 
 @router.get("/{run_id}/history", response_model=HistoryPublic, dependencies=[ReadAccess])
@@ -151,4 +137,4 @@ def read_history(
     run_id: RunId, manager: ManagerDep, max_points: Annotated[int, Query(ge=1, le=100_000)] = 1000
 ) -> Response:
     """LR and metric series (downsampled) and the run's events."""
-    return FastJSONResponse(manager.history(run_id, max_points))
+    return FastJSONResponse(history_body(manager.history(run_id, max_points)))

@@ -5,12 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service.api.deps import ReadAccess, SettingsDep
-from service.api.responses import FastJSONResponse
-from service.api.routes.spike_guard import spike_public
-from service.api.schemas import PreviewRequest, PreviewResult
+from service.api.responses import FastJSONResponse, catalog_body, preview_body
+from service.api.schemas import CatalogPublic, PreviewRequest, PreviewResult
 from service.engine import cost
 from service.engine.catalog import catalog
-from service.engine.codec import public_rows
 from service.engine.preview import simulate
 from service.engine.spec import ScheduleSpec, parse_schedule
 from service.errors import InvalidInput
@@ -32,13 +30,10 @@ def preview_schedule(body: PreviewRequest, settings: SettingsDep) -> Response:
 
     schedule = parse_schedule(body.schedule, n_groups=n_groups, before_checks=within_budget)
     result = simulate(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
-    lrs, moms = result.lrs, result.momentums
-    spikes = [spike_public(s) for s in result.spikes]
-    body_out = {"lrs": public_rows(lrs), "momentums": moms and public_rows(moms), "spikes": spikes}
-    return FastJSONResponse(body_out)
+    return FastJSONResponse(preview_body(result.lrs, result.momentums, result.spikes))
 
 
-@router.get("/catalog", dependencies=[ReadAccess])
+@router.get("/catalog", response_model=CatalogPublic, dependencies=[ReadAccess])
 def read_catalog() -> Response:
     """Every accepted schedule type with its arguments, types and defaults."""
-    return FastJSONResponse({"types": catalog()})
+    return FastJSONResponse(catalog_body(catalog()))

@@ -8,8 +8,13 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ManagerDep, ReadAccess, WriteAccess
-from service.api.responses import FastJSONResponse
-from service.api.routes.spike_guard import spike_public
+from service.api.responses import (
+    FastJSONResponse,
+    event_body,
+    metrics_accepted_body,
+    tail_body,
+    window_body,
+)
 from service.api.schemas import (
     AHEAD_DOC,
     MetricsAccepted,
@@ -35,27 +40,7 @@ _AFTER_DOC = (
 
 def window_response(window: Window) -> Response:
     """The answer for ``window``, built and serialised (in a worker thread when it is big)."""
-    return FastJSONResponse(window_public(window))
-
-
-def window_public(window: Window) -> dict:
-    lrs = [list(v[0]) for v in window.values]
-    moms = None if window.values[0][1] is None else [list(v[1]) for v in window.values]
-    public = {
-        "run_id": window.run_id,
-        "step": window.start,
-        "lrs": lrs[0],
-        "momentums": moms[0] if moms is not None else None,
-        "status": window.status,
-        "stopped_at": window.stopped_at,
-        "switched_at": window.switched_at,
-        "window": {"start": window.start, "lrs": lrs, "momentums": moms},
-        "watched": list(window.watched),
-        "max_ahead": window.max_ahead,
-    }
-    if window.spikes:  # a spike guard's backoffs that take effect in this window
-        public["spikes"] = [spike_public(s) for s in window.spikes]
-    return public
+    return FastJSONResponse(window_body(window))
 
 
 def _with_tail(
@@ -68,15 +53,15 @@ def _with_tail(
     held_until: int | None = None,
 ) -> dict:
     """The answer, with the provisional tail asked for and the outage settled (in a worker thread)."""
-    body = window_public(window)
+    body = window_body(window)
     if since is not None:
         divergence = provisional.settle(manager, window.run_id, rank, since, window.start, tail_id)
         if divergence is not None:
-            body["provisional_divergence"] = divergence
+            body["provisional_divergence"] = event_body(divergence)
     if size > 0 or since is not None:
         end = window.start + len(window.values) - 1
         held = (tail_id, held_until) if tail_id is not None and held_until is not None else None
-        body["provisional"] = provisional.tail(manager, window.run_id, end, size, held).public()
+        body["provisional"] = tail_body(provisional.tail(manager, window.run_id, end, size, held))
     return body
 
 
@@ -109,7 +94,7 @@ async def read_lr(
     # Final values already in memory are answered right here, without a worker thread (if few).
     window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
     if window is not None:
-        return FastJSONResponse(window_public(window))
+        return FastJSONResponse(window_body(window))
     return await run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
 
 
@@ -126,7 +111,7 @@ async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Respon
                 body.provisional_after)
         return await run_in_threadpool(lambda: FastJSONResponse(_with_tail(barriers.manager, window, *args)))
     if len(window.values) * len(window.values[0][0]) <= ON_LOOP_VALUES:
-        return FastJSONResponse(window_public(window))
+        return FastJSONResponse(window_body(window))
     return await run_in_threadpool(window_response, window)
 
 
@@ -134,4 +119,4 @@ async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Respon
 def log_metrics(run_id: RunId, body: MetricsCreate, manager: ManagerDep) -> Response:
     """Record metrics for history and plots (idempotent per name, step and rank)."""
     new = manager.record_metrics(run_id, [r.model_dump() for r in body.records])
-    return FastJSONResponse({"accepted": len(body.records), "new": new}, status_code=202)
+    return FastJSONResponse(metrics_accepted_body(len(body.records), new), status_code=202)

@@ -12,13 +12,14 @@ const view = document.getElementById("view");
 const banner = document.getElementById("banner");
 const badge = document.getElementById("session-badge");
 const tokenInput = document.getElementById("token-input");
-let session = { reads: false, admin: false, open: false, message: "" };
+let session = { reads: false, admin: false, open: false, name: "", role: "", message: "" };
 let page = null;
 
 function showSession() {
   badge.textContent = !session.reads ? "signed out" : session.open ? "open server" : session.admin ? "admin" : "read-only";
   badge.className = `badge session ${session.admin ? "admin" : session.reads ? "reader" : "none"}`;
-  badge.dataset.role = session.admin ? "admin" : session.reads ? "read" : "none";
+  badge.dataset.role = session.role || "none";
+  badge.title = session.name ? `token: ${session.name} (${session.role})` : "";
   tokenInput.placeholder = token.get() ? "token set (enter another to switch)" : "API token";
   banner.hidden = session.reads;
   banner.textContent = session.message;

@@ -34,6 +34,7 @@ ROUTES = {
     # access is granted (tests/e2e/test_event_stream.py reads the stream with a read token)
     ("GET", "/v1/events"): ("read", {"params": {"kind": "unknown"}}),
     ("GET", "/v1/webhooks"): ("admin", {}),
+    ("GET", "/v1/whoami"): ("read", {}),
     ("GET", "/healthz"): (None, {}),
     ("GET", "/readyz"): (None, {}),
     ("GET", "/metrics"): (None, {}),

@@ -1,18 +1,20 @@
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 
 import pytest
 from torch.optim import lr_scheduler as torch_schedulers
 
+from service.api.responses import catalog_body
 from service.engine.catalog import catalog
 from service.engine.spec import SPEC_TYPES, parse_schedule
 
 # Torch constructor arguments a spec leaves out on purpose.
 NOT_IN_SPECS = {"optimizer", "last_epoch", "verbose", "scale_fn"}
 TORCH_CLASSES = sorted(set(torch_schedulers.__all__) - {"LRScheduler"})
-ENTRIES = {entry["type"]: entry for entry in catalog()}
+ENTRIES = {entry["type"]: entry for entry in catalog_body(catalog())["types"]}  # as the route answers
 
 
 def test_catalog_covers_every_torch_scheduler():
@@ -20,11 +22,12 @@ def test_catalog_covers_every_torch_scheduler():
 
 
 def test_catalog_lists_exactly_the_accepted_types():
-    assert [entry["type"] for entry in catalog()] == list(SPEC_TYPES)
+    assert [entry.type for entry in catalog()] == list(SPEC_TYPES)
 
 
 def test_catalog_is_json():
-    assert json.loads(json.dumps(catalog(), allow_nan=False)) == catalog()
+    body = catalog_body(catalog())
+    assert json.loads(json.dumps(body, allow_nan=False)) == body
 
 
 @pytest.mark.parametrize("name", TORCH_CLASSES)
@@ -73,8 +76,8 @@ def test_defaults_make_a_valid_spec():
         "SpikeGuard": {"schedule": {"type": "StepLR", "step_size": 10}},
     }
     for entry in catalog():
-        defaults = {arg["name"]: arg["default"] for arg in entry["args"] if not arg["required"]}
-        raw = {"type": entry["type"], **defaults, **minimal.get(entry["type"], {})}
+        defaults = {arg.name: arg.default for arg in entry.args if not arg.required}
+        raw = {"type": entry.type, **defaults, **minimal.get(entry.type, {})}
         parse_schedule(raw, n_groups=1)
 
 
@@ -104,6 +107,7 @@ def test_literal_arguments_list_their_choices():
     assert mode["default"] == "min"
 
 
-def test_catalog_returns_a_fresh_copy():
-    catalog()[0]["args"].clear()
-    assert catalog()[0]["args"]
+def test_catalog_is_built_once_and_cannot_be_changed():
+    assert catalog() is catalog()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        catalog()[0].args[0].name = "x"  # type: ignore[misc]

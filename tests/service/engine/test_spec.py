@@ -699,7 +699,7 @@ def test_message_says_what_was_expected_and_what_arrived():
         first_error({"type": "ExponentialLR", "gamma": math.nan})[1]
         == "expected a finite number, got NaN"
     )
-    assert first_error({"type": "ExponentialLR", "gamma": 0})[1] == "expected a value > 0.0, got 0"
+    assert first_error({"type": "ExponentialLR", "gamma": 0})[1] == "expected a value > 0, got 0"
 
 
 def test_per_group_count_message():

@@ -100,7 +100,7 @@ def test_two_last_reports_on_two_replicas_are_settled_by_asking_the_store(replic
     assert b.resolve_barrier("r", 1, timed_out=False)
     assert a.store.read_run("r").horizon == 3
     assert a.window("r", 1, 2).values == b.window("r", 1, 2).values
-    assert not [e for e in a.history("r", 10)["events"] if e["kind"] == "barrier_timeout"]
+    assert not [e for e in a.history("r", 10).events if e.kind.value == "barrier_timeout"]
 
 
 def test_ranks_waiting_in_the_process_of_the_last_report_are_woken_by_it(replicas, monkeypatch):
@@ -152,8 +152,8 @@ def test_a_waiting_rank_times_out_into_a_decision_with_the_ranks_that_reported(r
     gate = Barriers(a, timeout_s=0.3)
     answer = asyncio.run(asyncio.wait_for(gate.step("r", 1, {"val_loss": 2.0}, 1, 0), GUARD_S))
     assert answer.start == 1 and a.state("r").horizon == 1
-    [timeout] = [e for e in a.history("r", 10)["events"] if e["kind"] == "barrier_timeout"]
-    assert timeout["missing_ranks"] == [0, 2] and timeout["reported_ranks"] == [1]
+    [timeout] = [e for e in a.history("r", 10).events if e.kind.value == "barrier_timeout"]
+    assert timeout.payload["missing_ranks"] == [0, 2] and timeout.payload["reported_ranks"] == [1]
 
 
 def test_a_window_commit_skips_the_store_when_the_run_is_there_already(replicas):

@@ -7,6 +7,7 @@ import pytest
 
 from service.runs.cache import RunCache
 from service.runs.manager import RunManager
+from service.runs.read_models import History
 from service.settings import Settings
 from service.store import open_store
 from tests.conftest import BACKENDS
@@ -37,14 +38,14 @@ def test_history_after_a_restart_reads_stored_values_without_replay(url, monkeyp
         monkeypatch.setattr(RunCache, "values_between", lambda *args: replays.append(args))
         after = second.history("long", 57)
         assert replays == []
-        assert after["lrs"] == before["lrs"]
-        assert len(after["lrs"]["steps"]) == 57 and after["lrs"]["steps"][-1] == 2_799
+        assert (after.steps, after.lrs) == (before.steps, before.lrs)
+        assert len(after.steps) == 57 and after.steps[-1] == 2_799
         assert store.read_lrs("long", [0, 1_234]) == {0: (0.1, 0.05), 1_234: before_lrs(before, 1_234)}
     finally:
         store.close()
 
 
-def before_lrs(history: dict, step: int) -> tuple[float, ...]:
+def before_lrs(history: History, step: int) -> tuple[float, ...]:
     from service.engine.engine import Engine
     from service.engine.spec import parse_schedule
 

@@ -96,7 +96,7 @@ def test_a_replica_catches_up_with_decisions_actions_and_status(replicas):
     assert lrs(a, "r", 0, 14) == theirs
     assert (b.state("r").status, b.state("r").stopped_at) == ("stopped", 12)
     assert (a.state("r").status, a.state("r").stopped_at) == ("stopped", 12)
-    kinds = [e["kind"] for e in b.history("r", 100)["events"]]
+    kinds = [e.kind.value for e in b.history("r", 100).events]
     assert kinds.count("status") == 3 and kinds.count("control") == 3
 
 
@@ -106,8 +106,8 @@ def test_history_on_a_lagging_replica_reaches_the_stored_horizon(replicas):
     lrs(b, "r", 0, 0)
     a.window("r", 0, 30)
     history = b.history("r", 1000)
-    assert history["lrs"]["steps"][-1] == 30
-    assert history["lrs"]["values"] == [list(v) for v in lrs(a, "r", 0, 30)]
+    assert history.steps[-1] == 30
+    assert [list(v) for v in history.lrs] == [list(v) for v in lrs(a, "r", 0, 30)]
 
 
 def test_actions_on_a_run_stopped_elsewhere_are_refused(replicas):
@@ -118,7 +118,7 @@ def test_actions_on_a_run_stopped_elsewhere_are_refused(replicas):
     a.window("r", 0, 3)
     with pytest.raises(RunConflict):
         b.control("r", {"action": "scale", "factor": 0.5}, None)
-    assert [e["kind"] for e in a.history("r", 10)["events"]].count("control") == 1
+    assert [e.kind.value for e in a.history("r", 10).events].count("control") == 1
 
 
 def test_an_action_lands_above_the_horizon_another_replica_reached(replicas):
@@ -203,7 +203,7 @@ def test_metric_barrier_with_ranks_on_two_replicas(replicas, settings):
     means = [(x + y) / 2 for x, y in zip(losses[0], losses[1], strict=True)]
     expected = [lrs_ for lrs_, _ in reference.trajectory(PLATEAU, [0.1, 0.2], 6, means)]
     assert [list(first.values[0][0]) for first, _ in answers] == expected[1:]
-    assert not [e for e in a.history("r", 10)["events"] if e["kind"] == "barrier_timeout"]
+    assert not [e for e in a.history("r", 10).events if e.kind.value == "barrier_timeout"]
 
 
 def test_a_barrier_step_beyond_the_jump_limit_is_refused(replicas, settings):
@@ -282,4 +282,4 @@ def test_a_thread_waiting_on_a_failed_commit_starts_from_the_log(replicas):
     assert answered == [[(0.1, 0.2)] * 16]  # the log holds no metric at step 10
     assert lrs(c, "r", 25, 30) == [(0.1, 0.2)] * 6  # nor does any snapshot (c loads from one)
     assert lrs(c, "r", 0, 30) == [(0.1, 0.2)] * 31
-    assert "plateau_reduction" not in [e["kind"] for e in c.history("r", 100)["events"]]
+    assert "plateau_reduction" not in [e.kind.value for e in c.history("r", 100).events]

@@ -53,7 +53,7 @@ def test_a_v1_sqlite_file_opens_upgraded_with_its_log_intact(tmp_path):
         assert {(e.actor, e.reason) for e in events} == {("server", None)}  # who acted was never recorded
         manager = RunManager(store, Settings(db=url))
         assert [list(lrs) for lrs, _ in manager.values_between("old-run", 0, 8)] == OLD_LRS
-        assert manager.history("old-run", 100)["lrs"]["values"] == OLD_LRS  # no value chunks: replayed
+        assert [list(v) for v in manager.history("old-run", 100).lrs] == OLD_LRS  # no value chunks: replayed
         assert store.read_lrs("old-run", [0, 8]) == {}
         assert store.read_metrics("old-run") == {"loss": [(3, 0, 0.5)]}
         manager.control("old-run", {"action": "resume"}, None, actor="ops-alice", reason="back on")
