@@ -28,12 +28,13 @@ from client._exceptions import (
     ServerUnreachable,
     TransportError,
 )
-from client._scheduler import RemoteScheduler
+from client._scheduler import ClientState, RemoteScheduler
 
 __all__ = [
     "AuthenticationError",
     "CadenceWarning",
     "ClientClosed",
+    "ClientState",
     "ClientMisuseError",
     "InvalidRequest",
     "InvalidSchedule",

@@ -177,6 +177,8 @@ CODE_TO_EXCEPTION: dict[str, type[ServerError]] = {
     "run_not_found": RunNotFound,
     "run_conflict": RunConflict,
     "store_unavailable": ServerUnavailable,
+    "too_many_connections": ServerUnavailable,
+    "request_timeout": ServerError,  # 408: the request came too slowly; retryable as it is
 }
 
 _STATUS_TO_EXCEPTION: dict[int, type[ServerError]] = {

@@ -1,11 +1,13 @@
 """``RemoteScheduler``: a drop-in for a ``torch.optim.lr_scheduler`` object, served by lrserve.
 
 How a step works (see DESIGN.md, "Flow of one step"): the scheduler holds a window of final
-values, so ``step()`` is an index into a list plus writing ``param_group["lr"]``. A worker
-thread (``client._fetcher``) fetches the next window before this one runs out. A step that
-carries a watched metric is the one step that must talk to the server (``POST .../step``),
-since the metric decides that step's values; windows end before such steps
-(``client._windows``).
+values (``client._cache``), so ``step()`` is an index into a list plus writing
+``param_group["lr"]`` (``client._optimizer`` writes them otherwise). A worker thread
+(``client._fetcher``) fetches the next window before this one runs out, when and as far as
+``client._windows.PrefetchPolicy`` says. A step that carries a watched metric is the one
+step that must talk to the server (``POST .../step``), since the metric decides that step's
+values; windows end before such steps. The scheduler's ``ClientState`` says whether the
+server answers, and whether it is closed.
 
 When the server is away, training goes on with the values held, then on the provisional
 tail the server sent ahead (``client._tail``: the values as if no decision or operator
@@ -17,9 +19,8 @@ kept, and the schedule catches up with the current step when the server is back.
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import functools
-import math
 import os
 import random
 import sys
@@ -30,7 +31,8 @@ from typing import Any
 
 import httpx
 
-from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer
+from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED
+from client._cache import NEVER, WindowCache
 from client._client import DEFAULT_MAX_RETRIES, LRClient
 from client._env import labels_from_env, mode_from_env, run_id_from_env
 from client._exceptions import (
@@ -44,10 +46,33 @@ from client._exceptions import (
     warn,
 )
 from client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
+from client._metrics import MetricLog, to_float
+from client._optimizer import (
+    OptimizerWriter,
+    check_not_composed,
+    check_optimizer,
+    register_driver,
+    release_driver,
+    unhook,
+)
+from client._run_events import RunEvents
 from client._tail import DEFAULT_RIDE_S, ProvisionalTail
-from client._windows import DEFAULT_MONITOR, DEFAULT_TIME_BUDGET_S, Cadence, WindowSizer, guard_monitor
+from client._windows import (
+    DEFAULT_MONITOR,
+    DEFAULT_TIME_BUDGET_S,
+    Cadence,
+    PrefetchPolicy,
+    WindowSizer,
+    guard_monitor,
+)
 
-__all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "DEFAULT_REPORT_WAIT_S", "REPORT_TIMEOUT", "RemoteScheduler"]
+__all__ = [
+    "DEFAULT_CLOSE_TIMEOUT_S",
+    "DEFAULT_REPORT_WAIT_S",
+    "REPORT_TIMEOUT",
+    "ClientState",
+    "RemoteScheduler",
+]
 
 #: How long ``close()`` keeps trying to send buffered metrics.
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
@@ -59,7 +84,18 @@ DROPPED_FLUSH_S = 1.0
 REPORT_TIMEOUT = httpx.Timeout(60.0, connect=3.0)
 ENV_RANK = "RANK"
 ENV_WORLD_SIZE = "WORLD_SIZE"
-_NEVER = float("inf")
+
+
+class ClientState(enum.Enum):
+    """Where a ``RemoteScheduler`` stands with its server (as httpx's ``ClientState``)."""
+
+    #: The server answers (or has not failed a request the job needed yet).
+    ACTIVE = "active"
+    #: It does not: steps take the values held, then the provisional tail, while the
+    #: worker retries; a step whose report decides its values waits (``report_wait_s``).
+    AWAY = "away"
+    #: ``close()`` was called: nothing more is sent.
+    CLOSED = "closed"
 
 
 class RemoteScheduler:
@@ -89,6 +125,9 @@ class RemoteScheduler:
             (``key=value,key2=value2``).
         strict: Raise instead of holding the last LR when the server is away.
         http_client: An ``httpx.Client`` to talk through (test seam; not closed by ``close()``).
+        client: An ``LRClient`` to talk through instead of the one built from ``url``,
+            ``token``, ``timeout``, ``max_retries``, ``http_client`` and ``sleep`` (which must
+            then be left out). Shared, so not closed by ``close()``.
         time_budget_s: Seconds of training one window of final values should cover (how
             late an operator action may land).
         outage_ride_s: Seconds of training the provisional tail should cover: an outage
@@ -181,98 +220,104 @@ class RemoteScheduler:
         labels: Mapping[str, str] | None = None,
         strict: bool = False,
         http_client: httpx.Client | None = None,
+        client: LRClient | None = None,
         time_budget_s: float = DEFAULT_TIME_BUDGET_S,
         outage_ride_s: float = DEFAULT_RIDE_S,
         report_wait_s: float = DEFAULT_REPORT_WAIT_S,
         timeout: float | None = None,
-        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_retries: int | None = None,
         max_buffered_metrics: int = DEFAULT_MAX_BUFFERED,
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
         clock: Callable[[], float] = time.perf_counter,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         rand: Callable[[], float] = random.random,
         on_schedule_switch: Callable[[RemoteScheduler], None] | None = None,
         overlap_decisions: bool = False,
         reports_after_step: bool = False,
         on_spike: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        groups = getattr(optimizer, "param_groups", None)
-        if not isinstance(groups, list) or not groups:
-            raise TypeError(f"{type(optimizer).__name__} is not an optimizer: it has no param_groups")
+        self._writer = writer = OptimizerWriter(optimizer)
         if not isinstance(schedule, Mapping) or "type" not in schedule:
             raise TypeError('schedule must be a spec like {"type": "StepLR", "step_size": 30}')
-        _check_optimizer(optimizer, schedule)
+        if not report_wait_s >= 0:
+            raise ValueError(f"report_wait_s must be >= 0, got {report_wait_s!r}")
+        check_optimizer(optimizer, schedule)
+        self._owns_client = client is None
+        self._client = client = _client_for(
+            client, url=url, token=token, timeout=timeout, max_retries=max_retries,
+            http_client=http_client, sleep=sleep, rand=rand,
+        )
         self.optimizer = optimizer
         self.schedule = dict(schedule)
-        run_id = run_id if run_id is not None else run_id_from_env()
-        labels = labels if labels is not None else labels_from_env()
-        self._n_groups = len(groups)
         self.rank = int(os.environ.get(ENV_RANK, 0)) if rank is None else int(rank)
         self.world_size = int(os.environ.get(ENV_WORLD_SIZE, 1)) if world_size is None else int(world_size)
         self.steps_per_epoch = steps_per_epoch
         self.strict = strict
-        if not report_wait_s >= 0:
-            raise ValueError(f"report_wait_s must be >= 0, got {report_wait_s!r}")
+        self.reports_after_step = reports_after_step
+        self.last_epoch = 0
+        self.base_lrs = writer.base_lrs()
+        self._last_lr: list[float] = []
         self._report_wait_s = float(report_wait_s)
-        self._tail = ProvisionalTail(outage_ride_s)
-        self._guard_monitor = guard_monitor(self.schedule)
-        # A range test takes the loss of every step; steps_per_epoch is for what follows it.
-        self._cadence = Cadence(1 if self.schedule["type"] == "LRRangeTest" else steps_per_epoch)
-        self._sizer = WindowSizer(time_budget_s)
-        self._clock = clock
-        self._rand = rand
-        self._patience = max_retries
-        self._max_buffered = max_buffered_metrics
-        self._flush_interval_s = flush_interval_s
         self._report_timeout = REPORT_TIMEOUT if self.world_size > 1 else None
+        self._clock = clock
         self._on_switch = on_schedule_switch
         self._on_spike = on_spike
+        self._guard_monitor = guard_monitor(self.schedule)
+        is_range_test = self.schedule["type"] == "LRRangeTest"
+        # A range test takes the loss of every step; steps_per_epoch is for what follows it.
+        self._policy = PrefetchPolicy(time_budget_s, 1 if is_range_test else steps_per_epoch)
+        self._cache = WindowCache()
+        self._tail = ProvisionalTail(outage_ride_s)
+        self._tail_fields = functools.partial(_tail_fields, self._tail, self._policy.sizer, self.rank)
+        self._prefetch_at: float = NEVER  # the step at which the next window is fetched
+        self._state = ClientState.ACTIVE
+        self._run_status = "active"  # the run's, as the server last said
+        self._events = RunEvents()  # a stop, a range test's switch, spikes: due at a step
+        self._warned: set[str] = set()
+        self._deciding: int | None = None  # the step whose decision step(metric) left on its way
+        self._open: int | None = None  # a step whose values wait for report() (or the optimizer)
+        self._reported: dict[str, float] = {}  # report()ed metrics for the next step()
+        # The optimizer hook lets a report come after step() (report()) and, with
+        # overlap_decisions, a decision travel during the next batch; hooked once the
+        # run watches a metric (an operator may replace its schedule by one that does).
+        self._hookable = not strict and not is_range_test
+        self._hooked = False
+        self._want_overlap = overlap_decisions
+        run_id = run_id if run_id is not None else run_id_from_env()
+        labels = labels if labels is not None else labels_from_env()
         self._named_run = run_id is not None
         self._link = _Link()
-        self._init_state()
-        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
-        for group in groups:
-            lr = group["lr"]
-            group.setdefault("initial_lr", lr.clone() if hasattr(lr, "clone") else lr)
-        self._client = LRClient(
-            url,
-            token=token,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=http_client,
-            sleep=sleep,
+        self._metrics = MetricLog(
+            functools.partial(_send_metrics, client, self._link),
+            rank=self.rank,
+            urgent=self._guard_monitor,
+            max_records=max_buffered_metrics,
+            flush_interval_s=flush_interval_s,
             rand=rand,
         )
+        self._refresh()
         # The worker threads hold the scheduler weakly: a job that drops it without close()
         # (torch users never call it) frees it with its optimizer, and the finalizer stops them.
-        me = weakref.ref(self)
         self._fetcher = WindowFetcher(
-            self._client,
+            client,
             run_id=self._link.get_run_id,
-            current_step=_weakly(me, "_current_step"),
-            limit_ahead=_weakly(me, "_limit_ahead"),
-            tail_fields=_weakly(me, "_tail_fields"),
+            current_step=_weakly(weakref.ref(self), "_current_step"),
+            limit_ahead=self._policy.limit_ahead,
+            tail_fields=self._tail_fields,
             rank=self.rank,
             report_timeout=self._report_timeout,
             clock=clock,
             rand=rand,
         )
-        # The optimizer hook lets a report come after step() (report()) and, with
-        # overlap_decisions, a decision travel during the next batch; hooked once the
-        # run watches a metric (an operator may replace its schedule by one that does).
-        self._hookable = not strict and self.schedule["type"] != "LRRangeTest"
-        self._want_overlap = overlap_decisions
         self._finalizer = weakref.finalize(
-            self, _release, self._fetcher, self._link, self._client, self._hooks
+            self, _release, self._fetcher, self._metrics, client if self._owns_client else None, writer.hooks
         )
         try:
             self._create(run_id, labels)
         except BaseException:
             self._finalizer()
             raise
-        with contextlib.suppress(TypeError):
-            _DRIVERS[optimizer] = weakref.ref(self)
-        self.reports_after_step = reports_after_step
+        register_driver(optimizer, self)
 
     def __getattr__(self, name: str) -> Any:
         """The schedule's arguments as attributes, as torch's classes expose theirs
@@ -292,46 +337,19 @@ class RemoteScheduler:
     def run_id(self, value: str) -> None:
         self._link.run_id = value
 
+    @property
+    def state(self) -> ClientState:
+        """Whether the server answers (``ACTIVE``), is away (``AWAY``), or ``close()`` was called."""
+        return self._state
+
     def _current_step(self) -> int:
         return self.last_epoch
-
-    def _init_state(self) -> None:
-        self.last_epoch = 0
-        self.run_id = ""
-        self._status = "active"
-        self._stopped_at: int | None = None  # the step from which the run is stopped
-        self._base = 0  # the step of _lrs[0]
-        self._lrs: list[list[float]] = []
-        self._moms: list[list[float] | None] = []
-        self._last_lr: list[float] = []
-        self._last_window = 1
-        self._prefetch_at = _NEVER
-        self._end_at = _NEVER  # first step the server said it cannot produce
-        self._closed = False
-        self._switch_at: int | None = None  # where the run's range test switched schedules
-        self._switched = False
-        self._watched: frozenset[str] = frozenset()  # the metrics the server says the run decides on
-        self._away = False
-        self._warned: set[str] = set()
-        self._buffer: MetricBuffer | None = None
-        self._overlap = False
-        self._deciding: int | None = None  # the step whose decision step(metric) left on its way
-        self._open: int | None = None  # a step whose values wait for report() (or the optimizer)
-        self._reported: dict[str, float] = {}  # report()ed metrics for the next step()
-        self._hooked = False  # whether the optimizer's hooks are ours to use
-        self._hookable = False
-        self._want_overlap = False
-        self._hooks: list[Any] = []  # handles of the optimizer hooks that take that decision
-        self._spikes_due: list[dict[str, Any]] = []  # spikes whose applied_at the job has not reached
-        self._spikes_seen: set[tuple[int, int, int]] = set()
-        self._spikes_from = 0  # spikes applied before this step are not the job's to handle
-        self._fast = self._fast_ok()
 
     def _create(self, run_id: str | None, labels: Mapping[str, str] | None) -> None:
         run = self._client.create_run(
             self.schedule,
             self.base_lrs,
-            base_momentums=_base_momentums(self.optimizer.param_groups),
+            base_momentums=self._writer.base_momentums(),
             run_id=run_id,
             labels=labels,
             world_size=self.world_size,
@@ -339,9 +357,9 @@ class RemoteScheduler:
         self.run_id = str(run["run_id"])
         if isinstance(run.get("schedule"), Mapping):
             self._spec_filled = dict(run["schedule"])  # every argument, defaults filled in
-        self._status = str(run.get("status") or "active")
+        self._run_status = str(run.get("status") or "active")
         self._note_server(run)
-        self._note_stop(run)
+        self._events.note_stop(run, self.last_epoch)
         if int(run.get("horizon", 0)) == 0 and run.get("lrs") is not None:
             moms = run.get("momentums")
             self._merge(0, [run["lrs"]], None if moms is None else [moms])
@@ -370,10 +388,12 @@ class RemoteScheduler:
         """
         if metrics is None and epoch is None and self._fast:
             s = self.last_epoch + 1
-            i = s - self._base
-            if i < len(self._lrs):
+            cache = self._cache
+            i = s - cache.base
+            if i < len(cache.lrs):
                 self.last_epoch = s
-                row = self._lrs[i]
+                row = cache.lrs[i]
+                # OptimizerWriter.write's loop for float LRs (_fast says they are), inlined;
                 # looked up every step, as torch does: optimizer.load_state_dict() (which
                 # accelerate calls in prepare()) replaces the param group dicts
                 try:
@@ -381,10 +401,10 @@ class RemoteScheduler:
                         group["lr"] = lr
                 except ValueError:
                     self.last_epoch = s - 1
-                    raise self._groups_changed() from None
-                moms = self._moms[i]
+                    raise self._writer.groups_changed() from None
+                moms = cache.moms[i]
                 if moms is not None:
-                    self._write_momentums(moms)
+                    self._writer.write_momentums(moms)
                 self._last_lr = row
                 if s >= self._prefetch_at:
                     self._maybe_prefetch(s)
@@ -411,18 +431,18 @@ class RemoteScheduler:
         # Tied to the step, not to when an answer came: every rank stops at the same step
         # (a rank's prefetch may learn of the stop before the other rank gets there).
         self._settle()
-        return self._stopped_at is not None and self.last_epoch >= self._stopped_at
+        return self._events.stopped(self.last_epoch)
 
     @property
     def watched(self) -> frozenset[str]:
         """The metrics the run decides on now, as the server last said: ``step(metric)`` and
         ``report()`` send these with the step (an operator may change them)."""
-        return self._watched
+        return self._policy.watched
 
     @property
     def status(self) -> str:
         """The run's status as last seen: ``active``, ``held`` or ``stopped``."""
-        return self._status
+        return self._run_status
 
     def log(
         self,
@@ -449,7 +469,7 @@ class RemoteScheduler:
         """
         self._check_open()
         items = {**(metrics or {}), **named}
-        self._log_at(self.last_epoch + 1 if step is None else int(step), items)
+        self._metrics.add(self.last_epoch + 1 if step is None else int(step), items)
 
     def report(self, **metrics: float) -> None:
         """Report metrics measured after the last ``step()``, e.g. ``report(val_loss=0.41)``.
@@ -469,30 +489,26 @@ class RemoteScheduler:
             TypeError: A value is not a number.
         """
         self._check_open()
-        items = {name: _to_float(value) for name, value in metrics.items()}
+        items = {name: to_float(value) for name, value in metrics.items()}
         s = self._open
         if s is None:
             self._reported.update(items)
-            self._fast = False  # the next step() takes them
+            self._refresh()  # the next step() takes them
             return
         report, extra = self._split_metrics(items)
         if extra:
-            self._log_at(s, extra)
+            self._metrics.add(s, extra)
         if not report:
             return  # the step stays open for the watched metric
         self._open = None
         self._take_report(s, report)
-        self._fast = self._fast_ok()
+        self._refresh()
         self._maybe_prefetch(s)
 
     def flush(self, timeout: float | None = DEFAULT_CLOSE_TIMEOUT_S) -> bool:
         """Send the logged metrics now; returns whether all were sent within ``timeout``."""
         self._check_open()
-        if self._buffer is None:
-            return True
-        done = self._buffer.flush(timeout)
-        self._warn_buffer_problems()
-        return done
+        return self._metrics.flush(timeout)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume this schedule (plain Python values)."""
@@ -507,10 +523,10 @@ class RemoteScheduler:
             "rank": self.rank,
             "world_size": self.world_size,
             "steps_per_epoch": self.steps_per_epoch,
-            "cadence": self._cadence.state_dict(),
-            "status": self._status,
-            "stopped_at": self._stopped_at,
-            "switched_at": self._switch_at if self._switched else None,
+            "cadence": self._policy.cadence.state_dict(),
+            "status": self._run_status,
+            "stopped_at": self._events.stopped_at,
+            "switched_at": self._events.switched_at,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -537,12 +553,9 @@ class RemoteScheduler:
             self.__dict__.pop("_spec_filled", None)
         self.last_epoch = int(state_dict["last_epoch"])
         if "cadence" in state_dict:
-            self._cadence.load_state_dict(state_dict["cadence"])
-        self._stopped_at = state_dict.get("stopped_at")
-        if state_dict.get("switched_at") is not None:  # the range test was over at the checkpoint
-            self._switch_at, self._switched = int(state_dict["switched_at"]), True
-        self._base, self._lrs, self._moms, self._end_at = self.last_epoch, [], [], _NEVER
-        self._spikes_due, self._spikes_from = [], self.last_epoch + 1  # handled before the checkpoint
+            self._policy.cadence.load_state_dict(state_dict["cadence"])
+        self._events.restore(state_dict, self.last_epoch)
+        self._cache.restart(self.last_epoch)
         self._accept(self._client.read_lr(self.run_id, self.last_epoch))
         self._apply(self.last_epoch)
         self._maybe_prefetch(self.last_epoch)
@@ -551,29 +564,28 @@ class RemoteScheduler:
         """Send what is buffered (for up to ``timeout`` s), stop the worker, close the connection.
 
         Idempotent. Later ``step()``, ``log()`` and ``load_state_dict()`` raise ``ClientClosed``;
-        ``get_last_lr()`` and ``state_dict()`` still answer.
+        ``get_last_lr()`` and ``state_dict()`` still answer. An ``LRClient`` passed as
+        ``client=`` is left open (its owner closes it).
         """
-        if self._closed:
+        if self._state is ClientState.CLOSED:
             return
         self._finalizer.detach()  # this does what it would, and more
-        self._closed = True
-        self._fast = False
         self._deciding = None
         self._open = None  # the job is done with it: nothing needs its values
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        self._set_state(ClientState.CLOSED)
+        release_driver(self.optimizer, self)
+        self._writer.unhook()
         self._fetcher.close(timeout)
         for step, report in self._fetcher.pending:  # undelivered decisions still belong in history
-            self._log_at(step, report)
+            self._metrics.add(step, report)
         self._fetcher.pending.clear()
-        lost = self._buffer.close(timeout) if self._buffer is not None else 0
-        self._client.close()
-        self._warn_buffer_problems()
+        lost = self._metrics.close(timeout)
+        if self._owns_client:
+            self._client.close()
         if lost:
             warn(
                 f"lrserve: {lost} logged metric records of run {self.run_id!r} could not be sent "
-                f"before close() (last error: {self._buffer.last_error if self._buffer else None})",
+                f"before close() (last error: {self._metrics.last_error})",
                 MetricsDroppedWarning,
             )
 
@@ -587,8 +599,35 @@ class RemoteScheduler:
     def __repr__(self) -> str:
         return (
             f"RemoteScheduler(run_id={self.run_id!r}, last_epoch={self.last_epoch}, "
-            f"status={self._status!r}, url={self._client.base_url!r})"
+            f"status={self._run_status!r}, url={self._client.base_url!r})"
         )
+
+    # -- the state ----------------------------------------------------------------------
+
+    def _set_state(self, state: ClientState) -> None:
+        self._state = state
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Note whether ``step()`` may be a bare index (``_fast``): the server answers, nothing
+        is pending or due at a step (a decision, a report, a switch, a spike), float LRs.
+        Called wherever one of these changes."""
+        self._fast = not (
+            self._state is not ClientState.ACTIVE
+            or self._deciding is not None
+            or self._open is not None
+            or bool(self._reported)
+            or self._events.pending
+            or self._writer.has_tensor_lrs()
+        )
+
+    def _back(self) -> None:
+        self._warned.discard("away")
+        self._set_state(ClientState.ACTIVE)
+
+    def _check_open(self) -> None:
+        if self._state is ClientState.CLOSED:
+            raise ClientClosed("this RemoteScheduler is closed")
 
     # -- the slow path ------------------------------------------------------------------
 
@@ -608,17 +647,17 @@ class RemoteScheduler:
         self.last_epoch = s
         try:
             if extra:
-                self._log_at(s, extra)
+                self._metrics.add(s, extra)
             self._collect(wait=False)
             if report:
                 self._take_report(s, report)
-            elif self._holds(s):
+            elif self._cache.holds(s):
                 self._apply(s)
-            elif self.reports_after_step and self._hooked and self._cadence.may_report_at(s):
+            elif self.reports_after_step and self._hooked and self._policy.cadence.may_report_at(s):
                 # the job may report() this step's metric after step() (frameworks evaluate
                 # after stepping the scheduler): its values are taken then, or by the hook
                 self._open = s
-                self._fast = False
+                self._refresh()
                 return
             else:
                 self._obtain(s)
@@ -631,29 +670,30 @@ class RemoteScheduler:
     def _split_metrics(self, metrics: Any) -> tuple[dict[str, float], dict[str, float]]:
         if metrics is None:
             return {}, {}
+        watched = self._policy.watched
         if isinstance(metrics, Mapping):
-            items = {str(k): _to_float(v) for k, v in metrics.items()}
+            items = {str(k): to_float(v) for k, v in metrics.items()}
         else:
-            if not self._watched and isinstance(metrics, int) and not isinstance(metrics, bool):
+            if not watched and isinstance(metrics, int) and not isinstance(metrics, bool):
                 raise TypeError(
                     f"step({metrics!r}): torch reads a number passed to a scheduler that watches "
                     f"no metric as the deprecated step(epoch) jump, which lrserve does not do "
                     f"(the server keeps the schedule's clock); call step() once per step, and "
                     f"log(name=value) for metrics"
                 )
-            if len(self._watched) > 1:
+            if len(watched) > 1:
                 raise TypeError(
-                    f"the schedule watches {sorted(self._watched)}; pass step(metrics={{name: value, ...}})"
+                    f"the schedule watches {sorted(watched)}; pass step(metrics={{name: value, ...}})"
                 )
-            name = next(iter(self._watched)) if self._watched else (self._guard_monitor or DEFAULT_MONITOR)
-            items = {name: _to_float(metrics)}
-        report = {k: v for k, v in items.items() if k in self._watched}
-        return report, {k: v for k, v in items.items() if k not in self._watched}
+            name = next(iter(watched)) if watched else (self._guard_monitor or DEFAULT_MONITOR)
+            items = {name: to_float(metrics)}
+        report = {k: v for k, v in items.items() if k in watched}
+        return report, {k: v for k, v in items.items() if k not in watched}
 
     def _take_report(self, s: int, report: dict[str, float]) -> None:
-        self._cadence.observe_report(s)
+        self._policy.cadence.observe_report(s)
         self._collect(wait=True)  # a window in flight may already cover s
-        if self._holds(s):
+        if self._cache.holds(s):
             self._warn_once(
                 "cadence",
                 f"lrserve: {sorted(report)} for step {s} came after that step's values were "
@@ -661,21 +701,21 @@ class RemoteScheduler:
                 f"end before the steps that report",
                 CadenceWarning,
             )
-            self._log_at(s, report)
+            self._metrics.add(s, report)
             self._apply(s)
             return
-        if self._away:
+        if self._state is ClientState.AWAY:
             self._fetcher.pending.append((s, report))
             if not self._wait_for_server(s, report, self._fetcher.error):
                 self._hold(s, self._fetcher.error)
             return
-        self._sizer.observe(s, self._clock())
+        self._policy.sizer.observe(s, self._clock())
         if self._overlap and not self._fetcher.busy:
             # the worker posts it; the values of s are taken by _settle, when first needed
             self._fetcher.pending.append((s, report))
             self._fetcher.submit(s, self._ahead_from(s))
             self._deciding = s
-            self._fast = False
+            self._refresh()
             return
         try:
             ahead = self._ahead_from(s)
@@ -693,8 +733,7 @@ class RemoteScheduler:
                 raise
             if not self.strict:
                 self._fetcher.pending.append((s, report))
-                self._away = True
-                self._fast = False
+                self._set_state(ClientState.AWAY)
                 if self._wait_for_server(s, report, exc):
                     return
             self._hold(s, exc)
@@ -726,20 +765,20 @@ class RemoteScheduler:
             if result is NOT_READY:
                 return False  # past the bound: the worker keeps trying to deliver it
             if isinstance(result, EndOfSchedule):
-                self._end_at = result.step
+                self._cache.end_at = result.step
                 self._reschedule()
                 return False
             self._accept(result)
-            if self._holds(s):
+            if self._cache.holds(s):
                 self._apply(s)
-                if self._away:
+                if self._state is ClientState.AWAY:
                     self._back()
                 return True
 
     def _obtain(self, s: int) -> None:
         if self._fetcher.busy:
             self._collect(wait=True)
-            if self._holds(s):
+            if self._cache.holds(s):
                 self._apply(s)
                 return
         if self._fetcher.busy:  # still running: the worker is retrying, the server is away
@@ -747,7 +786,7 @@ class RemoteScheduler:
                 self._hold(s, self._fetcher.error)
                 return
             self._fetcher.drop()  # strict: the caller waits for an answer, so ask now
-        self._sizer.observe(s, self._clock())
+        self._policy.sizer.observe(s, self._clock())
         try:
             ahead = self._ahead_from(s)
             tail = self._tail_fields(s, ahead, grow=False)
@@ -764,8 +803,7 @@ class RemoteScheduler:
         """No values for step ``s``: keep the last ones, warn once, let the worker catch up."""
         if self.strict:
             raise exc if exc is not None else TransportError("the server is away")
-        self._away = True
-        self._fast = False
+        self._set_state(ClientState.AWAY)
         if self._tail.holds(s):
             self._write(*self._tail.ride(s))
             self._warn_once(
@@ -783,94 +821,37 @@ class RemoteScheduler:
                 ServerAwayWarning,
             )
         if not self._fetcher.busy:
-            self._fetcher.submit(None, 0 if self._watched else self._sizer.next_ahead())
+            self._fetcher.submit(None, 0 if self._policy.watched else self._policy.sizer.next_ahead())
 
-    # -- windows ------------------------------------------------------------------------
-
-    def _holds(self, s: int) -> bool:
-        return 0 <= s - self._base < len(self._lrs)
+    # -- values -------------------------------------------------------------------------
 
     def _apply(self, s: int) -> None:
-        if self._switch_at is not None and s >= self._switch_at and not self._switched:
-            self._take_switch(s)
-        if self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
-            self._take_spikes(s)
-        i = s - self._base
-        self._write(self._lrs[i], self._moms[i])
+        if self._events.pending:
+            self._reach(s)
+        self._write(*self._cache.row(s))
 
-    def _write(self, row: list[float], moms: Sequence[float] | None) -> None:
-        if len(self.optimizer.param_groups) != len(row):
-            raise self._groups_changed()
-        for group, lr in zip(self.optimizer.param_groups, row, strict=False):
-            current = group["lr"]
-            if _is_tensor(current):
-                current.fill_(lr)
-            else:
-                group["lr"] = lr
-        if moms is not None:
-            self._write_momentums(moms)
-        self._last_lr = row
-
-    def _write_momentums(self, moms: Sequence[float]) -> None:
-        for group, m in zip(self.optimizer.param_groups, moms, strict=False):
-            if "betas" in group:
-                group["betas"] = (m, *tuple(group["betas"])[1:])
-            else:
-                group["momentum"] = m
-
-    def _note_stop(self, answer: Mapping[str, Any]) -> None:
-        stopped_at = answer.get("stopped_at")
-        if stopped_at is not None:
-            self._stopped_at = int(stopped_at)
-        elif answer.get("status") == "stopped" and self._stopped_at is None:
-            self._stopped_at = self.last_epoch  # an older server: stop now
-
-    def _take_switch(self, s: int) -> None:
-        """The range test is over: what follows reports ``then``'s metrics, on its own cadence."""
-        self._switched = True
-        self._cadence = Cadence(self.steps_per_epoch, start=s)
-        if self._on_switch is not None:
-            self._on_switch(self)
-        self._fast = self._fast_ok()
-
-    def _take_spikes(self, s: int) -> None:
-        """The job reached a spike's backoff: tell it (once per spike), before the values."""
-        while self._spikes_due and self._spikes_due[0]["applied_at"] <= s:
-            spike = self._spikes_due.pop(0)
+    def _reach(self, s: int) -> None:
+        """Act on what is due at step ``s``, before its values are written: the range test is
+        over (what follows reports ``then``'s metrics, on its own cadence; the job restores
+        its weights), spike backoffs (the job rolls back, once per spike)."""
+        if self._events.switch_reached(s):
+            self._policy.cadence = Cadence(self.steps_per_epoch, start=s)
+            if self._on_switch is not None:
+                self._on_switch(self)
+        for spike in self._events.spikes_reached(s):
             if self._on_spike is not None:
                 self._on_spike(dict(spike))
-        self._fast = self._fast_ok()
+        self._refresh()
 
-    def _note_spikes(self, spikes: Sequence[Mapping[str, Any]]) -> None:
-        for spike in spikes:
-            key = (int(spike["applied_at"]), int(spike["rank"]), int(spike["step"]))
-            if key in self._spikes_seen or key[0] < self._spikes_from:
-                continue
-            self._spikes_seen.add(key)
-            self._spikes_due.append(dict(spike))
-            self._spikes_due.sort(key=lambda e: (e["applied_at"], e["count"]))
-            self._fast = False  # the step that reaches it goes through _apply
-
-    def _note_server(self, answer: Mapping[str, Any]) -> None:
-        """What the server says of the run now: the metrics it decides on, its cap on ``ahead``."""
-        watched = answer.get("watched")
-        if watched is not None and frozenset(watched) != self._watched:
-            self._watched = frozenset(str(name) for name in watched)
-            self._maybe_hook()
-        max_ahead = answer.get("max_ahead")
-        if max_ahead:
-            self._sizer.cap = int(max_ahead)
+    def _write(self, row: list[float], moms: Sequence[float] | None) -> None:
+        self._writer.write(row, moms)
+        self._last_lr = row
 
     def _accept(self, answer: Mapping[str, Any]) -> None:
-        self._status = str(answer.get("status") or self._status)
+        self._run_status = str(answer.get("status") or self._run_status)
         self._note_server(answer)
-        self._note_stop(answer)
-        if answer.get("spikes"):
-            self._note_spikes(answer["spikes"])
-        switched = answer.get("switched_at")
-        if switched is not None and not self._switched and self._switch_at is None:
-            self._switch_at = int(switched)
-            self._fast = False  # the step that switches goes through _apply
+        self._events.note(answer, self.last_epoch)
+        self._refresh()  # a switch or a spike due: the step that reaches it goes through _apply
         window = answer.get("window")
         if window:
             start, lrs = int(window["start"]), window["lrs"]
@@ -881,149 +862,86 @@ class RemoteScheduler:
             self._merge(start, lrs, None if moms is None else [moms])
         self._tail.take(answer, start, lrs)
         self._tail.back(self.last_epoch)
-        if self._away and self._holds(self.last_epoch):
+        if self._state is ClientState.AWAY and self._cache.holds(self.last_epoch):
             self._apply(self.last_epoch)  # catch up now, not one step later
             self._back()
 
     def _merge(self, start: int, lrs: list[list[float]], moms: list[list[float]] | None) -> None:
         if not lrs:
             return
-        if len(self.optimizer.param_groups) != self._n_groups:
-            raise self._groups_changed()
-        if len(lrs[0]) != len(self.optimizer.param_groups):
+        self._writer.check_groups()
+        if len(lrs[0]) != self._writer.n_groups:
             raise RunConflict(
                 f"run {self.run_id!r} has {len(lrs[0])} param groups, the optimizer has "
-                f"{len(self.optimizer.param_groups)}; use another run_id"
+                f"{self._writer.n_groups}; use another run_id"
             )
-        rows_m: list[list[float] | None] = list(moms) if moms is not None else [None] * len(lrs)
-        end = self._base + len(self._lrs)
-        if not self._lrs or start < self._base or start > end:
-            self._base, self._lrs, self._moms = start, list(lrs), rows_m
-        elif start + len(lrs) > end:
-            cut = start - self._base
-            self._lrs[cut:] = lrs
-            self._moms[cut:] = rows_m
-        self._last_window = len(lrs)
-        self._compact()
+        self._cache.merge(start, lrs, moms, self.last_epoch)
         self._reschedule()
 
-    def _compact(self) -> None:
-        done = self.last_epoch - self._base  # rows of steps already passed
-        if done > 1024 and done * 2 > len(self._lrs):
-            del self._lrs[:done]
-            del self._moms[:done]
-            self._base += done
+    def _note_server(self, answer: Mapping[str, Any]) -> None:
+        """What the server says of the run now: the metrics it decides on, its cap on ``ahead``."""
+        watched = answer.get("watched")
+        if watched is not None and frozenset(watched) != self._policy.watched:
+            self._policy.watched = frozenset(str(name) for name in watched)
+            self._maybe_hook()
+        max_ahead = answer.get("max_ahead")
+        if max_ahead:
+            self._policy.sizer.cap = int(max_ahead)
+
+    # -- fetching windows ---------------------------------------------------------------
 
     def _reschedule(self) -> None:
-        nxt = self._base + len(self._lrs)
-        if self._closed or nxt >= self._end_at or (self._watched and self._cadence.may_report_at(nxt)):
-            self._prefetch_at = _NEVER
+        if self._state is ClientState.CLOSED:
+            self._prefetch_at = NEVER
         else:
-            self._prefetch_at = nxt - 1 - self._prefetch_margin()
-
-    def _prefetch_margin(self) -> int:
-        """Steps before the end of the values held at which to ask for more.
-
-        Half a window, or twice the steps a fetch takes if that is more (a fast loop, a
-        slow answer), so the next window arrives before this one runs out.
-        """
-        margin = max(1, self._last_window // 2)
-        per_step = self._sizer.seconds_per_step
-        if per_step and self._fetcher.seconds:
-            margin = max(margin, math.ceil(2 * self._fetcher.seconds / per_step))
-        return margin
+            self._prefetch_at = self._policy.fetch_at(self._cache, self._fetcher.seconds)
 
     def _ahead_from(self, start: int) -> int:
-        ahead = self._limit_ahead(start, self._sizer.next_ahead())
-        if self._end_at != _NEVER:
-            ahead = min(ahead, int(self._end_at) - 1 - start)
-        return max(0, ahead)
-
-    # -- the worker ---------------------------------------------------------------------
-
-    def _groups_changed(self) -> ValueError:
-        return ValueError(
-            f"the optimizer has {len(self.optimizer.param_groups)} param groups, it had "
-            f"{self._n_groups} when this RemoteScheduler was built (optimizer.add_param_group()): "
-            f"an lrserve run serves a fixed number of groups, so torch's handling of a new group "
-            f"cannot be matched; build the optimizer with all its groups, or a new "
-            f"RemoteScheduler (new run_id) after adding them"
-        )
+        return self._policy.ahead_from(start, self._cache.end_at)
 
     def _maybe_prefetch(self, s: int) -> None:
-        _check_not_composed(self.optimizer)  # a torch scheduler built on it since (each window)
+        check_not_composed(self.optimizer)  # a torch scheduler built on it since (each window)
         if self._fetcher.busy:
             if not self._fetcher.done():
                 self._prefetch_at = s + 1  # look again next step
                 return
             self._collect(wait=False)
-        if s < self._prefetch_at or self._closed or self._away:
+        if s < self._prefetch_at or self._state is not ClientState.ACTIVE:
             return
         self._reschedule()
         if s < self._prefetch_at:
             return
-        nxt = self._base + len(self._lrs)
-        self._sizer.observe(s, self._clock())
+        nxt = self._cache.next_step
+        self._policy.sizer.observe(s, self._clock())
         self._fetcher.submit(nxt, self._ahead_from(nxt))
         self._prefetch_at = s + 1
 
-    def _limit_ahead(self, first: int, ahead: int) -> int:
-        """``ahead`` from ``first``, ending before the next report (read by the worker)."""
-        if self._watched:
-            ahead = min(ahead, self._cadence.next_report_after(first) - 1 - first)
-        return max(0, ahead)
-
     def _collect(self, *, wait: bool) -> None:
-        # a loop's own request would retry `patience` times: wait that long, unless known away
+        # a loop's own request would retry max_retries times: wait that long, unless known away
+        patience = self._client.max_retries
         result = self._fetcher.take(
-            wait=wait, stop_waiting=lambda: self._away or self._fetcher.failures > self._patience
+            wait=wait,
+            stop_waiting=lambda: self._state is ClientState.AWAY or self._fetcher.failures > patience,
         )
         if result is NOT_READY:
             return
         if isinstance(result, EndOfSchedule):
-            self._end_at = result.step
+            self._cache.end_at = result.step
             self._reschedule()
         else:
             self._accept(result)
 
-    def _tail_fields(self, first: int, ahead: int, grow: bool = True) -> dict[str, int]:
-        """Provisional-tail fields of a request for ``first .. first + ahead`` (either thread);
-        ``grow=False`` for one the loop waits for: no tail asked (its work would be waited for)."""
-        return self._tail.request_fields(first, first + ahead, self._sizer.seconds_per_step, self.rank, grow)
-
-    def _back(self) -> None:
-        self._away = False
-        self._fast = self._fast_ok()
-        self._warned.discard("away")
-
     # -- decisions on their way ---------------------------------------------------------
+
+    @property
+    def _overlap(self) -> bool:
+        """Whether ``step(metric)`` returns before its decision (taken by the optimizer hook)."""
+        return self._want_overlap and self._hooked
 
     def _maybe_hook(self) -> None:
         """Hook the optimizer once the run watches a metric (not before: no cost without)."""
-        if self._hookable and self._watched and not self._hooked:
-            self._hooked = self._hook_optimizer()
-            self._overlap = self._want_overlap and self._hooked
-
-    def _hook_optimizer(self) -> bool:
-        """Hook the optimizer so a pending decision is applied before it next uses the LRs.
-
-        The hooks go on the innermost torch optimizer (wrappers such as accelerate's share
-        its ``param_groups`` and call its ``step``); where torch does not hook ``step``
-        there is no such guarantee, and ``step(metric)`` waits instead.
-        """
-        opt = _innermost_optimizer(self.optimizer)
-        if not getattr(getattr(type(opt), "step", None), "hooked", False):
-            return False
-        try:
-            hook = _weakly(weakref.ref(self), "_before_optimizer_reads", gone=None)
-            for register in (opt.register_step_pre_hook, opt.register_state_dict_pre_hook):
-                self._hooks.append(register(hook))
-        except (AttributeError, TypeError):  # not a torch optimizer after all: undo what took
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks.clear()
-            return False
-        return True
+        if self._hookable and self._policy.watched and not self._hooked:
+            self._hooked = self._writer.hook(_weakly(weakref.ref(self), "_before_optimizer_reads", gone=None))
 
     def _before_optimizer_reads(self, *_: Any) -> None:
         if self._open is not None:
@@ -1035,11 +953,11 @@ class RemoteScheduler:
         """No report came for the open step: take its values as they are (then settle)."""
         s, self._open = self._open, None
         if s is not None:
-            if self._holds(s):
+            if self._cache.holds(s):
                 self._apply(s)
             else:
                 self._obtain(s)
-            self._fast = self._fast_ok()
+            self._refresh()
             self._maybe_prefetch(s)
         self._settle()
 
@@ -1049,59 +967,12 @@ class RemoteScheduler:
             return
         s, self._deciding = self._deciding, None
         self._collect(wait=True)
-        if self._holds(s):
+        if self._cache.holds(s):
             self._apply(s)
         else:  # the server is away: the worker keeps trying to deliver the report
             self._hold(s, self._fetcher.error)
-        self._fast = self._fast_ok()
+        self._refresh()
         self._maybe_prefetch(s)
-
-    def _fast_ok(self) -> bool:
-        """Whether ``step()`` may be a bare index: nothing pending, no switch due, float LRs."""
-        return not (
-            self._closed
-            or self._away
-            or self._deciding is not None
-            or self._open is not None
-            or bool(self._reported)
-            or (self._switch_at is not None and not self._switched)
-            or bool(self._spikes_due)
-            or any(_is_tensor(g["lr"]) for g in self.optimizer.param_groups)
-        )
-
-    # -- metrics ------------------------------------------------------------------------
-
-    def _log_at(self, step: int, items: Mapping[str, Any]) -> None:
-        buffer = self._ensure_buffer()
-        for name, value in items.items():
-            number = _to_float(value)  # NaN and inf travel too: a diverged loss is history
-            urgent = name == self._guard_monitor  # the spike guard decides from it: send it now
-            if not buffer.add(str(name), step, self.rank, number, urgent=urgent):
-                self._warn_once(
-                    "full",
-                    f"lrserve: the metric buffer is full ({buffer.max_records} records, the "
-                    f"server is away or slow); the oldest records are dropped "
-                    f"(last error: {buffer.last_error})",
-                    MetricsDroppedWarning,
-                )
-        if "full" in self._warned and len(buffer) < buffer.max_records // 2:
-            self._warned.discard("full")
-        self._warn_buffer_problems()
-
-    def _ensure_buffer(self) -> MetricBuffer:
-        if self._buffer is None:
-            self._buffer = self._link.buffer = MetricBuffer(
-                functools.partial(_send_metrics, self._client, self._link),
-                max_records=self._max_buffered,
-                flush_interval_s=self._flush_interval_s,
-                rand=self._rand,
-            )
-        return self._buffer
-
-    def _warn_buffer_problems(self) -> None:
-        if self._buffer is not None:
-            for problem in self._buffer.take_problems():
-                warn(f"lrserve: {problem}", MetricsDroppedWarning)
 
     # -- small helpers ------------------------------------------------------------------
 
@@ -1110,75 +981,14 @@ class RemoteScheduler:
             self._warned.add(key)
             warn(message, category)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClientClosed("this RemoteScheduler is closed")
-
-
-#: The RemoteScheduler driving each optimizer (torch composes schedulers sharing one; lrserve can't).
-_DRIVERS: weakref.WeakKeyDictionary[Any, weakref.ref[RemoteScheduler]] = weakref.WeakKeyDictionary()
-
-
-def _check_optimizer(optimizer: Any, schedule: Mapping[str, Any]) -> None:
-    """Refuse, as torch does or where lrserve cannot give torch's values, before any run is made.
-
-    Raises:
-        ValueError: ``cycle_momentum`` on an optimizer without momentum (torch's own error);
-            another scheduler steps this optimizer, or drove it before (torch's chainable
-            forms would compose with it or continue from its LR).
-    """
-    groups = optimizer.param_groups
-    if _base_momentums(groups) is None and _cycles_momentum(schedule):
-        raise ValueError(
-            "optimizer must support momentum or beta1 with `cycle_momentum` option enabled "
-            "(torch's words; or set cycle_momentum: false)"
-        )
-    try:
-        ref = _DRIVERS.get(optimizer)
-    except TypeError:  # not hashable: not a torch optimizer, nothing to compose with
-        ref = None
-    other = ref() if ref is not None else None
-    if other is not None and not other._closed:
-        raise ValueError(
-            f"another RemoteScheduler (run {other.run_id!r}) steps this optimizer: torch would "
-            f"compose two schedulers on one optimizer (each scaling the LR the other wrote), "
-            f"lrserve serves one schedule per optimizer; put both in one spec "
-            f'({{"type": "ChainedScheduler", "schedulers": [...]}}) or close() the other first'
-        )
-    _check_not_composed(optimizer)
-
-
-def _check_not_composed(optimizer: Any) -> None:
-    """A torch scheduler steps (or stepped) this optimizer: torch would compose it with this
-    one, or continue from the LR it left (its chainable forms); lrserve does neither."""
-    if getattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched", False):
-        raise ValueError(
-            "a torch.optim.lr_scheduler scheduler was built on this optimizer: torch would "
-            "compose the two (each scaling the LR the other wrote) or continue from the LR it "
-            "left; lrserve serves one schedule per optimizer, from its base LRs. Put both in "
-            'one spec ({"type": "ChainedScheduler", "schedulers": [...]}, or "SequentialLR" '
-            "for a warm-up), on a fresh optimizer"
-        )
-
-
-def _cycles_momentum(spec: Any) -> bool:
-    """Whether a CyclicLR/OneCycleLR in the spec cycles momentum (torch's default: it does)."""
-    if not isinstance(spec, Mapping):
-        return False
-    if spec.get("type") in ("CyclicLR", "OneCycleLR") and spec.get("cycle_momentum", True):
-        return True
-    children = [*(spec.get("schedulers") or []), spec.get("then")]
-    return any(_cycles_momentum(child) for child in children)
-
 
 class _Link:
-    """What the worker threads share with a scheduler without keeping it alive."""
+    """The run's id, which the worker threads read without keeping the scheduler alive."""
 
-    __slots__ = ("buffer", "run_id")
+    __slots__ = ("run_id",)
 
     def __init__(self) -> None:
         self.run_id = ""
-        self.buffer: MetricBuffer | None = None
 
     def get_run_id(self) -> str:
         return self.run_id
@@ -1201,22 +1011,67 @@ def _weakly(ref: weakref.ref[RemoteScheduler], name: str, gone: Any = _GONE) -> 
     return call
 
 
+def _tail_fields(
+    tail: ProvisionalTail, sizer: WindowSizer, rank: int, first: int, ahead: int, grow: bool = True
+) -> dict[str, int]:
+    """Provisional-tail fields of a request for ``first .. first + ahead`` (either thread);
+    ``grow=False`` for one the loop waits for: no tail asked (its work would be waited for)."""
+    return tail.request_fields(first, first + ahead, sizer.seconds_per_step, rank, grow)
+
+
+def _client_for(
+    client: LRClient | None,
+    *,
+    url: str | None,
+    token: str | None,
+    timeout: float | None,
+    max_retries: int | None,
+    http_client: httpx.Client | None,
+    sleep: Callable[[float], None] | None,
+    rand: Callable[[], float],
+) -> LRClient:
+    """``client``, or (when ``None``) the ``LRClient`` the scheduler's own arguments describe.
+
+    Raises:
+        TypeError: Both a client and arguments for building one were given.
+    """
+    if client is not None:
+        given = {"url": url, "token": token, "timeout": timeout, "max_retries": max_retries,
+                 "http_client": http_client, "sleep": sleep}
+        if any(value is not None for value in given.values()):
+            raise TypeError(
+                f"RemoteScheduler(client=...) talks through that LRClient; "
+                f"{sorted(k for k, v in given.items() if v is not None)} configure the one it "
+                f"builds when none is given: pass one or the other"
+            )
+        return client
+    return LRClient(
+        url,
+        token=token,
+        timeout=timeout,
+        max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
+        http_client=http_client,
+        sleep=time.sleep if sleep is None else sleep,
+        rand=rand,
+    )
+
+
 def _send_metrics(client: LRClient, link: _Link, records: list[dict[str, Any]]) -> Any:
     return client.send_metrics(link.run_id, records, max_retries=0)
 
 
-def _release(fetcher: WindowFetcher, link: _Link, client: LRClient, hooks: list[Any]) -> None:
+def _release(fetcher: WindowFetcher, metrics: MetricLog, client: LRClient | None, hooks: list[Any]) -> None:
     """A scheduler dropped without ``close()``: unhook the optimizer, stop the worker threads.
 
     Logged metrics still unsent get a short try (the exit handler gives the rest theirs).
+    The client is closed when the scheduler built it (``None`` here otherwise).
     """
-    for hook in hooks:
-        hook.remove()
-    hooks.clear()
+    unhook(hooks)
     fetcher.close(0)
-    if link.buffer is not None:
-        link.buffer.close(DROPPED_FLUSH_S)
-    client.close()
+    if metrics.buffer is not None:
+        metrics.buffer.close(DROPPED_FLUSH_S)
+    if client is not None:
+        client.close()
 
 
 @functools.cache
@@ -1235,34 +1090,3 @@ def _torch_flavour() -> type[RemoteScheduler]:
     )
 
 
-def _innermost_optimizer(optimizer: Any) -> Any:
-    """The optimizer under wrappers that share its ``param_groups`` (accelerate, Lightning)."""
-    while True:
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        shares_groups = getattr(inner, "param_groups", None) is optimizer.param_groups
-        if inner is None or inner is optimizer or not shares_groups:
-            return optimizer
-        optimizer = inner
-
-
-def _is_tensor(value: Any) -> bool:
-    return not isinstance(value, (float, int)) and hasattr(value, "fill_")
-
-
-def _to_float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"a metric must be a number, got {type(value).__name__}: {value!r}") from exc
-
-
-def _base_momentums(groups: Sequence[Mapping[str, Any]]) -> list[float] | None:
-    moms = []
-    for group in groups:
-        if "betas" in group:
-            moms.append(float(group["betas"][0]))
-        elif "momentum" in group:
-            moms.append(float(group["momentum"]))
-        else:
-            return None
-    return moms

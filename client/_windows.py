@@ -11,12 +11,20 @@ Two things bound a window of final values that ``RemoteScheduler`` fetches:
   ``Cadence`` predicts those steps: every ``steps_per_epoch`` steps when given, else
   learned from the first report. Until it is known, the client fetches no step beyond the
   one it is taking.
+
+``PrefetchPolicy`` puts the two together with when to ask: the step at which the next
+window is fetched (half a window, or two fetches' time, before the values held run out)
+and how far it reaches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from client._cache import WindowCache
 
 __all__ = [
     "DEFAULT_FIRST_AHEAD",
@@ -24,7 +32,9 @@ __all__ = [
     "DEFAULT_MONITOR",
     "DEFAULT_TIME_BUDGET_S",
     "MAX_AHEAD",
+    "NEVER",
     "Cadence",
+    "PrefetchPolicy",
     "WindowSizer",
     "guard_monitor",
 ]
@@ -40,6 +50,8 @@ MAX_AHEAD = 10_000
 #: The name a bare number passed to ``step()`` is logged under when the run watches no metric.
 DEFAULT_MONITOR = "val_loss"
 _SMOOTHING = 0.5  # weight of the newest measurement of the time per step
+#: A step no job reaches: no fetch due.
+NEVER = float("inf")
 
 
 def guard_monitor(spec: Mapping[str, Any]) -> str | None:
@@ -161,3 +173,61 @@ class WindowSizer:
         grown = max(1, self._last_ahead) * self.growth
         self._last_ahead = max(0, min(target, grown, self.cap))
         return self._last_ahead
+
+
+class PrefetchPolicy:
+    """When the next window is fetched and how far it reaches: the time budget, the metrics
+    the run decides on, and the cadence of the steps that report them.
+
+    Read by the training thread and the fetch thread (``limit_ahead``); it holds no values.
+
+    Args:
+        time_budget_s: Seconds of training one window should cover.
+        steps_per_epoch: Scheduler steps per epoch (``Cadence``), or ``None`` to learn it.
+
+    Attributes:
+        sizer: Measures the time per step, sizes windows.
+        cadence: Predicts the steps that report a watched metric.
+        watched: The metrics the run decides on, as the server last said.
+    """
+
+    def __init__(
+        self, time_budget_s: float = DEFAULT_TIME_BUDGET_S, steps_per_epoch: int | None = None
+    ) -> None:
+        self.sizer = WindowSizer(time_budget_s)
+        self.cadence = Cadence(steps_per_epoch)
+        self.watched: frozenset[str] = frozenset()
+
+    def fetch_at(self, cache: WindowCache, fetch_seconds: float) -> float:
+        """The step at which to fetch the window after the values held (``NEVER``: none due:
+        the schedule ends there, or the next step may report, and its report fetches)."""
+        nxt = cache.next_step
+        if nxt >= cache.end_at or (self.watched and self.cadence.may_report_at(nxt)):
+            return NEVER
+        return nxt - 1 - self.margin(cache.last_window, fetch_seconds)
+
+    def margin(self, last_window: int, fetch_seconds: float) -> int:
+        """Steps before the end of the values held at which to ask for more.
+
+        Half a window, or twice the steps a fetch takes if that is more (a fast loop, a
+        slow answer), so the next window arrives before this one runs out.
+        """
+        margin = max(1, last_window // 2)
+        per_step = self.sizer.seconds_per_step
+        if per_step and fetch_seconds:
+            margin = max(margin, math.ceil(2 * fetch_seconds / per_step))
+        return margin
+
+    def ahead_from(self, start: int, end_at: float) -> int:
+        """The ``ahead`` of a window from ``start``: the budget's, before the next report and
+        the schedule's end."""
+        ahead = self.limit_ahead(start, self.sizer.next_ahead())
+        if end_at != NEVER:
+            ahead = min(ahead, int(end_at) - 1 - start)
+        return max(0, ahead)
+
+    def limit_ahead(self, first: int, ahead: int) -> int:
+        """``ahead`` from ``first``, ending before the next report (read by the fetch thread)."""
+        if self.watched:
+            ahead = min(ahead, self.cadence.next_report_after(first) - 1 - first)
+        return max(0, ahead)

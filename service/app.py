@@ -68,8 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = RunManager(store, settings)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
-        barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s, store.run_listener())
-        await barriers.start()
+        barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
         def count_runs() -> None:
@@ -79,7 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         await run_in_threadpool(count_runs)
         flusher = asyncio.create_task(liveness.flush_every(store, settings.last_seen_flush_s, count_runs))
-        hub = EventHub(store, buffer=settings.events_buffer, listen=store.commit_listener())
+        # one LISTEN connection per process: the hub's, which also wakes the barriers' waiters
+        hub = EventHub(store, buffer=settings.events_buffer, listen=store.run_listener())
+        hub.notices.append(barriers.notified)
         await hub.start()
         app.state.events = hub
         telemetry.event_streams.set_function(lambda: hub.streams)
@@ -103,7 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(liveness.flush, store)  # what this process saw last
             await sender.close()
             await hub.close()
-            await barriers.close()
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan)

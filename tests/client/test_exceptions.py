@@ -18,6 +18,8 @@ SERVER_CODES = {
     "unauthorized": (401, client.AuthenticationError),
     "forbidden": (403, client.PermissionDenied),
     "store_unavailable": (503, client.ServerUnavailable),
+    "too_many_connections": (503, client.ServerUnavailable),
+    "request_timeout": (408, client.ServerError),
 }
 
 

@@ -7,8 +7,11 @@ import pytest
 from client import (
     AuthenticationError,
     ClientClosed,
+    ClientState,
     InvalidSchedule,
+    LRClient,
     PermissionDenied,
+    RemoteScheduler,
     RunConflict,
     RunNotFound,
     ScheduleError,
@@ -296,6 +299,34 @@ def test_injected_http_client_is_left_open(make_scheduler, http):
     assert not http.is_closed
 
 
+def test_the_state_says_active_then_closed(make_scheduler):
+    sched = make_scheduler()
+    assert sched.state is ClientState.ACTIVE
+    sched.close()
+    assert sched.state is ClientState.CLOSED
+
+
+def test_an_injected_lrclient_carries_every_request_and_is_left_open(http, clock, fake):
+    with LRClient(http_client=http, max_retries=0, sleep=lambda s: None) as api:
+        opt = Optimizer({"lr": 0.1})
+        with RemoteScheduler(opt, STEP_LR, run_id="shared", client=api, clock=clock) as sched:
+            seen = run_steps(sched, clock, 25)
+            assert sched.run_id == "shared"
+        assert not api.is_closed  # its owner closes it
+        assert api.read_run("shared")["run_id"] == "shared"  # and may go on using it
+    assert seen == expected_lrs([0.1], 25)[1:]
+    assert [r[:2] for r in fake.requests[:1]] == [("POST", "/v1/runs")]
+
+
+@pytest.mark.parametrize("setting", [{"url": "http://x"}, {"token": "t"}, {"max_retries": 1},
+                                     {"timeout": 3.0}, {"sleep": lambda s: None}])
+def test_an_injected_lrclient_with_settings_for_another_is_refused(http, fake, setting):
+    with LRClient(http_client=http) as api:
+        with pytest.raises(TypeError, match=f"client=.*{next(iter(setting))}"):
+            RemoteScheduler(Optimizer({"lr": 0.1}), STEP_LR, client=api, **setting)
+    assert fake.requests == []  # refused before any run was made
+
+
 def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):
     def slow(request):
         if request.url.path.endswith("/lr"):
@@ -308,8 +339,8 @@ def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):
     # one fake clock its steps add to the fetch's time (in real time they would overlap it);
     # how many land inside depends on thread scheduling, so only the lower bound is exact.
     assert sched._fetcher.seconds >= 0.2 - 1e-9
-    per_step = sched._sizer.seconds_per_step
-    assert sched._prefetch_margin() >= int(2 * 0.2 / per_step)
+    per_step = sched._policy.sizer.seconds_per_step
+    assert sched._policy.margin(sched._cache.last_window, sched._fetcher.seconds) >= int(2 * 0.2 / per_step)
 
 
 def test_is_a_torch_lr_scheduler_when_torch_is_loaded(make_scheduler):

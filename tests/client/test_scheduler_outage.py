@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from client import MetricsDroppedWarning, ServerAwayWarning, ServerUnreachable
+from client import ClientState, MetricsDroppedWarning, ServerAwayWarning, ServerUnreachable
 from tests.client.conftest import PLATEAU
 from tests.client.fake_server import expected_lrs
 
@@ -17,7 +17,7 @@ CATCH_UP_S = 10.0
 
 
 def held_until(sched):
-    return sched._base + len(sched._lrs) - 1
+    return sched._cache.next_step - 1
 
 
 def step_once(sched, clock):
@@ -31,7 +31,7 @@ def step_until_caught_up(sched, clock, reports=None):
     deadline = time.monotonic() + CATCH_UP_S
     while time.monotonic() < deadline:
         lrs = step_once(sched, clock)
-        if not sched._away and lrs == expected_lrs([0.1], sched.last_epoch, reports)[-1]:
+        if sched.state is not ClientState.AWAY and lrs == expected_lrs([0.1], sched.last_epoch, reports)[-1]:
             return
         time.sleep(0.01)
     raise AssertionError("the scheduler did not catch up with the server")
@@ -96,7 +96,7 @@ def test_a_second_outage_warns_again(make_scheduler, fake, clock):
     for _ in range(2):
         fake.down = True
         with pytest.warns(ServerAwayWarning):
-            while not sched._away:
+            while sched.state is not ClientState.AWAY:
                 step_once(sched, clock)
         fake.down = False
         step_until_caught_up(sched, clock)
@@ -181,6 +181,7 @@ def test_timeouts_and_5xx_count_as_outage(make_scheduler, fake, clock):
 
 def test_logged_metrics_survive_an_outage_once_each(make_scheduler, fake, clock):
     sched = make_scheduler(run_id="m", flush_interval_s=0.01)
+    sched._collect(wait=True)  # the window after step 0 is held: steps 1..9 need no server
     fake.down = True
     for k in range(1, 31):
         sched.log(loss=float(k))
@@ -219,7 +220,7 @@ def test_full_buffer_drops_oldest_with_a_warning(make_scheduler, fake):
         for k in range(8):
             sched.log(step=k, loss=float(k))
     assert len(record) == 1
-    assert sched._buffer.dropped == 3
+    assert sched._metrics.buffer.dropped == 3
     fake.down = False
     assert sched.flush(timeout=CATCH_UP_S)
     assert sorted(fake.runs["m"].metrics) == [("loss", k, 0) for k in range(3, 8)]
