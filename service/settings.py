@@ -74,6 +74,11 @@ class Settings(BaseSettings):
             "windows asked ahead are cut to fit."
         ),
     )
+    offload_workers: int = Field(
+        1, ge=0, le=64, description="Worker processes per server process for big previews and creates "
+        "(over service/offload.py's OFFLOAD_UNITS), so that they do not share the server's GIL; "
+        "0: computed in the server's threads."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     snapshot_every: int = Field(
         1000, ge=1, description="Steps between engine snapshots (bounds replay after restart)."
