@@ -25,9 +25,10 @@ from service.events.hub import EventHub
 from service.events.webhooks import WebhookSender, load_webhooks
 from service.limits import BodySizeLimit
 from service.liveness import Liveness
+from service.offload import BigWork
 from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
-from service.settings import Settings, get_settings
+from service.settings import Settings
 from service.store import open_store
 from service.store.webhook_queue import WebhookQueue
 from service.telemetry import Telemetry, TelemetryMiddleware
@@ -54,9 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the store opens in the lifespan and closes with it.
 
     Args:
-        settings: Defaults to ``get_settings()`` (the environment).
+        settings: Defaults to ``Settings()``: the ``LRSERVE_*`` variables (``uvicorn
+            service.app:create_app --factory``).
     """
-    settings = settings or get_settings()
+    settings = settings or Settings()
     endpoints = load_webhooks(settings.webhooks, settings.webhooks_file)
     telemetry = Telemetry()
 
@@ -64,7 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous,
                            create_db=settings.create_db)
-        manager = RunManager(store, settings)
+        big_work = BigWork(settings.offload_workers)
+        big_work.start()  # spawned now, importing torch while the rest starts
+        app.state.big_work = big_work
+        manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
         barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
@@ -103,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(liveness.flush, store)  # what this process saw last
             await sender.close()
             await hub.close()
+            await run_in_threadpool(big_work.close)
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan)
