@@ -66,8 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous,
                            create_db=settings.create_db)
-        big_work = BigWork(settings.offload_workers)
-        big_work.start()  # spawned now, importing torch while the rest starts
+        big_work = BigWork(settings.offload_workers)  # started after this process's torch warm-up
         app.state.big_work = big_work
         manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)
@@ -95,7 +94,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
         # After start-up, not before it: readiness does not wait for torch's lazy imports (seconds
         # here); a run loaded meanwhile waits for them on the import lock, other requests go on.
-        warm_up = asyncio.create_task(run_in_threadpool(_warm_up_torch), name="lrserve-warm-up")
+        def warm_up_then_workers() -> None:  # one at a time: both import torch, and compete for the cores
+            _warm_up_torch()
+            big_work.start()
+
+        warm_up = asyncio.create_task(run_in_threadpool(warm_up_then_workers), name="lrserve-warm-up")
         try:
             yield
         finally:
