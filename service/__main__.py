@@ -5,7 +5,8 @@ import sys
 
 from service.cli import main
 
-args = sys.argv[1:]
-if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
-    args = ["serve", *args]
-raise SystemExit(main(args))
+if __name__ == "__main__":  # not when a worker process (spawned: service.offload) imports it
+    args = sys.argv[1:]
+    if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
+        args = ["serve", *args]
+    raise SystemExit(main(args))

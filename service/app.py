@@ -25,6 +25,7 @@ from service.events.hub import EventHub
 from service.events.webhooks import WebhookSender, load_webhooks
 from service.limits import BodySizeLimit
 from service.liveness import Liveness
+from service.offload import BigWork
 from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
 from service.settings import Settings, get_settings
@@ -64,11 +65,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous,
                            create_db=settings.create_db)
-        manager = RunManager(store, settings)
+        big_work = BigWork(settings.offload_workers)
+        big_work.start()  # spawned now, importing torch while the rest starts
+        app.state.big_work = big_work
+        manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
-        barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s, store.run_listener())
-        await barriers.start()
+        barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
         def count_runs() -> None:
@@ -78,7 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         await run_in_threadpool(count_runs)
         flusher = asyncio.create_task(liveness.flush_every(store, settings.last_seen_flush_s, count_runs))
-        hub = EventHub(store, buffer=settings.events_buffer, listen=store.commit_listener())
+        # one LISTEN connection per process: the hub's, which also wakes the barriers' waiters
+        hub = EventHub(store, buffer=settings.events_buffer, listen=store.run_listener())
+        hub.notices.append(barriers.notified)
         await hub.start()
         app.state.events = hub
         telemetry.event_streams.set_function(lambda: hub.streams)
@@ -102,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(liveness.flush, store)  # what this process saw last
             await sender.close()
             await hub.close()
-            await barriers.close()
+            await run_in_threadpool(big_work.close)
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan)

@@ -81,6 +81,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.request_timeout_s = settings.request_timeout_s
         self.max_connections = settings.max_connections
         self._deadline: asyncio.TimerHandle | None = None
+        self._deferred: tuple[Any, Any] | None = None  # (cycle, app) of a request not all received
 
     # -- the request timeout: armed while a request is awaited, until it is all received --
 
@@ -129,6 +130,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._deferred = None  # never started: nothing to tell it
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -138,6 +140,29 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm()  # received in full: the application's time starts
         super().on_message_complete()
+        self._start_deferred()
+
+    # -- the application starts once its request is all here -------------------------------
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """uvicorn starts the application as soon as a request's headers are in; a half-sent
+        request then holds a task, the whole middleware stack and, once closed, an exception
+        through it. Wait for the body, unless the client waits for ``100 Continue``."""
+        if cycle.more_body and not cycle.waiting_for_100_continue:
+            self._deferred = (cycle, app)
+            return
+        super()._start_asgi_task(cycle, app)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._deferred is not None and self.flow.read_paused:  # more than uvicorn buffers: stream it
+            self._start_deferred()
+
+    def _start_deferred(self) -> None:
+        if self._deferred is not None:
+            cycle, app = self._deferred
+            self._deferred = None
+            super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

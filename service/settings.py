@@ -61,6 +61,11 @@ class Settings(BaseSettings):
             "windows asked ahead are cut to fit."
         ),
     )
+    offload_workers: int = Field(
+        1, ge=0, le=64, description="Worker processes per server process for big previews and creates "
+        "(over service/offload.py's OFFLOAD_UNITS), so that they do not share the server's GIL; "
+        "0: computed in the server's threads."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     max_groups: int = Field(1024, ge=1, description="Most param groups per run.")
     snapshot_every: int = Field(

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.responses import JSONResponse
 
+from service.api import sliced_json
 from service.engine.codec import legacy_float_text, public_float, public_json, public_rows
 from service.errors import LRServeError
 from service.store.events import Event, EventKind, FeedEntry, NewEvent
@@ -40,10 +40,11 @@ Body = dict[str, Any]
 
 
 class FastJSONResponse(JSONResponse):
-    """A JSON response rendered by orjson: fast, exact floats."""
+    """A JSON response rendered by orjson: fast, exact floats; big tables a slice at a time
+    (``sliced_json``: the event loop is not kept waiting for the GIL)."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        return sliced_json.dumps(content)
 
 
 def _iso(value: datetime | None) -> str | None:

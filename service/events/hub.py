@@ -114,6 +114,8 @@ class EventHub:
         self._last = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.notices: list[Callable[[str | None], None]] = []
+        """Also told of each notification the listener brings (a run's id; None once listening)."""
 
     @property
     def streams(self) -> int:
@@ -191,10 +193,12 @@ class EventHub:
         assert self._listen is not None
         outage = OutageLog(log, "event feed", "database notifications lost, polling only")
 
-        def woke() -> None:  # the listener calls it once listening, then on every notification
+        def woke(run_id: str | None = None) -> None:  # once listening, then on every notification
             outage.ok()
             if self._subs:
                 self.wake()
+            for notice in self.notices:
+                notice(run_id)
 
         while not self._closed:
             try:

@@ -91,8 +91,9 @@ class Barriers:
     def _poll_s(self) -> float:
         return NOTIFIED_POLL_S if self._listening else POLL_S
 
-    def _notified(self, run_id: str | None) -> None:
-        """Another process reported to or decided ``run_id`` (None: any run, we just connected)."""
+    def notified(self, run_id: str | None) -> None:
+        """Another process reported to or decided ``run_id`` (None: any run, the listener just
+        connected). Called by this object's own listener, or by the one the event hub holds."""
         if run_id is None:
             self._listening = True
             keys = list(self._open)
@@ -108,7 +109,7 @@ class Barriers:
         def woke(run_id: str | None) -> None:  # None once listening, then a run per notification
             if run_id is None:
                 outage.ok()
-            self._notified(run_id)
+            self.notified(run_id)
 
         while True:
             try:

@@ -25,6 +25,7 @@ from service.engine.engine import Values
 from service.engine.run_spec import RunSpec
 from service.engine.spike_guard import Spike
 from service.errors import InvalidInput, RunConflict, RunNotFound
+from service.offload import BigWork, is_big
 from service.runs.cache import RunCache
 from service.runs.commit import (
     LOCAL_ACTOR,
@@ -71,9 +72,10 @@ class RunManager:
         settings: Limits and snapshot cadence.
     """
 
-    def __init__(self, store: BaseStore, settings: Settings) -> None:
+    def __init__(self, store: BaseStore, settings: Settings, big_work: BigWork | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.big_work = big_work or BigWork(0)  # creates whose checks are big work (service.offload)
         self.runs = RunCache(store)
         self.committer = Committer(store, settings, self.runs)
         self.reads = ReadModels(store, settings, self.runs, self.committer)
@@ -140,8 +142,13 @@ class RunManager:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
-        parsed = RunSpec.from_request(request, check_cost=self._check_schedule_cost)
-        spec = parsed.to_json()
+        parsed: RunSpec | None = None
+        if is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"]):
+            # checked whole in a worker process (first steps included): nothing left to build here
+            spec = self.big_work.run(checked_spec, dict(request), self.settings.work_budget)
+        else:
+            parsed = RunSpec.from_request(request, check_cost=self._check_schedule_cost)
+            spec = parsed.to_json()
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
@@ -150,7 +157,8 @@ class RunManager:
             existing = self._existing(run_id, spec)
             if existing is not None:
                 return existing, False
-            _first_steps(parsed)
+            if parsed is not None:
+                _first_steps(parsed)
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
         return (record if is_new else self._same_run(record, spec)), is_new
@@ -172,12 +180,7 @@ class RunManager:
         return record
 
     def _check_schedule_cost(self, schedule: Any, n_groups: int) -> None:
-        """Refuse a schedule whose checks (expressions at steps 0..100, the first steps) are over budget."""
-        units = cost.cost(schedule, n_groups=n_groups, steps=cost.CREATE_STEPS)
-        cost.check(
-            f"checking this schedule ({cost.CREATE_STEPS} steps on {n_groups} param groups)",
-            "schedule", units, self.settings.work_budget,
-        )
+        check_schedule_cost(schedule, n_groups, self.settings.work_budget)
 
     def delete_run(self, run_id: str) -> None:
         self.store.delete_run(run_id)
@@ -398,6 +401,25 @@ class RunManager:
         new = self.store.append_metrics(run_id, rows)  # first, to count the new ones; resends are
         self.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
         return new
+
+
+def checked_spec(request: Mapping[str, Any], work_budget: int) -> dict[str, Any]:
+    """Every check of a create (the spec, its cost, the first steps), as big work runs it (in a
+    worker process: ``service.offload``): the stored form of the request."""
+    parsed = RunSpec.from_request(
+        request, check_cost=lambda schedule, n_groups: check_schedule_cost(schedule, n_groups, work_budget)
+    )
+    _first_steps(parsed)
+    return parsed.to_json()
+
+
+def check_schedule_cost(schedule: Any, n_groups: int, work_budget: int) -> None:
+    """Refuse a schedule whose checks (expressions at steps 0..100, the first steps) are over budget."""
+    units = cost.cost(schedule, n_groups=n_groups, steps=cost.CREATE_STEPS)
+    cost.check(
+        f"checking this schedule ({cost.CREATE_STEPS} steps on {n_groups} param groups)",
+        "schedule", units, work_budget,
+    )
 
 
 def _first_steps(spec: RunSpec) -> None:

@@ -79,7 +79,7 @@ def pack_lrs(lrs: array) -> bytes:
     return lrs.tobytes()
 
 
-def unpack_lrs(data: bytes, groups: int) -> array:
+def unpack_lrs(data: bytes) -> array:
     """``pack_lrs``'s bytes back into an ``array('d')`` (bit for bit)."""
     lrs = array("d")
     lrs.frombytes(data[: len(data) - len(data) % 8])

@@ -154,7 +154,8 @@ def test_designer_draws_preview_and_shows_field_errors(page, live):
     page.fill("#designer-spec", '{"type": "StepLR", "step_size": 10}')
     page.fill("#designer-base-lrs", "-1")
     page.click("#designer-preview")
-    expect(page.locator('[data-field-error="base_lrs"]')).to_contain_text("base_lrs.0")
+    expect(page.locator('[data-field-error="base_lrs"]')).to_contain_text(
+        "base_lrs.0: expected a value >= 0, got -1")  # worded as spec errors are
     expect(error).to_be_hidden()
 
     page.fill("#designer-base-lrs", "0.1, 0.01")
@@ -259,6 +260,7 @@ def test_read_only_token_sees_no_controls_and_token_stays_in_session(page, secur
     page.fill("#token-input", "r")
     page.press("#token-input", "Enter")
     expect(page.locator("#session-badge")).to_have_text("read-only")
+    expect(page.locator("#session-badge")).to_have_attribute("title", "token: read (read)")  # GET /v1/whoami
     expect(page.locator('[data-chart="lr"] path.series')).to_have_count(1)
     expect(page.locator("#controls")).to_have_count(0)
     expect(page.locator("button[data-action]")).to_have_count(0)

@@ -167,3 +167,31 @@ def test_with_no_stream_open_commits_cost_no_read_and_a_stream_opened_later_miss
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_on_postgres_the_hub_passes_each_notification_on_with_its_run(database_url):
+    """One LISTEN connection per process: the hub's, which tells the metric barrier too."""
+    url = database_url("postgres")
+    mine, other = open_store(url), open_store(url)
+    other.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
+
+    async def scenario():
+        hub = EventHub(mine, poll_s=3600, listen=mine.run_listener())
+        told: list[str | None] = []
+        connected = asyncio.Event()
+        hub.notices.append(lambda run_id: told.append(run_id) or connected.set())
+        await hub.start()
+        await asyncio.wait_for(connected.wait(), 30)
+        await asyncio.to_thread(other.add_barrier_report, "r", 1, 0, {"loss": 1.0})  # another process
+        await asyncio.to_thread(_append, mine, 1)  # this process's own commit: not told again
+        while "r" not in told:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert told[0] is None and told[1:] == ["r"]
+        await hub.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        mine.close()
+        other.close()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
+from service.api import sliced_json
 from service.api.deps import ReadAccess, SettingsDep
 from service.api.responses import FastJSONResponse, catalog_body, preview_body
 from service.api.schemas import CatalogPublic, PreviewRequest, PreviewResult
@@ -12,13 +13,27 @@ from service.engine.catalog import catalog
 from service.engine.preview import simulate
 from service.engine.spec import ScheduleSpec, parse_schedule
 from service.errors import InvalidInput
+from service.offload import is_big
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
 
 @router.post("/preview", response_model=PreviewResult, dependencies=[ReadAccess])
-def preview_schedule(body: PreviewRequest, settings: SettingsDep) -> Response:
+def preview_schedule(body: PreviewRequest, settings: SettingsDep, request: Request) -> Response:
     """Values at steps 0..steps-1, simulating plateau decisions and spikes from `metrics`."""
+    if is_big(n_groups=len(body.base_lrs), steps=body.steps, schedule=body.schedule):
+        answer = request.app.state.big_work.run(preview_answer, body, settings.work_budget)
+    else:
+        answer = preview_answer(body, settings.work_budget)
+    return Response(answer, media_type="application/json")
+
+
+def preview_answer(body: PreviewRequest, work_budget: int) -> bytes:
+    """The preview's answer, serialised (in a worker process when it is big work: ``service.offload``).
+
+    Raises:
+        InvalidInput: a bad field, or a preview over the work budget.
+    """
     n_groups = len(body.base_lrs)
     if body.base_momentums is not None and len(body.base_momentums) != n_groups:
         raise InvalidInput.at("base_momentums", f"expected {n_groups} values, got {len(body.base_momentums)}")
@@ -26,11 +41,11 @@ def preview_schedule(body: PreviewRequest, settings: SettingsDep) -> Response:
 
     def within_budget(schedule: ScheduleSpec) -> None:
         units = cost.cost(schedule, n_groups=n_groups, steps=max(body.steps, cost.CREATE_STEPS))
-        cost.check(what, "steps", units, settings.work_budget)
+        cost.check(what, "steps", units, work_budget)
 
     schedule = parse_schedule(body.schedule, n_groups=n_groups, before_checks=within_budget)
     result = simulate(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
-    return FastJSONResponse(preview_body(result.lrs, result.momentums, result.spikes))
+    return sliced_json.dumps(preview_body(result.lrs, result.momentums, result.spikes))
 
 
 @router.get("/catalog", response_model=CatalogPublic, dependencies=[ReadAccess])

@@ -4,6 +4,7 @@ saved with each snapshot): its cost follows ``max_points``, not the run's length
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import event
 
 from service.runs.cache import RunCache
 from service.runs.manager import RunManager
@@ -41,6 +42,11 @@ def test_history_after_a_restart_reads_stored_values_without_replay(url, monkeyp
         assert (after.steps, after.lrs) == (before.steps, before.lrs)
         assert len(after.steps) == 57 and after.steps[-1] == 2_799
         assert store.read_lrs("long", [0, 1_234]) == {0: (0.1, 0.05), 1_234: before_lrs(before, 1_234)}
+        statements = []
+        event.listen(store._engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        shown = list(range(0, 2_000, 3))  # across two chunks: one statement however many steps
+        assert len(store.read_lrs("long", shown)) == len(shown)
+        assert len([s for s in statements if "value_chunks" in s]) == 1
     finally:
         store.close()
 

@@ -1,0 +1,141 @@
+"""Big work in a worker process, so that it does not share the server's interpreter.
+
+A request's work runs in the server's thread pool, and every thread of a process shares one
+GIL with the event loop: while a thread computed the worst preview or create the budget
+allows (1-4 s of pure Python and torch), every other request of the process waited for the
+GIL at each of its dozens of handoffs, and another run's ``POST .../step`` p99 went from
+24 ms to 137 ms (bench figure 7, budgets). Work that needs nothing but its request —
+previews, and the checks a create (or a new schedule) runs — can go to another process
+whole: its request goes over, its answer (JSON bytes, or the canonical spec) comes back, and
+the values are torch's own, computed by the same code (bit for bit: floats travel as JSON
+written by orjson, which round-trips, or pickled).
+
+``BigWork`` is that process pool (``LRSERVE_OFFLOAD_WORKERS``, default 1; 0 computes in the
+server's threads, as before). Only work over ``OFFLOAD_UNITS`` goes there (``is_big``): a
+small preview or create stays on the fast path, with no process round trip. Windows and
+step jumps need the run's engine, which lives in the server process; they stay in its
+threads (docs/hardening.md says what that costs).
+
+If a worker process dies (killed, out of memory), a new one is started and the request is
+given to it once more (the work has no side effects); a request whose worker dies twice is a
+``503`` ``worker_lost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from service.engine.cost import GROUP_OVERHEAD
+from service.errors import LRServeError
+
+log = logging.getLogger("lrserve")
+
+T = TypeVar("T")
+
+OFFLOAD_UNITS = 50_000
+"""Work units (``service/engine/cost.py``) above which a preview or create runs in a worker
+process: about 25-50 ms of work, against a process round trip of about a millisecond."""
+
+OFFLOAD_TEXT = 2_000
+"""Characters of strings in a schedule (its expressions) above which its checks are big work:
+about ``OFFLOAD_UNITS`` of parsing and evaluating them at steps 0..100."""
+
+
+class WorkerLost(LRServeError):
+    """The worker process computing this request died (killed, out of memory)."""
+
+    status_code = 503
+    code = "worker_lost"
+
+
+def is_big(*, n_groups: int, steps: int, schedule: Any) -> bool:
+    """Whether ``steps`` steps of ``schedule`` (its request JSON) on ``n_groups`` groups may be
+    more than ``OFFLOAD_UNITS``: a lower bound of its cost (every schedule costs at least one
+    unit per step and group), or the size of its expressions, known without parsing it."""
+    return steps * (n_groups + GROUP_OVERHEAD) > OFFLOAD_UNITS or _text(schedule) > OFFLOAD_TEXT
+
+
+def _text(value: Any, depth: int = 0) -> int:
+    """Characters of the strings in ``value`` (a schedule's JSON), counting lists and dicts."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 64:
+        return 0
+    if isinstance(value, Mapping):
+        return sum(_text(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text(v, depth + 1) for v in value)
+    return 0
+
+
+def _warm_up() -> None:
+    """A worker's start: import torch and build one engine (seconds), before any request waits."""
+    from service.engine.engine import warm_up_torch
+
+    warm_up_torch()
+
+
+def _ready() -> bool:
+    return True
+
+
+class BigWork:
+    """Runs big work in ``workers`` processes (spawned once, at ``start``), or in the calling
+    thread when ``workers`` is 0. ``run`` is called from the server's worker threads."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Spawn the workers and let them import torch, without waiting for them."""
+        if self.workers > 0:
+            self._new_pool().submit(_ready)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                # spawn, never fork: the server process has threads (and torch's state)
+                self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
+                                                 initializer=_warm_up)
+            return self._pool
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker process (``fn`` a module-level function with no side effects;
+        arguments and result picklable); its exceptions are raised here.
+
+        A worker found dead (killed while idle, or while computing this) is replaced and the
+        work given once more to the new one: it has no side effects, so a second try is safe.
+
+        Raises:
+            WorkerLost: the worker died twice while computing it.
+        """
+        if self.workers == 0:
+            return fn(*args)
+        for attempt in (1, 2):
+            pool = self._new_pool()
+            try:
+                return pool.submit(fn, *args).result()
+            except BrokenProcessPool:
+                self._discard(pool)
+                log.warning("a worker process for big work died (try %d of 2); it is started again", attempt)
+        raise WorkerLost("the worker process computing this request died; retry")
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,32 @@
+"""Big tables are serialised a slice at a time, to the same bytes as one ``orjson.dumps``."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import orjson
+import pytest
+
+from service.api import sliced_json
+
+
+@pytest.mark.parametrize("rows, width", [(1, 1), (3, 5000), (485, 1024), (5000, 1), (10_000, 3)])
+def test_the_same_bytes_as_orjson(rows, width):
+    rng = random.Random(rows * width)
+    table = [[rng.random() * 10 ** rng.randint(-300, 300) for _ in range(width)] for _ in range(rows)]
+    body = {"run_id": "r", "lrs": table[0], "window": {"start": 7, "lrs": table, "momentums": None},
+            "flat": [r[0] for r in table], "empty": [], "n": -math.inf and "-Infinity"}
+    assert sliced_json.dumps(body) == orjson.dumps(body)
+    assert sliced_json.dumps(table) == orjson.dumps(table)
+
+
+def test_a_big_table_is_written_in_slices(monkeypatch):
+    calls = []
+    real = orjson.dumps
+    monkeypatch.setattr(sliced_json.orjson, "dumps", lambda value: calls.append(value) or real(value))
+    table = [[0.5] * 1024 for _ in range(485)]
+    sliced_json.dumps({"window": {"lrs": table}})
+    biggest = max(len(c) * (len(c[0]) if c and isinstance(c[0], list) else 1)
+                  for c in calls if isinstance(c, list))
+    assert biggest <= sliced_json.SLICE_VALUES

@@ -1,0 +1,44 @@
+"""``BigWork``: big work in a worker process; a dead worker is a 503 once, then a new pool."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from service.engine.cost import CREATE_STEPS
+from service.offload import OFFLOAD_TEXT, BigWork, WorkerLost, is_big
+from service.runs.manager import checked_spec
+
+STEP_LR = {"type": "StepLR", "step_size": 7}
+
+
+def test_small_work_stays_and_big_work_goes():
+    assert not is_big(n_groups=1, steps=1000, schedule=STEP_LR)  # a typical preview
+    assert not is_big(n_groups=8, steps=CREATE_STEPS, schedule=STEP_LR)  # a typical create
+    assert is_big(n_groups=1024, steps=CREATE_STEPS, schedule=STEP_LR)
+    assert is_big(n_groups=1, steps=100_000, schedule=STEP_LR)
+    long_expression = {"type": "LambdaLR", "lr_lambda": "0.99**step" + "+0*step" * (OFFLOAD_TEXT // 7)}
+    assert is_big(n_groups=1, steps=CREATE_STEPS, schedule=long_expression)
+
+
+def test_a_worker_process_computes_what_this_one_would_and_a_dead_one_is_replaced():
+    big = BigWork(1)
+    big.start()
+    try:
+        request = {"schedule": {"type": "LambdaLR", "lr_lambda": ["1/(1+step)", "0.9**step"]},
+                   "base_lrs": [0.1, 0.2]}
+        assert big.run(checked_spec, request, 500_000) == checked_spec(request, 500_000)
+        assert big.run(os.getpid) != os.getpid()
+        with pytest.raises(WorkerLost):
+            big.run(os._exit, 1)  # the worker dies mid-request, and its replacement too
+        assert big.run(checked_spec, request, 500_000) == checked_spec(request, 500_000)
+    finally:
+        big.close()
+
+
+def test_zero_workers_compute_in_the_calling_thread():
+    big = BigWork(0)
+    big.start()
+    assert big.run(os.getpid) == os.getpid()
+    big.close()
