@@ -40,7 +40,7 @@ def _versions() -> dict[str, str]:
             from importlib.metadata import version
 
             found[name] = version(name)
-        except Exception:  # not installed
+        except Exception:  # noqa: BLE001 - not installed, whatever the reason
             pass
     from bench.loadgen import wrk_path
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 try:
                     fig = module.run(size, work, pool)
-                except Exception as exc:  # report it; the other figures still run
+                except Exception as exc:  # noqa: BLE001 - report it; the other figures still run
                     failed = True
                     fig = report.skipped(name, module.TITLE, f"FAILED: {exc!r}")
                     fig["error"] = traceback.format_exc()

@@ -1,4 +1,4 @@
-"""Figure 6: work budgets: what the worst request each budget allows does to everyone else.
+"""Figure 7: work budgets: what the worst request each budget allows does to everyone else.
 
 One server process on SQLite, default settings. A *victim* job steps its own run
 (``POST .../step``, one new step per request, a commit each) and a probe asks ``GET /healthz``,
@@ -36,7 +36,7 @@ from service.engine.spec import parse_schedule
 from service.settings import Settings
 
 NAME = "budgets"
-TITLE = "Figure 6: another run's step and /healthz while the worst request each budget allows runs"
+TITLE = "Figure 7: another run's step and /healthz while the worst request each budget allows runs"
 GROUPS = 1024
 TARGET_RATIO = 2.0
 TARGET_MS = 100.0

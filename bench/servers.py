@@ -6,10 +6,12 @@ is timed includes the HTTP stack, the event loop and the store, not a test clien
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +28,46 @@ DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PG_ENV = ("LRSERVE_BENCH_PG", "TEST_DATABASE_URL")
 
 
+# Ports for the servers started here (by the benchmarks and by the tests) come from below
+# the kernel's ephemeral range (32768-60999 on Linux), so no outgoing connection of any
+# process takes one between ``free_port()`` and the server's bind, nor while a killed
+# server's port waits for its restart; under pytest-xdist each worker draws from its own
+# slice, so parallel workers never collide (and a process never hands one out twice).
+_PORTS = range(12000, 32000)
+_SLICE = 1000
+_given: set[int] = set()
+_random = random.Random()  # its own: a test seeding `random` must not make workers agree
+
+
+def _port_slice() -> range:
+    """An xdist worker's own slice (the first ones); any other process (a run without xdist,
+    ``python -m bench``, also when a test starts it and it inherits the worker's variable)
+    one of the last ten, by its pid."""
+    slices = len(_PORTS) // _SLICE
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3"
+    if "pytest" in sys.modules and worker[2:].isdigit():
+        index = int(worker[2:]) % (slices - 10)
+    else:
+        index = slices - 10 + os.getpid() % 10
+    start = _PORTS.start + index * _SLICE
+    return range(start, start + _SLICE)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, never handed out before in this process."""
+    ports = _port_slice()
+    for _ in range(len(ports)):
+        port = _random.choice(ports)
+        if port in _given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {ports}")
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -43,39 +81,49 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         conn.close()
 
 
+_NOT_INHERITED = {"LRSERVE_TOKENS", "LRSERVE_TOKENS_FILE"}  # a server is open unless `env` says
+
+
 class Server:
-    """One server process (its own session, so its workers stop with it).
+    """One server process (its own session, so its workers stop with it): the one helper
+    for a real server, used by the benchmarks and by the tests (``tests/live_server.py``).
 
     Args:
-        db: Database URL (``LRSERVE_DB``).
-        log_dir: Where its log goes.
+        db: Database URL (``--db``).
+        log_dir: Where its log goes (``{name}-{port}.log``).
         app: ``"service"`` runs ``python -m service serve`` (what users run); ``"bench"``
             runs the same app plus ``GET /bench/ping`` (``bench._app``) under the same
             uvicorn settings, for the ceiling of the stack.
+        port: Its port; a free one by default (a restart passes the old one).
         workers: uvicorn worker processes.
-        env: Extra environment variables.
+        env: Extra environment variables. The caller's ``LRSERVE_TOKENS`` and
+            ``LRSERVE_TOKENS_FILE`` are not passed on: a server is open unless ``env`` says so.
+        log_level: uvicorn's.
+        args: More arguments for ``serve`` (``app="service"``).
     """
 
-    def __init__(self, db: str, log_dir: Path, *, app: str = "service", workers: int = 1,
-                 env: dict[str, str] | None = None, name: str = "server") -> None:
+    def __init__(self, db: str, log_dir: Path, *, app: str = "service", port: int | None = None,
+                 workers: int = 1, env: dict[str, str] | None = None, name: str = "server",
+                 log_level: str = "warning", args: tuple[str, ...] = ()) -> None:
         self.db = db
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.app = app
         self.workers = workers
+        self.log_level = log_level
+        self.args = args
         self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
-        self.env = {**os.environ, "LRSERVE_DB": db, **(env or {})}
-        self.env.pop("LRSERVE_TOKENS", None)
-        self.env.pop("LRSERVE_TOKENS_FILE", None)
+        inherited = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+        self.env = {**inherited, "LRSERVE_DB": db, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
     def command(self) -> list[str]:
         common = ["--host", HOST, "--port", str(self.port), "--workers", str(self.workers),
-                  "--log-level", "warning"]
+                  "--log-level", self.log_level]
         if self.app == "bench":
             return [sys.executable, "-m", "uvicorn", "bench._app:create_app", "--factory", *common]
-        return [sys.executable, "-m", "service", "serve", "--db", self.db, *common]
+        return [sys.executable, "-m", "service", "serve", "--db", self.db, *common, *self.args]
 
     def spawn(self) -> Server:
         """Start the process and return at once (``wait_ready`` or ``first_answer`` next)."""
@@ -84,24 +132,25 @@ class Server:
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env,
                                      cwd=_repo_root(), start_new_session=True)
         log.close()
+        _running.add(self)
         return self
 
     def first_answer(self, path: str, timeout: float = 120.0, poll_s: float = 0.005) -> float:
         """Seconds from ``spawn`` to the first 200 answer to ``GET path``."""
         assert self.proc is not None
         deadline = self.started_at + timeout
-        while time.perf_counter() < deadline:
+        while True:  # asked at least once: a shared server may have started long before the ask
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log_tail()}")
             try:
                 status, _ = http_get(self.port, path, timeout=10.0)
             except OSError:
-                time.sleep(poll_s)
-                continue
+                status = 0
             if status == 200:
                 return time.perf_counter() - self.started_at
+            if time.perf_counter() >= deadline:
+                raise RuntimeError(f"no answer to {path} within {timeout}s:\n{self.log_tail()}")
             time.sleep(poll_s)
-        raise RuntimeError(f"no answer to {path} within {timeout}s:\n{self.log_tail()}")
 
     def wait_ready(self, timeout: float = 120.0) -> Server:
         self.first_answer("/readyz", timeout=timeout, poll_s=0.05)
@@ -172,8 +221,17 @@ class Server:
         except OSError:
             return ""
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no shutdown hooks run."""
+        _running.discard(self)
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL what is left after 10 s."""
+        _running.discard(self)
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -190,6 +248,17 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_running: set[Server] = set()  # spawned and not yet stopped or killed
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A server its starter did not stop (a test that failed before its ``finally``) dies with
+    the process that started it, instead of holding its port and database connections."""
+    for server in list(_running):
+        server.kill()
 
 
 def rss_of(pid: int) -> int:
@@ -251,7 +320,7 @@ def pg_problem() -> str | None:
         return "psycopg is not installed (pip install 'lrserve[postgres]')"
     try:
         _pg_connect(pg_base_url()).close()
-    except Exception as exc:  # unreachable, refused, bad credentials
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad credentials
         return f"PostgreSQL at {pg_base_url()} is not reachable: {str(exc).strip().splitlines()[0]}"
     return None
 

@@ -242,6 +242,6 @@ def _work(jobs: queue.SimpleQueue[Any]) -> None:
         if future.set_running_or_notify_cancel():
             try:
                 future.set_result(fn())
-            except BaseException as exc:  # handed to the training thread through the future
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread through the future
                 future.set_exception(exc)
         del future, fn  # hold nothing of the job while waiting for the next

@@ -28,7 +28,7 @@ from service.liveness import Liveness
 from service.offload import BigWork
 from service.runs.barrier import Barriers
 from service.runs.manager import RunManager
-from service.settings import Settings, get_settings
+from service.settings import Settings
 from service.store import open_store
 from service.store.webhook_queue import WebhookQueue
 from service.telemetry import Telemetry, TelemetryMiddleware
@@ -55,9 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the store opens in the lifespan and closes with it.
 
     Args:
-        settings: Defaults to ``get_settings()`` (the environment).
+        settings: Defaults to ``Settings()``: the ``LRSERVE_*`` variables (``uvicorn
+            service.app:create_app --factory``).
     """
-    settings = settings or get_settings()
+    settings = settings or Settings()
     endpoints = load_webhooks(settings.webhooks, settings.webhooks_file)
     telemetry = Telemetry()
 

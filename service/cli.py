@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 from service.settings import DEFAULT_DB, Settings
 
@@ -26,29 +25,30 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve", help="start the server", description="Start the lrserve HTTP server (uvicorn)."
     )
-    env = os.environ.get
-    serve.add_argument("--host", default=env("LRSERVE_HOST", "127.0.0.1"),
-                       help="bind address (default 127.0.0.1)")
+    # Flags override the LRSERVE_* variables (a flag not given leaves its variable's value).
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or LRSERVE_HOST)")
     serve.add_argument("--port", type=int, default=None,
                        help="port (default 8000, or LRSERVE_PORT)")
-    serve.add_argument("--db", default=env("LRSERVE_DB", DEFAULT_DB),
+    serve.add_argument("--db", default=None,
                        help="database URL: sqlite:///PATH or postgresql+psycopg://... "
-                            f"(default {DEFAULT_DB})")
+                            f"(default {DEFAULT_DB}, or LRSERVE_DB)")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     serve.add_argument("--db-wait", type=float, default=None,
                        metavar="SECONDS",
                        help="at start-up, wait up to this long for the database to be reachable "
                             "(default 0; or LRSERVE_DB_WAIT_S, e.g. 60 where the database starts alongside)")
-    serve.add_argument("--tokens-file", default=env("LRSERVE_TOKENS_FILE"),
-                       help="file with one role:token per line (or set LRSERVE_TOKENS)")
+    serve.add_argument("--tokens-file", default=None,
+                       help="file with one role:token per line (or LRSERVE_TOKENS_FILE; "
+                            "or set LRSERVE_TOKENS)")
     serve.add_argument("--create-db", action="store_true", default=None,
                        help="create the SQLite database even where one existed and is gone "
                             "(default: refuse to start without it; or LRSERVE_CREATE_DB=1)")
-    serve.add_argument("--webhooks-file", default=env("LRSERVE_WEBHOOKS_FILE"),
-                       help="JSON file listing webhook endpoints (or set LRSERVE_WEBHOOKS; "
-                            "see docs/events.md)")
-    serve.add_argument("--insecure", action="store_true",
-                       help="allow a non-loopback bind without any token (anyone may steer runs)")
+    serve.add_argument("--webhooks-file", default=None,
+                       help="JSON file listing webhook endpoints (or LRSERVE_WEBHOOKS_FILE, or set "
+                            "LRSERVE_WEBHOOKS; see docs/events.md)")
+    serve.add_argument("--insecure", action="store_true", default=None,
+                       help="allow a non-loopback bind without any token (anyone may steer runs; "
+                            "or LRSERVE_INSECURE=1)")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--access-log", action="store_true",
@@ -57,8 +57,18 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=serve_command)
 
 
+FLAGS = {
+    "host": "--host", "port": "--port", "db": "--db", "db_wait_s": "--db-wait",
+    "tokens_file": "--tokens-file", "create_db": "--create-db", "webhooks_file": "--webhooks-file",
+    "insecure": "--insecure",
+}
+"""The settings ``lrserve serve`` takes as flags: each ``Settings`` field, and its flag."""
+
 SHUTDOWN_GRACE_S = 5
 """On SIGTERM, how long open requests (event streams never end by themselves) may finish."""
+
+STARTUP_FAILURE = 3
+"""The exit status when the server did not start (uvicorn's)."""
 
 
 def fail(problem: str) -> int:
@@ -68,73 +78,76 @@ def fail(problem: str) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.auth import TokenError, load_tokens
     from service.connections import raise_fd_limit
-
-    settings, problem = check_settings(args.db)
-    if settings is None:
-        return fail(problem or "bad settings")
-    args.port = settings.port if args.port is None else args.port
-    args.db_wait = settings.db_wait_s if args.db_wait is None else args.db_wait
-    args.create_db = settings.create_db if args.create_db is None else args.create_db
-    try:  # the set the server will use: a configuration that yields none is refused there
-        tokens = load_tokens(os.environ.get("LRSERVE_TOKENS", ""),
-                             Path(args.tokens_file) if args.tokens_file else None)
-    except TokenError as exc:
-        return fail(str(exc))
     from service.events.webhooks import WebhookConfigError, load_webhooks
 
+    given = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for field, flag in FLAGS.items()}
+    settings, problem = build_settings({k: v for k, v in given.items() if v is not None})
+    if settings is None:
+        return fail(problem or "bad settings")
+    try:  # the set the server will use: a configuration that yields none is refused there
+        tokens = load_tokens(settings.tokens, settings.tokens_file)
+    except TokenError as exc:
+        return fail(str(exc))
     try:
-        load_webhooks(settings.webhooks, Path(args.webhooks_file) if args.webhooks_file else None)
+        load_webhooks(settings.webhooks, settings.webhooks_file)
     except WebhookConfigError as exc:
         return fail(str(exc))
-    if not tokens and not is_loopback(args.host) and not args.insecure:
+    if not tokens and not is_loopback(settings.host) and not settings.insecure:
         print(
-            f"lrserve: refusing to listen on {args.host} without tokens: anyone could steer your runs.\n"
+            f"lrserve: refusing to listen on {settings.host} without tokens: anyone could steer your runs.\n"
             "Set LRSERVE_TOKENS or --tokens-file, bind 127.0.0.1, or pass --insecure.",
             file=sys.stderr,
         )
         return 2
-    problem = check_database(args.db, args.db_wait, create_db=args.create_db,
+    problem = check_database(settings.db, settings.db_wait_s, create_db=settings.create_db,
                              sqlite_synchronous=settings.sqlite_synchronous)
     if problem is not None:
         return fail(problem)
-    # Settings travel by environment so every worker process reads the same ones.
-    os.environ["LRSERVE_DB"] = args.db
-    os.environ["LRSERVE_INSECURE"] = "1" if args.insecure else "0"
-    os.environ["LRSERVE_CREATE_DB"] = "1" if args.create_db else "0"
-    if args.tokens_file:
-        os.environ["LRSERVE_TOKENS_FILE"] = args.tokens_file
-    if args.webhooks_file:
-        os.environ["LRSERVE_WEBHOOKS_FILE"] = args.webhooks_file
     problem = raise_fd_limit(settings.max_connections)
     if problem is not None:
         print(f"lrserve: warning: {problem}", file=sys.stderr)
-    uvicorn.run(
-        "service.app:create_app", factory=True, host=args.host, port=args.port,
-        workers=args.workers, log_level=args.log_level, access_log=args.access_log,
-        http="service.connections:GuardedHttpProtocol",  # request timeout, connection limit
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-    )
-    return 0
+    return run_server(settings, workers=args.workers, log_level=args.log_level, access_log=args.access_log)
 
 
-def check_settings(db: str) -> tuple[Settings | None, str | None]:
-    """Every ``LRSERVE_*`` variable, read as the workers will read it (``db`` as given): the first
-    bad one in a line."""
+def build_settings(flags: dict[str, Any]) -> tuple[Settings | None, str | None]:
+    """The server's one ``Settings``: ``flags`` (field: value, as given) over the ``LRSERVE_*``
+    variables over the defaults; or the first bad one, in a line naming its flag or variable."""
     from pydantic import ValidationError
 
     try:
-        return Settings(db=db), None
+        return Settings(**flags), None
     except ValidationError as exc:
         error = exc.errors()[0]
-        name = "LRSERVE_" + "_".join(str(p) for p in error["loc"]).upper()
+        field = "_".join(str(p) for p in error["loc"])
+        name = FLAGS[field] if field in flags else "LRSERVE_" + field.upper()
         message = str(error["msg"]).removeprefix("Value error, ")
-        if name in ("LRSERVE_DB", "LRSERVE_TOKENS"):  # may hold a password or a token: not echoed
+        if field in ("db", "tokens"):  # may hold a password or a token: not echoed
             return None, f"{name}: {message}"
         return None, f"{name}: {message} (got {str(error.get('input'))[:80]!r})"
+
+
+def run_server(settings: Settings, *, workers: int, log_level: str, access_log: bool) -> int:
+    """Serve until stopped: ``workers`` processes, each building its app from ``settings``
+    (handed over as an object, pickled to each worker, not through the environment)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from service.workers import AppFactory, GuardedProtocol
+
+    config = uvicorn.Config(
+        AppFactory(settings), factory=True, host=settings.host, port=settings.port, workers=workers,
+        log_level=log_level, access_log=access_log,
+        http=GuardedProtocol.of(settings),  # request timeout, connection limit
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    if config.workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return 0
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def check_database(url: str, wait_s: float, *, create_db: bool = False,

@@ -32,7 +32,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.api.responses import error_body
 from service.errors import LRServeError, RequestTimeout, TooManyConnections
-from service.settings import get_settings
 
 log = logging.getLogger("lrserve")
 
@@ -73,13 +72,16 @@ def _answer(reason: bytes, error: LRServeError) -> bytes:
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` with a request timeout and a connection limit (module docstring)."""
+    """``HttpToolsProtocol`` with a request timeout and a connection limit (module docstring).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    uvicorn builds one per connection, through ``service.workers.GuardedProtocol`` (which
+    binds the server's settings).
+    """
+
+    def __init__(self, *args: Any, request_timeout_s: float, max_connections: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        settings = get_settings()
-        self.request_timeout_s = settings.request_timeout_s
-        self.max_connections = settings.max_connections
+        self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
         self._deadline: asyncio.TimerHandle | None = None
         self._deferred: tuple[Any, Any] | None = None  # (cycle, app) of a request not all received
 

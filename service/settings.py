@@ -1,18 +1,31 @@
 """Server settings: one pydantic-settings class, read from ``LRSERVE_*`` variables.
 
-Defaults run locally with no setup (an SQLite file in the working directory).
-Read through ``get_settings()``; tests build ``Settings(...)`` directly.
+Defaults run locally with no setup (an SQLite file in the working directory). They are
+read once per server: ``lrserve serve`` builds one ``Settings`` from its flags and the
+environment and hands that object to every part (and every worker process); nothing
+reads the environment again. Tests build ``Settings(...)`` directly.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DB = "sqlite:///./lrserve.db"
+
+SqliteSynchronous = Literal["NORMAL", "FULL", "EXTRA"]
+"""SQLite's ``synchronous`` levels lrserve accepts. With WAL, ``NORMAL`` makes a commit survive
+a crash of the process, ``FULL`` also a power loss; ``EXTRA`` syncs the directory too. ``OFF``
+is not offered: a crash could lose acknowledged steps."""
+SQLITE_SYNCHRONOUS: tuple[str, ...] = get_args(SqliteSynchronous)
+DEFAULT_SQLITE_SYNCHRONOUS: SqliteSynchronous = "NORMAL"
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):
@@ -67,7 +80,6 @@ class Settings(BaseSettings):
         "0: computed in the server's threads."
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
-    max_groups: int = Field(1024, ge=1, description="Most param groups per run.")
     snapshot_every: int = Field(
         1000, ge=1, description="Steps between engine snapshots (bounds replay after restart)."
     )
@@ -85,8 +97,9 @@ class Settings(BaseSettings):
     events_buffer: int = Field(
         1000, ge=1, description="Events one /v1/events stream may fall behind before it is cut off."
     )
-    sqlite_synchronous: str = Field(
-        "NORMAL", description="SQLite synchronous mode: NORMAL survives a process crash, FULL power loss."
+    sqlite_synchronous: Annotated[SqliteSynchronous, BeforeValidator(_upper)] = Field(
+        DEFAULT_SQLITE_SYNCHRONOUS,
+        description="SQLite synchronous mode: NORMAL survives a process crash, FULL power loss.",
     )
 
     @field_validator("db")
@@ -100,15 +113,3 @@ class Settings(BaseSettings):
             raise ValueError("db must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
         return value
 
-    @field_validator("sqlite_synchronous")
-    @classmethod
-    def _check_synchronous(cls, value: str) -> str:
-        if value.upper() not in {"NORMAL", "FULL", "EXTRA"}:
-            raise ValueError("sqlite_synchronous must be NORMAL, FULL or EXTRA")
-        return value.upper()
-
-
-@lru_cache
-def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
-    return Settings()

@@ -10,12 +10,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from service.engine.spec import MAX_GROUPS
+
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 """A run id: also what the fast path (``fast_path.py``) matches in ``/v1/runs/{run_id}/lr``."""
 MAX_STEP = 2**53
 """The highest step accepted (the last integer a JSON double holds exactly)."""
 NAME_PATTERN = r"^[A-Za-z0-9._/:-]{1,64}$"
-MAX_GROUPS = 1024
 MAX_LABELS = 32
 NON_FINITE = 'Non-finite numbers are the strings "NaN", "Infinity", "-Infinity".'
 

@@ -18,8 +18,10 @@ from pydantic_core import PydanticCustomError
 
 from service.errors import FieldError, describe, field_path, validation_message
 
-MAX_GROUPS = 10_000
-"""Longest per-group list accepted before the run's group count is even looked at."""
+MAX_GROUPS = 1024
+"""Most param groups a run may have: the one definition (request bodies use it too, through
+``service.engine.spec``). A per-group list longer than this is refused before the run's
+group count is even looked at."""
 
 Problems = Iterator[tuple[str, str]]
 """``(field relative to the node, message)`` for each broken rule."""

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from service.engine import _validators as v
+from service.engine._validators import MAX_GROUPS as MAX_GROUPS  # the one definition; re-exported
 from service.engine._validators import PerGroupExpression, PerGroupFloat, Problems
 from service.engine.expr import Expression, compile_expression, node_count
 from service.errors import FieldError, SpecError

@@ -18,6 +18,7 @@ from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy import exc as sa_exc
 
 from service.errors import StoreUnavailable
+from service.settings import DEFAULT_SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS
 from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
 from service.store.events import Event, EventKind, FeedEntry, NewEvent
 from service.store.guard import DatabaseMissing, FileIdentity, check_existed, unwritable, write_marker
@@ -40,13 +41,14 @@ __all__ = [
     "wait_for_store",
 ]
 
-SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long an SQLite writer waits for the file's write lock before giving up (503)."""
 POSTGRES_CONNECT_TIMEOUT_S = 5
 
 
-def open_store(url: str, *, sqlite_synchronous: str = "NORMAL", create_db: bool = False) -> BaseStore:
+def open_store(
+    url: str, *, sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS, create_db: bool = False
+) -> BaseStore:
     """Open (and create or migrate) the store a database URL names.
 
     Args:
@@ -88,7 +90,7 @@ def wait_for_store(
     url: str,
     *,
     wait_s: float = 0.0,
-    sqlite_synchronous: str = "NORMAL",
+    sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS,
     create_db: bool = False,
     on_wait: Callable[[StoreUnavailable, float], None] | None = None,
     poll_s: float = 1.0,

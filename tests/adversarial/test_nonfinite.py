@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 from tests.adversarial.conftest import post_json
+from tests.specs import plateau
 
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+PLATEAU = plateau()
 
 
 def test_history_metrics_and_events_spell_non_finite_numbers_alike(http):

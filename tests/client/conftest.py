@@ -9,9 +9,10 @@ import pytest
 
 from client import RemoteScheduler
 from tests.client.fake_server import FakeServer, Optimizer
+from tests.specs import plateau
 
 STEP_LR = {"type": "StepLR", "step_size": 10, "gamma": 0.5}
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.1, "patience": 0}
+PLATEAU = plateau(factor=0.1)
 
 
 class FakeClock:

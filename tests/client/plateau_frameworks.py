@@ -16,18 +16,16 @@ from typing import Any
 
 import torch
 
+from tests.specs import plateau, warmup_then
+
 BATCH = 4
 EPOCH = 8  # optimizer steps per epoch (per rank: BATCH * EPOCH samples each)
 EPOCHS = 6
 STEPS = EPOCH * EPOCHS
 BASE_LR = 0.05
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.2}
+PLATEAU = plateau(threshold=0.2)
 MILESTONE = 12  # mid-epoch: the plateau stage first hears the evaluation at step 16
-WARMUP_THEN_PLATEAU = {
-    "type": "SequentialLR",
-    "milestones": [MILESTONE],
-    "schedulers": [{"type": "LinearLR", "start_factor": 0.1, "total_iters": MILESTONE}, PLATEAU],
-}
+WARMUP_THEN_PLATEAU = warmup_then(PLATEAU, steps=MILESTONE)
 
 
 def torch_plateau(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau:

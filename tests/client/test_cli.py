@@ -249,7 +249,6 @@ def test_preview_bad_spec_is_a_usage_error(run, spec):
 
 
 def test_preview_plot_writes_a_png(run, tmp_path):
-    pytest.importorskip("matplotlib")
     png = tmp_path / "curve.png"
     code, _, err = run(["preview", '{"type": "StepLR", "step_size": 1}', "--plot", str(png)], Server(PREVIEW))
     assert code == EXIT_OK

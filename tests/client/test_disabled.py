@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from client import RemoteScheduler  # noqa: E402
-from client._disabled import LocalScheduler  # noqa: E402
+from client import RemoteScheduler
+from client._disabled import LocalScheduler
+from tests.specs import plateau
 
 NOWHERE = "http://127.0.0.1:9"  # nothing listens: any request would fail
 
@@ -48,7 +48,7 @@ def test_values_are_torchs_and_no_server_is_asked(monkeypatch, spec):
 def test_plateau_takes_its_metric_by_number_by_name_and_by_report(monkeypatch):
     monkeypatch.setenv("LRSERVE_MODE", "disabled")
     opt = _sgd((0.1,))
-    with RemoteScheduler(opt, {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "monitor": "loss"},
+    with RemoteScheduler(opt, plateau(monitor="loss"),
                          url=NOWHERE) as sched:
         assert sched.watched == frozenset({"loss"})
         sched.step(1.0)
@@ -89,7 +89,7 @@ def test_it_is_a_torch_scheduler_and_the_framework_callbacks_find_it(monkeypatch
 
     monkeypatch.setenv("LRSERVE_MODE", "disabled")
     opt = _sgd((0.1,))
-    sched = RemoteScheduler(opt, {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}, url=NOWHERE)
+    sched = RemoteScheduler(opt, plateau(), url=NOWHERE)
     assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
     assert remote_scheduler(sched) is sched
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
+from starlette.testclient import TestClient
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from starlette.testclient import TestClient  # noqa: E402
-
-from client import RemoteScheduler  # noqa: E402
-from service import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from client import RemoteScheduler
+from service import create_app
+from service.settings import Settings
+from tests.specs import plateau, warmup_then
 
 STEPS = 120
 STEPS_PER_EPOCH = 10
@@ -133,14 +131,7 @@ def test_time_based_schedule_gives_bit_identical_weights(api, spec, make_torch, 
     assert all(torch.equal(a, b) for a, b in zip(weights(model), local_weights, strict=True))
 
 
-PLATEAU_SPEC = {
-    "type": "SequentialLR",
-    "milestones": [25],
-    "schedulers": [
-        {"type": "LinearLR", "start_factor": 0.1, "total_iters": 25},
-        {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0},
-    ],
-}
+PLATEAU_SPEC = warmup_then(plateau(), steps=25)
 
 
 def train_with_plateau(model, opt, step):
@@ -273,7 +264,7 @@ def test_bad_spec_and_conflict_are_clear(api):
 def test_ranks_apply_identical_values_and_decide_on_the_mean(api):
     import threading
 
-    spec = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+    spec = plateau()
     local_metrics = {0: [1.0, 0.9, 1.2, 0.8, 0.8, 0.7], 1: [1.0, 1.1, 0.6, 1.0, 0.9, 0.9]}
     seen: dict[int, list[list[float]]] = {}
     errors = []
@@ -301,11 +292,11 @@ def test_ranks_apply_identical_values_and_decide_on_the_mean(api):
     assert not errors, errors
     assert seen[0] == seen[1]
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    torch_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
     expected = [[0.1]]
     for epoch in range(6):
         for i in range(5):
             if i == 4:
-                plateau.step((local_metrics[0][epoch] + local_metrics[1][epoch]) / 2)
+                torch_plateau.step((local_metrics[0][epoch] + local_metrics[1][epoch]) / 2)
             expected.append([opt.param_groups[0]["lr"]])
     assert seen[0] == expected

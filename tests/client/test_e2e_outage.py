@@ -15,12 +15,11 @@ import threading
 import time
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from client import ClientState, RemoteScheduler, ServerAwayWarning  # noqa: E402
-from tests.live_server import ServerProcess  # noqa: E402
+from client import ClientState, RemoteScheduler, ServerAwayWarning
+from tests.live_server import ServerProcess
+from tests.specs import plateau
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +56,7 @@ class Restarter:
         def restart():
             try:
                 self.server = ServerProcess(
-                    self.server.db_url, self.server.log_path.parent, port=self.server.port
+                    self.server.db, self.server.log_path.parent, port=self.server.port
                 )
                 self.server.start()
                 self.downtime = time.monotonic() - killed_at
@@ -103,7 +102,7 @@ def test_kill_9_mid_training_changes_nothing(tmp_path):
     assert not [e for e in history["events"] if e["kind"] == "provisional_divergence"]
 
 
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+PLATEAU = plateau()
 EPOCH = 20
 
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import pytest
+import torch
+from starlette.testclient import TestClient
 
-torch = pytest.importorskip("torch")
-
-from starlette.testclient import TestClient  # noqa: E402
-
-from client import RemoteScheduler  # noqa: E402
-from service import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from client import RemoteScheduler
+from service import create_app
+from service.settings import Settings
 
 RANGE = {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 10.0, "num_steps": 100,
          "then": {"type": "CosineAnnealingLR", "T_max": 200}}

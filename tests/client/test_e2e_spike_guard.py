@@ -5,15 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from starlette.testclient import TestClient
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from starlette.testclient import TestClient  # noqa: E402
-
-from client import RemoteScheduler  # noqa: E402
-from service import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from client import RemoteScheduler
+from service import create_app
+from service.settings import Settings
 
 INNER = {"type": "CosineAnnealingLR", "T_max": 400}
 GUARD = {"type": "SpikeGuard", "schedule": INNER}  # the documented defaults

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from starlette.testclient import TestClient
 
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from starlette.testclient import TestClient  # noqa: E402
-
-from client import RemoteScheduler  # noqa: E402
-from service import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from tests.client.fake_server import Optimizer  # noqa: E402
+from client import RemoteScheduler
+from service import create_app
+from service.settings import Settings
+from tests.client.fake_server import Optimizer
 
 STEP = {"type": "StepLR", "step_size": 2, "gamma": 0.5}
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
+from starlette.testclient import TestClient
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from starlette.testclient import TestClient  # noqa: E402
-
-from client import RemoteScheduler  # noqa: E402
-from service import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from client import RemoteScheduler
+from service import create_app
+from service.settings import Settings
 
 STEPS = 40
 SPEC = {"type": "OneCycleLR", "max_lr": 0.05, "total_steps": STEPS}
@@ -50,7 +47,7 @@ def same_weights(a, b):
 
 
 def lightning_fit(tmp_path, make_scheduler):
-    pl = pytest.importorskip("lightning.pytorch")
+    import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
         def __init__(self):
@@ -104,8 +101,7 @@ def test_lightning_takes_remote_scheduler_as_a_torch_scheduler(api, tmp_path):
 
 
 def hf_train(tmp_path, make_scheduler):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    import transformers
 
     class Model(torch.nn.Module):
         def __init__(self):

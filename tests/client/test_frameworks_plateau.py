@@ -18,14 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from client import RemoteScheduler  # noqa: E402
-from tests.client import plateau_frameworks as job  # noqa: E402
-from tests.live_server import ServerProcess, free_port  # noqa: E402
-from tests.trainer.harness import warmup_plateau_reference  # noqa: E402
+from client import RemoteScheduler
+from tests.client import plateau_frameworks as job
+from tests.live_server import ServerProcess, free_port
+from tests.trainer.harness import warmup_plateau_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,7 +67,6 @@ def hf_remote(server, run_id, spec, made):
 
 
 def test_hf_plain_plateau_matches_the_trainers_own_reduce_lr_on_plateau(server, tmp_path):
-    pytest.importorskip("transformers")
     from client.integrations.huggingface import LRServeCallback
 
     local, local_lrs, evals = job.hf_train(tmp_path / "torch", job.torch_plateau, [])
@@ -91,7 +88,6 @@ def test_hf_plain_plateau_matches_the_trainers_own_reduce_lr_on_plateau(server, 
 def test_hf_several_eval_datasets_report_the_one_metric_for_best_model(server, tmp_path):
     """Each eval dataset is evaluated apart (one on_evaluate each); the Trainer's own path
     steps its plateau with ``eval_<metric_for_best_model>`` of the merged metrics."""
-    pytest.importorskip("transformers")
     from client.integrations.huggingface import LRServeCallback
 
     evals = {"a": job.dataset(16, 5), "b": job.dataset(32, 4)}
@@ -107,7 +103,6 @@ def test_hf_several_eval_datasets_report_the_one_metric_for_best_model(server, t
 
 
 def test_hf_warmup_then_plateau_matches_torch_by_hand(server, tmp_path):
-    pytest.importorskip("transformers")
     from client.integrations.huggingface import LRServeCallback
 
     made = []
@@ -129,7 +124,6 @@ def test_hf_warmup_then_plateau_matches_torch_by_hand(server, tmp_path):
     ({"type": "StepLR", "step_size": 3}, {}, ValueError, "watches no metric"),
 ])
 def test_hf_callback_misconfigured_says_what_to_fix(server, tmp_path, spec, overrides, error, message):
-    pytest.importorskip("transformers")
     from client.integrations.huggingface import LRServeCallback
 
     made = []
@@ -141,7 +135,8 @@ def test_hf_callback_misconfigured_says_what_to_fix(server, tmp_path, spec, over
 def test_hf_callback_raises_when_no_evaluation_of_a_step_had_the_metric(server, tmp_path):
     """The Trainer checks metric_for_best_model itself when it is set; when it is not, the
     callback's key is eval_loss, which an evaluation without labels lacks."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from client.integrations.huggingface import LRServeCallback
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch", use_cpu=True,
@@ -160,7 +155,6 @@ def test_hf_callback_raises_when_no_evaluation_of_a_step_had_the_metric(server, 
 
 
 def test_hf_callback_needs_a_remote_scheduler(tmp_path):
-    pytest.importorskip("transformers")
     from client.integrations.huggingface import LRServeCallback
 
     with pytest.raises(TypeError, match="RemoteScheduler.*it has ReduceLROnPlateau"):
@@ -171,7 +165,6 @@ def test_hf_callback_needs_a_remote_scheduler(tmp_path):
 
 
 def test_lightning_plain_plateau_by_epoch_matches_its_own_reduce_lr_on_plateau(server, tmp_path):
-    pytest.importorskip("lightning")
     from client.integrations.lightning import LRServeCallback
 
     local, local_lrs, evals = job.lightning_fit(
@@ -206,7 +199,6 @@ def test_lightning_plain_plateau_by_epoch_matches_its_own_reduce_lr_on_plateau(s
 
 
 def test_lightning_warmup_by_step_then_plateau_matches_torch_by_hand(server, tmp_path):
-    pytest.importorskip("lightning")
     from client.integrations.lightning import LRServeCallback
 
     made = []
@@ -225,7 +217,6 @@ def test_lightning_warmup_by_step_then_plateau_matches_torch_by_hand(server, tmp
 
 
 def test_lightning_callback_names_a_metric_validation_did_not_log(server, tmp_path):
-    pytest.importorskip("lightning")
     from client.integrations.lightning import LRServeCallback
 
     made = []
@@ -243,8 +234,6 @@ def test_lightning_callback_names_a_metric_validation_did_not_log(server, tmp_pa
 
 
 def test_two_ranks_under_accelerate_launch_share_every_lr_and_decide_once(server, tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -13,14 +13,13 @@ import time
 import weakref
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
+from client import RemoteScheduler
+from tests.live_server import ServerProcess
+from tests.specs import plateau
 
-from client import RemoteScheduler  # noqa: E402
-from tests.live_server import ServerProcess  # noqa: E402
-
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+PLATEAU = plateau()
 COSINE = {"type": "CosineAnnealingLR", "T_max": 100}
 
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from client import RemoteScheduler, ServerAwayWarning  # noqa: E402
-from tests.client.conftest import PLATEAU  # noqa: E402
-from tests.client.fake_server import Optimizer, expected_lrs  # noqa: E402
-from tests.client.test_e2e_inprocess import (  # noqa: E402
+from client import RemoteScheduler, ServerAwayWarning
+from tests.client.conftest import PLATEAU
+from tests.client.fake_server import Optimizer, expected_lrs
+from tests.client.test_e2e_inprocess import (
     PLATEAU_SPEC,
     STEPS_PER_EPOCH,
     make_model,
@@ -28,9 +26,10 @@ from tests.client.test_e2e_inprocess import (  # noqa: E402
     train_with_plateau,
     weights,
 )
-from tests.live_server import ServerProcess  # noqa: E402
+from tests.live_server import ServerProcess
+from tests.specs import plateau
 
-BARRIER_PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+BARRIER_PLATEAU = plateau()
 
 
 def sgd(lr=0.1):
@@ -163,7 +162,7 @@ def test_outage_with_a_decision_on_its_way_holds_then_delivers_it(make_scheduler
 
 def test_a_wrapped_optimizer_gets_the_decision_through_the_one_it_wraps(make_scheduler):
     """accelerate's optimizer wraps torch's and shares its param_groups: the hook goes inside."""
-    accelerate = pytest.importorskip("accelerate")
+    import accelerate
     opt = accelerate.Accelerator(cpu=True).prepare(sgd())
     used = record_used_lrs(opt.optimizer)
     sched = make_scheduler(opt, PLATEAU, steps_per_epoch=1, overlap_decisions=True)

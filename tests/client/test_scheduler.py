@@ -162,7 +162,7 @@ def test_windows_never_exceed_the_cap(make_scheduler, fake, clock):
 
 
 def test_tensor_lr_is_filled_in_place(make_scheduler, clock):
-    torch = pytest.importorskip("torch")
+    import torch
     lr = torch.tensor(0.1, dtype=torch.float64)
     opt = Optimizer({"lr": lr})
     sched = make_scheduler(opt)
@@ -344,7 +344,8 @@ def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):
 
 
 def test_is_a_torch_lr_scheduler_when_torch_is_loaded(make_scheduler):
-    torch = pytest.importorskip("torch")
+    import torch
+
     from client import RemoteScheduler
 
     sched = make_scheduler()
@@ -355,7 +356,7 @@ def test_is_a_torch_lr_scheduler_when_torch_is_loaded(make_scheduler):
 
 
 def test_values_reach_param_groups_replaced_by_optimizer_load_state_dict(make_scheduler, clock):
-    torch = pytest.importorskip("torch")
+    import torch
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     sched = make_scheduler(opt)
     opt.load_state_dict(opt.state_dict())  # new group dicts, as accelerate's prepare() does

@@ -14,14 +14,12 @@ import sys
 
 import httpx
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from client import RemoteScheduler  # noqa: E402
-from tests.client.plateau_frameworks import WARMUP_THEN_PLATEAU, record_lrs  # noqa: E402
-from tests.live_server import ServerProcess  # noqa: E402
-from tests.trainer.harness import warmup_plateau_reference  # noqa: E402
+from client import RemoteScheduler
+from tests.client.plateau_frameworks import WARMUP_THEN_PLATEAU, record_lrs
+from tests.live_server import ServerProcess
+from tests.trainer.harness import warmup_plateau_reference
 
 EPOCH = 5
 STEPS = 40

@@ -9,12 +9,9 @@ import pytest
 from client import CadenceWarning
 from tests.client.conftest import PLATEAU
 from tests.client.fake_server import Optimizer, expected_lrs
+from tests.specs import plateau_max_acc, warmup_then
 
-WARMUP_PLATEAU = {
-    "type": "SequentialLR",
-    "milestones": [10],
-    "schedulers": [{"type": "LinearLR", "start_factor": 0.1, "total_iters": 10}, PLATEAU],
-}
+WARMUP_PLATEAU = warmup_then(PLATEAU, steps=10)
 
 
 def losses(n):
@@ -78,8 +75,7 @@ def test_cadence_is_learned_from_the_first_epoch(make_scheduler, fake, clock):
 
 
 def test_bare_number_goes_to_the_watched_metric(make_scheduler, fake, clock):
-    schedule = {"type": "ReduceLROnPlateau", "monitor": "val_acc", "mode": "max"}
-    sched = make_scheduler(schedule=schedule, steps_per_epoch=1)
+    sched = make_scheduler(schedule=plateau_max_acc(), steps_per_epoch=1)
     sched.step(0.5)
     assert fake.requests[-1][3]["metrics"] == {"val_acc": 0.5}
 
@@ -179,7 +175,7 @@ def test_non_finite_logged_values_are_kept(make_scheduler, fake):
 
 
 def test_metrics_from_tensors_and_numpy(make_scheduler, fake):
-    torch = pytest.importorskip("torch")
+    import torch
     sched = make_scheduler(run_id="m", schedule=PLATEAU, steps_per_epoch=1)
     sched.log(loss=torch.tensor(0.5))
     sched.step(torch.tensor(0.25, dtype=torch.float64))

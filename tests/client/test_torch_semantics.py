@@ -11,14 +11,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
+from torch.optim import lr_scheduler as L
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("service.app", reason="the server is not importable")
-
-from torch.optim import lr_scheduler as L  # noqa: E402
-
-from client import RemoteScheduler  # noqa: E402
-from tests.live_server import ServerProcess  # noqa: E402
+from client import RemoteScheduler
+from tests.live_server import ServerProcess
+from tests.specs import plateau
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,7 @@ def test_step_with_an_int_on_a_time_based_schedule_is_refused_not_misread(remote
 def test_step_with_a_number_on_a_plateau_schedule_is_the_metric_as_in_torch(remote):
     opt_t, opt_r = sgd(), sgd()
     torch_sched = L.ReduceLROnPlateau(opt_t, factor=0.5, patience=0)
-    sched = remote(opt_r, {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}, steps_per_epoch=1)
+    sched = remote(opt_r, plateau(), steps_per_epoch=1)
     for metric in (5, 4, 4, 7, 3, 3):
         torch_sched.step(metric)
         sched.step(metric)

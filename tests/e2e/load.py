@@ -25,10 +25,9 @@ from typing import Any
 
 import httpx
 
-PLATEAU_AFTER_WARMUP = {"type": "SequentialLR", "milestones": [4], "schedulers": [
-    {"type": "LinearLR", "start_factor": 0.25, "total_iters": 4},
-    {"type": "ReduceLROnPlateau", "factor": 0.8, "patience": 1, "threshold": 0.0,
-     "threshold_mode": "abs"}]}
+from tests.specs import plateau_on_any_rise, warmup_then
+
+PLATEAU_AFTER_WARMUP = warmup_then(plateau_on_any_rise(factor=0.8, patience=1), steps=4, start_factor=0.25)
 ACTIONS = ({"action": "scale", "factor": 0.9}, {"action": "hold"}, {"action": "resume"},
            {"action": "set_lr", "lr": 0.05}, {"action": "scale", "factor": 1.1})
 # Actions that leave the schedule's clock running: a held run feeds no metric to its plateau
@@ -161,7 +160,7 @@ class Load:
         cluster = Cluster(self.urls, keepalive=self.keepalive, headers=self.headers)
         try:
             target(cluster, *args)
-        except Exception as exc:  # a crash in a load thread must fail the test, not vanish
+        except Exception as exc:  # noqa: BLE001 - a crash in a load thread must fail the test, not vanish
             with self.ledger.lock:
                 # reprlib: an argument holding the ledger must not copy every earlier error into this one
                 self.ledger.errors.append(f"{target.__name__}{reprlib.repr(args)}: {exc!r}")

@@ -7,17 +7,11 @@ import pytest
 
 from tests.live_server import ServerProcess
 from tests.service.engine import reference
+from tests.specs import plateau, warmup_then
 
 pytestmark = pytest.mark.slow
 
-PLATEAU_AFTER_WARMUP = {
-    "type": "SequentialLR",
-    "milestones": [4],
-    "schedulers": [
-        {"type": "LinearLR", "start_factor": 0.25, "total_iters": 4},
-        {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 1},
-    ],
-}
+PLATEAU_AFTER_WARMUP = warmup_then(plateau(patience=1), steps=4, start_factor=0.25)
 
 
 def test_kill_9_and_restart_keeps_every_value_and_acknowledgement(tmp_path):

@@ -50,7 +50,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's name
+            def do_POST(self):  # http.server's name
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 with receiver.lock:
                     n = receiver.seen[self.path] = receiver.seen.get(self.path, 0) + 1

@@ -12,7 +12,6 @@ from tests.trainer.harness import TOKENS
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    pytest.importorskip("service.app", reason="the server is not importable")
     tmp = tmp_path_factory.mktemp("lrserve")
     with ServerProcess(f"sqlite:///{tmp}/trainer.db", tmp, env={"LRSERVE_TOKENS": TOKENS}) as proc:
         yield proc

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from trainer import checkpoint, ddp  # noqa: E402
-from trainer.data import load_split, train_loader, val_shard  # noqa: E402
-from trainer.loop import StepTimes, evaluate, make_precision  # noqa: E402
-from trainer.model import make_model  # noqa: E402
-from trainer.schedules import EXAMPLES, resolve_schedule  # noqa: E402
-from trainer.trace import Trace, trace_path  # noqa: E402
+from trainer import checkpoint, ddp
+from trainer.data import load_split, train_loader, val_shard
+from trainer.loop import StepTimes, evaluate, make_precision
+from trainer.model import make_model
+from trainer.schedules import EXAMPLES, resolve_schedule
+from trainer.trace import Trace, trace_path
 
 
 def test_split_is_stratified_standardised_and_seeded():
@@ -38,7 +37,7 @@ def test_ranks_take_equal_steps_and_disjoint_validation_shards():
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_named_example_is_a_spec_the_server_accepts(name):
-    spec_module = pytest.importorskip("service.engine.spec")
+    from service.engine import spec as spec_module
     spec = resolve_schedule(name, steps_per_epoch=23, epochs=8, lr=0.1)
     spec_module.parse_schedule(spec, n_groups=1)
 

@@ -21,21 +21,20 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from tests.trainer.harness import Trainer, admin, rank_order_mean  # noqa: E402
-from trainer import checkpoint  # noqa: E402
-from trainer.data import load_split, train_loader  # noqa: E402
-from trainer.loop import EpochContext, Evaluation, make_precision, train_epoch  # noqa: E402
-from trainer.model import make_model  # noqa: E402
-from trainer.range_test import (  # noqa: E402
+from tests.trainer.harness import Trainer, admin, rank_order_mean
+from trainer import checkpoint
+from trainer.data import load_split, train_loader
+from trainer.loop import EpochContext, Evaluation, make_precision, train_epoch
+from trainer.model import make_model
+from trainer.range_test import (
     RangeTest,
     allreduce_mean,
     finder_line,
     weights_fingerprint,
 )
-from trainer.schedules import resolve_schedule  # noqa: E402
+from trainer.schedules import resolve_schedule
 
 EPOCHS = 10
 BETA = 0.98  # the server's default smoothing (LRRangeTest.beta)

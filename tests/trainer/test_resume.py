@@ -10,10 +10,9 @@ data order are restored too, end bit for bit where the uninterrupted job ended.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.trainer.harness import Trainer, wait_until
-
-torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow
 

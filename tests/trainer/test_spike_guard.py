@@ -20,11 +20,10 @@ import json
 import math
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from tests.trainer.harness import Trainer, admin  # noqa: E402
-from trainer.spike import SpikeHandler, guard_schedule, parse_injection  # noqa: E402
+from tests.trainer.harness import Trainer, admin
+from trainer.spike import SpikeHandler, guard_schedule, parse_injection
 
 EPOCHS = 10
 QUIET = json.dumps({"min_delta": 1.0})

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.service.api.conftest import make_run
+from tests.specs import plateau
 
 SECRETS = {"ops-alice": "al1ce-s3cret", "ci-job": "j0b-s3cret"}
 TOKENS = f"ops-alice:admin:{SECRETS['ops-alice']},ci-job:write:{SECRETS['ci-job']},admin:bare-s3cret"
@@ -66,8 +67,7 @@ def test_an_unnamed_token_acts_as_its_role_and_a_reason_is_optional(secured):
 
 
 def test_server_decisions_are_the_servers(api):
-    plateau = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
-    make_run(api, "p", schedule=plateau)
+    make_run(api, "p", schedule=plateau())
     for step, loss in enumerate([1.0, 2.0, 3.0], start=1):
         api.post("/v1/runs/p/step", json={"step": step, "metrics": {"val_loss": loss}})
     events = api.get("/v1/runs/p/history").json()["events"]

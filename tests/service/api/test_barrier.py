@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from tests.specs import plateau_on_any_rise
 
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.0,
-           "threshold_mode": "abs"}
+PLATEAU = plateau_on_any_rise()
 
 
 @pytest.fixture

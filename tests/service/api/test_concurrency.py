@@ -6,12 +6,11 @@ import random
 import threading
 
 from tests.service.api.conftest import make_run
+from tests.specs import plateau, warmup_then
 
 
 def test_concurrent_steps_metrics_and_actions_keep_finality(api):
-    make_run(api, "hot", {"type": "SequentialLR", "milestones": [5], "schedulers": [
-        {"type": "LinearLR", "start_factor": 0.1, "total_iters": 5},
-        {"type": "ReduceLROnPlateau", "patience": 0, "factor": 0.9}]}, base_lrs=(0.1, 0.2))
+    make_run(api, "hot", warmup_then(plateau(factor=0.9), steps=5), base_lrs=(0.1, 0.2))
     seen: dict[int, list] = {}
     violations = []
     errors = []

@@ -8,13 +8,13 @@ placed on them meanwhile is recorded once as ``provisional_divergence``.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.service.api.conftest import make_run
-
-torch = pytest.importorskip("torch")
+from tests.specs import plateau, plateau_max_acc
 
 COSINE = {"type": "CosineAnnealingLR", "T_max": 40, "eta_min": 0.001}
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0}
+PLATEAU = plateau()
 
 
 def torch_lrs(steps):
@@ -135,8 +135,8 @@ def test_negative_provisional_fields_are_422s(api, field):
 def test_watched_follows_a_replaced_schedule(api):
     make_run(api, "w", COSINE)
     assert api.get("/v1/runs/w/lr", params={"step": 0}).json()["watched"] == []
-    response = api.post("/v1/runs/w/control", json={"action": "replace_schedule", "schedule": {
-        "type": "ReduceLROnPlateau", "monitor": "val_acc", "mode": "max"}})
+    response = api.post("/v1/runs/w/control",
+                        json={"action": "replace_schedule", "schedule": plateau_max_acc()})
     assert response.status_code == 200, response.text
     assert api.get("/v1/runs/w/lr", params={"step": 1}).json()["watched"] == ["val_acc"]
     # the fast path (a cached window) says it too

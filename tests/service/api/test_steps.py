@@ -8,8 +8,9 @@ import pytest
 
 from tests.service.api.conftest import make_run
 from tests.service.engine import reference
+from tests.specs import plateau, plateau_max_acc, warmup_then
 
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 1, "threshold": 0.01}
+PLATEAU = plateau(patience=1, threshold=0.01)
 LOSSES = [1.0, 0.8, 0.81, 0.82, 0.83, 0.5, 0.51, 0.52, 0.53, 0.54, 0.55, float("nan"), 0.6, 0.6]
 
 
@@ -57,12 +58,7 @@ def test_plateau_through_post_step_equals_torch(api):
 
 
 def test_warmup_then_plateau_reduces_after_the_warmup(api):
-    spec = {
-        "type": "SequentialLR",
-        "milestones": [3],
-        "schedulers": [{"type": "LinearLR", "start_factor": 0.1, "total_iters": 3}, PLATEAU],
-    }
-    make_run(api, "wp", spec)
+    make_run(api, "wp", warmup_then(PLATEAU, steps=3))
     lrs = [
         api.post("/v1/runs/wp/step", json={"step": k, "metrics": {"val_loss": 1.0}}).json()["lrs"][0]
         for k in range(1, 10)
@@ -215,8 +211,8 @@ def test_health_ready_and_metrics(api):
 
 def test_replaced_schedule_watches_its_own_metric(api):
     make_run(api, "rw", {"type": "ExponentialLR", "gamma": 0.9})
-    plateau = {"type": "ReduceLROnPlateau", "monitor": "val_acc", "mode": "max", "patience": 0, "factor": 0.5}
-    api.post("/v1/runs/rw/control", json={"action": "replace_schedule", "schedule": plateau})
+    schedule = plateau_max_acc(patience=0, factor=0.5)
+    api.post("/v1/runs/rw/control", json={"action": "replace_schedule", "schedule": schedule})
     lrs = [api.post("/v1/runs/rw/step", json={"step": k, "metrics": {"val_acc": 0.5}}).json()["lrs"][0]
            for k in range(1, 5)]
     assert lrs[-1] < lrs[1]  # val_acc did not improve: the new plateau stage reduced the LR

@@ -11,6 +11,7 @@ from service.engine.preview import preview
 from service.engine.spec import parse_schedule
 from service.errors import ScheduleError
 from tests.service.engine import reference
+from tests.specs import plateau, warmup_then
 
 STEPS = 60
 
@@ -158,7 +159,7 @@ def test_momentums_reported_only_when_cycled():
     assert step.values()[1] is None
 
 
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 2, "threshold": 0.01, "cooldown": 1}
+PLATEAU = plateau(patience=2, threshold=0.01, cooldown=1)
 LOSSES = [
     1.0,
     0.9,
@@ -201,11 +202,7 @@ def test_plateau_ignores_steps_without_its_metric():
 
 def test_warmup_then_plateau_follows_the_documented_rule():
     warm = 5
-    spec = {
-        "type": "SequentialLR",
-        "milestones": [warm],
-        "schedulers": [{"type": "LinearLR", "start_factor": 0.2, "total_iters": warm}, PLATEAU],
-    }
+    spec = warmup_then(PLATEAU, steps=warm, start_factor=0.2)
     ours = engine_trajectory(spec, [0.1], len(LOSSES) + 1, LOSSES)
     # By hand: torch's LinearLR for the warm-up, base LR at the milestone, then a torch
     # ReduceLROnPlateau fed the metrics reported with steps k > warm.

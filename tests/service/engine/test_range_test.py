@@ -9,38 +9,43 @@ import torch
 
 from service.engine.range_test import RangeTest
 
-lightning = pytest.importorskip("lightning.pytorch", reason="Lightning is a dev dependency")
 
+def tiny_regression():
+    """A small model whose loss curve over a range test has a clear valley (Lightning is
+    imported here, not at collection: it costs seconds in every worker that collects)."""
+    import lightning.pytorch as lightning
 
-class TinyRegression(lightning.LightningModule):
-    """A small model whose loss curve over a range test has a clear valley."""
+    class TinyRegression(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+            self.lr = 1e-3
+            self.raw_losses: list[float] = []
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-        self.lr = 1e-3
-        self.raw_losses: list[float] = []
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.raw_losses.append(loss.item())
+            return loss
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.raw_losses.append(loss.item())
-        return loss
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(4096, 8, generator=g)
+            y = (x @ torch.linspace(-1, 1, 8)).unsqueeze(1)
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
 
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(4096, 8, generator=g)
-        y = (x @ torch.linspace(-1, 1, 8)).unsqueeze(1)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    return TinyRegression()
 
 
 @pytest.mark.filterwarnings("ignore")  # Lightning's own advice (workers, loggers) is not ours to fix
 def test_smoothing_early_stop_and_suggestion_equal_lightnings(tmp_path):
+    import lightning.pytorch as lightning
+
     torch.manual_seed(0)
-    model = TinyRegression()
+    model = tiny_regression()
     trainer = lightning.Trainer(
         default_root_dir=tmp_path,
         max_epochs=1,

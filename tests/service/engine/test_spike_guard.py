@@ -12,6 +12,7 @@ from service.engine.preview import simulate
 from service.engine.spec import parse_schedule, spec_to_json
 from service.engine.spike_guard import Detector, GuardSettings, Report, SpikeGuard
 from service.errors import SpecError
+from tests.specs import plateau
 
 INNER = {"type": "CosineAnnealingLR", "T_max": 300, "eta_min": 0.001}
 
@@ -137,8 +138,7 @@ def test_snapshot_mid_backoff_continues_bit_for_bit():
 
 
 def test_guard_around_plateau_and_as_a_range_tests_then():
-    plateau = {"type": "ReduceLROnPlateau", "patience": 0, "factor": 0.5}
-    engine = Engine(parse_schedule(guarded(plateau), n_groups=1), [1.0])
+    engine = Engine(parse_schedule(guarded(plateau()), n_groups=1), [1.0])
     engine.advance({"val_loss": 1.0}, [report(1, 1.0)])
     engine.advance({"val_loss": 2.0}, [report(2, float("nan"))])
     assert engine.values()[0] == (0.25,)  # plateau halved it, the guard halved that

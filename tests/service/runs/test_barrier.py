@@ -19,9 +19,9 @@ from service.settings import Settings
 from service.store import open_store
 from tests.conftest import BACKENDS
 from tests.service.engine import reference
+from tests.specs import plateau_on_any_rise
 
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.0,
-           "threshold_mode": "abs"}
+PLATEAU = plateau_on_any_rise()
 GUARD_S = 120  # only so that a broken wake-up fails instead of hanging; nothing is timed
 
 

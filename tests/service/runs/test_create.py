@@ -34,7 +34,7 @@ def all_at_once(fn, n):
         start.wait()
         try:
             out[i] = fn(i)
-        except Exception as exc:  # handed back to the test
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
             out[i] = exc
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]

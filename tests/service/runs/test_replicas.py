@@ -23,11 +23,10 @@ from service.settings import Settings
 from service.store import open_store
 from tests.conftest import BACKENDS
 from tests.service.engine import reference
+from tests.specs import plateau_on_any_rise, warmup_then
 
-PLATEAU = {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.0,
-           "threshold_mode": "abs"}
-WARMUP_PLATEAU = {"type": "SequentialLR", "milestones": [3], "schedulers": [
-    {"type": "LinearLR", "start_factor": 0.25, "total_iters": 3}, PLATEAU]}
+PLATEAU = plateau_on_any_rise()
+WARMUP_PLATEAU = warmup_then(PLATEAU, steps=3, start_factor=0.25)
 
 
 @pytest.fixture(params=BACKENDS)
