@@ -15,6 +15,11 @@ from urllib.parse import quote
 
 import httpx
 
+try:  # parses a window's floats 4-5x faster than the standard library (same values)
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a client-only install without it
+    _orjson = None
+
 from client._exceptions import (
     ClientClosed,
     ServerError,
@@ -33,6 +38,7 @@ __all__ = [
     "ENV_TOKEN",
     "ENV_URL",
     "LRClient",
+    "loads",
     "map_transport_errors",
 ]
 
@@ -414,7 +420,7 @@ class LRClient:
             raise _error_for(response)
         if response.status_code == 204 or not response.content:
             return None
-        return response.json()
+        return loads(response.content)
 
     def _retry_delay(self, attempt: int, exc: Exception) -> float:
         delay = backoff_delay(attempt, base=self._backoff, cap=self._max_backoff, rand=self._rand)
@@ -422,6 +428,23 @@ class LRClient:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self._max_backoff))
         return delay
+
+
+def loads(content: bytes) -> Any:
+    """An answer's JSON as Python values: with orjson when it is installed, else the standard
+    library (and for the ``NaN``/``Infinity`` tokens of a diverged loss, which orjson refuses).
+
+    The answers of ``GET .../lr`` with a provisional tail hold tens of thousands of floats, parsed
+    on the fetch thread: the standard library's parser holds the GIL for all of it (~60 ms for
+    30,000 steps here), and the training loop's ``step()`` waits behind it; orjson takes ~12 ms.
+    Both give every float64 bit for bit (shortest-repr text, correctly rounded).
+    """
+    if _orjson is not None:
+        try:
+            return _orjson.loads(content)
+        except _orjson.JSONDecodeError:
+            pass
+    return _json.loads(content)
 
 
 def _should_retry(exc: Exception, idempotent: bool) -> bool:

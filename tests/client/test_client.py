@@ -298,3 +298,45 @@ def test_injected_client_keeps_its_timeouts_unless_told(sleeps):
         client.read_run("r")
     assert [r.extensions["timeout"]["read"] for r in recorder.requests] == [4.0, 7.0]
     http.close()
+
+
+# -- parsing answers ---------------------------------------------------------------------------
+
+
+def _random_floats(n, seed=7):
+    """float64 values of every magnitude, drawn as bit patterns (finite ones kept)."""
+    import math
+    import random
+    import struct
+
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        x = struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
+        if math.isfinite(x):
+            out.append(x)
+    return out + [0.0, -0.0, 5e-324, 1.7976931348623157e308, 0.1, 1 / 3]
+
+
+@pytest.mark.parametrize("with_orjson", [True, False], ids=["orjson", "stdlib"])
+def test_answers_parse_to_the_same_float64_values_bit_for_bit(monkeypatch, with_orjson):
+    import struct
+
+    import client._client as module
+
+    if with_orjson:
+        pytest.importorskip("orjson")
+    else:
+        monkeypatch.setattr(module, "_orjson", None)
+    floats = _random_floats(20_000)
+    text = json.dumps({"window": {"start": 3, "lrs": [[x] for x in floats]}}).encode()
+    parsed = [row[0] for row in module.loads(text)["window"]["lrs"]]
+    assert [struct.pack("<d", x) for x in parsed] == [struct.pack("<d", x) for x in floats]
+
+
+def test_an_answer_with_nan_tokens_parses_as_the_standard_library_does():
+    from client._client import loads
+
+    text = b'{"values": [NaN, Infinity, -Infinity, 1.5]}'
+    parsed = loads(text)["values"]
+    assert parsed[0] != parsed[0] and parsed[1:] == [float("inf"), float("-inf"), 1.5]
