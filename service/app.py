@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous,
                            create_db=settings.create_db)
-        big_work = BigWork(settings.offload_workers)  # started after this process's torch warm-up
+        big_work = BigWork(settings.offload_workers)  # its process starts with the first big request
         app.state.big_work = big_work
         manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)
@@ -92,18 +92,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.webhooks = sender
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
-        # After start-up, not before it: readiness does not wait for torch's lazy imports (seconds
-        # here); a run loaded meanwhile waits for them on the import lock, other requests go on.
-        def warm_up_then_workers() -> None:  # one at a time: both import torch, and compete for the cores
-            _warm_up_torch()
-            big_work.start()
-
-        warm_up = asyncio.create_task(run_in_threadpool(warm_up_then_workers), name="lrserve-warm-up")
+        # Before readiness: torch imports most of itself on the first engine built (seconds on a
+        # small machine). A server that said ready before that made its first requests wait on
+        # the import lock (a create took 14.7 s under load) while a proxy sent it traffic.
+        await run_in_threadpool(_warm_up_torch)
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):
-                await warm_up  # a thread cannot be cancelled; let it end before the store closes
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher

@@ -81,23 +81,18 @@ def _warm_up() -> None:
     warm_up_torch()
 
 
-def _ready() -> bool:
-    return True
-
-
 class BigWork:
-    """Runs big work in ``workers`` processes (spawned once, at ``start``), or in the calling
-    thread when ``workers`` is 0. ``run`` is called from the server's worker threads."""
+    """Runs big work in ``workers`` processes, or in the calling thread when ``workers`` is 0.
+    ``run`` is called from the server's worker threads.
+
+    The processes are spawned by the first big request (which waits for their torch import,
+    seconds), not at the server's start: a process that never gets big work (most servers,
+    every app a test builds) spawns none, and a server's start-up does not compete with one."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
-
-    def start(self) -> None:
-        """Spawn the workers and let them import torch, without waiting for them."""
-        if self.workers > 0:
-            self._new_pool().submit(_ready)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         with self._lock:

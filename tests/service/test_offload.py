@@ -23,8 +23,7 @@ def test_small_work_stays_and_big_work_goes():
 
 
 def test_a_worker_process_computes_what_this_one_would_and_a_dead_one_is_replaced():
-    big = BigWork(1)
-    big.start()
+    big = BigWork(1)  # its process starts with the first run
     try:
         request = {"schedule": {"type": "LambdaLR", "lr_lambda": ["1/(1+step)", "0.9**step"]},
                    "base_lrs": [0.1, 0.2]}
@@ -39,6 +38,5 @@ def test_a_worker_process_computes_what_this_one_would_and_a_dead_one_is_replace
 
 def test_zero_workers_compute_in_the_calling_thread():
     big = BigWork(0)
-    big.start()
     assert big.run(os.getpid) == os.getpid()
     big.close()
