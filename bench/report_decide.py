@@ -75,13 +75,14 @@ def optuna_proxy(storage: str, log_dir: Path) -> Iterator[int]:
             proc.wait()
 
 
-def server_seconds(port: int, route: str = "/v1/runs/{run_id}/step") -> tuple[float, float]:
-    """(sum of seconds, count) of lrserve's request histogram for ``POST route``, from /metrics."""
+def server_seconds(port: int, route: str = "/v1/runs/{run_id}/step",
+                   method: str = "POST") -> tuple[float, float]:
+    """(sum of seconds, count) of lrserve's request histogram for ``method route``, from /metrics."""
     from bench.servers import http_get
 
     _, body = http_get(port, "/metrics")
     total = count = 0.0
-    labels = f'method="POST",route="{route}"'
+    labels = f'method="{method}",route="{route}"'
     for line in body.decode().splitlines():
         if labels in line:
             if line.startswith("lrserve_request_seconds_sum"):

@@ -25,6 +25,7 @@ from typing import Any
 
 from bench import report
 from bench.hot_path import prepare_runs
+from bench.report_decide import server_seconds
 from bench.servers import HOST, Pool
 from bench.sizes import Size
 from bench.stats import median, percentile, rotations
@@ -50,21 +51,6 @@ def _routes(run_id: str) -> dict[str, tuple[str, str, Any, str]]:
         "history 200": ("GET", f"{base}/history?max_points=200", None, "/v1/runs/{run_id}/history"),
         "history 10k": ("GET", f"{base}/history?max_points={LONG_RUN}", None, "/v1/runs/{run_id}/history"),
     }
-
-
-def _route_seconds(port: int, method: str, route: str) -> tuple[float, float]:
-    from bench.servers import http_get
-
-    _, body = http_get(port, "/metrics")
-    total = count = 0.0
-    labels = f'method="{method}",route="{route}"'
-    for line in body.decode().splitlines():
-        if labels in line:
-            if line.startswith("lrserve_request_seconds_sum"):
-                total = float(line.rsplit(" ", 1)[1])
-            elif line.startswith("lrserve_request_seconds_count"):
-                count = float(line.rsplit(" ", 1)[1])
-    return total, count
 
 
 def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
@@ -96,12 +82,12 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
         for order in rotations(list(routes), size.report_rounds):
             for name in order:
                 method, path, body, template = routes[name]
-                before = _route_seconds(srv.port, method, template)
+                before = server_seconds(srv.port, template, method)
                 for _ in range(calls):
                     t0 = time.perf_counter()
                     call(method, path, body)
                     times[name].append((time.perf_counter() - t0) * 1e3)
-                after = _route_seconds(srv.port, method, template)
+                after = server_seconds(srv.port, template, method)
                 if after[1] > before[1]:
                     inside[name].append((after[0] - before[0]) / (after[1] - before[1]) * 1e3)
         conn.close()
