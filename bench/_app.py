@@ -9,9 +9,8 @@ same middleware (telemetry, body limit), same JSON response.
 from __future__ import annotations
 
 from fastapi import FastAPI, Response
-
-from service.api.responses import FastJSONResponse, status_body
-from service.app import create_app as create_service_app
+from lrserve.service.api.responses import FastJSONResponse, status_body
+from lrserve.service.app import create_app as create_service_app
 
 
 def create_app() -> FastAPI:

@@ -84,7 +84,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     tool = next(iter(results.values()))[0]["tool"]
     return report.figure(
         NAME, TITLE,
-        ran=f"`python -m service serve` x3 at once (SQLite; PostgreSQL; PostgreSQL --workers 2, one "
+        ran=f"`lrserve serve` x3 at once (SQLite; PostgreSQL; PostgreSQL --workers 2, one "
             f"database), {tool} 1 thread, {size.load_connections} keep-alive connections, "
             f"{size.load_rounds} rounds x {size.load_seconds:g} s per server and load, rotated order; "
             "2 cores shared by the load generator and all processes",

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from lrserve.service.engine import cost
+from lrserve.service.engine.spec import parse_schedule
+from lrserve.service.settings import Settings
 
 from bench import report
 from bench.servers import Pool
 from bench.sizes import Size
 from bench.stats import p99, percentile
-from service.engine import cost
-from service.engine.spec import parse_schedule
-from service.settings import Settings
 
 NAME = "budgets"
 TITLE = "Figure 7: another run's step and /healthz while the worst request each budget allows runs"

@@ -153,8 +153,7 @@ def _modes(name: str) -> list[str]:
 def _measure(url: str, name: str, groups: int, work_s: float, steps: int, size: Size,
              tag: str) -> list[dict[str, Any]]:
     import httpx
-
-    from client import RemoteScheduler
+    from lrserve.client import RemoteScheduler
 
     variants: dict[str, Variant] = {}
     opt = _optimizer(groups)
@@ -273,7 +272,7 @@ def run(size: Size, work: Path, pool: Pool, *, schedules: list[str] | None = Non
         notes.append("ratio above target: " + ", ".join(failing))
     return report.figure(
         NAME, TITLE,
-        ran=f"RemoteScheduler against `python -m service serve` (SQLite, 1 process, loopback); "
+        ran=f"RemoteScheduler against `lrserve serve` (SQLite, 1 process, loopback); "
             f"torch {_torch_version()} schedulers in the same process and loop",
         target=f"ratio (remote / torch, time per step in the scheduler) <= {TARGET_RATIO} for every row "
                f"(aim <= {AIM_RATIO})",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import timeit
 
-from service.liveness import Liveness
+from lrserve.service.liveness import Liveness
 
 CASES = (
     ("a rank's route (GET .../lr)", "/v1/runs/{run_id}/lr"),

@@ -146,7 +146,7 @@ def _client_step(server: Server, seconds: float) -> Any:
     from bench.client_step import SCHEDULES, _optimizer, tick
 
     def go() -> dict[str, Any]:
-        from client import RemoteScheduler
+        from lrserve.client import RemoteScheduler
 
         steps = 0
         deadline = time.monotonic() + seconds - 2

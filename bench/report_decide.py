@@ -123,7 +123,7 @@ def optuna_caller(port: int, seeded: int) -> tuple[Callable[[int], None], Callab
 
 def lrserve_caller(url: str, start: int = 0) -> tuple[Callable[[int], None], Callable[[], None]]:
     """A plateau run taken to step ``start`` first; the call reports at ``start + k``."""
-    from client import LRClient
+    from lrserve.client import LRClient
 
     api = LRClient(url)
     run_id = f"decide-{uuid.uuid4().hex[:8]}"
@@ -193,7 +193,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     return report.figure(
         NAME, TITLE,
         ran=f"one client process, sequential calls, {size.report_rounds} rotated rounds x "
-            f"{size.report_calls} calls per variant; lrserve: `python -m service serve` (SQLite, 1 process) "
+            f"{size.report_calls} calls per variant; lrserve: `lrserve serve` (SQLite, 1 process) "
             f"via client.LRClient; Optuna {_optuna_version()}: run_grpc_proxy_server + GrpcStorageProxy, "
             f"MedianPruner, {size.report_seeded_trials} completed trials of {SEEDED_STEPS} steps",
         target=f"lrserve p50 <= {TARGET} x Optuna's, durable and in-memory (issue 15, target 1); "

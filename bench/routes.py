@@ -104,7 +104,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     worst = max(row["vs_lr"] for row in rows if row["route"] in NEAR)
     return report.figure(
         NAME, TITLE,
-        ran=f"`python -m service serve` (SQLite, 1 process); one http.client keep-alive connection, "
+        ran=f"`lrserve serve` (SQLite, 1 process); one http.client keep-alive connection, "
             f"sequential requests, {size.report_rounds} rotated rounds x {calls} calls per route; "
             f"a run of {LONG_RUN:,} final steps",
         target=f"p50 of {', '.join(NEAR)} within {TARGET:g}x of the cached GET .../lr (issue 15, target 2)",

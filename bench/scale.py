@@ -220,7 +220,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
         and r["all_p99_ms"] <= ALL_P99_MS for r in (ranks, pg_ranks) if r is not None)
     return report.figure(
         NAME, TITLE,
-        ran="`python -m service serve`, 1 process, SQLite (the ranks also on PostgreSQL, --workers 2); "
+        ran="`lrserve serve`, 1 process, SQLite (the ranks also on PostgreSQL, --workers 2); "
             "drivers in a separate process (asyncio, "
             "keep-alive, 1 connection per rank); RSS = VmRSS from /proc",
         target=f"ranks: zero errors and identical values on every rank, barrier answer p50 <= "

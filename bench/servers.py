@@ -91,7 +91,7 @@ class Server:
     Args:
         db: Database URL (``--db``).
         log_dir: Where its log goes (``{name}-{port}.log``).
-        app: ``"service"`` runs ``python -m service serve`` (what users run); ``"bench"``
+        app: ``"service"`` runs ``lrserve serve`` (what users run); ``"bench"``
             runs the same app plus ``GET /bench/ping`` (``bench._app``) under the same
             uvicorn settings, for the ceiling of the stack.
         port: Its port; a free one by default (a restart passes the old one).
@@ -123,7 +123,7 @@ class Server:
                   "--log-level", self.log_level]
         if self.app == "bench":
             return [sys.executable, "-m", "uvicorn", "bench._app:create_app", "--factory", *common]
-        return [sys.executable, "-m", "service", "serve", "--db", self.db, *common, *self.args]
+        return [sys.executable, "-m", "lrserve.service", "serve", "--db", self.db, *common, *self.args]
 
     def spawn(self) -> Server:
         """Start the process and return at once (``wait_ready`` or ``first_answer`` next)."""

@@ -5,8 +5,8 @@ Needs only httpx (and the job's own torch); imports nothing of the server.
 
 from __future__ import annotations
 
-from client._client import LRClient
-from client._exceptions import (
+from lrserve.client._client import LRClient
+from lrserve.client._exceptions import (
     AuthenticationError,
     CadenceWarning,
     ClientClosed,
@@ -28,7 +28,7 @@ from client._exceptions import (
     ServerUnreachable,
     TransportError,
 )
-from client._scheduler import ClientState, RemoteScheduler
+from lrserve.client._scheduler import ClientState, RemoteScheduler
 
 __all__ = [
     "AuthenticationError",
@@ -59,4 +59,4 @@ __all__ = [
 __locals = locals()
 for __name in __all__:
     if not __name.startswith("__"):
-        setattr(__locals[__name], "__module__", "client")  # noqa
+        setattr(__locals[__name], "__module__", "lrserve.client")  # noqa

@@ -35,8 +35,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from client._client import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
-from client._exceptions import ClientClosed, LimitExceeded, ServerError, TransportError
+from lrserve.client._client import DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, backoff_delay
+from lrserve.client._exceptions import ClientClosed, LimitExceeded, ServerError, TransportError
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

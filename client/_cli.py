@@ -20,9 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import httpx
-
-from client._client import DEFAULT_URL, ENV_TOKEN, ENV_URL, LRClient
-from client._exceptions import ServerError, TransportError
+from lrserve.client._client import DEFAULT_URL, ENV_TOKEN, ENV_URL, LRClient
+from lrserve.client._exceptions import ServerError, TransportError
 
 __all__ = [
     "EXIT_OK",

@@ -20,7 +20,7 @@ try:  # parses a window's floats 4-5x faster than the standard library (same val
 except ImportError:  # pragma: no cover - a client-only install without it
     _orjson = None
 
-from client._exceptions import (
+from lrserve.client._exceptions import (
     ClientClosed,
     ServerError,
     ServerTimeout,

@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-from client._env import run_id_from_env
+from lrserve.client._env import run_id_from_env
 
 __all__ = ["LocalScheduler"]
 

@@ -19,9 +19,14 @@ from concurrent.futures import Future
 from typing import Any
 
 import httpx
-
-from client._client import DEFAULT_MAX_BACKOFF, LRClient, backoff_delay
-from client._exceptions import ClientClosed, LRServiceError, ScheduleError, ServerError, TransportError
+from lrserve.client._client import DEFAULT_MAX_BACKOFF, LRClient, backoff_delay
+from lrserve.client._exceptions import (
+    ClientClosed,
+    LRServiceError,
+    ScheduleError,
+    ServerError,
+    TransportError,
+)
 
 __all__ = ["NOT_READY", "EndOfSchedule", "WindowFetcher", "is_outage"]
 

@@ -7,8 +7,8 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer, Send
-from client._exceptions import MetricsDroppedWarning, warn
+from lrserve.client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED, MetricBuffer, Send
+from lrserve.client._exceptions import MetricsDroppedWarning, warn
 
 __all__ = ["MetricLog", "to_float"]
 

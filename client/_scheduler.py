@@ -30,12 +30,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
-
-from client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED
-from client._cache import NEVER, WindowCache
-from client._client import DEFAULT_MAX_RETRIES, LRClient
-from client._env import labels_from_env, mode_from_env, run_id_from_env
-from client._exceptions import (
+from lrserve.client._buffer import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_BUFFERED
+from lrserve.client._cache import NEVER, WindowCache
+from lrserve.client._client import DEFAULT_MAX_RETRIES, LRClient
+from lrserve.client._env import labels_from_env, mode_from_env, run_id_from_env
+from lrserve.client._exceptions import (
     CadenceWarning,
     ClientClosed,
     LRServiceError,
@@ -45,9 +44,9 @@ from client._exceptions import (
     TransportError,
     warn,
 )
-from client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
-from client._metrics import MetricLog, to_float
-from client._optimizer import (
+from lrserve.client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
+from lrserve.client._metrics import MetricLog, to_float
+from lrserve.client._optimizer import (
     OptimizerWriter,
     check_not_composed,
     check_optimizer,
@@ -55,9 +54,9 @@ from client._optimizer import (
     release_driver,
     unhook,
 )
-from client._run_events import RunEvents
-from client._tail import DEFAULT_RIDE_S, ProvisionalTail
-from client._windows import (
+from lrserve.client._run_events import RunEvents
+from lrserve.client._tail import DEFAULT_RIDE_S, ProvisionalTail
+from lrserve.client._windows import (
     DEFAULT_MONITOR,
     DEFAULT_TIME_BUDGET_S,
     Cadence,
@@ -197,7 +196,7 @@ class RemoteScheduler:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RemoteScheduler:
         if mode_from_env() == "disabled":  # no server: torch's own scheduler (client/_disabled.py)
-            from client._disabled import LocalScheduler
+            from lrserve.client._disabled import LocalScheduler
 
             return LocalScheduler(*args, **kwargs)  # type: ignore[return-value]
         # Frameworks check isinstance(scheduler, torch's LRScheduler) (Lightning refuses

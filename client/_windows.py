@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from client._cache import WindowCache
+    from lrserve.client._cache import WindowCache
 
 __all__ = [
     "DEFAULT_FIRST_AHEAD",

@@ -5,9 +5,9 @@ from __future__ import annotations
 __all__ = ["create_app"]
 
 
-def __getattr__(name: str):  # lazy, so `python -m service --help` stays fast
+def __getattr__(name: str):  # lazy, so `python -m lrserve.service --help` stays fast
     if name == "create_app":
-        from service.app import create_app
+        from lrserve.service.app import create_app
 
         return create_app
     raise AttributeError(name)

@@ -1,9 +1,9 @@
-"""``python -m service [OPTIONS]`` starts the server (same as ``lrserve serve``);
-``python -m service COMMAND ...`` runs any other ``lrserve`` command."""
+"""``python -m lrserve.service [OPTIONS]`` starts the server (same as ``lrserve serve``);
+``python -m lrserve.service COMMAND ...`` runs any other ``lrserve`` command."""
 
 import sys
 
-from service.cli import main
+from lrserve.service.cli import main
 
 if __name__ == "__main__":  # not when a worker process (spawned: service.offload) imports it
     args = sys.argv[1:]

@@ -10,28 +10,37 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from lrserve.service import dashboard
+from lrserve.service.api.fast_path import FastWindows
+from lrserve.service.api.handlers import install_error_handlers
+from lrserve.service.api.query import SingleQueryValues, repeatable_parameters
+from lrserve.service.api.routes import (
+    events,
+    fleet,
+    health,
+    runs,
+    schedules,
+    spike_guard,
+    steps,
+    webhooks,
+    whoami,
+)
+from lrserve.service.api.schemas import ERROR_RESPONSES
+from lrserve.service.auth import Authenticator, load_tokens
+from lrserve.service.engine.engine import warm_up_torch
+from lrserve.service.errors import StoreUnavailable
+from lrserve.service.events.hub import EventHub
+from lrserve.service.events.webhooks import WebhookSender, load_webhooks
+from lrserve.service.limits import BodySizeLimit
+from lrserve.service.liveness import Liveness
+from lrserve.service.offload import BigWork
+from lrserve.service.runs.barrier import Barriers
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
+from lrserve.service.store.webhook_queue import WebhookQueue
+from lrserve.service.telemetry import Telemetry, TelemetryMiddleware
 from starlette.concurrency import run_in_threadpool
-
-from service import dashboard
-from service.api.fast_path import FastWindows
-from service.api.handlers import install_error_handlers
-from service.api.query import SingleQueryValues, repeatable_parameters
-from service.api.routes import events, fleet, health, runs, schedules, spike_guard, steps, webhooks, whoami
-from service.api.schemas import ERROR_RESPONSES
-from service.auth import Authenticator, load_tokens
-from service.engine.engine import warm_up_torch
-from service.errors import StoreUnavailable
-from service.events.hub import EventHub
-from service.events.webhooks import WebhookSender, load_webhooks
-from service.limits import BodySizeLimit
-from service.liveness import Liveness
-from service.offload import BigWork
-from service.runs.barrier import Barriers
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store import open_store
-from service.store.webhook_queue import WebhookQueue
-from service.telemetry import Telemetry, TelemetryMiddleware
 
 DESCRIPTION = """Learning-rate schedules served over HTTP, computed by torch's own schedulers.
 

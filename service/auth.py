@@ -12,7 +12,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import Forbidden, Unauthorized
+from lrserve.service.errors import Forbidden, Unauthorized
 
 ROLES = ("read", "write", "admin")
 _RANK = {role: i for i, role in enumerate(ROLES)}

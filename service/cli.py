@@ -4,12 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.settings import DEFAULT_DB, Settings
+if TYPE_CHECKING:  # the server's packages (the `server` extra) load only for `lrserve serve`
+    from lrserve.service.settings import Settings
+
+DEFAULT_DB = "sqlite:///./lrserve.db"
+"""Where ``lrserve serve`` keeps its database unless told (``Settings.db``'s default)."""
+
+SERVER_EXTRA = "pip install 'lrserve[server]'"
+SERVER_PACKAGES = ("fastapi", "uvicorn", "pydantic_settings", "sqlalchemy", "prometheus_client", "torch")
+"""What ``lrserve serve`` needs beyond the client (the `server` extra), by import name."""
 
 
 def is_loopback(host: str) -> bool:
@@ -78,9 +87,12 @@ def fail(problem: str) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from service.auth import TokenError, load_tokens
-    from service.connections import raise_fd_limit
-    from service.events.webhooks import WebhookConfigError, load_webhooks
+    missing = [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:  # a client-only install: the operator commands work, serving does not
+        return fail(f"the server's packages are not installed ({', '.join(missing)}): {SERVER_EXTRA}")
+    from lrserve.service.auth import TokenError, load_tokens
+    from lrserve.service.connections import raise_fd_limit
+    from lrserve.service.events.webhooks import WebhookConfigError, load_webhooks
 
     given = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for field, flag in FLAGS.items()}
     settings, problem = build_settings({k: v for k, v in given.items() if v is not None})
@@ -114,6 +126,7 @@ def serve_command(args: argparse.Namespace) -> int:
 def build_settings(flags: dict[str, Any]) -> tuple[Settings | None, str | None]:
     """The server's one ``Settings``: ``flags`` (field: value, as given) over the ``LRSERVE_*``
     variables over the defaults; or the first bad one, in a line naming its flag or variable."""
+    from lrserve.service.settings import Settings
     from pydantic import ValidationError
 
     try:
@@ -132,9 +145,8 @@ def run_server(settings: Settings, *, workers: int, log_level: str, access_log: 
     """Serve until stopped: ``workers`` processes, each building its app from ``settings``
     (handed over as an object, pickled to each worker, not through the environment)."""
     import uvicorn
+    from lrserve.service.workers import AppFactory, GuardedProtocol
     from uvicorn.supervisors import Multiprocess
-
-    from service.workers import AppFactory, GuardedProtocol
 
     config = uvicorn.Config(
         AppFactory(settings), factory=True, host=settings.host, port=settings.port, workers=workers,
@@ -159,8 +171,8 @@ def check_database(url: str, wait_s: float, *, create_db: bool = False,
         ``None`` when the database is usable (created or migrated now), else why not, in
         one line that names the host or file and never the password.
     """
-    from service.errors import StoreUnavailable
-    from service.store import wait_for_store
+    from lrserve.service.errors import StoreUnavailable
+    from lrserve.service.store import wait_for_store
 
     def waiting(error: StoreUnavailable, left: float) -> None:
         print(f"lrserve: waiting for the database ({left:.0f} s left): {error}", file=sys.stderr)
@@ -185,7 +197,7 @@ def build_parser(*, operator_commands: bool = True) -> argparse.ArgumentParser:
     if not operator_commands:
         return parser
     try:
-        from client._cli import add_operator_commands
+        from lrserve.client._cli import add_operator_commands
     except ImportError:  # the operator commands are optional for a server-only install
         pass
     else:

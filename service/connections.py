@@ -28,10 +28,9 @@ from collections import OrderedDict
 from typing import Any
 
 import orjson
+from lrserve.service.api.responses import error_body
+from lrserve.service.errors import LRServeError, RequestTimeout, TooManyConnections
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-from service.api.responses import error_body
-from service.errors import LRServeError, RequestTimeout, TooManyConnections
 
 log = logging.getLogger("lrserve")
 

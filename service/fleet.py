@@ -13,9 +13,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import InvalidInput, LRServeError
-from service.runs.manager import RunManager
-from service.store.base import BaseStore, RunRecord
+from lrserve.service.errors import InvalidInput, LRServeError
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.store.base import BaseStore, RunRecord
 
 _PAGE = 1000
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import orjson
+from lrserve.service.api.responses import error_body
+from lrserve.service.errors import FieldError, LimitExceeded
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.api.responses import error_body
-from service.errors import FieldError, LimitExceeded
 
 
 class BodySizeLimit:

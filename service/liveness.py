@@ -25,11 +25,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from lrserve.service.errors import OutageLog, StoreUnavailable
+from lrserve.service.store.base import BaseStore, RunRecord
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
-
-from service.errors import OutageLog, StoreUnavailable
-from service.store.base import BaseStore, RunRecord
 
 log = logging.getLogger("lrserve")
 

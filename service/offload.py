@@ -31,8 +31,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from service.engine.cost import GROUP_OVERHEAD
-from service.errors import LRServeError
+from lrserve.service.engine.cost import GROUP_OVERHEAD
+from lrserve.service.errors import LRServeError
 
 log = logging.getLogger("lrserve")
 
@@ -76,7 +76,7 @@ def _text(value: Any, depth: int = 0) -> int:
 
 def _warm_up() -> None:
     """A worker's start: import torch and build one engine (seconds), before any request waits."""
-    from service.engine.engine import warm_up_torch
+    from lrserve.service.engine.engine import warm_up_torch
 
     warm_up_torch()
 

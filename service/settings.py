@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
+from lrserve.service.cli import DEFAULT_DB  # defined there: the CLI's help needs no server packages
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-DEFAULT_DB = "sqlite:///./lrserve.db"
 
 SqliteSynchronous = Literal["NORMAL", "FULL", "EXTRA"]
 """SQLite's ``synchronous`` levels lrserve accepts. With WAL, ``NORMAL`` makes a commit survive

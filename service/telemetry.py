@@ -6,11 +6,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lrserve.service.engine.engine import ScheduleSwitch
+from lrserve.service.runs.state import StepOutcome
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.engine.engine import ScheduleSwitch
-from service.runs.state import StepOutcome
 
 
 class Telemetry:

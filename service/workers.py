@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from service.settings import Settings
+from lrserve.service.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-
-    from service.connections import GuardedHttpProtocol
+    from lrserve.service.connections import GuardedHttpProtocol
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class AppFactory:
     settings: Settings
 
     def __call__(self) -> FastAPI:
-        from service.app import create_app
+        from lrserve.service.app import create_app
 
         return create_app(self.settings)
 
@@ -45,7 +44,7 @@ class GuardedProtocol:
         return cls(settings.request_timeout_s, settings.max_connections)
 
     def __call__(self, *args: Any, **kwargs: Any) -> GuardedHttpProtocol:
-        from service.connections import GuardedHttpProtocol
+        from lrserve.service.connections import GuardedHttpProtocol
 
         return GuardedHttpProtocol(*args, request_timeout_s=self.request_timeout_s,
                                    max_connections=self.max_connections, **kwargs)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.app import create_app
-from service.settings import Settings
-from service.store.events import EventKind
+from lrserve.service.app import create_app
+from lrserve.service.settings import Settings
+from lrserve.service.store.events import EventKind
+
 from tests.service.api.test_auth import ROUTES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import types
 
-import client
+from lrserve import client
 
 
 def test_all_imports_are_exported() -> None:
@@ -20,4 +20,4 @@ def test_all_imports_are_exported() -> None:
 
 def test_exported_members_name_the_package() -> None:
     for name in client.__all__:
-        assert getattr(client, name).__module__ == "client", name
+        assert getattr(client, name).__module__ == "lrserve.client", name

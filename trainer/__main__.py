@@ -1,8 +1,8 @@
-"""``python -m trainer`` (also under ``torchrun -m trainer``)."""
+"""``python -m lrserve.trainer`` (also under ``torchrun -m lrserve.trainer``)."""
 
 from __future__ import annotations
 
-from trainer.cli import main
+from lrserve.trainer.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

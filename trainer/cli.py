@@ -1,4 +1,4 @@
-"""``python -m trainer``: the command line. Every option is documented in ``--help``."""
+"""``python -m lrserve.trainer``: the command line. Every option is documented in ``--help``."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from trainer.schedules import describe_examples
+from lrserve.trainer.schedules import describe_examples
 
 __all__ = ["build_parser", "main"]
 
 EPILOG = """\
 Two ranks on the CPU (gloo), every rank on the same run:
-  torchrun --standalone --nproc_per_node=2 -m trainer --url http://127.0.0.1:8000 \\
+  torchrun --standalone --nproc_per_node=2 -m lrserve.trainer --url http://127.0.0.1:8000 \\
       --run-id digits-1 --schedule warmup-plateau --epochs 10 --checkpoint ckpt.pt
 On a GPU machine the same command uses NCCL and mixed precision.
 An operator's stop (lrserve control RUN stop) ends the job at the next epoch end, on every
@@ -39,7 +39,7 @@ def _env_int(name: str, default: int) -> int:
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(
-        prog="python -m trainer",
+        prog="python -m lrserve.trainer",
         description="Reference trainer: an MLP on scikit-learn's digits, its LR schedule served by "
         "lrserve through RemoteScheduler. Runs plainly or under torchrun (DDP).",
         epilog=EPILOG,
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("trainer: --spike-guard and --inject-spike need --step-per batch (a loss per step)")
     if args.snapshot_every < 1:
         raise SystemExit("trainer: --snapshot-every must be at least 1")
-    from trainer.run import run
+    from lrserve.trainer.run import run
 
     run(args)
     return 0

@@ -20,8 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-
-from client import LRClient, LRServiceError
+from lrserve.client import LRClient, LRServiceError
 
 __all__ = [
     "RangeTest", "allreduce_mean", "finder_line", "is_range_test", "read_finder", "weights_fingerprint",

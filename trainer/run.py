@@ -16,18 +16,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lrserve.client import RemoteScheduler
+from lrserve.trainer import checkpoint, ddp
+from lrserve.trainer.data import load_split, train_loader, val_shard
+from lrserve.trainer.loop import EpochContext, Evaluation, Precision, evaluate, make_precision, train_epoch
+from lrserve.trainer.model import make_model
+from lrserve.trainer.range_test import (
+    RangeTest,
+    allreduce_mean,
+    finder_line,
+    read_finder,
+    weights_fingerprint,
+)
+from lrserve.trainer.schedules import resolve_schedule
+from lrserve.trainer.spike import SpikeHandler, guard_schedule, parse_injection
+from lrserve.trainer.trace import Trace
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-
-from client import RemoteScheduler
-from trainer import checkpoint, ddp
-from trainer.data import load_split, train_loader, val_shard
-from trainer.loop import EpochContext, Evaluation, Precision, evaluate, make_precision, train_epoch
-from trainer.model import make_model
-from trainer.range_test import RangeTest, allreduce_mean, finder_line, read_finder, weights_fingerprint
-from trainer.schedules import resolve_schedule
-from trainer.spike import SpikeHandler, guard_schedule, parse_injection
-from trainer.trace import Trace
 
 __all__ = ["run"]
 

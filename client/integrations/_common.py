@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from client._disabled import LocalScheduler
-from client._scheduler import RemoteScheduler
+from lrserve.client._disabled import LocalScheduler
+from lrserve.client._scheduler import RemoteScheduler
 
 
 def remote_scheduler(scheduler: Any) -> RemoteScheduler | None:

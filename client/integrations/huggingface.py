@@ -24,8 +24,8 @@ try:
 except ImportError as exc:  # the client itself does not need transformers
     raise ImportError("client.integrations.huggingface needs transformers: pip install it") from exc
 
-from client._scheduler import RemoteScheduler
-from client.integrations._common import plateau_modes, remote_scheduler, reported_name
+from lrserve.client._scheduler import RemoteScheduler
+from lrserve.client.integrations._common import plateau_modes, remote_scheduler, reported_name
 
 __all__ = ["LRServeCallback"]
 

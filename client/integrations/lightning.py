@@ -26,8 +26,8 @@ try:
 except ImportError as exc:  # the client itself does not need lightning
     raise ImportError("client.integrations.lightning needs lightning (pip install lightning)") from exc
 
-from client._scheduler import RemoteScheduler
-from client.integrations._common import remote_scheduler, reported_name
+from lrserve.client._scheduler import RemoteScheduler
+from lrserve.client.integrations._common import remote_scheduler, reported_name
 
 __all__ = ["LRServeCallback"]
 

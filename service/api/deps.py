@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
-
-from service.auth import Identity
-from service.liveness import Liveness
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store.base import BaseStore
+from lrserve.service.auth import Identity
+from lrserve.service.liveness import Liveness
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store.base import BaseStore
 
 
 async def get_manager(request: Request) -> RunManager:

@@ -15,12 +15,11 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
+from lrserve.service.api.responses import window_body
+from lrserve.service.api.schemas import MAX_STEP, RUN_ID_PATTERN
+from lrserve.service.errors import LRServeError
+from lrserve.service.runs.manager import ON_LOOP_VALUES
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from service.api.responses import window_body
-from service.api.schemas import MAX_STEP, RUN_ID_PATTERN
-from service.errors import LRServeError
-from service.runs.manager import ON_LOOP_VALUES
 
 ROUTE = "/v1/runs/{run_id}/lr"
 _PATH = re.compile(rf"^/v1/runs/({RUN_ID_PATTERN.strip('^$')})/lr$")

@@ -18,11 +18,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException
-
-from service.api.responses import FastJSONResponse, error_response
-from service.errors import (
+from lrserve.service.api.responses import FastJSONResponse, error_response
+from lrserve.service.errors import (
     STORE_UNAVAILABLE,
     FieldError,
     InvalidInput,
@@ -31,6 +28,8 @@ from service.errors import (
     field_path,
     validation_message,
 )
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger("lrserve")
 

@@ -14,10 +14,9 @@ from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import FastAPI
+from lrserve.service.api.responses import error_body
+from lrserve.service.errors import InvalidInput
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from service.api.responses import error_body
-from service.errors import InvalidInput
 
 
 def repeatable_parameters(app: FastAPI) -> frozenset[str]:

@@ -15,26 +15,25 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from lrserve.service.api import sliced_json
+from lrserve.service.engine.codec import legacy_float_text, public_float, public_json, public_rows
+from lrserve.service.errors import LRServeError
+from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
 from starlette.responses import JSONResponse
 
-from service.api import sliced_json
-from service.engine.codec import legacy_float_text, public_float, public_json, public_rows
-from service.errors import LRServeError
-from service.store.events import Event, EventKind, FeedEntry, NewEvent
-
 if TYPE_CHECKING:
-    from service.engine.catalog import CatalogArg, CatalogEntry
-    from service.engine.engine import Values
-    from service.engine.range_test import RangeTestReport
-    from service.engine.spike_guard import Band, Spike
-    from service.events.hub import Overflow
-    from service.events.webhooks import WebhookEndpoint
-    from service.fleet import FleetOutcome
-    from service.runs.manager import History, LRFinder, SpikeGuardView, Window
-    from service.runs.provisional import Tail
-    from service.runs.state import RunState
-    from service.store.base import RunRecord
-    from service.store.webhook_queue import EndpointStatus
+    from lrserve.service.engine.catalog import CatalogArg, CatalogEntry
+    from lrserve.service.engine.engine import Values
+    from lrserve.service.engine.range_test import RangeTestReport
+    from lrserve.service.engine.spike_guard import Band, Spike
+    from lrserve.service.events.hub import Overflow
+    from lrserve.service.events.webhooks import WebhookEndpoint
+    from lrserve.service.fleet import FleetOutcome
+    from lrserve.service.runs.manager import History, LRFinder, SpikeGuardView, Window
+    from lrserve.service.runs.provisional import Tail
+    from lrserve.service.runs.state import RunState
+    from lrserve.service.store.base import RunRecord
+    from lrserve.service.store.webhook_queue import EndpointStatus
 
 Body = dict[str, Any]
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from lrserve.service.engine.spec import MAX_GROUPS
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-
-from service.engine.spec import MAX_GROUPS
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 """A run id: also what the fast path (``fast_path.py``) matches in ``/v1/runs/{run_id}/lr``."""

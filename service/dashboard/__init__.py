@@ -6,6 +6,6 @@ user typed in, so the page and its static files are open while the API keeps its
 
 from __future__ import annotations
 
-from service.dashboard.routes import router
+from lrserve.service.dashboard.routes import router
 
 __all__ = ["router"]

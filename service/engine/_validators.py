@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+from lrserve.service.errors import FieldError, describe, field_path, validation_message
 from pydantic import PlainValidator
 from pydantic_core import PydanticCustomError
-
-from service.errors import FieldError, describe, field_path, validation_message
 
 MAX_GROUPS = 1024
 """Most param groups a run may have: the one definition (request bodies use it too, through

@@ -15,10 +15,8 @@ import enum
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter
-
-from service.engine.engine import Engine
-from service.engine.spec import (
+from lrserve.service.engine.engine import Engine
+from lrserve.service.engine.spec import (
     ScheduleSpec,
     cycles_momentum,
     guard_of,
@@ -26,7 +24,8 @@ from service.engine.spec import (
     spec_to_json,
     watched_metrics,
 )
-from service.errors import InvalidInput
+from lrserve.service.errors import InvalidInput
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter
 
 
 class RunStatus(str, enum.Enum):

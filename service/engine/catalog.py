@@ -13,12 +13,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from lrserve.service.engine._validators import TypeLabel
+from lrserve.service.engine.spec import SPEC_MODELS
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 from torch.optim import lr_scheduler as torch_schedulers
-
-from service.engine._validators import TypeLabel
-from service.engine.spec import SPEC_MODELS
 
 # Where torch's first docstring line misleads ("Sets the initial learning rate."), or
 # the type is lrserve's own.

@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.engine.expr import CHECKED_STEPS
-from service.errors import InvalidInput
+from lrserve.service.engine.expr import CHECKED_STEPS
+from lrserve.service.errors import InvalidInput
 
 GROUP_OVERHEAD = 6
 """Per-step units paid whatever the number of param groups."""

@@ -34,12 +34,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lrserve.service.engine.range_test import RangeTest
+from lrserve.service.engine.spec import (
+    SPIKE_GUARD,
+    ScheduleSpec,
+    cycles_momentum,
+    parse_schedule,
+    spec_to_json,
+)
+from lrserve.service.engine.spike_guard import GuardSettings, Report, Spike, SpikeGuard
+from lrserve.service.errors import ScheduleError
 from torch.optim import lr_scheduler as torch_schedulers
-
-from service.engine.range_test import RangeTest
-from service.engine.spec import SPIKE_GUARD, ScheduleSpec, cycles_momentum, parse_schedule, spec_to_json
-from service.engine.spike_guard import GuardSettings, Report, Spike, SpikeGuard
-from service.errors import ScheduleError
 
 Values = tuple[tuple[float, ...], "tuple[float, ...] | None"]
 """The LRs of every param group at one step, and their momentums (None: not cycled)."""

@@ -25,7 +25,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from service.errors import ScheduleError, SpecError
+from lrserve.service.errors import ScheduleError, SpecError
 
 MAX_SOURCE_CHARS = 500
 MAX_NODES = 200

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from service.engine.engine import Engine
-from service.engine.spec import ScheduleSpec, guard_of
-from service.engine.spike_guard import Spike
+from lrserve.service.engine.engine import Engine
+from lrserve.service.engine.spec import ScheduleSpec, guard_of
+from lrserve.service.engine.spike_guard import Spike
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine.engine import Engine
-from service.engine.spec import ScheduleSpec, guard_of, parse_schedule, spec_to_json, watched_metrics
-from service.errors import InvalidInput
+from lrserve.service.engine.engine import Engine
+from lrserve.service.engine.spec import ScheduleSpec, guard_of, parse_schedule, spec_to_json, watched_metrics
+from lrserve.service.errors import InvalidInput
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,12 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
+from lrserve.service.engine import _validators as v
+from lrserve.service.engine._validators import MAX_GROUPS as MAX_GROUPS  # the one definition; re-exported
+from lrserve.service.engine._validators import PerGroupExpression, PerGroupFloat, Problems
+from lrserve.service.engine.expr import Expression, compile_expression, node_count
+from lrserve.service.errors import FieldError, SpecError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
-
-from service.engine import _validators as v
-from service.engine._validators import MAX_GROUPS as MAX_GROUPS  # the one definition; re-exported
-from service.engine._validators import PerGroupExpression, PerGroupFloat, Problems
-from service.engine.expr import Expression, compile_expression, node_count
-from service.errors import FieldError, SpecError
 
 MAX_DEPTH: int = 4
 """Nesting levels of schedules allowed (the top level is 1)."""

@@ -23,11 +23,10 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+from lrserve.service.errors import OutageLog, StoreUnavailable
+from lrserve.service.store.base import BaseStore
+from lrserve.service.store.events import FeedEntry
 from starlette.concurrency import run_in_threadpool
-
-from service.errors import OutageLog, StoreUnavailable
-from service.store.base import BaseStore
-from service.store.events import FeedEntry
 
 log = logging.getLogger("lrserve.events")
 

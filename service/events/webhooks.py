@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+from lrserve.service.api.responses import feed_message
+from lrserve.service.errors import OutageLog, StoreUnavailable
+from lrserve.service.events.hub import FeedFilter
+from lrserve.service.store.events import EventKind, FeedEntry
+from lrserve.service.store.webhook_queue import Delivery, EndpointStatus, WebhookQueue
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
-
-from service.api.responses import feed_message
-from service.errors import OutageLog, StoreUnavailable
-from service.events.hub import FeedFilter
-from service.store.events import EventKind, FeedEntry
-from service.store.webhook_queue import Delivery, EndpointStatus, WebhookQueue
 
 if TYPE_CHECKING:
     import httpx

@@ -28,10 +28,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from lrserve.service.errors import InvalidInput, OutageLog
+from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 from starlette.concurrency import run_in_threadpool
-
-from service.errors import InvalidInput, OutageLog
-from service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 
 log = logging.getLogger("lrserve.barrier")
 Listener = Callable[[Callable[[str | None], None]], Awaitable[None]]

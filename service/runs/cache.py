@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 import weakref
 
-from service.engine import codec
-from service.engine.actions import RunStatus
-from service.engine.engine import Engine, Values
-from service.engine.run_spec import RunSpec
-from service.runs.replay import apply_logs
-from service.runs.state import Marks, RunState
-from service.store.base import BaseStore, RunRecord, Snapshot
+from lrserve.service.engine import codec
+from lrserve.service.engine.actions import RunStatus
+from lrserve.service.engine.engine import Engine, Values
+from lrserve.service.engine.run_spec import RunSpec
+from lrserve.service.runs.replay import apply_logs
+from lrserve.service.runs.state import Marks, RunState
+from lrserve.service.store.base import BaseStore, RunRecord, Snapshot
 
 
 class RunCache:

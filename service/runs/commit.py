@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from service.engine import codec
-from service.engine.actions import Action, RunStatus
-from service.engine.engine import ScheduleSwitch
-from service.engine.spike_guard import Spike
-from service.errors import InvalidInput, RunConflict
-from service.runs.cache import RunCache
-from service.runs.replay import apply_logs
-from service.runs.state import RunState, StepOutcome
-from service.settings import Settings
-from service.store.base import (
+from lrserve.service.engine import codec
+from lrserve.service.engine.actions import Action, RunStatus
+from lrserve.service.engine.engine import ScheduleSwitch
+from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.errors import InvalidInput, RunConflict
+from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.replay import apply_logs
+from lrserve.service.runs.state import RunState, StepOutcome
+from lrserve.service.settings import Settings
+from lrserve.service.store.base import (
     BaseStore,
     MetricRecord,
     RunHead,
@@ -42,7 +42,7 @@ from service.store.base import (
     ValueChunk,
     pack_lrs,
 )
-from service.store.events import Event, EventKind, NewEvent
+from lrserve.service.store.events import Event, EventKind, NewEvent
 
 LOCAL_ACTOR = "local"
 """The actor of a call made in this process without a token (tests, a server without tokens)."""

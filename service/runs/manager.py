@@ -19,15 +19,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine import cost
-from service.engine.actions import RunStatus, action_for_run
-from service.engine.engine import Values
-from service.engine.run_spec import RunSpec
-from service.engine.spike_guard import Spike
-from service.errors import InvalidInput, RunConflict, RunNotFound
-from service.offload import BigWork, is_big
-from service.runs.cache import RunCache
-from service.runs.commit import (
+from lrserve.service.engine import cost
+from lrserve.service.engine.actions import RunStatus, action_for_run
+from lrserve.service.engine.engine import Values
+from lrserve.service.engine.run_spec import RunSpec
+from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.errors import InvalidInput, RunConflict, RunNotFound
+from lrserve.service.offload import BigWork, is_big
+from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.commit import (
     LOCAL_ACTOR,
     Committer,
     Metric,
@@ -36,11 +36,11 @@ from service.runs.commit import (
     guard_reports,
     metric_records,
 )
-from service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
-from service.runs.state import RunState, StepOutcome
-from service.settings import Settings
-from service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord
-from service.store.events import EventKind, NewEvent
+from lrserve.service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
+from lrserve.service.runs.state import RunState, StepOutcome
+from lrserve.service.settings import Settings
+from lrserve.service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord
+from lrserve.service.store.events import EventKind, NewEvent
 
 __all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManager", "Window"]
 

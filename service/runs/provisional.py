@@ -22,11 +22,11 @@ import weakref
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
-from service.engine.engine import Engine, Values
-from service.errors import InvalidInput, ScheduleError
-from service.runs.manager import RunManager
-from service.runs.state import Inputs, RunState
-from service.store.events import Event, EventKind, NewEvent
+from lrserve.service.engine.engine import Engine, Values
+from lrserve.service.errors import InvalidInput, ScheduleError
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.runs.state import Inputs, RunState
+from lrserve.service.store.events import Event, EventKind, NewEvent
 
 
 @dataclass(frozen=True)

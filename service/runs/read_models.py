@@ -8,17 +8,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.engine import cost
-from service.engine.range_test import RangeTestReport
-from service.engine.spec import guard_of
-from service.engine.spike_guard import Band, GuardSettings, Report, Spike, replay_band
-from service.errors import RunConflict
-from service.runs.cache import RunCache
-from service.runs.commit import Committer
-from service.runs.state import RunState
-from service.settings import Settings
-from service.store.base import BaseStore
-from service.store.events import Event, EventKind
+from lrserve.service.engine import cost
+from lrserve.service.engine.range_test import RangeTestReport
+from lrserve.service.engine.spec import guard_of
+from lrserve.service.engine.spike_guard import Band, GuardSettings, Report, Spike, replay_band
+from lrserve.service.errors import RunConflict
+from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.commit import Committer
+from lrserve.service.runs.state import RunState
+from lrserve.service.settings import Settings
+from lrserve.service.store.base import BaseStore
+from lrserve.service.store.events import Event, EventKind
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from service.engine.actions import parse_action
-from service.runs.state import Control, RunState
-from service.store.events import Event, EventKind
+from lrserve.service.engine.actions import parse_action
+from lrserve.service.runs.state import Control, RunState
+from lrserve.service.store.events import Event, EventKind
 
 
 def apply_logs(state: RunState, events: Iterable[Event]) -> None:

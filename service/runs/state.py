@@ -9,13 +9,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from service.engine.actions import Action, RunStatus
-from service.engine.engine import Decision, Engine, ScheduleSwitch, Values
-from service.engine.run_spec import RunSpec
-from service.engine.spike_guard import Spike
-from service.errors import ScheduleError
-from service.runs.value_log import ValueLog
-from service.store.events import SERVER
+from lrserve.service.engine.actions import Action, RunStatus
+from lrserve.service.engine.engine import Decision, Engine, ScheduleSwitch, Values
+from lrserve.service.engine.run_spec import RunSpec
+from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.errors import ScheduleError
+from lrserve.service.runs.value_log import ValueLog
+from lrserve.service.store.events import SERVER
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from itertools import repeat
 from typing import overload
 
-from service.engine.engine import Values
+from lrserve.service.engine.engine import Values
 
 
 class ValueLog:

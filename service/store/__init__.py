@@ -14,16 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lrserve.service.errors import StoreUnavailable
+from lrserve.service.settings import DEFAULT_SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS
+from lrserve.service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
+from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
+from lrserve.service.store.guard import DatabaseMissing, FileIdentity, check_existed, unwritable, write_marker
+from lrserve.service.store.schema import SchemaTooNew
+from lrserve.service.store.sql import SQLITE_BEGIN_OPTION, SqlStore
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy import exc as sa_exc
-
-from service.errors import StoreUnavailable
-from service.settings import DEFAULT_SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS
-from service.store.base import BaseStore, MetricRecord, RunRecord, RunTransaction, Snapshot
-from service.store.events import Event, EventKind, FeedEntry, NewEvent
-from service.store.guard import DatabaseMissing, FileIdentity, check_existed, unwritable, write_marker
-from service.store.schema import SchemaTooNew
-from service.store.sql import SQLITE_BEGIN_OPTION, SqlStore
 
 __all__ = [
     "BaseStore",

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from service.store.events import Event, FeedEntry, NewEvent
+from lrserve.service.store.events import Event, FeedEntry, NewEvent
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import os
 import threading
 from pathlib import Path
 
-from service.errors import StoreUnavailable
+from lrserve.service.errors import StoreUnavailable
 
 log = logging.getLogger("lrserve")
 

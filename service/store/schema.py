@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from lrserve.service.errors import StoreUnavailable
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -41,8 +42,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.schema import CreateColumn
-
-from service.errors import StoreUnavailable
 
 
 class SchemaTooNew(StoreUnavailable):

@@ -31,6 +31,32 @@ from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal
 
+from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
+from lrserve.service.store.base import (
+    BarrierTally,
+    BaseStore,
+    MetricRecord,
+    RunHead,
+    RunRecord,
+    RunTransaction,
+    Snapshot,
+    ValueChunk,
+    unpack_lrs,
+)
+from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
+from lrserve.service.store.guard import FileIdentity
+from lrserve.service.store.schema import (
+    RUN_TABLES,
+    barrier_reports,
+    event_ids,
+    events,
+    metrics,
+    migrate,
+    run_labels,
+    runs,
+    snapshots,
+    value_chunks,
+)
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -52,33 +78,6 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
-
-from service.errors import InvalidInput, RunNotFound, StoreUnavailable
-from service.store.base import (
-    BarrierTally,
-    BaseStore,
-    MetricRecord,
-    RunHead,
-    RunRecord,
-    RunTransaction,
-    Snapshot,
-    ValueChunk,
-    unpack_lrs,
-)
-from service.store.events import Event, EventKind, FeedEntry, NewEvent
-from service.store.guard import FileIdentity
-from service.store.schema import (
-    RUN_TABLES,
-    barrier_reports,
-    event_ids,
-    events,
-    metrics,
-    migrate,
-    run_labels,
-    runs,
-    snapshots,
-    value_chunks,
-)
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
 """Execution option read by the SQLite begin hook: ``"IMMEDIATE"`` or ``"DEFERRED"``."""

@@ -19,12 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from lrserve.service.store.events import FeedEntry
+from lrserve.service.store.schema import webhook_deliveries, webhook_endpoints
+from lrserve.service.store.sql import SqlStore
 from sqlalchemy import and_, delete, exists, func, select, update
 from sqlalchemy.orm import aliased
-
-from service.store.events import FeedEntry
-from service.store.schema import webhook_deliveries, webhook_endpoints
-from service.store.sql import SqlStore
 
 FILL_PAGE = 500
 

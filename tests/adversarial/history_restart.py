@@ -14,12 +14,11 @@ import argparse
 import statistics
 import time
 
+from lrserve.service.errors import RunNotFound
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
 from sqlalchemy import event
-
-from service.errors import RunNotFound
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store import open_store
 
 
 def main() -> None:

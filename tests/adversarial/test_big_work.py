@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from service.engine.preview import simulate
-from service.engine.spec import parse_schedule
+from lrserve.service.engine.preview import simulate
+from lrserve.service.engine.spec import parse_schedule
 
 pytestmark = pytest.mark.slow
 

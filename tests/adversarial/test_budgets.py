@@ -4,10 +4,9 @@ bounded before it starts; windows are cut to fit, everything else over it is a 4
 from __future__ import annotations
 
 import pytest
-
-from service.engine import cost
-from service.engine.spec import parse_schedule
-from service.settings import Settings
+from lrserve.service.engine import cost
+from lrserve.service.engine.spec import parse_schedule
+from lrserve.service.settings import Settings
 
 pytestmark = pytest.mark.slow
 

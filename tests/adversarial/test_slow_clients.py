@@ -77,7 +77,7 @@ def test_start_up_raises_a_low_open_files_limit():
 
     code = ("import resource as r; s, h = r.getrlimit(r.RLIMIT_NOFILE); "
             "r.setrlimit(r.RLIMIT_NOFILE, (256, h)); "
-            "from service.connections import raise_fd_limit; print(raise_fd_limit(4096)); "
+            "from lrserve.service.connections import raise_fd_limit; print(raise_fd_limit(4096)); "
             "print(r.getrlimit(r.RLIMIT_NOFILE)[0] >= min(4096 + 256, h))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split()[-1] == "True"  # the default LRSERVE_MAX_CONNECTIONS fits

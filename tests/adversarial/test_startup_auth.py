@@ -2,7 +2,7 @@
 
 Before issue 13: ``LRSERVE_TOKENS=","`` (or ``" "``, ``"#admin:x"``, a tokens file of
 comments) passed the non-loopback check and served everyone as admin; a malformed entry
-or setting was a 37-line traceback. Real ``lrserve serve`` / ``python -m service``
+or setting was a 37-line traceback. Real ``lrserve serve`` / ``python -m lrserve.service``
 processes, as an operator starts them.
 """
 
@@ -24,7 +24,7 @@ SECRET = "s3cr3t-t0ken"
 def serve(tmp_path, *args: str, env: dict[str, str] | None = None, lrserve: bool = False):
     base = {k: v for k, v in os.environ.items() if not k.startswith("LRSERVE_")}
     script = shutil.which("lrserve", path=os.path.dirname(sys.executable))
-    cmd = [script, "serve"] if lrserve and script else [sys.executable, "-m", "service"]
+    cmd = [script, "serve"] if lrserve and script else [sys.executable, "-m", "lrserve.service"]
     if "LRSERVE_DB" not in (env or {}):
         cmd += ["--db", f"sqlite:///{tmp_path / 'db.sqlite'}"]
     if "LRSERVE_PORT" not in (env or {}):

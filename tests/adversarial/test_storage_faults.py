@@ -69,7 +69,8 @@ def test_deleted_database_refuses_writes_and_the_next_start(server, db, tmp_path
     assert len(log_lines(server, "was deleted or moved while the server ran: refusing every write")) == 1
     server.stop()
 
-    cmd = [sys.executable, "-m", "service", "serve", "--db", f"sqlite:///{db}", "--port", str(free_port())]
+    cmd = [sys.executable, "-m", "lrserve.service", "serve", "--db", f"sqlite:///{db}",
+           "--port", str(free_port())]
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 1 and len(lines) == 1, refused.stderr
@@ -249,7 +250,7 @@ def test_a_read_only_database_at_start_is_one_line_saying_what_to_do(small_disk,
         undo = ["chattr", "-i", str(db)]
         words = ("lrserve.db is read-only", "chmod u+w, chattr -i")
     try:
-        cmd = [sys.executable, "-m", "service", "serve", "--db", f"sqlite:///{db}",
+        cmd = [sys.executable, "-m", "lrserve.service", "serve", "--db", f"sqlite:///{db}",
                "--port", str(free_port())]
         refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     finally:

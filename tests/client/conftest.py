@@ -6,8 +6,8 @@ from typing import Any
 
 import httpx
 import pytest
+from lrserve.client import RemoteScheduler
 
-from client import RemoteScheduler
 from tests.client.fake_server import FakeServer, Optimizer
 from tests.specs import plateau
 

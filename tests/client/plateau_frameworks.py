@@ -170,9 +170,8 @@ def lightning_fit(out_dir: Path, make_config: Callable[[torch.optim.Optimizer], 
 def _job(out: Path, url: str, run_id: str) -> None:
     """One rank of the two-process run: warm-up then plateau through the Trainer and the callback."""
     import torch.distributed as dist
-
-    from client import RemoteScheduler
-    from client.integrations.huggingface import LRServeCallback
+    from lrserve.client import RemoteScheduler
+    from lrserve.client.integrations.huggingface import LRServeCallback
 
     made: list[RemoteScheduler] = []
 

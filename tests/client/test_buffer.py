@@ -5,9 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from client import LimitExceeded, RunNotFound, ServerTimeout, ServerUnavailable
-from client._buffer import MetricBuffer
+from lrserve.client import LimitExceeded, RunNotFound, ServerTimeout, ServerUnavailable
+from lrserve.client._buffer import MetricBuffer
 
 
 class Sink:

@@ -9,8 +9,7 @@ import json
 
 import httpx
 import pytest
-
-from client._cli import (
+from lrserve.client._cli import (
     EXIT_OK,
     EXIT_SERVER_ERROR,
     EXIT_UNREACHABLE,

@@ -8,13 +8,20 @@ import csv
 import io
 import json
 
+import lrserve.client._cli as cli
 import pytest
+from lrserve.client._cli import (
+    EXIT_OK,
+    EXIT_SERVER_ERROR,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    add_operator_commands,
+    main,
+)
+from lrserve.service import create_app
+from lrserve.service.settings import Settings
 from starlette.testclient import TestClient
 
-import client._cli as cli
-from client._cli import EXIT_OK, EXIT_SERVER_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, add_operator_commands, main
-from service import create_app
-from service.settings import Settings
 from tests.service.api.test_lr_finder import RANGE, synthetic_loss  # the API test's own curve
 
 

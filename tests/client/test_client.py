@@ -6,8 +6,7 @@ import json
 
 import httpx
 import pytest
-
-from client import (
+from lrserve.client import (
     ClientClosed,
     LRClient,
     RunNotFound,
@@ -16,7 +15,7 @@ from client import (
     ServerUnreachable,
     TransportError,
 )
-from client._client import DEFAULT_URL, backoff_delay
+from lrserve.client._client import DEFAULT_URL, backoff_delay
 
 
 class Recorder:
@@ -322,7 +321,7 @@ def _random_floats(n, seed=7):
 def test_answers_parse_to_the_same_float64_values_bit_for_bit(monkeypatch, with_orjson):
     import struct
 
-    import client._client as module
+    import lrserve.client._client as module
 
     if with_orjson:
         pytest.importorskip("orjson")
@@ -335,7 +334,7 @@ def test_answers_parse_to_the_same_float64_values_bit_for_bit(monkeypatch, with_
 
 
 def test_an_answer_with_nan_tokens_parses_as_the_standard_library_does():
-    from client._client import loads
+    from lrserve.client._client import loads
 
     text = b'{"values": [NaN, Infinity, -Infinity, 1.5]}'
     parsed = loads(text)["values"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lrserve.client import RemoteScheduler
+from lrserve.client._disabled import LocalScheduler
 
-from client import RemoteScheduler
-from client._disabled import LocalScheduler
 from tests.specs import plateau
 
 NOWHERE = "http://127.0.0.1:9"  # nothing listens: any request would fail
@@ -85,7 +85,7 @@ def test_an_unknown_mode_names_the_variable(monkeypatch):
 
 
 def test_it_is_a_torch_scheduler_and_the_framework_callbacks_find_it(monkeypatch):
-    from client.integrations._common import remote_scheduler
+    from lrserve.client.integrations._common import remote_scheduler
 
     monkeypatch.setenv("LRSERVE_MODE", "disabled")
     opt = _sgd((0.1,))

@@ -11,11 +11,11 @@ import warnings
 
 import pytest
 import torch
+from lrserve.client import RemoteScheduler
+from lrserve.service import create_app
+from lrserve.service.settings import Settings
 from starlette.testclient import TestClient
 
-from client import RemoteScheduler
-from service import create_app
-from service.settings import Settings
 from tests.specs import plateau, warmup_then
 
 STEPS = 120
@@ -250,7 +250,7 @@ def test_logged_metrics_reach_history_once(api):
 
 
 def test_bad_spec_and_conflict_are_clear(api):
-    from client import InvalidSchedule, RunConflict
+    from lrserve.client import InvalidSchedule, RunConflict
 
     model, opt = make_model("sgd")
     with pytest.raises(InvalidSchedule) as info:

@@ -1,6 +1,6 @@
 """A real server killed with SIGKILL mid-training and restarted: the job never notices.
 
-The job trains with ``RemoteScheduler`` (default settings) against ``python -m service
+The job trains with ``RemoteScheduler`` (default settings) against ``python -m lrserve.service
 serve``; at some step the server is killed (``kill -9``) and started again on the same
 port and database while the loop goes on: a cold start takes seconds, longer than the
 ~1 s of training a window of final values covers, so the job rides the provisional tail.
@@ -16,8 +16,8 @@ import time
 
 import pytest
 import torch
+from lrserve.client import ClientState, RemoteScheduler, ServerAwayWarning
 
-from client import ClientState, RemoteScheduler, ServerAwayWarning
 from tests.live_server import ServerProcess
 from tests.specs import plateau
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from lrserve.client import RemoteScheduler
+from lrserve.service import create_app
+from lrserve.service.settings import Settings
 from starlette.testclient import TestClient
-
-from client import RemoteScheduler
-from service import create_app
-from service.settings import Settings
 
 RANGE = {"type": "LRRangeTest", "min_lr": 1e-4, "max_lr": 10.0, "num_steps": 100,
          "then": {"type": "CosineAnnealingLR", "T_max": 200}}

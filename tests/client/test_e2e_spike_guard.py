@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from lrserve.client import RemoteScheduler
+from lrserve.service import create_app
+from lrserve.service.settings import Settings
 from starlette.testclient import TestClient
-
-from client import RemoteScheduler
-from service import create_app
-from service.settings import Settings
 
 INNER = {"type": "CosineAnnealingLR", "T_max": 400}
 GUARD = {"type": "SpikeGuard", "schedule": INNER}  # the documented defaults

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from lrserve.client import RemoteScheduler
+from lrserve.service import create_app
+from lrserve.service.settings import Settings
 from starlette.testclient import TestClient
-
-from client import RemoteScheduler
-from service import create_app
-from service.settings import Settings
 
 
 def test_should_stop_is_tied_to_the_stop_step(tmp_path):

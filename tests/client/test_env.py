@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from lrserve.client import RemoteScheduler
+from lrserve.service import create_app
+from lrserve.service.settings import Settings
 from starlette.testclient import TestClient
 
-from client import RemoteScheduler
-from service import create_app
-from service.settings import Settings
 from tests.client.fake_server import Optimizer
 
 STEP = {"type": "StepLR", "step_size": 2, "gamma": 0.5}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from lrserve.client._exceptions import CODE_TO_EXCEPTION, error_from_response
 
-import client
-from client._exceptions import CODE_TO_EXCEPTION, error_from_response
+from lrserve import client
 
 # The server's codes and their statuses (service/errors.py and the server team's list).
 SERVER_CODES = {
@@ -28,7 +28,7 @@ def test_every_server_code_is_mapped():
 
 
 def test_mapping_matches_the_server_codes_of_service_errors():
-    from service import errors
+    from lrserve.service import errors
     codes = {
         cls.code: cls.status_code
         for cls in vars(errors).values()

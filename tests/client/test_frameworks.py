@@ -11,11 +11,10 @@ import warnings
 
 import pytest
 import torch
+from lrserve.client import RemoteScheduler
+from lrserve.service import create_app
+from lrserve.service.settings import Settings
 from starlette.testclient import TestClient
-
-from client import RemoteScheduler
-from service import create_app
-from service.settings import Settings
 
 STEPS = 40
 SPEC = {"type": "OneCycleLR", "max_lr": 0.05, "total_steps": STEPS}

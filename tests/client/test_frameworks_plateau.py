@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from lrserve.client import RemoteScheduler
 
-from client import RemoteScheduler
 from tests.client import plateau_frameworks as job
 from tests.live_server import ServerProcess, free_port
 from tests.trainer.harness import warmup_plateau_reference
@@ -67,7 +67,7 @@ def hf_remote(server, run_id, spec, made):
 
 
 def test_hf_plain_plateau_matches_the_trainers_own_reduce_lr_on_plateau(server, tmp_path):
-    from client.integrations.huggingface import LRServeCallback
+    from lrserve.client.integrations.huggingface import LRServeCallback
 
     local, local_lrs, evals = job.hf_train(tmp_path / "torch", job.torch_plateau, [])
     assert sorted(evals) == [job.EPOCH * e for e in range(1, job.EPOCHS + 1)]
@@ -88,7 +88,7 @@ def test_hf_plain_plateau_matches_the_trainers_own_reduce_lr_on_plateau(server, 
 def test_hf_several_eval_datasets_report_the_one_metric_for_best_model(server, tmp_path):
     """Each eval dataset is evaluated apart (one on_evaluate each); the Trainer's own path
     steps its plateau with ``eval_<metric_for_best_model>`` of the merged metrics."""
-    from client.integrations.huggingface import LRServeCallback
+    from lrserve.client.integrations.huggingface import LRServeCallback
 
     evals = {"a": job.dataset(16, 5), "b": job.dataset(32, 4)}
     local, local_lrs, _ = job.hf_train(tmp_path / "torch", job.torch_plateau, [],
@@ -103,7 +103,7 @@ def test_hf_several_eval_datasets_report_the_one_metric_for_best_model(server, t
 
 
 def test_hf_warmup_then_plateau_matches_torch_by_hand(server, tmp_path):
-    from client.integrations.huggingface import LRServeCallback
+    from lrserve.client.integrations.huggingface import LRServeCallback
 
     made = []
     _, lrs, evals = job.hf_train(
@@ -124,7 +124,7 @@ def test_hf_warmup_then_plateau_matches_torch_by_hand(server, tmp_path):
     ({"type": "StepLR", "step_size": 3}, {}, ValueError, "watches no metric"),
 ])
 def test_hf_callback_misconfigured_says_what_to_fix(server, tmp_path, spec, overrides, error, message):
-    from client.integrations.huggingface import LRServeCallback
+    from lrserve.client.integrations.huggingface import LRServeCallback
 
     made = []
     with pytest.raises(error, match=message):
@@ -136,8 +136,7 @@ def test_hf_callback_raises_when_no_evaluation_of_a_step_had_the_metric(server, 
     """The Trainer checks metric_for_best_model itself when it is set; when it is not, the
     callback's key is eval_loss, which an evaluation without labels lacks."""
     import transformers
-
-    from client.integrations.huggingface import LRServeCallback
+    from lrserve.client.integrations.huggingface import LRServeCallback
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch", use_cpu=True,
                                           report_to=[])
@@ -155,7 +154,7 @@ def test_hf_callback_raises_when_no_evaluation_of_a_step_had_the_metric(server, 
 
 
 def test_hf_callback_needs_a_remote_scheduler(tmp_path):
-    from client.integrations.huggingface import LRServeCallback
+    from lrserve.client.integrations.huggingface import LRServeCallback
 
     with pytest.raises(TypeError, match="RemoteScheduler.*it has ReduceLROnPlateau"):
         job.hf_train(tmp_path, job.torch_plateau, [LRServeCallback()])
@@ -165,7 +164,7 @@ def test_hf_callback_needs_a_remote_scheduler(tmp_path):
 
 
 def test_lightning_plain_plateau_by_epoch_matches_its_own_reduce_lr_on_plateau(server, tmp_path):
-    from client.integrations.lightning import LRServeCallback
+    from lrserve.client.integrations.lightning import LRServeCallback
 
     local, local_lrs, evals = job.lightning_fit(
         tmp_path, lambda opt: {"scheduler": job.torch_plateau(opt), "monitor": "val_loss"}, [])
@@ -199,7 +198,7 @@ def test_lightning_plain_plateau_by_epoch_matches_its_own_reduce_lr_on_plateau(s
 
 
 def test_lightning_warmup_by_step_then_plateau_matches_torch_by_hand(server, tmp_path):
-    from client.integrations.lightning import LRServeCallback
+    from lrserve.client.integrations.lightning import LRServeCallback
 
     made = []
 
@@ -217,7 +216,7 @@ def test_lightning_warmup_by_step_then_plateau_matches_torch_by_hand(server, tmp
 
 
 def test_lightning_callback_names_a_metric_validation_did_not_log(server, tmp_path):
-    from client.integrations.lightning import LRServeCallback
+    from lrserve.client.integrations.lightning import LRServeCallback
 
     made = []
 

@@ -14,8 +14,8 @@ import weakref
 
 import pytest
 import torch
+from lrserve.client import RemoteScheduler
 
-from client import RemoteScheduler
 from tests.live_server import ServerProcess
 from tests.specs import plateau
 

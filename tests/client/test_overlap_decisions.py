@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
+from lrserve.client import RemoteScheduler, ServerAwayWarning
 
-from client import RemoteScheduler, ServerAwayWarning
 from tests.client.conftest import PLATEAU
 from tests.client.fake_server import Optimizer, expected_lrs
 from tests.client.test_e2e_inprocess import (
@@ -44,10 +44,9 @@ def record_used_lrs(opt):
 
 
 def test_overlapped_decisions_give_bit_identical_weights(tmp_path):
+    from lrserve.service import create_app
+    from lrserve.service.settings import Settings
     from starlette.testclient import TestClient
-
-    from service import create_app
-    from service.settings import Settings
 
     model, opt = make_model("sgd")
     local_used = record_used_lrs(opt)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from client import (
+from lrserve.client import (
     AuthenticationError,
     ClientClosed,
     ClientState,
@@ -16,6 +15,7 @@ from client import (
     RunNotFound,
     ScheduleError,
 )
+
 from tests.client.conftest import PLATEAU, STEP_LR
 from tests.client.fake_server import FakeServer, Optimizer, expected_lrs
 
@@ -174,7 +174,7 @@ def test_tensor_lr_is_filled_in_place(make_scheduler, clock):
 
 def test_momentums_are_written_to_momentum_or_betas(http, clock):
     fake = FakeServer(cycle_momentum=True)
-    from client import RemoteScheduler
+    from lrserve.client import RemoteScheduler
 
     with fake.client() as client:
         opt = Optimizer({"lr": 0.1, "momentum": 0.9}, {"lr": 0.1, "betas": (0.9, 0.999)})
@@ -345,8 +345,7 @@ def test_slow_fetches_are_started_earlier(make_scheduler, fake, clock):
 
 def test_is_a_torch_lr_scheduler_when_torch_is_loaded(make_scheduler):
     import torch
-
-    from client import RemoteScheduler
+    from lrserve.client import RemoteScheduler
 
     sched = make_scheduler()
     assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)  # what Lightning checks

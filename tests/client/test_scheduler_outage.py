@@ -8,8 +8,8 @@ import time
 
 import httpx
 import pytest
+from lrserve.client import ClientState, MetricsDroppedWarning, ServerAwayWarning, ServerUnreachable
 
-from client import ClientState, MetricsDroppedWarning, ServerAwayWarning, ServerUnreachable
 from tests.client.conftest import PLATEAU
 from tests.client.fake_server import expected_lrs
 

@@ -15,8 +15,8 @@ import sys
 import httpx
 import pytest
 import torch
+from lrserve.client import RemoteScheduler
 
-from client import RemoteScheduler
 from tests.client.plateau_frameworks import WARMUP_THEN_PLATEAU, record_lrs
 from tests.live_server import ServerProcess
 from tests.trainer.harness import warmup_plateau_reference
@@ -141,10 +141,10 @@ def test_integrations_import_their_framework_only_when_imported():
 import sys
 sys.modules["transformers"] = None  # as if not installed
 sys.modules["lightning"] = None
-import client, client.integrations
+import lrserve.client, lrserve.client.integrations
 for name in ("huggingface", "lightning"):
     try:
-        __import__("client.integrations." + name)
+        __import__("lrserve.client.integrations." + name)
     except ImportError as exc:
         print(name, exc)
 """

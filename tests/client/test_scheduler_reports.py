@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from lrserve.client import CadenceWarning
 
-from client import CadenceWarning
 from tests.client.conftest import PLATEAU
 from tests.client.fake_server import Optimizer, expected_lrs
 from tests.specs import plateau_max_acc, warmup_then

@@ -12,9 +12,9 @@ import re
 
 import pytest
 import torch
+from lrserve.client import RemoteScheduler
 from torch.optim import lr_scheduler as L
 
-from client import RemoteScheduler
 from tests.live_server import ServerProcess
 from tests.specs import plateau
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from client._windows import MAX_AHEAD, Cadence, WindowSizer
+from lrserve.client._windows import MAX_AHEAD, Cadence, WindowSizer
 
 
 def test_fixed_cadence_is_the_multiples_of_steps_per_epoch():

@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
-from service.app import create_app
-from service.dashboard.routes import STATIC_DIR
-from service.settings import Settings
+from lrserve.service.app import create_app
+from lrserve.service.dashboard.routes import STATIC_DIR
+from lrserve.service.settings import Settings
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import threading
 
 import httpx
 import pytest
+from lrserve.service.store import open_store
 
-from service.store import open_store
 from tests.live_server import ServerProcess
 from tests.sse import read_stream
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from lrserve.client._cli import main as lrserve
 
-from client._cli import main as lrserve
 from tests.e2e.load import Cluster, Ledger, Load
 from tests.live_server import ServerProcess
 

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
+from lrserve.client._cli import main as lrserve
 
-from client._cli import main as lrserve
 from tests.live_server import ServerProcess
 
 pytestmark = pytest.mark.slow

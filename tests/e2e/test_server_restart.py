@@ -72,7 +72,7 @@ def test_refuses_public_bind_without_tokens(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--host", "0.0.0.0", "--db", f"sqlite:///{tmp_path}/x.db"],
+        [sys.executable, "-m", "lrserve.service", "serve", "--host", "0.0.0.0", "--db", f"sqlite:///{tmp_path}/x.db"],
         capture_output=True,
         text=True,
         timeout=60,

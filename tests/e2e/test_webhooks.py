@@ -18,9 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from lrserve.service.store import open_store
+from lrserve.service.store.webhook_queue import WebhookQueue
 
-from service.store import open_store
-from service.store.webhook_queue import WebhookQueue
 from tests.live_server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -162,7 +162,8 @@ def test_every_event_arrives_signed_in_order_per_run_across_kill_9(tmp_path):
                     assert seqs == sorted(seqs)
 
             status = subprocess.run(
-                [sys.executable, "-m", "service", "webhooks", "status", "--url", server.url, "--json"],
+                [sys.executable, "-m", "lrserve.service", "webhooks", "status", "--url", server.url,
+                 "--json"],
                 capture_output=True, text=True, timeout=60)
             assert status.returncode == 0, status.stderr
             by_url = {w["url"]: w for w in json.loads(status.stdout)["data"]}
@@ -175,7 +176,7 @@ def test_every_event_arrives_signed_in_order_per_run_across_kill_9(tmp_path):
             assert by_url[f"{receiver.url}/all"]["last_error"] == "HTTP 500"
             assert SECRET not in status.stdout
             table = subprocess.run(
-                [sys.executable, "-m", "service", "webhooks", "status", "--url", server.url],
+                [sys.executable, "-m", "lrserve.service", "webhooks", "status", "--url", server.url],
                 capture_output=True, text=True, timeout=60)
             assert f"{receiver.url}/sweep7" in table.stdout and "DELIVERED" in table.stdout
             metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
@@ -190,7 +191,7 @@ def test_a_bad_webhook_configuration_stops_the_start_with_one_line(tmp_path):
     hooks_file = tmp_path / "hooks.json"
     hooks_file.write_text(json.dumps([{"url": "ftp://example.org/x", "secret": "very-secret"}]))
     done = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--db", f"sqlite:///{tmp_path}/x.db",
+        [sys.executable, "-m", "lrserve.service", "serve", "--db", f"sqlite:///{tmp_path}/x.db",
          "--webhooks-file", str(hooks_file)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "url" in done.stderr and "[0.url]" in done.stderr

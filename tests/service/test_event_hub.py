@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 
-from service.events.hub import DEFAULT_BUFFER, EventHub, FeedFilter, Overflow
-from service.settings import Settings
-from service.store import EventKind, NewEvent, open_store
+from lrserve.service.events.hub import DEFAULT_BUFFER, EventHub, FeedFilter, Overflow
+from lrserve.service.settings import Settings
+from lrserve.service.store import EventKind, NewEvent, open_store
 
 
 async def _next_events(stream, n: int) -> list:

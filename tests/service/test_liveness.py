@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from lrserve.service.errors import StoreUnavailable
+from lrserve.service.liveness import MAX_PENDING, Liveness
+from lrserve.service.store import EventKind, NewEvent, open_store
 
-from service.errors import StoreUnavailable
-from service.liveness import MAX_PENDING, Liveness
-from service.store import EventKind, NewEvent, open_store
 from tests.conftest import BACKENDS
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

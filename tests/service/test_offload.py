@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from service.engine.cost import CREATE_STEPS
-from service.offload import OFFLOAD_TEXT, BigWork, WorkerLost, is_big
-from service.runs.manager import checked_spec
+from lrserve.service.engine.cost import CREATE_STEPS
+from lrserve.service.offload import OFFLOAD_TEXT, BigWork, WorkerLost, is_big
+from lrserve.service.runs.manager import checked_spec
 
 STEP_LR = {"type": "StepLR", "step_size": 7}
 

@@ -7,10 +7,9 @@ import os
 import pickle
 
 import pytest
-
-from service import cli
-from service.settings import Settings
-from service.workers import AppFactory
+from lrserve.service import cli
+from lrserve.service.settings import Settings
+from lrserve.service.workers import AppFactory
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
+from lrserve.service.errors import StoreUnavailable
+from lrserve.service.store import SchemaTooNew, open_store, wait_for_store
 
-from service.errors import StoreUnavailable
-from service.store import SchemaTooNew, open_store, wait_for_store
 from tests.conftest import BACKENDS
 from tests.service.store.test_contract import bump_schema_version
 
@@ -19,7 +19,7 @@ PASSWORD = "hunter2-secret"
 
 
 def serve(db: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service", "serve", "--db", db, *extra],
+    return subprocess.run([sys.executable, "-m", "lrserve.service", "serve", "--db", db, *extra],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -87,9 +87,8 @@ def test_schema_too_new_is_not_retried(tmp_path):
 def test_the_start_up_check_opens_sqlite_with_the_configured_synchronous(tmp_path, mode, level):
     """The check creates or migrates the database: it writes with the settings' durability
     (before: always NORMAL). Every connection it opens is asked for its pragma."""
+    from lrserve.service.cli import check_database
     from sqlalchemy import Engine, event
-
-    from service.cli import check_database
 
     seen: list[int] = []
 

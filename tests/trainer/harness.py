@@ -1,4 +1,4 @@
-"""Helpers of the trainer's end-to-end tests: run ``python -m trainer`` (plainly or under
+"""Helpers of the trainer's end-to-end tests: run ``python -m lrserve.trainer`` (plainly or under
 torchrun) against a real server, read the per-rank traces, and compute in torch what the
 server should have served."""
 
@@ -29,7 +29,8 @@ def torchrun() -> list[str]:
 
 
 class Trainer:
-    """``python -m trainer`` (or ``torchrun --nproc_per_node=N -m trainer``) as a child process."""
+    """``python -m lrserve.trainer`` (or ``torchrun --nproc_per_node=N -m lrserve.trainer``), a child
+    process."""
 
     def __init__(self, tmp: Path, name: str, url: str, *args: str, ranks: int = 1) -> None:
         self.tmp = tmp
@@ -37,7 +38,7 @@ class Trainer:
         self.trace = str(tmp / f"{name}.{{rank}}.jsonl")
         launcher = ([sys.executable] if ranks == 1
                     else [*torchrun(), "--standalone", f"--nproc_per_node={ranks}"])
-        self.cmd = [*launcher, "-m", "trainer", "--url", url, "--token", JOB_TOKEN,
+        self.cmd = [*launcher, "-m", "lrserve.trainer", "--url", url, "--token", JOB_TOKEN,
                     "--trace", self.trace, *args]
         env = {k: v for k, v in os.environ.items()
                if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"} and not k.startswith("LRSERVE_")}

@@ -1,4 +1,4 @@
-"""``python -m trainer --help`` documents every option, and bad arguments fail clearly."""
+"""``python -m lrserve.trainer --help`` documents every option, and bad arguments fail clearly."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import subprocess
 import sys
 
 import pytest
+from lrserve.trainer.cli import build_parser, main
+from lrserve.trainer.schedules import EXAMPLES
 
 from tests.trainer.harness import ROOT
-from trainer.cli import build_parser, main
-from trainer.schedules import EXAMPLES
 
 
 def _help() -> str:
     env = {**os.environ, "COLUMNS": "200"}
-    done = subprocess.run([sys.executable, "-m", "trainer", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "lrserve.trainer", "--help"], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=60, check=True)
     return done.stdout
 
@@ -35,7 +35,7 @@ def test_help_lists_every_option_with_a_description():
     for name in EXAMPLES:
         assert name in text
     assert "LRSERVE_URL" in text and "LRSERVE_TOKEN" in text
-    assert "torchrun --standalone --nproc_per_node=2 -m trainer" in text
+    assert "torchrun --standalone --nproc_per_node=2 -m lrserve.trainer" in text
 
 
 def test_defaults_come_from_the_environment(monkeypatch):

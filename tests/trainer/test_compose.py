@@ -4,7 +4,7 @@
 needs no daemon); everywhere, the YAML is parsed and every image, build context,
 Dockerfile, COPY source, command, option, variable, port and host it names is checked
 against the project: commands are parsed by the real argument parsers of ``lrserve`` and
-``python -m trainer``, server variables must be settings, trainer variables must be read
+``python -m lrserve.trainer``, server variables must be settings, trainer variables must be read
 by the trainer or the client, and the proxy must name the replicas on the port they listen.
 """
 
@@ -56,7 +56,7 @@ def console_scripts() -> set[str]:
     """``lrserve`` (this project's, as installed) and ``torchrun`` (torch's)."""
     from importlib.metadata import entry_points
 
-    wanted = {"lrserve": "service.cli:main", "torchrun": "torch.distributed.run:main"}
+    wanted = {"lrserve": "lrserve.service.cli:main", "torchrun": "torch.distributed.run:main"}
     return {e.name for e in entry_points(group="console_scripts") if wanted.get(e.name) == e.value}
 
 
@@ -101,22 +101,23 @@ def test_builds_name_real_contexts_dockerfiles_and_sources(services):
 
 
 def test_dockerfile_commands_exist():
-    from service.cli import build_parser as lrserve_parser
+    from lrserve.service.cli import build_parser as lrserve_parser
 
     service = (ROOT / "docker" / "Dockerfile.service").read_text()
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", service, re.M).group(1))
     assert cmd[0] in console_scripts()
     lrserve_parser().parse_args(cmd[1:])
-    assert "download.pytorch.org/whl/cpu" in service and ".[postgres]" in service
+    assert "download.pytorch.org/whl/cpu" in service and ".[server,postgres]" in service
     trainer = (ROOT / "docker" / "Dockerfile.trainer").read_text()
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", trainer, re.M).group(1))
-    assert cmd[:3] == ["python", "-m", "trainer"] and (ROOT / "trainer" / "__main__.py").exists()
+    assert cmd[:3] == ["python", "-m", "lrserve.trainer"] and (ROOT / "trainer" / "__main__.py").exists()
+    assert ".[trainer]" in trainer  # the client and the trainer, none of the server's packages
     assert re.search(r"^ARG BASE=pytorch/pytorch:[\w.-]+cuda", trainer, re.M)
 
 
 def test_replicas_run_the_real_server_command_on_postgres(services):
-    from service.cli import build_parser as lrserve_parser
-    from service.settings import Settings
+    from lrserve.service.cli import build_parser as lrserve_parser
+    from lrserve.service.settings import Settings
 
     pg = services["postgres"]["environment"]
     for name in REPLICAS:
@@ -138,7 +139,7 @@ def test_replicas_run_the_real_server_command_on_postgres(services):
 
 
 def test_proxy_balances_the_replicas_on_their_port(services):
-    from service.cli import build_parser as lrserve_parser
+    from lrserve.service.cli import build_parser as lrserve_parser
 
     listen, upstreams = nginx_listen_and_upstreams()
     ports = {name: lrserve_parser().parse_args([expand(a) for a in services[name]["command"][1:]]).port
@@ -152,15 +153,14 @@ def test_proxy_balances_the_replicas_on_their_port(services):
 
 @pytest.mark.parametrize("name", ["trainer", "trainer-gpu"])
 def test_trainer_runs_the_real_trainer_through_the_proxy(services, name):
+    from lrserve.trainer.cli import build_parser as trainer_parser
     from torch.distributed.run import get_args_parser
-
-    from trainer.cli import build_parser as trainer_parser
 
     svc = services[name]
     cmd = svc["command"]
     assert cmd[0] in console_scripts()
     launch = get_args_parser().parse_args(cmd[1:])
-    assert launch.module and launch.training_script == "trainer"
+    assert launch.module and launch.training_script == "lrserve.trainer"
     args = trainer_parser().parse_args(launch.training_script_args)
     assert args.checkpoint.startswith("/checkpoints/")
     assert any(v.endswith(":/checkpoints") for v in svc["volumes"])

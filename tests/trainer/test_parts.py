@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-
-from trainer import checkpoint, ddp
-from trainer.data import load_split, train_loader, val_shard
-from trainer.loop import StepTimes, evaluate, make_precision
-from trainer.model import make_model
-from trainer.schedules import EXAMPLES, resolve_schedule
-from trainer.trace import Trace, trace_path
+from lrserve.trainer import checkpoint, ddp
+from lrserve.trainer.data import load_split, train_loader, val_shard
+from lrserve.trainer.loop import StepTimes, evaluate, make_precision
+from lrserve.trainer.model import make_model
+from lrserve.trainer.schedules import EXAMPLES, resolve_schedule
+from lrserve.trainer.trace import Trace, trace_path
 
 
 def test_split_is_stratified_standardised_and_seeded():
@@ -37,7 +36,7 @@ def test_ranks_take_equal_steps_and_disjoint_validation_shards():
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_named_example_is_a_spec_the_server_accepts(name):
-    from service.engine import spec as spec_module
+    from lrserve.service.engine import spec as spec_module
     spec = resolve_schedule(name, steps_per_epoch=23, epochs=8, lr=0.1)
     spec_module.parse_schedule(spec, n_groups=1)
 
@@ -126,7 +125,7 @@ def test_a_torn_trace_line_is_ended_before_new_records(tmp_path):
 def test_resume_keeps_the_checkpoints_schedule(capsys):
     import argparse
 
-    from trainer.run import _schedule
+    from lrserve.trainer.run import _schedule
 
     args = argparse.Namespace(schedule="warmup-cosine", epochs=20, lr=0.1)
     saved = {"schedule": resolve_schedule("warmup-cosine", steps_per_epoch=10, epochs=10, lr=0.1)}

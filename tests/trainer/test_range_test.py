@@ -22,19 +22,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from tests.trainer.harness import Trainer, admin, rank_order_mean
-from trainer import checkpoint
-from trainer.data import load_split, train_loader
-from trainer.loop import EpochContext, Evaluation, make_precision, train_epoch
-from trainer.model import make_model
-from trainer.range_test import (
+from lrserve.trainer import checkpoint
+from lrserve.trainer.data import load_split, train_loader
+from lrserve.trainer.loop import EpochContext, Evaluation, make_precision, train_epoch
+from lrserve.trainer.model import make_model
+from lrserve.trainer.range_test import (
     RangeTest,
     allreduce_mean,
     finder_line,
     weights_fingerprint,
 )
-from trainer.schedules import resolve_schedule
+from lrserve.trainer.schedules import resolve_schedule
+
+from tests.trainer.harness import Trainer, admin, rank_order_mean
 
 EPOCHS = 10
 BETA = 0.98  # the server's default smoothing (LRRangeTest.beta)

@@ -21,9 +21,9 @@ import math
 
 import pytest
 import torch
+from lrserve.trainer.spike import SpikeHandler, guard_schedule, parse_injection
 
 from tests.trainer.harness import Trainer, admin
-from trainer.spike import SpikeHandler, guard_schedule, parse_injection
 
 EPOCHS = 10
 QUIET = json.dumps({"min_delta": 1.0})
@@ -150,8 +150,7 @@ def check_rollback_on(device: str, dtype: torch.dtype | None) -> dict:
     """Train a few steps (autocast at ``dtype``), a NaN injected at step 7, roll back on the
     spike: the weights and momentum buffers are the snapshot's, bit for bit, on ``device``."""
     import torch.nn.functional as F
-
-    from trainer.model import make_model
+    from lrserve.trainer.model import make_model
 
     gen = torch.Generator().manual_seed(0)
     model = make_model(64, 10, seed=0).to(device)

@@ -7,16 +7,15 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
+from lrserve.service.api.deps import ReadAccess
+from lrserve.service.api.responses import feed_message, overflow_message
+from lrserve.service.api.routes.runs import _parse_labels
+from lrserve.service.api.schemas import ERROR_RESPONSES
+from lrserve.service.errors import InvalidInput
+from lrserve.service.events.hub import EventHub, FeedFilter, Overflow
+from lrserve.service.store.events import EventKind, FeedEntry
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
-
-from service.api.deps import ReadAccess
-from service.api.responses import feed_message, overflow_message
-from service.api.routes.runs import _parse_labels
-from service.api.schemas import ERROR_RESPONSES
-from service.errors import InvalidInput
-from service.events.hub import EventHub, FeedFilter, Overflow
-from service.store.events import EventKind, FeedEntry
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 

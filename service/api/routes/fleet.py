@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Response
-
-from service.api.deps import AdminAccess, ManagerDep
-from service.api.responses import FastJSONResponse, fleet_body
-from service.api.schemas import FleetControlRequest, FleetControlResult
-from service.auth import Identity
-from service.fleet import Selector, control_fleet
+from lrserve.service.api.deps import AdminAccess, ManagerDep
+from lrserve.service.api.responses import FastJSONResponse, fleet_body
+from lrserve.service.api.schemas import FleetControlRequest, FleetControlResult
+from lrserve.service.auth import Identity
+from lrserve.service.fleet import Selector, control_fleet
 
 router = APIRouter(prefix="/v1", tags=["fleet"])
 

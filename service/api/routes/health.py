@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
+from lrserve.service.api.deps import StoreDep
+from lrserve.service.api.responses import FastJSONResponse, status_body
+from lrserve.service.api.schemas import HealthPublic
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from service.api.deps import StoreDep
-from service.api.responses import FastJSONResponse, status_body
-from service.api.schemas import HealthPublic
 
 router = APIRouter(tags=["operations"])
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-
-from service.api.deps import AdminAccess, LivenessDep, ManagerDep, ReadAccess, WriteAccess
-from service.api.responses import (
+from lrserve.service.api.deps import AdminAccess, LivenessDep, ManagerDep, ReadAccess, WriteAccess
+from lrserve.service.api.responses import (
     FastJSONResponse,
     control_body,
     history_body,
@@ -15,7 +14,7 @@ from service.api.responses import (
     run_body,
     runs_body,
 )
-from service.api.schemas import (
+from lrserve.service.api.schemas import (
     MAX_LABEL_LENGTH,
     MAX_LABELS,
     ControlRequest,
@@ -28,11 +27,11 @@ from service.api.schemas import (
     RunsPublic,
     Status,
 )
-from service.auth import Identity
-from service.errors import InvalidInput
-from service.liveness import Liveness
-from service.runs.manager import RunManager
-from service.store.base import RunRecord
+from lrserve.service.auth import Identity
+from lrserve.service.errors import InvalidInput
+from lrserve.service.liveness import Liveness
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.store.base import RunRecord
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-
-from service.api import sliced_json
-from service.api.deps import ReadAccess, SettingsDep
-from service.api.responses import FastJSONResponse, catalog_body, preview_body
-from service.api.schemas import CatalogPublic, PreviewRequest, PreviewResult
-from service.engine import cost
-from service.engine.catalog import catalog
-from service.engine.preview import simulate
-from service.engine.spec import ScheduleSpec, parse_schedule
-from service.errors import InvalidInput
-from service.offload import is_big
+from lrserve.service.api import sliced_json
+from lrserve.service.api.deps import ReadAccess, SettingsDep
+from lrserve.service.api.responses import FastJSONResponse, catalog_body, preview_body
+from lrserve.service.api.schemas import CatalogPublic, PreviewRequest, PreviewResult
+from lrserve.service.engine import cost
+from lrserve.service.engine.catalog import catalog
+from lrserve.service.engine.preview import simulate
+from lrserve.service.engine.spec import ScheduleSpec, parse_schedule
+from lrserve.service.errors import InvalidInput
+from lrserve.service.offload import is_big
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 

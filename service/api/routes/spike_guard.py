@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from lrserve.service.api.deps import ManagerDep, ReadAccess
+from lrserve.service.api.responses import FastJSONResponse, spike_guard_body
+from lrserve.service.api.schemas import RunId, SpikeGuardPublic
 from starlette.concurrency import run_in_threadpool
-
-from service.api.deps import ManagerDep, ReadAccess
-from service.api.responses import FastJSONResponse, spike_guard_body
-from service.api.schemas import RunId, SpikeGuardPublic
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["runs"])
 

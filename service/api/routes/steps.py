@@ -5,17 +5,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
-
-from service.api.deps import ManagerDep, ReadAccess, WriteAccess
-from service.api.responses import (
+from lrserve.service.api.deps import ManagerDep, ReadAccess, WriteAccess
+from lrserve.service.api.responses import (
     FastJSONResponse,
     event_body,
     metrics_accepted_body,
     tail_body,
     window_body,
 )
-from service.api.schemas import (
+from lrserve.service.api.schemas import (
     AHEAD_DOC,
     MetricsAccepted,
     MetricsCreate,
@@ -24,8 +22,9 @@ from service.api.schemas import (
     StepRequest,
     StepResult,
 )
-from service.runs import provisional
-from service.runs.manager import ON_LOOP_VALUES, RunManager, Window
+from lrserve.service.runs import provisional
+from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
+from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 

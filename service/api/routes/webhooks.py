@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-
-from service.api.deps import AdminAccess
-from service.api.responses import FastJSONResponse, webhooks_body
-from service.api.schemas import WebhooksPublic
+from lrserve.service.api.deps import AdminAccess
+from lrserve.service.api.responses import FastJSONResponse, webhooks_body
+from lrserve.service.api.schemas import WebhooksPublic
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Response
-
-from service.api.deps import ReadAccess
-from service.api.responses import FastJSONResponse, whoami_body
-from service.api.schemas import WhoAmI
-from service.auth import Identity
+from lrserve.service.api.deps import ReadAccess
+from lrserve.service.api.responses import FastJSONResponse, whoami_body
+from lrserve.service.api.schemas import WhoAmI
+from lrserve.service.auth import Identity
 
 router = APIRouter(prefix="/v1", tags=["auth"])
 

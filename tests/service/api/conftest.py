@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from lrserve.service.app import create_app
+from lrserve.service.settings import Settings
 
-from service.app import create_app
-from service.settings import Settings
 from tests.conftest import BACKENDS
 
 

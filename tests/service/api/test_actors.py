@@ -6,8 +6,8 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from lrserve.service.app import create_app
 
-from service.app import create_app
 from tests.service.api.conftest import make_run
 from tests.specs import plateau
 

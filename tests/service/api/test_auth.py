@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-
-from service.app import create_app
-from service.auth import Authenticator, Identity, TokenError, parse_tokens
+from lrserve.service.app import create_app
+from lrserve.service.auth import Authenticator, Identity, TokenError, parse_tokens
 
 TOKENS = {"read": "r-token", "write": "w-token", "admin": "a-token"}
 RANK = {None: -1, "read": 0, "write": 1, "admin": 2}

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
+from lrserve.service.app import create_app
 
-from service.app import create_app
 from tests.specs import plateau_on_any_rise
 
 PLATEAU = plateau_on_any_rise()

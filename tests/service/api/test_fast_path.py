@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
+from lrserve.service.api.fast_path import _parse_query
+from lrserve.service.app import create_app
 
-from service.api.fast_path import _parse_query
-from service.app import create_app
 from tests.service.api.conftest import make_run
 
 

@@ -84,8 +84,7 @@ def test_bad_requests_are_422_naming_the_field(api, body, field):
 
 def test_a_selector_matching_more_than_the_cap_is_422_before_anything_changes(settings):
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
+    from lrserve.service.app import create_app
 
     with TestClient(create_app(settings.model_copy(update={"max_fleet_runs": 2}))) as api:
         for run_id in ("a", "b", "c"):

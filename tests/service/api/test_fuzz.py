@@ -15,6 +15,8 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
+from lrserve.service.app import create_app
+from lrserve.service.settings import Settings
 from schemathesis.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -22,9 +24,6 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
-from service.app import create_app
-from service.settings import Settings
 
 CHECKS = (not_a_server_error, response_schema_conformance, status_code_conformance,
           content_type_conformance, negative_data_rejection)

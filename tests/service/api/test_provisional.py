@@ -51,8 +51,7 @@ def test_without_provisional_no_tail_is_computed(api):
 
 def test_the_tail_is_capped_by_the_setting(settings):
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
+    from lrserve.service.app import create_app
 
     with TestClient(create_app(settings.model_copy(update={"max_provisional": 7}))) as api:
         make_run(api, "t", COSINE)
@@ -145,8 +144,7 @@ def test_watched_follows_a_replaced_schedule(api):
 
 def test_the_tail_and_max_ahead_are_bounded_by_the_work_budget(settings):
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
+    from lrserve.service.app import create_app
 
     with TestClient(create_app(settings.model_copy(update={"work_budget": 10_000}))) as api:
         make_run(api, "t", {"type": "CosineAnnealingLR", "T_max": 100_000})

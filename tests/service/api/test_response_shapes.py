@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from lrserve.service.api import schemas
+from lrserve.service.app import create_app
+from lrserve.service.settings import Settings
 from pydantic import BaseModel
-
-from service.api import schemas
-from service.app import create_app
-from service.settings import Settings
 
 TOKENS = {"read": "r-token", "write": "w-token", "admin": "a-token"}
 ADMIN = {"Authorization": f"Bearer {TOKENS['admin']}"}

@@ -7,8 +7,7 @@ import random
 
 import orjson
 import pytest
-
-from service.api import sliced_json
+from lrserve.service.api import sliced_json
 
 
 @pytest.mark.parametrize("rows, width", [(1, 1), (3, 5000), (485, 1024), (5000, 1), (10_000, 3)])

@@ -8,8 +8,8 @@ import math
 import threading
 
 from fastapi.testclient import TestClient
+from lrserve.service.app import create_app
 
-from service.app import create_app
 from tests.service.api.conftest import make_run
 
 INNER = {"type": "CosineAnnealingLR", "T_max": 500, "eta_min": 0.0}

@@ -27,7 +27,7 @@ def _lambda(source: str) -> Any:
     """A hand-written lambda where the test has one; else the expression (itself tested against lambdas)."""
     if source in LAMBDAS:
         return LAMBDAS[source]
-    from service.engine.expr import compile_expression
+    from lrserve.service.engine.expr import compile_expression
 
     return compile_expression(source, field="lr_lambda")
 

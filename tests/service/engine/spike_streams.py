@@ -24,7 +24,7 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 
-from service.engine.spike_guard import Detector, GuardSettings, Report
+from lrserve.service.engine.spike_guard import Detector, GuardSettings, Report
 
 KINDS = ("decay", "plateau", "drift-up", "drift-down", "warmup-decay")
 HEIGHTS: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0, 10.0, math.nan, math.inf)

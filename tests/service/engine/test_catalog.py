@@ -5,11 +5,10 @@ import inspect
 import json
 
 import pytest
+from lrserve.service.api.responses import catalog_body
+from lrserve.service.engine.catalog import catalog
+from lrserve.service.engine.spec import SPEC_TYPES, parse_schedule
 from torch.optim import lr_scheduler as torch_schedulers
-
-from service.api.responses import catalog_body
-from service.engine.catalog import catalog
-from service.engine.spec import SPEC_TYPES, parse_schedule
 
 # Torch constructor arguments a spec leaves out on purpose.
 NOT_IN_SPECS = {"optimizer", "last_epoch", "verbose", "scale_fn"}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from lrserve.service.engine import codec
+from lrserve.service.engine.actions import parse_action
+from lrserve.service.engine.engine import Engine
+from lrserve.service.engine.preview import preview
+from lrserve.service.engine.spec import parse_schedule
+from lrserve.service.errors import ScheduleError
 
-from service.engine import codec
-from service.engine.actions import parse_action
-from service.engine.engine import Engine
-from service.engine.preview import preview
-from service.engine.spec import parse_schedule
-from service.errors import ScheduleError
 from tests.service.engine import reference
 from tests.specs import plateau, warmup_then
 
@@ -285,7 +285,7 @@ class TestActions:
 
 
 def test_one_cycle_past_its_end_is_a_schedule_error():
-    from service.errors import ScheduleError
+    from lrserve.service.errors import ScheduleError
 
     engine = Engine(
         parse_schedule({"type": "OneCycleLR", "max_lr": 0.1, "total_steps": 5}, n_groups=1), [0.1]

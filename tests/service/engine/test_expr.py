@@ -8,10 +8,9 @@ import time
 
 import pytest
 import torch
+from lrserve.service.engine.expr import MAX_NODES, MAX_SOURCE_CHARS, Expression, compile_expression
+from lrserve.service.errors import ScheduleError, SpecError
 from torch.optim import lr_scheduler as torch_schedulers
-
-from service.engine.expr import MAX_NODES, MAX_SOURCE_CHARS, Expression, compile_expression
-from service.errors import ScheduleError, SpecError
 
 FIELD = "schedule.lr_lambda"
 MANY_TERMS = "+".join(["1"] * 240)  # short enough, but more than MAX_NODES terms
@@ -211,9 +210,9 @@ def test_torch_scheduler_with_expressions_deep_copies_and_saves_json_state():
 def test_an_engine_steps_on_its_compiled_expressions_however_many_distinct_exist(monkeypatch):
     """Each expression is parsed once, when the spec is checked; stepping never parses again
     (a process-wide cache of 512 re-parsed every expression on every step beyond 512)."""
-    from service.engine import expr
-    from service.engine.engine import Engine
-    from service.engine.spec import parse_schedule
+    from lrserve.service.engine import expr
+    from lrserve.service.engine.engine import Engine
+    from lrserve.service.engine.spec import parse_schedule
 
     n = 600
     spec = parse_schedule(

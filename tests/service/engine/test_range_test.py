@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from service.engine.range_test import RangeTest
+from lrserve.service.engine.range_test import RangeTest
 
 
 def tiny_regression():

@@ -9,11 +9,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.optim import lr_scheduler as torch_schedulers
-
-from service.engine import spec as spec_module
-from service.engine.expr import Expression
-from service.engine.spec import (
+from lrserve.service.engine import spec as spec_module
+from lrserve.service.engine.expr import Expression
+from lrserve.service.engine.spec import (
     MAX_DEPTH,
     SPEC_TYPES,
     ScheduleSpec,
@@ -24,7 +22,9 @@ from service.engine.spec import (
     spec_to_json,
     watched_metrics,
 )
-from service.errors import SpecError
+from lrserve.service.errors import SpecError
+from torch.optim import lr_scheduler as torch_schedulers
+
 from tests.service.engine.strategies import SAFE_STEPS, valid_specs
 
 TORCH_CLASSES = sorted(set(torch_schedulers.__all__) - {"LRScheduler"})

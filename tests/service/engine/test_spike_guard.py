@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from lrserve.service.engine.engine import Engine
+from lrserve.service.engine.preview import simulate
+from lrserve.service.engine.spec import parse_schedule, spec_to_json
+from lrserve.service.engine.spike_guard import Detector, GuardSettings, Report, SpikeGuard
+from lrserve.service.errors import SpecError
 
-from service.engine.engine import Engine
-from service.engine.preview import simulate
-from service.engine.spec import parse_schedule, spec_to_json
-from service.engine.spike_guard import Detector, GuardSettings, Report, SpikeGuard
-from service.errors import SpecError
 from tests.specs import plateau
 
 INNER = {"type": "CosineAnnealingLR", "T_max": 300, "eta_min": 0.001}
@@ -204,7 +204,7 @@ def test_band_is_robust_to_the_outliers_it_flags():
 
 
 def test_guard_snapshot_round_trips_as_json():
-    from service.engine import codec
+    from lrserve.service.engine import codec
 
     guard = SpikeGuard(GuardSettings())
     guard.observe([Report(1, 3, 1.0), Report(2, 3, float("nan"))], step=2)

@@ -13,11 +13,11 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lrserve.service.engine.engine import Engine
+from lrserve.service.engine.preview import simulate
+from lrserve.service.engine.spec import parse_schedule
+from lrserve.service.engine.spike_guard import GuardSettings
 
-from service.engine.engine import Engine
-from service.engine.preview import simulate
-from service.engine.spec import parse_schedule
-from service.engine.spike_guard import GuardSettings
 from tests.service.engine.spike_streams import KINDS, clean, judge, noisy, spiked
 
 DEFAULTS = GuardSettings()

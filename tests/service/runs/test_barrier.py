@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from lrserve.service.runs import barrier as barrier_module
+from lrserve.service.runs.barrier import Barriers
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
 
-from service.runs import barrier as barrier_module
-from service.runs.barrier import Barriers
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store import open_store
 from tests.conftest import BACKENDS
 from tests.service.engine import reference
 from tests.specs import plateau_on_any_rise

@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+from lrserve.service.errors import RunConflict
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
+from lrserve.service.store.events import EventKind
 
-from service.errors import RunConflict
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store import open_store
-from service.store.events import EventKind
 from tests.conftest import BACKENDS
 
 RANKS = 16

@@ -4,13 +4,13 @@ saved with each snapshot): its cost follows ``max_points``, not the run's length
 from __future__ import annotations
 
 import pytest
+from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.runs.read_models import History
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
 from sqlalchemy import event
 
-from service.runs.cache import RunCache
-from service.runs.manager import RunManager
-from service.runs.read_models import History
-from service.settings import Settings
-from service.store import open_store
 from tests.conftest import BACKENDS
 
 COSINE = {"type": "CosineAnnealingLR", "T_max": 700}
@@ -52,8 +52,8 @@ def test_history_after_a_restart_reads_stored_values_without_replay(url, monkeyp
 
 
 def before_lrs(history: History, step: int) -> tuple[float, ...]:
-    from service.engine.engine import Engine
-    from service.engine.spec import parse_schedule
+    from lrserve.service.engine.engine import Engine
+    from lrserve.service.engine.spec import parse_schedule
 
     engine = Engine(parse_schedule(COSINE, n_groups=2), [0.1, 0.05])
     for _ in range(step):

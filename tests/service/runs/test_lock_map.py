@@ -6,11 +6,10 @@ import gc
 import threading
 
 import pytest
-
-from service.errors import RunNotFound
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store import open_store
+from lrserve.service.errors import RunNotFound
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
 
 
 @pytest.fixture

@@ -9,10 +9,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store import open_store
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
 
 STEP_LR = {"type": "StepLR", "step_size": 10}
 

@@ -8,12 +8,11 @@ import struct
 import tracemalloc
 
 import pytest
-
-from service.engine.engine import Engine, Values
-from service.engine.run_spec import RunSpec
-from service.engine.spec import parse_schedule
-from service.runs.state import RunState
-from service.runs.value_log import ValueLog
+from lrserve.service.engine.engine import Engine, Values
+from lrserve.service.engine.run_spec import RunSpec
+from lrserve.service.engine.spec import parse_schedule
+from lrserve.service.runs.state import RunState
+from lrserve.service.runs.value_log import ValueLog
 
 ODD_FLOATS = [0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, 2.2250738585072014e-308,
               1.7976931348623157e308, 0.1, 1 / 3, -2.5e-17]

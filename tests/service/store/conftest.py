@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from lrserve.service.store import BaseStore, open_store
 
-from service.store import BaseStore, open_store
 from tests.conftest import BACKENDS
 
 

@@ -12,9 +12,8 @@ import tempfile
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-
-from service.app import create_app
-from service.settings import Settings
+from lrserve.service.app import create_app
+from lrserve.service.settings import Settings
 
 ASSET = Path(__file__).parent / "assets" / "events_v1.jsonl"
 SCHEDULE = {

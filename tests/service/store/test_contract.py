@@ -16,10 +16,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-
-from service.errors import InvalidInput, RunNotFound, StoreUnavailable
-from service.store import (
+from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
+from lrserve.service.store import (
     BaseStore,
     EventKind,
     MetricRecord,
@@ -28,7 +26,8 @@ from service.store import (
     Snapshot,
     open_store,
 )
-from service.store.schema import SCHEMA_VERSION
+from lrserve.service.store.schema import SCHEMA_VERSION
+from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[3]
 SPEC = {"schedule": {"type": "StepLR", "step_size": 3, "gamma": 0.5}, "base_lrs": [0.1]}
@@ -65,7 +64,7 @@ def advance(store: BaseStore, run_id: str, times: int) -> None:
 
 ADVANCE_SCRIPT = """
 import sys
-from service.store import open_store, NewEvent, EventKind
+from lrserve.service.store import open_store, NewEvent, EventKind
 store = open_store(sys.argv[1])
 for _ in range(int(sys.argv[2])):
     with store.lock_run("r1") as tx:
@@ -412,7 +411,7 @@ class TestStoreContract:
     def test_acknowledged_writes_survive_kill_9(self, store_url):
         script = (
             "import os, signal, sys\n"
-            "from service.store import open_store, NewEvent, EventKind, MetricRecord\n"
+            "from lrserve.service.store import open_store, NewEvent, EventKind, MetricRecord\n"
             "s = open_store(sys.argv[1])\n"
             "s.create_run('k', {}, {}, NewEvent(EventKind.CREATED, 0, {}))\n"
             "with s.lock_run('k') as tx:\n"

@@ -9,10 +9,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
+from lrserve.service.store import EventKind, NewEvent, open_store
+from lrserve.service.store.schema import SCHEMA_VERSION, _migrate_v1
 from sqlalchemy import MetaData, create_engine, text
 
-from service.store import EventKind, NewEvent, open_store
-from service.store.schema import SCHEMA_VERSION, _migrate_v1
 from tests.service.store.test_contract import SPEC, advance, make
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store import EventKind, NewEvent, open_store
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import EventKind, NewEvent, open_store
 
 ASSET = Path(__file__).parent / "assets" / "events_v1.jsonl"
 

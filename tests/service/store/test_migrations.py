@@ -13,13 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
+from lrserve.service.store.events import EventKind
+from lrserve.service.store.schema import MIGRATIONS, SCHEMA_VERSION, _migrate_v1, _v1_metadata, schema_version
 from sqlalchemy import create_engine, insert, inspect, select, text
 
-from service.runs.manager import RunManager
-from service.settings import Settings
-from service.store import open_store
-from service.store.events import EventKind
-from service.store.schema import MIGRATIONS, SCHEMA_VERSION, _migrate_v1, _v1_metadata, schema_version
 from tests.conftest import BACKENDS
 
 OLD_FILE = Path(__file__).parent / "assets" / "lrserve_v1.sqlite"

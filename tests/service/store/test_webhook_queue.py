@@ -9,9 +9,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from lrserve.service.store import open_store
+from lrserve.service.store.webhook_queue import WebhookQueue
 
-from service.store import open_store
-from service.store.webhook_queue import WebhookQueue
 from tests.service.store.test_contract import advance, make
 
 URL = "http://127.0.0.1:9/hook"
