@@ -125,7 +125,11 @@ def unhook(hooks: list[Any]) -> None:
 
 
 def register_driver(optimizer: Any, scheduler: Any) -> None:
-    """Note that ``scheduler`` steps ``optimizer`` (until it is closed or collected)."""
+    """Note that ``scheduler`` steps ``optimizer`` (until it is closed or collected); the one
+    that stepped it before is superseded (``check_optimizer`` let it: the LRs are its base)."""
+    previous = driver_of(optimizer)
+    if previous is not None and previous is not scheduler:
+        previous._supersede()
     try:
         _DRIVERS[optimizer] = weakref.ref(scheduler)
     except TypeError:  # not weakly referenceable: not a torch optimizer, nothing to compose with
@@ -152,8 +156,10 @@ def check_optimizer(optimizer: Any, schedule: Mapping[str, Any]) -> None:
 
     Raises:
         ValueError: ``cycle_momentum`` on an optimizer without momentum (torch's own error);
-            another scheduler steps this optimizer, or drove it before (torch's chainable
-            forms would compose with it or continue from its LR).
+            another scheduler moved this optimizer's LRs from their base (torch's chainable
+            forms would continue from its LR, or compose with it). One that left them at
+            their base is superseded instead (``register_driver``): a notebook cell run
+            again, a scheduler built to load a checkpoint into.
     """
     if base_momentums(optimizer.param_groups) is None and _cycles_momentum(schedule):
         raise ValueError(
@@ -161,12 +167,14 @@ def check_optimizer(optimizer: Any, schedule: Mapping[str, Any]) -> None:
             "(torch's words; or set cycle_momentum: false)"
         )
     other = driver_of(optimizer)
-    if other is not None:
+    if other is not None and _moved(optimizer.param_groups):
         raise ValueError(
-            f"another RemoteScheduler (run {other.run_id!r}) steps this optimizer: torch would "
-            f"compose two schedulers on one optimizer (each scaling the LR the other wrote), "
-            f"lrserve serves one schedule per optimizer; put both in one spec "
-            f'({{"type": "ChainedScheduler", "schedulers": [...]}}) or close() the other first'
+            f"another RemoteScheduler (run {other.run_id!r}) moved this optimizer's LRs from their "
+            f"initial_lr: a torch scheduler built now would continue from the LR it left (its "
+            f"chainable forms), or compose with it if both step (each scaling the LR the other "
+            f"wrote); lrserve serves one schedule per optimizer, from its base LRs. Put both in one "
+            f'spec ({{"type": "ChainedScheduler", "schedulers": [...]}}, or "SequentialLR" for a '
+            f"hand-over), or close() the other and reset the LRs first"
         )
     check_not_composed(optimizer)
 
@@ -182,6 +190,11 @@ def check_not_composed(optimizer: Any) -> None:
             'one spec ({"type": "ChainedScheduler", "schedulers": [...]}, or "SequentialLR" '
             "for a warm-up), on a fresh optimizer"
         )
+
+
+def _moved(groups: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a group's LR is not its ``initial_lr`` (a scheduler scaled it)."""
+    return any("initial_lr" in g and float(g["lr"]) != float(g["initial_lr"]) for g in groups)
 
 
 def _cycles_momentum(spec: Any) -> bool:

@@ -274,6 +274,8 @@ class RemoteScheduler:
         self._events = RunEvents()  # a stop, a range test's switch, spikes: due at a step
         self._warned: set[str] = set()
         self._deciding: int | None = None  # the step whose decision step(metric) left on its way
+        self._superseded = False  # another scheduler was built on the optimizer since (torch composes)
+        self._job_watched = False  # whether the spec this job built the run with watched a metric
         self._open: int | None = None  # a step whose values wait for report() (or the optimizer)
         self._reported: dict[str, float] = {}  # report()ed metrics for the next step()
         # The optimizer hook lets a report come after step() (report()) and, with
@@ -358,6 +360,7 @@ class RemoteScheduler:
             self._spec_filled = dict(run["schedule"])  # every argument, defaults filled in
         self._run_status = str(run.get("status") or "active")
         self._note_server(run)
+        self._job_watched = bool(self._policy.watched)
         self._events.note_stop(run, self.last_epoch)
         if int(run.get("horizon", 0)) == 0 and run.get("lrs") is not None:
             moms = run.get("momentums")
@@ -376,12 +379,17 @@ class RemoteScheduler:
             metrics: The watched metric of this step (as torch's ``ReduceLROnPlateau.step``
                 takes it), or ``{"name": value}``. Watched metrics decide this step's
                 values (one request); others are logged for history like ``log()``.
-                A bare number when the schedule watches no metric is logged as
-                ``val_loss``.
+                A bare number when the schedule watches no metric is torch's deprecated
+                ``step(epoch)``: refused (``TypeError``), unless the job built the run
+                watching one (an operator replaced its schedule since): then a float is
+                logged as ``val_loss``.
             epoch: Not supported (torch deprecated it); must be ``None``.
 
         Raises:
             ClientClosed: After ``close()``.
+            TypeError: ``epoch``, or a number torch would read as one (above).
+            ValueError: Another scheduler was built on the optimizer since (torch would
+                compose the two), or ``optimizer.add_param_group()`` was called.
             TransportError: ``strict=True`` and the server is away when values are needed.
             ScheduleError: The schedule cannot go on (torch would raise at this step too).
         """
@@ -618,6 +626,7 @@ class RemoteScheduler:
             or bool(self._reported)
             or self._events.pending
             or self._writer.has_tensor_lrs()
+            or self._superseded
         )
 
     def _back(self) -> None:
@@ -628,10 +637,25 @@ class RemoteScheduler:
         if self._state is ClientState.CLOSED:
             raise ClientClosed("this RemoteScheduler is closed")
 
+    def _supersede(self) -> None:
+        """Another scheduler was built on this one's optimizer (``register_driver``)."""
+        self._superseded = True
+        self._refresh()
+
+    def _check_not_superseded(self) -> None:
+        if self._superseded:
+            raise ValueError(
+                f"another scheduler was built on this optimizer after this one (run {self.run_id!r}): "
+                f"torch would compose the two if both step (each scaling the LR the other wrote); "
+                f"lrserve serves one schedule per optimizer: step only the newer one, or put both in "
+                f'one spec ({{"type": "ChainedScheduler", "schedulers": [...]}})'
+            )
+
     # -- the slow path ------------------------------------------------------------------
 
     def _step_slow(self, metrics: Any, epoch: Any) -> None:
         self._check_open()
+        self._check_not_superseded()
         self._close_step()
         if epoch is not None:
             raise TypeError(
@@ -673,7 +697,12 @@ class RemoteScheduler:
         if isinstance(metrics, Mapping):
             items = {str(k): to_float(v) for k, v in metrics.items()}
         else:
-            if not watched and isinstance(metrics, int) and not isinstance(metrics, bool):
+            # A number is torch's deprecated step(epoch) jump (fractional for
+            # CosineAnnealingWarmRestarts) on a schedule that watches no metric: an int always,
+            # a float unless the job's own spec watched one (then it is the job's metric, still
+            # passed after an operator replaced the schedule by one that watches none).
+            epoch_like = isinstance(metrics, int) or (isinstance(metrics, float) and not self._job_watched)
+            if not watched and epoch_like and not isinstance(metrics, bool):
                 raise TypeError(
                     f"step({metrics!r}): torch reads a number passed to a scheduler that watches "
                     f"no metric as the deprecated step(epoch) jump, which lrserve does not do "

@@ -7,7 +7,7 @@ import math
 import pytest
 from lrserve.client import CadenceWarning
 
-from tests.client.conftest import PLATEAU
+from tests.client.conftest import PLATEAU, STEP_LR
 from tests.client.fake_server import Optimizer, expected_lrs
 from tests.specs import plateau_max_acc, warmup_then
 
@@ -94,12 +94,22 @@ def test_unwatched_metrics_go_to_history(make_scheduler, fake, clock):
     assert fake.runs["p"].metrics[("val_acc", 1, 0)] == 0.8
 
 
-def test_bare_number_without_a_watched_metric_is_history(make_scheduler, fake, clock):
-    sched = make_scheduler(run_id="t")  # StepLR watches nothing
+def test_bare_number_on_a_schedule_built_without_a_metric_is_torchs_epoch_refused(make_scheduler, fake):
+    sched = make_scheduler(run_id="t")  # StepLR watches nothing: torch reads step(0.25) as epoch 0.25
+    with pytest.raises(TypeError, match=r"step\(0\.25\).*deprecated step\(epoch\)"):
+        sched.step(0.25)
+    assert sched.last_epoch == 0 and not fake.runs["t"].metrics
+
+
+def test_bare_number_after_the_schedule_stopped_watching_it_is_history(make_scheduler, fake):
+    sched = make_scheduler(schedule=PLATEAU, run_id="t", steps_per_epoch=1)
+    fake.runs["t"].body["schedule"] = STEP_LR  # an operator replaced it: the job still passes val_loss
+    sched.step()  # the answer says the run watches nothing now
+    assert sched.watched == frozenset()
     sched.step(0.25)
     assert not [p for p in fake.paths("POST") if p.endswith("/step")]
     assert sched.flush()
-    assert fake.runs["t"].metrics == {("val_loss", 1, 0): 0.25}
+    assert fake.runs["t"].metrics == {("val_loss", 2, 0): 0.25}
 
 
 def test_bare_number_with_two_watched_metrics_is_refused(make_scheduler):

@@ -68,6 +68,17 @@ def test_step_with_an_int_on_a_time_based_schedule_is_refused_not_misread(remote
     assert sched.last_epoch == 0 and sched.get_last_lr() == [0.1]
 
 
+def test_step_with_a_float_on_a_time_based_schedule_is_refused_not_misread(remote):
+    # torch documents fractional epochs for CosineAnnealingWarmRestarts: step(epoch + i / iters)
+    torch_sched = L.CosineAnnealingWarmRestarts(sgd(), T_0=10)
+    torch_sched.step(0.5)
+    assert torch_sched.get_last_lr() != [0.1]  # torch jumped to epoch 0.5 (no deprecation here)
+    sched = remote(sgd(), {"type": "CosineAnnealingWarmRestarts", "T_0": 10})
+    with pytest.raises(TypeError, match=r"step\(0\.5\).*deprecated step\(epoch\)"):
+        sched.step(0.5)
+    assert sched.last_epoch == 0 and sched.get_last_lr() == [0.1]
+
+
 def test_step_with_a_number_on_a_plateau_schedule_is_the_metric_as_in_torch(remote):
     opt_t, opt_r = sgd(), sgd()
     torch_sched = L.ReduceLROnPlateau(opt_t, factor=0.5, patience=0)
@@ -166,6 +177,33 @@ def test_two_schedulers_on_one_optimizer_torch_composes_them_chained_spec_does_t
     assert [lrs for lrs, _ in run(opt_r, sched, 6)] == expected
     with pytest.raises(ValueError, match="another RemoteScheduler.*ChainedScheduler"):
         remote(opt_r, {"type": "ExponentialLR", "gamma": 0.9})  # two RemoteSchedulers: refused
+
+
+def test_a_second_scheduler_on_an_optimizer_replaces_the_first_as_a_notebook_cell_run_again(remote):
+    spec, make = {"type": "StepLR", "step_size": 2, "gamma": 0.1}, lambda o: L.StepLR(o, 2, 0.1)
+    opt_t = sgd()
+    make(opt_t)  # the cell's first run: built, never stepped again
+    expected = run(opt_t, make(opt_t), 6)
+    opt_r = sgd()
+    first = remote(opt_r, spec)
+    assert [lrs for lrs, _ in run(opt_r, remote(opt_r, spec), 6)] == [lrs for lrs, _ in expected]
+    with pytest.raises(ValueError, match="another scheduler was built on this optimizer after this one"):
+        first.step()  # torch would compose the two: refused, not run on other values
+    assert first.last_epoch == 0
+
+
+def test_a_scheduler_on_an_optimizer_whose_lrs_another_one_moved_is_refused(remote):
+    opt = sgd()
+    sched = remote(opt, {"type": "StepLR", "step_size": 2, "gamma": 0.5})
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05  # a torch scheduler built now would start from it
+    with pytest.raises(ValueError, match="moved this optimizer's LRs from their initial_lr"):
+        remote(opt, {"type": "ExponentialLR", "gamma": 0.9})
+    opt.step()
+    sched.step()  # the first one goes on
+    assert sched.get_last_lr() == [0.05]
 
 
 def test_a_torch_scheduler_on_the_same_optimizer_is_refused(remote):
