@@ -24,6 +24,7 @@ import functools
 import os
 import random
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +79,8 @@ DEFAULT_CLOSE_TIMEOUT_S = 10.0
 DEFAULT_REPORT_WAIT_S = 60.0
 #: How long a scheduler collected without ``close()`` tries to send its buffered metrics.
 DROPPED_FLUSH_S = 1.0
+#: How long its connections wait for a request its worker threads have in flight.
+DROPPED_JOIN_S = 30.0
 #: Timeout of a report with ``world_size > 1``: the server's metric barrier may hold it.
 REPORT_TIMEOUT = httpx.Timeout(60.0, connect=3.0)
 ENV_RANK = "RANK"
@@ -1124,7 +1127,18 @@ def _release(
     if metrics.buffer is not None:
         metrics.buffer.close(DROPPED_FLUSH_S)
     if client is not None:
-        client.close()
+        # A worker may have a request in flight (a window, a tail): closing the connection pool
+        # under it leaves its socket to the garbage collector (a ResourceWarning in some later,
+        # unrelated code). Close it once they stopped, off the thread that dropped the scheduler.
+        threading.Thread(
+            target=_close_when_stopped, args=(client, fetcher, tails), name="lrserve-release", daemon=True
+        ).start()
+
+
+def _close_when_stopped(client: LRClient, *workers: WindowFetcher | TailFetcher) -> None:
+    for worker in workers:
+        worker.close(DROPPED_JOIN_S)
+    client.close()
 
 
 @functools.cache
