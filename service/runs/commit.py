@@ -9,8 +9,9 @@ API.md's rules, as this module keeps them:
   read under the store's lock, so every process places it at the same step.
 
 A commit computes the new steps (torch's work) before taking the store's write lock, and
-holds that lock only to append and commit; if another process moved the run meanwhile,
-it starts again. Only where the stored run had already moved when the commit began (rare:
+holds that lock only to append and commit, in one transaction with the other runs' commits
+queued meanwhile (``group_commit``); if another process moved the run meanwhile, it starts
+again. Only where the stored run had already moved when the commit began (rare:
 replicas) does it catch up and compute inside the lock.
 """
 
@@ -29,6 +30,7 @@ from lrserve.service.engine.engine import ScheduleSwitch
 from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.errors import InvalidInput, RunConflict
 from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.group_commit import GroupCommit
 from lrserve.service.runs.replay import apply_logs
 from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
@@ -79,6 +81,7 @@ class Committer:
         self.store = store
         self.settings = settings
         self.runs = runs
+        self.group = GroupCommit(store)
         self.on_outcome: list[Callable[[str, StepOutcome], Any]] = []  # for telemetry
 
     def commit(
@@ -154,10 +157,13 @@ class Committer:
                 # the file's, which every run's commit needs) is held only to append and commit.
                 outcomes, placed, new_events = _compute(
                     state, state.horizon, target, metric, action, extra_events, need, reports)
-                with self.store.lock_run(run_id) as tx:
+
+                def append(tx: RunTransaction) -> None:
                     if _moved(tx.run, state):  # another process committed meanwhile: start again
                         raise _RunReplaced(run_id)
                     _append(state, tx, outcomes, new_events, records)
+
+                self.group.write(run_id, append)  # with other runs' commits queued meanwhile
             state.publish()  # durable now: other threads may see the new steps
             fails_at = self.runs.fails_at
             if state.broken:  # its engine failed past the published steps: the next request reloads

@@ -117,11 +117,13 @@ class MetricRecord:
 
 
 class RunTransaction(abc.ABC):
-    """A run locked for writing; obtained from ``BaseStore.lock_run``."""
+    """A run locked for writing; obtained from ``BaseStore.lock_run`` (or ``lock_runs``)."""
 
     run: RunRecord
     """The run's row as read under the lock, without its labels (``labels`` is empty: no
     writer needs them, and reading them would cost every commit a query)."""
+    dirty: bool = False
+    """Whether a write went through it (an error after one spoils the whole transaction)."""
 
     @abc.abstractmethod
     def read_events(self, after_seq: int = 0) -> list[Event]:
@@ -129,7 +131,8 @@ class RunTransaction(abc.ABC):
 
     @abc.abstractmethod
     def append_events(self, events: Sequence[NewEvent]) -> list[Event]:
-        """Append events after the last one; returns them with ``seq`` and ``at`` set."""
+        """Append events after the last one; returns them with ``seq`` and ``at`` set (their
+        ``gid`` is None: global ids are given at commit, in commit order)."""
 
     @abc.abstractmethod
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
@@ -198,6 +201,16 @@ class BaseStore(abc.ABC):
 
         Raises:
             RunNotFound: no such run (on enter).
+            StoreUnavailable: the database failed.
+        """
+
+    @abc.abstractmethod
+    def lock_runs(self, run_ids: Sequence[str]) -> AbstractContextManager[dict[str, RunTransaction]]:
+        """``lock_run`` for several runs in one transaction, for group commit: a transaction
+        object per run that exists (a missing one is left out); they commit together on exit,
+        or none does.
+
+        Raises:
             StoreUnavailable: the database failed.
         """
 

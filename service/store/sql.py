@@ -542,18 +542,37 @@ class SqlStore(BaseStore):
             RunNotFound: no such run (on enter).
             StoreUnavailable: the database failed.
         """
-        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
-            hold = self._driver_sql("hold", _RUN_ROWS["hold"])
-            row = hold.one(hold.execute(cursor, {"run_id": run_id}))
-            if row is None:
+        with self.lock_runs([run_id]) as locked:
+            if run_id not in locked:
                 raise RunNotFound(run_id)
-            tx = SqlRunTransaction(conn, _record_of(row), self, cursor)
+            yield locked[run_id]
+
+    @contextmanager
+    def lock_runs(self, run_ids: Sequence[str]) -> Iterator[dict[str, RunTransaction]]:
+        """``lock_run`` for several runs in one transaction (group commit): a ``RunTransaction``
+        per run that exists, by id; all of them commit together on exit, or none does.
+
+        Rows are locked in ``run_id`` order, before anything is written, so that two
+        processes locking overlapping sets never deadlock (and the global event ids, whose
+        counter row an append locks, are taken only once every row is held).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        hold = self._driver_sql("hold", _RUN_ROWS["hold"])
+        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+            locked: dict[str, SqlRunTransaction] = {}
+            for run_id in sorted(set(run_ids)):
+                row = hold.one(hold.execute(cursor, {"run_id": run_id}))
+                if row is not None:
+                    locked[run_id] = SqlRunTransaction(conn, _record_of(row), self, cursor)
             try:
-                yield tx
-                tx.write_run()
+                yield dict(locked)
+                self._write_held(cursor, list(locked.values()))
             finally:
-                tx.closed = True
-        if tx.appended:
+                for tx in locked.values():
+                    tx.closed = True
+        if any(tx.appended for tx in locked.values()):
             self._events_committed()
 
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
@@ -583,6 +602,31 @@ class SqlStore(BaseStore):
         labels = self._labels_of(conn, sorted({r.run_id for r in rows}))
         return [FeedEntry(r.run_id, labels.get(r.run_id, {}), _event(r)) for r in rows]
 
+    def _write_held(self, cursor: Any, txs: Sequence[SqlRunTransaction]) -> None:
+        """What run transactions hold back to their commit: their runs' rows (one UPDATE each),
+        then their events. The events go last, in one INSERT after one UPDATE of the global
+        id counter: that row's lock is held until COMMIT, and every transaction that appends
+        events, in every process, waits for it (so it is held for two statements, not for a
+        whole group's work)."""
+        changed = [row for tx in txs if (row := tx.run_row()) is not None]
+        if changed:
+            self._driver_sql("update_run", _UPDATE_RUN).executemany(cursor, changed)
+        self._insert_held_events(cursor, txs)
+
+    def _insert_held_events(self, cursor: Any, txs: Sequence[SqlRunTransaction]) -> None:
+        """Insert the events the transactions appended so far, numbered with global ids."""
+        held = [tx for tx in txs if tx.held_events]
+        if not held:
+            return
+        for tx in held:  # sent at COMMIT, whatever the order: before the counter's lock
+            self._notify_on(cursor, EVENTS_CHANNEL, tx.run.run_id)
+        rows = [row for tx in held for row in tx.held_events]
+        for row, gid in zip(rows, self._take_gids_on(cursor, len(rows)), strict=True):
+            row["gid"] = gid
+        self._driver_sql("insert_events", _INSERT_EVENTS).executemany(cursor, rows)
+        for tx in held:
+            tx.held_events = []
+
     def _take_gids(self, conn: Connection, n: int, run_id: str) -> list[int]:
         """The next ``n`` global event ids; locks the counter row until this transaction ends.
 
@@ -592,11 +636,11 @@ class SqlStore(BaseStore):
         the transaction commits.
         """
         with _cursor(conn) as cursor:
-            return self._take_gids_on(cursor, n, run_id)
+            self._notify_on(cursor, EVENTS_CHANNEL, run_id)
+            return self._take_gids_on(cursor, n)
 
-    def _take_gids_on(self, cursor: Any, n: int, run_id: str) -> list[int]:
+    def _take_gids_on(self, cursor: Any, n: int) -> list[int]:
         (last,) = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
-        self._notify_on(cursor, EVENTS_CHANNEL, run_id)
         return list(range(last - n + 1, last + 1))
 
     def _notify(self, conn: Connection, channel: str, run_id: str) -> None:
@@ -853,12 +897,13 @@ class SqlStore(BaseStore):
 
 
 class SqlRunTransaction(RunTransaction):
-    """A run locked for writing; valid only inside its ``lock_run`` block.
+    """A run locked for writing; valid only inside its ``lock_run`` (``lock_runs``) block.
 
     ``run`` starts as the row read under the lock and follows this transaction's own
     writes (``last_seq``, ``horizon``, ``status``, ``updated_at``). Those reach the
-    ``runs`` row once, in ``write_run`` as the block ends: one UPDATE per commit, not one
-    per call.
+    ``runs`` row once, as the block ends (``run_row``): one UPDATE per commit, not one per
+    call. Appended events are held back to the end too (``held_events``; ``read_events``
+    writes them first), see ``SqlStore._write_held``.
     """
 
     def __init__(self, conn: Connection, run: RunRecord, store: SqlStore, cursor: Any) -> None:
@@ -869,21 +914,22 @@ class SqlRunTransaction(RunTransaction):
         self._store = store
         self._run_changed = False
         self.appended = False
+        self.dirty = False
+        self.held_events: list[dict[str, Any]] = []  # rows appended, not yet inserted
 
-    def write_run(self) -> None:
-        """Write this transaction's changes to the run's row (``lock_run`` calls it at the end)."""
+    def run_row(self) -> dict[str, Any] | None:
+        """The run row's UPDATE parameters, if this transaction changed it (``lock_runs``, at the end)."""
         if not self._run_changed:
-            return
+            return None
         run = self.run
         self._connection()
-        self._store._driver_sql("update_run", _UPDATE_RUN).execute(self._cursor, {
-            "b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status,
-            "b_last_seq": run.last_seq, "b_updated_at": run.updated_at})
         self._run_changed = False
+        return {"b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status,
+                "b_last_seq": run.last_seq, "b_updated_at": run.updated_at}
 
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
         """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
-        self._connection()
+        self._writing()
         return self._store._insert_metrics_on(self._cursor, self.run.run_id, records)
 
     def _connection(self) -> Connection:
@@ -891,23 +937,29 @@ class SqlRunTransaction(RunTransaction):
             raise RuntimeError("the run's transaction is over; use it inside its lock_run block")
         return self._conn
 
+    def _writing(self) -> None:
+        self._connection()
+        self.dirty = True
+
     def read_events(self, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order (including ones appended here)."""
-        return _select_events(self._connection(), self.run.run_id, after_seq)
+        conn = self._connection()
+        self._store._insert_held_events(self._cursor, [self])
+        return _select_events(conn, self.run.run_id, after_seq)
 
     def append_events(self, new_events: Sequence[NewEvent]) -> list[Event]:
         """Append events as ``last_seq + 1, ...`` and move ``runs.last_seq`` along.
 
         Returns:
-            The events as stored (``seq`` and ``at`` set, payloads as read back from JSON).
+            The events as they will be stored (``seq`` and ``at`` set, payloads as read back
+            from JSON; ``gid`` is given at commit).
         """
-        self._connection()
+        self._writing()
         if not new_events:
             return []
         now, first = _now(), self.run.last_seq + 1
-        gids = self._store._take_gids_on(self._cursor, len(new_events), self.run.run_id)
-        rows = [_event_row(self.run.run_id, first + i, e, now, gids[i]) for i, e in enumerate(new_events)]
-        self._store._driver_sql("insert_events", _INSERT_EVENTS).executemany(self._cursor, rows)
+        rows = [_event_row(self.run.run_id, first + i, e, now, None) for i, e in enumerate(new_events)]
+        self.held_events.extend(rows)  # inserted at the end, with their global ids (``_write_held``)
         self.appended = True
         last = first + len(rows) - 1
         self.run = replace(self.run, last_seq=last, updated_at=now)
@@ -920,7 +972,7 @@ class SqlRunTransaction(RunTransaction):
         A horizon below the current one is ignored (the stored value is the max of the
         two): the horizon only ever moves forward.
         """
-        self._connection()
+        self._writing()
         if horizon is None and status is None:
             return
         changes: dict[str, Any] = {"updated_at": _now()}
@@ -966,7 +1018,7 @@ def _record_of(row: Mapping[str, Any]) -> RunRecord:
                      updated_at=row["updated_at"], last_seen=row["last_seen"])
 
 
-def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -> dict[str, Any]:
+def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int | None) -> dict[str, Any]:
     kind = EventKind(event.kind)
     return {"run_id": run_id, "seq": seq, "kind": kind.value, "step": event.step,
             "payload": _dumps(event.payload), "at": at, "actor": event.actor, "reason": event.reason,
