@@ -36,6 +36,11 @@ from typing import Any
 from lrserve.service.store.events import Event, FeedEntry, NewEvent
 
 
+class WouldWait(Exception):
+    """Raised, inside ``BaseStore.without_waiting()``, where the store would have to wait (for
+    the write slot another thread or process holds, for the network): nothing was written."""
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """A run's row. ``spec`` is the create request (schedule, base_lrs, ...), immutable."""
@@ -244,6 +249,17 @@ class BaseStore(abc.ABC):
         """
         record = self.read_run(run_id)
         return RunHead(record.created_at, record.horizon, record.last_seq)
+
+    def without_waiting(self) -> AbstractContextManager[None]:
+        """Within it, on this thread, every call either goes through at once or raises
+        ``WouldWait`` before writing anything (for work on the event loop: ``RunManager.now``).
+        This default refuses at once: a store that waits on the network waits for every call."""
+        raise WouldWait("this store answers over the network")
+
+    @property
+    def must_not_wait(self) -> bool:
+        """Whether this thread is inside ``without_waiting()``."""
+        return False
 
     def run_listener(self) -> Callable[[Callable[[str | None], None]], Awaitable[None]] | None:
         """An async function waiting for other processes' commits that touch a run's barrier

@@ -18,7 +18,6 @@ float64 values come back bit for bit; NaN and infinities as ``NaN``/``Infinity``
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -41,6 +40,7 @@ from lrserve.service.store.base import (
     RunTransaction,
     Snapshot,
     ValueChunk,
+    WouldWait,
     unpack_lrs,
 )
 from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
@@ -80,7 +80,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
-"""Execution option read by the SQLite begin hook: ``"IMMEDIATE"`` or ``"DEFERRED"``."""
+"""Execution option read by the SQLite begin hook: ``"IMMEDIATE"``, ``"IMMEDIATE NOW"`` (the
+write slot at once or the driver's "database is locked", never the busy handler's wait) or
+``"DEFERRED"``."""
 
 RowLock = Literal["hold", "keep", "delete"]
 
@@ -226,6 +228,7 @@ class SqlStore(BaseStore):
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
+        self._hurried = threading.local()  # ``without_waiting``: .on is True inside it
         self._commit_watchers: list[Callable[[], None]] = []
         self._compiled: dict[str, _DriverSql] = {}
         self._sender = token_hex(6)
@@ -240,25 +243,49 @@ class SqlStore(BaseStore):
     # -- the transaction helper and the dialect branches ---------------------------------
 
     @contextmanager
+    def without_waiting(self) -> Iterator[None]:
+        """SQLite: inside it, on this thread, a write transaction begins only if the file's write
+        slot is free at once (in this process and in every other), else ``WouldWait``; reads
+        of a WAL file never wait. PostgreSQL: ``WouldWait`` at once (every statement is a
+        round trip). See ``BaseStore.without_waiting``."""
+        if self._sqlite_writers is None:
+            raise WouldWait("PostgreSQL answers over the network")
+        self._hurried.on = True
+        try:
+            yield
+        finally:
+            self._hurried.on = False
+
+    @property
+    def must_not_wait(self) -> bool:
+        return getattr(self._hurried, "on", False)
+
+    @contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[Connection]:
         """One transaction: commit on success, roll back on error, driver errors → StoreUnavailable.
 
         ``write`` makes SQLite take its write lock at ``BEGIN`` rather than on the first
         write, so a transaction that reads and then writes never fails on lock upgrade.
+        Inside ``without_waiting`` a write that would wait for that lock raises ``WouldWait``.
         """
         turn = self._sqlite_writers if write and self._sqlite_writers is not None else None
+        now = turn is not None and self.must_not_wait
         try:
-            with turn or contextlib.nullcontext(), self._engine.connect() as conn:
+            with _taken(turn, now), self._engine.connect() as conn:
                 if write:
-                    conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+                    conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE NOW" if now else "IMMEDIATE"})
                 with conn.begin():
                     yield conn
                     if write and self._guard is not None:
                         self._guard.check()  # never commit (and acknowledge) into a file that is gone
         except sa_exc.DBAPIError as exc:
+            if now and _busy(exc.orig):
+                raise WouldWait("another process holds the write slot") from exc
             self._after_failure(exc.orig)
             raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
         except self._driver_error as exc:  # raised on the DBAPI cursor (``_DriverSql``)
+            if now and _busy(exc):
+                raise WouldWait("another process holds the write slot") from exc
             self._after_failure(exc)
             raise StoreUnavailable(f"{self._where}: {self._reason(exc)}") from exc
         except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
@@ -999,6 +1026,26 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         updated_at=row.updated_at,
         last_seen=row.last_seen,
     )
+
+
+@contextmanager
+def _taken(lock: threading.RLock | None, now: bool) -> Iterator[None]:
+    """Hold ``lock`` (None: nothing) for the block; ``now``: only if it is free at once, else
+    ``WouldWait``."""
+    if lock is None:
+        yield
+        return
+    if not lock.acquire(blocking=not now):
+        raise WouldWait("another thread holds the write slot")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _busy(error: BaseException | None) -> bool:
+    """SQLite's answer to a write lock it could not take at once."""
+    return "database is locked" in str(error)
 
 
 @contextmanager
