@@ -52,7 +52,7 @@ class _Action(BaseModel):
 
     @property
     def kind(self) -> str:
-        return self.action  # type: ignore[attr-defined,no-any-return]
+        return self.action  # type: ignore[attr-defined,no-any-return]  # each action's Literal field
 
     def apply(self, engine: Engine) -> None:
         """What the action does to the values (nothing, unless a subclass says)."""

@@ -355,7 +355,7 @@ def metric_records(metrics: Mapping[str, float], step: int, rank: int) -> list[M
 def _report_events(reports: Reports, first_free: int, events: list[NewEvent]) -> list[NewEvent]:
     """METRIC events placing each report at its step or ``first_free``; joins a plateau
     metric event of the same step (in ``events``) instead of adding another."""
-    groups: dict[int, Reports] = {}
+    groups: dict[int, list[dict[str, Any]]] = {}
     for report in reports:
         groups.setdefault(max(report["step"], first_free), []).append(report)
     added = []

@@ -13,7 +13,6 @@ creates runs; the parts it stands on live beside it:
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -240,7 +239,7 @@ class RunManager:
         if window is not None:
             return window
         self._check_jump(state, step)
-        wanted = min(step + min(ahead, self._ahead_cap(state)), self.runs.fails_at.get(run_id, math.inf) - 1)
+        wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
         end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
         if end > state.horizon:
             self.commit(run_id, end, if_behind=True, need=step)
@@ -294,7 +293,12 @@ class RunManager:
     def _window_end(self, state: RunState, step: int, ahead: int) -> int:
         """The last step of the window asked at ``step`` (capped), when ``step`` is the first free one."""
         end = min(step + min(ahead, self._ahead_cap(state)), step + self.settings.max_jump)
-        return max(step, min(end, self.runs.fails_at.get(state.run_id, math.inf) - 1))
+        return max(step, self._before_failure(state.run_id, end))
+
+    def _before_failure(self, run_id: str, end: int) -> int:
+        """``end``, or the step before the one the run's schedule is known to fail at if that is less."""
+        fails_at = self.runs.fails_at.get(run_id)
+        return end if fails_at is None else min(end, fails_at - 1)
 
     def step_run(
         self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int

@@ -76,7 +76,7 @@ class ValueChunk:
     lrs: bytes
 
 
-def pack_lrs(lrs: array) -> bytes:
+def pack_lrs(lrs: array[float]) -> bytes:
     """An ``array('d')`` of LRs as ``value_chunks.lrs`` bytes (float64, little-endian)."""
     if sys.byteorder == "big":
         lrs = array("d", lrs)
@@ -84,7 +84,7 @@ def pack_lrs(lrs: array) -> bytes:
     return lrs.tobytes()
 
 
-def unpack_lrs(data: bytes) -> array:
+def unpack_lrs(data: bytes) -> array[float]:
     """``pack_lrs``'s bytes back into an ``array('d')`` (bit for bit)."""
     lrs = array("d")
     lrs.frombytes(data[: len(data) - len(data) % 8])
@@ -232,7 +232,7 @@ class BaseStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def watch_commits(self, callback: Callable[[], None]) -> None:
+    def watch_commits(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` (from the committing thread) after each commit that added events."""
 
     @abc.abstractmethod

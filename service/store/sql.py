@@ -145,7 +145,10 @@ def _split_float(value: float) -> tuple[float | None, str | None]:
 
 
 def _join_float(value: float | None, value_text: str | None) -> float:
-    return float(value_text) if value_text is not None else float(value)  # type: ignore[arg-type]
+    if value_text is not None:
+        return float(value_text)
+    assert value is not None, "_split_float fills one of the two columns"
+    return float(value)
 
 
 class _DriverSql:
@@ -229,7 +232,7 @@ class SqlStore(BaseStore):
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
         self._hurried = threading.local()  # ``without_waiting``: .on is True inside it
-        self._commit_watchers: list[Callable[[], None]] = []
+        self._commit_watchers: list[Callable[[], object]] = []
         self._compiled: dict[str, _DriverSql] = {}
         self._sender = token_hex(6)
         """Names this store in its notifications, so its own listener can skip them."""
@@ -293,7 +296,7 @@ class SqlStore(BaseStore):
 
     @functools.cached_property
     def _driver_error(self) -> type[Exception]:
-        return self._engine.dialect.loaded_dbapi.Error  # type: ignore[no-any-return]
+        return self._engine.dialect.loaded_dbapi.Error
 
     def _driver_sql(self, name: str, statement: Any) -> _DriverSql:
         found = self._compiled.get(name)
@@ -679,7 +682,7 @@ class SqlStore(BaseStore):
             payload = {"channel": channel, "payload": f"{self._sender} {run_id}"}
             self._driver_sql("notify", _NOTIFY).execute(cursor, payload)
 
-    def watch_commits(self, callback: Callable[[], None]) -> None:
+    def watch_commits(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` (from the committing thread) after each commit that added events."""
         self._commit_watchers.append(callback)
 
@@ -1051,6 +1054,7 @@ def _busy(error: BaseException | None) -> bool:
 @contextmanager
 def _cursor(conn: Connection) -> Iterator[Any]:
     """A DBAPI cursor on the connection of ``conn``'s transaction (for ``_DriverSql``)."""
+    # dbapi_connection is None only for a closed connection; a transaction's is open
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         yield cursor
@@ -1074,7 +1078,7 @@ def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int | 
 
 def _event(row: Any) -> Event:
     """An ``Event`` from an events row (a Row or the dict that was inserted)."""
-    get = row.get if isinstance(row, dict) else row._mapping.get
+    get: Callable[[str], Any] = row.get if isinstance(row, dict) else row._mapping.get
     return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
                  payload=_loads(get("payload")), at=get("at"), actor=get("actor"), reason=get("reason"),
                  gid=get("gid"))
