@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from lrserve.service.engine.spec import MAX_GROUPS
+from lrserve.service.engine.status import RunStatus
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -35,7 +36,9 @@ Schedule = Annotated[
         examples=[{"type": "StepLR", "step_size": 30, "gamma": 0.1}],
     ),
 ]
-Status = Literal["active", "held", "stopped"]
+Status = Annotated[RunStatus, Field(strict=False)]
+"""A run's status (``engine/status.py``), given by its value: a request's JSON has strings, not
+enum members, so this field alone is not strict (any other string is still refused)."""
 Reason = Annotated[
     str, Field(min_length=1, max_length=1000, description="Why: recorded on the action's events.")
 ]

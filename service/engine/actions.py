@@ -11,7 +11,6 @@ Kinds are stable strings on disk: never rename one.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -24,22 +23,9 @@ from lrserve.service.engine.spec import (
     spec_to_json,
     watched_metrics,
 )
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter
-
-
-class RunStatus(str, enum.Enum):
-    """A run's status as of its horizon (API.md, Operator control); stored as its value."""
-
-    ACTIVE = "active"  # the schedule runs
-    HELD = "held"  # the clock is frozen: values stay, no decisions
-    STOPPED = "stopped"  # for good: no more actions
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return self.value.__format__(spec)
 
 
 class _Action(BaseModel):

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrserve.service.engine import cost
-from lrserve.service.engine.actions import RunStatus, action_for_run
+from lrserve.service.engine.actions import action_for_run
 from lrserve.service.engine.engine import Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunConflict, RunNotFound
 from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.cache import RunCache
