@@ -30,7 +30,6 @@ from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import (
     LOCAL_ACTOR,
     Committer,
-    Metric,
     PlacedAction,
     Reports,
     guard_reports,
@@ -102,25 +101,6 @@ class RunManager:
     def caught_up(self, run_id: str) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further)."""
         return self.committer.caught_up(run_id)
-
-    def commit(
-        self,
-        run_id: str,
-        target: int,
-        *,
-        metric: Metric | None = None,
-        action: PlacedAction | None = None,
-        extra_events: Sequence[NewEvent] = (),
-        records: Sequence[MetricRecord] = (),
-        reports: Reports = (),
-        if_behind: bool = False,
-        need: int | None = None,
-    ) -> int | None:
-        """Advance the run to ``target``, placing a decision on the way (``Committer.commit``)."""
-        return self.committer.commit(
-            run_id, target, metric=metric, action=action, extra_events=extra_events, records=records,
-            reports=reports, if_behind=if_behind, need=need,
-        )
 
     def history(self, run_id: str, max_points: int) -> History:
         return self.reads.history(run_id, max_points)
@@ -221,7 +201,7 @@ class RunManager:
         wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
         end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
         if end > state.horizon:
-            self.commit(run_id, end, if_behind=True, need=step)
+            self.committer.commit(run_id, end, if_behind=True, need=step)
         state = self.state(run_id)
         return self._window(state, step, min(end, max(state.horizon, step)))
 
@@ -296,9 +276,9 @@ class RunManager:
             # One write transaction: the metrics, the decision and the whole window asked for.
             end = self._window_end(state, step, ahead)
             metric = (step, watched) if watched else None
-            self.commit(run_id, end, metric=metric, records=records, reports=reports, need=step)
+            self.committer.commit(run_id, end, metric=metric, records=records, reports=reports, need=step)
         elif reports:
-            self.commit(run_id, state.horizon, records=records, reports=reports)
+            self.committer.commit(run_id, state.horizon, records=records, reports=reports)
         elif records:
             self.store.append_metrics(run_id, records)
         return self.window(run_id, step, ahead)
@@ -329,7 +309,7 @@ class RunManager:
         records = metric_records(metrics, step, rank)
         reports = guard_reports(state, records)
         if reports:  # judged per rank, not at the barrier: placed now, at step (or the first free one)
-            self.commit(run_id, state.horizon, reports=reports)
+            self.committer.commit(run_id, state.horizon, reports=reports)
         tally = self.store.add_barrier_report(run_id, step, rank, watched, records)
         return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
 
@@ -362,7 +342,7 @@ class RunManager:
                 "missing_ranks": missing, "reported_ranks": sorted(reports),
                 "timeout_s": self.settings.barrier_timeout_s}))
         end = self._window_end(state, step, ahead)
-        self.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
+        self.committer.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
         return True
 
     # -- operator control -----------------------------------------------------------------
@@ -392,7 +372,9 @@ class RunManager:
             request, n_groups=state.n_groups, reports_momentum=state.engine.reports_momentum,
             check_cost=lambda s: self._check_schedule_cost(s, state.n_groups),
         )
-        placed = self.commit(run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason))
+        placed = self.committer.commit(
+            run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason)
+        )
         assert placed is not None
         return placed, NewEvent(EventKind.CONTROL, placed, action.payload(), actor, reason)
 
@@ -404,7 +386,7 @@ class RunManager:
         if not reports:
             return self.store.append_metrics(run_id, rows)
         new = self.store.append_metrics(run_id, rows)  # first, to count the new ones; resends are
-        self.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
+        self.committer.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
         return new
 
 
