@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lrserve.service.engine import codec, cost
-from lrserve.service.engine.actions import Action, RunStatus
+from lrserve.service.engine.actions import Action
 from lrserve.service.engine.engine import ScheduleSwitch
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunConflict
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.group_commit import GroupCommit
@@ -277,7 +278,7 @@ def _append(
         tx.append_metrics(records)
     appended = tx.append_events(new_events) if new_events else []
     if outcomes:  # a commit that only caught up writes nothing
-        tx.update_run(horizon=state.engine.step, status=state.marks.status.value)
+        tx.update_run(horizon=state.engine.step, status=state.marks.status)
     state.last_seq = appended[-1].seq if appended else tx.run.last_seq
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.store.events import Event, FeedEntry, NewEvent
 
 
@@ -48,7 +49,7 @@ class RunRecord:
     run_id: str
     spec: dict[str, Any]
     labels: dict[str, str]
-    status: str
+    status: RunStatus
     horizon: int
     last_seq: int
     created_at: datetime
@@ -144,7 +145,7 @@ class RunTransaction(abc.ABC):
         """Record metric values with this transaction (as ``BaseStore.append_metrics``)."""
 
     @abc.abstractmethod
-    def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
+    def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status (``updated_at`` follows). The horizon never goes down."""
 
 
@@ -173,7 +174,7 @@ class BaseStore(abc.ABC):
         self,
         *,
         labels: Mapping[str, str] | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 100,
         after: str | None = None,
         stale_before: datetime | None = None,

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal
 
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from lrserve.service.store.base import (
     BarrierTally,
@@ -368,7 +369,7 @@ class SqlStore(BaseStore):
             if "\x00" in key or "\x00" in value:
                 raise InvalidInput.at("labels", "must not contain NUL characters")
         now = _now()
-        row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": "active", "horizon": 0,
+        row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": RunStatus.ACTIVE.value, "horizon": 0,
                "last_seq": 1, "created_at": now, "updated_at": now, "last_seen": now}
         with self._transaction(write=True) as conn:
             insert = self._insert(runs).values(row).on_conflict_do_nothing(index_elements=["run_id"])
@@ -463,7 +464,7 @@ class SqlStore(BaseStore):
         self,
         *,
         labels: Mapping[str, str] | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 100,
         after: str | None = None,
         stale_before: datetime | None = None,
@@ -487,9 +488,9 @@ class SqlStore(BaseStore):
         if after is not None:  # no stored id holds NUL: "x\0..." and "x" split them alike
             query = query.where(runs.c.run_id > after.split("\x00", 1)[0])
         if status is not None:
-            query = query.where(runs.c.status == status)
+            query = query.where(runs.c.status == status.value)
         if stale_before is not None:
-            query = query.where(runs.c.status == "active", _HEARD < stale_before)
+            query = query.where(runs.c.status == RunStatus.ACTIVE.value, _HEARD < stale_before)
         for key, value in (labels or {}).items():
             if "\x00" in key or "\x00" in value:  # PostgreSQL cannot even compare such text
                 return []
@@ -521,8 +522,9 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        counts = {"active": 0, "held": 0, "stopped": 0}
-        stale = func.sum(case((and_(runs.c.status == "active", _HEARD < stale_before), 1), else_=0))
+        counts = {status.value: 0 for status in RunStatus}
+        active = runs.c.status == RunStatus.ACTIVE.value
+        stale = func.sum(case((and_(active, _HEARD < stale_before), 1), else_=0))
         query = select(runs.c.status, func.count(), stale).group_by(runs.c.status)
         with self._transaction() as conn:
             rows = conn.execute(query).all()
@@ -954,7 +956,7 @@ class SqlRunTransaction(RunTransaction):
         run = self.run
         self._connection()
         self._run_changed = False
-        return {"b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status,
+        return {"b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status.value,
                 "b_last_seq": run.last_seq, "b_updated_at": run.updated_at}
 
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
@@ -996,7 +998,7 @@ class SqlRunTransaction(RunTransaction):
         self._run_changed = True
         return [_event(row) for row in rows]
 
-    def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
+    def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status; ``updated_at`` follows.
 
         A horizon below the current one is ignored (the stored value is the max of the
@@ -1022,7 +1024,7 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         run_id=row.run_id,
         spec=_loads(row.spec),
         labels=labels,
-        status=row.status,
+        status=RunStatus(row.status),
         horizon=row.horizon,
         last_seq=row.last_seq,
         created_at=row.created_at,
@@ -1064,9 +1066,9 @@ def _cursor(conn: Connection) -> Iterator[Any]:
 
 def _record_of(row: Mapping[str, Any]) -> RunRecord:
     """A ``RunRecord`` (without labels) from a runs row read on the DBAPI cursor."""
-    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={}, status=row["status"],
-                     horizon=row["horizon"], last_seq=row["last_seq"], created_at=row["created_at"],
-                     updated_at=row["updated_at"], last_seen=row["last_seen"])
+    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={},
+                     status=RunStatus(row["status"]), horizon=row["horizon"], last_seq=row["last_seq"],
+                     created_at=row["created_at"], updated_at=row["updated_at"], last_seen=row["last_seen"])
 
 
 def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int | None) -> dict[str, Any]:
