@@ -197,6 +197,7 @@ class RemoteScheduler:
         if mode_from_env() == "disabled":  # no server: torch's own scheduler (client/_disabled.py)
             from lrserve.client._disabled import LocalScheduler
 
+            # torch's own scheduler stands in (same calls): not a RemoteScheduler, by design
             return LocalScheduler(*args, **kwargs)  # type: ignore[return-value]
         # Frameworks check isinstance(scheduler, torch's LRScheduler) (Lightning refuses
         # other schedulers). When the job has torch loaded, be one, without importing it here.

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from lrserve.service.engine.actions import Action, RunStatus
+from lrserve.service.engine.actions import Action
 from lrserve.service.engine.engine import Decision, Engine, ScheduleSwitch, Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import ScheduleError
 from lrserve.service.runs.value_log import ValueLog
 from lrserve.service.store.events import SERVER
