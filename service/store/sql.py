@@ -78,7 +78,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
 """Execution option read by the SQLite begin hook: ``"IMMEDIATE"``, ``"IMMEDIATE NOW"`` (the
@@ -324,6 +324,8 @@ class SqlStore(BaseStore):
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT, which knows ``on_conflict_do_nothing/do_update``."""
         if self._engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects import postgresql  # not at start-up: ~0.15 s a SQLite server needs not
+
             return postgresql.insert(table)
         return sqlite.insert(table)
 
@@ -1115,6 +1117,8 @@ def _read_lrs_query(dialect: str) -> Select[Any]:
     compile on every call; the read itself is a few ms).
     """
     if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         listed = func.unnest(bindparam("b_steps", type_=postgresql.ARRAY(BigInteger)))
         wanted = listed.table_valued("value").render_derived(name="wanted")
     else:
