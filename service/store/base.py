@@ -262,6 +262,12 @@ class BaseStore(abc.ABC):
         """Whether this thread is inside ``without_waiting()``."""
         return False
 
+    @property
+    def one_writer(self) -> bool:
+        """Whether write transactions take turns (SQLite: one writer per file), so that one
+        transaction for many commits saves each its turn (``GroupCommit``)."""
+        return False
+
     def run_listener(self) -> Callable[[Callable[[str | None], None]], Awaitable[None]] | None:
         """An async function waiting for other processes' commits that touch a run's barrier
         (a rank's report, a decision), calling its argument with the run's id on each, and

@@ -264,6 +264,10 @@ class SqlStore(BaseStore):
     def must_not_wait(self) -> bool:
         return getattr(self._hurried, "on", False)
 
+    @property
+    def one_writer(self) -> bool:
+        return self._sqlite_writers is not None
+
     @contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[Connection]:
         """One transaction: commit on success, roll back on error, driver errors → StoreUnavailable.
