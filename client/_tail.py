@@ -47,6 +47,7 @@ class ProvisionalTail:
         self.lrs: list[list[float]] = []
         self.moms: list[list[float]] | None = None
         self.ridden_from: int | None = None  # the first step taken on it in this outage
+        self.ridden_id: int | None = None  # the id of the tail those steps came from
         self._named: int | None = None  # the ridden_from the latest request named
         self._named_step = 0  # the step that request asked for
         self.generation = 0  # moves when the values held are dropped: answers asked before are stale
@@ -66,7 +67,7 @@ class ProvisionalTail:
     def ride(self, step: int) -> tuple[list[float], list[float] | None]:
         """The values of ``step`` (held), noting that the job took them."""
         if self.ridden_from is None:
-            self.ridden_from = step
+            self.ridden_from, self.ridden_id = step, self.id
         return self.row(step)
 
     def size_wanted(self, seconds_per_step: float | None) -> int:
@@ -96,8 +97,8 @@ class ProvisionalTail:
         if self.ridden_from is None:
             return {}
         fields = {"provisional_from": self.ridden_from}
-        if self.id is not None:
-            fields["provisional_id"] = self.id
+        if self.ridden_id is not None:  # not the id of a tail that came since
+            fields["provisional_id"] = self.ridden_id
         if rank:
             fields["rank"] = rank
         return fields
@@ -141,7 +142,10 @@ class ProvisionalTail:
         taken = range(after, current_step + 1)
         same = all(final.holds(k) and self.holds(k) and self.row(k) == final.row(k) for k in taken)
         self.ridden_from = None if same else after
+        if same:
+            self.ridden_id = None
 
     def clear(self) -> None:
-        self.id, self.start, self.lrs, self.moms, self.ridden_from = None, 0, [], None, None
+        self.id, self.start, self.lrs, self.moms = None, 0, [], None
+        self.ridden_from = self.ridden_id = None
         self.generation += 1
