@@ -1,6 +1,6 @@
 """Figure 7: work budgets: what the worst request each budget allows does to everyone else.
 
-One server process on SQLite, default settings. A *victim* job steps its own run
+One server process, default settings, on SQLite and then on PostgreSQL. A *victim* job steps its own run
 (``POST .../step``, one new step per request, a commit each) and a probe asks ``GET /healthz``,
 each one request at a time, while an *attacker* repeats the worst request a budget allows,
 one at a time, with a read/write token's rights:
@@ -12,8 +12,8 @@ one at a time, with a read/write token's rights:
 - ``history``: ``GET .../history`` of that run, the most points the budget allows;
 - ``create``: a 1024-group LambdaLR run with distinct expressions as long as the budget allows.
 
-Rows: the victim's and the probe's p50/p99, their ratio to the baseline's, and the attacker
-request's own time (its server time plus one loopback round trip): the "worst allowed
+Rows: the victim's and the probe's p50/p99, their ratio to the baseline's (of the same backend),
+and the attacker request's own time (its server time plus one loopback round trip): the "worst allowed
 request per route" figure the README quotes.
 """
 
@@ -31,7 +31,7 @@ from lrserve.service.engine.spec import parse_schedule
 from lrserve.service.settings import Settings
 
 from bench import report
-from bench.servers import Pool
+from bench.servers import Pool, pg_problem
 from bench.sizes import Size
 from bench.stats import p99, percentile
 
@@ -142,34 +142,51 @@ def victim_horizon(url: str, run_id: str) -> int:
     return httpx.get(f"{url}/v1/runs/{run_id}", timeout=60).json()["horizon"]
 
 
-COLUMNS = [("attacker", "worst request running"), ("step_p50_ms", "step p50 ms"),
-           ("step_p99_ms", "step p99 ms"), ("step_vs_none", "step p99 vs none"),
+COLUMNS = [("backend", "backend"), ("attacker", "worst request running"), ("step_p50_ms", "step p50 ms"),
+           ("step_p50_vs_none", "step p50 vs none"), ("step_p99_ms", "step p99 ms"),
+           ("step_vs_none", "step p99 vs none"),
            ("healthz_p50_ms", "healthz p50 ms"), ("healthz_p99_ms", "healthz p99 ms"),
            ("healthz_vs_none", "healthz p99 vs none"), ("worst_ms", "worst request ms"),
            ("worst_units", "its work units"), ("worst_count", "worst requests"), ("steps", "victim steps")]
 
 
+def _scenarios(url: str, budget: int, seconds: float) -> list[dict[str, Any]]:
+    """Every scenario against one server, its baseline first and again last."""
+    with httpx.Client(base_url=url, timeout=120) as http:
+        http.post("/v1/runs", json={"run_id": "victim", "schedule": STEP_LR, "base_lrs": [0.1]})
+        http.post("/v1/runs", json={"run_id": "wide", "schedule": STEP_LR, "base_lrs": [0.1] * GROUPS})
+        while http.get("/v1/runs/wide").json()["horizon"] < 2_000:  # history has points to show
+            horizon = http.get("/v1/runs/wide").json()["horizon"]
+            http.get("/v1/runs/wide/lr", params={"step": horizon + 1, "ahead": 10_000}).raise_for_status()
+    rows = [_scenario(url, None, seconds, "victim")]
+    for name in ("window", "step jump", "preview", "history", "create"):
+        rows.append(_scenario(url, _Attacker(url, name, "wide", budget), seconds, "victim"))
+    rows.append(_scenario(url, None, seconds, "victim"))  # the baseline again: did it drift?
+    rows[-1]["attacker"] = "none (again)"
+    base = rows[0]
+    for row in rows:
+        for what, stat in (("step", "p99"), ("healthz", "p99"), ("step", "p50")):
+            key = f"{what}_vs_none" if stat == "p99" else f"{what}_{stat}_vs_none"
+            baseline = base[f"{what}_{stat}_ms"]
+            row[key] = row[f"{what}_{stat}_ms"] / baseline if baseline else None
+    return rows
+
+
 def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     budget = Settings().work_budget
     seconds = _seconds(size)
+    rows = []
     with pool.sqlite("budgets") as server:
         url = f"http://127.0.0.1:{server.port}"
-        with httpx.Client(base_url=url, timeout=120) as http:
-            http.post("/v1/runs", json={"run_id": "victim", "schedule": STEP_LR, "base_lrs": [0.1]})
-            http.post("/v1/runs", json={"run_id": "wide", "schedule": STEP_LR, "base_lrs": [0.1] * GROUPS})
-            while http.get("/v1/runs/wide").json()["horizon"] < 2_000:  # history has points to show
-                horizon = http.get("/v1/runs/wide").json()["horizon"]
-                http.get("/v1/runs/wide/lr", params={"step": horizon + 1, "ahead": 10_000}).raise_for_status()
-        rows = [_scenario(url, None, seconds, "victim")]
-        for name in ("window", "step jump", "preview", "history", "create"):
-            rows.append(_scenario(url, _Attacker(url, name, "wide", budget), seconds, "victim"))
-        rows.append(_scenario(url, None, seconds, "victim"))  # the baseline again: did it drift?
-        rows[-1]["attacker"] = "none (again)"
-    base = rows[0]
-    for row in rows:
-        for what in ("step", "healthz"):
-            baseline = base[f"{what}_p99_ms"]
-            row[f"{what}_vs_none"] = row[f"{what}_p99_ms"] / baseline if baseline else None
+        rows += [{"backend": "sqlite", **r} for r in _scenarios(url, budget, seconds)]
+    notes = []
+    problem = pg_problem()
+    if problem is None:
+        with pool.postgres() as servers:
+            url = f"http://127.0.0.1:{servers[1].port}"
+            rows += [{"backend": "postgres", **r} for r in _scenarios(url, budget, seconds)]
+    else:
+        notes.append(f"PostgreSQL rows skipped: {problem}")
     attacked = [r for r in rows if "worst_ms" in r]
     holds = all(
         r["step_vs_none"] <= TARGET_RATIO and r["healthz_vs_none"] <= TARGET_RATIO
@@ -178,9 +195,9 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     )
     return report.figure(
         NAME, TITLE,
-        ran=f"lrserve under uvicorn, 1 process, SQLite, default settings (work budget {budget}); "
-            f"each scenario {seconds:g} s: a victim run stepped one commit at a time, /healthz probed, "
-            f"and one client repeating the worst request of one budget on a {GROUPS}-group run",
+        ran=f"lrserve under uvicorn, 1 process, SQLite then PostgreSQL, default settings (work budget "
+            f"{budget}); each scenario {seconds:g} s: a victim run stepped one commit at a time, /healthz "
+            f"probed, and one client repeating the worst request of one budget on a {GROUPS}-group run",
         target=f"step and /healthz p99 <= {TARGET_RATIO:g} x the baseline's and <= {TARGET_MS:g} ms",
         holds=holds, columns=COLUMNS, rows=rows,
         notes=[
@@ -188,5 +205,6 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
             "round trip: the README's 'worst allowed request per route'",
             "the victim, the probe and the attacker are threads of this process, sharing the 2 cores "
             "with the server",
+            *notes,
         ],
     )
