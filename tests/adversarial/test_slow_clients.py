@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.adversarial.flood import flood
-from tests.live_server import ServerProcess
+from tests.live_server import ServerProcess, free_port
 
 
 async def _send_and_wait(url: str, data: bytes) -> tuple[bytes, float]:
@@ -57,6 +57,24 @@ def test_a_flood_of_half_sent_requests_leaves_healthz_answering(server):
     assert summary["healthz"]["statuses"] == {"200": summary["healthz"]["count"]}
     assert httpx.post(f"{server.url}/v1/runs", json={"schedule": {"type": "StepLR", "step_size": 2},
                                                      "base_lrs": [0.1]}).status_code == 201
+
+
+def test_probes_on_their_own_port_answer_through_a_flood(tmp_path):
+    """``LRSERVE_HEALTH_PORT``: probes there queue behind none of the API's connections
+    (``service/health.py``); what they say is the server's own state."""
+    health = free_port()
+    db = tmp_path / "db.sqlite"
+    with ServerProcess(f"sqlite:///{db}", tmp_path, env={"LRSERVE_HEALTH_PORT": str(health)}) as proc:
+        probes = f"http://127.0.0.1:{health}"
+        assert httpx.get(f"{probes}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{probes}/readyz").json() == {"status": "ready"}
+        summary = asyncio.run(flood(proc.url, 2000, hold_s=60, probe_url=probes))
+        print(summary)
+        assert summary["healthz"]["statuses"] == {"200": summary["healthz"]["count"]}
+        assert set(summary["flood_outcomes"]) <= {"408", "503"}
+        db.rename(tmp_path / "moved.sqlite")  # the store is gone: not ready, still alive
+        assert httpx.get(f"{probes}/readyz").status_code == 503
+        assert httpx.get(f"{probes}/healthz").status_code == 200
 
 
 def test_the_knobs(tmp_path):
