@@ -50,7 +50,7 @@ class UsageError(Exception):
 # -- the parser ------------------------------------------------------------------------------
 
 
-def add_operator_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_operator_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``runs``, ``control``, ``preview``, ``history`` and ``lr-finder`` to an ``lrserve`` parser.
 
     Args:
@@ -98,7 +98,9 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _add_runs(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_runs(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     runs = subparsers.add_parser(
         "runs", parents=[common], help="list or show runs", description="List or show runs."
     )
@@ -142,7 +144,9 @@ class _ControlParser(argparse.ArgumentParser):
 _FLEET = "@selector"
 
 
-def _add_control(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_control(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     fleet = argparse.ArgumentParser(add_help=False)  # on control and on every action: any order works
     group = fleet.add_argument_group("fleet and audit")
     group.add_argument(
@@ -205,7 +209,9 @@ def _add_control(subparsers: argparse._SubParsersAction, common: argparse.Argume
         plain.set_defaults(func=_command(_control), make_body=functools.partial(_plain_body, name))
 
 
-def _add_preview(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_preview(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     preview = subparsers.add_parser(
         "preview",
         parents=[common],
@@ -248,7 +254,9 @@ def _add_preview(subparsers: argparse._SubParsersAction, common: argparse.Argume
     preview.set_defaults(func=_command(_preview))
 
 
-def _add_history(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_history(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     history = subparsers.add_parser(
         "history",
         parents=[common],
@@ -266,7 +274,9 @@ def _add_history(subparsers: argparse._SubParsersAction, common: argparse.Argume
     history.set_defaults(func=_command(_history))
 
 
-def _add_lr_finder(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_lr_finder(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     finder = subparsers.add_parser(
         "lr-finder",
         parents=[common],
@@ -285,7 +295,9 @@ def _add_lr_finder(subparsers: argparse._SubParsersAction, common: argparse.Argu
     finder.set_defaults(func=_command(_lr_finder))
 
 
-def _add_webhooks(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _add_webhooks(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     webhooks = subparsers.add_parser(
         "webhooks", help="webhook delivery status",
         description="Webhook endpoints the server delivers events to (docs/events.md).")
@@ -583,12 +595,10 @@ def _print_json(data: Any, out: TextIO | None = None) -> None:
 
 
 def _items_of(page: Any) -> list[Mapping[str, Any]]:
-    if isinstance(page, list):
-        return page
-    for key in ("data", "runs", "items"):
-        if isinstance(page.get(key), list):
-            return page[key]
-    return []
+    if not isinstance(page, list):
+        page = next((page[key] for key in ("data", "runs", "items") if isinstance(page.get(key), list)), [])
+    items: list[Mapping[str, Any]] = page
+    return items
 
 
 def _fmt(value: Any) -> str:

@@ -18,7 +18,7 @@ import httpx
 try:  # parses a window's floats 4-5x faster than the standard library (same values)
     import orjson as _orjson
 except ImportError:  # pragma: no cover - a client-only install without it
-    _orjson = None
+    _orjson = None  # type: ignore[assignment]  # the module or None: callers check which
 
 from lrserve.client._exceptions import (
     ClientClosed,
@@ -212,11 +212,11 @@ class LRClient:
             body["labels"] = {str(k): str(v) for k, v in labels.items()}
         if world_size is not None:
             body["world_size"] = int(world_size)
-        return self.request("POST", "/v1/runs", json=body)
+        return self._object("POST", "/v1/runs", json=body)
 
     def read_run(self, run_id: str) -> dict[str, Any]:
         """The run, with its values at the horizon."""
-        return self.request("GET", f"/v1/runs/{_quote(run_id)}")
+        return self._object("GET", f"/v1/runs/{_quote(run_id)}")
 
     def list_runs(
         self,
@@ -239,7 +239,7 @@ class LRClient:
                 params.append((key, str(value)))
         if stale:
             params.append(("stale", "true"))
-        return self.request("GET", "/v1/runs", params=params)
+        return self._object("GET", "/v1/runs", params=params)
 
     def delete_run(self, run_id: str) -> None:
         """Delete a run (admin)."""
@@ -263,7 +263,7 @@ class LRClient:
         """
         params = {"step": str(int(step)), "ahead": str(int(ahead))}
         params.update({k: str(int(v)) for k, v in (tail or {}).items()})
-        return self.request("GET", f"/v1/runs/{_quote(run_id)}/lr", params=params, max_retries=max_retries)
+        return self._object("GET", f"/v1/runs/{_quote(run_id)}/lr", params=params, max_retries=max_retries)
 
     def step_run(
         self,
@@ -289,7 +289,7 @@ class LRClient:
             **{k: int(v) for k, v in (tail or {}).items() if k != "rank"},
         }
         path = f"/v1/runs/{_quote(run_id)}/step"
-        return self.request("POST", path, json=body, timeout=timeout, max_retries=max_retries)
+        return self._object("POST", path, json=body, timeout=timeout, max_retries=max_retries)
 
     def send_metrics(
         self, run_id: str, records: Sequence[Mapping[str, Any]], *, max_retries: int | None = None
@@ -305,11 +305,11 @@ class LRClient:
     def read_history(self, run_id: str, *, max_points: int | None = None) -> dict[str, Any]:
         """LRs, metrics and events of a run, downsampled to ``max_points`` per series."""
         params = {} if max_points is None else {"max_points": str(int(max_points))}
-        return self.request("GET", f"/v1/runs/{_quote(run_id)}/history", params=params)
+        return self._object("GET", f"/v1/runs/{_quote(run_id)}/history", params=params)
 
     def read_lr_finder(self, run_id: str) -> dict[str, Any]:
         """The LR range test's curve and suggestions."""
-        return self.request("GET", f"/v1/runs/{_quote(run_id)}/lr-finder")
+        return self._object("GET", f"/v1/runs/{_quote(run_id)}/lr-finder")
 
     # -- operators ----------------------------------------------------------------------
 
@@ -322,7 +322,7 @@ class LRClient:
         body: dict[str, Any] = {"action": action, **fields}
         if at_step is not None:
             body["at_step"] = int(at_step)
-        return self.request("POST", f"/v1/runs/{_quote(run_id)}/control", json=body, idempotent=False)
+        return self._object("POST", f"/v1/runs/{_quote(run_id)}/control", json=body, idempotent=False)
 
     def control_fleet(
         self,
@@ -341,7 +341,7 @@ class LRClient:
         body: dict[str, Any] = {"selector": selector, "action": dict(action), "dry_run": bool(dry_run)}
         if reason is not None:
             body["reason"] = reason
-        return self.request("POST", "/v1/control", json=body, idempotent=dry_run)
+        return self._object("POST", "/v1/control", json=body, idempotent=dry_run)
 
     def preview_schedule(
         self,
@@ -362,11 +362,11 @@ class LRClient:
             body["base_momentums"] = [float(x) for x in base_momentums]
         if metrics:
             body["metrics"] = {k: list(v) for k, v in metrics.items()}
-        return self.request("POST", "/v1/schedules/preview", json=body)
+        return self._object("POST", "/v1/schedules/preview", json=body)
 
     def read_catalog(self) -> dict[str, Any]:
         """Every accepted schedule ``type`` with its arguments, types and defaults."""
-        return self.request("GET", "/v1/schedules/catalog")
+        return self._object("GET", "/v1/schedules/catalog")
 
     # -- the one request path -----------------------------------------------------------
 
@@ -398,6 +398,24 @@ class LRClient:
                     raise
                 self._sleep(self._retry_delay(attempt, exc))
                 attempt += 1
+
+    def _object(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Any = None,
+        idempotent: bool = True,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> dict[str, Any]:
+        """``request`` to a route whose answer is a JSON object (every route but a delete's)."""
+        answer: dict[str, Any] = self.request(
+            method, path, json=json, params=params, idempotent=idempotent, timeout=timeout,
+            max_retries=max_retries,
+        )
+        return answer
 
     def _send_once(self, method: str, path: str, *, json: Any, params: Any, timeout: Any) -> Any:
         if self._closed:

@@ -30,6 +30,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 __all__ = [
@@ -202,9 +203,10 @@ def error_from_response(status_code: int, body: Any) -> ServerError:
         The ``ServerError`` subclass chosen by the body's ``code``, else by the status.
     """
     data = body if isinstance(body, Mapping) else {}
-    code = data.get("code") if isinstance(data.get("code"), str) else ""
+    code, errors = data.get("code"), data.get("errors")
+    code = code if isinstance(code, str) else ""
     detail = _detail_text(data.get("detail"), status_code)
-    errors = data.get("errors") if isinstance(data.get("errors"), list) else []
+    errors = errors if isinstance(errors, list) else []
     cls = CODE_TO_EXCEPTION.get(code) or _class_for_status(status_code)
     return cls(
         detail,
@@ -219,7 +221,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def warn(message: str, category: type[Warning]) -> None:
     """``warnings.warn`` pointing at the first caller outside this package."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 2
     while frame is not None and _in_package(frame.f_code.co_filename):
         frame = frame.f_back

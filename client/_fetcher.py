@@ -1,10 +1,13 @@
-"""``WindowFetcher``: fetches windows of final values on one background thread.
+"""Background fetches: ``WindowFetcher`` (windows of final values) and ``TailFetcher`` (the
+provisional tail), each on a thread of its own.
 
-The training thread submits one fetch at a time and takes its result when it wants it;
-the thread retries a failed fetch with backoff until the server answers (or the fetch is
-dropped), delivering first any watched-metric reports that waited for the server. It
-never touches the scheduler's values: merging them stays on the training thread, so the
-hot path needs no lock.
+The training thread submits one fetch at a time to each and takes its result when it
+wants it; the window thread retries a failed fetch with backoff until the server answers
+(or the fetch is dropped), delivering first any watched-metric reports that waited for
+the server. The tail is fetched apart so that its answers (thousands of values, which
+take the server a moment to compute and the client a moment to parse) never delay a
+window the loop is about to need. Neither touches the scheduler's values: merging them
+stays on the training thread, so the hot path needs no lock.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ from lrserve.client._exceptions import (
     TransportError,
 )
 
-__all__ = ["NOT_READY", "EndOfSchedule", "WindowFetcher", "is_outage"]
+__all__ = ["NOT_READY", "TAIL_CHUNK_VALUES", "EndOfSchedule", "TailFetcher", "WindowFetcher", "is_outage"]
 
 #: What ``take()`` answers when no result is there to take.
 NOT_READY: Any = object()
+#: Most values (steps x param groups) of tail one request asks for: its answer is parsed on
+#: the tail thread holding the GIL (~3 ms for 8,192 one-group steps with orjson here), so a
+#: tail of 60 s of training comes in a few such pauses of the training thread, not one long one.
+TAIL_CHUNK_VALUES = 8192
 
 
 class EndOfSchedule:
@@ -54,8 +61,8 @@ class WindowFetcher:
         run_id: Returns the run's id (it changes when a checkpoint of another run is loaded).
         current_step: Returns the step the job is at.
         limit_ahead: ``(first, ahead) -> ahead`` that stays before the next report step.
-        tail_fields: ``(first, ahead, grow=True) -> fields`` of the provisional tail to send
-            with a request (``grow=False``: a report's, which asks for no tail).
+        tail_fields: ``first -> fields`` a request for the window from ``first`` sends after
+            the job rode the provisional tail (``provisional_from``: the outage is settled).
         rank: Sent with late reports.
         report_timeout: Timeout of a report (a metric barrier may hold it).
         clock: Measures how long fetches take.
@@ -69,7 +76,7 @@ class WindowFetcher:
         run_id: Callable[[], str],
         current_step: Callable[[], int],
         limit_ahead: Callable[[int, int], int],
-        tail_fields: Callable[..., dict[str, int]] = lambda first, ahead, grow=True: {},
+        tail_fields: Callable[[int], dict[str, int]] = lambda first: {},
         rank: int = 0,
         report_timeout: httpx.Timeout | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -197,7 +204,7 @@ class WindowFetcher:
         while True:
             try:
                 return self._client.read_lr(
-                    self._run_id(), first, ahead=ahead, max_retries=0, tail=self._tail_fields(first, ahead)
+                    self._run_id(), first, ahead=ahead, max_retries=0, tail=self._tail_fields(first)
                 )
             except ScheduleError:
                 if ahead == 0:
@@ -222,7 +229,7 @@ class WindowFetcher:
                     ahead=ahead if step == first else 0,
                     timeout=self._report_timeout,
                     max_retries=0,
-                    tail=self._tail_fields(first, ahead, False) if step == first else None,
+                    tail=self._tail_fields(first) if step == first else None,
                 )
             except LRServiceError as exc:
                 if not is_outage(exc):  # refused for good: raised to the job, not retried
@@ -235,6 +242,93 @@ class WindowFetcher:
     def _notify(self, _: object) -> None:
         with self._cv:
             self._cv.notify_all()
+
+
+class TailFetcher:
+    """One daemon thread that fetches the provisional tail (``GET .../lr?provisional=n``).
+
+    A fetch asks for the tail after a final step in chunks of ``TAIL_CHUNK_VALUES`` values,
+    each continuing the one before (``provisional_after``), and returns the answers in order.
+    A failed try is not retried: the server is away (the window thread finds out and retries)
+    or the run cannot go on; the answers that came are returned, and the scheduler asks for
+    the rest with a later window.
+
+    Args:
+        client: The connection (shared; httpx pools are thread-safe).
+        run_id: Returns the run's id.
+    """
+
+    def __init__(self, client: LRClient, *, run_id: Callable[[], str]) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._future: Future[Any] | None = None
+        self._tag: Any = None
+        self._cancel = threading.Event()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a fetch was submitted and its result not taken yet."""
+        return self._future is not None
+
+    def submit(self, after: int, steps: int, held: tuple[int, int] | None, groups: int, tag: Any) -> None:
+        """Fetch ``steps`` steps of tail after the final step ``after`` (continuing ``held``,
+        ``(id, last step)``, while the server says it is valid); ``take()`` returns ``tag``
+        with the answers."""
+        future: Future[Any] = Future()
+        cancel = self._cancel
+        chunk = max(1, TAIL_CHUNK_VALUES // max(1, groups))
+        self._jobs.put((future, lambda: self._fetch(after, steps, held, chunk, cancel)))
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_work, args=(self._jobs,), name="lrserve-tail", daemon=True
+            )
+            self._thread.start()
+        self._future, self._tag = future, tag
+
+    def take(self) -> Any:
+        """``(tag, answers)`` of the fetch submitted, once it is done; else ``NOT_READY``."""
+        future = self._future
+        if future is None or not future.done():
+            return NOT_READY
+        self._future = None
+        return self._tag, future.result()
+
+    def drop(self) -> None:
+        """Abandon the fetch in flight (its answers would be of another run or tail)."""
+        self._cancel.set()
+        self._cancel = threading.Event()
+        self._future = None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drop the fetch in flight and stop the thread (waiting up to ``timeout``)."""
+        self.drop()
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _fetch(
+        self, after: int, steps: int, held: tuple[int, int] | None, chunk: int, cancel: threading.Event
+    ) -> list[dict[str, Any]]:
+        answers: list[dict[str, Any]] = []
+        while steps > 0 and not cancel.is_set():
+            n = min(steps, chunk)
+            fields = {"provisional": n}
+            if held is not None:
+                fields.update(provisional_id=held[0], provisional_after=held[1])
+            try:
+                answer = self._client.read_lr(self._run_id(), after, max_retries=0, tail=fields)
+            except LRServiceError:
+                break  # away (the window thread retries), or the run cannot go on: asked again later
+            answers.append(answer)
+            tail = answer.get("provisional") or {}
+            got = len(tail.get("lrs") or ())
+            if got < n:
+                break  # the server's cap, or the schedule's end
+            steps -= got
+            held = (int(tail["id"]), int(tail["start"]) + got - 1)
+        return answers
 
 
 def _work(jobs: queue.SimpleQueue[Any]) -> None:

@@ -44,7 +44,7 @@ from lrserve.client._exceptions import (
     TransportError,
     warn,
 )
-from lrserve.client._fetcher import NOT_READY, EndOfSchedule, WindowFetcher, is_outage
+from lrserve.client._fetcher import NOT_READY, EndOfSchedule, TailFetcher, WindowFetcher, is_outage
 from lrserve.client._metrics import MetricLog, to_float
 from lrserve.client._optimizer import (
     OptimizerWriter,
@@ -61,7 +61,6 @@ from lrserve.client._windows import (
     DEFAULT_TIME_BUDGET_S,
     Cadence,
     PrefetchPolicy,
-    WindowSizer,
     guard_monitor,
 )
 
@@ -198,6 +197,7 @@ class RemoteScheduler:
         if mode_from_env() == "disabled":  # no server: torch's own scheduler (client/_disabled.py)
             from lrserve.client._disabled import LocalScheduler
 
+            # torch's own scheduler stands in (same calls): not a RemoteScheduler, by design
             return LocalScheduler(*args, **kwargs)  # type: ignore[return-value]
         # Frameworks check isinstance(scheduler, torch's LRScheduler) (Lightning refuses
         # other schedulers). When the job has torch loaded, be one, without importing it here.
@@ -267,7 +267,7 @@ class RemoteScheduler:
         self._policy = PrefetchPolicy(time_budget_s, 1 if is_range_test else steps_per_epoch)
         self._cache = WindowCache()
         self._tail = ProvisionalTail(outage_ride_s)
-        self._tail_fields = functools.partial(_tail_fields, self._tail, self._policy.sizer, self.rank)
+        self._tail_fields = functools.partial(self._tail.settle_fields, rank=self.rank)
         self._prefetch_at: float = NEVER  # the step at which the next window is fetched
         self._state = ClientState.ACTIVE
         self._run_status = "active"  # the run's, as the server last said
@@ -308,8 +308,10 @@ class RemoteScheduler:
             clock=clock,
             rand=rand,
         )
+        self._tails = TailFetcher(client, run_id=self._link.get_run_id)
         self._finalizer = weakref.finalize(
-            self, _release, self._fetcher, self._metrics, client if self._owns_client else None, writer.hooks
+            self, _release, self._fetcher, self._tails, self._metrics, client if self._owns_client else None,
+            writer.hooks,
         )
         try:
             self._create(run_id, labels)
@@ -546,6 +548,8 @@ class RemoteScheduler:
                 f"{self.run_id!r}; pass run_id={run_id!r} (or no run_id) to resume it"
             )
         self._fetcher.drop()
+        self._tails.drop()
+        self._tail.clear()  # the values after another run's (or another step's) window
         self.run_id = run_id
         if state_dict.get("schedule") is not None:
             self.schedule = dict(state_dict["schedule"])  # the loaded run's
@@ -575,6 +579,7 @@ class RemoteScheduler:
         release_driver(self.optimizer, self)
         self._writer.unhook()
         self._fetcher.close(timeout)
+        self._tails.close(timeout)
         for step, report in self._fetcher.pending:  # undelivered decisions still belong in history
             self._metrics.add(step, report)
         self._fetcher.pending.clear()
@@ -725,7 +730,7 @@ class RemoteScheduler:
                 rank=self.rank,
                 ahead=ahead,
                 timeout=self._report_timeout,
-                tail=self._tail_fields(s, ahead, grow=False),
+                tail=self._tail_fields(s),
             )
         except LRServiceError as exc:
             if not is_outage(exc):
@@ -788,8 +793,7 @@ class RemoteScheduler:
         self._policy.sizer.observe(s, self._clock())
         try:
             ahead = self._ahead_from(s)
-            tail = self._tail_fields(s, ahead, grow=False)
-            answer = self._client.read_lr(self.run_id, s, ahead=ahead, tail=tail)
+            answer = self._client.read_lr(self.run_id, s, ahead=ahead, tail=self._tail_fields(s))
         except LRServiceError as exc:
             if not is_outage(exc):
                 raise
@@ -803,6 +807,7 @@ class RemoteScheduler:
         if self.strict:
             raise exc if exc is not None else TransportError("the server is away")
         self._set_state(ClientState.AWAY)
+        self._take_tail()  # what came before the outage
         if self._tail.holds(s):
             self._write(*self._tail.ride(s))
             self._warn_once(
@@ -860,10 +865,35 @@ class RemoteScheduler:
             start, lrs = int(answer["step"]), [answer["lrs"]]
             self._merge(start, lrs, None if moms is None else [moms])
         self._tail.take(answer, start, lrs)
-        self._tail.back(self.last_epoch)
+        self._tail.back(self.last_epoch, self._cache)
         if self._state is ClientState.AWAY and self._cache.holds(self.last_epoch):
             self._apply(self.last_epoch)  # catch up now, not one step later
             self._back()
+        self._grow_tail()
+
+    def _grow_tail(self) -> None:
+        """Ask for more provisional tail after the final values held, when what is held
+        beyond them is short (``ProvisionalTail.wanted``): on the tail's own thread, so the
+        windows never wait for it. Answers are taken here, at the next window."""
+        self._take_tail()
+        if self._tails.busy or self._state is not ClientState.ACTIVE:
+            return
+        after = self._cache.next_step - 1  # final: asking there commits nothing
+        steps = self._tail.wanted(after + 1, self._policy.sizer.seconds_per_step)
+        if steps and after >= 0:
+            self._tails.submit(after, steps, self._tail.held(), self._writer.n_groups, self._tail.generation)
+
+    def _take_tail(self) -> None:
+        """Keep the tail answers that came, unless the values held were dropped since they
+        were asked for (a decision changed what follows: they are stale)."""
+        result = self._tails.take()
+        if result is NOT_READY:
+            return
+        generation, answers = result
+        for answer in answers:
+            if generation != self._tail.generation:
+                return
+            self._tail.take(answer, int(answer["step"]), [answer["lrs"]])
 
     def _merge(self, start: int, lrs: list[list[float]], moms: list[list[float]] | None) -> None:
         if not lrs:
@@ -1010,14 +1040,6 @@ def _weakly(ref: weakref.ref[RemoteScheduler], name: str, gone: Any = _GONE) -> 
     return call
 
 
-def _tail_fields(
-    tail: ProvisionalTail, sizer: WindowSizer, rank: int, first: int, ahead: int, grow: bool = True
-) -> dict[str, int]:
-    """Provisional-tail fields of a request for ``first .. first + ahead`` (either thread);
-    ``grow=False`` for one the loop waits for: no tail asked (its work would be waited for)."""
-    return tail.request_fields(first, first + ahead, sizer.seconds_per_step, rank, grow)
-
-
 def _client_for(
     client: LRClient | None,
     *,
@@ -1059,7 +1081,9 @@ def _send_metrics(client: LRClient, link: _Link, records: list[dict[str, Any]]) 
     return client.send_metrics(link.run_id, records, max_retries=0)
 
 
-def _release(fetcher: WindowFetcher, metrics: MetricLog, client: LRClient | None, hooks: list[Any]) -> None:
+def _release(
+    fetcher: WindowFetcher, tails: TailFetcher, metrics: MetricLog, client: LRClient | None, hooks: list[Any]
+) -> None:
     """A scheduler dropped without ``close()``: unhook the optimizer, stop the worker threads.
 
     Logged metrics still unsent get a short try (the exit handler gives the rest theirs).
@@ -1067,6 +1091,7 @@ def _release(fetcher: WindowFetcher, metrics: MetricLog, client: LRClient | None
     """
     unhook(hooks)
     fetcher.close(0)
+    tails.close(0)
     if metrics.buffer is not None:
         metrics.buffer.close(DROPPED_FLUSH_S)
     if client is not None:

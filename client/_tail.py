@@ -2,9 +2,10 @@
 
 The server sends, on request, the values of the steps after a window computed as if no
 further input arrived (API.md, "Outages: the provisional tail"): not committed, not
-final. The scheduler keeps the latest such tail and asks for a new one when what it
-holds beyond its final values covers less than half of ``ride_s`` of training, or when a
-final window disagrees with it (a decision or an operator action changed what follows).
+final. The scheduler keeps the latest such tail and asks for more (in requests of their
+own, on a thread of their own: ``client._fetcher.TailFetcher``) when what it holds beyond
+its final values covers less than half of ``ride_s`` of training, or when a final window
+disagrees with it (a decision or an operator action changed what follows).
 While the server is away, steps past the final values take the tail's values; the first
 of them is named (``provisional_from``) in the first request after the outage, and the
 server commits those steps or records that an input changed them.
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lrserve.client._cache import WindowCache
 
 __all__ = ["DEFAULT_FIRST_TAIL", "DEFAULT_RIDE_S", "MAX_TAIL", "ProvisionalTail"]
 
@@ -22,10 +26,6 @@ __all__ = ["DEFAULT_FIRST_TAIL", "DEFAULT_RIDE_S", "MAX_TAIL", "ProvisionalTail"
 DEFAULT_RIDE_S = 60.0
 #: Steps of tail asked for before the time per step is known.
 DEFAULT_FIRST_TAIL = 1024
-#: Most a tail grows per request, in windows (the request's window size).
-TAIL_CHUNK_WINDOWS = 2
-#: ... but at least this many steps.
-MIN_TAIL_CHUNK = 256
 #: Most steps of tail asked for (the server's default cap, ``LRSERVE_MAX_PROVISIONAL``): a
 #: loop faster than 0.6 ms per step rides a shorter outage than ``ride_s``.
 MAX_TAIL = 100_000
@@ -47,8 +47,10 @@ class ProvisionalTail:
         self.lrs: list[list[float]] = []
         self.moms: list[list[float]] | None = None
         self.ridden_from: int | None = None  # the first step taken on it in this outage
+        self.ridden_id: int | None = None  # the id of the tail those steps came from
         self._named: int | None = None  # the ridden_from the latest request named
         self._named_step = 0  # the step that request asked for
+        self.generation = 0  # moves when the values held are dropped: answers asked before are stale
 
     @property
     def end(self) -> int:
@@ -65,7 +67,7 @@ class ProvisionalTail:
     def ride(self, step: int) -> tuple[list[float], list[float] | None]:
         """The values of ``step`` (held), noting that the job took them."""
         if self.ridden_from is None:
-            self.ridden_from = step
+            self.ridden_from, self.ridden_id = step, self.id
         return self.row(step)
 
     def size_wanted(self, seconds_per_step: float | None) -> int:
@@ -76,35 +78,28 @@ class ProvisionalTail:
             return DEFAULT_FIRST_TAIL
         return min(MAX_TAIL, max(DEFAULT_FIRST_TAIL, math.ceil(self.ride_s / seconds_per_step)))
 
-    def request_fields(
-        self, window_start: int, window_end: int, seconds_per_step: float | None, rank: int, grow: bool = True
-    ) -> dict[str, int]:
-        """What to send with a request for the window ``window_start .. window_end``:
-        ``provisional`` when the tail beyond it is short, ``provisional_from`` after riding it.
-
-        The tail grows by at most ``TAIL_CHUNK_WINDOWS`` windows' worth per request, and a
-        tail still held is continued (``provisional_after``), not sent again: an answer (and
-        its parsing, on the worker thread, which holds the GIL) stays about a window's size,
-        so the training loop pays for the tail about what it pays for the windows. The
-        tail so reaches ``ride_s`` of training after about as long a training. Requests the
-        training loop waits for (``grow=False``: reports, a window needed now) ask none.
-        """
-        fields: dict[str, int] = {}
+    def wanted(self, final_end: int, seconds_per_step: float | None) -> int:
+        """Steps of tail to ask for after the final values held (which end before
+        ``final_end``): none while what is held beyond them covers half of ``ride_s``, else
+        enough for all of it (one request of its own: ``client._fetcher.TailFetcher``)."""
         want = self.size_wanted(seconds_per_step)
-        beyond = self.end - (window_end + 1) if self.lrs else 0
-        if grow and want and beyond < want // 2:
-            chunk = max(MIN_TAIL_CHUNK, TAIL_CHUNK_WINDOWS * (window_end + 1 - window_start))
-            if beyond > 0 and self.id is not None:
-                fields["provisional"] = min(want - beyond, chunk)
-                fields["provisional_after"] = self.end - 1
-            else:
-                fields["provisional"] = min(want, chunk)
+        beyond = max(0, self.end - final_end) if self.lrs else 0
+        return want - beyond if want and beyond < want // 2 else 0
+
+    def held(self) -> tuple[int, int] | None:
+        """``(id, last step)`` of the tail held, which a request for more continues."""
+        return (self.id, self.end - 1) if self.lrs and self.id is not None else None
+
+    def settle_fields(self, window_start: int, rank: int = 0) -> dict[str, int]:
+        """What a request for the window from ``window_start`` sends after riding the tail:
+        ``provisional_from`` (the first step taken on it), the tail's id, the rank."""
         self._named, self._named_step = self.ridden_from, window_start
-        if self.ridden_from is not None:
-            fields["provisional_from"] = self.ridden_from
-        if self.id is not None and fields:
-            fields["provisional_id"] = self.id
-        if fields and rank:
+        if self.ridden_from is None:
+            return {}
+        fields = {"provisional_from": self.ridden_from}
+        if self.ridden_id is not None:  # not the id of a tail that came since
+            fields["provisional_id"] = self.ridden_id
+        if rank:
             fields["rank"] = rank
         return fields
 
@@ -115,13 +110,12 @@ class ProvisionalTail:
             held = self.lrs[lo - self.start : hi - self.start]
             if lo < hi and window[lo - window_start : hi - window_start] != held:
                 self.lrs, self.moms = [], None  # a decision changed what follows: ask for a new one
+                self.generation += 1
         tail = answer.get("provisional")
-        if tail is None:
-            return
+        if not tail or not tail.get("lrs"):
+            return  # none asked (a settling answer's is empty): the id held stays the values' own
         same = self.lrs and tail["id"] == self.id and int(tail["start"]) == self.end
         self.id = int(tail["id"])
-        if not tail.get("lrs"):
-            return
         if same:  # it continues the tail held
             self.lrs.extend(tail["lrs"])
             if self.moms is not None and tail.get("momentums") is not None:
@@ -135,12 +129,23 @@ class ProvisionalTail:
                 del self.moms[:done]
             self.start += done
 
-    def back(self, current_step: int) -> None:
+    def back(self, current_step: int, final: WindowCache) -> None:
         """The server answered after an outage: forget the ridden steps once a request named
-        them, except those the job took while that request was on its way (named next)."""
-        if self._named is not None and self._named == self.ridden_from:
-            self.ridden_from = self._named_step + 1 if current_step > self._named_step else None
-            self._named = None
+        them. Steps the job took while that request was on its way are named in the next
+        one, unless its answer made them final (``final`` holds them) with the very values
+        the job took: then nothing is left to commit or to record (an input placed after
+        them, an operator's meanwhile, is no divergence)."""
+        if self._named is None or self._named != self.ridden_from:
+            return
+        self._named = None
+        after = self._named_step + 1
+        taken = range(after, current_step + 1)
+        same = all(final.holds(k) and self.holds(k) and self.row(k) == final.row(k) for k in taken)
+        self.ridden_from = None if same else after
+        if same:
+            self.ridden_id = None
 
     def clear(self) -> None:
-        self.id, self.start, self.lrs, self.moms, self.ridden_from = None, 0, [], None, None
+        self.id, self.start, self.lrs, self.moms = None, 0, [], None
+        self.ridden_from = self.ridden_id = None
+        self.generation += 1

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lrserve.service.app import create_app
+
 __all__ = ["create_app"]
 
 
-def __getattr__(name: str):  # lazy, so `python -m lrserve.service --help` stays fast
+def __getattr__(name: str) -> object:  # lazy, so `python -m lrserve.service --help` stays fast
     if name == "create_app":
         from lrserve.service.app import create_app
 

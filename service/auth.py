@@ -68,8 +68,10 @@ def load_tokens(env_value: str, tokens_file: Path | None) -> dict[str, Identity]
     if tokens_file is not None:
         try:
             text = Path(tokens_file).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             raise TokenError(f"cannot read the tokens file {tokens_file}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError:  # its message would quote the file's bytes: maybe a token
+            raise TokenError(f"cannot read the tokens file {tokens_file}: not UTF-8 text") from None
         tokens.update(parse_tokens(text, source=str(tokens_file)))
     if not tokens and (env_value or tokens_file is not None):
         given = " and ".join(

@@ -30,7 +30,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = subparsers.add_parser(
         "serve", help="start the server", description="Start the lrserve HTTP server (uvicorn)."
     )
@@ -160,7 +160,9 @@ def run_server(settings: Settings, *, workers: int, log_level: str, access_log: 
     config = uvicorn.Config(
         AppFactory(settings), factory=True, host=settings.host, port=settings.port, workers=workers,
         log_level=log_level, access_log=access_log,
-        http=GuardedProtocol.of(settings),  # request timeout, connection limit
+        # request timeout, connection limit; uvicorn's annotation asks for a protocol class, and
+        # only calls it: this is a factory of one, picklable to the workers
+        http=GuardedProtocol.of(settings),  # type: ignore[arg-type]
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     if config.workers > 1:

@@ -115,6 +115,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- uvicorn's callbacks ---------------------------------------------------------------
 
+    # asyncio.Transport, as uvicorn's own protocols declare it (asyncio says BaseTransport)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:

@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ _MESSAGES = {
 
 
 def validation_message(
-    error: dict[str, Any], *, got: str | None = None, unknown_key: str = "unknown field"
+    error: ErrorDetails, *, got: str | None = None, unknown_key: str = "unknown field"
 ) -> str:
     """One pydantic error (an item of ``ValidationError.errors()``) in the service's words.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from lrserve.service.engine.engine import ScheduleSwitch
 from lrserve.service.runs.state import StepOutcome
@@ -95,8 +94,9 @@ class TelemetryMiddleware:
                 observer(route, scope, status[0])
 
 
-def _route_of(scope: dict[str, Any]) -> str:
+def _route_of(scope: Scope) -> str:
     if "lrserve.route" in scope:  # answered by the fast path, before routing
-        return scope["lrserve.route"]
+        fast: str = scope["lrserve.route"]
+        return fast
     route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"

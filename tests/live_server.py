@@ -2,12 +2,67 @@
 
 The one helper for a real server, shared with ``python -m bench``, is ``bench.servers.Server``
 (ports below the ephemeral range, one slice per xdist worker; ``kill()`` for kill -9);
-the tests know it as ``ServerProcess``.
+the tests know it as ``ServerProcess``. ``Restarter`` kills one and starts it again, as slow
+as a real cold start, while the test's training goes on.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+
 from bench.servers import Server as ServerProcess
 from bench.servers import free_port
 
-__all__ = ["ServerProcess", "free_port"]
+__all__ = ["Restarter", "ServerProcess", "free_port"]
+
+
+class Restarter:
+    """Kills a server (``kill -9``) and starts it again, same port, database and settings, in a
+    thread, while the caller (a training loop, or a test watching trainers) goes on.
+
+    Attributes:
+        server: The server: the restarted one once ``kill_and_restart()`` was called.
+        downtime: Seconds from the kill to the restarted server's readiness (``None`` until then).
+    """
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.downtime: float | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the kill happened."""
+        return self._thread is not None
+
+    def kill_and_restart(self) -> None:
+        old = self.server
+        old.kill()
+        killed_at = time.monotonic()
+
+        def restart() -> None:
+            try:
+                self.server = ServerProcess(old.db, old.log_path.parent, app=old.app, port=old.port,
+                                            workers=old.workers, env=old.env, args=old.args).start()
+                self.downtime = time.monotonic() - killed_at
+            except BaseException as exc:  # noqa: BLE001 - raised by join(), in the test
+                self._error = exc
+
+        self._thread = threading.Thread(target=restart, name="test-restart")
+        self._thread.start()
+
+    def join(self, timeout: float = 120.0) -> None:
+        """Wait for the restart; raise what made it fail."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Wait for the restart (if any), then stop the server."""
+        try:
+            self.join()
+        finally:
+            self.server.stop()

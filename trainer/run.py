@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lrserve.client import RemoteScheduler
+from lrserve.client import ClientState, RemoteScheduler
 from lrserve.trainer import checkpoint, ddp
 from lrserve.trainer.data import load_split, train_loader, val_shard
 from lrserve.trainer.loop import EpochContext, Evaluation, Precision, evaluate, make_precision, train_epoch
@@ -179,7 +179,7 @@ def _epochs(job: Job, done: int) -> Trained:
 
     def on_step(step: int, epoch: int) -> None:
         nonlocal finder
-        trace.step(step, epoch, optimizer)
+        trace.step(step, epoch, optimizer, away=scheduler.state is ClientState.AWAY)
         if test.just_switched():  # this step ended the range test; the weights are restored
             trace.record("switch", step=test.switched_at, epoch=epoch,
                          lrs=[float(g["lr"]) for g in optimizer.param_groups],

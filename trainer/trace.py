@@ -1,7 +1,8 @@
 """Per-rank JSON-lines trace: what each rank applied at every step, and its epoch metrics.
 
 The end-to-end tests compare ranks with it (identical LRs at every step, decisions on the
-same step) and rebuild the metric sequence the server decided on. Written outside the
+same step), rebuild the metric sequence the server decided on and see which steps a rank
+took while the server was away (``"away": true``). Written outside the
 timed part of a step, line-buffered so a reader sees each step as it happens.
 """
 
@@ -34,13 +35,18 @@ class Trace:
             if torn:  # a killed job left half a line: end it, so the next record stays whole
                 self._file.write("\n")
 
-    def step(self, step: int, epoch: int, optimizer: Any) -> None:
+    def step(self, step: int, epoch: int, optimizer: Any, *, away: bool = False) -> None:
+        """The values the rank applies at ``step``; ``away``: taken while the server was away
+        (held or provisional values: ``RemoteScheduler.state``), marked on those steps only."""
         if self._file is None:
             return
         groups = optimizer.param_groups
         moms = [g["betas"][0] if "betas" in g else g.get("momentum") for g in groups]
-        self._write({"kind": "step", "step": step, "epoch": epoch,
-                     "lrs": [float(g["lr"]) for g in groups], "momentums": moms})
+        record = {"kind": "step", "step": step, "epoch": epoch,
+                  "lrs": [float(g["lr"]) for g in groups], "momentums": moms}
+        if away:
+            record["away"] = True
+        self._write(record)
 
     def record(self, kind: str, **fields: Any) -> None:
         if self._file is not None:

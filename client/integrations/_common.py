@@ -8,8 +8,12 @@ from typing import Any
 from lrserve.client._disabled import LocalScheduler
 from lrserve.client._scheduler import RemoteScheduler
 
+Steered = RemoteScheduler | LocalScheduler
+"""What a callback reports to: the ``RemoteScheduler``, or under ``LRSERVE_MODE=disabled`` the
+``LocalScheduler`` it became (the same calls)."""
 
-def remote_scheduler(scheduler: Any) -> RemoteScheduler | None:
+
+def remote_scheduler(scheduler: Any) -> Steered | None:
     """The ``RemoteScheduler`` behind ``scheduler`` (accelerate wraps it in ``.scheduler``);
     under ``LRSERVE_MODE=disabled`` the ``LocalScheduler`` it became."""
     while scheduler is not None and not isinstance(scheduler, (RemoteScheduler, LocalScheduler)):
@@ -18,7 +22,7 @@ def remote_scheduler(scheduler: Any) -> RemoteScheduler | None:
     return scheduler
 
 
-def reported_name(scheduler: RemoteScheduler, key: str | None) -> str:
+def reported_name(scheduler: Steered, key: str | None) -> str:
     """The metric name the schedule watches, under which the framework's ``key`` is reported.
 
     A schedule watching one metric takes the framework's value under that name (the

@@ -24,8 +24,7 @@ try:
 except ImportError as exc:  # the client itself does not need transformers
     raise ImportError("client.integrations.huggingface needs transformers: pip install it") from exc
 
-from lrserve.client._scheduler import RemoteScheduler
-from lrserve.client.integrations._common import plateau_modes, remote_scheduler, reported_name
+from lrserve.client.integrations._common import Steered, plateau_modes, remote_scheduler, reported_name
 
 __all__ = ["LRServeCallback"]
 
@@ -47,7 +46,7 @@ class LRServeCallback(TrainerCallback):
 
     def __init__(self, monitor: str | None = None) -> None:
         self.monitor = monitor
-        self.scheduler: RemoteScheduler | None = None
+        self.scheduler: Steered | None = None
         self.key = "eval_loss"  # the Trainer's metric, as its own plateau path picks it
         self.name = ""  # the name the schedule watches it under
         self.reported_at: int | None = None  # the global step last reported

@@ -26,8 +26,7 @@ try:
 except ImportError as exc:  # the client itself does not need lightning
     raise ImportError("client.integrations.lightning needs lightning (pip install lightning)") from exc
 
-from lrserve.client._scheduler import RemoteScheduler
-from lrserve.client.integrations._common import remote_scheduler, reported_name
+from lrserve.client.integrations._common import Steered, remote_scheduler, reported_name
 
 __all__ = ["LRServeCallback"]
 
@@ -47,7 +46,7 @@ class LRServeCallback(Callback):
 
     def __init__(self, monitor: str | None = None) -> None:
         self.monitor = monitor
-        self.targets: list[tuple[RemoteScheduler, str, str]] = []  # (scheduler, logged key, name)
+        self.targets: list[tuple[Steered, str, str]] = []  # (scheduler, logged key, name)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.targets = []

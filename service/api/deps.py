@@ -8,28 +8,34 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
-from lrserve.service.auth import Identity
+from fastapi import Depends, Header, Request, params
+from lrserve.service.auth import Authenticator, Identity
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store.base import BaseStore
 
+# app.state is untyped (Starlette's State): each value is annotated as create_app sets it.
+
 
 async def get_manager(request: Request) -> RunManager:
-    return request.app.state.manager
+    manager: RunManager = request.app.state.manager
+    return manager
 
 
 async def get_store(request: Request) -> BaseStore:
-    return request.app.state.manager.store
+    store: BaseStore = request.app.state.manager.store
+    return store
 
 
 async def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 async def get_liveness(request: Request) -> Liveness:
-    return request.app.state.liveness
+    liveness: Liveness = request.app.state.liveness
+    return liveness
 
 
 ManagerDep = Annotated[RunManager, Depends(get_manager)]
@@ -38,11 +44,13 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 LivenessDep = Annotated[Liveness, Depends(get_liveness)]
 
 
-def _role(required: str):
+def _role(required: str) -> params.Depends:
     async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Identity:
-        return request.app.state.auth.require(authorization, required)
+        auth: Authenticator = request.app.state.auth
+        return auth.require(authorization, required)
 
-    return Depends(check)
+    dependency: params.Depends = Depends(check)  # declared Any, made a params.Depends
+    return dependency
 
 
 # As ``dependencies=[...]`` when the route only checks the role; as a parameter's

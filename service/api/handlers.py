@@ -185,6 +185,7 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(_Internal("internal error; the server log has the details"))
 
+    # Starlette types a handler as taking any Exception; each of these takes the class it is for.
     app.add_exception_handler(LRServeError, on_domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(StoreUnavailable, on_store_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ Non-finite numbers are spelled "NaN" / "Infinity" / "-Infinity" here
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from lrserve.service.events.hub import Overflow
     from lrserve.service.events.webhooks import WebhookEndpoint
     from lrserve.service.fleet import FleetOutcome
-    from lrserve.service.runs.manager import History, LRFinder, SpikeGuardView, Window
+    from lrserve.service.runs.manager import Window
     from lrserve.service.runs.provisional import Tail
+    from lrserve.service.runs.read_models import History, LRFinder, SpikeGuardView
     from lrserve.service.runs.state import RunState
     from lrserve.service.store.base import RunRecord
     from lrserve.service.store.webhook_queue import EndpointStatus
@@ -63,7 +64,7 @@ def error_body(error: LRServeError) -> Body:
     }
 
 
-def error_response(error: LRServeError, headers: dict[str, str] | None = None) -> FastJSONResponse:
+def error_response(error: LRServeError, headers: Mapping[str, str] | None = None) -> FastJSONResponse:
     return FastJSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
@@ -127,6 +128,7 @@ def fleet_body(outcome: FleetOutcome) -> Body:
 
 def _columns(values: Sequence[Values]) -> tuple[list[list[float]], list[list[float]] | None]:
     lrs = [list(v[0]) for v in values]
+    # a run's steps all have momentums or none do
     moms = None if not values or values[0][1] is None else [list(v[1]) for v in values]  # type: ignore[arg-type]
     return lrs, moms
 

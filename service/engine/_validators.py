@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from lrserve.service.errors import FieldError, describe, field_path, validation_message
 from pydantic import PlainValidator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 MAX_GROUPS = 1024
 """Most param groups a run may have: the one definition (request bodies use it too, through
@@ -304,7 +304,7 @@ _REFUSED_KEYS = {
 
 
 def translate_errors(
-    errors: Iterable[dict[str, Any]],
+    errors: Iterable[ErrorDetails],
     field: str,
     types: Sequence[str],
     accepted_keys: Callable[[str], list[str]],
@@ -329,7 +329,7 @@ def translate_errors(
 
 
 def _message(
-    error: dict[str, Any],
+    error: ErrorDetails,
     ctx: dict[str, Any],
     node_type: str,
     accepted_keys: Callable[[str], list[str]],

@@ -10,6 +10,7 @@ import functools
 import inspect
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,7 @@ def _arg(name: str, info: FieldInfo) -> CatalogArg:
                       default, tuple(_choices(info.annotation)))
 
 
-def _label(annotation: Any, metadata: list[Any] = ()) -> str:  # type: ignore[assignment]
+def _label(annotation: Any, metadata: Sequence[Any] = ()) -> str:
     for item in metadata:
         if isinstance(item, TypeLabel):
             return item.label

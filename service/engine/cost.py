@@ -26,9 +26,17 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from lrserve.service.engine.expr import CHECKED_STEPS
+from lrserve.service.engine.spec import (
+    ChainedSchedulerSpec,
+    LambdaLRSpec,
+    LRRangeTestSpec,
+    MultiplicativeLRSpec,
+    ScheduleSpec,
+    SequentialLRSpec,
+    SpikeGuardSpec,
+)
 from lrserve.service.errors import InvalidInput
 
 GROUP_OVERHEAD = 6
@@ -70,23 +78,24 @@ class WorkBudgetExceeded(InvalidInput):
     code = "work_budget_exceeded"
 
 
-def per_step(spec: Any, n_groups: int) -> float:
+def per_step(spec: ScheduleSpec, n_groups: int) -> float:
     """Units one step of ``spec`` costs per param group (see the module docstring)."""
     own = PER_STEP.get(spec.type, 1.0)
-    if spec.type in ("LambdaLR", "MultiplicativeLR"):
+    if isinstance(spec, (LambdaLRSpec, MultiplicativeLRSpec)):
         return own + spec.max_nodes() / NODES_PER_UNIT
-    if spec.type == "ChainedScheduler":
+    if isinstance(spec, ChainedSchedulerSpec):
         return own + sum(per_step(child, n_groups) for child in spec.schedulers)
-    if spec.type == "SequentialLR":
+    if isinstance(spec, SequentialLRSpec):
         return own + max(per_step(child, n_groups) for child in spec.schedulers)
-    if spec.type == "LRRangeTest" and spec.then is not None:
-        return own + per_step(spec.then_spec(n_groups), n_groups)
-    if spec.type == "SpikeGuard":  # its inner schedule, and judging the reports (per report)
+    if isinstance(spec, LRRangeTestSpec):
+        then = spec.then_spec(n_groups)
+        return own if then is None else own + per_step(then, n_groups)
+    if isinstance(spec, SpikeGuardSpec):  # its inner schedule, and judging the reports (per report)
         return own + per_step(spec.inner_spec(n_groups), n_groups)
     return own
 
 
-def cost(spec: Any, *, n_groups: int, steps: int) -> int:
+def cost(spec: ScheduleSpec, *, n_groups: int, steps: int) -> int:
     """Units of ``steps`` steps of ``spec`` on ``n_groups`` param groups."""
     return math.ceil(steps * (n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups))
 
@@ -96,7 +105,7 @@ def history_cost(*, n_groups: int, points: int) -> int:
     return points * (n_groups + GROUP_OVERHEAD)
 
 
-def steps_within(spec: Any, *, n_groups: int, budget: int) -> int:
+def steps_within(spec: ScheduleSpec, *, n_groups: int, budget: int) -> int:
     """The most steps of ``spec`` that fit in ``budget`` units (at least 1: one step is always served)."""
     return max(1, int(budget // ((n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups))))
 

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from lrserve.service.engine.range_test import RangeTest
 from lrserve.service.engine.spec import (
-    SPIKE_GUARD,
     ScheduleSpec,
+    SpikeGuardSpec,
     cycles_momentum,
     parse_schedule,
     spec_to_json,
@@ -98,7 +98,7 @@ class _PlateauClock(torch_schedulers.LRScheduler):
         self._stage = stage
         super().__init__(optimizer)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | torch.Tensor]:  # torch's annotation; these are floats
         self._stage.seen = True
         if self.last_epoch == 0:
             return [float(lr) for lr in self.base_lrs]
@@ -168,7 +168,7 @@ class Engine:
         self._install(schedule, list(base_lrs))
 
     def _install(self, schedule: ScheduleSpec, base_lrs: list[float], keep_guard: bool = False) -> None:
-        if schedule.type == SPIKE_GUARD:
+        if isinstance(schedule, SpikeGuardSpec):
             self.guard = SpikeGuard(GuardSettings.from_spec(schedule))
             schedule = schedule.inner_spec(self.n_groups)
         elif not keep_guard:
@@ -210,7 +210,7 @@ class Engine:
         if spec.type == "ChainedScheduler":
             children = [self._build_stage(c, f"{path}.schedulers.{i}") for i, c in enumerate(spec.schedulers)]
             return torch_schedulers.ChainedScheduler(children, optimizer=self.optimizer)
-        cls = getattr(torch_schedulers, spec.type)
+        cls: type[torch_schedulers.LRScheduler] = getattr(torch_schedulers, spec.type)
         return cls(self.optimizer, **spec.torch_kwargs())
 
     def _build_stage(self, spec: Any, path: str) -> torch_schedulers.LRScheduler:
@@ -345,13 +345,14 @@ class Engine:
         chosen = test.finish(fallback=self.base_lrs[0])
         bases = [chosen * ratio for ratio in self._group_ratios()]
         then = self.schedule.then
-        if then is None:
+        then_spec = self.schedule.then_spec(self.n_groups)
+        if then_spec is None:
             self.set_lrs(bases)
         else:
             for group in self.optimizer.param_groups:
                 group.pop("initial_lr", None)
             self.set_lrs(bases)
-            self._install(self.schedule.then_spec(self.n_groups), bases, keep_guard=True)
+            self._install(then_spec, bases, keep_guard=True)
         return [ScheduleSwitch(chosen, self.values()[0], then)]
 
     def _tick(self) -> None:

@@ -151,6 +151,7 @@ class Expression:
         return {"source": self.source, "field": self.field}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickled: compiled again from the source, as when first built
         self.__init__(state["source"], field=state["field"])  # type: ignore[misc]
 
     def __call__(self, step: int) -> float:

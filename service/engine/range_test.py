@@ -54,7 +54,8 @@ class RangeTest:
         r = step / self.num_steps
         if self.mode == "linear":
             return self.min_lr + r * (self.max_lr - self.min_lr)
-        return self.min_lr * (self.max_lr / self.min_lr) ** r
+        growth: float = (self.max_lr / self.min_lr) ** r  # a positive base: a real power
+        return self.min_lr * growth
 
     def record(self, lr: float, loss: float) -> None:
         """Pair a reported loss with the LR it was measured at; may end the test."""

@@ -22,7 +22,7 @@ from lrserve.service.engine import _validators as v
 from lrserve.service.engine._validators import MAX_GROUPS as MAX_GROUPS  # the one definition; re-exported
 from lrserve.service.engine._validators import PerGroupExpression, PerGroupFloat, Problems
 from lrserve.service.engine.expr import Expression, compile_expression, node_count
-from lrserve.service.errors import FieldError, SpecError
+from lrserve.service.errors import FieldError, SpecError, describe
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 MAX_DEPTH: int = 4
@@ -145,7 +145,7 @@ class ConstantLRSpec(_Spec):
     def problems(self, n_groups: int) -> Problems:
         if not v.in_range(self.factor, 0, 1, low_open=True, high_open=False):
             why = ": torch divides by it when it restores the LR" if self.factor == 0 else ""
-            yield "factor", f"expected a number in (0, 1], got {v.describe(self.factor)}{why}"
+            yield "factor", f"expected a number in (0, 1], got {describe(self.factor)}{why}"
         if self.total_iters < 1:
             why = "with 0, torch scales the LR at step 0 and never restores it"
             yield "total_iters", f"expected an integer >= 1, got {self.total_iters}: {why}"
@@ -191,7 +191,7 @@ class PolynomialLRSpec(_Spec):
     def problems(self, n_groups: int) -> Problems:
         if self.power < 0:
             why = "torch raises 0 to it (ZeroDivisionError) when the step reaches total_iters"
-            yield "power", f"expected a number >= 0, got {v.describe(self.power)}: {why}"
+            yield "power", f"expected a number >= 0, got {describe(self.power)}: {why}"
 
 
 class CyclicLRSpec(_Spec):
@@ -271,7 +271,7 @@ class ReduceLROnPlateauSpec(_Spec):
     def problems(self, n_groups: int) -> Problems:
         if not 0 < self.factor < 1:
             why = "torch raises on factor >= 1" if self.factor >= 1 else "the LR would not shrink"
-            yield "factor", f"expected a number in (0, 1), got {v.describe(self.factor)}: {why}"
+            yield "factor", f"expected a number in (0, 1), got {describe(self.factor)}: {why}"
         if self.mode == "min" and self.threshold_mode == "rel" and self.threshold >= 1:
             why = f"a metric would have to fall below best * {1 - self.threshold} to improve"
             expected = "expected a number < 1 with mode 'min' and threshold_mode 'rel'"
@@ -382,7 +382,7 @@ class LRRangeTestSpec(_Spec):
             yield from _then_problems(self.then, n_groups)
 
     # The ``then`` schedule, parsed once per group count (engines, cost and watched metrics ask often).
-    _then: tuple[int, Any] | None = PrivateAttr(default=None)
+    _then: tuple[int, ScheduleSpec] | None = PrivateAttr(default=None)
 
     def then_spec(self, n_groups: int) -> ScheduleSpec | None:
         """The validated ``then`` schedule."""
@@ -430,7 +430,7 @@ class SpikeGuardSpec(_Spec):
         yield from _guarded_problems(self.schedule, n_groups)
 
     # The inner schedule, parsed once per group count (engines, previews and the manager ask often).
-    _inner: tuple[int, Any] | None = PrivateAttr(default=None)
+    _inner: tuple[int, ScheduleSpec] | None = PrivateAttr(default=None)
 
     def inner_spec(self, n_groups: int) -> ScheduleSpec:
         """The validated inner schedule."""
@@ -529,7 +529,7 @@ def parse_schedule(
     if errors:
         raise SpecError.many(errors)
     try:
-        spec = _ADAPTER.validate_python(data, strict=True)
+        spec: ScheduleSpec = _ADAPTER.validate_python(data, strict=True)
     except ValidationError as exc:
         raise SpecError.many(
             v.translate_errors(exc.errors(), field, SPEC_TYPES, _accepted_keys)
@@ -598,4 +598,5 @@ def guard_of(spec: Any, n_groups: int = 1) -> Any:
 
 def spec_to_json(spec: Any) -> dict[str, Any]:
     """The canonical JSON form: every argument present, defaults filled in."""
-    return _ADAPTER.dump_python(spec, mode="json")  # type: ignore[no-any-return]
+    data: dict[str, Any] = _ADAPTER.dump_python(spec, mode="json")
+    return data

@@ -42,7 +42,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 MAD_TO_SIGMA = 1.4826
 """Scales a MAD to the standard deviation of Gaussian noise."""
@@ -277,8 +279,11 @@ class Band:
     def picked(self, indices: Iterable[int]) -> Band:
         """The band at these positions only (downsampling)."""
         keep = list(indices)
-        series = (self.steps, self.values, self.baseline, self.upper)
-        return Band(*([values[i] for i in keep] for values in series))
+
+        def pick(series: list[T]) -> list[T]:
+            return [series[i] for i in keep]
+
+        return Band(pick(self.steps), pick(self.values), pick(self.baseline), pick(self.upper))
 
 
 def replay_band(

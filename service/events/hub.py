@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from lrserve.service.errors import OutageLog, StoreUnavailable
@@ -97,7 +97,7 @@ class EventHub:
         *,
         buffer: int = DEFAULT_BUFFER,
         poll_s: float = DEFAULT_POLL_S,
-        listen: Callable[[Callable[[], None]], object] | None = None,
+        listen: Callable[[Callable[[str | None], None]], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.buffer = buffer
@@ -152,9 +152,8 @@ class EventHub:
     async def _follow(self) -> None:
         while not self._closed:
             try:
-                async with asyncio.timeout(self.poll_s):
-                    await self._wake.wait()
-            except TimeoutError:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            except asyncio.TimeoutError:  # not yet TimeoutError on Python 3.10
                 pass
             self._wake.clear()
             if self._closed:
@@ -201,7 +200,7 @@ class EventHub:
 
         while not self._closed:
             try:
-                await self._listen(woke)  # type: ignore[misc]
+                await self._listen(woke)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the poll still runs; try again later
@@ -237,9 +236,8 @@ class EventHub:
                 sub.pending.clear()
             while not self._closed:
                 try:
-                    async with asyncio.timeout(self.heartbeat_s):
-                        await sub.ready.wait()
-                except TimeoutError:
+                    await asyncio.wait_for(sub.ready.wait(), self.heartbeat_s)
+                except asyncio.TimeoutError:
                     yield []
                     continue
                 sub.ready.clear()

@@ -20,8 +20,9 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -37,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 if TYPE_CHECKING:
     import httpx
+    from lrserve.service.telemetry import Telemetry
 
 log = logging.getLogger("lrserve.webhooks")
 
@@ -76,12 +78,8 @@ class WebhookEndpoint(BaseModel):
 
     @property
     def shown(self) -> str:
-        """The URL without its query or user info (they may hold credentials): for logs and status."""
-        parts = urlsplit(str(self.url))
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc = f"{netloc}:{parts.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        """The URL as logs and status show it (``shown_url``)."""
+        return shown_url(self.key)
 
     @property
     def filter(self) -> FeedFilter:
@@ -90,6 +88,15 @@ class WebhookEndpoint(BaseModel):
 
 
 _ENDPOINTS = TypeAdapter(list[WebhookEndpoint])
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its query or user info (they may hold credentials): for logs and status."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def load_webhooks(text: str, file: Path | None) -> list[WebhookEndpoint]:
@@ -121,7 +128,7 @@ def load_webhooks(text: str, file: Path | None) -> list[WebhookEndpoint]:
     urls = [e.key for e in endpoints]
     for url in urls:
         if urls.count(url) > 1:
-            raise WebhookConfigError(f"webhook {WebhookEndpoint.model_construct(url=url).shown} "
+            raise WebhookConfigError(f"webhook {shown_url(url)} "
                                      "is configured twice; give each URL once")
     return endpoints
 
@@ -133,7 +140,10 @@ def sign(secret: str, body: bytes) -> str:
 
 def backoff_s(attempts: int) -> float:
     """Pause before the next attempt after ``attempts`` failed ones: 1, 2, 4, ... up to the cap."""
-    return min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** max(0, attempts - 1))
+    # The exponent stops growing long after the cap is reached: 2.0 ** 1024 overflows a float
+    # (an endpoint down for days of attempts made every send fail with OverflowError).
+    doublings = min(max(0, attempts - 1), 64)
+    return min(MAX_BACKOFF_S, math.ldexp(FIRST_BACKOFF_S, doublings))
 
 
 class WebhookSender:
@@ -145,7 +155,9 @@ class WebhookSender:
         telemetry: Where delivery counts go (``/metrics``); None in tests of the queue alone.
     """
 
-    def __init__(self, queue: WebhookQueue, endpoints: Sequence[WebhookEndpoint], telemetry=None) -> None:
+    def __init__(
+        self, queue: WebhookQueue, endpoints: Sequence[WebhookEndpoint], telemetry: Telemetry | None = None
+    ) -> None:
         self.queue = queue
         self.endpoints = list(endpoints)
         self.telemetry = telemetry
@@ -202,16 +214,15 @@ class WebhookSender:
             if busy or self._closed:
                 continue
             try:
-                async with asyncio.timeout(IDLE_POLL_S):
-                    await self._wake.wait()
-            except TimeoutError:
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+            except asyncio.TimeoutError:  # not yet TimeoutError on Python 3.10
                 pass
             self._wake.clear()
 
     async def _round(self) -> bool:
         """Fill every queue, send what is due; True if there may be more to do right away."""
         busy = False
-        sends = []
+        sends: list[Awaitable[None]] = []
         for endpoint in self.endpoints:
             if self._closed:
                 break
@@ -239,12 +250,14 @@ class WebhookSender:
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(endpoint.secret, body),
                    "X-LRServe-Event-Id": str(delivery.gid), "X-LRServe-Attempt": str(delivery.attempts)}
         try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):  # httpx's timeout bounds each phase, not the sum
-                response = await self._client.post(endpoint.key, content=body, headers=headers)
+            # httpx's timeout bounds each phase, not the sum
+            response = await asyncio.wait_for(
+                self._client.post(endpoint.key, content=body, headers=headers), SEND_TIMEOUT_S
+            )
             error = None if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {str(exc)[:200] or 'no answer'}"
-        except TimeoutError:
+        except asyncio.TimeoutError:
             error = f"no answer within {SEND_TIMEOUT_S:g} s"
         if error is None:
             await run_in_threadpool(self.queue.delivered, delivery)

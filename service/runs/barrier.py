@@ -125,7 +125,9 @@ class Barriers:
         self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int
     ) -> Window:
         """``POST .../step``: through the barrier when the run needs one, else straight on."""
-        state = self.manager.loaded(run_id) or await run_in_threadpool(self.manager.state, run_id)
+        state = self.manager.loaded(run_id)
+        if state is None:
+            state = await run_in_threadpool(self.manager.state, run_id)
         watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
         if state.world_size == 1 or not watched or step <= state.horizon:
             return await run_in_threadpool(self.manager.step_run, run_id, step, metrics, rank, ahead)
@@ -148,7 +150,9 @@ class Barriers:
         finally:
             self._leave(key, barrier)
         window = self.manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
-        return window or await run_in_threadpool(self.manager.window, run_id, step, ahead)
+        if window is None:
+            window = await run_in_threadpool(self.manager.window, run_id, step, ahead)
+        return window
 
     def _enter(self, key: tuple[str, int]) -> _Barrier:
         barrier = self._open.get(key)

@@ -12,9 +12,9 @@ import threading
 import weakref
 
 from lrserve.service.engine import codec
-from lrserve.service.engine.actions import RunStatus
 from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.engine.run_spec import RunSpec
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.runs.replay import apply_logs
 from lrserve.service.runs.state import Marks, RunState
 from lrserve.service.store.base import BaseStore, RunRecord, Snapshot

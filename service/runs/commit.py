@@ -24,9 +24,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lrserve.service.engine import codec
-from lrserve.service.engine.actions import Action, RunStatus
+from lrserve.service.engine.actions import Action
 from lrserve.service.engine.engine import ScheduleSwitch
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunConflict
 from lrserve.service.offload import BigWork
 from lrserve.service.runs.cache import RunCache
@@ -254,7 +255,7 @@ def _append(
         tx.append_metrics(records)
     appended = tx.append_events(new_events) if new_events else []
     if outcomes:  # a commit that only caught up writes nothing
-        tx.update_run(horizon=state.engine.step, status=state.marks.status.value)
+        tx.update_run(horizon=state.engine.step, status=state.marks.status)
     state.last_seq = appended[-1].seq if appended else tx.run.last_seq
 
 
@@ -321,7 +322,7 @@ def metric_records(metrics: Mapping[str, float], step: int, rank: int) -> list[M
 def _report_events(reports: Reports, first_free: int, events: list[NewEvent]) -> list[NewEvent]:
     """METRIC events placing each report at its step or ``first_free``; joins a plateau
     metric event of the same step (in ``events``) instead of adding another."""
-    groups: dict[int, Reports] = {}
+    groups: dict[int, list[dict[str, Any]]] = {}
     for report in reports:
         groups.setdefault(max(report["step"], first_free), []).append(report)
     added = []

@@ -13,24 +13,23 @@ creates runs; the parts it stands on live beside it:
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lrserve.service.engine import cost
-from lrserve.service.engine.actions import RunStatus, action_for_run
+from lrserve.service.engine.actions import action_for_run
 from lrserve.service.engine.engine import Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunConflict, RunNotFound
 from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import (
     LOCAL_ACTOR,
     Committer,
-    Metric,
     PlacedAction,
     Reports,
     guard_reports,
@@ -102,25 +101,6 @@ class RunManager:
     def caught_up(self, run_id: str) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further)."""
         return self.committer.caught_up(run_id)
-
-    def commit(
-        self,
-        run_id: str,
-        target: int,
-        *,
-        metric: Metric | None = None,
-        action: PlacedAction | None = None,
-        extra_events: Sequence[NewEvent] = (),
-        records: Sequence[MetricRecord] = (),
-        reports: Reports = (),
-        if_behind: bool = False,
-        need: int | None = None,
-    ) -> int | None:
-        """Advance the run to ``target``, placing a decision on the way (``Committer.commit``)."""
-        return self.committer.commit(
-            run_id, target, metric=metric, action=action, extra_events=extra_events, records=records,
-            reports=reports, if_behind=if_behind, need=need,
-        )
 
     def history(self, run_id: str, max_points: int) -> History:
         return self.reads.history(run_id, max_points)
@@ -218,10 +198,10 @@ class RunManager:
         if window is not None:
             return window
         self._check_jump(state, step)
-        wanted = min(step + min(ahead, self._ahead_cap(state)), self.runs.fails_at.get(run_id, math.inf) - 1)
+        wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
         end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
         if end > state.horizon:
-            self.commit(run_id, end, if_behind=True, need=step)
+            self.committer.commit(run_id, end, if_behind=True, need=step)
         state = self.state(run_id)
         return self._window(state, step, min(end, max(state.horizon, step)))
 
@@ -272,7 +252,12 @@ class RunManager:
     def _window_end(self, state: RunState, step: int, ahead: int) -> int:
         """The last step of the window asked at ``step`` (capped), when ``step`` is the first free one."""
         end = min(step + min(ahead, self._ahead_cap(state)), step + self.settings.max_jump)
-        return max(step, min(end, self.runs.fails_at.get(state.run_id, math.inf) - 1))
+        return max(step, self._before_failure(state.run_id, end))
+
+    def _before_failure(self, run_id: str, end: int) -> int:
+        """``end``, or the step before the one the run's schedule is known to fail at if that is less."""
+        fails_at = self.runs.fails_at.get(run_id)
+        return end if fails_at is None else min(end, fails_at - 1)
 
     def step_run(
         self, run_id: str, step: int, metrics: Mapping[str, float], rank: int, ahead: int
@@ -291,9 +276,9 @@ class RunManager:
             # One write transaction: the metrics, the decision and the whole window asked for.
             end = self._window_end(state, step, ahead)
             metric = (step, watched) if watched else None
-            self.commit(run_id, end, metric=metric, records=records, reports=reports, need=step)
+            self.committer.commit(run_id, end, metric=metric, records=records, reports=reports, need=step)
         elif reports:
-            self.commit(run_id, state.horizon, records=records, reports=reports)
+            self.committer.commit(run_id, state.horizon, records=records, reports=reports)
         elif records:
             self.store.append_metrics(run_id, records)
         return self.window(run_id, step, ahead)
@@ -324,7 +309,7 @@ class RunManager:
         records = metric_records(metrics, step, rank)
         reports = guard_reports(state, records)
         if reports:  # judged per rank, not at the barrier: placed now, at step (or the first free one)
-            self.commit(run_id, state.horizon, reports=reports)
+            self.committer.commit(run_id, state.horizon, reports=reports)
         tally = self.store.add_barrier_report(run_id, step, rank, watched, records)
         return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
 
@@ -357,7 +342,7 @@ class RunManager:
                 "missing_ranks": missing, "reported_ranks": sorted(reports),
                 "timeout_s": self.settings.barrier_timeout_s}))
         end = self._window_end(state, step, ahead)
-        self.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
+        self.committer.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
         return True
 
     # -- operator control -----------------------------------------------------------------
@@ -387,7 +372,9 @@ class RunManager:
             request, n_groups=state.n_groups, reports_momentum=state.engine.reports_momentum,
             check_cost=lambda s: self._check_schedule_cost(s, state.n_groups),
         )
-        placed = self.commit(run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason))
+        placed = self.committer.commit(
+            run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason)
+        )
         assert placed is not None
         return placed, NewEvent(EventKind.CONTROL, placed, action.payload(), actor, reason)
 
@@ -399,7 +386,7 @@ class RunManager:
         if not reports:
             return self.store.append_metrics(run_id, rows)
         new = self.store.append_metrics(run_id, rows)  # first, to count the new ones; resends are
-        self.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
+        self.committer.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
         return new
 
 

@@ -95,7 +95,7 @@ class ReadModels:
         placed = [
             (event.step, Report.from_payload(r))
             for event in sorted(self.store.read_events(run_id), key=lambda e: (e.step, e.seq))
-            if event.kind is EventKind.METRIC and event.step <= horizon
+            if event.kind is EventKind.METRIC and event.step is not None and event.step <= horizon
             for r in event.payload.get("reports", ())
             if r.get("name") == settings.monitor
         ]
@@ -122,6 +122,7 @@ class ReadModels:
         """Final LRs of ``steps`` (at most the horizon): from memory, else as stored with the
         snapshots (a read per step, however long the run), else (runs written before the
         values were stored) replayed."""
+        # held from first_step to the horizon, and steps are at most the horizon
         found = {s: state.cached(s)[0] for s in steps if s >= state.first_step}  # type: ignore[index]
         older = [s for s in steps if s < state.first_step]
         if older:

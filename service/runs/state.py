@@ -11,10 +11,11 @@ from datetime import datetime
 from itertools import chain, repeat
 from typing import Any
 
-from lrserve.service.engine.actions import Action, RunStatus
+from lrserve.service.engine.actions import Action
 from lrserve.service.engine.engine import Decision, Engine, ScheduleSwitch, Values, steps_from
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import ScheduleError
 from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.value_log import ValueLog, step_tuples

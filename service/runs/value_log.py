@@ -62,7 +62,7 @@ class ValueLog:
         for one in values:
             self.append(one)
 
-    def packed_lrs(self, start: int, stop: int) -> array:
+    def packed_lrs(self, start: int, stop: int) -> array[float]:
         """The LRs of steps ``start .. stop - 1``, packed as they are held (step-major)."""
         return self._lrs[start * self.n_groups : stop * self.n_groups]
 
@@ -74,6 +74,6 @@ class ValueLog:
         return list(zip(lrs, moms, strict=False))  # equal lengths
 
 
-def step_tuples(flat: array, size: int) -> Iterator[tuple[float, ...]]:
+def step_tuples(flat: array[float], size: int) -> Iterator[tuple[float, ...]]:
     """``flat``'s floats in consecutive tuples of ``size``."""
     return zip(*[iter(flat)] * size, strict=False)  # len(flat) is a multiple of size

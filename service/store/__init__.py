@@ -47,7 +47,7 @@ POSTGRES_CONNECT_TIMEOUT_S = 5
 
 def open_store(
     url: str, *, sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS, create_db: bool = False
-) -> BaseStore:
+) -> SqlStore:
     """Open (and create or migrate) the store a database URL names.
 
     Args:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.store.events import Event, FeedEntry, NewEvent
 
 
@@ -43,7 +44,7 @@ class RunRecord:
     run_id: str
     spec: dict[str, Any]
     labels: dict[str, str]
-    status: str
+    status: RunStatus
     horizon: int
     last_seq: int
     created_at: datetime
@@ -71,7 +72,7 @@ class ValueChunk:
     lrs: bytes
 
 
-def pack_lrs(lrs: array) -> bytes:
+def pack_lrs(lrs: array[float]) -> bytes:
     """An ``array('d')`` of LRs as ``value_chunks.lrs`` bytes (float64, little-endian)."""
     if sys.byteorder == "big":
         lrs = array("d", lrs)
@@ -79,7 +80,7 @@ def pack_lrs(lrs: array) -> bytes:
     return lrs.tobytes()
 
 
-def unpack_lrs(data: bytes) -> array:
+def unpack_lrs(data: bytes) -> array[float]:
     """``pack_lrs``'s bytes back into an ``array('d')`` (bit for bit)."""
     lrs = array("d")
     lrs.frombytes(data[: len(data) - len(data) % 8])
@@ -136,7 +137,7 @@ class RunTransaction(abc.ABC):
         """Record metric values with this transaction (as ``BaseStore.append_metrics``)."""
 
     @abc.abstractmethod
-    def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
+    def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status (``updated_at`` follows). The horizon never goes down."""
 
 
@@ -165,7 +166,7 @@ class BaseStore(abc.ABC):
         self,
         *,
         labels: Mapping[str, str] | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 100,
         after: str | None = None,
         stale_before: datetime | None = None,
@@ -214,7 +215,7 @@ class BaseStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def watch_commits(self, callback: Callable[[], None]) -> None:
+    def watch_commits(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` (from the committing thread) after each commit that added events."""
 
     @abc.abstractmethod

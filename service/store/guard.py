@@ -116,12 +116,11 @@ class FileIdentity:
 
         Cost: one ``stat`` (about a microsecond), once per write transaction.
         """
+        problem: str | None = None
         try:
             now = self._stat()
         except OSError as exc:  # the directory itself went away or is unreadable
             now, problem = None, f"cannot be checked ({exc.strerror})"
-        else:
-            problem = None
         if now is not None and now == self._identity:
             if self._problem is not None:
                 with self._lock:

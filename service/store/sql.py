@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal
 
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from lrserve.service.store.base import (
     BarrierTally,
@@ -143,7 +144,10 @@ def _split_float(value: float) -> tuple[float | None, str | None]:
 
 
 def _join_float(value: float | None, value_text: str | None) -> float:
-    return float(value_text) if value_text is not None else float(value)  # type: ignore[arg-type]
+    if value_text is not None:
+        return float(value_text)
+    assert value is not None, "_split_float fills one of the two columns"
+    return float(value)
 
 
 class _DriverSql:
@@ -226,7 +230,7 @@ class SqlStore(BaseStore):
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
-        self._commit_watchers: list[Callable[[], None]] = []
+        self._commit_watchers: list[Callable[[], object]] = []
         self._compiled: dict[str, _DriverSql] = {}
         self._sender = token_hex(6)
         """Names this store in its notifications, so its own listener can skip them."""
@@ -266,7 +270,7 @@ class SqlStore(BaseStore):
 
     @functools.cached_property
     def _driver_error(self) -> type[Exception]:
-        return self._engine.dialect.loaded_dbapi.Error  # type: ignore[no-any-return]
+        return self._engine.dialect.loaded_dbapi.Error
 
     def _driver_sql(self, name: str, statement: Any) -> _DriverSql:
         found = self._compiled.get(name)
@@ -338,7 +342,7 @@ class SqlStore(BaseStore):
             if "\x00" in key or "\x00" in value:
                 raise InvalidInput.at("labels", "must not contain NUL characters")
         now = _now()
-        row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": "active", "horizon": 0,
+        row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": RunStatus.ACTIVE.value, "horizon": 0,
                "last_seq": 1, "created_at": now, "updated_at": now, "last_seen": now}
         with self._transaction(write=True) as conn:
             insert = self._insert(runs).values(row).on_conflict_do_nothing(index_elements=["run_id"])
@@ -433,7 +437,7 @@ class SqlStore(BaseStore):
         self,
         *,
         labels: Mapping[str, str] | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 100,
         after: str | None = None,
         stale_before: datetime | None = None,
@@ -457,9 +461,9 @@ class SqlStore(BaseStore):
         if after is not None:  # no stored id holds NUL: "x\0..." and "x" split them alike
             query = query.where(runs.c.run_id > after.split("\x00", 1)[0])
         if status is not None:
-            query = query.where(runs.c.status == status)
+            query = query.where(runs.c.status == status.value)
         if stale_before is not None:
-            query = query.where(runs.c.status == "active", _HEARD < stale_before)
+            query = query.where(runs.c.status == RunStatus.ACTIVE.value, _HEARD < stale_before)
         for key, value in (labels or {}).items():
             if "\x00" in key or "\x00" in value:  # PostgreSQL cannot even compare such text
                 return []
@@ -491,8 +495,9 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        counts = {"active": 0, "held": 0, "stopped": 0}
-        stale = func.sum(case((and_(runs.c.status == "active", _HEARD < stale_before), 1), else_=0))
+        counts = {status.value: 0 for status in RunStatus}
+        active = runs.c.status == RunStatus.ACTIVE.value
+        stale = func.sum(case((and_(active, _HEARD < stale_before), 1), else_=0))
         query = select(runs.c.status, func.count(), stale).group_by(runs.c.status)
         with self._transaction() as conn:
             rows = conn.execute(query).all()
@@ -608,7 +613,7 @@ class SqlStore(BaseStore):
             payload = {"channel": channel, "payload": f"{self._sender} {run_id}"}
             self._driver_sql("notify", _NOTIFY).execute(cursor, payload)
 
-    def watch_commits(self, callback: Callable[[], None]) -> None:
+    def watch_commits(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` (from the committing thread) after each commit that added events."""
         self._commit_watchers.append(callback)
 
@@ -877,7 +882,7 @@ class SqlRunTransaction(RunTransaction):
         run = self.run
         self._connection()
         self._store._driver_sql("update_run", _UPDATE_RUN).execute(self._cursor, {
-            "b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status,
+            "b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status.value,
             "b_last_seq": run.last_seq, "b_updated_at": run.updated_at})
         self._run_changed = False
 
@@ -914,7 +919,7 @@ class SqlRunTransaction(RunTransaction):
         self._run_changed = True
         return [_event(row) for row in rows]
 
-    def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
+    def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status; ``updated_at`` follows.
 
         A horizon below the current one is ignored (the stored value is the max of the
@@ -940,7 +945,7 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         run_id=row.run_id,
         spec=_loads(row.spec),
         labels=labels,
-        status=row.status,
+        status=RunStatus(row.status),
         horizon=row.horizon,
         last_seq=row.last_seq,
         created_at=row.created_at,
@@ -952,6 +957,7 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
 @contextmanager
 def _cursor(conn: Connection) -> Iterator[Any]:
     """A DBAPI cursor on the connection of ``conn``'s transaction (for ``_DriverSql``)."""
+    # dbapi_connection is None only for a closed connection; a transaction's is open
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         yield cursor
@@ -961,9 +967,9 @@ def _cursor(conn: Connection) -> Iterator[Any]:
 
 def _record_of(row: Mapping[str, Any]) -> RunRecord:
     """A ``RunRecord`` (without labels) from a runs row read on the DBAPI cursor."""
-    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={}, status=row["status"],
-                     horizon=row["horizon"], last_seq=row["last_seq"], created_at=row["created_at"],
-                     updated_at=row["updated_at"], last_seen=row["last_seen"])
+    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={},
+                     status=RunStatus(row["status"]), horizon=row["horizon"], last_seq=row["last_seq"],
+                     created_at=row["created_at"], updated_at=row["updated_at"], last_seen=row["last_seen"])
 
 
 def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -> dict[str, Any]:
@@ -975,7 +981,7 @@ def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -
 
 def _event(row: Any) -> Event:
     """An ``Event`` from an events row (a Row or the dict that was inserted)."""
-    get = row.get if isinstance(row, dict) else row._mapping.get
+    get: Callable[[str], Any] = row.get if isinstance(row, dict) else row._mapping.get
     return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
                  payload=_loads(get("payload")), at=get("at"), actor=get("actor"), reason=get("reason"),
                  gid=get("gid"))

@@ -42,7 +42,12 @@ class FakeServer:
     """The API's routes the client uses, with scripted failures.
 
     Attributes:
-        requests: ``(method, path, params, body)`` of every request that reached it.
+        requests: ``(method, path, params, body)`` of every request that reached it, except
+            the provisional tail's.
+        tail_requests: The same of the provisional tail's (``GET .../lr?provisional=n``),
+            which the client sends from a thread of its own, at times of its own: kept apart
+            (and spared ``fail``, ``on_request`` and ``after_request``), so that what a test
+            scripts and reads of the windows and reports stays in their order.
         down: While true, every request fails with ``httpx.ConnectError``.
         fail: Answers to give instead of the real ones, consumed one per request: an
             ``int`` status (with a JSON error body), or an exception to raise.
@@ -58,6 +63,7 @@ class FakeServer:
         self.cycle_momentum = cycle_momentum
         self.runs: dict[str, FakeRun] = {}
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []
+        self.tail_requests: list[tuple[str, str, dict[str, str], Any]] = []
         self.down = False
         self.fail: list[int | Exception] = []
         self.on_request: Callable[[httpx.Request], None] | None = None
@@ -70,11 +76,16 @@ class FakeServer:
         return httpx.Client(transport=httpx.MockTransport(self.handle), base_url=BASE_URL, **kwargs)
 
     def handle(self, request: httpx.Request) -> httpx.Response:
+        params = {k: v[-1] for k, v in parse_qs(request.url.query.decode()).items()}
+        if request.method == "GET" and int(params.get("provisional", 0)):
+            if self.down:
+                raise httpx.ConnectError("connection refused", request=request)
+            self.tail_requests.append((request.method, request.url.path, params, None))
+            return self._route(request.method, request.url.path.split("/")[1:], params, None)
         if self.on_request is not None:
             self.on_request(request)
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
-        params = {k: v[-1] for k, v in parse_qs(request.url.query.decode()).items()}
         body = json.loads(request.content) if request.content else None
         self.requests.append((request.method, request.url.path, params, body))
         if self.fail:
@@ -184,21 +195,27 @@ class FakeServer:
         )
 
     def _tail(self, run: FakeRun, last: int, asked: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The provisional tail: the toy schedule continued without reports (not committed)."""
+        """The provisional tail: the toy schedule continued without reports (not committed),
+        after ``last``, or after ``provisional_after`` when ``provisional_id`` is still valid."""
         asked = asked or {}
         size = min(self.max_provisional, int(asked.get("provisional") or 0))
         if not size and asked.get("provisional_from") is None:
             return {}
+        tail_id = len(run.reports)
+        first = last + 1
+        if asked.get("provisional_after") is not None and int(asked.get("provisional_id", -1)) == tail_id:
+            first = max(first, int(asked["provisional_after"]) + 1)
         lrs, best, values = run.values[last], run.best, []
-        for k in range(last + 1, last + 1 + size):
+        for k in range(last + 1, first + size):
             if self.end_at is not None and k >= self.end_at:
                 break
             lrs, best = next_lrs(lrs, k, None, best, self.step_size, self.gamma)
-            values.append(lrs)
+            if k >= first:
+                values.append(lrs)
         moms = None
         if run.momentums is not None:
-            moms = [[0.9 - 0.001 * k for _ in run.values[0]] for k in range(last + 1, last + 1 + len(values))]
-        return {"provisional": {"id": len(run.reports), "start": last + 1, "lrs": values, "momentums": moms}}
+            moms = [[0.9 - 0.001 * k for _ in run.values[0]] for k in range(first, first + len(values))]
+        return {"provisional": {"id": tail_id, "start": first, "lrs": values, "momentums": moms}}
 
     def _commit(self, run: FakeRun, upto: int, metrics: Mapping[str, float] | None = None) -> None:
         while run.horizon < upto:

@@ -11,14 +11,13 @@ is down waits for it, so its decision lands on its own step.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 import torch
 from lrserve.client import ClientState, RemoteScheduler, ServerAwayWarning
 
-from tests.live_server import ServerProcess
+from tests.live_server import Restarter, ServerProcess
 from tests.specs import plateau
 
 pytestmark = pytest.mark.slow
@@ -40,39 +39,6 @@ def torch_trajectory(steps):
     return out
 
 
-class Restarter:
-    """Kills the server and starts it again in a thread, while the training loop goes on."""
-
-    def __init__(self, server):
-        self.server = server
-        self.thread = None
-        self.error = None
-        self.downtime = None
-
-    def kill_and_restart(self):
-        self.server.kill()
-        killed_at = time.monotonic()
-
-        def restart():
-            try:
-                self.server = ServerProcess(
-                    self.server.db, self.server.log_path.parent, port=self.server.port
-                )
-                self.server.start()
-                self.downtime = time.monotonic() - killed_at
-            except Exception as exc:  # noqa: BLE001 - reported by the test
-                self.error = exc
-
-        self.thread = threading.Thread(target=restart, name="test-restart")
-        self.thread.start()
-
-    def join(self):
-        if self.thread is not None:
-            self.thread.join(120)
-        if self.error is not None:
-            raise self.error
-
-
 def test_kill_9_mid_training_changes_nothing(tmp_path):
     server = ServerProcess(f"sqlite:///{tmp_path}/outage.db", tmp_path).start()
     restarter = Restarter(server)
@@ -92,8 +58,7 @@ def test_kill_9_mid_training_changes_nothing(tmp_path):
             restarter.join()
         history = _history(restarter.server.url, "outage")
     finally:
-        restarter.join()
-        restarter.server.stop()
+        restarter.stop()
     assert restarter.downtime is not None and restarter.downtime > 1.5  # longer than a window covers
     assert seen == torch_trajectory(STEPS)
     metric = history["metrics"]["train_loss"]
@@ -139,7 +104,7 @@ def test_kill_9_during_a_plateau_schedule_loses_no_report_and_decides_on_its_ste
                     opt.step()
                     if k % EPOCH == 0:
                         reports[k] = loss_at(k)
-                        if restarter.thread is not None and restarter.downtime is None:
+                        if restarter.started and restarter.downtime is None:
                             down_at_report.append(k)
                         sched.step(reports[k])
                     else:
@@ -150,8 +115,7 @@ def test_kill_9_during_a_plateau_schedule_loses_no_report_and_decides_on_its_ste
             restarter.join()
         history = _history(restarter.server.url, "p")
     finally:
-        restarter.join()
-        restarter.server.stop()
+        restarter.stop()
     assert down_at_report  # a report was made while the server was down
     assert seen == torch_plateau_trajectory(steps)
     metric = history["metrics"]["val_loss"]
@@ -233,8 +197,7 @@ def test_a_restart_while_an_operator_acts_through_another_replica_records_a_dive
             restarter.join()
         history = _history(b.url, "div")
     finally:
-        restarter.join()
-        restarter.server.stop()
+        restarter.stop()
         b.stop()
     assert acted is not None and restarter.downtime > 1.5
     events = [e for e in history["events"] if e["kind"] == "provisional_divergence"]

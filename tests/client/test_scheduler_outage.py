@@ -72,6 +72,62 @@ def test_past_final_values_the_tail_carries_the_schedule_on_and_is_named_after(m
         assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
 
 
+def test_steps_taken_while_the_settling_answer_travels_are_not_named_again_once_final(
+    make_scheduler, fake, clock
+):
+    sched = make_scheduler(run_id="t")
+    for _ in range(300):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    fake.down = True
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+    with pytest.warns(ServerAwayWarning, match="provisional"):
+        for _ in range(20):
+            step_once(sched, clock)
+    answer_may_go = threading.Event()
+
+    def hold_the_settling_request(request):
+        if b"provisional_from" in request.url.query or b"provisional_from" in request.content:
+            answer_may_go.wait(CATCH_UP_S)
+
+    fake.on_request = hold_the_settling_request
+    fake.down = False
+    deadline = time.monotonic() + CATCH_UP_S
+    while not [r for r in fake.requests if "provisional_from" in r[2]] and time.monotonic() < deadline:
+        time.sleep(0.01)  # the worker's retry is on its way
+    for _ in range(5):  # on the tail still, while the answer is held up
+        step_once(sched, clock)
+    answer_may_go.set()
+    step_until_caught_up(sched, clock)
+    for _ in range(100):
+        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+    named = [r for r in fake.requests if "provisional_from" in r[2]]
+    assert len(named) == 1  # the answer made those 5 steps final, with the values taken: settled
+    assert sched._tail.ridden_from is None
+
+
+def test_the_tail_comes_in_requests_of_its_own_and_soon_covers_outage_ride_s(make_scheduler, fake, clock):
+    fake.max_provisional = 100_000
+    sched = make_scheduler(run_id="t")  # defaults: a tail for 60 s of training
+    deadline = time.monotonic() + CATCH_UP_S
+    wanted = None
+    while time.monotonic() < deadline:  # 10 ms steps: 60 s is 6,000 steps
+        clock.advance(0.01)
+        sched.step()
+        wanted = sched._tail.size_wanted(sched._policy.sizer.seconds_per_step)
+        if sched._tail.end - held_until(sched) > wanted // 2:
+            break
+        time.sleep(0.001)  # the tail thread's turn
+    assert wanted == 6000
+    assert sched._tail.end - held_until(sched) > wanted // 2, (sched.last_epoch, sched._tail.end)
+    assert sched.last_epoch < 200  # within a few windows (the sizer grows them to 1 s, 100 steps)
+    assert sched._tail.lrs == expected_lrs([0.1], sched._tail.end - 1)[sched._tail.start:]
+    # windows and reports ask for none: they never wait for its values to be computed and parsed
+    assert not [params for _, _, params, _ in fake.requests if "provisional" in params]
+    assert {params["ahead"] for _, _, params, _ in fake.tail_requests} == {"0"}  # of a final step
+
+
 def test_past_the_tail_the_last_lr_is_held_with_one_warning(make_scheduler, fake, clock):
     sched = make_scheduler(outage_ride_s=0)  # no tail asked for
     for _ in range(50):

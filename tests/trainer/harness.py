@@ -30,15 +30,22 @@ def torchrun() -> list[str]:
 
 class Trainer:
     """``python -m lrserve.trainer`` (or ``torchrun --nproc_per_node=N -m lrserve.trainer``), a child
-    process."""
+    process.
 
-    def __init__(self, tmp: Path, name: str, url: str, *args: str, ranks: int = 1) -> None:
+    ``through_outages=True`` runs it through ``tests.trainer.through_outages``: the one warning a
+    job riding out a server outage must show, ``ServerAwayWarning``, is printed to stderr
+    instead of raised; every other warning stays an error.
+    """
+
+    def __init__(self, tmp: Path, name: str, url: str, *args: str, ranks: int = 1,
+                 through_outages: bool = False) -> None:
         self.tmp = tmp
         self.name = name
         self.trace = str(tmp / f"{name}.{{rank}}.jsonl")
         launcher = ([sys.executable] if ranks == 1
                     else [*torchrun(), "--standalone", f"--nproc_per_node={ranks}"])
-        self.cmd = [*launcher, "-m", "lrserve.trainer", "--url", url, "--token", JOB_TOKEN,
+        module = "tests.trainer.through_outages" if through_outages else "lrserve.trainer"
+        self.cmd = [*launcher, "-m", module, "--url", url, "--token", JOB_TOKEN,
                     "--trace", self.trace, *args]
         env = {k: v for k, v in os.environ.items()
                if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"} and not k.startswith("LRSERVE_")}

@@ -43,7 +43,8 @@ async def _stream_request(
                              kinds=frozenset(kind) or None)
     if after is None:  # "from now": fixed before the answer starts, so a client that has its
         # headers back is sure to see every event written after that
-        after = await run_in_threadpool(request.app.state.events.store.last_gid)
+        hub: EventHub = request.app.state.events
+        after = await run_in_threadpool(hub.store.last_gid)
     return after, feed_filter
 
 

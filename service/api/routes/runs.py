@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from lrserve.service.api.deps import AdminAccess, LivenessDep, ManagerDep, ReadAccess, WriteAccess
@@ -36,7 +36,7 @@ from lrserve.service.store.base import RunRecord
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
-def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> dict:
+def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> dict[str, Any]:
     """The run's body: its record, its state in this process and what liveness knows."""
     state = manager.state(record.run_id)
     return run_body(record, state, max_ahead=manager.settings.max_ahead, last_seen=liveness.last_seen(record),

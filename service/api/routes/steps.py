@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from lrserve.service.api.deps import ManagerDep, ReadAccess, WriteAccess
@@ -50,7 +50,7 @@ def _with_tail(
     since: int | None,
     tail_id: int | None,
     held_until: int | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The answer, with the provisional tail asked for and the outage settled (in a worker thread)."""
     body = window_body(window)
     if since is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 from lrserve.service.app import create_app
-from lrserve.service.auth import Authenticator, Identity, TokenError, parse_tokens
+from lrserve.service.auth import Authenticator, Identity, TokenError, load_tokens, parse_tokens
 
 TOKENS = {"read": "r-token", "write": "w-token", "admin": "a-token"}
 RANK = {None: -1, "read": 0, "write": 1, "admin": 2}
@@ -91,6 +91,15 @@ def test_tokens_file(settings, tmp_path):
     with TestClient(app) as client:
         assert client.get("/v1/runs", headers={"Authorization": "Bearer file-read"}).status_code == 200
         assert client.get("/v1/runs").status_code == 401
+
+
+def test_a_tokens_file_not_utf8_is_a_token_error_naming_it(tmp_path):
+    # It was an AttributeError (UnicodeDecodeError has no strerror): a traceback at start-up.
+    path = tmp_path / "tokens"
+    path.write_bytes(b"admin:s3cr\xe9t\n")
+    with pytest.raises(TokenError, match="not UTF-8") as caught:
+        load_tokens("", path)
+    assert str(path) in str(caught.value) and "s3cr" not in str(caught.value)
 
 
 @pytest.mark.parametrize("text", ["admin", "root:x", "read:", ":tok", "alice:root:x", ":read:tok"])

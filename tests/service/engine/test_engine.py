@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 from lrserve.service.engine import codec
-from lrserve.service.engine.actions import parse_action
+from lrserve.service.engine.actions import ARGUMENTS, ActionKind, parse_action
 from lrserve.service.engine.engine import Engine
 from lrserve.service.engine.preview import preview
 from lrserve.service.engine.spec import parse_schedule
@@ -378,3 +380,11 @@ def test_any_spec_survives_a_snapshot(data, n_groups, cut, losses):
 def apply(engine, payload):
     """Apply a stored action (a ``control`` event's payload) as the replay does."""
     parse_action(payload).apply(engine)
+
+
+def test_every_action_kind_has_one_model_and_the_request_fields_come_from_it():
+    # ActionKind (the API's `action` values) and the Action union name the same kinds, in order;
+    # the API's ActionSpec checks a request's fields against ARGUMENTS, read off the models.
+    assert tuple(ARGUMENTS) == typing.get_args(ActionKind)
+    assert ARGUMENTS["scale"] == ("factor",) and ARGUMENTS["replace_schedule"] == ("schedule",)
+    assert ARGUMENTS["set_lr"] == ("lr", "lrs") and ARGUMENTS["stop"] == ()

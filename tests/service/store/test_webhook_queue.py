@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from lrserve.service.events.webhooks import MAX_BACKOFF_S, backoff_s
 from lrserve.service.store import open_store
 from lrserve.service.store.webhook_queue import WebhookQueue
 
@@ -99,3 +100,11 @@ def test_delivered_frees_the_next_of_the_run_and_a_lapsed_lease_is_claimed_again
     one.delivered(nxt[0])
     status = one.status([URL])[0]
     assert (status.pending, status.delivered, status.last_delivered_at is not None) == (0, 2, True)
+
+
+def test_the_backoff_doubles_to_its_cap_and_stays_there():
+    # It was 1.0 * 2 ** (attempts - 1): past ~1,000 failed attempts of an endpoint down for
+    # days, the float overflowed and every send failed with OverflowError.
+    assert [backoff_s(n) for n in (0, 1, 2, 3)] == [1.0, 1.0, 2.0, 4.0]
+    assert backoff_s(10) == MAX_BACKOFF_S
+    assert backoff_s(5_000) == MAX_BACKOFF_S
