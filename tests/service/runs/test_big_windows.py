@@ -112,7 +112,7 @@ def test_steps_with_inputs_are_taken_here_and_the_plain_ones_after_them_in_the_w
     for m in managers:
         m.window("r", 0, 60)
         action = parse_action({"action": "scale", "factor": 0.5})
-        m.commit("r", m.state("r").horizon, action=PlacedAction(190, action))
+        m.committer.commit("r", m.state("r").horizon, action=PlacedAction(190, action))
         for step in (61, 62, 63):  # two reductions
             m.step_run("r", step, {"val_loss": 1.0 * (step != 61) + 5.0 * (step == 61)}, 0, 0)
     worker.calls.clear()
