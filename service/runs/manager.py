@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from lrserve.service.engine import cost
 from lrserve.service.engine.actions import action_for_run
@@ -38,7 +38,7 @@ from lrserve.service.runs.commit import (
 from lrserve.service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
 from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
-from lrserve.service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord
+from lrserve.service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, WouldWait
 from lrserve.service.store.events import EventKind, NewEvent
 
 __all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManager", "Window"]
@@ -46,6 +46,8 @@ __all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManag
 ON_LOOP_VALUES = 4096
 """Most LR values an answer built and serialised on the event loop may hold; bigger answers
 are built in a worker thread, so that no answer stalls the requests the loop serves."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,26 @@ class RunManager:
     def on_outcome(self) -> list[Callable[[str, StepOutcome], Any]]:
         """Callbacks ``(run_id, StepOutcome)`` for each newly final step (telemetry)."""
         return self.committer.on_outcome
+
+    def now(self, call: Callable[[], T]) -> T | None:
+        """``call()`` here and now if it needs no wait and little work, else None: the caller
+        runs it in a worker thread instead.
+
+        For the event loop, where a hop to a worker thread and back costs more than a small
+        commit on SQLite (WAL: readers never wait, a commit takes microseconds). "No wait":
+        the run is loaded, no other thread holds it, the file's write slot is free at once
+        in every process (``BaseStore.without_waiting``); "little work": ``ON_LOOP_WORK``,
+        no snapshot due, no replay. A call that cannot go through raises ``WouldWait``
+        before it changes anything (PostgreSQL: always, every statement is a round trip);
+        a call whose commit went through is not run again, except where a failing schedule
+        dropped the run right after its commit, when the worker thread finds the step final
+        (as a client's retry would).
+        """
+        try:
+            with self.store.without_waiting():
+                return call()
+        except WouldWait:
+            return None
 
     # -- the parts, as callers know them ---------------------------------------------------
 
@@ -385,6 +407,8 @@ class RunManager:
         reports = guard_reports(state, rows)
         if not reports:
             return self.store.append_metrics(run_id, rows)
+        if self.store.must_not_wait:  # two transactions: the second must not find the first done
+            raise WouldWait("a spike guard judges these metrics")
         new = self.store.append_metrics(run_id, rows)  # first, to count the new ones; resends are
         self.committer.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
         return new

@@ -37,6 +37,11 @@ from lrserve.service.engine.status import RunStatus
 from lrserve.service.store.events import Event, FeedEntry, NewEvent
 
 
+class WouldWait(Exception):
+    """Raised, inside ``BaseStore.without_waiting()``, where the store would have to wait (for
+    the write slot another thread or process holds, for the network): nothing was written."""
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """A run's row. ``spec`` is the create request (schedule, base_lrs, ...), immutable."""
@@ -118,11 +123,13 @@ class MetricRecord:
 
 
 class RunTransaction(abc.ABC):
-    """A run locked for writing; obtained from ``BaseStore.lock_run``."""
+    """A run locked for writing; obtained from ``BaseStore.lock_run`` (or ``lock_runs``)."""
 
     run: RunRecord
     """The run's row as read under the lock, without its labels (``labels`` is empty: no
     writer needs them, and reading them would cost every commit a query)."""
+    dirty: bool = False
+    """Whether a write went through it (an error after one spoils the whole transaction)."""
 
     @abc.abstractmethod
     def read_events(self, after_seq: int = 0) -> list[Event]:
@@ -130,7 +137,8 @@ class RunTransaction(abc.ABC):
 
     @abc.abstractmethod
     def append_events(self, events: Sequence[NewEvent]) -> list[Event]:
-        """Append events after the last one; returns them with ``seq`` and ``at`` set."""
+        """Append events after the last one; returns them with ``seq`` and ``at`` set (their
+        ``gid`` is None: global ids are given at commit, in commit order)."""
 
     @abc.abstractmethod
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
@@ -203,6 +211,16 @@ class BaseStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def lock_runs(self, run_ids: Sequence[str]) -> AbstractContextManager[dict[str, RunTransaction]]:
+        """``lock_run`` for several runs in one transaction, for group commit: a transaction
+        object per run that exists (a missing one is left out); they commit together on exit,
+        or none does.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+
+    @abc.abstractmethod
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order, without taking the lock."""
 
@@ -232,6 +250,17 @@ class BaseStore(abc.ABC):
         """
         record = self.read_run(run_id)
         return RunHead(record.created_at, record.horizon, record.last_seq)
+
+    def without_waiting(self) -> AbstractContextManager[None]:
+        """Within it, on this thread, every call either goes through at once or raises
+        ``WouldWait`` before writing anything (for work on the event loop: ``RunManager.now``).
+        This default refuses at once: a store that waits on the network waits for every call."""
+        raise WouldWait("this store answers over the network")
+
+    @property
+    def must_not_wait(self) -> bool:
+        """Whether this thread is inside ``without_waiting()``."""
+        return False
 
     def run_listener(self) -> Callable[[Callable[[str | None], None]], Awaitable[None]] | None:
         """An async function waiting for other processes' commits that touch a run's barrier

@@ -17,6 +17,9 @@ import pytest
 from tests.adversarial.flood import flood
 from tests.live_server import ServerProcess, free_port
 
+# slow: real servers waiting out their request timeouts and half-sent floods
+pytestmark = pytest.mark.slow
+
 
 async def _send_and_wait(url: str, data: bytes) -> tuple[bytes, float]:
     host, port = url.removeprefix("http://").split(":")

@@ -23,6 +23,7 @@ def serve(db: str, *extra: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow  # a real lrserve process, started as an operator would
 def test_unreachable_database_is_one_line_naming_the_host_not_the_password():
     result = serve(f"postgresql+psycopg://bob:{PASSWORD}@127.0.0.1:1/lrserve")
     assert result.returncode == 1
@@ -31,12 +32,14 @@ def test_unreachable_database_is_one_line_naming_the_host_not_the_password():
     assert PASSWORD not in result.stderr + result.stdout
 
 
+@pytest.mark.slow  # a real lrserve process, started as an operator would
 def test_a_malformed_url_is_not_echoed():
     result = serve(f"postgresql+psycopg://bob:{PASSWORD}@127.0.0.1:port/x")
     assert result.returncode == 1 and "cannot start" in result.stderr
     assert PASSWORD not in result.stderr + result.stdout
 
 
+@pytest.mark.slow  # a real lrserve process, started as an operator would
 def test_waits_then_gives_up_saying_so():
     started = time.monotonic()
     result = serve(f"postgresql+psycopg://bob:{PASSWORD}@127.0.0.1:1/lrserve", "--db-wait", "1.5")
@@ -46,6 +49,7 @@ def test_waits_then_gives_up_saying_so():
     assert PASSWORD not in result.stderr
 
 
+@pytest.mark.slow  # a real lrserve process, started as an operator would
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_schema_newer_than_the_code_is_refused(backend, database_url):
     url = database_url(backend)

@@ -160,7 +160,7 @@ def test_a_window_commit_skips_the_store_when_the_run_is_there_already(replicas)
     a, _ = replicas
     create(a, world_size=1)
     a.window("r", 0, 10)
-    with counting(a.store, "lock_run") as transactions:
+    with counting(a.store, "lock_runs") as transactions:
         a.committer.commit("r", 8, if_behind=True)
         assert transactions == []
         a.committer.commit("r", 8)  # without it: the store is asked (another replica may have moved on)

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -199,7 +200,8 @@ class TestStoreContract:
         assert [e.kind for e in events] == [EventKind.CREATED, EventKind.METRIC, EventKind.STATUS,
                                             EventKind.CONTROL]
         assert events[2].step is None and events[1].payload == {"values": {"loss": 1.0}}
-        assert appended == events[1:3]
+        assert appended == [replace(e, gid=None) for e in events[1:3]]  # gids are given at COMMIT
+        assert events[1].gid < events[2].gid < events[3].gid
         assert [e.seq for e in store.read_events("r1", after_seq=2)] == [3, 4]
         assert store.read_events("r1", after_seq=4) == [] and store.read_run("r1").last_seq == 4
 
