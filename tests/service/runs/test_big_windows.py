@@ -17,6 +17,8 @@ from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
 
+pytestmark = pytest.mark.slow  # a worker process of its own, importing torch
+
 GROUPS = 64  # 999 steps x (64 + 6) units: over OFFLOAD_UNITS, so a 999-step window is big work
 AHEAD = 999
 
