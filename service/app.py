@@ -31,6 +31,7 @@ from lrserve.service.engine.engine import warm_up_torch
 from lrserve.service.errors import StoreUnavailable
 from lrserve.service.events.hub import EventHub
 from lrserve.service.events.webhooks import WebhookSender, load_webhooks
+from lrserve.service.health import HealthListener
 from lrserve.service.limits import BodySizeLimit
 from lrserve.service.liveness import Liveness
 from lrserve.service.offload import BigWork
@@ -105,9 +106,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # small machine). A server that said ready before that made its first requests wait on
         # the import lock (a create took 14.7 s under load) while a proxy sent it traffic.
         await run_in_threadpool(_warm_up_torch)
+        probes = None
+        if settings.health_port is not None:  # once ready, as the API's /readyz
+            probes = HealthListener(settings.host, settings.health_port, store.ping)
+            await probes.start()
         try:
             yield
         finally:
+            if probes is not None:
+                await probes.close()
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher

@@ -30,6 +30,7 @@ from lrserve.service.engine.engine import ScheduleSwitch
 from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunConflict
+from lrserve.service.offload import BigWork
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.group_commit import GroupCommit
 from lrserve.service.runs.replay import apply_logs
@@ -81,12 +82,16 @@ class Committer:
         store: Where the log lives.
         settings: The snapshot cadence.
         runs: The loaded runs (a failed commit drops its run's state there).
+        big_work: Where big runs of steps are taken (``RunState.advance_to``); None: here.
     """
 
-    def __init__(self, store: BaseStore, settings: Settings, runs: RunCache) -> None:
+    def __init__(
+        self, store: BaseStore, settings: Settings, runs: RunCache, big_work: BigWork | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.runs = runs
+        self.big_work = big_work
         self.group = GroupCommit(store)
         self.on_outcome: list[Callable[[str, StepOutcome], Any]] = []  # for telemetry
 
@@ -156,20 +161,22 @@ class Committer:
                 with self.store.lock_run(run_id) as tx:  # WouldWait: the write slot is taken
                     if _moved(tx.run, state):
                         raise WouldWait("another process moved the run")  # a worker thread catches up
-                    outcomes, placed, new_events = _compute(
-                        state, state.horizon, target, metric, action, extra_events, need, reports)
+                    outcomes, placed, new_events = _compute(  # small: never the worker process
+                        state, state.horizon, target, metric, action, extra_events, need, reports, None)
                     _append(state, tx, outcomes, new_events, records)
             elif _moved(self.store.run_head(run_id), state):  # no lock: has another process moved it?
                 with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
                     self._catch_up(state, tx)
                     outcomes, placed, new_events = _compute(
-                        state, tx.run.horizon, target, metric, action, extra_events, need, reports)
+                        state, tx.run.horizon, target, metric, action, extra_events, need, reports,
+                        self.big_work)
                     _append(state, tx, outcomes, new_events, records)
             else:
                 # The torch work happens here, before the write slot: the store's lock (on SQLite
                 # the file's, which every run's commit needs) is held only to append and commit.
                 outcomes, placed, new_events = _compute(
-                    state, state.horizon, target, metric, action, extra_events, need, reports)
+                    state, state.horizon, target, metric, action, extra_events, need, reports,
+                    self.big_work)
 
                 def append(tx: RunTransaction) -> None:
                     if _moved(tx.run, state):  # another process committed meanwhile: start again
@@ -255,13 +262,14 @@ def _compute(
     extra_events: Sequence[NewEvent],
     need: int | None,
     reports: Reports,
+    big_work: BigWork | None,
 ) -> tuple[list[StepOutcome], int | None, list[NewEvent]]:
     """Place the decision above the stored ``horizon`` and compute the steps up to ``target``:
     what the steps did, the step the action went to, and the events to append."""
     new_events, placed = _place(state, horizon, metric, action, reports)
     if metric is None or new_events:  # extra events go with a decision that was taken
         new_events.extend(extra_events)
-    outcomes = state.advance_to(max(target, horizon), need=need)
+    outcomes = state.advance_to(max(target, horizon), need=need, big_work=big_work)
     new_events.extend(_output_events(outcomes, horizon, state))
     return outcomes, placed, new_events
 

@@ -76,9 +76,9 @@ class RunManager:
     def __init__(self, store: BaseStore, settings: Settings, big_work: BigWork | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.big_work = big_work or BigWork(0)  # creates whose checks are big work (service.offload)
+        self.big_work = big_work or BigWork(0)  # big creates and runs of steps (service.offload)
         self.runs = RunCache(store)
-        self.committer = Committer(store, settings, self.runs)
+        self.committer = Committer(store, settings, self.runs, self.big_work)
         self.reads = ReadModels(store, settings, self.runs, self.committer)
 
     @property

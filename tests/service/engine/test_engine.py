@@ -154,6 +154,26 @@ def test_engine_equals_torch(spec, base_lrs):
             assert list(our_moms) == their_moms
 
 
+def test_the_shadow_optimizer_is_the_one_torch_builds_from_the_same_groups():
+    """The engine adds its groups one at a time (torch's duplicate check is quadratic in groups):
+    the result is what ``torch.optim.SGD(groups)`` gives, group for group."""
+    import torch
+    from lrserve.service.engine.engine import _shadow_optimizer
+
+    lrs, moms = [0.1 * (i + 1) for i in range(40)], [0.5 + i / 100 for i in range(40)]
+    ours = _shadow_optimizer(lrs, moms)
+    theirs = torch.optim.SGD(
+        [{"params": [torch.zeros(0)], "lr": lr, "momentum": m} for lr, m in zip(lrs, moms, strict=True)],
+        lr=lrs[0],
+    )
+    strip = [{k: v for k, v in g.items() if k != "params"} for g in theirs.param_groups]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in ours.param_groups] == strip
+    assert len({id(p) for g in ours.param_groups for p in g["params"]}) == 40
+    assert ours.defaults == theirs.defaults
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's check still holds
+        ours.add_param_group({"params": ours.param_groups[3]["params"]})
+
+
 def test_momentums_reported_only_when_cycled():
     cyc = Engine(parse_schedule(EXAMPLES[8].values[0], n_groups=1), [0.1])
     step = Engine(parse_schedule({"type": "StepLR", "step_size": 2}, n_groups=1), [0.1])
