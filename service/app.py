@@ -58,7 +58,7 @@ that computes a big window, each handoff waited up to 5 ms (bench figure 7, budg
 
 def _warm_up_torch() -> None:
     warm_up_torch()
-    gc.freeze()  # what torch imported on the way stays out of later collections too
+    gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -101,7 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await sender.start()
         app.state.webhooks = sender
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
         # Before readiness: torch imports most of itself on the first engine built (seconds on a
         # small machine). A server that said ready before that made its first requests wait on
         # the import lock (a create took 14.7 s under load) while a proxy sent it traffic.
