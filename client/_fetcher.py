@@ -31,7 +31,15 @@ from lrserve.client._exceptions import (
     TransportError,
 )
 
-__all__ = ["NOT_READY", "TAIL_CHUNK_VALUES", "EndOfSchedule", "TailFetcher", "WindowFetcher", "is_outage"]
+__all__ = [
+    "NOT_READY",
+    "TAIL_CHUNK_VALUES",
+    "EndOfSchedule",
+    "TailFetcher",
+    "WindowFetcher",
+    "is_outage",
+    "tail_chunk",
+]
 
 #: What ``take()`` answers when no result is there to take.
 NOT_READY: Any = object()
@@ -39,6 +47,11 @@ NOT_READY: Any = object()
 #: the tail thread holding the GIL (~3 ms for 8,192 one-group steps with orjson here), so a
 #: tail of 60 s of training comes in a few such pauses of the training thread, not one long one.
 TAIL_CHUNK_VALUES = 8192
+
+
+def tail_chunk(groups: int) -> int:
+    """Steps of tail one request asks for at most, with ``groups`` param groups."""
+    return max(1, TAIL_CHUNK_VALUES // max(1, groups))
 
 
 class EndOfSchedule:
@@ -278,7 +291,7 @@ class TailFetcher:
         with the answers."""
         future: Future[Any] = Future()
         cancel = self._cancel
-        chunk = max(1, TAIL_CHUNK_VALUES // max(1, groups))
+        chunk = tail_chunk(groups)
         self._jobs.put((future, lambda: self._fetch(after, steps, held, chunk, cancel)))
         if self._thread is None:
             self._thread = threading.Thread(

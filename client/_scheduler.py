@@ -45,7 +45,14 @@ from lrserve.client._exceptions import (
     TransportError,
     warn,
 )
-from lrserve.client._fetcher import NOT_READY, EndOfSchedule, TailFetcher, WindowFetcher, is_outage
+from lrserve.client._fetcher import (
+    NOT_READY,
+    EndOfSchedule,
+    TailFetcher,
+    WindowFetcher,
+    is_outage,
+    tail_chunk,
+)
 from lrserve.client._metrics import MetricLog, to_float
 from lrserve.client._optimizer import (
     OptimizerWriter,
@@ -56,7 +63,7 @@ from lrserve.client._optimizer import (
     unhook,
 )
 from lrserve.client._run_events import RunEvents
-from lrserve.client._tail import DEFAULT_RIDE_S, ProvisionalTail
+from lrserve.client._tail import DEFAULT_RIDE_S, TAIL_WINDOWS, ProvisionalTail
 from lrserve.client._windows import (
     DEFAULT_MONITOR,
     DEFAULT_TIME_BUDGET_S,
@@ -905,15 +912,18 @@ class RemoteScheduler:
 
     def _grow_tail(self) -> None:
         """Ask for more provisional tail after the final values held, when what is held
-        beyond them is short (``ProvisionalTail.wanted``): on the tail's own thread, so the
-        windows never wait for it. Answers are taken here, at the next window."""
+        beyond them is short (``ProvisionalTail.wanted``), at most ``TAIL_WINDOWS`` windows
+        (or one request's chunk) per window: on the tail's own thread, so the windows never
+        wait for it. Answers are taken here, at the next window."""
         self._take_tail()
         if self._tails.busy or self._state is not ClientState.ACTIVE:
             return
         after = self._cache.next_step - 1  # final: asking there commits nothing
-        steps = self._tail.wanted(after + 1, self._policy.sizer.seconds_per_step)
+        groups = self._writer.n_groups
+        most = max(tail_chunk(groups), TAIL_WINDOWS * self._cache.last_window)
+        steps = self._tail.wanted(after + 1, self._policy.sizer.seconds_per_step, most)
         if steps and after >= 0:
-            self._tails.submit(after, steps, self._tail.held(), self._writer.n_groups, self._tail.generation)
+            self._tails.submit(after, steps, self._tail.held(), groups, self._tail.generation)
 
     def _take_tail(self) -> None:
         """Keep the tail answers that came, unless the values held were dropped since they

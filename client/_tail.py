@@ -4,8 +4,8 @@ The server sends, on request, the values of the steps after a window computed as
 further input arrived (API.md, "Outages: the provisional tail"): not committed, not
 final. The scheduler keeps the latest such tail and asks for more (in requests of their
 own, on a thread of their own: ``client._fetcher.TailFetcher``) when what it holds beyond
-its final values covers less than half of ``ride_s`` of training, or when a final window
-disagrees with it (a decision or an operator action changed what follows).
+its final values falls short of ``ride_s`` of training by a request's worth, and anew when
+a final window disagrees with it (a decision or an operator action changed what follows).
 While the server is away, steps past the final values take the tail's values; the first
 of them is named (``provisional_from``) in the first request after the outage, and the
 server commits those steps or records that an input changed them.
@@ -20,12 +20,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lrserve.client._cache import WindowCache
 
-__all__ = ["DEFAULT_FIRST_TAIL", "DEFAULT_RIDE_S", "MAX_TAIL", "ProvisionalTail"]
+__all__ = ["DEFAULT_FIRST_TAIL", "DEFAULT_RIDE_S", "MAX_TAIL", "TAIL_WINDOWS", "ProvisionalTail"]
 
 #: Seconds of training the tail should cover: a server restart or a deploy fits in it.
 DEFAULT_RIDE_S = 60.0
 #: Steps of tail asked for before the time per step is known.
 DEFAULT_FIRST_TAIL = 1024
+#: Most tail asked for per window fetched, in windows (but at least one request's chunk):
+#: the tail outgrows what the job consumes meanwhile, and the server computes it at about
+#: the pace it computes the windows (a fast loop wants 100,000 steps: all at once, that
+#: work delayed the windows the loop was about to need).
+TAIL_WINDOWS = 2
 #: Most steps of tail asked for (the server's default cap, ``LRSERVE_MAX_PROVISIONAL``): a
 #: loop faster than 0.6 ms per step rides a shorter outage than ``ride_s``.
 MAX_TAIL = 100_000
@@ -47,6 +52,7 @@ class ProvisionalTail:
         self.lrs: list[list[float]] = []
         self.moms: list[list[float]] | None = None
         self.ridden_from: int | None = None  # the first step taken on it in this outage
+        self.ridden_id: int | None = None  # the id of the tail those steps came from
         self._named: int | None = None  # the ridden_from the latest request named
         self._named_step = 0  # the step that request asked for
         self.generation = 0  # moves when the values held are dropped: answers asked before are stale
@@ -66,7 +72,7 @@ class ProvisionalTail:
     def ride(self, step: int) -> tuple[list[float], list[float] | None]:
         """The values of ``step`` (held), noting that the job took them."""
         if self.ridden_from is None:
-            self.ridden_from = step
+            self.ridden_from, self.ridden_id = step, self.id
         return self.row(step)
 
     def size_wanted(self, seconds_per_step: float | None) -> int:
@@ -77,13 +83,15 @@ class ProvisionalTail:
             return DEFAULT_FIRST_TAIL
         return min(MAX_TAIL, max(DEFAULT_FIRST_TAIL, math.ceil(self.ride_s / seconds_per_step)))
 
-    def wanted(self, final_end: int, seconds_per_step: float | None) -> int:
+    def wanted(self, final_end: int, seconds_per_step: float | None, most: int) -> int:
         """Steps of tail to ask for after the final values held (which end before
-        ``final_end``): none while what is held beyond them covers half of ``ride_s``, else
-        enough for all of it (one request of its own: ``client._fetcher.TailFetcher``)."""
+        ``final_end``), at most ``most``: none until what is held beyond them falls short of
+        ``ride_s`` by that much (or by half of it, if less), so the tail stays close to
+        ``ride_s`` in requests of a useful size (asked on a thread of their own:
+        ``client._fetcher.TailFetcher``)."""
         want = self.size_wanted(seconds_per_step)
-        beyond = max(0, self.end - final_end) if self.lrs else 0
-        return want - beyond if want and beyond < want // 2 else 0
+        short = want - (max(0, self.end - final_end) if self.lrs else 0)
+        return min(most, short) if want and short >= min(most, max(1, want // 2)) else 0
 
     def held(self) -> tuple[int, int] | None:
         """``(id, last step)`` of the tail held, which a request for more continues."""
@@ -96,8 +104,8 @@ class ProvisionalTail:
         if self.ridden_from is None:
             return {}
         fields = {"provisional_from": self.ridden_from}
-        if self.id is not None:
-            fields["provisional_id"] = self.id
+        if self.ridden_id is not None:  # not the id of a tail that came since
+            fields["provisional_id"] = self.ridden_id
         if rank:
             fields["rank"] = rank
         return fields
@@ -141,7 +149,10 @@ class ProvisionalTail:
         taken = range(after, current_step + 1)
         same = all(final.holds(k) and self.holds(k) and self.row(k) == final.row(k) for k in taken)
         self.ridden_from = None if same else after
+        if same:
+            self.ridden_id = None
 
     def clear(self) -> None:
-        self.id, self.start, self.lrs, self.moms, self.ridden_from = None, 0, [], None, None
+        self.id, self.start, self.lrs, self.moms = None, 0, [], None
+        self.ridden_from = self.ridden_id = None
         self.generation += 1

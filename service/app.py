@@ -31,6 +31,7 @@ from lrserve.service.engine.engine import warm_up_torch
 from lrserve.service.errors import StoreUnavailable
 from lrserve.service.events.hub import EventHub
 from lrserve.service.events.webhooks import WebhookSender, load_webhooks
+from lrserve.service.health import HealthListener
 from lrserve.service.limits import BodySizeLimit
 from lrserve.service.liveness import Liveness
 from lrserve.service.offload import BigWork
@@ -57,7 +58,7 @@ that computes a big window, each handoff waited up to 5 ms (bench figure 7, budg
 
 def _warm_up_torch() -> None:
     warm_up_torch()
-    gc.freeze()  # what torch imported on the way stays out of later collections too
+    gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -100,14 +101,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await sender.start()
         app.state.webhooks = sender
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
         # Before readiness: torch imports most of itself on the first engine built (seconds on a
         # small machine). A server that said ready before that made its first requests wait on
         # the import lock (a create took 14.7 s under load) while a proxy sent it traffic.
         await run_in_threadpool(_warm_up_torch)
+        probes = None
+        if settings.health_port is not None:  # once ready, as the API's /readyz
+            probes = HealthListener(settings.host, settings.health_port, store.ping)
+            await probes.start()
         try:
             yield
         finally:
+            if probes is not None:
+                await probes.close()
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher

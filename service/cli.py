@@ -41,6 +41,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument("--db", default=None,
                        help="database URL: sqlite:///PATH or postgresql+psycopg://... "
                             f"(default {DEFAULT_DB}, or LRSERVE_DB)")
+    serve.add_argument("--health-port", type=int, default=None,
+                       help="a port of its own for GET /healthz and /readyz, which a flood on the API's "
+                            "port does not delay (or LRSERVE_HEALTH_PORT; default: none)")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     serve.add_argument("--db-wait", type=float, default=None,
                        metavar="SECONDS",
@@ -69,7 +72,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 FLAGS = {
     "host": "--host", "port": "--port", "db": "--db", "db_wait_s": "--db-wait",
     "tokens_file": "--tokens-file", "create_db": "--create-db", "webhooks_file": "--webhooks-file",
-    "insecure": "--insecure",
+    "insecure": "--insecure", "health_port": "--health-port",
 }
 """The settings ``lrserve serve`` takes as flags: each ``Settings`` field, and its flag."""
 
@@ -117,6 +120,12 @@ def serve_command(args: argparse.Namespace) -> int:
                              sqlite_synchronous=settings.sqlite_synchronous)
     if problem is not None:
         return fail(problem)
+    if settings.health_port is not None:
+        from lrserve.service.health import port_problem
+
+        problem = port_problem(settings.host, settings.health_port)
+        if problem is not None:
+            return fail(problem)
     problem = raise_fd_limit(settings.max_connections)
     if problem is not None:
         print(f"lrserve: warning: {problem}", file=sys.stderr)

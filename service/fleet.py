@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, LRServeError
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.store.base import BaseStore, RunRecord
@@ -25,7 +26,7 @@ class Selector:
     """Runs carrying every one of ``labels`` whose status is among ``statuses`` (None: any)."""
 
     labels: Mapping[str, str]
-    statuses: Sequence[str] | None = None
+    statuses: Sequence[RunStatus] | None = None
 
     def matches(self, record: RunRecord) -> bool:
         return self.statuses is None or record.status in self.statuses
@@ -39,7 +40,7 @@ class FleetResult:
     run_id: str
     applied_at: int | None = None
     error: LRServeError | None = None
-    status: str | None = None
+    status: RunStatus | None = None
     horizon: int | None = None
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import OutageLog, StoreUnavailable
 from lrserve.service.store.base import BaseStore, RunRecord
 from starlette.concurrency import run_in_threadpool
@@ -100,9 +101,9 @@ class Liveness:
         """Runs last heard from before this instant are stale (if active)."""
         return _utc(self._clock()) - self.stale_after
 
-    def is_stale(self, record: RunRecord, status: str) -> bool:
+    def is_stale(self, record: RunRecord, status: RunStatus) -> bool:
         heard = self.last_seen(record) or record.updated_at
-        return status == "active" and heard < self.stale_before()
+        return status is RunStatus.ACTIVE and heard < self.stale_before()
 
     def heard_recently(self, run_id: str) -> bool:
         """This process saw the run after the stale cut-off (its database row may not say so yet)."""

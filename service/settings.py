@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from lrserve.service.cli import DEFAULT_DB  # defined there: the CLI's help needs no server packages
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SqliteSynchronous = Literal["NORMAL", "FULL", "EXTRA"]
@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         "(over service/offload.py's OFFLOAD_UNITS), so that they do not share the server's GIL; "
         "0: computed in the server's threads."
     )
+    health_port: int | None = Field(
+        None, ge=1, le=65535, description="A port of its own for `GET /healthz` and `GET /readyz`, answered "
+        "by a thread of its own: probes there never queue behind the API's connections (a flood of "
+        "half-sent requests) or its event loop (service/health.py). Unset: probes use the API's port."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     snapshot_every: int = Field(
         1000, ge=1, description="Steps between engine snapshots (bounds replay after restart)."
@@ -100,6 +105,12 @@ class Settings(BaseSettings):
         DEFAULT_SQLITE_SYNCHRONOUS,
         description="SQLite synchronous mode: NORMAL survives a process crash, FULL power loss.",
     )
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.health_port is not None and self.health_port == self.port:
+            raise ValueError(f"health_port must differ from port ({self.port})")
+        return self
 
     @field_validator("db")
     @classmethod

@@ -6,6 +6,8 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
@@ -126,12 +128,25 @@ def database_url(tmp_path) -> Iterator[Callable[[str], str]]:
     this process's own database on the server that ``TEST_DATABASE_URL`` names; the test is
     skipped, with the reason, when that variable is unset or the server cannot be reached.
     """
+    with _databases(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_database_url(tmp_path_factory) -> Iterator[Callable[[str], str]]:
+    """``database_url`` for a module's shared server or app: dropped after the module."""
+    with _databases(tmp_path_factory.mktemp("db")) as make:
+        yield make
+
+
+@contextmanager
+def _databases(folder: Path) -> Iterator[Callable[[str], str]]:
     schemas: list[tuple[str, str]] = []
 
     def make(backend: str) -> str:
         name = f"lrserve_test_{uuid.uuid4().hex[:12]}"
         if backend == "sqlite":
-            return f"sqlite:///{tmp_path / name}.db"
+            return f"sqlite:///{folder / name}.db"
         if backend != "postgres":
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         base_url = os.environ.get(POSTGRES_ENV)
@@ -141,9 +156,11 @@ def database_url(tmp_path) -> Iterator[Callable[[str], str]]:
         schemas.append((_worker_dbs[base_url], name))
         return url
 
-    yield make
-    for db_url, name in schemas:
-        _run_admin(db_url, f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    try:
+        yield make
+    finally:
+        for db_url, name in schemas:
+            _run_admin(db_url, f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,7 +6,8 @@ plain ``def`` dependency in a worker thread, a cost paid on every hot-path reque
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Request, params
 from lrserve.service.auth import Authenticator, Identity
@@ -14,6 +15,9 @@ from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store.base import BaseStore
+from starlette.concurrency import run_in_threadpool
+
+T = TypeVar("T")
 
 # app.state is untyped (Starlette's State): each value is annotated as create_app sets it.
 
@@ -58,3 +62,13 @@ def _role(required: str) -> params.Depends:
 ReadAccess = _role("read")
 WriteAccess = _role("write")
 AdminAccess = _role("admin")
+
+
+async def small_or_in_thread(manager: RunManager, call: Callable[[], T]) -> T:
+    """``call()`` right here on the event loop where it goes through at once with little work
+    (``RunManager.now``: SQLite, nothing to wait for), else in a worker thread: for routes whose
+    usual work is a small commit or a read, which a hop to a thread and back costs more than."""
+    answer = manager.now(call)
+    if answer is not None:
+        return answer
+    return await run_in_threadpool(call)

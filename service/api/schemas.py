@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from lrserve.service.engine.actions import ARGUMENTS, ActionKind
 from lrserve.service.engine.spec import MAX_GROUPS
+from lrserve.service.engine.status import RunStatus
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -35,7 +37,9 @@ Schedule = Annotated[
         examples=[{"type": "StepLR", "step_size": 30, "gamma": 0.1}],
     ),
 ]
-Status = Literal["active", "held", "stopped"]
+Status = Annotated[RunStatus, Field(strict=False)]
+"""A run's status (``engine/status.py``), given by its value: a request's JSON has strings, not
+enum members, so this field alone is not strict (any other string is still refused)."""
 Reason = Annotated[
     str, Field(min_length=1, max_length=1000, description="Why: recorded on the action's events.")
 ]
@@ -173,10 +177,12 @@ class MetricsAccepted(BaseModel):
     new: int
 
 
+# Which action takes which field, and what it does: engine/actions.py (ARGUMENTS); here, the
+# bounds of each field as a request gives it.
 class ActionSpec(_Strict):
     """One operator action and its arguments (API.md, Operator control)."""
 
-    action: Literal["set_lr", "scale", "hold", "resume", "replace_schedule", "stop"]
+    action: ActionKind
     lr: LearningRate | None = None
     lrs: list[LearningRate] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
     factor: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -184,9 +190,8 @@ class ActionSpec(_Strict):
 
     @model_validator(mode="after")
     def _fields_match_action(self) -> ActionSpec:
-        needs = {"set_lr": ("lr", "lrs"), "scale": ("factor",), "replace_schedule": ("schedule",)}
-        wanted = needs.get(self.action, ())
-        given = [f for f in ("lr", "lrs", "factor", "schedule") if getattr(self, f) is not None]
+        wanted = ARGUMENTS[self.action]
+        given = [f for f in ActionSpec.model_fields if f != "action" and getattr(self, f) is not None]
         if self.action == "set_lr" and len(given) != 1:
             raise ValueError("set_lr takes exactly one of `lr` or `lrs`")
         if wanted and not given:

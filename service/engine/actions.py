@@ -11,11 +11,10 @@ Kinds are stable strings on disk: never rename one.
 
 from __future__ import annotations
 
-import enum
+import typing
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from lrserve.service.engine.engine import Engine
 from lrserve.service.engine.spec import (
     ScheduleSpec,
     cycles_momentum,
@@ -24,22 +23,12 @@ from lrserve.service.engine.spec import (
     spec_to_json,
     watched_metrics,
 )
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter
 
-
-class RunStatus(str, enum.Enum):
-    """A run's status as of its horizon (API.md, Operator control); stored as its value."""
-
-    ACTIVE = "active"  # the schedule runs
-    HELD = "held"  # the clock is frozen: values stay, no decisions
-    STOPPED = "stopped"  # for good: no more actions
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return self.value.__format__(spec)
+if TYPE_CHECKING:  # the engine (torch) is only called, not needed to describe an action
+    from lrserve.service.engine.engine import Engine
 
 
 class _Action(BaseModel):
@@ -53,6 +42,11 @@ class _Action(BaseModel):
     @property
     def kind(self) -> str:
         return self.action  # type: ignore[attr-defined,no-any-return]  # each action's Literal field
+
+    @classmethod
+    def arguments(cls) -> tuple[str, ...]:
+        """The fields a request gives this action (``POST .../control``): its own, but ``action``."""
+        return tuple(name for name in cls.model_fields if name != "action")
 
     def apply(self, engine: Engine) -> None:
         """What the action does to the values (nothing, unless a subclass says)."""
@@ -75,6 +69,10 @@ class SetLR(_Action):
 
     action: Literal["set_lr"] = "set_lr"
     lrs: list[float]
+
+    @classmethod
+    def arguments(cls) -> tuple[str, ...]:
+        return ("lr", "lrs")  # exactly one: an LR for every group, or one per group (stored as lrs)
 
     def apply(self, engine: Engine) -> None:
         engine.set_lrs(self.lrs)
@@ -126,6 +124,13 @@ class ReplaceSchedule(_Action):
     # The schedule parsed once per group count (applying it and learning what it watches ask).
     _parsed: tuple[int, ScheduleSpec] | None = PrivateAttr(default=None)
 
+    @classmethod
+    def of(cls, schedule: ScheduleSpec, n_groups: int) -> ReplaceSchedule:
+        """The action for a schedule just accepted for ``n_groups`` groups (kept parsed)."""
+        action = cls(schedule=spec_to_json(schedule))
+        action._parsed = (n_groups, schedule)
+        return action
+
     def spec(self, n_groups: int) -> ScheduleSpec:
         """The schedule, as accepted when the action was placed (its types checked again)."""
         if self._parsed is None or self._parsed[0] != n_groups:
@@ -143,11 +148,17 @@ class ReplaceSchedule(_Action):
         return frozenset() if guard is None else frozenset({guard.monitor})
 
 
-Action = Annotated[SetLR | Scale | Hold | Resume | Stop | ReplaceSchedule, Field(discriminator="action")]
-"""Any operator action, told apart by its ``action`` field."""
+Action = Annotated[SetLR | Scale | Hold | Resume | ReplaceSchedule | Stop, Field(discriminator="action")]
+"""Any operator action, told apart by its ``action`` field (in the order the API lists them)."""
 
-ACTION_KINDS = ("set_lr", "scale", "hold", "resume", "replace_schedule", "stop")
+ActionKind = Literal["set_lr", "scale", "hold", "resume", "replace_schedule", "stop"]
 """Every action's ``action`` value, in the order the API lists them."""
+
+ARGUMENTS: dict[str, tuple[str, ...]] = {
+    model.model_fields["action"].default: model.arguments()
+    for model in typing.get_args(typing.get_args(Action)[0])
+}
+"""Per action kind, the fields a request gives it (the API's ``ActionSpec`` checks them)."""
 
 _ADAPTER: TypeAdapter[Action] = TypeAdapter(Action)
 
@@ -191,5 +202,5 @@ def action_for_run(
                 "this run does not cycle momentum, so its new schedule cannot either "
                 "(set cycle_momentum: false)",
             )
-        return ReplaceSchedule(schedule=spec_to_json(schedule))
+        return ReplaceSchedule.of(schedule, n_groups)
     return parse_action({k: v for k, v in request.items() if v is not None})

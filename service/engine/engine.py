@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,18 @@ def _shadow_optimizer(base_lrs: Sequence[float], momentums: Sequence[float] | No
         {"params": [torch.zeros(0)], "lr": float(lr), "momentum": float(momentums[i]) if momentums else 0.0}
         for i, lr in enumerate(base_lrs)
     ]
-    return torch.optim.SGD(groups, lr=float(base_lrs[0]))
+    optimizer = torch.optim.SGD(groups[:1], lr=float(base_lrs[0]))
+    # torch's add_param_group checks a new group's params against every group's so far: O(groups²),
+    # 1.6 of the 1.7 s a 1024-group engine took to build (each create, load and restore). Each
+    # group here holds a tensor of its own, so each is added where it sees no other group (torch
+    # still fills its defaults and checks it), then the list is put back together.
+    added = optimizer.param_groups
+    for group in groups[1:]:
+        optimizer.param_groups = []
+        optimizer.add_param_group(group)
+        added.extend(optimizer.param_groups)
+    optimizer.param_groups = added
+    return optimizer
 
 
 def _without_lambdas(state: Any) -> Any:
@@ -290,7 +302,10 @@ class Engine:
         Raises:
             ScheduleError: naming ``step`` and the first bad LR.
         """
-        for lr in self.values()[0]:
+        lrs = self.values()[0]
+        if min(lrs) >= 0 and math.isfinite(sum(lrs)):  # two passes in C (a NaN makes the sum NaN)
+            return
+        for lr in lrs:  # which one; or none, when the finite LRs only summed past the largest float
             if not math.isfinite(lr) or lr < 0:
                 what = "not finite" if not math.isfinite(lr) else "negative"
                 raise ScheduleError.at("step", f"{whose} LR is {what} at step {step} (got {lr!r})")
@@ -422,6 +437,52 @@ class Engine:
             engine.guard = SpikeGuard.restore(snapshot["guard"])
         engine.spikes = [Spike(**s) for s in snapshot.get("spikes", [])]
         return engine
+
+
+@dataclass(frozen=True)
+class Stepped:
+    """Steps taken with no input from a snapshot (``steps_from``), as they travel back from a
+    worker process: their values packed, the decisions they made, the engine after them."""
+
+    lrs: bytes  # float64, step after step, each step's groups in order
+    momentums: bytes | None
+    decisions: dict[int, list[Decision]]  # by step; steps that decided nothing are left out
+    snapshot: dict[str, Any]  # the engine after the last step taken
+    cut: bool  # a step after ``need`` failed: the steps end right before it
+
+
+def steps_from(snapshot: Mapping[str, Any], target: int, need: int) -> Stepped:
+    """Restore an engine from ``snapshot`` and take every step up to ``target``, with no
+    metric, report or action on the way (big work: ``service.offload`` runs it in a worker
+    process). The values are those the engine it was taken from would have given, bit for bit.
+
+    A step up to ``need`` that fails raises its ``ScheduleError``; one after it ends the steps
+    before it (``cut``), as ``RunState.advance_to`` does.
+    """
+    engine = Engine.restore(snapshot)
+    lrs = array("d")
+    momentums = array("d") if engine.reports_momentum else None
+    decisions: dict[int, list[Decision]] = {}
+    while engine.step < target:
+        step = engine.step + 1
+        try:
+            made = engine.advance()
+        except ScheduleError:
+            if step <= need:
+                raise
+            engine = Engine.restore(snapshot)  # the failed step left it unusable: the good ones again
+            while engine.step < step - 1:
+                engine.advance()
+            return Stepped(lrs.tobytes(), None if momentums is None else momentums.tobytes(), decisions,
+                           engine.snapshot(), cut=True)
+        if made:
+            decisions[step] = made
+        values, moms = engine.values()
+        lrs.extend(values)
+        if momentums is not None and moms is not None:
+            momentums.extend(moms)
+    return Stepped(lrs.tobytes(), None if momentums is None else momentums.tobytes(), decisions,
+                   engine.snapshot(), cut=False)
 
 
 def warm_up_torch() -> None:

@@ -130,7 +130,11 @@ class Barriers:
             state = await run_in_threadpool(self.manager.state, run_id)
         watched = {k: float(v) for k, v in metrics.items() if k in state.watched}
         if state.world_size == 1 or not watched or step <= state.horizon:
-            return await run_in_threadpool(self.manager.step_run, run_id, step, metrics, rank, ahead)
+            def step_run() -> Window:
+                return self.manager.step_run(run_id, step, metrics, rank, ahead)
+
+            window = self.manager.now(step_run)  # SQLite, small: no hop to a worker thread
+            return window if window is not None else await run_in_threadpool(step_run)
         if rank >= state.world_size:
             raise InvalidInput.at(
                 "rank", f"must be below the run's world_size ({state.world_size}), got {rank}"

@@ -12,12 +12,12 @@ import threading
 import weakref
 
 from lrserve.service.engine import codec
-from lrserve.service.engine.actions import RunStatus
 from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.engine.run_spec import RunSpec
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.runs.replay import apply_logs
 from lrserve.service.runs.state import Marks, RunState
-from lrserve.service.store.base import BaseStore, RunRecord, Snapshot
+from lrserve.service.store.base import BaseStore, RunRecord, Snapshot, WouldWait
 
 
 class RunCache:
@@ -47,6 +47,8 @@ class RunCache:
         state = self._runs.get(run_id)
         if state is not None:
             return state
+        if self.store.must_not_wait:
+            raise WouldWait(f"run {run_id!r} is not loaded")
         with self.run_lock(run_id):
             state = self._runs.get(run_id)
             if state is None:
@@ -95,6 +97,8 @@ class RunCache:
         state = self.state(run_id)
         if state.cached(start) is not None and state.cached(end) is not None:
             return state.values[start - state.first_step : end - state.first_step + 1]
+        if self.store.must_not_wait:
+            raise WouldWait("replaying steps is no work for the event loop")
         record = self.store.read_run(run_id)
         replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
         apply_logs(replay, self.store.read_events(run_id))

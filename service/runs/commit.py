@@ -9,8 +9,9 @@ API.md's rules, as this module keeps them:
   read under the store's lock, so every process places it at the same step.
 
 A commit computes the new steps (torch's work) before taking the store's write lock, and
-holds that lock only to append and commit; if another process moved the run meanwhile,
-it starts again. Only where the stored run had already moved when the commit began (rare:
+holds that lock only to append and commit, in one transaction with the other runs' commits
+queued meanwhile (``group_commit``); if another process moved the run meanwhile, it starts
+again. Only where the stored run had already moved when the commit began (rare:
 replicas) does it catch up and compute inside the lock.
 """
 
@@ -23,12 +24,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from lrserve.service.engine import codec
-from lrserve.service.engine.actions import Action, RunStatus
+from lrserve.service.engine import codec, cost
+from lrserve.service.engine.actions import Action
 from lrserve.service.engine.engine import ScheduleSwitch
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunConflict
+from lrserve.service.offload import BigWork
 from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.group_commit import GroupCommit
 from lrserve.service.runs.replay import apply_logs
 from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
@@ -40,6 +44,7 @@ from lrserve.service.store.base import (
     RunTransaction,
     Snapshot,
     ValueChunk,
+    WouldWait,
     pack_lrs,
 )
 from lrserve.service.store.events import Event, EventKind, NewEvent
@@ -58,6 +63,10 @@ class PlacedAction:
     reason: str | None = None
 
 
+ON_LOOP_WORK = 1000
+"""Most work (``engine.cost`` units, about a µs each) a commit on the event loop may compute
+(``RunManager.now``); more is done in a worker thread."""
+
 Reports = Sequence[dict[str, Any]]
 """Spike-guard reports (``step``, ``rank``, ``name``, ``value``): each placed at its ``step``
 or the first free step, whichever is later."""
@@ -73,12 +82,17 @@ class Committer:
         store: Where the log lives.
         settings: The snapshot cadence.
         runs: The loaded runs (a failed commit drops its run's state there).
+        big_work: Where big runs of steps are taken (``RunState.advance_to``); None: here.
     """
 
-    def __init__(self, store: BaseStore, settings: Settings, runs: RunCache) -> None:
+    def __init__(
+        self, store: BaseStore, settings: Settings, runs: RunCache, big_work: BigWork | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.runs = runs
+        self.big_work = big_work
+        self.group = GroupCommit(store)
         self.on_outcome: list[Callable[[str, StepOutcome], Any]] = []  # for telemetry
 
     def commit(
@@ -108,7 +122,7 @@ class Committer:
         """
         while True:
             state = self.runs.state(run_id)
-            with state.lock:
+            with _held(state.lock, now=self.store.must_not_wait):
                 if state.evicted:  # a commit failed while we waited: take the reloaded state
                     continue
                 if if_behind and state.horizon >= target:
@@ -142,22 +156,34 @@ class Committer:
     ) -> int | None:
         run_id = state.run_id
         with self._evicting_on_error(state):
-            stored = self.store.run_head(run_id)  # no lock: has another process moved the run?
-            if _moved(stored, state):
+            if self.store.must_not_wait:  # on the event loop: at once and small, or not at all
+                self._check_small(state, target)
+                with self.store.lock_run(run_id) as tx:  # WouldWait: the write slot is taken
+                    if _moved(tx.run, state):
+                        raise WouldWait("another process moved the run")  # a worker thread catches up
+                    outcomes, placed, new_events = _compute(  # small: never the worker process
+                        state, state.horizon, target, metric, action, extra_events, need, reports, None)
+                    _append(state, tx, outcomes, new_events, records)
+            elif _moved(self.store.run_head(run_id), state):  # no lock: has another process moved it?
                 with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
                     self._catch_up(state, tx)
                     outcomes, placed, new_events = _compute(
-                        state, tx.run.horizon, target, metric, action, extra_events, need, reports)
+                        state, tx.run.horizon, target, metric, action, extra_events, need, reports,
+                        self.big_work)
                     _append(state, tx, outcomes, new_events, records)
             else:
                 # The torch work happens here, before the write slot: the store's lock (on SQLite
                 # the file's, which every run's commit needs) is held only to append and commit.
                 outcomes, placed, new_events = _compute(
-                    state, state.horizon, target, metric, action, extra_events, need, reports)
-                with self.store.lock_run(run_id) as tx:
+                    state, state.horizon, target, metric, action, extra_events, need, reports,
+                    self.big_work)
+
+                def append(tx: RunTransaction) -> None:
                     if _moved(tx.run, state):  # another process committed meanwhile: start again
                         raise _RunReplaced(run_id)
                     _append(state, tx, outcomes, new_events, records)
+
+                self.group.write(run_id, append)  # with other runs' commits queued meanwhile
             state.publish()  # durable now: other threads may see the new steps
             fails_at = self.runs.fails_at
             if state.broken:  # its engine failed past the published steps: the next request reloads
@@ -187,11 +213,24 @@ class Committer:
         state.advance_to(tx.run.horizon)
         state.publish()  # committed by another process: durable already
 
+    def _check_small(self, state: RunState, target: int) -> None:
+        """``WouldWait`` unless the commit's work is small and it saves no snapshot (the snapshot,
+        a second transaction after the commit, could not be refused any more)."""
+        steps = max(target, state.horizon) - state.horizon
+        every = self.settings.snapshot_every
+        if (state.horizon + steps) // every > state.horizon // every:
+            raise WouldWait("a snapshot is due")
+        if cost.cost(state.engine.schedule, n_groups=state.n_groups, steps=steps) > ON_LOOP_WORK:
+            raise WouldWait("too much work for the event loop")
+
     @contextmanager
     def _evicting_on_error(self, state: RunState) -> Iterator[None]:
-        """An error mid-commit leaves the engine ahead of the store: drop it, reload later."""
+        """An error mid-commit leaves the engine ahead of the store: drop it, reload later.
+        ``WouldWait`` comes before anything changed: the state stays."""
         try:
             yield
+        except WouldWait:
+            raise
         except BaseException:
             self.runs.evict(state)
             raise
@@ -223,13 +262,14 @@ def _compute(
     extra_events: Sequence[NewEvent],
     need: int | None,
     reports: Reports,
+    big_work: BigWork | None,
 ) -> tuple[list[StepOutcome], int | None, list[NewEvent]]:
     """Place the decision above the stored ``horizon`` and compute the steps up to ``target``:
     what the steps did, the step the action went to, and the events to append."""
     new_events, placed = _place(state, horizon, metric, action, reports)
     if metric is None or new_events:  # extra events go with a decision that was taken
         new_events.extend(extra_events)
-    outcomes = state.advance_to(max(target, horizon), need=need)
+    outcomes = state.advance_to(max(target, horizon), need=need, big_work=big_work)
     new_events.extend(_output_events(outcomes, horizon, state))
     return outcomes, placed, new_events
 
@@ -246,7 +286,7 @@ def _append(
         tx.append_metrics(records)
     appended = tx.append_events(new_events) if new_events else []
     if outcomes:  # a commit that only caught up writes nothing
-        tx.update_run(horizon=state.engine.step, status=state.marks.status.value)
+        tx.update_run(horizon=state.engine.step, status=state.marks.status)
     state.last_seq = appended[-1].seq if appended else tx.run.last_seq
 
 
@@ -288,6 +328,17 @@ def _moved(stored: RunHead | RunRecord, state: RunState) -> bool:
         or stored.horizon != state.horizon
         or stored.last_seq != state.last_seq
     )
+
+
+@contextmanager
+def _held(lock: Any, *, now: bool) -> Iterator[None]:
+    """Hold ``lock`` for the block; ``now``: only if it is free at once, else ``WouldWait``."""
+    if not lock.acquire(blocking=not now):
+        raise WouldWait("another thread holds the run")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class _RunReplaced(Exception):

@@ -16,20 +16,20 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from lrserve.service.engine import cost
-from lrserve.service.engine.actions import RunStatus, action_for_run
+from lrserve.service.engine.actions import action_for_run
 from lrserve.service.engine.engine import Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunConflict, RunNotFound
 from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import (
     LOCAL_ACTOR,
     Committer,
-    Metric,
     PlacedAction,
     Reports,
     guard_reports,
@@ -38,7 +38,7 @@ from lrserve.service.runs.commit import (
 from lrserve.service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
 from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
-from lrserve.service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord
+from lrserve.service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, WouldWait
 from lrserve.service.store.events import EventKind, NewEvent
 
 __all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManager", "Window"]
@@ -46,6 +46,8 @@ __all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManag
 ON_LOOP_VALUES = 4096
 """Most LR values an answer built and serialised on the event loop may hold; bigger answers
 are built in a worker thread, so that no answer stalls the requests the loop serves."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,35 @@ class RunManager:
     def __init__(self, store: BaseStore, settings: Settings, big_work: BigWork | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.big_work = big_work or BigWork(0)  # creates whose checks are big work (service.offload)
+        self.big_work = big_work or BigWork(0)  # big creates and runs of steps (service.offload)
         self.runs = RunCache(store)
-        self.committer = Committer(store, settings, self.runs)
+        self.committer = Committer(store, settings, self.runs, self.big_work)
         self.reads = ReadModels(store, settings, self.runs, self.committer)
 
     @property
     def on_outcome(self) -> list[Callable[[str, StepOutcome], Any]]:
         """Callbacks ``(run_id, StepOutcome)`` for each newly final step (telemetry)."""
         return self.committer.on_outcome
+
+    def now(self, call: Callable[[], T]) -> T | None:
+        """``call()`` here and now if it needs no wait and little work, else None: the caller
+        runs it in a worker thread instead.
+
+        For the event loop, where a hop to a worker thread and back costs more than a small
+        commit on SQLite (WAL: readers never wait, a commit takes microseconds). "No wait":
+        the run is loaded, no other thread holds it, the file's write slot is free at once
+        in every process (``BaseStore.without_waiting``); "little work": ``ON_LOOP_WORK``,
+        no snapshot due, no replay. A call that cannot go through raises ``WouldWait``
+        before it changes anything (PostgreSQL: always, every statement is a round trip);
+        a call whose commit went through is not run again, except where a failing schedule
+        dropped the run right after its commit, when the worker thread finds the step final
+        (as a client's retry would).
+        """
+        try:
+            with self.store.without_waiting():
+                return call()
+        except WouldWait:
+            return None
 
     # -- the parts, as callers know them ---------------------------------------------------
 
@@ -101,25 +123,6 @@ class RunManager:
     def caught_up(self, run_id: str) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further)."""
         return self.committer.caught_up(run_id)
-
-    def commit(
-        self,
-        run_id: str,
-        target: int,
-        *,
-        metric: Metric | None = None,
-        action: PlacedAction | None = None,
-        extra_events: Sequence[NewEvent] = (),
-        records: Sequence[MetricRecord] = (),
-        reports: Reports = (),
-        if_behind: bool = False,
-        need: int | None = None,
-    ) -> int | None:
-        """Advance the run to ``target``, placing a decision on the way (``Committer.commit``)."""
-        return self.committer.commit(
-            run_id, target, metric=metric, action=action, extra_events=extra_events, records=records,
-            reports=reports, if_behind=if_behind, need=need,
-        )
 
     def history(self, run_id: str, max_points: int) -> History:
         return self.reads.history(run_id, max_points)
@@ -220,7 +223,7 @@ class RunManager:
         wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
         end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
         if end > state.horizon:
-            self.commit(run_id, end, if_behind=True, need=step)
+            self.committer.commit(run_id, end, if_behind=True, need=step)
         state = self.state(run_id)
         return self._window(state, step, min(end, max(state.horizon, step)))
 
@@ -295,9 +298,9 @@ class RunManager:
             # One write transaction: the metrics, the decision and the whole window asked for.
             end = self._window_end(state, step, ahead)
             metric = (step, watched) if watched else None
-            self.commit(run_id, end, metric=metric, records=records, reports=reports, need=step)
+            self.committer.commit(run_id, end, metric=metric, records=records, reports=reports, need=step)
         elif reports:
-            self.commit(run_id, state.horizon, records=records, reports=reports)
+            self.committer.commit(run_id, state.horizon, records=records, reports=reports)
         elif records:
             self.store.append_metrics(run_id, records)
         return self.window(run_id, step, ahead)
@@ -328,7 +331,7 @@ class RunManager:
         records = metric_records(metrics, step, rank)
         reports = guard_reports(state, records)
         if reports:  # judged per rank, not at the barrier: placed now, at step (or the first free one)
-            self.commit(run_id, state.horizon, reports=reports)
+            self.committer.commit(run_id, state.horizon, reports=reports)
         tally = self.store.add_barrier_report(run_id, step, rank, watched, records)
         return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
 
@@ -361,7 +364,7 @@ class RunManager:
                 "missing_ranks": missing, "reported_ranks": sorted(reports),
                 "timeout_s": self.settings.barrier_timeout_s}))
         end = self._window_end(state, step, ahead)
-        self.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
+        self.committer.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
         return True
 
     # -- operator control -----------------------------------------------------------------
@@ -391,7 +394,9 @@ class RunManager:
             request, n_groups=state.n_groups, reports_momentum=state.engine.reports_momentum,
             check_cost=lambda s: self._check_schedule_cost(s, state.n_groups),
         )
-        placed = self.commit(run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason))
+        placed = self.committer.commit(
+            run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason)
+        )
         assert placed is not None
         return placed, NewEvent(EventKind.CONTROL, placed, action.payload(), actor, reason)
 
@@ -402,8 +407,10 @@ class RunManager:
         reports = guard_reports(state, rows)
         if not reports:
             return self.store.append_metrics(run_id, rows)
+        if self.store.must_not_wait:  # two transactions: the second must not find the first done
+            raise WouldWait("a spike guard judges these metrics")
         new = self.store.append_metrics(run_id, rows)  # first, to count the new ones; resends are
-        self.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
+        self.committer.commit(run_id, state.horizon, reports=reports)  # judged once (spike_guard.Detector)
         return new
 
 

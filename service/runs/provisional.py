@@ -141,7 +141,7 @@ def settle(
             "provisional_from", f"must be between 0 and the step asked ({until}), got {start}"
         )
     if manager.state(run_id).horizon < until:
-        manager.commit(run_id, until, if_behind=True)
+        manager.committer.commit(run_id, until, if_behind=True)
     events = manager.store.read_events(run_id)
     # An input newer than the tail, placed at or before a step the job took on it (any step
     # below ``start`` too: it changed what followed); without the tail's id, one on those steps.
@@ -158,7 +158,7 @@ def settle(
     payload = {
         "rank": rank, "from_step": start, "to_step": until, "input_steps": placed, "provisional_id": tail_id,
     }
-    manager.commit(run_id, manager.state(run_id).horizon, extra_events=[
+    manager.committer.commit(run_id, manager.state(run_id).horizon, extra_events=[
         NewEvent(EventKind.PROVISIONAL_DIVERGENCE, start, payload)])
     newer = manager.store.read_events(run_id, after_seq=events[-1].seq if events else 0)
     return _divergence(newer, rank, start, tail_id)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import copy
 import threading
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from itertools import chain, repeat
 from typing import Any
 
-from lrserve.service.engine.actions import Action, RunStatus
-from lrserve.service.engine.engine import Decision, Engine, ScheduleSwitch, Values
+from lrserve.service.engine.actions import Action
+from lrserve.service.engine.engine import Decision, Engine, ScheduleSwitch, Values, steps_from
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import ScheduleError
-from lrserve.service.runs.value_log import ValueLog
+from lrserve.service.offload import BigWork, is_big
+from lrserve.service.runs.value_log import ValueLog, step_tuples
 from lrserve.service.store.events import SERVER
 
 
@@ -133,7 +137,9 @@ class RunState:
             return self.values[index]
         return None
 
-    def advance_to(self, target: int, *, need: int | None = None) -> list[StepOutcome]:
+    def advance_to(
+        self, target: int, *, need: int | None = None, big_work: BigWork | None = None
+    ) -> list[StepOutcome]:
         """Step the engine up to ``target``, applying the inputs placed on the way.
 
         The new steps stay invisible (``cached`` does not see them) until ``publish``.
@@ -144,13 +150,25 @@ class RunState:
                 is the steps before it). ``broken`` is then set: the engine sits past its
                 last good step, so the state must be dropped once those are published.
                 ``None``: every step up to ``target`` must be reached.
+            big_work: Where the steps after the last input go when they are big work (a
+                wide window, a step jump): taken from a snapshot in a worker process, so
+                that this process's interpreter (its GIL, which every other request needs)
+                only restores the engine after them. ``None``: every step here.
 
         Raises:
             ScheduleError: a step up to ``need`` would serve an LR that is negative or not
                 finite, or torch cannot take it.
+            WorkerLost: the worker process taking the steps died twice.
         """
-        outcomes = []
-        while self.engine.step < target:
+        outcomes: list[StepOutcome] = []
+        here = target
+        if big_work is not None and big_work.workers:
+            inputs = self.inputs
+            here = max((s for s in chain(inputs.metrics, inputs.actions, inputs.reports) if s <= target),
+                       default=self.engine.step)
+            if not is_big(n_groups=self.n_groups, steps=target - here, schedule=None):
+                here = target
+        while self.engine.step < here:
             step = self.engine.step + 1
             try:
                 reductions, actions = self._take_step(step)
@@ -158,17 +176,40 @@ class RunState:
                 if need is None or step <= need:
                     raise
                 self.broken = True
-                break
-            if any(isinstance(r, ScheduleSwitch) for r in reductions):
-                self.marks = replace(self.marks, switched_at=step)
-            stops = any(isinstance(r, Spike) and r.stop for r in reductions)
-            if stops and self.marks.status is not RunStatus.STOPPED:
-                self.marks = replace(self.marks, status=RunStatus.STOPPED, stopped_at=step)
-            for control in actions:
-                self._track_status(control.action, step)
-            self._pending.append(self.engine.values())
-            outcomes.append(StepOutcome(step, reductions, actions))
+                return outcomes
+            self._took(step, reductions, actions, self.engine.values(), outcomes)
+        if self.engine.step < target and big_work is not None:
+            outcomes.extend(self._advance_elsewhere(target, need, big_work))
         return outcomes
+
+    def _advance_elsewhere(self, target: int, need: int | None, big_work: BigWork) -> list[StepOutcome]:
+        """The steps up to ``target``, none with an input, taken in a worker process."""
+        first = self.engine.step + 1
+        stepped = big_work.run(steps_from, self.engine.snapshot(), target, target if need is None else need)
+        self.engine = Engine.restore(stepped.snapshot)
+        g = self.n_groups
+        lrs = step_tuples(array("d", stepped.lrs), g)
+        moms = repeat(None) if stepped.momentums is None else step_tuples(array("d", stepped.momentums), g)
+        outcomes: list[StepOutcome] = []
+        for step, values in enumerate(zip(lrs, moms, strict=False), start=first):
+            self._took(step, stepped.decisions.get(step, []), [], values, outcomes)
+        self.broken = self.broken or stepped.cut
+        return outcomes
+
+    def _took(
+        self, step: int, reductions: list[Decision], actions: list[Control], values: Values,
+        outcomes: list[StepOutcome],
+    ) -> None:
+        """Keep what taking ``step`` did: its status marks, its values (pending), its outcome."""
+        if any(isinstance(r, ScheduleSwitch) for r in reductions):
+            self.marks = replace(self.marks, switched_at=step)
+        stops = any(isinstance(r, Spike) and r.stop for r in reductions)
+        if stops and self.marks.status is not RunStatus.STOPPED:
+            self.marks = replace(self.marks, status=RunStatus.STOPPED, stopped_at=step)
+        for control in actions:
+            self._track_status(control.action, step)
+        self._pending.append(values)
+        outcomes.append(StepOutcome(step, reductions, actions))
 
     def spikes_between(self, start: int, end: int) -> list[Spike]:
         """Spikes that took effect at steps ``start .. end`` (final ones only: call with end <= horizon)."""

@@ -69,11 +69,11 @@ class ValueLog:
     def _steps(self, start: int, stop: int) -> list[Values]:
         """Steps ``start .. stop - 1`` as ``Values``, built at C speed (the hot path reads windows)."""
         g, packed = self.n_groups, self._moms
-        lrs = _tuples(self._lrs[start * g : stop * g], g)
-        moms = repeat(None, stop - start) if packed is None else _tuples(packed[start * g : stop * g], g)
+        lrs = step_tuples(self._lrs[start * g : stop * g], g)
+        moms = repeat(None, stop - start) if packed is None else step_tuples(packed[start * g : stop * g], g)
         return list(zip(lrs, moms, strict=False))  # equal lengths
 
 
-def _tuples(flat: array[float], size: int) -> Iterator[tuple[float, ...]]:
+def step_tuples(flat: array[float], size: int) -> Iterator[tuple[float, ...]]:
     """``flat``'s floats in consecutive tuples of ``size``."""
     return zip(*[iter(flat)] * size, strict=False)  # len(flat) is a multiple of size

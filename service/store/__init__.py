@@ -197,7 +197,15 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, database: Path) -> N
         mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
         # on the driver's connection: a statement through SQLAlchemy costs ten times this one
         # (an error is the driver's own; SqlStore._transaction reports both kinds alike)
-        conn.connection.driver_connection.execute(_BEGIN[mode])
+        driver = conn.connection.driver_connection
+        if mode != "IMMEDIATE NOW":
+            driver.execute(_BEGIN[mode])
+            return
+        driver.execute("PRAGMA busy_timeout=0")  # "database is locked" at once, not after a wait
+        try:
+            driver.execute(_BEGIN["IMMEDIATE"])
+        finally:
+            driver.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
 
 
 _OPENED_READ_ONLY = "lrserve_opened_read_only"

@@ -33,7 +33,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.store.events import Event, FeedEntry, NewEvent
+
+
+class WouldWait(Exception):
+    """Raised, inside ``BaseStore.without_waiting()``, where the store would have to wait (for
+    the write slot another thread or process holds, for the network): nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class RunRecord:
     run_id: str
     spec: dict[str, Any]
     labels: dict[str, str]
-    status: str
+    status: RunStatus
     horizon: int
     last_seq: int
     created_at: datetime
@@ -117,11 +123,13 @@ class MetricRecord:
 
 
 class RunTransaction(abc.ABC):
-    """A run locked for writing; obtained from ``BaseStore.lock_run``."""
+    """A run locked for writing; obtained from ``BaseStore.lock_run`` (or ``lock_runs``)."""
 
     run: RunRecord
     """The run's row as read under the lock, without its labels (``labels`` is empty: no
     writer needs them, and reading them would cost every commit a query)."""
+    dirty: bool = False
+    """Whether a write went through it (an error after one spoils the whole transaction)."""
 
     @abc.abstractmethod
     def read_events(self, after_seq: int = 0) -> list[Event]:
@@ -129,14 +137,15 @@ class RunTransaction(abc.ABC):
 
     @abc.abstractmethod
     def append_events(self, events: Sequence[NewEvent]) -> list[Event]:
-        """Append events after the last one; returns them with ``seq`` and ``at`` set."""
+        """Append events after the last one; returns them with ``seq`` and ``at`` set (their
+        ``gid`` is None: global ids are given at commit, in commit order)."""
 
     @abc.abstractmethod
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
         """Record metric values with this transaction (as ``BaseStore.append_metrics``)."""
 
     @abc.abstractmethod
-    def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
+    def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status (``updated_at`` follows). The horizon never goes down."""
 
 
@@ -165,7 +174,7 @@ class BaseStore(abc.ABC):
         self,
         *,
         labels: Mapping[str, str] | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 100,
         after: str | None = None,
         stale_before: datetime | None = None,
@@ -202,6 +211,16 @@ class BaseStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def lock_runs(self, run_ids: Sequence[str]) -> AbstractContextManager[dict[str, RunTransaction]]:
+        """``lock_run`` for several runs in one transaction, for group commit: a transaction
+        object per run that exists (a missing one is left out); they commit together on exit,
+        or none does.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+
+    @abc.abstractmethod
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order, without taking the lock."""
 
@@ -231,6 +250,23 @@ class BaseStore(abc.ABC):
         """
         record = self.read_run(run_id)
         return RunHead(record.created_at, record.horizon, record.last_seq)
+
+    def without_waiting(self) -> AbstractContextManager[None]:
+        """Within it, on this thread, every call either goes through at once or raises
+        ``WouldWait`` before writing anything (for work on the event loop: ``RunManager.now``).
+        This default refuses at once: a store that waits on the network waits for every call."""
+        raise WouldWait("this store answers over the network")
+
+    @property
+    def must_not_wait(self) -> bool:
+        """Whether this thread is inside ``without_waiting()``."""
+        return False
+
+    @property
+    def one_writer(self) -> bool:
+        """Whether write transactions take turns (SQLite: one writer per file), so that one
+        transaction for many commits saves each its turn (``GroupCommit``)."""
+        return False
 
     def run_listener(self) -> Callable[[Callable[[str | None], None]], Awaitable[None]] | None:
         """An async function waiting for other processes' commits that touch a run's barrier

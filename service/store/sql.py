@@ -18,7 +18,6 @@ float64 values come back bit for bit; NaN and infinities as ``NaN``/``Infinity``
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -31,6 +30,7 @@ from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal
 
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from lrserve.service.store.base import (
     BarrierTally,
@@ -41,6 +41,7 @@ from lrserve.service.store.base import (
     RunTransaction,
     Snapshot,
     ValueChunk,
+    WouldWait,
     unpack_lrs,
 )
 from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
@@ -77,10 +78,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
-"""Execution option read by the SQLite begin hook: ``"IMMEDIATE"`` or ``"DEFERRED"``."""
+"""Execution option read by the SQLite begin hook: ``"IMMEDIATE"``, ``"IMMEDIATE NOW"`` (the
+write slot at once or the driver's "database is locked", never the busy handler's wait) or
+``"DEFERRED"``."""
 
 RowLock = Literal["hold", "keep", "delete"]
 
@@ -229,6 +232,7 @@ class SqlStore(BaseStore):
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
+        self._hurried = threading.local()  # ``without_waiting``: .on is True inside it
         self._commit_watchers: list[Callable[[], object]] = []
         self._compiled: dict[str, _DriverSql] = {}
         self._sender = token_hex(6)
@@ -243,25 +247,53 @@ class SqlStore(BaseStore):
     # -- the transaction helper and the dialect branches ---------------------------------
 
     @contextmanager
+    def without_waiting(self) -> Iterator[None]:
+        """SQLite: inside it, on this thread, a write transaction begins only if the file's write
+        slot is free at once (in this process and in every other), else ``WouldWait``; reads
+        of a WAL file never wait. PostgreSQL: ``WouldWait`` at once (every statement is a
+        round trip). See ``BaseStore.without_waiting``."""
+        if self._sqlite_writers is None:
+            raise WouldWait("PostgreSQL answers over the network")
+        self._hurried.on = True
+        try:
+            yield
+        finally:
+            self._hurried.on = False
+
+    @property
+    def must_not_wait(self) -> bool:
+        return getattr(self._hurried, "on", False)
+
+    @property
+    def one_writer(self) -> bool:
+        return self._sqlite_writers is not None
+
+    @contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[Connection]:
         """One transaction: commit on success, roll back on error, driver errors → StoreUnavailable.
 
         ``write`` makes SQLite take its write lock at ``BEGIN`` rather than on the first
         write, so a transaction that reads and then writes never fails on lock upgrade.
+        Inside ``without_waiting`` a write that would wait for that lock raises ``WouldWait``.
         """
         turn = self._sqlite_writers if write and self._sqlite_writers is not None else None
+        now = turn is not None and self.must_not_wait
         try:
-            with turn or contextlib.nullcontext(), self._engine.connect() as conn:
+            with _taken(turn, now), self._engine.connect() as conn:
                 if write:
-                    conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+                    conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE NOW" if now else "IMMEDIATE"})
                 with conn.begin():
                     yield conn
                     if write and self._guard is not None:
                         self._guard.check()  # never commit (and acknowledge) into a file that is gone
         except sa_exc.DBAPIError as exc:
+            if now and _busy(exc.orig):
+                raise WouldWait("another process holds the write slot") from exc
             self._after_failure(exc.orig)
             raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
         except self._driver_error as exc:  # raised on the DBAPI cursor (``_DriverSql``)
+            if now and _busy(exc):
+                raise WouldWait("another process holds the write slot") from exc
             self._after_failure(exc)
             raise StoreUnavailable(f"{self._where}: {self._reason(exc)}") from exc
         except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
@@ -296,6 +328,8 @@ class SqlStore(BaseStore):
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT, which knows ``on_conflict_do_nothing/do_update``."""
         if self._engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects import postgresql  # not at start-up: ~0.15 s a SQLite server needs not
+
             return postgresql.insert(table)
         return sqlite.insert(table)
 
@@ -341,7 +375,7 @@ class SqlStore(BaseStore):
             if "\x00" in key or "\x00" in value:
                 raise InvalidInput.at("labels", "must not contain NUL characters")
         now = _now()
-        row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": "active", "horizon": 0,
+        row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": RunStatus.ACTIVE.value, "horizon": 0,
                "last_seq": 1, "created_at": now, "updated_at": now, "last_seen": now}
         with self._transaction(write=True) as conn:
             insert = self._insert(runs).values(row).on_conflict_do_nothing(index_elements=["run_id"])
@@ -436,7 +470,7 @@ class SqlStore(BaseStore):
         self,
         *,
         labels: Mapping[str, str] | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 100,
         after: str | None = None,
         stale_before: datetime | None = None,
@@ -460,9 +494,9 @@ class SqlStore(BaseStore):
         if after is not None:  # no stored id holds NUL: "x\0..." and "x" split them alike
             query = query.where(runs.c.run_id > after.split("\x00", 1)[0])
         if status is not None:
-            query = query.where(runs.c.status == status)
+            query = query.where(runs.c.status == status.value)
         if stale_before is not None:
-            query = query.where(runs.c.status == "active", _HEARD < stale_before)
+            query = query.where(runs.c.status == RunStatus.ACTIVE.value, _HEARD < stale_before)
         for key, value in (labels or {}).items():
             if "\x00" in key or "\x00" in value:  # PostgreSQL cannot even compare such text
                 return []
@@ -494,8 +528,9 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        counts = {"active": 0, "held": 0, "stopped": 0}
-        stale = func.sum(case((and_(runs.c.status == "active", _HEARD < stale_before), 1), else_=0))
+        counts = {status.value: 0 for status in RunStatus}
+        active = runs.c.status == RunStatus.ACTIVE.value
+        stale = func.sum(case((and_(active, _HEARD < stale_before), 1), else_=0))
         query = select(runs.c.status, func.count(), stale).group_by(runs.c.status)
         with self._transaction() as conn:
             rows = conn.execute(query).all()
@@ -545,18 +580,37 @@ class SqlStore(BaseStore):
             RunNotFound: no such run (on enter).
             StoreUnavailable: the database failed.
         """
-        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
-            hold = self._driver_sql("hold", _RUN_ROWS["hold"])
-            row = hold.one(hold.execute(cursor, {"run_id": run_id}))
-            if row is None:
+        with self.lock_runs([run_id]) as locked:
+            if run_id not in locked:
                 raise RunNotFound(run_id)
-            tx = SqlRunTransaction(conn, _record_of(row), self, cursor)
+            yield locked[run_id]
+
+    @contextmanager
+    def lock_runs(self, run_ids: Sequence[str]) -> Iterator[dict[str, RunTransaction]]:
+        """``lock_run`` for several runs in one transaction (group commit): a ``RunTransaction``
+        per run that exists, by id; all of them commit together on exit, or none does.
+
+        Rows are locked in ``run_id`` order, before anything is written, so that two
+        processes locking overlapping sets never deadlock (and the global event ids, whose
+        counter row an append locks, are taken only once every row is held).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        hold = self._driver_sql("hold", _RUN_ROWS["hold"])
+        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+            locked: dict[str, SqlRunTransaction] = {}
+            for run_id in sorted(set(run_ids)):
+                row = hold.one(hold.execute(cursor, {"run_id": run_id}))
+                if row is not None:
+                    locked[run_id] = SqlRunTransaction(conn, _record_of(row), self, cursor)
             try:
-                yield tx
-                tx.write_run()
+                yield dict(locked)
+                self._write_held(cursor, list(locked.values()))
             finally:
-                tx.closed = True
-        if tx.appended:
+                for tx in locked.values():
+                    tx.closed = True
+        if any(tx.appended for tx in locked.values()):
             self._events_committed()
 
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
@@ -586,6 +640,31 @@ class SqlStore(BaseStore):
         labels = self._labels_of(conn, sorted({r.run_id for r in rows}))
         return [FeedEntry(r.run_id, labels.get(r.run_id, {}), _event(r)) for r in rows]
 
+    def _write_held(self, cursor: Any, txs: Sequence[SqlRunTransaction]) -> None:
+        """What run transactions hold back to their commit: their runs' rows (one UPDATE each),
+        then their events. The events go last, in one INSERT after one UPDATE of the global
+        id counter: that row's lock is held until COMMIT, and every transaction that appends
+        events, in every process, waits for it (so it is held for two statements, not for a
+        whole group's work)."""
+        changed = [row for tx in txs if (row := tx.run_row()) is not None]
+        if changed:
+            self._driver_sql("update_run", _UPDATE_RUN).executemany(cursor, changed)
+        self._insert_held_events(cursor, txs)
+
+    def _insert_held_events(self, cursor: Any, txs: Sequence[SqlRunTransaction]) -> None:
+        """Insert the events the transactions appended so far, numbered with global ids."""
+        held = [tx for tx in txs if tx.held_events]
+        if not held:
+            return
+        for tx in held:  # sent at COMMIT, whatever the order: before the counter's lock
+            self._notify_on(cursor, EVENTS_CHANNEL, tx.run.run_id)
+        rows = [row for tx in held for row in tx.held_events]
+        for row, gid in zip(rows, self._take_gids_on(cursor, len(rows)), strict=True):
+            row["gid"] = gid
+        self._driver_sql("insert_events", _INSERT_EVENTS).executemany(cursor, rows)
+        for tx in held:
+            tx.held_events = []
+
     def _take_gids(self, conn: Connection, n: int, run_id: str) -> list[int]:
         """The next ``n`` global event ids; locks the counter row until this transaction ends.
 
@@ -595,11 +674,11 @@ class SqlStore(BaseStore):
         the transaction commits.
         """
         with _cursor(conn) as cursor:
-            return self._take_gids_on(cursor, n, run_id)
+            self._notify_on(cursor, EVENTS_CHANNEL, run_id)
+            return self._take_gids_on(cursor, n)
 
-    def _take_gids_on(self, cursor: Any, n: int, run_id: str) -> list[int]:
+    def _take_gids_on(self, cursor: Any, n: int) -> list[int]:
         (last,) = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
-        self._notify_on(cursor, EVENTS_CHANNEL, run_id)
         return list(range(last - n + 1, last + 1))
 
     def _notify(self, conn: Connection, channel: str, run_id: str) -> None:
@@ -856,12 +935,13 @@ class SqlStore(BaseStore):
 
 
 class SqlRunTransaction(RunTransaction):
-    """A run locked for writing; valid only inside its ``lock_run`` block.
+    """A run locked for writing; valid only inside its ``lock_run`` (``lock_runs``) block.
 
     ``run`` starts as the row read under the lock and follows this transaction's own
     writes (``last_seq``, ``horizon``, ``status``, ``updated_at``). Those reach the
-    ``runs`` row once, in ``write_run`` as the block ends: one UPDATE per commit, not one
-    per call.
+    ``runs`` row once, as the block ends (``run_row``): one UPDATE per commit, not one per
+    call. Appended events are held back to the end too (``held_events``; ``read_events``
+    writes them first), see ``SqlStore._write_held``.
     """
 
     def __init__(self, conn: Connection, run: RunRecord, store: SqlStore, cursor: Any) -> None:
@@ -872,21 +952,22 @@ class SqlRunTransaction(RunTransaction):
         self._store = store
         self._run_changed = False
         self.appended = False
+        self.dirty = False
+        self.held_events: list[dict[str, Any]] = []  # rows appended, not yet inserted
 
-    def write_run(self) -> None:
-        """Write this transaction's changes to the run's row (``lock_run`` calls it at the end)."""
+    def run_row(self) -> dict[str, Any] | None:
+        """The run row's UPDATE parameters, if this transaction changed it (``lock_runs``, at the end)."""
         if not self._run_changed:
-            return
+            return None
         run = self.run
         self._connection()
-        self._store._driver_sql("update_run", _UPDATE_RUN).execute(self._cursor, {
-            "b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status,
-            "b_last_seq": run.last_seq, "b_updated_at": run.updated_at})
         self._run_changed = False
+        return {"b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status.value,
+                "b_last_seq": run.last_seq, "b_updated_at": run.updated_at}
 
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
         """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
-        self._connection()
+        self._writing()
         return self._store._insert_metrics_on(self._cursor, self.run.run_id, records)
 
     def _connection(self) -> Connection:
@@ -894,36 +975,42 @@ class SqlRunTransaction(RunTransaction):
             raise RuntimeError("the run's transaction is over; use it inside its lock_run block")
         return self._conn
 
+    def _writing(self) -> None:
+        self._connection()
+        self.dirty = True
+
     def read_events(self, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order (including ones appended here)."""
-        return _select_events(self._connection(), self.run.run_id, after_seq)
+        conn = self._connection()
+        self._store._insert_held_events(self._cursor, [self])
+        return _select_events(conn, self.run.run_id, after_seq)
 
     def append_events(self, new_events: Sequence[NewEvent]) -> list[Event]:
         """Append events as ``last_seq + 1, ...`` and move ``runs.last_seq`` along.
 
         Returns:
-            The events as stored (``seq`` and ``at`` set, payloads as read back from JSON).
+            The events as they will be stored (``seq`` and ``at`` set, payloads as read back
+            from JSON; ``gid`` is given at commit).
         """
-        self._connection()
+        self._writing()
         if not new_events:
             return []
         now, first = _now(), self.run.last_seq + 1
-        gids = self._store._take_gids_on(self._cursor, len(new_events), self.run.run_id)
-        rows = [_event_row(self.run.run_id, first + i, e, now, gids[i]) for i, e in enumerate(new_events)]
-        self._store._driver_sql("insert_events", _INSERT_EVENTS).executemany(self._cursor, rows)
+        rows = [_event_row(self.run.run_id, first + i, e, now, None) for i, e in enumerate(new_events)]
+        self.held_events.extend(rows)  # inserted at the end, with their global ids (``_write_held``)
         self.appended = True
         last = first + len(rows) - 1
         self.run = replace(self.run, last_seq=last, updated_at=now)
         self._run_changed = True
         return [_event(row) for row in rows]
 
-    def update_run(self, *, horizon: int | None = None, status: str | None = None) -> None:
+    def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status; ``updated_at`` follows.
 
         A horizon below the current one is ignored (the stored value is the max of the
         two): the horizon only ever moves forward.
         """
-        self._connection()
+        self._writing()
         if horizon is None and status is None:
             return
         changes: dict[str, Any] = {"updated_at": _now()}
@@ -943,13 +1030,33 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         run_id=row.run_id,
         spec=_loads(row.spec),
         labels=labels,
-        status=row.status,
+        status=RunStatus(row.status),
         horizon=row.horizon,
         last_seq=row.last_seq,
         created_at=row.created_at,
         updated_at=row.updated_at,
         last_seen=row.last_seen,
     )
+
+
+@contextmanager
+def _taken(lock: threading.RLock | None, now: bool) -> Iterator[None]:
+    """Hold ``lock`` (None: nothing) for the block; ``now``: only if it is free at once, else
+    ``WouldWait``."""
+    if lock is None:
+        yield
+        return
+    if not lock.acquire(blocking=not now):
+        raise WouldWait("another thread holds the write slot")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _busy(error: BaseException | None) -> bool:
+    """SQLite's answer to a write lock it could not take at once."""
+    return "database is locked" in str(error)
 
 
 @contextmanager
@@ -965,12 +1072,12 @@ def _cursor(conn: Connection) -> Iterator[Any]:
 
 def _record_of(row: Mapping[str, Any]) -> RunRecord:
     """A ``RunRecord`` (without labels) from a runs row read on the DBAPI cursor."""
-    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={}, status=row["status"],
-                     horizon=row["horizon"], last_seq=row["last_seq"], created_at=row["created_at"],
-                     updated_at=row["updated_at"], last_seen=row["last_seen"])
+    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={},
+                     status=RunStatus(row["status"]), horizon=row["horizon"], last_seq=row["last_seq"],
+                     created_at=row["created_at"], updated_at=row["updated_at"], last_seen=row["last_seen"])
 
 
-def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int) -> dict[str, Any]:
+def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int | None) -> dict[str, Any]:
     kind = EventKind(event.kind)
     return {"run_id": run_id, "seq": seq, "kind": kind.value, "step": event.step,
             "payload": _dumps(event.payload), "at": at, "actor": event.actor, "reason": event.reason,
@@ -1014,6 +1121,8 @@ def _read_lrs_query(dialect: str) -> Select[Any]:
     compile on every call; the read itself is a few ms).
     """
     if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         listed = func.unnest(bindparam("b_steps", type_=postgresql.ARRAY(BigInteger)))
         wanted = listed.table_valued("value").render_derived(name="wanted")
     else:

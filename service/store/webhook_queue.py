@@ -23,7 +23,6 @@ from lrserve.service.store.events import FeedEntry
 from lrserve.service.store.schema import webhook_deliveries, webhook_endpoints
 from lrserve.service.store.sql import SqlStore
 from sqlalchemy import and_, delete, exists, func, select, update
-from sqlalchemy.orm import aliased
 
 FILL_PAGE = 500
 
@@ -117,7 +116,7 @@ class WebhookQueue:
     def claim(self, endpoint: str, *, lease_s: float, limit: int = 50) -> list[Delivery]:
         """Due deliveries heading their run's queue, leased to the caller for ``lease_s``."""
         d = webhook_deliveries
-        older = aliased(webhook_deliveries)
+        older = webhook_deliveries.alias()  # Core's: sqlalchemy.orm costs ~0.2 s at start-up
         now = _now()
         heads = select(d.c.id).where(
             d.c.endpoint == endpoint, d.c.next_at <= now,

@@ -23,6 +23,9 @@ import pytest
 
 from tests.live_server import ServerProcess, free_port
 
+# slow: PostgreSQL itself is restarted under real servers
+pytestmark = pytest.mark.slow
+
 RUN = {"run_id": "pg", "schedule": {"type": "StepLR", "step_size": 5}, "base_lrs": [0.1]}
 
 

@@ -15,7 +15,10 @@ import httpx
 import pytest
 
 from tests.adversarial.flood import flood
-from tests.live_server import ServerProcess
+from tests.live_server import ServerProcess, free_port
+
+# slow: real servers waiting out their request timeouts and half-sent floods
+pytestmark = pytest.mark.slow
 
 
 async def _send_and_wait(url: str, data: bytes) -> tuple[bytes, float]:
@@ -45,23 +48,48 @@ def test_a_request_that_never_finishes_is_a_408_after_the_timeout(server):
 
 
 def test_a_flood_of_half_sent_requests_leaves_healthz_answering(server):
-    summary = asyncio.run(flood(server.url, 5000, hold_s=30))  # more than the 4,096 connections allowed
+    """More than the 4,096 connections allowed. How many of them the server evicts (503) and
+    how many time out (408) depends on how fast it accepts: the 4,097th is evicted only if
+    it is accepted within 10 s of the first (about 410 a second; a loaded 2-core machine
+    accepted fewer, and 289 had timed out first: 615 evictions). Eviction itself is
+    ``test_the_knobs``'s, where the count does not depend on speed."""
+    summary = asyncio.run(flood(server.url, 5000, hold_s=60))
     print(summary)
     outcomes = summary["flood_outcomes"]
     assert set(outcomes) <= {"408", "503"}, outcomes  # every one ended by the server, with an answer
-    assert outcomes.get("503", 0) >= 5000 - 4096  # the oldest made room for newer ones
     assert summary["healthz"]["statuses"] == {"200": summary["healthz"]["count"]}
     assert httpx.post(f"{server.url}/v1/runs", json={"schedule": {"type": "StepLR", "step_size": 2},
                                                      "base_lrs": [0.1]}).status_code == 201
 
 
+def test_probes_on_their_own_port_answer_through_a_flood(tmp_path):
+    """``LRSERVE_HEALTH_PORT``: probes there queue behind none of the API's connections
+    (``service/health.py``); what they say is the server's own state."""
+    health = free_port()
+    db = tmp_path / "db.sqlite"
+    with ServerProcess(f"sqlite:///{db}", tmp_path, env={"LRSERVE_HEALTH_PORT": str(health)}) as proc:
+        probes = f"http://127.0.0.1:{health}"
+        assert httpx.get(f"{probes}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{probes}/readyz").json() == {"status": "ready"}
+        summary = asyncio.run(flood(proc.url, 2000, hold_s=60, probe_url=probes))
+        print(summary)
+        assert summary["healthz"]["statuses"] == {"200": summary["healthz"]["count"]}
+        assert set(summary["flood_outcomes"]) <= {"408", "503"}
+        db.rename(tmp_path / "moved.sqlite")  # the store is gone: not ready, still alive
+        assert httpx.get(f"{probes}/readyz").status_code == 503
+        assert httpx.get(f"{probes}/healthz").status_code == 200
+
+
 def test_the_knobs(tmp_path):
-    env = {"LRSERVE_MAX_CONNECTIONS": "20", "LRSERVE_REQUEST_TIMEOUT_S": "1"}
+    """20 connections: each of 50 half-sent ones past the 20th evicts the oldest (so does each
+    probe, a connection too). The client gives up after 4 s, before any 408 (6 s): so the
+    count of 503s depends only on the 50 being accepted within 4 s, not on how fast."""
+    env = {"LRSERVE_MAX_CONNECTIONS": "20", "LRSERVE_REQUEST_TIMEOUT_S": "6"}
     with ServerProcess(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, env=env) as proc:
-        summary = asyncio.run(flood(proc.url, 50, hold_s=10))
-        assert summary["flood_outcomes"]["503"] >= 30 and set(summary["flood_outcomes"]) == {"408", "503"}
+        outcomes = asyncio.run(flood(proc.url, 50, hold_s=4))["flood_outcomes"]
+        assert outcomes["503"] >= 30 and set(outcomes) <= {"503", "still_open"}, outcomes
         answer, waited = asyncio.run(_send_and_wait(proc.url, b"GET /v1/runs HTTP/1.1\r\n"))
-        assert answer.startswith(b"HTTP/1.1 408 ") and waited < 5
+        assert answer.startswith(b"HTTP/1.1 408 ") and 5 < waited < 15
 
 
 @pytest.fixture(scope="module")

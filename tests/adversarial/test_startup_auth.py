@@ -18,6 +18,9 @@ import pytest
 
 from tests.live_server import ServerProcess, free_port
 
+# slow: each case starts a real lrserve process (an operator's start-up, seconds of imports each)
+pytestmark = pytest.mark.slow
+
 SECRET = "s3cr3t-t0ken"
 
 

@@ -19,6 +19,9 @@ import pytest
 
 from tests.live_server import ServerProcess, free_port
 
+# slow: real servers on storage broken under them (read-only, full, moved, corrupt), started again
+pytestmark = pytest.mark.slow
+
 RUN = {"run_id": "r", "schedule": {"type": "StepLR", "step_size": 2}, "base_lrs": [0.1]}
 
 

@@ -232,6 +232,7 @@ def test_lightning_callback_names_a_metric_validation_did_not_log(server, tmp_pa
 # -- two processes ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two processes under accelerate launch, each importing torch and transformers
 def test_two_ranks_under_accelerate_launch_share_every_lr_and_decide_once(server, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import StoreUnavailable
 from lrserve.service.liveness import MAX_PENDING, Liveness
 from lrserve.service.store import EventKind, NewEvent, open_store
@@ -53,12 +54,12 @@ def test_stale_counts_and_filter(store):
     liveness.seen("b")
     liveness.flush(store)
     with store.lock_run("c") as tx:
-        tx.update_run(status="held")
+        tx.update_run(status=RunStatus.HELD)
     assert store.count_by_status(stale_before=liveness.stale_before()) == {
         "active": 2, "held": 1, "stopped": 0, "stale": 1}
     stale = store.list_runs(stale_before=liveness.stale_before())
     assert [r.run_id for r in stale] == ["a"]
-    assert liveness.is_stale(stale[0], "active") and not liveness.is_stale(stale[0], "held")
+    assert liveness.is_stale(stale[0], RunStatus.ACTIVE) and not liveness.is_stale(stale[0], RunStatus.HELD)
 
 
 def test_a_failed_flush_keeps_the_sightings_for_the_next(tmp_path):

@@ -21,6 +21,7 @@ def test_small_work_stays_and_big_work_goes():
     assert is_big(n_groups=1, steps=CREATE_STEPS, schedule=long_expression)
 
 
+@pytest.mark.slow  # spawns three worker processes (first, replacement, new pool), each importing torch
 def test_a_worker_process_computes_what_this_one_would_and_a_dead_one_is_replaced():
     big = BigWork(1)  # its process starts with the first run
     try:

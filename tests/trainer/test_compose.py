@@ -135,7 +135,8 @@ def test_replicas_run_the_real_server_command_on_postgres(services):
             assert var.removeprefix("LRSERVE_").lower() in Settings.model_fields, f"{var} is no setting"
         assert svc["depends_on"] == {"postgres": {"condition": "service_healthy"}}
         check = " ".join(svc["healthcheck"]["test"])
-        assert f"127.0.0.1:{args.port}/readyz" in check
+        assert args.health_port not in (None, args.port)  # probes on a port of their own
+        assert f"127.0.0.1:{args.health_port}/readyz" in check
 
 
 def test_proxy_balances_the_replicas_on_their_port(services):

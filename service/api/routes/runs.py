@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
-from lrserve.service.api.deps import AdminAccess, LivenessDep, ManagerDep, ReadAccess, WriteAccess
+from lrserve.service.api.deps import (
+    AdminAccess,
+    LivenessDep,
+    ManagerDep,
+    ReadAccess,
+    WriteAccess,
+    small_or_in_thread,
+)
 from lrserve.service.api.responses import (
     FastJSONResponse,
     control_body,
@@ -102,10 +109,13 @@ def list_runs(
 
 
 @router.get("/{run_id}", response_model=RunPublic, dependencies=[ReadAccess])
-def read_run(run_id: RunId, manager: ManagerDep, liveness: LivenessDep) -> Response:
+async def read_run(run_id: RunId, manager: ManagerDep, liveness: LivenessDep) -> Response:
     """Read one run, with its values at the horizon, when it was last heard from and whether it is stale."""
-    manager.caught_up(run_id)  # another replica may have gone further
-    return FastJSONResponse(run_public(manager, liveness, manager.store.read_run(run_id)))
+    def read() -> Response:
+        manager.caught_up(run_id)  # another replica may have gone further
+        return FastJSONResponse(run_public(manager, liveness, manager.store.read_run(run_id)))
+
+    return await small_or_in_thread(manager, read)
 
 
 @router.delete("/{run_id}", status_code=204, dependencies=[AdminAccess])
@@ -116,13 +126,17 @@ def delete_run(run_id: RunId, manager: ManagerDep) -> Response:
 
 
 @router.post("/{run_id}/control", response_model=ControlResult)
-def control_run(
+async def control_run(
     run_id: RunId, body: ControlRequest, manager: ManagerDep, identity: Annotated[Identity, AdminAccess]
 ) -> Response:
     """Apply an operator action at the first free step (or at `at_step`); `reason` goes on its event."""
     action = body.model_dump(exclude={"at_step", "reason"}, exclude_none=True)
-    _, event = manager.control(run_id, action, body.at_step, actor=identity.name, reason=body.reason)
-    return FastJSONResponse(control_body(run_id, event))
+
+    def control() -> Response:
+        _, event = manager.control(run_id, action, body.at_step, actor=identity.name, reason=body.reason)
+        return FastJSONResponse(control_body(run_id, event))
+
+    return await small_or_in_thread(manager, control)
 
 
 @router.get("/{run_id}/lr-finder", response_model=LRFinderPublic, dependencies=[ReadAccess])

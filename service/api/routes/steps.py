@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from lrserve.service.api.deps import ManagerDep, ReadAccess, WriteAccess
+from lrserve.service.api.deps import ManagerDep, ReadAccess, WriteAccess, small_or_in_thread
 from lrserve.service.api.responses import (
     FastJSONResponse,
     event_body,
@@ -115,7 +115,12 @@ async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Respon
 
 
 @router.post("/metrics", response_model=MetricsAccepted, status_code=202, dependencies=[WriteAccess])
-def log_metrics(run_id: RunId, body: MetricsCreate, manager: ManagerDep) -> Response:
+async def log_metrics(run_id: RunId, body: MetricsCreate, manager: ManagerDep) -> Response:
     """Record metrics for history and plots (idempotent per name, step and rank)."""
-    new = manager.record_metrics(run_id, [r.model_dump() for r in body.records])
-    return FastJSONResponse(metrics_accepted_body(len(body.records), new), status_code=202)
+    records = [r.model_dump() for r in body.records]
+
+    def record() -> Response:
+        new = manager.record_metrics(run_id, records)
+        return FastJSONResponse(metrics_accepted_body(len(records), new), status_code=202)
+
+    return await small_or_in_thread(manager, record)

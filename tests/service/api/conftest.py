@@ -26,6 +26,13 @@ def settings(backend, database_url) -> Settings:
     return Settings(db=database_url(backend), snapshot_every=50)
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_settings(request, module_database_url) -> Settings:
+    """``settings`` shared by a module's tests (one database per backend): for tests that
+    only read, or whose writes the next test does not mind (one app per module, not per test)."""
+    return Settings(db=module_database_url(request.param), snapshot_every=50)
+
+
 @pytest.fixture
 def app(settings):
     return create_app(settings)

@@ -40,10 +40,11 @@ ROUTES = {
 }
 
 
-@pytest.fixture
-def secured(settings):
+@pytest.fixture(scope="module")
+def secured(module_settings):
+    # One app per backend for the whole matrix (it was one per case: 150 apps, a database each).
     tokens = ",".join(f"{role}:{token}" for role, token in TOKENS.items())
-    app = create_app(settings.model_copy(update={"tokens": tokens}))
+    app = create_app(module_settings.model_copy(update={"tokens": tokens}))
     with TestClient(app) as client:
         yield app, client
 

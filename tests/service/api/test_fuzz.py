@@ -52,15 +52,23 @@ schema.app = switch  # what from_asgi does after fetching the document
 schema = schema.exclude(path="/v1/events")
 
 
-@pytest.fixture
-def current_app(settings):
-    """The app on a fresh database of the test's backend, lifespan running, with a run to hit."""
-    app = create_app(settings.model_copy(update={"max_jump": 500, "max_ahead": 500}))
+@pytest.fixture(scope="module")
+def module_app(module_settings):
+    """The app of this module's tests on one backend, lifespan running (one app per backend,
+    not one per operation: the fuzzer's cases never needed a fresh database, only a run)."""
+    app = create_app(module_settings.model_copy(update={"max_jump": 500, "max_ahead": 500}))
     with TestClient(app) as client:
-        client.post("/v1/runs", json={"run_id": "r", "schedule": {"type": "StepLR", "step_size": 2},
-                                      "base_lrs": [0.1]}).raise_for_status()
-        switch.app = app
-        yield app
+        yield app, client
+
+
+@pytest.fixture
+def current_app(module_app):
+    """The module's app, with a run to hit (made again if a case deleted it)."""
+    app, client = module_app
+    client.post("/v1/runs", json={"run_id": "r", "schedule": {"type": "StepLR", "step_size": 2},
+                                  "base_lrs": [0.1]}).raise_for_status()
+    switch.app = app
+    return app
 
 
 @schema.parametrize()

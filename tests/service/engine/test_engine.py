@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 from lrserve.service.engine import codec
-from lrserve.service.engine.actions import parse_action
+from lrserve.service.engine.actions import ARGUMENTS, ActionKind, parse_action
 from lrserve.service.engine.engine import Engine
 from lrserve.service.engine.preview import preview
 from lrserve.service.engine.spec import parse_schedule
@@ -150,6 +152,26 @@ def test_engine_equals_torch(spec, base_lrs):
     for (_, our_moms), (_, their_moms) in zip(ours, theirs, strict=False):
         if our_moms is not None:
             assert list(our_moms) == their_moms
+
+
+def test_the_shadow_optimizer_is_the_one_torch_builds_from_the_same_groups():
+    """The engine adds its groups one at a time (torch's duplicate check is quadratic in groups):
+    the result is what ``torch.optim.SGD(groups)`` gives, group for group."""
+    import torch
+    from lrserve.service.engine.engine import _shadow_optimizer
+
+    lrs, moms = [0.1 * (i + 1) for i in range(40)], [0.5 + i / 100 for i in range(40)]
+    ours = _shadow_optimizer(lrs, moms)
+    theirs = torch.optim.SGD(
+        [{"params": [torch.zeros(0)], "lr": lr, "momentum": m} for lr, m in zip(lrs, moms, strict=True)],
+        lr=lrs[0],
+    )
+    strip = [{k: v for k, v in g.items() if k != "params"} for g in theirs.param_groups]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in ours.param_groups] == strip
+    assert len({id(p) for g in ours.param_groups for p in g["params"]}) == 40
+    assert ours.defaults == theirs.defaults
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's check still holds
+        ours.add_param_group({"params": ours.param_groups[3]["params"]})
 
 
 def test_momentums_reported_only_when_cycled():
@@ -358,3 +380,11 @@ def test_any_spec_survives_a_snapshot(data, n_groups, cut, losses):
 def apply(engine, payload):
     """Apply a stored action (a ``control`` event's payload) as the replay does."""
     parse_action(payload).apply(engine)
+
+
+def test_every_action_kind_has_one_model_and_the_request_fields_come_from_it():
+    # ActionKind (the API's `action` values) and the Action union name the same kinds, in order;
+    # the API's ActionSpec checks a request's fields against ARGUMENTS, read off the models.
+    assert tuple(ARGUMENTS) == typing.get_args(ActionKind)
+    assert ARGUMENTS["scale"] == ("factor",) and ARGUMENTS["replace_schedule"] == ("schedule",)
+    assert ARGUMENTS["set_lr"] == ("lr", "lrs") and ARGUMENTS["stop"] == ()

@@ -39,6 +39,7 @@ def tiny_regression():
     return TinyRegression()
 
 
+@pytest.mark.slow  # imports Lightning and runs its Tuner
 @pytest.mark.filterwarnings("ignore")  # Lightning's own advice (workers, loggers) is not ours to fix
 def test_smoothing_early_stop_and_suggestion_equal_lightnings(tmp_path):
     import lightning.pytorch as lightning

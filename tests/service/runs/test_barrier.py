@@ -84,7 +84,7 @@ def test_a_report_for_a_step_decided_on_another_replica_is_final_at_once(replica
     create(a, world_size=2)
     assert not report(b, 1, 0, 1.0)
     assert report(b, 1, 1, 3.0)
-    with counting(a, "commit") as commits:
+    with counting(a.committer, "commit") as commits:
         assert report(a, 1, 0, 9.0)  # a retry through another replica: history only
     assert commits == []
     assert a.window("r", 1, 0).values == b.window("r", 1, 0).values
@@ -160,10 +160,10 @@ def test_a_window_commit_skips_the_store_when_the_run_is_there_already(replicas)
     a, _ = replicas
     create(a, world_size=1)
     a.window("r", 0, 10)
-    with counting(a.store, "lock_run") as transactions:
-        a.commit("r", 8, if_behind=True)
+    with counting(a.store, "lock_runs") as transactions:
+        a.committer.commit("r", 8, if_behind=True)
         assert transactions == []
-        a.commit("r", 8)  # without it: the store is asked (another replica may have moved on)
+        a.committer.commit("r", 8)  # without it: the store is asked (another replica may have moved on)
         assert len(transactions) == 1
 
 

@@ -216,21 +216,21 @@ def test_a_barrier_step_beyond_the_jump_limit_is_refused(replicas, settings):
 @contextmanager
 def failing_commit(manager: RunManager, during) -> Iterator[None]:
     """Make the next commit of ``manager`` fail at its very end, after ``during()`` ran."""
-    original = manager.store.lock_run
+    original = manager.store.lock_runs
 
     @contextmanager
-    def lock_run(run_id):
-        with original(run_id) as tx:
-            yield tx
-            manager.store.lock_run = original
+    def lock_runs(run_ids):
+        with original(run_ids) as locked:
+            yield locked
+            manager.store.lock_runs = original
             during()
             raise StoreUnavailable("the database went away just before COMMIT")
 
-    manager.store.lock_run = lock_run
+    manager.store.lock_runs = lock_runs
     try:
         yield
     finally:
-        manager.store.lock_run = original
+        manager.store.lock_runs = original
 
 
 def test_values_are_not_served_before_they_are_durable(replicas):

@@ -12,10 +12,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from lrserve.service.store import (
     BaseStore,
@@ -137,14 +139,14 @@ class TestStoreContract:
         for i in range(7):
             make(store, f"r{i}", {"team": "a" if i % 2 == 0 else "b", "env": "prod" if i < 4 else "dev"})
         with store.lock_run("r2") as tx:
-            tx.update_run(status="stopped")
+            tx.update_run(status=RunStatus.STOPPED)
         ids = lambda records: [r.run_id for r in records]  # noqa: E731
         assert ids(store.list_runs()) == [f"r{i}" for i in range(7)]
         assert ids(store.list_runs(labels={"team": "a"})) == ["r0", "r2", "r4", "r6"]
         assert ids(store.list_runs(labels={"team": "a", "env": "prod"})) == ["r0", "r2"]
         assert ids(store.list_runs(labels={"team": "nobody"})) == []
-        assert ids(store.list_runs(status="stopped")) == ["r2"]
-        assert ids(store.list_runs(status="active", labels={"env": "prod"})) == ["r0", "r1", "r3"]
+        assert ids(store.list_runs(status=RunStatus.STOPPED)) == ["r2"]
+        assert ids(store.list_runs(status=RunStatus.ACTIVE, labels={"env": "prod"})) == ["r0", "r1", "r3"]
         pages, cursor = [], None
         while page := store.list_runs(limit=3, after=cursor):
             pages.append(ids(page))
@@ -198,7 +200,8 @@ class TestStoreContract:
         assert [e.kind for e in events] == [EventKind.CREATED, EventKind.METRIC, EventKind.STATUS,
                                             EventKind.CONTROL]
         assert events[2].step is None and events[1].payload == {"values": {"loss": 1.0}}
-        assert appended == events[1:3]
+        assert appended == [replace(e, gid=None) for e in events[1:3]]  # gids are given at COMMIT
+        assert events[1].gid < events[2].gid < events[3].gid
         assert [e.seq for e in store.read_events("r1", after_seq=2)] == [3, 4]
         assert store.read_events("r1", after_seq=4) == [] and store.read_run("r1").last_seq == 4
 
@@ -206,7 +209,7 @@ class TestStoreContract:
         make(store)
         with store.lock_run("r1") as tx:
             tx.update_run(horizon=10)
-            tx.update_run(horizon=4, status="held")
+            tx.update_run(horizon=4, status=RunStatus.HELD)
             assert (tx.run.horizon, tx.run.status) == (10, "held")
         record = store.read_run("r1")
         assert (record.horizon, record.status) == (10, "held")
@@ -262,7 +265,7 @@ class TestStoreContract:
         with pytest.raises(ZeroDivisionError):
             with store.lock_run("r1") as tx:
                 tx.append_events([NewEvent(EventKind.CONTROL, 1, {"action": "hold"})])
-                tx.update_run(horizon=9, status="held")
+                tx.update_run(horizon=9, status=RunStatus.HELD)
                 raise ZeroDivisionError
         record = store.read_run("r1")
         assert (record.horizon, record.status, record.last_seq) == (0, "active", 1)
@@ -381,12 +384,12 @@ class TestStoreContract:
         make(store)
         with pytest.raises(RuntimeError), store.lock_run("r1") as tx:
             tx.append_events([NewEvent(EventKind.CONTROL, 1, {"n": 1})])
-            tx.update_run(horizon=4, status="held")
+            tx.update_run(horizon=4, status=RunStatus.HELD)
             raise RuntimeError("before commit")
         assert (store.read_run("r1").last_seq, store.read_run("r1").horizon) == (1, 0)
         with store.lock_run("r1") as tx:
             tx.append_events([NewEvent(EventKind.CONTROL, 1, {"n": 1})])
-            tx.update_run(horizon=4, status="held")
+            tx.update_run(horizon=4, status=RunStatus.HELD)
             tx.append_events([NewEvent(EventKind.CONTROL, 2, {"n": 2})])
         stored = store.read_run("r1")
         assert (stored.last_seq, stored.horizon, stored.status) == (3, 4, "held")

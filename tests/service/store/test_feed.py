@@ -57,6 +57,7 @@ def test_an_id_never_becomes_visible_before_a_smaller_one(store):
     def open_a():
         with store.lock_run("a") as tx:
             tx.append_events([NewEvent(EventKind.CONTROL, 1, {"who": "a"})])
+            tx.read_events()  # writes the held event: its id is taken now (else at COMMIT)
             holding.set()
             release.wait(30)
 
