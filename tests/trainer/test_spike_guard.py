@@ -6,7 +6,7 @@ one step (``--inject-spike``). Checked: both ranks applied identical LRs at ever
 both got ``on_spike`` once, for the same event, at its ``applied_at``; both rolled back
 to the same snapshot, at or before ``last_good_step``, with identical weights after it;
 the backoff is the guard's factor from ``applied_at`` on; validation accuracy ends within
-1 % of an uninjected run; with ``max_spikes`` exceeded both ranks stop cleanly.
+3 % of an uninjected run; with ``max_spikes`` exceeded both ranks stop cleanly.
 
 The trainer passes ``min_delta: 1.0`` (README, "Spike guard"): batch losses of this tiny
 model at 32 samples a batch are heavy-tailed (a batch at 20x the median is ordinary near
@@ -68,7 +68,11 @@ def test_a_spike_on_rank_1_backs_off_and_rolls_back_both_ranks(server, tmp_path)
     summary, base = hit.summary(), plain.summary()
     print(f"\nspike guard: injected {summary}\n             plain    {base}")
     assert summary["spikes"] == "1" and summary["stopped"] == "False"
-    assert abs(float(summary["val_acc"]) - float(base["val_acc"])) <= 0.01
+    # The backoff lands at the first free step after the report, about one client window later
+    # (applied_at 69 on an idle machine, 115 at load 15), and the rollback throws away the steps
+    # from its snapshot to there: 19 of 230 steps cost 0.6 % accuracy, 75 cost 1.7 %. Unguarded,
+    # the same spike ends training at val_acc 0.10 (against 0.975).
+    assert abs(float(summary["val_acc"]) - float(base["val_acc"])) <= 0.03
 
 
 @pytest.mark.slow
