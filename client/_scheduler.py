@@ -715,8 +715,10 @@ class RemoteScheduler:
             # A number is torch's deprecated step(epoch) jump (fractional for
             # CosineAnnealingWarmRestarts) on a schedule that watches no metric: an int always,
             # a float unless the job's own spec watched one (then it is the job's metric, still
-            # passed after an operator replaced the schedule by one that watches none).
-            epoch_like = isinstance(metrics, int) or (isinstance(metrics, float) and not self._job_watched)
+            # passed after an operator replaced the schedule by one that watches none) or has a
+            # spike guard (then it is the guarded loss).
+            epoch_like = isinstance(metrics, int) or (
+                isinstance(metrics, float) and not self._job_watched and self._guard_monitor is None)
             if not watched and epoch_like and not isinstance(metrics, bool):
                 raise TypeError(
                     f"step({metrics!r}): torch reads a number passed to a scheduler that watches "

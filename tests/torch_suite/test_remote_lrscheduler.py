@@ -1,8 +1,8 @@
 """PyTorch's own ``test/optim/test_lrscheduler.py`` (``upstream/``, unmodified), its scheduler
 classes mapped onto ``RemoteScheduler`` on one real server (``mapping.py`` says how).
 
-Of its 190 tests, 32 do not apply (``NOT_APPLICABLE``, each with its reason: torch's private
-state, SWALR, tests of torch's own classes). Of the 158 that apply, 80 pass and 78 meet a
+Of its 190 tests, 33 do not apply (``NOT_APPLICABLE``, each with its reason: torch's private
+state, SWALR, tests of torch's own classes). Of the 157 that apply, 79 pass and 78 meet a
 documented difference (``DIFFERENCES``): an ``xfail(strict=True)`` that must raise the
 client's clear error, each pointing to its entry in README.md, "What differs from torch".
 A test here that starts passing, or fails another way, fails the suite.
@@ -62,6 +62,11 @@ _SCALE_FN = "CyclicLR's scale_fn callables and private _scale_fn_* attributes"
 #: Upstream tests that do not apply to RemoteScheduler, and why.
 NOT_APPLICABLE: dict[str, str] = {
     "test_error_when_getlr_has_epoch": "defines its own torch LRScheduler subclass",
+    # Its weakref twin, test_no_cyclic_references_in_step, runs (and tests/client/test_no_leak.py).
+    "test_no_cyclic_references": "counts the whole process's cyclic garbage after `del optim`: a "
+    "dropped RemoteScheduler's worker threads end their last HTTP exchange in the background "
+    "(each httpx response is a reference cycle), so the count depends on when that ends; the "
+    "optimizer itself is freed at once",
     "test_get_last_lr_step_lr": _TORCH_CLASS,
     "test_sequentiallr4": _TORCH_CLASS,
     "test_cosine_then_cyclic": _TORCH_CLASS,
@@ -193,4 +198,4 @@ def test_every_difference_is_documented():
 def test_the_counts_in_this_docstring_are_the_lists():
     applicable = len([n for n in dir(TestLRScheduler) if n.startswith("test_")]) - len(NOT_APPLICABLE)
     counts = (len(NOT_APPLICABLE), applicable, applicable - len(DIFFERENCES), len(DIFFERENCES))
-    assert counts == (32, 158, 80, 78), counts
+    assert counts == (33, 157, 79, 78), counts
