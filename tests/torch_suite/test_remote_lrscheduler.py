@@ -22,6 +22,8 @@ from lrserve.client import InvalidSchedule, RemoteScheduler, ScheduleError
 from tests.live_server import ServerProcess
 from tests.torch_suite.mapping import load_upstream
 
+pytestmark = pytest.mark.slow  # a real server and ~160 schedulers on it: ~30 s, the fast lane's longest
+
 UPSTREAM = Path(__file__).parent / "upstream" / "test_lrscheduler.py"
 README = Path(__file__).parents[2] / "README.md"
 
