@@ -98,20 +98,6 @@ class TooManyConnections(LRServeError):
     code = "too_many_connections"
 
 
-class NotAProbe(LRServeError):
-    """The probes' port answers nothing else."""
-
-    status_code = 404
-    code = "not_found"
-
-
-class LoopStalled(LRServeError):
-    """The server's event loop has not turned for ``service.health.STALLED_S``."""
-
-    status_code = 503
-    code = "event_loop_stalled"
-
-
 class RunNotFound(LRServeError):
     """No run has this id."""
 

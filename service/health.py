@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import orjson
 from lrserve.service.api.responses import error_body, status_body
-from lrserve.service.errors import STORE_UNAVAILABLE, LoopStalled, LRServeError, NotAProbe, StoreUnavailable
+from lrserve.service.errors import STORE_UNAVAILABLE, LRServeError, StoreUnavailable
 
 log = logging.getLogger("lrserve")
 
@@ -45,6 +45,20 @@ READ_S = 2.0
 
 LOG_EVERY_S = 5.0
 """A failing ``/readyz`` is logged at most this often (an orchestrator probes every few seconds)."""
+
+
+class NotAProbe(LRServeError):
+    """The probes' port answers nothing else."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class LoopStalled(LRServeError):
+    """The server's event loop has not turned for ``STALLED_S``."""
+
+    status_code = 503
+    code = "event_loop_stalled"
 
 
 class HealthListener:
