@@ -59,8 +59,9 @@ class Liveness:
         self._flush_lock = threading.Lock()
 
     def observe(self, route: str, scope: Scope, status: int) -> None:
-        """Called with every answered request (``TelemetryMiddleware``, which has its route and
-        status anyway): a set lookup for most requests, one dict write for a rank's."""
+        """Called as every answer starts, before the client can read it (``TelemetryMiddleware``,
+        which has its route and status anyway): a set lookup for most requests, one dict write
+        for a rank's."""
         if status < 300 and route in RANK_ROUTES:
             run_id = scope.get("path_params", {}).get("run_id")
             if run_id is not None:

@@ -70,7 +70,10 @@ class TelemetryMiddleware:
     ) -> None:
         self.app = app
         self.telemetry = telemetry
-        self.observers = tuple(observers)  # (route, scope, status) of every answer: liveness
+        # (route, scope, status) of every answer, told as its status line goes out: liveness.
+        # Before, not after: a client may send its next request (to this process) the moment it
+        # reads the answer, and that request must find what this one changed.
+        self.observers = tuple(observers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,6 +85,9 @@ class TelemetryMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                route = _route_of(scope)
+                for observer in self.observers:
+                    observer(route, scope, status[0])
             await send(message)
 
         try:
@@ -90,8 +96,6 @@ class TelemetryMiddleware:
             route = _route_of(scope)
             self.telemetry.requests.labels(scope["method"], route, str(status[0])).inc()
             self.telemetry.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
-            for observer in self.observers:
-                observer(route, scope, status[0])
 
 
 def _route_of(scope: Scope) -> str:

@@ -87,3 +87,29 @@ def test_pending_sightings_are_bounded():
     for i in range(MAX_PENDING + 10):
         liveness.seen(f"r{i}")
     assert len(liveness._pending) == MAX_PENDING
+
+
+def test_a_sighting_is_recorded_before_the_answer_goes_out():
+    """A rank's next request may reach this process the moment it reads the answer: the
+    sighting must already be there (tests/e2e/test_liveness.py failed 1 CI run in ~10 when the
+    observers ran after the response body was sent)."""
+    import asyncio
+
+    from lrserve.service.telemetry import Telemetry, TelemetryMiddleware
+
+    liveness = Liveness(300)
+    sent: list[tuple[str, bool]] = []
+
+    async def rank_route(scope, receive, send):
+        scope["lrserve.route"] = "/v1/runs/{run_id}/lr"
+        scope["path_params"] = {"run_id": "r"}
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def client_reads(message):
+        sent.append((message["type"], "r" in liveness._pending))
+
+    app = TelemetryMiddleware(rank_route, Telemetry(), observers=[liveness.observe])
+    scope = {"type": "http", "method": "GET", "path": "/v1/runs/r/lr"}
+    asyncio.run(app(scope, None, client_reads))
+    assert sent == [("http.response.start", True), ("http.response.body", True)]
