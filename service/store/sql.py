@@ -35,6 +35,7 @@ from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from lrserve.service.store.base import (
     BarrierTally,
     BaseStore,
+    HistoryMark,
     MetricRecord,
     RunHead,
     RunRecord,
@@ -97,6 +98,14 @@ _RUN_ROWS: dict[RowLock | None, Any] = {
 }
 _RUN_HEAD = select(runs.c.created_at, runs.c.horizon, runs.c.last_seq).where(
     runs.c.run_id == bindparam("run_id"))
+_HISTORY_MARK = select(
+    runs.c.created_at, runs.c.horizon, runs.c.last_seq,
+    select(func.count()).select_from(metrics).where(metrics.c.run_id == runs.c.run_id)
+    .scalar_subquery().label("metric_rows"),
+).where(runs.c.run_id == bindparam("run_id"))
+_READ_METRICS = select(
+    metrics.c.name, metrics.c.step, metrics.c.rank, metrics.c.value, metrics.c.value_text
+).where(metrics.c.run_id == bindparam("run_id")).order_by(metrics.c.name, metrics.c.step, metrics.c.rank)
 _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
     run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
 _INSERT_EVENTS = events.insert()
@@ -195,11 +204,24 @@ class _DriverSql:
         raw = cursor.fetchone()
         if raw is None:
             return None
+        results = self._processors(cursor)
+        return {name: (value if process is None else process(value))
+                for name, process, value in zip(self.columns, results, raw, strict=True)}
+
+    def rows(self, cursor: Any) -> list[tuple[Any, ...]]:
+        """The remaining rows of a SELECT as tuples in column order, values as Core would return them."""
+        raw = cursor.fetchall()
+        results = self._processors(cursor)
+        if not any(results):
+            return [tuple(row) for row in raw]
+        return [tuple(value if process is None else process(value)
+                      for process, value in zip(results, row, strict=True)) for row in raw]
+
+    def _processors(self, cursor: Any) -> list[Any]:
         if self._results is None:  # PostgreSQL's need the driver's type codes
             self._results = [c.type.dialect_impl(self._dialect).result_processor(self._dialect, d[1])
                              for c, d in zip(self._types, cursor.description, strict=True)]
-        return {name: (value if process is None else process(value))
-                for name, process, value in zip(self.columns, self._results, raw, strict=True)}
+        return self._results
 
 
 class SqlStore(BaseStore):
@@ -421,6 +443,21 @@ class SqlStore(BaseStore):
         if row is None:
             raise RunNotFound(run_id)
         return RunHead(row["created_at"], row["horizon"], row["last_seq"])
+
+    def history_mark(self, run_id: str) -> HistoryMark:
+        """The run's ``HistoryMark`` in one statement (its row, and its metric rows counted
+        on the metrics table's primary key: C speed, a few ms per 100,000 rows).
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        sql = self._driver_sql("history_mark", _HISTORY_MARK)
+        with self._driver_read() as cursor:
+            row = sql.one(sql.execute(cursor, {"run_id": run_id}))
+        if row is None:
+            raise RunNotFound(run_id)
+        return HistoryMark(row["created_at"], row["horizon"], row["last_seq"], int(row["metric_rows"]))
 
     @contextmanager
     def _driver_read(self, *, snapshot: bool = False) -> Iterator[Any]:
@@ -858,14 +895,12 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        query = select(metrics).where(metrics.c.run_id == run_id).order_by(
-            metrics.c.name, metrics.c.step, metrics.c.rank
-        )
+        sql = self._driver_sql("metrics", _READ_METRICS)
+        with self._driver_read() as cursor:
+            rows = sql.rows(sql.execute(cursor, {"run_id": run_id}))
         found: dict[str, list[tuple[int, int, float]]] = {}
-        with self._transaction() as conn:
-            for row in conn.execute(query):
-                value = _join_float(row.value, row.value_text)
-                found.setdefault(row.name, []).append((row.step, row.rank, value))
+        for name, step, rank, value, value_text in rows:
+            found.setdefault(name, []).append((step, rank, _join_float(value, value_text)))
         return found
 
     def add_barrier_report(
