@@ -20,13 +20,15 @@ def test_the_same_bytes_as_orjson(rows, width):
     assert sliced_json.dumps(body) == orjson.dumps(body)
     assert sliced_json.dumps(table) == orjson.dumps(table)
     packed = np.array(table, dtype=np.float64)  # a history's LRs: the same bytes as the lists
-    assert sliced_json.dumps({**body, "window": {"lrs": packed}}) == orjson.dumps(body | {"window": {"lrs": table}})
+    expected = orjson.dumps(body | {"window": {"lrs": table}})
+    assert sliced_json.dumps({**body, "window": {"lrs": packed}}) == expected
 
 
 def test_a_big_table_is_written_in_slices(monkeypatch):
     calls = []
     real = orjson.dumps
-    monkeypatch.setattr(sliced_json.orjson, "dumps", lambda value, **kw: calls.append(value) or real(value, **kw))
+    monkeypatch.setattr(sliced_json.orjson, "dumps",
+                        lambda value, **kw: calls.append(value) or real(value, **kw))
     table = [[0.5] * 1024 for _ in range(485)]
     sliced_json.dumps({"window": {"lrs": table}})
     biggest = max(len(c) * (len(c[0]) if c and isinstance(c[0], list) else 1)
