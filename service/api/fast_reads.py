@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from lrserve.service.api import sliced_json
+import orjson
 from lrserve.service.api.responses import history_json, run_body
 from lrserve.service.api.schemas import RUN_ID_PATTERN
 from lrserve.service.engine import cost
@@ -201,7 +201,7 @@ class FastReads:
         if body is None:
             return None
         scope["path_params"] = {"run_id": run_id}
-        return RUN_ROUTE, sliced_json.dumps(body)
+        return RUN_ROUTE, orjson.dumps(body)  # small: one param group's LRs per group
 
     def _history(self, scope: Scope, manager: RunManager, answers: HistoryAnswers, run_id: str,
                  points: int) -> tuple[str, bytes] | None:

@@ -106,6 +106,12 @@ _HISTORY_MARK = select(
 _READ_METRICS = select(
     metrics.c.name, metrics.c.step, metrics.c.rank, metrics.c.value, metrics.c.value_text
 ).where(metrics.c.run_id == bindparam("run_id")).order_by(metrics.c.name, metrics.c.step, metrics.c.rank)
+_RUN_LABELLED = select(
+    runs, run_labels.c.key.label("label_key"), run_labels.c.value.label("label_value")
+).select_from(
+    runs.outerjoin(run_labels, run_labels.c.run_id == runs.c.run_id)
+).where(runs.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
+"""A run's row once per label (once, with NULLs, without labels): ``read_run`` in one statement."""
 _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
     run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
 _INSERT_EVENTS = events.insert()
@@ -415,19 +421,22 @@ class SqlStore(BaseStore):
         return record, True
 
     def read_run(self, run_id: str) -> RunRecord:
-        """The run's record.
+        """The run's record: its row and its labels in one statement (one read, no transaction).
 
         Raises:
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        rows, labels = self._driver_sql("run", _RUN_ROWS[None]), self._driver_sql("labels", _RUN_LABELS)
-        with self._driver_read(snapshot=True) as cursor:
-            row = rows.one(rows.execute(cursor, {"run_id": run_id}))
+        sql = self._driver_sql("run_labelled", _RUN_LABELLED)
+        with self._driver_read() as cursor:
+            row = sql.one(sql.execute(cursor, {"run_id": run_id}))
             if row is None:
                 raise RunNotFound(run_id)
-            found = dict(labels.execute(cursor, {"run_id": run_id}).fetchall())
-        return replace(_record_of(row), labels=found)
+            more = sql.rows(cursor)
+        key, value = sql.columns.index("label_key"), sql.columns.index("label_value")
+        labels = {row["label_key"]: row["label_value"]} if row["label_key"] is not None else {}
+        labels.update((found[key], found[value]) for found in more)
+        return replace(_record_of(row), labels=labels)
 
     def run_head(self, run_id: str) -> RunHead:
         """The run's ``created_at``, ``horizon`` and ``last_seq`` in one statement (one row,
