@@ -225,8 +225,7 @@ def history_body(history: History) -> Body:
 
 
 def history_json(history: History) -> bytes:
-    """``HistoryPublic`` as JSON bytes; a module-level function, so that big answers are built
-    in the worker process (``BigWork``) as well as here."""
+    """``HistoryPublic`` as JSON bytes (big LR tables a slice at a time: ``sliced_json``)."""
     return sliced_json.dumps(history_body(history))
 
 

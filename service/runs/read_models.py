@@ -61,11 +61,6 @@ class History:
         """The LRs of each of ``steps``, a tuple a step."""
         return list(step_tuples(self.packed_lrs, self.n_groups))
 
-    @property
-    def points(self) -> int:
-        """Values in the answer's curves: the LRs of each step shown, and the metric points."""
-        return len(self.packed_lrs) + sum(len(rows) for rows in self.metrics.values())
-
 
 class ReadModels:
     """The answers built from a run's whole log (``GET .../history``, ``lr-finder``, ``spike-guard``)."""
