@@ -76,6 +76,15 @@ class ValueChunk:
     groups: int
     lrs: bytes
 
+    def pieces(self, max_bytes: int) -> list[ValueChunk]:
+        """This chunk as consecutive chunks of at most ``max_bytes`` each (at least one step):
+        the same steps and bytes, each piece found by ``read_lrs`` as the chunk is."""
+        width = self.groups * 8
+        per = max(1, max_bytes // max(1, width))
+        return [ValueChunk(self.first_step + start, min(per, self.steps - start), self.groups,
+                           self.lrs[start * width:(start + per) * width])
+                for start in range(0, self.steps, per)] or [self]
+
 
 def pack_lrs(lrs: array[float]) -> bytes:
     """An ``array('d')`` of LRs as ``value_chunks.lrs`` bytes (float64, little-endian)."""
