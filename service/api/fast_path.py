@@ -1,15 +1,19 @@
-"""The hot path, answered before FastAPI: ``GET /v1/runs/{run_id}/lr`` of final steps.
+"""The hot path, answered before FastAPI: ``GET /v1/runs/{run_id}/lr``.
 
 Profiling (docs/performance.md) showed FastAPI's dependency solving and validation taking
 most of a request whose answer is already in memory. This ASGI layer answers exactly
-those requests itself — a well-formed query, an authorised token, every step in the
-window final and cached — with the same body the route would give. Anything else
-(errors, steps to commit, other routes) goes on to the FastAPI app unchanged, so the
-route stays the one definition of the behaviour and of the OpenAPI document.
+those requests itself — a well-formed query, an authorised token, a loaded run — with the
+same body the route would give: a window of final steps from memory, or one whose new steps
+it commits right here on the event loop when that needs no wait and little work
+(``RunManager.window_now``: SQLite, the write slot free; durable before the answer, as
+always). Anything else (errors, work for a worker thread, other routes) goes on to the
+FastAPI app unchanged, so the route stays the one definition of the behaviour, of the
+errors and of the OpenAPI document.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 from urllib.parse import parse_qsl
@@ -18,11 +22,12 @@ import orjson
 from lrserve.service.api.responses import window_body
 from lrserve.service.api.schemas import MAX_STEP, RUN_ID_PATTERN
 from lrserve.service.errors import LRServeError
-from lrserve.service.runs.manager import ON_LOOP_VALUES
+from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 ROUTE = "/v1/runs/{run_id}/lr"
 _PATH = re.compile(rf"^/v1/runs/({RUN_ID_PATTERN.strip('^$')})/lr$")
+log = logging.getLogger("lrserve")
 _MAX_DIGITS = len(str(MAX_STEP))  # longer strings go to the route's 422 (never to int())
 
 
@@ -60,9 +65,25 @@ class FastWindows:
             return None  # the route answers 401/403 with its usual body
         window = manager.cached_window(match.group(1), *query, most_values=ON_LOOP_VALUES)
         if window is None:
-            return None
+            window = _committed_now(manager, match.group(1), *query)
+            if window is None:
+                return None
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
         return orjson.dumps(window_body(window))
+
+
+def _committed_now(manager: RunManager, run_id: str, step: int, ahead: int) -> Window | None:
+    """The window with its new steps committed here on the loop, or None: the route answers
+    (in a worker thread). An error, too, goes on to the route, which asks again, as a client's
+    retry would (a refused request changed nothing; a commit that went through is final there)
+    and answers it the one way errors are answered."""
+    try:
+        return manager.window_now(run_id, step, ahead, most_values=ON_LOOP_VALUES)
+    except LRServeError:
+        return None
+    except Exception:
+        log.exception("GET %s/lr on the event loop failed; the route asks again", run_id)
+        return None
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:
