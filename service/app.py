@@ -101,9 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await sender.start()
         app.state.webhooks = sender
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        # Before readiness: torch imports most of itself on the first engine built (seconds on a
-        # small machine). A server that said ready before that made its first requests wait on
-        # the import lock (a create took 14.7 s under load) while a proxy sent it traffic.
+        # Before readiness: torch imports parts of itself on the first engine built. A server that
+        # said ready before that made its first requests wait on the import lock (a create took
+        # 14.7 s under load, when that import was torch._dynamo's) while a proxy sent it traffic.
         await run_in_threadpool(_warm_up_torch)
         probes = None
         if settings.health_port is not None:  # once ready, as the API's /readyz
