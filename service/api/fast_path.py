@@ -5,9 +5,11 @@ handling taking most of a request whose work is small: ~0.4 ms of a durable
 ``POST .../step`` whose commit takes ~0.3 ms. This ASGI layer answers two kinds of request
 itself:
 
-- ``GET /v1/runs/{run_id}/lr`` of final steps already in memory (a well-formed query, an
-  authorised token, every step of the window final and cached), with the body the route
-  would give;
+- ``GET /v1/runs/{run_id}/lr`` with a well-formed query, an authorised token and a loaded
+  run, with the body the route would give: a window of final steps from memory, or one
+  whose new steps it commits right here on the event loop when that needs no wait and
+  little work (``RunManager.window_now``: SQLite, the write slot free; durable before the
+  answer, as always); errors and work for a worker thread go on to the route;
 - the writes a job makes all the time (``FastWrite``: ``POST .../step``, ``.../metrics``,
   ``.../control``) whose request is well formed: an authorised token, a JSON body that the
   route's own request model accepts, no query string. It calls the route's own answer
@@ -23,6 +25,7 @@ document.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ from lrserve.service.api.responses import window_body
 from lrserve.service.api.schemas import MAX_STEP, RUN_ID_PATTERN
 from lrserve.service.auth import Identity
 from lrserve.service.errors import LRServeError
-from lrserve.service.runs.manager import ON_LOOP_VALUES
+from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,6 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 ROUTE = "/v1/runs/{run_id}/lr"
 _RUN_ID = RUN_ID_PATTERN.strip("^$")
 _PATH = re.compile(rf"^/v1/runs/({_RUN_ID})/lr$")
+log = logging.getLogger("lrserve")
 _MAX_DIGITS = len(str(MAX_STEP))  # longer strings go to the route's 422 (never to int())
 _RUN_PREFIX = "/v1/runs/{run_id}/"
 
@@ -155,9 +159,25 @@ class FastPath:
             return None  # the route answers 401/403 with its usual body
         window = manager.cached_window(match.group(1), *query, most_values=ON_LOOP_VALUES)
         if window is None:
-            return None
+            window = _committed_now(manager, match.group(1), *query)
+            if window is None:
+                return None
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
         return orjson.dumps(window_body(window))
+
+
+def _committed_now(manager: RunManager, run_id: str, step: int, ahead: int) -> Window | None:
+    """The window with its new steps committed here on the loop, or None: the route answers
+    (in a worker thread). An error, too, goes on to the route, which asks again, as a client's
+    retry would (a refused request changed nothing; a commit that went through is final there)
+    and answers it the one way errors are answered."""
+    try:
+        return manager.window_now(run_id, step, ahead, most_values=ON_LOOP_VALUES)
+    except LRServeError:
+        return None
+    except Exception:
+        log.exception("GET %s/lr on the event loop failed; the route asks again", run_id)
+        return None
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:

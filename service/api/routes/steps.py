@@ -93,8 +93,11 @@ async def read_lr(
             return FastJSONResponse(tail)
 
         return await run_in_threadpool(with_tail)
-    # Final values already in memory are answered right here, without a worker thread (if few).
+    # Final values already in memory, or a small commit that needs no wait, are answered right
+    # here, without a worker thread (if few values). service.api.fast_path answers most of these.
     window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
+    if window is None:
+        window = manager.window_now(run_id, step, ahead, most_values=ON_LOOP_VALUES)
     if window is not None:
         return FastJSONResponse(window_body(window))
     return await run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
