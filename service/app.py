@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from lrserve.service import dashboard
-from lrserve.service.api.fast_path import FastWindows
+from lrserve.service.api.fast_path import FastPath
 from lrserve.service.api.handlers import install_error_handlers
 from lrserve.service.api.query import SingleQueryValues, repeatable_parameters
 from lrserve.service.api.routes import (
@@ -136,7 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     app.include_router(dashboard.router)
     install_error_handlers(app)
-    app.add_middleware(FastWindows)  # innermost: limits and telemetry still see its answers
+    # innermost: limits and telemetry still see its answers
+    app.add_middleware(FastPath, writes=[steps.STEP, steps.METRICS, runs.CONTROL])
     app.add_middleware(SingleQueryValues, repeatable=lambda: repeatable_parameters(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(TelemetryMiddleware, telemetry=telemetry, observers=[liveness.observe])
