@@ -31,7 +31,8 @@ OLD = "final, old steps"
 TITLE = "Figure 5: backends, SQLite x1 vs PostgreSQL x1 vs PostgreSQL x2 processes"
 
 
-def _commit_paths(ids: list[str]) -> list[str]:
+def commit_paths(ids: list[str]) -> list[str]:
+    """The commit load's paths: each turn of the load asks every run's next step."""
     return [f"/v1/runs/{run_id}/lr?step={{n}}" for run_id in ids]
 
 
@@ -55,7 +56,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
             if server.workers > 1:
                 paths[(label, OLD)] = [final_paths(ids, low=0, high=RECENT)] * size.load_rounds
             paths[(label, "commit")] = [
-                _commit_paths(prepare_runs(server.port, f"bc-{tag}-{r}", runs=commit_runs, horizon=0))
+                commit_paths(prepare_runs(server.port, f"bc-{tag}-{r}", runs=commit_runs, horizon=0))
                 for r in range(size.load_rounds + 1)  # one set for the warm-up
             ]
         for (label, kind), sets in paths.items():  # warm-up: every worker loads the runs

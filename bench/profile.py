@@ -8,6 +8,8 @@ inclusive share of the samples. Scenarios:
 - ``hot_path``: figure 2's load (``GET .../lr`` of final steps, keep-alive, wrk);
 - ``client_step``: figure 1's clients (``RemoteScheduler`` loops, one per schedule);
 - ``report``: figure 3's lrserve side (sequential ``POST .../step`` with a metric);
+- ``commit``: figure 5's commit load (``GET .../lr?step=n``, each request makes one new step
+  of one of 32 runs final, 32 keep-alive connections);
 - ``ranks``: figure 4's simulated ranks (windows + metric barrier).
 
 py-spy is a dev tool (``pip install py-spy``); without it the command says so and stops.
@@ -169,6 +171,15 @@ def _client_step(server: Server, seconds: float) -> Any:
     return go
 
 
+def _commit(server: Server, seconds: float) -> Any:
+    from bench.backends import commit_paths
+    from bench.hot_path import prepare_runs
+    from bench.loadgen import load
+
+    paths = commit_paths(prepare_runs(server.port, "prof-commit", runs=32, horizon=0))
+    return lambda: load(server.port, paths, connections=32, duration_s=seconds - 2)
+
+
 def _report(server: Server, seconds: float) -> Any:
     from bench.report_decide import lrserve_caller
 
@@ -196,7 +207,8 @@ def _ranks(server: Server, seconds: float) -> Any:
     return go
 
 
-SCENARIOS = {"hot_path": _hot_path, "client_step": _client_step, "report": _report, "ranks": _ranks}
+SCENARIOS = {"hot_path": _hot_path, "client_step": _client_step, "report": _report, "commit": _commit,
+             "ranks": _ranks}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,11 @@ and a ``barrier_timeout`` event names the missing ranks.
 Reports are stored in the database, so ranks spread over several replicas meet in the
 same barrier. A job's ranks report within milliseconds of each other: the reports that
 reach a process while another of the same barrier is being written go together in the
-next write (one transaction and one worker thread for them). The rank that completes it decides at once and wakes the ranks waiting in
-its own process: it knows it is the last either from its report's transaction, which
-reads the barrier back (on SQLite, where writers take turns, always), or from the
-reports this process has counted (PostgreSQL lets concurrent reports miss each other).
+next write (one transaction and one worker thread for them). The rank that completes the
+barrier decides at once and wakes the ranks waiting in its own process: it knows it is
+the last either from its report's transaction, which reads the barrier back (on SQLite,
+where writers take turns, always), or from the reports this process has counted
+(PostgreSQL lets concurrent reports miss each other).
 Ranks waiting in other processes learn of the decision by asking the store: on
 PostgreSQL when a notification says another process reported to or decided the run
 (``LISTEN``/``NOTIFY``, ``BaseStore.run_listener``), which also settles a barrier whose

@@ -217,6 +217,18 @@ class RunManager:
             return None
         return self._window(state, step, end)
 
+    def window_now(self, run_id: str, step: int, ahead: int, *, most_values: int) -> Window | None:
+        """``window(...)`` here and now (``now``: a loaded run, no wait, little work), else None:
+        the caller asks in a worker thread. For the event loop: a window whose steps are not all
+        final yet commits them on the loop (SQLite), durably before it returns, as ``window``.
+
+        ``most_values``: None too when the window could hold more values (LRs) than this.
+        """
+        state = self.runs.loaded(run_id)
+        if state is None or (min(ahead, self._ahead_cap(state)) + 1) * state.n_groups > most_values:
+            return None
+        return self.now(lambda: self.window(run_id, step, ahead))
+
     def window(self, run_id: str, step: int, ahead: int) -> Window:
         """Final values for ``step .. step + ahead`` (fewer if capped), committing them.
 
