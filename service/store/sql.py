@@ -892,46 +892,46 @@ class SqlStore(BaseStore):
                 found.setdefault(row.name, []).append((row.step, row.rank, value))
         return found
 
-    def add_barrier_report(
+    def add_barrier_reports(
         self,
         run_id: str,
         step: int,
-        rank: int,
-        values: Mapping[str, float],
+        reports: Mapping[int, Mapping[str, float]],
         records: Sequence[MetricRecord] = (),
     ) -> BarrierTally:
-        """Record one rank's watched metrics for ``step``; a rank's first report of a name stands.
+        """Record ranks' watched metrics for ``step``; a rank's first report of a name stands.
 
-        One transaction writes the history ``records`` and the report, then reads the
-        barrier back. On SQLite writers take turns, so the last rank to report sees every
-        report; on PostgreSQL two last reports may each miss the other (``read_barrier``
-        settles that later).
+        One transaction writes the history ``records`` and the reports (the ranks that
+        reached this process together), then reads the barrier back. On SQLite writers
+        take turns, so the last rank to report sees every report; on PostgreSQL two last
+        reports may each miss the other (``read_barrier`` settles that later).
 
         Returns:
-            The run's horizon and every report for ``step``, this one included.
+            The run's horizon and every report for ``step``, these included.
 
         Raises:
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
         rows = []
-        for name, value in values.items():
-            finite, value_text = _split_float(value)
-            rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
-                         "value_text": value_text})
+        for rank, values in reports.items():
+            for name, value in values.items():
+                finite, value_text = _split_float(value)
+                rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
+                             "value_text": value_text})
         with self._transaction(write=True) as conn, _cursor(conn) as cursor:
             row = self._keep_run(cursor, run_id)
             self._insert_metrics_on(cursor, run_id, records)
             if rows:
                 self._driver_sql("insert_reports", self._insert_new_reports).executemany(cursor, rows)
                 self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
-            reports: dict[int, dict[str, float]] = {}
+            stored: dict[int, dict[str, float]] = {}
             select_reports = self._driver_sql("reports", _SELECT_REPORTS)
             select_reports.execute(cursor, {"run_id": run_id, "step": step})
             while (report := select_reports.one(cursor)) is not None:
                 value = _join_float(report["value"], report["value_text"])
-                reports.setdefault(report["rank"], {})[report["name"]] = value
-            return BarrierTally(row["horizon"], reports)
+                stored.setdefault(report["rank"], {})[report["name"]] = value
+            return BarrierTally(row["horizon"], stored)
 
     def read_barrier(self, run_id: str, step: int) -> BarrierTally:
         """The run's horizon and the reports for ``step``, in one read transaction.
