@@ -55,7 +55,10 @@ LivenessDep = Annotated[Liveness, Depends(get_liveness)]
 HistoryAnswersDep = Annotated[HistoryAnswers, Depends(get_history_answers)]
 
 
-def _role(required: str) -> params.Depends:
+def access(required: str) -> params.Depends:
+    """The dependency that checks the request's token has the ``required`` role and gives its
+    ``Identity`` (401/403 otherwise)."""
+
     async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Identity:
         auth: Authenticator = request.app.state.auth
         return auth.require(authorization, required)
@@ -66,9 +69,9 @@ def _role(required: str) -> params.Depends:
 
 # As ``dependencies=[...]`` when the route only checks the role; as a parameter's
 # ``Annotated[Identity, AdminAccess]`` when it needs who acts (the actor of its events).
-ReadAccess = _role("read")
-WriteAccess = _role("write")
-AdminAccess = _role("admin")
+ReadAccess = access("read")
+WriteAccess = access("write")
+AdminAccess = access("admin")
 
 
 async def small_or_in_thread(manager: RunManager, call: Callable[[], T]) -> T:

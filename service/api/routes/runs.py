@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from lrserve.service.api.deps import (
     AdminAccess,
     HistoryAnswersDep,
@@ -12,8 +12,10 @@ from lrserve.service.api.deps import (
     ManagerDep,
     ReadAccess,
     WriteAccess,
+    access,
     small_or_in_thread,
 )
+from lrserve.service.api.fast_path import FastWrite
 from lrserve.service.api.fast_reads import (
     DEFAULT_POINTS,
     MAX_POINTS,
@@ -42,6 +44,8 @@ from lrserve.service.api.schemas import (
 )
 from lrserve.service.auth import Identity
 from lrserve.service.errors import InvalidInput
+from lrserve.service.runs.manager import RunManager
+from starlette.applications import Starlette
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -120,11 +124,9 @@ def delete_run(run_id: RunId, manager: ManagerDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{run_id}/control", response_model=ControlResult)
-async def control_run(
-    run_id: RunId, body: ControlRequest, manager: ManagerDep, identity: Annotated[Identity, AdminAccess]
-) -> Response:
-    """Apply an operator action at the first free step (or at `at_step`); `reason` goes on its event."""
+async def answer_control(app: Starlette, run_id: str, body: ControlRequest, identity: Identity) -> Response:
+    """``POST .../control``'s answer (the route's, and the fast path's: ``CONTROL``)."""
+    manager: RunManager = app.state.manager
     action = body.model_dump(exclude={"at_step", "reason"}, exclude_none=True)
 
     def control() -> Response:
@@ -132,6 +134,17 @@ async def control_run(
         return FastJSONResponse(control_body(run_id, event))
 
     return await small_or_in_thread(manager, control)
+
+
+CONTROL = FastWrite("/v1/runs/{run_id}/control", ControlRequest, "admin", answer_control)
+
+
+@router.post("/{run_id}/control", response_model=ControlResult)
+async def control_run(
+    run_id: RunId, body: ControlRequest, request: Request, identity: Annotated[Identity, access(CONTROL.role)]
+) -> Response:
+    """Apply an operator action at the first free step (or at `at_step`); `reason` goes on its event."""
+    return await CONTROL.answer(request.app, run_id, body, identity)
 
 
 @router.get("/{run_id}/lr-finder", response_model=LRFinderPublic, dependencies=[ReadAccess])
