@@ -59,13 +59,19 @@ def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> di
     status_code=201,
     responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}},
 )
-def create_run(
+async def create_run(
     body: RunCreate, manager: ManagerDep, liveness: LivenessDep, identity: Annotated[Identity, WriteAccess]
 ) -> Response:
     """Create a run (idempotent: every rank may call it)."""
-    record, created = manager.create_run(body.model_dump(), actor=identity.name)
-    liveness.seen(record.run_id)  # a rank asked
-    return FastJSONResponse(run_public(manager, liveness, record), status_code=201 if created else 200)
+    request = body.model_dump()
+
+    def create() -> Response:  # a job's ranks join at once: a join of a loaded run is a read, on the loop
+        record, created = manager.create_run(request, actor=identity.name)
+        answer = run_public(manager, liveness, record)
+        liveness.seen(record.run_id)  # a rank asked
+        return FastJSONResponse(answer, status_code=201 if created else 200)
+
+    return await small_or_in_thread(manager, create)
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
