@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     install_error_handlers(app)
     # innermost: limits and telemetry still see its answers
-    app.add_middleware(FastPath, writes=[steps.STEP, steps.METRICS, runs.CONTROL])
+    app.add_middleware(FastPath, writes=[runs.CREATE, steps.STEP, steps.METRICS, runs.CONTROL])
     app.add_middleware(SingleQueryValues, repeatable=lambda: repeatable_parameters(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(TelemetryMiddleware, telemetry=telemetry, observers=[liveness.observe])

@@ -10,7 +10,6 @@ from lrserve.service.api.deps import (
     LivenessDep,
     ManagerDep,
     ReadAccess,
-    WriteAccess,
     access,
     small_or_in_thread,
 )
@@ -53,16 +52,10 @@ def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> di
                      stale=liveness.is_stale(record, state.status))
 
 
-@router.post(
-    "",
-    response_model=RunPublic,
-    status_code=201,
-    responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}},
-)
-async def create_run(
-    body: RunCreate, manager: ManagerDep, liveness: LivenessDep, identity: Annotated[Identity, WriteAccess]
-) -> Response:
-    """Create a run (idempotent: every rank may call it)."""
+async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: Identity) -> Response:
+    """``POST /v1/runs``' answer (the route's, and the fast path's: ``CREATE``; ``run_id`` unused)."""
+    manager: RunManager = app.state.manager
+    liveness: Liveness = app.state.liveness
     request = body.model_dump()
 
     def create() -> Response:  # a job's ranks join at once: a join of a loaded run is a read, on the loop
@@ -72,6 +65,22 @@ async def create_run(
         return FastJSONResponse(answer, status_code=201 if created else 200)
 
     return await small_or_in_thread(manager, create)
+
+
+CREATE = FastWrite("/v1/runs", RunCreate, "write", answer_create)
+
+
+@router.post(
+    "",
+    response_model=RunPublic,
+    status_code=201,
+    responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}},
+)
+async def create_run(
+    body: RunCreate, request: Request, identity: Annotated[Identity, access(CREATE.role)]
+) -> Response:
+    """Create a run (idempotent: every rank may call it)."""
+    return await CREATE.answer(request.app, "", body, identity)
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
