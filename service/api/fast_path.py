@@ -24,11 +24,12 @@ document.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -72,9 +73,28 @@ class FastWrite:
     answer: Callable[[Starlette, str, Any, Identity], Awaitable[Response]]
 
 
+@dataclass(eq=False)
+class _Miss:
+    """A ``GET .../lr`` for a window not yet final, gone on to the route (which commits it)."""
+
+    last: int
+    """The last step it asked for."""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: int = 0
+    """Requests waiting for it to end."""
+
+
 class FastPath:
     """Serves cached windows of final values and well-formed hot writes; passes every other
-    request on."""
+    request on.
+
+    The ranks of a job ask for the same window at nearly the same moment, and the first
+    to arrive commits it. Those that arrive while it is in the route (committing in a worker
+    thread, in this process) wait for it and are answered here from what it made final,
+    rather than each going through the route, a worker thread and the run's lock to find
+    the window final; if it fails, or made less final than they ask, they go on to the
+    route as before.
+    """
 
     def __init__(self, app: ASGIApp, writes: Sequence[FastWrite] = ()) -> None:
         self.app = app
@@ -82,19 +102,16 @@ class FastPath:
             if not write.route.startswith(_RUN_PREFIX) or "/" in write.route[len(_RUN_PREFIX):]:
                 raise ValueError(f"a fast write is a route /v1/runs/{{run_id}}/<name>, not {write.route}")
         self.writes = {write.route[len(_RUN_PREFIX):]: write for write in writes}
+        self._misses: dict[str, _Miss] = {}  # by run id: the GET in the route committing its next window
         self._write_path = re.compile(rf"/v1/runs/({_RUN_ID})/({'|'.join(map(re.escape, self.writes))})")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             method = scope["method"]
             if method == "GET":
-                body = self._answer(scope)
-                if body is not None:
-                    scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
-                    headers = [(b"content-type", b"application/json"),
-                               (b"content-length", str(len(body)).encode())]
-                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    await send({"type": "http.response.body", "body": body})
+                asked = self._asked(scope)
+                if asked is not None:
+                    await self._window(scope, receive, send, *asked)
                     return
             elif method == "POST" and self.writes:
                 match = self._write_path.fullmatch(scope["path"])
@@ -142,7 +159,37 @@ class FastPath:
         except Exception:  # noqa: BLE001 - bad JSON or a refused body: the route words the 4xx
             return None
 
-    def _answer(self, scope: Scope) -> bytes | None:
+    async def _window(
+        self, scope: Scope, receive: Receive, send: Send,
+        manager: RunManager, run_id: str, step: int, ahead: int,
+    ) -> None:
+        body = self._answer(scope, manager, run_id, step, ahead)
+        miss = self._misses.get(run_id) if body is None else None
+        if miss is not None and miss.last >= step + ahead:  # being committed by a request under way
+            miss.waiting += 1
+            try:
+                await miss.done.wait()
+            finally:
+                miss.waiting -= 1
+            body = self._answer(scope, manager, run_id, step, ahead)
+        if body is not None:
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if run_id in self._misses:
+            await self.app(scope, receive, send)
+            return
+        miss = self._misses[run_id] = _Miss(step + ahead)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            del self._misses[run_id]
+            miss.done.set()
+
+    @staticmethod
+    def _asked(scope: Scope) -> tuple[RunManager, str, int, int] | None:
+        """What a well-formed, authorised ``GET .../lr`` asks (None: the route answers)."""
         match = _PATH.match(scope["path"])
         if match is None:
             return None
@@ -150,18 +197,23 @@ class FastPath:
         if query is None:
             return None
         app = scope["app"]
-        manager = getattr(app.state, "manager", None)
+        manager: RunManager | None = getattr(app.state, "manager", None)
         if manager is None:
             return None
         try:
             app.state.auth.require(_header(scope, b"authorization"), "read")
         except LRServeError:
             return None  # the route answers 401/403 with its usual body
-        window = manager.cached_window(match.group(1), *query, most_values=ON_LOOP_VALUES)
+        return manager, match.group(1), *query
+
+    @staticmethod
+    def _answer(scope: Scope, manager: RunManager, run_id: str, step: int, ahead: int) -> bytes | None:
+        window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
         if window is None:
-            window = _committed_now(manager, match.group(1), *query)
+            window = _committed_now(manager, run_id, step, ahead)
             if window is None:
                 return None
+        scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
         return orjson.dumps(window_body(window))
 
