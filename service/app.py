@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from lrserve.service import dashboard
 from lrserve.service.api.fast_path import FastPath
+from lrserve.service.api.fast_reads import FastReads, HistoryAnswers
 from lrserve.service.api.handlers import install_error_handlers
 from lrserve.service.api.query import SingleQueryValues, repeatable_parameters
 from lrserve.service.api.routes import (
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
+        app.state.history_answers = HistoryAnswers()  # kept with the store they were read from
         barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
@@ -149,8 +151,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     app.include_router(dashboard.router)
     install_error_handlers(app)
-    # innermost: limits and telemetry still see its answers
-    app.add_middleware(FastPath, writes=[steps.STEP, steps.METRICS, runs.CONTROL])
+    # innermost: limits and telemetry still see their answers; the hot path first
+    app.add_middleware(FastReads)
+    app.add_middleware(FastPath, writes=[runs.CREATE, steps.STEP, steps.METRICS, runs.CONTROL])
     app.add_middleware(SingleQueryValues, repeatable=lambda: repeatable_parameters(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(TelemetryMiddleware, telemetry=telemetry, observers=[liveness.observe])
