@@ -10,7 +10,7 @@ same. Any process's commit, action or metric moves the mark (replicas included);
 deleted and created again has another ``created_at``. Kept answers are bounded in bytes
 (``ANSWER_BYTES``), least recently used first out.
 
-**Before FastAPI** (``FastReads``, an ASGI layer like ``fast_path.FastWindows``). On SQLite,
+**Before FastAPI** (``FastReads``, an ASGI layer like ``fast_path.FastPath``). On SQLite,
 where a read on the event loop never waits (WAL), these two reads are answered right there
 when that is all they need: an authorised token, a well-formed request, and
 
