@@ -178,12 +178,18 @@ class RunManager:
 
         ``actor`` (who asks) is recorded on the ``created`` event when this call creates it.
 
+        On the event loop (``now``) only a join goes through: the run exists with this spec
+        (one read); anything else raises ``WouldWait`` before it changes anything.
+
         Raises:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
         parsed: RunSpec | None = None
-        if is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"]):
+        big = is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"])
+        if big and self.store.must_not_wait:
+            raise WouldWait("a big spec is checked in a worker process")
+        if big:
             # checked whole in a worker process (first steps included): nothing left to build here
             spec = self.big_work.run(checked_spec, dict(request), self.settings.work_budget)
         else:
@@ -193,6 +199,8 @@ class RunManager:
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
             return existing, False
+        if self.store.must_not_wait:
+            raise WouldWait(f"run {run_id!r} is new here: built in a worker thread")
         with self.runs.run_lock(run_id):  # a job's ranks arrive together: one builds the run, the rest join
             existing = self._existing(run_id, spec)
             if existing is not None:
