@@ -160,7 +160,7 @@ def test_a_history_reads_each_event_once(settings, monkeypatch):
         monkeypatch.setattr(store, "read_events", lambda run_id, after_seq=0: asked.append(after_seq)
                             or real(run_id, after_seq))
         assert [e["kind"] for e in a.get("/v1/runs/e/history").json()["events"]] == ["created"]
-        b.post("/v1/runs/e/control", json={"action": "scale", "factor": 0.5, "reason": "b"})  # another process
+        b.post("/v1/runs/e/control", json={"action": "scale", "factor": 0.5, "reason": "b"})  # another one
         a.post("/v1/runs/e/step", json={"step": 9, "metrics": {"loss": 1.0}})  # a metric event: not shown
         shown = a.get("/v1/runs/e/history").json()["events"]
         assert [(e["kind"], e.get("reason")) for e in shown] == [("created", None), ("control", "b")]
