@@ -24,6 +24,7 @@ document.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -82,13 +83,14 @@ class FastPath:
             if not write.route.startswith(_RUN_PREFIX) or "/" in write.route[len(_RUN_PREFIX):]:
                 raise ValueError(f"a fast write is a route /v1/runs/{{run_id}}/<name>, not {write.route}")
         self.writes = {write.route[len(_RUN_PREFIX):]: write for write in writes}
+        self._commits: _LoopCommits | None = None
         self._write_path = re.compile(rf"/v1/runs/({_RUN_ID})/({'|'.join(map(re.escape, self.writes))})")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             method = scope["method"]
             if method == "GET":
-                body = self._answer(scope)
+                body = await self._answer(scope)
                 if body is not None:
                     scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
                     headers = [(b"content-type", b"application/json"),
@@ -142,7 +144,7 @@ class FastPath:
         except Exception:  # noqa: BLE001 - bad JSON or a refused body: the route words the 4xx
             return None
 
-    def _answer(self, scope: Scope) -> bytes | None:
+    async def _answer(self, scope: Scope) -> bytes | None:
         match = _PATH.match(scope["path"])
         if match is None:
             return None
@@ -157,27 +159,55 @@ class FastPath:
             app.state.auth.require(_header(scope, b"authorization"), "read")
         except LRServeError:
             return None  # the route answers 401/403 with its usual body
-        window = manager.cached_window(match.group(1), *query, most_values=ON_LOOP_VALUES)
+        run_id = match.group(1)
+        window = manager.cached_window(run_id, *query, most_values=ON_LOOP_VALUES)
         if window is None:
-            window = _committed_now(manager, match.group(1), *query)
+            if manager.loaded(run_id) is None:
+                return None  # the route loads it, in a worker thread
+            commits = self._commits
+            if commits is None or commits.manager is not manager:  # a new lifespan, a new manager
+                commits = self._commits = _LoopCommits(manager)
+            window = await commits.window(run_id, *query)
             if window is None:
                 return None
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
         return orjson.dumps(window_body(window))
 
 
-def _committed_now(manager: RunManager, run_id: str, step: int, ahead: int) -> Window | None:
-    """The window with its new steps committed here on the loop, or None: the route answers
-    (in a worker thread). An error, too, goes on to the route, which asks again, as a client's
-    retry would (a refused request changed nothing; a commit that went through is final there)
-    and answers it the one way errors are answered."""
-    try:
-        return manager.window_now(run_id, step, ahead, most_values=ON_LOOP_VALUES)
-    except LRServeError:
-        return None
-    except Exception:
-        log.exception("GET %s/lr on the event loop failed; the route asks again", run_id)
-        return None
+class _LoopCommits:
+    """Windows whose steps are to be committed, asked in one turn of the event loop: committed
+    in one transaction as the loop's next turn begins (``RunManager.windows_now``), each
+    answered once that transaction is durable. A lone request waits for nothing but that turn.
+    """
+
+    def __init__(self, manager: RunManager) -> None:
+        self.manager = manager
+        self._asks: list[tuple[tuple[str, int, int], asyncio.Future[Window | None]]] = []
+
+    def window(self, run_id: str, step: int, ahead: int) -> asyncio.Future[Window | None]:
+        """The window, committed; None: the route answers (it would wait or is big; or an error,
+        which the route meets again and answers the one way errors are answered, as a client's
+        retry would: a refused ask changed nothing, a commit that went through is final)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Window | None] = loop.create_future()
+        if not self._asks:
+            loop.call_soon(self._commit)
+        self._asks.append(((run_id, step, ahead), future))
+        return future
+
+    def _commit(self) -> None:
+        asks, self._asks = self._asks, []
+        try:
+            outcomes = self.manager.windows_now([ask for ask, _ in asks], most_values=ON_LOOP_VALUES)
+        except Exception:
+            log.exception("GET .../lr on the event loop failed; the route asks again")
+            outcomes = [None] * len(asks)
+        for ((run_id, _, _), future), outcome in zip(asks, outcomes, strict=True):
+            if isinstance(outcome, Exception) and not isinstance(outcome, LRServeError):
+                log.error("GET %s/lr on the event loop failed; the route asks again", run_id,
+                          exc_info=outcome)
+            if not future.done():  # done: cancelled, its client gone (a commit stands all the same)
+                future.set_result(outcome if isinstance(outcome, Window) else None)
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:
