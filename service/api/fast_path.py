@@ -8,8 +8,9 @@ itself:
 - ``GET /v1/runs/{run_id}/lr`` with a well-formed query, an authorised token and a loaded
   run, with the body the route would give: a window of final steps from memory, or one
   whose new steps it commits right here on the event loop when that needs no wait and
-  little work (``RunManager.window_now``: SQLite, the write slot free; durable before the
-  answer, as always); errors and work for a worker thread go on to the route;
+  little work (``RunManager.windows_now``: SQLite, the write slot free; the windows asked in
+  one turn of the loop in one transaction, each answered once it is durable, as always);
+  errors and work for a worker thread go on to the route;
 - the writes a job makes all the time (``FastWrite``: ``POST .../step``, ``.../metrics``,
   ``.../control``) whose request is well formed: an authorised token, a JSON body that the
   route's own request model accepts, no query string. It calls the route's own answer
@@ -29,7 +30,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -73,9 +74,28 @@ class FastWrite:
     answer: Callable[[Starlette, str, Any, Identity], Awaitable[Response]]
 
 
+@dataclass(eq=False)
+class _Miss:
+    """A ``GET .../lr`` for a window not yet final, gone on to the route (which commits it)."""
+
+    last: int
+    """The last step it asked for."""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: int = 0
+    """Requests waiting for it to end."""
+
+
 class FastPath:
     """Serves cached windows of final values and well-formed hot writes; passes every other
-    request on."""
+    request on.
+
+    The ranks of a job ask for the same window at nearly the same moment, and the first
+    to arrive commits it. Those that arrive while it is in the route (committing in a worker
+    thread, in this process) wait for it and are answered here from what it made final,
+    rather than each going through the route, a worker thread and the run's lock to find
+    the window final; if it fails, or made less final than they ask, they go on to the
+    route as before.
+    """
 
     def __init__(self, app: ASGIApp, writes: Sequence[FastWrite] = ()) -> None:
         self.app = app
@@ -83,6 +103,7 @@ class FastPath:
             if not write.route.startswith(_RUN_PREFIX) or "/" in write.route[len(_RUN_PREFIX):]:
                 raise ValueError(f"a fast write is a route /v1/runs/{{run_id}}/<name>, not {write.route}")
         self.writes = {write.route[len(_RUN_PREFIX):]: write for write in writes}
+        self._misses: dict[str, _Miss] = {}  # by run id: the GET in the route committing its next window
         self._commits: _LoopCommits | None = None
         self._write_path = re.compile(rf"/v1/runs/({_RUN_ID})/({'|'.join(map(re.escape, self.writes))})")
 
@@ -90,13 +111,9 @@ class FastPath:
         if scope["type"] == "http":
             method = scope["method"]
             if method == "GET":
-                body = await self._answer(scope)
-                if body is not None:
-                    scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
-                    headers = [(b"content-type", b"application/json"),
-                               (b"content-length", str(len(body)).encode())]
-                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    await send({"type": "http.response.body", "body": body})
+                asked = self._asked(scope)
+                if asked is not None:
+                    await self._window(scope, receive, send, *asked)
                     return
             elif method == "POST" and self.writes:
                 match = self._write_path.fullmatch(scope["path"])
@@ -144,7 +161,37 @@ class FastPath:
         except Exception:  # noqa: BLE001 - bad JSON or a refused body: the route words the 4xx
             return None
 
-    async def _answer(self, scope: Scope) -> bytes | None:
+    async def _window(
+        self, scope: Scope, receive: Receive, send: Send,
+        manager: RunManager, run_id: str, step: int, ahead: int,
+    ) -> None:
+        body = await self._answer(scope, manager, run_id, step, ahead)
+        miss = self._misses.get(run_id) if body is None else None
+        if miss is not None and miss.last >= step + ahead:  # being committed by a request under way
+            miss.waiting += 1
+            try:
+                await miss.done.wait()
+            finally:
+                miss.waiting -= 1
+            body = await self._answer(scope, manager, run_id, step, ahead)
+        if body is not None:
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if run_id in self._misses:
+            await self.app(scope, receive, send)
+            return
+        miss = self._misses[run_id] = _Miss(step + ahead)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            del self._misses[run_id]
+            miss.done.set()
+
+    @staticmethod
+    def _asked(scope: Scope) -> tuple[RunManager, str, int, int] | None:
+        """What a well-formed, authorised ``GET .../lr`` asks (None: the route answers)."""
         match = _PATH.match(scope["path"])
         if match is None:
             return None
@@ -152,24 +199,29 @@ class FastPath:
         if query is None:
             return None
         app = scope["app"]
-        manager = getattr(app.state, "manager", None)
+        manager: RunManager | None = getattr(app.state, "manager", None)
         if manager is None:
             return None
         try:
             app.state.auth.require(_header(scope, b"authorization"), "read")
         except LRServeError:
             return None  # the route answers 401/403 with its usual body
-        run_id = match.group(1)
-        window = manager.cached_window(run_id, *query, most_values=ON_LOOP_VALUES)
+        return manager, match.group(1), *query
+
+    async def _answer(
+        self, scope: Scope, manager: RunManager, run_id: str, step: int, ahead: int
+    ) -> bytes | None:
+        window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
         if window is None:
             if manager.loaded(run_id) is None:
                 return None  # the route loads it, in a worker thread
             commits = self._commits
             if commits is None or commits.manager is not manager:  # a new lifespan, a new manager
                 commits = self._commits = _LoopCommits(manager)
-            window = await commits.window(run_id, *query)
+            window = await commits.window(run_id, step, ahead)
             if window is None:
                 return None
+        scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
         return orjson.dumps(window_body(window))
 

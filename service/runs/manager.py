@@ -51,6 +51,15 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class RankReport:
+    """One rank's report at a metric barrier: all its metrics, and the watched ones among them."""
+
+    rank: int
+    metrics: Mapping[str, float]
+    watched: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class Window:
     """Final values of steps ``start .. start + len(values) - 1``."""
 
@@ -382,8 +391,14 @@ class RunManager:
         watched: Mapping[str, float],
         ahead: int = 0,
     ) -> bool:
-        """Keep one rank's report (all its metrics for history, the watched ones for the
-        barrier, in one transaction); the rank that completes the barrier decides it, and
+        """One rank's report (``report_ranks_to_barrier`` of one rank)."""
+        return self.report_ranks_to_barrier(run_id, step, [RankReport(rank, metrics, watched)], ahead)
+
+    def report_ranks_to_barrier(
+        self, run_id: str, step: int, reports: Sequence[RankReport], ahead: int = 0
+    ) -> bool:
+        """Keep ranks' reports (all their metrics for history, the watched ones for the
+        barrier, in one transaction); the report that completes the barrier decides it, and
         commits the window it asks for (``ahead``) with the decision.
 
         Returns:
@@ -394,11 +409,17 @@ class RunManager:
         """
         state = self.state(run_id)
         self._check_jump(state, step)
-        records = metric_records(metrics, step, rank)
-        reports = guard_reports(state, records)
-        if reports:  # judged per rank, not at the barrier: placed now, at step (or the first free one)
-            self.committer.commit(run_id, state.horizon, reports=reports)
-        tally = self.store.add_barrier_report(run_id, step, rank, watched, records)
+        records: list[MetricRecord] = []
+        for report in reports:
+            rank_records = metric_records(report.metrics, step, report.rank)
+            guarded = guard_reports(state, rank_records)
+            if guarded:  # judged per rank, not at the barrier: placed now, at step (or the first free one)
+                self.committer.commit(run_id, state.horizon, reports=guarded)
+            records += rank_records
+        watched: dict[int, Mapping[str, float]] = {}
+        for report in reports:
+            watched.setdefault(report.rank, report.watched)  # a rank's first report stands
+        tally = self.store.add_barrier_reports(run_id, step, watched, records)
         return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
 
     def resolve_barrier(self, run_id: str, step: int, timed_out: bool, ahead: int = 0) -> bool:

@@ -76,6 +76,15 @@ class ValueChunk:
     groups: int
     lrs: bytes
 
+    def pieces(self, max_bytes: int) -> list[ValueChunk]:
+        """This chunk as consecutive chunks of at most ``max_bytes`` each (at least one step):
+        the same steps and bytes, each piece found by ``read_lrs`` as the chunk is."""
+        width = self.groups * 8
+        per = max(1, max_bytes // max(1, width))
+        return [ValueChunk(self.first_step + start, min(per, self.steps - start), self.groups,
+                           self.lrs[start * width:(start + per) * width])
+                for start in range(0, self.steps, per)] or [self]
+
 
 def pack_lrs(lrs: array[float]) -> bytes:
     """An ``array('d')`` of LRs as ``value_chunks.lrs`` bytes (float64, little-endian)."""
@@ -303,7 +312,6 @@ class BaseStore(abc.ABC):
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
 
-    @abc.abstractmethod
     def add_barrier_report(
         self,
         run_id: str,
@@ -312,10 +320,22 @@ class BaseStore(abc.ABC):
         values: Mapping[str, float],
         records: Sequence[MetricRecord] = (),
     ) -> BarrierTally:
-        """Record one rank's watched metrics for ``step`` (idempotent per rank and name).
+        """Record one rank's watched metrics for ``step`` (``add_barrier_reports`` of one rank)."""
+        return self.add_barrier_reports(run_id, step, {rank: values}, records)
+
+    @abc.abstractmethod
+    def add_barrier_reports(
+        self,
+        run_id: str,
+        step: int,
+        reports: Mapping[int, Mapping[str, float]],
+        records: Sequence[MetricRecord] = (),
+    ) -> BarrierTally:
+        """Record ranks' watched metrics for ``step`` (rank -> values), in one transaction;
+        idempotent per rank and name: a rank's first report of a name stands.
 
         Args:
-            records: The report's metrics for history, written in the same transaction.
+            records: The reports' metrics for history, written in the same transaction.
 
         Returns:
             The barrier as of this write: so the last rank to report knows it is the last.

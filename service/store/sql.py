@@ -58,6 +58,7 @@ from lrserve.service.store.schema import (
     snapshots,
     value_chunks,
 )
+from lrserve.service.store.wal import Checkpointer
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -202,6 +203,10 @@ class _DriverSql:
                 for name, process, value in zip(self.columns, self._results, raw, strict=True)}
 
 
+CHUNK_PIECE_BYTES = 1 << 20
+"""The most bytes of a value chunk one write transaction carries (``save_snapshot``)."""
+
+
 class SqlStore(BaseStore):
     """``BaseStore`` over a SQLAlchemy engine (SQLite file or PostgreSQL).
 
@@ -232,6 +237,8 @@ class SqlStore(BaseStore):
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
+        # SQLite's WAL checkpoints, outside that slot (its own COMMIT ran them: ``store/wal.py``)
+        self.checkpointer = Checkpointer(engine, self) if self._sqlite_writers is not None else None
         self._hurried = threading.local()  # ``without_waiting``: .on is True inside it
         self._commit_watchers: list[Callable[[], object]] = []
         self._compiled: dict[str, _DriverSql] = {}
@@ -286,6 +293,8 @@ class SqlStore(BaseStore):
                     yield conn
                     if write and self._guard is not None:
                         self._guard.check()  # never commit (and acknowledge) into a file that is gone
+            if write and self.checkpointer is not None:
+                self.checkpointer.wrote()
         except sa_exc.DBAPIError as exc:
             if now and _busy(exc.orig):
                 raise WouldWait("another process holds the write slot") from exc
@@ -758,7 +767,14 @@ class SqlStore(BaseStore):
 
     def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None) -> None:
         """Keep an engine snapshot; one at the same step is replaced. ``chunk``: the run's final
-        LRs since the last snapshot, kept in the same transaction (for ``read_lrs``).
+        LRs since the last snapshot (for ``read_lrs``).
+
+        The chunk is written in pieces of at most ``CHUNK_PIECE_BYTES``, each in a write
+        transaction of its own, the snapshot's row with the last: on SQLite every commit of
+        every run waits for the file's one write slot, and a 1024-group run's chunk is 8 MB
+        (2,000 pages of log, 20-115 ms in one transaction). A piece written by a process that
+        died before its snapshot is harmless: the values are final, and the next snapshot's
+        pieces start at the same steps and replace it.
 
         Raises:
             RunNotFound: no such run.
@@ -771,13 +787,21 @@ class SqlStore(BaseStore):
             index_elements=["run_id", "step"],
             set_={"seq": insert.excluded.seq, "state": insert.excluded.state},
         )
-        with self._transaction(write=True) as conn:
-            self._require_run(conn, run_id, "keep")
-            conn.execute(upsert)
-            if chunk is not None:
-                values = {"steps": chunk.steps, "groups": chunk.groups, "lrs": chunk.lrs}
-                row = self._insert(value_chunks).values(run_id=run_id, first_step=chunk.first_step, **values)
-                conn.execute(row.on_conflict_do_update(index_elements=["run_id", "first_step"], set_=values))
+        pieces = [] if chunk is None else chunk.pieces(CHUNK_PIECE_BYTES)
+        for i, piece in enumerate(pieces, 1):
+            with self._transaction(write=True) as conn:
+                self._require_run(conn, run_id, "keep")
+                kept = self._insert(value_chunks).values(
+                    run_id=run_id, first_step=piece.first_step, steps=piece.steps, groups=piece.groups,
+                    lrs=piece.lrs)
+                again = {name: kept.excluded[name] for name in ("steps", "groups", "lrs")}  # bound once
+                conn.execute(kept.on_conflict_do_update(index_elements=["run_id", "first_step"], set_=again))
+                if i == len(pieces):
+                    conn.execute(upsert)
+        if not pieces:
+            with self._transaction(write=True) as conn:
+                self._require_run(conn, run_id, "keep")
+                conn.execute(upsert)
 
     def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
         """The stored final LRs of those of ``steps`` a value chunk holds (a step none holds is left out).
@@ -868,46 +892,46 @@ class SqlStore(BaseStore):
                 found.setdefault(row.name, []).append((row.step, row.rank, value))
         return found
 
-    def add_barrier_report(
+    def add_barrier_reports(
         self,
         run_id: str,
         step: int,
-        rank: int,
-        values: Mapping[str, float],
+        reports: Mapping[int, Mapping[str, float]],
         records: Sequence[MetricRecord] = (),
     ) -> BarrierTally:
-        """Record one rank's watched metrics for ``step``; a rank's first report of a name stands.
+        """Record ranks' watched metrics for ``step``; a rank's first report of a name stands.
 
-        One transaction writes the history ``records`` and the report, then reads the
-        barrier back. On SQLite writers take turns, so the last rank to report sees every
-        report; on PostgreSQL two last reports may each miss the other (``read_barrier``
-        settles that later).
+        One transaction writes the history ``records`` and the reports (the ranks that
+        reached this process together), then reads the barrier back. On SQLite writers
+        take turns, so the last rank to report sees every report; on PostgreSQL two last
+        reports may each miss the other (``read_barrier`` settles that later).
 
         Returns:
-            The run's horizon and every report for ``step``, this one included.
+            The run's horizon and every report for ``step``, these included.
 
         Raises:
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
         rows = []
-        for name, value in values.items():
-            finite, value_text = _split_float(value)
-            rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
-                         "value_text": value_text})
+        for rank, values in reports.items():
+            for name, value in values.items():
+                finite, value_text = _split_float(value)
+                rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
+                             "value_text": value_text})
         with self._transaction(write=True) as conn, _cursor(conn) as cursor:
             row = self._keep_run(cursor, run_id)
             self._insert_metrics_on(cursor, run_id, records)
             if rows:
                 self._driver_sql("insert_reports", self._insert_new_reports).executemany(cursor, rows)
                 self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
-            reports: dict[int, dict[str, float]] = {}
+            stored: dict[int, dict[str, float]] = {}
             select_reports = self._driver_sql("reports", _SELECT_REPORTS)
             select_reports.execute(cursor, {"run_id": run_id, "step": step})
             while (report := select_reports.one(cursor)) is not None:
                 value = _join_float(report["value"], report["value_text"])
-                reports.setdefault(report["rank"], {})[report["name"]] = value
-            return BarrierTally(row["horizon"], reports)
+                stored.setdefault(report["rank"], {})[report["name"]] = value
+            return BarrierTally(row["horizon"], stored)
 
     def read_barrier(self, run_id: str, step: int) -> BarrierTally:
         """The run's horizon and the reports for ``step``, in one read transaction.
@@ -931,6 +955,8 @@ class SqlStore(BaseStore):
 
     def close(self) -> None:
         """Release every pooled connection (idempotent)."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         self._engine.dispose()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import time
 
 import orjson
 import pytest
@@ -395,3 +396,89 @@ def test_new_steps_asked_in_one_turn_of_the_loop_commit_in_one_transaction(datab
         windows = [orjson.loads(body)["window"] for _, body, _ in answers[:4]]
         assert [w["lrs"] for w in windows] == [[[0.05]], [[0.025], [0.0125]], [[0.1]], [[0.05]]]
         assert [store.read_run(r).horizon for r in ("a", "b", "c")] == [1, 3, 0]
+
+
+GUARD_S = 60  # only so that a broken wake-up fails instead of hanging; nothing is timed
+
+
+def _held_first_request(app, client, run_id, ranks, first_fails=False):
+    """``ranks`` concurrent requests for windows from step 1; the first one's commit (in the
+    route) is held until all the others wait in the fast path. Returns the answers (the
+    first one first) and the route's commits."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lrserve.service.errors import StoreUnavailable
+
+    manager = app.state.manager
+    fast = next(m for m in _middlewares(app) if isinstance(m, FastPath))
+    released = threading.Event()
+    routed = []
+    real_window = manager.window
+
+    def window(run_id, step, ahead):
+        routed.append((run_id, step, ahead))
+        if len(routed) == 1:
+            assert released.wait(GUARD_S)
+            if first_fails:
+                raise StoreUnavailable("the database failed")
+        return real_window(run_id, step, ahead)
+
+    manager.window = window
+    # as when the write slot is taken: the route's thread (the fast path's and the route's own try)
+    manager.windows_now = lambda asks, **kwargs: [None] * len(asks)
+    manager.window_now = lambda *args, **kwargs: None
+
+    def ask(rank):
+        return client.get(f"/v1/runs/{run_id}/lr", params={"step": 1, "ahead": 9 - rank % 2})
+
+    try:
+        with ThreadPoolExecutor(ranks) as pool:
+            first = pool.submit(ask, 0)
+            deadline = time.monotonic() + GUARD_S
+            while run_id not in fast._misses and time.monotonic() < deadline:
+                time.sleep(0.01)
+            others = [pool.submit(ask, rank) for rank in range(1, ranks)]
+            while fast._misses[run_id].waiting < ranks - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            released.set()
+            answers = [first.result(GUARD_S)] + [f.result(GUARD_S) for f in others]
+    finally:
+        manager.window = real_window
+        del manager.window_now, manager.windows_now
+    assert fast._misses == {}
+    return answers, routed
+
+
+def test_ranks_asking_a_window_under_commit_are_answered_from_that_commit(settings):
+    """The first request for a window not yet final goes to the route and commits it; the
+    others asking for it meanwhile wait for that request and are answered from memory."""
+    app = create_app(settings)
+    with TestClient(app) as client:
+        make_run(client, "w")
+        answers, routed = _held_first_request(app, client, "w", ranks=6)
+        assert routed == [("w", 1, 9)]  # one commit, through the route
+        assert all(a.status_code == 200 for a in answers)
+        lrs = answers[0].json()["window"]["lrs"]
+        assert [len(a.json()["window"]["lrs"]) for a in answers] == [10, 9, 10, 9, 10, 9]
+        assert all(a.json()["window"]["lrs"] == lrs[:len(a.json()["window"]["lrs"])] for a in answers)
+        assert client.get("/metrics").text.count('route="/v1/runs/{run_id}/lr",status="200"} 6.0') == 1
+
+
+def test_when_the_first_request_fails_the_others_go_to_the_route(settings):
+    app = create_app(settings)
+    with TestClient(app) as client:
+        make_run(client, "v")
+        answers, routed = _held_first_request(app, client, "v", ranks=4, first_fails=True)
+        assert answers[0].status_code == 503
+        assert [a.status_code for a in answers[1:]] == [200, 200, 200]
+        assert len(routed) == 4  # each asked the route itself: nothing was final for them
+        assert client.get("/v1/runs/v/lr", params={"step": 1, "ahead": 9}).json()["window"]["lrs"] == \
+            answers[2].json()["window"]["lrs"]
+
+
+def _middlewares(app):
+    layer = app.middleware_stack
+    while layer is not None:
+        yield layer
+        layer = getattr(layer, "app", None)
