@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Request, params
+from lrserve.service.api.fast_reads import HistoryAnswers
 from lrserve.service.auth import Authenticator, Identity
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
@@ -37,6 +38,11 @@ async def get_app_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_history_answers(request: Request) -> HistoryAnswers:
+    answers: HistoryAnswers = request.app.state.history_answers
+    return answers
+
+
 async def get_liveness(request: Request) -> Liveness:
     liveness: Liveness = request.app.state.liveness
     return liveness
@@ -46,6 +52,7 @@ ManagerDep = Annotated[RunManager, Depends(get_manager)]
 StoreDep = Annotated[BaseStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 LivenessDep = Annotated[Liveness, Depends(get_liveness)]
+HistoryAnswersDep = Annotated[HistoryAnswers, Depends(get_history_answers)]
 
 
 def access(required: str) -> params.Depends:

@@ -12,7 +12,8 @@ itself:
   one turn of the loop in one transaction, each answered once it is durable, as always);
   errors and work for a worker thread go on to the route;
 - the writes a job makes all the time (``FastWrite``: ``POST .../step``, ``.../metrics``,
-  ``.../control``) whose request is well formed: an authorised token, a JSON body that the
+  ``.../control``, and ``POST /v1/runs``, which each of its ranks sends as it starts)
+  whose request is well formed: an authorised token, a JSON body that the
   route's own request model accepts, no query string. It calls the route's own answer
   function (the route calls the same one), and maps the errors that raises with the app's
   own exception handlers, so the answers, their bodies and what is stored are the route's.
@@ -52,6 +53,8 @@ _PATH = re.compile(rf"^/v1/runs/({_RUN_ID})/lr$")
 log = logging.getLogger("lrserve")
 _MAX_DIGITS = len(str(MAX_STEP))  # longer strings go to the route's 422 (never to int())
 _RUN_PREFIX = "/v1/runs/{run_id}/"
+RUNS = "/v1/runs"
+"""``POST /v1/runs``: every rank of a job creates (joins) its run as it starts."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,12 @@ class FastWrite:
     ``answer`` too: one definition of each.
 
     Attributes:
-        route: The route's template (``/v1/runs/{run_id}/...``), as telemetry and liveness name it.
+        route: The route's template (``/v1/runs/{run_id}/...``, or ``/v1/runs``: a create), as
+            telemetry and liveness name it.
         body: The route's request model.
         role: The role the route requires (``Authenticator.require``).
-        answer: ``answer(app, run_id, body, identity)``: the route's answer.
+        answer: ``answer(app, run_id, body, identity)``: the route's answer (``run_id``: the
+            path's; ``""`` for ``/v1/runs``).
     """
 
     route: str
@@ -99,10 +104,12 @@ class FastPath:
 
     def __init__(self, app: ASGIApp, writes: Sequence[FastWrite] = ()) -> None:
         self.app = app
-        for write in writes:
+        on_runs = [write for write in writes if write.route != RUNS]
+        for write in on_runs:
             if not write.route.startswith(_RUN_PREFIX) or "/" in write.route[len(_RUN_PREFIX):]:
-                raise ValueError(f"a fast write is a route /v1/runs/{{run_id}}/<name>, not {write.route}")
-        self.writes = {write.route[len(_RUN_PREFIX):]: write for write in writes}
+                raise ValueError(f"a fast write is {RUNS} or /v1/runs/{{run_id}}/<name>, not {write.route}")
+        self.writes = {write.route[len(_RUN_PREFIX):]: write for write in on_runs}
+        self._create = next((write for write in writes if write.route == RUNS), None)
         self._misses: dict[str, _Miss] = {}  # by run id: the GET in the route committing its next window
         self._commits: _LoopCommits | None = None
         self._write_path = re.compile(rf"/v1/runs/({_RUN_ID})/({'|'.join(map(re.escape, self.writes))})")
@@ -115,8 +122,11 @@ class FastPath:
                 if asked is not None:
                     await self._window(scope, receive, send, *asked)
                     return
-            elif method == "POST" and self.writes:
-                match = self._write_path.fullmatch(scope["path"])
+            elif method == "POST":
+                if scope["path"] == RUNS and self._create is not None:
+                    await self._write(scope, receive, send, "", self._create)
+                    return
+                match = self._write_path.fullmatch(scope["path"]) if self.writes else None
                 if match is not None:
                     await self._write(scope, receive, send, match.group(1), self.writes[match.group(2)])
                     return
@@ -131,7 +141,7 @@ class FastPath:
         body, identity = accepted
         app: Starlette = scope["app"]
         scope["lrserve.route"] = write.route  # for the telemetry middleware (and liveness)
-        scope["path_params"] = {"run_id": run_id}  # as the router would have it
+        scope["path_params"] = {"run_id": run_id} if run_id else {}  # as the router would have it
         try:
             response = await write.answer(app, run_id, body, identity)
         except Exception as exc:

@@ -38,7 +38,14 @@ from lrserve.service.runs.commit import (
 from lrserve.service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
 from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
-from lrserve.service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, WouldWait
+from lrserve.service.store.base import (
+    BarrierTally,
+    BaseStore,
+    HistoryMark,
+    MetricRecord,
+    RunRecord,
+    WouldWait,
+)
 from lrserve.service.store.events import EventKind, NewEvent
 
 __all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManager", "Window"]
@@ -133,8 +140,30 @@ class RunManager:
         """The run's state as of the stored horizon (other processes may have gone further)."""
         return self.committer.caught_up(run_id)
 
-    def history(self, run_id: str, max_points: int) -> History:
-        return self.reads.history(run_id, max_points)
+    def read_run(self, run_id: str) -> tuple[RunRecord, RunState]:
+        """The run's record (one read) and its state as of it, caught up first if another
+        process went further (``GET /v1/runs/{id}``). On the event loop (``now``) the run must
+        be loaded already: loading it (a replay) is a worker thread's work.
+
+        Raises:
+            RunNotFound: no such run.
+        """
+        record = self.store.read_run(run_id)
+        state = self.runs.loaded(run_id)
+        if state is None:
+            if self.store.must_not_wait:
+                raise WouldWait("loading a run is no work for the event loop")
+            state = self.runs.state(run_id)
+        if record.horizon > state.horizon or record.created_at != state.created_at:
+            state = self.committer.caught_up(run_id)
+            record = self.store.read_run(run_id)
+        return record, state
+
+    def history_mark(self, run_id: str) -> HistoryMark:
+        return self.reads.history_mark(run_id)
+
+    def history(self, run_id: str, max_points: int, mark: HistoryMark | None = None) -> History:
+        return self.reads.history(run_id, max_points, mark)
 
     def lr_finder(self, run_id: str) -> LRFinder:
         return self.reads.lr_finder(run_id)
@@ -149,12 +178,18 @@ class RunManager:
 
         ``actor`` (who asks) is recorded on the ``created`` event when this call creates it.
 
+        On the event loop (``now``) only a join goes through: the run exists with this spec
+        (one read); anything else raises ``WouldWait`` before it changes anything.
+
         Raises:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
         parsed: RunSpec | None = None
-        if is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"]):
+        big = is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"])
+        if big and self.store.must_not_wait:
+            raise WouldWait("a big spec is checked in a worker process")
+        if big:
             # checked whole in a worker process (first steps included): nothing left to build here
             spec = self.big_work.run(checked_spec, dict(request), self.settings.work_budget)
         else:
@@ -164,6 +199,8 @@ class RunManager:
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
             return existing, False
+        if self.store.must_not_wait:
+            raise WouldWait(f"run {run_id!r} is new here: built in a worker thread")
         with self.runs.run_lock(run_id):  # a job's ranks arrive together: one builds the run, the rest join
             existing = self._existing(run_id, spec)
             if existing is not None:

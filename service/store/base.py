@@ -68,6 +68,22 @@ class RunHead:
 
 
 @dataclass(frozen=True)
+class HistoryMark:
+    """What a run's history (``GET .../history``) is made of, in four numbers: its row's
+    ``created_at`` (a run deleted and created again), ``horizon`` (its final LRs),
+    ``last_seq`` (its events) and how many metric rows it has (``history_mark``).
+
+    Each only grows while the run exists: final values never change, events and metric rows
+    are only appended (a metric already stored is kept as it was). So two equal marks mean
+    the same history, and an answer built after reading a mark is at least that new."""
+
+    created_at: datetime
+    horizon: int
+    last_seq: int
+    metric_rows: int
+
+
+@dataclass(frozen=True)
 class ValueChunk:
     """Final LRs of steps ``first_step .. first_step + steps - 1``, packed (see ``value_chunks``)."""
 
@@ -259,6 +275,16 @@ class BaseStore(abc.ABC):
         """
         record = self.read_run(run_id)
         return RunHead(record.created_at, record.horizon, record.last_seq)
+
+    def history_mark(self, run_id: str) -> HistoryMark:
+        """The run's ``HistoryMark`` (whether a history built before still holds).
+
+        Raises:
+            RunNotFound: no such run.
+        """
+        record = self.read_run(run_id)
+        rows = sum(len(found) for found in self.read_metrics(run_id).values())
+        return HistoryMark(record.created_at, record.horizon, record.last_seq, rows)
 
     def without_waiting(self) -> AbstractContextManager[None]:
         """Within it, on this thread, every call either goes through at once or raises
