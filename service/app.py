@@ -57,9 +57,22 @@ SWITCH_INTERVAL_S = 0.0005
 that computes a big window, each handoff waited up to 5 ms (bench figure 7, budgets)."""
 
 
+GC_THRESHOLDS = (20_000, 20, 10)
+"""The collector's thresholds once the server is up (Python's: 700, 10, 10). Every collection
+stops every thread, and a full one scans every live object: 4,096 half-sent connections are
+~120,000 (uvicorn's protocol, parser, transport, timer and request cycle each). At 700 a
+connection's objects reached the oldest generation within a second of its 10 s, and a flood
+made a full collection every 2-5 s, 0.2-0.9 s each on a loaded 2-core machine: the slowest
+``/healthz`` answers. Collecting the young every 20,000 allocations instead lets most of a
+short-lived connection's objects go by reference counting before they are promoted; the
+oldest generation is scanned about 50 times less often (docs/hardening.md, "Garbage of
+closed connections")."""
+
+
 def _warm_up_torch() -> None:
     warm_up_torch()
     gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
