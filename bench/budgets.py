@@ -9,7 +9,9 @@ request a budget allows, one at a time, with a read/write token's rights:
 - ``window``: ``GET .../lr?step=<first free>&ahead=10000`` on a 1024-group run (cut to the budget);
 - ``step jump``: ``POST .../step`` as far beyond the horizon as the budget allows, same run;
 - ``preview``: ``POST /v1/schedules/preview``, 1024 groups, the most steps the budget allows;
-- ``history``: ``GET .../history`` of that run, the most points the budget allows;
+- ``history``: ``GET .../history`` of that run, the most points the budget allows, each one
+  built anew: before each, one metric record is posted to the run (as a training job would),
+  which moves its history's mark, so no answer kept from before is given;
 - ``create``: a 1024-group LambdaLR run with distinct expressions as long as the budget allows.
 
 Rows: the victim's and the probe's p50/p99, their ratio to the baseline's (of the same backend),
@@ -80,6 +82,9 @@ class _Attacker:
             self.units = cost.cost(self.spec, n_groups=GROUPS, steps=self.fits)
         elif self.name == "history":
             points = self.budget // (GROUPS + cost.GROUP_OVERHEAD)
+            record = {"step": self.count, "name": "attack", "value": 1.0, "rank": 0}
+            http.post(f"/v1/runs/{self.wide}/metrics", json={"records": [record]}).raise_for_status()
+            t0 = time.perf_counter()
             http.get(f"/v1/runs/{self.wide}/history", params={"max_points": points}).raise_for_status()
             self.units = cost.history_cost(n_groups=GROUPS, points=points)
         elif self.name == "create":

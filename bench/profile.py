@@ -10,7 +10,10 @@ inclusive share of the samples. Scenarios:
 - ``report``: figure 3's lrserve side (sequential ``POST .../step`` with a metric);
 - ``commit``: figure 5's commit load (``GET .../lr?step=n``, each request makes one new step
   of one of 32 runs final, 32 keep-alive connections);
-- ``ranks``: figure 4's simulated ranks (windows + metric barrier).
+- ``ranks``: figure 4's simulated ranks (windows + metric barrier);
+- ``run_read``: figure 8's ``GET /v1/runs/{id}``, sequential, one keep-alive connection;
+- ``history``: figure 8's ``GET .../history?max_points=200`` of a 10,000-step run with
+  metrics and operator actions on it (as figure 8 leaves it), sequential.
 
 py-spy is a dev tool (``pip install py-spy``); without it the command says so and stops.
 """
@@ -207,8 +210,55 @@ def _ranks(server: Server, seconds: float) -> Any:
     return go
 
 
+def _sequential_get(server: Server, seconds: float, path: str) -> Any:
+    """``GET path`` one at a time on one ``http.client`` keep-alive connection (figure 8's client)."""
+    import http.client
+
+    def go() -> dict[str, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        calls = 0
+        deadline = time.monotonic() + seconds - 2
+        while time.monotonic() < deadline:
+            conn.request("GET", path)
+            answer = conn.getresponse()
+            answer.read()
+            if answer.status != 200:
+                raise RuntimeError(f"GET {path}: {answer.status}")
+            calls += 1
+        conn.close()
+        return {"calls": calls}
+
+    return go
+
+
+def _figure8_run(server: Server) -> str:
+    """Figure 8's run: 10,000 final steps, then 500 metric records and 500 operator actions
+    (what figure 8's own rounds of ``POST .../metrics`` and ``.../control`` leave on it)."""
+    import httpx
+
+    from bench.hot_path import prepare_runs
+    from bench.routes import LONG_RUN
+
+    (run_id,) = prepare_runs(server.port, "prof", runs=1, horizon=LONG_RUN)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for k in range(1, 501):
+            record = {"step": k, "name": "loss", "value": 1.0 / k, "rank": 0}
+            http.post(f"/v1/runs/{run_id}/metrics", json={"records": [record]}).raise_for_status()
+            action = {"action": "scale", "factor": 1.0}
+            http.post(f"/v1/runs/{run_id}/control", json=action).raise_for_status()
+    return run_id
+
+
+def _run_read(server: Server, seconds: float) -> Any:
+    return _sequential_get(server, seconds, f"/v1/runs/{_figure8_run(server)}")
+
+
+def _history(server: Server, seconds: float) -> Any:
+    return _sequential_get(server, seconds, f"/v1/runs/{_figure8_run(server)}/history?max_points=200")
+
+
 SCENARIOS = {"hot_path": _hot_path, "client_step": _client_step, "report": _report, "commit": _commit,
-             "ranks": _ranks}
+             "ranks": _ranks, "run_read": _run_read, "history": _history}
 
 
 def main(argv: list[str] | None = None) -> int:

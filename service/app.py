@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from lrserve.service import dashboard
-from lrserve.service.api.fast_path import FastWindows
+from lrserve.service.api.fast_path import FastPath
+from lrserve.service.api.fast_reads import FastReads, HistoryAnswers
 from lrserve.service.api.handlers import install_error_handlers
 from lrserve.service.api.query import SingleQueryValues, repeatable_parameters
 from lrserve.service.api.routes import (
@@ -56,9 +57,22 @@ SWITCH_INTERVAL_S = 0.0005
 that computes a big window, each handoff waited up to 5 ms (bench figure 7, budgets)."""
 
 
+GC_THRESHOLDS = (20_000, 20, 10)
+"""The collector's thresholds once the server is up (Python's: 700, 10, 10). Every collection
+stops every thread, and a full one scans every live object: 4,096 half-sent connections are
+~120,000 (uvicorn's protocol, parser, transport, timer and request cycle each). At 700 a
+connection's objects reached the oldest generation within a second of its 10 s, and a flood
+made a full collection every 2-5 s, 0.2-0.9 s each on a loaded 2-core machine: the slowest
+``/healthz`` answers. Collecting the young every 20,000 allocations instead lets most of a
+short-lived connection's objects go by reference counting before they are promoted; the
+oldest generation is scanned about 50 times less often (docs/hardening.md, "Garbage of
+closed connections")."""
+
+
 def _warm_up_torch() -> None:
     warm_up_torch()
     gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -81,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
+        app.state.history_answers = HistoryAnswers()  # kept with the store they were read from
         barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
@@ -101,9 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await sender.start()
         app.state.webhooks = sender
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        # Before readiness: torch imports most of itself on the first engine built (seconds on a
-        # small machine). A server that said ready before that made its first requests wait on
-        # the import lock (a create took 14.7 s under load) while a proxy sent it traffic.
+        # Before readiness: torch imports parts of itself on the first engine built. A server that
+        # said ready before that made its first requests wait on the import lock (a create took
+        # 14.7 s under load, when that import was torch._dynamo's) while a proxy sent it traffic.
         await run_in_threadpool(_warm_up_torch)
         probes = None
         if settings.health_port is not None:  # once ready, as the API's /readyz
@@ -136,7 +151,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router, responses={503: ERROR_RESPONSES[503]})
     app.include_router(dashboard.router)
     install_error_handlers(app)
-    app.add_middleware(FastWindows)  # innermost: limits and telemetry still see its answers
+    # innermost: limits and telemetry still see their answers; the hot path first
+    app.add_middleware(FastReads)
+    app.add_middleware(FastPath, writes=[runs.CREATE, steps.STEP, steps.METRICS, runs.CONTROL])
     app.add_middleware(SingleQueryValues, repeatable=lambda: repeatable_parameters(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(TelemetryMiddleware, telemetry=telemetry, observers=[liveness.observe])

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from lrserve.service.engine.engine import ScheduleSwitch
 from lrserve.service.runs.state import StepOutcome
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -16,6 +16,7 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        GCCollector(registry=self.registry)  # python_gc_collections_total by generation (pauses)
         self.requests = Counter(
             "lrserve_requests",
             "HTTP requests answered",

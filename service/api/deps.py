@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Request, params
+from lrserve.service.api.fast_reads import HistoryAnswers
 from lrserve.service.auth import Authenticator, Identity
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
@@ -37,6 +38,11 @@ async def get_app_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_history_answers(request: Request) -> HistoryAnswers:
+    answers: HistoryAnswers = request.app.state.history_answers
+    return answers
+
+
 async def get_liveness(request: Request) -> Liveness:
     liveness: Liveness = request.app.state.liveness
     return liveness
@@ -46,9 +52,13 @@ ManagerDep = Annotated[RunManager, Depends(get_manager)]
 StoreDep = Annotated[BaseStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 LivenessDep = Annotated[Liveness, Depends(get_liveness)]
+HistoryAnswersDep = Annotated[HistoryAnswers, Depends(get_history_answers)]
 
 
-def _role(required: str) -> params.Depends:
+def access(required: str) -> params.Depends:
+    """The dependency that checks the request's token has the ``required`` role and gives its
+    ``Identity`` (401/403 otherwise)."""
+
     async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Identity:
         auth: Authenticator = request.app.state.auth
         return auth.require(authorization, required)
@@ -59,9 +69,9 @@ def _role(required: str) -> params.Depends:
 
 # As ``dependencies=[...]`` when the route only checks the role; as a parameter's
 # ``Annotated[Identity, AdminAccess]`` when it needs who acts (the actor of its events).
-ReadAccess = _role("read")
-WriteAccess = _role("write")
-AdminAccess = _role("admin")
+ReadAccess = access("read")
+WriteAccess = access("write")
+AdminAccess = access("admin")
 
 
 async def small_or_in_thread(manager: RunManager, call: Callable[[], T]) -> T:

@@ -1,54 +1,205 @@
-"""The hot path, answered before FastAPI: ``GET /v1/runs/{run_id}/lr``.
+"""The hot path and the hot writes, answered before FastAPI's routing.
 
-Profiling (docs/performance.md) showed FastAPI's dependency solving and validation taking
-most of a request whose answer is already in memory. This ASGI layer answers exactly
-those requests itself — a well-formed query, an authorised token, a loaded run — with the
-same body the route would give: a window of final steps from memory, or one whose new steps
-it commits right here on the event loop when that needs no wait and little work
-(``RunManager.window_now``: SQLite, the write slot free; durable before the answer, as
-always). Anything else (errors, work for a worker thread, other routes) goes on to the
-FastAPI app unchanged, so the route stays the one definition of the behaviour, of the
-errors and of the OpenAPI document.
+Profiling (docs/performance.md) showed FastAPI's routing, dependency solving and request
+handling taking most of a request whose work is small: ~0.4 ms of a durable
+``POST .../step`` whose commit takes ~0.3 ms. This ASGI layer answers two kinds of request
+itself:
+
+- ``GET /v1/runs/{run_id}/lr`` with a well-formed query, an authorised token and a loaded
+  run, with the body the route would give: a window of final steps from memory, or one
+  whose new steps it commits right here on the event loop when that needs no wait and
+  little work (``RunManager.window_now``: SQLite, the write slot free; durable before the
+  answer, as always); errors and work for a worker thread go on to the route;
+- the writes a job makes all the time (``FastWrite``: ``POST .../step``, ``.../metrics``,
+  ``.../control``, and ``POST /v1/runs``, which each of its ranks sends as it starts)
+  whose request is well formed: an authorised token, a JSON body that the
+  route's own request model accepts, no query string. It calls the route's own answer
+  function (the route calls the same one), and maps the errors that raises with the app's
+  own exception handlers, so the answers, their bodies and what is stored are the route's.
+
+Anything else — a missing or bad token, a body the model refuses, another content type,
+other routes — goes on to the FastAPI app unchanged (with the body read so far given to it
+again), so the routes stay the one definition of every error answer and of the OpenAPI
+document.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 from lrserve.service.api.responses import window_body
 from lrserve.service.api.schemas import MAX_STEP, RUN_ID_PATTERN
+from lrserve.service.auth import Identity
 from lrserve.service.errors import LRServeError
 from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
-from starlette.types import ASGIApp, Receive, Scope, Send
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ROUTE = "/v1/runs/{run_id}/lr"
-_PATH = re.compile(rf"^/v1/runs/({RUN_ID_PATTERN.strip('^$')})/lr$")
+_RUN_ID = RUN_ID_PATTERN.strip("^$")
+_PATH = re.compile(rf"^/v1/runs/({_RUN_ID})/lr$")
 log = logging.getLogger("lrserve")
 _MAX_DIGITS = len(str(MAX_STEP))  # longer strings go to the route's 422 (never to int())
+_RUN_PREFIX = "/v1/runs/{run_id}/"
+RUNS = "/v1/runs"
+"""``POST /v1/runs``: every rank of a job creates (joins) its run as it starts."""
 
 
-class FastWindows:
-    """Serves cached windows of final values; passes every other request on."""
+@dataclass(frozen=True)
+class FastWrite:
+    """A ``POST`` route on one run that the fast path answers itself when its request is well formed.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Declared next to its route, which takes its ``role`` (``deps.access(role)``) and calls its
+    ``answer`` too: one definition of each.
+
+    Attributes:
+        route: The route's template (``/v1/runs/{run_id}/...``, or ``/v1/runs``: a create), as
+            telemetry and liveness name it.
+        body: The route's request model.
+        role: The role the route requires (``Authenticator.require``).
+        answer: ``answer(app, run_id, body, identity)``: the route's answer (``run_id``: the
+            path's; ``""`` for ``/v1/runs``).
+    """
+
+    route: str
+    body: type[BaseModel]
+    role: str
+    answer: Callable[[Starlette, str, Any, Identity], Awaitable[Response]]
+
+
+@dataclass(eq=False)
+class _Miss:
+    """A ``GET .../lr`` for a window not yet final, gone on to the route (which commits it)."""
+
+    last: int
+    """The last step it asked for."""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: int = 0
+    """Requests waiting for it to end."""
+
+
+class FastPath:
+    """Serves cached windows of final values and well-formed hot writes; passes every other
+    request on.
+
+    The ranks of a job ask for the same window at nearly the same moment, and the first
+    to arrive commits it. Those that arrive while it is in the route (committing in a worker
+    thread, in this process) wait for it and are answered here from what it made final,
+    rather than each going through the route, a worker thread and the run's lock to find
+    the window final; if it fails, or made less final than they ask, they go on to the
+    route as before.
+    """
+
+    def __init__(self, app: ASGIApp, writes: Sequence[FastWrite] = ()) -> None:
         self.app = app
+        on_runs = [write for write in writes if write.route != RUNS]
+        for write in on_runs:
+            if not write.route.startswith(_RUN_PREFIX) or "/" in write.route[len(_RUN_PREFIX):]:
+                raise ValueError(f"a fast write is {RUNS} or /v1/runs/{{run_id}}/<name>, not {write.route}")
+        self.writes = {write.route[len(_RUN_PREFIX):]: write for write in on_runs}
+        self._create = next((write for write in writes if write.route == RUNS), None)
+        self._misses: dict[str, _Miss] = {}  # by run id: the GET in the route committing its next window
+        self._write_path = re.compile(rf"/v1/runs/({_RUN_ID})/({'|'.join(map(re.escape, self.writes))})")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
-            body = self._answer(scope)
-            if body is not None:
-                scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
-                await send({"type": "http.response.start", "status": 200, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
+        if scope["type"] == "http":
+            method = scope["method"]
+            if method == "GET":
+                asked = self._asked(scope)
+                if asked is not None:
+                    await self._window(scope, receive, send, *asked)
+                    return
+            elif method == "POST":
+                if scope["path"] == RUNS and self._create is not None:
+                    await self._write(scope, receive, send, "", self._create)
+                    return
+                match = self._write_path.fullmatch(scope["path"]) if self.writes else None
+                if match is not None:
+                    await self._write(scope, receive, send, match.group(1), self.writes[match.group(2)])
+                    return
         await self.app(scope, receive, send)
 
-    def _answer(self, scope: Scope) -> bytes | None:
+    async def _write(self, scope: Scope, receive: Receive, send: Send, run_id: str, write: FastWrite) -> None:
+        raw, messages = await _read_body(receive)  # a body over the limit raises here (BodySizeLimit answers)
+        accepted = None if raw is None else self._accept(scope, raw, write)
+        if accepted is None:  # the route answers: its errors, its bodies
+            await self.app(scope, _replay(messages, receive), send)
+            return
+        body, identity = accepted
+        app: Starlette = scope["app"]
+        scope["lrserve.route"] = write.route  # for the telemetry middleware (and liveness)
+        scope["path_params"] = {"run_id": run_id} if run_id else {}  # as the router would have it
+        try:
+            response = await write.answer(app, run_id, body, identity)
+        except Exception as exc:
+            handler = _handler_for(app, exc)
+            if handler is None:
+                raise  # as from a route: the server's error middleware answers 500 and logs it
+            response = await handler(Request(scope, receive), exc)
+        await response(scope, receive, send)
+
+    @staticmethod
+    def _accept(scope: Scope, raw: bytes, write: FastWrite) -> tuple[BaseModel, Identity] | None:
+        """The request's validated body and who sends it, or None where the route must answer.
+
+        As FastAPI reads a JSON body: ``json.loads``, then the model's Python-mode validation.
+        """
+        if scope.get("query_string") or _content_type(scope) != "application/json":
+            return None
+        state = scope["app"].state
+        if getattr(state, "manager", None) is None:
+            return None
+        try:
+            identity = state.auth.require(_header(scope, b"authorization"), write.role)
+        except LRServeError:
+            return None  # the route answers 401/403 with its usual body
+        try:
+            return write.body.model_validate(json.loads(raw), from_attributes=True), identity
+        except Exception:  # noqa: BLE001 - bad JSON or a refused body: the route words the 4xx
+            return None
+
+    async def _window(
+        self, scope: Scope, receive: Receive, send: Send,
+        manager: RunManager, run_id: str, step: int, ahead: int,
+    ) -> None:
+        body = self._answer(scope, manager, run_id, step, ahead)
+        miss = self._misses.get(run_id) if body is None else None
+        if miss is not None and miss.last >= step + ahead:  # being committed by a request under way
+            miss.waiting += 1
+            try:
+                await miss.done.wait()
+            finally:
+                miss.waiting -= 1
+            body = self._answer(scope, manager, run_id, step, ahead)
+        if body is not None:
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if run_id in self._misses:
+            await self.app(scope, receive, send)
+            return
+        miss = self._misses[run_id] = _Miss(step + ahead)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            del self._misses[run_id]
+            miss.done.set()
+
+    @staticmethod
+    def _asked(scope: Scope) -> tuple[RunManager, str, int, int] | None:
+        """What a well-formed, authorised ``GET .../lr`` asks (None: the route answers)."""
         match = _PATH.match(scope["path"])
         if match is None:
             return None
@@ -56,18 +207,23 @@ class FastWindows:
         if query is None:
             return None
         app = scope["app"]
-        manager = getattr(app.state, "manager", None)
+        manager: RunManager | None = getattr(app.state, "manager", None)
         if manager is None:
             return None
         try:
             app.state.auth.require(_header(scope, b"authorization"), "read")
         except LRServeError:
             return None  # the route answers 401/403 with its usual body
-        window = manager.cached_window(match.group(1), *query, most_values=ON_LOOP_VALUES)
+        return manager, match.group(1), *query
+
+    @staticmethod
+    def _answer(scope: Scope, manager: RunManager, run_id: str, step: int, ahead: int) -> bytes | None:
+        window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
         if window is None:
-            window = _committed_now(manager, match.group(1), *query)
+            window = _committed_now(manager, run_id, step, ahead)
             if window is None:
                 return None
+        scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
         return orjson.dumps(window_body(window))
 
@@ -100,6 +256,49 @@ def _parse_query(raw: bytes) -> tuple[int, int] | None:
         return None
     step, ahead = (int(v) for v in values)
     return (step, ahead) if step <= MAX_STEP else None
+
+
+async def _read_body(receive: Receive) -> tuple[bytes | None, list[Message]]:
+    """The whole body (None if the client went away first), and the messages it came in."""
+    messages = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return None, messages
+        if not message.get("more_body", False):
+            return b"".join(m.get("body", b"") for m in messages), messages
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """``receive`` for the route: the messages read here, then whatever comes next."""
+    pending = messages[::-1]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+_Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def _handler_for(app: Starlette, exc: Exception) -> _Handler | None:
+    """The app's handler for ``exc``, looked up as Starlette's exception middleware does (by the
+    class's MRO; the handler of ``Exception`` is the server-error middleware's, left to it)."""
+    handlers = app.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        if cls in handlers:
+            handler: _Handler = handlers[cls]
+            return handler
+    return None
+
+
+def _content_type(scope: Scope) -> str | None:
+    value = _header(scope, b"content-type")
+    return None if value is None else value.split(";", 1)[0].strip().lower()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

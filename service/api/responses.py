@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from lrserve.service.api import sliced_json
 from lrserve.service.engine.codec import legacy_float_text, public_float, public_json, public_rows
 from lrserve.service.errors import LRServeError
@@ -207,18 +208,25 @@ def overflow_message(overflow: Overflow) -> Body:
 
 
 def history_body(history: History) -> Body:
-    """``HistoryPublic``."""
+    """``HistoryPublic``. The LRs are a numpy view of their packed doubles (``history_json``
+    writes it as rows of numbers; LRs are always finite)."""
     metrics = {
         name: {"steps": [r[0] for r in rows], "values": [public_float(r[2]) for r in rows],
                "ranks": [r[1] for r in rows]}
         for name, rows in history.metrics.items()
     }
+    lrs = np.frombuffer(history.packed_lrs, dtype=np.float64).reshape(len(history.steps), history.n_groups)
     return {
         "run_id": history.run_id,
-        "lrs": {"steps": list(history.steps), "values": [list(v) for v in history.lrs]},
+        "lrs": {"steps": list(history.steps), "values": lrs},
         "metrics": metrics,
         "events": [event_body(e) for e in history.events],
     }
+
+
+def history_json(history: History) -> bytes:
+    """``HistoryPublic`` as JSON bytes (big LR tables a slice at a time: ``sliced_json``)."""
+    return sliced_json.dumps(history_body(history))
 
 
 def lr_finder_body(finder: LRFinder) -> Body:

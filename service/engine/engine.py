@@ -30,9 +30,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from lrserve.service.engine.range_test import RangeTest
@@ -108,12 +108,45 @@ class _PlateauClock(torch_schedulers.LRScheduler):
         return {k: v for k, v in super().state_dict().items() if k != "_stage"}
 
 
+class _ShadowSGD(torch.optim.SGD):
+    """torch's SGD, which the schedulers drive, minus two calls that import ``torch._dynamo``.
+
+    torch wraps ``Optimizer.add_param_group`` in ``torch._disable_dynamo`` and ``SGD.step``
+    in ``_use_grad_for_differentiable``: on its first call each imports ``torch._dynamo``
+    (with sympy, ~800 modules: 3 s of a server's 7 s start-up here), only to keep torch.compile
+    from tracing into them. Nothing here is compiled, so:
+
+    - ``add_param_group`` is torch's own function, called without that wrapper (its
+      ``__wrapped__``; the wrapped one where a torch has none): the same checks and defaults;
+    - ``step`` does nothing, which is what SGD's step does to these parameters: none ever has
+      a gradient (SGD skips such parameters, and keeps no state for them). The schedulers
+      only need to see it called (their ``optimizer.step()`` before ``scheduler.step()`` check).
+
+    The schedulers' values are torch's own either way: they never call either method.
+    """
+
+    add_param_group = getattr(torch.optim.Optimizer.add_param_group, "__wrapped__",
+                              torch.optim.Optimizer.add_param_group)
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if closure is None:
+            return None
+        with torch.enable_grad():  # as SGD calls one (lrserve passes none)
+            return closure()
+
+
 def _shadow_optimizer(base_lrs: Sequence[float], momentums: Sequence[float] | None) -> torch.optim.SGD:
     groups = [
         {"params": [torch.zeros(0)], "lr": float(lr), "momentum": float(momentums[i]) if momentums else 0.0}
         for i, lr in enumerate(base_lrs)
     ]
-    optimizer = torch.optim.SGD(groups[:1], lr=float(base_lrs[0]))
+    optimizer = _ShadowSGD(groups[:1], lr=float(base_lrs[0]))
     # torch's add_param_group checks a new group's params against every group's so far: O(groups²),
     # 1.6 of the 1.7 s a 1024-group engine took to build (each create, load and restore). Each
     # group here holds a tensor of its own, so each is added where it sees no other group (torch
@@ -488,9 +521,10 @@ def steps_from(snapshot: Mapping[str, Any], target: int, need: int) -> Stepped:
 def warm_up_torch() -> None:
     """Build and step one throwaway engine, so the first run a process loads does not stall.
 
-    torch imports most of itself (``torch._dynamo`` among it) on the first optimizer and
-    scheduler built, seconds on a small machine; paid at start-up, before the server takes
-    requests, instead of by the first request (and every request queued behind it).
+    torch imports parts of itself lazily on the first optimizer and scheduler built; paid at
+    start-up, before the server takes requests, instead of by the first request (and every
+    request queued behind it). With ``_ShadowSGD`` that is milliseconds: ``torch._dynamo``
+    (seconds) is never imported.
     """
     engine = Engine(parse_schedule({"type": "StepLR", "step_size": 1}, n_groups=1), [0.1], None)
     engine.advance()

@@ -7,10 +7,13 @@ not reported after ``barrier_timeout_s``, the ranks that did decide with their o
 and a ``barrier_timeout`` event names the missing ranks.
 
 Reports are stored in the database, so ranks spread over several replicas meet in the
-same barrier. The rank that completes it decides at once and wakes the ranks waiting in
-its own process: it knows it is the last either from its report's transaction, which
-reads the barrier back (on SQLite, where writers take turns, always), or from the
-reports this process has counted (PostgreSQL lets concurrent reports miss each other).
+same barrier. A job's ranks report within milliseconds of each other: the reports that
+reach a process while another of the same barrier is being written go together in the
+next write (one transaction and one worker thread for them). The rank that completes the
+barrier decides at once and wakes the ranks waiting in its own process: it knows it is
+the last either from its report's transaction, which reads the barrier back (on SQLite,
+where writers take turns, always), or from the reports this process has counted
+(PostgreSQL lets concurrent reports miss each other).
 Ranks waiting in other processes learn of the decision by asking the store: on
 PostgreSQL when a notification says another process reported to or decided the run
 (``LISTEN``/``NOTIFY``, ``BaseStore.run_listener``), which also settles a barrier whose
@@ -29,7 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from lrserve.service.errors import InvalidInput, OutageLog
-from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
+from lrserve.service.runs.manager import ON_LOOP_VALUES, RankReport, RunManager, Window
 from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger("lrserve.barrier")
@@ -54,6 +57,10 @@ class _Barrier:
     users: int = 0
     reported: set[int] = field(default_factory=set)
     """Ranks whose report this process has written (committed)."""
+    queued: list[tuple[RankReport, int, asyncio.Future[bool]]] = field(default_factory=list)
+    """Reports not written yet (with the ``ahead`` each asks for): they go in the next write."""
+    writer: asyncio.Task[None] | None = None
+    """Writes the queued reports, a group at a time, while there are any."""
 
     def finish(self) -> None:
         self.done = True
@@ -142,9 +149,7 @@ class Barriers:
         key = (run_id, step)
         barrier = self._enter(key)
         try:
-            args = (run_id, step, rank, metrics, watched, ahead)
-            decided = await run_in_threadpool(self.manager.report_to_barrier, *args)
-            barrier.reported.add(rank)
+            decided = await self._report(run_id, step, barrier, RankReport(rank, metrics, watched), ahead)
             if not decided and len(barrier.reported) >= state.world_size:  # all in, though unseen
                 decided = await run_in_threadpool(self.manager.resolve_barrier, run_id, step, False, ahead)
             if decided:
@@ -157,6 +162,41 @@ class Barriers:
         if window is None:
             window = await run_in_threadpool(self.manager.window, run_id, step, ahead)
         return window
+
+    async def _report(
+        self, run_id: str, step: int, barrier: _Barrier, report: RankReport, ahead: int
+    ) -> bool:
+        """Write this rank's report; True once the barrier is decided.
+
+        A job's ranks report within milliseconds of each other: those that reach this
+        process while a write of the barrier is in progress go together in the next one
+        (one transaction and one worker thread for them, not one each)."""
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        barrier.queued.append((report, ahead, answer))
+        if barrier.writer is None:
+            barrier.writer = asyncio.create_task(self._write_reports(run_id, step, barrier))
+        return await answer
+
+    async def _write_reports(self, run_id: str, step: int, barrier: _Barrier) -> None:
+        try:
+            while barrier.queued:
+                group, barrier.queued = barrier.queued, []
+                reports = [report for report, _, _ in group]
+                most = max(ahead for _, ahead, _ in group)
+                try:
+                    decided = await run_in_threadpool(
+                        self.manager.report_ranks_to_barrier, run_id, step, reports, most)
+                except Exception as exc:  # noqa: BLE001 - each rank of the group answers with it
+                    for _, _, answer in group:
+                        if not answer.done():  # not given up on (a request cancelled)
+                            answer.set_exception(exc)
+                    continue
+                barrier.reported.update(report.rank for report in reports)
+                for _, _, answer in group:
+                    if not answer.done():
+                        answer.set_result(decided)
+        finally:
+            barrier.writer = None
 
     def _enter(self, key: tuple[str, int]) -> _Barrier:
         barrier = self._open.get(key)

@@ -38,7 +38,14 @@ from lrserve.service.runs.commit import (
 from lrserve.service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
 from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
-from lrserve.service.store.base import BarrierTally, BaseStore, MetricRecord, RunRecord, WouldWait
+from lrserve.service.store.base import (
+    BarrierTally,
+    BaseStore,
+    HistoryMark,
+    MetricRecord,
+    RunRecord,
+    WouldWait,
+)
 from lrserve.service.store.events import EventKind, NewEvent
 
 __all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManager", "Window"]
@@ -48,6 +55,15 @@ ON_LOOP_VALUES = 4096
 are built in a worker thread, so that no answer stalls the requests the loop serves."""
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """One rank's report at a metric barrier: all its metrics, and the watched ones among them."""
+
+    rank: int
+    metrics: Mapping[str, float]
+    watched: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -124,8 +140,30 @@ class RunManager:
         """The run's state as of the stored horizon (other processes may have gone further)."""
         return self.committer.caught_up(run_id)
 
-    def history(self, run_id: str, max_points: int) -> History:
-        return self.reads.history(run_id, max_points)
+    def read_run(self, run_id: str) -> tuple[RunRecord, RunState]:
+        """The run's record (one read) and its state as of it, caught up first if another
+        process went further (``GET /v1/runs/{id}``). On the event loop (``now``) the run must
+        be loaded already: loading it (a replay) is a worker thread's work.
+
+        Raises:
+            RunNotFound: no such run.
+        """
+        record = self.store.read_run(run_id)
+        state = self.runs.loaded(run_id)
+        if state is None:
+            if self.store.must_not_wait:
+                raise WouldWait("loading a run is no work for the event loop")
+            state = self.runs.state(run_id)
+        if record.horizon > state.horizon or record.created_at != state.created_at:
+            state = self.committer.caught_up(run_id)
+            record = self.store.read_run(run_id)
+        return record, state
+
+    def history_mark(self, run_id: str) -> HistoryMark:
+        return self.reads.history_mark(run_id)
+
+    def history(self, run_id: str, max_points: int, mark: HistoryMark | None = None) -> History:
+        return self.reads.history(run_id, max_points, mark)
 
     def lr_finder(self, run_id: str) -> LRFinder:
         return self.reads.lr_finder(run_id)
@@ -140,12 +178,18 @@ class RunManager:
 
         ``actor`` (who asks) is recorded on the ``created`` event when this call creates it.
 
+        On the event loop (``now``) only a join goes through: the run exists with this spec
+        (one read); anything else raises ``WouldWait`` before it changes anything.
+
         Raises:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
         parsed: RunSpec | None = None
-        if is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"]):
+        big = is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"])
+        if big and self.store.must_not_wait:
+            raise WouldWait("a big spec is checked in a worker process")
+        if big:
             # checked whole in a worker process (first steps included): nothing left to build here
             spec = self.big_work.run(checked_spec, dict(request), self.settings.work_budget)
         else:
@@ -155,6 +199,8 @@ class RunManager:
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
             return existing, False
+        if self.store.must_not_wait:
+            raise WouldWait(f"run {run_id!r} is new here: built in a worker thread")
         with self.runs.run_lock(run_id):  # a job's ranks arrive together: one builds the run, the rest join
             existing = self._existing(run_id, spec)
             if existing is not None:
@@ -328,8 +374,14 @@ class RunManager:
         watched: Mapping[str, float],
         ahead: int = 0,
     ) -> bool:
-        """Keep one rank's report (all its metrics for history, the watched ones for the
-        barrier, in one transaction); the rank that completes the barrier decides it, and
+        """One rank's report (``report_ranks_to_barrier`` of one rank)."""
+        return self.report_ranks_to_barrier(run_id, step, [RankReport(rank, metrics, watched)], ahead)
+
+    def report_ranks_to_barrier(
+        self, run_id: str, step: int, reports: Sequence[RankReport], ahead: int = 0
+    ) -> bool:
+        """Keep ranks' reports (all their metrics for history, the watched ones for the
+        barrier, in one transaction); the report that completes the barrier decides it, and
         commits the window it asks for (``ahead``) with the decision.
 
         Returns:
@@ -340,11 +392,17 @@ class RunManager:
         """
         state = self.state(run_id)
         self._check_jump(state, step)
-        records = metric_records(metrics, step, rank)
-        reports = guard_reports(state, records)
-        if reports:  # judged per rank, not at the barrier: placed now, at step (or the first free one)
-            self.committer.commit(run_id, state.horizon, reports=reports)
-        tally = self.store.add_barrier_report(run_id, step, rank, watched, records)
+        records: list[MetricRecord] = []
+        for report in reports:
+            rank_records = metric_records(report.metrics, step, report.rank)
+            guarded = guard_reports(state, rank_records)
+            if guarded:  # judged per rank, not at the barrier: placed now, at step (or the first free one)
+                self.committer.commit(run_id, state.horizon, reports=guarded)
+            records += rank_records
+        watched: dict[int, Mapping[str, float]] = {}
+        for report in reports:
+            watched.setdefault(report.rank, report.watched)  # a rank's first report stands
+        tally = self.store.add_barrier_reports(run_id, step, watched, records)
         return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
 
     def resolve_barrier(self, run_id: str, step: int, timed_out: bool, ahead: int = 0) -> bool:

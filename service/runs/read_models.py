@@ -4,6 +4,7 @@ further than this one) and commits nothing new."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,9 @@ from lrserve.service.errors import RunConflict
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import Committer
 from lrserve.service.runs.state import RunState
+from lrserve.service.runs.value_log import step_tuples
 from lrserve.service.settings import Settings
-from lrserve.service.store.base import BaseStore
+from lrserve.service.store.base import BaseStore, HistoryMark
 from lrserve.service.store.events import Event, EventKind
 
 
@@ -43,13 +45,21 @@ class SpikeGuardView:
 
 @dataclass(frozen=True)
 class History:
-    """A run's curves (downsampled) and events up to the stored horizon."""
+    """A run's curves (downsampled) and events up to the stored horizon, as of ``mark`` (read
+    before anything else: the history is at least that new)."""
 
     run_id: str
     steps: Sequence[int]
-    lrs: list[tuple[float, ...]]  # the LRs of each of ``steps``
+    packed_lrs: array[float]  # the LRs of each of ``steps``, ``n_groups`` a step, one after the other
+    n_groups: int
     metrics: dict[str, Sequence[tuple[int, int, float]]]  # per name: (step, rank, value) rows
     events: list[Event]  # every event but the metric ones
+    mark: HistoryMark
+
+    @property
+    def lrs(self) -> list[tuple[float, ...]]:
+        """The LRs of each of ``steps``, a tuple a step."""
+        return list(step_tuples(self.packed_lrs, self.n_groups))
 
 
 class ReadModels:
@@ -104,8 +114,20 @@ class ReadModels:
                  for rank, band in sorted(bands.items())}
         return SpikeGuardView(run_id, settings, horizon, multiplier, spikes, shown)
 
-    def history(self, run_id: str, max_points: int) -> History:
-        """The run's curves and events up to the stored horizon (404 if deleted by any replica)."""
+    def history_mark(self, run_id: str) -> HistoryMark:
+        """What the run's history is made of now (``HistoryMark``): equal marks, equal histories.
+
+        Raises:
+            RunNotFound: no such run (or deleted by any replica).
+        """
+        return self.store.history_mark(run_id)
+
+    def history(self, run_id: str, max_points: int, mark: HistoryMark | None = None) -> History:
+        """The run's curves and events up to the stored horizon (404 if deleted by any replica).
+
+        ``mark``: the run's ``history_mark`` if the caller has just read it (else read here, first).
+        """
+        mark = self.store.history_mark(run_id) if mark is None else mark
         state = self.committer.caught_up(run_id)
         units = cost.history_cost(n_groups=state.n_groups, points=min(max_points, state.horizon + 1))
         cost.check(f"a history of {max_points} points on {state.n_groups} param groups", "max_points",
@@ -116,22 +138,27 @@ class ReadModels:
         metrics = {name: downsample(rows, max_points)
                    for name, rows in self.store.read_metrics(run_id).items()}
         events = [e for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
-        return History(run_id, steps, [lrs[s] for s in steps], metrics, events)
+        return History(run_id, steps, lrs, state.n_groups, metrics, events, mark)
 
-    def _lrs_at(self, state: RunState, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
-        """Final LRs of ``steps`` (at most the horizon): from memory, else as stored with the
-        snapshots (a read per step, however long the run), else (runs written before the
-        values were stored) replayed."""
-        # held from first_step to the horizon, and steps are at most the horizon
-        found = {s: state.cached(s)[0] for s in steps if s >= state.first_step}  # type: ignore[index]
-        older = [s for s in steps if s < state.first_step]
-        if older:
-            found.update(self.store.read_lrs(state.run_id, older))
-            missing = [s for s in older if s not in found]
-            if missing:
-                replayed = self.runs.values_between(state.run_id, missing[0], missing[-1])
-                found.update({s: replayed[s - missing[0]][0] for s in missing})
-        return found
+    def _lrs_at(self, state: RunState, steps: Sequence[int]) -> array[float]:
+        """Final LRs of ``steps`` (at most the horizon, increasing), packed: from memory, else as
+        stored with the snapshots (a read per step, however long the run), else (runs written
+        before the values were stored) replayed."""
+        first = state.first_step  # held from first_step to the horizon, and steps are at most the horizon
+        older = [s for s in steps if s < first]
+        held = state.values.packed_rows(s - first for s in steps[len(older):])
+        if not older:
+            return held
+        found = self.store.read_lrs(state.run_id, older)
+        missing = [s for s in older if s not in found]
+        if missing:
+            replayed = self.runs.values_between(state.run_id, missing[0], missing[-1])
+            found.update({s: replayed[s - missing[0]][0] for s in missing})
+        packed = array("d")
+        for s in older:
+            packed.extend(found[s])
+        packed.extend(held)
+        return packed
 
 
 def downsample(items: Sequence[Any], max_points: int) -> Sequence[Any]:

@@ -189,6 +189,7 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, database: Path) -> N
         try:
             _enable_wal(cursor)
             cursor.execute(f"PRAGMA synchronous={synchronous}")  # checked against a fixed list
+            cursor.execute("PRAGMA wal_autocheckpoint=0")  # not in a COMMIT: a thread's (store/wal.py)
         finally:
             cursor.close()
 

@@ -68,6 +68,22 @@ class RunHead:
 
 
 @dataclass(frozen=True)
+class HistoryMark:
+    """What a run's history (``GET .../history``) is made of, in four numbers: its row's
+    ``created_at`` (a run deleted and created again), ``horizon`` (its final LRs),
+    ``last_seq`` (its events) and how many metric rows it has (``history_mark``).
+
+    Each only grows while the run exists: final values never change, events and metric rows
+    are only appended (a metric already stored is kept as it was). So two equal marks mean
+    the same history, and an answer built after reading a mark is at least that new."""
+
+    created_at: datetime
+    horizon: int
+    last_seq: int
+    metric_rows: int
+
+
+@dataclass(frozen=True)
 class ValueChunk:
     """Final LRs of steps ``first_step .. first_step + steps - 1``, packed (see ``value_chunks``)."""
 
@@ -75,6 +91,15 @@ class ValueChunk:
     steps: int
     groups: int
     lrs: bytes
+
+    def pieces(self, max_bytes: int) -> list[ValueChunk]:
+        """This chunk as consecutive chunks of at most ``max_bytes`` each (at least one step):
+        the same steps and bytes, each piece found by ``read_lrs`` as the chunk is."""
+        width = self.groups * 8
+        per = max(1, max_bytes // max(1, width))
+        return [ValueChunk(self.first_step + start, min(per, self.steps - start), self.groups,
+                           self.lrs[start * width:(start + per) * width])
+                for start in range(0, self.steps, per)] or [self]
 
 
 def pack_lrs(lrs: array[float]) -> bytes:
@@ -251,6 +276,16 @@ class BaseStore(abc.ABC):
         record = self.read_run(run_id)
         return RunHead(record.created_at, record.horizon, record.last_seq)
 
+    def history_mark(self, run_id: str) -> HistoryMark:
+        """The run's ``HistoryMark`` (whether a history built before still holds).
+
+        Raises:
+            RunNotFound: no such run.
+        """
+        record = self.read_run(run_id)
+        rows = sum(len(found) for found in self.read_metrics(run_id).values())
+        return HistoryMark(record.created_at, record.horizon, record.last_seq, rows)
+
     def without_waiting(self) -> AbstractContextManager[None]:
         """Within it, on this thread, every call either goes through at once or raises
         ``WouldWait`` before writing anything (for work on the event loop: ``RunManager.now``).
@@ -303,7 +338,6 @@ class BaseStore(abc.ABC):
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
 
-    @abc.abstractmethod
     def add_barrier_report(
         self,
         run_id: str,
@@ -312,10 +346,22 @@ class BaseStore(abc.ABC):
         values: Mapping[str, float],
         records: Sequence[MetricRecord] = (),
     ) -> BarrierTally:
-        """Record one rank's watched metrics for ``step`` (idempotent per rank and name).
+        """Record one rank's watched metrics for ``step`` (``add_barrier_reports`` of one rank)."""
+        return self.add_barrier_reports(run_id, step, {rank: values}, records)
+
+    @abc.abstractmethod
+    def add_barrier_reports(
+        self,
+        run_id: str,
+        step: int,
+        reports: Mapping[int, Mapping[str, float]],
+        records: Sequence[MetricRecord] = (),
+    ) -> BarrierTally:
+        """Record ranks' watched metrics for ``step`` (rank -> values), in one transaction;
+        idempotent per rank and name: a rank's first report of a name stands.
 
         Args:
-            records: The report's metrics for history, written in the same transaction.
+            records: The reports' metrics for history, written in the same transaction.
 
         Returns:
             The barrier as of this write: so the last rank to report knows it is the last.

@@ -35,6 +35,7 @@ from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from lrserve.service.store.base import (
     BarrierTally,
     BaseStore,
+    HistoryMark,
     MetricRecord,
     RunHead,
     RunRecord,
@@ -58,6 +59,7 @@ from lrserve.service.store.schema import (
     snapshots,
     value_chunks,
 )
+from lrserve.service.store.wal import Checkpointer
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -97,6 +99,20 @@ _RUN_ROWS: dict[RowLock | None, Any] = {
 }
 _RUN_HEAD = select(runs.c.created_at, runs.c.horizon, runs.c.last_seq).where(
     runs.c.run_id == bindparam("run_id"))
+_HISTORY_MARK = select(
+    runs.c.created_at, runs.c.horizon, runs.c.last_seq,
+    select(func.count()).select_from(metrics).where(metrics.c.run_id == runs.c.run_id)
+    .scalar_subquery().label("metric_rows"),
+).where(runs.c.run_id == bindparam("run_id"))
+_READ_METRICS = select(
+    metrics.c.name, metrics.c.step, metrics.c.rank, metrics.c.value, metrics.c.value_text
+).where(metrics.c.run_id == bindparam("run_id")).order_by(metrics.c.name, metrics.c.step, metrics.c.rank)
+_RUN_LABELLED = select(
+    runs, run_labels.c.key.label("label_key"), run_labels.c.value.label("label_value")
+).select_from(
+    runs.outerjoin(run_labels, run_labels.c.run_id == runs.c.run_id)
+).where(runs.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
+"""A run's row once per label (once, with NULLs, without labels): ``read_run`` in one statement."""
 _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
     run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
 _INSERT_EVENTS = events.insert()
@@ -195,11 +211,28 @@ class _DriverSql:
         raw = cursor.fetchone()
         if raw is None:
             return None
+        results = self._processors(cursor)
+        return {name: (value if process is None else process(value))
+                for name, process, value in zip(self.columns, results, raw, strict=True)}
+
+    def rows(self, cursor: Any) -> list[tuple[Any, ...]]:
+        """The remaining rows of a SELECT as tuples in column order, values as Core would return them."""
+        raw = cursor.fetchall()
+        results = self._processors(cursor)
+        if not any(results):
+            return [tuple(row) for row in raw]
+        return [tuple(value if process is None else process(value)
+                      for process, value in zip(results, row, strict=True)) for row in raw]
+
+    def _processors(self, cursor: Any) -> list[Any]:
         if self._results is None:  # PostgreSQL's need the driver's type codes
             self._results = [c.type.dialect_impl(self._dialect).result_processor(self._dialect, d[1])
                              for c, d in zip(self._types, cursor.description, strict=True)]
-        return {name: (value if process is None else process(value))
-                for name, process, value in zip(self.columns, self._results, raw, strict=True)}
+        return self._results
+
+
+CHUNK_PIECE_BYTES = 1 << 20
+"""The most bytes of a value chunk one write transaction carries (``save_snapshot``)."""
 
 
 class SqlStore(BaseStore):
@@ -232,6 +265,8 @@ class SqlStore(BaseStore):
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
+        # SQLite's WAL checkpoints, outside that slot (its own COMMIT ran them: ``store/wal.py``)
+        self.checkpointer = Checkpointer(engine, self) if self._sqlite_writers is not None else None
         self._hurried = threading.local()  # ``without_waiting``: .on is True inside it
         self._commit_watchers: list[Callable[[], object]] = []
         self._compiled: dict[str, _DriverSql] = {}
@@ -286,6 +321,8 @@ class SqlStore(BaseStore):
                     yield conn
                     if write and self._guard is not None:
                         self._guard.check()  # never commit (and acknowledge) into a file that is gone
+            if write and self.checkpointer is not None:
+                self.checkpointer.wrote()
         except sa_exc.DBAPIError as exc:
             if now and _busy(exc.orig):
                 raise WouldWait("another process holds the write slot") from exc
@@ -393,19 +430,22 @@ class SqlStore(BaseStore):
         return record, True
 
     def read_run(self, run_id: str) -> RunRecord:
-        """The run's record.
+        """The run's record: its row and its labels in one statement (one read, no transaction).
 
         Raises:
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        rows, labels = self._driver_sql("run", _RUN_ROWS[None]), self._driver_sql("labels", _RUN_LABELS)
-        with self._driver_read(snapshot=True) as cursor:
-            row = rows.one(rows.execute(cursor, {"run_id": run_id}))
+        sql = self._driver_sql("run_labelled", _RUN_LABELLED)
+        with self._driver_read() as cursor:
+            row = sql.one(sql.execute(cursor, {"run_id": run_id}))
             if row is None:
                 raise RunNotFound(run_id)
-            found = dict(labels.execute(cursor, {"run_id": run_id}).fetchall())
-        return replace(_record_of(row), labels=found)
+            more = sql.rows(cursor)
+        key, value = sql.columns.index("label_key"), sql.columns.index("label_value")
+        labels = {row["label_key"]: row["label_value"]} if row["label_key"] is not None else {}
+        labels.update((found[key], found[value]) for found in more)
+        return _record_of(row, labels)
 
     def run_head(self, run_id: str) -> RunHead:
         """The run's ``created_at``, ``horizon`` and ``last_seq`` in one statement (one row,
@@ -421,6 +461,21 @@ class SqlStore(BaseStore):
         if row is None:
             raise RunNotFound(run_id)
         return RunHead(row["created_at"], row["horizon"], row["last_seq"])
+
+    def history_mark(self, run_id: str) -> HistoryMark:
+        """The run's ``HistoryMark`` in one statement (its row, and its metric rows counted
+        on the metrics table's primary key: C speed, a few ms per 100,000 rows).
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        sql = self._driver_sql("history_mark", _HISTORY_MARK)
+        with self._driver_read() as cursor:
+            row = sql.one(sql.execute(cursor, {"run_id": run_id}))
+        if row is None:
+            raise RunNotFound(run_id)
+        return HistoryMark(row["created_at"], row["horizon"], row["last_seq"], int(row["metric_rows"]))
 
     @contextmanager
     def _driver_read(self, *, snapshot: bool = False) -> Iterator[Any]:
@@ -758,7 +813,14 @@ class SqlStore(BaseStore):
 
     def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None) -> None:
         """Keep an engine snapshot; one at the same step is replaced. ``chunk``: the run's final
-        LRs since the last snapshot, kept in the same transaction (for ``read_lrs``).
+        LRs since the last snapshot (for ``read_lrs``).
+
+        The chunk is written in pieces of at most ``CHUNK_PIECE_BYTES``, each in a write
+        transaction of its own, the snapshot's row with the last: on SQLite every commit of
+        every run waits for the file's one write slot, and a 1024-group run's chunk is 8 MB
+        (2,000 pages of log, 20-115 ms in one transaction). A piece written by a process that
+        died before its snapshot is harmless: the values are final, and the next snapshot's
+        pieces start at the same steps and replace it.
 
         Raises:
             RunNotFound: no such run.
@@ -771,13 +833,21 @@ class SqlStore(BaseStore):
             index_elements=["run_id", "step"],
             set_={"seq": insert.excluded.seq, "state": insert.excluded.state},
         )
-        with self._transaction(write=True) as conn:
-            self._require_run(conn, run_id, "keep")
-            conn.execute(upsert)
-            if chunk is not None:
-                values = {"steps": chunk.steps, "groups": chunk.groups, "lrs": chunk.lrs}
-                row = self._insert(value_chunks).values(run_id=run_id, first_step=chunk.first_step, **values)
-                conn.execute(row.on_conflict_do_update(index_elements=["run_id", "first_step"], set_=values))
+        pieces = [] if chunk is None else chunk.pieces(CHUNK_PIECE_BYTES)
+        for i, piece in enumerate(pieces, 1):
+            with self._transaction(write=True) as conn:
+                self._require_run(conn, run_id, "keep")
+                kept = self._insert(value_chunks).values(
+                    run_id=run_id, first_step=piece.first_step, steps=piece.steps, groups=piece.groups,
+                    lrs=piece.lrs)
+                again = {name: kept.excluded[name] for name in ("steps", "groups", "lrs")}  # bound once
+                conn.execute(kept.on_conflict_do_update(index_elements=["run_id", "first_step"], set_=again))
+                if i == len(pieces):
+                    conn.execute(upsert)
+        if not pieces:
+            with self._transaction(write=True) as conn:
+                self._require_run(conn, run_id, "keep")
+                conn.execute(upsert)
 
     def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
         """The stored final LRs of those of ``steps`` a value chunk holds (a step none holds is left out).
@@ -858,56 +928,54 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        query = select(metrics).where(metrics.c.run_id == run_id).order_by(
-            metrics.c.name, metrics.c.step, metrics.c.rank
-        )
+        sql = self._driver_sql("metrics", _READ_METRICS)
+        with self._driver_read() as cursor:
+            rows = sql.rows(sql.execute(cursor, {"run_id": run_id}))
         found: dict[str, list[tuple[int, int, float]]] = {}
-        with self._transaction() as conn:
-            for row in conn.execute(query):
-                value = _join_float(row.value, row.value_text)
-                found.setdefault(row.name, []).append((row.step, row.rank, value))
+        for name, step, rank, value, value_text in rows:
+            found.setdefault(name, []).append((step, rank, _join_float(value, value_text)))
         return found
 
-    def add_barrier_report(
+    def add_barrier_reports(
         self,
         run_id: str,
         step: int,
-        rank: int,
-        values: Mapping[str, float],
+        reports: Mapping[int, Mapping[str, float]],
         records: Sequence[MetricRecord] = (),
     ) -> BarrierTally:
-        """Record one rank's watched metrics for ``step``; a rank's first report of a name stands.
+        """Record ranks' watched metrics for ``step``; a rank's first report of a name stands.
 
-        One transaction writes the history ``records`` and the report, then reads the
-        barrier back. On SQLite writers take turns, so the last rank to report sees every
-        report; on PostgreSQL two last reports may each miss the other (``read_barrier``
-        settles that later).
+        One transaction writes the history ``records`` and the reports (the ranks that
+        reached this process together), then reads the barrier back. On SQLite writers
+        take turns, so the last rank to report sees every report; on PostgreSQL two last
+        reports may each miss the other (``read_barrier`` settles that later).
 
         Returns:
-            The run's horizon and every report for ``step``, this one included.
+            The run's horizon and every report for ``step``, these included.
 
         Raises:
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
         rows = []
-        for name, value in values.items():
-            finite, value_text = _split_float(value)
-            rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
-                         "value_text": value_text})
+        for rank, values in reports.items():
+            for name, value in values.items():
+                finite, value_text = _split_float(value)
+                rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
+                             "value_text": value_text})
         with self._transaction(write=True) as conn, _cursor(conn) as cursor:
             row = self._keep_run(cursor, run_id)
             self._insert_metrics_on(cursor, run_id, records)
             if rows:
                 self._driver_sql("insert_reports", self._insert_new_reports).executemany(cursor, rows)
                 self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
-            reports: dict[int, dict[str, float]] = {}
+            stored: dict[int, dict[str, float]] = {}
             select_reports = self._driver_sql("reports", _SELECT_REPORTS)
             select_reports.execute(cursor, {"run_id": run_id, "step": step})
             while (report := select_reports.one(cursor)) is not None:
                 value = _join_float(report["value"], report["value_text"])
-                reports.setdefault(report["rank"], {})[report["name"]] = value
-            return BarrierTally(row["horizon"], reports)
+                stored.setdefault(report["rank"], {})[report["name"]] = value
+            return BarrierTally(row["horizon"], stored)
 
     def read_barrier(self, run_id: str, step: int) -> BarrierTally:
         """The run's horizon and the reports for ``step``, in one read transaction.
@@ -931,6 +999,8 @@ class SqlStore(BaseStore):
 
     def close(self) -> None:
         """Release every pooled connection (idempotent)."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         self._engine.dispose()
 
 
@@ -1070,9 +1140,9 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         cursor.close()
 
 
-def _record_of(row: Mapping[str, Any]) -> RunRecord:
-    """A ``RunRecord`` (without labels) from a runs row read on the DBAPI cursor."""
-    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={},
+def _record_of(row: Mapping[str, Any], labels: dict[str, str] | None = None) -> RunRecord:
+    """A ``RunRecord`` from a runs row read on the DBAPI cursor (without labels unless given)."""
+    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={} if labels is None else labels,
                      status=RunStatus(row["status"]), horizon=row["horizon"], last_seq=row["last_seq"],
                      created_at=row["created_at"], updated_at=row["updated_at"], last_seen=row["last_seen"])
 

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from lrserve.service.api.deps import (
     AdminAccess,
+    HistoryAnswersDep,
     LivenessDep,
     ManagerDep,
     ReadAccess,
-    WriteAccess,
+    access,
     small_or_in_thread,
+)
+from lrserve.service.api.fast_path import FastWrite
+from lrserve.service.api.fast_reads import (
+    DEFAULT_POINTS,
+    MAX_POINTS,
+    history_answer,
+    read_run_body,
+    run_public,
 )
 from lrserve.service.api.responses import (
     FastJSONResponse,
     control_body,
-    history_body,
     lr_finder_body,
-    run_body,
     runs_body,
 )
 from lrserve.service.api.schemas import (
@@ -38,16 +45,27 @@ from lrserve.service.auth import Identity
 from lrserve.service.errors import InvalidInput
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
-from lrserve.service.store.base import RunRecord
+from starlette.applications import Starlette
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
-def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> dict[str, Any]:
-    """The run's body: its record, its state in this process and what liveness knows."""
-    state = manager.state(record.run_id)
-    return run_body(record, state, max_ahead=manager.settings.max_ahead, last_seen=liveness.last_seen(record),
-                     stale=liveness.is_stale(record, state.status))
+async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: Identity) -> Response:
+    """``POST /v1/runs``' answer (the route's, and the fast path's: ``CREATE``; ``run_id`` unused)."""
+    manager: RunManager = app.state.manager
+    liveness: Liveness = app.state.liveness
+    request = body.model_dump()
+
+    def create() -> Response:  # a job's ranks join at once: a join of a loaded run is a read, on the loop
+        record, created = manager.create_run(request, actor=identity.name)
+        answer = run_public(manager, liveness, record)
+        liveness.seen(record.run_id)  # a rank asked
+        return FastJSONResponse(answer, status_code=201 if created else 200)
+
+    return await small_or_in_thread(manager, create)
+
+
+CREATE = FastWrite("/v1/runs", RunCreate, "write", answer_create)
 
 
 @router.post(
@@ -56,13 +74,11 @@ def run_public(manager: RunManager, liveness: Liveness, record: RunRecord) -> di
     status_code=201,
     responses={200: {"model": RunPublic, "description": "The run already exists with this spec."}},
 )
-def create_run(
-    body: RunCreate, manager: ManagerDep, liveness: LivenessDep, identity: Annotated[Identity, WriteAccess]
+async def create_run(
+    body: RunCreate, request: Request, identity: Annotated[Identity, access(CREATE.role)]
 ) -> Response:
     """Create a run (idempotent: every rank may call it)."""
-    record, created = manager.create_run(body.model_dump(), actor=identity.name)
-    liveness.seen(record.run_id)  # a rank asked
-    return FastJSONResponse(run_public(manager, liveness, record), status_code=201 if created else 200)
+    return await CREATE.answer(request.app, "", body, identity)
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
@@ -112,8 +128,7 @@ def list_runs(
 async def read_run(run_id: RunId, manager: ManagerDep, liveness: LivenessDep) -> Response:
     """Read one run, with its values at the horizon, when it was last heard from and whether it is stale."""
     def read() -> Response:
-        manager.caught_up(run_id)  # another replica may have gone further
-        return FastJSONResponse(run_public(manager, liveness, manager.store.read_run(run_id)))
+        return FastJSONResponse(read_run_body(manager, liveness, run_id))  # caught up with other replicas
 
     return await small_or_in_thread(manager, read)
 
@@ -125,11 +140,9 @@ def delete_run(run_id: RunId, manager: ManagerDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{run_id}/control", response_model=ControlResult)
-async def control_run(
-    run_id: RunId, body: ControlRequest, manager: ManagerDep, identity: Annotated[Identity, AdminAccess]
-) -> Response:
-    """Apply an operator action at the first free step (or at `at_step`); `reason` goes on its event."""
+async def answer_control(app: Starlette, run_id: str, body: ControlRequest, identity: Identity) -> Response:
+    """``POST .../control``'s answer (the route's, and the fast path's: ``CONTROL``)."""
+    manager: RunManager = app.state.manager
     action = body.model_dump(exclude={"at_step", "reason"}, exclude_none=True)
 
     def control() -> Response:
@@ -137,6 +150,17 @@ async def control_run(
         return FastJSONResponse(control_body(run_id, event))
 
     return await small_or_in_thread(manager, control)
+
+
+CONTROL = FastWrite("/v1/runs/{run_id}/control", ControlRequest, "admin", answer_control)
+
+
+@router.post("/{run_id}/control", response_model=ControlResult)
+async def control_run(
+    run_id: RunId, body: ControlRequest, request: Request, identity: Annotated[Identity, access(CONTROL.role)]
+) -> Response:
+    """Apply an operator action at the first free step (or at `at_step`); `reason` goes on its event."""
+    return await CONTROL.answer(request.app, run_id, body, identity)
 
 
 @router.get("/{run_id}/lr-finder", response_model=LRFinderPublic, dependencies=[ReadAccess])
@@ -147,7 +171,8 @@ def read_lr_finder(run_id: RunId, manager: ManagerDep) -> Response:
 
 @router.get("/{run_id}/history", response_model=HistoryPublic, dependencies=[ReadAccess])
 def read_history(
-    run_id: RunId, manager: ManagerDep, max_points: Annotated[int, Query(ge=1, le=100_000)] = 1000
+    run_id: RunId, manager: ManagerDep, answers: HistoryAnswersDep,
+    max_points: Annotated[int, Query(ge=1, le=MAX_POINTS)] = DEFAULT_POINTS,
 ) -> Response:
     """LR and metric series (downsampled) and the run's events."""
-    return FastJSONResponse(history_body(manager.history(run_id, max_points)))
+    return Response(history_answer(manager, answers, run_id, max_points), media_type="application/json")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from lrserve.service.api.deps import ManagerDep, ReadAccess, WriteAccess, small_or_in_thread
+from lrserve.service.api.deps import ManagerDep, ReadAccess, access, small_or_in_thread
+from lrserve.service.api.fast_path import FastWrite
 from lrserve.service.api.responses import (
     FastJSONResponse,
     event_body,
@@ -22,8 +23,10 @@ from lrserve.service.api.schemas import (
     StepRequest,
     StepResult,
 )
+from lrserve.service.auth import Identity
 from lrserve.service.runs import provisional
 from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
@@ -100,13 +103,9 @@ async def read_lr(
     return await run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
 
 
-@router.post("/step", response_model=StepResult, dependencies=[WriteAccess])
-async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Response:
-    """Commit `step` with the metrics reported with it, as `scheduler.step(metric)` would.
-
-    With `world_size > 1` and the watched metric, waits at the metric barrier.
-    """
-    barriers = request.app.state.barriers
+async def answer_step(app: Starlette, run_id: str, body: StepRequest, identity: Identity) -> Response:
+    """``POST .../step``'s answer (the route's, and the fast path's: ``STEP``)."""
+    barriers = app.state.barriers
     window = await barriers.step(run_id, body.step, body.metrics, body.rank, body.ahead)
     if body.provisional or body.provisional_from is not None:
         args = (body.rank, body.provisional, body.provisional_from, body.provisional_id,
@@ -117,9 +116,23 @@ async def step_run(run_id: RunId, body: StepRequest, request: Request) -> Respon
     return await run_in_threadpool(window_response, window)
 
 
-@router.post("/metrics", response_model=MetricsAccepted, status_code=202, dependencies=[WriteAccess])
-async def log_metrics(run_id: RunId, body: MetricsCreate, manager: ManagerDep) -> Response:
-    """Record metrics for history and plots (idempotent per name, step and rank)."""
+STEP = FastWrite("/v1/runs/{run_id}/step", StepRequest, "write", answer_step)
+
+
+@router.post("/step", response_model=StepResult)
+async def step_run(
+    run_id: RunId, body: StepRequest, request: Request, identity: Annotated[Identity, access(STEP.role)]
+) -> Response:
+    """Commit `step` with the metrics reported with it, as `scheduler.step(metric)` would.
+
+    With `world_size > 1` and the watched metric, waits at the metric barrier.
+    """
+    return await STEP.answer(request.app, run_id, body, identity)
+
+
+async def answer_metrics(app: Starlette, run_id: str, body: MetricsCreate, identity: Identity) -> Response:
+    """``POST .../metrics``' answer (the route's, and the fast path's: ``METRICS``)."""
+    manager: RunManager = app.state.manager
     records = [r.model_dump() for r in body.records]
 
     def record() -> Response:
@@ -127,3 +140,14 @@ async def log_metrics(run_id: RunId, body: MetricsCreate, manager: ManagerDep) -
         return FastJSONResponse(metrics_accepted_body(len(records), new), status_code=202)
 
     return await small_or_in_thread(manager, record)
+
+
+METRICS = FastWrite("/v1/runs/{run_id}/metrics", MetricsCreate, "write", answer_metrics)
+
+
+@router.post("/metrics", response_model=MetricsAccepted, status_code=202)
+async def log_metrics(
+    run_id: RunId, body: MetricsCreate, request: Request, identity: Annotated[Identity, access(METRICS.role)]
+) -> Response:
+    """Record metrics for history and plots (idempotent per name, step and rank)."""
+    return await METRICS.answer(request.app, run_id, body, identity)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import orjson
 import pytest
 from lrserve.service.api import sliced_json
@@ -18,14 +19,21 @@ def test_the_same_bytes_as_orjson(rows, width):
             "flat": [r[0] for r in table], "empty": [], "n": -math.inf and "-Infinity"}
     assert sliced_json.dumps(body) == orjson.dumps(body)
     assert sliced_json.dumps(table) == orjson.dumps(table)
+    packed = np.array(table, dtype=np.float64)  # a history's LRs: the same bytes as the lists
+    expected = orjson.dumps(body | {"window": {"lrs": table}})
+    assert sliced_json.dumps({**body, "window": {"lrs": packed}}) == expected
 
 
 def test_a_big_table_is_written_in_slices(monkeypatch):
     calls = []
     real = orjson.dumps
-    monkeypatch.setattr(sliced_json.orjson, "dumps", lambda value: calls.append(value) or real(value))
+    monkeypatch.setattr(sliced_json.orjson, "dumps",
+                        lambda value, **kw: calls.append(value) or real(value, **kw))
     table = [[0.5] * 1024 for _ in range(485)]
     sliced_json.dumps({"window": {"lrs": table}})
     biggest = max(len(c) * (len(c[0]) if c and isinstance(c[0], list) else 1)
                   for c in calls if isinstance(c, list))
     assert biggest <= sliced_json.SLICE_VALUES
+    calls.clear()
+    sliced_json.dumps({"lrs": {"values": np.full((485, 1024), 0.5)}})
+    assert max(c.size for c in calls if isinstance(c, np.ndarray)) <= sliced_json.SLICE_VALUES

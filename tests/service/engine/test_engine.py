@@ -174,6 +174,55 @@ def test_the_shadow_optimizer_is_the_one_torch_builds_from_the_same_groups():
         ours.add_param_group({"params": ours.param_groups[3]["params"]})
 
 
+def test_the_shadow_optimizers_step_is_torchs_on_parameters_without_gradients():
+    """``_ShadowSGD.step`` does nothing (torch's would import ``torch._dynamo``): what torch's
+    ``SGD.step`` does to parameters that never have a gradient, with and without momentum."""
+    import torch
+    from lrserve.service.engine.engine import _shadow_optimizer
+
+    for moms in (None, [0.9, 0.5]):
+        ours, theirs = _shadow_optimizer([0.1, 0.2], moms), _shadow_optimizer([0.1, 0.2], moms)
+        torch.optim.SGD.step(theirs)  # torch's own step on the same groups
+        ours.step()
+        def strip(opt):
+            return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+        assert strip(ours) == strip(theirs) and ours.state == theirs.state == {}
+        params = [p for opt in (ours, theirs) for g in opt.param_groups for p in g["params"]]
+        assert [(p.numel(), p.grad) for p in params] == [(0, None)] * 4
+
+
+def test_building_and_stepping_engines_never_imports_torch_dynamo():
+    """The server's start-up (``warm_up_torch``) and every engine after it stay clear of
+    ``torch._dynamo`` (~800 modules with sympy: seconds of a cold start), for every kind of
+    schedule: built, stepped with metrics, snapshotted, restored."""
+    import json
+    import subprocess
+    import sys
+
+    specs = [p.values[0] for p in EXAMPLES] + [
+        PLATEAU, warmup_then(plateau(), steps=3),
+        {"type": "SpikeGuard", "monitor": "loss", "schedule": {"type": "StepLR", "step_size": 2}},
+        {"type": "LRRangeTest", "min_lr": 1e-5, "max_lr": 1.0, "num_steps": 20},
+    ]
+    code = f"""
+import sys, json
+from lrserve.service.engine import codec
+from lrserve.service.engine.engine import Engine, warm_up_torch
+from lrserve.service.engine.spec import parse_schedule
+warm_up_torch()
+for spec in json.loads({json.dumps(json.dumps(specs))}):
+    engine = Engine(parse_schedule(spec, n_groups=2), [0.1, 0.05], [0.9, 0.9])
+    for k in range(12):
+        engine.advance({{"val_loss": 1.0 / (k + 1), "loss": 1.0}})
+    Engine.restore(codec.loads(codec.dumps(engine.snapshot()))).advance()
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("torch._dynamo"))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         check=True)
+    assert json.loads(out.stdout) == []
+
+
 def test_momentums_reported_only_when_cycled():
     cyc = Engine(parse_schedule(EXAMPLES[8].values[0], n_groups=1), [0.1])
     step = Engine(parse_schedule({"type": "StepLR", "step_size": 2}, n_groups=1), [0.1])

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from lrserve.service.errors import StoreUnavailable
 from lrserve.service.runs import barrier as barrier_module
 from lrserve.service.runs.barrier import Barriers
-from lrserve.service.runs.manager import RunManager
+from lrserve.service.runs.manager import RankReport, RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
 
@@ -121,6 +122,104 @@ def test_ranks_waiting_in_the_process_of_the_last_report_are_woken_by_it(replica
     assert len(asked) <= 1
     assert len({tuple(w.values) for w in answers}) == 1 and answers[0].start == 1
     assert len(answers[0].values) == 3
+
+
+@contextmanager
+def held_first_write(manager: RunManager, gate: Barriers, fail_second: bool = False) -> Iterator[list]:
+    """Hold the barrier's first report write (in its worker thread) until ``release()`` is
+    called on what this yields; yields the ranks of each write, in order."""
+    import threading
+
+    release = threading.Event()
+
+    class Writes(list):
+        def release(self) -> None:
+            release.set()
+
+    writes = Writes()
+    original = manager.report_ranks_to_barrier
+
+    def write(run_id, step, reports, ahead=0):
+        writes.append([r.rank for r in reports])
+        if len(writes) == 1:
+            assert release.wait(GUARD_S)
+        elif fail_second and len(writes) == 2:
+            raise StoreUnavailable("the database failed")
+        return original(run_id, step, reports, ahead)
+
+    manager.report_ranks_to_barrier = write
+    try:
+        yield writes
+    finally:
+        manager.report_ranks_to_barrier = original
+
+
+async def queued_reports(gate: Barriers, n: int) -> None:
+    """Until ``n`` reports wait for the write in progress (what the test arranges; not timed)."""
+    deadline = asyncio.get_running_loop().time() + GUARD_S
+    while sum(len(b.queued) for b in gate._open.values()) < n:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+
+
+def test_ranks_that_report_while_a_report_is_written_go_in_one_transaction(replicas):
+    a, _ = replicas
+    create(a, world_size=5)
+    gate = Barriers(a, timeout_s=3600)
+    losses = [1.0, 2.0, 4.0, 0.5, 3.0]
+
+    async def ranks(writes):
+        first = asyncio.create_task(gate.step("r", 1, {"val_loss": losses[0]}, 0, 0))
+        while not writes:
+            await asyncio.sleep(0.01)
+        others = [asyncio.create_task(gate.step("r", 1, {"val_loss": losses[r]}, r, 3)) for r in range(1, 5)]
+        await queued_reports(gate, 4)
+        writes.release()
+        return await asyncio.wait_for(asyncio.gather(first, *others), GUARD_S)
+
+    with held_first_write(a, gate) as writes, counting(a.store, "add_barrier_reports") as transactions:
+        answers = asyncio.run(ranks(writes))
+    assert writes == [[0], [1, 2, 3, 4]] and len(transactions) == 2
+    assert len({w.values[0] for w in answers}) == 1 and [len(w.values) for w in answers] == [1, 4, 4, 4, 4]
+    [metric] = [e for e in a.store.read_events("r") if e.kind.value == "metric"]
+    assert metric.payload["values"] == {"val_loss": sum(losses) / 5}  # the rank-order mean, as ever
+    assert a.state("r").horizon == 4  # the window the group asked for (ahead=3), with the decision
+    assert sorted(r for _, r, _ in a.store.read_metrics("r")["val_loss"]) == [0, 1, 2, 3, 4]
+
+
+def test_a_failed_group_write_fails_each_of_its_ranks_and_their_retries_decide(replicas):
+    a, _ = replicas
+    create(a, world_size=3)
+    gate = Barriers(a, timeout_s=3600)
+
+    async def ranks(writes):
+        first = asyncio.create_task(gate.step("r", 1, {"val_loss": 1.0}, 0, 0))
+        while not writes:
+            await asyncio.sleep(0.01)
+        others = [asyncio.create_task(gate.step("r", 1, {"val_loss": 2.0}, r, 0)) for r in (1, 2)]
+        await queued_reports(gate, 2)
+        writes.release()
+        failed = await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), GUARD_S)
+        assert not first.done()  # its report stands: it waits for the others
+        retried = [gate.step("r", 1, {"val_loss": 3.0}, r, 0) for r in (1, 2)]  # as clients retry
+        return failed, await asyncio.wait_for(asyncio.gather(first, *retried), GUARD_S)
+
+    with held_first_write(a, gate, fail_second=True) as writes:
+        failed, answers = asyncio.run(ranks(writes))
+    assert [type(e) for e in failed] == [StoreUnavailable, StoreUnavailable]
+    assert len({tuple(w.values) for w in answers}) == 1
+    [metric] = [e for e in a.store.read_events("r") if e.kind.value == "metric"]
+    assert metric.payload["values"] == {"val_loss": (1.0 + 3.0 + 3.0) / 3}
+    assert gate._open == {}
+
+
+def test_a_rank_twice_in_one_group_keeps_its_first_report(replicas):
+    a, _ = replicas
+    create(a, world_size=2)
+    reports = [RankReport(0, {"val_loss": v}, {"val_loss": v}) for v in (1.0, 5.0)]
+    assert not a.report_ranks_to_barrier("r", 1, reports)
+    assert a.store.read_barrier("r", 1).reports == {0: {"val_loss": 1.0}}
+    assert a.store.read_metrics("r")["val_loss"] == [(1, 0, 1.0)]
 
 
 def test_ranks_waiting_on_one_replica_meet_a_rank_reporting_to_another(replicas, monkeypatch):

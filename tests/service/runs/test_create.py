@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from lrserve.service.errors import RunConflict
+from lrserve.service.errors import RunConflict, RunNotFound
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
@@ -61,3 +61,25 @@ def test_a_different_spec_racing_the_same_id_is_refused(manager: RunManager):
     assert len(winners) == 1  # whichever came first, every request of the other spec is refused
     losers = [r for r in results if isinstance(r, Exception)]
     assert len(losers) == 4 and all(isinstance(r, RunConflict) for r in losers)
+
+
+def test_a_join_goes_through_on_the_event_loop_and_a_create_does_not(manager: RunManager):
+    """``now`` (the event loop's way, SQLite only): a join is one read; creating a run builds
+    an engine and writes, so it says ``WouldWait`` before it changes anything."""
+    if not manager.store.one_writer:
+        assert manager.now(lambda: manager.create_run(SPEC)) is None  # PostgreSQL: never on the loop
+        return
+    assert manager.now(lambda: manager.create_run(SPEC)) is None
+    with pytest.raises(RunNotFound):
+        manager.store.read_run("job")  # nothing written
+    record, created = manager.create_run(SPEC)
+    assert created
+    joined = manager.now(lambda: manager.create_run(SPEC))
+    assert joined == (record, False)
+    with pytest.raises(RunConflict):  # a different spec is refused there too
+        manager.now(lambda: manager.create_run({**SPEC, "base_lrs": [0.2]}))
+    big = {**SPEC, "run_id": "big", "base_lrs": [0.1] * 5000}  # checked in a worker process, not here
+    checked = []
+    manager.big_work.run = lambda *args: checked.append(args)
+    assert manager.now(lambda: manager.create_run(big)) is None
+    assert checked == []

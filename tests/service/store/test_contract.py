@@ -367,6 +367,15 @@ class TestStoreContract:
         assert store.read_barrier("r1", 5) == tally
         assert store.read_barrier("r1", 6).reports == {}
 
+    def test_several_ranks_report_in_one_transaction(self, store):
+        make(store)
+        store.add_barrier_report("r1", 5, 1, {"loss": 9.0})
+        records = [MetricRecord("loss", 5, r, float(r)) for r in (0, 1, 2)]
+        tally = store.add_barrier_reports("r1", 5, {r: {"loss": float(r)} for r in (0, 1, 2)}, records)
+        assert tally.reports == {0: {"loss": 0.0}, 1: {"loss": 9.0}, 2: {"loss": 2.0}}  # rank 1's first
+        assert store.read_barrier("r1", 5) == tally
+        assert store.read_metrics("r1") == {"loss": [(5, 0, 0.0), (5, 1, 1.0), (5, 2, 2.0)]}
+
     def test_a_barrier_report_writes_its_history_records_with_it(self, store):
         make(store)
         records = [MetricRecord("loss", 5, 2, 1.0), MetricRecord("acc", 5, 2, 0.75)]

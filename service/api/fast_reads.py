@@ -1,0 +1,240 @@
+"""Reads near the hot path: ``GET /v1/runs/{run_id}`` and ``GET .../history``, answered before
+FastAPI where they can be, and history answers kept while they hold.
+
+**History answers** (``HistoryAnswers``). A history is built from the run's whole log (its
+events, every metric row) and its final LRs, and it changes only when the run does: final
+values never change (finality), events and metric rows are only appended. So an answer is
+kept, as JSON bytes, under the run's ``HistoryMark`` (created_at, horizon, last_seq, metric
+rows) read *before* it was built, and given again while a fresh mark (one statement) is the
+same. Any process's commit, action or metric moves the mark (replicas included); a run
+deleted and created again has another ``created_at``. Kept answers are bounded in bytes
+(``ANSWER_BYTES``), least recently used first out.
+
+**Before FastAPI** (``FastReads``, an ASGI layer like ``fast_path.FastPath``). On SQLite,
+where a read on the event loop never waits (WAL), these two reads are answered right there
+when that is all they need: an authorised token, a well-formed request, and
+
+- ``GET /v1/runs/{run_id}``: the run loaded in this process and not moved by another (one read
+  of its row; the body is the route's own ``run_body``);
+- ``GET .../history``: a kept answer whose mark still holds (one read), of at most
+  ``ON_LOOP_BYTES``, for a run whose metric rows are few enough to count on the loop.
+
+Anything else (an error, a run to load or catch up, an answer to build, PostgreSQL) goes on to
+the route unchanged: the route stays the one definition of the behaviour and of the OpenAPI
+document, and it uses the same kept answers.
+
+**Big histories are written here**, in the route's worker thread, not in the worker process
+(``BigWork``): their LRs are packed doubles written by orjson from a numpy view, a slice at a
+time (``sliced_json``), 8 ms of CPU for the worst the budget allows (485 points x 1024
+groups, 10 MB), against 24 ms of this process's CPU to take the same 10 MB back from a worker
+process (measured; docs/performance.md, "Issue 15, this stop: reads").
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+from lrserve.service.api.responses import history_json, run_body
+from lrserve.service.api.schemas import RUN_ID_PATTERN
+from lrserve.service.errors import LRServeError
+from lrserve.service.liveness import Liveness
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.runs.state import RunState
+from lrserve.service.store.base import HistoryMark, RunRecord
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+RUN_ROUTE = "/v1/runs/{run_id}"
+HISTORY_ROUTE = "/v1/runs/{run_id}/history"
+_ID = RUN_ID_PATTERN.strip("^$")
+_RUN_PATH = re.compile(rf"^/v1/runs/({_ID})$")
+_HISTORY_PATH = re.compile(rf"^/v1/runs/({_ID})/history$")
+
+MAX_POINTS = 100_000
+"""The route's limit on ``max_points`` (``Query(le=...)``); its default is ``DEFAULT_POINTS``."""
+DEFAULT_POINTS = 1000
+
+ANSWER_BYTES = 64 << 20
+"""Most bytes of history answers kept per server process (least recently used out first)."""
+ANSWER_MOST = 4096
+"""Most history answers kept per server process."""
+ON_LOOP_BYTES = 1 << 20
+"""Largest kept answer given from the event loop (bigger ones: the route, in a worker thread)."""
+ON_LOOP_METRIC_ROWS = 20_000
+"""Most metric rows a run may have for its mark to be read on the event loop (they are
+counted: about a millisecond per 20,000 here)."""
+
+
+class HistoryAnswers:
+    """History answers (JSON bytes) kept by ``(run_id, max_points)`` with the ``HistoryMark``
+    they were built at; safe from the event loop and from worker threads."""
+
+    def __init__(self, most_bytes: int = ANSWER_BYTES, most: int = ANSWER_MOST) -> None:
+        self.most_bytes, self.most = most_bytes, most
+        self._kept: OrderedDict[tuple[str, int], tuple[HistoryMark, bytes]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def peek(self, run_id: str, max_points: int) -> tuple[HistoryMark, bytes] | None:
+        """The kept answer and its mark, whether or not it still holds."""
+        return self._kept.get((run_id, max_points))
+
+    def get(self, run_id: str, max_points: int, mark: HistoryMark) -> bytes | None:
+        """The kept answer if it was built at ``mark`` (the run's mark now), else None."""
+        key = (run_id, max_points)
+        with self._lock:
+            found = self._kept.get(key)
+            if found is None or found[0] != mark:
+                return None
+            self._kept.move_to_end(key)
+            return found[1]
+
+    def put(self, run_id: str, max_points: int, mark: HistoryMark, body: bytes) -> None:
+        """Keep ``body``, built after reading ``mark``, unless it alone is over a quarter of the bound."""
+        if len(body) > self.most_bytes // 4:
+            return
+        key = (run_id, max_points)
+        with self._lock:
+            old = self._kept.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            self._kept[key] = (mark, body)
+            self._bytes += len(body)
+            while self._bytes > self.most_bytes or len(self._kept) > self.most:
+                _, (_, dropped) = self._kept.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+def history_answer(manager: RunManager, answers: HistoryAnswers, run_id: str, max_points: int) -> bytes:
+    """``GET .../history``'s body: the kept one while the run's mark holds, else built and kept.
+    Blocks: call it from a worker thread.
+
+    Raises:
+        RunNotFound: no such run.
+        WorkBudgetExceeded: more points of more groups than the work budget allows.
+    """
+    mark = manager.history_mark(run_id)
+    body = answers.get(run_id, max_points, mark)
+    if body is not None:
+        return body
+    history = manager.history(run_id, max_points, mark)
+    body = history_json(history)
+    answers.put(run_id, max_points, history.mark, body)
+    return body
+
+
+def read_run_body(manager: RunManager, liveness: Liveness, run_id: str) -> dict[str, Any]:
+    """``GET /v1/runs/{run_id}``'s body (``RunPublic``): one read of the run's row.
+
+    Raises:
+        RunNotFound: no such run.
+    """
+    record, state = manager.read_run(run_id)
+    return run_public(manager, liveness, record, state)
+
+
+def run_public(manager: RunManager, liveness: Liveness, record: RunRecord, state: RunState | None = None
+               ) -> dict[str, Any]:
+    """The run's body: its record, its state in this process and what liveness knows."""
+    state = manager.state(record.run_id) if state is None else state
+    return run_body(record, state, max_ahead=manager.settings.max_ahead, last_seen=liveness.last_seen(record),
+                    stale=liveness.is_stale(record, state.status))
+
+
+class FastReads:
+    """Answers the reads above from the event loop where they need nothing else; passes every
+    other request on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            answered = self._answer(scope)
+            if answered is not None:
+                route, body = answered
+                scope["lrserve.route"] = route  # for the telemetry middleware
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def _answer(self, scope: Scope) -> tuple[str, bytes] | None:
+        path: str = scope["path"]
+        if not path.startswith("/v1/runs/"):
+            return None
+        query: bytes = scope.get("query_string", b"")
+        run = _RUN_PATH.match(path)
+        history = None if run is not None else _HISTORY_PATH.match(path)
+        points = _max_points(query) if history is not None else None
+        if not ((run is not None and not query) or points is not None):
+            return None
+        app = scope["app"]
+        manager: RunManager | None = getattr(app.state, "manager", None)
+        if manager is None:
+            return None
+        try:
+            app.state.auth.require(_header(scope, b"authorization"), "read")
+        except LRServeError:
+            return None  # the route answers 401/403 with its usual body
+        if run is not None:
+            return self._run(scope, manager, app.state.liveness, run.group(1))
+        assert history is not None and points is not None
+        return self._history(scope, manager, app.state.history_answers, history.group(1), points)
+
+    def _run(self, scope: Scope, manager: RunManager, liveness: Liveness,
+             run_id: str) -> tuple[str, bytes] | None:
+        if manager.loaded(run_id) is None:
+            return None
+        try:
+            body = manager.now(lambda: read_run_body(manager, liveness, run_id))
+        except LRServeError:
+            return None  # 404, 503: the route answers with its usual body
+        if body is None:
+            return None
+        scope["path_params"] = {"run_id": run_id}
+        return RUN_ROUTE, orjson.dumps(body)  # small: one param group's LRs per group
+
+    def _history(self, scope: Scope, manager: RunManager, answers: HistoryAnswers, run_id: str,
+                 points: int) -> tuple[str, bytes] | None:
+        kept = answers.peek(run_id, points)
+        if kept is None or len(kept[1]) > ON_LOOP_BYTES or kept[0].metric_rows > ON_LOOP_METRIC_ROWS:
+            return None
+        try:
+            mark = manager.now(lambda: manager.history_mark(run_id))
+        except LRServeError:
+            return None
+        if mark is None:
+            return None
+        body = answers.get(run_id, points, mark)
+        if body is None:
+            return None
+        scope["path_params"] = {"run_id": run_id}
+        return HISTORY_ROUTE, body
+
+
+def _max_points(raw: bytes) -> int | None:
+    """``max_points`` when the query holds only that (or nothing: ``DEFAULT_POINTS``), a plain
+    number within the route's bounds; None: leave the request to the route."""
+    if not raw:
+        return DEFAULT_POINTS
+    name, sep, value = raw.partition(b"=")
+    if name != b"max_points" or not sep or not (value.isdigit() and len(value) <= 6):
+        return None
+    points = int(value)
+    return points if 1 <= points <= MAX_POINTS else None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None

@@ -1,0 +1,99 @@
+"""SQLite's WAL checkpoints, run outside the file's write slot.
+
+By default SQLite checkpoints in the ``COMMIT`` that takes the write-ahead log past 1,000
+pages (``wal_autocheckpoint``): that commit copies the log's pages into the database file
+(and syncs it) before it returns. The committing thread still holds this process's write
+slot then (``SqlStore._sqlite_writers``), so every other run's commit waited for a copy of
+4-8 MB: 60-90 ms after each engine snapshot of a 1024-group run (its value chunk is 8 MB of
+log), and a shorter stall every few thousand small commits.
+
+So the store's connections are opened with ``wal_autocheckpoint=0`` (``_install_sqlite_hooks``)
+and ``Checkpointer``, a thread of the store, runs ``PRAGMA wal_checkpoint(PASSIVE)`` at most
+once per ``every_s`` after writes. A passive checkpoint waits for no lock and blocks no reader
+or writer: commits go on while it copies (it copies the frames no reader still needs, and a
+later one the rest). Once a checkpoint has copied the whole log, the next writer starts the
+log again from its beginning, as with SQLite's own checkpoints; durability is the commit's
+(its frames in the log), not the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import weakref
+from typing import Any
+
+from lrserve.service.errors import OutageLog
+from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
+
+log = logging.getLogger("lrserve")
+
+CHECKPOINT_EVERY_S = 0.5
+"""At most one checkpoint per this many seconds, and only after a write."""
+
+
+class Checkpointer:
+    """Runs SQLite's passive checkpoints in a thread of its own, after writes.
+
+    Started by the first ``wrote()``; stopped by ``close()`` (or when its owner is collected,
+    so a store nobody closed leaves no thread turning).
+    """
+
+    def __init__(self, engine: Engine, owner: object, every_s: float = CHECKPOINT_EVERY_S) -> None:
+        self._engine = engine
+        self._owner = weakref.ref(owner)
+        self._every_s = every_s
+        self._wrote = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        self._outage = OutageLog(log, "WAL checkpoint", "cannot checkpoint the SQLite database")
+        self.checkpoints = 0
+        """Checkpoints run so far (tests read it)."""
+
+    def wrote(self) -> None:
+        """A write transaction committed: a checkpoint follows within ``every_s``."""
+        self._wrote.set()
+        if self._thread is None:
+            with self._start:
+                if self._thread is None and not self._closed.is_set():
+                    self._thread = threading.Thread(target=self._run, name="lrserve-wal-checkpoint",
+                                                    daemon=True)
+                    self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread (SQLite checkpoints when the file's last connection closes)."""
+        self._closed.set()
+        self._wrote.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(10)
+
+    def checkpoint(self) -> tuple[int, int, int] | None:
+        """One passive checkpoint now: SQLite's ``(busy, log pages, pages checkpointed)``, or
+        ``None`` if the database failed (logged once per outage)."""
+        try:
+            raw = self._engine.raw_connection()
+            try:
+                row: Any = raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
+            finally:
+                raw.close()
+        except (sqlite3.Error, sa_exc.SQLAlchemyError, OSError) as exc:  # clients hear of it from writes
+            self._outage.failed(exc)
+            return None
+        self._outage.ok()
+        self.checkpoints += 1
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            if not self._wrote.wait(5.0):
+                if self._owner() is None:  # its store was dropped unclosed
+                    return
+                continue
+            if self._closed.wait(self._every_s):  # gather the writes of ``every_s``
+                return
+            self._wrote.clear()
+            self.checkpoint()

@@ -1,0 +1,150 @@
+"""``GET /v1/runs/{id}`` and ``GET .../history`` answered before FastAPI, and kept history answers:
+the route's own answers, never one that a change of the run (in any process) made old."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from lrserve.service.api.fast_reads import HistoryAnswers, _max_points
+from lrserve.service.app import create_app
+from lrserve.service.store.base import HistoryMark
+
+from tests.service.api.conftest import make_run
+
+ROUTED = {"trace": "1"}  # a query the fast layer leaves to the route (FastAPI ignores the name)
+
+
+def _built(app, monkeypatch) -> list[int]:
+    """Counts the histories ``app`` builds (a kept answer given again builds none)."""
+    manager = app.state.manager
+    calls: list[int] = []
+    real = manager.history
+
+    def counted(run_id, max_points, mark=None):
+        calls.append(max_points)
+        return real(run_id, max_points, mark)
+
+    monkeypatch.setattr(manager, "history", counted)
+    return calls
+
+
+def test_run_read_answers_equal_the_routes(api):
+    make_run(api, "r", labels={"team": "a"})
+    api.get("/v1/runs/r/lr", params={"step": 0, "ahead": 30})
+    fast = api.get("/v1/runs/r")
+    routed = api.get("/v1/runs/r", params=ROUTED)
+    assert fast.status_code == routed.status_code == 200
+    assert fast.json() == routed.json()
+    assert fast.json()["horizon"] == 30 and fast.json()["labels"] == {"team": "a"}
+    assert fast.headers["content-type"] == "application/json"
+    assert 'route="/v1/runs/{run_id}",status="200"} 2.0' in api.get("/metrics").text
+    assert api.get("/v1/runs/nope").status_code == 404
+
+
+def test_history_is_kept_while_nothing_changes_and_rebuilt_after_each_change(api, monkeypatch):
+    make_run(api, "h")
+    api.get("/v1/runs/h/lr", params={"step": 0, "ahead": 40})
+    built = _built(api.app, monkeypatch)
+    first = api.get("/v1/runs/h/history", params={"max_points": 7})
+    again = api.get("/v1/runs/h/history", params={"max_points": 7})
+    routed = api.get("/v1/runs/h/history", params={"max_points": 7, **ROUTED})
+    assert first.status_code == again.status_code == routed.status_code == 200
+    assert first.content == again.content == routed.content
+    assert built == [7]  # kept, and given by the fast layer and by the route alike
+    assert api.get("/v1/runs/h/history").json()["lrs"]["steps"] == list(range(41))  # max_points=1000
+    assert built == [7, 1000]
+
+    # each change moves the mark: a new final step, an action (an event), a metric row
+    api.get("/v1/runs/h/lr", params={"step": 41})
+    assert api.get("/v1/runs/h/history", params={"max_points": 7}).json()["lrs"]["steps"][-1] == 41
+    api.post("/v1/runs/h/control", json={"action": "scale", "factor": 0.5})
+    shown = api.get("/v1/runs/h/history", params={"max_points": 7}).json()
+    assert [e["kind"] for e in shown["events"]] == ["created", "control"]
+    api.post("/v1/runs/h/metrics", json={"records": [{"step": 3, "name": "loss", "value": 0.25, "rank": 0}]})
+    shown = api.get("/v1/runs/h/history", params={"max_points": 7}).json()
+    assert shown["metrics"]["loss"]["values"] == [0.25]
+    assert built == [7, 1000, 7, 7, 7]
+    assert shown == api.get("/v1/runs/h/history", params={"max_points": 7, **ROUTED}).json()
+
+
+def test_a_replica_change_is_seen_and_a_recreated_run_is_not_mistaken_for_the_old(settings):
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        make_run(a, "x")
+        a.get("/v1/runs/x/lr", params={"step": 0, "ahead": 10})
+        assert a.get("/v1/runs/x/history").json()["metrics"] == {}
+        assert a.get("/v1/runs/x").json()["horizon"] == 10
+        b.post("/v1/runs/x/metrics", json={"records": [{"step": 1, "name": "acc", "value": 0.5, "rank": 0}]})
+        assert a.get("/v1/runs/x/history").json()["metrics"]["acc"]["values"] == [0.5]
+        b.get("/v1/runs/x/lr", params={"step": 11, "ahead": 9})  # the other process goes further
+        assert a.get("/v1/runs/x/history").json()["lrs"]["steps"][-1] == 20
+        assert a.get("/v1/runs/x").json()["horizon"] == 20
+
+        admin = create_app(settings)
+        with TestClient(admin) as c:
+            assert c.delete("/v1/runs/x").status_code == 204
+        assert a.get("/v1/runs/x/history").status_code == 404
+        assert a.get("/v1/runs/x").status_code == 404
+        make_run(b, "x", base_lrs=(0.3,))
+        shown = a.get("/v1/runs/x/history").json()
+        assert shown["lrs"] == {"steps": [0], "values": [[0.3]]} and shown["metrics"] == {}
+
+
+def test_fast_reads_leave_auth_and_bad_input_to_the_route(settings):
+    app = create_app(settings.model_copy(update={"tokens": "read:r,admin:a"}))
+    with TestClient(app) as client:
+        admin, reader = {"Authorization": "Bearer a"}, {"Authorization": "Bearer r"}
+        client.post("/v1/runs", json={"run_id": "x", "schedule": {"type": "StepLR", "step_size": 2},
+                                      "base_lrs": [0.1]}, headers=admin)
+        for path in ("/v1/runs/x", "/v1/runs/x/history"):
+            assert client.get(path, headers=reader).status_code == 200
+            assert client.get(path, headers=reader).status_code == 200  # kept / fast this time
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
+        for bad in ("0", "100001", "abc", "1.5", ""):
+            answer = client.get(f"/v1/runs/x/history?max_points={bad}", headers=reader)
+            assert answer.status_code == 422, bad
+            assert answer.json()["errors"][0]["field"] == "max_points"
+        twice = client.get("/v1/runs/x/history?max_points=5&max_points=6", headers=reader)
+        assert twice.status_code == 422
+
+
+def test_max_points_parsing_is_strict():
+    assert _max_points(b"") == 1000
+    assert _max_points(b"max_points=200") == 200
+    for raw in (b"max_points=0", b"max_points=100001", b"max_points=-1", b"max_points=", b"max_points=%31",
+                b"max_points=5&x=1", b"x=5", b"max_points=1234567"):
+        assert _max_points(raw) is None, raw
+
+
+def test_kept_answers_are_bounded_and_need_the_same_mark():
+    from datetime import datetime, timezone
+
+    mark = HistoryMark(datetime(2026, 1, 1, tzinfo=timezone.utc), 10, 3, 0)
+    answers = HistoryAnswers(most_bytes=400, most=3)
+    answers.put("a", 5, mark, b"x" * 100)
+    assert answers.get("a", 5, mark) == b"x" * 100
+    assert answers.get("a", 5, HistoryMark(mark.created_at, 11, 3, 0)) is None  # the run moved
+    assert answers.get("a", 6, mark) is None
+    answers.put("big", 5, mark, b"y" * 101)  # over a quarter of the bound: not kept
+    assert answers.get("big", 5, mark) is None
+    for i in range(4):
+        answers.put(f"r{i}", 5, mark, b"z" * 100)
+    assert len(answers) == 3 and answers.get("a", 5, mark) is None  # least recently used out
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_history_values_are_the_windows(api, groups):
+    base_lrs = [0.1 * (i + 1) for i in range(groups)]
+    make_run(api, "v", {"type": "CosineAnnealingLR", "T_max": 17}, base_lrs=base_lrs)
+    window = api.get("/v1/runs/v/lr", params={"step": 0, "ahead": 60}).json()["window"]
+    shown = api.get("/v1/runs/v/history", params={"max_points": 9}).json()["lrs"]
+    assert shown["values"] == [window["lrs"][s] for s in shown["steps"]]
+
+
+
+def test_a_history_of_many_groups_is_the_windows(api):
+    base_lrs = [0.001 * (i + 1) for i in range(300)]
+    make_run(api, "wide", {"type": "CosineAnnealingLR", "T_max": 90}, base_lrs=base_lrs)
+    window = api.get("/v1/runs/wide/lr", params={"step": 0, "ahead": 400}).json()["window"]
+    shown = api.get("/v1/runs/wide/history", params={"max_points": 200}).json()["lrs"]  # 200 x 300: in slices
+    assert shown["values"] == [window["lrs"][s] for s in shown["steps"]]

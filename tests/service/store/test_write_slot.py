@@ -1,0 +1,119 @@
+"""What an engine snapshot holds SQLite's write slot for: every run's commit waits for it.
+
+Before: a 1024-group run's snapshot wrote its 8 MB value chunk in one transaction, and its
+COMMIT ran SQLite's WAL checkpoint (the log past 1,000 pages), 40-120 ms with the slot
+held. Now the chunk goes in pieces of at most ``CHUNK_PIECE_BYTES``, one transaction each,
+and checkpoints run in a thread of the store (``service/store/wal.py``), never in a COMMIT.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+
+import pytest
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
+from lrserve.service.store.base import ValueChunk, pack_lrs
+from lrserve.service.store.sql import CHUNK_PIECE_BYTES
+from sqlalchemy import event, text
+
+from tests.conftest import BACKENDS
+
+GROUPS = 300  # 2,400 bytes a step: a 1,000-step chunk is 2.4 MB, three pieces
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request, database_url):
+    return database_url(request.param)
+
+
+def test_a_snapshots_value_chunk_is_written_in_bounded_transactions(url):
+    settings = Settings(db=url)  # a snapshot every 1000 steps
+    store = open_store(url)
+    try:
+        manager = RunManager(store, settings)
+        manager.create_run({"run_id": "wide", "schedule": {"type": "StepLR", "step_size": 7},
+                            "base_lrs": [0.1 + i / 1000 for i in range(GROUPS)]})
+        written: list[int] = []  # bytes of value chunks per committed write transaction
+        carried = [0]
+
+        def before(_conn, _cursor, statement, params, _context, _many):
+            if "value_chunks" in statement and "INSERT" in statement:
+                items = params.values() if isinstance(params, dict) else params
+                carried[0] += sum(len(getattr(v, "obj", v)) for v in items  # psycopg wraps bytes
+                                  if isinstance(getattr(v, "obj", v), (bytes, memoryview)))
+
+        def committed(_conn):
+            if carried[0]:
+                written.append(carried[0])
+            carried[0] = 0
+
+        event.listen(store._engine, "before_cursor_execute", before)
+        event.listen(store._engine, "commit", committed)
+        served = {}
+        for start in range(0, 2_400, 400):  # across two snapshots
+            window = manager.window("wide", start, 399)
+            served.update(zip(range(start, start + 400), (v[0] for v in window.values), strict=True))
+        assert len(written) >= 2 * 3  # before: one transaction per snapshot, 2.4 MB
+        assert max(written) <= CHUNK_PIECE_BYTES
+        assert sum(written) >= 2_000 * GROUPS * 8
+        stored = store.read_lrs("wide", list(served))  # every step of both chunks, as served
+        assert {step: stored[step] for step in stored} == {step: served[step] for step in stored}
+        assert set(range(0, 2_001)) <= set(stored)
+    finally:
+        store.close()
+
+
+def test_pieces_of_a_chunk_cover_its_steps_and_bytes():
+    lrs = pack_lrs(array("d", [float(i) for i in range(10 * 3)]))
+    chunk = ValueChunk(first_step=5, steps=10, groups=3, lrs=lrs)
+    pieces = chunk.pieces(50)  # two steps (48 bytes) a piece
+    assert [(p.first_step, p.steps) for p in pieces] == [(5, 2), (7, 2), (9, 2), (11, 2), (13, 2)]
+    assert b"".join(p.lrs for p in pieces) == lrs
+    assert chunk.pieces(1) == [ValueChunk(5 + i, 1, 3, lrs[i * 24:(i + 1) * 24]) for i in range(10)]
+    assert chunk.pieces(10**9) == [chunk]
+
+
+def test_no_commit_runs_a_checkpoint_a_thread_of_the_store_does(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/wal.db")
+    try:
+        with store._engine.connect() as conn:  # before: 1000 (SQLite's default, in the COMMIT)
+            assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 0
+        manager = RunManager(store, Settings(db=f"sqlite:///{tmp_path}/wal.db"))
+        manager.create_run({"run_id": "r", "schedule": {"type": "StepLR", "step_size": 7},
+                            "base_lrs": [0.1] * 64})
+        for start in range(0, 2_100, 300):
+            manager.window("r", start, 299)
+        checkpointer = store.checkpointer
+        assert checkpointer is not None
+        deadline = time.monotonic() + 30
+        while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpointer.checkpoints >= 1  # within ``every_s`` of the writes, by itself
+        busy, log_pages, copied = checkpointer.checkpoint() or (1, -1, -2)
+        assert busy == 0 and log_pages == copied  # the whole log is in the database file
+    finally:
+        store.close()
+    assert checkpointer._thread is None or not checkpointer._thread.is_alive()
+
+
+def test_a_store_nobody_closed_leaves_no_checkpoint_thread(tmp_path):
+    import gc
+    import weakref
+
+    store = open_store(f"sqlite:///{tmp_path}/left.db")
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    checkpointer.wrote()
+    thread = checkpointer._thread
+    assert thread is not None and thread.is_alive()
+    engine = store._engine
+    gone = weakref.ref(store)
+    del store
+    gc.collect()
+    assert gone() is None
+    thread.join(15)  # it notices within its 5 s wait
+    assert not thread.is_alive()
+    engine.dispose()
