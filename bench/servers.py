@@ -81,6 +81,8 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         conn.close()
 
 
+Scheduled = dict[str, tuple[int, int]]
+"""Per thread (``PID/TID``): nanoseconds on a CPU, nanoseconds waiting for one (``Server.scheduled_ns``)."""
 _NOT_INHERITED = {"LRSERVE_TOKENS", "LRSERVE_TOKENS_FILE"}  # a server is open unless `env` says
 
 
@@ -100,12 +102,15 @@ class Server:
             ``LRSERVE_TOKENS_FILE`` are not passed on: a server is open unless ``env`` says so.
         log_level: uvicorn's.
         args: More arguments for ``serve`` (``app="service"``).
+        tree: Run the code of another checkout of the repository (its root), for a side-by-side
+            comparison of two versions (``bench.side_by_side``); default: this one.
     """
 
     def __init__(self, db: str, log_dir: Path, *, app: str = "service", port: int | None = None,
                  workers: int = 1, env: dict[str, str] | None = None, name: str = "server",
-                 log_level: str = "warning", args: tuple[str, ...] = ()) -> None:
+                 log_level: str = "warning", args: tuple[str, ...] = (), tree: Path | None = None) -> None:
         self.db = db
+        self.tree = Path(tree) if tree is not None else _repo_root()
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.app = app
@@ -115,6 +120,9 @@ class Server:
         self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
         inherited = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
         self.env = {**inherited, "LRSERVE_DB": db, **(env or {})}
+        if tree is not None:  # another checkout's code, imported before anything on the caller's path
+            paths = (str(self.tree), self.env.get("PYTHONPATH"))
+            self.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -130,7 +138,7 @@ class Server:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.started_at = time.perf_counter()
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env,
-                                     cwd=_repo_root(), start_new_session=True)
+                                     cwd=self.tree, start_new_session=True)
         log.close()
         _running.add(self)
         return self
@@ -197,6 +205,25 @@ class Server:
                 continue
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
         return ticks / os.sysconf("SC_CLK_TCK")
+
+    def scheduled_ns(self) -> Scheduled:
+        """Per thread of its processes (``PID/TID``): (nanoseconds on a CPU, nanoseconds runnable
+        but waiting for one) so far, from ``/proc/PID/task/TID/schedstat``: what requests cost
+        the server, apart from how long a busy machine made it wait. Per thread, because a
+        thread that exits takes its total with it (``scheduled_between``)."""
+        times = {}
+        for pid in self.pids():
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tasks:
+                try:
+                    fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+                except OSError:
+                    continue
+                times[f"{pid}/{tid}"] = (int(fields[0]), int(fields[1]))
+        return times
 
     def settle(self, idle_share: float = 0.1, window_s: float = 0.1, limit_s: float = 5.0) -> float:
         """Wait until the server is idle (below ``idle_share`` of a core over ``window_s``).
@@ -278,6 +305,17 @@ def _is_uvicorn_worker(pid: int) -> bool:
     except OSError:
         return False
     return b"resource_tracker" not in cmdline and b"semaphore_tracker" not in cmdline
+
+
+def scheduled_between(before: Scheduled, after: Scheduled) -> tuple[int, int]:
+    """(on-CPU ns, waiting ns) between two ``Server.scheduled_ns`` readings: threads started
+    since count from zero; threads gone since are left out (what they did meanwhile is lost)."""
+    on_cpu = waiting = 0
+    for thread, (cpu, wait) in after.items():
+        cpu0, wait0 = before.get(thread, (0, 0))
+        on_cpu += cpu - cpu0
+        waiting += wait - wait0
+    return on_cpu, waiting
 
 
 def _repo_root() -> Path:

@@ -445,7 +445,7 @@ class SqlStore(BaseStore):
         key, value = sql.columns.index("label_key"), sql.columns.index("label_value")
         labels = {row["label_key"]: row["label_value"]} if row["label_key"] is not None else {}
         labels.update((found[key], found[value]) for found in more)
-        return replace(_record_of(row), labels=labels)
+        return _record_of(row, labels)
 
     def run_head(self, run_id: str) -> RunHead:
         """The run's ``created_at``, ``horizon`` and ``last_seq`` in one statement (one row,
@@ -1140,9 +1140,9 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         cursor.close()
 
 
-def _record_of(row: Mapping[str, Any]) -> RunRecord:
-    """A ``RunRecord`` (without labels) from a runs row read on the DBAPI cursor."""
-    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={},
+def _record_of(row: Mapping[str, Any], labels: dict[str, str] | None = None) -> RunRecord:
+    """A ``RunRecord`` from a runs row read on the DBAPI cursor (without labels unless given)."""
+    return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={} if labels is None else labels,
                      status=RunStatus(row["status"]), horizon=row["horizon"], last_seq=row["last_seq"],
                      created_at=row["created_at"], updated_at=row["updated_at"], last_seen=row["last_seen"])
 

@@ -55,3 +55,23 @@ def test_suite_runs_at_tiny_size_and_writes_every_figure(tmp_path: Path) -> None
         headers = [key for key, _ in fig["columns"]]
         assert all(set(row) <= set(headers) | {"loop_us", "create_ms"} for row in fig["rows"]), name
     assert "== Summary ==" in proc.stdout
+
+
+@pytest.mark.slow
+def test_side_by_side_compares_two_trees(tmp_path: Path) -> None:
+    """``bench.side_by_side`` against this same tree (as the other one): every variant of both
+    trees has its numbers, the server's CPU and wait per request among them."""
+    out = tmp_path / "side.json"
+    command = [sys.executable, "-m", "bench.side_by_side", str(ROOT), "--rounds", "1", "--calls", "3",
+               "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for figure, per_tree in (("report_decide", 3), ("routes", 3)):
+        rows = [row for row in data[figure] if row["variant"].startswith(("this: ", "other: "))]
+        assert len(rows) == 2 * per_tree, figure
+        for row in rows:
+            assert row["calls"] == 3, row
+            for key in ("p50_ms", "server_cpu_us", "server_wait_us", "client_cpu_us"):
+                assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+            assert row["server_cpu_us"] > 0, row  # the server's threads were found and read
