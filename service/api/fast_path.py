@@ -8,8 +8,9 @@ itself:
 - ``GET /v1/runs/{run_id}/lr`` with a well-formed query, an authorised token and a loaded
   run, with the body the route would give: a window of final steps from memory, or one
   whose new steps it commits right here on the event loop when that needs no wait and
-  little work (``RunManager.window_now``: SQLite, the write slot free; durable before the
-  answer, as always); errors and work for a worker thread go on to the route;
+  little work (``RunManager.windows_now``: SQLite, the write slot free; the windows asked in
+  one turn of the loop in one transaction, each answered once it is durable, as always);
+  errors and work for a worker thread go on to the route;
 - the writes a job makes all the time (``FastWrite``: ``POST .../step``, ``.../metrics``,
   ``.../control``, and ``POST /v1/runs``, which each of its ranks sends as it starts)
   whose request is well formed: an authorised token, a JSON body that the
@@ -110,6 +111,7 @@ class FastPath:
         self.writes = {write.route[len(_RUN_PREFIX):]: write for write in on_runs}
         self._create = next((write for write in writes if write.route == RUNS), None)
         self._misses: dict[str, _Miss] = {}  # by run id: the GET in the route committing its next window
+        self._commits: _LoopCommits | None = None
         self._write_path = re.compile(rf"/v1/runs/({_RUN_ID})/({'|'.join(map(re.escape, self.writes))})")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,7 +175,7 @@ class FastPath:
         self, scope: Scope, receive: Receive, send: Send,
         manager: RunManager, run_id: str, step: int, ahead: int,
     ) -> None:
-        body = self._answer(scope, manager, run_id, step, ahead)
+        body = await self._answer(scope, manager, run_id, step, ahead)
         miss = self._misses.get(run_id) if body is None else None
         if miss is not None and miss.last >= step + ahead:  # being committed by a request under way
             miss.waiting += 1
@@ -181,7 +183,7 @@ class FastPath:
                 await miss.done.wait()
             finally:
                 miss.waiting -= 1
-            body = self._answer(scope, manager, run_id, step, ahead)
+            body = await self._answer(scope, manager, run_id, step, ahead)
         if body is not None:
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -216,11 +218,17 @@ class FastPath:
             return None  # the route answers 401/403 with its usual body
         return manager, match.group(1), *query
 
-    @staticmethod
-    def _answer(scope: Scope, manager: RunManager, run_id: str, step: int, ahead: int) -> bytes | None:
+    async def _answer(
+        self, scope: Scope, manager: RunManager, run_id: str, step: int, ahead: int
+    ) -> bytes | None:
         window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
         if window is None:
-            window = _committed_now(manager, run_id, step, ahead)
+            if manager.loaded(run_id) is None:
+                return None  # the route loads it, in a worker thread
+            commits = self._commits
+            if commits is None or commits.manager is not manager:  # a new lifespan, a new manager
+                commits = self._commits = _LoopCommits(manager)
+            window = await commits.window(run_id, step, ahead)
             if window is None:
                 return None
         scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
@@ -228,18 +236,40 @@ class FastPath:
         return orjson.dumps(window_body(window))
 
 
-def _committed_now(manager: RunManager, run_id: str, step: int, ahead: int) -> Window | None:
-    """The window with its new steps committed here on the loop, or None: the route answers
-    (in a worker thread). An error, too, goes on to the route, which asks again, as a client's
-    retry would (a refused request changed nothing; a commit that went through is final there)
-    and answers it the one way errors are answered."""
-    try:
-        return manager.window_now(run_id, step, ahead, most_values=ON_LOOP_VALUES)
-    except LRServeError:
-        return None
-    except Exception:
-        log.exception("GET %s/lr on the event loop failed; the route asks again", run_id)
-        return None
+class _LoopCommits:
+    """Windows whose steps are to be committed, asked in one turn of the event loop: committed
+    in one transaction as the loop's next turn begins (``RunManager.windows_now``), each
+    answered once that transaction is durable. A lone request waits for nothing but that turn.
+    """
+
+    def __init__(self, manager: RunManager) -> None:
+        self.manager = manager
+        self._asks: list[tuple[tuple[str, int, int], asyncio.Future[Window | None]]] = []
+
+    def window(self, run_id: str, step: int, ahead: int) -> asyncio.Future[Window | None]:
+        """The window, committed; None: the route answers (it would wait or is big; or an error,
+        which the route meets again and answers the one way errors are answered, as a client's
+        retry would: a refused ask changed nothing, a commit that went through is final)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Window | None] = loop.create_future()
+        if not self._asks:
+            loop.call_soon(self._commit)
+        self._asks.append(((run_id, step, ahead), future))
+        return future
+
+    def _commit(self) -> None:
+        asks, self._asks = self._asks, []
+        try:
+            outcomes = self.manager.windows_now([ask for ask, _ in asks], most_values=ON_LOOP_VALUES)
+        except Exception:
+            log.exception("GET .../lr on the event loop failed; the route asks again")
+            outcomes = [None] * len(asks)
+        for ((run_id, _, _), future), outcome in zip(asks, outcomes, strict=True):
+            if isinstance(outcome, Exception) and not isinstance(outcome, LRServeError):
+                log.error("GET %s/lr on the event loop failed; the route asks again", run_id,
+                          exc_info=outcome)
+            if not future.done():  # done: cancelled, its client gone (a commit stands all the same)
+                future.set_result(outcome if isinstance(outcome, Window) else None)
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:

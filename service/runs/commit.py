@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -184,19 +184,94 @@ class Committer:
                     _append(state, tx, outcomes, new_events, records)
 
                 self.group.write(run_id, append)  # with other runs' commits queued meanwhile
-            state.publish()  # durable now: other threads may see the new steps
-            fails_at = self.runs.fails_at
-            if state.broken:  # its engine failed past the published steps: the next request reloads
-                fails_at[run_id] = state.engine.step + 1
-                self.runs.evict(state)
-            elif fails_at.get(run_id, math.inf) <= state.horizon:  # an action moved it past
-                fails_at.pop(run_id, None)
-            for outcome in outcomes:
-                for callback in self.on_outcome:
-                    callback(run_id, outcome)
-            if not state.broken:
-                self._maybe_snapshot(state, outcomes)
+            self._committed(state, outcomes)
         return placed
+
+    def _committed(self, state: RunState, outcomes: list[StepOutcome]) -> None:
+        """After the commit of ``outcomes``: publish them, note a failing schedule, tell the
+        callbacks, save a snapshot if one is due."""
+        run_id = state.run_id
+        state.publish()  # durable now: other threads may see the new steps
+        fails_at = self.runs.fails_at
+        if state.broken:  # its engine failed past the published steps: the next request reloads
+            fails_at[run_id] = state.engine.step + 1
+            self.runs.evict(state)
+        elif fails_at.get(run_id, math.inf) <= state.horizon:  # an action moved it past
+            fails_at.pop(run_id, None)
+        for outcome in outcomes:
+            for callback in self.on_outcome:
+                callback(run_id, outcome)
+        if not state.broken:
+            self._maybe_snapshot(state, outcomes)
+
+    def advance_now(self, asks: Sequence[tuple[str, int, int]]) -> list[BaseException | None]:
+        """Move each run of ``asks`` (``run_id``, ``target``, ``need``: as ``commit``'s, with
+        ``if_behind``) to its target here and now, all in one transaction: the event loop's
+        group commit (``RunManager.windows_now``), for windows asked in one turn of the loop.
+
+        Only inside ``store.without_waiting()``. Each ask's outcome, in order: None when its
+        run holds ``target`` now, durably; ``WouldWait`` when it would wait or has too much
+        work (a run not loaded or held by another thread, a snapshot due, another process
+        moved the run, the write slot taken) — nothing of it changed; any other error of its
+        own (its schedule failed: its run is dropped, as ``commit`` drops it). One run at most
+        once in ``asks``. A failure of the transaction fails every ask that wrote in it: none
+        of them is acknowledged, their runs are dropped and reload.
+        """
+        outcomes: list[BaseException | None] = [None] * len(asks)
+        members: list[tuple[int, RunState, int, int]] = []
+        with ExitStack() as held:
+            for i, (run_id, target, need) in enumerate(asks):
+                state = self.runs.loaded(run_id)
+                if state is None or not state.lock.acquire(blocking=False):
+                    outcomes[i] = WouldWait("the run is not loaded, or another thread holds it")
+                    continue
+                held.callback(state.lock.release)
+                if state.evicted:
+                    outcomes[i] = WouldWait("the run was dropped: a worker thread reloads it")
+                elif state.horizon < target:
+                    try:
+                        self._check_small(state, target)
+                    except WouldWait as exc:
+                        outcomes[i] = exc
+                    else:
+                        members.append((i, state, target, need))
+            if not members:
+                return outcomes
+            written: dict[int, tuple[RunState, list[StepOutcome]]] = {}
+            try:
+                with self.store.lock_runs([state.run_id for _, state, _, _ in members]) as locked:
+                    for i, state, target, need in members:
+                        tx = locked.get(state.run_id)
+                        if tx is None or _moved(tx.run, state):  # deleted or moved: a worker thread sees
+                            outcomes[i] = WouldWait("another process moved the run")
+                            continue
+                        try:
+                            steps, _, new_events = _compute(
+                                state, state.horizon, target, None, None, (), need, (), None)
+                        except Exception as exc:  # noqa: BLE001 - nothing of it written: its own outcome
+                            self.runs.evict(state)
+                            outcomes[i] = exc
+                            continue
+                        written[i] = (state, steps)
+                        outcomes[i] = _Pending()  # an error from here on is everyone's
+                        _append(state, tx, steps, new_events, ())
+            except BaseException as exc:  # nothing of the group committed
+                for state, _ in written.values():  # computed ahead of the store: reload
+                    self.runs.evict(state)
+                for i, _, _, _ in members:
+                    if outcomes[i] is None or isinstance(outcomes[i], _Pending):
+                        outcomes[i] = exc
+                if not isinstance(exc, Exception):
+                    raise
+                return outcomes
+            for i, (state, steps) in written.items():  # durable: each run's steps go public
+                outcomes[i] = None
+                try:
+                    self._committed(state, steps)
+                except Exception as exc:  # noqa: BLE001 - committed all the same: a retry finds them final
+                    self.runs.evict(state)
+                    outcomes[i] = exc
+            return outcomes
 
     def _catch_up(self, state: RunState, tx: RunTransaction) -> None:
         """Take in what other processes appended since this one last looked.
@@ -339,6 +414,10 @@ def _held(lock: Any, *, now: bool) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+class _Pending(Exception):
+    """An ask of ``advance_now`` written in the group's transaction, not yet committed."""
 
 
 class _RunReplaced(Exception):

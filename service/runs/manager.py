@@ -24,7 +24,7 @@ from lrserve.service.engine.engine import Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.engine.status import RunStatus
-from lrserve.service.errors import InvalidInput, RunConflict, RunNotFound
+from lrserve.service.errors import InvalidInput, LRServeError, RunConflict, RunNotFound
 from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import (
@@ -255,16 +255,70 @@ class RunManager:
         return self._window(state, step, end)
 
     def window_now(self, run_id: str, step: int, ahead: int, *, most_values: int) -> Window | None:
-        """``window(...)`` here and now (``now``: a loaded run, no wait, little work), else None:
-        the caller asks in a worker thread. For the event loop: a window whose steps are not all
-        final yet commits them on the loop (SQLite), durably before it returns, as ``window``.
+        """``window(...)`` here and now (``windows_now``: a loaded run, no wait, little work),
+        else None: the caller asks in a worker thread.
 
-        ``most_values``: None too when the window could hold more values (LRs) than this.
+        Raises:
+            LRServeError: what ``window`` would raise for it (a step too far, say).
         """
-        state = self.runs.loaded(run_id)
-        if state is None or (min(ahead, self._ahead_cap(state)) + 1) * state.n_groups > most_values:
-            return None
-        return self.now(lambda: self.window(run_id, step, ahead))
+        (outcome,) = self.windows_now([(run_id, step, ahead)], most_values=most_values)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def windows_now(
+        self, asks: Sequence[tuple[str, int, int]], *, most_values: int
+    ) -> list[Window | BaseException | None]:
+        """``window(run_id, step, ahead)`` for each ask, here and now, the steps to commit
+        committed in one transaction (``Committer.advance_now``): for the event loop, where a
+        hop to a worker thread and back costs more than a small commit on SQLite, and one
+        transaction for the windows asked in one turn of the loop costs less than one each.
+
+        Each ask's outcome, in order: its window (its steps durable); None when it would wait
+        or is big — a run not loaded or held by another thread, more values than
+        ``most_values``, more work than ``ON_LOOP_WORK``, a snapshot due, the write slot taken,
+        PostgreSQL — and nothing of it changed: the caller asks ``window`` in a worker thread;
+        or the error ``window`` raised for it. A run asked twice commits once; the second ask
+        is answered if the first made its window final.
+        """
+        outcomes: list[Window | BaseException | None] = [None] * len(asks)
+        todo: list[tuple[int, str, int, int]] = []  # (ask, run, its window's end, its step)
+        again: list[int] = []
+        try:
+            with self.store.without_waiting():
+                for i, (run_id, step, ahead) in enumerate(asks):
+                    state = self.runs.loaded(run_id)
+                    if state is None:
+                        continue
+                    if (min(ahead, self._ahead_cap(state)) + 1) * state.n_groups > most_values:
+                        continue
+                    window = self.cached_window(run_id, step, ahead)
+                    if window is not None:
+                        outcomes[i] = window
+                        continue
+                    if any(run_id == other for _, other, _, _ in todo):
+                        again.append(i)
+                        continue
+                    try:
+                        self._check_jump(state, step)
+                    except LRServeError as exc:
+                        outcomes[i] = exc
+                        continue
+                    wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
+                    end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
+                    todo.append((i, run_id, end, step))
+                done = self.committer.advance_now([(run_id, end, step) for _, run_id, end, step in todo])
+                for (i, run_id, end, step), outcome in zip(todo, done, strict=True):
+                    state = self.runs.loaded(run_id)
+                    if outcome is not None:
+                        outcomes[i] = None if isinstance(outcome, WouldWait) else outcome
+                    elif state is not None:
+                        outcomes[i] = self._window(state, step, min(end, max(state.horizon, step)))
+        except WouldWait:  # PostgreSQL; or a window of old steps (a replay) after its commit
+            pass
+        for i in again:
+            outcomes[i] = self.cached_window(*asks[i], most_values=most_values)
+        return outcomes
 
     def window(self, run_id: str, step: int, ahead: int) -> Window:
         """Final values for ``step .. step + ahead`` (fewer if capped), committing them.

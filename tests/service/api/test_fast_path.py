@@ -51,29 +51,40 @@ def test_query_parsing_is_strict():
         assert _parse_query(raw) is None, raw
 
 
-def _fast_get(app, path: str, query: bytes) -> tuple[int, bytes, list[str]]:
-    """One GET through ``FastPath`` alone (on this thread's own event loop): its status and
-    body, and which layer answered (``route`` when it passed the request on)."""
-    answered: list[str] = []
+def _fast_gets(app, requests: list[tuple[str, bytes]]) -> list[tuple[int, bytes, str]]:
+    """GETs through one ``FastPath`` alone, all at once on this thread's own event loop: each
+    one's status and body, and which layer answered (``route`` when it passed it on)."""
+
+    async def one(fast: FastPath, path: str, query: bytes) -> tuple[int, bytes, str]:
+        messages: list[dict] = []
+
+        async def send(message):
+            messages.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": [],
+                 "app": app}
+        await fast(scope, receive, send)
+        return messages[0]["status"], messages[1]["body"], "route" if scope.get("routed") else "fast"
 
     async def route(scope, receive, send):
-        answered.append("route")
+        scope["routed"] = True
         await send({"type": "http.response.start", "status": 599, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    messages: list[dict] = []
+    async def all_at_once() -> list[tuple[int, bytes, str]]:
+        fast = FastPath(route)
+        return list(await asyncio.gather(*(one(fast, path, query) for path, query in requests)))
 
-    async def send(message):
-        messages.append(message)
+    return asyncio.run(all_at_once())
 
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
 
-    scope = {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": [], "app": app}
-    asyncio.run(FastPath(route)(scope, receive, send))
-    if not answered:
-        answered.append("fast")
-    return messages[0]["status"], messages[1]["body"], answered
+def _fast_get(app, path: str, query: bytes) -> tuple[int, bytes, list[str]]:
+    """One GET through ``FastPath`` alone (``_fast_gets``)."""
+    ((status, body, answered),) = _fast_gets(app, [(path, query)])
+    return status, body, [answered]
 
 
 def test_a_new_step_is_committed_by_the_fast_path_with_the_routes_answer(settings):
@@ -393,6 +404,28 @@ def test_fast_write_routes_are_documented_as_before(route):
     assert [p["name"] for p in operation["parameters"]] == ["run_id", "authorization"]
 
 
+def test_new_steps_asked_in_one_turn_of_the_loop_commit_in_one_transaction(database_url, monkeypatch):
+    """Requests that arrive together (one turn of the event loop) share one transaction; each
+    answer is its run's window, durable; a request the loop cannot take goes on to the route."""
+    app = create_app(Settings(db=database_url("sqlite")))
+    with TestClient(app) as client:
+        for run_id in ("a", "b", "c"):
+            make_run(client, run_id, {"type": "ExponentialLR", "gamma": 0.5})
+            client.get(f"/v1/runs/{run_id}/lr", params={"step": 0, "trace": "1"})
+        store = app.state.manager.store
+        opened: list[list[str]] = []
+        lock_runs = store.lock_runs
+        monkeypatch.setattr(store, "lock_runs", lambda ids: opened.append(sorted(ids)) or lock_runs(ids))
+        answers = _fast_gets(app, [("/v1/runs/a/lr", b"step=1"), ("/v1/runs/b/lr", b"step=2&ahead=1"),
+                                   ("/v1/runs/c/lr", b"step=0"), ("/v1/runs/a/lr", b"step=1"),
+                                   ("/v1/runs/zz/lr", b"step=1")])
+        assert opened == [["a", "b"]]
+        assert [who for _, _, who in answers] == ["fast"] * 4 + ["route"]
+        windows = [orjson.loads(body)["window"] for _, body, _ in answers[:4]]
+        assert [w["lrs"] for w in windows] == [[[0.05]], [[0.025], [0.0125]], [[0.1]], [[0.05]]]
+        assert [store.read_run(r).horizon for r in ("a", "b", "c")] == [1, 3, 0]
+
+
 def test_the_create_route_is_documented_as_before():
     app = create_app(Settings(db="sqlite:///never-opened.db"))
     operation = app.openapi()["paths"]["/v1/runs"]["post"]
@@ -430,7 +463,9 @@ def _held_first_request(app, client, run_id, ranks, first_fails=False):
         return real_window(run_id, step, ahead)
 
     manager.window = window
-    manager.window_now = lambda *args, **kwargs: None  # as when the write slot is taken: the route's thread
+    # as when the write slot is taken: the route's thread (the fast path's and the route's own try)
+    manager.windows_now = lambda asks, **kwargs: [None] * len(asks)
+    manager.window_now = lambda *args, **kwargs: None
 
     def ask(rank):
         return client.get(f"/v1/runs/{run_id}/lr", params={"step": 1, "ahead": 9 - rank % 2})
@@ -448,7 +483,7 @@ def _held_first_request(app, client, run_id, ranks, first_fails=False):
             answers = [first.result(GUARD_S)] + [f.result(GUARD_S) for f in others]
     finally:
         manager.window = real_window
-        del manager.window_now
+        del manager.window_now, manager.windows_now
     assert fast._misses == {}
     return answers, routed
 

@@ -130,3 +130,94 @@ def test_postgres_is_never_answered_on_the_loop(database_url):
         unchanged(manager, 0)
     finally:
         store.close()
+
+
+# -- windows_now: the event loop's group commit (GET .../lr of steps not final yet) -----------
+
+ONE_CYCLE = {"type": "OneCycleLR", "max_lr": 0.5, "total_steps": 8}
+RUNS = ["g0", "g1", "g2", "g3"]
+
+
+@pytest.fixture
+def grouped(managers) -> RunManager:
+    """``managers[0]`` with four more runs loaded at step 0 (OneCycleLR: it fails past step 8)."""
+    a = managers[0]
+    for run_id in RUNS:
+        a.create_run({"run_id": run_id, "schedule": ONE_CYCLE, "base_lrs": [0.1, 0.2],
+                      "base_momentums": [0.9, 0.8]})
+        a.window(run_id, 0, 0)
+    return a
+
+
+def transactions(manager: RunManager, monkeypatch) -> list[list[str]]:
+    """The run ids of every ``lock_runs`` transaction the manager's store opens from now on."""
+    opened: list[list[str]] = []
+    original = manager.store.lock_runs
+
+    def counted(run_ids):
+        opened.append(sorted(run_ids))
+        return original(run_ids)
+
+    monkeypatch.setattr(manager.store, "lock_runs", counted)
+    return opened
+
+
+def test_windows_asked_together_commit_in_one_transaction(grouped, managers, monkeypatch):
+    a, b = managers
+    opened = transactions(a, monkeypatch)
+    asks = [("g0", 1, 0), ("g1", 2, 1), ("g2", 1, 3), ("g3", 0, 0), ("g0", 1, 0)]  # g3: final; g0 twice
+    windows = a.windows_now(asks, most_values=4096)
+    assert opened == [["g0", "g1", "g2"]]  # one transaction for every run with steps to commit
+    for (run_id, step, ahead), window in zip(asks, windows, strict=True):
+        assert window is not None and not isinstance(window, BaseException)
+        assert (window.run_id, window.start, len(window.values)) == (run_id, step, ahead + 1)
+        assert window.values == b.window(run_id, step, ahead).values  # durable: another process reads them
+    assert [b.store.read_run(r).horizon for r in RUNS] == [1, 3, 4, 0]
+
+
+def test_one_asks_failure_before_writing_leaves_the_others_standing(grouped, managers):
+    a, b = managers
+    asks = [("g0", 9, 0), ("g1", 3, 0), ("g2", 50_000, 0)]  # g0: OneCycleLR has no step 9; g2: too far
+    failed, window, too_far = a.windows_now(asks, most_values=4096)
+    assert type(failed).__name__ == "ScheduleError" and type(too_far).__name__ == "InvalidInput"
+    assert window is not None and not isinstance(window, BaseException) and window.start == 3
+    assert [b.store.read_run(r).horizon for r in ("g0", "g1", "g2")] == [0, 3, 0]
+    assert a.loaded("g0") is None  # dropped, as a failed commit drops it: a worker thread reloads
+    assert a.window("g0", 8, 0).start == 8  # steps up to the schedule's end are still served
+
+
+def test_a_failed_transaction_acknowledges_none_of_its_windows(grouped, managers, monkeypatch):
+    a, b = managers
+    from lrserve.service.errors import StoreUnavailable
+
+    def broken(cursor, txs):
+        raise StoreUnavailable("the disk is full")
+
+    monkeypatch.setattr(a.store, "_write_held", broken)
+    outcomes = a.windows_now([("g0", 1, 0), ("g1", 2, 0)], most_values=4096)
+    assert [type(o).__name__ for o in outcomes] == ["StoreUnavailable"] * 2
+    assert [b.store.read_run(r).horizon for r in ("g0", "g1")] == [0, 0]
+    assert a.loaded("g0") is None and a.loaded("g1") is None  # computed ahead of the store: reload
+    monkeypatch.undo()
+    assert a.windows_now([("g0", 1, 0)], most_values=4096) == [None]  # not loaded: a worker thread's work
+    a.state("g0"), a.state("g1")  # loaded again (as that thread would): the loop commits them now
+    again = a.windows_now([("g0", 1, 0), ("g1", 2, 0)], most_values=4096)
+    assert [b.store.read_run(r).horizon for r in ("g0", "g1")] == [1, 2]
+    assert [w.values for w in again] == [b.window("g0", 1, 0).values, b.window("g1", 2, 0).values]  # type: ignore[union-attr]
+
+
+def test_windows_that_would_wait_are_left_to_a_worker_thread(grouped, managers, settings):
+    a, b = managers
+    assert a.windows_now([("nope", 1, 0), ("g1", 1, 5000)], most_values=4096) == [None] * 2  # not loaded; big
+    with a.state("g1").lock:  # another thread holds g1: g0 goes through alone
+        first, held = a.windows_now([("g0", 1, 0), ("g1", 1, 0)], most_values=4096)
+    assert held is None and first is not None
+    other = sqlite3.connect(settings.db.removeprefix("sqlite:///"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the write slot, taken by another process
+    try:
+        assert a.windows_now([("g0", 2, 0), ("g2", 1, 0)], most_values=4096) == [None, None]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert [b.store.read_run(r).horizon for r in ("g0", "g1", "g2")] == [1, 0, 0]
+    assert [a.loaded(r).horizon for r in ("g0", "g1", "g2")] == [1, 0, 0]  # type: ignore[union-attr]

@@ -1,0 +1,45 @@
+"""A process's PostgreSQL connections: few, however many requests are in flight.
+
+The server is shared (its ``max_connections``, 100 by default, serves every replica and
+everything else on it): a process holds at most ``POSTGRES_POOL_SIZE +
+POSTGRES_POOL_OVERFLOW`` connections, and work beyond that waits for one instead of failing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from lrserve.service.store import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE, open_store
+from lrserve.service.store.events import EventKind, NewEvent
+
+THREADS = 40  # starlette's worker threads per process: what one process may have in flight at once
+
+
+def test_many_threads_share_a_few_connections_and_all_get_through(database_url):
+    store = open_store(database_url("postgres"))
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, NewEvent(EventKind.CREATED, 0, {}))
+        start = threading.Barrier(THREADS)
+        most = [0]
+        errors: list[BaseException] = []
+        pool = store._engine.pool
+
+        def work() -> None:
+            start.wait()
+            try:
+                for step in range(1, 6):
+                    store.read_run("r")
+                    store.add_barrier_report("r", step, threading.get_ident() % 1000, {"loss": 1.0})
+                    most[0] = max(most[0], pool.checkedout())
+            except BaseException as exc:  # noqa: BLE001 - the test reports them
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert 1 <= most[0] <= POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW < THREADS
+    finally:
+        store.close()
