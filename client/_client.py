@@ -1,4 +1,4 @@
-"""``LRClient``: the lrserve HTTP API (``API.md``) over one keep-alive ``httpx.Client``."""
+"""``LRClient``: the lrserve HTTP API (``docs/api.md``) over keep-alive connections (``_transport``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -23,10 +22,17 @@ except ImportError:  # pragma: no cover - a client-only install without it
 from lrserve.client._exceptions import (
     ClientClosed,
     ServerError,
-    ServerTimeout,
     ServerUnreachable,
     TransportError,
     error_from_response,
+)
+from lrserve.client._transport import (
+    Answer,
+    HttpxSender,
+    KeepAliveSender,
+    Sender,
+    map_transport_errors,
+    plain_http_route,
 )
 
 __all__ = [
@@ -58,21 +64,6 @@ USER_AGENT = "lrserve-client/0.1"
 _Sleep = Callable[[float], None]
 
 
-@contextmanager
-def map_transport_errors() -> Iterator[None]:
-    """Re-raise httpx's transport exceptions as the client's ``TransportError`` tree."""
-    try:
-        yield
-    except httpx.ConnectTimeout as exc:
-        raise ServerUnreachable(f"could not connect in time: {exc}") from exc
-    except httpx.TimeoutException as exc:
-        raise ServerTimeout(f"the server did not answer in time: {exc}") from exc
-    except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:
-        raise ServerUnreachable(f"could not connect to the server: {exc}") from exc
-    except httpx.TransportError as exc:
-        raise TransportError(f"the connection to the server failed: {exc}") from exc
-
-
 def backoff_delay(
     attempt: int,
     *,
@@ -90,9 +81,12 @@ def backoff_delay(
 
 
 class LRClient:
-    """A client for the lrserve API: every route of ``API.md``, as Python methods.
+    """A client for the lrserve API: every route of ``docs/api.md``, as Python methods.
 
-    One keep-alive ``httpx.Client`` carries every request. Transport errors and retryable
+    Requests travel over keep-alive connections: the standard library's ``http.client`` to a
+    plain ``http://`` server with no proxy in between (a fifth of httpx's CPU per request, on
+    the thread the training loop shares), else an ``httpx.Client`` (``https://``, proxies from
+    the environment, or the one given as ``http_client``); see ``_transport``. Transport errors and retryable
     answers (5xx, 408, 429) are retried with exponential backoff and jitter; requests that
     are not idempotent (``control_run``) are retried only when the connection failed
     before anything was sent. Errors come out as the ``LRServiceError`` tree.
@@ -147,10 +141,17 @@ class LRClient:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._owns_http = http_client is None
-        if http_client is None:
-            http_client = httpx.Client(timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+        self._sender: Sender
+        route = plain_http_route(self.base_url) if http_client is None else None
+        if route is not None:
+            self._sender = KeepAliveSender(*route, timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
             timeout = None
-        self._http = http_client
+        elif http_client is None:  # https, or a proxy from the environment: httpx's own way
+            client = httpx.Client(timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+            self._sender = HttpxSender(client, owned=True)
+            timeout = None
+        else:
+            self._sender = HttpxSender(http_client, owned=False)
         self._timeout = timeout  # per request, only to override an injected client's own
         self._closed = False
         self._lock = threading.Lock()
@@ -168,8 +169,7 @@ class LRClient:
             if self._closed:
                 return
             self._closed = True
-        if self._owns_http:
-            self._http.close()
+        self._sender.close()
 
     def __enter__(self) -> LRClient:
         if self._closed:
@@ -420,25 +420,25 @@ class LRClient:
     def _send_once(self, method: str, path: str, *, json: Any, params: Any, timeout: Any) -> Any:
         if self._closed:
             raise ClientClosed("this LRClient is closed; make a new one")
-        kwargs: dict[str, Any] = {"headers": self._headers, "params": params}
+        url = self.base_url + path
+        if params:
+            url += "?" + urlencode(params, doseq=True)
+        headers, body = self._headers, None
         if json is not None:
             # Python's encoder, not httpx's: a diverged loss (NaN, inf) is real data, and the
             # server reads the NaN / Infinity tokens (httpx refuses to write them).
-            kwargs["content"] = _json.dumps(json, separators=(",", ":")).encode()
-            kwargs["headers"] = {**self._headers, "content-type": "application/json"}
-        # a per-call timeout tunes our own pool; an injected client keeps the timeouts it was
-        # given (or the one passed to LRClient): Starlette's TestClient refuses per-call ones
+            body = _json.dumps(json, separators=(",", ":")).encode()
+            headers = {**self._headers, "Content-Type": "application/json"}
+        # a per-call timeout tunes our own connections; an injected client keeps the timeouts it
+        # was given (or the one passed to LRClient): Starlette's TestClient refuses per-call ones
         if timeout is None or not self._owns_http:
             timeout = self._timeout
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        with map_transport_errors():
-            response = self._http.request(method, self.base_url + path, **kwargs)
-        if response.status_code >= 400:
-            raise _error_for(response)
-        if response.status_code == 204 or not response.content:
+        answer = self._sender.send(method, url, headers, body, timeout)
+        if answer.status >= 400:
+            raise _error_for(answer)
+        if answer.status == 204 or not answer.content:
             return None
-        return loads(response.content)
+        return loads(answer.content)
 
     def _retry_delay(self, attempt: int, exc: Exception) -> float:
         delay = backoff_delay(attempt, base=self._backoff, cap=self._max_backoff, rand=self._rand)
@@ -475,13 +475,13 @@ def _should_retry(exc: Exception, idempotent: bool) -> bool:
     return isinstance(exc, ServerError) and exc.retryable
 
 
-def _error_for(response: httpx.Response) -> ServerError:
+def _error_for(answer: Answer) -> ServerError:
     try:
-        body = response.json()
+        body = loads(answer.content)
     except ValueError:
-        body = {"detail": response.text.strip()[:500]}
-    error = error_from_response(response.status_code, body)
-    error.retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+        body = {"detail": answer.content.decode("utf-8", "replace").strip()[:500]}
+    error = error_from_response(answer.status, body)
+    error.retry_after = _parse_retry_after(answer.retry_after)
     return error
 
 

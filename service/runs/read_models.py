@@ -4,9 +4,12 @@ further than this one) and commits nothing new."""
 
 from __future__ import annotations
 
+import threading
 from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from lrserve.service.engine import cost
@@ -62,6 +65,61 @@ class History:
         return list(step_tuples(self.packed_lrs, self.n_groups))
 
 
+KEPT_EVENTS = 200_000
+"""Most events ``RunEvents`` keeps per server process, over all runs (least recently read out first)."""
+
+
+@dataclass(frozen=True)
+class _Kept:
+    created_at: datetime
+    last_seq: int  # every event up to here has been read
+    events: tuple[Event, ...]  # those of them a history shows (all but the metric ones)
+
+
+class RunEvents:
+    """The events a history shows, per run, each read from the store once: events are only
+    appended (``seq`` counts from 1 per run, without gaps, and a run's appends take turns),
+    so a history reads only those after the last it read (``read_events(after_seq)``). A run
+    deleted and created again has another ``created_at`` and is read from its start.
+
+    Bounded by ``most`` events over all runs; safe from worker threads."""
+
+    def __init__(self, store: BaseStore, most: int = KEPT_EVENTS) -> None:
+        self.store, self.most = store, most
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def shown(self, run_id: str, created_at: datetime) -> tuple[Event, ...]:
+        """Every event of the run but the metric ones, in order, as of now (at least)."""
+        with self._lock:
+            kept = self._kept.get(run_id)
+        if kept is None or kept.created_at != created_at:
+            kept = _Kept(created_at, 0, ())
+        new = self.store.read_events(run_id, kept.last_seq)
+        if not new:
+            self._keep(run_id, kept)
+            return kept.events
+        events = kept.events + tuple(e for e in new if e.kind is not EventKind.METRIC)
+        self._keep(run_id, _Kept(created_at, new[-1].seq, events))
+        return events
+
+    def _keep(self, run_id: str, kept: _Kept) -> None:
+        with self._lock:
+            old = self._kept.pop(run_id, None)
+            if old is not None and old.created_at == kept.created_at and old.last_seq > kept.last_seq:
+                kept = old  # another thread read further meanwhile
+            if old is not None:
+                self._count -= len(old.events)
+            if len(kept.events) > self.most:
+                return
+            self._kept[run_id] = kept
+            self._count += len(kept.events)
+            while self._count > self.most:
+                _, dropped = self._kept.popitem(last=False)
+                self._count -= len(dropped.events)
+
+
 class ReadModels:
     """The answers built from a run's whole log (``GET .../history``, ``lr-finder``, ``spike-guard``)."""
 
@@ -70,6 +128,7 @@ class ReadModels:
         self.settings = settings
         self.runs = runs
         self.committer = committer
+        self.events = RunEvents(store)
 
     def lr_finder(self, run_id: str) -> LRFinder:
         """The range test's curve, suggestions and choice (API.md, LR range test).
@@ -137,7 +196,7 @@ class ReadModels:
         lrs = self._lrs_at(state, steps)
         metrics = {name: downsample(rows, max_points)
                    for name, rows in self.store.read_metrics(run_id).items()}
-        events = [e for e in self.store.read_events(run_id) if e.kind is not EventKind.METRIC]
+        events = list(self.events.shown(run_id, mark.created_at))
         return History(run_id, steps, lrs, state.n_groups, metrics, events, mark)
 
     def _lrs_at(self, state: RunState, steps: Sequence[int]) -> array[float]:

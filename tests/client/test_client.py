@@ -280,7 +280,7 @@ def test_closed_client_refuses_requests(api):
 def test_owned_http_client_is_closed():
     client = LRClient("http://127.0.0.1:9")
     client.close()
-    assert client._http.is_closed
+    assert client._sender.is_closed
 
 
 def test_negative_retries_refused():

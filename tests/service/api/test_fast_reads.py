@@ -148,3 +148,25 @@ def test_a_history_of_many_groups_is_the_windows(api):
     window = api.get("/v1/runs/wide/lr", params={"step": 0, "ahead": 400}).json()["window"]
     shown = api.get("/v1/runs/wide/history", params={"max_points": 200}).json()["lrs"]  # 200 x 300: in slices
     assert shown["values"] == [window["lrs"][s] for s in shown["steps"]]
+
+
+def test_a_history_reads_each_event_once(settings, monkeypatch):
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        make_run(a, "e")
+        a.get("/v1/runs/e/lr", params={"step": 0, "ahead": 5})
+        store = a.app.state.manager.store
+        asked: list[int] = []
+        real = store.read_events
+        monkeypatch.setattr(store, "read_events", lambda run_id, after_seq=0: asked.append(after_seq)
+                            or real(run_id, after_seq))
+        assert [e["kind"] for e in a.get("/v1/runs/e/history").json()["events"]] == ["created"]
+        b.post("/v1/runs/e/control", json={"action": "scale", "factor": 0.5, "reason": "b"})  # another one
+        a.post("/v1/runs/e/step", json={"step": 9, "metrics": {"loss": 1.0}})  # a metric event: not shown
+        shown = a.get("/v1/runs/e/history").json()["events"]
+        assert [(e["kind"], e.get("reason")) for e in shown] == [("created", None), ("control", "b")]
+        assert asked == [0, 1]  # the second read began after the first's last event
+        with TestClient(create_app(settings)) as c:
+            c.delete("/v1/runs/e")
+            make_run(c, "e", base_lrs=(0.2,))
+        assert [e["kind"] for e in a.get("/v1/runs/e/history").json()["events"]] == ["created"]
+        assert asked[-1] == 0  # created again: read from its start
