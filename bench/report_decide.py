@@ -205,7 +205,8 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
                "optuna per step = trial.report() + trial.should_prune(); lrserve per step = one POST "
                ".../step with the metric (decision and durable commit included)",
                "'inside the server': lrserve's own request histogram (TelemetryMiddleware) over the same "
-               "calls; the rest of lrserve's mean is the client (httpx), loopback and the event loop"],
+               "calls; the rest of lrserve's mean is the client (LRClient over http.client), loopback and "
+               "the event loop"],
     )
 
 

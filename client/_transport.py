@@ -74,8 +74,8 @@ def plain_http_route(base_url: str) -> tuple[str, int] | None:
         url = httpx.URL(base_url)
     except httpx.InvalidURL:
         return None
-    if url.scheme != "http" or not url.host:
-        return None
+    if url.scheme != "http" or not url.host or url.userinfo:
+        return None  # TLS, or credentials in the URL (httpx sends them as basic auth)
     proxies = urllib.request.getproxies_environment()
     if "http" in proxies or "all" in proxies:
         return None  # httpx's proxy rules (NO_PROXY included) decide, not a copy of them

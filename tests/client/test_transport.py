@@ -91,6 +91,7 @@ def test_a_plain_http_server_with_no_proxy_gets_the_keep_alive_sender(monkeypatc
         assert isinstance(api._sender, KeepAliveSender)
     # httpx carries what needs it: TLS, and a proxy from the environment (with its NO_PROXY rules)
     assert plain_http_route("https://lrserve:8443") is None
+    assert plain_http_route("http://user:secret@lrserve:8000") is None
     with LRClient("https://127.0.0.1:9") as api:
         assert isinstance(api._sender, HttpxSender) and api._sender._owned
     monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
