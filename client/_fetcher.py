@@ -18,7 +18,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 import httpx
@@ -52,6 +51,30 @@ TAIL_CHUNK_VALUES = 8192
 def tail_chunk(groups: int) -> int:
     """Steps of tail one request asks for at most, with ``groups`` param groups."""
     return max(1, TAIL_CHUNK_VALUES // max(1, groups))
+
+
+class _Job:
+    """One fetch handed to a worker thread: ``fn(*args)``, then its result or error.
+
+    Lighter than a ``concurrent.futures.Future`` (no condition of its own, no callbacks):
+    the training thread submits one per report, so what a hand-off costs it counts. The
+    worker sets ``value``/``error`` before ``done``; a reader that sees ``done`` sees both.
+    """
+
+    __slots__ = ("args", "done", "error", "fn", "notify", "value")
+
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], notify: Callable[[], None] | None
+    ) -> None:
+        self.fn, self.args, self.notify = fn, args, notify
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class EndOfSchedule:
@@ -108,7 +131,7 @@ class WindowFetcher:
         self.failures = 0  # failed tries of the fetch in flight
         self.error: BaseException | None = None  # the last of them
         self.seconds = 0.0  # how long a fetch takes (smoothed)
-        self._future: Future[Any] | None = None
+        self._job: _Job | None = None
         self._cancel = threading.Event()
         self._cv = threading.Condition()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -117,24 +140,22 @@ class WindowFetcher:
     @property
     def busy(self) -> bool:
         """Whether a fetch was submitted and its result not taken yet."""
-        return self._future is not None
+        return self._job is not None
 
     def done(self) -> bool:
         """Whether the fetch in flight has a result (or an error) to take."""
-        return self._future is not None and self._future.done()
+        return self._job is not None and self._job.done
 
     def submit(self, start: int | None, ahead: int) -> None:
         """Fetch the window of ``start .. start + ahead`` (``None``: from the job's current step)."""
-        future: Future[Any] = Future()
-        future.add_done_callback(self._notify)
-        cancel = self._cancel
-        self._jobs.put((future, lambda: self._fetch(start, ahead, cancel)))
+        job = _Job(self._fetch, (start, ahead, self._cancel), self._notify)
+        self._jobs.put(job)
         if self._thread is None:
             self._thread = threading.Thread(
                 target=_work, args=(self._jobs,), name="lrserve-fetch", daemon=True
             )
             self._thread.start()
-        self._future = future
+        self._job = job
 
     def take(self, *, wait: bool, stop_waiting: Callable[[], bool], timeout: float | None = None) -> Any:
         """The result of the fetch in flight, or ``NOT_READY``.
@@ -147,28 +168,28 @@ class WindowFetcher:
         Raises:
             LRServiceError: The fetch failed for good (e.g. the run is gone).
         """
-        future = self._future
-        if future is None:
+        job = self._job
+        if job is None:
             return NOT_READY
-        if not future.done():
+        if not job.done:
             if not wait:
                 return NOT_READY
             with self._cv:
-                self._cv.wait_for(lambda: future.done() or stop_waiting(), timeout)
-            if not future.done():
+                self._cv.wait_for(lambda: job.done or stop_waiting(), timeout)
+            if not job.done:
                 return NOT_READY
-        self._future = None
+        self._job = None
         try:
-            return future.result()
+            return job.result()
         except ClientClosed:
             return NOT_READY
 
     def drop(self) -> None:
         """Abandon the fetch in flight; its thread stops retrying."""
         self._cancel.set()
-        self._notify(None)
+        self._notify()
         self._cancel = threading.Event()
-        self._future = None
+        self._job = None
         self.failures = 0
 
     def close(self, timeout: float | None = None) -> None:
@@ -252,7 +273,7 @@ class WindowFetcher:
             answer = reply if step == first else None
         return answer
 
-    def _notify(self, _: object) -> None:
+    def _notify(self) -> None:
         with self._cv:
             self._cv.notify_all()
 
@@ -274,7 +295,7 @@ class TailFetcher:
     def __init__(self, client: LRClient, *, run_id: Callable[[], str]) -> None:
         self._client = client
         self._run_id = run_id
-        self._future: Future[Any] | None = None
+        self._job: _Job | None = None
         self._tag: Any = None
         self._cancel = threading.Event()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -283,36 +304,34 @@ class TailFetcher:
     @property
     def busy(self) -> bool:
         """Whether a fetch was submitted and its result not taken yet."""
-        return self._future is not None
+        return self._job is not None
 
     def submit(self, after: int, steps: int, held: tuple[int, int] | None, groups: int, tag: Any) -> None:
         """Fetch ``steps`` steps of tail after the final step ``after`` (continuing ``held``,
         ``(id, last step)``, while the server says it is valid); ``take()`` returns ``tag``
         with the answers."""
-        future: Future[Any] = Future()
-        cancel = self._cancel
-        chunk = tail_chunk(groups)
-        self._jobs.put((future, lambda: self._fetch(after, steps, held, chunk, cancel)))
+        job = _Job(self._fetch, (after, steps, held, tail_chunk(groups), self._cancel), None)
+        self._jobs.put(job)
         if self._thread is None:
             self._thread = threading.Thread(
                 target=_work, args=(self._jobs,), name="lrserve-tail", daemon=True
             )
             self._thread.start()
-        self._future, self._tag = future, tag
+        self._job, self._tag = job, tag
 
     def take(self) -> Any:
         """``(tag, answers)`` of the fetch submitted, once it is done; else ``NOT_READY``."""
-        future = self._future
-        if future is None or not future.done():
+        job = self._job
+        if job is None or not job.done:
             return NOT_READY
-        self._future = None
-        return self._tag, future.result()
+        self._job = None
+        return self._tag, job.result()
 
     def drop(self) -> None:
         """Abandon the fetch in flight (its answers would be of another run or tail)."""
         self._cancel.set()
         self._cancel = threading.Event()
-        self._future = None
+        self._job = None
 
     def close(self, timeout: float | None = None) -> None:
         """Drop the fetch in flight and stop the thread (waiting up to ``timeout``)."""
@@ -346,14 +365,14 @@ class TailFetcher:
 
 def _work(jobs: queue.SimpleQueue[Any]) -> None:
     while True:
-        job = jobs.get()
+        job: _Job | None = jobs.get()
         if job is None:
             return
-        future, fn = job
-        del job
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the training thread through the future
-                future.set_exception(exc)
-        del future, fn  # hold nothing of the job while waiting for the next
+        try:
+            job.value = job.fn(*job.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread through the job
+            job.error = exc
+        job.done = True
+        if job.notify is not None:
+            job.notify()
+        del job  # hold nothing of the job while waiting for the next

@@ -287,6 +287,7 @@ class RemoteScheduler:
         self._superseded = False  # another scheduler was built on the optimizer since (torch composes)
         self._job_watched = False  # whether the spec this job built the run with watched a metric
         self._open: int | None = None  # a step whose values wait for report() (or the optimizer)
+        self._due = _Due()  # armed while _open or _deciding is set: the optimizer hook looks then
         self._reported: dict[str, float] = {}  # report()ed metrics for the next step()
         # The optimizer hook lets a report come after step() (report()) and, with
         # overlap_decisions, a decision travel during the next batch; hooked once the
@@ -695,6 +696,7 @@ class RemoteScheduler:
                 # the job may report() this step's metric after step() (frameworks evaluate
                 # after stepping the scheduler): its values are taken then, or by the hook
                 self._open = s
+                self._due.armed = True
                 self._refresh()
                 return
             else:
@@ -760,6 +762,7 @@ class RemoteScheduler:
             self._fetcher.pending.append((s, report))
             self._fetcher.submit(s, self._ahead_from(s))
             self._deciding = s
+            self._due.armed = True
             self._refresh()
             return
         try:
@@ -990,12 +993,9 @@ class RemoteScheduler:
         self._prefetch_at = s + 1
 
     def _collect(self, *, wait: bool) -> None:
-        # a loop's own request would retry max_retries times: wait that long, unless known away
-        patience = self._client.max_retries
-        result = self._fetcher.take(
-            wait=wait,
-            stop_waiting=lambda: self._state is ClientState.AWAY or self._fetcher.failures > patience,
-        )
+        if not self._fetcher.busy:
+            return
+        result = self._fetcher.take(wait=wait, stop_waiting=self._stop_waiting)
         if result is NOT_READY:
             return
         if isinstance(result, EndOfSchedule):
@@ -1003,6 +1003,10 @@ class RemoteScheduler:
             self._reschedule()
         else:
             self._accept(result)
+
+    def _stop_waiting(self) -> bool:
+        # a loop's own request would retry max_retries times: wait that long, unless known away
+        return self._state is ClientState.AWAY or self._fetcher.failures > self._client.max_retries
 
     # -- decisions on their way ---------------------------------------------------------
 
@@ -1014,13 +1018,14 @@ class RemoteScheduler:
     def _maybe_hook(self) -> None:
         """Hook the optimizer once the run watches a metric (not before: no cost without)."""
         if self._hookable and self._policy.watched and not self._hooked:
-            self._hooked = self._writer.hook(_weakly(weakref.ref(self), "_before_optimizer_reads", gone=None))
+            self._hooked = self._writer.hook(_before_reads_hook(weakref.ref(self), self._due))
 
     def _before_optimizer_reads(self, *_: Any) -> None:
         if self._open is not None:
             self._close_step()
         if self._deciding is not None:
             self._settle()
+        self._due.armed = self._open is not None or self._deciding is not None
 
     def _close_step(self) -> None:
         """No report came for the open step: take its values as they are (then settle)."""
@@ -1082,6 +1087,29 @@ def _weakly(ref: weakref.ref[RemoteScheduler], name: str, gone: Any = _GONE) -> 
         return getattr(scheduler, name)(*args)
 
     return call
+
+
+class _Due:
+    """Whether the optimizer hook has work (a step open, a decision on its way): the hook runs
+    before every ``optimizer.step()``, so on the steps between reports it reads one flag."""
+
+    __slots__ = ("armed",)
+
+    def __init__(self) -> None:
+        self.armed = False
+
+
+def _before_reads_hook(ref: weakref.ref[RemoteScheduler], due: _Due) -> Callable[..., None]:
+    """The optimizer pre-step (and state-dict) hook: ``_before_optimizer_reads`` when ``due``
+    is armed and the scheduler is alive; holds no reference that keeps it alive."""
+
+    def before_reads(*_: Any) -> None:
+        if due.armed:
+            scheduler = ref()
+            if scheduler is not None:
+                scheduler._before_optimizer_reads()
+
+    return before_reads
 
 
 def _client_for(
