@@ -163,7 +163,7 @@ class FastPath:
         if getattr(state, "manager", None) is None:
             return None
         try:
-            identity = state.auth.require(_header(scope, b"authorization"), write.role)
+            identity = state.auth.require(header(scope, b"authorization"), write.role)
         except LRServeError:
             return None  # the route answers 401/403 with its usual body
         try:
@@ -208,14 +208,9 @@ class FastPath:
         query = _parse_query(scope.get("query_string", b""))
         if query is None:
             return None
-        app = scope["app"]
-        manager: RunManager | None = getattr(app.state, "manager", None)
+        manager = reader(scope)
         if manager is None:
             return None
-        try:
-            app.state.auth.require(_header(scope, b"authorization"), "read")
-        except LRServeError:
-            return None  # the route answers 401/403 with its usual body
         return manager, match.group(1), *query
 
     async def _answer(
@@ -327,11 +322,26 @@ def _handler_for(app: Starlette, exc: Exception) -> _Handler | None:
 
 
 def _content_type(scope: Scope) -> str | None:
-    value = _header(scope, b"content-type")
+    value = header(scope, b"content-type")
     return None if value is None else value.split(";", 1)[0].strip().lower()
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def reader(scope: Scope) -> RunManager | None:
+    """The app's run manager when the request's token may read; ``None``: the route answers
+    (the app is starting, or a 401/403 with its usual body)."""
+    app = scope["app"]
+    manager: RunManager | None = getattr(app.state, "manager", None)
+    if manager is None:
+        return None
+    try:
+        app.state.auth.require(header(scope, b"authorization"), "read")
+    except LRServeError:
+        return None
+    return manager
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """A request header's value (``name`` in lower case, as ASGI gives it), or ``None``."""
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     for key, value in headers:
         if key == name:

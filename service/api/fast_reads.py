@@ -38,6 +38,7 @@ from collections import OrderedDict
 from typing import Any
 
 import orjson
+from lrserve.service.api.fast_path import reader
 from lrserve.service.api.responses import history_json, run_body
 from lrserve.service.api.schemas import RUN_ID_PATTERN
 from lrserve.service.errors import LRServeError
@@ -176,14 +177,10 @@ class FastReads:
         points = _max_points(query) if history is not None else None
         if not ((run is not None and not query) or points is not None):
             return None
-        app = scope["app"]
-        manager: RunManager | None = getattr(app.state, "manager", None)
+        manager = reader(scope)
         if manager is None:
             return None
-        try:
-            app.state.auth.require(_header(scope, b"authorization"), "read")
-        except LRServeError:
-            return None  # the route answers 401/403 with its usual body
+        app = scope["app"]
         if run is not None:
             return self._run(scope, manager, app.state.liveness, run.group(1))
         assert history is not None and points is not None
@@ -230,11 +227,3 @@ def _max_points(raw: bytes) -> int | None:
         return None
     points = int(value)
     return points if 1 <= points <= MAX_POINTS else None
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    headers: list[tuple[bytes, bytes]] = scope["headers"]
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
