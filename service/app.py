@@ -73,6 +73,7 @@ def _warm_up_torch() -> None:
     warm_up_torch()
     gc.freeze()  # start-up objects (torch's, most of all) stay out of later collections: shorter pauses
     gc.set_threshold(*GC_THRESHOLDS)
+    gc.enable()  # ``lrserve serve`` starts up without it (``cli.serve_command``); on from here
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -9,6 +9,7 @@ only when the worker builds it.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,17 @@ class AppFactory:
     settings: Settings
 
     def __call__(self) -> FastAPI:
-        from lrserve.service.app import create_app
+        """The app, its modules imported without the cyclic collector, as ``lrserve serve``
+        does (``cli.serve_command``): in a worker process that is torch's import. The app's
+        warm-up, before it is ready, turns the collector back on."""
+        gc.disable()
+        try:
+            from lrserve.service.app import create_app
 
-        return create_app(self.settings)
+            return create_app(self.settings)
+        except BaseException:
+            gc.enable()
+            raise
 
 
 @dataclass(frozen=True)

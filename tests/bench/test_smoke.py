@@ -75,3 +75,21 @@ def test_side_by_side_compares_two_trees(tmp_path: Path) -> None:
             for key in ("p50_ms", "server_cpu_us", "server_wait_us", "client_cpu_us"):
                 assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
             assert row["server_cpu_us"] > 0, row  # the server's threads were found and read
+
+
+@pytest.mark.slow
+def test_cold_start_times_the_yardstick_and_both_trees(tmp_path: Path) -> None:
+    """``bench.cold_start`` against this same tree (as the other one): every start of each
+    variant timed, each server's median over ``import torch`` reported."""
+    out = tmp_path / "cold.json"
+    command = [sys.executable, "-m", "bench.cold_start", str(ROOT), "--rounds", "2", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["variants"]) == {"torch", "this", "other"}
+    for name, row in data["variants"].items():
+        assert len(row["seconds"]) == 2 and all(s > 0 for s in row["seconds"]), name
+        assert row["min_s"] <= row["median_s"] <= row["max_s"], name
+        expected = row["median_s"] - data["variants"]["torch"]["median_s"]
+        assert math.isclose(row["over_torch_s"], expected), name
+    assert "import torch" in proc.stdout

@@ -3,11 +3,14 @@ object on (to every worker, pickled), and never writes the environment back."""
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 
 import pytest
+from fastapi.testclient import TestClient
 from lrserve.service import cli
+from lrserve.service.app import GC_THRESHOLDS
 from lrserve.service.settings import Settings
 from lrserve.service.workers import AppFactory
 
@@ -21,7 +24,7 @@ def served(monkeypatch, tmp_path):
     seen: dict = {}
 
     def run_server(settings: Settings, **options) -> int:
-        seen.update(options, settings=settings)
+        seen.update(options, settings=settings, collector_on=gc.isenabled())
         return 0
 
     monkeypatch.setattr(cli, "run_server", run_server)
@@ -31,6 +34,7 @@ def served(monkeypatch, tmp_path):
         before = dict(os.environ)
         assert cli.main(["serve", "--db", f"sqlite:///{tmp_path}/s.db", *args]) == 0
         assert dict(os.environ) == before  # nothing written back for workers to re-read
+        assert gc.isenabled()  # back on once serving ends, whatever the app did
         return seen
 
     return serve
@@ -76,3 +80,30 @@ def test_workers_get_the_same_settings_through_the_pickle_not_the_environment(mo
     factory = pickle.loads(pickle.dumps(AppFactory(settings)))
     monkeypatch.setenv("LRSERVE_MAX_AHEAD", "999")  # a worker's environment does not matter
     assert factory.settings == settings and factory.settings.max_ahead == 5
+
+
+def test_start_up_runs_without_the_cyclic_collector_and_readiness_turns_it_on(served, tmp_path):
+    """Imports (torch's above all) without the collector's full scans; the server answers with
+    it on: the app's warm-up, before ``/readyz`` says ready, turns it back on."""
+    assert served()["collector_on"] is False
+    thresholds = gc.get_threshold()
+    gc.disable()  # as serve_command leaves it for the app it builds
+    try:
+        app = AppFactory(Settings(db=f"sqlite:///{tmp_path}/gc.db"))()
+        assert not gc.isenabled()  # the app's modules were imported without it
+        with TestClient(app) as client:
+            assert client.get("/readyz").status_code == 200
+            assert gc.isenabled() and gc.get_threshold() == GC_THRESHOLDS
+    finally:
+        gc.enable()
+        gc.set_threshold(*thresholds)
+
+
+def test_a_start_that_fails_leaves_the_collector_on(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["serve", "--db", "mysql://u:secret@h/db"]) == 1
+    assert gc.isenabled()
+    monkeypatch.setattr("lrserve.service.app.create_app", lambda settings: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        AppFactory(Settings(db=f"sqlite:///{tmp_path}/f.db"))()
+    assert gc.isenabled()
