@@ -11,10 +11,12 @@ Per report the training thread pays: wall time inside ``step(metric)`` plus insi
 optimizer's pre-step hooks over the next epoch (where ``overlap_decisions=True`` takes its
 decision), and of that, its own CPU (``time.thread_time``: the rest is waiting, for the
 decision or for the GIL). The yardstick is a bare ``http.client`` ``POST .../step`` with the
-metric, from the same process right after each report: one round trip. Medians over all
-reports of a variant. Figure 1 (``python -m bench --only client_step``) shows the same cost
-spread over the epoch's steps (time per step, against torch's); this is the cost per report
-the target is written in.
+metric, from the same process in the middle of each epoch, after a pause like the report's:
+one round trip. Medians over all reports of a variant, and means (what a job pays over time,
+slow reports included). Figure 1 (``python -m bench --only client_step``) spreads the cost
+over the epoch's steps (time per step, against torch's), with an injected ``httpx.Client``
+(to count requests) instead of the default transport; this is the cost per report the
+target is written in, with the client a user gets (``RemoteScheduler(url=...)``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def run(other: Path | None, rounds: int, reports: int, epoch: int) -> list[dict[
     for (tree, mode, w), values in got.items():
         rows.append({"tree": tree, "step_ms": w * 1e3, "client": mode,
                      **{key: median(vals) for key, vals in values.items()},
+                     "wall_mean": sum(values["wall"]) / len(values["wall"]),
+                     "cpu_mean": sum(values["cpu"]) / len(values["cpu"]),
+                     "rtt_mean": sum(values["rtt"]) / len(values["rtt"]),
                      "reports": len(values["wall"])})
     return rows
 
@@ -105,12 +110,12 @@ def main() -> None:
     print(f"load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {args.rounds} rounds x {args.reports} reports, "
           f"{args.epoch} steps per report; medians per report, us")
     head = ("tree", "step ms", "client", "cost", "cost CPU", "step(m)", "step(m) CPU", "hooks",
-            "hooks CPU", "round trip", "RT CPU", "cost - RT")
+            "hooks CPU", "round trip", "RT CPU", "cost - RT", "mean: cost", "cost CPU", "RT")
     print(" | ".join(head))
     for r in rows:
         cells = (r["tree"], f"{r['step_ms']:g}", r["client"], *(f"{r[k]:.0f}" for k in (
             "wall", "cpu", "tick_wall", "tick_cpu", "hook_wall", "hook_cpu", "rtt", "rtt_cpu")),
-            f"{r['wall'] - r['rtt']:.0f}")
+            f"{r['wall'] - r['rtt']:.0f}", *(f"{r[k]:.0f}" for k in ("wall_mean", "cpu_mean", "rtt_mean")))
         print(" | ".join(cells))
     if args.json:
         args.json.write_text(json.dumps({"load": load, "rows": rows}, indent=1))
