@@ -137,6 +137,7 @@ class KeepAliveSender:
              timeout: Timeout) -> Answer:
         connect_s, write_s, read_s = self._timeout if timeout is None else _timeouts(timeout)
         conn = self._checkout() or self._connect(connect_s)
+        unsent: OSError | None = None
         try:
             conn.sock.settimeout(write_s)  # connected: a socket
             conn.putrequest(method, _path_of(url), skip_accept_encoding=True)
@@ -144,17 +145,25 @@ class KeepAliveSender:
                 conn.putheader(name, value)
             if body is not None:
                 conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders(body)
+            try:
+                conn.endheaders(body)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                unsent = exc  # the server may have answered already and closed (a 413 to a big body)
             conn.sock.settimeout(read_s)
-            answer = conn.getresponse()
-            content = answer.read()
+            try:
+                answer = conn.getresponse()
+                content = answer.read()
+            except (http.client.HTTPException, OSError):
+                if unsent is not None:  # no early answer: the failure is the send's
+                    raise unsent from None
+                raise
         except TimeoutError as exc:
             conn.close()
             raise ServerTimeout(f"the server did not answer in time: {exc or 'timed out'}") from exc
         except (http.client.HTTPException, OSError) as exc:  # reset, closed, a bad status line
             conn.close()
             raise TransportError(f"the connection to the server failed: {exc!r}") from exc
-        if answer.will_close:
+        if answer.will_close or unsent is not None:
             conn.close()
         else:
             self._checkin(conn)

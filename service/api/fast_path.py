@@ -49,7 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ROUTE = "/v1/runs/{run_id}/lr"
 _RUN_ID = RUN_ID_PATTERN.strip("^$")
-_PATH = re.compile(rf"^/v1/runs/({_RUN_ID})/lr$")
+_PATH = re.compile(rf"/v1/runs/({_RUN_ID})/lr")  # fullmatch: `$` would also match before a final "\n"
 log = logging.getLogger("lrserve")
 _MAX_DIGITS = len(str(MAX_STEP))  # longer strings go to the route's 422 (never to int())
 _RUN_PREFIX = "/v1/runs/{run_id}/"
@@ -202,7 +202,7 @@ class FastPath:
     @staticmethod
     def _asked(scope: Scope) -> tuple[RunManager, str, int, int] | None:
         """What a well-formed, authorised ``GET .../lr`` asks (None: the route answers)."""
-        match = _PATH.match(scope["path"])
+        match = _PATH.fullmatch(scope["path"])
         if match is None:
             return None
         query = _parse_query(scope.get("query_string", b""))

@@ -51,8 +51,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 RUN_ROUTE = "/v1/runs/{run_id}"
 HISTORY_ROUTE = "/v1/runs/{run_id}/history"
 _ID = RUN_ID_PATTERN.strip("^$")
-_RUN_PATH = re.compile(rf"^/v1/runs/({_ID})$")
-_HISTORY_PATH = re.compile(rf"^/v1/runs/({_ID})/history$")
+_RUN_PATH = re.compile(rf"/v1/runs/({_ID})")  # fullmatch: `$` would also match before a final "\n"
+_HISTORY_PATH = re.compile(rf"/v1/runs/({_ID})/history")
 
 MAX_POINTS = 100_000
 """The route's limit on ``max_points`` (``Query(le=...)``); its default is ``DEFAULT_POINTS``."""
@@ -172,8 +172,8 @@ class FastReads:
         if not path.startswith("/v1/runs/"):
             return None
         query: bytes = scope.get("query_string", b"")
-        run = _RUN_PATH.match(path)
-        history = None if run is not None else _HISTORY_PATH.match(path)
+        run = _RUN_PATH.fullmatch(path)
+        history = None if run is not None else _HISTORY_PATH.fullmatch(path)
         points = _max_points(query) if history is not None else None
         if not ((run is not None and not query) or points is not None):
             return None

@@ -96,4 +96,7 @@ class Checkpointer:
             if self._closed.wait(self._every_s):  # gather the writes of ``every_s``
                 return
             self._wrote.clear()
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except Exception:  # the only checkpointer (autocheckpoint is off): it must live on
+                log.exception("WAL checkpoint: unexpected failure (trying again after the next writes)")

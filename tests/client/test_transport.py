@@ -221,3 +221,25 @@ def test_threads_share_the_sender_against_a_real_server(tmp_path):
             assert len(api._sender._idle) <= 8  # type: ignore[attr-defined]
     finally:
         server.stop()
+
+
+def test_an_answer_sent_before_the_whole_body_is_read_is_kept(scripted):
+    """A server refuses a body too large from its Content-Length (a 413) and closes without
+    reading it: the client's send fails, and the answer, already there, is what it reports
+    (as httpx does), not a broken connection retried three times."""
+    body = b'{"detail":"the body is larger than 1048576 bytes","code":"limit_exceeded","errors":[]}'
+
+    def refuse_big_bodies(conn: socket.socket, n: int) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+                     % len(body) + body)
+        conn.close()
+
+    server = scripted(refuse_big_bodies)
+    with LRClient(f"http://127.0.0.1:{server.port}", sleep=lambda s: None) as api:
+        with pytest.raises(ServerError) as caught:
+            api.request("POST", "/v1/runs/r/metrics", json={"records": ["x" * 64] * 400_000})
+    assert caught.value.status_code == 413 and caught.value.code == "limit_exceeded"
+    assert server.accepted == 1  # not retried: a 413 is final

@@ -12,6 +12,8 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 from lrserve.service.api.fast_path import FastPath, _parse_query
+from lrserve.service.api.routes.runs import CONTROL, CREATE
+from lrserve.service.api.routes.steps import METRICS, STEP
 from lrserve.service.app import create_app
 from lrserve.service.settings import Settings
 
@@ -395,11 +397,12 @@ def test_fast_writes_read_a_body_in_parts_and_keep_the_size_limit(settings):
         assert client.get("/v1/runs/p").json()["horizon"] == 1
 
 
-@pytest.mark.parametrize("route", ["step", "metrics", "control"])
-def test_fast_write_routes_are_documented_as_before(route):
-    """The routes the fast path answers stay FastAPI's in the OpenAPI document (one definition)."""
+@pytest.mark.parametrize("write", [STEP, METRICS, CONTROL], ids=lambda write: write.route)
+def test_fast_write_routes_are_documented_as_before(write):
+    """The routes the fast path answers stay FastAPI's in the OpenAPI document (one definition),
+    at the path their ``FastWrite`` names (spelled in both places: a change to one alone fails here)."""
     app = create_app(Settings(db="sqlite:///never-opened.db"))
-    operation = app.openapi()["paths"][f"/v1/runs/{{run_id}}/{route}"]["post"]
+    operation = app.openapi()["paths"][write.route]["post"]
     assert operation["requestBody"]["required"] is True
     assert [p["name"] for p in operation["parameters"]] == ["run_id", "authorization"]
 
@@ -428,7 +431,7 @@ def test_new_steps_asked_in_one_turn_of_the_loop_commit_in_one_transaction(datab
 
 def test_the_create_route_is_documented_as_before():
     app = create_app(Settings(db="sqlite:///never-opened.db"))
-    operation = app.openapi()["paths"]["/v1/runs"]["post"]
+    operation = app.openapi()["paths"][CREATE.route]["post"]
     assert operation["requestBody"]["required"] is True
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
     assert schema == {"$ref": "#/components/schemas/RunCreate"}

@@ -106,6 +106,9 @@ def test_fast_reads_leave_auth_and_bad_input_to_the_route(settings):
             assert answer.json()["errors"][0]["field"] == "max_points"
         twice = client.get("/v1/runs/x/history?max_points=5&max_points=6", headers=reader)
         assert twice.status_code == 422
+        # a run id ending in a newline is the route's 422 (a regex `$` here had matched it as "x")
+        newline = client.get("/v1/runs/x%0A", headers=reader)
+        assert newline.status_code == 422 and newline.json()["errors"][0]["field"] == "run_id", newline.text
 
 
 def test_max_points_parsing_is_strict():
