@@ -93,3 +93,25 @@ def test_cold_start_times_the_yardstick_and_both_trees(tmp_path: Path) -> None:
         expected = row["median_s"] - data["variants"]["torch"]["median_s"]
         assert math.isclose(row["over_torch_s"], expected), name
     assert "import torch" in proc.stdout
+
+
+@pytest.mark.slow
+def test_plateau_loop_measures_each_report_of_both_trees(tmp_path: Path) -> None:
+    """``bench.plateau_loop`` against this same tree (as the other one): every variant (tree x
+    client mode x training step) has its reports, each with the training thread's time and
+    CPU and the bare round trip beside it."""
+    pytest.importorskip("torch")
+    out = tmp_path / "plateau.json"
+    command = [sys.executable, "-m", "bench.plateau_loop", str(ROOT), "--rounds", "1", "--reports", "2",
+               "--epoch", "2", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    variants = {(r["tree"], r["client"], r["step_ms"]) for r in rows}
+    modes = ("waits", "overlap")
+    assert variants == {(t, c, s) for t in ("this", "other") for c in modes for s in (0.1, 5.0)}
+    for row in rows:
+        assert row["reports"] == 2, row
+        for key in ("wall", "cpu", "tick_wall", "tick_cpu", "hook_wall", "hook_cpu", "rtt", "rtt_cpu"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        assert row["tick_cpu"] > 0 and row["rtt"] > 0, row  # step(metric) ran; the yardstick answered
