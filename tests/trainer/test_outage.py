@@ -108,11 +108,15 @@ def test_two_ranks_train_through_a_kill_9_and_restart_on_torch_values(tmp_path):
     reductions = [e for e in history["plateau"]["events"] if e["kind"] == "plateau_reduction"]
     assert reductions and all(e["step"] in means for e in reductions)  # each on its report's step
 
-    # how each job met the outage (one warning per rank): the time-based one rode the tail,
-    # the plateau one's report waited for the server
+    # how each job met the outage (one warning per rank that met it): the time-based one rode
+    # the tail on both ranks; the plateau one's reports waited for the server. A plateau rank
+    # whose report the server answered just before the kill (the barrier answers its ranks one
+    # after the other) never meets the outage: its next step waits in the gradients' allreduce
+    # for the other rank, which waits for the server (CI saw 1 of 2 once); at least one rank
+    # always meets it, since no report can be answered before every rank's is in
     cosine_job = jobs["cosine"]
     assert cosine_job.err.read_text().count("provisional values it sent ahead") == 2, cosine_job.output()
-    assert plateau.err.read_text().count("training waits for the server") == 2, plateau.output()
+    assert 1 <= plateau.err.read_text().count("training waits for the server") <= 2, plateau.output()
 
 
 def _epochs(job: Trainer) -> int:
