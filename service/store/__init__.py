@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from lrserve.service.errors import StoreUnavailable
 from lrserve.service.settings import DEFAULT_SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS
@@ -173,9 +174,21 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, database: Path) -> N
     checkout once the file is writable, so the first write after recovery succeeds.
     """
 
+    created = [False]  # the store's first connection creates the file (where allowed); no other may
+
     @event.listens_for(engine, "do_connect")
-    def _before_connect(_dialect: Any, record: Any, _cargs: Any, _cparams: Any) -> None:
+    def _before_connect(_dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
         record.info[_OPENED_READ_ONLY] = unwritable(database) is not None  # before: a race only discards
+        if created[0]:
+            # mode=rw: a pool's new connection after the file was deleted or moved fails
+            # ("unable to open database file": a 503) instead of creating an empty database
+            # at the path, which a restart would then have taken for the run history
+            cargs[:] = [f"file:{quote(str(database))}?mode=rw"]
+            cparams["uri"] = True
+
+    @event.listens_for(engine, "first_connect")
+    def _first(_dbapi_connection: Any, _record: Any) -> None:
+        created[0] = True
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:

@@ -313,6 +313,8 @@ class SqlStore(BaseStore):
         """
         turn = self._sqlite_writers if write and self._sqlite_writers is not None else None
         now = turn is not None and self.must_not_wait
+        if write and self._guard is not None:
+            self._guard.check()  # first: a fault is named as the file's (and logged once), not a driver error
         try:
             with _taken(turn, now), self._engine.connect() as conn:
                 if write:

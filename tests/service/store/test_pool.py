@@ -1,4 +1,5 @@
-"""A process's PostgreSQL connections: few, however many requests are in flight.
+"""A process's database connections: few on PostgreSQL, however many requests are in flight;
+on SQLite, none that would create the database again.
 
 The server is shared (its ``max_connections``, 100 by default, serves every replica and
 everything else on it): a process holds at most ``POSTGRES_POOL_SIZE +
@@ -7,8 +8,11 @@ POSTGRES_POOL_OVERFLOW`` connections, and work beyond that waits for one instead
 
 from __future__ import annotations
 
+import os
 import threading
 
+import pytest
+from lrserve.service.errors import StoreUnavailable
 from lrserve.service.store import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE, open_store
 from lrserve.service.store.events import EventKind, NewEvent
 
@@ -41,5 +45,24 @@ def test_many_threads_share_a_few_connections_and_all_get_through(database_url):
             thread.join()
         assert errors == []
         assert 1 <= most[0] <= POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW < THREADS
+    finally:
+        store.close()
+
+
+def test_a_new_sqlite_connection_never_creates_the_database_again(tmp_path):
+    """After the file is deleted, a connection the pool opens anew (a busy pool, the WAL
+    checkpoint thread's) fails instead of creating an empty database at the path, which a
+    restart would have taken for the run history (the guard names the fault on writes)."""
+    db = tmp_path / "lrserve.db"
+    store = open_store(f"sqlite:///{db}")
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, NewEvent(EventKind.CREATED, 0, {}))
+        os.remove(db)
+        store._engine.dispose()  # every later read or write needs a new connection
+        with pytest.raises(StoreUnavailable):
+            store.read_run("r")
+        with pytest.raises(StoreUnavailable, match="deleted or moved"):
+            store.create_run("s", {"schedule": {"type": "StepLR"}}, {}, NewEvent(EventKind.CREATED, 0, {}))
+        assert not db.exists()
     finally:
         store.close()
