@@ -45,6 +45,7 @@ from lrserve.service.store.base import (
     Snapshot,
     ValueChunk,
     WouldWait,
+    held,
     pack_lrs,
 )
 from lrserve.service.store.events import Event, EventKind, NewEvent
@@ -122,7 +123,7 @@ class Committer:
         """
         while True:
             state = self.runs.state(run_id)
-            with _held(state.lock, now=self.store.must_not_wait):
+            with held(state.lock, now=self.store.must_not_wait, what="the run"):
                 if state.evicted:  # a commit failed while we waited: take the reloaded state
                     continue
                 if if_behind and state.horizon >= target:
@@ -403,17 +404,6 @@ def _moved(stored: RunHead | RunRecord, state: RunState) -> bool:
         or stored.horizon != state.horizon
         or stored.last_seq != state.last_seq
     )
-
-
-@contextmanager
-def _held(lock: Any, *, now: bool) -> Iterator[None]:
-    """Hold ``lock`` for the block; ``now``: only if it is free at once, else ``WouldWait``."""
-    if not lock.acquire(blocking=not now):
-        raise WouldWait("another thread holds the run")
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 class _Pending(Exception):

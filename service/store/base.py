@@ -27,11 +27,11 @@ from __future__ import annotations
 import abc
 import sys
 from array import array
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.store.events import Event, FeedEntry, NewEvent
@@ -40,6 +40,29 @@ from lrserve.service.store.events import Event, FeedEntry, NewEvent
 class WouldWait(Exception):
     """Raised, inside ``BaseStore.without_waiting()``, where the store would have to wait (for
     the write slot another thread or process holds, for the network): nothing was written."""
+
+
+class Lock(Protocol):
+    """What ``held`` needs of a lock (``threading.Lock``, ``threading.RLock``)."""
+
+    def acquire(self, blocking: bool = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+@contextmanager
+def held(lock: Lock | None, *, now: bool, what: str) -> Iterator[None]:
+    """Hold ``lock`` (``None``: nothing) for the block; ``now``: only if it is free at once,
+    else ``WouldWait`` naming ``what`` another thread holds."""
+    if lock is None:
+        yield
+        return
+    if not lock.acquire(blocking=not now):
+        raise WouldWait(f"another thread holds {what}")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from lrserve.service.store.base import (
     Snapshot,
     ValueChunk,
     WouldWait,
+    held,
     unpack_lrs,
 )
 from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
@@ -316,7 +317,7 @@ class SqlStore(BaseStore):
         if write and self._guard is not None:
             self._guard.check()  # first: a fault is named as the file's (and logged once), not a driver error
         try:
-            with _taken(turn, now), self._engine.connect() as conn:
+            with held(turn, now=now, what="the write slot"), self._engine.connect() as conn:
                 if write:
                     conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE NOW" if now else "IMMEDIATE"})
                 with conn.begin():
@@ -1109,21 +1110,6 @@ def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:
         updated_at=row.updated_at,
         last_seen=row.last_seen,
     )
-
-
-@contextmanager
-def _taken(lock: threading.RLock | None, now: bool) -> Iterator[None]:
-    """Hold ``lock`` (None: nothing) for the block; ``now``: only if it is free at once, else
-    ``WouldWait``."""
-    if lock is None:
-        yield
-        return
-    if not lock.acquire(blocking=not now):
-        raise WouldWait("another thread holds the write slot")
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _busy(error: BaseException | None) -> bool:
