@@ -135,11 +135,13 @@ class Committer:
                 except _RunReplaced:  # evicted on the way out; the next turn loads the new run
                     continue
 
-    def caught_up(self, run_id: str) -> RunState:
-        """The run's state as of the stored horizon (other processes may have gone further)."""
-        record = self.store.read_run(run_id)
+    def caught_up(self, run_id: str, record: RunRecord | None = None) -> RunState:
+        """The run's state as of the stored horizon (other processes may have gone further);
+        ``record``: the run's row if the caller has just read it."""
+        if record is None:
+            record = self.store.read_run(run_id)
         state = self.runs.state(run_id)
-        if record.horizon > state.horizon or record.created_at != state.created_at:
+        if behind(record, state):
             self.commit(run_id, record.horizon)
             state = self.runs.state(run_id)
         return state
@@ -394,6 +396,12 @@ def _place(
         events.append(NewEvent(EventKind.CONTROL, placed, payload, action.actor, action.reason))
     apply_logs(state, [_as_event(event) for event in events])
     return events, placed
+
+
+def behind(stored: RunRecord, state: RunState) -> bool:
+    """Whether the loaded ``state`` is behind the stored run: another process went further, or
+    deleted it and created it anew (then ``caught_up``)."""
+    return stored.horizon > state.horizon or stored.created_at != state.created_at
 
 
 def _moved(stored: RunHead | RunRecord, state: RunState) -> bool:

@@ -32,6 +32,7 @@ from lrserve.service.runs.commit import (
     Committer,
     PlacedAction,
     Reports,
+    behind,
     guard_reports,
     metric_records,
 )
@@ -154,8 +155,8 @@ class RunManager:
             if self.store.must_not_wait:
                 raise WouldWait("loading a run is no work for the event loop")
             state = self.runs.state(run_id)
-        if record.horizon > state.horizon or record.created_at != state.created_at:
-            state = self.committer.caught_up(run_id)
+        if behind(record, state):
+            state = self.committer.caught_up(run_id, record)
             record = self.store.read_run(run_id)
         return record, state
 
