@@ -458,11 +458,7 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        sql = self._driver_sql("head", _RUN_HEAD)
-        with self._driver_read() as cursor:
-            row = sql.one(sql.execute(cursor, {"run_id": run_id}))
-        if row is None:
-            raise RunNotFound(run_id)
+        row = self._read_one("head", _RUN_HEAD, run_id)
         return RunHead(row["created_at"], row["horizon"], row["last_seq"])
 
     def history_mark(self, run_id: str) -> HistoryMark:
@@ -473,12 +469,22 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        sql = self._driver_sql("history_mark", _HISTORY_MARK)
+        row = self._read_one("history_mark", _HISTORY_MARK, run_id)
+        return HistoryMark(row["created_at"], row["horizon"], row["last_seq"], int(row["metric_rows"]))
+
+    def _read_one(self, name: str, statement: Any, run_id: str) -> Any:
+        """The one row ``statement`` reads for ``run_id`` (read at once: no transaction of its own).
+
+        Raises:
+            RunNotFound: no such run.
+            StoreUnavailable: the database failed.
+        """
+        sql = self._driver_sql(name, statement)
         with self._driver_read() as cursor:
             row = sql.one(sql.execute(cursor, {"run_id": run_id}))
         if row is None:
             raise RunNotFound(run_id)
-        return HistoryMark(row["created_at"], row["horizon"], row["last_seq"], int(row["metric_rows"]))
+        return row
 
     @contextmanager
     def _driver_read(self, *, snapshot: bool = False) -> Iterator[Any]:
