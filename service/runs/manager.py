@@ -210,6 +210,8 @@ class RunManager:
                 _first_steps(parsed)
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
+            if is_new:  # its ranks step it next: no load (three reads) for the state just built
+                self.runs.created(record)
         return (record if is_new else self._same_run(record, spec)), is_new
 
     def _existing(self, run_id: str, spec: dict[str, Any]) -> RunRecord | None:
