@@ -473,7 +473,11 @@ class RunManager:
         state = self.state(run_id)
         if state.horizon >= step:
             return True
-        return self._settle_barrier(state, step, self.store.read_barrier(run_id, step), timed_out, ahead)
+        tally = self.store.read_barrier(run_id, step)
+        if tally.horizon >= step:  # decided by another process: its window, here for every rank waiting
+            self.committer.caught_up(run_id)
+            return True
+        return self._settle_barrier(state, step, tally, timed_out, ahead)
 
     def _settle_barrier(
         self, state: RunState, step: int, tally: BarrierTally, timed_out: bool, ahead: int
