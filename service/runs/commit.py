@@ -38,6 +38,7 @@ from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
 from lrserve.service.store.base import (
     BaseStore,
+    LockedRun,
     MetricRecord,
     RunHead,
     RunRecord,
@@ -418,7 +419,7 @@ def behind(stored: RunRecord, state: RunState) -> bool:
     return stored.horizon > state.horizon or stored.created_at != state.created_at
 
 
-def _moved(stored: RunHead | RunRecord, state: RunState) -> bool:
+def _moved(stored: RunHead | LockedRun, state: RunState) -> bool:
     """Whether the stored run is not the one ``state`` holds as of its horizon (another process
     appended, or deleted and created it anew)."""
     return (

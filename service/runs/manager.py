@@ -286,6 +286,7 @@ class RunManager:
         """
         outcomes: list[Window | BaseException | None] = [None] * len(asks)
         todo: list[tuple[int, str, int, int]] = []  # (ask, run, its window's end, its step)
+        committing: set[str] = set()  # the runs in todo
         again: list[int] = []
         try:
             with self.store.without_waiting():
@@ -299,7 +300,7 @@ class RunManager:
                     if window is not None:
                         outcomes[i] = window
                         continue
-                    if any(run_id == other for _, other, _, _ in todo):
+                    if run_id in committing:
                         again.append(i)
                         continue
                     try:
@@ -310,6 +311,7 @@ class RunManager:
                     wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
                     end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
                     todo.append((i, run_id, end, step))
+                    committing.add(run_id)
                 done = self.committer.advance_now([(run_id, end, step) for _, run_id, end, step in todo])
                 for (i, run_id, end, step), outcome in zip(todo, done, strict=True):
                     state = self.runs.loaded(run_id)
