@@ -282,3 +282,22 @@ def test_a_thread_waiting_on_a_failed_commit_starts_from_the_log(replicas):
     assert lrs(c, "r", 25, 30) == [(0.1, 0.2)] * 6  # nor does any snapshot (c loads from one)
     assert lrs(c, "r", 0, 30) == [(0.1, 0.2)] * 31
     assert "plateau_reduction" not in [e.kind.value for e in c.history("r", 100).events]
+
+
+def test_a_replica_catches_up_while_another_holds_the_runs_lock(replicas):
+    """Steps another process made are final: a replica reads their events and takes them
+    without the run's row lock (on PostgreSQL a write transaction the deciding process's next
+    commit would wait on; on SQLite the file's write slot)."""
+    a, b, _ = replicas
+    create(a, world_size=1)
+    lrs(b, "r", 0, 0)
+    expected = lrs(a, "r", 0, 8)
+    caught = threading.Event()
+    with a.store.lock_run("r"):
+        thread = threading.Thread(target=lambda: (b.caught_up("r"), caught.set()))
+        thread.start()
+        assert caught.wait(timeout=60), "the replica waited for the run's lock to catch up"
+    thread.join()
+    assert b.state("r").horizon == 8
+    b.store = NoDatabase()
+    assert lrs(b, "r", 0, 8) == expected
