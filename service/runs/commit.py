@@ -140,14 +140,28 @@ class Committer:
 
     def caught_up(self, run_id: str, record: RunRecord | None = None) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further);
-        ``record``: the run's row if the caller has just read it."""
+        ``record``: the run's row if the caller has just read it.
+
+        Inputs at or below a stored horizon are final once it is (each commit places its
+        inputs above the horizon it holds), so the events read now, newer ones included,
+        take the state to ``record.horizon`` exactly as the lock would."""
         if record is None:
             record = self.store.read_run(run_id)
         state = self.runs.state(run_id)
-        if behind(record, state):
-            self.commit(run_id, record.horizon)
-            state = self.runs.state(run_id)
-        return state
+        if not behind(record, state):
+            return state
+        if record.created_at == state.created_at and not self.store.must_not_wait:
+            # Steps another process made, final and durable: their events are read and the steps
+            # taken here, without the run's row lock (a write transaction the other process waits on).
+            with state.lock, self._evicting_on_error(state):
+                if not state.evicted and state.horizon < record.horizon:
+                    apply_logs(state, self.store.read_events(run_id, state.last_seq))
+                    state.advance_to(record.horizon, big_work=self.big_work)
+                    state.publish()
+            if not state.evicted:
+                return state
+        self.commit(run_id, record.horizon)  # on the loop (WouldWait), or deleted and created anew
+        return self.runs.state(run_id)
 
     def _commit_locked(
         self,

@@ -210,6 +210,8 @@ class RunManager:
                 _first_steps(parsed)
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
+            if is_new:  # its ranks step it next: no load (three reads) for the state just built
+                self.runs.created(record)
         return (record if is_new else self._same_run(record, spec)), is_new
 
     def _existing(self, run_id: str, spec: dict[str, Any]) -> RunRecord | None:
@@ -473,7 +475,11 @@ class RunManager:
         state = self.state(run_id)
         if state.horizon >= step:
             return True
-        return self._settle_barrier(state, step, self.store.read_barrier(run_id, step), timed_out, ahead)
+        tally = self.store.read_barrier(run_id, step)
+        if tally.horizon >= step:  # decided by another process: its window, here for every rank waiting
+            self.committer.caught_up(run_id)
+            return True
+        return self._settle_barrier(state, step, tally, timed_out, ahead)
 
     def _settle_barrier(
         self, state: RunState, step: int, tally: BarrierTally, timed_out: bool, ahead: int

@@ -302,3 +302,22 @@ def test_a_commit_reads_the_run_before_its_lock_only_on_sqlite(replicas, monkeyp
     assert heads == (["r"] * 4 if a.store.one_writer else [])
     assert lrs(a, "r", 0, 5) == lrs(b, "r", 0, 5)
     assert a.store.read_run("r").horizon == 5
+
+
+def test_a_replica_catches_up_while_another_holds_the_runs_lock(replicas):
+    """Steps another process made are final: a replica reads their events and takes them
+    without the run's row lock (on PostgreSQL a write transaction the deciding process's next
+    commit would wait on; on SQLite the file's write slot)."""
+    a, b, _ = replicas
+    create(a, world_size=1)
+    lrs(b, "r", 0, 0)
+    expected = lrs(a, "r", 0, 8)
+    caught = threading.Event()
+    with a.store.lock_run("r"):
+        thread = threading.Thread(target=lambda: (b.caught_up("r"), caught.set()))
+        thread.start()
+        assert caught.wait(timeout=60), "the replica waited for the run's lock to catch up"
+    thread.join()
+    assert b.state("r").horizon == 8
+    b.store = NoDatabase()
+    assert lrs(b, "r", 0, 8) == expected
