@@ -20,6 +20,11 @@ the default client (``step(metric)`` waits for the decision) and once overlappin
 Per segment, each variant reports time per step (as above) and the process's CPU time over
 the segment (all threads: the worker's requests included) minus the empty tick's. The
 table shows medians over segments and the p99 of single steps.
+
+The remote variants are ``RemoteScheduler`` as users build it: its own client, so its default
+transport (``http.client`` keep-alive to a plain ``http://`` server). Their requests are
+counted by the server (its ``lrserve_requests_total`` of ``/v1/`` routes over each
+segment), not by a hook in the client.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.servers import Pool
+from bench.servers import Pool, http_get
 from bench.sizes import Size
 from bench.stats import median, percentile, rotations
 
@@ -150,9 +155,20 @@ def _modes(name: str) -> list[str]:
     return ["waits", "overlap"] if name == "plateau" else ["-"]
 
 
+def api_requests(url: str) -> int:
+    """How many ``/v1/`` requests the server at ``url`` has answered (its ``/metrics``)."""
+    status, text = http_get(int(url.rsplit(":", 1)[1]), "/metrics")
+    if status != 200:
+        raise RuntimeError(f"GET /metrics: {status}")
+    total = 0.0
+    for line in text.decode().splitlines():
+        if line.startswith("lrserve_requests_total{") and 'route="/v1/' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
 def _measure(url: str, name: str, groups: int, work_s: float, steps: int, size: Size,
              tag: str) -> list[dict[str, Any]]:
-    import httpx
     from lrserve.client import RemoteScheduler
 
     variants: dict[str, Variant] = {}
@@ -163,35 +179,33 @@ def _measure(url: str, name: str, groups: int, work_s: float, steps: int, size: 
     variants["torch"] = Variant(opt, tick(name, torch_sched), timer.seal(opt))
     opt = _optimizer(groups)
     variants["loop"] = Variant(opt, lambda: None, HookTimer(opt).seal(opt))
-    requests: dict[str, list[int]] = {}
+    requests: dict[str, int] = {}
     closers: list[Callable[[], None]] = []
     created_ms: dict[str, float] = {}
     try:
         for mode in _modes(name):
-            count = requests[mode] = [0]
-            http = httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, connect=3.0),
-                                event_hooks={"request": [lambda _, c=count: c.__setitem__(0, c[0] + 1)]})
-            closers.append(http.close)
+            requests[mode] = 0
             opt = _optimizer(groups)
             timer = HookTimer(opt)
             t0 = time.perf_counter()
             remote = RemoteScheduler(
-                opt, SCHEDULES[name], run_id=f"bench-{tag}-{name.replace('+', '-')}-{groups}-{work_s}-{mode}",
-                http_client=http, steps_per_epoch=1 if name == "plateau" else None,
-                overlap_decisions=mode == "overlap")
+                opt, SCHEDULES[name], url=url,
+                run_id=f"bench-{tag}-{name.replace('+', '-')}-{groups}-{work_s}-{mode}",
+                steps_per_epoch=1 if name == "plateau" else None, overlap_decisions=mode == "overlap")
             created_ms[mode] = (time.perf_counter() - t0) * 1e3
             closers.insert(0, remote.close)
             variants[mode] = Variant(opt, tick(name, remote), timer.seal(opt))
         for v in variants.values():  # warm-up: the client's windows grow to size here
             _segment(v, steps, work_s)
-        for count in requests.values():
-            count[0] = 0
         per_step: dict[str, list[float]] = {v: [] for v in variants}
         cpu: dict[str, list[float]] = {v: [] for v in variants}
         calls: dict[str, list[int]] = {v: [] for v in variants}
         for order in rotations(list(variants), size.step_rounds):
             for key in order:
+                before = api_requests(url) if key in requests else 0
                 times, mean_ns, cpu_s = _segment(variants[key], steps, work_s)
+                if key in requests:
+                    requests[key] += api_requests(url) - before
                 per_step[key].append(mean_ns / 1e3)
                 cpu[key].append(cpu_s)
                 calls[key].extend(times)
@@ -215,7 +229,7 @@ def _measure(url: str, name: str, groups: int, work_s: float, steps: int, size: 
             "remote_p99_us": percentile(calls[mode], 99) / 1e3,
             "torch_cpu_us": torch_cpu, "remote_cpu_us": remote_cpu,
             "cpu_ratio": remote_cpu / torch_cpu if torch_cpu else None,
-            "requests_per_1k": requests[mode][0] / (size.step_rounds * steps) * 1000,
+            "requests_per_1k": requests[mode] / (size.step_rounds * steps) * 1000,
             "loop_us": median(per_step["loop"]), "create_ms": created_ms[mode],
         })
     return rows

@@ -27,7 +27,7 @@ document, and it uses the same kept answers.
 (``BigWork``): their LRs are packed doubles written by orjson from a numpy view, a slice at a
 time (``sliced_json``), 8 ms of CPU for the worst the budget allows (485 points x 1024
 groups, 10 MB), against 24 ms of this process's CPU to take the same 10 MB back from a worker
-process (measured; docs/performance.md, "Issue 15, this stop: reads").
+process (measured; docs/performance.md, "Reads and history").
 """
 
 from __future__ import annotations

@@ -57,6 +57,15 @@ class RunCache:
                     self._runs[run_id] = state
         return state
 
+    def created(self, record: RunRecord) -> None:
+        """Keep the run this process just created (its one event, ``created``, changes no
+        state): its first use needs no load from the log."""
+        state = fresh_state(record, None)
+        state.created_at = record.created_at
+        state.last_seq = record.last_seq
+        with self._lock:
+            self._runs.setdefault(record.run_id, state)
+
     def run_lock(self, run_id: str) -> RunLock:
         """This process's lock for creating or loading one run (once, however many ask).
 

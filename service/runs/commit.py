@@ -8,11 +8,13 @@ API.md's rules, as this module keeps them:
 - *Decisions on the first free step*: a metric or action is placed above the horizon
   read under the store's lock, so every process places it at the same step.
 
-A commit computes the new steps (torch's work) before taking the store's write lock, and
-holds that lock only to append and commit, in one transaction with the other runs' commits
-queued meanwhile (``group_commit``); if another process moved the run meanwhile, it starts
-again. Only where the stored run had already moved when the commit began (rare:
-replicas) does it catch up and compute inside the lock.
+On SQLite a commit computes the new steps (torch's work) before taking the store's write
+lock (the file's, which every run's commit needs), and holds that lock only to append and
+commit, in one transaction with the other runs' commits queued meanwhile (``group_commit``);
+if another process moved the run meanwhile, it starts again. Only where the stored run had
+already moved when the commit began (rare: replicas) does it catch up and compute inside the
+lock. On PostgreSQL the lock is the run's row alone: a commit takes it first, catches up with
+what other processes appended and computes inside it (one read of the run, under the lock).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
 from lrserve.service.store.base import (
     BaseStore,
+    LockedRun,
     MetricRecord,
     RunHead,
     RunRecord,
@@ -137,14 +140,28 @@ class Committer:
 
     def caught_up(self, run_id: str, record: RunRecord | None = None) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further);
-        ``record``: the run's row if the caller has just read it."""
+        ``record``: the run's row if the caller has just read it.
+
+        Inputs at or below a stored horizon are final once it is (each commit places its
+        inputs above the horizon it holds), so the events read now, newer ones included,
+        take the state to ``record.horizon`` exactly as the lock would."""
         if record is None:
             record = self.store.read_run(run_id)
         state = self.runs.state(run_id)
-        if behind(record, state):
-            self.commit(run_id, record.horizon)
-            state = self.runs.state(run_id)
-        return state
+        if not behind(record, state):
+            return state
+        if record.created_at == state.created_at and not self.store.must_not_wait:
+            # Steps another process made, final and durable: their events are read and the steps
+            # taken here, without the run's row lock (a write transaction the other process waits on).
+            with state.lock, self._evicting_on_error(state):
+                if not state.evicted and state.horizon < record.horizon:
+                    apply_logs(state, self.store.read_events(run_id, state.last_seq))
+                    state.advance_to(record.horizon, big_work=self.big_work)
+                    state.publish()
+            if not state.evicted:
+                return state
+        self.commit(run_id, record.horizon)  # on the loop (WouldWait), or deleted and created anew
+        return self.runs.state(run_id)
 
     def _commit_locked(
         self,
@@ -167,8 +184,11 @@ class Committer:
                     outcomes, placed, new_events = _compute(  # small: never the worker process
                         state, state.horizon, target, metric, action, extra_events, need, reports, None)
                     _append(state, tx, outcomes, new_events, records)
-            elif _moved(self.store.run_head(run_id), state):  # no lock: has another process moved it?
-                with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
+            elif not self.store.one_writer or _moved(self.store.run_head(run_id), state):
+                # PostgreSQL: the lock is the run's row alone, so computing in it holds back no
+                # other run, and a read before it would cost a round trip of its own every commit.
+                # SQLite: only where another process moved the run (rare: replicas)
+                with self.store.lock_run(run_id) as tx:  # catch up and compute in the lock
                     self._catch_up(state, tx)
                     outcomes, placed, new_events = _compute(
                         state, tx.run.horizon, target, metric, action, extra_events, need, reports,
@@ -404,7 +424,7 @@ def behind(stored: RunRecord, state: RunState) -> bool:
     return stored.horizon > state.horizon or stored.created_at != state.created_at
 
 
-def _moved(stored: RunHead | RunRecord, state: RunState) -> bool:
+def _moved(stored: RunHead | LockedRun, state: RunState) -> bool:
     """Whether the stored run is not the one ``state`` holds as of its horizon (another process
     appended, or deleted and created it anew)."""
     return (

@@ -210,6 +210,8 @@ class RunManager:
                 _first_steps(parsed)
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
+            if is_new:  # its ranks step it next: no load (three reads) for the state just built
+                self.runs.created(record)
         return (record if is_new else self._same_run(record, spec)), is_new
 
     def _existing(self, run_id: str, spec: dict[str, Any]) -> RunRecord | None:
@@ -284,6 +286,7 @@ class RunManager:
         """
         outcomes: list[Window | BaseException | None] = [None] * len(asks)
         todo: list[tuple[int, str, int, int]] = []  # (ask, run, its window's end, its step)
+        committing: set[str] = set()  # the runs in todo
         again: list[int] = []
         try:
             with self.store.without_waiting():
@@ -297,7 +300,7 @@ class RunManager:
                     if window is not None:
                         outcomes[i] = window
                         continue
-                    if any(run_id == other for _, other, _, _ in todo):
+                    if run_id in committing:
                         again.append(i)
                         continue
                     try:
@@ -308,6 +311,7 @@ class RunManager:
                     wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
                     end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
                     todo.append((i, run_id, end, step))
+                    committing.add(run_id)
                 done = self.committer.advance_now([(run_id, end, step) for _, run_id, end, step in todo])
                 for (i, run_id, end, step), outcome in zip(todo, done, strict=True):
                     state = self.runs.loaded(run_id)
@@ -420,18 +424,6 @@ class RunManager:
 
     # -- the metric barrier -------------------------------------------------------------
 
-    def report_to_barrier(
-        self,
-        run_id: str,
-        step: int,
-        rank: int,
-        metrics: Mapping[str, float],
-        watched: Mapping[str, float],
-        ahead: int = 0,
-    ) -> bool:
-        """One rank's report (``report_ranks_to_barrier`` of one rank)."""
-        return self.report_ranks_to_barrier(run_id, step, [RankReport(rank, metrics, watched)], ahead)
-
     def report_ranks_to_barrier(
         self, run_id: str, step: int, reports: Sequence[RankReport], ahead: int = 0
     ) -> bool:
@@ -471,7 +463,11 @@ class RunManager:
         state = self.state(run_id)
         if state.horizon >= step:
             return True
-        return self._settle_barrier(state, step, self.store.read_barrier(run_id, step), timed_out, ahead)
+        tally = self.store.read_barrier(run_id, step)
+        if tally.horizon >= step:  # decided by another process: its window, here for every rank waiting
+            self.committer.caught_up(run_id)
+            return True
+        return self._settle_barrier(state, step, tally, timed_out, ahead)
 
     def _settle_barrier(
         self, state: RunState, step: int, tally: BarrierTally, timed_out: bool, ahead: int

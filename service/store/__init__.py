@@ -21,7 +21,7 @@ from lrserve.service.store.base import BaseStore, MetricRecord, RunRecord, RunTr
 from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
 from lrserve.service.store.guard import DatabaseMissing, FileIdentity, check_existed, unwritable, write_marker
 from lrserve.service.store.schema import SchemaTooNew
-from lrserve.service.store.sql import SQLITE_BEGIN_OPTION, SqlStore
+from lrserve.service.store.sql import SQLITE_BEGIN_OPTION, SQLITE_BUSY_TIMEOUT_S, SqlStore, begin_sqlite
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy import exc as sa_exc
 
@@ -41,8 +41,6 @@ __all__ = [
     "wait_for_store",
 ]
 
-SQLITE_BUSY_TIMEOUT_S = 30.0
-"""How long an SQLite writer waits for the file's write lock before giving up (503)."""
 POSTGRES_CONNECT_TIMEOUT_S = 5
 
 
@@ -208,22 +206,13 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, database: Path) -> N
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
         # on the driver's connection: a statement through SQLAlchemy costs ten times this one
         # (an error is the driver's own; SqlStore._transaction reports both kinds alike)
-        driver = conn.connection.driver_connection
-        if mode != "IMMEDIATE NOW":
-            driver.execute(_BEGIN[mode])
-            return
-        driver.execute("PRAGMA busy_timeout=0")  # "database is locked" at once, not after a wait
-        try:
-            driver.execute(_BEGIN["IMMEDIATE"])
-        finally:
-            driver.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
+        begin_sqlite(conn.connection.driver_connection, mode)
 
 
 _OPENED_READ_ONLY = "lrserve_opened_read_only"
-_BEGIN = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
 
 
 def _enable_wal(cursor: Any) -> None:

@@ -91,6 +91,18 @@ class RunHead:
 
 
 @dataclass(frozen=True)
+class LockedRun:
+    """A run's row as a writer holding its lock sees it (``RunTransaction.run``): what a commit
+    compares (``RunHead``'s fields) and what it changes; not the spec, labels or times."""
+
+    run_id: str
+    status: RunStatus
+    horizon: int
+    last_seq: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class HistoryMark:
     """What a run's history (``GET .../history``) is made of, in four numbers: its row's
     ``created_at`` (a run deleted and created again), ``horizon`` (its final LRs),
@@ -173,9 +185,9 @@ class MetricRecord:
 class RunTransaction(abc.ABC):
     """A run locked for writing; obtained from ``BaseStore.lock_run`` (or ``lock_runs``)."""
 
-    run: RunRecord
-    """The run's row as read under the lock, without its labels (``labels`` is empty: no
-    writer needs them, and reading them would cost every commit a query)."""
+    run: LockedRun
+    """The run's row as read under the lock (the columns a writer compares and changes), then
+    as this transaction's own writes left it."""
     dirty: bool = False
     """Whether a write went through it (an error after one spoils the whole transaction)."""
 
@@ -360,17 +372,6 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
-
-    def add_barrier_report(
-        self,
-        run_id: str,
-        step: int,
-        rank: int,
-        values: Mapping[str, float],
-        records: Sequence[MetricRecord] = (),
-    ) -> BarrierTally:
-        """Record one rank's watched metrics for ``step`` (``add_barrier_reports`` of one rank)."""
-        return self.add_barrier_reports(run_id, step, {rank: values}, records)
 
     @abc.abstractmethod
     def add_barrier_reports(

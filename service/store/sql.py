@@ -25,10 +25,9 @@ import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import datetime, timezone
 from secrets import token_hex
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
@@ -36,6 +35,7 @@ from lrserve.service.store.base import (
     BarrierTally,
     BaseStore,
     HistoryMark,
+    LockedRun,
     MetricRecord,
     RunHead,
     RunRecord,
@@ -88,16 +88,44 @@ SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
 write slot at once or the driver's "database is locked", never the busy handler's wait) or
 ``"DEFERRED"``."""
 
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long an SQLite writer waits for the file's write lock before giving up (503)."""
+_BEGIN = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
+
+
+def begin_sqlite(driver: Any, mode: str) -> None:
+    """Begin a transaction on a sqlite3 connection as ``SQLITE_BEGIN_OPTION``'s ``mode`` says."""
+    if mode != "IMMEDIATE NOW":
+        driver.execute(_BEGIN[mode])
+        return
+    driver.execute("PRAGMA busy_timeout=0")  # "database is locked" at once, not after a wait
+    try:
+        driver.execute(_BEGIN["IMMEDIATE"])
+    finally:
+        driver.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+
+
 RowLock = Literal["hold", "keep", "delete"]
+"""A run row's lock on PostgreSQL. ``hold``: exclusive for ``lock_run`` (``FOR NO KEY UPDATE``;
+lets ``keep`` through). ``keep``: the run must not vanish while we add rows to it (``FOR KEY
+SHARE``). ``delete``: excludes both (``FOR UPDATE``)."""
 
 # Statements of the hot paths, built once: building one costs more than running it on SQLite.
 _RUN_ROWS: dict[RowLock | None, Any] = {
     None: select(runs).where(runs.c.run_id == bindparam("run_id")),
-    "hold": select(runs).where(runs.c.run_id == bindparam("run_id")).with_for_update(key_share=True),
     "keep": select(runs).where(runs.c.run_id == bindparam("run_id")).with_for_update(
         read=True, key_share=True),
     "delete": select(runs).where(runs.c.run_id == bindparam("run_id")).with_for_update(),
 }
+_LOCKED = select(runs.c.run_id, runs.c.status, runs.c.horizon, runs.c.last_seq, runs.c.created_at).where(
+    runs.c.run_id == bindparam("run_id"))
+_LOCKED_ROWS: dict[RowLock, Any] = {
+    "hold": _LOCKED.with_for_update(key_share=True),
+    "keep": _LOCKED.with_for_update(read=True, key_share=True),
+}
+"""The hot writes' row locks (``_run_row``), reading only a ``LockedRun``'s columns (no spec to decode)."""
+_EVENTS_AFTER = select(events).where(
+    events.c.run_id == bindparam("run_id"), events.c.seq > bindparam("after_seq")).order_by(events.c.seq)
 _RUN_HEAD = select(runs.c.created_at, runs.c.horizon, runs.c.last_seq).where(
     runs.c.run_id == bindparam("run_id"))
 _HISTORY_MARK = select(
@@ -271,6 +299,8 @@ class SqlStore(BaseStore):
         self._hurried = threading.local()  # ``without_waiting``: .on is True inside it
         self._commit_watchers: list[Callable[[], object]] = []
         self._compiled: dict[str, _DriverSql] = {}
+        self._writer: tuple[Any, int] | None = None  # SQLite: ``_driver_write``'s kept connection
+        self._disposals = 0  # how often ``_after_failure`` replaced the pool
         self._sender = token_hex(6)
         """Names this store in its notifications, so its own listener can skip them."""
         try:
@@ -316,7 +346,7 @@ class SqlStore(BaseStore):
         now = turn is not None and self.must_not_wait
         if write and self._guard is not None:
             self._guard.check()  # first: a fault is named as the file's (and logged once), not a driver error
-        try:
+        with self._failures(now=now):
             with held(turn, now=now, what="the write slot"), self._engine.connect() as conn:
                 if write:
                     conn.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE NOW" if now else "IMMEDIATE"})
@@ -326,18 +356,78 @@ class SqlStore(BaseStore):
                         self._guard.check()  # never commit (and acknowledge) into a file that is gone
             if write and self.checkpointer is not None:
                 self.checkpointer.wrote()
-        except sa_exc.DBAPIError as exc:
-            if now and _busy(exc.orig):
-                raise WouldWait("another process holds the write slot") from exc
-            self._after_failure(exc.orig)
-            raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
+
+    @contextmanager
+    def _driver_write(self) -> Iterator[Any]:
+        """``_transaction(write=True)`` for the hot writes (commits, metrics, barrier reports): a
+        DBAPI cursor for their few ``_DriverSql`` statements, without SQLAlchemy's connection,
+        transaction and pool checkout around each (on SQLite they cost several times the
+        statements themselves). Same begin, same guard, same commit and the same errors.
+
+        SQLite: this process's writes take turns in the write slot anyway, so the connection a
+        write committed on is kept for the next one (``_writer``), not checked in and out of the
+        pool; a write that fails gives it back to the pool as ``_transaction`` does (rolled
+        back; after a driver error discarded), and the next one checks out a connection anew.
+        PostgreSQL: a pooled connection per transaction; the driver begins.
+        """
+        sqlite_file = self._sqlite_writers is not None
+        now = sqlite_file and self.must_not_wait
+        if self._guard is not None:
+            self._guard.check()  # first: a fault is named as the file's (and logged once), not a driver error
+        with self._failures(now=now), held(self._sqlite_writers, now=now, what="the write slot"):
+            raw = self._take_writer()
+            try:
+                cursor = raw.cursor()
+                try:
+                    if sqlite_file:
+                        begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE")
+                    yield cursor
+                    if self._guard is not None:
+                        self._guard.check()  # never commit (and acknowledge) into a file that is gone
+                    raw.commit()
+                finally:
+                    cursor.close()
+            except self._driver_error:
+                raw.invalidate()  # a connection the driver failed on is not used again
+                raise
+            except BaseException:
+                raw.close()  # back to the pool, which rolls back
+                raise
+            if sqlite_file:
+                self._writer = (raw, self._disposals)
+            else:
+                raw.close()
+        if self.checkpointer is not None:
+            self.checkpointer.wrote()
+
+    def _take_writer(self) -> Any:
+        """SQLite: the connection the last write committed on, unless the pool was disposed since
+        (``_after_failure``); else a pooled one. Only in the write slot."""
+        kept, self._writer = self._writer, None
+        if kept is not None:
+            if kept[1] == self._disposals:
+                return kept[0]
+            kept[0].invalidate()
+        return self._engine.raw_connection()
+
+    @contextmanager
+    def _failures(self, *, now: bool = False) -> Iterator[None]:
+        """Driver errors as ``StoreUnavailable`` naming the database (``WouldWait`` where ``now``
+        and another process holds SQLite's write slot); an exhausted pool too."""
+        try:
+            yield
+        except sa_exc.DBAPIError as exc:  # raised through SQLAlchemy (and by the pool's connect)
+            self._failed(exc.orig, exc, now)
         except self._driver_error as exc:  # raised on the DBAPI cursor (``_DriverSql``)
-            if now and _busy(exc):
-                raise WouldWait("another process holds the write slot") from exc
-            self._after_failure(exc)
-            raise StoreUnavailable(f"{self._where}: {self._reason(exc)}") from exc
+            self._failed(exc, exc, now)
         except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
             raise StoreUnavailable(f"{self._where}: no free database connection") from exc
+
+    def _failed(self, error: BaseException | None, raised: BaseException, now: bool) -> NoReturn:
+        if now and _busy(error):
+            raise WouldWait("another process holds the write slot") from raised
+        self._after_failure(error)
+        raise StoreUnavailable(f"{self._where}: {self._reason(error)}") from raised
 
     @functools.cached_property
     def _driver_error(self) -> type[Exception]:
@@ -356,6 +446,7 @@ class SqlStore(BaseStore):
         connections a restart broke (``pool_pre_ping``, and SQLAlchemy's disconnect check)."""
         if self._engine.dialect.name != "sqlite" or "locked" in str(error):
             return
+        self._disposals += 1  # the kept writer connection goes too (``_take_writer``)
         self._engine.dispose()
 
     def _reason(self, error: BaseException | None) -> str:
@@ -377,14 +468,13 @@ class SqlStore(BaseStore):
     def _insert_new_reports(self) -> Any:
         return self._insert(barrier_reports).on_conflict_do_nothing()
 
+    @functools.cached_property
+    def _insert_new_metrics(self) -> Any:  # built once: building it cost more than running it
+        return self._insert(metrics).on_conflict_do_nothing()
+
     @staticmethod
     def _run_row(conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any] | None:
-        """The run's row, locked as asked on PostgreSQL (SQLite: see the module docstring).
-
-        ``hold``: exclusive for ``lock_run`` (``FOR NO KEY UPDATE``; lets ``keep`` through).
-        ``keep``: the run must not vanish while we add rows to it (``FOR KEY SHARE``).
-        ``delete``: excludes both (``FOR UPDATE``).
-        """
+        """The run's row, locked as asked (``RowLock``) on PostgreSQL (SQLite: see the module docstring)."""
         return conn.execute(_RUN_ROWS[lock], {"run_id": run_id}).one_or_none()
 
     def _require_run(self, conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any]:
@@ -493,7 +583,7 @@ class SqlStore(BaseStore):
         ``snapshot``: the statements see one state of the database (SQLite: a read transaction;
         PostgreSQL's reads are in one transaction anyway, which the pool ends on return).
         """
-        try:
+        with self._failures():
             conn = self._engine.raw_connection()
             try:
                 cursor = conn.cursor()
@@ -505,14 +595,6 @@ class SqlStore(BaseStore):
                     cursor.close()
             finally:
                 conn.close()  # back to the pool, which rolls back what the reads began
-        except sa_exc.DBAPIError as exc:  # from the pool's connect
-            self._after_failure(exc.orig)
-            raise StoreUnavailable(f"{self._where}: {self._reason(exc.orig)}") from exc
-        except self._driver_error as exc:
-            self._after_failure(exc)
-            raise StoreUnavailable(f"{self._where}: {self._reason(exc)}") from exc
-        except sa_exc.TimeoutError as exc:
-            raise StoreUnavailable(f"{self._where}: no free database connection") from exc
 
     def _read_record(self, conn: Connection, row: Row[Any]) -> RunRecord:
         labels = {r.key: r.value for r in conn.execute(_RUN_LABELS, {"run_id": row.run_id})}
@@ -661,13 +743,13 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        hold = self._driver_sql("hold", _RUN_ROWS["hold"])
-        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+        hold = self._driver_sql("hold", _LOCKED_ROWS["hold"])
+        with self._driver_write() as cursor:
             locked: dict[str, SqlRunTransaction] = {}
             for run_id in sorted(set(run_ids)):
                 row = hold.one(hold.execute(cursor, {"run_id": run_id}))
                 if row is not None:
-                    locked[run_id] = SqlRunTransaction(conn, _record_of(row), self, cursor)
+                    locked[run_id] = SqlRunTransaction(_locked_run(row), self, cursor)
             try:
                 yield dict(locked)
                 self._write_held(cursor, list(locked.values()))
@@ -683,8 +765,16 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        with self._transaction() as conn:
-            return _select_events(conn, run_id, after_seq)
+        with self._driver_read() as cursor:
+            return self._events_after(cursor, run_id, after_seq)
+
+    def _events_after(self, cursor: Any, run_id: str, after_seq: int) -> list[Event]:
+        sql = self._driver_sql("events_after", _EVENTS_AFTER)
+        sql.execute(cursor, {"run_id": run_id, "after_seq": after_seq})
+        found = []
+        while (row := sql.one(cursor)) is not None:
+            found.append(_event(row))
+        return found
 
     def read_feed(self, after_gid: int, limit: int = 500) -> list[FeedEntry]:
         """Events of every run with a global id above ``after_gid``, in id order, at most ``limit``.
@@ -911,13 +1001,14 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+        with self._driver_write() as cursor:
             self._keep_run(cursor, run_id)
             return self._insert_metrics_on(cursor, run_id, records)
 
     def _keep_run(self, cursor: Any, run_id: str) -> dict[str, Any]:
-        """The run's row, which must not vanish before this transaction ends (``keep``)."""
-        keep = self._driver_sql("keep", _RUN_ROWS["keep"])
+        """The run's row (a ``LockedRun``'s columns), which must not vanish before this
+        transaction ends (``keep``)."""
+        keep = self._driver_sql("keep", _LOCKED_ROWS["keep"])
         row = keep.one(keep.execute(cursor, {"run_id": run_id}))
         if row is None:
             raise RunNotFound(run_id)
@@ -928,7 +1019,7 @@ class SqlStore(BaseStore):
             return 0
         now = _now()
         rows = [_metric_row(run_id, r, now) for r in records]
-        insert = self._driver_sql("insert_metrics", self._insert(metrics).on_conflict_do_nothing())
+        insert = self._driver_sql("insert_metrics", self._insert_new_metrics)
         return insert.executemany(cursor, rows)
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
@@ -972,7 +1063,7 @@ class SqlStore(BaseStore):
                 finite, value_text = _split_float(value)
                 rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
                              "value_text": value_text})
-        with self._transaction(write=True) as conn, _cursor(conn) as cursor:
+        with self._driver_write() as cursor:
             row = self._keep_run(cursor, run_id)
             self._insert_metrics_on(cursor, run_id, records)
             if rows:
@@ -1010,6 +1101,9 @@ class SqlStore(BaseStore):
         """Release every pooled connection (idempotent)."""
         if self.checkpointer is not None:
             self.checkpointer.close()
+        kept, self._writer = self._writer, None
+        if kept is not None:
+            kept[0].close()
         self._engine.dispose()
 
 
@@ -1017,52 +1111,49 @@ class SqlRunTransaction(RunTransaction):
     """A run locked for writing; valid only inside its ``lock_run`` (``lock_runs``) block.
 
     ``run`` starts as the row read under the lock and follows this transaction's own
-    writes (``last_seq``, ``horizon``, ``status``, ``updated_at``). Those reach the
-    ``runs`` row once, as the block ends (``run_row``): one UPDATE per commit, not one per
-    call. Appended events are held back to the end too (``held_events``; ``read_events``
-    writes them first), see ``SqlStore._write_held``.
+    writes (``last_seq``, ``horizon``, ``status``). Those reach the ``runs`` row once, as the
+    block ends (``run_row``): one UPDATE per commit, not one per call. Appended events are
+    held back to the end too (``held_events``; ``read_events`` writes them first), see
+    ``SqlStore._write_held``.
     """
 
-    def __init__(self, conn: Connection, run: RunRecord, store: SqlStore, cursor: Any) -> None:
-        self._conn = conn
-        self._cursor = cursor  # the same connection's DBAPI cursor, for the hot statements
+    def __init__(self, run: LockedRun, store: SqlStore, cursor: Any) -> None:
+        self._cursor = cursor  # the transaction's DBAPI cursor (``SqlStore._driver_write``)
         self.run = run
         self.closed = False
         self._store = store
-        self._run_changed = False
+        self._updated_at: datetime | None = None  # set by a change of the run's row
         self.appended = False
         self.dirty = False
         self.held_events: list[dict[str, Any]] = []  # rows appended, not yet inserted
 
     def run_row(self) -> dict[str, Any] | None:
         """The run row's UPDATE parameters, if this transaction changed it (``lock_runs``, at the end)."""
-        if not self._run_changed:
+        self._open()
+        if self._updated_at is None:
             return None
-        run = self.run
-        self._connection()
-        self._run_changed = False
+        run, updated_at, self._updated_at = self.run, self._updated_at, None
         return {"b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status.value,
-                "b_last_seq": run.last_seq, "b_updated_at": run.updated_at}
+                "b_last_seq": run.last_seq, "b_updated_at": updated_at}
 
     def append_metrics(self, records: Sequence[MetricRecord]) -> int:
         """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
         self._writing()
         return self._store._insert_metrics_on(self._cursor, self.run.run_id, records)
 
-    def _connection(self) -> Connection:
+    def _open(self) -> None:
         if self.closed:
             raise RuntimeError("the run's transaction is over; use it inside its lock_run block")
-        return self._conn
 
     def _writing(self) -> None:
-        self._connection()
+        self._open()
         self.dirty = True
 
     def read_events(self, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order (including ones appended here)."""
-        conn = self._connection()
+        self._open()
         self._store._insert_held_events(self._cursor, [self])
-        return _select_events(conn, self.run.run_id, after_seq)
+        return self._store._events_after(self._cursor, self.run.run_id, after_seq)
 
     def append_events(self, new_events: Sequence[NewEvent]) -> list[Event]:
         """Append events as ``last_seq + 1, ...`` and move ``runs.last_seq`` along.
@@ -1078,9 +1169,9 @@ class SqlRunTransaction(RunTransaction):
         rows = [_event_row(self.run.run_id, first + i, e, now, None) for i, e in enumerate(new_events)]
         self.held_events.extend(rows)  # inserted at the end, with their global ids (``_write_held``)
         self.appended = True
-        last = first + len(rows) - 1
-        self.run = replace(self.run, last_seq=last, updated_at=now)
-        self._run_changed = True
+        run = self.run
+        self.run = LockedRun(run.run_id, run.status, run.horizon, first + len(rows) - 1, run.created_at)
+        self._updated_at = now
         return [_event(row) for row in rows]
 
     def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
@@ -1092,13 +1183,11 @@ class SqlRunTransaction(RunTransaction):
         self._writing()
         if horizon is None and status is None:
             return
-        changes: dict[str, Any] = {"updated_at": _now()}
-        if horizon is not None:
-            changes["horizon"] = max(int(horizon), self.run.horizon)
-        if status is not None:
-            changes["status"] = status
-        self.run = replace(self.run, **changes)
-        self._run_changed = True
+        run = self.run
+        self.run = LockedRun(run.run_id, run.status if status is None else status,
+                             run.horizon if horizon is None else max(int(horizon), run.horizon),
+                             run.last_seq, run.created_at)
+        self._updated_at = _now()
 
 
 # -- rows <-> records --------------------------------------------------------------------
@@ -1134,6 +1223,11 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         cursor.close()
 
 
+def _locked_run(row: Mapping[str, Any]) -> LockedRun:
+    return LockedRun(
+        row["run_id"], RunStatus(row["status"]), row["horizon"], row["last_seq"], row["created_at"])
+
+
 def _record_of(row: Mapping[str, Any], labels: dict[str, str] | None = None) -> RunRecord:
     """A ``RunRecord`` from a runs row read on the DBAPI cursor (without labels unless given)."""
     return RunRecord(run_id=row["run_id"], spec=_loads(row["spec"]), labels={} if labels is None else labels,
@@ -1161,13 +1255,6 @@ def _select_reports(conn: Connection, run_id: str, step: int) -> dict[int, dict[
     for r in conn.execute(_SELECT_REPORTS, {"run_id": run_id, "step": step}):
         reports.setdefault(r.rank, {})[r.name] = _join_float(r.value, r.value_text)
     return reports
-
-
-def _select_events(conn: Connection, run_id: str, after_seq: int) -> list[Event]:
-    query = select(events).where(events.c.run_id == run_id, events.c.seq > after_seq).order_by(
-        events.c.seq
-    )
-    return [_event(row) for row in conn.execute(query)]
 
 
 def _metric_row(run_id: str, record: MetricRecord, at: datetime) -> dict[str, Any]:

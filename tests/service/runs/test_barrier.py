@@ -45,7 +45,7 @@ def create(manager: RunManager, world_size: int, run_id: str = "r") -> None:
 
 def report(manager: RunManager, step: int, rank: int, loss: float, ahead: int = 0) -> bool:
     metrics = {"val_loss": loss, "acc": 0.5}
-    return manager.report_to_barrier("r", step, rank, metrics, {"val_loss": loss}, ahead)
+    return manager.report_ranks_to_barrier("r", step, [RankReport(rank, metrics, {"val_loss": loss})], ahead)
 
 
 @contextmanager
@@ -95,13 +95,26 @@ def test_two_last_reports_on_two_replicas_are_settled_by_asking_the_store(replic
     """On PostgreSQL two last reports may each miss the other; the waiters' poll decides."""
     a, b = replicas
     create(a, world_size=2)
-    a.store.add_barrier_report("r", 1, 0, {"val_loss": 1.0})  # as if both crossed
-    b.store.add_barrier_report("r", 1, 1, {"val_loss": 3.0})
+    a.store.add_barrier_reports("r", 1, {0: {"val_loss": 1.0}})  # as if both crossed
+    b.store.add_barrier_reports("r", 1, {1: {"val_loss": 3.0}})
     assert a.resolve_barrier("r", 1, timed_out=False, ahead=2)
     assert b.resolve_barrier("r", 1, timed_out=False)
     assert a.store.read_run("r").horizon == 3
     assert a.window("r", 1, 2).values == b.window("r", 1, 2).values
     assert not [e for e in a.history("r", 10).events if e.kind.value == "barrier_timeout"]
+
+
+def test_a_replica_that_learns_of_another_ones_decision_holds_the_window_for_its_ranks(replicas):
+    """The one question a waiting process asks takes it to the decided horizon: every rank
+    waiting there is answered from memory, none goes to a worker thread for its window."""
+    a, b = replicas
+    create(a, world_size=2)
+    b.state("r")  # b serves ranks of the run: loaded at horizon 0
+    assert not report(b, 1, 0, 1.0)
+    assert report(a, 1, 1, 3.0, ahead=4)  # a decides, with the window its rank asked for
+    assert b.resolve_barrier("r", 1, timed_out=False, ahead=4)
+    window = b.cached_window("r", 1, 4)
+    assert window is not None and window.values == a.window("r", 1, 4).values
 
 
 def test_ranks_waiting_in_the_process_of_the_last_report_are_woken_by_it(replicas, monkeypatch):

@@ -83,3 +83,15 @@ def test_a_join_goes_through_on_the_event_loop_and_a_create_does_not(manager: Ru
     manager.big_work.run = lambda *args: checked.append(args)
     assert manager.now(lambda: manager.create_run(big)) is None
     assert checked == []
+
+
+def test_the_run_a_create_made_is_in_memory_as_a_load_would_make_it(manager: RunManager):
+    """Its ranks step it next: no load (three reads of the log) for the state just built."""
+    record, created = manager.create_run(SPEC)
+    assert created
+    state = manager.loaded("job")
+    assert state is not None
+    loaded = RunManager(manager.store, manager.settings).state("job")  # another cache: from the log
+    assert (state.horizon, state.last_seq, state.created_at, state.status, state.watching) == (
+        loaded.horizon, loaded.last_seq, loaded.created_at, loaded.status, loaded.watching)
+    assert list(state.values) == list(loaded.values)
