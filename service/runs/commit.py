@@ -8,11 +8,13 @@ API.md's rules, as this module keeps them:
 - *Decisions on the first free step*: a metric or action is placed above the horizon
   read under the store's lock, so every process places it at the same step.
 
-A commit computes the new steps (torch's work) before taking the store's write lock, and
-holds that lock only to append and commit, in one transaction with the other runs' commits
-queued meanwhile (``group_commit``); if another process moved the run meanwhile, it starts
-again. Only where the stored run had already moved when the commit began (rare:
-replicas) does it catch up and compute inside the lock.
+On SQLite a commit computes the new steps (torch's work) before taking the store's write
+lock (the file's, which every run's commit needs), and holds that lock only to append and
+commit, in one transaction with the other runs' commits queued meanwhile (``group_commit``);
+if another process moved the run meanwhile, it starts again. Only where the stored run had
+already moved when the commit began (rare: replicas) does it catch up and compute inside the
+lock. On PostgreSQL the lock is the run's row alone: a commit takes it first, catches up with
+what other processes appended and computes inside it (one read of the run, under the lock).
 """
 
 from __future__ import annotations
@@ -182,8 +184,11 @@ class Committer:
                     outcomes, placed, new_events = _compute(  # small: never the worker process
                         state, state.horizon, target, metric, action, extra_events, need, reports, None)
                     _append(state, tx, outcomes, new_events, records)
-            elif _moved(self.store.run_head(run_id), state):  # no lock: has another process moved it?
-                with self.store.lock_run(run_id) as tx:  # rare (replicas): catch up and compute in the lock
+            elif not self.store.one_writer or _moved(self.store.run_head(run_id), state):
+                # PostgreSQL: the lock is the run's row alone, so computing in it holds back no
+                # other run, and a read before it would cost a round trip of its own every commit.
+                # SQLite: only where another process moved the run (rare: replicas)
+                with self.store.lock_run(run_id) as tx:  # catch up and compute in the lock
                     self._catch_up(state, tx)
                     outcomes, placed, new_events = _compute(
                         state, tx.run.horizon, target, metric, action, extra_events, need, reports,

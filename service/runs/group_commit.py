@@ -9,10 +9,11 @@ progress becomes the writer, takes every commit queued by then into one transact
 wrote form the next group, written by one of their threads. A thread alone writes its own
 commit at once: nobody waits for company, so a sequential client pays nothing for this.
 
-Only where the database has one writer at a time (SQLite: ``BaseStore.one_writer``). On
-PostgreSQL each commit keeps its own transaction: they run side by side on the server
-(row locks, one per run), which flushes their WAL together by itself; one transaction per
-process at a time measured 0.79x the commits/s there (figure 5's commit load).
+Only where the database has one writer at a time (SQLite: ``BaseStore.one_writer``; the
+``Committer`` queues nothing elsewhere). On PostgreSQL each commit keeps its own transaction:
+they run side by side on the server (row locks, one per run), which flushes their WAL
+together by itself; one transaction per process at a time measured 0.79x the commits/s there
+(figure 5's commit load).
 
 Outcomes: a commit's ``append`` may refuse by raising before its first write (its run moved,
 say): that error is its own, the others go on. An error after a write, or at COMMIT (the
@@ -56,11 +57,6 @@ class GroupCommit:
             Exception: whatever ``append`` raised, or what failed the transaction.
         """
         queued = _Queued(run_id, append)
-        if not self.store.one_writer:  # side by side, each in its own transaction
-            self._write([queued])
-            if queued.error is not None:
-                raise queued.error
-            return
         with self._turn:
             self._queue.append(queued)
             while self._writing and not queued.done:

@@ -424,18 +424,6 @@ class RunManager:
 
     # -- the metric barrier -------------------------------------------------------------
 
-    def report_to_barrier(
-        self,
-        run_id: str,
-        step: int,
-        rank: int,
-        metrics: Mapping[str, float],
-        watched: Mapping[str, float],
-        ahead: int = 0,
-    ) -> bool:
-        """One rank's report (``report_ranks_to_barrier`` of one rank)."""
-        return self.report_ranks_to_barrier(run_id, step, [RankReport(rank, metrics, watched)], ahead)
-
     def report_ranks_to_barrier(
         self, run_id: str, step: int, reports: Sequence[RankReport], ahead: int = 0
     ) -> bool:

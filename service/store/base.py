@@ -373,17 +373,6 @@ class BaseStore(abc.ABC):
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
 
-    def add_barrier_report(
-        self,
-        run_id: str,
-        step: int,
-        rank: int,
-        values: Mapping[str, float],
-        records: Sequence[MetricRecord] = (),
-    ) -> BarrierTally:
-        """Record one rank's watched metrics for ``step`` (``add_barrier_reports`` of one rank)."""
-        return self.add_barrier_reports(run_id, step, {rank: values}, records)
-
     @abc.abstractmethod
     def add_barrier_reports(
         self,

@@ -100,13 +100,14 @@ class FileIdentity:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._where = str(path)  # ``os.stat`` of a str: a Path is turned into one on every call
         self._identity = self._stat()
         self._problem: str | None = None
         self._lock = threading.Lock()
 
     def _stat(self) -> tuple[int, int] | None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._where)
         except FileNotFoundError:
             return None
         return st.st_dev, st.st_ino

@@ -25,7 +25,6 @@ import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal, NoReturn
@@ -468,6 +467,10 @@ class SqlStore(BaseStore):
     @functools.cached_property
     def _insert_new_reports(self) -> Any:
         return self._insert(barrier_reports).on_conflict_do_nothing()
+
+    @functools.cached_property
+    def _insert_new_metrics(self) -> Any:  # built once: building it cost more than running it
+        return self._insert(metrics).on_conflict_do_nothing()
 
     @staticmethod
     def _run_row(conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any] | None:
@@ -1016,7 +1019,7 @@ class SqlStore(BaseStore):
             return 0
         now = _now()
         rows = [_metric_row(run_id, r, now) for r in records]
-        insert = self._driver_sql("insert_metrics", self._insert(metrics).on_conflict_do_nothing())
+        insert = self._driver_sql("insert_metrics", self._insert_new_metrics)
         return insert.executemany(cursor, rows)
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
@@ -1166,7 +1169,8 @@ class SqlRunTransaction(RunTransaction):
         rows = [_event_row(self.run.run_id, first + i, e, now, None) for i, e in enumerate(new_events)]
         self.held_events.extend(rows)  # inserted at the end, with their global ids (``_write_held``)
         self.appended = True
-        self.run = replace(self.run, last_seq=first + len(rows) - 1)
+        run = self.run
+        self.run = LockedRun(run.run_id, run.status, run.horizon, first + len(rows) - 1, run.created_at)
         self._updated_at = now
         return [_event(row) for row in rows]
 
@@ -1179,12 +1183,10 @@ class SqlRunTransaction(RunTransaction):
         self._writing()
         if horizon is None and status is None:
             return
-        changes: dict[str, Any] = {}
-        if horizon is not None:
-            changes["horizon"] = max(int(horizon), self.run.horizon)
-        if status is not None:
-            changes["status"] = status
-        self.run = replace(self.run, **changes)
+        run = self.run
+        self.run = LockedRun(run.run_id, run.status if status is None else status,
+                             run.horizon if horizon is None else max(int(horizon), run.horizon),
+                             run.last_seq, run.created_at)
         self._updated_at = _now()
 
 

@@ -182,7 +182,7 @@ def test_on_postgres_the_hub_passes_each_notification_on_with_its_run(database_u
         hub.notices.append(lambda run_id: told.append(run_id) or connected.set())
         await hub.start()
         await asyncio.wait_for(connected.wait(), 30)
-        await asyncio.to_thread(other.add_barrier_report, "r", 1, 0, {"loss": 1.0})  # another process
+        await asyncio.to_thread(other.add_barrier_reports, "r", 1, {0: {"loss": 1.0}})  # another process
         await asyncio.to_thread(_append, mine, 1)  # this process's own commit: not told again
         while "r" not in told:
             await asyncio.sleep(0.01)

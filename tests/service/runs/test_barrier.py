@@ -45,7 +45,7 @@ def create(manager: RunManager, world_size: int, run_id: str = "r") -> None:
 
 def report(manager: RunManager, step: int, rank: int, loss: float, ahead: int = 0) -> bool:
     metrics = {"val_loss": loss, "acc": 0.5}
-    return manager.report_to_barrier("r", step, rank, metrics, {"val_loss": loss}, ahead)
+    return manager.report_ranks_to_barrier("r", step, [RankReport(rank, metrics, {"val_loss": loss})], ahead)
 
 
 @contextmanager
@@ -95,8 +95,8 @@ def test_two_last_reports_on_two_replicas_are_settled_by_asking_the_store(replic
     """On PostgreSQL two last reports may each miss the other; the waiters' poll decides."""
     a, b = replicas
     create(a, world_size=2)
-    a.store.add_barrier_report("r", 1, 0, {"val_loss": 1.0})  # as if both crossed
-    b.store.add_barrier_report("r", 1, 1, {"val_loss": 3.0})
+    a.store.add_barrier_reports("r", 1, {0: {"val_loss": 1.0}})  # as if both crossed
+    b.store.add_barrier_reports("r", 1, {1: {"val_loss": 3.0}})
     assert a.resolve_barrier("r", 1, timed_out=False, ahead=2)
     assert b.resolve_barrier("r", 1, timed_out=False)
     assert a.store.read_run("r").horizon == 3

@@ -284,6 +284,26 @@ def test_a_thread_waiting_on_a_failed_commit_starts_from_the_log(replicas):
     assert "plateau_reduction" not in [e.kind.value for e in c.history("r", 100).events]
 
 
+def test_a_commit_reads_the_run_before_its_lock_only_on_sqlite(replicas, monkeypatch):
+    """PostgreSQL locks the run's row alone: a commit takes it first and computes inside it, one
+    read of the run per commit (a read before the lock was a round trip of its own). SQLite's
+    lock is the file's: a commit computes before it, reading the run first to see whether
+    another process moved it. Both take in what another replica committed meanwhile."""
+    a, b, _ = replicas
+    create(a)
+    lrs(b, "r", 0, 0)
+    heads: list[str] = []
+    original = a.store.run_head
+    monkeypatch.setattr(a.store, "run_head", lambda run_id: heads.append(run_id) or original(run_id))
+    for k in range(1, 4):
+        a.step_run("r", k, {"val_loss": 1.0 / k}, 0, 0)
+    b.step_run("r", 4, {"val_loss": 2.0}, 0, 0)  # b moves the run: a catches up in its next commit
+    a.step_run("r", 5, {"val_loss": 2.0}, 0, 0)
+    assert heads == (["r"] * 4 if a.store.one_writer else [])
+    assert lrs(a, "r", 0, 5) == lrs(b, "r", 0, 5)
+    assert a.store.read_run("r").horizon == 5
+
+
 def test_a_replica_catches_up_while_another_holds_the_runs_lock(replicas):
     """Steps another process made are final: a replica reads their events and takes them
     without the run's row lock (on PostgreSQL a write transaction the deciding process's next

@@ -170,7 +170,7 @@ class TestStoreContract:
         advance(store, "r1", 3)
         store.save_snapshot("r1", Snapshot(2, 3, {"x": 1}))
         store.append_metrics("r1", [MetricRecord("loss", 1, 0, 0.5)])
-        store.add_barrier_report("r1", 1, 0, {"loss": 0.5})
+        store.add_barrier_reports("r1", 1, {0: {"loss": 0.5}})
         store.delete_run("r1")
         with pytest.raises(RunNotFound):
             store.read_run("r1")
@@ -333,7 +333,7 @@ class TestStoreContract:
         values = [value for _, _, value in store.read_metrics("r1")["x"]]
         assert same_floats(values, [r.value for r in records])
         for rank, value in enumerate(TRICKY_FLOATS):
-            store.add_barrier_report("r1", 1, rank, {"x": value})
+            store.add_barrier_reports("r1", 1, {rank: {"x": value}})
         assert same_floats([v["x"] for v in store.read_barrier("r1", 1).reports.values()], TRICKY_FLOATS)
 
     def test_floats_in_json_are_bit_exact(self, store):
@@ -350,10 +350,10 @@ class TestStoreContract:
 
     def test_barrier_reports_are_idempotent_per_rank(self, store):
         make(store)
-        store.add_barrier_report("r1", 5, 0, {"loss": 1.0})
-        store.add_barrier_report("r1", 5, 0, {"loss": 2.0, "acc": 0.5})  # a retry: the first loss stands
-        store.add_barrier_report("r1", 5, 1, {"loss": 3.0})
-        store.add_barrier_report("r1", 6, 0, {"loss": 4.0})
+        store.add_barrier_reports("r1", 5, {0: {"loss": 1.0}})
+        store.add_barrier_reports("r1", 5, {0: {"loss": 2.0, "acc": 0.5}})  # a retry: the first loss stands
+        store.add_barrier_reports("r1", 5, {1: {"loss": 3.0}})
+        store.add_barrier_reports("r1", 6, {0: {"loss": 4.0}})
         assert store.read_barrier("r1", 5).reports == {0: {"acc": 0.5, "loss": 1.0}, 1: {"loss": 3.0}}
         assert store.read_barrier("r1", 6).reports == {0: {"loss": 4.0}}
         assert store.read_barrier("r1", 7).reports == {}
@@ -361,15 +361,15 @@ class TestStoreContract:
     def test_a_barrier_report_returns_the_tally_with_itself_in_it(self, store):
         make(store)
         advance(store, "r1", 3)
-        store.add_barrier_report("r1", 5, 1, {"loss": 3.0})
-        tally = store.add_barrier_report("r1", 5, 0, {"loss": 1.0})
+        store.add_barrier_reports("r1", 5, {1: {"loss": 3.0}})
+        tally = store.add_barrier_reports("r1", 5, {0: {"loss": 1.0}})
         assert (tally.horizon, tally.reports) == (3, {0: {"loss": 1.0}, 1: {"loss": 3.0}})
         assert store.read_barrier("r1", 5) == tally
         assert store.read_barrier("r1", 6).reports == {}
 
     def test_several_ranks_report_in_one_transaction(self, store):
         make(store)
-        store.add_barrier_report("r1", 5, 1, {"loss": 9.0})
+        store.add_barrier_reports("r1", 5, {1: {"loss": 9.0}})
         records = [MetricRecord("loss", 5, r, float(r)) for r in (0, 1, 2)]
         tally = store.add_barrier_reports("r1", 5, {r: {"loss": float(r)} for r in (0, 1, 2)}, records)
         assert tally.reports == {0: {"loss": 0.0}, 1: {"loss": 9.0}, 2: {"loss": 2.0}}  # rank 1's first
@@ -379,12 +379,12 @@ class TestStoreContract:
     def test_a_barrier_report_writes_its_history_records_with_it(self, store):
         make(store)
         records = [MetricRecord("loss", 5, 2, 1.0), MetricRecord("acc", 5, 2, 0.75)]
-        store.add_barrier_report("r1", 5, 2, {"loss": 1.0}, records)
+        store.add_barrier_reports("r1", 5, {2: {"loss": 1.0}}, records)
         assert store.read_metrics("r1") == {"loss": [(5, 2, 1.0)], "acc": [(5, 2, 0.75)]}
 
     def test_a_barrier_of_an_unknown_run_is_not_found(self, store):
         with pytest.raises(RunNotFound):
-            store.add_barrier_report("nope", 1, 0, {"loss": 1.0}, [MetricRecord("loss", 1, 0, 1.0)])
+            store.add_barrier_reports("nope", 1, {0: {"loss": 1.0}}, [MetricRecord("loss", 1, 0, 1.0)])
         with pytest.raises(RunNotFound):
             store.read_barrier("nope", 1)
         assert store.read_metrics("nope") == {}

@@ -33,7 +33,7 @@ def test_many_threads_share_a_few_connections_and_all_get_through(database_url):
             try:
                 for step in range(1, 6):
                     store.read_run("r")
-                    store.add_barrier_report("r", step, threading.get_ident() % 1000, {"loss": 1.0})
+                    store.add_barrier_reports("r", step, {threading.get_ident() % 1000: {"loss": 1.0}})
                     most[0] = max(most[0], pool.checkedout())
             except BaseException as exc:  # noqa: BLE001 - the test reports them
                 errors.append(exc)
