@@ -12,7 +12,10 @@ CPU (``time.thread_time``) inside ``step(metric)`` and inside the optimizer's pr
 (where an overlapping client takes its decision), summed over the epoch after it; and one
 bare ``http.client`` ``POST .../step`` with the metric on a run of its own (the round trip,
 the yardstick) in the middle of each epoch, timed the same way, after a pause of
-``WORK_S`` as the report comes after one (right after another request the caches are warm).
+``WORK_S`` as the report comes after one (right after another request the caches are warm);
+and the timing pair's own cost (``floor``: the pre-step hooks of an optimizer with the pair
+alone, stepped once per epoch after such a pause, times ``EPOCH``), which the hooks' figures
+hold whatever the scheduler does.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ def main() -> None:
     ref = f"bench-plateau-ref-{tag}"
     client.create_run(SCHEDULE, [0.1], run_id=ref)
     bare: _Bare | None = None
+    floor_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    floor = _Hooks(floor_opt).seal(floor_opt)
     epochs: dict[str, int] = {}
     for line in sys.stdin:
         _, mode, work_s, reports, epoch = line.split()
@@ -107,10 +112,11 @@ def main() -> None:
             bare = _Bare(url, ref, next(iter(sched.watched)))
         bare.reconnect()
         out: dict[str, list[float]] = {k: [] for k in ("wall", "cpu", "tick_wall", "tick_cpu", "hook_wall",
-                                                       "hook_cpu", "rtt", "rtt_cpu")}
+                                                       "hook_cpu", "rtt", "rtt_cpu", "floor_cpu")}
         sleep, clock, tclock = time.sleep, time.perf_counter_ns, time.thread_time_ns
         ticks: list[tuple[int, int]] = []
         hooked: list[tuple[int, int]] = []
+        floors: list[int] = []
         for _ in range(n + 1):
             hw, hc = hooks.wall, hooks.cpu
             for i in range(e):  # the first optimizer.step() takes an overlapping decision
@@ -122,19 +128,25 @@ def main() -> None:
                     bare.post(_metric(epochs[mode] + 1))
                     out["rtt"].append((clock() - w0) / 1e3)
                     out["rtt_cpu"].append((tclock() - c0) / 1e3)
+                if i == (e // 2 + 2) % e:  # the timing pair alone, after a pause
+                    fc = floor.cpu
+                    sleep(work)
+                    floor_opt.step()
+                    floors.append((floor.cpu - fc) * e)
             hooked.append((hooks.wall - hw, hooks.cpu - hc))
             epochs[mode] += 1
             w0, c0 = clock(), tclock()
             sched.step(_metric(epochs[mode]))
             ticks.append((clock() - w0, tclock() - c0))
         # a report's cost: its step(metric), then the hooks of the epoch after it
-        for (tw, tc), (hw, hc) in zip(ticks[:-1], hooked[1:], strict=True):
+        for (tw, tc), (hw, hc), fc in zip(ticks[:-1], hooked[1:], floors[1:], strict=True):
             out["tick_wall"].append(tw / 1e3)
             out["tick_cpu"].append(tc / 1e3)
             out["hook_wall"].append(hw / 1e3)
             out["hook_cpu"].append(hc / 1e3)
             out["wall"].append((tw + hw) / 1e3)
             out["cpu"].append((tc + hc) / 1e3)
+            out["floor_cpu"].append(fc / 1e3)
         print(json.dumps(out), flush=True)
     for _, sched, _ in made.values():
         sched.close()

@@ -4,8 +4,8 @@ The client's requests run on its fetch thread, which holds the GIL the training 
 so what counts is the CPU time of the calling thread (``time.thread_time``), not the wall
 clock. Measured against a real server on loopback, side by side in rotated rounds (medians):
 
-- ``LRClient``, as users get it: a plain ``http://`` URL, so ``http.client`` keep-alive
-  connections (``client/_transport.py``, ``KeepAliveSender``);
+- ``LRClient``, as users get it: a plain ``http://`` URL, so its own keep-alive connections
+  (``client/_transport.py``, ``KeepAliveSender``: HTTP/1.1 written and read over a socket);
 - ``LRClient`` over an ``httpx.Client`` (what every request paid before; what ``https://``,
   a proxy from the environment or an injected client still take);
 - a bare ``httpx.Client.get`` and a bare ``http.client`` exchange, for scale.
@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> None:
             return api.step_run(f"steps-{key}", steps[key], metrics={"val_loss": 1.0})
 
         cases: dict[str, Callable[[], object]] = {
-            "GET .../lr: LRClient (http.client, the default)": lambda: direct.read_lr("reads", 5),
+            "GET .../lr: LRClient (KeepAliveSender, the default)": lambda: direct.read_lr("reads", 5),
             "GET .../lr: LRClient over httpx.Client": lambda: over_httpx.read_lr("reads", 5),
             "GET .../lr: bare httpx.Client.get": lambda: bare_httpx.get(
                 f"{server.url}/v1/runs/reads/lr", params={"step": 5}).json(),
             "GET .../lr: bare http.client": bare_get,
-            "POST .../step: LRClient (http.client, the default)": lambda: step(direct, "direct"),
+            "POST .../step: LRClient (KeepAliveSender, the default)": lambda: step(direct, "direct"),
             "POST .../step: LRClient over httpx.Client": lambda: step(over_httpx, "httpx"),
         }
         found: dict[str, list[float]] = {name: [] for name in cases}

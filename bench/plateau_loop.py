@@ -12,11 +12,14 @@ optimizer's pre-step hooks over the next epoch (where ``overlap_decisions=True``
 decision), and of that, its own CPU (``time.thread_time``: the rest is waiting, for the
 decision or for the GIL). The yardstick is a bare ``http.client`` ``POST .../step`` with the
 metric, from the same process in the middle of each epoch, after a pause like the report's:
-one round trip. Medians over all reports of a variant, and means (what a job pays over time,
-slow reports included). Figure 1 (``python -m bench --only client_step``) spreads the cost
-over the epoch's steps (time per step, against torch's), with an injected ``httpx.Client``
-(to count requests) instead of the default transport; this is the cost per report the
-target is written in, with the client a user gets (``RemoteScheduler(url=...)``).
+one round trip. The hooks' figures include the timing pair's own cost (a few us per step);
+``floor`` is that cost alone, measured in the same process (an optimizer with the pair and no
+scheduler), and ``net`` the cost less it. Medians over all reports of a variant, and means
+(what a job pays over time, slow reports included). Figure 1 (``python -m bench --only
+client_step``) spreads the cost over the epoch's steps (time per step, against torch's),
+with an injected ``httpx.Client`` (to count requests) instead of the default transport;
+this is the cost per report the target is written in, with the client a user gets
+(``RemoteScheduler(url=...)``).
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def run(other: Path | None, rounds: int, reports: int, epoch: int) -> list[dict[
     for (tree, mode, w), values in got.items():
         rows.append({"tree": tree, "step_ms": w * 1e3, "client": mode,
                      **{key: median(vals) for key, vals in values.items()},
+                     "net_cpu": median([c - f for c, f in zip(values["cpu"], values["floor_cpu"],
+                                                              strict=True)]),
                      "wall_mean": sum(values["wall"]) / len(values["wall"]),
                      "cpu_mean": sum(values["cpu"]) / len(values["cpu"]),
                      "rtt_mean": sum(values["rtt"]) / len(values["rtt"]),
@@ -109,12 +114,13 @@ def main() -> None:
     rows = run(args.other, args.rounds, args.reports, args.epoch)
     print(f"load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {args.rounds} rounds x {args.reports} reports, "
           f"{args.epoch} steps per report; medians per report, us")
-    head = ("tree", "step ms", "client", "cost", "cost CPU", "step(m)", "step(m) CPU", "hooks",
-            "hooks CPU", "round trip", "RT CPU", "cost - RT", "mean: cost", "cost CPU", "RT")
+    head = ("tree", "step ms", "client", "cost", "cost CPU", "step(m)", "step(m) CPU", "hooks", "hooks CPU",
+            "floor CPU", "net CPU", "round trip", "RT CPU", "cost - RT", "mean: cost", "cost CPU", "RT")
     print(" | ".join(head))
     for r in rows:
         cells = (r["tree"], f"{r['step_ms']:g}", r["client"], *(f"{r[k]:.0f}" for k in (
-            "wall", "cpu", "tick_wall", "tick_cpu", "hook_wall", "hook_cpu", "rtt", "rtt_cpu")),
+            "wall", "cpu", "tick_wall", "tick_cpu", "hook_wall", "hook_cpu", "floor_cpu", "net_cpu", "rtt",
+            "rtt_cpu")),
             f"{r['wall'] - r['rtt']:.0f}", *(f"{r[k]:.0f}" for k in ("wall_mean", "cpu_mean", "rtt_mean")))
         print(" | ".join(cells))
     if args.json:

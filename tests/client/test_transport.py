@@ -243,3 +243,89 @@ def test_an_answer_sent_before_the_whole_body_is_read_is_kept(scripted):
             api.request("POST", "/v1/runs/r/metrics", json={"records": ["x" * 64] * 400_000})
     assert caught.value.status_code == 413 and caught.value.code == "limit_exceeded"
     assert server.accepted == 1  # not retried: a 413 is final
+
+
+def _answer_each(server_of: Callable[[], ScriptedServer], answers: list[bytes]) -> Script:
+    """A script that reads a request and sends the next of ``answers``, while they last and the
+    connection stays open."""
+
+    def script(conn: socket.socket, n: int) -> None:
+        with conn:
+            while answers and server_of().read_request(conn):
+                conn.sendall(answers.pop(0))
+
+    return script
+
+
+def test_chunked_answers_are_joined_and_keep_the_connection(scripted):
+    chunked = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"5;ext=1\r\n{\"ok\"\r\n6\r\n:true}\r\n0\r\nx-trailer: 1\r\n\r\n")
+    server = scripted(_answer_each(lambda: server, [chunked, chunked]))
+    with LRClient(f"http://127.0.0.1:{server.port}", max_retries=0) as api:
+        assert api.request("GET", "/a") == {"ok": True}
+        assert api.request("GET", "/b") == {"ok": True}
+    assert server.accepted == 1
+
+
+def test_interim_answers_are_skipped(scripted):
+    early = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+    server = scripted(_answer_each(lambda: server, [early + OK, OK]))
+    with LRClient(f"http://127.0.0.1:{server.port}", max_retries=0) as api:
+        assert api.request("POST", "/a", json={"x": 1}) == {"ok": True}
+        assert api.request("GET", "/b") == {"ok": True}  # the same connection, nothing left over
+    assert server.accepted == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\ncontent-length: 11\r\n\r\n{\"ok\":true}",
+        b"HTTP/1.0 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"ok\":true}",  # up to the close
+    ],
+    ids=["connection-close", "http-1.0", "no-framing"],
+)
+def test_an_answer_that_ends_its_connection_is_read_and_the_next_request_connects_again(scripted, answer):
+    def answer_then_close(conn: socket.socket, n: int) -> None:
+        with conn:
+            server.read_request(conn)
+            conn.sendall(answer)
+
+    server = scripted(answer_then_close)
+    with LRClient(f"http://127.0.0.1:{server.port}", max_retries=0) as api:
+        for path in ("/a", "/b"):
+            assert api.request("POST", path, json={}, idempotent=False) == {"ok": True}
+    assert server.accepted == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: eleven\r\n\r\n{\"ok\":true}",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"ok\"",
+        b"HTTP/1.1 200 OK\r\nbroken header\r\n\r\n",
+    ],
+    ids=["not-http", "bad-length", "chunks-cut", "bad-field"],
+)
+def test_what_is_not_a_whole_http_answer_is_a_transport_error(scripted, answer):
+    def send_it(conn: socket.socket, n: int) -> None:
+        with conn:
+            server.read_request(conn)
+            conn.sendall(answer)
+
+    server = scripted(send_it)
+    with LRClient(f"http://127.0.0.1:{server.port}", max_retries=0) as api:
+        with pytest.raises(TransportError) as caught:
+            api.request("GET", "/a")
+    assert not isinstance(caught.value, (ServerUnreachable, ServerTimeout))
+
+
+def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent(scripted):
+    server = scripted(_answer_each(lambda: server, [OK]))
+    with LRClient(f"http://127.0.0.1:{server.port}", token="t0k\r\nX-Admin: 1") as api:
+        with pytest.raises(ValueError, match="Authorization"):
+            api.request("GET", "/a")
+        with pytest.raises(ValueError, match="target"):
+            api.request("GET", "/a b")
+    assert server.requests == []
