@@ -83,8 +83,8 @@ def backoff_delay(
 class LRClient:
     """A client for the lrserve API: every route of ``docs/api.md``, as Python methods.
 
-    Requests travel over keep-alive connections: the standard library's ``http.client`` to a
-    plain ``http://`` server with no proxy in between (a fifth of httpx's CPU per request, on
+    Requests travel over keep-alive connections: the client's own HTTP/1.1 exchange to a
+    plain ``http://`` server with no proxy in between (a sixth of httpx's CPU per request, on
     the thread the training loop shares), else an ``httpx.Client`` (``https://``, proxies from
     the environment, or the one given as ``http_client``); see ``_transport``. Transport errors and retryable
     answers (5xx, 408, 429) are retried with exponential backoff and jitter; requests that
@@ -140,6 +140,7 @@ class LRClient:
         self._headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._owns_http = http_client is None
         self._sender: Sender
         route = plain_http_route(self.base_url) if http_client is None else None
@@ -425,10 +426,8 @@ class LRClient:
             url += "?" + urlencode(params, doseq=True)
         headers, body = self._headers, None
         if json is not None:
-            # Python's encoder, not httpx's: a diverged loss (NaN, inf) is real data, and the
-            # server reads the NaN / Infinity tokens (httpx refuses to write them).
-            body = _json.dumps(json, separators=(",", ":")).encode()
-            headers = {**self._headers, "Content-Type": "application/json"}
+            body = _encode(json).encode()
+            headers = self._json_headers
         # a per-call timeout tunes our own connections; an injected client keeps the timeouts it
         # was given (or the one passed to LRClient): Starlette's TestClient refuses per-call ones
         if timeout is None or not self._owns_http:
@@ -446,6 +445,13 @@ class LRClient:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self._max_backoff))
         return delay
+
+
+#: A request body's JSON: Python's encoder, not httpx's or orjson's: a diverged loss (NaN,
+#: inf) is real data, and the server reads the NaN / Infinity tokens (httpx refuses to write
+#: them, orjson writes null). Made once: ``json.dumps`` with ``separators`` makes an encoder
+#: per call.
+_encode = _json.JSONEncoder(separators=(",", ":")).encode
 
 
 def loads(content: bytes) -> Any:
