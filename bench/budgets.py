@@ -17,11 +17,20 @@ request a budget allows, one at a time, with a read/write token's rights:
 Rows: the victim's and the probe's p50/p99, their ratio to the baseline's (of the same backend),
 and the attacker request's own time (its server time plus one loopback round trip): the "worst allowed
 request per route" figure the README quotes.
+
+``python -m bench.budgets OTHER [--attacks none,history] [--rounds 6] [--seconds 4] [--backend
+sqlite]`` compares two versions side by side: one server from this checkout ("this") and one
+from ``OTHER`` (the root of another checkout), the scenarios of both in rotated rounds; per
+tree and scenario the median over rounds of each round's p99, and the median of each round's
+ratio to that tree's baseline of the same round.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import multiprocessing
+import os
 import statistics
 import threading
 import time
@@ -34,9 +43,9 @@ from lrserve.service.engine.spec import parse_schedule
 from lrserve.service.settings import Settings
 
 from bench import report
-from bench.servers import Pool, pg_problem
+from bench.servers import Pool, Server, pg_problem, pg_schema, sqlite_url, workdir
 from bench.sizes import Size
-from bench.stats import p99, percentile
+from bench.stats import p99, percentile, rotations
 
 NAME = "budgets"
 TITLE = "Figure 7: another run's step and /healthz while the worst request each budget allows runs"
@@ -176,14 +185,19 @@ COLUMNS = [("backend", "backend"), ("attacker", "worst request running"), ("step
            ("worst_units", "its work units"), ("worst_count", "worst requests"), ("steps", "victim steps")]
 
 
-def _scenarios(url: str, budget: int, seconds: float) -> list[dict[str, Any]]:
-    """Every scenario against one server, its baseline first and again last."""
+def _prepare(url: str) -> None:
+    """The victim's run and the 1024-group run the attackers use, with points for history."""
     with httpx.Client(base_url=url, timeout=120) as http:
         http.post("/v1/runs", json={"run_id": "victim", "schedule": STEP_LR, "base_lrs": [0.1]})
         http.post("/v1/runs", json={"run_id": "wide", "schedule": STEP_LR, "base_lrs": [0.1] * GROUPS})
         while http.get("/v1/runs/wide").json()["horizon"] < 2_000:  # history has points to show
             horizon = http.get("/v1/runs/wide").json()["horizon"]
             http.get("/v1/runs/wide/lr", params={"step": horizon + 1, "ahead": 10_000}).raise_for_status()
+
+
+def _scenarios(url: str, budget: int, seconds: float) -> list[dict[str, Any]]:
+    """Every scenario against one server, its baseline first and again last."""
+    _prepare(url)
     rows = [_scenario(url, None, budget, seconds, "victim")]
     for name in ("window", "step jump", "preview", "history", "create"):
         rows.append(_scenario(url, name, budget, seconds, "victim"))
@@ -235,3 +249,56 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
             *notes,
         ],
     )
+
+
+def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, backend: str) -> None:
+    """This tree and ``other``, each scenario of ``attacks`` ("none" the baseline) in rotated rounds."""
+    budget = Settings().work_budget
+    trees = ("this", "other")
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with workdir() as work, contextlib.ExitStack() as stack:
+        servers = {}
+        for tree in trees:
+            db = sqlite_url(work, tree) if backend == "sqlite" else stack.enter_context(pg_schema())
+            code = other if tree == "other" else None
+            servers[tree] = stack.enter_context(Server(db, work, name=tree, tree=code))
+            _prepare(servers[tree].url)
+        order = [(tree, attack) for attack in attacks for tree in trees]
+        for r, turn in enumerate(rotations(order, rounds)):
+            for tree, attack in turn:
+                attacker = None if attack == "none" else attack
+                row = _scenario(servers[tree].url, attacker, budget, seconds, "victim")
+                rows.setdefault((tree, attack), []).append(row)
+            print(f"round {r + 1}/{rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"this tree vs {other}, {backend}, {rounds} rotated rounds of {seconds:g} s per scenario; "
+          "p99 ms (median over rounds) and its ratio to the same tree's baseline (median of rounds)")
+    for attack in attacks:
+        for tree in trees:
+            got, base = rows[(tree, attack)], rows[(tree, "none")]
+            line = [f"{attack:10} {tree:5}"]
+            for what in ("step", "healthz"):
+                ratios = [a[f"{what}_p99_ms"] / b[f"{what}_p99_ms"] for a, b in zip(got, base, strict=True)]
+                line.append(f"{what} p50 {statistics.median(r[f'{what}_p50_ms'] for r in got):6.2f} "
+                            f"p99 {statistics.median(r[f'{what}_p99_ms'] for r in got):6.2f} "
+                            f"({statistics.median(ratios):.2f}x)")
+            if "worst_ms" in got[0]:
+                line.append(f"worst {statistics.median(r['worst_ms'] for r in got):.0f} ms")
+            print("  ".join(line))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="figure 7's scenarios, this tree and another side by side")
+    parser.add_argument("other", type=Path, help="the root of another checkout of the repository")
+    parser.add_argument("--attacks", default="none,history", help="comma-separated; none: the baseline")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    args = parser.parse_args()
+    attacks = args.attacks.split(",")
+    if "none" not in attacks:
+        attacks.insert(0, "none")
+    side_by_side(args.other.resolve(), attacks, args.rounds, args.seconds, args.backend)
+
+
+if __name__ == "__main__":
+    main()

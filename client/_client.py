@@ -83,8 +83,8 @@ def backoff_delay(
 class LRClient:
     """A client for the lrserve API: every route of ``docs/api.md``, as Python methods.
 
-    Requests travel over keep-alive connections: the standard library's ``http.client`` to a
-    plain ``http://`` server with no proxy in between (a fifth of httpx's CPU per request, on
+    Requests travel over keep-alive connections: the client's own HTTP/1.1 exchange to a
+    plain ``http://`` server with no proxy in between (a sixth of httpx's CPU per request, on
     the thread the training loop shares), else an ``httpx.Client`` (``https://``, proxies from
     the environment, or the one given as ``http_client``); see ``_transport``. Transport errors and retryable
     answers (5xx, 408, 429) are retried with exponential backoff and jitter; requests that

@@ -93,7 +93,7 @@ class WindowFetcher:
     """One daemon thread that fetches windows (``GET .../lr``) and delivers late reports.
 
     Args:
-        client: The connection (shared with the training thread; httpx pools are thread-safe).
+        client: The connection (shared with the training thread; its senders are thread-safe).
         run_id: Returns the run's id (it changes when a checkpoint of another run is loaded).
         current_step: Returns the step the job is at.
         limit_ahead: ``(first, ahead) -> ahead`` that stays before the next report step.
@@ -288,7 +288,7 @@ class TailFetcher:
     the rest with a later window.
 
     Args:
-        client: The connection (shared; httpx pools are thread-safe).
+        client: The connection (shared; its senders are thread-safe).
         run_id: Returns the run's id.
     """
 

@@ -36,13 +36,14 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from lrserve.service.api.responses import window_body
+from lrserve.service.api.responses import window_body, window_response
 from lrserve.service.api.schemas import MAX_STEP, RUN_ID_PATTERN
 from lrserve.service.auth import Identity
 from lrserve.service.errors import LRServeError
 from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 from pydantic import BaseModel
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -142,14 +143,7 @@ class FastPath:
         app: Starlette = scope["app"]
         scope["lrserve.route"] = write.route  # for the telemetry middleware (and liveness)
         scope["path_params"] = {"run_id": run_id} if run_id else {}  # as the router would have it
-        try:
-            response = await write.answer(app, run_id, body, identity)
-        except Exception as exc:
-            handler = _handler_for(app, exc)
-            if handler is None:
-                raise  # as from a route: the server's error middleware answers 500 and logs it
-            response = await handler(Request(scope, receive), exc)
-        await response(scope, receive, send)
+        await _respond(scope, receive, send, write.answer(app, run_id, body, identity))
 
     @staticmethod
     def _accept(scope: Scope, raw: bytes, write: FastWrite) -> tuple[BaseModel, Identity] | None:
@@ -190,14 +184,30 @@ class FastPath:
             await send({"type": "http.response.body", "body": body})
             return
         if run_id in self._misses:
-            await self.app(scope, receive, send)
+            await self._commit(scope, receive, send, manager, run_id, step, ahead)
             return
         miss = self._misses[run_id] = _Miss(step + ahead)
         try:
-            await self.app(scope, receive, send)
+            await self._commit(scope, receive, send, manager, run_id, step, ahead)
         finally:
             del self._misses[run_id]
             miss.done.set()
+
+    async def _commit(
+        self, scope: Scope, receive: Receive, send: Send,
+        manager: RunManager, run_id: str, step: int, ahead: int,
+    ) -> None:
+        """A window to commit in a worker thread: the route's (SQLite: a refused ask, rare, and the
+        route's own errors); on PostgreSQL, where every commit is one (each statement a round
+        trip), the route's answer given here without FastAPI's routing, its errors mapped by the
+        app's handlers as ``_write``'s are."""
+        if manager.store.one_writer:
+            await self.app(scope, receive, send)
+            return
+        scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
+        scope["path_params"] = {"run_id": run_id}  # as the route would have it
+        answer = run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
+        await _respond(scope, receive, send, answer)
 
     @staticmethod
     def _asked(scope: Scope) -> tuple[RunManager, str, int, int] | None:
@@ -306,6 +316,18 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 _Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+async def _respond(scope: Scope, receive: Receive, send: Send, answer: Awaitable[Response]) -> None:
+    """Send a route's answer, or the app's answer to the error it raised (``_handler_for``)."""
+    try:
+        response = await answer
+    except Exception as exc:
+        handler = _handler_for(scope["app"], exc)
+        if handler is None:
+            raise  # as from a route: the server's error middleware answers 500 and logs it
+        response = await handler(Request(scope, receive), exc)
+    await response(scope, receive, send)
 
 
 def _handler_for(app: Starlette, exc: Exception) -> _Handler | None:

@@ -185,6 +185,11 @@ def window_body(window: Window) -> Body:
     return body
 
 
+def window_response(window: Window) -> FastJSONResponse:
+    """The answer for ``window``, built and serialised (in a worker thread when it is big)."""
+    return FastJSONResponse(window_body(window))
+
+
 def tail_body(tail: Tail) -> Body:
     """``ProvisionalPublic``."""
     lrs, moms = _columns(tail.values)

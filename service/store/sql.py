@@ -232,7 +232,11 @@ class _DriverSql:
         return cursor
 
     def executemany(self, cursor: Any, rows: Sequence[Mapping[str, Any]]) -> int:
-        cursor.executemany(self.sql, [self.params(row) for row in rows])
+        """The statement once per row; how many rows it changed."""
+        if len(rows) == 1:  # a commit's usual one row: psycopg's executemany sets up a pipeline
+            cursor.execute(self.sql, self.params(rows[0]))
+        else:
+            cursor.executemany(self.sql, [self.params(row) for row in rows])
         return int(cursor.rowcount)
 
     def one(self, cursor: Any) -> dict[str, Any] | None:

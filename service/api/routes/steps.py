@@ -13,6 +13,7 @@ from lrserve.service.api.responses import (
     metrics_accepted_body,
     tail_body,
     window_body,
+    window_response,
 )
 from lrserve.service.api.schemas import (
     AHEAD_DOC,
@@ -38,11 +39,6 @@ _AFTER_DOC = (
     "The last step of the tail held (with `provisional_id`): if still valid, the answer's tail "
     "continues it rather than repeating it."
 )
-
-
-def window_response(window: Window) -> Response:
-    """The answer for ``window``, built and serialised (in a worker thread when it is big)."""
-    return FastJSONResponse(window_body(window))
 
 
 def _with_tail(

@@ -90,9 +90,9 @@ def _fast_get(app, path: str, query: bytes) -> tuple[int, bytes, list[str]]:
 
 
 def test_a_new_step_is_committed_by_the_fast_path_with_the_routes_answer(settings):
-    """``GET .../lr`` of a step not final yet: on SQLite the fast layer commits it on the event
-    loop (durable before the answer) with the bytes the route gives a twin run; on PostgreSQL
-    (every statement a round trip) it goes on to the route."""
+    """``GET .../lr`` of a step not final yet: the fast layer commits it (durable before the
+    answer) with the bytes the route gives a twin run: on SQLite on the event loop, on
+    PostgreSQL (every statement a round trip) in a worker thread, as the route would."""
     app = create_app(settings)
     schedule = {"type": "OneCycleLR", "max_lr": 0.5, "total_steps": 100}
     with TestClient(app) as client:
@@ -100,24 +100,40 @@ def test_a_new_step_is_committed_by_the_fast_path_with_the_routes_answer(setting
             make_run(client, run_id, schedule, base_momentums=[0.9])
             client.get(f"/v1/runs/{run_id}/lr", params={"step": 0, "trace": "1"})
         store = app.state.manager.store
-        sqlite = settings.db.startswith("sqlite")
         for step, ahead in ((1, 0), (2, 3), (9, 2)):
             query = f"step={step}&ahead={ahead}".encode()
             status, body, answered = _fast_get(app, "/v1/runs/fast/lr", query)
-            assert answered == (["fast"] if sqlite else ["route"])
-            if not sqlite:
-                continue
+            assert answered == ["fast"]  # before, on PostgreSQL: the route
             assert status == 200
             assert store.read_run("fast").horizon == step + ahead  # durable before the answer
             routed = client.get("/v1/runs/routed/lr", params={"step": step, "ahead": ahead, "trace": "1"})
             assert orjson.loads(body) == routed.json() | {"run_id": "fast"}
-        if sqlite:
-            fast, routed = (client.get(f"/v1/runs/{r}/history").json() for r in ("fast", "routed"))
-            for history in (fast, routed):
-                history.pop("run_id")
-                for event in history["events"]:
-                    event.pop("at")
-            assert fast == routed
+        fast, routed = (client.get(f"/v1/runs/{r}/history").json() for r in ("fast", "routed"))
+        for history in (fast, routed):
+            history.pop("run_id")
+            for event in history["events"]:
+                event.pop("at")
+        assert fast == routed
+
+
+def test_on_postgresql_the_commits_errors_are_the_routes(database_url):
+    """PostgreSQL, where the fast layer commits in a worker thread: a step too far ahead, a run
+    that does not exist and one not loaded in this process get the route's answers, status and
+    body, from the fast layer (the app's exception handlers), changing nothing."""
+    app = create_app(Settings(db=database_url("postgres"), max_jump=10))
+    with TestClient(app) as client:
+        make_run(client, "x")
+        client.get("/v1/runs/x/lr", params={"step": 0, "trace": "1"})
+        for path, query in (("/v1/runs/x/lr", "step=50"), ("/v1/runs/nope/lr", "step=1")):
+            status, body, answered = _fast_get(app, path, query.encode())
+            routed = client.get(path, params=dict(p.split("=") for p in query.split("&")) | {"trace": "1"})
+            assert (status, answered) == (routed.status_code, ["fast"])
+            assert orjson.loads(body) == routed.json()
+        assert app.state.manager.store.read_run("x").horizon == 0
+        app.state.manager.runs.evict(app.state.manager.loaded("x"))
+        status, body, answered = _fast_get(app, "/v1/runs/x/lr", b"step=2")
+        assert (status, answered) == (200, ["fast"])
+        assert orjson.loads(body)["window"]["start"] == 2
 
 
 def test_the_fast_path_leaves_refused_commits_to_the_route(database_url):
