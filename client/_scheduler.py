@@ -908,8 +908,10 @@ class RemoteScheduler:
             moms = answer.get("momentums")
             start, lrs = int(answer["step"]), [answer["lrs"]]
             self._merge(start, lrs, None if moms is None else [moms])
-        self._tail.take(answer, start, lrs)
+        # the steps ridden are judged against the tail they were taken from, before the
+        # answer's final values replace it (those disagree from any input placed meanwhile)
         self._tail.back(self.last_epoch, self._cache)
+        self._tail.take(answer, start, lrs)
         if self._state is ClientState.AWAY and self._cache.holds(self.last_epoch):
             self._apply(self.last_epoch)  # catch up now, not one step later
             self._back()

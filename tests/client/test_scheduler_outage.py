@@ -11,7 +11,7 @@ import pytest
 from lrserve.client import ClientState, MetricsDroppedWarning, ServerAwayWarning, ServerUnreachable
 
 from tests.client.conftest import PLATEAU
-from tests.client.fake_server import expected_lrs
+from tests.client.fake_server import expected_lrs, next_lrs
 
 CATCH_UP_S = 10.0
 
@@ -115,6 +115,61 @@ def test_steps_taken_while_the_settling_answer_travels_are_not_named_again_once_
         assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
     named = [r for r in fake.requests if "provisional_from" in r[2]]
     assert len(named) == 1  # the answer made those 5 steps final, with the values taken: settled
+    assert sched._tail.ridden_from is None
+
+
+def test_steps_taken_on_the_tail_before_an_action_placed_meanwhile_are_not_named_again(
+    make_scheduler, fake, clock
+):
+    """The server committed a window the job never got (killed before answering), and an
+    operator acted just after it: the job rides the tail through the steps before the
+    action, the settling answer comes while the job is still before it, and its window
+    disagrees with the tail only from the action on. The steps the job took meanwhile had
+    the final values: nothing is left to name (naming them records a divergence that
+    never was, once a later request reaches the action)."""
+    sched = make_scheduler(run_id="t")
+    for _ in range(300):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    tail_beyond_window(sched, 100)
+    fake.down = True
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+    run = fake.runs["t"]
+    acted_at = sched.last_epoch + 40
+    fake._commit(run, acted_at - 1)  # the window the job never got
+    lrs, _ = next_lrs(run.values[-1], acted_at, None, run.best, fake.step_size, fake.gamma)
+    run.values.append([lr * 0.5 for lr in lrs])  # the operator's action, placed on the first free step
+    with pytest.warns(ServerAwayWarning, match="provisional"):
+        for _ in range(10):
+            step_once(sched, clock)
+    settling, answer_may_go = threading.Event(), threading.Event()
+
+    def hold_the_settling_request(request):
+        if b"provisional_from" in request.url.query or b"provisional_from" in request.content:
+            settling.set()
+            answer_may_go.wait(CATCH_UP_S)
+
+    fake.on_request = hold_the_settling_request
+    fake.down = False
+    assert settling.wait(CATCH_UP_S)  # the worker's retry is on its way
+    for _ in range(5):  # on the tail still, before the action, while the answer is held up
+        step_once(sched, clock)
+    assert sched.last_epoch < acted_at
+    answer_may_go.set()
+    deadline = time.monotonic() + CATCH_UP_S
+    while sched.state is ClientState.AWAY and time.monotonic() < deadline:
+        step_once(sched, clock)
+        time.sleep(0.01)
+    assert sched.last_epoch < acted_at  # the answer came before the job reached the action
+    windows = len(fake.requests)
+    for _ in range(5000):  # past the action, on final values, until two windows more were asked
+        assert step_once(sched, clock) == run.values[sched.last_epoch]
+        sched._collect(wait=True)
+        if len(fake.requests) >= windows + 2:
+            break
+    named = [r for r in fake.requests if "provisional_from" in r[2]]
+    assert len(named) == 1, [r[2] for r in named]  # those 5 steps were final, with the values taken
     assert sched._tail.ridden_from is None
 
 
