@@ -22,25 +22,40 @@ class Restarter:
     thread, while the caller (a training loop, or a test watching trainers) goes on.
 
     Attributes:
-        server: The server: the restarted one once ``kill_and_restart()`` was called.
+        server: The server: the restarted one once ``restart()`` was called.
         downtime: Seconds from the kill to the restarted server's readiness (``None`` until then).
     """
 
     def __init__(self, server: ServerProcess) -> None:
         self.server = server
         self.downtime: float | None = None
+        self._killed_at: float | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     @property
     def started(self) -> bool:
         """Whether the kill happened."""
+        return self._killed_at is not None
+
+    @property
+    def restarting(self) -> bool:
+        """Whether ``restart()`` was called."""
         return self._thread is not None
 
     def kill_and_restart(self) -> None:
-        old = self.server
-        old.kill()
-        killed_at = time.monotonic()
+        self.kill()
+        self.restart()
+
+    def kill(self) -> None:
+        """Kill the server; it stays down until ``restart()``."""
+        self.server.kill()
+        self._killed_at = time.monotonic()
+
+    def restart(self) -> None:
+        """Start the killed server again, in a thread."""
+        old, killed_at = self.server, self._killed_at
+        assert killed_at is not None, "restart() before kill()"
 
         def restart() -> None:
             try:
