@@ -41,7 +41,7 @@ from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
 from lrserve.service.store.webhook_queue import WebhookQueue
-from lrserve.service.telemetry import Telemetry, TelemetryMiddleware
+from lrserve.service.telemetry import Telemetry, TelemetryMiddleware, fastapi_options
 from starlette.concurrency import run_in_threadpool
 
 DESCRIPTION = """Learning-rate schedules served over HTTP, computed by torch's own schedulers.
@@ -140,7 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(big_work.close)
             store.close()
 
-    app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan,
+                  **fastapi_options())
     app.state.settings = settings
     app.state.auth = Authenticator(load_tokens(settings.tokens, settings.tokens_file))
     app.state.telemetry = telemetry

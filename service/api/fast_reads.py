@@ -23,12 +23,11 @@ Anything else (an error, a run to load or catch up, an answer to build, PostgreS
 the route unchanged: the route stays the one definition of the behaviour and of the OpenAPI
 document, and it uses the same kept answers.
 
-**Big histories are written on the event loop** as they are sent, a slice at a time
-(``SlicedJSONResponse``), not in the route's worker thread, whose CPU made every other request
-wait for the GIL at each of its handoffs, nor in the worker process (``BigWork``): their LRs
-are packed doubles written by orjson from a numpy view, 8 ms of CPU for the worst the budget
-allows (485 points x 1024 groups, 10 MB), against 24 ms of this process's CPU to take the same
-10 MB back from a worker process (measured; docs/performance.md, "Reads and history").
+**Big histories are written here**, in the route's worker thread, not in the worker process
+(``BigWork``): their LRs are packed doubles written by orjson from a numpy view, a slice at a
+time (``sliced_json``), 8 ms of CPU for the worst the budget allows (485 points x 1024
+groups, 10 MB), against 24 ms of this process's CPU to take the same 10 MB back from a worker
+process (measured; docs/performance.md, "Reads and history").
 """
 
 from __future__ import annotations
@@ -39,16 +38,14 @@ from collections import OrderedDict
 from typing import Any
 
 import orjson
-from lrserve.service.api import sliced_json
 from lrserve.service.api.fast_path import reader
-from lrserve.service.api.responses import SlicedJSONResponse, history_body, run_body
+from lrserve.service.api.responses import history_json, run_body
 from lrserve.service.api.schemas import RUN_ID_PATTERN
 from lrserve.service.errors import LRServeError
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.runs.state import RunState
 from lrserve.service.store.base import HistoryMark, RunRecord
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 RUN_ROUTE = "/v1/runs/{run_id}"
@@ -60,7 +57,6 @@ _HISTORY_PATH = re.compile(rf"/v1/runs/({_ID})/history")
 MAX_POINTS = 100_000
 """The route's limit on ``max_points`` (``Query(le=...)``); its default is ``DEFAULT_POINTS``."""
 DEFAULT_POINTS = 1000
-JSON = "application/json"
 
 ANSWER_BYTES = 64 << 20
 """Most bytes of history answers kept per server process (least recently used out first)."""
@@ -116,30 +112,22 @@ class HistoryAnswers:
                 self._bytes -= len(dropped)
 
 
-def history_answer(manager: RunManager, answers: HistoryAnswers, run_id: str, max_points: int) -> Response:
-    """``GET .../history``'s answer: the kept body while the run's mark holds, else built and
-    kept; a big one is written as it is sent, on the event loop (``SlicedJSONResponse``), and
-    kept once all of it is. Blocks: call it from a worker thread.
+def history_answer(manager: RunManager, answers: HistoryAnswers, run_id: str, max_points: int) -> bytes:
+    """``GET .../history``'s body: the kept one while the run's mark holds, else built and kept.
+    Blocks: call it from a worker thread.
 
     Raises:
         RunNotFound: no such run.
         WorkBudgetExceeded: more points of more groups than the work budget allows.
     """
     mark = manager.history_mark(run_id)
-    kept = answers.get(run_id, max_points, mark)
-    if kept is not None:
-        return Response(kept, media_type=JSON)
+    body = answers.get(run_id, max_points, mark)
+    if body is not None:
+        return body
     history = manager.history(run_id, max_points, mark)
-    body = history_body(history)
-
-    def keep(written: bytes) -> None:
-        answers.put(run_id, max_points, history.mark, written)
-
-    if sliced_json.is_big(body):
-        return SlicedJSONResponse(body, written=keep)
-    written = sliced_json.dumps(body)
-    keep(written)
-    return Response(written, media_type=JSON)
+    body = history_json(history)
+    answers.put(run_id, max_points, history.mark, body)
+    return body
 
 
 def read_run_body(manager: RunManager, liveness: Liveness, run_id: str) -> dict[str, Any]:

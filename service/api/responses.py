@@ -11,8 +11,7 @@ Non-finite numbers are spelled "NaN" / "Infinity" / "-Infinity" here
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,7 @@ from lrserve.service.api import sliced_json
 from lrserve.service.engine.codec import legacy_float_text, public_float, public_json, public_rows
 from lrserve.service.errors import LRServeError
 from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 if TYPE_CHECKING:
     from lrserve.service.engine.catalog import CatalogArg, CatalogEntry
@@ -47,36 +46,6 @@ class FastJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return sliced_json.dumps(content)
-
-
-class SlicedJSONResponse(StreamingResponse):
-    """A big JSON answer written on the event loop as it is sent, a slice at a time
-    (``sliced_json.pieces``), the loop serving every other request between two slices.
-
-    Written in a worker thread instead, the answer's CPU competed for the GIL with the event
-    loop: each time the loop let the GIL go (every I/O callback), it waited for the switch
-    interval to get it back, and another request paid that at each of its handoffs
-    (docs/hardening.md, "Big answers never block the event loop"). Here nothing competes:
-    each slice is 0.1-1 ms of the loop's own time. The body is ``orjson.dumps(content)``'s
-    bytes, sent chunked; ``written`` gets them all once the last is sent (not when the
-    client left before: the rest is never written).
-    """
-
-    media_type = "application/json"
-
-    def __init__(self, content: Any, written: Callable[[bytes], None] | None = None) -> None:
-        super().__init__(_sliced(content, written))
-
-
-async def _sliced(content: Any, written: Callable[[bytes], None] | None) -> AsyncIterator[bytes]:
-    sent: list[bytes] = []
-    for piece in sliced_json.pieces(content):
-        if written is not None:
-            sent.append(piece)
-        yield piece
-        await asyncio.sleep(0)  # the loop's other ready work runs before the next slice
-    if written is not None:
-        written(b"".join(sent))
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -244,7 +213,7 @@ def overflow_message(overflow: Overflow) -> Body:
 
 
 def history_body(history: History) -> Body:
-    """``HistoryPublic``. The LRs are a numpy view of their packed doubles (``sliced_json``
+    """``HistoryPublic``. The LRs are a numpy view of their packed doubles (``history_json``
     writes it as rows of numbers; LRs are always finite)."""
     metrics = {
         name: {"steps": [r[0] for r in rows], "values": [public_float(r[2]) for r in rows],
@@ -258,6 +227,11 @@ def history_body(history: History) -> Body:
         "metrics": metrics,
         "events": [event_body(e) for e in history.events],
     }
+
+
+def history_json(history: History) -> bytes:
+    """``HistoryPublic`` as JSON bytes (big LR tables a slice at a time: ``sliced_json``)."""
+    return sliced_json.dumps(history_body(history))
 
 
 def lr_finder_body(finder: LRFinder) -> Body:

@@ -8,6 +8,7 @@ a PostgreSQL database. Both are served by the same ``SqlStore``.
 from __future__ import annotations
 
 import os
+import select
 import sqlite3
 import time
 from collections.abc import Callable
@@ -240,13 +241,41 @@ server is shared: two processes of a 1,000-rank job held up to ~60 of its 100 wi
 
 
 def _open_postgres(url: URL) -> SqlStore:
-    """PostgreSQL through psycopg 3, with a pool that checks connections before use."""
+    """PostgreSQL through psycopg 3, with a pool that drops connections the server closed."""
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
     engine = create_engine(
         url, connect_args=connect_args, pool_size=POSTGRES_POOL_SIZE, max_overflow=POSTGRES_POOL_OVERFLOW,
-        pool_pre_ping=True,
     )
+    _install_postgres_hooks(engine)
     where = f"PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
     return SqlStore(engine, where=where, secrets=[url.password or ""])
+
+
+def _install_postgres_hooks(engine: Engine) -> None:
+    """Drop a pooled connection the server has closed, and with it the whole pool, at checkout.
+
+    A restarted server (or ``pg_terminate_backend``) ends its sessions with a message and
+    closes their sockets: an idle pooled connection's socket is then readable, which a poll
+    without waiting sees (a system call, where ``pool_pre_ping`` sent a statement: a round
+    trip per transaction). An idle connection is otherwise sent nothing (pooled ones never
+    ``LISTEN``), so anything there means the session is over. The pool then replaces every
+    connection it held before (a restart broke them all) and the request gets a new one. A
+    connection that breaks without a word (a lost network) is found by its first failure
+    instead (``SqlStore._discard``): that request's 503, then the pool is replaced as here.
+    """
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if _hung_up(dbapi_connection):
+            raise sa_exc.InvalidatePoolError("the server closed the connection")
+
+
+def _hung_up(connection: Any) -> bool:
+    """Whether the server closed this idle psycopg connection (or the driver knows it broken)."""
+    if connection.closed or connection.broken:
+        return True
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLIN)
+    return bool(poller.poll(0))

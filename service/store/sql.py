@@ -19,6 +19,7 @@ float64 values come back bit for bit; NaN and infinities as ``NaN``/``Infinity``
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -148,10 +149,12 @@ _INSERT_EVENTS = events.insert()
 _TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
     last_gid=event_ids.c.last_gid + bindparam("n")).returning(event_ids.c.last_gid)
 EVENTS_CHANNEL = "lrserve_events"
-"""PostgreSQL ``NOTIFY`` channel: a transaction that appended events notifies it on commit,
-with ``"<sender> <run_id>"`` as payload (``sender``: the store that wrote, see ``SqlStore``)."""
+"""PostgreSQL ``NOTIFY`` channel (with the schema's suffix, ``schema_channel``): a transaction that
+appended events notifies it on commit, with ``"<sender> <run_id>"`` as payload (``sender``:
+the store that wrote, see ``SqlStore``)."""
 REPORTS_CHANNEL = "lrserve_reports"
-"""PostgreSQL ``NOTIFY`` channel: a transaction that added a rank's barrier report notifies it."""
+"""PostgreSQL ``NOTIFY`` channel (with the schema's suffix): a transaction that added a rank's
+barrier report notifies it."""
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
@@ -166,6 +169,14 @@ _SELECT_REPORTS = select(barrier_reports.c.rank, barrier_reports.c.name, barrier
                          barrier_reports.c.value_text).where(
     barrier_reports.c.run_id == bindparam("run_id"), barrier_reports.c.step == bindparam("step")
 ).order_by(barrier_reports.c.rank, barrier_reports.c.name)
+
+
+def schema_channel(name: str, schema: str) -> str:
+    """The ``NOTIFY`` channel ``name`` of the stores in ``schema``: channels are the database's,
+    not the schema's, so each schema's are its own (servers on other schemas of the database
+    would otherwise wake for runs that are not theirs). The suffix is hex, so the name needs no
+    quoting, and short: 32 bytes of PostgreSQL's 63."""
+    return f"{name}_{hashlib.sha256(schema.encode()).hexdigest()[:16]}"
 
 
 def _now() -> datetime:
@@ -307,9 +318,15 @@ class SqlStore(BaseStore):
         self._disposals = 0  # how often ``_after_failure`` replaced the pool
         self._sender = token_hex(6)
         """Names this store in its notifications, so its own listener can skip them."""
+        self._channels: dict[str, str] = {}
+        """PostgreSQL: ``EVENTS_CHANNEL`` and ``REPORTS_CHANNEL`` as this store's schema names them."""
         try:
             with self._transaction(write=True) as conn:
                 migrate(conn)
+                if engine.dialect.name == "postgresql":
+                    schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+                    self._channels = {name: schema_channel(name, schema)
+                                      for name in (EVENTS_CHANNEL, REPORTS_CHANNEL)}
         except BaseException:
             engine.dispose()
             raise
@@ -391,8 +408,8 @@ class SqlStore(BaseStore):
                     raw.commit()
                 finally:
                     cursor.close()
-            except self._driver_error:
-                raw.invalidate()  # a connection the driver failed on is not used again
+            except self._driver_error as exc:
+                self._discard(raw, exc)
                 raise
             except BaseException:
                 raw.close()  # back to the pool, which rolls back
@@ -446,10 +463,24 @@ class SqlStore(BaseStore):
     def _after_failure(self, error: BaseException | None) -> None:
         """After SQLite reports a damaged or unreadable file, drop every pooled connection:
         their page caches may hold what it read before, and fresh ones see the file as it is
-        now (restored, say). A busy file is not damage. PostgreSQL's pool already drops
-        connections a restart broke (``pool_pre_ping``, and SQLAlchemy's disconnect check)."""
+        now (restored, say). A busy file is not damage. PostgreSQL's pool drops connections a
+        restart broke at checkout (``service.store._install_postgres_hooks``), and after a
+        statement fails on one (SQLAlchemy's disconnect check, ``_discard``)."""
         if self._engine.dialect.name != "sqlite" or "locked" in str(error):
             return
+        self._replace_pool()
+
+    def _discard(self, raw: Any, error: Any) -> None:
+        """Never use again a pooled DBAPI connection the driver failed on; where the failure
+        shows it dead (the server restarted or ended the session, the network went), replace
+        the pool's others too: the next request connects anew. SQLAlchemy does this for the
+        statements it runs; the raw paths (``_driver_write``, ``_driver_read``) do it here."""
+        dead = self._engine.dialect.is_disconnect(error, raw.driver_connection, None)
+        raw.invalidate(error)
+        if dead:
+            self._replace_pool()
+
+    def _replace_pool(self) -> None:
         self._disposals += 1  # the kept writer connection goes too (``_take_writer``)
         self._engine.dispose()
 
@@ -597,8 +628,13 @@ class SqlStore(BaseStore):
                     yield cursor
                 finally:
                     cursor.close()
-            finally:
-                conn.close()  # back to the pool, which rolls back what the reads began
+            except self._driver_error as exc:
+                self._discard(conn, exc)
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            conn.close()  # back to the pool, which rolls back what the reads began
 
     def _read_record(self, conn: Connection, row: Row[Any]) -> RunRecord:
         labels = {r.key: r.value for r in conn.execute(_RUN_LABELS, {"run_id": row.run_id})}
@@ -841,11 +877,11 @@ class SqlStore(BaseStore):
 
     def _notify(self, conn: Connection, channel: str, run_id: str) -> None:
         if conn.dialect.name == "postgresql":
-            conn.execute(_NOTIFY, {"channel": channel, "payload": f"{self._sender} {run_id}"})
+            conn.execute(_NOTIFY, {"channel": self._channels[channel], "payload": f"{self._sender} {run_id}"})
 
     def _notify_on(self, cursor: Any, channel: str, run_id: str) -> None:
         if self._engine.dialect.name == "postgresql":
-            payload = {"channel": channel, "payload": f"{self._sender} {run_id}"}
+            payload = {"channel": self._channels[channel], "payload": f"{self._sender} {run_id}"}
             self._driver_sql("notify", _NOTIFY).execute(cursor, payload)
 
     def watch_commits(self, callback: Callable[[], object]) -> None:
@@ -862,13 +898,14 @@ class SqlStore(BaseStore):
         if self._engine.dialect.name != "postgresql":
             return None
         conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        channel = self._channels[EVENTS_CHANNEL]
 
         async def listen(wake: Callable[[], None]) -> None:
             import psycopg
 
             async with await psycopg.AsyncConnection.connect(
                     conninfo, autocommit=True, connect_timeout=5) as conn:
-                await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                await conn.execute(f"LISTEN {channel}")
                 wake()  # commits between the last read and the LISTEN
                 async for _ in conn.notifies():
                     wake()
@@ -883,14 +920,15 @@ class SqlStore(BaseStore):
             return None
         conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         mine = f"{self._sender} "
+        channels = self._channels[EVENTS_CHANNEL], self._channels[REPORTS_CHANNEL]
 
         async def listen(wake: Callable[[str | None], None]) -> None:
             import psycopg
 
             async with await psycopg.AsyncConnection.connect(
                     conninfo, autocommit=True, connect_timeout=5) as conn:
-                await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
-                await conn.execute(f"LISTEN {REPORTS_CHANNEL}")
+                for channel in channels:
+                    await conn.execute(f"LISTEN {channel}")
                 wake(None)  # commits between the last read and the LISTEN
                 async for notice in conn.notifies():
                     run_id = notice.payload.partition(" ")[2]

@@ -1,10 +1,11 @@
 """PostgreSQL restarted under load: a clean 503 while it is down, then full recovery, and
 every acknowledged step and metric still there (a private cluster, ``pg_ctl``).
 
-The server keeps pooled connections that a restart breaks; ``pool_pre_ping`` and
-SQLAlchemy's disconnect handling replace them, and the API turns every driver error into
-``503 store_unavailable`` (never a 500). A write whose answer was lost may or may not have
-committed; the client retries it (idempotent per step), as ``RemoteScheduler`` does.
+The server keeps pooled connections that a restart breaks; the pool finds them closed at
+checkout (``service.store._install_postgres_hooks``) and replaces them all, and the API
+turns every driver error into ``503 store_unavailable`` (never a 500). A write whose answer
+was lost may or may not have committed; the client retries it (idempotent per step), as
+``RemoteScheduler`` does.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def cluster():
 def test_postgres_restarted_under_load(cluster, tmp_path):
     acked: list[int] = []
     statuses: dict[int, int] = {}
-    stop = threading.Event()
+    late: list[int] = []  # failures after a step was acknowledged with the database back
+    stop, restarted = threading.Event(), threading.Event()
+    down = [0]  # steps acknowledged when the database went down
 
     def trainer(url: str) -> None:
         with httpx.Client(base_url=url, timeout=30) as http:
@@ -94,6 +97,8 @@ def test_postgres_restarted_under_load(cluster, tmp_path):
                     statuses[-1] = statuses.get(-1, 0) + 1
                     continue
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if restarted.is_set() and len(acked) > down[0] + 1 and response.status_code != 200:
+                    late.append(response.status_code)
                 if response.status_code == 200:
                     acked.append(k)
                     k += 1
@@ -109,11 +114,12 @@ def test_postgres_restarted_under_load(cluster, tmp_path):
         while len(acked) < 30:
             time.sleep(0.05)
         cluster.stop("immediate")  # a crash: no shutdown checkpoint
-        down_at = len(acked)
+        down_at = down[0] = len(acked)
         time.sleep(2)
         assert httpx.get(f"{server.url}/readyz").status_code == 503
         assert len(acked) <= down_at + 1  # nothing acknowledged while the database is down
         cluster.start()
+        restarted.set()
         deadline = time.monotonic() + 60
         while len(acked) < down_at + 30 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -123,6 +129,7 @@ def test_postgres_restarted_under_load(cluster, tmp_path):
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         assert set(statuses) <= {200, 503}, statuses  # never a 500
         assert statuses.get(503, 0) > 0
+        assert late == [], statuses  # the pool replaced every connection the restart broke
 
     with ServerProcess(cluster.url, tmp_path) as again:  # a fresh process: only what the database kept
         history = httpx.get(f"{again.url}/v1/runs/pg/history", params={"max_points": 100_000}).json()

@@ -175,4 +175,4 @@ def read_history(
     max_points: Annotated[int, Query(ge=1, le=MAX_POINTS)] = DEFAULT_POINTS,
 ) -> Response:
     """LR and metric series (downsampled) and the run's events."""
-    return history_answer(manager, answers, run_id, max_points)
+    return Response(history_answer(manager, answers, run_id, max_points), media_type="application/json")

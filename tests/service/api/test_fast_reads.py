@@ -153,20 +153,6 @@ def test_a_history_of_many_groups_is_the_windows(api):
     assert shown["values"] == [window["lrs"][s] for s in shown["steps"]]
 
 
-def test_a_big_history_is_sent_as_it_is_written_and_kept_once_sent(api, monkeypatch):
-    make_run(api, "wide", {"type": "CosineAnnealingLR", "T_max": 90}, base_lrs=[0.001] * 300)
-    api.get("/v1/runs/wide/lr", params={"step": 0, "ahead": 400})
-    built = _built(api.app, monkeypatch)
-    streamed = api.get("/v1/runs/wide/history", params={"max_points": 200, **ROUTED})  # 200 x 300 LRs
-    assert "content-length" not in streamed.headers  # sent as written (chunked, by a real server)
-    assert streamed.headers["content-type"] == "application/json"
-    kept = api.get("/v1/runs/wide/history", params={"max_points": 200, **ROUTED})
-    assert built == [200]  # the second answer is the kept one: all the bytes the first sent
-    assert kept.content == streamed.content and int(kept.headers["content-length"]) == len(kept.content)
-    small = api.get("/v1/runs/wide/history", params={"max_points": 10, **ROUTED})  # 3,000 LRs: one piece
-    assert small.status_code == 200 and int(small.headers["content-length"]) == len(small.content)
-
-
 def test_a_history_reads_each_event_once(settings, monkeypatch):
     with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
         make_run(a, "e")
