@@ -875,10 +875,6 @@ class SqlStore(BaseStore):
         (last,) = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
         return list(range(last - n + 1, last + 1))
 
-    def _notify(self, conn: Connection, channel: str, run_id: str) -> None:
-        if conn.dialect.name == "postgresql":
-            conn.execute(_NOTIFY, {"channel": self._channels[channel], "payload": f"{self._sender} {run_id}"})
-
     def _notify_on(self, cursor: Any, channel: str, run_id: str) -> None:
         if self._engine.dialect.name == "postgresql":
             payload = {"channel": self._channels[channel], "payload": f"{self._sender} {run_id}"}

@@ -59,12 +59,16 @@ def _sleeping(admin_url: str, application: str) -> int:
 
 
 def _terminate(admin_url: str, application: str) -> int:
+    """End the sessions of ``application`` and wait until their processes are gone (their
+    sockets closed): without the wait, a checkout could come before a session ends."""
     engine = create_engine(admin_url)
     try:
         with engine.connect() as conn:
-            return len(conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :a"
-            ), {"a": application}).all())
+            ended = conn.execute(text(
+                "SELECT pg_terminate_backend(pid, 30000) FROM pg_stat_activity WHERE application_name = :a"
+            ), {"a": application}).scalars().all()
+            assert all(ended), ended
+            return len(ended)
     finally:
         engine.dispose()
 
@@ -104,6 +108,7 @@ def test_a_session_the_server_ended_fails_at_most_one_request(database_url, idle
             assert _terminate(admin, application) >= 1
             thread.join(10)
             assert [type(e) for e in errors] == [StoreUnavailable]  # that request's 503
+            assert store._disposals == 1  # and the pool was replaced (a silent break is found so)
         for step in range(4, 10):
             try:
                 store.add_barrier_reports("r", step, {0: {"loss": 1.0}})
