@@ -315,7 +315,7 @@ class SqlStore(BaseStore):
         self._commit_watchers: list[Callable[[], object]] = []
         self._compiled: dict[str, _DriverSql] = {}
         self._writer: tuple[Any, int] | None = None  # SQLite: ``_driver_write``'s kept connection
-        self._disposals = 0  # how often ``_after_failure`` replaced the pool
+        self._disposals = 0  # how often the pool was replaced (``_replace_pool``)
         self._sender = token_hex(6)
         """Names this store in its notifications, so its own listener can skip them."""
         self._channels: dict[str, str] = {}
@@ -388,15 +388,15 @@ class SqlStore(BaseStore):
         SQLite: this process's writes take turns in the write slot anyway, so the connection a
         write committed on is kept for the next one (``_writer``), not checked in and out of the
         pool; a write that fails gives it back to the pool as ``_transaction`` does (rolled
-        back; after a driver error discarded), and the next one checks out a connection anew.
-        PostgreSQL: a pooled connection per transaction; the driver begins.
+        back; a connection found dead discarded, ``_discard``), and the next one checks out a
+        connection anew. PostgreSQL: a pooled connection per transaction; the driver begins.
         """
         sqlite_file = self._sqlite_writers is not None
         now = sqlite_file and self.must_not_wait
         if self._guard is not None:
             self._guard.check()  # first: a fault is named as the file's (and logged once), not a driver error
         with self._failures(now=now), held(self._sqlite_writers, now=now, what="the write slot"):
-            raw = self._take_writer()
+            raw, since = self._take_writer()
             try:
                 cursor = raw.cursor()
                 try:
@@ -415,21 +415,23 @@ class SqlStore(BaseStore):
                 raw.close()  # back to the pool, which rolls back
                 raise
             if sqlite_file:
-                self._writer = (raw, self._disposals)
+                self._writer = (raw, since)
             else:
                 raw.close()
         if self.checkpointer is not None:
             self.checkpointer.wrote()
 
-    def _take_writer(self) -> Any:
-        """SQLite: the connection the last write committed on, unless the pool was disposed since
-        (``_after_failure``); else a pooled one. Only in the write slot."""
+    def _take_writer(self) -> tuple[Any, int]:
+        """The connection for a write, with the pool's generation (``_disposals``) it was taken
+        from: on SQLite the one the last write committed on, unless the pool was replaced since
+        (``_replace_pool``); else a pooled one. SQLite: only in the write slot."""
         kept, self._writer = self._writer, None
         if kept is not None:
             if kept[1] == self._disposals:
-                return kept[0]
+                return kept
             kept[0].invalidate()
-        return self._engine.raw_connection()
+        since = self._disposals  # read first: a pool replaced while connecting is not trusted
+        return self._engine.raw_connection(), since
 
     @contextmanager
     def _failures(self, *, now: bool = False) -> Iterator[None]:
@@ -471,14 +473,16 @@ class SqlStore(BaseStore):
         self._replace_pool()
 
     def _discard(self, raw: Any, error: Any) -> None:
-        """Never use again a pooled DBAPI connection the driver failed on; where the failure
-        shows it dead (the server restarted or ended the session, the network went), replace
-        the pool's others too: the next request connects anew. SQLAlchemy does this for the
-        statements it runs; the raw paths (``_driver_write``, ``_driver_read``) do it here."""
-        dead = self._engine.dialect.is_disconnect(error, raw.driver_connection, None)
+        """A DBAPI connection the driver failed on: back to the pool, which rolls it back (a
+        busy file, a refused statement), unless the failure shows it dead (the server restarted
+        or ended the session, the network went): then it is never used again and the pool's
+        others are replaced too, so the next request connects anew. SQLAlchemy does this for
+        the statements it runs; the raw paths (``_driver_write``, ``_driver_read``) do it here."""
+        if not self._engine.dialect.is_disconnect(error, raw.driver_connection, None):
+            raw.close()
+            return
         raw.invalidate(error)
-        if dead:
-            self._replace_pool()
+        self._replace_pool()
 
     def _replace_pool(self) -> None:
         self._disposals += 1  # the kept writer connection goes too (``_take_writer``)
@@ -1139,7 +1143,8 @@ class SqlStore(BaseStore):
         """Release every pooled connection (idempotent)."""
         if self.checkpointer is not None:
             self.checkpointer.close()
-        kept, self._writer = self._writer, None
+        with held(self._sqlite_writers, now=False, what="the write slot"):  # a write in flight ends first
+            kept, self._writer = self._writer, None
         if kept is not None:
             kept[0].close()
         self._engine.dispose()

@@ -77,3 +77,44 @@ def test_a_pool_replaced_after_damage_takes_the_kept_connection_with_it(store):
     commit(store, 2)
     assert counted[0] == 1  # not the connection kept from before the damage
     assert store.read_run("r").horizon == 2
+
+
+def invalidations(store: SqlStore) -> list[int]:
+    counted = [0]
+
+    def invalidated(*_: object) -> None:
+        counted[0] += 1
+
+    event.listen(store._engine.pool, "invalidate", invalidated)
+    return counted
+
+
+def test_a_write_refused_because_another_process_writes_discards_no_connection(store):
+    from lrserve.service.store.base import WouldWait
+
+    commit(store, 1)
+    dropped = invalidations(store)
+    other = sqlite3.connect(store._engine.url.database, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the file's write slot
+        with pytest.raises(WouldWait), store.without_waiting():
+            commit(store, 2)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    commit(store, 2)
+    assert dropped[0] == 0  # before: the connection was invalidated (reopened, hooks run again)
+    assert store.read_run("r").horizon == 2
+
+
+def test_a_write_under_way_when_the_pool_was_replaced_does_not_keep_its_connection(store):
+    commit(store, 1)
+    with store.lock_run("r") as tx:  # a write under way on the kept connection...
+        tx.update_run(horizon=2)
+        with pytest.raises(StoreUnavailable), store._failures():  # ...while another thread meets damage
+            raise sqlite3.DatabaseError("database disk image is malformed")  # disposes the pool
+    assert store.read_run("r").horizon == 2
+    counted = checkouts(store)
+    commit(store, 3)
+    assert counted[0] == 1  # before: the connection from before the damage was kept and served this write
+    assert store.read_run("r").horizon == 3
