@@ -144,7 +144,9 @@ class Committer:
 
         Inputs at or below a stored horizon are final once it is (each commit places its
         inputs above the horizon it holds), so the events read now, newer ones included,
-        take the state to ``record.horizon`` exactly as the lock would."""
+        take the state to ``record.horizon`` exactly as the lock would, if they are this
+        run's: the run's head, read after them, must still be the run ``state`` holds (not
+        deleted and created anew between the row's read and the events')."""
         if record is None:
             record = self.store.read_run(run_id)
         state = self.runs.state(run_id)
@@ -155,9 +157,13 @@ class Committer:
             # taken here, without the run's row lock (a write transaction the other process waits on).
             with state.lock, self._evicting_on_error(state):
                 if not state.evicted and state.horizon < record.horizon:
-                    apply_logs(state, self.store.read_events(run_id, state.last_seq))
-                    state.advance_to(record.horizon, big_work=self.big_work)
-                    state.publish()
+                    events = self.store.read_events(run_id, state.last_seq)
+                    if self.store.run_head(run_id).created_at != state.created_at:
+                        self.runs.evict(state)  # replaced meanwhile: the commit below loads the new run
+                    else:
+                        apply_logs(state, events)
+                        state.advance_to(record.horizon, big_work=self.big_work)
+                        state.publish()
             if not state.evicted:
                 return state
         self.commit(run_id, record.horizon)  # on the loop (WouldWait), or deleted and created anew

@@ -321,3 +321,21 @@ def test_a_replica_catches_up_while_another_holds_the_runs_lock(replicas):
     assert b.state("r").horizon == 8
     b.store = NoDatabase()
     assert lrs(b, "r", 0, 8) == expected
+
+
+def test_a_replica_catching_up_never_takes_the_events_of_a_run_created_anew_under_its_id(replicas):
+    """Catching up without the lock reads the row, then the events: a run deleted and created
+    anew in between must not lend its events (other inputs, another schedule) to the old run's
+    steps. The replica loads the new run instead."""
+    a, b, _ = replicas
+    create(a, world_size=1)
+    lrs(b, "r", 0, 0)  # b holds the first run at step 0
+    lrs(a, "r", 0, 8)
+    record = b.store.read_run("r")  # b read the first run's row (horizon 8)...
+    a.delete_run("r")  # ...and before its read of the events the run was replaced
+    create(a, schedule={"type": "StepLR", "step_size": 2, "gamma": 0.5}, world_size=1)
+    expected = lrs(a, "r", 0, 12)
+    state = b.committer.caught_up("r", record)
+    # before: the old run, advanced on the new one's log
+    assert state.created_at == a.store.read_run("r").created_at
+    assert lrs(b, "r", 0, 12) == expected
