@@ -80,7 +80,7 @@ def plain_http_route(base_url: str) -> tuple[str, int] | None:
     proxies = urllib.request.getproxies_environment()
     if "http" in proxies or "all" in proxies:
         return None  # httpx's proxy rules (NO_PROXY included) decide, not a copy of them
-    return url.host, url.port or 80
+    return url.raw_host.decode("ascii"), url.port or 80  # an international name as IDNA (the Host line's)
 
 
 class HttpxSender:

@@ -28,14 +28,30 @@ def fastapi_options(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     tracer, meter or logger provider has been configured: three ``os.environ`` lookups through
     OpenTelemetry's API, 10-20 us of the event loop per request here (a cached ``GET .../lr``
     costs the server ~170 us in all). lrserve's metrics are its ``/metrics``; where the
-    environment names a provider or asks FastAPI to configure one, FastAPI's telemetry stays
-    as FastAPI ships it. Decided once, when the app is built."""
+    environment names a provider or asks FastAPI to configure one, or the process has set one
+    already, FastAPI's telemetry stays as FastAPI ships it. Decided once, when the app is built."""
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:  # a FastAPI without it
         return {}
     if any(name in environ for name in OTEL_SWITCHES) or \
-            environ.get("FASTAPI_OTEL_AUTO_CONFIGURE", "").lower() == "true":
+            environ.get("FASTAPI_OTEL_AUTO_CONFIGURE", "").lower() == "true" or _provider_set():
         return {}
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
+_UNSET_PROVIDERS = frozenset({  # what OpenTelemetry returns before a provider is set (as FastAPI checks)
+    ("opentelemetry.trace", "ProxyTracerProvider"),
+    ("opentelemetry.metrics._internal", "_ProxyMeterProvider"),
+    ("opentelemetry._logs._internal", "ProxyLoggerProvider"),
+})
+
+
+def _provider_set() -> bool:
+    """Whether the process has set an OpenTelemetry provider in code already (an embedding
+    program, or ``opentelemetry-instrument``)."""
+    from opentelemetry import _logs, metrics, trace
+
+    providers = (trace.get_tracer_provider(), metrics.get_meter_provider(), _logs.get_logger_provider())
+    return any((type(p).__module__, type(p).__name__) not in _UNSET_PROVIDERS for p in providers)
 
 
 class Telemetry:

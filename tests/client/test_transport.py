@@ -87,6 +87,9 @@ def test_a_plain_http_server_with_no_proxy_gets_the_keep_alive_sender(monkeypatc
         monkeypatch.delenv(name, raising=False)
     assert plain_http_route("http://lrserve:8000") == ("lrserve", 8000)
     assert plain_http_route("http://10.0.0.5") == ("10.0.0.5", 80)
+    assert plain_http_route("http://[::1]:8000") == ("::1", 8000)
+    # an international name as IDNA, as httpx sends it (the Host line is ASCII)
+    assert plain_http_route("http://bücher.example:8000") == ("xn--bcher-kva.example", 8000)
     with LRClient("http://127.0.0.1:9") as api:
         assert isinstance(api._sender, KeepAliveSender)
     # httpx carries what needs it: TLS, and a proxy from the environment (with its NO_PROXY rules)

@@ -27,6 +27,13 @@ def test_off_unless_the_environment_configures_opentelemetry() -> None:
     assert fastapi_options({"FASTAPI_OTEL_AUTO_CONFIGURE": "false"}) != {}
 
 
+def test_a_provider_the_process_set_in_code_keeps_fastapis_telemetry(monkeypatch) -> None:
+    from opentelemetry import trace
+
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.NoOpTracerProvider())
+    assert fastapi_options({}) == {}
+
+
 @pytest.fixture
 def provider_questions(monkeypatch):
     """How often OpenTelemetry's tracer provider is asked for."""
