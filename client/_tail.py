@@ -71,8 +71,9 @@ class ProvisionalTail:
 
     def ride(self, step: int) -> tuple[list[float], list[float] | None]:
         """The values of ``step`` (held), noting that the job took them."""
-        if self.ridden_from is None:
-            self.ridden_from, self.ridden_id = step, self.id
+        if self.ridden_from is None:  # the id first: the fetch thread reads ridden_from first
+            self.ridden_id = self.id
+            self.ridden_from = step
         return self.row(step)
 
     def size_wanted(self, seconds_per_step: float | None) -> int:
@@ -100,10 +101,11 @@ class ProvisionalTail:
     def settle_fields(self, window_start: int, rank: int = 0) -> dict[str, int]:
         """What a request for the window from ``window_start`` sends after riding the tail:
         ``provisional_from`` (the first step taken on it), the tail's id, the rank."""
-        self._named, self._named_step = self.ridden_from, window_start
-        if self.ridden_from is None:
+        ridden_from = self.ridden_from  # read once, before the id (``ride`` sets the id first)
+        self._named, self._named_step = ridden_from, window_start
+        if ridden_from is None:
             return {}
-        fields = {"provisional_from": self.ridden_from}
+        fields = {"provisional_from": ridden_from}
         if self.ridden_id is not None:  # not the id of a tail that came since
             fields["provisional_id"] = self.ridden_id
         if rank:
