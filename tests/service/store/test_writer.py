@@ -27,14 +27,19 @@ def store(database_url) -> Iterator[SqlStore]:
     opened.close()
 
 
+def pool_events(store: SqlStore, pool_event: str) -> list[int]:
+    """How often the store's pool sees ``pool_event`` from now on (``checkout``, ``invalidate``)."""
+    seen = [0]
+
+    def count(*_: object) -> None:
+        seen[0] += 1
+
+    event.listen(store._engine.pool, pool_event, count)
+    return seen
+
+
 def checkouts(store: SqlStore) -> list[int]:
-    counted = [0]
-
-    def checkout(*_: object) -> None:
-        counted[0] += 1
-
-    event.listen(store._engine.pool, "checkout", checkout)
-    return counted
+    return pool_events(store, "checkout")
 
 
 def commit(store: SqlStore, step: int) -> None:
@@ -79,21 +84,11 @@ def test_a_pool_replaced_after_damage_takes_the_kept_connection_with_it(store):
     assert store.read_run("r").horizon == 2
 
 
-def invalidations(store: SqlStore) -> list[int]:
-    counted = [0]
-
-    def invalidated(*_: object) -> None:
-        counted[0] += 1
-
-    event.listen(store._engine.pool, "invalidate", invalidated)
-    return counted
-
-
 def test_a_write_refused_because_another_process_writes_discards_no_connection(store):
     from lrserve.service.store.base import WouldWait
 
     commit(store, 1)
-    dropped = invalidations(store)
+    dropped = pool_events(store, "invalidate")
     other = sqlite3.connect(store._engine.url.database, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process holds the file's write slot
