@@ -155,16 +155,24 @@ def _modes(name: str) -> list[str]:
     return ["waits", "overlap"] if name == "plateau" else ["-"]
 
 
-def api_requests(url: str) -> int:
-    """How many ``/v1/`` requests the server at ``url`` has answered (its ``/metrics``)."""
-    status, text = http_get(int(url.rsplit(":", 1)[1]), "/metrics")
-    if status != 200:
-        raise RuntimeError(f"GET /metrics: {status}")
-    total = 0.0
-    for line in text.decode().splitlines():
-        if line.startswith("lrserve_requests_total{") and 'route="/v1/' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
+def api_requests(url: str, settle_s: float = 0.05) -> int:
+    """How many ``/v1/`` requests the server at ``url`` has answered (its ``/metrics``), read
+    until two reads ``settle_s`` apart agree: the server counts a request once its answer has
+    gone out, so the last one a client read may be counted a moment later. An overlapping
+    client's report still on its way at the end of a segment is counted in no segment."""
+    port = int(url.rsplit(":", 1)[1])
+    last = None
+    for _ in range(40):
+        status, text = http_get(port, "/metrics")
+        if status != 200:
+            raise RuntimeError(f"GET /metrics: {status}")
+        total = int(sum(float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+                        if line.startswith("lrserve_requests_total{") and 'route="/v1/' in line))
+        if total == last:
+            return total
+        last = total
+        time.sleep(settle_s)
+    return last or 0
 
 
 def _measure(url: str, name: str, groups: int, work_s: float, steps: int, size: Size,

@@ -23,7 +23,11 @@ from tests.trainer.harness import (
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 10
+EPOCHS = 30
+# The operator acts once rank 0's trace shows epoch 2, from this test's process: on a busy CI
+# machine that process was once scheduled so late that ten epochs (~230 steps, ~1.2 s here)
+# had ended and the action landed after the last step (applied_at 253 of 230). Thirty epochs
+# give the action ~3.5 s to arrive while the ranks train.
 SCALE = 0.5
 
 
