@@ -36,6 +36,18 @@ def tail_beyond_window(sched, steps):
         sched._grow_tail()
 
 
+def down_at_the_end_of_the_final_values(sched, fake, clock, tail):
+    """Train 300 steps, hold a tail of ``tail`` steps beyond the final values, then take the
+    server down and step through the final values held: the next step rides the tail."""
+    for _ in range(300):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    tail_beyond_window(sched, tail)
+    fake.down = True
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+
+
 def step_until_caught_up(sched, clock, reports=None):
     """Step (slowly, so the worker's retries get time) until values follow the schedule again."""
     deadline = time.monotonic() + CATCH_UP_S
@@ -60,13 +72,7 @@ def test_held_values_carry_training_through_an_outage(make_scheduler, fake, cloc
 
 def test_past_final_values_the_tail_carries_the_schedule_on_and_is_named_after(make_scheduler, fake, clock):
     sched = make_scheduler(run_id="t")  # defaults: a tail for 60 s of training
-    for _ in range(300):
-        step_once(sched, clock)
-    sched._collect(wait=True)
-    tail_beyond_window(sched, 300)
-    fake.down = True
-    while sched.last_epoch < held_until(sched):
-        step_once(sched, clock)
+    down_at_the_end_of_the_final_values(sched, fake, clock, tail=300)
     first = sched.last_epoch + 1
     with pytest.warns(ServerAwayWarning, match="provisional") as record:
         rode = [step_once(sched, clock) for _ in range(300)]
@@ -86,13 +92,7 @@ def test_steps_taken_while_the_settling_answer_travels_are_not_named_again_once_
     make_scheduler, fake, clock
 ):
     sched = make_scheduler(run_id="t")
-    for _ in range(300):
-        step_once(sched, clock)
-    sched._collect(wait=True)
-    tail_beyond_window(sched, 20)
-    fake.down = True
-    while sched.last_epoch < held_until(sched):
-        step_once(sched, clock)
+    down_at_the_end_of_the_final_values(sched, fake, clock, tail=20)
     with pytest.warns(ServerAwayWarning, match="provisional"):
         for _ in range(20):
             step_once(sched, clock)
@@ -128,13 +128,7 @@ def test_steps_taken_on_the_tail_before_an_action_placed_meanwhile_are_not_named
     the final values: nothing is left to name (naming them records a divergence that
     never was, once a later request reaches the action)."""
     sched = make_scheduler(run_id="t")
-    for _ in range(300):
-        step_once(sched, clock)
-    sched._collect(wait=True)
-    tail_beyond_window(sched, 100)
-    fake.down = True
-    while sched.last_epoch < held_until(sched):
-        step_once(sched, clock)
+    down_at_the_end_of_the_final_values(sched, fake, clock, tail=100)
     run = fake.runs["t"]
     acted_at = sched.last_epoch + 40
     fake._commit(run, acted_at - 1)  # the window the job never got

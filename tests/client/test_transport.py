@@ -260,6 +260,17 @@ def _answer_each(server_of: Callable[[], ScriptedServer], answers: list[bytes]) 
     return script
 
 
+def _answer_once(server_of: Callable[[], ScriptedServer], answer: bytes) -> Script:
+    """A script that reads one request on each connection, sends ``answer`` and closes it."""
+
+    def script(conn: socket.socket, n: int) -> None:
+        with conn:
+            server_of().read_request(conn)
+            conn.sendall(answer)
+
+    return script
+
+
 def test_chunked_answers_are_joined_and_keep_the_connection(scripted):
     chunked = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
                b"5;ext=1\r\n{\"ok\"\r\n6\r\n:true}\r\n0\r\nx-trailer: 1\r\n\r\n")
@@ -289,12 +300,7 @@ def test_interim_answers_are_skipped(scripted):
     ids=["connection-close", "http-1.0", "no-framing"],
 )
 def test_an_answer_that_ends_its_connection_is_read_and_the_next_request_connects_again(scripted, answer):
-    def answer_then_close(conn: socket.socket, n: int) -> None:
-        with conn:
-            server.read_request(conn)
-            conn.sendall(answer)
-
-    server = scripted(answer_then_close)
+    server = scripted(_answer_once(lambda: server, answer))
     with LRClient(f"http://127.0.0.1:{server.port}", max_retries=0) as api:
         for path in ("/a", "/b"):
             assert api.request("POST", path, json={}, idempotent=False) == {"ok": True}
@@ -312,12 +318,7 @@ def test_an_answer_that_ends_its_connection_is_read_and_the_next_request_connect
     ids=["not-http", "bad-length", "chunks-cut", "bad-field"],
 )
 def test_what_is_not_a_whole_http_answer_is_a_transport_error(scripted, answer):
-    def send_it(conn: socket.socket, n: int) -> None:
-        with conn:
-            server.read_request(conn)
-            conn.sendall(answer)
-
-    server = scripted(send_it)
+    server = scripted(_answer_once(lambda: server, answer))
     with LRClient(f"http://127.0.0.1:{server.port}", max_retries=0) as api:
         with pytest.raises(TransportError) as caught:
             api.request("GET", "/a")
