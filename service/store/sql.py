@@ -94,16 +94,43 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 _BEGIN = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
 
 
-def begin_sqlite(driver: Any, mode: str) -> None:
-    """Begin a transaction on a sqlite3 connection as ``SQLITE_BEGIN_OPTION``'s ``mode`` says."""
+SQLITE_WAL = "lrserve_wal"
+"""``info`` key of a pooled SQLite connection: True once its file is in WAL mode."""
+_NO_BUSY_WAIT = "lrserve_no_busy_wait"
+"""``info`` key of a pooled SQLite connection whose busy timeout is 0 (``begin_sqlite``)."""
+
+
+def begin_sqlite(driver: Any, mode: str, info: dict[Any, Any]) -> None:
+    """Begin a transaction on a sqlite3 connection as ``SQLITE_BEGIN_OPTION``'s ``mode`` says
+    (``info``: the pooled connection's, SQLAlchemy's ``PoolProxiedConnection.info``).
+
+    ``IMMEDIATE NOW`` begins with the busy timeout 0 ("database is locked" at once, not after
+    a wait). In WAL mode SQLite calls the busy handler only to begin a transaction (and in
+    checkpoints), never for a statement or the COMMIT of a write transaction that began, so
+    the timeout is left at 0 for the connection's next ``IMMEDIATE NOW`` (the event loop's
+    writes, one after the other on the connection ``SqlStore`` keeps for writes): two PRAGMAs
+    less per write. Any other begin, and the pool's checkout (``restore_busy_timeout``), put
+    it back first. A file not in WAL mode (its COMMIT waits for readers) gets it back at once.
+    """
     if mode != "IMMEDIATE NOW":
+        restore_busy_timeout(driver, info)
         driver.execute(_BEGIN[mode])
         return
-    driver.execute("PRAGMA busy_timeout=0")  # "database is locked" at once, not after a wait
+    if not info.get(_NO_BUSY_WAIT):
+        info[_NO_BUSY_WAIT] = True  # first: a PRAGMA that failed half way is put back all the same
+        driver.execute("PRAGMA busy_timeout=0")
     try:
         driver.execute(_BEGIN["IMMEDIATE"])
     finally:
+        if not info.get(SQLITE_WAL):
+            restore_busy_timeout(driver, info)
+
+
+def restore_busy_timeout(driver: Any, info: dict[Any, Any]) -> None:
+    """The connection's busy timeout back to ``SQLITE_BUSY_TIMEOUT_S`` if ``begin_sqlite`` left it at 0."""
+    if info.get(_NO_BUSY_WAIT):
         driver.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        del info[_NO_BUSY_WAIT]
 
 
 RowLock = Literal["hold", "keep", "delete"]
@@ -411,7 +438,7 @@ class SqlStore(BaseStore):
                 cursor = raw.cursor()
                 try:
                     if sqlite_file:
-                        begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE")
+                        begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
                         yield cursor
                         if self._guard is not None:
                             self._guard.check()  # never commit (and acknowledge) into a file that is gone
