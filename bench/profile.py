@@ -13,7 +13,9 @@ inclusive share of the samples. Scenarios:
 - ``ranks``: figure 4's simulated ranks (windows + metric barrier);
 - ``run_read``: figure 8's ``GET /v1/runs/{id}``, sequential, one keep-alive connection;
 - ``history``: figure 8's ``GET .../history?max_points=200`` of a 10,000-step run with
-  metrics and operator actions on it (as figure 8 leaves it), sequential.
+  metrics and operator actions on it (as figure 8 leaves it), sequential;
+- ``control``, ``metrics``: figure 8's ``POST .../control`` (``scale`` by 1.0) and
+  ``POST .../metrics`` (one record a call) on that run, sequential.
 
 py-spy is a dev tool (``pip install py-spy``); without it the command says so and stops.
 """
@@ -212,6 +214,14 @@ def _ranks(server: Server, seconds: float) -> Any:
 
 def _sequential_get(server: Server, seconds: float, path: str) -> Any:
     """``GET path`` one at a time on one ``http.client`` keep-alive connection (figure 8's client)."""
+    return _sequential(server, seconds, "GET", path, lambda k: None)
+
+
+def _sequential(
+    server: Server, seconds: float, method: str, path: str, body: Callable[[int], Any]
+) -> Any:
+    """``method path`` with ``body(k)`` as JSON (None: none) one at a time on one ``http.client``
+    keep-alive connection (figure 8's client)."""
     import http.client
 
     def go() -> dict[str, Any]:
@@ -219,11 +229,15 @@ def _sequential_get(server: Server, seconds: float, path: str) -> Any:
         calls = 0
         deadline = time.monotonic() + seconds - 2
         while time.monotonic() < deadline:
-            conn.request("GET", path)
+            data = body(calls + 1)
+            if data is None:
+                conn.request(method, path)
+            else:
+                conn.request(method, path, json.dumps(data), {"Content-Type": "application/json"})
             answer = conn.getresponse()
             answer.read()
-            if answer.status != 200:
-                raise RuntimeError(f"GET {path}: {answer.status}")
+            if answer.status >= 300:
+                raise RuntimeError(f"{method} {path}: {answer.status}")
             calls += 1
         conn.close()
         return {"calls": calls}
@@ -257,8 +271,19 @@ def _history(server: Server, seconds: float) -> Any:
     return _sequential_get(server, seconds, f"/v1/runs/{_figure8_run(server)}/history?max_points=200")
 
 
+def _control(server: Server, seconds: float) -> Any:
+    action = {"action": "scale", "factor": 1.0}
+    return _sequential(server, seconds, "POST", f"/v1/runs/{_figure8_run(server)}/control", lambda k: action)
+
+
+def _metrics(server: Server, seconds: float) -> Any:
+    return _sequential(server, seconds, "POST", f"/v1/runs/{_figure8_run(server)}/metrics",
+                       lambda k: {"records": [{"step": k, "name": "loss", "value": 1.0 / k, "rank": 0}]})
+
+
 SCENARIOS = {"hot_path": _hot_path, "client_step": _client_step, "report": _report, "commit": _commit,
-             "ranks": _ranks, "run_read": _run_read, "history": _history}
+             "ranks": _ranks, "run_read": _run_read, "history": _history, "control": _control,
+             "metrics": _metrics}
 
 
 def main(argv: list[str] | None = None) -> int:

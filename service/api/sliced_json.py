@@ -52,9 +52,15 @@ def _values(value: Any) -> int:
 
 
 def _has_big_table(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, dict) and depth < 4:
-        return any(_has_big_table(v, depth + 1) for v in value.values())
-    return _values(value) > SLICE_VALUES
+    if isinstance(value, dict):  # a loop, not any() over a generator: most answers are small
+        if depth < 4:
+            for item in value.values():
+                if _has_big_table(item, depth + 1):
+                    return True
+        return False
+    if isinstance(value, (list, np.ndarray)):
+        return _values(value) > SLICE_VALUES
+    return False
 
 
 def _write(value: Any, parts: list[bytes], depth: int = 0) -> None:

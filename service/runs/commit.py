@@ -321,6 +321,8 @@ class Committer:
         """``WouldWait`` unless the commit's work is small and it saves no snapshot (the snapshot,
         a second transaction after the commit, could not be refused any more)."""
         steps = max(target, state.horizon) - state.horizon
+        if not steps:  # an action or a metric placed, no step computed (``POST .../control``)
+            return
         every = self.settings.snapshot_every
         if (state.horizon + steps) // every > state.horizon // every:
             raise WouldWait("a snapshot is due")

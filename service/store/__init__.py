@@ -22,7 +22,14 @@ from lrserve.service.store.base import BaseStore, MetricRecord, RunRecord, RunTr
 from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
 from lrserve.service.store.guard import DatabaseMissing, FileIdentity, check_existed, unwritable, write_marker
 from lrserve.service.store.schema import SchemaTooNew
-from lrserve.service.store.sql import SQLITE_BEGIN_OPTION, SQLITE_BUSY_TIMEOUT_S, SqlStore, begin_sqlite
+from lrserve.service.store.sql import (
+    SQLITE_BEGIN_OPTION,
+    SQLITE_BUSY_TIMEOUT_S,
+    SQLITE_WAL,
+    SqlStore,
+    begin_sqlite,
+    restore_busy_timeout,
+)
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy import exc as sa_exc
 
@@ -190,16 +197,17 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, database: Path) -> N
         created[0] = True
 
     @event.listens_for(engine, "checkout")
-    def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         if record.info.get(_OPENED_READ_ONLY) and unwritable(database) is None:
             raise sa_exc.DisconnectionError("opened read-only; the file is writable now")
+        restore_busy_timeout(dbapi_connection, record.info)  # an event loop's writer given back
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own
         cursor = dbapi_connection.cursor()
         try:
-            _enable_wal(cursor)
+            record.info[SQLITE_WAL] = _enable_wal(cursor)
             cursor.execute(f"PRAGMA synchronous={synchronous}")  # checked against a fixed list
             cursor.execute("PRAGMA wal_autocheckpoint=0")  # not in a COMMIT: a thread's (store/wal.py)
         finally:
@@ -210,14 +218,15 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, database: Path) -> N
         # on the driver's connection: a statement through SQLAlchemy costs ten times this one
         # (an error is the driver's own; SqlStore._transaction reports both kinds alike)
         mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
-        begin_sqlite(conn.connection.driver_connection, mode)
+        begin_sqlite(conn.connection.driver_connection, mode, conn.connection.info)
 
 
 _OPENED_READ_ONLY = "lrserve_opened_read_only"
 
 
-def _enable_wal(cursor: Any) -> None:
-    """Put the file in WAL mode (it stays so), waiting while another connection writes to it.
+def _enable_wal(cursor: Any) -> bool:
+    """Put the file in WAL mode (it stays so), waiting while another connection writes to it;
+    whether it is (a file system without shared memory keeps a rollback journal).
 
     Only a new file switches; while another connection holds a write transaction on it (a
     second store opening the same new file, say), SQLite answers "database is locked" at
@@ -226,8 +235,8 @@ def _enable_wal(cursor: Any) -> None:
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
     while True:
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
+            (mode,) = cursor.execute("PRAGMA journal_mode=WAL").fetchone()
+            return str(mode).lower() == "wal"
         except sqlite3.OperationalError as exc:
             if "database is locked" not in str(exc) or time.monotonic() >= deadline:
                 raise

@@ -201,8 +201,10 @@ class RunTransaction(abc.ABC):
         ``gid`` is None: global ids are given at commit, in commit order)."""
 
     @abc.abstractmethod
-    def append_metrics(self, records: Sequence[MetricRecord]) -> int:
-        """Record metric values with this transaction (as ``BaseStore.append_metrics``)."""
+    def append_metrics(self, records: Sequence[MetricRecord]) -> None:
+        """Record metric values with this transaction (as ``BaseStore.append_metrics``; how many
+        were new is not known before the commit: PostgreSQL's pipelined commit waits for no
+        statement's answer but the run's row)."""
 
     @abc.abstractmethod
     def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:

@@ -94,16 +94,43 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 _BEGIN = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
 
 
-def begin_sqlite(driver: Any, mode: str) -> None:
-    """Begin a transaction on a sqlite3 connection as ``SQLITE_BEGIN_OPTION``'s ``mode`` says."""
+SQLITE_WAL = "lrserve_wal"
+"""``info`` key of a pooled SQLite connection: True once its file is in WAL mode."""
+_NO_BUSY_WAIT = "lrserve_no_busy_wait"
+"""``info`` key of a pooled SQLite connection whose busy timeout is 0 (``begin_sqlite``)."""
+
+
+def begin_sqlite(driver: Any, mode: str, info: dict[Any, Any]) -> None:
+    """Begin a transaction on a sqlite3 connection as ``SQLITE_BEGIN_OPTION``'s ``mode`` says
+    (``info``: the pooled connection's, SQLAlchemy's ``PoolProxiedConnection.info``).
+
+    ``IMMEDIATE NOW`` begins with the busy timeout 0 ("database is locked" at once, not after
+    a wait). In WAL mode SQLite calls the busy handler only to begin a transaction (and in
+    checkpoints), never for a statement or the COMMIT of a write transaction that began, so
+    the timeout is left at 0 for the connection's next ``IMMEDIATE NOW`` (the event loop's
+    writes, one after the other on the connection ``SqlStore`` keeps for writes): two PRAGMAs
+    less per write. Any other begin, and the pool's checkout (``restore_busy_timeout``), put
+    it back first. A file not in WAL mode (its COMMIT waits for readers) gets it back at once.
+    """
     if mode != "IMMEDIATE NOW":
+        restore_busy_timeout(driver, info)
         driver.execute(_BEGIN[mode])
         return
-    driver.execute("PRAGMA busy_timeout=0")  # "database is locked" at once, not after a wait
+    if not info.get(_NO_BUSY_WAIT):
+        info[_NO_BUSY_WAIT] = True  # first: a PRAGMA that failed half way is put back all the same
+        driver.execute("PRAGMA busy_timeout=0")
     try:
         driver.execute(_BEGIN["IMMEDIATE"])
     finally:
+        if not info.get(SQLITE_WAL):
+            restore_busy_timeout(driver, info)
+
+
+def restore_busy_timeout(driver: Any, info: dict[Any, Any]) -> None:
+    """The connection's busy timeout back to ``SQLITE_BUSY_TIMEOUT_S`` if ``begin_sqlite`` left it at 0."""
+    if info.get(_NO_BUSY_WAIT):
         driver.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        del info[_NO_BUSY_WAIT]
 
 
 RowLock = Literal["hold", "keep", "delete"]
@@ -148,6 +175,14 @@ _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
 _INSERT_EVENTS = events.insert()
 _TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
     last_gid=event_ids.c.last_gid + bindparam("n")).returning(event_ids.c.last_gid)
+_NEXT_GID = update(event_ids).where(event_ids.c.id == 1).values(
+    last_gid=event_ids.c.last_gid + 1).returning(event_ids.c.last_gid).cte("next_gid")
+_INSERT_NUMBERED_EVENT = events.insert().from_select(
+    [c.name for c in events.c],
+    select(*[bindparam(c.name, type_=c.type) for c in events.c if c.name != "gid"], _NEXT_GID.c.last_gid),
+).add_cte(_NEXT_GID)
+"""PostgreSQL: an event's row with the next global id (``_TAKE_GIDS`` and the INSERT in one
+statement, whose answer a pipelined commit does not wait for)."""
 EVENTS_CHANNEL = "lrserve_events"
 """PostgreSQL ``NOTIFY`` channel (with the schema's suffix, ``schema_channel``): a transaction that
 appended events notifies it on commit, with ``"<sender> <run_id>"`` as payload (``sender``:
@@ -242,13 +277,13 @@ class _DriverSql:
         cursor.execute(self.sql, self.params(values))
         return cursor
 
-    def executemany(self, cursor: Any, rows: Sequence[Mapping[str, Any]]) -> int:
-        """The statement once per row; how many rows it changed."""
+    def executemany(self, cursor: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The statement once per row. How many rows it changed is the cursor's ``rowcount``
+        once the server answered (pipelined on PostgreSQL: at the transaction's end)."""
         if len(rows) == 1:  # a commit's usual one row: psycopg's executemany sets up a pipeline
             cursor.execute(self.sql, self.params(rows[0]))
         else:
             cursor.executemany(self.sql, [self.params(row) for row in rows])
-        return int(cursor.rowcount)
 
     def one(self, cursor: Any) -> dict[str, Any] | None:
         """The next row of a SELECT as a dict by column, its values as Core would return them."""
@@ -389,7 +424,9 @@ class SqlStore(BaseStore):
         write committed on is kept for the next one (``_writer``), not checked in and out of the
         pool; a write that fails gives it back to the pool as ``_transaction`` does (rolled
         back; a connection found dead discarded, ``_discard``), and the next one checks out a
-        connection anew. PostgreSQL: a pooled connection per transaction; the driver begins.
+        connection anew. PostgreSQL: a pooled connection per transaction, its statements
+        pipelined (``_pipelined``): the server is waited for where a statement's rows are read
+        and at COMMIT, whose answer is in before this returns.
         """
         sqlite_file = self._sqlite_writers is not None
         now = sqlite_file and self.must_not_wait
@@ -401,11 +438,14 @@ class SqlStore(BaseStore):
                 cursor = raw.cursor()
                 try:
                     if sqlite_file:
-                        begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE")
-                    yield cursor
-                    if self._guard is not None:
-                        self._guard.check()  # never commit (and acknowledge) into a file that is gone
-                    raw.commit()
+                        begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
+                        yield cursor
+                        if self._guard is not None:
+                            self._guard.check()  # never commit (and acknowledge) into a file that is gone
+                        raw.commit()
+                    else:
+                        with _pipelined(raw.driver_connection, cursor):
+                            yield cursor
                 finally:
                     cursor.close()
             except self._driver_error as exc:
@@ -619,17 +659,24 @@ class SqlStore(BaseStore):
     def _driver_read(self, *, snapshot: bool = False) -> Iterator[Any]:
         """A DBAPI cursor on a pooled connection, for reads of a row or two (``_DriverSql``).
 
-        ``snapshot``: the statements see one state of the database (SQLite: a read transaction;
-        PostgreSQL's reads are in one transaction anyway, which the pool ends on return).
+        PostgreSQL: each statement is its own transaction (``_autocommit``), so a read of one
+        statement is one round trip (in a transaction it was three: psycopg's ``BEGIN``, the
+        statement and the pool's ``ROLLBACK``). ``snapshot``: the statements see one state of
+        the database (a read transaction on both; PostgreSQL's ends as the pool rolls back).
         """
+        postgres = self._engine.dialect.name == "postgresql"
         with self._failures():
             conn = self._engine.raw_connection()
             try:
                 cursor = conn.cursor()
-                if snapshot and self._engine.dialect.name == "sqlite":
-                    cursor.execute("BEGIN DEFERRED")
                 try:
-                    yield cursor
+                    if snapshot and not postgres:
+                        cursor.execute("BEGIN DEFERRED")
+                    if postgres and not snapshot:
+                        with _autocommit(conn.driver_connection):
+                            yield cursor
+                    else:
+                        yield cursor
                 finally:
                     cursor.close()
             except self._driver_error as exc:
@@ -857,9 +904,12 @@ class SqlStore(BaseStore):
         for tx in held:  # sent at COMMIT, whatever the order: before the counter's lock
             self._notify_on(cursor, EVENTS_CHANNEL, tx.run.run_id)
         rows = [row for tx in held for row in tx.held_events]
-        for row, gid in zip(rows, self._take_gids_on(cursor, len(rows)), strict=True):
-            row["gid"] = gid
-        self._driver_sql("insert_events", _INSERT_EVENTS).executemany(cursor, rows)
+        if self._engine.dialect.name == "postgresql":  # each row numbers itself: no answer to wait for
+            self._driver_sql("insert_numbered_events", _INSERT_NUMBERED_EVENT).executemany(cursor, rows)
+        else:
+            for row, gid in zip(rows, self._take_gids_on(cursor, len(rows)), strict=True):
+                row["gid"] = gid
+            self._driver_sql("insert_events", _INSERT_EVENTS).executemany(cursor, rows)
         for tx in held:
             tx.held_events = []
 
@@ -1043,9 +1093,16 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        with self._driver_write() as cursor:
-            self._keep_run(cursor, run_id)
-            return self._insert_metrics_on(cursor, run_id, records)
+        counting: Any = None
+        try:
+            with self._driver_write() as cursor:
+                self._keep_run(cursor, run_id)
+                counting = cursor.connection.cursor()  # the INSERT's own: its count outlives the transaction
+                self._insert_metrics_on(counting, run_id, records)
+            return max(int(counting.rowcount), 0)  # known once COMMIT answered (PostgreSQL pipelines)
+        finally:
+            if counting is not None:
+                counting.close()
 
     def _keep_run(self, cursor: Any, run_id: str) -> dict[str, Any]:
         """The run's row (a ``LockedRun``'s columns), which must not vanish before this
@@ -1056,13 +1113,12 @@ class SqlStore(BaseStore):
             raise RunNotFound(run_id)
         return row
 
-    def _insert_metrics_on(self, cursor: Any, run_id: str, records: Sequence[MetricRecord]) -> int:
+    def _insert_metrics_on(self, cursor: Any, run_id: str, records: Sequence[MetricRecord]) -> None:
         if not records:
-            return 0
+            return
         now = _now()
         rows = [_metric_row(run_id, r, now) for r in records]
-        insert = self._driver_sql("insert_metrics", self._insert_new_metrics)
-        return insert.executemany(cursor, rows)
+        self._driver_sql("insert_metrics", self._insert_new_metrics).executemany(cursor, rows)
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.
@@ -1099,25 +1155,33 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
+        with self._driver_write() as cursor:
+            row = self._keep_run(cursor, run_id)
+            self._insert_metrics_on(cursor, run_id, records)
+            if reports:
+                self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
+            return BarrierTally(row["horizon"], self._add_reports_on(cursor, run_id, step, reports))
+
+    def _add_reports_on(
+        self, cursor: Any, run_id: str, step: int, reports: Mapping[int, Mapping[str, float]]
+    ) -> dict[int, dict[str, float]]:
+        """Insert the reports (a rank's first report of a name stands); every report of
+        ``step`` this transaction sees, these included."""
         rows = []
         for rank, values in reports.items():
             for name, value in values.items():
                 finite, value_text = _split_float(value)
                 rows.append({"run_id": run_id, "step": step, "rank": rank, "name": name, "value": finite,
                              "value_text": value_text})
-        with self._driver_write() as cursor:
-            row = self._keep_run(cursor, run_id)
-            self._insert_metrics_on(cursor, run_id, records)
-            if rows:
-                self._driver_sql("insert_reports", self._insert_new_reports).executemany(cursor, rows)
-                self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
-            stored: dict[int, dict[str, float]] = {}
-            select_reports = self._driver_sql("reports", _SELECT_REPORTS)
-            select_reports.execute(cursor, {"run_id": run_id, "step": step})
-            while (report := select_reports.one(cursor)) is not None:
-                value = _join_float(report["value"], report["value_text"])
-                stored.setdefault(report["rank"], {})[report["name"]] = value
-            return BarrierTally(row["horizon"], stored)
+        if rows:
+            self._driver_sql("insert_reports", self._insert_new_reports).executemany(cursor, rows)
+        stored: dict[int, dict[str, float]] = {}
+        select_reports = self._driver_sql("reports", _SELECT_REPORTS)
+        select_reports.execute(cursor, {"run_id": run_id, "step": step})
+        while (report := select_reports.one(cursor)) is not None:
+            value = _join_float(report["value"], report["value_text"])
+            stored.setdefault(report["rank"], {})[report["name"]] = value
+        return stored
 
     def read_barrier(self, run_id: str, step: int) -> BarrierTally:
         """The run's horizon and the reports for ``step``, in one read transaction.
@@ -1179,10 +1243,10 @@ class SqlRunTransaction(RunTransaction):
         return {"b_run_id": run.run_id, "b_horizon": run.horizon, "b_status": run.status.value,
                 "b_last_seq": run.last_seq, "b_updated_at": updated_at}
 
-    def append_metrics(self, records: Sequence[MetricRecord]) -> int:
+    def append_metrics(self, records: Sequence[MetricRecord]) -> None:
         """Record metric values in this transaction (same rules as ``SqlStore.append_metrics``)."""
         self._writing()
-        return self._store._insert_metrics_on(self._cursor, self.run.run_id, records)
+        self._store._insert_metrics_on(self._cursor, self.run.run_id, records)
 
     def _open(self) -> None:
         if self.closed:
@@ -1264,6 +1328,45 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         yield cursor
     finally:
         cursor.close()
+
+
+@contextmanager
+def _autocommit(driver: Any) -> Iterator[None]:
+    """A psycopg connection with each statement its own transaction (``autocommit``) inside
+    the block: a statement is then one round trip, with no ``BEGIN`` before it and no
+    ``ROLLBACK`` from the pool after. On the way out it is put back as the pool keeps its
+    connections (not autocommit, no transaction open); one that cannot be is closed, which
+    the pool and ``SqlStore._discard`` take for a dead connection."""
+    driver.autocommit = True
+    try:
+        yield
+    finally:
+        if not driver.closed:
+            try:
+                from psycopg.pq import TransactionStatus  # loaded already: this is PostgreSQL's connection
+
+                if driver.info.transaction_status != TransactionStatus.IDLE:
+                    driver.rollback()  # an explicit BEGIN that did not reach its COMMIT
+                driver.autocommit = False
+            except Exception:  # noqa: BLE001 - the connection is unusable: close it (see above)
+                driver.close()
+
+
+@contextmanager
+def _pipelined(driver: Any, cursor: Any) -> Iterator[None]:
+    """One PostgreSQL transaction on ``cursor`` in psycopg's pipeline mode: ``BEGIN``, the
+    block's statements and ``COMMIT`` go out as they are executed, and the server is waited
+    for only where a statement's rows are read (``fetchone``) and at the end, which returns
+    once COMMIT has answered (an error of any statement raises there, and nothing of the
+    transaction is kept). A commit that reads its run's row under the lock and writes is two
+    round trips: ``BEGIN`` with the lock, then the writes with ``COMMIT``.
+
+    Pipeline mode's own implicit ``BEGIN`` waits for the server; an explicit one (with
+    ``autocommit``) does not."""
+    with _autocommit(driver), driver.pipeline():
+        cursor.execute("BEGIN")
+        yield
+        cursor.execute("COMMIT")
 
 
 def _locked_run(row: Mapping[str, Any]) -> LockedRun:

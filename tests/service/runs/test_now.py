@@ -16,6 +16,7 @@ import pytest
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
+from lrserve.service.store.sql import SQLITE_BUSY_TIMEOUT_S, SQLITE_WAL, begin_sqlite
 
 from tests.specs import plateau_on_any_rise
 
@@ -97,6 +98,48 @@ def test_a_write_slot_held_by_another_process_is_not_waited_for(managers, settin
     assert step(a, 1) is not None  # and the busy timeout is back for everyone else:
     with a.store._engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+def test_the_loops_writes_set_the_busy_timeout_once_and_a_threads_write_waits_again(managers, settings):
+    """In WAL mode SQLite waits (its busy handler) only to begin a transaction: the loop's writes
+    leave the kept writer's busy timeout at 0 for the next one (before: a PRAGMA before and after
+    each write's BEGIN), and a worker thread's write on it waits for another process's write
+    slot again, as any write through the pool does."""
+    a, _ = managers
+    assert step(a, 1) is not None
+    writer = a.store._writer[0].driver_connection
+    statements: list[str] = []
+    writer.set_trace_callback(statements.append)
+    for k in range(2, 6):
+        assert step(a, k) is not None
+    assert not [s for s in statements if "busy_timeout=" in s]  # before: 8
+    assert writer.execute("PRAGMA busy_timeout").fetchone() == (0,)
+    other = sqlite3.connect(settings.db.removeprefix("sqlite:///"), isolation_level=None,
+                            check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process's writer, done in a moment
+    threading.Timer(0.3, lambda: other.execute("ROLLBACK")).start()
+    try:
+        assert a.step_run("r", 6, {"val_loss": 1.0}, 0, 0).start == 6  # waited (0 would refuse it)
+    finally:
+        other.close()
+    assert a.store._writer[0].driver_connection is writer
+    assert writer.execute("PRAGMA busy_timeout").fetchone() == (30_000,)
+    assert step(a, 7) is not None  # and the loop's next write sets it to 0 again
+    assert [s for s in statements if "busy_timeout=" in s] == ["PRAGMA busy_timeout=30000",
+                                                               "PRAGMA busy_timeout=0"]
+
+
+def test_a_file_not_in_wal_mode_gets_its_busy_timeout_back_at_once(tmp_path):
+    """With a rollback journal a COMMIT waits for readers: the loop's begin puts the timeout back."""
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_S)
+    conn.execute("CREATE TABLE t (x)")
+    info: dict[str, bool] = {SQLITE_WAL: False}
+    begin_sqlite(conn, "IMMEDIATE NOW", info)
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.execute("COMMIT")
+    assert conn.execute("PRAGMA busy_timeout").fetchone() == (30_000,)
+    assert info == {SQLITE_WAL: False}
+    conn.close()
 
 
 def test_a_run_another_thread_holds_is_not_waited_for(managers):

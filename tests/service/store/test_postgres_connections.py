@@ -1,4 +1,5 @@
-"""PostgreSQL's connections: no statement spent checking a pooled connection before use, a
+"""PostgreSQL's connections: a read of one statement in one round trip and a commit in two
+(no statement spent checking a pooled connection before use), a
 session the server ended replaced without failing a request, and notifications that stay in
 their schema (channels are the database's: servers on other schemas must not hear them).
 """
@@ -9,42 +10,132 @@ import asyncio
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from lrserve.service.errors import StoreUnavailable
 from lrserve.service.store import open_store
+from lrserve.service.store.base import MetricRecord
 from lrserve.service.store.events import EventKind, NewEvent
 from sqlalchemy import create_engine, event, make_url, text
 
 CREATED = NewEvent(EventKind.CREATED, 0, {})
 
 
-def _round_trips(trace: Path) -> int:
-    """How many times the server said it was ready for the next query (libpq's trace)."""
-    return trace.read_text().count("\tB\t5\tReadyForQuery")
-
-
-def test_a_read_on_a_pooled_connection_sends_no_ping(database_url):
-    """A read of a run's record is BEGIN, the SELECT and the pool's ROLLBACK: three round
-    trips (four with ``pool_pre_ping``, whose ping is the first of them)."""
-    store = open_store(database_url("postgres"))
+@contextmanager
+def _round_trips(store) -> Iterator[Callable[[], int]]:
+    """How many times, so far, a traced connection of ``store`` sent something and then waited
+    for the server's answer: a round trip (libpq's trace of every connection from now on; a
+    pipeline's flush counts, as a ``ReadyForQuery`` would not)."""
     with tempfile.NamedTemporaryFile() as trace_file:
-        trace = Path(trace_file.name)
+        traced = []
 
         @event.listens_for(store._engine, "connect")
         def _trace(dbapi_connection, _record) -> None:
             dbapi_connection.pgconn.trace(trace_file.fileno())
+            traced.append(dbapi_connection)
 
-        try:
-            store._engine.dispose()  # every connection from now on is traced
-            store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
-            store.read_run("r")  # a pooled connection now
-            before = _round_trips(trace)
-            store.read_run("r")
-            assert _round_trips(trace) - before == 3
-        finally:
-            store.close()
+        store._engine.dispose()  # every connection from now on is traced
+
+        def count() -> int:
+            for connection in traced:  # libpq writes its trace through a buffered stream: flush it
+                if not connection.closed:
+                    connection.pgconn.untrace()
+                    connection.pgconn.trace(trace_file.fileno())
+            trips, last = 0, "B"
+            for line in Path(trace_file.name).read_text().splitlines():
+                fields = line.split("\t")
+                if len(fields) >= 3 and fields[1] in ("F", "B"):
+                    trips += fields[1] == "B" and last == "F"
+                    last = fields[1]
+            return trips
+
+        yield count
+
+
+def test_a_read_of_one_statement_is_one_round_trip(database_url):
+    """Each statement its own transaction (psycopg's autocommit), so a read of one statement is
+    the statement alone: no ``BEGIN`` before it, no pool ``ROLLBACK`` after (three round trips
+    before; four with ``pool_pre_ping``, whose ping was the first)."""
+    store = open_store(database_url("postgres"))
+    try:
+        with _round_trips(store) as trips:
+            store.create_run("r", {"schedule": {"type": "StepLR"}}, {"team": "a"}, CREATED)
+            store.append_metrics("r", [MetricRecord("loss", 1, 0, 0.5)])
+            reads = store.read_run, store.run_head, store.read_events, store.read_metrics, store.history_mark
+            for read in reads:
+                read("r")  # a pooled connection now
+                before = trips()
+                read("r")
+                assert trips() - before == 1
+            assert store.read_run("r").labels == {"team": "a"}
+    finally:
+        store.close()
+
+
+def test_a_commit_is_two_round_trips_and_answers_after_commit(database_url):
+    """A commit under the run's row lock: ``BEGIN`` with the lock's read, then its writes and
+    ``COMMIT`` in one flush, answered once COMMIT is (seven round trips before: BEGIN, the lock,
+    the UPDATE, the NOTIFY, the event ids, the events' INSERT, COMMIT). What it wrote is there
+    for another store as soon as it returns, events numbered in commit order."""
+    url = database_url("postgres")
+    store, other = open_store(url), open_store(url)
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        with _round_trips(store) as trips:
+            for step in (1, 2):
+                before = trips()
+                with store.lock_run("r") as tx:
+                    tx.append_events([NewEvent(EventKind.CREATED, step, {"n": step})])
+                    tx.append_metrics([MetricRecord("loss", step, 0, 0.5)])
+                    tx.update_run(horizon=step)
+                assert trips() - before == 2
+                record = other.read_run("r")
+                assert (record.horizon, record.last_seq) == (step, step + 1)
+            before = trips()  # a metric write: its lock's read, then the INSERT with COMMIT, counted after
+            twice = [MetricRecord("acc", 1, 0, 0.5), MetricRecord("acc", 1, 0, 0.6)]
+            assert store.append_metrics("r", twice) == 1
+            assert trips() - before == 2
+        assert [e.gid for e in other.read_events("r")] == [1, 2, 3]
+        assert other.read_metrics("r") == {"acc": [(1, 0, 0.5)], "loss": [(1, 0, 0.5), (2, 0, 0.5)]}
+    finally:
+        store.close()
+        other.close()
+
+
+def test_a_commit_that_fails_keeps_nothing_and_leaves_its_connection_as_the_pool_keeps_them(database_url):
+    """A pipelined commit that raises inside its block, or one whose statement the server
+    refuses (answered only at COMMIT's flush), keeps none of its writes, and its connection
+    goes back to the pool out of autocommit with no transaction open: a later transaction on
+    it is one (rolled back whole on an error)."""
+    store = open_store(database_url("postgres"))
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        store._engine.dispose()
+        with pytest.raises(ZeroDivisionError):
+            with store.lock_run("r") as tx:
+                tx.append_events([NewEvent(EventKind.CREATED, 1, {})])
+                tx.update_run(horizon=7)
+                raise ZeroDivisionError
+        with pytest.raises(StoreUnavailable):
+            with store.lock_run("r") as tx:
+                tx.update_run(horizon=8)
+                tx.append_metrics([MetricRecord("x" * 500, 1, 0, 0.5)])  # longer than the column
+        assert store._disposals == 0  # a refused statement is no dead connection
+        record = store.read_run("r")
+        assert (record.horizon, record.last_seq) == (0, 1)
+        assert store.read_metrics("r") == {}
+        assert store._engine.pool.checkedin() == 1  # one connection did all of it
+        with store._engine.connect() as conn:
+            assert conn.connection.dbapi_connection.autocommit is False
+        with pytest.raises(StoreUnavailable), store._transaction(write=True) as conn:
+            conn.execute(text("UPDATE runs SET horizon = 9"))
+            conn.execute(text("SELECT 1/0"))
+        assert store.read_run("r").horizon == 0
+    finally:
+        store.close()
 
 
 def _sleeping(admin_url: str, application: str) -> int:
