@@ -6,8 +6,10 @@ wants it; the window thread retries a failed fetch with backoff until the server
 (or the fetch is dropped), delivering first any watched-metric reports that waited for
 the server. The tail is fetched apart so that its answers (thousands of values, which
 take the server a moment to compute and the client a moment to parse) never delay a
-window the loop is about to need. Neither touches the scheduler's values: merging them
-stays on the training thread, so the hot path needs no lock.
+window the loop is about to need. Neither touches the scheduler's values on its own:
+merging them stays on the training thread, so the hot path needs no lock, with one
+exception: a decision handed off (``WindowFetcher.hand_off``, ``overlap_decisions=True``)
+is taken into the scheduler's state on the window thread, as that contract says.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lrserve.client._exceptions import (
 )
 
 __all__ = [
+    "HANDLED",
     "NOT_READY",
     "TAIL_CHUNK_VALUES",
     "EndOfSchedule",
@@ -42,6 +45,9 @@ __all__ = [
 
 #: What ``take()`` answers when no result is there to take.
 NOT_READY: Any = object()
+#: What ``take()`` answers for a hand-off whose answer the window thread already took in
+#: (``WindowFetcher.hand_off``): nothing is left to merge.
+HANDLED: Any = object()
 #: Most values (steps x param groups) of tail one request asks for: its answer is parsed on
 #: the tail thread holding the GIL (~3 ms for 8,192 one-group steps with orjson here), so a
 #: tail of 60 s of training comes in a few such pauses of the training thread, not one long one.
@@ -59,15 +65,21 @@ class _Job:
     Lighter than a ``concurrent.futures.Future`` (no condition of its own, no callbacks):
     the training thread submits one per report, so what a hand-off costs it counts. The
     worker sets ``value``/``error`` before ``done``; a reader that sees ``done`` sees both.
+    ``finish``, when set, is called with the job instead of setting ``done`` (it must set
+    it); ``revoked`` tells it that the submitter stopped waiting (``WindowFetcher.hand_off``).
     """
 
-    __slots__ = ("args", "done", "error", "fn", "notify", "value")
+    __slots__ = ("args", "done", "error", "finish", "fn", "notify", "revoked", "value")
 
     def __init__(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], notify: Callable[[], None] | None
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        notify: Callable[[], None] | None,
+        finish: Callable[[_Job], None] | None = None,
     ) -> None:
-        self.fn, self.args, self.notify = fn, args, notify
-        self.done = False
+        self.fn, self.args, self.notify, self.finish = fn, args, notify, finish
+        self.done = self.revoked = False
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -103,6 +115,9 @@ class WindowFetcher:
         report_timeout: Timeout of a report (a metric barrier may hold it).
         clock: Measures how long fetches take.
         rand: Random numbers for the backoff jitter.
+        plan: ``(step, now) -> ahead`` of a hand-off's report, on this thread (``hand_off``).
+        accept: ``answer -> HANDLED`` (or what the training thread must take itself, e.g.
+            ``EndOfSchedule``): a hand-off's answer taken into the scheduler, on this thread.
     """
 
     def __init__(
@@ -117,6 +132,8 @@ class WindowFetcher:
         report_timeout: httpx.Timeout | None = None,
         clock: Callable[[], float] = time.perf_counter,
         rand: Callable[[], float] = random.random,
+        plan: Callable[[int, float], int] | None = None,
+        accept: Callable[[Any], Any] | None = None,
     ) -> None:
         self._client = client
         self._run_id = run_id
@@ -127,6 +144,8 @@ class WindowFetcher:
         self._report_timeout = report_timeout
         self._clock = clock
         self._rand = rand
+        self._plan = plan
+        self._accept = accept
         self.pending: deque[tuple[int, dict[str, float]]] = deque()  # reports the server has not had
         self.failures = 0  # failed tries of the fetch in flight
         self.error: BaseException | None = None  # the last of them
@@ -148,7 +167,24 @@ class WindowFetcher:
 
     def submit(self, start: int | None, ahead: int) -> None:
         """Fetch the window of ``start .. start + ahead`` (``None``: from the job's current step)."""
-        job = _Job(self._fetch, (start, ahead, self._cancel), self._notify)
+        self._start(_Job(self._fetch, (start, ahead, self._cancel), self._notify))
+
+    def hand_off(self, step: int, now: float) -> None:
+        """Post the report of ``step`` (the last one in ``pending``) and take its answer in.
+
+        Both run on this thread: the window's ``ahead`` is planned there (``plan(step,
+        now)``, ``now`` the clock when the job reported) and the answer taken into the
+        scheduler there (``accept``), so the training thread only hands the job over and,
+        at ``take()``, finds ``HANDLED``. The threading contract, which the scheduler keeps:
+        from this call until ``take()`` returns this job (or ``drop()``), the training
+        thread neither reads nor writes the state ``plan`` and ``accept`` use. A ``take()``
+        that stops waiting before the answer came revokes the job (under the lock that
+        ``accept`` runs under): its answer is then the raw one, taken in by the training
+        thread as any other.
+        """
+        self._start(_Job(self._decide, (step, now, self._cancel), self._notify, self._hand_back))
+
+    def _start(self, job: _Job) -> None:
         self._jobs.put(job)
         if self._thread is None:
             self._thread = threading.Thread(
@@ -176,8 +212,9 @@ class WindowFetcher:
                 return NOT_READY
             with self._cv:
                 self._cv.wait_for(lambda: job.done or stop_waiting(), timeout)
-            if not job.done:
-                return NOT_READY
+                if not job.done:
+                    job.revoked = True  # a hand-off's answer is now the caller's to take in
+                    return NOT_READY
         self._job = None
         try:
             return job.result()
@@ -185,7 +222,11 @@ class WindowFetcher:
             return NOT_READY
 
     def drop(self) -> None:
-        """Abandon the fetch in flight; its thread stops retrying."""
+        """Abandon the fetch in flight; its thread stops retrying (and takes no answer in)."""
+        job = self._job
+        if job is not None:
+            with self._cv:  # after an accept running now: none runs once this returns
+                job.revoked = True
         self._cancel.set()
         self._notify()
         self._cancel = threading.Event()
@@ -200,6 +241,21 @@ class WindowFetcher:
             self._thread.join(timeout)
 
     # -- on the thread ----------------------------------------------------------------------
+
+    def _decide(self, step: int, now: float, cancel: threading.Event) -> Any:
+        assert self._plan is not None
+        return self._fetch(step, self._plan(step, now), cancel)
+
+    def _hand_back(self, job: _Job) -> None:
+        """A hand-off's answer came: take it in, unless the training thread stopped waiting."""
+        with self._cv:
+            if job.error is None and not job.revoked:
+                assert self._accept is not None
+                try:
+                    job.value = self._accept(job.value)
+                except BaseException as exc:  # noqa: BLE001 - raised to the training thread at take()
+                    job.error = exc
+            job.done = True
 
     def _fetch(self, start: int | None, ahead: int, cancel: threading.Event) -> Any:
         attempt = 0
@@ -372,7 +428,10 @@ def _work(jobs: queue.SimpleQueue[Any]) -> None:
             job.value = job.fn(*job.args)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread through the job
             job.error = exc
-        job.done = True
+        if job.finish is None:
+            job.done = True
+        else:
+            job.finish(job)
         if job.notify is not None:
             job.notify()
         del job  # hold nothing of the job while waiting for the next

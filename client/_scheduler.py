@@ -46,6 +46,7 @@ from lrserve.client._exceptions import (
     warn,
 )
 from lrserve.client._fetcher import (
+    HANDLED,
     NOT_READY,
     EndOfSchedule,
     TailFetcher,
@@ -280,7 +281,9 @@ class RemoteScheduler:
         self._tail_fields = functools.partial(self._tail.settle_fields, rank=self.rank)
         self._prefetch_at: float = NEVER  # the step at which the next window is fetched
         self._state = ClientState.ACTIVE
-        self._run_status = "active"  # the run's, as the server last said
+        self._run_status = "active"  # the run's, as the server last said (shown: _publish)
+        self._heard_status = "active"  # the same, as the latest answer taken in says
+        self._watched: frozenset[str] = frozenset()  # _policy.watched, shown (_publish)
         self._events = RunEvents()  # a stop, a range test's switch, spikes: due at a step
         self._warned: set[str] = set()
         self._deciding: int | None = None  # the step whose decision step(metric) left on its way
@@ -295,6 +298,7 @@ class RemoteScheduler:
         self._hookable = not strict and not is_range_test
         self._hooked = False
         self._want_overlap = overlap_decisions
+        self._overlap = False  # whether step(metric) returns before its decision (once hooked)
         run_id = run_id if run_id is not None else run_id_from_env()
         labels = labels if labels is not None else labels_from_env()
         self._named_run = run_id is not None
@@ -320,6 +324,8 @@ class RemoteScheduler:
             report_timeout=self._report_timeout,
             clock=clock,
             rand=rand,
+            plan=_weakly(weakref.ref(self), "_plan_decision"),
+            accept=_weakly(weakref.ref(self), "_accept_handed"),
         )
         self._tails = TailFetcher(client, run_id=self._link.get_run_id)
         self._finalizer = weakref.finalize(
@@ -371,8 +377,9 @@ class RemoteScheduler:
         self.run_id = str(run["run_id"])
         if isinstance(run.get("schedule"), Mapping):
             self._spec_filled = dict(run["schedule"])  # every argument, defaults filled in
-        self._run_status = str(run.get("status") or "active")
+        self._heard_status = str(run.get("status") or "active")
         self._note_server(run)
+        self._publish()
         self._job_watched = bool(self._policy.watched)
         self._events.note_stop(run, self.last_epoch)
         if int(run.get("horizon", 0)) == 0 and run.get("lrs") is not None:
@@ -429,6 +436,18 @@ class RemoteScheduler:
                 if s >= self._prefetch_at:
                     self._maybe_prefetch(s)
                 return
+        if type(metrics) is float and epoch is None and self._fast and self._overlap:
+            # torch's step(metric), overlapping: what _step_slow and _take_report do then
+            # (open, one watched metric, nothing pending, no fetch in flight), in one go
+            s = self.last_epoch + 1
+            watched = self._watched
+            if len(watched) == 1 and not self._fetcher.busy and not self._cache.holds(s):
+                self.last_epoch = s
+                self._policy.cadence.observe_report(s)
+                for name in watched:
+                    self._hand_off(s, {name: metrics})
+                check_not_composed(self.optimizer)
+                return
         self._step_slow(metrics, epoch)
 
     def get_last_lr(self) -> list[float]:
@@ -457,7 +476,7 @@ class RemoteScheduler:
     def watched(self) -> frozenset[str]:
         """The metrics the run decides on now, as the server last said: ``step(metric)`` and
         ``report()`` send these with the step (an operator may change them)."""
-        return self._policy.watched
+        return self._watched
 
     @property
     def status(self) -> str:
@@ -523,7 +542,7 @@ class RemoteScheduler:
         self._open = None
         self._take_report(s, report)
         self._refresh()
-        self._maybe_prefetch(s)
+        self._after_step(s)
 
     def flush(self, timeout: float | None = DEFAULT_CLOSE_TIMEOUT_S) -> bool:
         """Send the logged metrics now; returns whether all were sent within ``timeout``."""
@@ -592,6 +611,7 @@ class RemoteScheduler:
         if self._state is ClientState.CLOSED:
             return
         self._finalizer.detach()  # this does what it would, and more
+        self._fetcher.drop()  # first: a decision handed off is not taken in past here
         self._deciding = None
         self._open = None  # the job is done with it: nothing needs its values
         self._set_state(ClientState.CLOSED)
@@ -705,12 +725,23 @@ class RemoteScheduler:
             if self.strict:
                 self.last_epoch = s - 1  # the caller may retry the same step
             raise
-        self._maybe_prefetch(s)
+        self._after_step(s)
+
+    def _after_step(self, s: int) -> None:
+        """Fetch the next window if due (``_maybe_prefetch``), unless the step's report was
+        handed off: the fetch thread plans the windows until ``_settle`` then."""
+        if self._deciding is None:
+            self._maybe_prefetch(s)
+        else:
+            check_not_composed(self.optimizer)
 
     def _split_metrics(self, metrics: Any) -> tuple[dict[str, float], dict[str, float]]:
         if metrics is None:
             return {}, {}
-        watched = self._policy.watched
+        watched = self._watched
+        if type(metrics) is float and len(watched) == 1:  # torch's call: what the rest gives, at once
+            for name in watched:
+                return {name: metrics}, {}
         if isinstance(metrics, Mapping):
             items = {str(k): to_float(v) for k, v in metrics.items()}
         else:
@@ -756,15 +787,10 @@ class RemoteScheduler:
             if not self._wait_for_server(s, report, self._fetcher.error):
                 self._hold(s, self._fetcher.error)
             return
-        self._policy.sizer.observe(s, self._clock())
         if self._overlap and not self._fetcher.busy:
-            # the worker posts it; the values of s are taken by _settle, when first needed
-            self._fetcher.pending.append((s, report))
-            self._fetcher.submit(s, self._ahead_from(s))
-            self._deciding = s
-            self._due.armed = True
-            self._refresh()
+            self._hand_off(s, report)
             return
+        self._policy.sizer.observe(s, self._clock())
         try:
             ahead = self._ahead_from(s)
             answer = self._client.step_run(
@@ -788,6 +814,15 @@ class RemoteScheduler:
             return
         self._accept(answer)
         self._apply(s)
+
+    def _hand_off(self, s: int, report: dict[str, float]) -> None:
+        """The worker posts the report and takes its answer in; ``_settle`` writes the values
+        of ``s`` when first needed. The hand-off comes last (the contract: ``_accept_handed``)."""
+        self._fetcher.pending.append((s, report))
+        self._deciding = s
+        self._due.armed = True
+        self._fast = False  # what _refresh() says while a decision is on its way
+        self._fetcher.hand_off(s, self._clock())
 
     def _wait_for_server(self, s: int, report: Mapping[str, float], exc: BaseException | None) -> bool:
         """Step ``s`` needs the decision its report brings: wait for a server (``report_wait_s``).
@@ -896,10 +931,57 @@ class RemoteScheduler:
         self._last_lr = row
 
     def _accept(self, answer: Mapping[str, Any]) -> None:
-        self._run_status = str(answer.get("status") or self._run_status)
+        """Take an answer in, on the training thread."""
+        self._heard(answer)
+        self._publish()
+        self._refresh()  # a switch or a spike due: the step that reaches it goes through _apply
+        self._take_values(answer)
+        if self._state is ClientState.AWAY and self._cache.holds(self.last_epoch):
+            self._apply(self.last_epoch)  # catch up now, not one step later
+            self._back()
+        self._grow_tail()
+
+    def _plan_decision(self, s: int, now: float) -> int:
+        """A handed-off report's window: how far it reaches (on the fetch thread)."""
+        self._policy.sizer.observe(s, now)
+        return self._ahead_from(s)
+
+    def _accept_handed(self, answer: Any) -> Any:
+        """Take a handed-off report's answer in, on the fetch thread (``overlap_decisions``).
+
+        Threading: from ``WindowFetcher.hand_off`` (the last thing ``_take_report`` does)
+        until ``_settle`` takes the job (``HANDLED``), the fetch thread is the one writer and
+        reader of what this and ``_plan_decision`` use (the window cache, the provisional
+        tail and its fetcher, the prefetch policy, the run's events and status heard): every
+        call of the job's that reads them settles first (``_fast`` is false meanwhile),
+        ``drop()`` revokes the job under the lock this runs under, and a ``_settle`` that
+        stops waiting revokes it too (the answer, when it comes, is then taken in by
+        ``_accept`` there). What the job is shown (``status``, ``watched``) and what touches
+        the optimizer (its hooks, its values) stay on the training thread: ``_publish``,
+        ``_apply``. No state is left as the training thread's ``_accept`` would not leave it:
+        the catch-up after an outage is not needed (a hand-off is made only while active).
+        """
+        if isinstance(answer, EndOfSchedule):
+            return answer  # the training thread notes it (_collect)
+        self._heard(answer)
+        self._take_values(answer)
+        self._grow_tail()
+        return HANDLED
+
+    def _heard(self, answer: Mapping[str, Any]) -> None:
+        self._heard_status = str(answer.get("status") or self._heard_status)
         self._note_server(answer)
         self._events.note(answer, self.last_epoch)
-        self._refresh()  # a switch or a spike due: the step that reaches it goes through _apply
+
+    def _publish(self) -> None:
+        """Show the job what the latest answer taken in said (``status``, ``watched``), and
+        hook the optimizer once the run watches a metric: on the training thread."""
+        self._run_status = self._heard_status
+        if self._watched is not self._policy.watched:
+            self._watched = self._policy.watched
+            self._maybe_hook()
+
+    def _take_values(self, answer: Mapping[str, Any]) -> None:
         window = answer.get("window")
         if window:
             start, lrs = int(window["start"]), window["lrs"]
@@ -912,10 +994,6 @@ class RemoteScheduler:
         # answer's final values replace it (those disagree from any input placed meanwhile)
         self._tail.back(self.last_epoch, self._cache)
         self._tail.take(answer, start, lrs)
-        if self._state is ClientState.AWAY and self._cache.holds(self.last_epoch):
-            self._apply(self.last_epoch)  # catch up now, not one step later
-            self._back()
-        self._grow_tail()
 
     def _grow_tail(self) -> None:
         """Ask for more provisional tail after the final values held, when what is held
@@ -961,7 +1039,6 @@ class RemoteScheduler:
         watched = answer.get("watched")
         if watched is not None and frozenset(watched) != self._policy.watched:
             self._policy.watched = frozenset(str(name) for name in watched)
-            self._maybe_hook()
         max_ahead = answer.get("max_ahead")
         if max_ahead:
             self._policy.sizer.cap = int(max_ahead)
@@ -1000,6 +1077,9 @@ class RemoteScheduler:
         result = self._fetcher.take(wait=wait, stop_waiting=self._stop_waiting)
         if result is NOT_READY:
             return
+        if result is HANDLED:  # the fetch thread took it in (_accept_handed)
+            self._publish()
+            return
         if isinstance(result, EndOfSchedule):
             self._cache.end_at = result.step
             self._reschedule()
@@ -1012,15 +1092,11 @@ class RemoteScheduler:
 
     # -- decisions on their way ---------------------------------------------------------
 
-    @property
-    def _overlap(self) -> bool:
-        """Whether ``step(metric)`` returns before its decision (taken by the optimizer hook)."""
-        return self._want_overlap and self._hooked
-
     def _maybe_hook(self) -> None:
         """Hook the optimizer once the run watches a metric (not before: no cost without)."""
         if self._hookable and self._policy.watched and not self._hooked:
             self._hooked = self._writer.hook(_before_reads_hook(weakref.ref(self), self._due))
+            self._overlap = self._want_overlap and self._hooked
 
     def _before_optimizer_reads(self, *_: Any) -> None:
         if self._open is not None:

@@ -27,7 +27,7 @@ from tests.client.test_e2e_inprocess import (
     weights,
 )
 from tests.live_server import ServerProcess
-from tests.specs import plateau
+from tests.specs import plateau, warmup_then
 
 BARRIER_PLATEAU = plateau()
 
@@ -170,3 +170,56 @@ def test_a_wrapped_optimizer_gets_the_decision_through_the_one_it_wraps(make_sch
         sched.step(metric)
         opt.step()
     assert used == [expected_lrs([0.1], 3, {1: 1.0, 2: 2.0, 3: 3.0})[k] for k in (1, 2, 3)]
+
+
+def _until(condition, what, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.001)
+
+
+def test_the_fetch_thread_takes_the_answer_in_and_the_hook_writes_it(server):
+    """The decision's answer is taken into the scheduler's state on the fetch thread, while the
+    job trains (the training thread is not in the scheduler): the values of the reported step
+    are held before the optimizer steps, and written into ``param_groups`` only by its hook."""
+    opt = sgd()
+    with RemoteScheduler(opt, plateau(), run_id="handed", url=server.url, steps_per_epoch=1,
+                         overlap_decisions=True) as sched:
+        previous = 0.1
+        for k, metric in enumerate((1.0, 2.0, 3.0, 0.5), start=1):
+            sched.step(metric)
+            _until(lambda k=k: sched._cache.holds(k), f"the fetch thread took step {k}'s answer in")
+            assert opt.param_groups[0]["lr"] == previous  # not written: that is the hook's
+            opt.step()
+            previous = opt.param_groups[0]["lr"]
+            assert sched.get_last_lr() == [previous]
+        assert previous == 0.025  # 2.0 and 3.0 did not improve on 1.0: halved twice
+
+
+def test_many_handed_off_decisions_leave_what_waiting_leaves(server):
+    """Many reports handed to the fetch thread, its answers coming while the training thread
+    waits for them in the hook and while it is elsewhere, with windows fetched between the
+    reports: every value the optimizer applies, what the readers say and the checkpoint are
+    a waiting scheduler's on the same metrics."""
+    spec = warmup_then(plateau(patience=1), steps=6)
+    per_epoch, epochs = 4, 40
+    metrics = {per_epoch * e: 1.0 / (1 + e % 7) for e in range(1, epochs + 1)}
+    seen = {}
+    for mode, overlap in (("waits", False), ("overlap", True)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+        used = record_used_lrs(opt)
+        readers = []
+        with RemoteScheduler(opt, spec, run_id=f"many-{mode}", url=server.url, steps_per_epoch=per_epoch,
+                             overlap_decisions=overlap) as sched:
+            assert sched._overlap is overlap
+            for k in range(1, per_epoch * epochs + 1):
+                sched.step(metrics.get(k))
+                if overlap and k in metrics and k % 8 == 0:  # the answer comes while it trains
+                    _until(sched._fetcher.done, f"step {k}'s answer")
+                opt.step()
+                readers.append((sched.get_last_lr(), sched.status, sched.watched, sched.should_stop))
+            state = {key: value for key, value in sched.state_dict().items() if key not in ("run_id", "url")}
+        seen[mode] = used, readers, state
+    assert len({tuple(lrs) for lrs in seen["waits"][0]}) > 3  # warm-up, then the plateau halved it
+    assert seen["overlap"] == seen["waits"]
