@@ -1284,6 +1284,14 @@ class SqlRunTransaction(RunTransaction):
         self._updated_at = now
         return [_event(row) for row in rows]
 
+    def add_barrier_reports(self, step: int, reports: Mapping[int, Mapping[str, float]]) -> BarrierTally:
+        """Record ranks' reports for ``step`` in this transaction and read the barrier back (see
+        ``RunTransaction.add_barrier_reports``). No notification: the ranks waiting in other
+        processes need only this barrier's decision, which notifies with its events."""
+        self._writing()
+        stored = self._store._add_reports_on(self._cursor, self.run.run_id, step, reports)
+        return BarrierTally(self.run.horizon, stored)
+
     def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status; ``updated_at`` follows.
 
