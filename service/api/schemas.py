@@ -6,12 +6,13 @@ Requests are validated here (types, ranges, lengths); the spec itself is validat
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from lrserve.service.engine.actions import ARGUMENTS, ActionKind
 from lrserve.service.engine.spec import MAX_GROUPS
 from lrserve.service.engine.status import RunStatus
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 """A run id: also what the fast path (``fast_path.py``) matches in ``/v1/runs/{run_id}/lr``."""
@@ -26,6 +27,22 @@ MetricName = Annotated[str, Field(pattern=NAME_PATTERN)]
 LearningRate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Momentum = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
+def _decimal_digits(value: object) -> object:
+    """A query's integer as API.md writes it: the digits 0-9 (a ``-`` first, for the range's own
+    message). pydantic's lax parsing would also take ``1_0``, ``+5``, `` 5``, ``5.0`` and other
+    scripts' digits, which the fast path (``fast_path.py``, ``fast_reads.py``) never does."""
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"expected an integer in decimal digits (0-9), got {shown!r}")
+    return value
+
+
+QueryInt = Annotated[int, BeforeValidator(_decimal_digits)]
+"""An integer in a query string: decimal digits only (``_decimal_digits``)."""
+QueryStep = Annotated[Step, BeforeValidator(_decimal_digits)]
 Rank = Annotated[int, Field(ge=0, lt=1 << 16)]
 MAX_LABEL_LENGTH = 128
 LabelText = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)]

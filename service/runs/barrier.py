@@ -11,15 +11,15 @@ same barrier. A job's ranks report within milliseconds of each other: the report
 reach a process while another of the same barrier is being written go together in the
 next write (one transaction and one worker thread for them). The rank that completes the
 barrier decides at once and wakes the ranks waiting in its own process: it knows it is
-the last either from its report's transaction, which reads the barrier back (on SQLite,
-where writers take turns, always), or from the reports this process has counted
-(PostgreSQL lets concurrent reports miss each other).
+the last from its report's transaction, which reads the barrier back with every report
+committed before it. On SQLite writers take turns; on PostgreSQL the reports are written
+under the run's row lock and the decision goes in the same transaction
+(``Committer.report_to_barrier``), so a barrier is decided once, by its last reports.
 Ranks waiting in other processes learn of the decision by asking the store: on
-PostgreSQL when a notification says another process reported to or decided the run
-(``LISTEN``/``NOTIFY``, ``BaseStore.run_listener``), which also settles a barrier whose
-last reports crossed on two replicas; and every ``POLL_S`` where no notification can come
-(SQLite replicas, a lost listener), every ``NOTIFIED_POLL_S`` while one can. One question
-per barrier and process, however many ranks wait there. A barrier that times out asks too.
+PostgreSQL when a notification says another process decided the run (``LISTEN``/``NOTIFY``,
+``BaseStore.run_listener``); and every ``POLL_S`` where no notification can come (SQLite
+replicas, a lost listener), every ``NOTIFIED_POLL_S`` while one can. One question per
+barrier and process, however many ranks wait there. A barrier that times out asks too.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from lrserve.service.runs.replay import apply_logs
 from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
 from lrserve.service.store.base import (
+    BarrierTally,
     BaseStore,
     LockedRun,
     MetricRecord,
@@ -77,6 +78,16 @@ or the first free step, whichever is later."""
 
 Metric = tuple[int, dict[str, float]]
 """A decision's metric values, placed at a step (or nowhere, when that step is final)."""
+
+
+@dataclass(frozen=True)
+class BarrierDecision:
+    """A metric barrier's decision: its ``metric`` (the step, the ranks' means), the events that
+    go with it (``barrier_timeout``), and the end of the window committed with it."""
+
+    target: int
+    metric: Metric
+    extra_events: Sequence[NewEvent] = ()
 
 
 class Committer:
@@ -137,6 +148,46 @@ class Committer:
                     )
                 except _RunReplaced:  # evicted on the way out; the next turn loads the new run
                     continue
+
+    def report_to_barrier(
+        self,
+        run_id: str,
+        step: int,
+        reports: Mapping[int, Mapping[str, float]],
+        records: Sequence[MetricRecord],
+        decide: Callable[[RunState, BarrierTally], BarrierDecision | None],
+    ) -> bool:
+        """Ranks' reports for the barrier at ``step`` and, when they complete it, its decision, in
+        one transaction under the run's lock (PostgreSQL: its row). The tally is read there, so
+        it holds every report committed before: the reports that complete the barrier know it,
+        and it is decided once, in their transaction (``decide``: the decision the tally calls
+        for, with ``state`` caught up to the stored horizon; None: not yet, or final already).
+        ``records``: the reports' metric history, written with them.
+
+        Returns:
+            True once ``step`` is final.
+        """
+        while True:
+            state = self.runs.state(run_id)
+            with held(state.lock, now=self.store.must_not_wait, what="the run"):
+                if state.evicted:  # a commit failed while we waited: take the reloaded state
+                    continue
+                try:
+                    with self._evicting_on_error(state):
+                        outcomes: list[StepOutcome] = []
+                        with self.store.lock_run(run_id) as tx:
+                            self._catch_up(state, tx)
+                            decision = decide(state, tx.add_barrier_reports(step, reports))
+                            new_events: list[NewEvent] = []
+                            if decision is not None:
+                                outcomes, _, new_events = _compute(
+                                    state, tx.run.horizon, decision.target, decision.metric, None,
+                                    decision.extra_events, step, (), self.big_work)
+                            _append(state, tx, outcomes, new_events, records)
+                        self._committed(state, outcomes)
+                except _RunReplaced:  # evicted on the way out; the next turn loads the new run
+                    continue
+                return state.horizon >= step
 
     def caught_up(self, run_id: str, record: RunRecord | None = None) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further);

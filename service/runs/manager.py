@@ -29,6 +29,7 @@ from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import (
     LOCAL_ACTOR,
+    BarrierDecision,
     Committer,
     PlacedAction,
     Reports,
@@ -449,8 +450,15 @@ class RunManager:
         watched: dict[int, Mapping[str, float]] = {}
         for report in reports:
             watched.setdefault(report.rank, report.watched)  # a rank's first report stands
-        tally = self.store.add_barrier_reports(run_id, step, watched, records)
-        return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
+        if self.store.one_writer:  # SQLite: writers take turns, so this tally has every report too
+            tally = self.store.add_barrier_reports(run_id, step, watched, records)
+            return self._settle_barrier(state, step, tally, timed_out=False, ahead=ahead)
+        # PostgreSQL: under the run's row lock, so the reports that complete the barrier see every
+        # other report and decide in their own transaction (else two last reports may miss each
+        # other, and the decision is a second transaction)
+        return self.committer.report_to_barrier(
+            run_id, step, watched, records,
+            lambda locked, tally: self._barrier_decision(locked, step, tally, False, ahead))
 
     def resolve_barrier(self, run_id: str, step: int, timed_out: bool, ahead: int = 0) -> bool:
         """Decide the barrier at ``step`` if every rank reported (or time is up).
@@ -474,19 +482,32 @@ class RunManager:
     ) -> bool:
         if state.horizon >= step or tally.horizon >= step:
             return True
+        decision = self._barrier_decision(state, step, tally, timed_out, ahead)
+        if decision is None:
+            return False
+        self.committer.commit(state.run_id, decision.target, metric=decision.metric,
+                              extra_events=decision.extra_events, need=step)
+        return True
+
+    def _barrier_decision(
+        self, state: RunState, step: int, tally: BarrierTally, timed_out: bool, ahead: int
+    ) -> BarrierDecision | None:
+        """The decision ``tally`` calls for: the ranks' rank-order means (the missing ranks named
+        once time is up) and the window asked for; None while ranks are missing, or once
+        ``step`` is final."""
+        if state.horizon >= step or tally.horizon >= step:
+            return None
         reports = tally.reports
         if len(reports) < state.world_size and not timed_out:
-            return False
+            return None
         missing = [r for r in range(state.world_size) if r not in reports]
-        means = _rank_order_means(reports)
         extra = []
         if missing:
             extra.append(NewEvent(EventKind.BARRIER_TIMEOUT, step, {
                 "missing_ranks": missing, "reported_ranks": sorted(reports),
                 "timeout_s": self.settings.barrier_timeout_s}))
-        end = self._window_end(state, step, ahead)
-        self.committer.commit(state.run_id, end, metric=(step, means), extra_events=extra, need=step)
-        return True
+        means = _rank_order_means(reports)
+        return BarrierDecision(self._window_end(state, step, ahead), (step, means), extra)
 
     # -- operator control -----------------------------------------------------------------
 

@@ -210,6 +210,13 @@ class RunTransaction(abc.ABC):
     def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status (``updated_at`` follows). The horizon never goes down."""
 
+    @abc.abstractmethod
+    def add_barrier_reports(self, step: int, reports: Mapping[int, Mapping[str, float]]) -> BarrierTally:
+        """Record ranks' reports for ``step`` (a rank's first report of a name stands) and read
+        the barrier back under the run's lock: every report committed before this transaction
+        took it is in the tally, so the reports that complete a barrier see that they do (as
+        ``BaseStore.add_barrier_reports``, whose tally may miss a report committed meanwhile)."""
+
 
 class BaseStore(abc.ABC):
     """Persistent state of every run. See the module docstring for the contract."""

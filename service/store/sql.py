@@ -25,7 +25,7 @@ import math
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal, NoReturn
@@ -1101,8 +1101,11 @@ class SqlStore(BaseStore):
                 self._insert_metrics_on(counting, run_id, records)
             return max(int(counting.rowcount), 0)  # known once COMMIT answered (PostgreSQL pipelines)
         finally:
+            # A failed write may have closed the connection (SQLite on a full disk: the pool's
+            # rollback failed), and closing the cursor would raise over the write's own error.
             if counting is not None:
-                counting.close()
+                with suppress(self._driver_error):
+                    counting.close()
 
     def _keep_run(self, cursor: Any, run_id: str) -> dict[str, Any]:
         """The run's row (a ``LockedRun``'s columns), which must not vanish before this
@@ -1280,6 +1283,14 @@ class SqlRunTransaction(RunTransaction):
         self.run = LockedRun(run.run_id, run.status, run.horizon, first + len(rows) - 1, run.created_at)
         self._updated_at = now
         return [_event(row) for row in rows]
+
+    def add_barrier_reports(self, step: int, reports: Mapping[int, Mapping[str, float]]) -> BarrierTally:
+        """Record ranks' reports for ``step`` in this transaction and read the barrier back (see
+        ``RunTransaction.add_barrier_reports``). No notification: the ranks waiting in other
+        processes need only this barrier's decision, which notifies with its events."""
+        self._writing()
+        stored = self._store._add_reports_on(self._cursor, self.run.run_id, step, reports)
+        return BarrierTally(self.run.horizon, stored)
 
     def update_run(self, *, horizon: int | None = None, status: RunStatus | None = None) -> None:
         """Set the horizon and/or status; ``updated_at`` follows.

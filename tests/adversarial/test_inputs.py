@@ -60,6 +60,33 @@ def test_a_parameter_given_twice_is_a_422(http, server, query, field):
     assert_clean_4xx(response, server, field)
 
 
+# Integers in a query are decimal digits (API.md): what Python's int() or pydantic's lax
+# parsing would also take (underscores, a sign, spaces, other scripts' digits, floats) is a 422
+NOT_DECIMAL = ["1_0", "+5", " 5", "5 ", "\u0665", "\uff15", "0x10", "5.0", "1e3"]
+INTEGER_PARAMETERS = [
+    ("/v1/runs/edges/lr", "step", ""),
+    ("/v1/runs/edges/lr", "ahead", "step=1&"),
+    ("/v1/runs/edges/lr", "provisional", "step=1&"),
+    ("/v1/runs/edges/lr", "provisional_from", "step=1&"),
+    ("/v1/runs/edges/lr", "provisional_id", "step=1&"),
+    ("/v1/runs/edges/lr", "provisional_after", "step=1&"),
+    ("/v1/runs/edges/lr", "rank", "step=1&"),
+    ("/v1/runs/edges/history", "max_points", ""),
+    ("/v1/runs/edges/spike-guard", "max_points", ""),
+    ("/v1/runs", "limit", ""),
+    ("/v1/events", "since", ""),
+]
+
+
+@pytest.mark.parametrize("value", NOT_DECIMAL, ids=ascii)
+@pytest.mark.parametrize("path,field,before", INTEGER_PARAMETERS,
+                         ids=[f"{path.rsplit('/', 1)[1]}-{field}" for path, field, _ in INTEGER_PARAMETERS])
+def test_query_integers_are_decimal_digits(http, server, path, field, before, value):
+    response = http.get(f"{path}?{before}{field}={quote(value, safe='')}")
+    assert response.status_code == 422, (field, value, response.status_code, response.text[:200])
+    assert_clean_4xx(response, server, field)
+
+
 def test_labels_may_repeat_as_the_contract_says(http):
     assert http.get("/v1/runs?label=a:1&label=b:2").status_code == 200
 

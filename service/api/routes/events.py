@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from lrserve.service.api.deps import ReadAccess
 from lrserve.service.api.responses import feed_message, overflow_message
 from lrserve.service.api.routes.runs import _parse_labels
-from lrserve.service.api.schemas import ERROR_RESPONSES
+from lrserve.service.api.schemas import ERROR_RESPONSES, QueryInt
 from lrserve.service.errors import InvalidInput
 from lrserve.service.events.hub import EventHub, FeedFilter, Overflow
 from lrserve.service.store.events import EventKind, FeedEntry
@@ -27,7 +27,7 @@ async def _stream_request(
     run_id: Annotated[str | None, Query(max_length=128, description="Only this run's events")] = None,
     label: Annotated[list[str], Query(description="key:value; repeat to require several")] = [],  # noqa: B006
     kind: Annotated[list[str], Query(description=f"Only these kinds (repeat): {', '.join(KINDS)}")] = [],  # noqa: B006
-    since: Annotated[int | None, Query(ge=0, description="Resume after this id")] = None,
+    since: Annotated[QueryInt | None, Query(ge=0, description="Resume after this id")] = None,
     last_event_id: Annotated[str | None, Header(description="Resume after this id (wins over since)")] = None,
 ) -> tuple[int, FeedFilter]:
     for value in kind:

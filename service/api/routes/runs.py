@@ -35,6 +35,7 @@ from lrserve.service.api.schemas import (
     ControlResult,
     HistoryPublic,
     LRFinderPublic,
+    QueryInt,
     RunCreate,
     RunId,
     RunPublic,
@@ -103,7 +104,7 @@ def list_runs(
         list[str], Query(description=f"key:value; repeat to require several (at most {MAX_LABELS})")
     ] = [],  # noqa: B006
     status: Status | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[QueryInt, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
     stale: Annotated[
         bool | None, Query(description="true: only active runs not heard from for LRSERVE_STALE_AFTER_S")
@@ -172,7 +173,7 @@ def read_lr_finder(run_id: RunId, manager: ManagerDep) -> Response:
 @router.get("/{run_id}/history", response_model=HistoryPublic, dependencies=[ReadAccess])
 def read_history(
     run_id: RunId, manager: ManagerDep, answers: HistoryAnswersDep,
-    max_points: Annotated[int, Query(ge=1, le=MAX_POINTS)] = DEFAULT_POINTS,
+    max_points: Annotated[QueryInt, Query(ge=1, le=MAX_POINTS)] = DEFAULT_POINTS,
 ) -> Response:
     """LR and metric series (downsampled) and the run's events."""
     return Response(history_answer(manager, answers, run_id, max_points), media_type="application/json")

@@ -19,8 +19,9 @@ from lrserve.service.api.schemas import (
     AHEAD_DOC,
     MetricsAccepted,
     MetricsCreate,
+    QueryInt,
+    QueryStep,
     RunId,
-    Step,
     StepRequest,
     StepResult,
 )
@@ -32,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["steps"])
 
+_RANK_DOC = "The asking rank (named in a provisional_divergence)."
 _TAIL_DOC = "Steps of provisional values wanted after the window (capped by LRSERVE_MAX_PROVISIONAL)."
 _FROM_DOC = "The first step this job took on provisional values during an outage now over."
 _ID_DOC = "The `provisional.id` of the tail held (those steps came from)."
@@ -67,13 +69,13 @@ def _with_tail(
 async def read_lr(
     run_id: RunId,
     manager: ManagerDep,
-    step: Annotated[Step, Query()],
-    ahead: Annotated[int, Query(ge=0, description=AHEAD_DOC)] = 0,
-    provisional_size: Annotated[int, Query(alias="provisional", ge=0, description=_TAIL_DOC)] = 0,
-    provisional_from: Annotated[int | None, Query(ge=0, description=_FROM_DOC)] = None,
-    provisional_id: Annotated[int | None, Query(ge=0, description=_ID_DOC)] = None,
-    provisional_after: Annotated[int | None, Query(ge=0, description=_AFTER_DOC)] = None,
-    rank: Annotated[int, Query(ge=0, description="The asking rank (named in a provisional_divergence).")] = 0,
+    step: Annotated[QueryStep, Query()],
+    ahead: Annotated[QueryInt, Query(ge=0, description=AHEAD_DOC)] = 0,
+    provisional_size: Annotated[QueryInt, Query(alias="provisional", ge=0, description=_TAIL_DOC)] = 0,
+    provisional_from: Annotated[QueryInt | None, Query(ge=0, description=_FROM_DOC)] = None,
+    provisional_id: Annotated[QueryInt | None, Query(ge=0, description=_ID_DOC)] = None,
+    provisional_after: Annotated[QueryInt | None, Query(ge=0, description=_AFTER_DOC)] = None,
+    rank: Annotated[QueryInt, Query(ge=0, description=_RANK_DOC)] = 0,
 ) -> Response:
     """Values for steps step..step+ahead (capped); asking commits them (they become final).
 

@@ -350,6 +350,33 @@ def test_bad_writes_get_the_routes_answers(settings, database_url, backend):
         assert [r.status_code for r in (fast.get("/v1/runs/q"), routed.get("/v1/runs/q"))] == [404, 404]
 
 
+BAD_READS = [
+    # queries the fast layers leave to the routes, each a 422 naming the field: integers are
+    # decimal digits (API.md), not what int() or pydantic's lax parsing also take
+    *[f"/v1/runs/p/lr?step={v}" for v in ("1_0", "%2B5", "%205", "5%20", "%D9%A5", "0x10", "5.0", "1e3")],
+    *[f"/v1/runs/p/lr?step=1&ahead={v}" for v in ("1_0", "%2B5", "%205", "5.0")],
+    *[f"/v1/runs/p/history?max_points={v}" for v in ("1_0", "%2B5", "%205", "5.0", "0")],
+    "/v1/runs/p/lr?step=" + "9" * 5000,
+]
+
+
+def test_bad_reads_get_the_routes_answers(settings, database_url, backend):
+    with _pair(settings, database_url, backend) as (fast, routed, passed_on):
+        for client in (fast, routed):
+            make_run(client, "p", PLATEAU)
+            assert client.get("/v1/runs/p/lr?step=0&ahead=5").status_code == 200
+            assert client.get("/v1/runs/p/history").status_code == 200
+        for path in BAD_READS:
+            field = path.split("?")[1].rsplit("&", 1)[-1].split("=")[0]
+            a, b = _both(fast, routed, "GET", path)
+            assert a.status_code == 422, (path, a.text)
+            assert [e["field"] for e in a.json()["errors"]] == [field], (path, a.text)
+            _same(a, b, path)
+        a, b = _both(fast, routed, "GET", "/v1/runs/p")
+        _same(_without_times(a), _without_times(b), "the run after the bad reads")
+        assert a.json()["horizon"] == 5
+
+
 def test_fast_writes_check_the_routes_roles(settings, database_url, backend):
     with _pair(settings, database_url, backend, tokens=TOKENS) as (fast, routed, passed_on):
         for client in (fast, routed):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from lrserve.service.errors import StoreUnavailable
@@ -63,6 +63,17 @@ def counting(obj, name: str) -> Iterator[list[tuple]]:
         yield calls
     finally:
         setattr(obj, name, original)
+
+
+@contextmanager
+def report_transactions(manager: RunManager) -> Iterator[list[tuple]]:
+    """Count the transactions that write barrier reports: ``add_barrier_reports`` (SQLite) or
+    the run's transaction that writes them and decides (PostgreSQL, ``report_to_barrier``)."""
+    with counting(manager.store, "add_barrier_reports") as alone, \
+            counting(manager.committer, "report_to_barrier") as locked:
+        both: list[tuple] = []
+        yield both
+        both.extend(alone + locked)
 
 
 def test_the_last_report_decides_with_the_rank_order_mean_and_commits_the_window(replicas):
@@ -190,7 +201,7 @@ def test_ranks_that_report_while_a_report_is_written_go_in_one_transaction(repli
         writes.release()
         return await asyncio.wait_for(asyncio.gather(first, *others), GUARD_S)
 
-    with held_first_write(a, gate) as writes, counting(a.store, "add_barrier_reports") as transactions:
+    with held_first_write(a, gate) as writes, report_transactions(a) as transactions:
         answers = asyncio.run(ranks(writes))
     assert writes == [[0], [1, 2, 3, 4]] and len(transactions) == 2
     assert len({w.values[0] for w in answers}) == 1 and [len(w.values) for w in answers] == [1, 4, 4, 4, 4]
@@ -310,3 +321,34 @@ def test_on_postgres_ranks_waiting_on_one_replica_are_woken_by_a_notification(re
         ranks = asyncio.run(step(k, last_on))
         assert len({tuple(w.values) for w in ranks}) == 1 and ranks[0].start == k
     assert a.store.read_run("r").horizon == 2
+
+
+def test_on_postgres_a_barrier_is_decided_once_in_the_transaction_of_its_last_reports(replicas, monkeypatch):
+    """Six ranks of a run report to two replicas at once, three barriers in a row: every write
+    transaction of the run is a group of reports, one of them decides (under the run's row
+    lock, the tally read there), and no transaction decides after them; one decision per
+    barrier, the same window for every rank. Before: the decision was a transaction of its own
+    after the completing reports, and two last reports that missed each other were each
+    settled by asking the store."""
+    a, b = replicas
+    if a.store.one_writer:
+        pytest.skip("SQLite: writers take turns; the decision is its own transaction, in a group commit")
+    create(a, world_size=6)
+    monkeypatch.setattr(barrier_module, "POLL_S", 0.05)  # the other replica's ranks ask the store
+    gates = [Barriers(a, 3600), Barriers(b, 3600)]
+
+    async def step(k: int):
+        return await asyncio.wait_for(asyncio.gather(*(
+            gates[r % 2].step("r", k, {"val_loss": 1.0 + r * k}, r, 0) for r in range(6))), GUARD_S)
+
+    with ExitStack() as stack:
+        transactions = [stack.enter_context(counting(m.store, name))
+                        for m in replicas for name in ("lock_runs", "add_barrier_reports")]
+        groups = [stack.enter_context(counting(m, "report_ranks_to_barrier")) for m in replicas]
+        for k in (1, 2, 3):
+            answers = asyncio.run(step(k))
+            assert len({tuple(w.values) for w in answers}) == 1 and answers[0].start == k
+    assert sum(map(len, transactions)) == sum(map(len, groups))
+    decisions = [(e.step, e.payload["values"]) for e in a.store.read_events("r") if e.kind.value == "metric"]
+    assert decisions == [(k, {"val_loss": sum(1.0 + r * k for r in range(6)) / 6}) for k in (1, 2, 3)]
+    assert a.store.read_run("r").horizon == 3
