@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -33,9 +34,16 @@ PG_ENV = ("LRSERVE_BENCH_PG", "TEST_DATABASE_URL")
 # process takes one between ``free_port()`` and the server's bind, nor while a killed
 # server's port waits for its restart; under pytest-xdist each worker draws from its own
 # slice, so parallel workers never collide (and a process never hands one out twice).
+# A port handed out is also claimed for the life of this process, machine-wide, against every
+# other process drawing ports here (other pytest sessions' workers of the same index draw
+# from the same slice): between a server's kill and its restart nothing listens on its port,
+# and a bind test alone let another test's server take it in that gap (the restart then
+# failed to bind, or its readiness poll was answered by the other server).
 _PORTS = range(12000, 32000)
 _SLICE = 1000
+_CLAIMS = Path(tempfile.gettempdir()) / "lrserve-ports.lock"  # one byte-range lock per port
 _given: set[int] = set()
+_claims_fd: int | None = None  # kept open: closing any descriptor of the file drops the locks
 _random = random.Random()  # its own: a test seeding `random` must not make workers agree
 
 
@@ -53,10 +61,24 @@ def _port_slice() -> range:
     return range(start, start + _SLICE)
 
 
+def _claim(port: int) -> bool:
+    """Claim ``port`` until this process ends (the kernel drops a process's locks when it ends,
+    however it ends): False when another process holds it."""
+    global _claims_fd
+    if _claims_fd is None:
+        _claims_fd = os.open(_CLAIMS, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(_claims_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+    except OSError:
+        return False
+    return True
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on, never handed out before in this process."""
+    """A loopback port nothing listens on, never handed out before in this process, nor held by
+    another living process that draws ports here (``_claim``)."""
     ports = _port_slice()
-    for _ in range(len(ports)):
+    for _ in range(4 * len(ports)):
         port = _random.choice(ports)
         if port in _given:
             continue
@@ -65,6 +87,8 @@ def free_port() -> int:
                 sock.bind((HOST, port))
             except OSError:
                 continue
+        if not _claim(port):
+            continue
         _given.add(port)
         return port
     raise RuntimeError(f"no free port in {ports}")
@@ -167,8 +191,9 @@ class Server:
     def start(self, timeout: float = 120.0) -> Server:
         return self.spawn().wait_ready(timeout)
 
-    def pids(self) -> list[int]:
-        """The processes of this server (the uvicorn supervisor and its workers)."""
+    def pids(self, *, living: bool = False) -> list[int]:
+        """The processes of this server (the uvicorn supervisor and its workers); ``living``:
+        not those that are gone but not yet reaped (zombies: they hold nothing)."""
         if self.proc is None:
             return []
         found = []
@@ -180,8 +205,8 @@ class Server:
             except OSError:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == self.proc.pid:  # process group = session leader's pid
-                found.append(int(entry))
+            if int(fields[2]) == self.proc.pid and not (living and fields[0] in "ZX"):
+                found.append(int(entry))  # process group = session leader's pid
         return sorted(found)
 
     def worker_pids(self) -> list[int]:
@@ -249,12 +274,22 @@ class Server:
             return ""
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: no shutdown hooks run."""
+        """SIGKILL the whole process group: no shutdown hooks run. Returns once every process
+        of it is gone (``wait`` reaps only the first: ``--workers N``'s workers, which hold the
+        listening socket and the database too, may still be dying)."""
         _running.discard(self)
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        self._wait_group_gone()
+
+    def _wait_group_gone(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while left := self.pids(living=True):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes {left} of the server on port {self.port} outlived it")
+            time.sleep(0.01)
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL what is left after 10 s."""
@@ -269,6 +304,7 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        self._wait_group_gone()
 
     def __enter__(self) -> Server:
         return self.start()

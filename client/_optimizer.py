@@ -23,6 +23,7 @@ __all__ = [
     "is_tensor",
 ]
 
+_NO_ATTRS: Mapping[str, Any] = {}
 #: The scheduler driving each optimizer (torch composes schedulers sharing one; lrserve can't).
 _DRIVERS: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
 
@@ -182,7 +183,11 @@ def check_optimizer(optimizer: Any, schedule: Mapping[str, Any]) -> None:
 def check_not_composed(optimizer: Any) -> None:
     """A torch scheduler steps (or stepped) this optimizer: torch would compose it with this
     one, or continue from the LR it left (its chainable forms); lrserve does neither."""
-    if getattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched", False):
+    # torch marks the wrapper it puts on optimizer.step; read from the function's __dict__
+    # (a bound method's attributes are its function's), as a failed getattr() costs an
+    # AttributeError each time: this runs at every report and window
+    step = getattr(optimizer, "step", None)
+    if getattr(getattr(step, "__func__", step), "__dict__", _NO_ATTRS).get("_wrapped_by_lr_sched", False):
         raise ValueError(
             "a torch.optim.lr_scheduler scheduler was built on this optimizer: torch would "
             "compose the two (each scaling the LR the other wrote) or continue from the LR it "

@@ -1122,12 +1122,31 @@ class RemoteScheduler:
         if self._deciding is None:
             return
         s, self._deciding = self._deciding, None
-        self._collect(wait=True)
-        if self._cache.holds(s):
-            self._apply(s)
-        else:  # the server is away: the worker keeps trying to deliver the report
-            self._hold(s, self._fetcher.error)
+        if self._fetcher.handled():  # the fetch thread took the answer in (_accept_handed)
+            self._publish()
+        else:
+            self._collect(wait=True)
         self._refresh()
+        cache = self._cache
+        i = s - cache.base
+        if self._fast and 0 <= i < len(cache.lrs):
+            # what _apply does then (no event due, float LRs): step()'s fast write
+            row = cache.lrs[i]
+            groups = self.optimizer.param_groups
+            if len(groups) != len(row):
+                raise self._writer.groups_changed()
+            for group, lr in zip(groups, row, strict=True):
+                group["lr"] = lr
+            moms = cache.moms[i]
+            if moms is not None:
+                self._writer.write_momentums(moms)
+            self._last_lr = row
+        else:
+            if cache.holds(s):
+                self._apply(s)
+            else:  # the server is away: the worker keeps trying to deliver the report
+                self._hold(s, self._fetcher.error)
+            self._refresh()
         self._maybe_prefetch(s)
 
     # -- small helpers ------------------------------------------------------------------

@@ -39,6 +39,14 @@ class Restarter:
         return self._killed_at is not None
 
     @property
+    def back(self) -> bool:
+        """Whether the restarted server is ready; raises what made the restart fail (a caller
+        polling for it learns that at once, not at its own deadline)."""
+        if self._error is not None:
+            raise self._error
+        return self.downtime is not None
+
+    @property
     def restarting(self) -> bool:
         """Whether ``restart()`` was called."""
         return self._thread is not None

@@ -178,7 +178,7 @@ def test_a_restart_while_an_operator_acts_through_another_replica_records_a_dive
             k = 0
             with pytest.warns(ServerAwayWarning, match="provisional"):
                 # on until A is back and the job has talked to it (however slow the restart)
-                while (k < KILL_AT + 100 or restarter.downtime is None or sched.state is ClientState.AWAY
+                while (k < KILL_AT + 100 or not restarter.back or sched.state is ClientState.AWAY
                        or sched._tail.ridden_from is not None):
                     k += 1
                     time.sleep(SECONDS_PER_STEP)

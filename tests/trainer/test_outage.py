@@ -52,7 +52,7 @@ def test_two_ranks_train_through_a_kill_9_and_restart_on_torch_values(tmp_path):
         for name, job in jobs.items():
             wait_until(f"{name}: epoch {KILL_AT_EPOCH}", lambda j=job: _epochs(j) >= KILL_AT_EPOCH, job)
         restarter.kill_and_restart()
-        wait_until("the restart", lambda: restarter.downtime is not None, jobs["cosine"], timeout=120)
+        wait_until("the restart", lambda: restarter.back, jobs["cosine"], timeout=120)
         at_restart = {name: _epochs(job) for name, job in jobs.items()}
         # the time-based job's ranks rode the tail and came back to the restarted server; the
         # plateau job's ranks had reports decided by it (their values wait for each)
