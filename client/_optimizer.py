@@ -81,7 +81,11 @@ class OptimizerWriter:
 
     def has_tensor_lrs(self) -> bool:
         """Whether a group's LR is a tensor (written in place by ``write()``, not the fast path)."""
-        return any(is_tensor(g["lr"]) for g in self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:  # a loop, no generator: run at every report
+            lr = group["lr"]
+            if type(lr) is not float and is_tensor(lr):
+                return True
+        return False
 
     def check_groups(self) -> None:
         if len(self.optimizer.param_groups) != self.n_groups:

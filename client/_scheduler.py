@@ -655,14 +655,14 @@ class RemoteScheduler:
         """Note whether ``step()`` may be a bare index (``_fast``): the server answers, nothing
         is pending or due at a step (a decision, a report, a switch, a spike), float LRs.
         Called wherever one of these changes."""
-        self._fast = not (
-            self._state is not ClientState.ACTIVE
-            or self._deciding is not None
-            or self._open is not None
-            or bool(self._reported)
-            or self._events.pending
-            or self._writer.has_tensor_lrs()
-            or self._superseded
+        self._fast = (
+            self._state is ClientState.ACTIVE
+            and self._deciding is None
+            and self._open is None
+            and not self._reported
+            and not self._events.pending
+            and not self._superseded
+            and not self._writer.has_tensor_lrs()  # the one that loops: last
         )
 
     def _back(self) -> None:
