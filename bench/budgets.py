@@ -82,20 +82,23 @@ class _Discarding:
 
     def request(self, method: str, path: str, params: dict[str, Any] | None = None,
                 json: Any = None) -> int:
-        """Send one request, read its whole answer; its size. Raises on a status that is not 200."""
-        if self.sock is None:
-            self.sock = socket.create_connection(self.address)
+        """Send one request, read its whole answer; its size. Raises on a status that is not 200.
+        A kept connection the server closed meanwhile (idle keep-alive) is opened again once."""
         target = f"{path}?{urlencode(params)}" if params else path
         body = b"" if json is None else httpx.Request(method, "http://x", json=json).read()
         head = (f"{method} {target} HTTP/1.1\r\nhost: {self.address[0]}\r\ncontent-length: {len(body)}\r\n"
                 + ("content-type: application/json\r\n" if json is not None else "") + "\r\n")
-        self.sock.sendall(head.encode() + body)
-        got = b""
-        while b"\r\n\r\n" not in got:
-            piece = self.sock.recv(65536)
-            if not piece:
-                raise ConnectionError("the server closed the connection")
-            got += piece
+        for fresh in (self.sock is None, True):
+            if self.sock is None:
+                self.sock = socket.create_connection(self.address)
+            try:
+                self.sock.sendall(head.encode() + body)
+                got = self._head()
+                break
+            except ConnectionError:
+                self.close()
+                if fresh:
+                    raise
         header, _, rest = got.partition(b"\r\n\r\n")
         lines = header.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
@@ -104,18 +107,33 @@ class _Discarding:
             raise RuntimeError(f"{method} {path}: no content-length ({fields})")
         left = int(fields["content-length"]) - len(rest)
         view = memoryview(self.buffer)
+        assert self.sock is not None
         while left > 0:
             n = self.sock.recv_into(view, min(left, self.CHUNK))
             if not n:
                 raise ConnectionError("the server closed the connection mid-answer")
             left -= n
+        if fields.get("connection") == "close":
+            self.close()
         if status != 200:
             raise RuntimeError(f"{method} {path}: {status}")
         return int(fields["content-length"])
 
+    def _head(self) -> bytes:
+        """The answer's head and whatever of its body came with it."""
+        assert self.sock is not None
+        got = b""
+        while b"\r\n\r\n" not in got:
+            piece = self.sock.recv(65536)
+            if not piece:
+                raise ConnectionError("the server closed the connection")
+            got += piece
+        return got
+
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
+            self.sock = None
 
 
 class _Attacker:

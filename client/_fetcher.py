@@ -221,6 +221,15 @@ class WindowFetcher:
         except ClientClosed:
             return NOT_READY
 
+    def handled(self) -> bool:
+        """Whether the fetch in flight was a hand-off whose answer this thread took in
+        (``take()`` would answer ``HANDLED``); if so it is taken."""
+        job = self._job
+        if job is not None and job.done and job.value is HANDLED:
+            self._job = None
+            return True
+        return False
+
     def drop(self) -> None:
         """Abandon the fetch in flight; its thread stops retrying (and takes no answer in)."""
         job = self._job

@@ -23,6 +23,7 @@ __all__ = [
     "is_tensor",
 ]
 
+_NO_ATTRS: Mapping[str, Any] = {}
 #: The scheduler driving each optimizer (torch composes schedulers sharing one; lrserve can't).
 _DRIVERS: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
 
@@ -80,7 +81,11 @@ class OptimizerWriter:
 
     def has_tensor_lrs(self) -> bool:
         """Whether a group's LR is a tensor (written in place by ``write()``, not the fast path)."""
-        return any(is_tensor(g["lr"]) for g in self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:  # a loop, no generator: run at every report
+            lr = group["lr"]
+            if type(lr) is not float and is_tensor(lr):
+                return True
+        return False
 
     def check_groups(self) -> None:
         if len(self.optimizer.param_groups) != self.n_groups:
@@ -182,7 +187,11 @@ def check_optimizer(optimizer: Any, schedule: Mapping[str, Any]) -> None:
 def check_not_composed(optimizer: Any) -> None:
     """A torch scheduler steps (or stepped) this optimizer: torch would compose it with this
     one, or continue from the LR it left (its chainable forms); lrserve does neither."""
-    if getattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched", False):
+    # torch marks the wrapper it puts on optimizer.step; read from the function's __dict__
+    # (a bound method's attributes are its function's), as a failed getattr() costs an
+    # AttributeError each time: this runs at every report and window
+    step = getattr(optimizer, "step", None)
+    if getattr(getattr(step, "__func__", step), "__dict__", _NO_ATTRS).get("_wrapped_by_lr_sched", False):
         raise ValueError(
             "a torch.optim.lr_scheduler scheduler was built on this optimizer: torch would "
             "compose the two (each scaling the LR the other wrote) or continue from the LR it "

@@ -655,14 +655,14 @@ class RemoteScheduler:
         """Note whether ``step()`` may be a bare index (``_fast``): the server answers, nothing
         is pending or due at a step (a decision, a report, a switch, a spike), float LRs.
         Called wherever one of these changes."""
-        self._fast = not (
-            self._state is not ClientState.ACTIVE
-            or self._deciding is not None
-            or self._open is not None
-            or bool(self._reported)
-            or self._events.pending
-            or self._writer.has_tensor_lrs()
-            or self._superseded
+        self._fast = (
+            self._state is ClientState.ACTIVE
+            and self._deciding is None
+            and self._open is None
+            and not self._reported
+            and not self._events.pending
+            and not self._superseded
+            and not self._writer.has_tensor_lrs()  # the one that loops: last
         )
 
     def _back(self) -> None:
@@ -1122,12 +1122,31 @@ class RemoteScheduler:
         if self._deciding is None:
             return
         s, self._deciding = self._deciding, None
-        self._collect(wait=True)
-        if self._cache.holds(s):
-            self._apply(s)
-        else:  # the server is away: the worker keeps trying to deliver the report
-            self._hold(s, self._fetcher.error)
+        if self._fetcher.handled():  # the fetch thread took the answer in (_accept_handed)
+            self._publish()
+        else:
+            self._collect(wait=True)
         self._refresh()
+        cache = self._cache
+        i = s - cache.base
+        if self._fast and 0 <= i < len(cache.lrs):
+            # what _apply does then (no event due, float LRs): step()'s fast write
+            row = cache.lrs[i]
+            groups = self.optimizer.param_groups
+            if len(groups) != len(row):
+                raise self._writer.groups_changed()
+            for group, lr in zip(groups, row, strict=True):
+                group["lr"] = lr
+            moms = cache.moms[i]
+            if moms is not None:
+                self._writer.write_momentums(moms)
+            self._last_lr = row
+        else:
+            if cache.holds(s):
+                self._apply(s)
+            else:  # the server is away: the worker keeps trying to deliver the report
+                self._hold(s, self._fetcher.error)
+            self._refresh()
         self._maybe_prefetch(s)
 
     # -- small helpers ------------------------------------------------------------------

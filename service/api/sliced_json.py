@@ -6,8 +6,9 @@ it serves, waited that long. ``dumps`` writes tables of more than ``SLICE_VALUES
 (lists of rows) a slice of rows at a time, so that the GIL changes hands between slices
 (every ``sys.getswitchinterval()``); the bytes are the same as ``orjson.dumps``'s.
 
-Between slices the writing thread **gives way** (``time.sleep(0)``: the GIL released, and
-taken back only after a thread that was waiting for it): without it a thread waiting for the
+Between slices a writing worker thread **gives way** (``time.sleep(0)``: the GIL released,
+and taken back after a thread that was waiting for it; the main thread, the event loop's,
+does not: it would only wait for the GIL back): without it a thread waiting for the
 GIL waits for the writer's next forced switch, up to the switch interval (0.5 ms) after it
 asked, at each of its own releases (a socket write, an SQLite call). The event loop serving
 another run's ``POST .../step`` releases it dozens of times per request, so a worst history
@@ -20,6 +21,7 @@ doubles: no float objects made); orjson writes its numbers exactly as it writes 
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -78,9 +80,11 @@ def _write(value: Any, parts: list[bytes], depth: int = 0) -> None:
         parts.append(orjson.dumps(value, option=OPTIONS))
         return
     rows = max(1, len(value) * SLICE_VALUES // total)
+    give_way = threading.current_thread() is not threading.main_thread()  # the loop's: nobody to wait for
     parts.append(b"[")
     for at in range(0, len(value), rows):
         parts.append(b"," if at else b"")
         parts.append(orjson.dumps(value[at : at + rows], option=OPTIONS)[1:-1])
-        time.sleep(0)  # give way (see the module's note)
+        if give_way:
+            time.sleep(0)  # see the module's note
     parts.append(b"]")

@@ -206,6 +206,15 @@ _SELECT_REPORTS = select(barrier_reports.c.rank, barrier_reports.c.name, barrier
 ).order_by(barrier_reports.c.rank, barrier_reports.c.name)
 
 
+_BARRIER_TALLY = select(
+    runs.c.horizon, barrier_reports.c.rank, barrier_reports.c.name, barrier_reports.c.value,
+    barrier_reports.c.value_text,
+).select_from(runs.outerjoin(barrier_reports, and_(
+    barrier_reports.c.run_id == runs.c.run_id, barrier_reports.c.step == bindparam("step")))
+).where(runs.c.run_id == bindparam("run_id")).order_by(barrier_reports.c.rank, barrier_reports.c.name)
+"""A barrier as stored: the run's horizon once per report (once, with NULLs, before the first)."""
+
+
 def schema_channel(name: str, schema: str) -> str:
     """The ``NOTIFY`` channel ``name`` of the stores in ``schema``: channels are the database's,
     not the schema's, so each schema's are its own (servers on other schemas of the database
@@ -1187,15 +1196,22 @@ class SqlStore(BaseStore):
         return stored
 
     def read_barrier(self, run_id: str, step: int) -> BarrierTally:
-        """The run's horizon and the reports for ``step``, in one read transaction.
+        """The run's horizon and the reports for ``step``, in one statement (one read).
 
         Raises:
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        with self._transaction() as conn:
-            row = self._require_run(conn, run_id)
-            return BarrierTally(row.horizon, _select_reports(conn, run_id, step))
+        sql = self._driver_sql("barrier_tally", _BARRIER_TALLY)
+        with self._driver_read() as cursor:
+            rows = sql.rows(sql.execute(cursor, {"run_id": run_id, "step": step}))
+        if not rows:
+            raise RunNotFound(run_id)
+        reports: dict[int, dict[str, float]] = {}
+        for _, rank, name, value, value_text in rows:
+            if rank is not None:  # the run's row alone: no report yet
+                reports.setdefault(rank, {})[name] = _join_float(value, value_text)
+        return BarrierTally(rows[0][0], reports)
 
     # -- health ----------------------------------------------------------------------------
 
@@ -1405,13 +1421,6 @@ def _event(row: Any) -> Event:
     return Event(seq=get("seq"), kind=EventKind(get("kind")), step=get("step"),
                  payload=_loads(get("payload")), at=get("at"), actor=get("actor"), reason=get("reason"),
                  gid=get("gid"))
-
-
-def _select_reports(conn: Connection, run_id: str, step: int) -> dict[int, dict[str, float]]:
-    reports: dict[int, dict[str, float]] = {}
-    for r in conn.execute(_SELECT_REPORTS, {"run_id": run_id, "step": step}):
-        reports.setdefault(r.rank, {})[r.name] = _join_float(r.value, r.value_text)
-    return reports
 
 
 def _metric_row(run_id: str, record: MetricRecord, at: datetime) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,5 +52,17 @@ def test_a_big_answer_is_read_to_its_last_byte_on_one_connection(server: ServerP
         assert reader.request("POST", "/v1/schedules/preview", json=body) > 0
         with pytest.raises(RuntimeError, match="404"):
             reader.request("GET", "/v1/runs/nope/history")
+    finally:
+        reader.close()
+
+
+def test_a_kept_connection_the_server_closed_is_opened_again(server: ServerProcess) -> None:
+    reader = budgets._Discarding(server.url)
+    try:
+        size = reader.request("GET", "/v1/runs/wide/history", params={"max_points": 3})
+        assert reader.sock is not None
+        reader.sock.shutdown(socket.SHUT_WR)  # as if the server had closed it: the next send finds it gone
+        reader.sock.recv(1)  # the server's side closes too
+        assert reader.request("GET", "/v1/runs/wide/history", params={"max_points": 3}) == size
     finally:
         reader.close()

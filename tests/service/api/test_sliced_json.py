@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 
 import numpy as np
 import orjson
@@ -49,10 +50,17 @@ def test_a_big_table_gives_way_between_slices(monkeypatch):
                         lambda value, **kw: events.append(type(value).__name__) or real(value, **kw))
     monkeypatch.setattr(sliced_json.time, "sleep", lambda s: events.append(("sleep", s)))
     table = np.full((485, 1024), 0.5)
-    assert sliced_json.dumps({"lrs": {"values": table}}) == orjson.dumps({"lrs": {"values": table.tolist()}})
+    written = []
+    worker = threading.Thread(target=lambda: written.append(sliced_json.dumps({"lrs": {"values": table}})))
+    worker.start()
+    worker.join()
+    assert written == [orjson.dumps({"lrs": {"values": table.tolist()}})]
     slices = [i for i, e in enumerate(events) if e == "ndarray"]
     assert len(slices) > 100 and all(events[i + 1] == ("sleep", 0) for i in slices)
     assert events.count(("sleep", 0)) == len(slices)
+    events.clear()
+    sliced_json.dumps({"lrs": {"values": table}})  # the main thread (the event loop's) does not
+    assert ("sleep", 0) not in events
     events.clear()
     sliced_json.dumps({"lrs": [[0.5] * 8] * 8})  # small: one call, nothing to give way to
     assert events == ["dict"]

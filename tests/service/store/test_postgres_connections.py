@@ -64,13 +64,18 @@ def test_a_read_of_one_statement_is_one_round_trip(database_url):
         with _round_trips(store) as trips:
             store.create_run("r", {"schedule": {"type": "StepLR"}}, {"team": "a"}, CREATED)
             store.append_metrics("r", [MetricRecord("loss", 1, 0, 0.5)])
-            reads = store.read_run, store.run_head, store.read_events, store.read_metrics, store.history_mark
+            store.add_barrier_reports("r", 1, {1: {"loss": 2.0}, 0: {"loss": 1.0, "acc": -0.0}})
+            reads = [store.read_run, store.run_head, store.read_events, store.read_metrics,
+                     store.history_mark,
+                     lambda run_id: store.read_barrier(run_id, 1)]
             for read in reads:
                 read("r")  # a pooled connection now
                 before = trips()
                 read("r")
                 assert trips() - before == 1
             assert store.read_run("r").labels == {"team": "a"}
+            assert store.read_barrier("r", 1).reports == {0: {"acc": -0.0, "loss": 1.0}, 1: {"loss": 2.0}}
+            assert store.read_barrier("r", 2).reports == {}
     finally:
         store.close()
 
