@@ -76,10 +76,12 @@ class Restarter:
         self._thread = threading.Thread(target=restart, name="test-restart")
         self._thread.start()
 
-    def join(self, timeout: float = 120.0) -> None:
-        """Wait for the restart; raise what made it fail."""
+    def join(self, timeout: float = 150.0) -> None:
+        """Wait for the restart (its start gives up after 120 s); raise what made it fail."""
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # else the caller would go on with the killed server
+                raise RuntimeError(f"the restart on port {self.server.port} still runs after {timeout} s")
         if self._error is not None:
             raise self._error
 
