@@ -32,8 +32,9 @@ _DECIMAL = re.compile(r"[0-9]+|-0*[1-9][0-9]*")
 
 def _decimal_digits(value: object) -> object:
     """A query's integer as API.md writes it: the digits 0-9 (a ``-`` first, for the range's own
-    message; ``-0``, which no range refuses, is not an integer so written). pydantic's lax parsing would also take ``1_0``, ``+5``, `` 5``, ``5.0`` and other
-    scripts' digits, which the fast path (``fast_path.py``, ``fast_reads.py``) never does."""
+    message; ``-0``, which no range refuses, is not an integer so written). pydantic's lax
+    parsing would also take ``1_0``, ``+5``, `` 5``, ``5.0`` and other scripts' digits, which
+    the fast path (``fast_path.py``, ``fast_reads.py``) never does."""
     if isinstance(value, str) and not _DECIMAL.fullmatch(value):
         shown = value if len(value) <= 40 else value[:37] + "..."
         raise ValueError(f"expected an integer in decimal digits (0-9), got {shown!r}")
