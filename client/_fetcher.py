@@ -246,8 +246,7 @@ class WindowFetcher:
         """Drop the fetch in flight and stop the thread (waiting up to ``timeout``)."""
         self.drop()
         self._jobs.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        _join(self._thread, timeout)
 
     # -- on the thread ----------------------------------------------------------------------
 
@@ -402,8 +401,7 @@ class TailFetcher:
         """Drop the fetch in flight and stop the thread (waiting up to ``timeout``)."""
         self.drop()
         self._jobs.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        _join(self._thread, timeout)
 
     def _fetch(
         self, after: int, steps: int, held: tuple[int, int] | None, chunk: int, cancel: threading.Event
@@ -426,6 +424,14 @@ class TailFetcher:
             steps -= got
             held = (int(tail["id"]), int(tail["start"]) + got - 1)
         return answers
+
+
+def _join(thread: threading.Thread | None, timeout: float | None) -> None:
+    """Wait for a worker ``thread`` to end, unless it is this one: the scheduler's finalizer
+    (``_release``) runs on whichever thread drops its last reference, which may be the fetch
+    thread itself (``_accept_handed`` holds the scheduler while it takes an answer in)."""
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout)
 
 
 def _work(jobs: queue.SimpleQueue[Any]) -> None:

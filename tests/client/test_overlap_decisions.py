@@ -10,7 +10,11 @@ while a decision is on its way ends as any outage does.
 
 from __future__ import annotations
 
+import gc
+import sys
+import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -223,3 +227,45 @@ def test_many_handed_off_decisions_leave_what_waiting_leaves(server):
         seen[mode] = used, readers, state
     assert len({tuple(lrs) for lrs in seen["waits"][0]}) > 3  # warm-up, then the plateau halved it
     assert seen["overlap"] == seen["waits"]
+
+
+def test_a_scheduler_dropped_while_the_fetch_thread_takes_its_answer_in_is_released(server, monkeypatch):
+    """The job drops its last reference while the fetch thread takes a handed-off answer in:
+    the finalizer then runs on the fetch thread, and must still release everything (the metrics
+    flushed, the client closed, no error reported) without joining the thread it runs on."""
+    taking_in, dropped = threading.Event(), threading.Event()
+    accept = RemoteScheduler._accept_handed
+
+    def gated(self, answer):
+        taking_in.set()
+        dropped.wait()
+        return accept(self, answer)
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    gc.disable()  # the scheduler goes with its last reference, on the thread that drops it
+    try:
+        opt = sgd()
+        sched = RemoteScheduler(opt, plateau(), run_id="dropped-handed", url=server.url, steps_per_epoch=1,
+                                overlap_decisions=True)
+        sched.log(train_loss=1.0)
+        gone = weakref.ref(sched)
+        fetcher, metrics, client = sched._fetcher, sched._metrics, sched._client
+        monkeypatch.setattr(RemoteScheduler, "_accept_handed", gated)
+        sched.step(1.0)  # handed off: the fetch thread posts it and takes the answer in
+        assert taking_in.wait(30)
+        del sched, opt
+        assert gone() is not None  # the fetch thread holds it
+        dropped.set()
+        fetcher._thread.join(30)
+        assert not fetcher._thread.is_alive()
+        assert gone() is None  # collected on the fetch thread, when it let go of it
+    finally:
+        gc.enable()
+    for thread in threading.enumerate():
+        if thread.name == "lrserve-release":
+            thread.join(30)
+    assert [u.exc_value for u in unraisable] == []
+    assert len(metrics.buffer) == 0 and not metrics.buffer._thread.is_alive()  # flushed, stopped
+    assert client.is_closed
+
