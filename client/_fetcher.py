@@ -248,6 +248,13 @@ class WindowFetcher:
         self._jobs.put(None)
         _join(self._thread, timeout)
 
+    def take_pending(self) -> list[tuple[int, dict[str, float]]]:
+        """The reports the server has not had, taken (the thread delivers none of them after)."""
+        with self._cv:
+            taken = list(self.pending)
+            self.pending.clear()
+        return taken
+
     # -- on the thread ----------------------------------------------------------------------
 
     def _decide(self, step: int, now: float, cancel: threading.Event) -> Any:
@@ -317,7 +324,8 @@ class WindowFetcher:
         """
         answer = None
         while self.pending:
-            step, report = self.pending[0]
+            sending = self.pending[0]
+            step, report = sending
             try:
                 reply = self._client.step_run(
                     self._run_id(),
@@ -331,11 +339,18 @@ class WindowFetcher:
                 )
             except LRServiceError as exc:
                 if not is_outage(exc):  # refused for good: raised to the job, not retried
-                    self.pending.popleft()
+                    self._sent(sending)
                 raise
-            self.pending.popleft()
+            self._sent(sending)
             answer = reply if step == first else None
         return answer
+
+    def _sent(self, sending: tuple[int, dict[str, float]]) -> None:
+        """The report ``sending`` is the server's now: out of ``pending``, unless
+        ``take_pending()`` took it meanwhile (under the lock it takes them under)."""
+        with self._cv:
+            if self.pending and self.pending[0] is sending:
+                self.pending.popleft()
 
     def _notify(self) -> None:
         with self._cv:

@@ -619,9 +619,10 @@ class RemoteScheduler:
         self._writer.unhook()
         self._fetcher.close(timeout)
         self._tails.close(timeout)
-        for step, report in self._fetcher.pending:  # undelivered decisions still belong in history
+        # undelivered decisions still belong in history; taken under the fetcher's lock: after
+        # a timeout above, a report's POST may still be on its way and its thread pop it
+        for step, report in self._fetcher.take_pending():
             self._metrics.add(step, report)
-        self._fetcher.pending.clear()
         lost = self._metrics.close(timeout)
         if self._owns_client:
             self._client.close()

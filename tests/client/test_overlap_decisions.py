@@ -14,11 +14,12 @@ import gc
 import sys
 import threading
 import time
+import warnings
 import weakref
 
 import pytest
 import torch
-from lrserve.client import RemoteScheduler, ServerAwayWarning
+from lrserve.client import MetricsDroppedWarning, RemoteScheduler, ServerAwayWarning
 
 from tests.client.conftest import PLATEAU
 from tests.client.fake_server import Optimizer, expected_lrs
@@ -269,3 +270,29 @@ def test_a_scheduler_dropped_while_the_fetch_thread_takes_its_answer_in_is_relea
     assert len(metrics.buffer) == 0 and not metrics.buffer._thread.is_alive()  # flushed, stopped
     assert client.is_closed
 
+
+def test_close_timing_out_while_a_report_is_posted_keeps_it(server, monkeypatch):
+    """close() whose wait for the fetch thread times out while a handed-off report's POST is
+    held (a metric barrier): the thread takes the report out of ``pending`` when the answer
+    comes, while close() is recording the undelivered reports; close() must not fail."""
+    opt0, opt1 = sgd(), sgd()
+    common = {"run_id": "close-in-flight", "url": server.url, "world_size": 2, "steps_per_epoch": 1}
+    r0 = RemoteScheduler(opt0, BARRIER_PLATEAU, rank=0, overlap_decisions=True, **common)
+    with RemoteScheduler(opt1, BARRIER_PLATEAU, rank=1, **common) as r1:
+        r0.step(1.0)  # handed off: its POST waits at the barrier for rank 1
+        fetcher = r0._fetcher
+        add, recorded = r0._metrics.add, []
+
+        def answered_meanwhile(step, report):
+            r1.step(1.0)  # the barrier opens: rank 0's POST is answered ...
+            fetcher._thread.join(30)  # ... and its thread has taken the report out of pending
+            recorded.append((step, report))
+            add(step, report)
+
+        monkeypatch.setattr(r0._metrics, "add", answered_meanwhile)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MetricsDroppedWarning)  # close(0) gives metrics no time
+            r0.close(timeout=0)
+    assert not fetcher._thread.is_alive()
+    assert recorded == [(1, {"val_loss": 1.0})]  # undelivered when close() looked: kept for history
+    assert r0._client.is_closed
