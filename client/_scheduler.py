@@ -848,11 +848,9 @@ class RemoteScheduler:
             result = self._fetcher.take(wait=True, stop_waiting=lambda: False, timeout=max(0.0, left))
             if result is NOT_READY:
                 return False  # past the bound: the worker keeps trying to deliver it
+            self._take_in(result)
             if isinstance(result, EndOfSchedule):
-                self._cache.end_at = result.step
-                self._reschedule()
                 return False
-            self._accept(result)
             if self._cache.holds(s):
                 self._apply(s)
                 if self._state is ClientState.AWAY:
@@ -1076,12 +1074,14 @@ class RemoteScheduler:
         if not self._fetcher.busy:
             return
         result = self._fetcher.take(wait=wait, stop_waiting=self._stop_waiting)
-        if result is NOT_READY:
-            return
+        if result is not NOT_READY:
+            self._take_in(result)
+
+    def _take_in(self, result: Any) -> None:
+        """Take in what ``WindowFetcher.take()`` answered (not ``NOT_READY``), on the training thread."""
         if result is HANDLED:  # the fetch thread took it in (_accept_handed)
             self._publish()
-            return
-        if isinstance(result, EndOfSchedule):
+        elif isinstance(result, EndOfSchedule):
             self._cache.end_at = result.step
             self._reschedule()
         else:
