@@ -41,7 +41,8 @@ PG_ENV = ("LRSERVE_BENCH_PG", "TEST_DATABASE_URL")
 # failed to bind, or its readiness poll was answered by the other server).
 _PORTS = range(12000, 32000)
 _SLICE = 1000
-_CLAIMS = Path(tempfile.gettempdir()) / "lrserve-ports.lock"  # one byte-range lock per port
+_CLAIMS = Path(tempfile.gettempdir()) / f"lrserve-ports-{os.getuid()}.lock"  # a lock per port; per user: a
+# file another user made would not open
 _given: set[int] = set()
 _claims_fd: int | None = None  # kept open: closing any descriptor of the file drops the locks
 _random = random.Random()  # its own: a test seeding `random` must not make workers agree
@@ -278,7 +279,8 @@ class Server:
         of it is gone (``wait`` reaps only the first: ``--workers N``'s workers, which hold the
         listening socket and the database too, may still be dying)."""
         _running.discard(self)
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and (self.proc.poll() is None or self.pids(living=True)):
+            # the group too when its leader is gone already: its workers may outlive it
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
@@ -294,7 +296,10 @@ class Server:
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL what is left after 10 s."""
         _running.discard(self)
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:  # the leader is gone: what is left of its group goes too
+            self.kill()
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)

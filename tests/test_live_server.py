@@ -67,3 +67,21 @@ def test_kill_returns_once_every_process_of_the_server_is_gone(tmp_path):
         assert server.pids(living=True) == []
     finally:
         server.stop()
+
+
+def test_kill_and_stop_take_the_workers_of_a_supervisor_that_died_first(tmp_path):
+    """The supervisor gone (killed alone, as an OOM kill takes one process): its workers live on
+    in its group, holding the port and the database. ``kill`` and ``stop`` skipped the group
+    once the supervisor had exited, so ``kill`` waited 10 s and raised, ``stop`` left them."""
+    import signal
+
+    for end in ("kill", "stop"):
+        server = ServerProcess(f"sqlite:///{tmp_path}/{end}.db", tmp_path, workers=2).start()
+        try:
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=30)
+            getattr(server, end)()
+            assert server.pids(living=True) == []
+        finally:
+            server.kill()

@@ -6,11 +6,12 @@ it serves, waited that long. ``dumps`` writes tables of more than ``SLICE_VALUES
 (lists of rows) a slice of rows at a time, so that the GIL changes hands between slices
 (every ``sys.getswitchinterval()``); the bytes are the same as ``orjson.dumps``'s.
 
-Between slices a writing worker thread **gives way** (``time.sleep(0)``: the GIL released,
-and taken back after a thread that was waiting for it; the main thread, the event loop's,
-does not: it would only wait for the GIL back): without it a thread waiting for the
-GIL waits for the writer's next forced switch, up to the switch interval (0.5 ms) after it
-asked, at each of its own releases (a socket write, an SQLite call). The event loop serving
+Between slices a writing thread that runs no event loop **gives way** (``time.sleep(0)``: the
+GIL released, and taken back after a thread that was waiting for it; the event loop's thread,
+which writes the spike guard's answers, does not: it would only wait for the GIL back).
+Without it a thread waiting for the GIL waits for the writer's next forced switch, up to the
+switch interval (0.5 ms) after it asked, at each of its own releases (a socket write, an
+SQLite call). The event loop serving
 another run's ``POST .../step`` releases it dozens of times per request, so a worst history
 (485 x 1,024 LRs, ~120 slices) written beside it made that step's p99 2.7-3.0 x its idle
 figure; giving way, 1.2-2.0 x (docs/hardening.md, "Big answers").
@@ -21,7 +22,7 @@ doubles: no float objects made); orjson writes its numbers exactly as it writes 
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from typing import Any
 
@@ -80,7 +81,7 @@ def _write(value: Any, parts: list[bytes], depth: int = 0) -> None:
         parts.append(orjson.dumps(value, option=OPTIONS))
         return
     rows = max(1, len(value) * SLICE_VALUES // total)
-    give_way = threading.current_thread() is not threading.main_thread()  # the loop's: nobody to wait for
+    give_way = asyncio._get_running_loop() is None  # on the loop's own thread: it is the one waiting
     parts.append(b"[")
     for at in range(0, len(value), rows):
         parts.append(b"," if at else b"")

@@ -20,6 +20,9 @@ from starlette.responses import StreamingResponse
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
 KINDS = sorted(k.value for k in EventKind)
+MAX_EVENT_ID = 10**18 - 1
+"""The largest id ``since`` and ``Last-Event-ID`` take (18 digits: within the databases' 64-bit
+integers, which a larger one would overflow mid-stream)."""
 
 
 async def _stream_request(
@@ -27,7 +30,8 @@ async def _stream_request(
     run_id: Annotated[str | None, Query(max_length=128, description="Only this run's events")] = None,
     label: Annotated[list[str], Query(description="key:value; repeat to require several")] = [],  # noqa: B006
     kind: Annotated[list[str], Query(description=f"Only these kinds (repeat): {', '.join(KINDS)}")] = [],  # noqa: B006
-    since: Annotated[QueryInt | None, Query(ge=0, description="Resume after this id")] = None,
+    since: Annotated[QueryInt | None,
+                     Query(ge=0, le=MAX_EVENT_ID, description="Resume after this id")] = None,
     last_event_id: Annotated[str | None, Header(description="Resume after this id (wins over since)")] = None,
 ) -> tuple[int, FeedFilter]:
     for value in kind:
@@ -36,7 +40,7 @@ async def _stream_request(
     after = since
     if last_event_id is not None and last_event_id.strip():
         text = last_event_id.strip()
-        if not text.isascii() or not text.isdigit() or len(text) > 18:
+        if not text.isascii() or not text.isdigit() or len(text) > 18:  # MAX_EVENT_ID
             raise InvalidInput.at("Last-Event-ID", "must be an event id (a whole number >= 0)")
         after = int(text)
     feed_filter = FeedFilter(run_id=run_id, labels=_parse_labels(label) or None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import threading
@@ -59,8 +60,17 @@ def test_a_big_table_gives_way_between_slices(monkeypatch):
     assert len(slices) > 100 and all(events[i + 1] == ("sleep", 0) for i in slices)
     assert events.count(("sleep", 0)) == len(slices)
     events.clear()
-    sliced_json.dumps({"lrs": {"values": table}})  # the main thread (the event loop's) does not
+    async def on_the_loop() -> bytes:
+        return sliced_json.dumps({"lrs": {"values": table}})
+
+    asyncio.run(on_the_loop())  # the event loop's thread does not, whichever thread runs it
     assert ("sleep", 0) not in events
+    looping = threading.Thread(target=lambda: asyncio.run(on_the_loop()))  # a loop off the main thread
+    looping.start()
+    looping.join()
+    assert ("sleep", 0) not in events
+    sliced_json.dumps({"lrs": {"values": table}})  # the main thread with no loop (a script) does
+    assert ("sleep", 0) in events
     events.clear()
     sliced_json.dumps({"lrs": [[0.5] * 8] * 8})  # small: one call, nothing to give way to
     assert events == ["dict"]
