@@ -69,7 +69,8 @@ def open_store(
         An open store; call ``close`` when done.
 
     Raises:
-        ValueError: the URL names no supported backend, or the SQLite mode is unknown.
+        ValueError: the URL names no supported backend, the SQLite mode is unknown, or
+            psycopg's libpq is older than 14 (``require_pipeline``).
         StoreUnavailable: the database cannot be reached (the message names the host or
             file, never the password).
         SchemaTooNew: the database was written by a newer lrserve.
@@ -251,6 +252,9 @@ server is shared: two processes of a 1,000-rank job held up to ~60 of its 100 wi
 
 def _open_postgres(url: URL) -> SqlStore:
     """PostgreSQL through psycopg 3, with a pool that drops connections the server closed."""
+    import psycopg
+
+    require_pipeline(psycopg.Pipeline.is_supported(), psycopg.pq.version())
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
@@ -260,6 +264,18 @@ def _open_postgres(url: URL) -> SqlStore:
     _install_postgres_hooks(engine)
     where = f"PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
     return SqlStore(engine, where=where, secrets=[url.password or ""])
+
+
+def require_pipeline(supported: bool, libpq: int) -> None:
+    """Writes to PostgreSQL are pipelined (``sql._pipelined``), which needs libpq 14 or newer.
+
+    Raises:
+        ValueError: ``supported`` is False (``psycopg.Pipeline.is_supported()``), naming
+            ``libpq`` (``psycopg.pq.version()``, as 140005 for 14.5): at start-up, not at the first write.
+    """
+    if not supported:
+        raise ValueError(f"PostgreSQL needs libpq 14 or newer (pipeline mode); psycopg here uses libpq "
+                         f"{libpq // 10000}.{libpq % 10000}: install psycopg[binary] or a newer libpq")
 
 
 def _install_postgres_hooks(engine: Engine) -> None:

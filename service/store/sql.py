@@ -25,7 +25,7 @@ import math
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal, NoReturn
@@ -70,6 +70,7 @@ from sqlalchemy import (
     Row,
     Select,
     Table,
+    Text,
     and_,
     bindparam,
     case,
@@ -177,19 +178,28 @@ _TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
     last_gid=event_ids.c.last_gid + bindparam("n")).returning(event_ids.c.last_gid)
 _NEXT_GID = update(event_ids).where(event_ids.c.id == 1).values(
     last_gid=event_ids.c.last_gid + 1).returning(event_ids.c.last_gid).cte("next_gid")
+_EVENT_VALUES = [c for c in events.c if c.name != "gid"]
+_GID_OR_FAIL = cast(func.coalesce(
+    cast(select(_NEXT_GID.c.last_gid).scalar_subquery(), Text), "event_ids row 1 is missing"), BigInteger)
 _INSERT_NUMBERED_EVENT = events.insert().from_select(
-    [c.name for c in events.c],
-    select(*[bindparam(c.name, type_=c.type) for c in events.c if c.name != "gid"], _NEXT_GID.c.last_gid),
+    [*(c.name for c in _EVENT_VALUES), "gid"],  # the same order as the select's, by name
+    select(*[bindparam(c.name, type_=c.type) for c in _EVENT_VALUES], _GID_OR_FAIL),
 ).add_cte(_NEXT_GID)
 """PostgreSQL: an event's row with the next global id (``_TAKE_GIDS`` and the INSERT in one
-statement, whose answer a pipelined commit does not wait for)."""
+statement, whose answer a pipelined commit does not wait for). Without the counter's row the
+statement fails (the cast of the text naming it to bigint), so its transaction keeps nothing:
+a commit is never answered with fewer events than it sent."""
 EVENTS_CHANNEL = "lrserve_events"
 """PostgreSQL ``NOTIFY`` channel (with the schema's suffix, ``schema_channel``): a transaction that
 appended events notifies it on commit, with ``"<sender> <run_id>"`` as payload (``sender``:
 the store that wrote, see ``SqlStore``)."""
 REPORTS_CHANNEL = "lrserve_reports"
-"""PostgreSQL ``NOTIFY`` channel (with the schema's suffix): a transaction that added a rank's
-barrier report notifies it."""
+"""PostgreSQL ``NOTIFY`` channel (with the schema's suffix): ``SqlStore.add_barrier_reports``
+notifies it. This version reports under the run's lock and decides in the same transaction
+(``SqlRunTransaction.add_barrier_reports``), so it sends nothing here; ``run_listener`` still
+listens for replicas of older versions during a rolling upgrade, whose report may miss a
+report of ours (no lock) and which then decide nothing: their report wakes our waiters, who
+read the barrier again and decide."""
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
@@ -319,6 +329,15 @@ class _DriverSql:
         return self._results
 
 
+class _Counted:
+    """``SqlStore._driver_write``'s second cursor, for a statement whose row count is read once
+    the transaction committed (on PostgreSQL only then: its statements are pipelined)."""
+
+    def __init__(self) -> None:
+        self.cursor: Any = None
+        self.rows = 0
+
+
 CHUNK_PIECE_BYTES = 1 << 20
 """The most bytes of a value chunk one write transaction carries (``save_snapshot``)."""
 
@@ -423,7 +442,7 @@ class SqlStore(BaseStore):
                 self.checkpointer.wrote()
 
     @contextmanager
-    def _driver_write(self) -> Iterator[Any]:
+    def _driver_write(self, counted: _Counted | None = None) -> Iterator[Any]:
         """``_transaction(write=True)`` for the hot writes (commits, metrics, barrier reports): a
         DBAPI cursor for their few ``_DriverSql`` statements, without SQLAlchemy's connection,
         transaction and pool checkout around each (on SQLite they cost several times the
@@ -436,6 +455,10 @@ class SqlStore(BaseStore):
         connection anew. PostgreSQL: a pooled connection per transaction, its statements
         pipelined (``_pipelined``): the server is waited for where a statement's rows are read
         and at COMMIT, whose answer is in before this returns.
+
+        ``counted``: a second cursor of the transaction for the block (``counted.cursor``), whose
+        row count ``counted.rows`` gets once the transaction committed; it is closed, as the
+        first, before the connection goes back (or to the next write).
         """
         sqlite_file = self._sqlite_writers is not None
         now = sqlite_file and self.must_not_wait
@@ -446,6 +469,8 @@ class SqlStore(BaseStore):
             try:
                 cursor = raw.cursor()
                 try:
+                    if counted is not None:
+                        counted.cursor = raw.cursor()
                     if sqlite_file:
                         begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
                         yield cursor
@@ -455,8 +480,14 @@ class SqlStore(BaseStore):
                     else:
                         with _pipelined(raw.driver_connection, cursor):
                             yield cursor
+                    if counted is not None:  # known once COMMIT answered (PostgreSQL pipelines)
+                        counted.rows = max(int(counted.cursor.rowcount), 0)
                 finally:
-                    cursor.close()
+                    try:
+                        cursor.close()
+                    finally:
+                        if counted is not None and counted.cursor is not None:
+                            counted.cursor.close()
             except self._driver_error as exc:
                 self._discard(raw, exc)
                 raise
@@ -665,13 +696,12 @@ class SqlStore(BaseStore):
         return row
 
     @contextmanager
-    def _driver_read(self, *, snapshot: bool = False) -> Iterator[Any]:
+    def _driver_read(self) -> Iterator[Any]:
         """A DBAPI cursor on a pooled connection, for reads of a row or two (``_DriverSql``).
 
         PostgreSQL: each statement is its own transaction (``_autocommit``), so a read of one
         statement is one round trip (in a transaction it was three: psycopg's ``BEGIN``, the
-        statement and the pool's ``ROLLBACK``). ``snapshot``: the statements see one state of
-        the database (a read transaction on both; PostgreSQL's ends as the pool rolls back).
+        statement and the pool's ``ROLLBACK``).
         """
         postgres = self._engine.dialect.name == "postgresql"
         with self._failures():
@@ -679,9 +709,7 @@ class SqlStore(BaseStore):
             try:
                 cursor = conn.cursor()
                 try:
-                    if snapshot and not postgres:
-                        cursor.execute("BEGIN DEFERRED")
-                    if postgres and not snapshot:
+                    if postgres:
                         with _autocommit(conn.driver_connection):
                             yield cursor
                     else:
@@ -972,9 +1000,10 @@ class SqlStore(BaseStore):
         return listen
 
     def run_listener(self) -> Callable[[Callable[[str | None], None]], Awaitable[None]] | None:
-        """PostgreSQL: an async function that ``LISTEN``s for other processes' reports and
-        decisions and calls its argument with the run's id on each (None once listening);
-        returns when the connection is lost. SQLite: None (see ``BaseStore.run_listener``)."""
+        """PostgreSQL: an async function that ``LISTEN``s for other processes' decisions (their
+        events) and older replicas' reports (``REPORTS_CHANNEL``) and calls its argument with
+        the run's id on each (None once listening); returns when the connection is lost.
+        SQLite: None (see ``BaseStore.run_listener``)."""
         if self._engine.dialect.name != "postgresql":
             return None
         conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -1102,19 +1131,11 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        counting: Any = None
-        try:
-            with self._driver_write() as cursor:
-                self._keep_run(cursor, run_id)
-                counting = cursor.connection.cursor()  # the INSERT's own: its count outlives the transaction
-                self._insert_metrics_on(counting, run_id, records)
-            return max(int(counting.rowcount), 0)  # known once COMMIT answered (PostgreSQL pipelines)
-        finally:
-            # A failed write may have closed the connection (SQLite on a full disk: the pool's
-            # rollback failed), and closing the cursor would raise over the write's own error.
-            if counting is not None:
-                with suppress(self._driver_error):
-                    counting.close()
+        counted = _Counted()  # the INSERT's own cursor: its count outlives the transaction
+        with self._driver_write(counted) as cursor:
+            self._keep_run(cursor, run_id)
+            self._insert_metrics_on(counted.cursor, run_id, records)
+        return counted.rows
 
     def _keep_run(self, cursor: Any, run_id: str) -> dict[str, Any]:
         """The run's row (a ``LockedRun``'s columns), which must not vanish before this
@@ -1156,9 +1177,10 @@ class SqlStore(BaseStore):
         """Record ranks' watched metrics for ``step``; a rank's first report of a name stands.
 
         One transaction writes the history ``records`` and the reports (the ranks that
-        reached this process together), then reads the barrier back. On SQLite writers
-        take turns, so the last rank to report sees every report; on PostgreSQL two last
-        reports may each miss the other (``read_barrier`` settles that later).
+        reached this process together), then reads the barrier back. Used where writers take turns
+        (SQLite, ``one_writer``): the last rank to report sees every report. On PostgreSQL
+        two last reports written here could each miss the other: there the reports go under the
+        run's lock instead (``SqlRunTransaction.add_barrier_reports``).
 
         Returns:
             The run's horizon and every report for ``step``, these included.

@@ -7,6 +7,7 @@ their schema (channels are the database's: servers on other schemas must not hea
 from __future__ import annotations
 
 import asyncio
+import gc
 import tempfile
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from lrserve.service.errors import StoreUnavailable
-from lrserve.service.store import open_store
+from lrserve.service.store import open_store, require_pipeline
 from lrserve.service.store.base import MetricRecord
 from lrserve.service.store.events import EventKind, NewEvent
 from sqlalchemy import create_engine, event, make_url, text
@@ -249,3 +250,58 @@ def test_notifications_wake_the_stores_of_their_own_schema_only(database_url):
     finally:
         for store in (listening, writer, other):
             store.close()
+
+
+def test_a_commit_without_the_event_id_counter_keeps_nothing(database_url):
+    """The events' INSERT numbers each row from the counter's row (``event_ids`` id 1) in the
+    same statement; without that row the statement fails, and with it the commit, which keeps
+    nothing (before: it inserted no event, silently, and committed the run's ``last_seq``
+    ahead of its events)."""
+    store = open_store(database_url("postgres"))
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        with store._transaction(write=True) as conn:
+            conn.execute(text("DELETE FROM event_ids"))
+        with pytest.raises(StoreUnavailable, match="event_ids row 1 is missing"):
+            with store.lock_runs(["r"]) as locked:
+                locked["r"].append_events([NewEvent(EventKind.CREATED, s, {}) for s in (1, 2)])
+        assert store.read_run("r").last_seq == 1
+        assert [e.seq for e in store.read_events("r")] == [1]
+    finally:
+        store.close()
+
+
+def test_a_metric_write_closes_its_cursors_before_its_connection_goes_back(database_url):
+    """``append_metrics`` counts its INSERT on a cursor of its own, read once COMMIT answered:
+    that cursor is closed before the connection goes back to the pool (before: after, when
+    another request may hold the connection), and a failed write is still a 503."""
+    import psycopg
+
+    store = open_store(database_url("postgres"))
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        open_at_checkin: list[int] = []
+
+        @event.listens_for(store._engine, "checkin")
+        def _checkin(dbapi_connection, _record) -> None:
+            open_at_checkin.append(sum(  # a cursor refers to its connection
+                1 for found in gc.get_referrers(dbapi_connection)
+                if isinstance(found, psycopg.Cursor) and not found.closed))
+
+        assert store.append_metrics("r", [MetricRecord("loss", s, 0, 0.5) for s in (1, 2)]) == 2
+        assert store.append_metrics("r", [MetricRecord("loss", 2, 0, 0.7)]) == 0
+        with pytest.raises(StoreUnavailable):
+            store.append_metrics("r", [MetricRecord("x" * 500, 1, 0, 0.5)])  # longer than the column
+        assert open_at_checkin == [0, 0, 0]
+        assert store.read_metrics("r") == {"loss": [(1, 0, 0.5), (2, 0, 0.5)]}
+    finally:
+        store.close()
+
+
+def test_a_libpq_without_pipeline_mode_fails_start_up_in_one_line():
+    """Writes are pipelined (libpq 14 or newer): an older libpq is refused when the store opens,
+    with one line the CLI prints (a ValueError, not retried), not at the first write."""
+    require_pipeline(True, 160003)
+    with pytest.raises(ValueError, match=r"^PostgreSQL needs libpq 14 or newer .* libpq 13\.4: ") as refused:
+        require_pipeline(False, 130004)
+    assert "\n" not in str(refused.value)
