@@ -7,8 +7,10 @@ telemetry middleware, which knows every answer's route and status, the fast path
 included); the database learns of it in batches: every ``LRSERVE_LAST_SEEN_FLUSH_S``
 each process writes the runs it saw since its last flush, in one transaction
 (``Liveness.flush``). ``last_seen`` in an answer is the later of the stored time and
-this process's unflushed one; another replica's unflushed sightings are at most one
-flush interval behind, far below ``LRSERVE_STALE_AFTER_S``.
+this process's unflushed one (or the one its last flush wrote, kept in memory until the next
+flush: an answer whose row was read before that write still carries it); another replica's
+unflushed sightings are at most one flush interval behind, far below
+``LRSERVE_STALE_AFTER_S``.
 
 A run is ``stale`` when it is ``active`` and has not been heard from for
 ``LRSERVE_STALE_AFTER_S`` (a ``held`` job is expected to be quiet; a ``stopped`` one is
@@ -56,6 +58,9 @@ class Liveness:
         self.stale_after = timedelta(seconds=stale_after_s)
         self._clock = clock
         self._pending: dict[str, float] = {}
+        self._flushed: dict[str, float] = {}
+        """The last flush's sightings, being written or written: a row read before that write
+        (a request that read it as the flush ran) is answered with them all the same."""
         self._flush_lock = threading.Lock()
 
     def observe(self, route: str, scope: Scope, status: int) -> None:
@@ -81,6 +86,7 @@ class Liveness:
         """
         with self._flush_lock:
             batch, self._pending = self._pending, {}
+            self._flushed = batch  # visible until the next flush: longer than any read in flight
             try:
                 store.mark_seen({run_id: _utc(at) for run_id, at in batch.items()})
             except StoreUnavailable:
@@ -91,8 +97,9 @@ class Liveness:
             return len(batch)
 
     def last_seen(self, record: RunRecord) -> datetime | None:
-        """The later of the stored ``last_seen`` and this process's unflushed sighting."""
-        pending = self._pending.get(record.run_id)
+        """The later of the stored ``last_seen`` and this process's latest sighting (unflushed,
+        or written by the last flush, which ``record`` may have been read before)."""
+        pending = self._latest(record.run_id)
         stored = record.last_seen
         if pending is None or (stored is not None and stored >= _utc(pending)):
             return stored
@@ -108,8 +115,13 @@ class Liveness:
 
     def heard_recently(self, run_id: str) -> bool:
         """This process saw the run after the stale cut-off (its database row may not say so yet)."""
-        pending = self._pending.get(run_id)
+        pending = self._latest(run_id)
         return pending is not None and _utc(pending) >= self.stale_before()
+
+    def _latest(self, run_id: str) -> float | None:
+        """This process's latest sighting of ``run_id`` (two dict lookups: the hot reads call it)."""
+        pending = self._pending.get(run_id)
+        return self._flushed.get(run_id) if pending is None else pending
 
     async def flush_every(self, store: BaseStore, interval_s: float, after: Callable[[], Any]) -> None:
         """Flush every ``interval_s`` until cancelled, then ``after()`` (the gauges); failures are logged."""

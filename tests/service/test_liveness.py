@@ -47,6 +47,23 @@ def test_sightings_reach_the_store_in_one_flush_and_never_move_back(store):
     assert store.read_run("a").last_seen == clock.now
 
 
+def test_a_row_read_before_a_flush_wrote_the_sighting_is_answered_with_it(store):
+    """A request reads the run's row, the flush swaps the sightings out and writes them, then the
+    request asks this process for its sighting: it was gone from memory and not in the row, so
+    a run a rank had just asked about read as stale (tests/e2e/test_liveness.py failed so once)."""
+    clock = Clock()
+    liveness = Liveness(300, clock)
+    created = store.read_run("a").last_seen
+    clock.now = created + timedelta(seconds=400)
+    liveness.seen("a")
+    row = store.read_run("a")  # read as the flush begins
+    assert liveness.flush(store) == 1
+    assert liveness.last_seen(row) == clock.now
+    assert not liveness.is_stale(row, RunStatus.ACTIVE) and liveness.heard_recently("a")
+    liveness.flush(store)  # one interval later the row in the store says it; memory lets go
+    assert liveness.last_seen(row) == created and liveness.last_seen(store.read_run("a")) == clock.now
+
+
 def test_stale_counts_and_filter(store):
     clock = Clock()
     clock.now = store.read_run("a").last_seen + timedelta(seconds=301)
