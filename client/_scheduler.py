@@ -1128,22 +1128,11 @@ class RemoteScheduler:
         else:
             self._collect(wait=True)
         self._refresh()
-        cache = self._cache
-        i = s - cache.base
-        if self._fast and 0 <= i < len(cache.lrs):
-            # what _apply does then (no event due, float LRs): step()'s fast write
-            row = cache.lrs[i]
-            groups = self.optimizer.param_groups
-            if len(groups) != len(row):
-                raise self._writer.groups_changed()
-            for group, lr in zip(groups, row, strict=True):
-                group["lr"] = lr
-            moms = cache.moms[i]
-            if moms is not None:
-                self._writer.write_momentums(moms)
-            self._last_lr = row
+        if self._fast and self._cache.holds(s):
+            # no event due and float LRs (_fast): _apply's write, and nothing after it to refresh
+            self._write(*self._cache.row(s))
         else:
-            if cache.holds(s):
+            if self._cache.holds(s):
                 self._apply(s)
             else:  # the server is away: the worker keeps trying to deliver the report
                 self._hold(s, self._fetcher.error)
