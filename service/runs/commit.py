@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from lrserve.service.engine import codec, cost
 from lrserve.service.engine.actions import Action
@@ -76,6 +76,7 @@ Reports = Sequence[dict[str, Any]]
 """Spike-guard reports (``step``, ``rank``, ``name``, ``value``): each placed at its ``step``
 or the first free step, whichever is later."""
 
+_T = TypeVar("_T")
 Metric = tuple[int, dict[str, float]]
 """A decision's metric values, placed at a step (or nowhere, when that step is final)."""
 
@@ -135,19 +136,12 @@ class Committer:
         Returns:
             The step an ``action`` was placed at, if one was given.
         """
-        while True:
-            state = self.runs.state(run_id)
-            with held(state.lock, now=self.store.must_not_wait, what="the run"):
-                if state.evicted:  # a commit failed while we waited: take the reloaded state
-                    continue
-                if if_behind and state.horizon >= target:
-                    return None
-                try:
-                    return self._commit_locked(
-                        state, target, metric, action, extra_events, records, need, reports
-                    )
-                except _RunReplaced:  # evicted on the way out; the next turn loads the new run
-                    continue
+        def locked(state: RunState) -> int | None:
+            if if_behind and state.horizon >= target:
+                return None
+            return self._commit_locked(state, target, metric, action, extra_events, records, need, reports)
+
+        return self._with_run(run_id, locked)
 
     def report_to_barrier(
         self,
@@ -167,27 +161,36 @@ class Committer:
         Returns:
             True once ``step`` is final.
         """
+        def locked(state: RunState) -> bool:
+            with self._evicting_on_error(state):
+                outcomes: list[StepOutcome] = []
+                with self.store.lock_run(run_id) as tx:
+                    self._catch_up(state, tx)
+                    decision = decide(state, tx.add_barrier_reports(step, reports))
+                    new_events: list[NewEvent] = []
+                    if decision is not None:
+                        outcomes, _, new_events = _compute(
+                            state, tx.run.horizon, decision.target, decision.metric, None,
+                            decision.extra_events, step, (), self.big_work)
+                    _append(state, tx, outcomes, new_events, records)
+                self._committed(state, outcomes)
+            return state.horizon >= step
+
+        return self._with_run(run_id, locked)
+
+    def _with_run(self, run_id: str, locked: Callable[[RunState], _T]) -> _T:
+        """``locked(state)`` holding the run's lock, on its loaded state; again, on the state
+        loaded anew, when a commit failed while this one waited (``evicted``) or the run turned
+        out replaced on the way (``_RunReplaced``)."""
         while True:
             state = self.runs.state(run_id)
             with held(state.lock, now=self.store.must_not_wait, what="the run"):
                 if state.evicted:  # a commit failed while we waited: take the reloaded state
                     continue
                 try:
-                    with self._evicting_on_error(state):
-                        outcomes: list[StepOutcome] = []
-                        with self.store.lock_run(run_id) as tx:
-                            self._catch_up(state, tx)
-                            decision = decide(state, tx.add_barrier_reports(step, reports))
-                            new_events: list[NewEvent] = []
-                            if decision is not None:
-                                outcomes, _, new_events = _compute(
-                                    state, tx.run.horizon, decision.target, decision.metric, None,
-                                    decision.extra_events, step, (), self.big_work)
-                            _append(state, tx, outcomes, new_events, records)
-                        self._committed(state, outcomes)
+                    return locked(state)
                 except _RunReplaced:  # evicted on the way out; the next turn loads the new run
                     continue
-                return state.horizon >= step
 
     def caught_up(self, run_id: str, record: RunRecord | None = None) -> RunState:
         """The run's state as of the stored horizon (other processes may have gone further);
