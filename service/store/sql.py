@@ -591,6 +591,14 @@ class SqlStore(BaseStore):
     def _insert_new_metrics(self) -> Any:  # built once: building it cost more than running it
         return self._insert(metrics).on_conflict_do_nothing()
 
+    @functools.cached_property
+    def _insert_new_metrics_of_run(self) -> Any:
+        """``_insert_new_metrics`` of a row only where its run exists (``append_metrics`` on SQLite)."""
+        columns = list(metrics.c)
+        rows = select(*[bindparam(c.name, type_=c.type) for c in columns]).where(
+            select(runs.c.run_id).where(runs.c.run_id == bindparam("run_id")).exists())
+        return self._insert(metrics).from_select([c.name for c in columns], rows).on_conflict_do_nothing()
+
     @staticmethod
     def _run_row(conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any] | None:
         """The run's row, locked as asked (``RowLock``) on PostgreSQL (SQLite: see the module docstring)."""
@@ -1133,8 +1141,13 @@ class SqlStore(BaseStore):
         """
         counted = _Counted()  # the INSERT's own cursor: its count outlives the transaction
         with self._driver_write(counted) as cursor:
-            self._keep_run(cursor, run_id)
-            self._insert_metrics_on(counted.cursor, run_id, records)
+            if self._sqlite_writers is None:  # PostgreSQL: the run's row locked first (``keep``)
+                self._keep_run(cursor, run_id)
+                self._insert_metrics_on(counted.cursor, run_id, records)
+            else:  # SQLite: the write slot keeps out a delete until COMMIT; each row checks its run
+                self._insert_metrics_on(counted.cursor, run_id, records, if_run=True)
+                if counted.cursor.rowcount < len(records):  # resent rows, or no such run
+                    self._keep_run(cursor, run_id)
         return counted.rows
 
     def _keep_run(self, cursor: Any, run_id: str) -> dict[str, Any]:
@@ -1146,12 +1159,20 @@ class SqlStore(BaseStore):
             raise RunNotFound(run_id)
         return row
 
-    def _insert_metrics_on(self, cursor: Any, run_id: str, records: Sequence[MetricRecord]) -> None:
+    def _insert_metrics_on(
+        self, cursor: Any, run_id: str, records: Sequence[MetricRecord], *, if_run: bool = False
+    ) -> None:
+        """Insert the records (a row stored already is kept); ``if_run``: only if the run exists,
+        which the caller tells from the cursor's ``rowcount`` (SQLite: at once)."""
         if not records:
             return
         now = _now()
         rows = [_metric_row(run_id, r, now) for r in records]
-        self._driver_sql("insert_metrics", self._insert_new_metrics).executemany(cursor, rows)
+        if if_run:
+            insert = self._driver_sql("insert_metrics_of_run", self._insert_new_metrics_of_run)
+        else:
+            insert = self._driver_sql("insert_metrics", self._insert_new_metrics)
+        insert.executemany(cursor, rows)
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.
