@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -280,16 +281,21 @@ class _DriverSql:
         binds = compiled.binds
         self.defaults = {name: binds[name].value for name in self.names if binds[name].value is not None}
         self.processors = [binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in self.names]
+        self._processed = [(i, process) for i, process in enumerate(self.processors) if process is not None]
+        self._values = (operator.itemgetter(*self.names) if len(self.names) > 1 and not self.defaults
+                        else None)  # the parameters' values in order, in one call (none defaulted)
         self._dialect = dialect
         self._types = list(getattr(statement, "selected_columns", ()))
         self.columns = [c.key for c in self._types]
         self._results: list[Any] | None = None  # the columns' result processors, on first use
 
     def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
-        out = [values[name] if name in values else self.defaults[name] for name in self.names]
-        for i, process in enumerate(self.processors):
-            if process is not None:
-                out[i] = process(out[i])
+        if self._values is not None:
+            out = list(self._values(values))
+        else:
+            out = [values[name] if name in values else self.defaults[name] for name in self.names]
+        for i, process in self._processed:
+            out[i] = process(out[i])
         return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
 
     def execute(self, cursor: Any, values: Mapping[str, Any]) -> Any:
@@ -462,8 +468,6 @@ class SqlStore(BaseStore):
         """
         sqlite_file = self._sqlite_writers is not None
         now = sqlite_file and self.must_not_wait
-        if self._guard is not None:
-            self._guard.check()  # first: a fault is named as the file's (and logged once), not a driver error
         with self._failures(now=now), held(self._sqlite_writers, now=now, what="the write slot"):
             raw, since = self._take_writer()
             try:
@@ -504,12 +508,15 @@ class SqlStore(BaseStore):
     def _take_writer(self) -> tuple[Any, int]:
         """The connection for a write, with the pool's generation (``_disposals``) it was taken
         from: on SQLite the one the last write committed on, unless the pool was replaced since
-        (``_replace_pool``); else a pooled one. SQLite: only in the write slot."""
+        (``_replace_pool``); else a pooled one, once the file's identity is checked (the check
+        before COMMIT is each write's own). SQLite: only in the write slot."""
         kept, self._writer = self._writer, None
         if kept is not None:
             if kept[1] == self._disposals:
-                return kept
+                return kept  # the file is checked before COMMIT (a kept connection writes on its inode)
             kept[0].invalidate()
+        if self._guard is not None:  # first: a connection to a file gone would create an empty one,
+            self._guard.check()  # and a fault is named as the file's (logged once), not a driver error
         since = self._disposals  # read first: a pool replaced while connecting is not trusted
         return self._engine.raw_connection(), since
 

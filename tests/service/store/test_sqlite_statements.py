@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from lrserve.service.errors import RunNotFound
+from lrserve.service.errors import RunNotFound, StoreUnavailable
 from lrserve.service.store import EventKind, MetricRecord, NewEvent, open_store
 from lrserve.service.store.sql import SqlStore
 from sqlalchemy import event
@@ -64,3 +64,31 @@ def test_a_metric_write_to_no_run_stores_nothing(store, records):
     store.create_run("nope", {"schedule": {"type": "StepLR", "step_size": 3}}, {},
                      NewEvent(EventKind.CREATED, 0, {}))
     assert store.read_metrics("nope") == {}
+
+
+def test_a_write_on_the_kept_connection_checks_the_file_once(store, statements, monkeypatch, tmp_path):
+    """The file's identity is checked before COMMIT, the check that keeps a write from being
+    acknowledged into a file gone; before a kept connection's BEGIN a second ``stat`` told
+    nothing more (the connection writes on the inode it opened). A connection taken anew is
+    checked first too: one to a file gone would create an empty one."""
+    stats = []
+    identity = store._guard
+    assert identity is not None
+    real = identity._stat
+    monkeypatch.setattr(identity, "_stat", lambda: stats.append(1) or real())
+    for step in range(1, 6):
+        store.append_metrics("r", [MetricRecord("loss", step, 0, 0.5)])
+        with store.lock_run("r") as tx:
+            tx.append_events([NewEvent(EventKind.CONTROL, step, {"action": "hold"})])
+    assert len(stats) == 10  # before: 20
+    store._replace_pool()
+    store.append_metrics("r", [MetricRecord("loss", 6, 0, 0.5)])
+    assert len(stats) == 12
+    moved = tmp_path / "moved.db"
+    identity.path.rename(moved)
+    with pytest.raises(StoreUnavailable, match="deleted or moved"):
+        store.append_metrics("r", [MetricRecord("loss", 7, 0, 0.5)])
+    moved.rename(identity.path)
+    assert store.read_metrics("r")["loss"][-1] == (6, 0, 0.5)  # nothing of the refused write
+    store.append_metrics("r", [MetricRecord("loss", 7, 0, 0.5)])
+    assert store.read_metrics("r")["loss"][-1] == (7, 0, 0.5)
