@@ -26,7 +26,7 @@ import operator
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal, NoReturn
@@ -238,13 +238,18 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_ENCODER = json.JSONEncoder(allow_nan=True, ensure_ascii=False, separators=(",", ":"))
+"""``json.dumps``' own encoder for these arguments, built once (``dumps`` builds one per call)."""
+_DECODER = json.JSONDecoder()
+
+
 def _dumps(value: Any) -> str:
     """JSON text that restores every float64 exactly, NaN and infinities included."""
-    return json.dumps(value, allow_nan=True, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def _loads(raw: str) -> Any:
-    return json.loads(raw)
+    return _DECODER.decode(raw) if type(raw) is str else json.loads(raw)
 
 
 def _split_float(value: float) -> tuple[float | None, str | None]:
@@ -335,6 +340,46 @@ class _DriverSql:
         return self._results
 
 
+class _Hurried:
+    """``SqlStore.without_waiting``'s block: the thread's flag set inside it (a class, not a
+    generator ``contextmanager``: it wraps every write on the event loop)."""
+
+    __slots__ = ("_flag",)
+
+    def __init__(self, flag: threading.local) -> None:
+        self._flag = flag
+
+    def __enter__(self) -> None:
+        self._flag.on = True
+
+    def __exit__(self, *_: object) -> None:
+        self._flag.on = False
+
+
+class _Failures:
+    """``SqlStore._failures``' block (a class, not a generator ``contextmanager``: it wraps
+    every transaction)."""
+
+    __slots__ = ("_now", "_store")
+
+    def __init__(self, store: SqlStore, now: bool) -> None:
+        self._store, self._now = store, now
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
+        if exc is None:
+            return
+        store = self._store
+        if isinstance(exc, sa_exc.DBAPIError):  # raised through SQLAlchemy (and by the pool's connect)
+            store._failed(exc.orig, exc, self._now)
+        if isinstance(exc, store._driver_error):  # raised on the DBAPI cursor (``_DriverSql``)
+            store._failed(exc, exc, self._now)
+        if isinstance(exc, sa_exc.TimeoutError):  # the connection pool stayed exhausted
+            raise StoreUnavailable(f"{store._where}: no free database connection") from exc
+
+
 class _Counted:
     """``SqlStore._driver_write``'s second cursor, for a statement whose row count is read once
     the transaction committed (on PostgreSQL only then: its statements are pipelined)."""
@@ -402,19 +447,14 @@ class SqlStore(BaseStore):
 
     # -- the transaction helper and the dialect branches ---------------------------------
 
-    @contextmanager
-    def without_waiting(self) -> Iterator[None]:
+    def without_waiting(self) -> AbstractContextManager[None]:
         """SQLite: inside it, on this thread, a write transaction begins only if the file's write
         slot is free at once (in this process and in every other), else ``WouldWait``; reads
         of a WAL file never wait. PostgreSQL: ``WouldWait`` at once (every statement is a
         round trip). See ``BaseStore.without_waiting``."""
         if self._sqlite_writers is None:
             raise WouldWait("PostgreSQL answers over the network")
-        self._hurried.on = True
-        try:
-            yield
-        finally:
-            self._hurried.on = False
+        return _Hurried(self._hurried)
 
     @property
     def must_not_wait(self) -> bool:
@@ -520,18 +560,10 @@ class SqlStore(BaseStore):
         since = self._disposals  # read first: a pool replaced while connecting is not trusted
         return self._engine.raw_connection(), since
 
-    @contextmanager
-    def _failures(self, *, now: bool = False) -> Iterator[None]:
+    def _failures(self, *, now: bool = False) -> AbstractContextManager[None]:
         """Driver errors as ``StoreUnavailable`` naming the database (``WouldWait`` where ``now``
         and another process holds SQLite's write slot); an exhausted pool too."""
-        try:
-            yield
-        except sa_exc.DBAPIError as exc:  # raised through SQLAlchemy (and by the pool's connect)
-            self._failed(exc.orig, exc, now)
-        except self._driver_error as exc:  # raised on the DBAPI cursor (``_DriverSql``)
-            self._failed(exc, exc, now)
-        except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
-            raise StoreUnavailable(f"{self._where}: no free database connection") from exc
+        return _Failures(self, now)
 
     def _failed(self, error: BaseException | None, raised: BaseException, now: bool) -> NoReturn:
         if now and _busy(error):
