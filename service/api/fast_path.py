@@ -43,7 +43,6 @@ from lrserve.service.errors import LRServeError
 from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 from pydantic import BaseModel
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -206,7 +205,7 @@ class FastPath:
             return
         scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
         scope["path_params"] = {"run_id": run_id}  # as the route would have it
-        answer = run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
+        answer = manager.in_commit_thread(lambda: window_response(manager.window(run_id, step, ahead)))
         await _respond(scope, receive, send, answer)
 
     @staticmethod

@@ -84,6 +84,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.pool import QueuePool
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
 """Execution option read by the SQLite begin hook: ``"IMMEDIATE"``, ``"IMMEDIATE NOW"`` (the
@@ -417,6 +418,11 @@ class SqlStore(BaseStore):
     @property
     def one_writer(self) -> bool:
         return self._sqlite_writers is not None
+
+    @property
+    def connections(self) -> int:
+        pool = self._engine.pool  # PostgreSQL's opens none beyond its size (``POSTGRES_POOL_OVERFLOW``)
+        return pool.size() if isinstance(pool, QueuePool) else 1
 
     @contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[Connection]:
