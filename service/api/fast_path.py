@@ -277,9 +277,10 @@ class _LoopCommits:
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:
-    """``step`` and ``ahead`` when the query holds exactly those, as plain non-negative ints."""
+    """``step`` and ``ahead`` when the query holds exactly those, as plain non-negative ints
+    (a parameter given empty, ``ahead=``, is kept: the route answers its 422)."""
     try:
-        pairs = parse_qsl(raw.decode("latin-1"), strict_parsing=True)
+        pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, strict_parsing=True)
     except ValueError:
         return None
     params: dict[str, Any] = dict(pairs)

@@ -195,8 +195,8 @@ EVENTS_CHANNEL = "lrserve_events"
 appended events notifies it on commit, with ``"<sender> <run_id>"`` as payload (``sender``:
 the store that wrote, see ``SqlStore``)."""
 REPORTS_CHANNEL = "lrserve_reports"
-"""PostgreSQL ``NOTIFY`` channel (with the schema's suffix): ``SqlStore.add_barrier_reports``
-notifies it. This version reports under the run's lock and decides in the same transaction
+"""PostgreSQL ``NOTIFY`` channel (with the schema's suffix): earlier versions' barrier reports
+notified it. This version reports under the run's lock and decides in the same transaction
 (``SqlRunTransaction.add_barrier_reports``), so it sends nothing here; ``run_listener`` still
 listens for replicas of older versions during a rolling upgrade, whose report may miss a
 report of ours (no lock) and which then decide nothing: their report wakes our waiters, who
@@ -1184,7 +1184,8 @@ class SqlStore(BaseStore):
 
         One transaction writes the history ``records`` and the reports (the ranks that
         reached this process together), then reads the barrier back. Used where writers take turns
-        (SQLite, ``one_writer``): the last rank to report sees every report. On PostgreSQL
+        (SQLite, ``one_writer``; no other process hears of it: SQLite's waiters poll): the last
+        rank to report sees every report. On PostgreSQL
         two last reports written here could each miss the other: there the reports go under the
         run's lock instead (``SqlRunTransaction.add_barrier_reports``).
 
@@ -1198,8 +1199,6 @@ class SqlStore(BaseStore):
         with self._driver_write() as cursor:
             row = self._keep_run(cursor, run_id)
             self._insert_metrics_on(cursor, run_id, records)
-            if reports:
-                self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
             return BarrierTally(row["horizon"], self._add_reports_on(cursor, run_id, step, reports))
 
     def _add_reports_on(

@@ -397,8 +397,8 @@ BAD_READS = [
     # decimal digits (API.md), not what int() or pydantic's lax parsing also take
     *[f"/v1/runs/p/lr?step={v}"
       for v in ("1_0", "-0", "%2B5", "%205", "5%20", "%D9%A5", "0x10", "5.0", "1e3")],
-    *[f"/v1/runs/p/lr?step=1&ahead={v}" for v in ("1_0", "%2B5", "%205", "5.0")],
-    *[f"/v1/runs/p/history?max_points={v}" for v in ("1_0", "%2B5", "%205", "5.0", "0")],
+    *[f"/v1/runs/p/lr?step=1&ahead={v}" for v in ("", "1_0", "%2B5", "%205", "5.0")],
+    *[f"/v1/runs/p/history?max_points={v}" for v in ("", "1_0", "%2B5", "%205", "5.0", "0")],
     "/v1/runs/p/lr?step=" + "9" * 5000,
 ]
 
