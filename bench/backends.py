@@ -109,8 +109,8 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
         x1, x2 = (paired_ratio(results[(f"PostgreSQL x{w}", "commit")], pgbench) for w in (1, 2))
         notes.append(
             f"{PGBENCH}: pgbench -M prepared, lrserve's two pipelined flushes, {variant.clients} "
-            f"clients (PostgreSQL x2's pooled connections), -j1, {max(1, round(size.load_seconds))} s "
-            "per round (bench.pg_ceiling); "
+            f"clients (at most PostgreSQL x2's {2 * POSTGRES_POOL_SIZE} pooled connections), -j1, "
+            f"{max(1, round(size.load_seconds))} s per round (bench.pg_ceiling); "
             f"PostgreSQL x2 / pgbench {x2:.2f}, x1 / pgbench {x1:.2f} (same rounds)")
     return report.figure(
         NAME, TITLE,
