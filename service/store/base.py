@@ -348,6 +348,12 @@ class BaseStore(abc.ABC):
         return False
 
     @property
+    def connections(self) -> int:
+        """How many transactions this store runs at once at most (its pool's connections): more
+        threads committing at once would only wait for one (``RunManager.in_commit_thread``)."""
+        return 1
+
+    @property
     def one_writer(self) -> bool:
         """Whether write transactions take turns (SQLite: one writer per file), so that one
         transaction for many commits saves each its turn (``GroupCommit``)."""

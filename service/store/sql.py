@@ -85,6 +85,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.pool import QueuePool
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
 """Execution option read by the SQLite begin hook: ``"IMMEDIATE"``, ``"IMMEDIATE NOW"`` (the
@@ -195,8 +196,8 @@ EVENTS_CHANNEL = "lrserve_events"
 appended events notifies it on commit, with ``"<sender> <run_id>"`` as payload (``sender``:
 the store that wrote, see ``SqlStore``)."""
 REPORTS_CHANNEL = "lrserve_reports"
-"""PostgreSQL ``NOTIFY`` channel (with the schema's suffix): ``SqlStore.add_barrier_reports``
-notifies it. This version reports under the run's lock and decides in the same transaction
+"""PostgreSQL ``NOTIFY`` channel (with the schema's suffix): earlier versions' barrier reports
+notified it. This version reports under the run's lock and decides in the same transaction
 (``SqlRunTransaction.add_barrier_reports``), so it sends nothing here; ``run_listener`` still
 listens for replicas of older versions during a rolling upgrade, whose report may miss a
 report of ours (no lock) and which then decide nothing: their report wakes our waiters, who
@@ -463,6 +464,11 @@ class SqlStore(BaseStore):
     @property
     def one_writer(self) -> bool:
         return self._sqlite_writers is not None
+
+    @property
+    def connections(self) -> int:
+        pool = self._engine.pool  # PostgreSQL's opens none beyond its size (``POSTGRES_POOL_OVERFLOW``)
+        return pool.size() if isinstance(pool, QueuePool) else 1
 
     @contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[Connection]:
@@ -1238,7 +1244,8 @@ class SqlStore(BaseStore):
 
         One transaction writes the history ``records`` and the reports (the ranks that
         reached this process together), then reads the barrier back. Used where writers take turns
-        (SQLite, ``one_writer``): the last rank to report sees every report. On PostgreSQL
+        (SQLite, ``one_writer``; no other process hears of it: SQLite's waiters poll): the last
+        rank to report sees every report. On PostgreSQL
         two last reports written here could each miss the other: there the reports go under the
         run's lock instead (``SqlRunTransaction.add_barrier_reports``).
 
@@ -1252,8 +1259,6 @@ class SqlStore(BaseStore):
         with self._driver_write() as cursor:
             row = self._keep_run(cursor, run_id)
             self._insert_metrics_on(cursor, run_id, records)
-            if reports:
-                self._notify_on(cursor, REPORTS_CHANNEL, run_id)  # ranks waiting elsewhere count again
             return BarrierTally(row["horizon"], self._add_reports_on(cursor, run_id, step, reports))
 
     def _add_reports_on(
