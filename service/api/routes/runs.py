@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -47,14 +49,51 @@ from lrserve.service.errors import InvalidInput
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+
+class Creates:
+    """``POST /v1/runs`` under way in a worker thread in this process, by run id.
+
+    A job's ranks send their creates together: one builds the run (in a worker thread), and
+    the others, arriving meanwhile, wait for it here on the event loop, then join as any
+    later rank does (one read, on the loop where the store allows it). Before, each went to a
+    worker thread of its own to wait on the run's lock there, the thread pool's tokens held
+    all the while, and joined from it. If the build fails (a refused spec), they go on as
+    before, each in a worker thread, under the run's lock.
+    """
+
+    def __init__(self) -> None:
+        self._building: dict[str, asyncio.Event] = {}
+
+    async def answer(
+        self, manager: RunManager, run_id: str | None, create: Callable[[], Response]
+    ) -> Response:
+        """``create()`` on the loop where it goes through (a join), else in a worker thread, after
+        a build of the same run under way here."""
+        building = self._building.get(run_id) if run_id is not None else None
+        if building is not None:
+            await building.wait()
+        answer = manager.now(create)
+        if answer is not None:
+            return answer
+        if run_id is None or run_id in self._building:  # no id: a new run each; or a build began meanwhile
+            return await run_in_threadpool(create)
+        done = self._building[run_id] = asyncio.Event()
+        try:
+            return await run_in_threadpool(create)
+        finally:
+            del self._building[run_id]
+            done.set()
 
 
 async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: Identity) -> Response:
     """``POST /v1/runs``' answer (the route's, and the fast path's: ``CREATE``; ``run_id`` unused)."""
     manager: RunManager = app.state.manager
     liveness: Liveness = app.state.liveness
+    creates: Creates = app.state.creates
     request = body.model_dump()
 
     def create() -> Response:  # a job's ranks join at once: a join of a loaded run is a read, on the loop
@@ -63,7 +102,7 @@ async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: 
         liveness.seen(record.run_id)  # a rank asked
         return FastJSONResponse(answer, status_code=201 if created else 200)
 
-    return await small_or_in_thread(manager, create)
+    return await creates.answer(manager, request.get("run_id"), create)
 
 
 CREATE = FastWrite("/v1/runs", RunCreate, "write", answer_create)
