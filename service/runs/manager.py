@@ -217,6 +217,12 @@ class RunManager:
                 self.runs.created(record)
         return (record if is_new else self._same_run(record, spec)), is_new
 
+    def asks_for(self, record: RunRecord, request: Mapping[str, Any]) -> bool:
+        """Whether the create ``request`` asks for ``record``'s run with its spec, by the spec this
+        process checked for it (False where it checked none: that takes checking it)."""
+        spec = self._specs.get(_spec_key(request))
+        return spec is not None and record.run_id == request.get("run_id") and spec == record.spec
+
     def _checked(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], RunSpec | None]:
         """The request's spec checked (``SpecError``, ``InvalidInput`` where it is not), its stored
         form, and the ``RunSpec`` whose first steps are still to take (``None``: a big spec, checked

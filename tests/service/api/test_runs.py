@@ -158,8 +158,8 @@ def test_ranks_arriving_while_their_run_is_built_wait_for_it_on_the_event_loop(
 ):
     """A job's ranks send their creates together: while one builds the run in a worker thread,
     the others wait on the event loop (no worker thread each, holding a thread-pool token on the
-    run's lock), then join: on SQLite on the loop itself, one read each. If the build fails,
-    they go on as before: one of them builds the run, the rest join it."""
+    run's lock), then join: on SQLite each with a read on the loop; on PostgreSQL the first in
+    a worker thread, the rest taking the run it read. If the build fails, one of them builds it."""
     store = open_store(settings.db)
     manager = RunManager(store, settings)
     building, release = _held_build(store, monkeypatch, fail_first)
@@ -168,20 +168,25 @@ def test_ranks_arriving_while_their_run_is_built_wait_for_it_on_the_event_loop(
 
     def create():
         threads.append(threading.get_ident())
-        return manager.create_run(spec)
+        record, created = manager.create_run(spec)
+        return record, created, {}
+
+    def join(record):
+        return (record, False, {}) if manager.asks_for(record, spec) else None
 
     async def ranks():
         creates = Creates()
-        first = asyncio.create_task(creates.answer(manager, "job", create))
+        first = asyncio.create_task(creates.answer(manager, "job", create, join))
         await asyncio.to_thread(building.wait)
         builds = len(threads)  # SQLite: its try on the loop, then in a worker thread
-        others = [asyncio.create_task(creates.answer(manager, "job", create)) for _ in range(5)]
+        others = [asyncio.create_task(creates.answer(manager, "job", create, join)) for _ in range(5)]
         try:
             await asyncio.sleep(0)  # each runs until it waits (asyncio runs ready tasks in order)
             assert len(threads) == builds  # the others wait for the build here, no thread each
         finally:
             release.set()
-        return threading.get_ident(), builds, await asyncio.gather(first, *others, return_exceptions=True)
+        answers = await asyncio.gather(first, *others, return_exceptions=True)
+        return threading.get_ident(), builds, answers
 
     try:
         loop_thread, builds, answers = asyncio.run(ranks())
@@ -190,7 +195,9 @@ def test_ranks_arriving_while_their_run_is_built_wait_for_it_on_the_event_loop(
     if fail_first:
         assert isinstance(answers[0], StoreUnavailable)
         answers = answers[1:]
-    assert sum(created for _, created in answers) == 1
-    assert len({(record.run_id, record.created_at) for record, _ in answers}) == 1
+    assert sum(created for _, created, _ in answers) == 1
+    assert len({(record.run_id, record.created_at) for record, _, _ in answers}) == 1
     if store.one_writer and not fail_first:  # SQLite: after the build, each join is a read on the loop
         assert threads[builds:] == [loop_thread] * 5
+    elif not fail_first:  # PostgreSQL: one join in a worker thread, for the five
+        assert len(threads) == builds + 1 and loop_thread not in threads
