@@ -13,14 +13,22 @@ three are measured under the same weather. Two loads:
 
 "2 processes" is ``lrserve serve --workers 2`` (uvicorn workers sharing the socket). This
 machine has 2 cores, shared by the load generator and every process measured.
+
+Where pgbench is installed, the commit load's rounds also run **pgbench** with lrserve's own
+commit (``bench.pg_ceiling``: the same statements, pipelined and prepared as lrserve sends
+them, as many clients as PostgreSQL x2 has pooled connections, on a schema of its own): the
+most commits/s this machine's PostgreSQL gives with no HTTP and no Python, in the same rounds.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from lrserve.service.store import POSTGRES_POOL_SIZE
+
+from bench import pg_ceiling, report
 from bench.hot_path import RECENT, final_paths, load_row, paired_ratio, prepare_runs, settled_load
 from bench.servers import Pool, pg_problem
 from bench.sizes import Size
@@ -28,6 +36,7 @@ from bench.stats import rotations
 
 NAME = "backends"
 OLD = "final, old steps"
+PGBENCH = "pgbench, same commit"
 TITLE = "Figure 5: backends, SQLite x1 vs PostgreSQL x1 vs PostgreSQL x2 processes"
 
 
@@ -45,7 +54,12 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     problem = pg_problem()
     if problem:
         return report.skipped(NAME, TITLE, problem)
-    with pool.sqlite("backends") as sqlite, pool.postgres() as pg:
+    # pgbench's clients: as many sessions as PostgreSQL x2 commits on at once (its two pools); more
+    # would meet the server's max_connections beside the three servers' pools (and other users')
+    variant = pg_ceiling.Variant(min(size.load_connections, 2 * POSTGRES_POOL_SIZE))
+    ceiling = (pg_ceiling.commit_schema(variant.clients) if pg_ceiling.pgbench_path()
+               else contextlib.nullcontext(""))
+    with pool.sqlite("backends") as sqlite, pool.postgres() as pg, ceiling as bench_url:
         servers = {"SQLite x1": sqlite, "PostgreSQL x1": pg[1], "PostgreSQL x2": pg[2]}
         commit_runs = max(8, size.load_connections)
         paths: dict[tuple[str, str], list[list[str]]] = {}
@@ -64,11 +78,17 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
                 warm = sets[-1] if kind == "commit" else sets[0]
                 settled_load(servers[label], warm, size, size.load_warmup_s)
         results: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in paths}
+        if bench_url:
+            results[(PGBENCH, "commit")] = []
+        labels = [*servers, PGBENCH] if bench_url else list(servers)
         for kinds in (("final", "commit"), (OLD,)):  # old steps last: their replays queue up
-            for r, order in enumerate(rotations(list(servers), size.load_rounds)):
+            for r, order in enumerate(rotations(labels, size.load_rounds)):
                 for kind in kinds:
                     for label in order:
-                        if (label, kind) in paths:
+                        if label == PGBENCH and kind == "commit":
+                            found = pg_ceiling.run(bench_url, variant, size.load_seconds)
+                            results[(label, kind)].append(found)
+                        elif (label, kind) in paths:
                             paths_now = paths[(label, kind)][r]
                             results[(label, kind)].append(
                                 settled_load(servers[label], paths_now, size, size.load_seconds))
@@ -83,6 +103,15 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
                                else 2, row["server"]))
     errors = sum(row["errors"] for row in rows)
     tool = next(iter(results.values()))[0]["tool"]
+    notes = []
+    if bench_url:
+        pgbench = results[(PGBENCH, "commit")]
+        x1, x2 = (paired_ratio(results[(f"PostgreSQL x{w}", "commit")], pgbench) for w in (1, 2))
+        notes.append(
+            f"{PGBENCH}: pgbench -M prepared, lrserve's two pipelined flushes, {variant.clients} "
+            f"clients (at most PostgreSQL x2's {2 * POSTGRES_POOL_SIZE} pooled connections), -j1, "
+            f"{max(1, round(size.load_seconds))} s per round (bench.pg_ceiling); "
+            f"PostgreSQL x2 / pgbench {x2:.2f}, x1 / pgbench {x1:.2f} (same rounds)")
     return report.figure(
         NAME, TITLE,
         ran=f"`lrserve serve` x3 at once (SQLite; PostgreSQL; PostgreSQL --workers 2, one "
@@ -91,7 +120,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
             "2 cores shared by the load generator and all processes",
         target="side by side in one run, zero errors (the issue sets no number)",
         holds=errors == 0, columns=COLUMNS, rows=rows,
-        notes=["commit: every request makes one new step final (durable before the answer)",
+        notes=[*notes, "commit: every request makes one new step final (durable before the answer)",
                f"final: steps {RECENT}.. near the horizon; 'final, old steps': steps 0..{RECENT - 1}, below "
                "the snapshot the second worker loaded the runs from, so that worker replays them on every "
                "request (the first worker computed them and holds them); compared with SQLite x1's final"],

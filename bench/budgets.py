@@ -14,7 +14,9 @@ request a budget allows, one at a time, with a read/write token's rights:
   to it (as a training job would), which moves its history's mark, so no answer kept from
   before is given (a record already stored is kept as it was and moves nothing: the
   attacker checks that each one was new);
-- ``create``: a 1024-group LambdaLR run with distinct expressions as long as the budget allows.
+- ``create``: a 1024-group LambdaLR run with distinct expressions as long as the budget allows;
+- ``kept history`` (side by side only, not in figure 7): the same history request with no new
+  record before it, so the answer is a kept one: what sending 10 MB costs, without building it.
 
 The attacker reads every byte of its big answers (``_Discarding``: a socket read into one
 reused buffer, not parsed): a client on another machine costs the server nothing more, and
@@ -29,7 +31,9 @@ request per route" figure the README quotes.
 sqlite]`` compares two versions side by side: one server from this checkout ("this") and one
 from ``OTHER`` (the root of another checkout), the scenarios of both in rotated rounds; per
 tree and scenario the median over rounds of each round's p99, and the median of each round's
-ratio to that tree's baseline of the same round.
+ratio to that tree's baseline of the same round; and the server's CPU in cores over the
+scenario (the server process's own, whose interpreter the event loop runs in; ``+workers``:
+with its big-work processes), from ``/proc``, medians of rounds.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ class _Attacker:
         self.first_metric_step = 0  # history: the first step the run has no `attack` record at
 
     def start(self, http: httpx.Client) -> None:
-        if self.name == "history":
+        if self.name in ("history", "kept history"):
             shown = http.get(f"/v1/runs/{self.wide}/history", params={"max_points": 1}).json()
             self.first_metric_step = shown["metrics"].get("attack", {"steps": [-1]})["steps"][-1] + 1
 
@@ -180,6 +184,11 @@ class _Attacker:
             posted.raise_for_status()
             if posted.json()["new"] != 1:
                 raise RuntimeError(f"metric record {record} was not new: the history would be a kept one")
+            t0 = time.perf_counter()
+            self.big.request("GET", f"/v1/runs/{self.wide}/history", params={"max_points": points})
+            self.units = cost.history_cost(n_groups=GROUPS, points=points)
+        elif self.name == "kept history":
+            points = self.budget // (GROUPS + cost.GROUP_OVERHEAD)
             t0 = time.perf_counter()
             self.big.request("GET", f"/v1/runs/{self.wide}/history", params={"max_points": points})
             self.units = cost.history_cost(n_groups=GROUPS, points=points)
@@ -359,7 +368,13 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
         for r, turn in enumerate(rotations(order, rounds)):
             for tree, attack in turn:
                 attacker = None if attack == "none" else attack
-                row = _scenario(servers[tree].url, attacker, budget, seconds, "victim")
+                server = servers[tree]
+                began = time.perf_counter(), _cpu_seconds(server.proc.pid if server.proc else 0), \
+                    server.cpu_seconds()
+                row = _scenario(server.url, attacker, budget, seconds, "victim")
+                row["wall_s"] = time.perf_counter() - began[0]
+                row["cpu_s"] = _cpu_seconds(server.proc.pid if server.proc else 0) - began[1]
+                row["all_cpu_s"] = server.cpu_seconds() - began[2]
                 rows.setdefault((tree, attack), []).append(row)
             print(f"round {r + 1}/{rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"this tree vs {other}, {backend}, {rounds} rotated rounds of {seconds:g} s per scenario; "
@@ -374,8 +389,20 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
                             f"p99 {statistics.median(r[f'{what}_p99_ms'] for r in got):6.2f} "
                             f"({statistics.median(ratios):.2f}x)")
             if "worst_ms" in got[0]:
-                line.append(f"worst {statistics.median(r['worst_ms'] for r in got):.0f} ms")
+                line.append(f"worst {statistics.median(r['worst_ms'] for r in got):.0f} ms, "
+                            f"{statistics.median(r['worst_count'] / r['wall_s'] for r in got):.1f}/s")
+            cores = [statistics.median(r[key] / r["wall_s"] for r in got) for key in ("cpu_s", "all_cpu_s")]
+            line.append(f"server cpu {cores[0]:.2f} cores (+workers {cores[1]:.2f})")
             print("  ".join(line))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """One process's CPU time (user + system) so far, from ``/proc/PID/stat``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

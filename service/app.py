@@ -139,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await sender.close()
             await hub.close()
             await run_in_threadpool(big_work.close)
+            await run_in_threadpool(manager.close)
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan,

@@ -43,7 +43,6 @@ from lrserve.service.errors import LRServeError
 from lrserve.service.runs.manager import ON_LOOP_VALUES, RunManager, Window
 from pydantic import BaseModel
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -206,7 +205,7 @@ class FastPath:
             return
         scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
         scope["path_params"] = {"run_id": run_id}  # as the route would have it
-        answer = run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
+        answer = manager.in_commit_thread(lambda: window_response(manager.window(run_id, step, ahead)))
         await _respond(scope, receive, send, answer)
 
     @staticmethod
@@ -278,9 +277,10 @@ class _LoopCommits:
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:
-    """``step`` and ``ahead`` when the query holds exactly those, as plain non-negative ints."""
+    """``step`` and ``ahead`` when the query holds exactly those, as plain non-negative ints
+    (a parameter given empty, ``ahead=``, is kept: the route answers its 422)."""
     try:
-        pairs = parse_qsl(raw.decode("latin-1"), strict_parsing=True)
+        pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, strict_parsing=True)
     except ValueError:
         return None
     params: dict[str, Any] = dict(pairs)

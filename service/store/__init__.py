@@ -244,10 +244,13 @@ def _enable_wal(cursor: Any) -> bool:
             time.sleep(0.01)
 
 
-POSTGRES_POOL_SIZE = 6
-POSTGRES_POOL_OVERFLOW = 6
-"""Connections one process holds (and at most opens beyond them, closed again when idle). The
-server is shared: two processes of a 1,000-rank job held up to ~60 of its 100 with 10 + 20."""
+POSTGRES_POOL_SIZE = 12
+POSTGRES_POOL_OVERFLOW = 0
+"""Connections one process holds, and none beyond them: the pool closed an overflow connection
+as soon as it came back to a full pool, so under figure 5's commit load 3-7 % of commits
+opened a new session (a server process forked, psycopg's connect). The server is shared: two
+processes of a 1,000-rank job held up to ~60 of its 100 with 10 + 20; now at most 12 each,
+plus one ``LISTEN`` connection. Commits run in as many threads (``RunManager.in_commit_thread``)."""
 
 
 def _open_postgres(url: URL) -> SqlStore:

@@ -62,7 +62,7 @@ def test_a_parameter_given_twice_is_a_422(http, server, query, field):
 
 # Integers in a query are decimal digits (API.md): what Python's int() or pydantic's lax
 # parsing would also take (underscores, a sign, spaces, other scripts' digits, floats) is a 422
-NOT_DECIMAL = ["1_0", "-0", "+5", " 5", "5 ", "\u0665", "\uff15", "0x10", "5.0", "1e3"]
+NOT_DECIMAL = ["", "1_0", "-0", "+5", " 5", "5 ", "\u0665", "\uff15", "0x10", "5.0", "1e3"]
 INTEGER_PARAMETERS = [
     ("/v1/runs/edges/lr", "step", ""),
     ("/v1/runs/edges/lr", "ahead", "step=1&"),

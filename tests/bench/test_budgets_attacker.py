@@ -41,6 +41,22 @@ def test_each_history_of_each_attacker_is_built_anew(server: ServerProcess) -> N
     assert shown["metrics"]["attack"]["steps"] == list(range(6))
 
 
+def test_the_kept_history_attacker_asks_the_same_history_and_posts_nothing(server: ServerProcess) -> None:
+    budget = Settings().work_budget
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        before = http.get("/v1/runs/wide/history", params={"max_points": 10_000}).json()["metrics"]
+        attacker = budgets._Attacker(server.url, "kept history", "wide", budget)
+        attacker.start(http)
+        for _ in range(3):
+            attacker.one(http)
+        attacker.big.close()
+        after = http.get("/v1/runs/wide/history", params={"max_points": 10_000}).json()["metrics"]
+    assert after == before  # no record: every answer after the first is a kept one
+    points = budget // (budgets.GROUPS + budgets.cost.GROUP_OVERHEAD)
+    assert attacker.count == 3 and attacker.units == budgets.cost.history_cost(n_groups=budgets.GROUPS,
+                                                                                points=points)
+
+
 def test_a_big_answer_is_read_to_its_last_byte_on_one_connection(server: ServerProcess) -> None:
     with httpx.Client(base_url=server.url, timeout=120) as http:
         expected = len(http.get("/v1/runs/wide/history", params={"max_points": 30}).content)

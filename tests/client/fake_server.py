@@ -221,12 +221,12 @@ class FakeServer:
         while run.horizon < upto:
             k = run.horizon + 1
             used = metrics if k == upto else None
-            if used:
-                run.reports[k] = dict(used)
             lrs, run.best = next_lrs(run.values[-1], k, used, run.best, self.step_size, self.gamma)
-            run.values.append(lrs)
             if run.momentums is not None:
                 run.momentums.append([0.9 - 0.001 * k for _ in lrs])
+            run.values.append(lrs)
+            if used:  # last: a test that sees the report (from another thread) sees its step's values
+                run.reports[k] = dict(used)
 
 
 def watched(spec: Mapping[str, Any]) -> set[str]:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 import time
 
 import orjson
@@ -114,6 +115,47 @@ def test_a_new_step_is_committed_by_the_fast_path_with_the_routes_answer(setting
             for event in history["events"]:
                 event.pop("at")
         assert fast == routed
+
+
+def test_on_postgresql_commits_run_in_as_many_threads_as_the_store_has_connections(database_url, monkeypatch):
+    """Forty new steps asked at once on PostgreSQL, where every commit runs in a thread: at most
+    ``store.connections`` commit at once (the pool's size), the rest queue for a thread rather
+    than hold one while they wait for a connection (before: the loop's shared threads, up to
+    40, which then waited for the pool); each answer is its own run's step, durable."""
+    app = create_app(Settings(db=database_url("postgres")))
+    runs = [f"r{i}" for i in range(40)]
+    with TestClient(app) as client:
+        for run_id in runs:
+            make_run(client, run_id, {"type": "ExponentialLR", "gamma": 0.5})
+            client.get(f"/v1/runs/{run_id}/lr", params={"step": 0, "trace": "1"})
+        manager = app.state.manager
+        limit = manager.store.connections
+        assert 1 < limit < len(runs)
+        busy, most, full, names = [0], [0], threading.Event(), set()
+        counting = threading.Lock()
+        window = manager.window
+
+        def counted(*args, **kwargs):
+            with counting:
+                busy[0] += 1
+                most[0] = max(most[0], busy[0])
+                names.add(threading.current_thread().name)
+                if busy[0] >= limit:
+                    full.set()
+            try:
+                full.wait(timeout=60)  # the first ones wait until the threads are all busy
+                return window(*args, **kwargs)
+            finally:
+                with counting:
+                    busy[0] -= 1
+
+        monkeypatch.setattr(manager, "window", counted)
+        answers = _fast_gets(app, [(f"/v1/runs/{run_id}/lr", b"step=3") for run_id in runs])
+        assert [(status, who) for status, _, who in answers] == [(200, "fast")] * len(runs)
+        assert all(orjson.loads(body)["window"]["lrs"] == [[0.1 * 0.5**3]] for _, body, _ in answers)
+        assert most[0] == limit
+        assert len(names) == limit and all(name.startswith("lrserve-commit") for name in names)
+        assert {manager.store.read_run(run_id).horizon for run_id in runs} == {3}
 
 
 def test_on_postgresql_the_commits_errors_are_the_routes(database_url):
@@ -355,8 +397,8 @@ BAD_READS = [
     # decimal digits (API.md), not what int() or pydantic's lax parsing also take
     *[f"/v1/runs/p/lr?step={v}"
       for v in ("1_0", "-0", "%2B5", "%205", "5%20", "%D9%A5", "0x10", "5.0", "1e3")],
-    *[f"/v1/runs/p/lr?step=1&ahead={v}" for v in ("1_0", "%2B5", "%205", "5.0")],
-    *[f"/v1/runs/p/history?max_points={v}" for v in ("1_0", "%2B5", "%205", "5.0", "0")],
+    *[f"/v1/runs/p/lr?step=1&ahead={v}" for v in ("", "1_0", "%2B5", "%205", "5.0")],
+    *[f"/v1/runs/p/history?max_points={v}" for v in ("", "1_0", "%2B5", "%205", "5.0", "0")],
     "/v1/runs/p/lr?step=" + "9" * 5000,
 ]
 

@@ -15,6 +15,7 @@ import pytest
 from lrserve.service.errors import StoreUnavailable
 from lrserve.service.store import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE, open_store
 from lrserve.service.store.events import EventKind, NewEvent
+from sqlalchemy import event
 
 THREADS = 40  # starlette's worker threads per process: what one process may have in flight at once
 
@@ -27,6 +28,8 @@ def test_many_threads_share_a_few_connections_and_all_get_through(database_url):
         most = [0]
         errors: list[BaseException] = []
         pool = store._engine.pool
+        opened = [0]
+        event.listen(store._engine, "connect", lambda *_: opened.__setitem__(0, opened[0] + 1))
 
         def work() -> None:
             start.wait()
@@ -45,6 +48,9 @@ def test_many_threads_share_a_few_connections_and_all_get_through(database_url):
             thread.join()
         assert errors == []
         assert 1 <= most[0] <= POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW < THREADS
+        # and no session opened twice: the pool closed a connection beyond its size as soon as it
+        # came back to a full pool, so a load of more threads than its size opened one per turn
+        assert 1 <= opened[0] <= POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW == store.connections
     finally:
         store.close()
 

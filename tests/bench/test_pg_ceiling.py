@@ -1,0 +1,48 @@
+"""``bench.pg_ceiling``: pgbench runs lrserve's own commit, and it commits what lrserve would.
+
+Skipped only where pgbench is not installed or PostgreSQL is not reachable (the reason is
+given). No timing is asserted: only that each variant committed, without a failure.
+"""
+
+from __future__ import annotations
+
+import pytest
+from lrserve.service.store import open_store
+
+from bench import pg_ceiling
+from bench.servers import pg_problem
+
+
+@pytest.fixture
+def bench_url():
+    if pg_ceiling.pgbench_path() is None:
+        pytest.skip("pgbench is not installed")
+    if problem := pg_problem():
+        pytest.skip(problem)
+    with pg_ceiling.commit_schema(3) as url:
+        yield url
+
+
+def test_the_script_is_lrserves_commit():
+    lock, update = pg_ceiling.commit_statements()
+    assert lock.startswith("SELECT runs.run_id") and lock.endswith("FOR NO KEY UPDATE;")
+    assert "runs.run_id = :client_id::VARCHAR" in lock
+    assert update.startswith("UPDATE runs SET") and ":horizon::BIGINT" in update
+    script = pg_ceiling.commit_script(pipelined=True).splitlines()
+    assert script[1:] == ["\\startpipeline", "BEGIN;", lock, "\\endpipeline",
+                          "\\startpipeline", update, "COMMIT;", "\\endpipeline"]
+
+
+@pytest.mark.parametrize("variant", [pg_ceiling.Variant(3), pg_ceiling.Variant(3, "simple", pipelined=False)],
+                         ids=lambda v: v.label)
+def test_each_client_commits_its_own_runs_new_horizon(bench_url, variant):
+    row = pg_ceiling.run(bench_url, variant, seconds=1)
+    assert row["errors"] == 0
+    assert row["requests"] > 0 and row["rps"] > 0
+    assert row["p50_ms"] <= row["p99_ms"]
+    assert row["pgbench_cpu_us"] > 0
+    store = open_store(bench_url)
+    try:  # every client's UPDATE found its run: a horizon of pgbench's random ones, never 0 left
+        assert all(store.read_run(str(i)).horizon > 0 for i in range(variant.clients))
+    finally:
+        store.close()
