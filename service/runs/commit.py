@@ -20,8 +20,8 @@ what other processes appended and computes inside it (one read of the run, under
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -383,17 +383,10 @@ class Committer:
         if cost.cost(state.engine.schedule, n_groups=state.n_groups, steps=steps) > ON_LOOP_WORK:
             raise WouldWait("too much work for the event loop")
 
-    @contextmanager
-    def _evicting_on_error(self, state: RunState) -> Iterator[None]:
+    def _evicting_on_error(self, state: RunState) -> _Evicting:
         """An error mid-commit leaves the engine ahead of the store: drop it, reload later.
         ``WouldWait`` comes before anything changed: the state stays."""
-        try:
-            yield
-        except WouldWait:
-            raise
-        except BaseException:
-            self.runs.evict(state)
-            raise
+        return _Evicting(self.runs, state)
 
     def _maybe_snapshot(self, state: RunState, outcomes: list[StepOutcome]) -> None:
         every = self.settings.snapshot_every
@@ -494,6 +487,23 @@ def _moved(stored: RunHead | LockedRun, state: RunState) -> bool:
         or stored.horizon != state.horizon
         or stored.last_seq != state.last_seq
     )
+
+
+class _Evicting:
+    """``Committer._evicting_on_error``'s block (a class, not a generator ``contextmanager``:
+    it wraps every commit)."""
+
+    __slots__ = ("_runs", "_state")
+
+    def __init__(self, runs: RunCache, state: RunState) -> None:
+        self._runs, self._state = runs, state
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
+        if exc is not None and not isinstance(exc, WouldWait):
+            self._runs.evict(self._state)
 
 
 class _Pending(Exception):

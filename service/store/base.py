@@ -27,8 +27,8 @@ from __future__ import annotations
 import abc
 import sys
 from array import array
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -50,19 +50,25 @@ class Lock(Protocol):
     def release(self) -> None: ...
 
 
-@contextmanager
-def held(lock: Lock | None, *, now: bool, what: str) -> Iterator[None]:
+class held:
     """Hold ``lock`` (``None``: nothing) for the block; ``now``: only if it is free at once,
-    else ``WouldWait`` naming ``what`` another thread holds."""
-    if lock is None:
-        yield
-        return
-    if not lock.acquire(blocking=not now):
-        raise WouldWait(f"another thread holds {what}")
-    try:
-        yield
-    finally:
-        lock.release()
+    else ``WouldWait`` naming ``what`` another thread holds.
+
+    A class, not a generator ``contextmanager``: it is entered twice per commit, and a
+    generator's set-up and teardown cost several times the lock itself."""
+
+    __slots__ = ("_lock", "_now", "_what")
+
+    def __init__(self, lock: Lock | None, *, now: bool, what: str) -> None:
+        self._lock, self._now, self._what = lock, now, what
+
+    def __enter__(self) -> None:
+        if self._lock is not None and not self._lock.acquire(blocking=not self._now):
+            raise WouldWait(f"another thread holds {self._what}")
+
+    def __exit__(self, *_: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from secrets import token_hex
 from typing import Any, Literal, NoReturn
@@ -238,13 +239,18 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_ENCODER = json.JSONEncoder(allow_nan=True, ensure_ascii=False, separators=(",", ":"))
+"""``json.dumps``' own encoder for these arguments, built once (``dumps`` builds one per call)."""
+_DECODER = json.JSONDecoder()
+
+
 def _dumps(value: Any) -> str:
     """JSON text that restores every float64 exactly, NaN and infinities included."""
-    return json.dumps(value, allow_nan=True, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def _loads(raw: str) -> Any:
-    return json.loads(raw)
+    return _DECODER.decode(raw) if type(raw) is str else json.loads(raw)
 
 
 def _split_float(value: float) -> tuple[float | None, str | None]:
@@ -281,16 +287,21 @@ class _DriverSql:
         binds = compiled.binds
         self.defaults = {name: binds[name].value for name in self.names if binds[name].value is not None}
         self.processors = [binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in self.names]
+        self._processed = [(i, process) for i, process in enumerate(self.processors) if process is not None]
+        self._values = (operator.itemgetter(*self.names) if len(self.names) > 1 and not self.defaults
+                        else None)  # the parameters' values in order, in one call (none defaulted)
         self._dialect = dialect
         self._types = list(getattr(statement, "selected_columns", ()))
         self.columns = [c.key for c in self._types]
         self._results: list[Any] | None = None  # the columns' result processors, on first use
 
     def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
-        out = [values[name] if name in values else self.defaults[name] for name in self.names]
-        for i, process in enumerate(self.processors):
-            if process is not None:
-                out[i] = process(out[i])
+        if self._values is not None:
+            out = list(self._values(values))
+        else:
+            out = [values[name] if name in values else self.defaults[name] for name in self.names]
+        for i, process in self._processed:
+            out[i] = process(out[i])
         return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
 
     def execute(self, cursor: Any, values: Mapping[str, Any]) -> Any:
@@ -328,6 +339,46 @@ class _DriverSql:
             self._results = [c.type.dialect_impl(self._dialect).result_processor(self._dialect, d[1])
                              for c, d in zip(self._types, cursor.description, strict=True)]
         return self._results
+
+
+class _Hurried:
+    """``SqlStore.without_waiting``'s block: the thread's flag set inside it (a class, not a
+    generator ``contextmanager``: it wraps every write on the event loop)."""
+
+    __slots__ = ("_flag",)
+
+    def __init__(self, flag: threading.local) -> None:
+        self._flag = flag
+
+    def __enter__(self) -> None:
+        self._flag.on = True
+
+    def __exit__(self, *_: object) -> None:
+        self._flag.on = False
+
+
+class _Failures:
+    """``SqlStore._failures``' block (a class, not a generator ``contextmanager``: it wraps
+    every transaction)."""
+
+    __slots__ = ("_now", "_store")
+
+    def __init__(self, store: SqlStore, now: bool) -> None:
+        self._store, self._now = store, now
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
+        if exc is None:
+            return
+        store = self._store
+        if isinstance(exc, sa_exc.DBAPIError):  # raised through SQLAlchemy (and by the pool's connect)
+            store._failed(exc.orig, exc, self._now)
+        if isinstance(exc, store._driver_error):  # raised on the DBAPI cursor (``_DriverSql``)
+            store._failed(exc, exc, self._now)
+        if isinstance(exc, sa_exc.TimeoutError):  # the connection pool stayed exhausted
+            raise StoreUnavailable(f"{store._where}: no free database connection") from exc
 
 
 class _Counted:
@@ -397,19 +448,14 @@ class SqlStore(BaseStore):
 
     # -- the transaction helper and the dialect branches ---------------------------------
 
-    @contextmanager
-    def without_waiting(self) -> Iterator[None]:
+    def without_waiting(self) -> AbstractContextManager[None]:
         """SQLite: inside it, on this thread, a write transaction begins only if the file's write
         slot is free at once (in this process and in every other), else ``WouldWait``; reads
         of a WAL file never wait. PostgreSQL: ``WouldWait`` at once (every statement is a
         round trip). See ``BaseStore.without_waiting``."""
         if self._sqlite_writers is None:
             raise WouldWait("PostgreSQL answers over the network")
-        self._hurried.on = True
-        try:
-            yield
-        finally:
-            self._hurried.on = False
+        return _Hurried(self._hurried)
 
     @property
     def must_not_wait(self) -> bool:
@@ -468,8 +514,6 @@ class SqlStore(BaseStore):
         """
         sqlite_file = self._sqlite_writers is not None
         now = sqlite_file and self.must_not_wait
-        if self._guard is not None:
-            self._guard.check()  # first: a fault is named as the file's (and logged once), not a driver error
         with self._failures(now=now), held(self._sqlite_writers, now=now, what="the write slot"):
             raw, since = self._take_writer()
             try:
@@ -510,27 +554,22 @@ class SqlStore(BaseStore):
     def _take_writer(self) -> tuple[Any, int]:
         """The connection for a write, with the pool's generation (``_disposals``) it was taken
         from: on SQLite the one the last write committed on, unless the pool was replaced since
-        (``_replace_pool``); else a pooled one. SQLite: only in the write slot."""
+        (``_replace_pool``); else a pooled one, once the file's identity is checked (the check
+        before COMMIT is each write's own). SQLite: only in the write slot."""
         kept, self._writer = self._writer, None
         if kept is not None:
             if kept[1] == self._disposals:
-                return kept
+                return kept  # the file is checked before COMMIT (a kept connection writes on its inode)
             kept[0].invalidate()
+        if self._guard is not None:  # first: a connection to a file gone would create an empty one,
+            self._guard.check()  # and a fault is named as the file's (logged once), not a driver error
         since = self._disposals  # read first: a pool replaced while connecting is not trusted
         return self._engine.raw_connection(), since
 
-    @contextmanager
-    def _failures(self, *, now: bool = False) -> Iterator[None]:
+    def _failures(self, *, now: bool = False) -> AbstractContextManager[None]:
         """Driver errors as ``StoreUnavailable`` naming the database (``WouldWait`` where ``now``
         and another process holds SQLite's write slot); an exhausted pool too."""
-        try:
-            yield
-        except sa_exc.DBAPIError as exc:  # raised through SQLAlchemy (and by the pool's connect)
-            self._failed(exc.orig, exc, now)
-        except self._driver_error as exc:  # raised on the DBAPI cursor (``_DriverSql``)
-            self._failed(exc, exc, now)
-        except sa_exc.TimeoutError as exc:  # the connection pool stayed exhausted
-            raise StoreUnavailable(f"{self._where}: no free database connection") from exc
+        return _Failures(self, now)
 
     def _failed(self, error: BaseException | None, raised: BaseException, now: bool) -> NoReturn:
         if now and _busy(error):
@@ -596,6 +635,14 @@ class SqlStore(BaseStore):
     @functools.cached_property
     def _insert_new_metrics(self) -> Any:  # built once: building it cost more than running it
         return self._insert(metrics).on_conflict_do_nothing()
+
+    @functools.cached_property
+    def _insert_new_metrics_of_run(self) -> Any:
+        """``_insert_new_metrics`` of a row only where its run exists (``append_metrics`` on SQLite)."""
+        columns = list(metrics.c)
+        rows = select(*[bindparam(c.name, type_=c.type) for c in columns]).where(
+            select(runs.c.run_id).where(runs.c.run_id == bindparam("run_id")).exists())
+        return self._insert(metrics).from_select([c.name for c in columns], rows).on_conflict_do_nothing()
 
     @staticmethod
     def _run_row(conn: Connection, run_id: str, lock: RowLock | None = None) -> Row[Any] | None:
@@ -1139,8 +1186,13 @@ class SqlStore(BaseStore):
         """
         counted = _Counted()  # the INSERT's own cursor: its count outlives the transaction
         with self._driver_write(counted) as cursor:
-            self._keep_run(cursor, run_id)
-            self._insert_metrics_on(counted.cursor, run_id, records)
+            if self._sqlite_writers is None:  # PostgreSQL: the run's row locked first (``keep``)
+                self._keep_run(cursor, run_id)
+                self._insert_metrics_on(counted.cursor, run_id, records)
+            else:  # SQLite: the write slot keeps out a delete until COMMIT; each row checks its run
+                self._insert_metrics_on(counted.cursor, run_id, records, if_run=True)
+                if counted.cursor.rowcount < len(records):  # resent rows, or no such run
+                    self._keep_run(cursor, run_id)
         return counted.rows
 
     def _keep_run(self, cursor: Any, run_id: str) -> dict[str, Any]:
@@ -1152,12 +1204,20 @@ class SqlStore(BaseStore):
             raise RunNotFound(run_id)
         return row
 
-    def _insert_metrics_on(self, cursor: Any, run_id: str, records: Sequence[MetricRecord]) -> None:
+    def _insert_metrics_on(
+        self, cursor: Any, run_id: str, records: Sequence[MetricRecord], *, if_run: bool = False
+    ) -> None:
+        """Insert the records (a row stored already is kept); ``if_run``: only if the run exists,
+        which the caller tells from the cursor's ``rowcount`` (SQLite: at once)."""
         if not records:
             return
         now = _now()
         rows = [_metric_row(run_id, r, now) for r in records]
-        self._driver_sql("insert_metrics", self._insert_new_metrics).executemany(cursor, rows)
+        if if_run:
+            insert = self._driver_sql("insert_metrics_of_run", self._insert_new_metrics_of_run)
+        else:
+            insert = self._driver_sql("insert_metrics", self._insert_new_metrics)
+        insert.executemany(cursor, rows)
 
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.

@@ -55,7 +55,8 @@ class Checkpointer:
 
     def wrote(self) -> None:
         """A write transaction committed: a checkpoint follows within ``every_s``."""
-        self._wrote.set()
+        if not self._wrote.is_set():  # set: the checkpoint to come clears it first, then copies
+            self._wrote.set()  # (a lock and a notify: skipped while one is due anyway)
         if self._thread is None:
             with self._start:
                 if self._thread is None and not self._closed.is_set():

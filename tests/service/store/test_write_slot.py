@@ -117,3 +117,33 @@ def test_a_store_nobody_closed_leaves_no_checkpoint_thread(tmp_path):
     thread.join(15)  # it notices within its 5 s wait
     assert not thread.is_alive()
     engine.dispose()
+
+
+def test_writes_while_a_checkpoint_is_due_do_not_signal_it_again(tmp_path):
+    """Each commit tells the checkpointer it wrote; while a checkpoint is due already (the thread
+    gathers ``every_s`` of writes, then clears the signal and copies) the signal is left as it
+    is: no lock and notify per commit. A write after the clear signals again."""
+    import threading
+
+    from lrserve.service.store.wal import Checkpointer
+
+    store = open_store(f"sqlite:///{tmp_path}/signal.db")
+    checkpointer = Checkpointer(store._engine, store, every_s=3600)  # gathers for an hour
+    signals = []
+
+    class Counted(threading.Event):
+        def set(self) -> None:
+            signals.append(1)
+            super().set()
+
+    checkpointer._wrote = Counted()
+    try:
+        for _ in range(20):
+            checkpointer.wrote()
+        assert len(signals) == 1  # before: 20
+        checkpointer._wrote.clear()  # as the due checkpoint does before it copies
+        checkpointer.wrote()
+        assert len(signals) == 2
+    finally:
+        checkpointer.close()
+        store.close()

@@ -1,0 +1,94 @@
+"""SQLite's hot writes, statement by statement: what a metric write and a control's commit send.
+
+Every statement after a pause costs SQLite's own work and the driver's Python around it (the
+figure-8 writes, issue 15's target 2), so each is counted here through sqlite3's trace of the
+connection: ``BEGIN IMMEDIATE`` and ``COMMIT`` included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from lrserve.service.errors import RunNotFound, StoreUnavailable
+from lrserve.service.store import EventKind, MetricRecord, NewEvent, open_store
+from lrserve.service.store.sql import SqlStore
+from sqlalchemy import event
+
+
+@pytest.fixture
+def store(database_url) -> Iterator[SqlStore]:
+    opened = open_store(database_url("sqlite"))
+    opened.create_run("r", {"schedule": {"type": "StepLR", "step_size": 3}}, {},
+                      NewEvent(EventKind.CREATED, 0, {}))
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def statements(store) -> list[str]:
+    """Every statement the store's connections run from now on (the first word of each)."""
+    seen: list[str] = []
+
+    @event.listens_for(store._engine, "connect")
+    def _trace(dbapi_connection, _record) -> None:
+        dbapi_connection.set_trace_callback(lambda sql: seen.append(sql.split(None, 1)[0].upper()))
+
+    store._replace_pool()  # every connection from now on is traced, the kept writer's too
+    store.append_metrics("r", [MetricRecord("warm", 0, 0, 0.0)])  # the writer connected
+    seen.clear()
+    return seen
+
+
+def test_a_metric_write_is_its_insert_alone(store, statements):
+    """The INSERT checks its run itself (the write slot keeps a delete out until COMMIT): no read
+    of the run's row before it (four statements before: BEGIN, the row, the INSERT, COMMIT)."""
+    assert store.append_metrics("r", [MetricRecord("loss", 1, 0, 0.5), MetricRecord("acc", 1, 0, 0.9)]) == 2
+    assert statements == ["BEGIN", "INSERT", "INSERT", "COMMIT"]
+    assert store.read_metrics("r") == {"acc": [(1, 0, 0.9)], "loss": [(1, 0, 0.5)], "warm": [(0, 0, 0.0)]}
+
+
+def test_a_resent_metric_reads_the_run_and_counts_nothing_new(store, statements):
+    assert store.append_metrics("r", [MetricRecord("loss", 1, 0, 0.5)]) == 1
+    statements.clear()
+    assert store.append_metrics("r", [MetricRecord("loss", 1, 0, 0.7), MetricRecord("loss", 2, 0, 0.4)]) == 1
+    assert statements == ["BEGIN", "INSERT", "INSERT", "SELECT", "COMMIT"]
+    assert store.read_metrics("r")["loss"] == [(1, 0, 0.5), (2, 0, 0.4)]  # the first value stands
+
+
+@pytest.mark.parametrize("records", [[], [MetricRecord("loss", 1, 0, 0.5)]])
+def test_a_metric_write_to_no_run_stores_nothing(store, records):
+    with pytest.raises(RunNotFound):
+        store.append_metrics("nope", records)
+    assert store.read_metrics("nope") == {}
+    store.create_run("nope", {"schedule": {"type": "StepLR", "step_size": 3}}, {},
+                     NewEvent(EventKind.CREATED, 0, {}))
+    assert store.read_metrics("nope") == {}
+
+
+def test_a_write_on_the_kept_connection_checks_the_file_once(store, statements, monkeypatch, tmp_path):
+    """The file's identity is checked before COMMIT, the check that keeps a write from being
+    acknowledged into a file gone; before a kept connection's BEGIN a second ``stat`` told
+    nothing more (the connection writes on the inode it opened). A connection taken anew is
+    checked first too: one to a file gone would create an empty one."""
+    stats = []
+    identity = store._guard
+    assert identity is not None
+    real = identity._stat
+    monkeypatch.setattr(identity, "_stat", lambda: stats.append(1) or real())
+    for step in range(1, 6):
+        store.append_metrics("r", [MetricRecord("loss", step, 0, 0.5)])
+        with store.lock_run("r") as tx:
+            tx.append_events([NewEvent(EventKind.CONTROL, step, {"action": "hold"})])
+    assert len(stats) == 10  # before: 20
+    store._replace_pool()
+    store.append_metrics("r", [MetricRecord("loss", 6, 0, 0.5)])
+    assert len(stats) == 12
+    moved = tmp_path / "moved.db"
+    identity.path.rename(moved)
+    with pytest.raises(StoreUnavailable, match="deleted or moved"):
+        store.append_metrics("r", [MetricRecord("loss", 7, 0, 0.5)])
+    moved.rename(identity.path)
+    assert store.read_metrics("r")["loss"][-1] == (6, 0, 0.5)  # nothing of the refused write
+    store.append_metrics("r", [MetricRecord("loss", 7, 0, 0.5)])
+    assert store.read_metrics("r")["loss"][-1] == (7, 0, 0.5)
