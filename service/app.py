@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)
         app.state.manager = manager
+        app.state.creates = runs.Creates()
         app.state.history_answers = HistoryAnswers()  # kept with the store they were read from
         barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager.runs))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -98,6 +100,7 @@ class RunManager:
         self.settings = settings
         self.big_work = big_work or BigWork(0)  # big creates and runs of steps (service.offload)
         self.runs = RunCache(store)
+        self._specs = CheckedSpecs(SPECS_KEPT)
         self.committer = Committer(store, settings, self.runs, self.big_work)
         self.reads = ReadModels(store, settings, self.runs, self.committer)
         self._commit_threads = ThreadPoolExecutor(store.connections, thread_name_prefix="lrserve-commit")
@@ -206,16 +209,13 @@ class RunManager:
             SpecError: the schedule is invalid.
             RunConflict: the run exists with a different spec.
         """
+        key = _spec_key(request)
+        spec = self._specs.get(key)  # checked before: every rank of a job sends the same spec
         parsed: RunSpec | None = None
-        big = is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"])
-        if big and self.store.must_not_wait:
-            raise WouldWait("a big spec is checked in a worker process")
-        if big:
-            # checked whole in a worker process (first steps included): nothing left to build here
-            spec = self.big_work.run(checked_spec, dict(request), self.settings.work_budget)
-        else:
-            parsed = RunSpec.from_request(request, check_cost=self._check_schedule_cost)
-            spec = parsed.to_json()
+        checked = spec is None
+        if spec is None:
+            spec, parsed = self._checked(request)
+            self._specs.put(key, spec)
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
@@ -226,6 +226,8 @@ class RunManager:
             existing = self._existing(run_id, spec)
             if existing is not None:
                 return existing, False
+            if not checked:  # a new run of a spec kept from another: its first steps taken here too
+                spec, parsed = self._checked(request)
             if parsed is not None:
                 _first_steps(parsed)
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
@@ -233,6 +235,25 @@ class RunManager:
             if is_new:  # its ranks step it next: no load (three reads) for the state just built
                 self.runs.created(record)
         return (record if is_new else self._same_run(record, spec)), is_new
+
+    def asks_for(self, record: RunRecord, request: Mapping[str, Any]) -> bool:
+        """Whether the create ``request`` asks for ``record``'s run with its spec, by the spec this
+        process checked for it (False where it checked none: that takes checking it)."""
+        spec = self._specs.get(_spec_key(request))
+        return spec is not None and record.run_id == request.get("run_id") and spec == record.spec
+
+    def _checked(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], RunSpec | None]:
+        """The request's spec checked (``SpecError``, ``InvalidInput`` where it is not), its stored
+        form, and the ``RunSpec`` whose first steps are still to take (``None``: a big spec, checked
+        whole, first steps included, in a worker process). On the event loop a big spec raises
+        ``WouldWait``."""
+        big = is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"])
+        if big and self.store.must_not_wait:
+            raise WouldWait("a big spec is checked in a worker process")
+        if big:
+            return self.big_work.run(checked_spec, dict(request), self.settings.work_budget), None
+        parsed = RunSpec.from_request(request, check_cost=self._check_schedule_cost)
+        return parsed.to_json(), parsed
 
     def _existing(self, run_id: str, spec: dict[str, Any]) -> RunRecord | None:
         """The stored run if there is one (``RunConflict`` if its spec differs), else ``None``."""
@@ -618,3 +639,45 @@ def _rank_order_means(reports: Mapping[int, Mapping[str, float]]) -> dict[str, f
             total += value
         means[name] = total / len(values)
     return means
+
+
+SPECS_KEPT = 256
+"""Create requests' specs a process keeps, checked (``CheckedSpecs``)."""
+
+
+def _spec_key(request: Mapping[str, Any]) -> str:
+    """What a create request's stored spec depends on, as text: equal texts, equal values
+    (``repr`` tells ``1`` from ``1.0`` and ``True``, NaN from ``None``; a dict's key order
+    counts, which at worst makes two equal specs two entries)."""
+    return repr((request["schedule"], request["base_lrs"], request.get("base_momentums"),
+                 request.get("world_size")))
+
+
+class CheckedSpecs:
+    """The stored specs (``RunSpec.to_json``) of create requests this process checked, by
+    ``_spec_key``, the last ``size`` of them: every rank of a job sends its create with the
+    same spec, and a join compares it with the stored run's without checking the schedule
+    again (parsing it, its rules and cost). Checking is a function of the request and the
+    settings alone, so a kept spec is what checking again would give; a refused request is
+    not kept. The specs kept are shared: never changed in place. Thread safe.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            spec = self._kept.get(key)
+            if spec is not None:
+                self._kept.move_to_end(key)
+            return spec
+
+    def put(self, key: str, spec: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self._kept[key] = spec
+            self._kept.move_to_end(key)
+            while len(self._kept) > self._size:
+                self._kept.popitem(last=False)
+        return spec

@@ -638,6 +638,15 @@ class SqlStore(BaseStore):
         return self._insert(barrier_reports).on_conflict_do_nothing()
 
     @functools.cached_property
+    def _insert_new_run(self) -> Any:
+        """``create_run``'s INSERT, built once with its values as parameters: built per call with
+        ``.values(row)``, SQLAlchemy computed its cache key anew each time (walking every
+        column's type: ~0.4 ms of a create's ~1 ms in the store). RETURNING, not rowcount:
+        psycopg's rowcount reads -1 here under SQLAlchemy 2.1."""
+        insert = self._insert(runs).on_conflict_do_nothing(index_elements=["run_id"])
+        return insert.returning(runs.c.run_id)
+
+    @functools.cached_property
     def _insert_new_metrics(self) -> Any:  # built once: building it cost more than running it
         return self._insert(metrics).on_conflict_do_nothing()
 
@@ -685,16 +694,14 @@ class SqlStore(BaseStore):
         row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": RunStatus.ACTIVE.value, "horizon": 0,
                "last_seq": 1, "created_at": now, "updated_at": now, "last_seen": now}
         with self._transaction(write=True) as conn:
-            insert = self._insert(runs).values(row).on_conflict_do_nothing(index_elements=["run_id"])
-            # RETURNING, not rowcount: psycopg's rowcount reads -1 here under SQLAlchemy 2.1
-            if conn.execute(insert.returning(runs.c.run_id)).first() is None:
+            if conn.execute(self._insert_new_run, row).first() is None:
                 return self._read_record(conn, self._require_run(conn, run_id)), False
             if labels:
                 conn.execute(run_labels.insert(), [
                     {"run_id": run_id, "key": k, "value": v} for k, v in labels.items()
                 ])
             (gid,) = self._take_gids(conn, 1, run_id)
-            conn.execute(events.insert().values(_event_row(run_id, 1, created, now, gid)))
+            conn.execute(_INSERT_EVENTS, _event_row(run_id, 1, created, now, gid))
             record = self._read_record(conn, self._require_run(conn, run_id))
         self._events_committed()
         return record, True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from lrserve.service.api.deps import (
@@ -46,24 +49,96 @@ from lrserve.service.auth import Identity
 from lrserve.service.errors import InvalidInput
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
+from lrserve.service.store.base import RunRecord
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+
+Made = tuple[RunRecord, bool, dict[str, Any]]
+"""A create's answer: the run, whether this request created it, the run's body."""
+
+
+@dataclass(eq=False)
+class _UnderWay:
+    """A create (a build or a join) of one run in a worker thread."""
+
+    seq: int
+    """Its place among the creates this process began (``Creates.began``)."""
+    record: asyncio.Future[RunRecord | None]
+    """The run it wrote or read (``None``: it failed)."""
+
+
+class Creates:
+    """``POST /v1/runs`` in a worker thread in this process, at most one per run id at a time.
+
+    A job's ranks send their creates together: one builds the run (in a worker thread), and
+    those arriving meanwhile wait for it on the event loop, not each in a worker thread on the
+    run's lock (holding a thread-pool token) as before. Then they join: where the store answers
+    on the loop (SQLite), each with its own read there; else the first of them joins in a
+    worker thread and the others take the run it reads. A waiting request only takes the run
+    that a create begun after it arrived wrote or read: as of a moment within the request, as
+    its own read would be (a run another process deleted before that is never answered for).
+    If that create failed, or asked for another spec, they go on as a lone request does.
+    """
+
+    def __init__(self) -> None:
+        self._under_way: dict[str, _UnderWay] = {}
+        self.began = 0
+
+    async def answer(
+        self, manager: RunManager, run_id: str | None, create: Callable[[], Made],
+        join: Callable[[RunRecord], Made | None],
+    ) -> Made:
+        """``create()`` on the loop where it goes through (a join), else in a worker thread;
+        ``join(record)``: this request's answer from a run another create of the same id wrote or
+        read (None: it answers for itself)."""
+        arrived = self.began
+        while run_id is not None and (under_way := self._under_way.get(run_id)) is not None:
+            record = await asyncio.shield(under_way.record)
+            if under_way.seq > arrived and record is not None:
+                made = join(record)
+                if made is not None:
+                    return made
+                break
+        made = manager.now(create)
+        if made is not None:
+            return made
+        if run_id is None or run_id in self._under_way:  # no id: a new run each; or a create began meanwhile
+            return await run_in_threadpool(create)
+        self.began += 1
+        under_way = _UnderWay(self.began, asyncio.get_running_loop().create_future())
+        self._under_way[run_id] = under_way
+        made = None
+        try:
+            made = await run_in_threadpool(create)
+            return made
+        finally:
+            del self._under_way[run_id]
+            under_way.record.set_result(None if made is None else made[0])
 
 
 async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: Identity) -> Response:
     """``POST /v1/runs``' answer (the route's, and the fast path's: ``CREATE``; ``run_id`` unused)."""
     manager: RunManager = app.state.manager
     liveness: Liveness = app.state.liveness
+    creates: Creates = app.state.creates
     request = body.model_dump()
 
-    def create() -> Response:  # a job's ranks join at once: a join of a loaded run is a read, on the loop
+    def create() -> Made:  # a job's ranks join at once: a join of a loaded run is a read, on the loop
         record, created = manager.create_run(request, actor=identity.name)
-        answer = run_public(manager, liveness, record)
-        liveness.seen(record.run_id)  # a rank asked
-        return FastJSONResponse(answer, status_code=201 if created else 200)
+        return record, created, run_public(manager, liveness, record)
 
-    return await small_or_in_thread(manager, create)
+    def join(record: RunRecord) -> Made | None:  # on the loop: nothing to wait for
+        state = manager.loaded(record.run_id)
+        if state is None or not manager.asks_for(record, request):
+            return None
+        return record, False, run_public(manager, liveness, record, state)
+
+    record, created, answer = await creates.answer(manager, request.get("run_id"), create, join)
+    liveness.seen(record.run_id)  # a rank asked
+    return FastJSONResponse(answer, status_code=201 if created else 200)
 
 
 CREATE = FastWrite("/v1/runs", RunCreate, "write", answer_create)

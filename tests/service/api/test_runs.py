@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
+from lrserve.service.api.routes.runs import Creates
+from lrserve.service.errors import StoreUnavailable
+from lrserve.service.runs.manager import RunManager
+from lrserve.service.store import open_store
 
 from tests.service.api.conftest import make_run
 
@@ -125,3 +132,72 @@ def test_runs_carry_last_seen_and_are_not_stale_by_default(api):
     assert api.get("/v1/runs", params={"stale": "true"}).json()["data"] == []  # 300 s is far away
     answer = api.get("/v1/runs", params={"stale": "false"})
     assert answer.status_code == 422 and answer.json()["errors"][0]["field"] == "stale"
+
+
+def _held_build(store, monkeypatch, fail_first=False):
+    """``store.create_run`` held until ``release`` is set (``building``: it was entered)."""
+    building, release = threading.Event(), threading.Event()
+    real = store.create_run
+    calls = []
+
+    def held(*args, **kwargs):
+        calls.append(1)
+        building.set()
+        release.wait()
+        if fail_first and len(calls) == 1:
+            raise StoreUnavailable("the database went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "create_run", held)
+    return building, release
+
+
+@pytest.mark.parametrize("fail_first", [False, True])
+def test_ranks_arriving_while_their_run_is_built_wait_for_it_on_the_event_loop(
+    settings, monkeypatch, fail_first
+):
+    """A job's ranks send their creates together: while one builds the run in a worker thread,
+    the others wait on the event loop (no worker thread each, holding a thread-pool token on the
+    run's lock), then join: on SQLite each with a read on the loop; on PostgreSQL the first in
+    a worker thread, the rest taking the run it read. If the build fails, one of them builds it."""
+    store = open_store(settings.db)
+    manager = RunManager(store, settings)
+    building, release = _held_build(store, monkeypatch, fail_first)
+    spec = {"run_id": "job", "schedule": STEP, "base_lrs": [0.1], "world_size": 6}
+    threads = []
+
+    def create():
+        threads.append(threading.get_ident())
+        record, created = manager.create_run(spec)
+        return record, created, {}
+
+    def join(record):
+        return (record, False, {}) if manager.asks_for(record, spec) else None
+
+    async def ranks():
+        creates = Creates()
+        first = asyncio.create_task(creates.answer(manager, "job", create, join))
+        await asyncio.to_thread(building.wait)
+        builds = len(threads)  # SQLite: its try on the loop, then in a worker thread
+        others = [asyncio.create_task(creates.answer(manager, "job", create, join)) for _ in range(5)]
+        try:
+            await asyncio.sleep(0)  # each runs until it waits (asyncio runs ready tasks in order)
+            assert len(threads) == builds  # the others wait for the build here, no thread each
+        finally:
+            release.set()
+        answers = await asyncio.gather(first, *others, return_exceptions=True)
+        return threading.get_ident(), builds, answers
+
+    try:
+        loop_thread, builds, answers = asyncio.run(ranks())
+    finally:
+        store.close()
+    if fail_first:
+        assert isinstance(answers[0], StoreUnavailable)
+        answers = answers[1:]
+    assert sum(created for _, created, _ in answers) == 1
+    assert len({(record.run_id, record.created_at) for record, _, _ in answers}) == 1
+    if store.one_writer and not fail_first:  # SQLite: after the build, each join is a read on the loop
+        assert threads[builds:] == [loop_thread] * 5
+    elif not fail_first:  # PostgreSQL: one join in a worker thread, for the five
+        assert len(threads) == builds + 1 and loop_thread not in threads

@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from lrserve.service.errors import RunConflict, RunNotFound
-from lrserve.service.runs.manager import RunManager
+from lrserve.service.engine.run_spec import RunSpec
+from lrserve.service.errors import RunConflict, RunNotFound, SpecError
+from lrserve.service.runs.manager import CheckedSpecs, RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
 from lrserve.service.store.events import EventKind
@@ -95,3 +96,56 @@ def test_the_run_a_create_made_is_in_memory_as_a_load_would_make_it(manager: Run
     assert (state.horizon, state.last_seq, state.created_at, state.status, state.watching) == (
         loaded.horizon, loaded.last_seq, loaded.created_at, loaded.status, loaded.watching)
     assert list(state.values) == list(loaded.values)
+
+
+def test_a_join_checks_no_schedule_its_process_checked_before(manager: RunManager, monkeypatch):
+    """Every rank of a job sends the same spec: the first create checks it (parse, rules,
+    cost), its joins compare the stored run's spec with the kept result. A refused spec is
+    refused each time; a different spec is still a conflict; a deleted run is made anew, its
+    first steps taken again."""
+    parsed = []
+    real = RunSpec.from_request
+
+    def counted(request, **kwargs):
+        parsed.append(request["run_id"])
+        return real(request, **kwargs)
+
+    monkeypatch.setattr(RunSpec, "from_request", counted)
+    record, created = manager.create_run(SPEC)
+    assert created and parsed == ["job"]
+    for _ in range(3):
+        assert manager.create_run(SPEC) == (record, False)
+    assert manager.create_run({**SPEC, "run_id": "job-2"})[1]  # a new run of a kept spec: checked again
+    assert parsed == ["job", "job-2"]
+    with pytest.raises(RunConflict):
+        manager.create_run({**SPEC, "base_lrs": [0.2]})
+    bad = {**SPEC, "schedule": {"type": "StepLR", "step_size": 0}}
+    for _ in range(2):
+        with pytest.raises(SpecError):
+            manager.create_run(bad)
+    assert parsed == ["job", "job-2", "job", "job", "job"]  # the conflict's spec and the refused one's, twice
+    manager.delete_run("job")
+    again, created = manager.create_run(SPEC)
+    assert created and again.created_at >= record.created_at and manager.loaded("job") is not None
+    assert [e.kind for e in manager.store.read_events("job")] == [EventKind.CREATED]
+
+
+def test_a_big_spec_checked_once_joins_on_the_event_loop(manager: RunManager):
+    """A big spec is checked in a worker process once per process; its joins are one read, on
+    the loop (SQLite) like any other join."""
+    if not manager.store.one_writer:
+        return  # PostgreSQL: never on the loop (as test_a_join_goes_through_on_the_event_loop_...)
+    big = {**SPEC, "run_id": "big", "base_lrs": [0.1] * 1000}  # over OFFLOAD_UNITS, within the work budget
+    assert manager.now(lambda: manager.create_run(big)) is None
+    record, created = manager.create_run(big)
+    assert created
+    assert manager.now(lambda: manager.create_run(big)) == (record, False)
+
+
+def test_specs_kept_are_the_last_ones_asked():
+    kept = CheckedSpecs(2)
+    for key in ("a", "b"):
+        kept.put(key, {"k": key})
+    assert kept.get("a") == {"k": "a"}  # "a" asked last: "b" goes first
+    kept.put("c", {"k": "c"})
+    assert (kept.get("a"), kept.get("b"), kept.get("c")) == ({"k": "a"}, None, {"k": "c"})
