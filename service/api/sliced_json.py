@@ -44,6 +44,9 @@ def dumps(content: Any) -> bytes:
     return b"".join(parts)
 
 
+_CONTAINERS = (dict, list, np.ndarray)
+
+
 def _values(value: Any) -> int:
     """How many numbers a list of rows (or of numbers) holds, judged by its first item."""
     if isinstance(value, np.ndarray):
@@ -57,8 +60,8 @@ def _values(value: Any) -> int:
 def _has_big_table(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):  # a loop, not any() over a generator: most answers are small
         if depth < 4:
-            for item in value.values():
-                if _has_big_table(item, depth + 1):
+            for item in value.values():  # a call only for what may hold a table (not per number)
+                if isinstance(item, _CONTAINERS) and _has_big_table(item, depth + 1):
                     return True
         return False
     if isinstance(value, (list, np.ndarray)):
