@@ -42,12 +42,6 @@ class WouldWait(Exception):
     the write slot another thread or process holds, for the network): nothing was written."""
 
 
-class RunMoved(Exception):
-    """Raised, at the end of a ``lock_run(run_id, expect=...)`` block, where the stored run is
-    not the one expected (another process appended, or deleted and created it anew): the
-    transaction is rolled back, nothing of it kept."""
-
-
 class Lock(Protocol):
     """What ``held`` needs of a lock (``threading.Lock``, ``threading.RLock``)."""
 
@@ -283,18 +277,11 @@ class BaseStore(abc.ABC):
         """Delete a run and everything of it. Raises RunNotFound."""
 
     @abc.abstractmethod
-    def lock_run(
-        self, run_id: str, expect: LockedRun | None = None
-    ) -> AbstractContextManager[RunTransaction]:
+    def lock_run(self, run_id: str) -> AbstractContextManager[RunTransaction]:
         """Open a transaction holding the run's lock; commits on exit, rolls back on error.
 
-        ``expect``: the run's row as the caller holds it (its loaded state). A store may then
-        skip reading the row under the lock and check it where the transaction writes it
-        (``RunMoved`` there if it is not that run any more); ``run`` starts as ``expect``.
-
         Raises:
-            RunNotFound: no such run (on enter; with ``expect``: maybe ``RunMoved`` at the end).
-            RunMoved: with ``expect``, the stored run is another.
+            RunNotFound: no such run (on enter).
             StoreUnavailable: the database failed.
         """
 

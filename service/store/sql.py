@@ -40,7 +40,6 @@ from lrserve.service.store.base import (
     LockedRun,
     MetricRecord,
     RunHead,
-    RunMoved,
     RunRecord,
     RunTransaction,
     Snapshot,
@@ -207,10 +206,6 @@ _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
     updated_at=bindparam("b_updated_at"))
-_UPDATE_RUN_IF = _UPDATE_RUN.where(
-    runs.c.horizon == bindparam("e_horizon"), runs.c.last_seq == bindparam("e_last_seq"),
-    runs.c.created_at == bindparam("e_created_at"))
-"""``_UPDATE_RUN`` where the row is still the one expected (``SqlStore._check_unread``)."""
 _HEARD = func.coalesce(runs.c.last_seen, runs.c.updated_at)
 """When a run was last heard from (never seen since the upgrade to schema v2: its last change)."""
 _MARK_SEEN = update(runs).where(
@@ -906,7 +901,7 @@ class SqlStore(BaseStore):
     # -- the event log ---------------------------------------------------------------------
 
     @contextmanager
-    def lock_run(self, run_id: str, expect: LockedRun | None = None) -> Iterator[RunTransaction]:
+    def lock_run(self, run_id: str) -> Iterator[RunTransaction]:
         """Open a transaction holding the run's lock; commits on exit, rolls back on error.
 
         PostgreSQL: ``SELECT ... FOR NO KEY UPDATE`` on the run's row (other runs, and
@@ -915,26 +910,17 @@ class SqlStore(BaseStore):
         block, write only through the transaction: another write method of the store
         would wait for this very lock on SQLite (and fail after the busy timeout).
 
-        ``expect`` (SQLite): the row is not read; the run's UPDATE at the end checks it instead
-        (``SqlRunTransaction``), one statement less per commit where the caller holds the run
-        loaded and the write slot keeps every other writer out. PostgreSQL reads it (the row's
-        lock is the run's lock there).
-
         Raises:
-            RunNotFound: no such run (on enter; with ``expect``, ``RunMoved`` at the end).
-            RunMoved: with ``expect``, the stored run is not the one expected.
+            RunNotFound: no such run (on enter).
             StoreUnavailable: the database failed.
         """
-        locking = self.lock_runs([run_id]) if expect is None else self.lock_runs([run_id], {run_id: expect})
-        with locking as locked:
+        with self.lock_runs([run_id]) as locked:
             if run_id not in locked:
                 raise RunNotFound(run_id)
             yield locked[run_id]
 
     @contextmanager
-    def lock_runs(
-        self, run_ids: Sequence[str], expected: Mapping[str, LockedRun] | None = None
-    ) -> Iterator[dict[str, RunTransaction]]:
+    def lock_runs(self, run_ids: Sequence[str]) -> Iterator[dict[str, RunTransaction]]:
         """``lock_run`` for several runs in one transaction (group commit): a ``RunTransaction``
         per run that exists, by id; all of them commit together on exit, or none does.
 
@@ -946,15 +932,9 @@ class SqlStore(BaseStore):
             StoreUnavailable: the database failed.
         """
         hold = self._driver_sql("hold", _LOCKED_ROWS["hold"])
-        if self._sqlite_writers is None:
-            expected = None
         with self._driver_write() as cursor:
             locked: dict[str, SqlRunTransaction] = {}
             for run_id in sorted(set(run_ids)):
-                known = expected.get(run_id) if expected else None
-                if known is not None:  # checked where it is written (``_write_held``)
-                    locked[run_id] = SqlRunTransaction(known, self, cursor, unread=True)
-                    continue
                 row = hold.one(hold.execute(cursor, {"run_id": run_id}))
                 if row is not None:
                     locked[run_id] = SqlRunTransaction(_locked_run(row), self, cursor)
@@ -1008,36 +988,10 @@ class SqlStore(BaseStore):
         id counter: that row's lock is held until COMMIT, and every transaction that appends
         events, in every process, waits for it (so it is held for two statements, not for a
         whole group's work)."""
-        changed = []
-        for tx in txs:
-            row = tx.run_row()
-            if tx.unread is not None:
-                self._check_unread(cursor, tx.unread, row)
-            elif row is not None:
-                changed.append(row)
+        changed = [row for tx in txs if (row := tx.run_row()) is not None]
         if changed:
             self._driver_sql("update_run", _UPDATE_RUN).executemany(cursor, changed)
         self._insert_held_events(cursor, txs)
-
-    def _check_unread(self, cursor: Any, expected: LockedRun, row: dict[str, Any] | None) -> None:
-        """A run locked without reading its row (``lock_run``'s ``expect``): its UPDATE only if
-        the row is still ``expected`` (one statement); where that changes nothing, or the
-        transaction writes no row, the row read and compared (``RunMoved`` if it is another
-        run; a ``created_at`` stored in another spelling of the same time matches here)."""
-        if row is not None:
-            checked = self._driver_sql("update_run_if", _UPDATE_RUN_IF)
-            checked.execute(cursor, {**row, "e_horizon": expected.horizon, "e_last_seq": expected.last_seq,
-                                     "e_created_at": expected.created_at})
-            if cursor.rowcount == 1:
-                return
-        hold = self._driver_sql("hold", _LOCKED_ROWS["hold"])
-        found = hold.one(hold.execute(cursor, {"run_id": expected.run_id}))
-        stored = None if found is None else _locked_run(found)
-        if stored is None or (stored.created_at, stored.horizon, stored.last_seq) != (
-                expected.created_at, expected.horizon, expected.last_seq):
-            raise RunMoved(expected.run_id)
-        if row is not None:
-            self._driver_sql("update_run", _UPDATE_RUN).executemany(cursor, [row])
 
     def _insert_held_events(self, cursor: Any, txs: Sequence[SqlRunTransaction]) -> None:
         """Insert the events the transactions appended so far, numbered with global ids."""
@@ -1383,11 +1337,9 @@ class SqlRunTransaction(RunTransaction):
     ``SqlStore._write_held``.
     """
 
-    def __init__(self, run: LockedRun, store: SqlStore, cursor: Any, *, unread: bool = False) -> None:
+    def __init__(self, run: LockedRun, store: SqlStore, cursor: Any) -> None:
         self._cursor = cursor  # the transaction's DBAPI cursor (``SqlStore._driver_write``)
         self.run = run
-        self.unread = run if unread else None
-        """The row expected where it was not read under the lock (``lock_run``'s ``expect``)."""
         self.closed = False
         self._store = store
         self._updated_at: datetime | None = None  # set by a change of the run's row
