@@ -643,6 +643,9 @@ def _rank_order_means(reports: Mapping[int, Mapping[str, float]]) -> dict[str, f
 
 SPECS_KEPT = 256
 """Create requests' specs a process keeps, checked (``CheckedSpecs``)."""
+SPECS_KEPT_BYTES = 8 << 20
+"""At most this much of them, by the length of their keys (a spec's text: up to the body limit
+each, 1 MiB by default; 256 of those would be hundreds of MiB kept for good)."""
 
 
 def _spec_key(request: Mapping[str, Any]) -> str:
@@ -662,8 +665,10 @@ class CheckedSpecs:
     not kept. The specs kept are shared: never changed in place. Thread safe.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int = SPECS_KEPT_BYTES) -> None:
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0  # the keys' lengths, together
         self._kept: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -675,9 +680,16 @@ class CheckedSpecs:
             return spec
 
     def put(self, key: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Keep ``spec`` (the least recently asked go first, past ``size`` of them or
+        ``max_bytes``; one bigger than ``max_bytes`` alone is not kept); returns it."""
+        if len(key) > self._max_bytes:
+            return spec
         with self._lock:
+            if key not in self._kept:
+                self._bytes += len(key)
             self._kept[key] = spec
             self._kept.move_to_end(key)
-            while len(self._kept) > self._size:
-                self._kept.popitem(last=False)
+            while len(self._kept) > self._size or self._bytes > self._max_bytes:
+                gone, _ = self._kept.popitem(last=False)
+                self._bytes -= len(gone)
         return spec

@@ -149,3 +149,18 @@ def test_specs_kept_are_the_last_ones_asked():
     assert kept.get("a") == {"k": "a"}  # "a" asked last: "b" goes first
     kept.put("c", {"k": "c"})
     assert (kept.get("a"), kept.get("b"), kept.get("c")) == ({"k": "a"}, None, {"k": "c"})
+
+
+def test_specs_kept_are_bounded_in_bytes_too():
+    # A spec may be as big as a request body (1 MiB by default): 256 of them kept for good
+    # would be hundreds of MiB, so the keys' lengths are bounded together as well.
+    kept = CheckedSpecs(256, max_bytes=100)
+    for key in ("a" * 40, "b" * 40, "c" * 40):
+        kept.put(key, {"k": key[0]})
+    assert kept.get("a" * 40) is None and kept.get("b" * 40) == {"k": "b"}  # 120 > 100: "a" went
+    kept.put("d" * 101, {"k": "d"})  # bigger than the bound alone: not kept, nothing pushed out
+    assert kept.get("d" * 101) is None
+    assert kept.get("b" * 40) == {"k": "b"} and kept.get("c" * 40) == {"k": "c"}
+    kept.put("c" * 40, {"k": "c"})  # kept again: counted once
+    kept.put("e" * 20, {"k": "e"})
+    assert [kept.get(k * n) for k, n in (("b", 40), ("c", 40), ("e", 20))] == [{"k": k} for k in "bce"]
