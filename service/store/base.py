@@ -349,8 +349,9 @@ class BaseStore(abc.ABC):
 
     @property
     def connections(self) -> int:
-        """How many transactions this store runs at once at most (its pool's connections): more
-        threads committing at once would only wait for one (``RunManager.in_commit_thread``)."""
+        """How many write transactions this store runs at once at most: more threads committing
+        at once would only wait for one (``RunManager.in_commit_thread``). PostgreSQL: its pool's
+        connections; SQLite: 1 (``one_writer``)."""
         return 1
 
     @property

@@ -467,6 +467,8 @@ class SqlStore(BaseStore):
 
     @property
     def connections(self) -> int:
+        if self._sqlite_writers is not None:
+            return 1  # one writer per file: SQLite's pool serves readers, which never wait (WAL)
         pool = self._engine.pool  # PostgreSQL's opens none beyond its size (``POSTGRES_POOL_OVERFLOW``)
         return pool.size() if isinstance(pool, QueuePool) else 1
 

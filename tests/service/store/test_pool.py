@@ -72,3 +72,14 @@ def test_a_new_sqlite_connection_never_creates_the_database_again(tmp_path):
         assert not db.exists()
     finally:
         store.close()
+
+
+def test_a_store_names_how_many_write_transactions_it_runs_at_once(database_url):
+    """``connections``: PostgreSQL commits on as many connections as its pool holds; an SQLite
+    file has one writer (its pool's other connections serve readers)."""
+    for backend, most in (("postgres", POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW), ("sqlite", 1)):
+        store = open_store(database_url(backend))
+        try:
+            assert (store.one_writer, store.connections) == (backend == "sqlite", most)
+        finally:
+            store.close()
