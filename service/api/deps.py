@@ -16,7 +16,6 @@ from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store.base import BaseStore
-from starlette.concurrency import run_in_threadpool
 
 T = TypeVar("T")
 
@@ -76,9 +75,10 @@ AdminAccess = access("admin")
 
 async def small_or_in_thread(manager: RunManager, call: Callable[[], T]) -> T:
     """``call()`` right here on the event loop where it goes through at once with little work
-    (``RunManager.now``: SQLite, nothing to wait for), else in a worker thread: for routes whose
-    usual work is a small commit or a read, which a hop to a thread and back costs more than."""
+    (``RunManager.now``: SQLite, nothing to wait for), else in a worker thread
+    (``RunManager.in_commit_thread``): for routes whose usual work is a small commit or a read,
+    which a hop to a thread and back costs more than."""
     answer = manager.now(call)
     if answer is not None:
         return answer
-    return await run_in_threadpool(call)
+    return await manager.in_commit_thread(call)

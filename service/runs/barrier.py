@@ -141,7 +141,7 @@ class Barriers:
                 return self.manager.step_run(run_id, step, metrics, rank, ahead)
 
             window = self.manager.now(step_run)  # SQLite, small: no hop to a worker thread
-            return window if window is not None else await run_in_threadpool(step_run)
+            return window if window is not None else await self.manager.in_commit_thread(step_run)
         if rank >= state.world_size:
             raise InvalidInput.at(
                 "rank", f"must be below the run's world_size ({state.world_size}), got {rank}"
@@ -151,7 +151,8 @@ class Barriers:
         try:
             decided = await self._report(run_id, step, barrier, RankReport(rank, metrics, watched), ahead)
             if not decided and len(barrier.reported) >= state.world_size:  # all in, though unseen
-                decided = await run_in_threadpool(self.manager.resolve_barrier, run_id, step, False, ahead)
+                resolve = self.manager.resolve_barrier
+                decided = await self.manager.in_commit_thread(resolve, run_id, step, False, ahead)
             if decided:
                 barrier.finish()  # wake the ranks waiting here
             else:
@@ -160,7 +161,7 @@ class Barriers:
             self._leave(key, barrier)
         window = self.manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
         if window is None:
-            window = await run_in_threadpool(self.manager.window, run_id, step, ahead)
+            window = await self.manager.in_commit_thread(self.manager.window, run_id, step, ahead)
         return window
 
     async def _report(
@@ -184,7 +185,7 @@ class Barriers:
                 reports = [report for report, _, _ in group]
                 most = max(ahead for _, ahead, _ in group)
                 try:
-                    decided = await run_in_threadpool(
+                    decided = await self.manager.in_commit_thread(
                         self.manager.report_ranks_to_barrier, run_id, step, reports, most)
                 except Exception as exc:  # noqa: BLE001 - each rank of the group answers with it
                     for _, _, answer in group:
@@ -226,7 +227,8 @@ class Barriers:
                 barrier.polled_at = now  # the other ranks waiting here skip this round
                 barrier.nudged = False  # a notification from now on asks again
                 barrier.stirred.clear()
-                if await run_in_threadpool(self.manager.resolve_barrier, run_id, step, timed_out, ahead):
+                resolve = self.manager.resolve_barrier
+                if await self.manager.in_commit_thread(resolve, run_id, step, timed_out, ahead):
                     barrier.finish()
                 continue
             with contextlib.suppress(asyncio.TimeoutError):

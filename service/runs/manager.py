@@ -53,6 +53,7 @@ from lrserve.service.store.base import (
     WouldWait,
 )
 from lrserve.service.store.events import EventKind, NewEvent
+from starlette.concurrency import run_in_threadpool
 
 __all__ = ["LOCAL_ACTOR", "ON_LOOP_VALUES", "PlacedAction", "Reports", "RunManager", "Window"]
 
@@ -105,17 +106,30 @@ class RunManager:
         self.reads = ReadModels(store, settings, self.runs, self.committer)
         self._commit_threads = ThreadPoolExecutor(store.connections, thread_name_prefix="lrserve-commit")
 
-    async def in_commit_thread(self, call: Callable[[], T]) -> T:
-        """``call()`` (a commit) in one of this manager's commit threads, as many as the store
-        has connections (``BaseStore.connections``); calls beyond them queue here.
+    async def in_commit_thread(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` (a commit, or a route's read beside its commits) in a worker thread.
 
-        For PostgreSQL, where every commit runs in a thread (``now``): in the event loop's
-        shared threads (up to 40) 32 commits at once waited for 12 pooled connections, each
-        thread a wake-up and a turn at the GIL for nothing, and an overflow connection opened
-        and closed around many of them. Figure 5's commit load on PostgreSQL x2 went 546 →
-        1,000 commits/s with both (side by side, load 15-18); server CPU per commit 1,149 → 771 µs.
+        PostgreSQL: in one of this manager's commit threads, as many as the store has
+        connections (``BaseStore.connections``); calls beyond them queue here, holding no
+        thread. Every API commit comes here (``GET .../lr``, ``POST .../step`` and the barrier's
+        reports and decisions, ``.../metrics``, ``.../control`` through ``small_or_in_thread``)
+        except creates (``Creates``) and deletes; background writers (liveness, webhooks) and
+        reads (loading a run, history, the event feed) use the event loop's shared threads. No
+        call here waits for another call here (a thread waits for a connection or a row lock,
+        both held by running threads), so they cannot deadlock.
+
+        Before, in the loop's shared threads (up to 40), 32 commits at once waited for 12 pooled
+        connections, each thread a wake-up and a turn at the GIL for nothing, and an overflow
+        connection opened and closed around many of them. Figure 5's commit load on PostgreSQL
+        x2 went 546 → 1,000 commits/s with both (side by side, load 15-18); server CPU per
+        commit 1,149 → 771 µs.
+
+        SQLite (``one_writer``): in the shared threads, where commits waiting for the file's
+        write slot go in one transaction (``GroupCommit``); one thread would commit one at a time.
         """
-        return await asyncio.get_running_loop().run_in_executor(self._commit_threads, call)
+        if self.store.one_writer:
+            return await run_in_threadpool(call, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._commit_threads, call, *args)
 
     def close(self) -> None:
         """Wait for the commits in progress, then stop the commit threads (before the store closes)."""

@@ -250,7 +250,8 @@ POSTGRES_POOL_OVERFLOW = 0
 as soon as it came back to a full pool, so under figure 5's commit load 3-7 % of commits
 opened a new session (a server process forked, psycopg's connect). The server is shared: two
 processes of a 1,000-rank job held up to ~60 of its 100 with 10 + 20; now at most 12 each,
-plus one ``LISTEN`` connection. Commits run in as many threads (``RunManager.in_commit_thread``)."""
+plus one ``LISTEN`` connection. The API's commits run in as many threads
+(``RunManager.in_commit_thread`` says which)."""
 
 
 def _open_postgres(url: URL) -> SqlStore:

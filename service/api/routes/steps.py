@@ -90,7 +90,7 @@ async def read_lr(
             )
             return FastJSONResponse(tail)
 
-        return await run_in_threadpool(with_tail)
+        return await manager.in_commit_thread(with_tail)
     # Final values already in memory, or a small commit that needs no wait, are answered right
     # here, without a worker thread (if few values). service.api.fast_path answers most of these.
     window = manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
@@ -98,7 +98,7 @@ async def read_lr(
         window = manager.window_now(run_id, step, ahead, most_values=ON_LOOP_VALUES)
     if window is not None:
         return FastJSONResponse(window_body(window))
-    return await run_in_threadpool(lambda: window_response(manager.window(run_id, step, ahead)))
+    return await manager.in_commit_thread(lambda: window_response(manager.window(run_id, step, ahead)))
 
 
 async def answer_step(app: Starlette, run_id: str, body: StepRequest, identity: Identity) -> Response:
@@ -108,7 +108,8 @@ async def answer_step(app: Starlette, run_id: str, body: StepRequest, identity: 
     if body.provisional or body.provisional_from is not None:
         args = (body.rank, body.provisional, body.provisional_from, body.provisional_id,
                 body.provisional_after)
-        return await run_in_threadpool(lambda: FastJSONResponse(_with_tail(barriers.manager, window, *args)))
+        manager: RunManager = barriers.manager  # the tail's settling may commit (a divergence)
+        return await manager.in_commit_thread(lambda: FastJSONResponse(_with_tail(manager, window, *args)))
     if len(window.values) * len(window.values[0][0]) <= ON_LOOP_VALUES:
         return FastJSONResponse(window_body(window))
     return await run_in_threadpool(window_response, window)
