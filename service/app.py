@@ -138,8 +138,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(liveness.flush, store)  # what this process saw last
             await sender.close()
             await hub.close()
+            await run_in_threadpool(manager.close)  # its commits in progress may still need big_work
             await run_in_threadpool(big_work.close)
-            await run_in_threadpool(manager.close)
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan,

@@ -98,6 +98,14 @@ class TooManyConnections(LRServeError):
     code = "too_many_connections"
 
 
+class ServerStopping(LRServeError):
+    """The server is shutting down: it takes no new commits (another replica, or this one
+    restarted, will)."""
+
+    status_code = 503
+    code = "server_stopping"
+
+
 class RunNotFound(LRServeError):
     """No run has this id."""
 

@@ -28,7 +28,7 @@ from lrserve.service.engine.engine import Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.engine.status import RunStatus
-from lrserve.service.errors import InvalidInput, LRServeError, RunConflict, RunNotFound
+from lrserve.service.errors import InvalidInput, LRServeError, RunConflict, RunNotFound, ServerStopping
 from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import (
@@ -126,13 +126,21 @@ class RunManager:
 
         SQLite (``one_writer``): in the shared threads, where commits waiting for the file's
         write slot go in one transaction (``GroupCommit``); one thread would commit one at a time.
+
+        Raises:
+            ServerStopping: PostgreSQL, after ``close`` (a 503, not a 500).
         """
         if self.store.one_writer:
             return await run_in_threadpool(call, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._commit_threads, call, *args)
+        try:
+            done = asyncio.get_running_loop().run_in_executor(self._commit_threads, call, *args)
+        except RuntimeError as exc:  # "cannot schedule new futures after shutdown": ``close``d
+            raise ServerStopping("the server is stopping; retry (another replica, or once it is up)") from exc
+        return await done
 
     def close(self) -> None:
-        """Wait for the commits in progress, then stop the commit threads (before the store closes)."""
+        """Wait for the commits in progress, then stop the commit threads (before the store and
+        ``big_work`` close: a commit in progress may need them); calls after get ``ServerStopping``."""
         self._commit_threads.shutdown(wait=True)
 
     @property
