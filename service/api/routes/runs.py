@@ -48,7 +48,7 @@ from lrserve.service.api.schemas import (
 from lrserve.service.auth import Identity
 from lrserve.service.errors import InvalidInput
 from lrserve.service.liveness import Liveness
-from lrserve.service.runs.manager import RunManager
+from lrserve.service.runs.manager import RunManager, SpecConflict
 from lrserve.service.store.base import RunRecord
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -67,7 +67,7 @@ class _UnderWay:
     seq: int
     """Its place among the creates this process began (``Creates.began``)."""
     record: asyncio.Future[RunRecord | None]
-    """The run it wrote or read (``None``: it failed)."""
+    """The run it wrote or read, also where it read another spec's (a 409); ``None``: it failed."""
 
 
 class Creates:
@@ -110,13 +110,17 @@ class Creates:
         self.began += 1
         under_way = _UnderWay(self.began, asyncio.get_running_loop().create_future())
         self._under_way[run_id] = under_way
-        made = None
+        record = None
         try:
             made = await run_in_threadpool(create)
+            record = made[0]
             return made
+        except SpecConflict as conflict:  # stored with another spec: a join, refused
+            record = conflict.record
+            raise
         finally:
             del self._under_way[run_id]
-            under_way.record.set_result(None if made is None else made[0])
+            under_way.record.set_result(record)
 
 
 async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: Identity) -> Response:
@@ -131,8 +135,10 @@ async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: 
         return record, created, run_public(manager, liveness, record)
 
     def join(record: RunRecord) -> Made | None:  # on the loop: nothing to wait for
+        if not manager.asks_for(record, request):  # RunConflict: stored with another spec
+            return None
         state = manager.loaded(record.run_id)
-        if state is None or not manager.asks_for(record, request):
+        if state is None:
             return None
         return record, False, run_public(manager, liveness, record, state)
 

@@ -101,8 +101,8 @@ def test_the_run_a_create_made_is_in_memory_as_a_load_would_make_it(manager: Run
 def test_a_join_checks_no_schedule_its_process_checked_before(manager: RunManager, monkeypatch):
     """Every rank of a job sends the same spec: the first create checks it (parse, rules,
     cost), its joins compare the stored run's spec with the kept result. A refused spec is
-    refused each time; a different spec is still a conflict; a deleted run is made anew, its
-    first steps taken again."""
+    refused each time (its refusal kept: not checked again); a different spec is still a
+    conflict; a deleted run is made anew, its first steps taken again."""
     parsed = []
     real = RunSpec.from_request
 
@@ -123,7 +123,7 @@ def test_a_join_checks_no_schedule_its_process_checked_before(manager: RunManage
     for _ in range(2):
         with pytest.raises(SpecError):
             manager.create_run(bad)
-    assert parsed == ["job", "job-2", "job", "job", "job"]  # the conflict's spec and the refused one's, twice
+    assert parsed == ["job", "job-2", "job", "job"]  # the conflict's spec, and the refused one's once
     manager.delete_run("job")
     again, created = manager.create_run(SPEC)
     assert created and again.created_at >= record.created_at and manager.loaded("job") is not None
