@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import threading
+import tracemalloc
 
 import pytest
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.errors import RunConflict, RunNotFound, SpecError
-from lrserve.service.runs.manager import CheckedSpecs, RunManager
+from lrserve.service.runs.manager import CheckedSpecs, RunManager, _spec_key, kept_bytes
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
 from lrserve.service.store.events import EventKind
@@ -153,14 +156,43 @@ def test_specs_kept_are_the_last_ones_asked():
 
 def test_specs_kept_are_bounded_in_bytes_too():
     # A spec may be as big as a request body (1 MiB by default): 256 of them kept for good
-    # would be hundreds of MiB, so the keys' lengths are bounded together as well.
-    kept = CheckedSpecs(256, max_bytes=100)
-    for key in ("a" * 40, "b" * 40, "c" * 40):
-        kept.put(key, {"k": key[0]})
-    assert kept.get("a" * 40) is None and kept.get("b" * 40) == {"k": "b"}  # 120 > 100: "a" went
-    kept.put("d" * 101, {"k": "d"})  # bigger than the bound alone: not kept, nothing pushed out
-    assert kept.get("d" * 101) is None
-    assert kept.get("b" * 40) == {"k": "b"} and kept.get("c" * 40) == {"k": "c"}
-    kept.put("c" * 40, {"k": "c"})  # kept again: counted once
+    # would be GiBs, so what they hold is bounded together as well (kept_bytes, by their keys).
+    keys = {c: c * 40 for c in "abcde"}
+    kept = CheckedSpecs(256, max_bytes=2 * kept_bytes("a" * 40) + kept_bytes("e" * 20))
+    for c in "abc":
+        kept.put(keys[c], {"k": c})
+    assert kept.get(keys["a"]) is None and kept.get(keys["b"]) == {"k": "b"}  # 3 of them: "a" went
+    kept.put("d" * 1000, {"k": "d"})  # bigger than the bound alone: not kept, nothing pushed out
+    assert kept.get("d" * 1000) is None
+    assert kept.get(keys["b"]) == {"k": "b"} and kept.get(keys["c"]) == {"k": "c"}
+    kept.put(keys["c"], {"k": "c"})  # kept again: counted once
     kept.put("e" * 20, {"k": "e"})
-    assert [kept.get(k * n) for k, n in (("b", 40), ("c", 40), ("e", 20))] == [{"k": k} for k in "bce"]
+    assert [kept.get(k) for k in (keys["b"], keys["c"], "e" * 20)] == [{"k": k} for k in "bce"]
+
+
+def test_the_memory_specs_kept_hold_is_within_their_bound():
+    """Specs as requests bring them (parsed from JSON: every float its own object, 32 B against
+    the key's few characters of ``0.1, ``), measured with tracemalloc: within ``max_bytes``."""
+    groups = 1024
+    bound = 1 << 20
+    kept = CheckedSpecs(256, max_bytes=bound)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for i in range(20):
+            body = json.dumps({
+                "base_lrs": [0.1] * groups, "base_momentums": [0.9] * groups, "world_size": i + 1,
+                "schedule": {"type": "CyclicLR", "base_lr": [0.1] * groups, "max_lr": [1.0] * groups,
+                             "step_size_up": 10, "cycle_momentum": False}})
+            request = json.loads(body)
+            kept.put(_spec_key(request), RunSpec.from_request(request).to_json())
+            del request, body
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert kept.get(_spec_key({"base_lrs": [0.1] * groups, "base_momentums": [0.9] * groups,
+                               "world_size": 20, "schedule": {
+                                   "type": "CyclicLR", "base_lr": [0.1] * groups, "max_lr": [1.0] * groups,
+                                   "step_size_up": 10, "cycle_momentum": False}})) is not None
+    assert held <= bound
