@@ -145,6 +145,20 @@ def test_a_big_spec_checked_once_joins_on_the_event_loop(manager: RunManager):
     assert manager.now(lambda: manager.create_run(big)) == (record, False)
 
 
+def test_a_spec_too_big_for_the_event_loop_joins_in_a_worker_thread(manager: RunManager):
+    """A join computes its spec's key (a ``repr``) and decodes the stored run's spec: over
+    ``ON_LOOP_SPEC_CHARS`` (here ~20 k characters) milliseconds per rank, so a worker thread's."""
+    big = {**SPEC, "run_id": "bigger", "base_lrs": [1 / (i + 3) for i in range(1024)]}
+    record, created = manager.create_run(big)
+    assert created
+    assert manager.now(lambda: manager.create_run(big)) is None
+    assert not manager.asks_for(record, big)  # Creates' join on the loop: no, its own in a thread
+    assert manager.create_run(big) == (record, False)
+    small = {**SPEC, "run_id": "smaller", "base_lrs": [0.1] * 1000}  # ~4 k characters: on the loop
+    record, created = manager.create_run(small)
+    assert created and manager.asks_for(record, small)
+
+
 def test_specs_kept_are_the_last_ones_asked():
     kept = CheckedSpecs(2)
     for key in ("a", "b"):
