@@ -73,14 +73,18 @@ class _UnderWay:
 class Creates:
     """``POST /v1/runs`` in a worker thread in this process, at most one per run id at a time.
 
-    A job's ranks send their creates together: one builds the run (in a worker thread), and
-    those arriving meanwhile wait for it on the event loop, not each in a worker thread on the
-    run's lock (holding a thread-pool token) as before. Then they join: where the store answers
-    on the loop (SQLite), each with its own read there; else the first of them joins in a
-    worker thread and the others take the run it reads. A waiting request only takes the run
-    that a create begun after it arrived wrote or read: as of a moment within the request, as
-    its own read would be (a run another process deleted before that is never answered for).
-    If that create failed, or asked for another spec, they go on as a lone request does.
+    A job's ranks send their creates together: one builds the run in a worker thread, and those
+    arriving meanwhile wait for it on the event loop, so that no rank holds a thread-pool token
+    while it waits on the run's lock. Then they join: where the store answers on the loop
+    (SQLite, a spec of at most ``ON_LOOP_SPEC_CHARS``), each with its own read there; else the
+    first of them joins in a worker thread and the others take the run it read, or the 409 it
+    met (``SpecConflict``: the run is stored with another spec).
+
+    A waiting request takes only what a create begun after it arrived wrote or read: as of a
+    moment within the request, as its own read would be (a run another process deleted before
+    then is never answered for). Where that create failed, or asked for another spec, the
+    request goes on as a lone one does: a spec it refused is kept refused (``CheckedSpecs``),
+    so each rank's own create raises that refusal without checking the spec again.
     """
 
     def __init__(self) -> None:
