@@ -59,12 +59,20 @@ class RunCache:
 
     def created(self, record: RunRecord) -> None:
         """Keep the run this process just created (its one event, ``created``, changes no
-        state): its first use needs no load from the log."""
+        state): its first use needs no load from the log. A state already kept of the same run
+        stays (another thread may have loaded it, and stepped it, meanwhile); one of an earlier
+        run of that id, deleted by another process since, goes (``evict``): its final values
+        are not this run's."""
         state = fresh_state(record, None)
         state.created_at = record.created_at
         state.last_seq = record.last_seq
         with self._lock:
-            self._runs.setdefault(record.run_id, state)
+            kept = self._runs.get(record.run_id)
+            if kept is not None and kept.created_at == record.created_at:
+                return
+            if kept is not None:
+                kept.evicted = True
+            self._runs[record.run_id] = state
 
     def run_lock(self, run_id: str) -> RunLock:
         """This process's lock for creating or loading one run (once, however many ask).

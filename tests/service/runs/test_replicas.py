@@ -339,3 +339,21 @@ def test_a_replica_catching_up_never_takes_the_events_of_a_run_created_anew_unde
     # before: the old run, advanced on the new one's log
     assert state.created_at == a.store.read_run("r").created_at
     assert lrs(b, "r", 0, 12) == expected
+
+
+def test_a_run_made_anew_here_after_another_replica_deleted_it_serves_its_own_values(replicas):
+    # This replica still holds the first run's final values when another deletes it, and then
+    # creates the same id anew (README: "do not reuse deleted run ids", but a job may): the run
+    # it keeps is the new one, not the old values answered for it from memory.
+    a, b, _ = replicas
+    old = {"run_id": "again", "schedule": {"type": "StepLR", "step_size": 2, "gamma": 0.5}, "base_lrs": [0.1]}
+    new = {**old, "base_lrs": [0.3]}
+    a.create_run(old)
+    assert a.window("again", 0, 5).values[0][0] == (0.1,)
+    b.delete_run("again")
+    record, created = a.create_run(new)
+    assert created
+    kept = a.cached_window("again", 0, 0)
+    assert kept is None or kept.values[0][0] == (0.3,), kept
+    assert a.window("again", 0, 5).values == b.window("again", 0, 5).values
+    assert a.window("again", 0, 0).values[0][0] == (0.3,)

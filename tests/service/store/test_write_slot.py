@@ -92,11 +92,27 @@ def test_no_commit_runs_a_checkpoint_a_thread_of_the_store_does(tmp_path):
         while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert checkpointer.checkpoints >= 1  # within ``every_s`` of the writes, by itself
+        # Stop the thread first (a checkpoint it is running ends before): on a busy machine the
+        # writes outlast ``every_s``, so another is due after them, and two checkpoints at once
+        # make the second answer SQLite's busy=1 (-1, -1), however the writes are signalled.
+        thread = checkpointer._thread
+        checkpointer.close()
+        assert thread is not None and not thread.is_alive()
         busy, log_pages, copied = checkpointer.checkpoint() or (1, -1, -2)
         assert busy == 0 and log_pages == copied  # the whole log is in the database file
     finally:
         store.close()
-    assert checkpointer._thread is None or not checkpointer._thread.is_alive()
+
+
+def test_closing_the_store_stops_its_checkpoint_thread(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/closed.db")
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    checkpointer.wrote()
+    thread = checkpointer._thread
+    assert thread is not None and thread.is_alive()
+    store.close()
+    assert not thread.is_alive()
 
 
 def test_a_store_nobody_closed_leaves_no_checkpoint_thread(tmp_path):
