@@ -56,7 +56,7 @@ from lrserve.service.engine.spec import parse_schedule
 from lrserve.service.settings import Settings
 
 from bench import report
-from bench.servers import Pool, Server, pg_problem, pg_schema, sqlite_url, workdir
+from bench.servers import Pool, Server, pg_problem, pg_schema, process_cpu_seconds, sqlite_url, workdir
 from bench.sizes import Size
 from bench.stats import p99, percentile, rotations
 
@@ -369,11 +369,11 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
             for tree, attack in turn:
                 attacker = None if attack == "none" else attack
                 server = servers[tree]
-                began = time.perf_counter(), _cpu_seconds(server.proc.pid if server.proc else 0), \
-                    server.cpu_seconds()
+                main = server.proc.pid if server.proc else 0  # no /proc/0: 0.0 s
+                began = time.perf_counter(), process_cpu_seconds(main) or 0.0, server.cpu_seconds()
                 row = _scenario(server.url, attacker, budget, seconds, "victim")
                 row["wall_s"] = time.perf_counter() - began[0]
-                row["cpu_s"] = _cpu_seconds(server.proc.pid if server.proc else 0) - began[1]
+                row["cpu_s"] = (process_cpu_seconds(main) or 0.0) - began[1]
                 row["all_cpu_s"] = server.cpu_seconds() - began[2]
                 rows.setdefault((tree, attack), []).append(row)
             print(f"round {r + 1}/{rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
@@ -394,15 +394,6 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
             cores = [statistics.median(r[key] / r["wall_s"] for r in got) for key in ("cpu_s", "all_cpu_s")]
             line.append(f"server cpu {cores[0]:.2f} cores (+workers {cores[1]:.2f})")
             print("  ".join(line))
-
-
-def _cpu_seconds(pid: int) -> float:
-    """One process's CPU time (user + system) so far, from ``/proc/PID/stat``."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.servers import pg_base_url, pg_schema
+from bench.servers import pg_base_url, pg_schema, process_cpu_seconds
 from bench.stats import percentile
 
 PROTOCOLS = ("simple", "extended", "prepared")
@@ -113,7 +113,6 @@ def variants(clients: Sequence[int], threads: int = 1) -> list[Variant]:
 def session_cpu(database: str) -> dict[int, float]:
     """User + system CPU seconds so far of each PostgreSQL session on ``database`` on this
     machine, by pid (by its process title: "postgres: [CLUSTER:] USER DATABASE HOST ...")."""
-    ticks = os.sysconf("SC_CLK_TCK")
     found = {}
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -122,9 +121,8 @@ def session_cpu(database: str) -> dict[int, float]:
                 continue
             words = title[2:] if title[1].endswith(":") else title[1:]  # past the cluster's name
             if len(words) > 2 and words[1] == database:
-                raw = (proc / "stat").read_text()
-                utime, stime = raw[raw.rindex(")") + 2:].split()[11:13]
-                found[int(proc.name)] = (int(utime) + int(stime)) / ticks
+                if (seconds := process_cpu_seconds(int(proc.name))) is not None:
+                    found[int(proc.name)] = seconds
     return found
 
 

@@ -222,15 +222,8 @@ class Server:
         return sum(rss_of(pid) for pid in self.pids())
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) of all its processes so far, from ``/proc/PID/stat``."""
-        ticks = 0
-        for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        return ticks / os.sysconf("SC_CLK_TCK")
+        """CPU time (user + system) of all its processes so far (those gone: none)."""
+        return sum(process_cpu_seconds(pid) or 0.0 for pid in self.pids())
 
     def scheduled_ns(self) -> Scheduled:
         """Per thread of its processes (``PID/TID``): (nanoseconds on a CPU, nanoseconds runnable
@@ -327,6 +320,17 @@ def _kill_leftovers() -> None:
     the process that started it, instead of holding its port and database connections."""
     for server in list(_running):
         server.kill()
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """One process's CPU time (user + system) so far, from ``/proc/PID/stat`` (its utime and
+    stime, in clock ticks); ``None`` if there is no such process (any more)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # past the command's name, which may hold spaces and ")"
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_of(pid: int) -> int:

@@ -1,12 +1,14 @@
-"""The suite's pure helpers: statistics, round order, wrk's report, table rendering."""
+"""The suite's pure helpers: statistics, round order, wrk's report, table rendering, a process's CPU."""
 
 from __future__ import annotations
 
 import math
+import os
 
 from bench import report
 from bench.loadgen import parse_wrk
 from bench.profile import summarise
+from bench.servers import process_cpu_seconds
 from bench.stats import interleave, median, percentile, rotations, rounded
 
 WRK_OUT = """Running 2s test @ http://127.0.0.1:40000/
@@ -84,3 +86,16 @@ def test_summarise_shares_by_function_and_drops_idle_threads() -> None:
     assert out["samples"] == 4 and out["idle_samples"] == 50
     assert out["self"][0] == ["read_lr (service/api/routes/steps.py)", 75.0]
     assert ["lrserve (service/)", 75.0] in out["layers"]
+
+
+def test_a_processs_cpu_seconds_are_its_user_and_system_time() -> None:
+    before = os.times()
+    sum(i * i for i in range(300_000))  # some CPU of its own
+    seconds = process_cpu_seconds(os.getpid())
+    after = os.times()  # the kernel's same ticks (times(2)), read on each side
+    assert seconds is not None
+    tick = os.sysconf("SC_CLK_TCK")  # compared in whole clock ticks, not in rounded floats
+    assert round((before.user + before.system) * tick) <= round(seconds * tick) \
+        <= round((after.user + after.system) * tick)
+    assert seconds > 0
+    assert process_cpu_seconds(0) is None  # no such process: /proc/0 is never there

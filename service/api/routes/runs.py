@@ -48,7 +48,7 @@ from lrserve.service.api.schemas import (
 from lrserve.service.auth import Identity
 from lrserve.service.errors import InvalidInput
 from lrserve.service.liveness import Liveness
-from lrserve.service.runs.manager import RunManager
+from lrserve.service.runs.manager import RunManager, SpecConflict
 from lrserve.service.store.base import RunRecord
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -67,20 +67,24 @@ class _UnderWay:
     seq: int
     """Its place among the creates this process began (``Creates.began``)."""
     record: asyncio.Future[RunRecord | None]
-    """The run it wrote or read (``None``: it failed)."""
+    """The run it wrote or read, also where it read another spec's (a 409); ``None``: it failed."""
 
 
 class Creates:
     """``POST /v1/runs`` in a worker thread in this process, at most one per run id at a time.
 
-    A job's ranks send their creates together: one builds the run (in a worker thread), and
-    those arriving meanwhile wait for it on the event loop, not each in a worker thread on the
-    run's lock (holding a thread-pool token) as before. Then they join: where the store answers
-    on the loop (SQLite), each with its own read there; else the first of them joins in a
-    worker thread and the others take the run it reads. A waiting request only takes the run
-    that a create begun after it arrived wrote or read: as of a moment within the request, as
-    its own read would be (a run another process deleted before that is never answered for).
-    If that create failed, or asked for another spec, they go on as a lone request does.
+    A job's ranks send their creates together: one builds the run in a worker thread, and those
+    arriving meanwhile wait for it on the event loop, so that no rank holds a thread-pool token
+    while it waits on the run's lock. Then they join: where the store answers on the loop
+    (SQLite, a spec of at most ``ON_LOOP_SPEC_CHARS``), each with its own read there; else the
+    first of them joins in a worker thread and the others take the run it read, or the 409 it
+    met (``SpecConflict``: the run is stored with another spec).
+
+    A waiting request takes only what a create begun after it arrived wrote or read: as of a
+    moment within the request, as its own read would be (a run another process deleted before
+    then is never answered for). Where that create failed, or asked for another spec, the
+    request goes on as a lone one does: a spec it refused is kept refused (``CheckedSpecs``),
+    so each rank's own create raises that refusal without checking the spec again.
     """
 
     def __init__(self) -> None:
@@ -110,13 +114,17 @@ class Creates:
         self.began += 1
         under_way = _UnderWay(self.began, asyncio.get_running_loop().create_future())
         self._under_way[run_id] = under_way
-        made = None
+        record = None
         try:
             made = await run_in_threadpool(create)
+            record = made[0]
             return made
+        except SpecConflict as conflict:  # stored with another spec: a join, refused
+            record = conflict.record
+            raise
         finally:
             del self._under_way[run_id]
-            under_way.record.set_result(None if made is None else made[0])
+            under_way.record.set_result(record)
 
 
 async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: Identity) -> Response:
@@ -131,8 +139,10 @@ async def answer_create(app: Starlette, run_id: str, body: RunCreate, identity: 
         return record, created, run_public(manager, liveness, record)
 
     def join(record: RunRecord) -> Made | None:  # on the loop: nothing to wait for
+        if not manager.asks_for(record, request):  # RunConflict: stored with another spec
+            return None
         state = manager.loaded(record.run_id)
-        if state is None or not manager.asks_for(record, request):
+        if state is None:
             return None
         return record, False, run_public(manager, liveness, record, state)
 

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 from lrserve.service.api.routes.runs import Creates
-from lrserve.service.errors import StoreUnavailable
+from lrserve.service.errors import RunConflict, ScheduleError, StoreUnavailable
+from lrserve.service.runs import manager as manager_module
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.store import open_store
 
@@ -201,3 +202,72 @@ def test_ranks_arriving_while_their_run_is_built_wait_for_it_on_the_event_loop(
         assert threads[builds:] == [loop_thread] * 5
     elif not fail_first:  # PostgreSQL: one join in a worker thread, for the five
         assert len(threads) == builds + 1 and loop_thread not in threads
+
+
+def _ranks_at_once(manager, spec, n):
+    """``n`` creates of ``spec`` sent together through one ``Creates``: their answers (or errors),
+    and how many of them ran ``create`` in a worker thread."""
+    in_threads = []
+
+    def create():
+        in_threads.append(threading.get_ident() != loop_thread)
+        record, created = manager.create_run(spec)
+        return record, created, {}
+
+    def join(record):
+        return (record, False, {}) if manager.asks_for(record, spec) else None
+
+    async def ranks():
+        creates = Creates()
+        ranks = [creates.answer(manager, spec["run_id"], create, join) for _ in range(n)]
+        return await asyncio.gather(*ranks, return_exceptions=True)
+
+    loop_thread = None
+
+    async def on_the_loop():
+        nonlocal loop_thread
+        loop_thread = threading.get_ident()
+        return await ranks()
+
+    return asyncio.run(on_the_loop()), sum(in_threads)
+
+
+def test_ranks_whose_spec_is_refused_all_get_the_refusal_checked_once(settings, monkeypatch):
+    """The builder's check refuses the spec (its first steps: a 422): the ranks waiting for it get
+    the same 422 without checking it again one after another."""
+    store = open_store(settings.db)
+    manager = RunManager(store, settings)
+    checks = []
+    real = manager_module._first_steps
+
+    def counted(parsed):
+        checks.append(1)
+        return real(parsed)
+
+    monkeypatch.setattr(manager_module, "_first_steps", counted)
+    spec = {"run_id": "job", "schedule": {"type": "ExponentialLR", "gamma": 1e308}, "base_lrs": [0.1],
+            "world_size": 6}
+    try:
+        answers, _ = _ranks_at_once(manager, spec, 6)
+    finally:
+        store.close()
+    assert all(isinstance(a, ScheduleError) for a in answers), answers
+    assert len({(a.code, a.message) for a in answers}) == 1
+    assert checks == [1]
+
+
+def test_ranks_whose_spec_conflicts_take_the_conflict_their_builder_read(settings):
+    """The run is stored with another spec: the ranks waiting for a create begun after they arrived
+    take the run it read (a 409 for each), not a worker thread each, one after another (PostgreSQL;
+    on SQLite each reads it on the event loop)."""
+    store = open_store(settings.db)
+    manager = RunManager(store, settings)
+    spec = {"run_id": "job", "schedule": STEP, "base_lrs": [0.1], "world_size": 6}
+    manager.create_run(spec)
+    try:
+        answers, in_threads = _ranks_at_once(manager, {**spec, "base_lrs": [0.2]}, 6)
+    finally:
+        store.close()
+    assert all(isinstance(a, RunConflict) for a in answers), answers
+    # PostgreSQL: the create the others arrived during, and the one begun after they arrived
+    assert in_threads == (0 if store.one_writer else 2)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import threading
+import tracemalloc
 
 import pytest
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.errors import RunConflict, RunNotFound, SpecError
-from lrserve.service.runs.manager import CheckedSpecs, RunManager
+from lrserve.service.runs.manager import CheckedSpecs, RunManager, _spec_key, kept_bytes
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
 from lrserve.service.store.events import EventKind
@@ -101,8 +104,8 @@ def test_the_run_a_create_made_is_in_memory_as_a_load_would_make_it(manager: Run
 def test_a_join_checks_no_schedule_its_process_checked_before(manager: RunManager, monkeypatch):
     """Every rank of a job sends the same spec: the first create checks it (parse, rules,
     cost), its joins compare the stored run's spec with the kept result. A refused spec is
-    refused each time; a different spec is still a conflict; a deleted run is made anew, its
-    first steps taken again."""
+    refused each time (its refusal kept: not checked again); a different spec is still a
+    conflict; a deleted run is made anew, its first steps taken again."""
     parsed = []
     real = RunSpec.from_request
 
@@ -123,7 +126,7 @@ def test_a_join_checks_no_schedule_its_process_checked_before(manager: RunManage
     for _ in range(2):
         with pytest.raises(SpecError):
             manager.create_run(bad)
-    assert parsed == ["job", "job-2", "job", "job", "job"]  # the conflict's spec and the refused one's, twice
+    assert parsed == ["job", "job-2", "job", "job"]  # the conflict's spec, and the refused one's once
     manager.delete_run("job")
     again, created = manager.create_run(SPEC)
     assert created and again.created_at >= record.created_at and manager.loaded("job") is not None
@@ -142,6 +145,20 @@ def test_a_big_spec_checked_once_joins_on_the_event_loop(manager: RunManager):
     assert manager.now(lambda: manager.create_run(big)) == (record, False)
 
 
+def test_a_spec_too_big_for_the_event_loop_joins_in_a_worker_thread(manager: RunManager):
+    """A join computes its spec's key (a ``repr``) and decodes the stored run's spec: over
+    ``ON_LOOP_SPEC_CHARS`` (here ~20 k characters) milliseconds per rank, so a worker thread's."""
+    big = {**SPEC, "run_id": "bigger", "base_lrs": [1 / (i + 3) for i in range(1024)]}
+    record, created = manager.create_run(big)
+    assert created
+    assert manager.now(lambda: manager.create_run(big)) is None
+    assert not manager.asks_for(record, big)  # Creates' join on the loop: no, its own in a thread
+    assert manager.create_run(big) == (record, False)
+    small = {**SPEC, "run_id": "smaller", "base_lrs": [0.1] * 1000}  # ~4 k characters: on the loop
+    record, created = manager.create_run(small)
+    assert created and manager.asks_for(record, small)
+
+
 def test_specs_kept_are_the_last_ones_asked():
     kept = CheckedSpecs(2)
     for key in ("a", "b"):
@@ -153,14 +170,43 @@ def test_specs_kept_are_the_last_ones_asked():
 
 def test_specs_kept_are_bounded_in_bytes_too():
     # A spec may be as big as a request body (1 MiB by default): 256 of them kept for good
-    # would be hundreds of MiB, so the keys' lengths are bounded together as well.
-    kept = CheckedSpecs(256, max_bytes=100)
-    for key in ("a" * 40, "b" * 40, "c" * 40):
-        kept.put(key, {"k": key[0]})
-    assert kept.get("a" * 40) is None and kept.get("b" * 40) == {"k": "b"}  # 120 > 100: "a" went
-    kept.put("d" * 101, {"k": "d"})  # bigger than the bound alone: not kept, nothing pushed out
-    assert kept.get("d" * 101) is None
-    assert kept.get("b" * 40) == {"k": "b"} and kept.get("c" * 40) == {"k": "c"}
-    kept.put("c" * 40, {"k": "c"})  # kept again: counted once
+    # would be GiBs, so what they hold is bounded together as well (kept_bytes, by their keys).
+    keys = {c: c * 40 for c in "abcde"}
+    kept = CheckedSpecs(256, max_bytes=2 * kept_bytes("a" * 40) + kept_bytes("e" * 20))
+    for c in "abc":
+        kept.put(keys[c], {"k": c})
+    assert kept.get(keys["a"]) is None and kept.get(keys["b"]) == {"k": "b"}  # 3 of them: "a" went
+    kept.put("d" * 1000, {"k": "d"})  # bigger than the bound alone: not kept, nothing pushed out
+    assert kept.get("d" * 1000) is None
+    assert kept.get(keys["b"]) == {"k": "b"} and kept.get(keys["c"]) == {"k": "c"}
+    kept.put(keys["c"], {"k": "c"})  # kept again: counted once
     kept.put("e" * 20, {"k": "e"})
-    assert [kept.get(k * n) for k, n in (("b", 40), ("c", 40), ("e", 20))] == [{"k": k} for k in "bce"]
+    assert [kept.get(k) for k in (keys["b"], keys["c"], "e" * 20)] == [{"k": k} for k in "bce"]
+
+
+def test_the_memory_specs_kept_hold_is_within_their_bound():
+    """Specs as requests bring them (parsed from JSON: every float its own object, 32 B against
+    the key's few characters of ``0.1, ``), measured with tracemalloc: within ``max_bytes``."""
+    groups = 1024
+    bound = 1 << 20
+    kept = CheckedSpecs(256, max_bytes=bound)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for i in range(20):
+            body = json.dumps({
+                "base_lrs": [0.1] * groups, "base_momentums": [0.9] * groups, "world_size": i + 1,
+                "schedule": {"type": "CyclicLR", "base_lr": [0.1] * groups, "max_lr": [1.0] * groups,
+                             "step_size_up": 10, "cycle_momentum": False}})
+            request = json.loads(body)
+            kept.put(_spec_key(request), RunSpec.from_request(request).to_json())
+            del request, body
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert kept.get(_spec_key({"base_lrs": [0.1] * groups, "base_momentums": [0.9] * groups,
+                               "world_size": 20, "schedule": {
+                                   "type": "CyclicLR", "base_lr": [0.1] * groups, "max_lr": [1.0] * groups,
+                                   "step_size_up": 10, "cycle_momentum": False}})) is not None
+    assert held <= bound
