@@ -120,11 +120,9 @@ class RunManager:
         call here waits for another call here (a thread waits for a connection or a row lock,
         both held by running threads), so they cannot deadlock.
 
-        Before, in the loop's shared threads (up to 40), 32 commits at once waited for 12 pooled
-        connections, each thread a wake-up and a turn at the GIL for nothing, and an overflow
-        connection opened and closed around many of them. Figure 5's commit load on PostgreSQL
-        x2 went 546 → 1,000 commits/s with both (side by side, load 15-18); server CPU per
-        commit 1,149 → 771 µs.
+        Why: in the loop's shared threads (up to 40), commits beyond the pool's connections only
+        wait for one, each a thread's wake-up and a turn at the GIL for nothing
+        (docs/performance.md, "PostgreSQL").
 
         SQLite (``one_writer``): in the shared threads, where commits waiting for the file's
         write slot go in one transaction (``GroupCommit``); one thread would commit one at a time.
