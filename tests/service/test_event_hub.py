@@ -179,13 +179,13 @@ def test_on_postgres_the_hub_passes_each_notification_on_with_its_run(database_u
         hub = EventHub(mine, poll_s=3600, listen=mine.run_listener())
         told: list[str | None] = []
         connected = asyncio.Event()
-        hub.notices.append(lambda run_id: told.append(run_id) or connected.set())
+        heard = asyncio.Event()
+        hub.notices.append(lambda run_id: told.append(run_id) or (heard if run_id else connected).set())
         await hub.start()
         await asyncio.wait_for(connected.wait(), 30)
-        await asyncio.to_thread(other.add_barrier_reports, "r", 1, {0: {"loss": 1.0}})  # another process
+        await asyncio.to_thread(_append, other, 1)  # another process's commit
         await asyncio.to_thread(_append, mine, 1)  # this process's own commit: not told again
-        while "r" not in told:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(heard.wait(), 30)
         await asyncio.sleep(0.3)
         assert told[0] is None and told[1:] == ["r"]
         await hub.close()
