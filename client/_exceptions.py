@@ -15,7 +15,8 @@ Every exception the client raises on purpose derives from ``LRServiceError``::
     │   ├── PermissionDenied ...... 403 forbidden: the token's role may not do this
     │   ├── RunNotFound ........... 404 run_not_found
     │   ├── RunConflict ........... 409 run_conflict: the run exists with a different spec
-    │   └── ServerUnavailable ..... 503 store_unavailable, and any other 5xx
+    │   └── ServerUnavailable ..... 503 store_unavailable, too_many_connections, server_stopping,
+    │                               and any other 5xx
     └── ClientMisuseError ......... the program used the client wrongly (also a ``RuntimeError``)
         └── ClientClosed .......... used after ``close()``
 
@@ -179,6 +180,7 @@ CODE_TO_EXCEPTION: dict[str, type[ServerError]] = {
     "run_conflict": RunConflict,
     "store_unavailable": ServerUnavailable,
     "too_many_connections": ServerUnavailable,
+    "server_stopping": ServerUnavailable,  # this replica is stopping: retry (another one, or once it is up)
     "request_timeout": ServerError,  # 408: the request came too slowly; retryable as it is
 }
 

@@ -19,6 +19,7 @@ SERVER_CODES = {
     "forbidden": (403, client.PermissionDenied),
     "store_unavailable": (503, client.ServerUnavailable),
     "too_many_connections": (503, client.ServerUnavailable),
+    "server_stopping": (503, client.ServerUnavailable),
     "request_timeout": (408, client.ServerError),
 }
 
