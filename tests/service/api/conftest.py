@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from fastapi.testclient import TestClient
 from lrserve.service.app import create_app
@@ -50,3 +52,29 @@ def make_run(api, run_id="r1", schedule=None, base_lrs=(0.1,), **extra):
     response = api.post("/v1/runs", json=body)
     assert response.status_code in (200, 201), response.text
     return response.json()
+
+
+class CallsAtOnce:
+    """Replaces ``owner.name`` (a method of the app's manager) by one that counts its calls running
+    at once (``most``) and the threads they run in (``threads``). The first ``limit`` calls wait
+    until ``limit`` run together, so that a test sees whether more than that ever could."""
+
+    def __init__(self, monkeypatch, owner, name: str, limit: int) -> None:
+        self.most, self.threads = 0, set()
+        self._busy, self._limit, self._full, self._lock = 0, limit, threading.Event(), threading.Lock()
+        self._call = getattr(owner, name)
+        monkeypatch.setattr(owner, name, self._counted)
+
+    def _counted(self, *args, **kwargs):
+        with self._lock:
+            self._busy += 1
+            self.most = max(self.most, self._busy)
+            self.threads.add(threading.current_thread().name)
+            if self._busy >= self._limit:
+                self._full.set()
+        try:
+            self._full.wait(timeout=60)  # the first ones wait until the threads are all busy
+            return self._call(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._busy -= 1

@@ -5,7 +5,6 @@ than hold one of the event loop's shared threads (up to 40) while they wait for 
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import httpx
 import pytest
@@ -13,7 +12,7 @@ from fastapi.testclient import TestClient
 from lrserve.service.app import create_app
 from lrserve.service.settings import Settings
 
-from tests.service.api.conftest import make_run
+from tests.service.api.conftest import CallsAtOnce, make_run
 from tests.specs import plateau_on_any_rise
 
 RUNS = 40  # as many as the loop's shared threads: before, all of them at once
@@ -50,25 +49,7 @@ def test_on_postgresql_api_commits_run_in_the_commit_threads(database_url, monke
         manager = app.state.manager
         limit = manager.store.connections
         assert 1 < limit < RUNS
-        busy, most, full, names = [0], [0], threading.Event(), set()
-        counting = threading.Lock()
-        commit = getattr(manager, _COUNTED[kind])
-
-        def counted(*args, **kwargs):
-            with counting:
-                busy[0] += 1
-                most[0] = max(most[0], busy[0])
-                names.add(threading.current_thread().name)
-                if busy[0] >= limit:
-                    full.set()
-            try:
-                full.wait(timeout=60)  # the first ones wait until the threads are all busy
-                return commit(*args, **kwargs)
-            finally:
-                with counting:
-                    busy[0] -= 1
-
-        monkeypatch.setattr(manager, _COUNTED[kind], counted)
+        at_once = CallsAtOnce(monkeypatch, manager, _COUNTED[kind], limit)
 
         async def all_at_once() -> list[httpx.Response]:
             transport = httpx.ASGITransport(app=app)  # on the app's own loop (its lifespan's)
@@ -78,7 +59,7 @@ def test_on_postgresql_api_commits_run_in_the_commit_threads(database_url, monke
 
         answers = client.portal.call(all_at_once)
         assert all(a.status_code in (200, 202) for a in answers), [a.text for a in answers if a.is_error]
-        assert most[0] == limit
-        assert len(names) == limit and all(name.startswith("lrserve-commit") for name in names)
+        assert at_once.most == limit
+        assert len(at_once.threads) == limit and all(t.startswith("lrserve-commit") for t in at_once.threads)
         if kind in ("step", "barrier"):
             assert {manager.store.read_run(run_id).horizon for run_id in runs} == {1}

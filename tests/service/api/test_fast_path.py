@@ -18,7 +18,7 @@ from lrserve.service.api.routes.steps import METRICS, STEP
 from lrserve.service.app import create_app
 from lrserve.service.settings import Settings
 
-from tests.service.api.conftest import make_run
+from tests.service.api.conftest import CallsAtOnce, make_run
 
 
 def test_fast_answers_equal_the_routes(api):
@@ -131,30 +131,12 @@ def test_on_postgresql_commits_run_in_as_many_threads_as_the_store_has_connectio
         manager = app.state.manager
         limit = manager.store.connections
         assert 1 < limit < len(runs)
-        busy, most, full, names = [0], [0], threading.Event(), set()
-        counting = threading.Lock()
-        window = manager.window
-
-        def counted(*args, **kwargs):
-            with counting:
-                busy[0] += 1
-                most[0] = max(most[0], busy[0])
-                names.add(threading.current_thread().name)
-                if busy[0] >= limit:
-                    full.set()
-            try:
-                full.wait(timeout=60)  # the first ones wait until the threads are all busy
-                return window(*args, **kwargs)
-            finally:
-                with counting:
-                    busy[0] -= 1
-
-        monkeypatch.setattr(manager, "window", counted)
+        at_once = CallsAtOnce(monkeypatch, manager, "window", limit)
         answers = _fast_gets(app, [(f"/v1/runs/{run_id}/lr", b"step=3") for run_id in runs])
         assert [(status, who) for status, _, who in answers] == [(200, "fast")] * len(runs)
         assert all(orjson.loads(body)["window"]["lrs"] == [[0.1 * 0.5**3]] for _, body, _ in answers)
-        assert most[0] == limit
-        assert len(names) == limit and all(name.startswith("lrserve-commit") for name in names)
+        assert at_once.most == limit
+        assert len(at_once.threads) == limit and all(t.startswith("lrserve-commit") for t in at_once.threads)
         assert {manager.store.read_run(run_id).horizon for run_id in runs} == {3}
 
 
@@ -532,7 +514,6 @@ def _held_first_request(app, client, run_id, ranks, first_fails=False):
     """``ranks`` concurrent requests for windows from step 1; the first one's commit (in the
     route) is held until all the others wait in the fast path. Returns the answers (the
     first one first) and the route's commits."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from lrserve.service.errors import StoreUnavailable
