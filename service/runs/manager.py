@@ -261,6 +261,7 @@ class RunManager:
                 except InvalidInput as refusal:
                     self._specs.put(key, refusal)
                     raise
+            spec = copy.deepcopy(spec)  # the run's own: the one kept (``CheckedSpecs``) is every run's
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
             if is_new:  # its ranks step it next: no load (three reads) for the state just built
