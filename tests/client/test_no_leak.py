@@ -8,7 +8,6 @@ parameter) alive, and they must end. Against a real server.
 from __future__ import annotations
 
 import gc
-import threading
 import time
 import weakref
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 from lrserve.client import RemoteScheduler
 
+from tests.client.conftest import client_threads
 from tests.live_server import ServerProcess
 from tests.specs import plateau
 
@@ -31,7 +31,7 @@ def server(tmp_path_factory):
 
 
 def lrserve_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("lrserve-")]
+    return client_threads()
 
 
 def wait_until(condition, timeout=30.0):
