@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from lrserve.service.store import BaseStore, open_store
+from lrserve.service.store import BaseStore, EventKind, NewEvent, open_store
+from lrserve.service.store.sql import SqlStore
 
 from tests.conftest import BACKENDS
 
@@ -24,5 +25,15 @@ def store_url(backend, database_url) -> str:
 @pytest.fixture
 def store(store_url) -> Iterator[BaseStore]:
     opened = open_store(store_url)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def sqlite_store_with_run(database_url) -> Iterator[SqlStore]:
+    """An SQLite store holding one run, ``r`` (the tests of SQLite's own statements and writer)."""
+    opened = open_store(database_url("sqlite"))
+    opened.create_run("r", {"schedule": {"type": "StepLR", "step_size": 3}}, {},
+                      NewEvent(EventKind.CREATED, 0, {}))
     yield opened
     opened.close()

@@ -7,22 +7,16 @@ connection: ``BEGIN IMMEDIATE`` and ``COMMIT`` included.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from lrserve.service.errors import RunNotFound, StoreUnavailable
-from lrserve.service.store import EventKind, MetricRecord, NewEvent, open_store
+from lrserve.service.store import EventKind, MetricRecord, NewEvent
 from lrserve.service.store.sql import SqlStore
 from sqlalchemy import event
 
 
 @pytest.fixture
-def store(database_url) -> Iterator[SqlStore]:
-    opened = open_store(database_url("sqlite"))
-    opened.create_run("r", {"schedule": {"type": "StepLR", "step_size": 3}}, {},
-                      NewEvent(EventKind.CREATED, 0, {}))
-    yield opened
-    opened.close()
+def store(sqlite_store_with_run) -> SqlStore:
+    return sqlite_store_with_run
 
 
 @pytest.fixture

@@ -104,13 +104,19 @@ def test_no_commit_runs_a_checkpoint_a_thread_of_the_store_does(tmp_path):
         store.close()
 
 
-def test_closing_the_store_stops_its_checkpoint_thread(tmp_path):
-    store = open_store(f"sqlite:///{tmp_path}/closed.db")
+def _checkpointing(path):
+    """A store whose checkpoint thread runs (told of a write), and the thread."""
+    store = open_store(f"sqlite:///{path}")
     checkpointer = store.checkpointer
     assert checkpointer is not None
     checkpointer.wrote()
     thread = checkpointer._thread
     assert thread is not None and thread.is_alive()
+    return store, thread
+
+
+def test_closing_the_store_stops_its_checkpoint_thread(tmp_path):
+    store, thread = _checkpointing(tmp_path / "closed.db")
     store.close()
     assert not thread.is_alive()
 
@@ -119,12 +125,7 @@ def test_a_store_nobody_closed_leaves_no_checkpoint_thread(tmp_path):
     import gc
     import weakref
 
-    store = open_store(f"sqlite:///{tmp_path}/left.db")
-    checkpointer = store.checkpointer
-    assert checkpointer is not None
-    checkpointer.wrote()
-    thread = checkpointer._thread
-    assert thread is not None and thread.is_alive()
+    store, thread = _checkpointing(tmp_path / "left.db")
     engine = store._engine
     gone = weakref.ref(store)
     del store
