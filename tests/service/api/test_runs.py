@@ -166,14 +166,7 @@ def test_ranks_arriving_while_their_run_is_built_wait_for_it_on_the_event_loop(
     building, release = _held_build(store, monkeypatch, fail_first)
     spec = {"run_id": "job", "schedule": STEP, "base_lrs": [0.1], "world_size": 6}
     threads = []
-
-    def create():
-        threads.append(threading.get_ident())
-        record, created = manager.create_run(spec)
-        return record, created, {}
-
-    def join(record):
-        return (record, False, {}) if manager.asks_for(record, spec) else None
+    create, join = _create_and_join(manager, spec, lambda: threads.append(threading.get_ident()))
 
     async def ranks():
         creates = Creates()
@@ -204,18 +197,27 @@ def test_ranks_arriving_while_their_run_is_built_wait_for_it_on_the_event_loop(
         assert len(threads) == builds + 1 and loop_thread not in threads
 
 
-def _ranks_at_once(manager, spec, n):
-    """``n`` creates of ``spec`` sent together through one ``Creates``: their answers (or errors),
-    and how many of them ran ``create`` in a worker thread."""
-    in_threads = []
+def _create_and_join(manager, spec, on_create):
+    """The ``create`` and ``join`` the route hands ``Creates.answer`` for ``spec`` (without the
+    run's body); ``on_create()`` as each create begins."""
 
     def create():
-        in_threads.append(threading.get_ident() != loop_thread)
+        on_create()
         record, created = manager.create_run(spec)
         return record, created, {}
 
     def join(record):
         return (record, False, {}) if manager.asks_for(record, spec) else None
+
+    return create, join
+
+
+def _ranks_at_once(manager, spec, n):
+    """``n`` creates of ``spec`` sent together through one ``Creates``: their answers (or errors),
+    and how many of them ran ``create`` in a worker thread."""
+    in_threads = []
+    create, join = _create_and_join(
+        manager, spec, lambda: in_threads.append(threading.get_ident() != loop_thread))
 
     async def ranks():
         creates = Creates()
