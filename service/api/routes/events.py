@@ -40,7 +40,7 @@ async def _stream_request(
     after = since
     if last_event_id is not None and last_event_id.strip():
         text = last_event_id.strip()
-        if not text.isascii() or not text.isdigit() or len(text) > 18:  # MAX_EVENT_ID
+        if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_EVENT_ID)):
             raise InvalidInput.at("Last-Event-ID", "must be an event id (a whole number >= 0)")
         after = int(text)
     feed_filter = FeedFilter(run_id=run_id, labels=_parse_labels(label) or None,
