@@ -11,12 +11,9 @@ the read asks keeps nothing: a read's work stays bounded by what it asks for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 
 from tests.conftest import BACKENDS
 from tests.service.runs.test_value_log import bits
@@ -27,16 +24,10 @@ SCHEDULE = {"type": "SequentialLR", "milestones": [100], "schedulers": [
 
 
 @pytest.fixture(params=BACKENDS)
-def two(request, database_url) -> Iterator[tuple[RunManager, RunManager]]:
+def two(request, database_url, open_manager) -> tuple[RunManager, RunManager]:
     """The process that made the run's steps final, and one that loads it afterwards."""
     settings = Settings(db=database_url(request.param))  # the defaults: a snapshot every 1,000 steps
-    stores = [open_store(settings.db) for _ in range(2)]
-    managers = [RunManager(store, settings) for store in stores]
-    yield managers[0], managers[1]
-    for manager in managers:
-        manager.close()
-    for store in stores:
-        store.close()
+    return open_manager(settings), open_manager(settings)
 
 
 def replays_counted(manager: RunManager, monkeypatch) -> list[int | None]:
