@@ -25,10 +25,10 @@ document, and it uses the same kept answers.
 
 **Big histories are written here**, in a ``Background`` thread (``service/background.py``: at
 a lower CPU priority than the event loop's thread, which then waits less for a core), not in
-the worker process (``BigWork``): their LRs are packed doubles written by orjson from a numpy view, a slice at a
-time (``sliced_json``), 8 ms of CPU for the worst the budget allows (485 points x 1024
-groups, 10 MB), against 24 ms of this process's CPU to take the same 10 MB back from a worker
-process (measured; docs/performance.md, "Reads and history").
+the worker process (``BigWork``): their LRs are packed doubles written by orjson from a numpy
+view, a slice at a time (``sliced_json``), 8 ms of CPU for the worst the budget allows (485
+points x 1024 groups, 10 MB), against 24 ms of this process's CPU to take the same 10 MB back
+from a worker process (measured; docs/performance.md, "Reads and history").
 """
 
 from __future__ import annotations
