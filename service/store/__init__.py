@@ -259,7 +259,9 @@ def _open_postgres(url: URL) -> SqlStore:
     import psycopg
 
     require_pipeline(psycopg.Pipeline.is_supported(), psycopg.pq.version())
-    connect_args: dict[str, Any] = {}
+    # psycopg prepares nothing of its own: once it has, its rollback() sends DEALLOCATE ALL,
+    # which drops the pipeline's prepared statements too (``pg_pipeline``'s notes)
+    connect_args: dict[str, Any] = {"prepare_threshold": None}
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
     engine = create_engine(
