@@ -48,6 +48,12 @@ class SchemaTooNew(StoreUnavailable):
     """The database was written by a newer lrserve; this one must not touch it."""
 
 
+_SQLITE_DATETIME_FORMAT = (
+    "%(year)04d-%(month)02d-%(day)02d %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d"
+)
+"""SQLAlchemy's default text for a SQLite ``DATETIME`` (``sqlalchemy.dialects.sqlite.DATETIME``)."""
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend.
 
@@ -57,6 +63,27 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """On SQLite, ``process_bind_param`` and the dialect's own text format (SQLAlchemy's
+        ``%(year)04d-...%(microsecond)06d``) in one step, the text written by ``isoformat``:
+        the same text for every datetime, in a fraction of the time (a hot write binds one or
+        two: its events' ``at``, the run's ``updated_at``). Elsewhere, or with another storage
+        format, SQLAlchemy's composition."""
+        if dialect.name != "sqlite" or getattr(self.impl_instance.dialect_impl(dialect), "_storage_format",
+                                               None) != _SQLITE_DATETIME_FORMAT:
+            return super().bind_processor(dialect)
+        utc = timezone.utc
+
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is None:
+                raise ValueError("naive datetime given to the store; use timezone-aware UTC")
+            # "YYYY-MM-DD HH:MM:SS.ffffff+00:00": the year has four digits (1-9999), as %04d writes it
+            return value.astimezone(utc).isoformat(" ", "microseconds")[:26]
+
+        return process
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

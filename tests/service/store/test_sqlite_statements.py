@@ -7,11 +7,15 @@ connection: ``BEGIN IMMEDIATE`` and ``COMMIT`` included.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pytest
 from lrserve.service.errors import RunNotFound, StoreUnavailable
 from lrserve.service.store import EventKind, MetricRecord, NewEvent
+from lrserve.service.store.schema import UTCDateTime
 from lrserve.service.store.sql import SqlStore
-from sqlalchemy import event
+from sqlalchemy import TypeDecorator, event
+from sqlalchemy.dialects import sqlite
 
 
 @pytest.fixture
@@ -86,3 +90,23 @@ def test_a_write_on_the_kept_connection_checks_the_file_once(store, statements, 
     assert store.read_metrics("r")["loss"][-1] == (6, 0, 0.5)  # nothing of the refused write
     store.append_metrics("r", [MetricRecord("loss", 7, 0, 0.5)])
     assert store.read_metrics("r")["loss"][-1] == (7, 0, 0.5)
+
+
+@pytest.mark.parametrize("value", [
+    datetime(2026, 12, 5, 9, 58, 57, 287440, tzinfo=timezone.utc),
+    datetime(2026, 1, 1, tzinfo=timezone.utc),  # no microseconds: still six digits
+    datetime(5, 3, 4, 5, 6, 7, 8, tzinfo=timezone.utc),  # a year of one digit: four
+    datetime(2026, 6, 1, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5))),  # to UTC
+    datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc),
+])
+def test_a_datetime_is_bound_as_sqlalchemy_writes_it(value):
+    """``UTCDateTime``'s SQLite text in one step is SQLAlchemy's composition's, character for
+    character (the stored text older and newer processes compare and order by)."""
+    dialect = sqlite.dialect()
+    ours = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    sqlalchemy_s = TypeDecorator.bind_processor(UTCDateTime().dialect_impl(dialect), dialect)
+    assert ours is not None and sqlalchemy_s is not None
+    assert ours(value) == sqlalchemy_s(value)
+    assert ours(None) is None
+    with pytest.raises(ValueError, match="naive"):
+        ours(value.replace(tzinfo=None))
