@@ -6,7 +6,8 @@ three are measured under the same weather. Two loads:
 - **final**: ``GET .../lr?step=k`` of final steps near the horizon (the hot path; served
   from memory, the database is not touched once a process has loaded the run);
 - **final, old steps** (2 processes only): final steps below the snapshot a worker loaded
-  the run from; that worker recomputes them on each request;
+  the run from; that worker replays them once per run (its first read of them), then holds
+  them (``RunCache.values_between``);
 - **commit**: ``GET .../lr?step=n`` where each request asks the next step of one of as
   many runs as connections: every answer makes a new step final, a durable transaction (on PostgreSQL with
   2 processes: row lock on the run, catch up with the other process's entries, append).
@@ -122,6 +123,7 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
         holds=errors == 0, columns=COLUMNS, rows=rows,
         notes=[*notes, "commit: every request makes one new step final (durable before the answer)",
                f"final: steps {RECENT}.. near the horizon; 'final, old steps': steps 0..{RECENT - 1}, below "
-               "the snapshot the second worker loaded the runs from, so that worker replays them on every "
-               "request (the first worker computed them and holds them); compared with SQLite x1's final"],
+               "the snapshot the second worker loaded the runs from, so that worker replays them once per "
+               "run (its first read of them) and holds them after (the first worker computed them and "
+               "holds them); compared with SQLite x1's final"],
     )

@@ -16,15 +16,16 @@ from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.runs.replay import apply_logs
-from lrserve.service.runs.state import Marks, RunState
+from lrserve.service.runs.state import Marks, Replayed, RunState
 from lrserve.service.store.base import BaseStore, RunRecord, Snapshot, WouldWait
 
 
 class RunCache:
     """Loads runs lazily and keeps them; event loop safe where a method says so."""
 
-    def __init__(self, store: BaseStore) -> None:
+    def __init__(self, store: BaseStore, *, snapshot_every: int) -> None:
         self.store = store
+        self.snapshot_every = snapshot_every  # steps a read's replay may go on to keep what it replayed
         self._runs: dict[str, RunState] = {}
         # Only while some thread holds or waits for it: an entry per unknown or deleted run id
         # asked for would otherwise outlive its request (weak values; see ``RunLock``).
@@ -110,18 +111,43 @@ class RunCache:
         return state
 
     def values_between(self, run_id: str, start: int, end: int) -> list[Values]:
-        """Final values of steps ``start..end`` (all at or below the horizon), replaying if needed."""
+        """Final values of steps ``start..end`` (all at or below the horizon), replaying if needed.
+
+        Steps below the state's ``first_step`` (a run loaded from a snapshot) are replayed
+        from the snapshot at or below ``start``, once: the replay goes on to the first step
+        already held and is kept (``RunState.replayed``), so the next read of those steps, in
+        any thread or on the event loop, is a copy from memory. Where going on would cost more
+        than twice the read's own replay (and more than ``snapshot_every`` steps), the read
+        replays only its own steps and keeps nothing: a read's work stays bounded by what it
+        asks for.
+        """
         state = self.state(run_id)
-        if state.cached(start) is not None and state.cached(end) is not None:
-            return state.values[start - state.first_step : end - state.first_step + 1]
+        held = state.held_between(start, end)
+        if held is not None:
+            return held
         if self.store.must_not_wait:
             raise WouldWait("replaying steps is no work for the event loop")
-        record = self.store.read_run(run_id)
-        replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
-        apply_logs(replay, self.store.read_events(run_id))
-        replay.advance_to(end)
-        replay.publish()
-        return replay.values[start - replay.first_step : end - replay.first_step + 1]
+        with state.replaying:  # one replay of a run at a time: the next one finds it kept
+            held = state.held_between(start, end)
+            if held is not None:
+                return held
+            record = self.store.read_run(run_id)
+            replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
+            apply_logs(replay, self.store.read_events(run_id))
+            kept = state.replayed
+            until = (state.first_step if kept is None else kept.first) - 1  # the last step not held
+            own = end - replay.first_step + 1
+            if until - replay.first_step + 1 > max(2 * own, self.snapshot_every):
+                replay.advance_to(end)
+                replay.publish()
+                return replay.values[start - replay.first_step : end - replay.first_step + 1]
+            replay.advance_to(until)
+            replay.publish()
+            values = replay.values if kept is None else replay.values.joined(kept.values)
+            state.replayed = Replayed(replay.first_step, values)
+        held = state.held_between(start, end)
+        assert held is not None, "steps replayed up to those held"
+        return held
 
 
 def fresh_state(record: RunRecord, snapshot: Snapshot | None) -> RunState:

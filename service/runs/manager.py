@@ -102,7 +102,7 @@ class RunManager:
         self.store = store
         self.settings = settings
         self.big_work = big_work or BigWork(0)  # big creates and runs of steps (service.offload)
-        self.runs = RunCache(store)
+        self.runs = RunCache(store, snapshot_every=settings.snapshot_every)
         self._specs = CheckedSpecs(SPECS_KEPT)
         self.committer = Committer(store, settings, self.runs, self.big_work)
         self.reads = ReadModels(store, settings, self.runs, self.committer)
@@ -340,9 +340,10 @@ class RunManager:
         end = step + min(ahead, self._ahead_cap(state))
         if most_values is not None and (end - step + 1) * state.n_groups > most_values:
             return None
-        if state.cached(step) is None or state.cached(end) is None:
+        values = state.held_between(step, end)
+        if values is None:
             return None
-        return self._window(state, step, end)
+        return self._window(state, step, end, values)
 
     def window_now(self, run_id: str, step: int, ahead: int, *, most_values: int) -> Window | None:
         """``window(...)`` here and now (``windows_now``: a loaded run, no wait, little work),
@@ -431,11 +432,9 @@ class RunManager:
         state = self.state(run_id)
         return self._window(state, step, min(end, max(state.horizon, step)))
 
-    def _window(self, state: RunState, step: int, end: int) -> Window:
-        if state.cached(step) is None:
+    def _window(self, state: RunState, step: int, end: int, values: list[Values] | None = None) -> Window:
+        if values is None:
             values = self.values_between(state.run_id, step, end)
-        else:
-            values = state.values[step - state.first_step : end - state.first_step + 1]
         spikes = state.spikes_between(step, end) if state.engine.spikes else []
         return Window(state.run_id, step, values, state.status, state.stopped_at, state.switched_at,
                       state.watching, self._ahead_cap(state), spikes)

@@ -54,6 +54,15 @@ class StepOutcome:
 
 
 @dataclass(frozen=True)
+class Replayed:
+    """Final values of steps ``first .. first + len(values) - 1``, below a state's
+    ``first_step``: replayed once and kept (``RunCache.values_between``)."""
+
+    first: int
+    values: ValueLog
+
+
+@dataclass(frozen=True)
 class Marks:
     """The run's status (and the steps it changed at) as of some step."""
 
@@ -66,7 +75,8 @@ class RunState:
     """A loaded run. All mutation happens under ``lock`` (and the store's run lock).
 
     ``values[i]`` holds the final values of step ``first_step + i`` up to ``horizon``;
-    steps before ``first_step`` are recomputed on demand by replay. Only durable steps
+    steps before ``first_step`` (a run loaded from a snapshot) are replayed when first asked
+    for, and those replayed up to ``first_step - 1`` are kept in ``replayed``. Only durable steps
     are visible: ``advance_to`` computes the next steps (the engine then sits ahead of
     ``horizon``), and ``publish`` shows them once the store holds them, so that no
     answer, from any thread, depends on a commit that may still fail (API.md, finality).
@@ -95,6 +105,8 @@ class RunState:
         self.budget_steps: tuple[Any, int] | None = None  # (schedule, steps it may take per request)
         self.broken = False  # the engine failed past the last step computed (``advance_to``)
         self.checkpointed_to = engine.step - 1  # the LRs of steps up to here are stored (value_chunks)
+        self.replayed: Replayed | None = None  # steps before first_step, once replayed; replaced whole
+        self.replaying = threading.Lock()  # held while replaying them (``RunCache.values_between``)
         self._pending: list[Values] = []  # computed, not yet durable
         self.marks = Marks()  # the status at the engine's step (ahead of ``status`` in a commit)
         self.watching: tuple[str, ...] = tuple(sorted(engine.watched))  # decided on at ``horizon``
@@ -131,11 +143,19 @@ class RunState:
         if monitors:
             self.guard_monitors = self.guard_monitors | monitors
 
-    def cached(self, step: int) -> Values | None:
-        index = step - self.first_step
-        if 0 <= index < len(self.values):
-            return self.values[index]
-        return None
+    def held_between(self, start: int, end: int) -> list[Values] | None:
+        """Final values of steps ``start .. end`` if this state holds them all (published, or
+        ``replayed``), else None; never blocks (event loop safe)."""
+        first = self.first_step  # never changes; ``values`` only grows and ``replayed`` is replaced whole
+        if end > self.horizon or start > end:
+            return None
+        if start >= first:
+            return self.values[start - first : end - first + 1]
+        replayed = self.replayed
+        if replayed is None or start < replayed.first:
+            return None
+        older = replayed.values[start - replayed.first : min(end, first - 1) - replayed.first + 1]
+        return older if end < first else older + self.values[: end - first + 1]
 
     def advance_to(
         self, target: int, *, need: int | None = None, big_work: BigWork | None = None

@@ -62,6 +62,16 @@ class ValueLog:
         for one in values:
             self.append(one)
 
+    def joined(self, later: ValueLog) -> ValueLog:
+        """A new log: these steps, then ``later``'s (the same groups and momentum); neither changes."""
+        if later._shape != self._shape:
+            raise ValueError(f"expected {self._shape} (LRs, momentums) per step, got {later._shape}")
+        both = ValueLog(self.n_groups, momentum=self._moms is not None)
+        both._lrs = self._lrs + later._lrs
+        if self._moms is not None and later._moms is not None:
+            both._moms = self._moms + later._moms
+        return both
+
     def packed_lrs(self, start: int, stop: int) -> array[float]:
         """The LRs of steps ``start .. stop - 1``, packed as they are held (step-major)."""
         return self._lrs[start * self.n_groups : stop * self.n_groups]

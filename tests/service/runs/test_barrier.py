@@ -16,7 +16,6 @@ from lrserve.service.runs import barrier as barrier_module
 from lrserve.service.runs.barrier import Barriers
 from lrserve.service.runs.manager import RankReport, RunManager
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 
 from tests.conftest import BACKENDS
 from tests.service.engine import reference
@@ -32,11 +31,8 @@ def settings(request, database_url) -> Settings:
 
 
 @pytest.fixture
-def replicas(settings) -> Iterator[list[RunManager]]:
-    stores = [open_store(settings.db) for _ in range(2)]
-    yield [RunManager(store, settings) for store in stores]
-    for store in stores:
-        store.close()
+def replicas(settings, open_manager) -> list[RunManager]:
+    return [open_manager(settings) for _ in range(2)]
 
 
 def create(manager: RunManager, world_size: int, run_id: str = "r") -> None:

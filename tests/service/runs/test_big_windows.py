@@ -15,7 +15,6 @@ from lrserve.service.offload import BigWork
 from lrserve.service.runs.commit import PlacedAction
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 
 pytestmark = pytest.mark.slow  # a worker process of its own, importing torch
 
@@ -43,16 +42,12 @@ def worker():
 
 
 @pytest.fixture
-def managers(tmp_path, worker):
+def managers(tmp_path, worker, open_manager):
     """``(here, there)``: the same settings, every step in this process / big ones in the worker."""
-    made = []
-    for name, big in (("here", BigWork(0)), ("there", worker)):
-        settings = Settings(db=f"sqlite:///{tmp_path}/{name}.db")
-        made.append(RunManager(open_store(settings.db), settings, big))
+    made = [open_manager(Settings(db=f"sqlite:///{tmp_path}/{name}.db"), big)
+            for name, big in (("here", BigWork(0)), ("there", worker))]
     worker.calls.clear()
-    yield made
-    for manager in made:
-        manager.store.close()
+    return made
 
 
 def _create(managers, schedule, base_lrs=None):

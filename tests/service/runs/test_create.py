@@ -12,7 +12,6 @@ from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.errors import RunConflict, RunNotFound, SpecError
 from lrserve.service.runs.manager import CheckedSpecs, RunManager, _spec_key, kept_bytes
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 from lrserve.service.store.events import EventKind
 
 from tests.conftest import BACKENDS
@@ -23,10 +22,8 @@ SPEC = {"run_id": "job", "schedule": {"type": "StepLR", "step_size": 3}, "base_l
 
 
 @pytest.fixture(params=BACKENDS)
-def manager(request, database_url):
-    store = open_store(database_url(request.param))
-    yield RunManager(store, Settings(db=database_url(request.param)))
-    store.close()
+def manager(request, database_url, open_manager):
+    return open_manager(Settings(db=database_url(request.param)))
 
 
 def all_at_once(fn, n):

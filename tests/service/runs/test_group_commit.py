@@ -20,7 +20,6 @@ import pytest
 from lrserve.service.errors import RunNotFound, StoreUnavailable
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 
 from tests.conftest import BACKENDS
 from tests.specs import plateau_on_any_rise
@@ -43,15 +42,12 @@ def grouped(replicas) -> list[RunManager]:
 
 
 @pytest.fixture
-def replicas(settings) -> Iterator[list[RunManager]]:
-    stores = [open_store(settings.db) for _ in range(3)]
-    managers = [RunManager(store, settings) for store in stores]
+def replicas(settings, open_manager) -> list[RunManager]:
+    managers = [open_manager(settings) for _ in range(3)]
     for run_id in RUNS:
         managers[0].create_run({"run_id": run_id, "schedule": PLATEAU, "base_lrs": [0.1, 0.2]})
         managers[0].window(run_id, 0, 0)  # loaded: a commit now is one group member
-    yield managers
-    for store in stores:
-        store.close()
+    return managers
 
 
 @contextmanager

@@ -7,17 +7,12 @@ import threading
 
 import pytest
 from lrserve.service.errors import RunNotFound
-from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 
 
 @pytest.fixture
-def manager(tmp_path):
-    settings = Settings(db=f"sqlite:///{tmp_path}/locks.db")
-    store = open_store(settings.db)
-    yield RunManager(store, settings)
-    store.close()
+def manager(tmp_path, open_manager):
+    return open_manager(Settings(db=f"sqlite:///{tmp_path}/locks.db"))
 
 
 def test_unknown_and_deleted_run_ids_leave_no_lock_behind(manager):

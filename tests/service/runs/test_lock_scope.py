@@ -9,19 +9,14 @@ from __future__ import annotations
 import threading
 
 import pytest
-from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 
 STEP_LR = {"type": "StepLR", "step_size": 10}
 
 
 @pytest.fixture
-def manager(tmp_path):
-    settings = Settings(db=f"sqlite:///{tmp_path}/scope.db")
-    store = open_store(settings.db)
-    yield RunManager(store, settings)
-    store.close()
+def manager(tmp_path, open_manager):
+    return open_manager(Settings(db=f"sqlite:///{tmp_path}/scope.db"))
 
 
 def test_another_runs_step_does_not_wait_behind_a_window_being_computed(manager):
@@ -53,7 +48,7 @@ def test_another_runs_step_does_not_wait_behind_a_window_being_computed(manager)
     assert manager.store.read_run("big").horizon == 500
 
 
-def test_a_commit_that_finds_the_run_moved_meanwhile_computes_again(manager):
+def test_a_commit_that_finds_the_run_moved_meanwhile_computes_again(manager, open_manager):
     """Another process (a replica) commits while this one computes outside the write slot:
     the values computed ahead are dropped and computed again from the stored log."""
     plateau = {"type": "ReduceLROnPlateau", "patience": 0}
@@ -71,7 +66,7 @@ def test_a_commit_that_finds_the_run_moved_meanwhile_computes_again(manager):
     windows = []
     here = threading.Thread(target=lambda: windows.append(manager.window("r", 0, 3)))
     here.start()
-    replica = RunManager(open_store(manager.settings.db), manager.settings)
+    replica = open_manager(manager.settings)
     try:
         assert computing.wait(30)
         replica.step_run("r", 1, {"val_loss": 1.0}, 0, 0)
@@ -79,6 +74,5 @@ def test_a_commit_that_finds_the_run_moved_meanwhile_computes_again(manager):
     finally:
         release.set()
         here.join(30)
-        replica.store.close()
     assert [v[0][0] for v in windows[0].values] == [1.0, 1.0, 0.1, 0.1]
     assert manager.store.read_run("r").horizon == 3

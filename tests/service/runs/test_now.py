@@ -10,12 +10,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 from lrserve.service.store.sql import SQLITE_BUSY_TIMEOUT_S, SQLITE_WAL, begin_sqlite
 
 from tests.specs import plateau_on_any_rise
@@ -29,14 +27,11 @@ def settings(database_url) -> Settings:
 
 
 @pytest.fixture
-def managers(settings) -> Iterator[list[RunManager]]:
-    stores = [open_store(settings.db) for _ in range(2)]
-    managers = [RunManager(store, settings) for store in stores]
+def managers(settings, open_manager) -> list[RunManager]:
+    managers = [open_manager(settings) for _ in range(2)]
     managers[0].create_run({"run_id": "r", "schedule": PLATEAU, "base_lrs": [0.1, 0.2]})
     managers[0].window("r", 0, 0)
-    yield managers
-    for store in stores:
-        store.close()
+    return managers
 
 
 def step(manager: RunManager, k: int, ahead: int = 0):
@@ -162,17 +157,12 @@ def test_big_work_a_snapshot_due_or_a_run_not_loaded_go_to_a_worker_thread(manag
     assert b.loaded("r") is None
 
 
-def test_postgres_is_never_answered_on_the_loop(database_url):
-    settings = Settings(db=database_url("postgres"))
-    store = open_store(settings.db)
-    try:
-        manager = RunManager(store, settings)
-        manager.create_run({"run_id": "r", "schedule": PLATEAU, "base_lrs": [0.1]})
-        manager.window("r", 0, 0)
-        assert step(manager, 1) is None
-        unchanged(manager, 0)
-    finally:
-        store.close()
+def test_postgres_is_never_answered_on_the_loop(database_url, open_manager):
+    manager = open_manager(Settings(db=database_url("postgres")))
+    manager.create_run({"run_id": "r", "schedule": PLATEAU, "base_lrs": [0.1]})
+    manager.window("r", 0, 0)
+    assert step(manager, 1) is None
+    unchanged(manager, 0)
 
 
 # -- windows_now: the event loop's group commit (GET .../lr of steps not final yet) -----------

@@ -19,7 +19,6 @@ from lrserve.service.errors import InvalidInput, RunConflict, RunNotFound, Store
 from lrserve.service.runs.barrier import Barriers
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
-from lrserve.service.store import open_store
 
 from tests.conftest import BACKENDS
 from tests.service.engine import reference
@@ -40,12 +39,9 @@ def settings(db_url) -> Settings:
 
 
 @pytest.fixture
-def replicas(settings) -> Iterator[list[RunManager]]:
+def replicas(settings, open_manager) -> list[RunManager]:
     """Three managers on one database; a third one is there to load runs late."""
-    stores = [open_store(settings.db) for _ in range(3)]
-    yield [RunManager(store, settings) for store in stores]
-    for store in stores:
-        store.close()
+    return [open_manager(settings) for _ in range(3)]
 
 
 def create(manager: RunManager, run_id: str = "r", schedule=WARMUP_PLATEAU, world_size: int = 1) -> None:

@@ -116,10 +116,11 @@ def test_a_run_state_holds_the_engines_values_in_order():
         expected.append(reference.values())
     assert expected[0][1] is not None  # OneCycleLR cycles momentum: both arrays are in use
     state.advance_to(12)
-    assert state.horizon == 0 and state.cached(1) is None  # not visible before publish
+    assert state.horizon == 0 and state.held_between(1, 1) is None  # not visible before publish
     state.publish()
     state.advance_to(20)
     state.publish()
     assert state.horizon == 20
     assert bits(state.values[:]) == bits(expected)
-    assert bits(state.cached(7)) == bits(expected[7]) and bits(state.values[-1]) == bits(expected[-1])
+    assert bits(state.held_between(7, 7)) == bits(expected[7:8])
+    assert bits(state.values[-1]) == bits(expected[-1])
