@@ -107,6 +107,10 @@ def test_a_datetime_is_bound_as_sqlalchemy_writes_it(value):
     sqlalchemy_s = TypeDecorator.bind_processor(UTCDateTime().dialect_impl(dialect), dialect)
     assert ours is not None and sqlalchemy_s is not None
     assert ours(value) == sqlalchemy_s(value)
+    assert ours(value) == sqlalchemy_s(value)  # the same object again: the text kept
+    other = value.replace(microsecond=(value.microsecond + 1) % 1_000_000)
+    assert ours(other) == sqlalchemy_s(other) != sqlalchemy_s(value)  # another: its own text
+    assert ours(value) == sqlalchemy_s(value)
     assert ours(None) is None
     with pytest.raises(ValueError, match="naive"):
         ours(value.replace(tzinfo=None))
