@@ -114,3 +114,20 @@ def test_a_datetime_is_bound_as_sqlalchemy_writes_it(value):
     assert ours(None) is None
     with pytest.raises(ValueError, match="naive"):
         ours(value.replace(tzinfo=None))
+
+
+@pytest.mark.parametrize("text", [
+    "2026-12-05 10:00:00.123456", "0005-03-04 05:06:07.000008", "2026-12-05T10:00:00.123456",
+    "2026-12-05 10:00:00", "2026-12-05 10:00:00.123456+02:00", None,
+])
+def test_a_datetime_is_read_as_sqlalchemy_reads_it(text):
+    """``UTCDateTime``'s SQLite read of its own text in one ``fromisoformat`` is SQLAlchemy's
+    composition's value, in UTC (any other text goes through that composition)."""
+    dialect = sqlite.dialect()
+    impl = UTCDateTime().dialect_impl(dialect)
+    ours = impl.result_processor(dialect, None)
+    sqlalchemy_s = TypeDecorator.result_processor(impl, dialect, None)
+    assert ours is not None and sqlalchemy_s is not None
+    value = ours(text)
+    assert value == sqlalchemy_s(text)
+    assert value is None or value.tzinfo is timezone.utc
