@@ -10,7 +10,7 @@ tables, same indexes), one run row per client, with the server's settings as the
 the same transactions cost with no HTTP, no Python and a load generator in C: the most
 commits/s this machine's PostgreSQL gives at that concurrency.
 
-``pipelined`` sends them as lrserve does (``_pipelined``: two flushes, ``BEGIN`` with the
+``pipelined`` sends them as lrserve does (``service.store.pg_pipeline``: two flushes, ``BEGIN`` with the
 locked row, then the ``UPDATE`` with ``COMMIT``), else one statement per round trip;
 ``protocol`` is pgbench's ``-M``: ``simple``, ``extended`` or ``prepared`` (psycopg prepares a
 statement on a connection from its 5th execution, so lrserve under load is ``prepared``;

@@ -28,6 +28,7 @@ from lrserve.service.api.routes import (
 )
 from lrserve.service.api.schemas import ERROR_RESPONSES
 from lrserve.service.auth import Authenticator, load_tokens
+from lrserve.service.background import Background
 from lrserve.service.engine.engine import warm_up_torch
 from lrserve.service.errors import StoreUnavailable
 from lrserve.service.events.hub import EventHub
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.manager = manager
         app.state.creates = runs.Creates()
         app.state.history_answers = HistoryAnswers()  # kept with the store they were read from
+        background = app.state.background = Background()  # big answers built at a low CPU priority
         barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 
@@ -140,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await hub.close()
             await run_in_threadpool(manager.close)  # its commits in progress may still need big_work
             await run_in_threadpool(big_work.close)
+            await run_in_threadpool(background.close)
             store.close()
 
     app = FastAPI(title="lrserve", version="1.0", description=DESCRIPTION, lifespan=lifespan,

@@ -23,11 +23,12 @@ Anything else (an error, a run to load or catch up, an answer to build, PostgreS
 the route unchanged: the route stays the one definition of the behaviour and of the OpenAPI
 document, and it uses the same kept answers.
 
-**Big histories are written here**, in the route's worker thread, not in the worker process
-(``BigWork``): their LRs are packed doubles written by orjson from a numpy view, a slice at a
-time (``sliced_json``), 8 ms of CPU for the worst the budget allows (485 points x 1024
-groups, 10 MB), against 24 ms of this process's CPU to take the same 10 MB back from a worker
-process (measured; docs/performance.md, "Reads and history").
+**Big histories are written here**, in a ``Background`` thread (``service/background.py``: at
+a lower CPU priority than the event loop's thread, which then waits less for a core), not in
+the worker process (``BigWork``): their LRs are packed doubles written by orjson from a numpy
+view, a slice at a time (``sliced_json``), 8 ms of CPU for the worst the budget allows (485
+points x 1024 groups, 10 MB), against 24 ms of this process's CPU to take the same 10 MB back
+from a worker process (measured; docs/performance.md, "Reads and history").
 """
 
 from __future__ import annotations

@@ -271,7 +271,7 @@ def _open_postgres(url: URL) -> SqlStore:
 
 
 def require_pipeline(supported: bool, libpq: int) -> None:
-    """Writes to PostgreSQL are pipelined (``sql._pipelined``), which needs libpq 14 or newer.
+    """Writes to PostgreSQL are pipelined (``pg_pipeline.pipelined``), which needs libpq 14 or newer.
 
     Raises:
         ValueError: ``supported`` is False (``psycopg.Pipeline.is_supported()``), naming

@@ -507,8 +507,8 @@ class SqlStore(BaseStore):
         pool; a write that fails gives it back to the pool as ``_transaction`` does (rolled
         back; a connection found dead discarded, ``_discard``), and the next one checks out a
         connection anew. PostgreSQL: a pooled connection per transaction, its statements
-        pipelined (``_pipelined``): the server is waited for where a statement's rows are read
-        and at COMMIT, whose answer is in before this returns.
+        pipelined (``pg_pipeline.pipelined``): sent together and waited for where a statement's
+        rows are read and at COMMIT, whose answer is in before this returns.
 
         ``counted``: a second cursor of the transaction for the block (``counted.cursor``), whose
         row count ``counted.rows`` gets once the transaction committed; it is closed, as the
@@ -519,27 +519,33 @@ class SqlStore(BaseStore):
         with self._failures(now=now), held(self._sqlite_writers, now=now, what="the write slot"):
             raw, since = self._take_writer()
             try:
-                cursor = raw.cursor()
-                try:
-                    if counted is not None:
-                        counted.cursor = raw.cursor()
-                    if sqlite_file:
+                if sqlite_file:
+                    cursor = raw.cursor()
+                    try:
+                        if counted is not None:
+                            counted.cursor = raw.cursor()
                         begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
                         yield cursor
                         if self._guard is not None:
                             self._guard.check()  # never commit (and acknowledge) into a file that is gone
                         raw.commit()
-                    else:
-                        with _pipelined(raw.driver_connection, cursor):
-                            yield cursor
-                    if counted is not None:  # known once COMMIT answered (PostgreSQL pipelines)
-                        counted.rows = max(int(counted.cursor.rowcount), 0)
-                finally:
-                    try:
-                        cursor.close()
+                        if counted is not None:
+                            counted.rows = max(int(counted.cursor.rowcount), 0)
                     finally:
-                        if counted is not None and counted.cursor is not None:
-                            counted.cursor.close()
+                        try:
+                            cursor.close()
+                        finally:
+                            if counted is not None and counted.cursor is not None:
+                                counted.cursor.close()
+                else:
+                    from lrserve.service.store.pg_pipeline import pipelined  # not on a SQLite server
+
+                    with pipelined(raw.driver_connection) as pipeline:
+                        if counted is not None:
+                            counted.cursor = pipeline.cursor()
+                        yield pipeline.cursor()
+                    if counted is not None:  # known once COMMIT answered
+                        counted.rows = max(int(counted.cursor.rowcount), 0)
             except self._driver_error as exc:
                 self._discard(raw, exc)
                 raise
@@ -761,23 +767,27 @@ class SqlStore(BaseStore):
     def _driver_read(self) -> Iterator[Any]:
         """A DBAPI cursor on a pooled connection, for reads of a row or two (``_DriverSql``).
 
-        PostgreSQL: each statement is its own transaction (``_autocommit``), so a read of one
-        statement is one round trip (in a transaction it was three: psycopg's ``BEGIN``, the
-        statement and the pool's ``ROLLBACK``).
+        PostgreSQL: each statement is its own transaction (``pg_pipeline.reading``: the
+        statement and a sync in one write), so a read of one statement is one round trip (in a
+        transaction it was three: psycopg's ``BEGIN``, the statement and the pool's ``ROLLBACK``).
         """
         postgres = self._engine.dialect.name == "postgresql"
         with self._failures():
             conn = self._engine.raw_connection()
             try:
-                cursor = conn.cursor()
-                try:
-                    if postgres:
-                        with _autocommit(conn.driver_connection):
-                            yield cursor
-                    else:
+                if postgres:
+                    from lrserve.service.store.pg_pipeline import reading  # not on a SQLite server
+
+                    driver = conn.driver_connection
+                    assert driver is not None, "a connection the pool gave out is open"
+                    with reading(driver) as pipeline:
+                        yield pipeline.cursor()
+                else:
+                    cursor = conn.cursor()
+                    try:
                         yield cursor
-                finally:
-                    cursor.close()
+                    finally:
+                        cursor.close()
             except self._driver_error as exc:
                 self._discard(conn, exc)
                 raise
@@ -1458,45 +1468,6 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         yield cursor
     finally:
         cursor.close()
-
-
-@contextmanager
-def _autocommit(driver: Any) -> Iterator[None]:
-    """A psycopg connection with each statement its own transaction (``autocommit``) inside
-    the block: a statement is then one round trip, with no ``BEGIN`` before it and no
-    ``ROLLBACK`` from the pool after. On the way out it is put back as the pool keeps its
-    connections (not autocommit, no transaction open); one that cannot be is closed, which
-    the pool and ``SqlStore._discard`` take for a dead connection."""
-    driver.autocommit = True
-    try:
-        yield
-    finally:
-        if not driver.closed:
-            try:
-                from psycopg.pq import TransactionStatus  # loaded already: this is PostgreSQL's connection
-
-                if driver.info.transaction_status != TransactionStatus.IDLE:
-                    driver.rollback()  # an explicit BEGIN that did not reach its COMMIT
-                driver.autocommit = False
-            except Exception:  # noqa: BLE001 - the connection is unusable: close it (see above)
-                driver.close()
-
-
-@contextmanager
-def _pipelined(driver: Any, cursor: Any) -> Iterator[None]:
-    """One PostgreSQL transaction on ``cursor`` in psycopg's pipeline mode: ``BEGIN``, the
-    block's statements and ``COMMIT`` go out as they are executed, and the server is waited
-    for only where a statement's rows are read (``fetchone``) and at the end, which returns
-    once COMMIT has answered (an error of any statement raises there, and nothing of the
-    transaction is kept). A commit that reads its run's row under the lock and writes is two
-    round trips: ``BEGIN`` with the lock, then the writes with ``COMMIT``.
-
-    Pipeline mode's own implicit ``BEGIN`` waits for the server; an explicit one (with
-    ``autocommit``) does not."""
-    with _autocommit(driver), driver.pipeline():
-        cursor.execute("BEGIN")
-        yield
-        cursor.execute("COMMIT")
 
 
 def _locked_run(row: Mapping[str, Any]) -> LockedRun:

@@ -120,3 +120,21 @@ def test_plateau_loop_measures_each_report_of_both_trees(tmp_path: Path) -> None
         for key in ("wall", "cpu", "tick_wall", "tick_cpu", "hook_wall", "hook_cpu", "rtt", "rtt_cpu"):
             assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
         assert row["tick_cpu"] > 0 and row["rtt"] > 0, row  # step(metric) ran; the yardstick answered
+
+
+@pytest.mark.slow
+def test_commit_ab_commits_on_both_trees(tmp_path: Path) -> None:
+    """``bench.commit_ab`` against this same tree (as the other one), on PostgreSQL: each
+    tree's round committed without an error, with its server's and sessions' CPU per commit."""
+    if problem := pg_problem():
+        pytest.skip(problem)
+    command = [sys.executable, "-m", "bench.commit_ab", str(ROOT), "--rounds", "1", "--seconds", "1",
+               "--workers", "1", "--connections", "4"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for tree in ("this", "other"):
+        (line,) = [x for x in proc.stdout.splitlines() if x.startswith(f"round 0 {tree:>5}:")]
+        fields = dict(zip(line.split()[3::2], map(float, line.split()[4::2]), strict=True))
+        assert fields["rps"] > 0 and fields["errors"] == 0, line
+        assert fields["server_us"] > 0 and fields["sessions_us"] >= 0, line
+    assert "this / other req/s per round" in proc.stdout

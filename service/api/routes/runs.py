@@ -46,6 +46,7 @@ from lrserve.service.api.schemas import (
     Status,
 )
 from lrserve.service.auth import Identity
+from lrserve.service.background import Background
 from lrserve.service.errors import InvalidInput
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager, SpecConflict
@@ -256,9 +257,11 @@ def read_lr_finder(run_id: RunId, manager: ManagerDep) -> Response:
 
 
 @router.get("/{run_id}/history", response_model=HistoryPublic, dependencies=[ReadAccess])
-def read_history(
-    run_id: RunId, manager: ManagerDep, answers: HistoryAnswersDep,
+async def read_history(
+    run_id: RunId, manager: ManagerDep, answers: HistoryAnswersDep, request: Request,
     max_points: Annotated[QueryInt, Query(ge=1, le=MAX_POINTS)] = DEFAULT_POINTS,
 ) -> Response:
     """LR and metric series (downsampled) and the run's events."""
-    return Response(history_answer(manager, answers, run_id, max_points), media_type="application/json")
+    background: Background = request.app.state.background  # at a low CPU priority (service/background.py)
+    body = await background.run(history_answer, manager, answers, run_id, max_points)
+    return Response(body, media_type="application/json")

@@ -3,10 +3,15 @@ the route's own answers, never one that a change of the run (in any process) mad
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
 from fastapi.testclient import TestClient
 from lrserve.service.api.fast_reads import HistoryAnswers, _max_points
 from lrserve.service.app import create_app
+from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME
 from lrserve.service.store.base import HistoryMark
 
 from tests.service.api.conftest import make_run
@@ -173,3 +178,27 @@ def test_a_history_reads_each_event_once(settings, monkeypatch):
             make_run(c, "e", base_lrs=(0.2,))
         assert [e["kind"] for e in a.get("/v1/runs/e/history").json()["events"]] == ["created"]
         assert asked[-1] == 0  # created again: read from its start
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_a_history_is_built_in_a_background_thread_at_the_lower_priority(api, monkeypatch):
+    """The route builds a history (its reads and its JSON) in ``Background``'s threads, which the
+    kernel runs after the event loop's (service/background.py); the answer is the same."""
+    make_run(api, "b", base_lrs=[0.1] * 3)
+    api.get("/v1/runs/b/lr", params={"step": 0, "ahead": 60})
+    manager = api.app.state.manager
+    where: list[tuple[str, int]] = []
+    real = manager.history
+
+    def seen(run_id, max_points, mark=None):
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        where.append((threading.current_thread().name, nice))
+        return real(run_id, max_points, mark)
+
+    monkeypatch.setattr(manager, "history", seen)
+    shown = api.get("/v1/runs/b/history", params={"max_points": 9, **ROUTED})
+    assert shown.status_code == 200
+    steps = shown.json()["lrs"]["steps"]
+    assert len(steps) == 9 and steps[0] == 0 and steps[-1] == 60
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert where == [(where[0][0], max(mine, BACKGROUND_NICE))] and where[0][0].startswith(THREAD_NAME)

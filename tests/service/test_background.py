@@ -1,0 +1,82 @@
+"""``Background``: work in threads at a lower CPU priority than the server's other threads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+
+import pytest
+from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME, Background, lower_priority
+
+linux = pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+
+
+def _where() -> tuple[str, int]:
+    return threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@linux
+def test_work_runs_in_a_background_thread_at_the_lower_priority_and_the_caller_keeps_its_own():
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    background = Background(workers=2)
+    try:
+        name, nice = asyncio.run(background.run(_where))
+    finally:
+        background.close()
+    assert name.startswith(THREAD_NAME)
+    assert nice == max(mine, BACKGROUND_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # this thread's unchanged
+
+
+def test_a_result_and_an_exception_come_back_to_the_caller():
+    background = Background(workers=1)
+
+    def fails() -> None:
+        raise KeyError("no such run")
+
+    async def both() -> tuple[int, BaseException | None]:
+        got = await background.run(pow, 2, 10)
+        try:
+            await background.run(fails)
+        except KeyError as error:
+            return got, error
+        return got, None
+
+    try:
+        got, error = asyncio.run(both())
+    finally:
+        background.close()
+    assert got == 1024 and isinstance(error, KeyError)
+
+
+@linux
+def test_lower_priority_never_raises_a_threads_priority():
+    seen: list[int] = []
+
+    def nicer_already() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        seen.append(lower_priority(5))
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=nicer_already)
+    thread.start()
+    thread.join()
+    assert seen == [19, 19]
+
+
+def test_close_waits_for_the_work_under_way():
+    background = Background(workers=1)
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow() -> None:
+        started.set()
+        release.wait(30)
+        done.append(True)
+
+    future = background._pool.submit(slow)
+    assert started.wait(30)
+    threading.Timer(0.2, release.set).start()
+    background.close()
+    assert done == [True] and future.done()
