@@ -1,7 +1,8 @@
 """Work that may wait, in threads the kernel runs only after the server's other threads.
 
 A history of the most points the work budget allows (485 points x 1,024 groups: a 10 MB
-answer) is ~16 ms of CPU in the server process, built in one of its threads. On a busy
+answer) is ~16 ms of CPU in the server process, ~11 of them writing its JSON, in one of its
+threads. On a busy
 machine (two cores shared with the clients and other processes), what another run's
 ``POST .../step`` paid for it was mostly not the GIL but a core: timed on the event loop
 (its thread's CPU time and the kernel's run-queue delay, ``/proc/thread-self/schedstat``),
@@ -10,13 +11,14 @@ the history, 5 ms without), against a p99 of 2-4 ms holding or waiting for the G
 history's thread, at the same priority, was one of those it waited behind (docs/hardening.md,
 "The history row: the loop waited for a core").
 
-``Background`` is a small thread pool whose threads lower their own scheduling priority
-(``nice`` ``BACKGROUND_NICE``, Linux: a thread's nice value is its own): when the event loop's
-thread (or a commit thread) and a background thread are both runnable on the server's share
-of the cores, the kernel runs the former first. Nothing else changes: the work and its answer
-are the same; it takes longer only while others want the CPU. The server's threads share a
-scheduling group (the process's session, or its cgroup), in which that priority counts; the
-group's share against other processes is unchanged.
+``Background`` (a big history's JSON: ``fast_reads.write_history``; its reads, and any lock
+they take, stay at the server's priority) is a small thread pool whose threads lower their own
+scheduling priority (``nice`` ``BACKGROUND_NICE``, Linux: a thread's nice value is its own):
+when the event loop's thread (or a commit thread) and a background thread are both runnable on
+the server's share of the cores, the kernel runs the former first. Nothing else changes: the
+work and its answer are the same; it takes longer only while others want the CPU. The server's
+threads share a scheduling group (the process's session, or its cgroup), in which that
+priority counts; the group's share against other processes is unchanged.
 
 A background thread still holds the GIL while it runs Python, and gives it away between the
 slices of a big answer (``sliced_json``). One preempted while holding it keeps the loop

@@ -23,12 +23,13 @@ Anything else (an error, a run to load or catch up, an answer to build, PostgreS
 the route unchanged: the route stays the one definition of the behaviour and of the OpenAPI
 document, and it uses the same kept answers.
 
-**Big histories are written here**, in a ``Background`` thread (``service/background.py``: at
-a lower CPU priority than the event loop's thread, which then waits less for a core), not in
-the worker process (``BigWork``): their LRs are packed doubles written by orjson from a numpy
-view, a slice at a time (``sliced_json``), 8 ms of CPU for the worst the budget allows (485
-points x 1024 groups, 10 MB), against 24 ms of this process's CPU to take the same 10 MB back
-from a worker process (measured; docs/performance.md, "Reads and history").
+**Big histories are written here**, read in the route's worker thread and written (their JSON)
+in a ``Background`` thread (``service/background.py``: at a lower CPU priority than the event
+loop's thread, which then waits less for a core), not in the worker process (``BigWork``):
+their LRs are packed doubles written by orjson from a numpy view, a slice at a time
+(``sliced_json``), 8 ms of CPU for the worst the budget allows (485 points x 1024 groups, 10
+MB), against 24 ms of this process's CPU to take the same 10 MB back from a worker process
+(measured; docs/performance.md, "Reads and history").
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ import orjson
 from lrserve.service.api.fast_path import reader
 from lrserve.service.api.responses import history_json, run_body
 from lrserve.service.api.schemas import RUN_ID_PATTERN
+from lrserve.service.api.sliced_json import SLICE_VALUES
 from lrserve.service.errors import LRServeError
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
+from lrserve.service.runs.read_models import History
 from lrserve.service.runs.state import RunState
 from lrserve.service.store.base import HistoryMark, RunRecord
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -113,9 +116,19 @@ class HistoryAnswers:
                 self._bytes -= len(dropped)
 
 
-def history_answer(manager: RunManager, answers: HistoryAnswers, run_id: str, max_points: int) -> bytes:
-    """``GET .../history``'s body: the kept one while the run's mark holds, else built and kept.
-    Blocks: call it from a worker thread.
+BACKGROUND_VALUES = SLICE_VALUES
+"""A history of more LRs than this is written (its JSON) in a ``Background`` thread."""
+
+
+def history_or_kept(
+    manager: RunManager, answers: HistoryAnswers, run_id: str, max_points: int
+) -> bytes | History:
+    """``GET .../history``'s body: the kept one while the run's mark holds, else built and kept;
+    or, for a history of more than ``BACKGROUND_VALUES`` LRs, the history read, for
+    ``write_history`` to write in a ``Background`` thread. Blocks: call it from a worker thread.
+
+    Everything that reads the store or takes the run's lock (a load, a catch-up) runs here, at
+    the server's priority: a background thread holds no lock that a commit waits on.
 
     Raises:
         RunNotFound: no such run.
@@ -126,8 +139,15 @@ def history_answer(manager: RunManager, answers: HistoryAnswers, run_id: str, ma
     if body is not None:
         return body
     history = manager.history(run_id, max_points, mark)
+    if len(history.packed_lrs) > BACKGROUND_VALUES:
+        return history
+    return write_history(answers, max_points, history)
+
+
+def write_history(answers: HistoryAnswers, max_points: int, history: History) -> bytes:
+    """The history's JSON, kept under the mark it was read at."""
     body = history_json(history)
-    answers.put(run_id, max_points, history.mark, body)
+    answers.put(history.run_id, max_points, history.mark, body)
     return body
 
 

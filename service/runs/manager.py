@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import queue
 import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -90,6 +90,84 @@ class Window:
     spikes: list[Spike] = field(default_factory=list)
 
 
+class CommitThreads:
+    """``size`` threads for ``RunManager.in_commit_thread``: a call is handed over on a queue and
+    its result comes back to the caller's event loop (``call_soon_threadsafe``), with no
+    ``concurrent.futures.Future`` between (``run_in_executor`` made one per call, chained to an
+    asyncio future by callbacks and locks: ~30 µs of CPU per call at 32 at once, ~11 here).
+
+    A call whose caller was cancelled before a thread took it is not run (as with
+    ``run_in_executor``). ``close`` runs what is queued, then stops the threads; a call after
+    it raises ``ServerStopping``.
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
+        self._calls = queue.SimpleQueue()
+        self._size = size
+        self._name = name
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    async def run(self, call: Callable[..., T], *args: Any) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._closed:
+                raise ServerStopping("the server is stopping; retry (another replica, or once it is up)")
+            if len(self._threads) < self._size:  # one more thread for each call until all are up
+                thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self._calls.put((future, call, args))
+        return await future
+
+    def _work(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, call, args = item
+            if future.cancelled():  # its caller gave up before it began
+                continue
+            try:
+                result = call(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, as an executor does
+                _answer(future, _failed, exc)
+            else:
+                _answer(future, _done, result)
+            del item, future, call, args  # not held while waiting for the next call
+
+    def close(self) -> None:
+        """Run the calls queued so far, then stop the threads (each takes one ``None``)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._calls.put(None)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+def _answer(future: asyncio.Future[Any], give: Callable[[asyncio.Future[Any], Any], None],
+            value: Any) -> None:
+    try:
+        future.get_loop().call_soon_threadsafe(give, future, value)
+    except RuntimeError:  # its loop is closed: no one awaits it any more
+        pass
+
+
+def _done(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.cancelled():
+        future.set_result(result)
+
+
+def _failed(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.cancelled():
+        future.set_exception(exc)
+
+
 class RunManager:
     """Creates runs, serves final values, commits new ones.
 
@@ -106,7 +184,7 @@ class RunManager:
         self._specs = CheckedSpecs(SPECS_KEPT)
         self.committer = Committer(store, settings, self.runs, self.big_work)
         self.reads = ReadModels(store, settings, self.runs, self.committer)
-        self._commit_threads = ThreadPoolExecutor(store.connections, thread_name_prefix="lrserve-commit")
+        self._commit_threads = CommitThreads(store.connections, "lrserve-commit")
 
     async def in_commit_thread(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` (a commit, or a route's read beside its commits) in a worker thread.
@@ -132,16 +210,12 @@ class RunManager:
         """
         if self.store.one_writer:
             return await run_in_threadpool(call, *args)
-        try:
-            done = asyncio.get_running_loop().run_in_executor(self._commit_threads, call, *args)
-        except RuntimeError as exc:  # "cannot schedule new futures after shutdown": ``close``d
-            raise ServerStopping("the server is stopping; retry (another replica, or once it is up)") from exc
-        return await done
+        return await self._commit_threads.run(call, *args)
 
     def close(self) -> None:
         """Wait for the commits in progress, then stop the commit threads (before the store and
         ``big_work`` close: a commit in progress may need them); calls after get ``ServerStopping``."""
-        self._commit_threads.shutdown(wait=True)
+        self._commit_threads.close()
 
     @property
     def on_outcome(self) -> list[Callable[[str, StepOutcome], Any]]:

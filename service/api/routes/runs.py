@@ -21,9 +21,10 @@ from lrserve.service.api.fast_path import FastWrite
 from lrserve.service.api.fast_reads import (
     DEFAULT_POINTS,
     MAX_POINTS,
-    history_answer,
+    history_or_kept,
     read_run_body,
     run_public,
+    write_history,
 )
 from lrserve.service.api.responses import (
     FastJSONResponse,
@@ -262,6 +263,8 @@ async def read_history(
     max_points: Annotated[QueryInt, Query(ge=1, le=MAX_POINTS)] = DEFAULT_POINTS,
 ) -> Response:
     """LR and metric series (downsampled) and the run's events."""
-    background: Background = request.app.state.background  # at a low CPU priority (service/background.py)
-    body = await background.run(history_answer, manager, answers, run_id, max_points)
-    return Response(body, media_type="application/json")
+    found = await run_in_threadpool(history_or_kept, manager, answers, run_id, max_points)
+    if not isinstance(found, bytes):  # a big one: written at a low CPU priority (service/background.py)
+        background: Background = request.app.state.background
+        found = await background.run(write_history, answers, max_points, found)
+    return Response(found, media_type="application/json")

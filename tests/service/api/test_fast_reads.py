@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
+from lrserve.service.api import fast_reads
 from lrserve.service.api.fast_reads import HistoryAnswers, _max_points
 from lrserve.service.app import create_app
 from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME
@@ -180,25 +181,46 @@ def test_a_history_reads_each_event_once(settings, monkeypatch):
         assert asked[-1] == 0  # created again: read from its start
 
 
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
-def test_a_history_is_built_in_a_background_thread_at_the_lower_priority(api, monkeypatch):
-    """The route builds a history (its reads and its JSON) in ``Background``'s threads, which the
-    kernel runs after the event loop's (service/background.py); the answer is the same."""
-    make_run(api, "b", base_lrs=[0.1] * 3)
-    api.get("/v1/runs/b/lr", params={"step": 0, "ahead": 60})
+def test_a_big_historys_json_is_written_in_a_background_thread_its_reads_are_not(api, monkeypatch):
+    """A history of more than ``BACKGROUND_VALUES`` LRs is written (its JSON) in ``Background``'s
+    threads, which the kernel runs after the event loop's (service/background.py); its reads, and
+    any load or catch-up under the run's lock, stay at the server's priority; a small one is
+    written where it is read. The answers are the same bytes."""
+    groups = 50
+    make_run(api, "big", base_lrs=[0.1] * groups)
+    make_run(api, "small", base_lrs=[0.1])
+    for run_id in ("big", "small"):
+        api.get(f"/v1/runs/{run_id}/lr", params={"step": 0, "ahead": 99})
     manager = api.app.state.manager
-    where: list[tuple[str, int]] = []
-    real = manager.history
+    read, written = [], []
+    real_history, real_json = manager.history, fast_reads.history_json
 
-    def seen(run_id, max_points, mark=None):
-        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        where.append((threading.current_thread().name, nice))
-        return real(run_id, max_points, mark)
+    def reading(run_id, max_points, mark=None):
+        read.append((run_id, threading.current_thread().name, _nice()))
+        return real_history(run_id, max_points, mark)
 
-    monkeypatch.setattr(manager, "history", seen)
-    shown = api.get("/v1/runs/b/history", params={"max_points": 9, **ROUTED})
-    assert shown.status_code == 200
-    steps = shown.json()["lrs"]["steps"]
-    assert len(steps) == 9 and steps[0] == 0 and steps[-1] == 60
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert where == [(where[0][0], max(mine, BACKGROUND_NICE))] and where[0][0].startswith(THREAD_NAME)
+    def writing(history):
+        written.append((history.run_id, threading.current_thread().name, _nice()))
+        return real_json(history)
+
+    monkeypatch.setattr(manager, "history", reading)
+    monkeypatch.setattr(fast_reads, "history_json", writing)
+    mine = _nice()
+    big = api.get("/v1/runs/big/history", params={"max_points": 100, **ROUTED})
+    small = api.get("/v1/runs/small/history", params={"max_points": 100, **ROUTED})
+    assert big.status_code == small.status_code == 200
+    rows = big.json()["lrs"]["values"]
+    assert len(rows) * len(rows[0]) == 100 * groups > fast_reads.BACKGROUND_VALUES
+    assert [(run, nice) for run, _, nice in read] == [("big", mine), ("small", mine)]
+    assert not any(name.startswith(THREAD_NAME) for _, name, _ in read)
+    (big_run, big_thread, big_nice), (small_run, small_thread, small_nice) = written
+    assert big_run == "big" and big_thread.startswith(THREAD_NAME) and big_nice == max(mine, BACKGROUND_NICE)
+    assert small_run == "small" and small_thread == read[1][1] and small_nice == mine
+    monkeypatch.undo()
+    kept = api.get("/v1/runs/big/history", params={"max_points": 100})
+    assert kept.content == big.content  # kept: the same bytes
