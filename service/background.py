@@ -37,6 +37,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from lrserve.service.errors import ServerStopping
+
 T = TypeVar("T")
 
 BACKGROUND_NICE = 19
@@ -45,6 +47,11 @@ own): the lowest priority a thread may take without privileges."""
 
 BACKGROUND_WORKERS = 4
 """Background threads per server process: requests beyond that wait for one to be free."""
+
+SLOTS_PER_WORKER = 2
+"""``Background.slot``'s size per worker: enough to keep every thread busy (one input being read
+while another is written), few enough to bound memory (a big history is up to ~4 MB of LRs plus
+its metrics; before, the shared thread pool's 40 threads were the only bound)."""
 
 THREAD_NAME = "lrserve-background"
 
@@ -69,16 +76,34 @@ def lower_priority(nice: int = BACKGROUND_NICE) -> int:
 
 
 class Background:
-    """A thread pool of ``workers`` threads at ``nice``: ``await background.run(call, *args)``."""
+    """A thread pool of ``workers`` threads at ``nice``: ``await background.run(call, *args)``.
+
+    ``slot`` (an ``asyncio.Semaphore`` of ``slots``, twice the workers) is for the caller to hold
+    around what it reads for the pool and the pool's work on it (a big history: its read and its
+    JSON), so that at most ``slots`` such inputs are held in memory at once however slow the
+    background threads are (on a busy machine they run last); callers beyond wait on the event
+    loop holding nothing. One per app (per event loop: created in the lifespan).
+    """
 
     def __init__(self, workers: int = BACKGROUND_WORKERS, nice: int = BACKGROUND_NICE) -> None:
         self.nice = nice
+        self.slots = SLOTS_PER_WORKER * workers
+        self.slot = asyncio.Semaphore(self.slots)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=THREAD_NAME,
                                         initializer=lower_priority, initargs=(nice,))
 
     async def run(self, call: Callable[..., T], *args: object) -> T:
-        """``call(*args)`` in a background thread; its result or its exception."""
-        return await asyncio.wrap_future(self._pool.submit(call, *args))
+        """``call(*args)`` in a background thread; its result or its exception.
+
+        Raises:
+            ServerStopping: after ``close`` (a 503, not the pool's RuntimeError: a 500).
+        """
+        try:
+            future = self._pool.submit(call, *args)
+        except RuntimeError as error:  # shut down (or the interpreter is)
+            raise ServerStopping("the server is stopping; retry (another replica, or once it is up)"
+                                 ) from error
+        return await asyncio.wrap_future(future)
 
     def close(self) -> None:
         """Wait for the work under way; no more is taken."""
