@@ -137,12 +137,20 @@ def history_or_kept(
     body = answers.get(run_id, max_points, mark)
     if body is not None:
         return body
-    state = manager.caught_up(run_id)  # (``history`` catches up too: then nothing to do)
-    if min(max_points, state.horizon + 1) * state.n_groups > BACKGROUND_VALUES:
+    if min(max_points, mark.horizon + 1) * _groups(manager, run_id, mark) > BACKGROUND_VALUES:
         return mark
     body = history_json(manager.history(run_id, max_points, mark))  # (one that grew since: here too)
     answers.put(run_id, max_points, mark, body)
     return body
+
+
+def _groups(manager: RunManager, run_id: str, mark: HistoryMark) -> int:
+    """The run's param groups: from its state if loaded and the run ``mark`` was read of (no
+    read), else loaded (as ``history`` would)."""
+    state = manager.loaded(run_id)
+    if state is None or state.created_at != mark.created_at:
+        state = manager.caught_up(run_id)
+    return state.n_groups
 
 
 async def big_history(background: Background, manager: RunManager, answers: HistoryAnswers, run_id: str,
