@@ -148,7 +148,9 @@ class FastPath:
     def _accept(scope: Scope, raw: bytes, write: FastWrite) -> tuple[BaseModel, Identity] | None:
         """The request's validated body and who sends it, or None where the route must answer.
 
-        As FastAPI reads a JSON body: ``json.loads``, then the model's Python-mode validation.
+        As FastAPI reads a JSON body: ``json.loads``, then the model's Python-mode validation
+        (FastAPI's ``from_attributes=True`` left out: it changes nothing for what ``json.loads``
+        gives, dicts, lists and plain values, and cost a third of the validation).
         """
         if scope.get("query_string") or _content_type(scope) != "application/json":
             return None
@@ -160,7 +162,7 @@ class FastPath:
         except LRServeError:
             return None  # the route answers 401/403 with its usual body
         try:
-            return write.body.model_validate(json.loads(raw), from_attributes=True), identity
+            return write.body.model_validate(json.loads(raw)), identity
         except Exception:  # noqa: BLE001 - bad JSON or a refused body: the route words the 4xx
             return None
 

@@ -209,7 +209,7 @@ class ActionSpec(_Strict):
     @model_validator(mode="after")
     def _fields_match_action(self) -> ActionSpec:
         wanted = ARGUMENTS[self.action]
-        given = [f for f in ActionSpec.model_fields if f != "action" and getattr(self, f) is not None]
+        given = [f for f in _ACTION_ARGUMENTS if getattr(self, f) is not None]
         if self.action == "set_lr" and len(given) != 1:
             raise ValueError("set_lr takes exactly one of `lr` or `lrs`")
         if wanted and not given:
@@ -218,6 +218,22 @@ class ActionSpec(_Strict):
         if extra:
             raise ValueError(f"{self.action} does not take `{extra[0]}`")
         return self
+
+    def given(self) -> dict[str, Any]:
+        """``action`` and the arguments given (``action_for_run``'s request): ``model_dump`` of
+        ``ActionSpec``'s own fields without the None ones, the values themselves (plain JSON
+        values, validated) rather than copies."""
+        given: dict[str, Any] = {"action": self.action}
+        for name in _ACTION_ARGUMENTS:
+            value = getattr(self, name)
+            if value is not None:
+                given[name] = value
+        return given
+
+
+_ACTION_ARGUMENTS = tuple(f for f in ActionSpec.model_fields if f != "action")
+"""``ActionSpec``'s fields but ``action``, in order: looked up once (``model_fields`` is a
+property that costs more than the rest of the check)."""
 
 
 class ControlRequest(ActionSpec):

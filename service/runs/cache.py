@@ -137,7 +137,8 @@ class RunCache:
             kept = state.replayed
             until = (state.first_step if kept is None else kept.first) - 1  # the last step not held
             own = end - replay.first_step + 1
-            if until - replay.first_step + 1 > max(2 * own, self.snapshot_every):
+            joins = end <= state.horizon and replay.first_step <= until  # what it replays meets what is held
+            if not joins or until - replay.first_step + 1 > max(2 * own, self.snapshot_every):
                 replay.advance_to(end)
                 replay.publish()
                 return replay.values[start - replay.first_step : end - replay.first_step + 1]

@@ -19,6 +19,7 @@ what other processes appended and computes inside it (one read of the run, under
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -66,6 +67,12 @@ class PlacedAction:
     action: Action
     actor: str = LOCAL_ACTOR
     reason: str | None = None
+
+    @functools.cached_property
+    def payload(self) -> dict[str, Any]:
+        """The action's stored form (``Action.payload``), made once: its ``control`` event's and
+        the answer's (read only, both)."""
+        return self.action.payload()
 
 
 ON_LOOP_WORK = 1000
@@ -437,10 +444,11 @@ def _append(
     """Write what a commit computed: metrics, events, the new horizon."""
     if records:
         tx.append_metrics(records)
-    appended = tx.append_events(new_events) if new_events else []
+    if new_events:
+        tx.add_events(new_events)
     if outcomes:  # a commit that only caught up writes nothing
         tx.update_run(horizon=state.engine.step, status=state.marks.status)
-    state.last_seq = appended[-1].seq if appended else tx.run.last_seq
+    state.last_seq = tx.run.last_seq  # the last event's, once appended
 
 
 def _place(
@@ -467,7 +475,7 @@ def _place(
                 "at_step", f"must be above the horizon ({horizon}), got {at_step}"
             )
         placed = at_step if at_step is not None else first_free
-        payload = action.action.payload()
+        payload = action.payload
         events.append(NewEvent(EventKind.CONTROL, placed, payload, action.actor, action.reason))
     apply_logs(state, [_as_event(event) for event in events])
     return events, placed

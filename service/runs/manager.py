@@ -695,11 +695,10 @@ class RunManager:
             request, n_groups=state.n_groups, reports_momentum=state.engine.reports_momentum,
             check_cost=lambda s: self._check_schedule_cost(s, state.n_groups),
         )
-        placed = self.committer.commit(
-            run_id, state.horizon, action=PlacedAction(at_step, action, actor, reason)
-        )
+        placing = PlacedAction(at_step, action, actor, reason)
+        placed = self.committer.commit(run_id, state.horizon, action=placing)
         assert placed is not None
-        return placed, NewEvent(EventKind.CONTROL, placed, action.payload(), actor, reason)
+        return placed, NewEvent(EventKind.CONTROL, placed, placing.payload, actor, reason)
 
     def record_metrics(self, run_id: str, records: Sequence[Mapping[str, Any]]) -> int:
         """Store history-only metrics (idempotent per name, step and rank)."""

@@ -54,9 +54,9 @@ class ValueLog:
         shape = (len(lrs), None if moms is None else len(moms))
         if shape != self._shape:
             raise ValueError(f"expected {self._shape} (LRs, momentums) per step, got {shape}")
+        if moms is not None and self._moms is not None:  # first: a step counts (``len``) by its LRs,
+            self._moms.extend(moms)  # so a reader in another thread never sees one without its momentums
         self._lrs.extend(lrs)
-        if moms is not None and self._moms is not None:
-            self._moms.extend(moms)
 
     def extend(self, values: Iterable[Values]) -> None:
         for one in values:

@@ -206,6 +206,11 @@ class RunTransaction(abc.ABC):
         """Append events after the last one; returns them with ``seq`` and ``at`` set (their
         ``gid`` is None: global ids are given at commit, in commit order)."""
 
+    def add_events(self, events: Sequence[NewEvent]) -> None:
+        """``append_events`` for a writer that needs only the run's new ``last_seq`` (``run``):
+        the events as stored are not made (a commit's, each request's)."""
+        self.append_events(events)
+
     @abc.abstractmethod
     def append_metrics(self, records: Sequence[MetricRecord]) -> None:
         """Record metric values with this transaction (as ``BaseStore.append_metrics``; how many

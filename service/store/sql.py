@@ -1394,6 +1394,13 @@ class SqlRunTransaction(RunTransaction):
             The events as they will be stored (``seq`` and ``at`` set, payloads as read back
             from JSON; ``gid`` is given at commit).
         """
+        return [_event(row) for row in self._hold(new_events)]
+
+    def add_events(self, new_events: Sequence[NewEvent]) -> None:
+        self._hold(new_events)
+
+    def _hold(self, new_events: Sequence[NewEvent]) -> list[dict[str, Any]]:
+        """The events' rows, held back to the end (``_write_held``); ``run.last_seq`` follows."""
         self._writing()
         if not new_events:
             return []
@@ -1404,7 +1411,7 @@ class SqlRunTransaction(RunTransaction):
         run = self.run
         self.run = LockedRun(run.run_id, run.status, run.horizon, first + len(rows) - 1, run.created_at)
         self._updated_at = now
-        return [_event(row) for row in rows]
+        return rows
 
     def add_barrier_reports(self, step: int, reports: Mapping[int, Mapping[str, float]]) -> BarrierTally:
         """Record ranks' reports for ``step`` in this transaction and read the barrier back (see

@@ -22,7 +22,7 @@ def control_selected(
     own first free step. One result per run: `applied_at`, or the `error` that run answered
     (the others still took the action). `dry_run` lists the matches and changes nothing."""
     selector = Selector(body.selector.labels, body.selector.status)
-    action = body.action.model_dump(exclude_none=True)
+    action = body.action.given()
     outcome = control_fleet(manager, selector, action, actor=identity.name, reason=body.reason,
                             dry_run=body.dry_run)
     return FastJSONResponse(fleet_body(outcome))

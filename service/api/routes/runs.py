@@ -231,7 +231,7 @@ def delete_run(run_id: RunId, manager: ManagerDep) -> Response:
 async def answer_control(app: Starlette, run_id: str, body: ControlRequest, identity: Identity) -> Response:
     """``POST .../control``'s answer (the route's, and the fast path's: ``CONTROL``)."""
     manager: RunManager = app.state.manager
-    action = body.model_dump(exclude={"at_step", "reason"}, exclude_none=True)
+    action = body.given()
 
     def control() -> Response:
         _, event = manager.control(run_id, action, body.at_step, actor=identity.name, reason=body.reason)

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from lrserve.service.api.routes.runs import Creates
+from lrserve.service.api.schemas import ControlRequest, FleetControlRequest
 from lrserve.service.errors import RunConflict, ScheduleError, StoreUnavailable
 from lrserve.service.runs import manager as manager_module
 from lrserve.service.runs.manager import RunManager
@@ -273,3 +274,23 @@ def test_ranks_whose_spec_conflicts_take_the_conflict_their_builder_read(setting
     assert all(isinstance(a, RunConflict) for a in answers), answers
     # PostgreSQL: the create the others arrived during, and the one begun after they arrived
     assert in_threads == (0 if store.one_writer else 2)
+
+
+@pytest.mark.parametrize("body", [
+    {"action": "scale", "factor": 0.5, "at_step": 7, "reason": "why"},
+    {"action": "set_lr", "lr": 0.1},
+    {"action": "set_lr", "lrs": [0.1, 0.2]},
+    {"action": "hold"},
+    {"action": "resume", "reason": "back"},
+    {"action": "stop"},
+    {"action": "replace_schedule", "schedule": {"type": "MultiStepLR", "milestones": [3, 6], "gamma": 0.5}},
+])
+def test_a_controls_action_is_its_model_dump_without_the_copy(body):
+    """What ``POST .../control`` hands ``action_for_run`` (``ActionSpec.given``): the action and
+    its given arguments, as ``model_dump`` of the action's fields without the None ones gave it."""
+    request = ControlRequest.model_validate(body)
+    assert request.given() == request.model_dump(exclude={"at_step", "reason"}, exclude_none=True)
+    assert list(request.given()) == list(request.model_dump(exclude={"at_step", "reason"}, exclude_none=True))
+    fleet = FleetControlRequest.model_validate({"selector": {"status": ["active"]}, "action": {
+        k: v for k, v in body.items() if k not in ("at_step", "reason")}})
+    assert fleet.action.given() == fleet.action.model_dump(exclude_none=True)

@@ -83,3 +83,16 @@ def test_a_replay_keeps_nothing_where_going_on_would_cost_much_more_than_the_rea
     assert starts == [100, 4000, 1500]
     assert bits(second.values_between("r", 0, 5000)) == bits(expected)
     assert len(starts) == 3
+
+
+def test_a_read_past_the_horizon_keeps_nothing_and_leaves_the_kept_steps_as_they_were(two):
+    """``values_between`` is for final steps; a caller asking past the horizon gets a replay of
+    its own (as before) and the steps kept are not touched (before: kept shifted by one step)."""
+    first, second = two
+    make_final(first, 2500, 5000)
+    expected = first.values_between("r", 0, 5000)
+    assert bits(second.values_between("r", 4000, 4010)) == bits(expected[4000:4011])
+    kept = second.state("r").replayed
+    second.values_between("r", 4990, 5001)
+    assert second.state("r").replayed is kept
+    assert bits(second.values_between("r", 2500, 4999)) == bits(expected[2500:5000])

@@ -205,6 +205,23 @@ class TestStoreContract:
         assert [e.seq for e in store.read_events("r1", after_seq=2)] == [3, 4]
         assert store.read_events("r1", after_seq=4) == [] and store.read_run("r1").last_seq == 4
 
+    def test_events_added_are_appended_without_being_made(self, store):
+        """``add_events`` (a commit's) stores what ``append_events`` would; ``run.last_seq`` follows."""
+        make(store)
+        with store.lock_run("r1") as tx:
+            tx.add_events([NewEvent(EventKind.CONTROL, 4, {"action": "scale", "factor": 0.5}, "ops", "why"),
+                           NewEvent(EventKind.STATUS, None, {"status": "held"})])
+            assert tx.run.last_seq == 3
+            tx.add_events([])
+            assert tx.run.last_seq == 3
+        with store.lock_run("r1") as tx:
+            assert tx.run.last_seq == 3
+        events = store.read_events("r1", after_seq=1)
+        assert [(e.seq, e.kind, e.step, e.payload, e.actor, e.reason) for e in events] == [
+            (2, EventKind.CONTROL, 4, {"action": "scale", "factor": 0.5}, "ops", "why"),
+            (3, EventKind.STATUS, None, {"status": "held"}, "server", None)]
+        assert events[0].gid < events[1].gid and store.read_run("r1").last_seq == 3
+
     def test_horizon_never_goes_down(self, store):
         make(store)
         with store.lock_run("r1") as tx:

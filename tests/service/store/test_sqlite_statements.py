@@ -7,11 +7,15 @@ connection: ``BEGIN IMMEDIATE`` and ``COMMIT`` included.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pytest
 from lrserve.service.errors import RunNotFound, StoreUnavailable
 from lrserve.service.store import EventKind, MetricRecord, NewEvent
+from lrserve.service.store.schema import UTCDateTime
 from lrserve.service.store.sql import SqlStore
-from sqlalchemy import event
+from sqlalchemy import TypeDecorator, event
+from sqlalchemy.dialects import sqlite
 
 
 @pytest.fixture
@@ -86,3 +90,44 @@ def test_a_write_on_the_kept_connection_checks_the_file_once(store, statements, 
     assert store.read_metrics("r")["loss"][-1] == (6, 0, 0.5)  # nothing of the refused write
     store.append_metrics("r", [MetricRecord("loss", 7, 0, 0.5)])
     assert store.read_metrics("r")["loss"][-1] == (7, 0, 0.5)
+
+
+@pytest.mark.parametrize("value", [
+    datetime(2026, 12, 5, 9, 58, 57, 287440, tzinfo=timezone.utc),
+    datetime(2026, 1, 1, tzinfo=timezone.utc),  # no microseconds: still six digits
+    datetime(5, 3, 4, 5, 6, 7, 8, tzinfo=timezone.utc),  # a year of one digit: four
+    datetime(2026, 6, 1, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5))),  # to UTC
+    datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc),
+])
+def test_a_datetime_is_bound_as_sqlalchemy_writes_it(value):
+    """``UTCDateTime``'s SQLite text in one step is SQLAlchemy's composition's, character for
+    character (the stored text older and newer processes compare and order by)."""
+    dialect = sqlite.dialect()
+    ours = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    sqlalchemy_s = TypeDecorator.bind_processor(UTCDateTime().dialect_impl(dialect), dialect)
+    assert ours is not None and sqlalchemy_s is not None
+    assert ours(value) == sqlalchemy_s(value)
+    assert ours(value) == sqlalchemy_s(value)  # the same object again: the text kept
+    other = value.replace(microsecond=(value.microsecond + 1) % 1_000_000)
+    assert ours(other) == sqlalchemy_s(other) != sqlalchemy_s(value)  # another: its own text
+    assert ours(value) == sqlalchemy_s(value)
+    assert ours(None) is None
+    with pytest.raises(ValueError, match="naive"):
+        ours(value.replace(tzinfo=None))
+
+
+@pytest.mark.parametrize("text", [
+    "2026-12-05 10:00:00.123456", "0005-03-04 05:06:07.000008", "2026-12-05T10:00:00.123456",
+    "2026-12-05 10:00:00", "2026-12-05 10:00:00.123456+02:00", None,
+])
+def test_a_datetime_is_read_as_sqlalchemy_reads_it(text):
+    """``UTCDateTime``'s SQLite read of its own text in one ``fromisoformat`` is SQLAlchemy's
+    composition's value, in UTC (any other text goes through that composition)."""
+    dialect = sqlite.dialect()
+    impl = UTCDateTime().dialect_impl(dialect)
+    ours = impl.result_processor(dialect, None)
+    sqlalchemy_s = TypeDecorator.result_processor(impl, dialect, None)
+    assert ours is not None and sqlalchemy_s is not None
+    value = ours(text)
+    assert value == sqlalchemy_s(text)
+    assert value is None or value.tzinfo is timezone.utc
