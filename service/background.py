@@ -66,7 +66,8 @@ BACKGROUND_WORKERS = 4
 SLOTS_PER_WORKER = 2
 """``Background.slot``'s size per worker: enough to keep every thread busy (one input being read
 while another is written), few enough to bound memory (a big history is up to ~4 MB of LRs plus
-its metrics; before, the shared thread pool's 40 threads were the only bound)."""
+its metrics; with the first version of this pool there was no bound, and before it the shared
+thread pool's 40 threads were the bound)."""
 
 THREAD_NAME = "lrserve-background"
 

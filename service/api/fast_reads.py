@@ -156,7 +156,9 @@ def _groups(manager: RunManager, run_id: str, mark: HistoryMark) -> int:
 async def big_history(background: Background, manager: RunManager, answers: HistoryAnswers, run_id: str,
                       max_points: int, mark: HistoryMark) -> bytes:
     """A big history's body, kept: read in a worker thread, written in a ``Background`` thread,
-    holding one of its slots throughout (at most ``Background.slots`` histories held at once).
+    holding one of its slots throughout (at most ``Background.slots`` histories held at once; a
+    request cancelled meanwhile lets its slot go, and its JSON, if begun, ends in its thread: at
+    most the pool's workers more).
 
     Everything that reads the store or takes the run's lock (a load, a catch-up) runs in the
     worker thread, at the server's priority, and the answer is kept (``HistoryAnswers``' lock,
