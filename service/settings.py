@@ -43,7 +43,9 @@ class Settings(BaseSettings):
         "(else start-up refuses: it would start empty)."
     )
     db_wait_s: float = Field(
-        0.0, ge=0, description="`lrserve serve`: how long to wait for the database at start-up."
+        0.0, ge=0,
+        description="`lrserve serve`: how long to keep retrying the database at start-up after its "
+        "first try failed.",
     )
 
     barrier_timeout_s: float = Field(

@@ -54,6 +54,10 @@ Values = tuple[tuple[float, ...], "tuple[float, ...] | None"]
 # e.g. OneCycleLR stepped past total_steps.
 _STEP_ERRORS = (ValueError, ZeroDivisionError, OverflowError, ArithmeticError)
 
+ROUNDING = 1e-12
+"""An LR in ``[-ROUNDING * base LR, 0)`` is zero but for float rounding: served as torch gives it
+(``Engine.check_values``); one below it is refused as negative."""
+
 
 @dataclass(frozen=True)
 class ScheduleSwitch:
@@ -332,16 +336,22 @@ class Engine:
     def check_values(self, step: int, whose: str) -> None:
         """Refuse LRs that must never be served: negative or not finite.
 
+        "Negative" is below ``-ROUNDING`` times the group's base LR: a value above it is zero up
+        to the float rounding of the schedule's own arithmetic, and is served as torch gives it
+        (``LinearLR`` decaying to ``end_factor=0`` ends at -5.6e-19 from a base LR of 0.1 in
+        about a third of its settings; torch applies it, an LR no training notices).
+
         Raises:
             ScheduleError: naming ``step`` and the first bad LR.
         """
         lrs = self.values()[0]
         if min(lrs) >= 0 and math.isfinite(sum(lrs)):  # two passes in C (a NaN makes the sum NaN)
             return
-        for lr in lrs:  # which one; or none, when the finite LRs only summed past the largest float
-            if not math.isfinite(lr) or lr < 0:
-                what = "not finite" if not math.isfinite(lr) else "negative"
-                raise ScheduleError.at("step", f"{whose} LR is {what} at step {step} (got {lr!r})")
+        for lr, base in zip(lrs, self.base_lrs, strict=True):  # which one, if any
+            if not math.isfinite(lr):
+                raise ScheduleError.at("step", f"{whose} LR is not finite at step {step} (got {lr!r})")
+            if lr < -ROUNDING * abs(base):
+                raise ScheduleError.at("step", f"{whose} LR is negative at step {step} (got {lr!r})")
 
     def _feed(self, metrics: Mapping[str, float]) -> list[PlateauReduction]:
         reductions = []

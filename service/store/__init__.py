@@ -102,7 +102,8 @@ def wait_for_store(
     on_wait: Callable[[StoreUnavailable, float], None] | None = None,
     poll_s: float = 1.0,
 ) -> BaseStore:
-    """``open_store``, retried for up to ``wait_s`` seconds while the database cannot be reached.
+    """``open_store``, retried for up to ``wait_s`` seconds after its first failure while the
+    database cannot be reached.
 
     Services start in any order (a compose file, a database restarting under its
     replicas): waiting a little at start-up beats crashing into a restart loop. A schema
@@ -110,7 +111,7 @@ def wait_for_store(
 
     Args:
         url: As for ``open_store``.
-        wait_s: How long to keep trying; 0 tries once.
+        wait_s: How long to keep trying after the first try failed; 0 tries once.
         sqlite_synchronous: As for ``open_store``.
         on_wait: Called before each pause with the error and the seconds left.
         poll_s: Pause between tries.
@@ -119,13 +120,15 @@ def wait_for_store(
         ValueError, StoreUnavailable, SchemaTooNew, DatabaseMissing: as ``open_store``, once
             time is up (the last two at once: waiting cannot fix them).
     """
-    deadline = time.monotonic() + max(0.0, wait_s)
+    deadline: float | None = None  # from the first failure: a slow first try (a busy host) still waits
     while True:
         try:
             return open_store(url, sqlite_synchronous=sqlite_synchronous, create_db=create_db)
         except (SchemaTooNew, DatabaseMissing):
             raise
         except StoreUnavailable as exc:
+            if deadline is None:
+                deadline = time.monotonic() + max(0.0, wait_s)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise
@@ -259,7 +262,9 @@ def _open_postgres(url: URL) -> SqlStore:
     import psycopg
 
     require_pipeline(psycopg.Pipeline.is_supported(), psycopg.pq.version())
-    connect_args: dict[str, Any] = {}
+    # psycopg prepares nothing of its own: once it has, its rollback() sends DEALLOCATE ALL,
+    # which drops the pipeline's prepared statements too (``pg_pipeline``'s notes)
+    connect_args: dict[str, Any] = {"prepare_threshold": None}
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
     engine = create_engine(

@@ -11,12 +11,22 @@ are read, or the transaction ends): a commit is two writes and two round trips, 
 It also skips psycopg's per-statement machinery (the pipeline's queues, its prepared-statement
 manager, a cursor's result set-up), most of the commit's CPU in the server's process.
 
-The statements are the same ones, prepared once per connection (named ``lrserve_N``, beside
-psycopg's own ``_pg3_N``), their values adapted by psycopg's own dumpers (text) and their
-rows by its loaders (``psycopg.adapt.Transformer`` on the connection), so values go and come
-back as a psycopg cursor would send and return them. The parameters' types are the server's
-inference from the statement (SQLAlchemy writes a cast on each typed value), as with
-pgbench's ``-M prepared``.
+The statements are the same ones, prepared once per connection (named ``lrserve_N``), their
+values adapted by psycopg's own dumpers (text) and their rows by its loaders
+(``psycopg.adapt.Transformer`` on the connection), so values go and come back as a psycopg
+cursor would send and return them. The parameters' types are the server's inference from the
+statement (SQLAlchemy writes a cast on each typed value), as with pgbench's ``-M prepared``.
+
+A prepared statement lives as long as the server's session, whatever its transactions do,
+unless something deallocates it. psycopg does: once it has prepared statements of its own (a
+statement's sixth use on the connection), its ``rollback()`` of an open transaction, and a
+``DROP``, ``ALTER`` or ``ROLLBACK`` run through it, send ``DEALLOCATE ALL``
+(``psycopg/_preparing.py``), which deletes these too. So the store's connections are opened
+with ``prepare_threshold=None`` (``_open_postgres``: psycopg then prepares nothing and
+deallocates nothing); a pipeline ends a transaction it left open with a ``ROLLBACK`` of its
+own, not psycopg's ``rollback()``; and should a statement still be missing (SQLSTATE 26000),
+that request fails and the connection's list is emptied, so its next use prepares them again
+under new names: a connection never fails for good.
 
 Errors are psycopg's own (``psycopg.errors``: the statement's SQLSTATE class), raised where
 the answer is read; a connection the server dropped is ``broken`` as psycopg reports it, so
@@ -37,13 +47,33 @@ from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
 _FATAL = pq.ExecStatus.FATAL_ERROR
+_ABORTED = pq.ExecStatus.PIPELINE_ABORTED  # a statement after an error, skipped up to the sync
 _SYNC = pq.ExecStatus.PIPELINE_SYNC
 _IDLE = pq.TransactionStatus.IDLE
+_SQLSTATE = pq.DiagnosticField.SQLSTATE
+_NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name: a prepared statement the server has not
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
 
-# per connection: statement text -> (its prepared name, its parameters' names in order)
-_PREPARED: weakref.WeakKeyDictionary[Any, dict[str, tuple[bytes, list[str]]]] = weakref.WeakKeyDictionary()
+
+class _Prepared:
+    """The statements a pipeline prepared on one connection: statement text -> (its name, its
+    parameters' names in order). Names are never used twice on a connection (``taken``), so a
+    list emptied after a statement went missing cannot collide with one the server still has."""
+
+    __slots__ = ("names", "taken")
+
+    def __init__(self) -> None:
+        self.names: dict[str, tuple[bytes, list[str]]] = {}
+        self.taken = 0
+
+    def next_name(self) -> bytes:
+        self.taken += 1
+        return f"lrserve_{self.taken - 1}".encode()
+
+
+_PREPARED: weakref.WeakKeyDictionary[Any, _Prepared] = weakref.WeakKeyDictionary()  # per connection
 _TO_PREPARE: dict[str, tuple[bytes, list[str]]] = {}  # statement text -> ($n text, names)
 
 
@@ -94,7 +124,8 @@ class PgPipeline:
         self._pg = driver.pgconn
         self._transaction = transaction
         self._transformer = Transformer(driver)
-        self._prepared = _PREPARED.setdefault(driver, {})
+        self._statements = _PREPARED.get(driver) or _PREPARED.setdefault(driver, _Prepared())
+        self._prepared = self._statements.names
         self._preparing: dict[str, tuple[bytes, list[str]]] = {}  # prepares queued, not answered yet
         self._answers: list[_Answer] = []
         self._received = 0  # answers in so far (a prefix of ``_answers``)
@@ -126,7 +157,7 @@ class PgPipeline:
         found = self._prepared.get(sql) or self._preparing.get(sql)
         if found is None:
             text, names = _converted(sql)
-            name = f"lrserve_{len(self._prepared) + len(self._preparing)}".encode()  # the next unused
+            name = self._statements.next_name()
             found = self._preparing[sql] = (name, names)
             self._pg.send_prepare(name, text)
             self._answers.append(_Answer(prepares=sql))
@@ -186,6 +217,11 @@ class PgPipeline:
             pg.consume_input()
         return pg.get_result()
 
+    def _send_plain(self, sql: bytes) -> None:
+        """Queue ``sql`` unprepared (no parameters)."""
+        self._pg.send_query_params(sql, None)
+        self._answers.append(_Answer())
+
     def _receive(self, upto: int) -> None:
         """Receive the answers of ``_answers[:upto]``: a statement's results end with libpq's
         ``None``, a sync's is its own result; the first error is kept (``_keep_error``)."""
@@ -201,27 +237,42 @@ class PgPipeline:
             self._received += 1
             if answer.prepares is not None:
                 named = self._preparing.pop(answer.prepares)
-                if results and results[0].status == pq.ExecStatus.COMMAND_OK:
+                if results and results[0].status == _COMMAND_OK:
                     self._prepared[answer.prepares] = named
 
     def _keep_error(self, result: pq.abc.PGresult) -> None:
-        """The first error, as psycopg raises it (later statements up to the sync come back aborted)."""
-        if result.status == _FATAL and self._error is None:
-            self._error = psycopg.errors.error_from_result(result, encoding=self._driver.info.encoding)
+        """The first error, as psycopg raises it (later statements up to the sync come back
+        aborted): a statement's error, or any answer other than a statement's success (a
+        ``BAD_RESPONSE``, a ``COPY``). A prepared statement the server has not (SQLSTATE
+        26000: deallocated behind the pipeline's back) empties the connection's list, so its
+        statements are prepared again at their next use."""
+        status = result.status
+        if status == _COMMAND_OK or status == _TUPLES_OK or (status == _ABORTED and self._error is not None):
+            return
+        if status == _FATAL and result.error_field(_SQLSTATE) == _NO_SUCH_STATEMENT:
+            self._prepared.clear()
+        if self._error is None:
+            self._error = error_of(result, self._driver.info.encoding)
 
     def close(self) -> None:
         """End pipeline mode: the rest received (a sync sent first if the last thing queued
-        is not one), then a transaction left open rolled back; a connection where that fails
-        is closed."""
+        is not one), then a transaction left open (a BEGIN that did not reach its COMMIT)
+        rolled back by a ``ROLLBACK`` of its own, not psycopg's ``rollback()`` (which may send
+        ``DEALLOCATE ALL`` after it, see the module's notes); a connection where that fails,
+        or that is still in a transaction after it, is closed."""
         driver = self._driver
         if driver.closed:
             return
+        pg = self._pg
         try:
             if self._answers and not self._answers[-1].sync:
                 self._sync()
-            self._pg.exit_pipeline_mode()
-            if self._pg.transaction_status != _IDLE:  # (``driver.info``'s costs ~7 µs)
-                driver.rollback()  # a BEGIN that did not reach its COMMIT
+            if pg.transaction_status != _IDLE:  # (``driver.info``'s costs ~7 µs)
+                self._send_plain(b"ROLLBACK")
+                self._sync()
+            pg.exit_pipeline_mode()
+            if pg.transaction_status != _IDLE:
+                raise psycopg.OperationalError("the transaction did not end")
         except Exception:  # noqa: BLE001 - the connection is unusable: close it (the pool drops it)
             driver.close()
 
@@ -303,6 +354,34 @@ class PgCursor:
 
     def close(self) -> None:
         self._answers, self._rows = [], None
+
+
+def error_of(result: pq.abc.PGresult, encoding: str) -> psycopg.Error:
+    """The exception for an answer that is not a statement's success: an answer without a
+    SQLSTATE (a ``BAD_RESPONSE``: libpq could not read the server's) is an
+    ``OperationalError`` naming its status; an error is what psycopg raises for it
+    (``psycopg.errors.error_from_result``, not documented API: where it is missing or takes
+    other arguments, the documented ``psycopg.errors.lookup`` class of its SQLSTATE with its
+    message, or a plain ``DatabaseError`` naming both)."""
+    message = (result.error_message or b"").decode(encoding, "replace").strip()
+    sqlstate = (result.error_field(_SQLSTATE) or b"").decode("ascii", "replace")
+    if not sqlstate:
+        return psycopg.OperationalError(
+            f"unexpected answer from the server: {pq.ExecStatus(result.status).name}"
+            + (f": {message}" if message else ""))
+    from_result = getattr(psycopg.errors, "error_from_result", None)
+    if from_result is not None:
+        try:
+            error = from_result(result, encoding=encoding)
+        except TypeError:
+            pass
+        else:
+            if isinstance(error, psycopg.Error):
+                return error
+    try:
+        return psycopg.errors.lookup(sqlstate)(message)
+    except KeyError:
+        return psycopg.DatabaseError(f"{message} (SQLSTATE {sqlstate})")
 
 
 @contextmanager

@@ -311,7 +311,7 @@ class _DriverSql:
     def executemany(self, cursor: Any, rows: Sequence[Mapping[str, Any]]) -> None:
         """The statement once per row. How many rows it changed is the cursor's ``rowcount``
         once the server answered (pipelined on PostgreSQL: at the transaction's end)."""
-        if len(rows) == 1:  # a commit's usual one row: psycopg's executemany sets up a pipeline
+        if len(rows) == 1:  # a commit's usual one row (on PostgreSQL both only queue: ``PgCursor``)
             cursor.execute(self.sql, self.params(rows[0]))
         else:
             cursor.executemany(self.sql, [self.params(row) for row in rows])

@@ -1,5 +1,6 @@
-"""Values against a real server: an LR that is negative or not finite is never served, a
-schedule that cannot start is refused at create, and an operator can always move a run on."""
+"""Values against a real server: an LR that is negative (beyond the rounding of the schedule's
+arithmetic, ``engine.ROUNDING``) or not finite is never served, a schedule that cannot start
+is refused at create, and an operator can always move a run on."""
 
 from __future__ import annotations
 
@@ -68,6 +69,16 @@ def test_scaling_to_infinity_twice_does_not_brick_the_run(http):
     http.post("/v1/runs/scaled/control", json={"action": "set_lr", "lr": 0.05}).raise_for_status()
     assert http.post("/v1/runs/scaled/step", json={"step": 2}).json()["lrs"] == [0.05]
     assert http.post("/v1/runs/scaled/step", json={"step": 3}).json()["lrs"] == [0.05]
+
+
+def test_a_linear_decay_to_zero_is_served_to_its_end_as_torch_gives_it(http):
+    """torch's ``LinearLR`` to ``end_factor=0`` from 0.1 over 4 steps ends at -5.55e-19: zero but
+    for its arithmetic's rounding. Served bit for bit, and the run goes on (before: a 422
+    ``schedule_error`` at step 4, and a training job stopped at the end of its decay)."""
+    decay = {"type": "LinearLR", "start_factor": 0.1, "end_factor": 0.0, "total_iters": 4}
+    assert _create(http, "decay-to-zero", decay).status_code == 201
+    window = http.get("/v1/runs/decay-to-zero/lr", params={"step": 0, "ahead": 6}).json()["window"]
+    assert [row[0] for row in window["lrs"]][4:] == [-5.551115123125785e-19] * 3  # torch's, steps 4..6
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -78,6 +78,28 @@ def test_wait_for_store_tries_once_without_a_wait(tmp_path):
     assert waits == []
 
 
+def test_the_wait_counts_from_the_first_failure_so_a_slow_first_try_still_waits(monkeypatch):
+    """A first try slower than the wait (a busy host: the driver's import, a slow refusal) is
+    still followed by the wait (before: time was up at once, no retry, no "waiting" line; the
+    start-up test below failed so at load 15)."""
+    import lrserve.service.store as stores
+
+    tries: list[float] = []
+
+    def refused(url, **kwargs):
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            time.sleep(0.3)  # longer than the whole wait
+        raise StoreUnavailable("connection refused")
+
+    monkeypatch.setattr(stores, "open_store", refused)
+    waits: list[float] = []
+    with pytest.raises(StoreUnavailable):
+        wait_for_store("postgresql+psycopg://x@127.0.0.1:1/db", wait_s=0.2, poll_s=0.05,
+                       on_wait=lambda error, left: waits.append(left))
+    assert waits and len(tries) >= 2 and all(0 < left <= 0.2 for left in waits)
+
+
 def test_schema_too_new_is_not_retried(tmp_path):
     url = f"sqlite:///{tmp_path}/db.sqlite"
     open_store(url).close()

@@ -3,7 +3,6 @@ get a 503 (``server_stopping``), never a 500."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 from fastapi.testclient import TestClient
@@ -15,13 +14,24 @@ from tests.service.api.conftest import make_run
 
 
 def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_url):
-    """PostgreSQL, a step still being committed in a commit thread as the server stops (its
-    request gone: uvicorn ends the lifespan after the requests, the thread goes on): the manager
-    waits for it before ``big_work`` (which a big commit runs on) closes; the step is durable."""
+    """PostgreSQL, a step still being committed in a commit thread as the server stops: the
+    manager waits for it before ``big_work`` (which a big commit runs on) closes; its answer is
+    given (a 200) and the step is durable.
+
+    As uvicorn stops (the lifespan ends after the requests), the request must end before the
+    test client stops: the client's portal stopping while ``ask`` still reads the answer's body
+    (load can hold that thread that long) left ``ask`` with "This portal is not running" and its
+    stream's close setting an event of the portal's loop from ``ask``'s thread, a wake-up the
+    loop never saw: the client's exit waited for that loop forever (pytest-timeout). So shutdown
+    waits here, once the manager closed, for ``ask`` to have its answer; ``hold`` has ``ask`` read
+    the body only then (without that wait: once ``big_work`` closes, the race forced, and this
+    test fails every time)."""
     url = database_url("postgres")
     app = create_app(Settings(db=url))
     entered, release = threading.Event(), threading.Event()
+    read_answer = threading.Event()  # ask reads its answer's body (the race, forced: see hold)
     seen: dict[str, bool] = {}
+    answers: list[tuple[int, int, bool]] = []
     with TestClient(app) as client:
         make_run(client, "x")
         client.get("/v1/runs/x/lr", params={"step": 0})
@@ -38,22 +48,31 @@ def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_u
         def closing_manager():
             release.set()  # the commit goes on once shutdown has begun
             close_manager()
+            read_answer.set()
+            asking.join(timeout=60)  # its answer read while the client's portal still runs
 
         def closing_big_work():
             closed["big_work"] = True
+            read_answer.set()  # (without the wait above: the answer read as the server stops)
             close_big_work()
 
         manager.window, manager.close, big_work.close = slow_window, closing_manager, closing_big_work
 
+        def hold(response) -> None:  # the answer's head came; its body is read after this
+            read_answer.wait(timeout=60)
+
+        client.event_hooks["response"] = [hold]  # for ask alone: the only request after this
+
         def ask() -> None:
-            with contextlib.suppress(BaseException):  # answered, or cut off as the test client stops
-                client.get("/v1/runs/x/lr", params={"step": 3})
+            answer = client.get("/v1/runs/x/lr", params={"step": 3})
+            answers.append((answer.status_code, answer.json()["step"], closed["big_work"]))
 
         asking = threading.Thread(target=ask)
         asking.start()
         assert entered.wait(timeout=60)
     asking.join()
     assert seen == {"big_work_closed": False}  # before: True (big_work closed first)
+    assert answers == [(200, 3, False)]  # answered in full before big_work closed
     assert closed["big_work"]
     store = open_store(url)
     try:

@@ -366,6 +366,29 @@ def test_one_cycle_past_its_end_is_a_schedule_error():
             engine.advance()
 
 
+@pytest.mark.parametrize(("start_factor", "total_iters"), [(0.1, 4), (0.1, 5), (1 / 3, 4), (0.9, 4)])
+def test_a_linear_decay_to_zero_is_served_as_torch_gives_it(start_factor, total_iters):
+    """torch's recursive ``LinearLR`` to ``end_factor=0`` ends a hair below zero in about a third of
+    its settings (-5.6e-19 from 0.1): zero but for rounding, served bit for bit (before: the run
+    stopped there, "the schedule's LR is negative"); a real negative LR is still refused."""
+    spec = {"type": "LinearLR", "start_factor": start_factor, "end_factor": 0.0, "total_iters": total_iters}
+    ours = engine_trajectory(spec, [0.1, 0.3], total_iters + 3)
+    theirs = reference.trajectory(spec, [0.1, 0.3], total_iters + 3)
+    assert [list(lrs) for lrs, _ in ours] == [lrs for lrs, _ in theirs]
+    assert min(min(lrs) for lrs, _ in theirs) < 0  # the case: torch's value below zero
+
+
+def test_an_lr_below_zero_by_more_than_rounding_is_refused():
+    from lrserve.service.errors import ScheduleError
+
+    spec = parse_schedule({"type": "LambdaLR", "lr_lambda": "1 if step < 3 else -1e-11"}, n_groups=1)
+    engine = Engine(spec, [0.1])
+    engine.advance()
+    engine.advance()
+    with pytest.raises(ScheduleError, match="negative at step 3"):
+        engine.advance()
+
+
 def test_preview_matches_engine_trajectory():
     spec = parse_schedule(EXAMPLES[15].values[0], n_groups=2)
     lrs, moms = preview(spec, [0.1, 0.025], None, 40)

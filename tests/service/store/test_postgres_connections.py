@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from lrserve.service.errors import StoreUnavailable
+from lrserve.service.errors import RunNotFound, StoreUnavailable
 from lrserve.service.store import open_store, require_pipeline
 from lrserve.service.store.base import MetricRecord
 from lrserve.service.store.events import EventKind, NewEvent
@@ -226,6 +226,116 @@ def test_a_commit_that_fails_keeps_nothing_and_leaves_its_connection_as_the_pool
             conn.execute(text("UPDATE runs SET horizon = 9"))
             conn.execute(text("SELECT 1/0"))
         assert store.read_run("r").horizon == 0
+    finally:
+        store.close()
+
+
+def _commit(store, step: int) -> None:
+    with store.lock_run("r") as tx:
+        tx.append_events([NewEvent(EventKind.CREATED, step, {})])
+        tx.update_run(horizon=step)
+
+
+def test_a_rollback_after_psycopg_prepared_its_own_statements_leaves_the_pipeline_working(database_url):
+    """The pipeline's statements are prepared once per connection (``lrserve_N``). A rolled
+    back transaction on that connection (a ``DELETE`` of an unknown run, a 404) after a
+    statement ran there 6 times used to make psycopg send ``DEALLOCATE ALL`` (it had prepared
+    that statement itself after 5 uses), and every later commit on the connection failed
+    (``prepared statement "lrserve_0" does not exist``, a 503) while it went back to the pool
+    each time: in time every pooled connection. One pooled connection here, as it was left."""
+    store = open_store(database_url("postgres"))
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        _commit(store, 1)  # the pipeline prepares its statements on this connection
+        for _ in range(6):
+            assert store.count_runs() == 1
+        with pytest.raises(RunNotFound):
+            store.delete_run("nope")  # rolled back
+        for step in range(2, 5):
+            _commit(store, step)
+            assert store.read_run("r").horizon == step
+        assert store._engine.pool.checkedin() == 1  # one connection did all of it
+        assert store._disposals == 0
+    finally:
+        store.close()
+
+
+def test_a_failed_commit_then_reads_and_rollbacks_leave_the_connection_usable(database_url):
+    """A pipelined commit whose statement the server refuses ends its transaction on the
+    connection, which goes back to the pool; then reads (6 times the same statement, as many
+    as psycopg needs to prepare it itself) and rolled back transactions on it: commits and
+    reads there still work, the pipeline's prepared statements intact."""
+    store = open_store(database_url("postgres"))
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        _commit(store, 1)
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable):
+                with store.lock_run("r") as tx:
+                    tx.update_run(horizon=8)
+                    tx.append_metrics([MetricRecord("x" * 500, 1, 0, 0.5)])  # longer than the column
+            for _ in range(6):
+                assert store.count_runs() == 1
+                assert store.read_run("r").horizon == 1
+            with pytest.raises(RunNotFound):
+                store.delete_run("nope")
+            with pytest.raises(StoreUnavailable), store._transaction(write=True) as conn:
+                conn.execute(text("SELECT 1/0"))
+        _commit(store, 2)
+        assert store.append_metrics("r", [MetricRecord("loss", 1, 0, 0.5)]) == 1
+        assert store.read_run("r").horizon == 2
+        assert store._engine.pool.checkedin() == 1
+        assert store._disposals == 0
+    finally:
+        store.close()
+
+
+def test_a_pipeline_statement_deallocated_behind_its_back_fails_one_request_only(database_url):
+    """Should the pipeline's prepared statements go from the server's session anyway
+    (``DEALLOCATE ALL`` from anything else on the connection), the request that meets it fails
+    (a 503) and the connection's list of them is emptied: the next commit and read prepare
+    them again and succeed, on the same connection (before: every later one failed)."""
+    store = open_store(database_url("postgres"))
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        _commit(store, 1)
+        assert store.read_run("r").horizon == 1
+        with store._engine.connect() as conn:
+            conn.exec_driver_sql("DEALLOCATE ALL")
+            conn.commit()
+        with pytest.raises(StoreUnavailable, match="does not exist"):
+            _commit(store, 2)
+        for step in (2, 3):
+            _commit(store, step)
+            assert store.read_run("r").horizon == step
+        assert store._engine.pool.checkedin() == 1
+        assert store._disposals == 0
+    finally:
+        store.close()
+
+
+def test_a_failed_pipeline_commit_ends_its_transaction_without_psycopg(database_url):
+    """A pipelined commit that fails ends its transaction with a ``ROLLBACK`` of its own, not
+    psycopg's ``rollback()``, which sends ``DEALLOCATE ALL`` after it where psycopg prepared a
+    statement itself: here the connection's psycopg prepares after the fifth use again (as
+    without the store's ``prepare_threshold=None``), and the next commit still finds the
+    pipeline's statements (before: a 503, ``prepared statement ... does not exist``)."""
+    store = open_store(database_url("postgres"))
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        _commit(store, 1)
+        with store._engine.connect() as conn:
+            conn.connection.dbapi_connection.prepare_threshold = 5
+            for _ in range(6):  # psycopg's own prepared statement on this connection
+                conn.exec_driver_sql("SELECT count(*) FROM runs").scalar_one()
+            conn.commit()
+        with pytest.raises(StoreUnavailable, match="too long"):
+            with store.lock_run("r") as tx:
+                tx.update_run(horizon=8)
+                tx.append_metrics([MetricRecord("x" * 500, 1, 0, 0.5)])  # longer than the column
+        _commit(store, 2)
+        assert store.read_run("r").horizon == 2
+        assert store._engine.pool.checkedin() == 1
     finally:
         store.close()
 
