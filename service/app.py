@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.manager = manager
         app.state.creates = runs.Creates()
         app.state.history_answers = HistoryAnswers()  # kept with the store they were read from
-        background = app.state.background = Background()  # big answers built at a low CPU priority
+        background = app.state.background = Background(nice=settings.background_nice)  # big answers
         barriers = app.state.barriers = Barriers(manager, settings.barrier_timeout_s)
         telemetry.runs_loaded.set_function(lambda: len(manager.runs))
 

@@ -11,9 +11,11 @@ the history, 5 ms without), against a p99 of 2-4 ms holding or waiting for the G
 history's thread, at the same priority, was one of those it waited behind (docs/hardening.md,
 "The history row: the loop waited for a core").
 
-``Background`` (a big history's JSON: ``fast_reads.write_history``; its reads, and any lock
-they take, stay at the server's priority) is a small thread pool whose threads lower their own
-scheduling priority (``nice`` ``BACKGROUND_NICE``, Linux: a thread's nice value is its own):
+``Background`` (a big history's JSON: ``fast_reads.big_history``; its reads, any lock they
+take, and keeping the answer, whose lock the event loop takes too, stay at the server's
+priority: a background thread takes no lock) is a small thread pool whose threads lower their
+own scheduling priority (``nice``: ``LRSERVE_BACKGROUND_NICE``, by default ``BACKGROUND_NICE``;
+0 leaves them at the server's; Linux: a thread's nice value is its own):
 when the event loop's thread (or a commit thread) and a background thread are both runnable on
 the server's share of the cores, the kernel runs the former first. Nothing else changes: the
 work and its answer are the same; it takes longer only while others want the CPU. The server's
@@ -22,9 +24,22 @@ priority counts; the group's share against other processes is unchanged.
 
 A background thread still holds the GIL while it runs Python, and gives it away between the
 slices of a big answer (``sliced_json``). One preempted while holding it keeps the loop
-waiting until it runs again; but then the loop's thread is not runnable, so within the
-server's group the background thread is next (the GIL's part of the step's p99 fell with it:
-2.1-3.7 ms -> 0.9-1.4 ms in the same measurement).
+waiting until it runs again (a priority inversion the kernel does not see). The loop's thread,
+waiting for the GIL, is then not runnable, so the background thread is next on a core of the
+server's group *only if no other task of that group at a higher priority is runnable*: the
+server's other threads (a worker thread reading, a commit thread), and every other task of the
+group (under ``autogroup``, every process of the server's session: clients or a benchmark
+started from the same shell, the other ``--workers`` processes; under a cgroup, its tasks).
+While one of those keeps a core busy, the kernel gives the nice-19 thread about 1.5 % of it
+(weight 15 against 1,024 per nice-0 task), and the loop waits for the GIL as long: the
+remaining risk, not bounded here, on a host where CPU-bound nice-0 work shares the server's
+group. Where none did (docs/hardening.md's measurement: the server in a session of its own,
+``bench/servers.py``, the bench's clients in another), the GIL's part of the step's p99 fell
+with the change: 2.1-3.7 ms -> 0.9-1.4 ms. ``LRSERVE_BACKGROUND_NICE=0`` turns the lower priority off.
+
+At most ``slots`` (``SLOTS_PER_WORKER`` per worker) callers hold what they read for the pool at
+once (``slot``): on a busy machine the nice-19 step is the slow one, and without a bound the
+reads, at normal priority, would pile up big histories waiting for a thread.
 """
 
 from __future__ import annotations
@@ -37,6 +52,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from lrserve.service.errors import ServerStopping
+
 T = TypeVar("T")
 
 BACKGROUND_NICE = 19
@@ -45,6 +62,12 @@ own): the lowest priority a thread may take without privileges."""
 
 BACKGROUND_WORKERS = 4
 """Background threads per server process: requests beyond that wait for one to be free."""
+
+SLOTS_PER_WORKER = 2
+"""``Background.slot``'s size per worker: enough to keep every thread busy (one input being read
+while another is written), few enough to bound memory (a big history is up to ~4 MB of LRs plus
+its metrics; with the first version of this pool there was no bound, and before it the shared
+thread pool's 40 threads were the bound)."""
 
 THREAD_NAME = "lrserve-background"
 
@@ -69,16 +92,34 @@ def lower_priority(nice: int = BACKGROUND_NICE) -> int:
 
 
 class Background:
-    """A thread pool of ``workers`` threads at ``nice``: ``await background.run(call, *args)``."""
+    """A thread pool of ``workers`` threads at ``nice``: ``await background.run(call, *args)``.
+
+    ``slot`` (an ``asyncio.Semaphore`` of ``slots``, twice the workers) is for the caller to hold
+    around what it reads for the pool and the pool's work on it (a big history: its read and its
+    JSON), so that at most ``slots`` such inputs are held in memory at once however slow the
+    background threads are (on a busy machine they run last); callers beyond wait on the event
+    loop holding nothing. One per app (per event loop: created in the lifespan).
+    """
 
     def __init__(self, workers: int = BACKGROUND_WORKERS, nice: int = BACKGROUND_NICE) -> None:
         self.nice = nice
+        self.slots = SLOTS_PER_WORKER * workers
+        self.slot = asyncio.Semaphore(self.slots)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=THREAD_NAME,
                                         initializer=lower_priority, initargs=(nice,))
 
     async def run(self, call: Callable[..., T], *args: object) -> T:
-        """``call(*args)`` in a background thread; its result or its exception."""
-        return await asyncio.wrap_future(self._pool.submit(call, *args))
+        """``call(*args)`` in a background thread; its result or its exception.
+
+        Raises:
+            ServerStopping: after ``close`` (a 503, not the pool's RuntimeError: a 500).
+        """
+        try:
+            future = self._pool.submit(call, *args)
+        except RuntimeError as error:  # shut down (or the interpreter is)
+            raise ServerStopping("the server is stopping; retry (another replica, or once it is up)"
+                                 ) from error
+        return await asyncio.wrap_future(future)
 
     def close(self) -> None:
         """Wait for the work under way; no more is taken."""

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         "(over service/offload.py's OFFLOAD_UNITS), so that they do not share the server's GIL; "
         "0: computed in the server's threads."
     )
+    background_nice: int = Field(
+        19, ge=0, le=19, description="Nice value of the threads writing big answers (a big history's JSON; "
+        "service/background.py), so that the kernel runs the event loop's thread first within the server's "
+        "scheduling group; 0: at the server's own priority (where CPU-bound work shares that group: "
+        "docs/hardening.md, \"The history row: the loop waited for a core\")."
+    )
     health_port: int | None = Field(
         None, ge=1, le=65535, description="A port of its own for `GET /healthz` and `GET /readyz`, answered "
         "by a thread of its own: probes there never queue behind the API's connections (a flood of "

@@ -44,12 +44,13 @@ from lrserve.service.api.fast_path import reader
 from lrserve.service.api.responses import history_json, run_body
 from lrserve.service.api.schemas import RUN_ID_PATTERN
 from lrserve.service.api.sliced_json import SLICE_VALUES
+from lrserve.service.background import Background
 from lrserve.service.errors import LRServeError
 from lrserve.service.liveness import Liveness
 from lrserve.service.runs.manager import RunManager
-from lrserve.service.runs.read_models import History
 from lrserve.service.runs.state import RunState
 from lrserve.service.store.base import HistoryMark, RunRecord
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 RUN_ROUTE = "/v1/runs/{run_id}"
@@ -122,13 +123,11 @@ BACKGROUND_VALUES = SLICE_VALUES
 
 def history_or_kept(
     manager: RunManager, answers: HistoryAnswers, run_id: str, max_points: int
-) -> bytes | History:
+) -> bytes | HistoryMark:
     """``GET .../history``'s body: the kept one while the run's mark holds, else built and kept;
-    or, for a history of more than ``BACKGROUND_VALUES`` LRs, the history read, for
-    ``write_history`` to write in a ``Background`` thread. Blocks: call it from a worker thread.
-
-    Everything that reads the store or takes the run's lock (a load, a catch-up) runs here, at
-    the server's priority: a background thread holds no lock that a commit waits on.
+    or, for a history of more than ``BACKGROUND_VALUES`` LRs, the mark read (and nothing more:
+    ``big_history`` reads it once it holds a ``Background`` slot). Blocks: call it from a worker
+    thread.
 
     Raises:
         RunNotFound: no such run.
@@ -138,16 +137,44 @@ def history_or_kept(
     body = answers.get(run_id, max_points, mark)
     if body is not None:
         return body
-    history = manager.history(run_id, max_points, mark)
-    if len(history.packed_lrs) > BACKGROUND_VALUES:
-        return history
-    return write_history(answers, max_points, history)
+    if min(max_points, mark.horizon + 1) * _groups(manager, run_id, mark) > BACKGROUND_VALUES:
+        return mark
+    body = history_json(manager.history(run_id, max_points, mark))  # (one that grew since: here too)
+    answers.put(run_id, max_points, mark, body)
+    return body
 
 
-def write_history(answers: HistoryAnswers, max_points: int, history: History) -> bytes:
-    """The history's JSON, kept under the mark it was read at."""
-    body = history_json(history)
-    answers.put(history.run_id, max_points, history.mark, body)
+def _groups(manager: RunManager, run_id: str, mark: HistoryMark) -> int:
+    """The run's param groups: from its state if loaded and the run ``mark`` was read of (no
+    read), else loaded (as ``history`` would)."""
+    state = manager.loaded(run_id)
+    if state is None or state.created_at != mark.created_at:
+        state = manager.caught_up(run_id)
+    return state.n_groups
+
+
+async def big_history(background: Background, manager: RunManager, answers: HistoryAnswers, run_id: str,
+                      max_points: int, mark: HistoryMark) -> bytes:
+    """A big history's body, kept: read in a worker thread, written in a ``Background`` thread,
+    holding one of its slots throughout (at most ``Background.slots`` histories held at once; a
+    request cancelled meanwhile lets its slot go, and its JSON, if begun, ends in its thread: at
+    most the pool's workers more).
+
+    Everything that reads the store or takes the run's lock (a load, a catch-up) runs in the
+    worker thread, at the server's priority, and the answer is kept (``HistoryAnswers``' lock,
+    which the event loop takes too) here, after: a background thread, which the kernel runs
+    last, holds no lock that a commit or the loop waits on.
+
+    Raises:
+        RunNotFound: no such run (deleted since).
+        WorkBudgetExceeded: more points of more groups than the work budget allows.
+        ServerStopping: the server is stopping.
+    """
+    async with background.slot:
+        # the History: an argument of `run` and of the pool's work item, both gone before the slot is let go
+        reading = run_in_threadpool(manager.history, run_id, max_points, mark)
+        body = await background.run(history_json, await reading)
+    answers.put(run_id, max_points, mark, body)
     return body
 
 

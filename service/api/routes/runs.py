@@ -21,10 +21,10 @@ from lrserve.service.api.fast_path import FastWrite
 from lrserve.service.api.fast_reads import (
     DEFAULT_POINTS,
     MAX_POINTS,
+    big_history,
     history_or_kept,
     read_run_body,
     run_public,
-    write_history,
 )
 from lrserve.service.api.responses import (
     FastJSONResponse,
@@ -266,5 +266,5 @@ async def read_history(
     found = await run_in_threadpool(history_or_kept, manager, answers, run_id, max_points)
     if not isinstance(found, bytes):  # a big one: written at a low CPU priority (service/background.py)
         background: Background = request.app.state.background
-        found = await background.run(write_history, answers, max_points, found)
+        found = await big_history(background, manager, answers, run_id, max_points, found)
     return Response(found, media_type="application/json")

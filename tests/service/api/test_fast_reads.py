@@ -3,16 +3,18 @@ the route's own answers, never one that a change of the run (in any process) mad
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from lrserve.service.api import fast_reads
 from lrserve.service.api.fast_reads import HistoryAnswers, _max_points
 from lrserve.service.app import create_app
-from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME
+from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME, Background
 from lrserve.service.store.base import HistoryMark
 
 from tests.service.api.conftest import make_run
@@ -224,3 +226,106 @@ def test_a_big_historys_json_is_written_in_a_background_thread_its_reads_are_not
     monkeypatch.undo()
     kept = api.get("/v1/runs/big/history", params={"max_points": 100})
     assert kept.content == big.content  # kept: the same bytes
+
+
+class _RecordingLock:
+    """A lock that records the threads taking it."""
+
+    def __init__(self, lock) -> None:
+        self._lock, self.threads = lock, []
+
+    def __enter__(self):
+        self.threads.append(threading.current_thread().name)
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+
+def test_a_background_thread_never_takes_the_kept_answers_lock(api):
+    """The event loop takes ``HistoryAnswers``' lock (the fast layer's ``get``): a background
+    thread (nice 19) preempted while holding it would keep the loop waiting. So the background
+    thread only writes the bytes; the answer is kept after, out of it."""
+    make_run(api, "big", base_lrs=[0.1] * 50)
+    api.get("/v1/runs/big/lr", params={"step": 0, "ahead": 99})
+    answers = api.app.state.history_answers
+    answers._lock = recording = _RecordingLock(answers._lock)
+    first = api.get("/v1/runs/big/history", params={"max_points": 100, **ROUTED})
+    again = api.get("/v1/runs/big/history", params={"max_points": 100})
+    assert first.status_code == again.status_code == 200 and again.content == first.content
+    assert answers.get("big", 100, api.app.state.manager.history_mark("big")) == first.content  # kept
+    assert recording.threads and not any(name.startswith(THREAD_NAME) for name in recording.threads)
+
+
+def test_at_most_the_backgrounds_slots_hold_a_big_history_at_once(api, monkeypatch):
+    """Big histories asked at once, their JSON slow to write (a busy machine, where the nice-19
+    threads run last): at most ``Background.slots`` are read and held at once; the rest wait on
+    the loop holding nothing (before: each read at once, every ``History`` held until a
+    background thread was free). Every answer is the route's."""
+    make_run(api, "big", base_lrs=[0.1] * 50)
+    api.get("/v1/runs/big/lr", params={"step": 0, "ahead": 99})
+    app = api.app
+    background = app.state.background = Background(workers=1)  # 2 slots
+    manager = app.state.manager
+    held, lock, release = [0, 0], threading.Lock(), threading.Event()
+    real_history, real_json = manager.history, fast_reads.history_json
+
+    def reading(run_id, max_points, mark=None):
+        with lock:
+            held[0] += 1
+            held[1] = max(held[1], held[0])
+        return real_history(run_id, max_points, mark)
+
+    def writing(history):
+        release.wait(30)
+        try:
+            return real_json(history)
+        finally:
+            with lock:
+                held[0] -= 1
+
+    monkeypatch.setattr(manager, "history", reading)
+    monkeypatch.setattr(fast_reads, "history_json", writing)
+    points, path = range(90, 96), "/v1/runs/big/history"  # 90 x 50 groups: over BACKGROUND_VALUES
+
+    async def all_at_once() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
+            asked = [asyncio.ensure_future(http.get(path, params={"max_points": p, **ROUTED}))
+                     for p in points]
+            await asyncio.sleep(0.5)  # every request in: read, or waiting for a slot
+            release.set()
+            return list(await asyncio.gather(*asked))
+
+    try:
+        got = api.portal.call(all_at_once)
+    finally:
+        release.set()
+        background.close()
+    assert [a.status_code for a in got] == [200] * len(points)
+    assert [len(a.json()["lrs"]["steps"]) for a in got] == list(points)
+    assert held[1] == background.slots == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_background_nice_zero_writes_a_big_history_at_the_servers_priority(settings, monkeypatch):
+    """``LRSERVE_BACKGROUND_NICE=0``: the background threads keep the server's priority."""
+    monkeypatch.setenv("LRSERVE_BACKGROUND_NICE", "0")
+    assert type(settings)().background_nice == 0
+    assert type(settings).model_fields["background_nice"].default == 19
+    app = create_app(settings.model_copy(update={"background_nice": 0}))
+    written = []
+    real_json = fast_reads.history_json
+
+    def writing(history):
+        written.append((threading.current_thread().name, _nice()))
+        return real_json(history)
+
+    with TestClient(app) as api:
+        assert api.app.state.background.nice == 0
+        make_run(api, "big", base_lrs=[0.1] * 50)
+        api.get("/v1/runs/big/lr", params={"step": 0, "ahead": 99})
+        monkeypatch.setattr(fast_reads, "history_json", writing)
+        assert api.get("/v1/runs/big/history", params={"max_points": 100, **ROUTED}).status_code == 200
+    [(thread, nice)] = written
+    assert thread.startswith(THREAD_NAME) and nice == _nice()
