@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tests.live_server import free_port
 
@@ -51,15 +51,19 @@ class FailoverProxy:
             except OSError:
                 continue  # refused: the next replica
             upstream.settimeout(None)
-            self._spawn(_pipe, client, upstream)
-            _pipe(upstream, client)
+            self._spawn(pipe, client, upstream)
+            pipe(upstream, client)
             return
         client.close()
 
 
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
+def pipe(source: socket.socket, sink: socket.socket, on_data: Callable[[], object] | None = None) -> None:
+    """Copy ``source``'s bytes to ``sink`` until either side closes (``on_data`` after each
+    ``recv`` of data), then shut both down and close them."""
     try:
         while data := source.recv(65536):
+            if on_data is not None:
+                on_data()
             sink.sendall(data)
     except OSError:
         pass

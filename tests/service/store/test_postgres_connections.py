@@ -24,6 +24,8 @@ from lrserve.service.store.base import MetricRecord
 from lrserve.service.store.events import EventKind, NewEvent
 from sqlalchemy import create_engine, event, make_url, text
 
+from tests.e2e.proxy import pipe
+
 CREATED = NewEvent(EventKind.CREATED, 0, {})
 
 
@@ -134,21 +136,11 @@ class _CountingProxy:
                 return
             server = socket.create_connection(self.target)
             self._sockets += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+            threading.Thread(target=pipe, args=(client, server, self._counted), daemon=True).start()
+            threading.Thread(target=pipe, args=(server, client), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if count:
-                    self.writes += 1
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+    def _counted(self) -> None:
+        self.writes += 1
 
     def close(self) -> None:
         for sock in self._sockets:
