@@ -36,7 +36,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from lrserve.service.background import lower_priority
-from lrserve.service.engine.cost import GROUP_OVERHEAD
+from lrserve.service.engine import cost
 from lrserve.service.errors import LRServeError
 
 log = logging.getLogger("lrserve")
@@ -73,7 +73,16 @@ def is_big(*, n_groups: int, steps: int, schedule: Any) -> bool:
     """Whether ``steps`` steps of ``schedule`` (its request JSON) on ``n_groups`` groups may be
     more than ``OFFLOAD_UNITS``: a lower bound of its cost (every schedule costs at least one
     unit per step and group), or the size of its expressions, known without parsing it."""
-    return steps * (n_groups + GROUP_OVERHEAD) > OFFLOAD_UNITS or _text(schedule) > OFFLOAD_TEXT
+    return cost.at_least(n_groups=n_groups, steps=steps) > OFFLOAD_UNITS or _text(schedule) > OFFLOAD_TEXT
+
+
+def over_budget_anyway(*, n_groups: int, steps: int, schedule: Any, budget: int) -> bool:
+    """Whether ``steps`` steps of ``schedule`` on ``n_groups`` groups are over ``budget``
+    whatever the schedule (a lower bound of its cost is), with a schedule small enough to parse
+    in the calling thread: such a request is refused there, after a parse and no work, rather
+    than given to a worker process only to be refused (the first one waited seconds for the
+    process's start and torch's import: 18 s at load 22)."""
+    return cost.at_least(n_groups=n_groups, steps=steps) > budget and _text(schedule) <= OFFLOAD_TEXT
 
 
 def _text(value: Any, depth: int = 0) -> int:

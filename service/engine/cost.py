@@ -100,6 +100,12 @@ def cost(spec: ScheduleSpec, *, n_groups: int, steps: int) -> int:
     return math.ceil(steps * (n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups))
 
 
+def at_least(*, n_groups: int, steps: int) -> int:
+    """A lower bound of ``cost`` for any schedule, known without parsing it: every type costs
+    at least one unit per step and param group (``PER_STEP``)."""
+    return steps * (n_groups + GROUP_OVERHEAD)
+
+
 def history_cost(*, n_groups: int, points: int) -> int:
     """Units of a history of ``points`` points: stored values read and serialised, no schedule stepped."""
     return points * (n_groups + GROUP_OVERHEAD)

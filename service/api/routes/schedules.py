@@ -12,7 +12,7 @@ from lrserve.service.engine.catalog import catalog
 from lrserve.service.engine.preview import simulate
 from lrserve.service.engine.spec import ScheduleSpec, parse_schedule
 from lrserve.service.errors import InvalidInput
-from lrserve.service.offload import is_big
+from lrserve.service.offload import is_big, over_budget_anyway
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
@@ -20,10 +20,13 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 @router.post("/preview", response_model=PreviewResult, dependencies=[ReadAccess])
 def preview_schedule(body: PreviewRequest, settings: SettingsDep, request: Request) -> Response:
     """Values at steps 0..steps-1, simulating plateau decisions and spikes from `metrics`."""
-    if is_big(n_groups=len(body.base_lrs), steps=body.steps, schedule=body.schedule):
-        answer = request.app.state.big_work.run(preview_answer, body, settings.work_budget)
-    else:
-        answer = preview_answer(body, settings.work_budget)
+    n_groups, schedule, budget = len(body.base_lrs), body.schedule, settings.work_budget
+    big = is_big(n_groups=n_groups, steps=body.steps, schedule=schedule) and not over_budget_anyway(
+        n_groups=n_groups, steps=max(body.steps, cost.CREATE_STEPS), schedule=schedule, budget=budget)
+    if big:
+        answer = request.app.state.big_work.run(preview_answer, body, budget)
+    else:  # small, or refused over the budget after a parse, before any work
+        answer = preview_answer(body, budget)
     return Response(answer, media_type="application/json")
 
 

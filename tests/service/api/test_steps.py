@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import pytest
 
@@ -193,6 +194,23 @@ def test_preview_matches_torch_and_simulates_plateau(api):
         {"schedule": PLATEAU, "base_lrs": [0.1], "steps": len(LOSSES) + 1, "metrics": {"val_loss": LOSSES}},
     ).json()
     assert plateau["lrs"] == [lrs for lrs, _ in reference.trajectory(PLATEAU, [0.1], len(LOSSES) + 1, LOSSES)]
+
+
+def test_a_preview_over_the_budget_whatever_its_schedule_is_refused_without_a_worker_process(api):
+    # 4000 steps x 1024 groups is over the default budget at one unit per step and group: it was
+    # given to a worker process (spawned by this first big request: its torch import took 18 s
+    # at load 22, past a client's timeout) only to be refused there.
+    body = {"schedule": {"type": "StepLR", "step_size": 7}, "base_lrs": [0.1] * 1024, "steps": 4000}
+    before = multiprocessing.active_children()
+    answer = api.post("/v1/schedules/preview", json=body)
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["errors"][0]
+    assert answer.json()["code"] == "work_budget_exceeded" and error["field"] == "steps"
+    assert "costs 4120000 work units, over the work budget of 500000" in error["message"]
+    bad_spec = dict(body, schedule={"type": "StepLR", "step_size": 0})  # a bad field: named as before
+    refused = api.post("/v1/schedules/preview", json=bad_spec)
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "schedule.step_size"
+    assert multiprocessing.active_children() == before
 
 
 def test_catalog_lists_every_type(api):
