@@ -7,7 +7,7 @@ import typing
 import pytest
 from lrserve.service.engine import codec
 from lrserve.service.engine.actions import ARGUMENTS, ActionKind, parse_action
-from lrserve.service.engine.engine import Engine
+from lrserve.service.engine.engine import ROUNDING, Engine
 from lrserve.service.engine.preview import preview
 from lrserve.service.engine.spec import parse_schedule
 from lrserve.service.errors import ScheduleError
@@ -407,14 +407,35 @@ from tests.service.engine.strategies import SAFE_STEPS, valid_specs  # noqa: E40
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def equals_torch(spec, base: list[float], steps: int) -> None:
+    """The engine's LRs at steps 0..steps-1 are torch's; where torch drives an LR negative, the
+    engine equals it up to that step and refuses that step (README, "What differs from torch")."""
+    theirs = [lrs for lrs, _ in reference.trajectory(spec, base, steps)]
+    negative = next((k for k, lrs in enumerate(theirs)
+                     if any(lr < -ROUNDING * b for lr, b in zip(lrs, base, strict=True))), None)
+    if negative is None:
+        assert [list(lrs) for lrs, _ in engine_trajectory(spec, base, steps)] == theirs
+        return
+    with pytest.raises(ScheduleError, match=f"negative at step {negative} "):
+        engine_trajectory(spec, base, negative + 1)
+    assert [list(lrs) for lrs, _ in engine_trajectory(spec, base, negative)] == theirs[:negative]
+
+
+def test_a_chain_torch_drives_negative_equals_torch_until_that_step():
+    # Found by the property below: StepLR(step_size=1) takes the chain below eta_min, and the
+    # recursive cosine then gives -9.0e-5 at step 7 (and positive values again from step 9).
+    spec = {"type": "ChainedScheduler", "schedulers": [
+        {"type": "StepLR", "step_size": 1},
+        {"type": "CosineAnnealingLR", "T_max": 4, "eta_min": 0.0008410054558201936}]}
+    assert reference.trajectory(spec, [0.1], 8)[7][0][0] == pytest.approx(-9.000925121617595e-05)
+    equals_torch(spec, [0.1], 20)
+
+
 @PROPERTY
 @given(data=st.data(), n_groups=st.integers(1, 3))
 def test_any_torch_spec_equals_torch(data, n_groups):
     spec = data.draw(valid_specs(n_groups, allow_plateau=False))
-    base = [0.1 * (i + 1) for i in range(n_groups)]
-    ours = engine_trajectory(spec, base, 80)
-    theirs = reference.trajectory(spec, base, 80)
-    assert [list(lrs) for lrs, _ in ours] == [lrs for lrs, _ in theirs]
+    equals_torch(spec, [0.1 * (i + 1) for i in range(n_groups)], 80)
 
 
 @PROPERTY
