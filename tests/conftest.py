@@ -163,9 +163,19 @@ def _databases(folder: Path) -> Iterator[Callable[[str], str]]:
             _run_admin(db_url, f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist's ``loadfile`` hands out modules in the order collected, not sorted by their
+    number of tests (its ``--loadscope-reorder``, on by default): that sort put the long
+    one-test modules (the 100,000 404s, the trainers' outage and resume) last, after hundreds
+    of quick modules, and the run ended with one of them running alone (see below)."""
+    if hasattr(config.option, "loadscopereorder"):  # xdist is there (and may be off: -p no:xdist)
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules holding a test marked ``slow`` go first, each module's order kept: under
-    xdist (``--dist loadfile``) the long end-to-end modules then start at once and the short
-    ones fill the gaps at the end, instead of one long module running alone at the end."""
+    xdist (``--dist loadfile``, which keeps this order: ``pytest_configure``) the long
+    end-to-end modules then start at once and the short ones fill the gaps at the end,
+    instead of one long module running alone at the end."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
