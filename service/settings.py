@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from lrserve.service.cli import DEFAULT_DB  # defined there: the CLI's help needs no server packages
+from lrserve.service.offload import OFFLOAD_NICE
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -79,6 +80,13 @@ class Settings(BaseSettings):
         1, ge=0, le=64, description="Worker processes per server process for big previews and creates "
         "(over service/offload.py's OFFLOAD_UNITS), so that they do not share the server's GIL; "
         "0: computed in the server's threads."
+    )
+    offload_nice: int = Field(
+        OFFLOAD_NICE, ge=0, le=19, description="Nice value of the worker processes for big work "
+        "(offload_workers; never below the server's own): above 0 the kernel runs the event loop first "
+        "beside a busy worker, but CPU-bound work in the server's session or cgroup starves it (at 19, a "
+        "1024-group create waited minutes: docs/hardening.md, \"The worker process's priority\"); "
+        "0: the server's priority."
     )
     background_nice: int = Field(
         5, ge=0, le=19, description="Nice value of the threads writing big answers (a big history's JSON; "
