@@ -55,11 +55,11 @@ about ``OFFLOAD_UNITS`` of parsing and evaluating them at steps 0..100."""
 OFFLOAD_NICE = 0
 """The nice value of a worker process (``LRSERVE_OFFLOAD_NICE``; at least: a server already
 running nicer keeps its own). 0, the server's priority: at nice 19 the kernel ran the event loop
-first beside it (another run's step p99 under the worst window 0.78-1.39x idle against main's
-1.20-2.90x, three side-by-side runs), but a nice-19 worker beside CPU-bound work of the
-server's own session or cgroup (two busy-looping processes there) got 2 s of CPU in 9 minutes:
-a 1024-group create waited for it all that time (docs/hardening.md, "The worker process's
-priority")."""
+first beside it (another run's step p99 under the worst window 0.78-2.36x idle against main's
+1.20-2.90x, better in four side-by-side runs of four; other rows either way), but a nice-19
+worker beside CPU-bound work of the server's own session or cgroup (two busy-looping processes
+there) got 2 s of CPU in 9 minutes: a 1024-group create waited for it all that time
+(docs/hardening.md, "The worker process's priority")."""
 
 
 class WorkerLost(LRServeError):

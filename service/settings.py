@@ -89,10 +89,11 @@ class Settings(BaseSettings):
         "0: the server's priority."
     )
     background_nice: int = Field(
-        19, ge=0, le=19, description="Nice value of the threads writing big answers (a big history's JSON; "
+        5, ge=0, le=19, description="Nice value of the threads writing big answers (a big history's JSON; "
         "service/background.py), so that the kernel runs the event loop's thread first within the server's "
-        "scheduling group; 0: at the server's own priority (where CPU-bound work shares that group: "
-        "docs/hardening.md, \"The history row: the loop waited for a core\")."
+        "scheduling group; 0: at the server's own priority. Not 19: a nice-19 thread preempted while holding "
+        "the GIL was starved behind CPU-bound work of the same group (docs/hardening.md, \"The history row "
+        "beside CPU-bound work in the server's group\")."
     )
     health_port: int | None = Field(
         None, ge=1, le=65535, description="A port of its own for `GET /healthz` and `GET /readyz`, answered "
