@@ -33,13 +33,21 @@ from ``OTHER`` (the root of another checkout), the scenarios of both in rotated 
 tree and scenario the median over rounds of each round's p99, and the median of each round's
 ratio to that tree's baseline of the same round; and the server's CPU in cores over the
 scenario (the server process's own, whose interpreter the event loop runs in; ``+workers``:
-with its big-work processes), from ``/proc``, medians of rounds.
+with its big-work processes), from ``/proc``, medians of rounds; each scenario's max too (the
+longest a step or a probe waited: the loop's longest stall they saw). ``--workers N`` runs both
+servers with N processes; ``--hogs N`` starts N busy-looping processes at nice 0 in each
+server's session, its scheduling group (``bench/hogs.py``: what its other workers, or a job
+started from its shell, are to the kernel); ``--this-env NAME=VALUE`` and ``--other-env`` set
+a server's environment, so that ``OTHER`` may be this tree under another setting (``python -m
+bench.budgets . --hogs 2 --this-env LRSERVE_BACKGROUND_NICE=5 --other-env
+LRSERVE_BACKGROUND_NICE=0``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import multiprocessing
 import os
 import socket
@@ -258,6 +266,7 @@ def _scenario(url: str, attack: str | None, budget: int, seconds: float, victim:
         "attacker": attack or "none",
         "step_p50_ms": percentile(steps, 50), "step_p99_ms": p99(steps),
         "healthz_p50_ms": percentile(health, 50), "healthz_p99_ms": p99(health),
+        "step_max_ms": max(steps, default=math.nan), "healthz_max_ms": max(health, default=math.nan),
         "steps": len(steps),
     }
     if attacker is not None:
@@ -352,8 +361,13 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     )
 
 
-def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, backend: str) -> None:
-    """This tree and ``other``, each scenario of ``attacks`` ("none" the baseline) in rotated rounds."""
+def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, backend: str, *,
+                 workers: int = 1, hogs: int = 0, this_env: dict[str, str] | None = None,
+                 other_env: dict[str, str] | None = None) -> None:
+    """This tree and ``other``, each scenario of ``attacks`` ("none" the baseline) in rotated rounds;
+    each server of ``workers`` processes with ``hogs`` busy-looping processes in its session
+    (``bench/hogs.py``); ``this_env``, ``other_env``: more environment for each tree's server
+    (``other`` may be this tree: the same code under other settings)."""
     budget = Settings().work_budget
     trees = ("this", "other")
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -362,7 +376,10 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
         for tree in trees:
             db = sqlite_url(work, tree) if backend == "sqlite" else stack.enter_context(pg_schema())
             code = other if tree == "other" else None
-            servers[tree] = stack.enter_context(Server(db, work, name=tree, tree=code))
+            env = other_env if tree == "other" else this_env
+            servers[tree] = Server(db, work, name=tree, tree=code, workers=workers, hogs=hogs, env=env)
+            stack.callback(servers[tree].stop)
+            servers[tree].start(timeout=600)  # beside hogs on a busy machine: minutes
             _prepare(servers[tree].url)
         order = [(tree, attack) for attack in attacks for tree in trees]
         for r, turn in enumerate(rotations(order, rounds)):
@@ -377,8 +394,11 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
                 row["all_cpu_s"] = server.cpu_seconds() - began[2]
                 rows.setdefault((tree, attack), []).append(row)
             print(f"round {r + 1}/{rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"this tree vs {other}, {backend}, {rounds} rotated rounds of {seconds:g} s per scenario; "
-          "p99 ms (median over rounds) and its ratio to the same tree's baseline (median of rounds)")
+    envs = (("this", this_env), ("other", other_env))
+    settings = "".join(f", {tree}'s env {env}" for tree, env in envs if env)
+    print(f"this tree vs {other}{settings}, {backend}, --workers {workers}, {hogs} hogs in each server's "
+          f"session, {rounds} rotated rounds of {seconds:g} s per scenario; p99 and max ms (medians over "
+          "rounds) and the p99's ratio to the same tree's baseline (median of rounds)")
     for attack in attacks:
         for tree in trees:
             got, base = rows[(tree, attack)], rows[(tree, "none")]
@@ -387,7 +407,8 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
                 ratios = [a[f"{what}_p99_ms"] / b[f"{what}_p99_ms"] for a, b in zip(got, base, strict=True)]
                 line.append(f"{what} p50 {statistics.median(r[f'{what}_p50_ms'] for r in got):6.2f} "
                             f"p99 {statistics.median(r[f'{what}_p99_ms'] for r in got):6.2f} "
-                            f"({statistics.median(ratios):.2f}x)")
+                            f"({statistics.median(ratios):.2f}x) "
+                            f"max {statistics.median(r[f'{what}_max_ms'] for r in got):6.1f}")
             if "worst_ms" in got[0]:
                 line.append(f"worst {statistics.median(r['worst_ms'] for r in got):.0f} ms, "
                             f"{statistics.median(r['worst_count'] / r['wall_s'] for r in got):.1f}/s")
@@ -403,11 +424,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (--workers) of each server")
+    parser.add_argument("--hogs", type=int, default=0,
+                        help="busy-looping processes at nice 0 in each server's session (its CPU group)")
+    for tree in ("this", "other"):
+        parser.add_argument(f"--{tree}-env", action="append", default=[], metavar="NAME=VALUE",
+                            help=f"an environment variable for the {tree} tree's server (repeatable); OTHER "
+                            "may be this tree (.): the same code under another setting")
     args = parser.parse_args()
+    this_env, other_env = (dict(pair.split("=", 1) for pair in e) for e in (args.this_env, args.other_env))
     attacks = args.attacks.split(",")
     if "none" not in attacks:
         attacks.insert(0, "none")
-    side_by_side(args.other.resolve(), attacks, args.rounds, args.seconds, args.backend)
+    side_by_side(args.other.resolve(), attacks, args.rounds, args.seconds, args.backend,
+                 workers=args.workers, hogs=args.hogs, this_env=this_env, other_env=other_env)
 
 
 if __name__ == "__main__":

@@ -129,11 +129,14 @@ class Server:
         args: More arguments for ``serve`` (``app="service"``).
         tree: Run the code of another checkout of the repository (its root), for a side-by-side
             comparison of two versions (``bench.side_by_side``); default: this one.
+        hogs: Busy-looping processes at nice 0 started in the server's session, so in its
+            scheduling group (``bench/hogs.py``), for as long as it runs; default none.
     """
 
     def __init__(self, db: str, log_dir: Path, *, app: str = "service", port: int | None = None,
                  workers: int = 1, env: dict[str, str] | None = None, name: str = "server",
-                 log_level: str = "warning", args: tuple[str, ...] = (), tree: Path | None = None) -> None:
+                 log_level: str = "warning", args: tuple[str, ...] = (), tree: Path | None = None,
+                 hogs: int = 0) -> None:
         self.db = db
         self.tree = Path(tree) if tree is not None else _repo_root()
         self.port = port or free_port()
@@ -142,6 +145,7 @@ class Server:
         self.workers = workers
         self.log_level = log_level
         self.args = args
+        self.hogs = hogs
         self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
         inherited = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
         self.env = {**inherited, "LRSERVE_DB": db, **(env or {})}
@@ -154,9 +158,11 @@ class Server:
     def command(self) -> list[str]:
         common = ["--host", HOST, "--port", str(self.port), "--workers", str(self.workers),
                   "--log-level", self.log_level]
+        launcher = [sys.executable, str(Path(__file__).with_name("hogs.py")), str(self.hogs), "--"]
+        hogs = launcher if self.hogs else []
         if self.app == "bench":
-            return [sys.executable, "-m", "uvicorn", "bench._app:create_app", "--factory", *common]
-        return [sys.executable, "-m", "lrserve.service", "serve", "--db", self.db, *common, *self.args]
+            return [*hogs, sys.executable, "-m", "uvicorn", "bench._app:create_app", "--factory", *common]
+        return [*hogs, sys.executable, "-m", "lrserve.service", "serve", "--db", self.db, *common, *self.args]
 
     def spawn(self) -> Server:
         """Start the process and return at once (``wait_ready`` or ``first_answer`` next)."""

@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous,
                            create_db=settings.create_db)
-        big_work = BigWork(settings.offload_workers)  # its process starts with the first big request
+        # its process starts with the first big request
+        big_work = BigWork(settings.offload_workers, settings.offload_nice)
         app.state.big_work = big_work
         manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)

@@ -1,4 +1,4 @@
-"""Work that may wait, in threads the kernel runs only after the server's other threads.
+"""Work that may wait, in threads the kernel runs after the server's other threads.
 
 A history of the most points the work budget allows (485 points x 1,024 groups: a 10 MB
 answer) is ~16 ms of CPU in the server process, ~11 of them writing its JSON, in one of its
@@ -22,23 +22,26 @@ work and its answer are the same; it takes longer only while others want the CPU
 threads share a scheduling group (the process's session, or its cgroup), in which that
 priority counts; the group's share against other processes is unchanged.
 
-A background thread still holds the GIL while it runs Python, and gives it away between the
-slices of a big answer (``sliced_json``). One preempted while holding it keeps the loop
-waiting until it runs again (a priority inversion the kernel does not see). The loop's thread,
-waiting for the GIL, is then not runnable, so the background thread is next on a core of the
-server's group *only if no other task of that group at a higher priority is runnable*: the
-server's other threads (a worker thread reading, a commit thread), and every other task of the
-group (under ``autogroup``, every process of the server's session: clients or a benchmark
-started from the same shell, the other ``--workers`` processes; under a cgroup, its tasks).
-While one of those keeps a core busy, the kernel gives the nice-19 thread about 1.5 % of it
-(weight 15 against 1,024 per nice-0 task), and the loop waits for the GIL as long: the
-remaining risk, not bounded here, on a host where CPU-bound nice-0 work shares the server's
-group. Where none did (docs/hardening.md's measurement: the server in a session of its own,
-``bench/servers.py``, the bench's clients in another), the GIL's part of the step's p99 fell
-with the change: 2.1-3.7 ms -> 0.9-1.4 ms. ``LRSERVE_BACKGROUND_NICE=0`` turns the lower priority off.
+**Why nice 5, not 19.** A background thread still holds the GIL while it runs Python (it gives
+it away between the slices of a big answer: ``sliced_json``), and one preempted while holding
+it keeps the loop waiting until it runs again: a priority inversion the kernel does not see.
+The loop's thread, waiting for the GIL, is not runnable, so the holder gets a core only at its
+weight against every other runnable task of the server's group: the server's other threads,
+and every process of its session (``autogroup``: the other ``--workers`` processes, a job
+started from the server's shell) or cgroup. Beside two CPU-bound nice-0 processes there, a
+nice-19 thread (weight 15 against 2 x 1,024) gets ~0.7 % of the group's CPU: the worst history
+took 20 s instead of 1.5 s at nice 0, another run's step p99 went to 2.20 x idle (nice 0:
+1.16 x), and a loop ticking every 2 ms beside a thread writing histories was late by up to
+0.2-1.3 s (nice 0: 63-138 ms). At nice 5 (weight 335: ~14 % of that group's CPU) the worst
+history took 2.8 s (nice 0: 1.7 s) and the step's p99 was 1.11 x idle (nice 0: 0.90 x); without
+such work in the group, nice 5 did no worse than nice 19 (step / ``/healthz`` p99 1.06 x / 0.95 x
+and 0.81 x / 0.74 x, nice 19 1.72 x / 2.05 x and 0.98 x / 0.97 x). docs/hardening.md, "The
+history row beside CPU-bound work in the server's group". A thread at nice 5 beside ``k`` busy
+nice-0 tasks of its group gets about 1/(1 + 3k) of their cores: a bound, where nice 19's is
+1/(1 + 68k).
 
 At most ``slots`` (``SLOTS_PER_WORKER`` per worker) callers hold what they read for the pool at
-once (``slot``): on a busy machine the nice-19 step is the slow one, and without a bound the
+once (``slot``): on a busy machine the background step is the slow one, and without a bound the
 reads, at normal priority, would pile up big histories waiting for a thread.
 """
 
@@ -56,9 +59,11 @@ from lrserve.service.errors import ServerStopping
 
 T = TypeVar("T")
 
-BACKGROUND_NICE = 19
+BACKGROUND_NICE = 5
 """The nice value of a background thread (at least; a server already running nicer keeps its
-own): the lowest priority a thread may take without privileges."""
+own): low enough that the kernel runs the loop's thread first (weight 335 against 1,024), high
+enough that a thread preempted holding the GIL is not starved behind CPU-bound work of the
+server's group (as one at nice 19, weight 15, was: see the module's note)."""
 
 BACKGROUND_WORKERS = 4
 """Background threads per server process: requests beyond that wait for one to be free."""

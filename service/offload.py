@@ -11,8 +11,10 @@ the values are torch's own, computed by the same code (bit for bit: floats trave
 written by orjson, which round-trips, or pickled).
 
 ``BigWork`` is that process pool (``LRSERVE_OFFLOAD_WORKERS``, default 1; 0 computes in the
-server's threads, as before). Only work over ``OFFLOAD_UNITS`` goes there (``is_big``): a
-small preview or create stays on the fast path, with no process round trip. Windows and
+server's threads, as before), its processes at nice ``LRSERVE_OFFLOAD_NICE`` (``OFFLOAD_NICE``,
+default 0: the server's own priority), set in each before torch starts a thread. Only work
+over ``OFFLOAD_UNITS`` goes there (``is_big``): a small preview or create stays on the fast
+path, with no process round trip. Windows and
 step jumps need the run's engine, which lives in the server process: their steps with no
 input on them go over as the engine's snapshot and come back as the values and the
 snapshot after them (``engine.steps_from``, called by ``RunState.advance_to``); restoring
@@ -33,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from lrserve.service.background import lower_priority
 from lrserve.service.engine.cost import GROUP_OVERHEAD
 from lrserve.service.errors import LRServeError
 
@@ -47,6 +50,16 @@ process: about 25-50 ms of work, against a process round trip of about a millise
 OFFLOAD_TEXT = 2_000
 """Characters of strings in a schedule (its expressions) above which its checks are big work:
 about ``OFFLOAD_UNITS`` of parsing and evaluating them at steps 0..100."""
+
+
+OFFLOAD_NICE = 0
+"""The nice value of a worker process (``LRSERVE_OFFLOAD_NICE``; at least: a server already
+running nicer keeps its own). 0, the server's priority: at nice 19 the kernel ran the event loop
+first beside it (another run's step p99 under the worst window 0.78-2.36x idle against main's
+1.20-2.90x, better in four side-by-side runs of four; other rows either way), but a nice-19
+worker beside CPU-bound work of the server's own session or cgroup (two busy-looping processes
+there) got 2 s of CPU in 9 minutes: a 1024-group create waited for it all that time
+(docs/hardening.md, "The worker process's priority")."""
 
 
 class WorkerLost(LRServeError):
@@ -76,8 +89,11 @@ def _text(value: Any, depth: int = 0) -> int:
     return 0
 
 
-def _warm_up() -> None:
-    """A worker's start: import torch and build one engine (seconds), before any request waits."""
+def _start(nice: int) -> None:
+    """A worker's start: its CPU priority lowered to ``nice`` (before torch starts any thread,
+    so that every thread of the process has it), then torch imported and one engine built
+    (seconds), before any request waits."""
+    lower_priority(nice)
     from lrserve.service.engine.engine import warm_up_torch
 
     warm_up_torch()
@@ -91,8 +107,9 @@ class BigWork:
     seconds), not at the server's start: a process that never gets big work (most servers,
     every app a test builds) spawns none, and a server's start-up does not compete with one."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, nice: int = OFFLOAD_NICE) -> None:
         self.workers = workers
+        self.nice = nice
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -101,7 +118,7 @@ class BigWork:
             if self._pool is None:
                 # spawn, never fork: the server process has threads (and torch's state)
                 self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
-                                                 initializer=_warm_up)
+                                                 initializer=_start, initargs=(self.nice,))
             return self._pool
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:

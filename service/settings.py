@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from lrserve.service.cli import DEFAULT_DB  # defined there: the CLI's help needs no server packages
+from lrserve.service.offload import OFFLOAD_NICE
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -80,11 +81,19 @@ class Settings(BaseSettings):
         "(over service/offload.py's OFFLOAD_UNITS), so that they do not share the server's GIL; "
         "0: computed in the server's threads."
     )
+    offload_nice: int = Field(
+        OFFLOAD_NICE, ge=0, le=19, description="Nice value of the worker processes for big work "
+        "(offload_workers; never below the server's own): above 0 the kernel runs the event loop first "
+        "beside a busy worker, but CPU-bound work in the server's session or cgroup starves it (at 19, a "
+        "1024-group create waited minutes: docs/hardening.md, \"The worker process's priority\"); "
+        "0: the server's priority."
+    )
     background_nice: int = Field(
-        19, ge=0, le=19, description="Nice value of the threads writing big answers (a big history's JSON; "
+        5, ge=0, le=19, description="Nice value of the threads writing big answers (a big history's JSON; "
         "service/background.py), so that the kernel runs the event loop's thread first within the server's "
-        "scheduling group; 0: at the server's own priority (where CPU-bound work shares that group: "
-        "docs/hardening.md, \"The history row: the loop waited for a core\")."
+        "scheduling group; 0: at the server's own priority. Not 19: a nice-19 thread preempted while holding "
+        "the GIL was starved behind CPU-bound work of the same group (docs/hardening.md, \"The history row "
+        "beside CPU-bound work in the server's group\")."
     )
     health_port: int | None = Field(
         None, ge=1, le=65535, description="A port of its own for `GET /healthz` and `GET /readyz`, answered "

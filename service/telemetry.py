@@ -54,6 +54,10 @@ def _provider_set() -> bool:
     return any((type(p).__module__, type(p).__name__) not in _UNSET_PROVIDERS for p in providers)
 
 
+_KEPT_ANSWERS = 1024
+"""At most this many (method, route, status) keys keep their metric children (``Telemetry.answered``)."""
+
+
 class Telemetry:
     """The app's metrics. A registry per app keeps tests (many apps, one process) apart."""
 
@@ -92,10 +96,27 @@ class Telemetry:
         self.webhook_delivered = Gauge(
             "lrserve_webhook_delivered", "Events delivered to a webhook endpoint, all time (all replicas)",
             ["endpoint"], registry=self.registry)
+        self._answered: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # ``answered``'s children
         self.steps = Counter("lrserve_steps_committed", "Steps made final", registry=self.registry)
         self.decisions = Counter(
             "lrserve_decisions", "Decisions applied to runs", ["kind"], registry=self.registry
         )
+
+    def answered(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count and time one answered request. The labelled children are looked up once per
+        (method, route, status) and kept: prometheus_client's ``labels()`` checks and locks on
+        every call (~9 µs each for the two, loaded, ~2.5 % of a commit's server CPU), and the
+        children it returns are the same ones until a metric is cleared, which nothing here
+        does. Routes are templates and statuses few; past ``_KEPT_ANSWERS`` keys (methods are
+        the client's) the rest are looked up each time."""
+        key = (method, route, status)
+        found = self._answered.get(key)
+        if found is None:
+            found = (self.requests.labels(method, route, str(status)), self.latency.labels(method, route))
+            if len(self._answered) < _KEPT_ANSWERS:
+                self._answered[key] = found
+        found[0].inc()
+        found[1].observe(seconds)
 
     def record_outcome(self, run_id: str, outcome: StepOutcome) -> None:
         self.steps.inc()
@@ -137,9 +158,7 @@ class TelemetryMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = _route_of(scope)
-            self.telemetry.requests.labels(scope["method"], route, str(status[0])).inc()
-            self.telemetry.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            self.telemetry.answered(scope["method"], _route_of(scope), status[0], time.perf_counter() - start)
 
 
 def _route_of(scope: Scope) -> str:

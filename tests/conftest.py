@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,9 +164,24 @@ def _databases(folder: Path) -> Iterator[Callable[[str], str]]:
             _run_admin(db_url, f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist's ``loadfile`` hands out modules in the order collected (below), not in its
+    own sort by number of tests (``--loadscope-reorder``, on by default): that sort undid the
+    order below and put the long one-test modules (the 404s memory test, the trainers' outage
+    and resume, e2e liveness and replicas) last, after a hundred quick modules, and the run
+    ended with them running alone."""
+    if hasattr(config.option, "loadscopereorder"):  # xdist is there (and may be off: -p no:xdist)
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules holding a test marked ``slow`` go first, each module's order kept: under
-    xdist (``--dist loadfile``) the long end-to-end modules then start at once and the short
-    ones fill the gaps at the end, instead of one long module running alone at the end."""
+    """Modules holding a test marked ``slow`` go first, in path order; then the others, those
+    with the most tests first (xdist's own sort: the fuzzing, contract and torch-suite modules
+    are long by their many cases); each module's order kept. Under xdist (``--dist loadfile``,
+    which keeps this order: ``pytest_configure``) the long end-to-end modules then start at
+    once and the short ones fill the gaps at the end, instead of one long module running alone
+    at the end. (A slow module's number of tests says nothing of its length: one of them is a
+    single test of 50,000 requests.)"""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)
+    tests = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path not in slow, 0 if item.path in slow else -tests[item.path]))

@@ -68,7 +68,8 @@ class Restarter:
         def restart() -> None:
             try:
                 self.server = ServerProcess(old.db, old.log_path.parent, app=old.app, port=old.port,
-                                            workers=old.workers, env=old.env, args=old.args).start()
+                                            workers=old.workers, env=old.env, args=old.args,
+                                            hogs=old.hogs).start()
                 self.downtime = time.monotonic() - killed_at
             except BaseException as exc:  # noqa: BLE001 - raised by join(), in the test
                 self._error = exc

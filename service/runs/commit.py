@@ -36,7 +36,7 @@ from lrserve.service.errors import InvalidInput, RunConflict
 from lrserve.service.offload import BigWork
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.group_commit import GroupCommit
-from lrserve.service.runs.replay import apply_logs
+from lrserve.service.runs.replay import apply_control, apply_logs
 from lrserve.service.runs.state import RunState, StepOutcome
 from lrserve.service.settings import Settings
 from lrserve.service.store.base import (
@@ -475,9 +475,12 @@ def _place(
                 "at_step", f"must be above the horizon ({horizon}), got {at_step}"
             )
         placed = at_step if at_step is not None else first_free
-        payload = action.payload
-        events.append(NewEvent(EventKind.CONTROL, placed, payload, action.actor, action.reason))
-    apply_logs(state, [_as_event(event) for event in events])
+    if events:
+        apply_logs(state, [_as_event(event) for event in events])
+    if action is not None:  # as apply_logs takes its event, with the action as parsed, not parsed back
+        assert placed is not None
+        apply_control(state, placed, action.action, action.actor, action.reason)
+        events.append(NewEvent(EventKind.CONTROL, placed, action.payload, action.actor, action.reason))
     return events, placed
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from lrserve.service.engine.actions import parse_action
+from lrserve.service.engine.actions import Action, parse_action
 from lrserve.service.runs.state import Control, RunState
 from lrserve.service.store.events import Event, EventKind
 
@@ -43,9 +43,15 @@ def _apply_metric(state: RunState, event: Event) -> None:
 
 def _apply_control(state: RunState, event: Event) -> None:
     """An operator action, applied right after its step (``engine.actions``)."""
-    action = parse_action(event.payload)
-    if event.step is not None and event.step > state.horizon:
-        state.inputs.actions[event.step].append(Control(action, event.actor, event.reason))
+    apply_control(state, event.step, parse_action(event.payload), event.actor, event.reason)
+
+
+def apply_control(state: RunState, step: int | None, action: Action, actor: str, reason: str | None) -> None:
+    """A ``control`` event's action, already parsed, taken into ``state``: what ``apply_logs``
+    does with that event (a commit placing a new action calls this with the action it stores,
+    rather than parsing its payload back)."""
+    if step is not None and step > state.horizon:
+        state.inputs.actions[step].append(Control(action, actor, reason))
     state.note_action(action)  # a new schedule's metrics are watched from then on, whenever placed
 
 

@@ -176,6 +176,7 @@ _RUN_LABELLED = select(
 _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
     run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
 _INSERT_EVENTS = events.insert()
+_INSERT_LABELS = run_labels.insert()
 _TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
     last_gid=event_ids.c.last_gid + bindparam("n")).returning(event_ids.c.last_gid)
 _NEXT_GID = update(event_ids).where(event_ids.c.id == 1).values(
@@ -291,7 +292,9 @@ class _DriverSql:
         self._values = (operator.itemgetter(*self.names) if len(self.names) > 1 and not self.defaults
                         else None)  # the parameters' values in order, in one call (none defaulted)
         self._dialect = dialect
-        self._types = list(getattr(statement, "selected_columns", ()))
+        columns = getattr(statement, "selected_columns", None)  # a SELECT's, or
+        self._types: list[Any] = list(columns if columns is not None  # an INSERT's RETURNING
+                                      else getattr(statement, "exported_columns", ()))
         self.columns = [c.key for c in self._types]
         self._results: list[Any] | None = None  # the columns' result processors, on first use
 
@@ -650,6 +653,11 @@ class SqlStore(BaseStore):
         return insert.returning(runs.c.run_id)
 
     @functools.cached_property
+    def _insert_new_run_row(self) -> Any:
+        """``_insert_new_run`` returning the whole row as stored (PostgreSQL's pipelined create)."""
+        return self._insert(runs).on_conflict_do_nothing(index_elements=["run_id"]).returning(*runs.c)
+
+    @functools.cached_property
     def _insert_new_metrics(self) -> Any:  # built once: building it cost more than running it
         return self._insert(metrics).on_conflict_do_nothing()
 
@@ -696,6 +704,8 @@ class SqlStore(BaseStore):
         now = _now()
         row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": RunStatus.ACTIVE.value, "horizon": 0,
                "last_seq": 1, "created_at": now, "updated_at": now, "last_seen": now}
+        if self._engine.dialect.name == "postgresql":
+            return self._create_run_pipelined(row, labels, created)
         with self._transaction(write=True) as conn:
             if conn.execute(self._insert_new_run, row).first() is None:
                 return self._read_record(conn, self._require_run(conn, run_id)), False
@@ -709,6 +719,33 @@ class SqlStore(BaseStore):
         self._events_committed()
         return record, True
 
+    def _create_run_pipelined(
+        self, row: dict[str, Any], labels: Mapping[str, str], created: NewEvent
+    ) -> tuple[RunRecord, bool]:
+        """``create_run`` on PostgreSQL in two round trips (``_driver_write``'s pipeline): ``BEGIN``
+        with the run's INSERT, its stored row returned; then the labels, the ``NOTIFY`` and the
+        event numbered in its own INSERT (``_INSERT_NUMBERED_EVENT``) with ``COMMIT``, answered
+        once COMMIT is. The record is the row as stored with the labels as sent, by key (what a
+        read returns). A run that exists is read in the same transaction instead (the INSERT waited
+        for a concurrent create of it to end), then committed: three round trips. Through
+        SQLAlchemy's transaction a create was a round trip per statement (nine), with the event
+        id counter's row locked from the third on, so every other create and commit of every
+        process waited behind those round trips."""
+        run_id = row["run_id"]
+        insert = self._driver_sql("create_run", self._insert_new_run_row)
+        with self._driver_write() as cursor:
+            stored = insert.one(insert.execute(cursor, row))
+            if stored is None:
+                return self._labelled_record(cursor, run_id), False  # (RunNotFound: deleted since)
+            if labels:
+                self._driver_sql("insert_labels", _INSERT_LABELS).executemany(
+                    cursor, [{"run_id": run_id, "key": k, "value": v} for k, v in labels.items()])
+            self._notify_on(cursor, EVENTS_CHANNEL, run_id)
+            self._driver_sql("insert_numbered_events", _INSERT_NUMBERED_EVENT).execute(
+                cursor, _event_row(run_id, 1, created, row["created_at"], None))
+        self._events_committed()
+        return _record_of(stored, dict(sorted(labels.items()))), True  # in key order, as a read
+
     def read_run(self, run_id: str) -> RunRecord:
         """The run's record: its row and its labels in one statement (one read, no transaction).
 
@@ -716,12 +753,16 @@ class SqlStore(BaseStore):
             RunNotFound: no such run.
             StoreUnavailable: the database failed.
         """
-        sql = self._driver_sql("run_labelled", _RUN_LABELLED)
         with self._driver_read() as cursor:
-            row = sql.one(sql.execute(cursor, {"run_id": run_id}))
-            if row is None:
-                raise RunNotFound(run_id)
-            more = sql.rows(cursor)
+            return self._labelled_record(cursor, run_id)
+
+    def _labelled_record(self, cursor: Any, run_id: str) -> RunRecord:
+        """The run's record with its labels, read on ``cursor`` in one statement (``RunNotFound``)."""
+        sql = self._driver_sql("run_labelled", _RUN_LABELLED)
+        row = sql.one(sql.execute(cursor, {"run_id": run_id}))
+        if row is None:
+            raise RunNotFound(run_id)
+        more = sql.rows(cursor)
         key, value = sql.columns.index("label_key"), sql.columns.index("label_value")
         labels = {row["label_key"]: row["label_value"]} if row["label_key"] is not None else {}
         labels.update((found[key], found[value]) for found in more)

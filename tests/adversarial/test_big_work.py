@@ -8,9 +8,14 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from lrserve.service.engine.preview import simulate
 from lrserve.service.engine.spec import parse_schedule
+from lrserve.service.offload import OFFLOAD_NICE
+from lrserve.service.settings import Settings
+
+from tests.live_server import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +45,38 @@ def test_a_big_preview_is_computed_in_a_worker_process_bit_for_bit(server, http)
     expected = simulate(parse_schedule(COSINE, n_groups=GROUPS), base_lrs, None, 300).lrs
     assert answer.json()["lrs"] == expected  # float == float: every bit
     assert len(workers(server.proc.pid)) == 1
+
+
+def nice_values(pid: int) -> set[int]:
+    """The nice value of each thread of process ``pid`` (``/proc/PID/task/TID/stat``, field 19)."""
+    return {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_with_the_defaults_the_worker_process_runs_at_the_servers_own_nice_value(server, http):
+    """Default settings: every thread of the worker (torch's included) at ``OFFLOAD_NICE`` (0: the
+    server's own priority, inherited)."""
+    answer, _ = big_preview(http, steps=60)
+    assert answer.status_code == 200, answer.text
+    [worker] = workers(server.proc.pid)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)  # the server's, inherited from this process
+    assert Settings.model_fields["offload_nice"].default == OFFLOAD_NICE == 0
+    assert nice_values(worker) == {mine}
+
+
+def test_lrserve_offload_nice_sets_every_thread_of_the_worker_not_the_server(tmp_path):
+    """``LRSERVE_OFFLOAD_NICE=12``: set in the worker before torch starts its threads, so all of
+    them have it; the event loop's thread keeps the server's value."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    with ServerProcess(f"sqlite:///{tmp_path / 'nice.db'}", tmp_path,
+                       env={"LRSERVE_OFFLOAD_NICE": "12"}) as proc, \
+            httpx.Client(base_url=proc.url, timeout=30) as client:
+        answer, _ = big_preview(client, steps=60)
+        assert answer.status_code == 200, answer.text
+        [worker] = workers(proc.proc.pid)
+        assert nice_values(worker) == {max(mine, 12)}
+        assert len(list(Path(f"/proc/{worker}/task").iterdir())) > 1  # torch's threads among them
+        assert os.getpriority(os.PRIO_PROCESS, proc.proc.pid) == mine
 
 
 def test_a_big_create_is_checked_in_a_worker_and_its_errors_are_422s(server, http):

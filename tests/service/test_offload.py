@@ -40,3 +40,14 @@ def test_zero_workers_compute_in_the_calling_thread():
     big = BigWork(0)
     assert big.run(os.getpid) == os.getpid()
     big.close()
+
+
+@pytest.mark.slow  # spawns a worker process (it imports torch)
+def test_a_worker_process_runs_at_the_nice_value_asked_never_below_this_ones():
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice in (7, 0):
+        big = BigWork(1, nice=nice)
+        try:
+            assert big.run(os.getpriority, os.PRIO_PROCESS, 0) == max(mine, nice)
+        finally:
+            big.close()

@@ -244,8 +244,8 @@ class _RecordingLock:
 
 def test_a_background_thread_never_takes_the_kept_answers_lock(api):
     """The event loop takes ``HistoryAnswers``' lock (the fast layer's ``get``): a background
-    thread (nice 19) preempted while holding it would keep the loop waiting. So the background
-    thread only writes the bytes; the answer is kept after, out of it."""
+    thread (at a lower priority) preempted while holding it would keep the loop waiting. So the
+    background thread only writes the bytes; the answer is kept after, out of it."""
     make_run(api, "big", base_lrs=[0.1] * 50)
     api.get("/v1/runs/big/lr", params={"step": 0, "ahead": 99})
     answers = api.app.state.history_answers
@@ -258,7 +258,7 @@ def test_a_background_thread_never_takes_the_kept_answers_lock(api):
 
 
 def test_at_most_the_backgrounds_slots_hold_a_big_history_at_once(api, monkeypatch):
-    """Big histories asked at once, their JSON slow to write (a busy machine, where the nice-19
+    """Big histories asked at once, their JSON slow to write (a busy machine, where the background
     threads run last): at most ``Background.slots`` are read and held at once; the rest wait on
     the loop holding nothing (before: each read at once, every ``History`` held until a
     background thread was free). Every answer is the route's."""
@@ -312,7 +312,7 @@ def test_background_nice_zero_writes_a_big_history_at_the_servers_priority(setti
     """``LRSERVE_BACKGROUND_NICE=0``: the background threads keep the server's priority."""
     monkeypatch.setenv("LRSERVE_BACKGROUND_NICE", "0")
     assert type(settings)().background_nice == 0
-    assert type(settings).model_fields["background_nice"].default == 19
+    assert type(settings).model_fields["background_nice"].default == BACKGROUND_NICE == 5
     app = create_app(settings.model_copy(update={"background_nice": 0}))
     written = []
     real_json = fast_reads.history_json

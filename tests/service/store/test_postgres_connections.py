@@ -115,6 +115,70 @@ def test_a_commit_is_two_round_trips_and_answers_after_commit(database_url):
         other.close()
 
 
+def test_a_create_is_two_round_trips_in_two_writes_and_returns_the_run_as_a_read_does(database_url):
+    """``create_run``: ``BEGIN`` with the run's INSERT (its row returned), then the labels, the
+    notification and the numbered event with ``COMMIT``: two round trips and two writes (nine
+    round trips before, one per statement, the event id counter's row locked from the third).
+    A create of a run that exists reads it in the same transaction, then commits: three (five
+    before). What it
+    returns is what another store reads, labels in key order, and its event is numbered."""
+    url = make_url(database_url("postgres"))
+    proxy = _CountingProxy(url.host or "127.0.0.1", url.port or 5432)
+    store = open_store(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    other = open_store(url.render_as_string(hide_password=False))
+    spec = {"schedule": {"type": "StepLR", "step_size": 3}}
+    try:
+        store.create_run("warm", spec, {}, CREATED)  # a pooled connection, its statements prepared
+        store.create_run("warm", spec, {}, CREATED)
+        with _round_trips(store) as trips:
+            store.create_run("warm2", spec, {}, CREATED)  # the traced connection, prepared
+            store.create_run("warm2", spec, {}, CREATED)
+            for labels in ({"team": "a", "owner": "b"}, {}):
+                run_id = f"r{len(labels)}"
+                before, writes = trips(), proxy.writes
+                record, is_new = store.create_run(run_id, spec, labels, CREATED)
+                assert (trips() - before, proxy.writes - writes, is_new) == (2, 2, True)
+                assert record == other.read_run(run_id)
+                assert list(record.labels) == sorted(labels)
+                before, writes = trips(), proxy.writes
+                again, is_new = store.create_run(run_id, {"other": 1}, {"x": "y"}, CREATED)
+                assert (trips() - before, proxy.writes - writes, is_new) == (3, 3, False)
+                assert again == record
+        assert [e.gid for e in other.read_events("r2")] == [3]
+        assert [e.gid for e in other.read_events("r0")] == [4]
+    finally:
+        store.close()
+        other.close()
+        proxy.close()
+
+
+def test_a_create_that_fails_keeps_nothing_and_its_connection_serves_the_next(database_url):
+    """A create whose event cannot be numbered (no counter row: the INSERT fails, answered
+    only at COMMIT's flush) keeps neither the run nor its labels and fails as the database's
+    (503); its connection goes back with no transaction open, and the next create on it,
+    once the counter is back, goes through."""
+    store = open_store(database_url("postgres"))
+    spec = {"schedule": {"type": "StepLR"}}
+    try:
+        store.create_run("first", spec, {}, CREATED)
+        with store._transaction(write=True) as conn:
+            conn.execute(text("DELETE FROM event_ids"))
+        with pytest.raises(StoreUnavailable, match="event_ids row 1 is missing"):
+            store.create_run("r", spec, {"team": "a"}, CREATED)
+        with pytest.raises(RunNotFound):
+            store.read_run("r")
+        assert store._disposals == 0
+        assert store._engine.pool.checkedin() == 1
+        with store._transaction(write=True) as conn:
+            assert conn.execute(text("SELECT count(*) FROM run_labels")).scalar_one() == 0
+            conn.execute(text("INSERT INTO event_ids (id, last_gid) VALUES (1, 1)"))
+        record, is_new = store.create_run("r", spec, {"team": "a"}, CREATED)
+        assert is_new and record.labels == {"team": "a"}
+        assert [e.gid for e in store.read_events("r")] == [2]
+    finally:
+        store.close()
+
+
 class _CountingProxy:
     """A TCP proxy to the test's PostgreSQL that counts the client's writes: each ``recv`` of
     data the client sent (a client that writes several times in a row may be read at once, so

@@ -1,0 +1,100 @@
+"""The benchmark tools that compare two trees run end to end, each against this same tree (as
+the other one), at their smallest size, and write every figure.
+
+No timing is asserted anywhere. These were in ``test_smoke.py``, beside the tiny suite: apart,
+under ``--dist loadfile`` the two modules run on two workers at once (together they were the
+suite's longest module: 19-20 minutes of one worker at load 30-50, the run 55).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.servers import pg_problem
+from tests.bench.test_smoke import HANG_S, ROOT
+
+pytestmark = pytest.mark.timeout(HANG_S + 60)
+
+
+@pytest.mark.slow
+def test_side_by_side_compares_two_trees(tmp_path: Path) -> None:
+    """``bench.side_by_side`` against this same tree (as the other one): every variant of both
+    trees has its numbers, the server's CPU and wait per request among them."""
+    out = tmp_path / "side.json"
+    command = [sys.executable, "-m", "bench.side_by_side", str(ROOT), "--rounds", "1", "--calls", "3",
+               "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for figure, per_tree in (("report_decide", 3), ("routes", 3)):
+        rows = [row for row in data[figure] if row["variant"].startswith(("this: ", "other: "))]
+        assert len(rows) == 2 * per_tree, figure
+        for row in rows:
+            assert row["calls"] == 3, row
+            for key in ("p50_ms", "server_cpu_us", "server_wait_us", "client_cpu_us"):
+                assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+            assert row["server_cpu_us"] > 0, row  # the server's threads were found and read
+
+
+@pytest.mark.slow
+def test_cold_start_times_the_yardstick_and_both_trees(tmp_path: Path) -> None:
+    """``bench.cold_start`` against this same tree (as the other one): every start of each
+    variant timed, each server's median over ``import torch`` reported."""
+    out = tmp_path / "cold.json"
+    command = [sys.executable, "-m", "bench.cold_start", str(ROOT), "--rounds", "2", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["variants"]) == {"torch", "this", "other"}
+    for name, row in data["variants"].items():
+        assert len(row["seconds"]) == 2 and all(s > 0 for s in row["seconds"]), name
+        assert row["min_s"] <= row["median_s"] <= row["max_s"], name
+        expected = row["median_s"] - data["variants"]["torch"]["median_s"]
+        assert math.isclose(row["over_torch_s"], expected), name
+    assert "import torch" in proc.stdout
+
+
+@pytest.mark.slow
+def test_plateau_loop_measures_each_report_of_both_trees(tmp_path: Path) -> None:
+    """``bench.plateau_loop`` against this same tree (as the other one): every variant (tree x
+    client mode x training step) has its reports, each with the training thread's time and
+    CPU and the bare round trip beside it."""
+    pytest.importorskip("torch")
+    out = tmp_path / "plateau.json"
+    command = [sys.executable, "-m", "bench.plateau_loop", str(ROOT), "--rounds", "1", "--reports", "2",
+               "--epoch", "2", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    variants = {(r["tree"], r["client"], r["step_ms"]) for r in rows}
+    modes = ("waits", "overlap")
+    assert variants == {(t, c, s) for t in ("this", "other") for c in modes for s in (0.1, 5.0)}
+    for row in rows:
+        assert row["reports"] == 2, row
+        for key in ("wall", "cpu", "tick_wall", "tick_cpu", "hook_wall", "hook_cpu", "rtt", "rtt_cpu"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        assert row["tick_cpu"] > 0 and row["rtt"] > 0, row  # step(metric) ran; the yardstick answered
+
+
+@pytest.mark.slow
+def test_commit_ab_commits_on_both_trees(tmp_path: Path) -> None:
+    """``bench.commit_ab`` against this same tree (as the other one), on PostgreSQL: each
+    tree's round committed without an error, with its server's and sessions' CPU per commit."""
+    if problem := pg_problem():
+        pytest.skip(problem)
+    command = [sys.executable, "-m", "bench.commit_ab", str(ROOT), "--rounds", "1", "--seconds", "1",
+               "--workers", "1", "--connections", "4"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for tree in ("this", "other"):
+        (line,) = [x for x in proc.stdout.splitlines() if x.startswith(f"round 0 {tree:>5}:")]
+        fields = dict(zip(line.split()[3::2], map(float, line.split()[4::2]), strict=True))
+        assert fields["rps"] > 0 and fields["errors"] == 0, line
+        assert fields["server_us"] > 0 and fields["sessions_us"] >= 0, line
+    assert "this / other req/s per round" in proc.stdout
