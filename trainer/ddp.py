@@ -8,14 +8,16 @@ slow on GPUs).
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "setup", "pick_device"]
+__all__ = ["Dist", "native_stacks_on_crash", "pick_device", "setup"]
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -74,8 +76,19 @@ class Dist:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
+def native_stacks_on_crash() -> None:
+    """With Python's faulthandler on (``PYTHONFAULTHANDLER=1``, ``-X faulthandler``), a rank
+    that dies of a signal (SIGABRT, SIGSEGV, ...) prints every thread's native (C++) stack
+    too, before faulthandler's Python stacks: torch's own handler, as torch's distributed
+    tests install it (Linux only). A C++ ``std::terminate`` ("terminate called without an
+    active exception") or a crash in gloo then says in which thread and where."""
+    if faulthandler.is_enabled() and sys.platform == "linux":
+        torch._C._set_print_stack_traces_on_fatal_signal(True)
+
+
 def setup(device_choice: str) -> Dist:
     """Read torchrun's environment, pick the device, and join the process group if there is one."""
+    native_stacks_on_crash()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

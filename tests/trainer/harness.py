@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "trainer-test-admin"
 JOB_TOKEN = "trainer-test-job"
 TOKENS = f"admin:{ADMIN_TOKEN},write:{JOB_TOKEN}"
+STDERR_TAIL = 40_000  # characters of a trainer's stderr a failure shows (Trainer.output)
 
 
 def torchrun() -> list[str]:
@@ -52,7 +53,9 @@ class Trainer:
         # Warnings are errors in the trainer too (as in pytest); one thread per rank suits
         # this small model on a small machine. A rank that dies of a signal (a fresh-clone CI
         # saw rank 1 abort: "terminate called without an active exception", SIGABRT, once in
-        # four runs, not reproduced since) prints every thread's Python stack (faulthandler).
+        # five runs, not reproduced since) prints every thread's native stack (torch's handler,
+        # which the trainer installs when faulthandler is on: ddp.native_stacks_on_crash),
+        # then every thread's Python stack (faulthandler); output() keeps them.
         env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="error", PYTHONFAULTHANDLER="1")
         self.out = tmp / f"{name}.out"
         self.err = tmp / f"{name}.err"
@@ -73,7 +76,9 @@ class Trainer:
             self.proc.wait(timeout=30)
 
     def output(self) -> str:
-        return self.out.read_text() + "\n--- stderr ---\n" + self.err.read_text()[-6000:]
+        """stdout, and stderr's last ``STDERR_TAIL`` characters: a crashed rank's stacks (~16,000
+        characters for a rank of two) come before the other rank's traceback and torchrun's report."""
+        return self.out.read_text() + "\n--- stderr ---\n" + self.err.read_text()[-STDERR_TAIL:]
 
     def summary(self) -> dict[str, str]:
         lines = [ln for ln in self.out.read_text().splitlines() if ln.startswith("summary ")]

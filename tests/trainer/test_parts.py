@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from lrserve.trainer.loop import StepTimes, evaluate, make_precision
 from lrserve.trainer.model import make_model
 from lrserve.trainer.schedules import EXAMPLES, resolve_schedule
 from lrserve.trainer.trace import Trace, trace_path
+
+from tests.trainer.harness import ROOT
 
 
 def test_split_is_stratified_standardised_and_seeded():
@@ -133,3 +140,27 @@ def test_resume_keeps_the_checkpoints_schedule(capsys):
     assert "checkpoint's schedule" in capsys.readouterr().out
     args.schedule = "/no/such/file.json"
     assert _schedule(args, 10, saved, is_main=True) == saved["schedule"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torch's fatal-signal handler is Linux only")
+@pytest.mark.parametrize("faulthandler", [True, False])
+def test_a_rank_that_aborts_prints_its_native_stacks_when_faulthandler_is_on(tmp_path, faulthandler):
+    """What a rank killed by std::terminate leaves to read: each thread's C++ stack (torch's
+    handler, installed by ``ddp.setup``), then faulthandler's Python stacks; neither without
+    faulthandler (the handler is opt-in, as faulthandler is)."""
+    code = "import os\nfrom lrserve.trainer import ddp\nddp.setup('cpu')\nos.abort()\n"
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHONFAULTHANDLER"}}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    if faulthandler:
+        env["PYTHONFAULTHANDLER"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGABRT, proc.stderr
+    native = re.findall(r"^SIGABRT\(6\), PID: \d+, Thread (\d+):", proc.stderr, re.MULTILINE)
+    if faulthandler:
+        assert len(native) >= 1 and "abort" in proc.stderr, proc.stderr  # the main thread's, in abort()
+        assert "Fatal Python error: Aborted" in proc.stderr  # faulthandler's still follows
+        assert proc.stderr.index("SIGABRT(6)") < proc.stderr.index("Fatal Python error")
+    else:
+        assert native == [] and "Fatal Python error" not in proc.stderr, proc.stderr
