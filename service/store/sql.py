@@ -1076,7 +1076,14 @@ class SqlStore(BaseStore):
             return self._take_gids_on(cursor, n)
 
     def _take_gids_on(self, cursor: Any, n: int) -> list[int]:
-        (last,) = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
+        """The next ``n`` global event ids (``_take_gids``). Without the counter's row the
+        transaction fails as the database's (``StoreUnavailable``, a 503, naming the row; the
+        caller's transaction rolls back and keeps nothing), as PostgreSQL's numbered INSERT
+        (``_INSERT_NUMBERED_EVENT``) does."""
+        taken = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
+        if taken is None:
+            raise StoreUnavailable(f"{self._where}: event_ids row 1 is missing")
+        (last,) = taken
         return list(range(last - n + 1, last + 1))
 
     def _notify_on(self, cursor: Any, channel: str, run_id: str) -> None:
