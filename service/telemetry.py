@@ -107,8 +107,9 @@ class Telemetry:
         (method, route, status) and kept: prometheus_client's ``labels()`` checks and locks on
         every call (~9 µs each for the two, loaded, ~2.5 % of a commit's server CPU), and the
         children it returns are the same ones until a metric is cleared, which nothing here
-        does. Routes are templates and statuses few; past ``_KEPT_ANSWERS`` keys (methods are
-        the client's) the rest are looked up each time."""
+        does. Routes are templates and statuses few, and methods llhttp's fixed set (uvicorn's
+        httptools protocol refuses any other method before the app sees it): the keys are
+        bounded; past ``_KEPT_ANSWERS`` of them the rest are looked up each time."""
         key = (method, route, status)
         found = self._answered.get(key)
         if found is None:

@@ -25,7 +25,7 @@ import math
 import operator
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from secrets import token_hex
@@ -171,10 +171,10 @@ _RUN_LABELLED = select(
     runs, run_labels.c.key.label("label_key"), run_labels.c.value.label("label_value")
 ).select_from(
     runs.outerjoin(run_labels, run_labels.c.run_id == runs.c.run_id)
-).where(runs.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
-"""A run's row once per label (once, with NULLs, without labels): ``read_run`` in one statement."""
-_RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(
-    run_labels.c.run_id == bindparam("run_id")).order_by(run_labels.c.key)
+).where(runs.c.run_id == bindparam("run_id"))
+"""A run's row once per label (once, with NULLs, without labels): ``read_run`` in one statement.
+Its labels, in no order: ``_by_key`` orders them."""
+_RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(run_labels.c.run_id == bindparam("run_id"))
 _INSERT_EVENTS = events.insert()
 _INSERT_LABELS = run_labels.insert()
 _TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
@@ -744,7 +744,7 @@ class SqlStore(BaseStore):
             self._driver_sql("insert_numbered_events", _INSERT_NUMBERED_EVENT).execute(
                 cursor, _event_row(run_id, 1, created, row["created_at"], None))
         self._events_committed()
-        return _record_of(stored, dict(sorted(labels.items()))), True  # in key order, as a read
+        return _record_of(stored, _by_key(labels.items())), True  # in the order a read gives
 
     def read_run(self, run_id: str) -> RunRecord:
         """The run's record: its row and its labels in one statement (one read, no transaction).
@@ -764,9 +764,8 @@ class SqlStore(BaseStore):
             raise RunNotFound(run_id)
         more = sql.rows(cursor)
         key, value = sql.columns.index("label_key"), sql.columns.index("label_value")
-        labels = {row["label_key"]: row["label_value"]} if row["label_key"] is not None else {}
-        labels.update((found[key], found[value]) for found in more)
-        return _record_of(row, labels)
+        first = [(row["label_key"], row["label_value"])] if row["label_key"] is not None else []
+        return _record_of(row, _by_key([*first, *((found[key], found[value]) for found in more)]))
 
     def run_head(self, run_id: str) -> RunHead:
         """The run's ``created_at``, ``horizon`` and ``last_seq`` in one statement (one row,
@@ -838,20 +837,17 @@ class SqlStore(BaseStore):
             conn.close()  # back to the pool, which rolls back what the reads began
 
     def _read_record(self, conn: Connection, row: Row[Any]) -> RunRecord:
-        labels = {r.key: r.value for r in conn.execute(_RUN_LABELS, {"run_id": row.run_id})}
-        return _record(row, labels)
+        found = conn.execute(_RUN_LABELS, {"run_id": row.run_id})
+        return _record(row, _by_key((r.key, r.value) for r in found))
 
     @staticmethod
     def _labels_of(conn: Connection, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        found: dict[str, dict[str, str]] = {}
+        found: dict[str, list[tuple[str, str]]] = {}
         if not run_ids:
-            return found
-        query = select(run_labels).where(run_labels.c.run_id.in_(run_ids)).order_by(
-            run_labels.c.run_id, run_labels.c.key
-        )
-        for row in conn.execute(query):
-            found.setdefault(row.run_id, {})[row.key] = row.value
-        return found
+            return {}
+        for row in conn.execute(select(run_labels).where(run_labels.c.run_id.in_(run_ids))):
+            found.setdefault(row.run_id, []).append((row.key, row.value))
+        return {run_id: _by_key(pairs) for run_id, pairs in found.items()}
 
     def list_runs(
         self,
@@ -1076,7 +1072,14 @@ class SqlStore(BaseStore):
             return self._take_gids_on(cursor, n)
 
     def _take_gids_on(self, cursor: Any, n: int) -> list[int]:
-        (last,) = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
+        """The next ``n`` global event ids (``_take_gids``). Without the counter's row the
+        transaction fails as the database's (``StoreUnavailable``, a 503, naming the row; the
+        caller's transaction rolls back and keeps nothing), as PostgreSQL's numbered INSERT
+        (``_INSERT_NUMBERED_EVENT``) does."""
+        taken = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
+        if taken is None:
+            raise StoreUnavailable(f"{self._where}: event_ids row 1 is missing")
+        (last,) = taken
         return list(range(last - n + 1, last + 1))
 
     def _notify_on(self, cursor: Any, channel: str, run_id: str) -> None:
@@ -1479,6 +1482,15 @@ class SqlRunTransaction(RunTransaction):
 
 
 # -- rows <-> records --------------------------------------------------------------------
+
+
+def _by_key(labels: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Labels in their keys' code-point order: the one order every path gives (a create's
+    record, a read, a listing, the feed) on both backends. An ``ORDER BY key`` would follow the
+    column's collation (PostgreSQL's under ``en_US.UTF-8`` puts ``a`` before ``B``; the store's
+    create, which answers without reading, puts ``B`` first), so the same run's JSON would
+    depend on the path, and the replica, that answered it."""
+    return dict(sorted(labels))
 
 
 def _record(row: Row[Any], labels: dict[str, str]) -> RunRecord:

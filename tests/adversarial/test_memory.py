@@ -109,3 +109,20 @@ def test_fifty_thousand_404s_leave_no_memory_behind(server: ServerProcess):
     assert set(warm) == {404} and statuses == Counter({404: REQUESTS}), statuses
     print(f"server RSS {before:.1f} MiB -> {after:.1f} MiB after {REQUESTS} 404s")
     assert after - before < GROWTH_LIMIT_MIB, (before, after)
+
+
+def test_a_method_outside_http_never_reaches_the_metrics(server: ServerProcess):
+    # The request metrics are labelled by method, which the client picks: only llhttp's fixed
+    # set of methods gets past uvicorn's parser (a 400 before the app), so their keys stay bounded.
+    async def ask(raw: bytes) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(raw)
+            return int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
+        finally:
+            writer.close()
+
+    assert asyncio.run(ask(b"FOOBAR1 /v1/runs/x HTTP/1.1\r\nHost: t\r\n\r\n")) == 400
+    assert asyncio.run(ask(b"PROPFIND /v1/runs/x HTTP/1.1\r\nHost: t\r\n\r\n")) == 405
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert 'method="PROPFIND"' in metrics and "FOOBAR1" not in metrics

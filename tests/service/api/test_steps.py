@@ -210,7 +210,7 @@ def test_a_preview_over_the_budget_whatever_its_schedule_is_refused_without_a_wo
     bad_spec = dict(body, schedule={"type": "StepLR", "step_size": 0})  # a bad field: named as before
     refused = api.post("/v1/schedules/preview", json=bad_spec)
     assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "schedule.step_size"
-    assert multiprocessing.active_children() == before
+    assert not set(multiprocessing.active_children()) - set(before)  # no process started
 
 
 def test_catalog_lists_every_type(api):

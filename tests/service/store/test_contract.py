@@ -105,6 +105,33 @@ class TestStoreContract:
         assert (event.seq, event.kind, event.step, event.payload) == (1, EventKind.CREATED, 0, {"spec": SPEC})
         assert event.at.utcoffset() == timedelta(0)
 
+    def test_labels_come_in_code_point_order_on_every_path_whatever_the_collation(self, store, backend):
+        """A create's record, a read, the create of a run that exists, a listing and the feed give
+        a run's labels in one order, their keys' code points, on both backends, also where
+        PostgreSQL's collation sorts otherwise (en-US here, which puts ``a`` before ``B``; the
+        test database's own is C). Before: the create answered B, Z1, _x, a and the reads
+        (``ORDER BY key``) a, B, _x, Z1, so the same run's JSON depended on the path (and the
+        replica) that answered."""
+        if backend == "postgres":
+            collate = 'COLLATE "en-US-x-icu"'
+            with store._transaction() as conn:
+                icu = conn.execute(text("SELECT 1 FROM pg_collation WHERE collname = 'en-US-x-icu'"))
+                if icu.first() is None:
+                    pytest.skip("this PostgreSQL has no ICU collation en-US-x-icu (built without ICU)")
+            with store._transaction(write=True) as conn:  # this test's schema only
+                conn.execute(text(f"ALTER TABLE run_labels ALTER COLUMN key TYPE varchar(128) {collate}"))
+                keys = conn.execute(text(f"SELECT k FROM (VALUES ('B'), ('a')) AS t(k) ORDER BY k {collate}"))
+                assert keys.scalars().all() == ["a", "B"]  # the collation really sorts otherwise
+        code_points = ["B", "Z1", "_x", "a"]
+        record = make(store, "r1", {"a": "1", "_x": "2", "Z1": "3", "B": "4"})
+        assert list(record.labels) == code_points
+        assert list(store.read_run("r1").labels) == code_points
+        again, is_new = store.create_run("r1", SPEC, {}, created())
+        assert not is_new and list(again.labels) == code_points
+        assert [list(r.labels) for r in store.list_runs()] == [code_points]
+        assert [list(r.labels) for r in store.list_runs(labels={"a": "1"})] == [code_points]
+        assert [list(f.labels) for f in store.read_feed(0)] == [code_points]
+
     def test_create_is_idempotent(self, store):
         first = make(store, "r1")
         again, is_new = store.create_run("r1", {"other": 1}, {"x": "y"}, created({"other": 1}))

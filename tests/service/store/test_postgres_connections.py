@@ -24,6 +24,7 @@ from lrserve.service.store.base import MetricRecord
 from lrserve.service.store.events import EventKind, NewEvent
 from sqlalchemy import create_engine, event, make_url, text
 
+from tests.conftest import BACKENDS
 from tests.e2e.proxy import pipe
 
 CREATED = NewEvent(EventKind.CREATED, 0, {})
@@ -152,12 +153,14 @@ def test_a_create_is_two_round_trips_in_two_writes_and_returns_the_run_as_a_read
         proxy.close()
 
 
-def test_a_create_that_fails_keeps_nothing_and_its_connection_serves_the_next(database_url):
-    """A create whose event cannot be numbered (no counter row: the INSERT fails, answered
-    only at COMMIT's flush) keeps neither the run nor its labels and fails as the database's
-    (503); its connection goes back with no transaction open, and the next create on it,
-    once the counter is back, goes through."""
-    store = open_store(database_url("postgres"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_create_that_fails_keeps_nothing_and_its_connection_serves_the_next(database_url, backend):
+    """A create whose event cannot be numbered (no counter row: on PostgreSQL the INSERT fails,
+    answered only at COMMIT's flush; on SQLite the counter's UPDATE returns no row) keeps
+    neither the run nor its labels and fails as the database's (503, naming the row; on SQLite
+    it was a TypeError, a 500); its connection goes back with no transaction open, and the
+    next create on it, once the counter is back, goes through."""
+    store = open_store(database_url(backend))
     spec = {"schedule": {"type": "StepLR"}}
     try:
         store.create_run("first", spec, {}, CREATED)
@@ -504,12 +507,14 @@ def test_notifications_wake_the_stores_of_their_own_schema_only(database_url):
             store.close()
 
 
-def test_a_commit_without_the_event_id_counter_keeps_nothing(database_url):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_commit_without_the_event_id_counter_keeps_nothing(database_url, backend):
     """The events' INSERT numbers each row from the counter's row (``event_ids`` id 1) in the
     same statement; without that row the statement fails, and with it the commit, which keeps
     nothing (before: it inserted no event, silently, and committed the run's ``last_seq``
-    ahead of its events)."""
-    store = open_store(database_url("postgres"))
+    ahead of its events). SQLite's commit takes its ids in an UPDATE first: without the row
+    it fails the same way (before: a TypeError, a 500)."""
+    store = open_store(database_url(backend))
     try:
         store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
         with store._transaction(write=True) as conn:
