@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
+from lrserve.service.background import BACKGROUND_NICE
 from lrserve.service.cli import DEFAULT_DB  # defined there: the CLI's help needs no server packages
 from lrserve.service.offload import OFFLOAD_NICE
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -89,11 +90,11 @@ class Settings(BaseSettings):
         "0: the server's priority."
     )
     background_nice: int = Field(
-        5, ge=0, le=19, description="Nice value of the threads writing big answers (a big history's JSON; "
-        "service/background.py), so that the kernel runs the event loop's thread first within the server's "
-        "scheduling group; 0: at the server's own priority. Not 19: a nice-19 thread preempted while holding "
-        "the GIL was starved behind CPU-bound work of the same group (docs/hardening.md, \"The history row "
-        "beside CPU-bound work in the server's group\")."
+        BACKGROUND_NICE, ge=0, le=19, description="Nice value of the threads writing big answers (a big "
+        "history's JSON; service/background.py), so that the kernel runs the event loop's thread first "
+        "within the server's scheduling group; 0: at the server's own priority. Not 19: a nice-19 thread "
+        "preempted while holding the GIL was starved behind CPU-bound work of the same group "
+        "(docs/hardening.md, \"The history row beside CPU-bound work in the server's group\")."
     )
     health_port: int | None = Field(
         None, ge=1, le=65535, description="A port of its own for `GET /healthz` and `GET /readyz`, answered "
