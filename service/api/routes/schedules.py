@@ -22,7 +22,7 @@ def preview_schedule(body: PreviewRequest, settings: SettingsDep, request: Reque
     """Values at steps 0..steps-1, simulating plateau decisions and spikes from `metrics`."""
     n_groups, schedule, budget = len(body.base_lrs), body.schedule, settings.work_budget
     big = is_big(n_groups=n_groups, steps=body.steps, schedule=schedule) and not over_budget_anyway(
-        n_groups=n_groups, steps=max(body.steps, cost.CREATE_STEPS), schedule=schedule, budget=budget)
+        n_groups=n_groups, steps=_costed_steps(body), schedule=schedule, budget=budget)
     if big:
         answer = request.app.state.big_work.run(preview_answer, body, budget)
     else:  # small, or refused over the budget after a parse, before any work
@@ -42,12 +42,17 @@ def preview_answer(body: PreviewRequest, work_budget: int) -> bytes:
     what = f"a preview of {body.steps} steps on {n_groups} param groups"
 
     def within_budget(schedule: ScheduleSpec) -> None:
-        units = cost.cost(schedule, n_groups=n_groups, steps=max(body.steps, cost.CREATE_STEPS))
+        units = cost.cost(schedule, n_groups=n_groups, steps=_costed_steps(body))
         cost.check(what, "steps", units, work_budget)
 
     schedule = parse_schedule(body.schedule, n_groups=n_groups, before_checks=within_budget)
     result = simulate(schedule, body.base_lrs, body.base_momentums, body.steps, body.metrics)
     return sliced_json.dumps(preview_body(result.lrs, result.momentums, result.spikes))
+
+
+def _costed_steps(body: PreviewRequest) -> int:
+    """The steps a preview costs: its own, and at least a create's (its spec checked as a create's is)."""
+    return max(body.steps, cost.CREATE_STEPS)
 
 
 @router.get("/catalog", response_model=CatalogPublic, dependencies=[ReadAccess])
