@@ -73,6 +73,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -85,6 +86,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.pool import QueuePool
 
 SQLITE_BEGIN_OPTION = "lrserve_sqlite_begin"
@@ -207,6 +209,11 @@ _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
     updated_at=bindparam("b_updated_at"))
+_FREE_ROWS = select(runs.c.run_id).where(
+    runs.c.run_id == any_(bindparam("run_ids", type_=ARRAY(Text)))
+).order_by(runs.c.run_id).with_for_update(key_share=True, skip_locked=True)
+"""PostgreSQL: the rows of ``run_ids`` that no transaction holds, locked as ``_MARK_SEEN``'s
+UPDATE locks them (``FOR NO KEY UPDATE``), without waiting (``mark_seen``)."""
 _HEARD = func.coalesce(runs.c.last_seen, runs.c.updated_at)
 """When a run was last heard from (never seen since the upgrade to schema v2: its last change)."""
 _MARK_SEEN = update(runs).where(
@@ -894,7 +901,15 @@ class SqlStore(BaseStore):
 
     def mark_seen(self, seen: Mapping[str, datetime]) -> None:
         """Move ``last_seen`` forward, in ``run_id`` order (two replicas flushing at once lock
-        the rows in the same order, so they never deadlock); one short transaction.
+        the rows in the same order, so they never deadlock).
+
+        SQLite: one short transaction. PostgreSQL: the rows no transaction holds, in one
+        transaction that waits for no lock (``SKIP LOCKED``); then each held row in a
+        transaction of its own, which waits for that row alone. A run's commit holds its row
+        while it computes (a big run of steps: a second or more), and one transaction for all
+        held the rows it had written while it waited for that one: another run's commit waited
+        for the flush, so for the big run's computation (docs/hardening.md, "Lock scope on
+        PostgreSQL: the flush of last_seen").
 
         Raises:
             StoreUnavailable: the database failed.
@@ -902,8 +917,18 @@ class SqlStore(BaseStore):
         if not seen:
             return
         rows = [{"b_run_id": run_id, "b_seen": seen[run_id]} for run_id in sorted(seen)]
+        if self._engine.dialect.name != "postgresql":
+            with self._transaction(write=True) as conn:
+                conn.execute(_MARK_SEEN, rows)
+            return
         with self._transaction(write=True) as conn:
-            conn.execute(_MARK_SEEN, rows)
+            free = set(conn.execute(_FREE_ROWS, {"run_ids": [row["b_run_id"] for row in rows]}).scalars())
+            if free:
+                conn.execute(_MARK_SEEN, [row for row in rows if row["b_run_id"] in free])
+        for row in rows:
+            if row["b_run_id"] not in free:  # held by a commit (or gone): alone, holding no other row
+                with self._transaction(write=True) as conn:
+                    conn.execute(_MARK_SEEN, [row])
 
     def count_by_status(self, *, stale_before: datetime) -> dict[str, int]:
         """Runs per status, and the stale ones (active, not heard from since ``stale_before``).

@@ -130,3 +130,71 @@ def test_a_sighting_is_recorded_before_the_answer_goes_out():
     scope = {"type": "http", "method": "GET", "path": "/v1/runs/r/lr"}
     asyncio.run(app(scope, None, client_reads))
     assert sent == [("http.response.start", True), ("http.response.body", True)]
+
+
+
+def test_a_flush_never_holds_a_run_while_it_waits_for_another(database_url):
+    """PostgreSQL: a run's commit holds its row for as long as it computes (a 1024-group run's
+    step jump: ~1 s in the worker process). The flush locked the rows of every run it saw, in
+    ``run_id`` order, in one transaction: it held ``a``'s while it waited for ``b``'s, and ``a``'s
+    next commit waited for the flush, so for ``b``'s computation (figure 7: another run's step
+    up to 957 ms). Now the flush writes the rows nobody holds at once and each held one in a
+    transaction of its own: ``a`` commits while ``b``'s commit is still held (before: not until
+    ``b`` committed; the 30 s below only bound a failing run)."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    url = database_url("postgres")
+    store = open_store(url)
+    try:
+        for run_id in ("a", "b"):
+            store.create_run(run_id, {}, {}, NewEvent(EventKind.CREATED, 0, {}))
+        clock = Clock()
+        clock.now = store.read_run("a").last_seen + timedelta(seconds=10)
+        liveness = Liveness(300, clock)
+        liveness.seen("a")
+        liveness.seen("b")
+        b_held, b_may_commit, a_committed = threading.Event(), threading.Event(), threading.Event()
+        flushed: list[int] = []
+
+        def big_commit() -> None:  # b's commit, held mid-computation
+            with store.lock_run("b") as tx:
+                b_held.set()
+                b_may_commit.wait(60)
+                tx.update_run(horizon=5)
+
+        def a_commit() -> None:
+            with store.lock_run("a") as tx:
+                tx.update_run(horizon=1)
+            a_committed.set()
+
+        threads = [threading.Thread(target=big_commit)]
+        threads[0].start()
+        try:
+            assert b_held.wait(60)
+            threads.append(threading.Thread(target=lambda: flushed.append(liveness.flush(store))))
+            threads[-1].start()
+            waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND wait_event_type = 'Lock'")
+            watcher = create_engine(url)
+            try:
+                with watcher.connect() as watch:  # until the flush waits for b's row
+                    while not watch.execute(waiting).scalar_one():
+                        assert threads[-1].is_alive(), "the flush ended with b's row held"
+                        watch.rollback()
+                        threading.Event().wait(0.01)
+            finally:
+                watcher.dispose()
+            threads.append(threading.Thread(target=a_commit))
+            threads[-1].start()
+            assert a_committed.wait(30), "a's commit waited for the flush, which waited for b's commit"
+            assert store.read_run("a").last_seen == clock.now and store.read_run("b").last_seen != clock.now
+        finally:
+            b_may_commit.set()
+            for thread in threads:
+                thread.join(60)
+        assert flushed == [2]
+        assert store.read_run("b").last_seen == clock.now and store.read_run("b").horizon == 5
+    finally:
+        store.close()
