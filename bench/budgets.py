@@ -267,7 +267,7 @@ def _scenario(url: str, attack: str | None, budget: int, seconds: float, victim:
         "step_p50_ms": percentile(steps, 50), "step_p99_ms": p99(steps),
         "healthz_p50_ms": percentile(health, 50), "healthz_p99_ms": p99(health),
         "step_max_ms": max(steps, default=math.nan), "healthz_max_ms": max(health, default=math.nan),
-        "steps": len(steps),
+        "steps": len(steps), "step_over_ms": sum(1 for t in steps if t > TARGET_MS),
     }
     if attacker is not None:
         attack_stop.set()
@@ -399,7 +399,8 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
     settings = "".join(f", {tree}'s env {env}" for tree, env in envs if env)
     print(f"this tree vs {other}{settings}, {backend}, --workers {workers}, {hogs} hogs in each server's "
           f"session, {rounds} rotated rounds of {seconds:g} s per scenario; p99 and max ms (medians over "
-          "rounds) and the p99's ratio to the same tree's baseline (median of rounds)")
+          "rounds) and the p99's ratio to the same tree's baseline (median of rounds); max: median/worst "
+          f"of rounds; the victim's steps over {TARGET_MS:g} ms, all rounds")
     for attack in attacks:
         for tree in trees:
             got, base = rows[(tree, attack)], rows[(tree, "none")]
@@ -409,7 +410,10 @@ def side_by_side(other: Path, attacks: list[str], rounds: int, seconds: float, b
                 line.append(f"{what} p50 {statistics.median(r[f'{what}_p50_ms'] for r in got):6.2f} "
                             f"p99 {statistics.median(r[f'{what}_p99_ms'] for r in got):6.2f} "
                             f"({statistics.median(ratios):.2f}x) "
-                            f"max {statistics.median(r[f'{what}_max_ms'] for r in got):6.1f}")
+                            f"max {statistics.median(r[f'{what}_max_ms'] for r in got):6.1f}"
+                            f"/{max(r[f'{what}_max_ms'] for r in got):.0f}")
+            over, steps = (sum(r[key] for r in got) for key in ("step_over_ms", "steps"))
+            line.append(f"steps over {TARGET_MS:g} ms {over}/{steps}")
             if "worst_ms" in got[0]:
                 line.append(f"worst {statistics.median(r['worst_ms'] for r in got):.0f} ms, "
                             f"{statistics.median(r['worst_count'] / r['wall_s'] for r in got):.1f}/s")
