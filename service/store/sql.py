@@ -95,6 +95,10 @@ write slot at once or the driver's "database is locked", never the busy handler'
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long an SQLite writer waits for the file's write lock before giving up (503)."""
 _BEGIN = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
+_COMMIT = "COMMIT"
+"""The hot writes' COMMIT (``SqlStore._driver_write``), run on the transaction's cursor: there it
+is a prepared statement of the connection's cache, where sqlite3's ``commit()`` prepares (parses)
+its COMMIT anew each time. The same statement, the same errors."""
 
 
 SQLITE_WAL = "lrserve_wal"
@@ -105,7 +109,9 @@ _NO_BUSY_WAIT = "lrserve_no_busy_wait"
 
 def begin_sqlite(driver: Any, mode: str, info: dict[Any, Any]) -> None:
     """Begin a transaction on a sqlite3 connection as ``SQLITE_BEGIN_OPTION``'s ``mode`` says
-    (``info``: the pooled connection's, SQLAlchemy's ``PoolProxiedConnection.info``).
+    (``info``: the pooled connection's, SQLAlchemy's ``PoolProxiedConnection.info``). ``driver``:
+    the connection, or a cursor of it (the hot writes' own: ``connection.execute`` makes a cursor
+    for each statement).
 
     ``IMMEDIATE NOW`` begins with the busy timeout 0 ("database is locked" at once, not after
     a wait). In WAL mode SQLite calls the busy handler only to begin a transaction (and in
@@ -527,11 +533,11 @@ class SqlStore(BaseStore):
                     try:
                         if counted is not None:
                             counted.cursor = raw.cursor()
-                        begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
+                        begin_sqlite(cursor, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
                         yield cursor
                         if self._guard is not None:
                             self._guard.check()  # never commit (and acknowledge) into a file that is gone
-                        raw.commit()
+                        cursor.execute(_COMMIT)
                         if counted is not None:
                             counted.rows = max(int(counted.cursor.rowcount), 0)
                     finally:
@@ -984,9 +990,9 @@ class SqlStore(BaseStore):
         with self._driver_write() as cursor:
             locked: dict[str, SqlRunTransaction] = {}
             for run_id in sorted(set(run_ids)):
-                row = hold.one(hold.execute(cursor, {"run_id": run_id}))
-                if row is not None:
-                    locked[run_id] = SqlRunTransaction(_locked_run(row), self, cursor)
+                row = hold.rows(hold.execute(cursor, {"run_id": run_id}))  # one row, or none
+                if row:
+                    locked[run_id] = SqlRunTransaction(_locked_run(*row[0]), self, cursor)
             try:
                 yield dict(locked)
                 self._write_held(cursor, list(locked.values()))
@@ -1523,9 +1529,9 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         cursor.close()
 
 
-def _locked_run(row: Mapping[str, Any]) -> LockedRun:
-    return LockedRun(
-        row["run_id"], RunStatus(row["status"]), row["horizon"], row["last_seq"], row["created_at"])
+def _locked_run(run_id: str, status: str, horizon: int, last_seq: int, created_at: datetime) -> LockedRun:
+    """A ``LockedRun`` from ``_LOCKED``'s row (its columns in ``LockedRun``'s order)."""
+    return LockedRun(run_id, RunStatus(status), horizon, last_seq, created_at)
 
 
 def _record_of(row: Mapping[str, Any], labels: dict[str, str] | None = None) -> RunRecord:
