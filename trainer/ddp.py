@@ -68,9 +68,24 @@ class Dist:
         dist.broadcast_object_list(box, src=0, device=self._comm_device())
         return box[0]
 
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, *, clean: bool = True) -> None:
+        """Leave the job's process group, before the interpreter shuts down.
+
+        On a clean end (every rank past its last collective) a barrier comes first, so no
+        rank still has a collective in flight; after an error it is left out (the other
+        ranks may never reach it). Then ``destroy_process_group()``: with the DDP wrapper
+        already gone (the trainer's is a local of its epochs) that drops the last reference
+        to the group, whose destructor joins gloo's worker threads (torch releases the GIL
+        for it). Otherwise those threads outlive the interpreter: one still holding a
+        finished collective's tensor frees it after shutdown began, needs the GIL, is ended
+        by CPython inside a C++ destructor, and the rank dies of "terminate called without
+        an active exception" (SIGABRT); ``tests/trainer/teardown.py`` forces that.
+        """
+        if not (self.enabled and dist.is_initialized()):
+            return
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
 
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -86,8 +101,21 @@ def native_stacks_on_crash() -> None:
         torch._C._set_print_stack_traces_on_fatal_signal(True)
 
 
+def _import_group_defaults() -> None:
+    """Import ``torch.distributed.nn.functional`` before the process group exists.
+
+    Its functions take ``group=group.WORLD`` as default arguments, bound at import. DDP
+    imports it (through ``torch._dynamo``) when the first wrapper is built; imported after
+    ``init_process_group`` those defaults hold the default group until the process exits,
+    so ``destroy_process_group()`` cannot free it and gloo's threads run on through
+    interpreter shutdown (see ``Dist.close``). Imported first, the defaults are ``None``.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def setup(device_choice: str) -> Dist:
-    """Read torchrun's environment, pick the device, and join the process group if there is one."""
+    """Read torchrun's environment, pick the device, and join the process group if there is one
+    (leave it with ``Dist.close``)."""
     native_stacks_on_crash()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -98,5 +126,6 @@ def setup(device_choice: str) -> Dist:
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        _import_group_defaults()
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return Dist(rank, local_rank, world_size, device)

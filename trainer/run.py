@@ -40,9 +40,11 @@ __all__ = ["run"]
 def run(args: argparse.Namespace) -> None:
     env = ddp.setup(args.device)
     try:
-        _run(args, env)
-    finally:
-        env.close()
+        _run(args, env)  # the DDP wrapper is gone when it returns: close() can free the group
+    except BaseException:
+        env.close(clean=False)
+        raise
+    env.close()
 
 
 def _run(args: argparse.Namespace, env: ddp.Dist) -> None:

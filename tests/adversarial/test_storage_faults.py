@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -120,9 +121,18 @@ def test_the_first_start_creates_the_database_and_its_marker(db, tmp_path):
 
 
 def _checkpoint(db) -> None:
-    """Move every committed page from the WAL into the main file (what the fault then hits)."""
+    """Move every committed page from the WAL into the main file (what the fault then hits),
+    and make sure it did: while the server's own checkpoint thread (``store/wal.py``) runs one,
+    SQLite answers ``busy`` and copies nothing more, and a copy of the file taken then missed
+    the last acknowledged steps (their pages still in the log, which the next write restarts)."""
+    deadline = time.monotonic() + 30
     with sqlite3.connect(db, timeout=30) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        while True:
+            busy, log_pages, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy and log_pages == 0:  # TRUNCATE done: every page in the file, the log empty
+                return
+            assert time.monotonic() < deadline, "the WAL could not be checkpointed in 30 s"
+            time.sleep(0.05)
 
 
 def test_a_corrupt_page_mid_run_is_a_clean_503_and_recovers_once_restored(server, db):

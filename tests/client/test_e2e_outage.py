@@ -158,7 +158,8 @@ def test_an_operator_action_in_normal_running_lands_within_one_window(tmp_path):
     # the first free step: after the window the job holds, or the next one if it was on its way
     assert placed - 800 <= 2 * window_then + 1
     assert seen[placed] == [0.05]  # and the job took it there, at that very step
-    assert all(seen[k] == torch_trajectory(placed - 1)[k] for k in range(placed))
+    expected = torch_trajectory(placed - 1)  # once: per step, it was ~820 trajectories (minutes when busy)
+    assert all(seen[k] == expected[k] for k in range(placed))
 
 
 def test_a_restart_while_an_operator_acts_through_another_replica_records_a_divergence(

@@ -35,17 +35,21 @@ class Trainer:
 
     ``through_outages=True`` runs it through ``tests.trainer.through_outages``: the one warning a
     job riding out a server outage must show, ``ServerAwayWarning``, is printed to stderr
-    instead of raised; every other warning stays an error.
+    instead of raised; every other warning stays an error. ``exit_threads=True`` runs it through
+    ``tests.trainer.exit_threads``: each rank names its native threads at exit
+    (``exit_threads()``).
     """
 
     def __init__(self, tmp: Path, name: str, url: str, *args: str, ranks: int = 1,
-                 through_outages: bool = False) -> None:
+                 through_outages: bool = False, exit_threads: bool = False) -> None:
         self.tmp = tmp
         self.name = name
         self.trace = str(tmp / f"{name}.{{rank}}.jsonl")
         launcher = ([sys.executable] if ranks == 1
                     else [*torchrun(), "--standalone", f"--nproc_per_node={ranks}"])
-        module = "tests.trainer.through_outages" if through_outages else "lrserve.trainer"
+        assert not (through_outages and exit_threads), "one wrapper module at a time"
+        module = ("tests.trainer.through_outages" if through_outages
+                  else "tests.trainer.exit_threads" if exit_threads else "lrserve.trainer")
         self.cmd = [*launcher, "-m", module, "--url", url, "--token", JOB_TOKEN,
                     "--trace", self.trace, *args]
         env = {k: v for k, v in os.environ.items()
@@ -79,6 +83,11 @@ class Trainer:
         """stdout, and stderr's last ``STDERR_TAIL`` characters: a crashed rank's stacks (~16,000
         characters for a rank of two) come before the other rank's traceback and torchrun's report."""
         return self.out.read_text() + "\n--- stderr ---\n" + self.err.read_text()[-STDERR_TAIL:]
+
+    def exit_threads(self) -> dict[int, list[str]]:
+        """Each rank's native threads at exit, by rank (``exit_threads=True``)."""
+        found = re.findall(r"^exit threads rank (\d+): (\[.*\])$", self.err.read_text(), re.MULTILINE)
+        return {int(rank): json.loads(names) for rank, names in found}
 
     def summary(self) -> dict[str, str]:
         lines = [ln for ln in self.out.read_text().splitlines() if ln.startswith("summary ")]
