@@ -13,7 +13,7 @@ import pytest
 from lrserve.service.errors import RunNotFound, StoreUnavailable
 from lrserve.service.store import EventKind, MetricRecord, NewEvent
 from lrserve.service.store.schema import UTCDateTime
-from lrserve.service.store.sql import SqlStore
+from lrserve.service.store.sql import _SQLITE_NUMBERED_EVENT, SqlStore
 from sqlalchemy import TypeDecorator, event
 from sqlalchemy.dialects import sqlite
 
@@ -66,6 +66,20 @@ def test_a_control_commit_numbers_its_event_in_its_insert(store, statements):
                           NewEvent(EventKind.STATUS, 2, {"status": "held"})])
     assert [e.gid for e in store.read_events("r")] == [1, 2, 3, 4]
     assert store.last_gid() == 4
+
+
+def test_the_next_event_id_is_a_seek_in_the_gid_index_not_a_scan_of_the_events(store):
+    """The INSERT's ``max(events.gid)`` is SQLite's min/max optimisation on ``ux_events_gid``:
+    the cost of an append does not grow with the log."""
+    numbered = store._driver_sql("insert_numbered_events", _SQLITE_NUMBERED_EVENT)
+    raw = store._engine.raw_connection()
+    try:
+        plan = [row[3] for row in raw.driver_connection.execute(
+            f"EXPLAIN QUERY PLAN {numbered.sql}", [None] * len(numbered.names))]
+    finally:
+        raw.close()
+    assert "SEARCH events USING COVERING INDEX ux_events_gid" in plan, plan
+    assert not any(step.startswith("SCAN") for step in plan), plan
 
 
 def test_the_ids_of_a_deleted_runs_events_are_not_given_out_again(store):
