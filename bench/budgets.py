@@ -23,9 +23,12 @@ reused buffer, not parsed): a client on another machine costs the server nothing
 httpx's pure-Python reading of a 10 MB answer took ~15 ms of CPU per answer on the server's
 two cores (a socket read: ~5 ms), which the figure charged to the server.
 
-Rows: the victim's and the probe's p50/p99, their ratio to the baseline's (of the same backend),
-and the attacker request's own time (its server time plus one loopback round trip): the "worst allowed
-request per route" figure the README quotes.
+Each scenario runs in rotated rounds (three at the default size), the baseline in every round.
+Rows: the victim's and the probe's p50/p99 (medians over rounds), their ratio to the baseline's
+(of the same backend; the median of each round's ratio to that round's baseline), the longest
+wait of any round, and the attacker request's own time (its server time plus one loopback round
+trip): the "worst allowed request per route" figure the README quotes. The baseline's row says
+how far its own p99 moved between rounds (``baseline_spread``, max / min).
 
 ``python -m bench.budgets OTHER [--attacks none,history] [--rounds 6] [--seconds 4] [--backend
 sqlite]`` compares two versions side by side: one server from this checkout ("this") and one
@@ -77,7 +80,8 @@ STEP_LR = {"type": "StepLR", "step_size": 7}
 
 
 def _seconds(size: Size) -> float:
-    return {"tiny": 1.0, "quick": 3.0}.get(size.name, 8.0)
+    """Each scenario's time per round."""
+    return {"tiny": 1.0, "quick": 3.0}.get(size.name, 4.0)
 
 
 class _Discarding:
@@ -290,7 +294,8 @@ COLUMNS = [("backend", "backend"), ("attacker", "worst request running"), ("step
            ("healthz_p50_ms", "healthz p50 ms"), ("healthz_p99_ms", "healthz p99 ms"),
            ("healthz_vs_none", "healthz p99 vs none"), ("healthz_max_ms", "healthz max ms"),
            ("worst_ms", "worst request ms"),
-           ("worst_units", "its work units"), ("worst_count", "worst requests"), ("steps", "victim steps")]
+           ("worst_units", "its work units"), ("worst_count", "worst requests"), ("steps", "victim steps"),
+           ("rounds", "rounds"), ("baseline_spread", "baseline p99 max / min")]
 
 
 def _prepare(url: str) -> None:
@@ -303,36 +308,61 @@ def _prepare(url: str) -> None:
             http.get("/v1/runs/wide/lr", params={"step": horizon + 1, "ahead": 10_000}).raise_for_status()
 
 
-def _scenarios(url: str, budget: int, seconds: float) -> list[dict[str, Any]]:
-    """Every scenario against one server, its baseline first and again last."""
+ATTACKS = ("window", "step jump", "preview", "history", "create")
+
+
+def _scenarios(url: str, budget: int, seconds: float, rounds: int) -> list[dict[str, Any]]:
+    """Every scenario against one server in ``rounds`` rotated rounds, the baseline (no
+    attacker) in each: a row per scenario, its p50s and p99s the medians over rounds, its
+    ratios the median of each round's ratio to that round's baseline (the machine drifts
+    within a run: a baseline taken once, before and after, moved 1.4-2x here), its maxes the
+    worst of all rounds; the baseline's row also says how far its own p99 moved."""
     _prepare(url)
-    rows = [_scenario(url, None, budget, seconds, "victim")]
-    for name in ("window", "step jump", "preview", "history", "create"):
-        rows.append(_scenario(url, name, budget, seconds, "victim"))
-    rows.append(_scenario(url, None, budget, seconds, "victim"))  # the baseline again: did it drift?
-    rows[-1]["attacker"] = "none (again)"
-    base = rows[0]
-    for row in rows:
-        for what, stat in (("step", "p99"), ("healthz", "p99"), ("step", "p50")):
-            key = f"{what}_vs_none" if stat == "p99" else f"{what}_{stat}_vs_none"
-            baseline = base[f"{what}_{stat}_ms"]
-            row[key] = row[f"{what}_{stat}_ms"] / baseline if baseline else None
+    names = ["none", *ATTACKS]
+    got: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for turn in rotations(names, rounds):
+        for name in turn:
+            got[name].append(_scenario(url, None if name == "none" else name, budget, seconds, "victim"))
+    base = got["none"]
+    rows = []
+    for name in names:
+        runs = got[name]
+        row: dict[str, Any] = {"attacker": name, "rounds": len(runs), "steps": sum(r["steps"] for r in runs)}
+        for what in ("step", "healthz"):
+            for stat in ("p50", "p99"):
+                row[f"{what}_{stat}_ms"] = statistics.median(r[f"{what}_{stat}_ms"] for r in runs)
+            row[f"{what}_max_ms"] = max(r[f"{what}_max_ms"] for r in runs)
+            for stat, key in (("p99", f"{what}_vs_none"), ("p50", f"{what}_p50_vs_none")):
+                ratios = [r[f"{what}_{stat}_ms"] / b[f"{what}_{stat}_ms"]
+                          for r, b in zip(runs, base, strict=True) if b[f"{what}_{stat}_ms"]]
+                row[key] = statistics.median(ratios) if ratios else None
+        if name == "none":
+            row["baseline_spread"] = max(r["step_p99_ms"] for r in runs) / min(r["step_p99_ms"] for r in runs)
+        if runs and "worst_ms" in runs[0]:
+            row["worst_ms"] = statistics.median(r["worst_ms"] for r in runs)
+            row["worst_units"] = runs[0]["worst_units"]
+            row["worst_count"] = sum(r["worst_count"] for r in runs)
+        rows.append(row)
     return rows
+
+
+def _rounds(size: Size) -> int:
+    return {"tiny": 1, "quick": 1}.get(size.name, 3)
 
 
 def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     budget = Settings().work_budget
-    seconds = _seconds(size)
+    seconds, rounds = _seconds(size), _rounds(size)
     rows = []
     with pool.sqlite("budgets") as server:
         url = f"http://127.0.0.1:{server.port}"
-        rows += [{"backend": "sqlite", **r} for r in _scenarios(url, budget, seconds)]
+        rows += [{"backend": "sqlite", **r} for r in _scenarios(url, budget, seconds, rounds)]
     notes = []
     problem = pg_problem()
     if problem is None:
         with pool.postgres() as servers:
             url = f"http://127.0.0.1:{servers[1].port}"
-            rows += [{"backend": "postgres", **r} for r in _scenarios(url, budget, seconds)]
+            rows += [{"backend": "postgres", **r} for r in _scenarios(url, budget, seconds, rounds)]
     else:
         notes.append(f"PostgreSQL rows skipped: {problem}")
     attacked = [r for r in rows if "worst_ms" in r]
@@ -344,8 +374,9 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     return report.figure(
         NAME, TITLE,
         ran=f"lrserve under uvicorn, 1 process, SQLite then PostgreSQL, default settings (work budget "
-            f"{budget}); each scenario {seconds:g} s: a victim run stepped one commit at a time, /healthz "
-            f"probed, and one client repeating the worst request of one budget on a {GROUPS}-group run",
+            f"{budget}); each scenario {seconds:g} s in each of {rounds} rotated rounds, the baseline "
+            f"(none) in each: a victim run stepped one commit at a time, /healthz probed, and one client "
+            f"repeating the worst request of one budget on a {GROUPS}-group run",
         target=f"step and /healthz p99 <= {TARGET_RATIO:g} x the baseline's and <= {TARGET_MS:g} ms",
         holds=holds, columns=COLUMNS, rows=rows,
         notes=[

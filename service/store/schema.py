@@ -193,10 +193,23 @@ event_ids = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),  # always 1: one row
     Column("last_gid", BigInteger, nullable=False),
 )
-"""The last global event id given out. A transaction appending events takes the next ids
-from this row, which locks it until that transaction commits: so ids become visible in
-increasing order, and a reader that has seen id ``n`` never later finds a smaller one
-committed (on PostgreSQL a sequence would not promise that)."""
+"""PostgreSQL (SQLite up to schema v5): the last global event id given out. A transaction
+appending events takes the next ids from this row, which locks it until that transaction
+commits: so ids become visible in increasing order, and a reader that has seen id ``n`` never
+later finds a smaller one committed (on PostgreSQL a sequence would not promise that)."""
+
+event_gid_floor = Table(
+    "event_gid_floor",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1: one row
+    Column("gid", BigInteger, nullable=False),
+)
+"""SQLite (schema v6 on): every global event id given out is at most the greater of ``gid``
+and the greatest ``events.gid``; an event takes the next one in its own INSERT
+(``sql._SQLITE_LAST_GID``). SQLite has one writer per file, whose transaction holds the file
+until it commits, so ids become visible in increasing order without a counter row updated
+(and logged) by every commit, as ``event_ids`` was; ``gid`` changes only where a run's events
+are deleted (``SqlStore.delete_run``), so that no id is given out twice."""
 
 webhook_endpoints = Table(
     "webhook_endpoints",
@@ -370,8 +383,24 @@ def _migrate_v5(conn: Connection) -> None:
     metadata.create_all(conn, tables=[value_chunks], checkfirst=True)
 
 
+def _migrate_v6(conn: Connection) -> None:
+    """SQLite: events number themselves (``event_gid_floor``) instead of taking ids from the
+    ``event_ids`` counter, whose UPDATE was a statement and a page of the log in every commit
+    that appended events. The counter's table goes: a process of an older version still
+    running on the file then fails each append (no such table: a 503, nothing written)
+    rather than numbering events from a counter nobody else moves. PostgreSQL keeps the
+    counter: its writers run concurrently, and the row's lock is what orders their ids."""
+    if conn.dialect.name != "sqlite":
+        return
+    event_gid_floor.create(conn, checkfirst=True)
+    if conn.execute(select(event_gid_floor.c.id)).first() is None:
+        last = conn.execute(select(event_ids.c.last_gid).where(event_ids.c.id == 1)).scalar_one_or_none()
+        conn.execute(event_gid_floor.insert().values(id=1, gid=last or 0))
+    event_ids.drop(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
-    _migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4, _migrate_v5,
+    _migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4, _migrate_v5, _migrate_v6,
 ]
 """``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; append only."""
 

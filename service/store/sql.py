@@ -53,6 +53,7 @@ from lrserve.service.store.guard import FileIdentity
 from lrserve.service.store.schema import (
     RUN_TABLES,
     barrier_reports,
+    event_gid_floor,
     event_ids,
     events,
     metrics,
@@ -79,6 +80,7 @@ from sqlalchemy import (
     cast,
     delete,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -97,6 +99,10 @@ write slot at once or the driver's "database is locked", never the busy handler'
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long an SQLite writer waits for the file's write lock before giving up (503)."""
 _BEGIN = {"DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
+_COMMIT = "COMMIT"
+"""The hot writes' COMMIT (``SqlStore._driver_write``), run on the transaction's cursor: there it
+is a prepared statement of the connection's cache, where sqlite3's ``commit()`` prepares (parses)
+its COMMIT anew each time. The same statement, the same errors."""
 
 
 SQLITE_WAL = "lrserve_wal"
@@ -107,7 +113,9 @@ _NO_BUSY_WAIT = "lrserve_no_busy_wait"
 
 def begin_sqlite(driver: Any, mode: str, info: dict[Any, Any]) -> None:
     """Begin a transaction on a sqlite3 connection as ``SQLITE_BEGIN_OPTION``'s ``mode`` says
-    (``info``: the pooled connection's, SQLAlchemy's ``PoolProxiedConnection.info``).
+    (``info``: the pooled connection's, SQLAlchemy's ``PoolProxiedConnection.info``). ``driver``:
+    the connection, or a cursor of it (the hot writes' own: ``connection.execute`` makes a cursor
+    for each statement).
 
     ``IMMEDIATE NOW`` begins with the busy timeout 0 ("database is locked" at once, not after
     a wait). In WAL mode SQLite calls the busy handler only to begin a transaction (and in
@@ -177,10 +185,7 @@ _RUN_LABELLED = select(
 """A run's row once per label (once, with NULLs, without labels): ``read_run`` in one statement.
 Its labels, in no order: ``_by_key`` orders them."""
 _RUN_LABELS = select(run_labels.c.key, run_labels.c.value).where(run_labels.c.run_id == bindparam("run_id"))
-_INSERT_EVENTS = events.insert()
 _INSERT_LABELS = run_labels.insert()
-_TAKE_GIDS = update(event_ids).where(event_ids.c.id == 1).values(
-    last_gid=event_ids.c.last_gid + bindparam("n")).returning(event_ids.c.last_gid)
 _NEXT_GID = update(event_ids).where(event_ids.c.id == 1).values(
     last_gid=event_ids.c.last_gid + 1).returning(event_ids.c.last_gid).cte("next_gid")
 _EVENT_VALUES = [c for c in events.c if c.name != "gid"]
@@ -190,10 +195,23 @@ _INSERT_NUMBERED_EVENT = events.insert().from_select(
     [*(c.name for c in _EVENT_VALUES), "gid"],  # the same order as the select's, by name
     select(*[bindparam(c.name, type_=c.type) for c in _EVENT_VALUES], _GID_OR_FAIL),
 ).add_cte(_NEXT_GID)
-"""PostgreSQL: an event's row with the next global id (``_TAKE_GIDS`` and the INSERT in one
-statement, whose answer a pipelined commit does not wait for). Without the counter's row the
-statement fails (the cast of the text naming it to bigint), so its transaction keeps nothing:
-a commit is never answered with fewer events than it sent."""
+"""PostgreSQL: an event's row with the next global id (the counter's UPDATE and the INSERT in
+one statement, whose answer a pipelined commit does not wait for). Without the counter's row
+the statement fails (the cast of the text naming it to bigint), so its transaction keeps
+nothing: a commit is never answered with fewer events than it sent."""
+_FLOOR_ROW = event_gid_floor.c.id == literal_column("1")
+_SQLITE_LAST_GID = func.max(event_gid_floor.c.gid, func.coalesce(
+    select(func.max(events.c.gid)).scalar_subquery(), literal_column("0")))
+"""SQLite: the last global id given out, in a statement on ``event_gid_floor`` (its one row);
+the greatest ``events.gid`` is one seek at the end of its unique index."""
+_SQLITE_NUMBERED_EVENT = events.insert().from_select(
+    [*(c.name for c in _EVENT_VALUES), "gid"],
+    select(*[bindparam(c.name, type_=c.type) for c in _EVENT_VALUES], _SQLITE_LAST_GID + literal_column("1"))
+    .where(_FLOOR_ROW),
+)
+"""SQLite: an event's row with the next global id (``schema.event_gid_floor``); without the
+floor's row it inserts nothing, which ``SqlStore._insert_numbered`` turns into a failure."""
+_SQLITE_RAISE_FLOOR = update(event_gid_floor).where(_FLOOR_ROW).values(gid=_SQLITE_LAST_GID)
 EVENTS_CHANNEL = "lrserve_events"
 """PostgreSQL ``NOTIFY`` channel (with the schema's suffix, ``schema_channel``): a transaction that
 appended events notifies it on commit, with ``"<sender> <run_id>"`` as payload (``sender``:
@@ -534,11 +552,11 @@ class SqlStore(BaseStore):
                     try:
                         if counted is not None:
                             counted.cursor = raw.cursor()
-                        begin_sqlite(raw.driver_connection, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
+                        begin_sqlite(cursor, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
                         yield cursor
                         if self._guard is not None:
                             self._guard.check()  # never commit (and acknowledge) into a file that is gone
-                        raw.commit()
+                        cursor.execute(_COMMIT)
                         if counted is not None:
                             counted.rows = max(int(counted.cursor.rowcount), 0)
                     finally:
@@ -720,8 +738,8 @@ class SqlStore(BaseStore):
                 conn.execute(run_labels.insert(), [
                     {"run_id": run_id, "key": k, "value": v} for k, v in labels.items()
                 ])
-            (gid,) = self._take_gids(conn, 1, run_id)
-            conn.execute(_INSERT_EVENTS, _event_row(run_id, 1, created, now, gid))
+            with _cursor(conn) as cursor:
+                self._insert_numbered(cursor, [_event_row(run_id, 1, created, now, None)])
             record = self._read_record(conn, self._require_run(conn, run_id))
         self._events_committed()
         return record, True
@@ -968,6 +986,8 @@ class SqlStore(BaseStore):
         """
         with self._transaction(write=True) as conn:
             self._require_run(conn, run_id, "delete")
+            if self._sqlite_writers is not None:  # the ids its events took are not given out again
+                conn.execute(_SQLITE_RAISE_FLOOR)
             for table in RUN_TABLES:
                 conn.execute(delete(table).where(table.c.run_id == run_id))
             conn.execute(delete(runs).where(runs.c.run_id == run_id))
@@ -1009,9 +1029,9 @@ class SqlStore(BaseStore):
         with self._driver_write() as cursor:
             locked: dict[str, SqlRunTransaction] = {}
             for run_id in sorted(set(run_ids)):
-                row = hold.one(hold.execute(cursor, {"run_id": run_id}))
-                if row is not None:
-                    locked[run_id] = SqlRunTransaction(_locked_run(row), self, cursor)
+                row = hold.rows(hold.execute(cursor, {"run_id": run_id}))  # one row, or none
+                if row:
+                    locked[run_id] = SqlRunTransaction(_locked_run(*row[0]), self, cursor)
             try:
                 yield dict(locked)
                 self._write_held(cursor, list(locked.values()))
@@ -1058,10 +1078,10 @@ class SqlStore(BaseStore):
 
     def _write_held(self, cursor: Any, txs: Sequence[SqlRunTransaction]) -> None:
         """What run transactions hold back to their commit: their runs' rows (one UPDATE each),
-        then their events. The events go last, in one INSERT after one UPDATE of the global
-        id counter: that row's lock is held until COMMIT, and every transaction that appends
-        events, in every process, waits for it (so it is held for two statements, not for a
-        whole group's work)."""
+        then their events. The events go last: on PostgreSQL their INSERT takes the global id
+        counter's row lock, held until COMMIT, which every transaction that appends events, in
+        every process, waits for (so it is held for the last statements, not for a whole
+        group's work)."""
         changed = [row for tx in txs if (row := tx.run_row()) is not None]
         if changed:
             self._driver_sql("update_run", _UPDATE_RUN).executemany(cursor, changed)
@@ -1074,38 +1094,25 @@ class SqlStore(BaseStore):
             return
         for tx in held:  # sent at COMMIT, whatever the order: before the counter's lock
             self._notify_on(cursor, EVENTS_CHANNEL, tx.run.run_id)
-        rows = [row for tx in held for row in tx.held_events]
-        if self._engine.dialect.name == "postgresql":  # each row numbers itself: no answer to wait for
-            self._driver_sql("insert_numbered_events", _INSERT_NUMBERED_EVENT).executemany(cursor, rows)
-        else:
-            for row, gid in zip(rows, self._take_gids_on(cursor, len(rows)), strict=True):
-                row["gid"] = gid
-            self._driver_sql("insert_events", _INSERT_EVENTS).executemany(cursor, rows)
+        self._insert_numbered(cursor, [row for tx in held for row in tx.held_events])
         for tx in held:
             tx.held_events = []
 
-    def _take_gids(self, conn: Connection, n: int, run_id: str) -> list[int]:
-        """The next ``n`` global event ids; locks the counter row until this transaction ends.
+    def _insert_numbered(self, cursor: Any, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert events, each row numbered with the next global id in its own INSERT, in order.
 
-        Holding that lock to the commit is what makes ids visible in increasing order: a
-        transaction that takes ids after this one waits for this one to commit or roll back.
-        On PostgreSQL this also queues a ``NOTIFY`` naming the run, sent when (and only if)
-        the transaction commits.
-        """
-        with _cursor(conn) as cursor:
-            self._notify_on(cursor, EVENTS_CHANNEL, run_id)
-            return self._take_gids_on(cursor, n)
-
-    def _take_gids_on(self, cursor: Any, n: int) -> list[int]:
-        """The next ``n`` global event ids (``_take_gids``). Without the counter's row the
-        transaction fails as the database's (``StoreUnavailable``, a 503, naming the row; the
-        caller's transaction rolls back and keeps nothing), as PostgreSQL's numbered INSERT
-        (``_INSERT_NUMBERED_EVENT``) does."""
-        taken = self._driver_sql("gids", _TAKE_GIDS).execute(cursor, {"n": n}).fetchone()
-        if taken is None:
-            raise StoreUnavailable(f"{self._where}: event_ids row 1 is missing")
-        (last,) = taken
-        return list(range(last - n + 1, last + 1))
+        PostgreSQL: from the ``event_ids`` counter, whose row stays locked until this transaction
+        ends: a transaction that takes ids after this one waits for it to commit or roll back, so
+        ids become visible in increasing order. SQLite: one above the last id given out
+        (``schema.event_gid_floor``); the file's one writer orders them. Without the counter's
+        (the floor's) row the transaction fails as the database's (``StoreUnavailable``, a 503,
+        naming the row) and keeps nothing."""
+        if self._sqlite_writers is None:  # no answer to wait for (pipelined)
+            self._driver_sql("insert_numbered_events", _INSERT_NUMBERED_EVENT).executemany(cursor, rows)
+            return
+        self._driver_sql("insert_numbered_events", _SQLITE_NUMBERED_EVENT).executemany(cursor, rows)
+        if cursor.rowcount != len(rows):
+            raise StoreUnavailable(f"{self._where}: event_gid_floor row 1 is missing")
 
     def _notify_on(self, cursor: Any, channel: str, run_id: str) -> None:
         if self._engine.dialect.name == "postgresql":
@@ -1177,6 +1184,8 @@ class SqlStore(BaseStore):
 
     @staticmethod
     def _last_gid(conn: Connection) -> int:
+        if conn.dialect.name == "sqlite":
+            return int(conn.execute(select(_SQLITE_LAST_GID).where(_FLOOR_ROW)).scalar_one())
         return int(conn.execute(select(event_ids.c.last_gid)).scalar_one())
 
     # -- snapshots -------------------------------------------------------------------------
@@ -1548,9 +1557,9 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         cursor.close()
 
 
-def _locked_run(row: Mapping[str, Any]) -> LockedRun:
-    return LockedRun(
-        row["run_id"], RunStatus(row["status"]), row["horizon"], row["last_seq"], row["created_at"])
+def _locked_run(run_id: str, status: str, horizon: int, last_seq: int, created_at: datetime) -> LockedRun:
+    """A ``LockedRun`` from ``_LOCKED``'s row (its columns in ``LockedRun``'s order)."""
+    return LockedRun(run_id, RunStatus(status), horizon, last_seq, created_at)
 
 
 def _record_of(row: Mapping[str, Any], labels: dict[str, str] | None = None) -> RunRecord:

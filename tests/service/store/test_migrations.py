@@ -9,6 +9,7 @@ regenerate it: it stands for every database already out there.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
-from lrserve.service.store.events import EventKind
+from lrserve.service.store.events import EventKind, NewEvent
 from lrserve.service.store.schema import MIGRATIONS, SCHEMA_VERSION, _migrate_v1, _v1_metadata, schema_version
 from sqlalchemy import create_engine, insert, inspect, select, text
 
@@ -113,3 +114,70 @@ def test_the_v2_step_is_idempotent(database_url):
             assert conn.execute(select(schema_version.c.version)).scalar_one() == SCHEMA_VERSION
     finally:
         engine.dispose()
+
+
+def _v5_sqlite_file(url: str) -> None:
+    """A SQLite database as lrserve at schema v5 left it: run ``r`` with events of gids 1 and 2,
+    and the ``event_ids`` counter at 5 (a deleted run's events took 3 to 5)."""
+    engine = create_engine(url)
+    at = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    try:
+        with engine.begin() as conn:
+            for step in MIGRATIONS[:5]:
+                step(conn)
+            schema_version.create(conn)
+            conn.execute(insert(schema_version).values(id=1, version=5))
+            conn.execute(text("INSERT INTO runs (run_id, spec, status, horizon, last_seq, created_at, "
+                              "updated_at) VALUES ('r', '{}', 'active', 0, 2, :at, :at)"), {"at": at})
+            for seq in (1, 2):
+                conn.execute(text("INSERT INTO events (run_id, seq, kind, step, payload, at, gid) VALUES "
+                                  "('r', :seq, 'control', 0, '{}', :at, :seq)"), {"seq": seq, "at": at})
+            conn.execute(text("UPDATE event_ids SET last_gid = 5"))
+    finally:
+        engine.dispose()
+
+
+def test_a_v5_sqlite_file_numbers_events_above_every_id_its_counter_gave_out(tmp_path):
+    """Schema v6 on SQLite: events number themselves, one above the last id given out; the
+    counter's last id is the floor (ids 3 to 5 went to events since deleted: not given again),
+    and the counter's table is gone."""
+    url = f"sqlite:///{tmp_path / 'v5.db'}"
+    _v5_sqlite_file(url)
+    store = open_store(url)
+    try:
+        assert _version(url) == SCHEMA_VERSION
+        assert store.last_gid() == 5
+        with store.lock_run("r") as tx:
+            tx.append_events([NewEvent(EventKind.CONTROL, 1, {"action": "hold"})])
+        assert [e.gid for e in store.read_events("r")] == [1, 2, 6]
+        assert store.last_gid() == 6
+    finally:
+        store.close()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert "event_ids" not in inspect(conn).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_a_v5_process_still_on_an_upgraded_sqlite_file_fails_its_appends_cleanly(tmp_path):
+    """A process of the version before, still running on the file another upgraded, numbers its
+    events from the counter (``UPDATE event_ids ... RETURNING``, its statement): the table is
+    gone, so its append fails (a 503 there, the transaction rolled back) instead of giving out
+    an id twice."""
+    url = f"sqlite:///{tmp_path / 'v5.db'}"
+    _v5_sqlite_file(url)
+    old = sqlite3.connect(tmp_path / "v5.db", isolation_level=None)
+    try:
+        old.execute("BEGIN IMMEDIATE")
+        assert old.execute("UPDATE event_ids SET last_gid = last_gid + 1 WHERE id = 1 RETURNING last_gid"
+                           ).fetchone() == (6,)  # its statement, prepared before the upgrade
+        old.execute("ROLLBACK")
+        open_store(url).close()  # the upgrade
+        old.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="no such table: event_ids"):
+            old.execute("UPDATE event_ids SET last_gid = last_gid + 1 WHERE id = 1 RETURNING last_gid")
+        old.execute("ROLLBACK")
+    finally:
+        old.close()

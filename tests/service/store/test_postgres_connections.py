@@ -153,20 +153,25 @@ def test_a_create_is_two_round_trips_in_two_writes_and_returns_the_run_as_a_read
         proxy.close()
 
 
+_GID_TABLES = {"postgres": "event_ids", "sqlite": "event_gid_floor"}
+"""Where each backend's global event ids come from (``schema.event_ids``, ``schema.event_gid_floor``)."""
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_create_that_fails_keeps_nothing_and_its_connection_serves_the_next(database_url, backend):
     """A create whose event cannot be numbered (no counter row: on PostgreSQL the INSERT fails,
-    answered only at COMMIT's flush; on SQLite the counter's UPDATE returns no row) keeps
+    answered only at COMMIT's flush; no floor row on SQLite: its INSERT inserts nothing) keeps
     neither the run nor its labels and fails as the database's (503, naming the row; on SQLite
     it was a TypeError, a 500); its connection goes back with no transaction open, and the
     next create on it, once the counter is back, goes through."""
     store = open_store(database_url(backend))
     spec = {"schedule": {"type": "StepLR"}}
+    table = _GID_TABLES[backend]
     try:
         store.create_run("first", spec, {}, CREATED)
         with store._transaction(write=True) as conn:
-            conn.execute(text("DELETE FROM event_ids"))
-        with pytest.raises(StoreUnavailable, match="event_ids row 1 is missing"):
+            conn.execute(text(f"DELETE FROM {table}"))
+        with pytest.raises(StoreUnavailable, match=f"{table} row 1 is missing"):
             store.create_run("r", spec, {"team": "a"}, CREATED)
         with pytest.raises(RunNotFound):
             store.read_run("r")
@@ -174,7 +179,7 @@ def test_a_create_that_fails_keeps_nothing_and_its_connection_serves_the_next(da
         assert store._engine.pool.checkedin() == 1
         with store._transaction(write=True) as conn:
             assert conn.execute(text("SELECT count(*) FROM run_labels")).scalar_one() == 0
-            conn.execute(text("INSERT INTO event_ids (id, last_gid) VALUES (1, 1)"))
+            conn.execute(text(f"INSERT INTO {table} VALUES (1, 1)"))
         record, is_new = store.create_run("r", spec, {"team": "a"}, CREATED)
         assert is_new and record.labels == {"team": "a"}
         assert [e.gid for e in store.read_events("r")] == [2]
@@ -509,17 +514,18 @@ def test_notifications_wake_the_stores_of_their_own_schema_only(database_url):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_commit_without_the_event_id_counter_keeps_nothing(database_url, backend):
-    """The events' INSERT numbers each row from the counter's row (``event_ids`` id 1) in the
-    same statement; without that row the statement fails, and with it the commit, which keeps
-    nothing (before: it inserted no event, silently, and committed the run's ``last_seq``
-    ahead of its events). SQLite's commit takes its ids in an UPDATE first: without the row
-    it fails the same way (before: a TypeError, a 500)."""
+    """The events' INSERT numbers each row from the counter's row (``event_ids`` id 1; on
+    SQLite the floor's, ``event_gid_floor``) in the same statement; without that row the
+    statement fails (on SQLite it inserts nothing, which fails it), and with it the commit,
+    which keeps nothing (before: it inserted no event, silently, and committed the run's
+    ``last_seq`` ahead of its events)."""
     store = open_store(database_url(backend))
+    table = _GID_TABLES[backend]
     try:
         store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, CREATED)
         with store._transaction(write=True) as conn:
-            conn.execute(text("DELETE FROM event_ids"))
-        with pytest.raises(StoreUnavailable, match="event_ids row 1 is missing"):
+            conn.execute(text(f"DELETE FROM {table}"))
+        with pytest.raises(StoreUnavailable, match=f"{table} row 1 is missing"):
             with store.lock_runs(["r"]) as locked:
                 locked["r"].append_events([NewEvent(EventKind.CREATED, s, {}) for s in (1, 2)])
         assert store.read_run("r").last_seq == 1

@@ -13,7 +13,7 @@ import pytest
 from lrserve.service.errors import RunNotFound, StoreUnavailable
 from lrserve.service.store import EventKind, MetricRecord, NewEvent
 from lrserve.service.store.schema import UTCDateTime
-from lrserve.service.store.sql import SqlStore
+from lrserve.service.store.sql import _SQLITE_NUMBERED_EVENT, SqlStore
 from sqlalchemy import TypeDecorator, event
 from sqlalchemy.dialects import sqlite
 
@@ -52,6 +52,51 @@ def test_a_resent_metric_reads_the_run_and_counts_nothing_new(store, statements)
     assert store.append_metrics("r", [MetricRecord("loss", 1, 0, 0.7), MetricRecord("loss", 2, 0, 0.4)]) == 1
     assert statements == ["BEGIN", "INSERT", "INSERT", "SELECT", "COMMIT"]
     assert store.read_metrics("r")["loss"] == [(1, 0, 0.5), (2, 0, 0.4)]  # the first value stands
+
+
+def test_a_control_commit_numbers_its_event_in_its_insert(store, statements):
+    """The event takes its global id in its own INSERT (one above the last given out: schema
+    v6's ``event_gid_floor``), not from the ``event_ids`` counter's UPDATE before it (six
+    statements before: BEGIN, the row, the run's UPDATE, the counter's, the INSERT, COMMIT)."""
+    with store.lock_run("r") as tx:
+        tx.append_events([NewEvent(EventKind.CONTROL, 1, {"action": "hold"})])
+    assert statements == ["BEGIN", "SELECT", "UPDATE", "INSERT", "COMMIT"]
+    with store.lock_run("r") as tx:
+        tx.append_events([NewEvent(EventKind.CONTROL, 2, {"action": "hold"}),
+                          NewEvent(EventKind.STATUS, 2, {"status": "held"})])
+    assert [e.gid for e in store.read_events("r")] == [1, 2, 3, 4]
+    assert store.last_gid() == 4
+
+
+def test_the_next_event_id_is_a_seek_in_the_gid_index_not_a_scan_of_the_events(store):
+    """The INSERT's ``max(events.gid)`` is SQLite's min/max optimisation on ``ux_events_gid``:
+    the cost of an append does not grow with the log."""
+    numbered = store._driver_sql("insert_numbered_events", _SQLITE_NUMBERED_EVENT)
+    raw = store._engine.raw_connection()
+    try:
+        plan = [row[3] for row in raw.driver_connection.execute(
+            f"EXPLAIN QUERY PLAN {numbered.sql}", [None] * len(numbered.names))]
+    finally:
+        raw.close()
+    assert "SEARCH events USING COVERING INDEX ux_events_gid" in plan, plan
+    assert not any(step.startswith("SCAN") for step in plan), plan
+
+
+def test_the_ids_of_a_deleted_runs_events_are_not_given_out_again(store):
+    """Ids are one above the greatest given out: a run deleted with the greatest ones raises the
+    floor first, so a reader of the feed that saw them never misses the next event (its id
+    would have been one it had passed)."""
+    store.create_run("gone", {"schedule": {"type": "StepLR", "step_size": 3}}, {},
+                     NewEvent(EventKind.CREATED, 0, {}))
+    with store.lock_run("gone") as tx:
+        tx.append_events([NewEvent(EventKind.CONTROL, 1, {"action": "hold"})])
+    assert store.last_gid() == 3
+    store.delete_run("gone")
+    assert store.last_gid() == 3
+    with store.lock_run("r") as tx:
+        tx.append_events([NewEvent(EventKind.CONTROL, 1, {"action": "hold"})])
+    assert [e.gid for e in store.read_events("r")] == [1, 4]
+    assert [entry.event.gid for entry in store.read_feed(0)] == [1, 4]
 
 
 @pytest.mark.parametrize("records", [[], [MetricRecord("loss", 1, 0, 0.5)]])
