@@ -389,14 +389,29 @@ def _migrate_v6(conn: Connection) -> None:
     that appended events. The counter's table goes: a process of an older version still
     running on the file then fails each append (no such table: a 503, nothing written)
     rather than numbering events from a counter nobody else moves. PostgreSQL keeps the
-    counter: its writers run concurrently, and the row's lock is what orders their ids."""
+    counter: its writers run concurrently, and the row's lock is what orders their ids.
+
+    A trigger raises the floor to each deleted event's id above it (``_RAISE_GID_FLOOR``), so
+    whatever deletes events (``SqlStore.delete_run``, or an older process's, which knows no
+    floor) never lets an id be given out twice: a reader past it would skip the new event."""
     if conn.dialect.name != "sqlite":
         return
     event_gid_floor.create(conn, checkfirst=True)
     if conn.execute(select(event_gid_floor.c.id)).first() is None:
         last = conn.execute(select(event_ids.c.last_gid).where(event_ids.c.id == 1)).scalar_one_or_none()
         conn.execute(event_gid_floor.insert().values(id=1, gid=last or 0))
+    conn.execute(text(_RAISE_GID_FLOOR))
     event_ids.drop(conn, checkfirst=True)
+
+
+_RAISE_GID_FLOOR = """
+CREATE TRIGGER IF NOT EXISTS events_raise_gid_floor AFTER DELETE ON events
+WHEN OLD.gid > (SELECT gid FROM event_gid_floor WHERE id = 1)
+BEGIN
+    UPDATE event_gid_floor SET gid = OLD.gid WHERE id = 1;
+END
+"""
+"""SQLite (v6 on): a deleted event's id above ``event_gid_floor``'s becomes the floor."""
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [

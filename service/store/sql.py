@@ -211,7 +211,6 @@ _SQLITE_NUMBERED_EVENT = events.insert().from_select(
 )
 """SQLite: an event's row with the next global id (``schema.event_gid_floor``); without the
 floor's row it inserts nothing, which ``SqlStore._insert_numbered`` turns into a failure."""
-_SQLITE_RAISE_FLOOR = update(event_gid_floor).where(_FLOOR_ROW).values(gid=_SQLITE_LAST_GID)
 EVENTS_CHANNEL = "lrserve_events"
 """PostgreSQL ``NOTIFY`` channel (with the schema's suffix, ``schema_channel``): a transaction that
 appended events notifies it on commit, with ``"<sender> <run_id>"`` as payload (``sender``:
@@ -986,8 +985,6 @@ class SqlStore(BaseStore):
         """
         with self._transaction(write=True) as conn:
             self._require_run(conn, run_id, "delete")
-            if self._sqlite_writers is not None:  # the ids its events took are not given out again
-                conn.execute(_SQLITE_RAISE_FLOOR)
             for table in RUN_TABLES:
                 conn.execute(delete(table).where(table.c.run_id == run_id))
             conn.execute(delete(runs).where(runs.c.run_id == run_id))
@@ -1020,7 +1017,7 @@ class SqlStore(BaseStore):
 
         Rows are locked in ``run_id`` order, before anything is written, so that two
         processes locking overlapping sets never deadlock (and the global event ids, whose
-        counter row an append locks, are taken only once every row is held).
+        counter row an append locks on PostgreSQL, are taken only once every row is held).
 
         Raises:
             StoreUnavailable: the database failed.
@@ -1061,7 +1058,8 @@ class SqlStore(BaseStore):
     def read_feed(self, after_gid: int, limit: int = 500) -> list[FeedEntry]:
         """Events of every run with a global id above ``after_gid``, in id order, at most ``limit``.
 
-        Ids become visible in increasing order (see ``schema.event_ids``), so reading on
+        Ids become visible in increasing order (see ``schema.event_ids`` and
+        ``schema.event_gid_floor``), so reading on
         from the last id returned never skips an event committed later.
 
         Raises:
@@ -1184,9 +1182,17 @@ class SqlStore(BaseStore):
 
     @staticmethod
     def _last_gid(conn: Connection) -> int:
+        """The last global event id given out. Without the row it is read from (the counter's,
+        the floor's) the database is broken: ``StoreUnavailable``, as an append finds it."""
         if conn.dialect.name == "sqlite":
-            return int(conn.execute(select(_SQLITE_LAST_GID).where(_FLOOR_ROW)).scalar_one())
-        return int(conn.execute(select(event_ids.c.last_gid)).scalar_one())
+            last = conn.execute(select(_SQLITE_LAST_GID).where(_FLOOR_ROW)).scalar()
+            where = "event_gid_floor"
+        else:
+            last = conn.execute(select(event_ids.c.last_gid).where(event_ids.c.id == 1)).scalar()
+            where = "event_ids"
+        if last is None:
+            raise StoreUnavailable(f"{where} row 1 is missing")
+        return int(last)
 
     # -- snapshots -------------------------------------------------------------------------
 

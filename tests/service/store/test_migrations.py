@@ -181,3 +181,31 @@ def test_a_v5_process_still_on_an_upgraded_sqlite_file_fails_its_appends_cleanly
         old.execute("ROLLBACK")
     finally:
         old.close()
+
+
+def test_a_v5_process_deleting_a_run_on_an_upgraded_sqlite_file_raises_the_floor(tmp_path):
+    """A process of the version before still deletes runs on the upgraded file (its statements
+    know no floor): the file's own trigger raises the floor to the ids its DELETE removed, so the
+    next event does not take an id a reader of the feed has already passed."""
+    url = f"sqlite:///{tmp_path / 'v5.db'}"
+    _v5_sqlite_file(url)
+    store = open_store(url)  # the upgrade
+    try:
+        store.create_run("top", {"schedule": {"type": "StepLR", "step_size": 3}}, {},
+                         NewEvent(EventKind.CREATED, 0, {}))
+        (top,) = [e.gid for e in store.read_events("top")]
+        assert top == 6 and store.last_gid() == 6
+        old = sqlite3.connect(tmp_path / "v5.db", isolation_level=None)
+        try:  # the older process's delete_run: its tables' rows, no floor
+            old.execute("BEGIN IMMEDIATE")
+            old.execute("DELETE FROM events WHERE run_id = 'top'")
+            old.execute("DELETE FROM runs WHERE run_id = 'top'")
+            old.execute("COMMIT")
+        finally:
+            old.close()
+        assert store.last_gid() == 6
+        with store.lock_run("r") as tx:
+            tx.append_events([NewEvent(EventKind.CONTROL, 1, {"action": "hold"})])
+        assert [e.gid for e in store.read_events("r")][-1] == 7
+    finally:
+        store.close()

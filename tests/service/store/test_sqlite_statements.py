@@ -99,6 +99,15 @@ def test_the_ids_of_a_deleted_runs_events_are_not_given_out_again(store):
     assert [entry.event.gid for entry in store.read_feed(0)] == [1, 4]
 
 
+def test_without_the_floors_row_the_last_id_is_a_store_failure_not_a_crash(store):
+    """The feed's and the webhooks' start read the last id given out: without the row it comes
+    from, the database is broken, a 503 (``StoreUnavailable``) as an append says, not a 500."""
+    with store._engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM event_gid_floor")
+    with pytest.raises(StoreUnavailable, match="event_gid_floor"):
+        store.last_gid()
+
+
 @pytest.mark.parametrize("records", [[], [MetricRecord("loss", 1, 0, 0.5)]])
 def test_a_metric_write_to_no_run_stores_nothing(store, records):
     with pytest.raises(RunNotFound):
