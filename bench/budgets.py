@@ -337,7 +337,8 @@ def _scenarios(url: str, budget: int, seconds: float, rounds: int) -> list[dict[
                           for r, b in zip(runs, base, strict=True) if b[f"{what}_{stat}_ms"]]
                 row[key] = statistics.median(ratios) if ratios else None
         if name == "none":
-            row["baseline_spread"] = max(r["step_p99_ms"] for r in runs) / min(r["step_p99_ms"] for r in runs)
+            lowest = min(r["step_p99_ms"] for r in runs)
+            row["baseline_spread"] = max(r["step_p99_ms"] for r in runs) / lowest if lowest else None
         if runs and "worst_ms" in runs[0]:
             row["worst_ms"] = statistics.median(r["worst_ms"] for r in runs)
             row["worst_units"] = runs[0]["worst_units"]
@@ -366,8 +367,8 @@ def run(size: Size, work: Path, pool: Pool) -> dict[str, Any]:
     else:
         notes.append(f"PostgreSQL rows skipped: {problem}")
     attacked = [r for r in rows if "worst_ms" in r]
-    holds = all(
-        r["step_vs_none"] <= TARGET_RATIO and r["healthz_vs_none"] <= TARGET_RATIO
+    holds = all(  # a ratio without a baseline (its p99 0) does not hold
+        (r["step_vs_none"] or math.inf) <= TARGET_RATIO and (r["healthz_vs_none"] or math.inf) <= TARGET_RATIO
         and r["step_p99_ms"] <= TARGET_MS and r["healthz_p99_ms"] <= TARGET_MS
         for r in attacked
     )

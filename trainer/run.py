@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> None:
     try:
         _run(args, env)  # the DDP wrapper is gone when it returns: close() can free the group
     except BaseException:
+        # the traceback keeps _run's frames, the DDP wrapper among them, so this close() leaves
+        # the group alive (gloo's threads too): freed, its destructor would wait for any
+        # collective in flight, which a failed peer may never join
         env.close(clean=False)
         raise
     env.close()

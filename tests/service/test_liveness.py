@@ -132,7 +132,6 @@ def test_a_sighting_is_recorded_before_the_answer_goes_out():
     assert sent == [("http.response.start", True), ("http.response.body", True)]
 
 
-
 def test_a_flush_never_holds_a_run_while_it_waits_for_another(database_url):
     """PostgreSQL: a run's commit holds its row for as long as it computes (a 1024-group run's
     step jump: ~1 s in the worker process). The flush locked the rows of every run it saw, in

@@ -25,7 +25,7 @@ import ctypes
 atexit.register(ctypes.PyDLL(None).usleep, 2_000_000)
 
 import json  # noqa: E402 - after the atexit handler above
-import os  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -33,16 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from lrserve.trainer import ddp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-
-def thread_names() -> list[str]:
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as comm:
-                names.append(comm.read().strip())
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return sorted(names)
+from tests.trainer.threads import thread_names  # noqa: E402
 
 
 class SleepsWhenFreed:
@@ -72,7 +63,9 @@ def main() -> None:
         time.sleep(0.5)
         dist.all_reduce(torch.ones(1))
     env.close()
-    print("threads " + json.dumps({"before": before, "after": thread_names()}), flush=True)
+    line = "threads " + json.dumps({"before": before, "after": thread_names()}) + "\n"
+    sys.stdout.write(line)  # one write, newline included: the ranks share the pipe (print's
+    sys.stdout.flush()  # text and end are two writes when unbuffered, and interleaved here)
 
 
 keeper = SleepsWhenFreed()

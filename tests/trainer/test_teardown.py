@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -53,7 +54,10 @@ def test_no_gloo_thread_outlives_close(job):
     assert len(ranks) == 2, proc.stdout
     for threads in ranks:
         assert not [name for name in threads["after"] if "gloo" in name], threads
-        assert threads["after"] == threads["before"], threads
+        # nothing else new either, but autograd's device threads (a CUDA build starts one per
+        # GPU at the first backward, for the process's life)
+        new = Counter(threads["after"]) - Counter(threads["before"])
+        assert not [name for name in new.elements() if not name.startswith("pt_autograd")], threads
 
 
 def test_a_collective_left_at_close_does_not_abort_the_rank_at_exit(job):
