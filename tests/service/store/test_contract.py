@@ -132,6 +132,37 @@ class TestStoreContract:
         assert [list(r.labels) for r in store.list_runs(labels={"a": "1"})] == [code_points]
         assert [list(f.labels) for f in store.read_feed(0)] == [code_points]
 
+    def test_pages_of_runs_cover_every_run_once_whatever_the_collation(self, store, backend):
+        """``list_runs`` pages by ``run_id`` (``after``: the last id of the page before) in the
+        order the database sorts text: on PostgreSQL with a language collation (en-US here,
+        which puts ``a`` before ``B`` and ignores ``_`` and ``-`` at first) the cursor's
+        comparison and the page's order are the same collation's, so paging neither skips nor
+        repeats a run; SQLite (and the test database's C collation) sort by code point."""
+        if backend == "postgres":
+            collate = 'COLLATE "en-US-x-icu"'
+            with store._transaction() as conn:
+                icu = conn.execute(text("SELECT 1 FROM pg_collation WHERE collname = 'en-US-x-icu'"))
+                if icu.first() is None:
+                    pytest.skip("this PostgreSQL has no ICU collation en-US-x-icu (built without ICU)")
+            with store._transaction(write=True) as conn:  # this test's schema only
+                conn.execute(text(f"ALTER TABLE runs ALTER COLUMN run_id TYPE varchar(128) {collate}"))
+        ids = ["B", "a", "a_b", "aB", "a-b", "ab", "Z1", "_x", "a.b", "A"]
+        for run_id in ids:
+            make(store, run_id)
+        with store._transaction() as conn:
+            expected = conn.execute(text("SELECT run_id FROM runs ORDER BY run_id")).scalars().all()
+        if backend == "postgres":
+            assert expected != sorted(ids)  # the collation really sorts otherwise
+        else:
+            assert expected == sorted(ids)
+        for limit in (1, 3, 4):
+            seen: list[str] = []
+            after = None
+            while page := store.list_runs(limit=limit, after=after):
+                seen += [record.run_id for record in page]
+                after = page[-1].run_id
+            assert seen == expected, limit
+
     def test_create_is_idempotent(self, store):
         first = make(store, "r1")
         again, is_new = store.create_run("r1", {"other": 1}, {"x": "y"}, created({"other": 1}))
