@@ -292,7 +292,8 @@ COLUMNS = [("backend", "backend"), ("attacker", "worst request running"), ("step
            ("step_p50_vs_none", "step p50 vs none"), ("step_p99_ms", "step p99 ms"),
            ("step_vs_none", "step p99 vs none"), ("step_max_ms", "step max ms"),
            ("healthz_p50_ms", "healthz p50 ms"), ("healthz_p99_ms", "healthz p99 ms"),
-           ("healthz_vs_none", "healthz p99 vs none"), ("healthz_max_ms", "healthz max ms"),
+           ("healthz_vs_none", "healthz p99 vs none"), ("healthz_p50_vs_none", "healthz p50 vs none"),
+           ("healthz_max_ms", "healthz max ms"),
            ("worst_ms", "worst request ms"),
            ("worst_units", "its work units"), ("worst_count", "worst requests"), ("steps", "victim steps"),
            ("rounds", "rounds"), ("baseline_spread", "baseline p99 max / min")]
