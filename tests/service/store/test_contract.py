@@ -92,6 +92,21 @@ def bump_schema_version(url: str) -> None:
         engine.dispose()
 
 
+def _sort_in_en_us(store, table: str, column: str) -> None:
+    """PostgreSQL: ``table.column`` (this test's schema only) sorts in the ICU collation en-US,
+    which puts ``a`` before ``B`` (the test database's own, C, sorts by code point); skipped
+    where PostgreSQL was built without ICU."""
+    collate = 'COLLATE "en-US-x-icu"'
+    with store._transaction() as conn:
+        icu = conn.execute(text("SELECT 1 FROM pg_collation WHERE collname = 'en-US-x-icu'"))
+        if icu.first() is None:
+            pytest.skip("this PostgreSQL has no ICU collation en-US-x-icu (built without ICU)")
+    with store._transaction(write=True) as conn:
+        conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE varchar(128) {collate}"))
+        keys = conn.execute(text(f"SELECT k FROM (VALUES ('B'), ('a')) AS t(k) ORDER BY k {collate}"))
+        assert keys.scalars().all() == ["a", "B"]  # the collation really sorts otherwise
+
+
 class TestStoreContract:
     # -- runs ---------------------------------------------------------------------------
 
@@ -113,15 +128,7 @@ class TestStoreContract:
         (``ORDER BY key``) a, B, _x, Z1, so the same run's JSON depended on the path (and the
         replica) that answered."""
         if backend == "postgres":
-            collate = 'COLLATE "en-US-x-icu"'
-            with store._transaction() as conn:
-                icu = conn.execute(text("SELECT 1 FROM pg_collation WHERE collname = 'en-US-x-icu'"))
-                if icu.first() is None:
-                    pytest.skip("this PostgreSQL has no ICU collation en-US-x-icu (built without ICU)")
-            with store._transaction(write=True) as conn:  # this test's schema only
-                conn.execute(text(f"ALTER TABLE run_labels ALTER COLUMN key TYPE varchar(128) {collate}"))
-                keys = conn.execute(text(f"SELECT k FROM (VALUES ('B'), ('a')) AS t(k) ORDER BY k {collate}"))
-                assert keys.scalars().all() == ["a", "B"]  # the collation really sorts otherwise
+            _sort_in_en_us(store, "run_labels", "key")
         code_points = ["B", "Z1", "_x", "a"]
         record = make(store, "r1", {"a": "1", "_x": "2", "Z1": "3", "B": "4"})
         assert list(record.labels) == code_points
@@ -139,13 +146,7 @@ class TestStoreContract:
         comparison and the page's order are the same collation's, so paging neither skips nor
         repeats a run; SQLite (and the test database's C collation) sort by code point."""
         if backend == "postgres":
-            collate = 'COLLATE "en-US-x-icu"'
-            with store._transaction() as conn:
-                icu = conn.execute(text("SELECT 1 FROM pg_collation WHERE collname = 'en-US-x-icu'"))
-                if icu.first() is None:
-                    pytest.skip("this PostgreSQL has no ICU collation en-US-x-icu (built without ICU)")
-            with store._transaction(write=True) as conn:  # this test's schema only
-                conn.execute(text(f"ALTER TABLE runs ALTER COLUMN run_id TYPE varchar(128) {collate}"))
+            _sort_in_en_us(store, "runs", "run_id")
         ids = ["B", "a", "a_b", "aB", "a-b", "ab", "Z1", "_x", "a.b", "A"]
         for run_id in ids:
             make(store, run_id)
