@@ -765,8 +765,7 @@ class SqlStore(BaseStore):
                 self._driver_sql("insert_labels", _INSERT_LABELS).executemany(
                     cursor, [{"run_id": run_id, "key": k, "value": v} for k, v in labels.items()])
             self._notify_on(cursor, EVENTS_CHANNEL, run_id)
-            self._driver_sql("insert_numbered_events", _INSERT_NUMBERED_EVENT).execute(
-                cursor, _event_row(run_id, 1, created, row["created_at"], None))
+            self._insert_numbered(cursor, [_event_row(run_id, 1, created, row["created_at"], None)])
         self._events_committed()
         return _record_of(stored, _by_key(labels.items())), True  # in the order a read gives
 
@@ -1108,7 +1107,7 @@ class SqlStore(BaseStore):
         if self._sqlite_writers is None:  # no answer to wait for (pipelined)
             self._driver_sql("insert_numbered_events", _INSERT_NUMBERED_EVENT).executemany(cursor, rows)
             return
-        self._driver_sql("insert_numbered_events", _SQLITE_NUMBERED_EVENT).executemany(cursor, rows)
+        self._driver_sql("insert_sqlite_numbered_events", _SQLITE_NUMBERED_EVENT).executemany(cursor, rows)
         if cursor.rowcount != len(rows):
             raise StoreUnavailable(f"{self._where}: event_gid_floor row 1 is missing")
 
