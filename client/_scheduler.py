@@ -13,8 +13,9 @@ When the server is away, training goes on with the values held, then on the prov
 tail the server sent ahead (``client._tail``: the values as if no decision or operator
 action came, enough for ``outage_ride_s`` of training), while the worker retries with
 backoff (a ``ServerAwayWarning``, once per outage). A step whose report decides its
-values waits for a server, up to ``report_wait_s``. Past the tail the last values are
-kept, and the schedule catches up with the current step when the server is back.
+values, or a step past the tail, waits for a server, up to ``report_wait_s`` (ranks keep the
+same values: each rank's tail ends where its own requests left it). Past that bound the last
+values are kept, and the schedule catches up with the current step when the server is back.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class RemoteScheduler:
         world_size: Ranks that report metrics (default ``$WORLD_SIZE``, else 1).
         labels: ``{"key": "value"}`` labels for the run; default ``$LRSERVE_LABELS``
             (``key=value,key2=value2``).
-        strict: Raise instead of holding the last LR when the server is away.
+        strict: Raise instead of holding the last LR (or waiting) when the server is away.
         http_client: An ``httpx.Client`` to talk through (test seam; not closed by ``close()``).
         client: An ``LRClient`` to talk through instead of the one built from ``url``,
             ``token``, ``timeout``, ``max_retries``, ``http_client`` and ``sleep`` (which must
@@ -146,7 +147,9 @@ class RemoteScheduler:
             as without the outage. Past it the step goes on with the values held (the tail's
             or the last ones) and the report is delivered when the server is back: its
             decision then lands on the first free step, and the server records a
-            ``provisional_divergence`` for the steps taken meanwhile.
+            ``provisional_divergence`` for the steps taken meanwhile. A step past the
+            provisional tail waits as long, once per outage (every rank then keeps the
+            schedule's values); past it the last values are kept. 0: never wait.
         timeout: Per-request timeout in seconds.
         max_retries: Retries of a request the training loop waits for.
         max_buffered_metrics: Most logged metric records held unsent (oldest dropped beyond).
@@ -286,6 +289,7 @@ class RemoteScheduler:
         self._watched: frozenset[str] = frozenset()  # _policy.watched, shown (_publish)
         self._events = RunEvents()  # a stop, a range test's switch, spikes: due at a step
         self._warned: set[str] = set()
+        self._waited_out = False  # this outage's wait for values timed out: hold, do not wait again
         self._deciding: int | None = None  # the step whose decision step(metric) left on its way
         self._superseded = False  # another scheduler was built on the optimizer since (torch composes)
         self._job_watched = False  # whether the spec this job built the run with watched a metric
@@ -667,7 +671,8 @@ class RemoteScheduler:
         )
 
     def _back(self) -> None:
-        self._warned.discard("away")
+        self._warned -= {"away", "wait"}
+        self._waited_out = False
         self._set_state(ClientState.ACTIVE)
 
     def _check_open(self) -> None:
@@ -785,8 +790,8 @@ class RemoteScheduler:
             return
         if self._state is ClientState.AWAY:
             self._fetcher.pending.append((s, report))
-            if not self._wait_for_server(s, report, self._fetcher.error):
-                self._hold(s, self._fetcher.error)
+            if not self._wait_for_server(s, _decides(s, report), self._fetcher.error):
+                self._hold(s, self._fetcher.error, wait=False)
             return
         if self._overlap and not self._fetcher.busy:
             self._hand_off(s, report)
@@ -809,9 +814,9 @@ class RemoteScheduler:
             if not self.strict:
                 self._fetcher.pending.append((s, report))
                 self._set_state(ClientState.AWAY)
-                if self._wait_for_server(s, report, exc):
+                if self._wait_for_server(s, _decides(s, report), exc):
                     return
-            self._hold(s, exc)
+            self._hold(s, exc, wait=False)
             return
         self._accept(answer)
         self._apply(s)
@@ -825,18 +830,21 @@ class RemoteScheduler:
         self._fast = False  # what _refresh() says while a decision is on its way
         self._fetcher.hand_off(s, self._clock())
 
-    def _wait_for_server(self, s: int, report: Mapping[str, float], exc: BaseException | None) -> bool:
-        """Step ``s`` needs the decision its report brings: wait for a server (``report_wait_s``).
+    def _wait_for_server(self, s: int, why: str, exc: BaseException | None) -> bool:
+        """Step ``s`` needs values only a server has (``why``: its report decides them, or it is
+        past the provisional tail): wait for one, up to ``report_wait_s`` (a warning, once per
+        outage and reason).
 
-        The worker delivers the report (``pending``) as soon as a server answers. Returns
-        whether the values of ``s`` came; if not, the report stays pending (the fallback).
+        The worker delivers what is pending (a report) as soon as a server answers. Returns
+        whether the values of ``s`` came; if not (a report stays pending: the fallback), the
+        steps past the tail keep the last values for the rest of this outage without waiting
+        again (``_hold``); a report's own step still waits.
         """
         if self._report_wait_s <= 0:
             return False
         self._warn_once(
-            "away",
-            f"lrserve: the server is away ({exc}); step {s} carries {sorted(report)}, whose "
-            f"decision sets its values: training waits for the server, up to "
+            "wait",
+            f"lrserve: the server is away ({exc}); {why} training waits for the server, up to "
             f"{self._report_wait_s:g} s (report_wait_s)",
             ServerAwayWarning,
         )
@@ -847,7 +855,8 @@ class RemoteScheduler:
             left = deadline - time.monotonic()
             result = self._fetcher.take(wait=True, stop_waiting=lambda: False, timeout=max(0.0, left))
             if result is NOT_READY:
-                return False  # past the bound: the worker keeps trying to deliver it
+                self._waited_out = True  # past the bound: the worker keeps trying to deliver it
+                return False
             self._take_in(result)
             if isinstance(result, EndOfSchedule):
                 return False
@@ -880,8 +889,13 @@ class RemoteScheduler:
         self._accept(answer)
         self._apply(s)
 
-    def _hold(self, s: int, exc: BaseException | None) -> None:
-        """No values for step ``s``: keep the last ones, warn once, let the worker catch up."""
+    def _hold(self, s: int, exc: BaseException | None, *, wait: bool = True) -> None:
+        """No final values for step ``s`` while the server is away: the provisional tail's if
+        it holds ``s``; else (``wait``) wait for a server, up to ``report_wait_s``, once per
+        outage: the values past the tail are not known here, and each rank's tail ends where
+        its own requests left it, so ranks that kept their last values would train on
+        different LRs. Past that bound (or with ``wait=False``: a report's wait is over) keep
+        the last values, warn once, and let the worker catch up."""
         if self.strict:
             raise exc if exc is not None else TransportError("the server is away")
         self._set_state(ClientState.AWAY)
@@ -895,13 +909,19 @@ class RemoteScheduler:
                 f"decision or operator action came, until it is back.",
                 ServerAwayWarning,
             )
-        else:
-            self._warn_once(
-                "away",
-                f"lrserve: the server is away ({exc}); step {s} keeps the last learning rates "
-                f"{self._last_lr} until it is back. Training goes on; the schedule catches up then.",
-                ServerAwayWarning,
-            )
+            return
+        if wait and not self._waited_out:
+            held = f"steps up to {self._tail.end - 1}" if self._tail.lrs else "none"
+            why = (f"step {s} is past the provisional values held ({held}), so every rank "
+                   f"keeps the schedule's values:")
+            if self._wait_for_server(s, why, exc):
+                return
+        self._warn_once(
+            "away",
+            f"lrserve: the server is away ({exc}); step {s} keeps the last learning rates "
+            f"{self._last_lr} until it is back. Training goes on; the schedule catches up then.",
+            ServerAwayWarning,
+        )
         if not self._fetcher.busy:
             self._fetcher.submit(None, 0 if self._policy.watched else self._policy.sizer.next_ahead())
 
@@ -1135,7 +1155,7 @@ class RemoteScheduler:
             if self._cache.holds(s):
                 self._apply(s)
             else:  # the server is away: the worker keeps trying to deliver the report
-                self._hold(s, self._fetcher.error)
+                self._hold(s, self._fetcher.error, wait=False)
             self._refresh()
         self._maybe_prefetch(s)
 
@@ -1145,6 +1165,11 @@ class RemoteScheduler:
         if key not in self._warned:
             self._warned.add(key)
             warn(message, category)
+
+
+def _decides(s: int, report: Mapping[str, float]) -> str:
+    """Why step ``s``, which carries ``report``, waits for a server (``_wait_for_server``)."""
+    return f"step {s} carries {sorted(report)}, whose decision sets its values:"
 
 
 class _Link:

@@ -1,5 +1,6 @@
-"""When the server is away: final values carry on, then the provisional tail, then the last LR
-is held; a step whose report decides its values waits for the server; then it catches up."""
+"""When the server is away: final values carry on, then the provisional tail; a step past the
+tail, or whose report decides its values, waits for the server (``report_wait_s``), past which
+the last LR is held; then it catches up."""
 
 from __future__ import annotations
 
@@ -188,8 +189,28 @@ def test_the_tail_comes_in_requests_of_its_own_and_soon_covers_outage_ride_s(mak
     assert {params["ahead"] for _, _, params, _ in fake.tail_requests} == {"0"}  # of a final step
 
 
-def test_past_the_tail_the_last_lr_is_held_with_one_warning(make_scheduler, fake, clock):
-    sched = make_scheduler(outage_ride_s=0)  # no tail asked for
+def test_a_step_past_the_tail_waits_for_the_server_and_takes_its_values(make_scheduler, fake, clock):
+    # report_wait_s at its default (60 s); a short tail, quick to ride. Steps past the tail would
+    # otherwise keep the last LR, and each rank of a job keeps its own (its tail ends where its
+    # own requests left it): a two-rank job's ranks trained on different LRs (CI, a fast loop
+    # through a kill -9 early in the job: one rank's tail ended at 1024, the other's at 2813)
+    sched = make_scheduler(run_id="t", outage_ride_s=1.0)  # 1,024 steps of tail
+    down_at_the_end_of_the_final_values(sched, fake, clock, tail=300)
+    with pytest.warns(ServerAwayWarning, match="sent ahead"):
+        while sched.last_epoch < sched._tail.end - 1:
+            assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+    threading.Timer(0.5, lambda: setattr(fake, "down", False)).start()
+    with pytest.warns(ServerAwayWarning, match="past the provisional values held .* waits") as record:
+        lrs = step_once(sched, clock)  # waits for the server: the schedule's value, as every rank's
+    assert len(record) == 1
+    assert lrs == expected_lrs([0.1], sched.last_epoch)[-1]
+    assert sched.state is ClientState.ACTIVE
+    for _ in range(100):
+        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+
+
+def test_past_report_wait_s_the_last_lr_is_held_without_waiting_again(make_scheduler, fake, clock):
+    sched = make_scheduler(outage_ride_s=0, report_wait_s=0.2)  # no tail asked for
     for _ in range(50):
         step_once(sched, clock)
     sched._collect(wait=True)
@@ -197,7 +218,38 @@ def test_past_the_tail_the_last_lr_is_held_with_one_warning(make_scheduler, fake
     while sched.last_epoch < held_until(sched):
         step_once(sched, clock)
     last = sched.get_last_lr()
-    with pytest.warns(ServerAwayWarning, match="away") as record:
+    waits = []
+    wait_for_server = sched._wait_for_server
+    sched._wait_for_server = lambda *args: waits.append(args[0]) or wait_for_server(*args)
+    with pytest.warns(ServerAwayWarning) as record:
+        held = [step_once(sched, clock) for _ in range(30)]
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2 and "past the provisional values held (none)" in messages[0], messages
+    assert "keeps the last learning rates" in messages[1], messages
+    assert len(waits) == 1  # the first step past the values held waited; the rest of the outage holds
+    assert held == [last] * 30
+    fake.down = False
+    step_until_caught_up(sched, clock)
+    for _ in range(100):  # and on with the schedule
+        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+    fake.down = True  # a second outage waits again
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+    with pytest.warns(ServerAwayWarning):
+        step_once(sched, clock)
+    assert len(waits) == 2
+
+
+def test_with_report_wait_s_0_past_the_tail_the_last_lr_is_held_with_one_warning(make_scheduler, fake, clock):
+    sched = make_scheduler(outage_ride_s=0, report_wait_s=0)  # no tail asked for, no wait
+    for _ in range(50):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    fake.down = True
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+    last = sched.get_last_lr()
+    with pytest.warns(ServerAwayWarning, match="keeps the last") as record:
         held = [step_once(sched, clock) for _ in range(30)]
     assert len(record) == 1
     assert held == [last] * 30
@@ -208,7 +260,8 @@ def test_past_the_tail_the_last_lr_is_held_with_one_warning(make_scheduler, fake
 
 
 def test_a_second_outage_warns_again(make_scheduler, fake, clock):
-    sched = make_scheduler()
+    # report_wait_s: its first step past the first window (no tail has come yet) waits that long
+    sched = make_scheduler(report_wait_s=0.2)
     for _ in range(2):
         fake.down = True
         with pytest.warns(ServerAwayWarning):
