@@ -1154,8 +1154,11 @@ class RemoteScheduler:
         else:
             if self._cache.holds(s):
                 self._apply(s)
-            else:  # the server is away: the worker keeps trying to deliver the report
-                self._hold(s, self._fetcher.error, wait=False)
+            else:  # the server is away: wait for it as a report that did not overlap would
+                self._set_state(ClientState.AWAY)
+                report = next((r for k, r in list(self._fetcher.pending) if k == s), {})
+                if not self._wait_for_server(s, _decides(s, report), self._fetcher.error):
+                    self._hold(s, self._fetcher.error, wait=False)  # the worker keeps trying to deliver it
             self._refresh()
         self._maybe_prefetch(s)
 

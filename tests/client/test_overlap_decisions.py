@@ -19,7 +19,7 @@ import weakref
 
 import pytest
 import torch
-from lrserve.client import MetricsDroppedWarning, RemoteScheduler, ServerAwayWarning
+from lrserve.client import ClientState, MetricsDroppedWarning, RemoteScheduler, ServerAwayWarning
 
 from tests.client.conftest import PLATEAU
 from tests.client.fake_server import Optimizer, expected_lrs
@@ -134,10 +134,10 @@ def test_no_overlap_without_a_torch_optimizer_or_when_strict(make_scheduler):
     assert opt.param_groups[0]["lr"] == expected_lrs([0.1], 2, {1: 1.0, 2: 2.0})[2][0]
 
 
-def test_outage_with_a_decision_on_its_way_holds_then_delivers_it(make_scheduler, fake):
+def _to_step_15_with_the_server_down(make_scheduler, fake, **kwargs):
     opt = sgd()
     sched = make_scheduler(opt, PLATEAU, run_id="p", steps_per_epoch=5, overlap_decisions=True,
-                           max_retries=1)
+                           max_retries=1, **kwargs)
     reports = {}
     for k in range(1, 11):
         sched.step(1.0 / k if k % 5 == 0 else None)
@@ -149,12 +149,30 @@ def test_outage_with_a_decision_on_its_way_holds_then_delivers_it(make_scheduler
         opt.step()
     fake.down = True
     sched.step(0.5)  # step 15: returns; the worker tries to post it
+    reports[15] = 0.5
+    return opt, sched, reports
+
+
+def test_outage_with_a_decision_on_its_way_waits_for_it_as_without_overlap(make_scheduler, fake):
+    # report_wait_s at its default (60 s): the decision lands on its own step, as when the
+    # report waited in step() (it held the last values instead, without waiting)
+    opt, sched, reports = _to_step_15_with_the_server_down(make_scheduler, fake)
+    threading.Timer(0.5, lambda: setattr(fake, "down", False)).start()
+    with pytest.warns(ServerAwayWarning, match=r"step 15 carries \['val_loss'\].* waits") as record:
+        opt.step()  # the pre-step hook waits for the decision
+    assert len(record) == 1
+    assert fake.runs["p"].reports[15] == {"val_loss": 0.5}
+    assert [opt.param_groups[0]["lr"]] == expected_lrs([0.1], 15, reports)[15]
+    assert sched.state is ClientState.ACTIVE
+
+
+def test_outage_past_report_wait_s_holds_then_delivers_the_decision(make_scheduler, fake):
+    opt, sched, reports = _to_step_15_with_the_server_down(make_scheduler, fake, report_wait_s=0.2)
     held = opt.param_groups[0]["lr"]
     with pytest.warns(ServerAwayWarning):
-        opt.step()  # the decision cannot come: the last values are held
+        opt.step()  # the decision cannot come within report_wait_s: the last values are held
     assert opt.param_groups[0]["lr"] == held
     fake.down = False
-    reports[15] = 0.5
     deadline = time.monotonic() + 10.0
     while 15 not in fake.runs["p"].reports and time.monotonic() < deadline:
         sched.step()
