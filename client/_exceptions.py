@@ -21,7 +21,8 @@ Every exception the client raises on purpose derives from ``LRServiceError``::
         └── ClientClosed .......... used after ``close()``
 
 Warnings (all ``LRServiceWarning``, a ``UserWarning``): ``ServerAwayWarning`` (training goes on
-with the values held, or holds the last LR), ``CadenceWarning`` (a watched metric came for a
+with the values held or the provisional tail, waits for the server, or holds the last LR),
+``CadenceWarning (a watched metric came for a
 step whose values were already fetched), ``MetricsDroppedWarning`` (logged metrics were lost).
 """
 
@@ -157,7 +158,9 @@ class LRServiceWarning(UserWarning):
 
 
 class ServerAwayWarning(LRServiceWarning):
-    """The server is away: training goes on with held values (issued once per outage)."""
+    """The server is away: training goes on with the values held or the provisional tail, waits
+    for the server (a step past the tail, or whose report decides its values), or keeps the
+    last LR: each once per outage (a wait once per reason)."""
 
 
 class CadenceWarning(LRServiceWarning):

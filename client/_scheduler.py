@@ -102,7 +102,8 @@ class ClientState(enum.Enum):
     #: The server answers (or has not failed a request the job needed yet).
     ACTIVE = "active"
     #: It does not: steps take the values held, then the provisional tail, while the
-    #: worker retries; a step whose report decides its values waits (``report_wait_s``).
+    #: worker retries; a step whose report decides its values, or past the tail, waits
+    #: (``report_wait_s``).
     AWAY = "away"
     #: ``close()`` was called: nothing more is sent.
     CLOSED = "closed"
@@ -671,7 +672,7 @@ class RemoteScheduler:
         )
 
     def _back(self) -> None:
-        self._warned -= {"away", "wait"}
+        self._warned -= {"away", "wait:report", "wait:tail"}
         self._waited_out = False
         self._set_state(ClientState.ACTIVE)
 
@@ -830,7 +831,9 @@ class RemoteScheduler:
         self._fast = False  # what _refresh() says while a decision is on its way
         self._fetcher.hand_off(s, self._clock())
 
-    def _wait_for_server(self, s: int, why: str, exc: BaseException | None) -> bool:
+    def _wait_for_server(
+        self, s: int, why: str, exc: BaseException | None, *, past_tail: bool = False
+    ) -> bool:
         """Step ``s`` needs values only a server has (``why``: its report decides them, or it is
         past the provisional tail): wait for one, up to ``report_wait_s`` (a warning, once per
         outage and reason).
@@ -843,7 +846,7 @@ class RemoteScheduler:
         if self._report_wait_s <= 0:
             return False
         self._warn_once(
-            "wait",
+            "wait:tail" if past_tail else "wait:report",
             f"lrserve: the server is away ({exc}); {why} training waits for the server, up to "
             f"{self._report_wait_s:g} s (report_wait_s)",
             ServerAwayWarning,
@@ -914,7 +917,7 @@ class RemoteScheduler:
             held = f"steps up to {self._tail.end - 1}" if self._tail.lrs else "none"
             why = (f"step {s} is past the provisional values held ({held}), so every rank "
                    f"keeps the schedule's values:")
-            if self._wait_for_server(s, why, exc):
+            if self._wait_for_server(s, why, exc, past_tail=True):
                 return
         self._warn_once(
             "away",
@@ -1156,8 +1159,9 @@ class RemoteScheduler:
                 self._apply(s)
             else:  # the server is away: wait for it as a report that did not overlap would
                 self._set_state(ClientState.AWAY)
-                report = next((r for k, r in list(self._fetcher.pending) if k == s), {})
-                if not self._wait_for_server(s, _decides(s, report), self._fetcher.error):
+                report = next((r for k, r in list(self._fetcher.pending) if k == s), None)
+                why = _decides(s, report) if report else f"step {s} waits for the decision of its report:"
+                if not self._wait_for_server(s, why, self._fetcher.error):
                     self._hold(s, self._fetcher.error, wait=False)  # the worker keeps trying to deliver it
             self._refresh()
         self._maybe_prefetch(s)

@@ -116,11 +116,11 @@ class _Rejected(Exception):
 class Expression:
     """A validated ``lr_lambda`` expression, callable like the lambda it stands for.
 
-    The closure tree is built once, when the Expression is made, and held by it (so by
-    the spec and the run that own it: no process-wide cache whose size a request could
+    The function is compiled once, when the Expression is made, and held by it (so by the
+    spec and the run that own it: no process-wide cache whose size a request could
     exceed). It lives in a slot, outside ``__dict__``: torch's ``LambdaLR.state_dict()``
     copies a callable object's ``__dict__``, which thus stays JSON (``source``, ``field``);
-    copies and pickles carry the text and build the closures again.
+    copies and pickles carry the text and compile it again.
 
     Attributes:
         source: The expression text, e.g. ``"0.95 ** step"``.

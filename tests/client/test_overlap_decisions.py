@@ -150,6 +150,12 @@ def _to_step_15_with_the_server_down(make_scheduler, fake, **kwargs):
     fake.down = True
     sched.step(0.5)  # step 15: returns; the worker tries to post it
     reports[15] = 0.5
+    # the worker's tries past max_retries: the scheduler counts the server away from then on
+    # (were it back before, the hand-off would just succeed: no outage for the hook to meet)
+    deadline = time.monotonic() + 10.0
+    while sched._fetcher.failures <= 1:
+        assert time.monotonic() < deadline, sched._fetcher.failures
+        time.sleep(0.01)
     return opt, sched, reports
 
 

@@ -220,7 +220,7 @@ def test_past_report_wait_s_the_last_lr_is_held_without_waiting_again(make_sched
     last = sched.get_last_lr()
     waits = []
     wait_for_server = sched._wait_for_server
-    sched._wait_for_server = lambda *args: waits.append(args[0]) or wait_for_server(*args)
+    sched._wait_for_server = lambda *args, **kw: waits.append(args[0]) or wait_for_server(*args, **kw)
     with pytest.warns(ServerAwayWarning) as record:
         held = [step_once(sched, clock) for _ in range(30)]
     messages = [str(w.message) for w in record]
