@@ -60,6 +60,25 @@ def step_until_caught_up(sched, clock, reports=None):
     raise AssertionError("the scheduler did not catch up with the server")
 
 
+def down_at_the_end_of_the_final_values_held(sched, fake, clock, steps=50):
+    """Train ``steps`` steps, take the server down, step through the final values held: the
+    next step is past them. Returns the last LR."""
+    for _ in range(steps):
+        step_once(sched, clock)
+    sched._collect(wait=True)
+    fake.down = True
+    while sched.last_epoch < held_until(sched):
+        step_once(sched, clock)
+    return sched.get_last_lr()
+
+
+def back_and_on_with_the_schedule(sched, fake, clock):
+    fake.down = False
+    step_until_caught_up(sched, clock)
+    for _ in range(100):
+        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+
+
 def test_held_values_carry_training_through_an_outage(make_scheduler, fake, clock):
     sched = make_scheduler(time_budget_s=100.0)
     for _ in range(300):
@@ -211,13 +230,7 @@ def test_a_step_past_the_tail_waits_for_the_server_and_takes_its_values(make_sch
 
 def test_past_report_wait_s_the_last_lr_is_held_without_waiting_again(make_scheduler, fake, clock):
     sched = make_scheduler(outage_ride_s=0, report_wait_s=0.2)  # no tail asked for
-    for _ in range(50):
-        step_once(sched, clock)
-    sched._collect(wait=True)
-    fake.down = True
-    while sched.last_epoch < held_until(sched):
-        step_once(sched, clock)
-    last = sched.get_last_lr()
+    last = down_at_the_end_of_the_final_values_held(sched, fake, clock)
     waits = []
     wait_for_server = sched._wait_for_server
     sched._wait_for_server = lambda *args, **kw: waits.append(args[0]) or wait_for_server(*args, **kw)
@@ -228,10 +241,7 @@ def test_past_report_wait_s_the_last_lr_is_held_without_waiting_again(make_sched
     assert "keeps the last learning rates" in messages[1], messages
     assert len(waits) == 1  # the first step past the values held waited; the rest of the outage holds
     assert held == [last] * 30
-    fake.down = False
-    step_until_caught_up(sched, clock)
-    for _ in range(100):  # and on with the schedule
-        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+    back_and_on_with_the_schedule(sched, fake, clock)
     fake.down = True  # a second outage waits again
     while sched.last_epoch < held_until(sched):
         step_once(sched, clock)
@@ -242,21 +252,12 @@ def test_past_report_wait_s_the_last_lr_is_held_without_waiting_again(make_sched
 
 def test_with_report_wait_s_0_past_the_tail_the_last_lr_is_held_with_one_warning(make_scheduler, fake, clock):
     sched = make_scheduler(outage_ride_s=0, report_wait_s=0)  # no tail asked for, no wait
-    for _ in range(50):
-        step_once(sched, clock)
-    sched._collect(wait=True)
-    fake.down = True
-    while sched.last_epoch < held_until(sched):
-        step_once(sched, clock)
-    last = sched.get_last_lr()
+    last = down_at_the_end_of_the_final_values_held(sched, fake, clock)
     with pytest.warns(ServerAwayWarning, match="keeps the last") as record:
         held = [step_once(sched, clock) for _ in range(30)]
     assert len(record) == 1
     assert held == [last] * 30
-    fake.down = False
-    step_until_caught_up(sched, clock)
-    for _ in range(100):  # and on with the schedule
-        assert step_once(sched, clock) == expected_lrs([0.1], sched.last_epoch)[-1]
+    back_and_on_with_the_schedule(sched, fake, clock)
 
 
 def test_a_second_outage_warns_again(make_scheduler, fake, clock):
@@ -317,12 +318,7 @@ def test_report_past_report_wait_s_is_delivered_when_the_server_is_back(make_sch
 
 def test_strict_raises_and_the_same_step_can_be_retried(make_scheduler, fake, clock):
     sched = make_scheduler(strict=True)
-    for _ in range(20):
-        step_once(sched, clock)
-    sched._collect(wait=True)
-    fake.down = True
-    while sched.last_epoch < held_until(sched):
-        step_once(sched, clock)
+    down_at_the_end_of_the_final_values_held(sched, fake, clock, steps=20)
     at = sched.last_epoch
     with pytest.raises(ServerUnreachable):
         sched.step()
