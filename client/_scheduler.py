@@ -12,10 +12,11 @@ server answers, and whether it is closed.
 When the server is away, training goes on with the values held, then on the provisional
 tail the server sent ahead (``client._tail``: the values as if no decision or operator
 action came, enough for ``outage_ride_s`` of training), while the worker retries with
-backoff (a ``ServerAwayWarning``, once per outage). A step whose report decides its
-values, or a step past the tail, waits for a server, up to ``report_wait_s`` (ranks keep the
-same values: each rank's tail ends where its own requests left it). Past that bound the last
-values are kept, and the schedule catches up with the current step when the server is back.
+backoff. A step whose report decides its values, or a step past the tail, waits for a
+server, up to ``report_wait_s`` (ranks keep the same values: each rank's tail ends where its
+own requests left it). Past that bound the last values are kept, and the schedule catches up
+with the current step when the server is back. Each of these (riding the tail, waiting,
+keeping the last values) warns once per outage (``ServerAwayWarning``).
 """
 
 from __future__ import annotations
