@@ -11,10 +11,11 @@ Evaluation is Python's own (ints stay ints, ``/`` is true division; ``**`` goes 
 lambda gives in torch.
 
 One function per expression, not a tree of closures: a closure tree was ~88 objects of the
-cyclic collector per expression (90,000 for a 1024-group ``LambdaLR``; a create built about
-five such sets in the server process), and the young-generation collections that walked
-them held the GIL 100-400 ms on a busy 2-core machine (another run's step waited that long;
-bench figure 7, "create"). A function is one such object, and it evaluates faster.
+cyclic collector per expression (90,000 for a 1024-group ``LambdaLR``, built in the server
+process as the run's engine is, and held as long as the run), and the young-generation
+collections that walked them held the GIL 100-400 ms on a busy 2-core machine (another
+run's step waited that long; bench figure 7, "create"). A function is one such object, and
+it evaluates faster.
 
 Allowed: number literals, ``step``, the constants ``pi`` and ``e``, ``+ - * / // % **``,
 unary ``+``/``-``, comparisons, ``a if cond else b``, ``and`` / ``or`` / ``not``, and calls

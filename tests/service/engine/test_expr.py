@@ -229,10 +229,9 @@ def test_an_engine_steps_on_its_compiled_expressions_however_many_distinct_exist
 
 def test_an_expression_is_a_few_objects_of_the_cyclic_collector():
     """A compiled expression is one function, not a tree of closures: a closure tree was ~88
-    objects of the cyclic collector per expression (90,000 for a 1024-group LambdaLR, about
-    five such sets per create), and the collections that walked them while a create was
-    built held the GIL 100-400 ms on a busy 2-core machine: another run's step waited that
-    long."""
+    objects of the cyclic collector per expression (90,000 for a 1024-group LambdaLR's
+    engine), and the collections that walked them while a create was built held the GIL
+    100-400 ms on a busy 2-core machine: another run's step waited that long."""
     import gc
 
     sources = [f"{i + 1}/({i + 1}+step)" + "+0*step" * 5 for i in range(1024)]
