@@ -29,9 +29,9 @@ SECONDS_PER_STEP = 0.002
 SPEC = {"type": "CosineAnnealingLR", "T_max": STEPS, "eta_min": 0.001}
 
 
-def torch_trajectory(steps):
+def torch_trajectory(steps, t_max=STEPS):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS, eta_min=0.001)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=0.001)
     out = [sched.get_last_lr()]
     for _ in range(steps):
         opt.step()
@@ -68,6 +68,36 @@ def test_kill_9_mid_training_changes_nothing(tmp_path):
     assert metric["steps"] == list(range(1, STEPS + 1))  # none lost, none doubled
     assert metric["values"] == [1.0 / k for k in range(1, STEPS + 1)]
     assert not [e for e in history["events"] if e["kind"] == "provisional_divergence"]
+
+
+def test_a_step_past_the_tail_waits_for_the_restarted_server_and_every_value_is_torch_s(tmp_path):
+    # Default settings. Killed right after it started, the job holds a short tail (its first
+    # 1,024 steps at most); a loop with no sleep rides it out long before the restarted server
+    # is ready (a cold start: seconds). Past the tail the step waits for the server
+    # (report_wait_s, 60 s) instead of keeping its last LR: each rank of a job would keep its
+    # own, at the step where its own tail ended (a two-rank job's ranks trained on different
+    # LRs so, in CI).
+    steps = 12_000
+    spec = {"type": "CosineAnnealingLR", "T_max": steps, "eta_min": 0.001}
+    server = ServerProcess(f"sqlite:///{tmp_path}/past-tail.db", tmp_path).start()
+    restarter = Restarter(server)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:
+        with RemoteScheduler(opt, spec, run_id="past-tail", url=server.url) as sched:
+            seen = [sched.get_last_lr()]
+            restarter.kill_and_restart()
+            with pytest.warns(ServerAwayWarning) as record:
+                for _ in range(steps):
+                    opt.step()
+                    sched.step()
+                    seen.append(sched.get_last_lr())
+            restarter.join()
+    finally:
+        restarter.stop()
+    messages = [str(w.message) for w in record]
+    assert any("past the provisional values held" in m for m in messages), messages  # it waited
+    assert not any("keeps the last learning rates" in m for m in messages), messages
+    assert seen == torch_trajectory(steps, t_max=steps)
 
 
 PLATEAU = plateau()
