@@ -208,8 +208,9 @@ event_gid_floor = Table(
 and the greatest ``events.gid``; an event takes the next one in its own INSERT
 (``sql._SQLITE_LAST_GID``). SQLite has one writer per file, whose transaction holds the file
 until it commits, so ids become visible in increasing order without a counter row updated
-(and logged) by every commit, as ``event_ids`` was; ``gid`` changes only where a run's events
-are deleted (``SqlStore.delete_run``), so that no id is given out twice."""
+(and logged) by every commit, as ``event_ids`` was; ``gid`` changes only where events are
+deleted (the trigger ``_RAISE_GID_FLOOR``, whoever deletes them), so that no id is given out
+twice."""
 
 webhook_endpoints = Table(
     "webhook_endpoints",
