@@ -13,13 +13,12 @@ import os
 import runpy
 import sys
 
-from tests.trainer.threads import thread_names
+from tests.trainer.threads import thread_names, write_line
 
 
 def report() -> None:
     rank = os.environ.get("RANK", "0")
-    sys.stderr.write(f"exit threads rank {rank}: {json.dumps(thread_names())}\n")  # one write: the
-    sys.stderr.flush()  # ranks share the pipe (print's text and end can interleave with theirs)
+    write_line(sys.stderr, f"exit threads rank {rank}: {json.dumps(thread_names())}")
 
 
 atexit.register(report)

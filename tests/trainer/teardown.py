@@ -33,7 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from lrserve.trainer import ddp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from tests.trainer.threads import thread_names  # noqa: E402
+from tests.trainer.threads import thread_names, write_line  # noqa: E402
 
 
 class SleepsWhenFreed:
@@ -63,9 +63,7 @@ def main() -> None:
         time.sleep(0.5)
         dist.all_reduce(torch.ones(1))
     env.close()
-    line = "threads " + json.dumps({"before": before, "after": thread_names()}) + "\n"
-    sys.stdout.write(line)  # one write, newline included: the ranks share the pipe (print's
-    sys.stdout.flush()  # text and end are two writes when unbuffered, and interleaved here)
+    write_line(sys.stdout, "threads " + json.dumps({"before": before, "after": thread_names()}))
 
 
 keeper = SleepsWhenFreed()
