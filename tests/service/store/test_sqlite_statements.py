@@ -71,7 +71,7 @@ def test_a_control_commit_numbers_its_event_in_its_insert(store, statements):
 def test_the_next_event_id_is_a_seek_in_the_gid_index_not_a_scan_of_the_events(store):
     """The INSERT's ``max(events.gid)`` is SQLite's min/max optimisation on ``ux_events_gid``:
     the cost of an append does not grow with the log."""
-    numbered = store._driver_sql("insert_numbered_events", _SQLITE_NUMBERED_EVENT)
+    numbered = store._driver_sql("insert_sqlite_numbered_events", _SQLITE_NUMBERED_EVENT)  # the store's name
     raw = store._engine.raw_connection()
     try:
         plan = [row[3] for row in raw.driver_connection.execute(
