@@ -166,7 +166,9 @@ def _open_sqlite(url: URL, synchronous: str, create_db: bool) -> SqlStore:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
         raise StoreUnavailable(f"SQLite database {path}: {reason}") from exc
-    store = SqlStore(engine, where=f"SQLite database {path}", guard=FileIdentity(database))
+    guard = FileIdentity(database)
+    event.listen(engine, "connect", guard.refuse_another_file, insert=True)  # before its PRAGMAs
+    store = SqlStore(engine, where=f"SQLite database {path}", guard=guard)
     write_marker(database)
     return store
 

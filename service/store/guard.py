@@ -6,10 +6,13 @@ the next start finds no file (or another one) and begins from an empty database.
 guards close that hole:
 
 - ``FileIdentity`` remembers the file's identity (``st_dev``, ``st_ino``) when the store
-  opens it and compares it before every write transaction commits and on ``/readyz``. A
-  file that is gone or not the same one makes the write a ``503`` (rolled back, never
-  acknowledged) and readiness fail, with one log line when it happens (and one when the
-  file is back).
+  opens it and compares it before every write transaction commits, on ``/readyz`` and
+  when the pool opens a connection (``refuse_another_file``). A file that is gone or not
+  the same one makes the write a ``503`` (rolled back, never acknowledged) and readiness
+  fail, with one log line when it happens (and one when the file is back). Reads on the
+  connections already open go on reading the file the server opened; a new connection
+  would read the other one (a run it acknowledged there answered as missing), so it is
+  refused: a ``503`` too.
 - A marker file next to the database (``.<name>.lrserve``), written once the database
   exists, is how a later start knows that one *existed*: finding the marker but no
   database, ``open_store`` refuses (one line, exit 1) instead of creating an empty one,
@@ -23,6 +26,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from lrserve.service.errors import StoreUnavailable
 
@@ -140,3 +144,13 @@ class FileIdentity:
         error = StoreUnavailable(f"SQLite database {self.path} was {problem} while the server ran")
         error.logged = True  # the line above, once per fault
         raise error
+
+    def refuse_another_file(self, dbapi_connection: Any, _record: Any) -> None:
+        """The pool's ``connect`` event: a connection just opened on a file that is not the one
+        the store opened is closed, and ``check``'s ``StoreUnavailable`` raised (checked after
+        the open: a file replaced before it is seen, one replaced after it is the old inode)."""
+        try:
+            self.check()
+        except StoreUnavailable:
+            dbapi_connection.close()
+            raise

@@ -8,8 +8,8 @@ SQLite files.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -86,9 +86,22 @@ def test_deleted_database_refuses_writes_and_the_next_start(server, db, tmp_path
 
 
 def test_replaced_database_refuses_writes(server, db):
+    """Replaced by another lrserve database, one without the run: no answer may come from it.
+    (A copy of the live file, which this test once made, held the run or not depending on
+    whether the server's WAL checkpoint had run; a step whose read opened a new connection
+    then answered the run as missing, a 404, once in a fresh clone's CI.)"""
+    before = db.with_name("before.db")
+    live, copy = sqlite3.connect(db), sqlite3.connect(before)
+    live.backup(copy)  # the database as it was before the run: lrserve's tables, no run
+    live.close(), copy.close()
     start_steps(server, 3)
-    shutil.copy(db, db.with_suffix(".copy"))
-    os.replace(db.with_suffix(".copy"), db)  # same path, another file
+    os.replace(before, db)  # same path, another file
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # more at once than pooled connections
+        reads = list(pool.map(lambda _: httpx.get(f"{server.url}/v1/runs/r/history", timeout=30), range(16)))
+    assert {read.status_code for read in reads} <= {200, 503}, [read.text for read in reads]
+    for read in reads:
+        if read.status_code == 503:
+            assert_clean_503(read, db)
     assert_clean_503(step(server, 4), db)
     assert_clean_503(httpx.post(f"{server.url}/v1/runs", json={**RUN, "run_id": "new"}), db)
     assert_clean_503(httpx.get(f"{server.url}/readyz"), db)

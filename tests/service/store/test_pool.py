@@ -74,6 +74,33 @@ def test_a_new_sqlite_connection_never_creates_the_database_again(tmp_path):
         store.close()
 
 
+def test_a_new_sqlite_connection_never_reads_a_file_put_in_the_database_s_place(tmp_path):
+    """After the file is replaced by another database (here: one without the run), a connection
+    the pool opens anew is refused (503), not read: it would answer the stored run as missing
+    (a ``404`` to a job's step, as a fresh clone's CI once saw). The connections already open
+    read the file the store opened."""
+    db, other = tmp_path / "lrserve.db", tmp_path / "other.db"
+    open_store(f"sqlite:///{other}").close()  # an lrserve database with no run
+    store = open_store(f"sqlite:///{db}")
+    try:
+        store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, NewEvent(EventKind.CREATED, 0, {}))
+        pool = store._engine.pool
+        held = [store._engine.raw_connection() for _ in range(pool.checkedin())]
+        os.replace(other, db)
+        try:
+            with pytest.raises(StoreUnavailable, match="replaced by another file"):
+                store.read_run("r")  # every pooled connection is out: the pool opens one
+        finally:
+            for connection in held:
+                connection.close()
+        assert store.read_run("r").run_id == "r"  # on a connection opened before: the store's file
+        store._engine.dispose()
+        with pytest.raises(StoreUnavailable, match="replaced by another file"):
+            store.read_run("r")
+    finally:
+        store.close()
+
+
 def test_a_store_names_how_many_write_transactions_it_runs_at_once(database_url):
     """``connections``: PostgreSQL commits on as many connections as its pool holds; an SQLite
     file has one writer (its pool's other connections serve readers)."""
