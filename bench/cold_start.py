@@ -5,7 +5,8 @@ rounds, between ``python -c "import torch"`` (the yardstick), ``lrserve serve`` 
 checkout ("this") and, when given, of ``OTHER``, the root of another checkout of the
 repository ("other", e.g. ``git worktree add /tmp/base main``). Each start gets a new SQLite
 file (the database is created, as a first start does) and is timed from spawn to the first
-200 of ``GET /readyz`` (polled every 5 ms). Prints the median and range of each, and each
+200 of ``GET /readyz`` (polled every 5 ms). Each tree's bytecode is written first
+(``servers.compile_tree``), as an install's is. Prints the median and range of each, and each
 server's median over the yardstick's. Figure 4 (``python -m bench --only scale``) has the same
 two rows for this checkout alone, against a database of many runs.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scale import READY_OVER_TORCH_S, _import_torch
-from bench.servers import Server, sqlite_url, workdir
+from bench.servers import Server, compile_tree, sqlite_url, workdir
 from bench.stats import median, rotations
 
 
@@ -27,6 +28,8 @@ def run(other: Path | None, rounds: int) -> dict[str, Any]:
     trees: dict[str, Path | None] = {"this": None}
     if other is not None:
         trees["other"] = other
+    for tree in trees.values():
+        compile_tree(tree)  # what an install has; torch's bytecode came with its own
     times: dict[str, list[float]] = {name: [] for name in ["torch", *trees]}
     loads = []
     with workdir("lrserve-cold-") as work:
