@@ -24,7 +24,7 @@ import threading
 import weakref
 from typing import Any
 
-from lrserve.service.errors import OutageLog
+from lrserve.service.errors import OutageLog, StoreUnavailable
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
@@ -81,7 +81,8 @@ class Checkpointer:
                 row: Any = raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
             finally:
                 raw.close()
-        except (sqlite3.Error, sa_exc.SQLAlchemyError, OSError) as exc:  # clients hear of it from writes
+        # clients hear of it from writes; StoreUnavailable: the file guard refused a new connection
+        except (sqlite3.Error, sa_exc.SQLAlchemyError, OSError, StoreUnavailable) as exc:
             self._outage.failed(exc)
             return None
         self._outage.ok()

@@ -97,6 +97,8 @@ def test_a_new_sqlite_connection_never_reads_a_file_put_in_the_database_s_place(
         store._engine.dispose()
         with pytest.raises(StoreUnavailable, match="replaced by another file"):
             store.read_run("r")
+        assert store.checkpointer is not None
+        assert store.checkpointer.checkpoint() is None  # the WAL thread's connection: refused, logged
     finally:
         store.close()
 
