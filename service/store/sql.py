@@ -1179,8 +1179,7 @@ class SqlStore(BaseStore):
         with self._transaction() as conn:
             return self._last_gid(conn)
 
-    @staticmethod
-    def _last_gid(conn: Connection) -> int:
+    def _last_gid(self, conn: Connection) -> int:
         """The last global event id given out. Without the row it is read from (the counter's,
         the floor's) the database is broken: ``StoreUnavailable``, as an append finds it."""
         if conn.dialect.name == "sqlite":
@@ -1190,7 +1189,7 @@ class SqlStore(BaseStore):
             last = conn.execute(select(event_ids.c.last_gid).where(event_ids.c.id == 1)).scalar()
             where = "event_ids"
         if last is None:
-            raise StoreUnavailable(f"{where} row 1 is missing")
+            raise StoreUnavailable(f"{self._where}: {where} row 1 is missing")
         return int(last)
 
     # -- snapshots -------------------------------------------------------------------------
