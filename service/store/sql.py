@@ -447,10 +447,12 @@ class SqlStore(BaseStore):
         self._where = where
         self._secrets = tuple(s for s in secrets if s)
         self._guard = guard
+        self._postgres = engine.dialect.name == "postgresql"
+        """The backend, asked one way (``open_store`` opens SQLite or PostgreSQL, nothing else)."""
         # SQLite has one writer per file; a writer that finds it taken sleeps in SQLite's busy
         # handler (up to 100 ms a nap) and may miss its turn. Threads of this process queue
         # here instead and go in as soon as the last one commits; other processes still nap.
-        self._sqlite_writers = threading.RLock() if engine.dialect.name == "sqlite" else None
+        self._sqlite_writers = None if self._postgres else threading.RLock()
         # SQLite's WAL checkpoints, outside that slot (its own COMMIT ran them: ``store/wal.py``)
         self.checkpointer = Checkpointer(engine, self) if self._sqlite_writers is not None else None
         self._hurried = threading.local()  # ``without_waiting``: .on is True inside it
@@ -465,7 +467,7 @@ class SqlStore(BaseStore):
         try:
             with self._transaction(write=True) as conn:
                 migrate(conn)
-                if engine.dialect.name == "postgresql":
+                if self._postgres:
                     schema = conn.execute(text("SELECT current_schema()")).scalar_one()
                     self._channels = {name: schema_channel(name, schema)
                                       for name in (EVENTS_CHANNEL, REPORTS_CHANNEL)}
@@ -628,7 +630,7 @@ class SqlStore(BaseStore):
         now (restored, say). A busy file is not damage. PostgreSQL's pool drops connections a
         restart broke at checkout (``service.store._install_postgres_hooks``), and after a
         statement fails on one (SQLAlchemy's disconnect check, ``_discard``)."""
-        if self._engine.dialect.name != "sqlite" or "locked" in str(error):
+        if self._postgres or "locked" in str(error):
             return
         self._replace_pool()
 
@@ -657,7 +659,7 @@ class SqlStore(BaseStore):
 
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT, which knows ``on_conflict_do_nothing/do_update``."""
-        if self._engine.dialect.name == "postgresql":
+        if self._postgres:
             from sqlalchemy.dialects import postgresql  # not at start-up: ~0.15 s a SQLite server needs not
 
             return postgresql.insert(table)
@@ -728,7 +730,7 @@ class SqlStore(BaseStore):
         now = _now()
         row = {"run_id": run_id, "spec": _dumps(dict(spec)), "status": RunStatus.ACTIVE.value, "horizon": 0,
                "last_seq": 1, "created_at": now, "updated_at": now, "last_seen": now}
-        if self._engine.dialect.name == "postgresql":
+        if self._postgres:
             return self._create_run_pipelined(row, labels, created)
         with self._transaction(write=True) as conn:
             if conn.execute(self._insert_new_run, row).first() is None:
@@ -834,11 +836,10 @@ class SqlStore(BaseStore):
         statement and a sync in one write), so a read of one statement is one round trip (in a
         transaction it was three: psycopg's ``BEGIN``, the statement and the pool's ``ROLLBACK``).
         """
-        postgres = self._engine.dialect.name == "postgresql"
         with self._failures():
             conn = self._engine.raw_connection()
             try:
-                if postgres:
+                if self._postgres:
                     from lrserve.service.store.pg_pipeline import reading  # not on a SQLite server
 
                     driver = conn.driver_connection
@@ -933,7 +934,7 @@ class SqlStore(BaseStore):
         if not seen:
             return
         rows = [{"b_run_id": run_id, "b_seen": seen[run_id]} for run_id in sorted(seen)]
-        if self._engine.dialect.name != "postgresql":
+        if not self._postgres:
             with self._transaction(write=True) as conn:
                 conn.execute(_MARK_SEEN, rows)
             return
@@ -1112,7 +1113,7 @@ class SqlStore(BaseStore):
             raise StoreUnavailable(f"{self._where}: event_gid_floor row 1 is missing")
 
     def _notify_on(self, cursor: Any, channel: str, run_id: str) -> None:
-        if self._engine.dialect.name == "postgresql":
+        if self._postgres:
             payload = {"channel": self._channels[channel], "payload": f"{self._sender} {run_id}"}
             self._driver_sql("notify", _NOTIFY).execute(cursor, payload)
 
@@ -1127,7 +1128,7 @@ class SqlStore(BaseStore):
     def commit_listener(self) -> Callable[[Callable[[], None]], Awaitable[None]] | None:
         """PostgreSQL: an async function that ``LISTEN``s for commits of every process and
         calls its argument on each (returns when the connection is lost). SQLite: None."""
-        if self._engine.dialect.name != "postgresql":
+        if not self._postgres:
             return None
         conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         channel = self._channels[EVENTS_CHANNEL]
@@ -1149,7 +1150,7 @@ class SqlStore(BaseStore):
         events) and older replicas' reports (``REPORTS_CHANNEL``) and calls its argument with
         the run's id on each (None once listening); returns when the connection is lost.
         SQLite: None (see ``BaseStore.run_listener``)."""
-        if self._engine.dialect.name != "postgresql":
+        if not self._postgres:
             return None
         conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         mine = f"{self._sender} "
@@ -1182,7 +1183,7 @@ class SqlStore(BaseStore):
     def _last_gid(self, conn: Connection) -> int:
         """The last global event id given out. Without the row it is read from (the counter's,
         the floor's) the database is broken: ``StoreUnavailable``, as an append finds it."""
-        if conn.dialect.name == "sqlite":
+        if not self._postgres:
             last = conn.execute(select(_SQLITE_LAST_GID).where(_FLOOR_ROW)).scalar()
             where = "event_gid_floor"
         else:
@@ -1245,7 +1246,7 @@ class SqlStore(BaseStore):
         """
         if not steps:
             return {}
-        if self._engine.dialect.name == "postgresql":
+        if self._postgres:
             listed: Any = [int(s) for s in steps]
         else:
             listed = json.dumps([int(s) for s in steps])
