@@ -6,9 +6,10 @@ checkout ("this") and, when given, of ``OTHER``, the root of another checkout of
 repository ("other", e.g. ``git worktree add /tmp/base main``). Each start gets a new SQLite
 file (the database is created, as a first start does) and is timed from spawn to the first
 200 of ``GET /readyz`` (polled every 5 ms). Each tree's bytecode is written first
-(``servers.compile_tree``), as an install's is. Prints the median and range of each, and each
-server's median over the yardstick's. Figure 4 (``python -m bench --only scale``) has the same
-two rows for this checkout alone, against a database of many runs.
+(``servers.compile_tree``, into each checkout's ``__pycache__``), as an install's is.
+Prints the median and range of each, and each server's median over the yardstick's. Figure 4
+(``python -m bench --only scale``) has the same two rows for this checkout alone, against a
+database of many runs.
 """
 
 from __future__ import annotations

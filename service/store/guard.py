@@ -119,7 +119,8 @@ class FileIdentity:
     def check(self) -> None:
         """Raises StoreUnavailable if the file at the path is not the one opened.
 
-        Cost: one ``stat`` (about a microsecond), once per write transaction.
+        Cost: one ``stat`` (about a microsecond), once per write transaction and once per
+        connection the pool opens (``refuse_another_file``).
         """
         problem: str | None = None
         try:
@@ -138,8 +139,8 @@ class FileIdentity:
             with self._lock:
                 if self._problem != problem:
                     log.error("SQLite database %s was %s while the server ran: refusing every write "
-                              "(nothing is acknowledged) until the file is back; restart to pick up a "
-                              "replacement", self.path, problem)
+                              "and every new connection (nothing is acknowledged) until the file is "
+                              "back; restart to pick up a replacement", self.path, problem)
                     self._problem = problem
         error = StoreUnavailable(f"SQLite database {self.path} was {problem} while the server ran")
         error.logged = True  # the line above, once per fault

@@ -437,7 +437,8 @@ class SqlStore(BaseStore):
             engine: A configured engine; closed by ``close`` (or here, if opening fails).
             where: The database in words, without credentials; starts every error message.
             secrets: Strings never to repeat in an error message (the password).
-            guard: The SQLite file's identity, checked before each write commits and on ``ping``.
+            guard: The SQLite file's identity, checked before each write commits, on ``ping`` and
+                (``open_store`` installs it) on each connection the pool opens.
 
         Raises:
             StoreUnavailable: the database cannot be reached.

@@ -84,8 +84,11 @@ def test_a_new_sqlite_connection_never_reads_a_file_put_in_the_database_s_place(
     store = open_store(f"sqlite:///{db}")
     try:
         store.create_run("r", {"schedule": {"type": "StepLR"}}, {}, NewEvent(EventKind.CREATED, 0, {}))
+        assert store.checkpointer is not None
+        store.checkpointer.close()  # its thread would take (and give back) a pooled connection
         pool = store._engine.pool
         held = [store._engine.raw_connection() for _ in range(pool.checkedin())]
+        assert pool.checkedin() == 0
         os.replace(other, db)
         try:
             with pytest.raises(StoreUnavailable, match="replaced by another file"):
@@ -97,7 +100,6 @@ def test_a_new_sqlite_connection_never_reads_a_file_put_in_the_database_s_place(
         store._engine.dispose()
         with pytest.raises(StoreUnavailable, match="replaced by another file"):
             store.read_run("r")
-        assert store.checkpointer is not None
         assert store.checkpointer.checkpoint() is None  # the WAL thread's connection: refused, logged
     finally:
         store.close()
