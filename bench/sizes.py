@@ -36,6 +36,7 @@ class Size:
     scale_runs: tuple[int, ...]  # cumulative run counts at which memory is read
     scale_steps_per_run: int
     scale_cold_rounds: int  # 0: no cold start (the tiny size: a start is most of its time)
+    # (default 5: a start here varies by ±0.4 s from one to the next; a median of 2 was noise)
     scale_cold_small: bool  # also time the one-run database (the comparison)
     scale_step_runs: int  # runs stepped further, for the memory of one held step
     scale_extra_steps: int
@@ -68,7 +69,7 @@ SIZES = {
                     load_rounds=3, load_seconds=2.0, load_connections=64, load_warmup_s=1.0, hot_runs=16,
                    
                     report_rounds=5, report_calls=100, report_seeded_trials=10,
-                    scale_runs=(10_000,), scale_steps_per_run=100, scale_cold_rounds=2,
+                    scale_runs=(10_000,), scale_steps_per_run=100, scale_cold_rounds=5,
                     scale_cold_small=True, scale_step_runs=100, scale_extra_steps=1000,
                     ranks=1000, rank_runs=100, rank_epochs=2, rank_epoch_s=5.0, fanout_subscribers=200),
 }
