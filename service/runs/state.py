@@ -8,7 +8,7 @@ from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from itertools import chain, repeat
+from itertools import chain
 from typing import Any
 
 from lrserve.service.engine.actions import Action
@@ -18,7 +18,7 @@ from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import ScheduleError
 from lrserve.service.offload import BigWork, is_big
-from lrserve.service.runs.value_log import ValueLog, step_tuples
+from lrserve.service.runs.value_log import ValueLog
 from lrserve.service.store.events import SERVER
 
 
@@ -107,7 +107,7 @@ class RunState:
         self.checkpointed_to = engine.step - 1  # the LRs of steps up to here are stored (value_chunks)
         self.replayed: Replayed | None = None  # steps before first_step, once replayed; replaced whole
         self.replaying = threading.Lock()  # held while replaying them (``RunCache.values_between``)
-        self._pending: list[Values] = []  # computed, not yet durable
+        self._pending = self.values.empty()  # computed, not yet durable; packed as ``values``
         self.marks = Marks()  # the status at the engine's step (ahead of ``status`` in a commit)
         self.watching: tuple[str, ...] = tuple(sorted(engine.watched))  # decided on at ``horizon``
 
@@ -123,8 +123,8 @@ class RunState:
 
     def publish(self) -> None:
         """Show every step computed so far: call once the store holds them durably."""
-        self.values.extend(self._pending)
-        self._pending.clear()
+        self.values.extend_log(self._pending)  # one copy of doubles
+        self._pending = self.values.empty()
         marks = self.marks
         self.status, self.stopped_at, self.switched_at = marks.status, marks.stopped_at, marks.switched_at
         self.watching = tuple(sorted(self.engine.watched))
@@ -132,8 +132,8 @@ class RunState:
     def take_computed(self) -> list[Values]:
         """The values ``advance_to`` computed since, never to be published (a shadow's, see
         ``service.runs.provisional``)."""
-        computed, self._pending = self._pending, []
-        return computed
+        computed, self._pending = self._pending, self.values.empty()
+        return computed[:]
 
     def note_action(self, action: Action) -> None:
         """An action placed at any step may bring metrics to watch from then on (a new schedule)."""
@@ -197,7 +197,8 @@ class RunState:
                     raise
                 self.broken = True
                 return outcomes
-            self._took(step, reductions, actions, self.engine.values(), outcomes)
+            self._took(step, reductions, actions, outcomes)
+            self._pending.append(self.engine.values())
         if self.engine.step < target and big_work is not None:
             outcomes.extend(self._advance_elsewhere(target, need, big_work))
         return outcomes
@@ -207,20 +208,21 @@ class RunState:
         first = self.engine.step + 1
         stepped = big_work.run(steps_from, self.engine.snapshot(), target, target if need is None else need)
         self.engine = Engine.restore(stepped.snapshot)
-        g = self.n_groups
-        lrs = step_tuples(array("d", stepped.lrs), g)
-        moms = repeat(None) if stepped.momentums is None else step_tuples(array("d", stepped.momentums), g)
+        lrs = array("d", stepped.lrs)
+        # packed as they came: no float object made (485 steps of 1,024 groups were half a million,
+        # each made and read back into the log's doubles with this process's GIL held)
+        self._pending.extend_packed(lrs, None if stepped.momentums is None else array("d", stepped.momentums))
         outcomes: list[StepOutcome] = []
-        for step, values in enumerate(zip(lrs, moms, strict=False), start=first):
-            self._took(step, stepped.decisions.get(step, []), [], values, outcomes)
+        for step in range(first, first + len(lrs) // self.n_groups):
+            self._took(step, stepped.decisions.get(step, []), [], outcomes)
         self.broken = self.broken or stepped.cut
         return outcomes
 
     def _took(
-        self, step: int, reductions: list[Decision], actions: list[Control], values: Values,
-        outcomes: list[StepOutcome],
+        self, step: int, reductions: list[Decision], actions: list[Control], outcomes: list[StepOutcome],
     ) -> None:
-        """Keep what taking ``step`` did: its status marks, its values (pending), its outcome."""
+        """Keep what taking ``step`` did: its status marks, its outcome (its values: the caller,
+        into ``_pending``)."""
         if any(isinstance(r, ScheduleSwitch) for r in reductions):
             self.marks = replace(self.marks, switched_at=step)
         stops = any(isinstance(r, Spike) and r.stop for r in reductions)
@@ -228,7 +230,6 @@ class RunState:
             self.marks = replace(self.marks, status=RunStatus.STOPPED, stopped_at=step)
         for control in actions:
             self._track_status(control.action, step)
-        self._pending.append(values)
         outcomes.append(StepOutcome(step, reductions, actions))
 
     def spikes_between(self, start: int, end: int) -> list[Spike]:

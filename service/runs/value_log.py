@@ -62,11 +62,31 @@ class ValueLog:
         for one in values:
             self.append(one)
 
+    def extend_packed(self, lrs: array[float], moms: array[float] | None) -> None:
+        """Steps given packed as they are held (``n_groups`` LRs a step, one step after the
+        other; momentums likewise, or ``None`` for a log without them): one copy of doubles, no
+        float object made."""
+        g, momentum = self.n_groups, self._moms is not None
+        if len(lrs) % g or (moms is not None) != momentum or (moms is not None and len(moms) != len(lrs)):
+            shape = (len(lrs), None if moms is None else len(moms))
+            raise ValueError(f"expected steps of {self._shape} (LRs, momentums), got {shape} in all")
+        if moms is not None and self._moms is not None:  # first, as in ``append``
+            self._moms.extend(moms)
+        self._lrs.extend(lrs)
+
+    def extend_log(self, later: ValueLog) -> None:
+        """Append ``later``'s steps (the same groups and momentum), as ``extend_packed``."""
+        self.extend_packed(later._lrs, later._moms)
+
+    def empty(self) -> ValueLog:
+        """A new log with no step, of these groups and momentum."""
+        return ValueLog(self.n_groups, momentum=self._moms is not None)
+
     def joined(self, later: ValueLog) -> ValueLog:
         """A new log: these steps, then ``later``'s (the same groups and momentum); neither changes."""
         if later._shape != self._shape:
             raise ValueError(f"expected {self._shape} (LRs, momentums) per step, got {later._shape}")
-        both = ValueLog(self.n_groups, momentum=self._moms is not None)
+        both = self.empty()
         both._lrs = self._lrs + later._lrs
         if self._moms is not None and later._moms is not None:
             both._moms = self._moms + later._moms

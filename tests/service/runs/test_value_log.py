@@ -71,6 +71,41 @@ def test_append_and_extend_add_after_what_is_held():
     assert bits(log[:]) == bits(values)
 
 
+@pytest.mark.parametrize(("groups", "momentum"), [(1, False), (3, False), (3, True)])
+def test_packed_steps_and_another_log_add_after_what_is_held_bit_for_bit(groups, momentum):
+    """``extend_packed`` (a worker's steps, as their doubles) and ``extend_log`` (a run's
+    pending steps, published) read as the same steps appended one by one."""
+    values = steps(12, groups, momentum)
+    log = filled(values[:2], groups, momentum)
+    packed = filled(values[2:7], groups, momentum)
+    log.extend_packed(packed.packed_lrs(0, 5), packed._moms)
+    later = log.empty()
+    later.extend(values[7:])
+    log.extend_log(later)
+    log.extend_log(log.empty())
+    assert bits(log[:]) == bits(values)
+    assert len(later) == 5 and len(log.empty()) == 0  # neither changed nor shared
+
+
+@pytest.mark.parametrize("wrong", ["steps cut short", "momentums missing", "momentums given",
+                                   "momentums short"])
+def test_packed_steps_of_another_shape_are_refused_and_nothing_is_added(wrong):
+    log = filled(steps(2, 2, True), 2, True)
+    plain = filled(steps(2, 2, False), 2, False)
+    lrs, moms = log.packed_lrs(0, 2), log._moms
+    assert moms is not None
+    with pytest.raises(ValueError, match="expected steps of"):
+        if wrong == "steps cut short":
+            log.extend_packed(lrs[:-1], moms[:-1])
+        elif wrong == "momentums missing":
+            log.extend_packed(lrs, None)
+        elif wrong == "momentums given":
+            plain.extend_packed(lrs, moms)
+        else:
+            log.extend_packed(lrs, moms[:-2])
+    assert len(log) == 2 and len(plain) == 2
+
+
 def test_out_of_range_indexes_raise_like_a_list():
     log = filled(steps(3, 1, False), 1, False)
     for index in (3, -4, 10**9):
