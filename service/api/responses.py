@@ -135,13 +135,24 @@ def _columns(values: Sequence[Values]) -> tuple[list[list[float]], list[list[flo
 
 
 def window_body(window: Window) -> Body:
-    """``StepResult`` without a provisional tail: the hot path's answer (``fast_path`` too)."""
-    lrs, moms = _columns(window.values)
+    """``StepResult`` without a provisional tail: the hot path's answer (``fast_path`` too). A
+    big window's values come packed (``ValueLog``): its table is a 2-D numpy view of them,
+    written by ``sliced_json`` exactly as the lists would be."""
+    values = window.values
+    lrs: Any
+    moms: Any
+    if not isinstance(values, list):  # a ValueLog (its module imports torch: not asked by name here)
+        first_lrs, first_moms = values[0]
+        lrs, moms = values.table()
+        first: tuple[Any, Any] = (list(first_lrs), None if first_moms is None else list(first_moms))
+    else:
+        lrs, moms = _columns(values)
+        first = (lrs[0], moms[0] if moms is not None else None)
     body = {
         "run_id": window.run_id,
         "step": window.start,
-        "lrs": lrs[0],
-        "momentums": moms[0] if moms is not None else None,
+        "lrs": first[0],
+        "momentums": first[1],
         "status": window.status,
         "stopped_at": window.stopped_at,
         "switched_at": window.switched_at,

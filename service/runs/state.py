@@ -143,6 +143,14 @@ class RunState:
         if monitors:
             self.guard_monitors = self.guard_monitors | monitors
 
+    def held_packed(self, start: int, end: int) -> ValueLog | None:
+        """``held_between``'s values as a packed copy (``ValueLog.copy_range``) when they are all
+        published here (not ``replayed``), else None; never blocks."""
+        first = self.first_step
+        if start < first or end > self.horizon or start > end:
+            return None
+        return self.values.copy_range(start - first, end - first + 1)
+
     def held_between(self, start: int, end: int) -> list[Values] | None:
         """Final values of steps ``start .. end`` if this state holds them all (published, or
         ``replayed``), else None; never blocks (event loop safe)."""

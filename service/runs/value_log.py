@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from itertools import repeat
 from typing import overload
 
+import numpy as np
 from lrserve.service.engine.engine import Values
 
 
@@ -30,6 +31,16 @@ class ValueLog:
 
     def __len__(self) -> int:
         return len(self._lrs) // self.n_groups
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a log of the same values, or to the list of ``Values`` it reads as."""
+        if isinstance(other, ValueLog):
+            return self._shape == other._shape and self._lrs == other._lrs and self._moms == other._moms
+        if isinstance(other, list):
+            return self[:] == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # it grows
 
     @overload
     def __getitem__(self, key: int) -> Values: ...
@@ -77,6 +88,23 @@ class ValueLog:
     def extend_log(self, later: ValueLog) -> None:
         """Append ``later``'s steps (the same groups and momentum), as ``extend_packed``."""
         self.extend_packed(later._lrs, later._moms)
+
+    def copy_range(self, start: int, stop: int) -> ValueLog:
+        """A new log of steps ``start .. stop - 1`` (within ``0 .. len``), copied packed: no float
+        object made (a big window's answer is written from it: ``responses.window_body``)."""
+        g, part = self.n_groups, self.empty()
+        part._lrs = self._lrs[start * g : stop * g]
+        if self._moms is not None:
+            part._moms = self._moms[start * g : stop * g]
+        return part
+
+    def table(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The LRs and momentums as 2-D views of float64 (a row a step) over these arrays. For a
+        copy (``copy_range``) only: while a view exists its array cannot grow (a run's log must)."""
+        lrs = np.frombuffer(self._lrs, dtype=np.float64).reshape(len(self), self.n_groups)
+        if self._moms is None:
+            return lrs, None
+        return lrs, np.frombuffer(self._moms, dtype=np.float64).reshape(len(self), self.n_groups)
 
     def empty(self) -> ValueLog:
         """A new log with no step, of these groups and momentum."""

@@ -8,9 +8,13 @@ import struct
 import tracemalloc
 
 import pytest
+from lrserve.service.api import sliced_json
+from lrserve.service.api.responses import window_body
 from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spec import parse_schedule
+from lrserve.service.engine.status import RunStatus
+from lrserve.service.runs.manager import ON_LOOP_VALUES, Window
 from lrserve.service.runs.state import RunState
 from lrserve.service.runs.value_log import ValueLog
 
@@ -159,3 +163,24 @@ def test_a_run_state_holds_the_engines_values_in_order():
     assert bits(state.values[:]) == bits(expected)
     assert bits(state.held_between(7, 7)) == bits(expected[7:8])
     assert bits(state.values[-1]) == bits(expected[-1])
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_a_big_window_s_answer_from_packed_values_is_the_lists_byte_for_byte(momentum):
+    """A window of more than ``ON_LOOP_VALUES`` values comes packed (``RunState.held_packed``)
+    and its answer is written from a numpy view of its doubles: the same bytes as from the
+    tuples of floats it replaces (odd floats included)."""
+    groups, n = 100, 60
+    values = steps(n, groups, momentum)
+    assert n * groups > ON_LOOP_VALUES
+    log = filled(values, groups, momentum)
+    packed = log.copy_range(0, n)
+    assert bits(packed[:]) == bits(values) and bits(log.copy_range(2, 5)[:]) == bits(values[2:5])
+
+    def answer(held):
+        window = Window("r", 7, held, RunStatus.ACTIVE, None, None, ("loss",), 99)
+        return sliced_json.dumps(window_body(window))
+
+    assert answer(packed) == answer(log[:])
+    assert len(log) == n and len(packed) == n  # the copy shares nothing: the log may grow
+    log.append(values[0])
