@@ -239,7 +239,8 @@ class FastPath:
                 return None
         scope["lrserve.route"] = ROUTE  # for the telemetry middleware (and liveness)
         scope["path_params"] = {"run_id": window.run_id}  # as the route would have it
-        return orjson.dumps(window_body(window))
+        # the numpy option: a window over ON_LOOP_VALUES (a cap that grew meanwhile) comes packed
+        return orjson.dumps(window_body(window), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class _LoopCommits:

@@ -137,7 +137,8 @@ def _columns(values: Sequence[Values]) -> tuple[list[list[float]], list[list[flo
 def window_body(window: Window) -> Body:
     """``StepResult`` without a provisional tail: the hot path's answer (``fast_path`` too). A
     big window's values come packed (``ValueLog``): its table is a 2-D numpy view of them,
-    written by ``sliced_json`` exactly as the lists would be."""
+    which orjson writes exactly as the lists (``sliced_json`` does; a plain ``orjson.dumps``
+    needs ``OPT_SERIALIZE_NUMPY``)."""
     values = window.values
     lrs: Any
     moms: Any

@@ -144,8 +144,9 @@ class RunState:
             self.guard_monitors = self.guard_monitors | monitors
 
     def held_packed(self, start: int, end: int) -> ValueLog | None:
-        """``held_between``'s values as a packed copy (``ValueLog.copy_range``) when they are all
-        published here (not ``replayed``), else None; never blocks."""
+        """``held_between``'s values as a packed copy (``ValueLog.copy_range``: its own arrays,
+        so ``table()`` may view them) when they are all published here (not ``replayed``), else
+        None; never blocks."""
         first = self.first_step
         if start < first or end > self.horizon or start > end:
             return None
@@ -215,11 +216,12 @@ class RunState:
         """The steps up to ``target``, none with an input, taken in a worker process."""
         first = self.engine.step + 1
         stepped = big_work.run(steps_from, self.engine.snapshot(), target, target if need is None else need)
-        self.engine = Engine.restore(stepped.snapshot)
         lrs = array("d", stepped.lrs)
         # packed as they came: no float object made (485 steps of 1,024 groups were half a million,
-        # each made and read back into the log's doubles with this process's GIL held)
+        # each made and read back into the log's doubles with this process's GIL held); checked
+        # (their shape) before the engine moves
         self._pending.extend_packed(lrs, None if stepped.momentums is None else array("d", stepped.momentums))
+        self.engine = Engine.restore(stepped.snapshot)
         outcomes: list[StepOutcome] = []
         for step in range(first, first + len(lrs) // self.n_groups):
             self._took(step, stepped.decisions.get(step, []), [], outcomes)

@@ -33,7 +33,9 @@ class ValueLog:
         return len(self._lrs) // self.n_groups
 
     def __eq__(self, other: object) -> bool:
-        """Equal to a log of the same values, or to the list of ``Values`` it reads as."""
+        """Equal to a log of the same values, or to the list of ``Values`` it reads as (floats
+        compared as floats: a NaN is equal to nothing, where a list holding the same NaN object
+        equals itself)."""
         if isinstance(other, ValueLog):
             return self._shape == other._shape and self._lrs == other._lrs and self._moms == other._moms
         if isinstance(other, list):
