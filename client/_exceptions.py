@@ -22,7 +22,7 @@ Every exception the client raises on purpose derives from ``LRServiceError``::
 
 Warnings (all ``LRServiceWarning``, a ``UserWarning``): ``ServerAwayWarning`` (training goes on
 with the values held or the provisional tail, waits for the server, or holds the last LR),
-``CadenceWarning (a watched metric came for a
+``CadenceWarning`` (a watched metric came for a
 step whose values were already fetched), ``MetricsDroppedWarning`` (logged metrics were lost).
 """
 
