@@ -12,6 +12,7 @@ is down waits for it, so its decision lands on its own step.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -40,12 +41,21 @@ def torch_trajectory(steps, t_max=STEPS):
     return out
 
 
-def test_kill_9_mid_training_changes_nothing(tmp_path):
-    server = ServerProcess(f"sqlite:///{tmp_path}/outage.db", tmp_path).start()
-    restarter = Restarter(server)
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+@contextlib.contextmanager
+def restartable_server(tmp_path, name):
+    """A real server on its own SQLite file (``name``.db), with the ``Restarter`` that kills and
+    restarts it on the same port; whichever is running at the end is stopped."""
+    restarter = Restarter(ServerProcess(f"sqlite:///{tmp_path}/{name}.db", tmp_path).start())
     try:
-        with RemoteScheduler(opt, SPEC, run_id="outage", url=server.url) as sched:
+        yield restarter
+    finally:
+        restarter.stop()
+
+
+def test_kill_9_mid_training_changes_nothing(tmp_path):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with restartable_server(tmp_path, "outage") as restarter:
+        with RemoteScheduler(opt, SPEC, run_id="outage", url=restarter.server.url) as sched:
             seen = [sched.get_last_lr()]
             with pytest.warns(ServerAwayWarning, match="provisional"):  # it rode the tail
                 for k in range(1, STEPS + 1):
@@ -60,8 +70,6 @@ def test_kill_9_mid_training_changes_nothing(tmp_path):
                         restarter.restart()  # once the job rides the tail, however slow the training
             restarter.join()
         history = _history(restarter.server.url, "outage")
-    finally:
-        restarter.stop()
     assert restarter.downtime is not None and restarter.downtime > 1.5  # longer than a window covers
     assert seen == torch_trajectory(STEPS)
     metric = history["metrics"]["train_loss"]
@@ -79,11 +87,9 @@ def test_a_step_past_the_tail_waits_for_the_restarted_server_and_every_value_is_
     # LRs so, in CI).
     steps = 12_000
     spec = {"type": "CosineAnnealingLR", "T_max": steps, "eta_min": 0.001}
-    server = ServerProcess(f"sqlite:///{tmp_path}/past-tail.db", tmp_path).start()
-    restarter = Restarter(server)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    try:
-        with RemoteScheduler(opt, spec, run_id="past-tail", url=server.url) as sched:
+    with restartable_server(tmp_path, "past-tail") as restarter:
+        with RemoteScheduler(opt, spec, run_id="past-tail", url=restarter.server.url) as sched:
             seen = [sched.get_last_lr()]
             restarter.kill_and_restart()
             with pytest.warns(ServerAwayWarning) as record:
@@ -92,8 +98,6 @@ def test_a_step_past_the_tail_waits_for_the_restarted_server_and_every_value_is_
                     sched.step()
                     seen.append(sched.get_last_lr())
             restarter.join()
-    finally:
-        restarter.stop()
     messages = [str(w.message) for w in record]
     assert any("past the provisional values held" in m for m in messages), messages  # it waited
     assert not any("keeps the last learning rates" in m for m in messages), messages
@@ -122,14 +126,13 @@ def torch_plateau_trajectory(steps):
 
 
 def test_kill_9_during_a_plateau_schedule_loses_no_report_and_decides_on_its_step(tmp_path):
-    server = ServerProcess(f"sqlite:///{tmp_path}/plateau.db", tmp_path).start()
-    restarter = Restarter(server)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     reports = {}
     down_at_report = []
     steps = 1000
-    try:
-        with RemoteScheduler(opt, PLATEAU, run_id="p", url=server.url, steps_per_epoch=EPOCH) as sched:
+    with restartable_server(tmp_path, "plateau") as restarter:
+        url = restarter.server.url
+        with RemoteScheduler(opt, PLATEAU, run_id="p", url=url, steps_per_epoch=EPOCH) as sched:
             seen = [sched.get_last_lr()]
             with pytest.warns(ServerAwayWarning, match="waits"):  # a report waits for the server
                 for k in range(1, steps + 1):
@@ -147,8 +150,6 @@ def test_kill_9_during_a_plateau_schedule_loses_no_report_and_decides_on_its_ste
                         restarter.kill_and_restart()
             restarter.join()
         history = _history(restarter.server.url, "p")
-    finally:
-        restarter.stop()
     assert down_at_report  # a report was made while the server was down
     assert seen == torch_plateau_trajectory(steps)
     metric = history["metrics"]["val_loss"]
