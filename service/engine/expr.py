@@ -3,7 +3,7 @@
 A Python lambda cannot travel over HTTP, so a spec gives ``lr_lambda`` as a small
 expression of ``step`` (torch's ``last_epoch``, an int), for example ``"0.95 ** step"`` or
 ``"min(1.0, (step + 1) / 10)"``. The text is parsed with :mod:`ast` and checked against a
-whitelist, node by node, into a new tree of the allowed nodes only (``_lower``); that
+whitelist, node by node, into a new tree of the allowed nodes only (``_Lowering``); that
 checked tree, never the text, is compiled into one function of ``step``, whose globals hold
 no builtins, only the allowed functions under names no source can write (``_RUNTIME``).
 Evaluation is Python's own (ints stay ints, ``/`` is true division; ``**`` goes through
@@ -247,75 +247,98 @@ def _compile(source: str) -> tuple[_Fn, int]:
     except (SyntaxError, SyntaxWarning, ValueError) as exc:
         detail = getattr(exc, "msg", None) or str(exc)
         raise _Rejected(f"not a valid expression: {detail}") from None
-    nodes = sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr))
+    lowering = _Lowering()
+    try:
+        body = lowering.lower(tree.body)
+    except _Rejected:  # too many terms is said first, as if counted before the checks
+        _check_size(sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr)))
+        raise
+    _check_size(lowering.nodes)
+    step = ast.arg("step", **_AT)
+    params = ast.arguments(posonlyargs=[], args=[step], kwonlyargs=[], kw_defaults=[], defaults=[])
+    code = compile(ast.Expression(body=ast.Lambda(args=params, body=body, **_AT)), "<lr_lambda>", "eval")
+    fn: _Fn = eval(code, _GLOBALS)  # a checked tree; no builtins
+    return fn, lowering.nodes
+
+
+def _check_size(nodes: int) -> None:
     if nodes > MAX_NODES:
         raise _Rejected(f"expected at most {MAX_NODES} terms, got {nodes}")
-    params = ast.arguments(posonlyargs=[], args=[ast.arg("step")], kwonlyargs=[], kw_defaults=[], defaults=[])
-    function = ast.Lambda(args=params, body=_lower(tree.body))
-    code = compile(ast.fix_missing_locations(ast.Expression(body=function)), "<lr_lambda>", "eval")
-    fn: _Fn = eval(code, _GLOBALS)  # a checked tree; no builtins
-    return fn, nodes
 
 
-def _lower(node: ast.expr) -> ast.expr:
-    """The checked tree of ``node``: only ``step``, numbers, the operators above and calls of
-    the functions above (by names of ``_RUNTIME``, which no source can name); anything else
-    raises ``_Rejected`` saying what is allowed."""
-    lower = _LOWER.get(type(node))
-    if lower is None:
-        what = _FORBIDDEN_NAMES.get(type(node), f"{type(node).__name__} syntax")
-        raise _Rejected(f"{what} not allowed; {_ALLOWED_HINT}")
-    return lower(node)
+_AT: dict[str, int] = {"lineno": 1, "col_offset": 0, "end_lineno": 1, "end_col_offset": 0}
+"""The one place every node of a checked tree has (``compile`` needs one; tracebacks name
+``<lr_lambda>``, not a column): given as each node is made, where ``ast.fix_missing_locations``
+walked the finished tree again, a third of compiling a short expression."""
 
 
-def _lower_constant(node: ast.Constant) -> ast.expr:
+class _Lowering:
+    """One source's checked tree (``lower``), and how many terms it has (``nodes``: the
+    source's ``ast.expr`` nodes, counted as they are checked, not by walking the tree again)."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+
+    def lower(self, node: ast.expr) -> ast.expr:
+        """The checked tree of ``node``: only ``step``, numbers, the operators above and calls of
+        the functions above (by names of ``_RUNTIME``, which no source can name); anything else
+        raises ``_Rejected`` saying what is allowed."""
+        lower = _LOWER.get(type(node))
+        if lower is None:
+            what = _FORBIDDEN_NAMES.get(type(node), f"{type(node).__name__} syntax")
+            raise _Rejected(f"{what} not allowed; {_ALLOWED_HINT}")
+        self.nodes += 1
+        return lower(self, node)
+
+
+def _lower_constant(_: _Lowering, node: ast.Constant) -> ast.expr:
     value = node.value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         what = "strings" if isinstance(value, (str, bytes)) else f"the constant {value!r}"
         raise _Rejected(f"{what} not allowed; only numbers are")
-    return ast.Constant(value)
+    return ast.Constant(value, **_AT)
 
 
-def _lower_name(node: ast.Name) -> ast.expr:
+def _lower_name(_: _Lowering, node: ast.Name) -> ast.expr:
     if node.id == "step":
-        return ast.Name("step", ast.Load())
+        return ast.Name("step", ast.Load(), **_AT)
     if node.id in _CONSTANTS:
-        return ast.Constant(_CONSTANTS[node.id])
+        return ast.Constant(_CONSTANTS[node.id], **_AT)
     raise _Rejected(f"unknown name {node.id!r}; the variable is step (torch's epoch counter)")
 
 
-def _lower_binop(node: ast.BinOp) -> ast.expr:
+def _lower_binop(lowering: _Lowering, node: ast.BinOp) -> ast.expr:
     if type(node.op) not in _BINARY:
         raise _Rejected(f"operator {type(node.op).__name__} not allowed; {_ALLOWED_HINT}")
-    left, right = _lower(node.left), _lower(node.right)
+    left, right = lowering.lower(node.left), lowering.lower(node.right)
     if isinstance(node.op, ast.Pow):  # bounded: `10 ** 10 ** 10` fails fast (_power)
-        return ast.Call(ast.Name("_power", ast.Load()), [left, right], [])
-    return ast.BinOp(left, type(node.op)(), right)
+        return ast.Call(ast.Name("_power", ast.Load(), **_AT), [left, right], [], **_AT)
+    return ast.BinOp(left, type(node.op)(), right, **_AT)
 
 
-def _lower_unaryop(node: ast.UnaryOp) -> ast.expr:
+def _lower_unaryop(lowering: _Lowering, node: ast.UnaryOp) -> ast.expr:
     if type(node.op) not in _UNARY:
         raise _Rejected(f"operator {type(node.op).__name__} not allowed; {_ALLOWED_HINT}")
-    return ast.UnaryOp(type(node.op)(), _lower(node.operand))
+    return ast.UnaryOp(type(node.op)(), lowering.lower(node.operand), **_AT)
 
 
-def _lower_boolop(node: ast.BoolOp) -> ast.expr:
-    return ast.BoolOp(type(node.op)(), [_lower(v) for v in node.values])
+def _lower_boolop(lowering: _Lowering, node: ast.BoolOp) -> ast.expr:
+    return ast.BoolOp(type(node.op)(), [lowering.lower(v) for v in node.values], **_AT)
 
 
-def _lower_compare(node: ast.Compare) -> ast.expr:
+def _lower_compare(lowering: _Lowering, node: ast.Compare) -> ast.expr:
     for op_node in node.ops:
         if type(op_node) not in _COMPARE:
             raise _Rejected(f"comparison {type(op_node).__name__} not allowed; use < <= > >= == !=")
-    left, comparators = _lower(node.left), [_lower(c) for c in node.comparators]
-    return ast.Compare(left, [type(op)() for op in node.ops], comparators)
+    left, comparators = lowering.lower(node.left), [lowering.lower(c) for c in node.comparators]
+    return ast.Compare(left, [type(op)() for op in node.ops], comparators, **_AT)
 
 
-def _lower_ifexp(node: ast.IfExp) -> ast.expr:
-    return ast.IfExp(_lower(node.test), _lower(node.body), _lower(node.orelse))
+def _lower_ifexp(lowering: _Lowering, node: ast.IfExp) -> ast.expr:
+    return ast.IfExp(lowering.lower(node.test), lowering.lower(node.body), lowering.lower(node.orelse), **_AT)
 
 
-def _lower_call(node: ast.Call) -> ast.expr:
+def _lower_call(lowering: _Lowering, node: ast.Call) -> ast.expr:
     name = node.func.id if isinstance(node.func, ast.Name) else None
     if name not in _FUNCTIONS:
         shown = name or "this"
@@ -326,10 +349,12 @@ def _lower_call(node: ast.Call) -> ast.expr:
     if not least <= len(node.args) <= most:
         expected = str(least) if least == most else f"{least} to {most}"
         raise _Rejected(f"{name}() takes {expected} arguments, got {len(node.args)}")
-    return ast.Call(ast.Name(f"_{name}", ast.Load()), [_lower(arg) for arg in node.args], [])
+    lowering.nodes += 1  # the function's name, a term of the source
+    function = ast.Name(f"_{name}", ast.Load(), **_AT)
+    return ast.Call(function, [lowering.lower(arg) for arg in node.args], [], **_AT)
 
 
-_LOWER: dict[type[ast.AST], Callable[[Any], ast.expr]] = {
+_LOWER: dict[type[ast.AST], Callable[[_Lowering, Any], ast.expr]] = {
     ast.Constant: _lower_constant,
     ast.Name: _lower_name,
     ast.BinOp: _lower_binop,

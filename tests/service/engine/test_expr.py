@@ -8,7 +8,13 @@ import time
 
 import pytest
 import torch
-from lrserve.service.engine.expr import MAX_NODES, MAX_SOURCE_CHARS, Expression, compile_expression
+from lrserve.service.engine.expr import (
+    MAX_NODES,
+    MAX_SOURCE_CHARS,
+    Expression,
+    compile_expression,
+    node_count,
+)
 from lrserve.service.errors import ScheduleError, SpecError
 from torch.optim import lr_scheduler as torch_schedulers
 
@@ -152,6 +158,19 @@ def test_rejections_say_what_is_allowed():
     with pytest.raises(SpecError) as info:
         compile_expression(MANY_TERMS, field=FIELD)
     assert f"at most {MAX_NODES}" in info.value.errors[0].message
+
+
+@pytest.mark.parametrize("source", [p.values[0] for p in EQUIVALENTS] + ["max(step, 1) + min(2, step)", "1"])
+def test_an_expression_s_terms_are_its_source_s_expression_nodes(source):
+    # counted as the tree is checked; node_count walks the parsed source, as the check did before
+    assert Expression(source).nodes == node_count(source)
+
+
+def test_too_many_terms_is_said_before_what_else_is_wrong():
+    for source in (MANY_TERMS + "+step.real", "step.real+" + MANY_TERMS, MANY_TERMS + "+round(1)"):
+        with pytest.raises(SpecError) as info:
+            compile_expression(source[:MAX_SOURCE_CHARS], field=FIELD)
+        assert f"at most {MAX_NODES} terms" in info.value.errors[0].message, source
 
 
 def test_compile_error_names_the_failing_step():
