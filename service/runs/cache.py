@@ -58,13 +58,14 @@ class RunCache:
                     self._runs[run_id] = state
         return state
 
-    def created(self, record: RunRecord) -> None:
+    def created(self, record: RunRecord, spec: RunSpec) -> None:
         """Keep the run this process just created (its one event, ``created``, changes no
-        state): its first use needs no load from the log. A state already kept of the same run
-        stays (another thread may have loaded it, and stepped it, meanwhile); one of an earlier
-        run of that id, deleted by another process since, goes (``evict``): its final values
-        are not this run's."""
-        state = fresh_state(record, None)
+        state), of ``spec``, its checked ``RunSpec`` (``record.spec`` is its stored form): its
+        first use needs no load from the log, nor the spec parsed again. A state already kept
+        of the same run stays (another thread may have loaded it, and stepped it, meanwhile);
+        one of an earlier run of that id, deleted by another process since, goes (``evict``):
+        its final values are not this run's."""
+        state = RunState(record.run_id, spec, spec.new_engine(), last_seq=0)
         state.created_at = record.created_at
         state.last_seq = record.last_seq
         with self._lock:

@@ -77,6 +77,17 @@ class RankReport:
 
 
 @dataclass(frozen=True)
+class CheckedCreate:
+    """A create request's spec, checked: its stored form (``RunSpec.to_json``) and its
+    ``RunSpec``, which becomes the run's own (no parse, no compiling its expressions again)."""
+
+    spec: dict[str, Any]
+    run_spec: RunSpec
+    started: bool
+    """Whether its first steps were taken (a big spec's, in the worker that checked it)."""
+
+
+@dataclass(frozen=True)
 class Window:
     """Final values of steps ``start .. start + len(values) - 1``."""
 
@@ -314,10 +325,10 @@ class RunManager:
         if isinstance(kept, InvalidInput):
             raise copy.copy(kept)  # a copy: other threads may raise it too
         spec = kept
-        parsed: RunSpec | None = None
-        checked = spec is None
+        checked: CheckedCreate | None = None
         if spec is None:
-            spec, parsed = self._checked(key, request)
+            checked = self._checked(key, request)
+            spec = checked.spec
         run_id = request.get("run_id") or f"run-{secrets.token_hex(8)}"
         existing = self._existing(run_id, spec)  # every rank joins: no torch engine built to check it
         if existing is not None:
@@ -328,19 +339,20 @@ class RunManager:
             existing = self._existing(run_id, spec)
             if existing is not None:
                 return existing, False
-            if not checked:  # a new run of a spec kept from another: its first steps taken here too
-                spec, parsed = self._checked(key, request)
-            if parsed is not None:
+            if checked is None:  # a new run of a spec kept from another: checked again for its RunSpec
+                checked = self._checked(key, request)
+                spec = checked.spec
+            if not checked.started:
                 try:
-                    _first_steps(parsed)
+                    _first_steps(checked.run_spec)
                 except InvalidInput as refusal:
                     self._specs.put(key, refusal)
                     raise
             spec = copy.deepcopy(spec)  # the run's own: the one kept (``CheckedSpecs``) is every run's
             created = NewEvent(EventKind.CREATED, 0, {"spec": spec}, actor=actor)
             record, is_new = self.store.create_run(run_id, spec, dict(request.get("labels") or {}), created)
-            if is_new:  # its ranks step it next: no load (three reads) for the state just built
-                self.runs.created(record)
+            if is_new:  # its ranks step it next: no load (three reads), no parse, for the state just built
+                self.runs.created(record, checked.run_spec)
         return (record if is_new else self._same_run(record, spec)), is_new
 
     def asks_for(self, record: RunRecord, request: Mapping[str, Any]) -> bool:
@@ -358,26 +370,27 @@ class RunManager:
             return False
         return self._same_run(record, spec) is record
 
-    def _checked(self, key: str, request: Mapping[str, Any]) -> tuple[dict[str, Any], RunSpec | None]:
-        """The request's spec checked (``SpecError``, ``InvalidInput`` where it is not), its stored
-        form, and the ``RunSpec`` whose first steps are still to take (``None``: a big spec, checked
-        whole, first steps included, in a worker process); either kept (``CheckedSpecs``) by
-        ``key``. On the event loop a big spec raises ``WouldWait``."""
+    def _checked(self, key: str, request: Mapping[str, Any]) -> CheckedCreate:
+        """The request's spec checked (``SpecError``, ``InvalidInput`` where it is not): its stored
+        form, kept (``CheckedSpecs``) by ``key``, or its refusal kept, and its ``RunSpec``, the
+        run's own once created (its expressions compiled once). A big spec is checked whole, first
+        steps included, in a worker process, and comes back with its expressions compiled there;
+        a small one's first steps are still to take (``CheckedCreate.started``). On the event loop a
+        big spec raises ``WouldWait``."""
         big = is_big(n_groups=len(request["base_lrs"]), steps=cost.CREATE_STEPS, schedule=request["schedule"])
         if big and self.store.must_not_wait:
             raise WouldWait("a big spec is checked in a worker process")
-        parsed = None
         try:
             if big:
-                spec = self.big_work.run(checked_spec, dict(request), self.settings.work_budget)
+                parsed = self.big_work.run(checked_spec, dict(request), self.settings.work_budget)
             else:
                 parsed = RunSpec.from_request(request, check_cost=self._check_schedule_cost)
-                spec = parsed.to_json()
+            spec = parsed.to_json()
         except InvalidInput as refusal:
             self._specs.put(key, refusal)
             raise
         self._specs.put(key, spec)
-        return spec, parsed
+        return CheckedCreate(spec, parsed, started=big)
 
     def _existing(self, run_id: str, spec: dict[str, Any]) -> RunRecord | None:
         """The stored run if there is one (``RunConflict`` if its spec differs), else ``None``."""
@@ -737,14 +750,16 @@ class SpecConflict(RunConflict):
         self.record = record
 
 
-def checked_spec(request: Mapping[str, Any], work_budget: int) -> dict[str, Any]:
+def checked_spec(request: Mapping[str, Any], work_budget: int) -> RunSpec:
     """Every check of a create (the spec, its cost, the first steps), as big work runs it (in a
-    worker process: ``service.offload``): the stored form of the request."""
+    worker process: ``service.offload``): the request's ``RunSpec``, pickled back with its
+    expressions compiled (``Expression``), so the server builds the run's engine without
+    compiling them again."""
     parsed = RunSpec.from_request(
         request, check_cost=lambda schedule, n_groups: check_schedule_cost(schedule, n_groups, work_budget)
     )
     _first_steps(parsed)
-    return parsed.to_json()
+    return parsed
 
 
 def check_schedule_cost(schedule: Any, n_groups: int, work_budget: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 import typing
 
 import pytest
@@ -9,6 +11,7 @@ from lrserve.service.engine import codec
 from lrserve.service.engine.actions import ARGUMENTS, ActionKind, parse_action
 from lrserve.service.engine.engine import ROUNDING, Engine
 from lrserve.service.engine.preview import preview
+from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spec import parse_schedule
 from lrserve.service.errors import ScheduleError
 
@@ -468,6 +471,39 @@ def test_any_spec_survives_a_snapshot(data, n_groups, cut, losses):
         if restored is not None:
             restored.advance(reports)
             assert restored.values() == original.values()
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    n_groups=st.integers(1, 3),
+    losses=st.lists(st.one_of(st.none(), st.floats(0, 10)), min_size=SAFE_STEPS, max_size=SAFE_STEPS),
+)
+def test_a_checked_spec_steps_as_its_stored_form_and_its_pickle_do(data, n_groups, losses):
+    """A created run's state is built from the RunSpec its create checked (pickled back from a
+    worker process for a big one, its expressions' code with it); after a restart, from the
+    stored form parsed again. Both give the same values, bit for bit, step by step."""
+    base = [0.1 * (i + 1) for i in range(n_groups)]
+    schedule = data.draw(valid_specs(n_groups))
+    request = {"schedule": schedule, "base_lrs": base, "base_momentums": [0.9] * n_groups}
+    checked = RunSpec.from_request(request)
+    stored = RunSpec.from_stored(json.loads(json.dumps(checked.to_json())))  # as the database gives it back
+    pickled = pickle.loads(pickle.dumps(checked))
+    assert stored.to_json() == pickled.to_json() == checked.to_json()
+    engines = [spec.new_engine() for spec in (checked, stored, pickled)]
+    for k in range(1, SAFE_STEPS):
+        metrics = ("val_loss", "val_acc", "train_loss")
+        reports = {m: losses[k] for m in metrics} if losses[k] is not None else None
+        outcomes = []
+        for engine in engines:
+            try:
+                engine.advance(reports)
+                outcomes.append(engine.values())
+            except ScheduleError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[1] == outcomes[0] and outcomes[2] == outcomes[0], k
+        if isinstance(outcomes[0], str):
+            return
 
 
 def apply(engine, payload):

@@ -8,8 +8,10 @@ import threading
 import tracemalloc
 
 import pytest
+from lrserve.service.engine import expr
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.errors import RunConflict, RunNotFound, SpecError
+from lrserve.service.offload import BigWork
 from lrserve.service.runs.manager import CheckedSpecs, RunManager, _spec_key, kept_bytes
 from lrserve.service.settings import Settings
 from lrserve.service.store.events import EventKind
@@ -96,6 +98,41 @@ def test_the_run_a_create_made_is_in_memory_as_a_load_would_make_it(manager: Run
     assert (state.horizon, state.last_seq, state.created_at, state.status, state.watching) == (
         loaded.horizon, loaded.last_seq, loaded.created_at, loaded.status, loaded.watching)
     assert list(state.values) == list(loaded.values)
+
+
+@pytest.mark.parametrize("groups", [4, 512])
+def test_a_run_s_expressions_are_compiled_once_in_the_process_that_checked_them(
+        tmp_path, open_manager, monkeypatch, groups):
+    """The RunSpec a create checked is the run's own: a small spec's expressions are compiled
+    once, here (not again to build the run's state); a big one's (over OFFLOAD_TEXT: 512
+    distinct expressions) in the worker process that checked it (the server's default: one
+    worker), none here. Either run steps as its stored form, parsed again after a restart, does."""
+    big = groups > 4
+    worker = BigWork(Settings().offload_workers)
+    manager = open_manager(Settings(db=f"sqlite:///{tmp_path}/runs.db"), worker)
+    compiled = []
+    real = expr._compile
+
+    def counted(source):
+        compiled.append(source)
+        return real(source)
+
+    monkeypatch.setattr(expr, "_compile", counted)  # this process's only: the worker has its own
+    lambdas = [f"{i + 1} / ({i + 1} + step) + 0 * step" for i in range(groups)]
+    request = {"run_id": f"lambdas-{groups}", "schedule": {"type": "LambdaLR", "lr_lambda": lambdas},
+               "base_lrs": [0.1] * groups}
+    try:
+        assert manager.create_run(request)[1]
+    finally:
+        worker.close()
+    assert len(compiled) == (0 if big else groups)
+    ours = manager.loaded(request["run_id"]).spec.new_engine()
+    stored = RunSpec.from_stored(manager.store.read_run(request["run_id"]).spec)  # as a restart parses it
+    theirs = stored.new_engine()
+    for _ in range(40):
+        ours.advance()
+        theirs.advance()
+        assert ours.values() == theirs.values()
 
 
 def test_a_join_checks_no_schedule_its_process_checked_before(manager: RunManager, monkeypatch):
