@@ -221,7 +221,7 @@ class RunState:
         # each made and read back into the log's doubles with this process's GIL held); checked
         # (their shape) before the engine moves
         self._pending.extend_packed(lrs, None if stepped.momentums is None else array("d", stepped.momentums))
-        self.engine = Engine.restore(stepped.snapshot)
+        self.engine = Engine.restore(stepped.snapshot, self.engine.schedule)  # its expressions kept
         outcomes: list[StepOutcome] = []
         for step in range(first, first + len(lrs) // self.n_groups):
             self._took(step, stepped.decisions.get(step, []), [], outcomes)

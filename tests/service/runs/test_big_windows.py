@@ -10,6 +10,7 @@ steps went.
 from __future__ import annotations
 
 import pytest
+from lrserve.service.engine import expr
 from lrserve.service.engine.actions import parse_action
 from lrserve.service.offload import BigWork
 from lrserve.service.runs.commit import PlacedAction
@@ -95,6 +96,24 @@ def test_a_wide_window_and_a_step_jump_from_the_worker_equal_this_process(manage
     for step in range(AHEAD + 901, AHEAD + 921):
         assert here.step_run("r", step, {}, 0, 0).values == there.step_run("r", step, {}, 0, 0).values
     assert worker.calls == ["steps_from"] * 2
+    _same(here, there)
+
+
+def test_a_window_from_the_worker_compiles_no_expression_here(managers, worker, monkeypatch):
+    """The engine restored from the worker's snapshot keeps the run's spec, its expressions
+    compiled: parsing the snapshot's again compiled every one of them (1,024: ~0.1 s with the
+    GIL held, per big window or step jump of such a run). A range test that switches within
+    the steps is parsed from the snapshot (the parametrized test above)."""
+    here, there = managers
+    _create(managers, {"type": "LambdaLR", "lr_lambda": [f"0.999**step * {1 + i}" for i in range(GROUPS)]})
+    for m in managers:
+        m.window("r", 0, 10)  # loaded and stepped here
+    compiled = []
+    real = expr._compile
+    monkeypatch.setattr(expr, "_compile", lambda source: compiled.append(source) or real(source))
+    windows = [m.window("r", 11, AHEAD) for m in managers]
+    assert windows[0].values == windows[1].values
+    assert worker.calls == ["steps_from"] and compiled == []
     _same(here, there)
 
 
