@@ -110,10 +110,11 @@ def _shadow(manager: RunManager, state: RunState, after: int) -> _Shadow:
         first = max(after + 1, state.first_step)
         final = state.values[first - state.first_step : horizon + 1 - state.first_step]
         snapshot = state.engine.snapshot() if state.engine.step == horizon else None
+        schedule = state.engine.schedule  # the snapshot's: its expressions are not compiled again
         inputs = _copy_inputs(state.inputs)
     run = None
     if snapshot is not None:
-        run = RunState(state.run_id, state.spec, Engine.restore(snapshot), last_seq=tail_id)
+        run = RunState(state.run_id, state.spec, Engine.restore(snapshot, schedule), last_seq=tail_id)
         run.inputs = inputs
     shadow = _Shadow(state, tail_id, first, list(final), run)
     with _SHADOWS_LOCK:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lrserve.service.engine import expr
 
 from tests.service.api.conftest import make_run
 from tests.specs import plateau, plateau_max_acc
@@ -168,3 +169,18 @@ def test_a_held_tail_is_continued_not_repeated_while_it_is_valid(api):
     assert again["provisional"]["start"] == 7 and again["provisional"]["id"] > first["id"]
     after = api.get("/v1/runs/t/lr", params={"step": 7, "ahead": 4}).json()["window"]["lrs"]
     assert again["provisional"]["lrs"] == after
+
+
+def test_a_tail_compiles_no_expression_again(api, monkeypatch):
+    """The tail's engine is restored from the run's snapshot with the run's spec: a LambdaLR's
+    expressions, compiled when the run was made, are not compiled again for each new tail."""
+    make_run(api, "lam", {"type": "LambdaLR", "lr_lambda": ["0.99**step", "1/(1+step)"]}, base_lrs=[0.1, 0.2])
+    api.get("/v1/runs/lam/lr", params={"step": 0, "ahead": 4}).raise_for_status()
+    compiled = []
+    real = expr._compile
+    monkeypatch.setattr(expr, "_compile", lambda source: compiled.append(source) or real(source))
+    for step in (5, 10):  # each commit makes a new tail
+        answer = api.get("/v1/runs/lam/lr", params={"step": step, "ahead": 4, "provisional": 20}).json()
+        assert answer["provisional"]["start"] == step + 5
+        assert answer["provisional"]["lrs"][0] == [0.1 * 0.99 ** (step + 5), 0.2 / (step + 6)]
+    assert compiled == []
