@@ -6,9 +6,9 @@ allows (1-4 s of pure Python and torch), every other request of the process wait
 GIL at each of its dozens of handoffs, and another run's ``POST .../step`` p99 went from
 24 ms to 137 ms (bench figure 7, budgets). Work that needs nothing but its request —
 previews, and the checks a create (or a new schedule) runs — can go to another process
-whole: its request goes over, its answer (JSON bytes, or the canonical spec) comes back, and
-the values are torch's own, computed by the same code (bit for bit: floats travel as JSON
-written by orjson, which round-trips, or pickled).
+whole: its request goes over, its answer (JSON bytes, or the checked ``RunSpec``, pickled with
+its expressions' compiled code) comes back, and the values are torch's own, computed by the
+same code (bit for bit: floats travel as JSON written by orjson, which round-trips, or pickled).
 
 ``BigWork`` is that process pool (``LRSERVE_OFFLOAD_WORKERS``, default 1; 0 computes in the
 server's threads, as before), its processes at nice ``LRSERVE_OFFLOAD_NICE`` (``OFFLOAD_NICE``,

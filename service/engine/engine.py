@@ -466,7 +466,9 @@ class Engine:
         snapshot's (its JSON compared: a range test that ended in the steps taken has switched
         to another), instead of parsing the snapshot's again: a ``LambdaLR``'s expressions
         are not compiled again (1,024 of them, ~0.1 s with the GIL held, at every big window
-        of such a run in the server)."""
+        of such a run in the server). The values are the same either way; an expression's
+        evaluation error names its field by the path of the spec it was built in (the held
+        one's, as the live engine's does, where a parsed one starts at ``schedule``)."""
         n_groups = len(snapshot["base_lrs"])
         if schedule is None or spec_to_json(schedule) != snapshot["schedule"]:
             schedule = parse_schedule(snapshot["schedule"], n_groups=n_groups, validated=True)

@@ -218,7 +218,7 @@ def node_count(source: str) -> int:
         tree = ast.parse(source.strip(), mode="eval")
     except (SyntaxError, SyntaxWarning, ValueError):
         return 1
-    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr))
+    return _terms(tree)
 
 
 def _failure(source: str, step: int, exc: Exception) -> str:
@@ -259,7 +259,7 @@ def _compile(source: str) -> tuple[_Fn, int]:
     try:
         body = lowering.lower(tree.body)
     except _Rejected:  # too many terms is said first, as if counted before the checks
-        _check_size(sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr)))
+        _check_size(_terms(tree))
         raise
     _check_size(lowering.nodes)
     step = ast.arg("step", **_AT)
@@ -272,6 +272,11 @@ def _compile(source: str) -> tuple[_Fn, int]:
 def _check_size(nodes: int) -> None:
     if nodes > MAX_NODES:
         raise _Rejected(f"expected at most {MAX_NODES} terms, got {nodes}")
+
+
+def _terms(tree: ast.AST) -> int:
+    """How many terms (``ast.expr`` nodes) ``tree`` has: a walk without recursion."""
+    return sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr))
 
 
 class _Place(TypedDict):
@@ -289,7 +294,10 @@ walked the finished tree again, a third of compiling a short expression."""
 
 class _Lowering:
     """One source's checked tree (``lower``), and how many terms it has (``nodes``: the
-    source's ``ast.expr`` nodes, counted as they are checked, not by walking the tree again)."""
+    source's ``ast.expr`` nodes, counted as they are checked, not by walking the tree again).
+    Past ``MAX_NODES`` it stops (``_Rejected``; ``_compile`` then counts them all by a walk):
+    lowering recurses, and 500 characters nest up to 500 deep (``-`` 499 times), past
+    Python's recursion limit."""
 
     def __init__(self) -> None:
         self.nodes = 0
@@ -303,6 +311,8 @@ class _Lowering:
             what = _FORBIDDEN_NAMES.get(type(node), f"{type(node).__name__} syntax")
             raise _Rejected(f"{what} not allowed; {_ALLOWED_HINT}")
         self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _Rejected(f"expected at most {MAX_NODES} terms")  # counted in full by _compile
         return lower(self, node)
 
 

@@ -65,7 +65,7 @@ class RunCache:
         of the same run stays (another thread may have loaded it, and stepped it, meanwhile);
         one of an earlier run of that id, deleted by another process since, goes (``evict``):
         its final values are not this run's."""
-        state = RunState(record.run_id, spec, spec.new_engine(), last_seq=0)
+        state = fresh_state(record, None, spec)
         state.created_at = record.created_at
         state.last_seq = record.last_seq
         with self._lock:
@@ -152,9 +152,10 @@ class RunCache:
         return held
 
 
-def fresh_state(record: RunRecord, snapshot: Snapshot | None) -> RunState:
-    """The run's state at its snapshot's step (step 0 without one), before any event is applied."""
-    spec = RunSpec.from_stored(record.spec)
+def fresh_state(record: RunRecord, snapshot: Snapshot | None, spec: RunSpec | None = None) -> RunState:
+    """The run's state at its snapshot's step (step 0 without one), before any event is applied;
+    ``spec``: its ``RunSpec`` where the caller holds it (its create's), else parsed from the record."""
+    spec = spec if spec is not None else RunSpec.from_stored(record.spec)
     if snapshot is None:
         return RunState(record.run_id, spec, spec.new_engine(), last_seq=0)
     saved = codec.from_jsonable(snapshot.state)

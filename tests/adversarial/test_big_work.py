@@ -24,10 +24,20 @@ COSINE = {"type": "CosineAnnealingWarmRestarts", "T_0": 37, "T_mult": 2, "eta_mi
 
 
 def workers(pid: int) -> list[int]:
-    """The server process's big-work processes (its spawned children, not their resource tracker)."""
+    """The server process's big-work processes (its spawned children, not their resource tracker).
+    A thread or child that ends between the listing and the read is none of them (a killed
+    worker, reaped in that gap, made this test fail beside a busy suite)."""
     children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()  # any of its threads may spawn
-                for c in (task / "children").read_text().split()]
-    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+                for c in _proc_file(task / "children").split()]
+    return [c for c in children if b"spawn_main" in _proc_file(Path(f"/proc/{c}/cmdline"))]
+
+
+def _proc_file(path: Path) -> bytes:
+    """A ``/proc`` file's bytes; none for a process or thread that is gone."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def big_preview(http, steps: int = 300):

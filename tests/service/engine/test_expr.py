@@ -167,7 +167,8 @@ def test_an_expression_s_terms_are_its_source_s_expression_nodes(source):
 
 
 def test_too_many_terms_is_said_before_what_else_is_wrong():
-    for source in (MANY_TERMS + "+step.real", "step.real+" + MANY_TERMS, MANY_TERMS + "+round(1)"):
+    deepest = "-" * (MAX_SOURCE_CHARS - 1) + "1"  # 500 deep: past the recursion limit, if lowered whole
+    for source in (MANY_TERMS + "+step.real", "step.real+" + MANY_TERMS, MANY_TERMS + "+round(1)", deepest):
         with pytest.raises(SpecError) as info:
             compile_expression(source[:MAX_SOURCE_CHARS], field=FIELD)
         assert f"at most {MAX_NODES} terms" in info.value.errors[0].message, source

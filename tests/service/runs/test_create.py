@@ -100,15 +100,15 @@ def test_the_run_a_create_made_is_in_memory_as_a_load_would_make_it(manager: Run
     assert list(state.values) == list(loaded.values)
 
 
-@pytest.mark.parametrize("groups", [4, 512])
+@pytest.mark.parametrize("groups", [4, pytest.param(512, marks=pytest.mark.slow)])  # a worker: imports torch
 def test_a_run_s_expressions_are_compiled_once_in_the_process_that_checked_them(
         tmp_path, open_manager, monkeypatch, groups):
     """The RunSpec a create checked is the run's own: a small spec's expressions are compiled
     once, here (not again to build the run's state); a big one's (over OFFLOAD_TEXT: 512
-    distinct expressions) in the worker process that checked it (the server's default: one
-    worker), none here. Either run steps as its stored form, parsed again after a restart, does."""
+    distinct expressions) in the worker process that checked it, none here. Either run steps
+    as its stored form, parsed again after a restart, does."""
     big = groups > 4
-    worker = BigWork(Settings().offload_workers)
+    worker = BigWork(1 if big else 0)  # 1: the server's default (LRSERVE_OFFLOAD_WORKERS)
     manager = open_manager(Settings(db=f"sqlite:///{tmp_path}/runs.db"), worker)
     compiled = []
     real = expr._compile
