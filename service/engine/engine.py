@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from array import array
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -165,12 +166,25 @@ def _shadow_optimizer(base_lrs: Sequence[float], momentums: Sequence[float] | No
 
 
 def _without_lambdas(state: Any) -> Any:
-    """Drop LambdaLR's lambda state: the expressions are rebuilt from the spec and hold no state."""
+    """Drop LambdaLR's lambda state: the expressions are rebuilt from the spec and hold no state.
+    A dict's own type stays (MultiStepLR's milestones are a ``Counter``, which torch's closed
+    form counts with ``elements()``)."""
     if isinstance(state, dict):
-        return {k: ([None] * len(v) if k == "lr_lambdas" else _without_lambdas(v)) for k, v in state.items()}
+        kept = {k: ([None] * len(v) if k == "lr_lambdas" else _without_lambdas(v)) for k, v in state.items()}
+        return kept if type(state) is dict else type(state)(kept)
     if isinstance(state, list):
         return [_without_lambdas(v) for v in state]
     return state
+
+
+def _milestones_counted(scheduler: Any) -> None:
+    """MultiStepLR's milestones as the ``Counter`` torch made, in ``scheduler`` and the schedulers
+    it holds: a snapshot taken before ``_without_lambdas`` kept the type holds a plain dict,
+    which a SequentialLR switching to that stage after the restore failed on (``elements``)."""
+    if isinstance(scheduler, torch_schedulers.MultiStepLR) and not isinstance(scheduler.milestones, Counter):
+        scheduler.milestones = Counter(scheduler.milestones)
+    for inner in getattr(scheduler, "_schedulers", ()):
+        _milestones_counted(inner)
 
 
 class Engine:
@@ -477,6 +491,7 @@ class Engine:
             group.update(saved)
         if engine._root is not None:
             engine._root.load_state_dict(snapshot["root"])
+            _milestones_counted(engine._root)
         for stage, saved in zip(engine._stages, snapshot["stages"], strict=True):
             stage.scheduler.load_state_dict(saved["state"])
             stage.active = saved["active"]

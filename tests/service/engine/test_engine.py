@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import pickle
@@ -423,6 +424,31 @@ def equals_torch(spec, base: list[float], steps: int) -> None:
     with pytest.raises(ScheduleError, match=f"negative at step {negative} "):
         engine_trajectory(spec, base, negative + 1)
     assert [list(lrs) for lrs, _ in engine_trajectory(spec, base, negative)] == theirs[:negative]
+
+
+@pytest.mark.parametrize("stored_before_the_fix", [False, True])
+def test_a_multistep_stage_restored_before_its_switch_equals_torch(stored_before_the_fix):
+    """Found by test_any_spec_survives_a_snapshot (hypothesis): a snapshot held MultiStepLR's
+    milestones, torch's ``Counter``, as a plain dict, so a SequentialLR that switched to that
+    stage after the restore (a restart, a big window in the worker, a provisional tail) failed
+    where torch's closed form counts them (``elements()``). Snapshots stored so are mended as
+    they are restored."""
+    raw = {"type": "SequentialLR", "milestones": [4], "schedulers": [
+        {"type": "StepLR", "step_size": 2}, {"type": "MultiStepLR", "milestones": [3, 6], "gamma": 0.5}]}
+    theirs = [lrs for lrs, _ in reference.trajectory(raw, [0.1], 12)]
+    original = Engine(parse_schedule(raw, n_groups=1), [0.1])
+    for _ in range(2):
+        original.advance()
+    saved = codec.loads(codec.dumps(original.snapshot()))
+    stage = saved["root"]["_schedulers"][1]
+    if stored_before_the_fix:
+        stage["milestones"] = dict(stage["milestones"])
+    else:
+        assert isinstance(stage["milestones"], collections.Counter)
+    restored = Engine.restore(saved)
+    for k in range(3, 12):
+        restored.advance()
+        assert list(restored.values()[0]) == theirs[k], k
 
 
 def test_a_chain_torch_drives_negative_equals_torch_until_that_step():

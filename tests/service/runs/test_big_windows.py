@@ -75,6 +75,9 @@ SCHEDULES = [
     pytest.param({"type": "LRRangeTest", "min_lr": 1e-5, "max_lr": 1.0, "num_steps": 300,
                   "then": {"type": "CosineAnnealingLR", "T_max": 200}}, id="range-test-switches-mid-window"),
     pytest.param({"type": "LambdaLR", "lr_lambda": "0.999**step * (1 + step % 5)"}, id="lambda"),
+    pytest.param({"type": "SequentialLR", "milestones": [100], "schedulers": [
+        {"type": "StepLR", "step_size": 30}, {"type": "MultiStepLR", "milestones": [50, 300]}]},
+        id="multistep-stage-switched-to-in-the-worker"),
 ]
 
 
