@@ -67,6 +67,37 @@ def test_kill_9_and_restart_keeps_every_value_and_acknowledgement(tmp_path):
     assert [handed[s] for s in range(2400)] == [lrs for lrs, _ in expected]
 
 
+SWITCH_TO_MULTISTEP = {"type": "SequentialLR", "milestones": [1500], "schedulers": [
+    {"type": "StepLR", "step_size": 400, "gamma": 0.5},
+    {"type": "MultiStepLR", "milestones": [100, 300], "gamma": 0.1}]}
+
+
+def test_a_switch_after_a_restart_to_a_multistep_stage_is_torch_s(tmp_path):
+    """The run is loaded from its snapshot at step 1,000 (the default ``snapshot_every``), before
+    its SequentialLR switches to a MultiStepLR stage at 1,500. The snapshot held that stage's
+    milestones (torch's Counter) as a plain dict: after the restart every window from the
+    switch on failed (AttributeError, a 500), where torch goes on."""
+    db = f"sqlite:///{tmp_path}/e2e.db"
+    server = ServerProcess(db, tmp_path).start()
+    handed = {}
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            http.post("/v1/runs", json={"run_id": "m", "schedule": SWITCH_TO_MULTISTEP, "base_lrs": [0.1]}
+                      ).raise_for_status()
+            w = http.get("/v1/runs/m/lr", params={"step": 0, "ahead": 1199}).json()["window"]
+            handed.update(enumerate(w["lrs"]))
+        server.kill()
+        server = ServerProcess(db, tmp_path, port=server.port).start()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            answer = http.get("/v1/runs/m/lr", params={"step": 1200, "ahead": 799})
+            assert answer.status_code == 200, answer.text
+            handed.update((1200 + i, row) for i, row in enumerate(answer.json()["window"]["lrs"]))
+    finally:
+        server.stop()
+    expected = reference.trajectory(SWITCH_TO_MULTISTEP, [0.1], 2000)
+    assert [handed[s] for s in range(2000)] == [lrs for lrs, _ in expected]
+
+
 def test_refuses_public_bind_without_tokens(tmp_path):
     import subprocess
     import sys
