@@ -46,3 +46,26 @@ def test_each_client_commits_its_own_runs_new_horizon(bench_url, variant):
         assert all(store.read_run(str(i)).horizon > 0 for i in range(variant.clients))
     finally:
         store.close()
+
+
+# pgbench 15's report of a 1 s window spent connecting (a busy CI): no tps line at all
+NOTHING_COMMITTED = """pgbench (15.20 (Debian 15.20-0+deb12u1))
+transaction type: /tmp/tmpfp8jeeeo/commit.sql
+scaling factor: 1
+query mode: prepared
+number of clients: 8
+number of threads: 1
+maximum number of tries: 1
+duration: 1 s
+number of transactions actually processed: 0
+number of failed transactions: 0 (NaN%)
+"""
+
+
+def test_a_window_that_committed_nothing_is_a_rate_of_zero_not_a_failed_suite():
+    assert pg_ceiling.committed_per_second(NOTHING_COMMITTED) == 0.0
+    committed = NOTHING_COMMITTED.replace("processed: 0", "processed: 1200") + (
+        "tps = 1187.402211 (without initial connection time)\n")
+    assert pg_ceiling.committed_per_second(committed) == 1187.402211
+    with pytest.raises(RuntimeError, match="no tps"):
+        pg_ceiling.committed_per_second("pgbench: error: connection failed\n")
