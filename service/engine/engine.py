@@ -167,11 +167,11 @@ def _shadow_optimizer(base_lrs: Sequence[float], momentums: Sequence[float] | No
 
 def _without_lambdas(state: Any) -> Any:
     """Drop LambdaLR's lambda state: the expressions are rebuilt from the spec and hold no state.
-    A dict's own type stays (MultiStepLR's milestones are a ``Counter``, which torch's closed
-    form counts with ``elements()``)."""
+    A ``Counter`` stays one (MultiStepLR's milestones, which torch's closed form counts with
+    ``elements()``)."""
     if isinstance(state, dict):
         kept = {k: ([None] * len(v) if k == "lr_lambdas" else _without_lambdas(v)) for k, v in state.items()}
-        return kept if type(state) is dict else type(state)(kept)
+        return Counter(kept) if isinstance(state, Counter) else kept
     if isinstance(state, list):
         return [_without_lambdas(v) for v in state]
     return state
