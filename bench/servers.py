@@ -221,7 +221,12 @@ class Server:
         pids = self.pids()
         if self.workers <= 1 or self.proc is None:
             return [self.proc.pid] if self.proc is not None else []
-        return [p for p in pids if p != self.proc.pid and _is_uvicorn_worker(p)]
+        return [p for p in pids if p != self.proc.pid and _is_worker(p)]
+
+    def spawned_pids(self) -> list[int]:
+        """Its living processes but the first, less helpers such as the resource tracker: with one
+        uvicorn worker, the big-work processes (``service/offload.py``)."""
+        return [p for p in self.pids(living=True) if p != self.proc.pid and _is_worker(p)]
 
     def rss_bytes(self) -> int:
         """Resident memory of all its processes, from ``/proc/PID/status`` (VmRSS)."""
@@ -349,8 +354,9 @@ def rss_of(pid: int) -> int:
     return 0
 
 
-def _is_uvicorn_worker(pid: int) -> bool:
-    """Workers are multiprocessing children; skip helpers such as the resource tracker."""
+def _is_worker(pid: int) -> bool:
+    """Workers (uvicorn's, big work's) are multiprocessing children; skip helpers such as the
+    resource tracker, and a process gone since it was listed."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:

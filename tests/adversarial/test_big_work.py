@@ -23,21 +23,11 @@ GROUPS = 1024
 COSINE = {"type": "CosineAnnealingWarmRestarts", "T_0": 37, "T_mult": 2, "eta_min": 1e-7}
 
 
-def workers(pid: int) -> list[int]:
-    """The server process's big-work processes (its spawned children, not their resource tracker).
-    A thread or child that ends between the listing and the read is none of them (a killed
-    worker, reaped in that gap, made this test fail beside a busy suite)."""
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()  # any of its threads may spawn
-                for c in _proc_file(task / "children").split()]
-    return [c for c in children if b"spawn_main" in _proc_file(Path(f"/proc/{c}/cmdline"))]
-
-
-def _proc_file(path: Path) -> bytes:
-    """A ``/proc`` file's bytes; none for a process or thread that is gone."""
-    try:
-        return path.read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return b""
+def workers(server) -> list[int]:
+    """The server process's big-work processes (``Server.spawned_pids``: with one uvicorn worker,
+    its multiprocessing children but their resource tracker; one gone since it was listed is
+    none of them: a killed worker, reaped in that gap, made this test fail beside a busy suite)."""
+    return server.spawned_pids()
 
 
 def big_preview(http, steps: int = 300):
@@ -54,7 +44,7 @@ def test_a_big_preview_is_computed_in_a_worker_process_bit_for_bit(server, http)
     assert answer.status_code == 200, answer.text
     expected = simulate(parse_schedule(COSINE, n_groups=GROUPS), base_lrs, None, 300).lrs
     assert answer.json()["lrs"] == expected  # float == float: every bit
-    assert len(workers(server.proc.pid)) == 1
+    assert len(workers(server)) == 1
 
 
 def nice_values(pid: int) -> set[int]:
@@ -68,7 +58,7 @@ def test_with_the_defaults_the_worker_process_runs_at_the_servers_own_nice_value
     server's own priority, inherited)."""
     answer, _ = big_preview(http, steps=60)
     assert answer.status_code == 200, answer.text
-    [worker] = workers(server.proc.pid)
+    [worker] = workers(server)
     mine = os.getpriority(os.PRIO_PROCESS, 0)  # the server's, inherited from this process
     assert Settings.model_fields["offload_nice"].default == OFFLOAD_NICE == 0
     assert nice_values(worker) == {mine}
@@ -83,7 +73,7 @@ def test_lrserve_offload_nice_sets_every_thread_of_the_worker_not_the_server(tmp
             httpx.Client(base_url=proc.url, timeout=30) as client:
         answer, _ = big_preview(client, steps=60)
         assert answer.status_code == 200, answer.text
-        [worker] = workers(proc.proc.pid)
+        [worker] = workers(proc)
         assert nice_values(worker) == {max(mine, 12)}
         assert len(list(Path(f"/proc/{worker}/task").iterdir())) > 1  # torch's threads among them
         assert os.getpriority(os.PRIO_PROCESS, proc.proc.pid) == mine
@@ -104,11 +94,11 @@ def test_a_big_create_is_checked_in_a_worker_and_its_errors_are_422s(server, htt
 
 def test_a_killed_worker_is_replaced(server, http):
     big_preview(http, steps=60)
-    [worker] = workers(server.proc.pid)
+    [worker] = workers(server)
     os.kill(worker, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while worker in workers(server.proc.pid) and time.monotonic() < deadline:
+    while worker in workers(server) and time.monotonic() < deadline:
         time.sleep(0.05)
     answer, _ = big_preview(http, steps=60)  # the pool is found broken and started again
     assert answer.status_code == 200, answer.text
-    assert workers(server.proc.pid) not in ([], [worker])
+    assert workers(server) not in ([], [worker])
