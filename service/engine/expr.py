@@ -259,19 +259,14 @@ def _compile(source: str) -> tuple[_Fn, int]:
     try:
         body = lowering.lower(tree.body)
     except _Rejected:  # too many terms is said first, as if counted before the checks
-        _check_size(_terms(tree))
+        if (nodes := _terms(tree)) > MAX_NODES:
+            raise _Rejected(f"expected at most {MAX_NODES} terms, got {nodes}") from None
         raise
-    _check_size(lowering.nodes)
     step = ast.arg("step", **_AT)
     params = ast.arguments(posonlyargs=[], args=[step], kwonlyargs=[], kw_defaults=[], defaults=[])
     code = compile(ast.Expression(body=ast.Lambda(args=params, body=body, **_AT)), "<lr_lambda>", "eval")
     fn: _Fn = eval(code, _GLOBALS)  # a checked tree; no builtins
     return fn, lowering.nodes
-
-
-def _check_size(nodes: int) -> None:
-    if nodes > MAX_NODES:
-        raise _Rejected(f"expected at most {MAX_NODES} terms, got {nodes}")
 
 
 def _terms(tree: ast.AST) -> int:
@@ -310,10 +305,14 @@ class _Lowering:
         if lower is None:
             what = _FORBIDDEN_NAMES.get(type(node), f"{type(node).__name__} syntax")
             raise _Rejected(f"{what} not allowed; {_ALLOWED_HINT}")
+        self.count()
+        return lower(self, node)
+
+    def count(self) -> None:
+        """One more term; past ``MAX_NODES`` the lowering stops (``_compile`` counts them all)."""
         self.nodes += 1
         if self.nodes > MAX_NODES:
-            raise _Rejected(f"expected at most {MAX_NODES} terms")  # counted in full by _compile
-        return lower(self, node)
+            raise _Rejected(f"expected at most {MAX_NODES} terms")
 
 
 def _lower_constant(_: _Lowering, node: ast.Constant) -> ast.expr:
@@ -374,7 +373,7 @@ def _lower_call(lowering: _Lowering, node: ast.Call) -> ast.expr:
     if not least <= len(node.args) <= most:
         expected = str(least) if least == most else f"{least} to {most}"
         raise _Rejected(f"{name}() takes {expected} arguments, got {len(node.args)}")
-    lowering.nodes += 1  # the function's name, a term of the source
+    lowering.count()  # the function's name, a term of the source
     function = ast.Name(f"_{name}", ast.Load(), **_AT)
     return ast.Call(function, [lowering.lower(arg) for arg in node.args], [], **_AT)
 
