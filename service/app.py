@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = open_store(settings.db, sqlite_synchronous=settings.sqlite_synchronous,
                            create_db=settings.create_db)
         # its process starts with the first big request
-        big_work = BigWork(settings.offload_workers, settings.offload_nice)
+        big_work = BigWork(settings.offload_workers, settings.offload_nice, settings.offload_slice_ms)
         app.state.big_work = big_work
         manager = RunManager(store, settings, big_work)
         manager.on_outcome.append(telemetry.record_outcome)

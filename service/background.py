@@ -48,14 +48,12 @@ reads, at normal priority, would pile up big histories waiting for a thread.
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from lrserve.service.errors import ServerStopping
+from lrserve.service.scheduling import lower_priority
 
 T = TypeVar("T")
 
@@ -75,25 +73,6 @@ its metrics; with the first version of this pool there was no bound, and before 
 thread pool's 40 threads were the bound)."""
 
 THREAD_NAME = "lrserve-background"
-
-
-def lower_priority(nice: int = BACKGROUND_NICE) -> int:
-    """Lower the calling thread's CPU priority to ``nice`` (never raise it); its nice value after.
-
-    Linux only (elsewhere the call would apply to the whole process): returns the value
-    unchanged there, as it does where the kernel refuses.
-    """
-    if sys.platform != "linux":
-        return nice
-    tid = threading.get_native_id()
-    now = os.getpriority(os.PRIO_PROCESS, tid)
-    if now < nice:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-        except OSError:  # a sandbox that forbids it: run at the priority inherited
-            return now
-        return nice
-    return now
 
 
 class Background:

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, get_args
 
 from lrserve.service.background import BACKGROUND_NICE
 from lrserve.service.cli import DEFAULT_DB  # defined there: the CLI's help needs no server packages
-from lrserve.service.offload import OFFLOAD_NICE
+from lrserve.service.offload import OFFLOAD_NICE, OFFLOAD_SLICE_MS
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         "beside a busy worker, but CPU-bound work in the server's session or cgroup starves it (at 19, a "
         "1024-group create waited minutes: docs/hardening.md, \"The worker process's priority\"); "
         "0: the server's priority."
+    )
+    offload_slice_ms: float = Field(
+        OFFLOAD_SLICE_MS, ge=0, le=100, description="Time slice in ms that the worker processes for big work "
+        "ask of the kernel (Linux 6.12 and later honour it; 0.1-100): longer than a request thread's, so "
+        "that each request's thread preempts a busy worker as it wakes, at no cost to the worker's share "
+        "of the CPU (service/scheduling.py); 0: the kernel's default slice."
     )
     background_nice: int = Field(
         BACKGROUND_NICE, ge=0, le=19, description="Nice value of the threads writing big answers (a big "

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from lrserve.service.engine.preview import simulate
 from lrserve.service.engine.spec import parse_schedule
-from lrserve.service.offload import OFFLOAD_NICE
+from lrserve.service.offload import OFFLOAD_NICE, OFFLOAD_SLICE_MS
+from lrserve.service.scheduling import time_slice_ms
 from lrserve.service.settings import Settings
 
 from tests.live_server import ServerProcess
@@ -53,30 +54,42 @@ def nice_values(pid: int) -> set[int]:
             for task in Path(f"/proc/{pid}/task").iterdir()}
 
 
-def test_with_the_defaults_the_worker_process_runs_at_the_servers_own_nice_value(server, http):
+def time_slices(pid: int) -> set[float | None]:
+    """The time slice of each thread of process ``pid``, in ms (``scheduling.time_slice_ms``)."""
+    return {time_slice_ms(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_with_the_defaults_the_worker_process_runs_at_the_servers_own_nice_value_in_long_slices(server, http):
     """Default settings: every thread of the worker (torch's included) at ``OFFLOAD_NICE`` (0: the
-    server's own priority, inherited)."""
+    server's own priority, inherited) and in time slices of ``OFFLOAD_SLICE_MS`` where the kernel
+    keeps one per task (Linux 6.12 and later); the server's threads in the kernel's own."""
     answer, _ = big_preview(http, steps=60)
     assert answer.status_code == 200, answer.text
     [worker] = workers(server)
     mine = os.getpriority(os.PRIO_PROCESS, 0)  # the server's, inherited from this process
     assert Settings.model_fields["offload_nice"].default == OFFLOAD_NICE == 0
     assert nice_values(worker) == {mine}
+    assert Settings.model_fields["offload_slice_ms"].default == OFFLOAD_SLICE_MS == 50
+    kernel = time_slice_ms()  # this process asks for none: the kernel's default, or 0.0 without slices
+    assert time_slices(worker) == ({OFFLOAD_SLICE_MS} if kernel else {kernel})
+    assert time_slices(server.proc.pid) == {kernel}
 
 
-def test_lrserve_offload_nice_sets_every_thread_of_the_worker_not_the_server(tmp_path):
-    """``LRSERVE_OFFLOAD_NICE=12``: set in the worker before torch starts its threads, so all of
-    them have it; the event loop's thread keeps the server's value."""
-    mine = os.getpriority(os.PRIO_PROCESS, 0)
+def test_lrserve_offload_nice_and_slice_set_every_thread_of_the_worker_not_the_server(tmp_path):
+    """``LRSERVE_OFFLOAD_NICE=12``, ``LRSERVE_OFFLOAD_SLICE_MS=7.5``: set in the worker before torch
+    starts its threads, so all of them have them; the event loop's thread keeps the server's."""
+    mine, kernel = os.getpriority(os.PRIO_PROCESS, 0), time_slice_ms()
     with ServerProcess(f"sqlite:///{tmp_path / 'nice.db'}", tmp_path,
-                       env={"LRSERVE_OFFLOAD_NICE": "12"}) as proc, \
+                       env={"LRSERVE_OFFLOAD_NICE": "12", "LRSERVE_OFFLOAD_SLICE_MS": "7.5"}) as proc, \
             httpx.Client(base_url=proc.url, timeout=30) as client:
         answer, _ = big_preview(client, steps=60)
         assert answer.status_code == 200, answer.text
         [worker] = workers(proc)
         assert nice_values(worker) == {max(mine, 12)}
+        assert time_slices(worker) == ({7.5} if kernel else {kernel})
         assert len(list(Path(f"/proc/{worker}/task").iterdir())) > 1  # torch's threads among them
         assert os.getpriority(os.PRIO_PROCESS, proc.proc.pid) == mine
+        assert time_slices(proc.proc.pid) == {kernel}
 
 
 def test_a_big_create_is_checked_in_a_worker_and_its_errors_are_422s(server, http):

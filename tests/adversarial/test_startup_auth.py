@@ -77,6 +77,8 @@ def test_a_malformed_entry_is_one_line_never_echoing_a_token(tmp_path, entry):
     ("LRSERVE_PORT", "eighty"), ("LRSERVE_MAX_AHEAD", "-5"), ("LRSERVE_SQLITE_SYNCHRONOUS", "SOMETIMES"),
     ("LRSERVE_BARRIER_TIMEOUT_S", "soon"), ("LRSERVE_DB", f"mysql://u:{SECRET}@h/db"),
     ("LRSERVE_OFFLOAD_NICE", "20"), ("LRSERVE_OFFLOAD_NICE", "-1"), ("LRSERVE_OFFLOAD_NICE", "low"),
+    ("LRSERVE_OFFLOAD_SLICE_MS", "-1"), ("LRSERVE_OFFLOAD_SLICE_MS", "101"),
+    ("LRSERVE_OFFLOAD_SLICE_MS", "nan"),
 ])
 def test_a_malformed_setting_is_one_line_naming_it(tmp_path, name, value):
     assert_one_line_exit_1(serve(tmp_path, env={name: value}), name)

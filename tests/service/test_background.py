@@ -8,8 +8,9 @@ import sys
 import threading
 
 import pytest
-from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME, Background, lower_priority
+from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME, Background
 from lrserve.service.errors import ServerStopping
+from lrserve.service.scheduling import lower_priority
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
 
