@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from lrserve.service.engine import cost
 from lrserve.service.errors import LRServeError
-from lrserve.service.scheduling import lower_priority, request_slice
+from lrserve.service.scheduling import long_slices_hold_back_none, lower_priority, request_slice
 
 log = logging.getLogger("lrserve")
 
@@ -65,15 +65,16 @@ there) got 2 s of CPU in 9 minutes: a 1024-group create waited for it all that t
 
 
 OFFLOAD_SLICE_MS = 50.0
-"""The time slice a worker process asks of the kernel (``LRSERVE_OFFLOAD_SLICE_MS``; 0: the
-kernel's own, ~1.4 ms on two cores). Longer than any request thread's, so that (Linux 6.12 and
-later) each of them, the event loop, a commit thread, a database's process, the client, preempts
-the busy worker the moment it wakes rather than at the end of the worker's slice; the worker's
-share of the CPU is unchanged. Measured side by side (figure 7's scenarios on PostgreSQL, whose
-step wakes ~20 threads and processes in turn): another run's step p99 under the worst preview,
-window and step jump 2.18-2.33x idle against 2.50-2.62x at the kernel's slice, and the worst
-requests themselves faster (481-558 against 566-689 ms); on SQLite no change (docs/hardening.md,
-"The worker process's time slice")."""
+"""The time slice a worker process asks of the kernel (``LRSERVE_OFFLOAD_SLICE_MS``; 0: none
+asked, the worker keeps the server's, normally the kernel's ~1.4 ms on two cores), on Linux
+6.17 and later (``scheduling.LONG_SLICES_SINCE``; older kernels keep their own). Longer than any
+request thread's, so that each of them, the event loop, a commit thread, a database's process,
+the client, preempts the busy worker the moment it wakes rather than at the end of the worker's
+slice; the worker's share of the CPU is unchanged. Measured side by side (figure 7's scenarios
+on PostgreSQL, whose step wakes ~20 threads and processes in turn, 5 rounds, load 1.8-2.6):
+another run's step p99 under the worst preview, window and step jump 1.93-1.98x idle against
+2.44-2.55x at the kernel's slice; on SQLite no change (docs/hardening.md, "The worker process's
+time slice")."""
 
 
 class WorkerLost(LRServeError):
@@ -113,11 +114,12 @@ def _text(value: Any, depth: int = 0) -> int:
 
 
 def _start(nice: int, slice_ms: float) -> None:
-    """A worker's start: its CPU priority lowered to ``nice`` and its time slice ``slice_ms``
-    (0: the kernel's), before torch starts any thread, so that every thread of the process has
-    them; then torch imported and one engine built (seconds), before any request waits."""
+    """A worker's start: its CPU priority lowered to ``nice`` and, on a kernel where a long slice
+    holds back no other task, its time slice ``slice_ms`` (0: the one it inherits), before torch
+    starts any thread, so that every thread of the process has them; then torch imported and
+    one engine built (seconds), before any request waits."""
     lower_priority(nice)
-    if slice_ms:
+    if slice_ms and long_slices_hold_back_none():
         request_slice(slice_ms)
     from lrserve.service.engine.engine import warm_up_torch
 

@@ -91,9 +91,10 @@ class Settings(BaseSettings):
     )
     offload_slice_ms: float = Field(
         OFFLOAD_SLICE_MS, ge=0, le=100, description="Time slice in ms that the worker processes for big work "
-        "ask of the kernel (Linux 6.12 and later honour it; 0.1-100): longer than a request thread's, so "
-        "that each request's thread preempts a busy worker as it wakes, at no cost to the worker's share "
-        "of the CPU (service/scheduling.py); 0: the kernel's default slice."
+        "ask of the kernel (0.1-100; asked on Linux 6.17 and later, where a long slice holds back no other "
+        "task): longer than a request thread's, so that each request's thread preempts a busy worker as it "
+        "wakes, at no cost to the worker's share of the CPU (service/scheduling.py); 0: none asked, the "
+        "worker keeps the server's."
     )
     background_nice: int = Field(
         BACKGROUND_NICE, ge=0, le=19, description="Nice value of the threads writing big answers (a big "

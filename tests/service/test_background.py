@@ -10,7 +10,6 @@ import threading
 import pytest
 from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME, Background
 from lrserve.service.errors import ServerStopping
-from lrserve.service.scheduling import lower_priority
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
 
@@ -51,21 +50,6 @@ def test_a_result_and_an_exception_come_back_to_the_caller():
     finally:
         background.close()
     assert got == 1024 and isinstance(error, KeyError)
-
-
-@linux
-def test_lower_priority_never_raises_a_threads_priority():
-    seen: list[int] = []
-
-    def nicer_already() -> None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        seen.append(lower_priority(5))
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    thread = threading.Thread(target=nicer_already)
-    thread.start()
-    thread.join()
-    assert seen == [19, 19]
 
 
 def test_close_waits_for_the_work_under_way():

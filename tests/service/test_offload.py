@@ -8,6 +8,7 @@ import pytest
 from lrserve.service.engine.cost import CREATE_STEPS
 from lrserve.service.offload import OFFLOAD_TEXT, BigWork, WorkerLost, is_big
 from lrserve.service.runs.manager import checked_spec
+from lrserve.service.scheduling import long_slices_hold_back_none, time_slice_ms
 
 STEP_LR = {"type": "StepLR", "step_size": 7}
 
@@ -49,5 +50,18 @@ def test_a_worker_process_runs_at_the_nice_value_asked_never_below_this_ones():
         big = BigWork(1, nice=nice)
         try:
             assert big.run(os.getpriority, os.PRIO_PROCESS, 0) == max(mine, nice)
+        finally:
+            big.close()
+
+
+@pytest.mark.slow  # spawns two worker processes (each imports torch)
+def test_a_worker_process_asks_for_the_slice_asked_where_long_slices_hold_back_none():
+    """``BigWork(1, slice_ms=12)``: 12 ms where this kernel honours it without holding others back
+    (Linux 6.17+), else this process's own; ``slice_ms=0``: none asked, this process's own."""
+    mine = time_slice_ms()
+    for slice_ms, expected in ((12, 12.0 if mine and long_slices_hold_back_none() else mine), (0, mine)):
+        big = BigWork(1, slice_ms=slice_ms)
+        try:
+            assert big.run(time_slice_ms) == expected
         finally:
             big.close()

@@ -4,21 +4,24 @@ starts, never the caller's neighbours'; its nice value and policy untouched."""
 from __future__ import annotations
 
 import os
+import platform
+import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
-from lrserve.service.scheduling import request_slice, time_slice_ms
+from lrserve.service.scheduling import (
+    LONG_SLICES_SINCE,
+    long_slices_hold_back_none,
+    lower_priority,
+    request_slice,
+    time_slice_ms,
+)
 
 T = TypeVar("T")
 
-KERNEL_SLICE = time_slice_ms()
-"""This thread's slice as the test starts: the kernel's default (this process asks for none)."""
-
-slices = pytest.mark.skipif(
-    not KERNEL_SLICE, reason="this kernel keeps no time slice per task (Linux before 6.12, or not Linux)"
-)
+linux = pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
 
 
 def in_thread(call: Callable[[], T]) -> T:
@@ -28,6 +31,15 @@ def in_thread(call: Callable[[], T]) -> T:
     thread.start()
     thread.join()
     return got[0]
+
+
+KERNEL_SLICE = time_slice_ms()
+"""This thread's slice as the test starts: the kernel's default (this process asks for none)."""
+
+slices = pytest.mark.skipif(
+    not KERNEL_SLICE or in_thread(lambda: request_slice(20)) != 20.0,
+    reason="this kernel keeps no time slice per task (Linux before 6.12, not Linux) or refuses to set one",
+)
 
 
 @slices
@@ -46,6 +58,15 @@ def test_the_kernel_clamps_a_slice_to_its_range_and_zero_is_its_default_again():
         return [request_slice(0.01), request_slice(1_000), request_slice(0)]
 
     assert in_thread(asks) == [0.1, 100.0, KERNEL_SLICE]
+
+
+@slices
+def test_a_slice_keeps_the_thread_s_reset_on_fork_flag():
+    def asks() -> tuple[float | None, int]:
+        os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+        return request_slice(20), os.sched_getscheduler(0)
+
+    assert in_thread(asks) == (20.0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK)
 
 
 @slices
@@ -92,3 +113,25 @@ def test_another_thread_s_slice_is_read_by_its_id():
 
 def test_a_thread_that_is_gone_has_no_slice_to_read():
     assert time_slice_ms(2**22 + 7) is None  # above Linux's pid_max: no such thread
+
+
+@pytest.mark.parametrize("release,holds", [
+    ("6.18.44-fc-v1252", True), ("6.17.0", True), ("7.0.1-arch1", True), ("6.16.9-200.fc42.x86_64", False),
+    ("6.12.48+deb13-amd64", False), ("5.15.0-122-generic", False), ("not-a-release", False),
+])
+def test_long_slices_are_asked_for_from_the_release_that_holds_back_no_other_task(release, holds):
+    assert LONG_SLICES_SINCE == (6, 17)
+    assert long_slices_hold_back_none(release) is (holds and sys.platform == "linux")
+
+
+def test_without_a_release_named_it_is_this_kernel_s():
+    assert long_slices_hold_back_none() is long_slices_hold_back_none(platform.release())
+
+
+@linux
+def test_lower_priority_never_raises_a_threads_priority():
+    def nicer_already() -> tuple[int, int]:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return lower_priority(5), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert in_thread(nicer_already) == (19, 19)
