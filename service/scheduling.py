@@ -42,6 +42,7 @@ whole slice). Measured on 6.18."""
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275), "riscv64": (274, 275), "loongarch64": (274, 275)}
 """``sched_setattr`` and ``sched_getattr`` by machine (no wrapper in Python or glibc): 64-bit only,
 as ``platform.machine()`` names the kernel's machine, not this interpreter's."""
+_SETATTR, _GETATTR = 0, 1  # their places in each pair
 
 _SLICED_POLICIES = (getattr(os, "SCHED_OTHER", 0), getattr(os, "SCHED_BATCH", 3))
 """The policies whose slice a task may ask for (realtime, deadline and SCHED_IDLE threads are
@@ -116,21 +117,21 @@ def request_slice(ms: float) -> float | None:
     attr.size = ctypes.sizeof(attr)
     attr.sched_flags &= _SCHED_FLAG_RESET_ON_FORK  # the util clamps' flags left out: untouched
     attr.sched_runtime = max(1, round(ms * 1e6)) if ms > 0 else 0  # a positive ask is never 0 ns
-    if _syscall(0, 0, ctypes.byref(attr), 0) != 0:
+    if _syscall(_SETATTR, 0, ctypes.byref(attr), 0) != 0:  # (pid, attr, flags); pid 0: this thread
         return None
     return time_slice_ms()
 
 
 def _getattr(tid: int) -> _SchedAttr | None:
     attr = _SchedAttr()
-    if _syscall(1, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+    if _syscall(_GETATTR, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:  # (pid, attr, size, flags)
         return None
     return attr
 
 
 def _syscall(which: int, *args: object) -> int:
-    """``sched_setattr`` (``which`` 0) or ``sched_getattr`` (1) with ``args``; -1 where there is
-    neither (the call's error is not read: every caller keeps what it has)."""
+    """``sched_setattr`` (``which``: ``_SETATTR``) or ``sched_getattr`` (``_GETATTR``) with ``args``;
+    -1 where there is neither (the call's error is not read: every caller keeps what it has)."""
     libc = _libc()
     numbers = _SYSCALLS.get(platform.machine())
     if libc is None or numbers is None:
