@@ -161,9 +161,12 @@ def commit_schema(clients: int) -> Iterator[str]:
         yield url
 
 
-def run(url: str, variant: Variant, seconds: float) -> dict[str, Any]:
+def run(url: str, variant: Variant, seconds: float, *, transactions: int | None = None) -> dict[str, Any]:
     """pgbench's commits/s, latency percentiles (ms) and CPU per commit (µs) for one variant on
-    ``url``'s schema (``commit_schema`` with at least ``variant.clients`` runs)."""
+    ``url``'s schema (``commit_schema`` with at least ``variant.clients`` runs), over a window of
+    ``seconds``, or, with ``transactions``, that many commits by each client however long they
+    take (``-t``: a check of what is committed, which a window spent connecting on a busy
+    machine would not make)."""
     from sqlalchemy import make_url
 
     pgbench = pgbench_path()
@@ -177,12 +180,13 @@ def run(url: str, variant: Variant, seconds: float) -> dict[str, Any]:
     quote = "'" if variant.protocol == "simple" else ""  # simple: pgbench writes values into the text
     values = {"status": f"{quote}active{quote}", "last_seq": "1",
               "updated_at": f"{quote}{_UPDATED_AT}{quote}"}
+    length = ["-T", str(max(1, round(seconds)))] if transactions is None else ["-t", str(transactions)]
     with tempfile.TemporaryDirectory() as folder:
         script = Path(folder) / "commit.sql"
         script.write_text(commit_script(pipelined=variant.pipelined))
         cmd = [pgbench, "-n", "-h", parsed.host or "127.0.0.1", "-p", str(parsed.port or 5432),
                "-U", parsed.username or "postgres", "-M", variant.protocol, "-c", str(variant.clients),
-               "-j", str(variant.threads), "-T", str(max(1, round(seconds))), "-l", "-f", str(script),
+               "-j", str(variant.threads), *length, "-l", "-f", str(script),
                *(arg for k, v in values.items() for arg in ("-D", f"{k}={v}")), database]
         sessions, before = SessionCpu(database), resource.getrusage(resource.RUSAGE_CHILDREN)
         with subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
