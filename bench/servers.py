@@ -216,13 +216,6 @@ class Server:
                 found.append(int(entry))  # process group = session leader's pid
         return sorted(found)
 
-    def worker_pids(self) -> list[int]:
-        """The processes that answer requests (the supervisor too, with one worker)."""
-        pids = self.pids()
-        if self.workers <= 1 or self.proc is None:
-            return [self.proc.pid] if self.proc is not None else []
-        return [p for p in pids if p != self.proc.pid and _is_worker(p)]
-
     def spawned_pids(self) -> list[int]:
         """Its living processes but the first, less helpers such as the resource tracker: with one
         uvicorn worker, the big-work processes (``service/offload.py``)."""
