@@ -290,7 +290,8 @@ class PgPipeline:
 
 class PgCursor:
     """The DB-API cursor methods ``_DriverSql`` uses, on a ``PgPipeline``: ``execute`` and
-    ``executemany`` queue, ``fetchone``/``fetchall``/``description`` wait for the answer;
+    ``executemany`` queue, ``fetchone``/``fetchall``/``description`` wait for the answer
+    (``execute_each``: one statement's rows for each of many parameter sets, in one round trip);
     ``rowcount`` counts the answers received so far (all of them once COMMIT answered)."""
 
     def __init__(self, pipeline: PgPipeline) -> None:
@@ -309,6 +310,18 @@ class PgCursor:
         self._answers, self._rows, self._description, self._at = [], None, None, 0
         for params in rows:
             self._queue(sql, params)
+
+    def execute_each(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> list[list[tuple[Any, ...]]]:
+        """``sql`` once per item of ``rows``, all sent in one write and answered in one round
+        trip (the server runs them in order), and each one's rows. The cursor is then as after
+        ``execute`` of the last."""
+        self.executemany(sql, rows)
+        if not self._answers:
+            return []
+        self._pipeline.wait_for(self._answers[-1])
+        found = [self._pipeline.rows_of(answer) for answer in self._answers]
+        self._rows, self._description = found[-1]
+        return [rows for rows, _ in found]
 
     def _queue(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None) -> None:
         pipeline = self._pipeline

@@ -361,6 +361,19 @@ class _DriverSql:
         return [tuple(value if process is None else process(value)
                       for process, value in zip(results, row, strict=True)) for row in raw]
 
+    def rows_each(self, cursor: Any, each: Sequence[Mapping[str, Any]]) -> list[list[tuple[Any, ...]]]:
+        """``rows(execute(cursor, values))`` for each item of ``each``, in order: on PostgreSQL
+        sent together and answered in one round trip (``PgCursor.execute_each``), not one each."""
+        execute_each = getattr(cursor, "execute_each", None)
+        if execute_each is None:  # SQLite: in process, nothing to gain
+            return [self.rows(self.execute(cursor, values)) for values in each]
+        found = execute_each(self.sql, [self.params(values) for values in each])
+        results = self._processors(cursor) if found else []
+        if not any(results):
+            return [[tuple(row) for row in raw] for raw in found]
+        return [[tuple(value if process is None else process(value)
+                       for process, value in zip(results, row, strict=True)) for row in raw] for raw in found]
+
     def _processors(self, cursor: Any) -> list[Any]:
         if self._results is None:  # PostgreSQL's need the driver's type codes
             self._results = [c.type.dialect_impl(self._dialect).result_processor(self._dialect, d[1])
@@ -1026,9 +1039,10 @@ class SqlStore(BaseStore):
         hold = self._driver_sql("hold", _LOCKED_ROWS["hold"])
         with self._driver_write() as cursor:
             locked: dict[str, SqlRunTransaction] = {}
-            for run_id in sorted(set(run_ids)):
-                row = hold.rows(hold.execute(cursor, {"run_id": run_id}))  # one row, or none
-                if row:
+            ids = sorted(set(run_ids))
+            held_rows = hold.rows_each(cursor, [{"run_id": run_id} for run_id in ids])
+            for run_id, row in zip(ids, held_rows, strict=True):
+                if row:  # one row, or none
                     locked[run_id] = SqlRunTransaction(_locked_run(*row[0]), self, cursor)
             try:
                 yield dict(locked)

@@ -116,6 +116,32 @@ def test_a_commit_is_two_round_trips_and_answers_after_commit(database_url):
         other.close()
 
 
+def test_a_group_of_runs_commits_in_two_round_trips(database_url):
+    """``lock_runs`` (the group commit of windows asked together): every run's row lock read in
+    one round trip, however many runs (one each before), then every run's writes with
+    ``COMMIT``; a run that does not exist is left out, the others' writes all durable."""
+    url = database_url("postgres")
+    store, other = open_store(url), open_store(url)
+    runs = [f"r{i}" for i in range(6)]
+    try:
+        for run_id in runs:
+            store.create_run(run_id, {"schedule": {"type": "StepLR"}}, {}, CREATED)
+        with _round_trips(store) as trips:
+            store.read_run("r0")  # a pooled connection now
+            before = trips()
+            with store.lock_runs([*reversed(runs), "gone"]) as locked:
+                assert sorted(locked) == runs
+                for n, run_id in enumerate(runs, start=1):
+                    locked[run_id].append_events([NewEvent(EventKind.CREATED, n, {"n": n})])
+                    locked[run_id].update_run(horizon=n)
+            assert trips() - before == 2
+        assert [other.read_run(run_id).horizon for run_id in runs] == [1, 2, 3, 4, 5, 6]
+        assert [e.step for e in other.read_events("r5")] == [0, 6]
+    finally:
+        store.close()
+        other.close()
+
+
 def test_a_create_is_two_round_trips_in_two_writes_and_returns_the_run_as_a_read_does(database_url):
     """``create_run``: ``BEGIN`` with the run's INSERT (its row returned), then the labels, the
     notification and the numbered event with ``COMMIT``: two round trips and two writes (nine
