@@ -27,6 +27,7 @@ document.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -243,40 +244,110 @@ class FastPath:
         return orjson.dumps(window_body(window), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+GROUPS_AT_ONCE = 1
+"""PostgreSQL: how many groups of windows commit at once in this process (``_LoopCommits``)."""
+
+
 class _LoopCommits:
     """Windows whose steps are to be committed, asked in one turn of the event loop: committed
-    in one transaction as the loop's next turn begins (``RunManager.windows_now``), each
-    answered once that transaction is durable. A lone request waits for nothing but that turn.
+    in one transaction as the loop's next turn begins, each answered once that transaction is
+    durable. A lone request waits for nothing but that turn.
+
+    SQLite: on the event loop itself (``RunManager.windows_now``: a commit takes microseconds).
+    PostgreSQL: in one commit thread (``RunManager.windows_grouped``), the turn's windows one
+    thread's work, one transaction and two round trips however many runs ask, where each
+    would be a thread's and a transaction's of its own; the windows asked while it commits
+    go in the next one.
     """
 
     def __init__(self, manager: RunManager) -> None:
         self.manager = manager
         self._asks: list[tuple[tuple[str, int, int], asyncio.Future[Window | None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # the commit threads' groups under way
+        self._scheduled = False  # a call of ``_commit`` is due in the loop's next turn
+        self._under_way: dict[str, asyncio.Event] = {}  # by run: its group's end, in a commit thread
 
-    def window(self, run_id: str, step: int, ahead: int) -> asyncio.Future[Window | None]:
+    async def window(self, run_id: str, step: int, ahead: int) -> Window | None:
         """The window, committed; None: the route answers (it would wait or is big; or an error,
         which the route meets again and answers the one way errors are answered, as a client's
-        retry would: a refused ask changed nothing, a commit that went through is final)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Window | None] = loop.create_future()
-        if not self._asks:
-            loop.call_soon(self._commit)
+        retry would: a refused ask changed nothing, a commit that went through is final).
+
+        A run whose steps a commit thread is committing (the other ranks of its job asking the
+        same window a moment later) waits for that group first: its window is likely final then.
+        """
+        under_way = self._under_way.get(run_id)
+        if under_way is not None:
+            await under_way.wait()
+            window = self.manager.cached_window(run_id, step, ahead, most_values=ON_LOOP_VALUES)
+            if window is not None:
+                return window
+        future: asyncio.Future[Window | None] = asyncio.get_running_loop().create_future()
         self._asks.append(((run_id, step, ahead), future))
-        return future
+        self._next_group()
+        return await future
+
+    def _next_group(self) -> None:
+        """The asks so far committed as the loop's next turn begins; on PostgreSQL once fewer
+        than ``GROUPS_AT_ONCE`` groups are under way (until then, the asks gather)."""
+        if self._asks and not self._scheduled and (
+                self.manager.store.one_writer or len(self._tasks) < GROUPS_AT_ONCE):
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._commit)
+
+    def _group_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._next_group()
 
     def _commit(self) -> None:
+        self._scheduled = False
         asks, self._asks = self._asks, []
+        if not asks:
+            return
+        if not self.manager.store.one_writer:
+            done = asyncio.Event()
+            for (run_id, _, _), _ in asks:
+                self._under_way[run_id] = done
+            task = asyncio.ensure_future(self._in_thread(asks, done))
+            self._tasks.add(task)  # held: the loop keeps only a weak reference to a task
+            task.add_done_callback(self._group_done)
+            return
         try:
             outcomes = self.manager.windows_now([ask for ask, _ in asks], most_values=ON_LOOP_VALUES)
         except Exception:
             log.exception("GET .../lr on the event loop failed; the route asks again")
             outcomes = [None] * len(asks)
-        for ((run_id, _, _), future), outcome in zip(asks, outcomes, strict=True):
-            if isinstance(outcome, Exception) and not isinstance(outcome, LRServeError):
-                log.error("GET %s/lr on the event loop failed; the route asks again", run_id,
-                          exc_info=outcome)
-            if not future.done():  # done: cancelled, its client gone (a commit stands all the same)
-                future.set_result(outcome if isinstance(outcome, Window) else None)
+        _answer_asks(asks, outcomes)
+
+    async def _in_thread(
+        self, asks: list[tuple[tuple[str, int, int], asyncio.Future[Window | None]]], done: asyncio.Event
+    ) -> None:
+        manager = self.manager
+        windows = [ask for ask, _ in asks]
+        group = functools.partial(manager.windows_grouped, windows, most_values=ON_LOOP_VALUES)
+        try:
+            outcomes = await manager.in_commit_thread(group)
+        except Exception as exc:  # ServerStopping, say: the route answers each ask
+            if not isinstance(exc, LRServeError):
+                log.exception("GET .../lr in a commit thread failed; the route asks again")
+            outcomes = [None] * len(asks)
+        finally:
+            for (run_id, _, _), _ in asks:
+                if self._under_way.get(run_id) is done:
+                    del self._under_way[run_id]
+            done.set()
+        _answer_asks(asks, outcomes)
+
+
+def _answer_asks(
+    asks: list[tuple[tuple[str, int, int], asyncio.Future[Window | None]]],
+    outcomes: Sequence[Window | BaseException | None],
+) -> None:
+    """Each ask's future: its window, or None (the route answers it: an error, or work it would wait for)."""
+    for ((run_id, _, _), future), outcome in zip(asks, outcomes, strict=True):
+        if isinstance(outcome, Exception) and not isinstance(outcome, LRServeError):
+            log.error("GET %s/lr on the event loop failed; the route asks again", run_id, exc_info=outcome)
+        if not future.done():  # done: cancelled, its client gone (a commit stands all the same)
+            future.set_result(outcome if isinstance(outcome, Window) else None)
 
 
 def _parse_query(raw: bytes) -> tuple[int, int] | None:

@@ -297,15 +297,20 @@ class Committer:
     def advance_now(self, asks: Sequence[tuple[str, int, int]]) -> list[BaseException | None]:
         """Move each run of ``asks`` (``run_id``, ``target``, ``need``: as ``commit``'s, with
         ``if_behind``) to its target here and now, all in one transaction: the event loop's
-        group commit (``RunManager.windows_now``), for windows asked in one turn of the loop.
+        group commit (``RunManager.windows_now``, ``windows_grouped``), for windows asked in one
+        turn of the loop.
 
-        Only inside ``store.without_waiting()``. Each ask's outcome, in order: None when its
-        run holds ``target`` now, durably; ``WouldWait`` when it would wait or has too much
-        work (a run not loaded or held by another thread, a snapshot due, another process
-        moved the run, the write slot taken) — nothing of it changed; any other error of its
-        own (its schedule failed: its run is dropped, as ``commit`` drops it). One run at most
-        once in ``asks``. A failure of the transaction fails every ask that wrote in it: none
-        of them is acknowledged, their runs are dropped and reload.
+        On the event loop only inside ``store.without_waiting()`` (SQLite); on PostgreSQL in a
+        commit thread (``RunManager.windows_grouped``), where it may wait for the runs' rows,
+        never for a run another thread of this process holds.
+
+        Each ask's outcome, in order: None when its run holds ``target`` now, durably;
+        ``WouldWait`` when it would wait or has too much work (a run not loaded or held by
+        another thread, a snapshot due, another process moved the run, the write slot taken) —
+        nothing of it changed; any other error of its own (its schedule failed: its run is
+        dropped, as ``commit`` drops it). One run at most once in ``asks``. A failure of the
+        transaction fails every ask that wrote in it: none of them is acknowledged, their runs
+        are dropped and reload.
         """
         outcomes: list[BaseException | None] = [None] * len(asks)
         members: list[tuple[int, RunState, int, int]] = []
@@ -332,10 +337,14 @@ class Committer:
                 with self.store.lock_runs([state.run_id for _, state, _, _ in members]) as locked:
                     for i, state, target, need in members:
                         tx = locked.get(state.run_id)
-                        if tx is None or _moved(tx.run, state):  # deleted or moved: a worker thread sees
-                            outcomes[i] = WouldWait("another process moved the run")
+                        if tx is None or (_moved(tx.run, state) and not self._catches_up(state, tx, target)):
+                            outcomes[i] = WouldWait("another process moved the run")  # a worker thread sees
                             continue
                         try:
+                            if _moved(tx.run, state):
+                                self._catch_up(state, tx)
+                                if state.horizon >= target:
+                                    continue  # the other process took it there: final, durable
                             steps, _, new_events = _compute(
                                 state, state.horizon, target, None, None, (), need, (), None)
                         except Exception as exc:  # noqa: BLE001 - nothing of it written: its own outcome
@@ -362,6 +371,21 @@ class Committer:
                     self.runs.evict(state)
                     outcomes[i] = exc
             return outcomes
+
+    def _catches_up(self, state: RunState, tx: RunTransaction, target: int) -> bool:
+        """Whether ``advance_now`` takes in, in its group, what another process appended to this
+        run: in a commit thread (never on the event loop), the same run (not deleted and created
+        anew), and the steps to catch up and to compute small work together (``_check_small``)."""
+        stored = tx.run
+        if self.store.must_not_wait or stored.created_at != state.created_at:
+            return False
+        if stored.horizon < state.horizon:
+            return False
+        try:
+            self._check_small(state, max(target, stored.horizon))
+        except WouldWait:
+            return False
+        return True
 
     def _catch_up(self, state: RunState, tx: RunTransaction) -> None:
         """Take in what other processes appended since this one last looked.

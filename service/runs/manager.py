@@ -456,46 +456,63 @@ class RunManager:
         Each ask's outcome, in order: its window (its steps durable); None when it would wait
         or is big — a run not loaded or held by another thread, more values than
         ``most_values``, more work than ``ON_LOOP_WORK``, a snapshot due, the write slot taken,
-        PostgreSQL — and nothing of it changed: the caller asks ``window`` in a worker thread;
+        PostgreSQL (``windows_grouped``, in a commit thread) — and nothing of it changed: the
+        caller asks ``window`` in a worker thread;
         or the error ``window`` raised for it. A run asked twice commits once; the second ask
         is answered if the first made its window final.
+        """
+        try:
+            with self.store.without_waiting():
+                return self.windows_grouped(asks, most_values=most_values)
+        except WouldWait:  # PostgreSQL
+            return [None] * len(asks)
+
+    def windows_grouped(
+        self, asks: Sequence[tuple[str, int, int]], *, most_values: int
+    ) -> list[Window | BaseException | None]:
+        """``windows_now`` in a commit thread, for PostgreSQL (``in_commit_thread``), where the
+        event loop cannot wait for a round trip: the windows asked in one turn of the loop,
+        their steps committed in one transaction (two round trips, one thread's turn, one
+        ``COMMIT``, however many runs), each answered once it is durable. The same outcomes as
+        ``windows_now``'s: None where it would wait for a run another thread holds or has
+        big work (the caller asks ``window`` on its own), and nothing of it changed; it may
+        wait for the runs' rows, which other processes' commits hold only while they commit.
         """
         outcomes: list[Window | BaseException | None] = [None] * len(asks)
         todo: list[tuple[int, str, int, int]] = []  # (ask, run, its window's end, its step)
         committing: set[str] = set()  # the runs in todo
         again: list[int] = []
         try:
-            with self.store.without_waiting():
-                for i, (run_id, step, ahead) in enumerate(asks):
-                    state = self.runs.loaded(run_id)
-                    if state is None:
-                        continue
-                    if (min(ahead, self._ahead_cap(state)) + 1) * state.n_groups > most_values:
-                        continue
-                    window = self.cached_window(run_id, step, ahead)
-                    if window is not None:
-                        outcomes[i] = window
-                        continue
-                    if run_id in committing:
-                        again.append(i)
-                        continue
-                    try:
-                        self._check_jump(state, step)
-                    except LRServeError as exc:
-                        outcomes[i] = exc
-                        continue
-                    wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
-                    end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
-                    todo.append((i, run_id, end, step))
-                    committing.add(run_id)
-                done = self.committer.advance_now([(run_id, end, step) for _, run_id, end, step in todo])
-                for (i, run_id, end, step), outcome in zip(todo, done, strict=True):
-                    state = self.runs.loaded(run_id)
-                    if outcome is not None:
-                        outcomes[i] = None if isinstance(outcome, WouldWait) else outcome
-                    elif state is not None:
-                        outcomes[i] = self._window(state, step, min(end, max(state.horizon, step)))
-        except WouldWait:  # PostgreSQL; or a window of old steps (a replay) after its commit
+            for i, (run_id, step, ahead) in enumerate(asks):
+                state = self.runs.loaded(run_id)
+                if state is None:
+                    continue
+                if (min(ahead, self._ahead_cap(state)) + 1) * state.n_groups > most_values:
+                    continue
+                window = self.cached_window(run_id, step, ahead)
+                if window is not None:
+                    outcomes[i] = window
+                    continue
+                if run_id in committing:
+                    again.append(i)
+                    continue
+                try:
+                    self._check_jump(state, step)
+                except LRServeError as exc:
+                    outcomes[i] = exc
+                    continue
+                wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
+                end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
+                todo.append((i, run_id, end, step))
+                committing.add(run_id)
+            done = self.committer.advance_now([(run_id, end, step) for _, run_id, end, step in todo])
+            for (i, run_id, end, step), outcome in zip(todo, done, strict=True):
+                state = self.runs.loaded(run_id)
+                if outcome is not None:
+                    outcomes[i] = None if isinstance(outcome, WouldWait) else outcome
+                elif state is not None:
+                    outcomes[i] = self._window(state, step, min(end, max(state.horizon, step)))
+        except WouldWait:  # a window of old steps (a replay) after its commit, on the event loop
             pass
         for i in again:
             outcomes[i] = self.cached_window(*asks[i], most_values=most_values)

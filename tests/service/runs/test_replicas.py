@@ -353,3 +353,40 @@ def test_a_run_made_anew_here_after_another_replica_deleted_it_serves_its_own_va
     assert kept is None or kept.values[0][0] == (0.3,), kept
     assert a.window("again", 0, 5).values == b.window("again", 0, 5).values
     assert a.window("again", 0, 0).values[0][0] == (0.3,)
+
+
+def test_a_group_of_windows_catches_up_with_what_another_replica_committed(replicas):
+    """``windows_grouped`` (PostgreSQL's group of windows, in a commit thread) on a replica that
+    another one moved on: it takes in the other's steps, decisions and actions in its group's
+    transaction, commits the rest, and answers each window with the values the other serves;
+    a window the other made final already is answered without a step of its own."""
+    a, b, _ = replicas
+    for run_id in ("r", "s", "t"):
+        create(a, run_id)
+        lrs(b, run_id, 0, 0)  # b has the runs cached at horizon 0 from now on
+    for k, loss in enumerate([1.0, 0.9, 0.95, 0.96], start=1):
+        a.step_run("r", k, {"val_loss": loss}, 0, 0)  # decisions: events b must read
+    a.control("r", {"action": "scale", "factor": 0.5}, None)
+    lrs(a, "s", 0, 6)  # steps alone, no events
+    windows = b.windows_grouped([("r", 6, 2), ("s", 3, 1), ("t", 1, 0)], most_values=4096)
+    assert all(w is not None and not isinstance(w, BaseException) for w in windows)
+    r, s, t = windows
+    assert [v[0] for v in r.values] == lrs(a, "r", 6, 8)
+    assert [v[0] for v in s.values] == lrs(a, "s", 3, 4)
+    assert [v[0] for v in t.values] == lrs(a, "t", 1, 1)
+    assert [b.store.read_run(run_id).horizon for run_id in ("r", "s", "t")] == [8, 6, 1]
+    assert b.history("r", 100).events == a.history("r", 100).events
+
+
+def test_a_group_leaves_a_run_created_anew_elsewhere_to_its_own_commit(replicas):
+    """A run deleted and created anew by another replica is not caught up in a group (its log is
+    another run's): the group leaves it (None: the caller commits it on its own, which loads
+    the new run), changing nothing of it."""
+    a, b, _ = replicas
+    create(a, "r", schedule={"type": "ExponentialLR", "gamma": 0.5})
+    lrs(b, "r", 0, 2)
+    a.delete_run("r")
+    create(a, "r", schedule={"type": "ExponentialLR", "gamma": 0.9})
+    assert b.windows_grouped([("r", 3, 0)], most_values=4096) == [None]
+    assert b.store.read_run("r").horizon == 0
+    assert lrs(b, "r", 3, 3) == lrs(a, "r", 3, 3) == [pytest.approx((0.1 * 0.9**3, 0.2 * 0.9**3))]
