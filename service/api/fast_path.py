@@ -324,18 +324,18 @@ class _LoopCommits:
         manager = self.manager
         windows = [ask for ask, _ in asks]
         group = functools.partial(manager.windows_grouped, windows, most_values=ON_LOOP_VALUES)
+        outcomes: Sequence[Window | BaseException | None] = [None] * len(asks)  # each to the route
         try:
             outcomes = await manager.in_commit_thread(group)
         except Exception as exc:  # ServerStopping, say: the route answers each ask
             if not isinstance(exc, LRServeError):
                 log.exception("GET .../lr in a commit thread failed; the route asks again")
-            outcomes = [None] * len(asks)
-        finally:
+        finally:  # cancelled too (the server stopping): no ask is left waiting
             for (run_id, _, _), _ in asks:
                 if self._under_way.get(run_id) is done:
                     del self._under_way[run_id]
             done.set()
-        _answer_asks(asks, outcomes)
+            _answer_asks(asks, outcomes)
 
 
 def _answer_asks(

@@ -301,12 +301,14 @@ class Committer:
         turn of the loop.
 
         On the event loop only inside ``store.without_waiting()`` (SQLite); on PostgreSQL in a
-        commit thread (``RunManager.windows_grouped``), where it may wait for the runs' rows,
-        never for a run another thread of this process holds.
+        commit thread (``RunManager.windows_grouped``). It never waits for a run: one that
+        another thread of this process holds, or whose row another transaction holds (another
+        process's commit, which may compute a big window in it), is left to its own commit.
 
         Each ask's outcome, in order: None when its run holds ``target`` now, durably;
         ``WouldWait`` when it would wait or has too much work (a run not loaded or held by
-        another thread, a snapshot due, another process moved the run, the write slot taken) —
+        another thread or transaction, a snapshot due, another process deleted the run and
+        created it anew or moved it too far, the write slot taken) —
         nothing of it changed; any other error of its own (its schedule failed: its run is
         dropped, as ``commit`` drops it). One run at most once in ``asks``. A failure of the
         transaction fails every ask that wrote in it: none of them is acknowledged, their runs
@@ -334,7 +336,8 @@ class Committer:
                 return outcomes
             written: dict[int, tuple[RunState, list[StepOutcome]]] = {}
             try:
-                with self.store.lock_runs([state.run_id for _, state, _, _ in members]) as locked:
+                run_ids = [state.run_id for _, state, _, _ in members]
+                with self.store.lock_runs(run_ids, skip_locked=True) as locked:
                     for i, state, target, need in members:
                         tx = locked.get(state.run_id)
                         if tx is None or (_moved(tx.run, state) and not self._catches_up(state, tx, target)):

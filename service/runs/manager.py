@@ -474,9 +474,10 @@ class RunManager:
         event loop cannot wait for a round trip: the windows asked in one turn of the loop,
         their steps committed in one transaction (two round trips, one thread's turn, one
         ``COMMIT``, however many runs), each answered once it is durable. The same outcomes as
-        ``windows_now``'s: None where it would wait for a run another thread holds or has
-        big work (the caller asks ``window`` on its own), and nothing of it changed; it may
-        wait for the runs' rows, which other processes' commits hold only while they commit.
+        ``windows_now``'s: None where it would wait for a run (another thread holds it, or
+        another transaction its row) or has big work (the caller asks ``window`` on its own),
+        and nothing of it changed. What another process committed to a run is taken in here
+        (``Committer.advance_now``).
         """
         outcomes: list[Window | BaseException | None] = [None] * len(asks)
         todo: list[tuple[int, str, int, int]] = []  # (ask, run, its window's end, its step)

@@ -291,10 +291,13 @@ class BaseStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def lock_runs(self, run_ids: Sequence[str]) -> AbstractContextManager[dict[str, RunTransaction]]:
+    def lock_runs(
+        self, run_ids: Sequence[str], *, skip_locked: bool = False
+    ) -> AbstractContextManager[dict[str, RunTransaction]]:
         """``lock_run`` for several runs in one transaction, for group commit: a transaction
         object per run that exists (a missing one is left out); they commit together on exit,
-        or none does.
+        or none does. ``skip_locked``: a run whose lock another transaction holds is left out
+        too, never waited for (PostgreSQL's row locks; SQLite's lock is the file's).
 
         Raises:
             StoreUnavailable: the database failed.

@@ -164,6 +164,8 @@ _LOCKED_ROWS: dict[RowLock, Any] = {
     "hold": _LOCKED.with_for_update(key_share=True),
     "keep": _LOCKED.with_for_update(read=True, key_share=True),
 }
+_LOCKED_FREE = _LOCKED.with_for_update(key_share=True, skip_locked=True)
+"""``hold`` where the row is free (``lock_runs(skip_locked=True)``): none where another holds it."""
 """The hot writes' row locks (``_run_row``), reading only a ``LockedRun``'s columns (no spec to decode)."""
 _EVENTS_AFTER = select(events).where(
     events.c.run_id == bindparam("run_id"), events.c.seq > bindparam("after_seq")).order_by(events.c.seq)
@@ -1025,9 +1027,13 @@ class SqlStore(BaseStore):
             yield locked[run_id]
 
     @contextmanager
-    def lock_runs(self, run_ids: Sequence[str]) -> Iterator[dict[str, RunTransaction]]:
+    def lock_runs(
+        self, run_ids: Sequence[str], *, skip_locked: bool = False
+    ) -> Iterator[dict[str, RunTransaction]]:
         """``lock_run`` for several runs in one transaction (group commit): a ``RunTransaction``
         per run that exists, by id; all of them commit together on exit, or none does.
+        ``skip_locked`` (PostgreSQL's ``SKIP LOCKED``): a run whose row another transaction
+        holds is left out as well, not waited for (SQLite: the file's write lock is the one lock).
 
         Rows are locked in ``run_id`` order, before anything is written, so that two
         processes locking overlapping sets never deadlock (and the global event ids, whose
@@ -1036,7 +1042,8 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        hold = self._driver_sql("hold", _LOCKED_ROWS["hold"])
+        hold = (self._driver_sql("hold free", _LOCKED_FREE) if skip_locked
+                else self._driver_sql("hold", _LOCKED_ROWS["hold"]))
         with self._driver_write() as cursor:
             locked: dict[str, SqlRunTransaction] = {}
             ids = sorted(set(run_ids))

@@ -18,6 +18,7 @@ from lrserve.service.api.routes.steps import METRICS, STEP
 from lrserve.service.app import create_app
 from lrserve.service.settings import Settings
 
+from tests.conftest import BACKENDS
 from tests.service.api.conftest import CallsAtOnce, make_run
 
 
@@ -476,8 +477,8 @@ def test_fast_write_routes_are_documented_as_before(write):
     assert [p["name"] for p in operation["parameters"]] == ["run_id", "authorization"]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_new_steps_asked_in_one_turn_of_the_loop_commit_in_one_transaction(database_url, monkeypatch, backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_steps_asked_in_one_turn_of_the_loop_share_one_transaction(database_url, monkeypatch, backend):
     """Requests that arrive together (one turn of the event loop) share one transaction (SQLite:
     on the event loop; PostgreSQL: in one commit thread); each answer is its run's window,
     durable; a request the group cannot take goes on to the route."""
@@ -489,7 +490,12 @@ def test_new_steps_asked_in_one_turn_of_the_loop_commit_in_one_transaction(datab
         store = app.state.manager.store
         opened: list[list[str]] = []
         lock_runs = store.lock_runs
-        monkeypatch.setattr(store, "lock_runs", lambda ids: opened.append(sorted(ids)) or lock_runs(ids))
+
+        def opening(ids, **how):
+            opened.append(sorted(ids))
+            return lock_runs(ids, **how)
+
+        monkeypatch.setattr(store, "lock_runs", opening)
         answers = _fast_gets(app, [("/v1/runs/a/lr", b"step=1"), ("/v1/runs/b/lr", b"step=2&ahead=1"),
                                    ("/v1/runs/c/lr", b"step=0"), ("/v1/runs/a/lr", b"step=1"),
                                    ("/v1/runs/zz/lr", b"step=1")])

@@ -59,7 +59,7 @@ def groups_held(manager: RunManager, queued: int, then: Callable[[], None] = lam
     original = store.lock_runs
     groups: list[list[str]] = []
 
-    def lock_runs(run_ids):
+    def lock_runs(run_ids, **kwargs):
         groups.append(sorted(run_ids))
         if len(groups) == 1:
             deadline = time.monotonic() + GUARD_S
@@ -68,8 +68,8 @@ def groups_held(manager: RunManager, queued: int, then: Callable[[], None] = lam
                 time.sleep(0.005)
             then()
         if len(groups) == 2 and fail_second:
-            return failing(original(run_ids))
-        return original(run_ids)
+            return failing(original(run_ids, **kwargs))
+        return original(run_ids, **kwargs)
 
     @contextmanager
     def failing(inner):

@@ -187,9 +187,9 @@ def transactions(manager: RunManager, monkeypatch) -> list[list[str]]:
     opened: list[list[str]] = []
     original = manager.store.lock_runs
 
-    def counted(run_ids):
+    def counted(run_ids, **how):
         opened.append(sorted(run_ids))
-        return original(run_ids)
+        return original(run_ids, **how)
 
     monkeypatch.setattr(manager.store, "lock_runs", counted)
     return opened

@@ -215,8 +215,8 @@ def failing_commit(manager: RunManager, during) -> Iterator[None]:
     original = manager.store.lock_runs
 
     @contextmanager
-    def lock_runs(run_ids):
-        with original(run_ids) as locked:
+    def lock_runs(run_ids, **kwargs):
+        with original(run_ids, **kwargs) as locked:
             yield locked
             manager.store.lock_runs = original
             during()
