@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from fastapi.testclient import TestClient
 from lrserve.service.app import create_app
 from lrserve.service.settings import Settings
@@ -13,10 +14,14 @@ from lrserve.service.store import open_store
 from tests.service.api.conftest import make_run
 
 
-def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_url):
-    """PostgreSQL, a step still being committed in a commit thread as the server stops: the
-    manager waits for it before ``big_work`` (which a big commit runs on) closes; its answer is
-    given (a 200) and the step is durable.
+@pytest.mark.parametrize(("committing", "query"), [
+    ("window", {"step": 3, "trace": "1"}),  # the route's commit of its own
+    ("windows_grouped", {"step": 3}),  # the fast path's group of windows asked together
+])
+def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_url, committing, query):
+    """PostgreSQL, a step still being committed in a commit thread as the server stops (alone,
+    or in the fast path's group): the manager waits for it before ``big_work`` (which a big
+    commit runs on) closes; its answer is given (a 200) and the step is durable.
 
     As uvicorn stops (the lifespan ends after the requests), the request must end before the
     test client stops: the client's portal stopping while ``ask`` still reads the answer's body
@@ -37,13 +42,13 @@ def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_u
         client.get("/v1/runs/x/lr", params={"step": 0})
         manager, big_work = app.state.manager, app.state.big_work
         closed = {"big_work": False}
-        window, close_manager, close_big_work = manager.window, manager.close, big_work.close
+        commit, close_manager, close_big_work = getattr(manager, committing), manager.close, big_work.close
 
-        def slow_window(*args, **kwargs):
+        def slow_commit(*args, **kwargs):
             entered.set()
             release.wait(timeout=60)
             seen["big_work_closed"] = closed["big_work"]  # while this commit runs
-            return window(*args, **kwargs)
+            return commit(*args, **kwargs)
 
         def closing_manager():
             release.set()  # the commit goes on once shutdown has begun
@@ -56,7 +61,8 @@ def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_u
             read_answer.set()  # (without the wait above: the answer read as the server stops)
             close_big_work()
 
-        manager.window, manager.close, big_work.close = slow_window, closing_manager, closing_big_work
+        setattr(manager, committing, slow_commit)
+        manager.close, big_work.close = closing_manager, closing_big_work
 
         def hold(response) -> None:  # the answer's head came; its body is read after this
             read_answer.wait(timeout=60)
@@ -64,7 +70,7 @@ def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_u
         client.event_hooks["response"] = [hold]  # for ask alone: the only request after this
 
         def ask() -> None:
-            answer = client.get("/v1/runs/x/lr", params={"step": 3})
+            answer = client.get("/v1/runs/x/lr", params=query)
             answers.append((answer.status_code, answer.json()["step"], closed["big_work"]))
 
         asking = threading.Thread(target=ask)
