@@ -246,6 +246,8 @@ class FastPath:
 
 GROUPS_AT_ONCE = 1
 """PostgreSQL: how many groups of windows commit at once in this process (``_LoopCommits``)."""
+_Ask = tuple[tuple[str, int, int], "asyncio.Future[Window | None]"]
+"""A window asked of ``_LoopCommits`` (run, step, ahead) and the future its request awaits."""
 
 
 class _LoopCommits:
@@ -254,16 +256,17 @@ class _LoopCommits:
     durable. A lone request waits for nothing but that turn.
 
     SQLite: on the event loop itself (``RunManager.windows_now``: a commit takes microseconds).
-    PostgreSQL: in one commit thread (``RunManager.windows_grouped``), the turn's windows one
-    thread's work, one transaction and two round trips however many runs ask, where each
-    would be a thread's and a transaction's of its own; the windows asked while it commits
-    go in the next one.
+    PostgreSQL: in one commit thread (``RunManager.windows_grouped``), the windows asked while
+    no group is under way one thread's work, one transaction and two round trips however
+    many runs ask (more only for runs another process appended events to), where each would
+    be a thread's and a transaction's of its own; the windows asked while it commits go in
+    the next one (``GROUPS_AT_ONCE``).
     """
 
     def __init__(self, manager: RunManager) -> None:
         self.manager = manager
-        self._asks: list[tuple[tuple[str, int, int], asyncio.Future[Window | None]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()  # the commit threads' groups under way
+        self._asks: list[_Ask] = []
+        self._tasks: set[asyncio.Future[Any]] = set()  # the commit threads' groups under way
         self._scheduled = False  # a call of ``_commit`` is due in the loop's next turn
         self._under_way: dict[str, asyncio.Event] = {}  # by run: its group's end, in a commit thread
 
@@ -294,58 +297,54 @@ class _LoopCommits:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._commit)
 
-    def _group_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._next_group()
-
     def _commit(self) -> None:
         self._scheduled = False
         asks, self._asks = self._asks, []
         if not asks:
             return
-        if not self.manager.store.one_writer:
+        manager = self.manager
+        windows = [ask for ask, _ in asks]
+        if not manager.store.one_writer:
             done = asyncio.Event()
-            for (run_id, _, _), _ in asks:
+            for run_id, _, _ in windows:
                 self._under_way[run_id] = done
-            task = asyncio.ensure_future(self._in_thread(asks, done))
+            group = functools.partial(manager.windows_grouped, windows, most_values=ON_LOOP_VALUES)
+            task = asyncio.ensure_future(manager.in_commit_thread(group))
             self._tasks.add(task)  # held: the loop keeps only a weak reference to a task
-            task.add_done_callback(self._group_done)
+            task.add_done_callback(functools.partial(self._group_done, asks, done))
             return
         try:
-            outcomes = self.manager.windows_now([ask for ask, _ in asks], most_values=ON_LOOP_VALUES)
+            outcomes = manager.windows_now(windows, most_values=ON_LOOP_VALUES)
         except Exception:
             log.exception("GET .../lr on the event loop failed; the route asks again")
             outcomes = [None] * len(asks)
         _answer_asks(asks, outcomes)
 
-    async def _in_thread(
-        self, asks: list[tuple[tuple[str, int, int], asyncio.Future[Window | None]]], done: asyncio.Event
-    ) -> None:
-        manager = self.manager
-        windows = [ask for ask, _ in asks]
-        group = functools.partial(manager.windows_grouped, windows, most_values=ON_LOOP_VALUES)
-        outcomes: Sequence[Window | BaseException | None] = [None] * len(asks)  # each to the route
-        try:
-            outcomes = await manager.in_commit_thread(group)
-        except Exception as exc:  # ServerStopping, say: the route answers each ask
-            if not isinstance(exc, LRServeError):
-                log.exception("GET .../lr in a commit thread failed; the route asks again")
-        finally:  # cancelled too (the server stopping): no ask is left waiting
-            for (run_id, _, _), _ in asks:
-                if self._under_way.get(run_id) is done:
-                    del self._under_way[run_id]
-            done.set()
-            _answer_asks(asks, outcomes)
+    def _group_done(self, asks: list[_Ask], done: asyncio.Event, task: asyncio.Future[Any]) -> None:
+        """A group's end, however it ended (cancelled too, even before it began: the server
+        stopping): each ask answered (None: the route's), its runs no longer under way, and the
+        asks gathered meanwhile sent as the next group."""
+        self._tasks.discard(task)
+        outcomes: Sequence[Window | BaseException | None] = [None] * len(asks)
+        if not task.cancelled():
+            error = task.exception()
+            if error is None:
+                outcomes = task.result()
+            elif not isinstance(error, LRServeError):  # ServerStopping: the route answers each, a 503
+                log.error("GET .../lr in a commit thread failed; the route asks again", exc_info=error)
+        for (run_id, _, _), _ in asks:
+            if self._under_way.get(run_id) is done:
+                del self._under_way[run_id]
+        done.set()
+        _answer_asks(asks, outcomes)
+        self._next_group()
 
 
-def _answer_asks(
-    asks: list[tuple[tuple[str, int, int], asyncio.Future[Window | None]]],
-    outcomes: Sequence[Window | BaseException | None],
-) -> None:
+def _answer_asks(asks: list[_Ask], outcomes: Sequence[Window | BaseException | None]) -> None:
     """Each ask's future: its window, or None (the route answers it: an error, or work it would wait for)."""
     for ((run_id, _, _), future), outcome in zip(asks, outcomes, strict=True):
         if isinstance(outcome, Exception) and not isinstance(outcome, LRServeError):
-            log.error("GET %s/lr on the event loop failed; the route asks again", run_id, exc_info=outcome)
+            log.error("GET %s/lr failed in its group; the route asks again", run_id, exc_info=outcome)
         if not future.done():  # done: cancelled, its client gone (a commit stands all the same)
             future.set_result(outcome if isinstance(outcome, Window) else None)
 

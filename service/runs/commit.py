@@ -345,9 +345,14 @@ class Committer:
                             continue
                         try:
                             if _moved(tx.run, state):
-                                self._catch_up(state, tx)
+                                self._catch_up(state, tx)  # the other process's: final, durable
                                 if state.horizon >= target:
-                                    continue  # the other process took it there: final, durable
+                                    continue
+                                try:  # its events may have changed the schedule: its cost anew
+                                    self._check_small(state, target)
+                                except WouldWait as exc:
+                                    outcomes[i] = exc  # nothing of it written: its own commit
+                                    continue
                             steps, _, new_events = _compute(
                                 state, state.horizon, target, None, None, (), need, (), None)
                         except Exception as exc:  # noqa: BLE001 - nothing of it written: its own outcome

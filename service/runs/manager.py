@@ -464,7 +464,7 @@ class RunManager:
         try:
             with self.store.without_waiting():
                 return self.windows_grouped(asks, most_values=most_values)
-        except WouldWait:  # PostgreSQL
+        except WouldWait:  # PostgreSQL (a commit that went through stays final: the route finds it)
             return [None] * len(asks)
 
     def windows_grouped(
@@ -483,38 +483,39 @@ class RunManager:
         todo: list[tuple[int, str, int, int]] = []  # (ask, run, its window's end, its step)
         committing: set[str] = set()  # the runs in todo
         again: list[int] = []
-        try:
-            for i, (run_id, step, ahead) in enumerate(asks):
-                state = self.runs.loaded(run_id)
-                if state is None:
-                    continue
-                if (min(ahead, self._ahead_cap(state)) + 1) * state.n_groups > most_values:
-                    continue
-                window = self.cached_window(run_id, step, ahead)
-                if window is not None:
-                    outcomes[i] = window
-                    continue
-                if run_id in committing:
-                    again.append(i)
-                    continue
-                try:
-                    self._check_jump(state, step)
-                except LRServeError as exc:
-                    outcomes[i] = exc
-                    continue
-                wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
-                end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
-                todo.append((i, run_id, end, step))
-                committing.add(run_id)
-            done = self.committer.advance_now([(run_id, end, step) for _, run_id, end, step in todo])
-            for (i, run_id, end, step), outcome in zip(todo, done, strict=True):
-                state = self.runs.loaded(run_id)
-                if outcome is not None:
-                    outcomes[i] = None if isinstance(outcome, WouldWait) else outcome
-                elif state is not None:
-                    outcomes[i] = self._window(state, step, min(end, max(state.horizon, step)))
-        except WouldWait:  # a window of old steps (a replay) after its commit, on the event loop
-            pass
+        for i, (run_id, step, ahead) in enumerate(asks):
+            state = self.runs.loaded(run_id)
+            if state is None:
+                continue
+            if (min(ahead, self._ahead_cap(state)) + 1) * state.n_groups > most_values:
+                continue
+            window = self.cached_window(run_id, step, ahead)
+            if window is not None:
+                outcomes[i] = window
+                continue
+            if run_id in committing:
+                again.append(i)
+                continue
+            if step > state.horizon + min(self.settings.max_jump, self.budget_steps(state)):
+                continue  # far: its check reads the stored run and its steps are big work
+            try:
+                self._check_jump(state, step)
+            except LRServeError as exc:
+                outcomes[i] = exc
+                continue
+            wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
+            end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
+            todo.append((i, run_id, end, step))
+            committing.add(run_id)
+        done = self.committer.advance_now([(run_id, end, step) for _, run_id, end, step in todo])
+        for (i, run_id, end, step), outcome in zip(todo, done, strict=True):
+            state = self.runs.loaded(run_id)
+            if outcome is not None:
+                outcomes[i] = None if isinstance(outcome, WouldWait) else outcome
+            elif state is not None:
+                end = min(end, max(state.horizon, step))
+                values = _held(state, step, end)  # None: old steps to replay, the route's work
+                outcomes[i] = None if values is None else self._window(state, step, end, values)
         for i in again:
             outcomes[i] = self.cached_window(*asks[i], most_values=most_values)
         return outcomes

@@ -313,8 +313,9 @@ class PgCursor:
 
     def execute_each(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> list[list[tuple[Any, ...]]]:
         """``sql`` once per item of ``rows``, all sent in one write and answered in one round
-        trip (the server runs them in order), and each one's rows. The cursor is then as after
-        ``execute`` of the last."""
+        trip (the server runs them in order), and each one's rows; the first error of any of
+        them raised. ``fetchone``/``fetchall``/``description`` then read the last one's rows,
+        ``rowcount`` counts every one's."""
         self.executemany(sql, rows)
         if not self._answers:
             return []

@@ -164,9 +164,9 @@ _LOCKED_ROWS: dict[RowLock, Any] = {
     "hold": _LOCKED.with_for_update(key_share=True),
     "keep": _LOCKED.with_for_update(read=True, key_share=True),
 }
+"""The hot writes' row locks (``_run_row``), reading only a ``LockedRun``'s columns (no spec to decode)."""
 _LOCKED_FREE = _LOCKED.with_for_update(key_share=True, skip_locked=True)
 """``hold`` where the row is free (``lock_runs(skip_locked=True)``): none where another holds it."""
-"""The hot writes' row locks (``_run_row``), reading only a ``LockedRun``'s columns (no spec to decode)."""
 _EVENTS_AFTER = select(events).where(
     events.c.run_id == bindparam("run_id"), events.c.seq > bindparam("after_seq")).order_by(events.c.seq)
 _RUN_HEAD = select(runs.c.created_at, runs.c.horizon, runs.c.last_seq).where(

@@ -55,34 +55,61 @@ def test_query_parsing_is_strict():
         assert _parse_query(raw) is None, raw
 
 
+async def _ask_fast(app, fast: FastPath, path: str, query: bytes) -> tuple[int, bytes, str]:
+    """One GET through ``fast``: its status and body, and which layer answered (``route`` when
+    it passed it on: ``_passed_on``, a 599)."""
+    messages: list[dict] = []
+
+    async def send(message):
+        messages.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": [], "app": app}
+    await fast(scope, receive, send)
+    return messages[0]["status"], messages[1]["body"], "route" if scope.get("routed") else "fast"
+
+
+async def _passed_on(scope, receive, send):
+    scope["routed"] = True
+    await send({"type": "http.response.start", "status": 599, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
 def _fast_gets(app, requests: list[tuple[str, bytes]]) -> list[tuple[int, bytes, str]]:
     """GETs through one ``FastPath`` alone, all at once on this thread's own event loop: each
     one's status and body, and which layer answered (``route`` when it passed it on)."""
 
-    async def one(fast: FastPath, path: str, query: bytes) -> tuple[int, bytes, str]:
-        messages: list[dict] = []
-
-        async def send(message):
-            messages.append(message)
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        scope = {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": [],
-                 "app": app}
-        await fast(scope, receive, send)
-        return messages[0]["status"], messages[1]["body"], "route" if scope.get("routed") else "fast"
-
-    async def route(scope, receive, send):
-        scope["routed"] = True
-        await send({"type": "http.response.start", "status": 599, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
     async def all_at_once() -> list[tuple[int, bytes, str]]:
-        fast = FastPath(route)
-        return list(await asyncio.gather(*(one(fast, path, query) for path, query in requests)))
+        fast = FastPath(_passed_on)
+        return list(await asyncio.gather(*(_ask_fast(app, fast, path, query) for path, query in requests)))
 
     return asyncio.run(all_at_once())
+
+
+def _fast_gets_in_two_waves(app, first, then, entered: threading.Event, release: threading.Event,
+                            gathered: int) -> list[tuple[int, bytes, str]]:
+    """``_fast_gets`` in two waves on one ``FastPath``: ``then`` once ``entered`` is set (the
+    first wave's group under way, held), ``release`` set once ``gathered`` asks wait for the
+    next group. Every answer, the first wave's first."""
+
+    async def until(done) -> None:
+        deadline = time.monotonic() + GUARD_S
+        while not done():
+            assert time.monotonic() < deadline, "never happened"
+            await asyncio.sleep(0.005)
+
+    async def waves() -> list[tuple[int, bytes, str]]:
+        fast = FastPath(_passed_on)
+        firsts = [asyncio.ensure_future(_ask_fast(app, fast, path, query)) for path, query in first]
+        await until(entered.is_set)
+        thens = [asyncio.ensure_future(_ask_fast(app, fast, path, query)) for path, query in then]
+        await until(lambda: fast._commits is not None and len(fast._commits._asks) == gathered)
+        release.set()
+        return list(await asyncio.gather(*firsts, *thens))
+
+    return asyncio.run(waves())
 
 
 def _fast_get(app, path: str, query: bytes) -> tuple[int, bytes, list[str]]:
@@ -604,3 +631,37 @@ def _middlewares(app):
     while layer is not None:
         yield layer
         layer = getattr(layer, "app", None)
+
+
+def test_on_postgresql_windows_asked_while_a_group_commits_wait_for_it(database_url, monkeypatch):
+    """PostgreSQL, a group committing in its commit thread (held here): another request for a
+    window it commits waits for it and is answered from it (no commit of its own), and the
+    windows of other runs asked meanwhile gather into the next group, one transaction."""
+    app = create_app(Settings(db=database_url("postgres")))
+    with TestClient(app) as client:
+        for run_id in ("a", "b", "c"):
+            make_run(client, run_id, {"type": "ExponentialLR", "gamma": 0.5})
+            client.get(f"/v1/runs/{run_id}/lr", params={"step": 0, "trace": "1"})
+        manager = app.state.manager
+        entered, release = threading.Event(), threading.Event()
+        groups: list[list[str]] = []
+        grouped = manager.windows_grouped
+
+        def held(asks, **how):
+            groups.append([run_id for run_id, _, _ in asks])
+            if len(groups) == 1:
+                entered.set()
+                assert release.wait(GUARD_S)
+            return grouped(asks, **how)
+
+        monkeypatch.setattr(manager, "windows_grouped", held)
+        answers = _fast_gets_in_two_waves(
+            app, [("/v1/runs/a/lr", b"step=1")],
+            [("/v1/runs/a/lr", b"step=1"), ("/v1/runs/b/lr", b"step=1"), ("/v1/runs/c/lr", b"step=2")],
+            entered, release, gathered=2)
+        assert groups == [["a"], ["b", "c"]]
+        assert [(status, who) for status, _, who in answers] == [(200, "fast")] * 4
+        assert answers[0][1] == answers[1][1]
+        lrs = [orjson.loads(body)["window"]["lrs"] for _, body, _ in answers]
+        assert lrs == [[[0.05]], [[0.05]], [[0.05]], [[0.025]]]
+        assert [manager.store.read_run(r).horizon for r in ("a", "b", "c")] == [1, 1, 2]

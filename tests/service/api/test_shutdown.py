@@ -37,6 +37,7 @@ def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_u
     read_answer = threading.Event()  # ask reads its answer's body (the race, forced: see hold)
     seen: dict[str, bool] = {}
     answers: list[tuple[int, int, bool]] = []
+    windows: list = []  # what the slowed commit made final (the group's: not left to the route)
     with TestClient(app) as client:
         make_run(client, "x")
         client.get("/v1/runs/x/lr", params={"step": 0})
@@ -48,7 +49,9 @@ def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_u
             entered.set()
             release.wait(timeout=60)
             seen["big_work_closed"] = closed["big_work"]  # while this commit runs
-            return commit(*args, **kwargs)
+            result = commit(*args, **kwargs)
+            windows.extend(result if isinstance(result, list) else [result])
+            return result
 
         def closing_manager():
             release.set()  # the commit goes on once shutdown has begun
@@ -79,6 +82,7 @@ def test_a_commit_in_progress_at_shutdown_ends_before_big_work_closes(database_u
     asking.join()
     assert seen == {"big_work_closed": False}  # before: True (big_work closed first)
     assert answers == [(200, 3, False)]  # answered in full before big_work closed
+    assert [w.start for w in windows] == [3]  # by the slowed commit itself
     assert closed["big_work"]
     store = open_store(url)
     try:

@@ -37,7 +37,8 @@ def settings(request, database_url) -> Settings:
 @pytest.fixture
 def grouped(replicas) -> list[RunManager]:
     if not replicas[0].store.one_writer:
-        pytest.skip("PostgreSQL commits side by side, each in its own transaction: no groups")
+        pytest.skip("PostgreSQL commits side by side, each in its own transaction: no GroupCommit "
+                    "(its windows' groups: test_grouped_windows.py)")
     return replicas
 
 

@@ -21,9 +21,13 @@ MOST = 4096
 
 
 @pytest.fixture
-def managers(database_url, open_manager) -> list[RunManager]:
+def settings(database_url) -> Settings:
+    return Settings(db=database_url("postgres"), snapshot_every=200, max_jump=500, max_ahead=500)
+
+
+@pytest.fixture
+def managers(settings, open_manager) -> list[RunManager]:
     """Two managers (as two processes) on one PostgreSQL schema; four runs loaded in the first."""
-    settings = Settings(db=database_url("postgres"), snapshot_every=200, max_jump=500, max_ahead=500)
     a, b = open_manager(settings), open_manager(settings)
     for run_id in RUNS:
         a.create_run({"run_id": run_id, "schedule": ONE_CYCLE, "base_lrs": [0.1, 0.2],
@@ -64,11 +68,13 @@ def test_windows_asked_together_commit_in_one_transaction(managers, monkeypatch)
 
 def test_one_asks_failure_before_writing_leaves_the_others_standing(managers):
     a, b = managers
-    asks = [("g0", 9, 0), ("g1", 3, 0), ("g2", 50_000, 0)]  # g0: OneCycleLR has no step 9; g2: too far
-    failed, window, too_far = a.windows_grouped(asks, most_values=MOST)
-    assert type(failed).__name__ == "ScheduleError" and type(too_far).__name__ == "InvalidInput"
+    # g0: OneCycleLR has no step 9; g2: far (its own commit reads the stored horizon); g3: negative
+    asks = [("g0", 9, 0), ("g1", 3, 0), ("g2", 50_000, 0), ("g3", -1, 0)]
+    failed, window, too_far, negative = a.windows_grouped(asks, most_values=MOST)
+    assert type(failed).__name__ == "ScheduleError" and type(negative).__name__ == "InvalidInput"
+    assert too_far is None
     assert window is not None and not isinstance(window, BaseException) and window.start == 3
-    assert horizons(b, ["g0", "g1", "g2"]) == [0, 3, 0]
+    assert horizons(b) == [0, 3, 0, 0]
     assert a.loaded("g0") is None  # dropped, as a failed commit drops it: its own commit reloads
     assert a.window("g0", 8, 0).start == 8  # steps up to the schedule's end are still served
 
@@ -120,3 +126,23 @@ def test_runs_it_would_wait_for_are_left_to_their_own_commits(managers):
     assert [a.loaded(r).horizon for r in ("g0", "g1", "g2")] == [2, 0, 0]  # type: ignore[union-attr]
     (window,) = a.windows_grouped([("g2", 1, 0)], most_values=MOST)  # free again
     assert window is not None and horizons(b, ["g2"]) == [1]
+
+
+def test_old_steps_to_replay_are_left_to_their_own_request(managers, settings, open_manager):
+    """A window of steps below the snapshot a process loaded its run from (a rank resuming from
+    an old checkpoint) needs a replay of the run's log: never in the group, whose other runs
+    would wait for it (one group at a time per process), but in its own request's thread."""
+    a, _ = managers
+    a.create_run({"run_id": "long", "schedule": {"type": "ExponentialLR", "gamma": 0.99}, "base_lrs": [0.1]})
+    a.window("long", 0, 250)  # a snapshot at step 200
+    c = open_manager(settings)
+    c.window("long", 250, 0)  # c loads it from that snapshot: the steps below it are not held
+    c.state("g1")
+    replays = []
+    values_between = c.runs.values_between
+    c.runs.values_between = lambda *args: replays.append(args) or values_between(*args)
+    old, new = c.windows_grouped([("long", 5, 0), ("g1", 1, 0)], most_values=MOST)
+    assert old is None and replays == []
+    assert new is not None and not isinstance(new, BaseException) and new.start == 1
+    assert c.window("long", 5, 0).values == a.window("long", 5, 0).values  # its own request replays
+    assert replays == [("long", 5, 5)]

@@ -210,9 +210,11 @@ def test_windows_asked_together_commit_in_one_transaction(grouped, managers, mon
 
 def test_one_asks_failure_before_writing_leaves_the_others_standing(grouped, managers):
     a, b = managers
-    asks = [("g0", 9, 0), ("g1", 3, 0), ("g2", 50_000, 0)]  # g0: OneCycleLR has no step 9; g2: too far
-    failed, window, too_far = a.windows_now(asks, most_values=4096)
-    assert type(failed).__name__ == "ScheduleError" and type(too_far).__name__ == "InvalidInput"
+    # g0: OneCycleLR has no step 9; g2: far (its own commit reads the stored horizon); g3: negative
+    asks = [("g0", 9, 0), ("g1", 3, 0), ("g2", 50_000, 0), ("g3", -1, 0)]
+    failed, window, too_far, negative = a.windows_now(asks, most_values=4096)
+    assert type(failed).__name__ == "ScheduleError" and type(negative).__name__ == "InvalidInput"
+    assert too_far is None
     assert window is not None and not isinstance(window, BaseException) and window.start == 3
     assert [b.store.read_run(r).horizon for r in ("g0", "g1", "g2")] == [0, 3, 0]
     assert a.loaded("g0") is None  # dropped, as a failed commit drops it: a worker thread reloads

@@ -390,3 +390,25 @@ def test_a_group_leaves_a_run_created_anew_elsewhere_to_its_own_commit(replicas)
     assert b.windows_grouped([("r", 3, 0)], most_values=4096) == [None]
     assert b.store.read_run("r").horizon == 0
     assert lrs(b, "r", 3, 3) == lrs(a, "r", 3, 3) == [pytest.approx((0.1 * 0.9**3, 0.2 * 0.9**3))]
+
+
+def test_a_group_leaves_a_run_whose_caught_up_schedule_makes_its_steps_big_work(replicas):
+    """The cost of a group member's steps is known only once it caught up: another replica's
+    ``replace_schedule`` may make them big work, which never runs in the group (it holds the
+    other runs' rows). That run is left to its own commit (None), nothing of it written."""
+    from lrserve.service.engine import cost
+    from lrserve.service.runs.commit import ON_LOOP_WORK
+
+    a, b, _ = replicas
+    a.create_run({"run_id": "r", "schedule": {"type": "ExponentialLR", "gamma": 0.9}, "base_lrs": [0.1] * 64})
+    lrs(b, "r", 0, 0)  # b has the run at horizon 0, its schedule the cheap one
+    lrs(a, "r", 0, 3)
+    dear = {"type": "LambdaLR", "lr_lambda": "+".join(["step"] * 99)}  # ~200 nodes: ~11 steps' worth each
+    assert a.control("r", {"action": "replace_schedule", "schedule": dear}, None)[0] == 4
+    lrs(a, "r", 4, 5)  # a took it past the action: from step 4 on, the dear schedule
+    assert cost.cost(b.state("r").engine.schedule, n_groups=64, steps=9) <= ON_LOOP_WORK  # as b saw it
+    windows = b.windows_grouped([("r", 9, 0)], most_values=4096)
+    assert b.state("r").horizon == 5  # caught up to a's horizon in the group, the action taken in
+    assert cost.cost(b.state("r").engine.schedule, n_groups=64, steps=4) > ON_LOOP_WORK
+    assert windows == [None] and b.store.read_run("r").horizon == 5
+    assert lrs(b, "r", 9, 9) == lrs(a, "r", 9, 9)  # its own commit takes it there

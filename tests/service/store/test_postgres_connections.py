@@ -158,28 +158,27 @@ def test_a_group_skipping_locked_rows_never_waits_for_another_transaction(databa
                 entered.set()
                 assert release.wait(30)
 
-        holder = threading.Thread(target=hold_a)
+        waited, held = threading.Event(), []
+
+        def group() -> None:
+            with store.lock_runs(["a", "b"]) as locked:
+                waited.set()
+                held.append(sorted(locked))
+
+        holder, waiting = threading.Thread(target=hold_a), threading.Thread(target=group)
         holder.start()
         try:
             assert entered.wait(30)
             with store.lock_runs(["a", "b"], skip_locked=True) as locked:
                 assert sorted(locked) == ["b"]
                 locked["b"].update_run(horizon=1)
-            waited = threading.Event()
-
-            def group() -> None:
-                with store.lock_runs(["a", "b"]) as locked:
-                    waited.set()
-                    assert sorted(locked) == ["a", "b"]
-
-            waiting = threading.Thread(target=group)
             waiting.start()
-            assert not waited.wait(0.5)  # behind the holder (a guard on a wait, not a timing)
+            assert not waited.wait(0.5)  # behind the holder, which holds until released below
         finally:
             release.set()
             holder.join(30)
         waiting.join(30)
-        assert waited.is_set()
+        assert held == [["a", "b"]]
         assert [other.read_run(run_id).horizon for run_id in ("a", "b")] == [0, 1]
     finally:
         store.close()
