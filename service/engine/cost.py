@@ -113,7 +113,12 @@ def history_cost(*, n_groups: int, points: int) -> int:
 
 def steps_within(spec: ScheduleSpec, *, n_groups: int, budget: int) -> int:
     """The most steps of ``spec`` that fit in ``budget`` units (at least 1: one step is always served)."""
-    return max(1, int(budget // ((n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups))))
+    return max(1, fit(spec, n_groups=n_groups, budget=budget))
+
+
+def fit(spec: ScheduleSpec, *, n_groups: int, budget: int) -> int:
+    """The most steps of ``spec`` that fit in ``budget`` units (0 when not even one does)."""
+    return int(max(0, budget) // ((n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups)))
 
 
 def check(what: str, field: str, units: int, budget: int) -> None:

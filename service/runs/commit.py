@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from lrserve.service.engine import codec, cost
+from lrserve.service.engine import codec
 from lrserve.service.engine.actions import Action
 from lrserve.service.engine.engine import ScheduleSwitch
 from lrserve.service.engine.spike_guard import Spike
@@ -419,7 +419,7 @@ class Committer:
         every = self.settings.snapshot_every
         if (state.horizon + steps) // every > state.horizon // every:
             raise WouldWait("a snapshot is due")
-        if cost.cost(state.engine.schedule, n_groups=state.n_groups, steps=steps) > ON_LOOP_WORK:
+        if state.work(state.horizon, state.horizon + steps) > ON_LOOP_WORK:
             raise WouldWait("too much work for the event loop")
 
     def _evicting_on_error(self, state: RunState) -> _Evicting:

@@ -549,7 +549,11 @@ class RunManager:
                       state.watching, self._ahead_cap(state), spikes)
 
     def budget_steps(self, state: RunState) -> int:
-        """The most steps of this run's current schedule one request may compute (work budget)."""
+        """The most steps from the run's horizon one request may compute (work budget), priced
+        with its schedule, and with a dearer one from where a ``replace_schedule`` placed ahead
+        switches to it (``RunState.steps_within``: not cached, since the horizon moves)."""
+        if state.inputs.actions and state.replacements():
+            return state.steps_within(state.horizon, self.settings.work_budget)
         schedule = state.engine.schedule
         cached = state.budget_steps
         if cached is None or cached[0] is not schedule:
@@ -577,7 +581,7 @@ class RunManager:
                 f"({horizon}); step through the steps between first",
             )
         if step > horizon + most:
-            units = cost.cost(state.engine.schedule, n_groups=state.n_groups, steps=step - horizon)
+            units = state.work(horizon, step)
             cost.check(
                 f"reaching step {step} from the horizon ({horizon}) on {state.n_groups} param groups",
                 "step", units, self.settings.work_budget,

@@ -11,9 +11,11 @@ from datetime import datetime
 from itertools import chain
 from typing import Any
 
-from lrserve.service.engine.actions import Action
+from lrserve.service.engine import cost
+from lrserve.service.engine.actions import Action, ReplaceSchedule
 from lrserve.service.engine.engine import Decision, Engine, ScheduleSwitch, Values, steps_from
 from lrserve.service.engine.run_spec import RunSpec
+from lrserve.service.engine.spec import ScheduleSpec
 from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import ScheduleError
@@ -115,6 +117,44 @@ class RunState:
     def horizon(self) -> int:
         """The highest step whose values are final, durable and visible here."""
         return self.first_step + len(self.values) - 1
+
+    def replacements(self) -> list[tuple[int, ScheduleSpec]]:
+        """The schedules that ``replace_schedule`` actions placed ahead switch the run to, each
+        with the step it applies right after, in step order (the last placed last)."""
+        found = [(step, control.action.spec(self.n_groups)) for step, controls in self.inputs.actions.items()
+                 for control in controls if isinstance(control.action, ReplaceSchedule)]
+        found.sort(key=lambda item: item[0])
+        return found
+
+    def work(self, start: int, end: int) -> int:
+        """The budget units (``cost.cost``) of taking the engine from step ``start`` to ``end``:
+        its schedule's up to the first ``replace_schedule`` placed on the way, then the new
+        schedule's from the step after it, and so on (a cheap schedule does not price the
+        steps of a dear one an operator placed ahead)."""
+        n, schedule, units = self.n_groups, self.engine.schedule, 0
+        for step, replacement in self.replacements() if self.inputs.actions else ():
+            if step >= end:
+                break
+            if step > start:
+                units += cost.cost(schedule, n_groups=n, steps=step - start)
+                start = step
+            schedule = replacement
+        return units + cost.cost(schedule, n_groups=n, steps=max(0, end - start))
+
+    def steps_within(self, start: int, budget: int) -> int:
+        """The most steps from ``start`` that ``budget`` units pay for, priced as ``work`` prices
+        them (at least 1: one step is always served)."""
+        n, schedule, taken = self.n_groups, self.engine.schedule, 0
+        for step, replacement in self.replacements() if self.inputs.actions else ():
+            if step > start:
+                fits = cost.fit(schedule, n_groups=n, budget=budget)
+                if fits < step - start:
+                    return max(1, taken + fits)
+                taken += step - start
+                budget -= cost.cost(schedule, n_groups=n, steps=step - start)
+                start = step
+            schedule = replacement
+        return max(1, taken + cost.fit(schedule, n_groups=n, budget=budget))
 
     def restore_marks(self, marks: Marks) -> None:
         """Set the status at the engine's step (a snapshot's), before anything was published."""

@@ -59,6 +59,32 @@ def test_a_step_jump_beyond_the_budget_is_refused_and_changes_nothing(http):
     assert http.get("/v1/runs/wide-jump/lr", params={"step": 100}).status_code == 200
 
 
+def test_a_dearer_schedule_placed_ahead_is_priced_from_where_it_applies(http):
+    """An operator's ``replace_schedule`` placed ahead of the horizon switches the run to a dearer
+    schedule on the way: windows across it are cut, and step jumps across it refused, at the
+    dearer schedule's price from that step on (before: every step at the cheap schedule's
+    price, ~10x the budget's work here), and nothing before it is refused."""
+    groups = 64  # few groups: a new schedule's own check (206 steps) lets it be ~10x as dear
+    cheap = parse_schedule({"type": "StepLR", "step_size": 7}, n_groups=groups)
+    dear_json = {"type": "LambdaLR", "lr_lambda": "+".join(["step"] * 99)}  # ~200 terms: ~11 steps' work
+    dear = parse_schedule(dear_json, n_groups=groups)
+    at = 100
+    left = BUDGET - cost.cost(cheap, n_groups=groups, steps=at)  # after the cheap steps up to the switch
+    fits = at + cost.steps_within(dear, n_groups=groups, budget=left)
+    assert fits < cost.steps_within(cheap, n_groups=groups, budget=BUDGET) // 5
+    for run_id in ("ahead-window", "ahead-jump"):
+        body = {"run_id": run_id, "schedule": {"type": "StepLR", "step_size": 7}, "base_lrs": [0.1] * groups}
+        assert http.post("/v1/runs", json=body).status_code == 201
+        placed = http.post(f"/v1/runs/{run_id}/control",
+                           json={"action": "replace_schedule", "schedule": dear_json, "at_step": at})
+        assert placed.status_code == 200 and placed.json()["applied_at"] == at, placed.text
+    window = http.get("/v1/runs/ahead-window/lr", params={"step": 0, "ahead": 10_000}).json()["window"]
+    assert len(window["lrs"]) == fits
+    _over_budget(http.get("/v1/runs/ahead-jump/lr", params={"step": fits + 50}), "step")
+    assert http.get("/v1/runs/ahead-jump").json()["horizon"] == 0
+    assert http.get("/v1/runs/ahead-jump/lr", params={"step": at - 1}).status_code == 200  # before it: cheap
+
+
 def test_a_create_whose_expressions_cost_too_much_to_check_is_refused(http):
     # 1024 different 199-term expressions: each is evaluated at 101 steps before the run exists.
     lambdas = [f"{i + 1}/({i + 1}+step)" + "+0*step" * 48 for i in range(GROUPS)]

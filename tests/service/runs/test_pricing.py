@@ -1,0 +1,84 @@
+"""``RunState.work`` and ``steps_within``: a run's steps priced in work units (``cost.cost``) by
+the schedule that takes each of them, ``replace_schedule`` actions placed ahead included, so
+no budget (a request's, the event loop's) prices a dear schedule's steps at a cheap one's."""
+
+from __future__ import annotations
+
+import pytest
+from lrserve.service.engine import cost
+from lrserve.service.engine.spec import parse_schedule
+from lrserve.service.settings import Settings
+
+GROUPS = 4
+CHEAP = {"type": "StepLR", "step_size": 7}
+DEAR = {"type": "LambdaLR", "lr_lambda": "+".join(["step"] * 40)}
+DEARER = {"type": "LambdaLR", "lr_lambda": "+".join(["step"] * 99)}
+
+
+def spec(schedule: dict):
+    return parse_schedule(schedule, n_groups=GROUPS)
+
+
+def units(schedule: dict, steps: int) -> int:
+    return cost.cost(spec(schedule), n_groups=GROUPS, steps=steps)
+
+
+@pytest.fixture
+def manager(database_url, open_manager):
+    manager = open_manager(Settings(db=database_url("sqlite")))
+    manager.create_run({"run_id": "r", "schedule": CHEAP, "base_lrs": [0.1] * GROUPS})
+    return manager
+
+
+def test_without_actions_ahead_the_price_is_the_schedules(manager):
+    state = manager.state("r")
+    assert state.replacements() == []
+    assert state.work(0, 50) == units(CHEAP, 50)
+    assert state.steps_within(0, 10_000) == cost.steps_within(spec(CHEAP), n_groups=GROUPS, budget=10_000)
+    assert manager.budget_steps(state) == cost.steps_within(
+        spec(CHEAP), n_groups=GROUPS, budget=manager.settings.work_budget)
+
+
+def test_each_step_is_priced_by_the_schedule_that_takes_it(manager):
+    manager.control("r", {"action": "replace_schedule", "schedule": DEAR}, 10)
+    manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 30)
+    manager.control("r", {"action": "scale", "factor": 0.5}, 20)  # no schedule of its own
+    state = manager.state("r")
+    assert [step for step, _ in state.replacements()] == [10, 30]
+    # steps 1..10 cheap, 11..30 dear, 31.. dearer (an action applies right after its step)
+    assert state.work(0, 50) == units(CHEAP, 10) + units(DEAR, 20) + units(DEARER, 20)
+    assert state.work(0, 10) == units(CHEAP, 10)
+    assert state.work(12, 20) == units(DEAR, 8)
+    assert state.work(35, 40) == units(DEARER, 5)
+    budget = units(CHEAP, 10) + units(DEAR, 20) + units(DEARER, 3)
+    assert state.steps_within(0, budget) == 33
+    assert state.steps_within(0, units(CHEAP, 10) + units(DEAR, 5)) == 15
+    assert state.steps_within(0, units(CHEAP, 4)) == 4
+    assert state.steps_within(0, 1) == 1  # one step is always served
+    assert manager.budget_steps(state) == state.steps_within(0, manager.settings.work_budget)
+    manager.window("r", 0, 15)  # past the first: the engine's schedule is the dear one now
+    state = manager.state("r")
+    assert [step for step, _ in state.replacements()] == [30]
+    assert state.work(15, 40) == units(DEAR, 15) + units(DEARER, 10)
+
+
+def test_two_replacements_at_one_step_price_the_last(manager):
+    manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 10)
+    manager.control("r", {"action": "replace_schedule", "schedule": DEAR}, 10)  # applied after: it stays
+    state = manager.state("r")
+    assert state.work(0, 20) == units(CHEAP, 10) + units(DEAR, 10)
+
+
+def test_the_event_loops_small_work_is_priced_the_same(manager):
+    """``Committer._check_small`` (what the event loop, and a group of windows, may compute):
+    steps across a dearer schedule placed ahead are big work, not the cheap schedule's few."""
+    from lrserve.service.runs.commit import ON_LOOP_WORK
+    from lrserve.service.store.base import WouldWait
+
+    state = manager.state("r")
+    manager.committer._check_small(state, 30)  # 30 cheap steps: small
+    assert units(CHEAP, 30) <= ON_LOOP_WORK < units(CHEAP, 10) + units(DEARER, 20)
+    manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 10)
+    with pytest.raises(WouldWait):
+        manager.committer._check_small(manager.state("r"), 30)
+    manager.committer._check_small(manager.state("r"), 10)  # up to the switch: still small
