@@ -580,12 +580,10 @@ class RunManager:
                 f"step {step} is more than {self.settings.max_jump} steps beyond the horizon "
                 f"({horizon}); step through the steps between first",
             )
-        if step > horizon + most:
-            units = state.work(horizon, step)
-            cost.check(
-                f"reaching step {step} from the horizon ({horizon}) on {state.n_groups} param groups",
-                "step", units, self.settings.work_budget,
-            )
+        cost.check(  # always: ``most`` was priced from this process's horizon, not the stored one
+            f"reaching step {step} from the horizon ({horizon}) on {state.n_groups} param groups",
+            "step", state.work(horizon, step), self.settings.work_budget,
+        )
 
     def _window_end(self, state: RunState, step: int, ahead: int) -> int:
         """The last step of the window asked at ``step`` (capped), when ``step`` is the first free one."""

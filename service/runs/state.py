@@ -121,7 +121,7 @@ class RunState:
     def replacements(self) -> list[tuple[int, ScheduleSpec]]:
         """The schedules that ``replace_schedule`` actions placed ahead switch the run to, each
         with the step it applies right after, in step order (the last placed last)."""
-        placed = list(self.inputs.actions.items())  # one C call: the event loop reads while a commit pops
+        placed = self.inputs.actions.copy().items()  # one C call: the event loop reads while a commit pops
         found = [(step, control.action.spec(self.n_groups)) for step, controls in placed
                  for control in list(controls) if isinstance(control.action, ReplaceSchedule)]
         found.sort(key=lambda item: item[0])

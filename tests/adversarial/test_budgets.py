@@ -64,7 +64,7 @@ def test_a_dearer_schedule_placed_ahead_is_priced_from_where_it_applies(http):
     schedule on the way: windows across it are cut, and step jumps across it refused, at the
     dearer schedule's price from that step on (before: every step at the cheap schedule's
     price, ~10x the budget's work here), and nothing before it is refused."""
-    groups = 64  # few groups: a new schedule's own check (206 steps) lets it be ~10x as dear
+    groups = 64  # few groups: a new schedule's own check (206 steps) lets this one be ~10x as dear
     cheap = parse_schedule({"type": "StepLR", "step_size": 7}, n_groups=groups)
     dear_json = {"type": "LambdaLR", "lr_lambda": "+".join(["step"] * 99)}  # ~200 terms: ~11 steps' work
     dear = parse_schedule(dear_json, n_groups=groups)

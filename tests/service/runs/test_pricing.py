@@ -82,3 +82,39 @@ def test_the_event_loops_small_work_is_priced_the_same(manager):
     with pytest.raises(WouldWait):
         manager.committer._check_small(manager.state("r"), 30)
     manager.committer._check_small(manager.state("r"), 10)  # up to the switch: still small
+
+
+def test_steps_within_is_the_inverse_of_work_at_every_budget(manager):
+    """At the boundaries too: a replacement at ``start`` switches at once, one at ``end`` is not
+    paid for, a budget that ends at a switch takes the steps up to it."""
+    manager.control("r", {"action": "replace_schedule", "schedule": DEAR}, 10)
+    manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 30)
+    state = manager.state("r")
+    assert state.work(10, 20) == units(DEAR, 10)  # the switch at step 10: steps 11.. are the new one's
+    assert state.work(0, 10) == units(CHEAP, 10)  # the switch at the end: not paid for
+    assert state.steps_within(0, units(CHEAP, 10)) == 10
+    for start in (0, 5, 10, 29, 30, 40):
+        for budget in range(0, units(CHEAP, 10) + units(DEAR, 20) + units(DEARER, 20), 37):
+            steps = state.steps_within(start, budget)
+            assert steps == 1 or state.work(start, start + steps) <= budget, (start, budget)
+            assert state.work(start, start + steps + 1) > budget, (start, budget)
+
+
+def test_a_jump_from_the_stored_horizon_is_priced_whatever_this_process_knew(database_url, open_manager):
+    """Another process moved the run past a dearer schedule's switch: a step jump within the jump
+    limit of the stored horizon is priced from there (the dear schedule's steps), not waved
+    through because this process, priced from its own older horizon, allowed that many steps."""
+    from lrserve.service.engine.cost import WorkBudgetExceeded
+
+    settings = Settings(db=database_url("sqlite"), work_budget=80_000, max_jump=1000)
+    a, b = open_manager(settings), open_manager(settings)
+    a.create_run({"run_id": "j", "schedule": CHEAP, "base_lrs": [0.1] * 64})
+    b.window("j", 0, 0)  # b holds it at horizon 0
+    a.control("j", {"action": "replace_schedule", "schedule": DEAR}, 40)
+    b.state("j").inputs.actions[40].extend(a.state("j").inputs.actions[40])  # b knows the switch too
+    a.window("j", 50, 0)  # a takes it past the switch: stored horizon 50
+    assert b.budget_steps(b.state("j")) < 290  # what b allows from its own horizon, 0
+    assert cost.cost(parse_schedule(DEAR, n_groups=64), n_groups=64, steps=240) > settings.work_budget
+    with pytest.raises(WorkBudgetExceeded):
+        b.window("j", 290, 0)  # 240 dear steps from the stored horizon
+    assert b.store.read_run("j").horizon == 50
