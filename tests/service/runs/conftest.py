@@ -1,4 +1,5 @@
-"""Fixtures of the run tests: managers as processes hold them, closed as a server closes them."""
+"""Fixtures of the run tests: managers as processes hold them, closed as a server closes them;
+``transactions``, the group transactions a manager's store opens."""
 
 from __future__ import annotations
 
@@ -30,3 +31,16 @@ def open_manager() -> Iterator[OpenManager]:
     for manager, store in made:
         manager.close()
         store.close()
+
+
+def transactions(manager: RunManager, monkeypatch) -> list[list[str]]:
+    """The run ids of every ``lock_runs`` transaction the manager's store opens from now on."""
+    opened: list[list[str]] = []
+    original = manager.store.lock_runs
+
+    def counted(run_ids, **how):
+        opened.append(sorted(run_ids))
+        return original(run_ids, **how)
+
+    monkeypatch.setattr(manager.store, "lock_runs", counted)
+    return opened

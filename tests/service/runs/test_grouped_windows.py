@@ -15,6 +15,8 @@ from lrserve.service.errors import StoreUnavailable
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 
+from tests.service.runs.conftest import transactions
+
 ONE_CYCLE = {"type": "OneCycleLR", "max_lr": 0.5, "total_steps": 8}  # it fails past step 8
 RUNS = ["g0", "g1", "g2", "g3"]
 MOST = 4096
@@ -34,19 +36,6 @@ def managers(settings, open_manager) -> list[RunManager]:
                       "base_momentums": [0.9, 0.8]})
         a.window(run_id, 0, 0)
     return [a, b]
-
-
-def transactions(manager: RunManager, monkeypatch) -> list[list[str]]:
-    """The run ids of every ``lock_runs`` transaction the manager's store opens from now on."""
-    opened: list[list[str]] = []
-    original = manager.store.lock_runs
-
-    def counted(run_ids, **how):
-        opened.append(sorted(run_ids))
-        return original(run_ids, **how)
-
-    monkeypatch.setattr(manager.store, "lock_runs", counted)
-    return opened
 
 
 def horizons(manager: RunManager, runs=RUNS) -> list[int]:

@@ -16,6 +16,7 @@ from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
 from lrserve.service.store.sql import SQLITE_BUSY_TIMEOUT_S, SQLITE_WAL, begin_sqlite
 
+from tests.service.runs.conftest import transactions
 from tests.specs import plateau_on_any_rise
 
 PLATEAU = plateau_on_any_rise()
@@ -180,19 +181,6 @@ def grouped(managers) -> RunManager:
                       "base_momentums": [0.9, 0.8]})
         a.window(run_id, 0, 0)
     return a
-
-
-def transactions(manager: RunManager, monkeypatch) -> list[list[str]]:
-    """The run ids of every ``lock_runs`` transaction the manager's store opens from now on."""
-    opened: list[list[str]] = []
-    original = manager.store.lock_runs
-
-    def counted(run_ids, **how):
-        opened.append(sorted(run_ids))
-        return original(run_ids, **how)
-
-    monkeypatch.setattr(manager.store, "lock_runs", counted)
-    return opened
 
 
 def test_windows_asked_together_commit_in_one_transaction(grouped, managers, monkeypatch):
