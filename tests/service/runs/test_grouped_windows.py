@@ -9,11 +9,16 @@ the caller then commits it on its own. What another process committed is taken i
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from lrserve.service.errors import StoreUnavailable
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.settings import Settings
+from lrserve.service.store import open_store
 
 from tests.service.runs.conftest import transactions
 
@@ -135,3 +140,57 @@ def test_old_steps_to_replay_are_left_to_their_own_request(managers, settings, o
     assert new is not None and not isinstance(new, BaseException) and new.start == 1
     assert c.window("long", 5, 0).values == a.window("long", 5, 0).values  # its own request replays
     assert replays == [("long", 5, 5)]
+
+
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["a group", "b group", "a window", "b window", "a scale", "b scale"]),
+              st.lists(st.integers(0, 2), min_size=1, max_size=3, unique=True),  # which runs
+              st.integers(1, 4),  # steps past the highest one served so far
+              st.integers(0, 3)),  # ahead
+    min_size=1, max_size=14)
+
+
+@examples(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS)
+def test_groups_and_single_commits_in_two_processes_serve_one_truth(managers, settings, ops):
+    """Windows asked in groups and one at a time, by two managers (two processes) on one
+    PostgreSQL schema, with operator actions in between: every value served for a step is the
+    one every later answer gives for it (finality), and the one a third manager loading the
+    runs from the log afterwards gives (what a restart gives)."""
+    a, b = managers
+    runs = [f"p{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
+    for i, run_id in enumerate(runs):
+        schedule = [{"type": "ExponentialLR", "gamma": 0.9}, {"type": "StepLR", "step_size": 3},
+                    {"type": "CosineAnnealingLR", "T_max": 20}][i]
+        a.create_run({"run_id": run_id, "schedule": schedule, "base_lrs": [0.1, 0.2]})
+    served: dict[tuple[str, int], object] = {}
+    top = dict.fromkeys(runs, 0)
+
+    def keep(window) -> None:
+        for k, values in enumerate(window.values):
+            key = (window.run_id, window.start + k)
+            assert served.setdefault(key, values) == values, key  # a final value never changes
+            top[window.run_id] = max(top[window.run_id], key[1])
+
+    for op, which, delta, ahead in ops:
+        manager = a if op[0] == "a" else b
+        asked = [(runs[i], top[runs[i]] + delta, ahead) for i in which]
+        if op.endswith("group"):
+            for ask, window in zip(asked, manager.windows_grouped(asked, most_values=MOST), strict=True):
+                assert not isinstance(window, BaseException), window
+                keep(window if window is not None else manager.window(*ask))  # left out: on its own
+        elif op.endswith("window"):
+            for ask in asked:
+                keep(manager.window(*ask))
+        else:
+            for run_id, _, _ in asked:
+                manager.control(run_id, {"action": "scale", "factor": 0.5}, None)
+    store = open_store(settings.db)  # closed at each example's end: a test of many examples
+    fresh = RunManager(store, settings)
+    try:
+        for run_id in runs:
+            for step, values in enumerate(fresh.window(run_id, 0, top[run_id]).values):
+                assert served.get((run_id, step), values) == values, (run_id, step)
+    finally:
+        fresh.close()
+        store.close()
