@@ -340,11 +340,12 @@ class Committer:
                 with self.store.lock_runs(run_ids, skip_locked=True) as locked:
                     for i, state, target, need in members:
                         tx = locked.get(state.run_id)
-                        if tx is None or (_moved(tx.run, state) and not self._catches_up(state, tx, target)):
+                        moved = tx is not None and _moved(tx.run, state)
+                        if tx is None or (moved and not self._catches_up(state, tx, target)):
                             outcomes[i] = WouldWait("another process moved the run")  # a worker thread sees
                             continue
                         try:
-                            if _moved(tx.run, state):
+                            if moved:
                                 self._catch_up(state, tx)  # the other process's: final, durable
                                 if state.horizon >= target:
                                     continue

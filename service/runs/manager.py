@@ -496,7 +496,7 @@ class RunManager:
             if run_id in committing:
                 again.append(i)
                 continue
-            if step > state.horizon + min(self.settings.max_jump, self.budget_steps(state)):
+            if not self._within_reach(state, step):
                 continue  # far: its check reads the stored run and its steps are big work
             try:
                 self._check_jump(state, step)
@@ -551,8 +551,9 @@ class RunManager:
     def budget_steps(self, state: RunState) -> int:
         """The most steps from the run's horizon one request may compute (work budget), priced
         with its schedule, and with a dearer one from where a ``replace_schedule`` placed ahead
-        switches to it (``RunState.steps_within``: not cached, since the horizon moves)."""
-        if state.inputs.actions and state.replacements():
+        switches to it (``RunState.steps_within``: not cached while actions are pending, since
+        the horizon moves; they are, briefly, until the next commit takes them)."""
+        if state.inputs.actions:  # priced with any replacement among them, not cached
             return state.steps_within(state.horizon, self.settings.work_budget)
         schedule = state.engine.schedule
         cached = state.budget_steps
@@ -565,13 +566,17 @@ class RunManager:
         """The most steps a window may hold after its first: ``max_ahead``, cut to the work budget."""
         return min(self.settings.max_ahead, self.budget_steps(state) - 1)
 
+    def _within_reach(self, state: RunState, step: int) -> bool:
+        """Whether ``step`` is within the jump limit and the work budget of this process's
+        horizon: allowed with no read of the stored run (``_check_jump``)."""
+        return step <= state.horizon + min(self.settings.max_jump, self.budget_steps(state))
+
     def _check_jump(self, state: RunState, step: int) -> None:
         """Refuse steps too far beyond the horizon: the stored one, which other processes may
         have moved past this one's cached horizon (so every replica answers alike)."""
         if step < 0:
             raise InvalidInput.at("step", f"must be >= 0, got {step}")
-        most = min(self.settings.max_jump, self.budget_steps(state))
-        if step <= state.horizon + most:
+        if self._within_reach(state, step):
             return
         horizon = max(state.horizon, self.store.read_run(state.run_id).horizon)
         if step > horizon + self.settings.max_jump:

@@ -121,6 +121,8 @@ class RunState:
     def replacements(self) -> list[tuple[int, ScheduleSpec]]:
         """The schedules that ``replace_schedule`` actions placed ahead switch the run to, each
         with the step it applies right after, in step order (the last placed last)."""
+        if not self.inputs.actions:
+            return []
         placed = self.inputs.actions.copy().items()  # one C call: the event loop reads while a commit pops
         found = [(step, control.action.spec(self.n_groups)) for step, controls in placed
                  for control in list(controls) if isinstance(control.action, ReplaceSchedule)]
@@ -133,7 +135,7 @@ class RunState:
         schedule's from the step after it, and so on (a cheap schedule does not price the
         steps of a dear one an operator placed ahead)."""
         n, schedule, units = self.n_groups, self.engine.schedule, 0
-        for step, replacement in self.replacements() if self.inputs.actions else ():
+        for step, replacement in self.replacements():
             if step >= end:
                 break
             if step > start:
@@ -146,7 +148,7 @@ class RunState:
         """The most steps from ``start`` that ``budget`` units pay for, priced as ``work`` prices
         them (at least 1: one step is always served)."""
         n, schedule, taken = self.n_groups, self.engine.schedule, 0
-        for step, replacement in self.replacements() if self.inputs.actions else ():
+        for step, replacement in self.replacements():
             if step > start:
                 fits = cost.fit(schedule, n_groups=n, budget=budget)
                 if fits < step - start:

@@ -357,7 +357,10 @@ class _DriverSql:
     def rows(self, cursor: Any) -> list[tuple[Any, ...]]:
         """The remaining rows of a SELECT as tuples in column order, values as Core would return them."""
         raw = cursor.fetchall()
-        results = self._processors(cursor)
+        return self._converted(raw, self._processors(cursor))
+
+    @staticmethod
+    def _converted(raw: Sequence[Sequence[Any]], results: list[Any]) -> list[tuple[Any, ...]]:
         if not any(results):
             return [tuple(row) for row in raw]
         return [tuple(value if process is None else process(value)
@@ -371,10 +374,7 @@ class _DriverSql:
             return [self.rows(self.execute(cursor, values)) for values in each]
         found = execute_each(self.sql, [self.params(values) for values in each])
         results = self._processors(cursor) if found else []
-        if not any(results):
-            return [[tuple(row) for row in raw] for raw in found]
-        return [[tuple(value if process is None else process(value)
-                       for process, value in zip(results, row, strict=True)) for row in raw] for raw in found]
+        return [self._converted(raw, results) for raw in found]
 
     def _processors(self, cursor: Any) -> list[Any]:
         if self._results is None:  # PostgreSQL's need the driver's type codes
