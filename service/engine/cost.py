@@ -26,6 +26,8 @@ Example:
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
+from dataclasses import dataclass
 
 from lrserve.service.engine.expr import CHECKED_STEPS
 from lrserve.service.engine.spec import (
@@ -119,6 +121,61 @@ def steps_within(spec: ScheduleSpec, *, n_groups: int, budget: int) -> int:
 def fit(spec: ScheduleSpec, *, n_groups: int, budget: int) -> int:
     """The most steps of ``spec`` that fit in ``budget`` units (0 when not even one does)."""
     return int(max(0, budget) // ((n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups)))
+
+
+@dataclass(frozen=True, slots=True)
+class PricePlan:
+    """What a run's steps cost from its engine's step on: ``schedule``'s price, then, from the
+    step after each switch (a ``replace_schedule`` placed ahead: its step and its schedule, in
+    step order, the last placed last), the new schedule's. So no budget prices a dear
+    schedule's steps at the cheap one's that precedes it.
+
+    One immutable value (``RunState.prices``): a commit swaps in the next plan under the run's
+    lock, and a reader on any thread takes the whole plan in one attribute read, never half of
+    a change, nor a walk over the actions placed ahead.
+    """
+
+    schedule: ScheduleSpec
+    n_groups: int
+    switches: tuple[tuple[int, ScheduleSpec], ...] = ()
+
+    def work(self, start: int, end: int) -> int:
+        """The units of taking the engine from step ``start`` to ``end``, each step priced by
+        the schedule that takes it."""
+        n, schedule, units = self.n_groups, self.schedule, 0
+        for step, replacement in self.switches:
+            if step >= end:
+                break
+            if step > start:
+                units += cost(schedule, n_groups=n, steps=step - start)
+                start = step
+            schedule = replacement
+        return units + cost(schedule, n_groups=n, steps=max(0, end - start))
+
+    def steps_within(self, start: int, budget: int) -> int:
+        """The most steps from ``start`` that ``budget`` units pay for, priced as ``work``
+        prices them (at least 1: one step is always served)."""
+        n, schedule, taken = self.n_groups, self.schedule, 0
+        for step, replacement in self.switches:
+            if step > start:
+                fits = fit(schedule, n_groups=n, budget=budget)
+                if fits < step - start:
+                    return max(1, taken + fits)
+                taken += step - start
+                budget -= cost(schedule, n_groups=n, steps=step - start)
+                start = step
+            schedule = replacement
+        return max(1, taken + fit(schedule, n_groups=n, budget=budget))
+
+    def placed(self, step: int, schedule: ScheduleSpec) -> PricePlan:
+        """This plan with a switch to ``schedule`` after ``step`` (after any placed there before)."""
+        switches = list(self.switches)
+        switches.insert(bisect_right([s for s, _ in switches], step), (step, schedule))
+        return PricePlan(self.schedule, self.n_groups, tuple(switches))
+
+    def from_step(self, step: int, schedule: ScheduleSpec) -> PricePlan:
+        """The plan once the engine is at ``step`` with ``schedule``: the switches it took dropped."""
+        return PricePlan(schedule, self.n_groups, tuple(s for s in self.switches if s[0] > step))
 
 
 def check(what: str, field: str, units: int, budget: int) -> None:

@@ -420,7 +420,7 @@ class Committer:
         every = self.settings.snapshot_every
         if (state.horizon + steps) // every > state.horizon // every:
             raise WouldWait("a snapshot is due")
-        if state.work(state.horizon, state.horizon + steps) > ON_LOOP_WORK:
+        if state.prices.work(state.horizon, state.horizon + steps) > ON_LOOP_WORK:
             raise WouldWait("too much work for the event loop")
 
     def _evicting_on_error(self, state: RunState) -> _Evicting:

@@ -550,16 +550,16 @@ class RunManager:
 
     def budget_steps(self, state: RunState) -> int:
         """The most steps from the run's horizon one request may compute (work budget), priced
-        with its schedule, and with a dearer one from where a ``replace_schedule`` placed ahead
-        switches to it (``RunState.steps_within``: not cached while actions are pending, since
-        the horizon moves; they are, briefly, until the next commit takes them)."""
-        if state.inputs.actions:  # priced with any replacement among them, not cached
-            return state.steps_within(state.horizon, self.settings.work_budget)
-        schedule = state.engine.schedule
+        by the schedule that takes each (``RunState.prices``: a dearer one from where a
+        ``replace_schedule`` placed ahead switches to it). Cached per plan while none is placed
+        ahead; with one, the count depends on the horizon, and is priced again (a few switches)."""
+        prices = state.prices
+        if prices.switches:
+            return prices.steps_within(state.horizon, self.settings.work_budget)
         cached = state.budget_steps
-        if cached is None or cached[0] is not schedule:
-            steps = cost.steps_within(schedule, n_groups=state.n_groups, budget=self.settings.work_budget)
-            state.budget_steps = cached = (schedule, steps)
+        if cached is None or cached[0] is not prices:
+            steps = prices.steps_within(state.horizon, self.settings.work_budget)
+            state.budget_steps = cached = (prices, steps)
         return cached[1]
 
     def _ahead_cap(self, state: RunState) -> int:
@@ -587,7 +587,7 @@ class RunManager:
             )
         cost.check(  # always: ``most`` was priced from this process's horizon, not the stored one
             f"reaching step {step} from the horizon ({horizon}) on {state.n_groups} param groups",
-            "step", state.work(horizon, step), self.settings.work_budget,
+            "step", state.prices.work(horizon, step), self.settings.work_budget,
         )
 
     def _window_end(self, state: RunState, step: int, ahead: int) -> int:

@@ -111,11 +111,11 @@ def _shadow(manager: RunManager, state: RunState, after: int) -> _Shadow:
         final = state.values[first - state.first_step : horizon + 1 - state.first_step]
         snapshot = state.engine.snapshot() if state.engine.step == horizon else None
         schedule = state.engine.schedule  # the snapshot's: its expressions are not compiled again
-        inputs = _copy_inputs(state.inputs)
+        inputs, prices = _copy_inputs(state.inputs), state.prices
     run = None
     if snapshot is not None:
         run = RunState(state.run_id, state.spec, Engine.restore(snapshot, schedule), last_seq=tail_id)
-        run.inputs = inputs
+        run.inputs, run.prices = inputs, prices
     shadow = _Shadow(state, tail_id, first, list(final), run)
     with _SHADOWS_LOCK:
         shadows[state.run_id] = shadow

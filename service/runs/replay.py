@@ -51,7 +51,7 @@ def apply_control(state: RunState, step: int | None, action: Action, actor: str,
     does with that event (a commit placing a new action calls this with the action it stores,
     rather than parsing its payload back)."""
     if step is not None and step > state.horizon:
-        state.inputs.actions[step].append(Control(action, actor, reason))
+        state.place_action(step, Control(action, actor, reason))
     state.note_action(action)  # a new schedule's metrics are watched from then on, whenever placed
 
 

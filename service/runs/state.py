@@ -15,7 +15,6 @@ from lrserve.service.engine import cost
 from lrserve.service.engine.actions import Action, ReplaceSchedule
 from lrserve.service.engine.engine import Decision, Engine, ScheduleSwitch, Values, steps_from
 from lrserve.service.engine.run_spec import RunSpec
-from lrserve.service.engine.spec import ScheduleSpec
 from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import ScheduleError
@@ -104,7 +103,8 @@ class RunState:
         self.lock = threading.Lock()
         self.created_at: datetime | None = None  # the stored run's; tells a re-created run apart
         self.evicted = False  # dropped by its manager after a failed commit: reload, never reuse
-        self.budget_steps: tuple[Any, int] | None = None  # (schedule, steps it may take per request)
+        self.prices = cost.PricePlan(engine.schedule, self.n_groups)  # what its steps cost: see ``_reprice``
+        self.budget_steps: tuple[Any, int] | None = None  # (prices, steps it may take per request)
         self.broken = False  # the engine failed past the last step computed (``advance_to``)
         self.checkpointed_to = engine.step - 1  # the LRs of steps up to here are stored (value_chunks)
         self.replayed: Replayed | None = None  # steps before first_step, once replayed; replaced whole
@@ -117,47 +117,6 @@ class RunState:
     def horizon(self) -> int:
         """The highest step whose values are final, durable and visible here."""
         return self.first_step + len(self.values) - 1
-
-    def replacements(self) -> list[tuple[int, ScheduleSpec]]:
-        """The schedules that ``replace_schedule`` actions placed ahead switch the run to, each
-        with the step it applies right after, in step order (the last placed last)."""
-        if not self.inputs.actions:
-            return []
-        placed = self.inputs.actions.copy().items()  # one C call: the event loop reads while a commit pops
-        found = [(step, control.action.spec(self.n_groups)) for step, controls in placed
-                 for control in list(controls) if isinstance(control.action, ReplaceSchedule)]
-        found.sort(key=lambda item: item[0])
-        return found
-
-    def work(self, start: int, end: int) -> int:
-        """The budget units (``cost.cost``) of taking the engine from step ``start`` to ``end``:
-        its schedule's up to the first ``replace_schedule`` placed on the way, then the new
-        schedule's from the step after it, and so on (a cheap schedule does not price the
-        steps of a dear one an operator placed ahead)."""
-        n, schedule, units = self.n_groups, self.engine.schedule, 0
-        for step, replacement in self.replacements():
-            if step >= end:
-                break
-            if step > start:
-                units += cost.cost(schedule, n_groups=n, steps=step - start)
-                start = step
-            schedule = replacement
-        return units + cost.cost(schedule, n_groups=n, steps=max(0, end - start))
-
-    def steps_within(self, start: int, budget: int) -> int:
-        """The most steps from ``start`` that ``budget`` units pay for, priced as ``work`` prices
-        them (at least 1: one step is always served)."""
-        n, schedule, taken = self.n_groups, self.engine.schedule, 0
-        for step, replacement in self.replacements():
-            if step > start:
-                fits = cost.fit(schedule, n_groups=n, budget=budget)
-                if fits < step - start:
-                    return max(1, taken + fits)
-                taken += step - start
-                budget -= cost.cost(schedule, n_groups=n, steps=step - start)
-                start = step
-            schedule = replacement
-        return max(1, taken + cost.fit(schedule, n_groups=n, budget=budget))
 
     def restore_marks(self, marks: Marks) -> None:
         """Set the status at the engine's step (a snapshot's), before anything was published."""
@@ -177,6 +136,22 @@ class RunState:
         ``service.runs.provisional``)."""
         computed, self._pending = self._pending, self.values.empty()
         return computed[:]
+
+    def place_action(self, step: int, control: Control) -> None:
+        """An operator action placed at ``step``, above the horizon: taken right after it
+        (``_take_step``), and a new schedule priced from there on (``prices``)."""
+        self.inputs.actions[step].append(control)
+        if isinstance(control.action, ReplaceSchedule):
+            self.prices = self.prices.placed(step, control.action.spec(self.n_groups))
+
+    def _reprice(self) -> None:
+        """Keep ``prices`` the engine's once it moved: its schedule now (a new one, or a range
+        test's ``then``), without the switches it took. Steps between the published horizon
+        and the engine, computed already, are priced by the engine's schedule meanwhile."""
+        prices, engine = self.prices, self.engine
+        took = prices.switches and prices.switches[0][0] <= engine.step
+        if took or prices.schedule is not engine.schedule:
+            self.prices = prices.from_step(engine.step, engine.schedule)
 
     def note_action(self, action: Action) -> None:
         """An action placed at any step may bring metrics to watch from then on (a new schedule)."""
@@ -248,11 +223,13 @@ class RunState:
                 if need is None or step <= need:
                     raise
                 self.broken = True
+                self._reprice()
                 return outcomes
             self._took(step, reductions, actions, outcomes)
             self._pending.append(self.engine.values())
         if self.engine.step < target and big_work is not None:
             outcomes.extend(self._advance_elsewhere(target, need, big_work))
+        self._reprice()
         return outcomes
 
     def _advance_elsewhere(self, target: int, need: int | None, big_work: BigWork) -> list[StepOutcome]:

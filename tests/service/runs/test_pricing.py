@@ -1,6 +1,8 @@
-"""``RunState.work`` and ``steps_within``: a run's steps priced in work units (``cost.cost``) by
-the schedule that takes each of them, ``replace_schedule`` actions placed ahead included, so
-no budget (a request's, the event loop's) prices a dear schedule's steps at a cheap one's."""
+"""``RunState.prices`` (``cost.PricePlan``): a run's steps priced in work units (``cost.cost``)
+by the schedule that takes each of them, ``replace_schedule`` actions placed ahead included, so
+no budget (a request's, the event loop's) prices a dear schedule's steps at a cheap one's; one
+immutable plan, swapped whole under the run's lock, so a read on another thread never sees half
+of a change."""
 
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ def manager(database_url, open_manager):
 
 def test_without_actions_ahead_the_price_is_the_schedules(manager):
     state = manager.state("r")
-    assert state.replacements() == []
-    assert state.work(0, 50) == units(CHEAP, 50)
-    assert state.steps_within(0, 10_000) == cost.steps_within(spec(CHEAP), n_groups=GROUPS, budget=10_000)
+    assert state.prices.switches == ()
+    assert state.prices.work(0, 50) == units(CHEAP, 50)
+    assert state.prices.steps_within(0, 10_000) == cost.steps_within(
+        spec(CHEAP), n_groups=GROUPS, budget=10_000)
     assert manager.budget_steps(state) == cost.steps_within(
         spec(CHEAP), n_groups=GROUPS, budget=manager.settings.work_budget)
 
@@ -44,29 +47,29 @@ def test_each_step_is_priced_by_the_schedule_that_takes_it(manager):
     manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 30)
     manager.control("r", {"action": "scale", "factor": 0.5}, 20)  # no schedule of its own
     state = manager.state("r")
-    assert [step for step, _ in state.replacements()] == [10, 30]
+    assert [step for step, _ in state.prices.switches] == [10, 30]
     # steps 1..10 cheap, 11..30 dear, 31.. dearer (an action applies right after its step)
-    assert state.work(0, 50) == units(CHEAP, 10) + units(DEAR, 20) + units(DEARER, 20)
-    assert state.work(0, 10) == units(CHEAP, 10)
-    assert state.work(12, 20) == units(DEAR, 8)
-    assert state.work(35, 40) == units(DEARER, 5)
+    assert state.prices.work(0, 50) == units(CHEAP, 10) + units(DEAR, 20) + units(DEARER, 20)
+    assert state.prices.work(0, 10) == units(CHEAP, 10)
+    assert state.prices.work(12, 20) == units(DEAR, 8)
+    assert state.prices.work(35, 40) == units(DEARER, 5)
     budget = units(CHEAP, 10) + units(DEAR, 20) + units(DEARER, 3)
-    assert state.steps_within(0, budget) == 33
-    assert state.steps_within(0, units(CHEAP, 10) + units(DEAR, 5)) == 15
-    assert state.steps_within(0, units(CHEAP, 4)) == 4
-    assert state.steps_within(0, 1) == 1  # one step is always served
-    assert manager.budget_steps(state) == state.steps_within(0, manager.settings.work_budget)
+    assert state.prices.steps_within(0, budget) == 33
+    assert state.prices.steps_within(0, units(CHEAP, 10) + units(DEAR, 5)) == 15
+    assert state.prices.steps_within(0, units(CHEAP, 4)) == 4
+    assert state.prices.steps_within(0, 1) == 1  # one step is always served
+    assert manager.budget_steps(state) == state.prices.steps_within(0, manager.settings.work_budget)
     manager.window("r", 0, 15)  # past the first: the engine's schedule is the dear one now
     state = manager.state("r")
-    assert [step for step, _ in state.replacements()] == [30]
-    assert state.work(15, 40) == units(DEAR, 15) + units(DEARER, 10)
+    assert [step for step, _ in state.prices.switches] == [30]
+    assert state.prices.work(15, 40) == units(DEAR, 15) + units(DEARER, 10)
 
 
 def test_two_replacements_at_one_step_price_the_last(manager):
     manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 10)
     manager.control("r", {"action": "replace_schedule", "schedule": DEAR}, 10)  # applied after: it stays
     state = manager.state("r")
-    assert state.work(0, 20) == units(CHEAP, 10) + units(DEAR, 10)
+    assert state.prices.work(0, 20) == units(CHEAP, 10) + units(DEAR, 10)
 
 
 def test_the_event_loops_small_work_is_priced_the_same(manager):
@@ -90,14 +93,14 @@ def test_steps_within_is_the_inverse_of_work_at_every_budget(manager):
     manager.control("r", {"action": "replace_schedule", "schedule": DEAR}, 10)
     manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 30)
     state = manager.state("r")
-    assert state.work(10, 20) == units(DEAR, 10)  # the switch at step 10: steps 11.. are the new one's
-    assert state.work(0, 10) == units(CHEAP, 10)  # the switch at the end: not paid for
-    assert state.steps_within(0, units(CHEAP, 10)) == 10
+    assert state.prices.work(10, 20) == units(DEAR, 10)  # the switch at step 10: steps 11.. are the new one's
+    assert state.prices.work(0, 10) == units(CHEAP, 10)  # the switch at the end: not paid for
+    assert state.prices.steps_within(0, units(CHEAP, 10)) == 10
     for start in (0, 5, 10, 29, 30, 40):
         for budget in range(0, units(CHEAP, 10) + units(DEAR, 20) + units(DEARER, 20), 37):
-            steps = state.steps_within(start, budget)
-            assert steps == 1 or state.work(start, start + steps) <= budget, (start, budget)
-            assert state.work(start, start + steps + 1) > budget, (start, budget)
+            steps = state.prices.steps_within(start, budget)
+            assert steps == 1 or state.prices.work(start, start + steps) <= budget, (start, budget)
+            assert state.prices.work(start, start + steps + 1) > budget, (start, budget)
 
 
 def test_a_jump_from_the_stored_horizon_is_priced_whatever_this_process_knew(database_url, open_manager):
@@ -111,10 +114,63 @@ def test_a_jump_from_the_stored_horizon_is_priced_whatever_this_process_knew(dat
     a.create_run({"run_id": "j", "schedule": CHEAP, "base_lrs": [0.1] * 64})
     b.window("j", 0, 0)  # b holds it at horizon 0
     a.control("j", {"action": "replace_schedule", "schedule": DEAR}, 40)
-    b.state("j").inputs.actions[40].extend(a.state("j").inputs.actions[40])  # b knows the switch too
+    for control in a.state("j").inputs.actions[40]:  # b knows the switch too
+        b.state("j").place_action(40, control)
     a.window("j", 50, 0)  # a takes it past the switch: stored horizon 50
     assert b.budget_steps(b.state("j")) < 290  # what b allows from its own horizon, 0
     assert cost.cost(parse_schedule(DEAR, n_groups=64), n_groups=64, steps=240) > settings.work_budget
     with pytest.raises(WorkBudgetExceeded):
         b.window("j", 290, 0)  # 240 dear steps from the stored horizon
     assert b.store.read_run("j").horizon == 50
+
+
+def test_a_read_while_a_commit_takes_the_switch_prices_it(manager, monkeypatch):
+    """The commit taking step 10 has popped its ``replace_schedule`` from the placed actions and
+    not yet installed the new schedule: a read on another thread at that moment (a window's
+    budget on the event loop) still prices the steps after 10 at the new schedule's rate."""
+    from lrserve.service.engine.engine import Engine
+
+    manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 10)
+    state = manager.state("r")
+    seen = []
+    advance = Engine.advance
+
+    def taking(engine, *args, **kwargs):
+        if engine.step == 9:  # step 10's actions are out of the inputs, not applied yet
+            assert not state.inputs.actions
+            seen.append(state.prices.work(0, 20))
+        return advance(engine, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "advance", taking)
+    manager.window("r", 0, 20)
+    assert seen == [units(CHEAP, 10) + units(DEARER, 10)]
+    assert state.prices.switches == () and state.prices.work(20, 30) == units(DEARER, 10)
+
+
+def test_actions_that_bring_no_schedule_leave_the_price_cached(manager):
+    """Actions pile up at the first free step while no step is taken (an operator's ``scale``
+    every second on a paused job): the price is the plan's, cached, never a walk over them."""
+    state = manager.state("r")
+    before = state.prices
+    for _ in range(200):
+        manager.control("r", {"action": "scale", "factor": 1.0}, None)
+    assert len(state.inputs.actions[1]) == 200
+    assert state.prices is before
+    steps = manager.budget_steps(state)
+    assert state.budget_steps == (before, steps)
+
+
+def test_the_plan_follows_a_range_tests_switch_to_its_schedule(database_url, open_manager):
+    """A range test's engine installs its ``then`` schedule without any action: the plan (and
+    the cached budget) is the new schedule's from there."""
+    manager = open_manager(Settings(db=database_url("sqlite")))
+    then = DEARER
+    manager.create_run({"run_id": "t", "base_lrs": [1e-3] * GROUPS, "schedule": {
+        "type": "LRRangeTest", "min_lr": 1e-5, "max_lr": 1.0, "num_steps": 5, "then": then}})
+    state = manager.state("t")
+    manager.budget_steps(state)
+    manager.window("t", 0, 10)
+    assert state.engine.schedule.type == "LambdaLR"
+    assert state.prices.schedule is state.engine.schedule
+    assert manager.budget_steps(state) == cost.steps_within(
+        spec(then), n_groups=GROUPS, budget=manager.settings.work_budget)
