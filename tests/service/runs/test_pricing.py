@@ -7,6 +7,9 @@ of a change."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from lrserve.service.engine import cost
 from lrserve.service.engine.spec import parse_schedule
 from lrserve.service.settings import Settings
@@ -174,3 +177,53 @@ def test_the_plan_follows_a_range_tests_switch_to_its_schedule(database_url, ope
     assert state.prices.schedule is state.engine.schedule
     assert manager.budget_steps(state) == cost.steps_within(
         spec(then), n_groups=GROUPS, budget=manager.settings.work_budget)
+
+
+# The plan against the obvious reference: each step priced alone by the schedule in force at
+# it. Schedules whose unit cost per step is a whole number (StepLR 1 per group, a chain of k
+# StepLRs k), so that the plan's one ``ceil`` per stretch of steps is exact.
+_PRICED = [{"type": "ChainedScheduler", "schedulers": [CHEAP] * k} if k > 1 else CHEAP for k in (1, 2, 3)]
+_SWITCHES = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 2)), max_size=6)
+
+
+_SPECS = [spec(schedule) for schedule in _PRICED]
+_UNITS = [cost.cost(parsed, n_groups=GROUPS, steps=1) for parsed in _SPECS]
+
+
+def _per_step(base: int, switches: list[tuple[int, int]], start: int, steps: int) -> list[int]:
+    """The units of each of steps ``start + 1 .. start + steps``, alone: step ``s`` taken by the
+    schedule of the last switch placed at a step below ``s`` (an action applies right after its
+    step), else ``base``'s."""
+    placed = sorted(switches, key=lambda item: item[0])  # stable: the last placed last
+    priced = []
+    for s in range(start + 1, start + steps + 1):
+        kind = base
+        for at, switched in placed:
+            if at < s:
+                kind = switched
+        priced.append(_UNITS[kind])
+    return priced
+
+
+@examples(max_examples=200, deadline=None)
+@given(base=st.integers(0, 2), switches=_SWITCHES, start=st.integers(0, 70), length=st.integers(0, 40),
+       budget=st.integers(0, 2_000))
+def test_the_plan_prices_each_step_by_the_schedule_in_force_at_it(base, switches, start, length, budget):
+    plan = cost.PricePlan(_SPECS[base], GROUPS)
+    for at, kind in switches:
+        plan = plan.placed(at, _SPECS[kind])
+    assert [at for at, _ in plan.switches] == sorted(at for at, _ in switches)
+    assert plan.work(start, start + length) == sum(_per_step(base, switches, start, length))
+    paid, fits = 0, 0
+    for units_of_step in _per_step(base, switches, start, budget + 1):  # at least 1 unit a step
+        paid += units_of_step
+        if paid > budget:
+            break
+        fits += 1
+    assert plan.steps_within(start, budget) == max(1, fits)
+    # once the engine took the switches up to ``start``, the plan from there prices alike
+    later = sorted(at for at, _ in switches if at > start)
+    now = ([base] + [kind for at, kind in sorted(switches, key=lambda item: item[0]) if at <= start])[-1]
+    moved = plan.from_step(start, _SPECS[now])
+    assert [at for at, _ in moved.switches] == later
+    assert moved.work(start, start + length) == plan.work(start, start + length)
