@@ -123,7 +123,7 @@ def fit(spec: ScheduleSpec, *, n_groups: int, budget: int) -> int:
     return int(max(0, budget) // ((n_groups + GROUP_OVERHEAD) * per_step(spec, n_groups)))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PricePlan:
     """What a run's steps cost from its engine's step on: ``schedule``'s price, then, from the
     step after each switch (a ``replace_schedule`` placed ahead: its step and its schedule, in
@@ -132,7 +132,8 @@ class PricePlan:
 
     One immutable value (``RunState.prices``): a commit swaps in the next plan under the run's
     lock, and a reader on any thread takes the whole plan in one attribute read, never half of
-    a change, nor a walk over the actions placed ahead.
+    a change, nor a walk over the actions placed ahead. Compared by identity (``eq=False``):
+    ``RunManager.budget_steps`` caches its count per plan.
     """
 
     schedule: ScheduleSpec
@@ -168,9 +169,15 @@ class PricePlan:
         return max(1, taken + fit(schedule, n_groups=n, budget=budget))
 
     def placed(self, step: int, schedule: ScheduleSpec) -> PricePlan:
-        """This plan with a switch to ``schedule`` after ``step`` (after any placed there before)."""
+        """This plan with a switch to ``schedule`` after ``step``. One placed at that step
+        before is replaced: the last placed applies last, so it alone prices the steps after
+        (and the plan stays as long as the distinct steps switched at, however many pile up)."""
         switches = list(self.switches)
-        switches.insert(bisect_right([s for s, _ in switches], step), (step, schedule))
+        at = bisect_right(switches, step, key=lambda switch: switch[0])
+        if at and switches[at - 1][0] == step:
+            switches[at - 1] = (step, schedule)
+        else:
+            switches.insert(at, (step, schedule))
         return PricePlan(self.schedule, self.n_groups, tuple(switches))
 
     def from_step(self, step: int, schedule: ScheduleSpec) -> PricePlan:

@@ -104,7 +104,7 @@ class RunState:
         self.created_at: datetime | None = None  # the stored run's; tells a re-created run apart
         self.evicted = False  # dropped by its manager after a failed commit: reload, never reuse
         self.prices = cost.PricePlan(engine.schedule, self.n_groups)  # what its steps cost: see ``_reprice``
-        self.budget_steps: tuple[Any, int] | None = None  # (prices, steps it may take per request)
+        self.budget_steps: tuple[cost.PricePlan, int] | None = None  # (prices, steps per request)
         self.broken = False  # the engine failed past the last step computed (``advance_to``)
         self.checkpointed_to = engine.step - 1  # the LRs of steps up to here are stored (value_chunks)
         self.replayed: Replayed | None = None  # steps before first_step, once replayed; replaced whole
@@ -127,6 +127,7 @@ class RunState:
         """Show every step computed so far: call once the store holds them durably."""
         self.values.extend_log(self._pending)  # one copy of doubles
         self._pending = self.values.empty()
+        self._reprice()  # after the horizon moved: a reader never prices the old one by the new plan
         marks = self.marks
         self.status, self.stopped_at, self.switched_at = marks.status, marks.stopped_at, marks.switched_at
         self.watching = tuple(sorted(self.engine.watched))
@@ -145,9 +146,10 @@ class RunState:
             self.prices = self.prices.placed(step, control.action.spec(self.n_groups))
 
     def _reprice(self) -> None:
-        """Keep ``prices`` the engine's once it moved: its schedule now (a new one, or a range
-        test's ``then``), without the switches it took. Steps between the published horizon
-        and the engine, computed already, are priced by the engine's schedule meanwhile."""
+        """Keep ``prices`` the engine's as of the published horizon (``publish``): its schedule
+        now (a new one, or a range test's ``then``), without the switches it took. Until then,
+        the plan before still holds the switch being taken, so it prices from the old horizon
+        right."""
         prices, engine = self.prices, self.engine
         took = prices.switches and prices.switches[0][0] <= engine.step
         if took or prices.schedule is not engine.schedule:
@@ -223,13 +225,11 @@ class RunState:
                 if need is None or step <= need:
                     raise
                 self.broken = True
-                self._reprice()
                 return outcomes
             self._took(step, reductions, actions, outcomes)
             self._pending.append(self.engine.values())
         if self.engine.step < target and big_work is not None:
             outcomes.extend(self._advance_elsewhere(target, need, big_work))
-        self._reprice()
         return outcomes
 
     def _advance_elsewhere(self, target: int, need: int | None, big_work: BigWork) -> list[StepOutcome]:

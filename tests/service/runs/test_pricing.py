@@ -129,24 +129,32 @@ def test_a_jump_from_the_stored_horizon_is_priced_whatever_this_process_knew(dat
 
 def test_a_read_while_a_commit_takes_the_switch_prices_it(manager, monkeypatch):
     """The commit taking step 10 has popped its ``replace_schedule`` from the placed actions and
-    not yet installed the new schedule: a read on another thread at that moment (a window's
-    budget on the event loop) still prices the steps after 10 at the new schedule's rate."""
+    not yet installed the new schedule: a read at that moment (made here, as one on the event
+    loop's thread would be: a window's budget) still prices the steps after 10 at the new
+    schedule's rate; and after the engine switched, until the commit publishes, the plan still
+    prices from the old horizon."""
     from lrserve.service.engine.engine import Engine
+    from lrserve.service.runs.state import RunState
 
     manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 10)
     state = manager.state("r")
     seen = []
-    advance = Engine.advance
+    advance, publish = Engine.advance, RunState.publish
 
     def taking(engine, *args, **kwargs):
-        if engine.step == 9:  # step 10's actions are out of the inputs, not applied yet
+        if engine.step in (9, 15):  # 9: step 10's actions out of the inputs, not applied yet
             assert not state.inputs.actions
-            seen.append(state.prices.work(0, 20))
+            seen.append(state.prices.work(state.horizon, 20))
         return advance(engine, *args, **kwargs)
 
+    def publishing(run):  # computed and committed, not yet shown: the horizon is still 0
+        seen.append(run.prices.work(run.horizon, 20))
+        publish(run)
+
     monkeypatch.setattr(Engine, "advance", taking)
+    monkeypatch.setattr(RunState, "publish", publishing)
     manager.window("r", 0, 20)
-    assert seen == [units(CHEAP, 10) + units(DEARER, 10)]
+    assert seen == [units(CHEAP, 10) + units(DEARER, 10)] * 3
     assert state.prices.switches == () and state.prices.work(20, 30) == units(DEARER, 10)
 
 
@@ -212,7 +220,7 @@ def test_the_plan_prices_each_step_by_the_schedule_in_force_at_it(base, switches
     plan = cost.PricePlan(_SPECS[base], GROUPS)
     for at, kind in switches:
         plan = plan.placed(at, _SPECS[kind])
-    assert [at for at, _ in plan.switches] == sorted(at for at, _ in switches)
+    assert [at for at, _ in plan.switches] == sorted({at for at, _ in switches})  # the last at a step kept
     assert plan.work(start, start + length) == sum(_per_step(base, switches, start, length))
     paid, fits = 0, 0
     for units_of_step in _per_step(base, switches, start, budget + 1):  # at least 1 unit a step
@@ -222,8 +230,21 @@ def test_the_plan_prices_each_step_by_the_schedule_in_force_at_it(base, switches
         fits += 1
     assert plan.steps_within(start, budget) == max(1, fits)
     # once the engine took the switches up to ``start``, the plan from there prices alike
-    later = sorted(at for at, _ in switches if at > start)
+    later = sorted({at for at, _ in switches if at > start})
     now = ([base] + [kind for at, kind in sorted(switches, key=lambda item: item[0]) if at <= start])[-1]
     moved = plan.from_step(start, _SPECS[now])
     assert [at for at, _ in moved.switches] == later
     assert moved.work(start, start + length) == plan.work(start, start + length)
+
+
+def test_a_run_loaded_from_its_log_prices_the_switches_placed_ahead(manager, open_manager):
+    """Another manager (a restart, a replica) loads the run from its log: the switches placed
+    ahead are in its plan, the last placed at a step in force."""
+    manager.control("r", {"action": "replace_schedule", "schedule": DEAR}, 40)
+    manager.control("r", {"action": "replace_schedule", "schedule": DEARER}, 40)
+    manager.control("r", {"action": "replace_schedule", "schedule": DEAR}, 60)
+    manager.window("r", 20, 0)
+    loaded = open_manager(manager.settings).state("r")
+    assert loaded.horizon == 20
+    assert [(step, s.type) for step, s in loaded.prices.switches] == [(40, "LambdaLR"), (60, "LambdaLR")]
+    assert loaded.prices.work(20, 70) == units(CHEAP, 20) + units(DEARER, 20) + units(DEAR, 10)
