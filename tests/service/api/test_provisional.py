@@ -184,3 +184,25 @@ def test_a_tail_compiles_no_expression_again(api, monkeypatch):
         assert answer["provisional"]["start"] == step + 5
         assert answer["provisional"]["lrs"][0] == [0.1 * 0.99 ** (step + 5), 0.2 / (step + 6)]
     assert compiled == []
+
+
+def test_the_tail_includes_a_spike_guard_report_already_placed(api):
+    """A loss logged before the tail is computed is an input already placed (a spike-guard
+    report, judged at the first free step): the tail backs off as the final steps will, so a
+    job riding it takes the final values, as ``settle`` assumes of every tail (no divergence is
+    recorded for an input older than the tail)."""
+    import json as stdjson
+
+    make_run(api, "g", {"type": "SpikeGuard", "schedule": COSINE})
+    for k in range(1, 10):
+        api.get("/v1/runs/g/lr", params={"step": k})
+        body = {"records": [{"step": k, "name": "loss", "value": 1.0 if k < 9 else float("nan"), "rank": 0}]}
+        response = api.post("/v1/runs/g/metrics", content=stdjson.dumps(body),
+                            headers={"content-type": "application/json"})
+        assert response.status_code == 202, response.text
+    answer = api.get("/v1/runs/g/lr", params={"step": 9, "provisional": 6}).json()
+    tail = answer["provisional"]
+    assert tail["start"] == 10
+    after = api.get("/v1/runs/g/lr", params={"step": 10, "ahead": 5}).json()
+    assert [s["applied_at"] for s in after["spikes"]] == [10]  # the NaN at step 9, applied at 10
+    assert tail["lrs"] == after["window"]["lrs"]  # the tail was right
