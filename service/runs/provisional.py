@@ -22,6 +22,7 @@ import weakref
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
+from lrserve.service.engine import cost
 from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.errors import InvalidInput, ScheduleError
 from lrserve.service.runs.manager import RunManager
@@ -143,14 +144,19 @@ def settle(
         )
     if manager.state(run_id).horizon < until:
         manager.committer.commit(run_id, until, if_behind=True)
-    events = manager.store.read_events(run_id)
     # An input newer than the tail, placed at or before a step the job took on it (any step
     # below ``start`` too: it changed what followed); without the tail's id, one on those steps.
-    placed = sorted({
-        e.step for e in events
-        if e.kind.is_step_input and e.step is not None and e.step <= until
-        and (e.seq > tail_id if tail_id is not None else e.step >= start)
-    })
+    # Read by seq and step in the database, and priced (the work budget): a settle reads the
+    # inputs since the tail (or on the steps ridden), not the run's whole log.
+    most = cost.events_within(manager.settings.work_budget)
+    events = manager.store.read_events_on_steps(
+        run_id, _SETTLED_KINDS, 0 if tail_id is not None else start, until,
+        after_seq=tail_id or 0, limit=most + 1)
+    if len(events) > most:
+        since = f"since tail {tail_id}" if tail_id is not None else f"on steps {start}..{until}"
+        cost.check(f"settling a ride on more than {most} inputs placed {since}", "provisional_from",
+                   cost.EVENT_UNITS * len(events), manager.settings.work_budget)
+    placed = sorted({e.step for e in events if e.kind.is_step_input and e.step is not None})
     if not placed:
         return None
     told = _divergence(events, rank, start, tail_id)
@@ -159,10 +165,16 @@ def settle(
     payload = {
         "rank": rank, "from_step": start, "to_step": until, "input_steps": placed, "provisional_id": tail_id,
     }
+    before = manager.state(run_id).last_seq
     manager.committer.commit(run_id, manager.state(run_id).horizon, extra_events=[
         NewEvent(EventKind.PROVISIONAL_DIVERGENCE, start, payload)])
-    newer = manager.store.read_events(run_id, after_seq=events[-1].seq if events else 0)
+    newer = manager.store.read_events_on_steps(
+        run_id, [EventKind.PROVISIONAL_DIVERGENCE], start, start, after_seq=before)
     return _divergence(newer, rank, start, tail_id)
+
+
+_SETTLED_KINDS = [*(kind for kind in EventKind if kind.is_step_input), EventKind.PROVISIONAL_DIVERGENCE]
+"""What ``settle`` reads: the inputs that change the steps ridden, and its own record of them."""
 
 
 def _divergence(events: list[Event], rank: int, start: int, tail_id: int | None) -> Event | None:

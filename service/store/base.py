@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from lrserve.service.engine.status import RunStatus
-from lrserve.service.store.events import Event, FeedEntry, NewEvent
+from lrserve.service.store.events import Event, EventKind, FeedEntry, NewEvent
 
 
 class WouldWait(Exception):
@@ -306,6 +306,15 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         """Events with ``seq > after_seq``, in order, without taking the lock."""
+
+    @abc.abstractmethod
+    def read_events_on_steps(
+        self, run_id: str, kinds: Sequence[EventKind], first_step: int, last_step: int, *,
+        after_seq: int = 0, limit: int | None = None,
+    ) -> list[Event]:
+        """Events of ``kinds`` placed on steps ``first_step .. last_step`` with ``seq > after_seq``,
+        in order (the first ``limit``), without taking the lock: chosen by the database, so a
+        request that asks about a few steps of a long run reads those events, not its whole log."""
 
     @abc.abstractmethod
     def read_feed(self, after_gid: int, limit: int = 500) -> list[FeedEntry]:

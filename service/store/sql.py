@@ -1069,6 +1069,25 @@ class SqlStore(BaseStore):
         with self._driver_read() as cursor:
             return self._events_after(cursor, run_id, after_seq)
 
+    def read_events_on_steps(
+        self, run_id: str, kinds: Sequence[EventKind], first_step: int, last_step: int, *,
+        after_seq: int = 0, limit: int | None = None,
+    ) -> list[Event]:
+        """Events of ``kinds`` placed on steps ``first_step .. last_step`` with ``seq > after_seq``,
+        in order, the first ``limit`` (filtered in the database: the run's rows after
+        ``after_seq`` are scanned there, by its primary key, and only the matching ones are
+        read and decoded here).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(events).where(
+            events.c.run_id == run_id, events.c.seq > after_seq,
+            events.c.step.between(first_step, last_step), events.c.kind.in_([kind.value for kind in kinds]),
+        ).order_by(events.c.seq).limit(limit)
+        with self._transaction() as conn:
+            return [_event(row) for row in conn.execute(query)]
+
     def _events_after(self, cursor: Any, run_id: str, after_seq: int) -> list[Event]:
         sql = self._driver_sql("events_after", _EVENTS_AFTER)
         sql.execute(cursor, {"run_id": run_id, "after_seq": after_seq})

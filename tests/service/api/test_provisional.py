@@ -206,3 +206,69 @@ def test_the_tail_includes_a_spike_guard_report_already_placed(api):
     after = api.get("/v1/runs/g/lr", params={"step": 10, "ahead": 5}).json()
     assert [s["applied_at"] for s in after["spikes"]] == [10]  # the NaN at step 9, applied at 10
     assert tail["lrs"] == after["window"]["lrs"]  # the tail was right
+
+
+def _plateau_run(api, run_id, steps):
+    """A plateau run with its watched metric reported at each of ``steps`` steps: one input
+    event per step, as a long training run's log holds."""
+    make_run(api, run_id, PLATEAU)
+    for k in range(1, steps + 1):
+        response = api.post(f"/v1/runs/{run_id}/step", json={"step": k, "metrics": {"val_loss": 1.0}})
+        assert response.status_code == 200, response.text
+
+
+def test_settling_reads_the_inputs_since_the_tail_not_the_whole_log(api):
+    """A settle read the run's whole event log, every time (a 20,000-step plateau run: 0.65-1 s
+    per request, any read token may send ``provisional_from``): now the database picks the
+    events since the tail (or on the steps ridden), and a divergence is still found and
+    recorded once."""
+    _plateau_run(api, "p", 60)
+    tail = api.get("/v1/runs/p/lr", params={"step": 60, "provisional": 10}).json()["provisional"]
+    assert api.post("/v1/runs/p/control", json={"action": "scale", "factor": 0.5}).status_code == 200
+    store = api.app.state.manager.store
+    read = []
+    real = store.read_events_on_steps
+
+    def counted(*args, **kwargs):
+        found = real(*args, **kwargs)
+        read.append(len(found))
+        return found
+
+    def whole_log(*args, **kwargs):
+        raise AssertionError("a settle read the run's whole log")
+
+    api.app.state.manager.store.read_events = whole_log
+    api.app.state.manager.store.read_events_on_steps = counted
+    try:
+        params = {"step": 64, "provisional_from": 61, "provisional_id": tail["id"]}
+        back = api.get("/v1/runs/p/lr", params=params).json()
+        again = api.get("/v1/runs/p/lr", params=params).json()
+        after = api.get("/v1/runs/p/lr", params={"step": 64, "provisional_from": 62}).json()
+        on = api.get("/v1/runs/p/lr", params={"step": 64, "provisional_from": 61}).json()
+    finally:
+        del store.read_events, store.read_events_on_steps
+    assert back["provisional_divergence"]["input_steps"] == [61]
+    assert again["provisional_divergence"] == back["provisional_divergence"]
+    assert "provisional_divergence" not in after  # without the id: inputs on the steps ridden (62..64)
+    assert on["provisional_divergence"] == back["provisional_divergence"]  # on 61..64: the one recorded
+    assert read and max(read) <= 3  # the action, its record; never the 60 metric events before
+
+
+def test_a_settle_over_the_work_budget_is_a_422_naming_provisional_from(settings):
+    """A ride no job can have taken (from step 0 of a long run, no tail id) would read every
+    input of the log: priced like every request (``cost.EVENT_UNITS`` each), refused over the
+    budget, naming the field; the same run settles a real ride."""
+    from fastapi.testclient import TestClient
+    from lrserve.service.app import create_app
+    from lrserve.service.engine import cost
+
+    budget = 75 * cost.EVENT_UNITS  # 75 events; this run's create (1,442 units) and windows fit
+    with TestClient(create_app(settings.model_copy(update={"work_budget": budget}))) as api:
+        _plateau_run(api, "p", 100)
+        response = api.get("/v1/runs/p/lr", params={"step": 100, "provisional_from": 0})
+        assert response.status_code == 422, response.text
+        assert response.json()["code"] == "work_budget_exceeded" and "provisional_from" in response.text
+        tail = api.get("/v1/runs/p/lr", params={"step": 100, "provisional": 5}).json()["provisional"]
+        ride = {"step": 103, "provisional_from": 101, "provisional_id": tail["id"]}
+        back = api.get("/v1/runs/p/lr", params=ride)
+        assert back.status_code == 200 and "provisional_divergence" not in back.json()
