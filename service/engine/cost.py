@@ -113,16 +113,6 @@ def history_cost(*, n_groups: int, points: int) -> int:
     return points * (n_groups + GROUP_OVERHEAD)
 
 
-EVENT_UNITS = 20
-"""Units to read and decode one stored event (its row, its JSON payload): 10-30 µs measured
-(20,000 events of a plateau run read in 0.3-0.65 s on a busy 2-core machine)."""
-
-
-def events_within(budget: int) -> int:
-    """The most stored events that ``budget`` units pay to read."""
-    return max(0, budget) // EVENT_UNITS
-
-
 def steps_within(spec: ScheduleSpec, *, n_groups: int, budget: int) -> int:
     """The most steps of ``spec`` that fit in ``budget`` units (at least 1: one step is always served)."""
     return max(1, fit(spec, n_groups=n_groups, budget=budget))

@@ -22,7 +22,6 @@ import weakref
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
-from lrserve.service.engine import cost
 from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.errors import InvalidInput, ScheduleError
 from lrserve.service.runs.manager import RunManager
@@ -146,44 +145,39 @@ def settle(
         manager.committer.commit(run_id, until, if_behind=True)
     # An input newer than the tail, placed at or before a step the job took on it (any step
     # below ``start`` too: it changed what followed); without the tail's id, one on those steps.
-    # Read by seq and step in the database, and priced (the work budget): a settle reads the
-    # inputs since the tail (or on the steps ridden), not the run's whole log.
-    most = cost.events_within(manager.settings.work_budget)
-    events = manager.store.read_events_on_steps(
-        run_id, _SETTLED_KINDS, 0 if tail_id is not None else start, until,
-        after_seq=tail_id or 0, limit=most + 1)
-    if len(events) > most:
-        since = f"since tail {tail_id}" if tail_id is not None else f"on steps {start}..{until}"
-        cost.check(f"settling a ride on more than {most} inputs placed {since}", "provisional_from",
-                   cost.EVENT_UNITS * len(events), manager.settings.work_budget)
-    placed = sorted({e.step for e in events if e.kind.is_step_input and e.step is not None})
+    # Found by the database (distinct steps, at most MOST_INPUT_STEPS + 1 of them): a settle
+    # never reads the run's log, however many ranks reported since the tail.
+    placed = manager.store.steps_of(
+        run_id, _INPUTS, after_seq=tail_id or 0, first_step=0 if tail_id is not None else start,
+        last_step=until, limit=MOST_INPUT_STEPS)
     if not placed:
         return None
-    told = _divergence(events, rank, start, tail_id)
+    told = _recorded(manager, run_id, rank, start, tail_id)
     if told is not None:
         return told  # recorded already (the answer before was lost): once
     payload = {
         "rank": rank, "from_step": start, "to_step": until, "input_steps": placed, "provisional_id": tail_id,
     }
-    before = manager.state(run_id).last_seq
     manager.committer.commit(run_id, manager.state(run_id).horizon, extra_events=[
         NewEvent(EventKind.PROVISIONAL_DIVERGENCE, start, payload)])
-    newer = manager.store.read_events_on_steps(
-        run_id, [EventKind.PROVISIONAL_DIVERGENCE], start, start, after_seq=before)
-    return _divergence(newer, rank, start, tail_id)
+    return _recorded(manager, run_id, rank, start, tail_id)
 
 
-_SETTLED_KINDS = [*(kind for kind in EventKind if kind.is_step_input), EventKind.PROVISIONAL_DIVERGENCE]
-"""What ``settle`` reads: the inputs that change the steps ridden, and its own record of them."""
+MOST_INPUT_STEPS = 1_000
+"""The most steps a ``provisional_divergence`` names in ``input_steps`` (the first ones)."""
+_INPUTS = [kind for kind in EventKind if kind.is_step_input]
 
 
-def _divergence(events: list[Event], rank: int, start: int, tail_id: int | None) -> Event | None:
-    """The event recorded for this rank's ride on tail ``tail_id`` (or from ``start``), if any."""
-    for e in events:
-        if e.kind is not EventKind.PROVISIONAL_DIVERGENCE or e.payload.get("rank") != rank:
+def _recorded(manager: RunManager, run_id: str, rank: int, start: int, tail_id: int | None) -> Event | None:
+    """The divergence recorded for this rank's ride on tail ``tail_id`` (recorded after it:
+    at any step), or without the id, for its ride from ``start`` (recorded at ``start``)."""
+    found = manager.store.read_events_of(
+        run_id, [EventKind.PROVISIONAL_DIVERGENCE], after_seq=tail_id or 0,
+        step=None if tail_id is not None else start)
+    for e in found:
+        if e.payload.get("rank") != rank:
             continue
-        same = e.payload.get("provisional_id") == tail_id if tail_id is not None else e.step == start
-        if same:
+        if (e.payload.get("provisional_id") == tail_id if tail_id is not None else e.step == start):
             return e
     return None
 

@@ -308,13 +308,20 @@ class BaseStore(abc.ABC):
         """Events with ``seq > after_seq``, in order, without taking the lock."""
 
     @abc.abstractmethod
-    def read_events_on_steps(
-        self, run_id: str, kinds: Sequence[EventKind], first_step: int, last_step: int, *,
-        after_seq: int = 0, limit: int | None = None,
+    def read_events_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, step: int | None = None
     ) -> list[Event]:
-        """Events of ``kinds`` placed on steps ``first_step .. last_step`` with ``seq > after_seq``,
-        in order (the first ``limit``), without taking the lock: chosen by the database, so a
-        request that asks about a few steps of a long run reads those events, not its whole log."""
+        """Events of ``kinds`` with ``seq > after_seq`` (placed on ``step`` where given), in
+        order, without taking the lock: chosen by the database, not read whole."""
+
+    @abc.abstractmethod
+    def steps_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, first_step: int, last_step: int,
+        limit: int,
+    ) -> list[int]:
+        """The distinct steps ``first_step .. last_step`` on which events of ``kinds`` with
+        ``seq > after_seq`` were placed, in step order, the first ``limit`` (found by the
+        database: however many events, ``limit`` numbers come back)."""
 
     @abc.abstractmethod
     def read_feed(self, after_gid: int, limit: int = 500) -> list[FeedEntry]:

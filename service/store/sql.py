@@ -1069,24 +1069,39 @@ class SqlStore(BaseStore):
         with self._driver_read() as cursor:
             return self._events_after(cursor, run_id, after_seq)
 
-    def read_events_on_steps(
-        self, run_id: str, kinds: Sequence[EventKind], first_step: int, last_step: int, *,
-        after_seq: int = 0, limit: int | None = None,
+    def read_events_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, step: int | None = None
     ) -> list[Event]:
-        """Events of ``kinds`` placed on steps ``first_step .. last_step`` with ``seq > after_seq``,
-        in order, the first ``limit`` (filtered in the database: the run's rows after
-        ``after_seq`` are scanned there, by its primary key, and only the matching ones are
-        read and decoded here).
+        """Events of ``kinds`` with ``seq > after_seq`` (placed on ``step`` where given), in order
+        (filtered in the database, which scans the run's rows after ``after_seq`` by its primary
+        key; only the matching ones are decoded here).
 
         Raises:
             StoreUnavailable: the database failed.
         """
         query = select(events).where(
-            events.c.run_id == run_id, events.c.seq > after_seq,
-            events.c.step.between(first_step, last_step), events.c.kind.in_([kind.value for kind in kinds]),
-        ).order_by(events.c.seq).limit(limit)
+            events.c.run_id == run_id, events.c.seq > after_seq, events.c.kind.in_([k.value for k in kinds]))
+        if step is not None:
+            query = query.where(events.c.step == step)
         with self._transaction() as conn:
-            return [_event(row) for row in conn.execute(query)]
+            return [_event(row) for row in conn.execute(query.order_by(events.c.seq))]
+
+    def steps_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, first_step: int, last_step: int,
+        limit: int,
+    ) -> list[int]:
+        """The distinct steps ``first_step .. last_step`` of the events of ``kinds`` with
+        ``seq > after_seq``, in step order, the first ``limit`` (one statement).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(events.c.step).distinct().where(
+            events.c.run_id == run_id, events.c.seq > after_seq,
+            events.c.step.between(first_step, last_step), events.c.kind.in_([k.value for k in kinds]),
+        ).order_by(events.c.step).limit(limit)
+        with self._transaction() as conn:
+            return list(conn.execute(query).scalars())
 
     def _events_after(self, cursor: Any, run_id: str, after_seq: int) -> list[Event]:
         sql = self._driver_sql("events_after", _EVENTS_AFTER)
