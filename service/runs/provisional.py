@@ -145,7 +145,7 @@ def settle(
         manager.committer.commit(run_id, until, if_behind=True)
     # An input newer than the tail, placed at or before a step the job took on it (any step
     # below ``start`` too: it changed what followed); without the tail's id, one on those steps.
-    # Found by the database (distinct steps, at most MOST_INPUT_STEPS + 1 of them): a settle
+    # Found by the database (distinct steps, the first MOST_INPUT_STEPS of them): a settle
     # never reads the run's log, however many ranks reported since the tail.
     placed = manager.store.steps_of(
         run_id, _INPUTS, after_seq=tail_id or 0, first_step=0 if tail_id is not None else start,
@@ -177,7 +177,7 @@ def _recorded(manager: RunManager, run_id: str, rank: int, start: int, tail_id: 
     for e in found:
         if e.payload.get("rank") != rank:
             continue
-        if (e.payload.get("provisional_id") == tail_id if tail_id is not None else e.step == start):
+        if e.payload.get("provisional_id") == tail_id if tail_id is not None else e.step == start:
             return e
     return None
 
