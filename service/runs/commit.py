@@ -440,9 +440,9 @@ class Committer:
             first = state.checkpointed_to + 1  # the LRs since the last snapshot go with it (history)
             lrs = state.values.packed_lrs(first - state.first_step, state.horizon + 1 - state.first_step)
             chunk = ValueChunk(first, state.horizon + 1 - first, state.n_groups, pack_lrs(lrs))
-            self.store.save_snapshot(
-                state.run_id, Snapshot(state.horizon, state.last_seq, codec.to_jsonable(payload)), chunk
-            )
+            jsonable = codec.to_jsonable(payload)
+            snapshot = Snapshot(state.horizon, state.last_seq, jsonable, codec.encoded(jsonable))
+            self.store.save_snapshot(state.run_id, snapshot, chunk)
             state.checkpointed_to = state.horizon
 
 

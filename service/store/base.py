@@ -162,11 +162,13 @@ def unpack_lrs(data: bytes) -> array[float]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Engine state after applying events up to ``seq`` and stepping to ``step``."""
+    """Engine state after applying events up to ``seq`` and stepping to ``step``; ``text``:
+    ``state`` as JSON where the caller wrote it already (``codec.encoded``), else the store does."""
 
     step: int
     seq: int
     state: dict[str, Any]
+    text: str | None = None
 
 
 @dataclass(frozen=True)

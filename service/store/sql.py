@@ -1267,7 +1267,7 @@ class SqlStore(BaseStore):
             StoreUnavailable: the database failed.
         """
         row = {"run_id": run_id, "step": snapshot.step, "seq": snapshot.seq,
-               "state": _dumps(snapshot.state)}
+               "state": snapshot.text if snapshot.text is not None else _dumps(snapshot.state)}
         insert = self._insert(snapshots).values(row)
         upsert = insert.on_conflict_do_update(
             index_elements=["run_id", "step"],
