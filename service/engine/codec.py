@@ -103,8 +103,9 @@ def encoded(jsonable: Any) -> str:
     """``to_jsonable``'s result as JSON text, by orjson: one C call that holds the GIL ~0.3 ms
     for a 1024-group engine's snapshot, where the stdlib encoder's one call held it 4 ms (the
     event loop waited behind it). Every float left is finite (the others are tagged), and each
-    is written as the shortest text that reads back to it exactly. An int over 64 bits, which
-    orjson does not write, goes to the stdlib encoder."""
+    is written as the shortest text that reads back to it exactly (never call it on raw state:
+    orjson writes NaN as null). What orjson does not write (an int outside 64 bits, a float
+    subclass, a lone surrogate) goes to the stdlib encoder, slower, as exact."""
     try:
         return orjson.dumps(jsonable).decode()
     except TypeError:

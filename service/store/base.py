@@ -29,7 +29,7 @@ import sys
 from array import array
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -168,7 +168,7 @@ class Snapshot:
     step: int
     seq: int
     state: dict[str, Any]
-    text: str | None = None
+    text: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

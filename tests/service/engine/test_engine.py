@@ -8,6 +8,7 @@ import json
 import pickle
 import typing
 
+import orjson
 import pytest
 from lrserve.service.engine import codec
 from lrserve.service.engine.actions import ARGUMENTS, ActionKind, parse_action
@@ -306,6 +307,7 @@ def test_snapshot_round_trip_continues_identically(spec):
     metrics = iter(LOSSES * 10)
     for _ in range(23):
         original.advance({"val_loss": next(metrics)})
+    orjson.dumps(codec.to_jsonable(original.snapshot()))  # written by orjson itself: no fallback
     restored = Engine.restore(codec.loads(codec.dumps(original.snapshot())))
     assert restored.values() == original.values()
     for _ in range(30):
