@@ -503,8 +503,7 @@ class RunManager:
             except LRServeError as exc:
                 outcomes[i] = exc
                 continue
-            wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
-            end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
+            end = self._end_asked(state, step, ahead)
             todo.append((i, run_id, end, step))
             committing.add(run_id)
         done = self.committer.advance_now([(run_id, end, step) for _, run_id, end, step in todo])
@@ -532,8 +531,7 @@ class RunManager:
         if window is not None:
             return window
         self._check_jump(state, step)
-        wanted = self._before_failure(run_id, step + min(ahead, self._ahead_cap(state)))
-        end = max(step, min(wanted, state.horizon + self.budget_steps(state)))
+        end = self._end_asked(state, step, ahead)
         if end > state.horizon:
             self.committer.commit(run_id, end, if_behind=True, need=step)
         state = self.state(run_id)
@@ -589,6 +587,12 @@ class RunManager:
             f"reaching step {step} from the horizon ({horizon}) on {state.n_groups} param groups",
             "step", state.prices.work(horizon, step), self.settings.work_budget,
         )
+
+    def _end_asked(self, state: RunState, step: int, ahead: int) -> int:
+        """The last step a window asked at ``step`` commits: ``ahead`` under its cap, before a
+        step the schedule is known to fail at, and within the work budget from the horizon."""
+        wanted = self._before_failure(state.run_id, step + min(ahead, self._ahead_cap(state)))
+        return max(step, min(wanted, state.horizon + self.budget_steps(state)))
 
     def _window_end(self, state: RunState, step: int, ahead: int) -> int:
         """The last step of the window asked at ``step`` (capped), when ``step`` is the first free one."""

@@ -1079,8 +1079,7 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        query = select(events).where(
-            events.c.run_id == run_id, events.c.seq > after_seq, events.c.kind.in_([k.value for k in kinds]))
+        query = select(events).where(*_of_kinds(run_id, kinds, after_seq))
         if step is not None:
             query = query.where(events.c.step == step)
         with self._transaction() as conn:
@@ -1097,8 +1096,7 @@ class SqlStore(BaseStore):
             StoreUnavailable: the database failed.
         """
         query = select(events.c.step).distinct().where(
-            events.c.run_id == run_id, events.c.seq > after_seq,
-            events.c.step.between(first_step, last_step), events.c.kind.in_([k.value for k in kinds]),
+            *_of_kinds(run_id, kinds, after_seq), events.c.step.between(first_step, last_step),
         ).order_by(events.c.step).limit(limit)
         with self._transaction() as conn:
             return list(conn.execute(query).scalars())
@@ -1635,6 +1633,11 @@ def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int | 
     return {"run_id": run_id, "seq": seq, "kind": kind.value, "step": event.step,
             "payload": _dumps(event.payload), "at": at, "actor": event.actor, "reason": event.reason,
             "gid": gid}
+
+
+def _of_kinds(run_id: str, kinds: Sequence[EventKind], after_seq: int) -> tuple[Any, ...]:
+    """``read_events_of``'s and ``steps_of``'s filter: the run's events of ``kinds`` after ``after_seq``."""
+    return (events.c.run_id == run_id, events.c.seq > after_seq, events.c.kind.in_([k.value for k in kinds]))
 
 
 def _event(row: Any) -> Event:
