@@ -190,7 +190,7 @@ class _Attacker:
             self.big.request("POST", "/v1/schedules/preview", json=body)
             self.units = cost.cost(self.spec, n_groups=GROUPS, steps=self.fits)
         elif self.name == "history":
-            points = self.budget // (GROUPS + cost.GROUP_OVERHEAD)
+            points = cost.history_points(n_groups=GROUPS, series=1, budget=self.budget)
             record = {"step": self.first_metric_step + self.count, "name": "attack", "value": 1.0, "rank": 0}
             posted = http.post(f"/v1/runs/{self.wide}/metrics", json={"records": [record]})
             posted.raise_for_status()
@@ -198,12 +198,12 @@ class _Attacker:
                 raise RuntimeError(f"metric record {record} was not new: the history would be a kept one")
             t0 = time.perf_counter()
             self.big.request("GET", f"/v1/runs/{self.wide}/history", params={"max_points": points})
-            self.units = cost.history_cost(n_groups=GROUPS, points=points)
+            self.units = cost.history_cost(n_groups=GROUPS, points=points, series=1, rows=points)
         elif self.name == "kept history":
-            points = self.budget // (GROUPS + cost.GROUP_OVERHEAD)
+            points = cost.history_points(n_groups=GROUPS, series=1, budget=self.budget)
             t0 = time.perf_counter()
             self.big.request("GET", f"/v1/runs/{self.wide}/history", params={"max_points": points})
-            self.units = cost.history_cost(n_groups=GROUPS, points=points)
+            self.units = cost.history_cost(n_groups=GROUPS, points=points, series=1, rows=points)
         elif self.name == "create":
             lambdas = [f"{i + 1}/({i + 1}+step)" + "+0*step" * 5 for i in range(GROUPS)]
             schedule = {"type": "LambdaLR", "lr_lambda": lambdas}

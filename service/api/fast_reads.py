@@ -1,13 +1,15 @@
 """Reads near the hot path: ``GET /v1/runs/{run_id}`` and ``GET .../history``, answered before
 FastAPI where they can be, and history answers kept while they hold.
 
-**History answers** (``HistoryAnswers``). A history is built from the run's whole log (its
-events, every metric row) and its final LRs, and it changes only when the run does: final
-values never change (finality), events and metric rows are only appended. So an answer is
-kept, as JSON bytes, under the run's ``HistoryMark`` (created_at, horizon, last_seq, metric
-rows) read *before* it was built, and given again while a fresh mark (one statement) is the
-same. Any process's commit, action or metric moves the mark (replicas included); a run
-deleted and created again has another ``created_at``. Kept answers are bounded in bytes
+**History answers** (``HistoryAnswers``). A history is built from the run's events, its
+metric rows (at most ``max_points`` of each series) and its final LRs, and it changes only
+when the run does: final values never change (finality), events and metric rows are only
+appended. So an answer is kept, as JSON bytes, under the run's ``HistoryMark`` (created_at,
+horizon, last_seq, metric rows) read *before* it was built, and given again while a fresh
+mark (one statement) is the same. Any process's commit, action or metric moves the mark
+(replicas included); a run deleted and created again has another ``created_at``. A run of
+more metric rows than a mark counts (``MARK_METRIC_ROWS``) has its histories built anew each
+time, at the cost their ``max_points`` bounds. Kept answers are bounded in bytes
 (``ANSWER_BYTES``), least recently used first out.
 
 **Before FastAPI** (``FastReads``, an ASGI layer like ``fast_path.FastPath``). On SQLite,
@@ -92,7 +94,9 @@ class HistoryAnswers:
         return self._kept.get((run_id, max_points))
 
     def get(self, run_id: str, max_points: int, mark: HistoryMark) -> bytes | None:
-        """The kept answer if it was built at ``mark`` (the run's mark now), else None."""
+        """The kept answer if it was built at ``mark`` (the run's mark now, ``exact``), else None."""
+        if not mark.exact:
+            return None
         key = (run_id, max_points)
         with self._lock:
             found = self._kept.get(key)
@@ -102,8 +106,9 @@ class HistoryAnswers:
             return found[1]
 
     def put(self, run_id: str, max_points: int, mark: HistoryMark, body: bytes) -> None:
-        """Keep ``body``, built after reading ``mark``, unless it alone is over a quarter of the bound."""
-        if len(body) > self.most_bytes // 4:
+        """Keep ``body``, built after reading ``mark``, unless it alone is over a quarter of the
+        bound or the mark is not ``exact`` (it could not tell a later history from this one)."""
+        if len(body) > self.most_bytes // 4 or not mark.exact:
             return
         key = (run_id, max_points)
         with self._lock:

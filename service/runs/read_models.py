@@ -22,7 +22,7 @@ from lrserve.service.runs.commit import Committer
 from lrserve.service.runs.state import RunState
 from lrserve.service.runs.value_log import step_tuples
 from lrserve.service.settings import Settings
-from lrserve.service.store.base import BaseStore, HistoryMark
+from lrserve.service.store.base import BaseStore, HistoryMark, MetricEnds, MetricRow
 from lrserve.service.store.events import Event, EventKind
 
 
@@ -55,7 +55,7 @@ class History:
     steps: Sequence[int]
     packed_lrs: array[float]  # the LRs of each of ``steps``, ``n_groups`` a step, one after the other
     n_groups: int
-    metrics: dict[str, Sequence[tuple[int, int, float]]]  # per name: (step, rank, value) rows
+    metrics: dict[str, Sequence[MetricRow]]  # per name, by step, then rank
     events: list[Event]  # every event but the metric ones
     mark: HistoryMark
 
@@ -188,16 +188,41 @@ class ReadModels:
         """
         mark = self.store.history_mark(run_id) if mark is None else mark
         state = self.committer.caught_up(run_id)
-        units = cost.history_cost(n_groups=state.n_groups, points=min(max_points, state.horizon + 1))
-        cost.check(f"a history of {max_points} points on {state.n_groups} param groups", "max_points",
-                   units, self.settings.work_budget)
-        horizon = state.horizon
+        horizon, n_groups = state.horizon, state.n_groups
+        points = min(max_points, horizon + 1)
+        what = f"a history of {max_points} points on {n_groups} param groups"
+        cost.check(what, "max_points", cost.history_cost(n_groups=n_groups, points=points),
+                   self.settings.work_budget)
+        metrics = self._metrics(run_id, max_points, points, n_groups, what)  # priced in turn: first
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
-        metrics = {name: downsample(rows, max_points)
-                   for name, rows in self.store.read_metrics(run_id).items()}
         events = list(self.events.shown(run_id, mark.created_at))
         return History(run_id, steps, lrs, state.n_groups, metrics, events, mark)
+
+    def _metrics(self, run_id: str, max_points: int, points: int, n_groups: int,
+                 what: str) -> dict[str, Sequence[MetricRow]]:
+        """The run's metric series, each at most ``max_points`` rows (``picks``), read at a
+        cost bounded by ``max_points`` and the number of series, not by their length: each
+        read is priced (``cost.history_cost``, with the history's ``points`` LRs of
+        ``n_groups`` groups) before it is made.
+
+        Raises:
+            WorkBudgetExceeded: more series, or more long ones, than the budget pays for.
+        """
+        budget = self.settings.work_budget
+        lrs = cost.history_cost(n_groups=n_groups, points=points)
+        one = cost.history_cost(n_groups=n_groups, points=0, series=1, rows=max_points)
+        names = self.store.metric_names(run_id, max(0, budget - lrs) // one + 1)
+        units = cost.history_cost(n_groups=n_groups, points=points, series=len(names), rows=max_points)
+        cost.check(f"{what} and {len(names)} metric series", "max_points", units, budget)
+        ends = self.store.metric_ends(run_id, names, max_points + 1)
+        longer = sum(1 for e in ends if e.last)
+        units = cost.history_cost(n_groups=n_groups, points=points, series=len(names), rows=max_points,
+                                  long_series=longer)
+        cost.check(f"{what} and {len(names)} metric series, {longer} of them over {max_points} rows",
+                   "max_points", units, budget)
+        return {e.name: self.store.metric_rows_at(run_id, e.name, *picks(e, max_points)) if e.last else e.head
+                for e in ends}
 
     def _lrs_at(self, state: RunState, steps: Sequence[int]) -> array[float]:
         """Final LRs of ``steps`` (at most the horizon, increasing), packed: from memory, else as
@@ -218,6 +243,21 @@ class ReadModels:
             packed.extend(found[s])
         packed.extend(held)
         return packed
+
+
+def picks(ends: MetricEnds, max_points: int) -> tuple[list[int], list[int]]:
+    """Where a history shows a metric series of more than ``max_points`` rows (``ends``: its
+    first ``max_points + 1`` rows and its last step's): its rows at the first step the series
+    has rows at at or after each of the steps returned, of each rank returned.
+
+    The ranks are those of ``ends`` (at most ``max_points``); the steps, ``max_points // ranks``
+    of them, are spread evenly from the series' first step to its last. So each rank's curve
+    keeps its first and last step however long the series is, at most ``max_points`` rows are
+    shown, and as many are read (``BaseStore.metric_rows_at``).
+    """
+    ranks = sorted({rank for _, rank, _ in ends.head} | {rank for _, rank, _ in ends.last})[:max_points]
+    steps = downsample(range(ends.head[0][0], ends.last[0][0] + 1), max(1, max_points // len(ranks)))
+    return list(steps), ranks
 
 
 def downsample(items: Sequence[Any], max_points: int) -> Sequence[Any]:

@@ -112,16 +112,43 @@ class LockedRun:
 class HistoryMark:
     """What a run's history (``GET .../history``) is made of, in four numbers: its row's
     ``created_at`` (a run deleted and created again), ``horizon`` (its final LRs),
-    ``last_seq`` (its events) and how many metric rows it has (``history_mark``).
+    ``last_seq`` (its events) and how many metric rows it has (``history_mark``), counted up
+    to one past ``MARK_METRIC_ROWS``.
 
     Each only grows while the run exists: final values never change, events and metric rows
-    are only appended (a metric already stored is kept as it was). So two equal marks mean
-    the same history, and an answer built after reading a mark is at least that new."""
+    are only appended (a metric already stored is kept as it was). So two equal ``exact``
+    marks mean the same history, and an answer built after reading a mark is at least that
+    new. A mark that is not ``exact`` (more metric rows than it counts) tells nothing: no
+    answer is kept under it."""
 
     created_at: datetime
     horizon: int
     last_seq: int
     metric_rows: int
+
+    @property
+    def exact(self) -> bool:
+        """Whether every metric row was counted (so an equal mark means the same history)."""
+        return self.metric_rows <= MARK_METRIC_ROWS
+
+
+MARK_METRIC_ROWS = 100_000
+"""Most metric rows a ``HistoryMark`` counts (a few ms on the primary key), so that reading a
+mark costs no more however long the run: a run with more builds each history anew, at the
+cost its ``max_points`` bounds (``ReadModels.history``)."""
+
+
+MetricRow = tuple[int, int, float]
+"""A metric's ``(step, rank, value)``."""
+
+
+@dataclass(frozen=True)
+class MetricEnds:
+    """A metric's first rows and, where it has more, the rows of its last step (``metric_ends``)."""
+
+    name: str
+    head: list[MetricRow]
+    last: list[MetricRow]  # empty when ``head`` is all of it
 
 
 @dataclass(frozen=True)
@@ -360,6 +387,7 @@ class BaseStore(abc.ABC):
         """
         record = self.read_run(run_id)
         rows = sum(len(found) for found in self.read_metrics(run_id).values())
+        rows = min(rows, MARK_METRIC_ROWS + 1)
         return HistoryMark(record.created_at, record.horizon, record.last_seq, rows)
 
     def without_waiting(self) -> AbstractContextManager[None]:
@@ -420,6 +448,25 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
+
+    # Reads of a history's metrics (``ReadModels.history``), each bounded by what it asks,
+    # not by the run's rows; rows sorted by step, then rank.
+
+    @abc.abstractmethod
+    def metric_names(self, run_id: str, most: int) -> list[str]:
+        """The first ``most`` names of the run's metrics, in order."""
+
+    @abc.abstractmethod
+    def metric_ends(self, run_id: str, names: Sequence[str], rows: int) -> list[MetricEnds]:
+        """For each of ``names`` (in order): its first ``rows`` rows, and, where it has that
+        many, the rows of its last step (its first ``rows`` ranks)."""
+
+    @abc.abstractmethod
+    def metric_rows_at(
+        self, run_id: str, name: str, steps: Sequence[int], ranks: Sequence[int]
+    ) -> list[MetricRow]:
+        """The rows of ``ranks`` at the first step at or after each of ``steps`` that ``name``
+        has rows at (each such step once)."""
 
     @abc.abstractmethod
     def add_barrier_reports(

@@ -34,11 +34,14 @@ from typing import Any, Literal, NoReturn
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
 from lrserve.service.store.base import (
+    MARK_METRIC_ROWS,
     BarrierTally,
     BaseStore,
     HistoryMark,
     LockedRun,
+    MetricEnds,
     MetricRecord,
+    MetricRow,
     RunHead,
     RunRecord,
     RunTransaction,
@@ -173,9 +176,15 @@ _RUN_HEAD = select(runs.c.created_at, runs.c.horizon, runs.c.last_seq).where(
     runs.c.run_id == bindparam("run_id"))
 _HISTORY_MARK = select(
     runs.c.created_at, runs.c.horizon, runs.c.last_seq,
-    select(func.count()).select_from(metrics).where(metrics.c.run_id == runs.c.run_id)
-    .scalar_subquery().label("metric_rows"),
+    select(func.count()).select_from(
+        select(metrics.c.step).where(metrics.c.run_id == bindparam("run_id"))
+        .limit(MARK_METRIC_ROWS + 1).subquery()
+    ).scalar_subquery().label("metric_rows"),
 ).where(runs.c.run_id == bindparam("run_id"))
+"""A run's ``HistoryMark`` in one statement: its metric rows counted up to one past
+``MARK_METRIC_ROWS`` (SQLite walks that many entries of the primary key and stops; so does
+PostgreSQL's plan where its statistics know the run's rows, else it first marks every entry of
+the run in a bitmap: 35 ms for 800,000, against 3 s sorted in the key's order to stop early)."""
 _READ_METRICS = select(
     metrics.c.name, metrics.c.step, metrics.c.rank, metrics.c.value, metrics.c.value_text
 ).where(metrics.c.run_id == bindparam("run_id")).order_by(metrics.c.name, metrics.c.step, metrics.c.rank)
@@ -287,6 +296,11 @@ def _split_float(value: float) -> tuple[float | None, str | None]:
     if math.isfinite(value) and not negative_zero:
         return value, None
     return None, repr(value)  # "nan", "inf", "-inf", "-0.0"
+
+
+def _metric_tuples(rows: Iterable[Sequence[Any]]) -> list[MetricRow]:
+    """``(step, rank, value)`` of rows of ``_METRIC_COLUMNS``."""
+    return [(step, rank, _join_float(value, value_text)) for step, rank, value, value_text in rows]
 
 
 def _join_float(value: float | None, value_text: str | None) -> float:
@@ -820,8 +834,8 @@ class SqlStore(BaseStore):
         return RunHead(row["created_at"], row["horizon"], row["last_seq"])
 
     def history_mark(self, run_id: str) -> HistoryMark:
-        """The run's ``HistoryMark`` in one statement (its row, and its metric rows counted
-        on the metrics table's primary key: C speed, a few ms per 100,000 rows).
+        """The run's ``HistoryMark`` in one statement (its row, and its metric rows counted up
+        to one past ``MARK_METRIC_ROWS``: C speed, a few ms per 100,000 rows).
 
         Raises:
             RunNotFound: no such run.
@@ -1300,14 +1314,11 @@ class SqlStore(BaseStore):
         """
         if not steps:
             return {}
-        if self._postgres:
-            listed: Any = [int(s) for s in steps]
-        else:
-            listed = json.dumps([int(s) for s in steps])
-        query = _read_lrs_query(self._engine.dialect.name)
+        dialect = self._engine.dialect.name
         found: dict[int, tuple[float, ...]] = {}
         with self._transaction() as conn:
-            for row in conn.execute(query, {"b_run_id": run_id, "b_steps": listed}):
+            for row in conn.execute(_read_lrs_query(dialect),
+                                    {"b_run_id": run_id, "b_steps": _list_value(dialect, steps)}):
                 if row.piece is not None:
                     found[int(row.step)] = tuple(unpack_lrs(bytes(row.piece)))
         return found
@@ -1388,6 +1399,53 @@ class SqlStore(BaseStore):
         for name, step, rank, value, value_text in rows:
             found.setdefault(name, []).append((step, rank, _join_float(value, value_text)))
         return found
+
+    def metric_names(self, run_id: str, most: int) -> list[str]:
+        """The first ``most`` names of the run's metrics, in order (one statement: a seek per name).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        with self._transaction() as conn:
+            return list(conn.execute(_METRIC_NAMES, {"b_run_id": run_id, "b_most": most}).scalars())
+
+    def metric_ends(self, run_id: str, names: Sequence[str], rows: int) -> list[MetricEnds]:
+        """For each of ``names``: its first ``rows`` rows, and, where it has that many, the rows
+        of its last step (its first ``rows`` ranks): ranges of the primary key (on PostgreSQL
+        all the names' statements in one round trip).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        head = self._driver_sql("metric_head", _METRIC_HEAD)
+        last = self._driver_sql("metric_last", _METRIC_LAST)
+        asked = [{"run_id": run_id, "name": name, "rows": rows} for name in names]
+        with self._driver_read() as cursor:
+            heads = head.rows_each(cursor, asked)
+            longer = [values for values, found in zip(asked, heads, strict=True) if len(found) >= rows]
+            lasts = iter(last.rows_each(cursor, longer))
+        return [MetricEnds(name, _metric_tuples(found),
+                           _metric_tuples(next(lasts)) if len(found) >= rows else [])
+                for name, found in zip(names, heads, strict=True)]
+
+    def metric_rows_at(
+        self, run_id: str, name: str, steps: Sequence[int], ranks: Sequence[int]
+    ) -> list[MetricRow]:
+        """The rows of ``ranks`` at the first step at or after each of ``steps`` that ``name``
+        has rows at, each such step once, by step, then rank: one statement, a seek per step
+        and per row, however many rows the metric has.
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        if not steps or not ranks:
+            return []
+        dialect = self._engine.dialect.name
+        values = {"b_run_id": run_id, "b_name": name, "b_steps": _list_value(dialect, steps),
+                  "b_ranks": _list_value(dialect, ranks)}
+        with self._transaction() as conn:
+            rows = conn.execute(_metric_rows_at_query(dialect), values).all()
+        return _metric_tuples(rows)
 
     def add_barrier_reports(
         self,
@@ -1654,21 +1712,30 @@ def _metric_row(run_id: str, record: MetricRecord, at: datetime) -> dict[str, An
             "value": value, "value_text": value_text, "at": at}
 
 
-@functools.cache
-def _read_lrs_query(dialect: str) -> Select[Any]:
-    """``read_lrs``'s statement: for each step of one bound list (``b_steps``: a PostgreSQL
-    array, a JSON array on SQLite), its LRs' bytes in its value chunk (NULL if none holds it).
-
-    One statement, compiled once (a ``VALUES`` list of 1,000 rows took SQLAlchemy 65 ms to
-    compile on every call; the read itself is a few ms).
-    """
+def _bound_list(dialect: str, param: str, name: str) -> Any:
+    """A table of one column, ``value``, of the integers bound to ``param`` as one value (a
+    PostgreSQL array, a JSON array on SQLite: ``_list_value``): a list of any length in one
+    statement compiled once (a ``VALUES`` list of 1,000 rows took SQLAlchemy 65 ms to compile
+    on every call)."""
     if dialect == "postgresql":
         from sqlalchemy.dialects import postgresql
 
-        listed = func.unnest(bindparam("b_steps", type_=postgresql.ARRAY(BigInteger)))
-        wanted = listed.table_valued("value").render_derived(name="wanted")
-    else:
-        wanted = func.json_each(bindparam("b_steps")).table_valued("value").alias("wanted")
+        listed = func.unnest(bindparam(param, type_=postgresql.ARRAY(BigInteger)))
+        return listed.table_valued("value").render_derived(name=name)
+    return func.json_each(bindparam(param)).table_valued("value").alias(name)
+
+
+def _list_value(dialect: str, values: Iterable[int]) -> Any:
+    """What ``_bound_list``'s parameter is bound to."""
+    listed = [int(v) for v in values]
+    return listed if dialect == "postgresql" else json.dumps(listed)
+
+
+@functools.cache
+def _read_lrs_query(dialect: str) -> Select[Any]:
+    """``read_lrs``'s statement: for each step of one bound list (``b_steps``), its LRs' bytes
+    in its value chunk (NULL if none holds it); compiled once."""
+    wanted = _bound_list(dialect, "b_steps", "wanted")
     step = wanted.c.value
     c = value_chunks.c
     width = cast(c.groups * 8, Integer)  # PostgreSQL has substr(bytea, int, int) only
@@ -1681,3 +1748,62 @@ def _read_lrs_query(dialect: str) -> Select[Any]:
         .scalar_subquery()
     )
     return select(step.label("step"), piece.label("piece")).select_from(wanted)
+
+
+def _metric_names_query() -> Select[Any]:
+    """``metric_names``' statement: the run's first ``b_most`` metric names, each found by one
+    seek on the metrics table's primary key past the one before (a skip scan: a recursive
+    query), however many rows each name has."""
+    run, later = bindparam("b_run_id", type_=Text), metrics.alias("later")
+    found = select(func.min(metrics.c.name).label("name"), literal_column("1").label("depth")).where(
+        metrics.c.run_id == run).cte("names", recursive=True)
+    following = select(
+        select(func.min(later.c.name)).where(later.c.run_id == run, later.c.name > found.c.name)
+        .scalar_subquery(),
+        found.c.depth + 1,
+    ).where(found.c.name.is_not(None), found.c.depth < bindparam("b_most"))
+    found = found.union_all(following)
+    return select(found.c.name).where(found.c.name.is_not(None)).order_by(found.c.depth)
+
+
+_METRIC_NAMES = _metric_names_query()
+_METRIC_COLUMNS = (metrics.c.step, metrics.c.rank, metrics.c.value, metrics.c.value_text)
+_OF_NAME = (metrics.c.run_id == bindparam("run_id"), metrics.c.name == bindparam("name"))
+_METRIC_HEAD = select(*_METRIC_COLUMNS).where(*_OF_NAME).order_by(
+    metrics.c.step, metrics.c.rank).limit(bindparam("rows"))
+"""A metric's first ``rows`` rows, by step, then rank (a range of its primary key)."""
+_METRIC_LAST = select(*_METRIC_COLUMNS).where(
+    *_OF_NAME, metrics.c.step == select(func.max(metrics.c.step)).where(*_OF_NAME).scalar_subquery(),
+).order_by(metrics.c.rank).limit(bindparam("rows"))
+"""The first ``rows`` ranks' rows of a metric's last step (a seek, then a range)."""
+
+
+@functools.cache
+def _metric_rows_at_query(dialect: str) -> Select[Any]:
+    """``metric_rows_at``'s statement: for each step of ``b_steps``, the first step at or after
+    it that the metric has rows at (one seek each; each found once), and there the row of
+    each rank of ``b_ranks`` (one seek each); compiled once.
+
+    The join is spelled for each planner, so that it starts from the steps found whatever it
+    knows of the table: on SQLite ordered by the lists' columns (ordered by the metric's own,
+    it walked the metric's rows in key order instead: 16 s for 800,000 rows, against 20 ms);
+    on PostgreSQL a ``LATERAL`` join that it may not flatten (``OFFSET 0``: flattened, with
+    statistics older than the rows, it merged the steps with a scan of them all: 350 ms, against
+    16 ms). Each row is found by its whole primary key: one row a seek, however many ranks a
+    step has."""
+    wanted, later = _bound_list(dialect, "b_steps", "wanted"), metrics.alias("later")
+    run, name = bindparam("b_run_id", type_=Text), bindparam("b_name", type_=Text)
+    picked = select(
+        select(func.min(later.c.step)).where(later.c.run_id == run, later.c.name == name,
+                                             later.c.step >= wanted.c.value).scalar_subquery().label("step")
+    ).select_from(wanted).distinct().subquery("picked")
+    ranks = _bound_list(dialect, "b_ranks", "ranks")
+    at_key = (metrics.c.run_id == run, metrics.c.name == name, metrics.c.step == picked.c.step,
+              metrics.c.rank == ranks.c.value)
+    steps_and_ranks = picked.join(ranks, literal_column("true"))
+    if dialect == "postgresql":
+        found = select(*_METRIC_COLUMNS).where(*at_key).offset(literal_column("0")).lateral("found")
+        return select(found.c.step, found.c.rank, found.c.value, found.c.value_text).select_from(
+            steps_and_ranks.join(found, literal_column("true"))).order_by(picked.c.step, ranks.c.value)
+    return select(*_METRIC_COLUMNS).select_from(
+        steps_and_ranks.join(metrics, and_(*at_key))).order_by(picked.c.step, ranks.c.value)
