@@ -294,7 +294,10 @@ class HistoryPublic(BaseModel):
     run_id: str
     lrs: Series
     metrics: dict[str, dict[str, list[Any]]] = Field(
-        description=f"Per metric name: `steps`, `values`, `ranks` (downsampled). {NON_FINITE}"
+        description="Per metric name: `steps`, `values`, `ranks`, by step then rank. A metric of at "
+        "most `max_points` rows is shown whole; a longer one shows the rows of its ranks at "
+        "`max_points // ranks` steps spread evenly from its first logged step to its last (each the "
+        f"first logged step at or after an even point), so its cost follows `max_points`. {NON_FINITE}"
     )
     events: list[dict[str, Any]] = Field(
         description=f"The run's events (kind, step, at, payload fields). {NON_FINITE}"

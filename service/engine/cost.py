@@ -111,24 +111,24 @@ def at_least(*, n_groups: int, steps: int) -> int:
 METRIC_ROW = 1
 """Units of a metric row a history reads in order (a range of the primary key) and writes:
 0.7 µs on SQLite, 1.2 µs on PostgreSQL here."""
-METRIC_PICK = 16
-"""Units of a metric row a history finds by seeks (``BaseStore.metric_rows_at``: a long
-series' rows): 4-8 µs on SQLite, 9-27 µs on PostgreSQL here."""
+METRIC_SEEK = 16
+"""Units of a metric name or row a history finds by an index seek (``BaseStore.metric_names``,
+``metric_rows_at``): 4-8 µs on SQLite, 9-27 µs on PostgreSQL here."""
 
 
-def history_cost(*, n_groups: int, points: int, series: int = 0, rows: int = 0, long_series: int = 0) -> int:
+def history_cost(*, n_groups: int, points: int, series: int = 0, rows: int = 0, sought: int = 0) -> int:
     """Units of a history: ``points`` stored LRs of ``n_groups`` groups read and serialised (no
-    schedule stepped), and ``series`` metric series of at most ``rows`` rows each, of which
-    the first ``rows + 1`` and the last step's are read in order (``BaseStore.metric_ends``),
-    and ``rows`` more found by seeks in each of the ``long_series`` longer ones."""
-    return (points * (n_groups + GROUP_OVERHEAD) + series * 2 * (rows + 1) * METRIC_ROW
-            + long_series * rows * METRIC_PICK)
+    schedule stepped), ``series`` metric names found, ``rows`` metric rows read in order and
+    ``sought`` rows found by seeks (see ``ReadModels.history``)."""
+    return points * (n_groups + GROUP_OVERHEAD) + (series + sought) * METRIC_SEEK + rows * METRIC_ROW
 
 
 def history_points(*, n_groups: int, series: int, budget: int) -> int:
-    """The most points of a history of ``n_groups`` groups and ``series`` metric series no
-    longer than that within ``budget`` (the worst history a budget allows)."""
-    return (budget - series * 2 * METRIC_ROW) // (n_groups + GROUP_OVERHEAD + series * 2 * METRIC_ROW)
+    """The most points of a history of ``n_groups`` groups and ``series`` metric series of at
+    most that many rows each (read in order: their first rows and their last step's) within
+    ``budget``: the worst history a budget allows."""
+    per_point = n_groups + GROUP_OVERHEAD + 2 * series * METRIC_ROW
+    return (budget - series * (METRIC_SEEK + 2 * METRIC_ROW)) // per_point
 
 
 def steps_within(spec: ScheduleSpec, *, n_groups: int, budget: int) -> int:

@@ -193,32 +193,39 @@ class ReadModels:
         what = f"a history of {max_points} points on {n_groups} param groups"
         cost.check(what, "max_points", cost.history_cost(n_groups=n_groups, points=points),
                    self.settings.work_budget)
-        metrics = self._metrics(run_id, max_points, points, n_groups, what)  # priced in turn: first
+        metrics = self._metrics(run_id, max_points, mark, points, n_groups, what)  # priced in turn: first
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
         events = list(self.events.shown(run_id, mark.created_at))
         return History(run_id, steps, lrs, state.n_groups, metrics, events, mark)
 
-    def _metrics(self, run_id: str, max_points: int, points: int, n_groups: int,
+    def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, points: int, n_groups: int,
                  what: str) -> dict[str, Sequence[MetricRow]]:
         """The run's metric series, each at most ``max_points`` rows (``picks``), read at a
-        cost bounded by ``max_points`` and the number of series, not by their length: each
+        cost bounded by ``max_points`` and the number of series, never by their length. Each
         read is priced (``cost.history_cost``, with the history's ``points`` LRs of
-        ``n_groups`` groups) before it is made.
+        ``n_groups`` groups) before it is made:
+
+        - the names (a seek each), at most as many as the budget pays for, and one more;
+        - each series' first ``max_points + 1`` rows and its last step's (read in order), at
+          most twice the rows ``mark`` counted (read first: rows logged since are few);
+        - ``max_points`` rows by seeks in each series longer than that.
 
         Raises:
             WorkBudgetExceeded: more series, or more long ones, than the budget pays for.
         """
         budget = self.settings.work_budget
         lrs = cost.history_cost(n_groups=n_groups, points=points)
-        one = cost.history_cost(n_groups=n_groups, points=0, series=1, rows=max_points)
-        names = self.store.metric_names(run_id, max(0, budget - lrs) // one + 1)
-        units = cost.history_cost(n_groups=n_groups, points=points, series=len(names), rows=max_points)
+        names = self.store.metric_names(run_id, max(0, budget - lrs) // cost.METRIC_SEEK + 1)
+        rows = 2 * len(names) * (max_points + 1)
+        if mark.exact:
+            rows = min(rows, 2 * mark.metric_rows)
+        units = cost.history_cost(n_groups=n_groups, points=points, series=len(names), rows=rows)
         cost.check(f"{what} and {len(names)} metric series", "max_points", units, budget)
         ends = self.store.metric_ends(run_id, names, max_points + 1)
         longer = sum(1 for e in ends if e.last)
-        units = cost.history_cost(n_groups=n_groups, points=points, series=len(names), rows=max_points,
-                                  long_series=longer)
+        units = cost.history_cost(n_groups=n_groups, points=points, series=len(names), rows=rows,
+                                  sought=longer * max_points)
         cost.check(f"{what} and {len(names)} metric series, {longer} of them over {max_points} rows",
                    "max_points", units, budget)
         return {e.name: self.store.metric_rows_at(run_id, e.name, *picks(e, max_points)) if e.last else e.head

@@ -94,12 +94,12 @@ def test_the_store_finds_the_first_logged_step_at_or_after_each_point(manager):
                                                                                             (90, 2, 90.2)]
 
 
-def test_more_series_than_the_budget_pays_for_are_refused_naming_max_points(url, open_manager):
+def test_more_series_than_the_budget_pays_for_are_refused_naming_max_points(url, open_manager, monkeypatch):
     manager = _run(open_manager, Settings(db=url, work_budget=10_000))
     for name in "abcde":
         _log(manager, name, range(101))  # five series of 101 rows: over 100 points, found by seeks
-    # 100 LRs (700 units), five series' ends (5 x 202), five long ones' picks (5 x 1,600): 9,710
-    assert cost.history_cost(n_groups=1, points=1, series=5, rows=100, long_series=5) <= 10_000
+    # 100 LRs (700 units), five names (5 x 16), their ends (1,010 rows), 500 rows sought (8,000)
+    assert cost.history_cost(n_groups=1, points=100, series=5, rows=1_010, sought=500) == 9_790
     assert all(len(rows) == 100 for rows in manager.history("r", 100).metrics.values())
     _log(manager, "f", range(101))
     with pytest.raises(InvalidInput) as refused:
@@ -107,12 +107,21 @@ def test_more_series_than_the_budget_pays_for_are_refused_naming_max_points(url,
     assert refused.value.errors[0].field == "max_points"
     assert "6 metric series, 6 of them over 100 rows" in str(refused.value)
     assert len(manager.history("r", 50).metrics) == 6
-    for name in range(50):  # short ones: refused once the ends of the names found cost too much
-        _log(manager, f"short{name:02}", [0])
-    with pytest.raises(InvalidInput) as refused:  # before their ends are read
-        manager.history("r", 100)
-    assert refused.value.errors[0].field == "max_points"
-    assert "metric series costs" in str(refused.value)
+    manager.create_run({"run_id": "many", "schedule": STEP_LR, "base_lrs": [0.1]})
+    manager.record_metrics("many", [{"step": 0, "name": f"m{i:03}", "value": 1.0, "rank": 0}
+                                    for i in range(700)])
+    ends = []
+    monkeypatch.setattr(manager.store, "metric_ends", lambda *args: ends.append(args))
+    with pytest.raises(InvalidInput) as refused:  # one LR (7 units): 624 names paid for, one more found
+        manager.history("many", 100)
+    assert "and 625 metric series costs" in str(refused.value) and ends == []  # no row read
+
+
+def test_a_short_series_costs_its_rows_not_max_points(manager):
+    for name in "abcdefgh":
+        _log(manager, name, range(10))
+    big = manager.history("r", 100_000)  # eight series of 100,001 rows would be 1.6 M units
+    assert all(len(rows) == 10 for rows in big.metrics.values())
 
 
 def test_a_run_of_more_rows_than_the_mark_counts_builds_each_history_anew(manager):
