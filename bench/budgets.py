@@ -198,12 +198,12 @@ class _Attacker:
                 raise RuntimeError(f"metric record {record} was not new: the history would be a kept one")
             t0 = time.perf_counter()
             self.big.request("GET", f"/v1/runs/{self.wide}/history", params={"max_points": points})
-            self.units = cost.history_cost(n_groups=GROUPS, points=points, series=1, rows=2 * (points + 1))
+            self.units = cost.history_cost(n_groups=GROUPS, points=points, series=1, read=2 * (points + 1))
         elif self.name == "kept history":
             points = cost.history_points(n_groups=GROUPS, series=1, budget=self.budget)
             t0 = time.perf_counter()
             self.big.request("GET", f"/v1/runs/{self.wide}/history", params={"max_points": points})
-            self.units = cost.history_cost(n_groups=GROUPS, points=points, series=1, rows=2 * (points + 1))
+            self.units = cost.history_cost(n_groups=GROUPS, points=points, series=1, read=2 * (points + 1))
         elif self.name == "create":
             lambdas = [f"{i + 1}/({i + 1}+step)" + "+0*step" * 5 for i in range(GROUPS)]
             schedule = {"type": "LambdaLR", "lr_lambda": lambdas}

@@ -95,9 +95,10 @@ class HistoryAnswers:
 
     def get(self, run_id: str, max_points: int, mark: HistoryMark) -> bytes | None:
         """The kept answer if it was built at ``mark`` (the run's mark now, ``exact``), else None."""
-        if not mark.exact:
-            return None
         key = (run_id, max_points)
+        if not mark.exact:
+            self._drop(key)
+            return None
         with self._lock:
             found = self._kept.get(key)
             if found is None or found[0] != mark:
@@ -107,10 +108,12 @@ class HistoryAnswers:
 
     def put(self, run_id: str, max_points: int, mark: HistoryMark, body: bytes) -> None:
         """Keep ``body``, built after reading ``mark``, unless it alone is over a quarter of the
-        bound or the mark is not ``exact`` (it could not tell a later history from this one)."""
-        if len(body) > self.most_bytes // 4 or not mark.exact:
-            return
+        bound or the mark is not ``exact`` (it could not tell a later history from this one:
+        the answer kept before goes too, so that nothing reads the mark for it again)."""
         key = (run_id, max_points)
+        if len(body) > self.most_bytes // 4 or not mark.exact:
+            self._drop(key)
+            return
         with self._lock:
             old = self._kept.pop(key, None)
             if old is not None:
@@ -120,6 +123,12 @@ class HistoryAnswers:
             while self._bytes > self.most_bytes or len(self._kept) > self.most:
                 _, (_, dropped) = self._kept.popitem(last=False)
                 self._bytes -= len(dropped)
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            old = self._kept.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[1])
 
 
 BACKGROUND_VALUES = SLICE_VALUES

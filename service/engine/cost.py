@@ -116,11 +116,11 @@ METRIC_SEEK = 16
 ``metric_rows_at``): 4-8 µs on SQLite, 9-27 µs on PostgreSQL here."""
 
 
-def history_cost(*, n_groups: int, points: int, series: int = 0, rows: int = 0, sought: int = 0) -> int:
+def history_cost(*, n_groups: int, points: int, series: int = 0, read: int = 0, sought: int = 0) -> int:
     """Units of a history: ``points`` stored LRs of ``n_groups`` groups read and serialised (no
-    schedule stepped), ``series`` metric names found, ``rows`` metric rows read in order and
-    ``sought`` rows found by seeks (see ``ReadModels.history``)."""
-    return points * (n_groups + GROUP_OVERHEAD) + (series + sought) * METRIC_SEEK + rows * METRIC_ROW
+    schedule stepped), ``series`` metric names found, ``read`` metric rows read in order and
+    ``sought`` index seeks for rows (see ``ReadModels.history``)."""
+    return points * (n_groups + GROUP_OVERHEAD) + (series + sought) * METRIC_SEEK + read * METRIC_ROW
 
 
 def history_points(*, n_groups: int, series: int, budget: int) -> int:

@@ -189,46 +189,49 @@ class ReadModels:
         mark = self.store.history_mark(run_id) if mark is None else mark
         state = self.committer.caught_up(run_id)
         horizon, n_groups = state.horizon, state.n_groups
-        points = min(max_points, horizon + 1)
         what = f"a history of {max_points} points on {n_groups} param groups"
-        cost.check(what, "max_points", cost.history_cost(n_groups=n_groups, points=points),
-                   self.settings.work_budget)
-        metrics = self._metrics(run_id, max_points, mark, points, n_groups, what)  # priced in turn: first
+        lr_units = cost.history_cost(n_groups=n_groups, points=min(max_points, horizon + 1))
+        cost.check(what, "max_points", lr_units, self.settings.work_budget)
+        metrics = self._metrics(run_id, max_points, mark, lr_units, what)  # priced in turn: first
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
         events = list(self.events.shown(run_id, mark.created_at))
         return History(run_id, steps, lrs, state.n_groups, metrics, events, mark)
 
-    def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, points: int, n_groups: int,
+    def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, lr_units: int,
                  what: str) -> dict[str, Sequence[MetricRow]]:
         """The run's metric series, each at most ``max_points`` rows (``picks``), read at a
         cost bounded by ``max_points`` and the number of series, never by their length. Each
-        read is priced (``cost.history_cost``, with the history's ``points`` LRs of
-        ``n_groups`` groups) before it is made:
+        read is priced (``cost.history_cost``, on top of the ``lr_units`` of the history's
+        LRs) before it is made:
 
         - the names (a seek each), at most as many as the budget pays for, and one more;
         - each series' first ``max_points + 1`` rows and its last step's (read in order), at
-          most twice the rows ``mark`` counted (read first: rows logged since are few);
-        - ``max_points`` rows by seeks in each series longer than that.
+          most twice the rows ``mark`` counted (read first: rows logged since are read
+          unpriced, at most ``max_points + 1`` a series);
+        - in each series longer than that, the rows shown, found by seeks: a seek for each
+          step and one for each row. Where the budget left cannot pay for ``max_points`` of
+          them in each, each shows as many as it can, the same for all.
 
         Raises:
-            WorkBudgetExceeded: more series, or more long ones, than the budget pays for.
+            WorkBudgetExceeded: more series than the budget pays for, or not one row of each
+                long one.
         """
         budget = self.settings.work_budget
-        lrs = cost.history_cost(n_groups=n_groups, points=points)
-        names = self.store.metric_names(run_id, max(0, budget - lrs) // cost.METRIC_SEEK + 1)
-        rows = 2 * len(names) * (max_points + 1)
+        names = self.store.metric_names(run_id, max(0, budget - lr_units) // cost.METRIC_SEEK + 1)
+        read = 2 * len(names) * (max_points + 1)
         if mark.exact:
-            rows = min(rows, 2 * mark.metric_rows)
-        units = cost.history_cost(n_groups=n_groups, points=points, series=len(names), rows=rows)
+            read = min(read, 2 * mark.metric_rows)
+        units = lr_units + cost.history_cost(n_groups=0, points=0, series=len(names), read=read)
         cost.check(f"{what} and {len(names)} metric series", "max_points", units, budget)
         ends = self.store.metric_ends(run_id, names, max_points + 1)
-        longer = sum(1 for e in ends if e.last)
-        units = cost.history_cost(n_groups=n_groups, points=points, series=len(names), rows=rows,
-                                  sought=longer * max_points)
-        cost.check(f"{what} and {len(names)} metric series, {longer} of them over {max_points} rows",
-                   "max_points", units, budget)
-        return {e.name: self.store.metric_rows_at(run_id, e.name, *picks(e, max_points)) if e.last else e.head
+        longer = [e for e in ends if e.last]
+        each = min(max_points, (budget - units) // (2 * cost.METRIC_SEEK * len(longer))) if longer else 0
+        where = {e.name: picks(e, max(each, 1)) for e in longer}
+        sought = sum(len(steps) * (1 + len(ranks)) for steps, ranks in where.values())
+        cost.check(f"{what} and {len(names)} metric series, {len(longer)} of them over {max_points} rows",
+                   "max_points", units + cost.history_cost(n_groups=0, points=0, sought=sought), budget)
+        return {e.name: self.store.metric_rows_at(run_id, e.name, *where[e.name]) if e.last else e.head
                 for e in ends}
 
     def _lrs_at(self, state: RunState, steps: Sequence[int]) -> array[float]:
@@ -252,18 +255,22 @@ class ReadModels:
         return packed
 
 
-def picks(ends: MetricEnds, max_points: int) -> tuple[list[int], list[int]]:
-    """Where a history shows a metric series of more than ``max_points`` rows (``ends``: its
-    first ``max_points + 1`` rows and its last step's): its rows at the first step the series
-    has rows at at or after each of the steps returned, of each rank returned.
+def picks(ends: MetricEnds, points: int) -> tuple[list[int], list[int]]:
+    """Where a history shows, in at most ``points`` rows, a metric series longer than that
+    (``ends``: its first ``points + 1`` rows or more, and its last step's): its rows at the
+    first step the series has rows at at or after each of the steps returned, of each rank
+    returned.
 
-    The ranks are those of ``ends`` (at most ``max_points``); the steps, ``max_points // ranks``
-    of them, are spread evenly from the series' first step to its last. So each rank's curve
-    keeps its first and last step however long the series is, at most ``max_points`` rows are
-    shown, and as many are read (``BaseStore.metric_rows_at``).
+    The ranks are those at its last step, then those of its first rows, at most ``points``
+    of them (the last step's highest first: one point is the series' last row). The steps,
+    ``points // ranks`` of them, are spread evenly from the series' first step to its last.
+    So a rank that logs at both keeps them however long the series is, and as many rows are
+    read as shown (``BaseStore.metric_rows_at``).
     """
-    ranks = sorted({rank for _, rank, _ in ends.head} | {rank for _, rank, _ in ends.last})[:max_points]
-    steps = downsample(range(ends.head[0][0], ends.last[0][0] + 1), max(1, max_points // len(ranks)))
+    last = sorted({rank for _, rank, _ in ends.last}, reverse=True)
+    first = sorted({rank for _, rank, _ in ends.head} - set(last))
+    ranks = sorted((last + first)[:points])
+    steps = downsample(range(ends.head[0][0], ends.last[0][0] + 1), max(1, points // len(ranks)))
     return list(steps), ranks
 
 
@@ -274,5 +281,5 @@ def downsample(items: Sequence[Any], max_points: int) -> Sequence[Any]:
         return items
     if max_points == 1:
         return [items[-1]]
-    picks = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
-    return [items[i] for i in picks]
+    chosen = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
+    return [items[i] for i in chosen]

@@ -446,7 +446,7 @@ class BaseStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
+    def read_metrics(self, run_id: str) -> dict[str, list[MetricRow]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank."""
 
     # Reads of a history's metrics (``ReadModels.history``), each bounded by what it asks,

@@ -1386,7 +1386,7 @@ class SqlStore(BaseStore):
             insert = self._driver_sql("insert_metrics", self._insert_new_metrics)
         insert.executemany(cursor, rows)
 
-    def read_metrics(self, run_id: str) -> dict[str, list[tuple[int, int, float]]]:
+    def read_metrics(self, run_id: str) -> dict[str, list[MetricRow]]:
         """Every metric of a run: name -> ``(step, rank, value)`` sorted by step, then rank.
 
         Raises:
@@ -1395,9 +1395,9 @@ class SqlStore(BaseStore):
         sql = self._driver_sql("metrics", _READ_METRICS)
         with self._driver_read() as cursor:
             rows = sql.rows(sql.execute(cursor, {"run_id": run_id}))
-        found: dict[str, list[tuple[int, int, float]]] = {}
-        for name, step, rank, value, value_text in rows:
-            found.setdefault(name, []).append((step, rank, _join_float(value, value_text)))
+        found: dict[str, list[MetricRow]] = {}
+        for name, *row in rows:
+            found.setdefault(name, []).extend(_metric_tuples([row]))
         return found
 
     def metric_names(self, run_id: str, most: int) -> list[str]:
@@ -1406,6 +1406,8 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
+        if most < 1:
+            return []
         with self._transaction() as conn:
             return list(conn.execute(_METRIC_NAMES, {"b_run_id": run_id, "b_most": most}).scalars())
 
@@ -1417,6 +1419,8 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
+        if not names:
+            return []
         head = self._driver_sql("metric_head", _METRIC_HEAD)
         last = self._driver_sql("metric_last", _METRIC_LAST)
         asked = [{"run_id": run_id, "name": name, "rows": rows} for name in names]
@@ -1750,18 +1754,22 @@ def _read_lrs_query(dialect: str) -> Select[Any]:
     return select(step.label("step"), piece.label("piece")).select_from(wanted)
 
 
+_LATER = metrics.alias("later")
+"""The metrics table again, for the seeks of ``metric_names`` and ``metric_rows_at``."""
+
+
 def _metric_names_query() -> Select[Any]:
     """``metric_names``' statement: the run's first ``b_most`` metric names, each found by one
     seek on the metrics table's primary key past the one before (a skip scan: a recursive
     query), however many rows each name has."""
-    run, later = bindparam("b_run_id", type_=Text), metrics.alias("later")
+    run, later = bindparam("b_run_id", type_=Text), _LATER
     found = select(func.min(metrics.c.name).label("name"), literal_column("1").label("depth")).where(
         metrics.c.run_id == run).cte("names", recursive=True)
     following = select(
         select(func.min(later.c.name)).where(later.c.run_id == run, later.c.name > found.c.name)
         .scalar_subquery(),
         found.c.depth + 1,
-    ).where(found.c.name.is_not(None), found.c.depth < bindparam("b_most"))
+    ).where(found.c.name.is_not(None), found.c.depth < bindparam("b_most", type_=Integer))
     found = found.union_all(following)
     return select(found.c.name).where(found.c.name.is_not(None)).order_by(found.c.depth)
 
@@ -1791,7 +1799,7 @@ def _metric_rows_at_query(dialect: str) -> Select[Any]:
     statistics older than the rows, it merged the steps with a scan of them all: 350 ms, against
     16 ms). Each row is found by its whole primary key: one row a seek, however many ranks a
     step has."""
-    wanted, later = _bound_list(dialect, "b_steps", "wanted"), metrics.alias("later")
+    wanted, later = _bound_list(dialect, "b_steps", "wanted"), _LATER
     run, name = bindparam("b_run_id", type_=Text), bindparam("b_name", type_=Text)
     picked = select(
         select(func.min(later.c.step)).where(later.c.run_id == run, later.c.name == name,

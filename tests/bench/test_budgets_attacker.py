@@ -54,9 +54,9 @@ def test_the_kept_history_attacker_asks_the_same_history_and_posts_nothing(serve
     assert after == before  # no record: every answer after the first is a kept one
     points = budgets.cost.history_points(n_groups=budgets.GROUPS, series=1, budget=budget)
     assert attacker.count == 3 and attacker.units == budgets.cost.history_cost(
-        n_groups=budgets.GROUPS, points=points, series=1, rows=2 * (points + 1))
+        n_groups=budgets.GROUPS, points=points, series=1, read=2 * (points + 1))
     assert attacker.units <= budget < budgets.cost.history_cost(
-        n_groups=budgets.GROUPS, points=points + 1, series=1, rows=2 * (points + 2))
+        n_groups=budgets.GROUPS, points=points + 1, series=1, read=2 * (points + 2))
 
 
 def test_a_big_answer_is_read_to_its_last_byte_on_one_connection(server: ServerProcess) -> None:

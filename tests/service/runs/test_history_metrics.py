@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 from lrserve.service.api.fast_reads import HistoryAnswers
-from lrserve.service.engine import cost
 from lrserve.service.errors import InvalidInput
 from lrserve.service.runs.read_models import downsample, picks
 from lrserve.service.settings import Settings
@@ -72,13 +71,14 @@ def test_a_long_series_shows_each_ranks_first_and_last_step_within_max_points(ma
     assert [s for s, r, _ in late if r == 0][0] == 0
 
 
-def test_picks_spread_steps_over_the_ranks_found_and_never_exceed_max_points():
+def test_picks_spread_steps_over_the_ranks_found_and_never_exceed_the_points():
     head = [(s, r, 0.0) for s in range(10, 14) for r in range(3)]  # 12 rows of ranks 0-2
     steps, ranks = picks(MetricEnds("m", head, [(500, 0, 0.0), (500, 7, 0.0)]), 11)
     assert ranks == [0, 1, 2, 7] and steps == [10, 500]  # 11 // 4 ranks: 2 steps, the first and the last
-    many = [(0, r, 0.0) for r in range(40)]  # more ranks than points: the last step's, first ranks
-    steps, ranks = picks(MetricEnds("m", many, [(9, r, 0.0) for r in range(40)]), 30)
-    assert steps == [9] and ranks == list(range(30))
+    many = [(0, r, 0.0) for r in range(40)]  # more ranks than points: the last step's first, highest first
+    steps, ranks = picks(MetricEnds("m", many, [(9, r, 0.0) for r in range(30, 60)]), 40)
+    assert steps == [9] and ranks == [*range(10), *range(30, 60)]
+    assert picks(MetricEnds("m", many, [(9, 3, 0.0), (9, 5, 0.0)]), 1) == ([9], [5])  # the last row
 
 
 def test_the_store_finds_the_first_logged_step_at_or_after_each_point(manager):
@@ -94,19 +94,22 @@ def test_the_store_finds_the_first_logged_step_at_or_after_each_point(manager):
                                                                                             (90, 2, 90.2)]
 
 
-def test_more_series_than_the_budget_pays_for_are_refused_naming_max_points(url, open_manager, monkeypatch):
+def test_long_series_share_what_the_budget_leaves_and_too_many_are_refused(url, open_manager, monkeypatch):
     manager = _run(open_manager, Settings(db=url, work_budget=10_000))
-    for name in "abcde":
-        _log(manager, name, range(101))  # five series of 101 rows: over 100 points, found by seeks
-    # 100 LRs (700 units), five names (5 x 16), their ends (1,010 rows), 500 rows sought (8,000)
-    assert cost.history_cost(n_groups=1, points=100, series=5, rows=1_010, sought=500) == 9_790
-    assert all(len(rows) == 100 for rows in manager.history("r", 100).metrics.values())
-    _log(manager, "f", range(101))
+    for name in "abcdef":
+        _log(manager, name, range(101))  # six series of 101 rows: over 100 points, shown by seeks
+    # one LR (7 units), six names (96), their ends (1,212 rows): 8,685 left, 45 rows of each
+    # (2 seeks a row: 8,640 units), not 100 (19,200)
+    shown = manager.history("r", 100).metrics
+    assert {name: len(rows) for name, rows in shown.items()} == dict.fromkeys("abcdef", 45)
+    assert [s for s, _, _ in shown["a"]] == list(downsample(range(101), 45))
+    assert {len(rows) for rows in manager.history("r", 40).metrics.values()} == {40}  # enough for all
+    for name in range(34):  # 40 long series: 8,727 units before the seeks, 1,280 for one row each
+        _log(manager, f"z{name:02}", range(101))
     with pytest.raises(InvalidInput) as refused:
         manager.history("r", 100)
     assert refused.value.errors[0].field == "max_points"
-    assert "6 metric series, 6 of them over 100 rows" in str(refused.value)
-    assert len(manager.history("r", 50).metrics) == 6
+    assert "40 metric series, 40 of them over 100 rows" in str(refused.value)
     manager.create_run({"run_id": "many", "schedule": STEP_LR, "base_lrs": [0.1]})
     manager.record_metrics("many", [{"step": 0, "name": f"m{i:03}", "value": 1.0, "rank": 0}
                                     for i in range(700)])
@@ -128,6 +131,9 @@ def test_a_run_of_more_rows_than_the_mark_counts_builds_each_history_anew(manage
     store = manager.store
     counted = store.history_mark("r")
     assert counted.exact and counted.metric_rows == 0
+    answers = HistoryAnswers()
+    answers.put("r", 10, counted, b"{}")
+    assert answers.get("r", 10, counted) == b"{}"
     with store._engine.begin() as conn:  # MARK_METRIC_ROWS + 1 rows in one statement
         steps = select(literal(0).label("step")).cte("steps", recursive=True)
         steps = steps.union_all(select(steps.c.step + 1).where(steps.c.step < MARK_METRIC_ROWS))
@@ -139,8 +145,8 @@ def test_a_run_of_more_rows_than_the_mark_counts_builds_each_history_anew(manage
         assert conn.execute(select(func.count()).select_from(metrics)).scalar_one() == MARK_METRIC_ROWS + 1
     mark = store.history_mark("r")
     assert not mark.exact and mark.metric_rows == MARK_METRIC_ROWS + 1
-    answers = HistoryAnswers()
-    answers.put("r", 10, mark, b"{}")
+    assert answers.get("r", 10, mark) is None and answers.peek("r", 10) is None  # the old one gone
+    answers.put("r", 10, mark, b"{}")  # (so the event loop never reads a mark for it again)
     assert answers.get("r", 10, mark) is None and len(answers) == 0  # an equal mark tells nothing
     history = manager.history("r", 10)
     assert [s for s, _, _ in history.metrics["loss"]] == list(downsample(range(MARK_METRIC_ROWS + 1), 10))
