@@ -286,26 +286,27 @@ class Band:
         return Band(pick(self.steps), pick(self.values), pick(self.baseline), pick(self.upper))
 
 
-def replay_band(
-    settings: GuardSettings, placed: Iterable[tuple[int, Report]]
-) -> tuple[dict[int, Band], list[Spike]]:
-    """Run the detector over ``(step applied at, report)`` pairs, in order, as the engine does.
+class BandReplay:
+    """The detector run over a run's reports in the engine's order (by the step each applies
+    at, then as placed), and each rank's band as it met them; fed a report at a time, so a
+    view of the bands can go on from where it stopped (``read_models.RunBands``)."""
 
-    Returns:
-        Per rank, its band; and the spikes.
-    """
-    detector = Detector(settings)
-    bands: dict[int, Band] = {}
-    spikes = []
-    for at, report in placed:
-        verdict = detector.judge(report)
+    def __init__(self, settings: GuardSettings) -> None:
+        self.settings = settings
+        self.detector = Detector(settings)
+        self.bands: dict[int, Band] = {}
+        self.points = 0  # reports in the bands
+
+    def judge(self, at: int, report: Report) -> None:
+        """Judge ``report``, applied at step ``at``, as the engine did."""
+        verdict = self.detector.judge(report)
         if verdict is None:
-            continue
-        band = bands.setdefault(report.rank, Band())
+            return
+        band = self.bands.setdefault(report.rank, Band())
         band.steps.append(report.step)
         band.values.append(report.value)
         band.baseline.append(verdict.baseline)
         band.upper.append(verdict.upper)
+        self.points += 1
         if verdict.spike:
-            spikes.append(detector.spike_at(verdict, at))
-    return bands, spikes
+            self.detector.spike_at(verdict, at)

@@ -15,7 +15,7 @@ from typing import Any
 from lrserve.service.engine import cost
 from lrserve.service.engine.range_test import RangeTestReport
 from lrserve.service.engine.spec import guard_of
-from lrserve.service.engine.spike_guard import Band, GuardSettings, Report, Spike, replay_band
+from lrserve.service.engine.spike_guard import Band, BandReplay, GuardSettings, Report, Spike
 from lrserve.service.errors import RunConflict
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import Committer
@@ -120,6 +120,81 @@ class RunEvents:
                 self._count -= len(dropped.events)
 
 
+KEPT_BAND_POINTS = 200_000
+"""Most band points (a rank's report as the detector met it) ``RunBands`` keeps per server
+process, over all runs (least recently shown out first)."""
+
+
+@dataclass
+class _Replayed:
+    created_at: datetime
+    replay: BandReplay
+    last_seq: int  # every metric event up to here has been read
+    horizon: int  # the reports applied up to here are judged
+    ahead: list[tuple[int, int, Report]]  # (step applied at, seq, report) of the rest, as placed
+
+
+class RunBands:
+    """Each spike guard's bands (``GET .../spike-guard``), replayed on from where the last view
+    stopped: a view reads only the metric events after the last it read
+    (``read_events_of(after_seq)``) and judges the reports applied up to the horizon.
+
+    Exact, not an estimate: the detector judges reports by the step they apply at, then as
+    placed, and a report is placed at a step above the horizon, so every report applied at
+    or below a horizon was written before that horizon was; those read later apply above the
+    last one judged. A run deleted and created again, or guarded by other settings, is replayed
+    from its start (the first view of a run in a process reads all its metric events).
+
+    Bounded by ``most`` band points over all runs; safe from worker threads (a view takes its
+    run's replay out while it goes on with it)."""
+
+    def __init__(self, store: BaseStore, most: int = KEPT_BAND_POINTS) -> None:
+        self.store, self.most = store, most
+        self._kept: OrderedDict[str, _Replayed] = OrderedDict()
+        self._points = 0
+        self._lock = threading.Lock()
+
+    def shown(self, run_id: str, created_at: datetime, settings: GuardSettings, horizon: int,
+              max_points: int) -> dict[int, Band]:
+        """Each rank's band, the reports applied up to ``horizon`` (the run's stored horizon,
+        read first), downsampled to ``max_points``."""
+        with self._lock:
+            kept = self._kept.pop(run_id, None)
+            self._points -= 0 if kept is None else kept.replay.points
+        if kept is None or (kept.created_at, kept.replay.settings) != (created_at, settings) \
+                or kept.horizon > horizon:
+            kept = _Replayed(created_at, BandReplay(settings), 0, -1, [])
+        for event in self.store.read_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq):
+            kept.last_seq = event.seq
+            at, reports = event.step, event.payload.get("reports", ())
+            if at is not None:
+                kept.ahead.extend((at, event.seq, Report.from_payload(r))
+                                  for r in reports if r.get("name") == settings.monitor)
+        for at, _, report in sorted((a for a in kept.ahead if a[0] <= horizon), key=lambda a: a[:2]):
+            kept.replay.judge(at, report)
+        kept.ahead = [a for a in kept.ahead if a[0] > horizon]
+        kept.horizon = horizon
+        shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
+                 for rank, band in sorted(kept.replay.bands.items())}
+        self._keep(run_id, kept)
+        return shown
+
+    def _keep(self, run_id: str, kept: _Replayed) -> None:
+        with self._lock:
+            other = self._kept.pop(run_id, None)  # another view's, replayed meanwhile
+            if other is not None:
+                self._points -= other.replay.points
+                if other.created_at == kept.created_at and other.last_seq > kept.last_seq:
+                    kept = other
+            if kept.replay.points > self.most:
+                return
+            self._kept[run_id] = kept
+            self._points += kept.replay.points
+            while self._points > self.most:
+                _, dropped = self._kept.popitem(last=False)
+                self._points -= dropped.replay.points
+
+
 class ReadModels:
     """The answers built from a run's whole log (``GET .../history``, ``lr-finder``, ``spike-guard``)."""
 
@@ -129,6 +204,7 @@ class ReadModels:
         self.runs = runs
         self.committer = committer
         self.events = RunEvents(store)
+        self.bands = RunBands(store)
 
     def lr_finder(self, run_id: str) -> LRFinder:
         """The range test's curve, suggestions and choice (API.md, LR range test).
@@ -152,7 +228,7 @@ class ReadModels:
         """
         state = self.committer.caught_up(run_id)
         with state.lock:
-            guard, horizon = state.engine.guard, state.horizon
+            guard, horizon, created_at = state.engine.guard, state.horizon, state.created_at
             spikes = state.spikes_between(0, horizon)
         if guard is not None:
             settings, multiplier = guard.settings, guard.multiplier
@@ -161,16 +237,9 @@ class ReadModels:
             if spec is None:
                 raise RunConflict(f"run {run_id!r} has no SpikeGuard schedule")
             settings, multiplier = GuardSettings.from_spec(spec), 1.0
-        placed = [
-            (event.step, Report.from_payload(r))
-            for event in sorted(self.store.read_events(run_id), key=lambda e: (e.step, e.seq))
-            if event.kind is EventKind.METRIC and event.step is not None and event.step <= horizon
-            for r in event.payload.get("reports", ())
-            if r.get("name") == settings.monitor
-        ]
-        bands, _ = replay_band(settings, placed)
-        shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
-                 for rank, band in sorted(bands.items())}
+        if created_at is None:  # not loaded from the store (never: ``caught_up`` loads it)
+            created_at = self.store.read_run(run_id).created_at
+        shown = self.bands.shown(run_id, created_at, settings, horizon, max_points)
         return SpikeGuardView(run_id, settings, horizon, multiplier, spikes, shown)
 
     def history_mark(self, run_id: str) -> HistoryMark:
