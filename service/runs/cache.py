@@ -1,7 +1,7 @@
 """``RunCache``: the runs this process has loaded, each loaded once from the log.
 
-A run's state is built from its latest snapshot (or its spec) and the events after it
-(``replay.apply_logs``), kept while the process lives, and dropped (``evict``) when a
+A run's state is built from its latest snapshot (or its spec) and the events that change it
+after it (``replay.apply_stored_inputs``), kept while the process lives, and dropped (``evict``) when a
 commit fails half-way or the run is deleted: threads that still hold a dropped state see
 ``evicted`` and take the reloaded one.
 """
@@ -15,7 +15,7 @@ from lrserve.service.engine import codec
 from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.status import RunStatus
-from lrserve.service.runs.replay import apply_logs
+from lrserve.service.runs.replay import apply_stored_inputs
 from lrserve.service.runs.state import Marks, Replayed, RunState
 from lrserve.service.store.base import BaseStore, RunRecord, Snapshot, WouldWait
 
@@ -106,7 +106,8 @@ class RunCache:
         record = self.store.read_run(run_id)
         state = fresh_state(record, self.store.load_snapshot(run_id, max_step=record.horizon))
         state.created_at = record.created_at
-        apply_logs(state, self.store.read_events(run_id))
+        apply_stored_inputs(state, self.store, run_id)
+        state.last_seq = max(state.last_seq, record.last_seq)
         state.advance_to(record.horizon)
         state.publish()
         return state
@@ -134,7 +135,7 @@ class RunCache:
                 return held
             record = self.store.read_run(run_id)
             replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
-            apply_logs(replay, self.store.read_events(run_id))
+            apply_stored_inputs(replay, self.store, run_id)
             kept = state.replayed
             until = (state.first_step if kept is None else kept.first) - 1  # the last step not held
             own = end - replay.first_step + 1

@@ -9,10 +9,12 @@ reductions, ...) only document what a replay did; they change nothing.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 
 from lrserve.service.engine.actions import Action, parse_action
 from lrserve.service.runs.state import Control, RunState
+from lrserve.service.store.base import BaseStore
 from lrserve.service.store.events import Event, EventKind
 
 
@@ -28,6 +30,20 @@ def apply_logs(state: RunState, events: Iterable[Event]) -> None:
         if handler is not None:
             handler(state, event)
         state.last_seq = max(state.last_seq, event.seq)
+
+
+def apply_stored_inputs(state: RunState, store: BaseStore, run_id: str) -> None:
+    """Take into ``state``, fresh at a snapshot's step (or at step 0), the run's stored
+    events that change it, read from ``store`` and only those: every event of a kind with a
+    handler but the metrics (the operator actions: ``note_action`` keeps the metrics each
+    schedule watches, whenever placed), and the metrics placed above its horizon (those at
+    or below it are in its values). So loading a run reads and decodes what is ahead of its
+    snapshot, not its whole log (the database still scans the run's rows). ``last_seq`` ends
+    at the highest ``seq`` applied: a caller that keeps the state raises it to the run's own
+    (the events left out change nothing)."""
+    always = store.read_events_of(run_id, [kind for kind in _HANDLERS if kind is not EventKind.METRIC])
+    ahead = store.read_events_of(run_id, [EventKind.METRIC], above_step=state.horizon)
+    apply_logs(state, heapq.merge(always, ahead, key=lambda event: event.seq))
 
 
 def _apply_metric(state: RunState, event: Event) -> None:

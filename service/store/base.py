@@ -338,10 +338,12 @@ class BaseStore(abc.ABC):
 
     @abc.abstractmethod
     def read_events_of(
-        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, step: int | None = None
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, step: int | None = None,
+        above_step: int | None = None,
     ) -> list[Event]:
-        """Events of ``kinds`` with ``seq > after_seq`` (placed on ``step`` where given), in
-        order, without taking the lock: chosen by the database, not read whole."""
+        """Events of ``kinds`` with ``seq > after_seq`` (placed on ``step``, or above
+        ``above_step``, where given), in order, without taking the lock: chosen by the
+        database, not read whole."""
 
     @abc.abstractmethod
     def steps_of(

@@ -1084,11 +1084,12 @@ class SqlStore(BaseStore):
             return self._events_after(cursor, run_id, after_seq)
 
     def read_events_of(
-        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, step: int | None = None
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, step: int | None = None,
+        above_step: int | None = None,
     ) -> list[Event]:
-        """Events of ``kinds`` with ``seq > after_seq`` (placed on ``step`` where given), in order
-        (filtered in the database, which scans the run's rows after ``after_seq`` by its primary
-        key; only the matching ones are decoded here).
+        """Events of ``kinds`` with ``seq > after_seq`` (placed on ``step``, or above
+        ``above_step``, where given), in order (filtered in the database, which scans the run's
+        rows after ``after_seq`` by its primary key; only the matching ones are decoded here).
 
         Raises:
             StoreUnavailable: the database failed.
@@ -1096,6 +1097,8 @@ class SqlStore(BaseStore):
         query = select(events).where(*_of_kinds(run_id, kinds, after_seq))
         if step is not None:
             query = query.where(events.c.step == step)
+        if above_step is not None:
+            query = query.where(events.c.step > above_step)
         with self._transaction() as conn:
             return [_event(row) for row in conn.execute(query.order_by(events.c.seq))]
 
