@@ -287,9 +287,11 @@ class Band:
 
 
 class BandReplay:
-    """The detector run over a run's reports in the engine's order (by the step each applies
-    at, then as placed), and each rank's band as it met them; fed a report at a time, so a
-    view of the bands can go on from where it stopped (``read_models.RunBands``)."""
+    """A detector run over a run's reports in the engine's order (by the step each applies
+    at, then as placed), with the guard's settings now, and each rank's band as it met them;
+    fed a report at a time, so a view of the bands goes on from where it stopped
+    (``read_models.RunBands``). The view's replay, not the engine's own: that one also skips
+    the reports of held steps and starts a new detector with a new schedule."""
 
     def __init__(self, settings: GuardSettings) -> None:
         self.settings = settings
@@ -298,7 +300,7 @@ class BandReplay:
         self.points = 0  # reports in the bands
 
     def judge(self, at: int, report: Report) -> None:
-        """Judge ``report``, applied at step ``at``, as the engine did."""
+        """Judge ``report``, applied at step ``at``."""
         verdict = self.detector.judge(report)
         if verdict is None:
             return

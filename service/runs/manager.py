@@ -411,6 +411,7 @@ class RunManager:
     def delete_run(self, run_id: str) -> None:
         self.store.delete_run(run_id)
         self.runs.forget(run_id)
+        self.reads.bands.forget(run_id)
 
     # -- the hot path ---------------------------------------------------------------------
 

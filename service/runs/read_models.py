@@ -5,11 +5,13 @@ further than this one) and commits nothing new."""
 from __future__ import annotations
 
 import threading
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 from lrserve.service.engine import cost
@@ -17,7 +19,7 @@ from lrserve.service.engine.range_test import RangeTestReport
 from lrserve.service.engine.spec import guard_of
 from lrserve.service.engine.spike_guard import Band, BandReplay, GuardSettings, Report, Spike
 from lrserve.service.errors import RunConflict
-from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.cache import RunCache, RunLock
 from lrserve.service.runs.commit import Committer
 from lrserve.service.runs.state import RunState
 from lrserve.service.runs.value_log import step_tuples
@@ -133,70 +135,87 @@ class _Replayed:
     horizon: int  # the reports applied up to here are judged
     ahead: list[tuple[int, int, Report]]  # (step applied at, seq, report) of the rest, as placed
 
+    @property
+    def points(self) -> int:
+        """What it holds: the band points and the reports still ahead."""
+        return self.replay.points + len(self.ahead)
+
 
 class RunBands:
     """Each spike guard's bands (``GET .../spike-guard``), replayed on from where the last view
     stopped: a view reads only the metric events after the last it read
     (``read_events_of(after_seq)``) and judges the reports applied up to the horizon.
 
-    Exact, not an estimate: the detector judges reports by the step they apply at, then as
-    placed, and a report is placed at a step above the horizon, so every report applied at
-    or below a horizon was written before that horizon was; those read later apply above the
-    last one judged. A run deleted and created again, or guarded by other settings, is replayed
-    from its start (the first view of a run in a process reads all its metric events).
+    Exact, not an estimate: reports are judged by the step they apply at, then as placed, and
+    a report is placed at a step above the horizon, so every report applied at or below a
+    horizon was written before that horizon was; those read later apply above the last one
+    judged (the rest wait, ``ahead``). A run deleted and created again, or guarded by other
+    settings, is replayed from its start (the first view of a run in a process reads all its
+    metric events; views of the run meanwhile wait for it, then go on from it).
 
-    Bounded by ``most`` band points over all runs; safe from worker threads (a view takes its
-    run's replay out while it goes on with it)."""
+    Bounded by ``most`` points (band points and reports ahead) over all runs, least recently
+    shown out first; safe from worker threads (one view of a run at a time)."""
 
     def __init__(self, store: BaseStore, most: int = KEPT_BAND_POINTS) -> None:
         self.store, self.most = store, most
         self._kept: OrderedDict[str, _Replayed] = OrderedDict()
         self._points = 0
         self._lock = threading.Lock()
+        self._viewing: weakref.WeakValueDictionary[str, RunLock] = weakref.WeakValueDictionary()
 
     def shown(self, run_id: str, created_at: datetime, settings: GuardSettings, horizon: int,
               max_points: int) -> dict[int, Band]:
         """Each rank's band, the reports applied up to ``horizon`` (the run's stored horizon,
         read first), downsampled to ``max_points``."""
         with self._lock:
-            kept = self._kept.pop(run_id, None)
-            self._points -= 0 if kept is None else kept.replay.points
-        if kept is None or (kept.created_at, kept.replay.settings) != (created_at, settings) \
-                or kept.horizon > horizon:
-            kept = _Replayed(created_at, BandReplay(settings), 0, -1, [])
-        for event in self.store.read_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq):
-            kept.last_seq = event.seq
-            at, reports = event.step, event.payload.get("reports", ())
-            if at is not None:
-                kept.ahead.extend((at, event.seq, Report.from_payload(r))
-                                  for r in reports if r.get("name") == settings.monitor)
-        for at, _, report in sorted((a for a in kept.ahead if a[0] <= horizon), key=lambda a: a[:2]):
-            kept.replay.judge(at, report)
-        kept.ahead = [a for a in kept.ahead if a[0] > horizon]
-        kept.horizon = horizon
-        shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
-                 for rank, band in sorted(kept.replay.bands.items())}
-        self._keep(run_id, kept)
+            viewing = self._viewing.setdefault(run_id, RunLock())
+        with viewing:
+            with self._lock:
+                kept = self._kept.get(run_id)
+            if kept is None or (kept.created_at, kept.replay.settings) != (created_at, settings) \
+                    or kept.horizon > horizon:
+                kept = _Replayed(created_at, BandReplay(settings), 0, -1, [])
+            new = self.store.read_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq)
+            self._drop(run_id)  # changed from here on: counted again when kept
+            for event in new:
+                kept.last_seq = event.seq
+                at, reports = event.step, event.payload.get("reports", ())
+                if at is not None:
+                    kept.ahead.extend((at, event.seq, Report.from_payload(r))
+                                      for r in reports if r.get("name") == settings.monitor)
+            ready = [a for a in kept.ahead if a[0] <= horizon]
+            kept.ahead = [a for a in kept.ahead if a[0] > horizon]
+            for at, _, report in sorted(ready, key=itemgetter(0, 1)):  # stable: as placed within an event
+                kept.replay.judge(at, report)
+            kept.horizon = horizon
+            shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
+                     for rank, band in sorted(kept.replay.bands.items())}
+            self._keep(run_id, kept)
         return shown
+
+    def forget(self, run_id: str) -> None:
+        """The run was deleted: what was kept of it goes."""
+        self._drop(run_id)
+
+    def _drop(self, run_id: str) -> None:
+        with self._lock:
+            old = self._kept.pop(run_id, None)
+            if old is not None:
+                self._points -= old.points
 
     def _keep(self, run_id: str, kept: _Replayed) -> None:
         with self._lock:
-            other = self._kept.pop(run_id, None)  # another view's, replayed meanwhile
-            if other is not None:
-                self._points -= other.replay.points
-                if other.created_at == kept.created_at and other.last_seq > kept.last_seq:
-                    kept = other
-            if kept.replay.points > self.most:
+            if kept.points > self.most:
                 return
             self._kept[run_id] = kept
-            self._points += kept.replay.points
+            self._points += kept.points
             while self._points > self.most:
                 _, dropped = self._kept.popitem(last=False)
-                self._points -= dropped.replay.points
+                self._points -= dropped.points
 
 
 class ReadModels:
-    """The answers built from a run's whole log (``GET .../history``, ``lr-finder``, ``spike-guard``)."""
+    """The answers built from a run's log (``GET .../history``, ``lr-finder``, ``spike-guard``)."""
 
     def __init__(self, store: BaseStore, settings: Settings, runs: RunCache, committer: Committer) -> None:
         self.store = store
@@ -237,8 +256,7 @@ class ReadModels:
             if spec is None:
                 raise RunConflict(f"run {run_id!r} has no SpikeGuard schedule")
             settings, multiplier = GuardSettings.from_spec(spec), 1.0
-        if created_at is None:  # not loaded from the store (never: ``caught_up`` loads it)
-            created_at = self.store.read_run(run_id).created_at
+        assert created_at is not None, "a state caught up is loaded from the store"
         shown = self.bands.shown(run_id, created_at, settings, horizon, max_points)
         return SpikeGuardView(run_id, settings, horizon, multiplier, spikes, shown)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from lrserve.service.engine.spike_guard import BandReplay, Report
+from lrserve.service.engine.spike_guard import Band, Detector, Report
 from lrserve.service.runs.read_models import downsample
 from lrserve.service.settings import Settings
 from lrserve.service.store.events import EventKind
@@ -30,14 +30,24 @@ def _loss(step: int, rank: int) -> float:
 
 def _whole_log(store, settings, horizon: int, max_points: int):
     """The bands as the tree before built them on every view: the whole log, replayed."""
-    replay = BandReplay(settings)
+    detector, bands = Detector(settings), {}
     for event in sorted(store.read_events("g"), key=lambda e: (e.step, e.seq)):
         if event.kind is EventKind.METRIC and event.step is not None and event.step <= horizon:
             for r in event.payload.get("reports", ()):
                 if r.get("name") == settings.monitor:
-                    replay.judge(event.step, Report.from_payload(r))
+                    report = Report.from_payload(r)
+                    verdict = detector.judge(report)
+                    if verdict is None:
+                        continue
+                    band = bands.setdefault(report.rank, Band())
+                    for series, value in zip((band.steps, band.values, band.baseline, band.upper),
+                                             (report.step, report.value, verdict.baseline, verdict.upper),
+                                             strict=True):
+                        series.append(value)
+                    if verdict.spike:
+                        detector.spike_at(verdict, event.step)
     return {rank: band.picked(downsample(range(len(band.steps)), max_points))
-            for rank, band in sorted(replay.bands.items())}
+            for rank, band in sorted(bands.items())}
 
 
 def test_each_view_reads_the_events_after_the_last_and_shows_the_whole_logs(url, open_manager, monkeypatch):
@@ -46,13 +56,20 @@ def test_each_view_reads_the_events_after_the_last_and_shows_the_whole_logs(url,
     store = manager.store
     read_from = []
     reading = store.read_events_of
-    monkeypatch.setattr(store, "read_events_of", lambda run_id, kinds, *, after_seq=0, step=None: (
-        read_from.append(after_seq), reading(run_id, kinds, after_seq=after_seq, step=step))[1])
+
+    def spied(run_id, kinds, **how):
+        if list(kinds) == [EventKind.METRIC] and "above_step" not in how:  # a view's, not a load's
+            read_from.append(how.get("after_seq", 0))
+        return reading(run_id, kinds, **how)
+
+    monkeypatch.setattr(store, "read_events_of", spied)
     shown = []
     for step in range(1, 121):
-        manager.window("g", step, 0)  # both ranks step, then log: each report applies at the next step
+        manager.window("g", step, 0)  # the step taken, then the ranks log it: it applies at the next
         manager.record_metrics("g", [{"step": step, "name": "loss", "value": _loss(step, rank), "rank": rank}
                                      for rank in range(2)])
+        if step == 25:  # one placed far ahead: judged at step 45, after the ones read later (26-44)
+            manager.record_metrics("g", [{"step": 45, "name": "loss", "value": 0.01, "rank": 1}])
         if step % 30 == 0:  # a view with the last reports still above the horizon
             shown.append(manager.spike_guard("g", 50))
     assert read_from[0] == 0 and all(0 < a < b for a, b in zip(read_from[1:], read_from[2:], strict=False))
