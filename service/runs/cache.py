@@ -1,7 +1,8 @@
 """``RunCache``: the runs this process has loaded, each loaded once from the log.
 
-A run's state is built from its latest snapshot (or its spec) and the events that change it
-after it (``replay.apply_stored_inputs``), kept while the process lives, and dropped (``evict``) when a
+A run's state is built from its latest snapshot (or its spec) and the stored events that
+change it (``replay.apply_stored_inputs``: every operator action, the metrics placed above
+the snapshot's step), kept while the process lives, and dropped (``evict``) when a
 commit fails half-way or the run is deleted: threads that still hold a dropped state see
 ``evicted`` and take the reloaded one.
 """
@@ -106,8 +107,7 @@ class RunCache:
         record = self.store.read_run(run_id)
         state = fresh_state(record, self.store.load_snapshot(run_id, max_step=record.horizon))
         state.created_at = record.created_at
-        apply_stored_inputs(state, self.store, run_id)
-        state.last_seq = max(state.last_seq, record.last_seq)
+        apply_stored_inputs(state, self.store, run_id, through_seq=record.last_seq)
         state.advance_to(record.horizon)
         state.publish()
         return state
@@ -134,10 +134,11 @@ class RunCache:
             if held is not None:
                 return held
             record = self.store.read_run(run_id)
-            replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
-            apply_stored_inputs(replay, self.store, run_id)
             kept = state.replayed
             until = (state.first_step if kept is None else kept.first) - 1  # the last step not held
+            replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
+            apply_stored_inputs(replay, self.store, run_id, through_seq=record.last_seq,
+                                through_step=max(end, until))  # the last step it may replay
             own = end - replay.first_step + 1
             joins = end <= state.horizon and replay.first_step <= until  # what it replays meets what is held
             if not joins or until - replay.first_step + 1 > max(2 * own, self.snapshot_every):

@@ -32,18 +32,26 @@ def apply_logs(state: RunState, events: Iterable[Event]) -> None:
         state.last_seq = max(state.last_seq, event.seq)
 
 
-def apply_stored_inputs(state: RunState, store: BaseStore, run_id: str) -> None:
-    """Take into ``state``, fresh at a snapshot's step (or at step 0), the run's stored
-    events that change it, read from ``store`` and only those: every event of a kind with a
-    handler but the metrics (the operator actions: ``note_action`` keeps the metrics each
-    schedule watches, whenever placed), and the metrics placed above its horizon (those at
-    or below it are in its values). So loading a run reads and decodes what is ahead of its
-    snapshot, not its whole log (the database still scans the run's rows). ``last_seq`` ends
-    at the highest ``seq`` applied: a caller that keeps the state raises it to the run's own
-    (the events left out change nothing)."""
-    always = store.read_events_of(run_id, [kind for kind in _HANDLERS if kind is not EventKind.METRIC])
-    ahead = store.read_events_of(run_id, [EventKind.METRIC], above_step=state.horizon)
+def apply_stored_inputs(
+    state: RunState, store: BaseStore, run_id: str, *, through_seq: int, through_step: int | None = None,
+) -> None:
+    """Take into ``state``, fresh at a snapshot's step (or at step 0), the run's stored events
+    up to ``through_seq`` (its row's ``last_seq``, read before) that change it, read from
+    ``store`` and only those: every event of a kind with a handler but the metrics (the
+    operator actions: ``note_action`` keeps the metrics each schedule watches, whenever
+    placed), and the metrics placed above its horizon (those at or below it are in its
+    values) and, where given, at most ``through_step`` (a replay that stops there). So
+    loading a run reads and decodes what is ahead of its snapshot, not its whole log (the
+    database still scans the run's rows). ``last_seq`` is then ``through_seq``: the events
+    left out up to it change nothing, and those after it, which the two reads could each see
+    or not (another process committing between them), are a later catch-up's.
+    """
+    actions = [kind for kind in _HANDLERS if kind is not EventKind.METRIC]
+    always = store.read_events_of(run_id, actions, through_seq=through_seq)
+    ahead = store.read_events_of(run_id, [EventKind.METRIC], through_seq=through_seq,
+                                 above_step=state.horizon, through_step=through_step)
     apply_logs(state, heapq.merge(always, ahead, key=lambda event: event.seq))
+    state.last_seq = through_seq
 
 
 def _apply_metric(state: RunState, event: Event) -> None:

@@ -338,12 +338,12 @@ class BaseStore(abc.ABC):
 
     @abc.abstractmethod
     def read_events_of(
-        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, step: int | None = None,
-        above_step: int | None = None,
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, through_seq: int | None = None,
+        step: int | None = None, above_step: int | None = None, through_step: int | None = None,
     ) -> list[Event]:
-        """Events of ``kinds`` with ``seq > after_seq`` (placed on ``step``, or above
-        ``above_step``, where given), in order, without taking the lock: chosen by the
-        database, not read whole."""
+        """Events of ``kinds`` with ``after_seq < seq <= through_seq``, placed on ``step``, or
+        above ``above_step`` and at most ``through_step`` (each bound where given), in order,
+        without taking the lock: chosen by the database, not read whole."""
 
     @abc.abstractmethod
     def steps_of(

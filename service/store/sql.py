@@ -1084,21 +1084,24 @@ class SqlStore(BaseStore):
             return self._events_after(cursor, run_id, after_seq)
 
     def read_events_of(
-        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, step: int | None = None,
-        above_step: int | None = None,
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, through_seq: int | None = None,
+        step: int | None = None, above_step: int | None = None, through_step: int | None = None,
     ) -> list[Event]:
-        """Events of ``kinds`` with ``seq > after_seq`` (placed on ``step``, or above
-        ``above_step``, where given), in order (filtered in the database, which scans the run's
-        rows after ``after_seq`` by its primary key; only the matching ones are decoded here).
+        """Events of ``kinds`` with ``after_seq < seq <= through_seq``, placed on ``step``, or
+        above ``above_step`` and at most ``through_step`` (each bound where given), in order
+        (filtered in the database, which scans the run's rows after ``after_seq`` by its primary
+        key; only the matching ones are decoded here).
 
         Raises:
             StoreUnavailable: the database failed.
         """
         query = select(events).where(*_of_kinds(run_id, kinds, after_seq))
-        if step is not None:
-            query = query.where(events.c.step == step)
-        if above_step is not None:
-            query = query.where(events.c.step > above_step)
+        for bound, column, given in ((operator.le, events.c.seq, through_seq),
+                                     (operator.eq, events.c.step, step),
+                                     (operator.gt, events.c.step, above_step),
+                                     (operator.le, events.c.step, through_step)):
+            if given is not None:
+                query = query.where(bound(column, given))
         with self._transaction() as conn:
             return [_event(row) for row in conn.execute(query.order_by(events.c.seq))]
 

@@ -1,16 +1,19 @@
 """Loading a run reads its operator actions and the inputs placed above its snapshot, not its
 whole log (``replay.apply_stored_inputs``), and serves what a process that never stopped
-serves: actions placed far ahead before the snapshot, a new schedule that watches another
-metric, metrics and spike-guard reports placed ahead of the horizon."""
+serves: a new schedule that watches another metric, taken before the snapshot; an action
+placed far ahead before it; spike-guard reports ahead of the horizon; and, from another
+process committing between the load's reads, what a catch-up brings."""
 
 from __future__ import annotations
 
 import pytest
 from lrserve.service.settings import Settings
+from lrserve.service.store.events import EventKind
 
 from tests.conftest import BACKENDS
 
 PLATEAU = {"type": "ReduceLROnPlateau", "mode": "min", "factor": 0.5, "patience": 1, "monitor": "loss"}
+WATCHING_ACC = {**PLATEAU, "monitor": "acc", "mode": "max"}
 GUARD = {"type": "SpikeGuard", "schedule": {"type": "StepLR", "step_size": 4}, "warmup_reports": 3}
 
 
@@ -19,43 +22,75 @@ def url(request, database_url):
     return database_url(request.param)
 
 
-def _story(manager, until: int) -> None:
-    """Steps 1..until of the two runs: plateau metrics, actions placed ahead, guard reports."""
-    for step in range(1, until + 1):
-        if step == 2:
-            manager.control("p", {"action": "scale", "factor": 0.25}, 30)  # far ahead, before every snapshot
-            manager.control("p", {"action": "replace_schedule", "schedule": {**PLATEAU, "monitor": "acc",
-                                                                             "mode": "max"}}, 22)
-        manager.step_run("p", step, {"loss": 1.0, "acc": step / 100}, 0, 0)
-        manager.window("g", step, 0)
-        manager.record_metrics("g", [{"step": step, "name": "loss", "value": 9.0 if step == 11 else 1.0,
-                                      "rank": 0}])  # applies at the next step: ahead of the horizon
-
-
-def test_a_run_loaded_from_its_inputs_serves_what_a_process_that_never_stopped_serves(url, open_manager,
-                                                                                      monkeypatch):
+def _start(open_manager, url):
+    """A manager (a process) with the two runs at step 12, snapshots at 5 and 10."""
     settings = Settings(db=url, snapshot_every=5)
     first = open_manager(settings)
     first.create_run({"run_id": "p", "schedule": PLATEAU, "base_lrs": [0.1]})
     first.create_run({"run_id": "g", "schedule": GUARD, "base_lrs": [0.1]})
-    _story(first, 12)
-    restarted = open_manager(settings)  # another process: nothing in memory
-    store = restarted.store
+    for step in range(1, 13):
+        if step == 2:  # taken at step 4, before the snapshots: from then on "acc" is what counts
+            first.control("p", {"action": "replace_schedule", "schedule": WATCHING_ACC}, 4)
+            first.control("p", {"action": "scale", "factor": 0.25}, 30)  # far ahead
+        first.step_run("p", step, {"loss": 1.0, "acc": 0.5}, 0, 0)
+        first.window("g", step, 0)
+        first.record_metrics("g", [{"step": step, "name": "loss", "value": 9.0 if step == 11 else 1.0,
+                                    "rank": 0}])  # applies at the next step: ahead of the horizon
+    return first, settings
+
+
+def _spy(store, monkeypatch, between=None) -> list:
+    """The events the store's ``read_events_of`` gives (``between``: called after its first call)."""
+    read, reading = [], store.read_events_of
+
+    def spied(run_id, kinds, **how):
+        found = reading(run_id, kinds, **how)
+        read.extend(found)
+        if between is not None and len(read) == len(found):
+            between()
+        return found
 
     def whole(*_args, **_kwargs):
         raise AssertionError("a load read the whole log")
 
-    read = []
-    reading = store.read_events_of
     monkeypatch.setattr(store, "read_events", whole)
-    monkeypatch.setattr(store, "read_events_of", lambda run_id, kinds, **how: (
-        read.extend(reading(run_id, kinds, **how)), reading(run_id, kinds, **how))[1])
-    for run in ("p", "g"):
-        restarted.state(run)  # loaded from the snapshot at step 10
-    assert {e.step for e in read if e.kind.value == "metric"} == {11, 12, 13}  # above it, only
-    later = {}
-    for manager in (restarted, first):  # steps 1-9 replayed from step 0 (they read from there)
-        later[manager] = [manager.window(run, 1, 35).values for run in ("p", "g")]
+    monkeypatch.setattr(store, "read_events_of", spied)
+    return read
+
+
+def test_a_run_loaded_from_its_inputs_serves_what_a_process_that_never_stopped_serves(url, open_manager,
+                                                                                      monkeypatch):
+    first, settings = _start(open_manager, url)
+    restarted = open_manager(settings)  # another process: nothing in memory
+    read = _spy(restarted.store, monkeypatch)
+    for run in ("p", "g"):  # loaded from the snapshot at step 10
+        stored = restarted.store.read_run(run).last_seq
+        assert restarted.state(run).last_seq == first.state(run).last_seq == stored
+    assert {e.step for e in read if e.kind is EventKind.METRIC} == {11, 12, 13}  # above it, only
+    assert restarted.state("p").watched == first.state("p").watched
+    for step in range(13, 21):  # "acc" rising then flat: the plateau of the new schedule acts
+        for manager in (first, restarted):
+            manager.step_run("p", step, {"loss": 1.0, "acc": min(step, 15) / 10}, 0, 0)
+    later = {manager: [manager.window(run, 1, 35).values for run in ("p", "g")]
+             for manager in (restarted, first)}
     assert later[restarted] == later[first]
     lrs = [values[0][0] for values in later[first][0]]
-    assert lrs[29] == pytest.approx(lrs[28] * 0.25)  # step 30: the action placed before the snapshots acted
+    assert lrs[19] < lrs[14]  # reduced on "acc", the metric the new schedule watches
+    assert lrs[29] == pytest.approx(lrs[28] * 0.25)  # step 30: the action placed before the snapshots
+
+
+def test_what_another_process_commits_between_the_loads_reads_comes_with_the_catch_up(url, open_manager,
+                                                                                       monkeypatch):
+    first, settings = _start(open_manager, url)
+    restarted = open_manager(settings)
+
+    def another_process_commits():  # after the load read the actions, before it reads the metrics
+        first.control("p", {"action": "scale", "factor": 0.5}, 16)
+        first.step_run("p", 13, {"loss": 1.0, "acc": 0.5}, 0, 0)
+
+    _spy(restarted.store, monkeypatch, another_process_commits)
+    loaded = restarted.state("p")
+    assert loaded.last_seq < first.state("p").last_seq  # the row's, read before they committed
+    values = {manager: manager.window("p", 13, 10).values for manager in (restarted, first)}
+    assert values[restarted] == values[first]  # the scale at 16 caught up, not skipped
+    assert values[first][3][0][0] == pytest.approx(values[first][2][0][0] * 0.5)
