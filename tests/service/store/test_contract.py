@@ -264,6 +264,24 @@ class TestStoreContract:
         assert [e.seq for e in store.read_events("r1", after_seq=2)] == [3, 4]
         assert store.read_events("r1", after_seq=4) == [] and store.read_run("r1").last_seq == 4
 
+    def test_events_of_kinds_within_seqs_and_steps(self, store):
+        """``read_events_of``'s bounds, each in the database: ``after_seq < seq <= through_seq``, a
+        step, ``above_step < step <= through_step`` (events without a step never in a step's range)."""
+        make(store)
+        with store.lock_run("r1") as tx:
+            metrics = [NewEvent(EventKind.METRIC, step, {"values": {"loss": 1.0}}) for step in (3, 5, 8)]
+            tx.append_events([*metrics, NewEvent(EventKind.STATUS, None, {"status": "held"}),
+                              NewEvent(EventKind.CONTROL, 5, {"action": "hold"})])
+
+        def seqs(kinds=(EventKind.METRIC,), **how):
+            return [e.seq for e in store.read_events_of("r1", list(kinds), **how)]
+
+        assert seqs() == [2, 3, 4] and seqs((EventKind.METRIC, EventKind.CONTROL)) == [2, 3, 4, 6]
+        assert seqs(after_seq=2, through_seq=3) == [3] and seqs(through_seq=1) == []
+        assert seqs(step=5) == [3] and seqs(above_step=3) == [3, 4]
+        assert seqs(above_step=3, through_step=5) == [3]
+        assert seqs((EventKind.STATUS,), above_step=-1) == [] and seqs((EventKind.STATUS,)) == [5]
+
     def test_events_added_are_appended_without_being_made(self, store):
         """``add_events`` (a commit's) stores what ``append_events`` would; ``run.last_seq`` follows."""
         make(store)
