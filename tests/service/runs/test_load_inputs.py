@@ -94,3 +94,17 @@ def test_what_another_process_commits_between_the_loads_reads_comes_with_the_cat
     values = {manager: manager.window("p", 13, 10).values for manager in (restarted, first)}
     assert values[restarted] == values[first]  # the scale at 16 caught up, not skipped
     assert values[first][3][0][0] == pytest.approx(values[first][2][0][0] * 0.5)
+
+
+def test_with_the_default_snapshots_a_load_reads_the_metrics_after_the_last(url, open_manager, monkeypatch):
+    settings = Settings(db=url)  # a snapshot every 1,000 steps
+    first = open_manager(settings)
+    first.create_run({"run_id": "p", "schedule": PLATEAU, "base_lrs": [0.1]})
+    for step in range(1, 1_006):
+        first.step_run("p", step, {"loss": 1.0 if step < 1_003 else 2.0}, 0, 0)
+    restarted = open_manager(settings)
+    read = _spy(restarted.store, monkeypatch)
+    assert restarted.state("p").first_step == 1_000
+    assert {e.step for e in read if e.kind is EventKind.METRIC} == {1_001, 1_002, 1_003, 1_004, 1_005}
+    values = {manager: manager.window("p", 1_000, 10).values for manager in (restarted, first)}
+    assert values[restarted] == values[first]
