@@ -67,6 +67,9 @@ class History:
         return list(step_tuples(self.packed_lrs, self.n_groups))
 
 
+SHOWN = [kind for kind in EventKind if kind is not EventKind.METRIC]
+"""The kinds of events a history shows (a metric event is an input: its values show in ``metrics``)."""
+
 KEPT_EVENTS = 200_000
 """Most events ``RunEvents`` keeps per server process, over all runs (least recently read out first)."""
 
@@ -81,8 +84,10 @@ class _Kept:
 class RunEvents:
     """The events a history shows, per run, each read from the store once: events are only
     appended (``seq`` counts from 1 per run, without gaps, and a run's appends take turns),
-    so a history reads only those after the last it read (``read_events(after_seq)``). A run
-    deleted and created again has another ``created_at`` and is read from its start.
+    so a history reads only those after the last its mark counted
+    (``read_events_of(after_seq, through_seq)``), and never decodes a metric event: after a
+    restart the first history of a long run decoded every one. A run deleted and created
+    again has another ``created_at`` and is read from its start.
 
     Bounded by ``most`` events over all runs; safe from worker threads."""
 
@@ -92,18 +97,18 @@ class RunEvents:
         self._count = 0
         self._lock = threading.Lock()
 
-    def shown(self, run_id: str, created_at: datetime) -> tuple[Event, ...]:
-        """Every event of the run but the metric ones, in order, as of now (at least)."""
+    def shown(self, run_id: str, mark: HistoryMark) -> tuple[Event, ...]:
+        """Every event of the run but the metric ones, in order, up to the ``mark``'s (read first)."""
         with self._lock:
             kept = self._kept.get(run_id)
-        if kept is None or kept.created_at != created_at:
-            kept = _Kept(created_at, 0, ())
-        new = self.store.read_events(run_id, kept.last_seq)
-        if not new:
+        if kept is None or kept.created_at != mark.created_at:
+            kept = _Kept(mark.created_at, 0, ())
+        if kept.last_seq >= mark.last_seq:
             self._keep(run_id, kept)
             return kept.events
-        events = kept.events + tuple(e for e in new if e.kind is not EventKind.METRIC)
-        self._keep(run_id, _Kept(created_at, new[-1].seq, events))
+        new = self.store.read_events_of(run_id, SHOWN, after_seq=kept.last_seq, through_seq=mark.last_seq)
+        events = kept.events + tuple(new)  # the metric events chosen out by the database, never decoded
+        self._keep(run_id, _Kept(mark.created_at, mark.last_seq, events))
         return events
 
     def _keep(self, run_id: str, kept: _Kept) -> None:
@@ -282,7 +287,7 @@ class ReadModels:
         metrics = self._metrics(run_id, max_points, mark, lr_units, what)  # priced in turn: first
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
-        events = list(self.events.shown(run_id, mark.created_at))
+        events = list(self.events.shown(run_id, mark))
         return History(run_id, steps, lrs, state.n_groups, metrics, events, mark)
 
     def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, lr_units: int,

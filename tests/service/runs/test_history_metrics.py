@@ -153,3 +153,32 @@ def test_a_run_of_more_rows_than_the_mark_counts_builds_each_history_anew(manage
     _log(manager, "loss", [MARK_METRIC_ROWS + 5])
     assert manager.history_mark("r") == mark  # the count does not move past the cap ...
     assert manager.history("r", 10).metrics["loss"][-1][0] == MARK_METRIC_ROWS + 5  # ... the answer does
+
+
+def test_a_history_reads_the_events_it_shows_and_never_decodes_a_metric_event(url, open_manager, monkeypatch):
+    first = _run(open_manager, Settings(db=url))
+    plateau = {"type": "ReduceLROnPlateau", "mode": "min", "factor": 0.5, "patience": 0, "monitor": "loss"}
+    first.create_run({"run_id": "p", "schedule": plateau, "base_lrs": [0.1]})
+    for step in range(1, 40):
+        first.step_run("p", step, {"loss": 1.0}, 0, 0)  # a metric event a step, and reductions
+    first.control("p", {"action": "hold"}, None)
+    before = first.history("p", 10).events
+    restarted = open_manager(Settings(db=url))  # another process: nothing in memory
+    restarted.state("p")  # loaded first: a load reads the metrics above its snapshot (no snapshot here)
+    read = []
+    reading = restarted.store.read_events_of
+
+    def spied(run_id, kinds, **how):
+        found = reading(run_id, kinds, **how)
+        read.extend((run_id, e.kind) for e in found)
+        return found
+
+    def whole(*_args, **_kwargs):
+        raise AssertionError("a history read the whole log")
+
+    monkeypatch.setattr(restarted.store, "read_events", whole)
+    monkeypatch.setattr(restarted.store, "read_events_of", spied)
+    after = restarted.history("p", 10).events
+    assert [(e.seq, e.kind) for e in after] == [(e.seq, e.kind) for e in before]
+    assert {kind for _, kind in read} == {e.kind for e in before}  # no metric event among them
+    assert {e.kind.value for e in before} >= {"created", "plateau_reduction", "control"}
