@@ -15,6 +15,7 @@ from lrserve.service.api import fast_reads
 from lrserve.service.api.fast_reads import HistoryAnswers, _max_points
 from lrserve.service.app import create_app
 from lrserve.service.background import BACKGROUND_NICE, THREAD_NAME, Background
+from lrserve.service.runs.read_models import SHOWN
 from lrserve.service.store.base import HistoryMark
 
 from tests.service.api.conftest import make_run
@@ -167,9 +168,14 @@ def test_a_history_reads_each_event_once(settings, monkeypatch):
         a.get("/v1/runs/e/lr", params={"step": 0, "ahead": 5})
         store = a.app.state.manager.store
         asked: list[int] = []
-        real = store.read_events
-        monkeypatch.setattr(store, "read_events", lambda run_id, after_seq=0: asked.append(after_seq)
-                            or real(run_id, after_seq))
+        real = store.read_events_of
+
+        def spied(run_id, kinds, **how):
+            if list(kinds) == SHOWN:  # a history's (not a load's, nor a catch-up's)
+                asked.append(how.get("after_seq", 0))
+            return real(run_id, kinds, **how)
+
+        monkeypatch.setattr(store, "read_events_of", spied)
         assert [e["kind"] for e in a.get("/v1/runs/e/history").json()["events"]] == ["created"]
         b.post("/v1/runs/e/control", json={"action": "scale", "factor": 0.5, "reason": "b"})  # another one
         a.post("/v1/runs/e/step", json={"step": 9, "metrics": {"loss": 1.0}})  # a metric event: not shown
