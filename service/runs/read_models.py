@@ -67,7 +67,7 @@ class History:
         return list(step_tuples(self.packed_lrs, self.n_groups))
 
 
-SHOWN = [kind for kind in EventKind if kind is not EventKind.METRIC]
+SHOWN = tuple(kind for kind in EventKind if kind is not EventKind.METRIC)
 """The kinds of events a history shows (a metric event is an input: its values show in ``metrics``)."""
 
 KEPT_EVENTS = 200_000
@@ -77,7 +77,7 @@ KEPT_EVENTS = 200_000
 @dataclass(frozen=True)
 class _Kept:
     created_at: datetime
-    last_seq: int  # every event up to here has been read
+    last_seq: int  # every event up to here has been read (or left out by its kind)
     events: tuple[Event, ...]  # those of them a history shows (all but the metric ones)
 
 
@@ -98,7 +98,9 @@ class RunEvents:
         self._lock = threading.Lock()
 
     def shown(self, run_id: str, mark: HistoryMark) -> tuple[Event, ...]:
-        """Every event of the run but the metric ones, in order, up to the ``mark``'s (read first)."""
+        """Every event of the run but the metric ones, in order, at least up to the ``mark``'s
+        ``last_seq`` (read first: the run's row moves its ``last_seq`` in the transaction that
+        writes the events up to it, so every one of them is there to read)."""
         with self._lock:
             kept = self._kept.get(run_id)
         if kept is None or kept.created_at != mark.created_at:
@@ -274,7 +276,9 @@ class ReadModels:
         return self.store.history_mark(run_id)
 
     def history(self, run_id: str, max_points: int, mark: HistoryMark | None = None) -> History:
-        """The run's curves and events up to the stored horizon (404 if deleted by any replica).
+        """The run's curves up to the stored horizon and its events at least up to the mark's
+        ``last_seq`` (an event written after the mark, with a step the curves already show, is
+        in the next history: the answer is kept under this mark); 404 if deleted by any replica.
 
         ``mark``: the run's ``history_mark`` if the caller has just read it (else read here, first).
         """

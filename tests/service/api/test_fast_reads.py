@@ -171,7 +171,7 @@ def test_a_history_reads_each_event_once(settings, monkeypatch):
         real = store.read_events_of
 
         def spied(run_id, kinds, **how):
-            if list(kinds) == SHOWN:  # a history's (not a load's, nor a catch-up's)
+            if tuple(kinds) == SHOWN:  # a history's (not a load's, nor a catch-up's)
                 asked.append(how.get("after_seq", 0))
             return real(run_id, kinds, **how)
 
@@ -181,7 +181,7 @@ def test_a_history_reads_each_event_once(settings, monkeypatch):
         a.post("/v1/runs/e/step", json={"step": 9, "metrics": {"loss": 1.0}})  # a metric event: not shown
         shown = a.get("/v1/runs/e/history").json()["events"]
         assert [(e["kind"], e.get("reason")) for e in shown] == [("created", None), ("control", "b")]
-        assert asked == [0, 1]  # the second read began after the first's last event
+        assert asked == [0, 1]  # the second read began after the first mark's last_seq
         with TestClient(create_app(settings)) as c:
             c.delete("/v1/runs/e")
             make_run(c, "e", base_lrs=(0.2,))

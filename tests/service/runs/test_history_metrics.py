@@ -182,3 +182,16 @@ def test_a_history_reads_the_events_it_shows_and_never_decodes_a_metric_event(ur
     assert [(e.seq, e.kind) for e in after] == [(e.seq, e.kind) for e in before]
     assert {kind for _, kind in read} == {e.kind for e in before}  # no metric event among them
     assert {e.kind.value for e in before} >= {"created", "plateau_reduction", "control"}
+
+
+def test_a_historys_events_stop_at_its_mark_and_the_next_one_shows_what_came_after(manager, monkeypatch):
+    mark = manager.history_mark("r")
+    manager.control("r", {"action": "hold"}, None)  # after the mark
+    assert [e.kind.value for e in manager.history("r", 10, mark).events] == ["created"]
+    assert [e.kind.value for e in manager.history("r", 10).events] == ["created", "control"]  # not skipped
+    read = []
+    reading = manager.store.read_events_of
+    monkeypatch.setattr(manager.store, "read_events_of",
+                        lambda *args, **how: read.append(how) or reading(*args, **how))
+    assert [e.kind.value for e in manager.history("r", 20).events] == ["created", "control"]
+    assert read == []  # the same mark: the events kept are all there is to read
