@@ -292,7 +292,7 @@ class ReadModels:
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
         events = list(self.events.shown(run_id, mark))
-        return History(run_id, steps, lrs, state.n_groups, metrics, events, mark)
+        return History(run_id, steps, lrs, n_groups, metrics, events, mark)
 
     def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, lr_units: int,
                  what: str) -> dict[str, Sequence[MetricRow]]:

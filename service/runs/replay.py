@@ -46,8 +46,7 @@ def apply_stored_inputs(
     left out up to it change nothing, and those after it, which the two reads could each see
     or not (another process committing between them), are a later catch-up's.
     """
-    actions = [kind for kind in _HANDLERS if kind is not EventKind.METRIC]
-    always = store.read_events_of(run_id, actions, through_seq=through_seq)
+    always = store.read_events_of(run_id, _ALWAYS_READ, through_seq=through_seq)
     ahead = store.read_events_of(run_id, [EventKind.METRIC], through_seq=through_seq,
                                  above_step=state.horizon, through_step=through_step)
     apply_logs(state, heapq.merge(always, ahead, key=lambda event: event.seq))
@@ -83,3 +82,6 @@ _HANDLERS: dict[EventKind, Callable[[RunState, Event], None]] = {
     EventKind.METRIC: _apply_metric,
     EventKind.CONTROL: _apply_control,
 }
+
+_ALWAYS_READ = [kind for kind in _HANDLERS if kind is not EventKind.METRIC]
+"""The kinds ``apply_stored_inputs`` reads at every step (the metrics: only above the horizon)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import operator
@@ -1401,10 +1402,8 @@ class SqlStore(BaseStore):
         sql = self._driver_sql("metrics", _READ_METRICS)
         with self._driver_read() as cursor:
             rows = sql.rows(sql.execute(cursor, {"run_id": run_id}))
-        found: dict[str, list[MetricRow]] = {}
-        for name, *row in rows:
-            found.setdefault(name, []).extend(_metric_tuples([row]))
-        return found
+        return {name: _metric_tuples(row[1:] for row in named)  # ordered by name first
+                for name, named in itertools.groupby(rows, key=operator.itemgetter(0))}
 
     def metric_names(self, run_id: str, most: int) -> list[str]:
         """The first ``most`` names of the run's metrics, in order (one statement: a seek per name).
