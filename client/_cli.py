@@ -268,7 +268,8 @@ def _add_history(
     history.add_argument("run_id", metavar="RUN")
     history.add_argument("--format", choices=("csv", "json"), default="csv", help="default csv")
     history.add_argument(
-        "--max-points", type=_positive_int, metavar="N", help="downsample each series to N points"
+        "--max-points", type=_positive_int, metavar="N",
+        help="downsample each series to N points (events: the latest N)"
     )
     history.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
     history.set_defaults(func=_command(_history))
@@ -492,6 +493,10 @@ def _preview(args: argparse.Namespace, api: LRClient) -> int:
 
 def _history(args: argparse.Namespace, api: LRClient) -> int:
     history = api.read_history(args.run_id, max_points=args.max_points)
+    shown, total = len(history.get("events") or []), history.get("events_total")
+    if isinstance(total, int) and total > shown:  # the latest ``max_points`` of them
+        print(f"lrserve history: the latest {shown} of the run's {total} events (every one: "
+              "GET /v1/events?run_id=RUN&since=0)", file=sys.stderr)
     text = json.dumps(history, indent=2) + "\n" if args.format == "json" else _history_csv(history)
     if args.output:
         with open(args.output, "w", encoding="utf-8", newline="") as out:

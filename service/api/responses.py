@@ -238,6 +238,7 @@ def history_body(history: History) -> Body:
         "lrs": {"steps": list(history.steps), "values": lrs},
         "metrics": metrics,
         "events": [event_body(e) for e in history.events],
+        "events_total": history.events_total,
     }
 
 

@@ -300,7 +300,11 @@ class HistoryPublic(BaseModel):
         f"first logged step at or after an even point), so its cost follows `max_points`. {NON_FINITE}"
     )
     events: list[dict[str, Any]] = Field(
-        description=f"The run's events (kind, step, at, payload fields). {NON_FINITE}"
+        description="The run's latest events, at most `max_points` of them, oldest first (kind, step, "
+        f"at, payload fields; every event is in `GET /v1/events`). {NON_FINITE}"
+    )
+    events_total: int = Field(
+        description="How many events the run has (those shown in `events` are the latest of them)."
     )
 
 

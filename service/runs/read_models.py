@@ -8,8 +8,8 @@ import threading
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from operator import itemgetter
 from typing import Any
@@ -58,7 +58,8 @@ class History:
     packed_lrs: array[float]  # the LRs of each of ``steps``, ``n_groups`` a step, one after the other
     n_groups: int
     metrics: dict[str, Sequence[MetricRow]]  # per name, by step, then rank
-    events: list[Event]  # every event but the metric ones
+    events: list[Event]  # the latest events but the metric ones, at most ``max_points``
+    events_total: int  # how many events but the metric ones the run has (up to the last shown)
     mark: HistoryMark
 
     @property
@@ -75,19 +76,31 @@ KEPT_EVENTS = 200_000
 
 
 @dataclass(frozen=True)
+class ShownEvents:
+    """The events a history shows: the run's latest, at most its ``max_points``, and how many
+    it has (``total``, up to the same ``seq``)."""
+
+    total: int
+    latest: tuple[Event, ...]
+
+
+@dataclass(frozen=True)
 class _Kept:
     created_at: datetime
-    last_seq: int  # every event up to here has been read (or left out by its kind)
-    events: tuple[Event, ...]  # those of them a history shows (all but the metric ones)
+    last_seq: int  # every event up to here has been counted (or left out by its kind)
+    total: int  # how many of them a history shows (all but the metric ones)
+    latest: tuple[Event, ...]  # the latest of those, in order (all of them, or as many as asked)
 
 
 class RunEvents:
-    """The events a history shows, per run, each read from the store once: events are only
-    appended (``seq`` counts from 1 per run, without gaps, and a run's appends take turns),
-    so a history reads only those after the last its mark counted
-    (``read_events_of(after_seq, through_seq)``), and never decodes a metric event: after a
-    restart the first history of a long run decoded every one. A run deleted and created
-    again has another ``created_at`` and is read from its start.
+    """The events a history shows, per run: its latest ones, each read from the store once,
+    as many as a history asks for. Events are only appended (``seq`` counts from 1 per run,
+    without gaps, and a run's appends take turns), so a history counts, then reads, only those
+    after the last its run's count went to (``count_events_of``, ``read_events_of(after_seq,
+    through_seq, latest)``), never decodes a metric event and decodes at most as many others
+    as it shows: a run's 200,000 operator actions were 25 MB in every history, and decoded
+    anew at each. A run deleted and created again has another ``created_at`` and is read from
+    its start.
 
     Bounded by ``most`` events over all runs; safe from worker threads."""
 
@@ -97,21 +110,47 @@ class RunEvents:
         self._count = 0
         self._lock = threading.Lock()
 
-    def shown(self, run_id: str, mark: HistoryMark) -> tuple[Event, ...]:
-        """Every event of the run but the metric ones, in order, at least up to the ``mark``'s
-        ``last_seq`` (read first: the run's row moves its ``last_seq`` in the transaction that
-        writes the events up to it, so every one of them is there to read)."""
+    def shown(
+        self, run_id: str, mark: HistoryMark, max_points: int, price: Callable[[int], None]
+    ) -> ShownEvents:
+        """The run's events but the metric ones, the latest ``max_points`` of them, in order, at
+        least up to the ``mark``'s ``last_seq`` (read first: the run's row moves its ``last_seq``
+        in the transaction that writes the events up to it, so every one of them is there to
+        read), and how many there are. ``price(n)`` is called with the number shown, once they
+        are counted and before any is read; it raises to refuse them."""
         with self._lock:
             kept = self._kept.get(run_id)
         if kept is None or kept.created_at != mark.created_at:
-            kept = _Kept(mark.created_at, 0, ())
-        if kept.last_seq >= mark.last_seq:
+            kept = _Kept(mark.created_at, 0, 0, ())
+        new = 0
+        if kept.last_seq < mark.last_seq:
+            new = self.store.count_events_of(run_id, SHOWN, after_seq=kept.last_seq,
+                                             through_seq=mark.last_seq)
+        total = kept.total + new
+        shown = min(total, max_points)
+        price(shown)
+        if kept.last_seq < mark.last_seq:
+            kept = self._read(run_id, kept, mark.last_seq, new, shown)
             self._keep(run_id, kept)
-            return kept.events
-        new = self.store.read_events_of(run_id, SHOWN, after_seq=kept.last_seq, through_seq=mark.last_seq)
-        events = kept.events + tuple(new)  # the metric events chosen out by the database, never decoded
-        self._keep(run_id, _Kept(mark.created_at, mark.last_seq, events))
-        return events
+        elif len(kept.latest) < shown:  # kept for a history that asked fewer
+            kept = self._read(run_id, replace(kept, latest=()), kept.last_seq, 0, shown)
+            self._keep(run_id, kept)
+        else:
+            self._keep(run_id, kept)
+        return ShownEvents(total, kept.latest[len(kept.latest) - shown:])
+
+    def _read(self, run_id: str, kept: _Kept, through_seq: int, new: int, shown: int) -> _Kept:
+        """``kept`` gone on to ``through_seq``, past ``new`` more events to show, with at least
+        the latest ``shown`` of all: those kept and the new ones where the kept are enough, else
+        the latest ``shown`` read anew (none decoded that is not shown)."""
+        total = kept.total + new
+        if new >= shown or len(kept.latest) + new < shown:
+            after = kept.last_seq if new >= shown else 0
+            latest = self.store.read_events_of(run_id, SHOWN, after_seq=after, through_seq=through_seq,
+                                               latest=shown)
+            return _Kept(kept.created_at, through_seq, total, tuple(latest))
+        read = self.store.read_events_of(run_id, SHOWN, after_seq=kept.last_seq, through_seq=through_seq)
+        return _Kept(kept.created_at, through_seq, total, kept.latest + tuple(read))
 
     def _keep(self, run_id: str, kept: _Kept) -> None:
         with self._lock:
@@ -119,14 +158,14 @@ class RunEvents:
             if old is not None and old.created_at == kept.created_at and old.last_seq > kept.last_seq:
                 kept = old  # another thread read further meanwhile
             if old is not None:
-                self._count -= len(old.events)
-            if len(kept.events) > self.most:
+                self._count -= len(old.latest)
+            if len(kept.latest) > self.most:
                 return
             self._kept[run_id] = kept
-            self._count += len(kept.events)
+            self._count += len(kept.latest)
             while self._count > self.most:
                 _, dropped = self._kept.popitem(last=False)
-                self._count -= len(dropped.events)
+                self._count -= len(dropped.latest)
 
 
 KEPT_BAND_POINTS = 200_000
@@ -288,18 +327,23 @@ class ReadModels:
         what = f"a history of {max_points} points on {n_groups} param groups"
         lr_units = cost.history_cost(n_groups=n_groups, points=min(max_points, horizon + 1))
         cost.check(what, "max_points", lr_units, self.settings.work_budget)
-        metrics = self._metrics(run_id, max_points, mark, lr_units, what)  # priced in turn: first
+        metrics, metric_units = self._metrics(run_id, max_points, mark, lr_units, what)  # priced in turn
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
-        events = list(self.events.shown(run_id, mark))
-        return History(run_id, steps, lrs, n_groups, metrics, events, mark)
+
+        def price(shown: int) -> None:
+            units = lr_units + metric_units + cost.history_cost(n_groups=0, points=0, events=shown)
+            cost.check(f"{what} and {shown} events", "max_points", units, self.settings.work_budget)
+
+        events = self.events.shown(run_id, mark, max_points, price)
+        return History(run_id, steps, lrs, n_groups, metrics, list(events.latest), events.total, mark)
 
     def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, lr_units: int,
-                 what: str) -> dict[str, Sequence[MetricRow]]:
+                 what: str) -> tuple[dict[str, Sequence[MetricRow]], int]:
         """The run's metric series, each at most ``max_points`` rows (``picks``), read at a
-        cost bounded by ``max_points`` and the number of series, never by their length. Each
-        read is priced (``cost.history_cost``, on top of the ``lr_units`` of the history's
-        LRs) before it is made:
+        cost bounded by ``max_points`` and the number of series, never by their length, and
+        that cost. Each read is priced (``cost.history_cost``, on top of the ``lr_units`` of
+        the history's LRs) before it is made:
 
         - the names (a seek each), at most as many as the budget pays for, and one more;
         - each series' first ``max_points + 1`` rows and its last step's (read in order), at
@@ -325,10 +369,11 @@ class ReadModels:
         each = min(max_points, (budget - units) // (2 * cost.METRIC_SEEK * len(longer))) if longer else 0
         where = {e.name: picks(e, max(each, 1)) for e in longer}
         sought = sum(len(steps) * (1 + len(ranks)) for steps, ranks in where.values())
+        units += cost.history_cost(n_groups=0, points=0, sought=sought)
         cost.check(f"{what} and {len(names)} metric series, {len(longer)} of them over {max_points} rows",
-                   "max_points", units + cost.history_cost(n_groups=0, points=0, sought=sought), budget)
+                   "max_points", units, budget)
         return {e.name: self.store.metric_rows_at(run_id, e.name, *where[e.name]) if e.last else e.head
-                for e in ends}
+                for e in ends}, units - lr_units
 
     def _lrs_at(self, state: RunState, steps: Sequence[int]) -> array[float]:
         """Final LRs of ``steps`` (at most the horizon, increasing), packed: from memory, else as

@@ -340,10 +340,19 @@ class BaseStore(abc.ABC):
     def read_events_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, through_seq: int | None = None,
         step: int | None = None, above_step: int | None = None, through_step: int | None = None,
+        latest: int | None = None,
     ) -> list[Event]:
         """Events of ``kinds`` with ``after_seq < seq <= through_seq``, placed on ``step``, or
-        above ``above_step`` and at most ``through_step`` (each bound where given), in order,
-        without taking the lock: chosen by the database, not read whole."""
+        above ``above_step`` and at most ``through_step`` (each bound where given), in order, the
+        last ``latest`` of them where given, without taking the lock: chosen by the database,
+        not read whole."""
+
+    @abc.abstractmethod
+    def count_events_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int
+    ) -> int:
+        """How many events of ``kinds`` have ``after_seq < seq <= through_seq``, counted by the
+        database without taking the lock (none decoded)."""
 
     @abc.abstractmethod
     def steps_of(

@@ -1087,11 +1087,13 @@ class SqlStore(BaseStore):
     def read_events_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, through_seq: int | None = None,
         step: int | None = None, above_step: int | None = None, through_step: int | None = None,
+        latest: int | None = None,
     ) -> list[Event]:
         """Events of ``kinds`` with ``after_seq < seq <= through_seq``, placed on ``step``, or
-        above ``above_step`` and at most ``through_step`` (each bound where given), in order
-        (filtered in the database, which scans the run's rows after ``after_seq`` by its primary
-        key; only the matching ones are decoded here).
+        above ``above_step`` and at most ``through_step`` (each bound where given), in order, the
+        last ``latest`` of them where given (filtered in the database, which scans the run's rows
+        after ``after_seq`` by its primary key, backwards from ``through_seq`` for ``latest``;
+        only the matching ones are decoded here).
 
         Raises:
             StoreUnavailable: the database failed.
@@ -1103,8 +1105,27 @@ class SqlStore(BaseStore):
                                      (operator.le, events.c.step, through_step)):
             if given is not None:
                 query = query.where(bound(column, given))
+        if latest is None:
+            query = query.order_by(events.c.seq)
+        else:  # the newest first, so the database stops at ``latest`` of them
+            query = query.order_by(events.c.seq.desc()).limit(latest)
         with self._transaction() as conn:
-            return [_event(row) for row in conn.execute(query.order_by(events.c.seq))]
+            found = [_event(row) for row in conn.execute(query)]
+        return found if latest is None else found[::-1]
+
+    def count_events_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int
+    ) -> int:
+        """How many events of ``kinds`` have ``after_seq < seq <= through_seq`` (counted in the
+        database: none is read).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        query = select(func.count()).select_from(events).where(
+            *_of_kinds(run_id, kinds, after_seq), events.c.seq <= through_seq)
+        with self._transaction() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def steps_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, first_step: int, last_step: int,

@@ -98,3 +98,21 @@ def test_commit_ab_commits_on_both_trees(tmp_path: Path) -> None:
         assert fields["rps"] > 0 and fields["errors"] == 0, line
         assert fields["server_us"] > 0 and fields["sessions_us"] >= 0, line
     assert "this / other req/s per round" in proc.stdout
+
+
+@pytest.mark.slow
+def test_history_reads_builds_each_history_on_both_trees(tmp_path: Path) -> None:
+    """``bench.history_reads`` against this same tree (as the other one): each tree's history
+    of a run of operator actions, first in a process and built anew, timed at each size."""
+    out = tmp_path / "history.json"
+    command = [sys.executable, "-m", "bench.history_reads", str(ROOT), "--events", "30",
+               "--points", "10", "50", "--rounds", "1", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trees = json.loads(out.read_text())["trees"]
+    assert set(trees) == {"this", "other"}
+    for by_points in trees.values():
+        assert set(by_points) == {"10", "50"}
+        for got in by_points.values():
+            assert got["first_ms"] > 0 and got["again_ms"] > 0, got
+        assert by_points["10"]["bytes"] < by_points["50"]["bytes"]  # the latest 10 of 31 events, then all

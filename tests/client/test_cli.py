@@ -26,6 +26,7 @@ HISTORY = {
     "events": [{"kind": "created", "step": 0, "at": "2025-01-01T00:00:00Z", "actor": "ops-alice"},
                {"kind": "control", "step": 11, "at": "2025-01-01T00:01:00Z", "actor": "ops-alice",
                 "action": "hold", "reason": "loss diverged"}],
+    "events_total": 2,
 }
 
 
@@ -289,6 +290,13 @@ def test_history_csv(run):
         ["event:created", "0", "", "ops-alice", ""],
         ["event:control", "11", "", "ops-alice", "loss diverged"],
     ]
+
+
+def test_history_says_when_it_shows_the_latest_events_of_more(run):
+    code, out, err = run(["history", "r"], Server({**HISTORY, "events_total": 9}))
+    assert code == EXIT_OK and "event:control" in out
+    assert "the latest 2 of the run's 9 events" in err
+    assert run(["history", "r"], Server(HISTORY))[2] == ""
 
 
 def test_history_json_to_a_file(run, tmp_path):

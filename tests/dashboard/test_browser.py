@@ -98,6 +98,23 @@ def test_run_page_draws_history_points_and_events(page, live):
     assert [vertices(groups.nth(g).get_attribute("d")) for g in range(2)] == [100, 100]
 
 
+def test_run_page_says_it_shows_the_latest_events_of_more(page, live):
+    """A history shows the run's latest ``max_points`` events; the page says so, newest first."""
+    server, http = live
+    http.post("/v1/runs", json={"run_id": "many-events", "schedule": {"type": "StepLR", "step_size": 10},
+                                "base_lrs": [0.1]}).raise_for_status()
+    for i in range(120):
+        http.post("/v1/runs/many-events/control",
+                  json={"action": "scale", "factor": 1.0, "reason": f"#{i}"}).raise_for_status()
+    page.goto(f"{server.url}/#/runs/many-events")
+    expect(page.locator("#events-table tbody tr")).to_have_count(121)  # 500 points: every one
+    expect(page.locator("#events-cut")).to_have_count(0)
+    page.select_option("#max-points", "100")
+    expect(page.locator("#events-cut")).to_have_text("The latest 100 of 121 events.")
+    expect(page.locator("#events-table tbody tr")).to_have_count(100)
+    expect(page.locator("#events-table tbody tr .event-reason").first).to_have_text("“#119”")
+
+
 def test_operator_action_is_confirmed_and_lands_on_the_run(page, live):
     server, http = live
     page.goto(f"{server.url}/#/runs/bert-base-ft")

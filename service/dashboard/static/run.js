@@ -61,9 +61,9 @@ function header(run) {
   ];
 }
 
-function eventsTable(events) {
+function eventsTable(events, total) {
   if (!events.length) return h("p", { class: "muted" }, "No events yet.");
-  return h("table", { class: "events", id: "events-table" },
+  const table = h("table", { class: "events", id: "events-table" },
     h("thead", {}, h("tr", {}, ["Step", "Event", "What", "Who", "When"].map((t) => h("th", {}, t)))),
     h("tbody", {}, [...events].reverse().map((ev) => h("tr", { "data-kind": ev.kind },
       h("td", { class: "num" }, ev.step === null ? "—" : String(ev.step)),
@@ -71,6 +71,9 @@ function eventsTable(events) {
       h("td", {}, eventText(ev), ev.reason ? h("div", { class: "muted small event-reason" }, `“${ev.reason}”`) : null),
       h("td", { class: "event-actor" }, ev.actor || "—"),
       h("td", { class: "muted small" }, fmtTime(ev.at))))));
+  if (!(total > events.length)) return table;
+  // A history shows the run's latest `max_points` events; every one is in GET /v1/events.
+  return h("div", {}, h("p", { class: "muted small", id: "events-cut" }, `The latest ${events.length} of ${total} events.`), table);
 }
 
 function dot(kind) {
@@ -178,7 +181,7 @@ export function runPage(root, session, runId) {
         chartBox.replaceChildren(...drawn.nodes);
         logBox.checked = drawn.log;
         chartBox.dataset.lrPoints = String(history.lrs.steps.length);
-        eventsBox.replaceChildren(eventsTable(history.events));
+        eventsBox.replaceChildren(eventsTable(history.events, history.events_total));
       }
       specBox.textContent = JSON.stringify({ schedule: run.schedule, base_lrs: run.base_lrs,
         base_momentums: run.base_momentums, world_size: run.world_size }, null, 2);

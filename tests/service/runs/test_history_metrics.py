@@ -162,7 +162,7 @@ def test_a_history_reads_the_events_it_shows_and_never_decodes_a_metric_event(ur
     for step in range(1, 40):
         first.step_run("p", step, {"loss": 1.0}, 0, 0)  # a metric event a step, and reductions
     first.control("p", {"action": "hold"}, None)
-    before = first.history("p", 10).events
+    before = first.history("p", 100).events  # every one (at most 41)
     restarted = open_manager(Settings(db=url))  # another process: nothing in memory
     restarted.state("p")  # loaded first: a load reads the metrics above its snapshot (no snapshot here)
     read = []
@@ -178,7 +178,7 @@ def test_a_history_reads_the_events_it_shows_and_never_decodes_a_metric_event(ur
 
     monkeypatch.setattr(restarted.store, "read_events", whole)
     monkeypatch.setattr(restarted.store, "read_events_of", spied)
-    after = restarted.history("p", 10).events
+    after = restarted.history("p", 100).events
     assert [(e.seq, e.kind) for e in after] == [(e.seq, e.kind) for e in before]
     assert {kind for _, kind in read} == {e.kind for e in before}  # no metric event among them
     assert {e.kind.value for e in before} >= {"created", "plateau_reduction", "control"}

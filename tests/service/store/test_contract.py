@@ -281,6 +281,21 @@ class TestStoreContract:
         assert seqs(step=5) == [3] and seqs(above_step=3) == [3, 4]
         assert seqs(above_step=3, through_step=5) == [3]
         assert seqs((EventKind.STATUS,), above_step=-1) == [] and seqs((EventKind.STATUS,)) == [5]
+        assert seqs(latest=2) == [3, 4] and seqs((EventKind.METRIC, EventKind.CONTROL), latest=3) == [3, 4, 6]
+        assert seqs(through_seq=3, latest=1) == [3] and seqs(after_seq=3, latest=5) == [4]
+
+    def test_events_of_kinds_counted(self, store):
+        """``count_events_of`` counts what ``read_events_of`` reads in ``after_seq < seq <= through_seq``."""
+        make(store)
+        with store.lock_run("r1") as tx:
+            tx.append_events([NewEvent(EventKind.METRIC, 3, {"values": {"loss": 1.0}}),
+                              NewEvent(EventKind.CONTROL, 5, {"action": "hold"}),
+                              NewEvent(EventKind.STATUS, None, {"status": "held"})])
+        kinds = [EventKind.CREATED, EventKind.CONTROL, EventKind.STATUS]
+        assert store.count_events_of("r1", kinds, after_seq=0, through_seq=4) == 3
+        assert store.count_events_of("r1", kinds, after_seq=1, through_seq=3) == 1
+        assert store.count_events_of("r1", [EventKind.METRIC], after_seq=2, through_seq=4) == 0
+        assert store.count_events_of("r2", kinds, after_seq=0, through_seq=4) == 0
 
     def test_events_added_are_appended_without_being_made(self, store):
         """``add_events`` (a commit's) stores what ``append_events`` would; ``run.last_seq`` follows."""

@@ -1,0 +1,107 @@
+"""A history shows a run's latest events, at most ``max_points`` of them, and how many there
+are (``events_total``): each counted by the database, priced before any is read, and read
+once per process, never more than it shows (``read_models.RunEvents``). The tree before showed
+every event: a run's 200,000 operator actions were 25 MB in every history, decoded anew."""
+
+from __future__ import annotations
+
+import pytest
+from lrserve.service.engine.cost import WorkBudgetExceeded
+from lrserve.service.runs.read_models import SHOWN
+from lrserve.service.settings import Settings
+
+from tests.conftest import BACKENDS
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request, database_url):
+    return database_url(request.param)
+
+
+def _scales(manager, n: int) -> None:
+    for i in range(n):
+        manager.control("r", {"action": "scale", "factor": 1.0}, None, actor="ops", reason=f"#{i}")
+
+
+def _spy(manager, monkeypatch) -> list[tuple[dict, int]]:
+    """Each read of a history's events: its bounds, and how many it decoded."""
+    read: list[tuple[dict, int]] = []
+    reading = manager.store.read_events_of
+
+    def spied(run_id, kinds, **how):
+        found = reading(run_id, kinds, **how)
+        if tuple(kinds) == SHOWN:
+            read.append((how, len(found)))
+        return found
+
+    monkeypatch.setattr(manager.store, "read_events_of", spied)
+    return read
+
+
+def _every(manager) -> list[tuple[int, str, str | None]]:
+    store = manager.store  # read past the spy: every one of them
+    return [(e.seq, e.kind.value, e.reason) for e in type(store).read_events_of(store, "r", SHOWN)]
+
+
+def _shown(history) -> list[tuple[int, str, str | None]]:
+    return [(e.seq, e.kind.value, e.reason) for e in history.events]
+
+
+def test_a_history_shows_the_latest_events_and_reads_no_more_than_it_shows(url, open_manager, monkeypatch):
+    manager = open_manager(Settings(db=url))
+    manager.create_run({"run_id": "r", "schedule": {"type": "StepLR", "step_size": 10}, "base_lrs": [0.1]})
+    _scales(manager, 250)
+    read = _spy(manager, monkeypatch)
+
+    history = manager.history("r", 100)
+    every = _every(manager)
+    assert len(every) == 251 and history.events_total == 251
+    assert _shown(history) == every[-100:]  # the tree before: all 251
+    assert [n for _, n in read] == [100]  # the latest 100, found by the database
+
+    _scales(manager, 30)
+    read.clear()
+    history = manager.history("r", 100)
+    every = _every(manager)
+    assert history.events_total == 281 and _shown(history) == every[-100:]
+    assert [(how["after_seq"], n) for how, n in read] == [(251, 30)]  # only the new ones
+
+    read.clear()
+    history = manager.history("r", 200)  # more than were kept (130): the latest 200 read anew
+    assert history.events_total == 281 and _shown(history) == every[-200:]
+    assert [n for _, n in read] == [200]
+    read.clear()
+    assert _shown(manager.history("r", 7)) == every[-7:] and read == []  # the same mark: kept
+
+    restarted = open_manager(Settings(db=url))  # another process: nothing in memory
+    read = _spy(restarted, monkeypatch)
+    history = restarted.history("r", 50)
+    assert history.events_total == 281 and _shown(history) == every[-50:]
+    assert [n for _, n in read] == [50]
+
+
+def test_a_historys_events_are_priced_before_any_is_read(url, open_manager, monkeypatch):
+    """1,000 events at 16 units are over a 10,000-unit budget: a 422 naming ``max_points``,
+    nothing read; 500 of them are within it."""
+    manager = open_manager(Settings(db=url, work_budget=10_000))
+    manager.create_run({"run_id": "r", "schedule": {"type": "StepLR", "step_size": 10}, "base_lrs": [0.1]})
+    _scales(manager, 999)
+    read = _spy(manager, monkeypatch)
+    with pytest.raises(WorkBudgetExceeded, match=r"max_points.*1000 events|1000 events.*max_points"):
+        manager.history("r", 1000)
+    assert read == []
+    history = manager.history("r", 500)
+    assert history.events_total == 1000 and len(history.events) == 500
+    assert history.events[-1].reason == "#998"
+
+
+def test_a_run_created_again_counts_its_events_from_its_start(url, open_manager):
+    manager = open_manager(Settings(db=url))
+    spec = {"run_id": "r", "schedule": {"type": "StepLR", "step_size": 10}, "base_lrs": [0.1]}
+    manager.create_run(spec)
+    _scales(manager, 5)
+    assert manager.history("r", 3).events_total == 6
+    manager.delete_run("r")
+    manager.create_run(spec)
+    history = manager.history("r", 3)
+    assert history.events_total == 1 and [e.kind.value for e in history.events] == ["created"]
