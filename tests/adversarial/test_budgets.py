@@ -113,3 +113,20 @@ def test_a_history_of_too_many_points_on_many_groups_is_refused(http):
     _over_budget(http.get("/v1/runs/wide-history/history", params={"max_points": 1000}), "max_points")
     history = http.get("/v1/runs/wide-history/history", params={"max_points": 100}).json()
     assert len(history["lrs"]["steps"]) == 100
+
+
+def test_a_history_of_a_run_of_many_events_shows_the_latest_within_the_budget(http):
+    """An operator's 2,000 actions on one run: a history shows the latest ``max_points`` of them
+    (the tree before: every one, in every answer). Events over the budget are a 422 before any
+    is read (tests/service/runs/test_history_events.py: 31,251 of them here would take a minute)."""
+    body = {"run_id": "many-actions", "schedule": {"type": "StepLR", "step_size": 7}, "base_lrs": [0.1]}
+    assert http.post("/v1/runs", json=body).status_code == 201
+    for i in range(2000):
+        answer = http.post("/v1/runs/many-actions/control",
+                           json={"action": "scale", "factor": 1.0, "reason": f"#{i}"})
+        assert answer.status_code == 200, answer.text
+    history = http.get("/v1/runs/many-actions/history", params={"max_points": 100}).json()
+    assert history["events_total"] == 2001 and len(history["events"]) == 100
+    assert [e["reason"] for e in history["events"]] == [f"#{i}" for i in range(1900, 2000)]
+    history = http.get("/v1/runs/many-actions/history", params={"max_points": 5000}).json()
+    assert history["events_total"] == len(history["events"]) == 2001
