@@ -495,8 +495,8 @@ def _history(args: argparse.Namespace, api: LRClient) -> int:
     history = api.read_history(args.run_id, max_points=args.max_points)
     shown, total = len(history.get("events") or []), history.get("events_total")
     if isinstance(total, int) and total > shown:  # the latest ``max_points`` of them
-        print(f"lrserve history: the latest {shown} of the run's {total} events (every one: "
-              "GET /v1/events?run_id=RUN&since=0)", file=sys.stderr)
+        print(f"lrserve history: the latest {shown} of the run's {total} events (every one is in "
+              "the event stream, GET /v1/events?run_id=RUN&since=0)", file=sys.stderr)
     text = json.dumps(history, indent=2) + "\n" if args.format == "json" else _history_csv(history)
     if args.output:
         with open(args.output, "w", encoding="utf-8", newline="") as out:

@@ -304,7 +304,8 @@ class LRClient:
         return int(answer.get("accepted", len(records))) if isinstance(answer, dict) else len(records)
 
     def read_history(self, run_id: str, *, max_points: int | None = None) -> dict[str, Any]:
-        """LRs, metrics and events of a run, downsampled to ``max_points`` per series."""
+        """LRs, metrics and events of a run, downsampled to ``max_points`` per series (the
+        events: the latest ``max_points``, and ``events_total``)."""
         params = {} if max_points is None else {"max_points": str(int(max_points))}
         return self._object("GET", f"/v1/runs/{_quote(run_id)}/history", params=params)
 

@@ -301,7 +301,8 @@ class HistoryPublic(BaseModel):
     )
     events: list[dict[str, Any]] = Field(
         description="The run's latest events, at most `max_points` of them, oldest first (kind, step, "
-        f"at, payload fields; every event is in `GET /v1/events`). {NON_FINITE}"
+        "at, payload fields; every event is in the event stream, `GET /v1/events?run_id=...&since=0`). "
+        f"{NON_FINITE}"
     )
     events_total: int = Field(
         description="How many events the run has (those shown in `events` are the latest of them)."

@@ -134,8 +134,9 @@ def history_cost(
 
 def history_points(*, n_groups: int, series: int, budget: int) -> int:
     """The most points of a history of ``n_groups`` groups and ``series`` metric series of at
-    most that many rows each (read in order: their first rows and their last step's) within
-    ``budget``: the worst history a budget allows."""
+    most that many rows each (read in order: their first rows and their last step's), and no
+    event (each priced as ``EVENT`` units more), within ``budget``: the worst history a budget
+    allows."""
     per_point = n_groups + GROUP_OVERHEAD + 2 * series * METRIC_ROW
     return (budget - series * (METRIC_SEEK + 2 * METRIC_ROW)) // per_point
 

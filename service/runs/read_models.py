@@ -8,8 +8,8 @@ import threading
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from operator import itemgetter
 from typing import Any
@@ -50,8 +50,8 @@ class SpikeGuardView:
 
 @dataclass(frozen=True)
 class History:
-    """A run's curves (downsampled) and events up to the stored horizon, as of ``mark`` (read
-    before anything else: the history is at least that new)."""
+    """A run's curves (downsampled) up to the stored horizon and its latest events, as of
+    ``mark`` (read before anything else: the history is at least that new)."""
 
     run_id: str
     steps: Sequence[int]
@@ -89,18 +89,29 @@ class _Kept:
     created_at: datetime
     last_seq: int  # every event up to here has been counted (or left out by its kind)
     total: int  # how many of them a history shows (all but the metric ones)
-    latest: tuple[Event, ...]  # the latest of those, in order (all of them, or as many as asked)
+    latest: tuple[Event, ...]  # the latest of those, in order (as many as the last history showed)
+
+
+@dataclass(frozen=True)
+class CountedEvents:
+    """A run's events counted up to a history's mark (``RunEvents.count``), none read yet."""
+
+    run_id: str
+    total: int  # how many events but the metric ones, up to ``through_seq``
+    kept: _Kept  # what this process had read before
+    new: int  # how many of them are after ``kept.last_seq``
+    through_seq: int
 
 
 class RunEvents:
-    """The events a history shows, per run: its latest ones, each read from the store once,
-    as many as a history asks for. Events are only appended (``seq`` counts from 1 per run,
-    without gaps, and a run's appends take turns), so a history counts, then reads, only those
-    after the last its run's count went to (``count_events_of``, ``read_events_of(after_seq,
-    through_seq, latest)``), never decodes a metric event and decodes at most as many others
-    as it shows: a run's 200,000 operator actions were 25 MB in every history, and decoded
-    anew at each. A run deleted and created again has another ``created_at`` and is read from
-    its start.
+    """The events a history shows, per run: its latest ones, at most as many as the history
+    asks, each read from the store once. Events are only appended (``seq`` counts from 1 per
+    run, without gaps, and a run's appends take turns), so a history counts, then reads, only
+    those after the last its run's count went to (``count_events_of``, then
+    ``read_events_of(after_seq, through_seq, latest)``), never decodes a metric event and
+    decodes at most as many others as it shows: a run's 20,000 operator actions were 2.6 MB in
+    every history. A run deleted and created again has another ``created_at`` and is counted
+    from its start.
 
     Bounded by ``most`` events over all runs; safe from worker threads."""
 
@@ -110,47 +121,38 @@ class RunEvents:
         self._count = 0
         self._lock = threading.Lock()
 
-    def shown(
-        self, run_id: str, mark: HistoryMark, max_points: int, price: Callable[[int], None]
-    ) -> ShownEvents:
-        """The run's events but the metric ones, the latest ``max_points`` of them, in order, at
-        least up to the ``mark``'s ``last_seq`` (read first: the run's row moves its ``last_seq``
-        in the transaction that writes the events up to it, so every one of them is there to
-        read), and how many there are. ``price(n)`` is called with the number shown, once they
-        are counted and before any is read; it raises to refuse them."""
+    def count(self, run_id: str, mark: HistoryMark) -> CountedEvents:
+        """The run's events but the metric ones, counted at least up to the ``mark``'s
+        ``last_seq`` (read first: the run's row moves its ``last_seq`` in the transaction that
+        writes the events up to it, so every one of them is there to read). The database
+        counts those after the ones this process counted before, reading none."""
         with self._lock:
             kept = self._kept.get(run_id)
         if kept is None or kept.created_at != mark.created_at:
             kept = _Kept(mark.created_at, 0, 0, ())
-        new = 0
-        if kept.last_seq < mark.last_seq:
-            new = self.store.count_events_of(run_id, SHOWN, after_seq=kept.last_seq,
-                                             through_seq=mark.last_seq)
-        total = kept.total + new
-        shown = min(total, max_points)
-        price(shown)
-        if kept.last_seq < mark.last_seq:
-            kept = self._read(run_id, kept, mark.last_seq, new, shown)
-            self._keep(run_id, kept)
-        elif len(kept.latest) < shown:  # kept for a history that asked fewer
-            kept = self._read(run_id, replace(kept, latest=()), kept.last_seq, 0, shown)
-            self._keep(run_id, kept)
-        else:
-            self._keep(run_id, kept)
-        return ShownEvents(total, kept.latest[len(kept.latest) - shown:])
+        if kept.last_seq >= mark.last_seq:
+            return CountedEvents(run_id, kept.total, kept, 0, kept.last_seq)
+        new = self.store.count_events_of(run_id, SHOWN, after_seq=kept.last_seq, through_seq=mark.last_seq)
+        return CountedEvents(run_id, kept.total + new, kept, new, mark.last_seq)
 
-    def _read(self, run_id: str, kept: _Kept, through_seq: int, new: int, shown: int) -> _Kept:
-        """``kept`` gone on to ``through_seq``, past ``new`` more events to show, with at least
-        the latest ``shown`` of all: those kept and the new ones where the kept are enough, else
-        the latest ``shown`` read anew (none decoded that is not shown)."""
-        total = kept.total + new
-        if new >= shown or len(kept.latest) + new < shown:
-            after = kept.last_seq if new >= shown else 0
-            latest = self.store.read_events_of(run_id, SHOWN, after_seq=after, through_seq=through_seq,
-                                               latest=shown)
-            return _Kept(kept.created_at, through_seq, total, tuple(latest))
-        read = self.store.read_events_of(run_id, SHOWN, after_seq=kept.last_seq, through_seq=through_seq)
-        return _Kept(kept.created_at, through_seq, total, kept.latest + tuple(read))
+    def latest(self, counted: CountedEvents, max_points: int) -> ShownEvents:
+        """The latest ``max_points`` of the events ``counted``, in order: those kept and the new
+        ones where the kept are enough, else the latest read anew; none decoded that is not
+        shown, and none read twice while a run's histories ask for as many."""
+        kept, new = counted.kept, counted.new
+        shown = min(counted.total, max_points)
+        if not new and len(kept.latest) >= shown:
+            latest = kept.latest
+        elif new >= shown or len(kept.latest) + new < shown:
+            after = kept.last_seq if new >= shown else 0  # else: kept for a history that showed fewer
+            latest = tuple(self.store.read_events_of(counted.run_id, SHOWN, after_seq=after,
+                                                     through_seq=counted.through_seq, latest=shown))
+        else:
+            latest = kept.latest + tuple(self.store.read_events_of(
+                counted.run_id, SHOWN, after_seq=kept.last_seq, through_seq=counted.through_seq))
+        latest = latest[-shown:] if shown else ()
+        self._keep(counted.run_id, _Kept(kept.created_at, counted.through_seq, counted.total, latest))
+        return ShownEvents(counted.total, latest)
 
     def _keep(self, run_id: str, kept: _Kept) -> None:
         with self._lock:
@@ -315,35 +317,34 @@ class ReadModels:
         return self.store.history_mark(run_id)
 
     def history(self, run_id: str, max_points: int, mark: HistoryMark | None = None) -> History:
-        """The run's curves up to the stored horizon and its events at least up to the mark's
-        ``last_seq`` (an event written after the mark, with a step the curves already show, is
-        in the next history: the answer is kept under this mark); 404 if deleted by any replica.
+        """The run's curves up to the stored horizon and its latest ``max_points`` events, at
+        least up to the mark's ``last_seq`` (an event written after the mark, with a step the
+        curves already show, is in the next history: the answer is kept under this mark); 404
+        if deleted by any replica. The events are counted first and priced with the LRs, before
+        the metrics' rows are shared out of what the budget leaves (``_metrics``).
 
         ``mark``: the run's ``history_mark`` if the caller has just read it (else read here, first).
         """
         mark = self.store.history_mark(run_id) if mark is None else mark
         state = self.committer.caught_up(run_id)
         horizon, n_groups = state.horizon, state.n_groups
-        what = f"a history of {max_points} points on {n_groups} param groups"
-        lr_units = cost.history_cost(n_groups=n_groups, points=min(max_points, horizon + 1))
-        cost.check(what, "max_points", lr_units, self.settings.work_budget)
-        metrics, metric_units = self._metrics(run_id, max_points, mark, lr_units, what)  # priced in turn
+        counted = self.events.count(run_id, mark)
+        shown = min(counted.total, max_points)
+        what = f"a history of {max_points} points on {n_groups} param groups and {shown} events"
+        units = cost.history_cost(n_groups=n_groups, points=min(max_points, horizon + 1), events=shown)
+        cost.check(what, "max_points", units, self.settings.work_budget)
+        metrics = self._metrics(run_id, max_points, mark, units, what)  # priced in turn
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
-
-        def price(shown: int) -> None:
-            units = lr_units + metric_units + cost.history_cost(n_groups=0, points=0, events=shown)
-            cost.check(f"{what} and {shown} events", "max_points", units, self.settings.work_budget)
-
-        events = self.events.shown(run_id, mark, max_points, price)
+        events = self.events.latest(counted, max_points)
         return History(run_id, steps, lrs, n_groups, metrics, list(events.latest), events.total, mark)
 
-    def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, lr_units: int,
-                 what: str) -> tuple[dict[str, Sequence[MetricRow]], int]:
+    def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, other_units: int,
+                 what: str) -> dict[str, Sequence[MetricRow]]:
         """The run's metric series, each at most ``max_points`` rows (``picks``), read at a
-        cost bounded by ``max_points`` and the number of series, never by their length, and
-        that cost. Each read is priced (``cost.history_cost``, on top of the ``lr_units`` of
-        the history's LRs) before it is made:
+        cost bounded by ``max_points`` and the number of series, never by their length. Each
+        read is priced (``cost.history_cost``, on top of the ``other_units`` of the history's
+        LRs and events) before it is made:
 
         - the names (a seek each), at most as many as the budget pays for, and one more;
         - each series' first ``max_points + 1`` rows and its last step's (read in order), at
@@ -358,22 +359,21 @@ class ReadModels:
                 long one.
         """
         budget = self.settings.work_budget
-        names = self.store.metric_names(run_id, max(0, budget - lr_units) // cost.METRIC_SEEK + 1)
+        names = self.store.metric_names(run_id, max(0, budget - other_units) // cost.METRIC_SEEK + 1)
         read = 2 * len(names) * (max_points + 1)
         if mark.exact:
             read = min(read, 2 * mark.metric_rows)
-        units = lr_units + cost.history_cost(n_groups=0, points=0, series=len(names), read=read)
+        units = other_units + cost.history_cost(n_groups=0, points=0, series=len(names), read=read)
         cost.check(f"{what} and {len(names)} metric series", "max_points", units, budget)
         ends = self.store.metric_ends(run_id, names, max_points + 1)
         longer = [e for e in ends if e.last]
         each = min(max_points, (budget - units) // (2 * cost.METRIC_SEEK * len(longer))) if longer else 0
         where = {e.name: picks(e, max(each, 1)) for e in longer}
         sought = sum(len(steps) * (1 + len(ranks)) for steps, ranks in where.values())
-        units += cost.history_cost(n_groups=0, points=0, sought=sought)
         cost.check(f"{what} and {len(names)} metric series, {len(longer)} of them over {max_points} rows",
-                   "max_points", units, budget)
+                   "max_points", units + cost.history_cost(n_groups=0, points=0, sought=sought), budget)
         return {e.name: self.store.metric_rows_at(run_id, e.name, *where[e.name]) if e.last else e.head
-                for e in ends}, units - lr_units
+                for e in ends}
 
     def _lrs_at(self, state: RunState, steps: Sequence[int]) -> array[float]:
         """Final LRs of ``steps`` (at most the horizon, increasing), packed: from memory, else as

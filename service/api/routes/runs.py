@@ -260,9 +260,11 @@ def read_lr_finder(run_id: RunId, manager: ManagerDep) -> Response:
 @router.get("/{run_id}/history", response_model=HistoryPublic, dependencies=[ReadAccess])
 async def read_history(
     run_id: RunId, manager: ManagerDep, answers: HistoryAnswersDep, request: Request,
-    max_points: Annotated[QueryInt, Query(ge=1, le=MAX_POINTS)] = DEFAULT_POINTS,
+    max_points: Annotated[QueryInt, Query(
+        ge=1, le=MAX_POINTS, description="Most points of each series: the LRs' and each metric's "
+        "(downsampled), and the run's events (its latest)")] = DEFAULT_POINTS,
 ) -> Response:
-    """LR and metric series (downsampled) and the run's events."""
+    """LR and metric series (downsampled), the run's latest events and how many it has."""
     found = await run_in_threadpool(history_or_kept, manager, answers, run_id, max_points)
     if not isinstance(found, bytes):  # a big one: written at a low CPU priority (service/background.py)
         background: Background = request.app.state.background

@@ -105,3 +105,31 @@ def test_a_run_created_again_counts_its_events_from_its_start(url, open_manager)
     manager.create_run(spec)
     history = manager.history("r", 3)
     assert history.events_total == 1 and [e.kind.value for e in history.events] == ["created"]
+
+
+def test_events_are_priced_before_the_metric_rows_share_out_the_budget(url, open_manager):
+    """The events' price comes out of the budget before the long metric series share what is
+    left: 20 series of 1,100 rows and 10 actions fit the default budget at 1,000 points (the
+    events priced after the series took all of it: a 422)."""
+    manager = open_manager(Settings(db=url))
+    manager.create_run({"run_id": "r", "schedule": {"type": "StepLR", "step_size": 10}, "base_lrs": [0.1]})
+    for name in range(20):
+        records = [{"step": s, "name": f"m{name}", "value": 1.0, "rank": 0} for s in range(1100)]
+        for start in range(0, len(records), 1000):
+            manager.record_metrics("r", records[start:start + 1000])
+    _scales(manager, 10)
+    history = manager.history("r", 1000)
+    assert len(history.metrics) == 20 and history.events_total == len(history.events) == 11
+    assert all(0 < len(rows) <= 1000 for rows in history.metrics.values())
+
+
+def test_a_process_keeps_no_more_events_of_a_run_than_its_last_history_showed(url, open_manager):
+    manager = open_manager(Settings(db=url))
+    manager.create_run({"run_id": "r", "schedule": {"type": "StepLR", "step_size": 10}, "base_lrs": [0.1]})
+    kept = manager.reads.events._kept  # what a dashboard polling 10 points costs the process
+    _scales(manager, 9)
+    for _ in range(30):
+        _scales(manager, 3)
+        assert len(manager.history("r", 10).events) == 10
+        assert len(kept["r"].latest) == 10
+    assert manager.history("r", 10).events_total == 100  # the tree before's first fix kept all 100

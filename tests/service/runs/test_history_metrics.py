@@ -98,8 +98,8 @@ def test_long_series_share_what_the_budget_leaves_and_too_many_are_refused(url, 
     manager = _run(open_manager, Settings(db=url, work_budget=10_000))
     for name in "abcdef":
         _log(manager, name, range(101))  # six series of 101 rows: over 100 points, shown by seeks
-    # one LR (7 units), six names (96), their ends (1,212 rows): 8,685 left, 45 rows of each
-    # (2 seeks a row: 8,640 units), not 100 (19,200)
+    # one LR (7 units), the created event (16), six names (96), their ends (1,212 rows): 8,669
+    # left, 45 rows of each (2 seeks a row: 8,640 units), not 100 (19,200)
     shown = manager.history("r", 100).metrics
     assert {name: len(rows) for name, rows in shown.items()} == dict.fromkeys("abcdef", 45)
     assert [s for s, _, _ in shown["a"]] == list(downsample(range(101), 45))
@@ -115,9 +115,9 @@ def test_long_series_share_what_the_budget_leaves_and_too_many_are_refused(url, 
                                     for i in range(700)])
     ends = []
     monkeypatch.setattr(manager.store, "metric_ends", lambda *args: ends.append(args))
-    with pytest.raises(InvalidInput) as refused:  # one LR (7 units): 624 names paid for, one more found
+    with pytest.raises(InvalidInput) as refused:  # one LR, one event (23 units): 623 names paid for
         manager.history("many", 100)
-    assert "and 625 metric series costs" in str(refused.value) and ends == []  # no row read
+    assert "and 624 metric series costs" in str(refused.value) and ends == []  # one more found; no row read
 
 
 def test_a_short_series_costs_its_rows_not_max_points(manager):
