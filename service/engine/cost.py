@@ -122,14 +122,22 @@ SQLite, 10 µs on PostgreSQL here (2.5 µs of it written), where a unit of a his
 is 0.6 µs on SQLite."""
 
 
+EVENT_BYTES = 128
+"""Characters of an event's payload (its JSON as stored) a history reads and writes for one
+unit more than ``EVENT``: a run's spec (``created``, ``replace_schedule``), up to a request
+body's 1 MiB, took 1.5-7.6 µs per KB to decode and write again here."""
+
+
 def history_cost(
-    *, n_groups: int, points: int, series: int = 0, read: int = 0, sought: int = 0, events: int = 0
+    *, n_groups: int, points: int, series: int = 0, read: int = 0, sought: int = 0, events: int = 0,
+    event_bytes: int = 0,
 ) -> int:
     """Units of a history: ``points`` stored LRs of ``n_groups`` groups read and serialised (no
     schedule stepped), ``series`` metric names found, ``read`` metric rows read in order,
-    ``sought`` index seeks for rows and ``events`` events shown (see ``ReadModels.history``)."""
+    ``sought`` index seeks for rows and ``events`` events shown, of ``event_bytes`` characters
+    of payload in all (see ``ReadModels.history``)."""
     return (points * (n_groups + GROUP_OVERHEAD) + (series + sought) * METRIC_SEEK + read * METRIC_ROW
-            + events * EVENT)
+            + events * EVENT + event_bytes // EVENT_BYTES)
 
 
 def history_points(*, n_groups: int, series: int, budget: int) -> int:

@@ -90,28 +90,42 @@ class _Kept:
     last_seq: int  # every event up to here has been counted (or left out by its kind)
     total: int  # how many of them a history shows (all but the metric ones)
     latest: tuple[Event, ...]  # the latest of those, in order (as many as the last history showed)
+    sizes: tuple[int, ...]  # the length of each one's payload (its JSON), as stored
 
 
 @dataclass(frozen=True)
-class CountedEvents:
-    """A run's events counted up to a history's mark (``RunEvents.count``), none read yet."""
+class EventsToShow:
+    """What a history's events will be (``RunEvents.count``), none read yet: how many the run
+    has, which of the latest are kept and which are to be read, and what they weigh."""
 
     run_id: str
     total: int  # how many events but the metric ones, up to ``through_seq``
     kept: _Kept  # what this process had read before
-    new: int  # how many of them are after ``kept.last_seq``
+    from_kept: int  # how many of the latest of ``kept`` are shown
+    read_after: int  # the latest events after this seq, up to ``through_seq``, are read: as many
+    read_sizes: list[int]  # as there are payload lengths here (none: nothing read)
     through_seq: int
+
+    @property
+    def shown(self) -> int:
+        return self.from_kept + len(self.read_sizes)
+
+    @property
+    def payload_bytes(self) -> int:
+        """The length of the payloads shown, the kept ones' and those to read."""
+        kept = self.kept.sizes
+        return sum(kept[len(kept) - self.from_kept :]) + sum(self.read_sizes)
 
 
 class RunEvents:
     """The events a history shows, per run: its latest ones, at most as many as the history
     asks, each read from the store once. Events are only appended (``seq`` counts from 1 per
-    run, without gaps, and a run's appends take turns), so a history counts, then reads, only
-    those after the last its run's count went to (``count_events_of``, then
-    ``read_events_of(after_seq, through_seq, latest)``), never decodes a metric event and
-    decodes at most as many others as it shows: a run's 20,000 operator actions were 2.6 MB in
-    every history. A run deleted and created again has another ``created_at`` and is counted
-    from its start.
+    run, without gaps, and a run's appends take turns), so a history counts, then weighs, then
+    reads only those after the last its run's count went to (``count_events_of``,
+    ``payload_sizes_of``, ``read_events_of(after_seq, through_seq, latest)``), never decodes a
+    metric event and decodes at most as many others as it shows: a run's 20,000 operator
+    actions were 2.6 MB in every history. A run deleted and created again has another
+    ``created_at`` and is counted from its start.
 
     Bounded by ``most`` events over all runs; safe from worker threads."""
 
@@ -121,38 +135,45 @@ class RunEvents:
         self._count = 0
         self._lock = threading.Lock()
 
-    def count(self, run_id: str, mark: HistoryMark) -> CountedEvents:
-        """The run's events but the metric ones, counted at least up to the ``mark``'s
-        ``last_seq`` (read first: the run's row moves its ``last_seq`` in the transaction that
-        writes the events up to it, so every one of them is there to read). The database
-        counts those after the ones this process counted before, reading none."""
+    def count(self, run_id: str, mark: HistoryMark, max_points: int) -> EventsToShow:
+        """The run's latest ``max_points`` events but the metric ones, at least up to the
+        ``mark``'s ``last_seq`` (read first: the run's row moves its ``last_seq`` in the
+        transaction that writes the events up to it, so every one of them is there to read),
+        counted and weighed, none read: the database counts those after the ones this process
+        counted before, and gives the payload lengths of those it is to read. The kept ones
+        are shown where they are enough with the new ones, else the latest are read anew."""
         with self._lock:
             kept = self._kept.get(run_id)
         if kept is None or kept.created_at != mark.created_at:
-            kept = _Kept(mark.created_at, 0, 0, ())
-        if kept.last_seq >= mark.last_seq:
-            return CountedEvents(run_id, kept.total, kept, 0, kept.last_seq)
-        new = self.store.count_events_of(run_id, SHOWN, after_seq=kept.last_seq, through_seq=mark.last_seq)
-        return CountedEvents(run_id, kept.total + new, kept, new, mark.last_seq)
+            kept = _Kept(mark.created_at, 0, 0, (), ())
+        through = max(kept.last_seq, mark.last_seq)
+        new = 0
+        if kept.last_seq < mark.last_seq:
+            new = self.store.count_events_of(run_id, SHOWN, after_seq=kept.last_seq, through_seq=through)
+        total = kept.total + new
+        shown = min(total, max_points)
+        if shown <= new:  # the latest are all new
+            after, from_kept = kept.last_seq, 0
+        elif len(kept.latest) + new >= shown:  # the latest kept ones, then every new one
+            after, from_kept = kept.last_seq, shown - new
+        else:  # kept for a history that showed fewer: the latest read anew
+            after, from_kept = 0, 0
+        sizes = []
+        if shown > from_kept:
+            sizes = self.store.payload_sizes_of(run_id, SHOWN, after_seq=after, through_seq=through,
+                                                latest=shown - from_kept)
+        return EventsToShow(run_id, total, kept, from_kept, after, sizes, through)
 
-    def latest(self, counted: CountedEvents, max_points: int) -> ShownEvents:
-        """The latest ``max_points`` of the events ``counted``, in order: those kept and the new
-        ones where the kept are enough, else the latest read anew; none decoded that is not
-        shown, and none read twice while a run's histories ask for as many."""
-        kept, new = counted.kept, counted.new
-        shown = min(counted.total, max_points)
-        if not new and len(kept.latest) >= shown:
-            latest = kept.latest
-        elif new >= shown or len(kept.latest) + new < shown:
-            after = kept.last_seq if new >= shown else 0  # else: kept for a history that showed fewer
-            latest = tuple(self.store.read_events_of(counted.run_id, SHOWN, after_seq=after,
-                                                     through_seq=counted.through_seq, latest=shown))
-        else:
-            latest = kept.latest + tuple(self.store.read_events_of(
-                counted.run_id, SHOWN, after_seq=kept.last_seq, through_seq=counted.through_seq))
-        latest = latest[-shown:] if shown else ()
-        self._keep(counted.run_id, _Kept(kept.created_at, counted.through_seq, counted.total, latest))
-        return ShownEvents(counted.total, latest)
+    def read(self, to_show: EventsToShow) -> ShownEvents:
+        """The events ``to_show`` counted, in order, read where they are not kept."""
+        kept, first = to_show.kept, len(to_show.kept.latest) - to_show.from_kept
+        latest, sizes = kept.latest[first:], kept.sizes[first:]
+        if to_show.read_sizes:
+            read = self.store.read_events_of(to_show.run_id, SHOWN, after_seq=to_show.read_after,
+                                             through_seq=to_show.through_seq, latest=len(to_show.read_sizes))
+            latest, sizes = latest + tuple(read), sizes + tuple(to_show.read_sizes)
+        self._keep(to_show.run_id, _Kept(kept.created_at, to_show.through_seq, to_show.total, latest, sizes))
+        return ShownEvents(to_show.total, latest)
 
     def _keep(self, run_id: str, kept: _Kept) -> None:
         with self._lock:
@@ -328,15 +349,16 @@ class ReadModels:
         mark = self.store.history_mark(run_id) if mark is None else mark
         state = self.committer.caught_up(run_id)
         horizon, n_groups = state.horizon, state.n_groups
-        counted = self.events.count(run_id, mark)
-        shown = min(counted.total, max_points)
-        what = f"a history of {max_points} points on {n_groups} param groups and {shown} events"
-        units = cost.history_cost(n_groups=n_groups, points=min(max_points, horizon + 1), events=shown)
+        to_show = self.events.count(run_id, mark, max_points)
+        what = (f"a history of {max_points} points on {n_groups} param groups and {to_show.shown} events "
+                f"of {to_show.payload_bytes} bytes")
+        units = cost.history_cost(n_groups=n_groups, points=min(max_points, horizon + 1),
+                                  events=to_show.shown, event_bytes=to_show.payload_bytes)
         cost.check(what, "max_points", units, self.settings.work_budget)
         metrics = self._metrics(run_id, max_points, mark, units, what)  # priced in turn
         steps = downsample(range(horizon + 1), max_points)
         lrs = self._lrs_at(state, steps)
-        events = self.events.latest(counted, max_points)
+        events = self.events.read(to_show)
         return History(run_id, steps, lrs, n_groups, metrics, list(events.latest), events.total, mark)
 
     def _metrics(self, run_id: str, max_points: int, mark: HistoryMark, other_units: int,

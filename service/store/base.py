@@ -348,6 +348,14 @@ class BaseStore(abc.ABC):
         not read whole."""
 
     @abc.abstractmethod
+    def payload_sizes_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, latest: int
+    ) -> list[int]:
+        """The payload lengths (characters of their JSON) of the events ``read_events_of`` with
+        the same arguments reads, in the same order: what reading them costs, known without
+        decoding any."""
+
+    @abc.abstractmethod
     def count_events_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int
     ) -> int:

@@ -133,3 +133,20 @@ def test_a_process_keeps_no_more_events_of_a_run_than_its_last_history_showed(ur
         assert len(manager.history("r", 10).events) == 10
         assert len(kept["r"].latest) == 10
     assert manager.history("r", 10).events_total == 100  # the tree before's first fix kept all 100
+
+
+def test_an_events_payload_is_priced_by_its_length_before_it_is_read(url, open_manager, monkeypatch):
+    """A ``replace_schedule`` carries a whole schedule: 25 of 10,000 milestones (~60 KB each) are
+    ~11,700 units at 128 characters a unit, over a 10,000-unit budget however few events that
+    is (at 16 units an event alone: 416); the latest 10 fit."""
+    manager = open_manager(Settings(db=url, work_budget=10_000))
+    manager.create_run({"run_id": "r", "schedule": {"type": "StepLR", "step_size": 10}, "base_lrs": [0.1]})
+    schedule = {"type": "MultiStepLR", "milestones": list(range(1_000_000, 1_010_000)), "gamma": 0.5}
+    for _ in range(25):
+        manager.control("r", {"action": "replace_schedule", "schedule": schedule}, None)
+    read = _spy(manager, monkeypatch)
+    with pytest.raises(WorkBudgetExceeded, match=r"26 events of \d{7} bytes"):
+        manager.history("r", 100)
+    assert read == []
+    history = manager.history("r", 10)
+    assert history.events_total == 26 and [e.kind.value for e in history.events] == ["control"] * 10
