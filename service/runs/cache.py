@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import threading
 import weakref
+from datetime import datetime
 
 from lrserve.service.engine import codec
 from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.status import RunStatus
+from lrserve.service.errors import RunConflict
 from lrserve.service.runs.replay import apply_stored_inputs
 from lrserve.service.runs.state import Marks, Replayed, RunState
 from lrserve.service.store.base import BaseStore, RunRecord, Snapshot, WouldWait
+
+LOAD_TRIES = 3
+"""Loads of a run read again, at most, when it was deleted and created again between the
+reads of one (``RunCache._load``)."""
 
 
 class RunCache:
@@ -104,13 +110,25 @@ class RunCache:
             self.evict(state)
 
     def _load(self, run_id: str) -> RunState:
-        record = self.store.read_run(run_id)
-        state = fresh_state(record, self.store.load_snapshot(run_id, max_step=record.horizon))
-        state.created_at = record.created_at
-        apply_stored_inputs(state, self.store, run_id, through_seq=record.last_seq)
-        state.advance_to(record.horizon)
-        state.publish()
-        return state
+        """The run as stored: its row, its latest snapshot, the inputs after it, read one after
+        the other, then its row's ``created_at`` once more: a run deleted and created again
+        between the reads (by another process) would mix two runs' logs, so such a load is
+        read again (a run replaced at each of ``LOAD_TRIES`` tries: a 409)."""
+        for _ in range(LOAD_TRIES):
+            record = self.store.read_run(run_id)
+            state = fresh_state(record, self.store.load_snapshot(run_id, max_step=record.horizon))
+            state.created_at = record.created_at
+            apply_stored_inputs(state, self.store, run_id, through_seq=record.last_seq)
+            if self._still(run_id, record.created_at):
+                state.advance_to(record.horizon)
+                state.publish()
+                return state
+        raise RunConflict(f"run {run_id!r} was deleted and created again while it loaded, "
+                          f"{LOAD_TRIES} times: ask again")
+
+    def _still(self, run_id: str, created_at: datetime) -> bool:
+        """Whether the run is still the one created at ``created_at`` (``RunNotFound``: deleted)."""
+        return self.store.run_head(run_id).created_at == created_at
 
     def values_between(self, run_id: str, start: int, end: int) -> list[Values]:
         """Final values of steps ``start..end`` (all at or below the horizon), replaying if needed.
@@ -139,6 +157,10 @@ class RunCache:
             replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
             apply_stored_inputs(replay, self.store, run_id, through_seq=record.last_seq,
                                 through_step=max(end, until))  # the last step it may replay
+            if record.created_at != state.created_at or not self._still(run_id, record.created_at):
+                self.evict(state)  # deleted and created again since it loaded, or while it replays
+                raise RunConflict(f"run {run_id!r} was deleted and created again while its steps "
+                                  "were read: ask again")
             own = end - replay.first_step + 1
             joins = end <= state.horizon and replay.first_step <= until  # what it replays meets what is held
             if not joins or until - replay.first_step + 1 > max(2 * own, self.snapshot_every):

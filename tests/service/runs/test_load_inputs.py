@@ -7,6 +7,7 @@ process committing between the load's reads, what a catch-up brings."""
 from __future__ import annotations
 
 import pytest
+from lrserve.service.errors import RunConflict
 from lrserve.service.settings import Settings
 from lrserve.service.store.events import EventKind
 
@@ -108,3 +109,51 @@ def test_with_the_default_snapshots_a_load_reads_the_metrics_after_the_last(url,
     assert {e.step for e in read if e.kind is EventKind.METRIC} == {1_001, 1_002, 1_003, 1_004, 1_005}
     values = {manager: manager.window("p", 1_000, 10).values for manager in (restarted, first)}
     assert values[restarted] == values[first]
+
+
+def _replaced_once(monkeypatch, store, other, spec) -> None:
+    """Another process deletes the run and creates it again (``spec``) right before ``store``'s
+    next snapshot read: between a load's first read (the run's row) and its others."""
+    reading = store.load_snapshot
+
+    def replacing(run_id, **how):
+        monkeypatch.setattr(store, "load_snapshot", reading)
+        other.delete_run(run_id)
+        other.create_run(spec)
+        other.control(run_id, {"action": "set_lr", "lr": 0.7}, 2)
+        return reading(run_id, **how)
+
+    monkeypatch.setattr(store, "load_snapshot", replacing)
+
+
+def test_a_run_replaced_between_a_loads_reads_is_loaded_again_not_mixed(url, open_manager, monkeypatch):
+    """The tree before built the old run's row with the new run's log: its spec (LR 0.1), its
+    horizon and none of the new one's action, where the new run is at 0.2 and set to 0.7 at
+    step 2."""
+    settings = Settings(db=url)
+    first, other = open_manager(settings), open_manager(settings)
+    first.create_run({"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.1]})
+    first.window("x", 0, 3)
+    loading = open_manager(settings)  # a process that has not loaded it yet
+    new = {"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.2]}
+    _replaced_once(monkeypatch, loading.store, other, new)
+    # steps 0-3: the old run's final ones, served from the mixed state by the tree before
+    assert [v[0] for v in loading.window("x", 0, 3).values] == [(0.2,), (0.2,), (0.7,), (0.7,)]
+    assert [v[0] for v in other.window("x", 0, 3).values] == [(0.2,), (0.2,), (0.7,), (0.7,)]
+
+
+def test_old_steps_of_a_run_replaced_since_it_loaded_are_a_409_and_the_next_read_the_new_runs(
+        url, open_manager, monkeypatch):
+    settings = Settings(db=url, snapshot_every=5)
+    first, other = open_manager(settings), open_manager(settings)
+    spec = {"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.1]}
+    first.create_run(spec)
+    first.window("x", 0, 12)
+    reader = open_manager(settings)
+    reader.state("x")  # loaded from the snapshot at step 10: steps 0-9 are replayed when read
+    other.delete_run("x")
+    other.create_run({**spec, "base_lrs": [0.2]})
+    other.window("x", 0, 12)
+    with pytest.raises(RunConflict, match="deleted and created again"):
+        reader.values_between("x", 0, 3)  # the tree before: the new run's values, as the old run's
+    assert [v[0] for v in reader.values_between("x", 0, 3)] == [(0.2,)] * 4
