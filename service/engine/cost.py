@@ -123,8 +123,8 @@ is 0.6 µs on SQLite."""
 
 
 EVENT_BYTES = 128
-"""Characters of an event's payload (its JSON as stored) a history reads and writes for one
-unit more than ``EVENT``: a run's spec (``created``, ``replace_schedule``), up to a request
+"""Bytes of an event's payload (its JSON as stored) a history reads and writes for one unit
+more than ``EVENT``: a run's spec (``created``, ``replace_schedule``), up to a request
 body's 1 MiB, took 1.5-7.6 µs per KB to decode and write again here."""
 
 
@@ -134,8 +134,8 @@ def history_cost(
 ) -> int:
     """Units of a history: ``points`` stored LRs of ``n_groups`` groups read and serialised (no
     schedule stepped), ``series`` metric names found, ``read`` metric rows read in order,
-    ``sought`` index seeks for rows and ``events`` events shown, of ``event_bytes`` characters
-    of payload in all (see ``ReadModels.history``)."""
+    ``sought`` index seeks for rows and ``events`` events shown, of ``event_bytes`` bytes of
+    payload in all (see ``ReadModels.history``)."""
     return (points * (n_groups + GROUP_OVERHEAD) + (series + sought) * METRIC_SEEK + read * METRIC_ROW
             + events * EVENT + event_bytes // EVENT_BYTES)
 

@@ -113,18 +113,31 @@ class RunCache:
         """The run as stored: its row, its latest snapshot, the inputs after it, read one after
         the other, then its row's ``created_at`` once more: a run deleted and created again
         between the reads (by another process) would mix two runs' logs, so such a load is
-        read again (a run replaced at each of ``LOAD_TRIES`` tries: a 409)."""
+        read again (a run replaced at each of ``LOAD_TRIES`` tries: a 409), and so is one
+        whose mixed reads did not even make a state (another run's snapshot, say)."""
         for _ in range(LOAD_TRIES):
             record = self.store.read_run(run_id)
-            state = fresh_state(record, self.store.load_snapshot(run_id, max_step=record.horizon))
-            state.created_at = record.created_at
-            apply_stored_inputs(state, self.store, run_id, through_seq=record.last_seq)
+            try:
+                state = fresh_state(record, self.store.load_snapshot(run_id, max_step=record.horizon))
+                state.created_at = record.created_at
+                apply_stored_inputs(state, self.store, run_id, through_seq=record.last_seq)
+            except Exception:
+                if self._still(run_id, record.created_at):
+                    raise
+                continue
             if self._still(run_id, record.created_at):
                 state.advance_to(record.horizon)
                 state.publish()
                 return state
         raise RunConflict(f"run {run_id!r} was deleted and created again while it loaded, "
                           f"{LOAD_TRIES} times: ask again")
+
+    def _replaced(self, state: RunState) -> None:
+        """``state``'s run was deleted and created again since it loaded, or while its steps are
+        read: drop it (the next request loads the new run) and say so."""
+        self.evict(state)
+        raise RunConflict(f"run {state.run_id!r} was deleted and created again while its steps were "
+                          "read: ask again")
 
     def _still(self, run_id: str, created_at: datetime) -> bool:
         """Whether the run is still the one created at ``created_at`` (``RunNotFound``: deleted)."""
@@ -152,15 +165,15 @@ class RunCache:
             if held is not None:
                 return held
             record = self.store.read_run(run_id)
+            if record.created_at != state.created_at:
+                self._replaced(state)
             kept = state.replayed
             until = (state.first_step if kept is None else kept.first) - 1  # the last step not held
             replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
             apply_stored_inputs(replay, self.store, run_id, through_seq=record.last_seq,
                                 through_step=max(end, until))  # the last step it may replay
-            if record.created_at != state.created_at or not self._still(run_id, record.created_at):
-                self.evict(state)  # deleted and created again since it loaded, or while it replays
-                raise RunConflict(f"run {run_id!r} was deleted and created again while its steps "
-                                  "were read: ask again")
+            if not self._still(run_id, record.created_at):
+                self._replaced(state)
             own = end - replay.first_step + 1
             joins = end <= state.horizon and replay.first_step <= until  # what it replays meets what is held
             if not joins or until - replay.first_step + 1 > max(2 * own, self.snapshot_every):

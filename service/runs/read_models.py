@@ -90,7 +90,7 @@ class _Kept:
     last_seq: int  # every event up to here has been counted (or left out by its kind)
     total: int  # how many of them a history shows (all but the metric ones)
     latest: tuple[Event, ...]  # the latest of those, in order (as many as the last history showed)
-    sizes: tuple[int, ...]  # the length of each one's payload (its JSON), as stored
+    sizes: tuple[int, ...]  # the bytes of each one's payload (its JSON), as stored
 
 
 @dataclass(frozen=True)
@@ -102,19 +102,19 @@ class EventsToShow:
     total: int  # how many events but the metric ones, up to ``through_seq``
     kept: _Kept  # what this process had read before
     from_kept: int  # how many of the latest of ``kept`` are shown
-    read_after: int  # the latest events after this seq, up to ``through_seq``, are read: as many
-    read_sizes: list[int]  # as there are payload lengths here (none: nothing read)
+    read_after: int  # the latest events after this seq, up to ``through_seq``, are read: those
+    to_read: list[tuple[int, int]]  # (seq, payload bytes) of each (none: nothing read)
     through_seq: int
 
     @property
     def shown(self) -> int:
-        return self.from_kept + len(self.read_sizes)
+        return self.from_kept + len(self.to_read)
 
     @property
     def payload_bytes(self) -> int:
-        """The length of the payloads shown, the kept ones' and those to read."""
+        """The bytes of the payloads shown, the kept ones' and those to read."""
         kept = self.kept.sizes
-        return sum(kept[len(kept) - self.from_kept :]) + sum(self.read_sizes)
+        return sum(kept[len(kept) - self.from_kept :]) + sum(size for _, size in self.to_read)
 
 
 class RunEvents:
@@ -140,7 +140,7 @@ class RunEvents:
         ``mark``'s ``last_seq`` (read first: the run's row moves its ``last_seq`` in the
         transaction that writes the events up to it, so every one of them is there to read),
         counted and weighed, none read: the database counts those after the ones this process
-        counted before, and gives the payload lengths of those it is to read. The kept ones
+        counted before, and gives the payloads' bytes of those it is to read. The kept ones
         are shown where they are enough with the new ones, else the latest are read anew."""
         with self._lock:
             kept = self._kept.get(run_id)
@@ -158,20 +158,28 @@ class RunEvents:
             after, from_kept = kept.last_seq, shown - new
         else:  # kept for a history that showed fewer: the latest read anew
             after, from_kept = 0, 0
-        sizes = []
+        to_read = []
         if shown > from_kept:
-            sizes = self.store.payload_sizes_of(run_id, SHOWN, after_seq=after, through_seq=through,
-                                                latest=shown - from_kept)
-        return EventsToShow(run_id, total, kept, from_kept, after, sizes, through)
+            to_read = self.store.payload_sizes_of(run_id, SHOWN, after_seq=after, through_seq=through,
+                                                  latest=shown - from_kept)
+        return EventsToShow(run_id, total, kept, from_kept, after, to_read, through)
 
     def read(self, to_show: EventsToShow) -> ShownEvents:
-        """The events ``to_show`` counted, in order, read where they are not kept."""
+        """The events ``to_show`` counted, in order, read where they are not kept.
+
+        Raises:
+            RunConflict: the events read are not those weighed: the run was deleted and
+                created again meanwhile (nothing kept; the next history counts anew).
+        """
         kept, first = to_show.kept, len(to_show.kept.latest) - to_show.from_kept
         latest, sizes = kept.latest[first:], kept.sizes[first:]
-        if to_show.read_sizes:
+        if to_show.to_read:
             read = self.store.read_events_of(to_show.run_id, SHOWN, after_seq=to_show.read_after,
-                                             through_seq=to_show.through_seq, latest=len(to_show.read_sizes))
-            latest, sizes = latest + tuple(read), sizes + tuple(to_show.read_sizes)
+                                             through_seq=to_show.through_seq, latest=len(to_show.to_read))
+            if [e.seq for e in read] != [seq for seq, _ in to_show.to_read]:
+                raise RunConflict(f"run {to_show.run_id!r} was deleted and created again while its "
+                                  "history was read: ask again")
+            latest, sizes = latest + tuple(read), sizes + tuple(size for _, size in to_show.to_read)
         self._keep(to_show.run_id, _Kept(kept.created_at, to_show.through_seq, to_show.total, latest, sizes))
         return ShownEvents(to_show.total, latest)
 
@@ -349,11 +357,13 @@ class ReadModels:
         mark = self.store.history_mark(run_id) if mark is None else mark
         state = self.committer.caught_up(run_id)
         horizon, n_groups = state.horizon, state.n_groups
+        what = f"a history of {max_points} points on {n_groups} param groups"
+        units = cost.history_cost(n_groups=n_groups, points=min(max_points, horizon + 1))
+        cost.check(what, "max_points", units, self.settings.work_budget)  # before any event is counted
         to_show = self.events.count(run_id, mark, max_points)
-        what = (f"a history of {max_points} points on {n_groups} param groups and {to_show.shown} events "
-                f"of {to_show.payload_bytes} bytes")
-        units = cost.history_cost(n_groups=n_groups, points=min(max_points, horizon + 1),
-                                  events=to_show.shown, event_bytes=to_show.payload_bytes)
+        what = f"{what} and {to_show.shown} events of {to_show.payload_bytes} bytes"
+        units += cost.history_cost(n_groups=0, points=0, events=to_show.shown,
+                                   event_bytes=to_show.payload_bytes)
         cost.check(what, "max_points", units, self.settings.work_budget)
         metrics = self._metrics(run_id, max_points, mark, units, what)  # priced in turn
         steps = downsample(range(horizon + 1), max_points)

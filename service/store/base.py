@@ -350,10 +350,10 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def payload_sizes_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, latest: int
-    ) -> list[int]:
-        """The payload lengths (characters of their JSON) of the events ``read_events_of`` with
-        the same arguments reads, in the same order: what reading them costs, known without
-        decoding any."""
+    ) -> list[tuple[int, int]]:
+        """``(seq, bytes of its payload's JSON)`` of each event ``read_events_of`` with the same
+        arguments reads, in the same order: what reading them costs, known without decoding
+        any."""
 
     @abc.abstractmethod
     def count_events_of(

@@ -73,6 +73,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
+    LargeBinary,
     Row,
     Select,
     Table,
@@ -1115,18 +1116,22 @@ class SqlStore(BaseStore):
 
     def payload_sizes_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, latest: int
-    ) -> list[int]:
-        """The payload lengths (characters of their JSON) of the events ``read_events_of`` with
-        the same arguments reads, in the same order, none decoded.
+    ) -> list[tuple[int, int]]:
+        """``(seq, bytes of its payload's JSON)`` of each event ``read_events_of`` with the same
+        arguments reads, in the same order, none decoded: PostgreSQL's ``octet_length`` reads a
+        text's size from its header (``length`` would unpack it to count its characters);
+        SQLite's ``length`` of it as a blob, its bytes.
 
         Raises:
             StoreUnavailable: the database failed.
         """
-        newest = select(events.c.seq, func.length(events.c.payload).label("size")).where(
+        payload = events.c.payload
+        size = func.octet_length(payload) if self._postgres else func.length(cast(payload, LargeBinary))
+        newest = select(events.c.seq, size).where(
             *_of_kinds(run_id, kinds, after_seq), events.c.seq <= through_seq,
         ).order_by(events.c.seq.desc()).limit(latest)
         with self._transaction() as conn:
-            return [int(size) for _, size in conn.execute(newest)][::-1]
+            return [(int(seq), int(size)) for seq, size in conn.execute(newest)][::-1]
 
     def count_events_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int

@@ -150,3 +150,20 @@ def test_an_events_payload_is_priced_by_its_length_before_it_is_read(url, open_m
     assert read == []
     history = manager.history("r", 10)
     assert history.events_total == 26 and [e.kind.value for e in history.events] == ["control"] * 10
+
+
+def test_the_kept_events_are_weighed_with_the_new_ones(url, open_manager):
+    """A history of 10 events keeps them with their payloads' bytes; the next one, after one
+    more event, shows 9 of them and the new one, and weighs all ten."""
+    manager = open_manager(Settings(db=url))
+    manager.create_run({"run_id": "r", "schedule": {"type": "StepLR", "step_size": 10}, "base_lrs": [0.1]})
+    schedule = {"type": "MultiStepLR", "milestones": list(range(1_000_000, 1_001_000)), "gamma": 0.5}
+    for _ in range(10):
+        manager.control("r", {"action": "replace_schedule", "schedule": schedule}, None)
+    manager.history("r", 10)
+    _scales(manager, 1)
+    to_show = manager.reads.events.count("r", manager.history_mark("r"), 10)
+    assert (to_show.from_kept, len(to_show.to_read)) == (9, 1)  # read: only the new one
+    store = manager.store
+    weighed = type(store).payload_sizes_of(store, "r", SHOWN, after_seq=0, through_seq=12, latest=10)
+    assert to_show.payload_bytes == sum(size for _, size in weighed) > 9 * 8_000

@@ -157,3 +157,50 @@ def test_old_steps_of_a_run_replaced_since_it_loaded_are_a_409_and_the_next_read
     with pytest.raises(RunConflict, match="deleted and created again"):
         reader.values_between("x", 0, 3)  # the tree before: the new run's values, as the old run's
     assert [v[0] for v in reader.values_between("x", 0, 3)] == [(0.2,)] * 4
+
+
+def test_old_steps_of_a_run_replaced_while_they_are_read_are_a_409(url, open_manager, monkeypatch):
+    from lrserve.service.runs import cache
+
+    settings = Settings(db=url, snapshot_every=5)
+    first, other = open_manager(settings), open_manager(settings)
+    spec = {"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.1]}
+    first.create_run(spec)
+    first.window("x", 0, 12)
+    reader = open_manager(settings)
+    reader.state("x")  # from the snapshot at step 10
+    applying = cache.apply_stored_inputs
+
+    def replacing(*args, **how):  # between the replay's reads and its check
+        monkeypatch.setattr(cache, "apply_stored_inputs", applying)
+        applying(*args, **how)
+        other.delete_run("x")
+        other.create_run({**spec, "base_lrs": [0.2]})
+
+    monkeypatch.setattr(cache, "apply_stored_inputs", replacing)
+    with pytest.raises(RunConflict, match="deleted and created again"):
+        reader.values_between("x", 0, 3)
+    assert [v[0] for v in reader.values_between("x", 0, 0)] == [(0.2,)]
+
+
+def test_a_run_replaced_at_every_try_of_a_load_is_a_409(url, open_manager, monkeypatch):
+    settings = Settings(db=url)
+    other = open_manager(settings)
+    spec = {"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.1]}
+    other.create_run(spec)
+    loading = open_manager(settings)
+    reading = loading.store.load_snapshot
+    tries = []
+
+    def replacing(run_id, **how):
+        tries.append(run_id)
+        other.delete_run(run_id)
+        other.create_run(spec)
+        return reading(run_id, **how)
+
+    monkeypatch.setattr(loading.store, "load_snapshot", replacing)
+    with pytest.raises(RunConflict, match="3 times"):
+        loading.state("x")
+    assert len(tries) == 3
+    monkeypatch.setattr(loading.store, "load_snapshot", reading)
+    assert loading.state("x").horizon == 0

@@ -299,20 +299,21 @@ class TestStoreContract:
         assert store.count_events_of("r2", kinds, after_seq=0, through_seq=4) == 0
 
     def test_events_of_kinds_weighed(self, store):
-        """``payload_sizes_of`` gives the payload lengths of what ``read_events_of`` reads with the
-        same arguments, in its order, as stored (the JSON's characters)."""
+        """``payload_sizes_of`` gives ``(seq, bytes of the payload's JSON as stored)`` of what
+        ``read_events_of`` reads with the same arguments, in its order (bytes, not characters)."""
         make(store)
         with store.lock_run("r1") as tx:
-            tx.append_events([NewEvent(EventKind.CONTROL, 5, {"action": "hold"}),
+            tx.append_events([NewEvent(EventKind.CONTROL, 5, {"action": "hold", "why": "ünïcödé"}),
                               NewEvent(EventKind.METRIC, 3, {"values": {"loss": 1.0}}),
                               NewEvent(EventKind.CONTROL, 6, {"action": "set_lr", "lrs": [0.5] * 100})])
         kinds = [EventKind.CREATED, EventKind.CONTROL]
         for after, through, latest in ((0, 4, 9), (1, 4, 1), (0, 3, 2)):  # 1-4: created, hold, metric, set_lr
             how = {"after_seq": after, "through_seq": through, "latest": latest}
             found = store.read_events_of("r1", kinds, **how)
-            assert store.payload_sizes_of("r1", kinds, **how) == [len(_dumps(e.payload)) for e in found]
-        hold, set_lr = store.payload_sizes_of("r1", kinds, after_seq=1, through_seq=4, latest=2)
-        assert hold < 30 < 100 * len("0.5") < set_lr  # the last one's hundred LRs
+            assert store.payload_sizes_of("r1", kinds, **how) == [
+                (e.seq, len(_dumps(e.payload).encode())) for e in found]
+        (_, hold), (_, set_lr) = store.payload_sizes_of("r1", kinds, after_seq=1, through_seq=4, latest=2)
+        assert len(_dumps({"action": "hold", "why": "ünïcödé"})) < hold < 50 < 100 * len("0.5") < set_lr
 
     def test_events_added_are_appended_without_being_made(self, store):
         """``add_events`` (a commit's) stores what ``append_events`` would; ``run.last_seq`` follows."""
