@@ -142,17 +142,26 @@ def test_a_run_replaced_between_a_loads_reads_is_loaded_again_not_mixed(url, ope
     assert [v[0] for v in other.window("x", 0, 3).values] == [(0.2,), (0.2,), (0.7,), (0.7,)]
 
 
-def test_old_steps_of_a_run_replaced_since_it_loaded_are_a_409_and_the_next_read_the_new_runs(
-        url, open_manager, monkeypatch):
+X = {"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.1]}
+
+
+def _loaded_from_a_snapshot(open_manager, url):
+    """Another process's manager, and one (a process) that loaded run ``x`` from its snapshot
+    at step 10: steps 0-9 are replayed when read."""
     settings = Settings(db=url, snapshot_every=5)
     first, other = open_manager(settings), open_manager(settings)
-    spec = {"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.1]}
-    first.create_run(spec)
+    first.create_run(X)
     first.window("x", 0, 12)
     reader = open_manager(settings)
-    reader.state("x")  # loaded from the snapshot at step 10: steps 0-9 are replayed when read
+    reader.state("x")
+    return other, reader
+
+
+def test_old_steps_of_a_run_replaced_since_it_loaded_are_a_409_and_the_next_read_the_new_runs(
+        url, open_manager):
+    other, reader = _loaded_from_a_snapshot(open_manager, url)
     other.delete_run("x")
-    other.create_run({**spec, "base_lrs": [0.2]})
+    other.create_run({**X, "base_lrs": [0.2]})
     other.window("x", 0, 12)
     with pytest.raises(RunConflict, match="deleted and created again"):
         reader.values_between("x", 0, 3)  # the tree before: the new run's values, as the old run's
@@ -162,20 +171,14 @@ def test_old_steps_of_a_run_replaced_since_it_loaded_are_a_409_and_the_next_read
 def test_old_steps_of_a_run_replaced_while_they_are_read_are_a_409(url, open_manager, monkeypatch):
     from lrserve.service.runs import cache
 
-    settings = Settings(db=url, snapshot_every=5)
-    first, other = open_manager(settings), open_manager(settings)
-    spec = {"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.1]}
-    first.create_run(spec)
-    first.window("x", 0, 12)
-    reader = open_manager(settings)
-    reader.state("x")  # from the snapshot at step 10
+    other, reader = _loaded_from_a_snapshot(open_manager, url)
     applying = cache.apply_stored_inputs
 
     def replacing(*args, **how):  # between the replay's reads and its check
         monkeypatch.setattr(cache, "apply_stored_inputs", applying)
         applying(*args, **how)
         other.delete_run("x")
-        other.create_run({**spec, "base_lrs": [0.2]})
+        other.create_run({**X, "base_lrs": [0.2]})
 
     monkeypatch.setattr(cache, "apply_stored_inputs", replacing)
     with pytest.raises(RunConflict, match="deleted and created again"):
@@ -186,8 +189,7 @@ def test_old_steps_of_a_run_replaced_while_they_are_read_are_a_409(url, open_man
 def test_a_run_replaced_at_every_try_of_a_load_is_a_409(url, open_manager, monkeypatch):
     settings = Settings(db=url)
     other = open_manager(settings)
-    spec = {"run_id": "x", "schedule": {"type": "StepLR", "step_size": 100}, "base_lrs": [0.1]}
-    other.create_run(spec)
+    other.create_run(X)
     loading = open_manager(settings)
     reading = loading.store.load_snapshot
     tries = []
@@ -195,7 +197,7 @@ def test_a_run_replaced_at_every_try_of_a_load_is_a_409(url, open_manager, monke
     def replacing(run_id, **how):
         tries.append(run_id)
         other.delete_run(run_id)
-        other.create_run(spec)
+        other.create_run(X)
         return reading(run_id, **how)
 
     monkeypatch.setattr(loading.store, "load_snapshot", replacing)
