@@ -68,6 +68,8 @@ class _Subscription:
         self.pending: deque[FeedEntry] = deque()
         self.overflowed = False
         self.ready = asyncio.Event()
+        self.beat = False  # the heartbeat's time came (``heartbeat``)
+        self.sent_at = 0.0  # the loop's time of the stream's last batch (or its start)
 
     def offer(self, entry: FeedEntry) -> None:
         if self.overflowed or not self.filter.matches(entry):
@@ -78,6 +80,16 @@ class _Subscription:
         else:
             self.pending.append(entry)
         self.ready.set()
+
+    def heartbeat(self) -> None:
+        """The stream waited ``heartbeat_s`` for an event: wake it to send a heartbeat."""
+        self.beat = True
+        self.ready.set()
+
+
+HEARTBEAT_CHECKS = 4
+"""Checks for idle streams per ``heartbeat_s`` (``EventHub._heartbeats``): a stream's heartbeat
+comes ``heartbeat_s`` to ``(1 + 1 / HEARTBEAT_CHECKS) × heartbeat_s`` after its last batch."""
 
 
 class EventHub:
@@ -132,6 +144,7 @@ class EventHub:
 
         self.store.watch_commits(committed)
         self._tasks.append(asyncio.create_task(self._follow(), name="lrserve-event-hub"))
+        self._tasks.append(asyncio.create_task(self._heartbeats(), name="lrserve-event-heartbeats"))
         if self._listen is not None:
             self._tasks.append(asyncio.create_task(self._listen_forever(), name="lrserve-event-listen"))
 
@@ -175,6 +188,19 @@ class EventHub:
             else:
                 self._read_outage.ok()
 
+    async def _heartbeats(self) -> None:
+        """Wake every stream that sent nothing for ``heartbeat_s`` (checked ``HEARTBEAT_CHECKS``
+        times an interval): one timer for all streams. A timer per stream's wait
+        (``asyncio.wait_for``, a task each) cost 6 of the 21 µs of the server's CPU that each
+        event cost a stream: 200 streams, 1.2 ms of the event loop an event."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(self.heartbeat_s / HEARTBEAT_CHECKS)
+            idle_since = loop.time() - self.heartbeat_s
+            for sub in self._subs:
+                if sub.sent_at <= idle_since:
+                    sub.heartbeat()
+
     async def _skip_ahead(self) -> bool:
         """With no stream open, move the cursor to the log's end without reading the events:
         a stream that opens catches up from the database itself. False (read on as usual) if
@@ -216,6 +242,8 @@ class EventHub:
         live, or plainly when the hub closes.
         """
         sub = _Subscription(feed_filter, self.buffer)
+        loop = asyncio.get_running_loop()
+        sub.sent_at = loop.time()
         self._subs.add(sub)  # first: what the hub reads from now on reaches the buffer
         self._joined += 1
         self._wake.set()  # the hub may have skipped reads while no stream was open
@@ -234,12 +262,9 @@ class EventHub:
                     break
                 sub.overflowed = False  # fell behind while catching up: read on from the database
                 sub.pending.clear()
+            sub.sent_at = loop.time()
             while not self._closed:
-                try:
-                    await asyncio.wait_for(sub.ready.wait(), self.heartbeat_s)
-                except asyncio.TimeoutError:
-                    yield []
-                    continue
+                await sub.ready.wait()  # woken by an event, the heartbeats (``_heartbeats``) or close
                 sub.ready.clear()
                 if sub.overflowed:
                     self._subs.discard(sub)
@@ -251,7 +276,9 @@ class EventHub:
                     if (entry.event.gid or 0) > cursor:
                         cursor = entry.event.gid or cursor
                         batch.append(entry)
-                if batch:
-                    yield batch
+                beat, sub.beat = sub.beat, False
+                if batch or beat:
+                    sub.sent_at = loop.time()
+                    yield batch  # empty: a heartbeat
         finally:
             self._subs.discard(sub)

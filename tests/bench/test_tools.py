@@ -116,3 +116,17 @@ def test_history_reads_builds_each_history_on_both_trees(tmp_path: Path) -> None
         for got in by_points.values():
             assert got["first_ms"] > 0 and got["again_ms"] > 0, got
         assert by_points["10"]["bytes"] < by_points["50"]["bytes"]  # the latest 10 of 31 events, then all
+
+
+@pytest.mark.slow
+def test_stream_cost_measures_both_trees(tmp_path: Path) -> None:
+    """``bench.stream_cost`` against this same tree (as the other one): each tree's server CPU
+    per event per stream, with every event delivered to every stream (else it fails)."""
+    out = tmp_path / "streams.json"
+    command = [sys.executable, "-m", "bench.stream_cost", str(ROOT), "--streams", "3", "--events", "5",
+               "--rounds", "1", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trees = json.loads(out.read_text())["trees"]
+    assert set(trees) == {"this", "other"}
+    assert all(math.isfinite(t["us_per_delivery"]) and len(t["rounds_us"]) == 1 for t in trees.values())

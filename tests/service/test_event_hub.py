@@ -114,6 +114,42 @@ def test_an_idle_stream_gets_heartbeats(tmp_path):
         store.close()
 
 
+def test_a_stream_that_gets_events_gets_no_heartbeat_and_one_idle_for_the_interval_does(tmp_path):
+    """One timer for every stream (``EventHub._heartbeats``): a stream's heartbeat comes only
+    after ``heartbeat_s`` without a batch, never between events that come more often."""
+    store = open_store(f"sqlite:///{tmp_path}/hub.db")
+    store.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
+
+    async def scenario():
+        hub = EventHub(store, poll_s=0.01)
+        hub.heartbeat_s = 0.5
+        await hub.start()
+        loop = asyncio.get_running_loop()
+        stream = hub.follow(1, FeedFilter())
+        got: list[tuple[float, int]] = []  # (when, how many events) of each batch, as it came
+
+        async def read() -> None:
+            async for batch in stream:
+                got.append((loop.time(), len(batch)))
+                if len(got) > 1 and not batch and sum(n for _, n in got) == 12:
+                    return  # the heartbeat after the last event
+
+        reader = asyncio.create_task(read())
+        for _ in range(12):  # 1.2 s of an event every 0.1 s: more than two intervals
+            await asyncio.to_thread(_append, store, 1)
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(reader, 30)
+        # a batch is yielded in the reader's own task: its time is when the stream sent it
+        gaps = [when - before for (before, _), (when, n) in zip(got, got[1:], strict=False) if n == 0]
+        assert gaps and min(gaps) >= 0.5 - 1e-6, got  # never before the interval without a batch
+        await hub.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
 def test_on_postgres_a_commit_of_another_process_wakes_the_hub_through_notify(database_url):
     """The hub's poll is set to an hour: only NOTIFY can bring it another store's commit."""
     url = database_url("postgres")

@@ -101,8 +101,8 @@ async def stream_events(
 
     Each message's `id` is the event's global id; reconnecting with `Last-Event-ID` (or
     `?since=`) resumes right after it. Without either, the stream starts with the next event.
-    An idle stream gets a `: ping` comment every 15 s. A stream that falls 1000 events
-    (`LRSERVE_EVENTS_BUFFER`) behind ends with an `overflow` message.
+    A stream that sent nothing for 15 s gets a `: ping` comment (within 18.75 s). A stream that
+    falls 1000 events (`LRSERVE_EVENTS_BUFFER`) behind ends with an `overflow` message.
     """
     hub: EventHub = request.app.state.events
     after, feed_filter = params
