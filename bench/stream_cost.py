@@ -5,7 +5,8 @@ takes turns, in rotated rounds, between a server of this checkout ("this") and, 
 of ``OTHER``, the root of another checkout ("other"), each a fresh ``lrserve serve`` on a new
 SQLite file. In each turn one run gets ``--events`` operator actions (``scale`` by 1.0, one
 event each), posted one at a time 2 ms apart, first with no stream open, then with
-``--streams`` streams open (a process of their own reading every byte); the server's CPU over
+``--streams`` streams open (a process of their own reading every byte, each stream from the
+log's start, ``since=0``, measured once every one has caught up); the server's CPU over
 each (its process's user + system time, from ``/proc``) gives the CPU one event costs it per
 stream: ``(with - without) / (streams × events)``. Figure 6 (``python -m bench --only
 fanout``) shows what that does to the hot path beside 1,000 ranks.
@@ -27,23 +28,37 @@ from bench.servers import Server, sqlite_url, workdir
 from bench.stats import rotations
 
 _READER = """
-import selectors, socket, sys
-port, streams, events = map(int, sys.argv[1:4])
+import selectors, socket, sys, time
+port, streams, events, before = map(int, sys.argv[1:5])
 sel = selectors.DefaultSelector()
 for _ in range(streams):
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET /v1/events HTTP/1.1\\r\\nHost: bench\\r\\n\\r\\n")
+    s.sendall(b"GET /v1/events?since=0 HTTP/1.1\\r\\nHost: bench\\r\\n\\r\\n")  # the whole log
     s.setblocking(False)
-    sel.register(s, selectors.EVENT_READ)
+    sel.register(s, selectors.EVENT_READ, [0, b""])  # each stream's events seen, and its last bytes
 print("open", flush=True)
-seen = 0
-while seen < streams * events:
-    for key, _ in sel.select(30):
-        data = key.fileobj.recv(1 << 16)
-        if not data:
-            sel.unregister(key.fileobj)
-        seen += data.count(b"\\nid: ") + data.startswith(b"id: ")
-print(seen, flush=True)
+
+def read_until(each, deadline):
+    # every stream has ``each`` events, counted across reads that may split a message
+    while True:
+        counts = [key.data[0] for key in sel.get_map().values()]
+        if len(counts) == streams and min(counts) >= each:
+            return True
+        if time.monotonic() > deadline or not counts:
+            return False
+        for key, _ in sel.select(1.0):
+            data = key.fileobj.recv(1 << 16)
+            if not data:
+                sel.unregister(key.fileobj)
+                continue
+            seen = key.data[1] + data
+            key.data[0] += seen.count(b"\\nid: ") - key.data[1].count(b"\\nid: ")
+            key.data[1] = seen[-5:]
+
+live = read_until(before, time.monotonic() + 120)  # the log so far: every stream is live
+print("live" if live else "not live", flush=True)
+done = live and read_until(before + events, time.monotonic() + 300)
+print(sum(key.data[0] - before for key in sel.get_map().values()) if done else -1, flush=True)
 """
 
 
@@ -71,22 +86,24 @@ def _turn(work: Path, tree: Path | None, name: str, streams: int, events: int) -
         before = server.cpu_seconds()
         _post_actions(server.port, events)
         alone = server.cpu_seconds() - before
-        command = [sys.executable, "-c", _READER, str(server.port), str(streams), str(events)]
-        reader = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        logged = 1 + 2 * events  # the run's created event and the actions so far: each stream
+        command = [sys.executable, "-c", _READER, str(server.port), str(streams), str(events), str(logged)]
+        reader = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)  # reads them first
         try:
             assert reader.stdout is not None
             if reader.stdout.readline().strip() != "open":
                 raise RuntimeError("the streams did not open")
-            time.sleep(1.0)  # every stream live
+            if reader.stdout.readline().strip() != "live":
+                raise RuntimeError("not every stream caught up with the log in 120 s")
             before = server.cpu_seconds()
             _post_actions(server.port, events)
-            seen = int(reader.stdout.readline() or 0)
+            seen = int(reader.stdout.readline() or -1)  # the reader's own deadline ends it
             streamed = server.cpu_seconds() - before
         finally:
             reader.kill()
             reader.wait()
         if seen < streams * events:
-            raise RuntimeError(f"{seen} of {streams * events} deliveries")
+            raise RuntimeError(f"not every stream got every event in 300 s ({seen} deliveries counted)")
         return (streamed - alone) / (streams * events)
 
 

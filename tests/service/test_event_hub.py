@@ -7,6 +7,7 @@ hub is driven directly so that a consumer can stop reading at an exact point.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from lrserve.service.events.hub import DEFAULT_BUFFER, EventHub, FeedFilter, Overflow
 from lrserve.service.settings import Settings
@@ -135,14 +136,60 @@ def test_a_stream_that_gets_events_gets_no_heartbeat_and_one_idle_for_the_interv
                     return  # the heartbeat after the last event
 
         reader = asyncio.create_task(read())
-        for _ in range(12):  # 1.2 s of an event every 0.1 s: more than two intervals
-            await asyncio.to_thread(_append, store, 1)
-            await asyncio.sleep(0.1)
-        await asyncio.wait_for(reader, 30)
-        # a batch is yielded in the reader's own task: its time is when the stream sent it
+        try:
+            for _ in range(12):  # 1.2 s of an event every 0.1 s: more than two intervals
+                await asyncio.to_thread(_append, store, 1)
+                await asyncio.sleep(0.1)
+            await asyncio.wait_for(reader, 30)
+        finally:
+            await hub.close()
+        # a batch is yielded in the reader's own task, and the interval counts from when it
+        # asks again: after the time noted here
         gaps = [when - before for (before, _), (when, n) in zip(got, got[1:], strict=False) if n == 0]
-        assert gaps and min(gaps) >= 0.5 - 1e-6, got  # never before the interval without a batch
-        await hub.close()
+        assert gaps and min(gaps) >= 0.5, got  # never before the interval without a batch
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
+def test_a_stream_slow_to_catch_up_or_to_take_a_batch_gets_no_heartbeat_at_once(tmp_path, monkeypatch):
+    """A stream's heartbeat counts from when its consumer asks for the next batch: a catch-up
+    read, or a consumer's write, that took longer than the interval brings no heartbeat at
+    once (the first version of the shared timer sent one right away after either)."""
+    store = open_store(f"sqlite:///{tmp_path}/hub.db")
+    store.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
+    reading = store.read_feed
+
+    def slow_from_the_start(after, limit=500):
+        if after == 0:
+            time.sleep(0.8)  # the stream's catch-up read (the hub reads on from gid 1)
+        return reading(after, limit)
+
+    monkeypatch.setattr(store, "read_feed", slow_from_the_start)
+
+    async def scenario():
+        hub = EventHub(store, poll_s=0.01)
+        hub.heartbeat_s = 0.5
+        await hub.start()
+        loop = asyncio.get_running_loop()
+        stream = hub.follow(0, FeedFilter())
+        try:
+            assert [e.event.gid for e in await asyncio.wait_for(anext(stream), 30)] == [1]  # caught up
+            asked = loop.time()
+            assert await asyncio.wait_for(anext(stream), 30) == []
+            assert loop.time() - asked >= 0.5  # a heartbeat, an interval after it asked
+            await asyncio.to_thread(_append, store, 1)
+            assert [e.event.gid for e in await _next_events(stream, 1)] == [2]  # (a heartbeat first
+            # only if the hub took the interval to read it: a busy machine)
+            await asyncio.sleep(0.8)  # the consumer busy with that batch for longer than the interval
+            asked = loop.time()
+            assert await asyncio.wait_for(anext(stream), 30) == []
+            assert loop.time() - asked >= 0.5
+        finally:
+            await stream.aclose()
+            await hub.close()
 
     try:
         asyncio.run(scenario())
