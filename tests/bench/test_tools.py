@@ -22,15 +22,20 @@ from tests.bench.test_smoke import HANG_S, ROOT
 pytestmark = pytest.mark.timeout(HANG_S + 60)
 
 
+def _tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.MODULE ROOT ARGS...`` (this tree as the other one), which must succeed."""
+    command = [sys.executable, "-m", f"bench.{module}", str(ROOT), *args]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_side_by_side_compares_two_trees(tmp_path: Path) -> None:
     """``bench.side_by_side`` against this same tree (as the other one): every variant of both
     trees has its numbers, the server's CPU and wait per request among them."""
     out = tmp_path / "side.json"
-    command = [sys.executable, "-m", "bench.side_by_side", str(ROOT), "--rounds", "1", "--calls", "3",
-               "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _tool("side_by_side", "--rounds", "1", "--calls", "3", "--json", str(out))
     data = json.loads(out.read_text())
     for figure, per_tree in (("report_decide", 3), ("routes", 3)):
         rows = [row for row in data[figure] if row["variant"].startswith(("this: ", "other: "))]
@@ -47,9 +52,7 @@ def test_cold_start_times_the_yardstick_and_both_trees(tmp_path: Path) -> None:
     """``bench.cold_start`` against this same tree (as the other one): every start of each
     variant timed, each server's median over ``import torch`` reported."""
     out = tmp_path / "cold.json"
-    command = [sys.executable, "-m", "bench.cold_start", str(ROOT), "--rounds", "2", "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _tool("cold_start", "--rounds", "2", "--json", str(out))
     data = json.loads(out.read_text())
     assert set(data["variants"]) == {"torch", "this", "other"}
     for name, row in data["variants"].items():
@@ -67,10 +70,7 @@ def test_plateau_loop_measures_each_report_of_both_trees(tmp_path: Path) -> None
     CPU and the bare round trip beside it."""
     pytest.importorskip("torch")
     out = tmp_path / "plateau.json"
-    command = [sys.executable, "-m", "bench.plateau_loop", str(ROOT), "--rounds", "1", "--reports", "2",
-               "--epoch", "2", "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _tool("plateau_loop", "--rounds", "1", "--reports", "2", "--epoch", "2", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     variants = {(r["tree"], r["client"], r["step_ms"]) for r in rows}
     modes = ("waits", "overlap")
@@ -88,10 +88,7 @@ def test_commit_ab_commits_on_both_trees(tmp_path: Path) -> None:
     tree's round committed without an error, with its server's and sessions' CPU per commit."""
     if problem := pg_problem():
         pytest.skip(problem)
-    command = [sys.executable, "-m", "bench.commit_ab", str(ROOT), "--rounds", "1", "--seconds", "1",
-               "--workers", "1", "--connections", "4"]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _tool("commit_ab", "--rounds", "1", "--seconds", "1", "--workers", "1", "--connections", "4")
     for tree in ("this", "other"):
         (line,) = [x for x in proc.stdout.splitlines() if x.startswith(f"round 0 {tree:>5}:")]
         fields = dict(zip(line.split()[3::2], map(float, line.split()[4::2]), strict=True))
@@ -105,10 +102,7 @@ def test_history_reads_builds_each_history_on_both_trees(tmp_path: Path) -> None
     """``bench.history_reads`` against this same tree (as the other one): each tree's history
     of a run of operator actions, first in a process and built anew, timed at each size."""
     out = tmp_path / "history.json"
-    command = [sys.executable, "-m", "bench.history_reads", str(ROOT), "--events", "30",
-               "--points", "10", "50", "--rounds", "1", "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _tool("history_reads", "--events", "30", "--points", "10", "50", "--rounds", "1", "--json", str(out))
     trees = json.loads(out.read_text())["trees"]
     assert set(trees) == {"this", "other"}
     for by_points in trees.values():
@@ -123,10 +117,7 @@ def test_stream_cost_measures_both_trees(tmp_path: Path) -> None:
     """``bench.stream_cost`` against this same tree (as the other one): each tree's server CPU
     per event per stream, with every event delivered to every stream (else it fails)."""
     out = tmp_path / "streams.json"
-    command = [sys.executable, "-m", "bench.stream_cost", str(ROOT), "--streams", "3", "--events", "5",
-               "--rounds", "1", "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _tool("stream_cost", "--streams", "3", "--events", "5", "--rounds", "1", "--json", str(out))
     trees = json.loads(out.read_text())["trees"]
     assert set(trees) == {"this", "other"}
     assert all(math.isfinite(t["us_per_delivery"]) and len(t["rounds_us"]) == 1 for t in trees.values())

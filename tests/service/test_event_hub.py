@@ -25,6 +25,15 @@ async def _next_events(stream, n: int) -> list:
     return got
 
 
+def _run(scenario, *stores) -> None:
+    """``scenario()`` on a new event loop, then ``stores`` closed, whatever happened."""
+    try:
+        asyncio.run(scenario())
+    finally:
+        for store in stores:
+            store.close()
+
+
 def _append(store, n: int) -> None:
     with store.lock_run("r") as tx:
         tx.append_events([NewEvent(EventKind.CONTROL, 1, {"i": i}) for i in range(n)])
@@ -67,10 +76,7 @@ def test_a_live_stream_that_falls_a_buffer_behind_is_cut_off_and_the_rest_go_on(
         await resumed.aclose()
         await hub.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        store.close()
+    _run(scenario, store)
 
 
 def test_a_stream_catching_up_reads_on_from_the_database_however_far_behind(tmp_path):
@@ -91,10 +97,7 @@ def test_a_stream_catching_up_reads_on_from_the_database_however_far_behind(tmp_
         await stream.aclose()
         await hub.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        store.close()
+    _run(scenario, store)
 
 
 def test_an_idle_stream_gets_heartbeats(tmp_path):
@@ -109,10 +112,7 @@ def test_an_idle_stream_gets_heartbeats(tmp_path):
         await stream.aclose()
         await hub.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        store.close()
+    _run(scenario, store)
 
 
 def test_a_stream_that_gets_events_gets_no_heartbeat_and_one_idle_for_the_interval_does(tmp_path):
@@ -148,10 +148,7 @@ def test_a_stream_that_gets_events_gets_no_heartbeat_and_one_idle_for_the_interv
         gaps = [when - before for (before, _), (when, n) in zip(got, got[1:], strict=False) if n == 0]
         assert gaps and min(gaps) >= 0.5, got  # never before the interval without a batch
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        store.close()
+    _run(scenario, store)
 
 
 def test_a_stream_slow_to_catch_up_or_to_take_a_batch_gets_no_heartbeat_at_once(tmp_path, monkeypatch):
@@ -191,10 +188,7 @@ def test_a_stream_slow_to_catch_up_or_to_take_a_batch_gets_no_heartbeat_at_once(
             await stream.aclose()
             await hub.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        store.close()
+    _run(scenario, store)
 
 
 def test_on_postgres_a_commit_of_another_process_wakes_the_hub_through_notify(database_url):
@@ -215,11 +209,7 @@ def test_on_postgres_a_commit_of_another_process_wakes_the_hub_through_notify(da
         await stream.aclose()
         await hub.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        mine.close()
-        other.close()
+    _run(scenario, mine, other)
 
 
 def test_with_no_stream_open_commits_cost_no_read_and_a_stream_opened_later_misses_nothing(tmp_path):
@@ -246,10 +236,7 @@ def test_with_no_stream_open_commits_cost_no_read_and_a_stream_opened_later_miss
         await stream.aclose()
         await hub.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        store.close()
+    _run(scenario, store)
 
 
 def test_on_postgres_the_hub_passes_each_notification_on_with_its_run(database_url):
@@ -273,8 +260,4 @@ def test_on_postgres_the_hub_passes_each_notification_on_with_its_run(database_u
         assert told[0] is None and told[1:] == ["r"]
         await hub.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        mine.close()
-        other.close()
+    _run(scenario, mine, other)
