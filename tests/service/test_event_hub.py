@@ -34,6 +34,14 @@ def _run(scenario, *stores) -> None:
             store.close()
 
 
+async def _beating(store, heartbeat_s: float) -> EventHub:
+    """A started hub that reads the log every 10 ms and sends heartbeats after ``heartbeat_s``."""
+    hub = EventHub(store, poll_s=0.01)
+    hub.heartbeat_s = heartbeat_s
+    await hub.start()
+    return hub
+
+
 def _append(store, n: int) -> None:
     with store.lock_run("r") as tx:
         tx.append_events([NewEvent(EventKind.CONTROL, 1, {"i": i}) for i in range(n)])
@@ -122,9 +130,7 @@ def test_a_stream_that_gets_events_gets_no_heartbeat_and_one_idle_for_the_interv
     store.create_run("r", {}, {}, NewEvent(EventKind.CREATED, None, {}))
 
     async def scenario():
-        hub = EventHub(store, poll_s=0.01)
-        hub.heartbeat_s = 0.5
-        await hub.start()
+        hub = await _beating(store, 0.5)
         loop = asyncio.get_running_loop()
         stream = hub.follow(1, FeedFilter())
         got: list[tuple[float, int]] = []  # (when, how many events) of each batch, as it came
@@ -167,9 +173,7 @@ def test_a_stream_slow_to_catch_up_or_to_take_a_batch_gets_no_heartbeat_at_once(
     monkeypatch.setattr(store, "read_feed", slow_from_the_start)
 
     async def scenario():
-        hub = EventHub(store, poll_s=0.01)
-        hub.heartbeat_s = 0.5
-        await hub.start()
+        hub = await _beating(store, 0.5)
         loop = asyncio.get_running_loop()
         stream = hub.follow(0, FeedFilter())
         try:
