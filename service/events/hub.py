@@ -253,7 +253,7 @@ class EventHub:
         self._wake.set()  # the hub may have skipped reads while no stream was open
         try:
             cursor = after
-            while True:  # catch up from the database, at the consumer's pace
+            while not self._closed:  # catch up from the database, at the consumer's pace
                 page = await run_in_threadpool(self.store.read_feed, cursor, PAGE)
                 if page:
                     cursor = page[-1].event.gid or cursor

@@ -17,7 +17,7 @@ from lrserve.service.engine import codec
 from lrserve.service.engine.engine import Engine, Values
 from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.status import RunStatus
-from lrserve.service.errors import RunConflict
+from lrserve.service.errors import RunConflict, StoreUnavailable
 from lrserve.service.runs.replay import apply_stored_inputs
 from lrserve.service.runs.state import Marks, Replayed, RunState
 from lrserve.service.store.base import BaseStore, RunRecord, Snapshot, WouldWait
@@ -121,7 +121,9 @@ class RunCache:
                 state = fresh_state(record, self.store.load_snapshot(run_id, max_step=record.horizon))
                 state.created_at = record.created_at
                 apply_stored_inputs(state, self.store, run_id, through_seq=record.last_seq)
-            except Exception:
+            except StoreUnavailable:
+                raise
+            except Exception:  # another run's snapshot or log, say: read again if it was replaced
                 if self._still(run_id, record.created_at):
                     raise
                 continue
@@ -169,9 +171,16 @@ class RunCache:
                 self._replaced(state)
             kept = state.replayed
             until = (state.first_step if kept is None else kept.first) - 1  # the last step not held
-            replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
-            apply_stored_inputs(replay, self.store, run_id, through_seq=record.last_seq,
-                                through_step=max(end, until))  # the last step it may replay
+            try:
+                replay = fresh_state(record, self.store.load_snapshot(run_id, max_step=start))
+                apply_stored_inputs(replay, self.store, run_id, through_seq=record.last_seq,
+                                    through_step=max(end, until))  # the last step it may replay
+            except StoreUnavailable:
+                raise
+            except Exception:  # another run's snapshot or log, say: a 409 if it was replaced
+                if not self._still(run_id, record.created_at):
+                    self._replaced(state)
+                raise
             if not self._still(run_id, record.created_at):
                 self._replaced(state)
             own = end - replay.first_step + 1

@@ -168,15 +168,18 @@ class RunEvents:
         """The events ``to_show`` counted, in order, read where they are not kept.
 
         Raises:
-            RunConflict: the events read are not those weighed: the run was deleted and
-                created again meanwhile (nothing kept; the next history counts anew).
+            RunConflict: the run was deleted and created again since it was counted: the
+                events read may be the new run's (its seqs count from 1 again), so none is
+                kept; the next history counts anew.
+            RunNotFound: the run was deleted since.
         """
         kept, first = to_show.kept, len(to_show.kept.latest) - to_show.from_kept
         latest, sizes = kept.latest[first:], kept.sizes[first:]
         if to_show.to_read:
             read = self.store.read_events_of(to_show.run_id, SHOWN, after_seq=to_show.read_after,
                                              through_seq=to_show.through_seq, latest=len(to_show.to_read))
-            if [e.seq for e in read] != [seq for seq, _ in to_show.to_read]:
+            if (self.store.run_head(to_show.run_id).created_at != kept.created_at
+                    or [e.seq for e in read] != [seq for seq, _ in to_show.to_read]):
                 raise RunConflict(f"run {to_show.run_id!r} was deleted and created again while its "
                                   "history was read: ask again")
             latest, sizes = latest + tuple(read), sizes + tuple(size for _, size in to_show.to_read)

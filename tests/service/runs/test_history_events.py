@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from lrserve.service.engine.cost import WorkBudgetExceeded
+from lrserve.service.errors import RunConflict, RunNotFound
 from lrserve.service.runs.read_models import SHOWN
 from lrserve.service.settings import Settings
 
@@ -167,3 +168,22 @@ def test_the_kept_events_are_weighed_with_the_new_ones(url, open_manager):
     store = manager.store
     weighed = type(store).payload_sizes_of(store, "r", SHOWN, after_seq=0, through_seq=12, latest=10)
     assert to_show.payload_bytes == sum(size for _, size in weighed) > 9 * 8_000
+
+
+def test_a_run_created_again_between_its_events_count_and_read_shows_none_of_the_new_runs(url, open_manager):
+    """The new run's events count from seq 1 again, so the seqs weighed can match those read: the
+    run's ``created_at`` is read again after them (a 409, nothing kept; a deleted run: a 404)."""
+    spec = {"run_id": "r", "schedule": {"type": "StepLR", "step_size": 10}, "base_lrs": [0.1]}
+    manager, other = open_manager(Settings(db=url)), open_manager(Settings(db=url))
+    manager.create_run(spec)
+    events = manager.reads.events
+    to_show = events.count("r", manager.history_mark("r"), 10)  # the created event, to read
+    other.delete_run("r")
+    other.create_run({**spec, "base_lrs": [0.9]})
+    with pytest.raises(RunConflict, match="deleted and created again"):
+        events.read(to_show)
+    assert "r" not in events._kept
+    to_show = events.count("r", manager.history_mark("r"), 10)
+    other.delete_run("r")
+    with pytest.raises(RunNotFound):
+        events.read(to_show)

@@ -206,3 +206,29 @@ def test_a_run_replaced_at_every_try_of_a_load_is_a_409(url, open_manager, monke
     assert len(tries) == 3
     monkeypatch.setattr(loading.store, "load_snapshot", reading)
     assert loading.state("x").horizon == 0
+
+
+def test_old_steps_whose_reads_fail_on_a_run_replaced_meanwhile_are_a_409_not_the_failure(
+        url, open_manager, monkeypatch):
+    """Reads that mixed two runs may not even make a state (another run's snapshot, of other
+    groups): where the run was replaced meanwhile, that is a 409, and where it was not, the
+    failure itself."""
+    from lrserve.service.runs import cache
+
+    other, reader = _loaded_from_a_snapshot(open_manager, url)
+
+    def failing(*_args, **_how):
+        raise ValueError("a state of two runs' reads")
+
+    monkeypatch.setattr(cache, "apply_stored_inputs", failing)
+    with pytest.raises(ValueError, match="two runs"):
+        reader.values_between("x", 0, 3)  # not replaced: the failure
+
+    def replaced_then_failing(*_args, **_how):
+        other.delete_run("x")
+        other.create_run({**X, "base_lrs": [0.2, 0.2]})  # other groups
+        failing()
+
+    monkeypatch.setattr(cache, "apply_stored_inputs", replaced_then_failing)
+    with pytest.raises(RunConflict, match="deleted and created again"):
+        reader.values_between("x", 0, 3)
