@@ -69,7 +69,7 @@ class _Subscription:
         self.overflowed = False
         self.ready = asyncio.Event()
         self.beat = False  # the heartbeat's time came (``heartbeat``)
-        self.sent_at = 0.0  # the loop's time of the stream's last batch (or its start)
+        self.sent_at = 0.0  # the loop's time its consumer last asked for a batch (live from then)
 
     def offer(self, entry: FeedEntry) -> None:
         if self.overflowed or not self.filter.matches(entry):
@@ -89,7 +89,8 @@ class _Subscription:
 
 HEARTBEAT_CHECKS = 4
 """Checks for idle streams per ``heartbeat_s`` (``EventHub._heartbeats``): a stream's heartbeat
-comes ``heartbeat_s`` to ``(1 + 1 / HEARTBEAT_CHECKS) × heartbeat_s`` after its last batch."""
+comes ``heartbeat_s`` to ``(1 + 1 / HEARTBEAT_CHECKS) × heartbeat_s`` after its consumer asked
+for its next batch."""
 
 
 class EventHub:

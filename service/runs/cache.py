@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import weakref
 from datetime import datetime
+from typing import NoReturn
 
 from lrserve.service.engine import codec
 from lrserve.service.engine.engine import Engine, Values
@@ -134,7 +135,7 @@ class RunCache:
         raise RunConflict(f"run {run_id!r} was deleted and created again while it loaded, "
                           f"{LOAD_TRIES} times: ask again")
 
-    def _replaced(self, state: RunState) -> None:
+    def _replaced(self, state: RunState) -> NoReturn:
         """``state``'s run was deleted and created again since it loaded, or while its steps are
         read: drop it (the next request loads the new run) and say so."""
         self.evict(state)
