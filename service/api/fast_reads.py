@@ -37,8 +37,6 @@ MB), against 24 ms of this process's CPU to take the same 10 MB back from a work
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -49,6 +47,7 @@ from lrserve.service.api.sliced_json import SLICE_VALUES
 from lrserve.service.background import Background
 from lrserve.service.errors import LRServeError
 from lrserve.service.liveness import Liveness
+from lrserve.service.lru import Lru
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.runs.state import RunState
 from lrserve.service.store.base import HistoryMark, RunRecord
@@ -81,10 +80,9 @@ class HistoryAnswers:
     they were built at; safe from the event loop and from worker threads."""
 
     def __init__(self, most_bytes: int = ANSWER_BYTES, most: int = ANSWER_MOST) -> None:
-        self.most_bytes, self.most = most_bytes, most
-        self._kept: OrderedDict[tuple[str, int], tuple[HistoryMark, bytes]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self.most_bytes = most_bytes
+        self._kept: Lru[tuple[str, int], tuple[HistoryMark, bytes]] = Lru(
+            most_bytes, lambda _, kept: len(kept[1]), most_items=most)
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -97,14 +95,13 @@ class HistoryAnswers:
         """The kept answer if it was built at ``mark`` (the run's mark now, ``exact``), else None."""
         key = (run_id, max_points)
         if not mark.exact:
-            self._drop(key)
+            self._kept.pop(key)
             return None
-        with self._lock:
-            found = self._kept.get(key)
-            if found is None or found[0] != mark:
-                return None
-            self._kept.move_to_end(key)
-            return found[1]
+        found = self._kept.get(key)
+        if found is None or found[0] != mark:
+            return None
+        self._kept.get(key, touch=True)
+        return found[1]
 
     def put(self, run_id: str, max_points: int, mark: HistoryMark, body: bytes) -> None:
         """Keep ``body``, built after reading ``mark``, unless it alone is over a quarter of the
@@ -112,23 +109,9 @@ class HistoryAnswers:
         the answer kept before goes too, so that nothing reads the mark for it again)."""
         key = (run_id, max_points)
         if len(body) > self.most_bytes // 4 or not mark.exact:
-            self._drop(key)
+            self._kept.pop(key)
             return
-        with self._lock:
-            old = self._kept.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old[1])
-            self._kept[key] = (mark, body)
-            self._bytes += len(body)
-            while self._bytes > self.most_bytes or len(self._kept) > self.most:
-                _, (_, dropped) = self._kept.popitem(last=False)
-                self._bytes -= len(dropped)
-
-    def _drop(self, key: tuple[str, int]) -> None:
-        with self._lock:
-            old = self._kept.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old[1])
+        self._kept.put(key, (mark, body))
 
 
 BACKGROUND_VALUES = SLICE_VALUES

@@ -18,7 +18,6 @@ import copy
 import queue
 import secrets
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,6 +30,7 @@ from lrserve.service.engine.run_spec import RunSpec
 from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, LRServeError, RunConflict, RunNotFound, ServerStopping
+from lrserve.service.lru import Lru
 from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.cache import RunCache
 from lrserve.service.runs.commit import (
@@ -890,30 +890,13 @@ class CheckedSpecs:
     """
 
     def __init__(self, size: int, max_bytes: int = SPECS_KEPT_BYTES) -> None:
-        self._size = size
-        self._max_bytes = max_bytes
-        self._bytes = 0  # kept_bytes of the keys, together
-        self._kept: OrderedDict[str, Checked] = OrderedDict()
-        self._lock = threading.Lock()
+        self._kept: Lru[str, Checked] = Lru(max_bytes, lambda key, _: kept_bytes(key), most_items=size)
 
     def get(self, key: str) -> Checked | None:
-        with self._lock:
-            spec = self._kept.get(key)
-            if spec is not None:
-                self._kept.move_to_end(key)
-            return spec
+        return self._kept.get(key, touch=True)
 
     def put(self, key: str, spec: Checked) -> Checked:
         """Keep ``spec`` (the least recently asked go first, past ``size`` of them or
         ``max_bytes`` of ``kept_bytes``; one bigger than ``max_bytes`` alone is not kept); returns it."""
-        if kept_bytes(key) > self._max_bytes:
-            return spec
-        with self._lock:
-            if key not in self._kept:
-                self._bytes += kept_bytes(key)
-            self._kept[key] = spec
-            self._kept.move_to_end(key)
-            while len(self._kept) > self._size or self._bytes > self._max_bytes:
-                gone, _ = self._kept.popitem(last=False)
-                self._bytes -= kept_bytes(gone)
+        self._kept.put(key, spec)
         return spec

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import weakref
 from array import array
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +18,7 @@ from lrserve.service.engine.range_test import RangeTestReport
 from lrserve.service.engine.spec import guard_of
 from lrserve.service.engine.spike_guard import Band, BandReplay, GuardSettings, Report, Spike
 from lrserve.service.errors import RunConflict
+from lrserve.service.lru import Lru
 from lrserve.service.runs.cache import RunCache, RunLock
 from lrserve.service.runs.commit import Committer
 from lrserve.service.runs.state import RunState
@@ -130,10 +130,8 @@ class RunEvents:
     Bounded by ``most`` events over all runs; safe from worker threads."""
 
     def __init__(self, store: BaseStore, most: int = KEPT_EVENTS) -> None:
-        self.store, self.most = store, most
-        self._kept: OrderedDict[str, _Kept] = OrderedDict()
-        self._count = 0
-        self._lock = threading.Lock()
+        self.store = store
+        self._kept: Lru[str, _Kept] = Lru(most, lambda _, kept: len(kept.latest))
 
     def count(self, run_id: str, mark: HistoryMark, max_points: int) -> EventsToShow:
         """The run's latest ``max_points`` events but the metric ones, at least up to the
@@ -142,8 +140,7 @@ class RunEvents:
         counted and weighed, none read: the database counts those after the ones this process
         counted before, and gives the payloads' bytes of those it is to read. The kept ones
         are shown where they are enough with the new ones, else the latest are read anew."""
-        with self._lock:
-            kept = self._kept.get(run_id)
+        kept = self._kept.get(run_id)
         if kept is None or kept.created_at != mark.created_at:
             kept = _Kept(mark.created_at, 0, 0, (), ())
         through = max(kept.last_seq, mark.last_seq)
@@ -183,23 +180,10 @@ class RunEvents:
                 raise RunConflict(f"run {to_show.run_id!r} was deleted and created again while its "
                                   "history was read: ask again")
             latest, sizes = latest + tuple(read), sizes + tuple(size for _, size in to_show.to_read)
-        self._keep(to_show.run_id, _Kept(kept.created_at, to_show.through_seq, to_show.total, latest, sizes))
+        now = _Kept(kept.created_at, to_show.through_seq, to_show.total, latest, sizes)
+        self._kept.put(to_show.run_id, now, keep_old=lambda old: (  # another thread read further
+            old.created_at == now.created_at and old.last_seq > now.last_seq))
         return ShownEvents(to_show.total, latest)
-
-    def _keep(self, run_id: str, kept: _Kept) -> None:
-        with self._lock:
-            old = self._kept.pop(run_id, None)
-            if old is not None and old.created_at == kept.created_at and old.last_seq > kept.last_seq:
-                kept = old  # another thread read further meanwhile
-            if old is not None:
-                self._count -= len(old.latest)
-            if len(kept.latest) > self.most:
-                return
-            self._kept[run_id] = kept
-            self._count += len(kept.latest)
-            while self._count > self.most:
-                _, dropped = self._kept.popitem(last=False)
-                self._count -= len(dropped.latest)
 
 
 KEPT_BAND_POINTS = 200_000
@@ -237,9 +221,8 @@ class RunBands:
     shown out first; safe from worker threads (one view of a run at a time)."""
 
     def __init__(self, store: BaseStore, most: int = KEPT_BAND_POINTS) -> None:
-        self.store, self.most = store, most
-        self._kept: OrderedDict[str, _Replayed] = OrderedDict()
-        self._points = 0
+        self.store = store
+        self._kept: Lru[str, _Replayed] = Lru(most, lambda _, kept: kept.points)
         self._lock = threading.Lock()
         self._viewing: weakref.WeakValueDictionary[str, RunLock] = weakref.WeakValueDictionary()
 
@@ -250,13 +233,12 @@ class RunBands:
         with self._lock:
             viewing = self._viewing.setdefault(run_id, RunLock())
         with viewing:
-            with self._lock:
-                kept = self._kept.get(run_id)
+            kept = self._kept.get(run_id)
             if kept is None or (kept.created_at, kept.replay.settings) != (created_at, settings) \
                     or kept.horizon > horizon:
                 kept = _Replayed(created_at, BandReplay(settings), 0, -1, [])
             new = self.store.read_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq)
-            self._drop(run_id)  # changed from here on: counted again when kept
+            self._kept.pop(run_id)  # changed from here on: weighed again when kept
             for event in new:
                 kept.last_seq = event.seq
                 at, reports = event.step, event.payload.get("reports", ())
@@ -270,28 +252,12 @@ class RunBands:
             kept.horizon = horizon
             shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
                      for rank, band in sorted(kept.replay.bands.items())}
-            self._keep(run_id, kept)
+            self._kept.put(run_id, kept)
         return shown
 
     def forget(self, run_id: str) -> None:
         """The run was deleted: what was kept of it goes."""
-        self._drop(run_id)
-
-    def _drop(self, run_id: str) -> None:
-        with self._lock:
-            old = self._kept.pop(run_id, None)
-            if old is not None:
-                self._points -= old.points
-
-    def _keep(self, run_id: str, kept: _Replayed) -> None:
-        with self._lock:
-            if kept.points > self.most:
-                return
-            self._kept[run_id] = kept
-            self._points += kept.points
-            while self._points > self.most:
-                _, dropped = self._kept.popitem(last=False)
-                self._points -= dropped.points
+        self._kept.pop(run_id)
 
 
 class ReadModels:

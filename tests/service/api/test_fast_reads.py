@@ -255,7 +255,7 @@ def test_a_background_thread_never_takes_the_kept_answers_lock(api):
     make_run(api, "big", base_lrs=[0.1] * 50)
     api.get("/v1/runs/big/lr", params={"step": 0, "ahead": 99})
     answers = api.app.state.history_answers
-    answers._lock = recording = _RecordingLock(answers._lock)
+    answers._kept._lock = recording = _RecordingLock(answers._kept._lock)  # (its ``Lru``'s)
     first = api.get("/v1/runs/big/history", params={"max_points": 100, **ROUTED})
     again = api.get("/v1/runs/big/history", params={"max_points": 100})
     assert first.status_code == again.status_code == 200 and again.content == first.content
