@@ -1099,17 +1099,9 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        query = select(events).where(*_of_kinds(run_id, kinds, after_seq))
-        for bound, column, given in ((operator.le, events.c.seq, through_seq),
-                                     (operator.eq, events.c.step, step),
-                                     (operator.gt, events.c.step, above_step),
-                                     (operator.le, events.c.step, through_step)):
-            if given is not None:
-                query = query.where(bound(column, given))
-        if latest is None:
-            query = query.order_by(events.c.seq)
-        else:  # the newest first, so the database stops at ``latest`` of them
-            query = query.order_by(events.c.seq.desc()).limit(latest)
+        within = _of_kinds(run_id, kinds, after_seq, through_seq, step=step, above_step=above_step,
+                           through_step=through_step)
+        query = _in_seq_order(select(events).where(*within), latest)
         with self._transaction() as conn:
             found = [_event(row) for row in conn.execute(query)]
         return found if latest is None else found[::-1]
@@ -1127,9 +1119,8 @@ class SqlStore(BaseStore):
         """
         payload = events.c.payload
         size = func.octet_length(payload) if self._postgres else func.length(cast(payload, LargeBinary))
-        newest = select(events.c.seq, size).where(
-            *_of_kinds(run_id, kinds, after_seq), events.c.seq <= through_seq,
-        ).order_by(events.c.seq.desc()).limit(latest)
+        within = _of_kinds(run_id, kinds, after_seq, through_seq)
+        newest = _in_seq_order(select(events.c.seq, size).where(*within), latest)
         with self._transaction() as conn:
             return [(int(seq), int(size)) for seq, size in conn.execute(newest)][::-1]
 
@@ -1142,8 +1133,8 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        query = select(func.count()).select_from(events).where(
-            *_of_kinds(run_id, kinds, after_seq), events.c.seq <= through_seq)
+        within = _of_kinds(run_id, kinds, after_seq, through_seq)
+        query = select(func.count()).select_from(events).where(*within)
         with self._transaction() as conn:
             return int(conn.execute(query).scalar_one())
 
@@ -1743,9 +1734,25 @@ def _event_row(run_id: str, seq: int, event: NewEvent, at: datetime, gid: int | 
             "gid": gid}
 
 
-def _of_kinds(run_id: str, kinds: Sequence[EventKind], after_seq: int) -> tuple[Any, ...]:
-    """``read_events_of``'s and ``steps_of``'s filter: the run's events of ``kinds`` after ``after_seq``."""
-    return (events.c.run_id == run_id, events.c.seq > after_seq, events.c.kind.in_([k.value for k in kinds]))
+def _of_kinds(
+    run_id: str, kinds: Sequence[EventKind], after_seq: int, through_seq: int | None = None, *,
+    step: int | None = None, above_step: int | None = None, through_step: int | None = None,
+) -> tuple[Any, ...]:
+    """The event reads' filter: the run's events of ``kinds`` with ``after_seq < seq <=
+    through_seq``, placed on ``step``, or above ``above_step`` and at most ``through_step``
+    (each bound where given)."""
+    bounds = ((operator.le, events.c.seq, through_seq), (operator.eq, events.c.step, step),
+              (operator.gt, events.c.step, above_step), (operator.le, events.c.step, through_step))
+    return (events.c.run_id == run_id, events.c.seq > after_seq, events.c.kind.in_([k.value for k in kinds]),
+            *(bound(column, given) for bound, column, given in bounds if given is not None))
+
+
+def _in_seq_order(query: Select[Any], latest: int | None) -> Select[Any]:
+    """``query`` (of events) by ``seq``, or, for the last ``latest`` of them, newest first, so
+    that the database stops at that many (the caller turns them back)."""
+    if latest is None:
+        return query.order_by(events.c.seq)
+    return query.order_by(events.c.seq.desc()).limit(latest)
 
 
 def _event(row: Any) -> Event:
