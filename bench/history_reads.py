@@ -77,12 +77,13 @@ def measure(events: int, points: list[int], db: str | None) -> dict[str, Any]:
 
 
 def run(other: Path | None, events: int, points: list[int], rounds: int, db: str | None) -> dict[str, Any]:
+    from bench.stats import rotations  # here: a turn runs this file with another tree's path first
+
     trees = {"this": ROOT, **({"other": other} if other is not None else {})}
     turns: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     loads = []
-    for r in range(rounds):
-        names = list(trees)
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    for order in rotations(list(trees), rounds):
+        for name in order:
             loads.append(os.getloadavg()[0])
             command = [sys.executable, str(Path(__file__).resolve()), "--measure", "--events", str(events),
                        "--points", *map(str, points), *(["--db", db] if db else [])]
