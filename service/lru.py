@@ -50,12 +50,13 @@ class Lru(Generic[K, V]):
                 self._kept.move_to_end(key)
             return value
 
-    def pop(self, key: K) -> None:
-        """What is kept under ``key`` goes."""
+    def pop(self, key: K) -> V | None:
+        """What is kept under ``key`` goes; it is returned (None if nothing was)."""
         with self._lock:
             old = self._kept.pop(key, None)
             if old is not None:
                 self._total -= self.weight(key, old)
+            return old
 
     def put(self, key: K, value: V, *, keep_old: Callable[[V], bool] | None = None) -> None:
         """Keep ``value`` under ``key``, the most recently used (or the one kept before, where

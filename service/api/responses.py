@@ -287,6 +287,7 @@ def spike_guard_body(view: SpikeGuardView) -> Body:
         "count": len(view.spikes),
         "spikes": [spike_body(s) for s in view.spikes],
         "band": {str(rank): _band_body(band) for rank, band in view.bands.items()},
+        "bands_through": view.bands_through,
     }
 
 

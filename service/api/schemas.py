@@ -371,7 +371,17 @@ class SpikeGuardPublic(BaseModel):
     multiplier: float = Field(description="The backoff multiplier at the horizon (1.0: none).")
     count: int
     spikes: list[SpikePublic]
-    band: dict[str, BandPublic] = Field(description="Per rank, as the detector met each report.")
+    band: dict[str, BandPublic] = Field(
+        description="Per rank, as the detector met each report applied up to `bands_through` "
+        "(`max_points` points each, spread evenly; every rank's points in all are priced against the "
+        "work budget: over it, a 422 naming `max_points`)."
+    )
+    bands_through: int | None = Field(
+        description="The horizon the bands are judged up to: `horizon`, or null (and `band` empty) while "
+        "the server replays a long run's reports in the background, one run at a time (a view whose "
+        "reports to read cost more than the work budget: the first in a server process of a long run): "
+        "ask again."
+    )
 
 
 class CatalogArg(BaseModel):

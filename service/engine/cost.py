@@ -128,6 +128,25 @@ more than ``EVENT``: a run's spec (``created``, ``replace_schedule``), up to a r
 body's 1 MiB, took 1.5-7.6 µs per KB to decode and write again here."""
 
 
+BAND_EVENT = 16
+"""Units of a metric event a spike-guard view reads and decodes (``read_models.RunBands``)."""
+
+BAND_BYTES = 4
+"""Bytes of a metric event's payload a spike-guard view reads and judges for one unit more than
+``BAND_EVENT``: its reports (about 70 bytes each), each judged against its rank's baseline
+(sorted, its median and MAD found)."""
+
+BAND_POINT = 4
+"""Units of a band point a spike-guard view shows: a step, a value, a baseline and a spike
+line written."""
+
+
+def bands_cost(*, events: int = 0, event_bytes: int = 0, points: int = 0) -> int:
+    """Units of a spike-guard view: ``events`` metric events of ``event_bytes`` bytes of payload
+    read and their reports judged, and ``points`` band points shown."""
+    return events * BAND_EVENT + event_bytes // BAND_BYTES + points * BAND_POINT
+
+
 def history_cost(
     *, n_groups: int, points: int, series: int = 0, read: int = 0, sought: int = 0, events: int = 0,
     event_bytes: int = 0,

@@ -228,6 +228,7 @@ class RunManager:
         """Wait for the commits in progress, then stop the commit threads (before the store and
         ``big_work`` close: a commit in progress may need them); calls after get ``ServerStopping``."""
         self._commit_threads.close()
+        self.reads.close()
 
     @property
     def on_outcome(self) -> list[Callable[[str, StepOutcome], Any]]:

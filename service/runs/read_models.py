@@ -4,10 +4,12 @@ further than this one) and commits nothing new."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from array import array
 from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from operator import itemgetter
@@ -17,15 +19,18 @@ from lrserve.service.engine import cost
 from lrserve.service.engine.range_test import RangeTestReport
 from lrserve.service.engine.spec import guard_of
 from lrserve.service.engine.spike_guard import Band, BandReplay, GuardSettings, Report, Spike
-from lrserve.service.errors import RunConflict
+from lrserve.service.errors import RunConflict, ServerStopping
 from lrserve.service.lru import Lru
 from lrserve.service.runs.cache import RunCache, RunLock
 from lrserve.service.runs.commit import Committer
 from lrserve.service.runs.state import RunState
 from lrserve.service.runs.value_log import step_tuples
+from lrserve.service.scheduling import lower_priority
 from lrserve.service.settings import Settings
 from lrserve.service.store.base import BaseStore, HistoryMark, MetricEnds, MetricRow
 from lrserve.service.store.events import Event, EventKind
+
+log = logging.getLogger("lrserve")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class SpikeGuardView:
     multiplier: float  # the backoff at the horizon (1.0: none)
     spikes: list[Spike]
     bands: dict[int, Band]  # by rank, downsampled
+    bands_through: int | None  # the horizon the bands are judged up to; None: replayed in the background
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,10 @@ KEPT_BAND_POINTS = 200_000
 """Most band points (a rank's report as the detector met it) ``RunBands`` keeps per server
 process, over all runs (least recently shown out first)."""
 
+READ_PIECE = 10_000
+"""Metric events a replay of a run's bands reads and decodes at a time (a long run's whole log
+read at once would be held decoded in memory at once)."""
+
 
 @dataclass
 class _Replayed:
@@ -205,6 +215,15 @@ class _Replayed:
         return self.replay.points + len(self.ahead)
 
 
+@dataclass(frozen=True)
+class ShownBands:
+    """Each rank's band (downsampled) and the horizon its reports are judged up to: None while
+    the run's reports are replayed in the background (``RunBands``: ask again)."""
+
+    bands: dict[int, Band]
+    through: int | None
+
+
 class RunBands:
     """Each spike guard's bands (``GET .../spike-guard``), replayed on from where the last view
     stopped: a view reads only the metric events after the last it read
@@ -212,48 +231,125 @@ class RunBands:
 
     Exact, not an estimate: reports are judged by the step they apply at, then as placed, and
     a report is placed at a step above the horizon, so every report applied at or below a
-    horizon was written before that horizon was; those read later apply above the last one
-    judged (the rest wait, ``ahead``). A run deleted and created again, or guarded by other
-    settings, is replayed from its start (the first view of a run in a process reads all its
-    metric events; views of the run meanwhile wait for it, then go on from it).
+    horizon was written before that horizon was, at or before the run's ``last_seq`` read with
+    it; those read later apply above the last one judged (the rest wait, ``ahead``). A run
+    deleted and created again, or guarded by other settings, is replayed from its start;
+    views of the run meanwhile wait for it, then go on from it.
+
+    **Budgeted.** A view first weighs the metric events it is to read (``payload_sizes_of``, at
+    most as many as the budget could pay for, none decoded) and prices them (``cost.BAND_EVENT``
+    each and their bytes). Over ``budget`` (the first view in a process of a long run, or one
+    far behind), the replay is handed to ``replays`` (one low-priority thread: one run's at a
+    time) and the view answers at once without bands (``ShownBands.through`` None); views of
+    the run meanwhile do the same, holding nothing. The points shown are priced too
+    (``cost.BAND_POINT`` each): over the budget is a 422 naming ``max_points``.
 
     Bounded by ``most`` points (band points and reports ahead) over all runs, least recently
-    shown out first; safe from worker threads (one view of a run at a time)."""
+    shown out first; safe from worker threads (one view or replay of a run at a time)."""
 
-    def __init__(self, store: BaseStore, most: int = KEPT_BAND_POINTS) -> None:
+    def __init__(self, store: BaseStore, budget: int, replays: Executor, most: int = KEPT_BAND_POINTS
+                 ) -> None:
         self.store = store
+        self.budget = budget
+        self._replays = replays
         self._kept: Lru[str, _Replayed] = Lru(most, lambda _, kept: kept.points)
         self._lock = threading.Lock()
         self._viewing: weakref.WeakValueDictionary[str, RunLock] = weakref.WeakValueDictionary()
+        self._replaying: set[str] = set()  # runs whose replay is in ``replays``
 
-    def shown(self, run_id: str, created_at: datetime, settings: GuardSettings, horizon: int,
-              max_points: int) -> dict[int, Band]:
+    def shown(self, run_id: str, created_at: datetime, settings: GuardSettings, horizon: int, last_seq: int,
+              max_points: int) -> ShownBands:
         """Each rank's band, the reports applied up to ``horizon`` (the run's stored horizon,
-        read first), downsampled to ``max_points``."""
+        read first, with its ``last_seq``), downsampled to ``max_points``; or none yet, while
+        they are replayed in the background.
+
+        Raises:
+            WorkBudgetExceeded: the points shown (every rank's) cost more than the budget.
+        """
         with self._lock:
+            if run_id in self._replaying:
+                return ShownBands({}, None)
             viewing = self._viewing.setdefault(run_id, RunLock())
         with viewing:
-            kept = self._kept.get(run_id)
+            with self._lock:  # handed to the background while this view waited
+                if run_id in self._replaying:
+                    return ShownBands({}, None)
+            kept = self._kept.pop(run_id)  # changed from here on: weighed again when kept
             if kept is None or (kept.created_at, kept.replay.settings) != (created_at, settings) \
                     or kept.horizon > horizon:
                 kept = _Replayed(created_at, BandReplay(settings), 0, -1, [])
-            new = self.store.read_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq)
-            self._kept.pop(run_id)  # changed from here on: weighed again when kept
+            to_read = self._weighed(run_id, kept, last_seq)
+            if to_read is None:
+                with self._lock:
+                    self._replaying.add(run_id)
+                try:
+                    self._replays.submit(self._replay_later, run_id, kept, horizon, last_seq)
+                except RuntimeError as error:  # shut down: the server is stopping
+                    with self._lock:
+                        self._replaying.discard(run_id)
+                    raise ServerStopping("the server is stopping; retry (another replica, or once it is up)"
+                                         ) from error
+                return ShownBands({}, None)
+            if to_read:
+                self._read(run_id, kept, last_seq)
+            self._judge(kept, horizon)
+            self._kept.put(run_id, kept)
+            bands = kept.replay.bands
+            points = sum(min(len(band.steps), max_points) for band in bands.values())
+            what = f"a spike-guard view of {len(bands)} ranks' bands of {points} points in all"
+            cost.check(what, "max_points", cost.bands_cost(points=points), self.budget)
+            shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
+                     for rank, band in sorted(bands.items())}
+        return ShownBands(shown, horizon)
+
+    def _weighed(self, run_id: str, kept: _Replayed, last_seq: int) -> int | None:
+        """How many metric events after ``kept``'s up to ``last_seq`` there are to read, or None
+        when reading and judging them costs more than the budget (weighed in the database, at
+        most one more than the budget pays for)."""
+        most = self.budget // cost.BAND_EVENT
+        sizes = self.store.payload_sizes_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq,
+                                            through_seq=last_seq, first=most + 1)
+        units = cost.bands_cost(events=len(sizes), event_bytes=sum(size for _, size in sizes))
+        return None if units > self.budget else len(sizes)
+
+    def _read(self, run_id: str, kept: _Replayed, last_seq: int) -> None:
+        """Read the metric events after ``kept``'s up to ``last_seq`` (``READ_PIECE`` at a
+        time): their reports wait in ``kept.ahead`` to be judged."""
+        monitor = kept.replay.settings.monitor
+        while True:
+            new = self.store.read_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq,
+                                            through_seq=last_seq, first=READ_PIECE)
             for event in new:
                 kept.last_seq = event.seq
                 at, reports = event.step, event.payload.get("reports", ())
                 if at is not None:
                     kept.ahead.extend((at, event.seq, Report.from_payload(r))
-                                      for r in reports if r.get("name") == settings.monitor)
-            ready = [a for a in kept.ahead if a[0] <= horizon]
-            kept.ahead = [a for a in kept.ahead if a[0] > horizon]
-            for at, _, report in sorted(ready, key=itemgetter(0, 1)):  # stable: as placed within an event
-                kept.replay.judge(at, report)
-            kept.horizon = horizon
-            shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
-                     for rank, band in sorted(kept.replay.bands.items())}
+                                      for r in reports if r.get("name") == monitor)
+            if len(new) < READ_PIECE:
+                break
+
+    @staticmethod
+    def _judge(kept: _Replayed, horizon: int) -> None:
+        """Judge the reports read that apply up to ``horizon``, in the engine's order."""
+        ready = [a for a in kept.ahead if a[0] <= horizon]
+        kept.ahead = [a for a in kept.ahead if a[0] > horizon]
+        for at, _, report in sorted(ready, key=itemgetter(0, 1)):  # stable: as placed within an event
+            kept.replay.judge(at, report)
+        kept.horizon = horizon
+
+    def _replay_later(self, run_id: str, kept: _Replayed, horizon: int, last_seq: int) -> None:
+        """The replay in the background thread, ``kept`` its own (views of the run answer
+        without it until it is done); kept for the views after it (dropped if it fails: the
+        next view starts again)."""
+        try:
+            self._read(run_id, kept, last_seq)
+            self._judge(kept, horizon)
             self._kept.put(run_id, kept)
-        return shown
+        except Exception:
+            log.exception("replaying run %r's spike-guard bands failed; the next view starts again", run_id)
+        finally:
+            with self._lock:
+                self._replaying.discard(run_id)
 
     def forget(self, run_id: str) -> None:
         """The run was deleted: what was kept of it goes."""
@@ -269,7 +365,14 @@ class ReadModels:
         self.runs = runs
         self.committer = committer
         self.events = RunEvents(store)
-        self.bands = RunBands(store)
+        # long runs' band replays: one at a time, at the priority of the server's background work
+        self._replays = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrserve-bands",
+                                           initializer=lower_priority, initargs=(settings.background_nice,))
+        self.bands = RunBands(store, settings.work_budget, self._replays)
+
+    def close(self) -> None:
+        """Wait for a band replay under way; no more is taken."""
+        self._replays.shutdown(wait=True, cancel_futures=True)
 
     def lr_finder(self, run_id: str) -> LRFinder:
         """The range test's curve, suggestions and choice (API.md, LR range test).
@@ -294,6 +397,7 @@ class ReadModels:
         state = self.committer.caught_up(run_id)
         with state.lock:
             guard, horizon, created_at = state.engine.guard, state.horizon, state.created_at
+            last_seq = state.last_seq
             spikes = state.spikes_between(0, horizon)
         if guard is not None:
             settings, multiplier = guard.settings, guard.multiplier
@@ -303,8 +407,8 @@ class ReadModels:
                 raise RunConflict(f"run {run_id!r} has no SpikeGuard schedule")
             settings, multiplier = GuardSettings.from_spec(spec), 1.0
         assert created_at is not None, "a state caught up is loaded from the store"
-        shown = self.bands.shown(run_id, created_at, settings, horizon, max_points)
-        return SpikeGuardView(run_id, settings, horizon, multiplier, spikes, shown)
+        shown = self.bands.shown(run_id, created_at, settings, horizon, last_seq, max_points)
+        return SpikeGuardView(run_id, settings, horizon, multiplier, spikes, shown.bands, shown.through)
 
     def history_mark(self, run_id: str) -> HistoryMark:
         """What the run's history is made of now (``HistoryMark``): equal marks, equal histories.

@@ -340,16 +340,17 @@ class BaseStore(abc.ABC):
     def read_events_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, through_seq: int | None = None,
         step: int | None = None, above_step: int | None = None, through_step: int | None = None,
-        latest: int | None = None,
+        latest: int | None = None, first: int | None = None,
     ) -> list[Event]:
         """Events of ``kinds`` with ``after_seq < seq <= through_seq``, placed on ``step``, or
         above ``above_step`` and at most ``through_step`` (each bound where given), in order, the
-        last ``latest`` of them where given, without taking the lock: chosen by the database,
-        not read whole."""
+        last ``latest`` of them, or the first ``first``, where given, without taking the lock:
+        chosen by the database, not read whole."""
 
     @abc.abstractmethod
     def payload_sizes_of(
-        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, latest: int
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int,
+        latest: int | None = None, first: int | None = None,
     ) -> list[tuple[int, int]]:
         """``(seq, bytes of its payload's JSON)`` of each event ``read_events_of`` with the same
         arguments reads, in the same order: what reading them costs, known without decoding

@@ -1088,26 +1088,28 @@ class SqlStore(BaseStore):
     def read_events_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int = 0, through_seq: int | None = None,
         step: int | None = None, above_step: int | None = None, through_step: int | None = None,
-        latest: int | None = None,
+        latest: int | None = None, first: int | None = None,
     ) -> list[Event]:
         """Events of ``kinds`` with ``after_seq < seq <= through_seq``, placed on ``step``, or
         above ``above_step`` and at most ``through_step`` (each bound where given), in order, the
-        last ``latest`` of them where given (filtered in the database, which scans the run's rows
-        after ``after_seq`` by its primary key, backwards from ``through_seq`` for ``latest``;
-        only the matching ones are decoded here).
+        last ``latest`` of them, or the first ``first``, where given (filtered in the database,
+        which scans the run's rows after ``after_seq`` by its primary key, backwards from
+        ``through_seq`` for ``latest``, stopping at ``first``; only the matching ones are decoded
+        here).
 
         Raises:
             StoreUnavailable: the database failed.
         """
         within = _of_kinds(run_id, kinds, after_seq, through_seq, step=step, above_step=above_step,
                            through_step=through_step)
-        query = _in_seq_order(select(events).where(*within), latest)
+        query = _in_seq_order(select(events).where(*within), latest, first)
         with self._transaction() as conn:
             found = [_event(row) for row in conn.execute(query)]
         return found if latest is None else found[::-1]
 
     def payload_sizes_of(
-        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, latest: int
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int,
+        latest: int | None = None, first: int | None = None,
     ) -> list[tuple[int, int]]:
         """``(seq, bytes of its payload's JSON)`` of each event ``read_events_of`` with the same
         arguments reads, in the same order, none decoded: PostgreSQL's ``octet_length`` reads a
@@ -1120,9 +1122,10 @@ class SqlStore(BaseStore):
         payload = events.c.payload
         size = func.octet_length(payload) if self._postgres else func.length(cast(payload, LargeBinary))
         within = _of_kinds(run_id, kinds, after_seq, through_seq)
-        newest = _in_seq_order(select(events.c.seq, size).where(*within), latest)
+        query = _in_seq_order(select(events.c.seq, size).where(*within), latest, first)
         with self._transaction() as conn:
-            return [(int(seq), int(size)) for seq, size in conn.execute(newest)][::-1]
+            found = [(int(seq), int(size)) for seq, size in conn.execute(query)]
+        return found if latest is None else found[::-1]
 
     def count_events_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int
@@ -1747,11 +1750,13 @@ def _of_kinds(
             *(bound(column, given) for bound, column, given in bounds if given is not None))
 
 
-def _in_seq_order(query: Select[Any], latest: int | None) -> Select[Any]:
-    """``query`` (of events) by ``seq``, or, for the last ``latest`` of them, newest first, so
-    that the database stops at that many (the caller turns them back)."""
+def _in_seq_order(query: Select[Any], latest: int | None, first: int | None = None) -> Select[Any]:
+    """``query`` (of events) by ``seq``, the first ``first`` of them where given, or, for the
+    last ``latest`` of them, newest first, so that the database stops at that many (the caller
+    turns them back)."""
     if latest is None:
-        return query.order_by(events.c.seq)
+        ordered = query.order_by(events.c.seq)
+        return ordered if first is None else ordered.limit(first)
     return query.order_by(events.c.seq.desc()).limit(latest)
 
 

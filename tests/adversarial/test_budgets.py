@@ -3,7 +3,10 @@ bounded before it starts; windows are cut to fit, everything else over it is a 4
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from lrserve.service.api.schemas import SpikeGuardPublic
 from lrserve.service.engine import cost
 from lrserve.service.engine.spec import parse_schedule
 from lrserve.service.settings import Settings
@@ -130,3 +133,31 @@ def test_a_history_of_a_run_of_many_events_shows_the_latest_within_the_budget(ht
     assert [e["reason"] for e in history["events"]] == [f"#{i}" for i in range(1900, 2000)]
     history = http.get("/v1/runs/many-actions/history", params={"max_points": 5000}).json()
     assert history["events_total"] == len(history["events"]) == 2001
+
+
+def test_a_spike_guard_view_of_a_long_run_is_replayed_in_the_background(http):
+    """A guarded run of 20,000 reports: reading and judging them all costs more than the budget
+    (~1.5x), so the first view in the server answers at once without bands while one background
+    thread replays them; the views after it show every report's band (the tree before: the
+    first view of a run in a process replayed its whole log in the request, however long)."""
+    guard = {"type": "SpikeGuard", "schedule": {"type": "StepLR", "step_size": 100}}
+    body = {"run_id": "long-guarded", "schedule": guard, "base_lrs": [0.1]}
+    assert http.post("/v1/runs", json=body).status_code == 201
+    for first in (1, 10_001):  # a request of 10,000 records: 10,000 reports, each placed at its step
+        records = [{"step": step, "name": "loss", "value": 1.0 + 0.01 * (step % 7), "rank": 0}
+                   for step in range(first, first + 10_000)]
+        answer = http.post("/v1/runs/long-guarded/metrics", json={"records": records})
+        assert answer.status_code == 202, answer.text
+    for step in (10_000, 20_000):  # every report applies at or below the horizon
+        assert http.get("/v1/runs/long-guarded/lr", params={"step": step}).status_code == 200
+    first_view = http.get("/v1/runs/long-guarded/spike-guard")
+    assert first_view.status_code == 200, first_view.text
+    shown = SpikeGuardPublic.model_validate(first_view.json())
+    assert (shown.band, shown.bands_through, shown.horizon) == ({}, None, 20_000)
+    deadline = time.monotonic() + 120
+    while (view := http.get("/v1/runs/long-guarded/spike-guard").json())["bands_through"] is None:
+        assert time.monotonic() < deadline, "the background replay did not end"
+        time.sleep(0.05)
+    assert view["bands_through"] == view["horizon"] == 20_000
+    band = view["band"]["0"]
+    assert len(band["steps"]) == 1000 and band["steps"][0] == 1 and band["steps"][-1] == 20_000

@@ -17,8 +17,8 @@ def test_the_least_recently_used_go_first_past_the_weight_or_the_count():
     kept.get("dd")  # without touch: the order stays
     kept.put("f", "f" * 11)  # alone over the bound: not kept
     assert "f" not in kept and kept.values() == ["aaa", "dd", "e"]
-    kept.pop("aaa")  # not a key: nothing happens
-    kept.pop("a")
+    assert kept.pop("aaa") is None  # not a key: nothing happens
+    assert kept.pop("a") == "aaa"
     assert kept.values() == ["dd", "e"]
     kept.put("g", "g" * 7)  # 10: all stay
     assert kept.values() == ["dd", "e", "g" * 7]

@@ -108,7 +108,7 @@ def test_decisions_replay_identically_after_a_restart(settings):
         assert api.get("/v1/runs/x/lr", params={"step": 0, "ahead": 100}).json() == final
         guard = api.get("/v1/runs/x/spike-guard").json()
     assert [(s["step"], s["rank"]) for s in guard["spikes"]] == [(30, 0), (70, 0)]
-    assert set(guard["band"]) == {"0", "1"}
+    assert set(guard["band"]) == {"0", "1"} and guard["bands_through"] == guard["horizon"]
     band = guard["band"]["0"]
     assert len(band["steps"]) == len(band["baseline"]) == len(band["upper"]) == len(band["values"])
     assert band["upper"][0] is None and band["upper"][-1] > band["baseline"][-1]

@@ -5,8 +5,11 @@ the whole log shows (``read_models.RunBands``)."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
+from lrserve.service.engine.cost import WorkBudgetExceeded
 from lrserve.service.engine.spike_guard import Band, Detector, Report
 from lrserve.service.runs.read_models import downsample
 from lrserve.service.settings import Settings
@@ -92,3 +95,109 @@ def test_a_run_created_again_is_replayed_from_its_start(url, open_manager):
             manager.record_metrics("g", [{"step": step, "name": "loss", "value": value, "rank": 0}])
         assert manager.spike_guard("g", 10).bands[0].values == [value, value]  # the third above the horizon
         manager.delete_run("g")
+
+
+LEAST_BUDGET = 10_000  # the least work budget the settings allow
+
+
+def _replayed(manager, run_id: str, max_points: int, seconds: float = 120):
+    """The run's view once its bands are shown: views until the replay handed to the background
+    is done (each answered at once meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while (view := manager.spike_guard(run_id, max_points)).bands_through is None:
+        assert view.bands == {}
+        assert time.monotonic() < deadline, "the background replay did not end"
+        time.sleep(0.02)
+    return view
+
+
+def _metric_reads(store, monkeypatch, hold: threading.Event | None = None) -> list[str]:
+    """The threads of every read of the run's metric events from now on (a view's or a
+    replay's); ``hold``: the background replay's wait for it first."""
+    threads: list[str] = []
+    reading = store.read_events_of
+
+    def spied(run_id, kinds, **how):
+        if list(kinds) == [EventKind.METRIC] and "above_step" not in how:
+            name = threading.current_thread().name
+            threads.append(name)
+            if hold is not None and name.startswith("lrserve-bands"):
+                assert hold.wait(60)
+        return reading(run_id, kinds, **how)
+
+    monkeypatch.setattr(store, "read_events_of", spied)
+    return threads
+
+
+def test_a_view_whose_reports_cost_more_than_the_budget_is_replayed_in_the_background(
+        url, open_manager, monkeypatch):
+    """Reading and judging 400 reports costs more than the least budget: the view answers at
+    once without bands, the background thread replays them, views meanwhile answer at once
+    too; then the bands are the whole log's, and a view with a few new reports is its own."""
+    manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
+    manager.create_run({"run_id": "g", "schedule": GUARD, "base_lrs": [0.1], "world_size": 2})
+    for step in range(1, 201):  # each rank's report its own event, as ranks send them
+        manager.window("g", step, 0)
+        for rank in range(2):
+            report = {"step": step, "name": "loss", "value": _loss(step, rank), "rank": rank}
+            manager.record_metrics("g", [report])
+    store, hold = manager.store, threading.Event()
+    threads = _metric_reads(store, monkeypatch, hold)
+    first = manager.spike_guard("g", 50)
+    assert (first.bands, first.bands_through, first.horizon) == ({}, None, 200)
+    assert [(s.step, s.rank) for s in first.spikes] == sorted(SPIKES)  # the engine's, shown as ever
+    assert manager.spike_guard("g", 50).bands_through is None  # while it replays: at once, holding nothing
+    hold.set()
+    view = _replayed(manager, "g", 50)
+    assert view.bands == _whole_log(store, view.settings, 200, 50) and view.bands_through == 200
+    assert threads and all(name.startswith("lrserve-bands") for name in threads)  # no view read any
+    for step in range(201, 211):
+        manager.window("g", step, 0)
+        manager.record_metrics("g", [{"step": step, "name": "loss", "value": 0.3, "rank": 0}])
+    threads.clear()
+    view = manager.spike_guard("g", 50)  # ten new reports: within the budget, read by the view
+    assert view.bands_through == 210 and view.bands == _whole_log(store, view.settings, 210, 50)
+    assert threads == [threading.current_thread().name]
+
+
+def test_the_first_view_of_a_long_run_in_a_new_process_is_replayed_in_the_background_by_default(
+        database_url, open_manager):
+    """The default budget: a run of 16,000 reports, viewed first by another process (a server
+    restarted), is replayed in the background, and its bands are the whole log's."""
+    url = database_url("sqlite")
+    manager = open_manager(Settings(db=url))
+    manager.create_run({"run_id": "g", "schedule": GUARD, "base_lrs": [0.1]})
+    steps = 16_000
+    for first in range(1, steps + 1, 1000):  # a request of 1,000 records: 1,000 events
+        manager.record_metrics("g", [{"step": step, "name": "loss", "value": _loss(step, 0), "rank": 0}
+                                     for step in range(first, first + 1000)])
+    for step in (10_000, steps):
+        manager.window("g", step, 0)
+    restarted = open_manager(Settings(db=url))
+    first_view = restarted.spike_guard("g", 500)
+    assert (first_view.bands, first_view.bands_through) == ({}, None)
+    view = _replayed(restarted, "g", 500)
+    assert view.bands_through == view.horizon >= steps - 1
+    assert view.bands == _whole_log(restarted.store, view.settings, view.horizon, 500)
+
+
+def test_the_points_a_view_shows_are_priced(url, open_manager):
+    """26 ranks' bands of 100 points cost more than the least budget (a 422 naming
+    ``max_points``, the replay kept); of 50 points, within it."""
+    manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
+    manager.create_run({"run_id": "g", "schedule": GUARD, "base_lrs": [0.1], "world_size": 26})
+    for step in range(1, 101):
+        manager.record_metrics("g", [{"step": step, "name": "loss", "value": _loss(step, rank), "rank": rank}
+                                     for rank in range(26)])
+    manager.window("g", 101, 0)
+    deadline, refused = time.monotonic() + 120, None
+    while refused is None:
+        try:
+            assert manager.spike_guard("g", 100).bands_through is None  # replayed first, in the background
+        except WorkBudgetExceeded as error:
+            refused = error
+        assert time.monotonic() < deadline, "the background replay did not end"
+        time.sleep(0.02)
+    assert refused.errors[0].field == "max_points" and "26 ranks' bands of 2600 points" in str(refused)
+    view = manager.spike_guard("g", 50)
+    assert len(view.bands) == 26 and {len(band.steps) for band in view.bands.values()} == {50}

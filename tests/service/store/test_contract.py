@@ -284,6 +284,9 @@ class TestStoreContract:
         assert seqs((EventKind.STATUS,), above_step=-1) == [] and seqs((EventKind.STATUS,)) == [5]
         assert seqs(latest=2) == [3, 4] and seqs((EventKind.METRIC, EventKind.CONTROL), latest=3) == [3, 4, 6]
         assert seqs(through_seq=3, latest=1) == [3] and seqs(after_seq=3, latest=5) == [4]
+        assert seqs(first=2) == [2, 3]
+        assert seqs((EventKind.METRIC, EventKind.CONTROL), after_seq=2, first=2) == [3, 4]
+        assert seqs(through_seq=3, first=5) == [2, 3] and seqs(after_seq=4, first=1) == []
 
     def test_events_of_kinds_counted(self, store):
         """``count_events_of`` counts what ``read_events_of`` reads in ``after_seq < seq <= through_seq``."""
@@ -307,8 +310,10 @@ class TestStoreContract:
                               NewEvent(EventKind.METRIC, 3, {"values": {"loss": 1.0}}),
                               NewEvent(EventKind.CONTROL, 6, {"action": "set_lr", "lrs": [0.5] * 100})])
         kinds = [EventKind.CREATED, EventKind.CONTROL]
-        for after, through, latest in ((0, 4, 9), (1, 4, 1), (0, 3, 2)):  # 1-4: created, hold, metric, set_lr
-            how = {"after_seq": after, "through_seq": through, "latest": latest}
+        cases = ((0, 4, "latest", 9), (1, 4, "latest", 1), (0, 3, "latest", 2),
+                 (0, 4, "first", 2), (1, 4, "first", 9))
+        for after, through, end, n in cases:  # 1-4: created, hold, metric, set_lr
+            how = {"after_seq": after, "through_seq": through, end: n}
             found = store.read_events_of("r1", kinds, **how)
             assert store.payload_sizes_of("r1", kinds, **how) == [
                 (e.seq, len(_dumps(e.payload).encode())) for e in found]
