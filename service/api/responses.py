@@ -277,6 +277,11 @@ def _band_body(band: Band) -> Body:
             "baseline": band.baseline, "upper": band.upper}
 
 
+def spike_guard_json(view: SpikeGuardView) -> bytes:
+    """``SpikeGuardPublic`` as JSON bytes (big bands a slice at a time: ``sliced_json``)."""
+    return sliced_json.dumps(spike_guard_body(view))
+
+
 def spike_guard_body(view: SpikeGuardView) -> Body:
     """``SpikeGuardPublic``."""
     return {

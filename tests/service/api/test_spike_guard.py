@@ -3,6 +3,7 @@ windows that carry the spikes, the stop, replay after a restart, previews, the b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
@@ -160,3 +161,27 @@ def test_spike_guard_route_without_a_guard_is_409(api):
     make_run(api, "n", INNER)
     response = api.get("/v1/runs/n/spike-guard")
     assert response.status_code == 409 and "SpikeGuard" in response.json()["detail"]
+
+
+def test_the_view_is_read_and_written_off_the_event_loop(api, monkeypatch):
+    """A view's bands (up to the budget's points: ~8 MB of JSON) are read and written in a
+    worker thread: the route's answer is bytes, none of its work on the loop."""
+    from lrserve.service.api.routes import spike_guard as route
+
+    where: list[bool] = []
+    writing = route.spike_guard_json
+
+    def spied(view):
+        try:
+            asyncio.get_running_loop()
+            where.append(True)
+        except RuntimeError:  # no loop in this thread
+            where.append(False)
+        return writing(view)
+
+    monkeypatch.setattr(route, "spike_guard_json", spied)
+    make_run(api, "g", GUARD, base_lrs=[0.1])
+    log(api, "g", [{"step": k, "name": "loss", "value": loss(k), "rank": 0} for k in range(1, 30)])
+    api.get("/v1/runs/g/lr", params={"step": 30})
+    guard = api.get("/v1/runs/g/spike-guard").json()
+    assert len(guard["band"]["0"]["steps"]) == 29 and where == [False]
