@@ -372,9 +372,9 @@ class SpikeGuardPublic(BaseModel):
     count: int
     spikes: list[SpikePublic]
     band: dict[str, BandPublic] = Field(
-        description="Per rank, as the detector met each report applied up to `bands_through` "
-        "(`max_points` points each, spread evenly; every rank's points in all are priced against the "
-        "work budget: over it, a 422 naming `max_points`)."
+        description="Per rank, as the detector met each report applied up to `bands_through`: "
+        "`max_points` points each, spread evenly, or fewer where every rank's would cost more than the "
+        "work budget (4 units a point: each rank shows `LRSERVE_WORK_BUDGET // (4 x ranks)`, at least 2)."
     )
     bands_through: int | None = Field(
         description="The horizon the bands are judged up to: `horizon`, or null (and `band` empty) while "

@@ -201,6 +201,12 @@ READ_PIECE = 10_000
 read at once would be held decoded in memory at once)."""
 
 
+def shared_points(ranks: int, budget: int) -> int:
+    """The most points of each of ``ranks`` bands a view shows within ``budget`` (at least 2:
+    a rank's first and last report)."""
+    return max(2, budget // (cost.BAND_POINT * max(1, ranks)))
+
+
 @dataclass
 class _Replayed:
     created_at: datetime
@@ -242,7 +248,8 @@ class RunBands:
     far behind), the replay is handed to ``replays`` (one low-priority thread: one run's at a
     time) and the view answers at once without bands (``ShownBands.through`` None); views of
     the run meanwhile do the same, holding nothing. The points shown are priced too
-    (``cost.BAND_POINT`` each): over the budget is a 422 naming ``max_points``.
+    (``cost.BAND_POINT`` each): each rank shows ``max_points``, or fewer where that many of
+    every rank's would cost more than the budget (``shared_points``).
 
     Bounded by ``most`` points (band points and reports ahead) over all runs, least recently
     shown out first; safe from worker threads (one view or replay of a run at a time)."""
@@ -260,12 +267,8 @@ class RunBands:
     def shown(self, run_id: str, created_at: datetime, settings: GuardSettings, horizon: int, last_seq: int,
               max_points: int) -> ShownBands:
         """Each rank's band, the reports applied up to ``horizon`` (the run's stored horizon,
-        read first, with its ``last_seq``), downsampled to ``max_points``; or none yet, while
-        they are replayed in the background.
-
-        Raises:
-            WorkBudgetExceeded: the points shown (every rank's) cost more than the budget.
-        """
+        read first, with its ``last_seq``), downsampled to ``max_points`` (or ``shared_points``);
+        or none yet, while they are replayed in the background."""
         with self._lock:
             if run_id in self._replaying:
                 return ShownBands({}, None)
@@ -295,10 +298,8 @@ class RunBands:
             self._judge(kept, horizon)
             self._kept.put(run_id, kept)
             bands = kept.replay.bands
-            points = sum(min(len(band.steps), max_points) for band in bands.values())
-            what = f"a spike-guard view of {len(bands)} ranks' bands of {points} points in all"
-            cost.check(what, "max_points", cost.bands_cost(points=points), self.budget)
-            shown = {rank: band.picked(downsample(range(len(band.steps)), max_points))
+            each = min(max_points, shared_points(len(bands), self.budget))
+            shown = {rank: band.picked(downsample(range(len(band.steps)), each))
                      for rank, band in sorted(bands.items())}
         return ShownBands(shown, horizon)
 

@@ -115,6 +115,26 @@ def test_run_page_says_it_shows_the_latest_events_of_more(page, live):
     expect(page.locator("#events-table tbody tr .event-reason").first).to_have_text("“#119”")
 
 
+def test_run_page_says_a_long_runs_band_is_replayed_then_draws_it(page, live):
+    """A guarded run of 20,000 reports: the page's first view of its spike guard is answered
+    while the server replays them in the background; the page says so, and draws the band at
+    a later refresh."""
+    server, http = live
+    guard = {"type": "SpikeGuard", "schedule": {"type": "StepLR", "step_size": 100}}
+    body = {"run_id": "long-guarded", "schedule": guard, "base_lrs": [0.1]}
+    http.post("/v1/runs", json=body).raise_for_status()
+    for first in (1, 10_001):
+        records = [{"step": step, "name": "loss", "value": 1.0 + 0.01 * (step % 7), "rank": 0}
+                   for step in range(first, first + 10_000)]
+        http.post("/v1/runs/long-guarded/metrics", json={"records": records}).raise_for_status()
+    for step in (10_000, 20_000):
+        http.get("/v1/runs/long-guarded/lr", params={"step": step}).raise_for_status()
+    page.goto(f"{server.url}/#/runs/long-guarded")
+    expect(page.locator("#band-replaying")).to_have_text("spike guard: replaying its reports")
+    expect(page.locator("#band-replaying")).to_have_count(0, timeout=30_000)  # the page refreshes every 4 s
+    expect(page.locator("h3", has_text="loss").locator(".badge", has_text="spike guard")).to_have_count(1)
+
+
 def test_operator_action_is_confirmed_and_lands_on_the_run(page, live):
     server, http = live
     page.goto(f"{server.url}/#/runs/bert-base-ft")

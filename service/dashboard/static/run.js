@@ -123,8 +123,11 @@ function charts(run, history, guard) {
   const guarded = guard && guard.settings.monitor;
   for (const name of metricNames) {
     const band = name === guarded ? bandSeries(guard) : [];
+    // A long run's reports, replayed by the server in the background: the band comes with a later refresh.
+    const replaying = name === guarded && guard.bands_through === null;
     out.push(h("h3", {}, name, watched.has(name) ? h("span", { class: "badge subtle" }, "watched") : null,
-      band.length ? h("span", { class: "badge subtle" }, "spike guard") : null),
+      band.length ? h("span", { class: "badge subtle" }, "spike guard") : null,
+      replaying ? h("span", { class: "badge subtle", id: "band-replaying" }, "spike guard: replaying its reports") : null),
     lineChart({ series: [...metricSeries(name, history.metrics[name]), ...band], events, xDomain, height: 200,
       name: `metric:${name}` }));
   }

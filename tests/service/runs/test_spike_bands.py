@@ -9,9 +9,8 @@ import threading
 import time
 
 import pytest
-from lrserve.service.engine.cost import WorkBudgetExceeded
 from lrserve.service.engine.spike_guard import Band, Detector, Report
-from lrserve.service.runs.read_models import downsample
+from lrserve.service.runs.read_models import downsample, shared_points
 from lrserve.service.settings import Settings
 from lrserve.service.store.events import EventKind
 
@@ -181,23 +180,19 @@ def test_the_first_view_of_a_long_run_in_a_new_process_is_replayed_in_the_backgr
     assert view.bands == _whole_log(restarted.store, view.settings, view.horizon, 500)
 
 
-def test_the_points_a_view_shows_are_priced(url, open_manager):
-    """26 ranks' bands of 100 points cost more than the least budget (a 422 naming
-    ``max_points``, the replay kept); of 50 points, within it."""
+def test_the_points_a_view_shows_are_priced_and_shared_out(url, open_manager):
+    """26 ranks' bands of 100 points each cost more than the least budget: each shows 96
+    (10,000 units // 4 units a point // 26 ranks); of 50 points each, within it, 50."""
     manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
     manager.create_run({"run_id": "g", "schedule": GUARD, "base_lrs": [0.1], "world_size": 26})
     for step in range(1, 101):
         manager.record_metrics("g", [{"step": step, "name": "loss", "value": _loss(step, rank), "rank": rank}
                                      for rank in range(26)])
     manager.window("g", 101, 0)
-    deadline, refused = time.monotonic() + 120, None
-    while refused is None:
-        try:
-            assert manager.spike_guard("g", 100).bands_through is None  # replayed first, in the background
-        except WorkBudgetExceeded as error:
-            refused = error
-        assert time.monotonic() < deadline, "the background replay did not end"
-        time.sleep(0.02)
-    assert refused.errors[0].field == "max_points" and "26 ranks' bands of 2600 points" in str(refused)
+    assert manager.spike_guard("g", 100).bands_through is None  # 2,600 reports: replayed in the background
+    view = _replayed(manager, "g", 100)
+    assert shared_points(26, LEAST_BUDGET) == 96
+    assert len(view.bands) == 26 and {len(band.steps) for band in view.bands.values()} == {96}
+    assert view.bands == _whole_log(manager.store, view.settings, 101, 96)
     view = manager.spike_guard("g", 50)
-    assert len(view.bands) == 26 and {len(band.steps) for band in view.bands.values()} == {50}
+    assert {len(band.steps) for band in view.bands.values()} == {50}
