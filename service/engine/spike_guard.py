@@ -40,6 +40,7 @@ Example (factor 0.5, hold 2, ramp 2; a spike found at step 10)::
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -132,6 +133,38 @@ def _median(sorted_values: list[float]) -> float:
     return (sorted_values[mid - 1] + sorted_values[mid]) / 2
 
 
+def _deviations_median(ordered: list[float], median: float) -> float:
+    """``_median(sorted(abs(v - median) for v in ordered))``, the same float, without sorting:
+    the deviations of the values below ``median`` and of the rest are each sorted already (read
+    outwards from it), so their middle one is found by a binary search of the two (O(log n),
+    not O(n log n): a guard's ``window`` may be 10,000 values, judged at every report)."""
+    n, split = len(ordered), bisect_left(ordered, median)
+
+    def below(i: int) -> float:  # the i-th smallest deviation of the values below the median
+        return abs(ordered[split - 1 - i] - median)
+
+    def above(j: int) -> float:
+        return abs(ordered[split + j] - median)
+
+    def kth(k: int) -> float:  # the k-th smallest (from 0) of both: i taken from below, k + 1 - i above
+        lo, hi = max(0, k + 1 - (n - split)), min(k + 1, split)
+        while lo < hi:
+            i = (lo + hi) // 2
+            if above(k - i) > below(i):  # the last taken above is past the next below: take more below
+                lo = i + 1
+            else:
+                hi = i
+        i = lo
+        last_below = below(i - 1) if i else -math.inf
+        last_above = above(k - i) if k + 1 - i else -math.inf
+        return max(last_below, last_above)
+
+    mid = n // 2
+    if n % 2:
+        return kth(mid)
+    return (kth(mid - 1) + kth(mid)) / 2
+
+
 @dataclass
 class Detector:
     """Per-rank baselines and the incident rule; plain data, so it snapshots as JSON."""
@@ -142,17 +175,24 @@ class Detector:
     last_step: dict[int, int] = field(default_factory=dict)  # per rank: the last step judged
     count: int = 0
     incident_until: int = -1  # reports with step <= this belong to the last backoff
+    # each rank's baseline in order, kept beside it (not a snapshot's: made again from it)
+    _ordered: dict[int, list[float]] = field(default_factory=dict, repr=False, compare=False)
+
+    def _in_order(self, rank: int) -> list[float]:
+        ordered = self._ordered.get(rank)
+        if ordered is None:
+            ordered = self._ordered[rank] = sorted(self.baselines.get(rank, []))
+        return ordered
 
     def band(self, rank: int) -> tuple[float | None, float | None]:
         """The rank's baseline (median) and the value above which a report is a spike."""
-        values = self.baselines.get(rank, [])
-        if not values:
+        ordered = self._in_order(rank)
+        if not ordered:
             return None, None
-        ordered = sorted(values)
         median = _median(ordered)
-        if len(values) < self.settings.warmup_reports:
+        if len(ordered) < self.settings.warmup_reports:
             return median, None
-        mad = _median(sorted(abs(v - median) for v in values))
+        mad = _deviations_median(ordered, median)
         s = self.settings
         scale = max(MAD_TO_SIGMA * mad, s.rel_scale_floor * abs(median), s.min_delta)
         return median, median + s.threshold * scale
@@ -174,9 +214,11 @@ class Detector:
             absorbed = report.step <= self.incident_until
             return Verdict(report, baseline, upper, spike=not absorbed, absorbed=absorbed)
         if report.step > self.incident_until:  # measured after the last backoff: trust it
-            values = self.baselines.setdefault(report.rank, [])
+            values, ordered = self.baselines.setdefault(report.rank, []), self._in_order(report.rank)
             values.append(value)
+            insort(ordered, value)
             if len(values) > self.settings.window:
+                del ordered[bisect_left(ordered, values[0])]
                 del values[0]
             self.last_good[report.rank] = max(report.step, self.last_good.get(report.rank, 0))
         return Verdict(report, baseline, upper, spike=False)
@@ -259,6 +301,7 @@ class SpikeGuard:
         guard.since = saved["since"]
         d = guard.detector
         d.baselines = {int(rank): list(values) for rank, values in saved["baselines"]}
+        d._ordered.clear()  # made again from the baselines
         d.last_good = {int(rank): int(step) for rank, step in saved["last_good"]}
         d.last_step = {int(rank): int(step) for rank, step in saved["last_step"]}
         d.count = saved["count"]
