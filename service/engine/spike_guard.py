@@ -328,30 +328,66 @@ class Band:
 
         return Band(pick(self.steps), pick(self.values), pick(self.baseline), pick(self.upper))
 
+    def drop_last(self) -> None:
+        """The last point goes."""
+        for series in (self.steps, self.values, self.baseline, self.upper):
+            del series[-1]
+
 
 class BandReplay:
     """A detector run over a run's reports in the engine's order (by the step each applies
     at, then as placed), with the guard's settings now, and each rank's band as it met them;
     fed a report at a time, so a view of the bands goes on from where it stopped
     (``read_models.RunBands``). The view's replay, not the engine's own: that one also skips
-    the reports of held steps and starts a new detector with a new schedule."""
+    the reports of held steps and starts a new detector with a new schedule.
 
-    def __init__(self, settings: GuardSettings) -> None:
+    **Thinned, bounded.** Each rank's band keeps the points of its ``stride``-th reports (its
+    first, ``stride``-th, 2 x ``stride``-th, ...) and its latest; past ``most`` points in all,
+    the stride doubles and every other one goes. So a run's bands take at most about ``most``
+    points however long it is, still spread evenly over each rank's reports (a view downsamples
+    them further), and the same whichever pieces the reports came in: thinning follows the
+    reports, one at a time."""
+
+    def __init__(self, settings: GuardSettings, most: int = 100_000) -> None:
         self.settings = settings
         self.detector = Detector(settings)
         self.bands: dict[int, Band] = {}
-        self.points = 0  # reports in the bands
+        self.most = most
+        self.stride = 1
+        self.points = 0  # points in the bands
+        self._judged: dict[int, int] = {}  # per rank: its reports in the bands so far (points or not)
 
     def judge(self, at: int, report: Report) -> None:
         """Judge ``report``, applied at step ``at``."""
         verdict = self.detector.judge(report)
         if verdict is None:
             return
-        band = self.bands.setdefault(report.rank, Band())
+        rank = report.rank
+        index = self._judged.get(rank, 0)
+        self._judged[rank] = index + 1
+        band = self.bands.setdefault(rank, Band())
+        if band.steps and (index - 1) % self.stride:  # the last point was kept as the latest only
+            band.drop_last()
+            self.points -= 1
         band.steps.append(report.step)
         band.values.append(report.value)
         band.baseline.append(verdict.baseline)
         band.upper.append(verdict.upper)
         self.points += 1
+        if self.points > self.most and self.points > 3 * len(self.bands):  # a thinning halves them
+            self._thin()
         if verdict.spike:
             self.detector.spike_at(verdict, at)
+
+    def _thin(self) -> None:
+        """Double the stride: each rank keeps the points of its reports at multiples of it, and
+        its latest."""
+        old, self.stride = self.stride, 2 * self.stride
+        self.points = 0
+        for rank, band in self.bands.items():
+            on_stride = (self._judged[rank] - 1) // old + 1  # points at reports 0, old, 2 x old, ...
+            keep = list(range(0, on_stride, 2))
+            if keep[-1] != len(band.steps) - 1:
+                keep.append(len(band.steps) - 1)  # the latest
+            self.bands[rank] = band = band.picked(keep)
+            self.points += len(band.steps)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from array import array
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -194,16 +196,24 @@ class RunEvents:
 
 KEPT_BAND_POINTS = 200_000
 """Most band points (a rank's report as the detector met it) ``RunBands`` keeps per server
-process, over all runs (least recently shown out first)."""
+process, over all runs (least recently shown out first); a run's bands are thinned to half
+of it (``BandReplay``), so that any one run fits."""
 
-READ_PIECE = 10_000
-"""Metric events a replay of a run's bands reads and decodes at a time (a long run's whole log
-read at once would be held decoded in memory at once)."""
+READ_PIECE = 250
+"""Metric events a band replay reads and decodes at a time (a long run's whole log, read at
+once, was held decoded in memory at once), giving way after each (see ``_judge``)."""
+
+JUDGED_PIECE = 64
+"""Reports a band replay judges between two times it gives way (~1 ms)."""
+
+HANDED_ON = 8
+"""Finished background replays held for their run's next view even where the ``Lru`` could
+not keep them (other runs' bands fill it), the oldest out first."""
 
 
 def shared_points(ranks: int, budget: int) -> int:
     """The most points of each of ``ranks`` bands a view shows within ``budget`` (at least 2:
-    a rank's first and last report)."""
+    a rank's first and last report; so a job of more than ``budget // 8`` ranks shows more)."""
     return max(2, budget // (cost.BAND_POINT * max(1, ranks)))
 
 
@@ -230,6 +240,10 @@ class ShownBands:
     through: int | None
 
 
+class _Stopped(Exception):
+    """A background replay given up: the server is stopping, or the run was deleted."""
+
+
 class RunBands:
     """Each spike guard's bands (``GET .../spike-guard``), replayed on from where the last view
     stopped: a view reads only the metric events after the last it read
@@ -239,36 +253,51 @@ class RunBands:
     a report is placed at a step above the horizon, so every report applied at or below a
     horizon was written before that horizon was, at or before the run's ``last_seq`` read with
     it; those read later apply above the last one judged (the rest wait, ``ahead``). A run
-    deleted and created again, or guarded by other settings, is replayed from its start;
-    views of the run meanwhile wait for it, then go on from it.
+    deleted and created again, or guarded by other settings, is replayed from its start.
 
-    **Budgeted.** A view first weighs the metric events it is to read (``payload_sizes_of``, at
-    most as many as the budget could pay for, none decoded) and prices them (``cost.BAND_EVENT``
-    each and their bytes). Over ``budget`` (the first view in a process of a long run, or one
-    far behind), the replay is handed to ``replays`` (one low-priority thread: one run's at a
+    **Budgeted.** A view first weighs the metric events it is to read (``weigh_events_of``, at
+    most one more than the budget could pay for, none decoded) and prices them
+    (``cost.bands_cost``). Within the budget it reads and judges them itself (other views of
+    the run wait for it). Over it (the first view in a process of a long run, or one long
+    unviewed), the replay is handed to ``replays`` (one low-priority thread: one run's at a
     time) and the view answers at once without bands (``ShownBands.through`` None); views of
-    the run meanwhile do the same, holding nothing. The points shown are priced too
+    the run meanwhile do the same, holding nothing; the finished replay is handed on to the
+    run's next view (``HANDED_ON``), kept or not. A replay that failed is the next view's
+    error (then the view after starts again); one under way stops at its next piece when the
+    run is deleted here or the server stops (``close``). The points shown are priced too
     (``cost.BAND_POINT`` each): each rank shows ``max_points``, or fewer where that many of
     every rank's would cost more than the budget (``shared_points``).
 
     Bounded by ``most`` points (band points and reports ahead) over all runs, least recently
-    shown out first; safe from worker threads (one view or replay of a run at a time)."""
+    shown out first, each run's bands thinned to half of it (``BandReplay``); safe from worker
+    threads (one view or replay of a run at a time)."""
 
     def __init__(self, store: BaseStore, budget: int, replays: Executor, most: int = KEPT_BAND_POINTS
                  ) -> None:
         self.store = store
         self.budget = budget
+        self.most = most
         self._replays = replays
         self._kept: Lru[str, _Replayed] = Lru(most, lambda _, kept: kept.points)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the maps below, and ``_viewing``
         self._viewing: weakref.WeakValueDictionary[str, RunLock] = weakref.WeakValueDictionary()
         self._replaying: set[str] = set()  # runs whose replay is in ``replays``
+        self._deleted: set[str] = set()  # ... and deleted here since: it stops
+        self._handed: OrderedDict[str, _Replayed] = OrderedDict()  # finished replays, for the next view
+        self._failed: dict[str, BaseException] = {}  # failed replays: the next view's error
+        self._stopping = threading.Event()
 
     def shown(self, run_id: str, created_at: datetime, settings: GuardSettings, horizon: int, last_seq: int,
               max_points: int) -> ShownBands:
         """Each rank's band, the reports applied up to ``horizon`` (the run's stored horizon,
         read first, with its ``last_seq``), downsampled to ``max_points`` (or ``shared_points``);
-        or none yet, while they are replayed in the background."""
+        or none yet, while they are replayed in the background.
+
+        Raises:
+            StoreUnavailable: the database failed (nothing kept is lost), here or in the run's
+                background replay (the view after this one starts it again).
+            ServerStopping: a replay was due and the server is stopping.
+        """
         with self._lock:
             if run_id in self._replaying:
                 return ShownBands({}, None)
@@ -277,24 +306,29 @@ class RunBands:
             with self._lock:  # handed to the background while this view waited
                 if run_id in self._replaying:
                     return ShownBands({}, None)
-            kept = self._kept.pop(run_id)  # changed from here on: weighed again when kept
+                failed, handed = self._failed.pop(run_id, None), self._handed.get(run_id)
+            if failed is not None:
+                raise failed
+            kept = handed or self._kept.get(run_id)
             if kept is None or (kept.created_at, kept.replay.settings) != (created_at, settings) \
                     or kept.horizon > horizon:
-                kept = _Replayed(created_at, BandReplay(settings), 0, -1, [])
-            to_read = self._weighed(run_id, kept, last_seq)
-            if to_read is None:
-                with self._lock:
+                kept = _Replayed(created_at, BandReplay(settings, self.most // 2), 0, -1, [])
+            to_read = self._weighed(run_id, kept, last_seq)  # raises before anything kept changed
+            self._kept.pop(run_id)  # changed from here on: weighed again when kept
+            with self._lock:
+                self._handed.pop(run_id, None)
+                if to_read is None:
                     self._replaying.add(run_id)
-                try:
-                    self._replays.submit(self._replay_later, run_id, kept, horizon, last_seq)
-                except RuntimeError as error:  # shut down: the server is stopping
-                    with self._lock:
-                        self._replaying.discard(run_id)
-                    raise ServerStopping("the server is stopping; retry (another replica, or once it is up)"
-                                         ) from error
+                    self._deleted.discard(run_id)
+            if to_read is None:
+                self._hand_over(run_id, kept, horizon, last_seq)
                 return ShownBands({}, None)
             if to_read:
-                self._read(run_id, kept, last_seq)
+                try:
+                    self._read(run_id, kept, last_seq)
+                except Exception:
+                    self._kept.put(run_id, kept)  # what was read is judged by the next view
+                    raise
             self._judge(kept, horizon)
             self._kept.put(run_id, kept)
             bands = kept.replay.bands
@@ -308,16 +342,27 @@ class RunBands:
         when reading and judging them costs more than the budget (weighed in the database, at
         most one more than the budget pays for)."""
         most = self.budget // cost.BAND_EVENT
-        sizes = self.store.payload_sizes_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq,
-                                            through_seq=last_seq, first=most + 1)
-        units = cost.bands_cost(events=len(sizes), event_bytes=sum(size for _, size in sizes))
-        return None if units > self.budget else len(sizes)
+        count, size = self.store.weigh_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq,
+                                                 through_seq=last_seq, first=most + 1)
+        return None if cost.bands_cost(events=count, event_bytes=size) > self.budget else count
 
-    def _read(self, run_id: str, kept: _Replayed, last_seq: int) -> None:
-        """Read the metric events after ``kept``'s up to ``last_seq`` (``READ_PIECE`` at a
-        time): their reports wait in ``kept.ahead`` to be judged."""
+    def _hand_over(self, run_id: str, kept: _Replayed, horizon: int, last_seq: int) -> None:
+        try:
+            self._replays.submit(self._replay_later, run_id, kept, horizon, last_seq)
+        except RuntimeError as error:  # shut down: the server is stopping
+            with self._lock:
+                self._replaying.discard(run_id)
+            raise ServerStopping("the server is stopping; retry (another replica, or once it is up)"
+                                 ) from error
+
+    def _read(self, run_id: str, kept: _Replayed, last_seq: int, stop: Callable[[], bool] | None = None
+              ) -> None:
+        """Read the metric events after ``kept``'s up to ``last_seq``, ``READ_PIECE`` at a
+        time: their reports wait in ``kept.ahead`` to be judged. ``stop``: asked between pieces."""
         monitor = kept.replay.settings.monitor
         while True:
+            if stop is not None and stop():
+                raise _Stopped
             new = self.store.read_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq,
                                             through_seq=last_seq, first=READ_PIECE)
             for event in new:
@@ -328,33 +373,66 @@ class RunBands:
                                       for r in reports if r.get("name") == monitor)
             if len(new) < READ_PIECE:
                 break
+            time.sleep(0)  # gives way: see ``_judge``
 
     @staticmethod
-    def _judge(kept: _Replayed, horizon: int) -> None:
-        """Judge the reports read that apply up to ``horizon``, in the engine's order."""
+    def _judge(kept: _Replayed, horizon: int, stop: Callable[[], bool] | None = None) -> None:
+        """Judge the reports read that apply up to ``horizon``, in the engine's order. ``stop``:
+        asked between pieces (then ``kept`` is half judged: dropped)."""
         ready = [a for a in kept.ahead if a[0] <= horizon]
         kept.ahead = [a for a in kept.ahead if a[0] > horizon]
-        for at, _, report in sorted(ready, key=itemgetter(0, 1)):  # stable: as placed within an event
+        for i, (at, _, report) in enumerate(sorted(ready, key=itemgetter(0, 1)), 1):  # stable: as placed
             kept.replay.judge(at, report)
+            if i % JUDGED_PIECE == 0:
+                # gives way (views and replays run in worker threads, never on the event loop): the
+                # GIL released and taken back after a thread waiting for it, as ``sliced_json`` does
+                time.sleep(0)
+                if stop is not None and stop():
+                    raise _Stopped
         kept.horizon = horizon
 
     def _replay_later(self, run_id: str, kept: _Replayed, horizon: int, last_seq: int) -> None:
         """The replay in the background thread, ``kept`` its own (views of the run answer
-        without it until it is done); kept for the views after it (dropped if it fails: the
-        next view starts again)."""
+        without it until it is done); kept, and handed to the run's next view."""
+
+        def stop() -> bool:
+            return self._stopping.is_set() or run_id in self._deleted
+
         try:
-            self._read(run_id, kept, last_seq)
-            self._judge(kept, horizon)
+            self._read(run_id, kept, last_seq, stop)
+            self._judge(kept, horizon, stop)
+            if stop():  # deleted while its last piece was read (it read none, or the new run's)
+                raise _Stopped
+        except _Stopped:
+            pass
+        except Exception as error:  # noqa: BLE001 - any failure: the run's next view raises it
+            log.warning("replaying run %r's spike-guard bands failed (its next view says why): %s",
+                        run_id, error)
+            with self._lock:
+                self._failed[run_id] = error
+        else:
             self._kept.put(run_id, kept)
-        except Exception:
-            log.exception("replaying run %r's spike-guard bands failed; the next view starts again", run_id)
+            with self._lock:
+                self._handed[run_id] = kept
+                while len(self._handed) > HANDED_ON:
+                    self._handed.popitem(last=False)
         finally:
             with self._lock:
                 self._replaying.discard(run_id)
+                self._deleted.discard(run_id)
 
     def forget(self, run_id: str) -> None:
-        """The run was deleted: what was kept of it goes."""
+        """The run was deleted: what was kept of it goes, and its replay under way stops."""
         self._kept.pop(run_id)
+        with self._lock:
+            self._handed.pop(run_id, None)
+            self._failed.pop(run_id, None)
+            if run_id in self._replaying:
+                self._deleted.add(run_id)
+
+    def close(self) -> None:
+        """The server stops: a replay under way stops at its next piece."""
+        self._stopping.set()
 
 
 class ReadModels:
@@ -372,7 +450,8 @@ class ReadModels:
         self.bands = RunBands(store, settings.work_budget, self._replays)
 
     def close(self) -> None:
-        """Wait for a band replay under way; no more is taken."""
+        """Stop a band replay under way (at its next piece) and wait for it; no more is taken."""
+        self.bands.close()
         self._replays.shutdown(wait=True, cancel_futures=True)
 
     def lr_finder(self, run_id: str) -> LRFinder:

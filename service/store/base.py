@@ -349,12 +349,19 @@ class BaseStore(abc.ABC):
 
     @abc.abstractmethod
     def payload_sizes_of(
-        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int,
-        latest: int | None = None, first: int | None = None,
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, latest: int
     ) -> list[tuple[int, int]]:
         """``(seq, bytes of its payload's JSON)`` of each event ``read_events_of`` with the same
         arguments reads, in the same order: what reading them costs, known without decoding
         any."""
+
+    @abc.abstractmethod
+    def weigh_events_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, first: int
+    ) -> tuple[int, int]:
+        """``(how many, bytes of their payloads' JSON)`` of the first ``first`` events of
+        ``kinds`` with ``after_seq < seq <= through_seq`` (those ``read_events_of`` with the same
+        arguments reads), summed by the database: one row back, none decoded."""
 
     @abc.abstractmethod
     def count_events_of(

@@ -1108,24 +1108,43 @@ class SqlStore(BaseStore):
         return found if latest is None else found[::-1]
 
     def payload_sizes_of(
-        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int,
-        latest: int | None = None, first: int | None = None,
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, latest: int
     ) -> list[tuple[int, int]]:
         """``(seq, bytes of its payload's JSON)`` of each event ``read_events_of`` with the same
-        arguments reads, in the same order, none decoded: PostgreSQL's ``octet_length`` reads a
-        text's size from its header (``length`` would unpack it to count its characters);
-        SQLite's ``length`` of it as a blob, its bytes.
+        arguments reads, in the same order, none decoded (``_payload_size``).
 
         Raises:
             StoreUnavailable: the database failed.
         """
-        payload = events.c.payload
-        size = func.octet_length(payload) if self._postgres else func.length(cast(payload, LargeBinary))
         within = _of_kinds(run_id, kinds, after_seq, through_seq)
-        query = _in_seq_order(select(events.c.seq, size).where(*within), latest, first)
+        newest = _in_seq_order(select(events.c.seq, self._payload_size()).where(*within), latest)
         with self._transaction() as conn:
-            found = [(int(seq), int(size)) for seq, size in conn.execute(query)]
-        return found if latest is None else found[::-1]
+            return [(int(seq), int(size)) for seq, size in conn.execute(newest)][::-1]
+
+    def weigh_events_of(
+        self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int, first: int
+    ) -> tuple[int, int]:
+        """``(how many, bytes of their payloads' JSON)`` of the first ``first`` events of
+        ``kinds`` with ``after_seq < seq <= through_seq``, summed in the database: one row back,
+        however many (``payload_sizes_of`` brings a row back per event: ~3 µs each here).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        within = _of_kinds(run_id, kinds, after_seq, through_seq)
+        first_ones = _in_seq_order(select(self._payload_size().label("size")).where(*within), None, first)
+        sizes = first_ones.subquery()
+        query = select(func.count(), func.coalesce(func.sum(sizes.c.size), 0))
+        with self._transaction() as conn:
+            count, size = conn.execute(query).one()
+        return int(count), int(size)
+
+    def _payload_size(self) -> Any:
+        """An event's payload's bytes, read from its header: PostgreSQL's ``octet_length`` (its
+        ``length`` would unpack the text to count characters), SQLite's ``length`` of it as a
+        blob."""
+        payload = events.c.payload
+        return func.octet_length(payload) if self._postgres else func.length(cast(payload, LargeBinary))
 
     def count_events_of(
         self, run_id: str, kinds: Sequence[EventKind], *, after_seq: int, through_seq: int
@@ -1754,6 +1773,7 @@ def _in_seq_order(query: Select[Any], latest: int | None, first: int | None = No
     """``query`` (of events) by ``seq``, the first ``first`` of them where given, or, for the
     last ``latest`` of them, newest first, so that the database stops at that many (the caller
     turns them back)."""
+    assert latest is None or first is None, "the first or the last, not both"
     if latest is None:
         ordered = query.order_by(events.c.seq)
         return ordered if first is None else ordered.limit(first)

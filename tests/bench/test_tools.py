@@ -121,3 +121,17 @@ def test_stream_cost_measures_both_trees(tmp_path: Path) -> None:
     trees = json.loads(out.read_text())["trees"]
     assert set(trees) == {"this", "other"}
     assert all(math.isfinite(t["us_per_delivery"]) and len(t["rounds_us"]) == 1 for t in trees.values())
+
+
+@pytest.mark.slow
+def test_spike_views_times_a_long_runs_first_view_on_both_trees(tmp_path: Path) -> None:
+    """``bench.spike_views`` against this same tree (as the other one): a guarded run of more
+    reports than a view may read in the request, its first view after a restart, the time to
+    its bands (checked whole: else the tool fails) and another run's steps meanwhile."""
+    out = tmp_path / "views.json"
+    _tool("spike_views", "--reports", "16000", "--worst", "100", "--rounds", "1", "--json", str(out))
+    trees = json.loads(out.read_text())["trees"]
+    assert set(trees) == {"this", "other"}
+    for got in trees.values():
+        assert 0 < got["view_s"] <= got["bands_s"] and got["worst_s"] > 0, got
+        assert all(got[f"{phase}_p99_ms"] > 0 for phase in ("idle", "busy")), got

@@ -10,7 +10,9 @@ import time
 
 import pytest
 from lrserve.service.engine.spike_guard import Band, Detector, Report
-from lrserve.service.runs.read_models import downsample, shared_points
+from lrserve.service.errors import StoreUnavailable
+from lrserve.service.runs import read_models
+from lrserve.service.runs.read_models import RunBands, downsample, shared_points
 from lrserve.service.settings import Settings
 from lrserve.service.store.events import EventKind
 
@@ -30,10 +32,10 @@ def _loss(step: int, rank: int) -> float:
     return value * 5 if (step, rank) in SPIKES else value
 
 
-def _whole_log(store, settings, horizon: int, max_points: int):
+def _whole_log(store, settings, horizon: int, max_points: int, run_id: str = "g"):
     """The bands as the tree before built them on every view: the whole log, replayed."""
     detector, bands = Detector(settings), {}
-    for event in sorted(store.read_events("g"), key=lambda e: (e.step, e.seq)):
+    for event in sorted(store.read_events(run_id), key=lambda e: (e.step, e.seq)):
         if event.kind is EventKind.METRIC and event.step is not None and event.step <= horizon:
             for r in event.payload.get("reports", ()):
                 if r.get("name") == settings.monitor:
@@ -142,11 +144,13 @@ def test_a_view_whose_reports_cost_more_than_the_budget_is_replayed_in_the_backg
             manager.record_metrics("g", [report])
     store, hold = manager.store, threading.Event()
     threads = _metric_reads(store, monkeypatch, hold)
-    first = manager.spike_guard("g", 50)
-    assert (first.bands, first.bands_through, first.horizon) == ({}, None, 200)
-    assert [(s.step, s.rank) for s in first.spikes] == sorted(SPIKES)  # the engine's, shown as ever
-    assert manager.spike_guard("g", 50).bands_through is None  # while it replays: at once, holding nothing
-    hold.set()
+    try:
+        first = manager.spike_guard("g", 50)
+        assert (first.bands, first.bands_through, first.horizon) == ({}, None, 200)
+        assert [(s.step, s.rank) for s in first.spikes] == sorted(SPIKES)  # the engine's, shown as ever
+        assert manager.spike_guard("g", 50).bands_through is None  # meanwhile: at once, waiting for nothing
+    finally:
+        hold.set()
     view = _replayed(manager, "g", 50)
     assert view.bands == _whole_log(store, view.settings, 200, 50) and view.bands_through == 200
     assert threads and all(name.startswith("lrserve-bands") for name in threads)  # no view read any
@@ -196,3 +200,101 @@ def test_the_points_a_view_shows_are_priced_and_shared_out(url, open_manager):
     assert view.bands == _whole_log(manager.store, view.settings, 101, 96)
     view = manager.spike_guard("g", 50)
     assert {len(band.steps) for band in view.bands.values()} == {50}
+
+
+def _guarded_run(manager, run_id: str = "g", steps: int = 200, ranks: int = 2) -> None:
+    """A guarded run whose every step each rank reported (one event each), all final."""
+    manager.create_run({"run_id": run_id, "schedule": GUARD, "base_lrs": [0.1], "world_size": ranks})
+    for step in range(1, steps + 1):
+        manager.window(run_id, step, 0)
+        for rank in range(ranks):
+            report = {"step": step, "name": "loss", "value": _loss(step, rank), "rank": rank}
+            manager.record_metrics(run_id, [report])
+    manager.window(run_id, steps + 1, 0)
+
+
+def _small_bands(manager, most: int) -> RunBands:
+    """The manager's views kept in ``most`` points (the default's 200,000, made small)."""
+    bands = manager.reads.bands = RunBands(manager.store, manager.settings.work_budget,
+                                           manager.reads._replays, most=most)
+    return bands
+
+
+def test_a_run_of_more_points_than_are_kept_is_thinned_and_shown(url, open_manager):
+    """The bands of 400 reports with 100 points kept per process: the run's are thinned to at
+    most 50 (every 16th report of each rank and its latest: at every 8th, 52), shown after
+    the background replay, and the same again at the next view (the tree before: more than
+    the bound, never kept, and so never shown after a background replay, each view starting
+    another)."""
+    manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
+    _guarded_run(manager)
+    _small_bands(manager, most=100)
+    view = _replayed(manager, "g", 1000)
+    for rank, band in view.bands.items():
+        assert band.steps == [*range(1, 201, 16), 200], rank
+    assert manager.spike_guard("g", 1000).bands == view.bands  # kept: within the budget, nothing new
+
+
+def test_runs_that_fill_what_is_kept_in_turn_each_show_their_bands(url, open_manager):
+    """Three runs whose bands do not fit together, viewed in turn: each finished replay is
+    handed to its run's next view, though the others' pushed it out (before: none shown, each
+    view replaying again)."""
+    manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
+    for run_id in ("a", "b", "c"):
+        _guarded_run(manager, run_id)
+    bands = _small_bands(manager, most=800)  # 400 points a run, none thinned: two fit
+    for run_id in ("a", "b", "c"):
+        assert manager.spike_guard(run_id, 50).bands_through is None
+        while run_id in bands._replaying:
+            time.sleep(0.01)
+    assert bands._kept.get("a") is None  # pushed out by c's
+    for run_id in ("a", "b", "c"):  # each handed on all the same
+        view = manager.spike_guard(run_id, 50)
+        assert view.bands_through == 201 and view.bands == _whole_log(manager.store, view.settings, 201, 50,
+                                                                       run_id=run_id)
+
+
+def test_a_failed_replay_is_the_next_views_error_and_the_one_after_starts_again(
+        url, open_manager, monkeypatch):
+    manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
+    _guarded_run(manager)
+    store, reading = manager.store, manager.store.read_events_of
+    failures = [StoreUnavailable("the database is down")]
+
+    def failing(run_id, kinds, **how):
+        if threading.current_thread().name.startswith("lrserve-bands") and failures:
+            raise failures.pop()
+        return reading(run_id, kinds, **how)
+
+    monkeypatch.setattr(store, "read_events_of", failing)
+    assert manager.spike_guard("g", 50).bands_through is None
+    while "g" in manager.reads.bands._replaying:
+        time.sleep(0.01)
+    with pytest.raises(StoreUnavailable, match="the database is down"):
+        manager.spike_guard("g", 50)
+    view = _replayed(manager, "g", 50)  # the view after starts it again: no failure left
+    assert view.bands == _whole_log(store, view.settings, 201, 50)
+
+
+@pytest.mark.parametrize("how", ["deleted", "closed"])
+def test_a_replay_stops_when_its_run_is_deleted_or_the_server_stops(url, open_manager, monkeypatch, how):
+    """A replay under way reads no more once its run is deleted here, or once the manager
+    closes (a server stopping: it does not wait for a long run's whole replay)."""
+    manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
+    _guarded_run(manager, steps=400)
+    monkeypatch.setattr(read_models, "READ_PIECE", 10)
+    hold = threading.Event()
+    threads = _metric_reads(manager.store, monkeypatch, hold)
+    try:
+        assert manager.spike_guard("g", 50).bands_through is None
+        while not threads:
+            time.sleep(0.01)
+        if how == "deleted":
+            manager.delete_run("g")
+        else:
+            manager.reads.bands.close()
+    finally:
+        hold.set()
+    manager.reads._replays.shutdown(wait=True)
+    assert len(threads) == 1  # the piece held, then no more: ~80 pieces left unread
+    assert "g" not in manager.reads.bands._replaying and manager.reads.bands._kept.get("g") is None

@@ -310,13 +310,16 @@ class TestStoreContract:
                               NewEvent(EventKind.METRIC, 3, {"values": {"loss": 1.0}}),
                               NewEvent(EventKind.CONTROL, 6, {"action": "set_lr", "lrs": [0.5] * 100})])
         kinds = [EventKind.CREATED, EventKind.CONTROL]
-        cases = ((0, 4, "latest", 9), (1, 4, "latest", 1), (0, 3, "latest", 2),
-                 (0, 4, "first", 2), (1, 4, "first", 9))
-        for after, through, end, n in cases:  # 1-4: created, hold, metric, set_lr
-            how = {"after_seq": after, "through_seq": through, end: n}
+        for after, through, latest in ((0, 4, 9), (1, 4, 1), (0, 3, 2)):  # 1-4: created, hold, metric, set_lr
+            how = {"after_seq": after, "through_seq": through, "latest": latest}
             found = store.read_events_of("r1", kinds, **how)
             assert store.payload_sizes_of("r1", kinds, **how) == [
                 (e.seq, len(_dumps(e.payload).encode())) for e in found]
+        for after, through, first in ((0, 4, 9), (0, 4, 2), (1, 4, 1), (4, 4, 3)):
+            how = {"after_seq": after, "through_seq": through, "first": first}
+            found = store.read_events_of("r1", kinds, **how)
+            assert store.weigh_events_of("r1", kinds, **how) == (
+                len(found), sum(len(_dumps(e.payload).encode()) for e in found))
         (_, hold), (_, set_lr) = store.payload_sizes_of("r1", kinds, after_seq=1, through_seq=4, latest=2)
         assert len(_dumps({"action": "hold", "why": "ünïcödé"})) < hold < 50 < 100 * len("0.5") < set_lr
 
