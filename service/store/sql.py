@@ -557,6 +557,21 @@ class SqlStore(BaseStore):
                 self.checkpointer.wrote()
 
     @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A connection for one read statement. PostgreSQL: outside any transaction (the
+        statement its own, ``AUTOCOMMIT``), one round trip: in ``_transaction`` it was three
+        (psycopg's ``BEGIN``, the statement, the ``COMMIT``: 256 against 147 µs a read here).
+        SQLite: ``_transaction()``'s (no round trip to save). For reads of several statements
+        that must see one state, ``_transaction()``.
+        """
+        if not self._postgres:
+            with self._transaction() as conn:
+                yield conn
+            return
+        with self._failures(), self._engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
     def _driver_write(self, counted: _Counted | None = None) -> Iterator[Any]:
         """``_transaction(write=True)`` for the hot writes (commits, metrics, barrier reports): a
         DBAPI cursor for their few ``_DriverSql`` statements, without SQLAlchemy's connection,
@@ -989,7 +1004,7 @@ class SqlStore(BaseStore):
         active = runs.c.status == RunStatus.ACTIVE.value
         stale = func.sum(case((and_(active, _HEARD < stale_before), 1), else_=0))
         query = select(runs.c.status, func.count(), stale).group_by(runs.c.status)
-        with self._transaction() as conn:
+        with self._reading() as conn:
             rows = conn.execute(query).all()
         for status, count, _ in rows:
             counts[status] = int(count)
@@ -1002,7 +1017,7 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        with self._transaction() as conn:
+        with self._reading() as conn:
             return int(conn.execute(select(func.count()).select_from(runs)).scalar_one())
 
     def delete_run(self, run_id: str) -> None:
@@ -1103,7 +1118,7 @@ class SqlStore(BaseStore):
         within = _of_kinds(run_id, kinds, after_seq, through_seq, step=step, above_step=above_step,
                            through_step=through_step)
         query = _in_seq_order(select(events).where(*within), latest, first)
-        with self._transaction() as conn:
+        with self._reading() as conn:
             found = [_event(row) for row in conn.execute(query)]
         return found if latest is None else found[::-1]
 
@@ -1118,7 +1133,7 @@ class SqlStore(BaseStore):
         """
         within = _of_kinds(run_id, kinds, after_seq, through_seq)
         newest = _in_seq_order(select(events.c.seq, self._payload_size()).where(*within), latest)
-        with self._transaction() as conn:
+        with self._reading() as conn:
             return [(int(seq), int(size)) for seq, size in conn.execute(newest)][::-1]
 
     def weigh_events_of(
@@ -1135,7 +1150,7 @@ class SqlStore(BaseStore):
         first_ones = _in_seq_order(select(self._payload_size().label("size")).where(*within), None, first)
         sizes = first_ones.subquery()
         query = select(func.count(), func.coalesce(func.sum(sizes.c.size), 0))
-        with self._transaction() as conn:
+        with self._reading() as conn:
             count, size = conn.execute(query).one()
         return int(count), int(size)
 
@@ -1157,7 +1172,7 @@ class SqlStore(BaseStore):
         """
         within = _of_kinds(run_id, kinds, after_seq, through_seq)
         query = select(func.count()).select_from(events).where(*within)
-        with self._transaction() as conn:
+        with self._reading() as conn:
             return int(conn.execute(query).scalar_one())
 
     def steps_of(
@@ -1173,7 +1188,7 @@ class SqlStore(BaseStore):
         query = select(events.c.step).distinct().where(
             *_of_kinds(run_id, kinds, after_seq), events.c.step.between(first_step, last_step),
         ).order_by(events.c.step).limit(limit)
-        with self._transaction() as conn:
+        with self._reading() as conn:
             return list(conn.execute(query).scalars())
 
     def _events_after(self, cursor: Any, run_id: str, after_seq: int) -> list[Event]:
@@ -1306,7 +1321,7 @@ class SqlStore(BaseStore):
         Raises:
             StoreUnavailable: the database failed.
         """
-        with self._transaction() as conn:
+        with self._reading() as conn:
             return self._last_gid(conn)
 
     def _last_gid(self, conn: Connection) -> int:
@@ -1377,7 +1392,7 @@ class SqlStore(BaseStore):
             return {}
         dialect = self._engine.dialect.name
         found: dict[int, tuple[float, ...]] = {}
-        with self._transaction() as conn:
+        with self._reading() as conn:
             for row in conn.execute(_read_lrs_query(dialect),
                                     {"b_run_id": run_id, "b_steps": _list_value(dialect, steps)}):
                 if row.piece is not None:
@@ -1394,7 +1409,7 @@ class SqlStore(BaseStore):
         if max_step is not None:
             query = query.where(snapshots.c.step <= max_step)
         query = query.order_by(snapshots.c.step.desc()).limit(1)
-        with self._transaction() as conn:
+        with self._reading() as conn:
             row = conn.execute(query).one_or_none()
         if row is None:
             return None
@@ -1467,7 +1482,7 @@ class SqlStore(BaseStore):
         """
         if most < 1:
             return []
-        with self._transaction() as conn:
+        with self._reading() as conn:
             return list(conn.execute(_METRIC_NAMES, {"b_run_id": run_id, "b_most": most}).scalars())
 
     def metric_ends(self, run_id: str, names: Sequence[str], rows: int) -> list[MetricEnds]:
@@ -1506,7 +1521,7 @@ class SqlStore(BaseStore):
         dialect = self._engine.dialect.name
         values = {"b_run_id": run_id, "b_name": name, "b_steps": _list_value(dialect, steps),
                   "b_ranks": _list_value(dialect, ranks)}
-        with self._transaction() as conn:
+        with self._reading() as conn:
             rows = conn.execute(_metric_rows_at_query(dialect), values).all()
         return _metric_tuples(rows)
 
