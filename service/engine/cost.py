@@ -134,7 +134,7 @@ BAND_EVENT = 16
 BAND_BYTES = 4
 """Bytes of a metric event's payload a spike-guard view reads and judges for one unit more than
 ``BAND_EVENT``: its reports (about 70 bytes each), each judged against its rank's baseline
-(sorted, its median and MAD found)."""
+(its median and MAD found, a few µs whatever the guard's ``window``)."""
 
 BAND_POINT = 4
 """Units of a band point a spike-guard view shows: a step, a value, a baseline and a spike

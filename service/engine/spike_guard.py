@@ -136,8 +136,10 @@ def _median(sorted_values: list[float]) -> float:
 def _deviations_median(ordered: list[float], median: float) -> float:
     """``_median(sorted(abs(v - median) for v in ordered))``, the same float, without sorting:
     the deviations of the values below ``median`` and of the rest are each sorted already (read
-    outwards from it), so their middle one is found by a binary search of the two (O(log n),
-    not O(n log n): a guard's ``window`` may be 10,000 values, judged at every report)."""
+    outwards from it), so their middle one is found by a binary search of the two (O(log n)
+    comparisons, where sorting them was O(n log n): a guard's ``window`` may be 10,000 values,
+    judged at every report; keeping the baseline in order costs an insertion and a removal in
+    a list, each a memory move)."""
     n, split = len(ordered), bisect_left(ordered, median)
 
     def below(i: int) -> float:  # the i-th smallest deviation of the values below the median
@@ -176,7 +178,7 @@ class Detector:
     count: int = 0
     incident_until: int = -1  # reports with step <= this belong to the last backoff
     # each rank's baseline in order, kept beside it (not a snapshot's: made again from it)
-    _ordered: dict[int, list[float]] = field(default_factory=dict, repr=False, compare=False)
+    _ordered: dict[int, list[float]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _in_order(self, rank: int) -> list[float]:
         ordered = self._ordered.get(rank)

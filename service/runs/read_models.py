@@ -9,7 +9,6 @@ import threading
 import time
 import weakref
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -196,8 +195,8 @@ class RunEvents:
 
 KEPT_BAND_POINTS = 200_000
 """Most band points (a rank's report as the detector met it) ``RunBands`` keeps per server
-process, over all runs (least recently shown out first); a run's bands are thinned to half
-of it (``BandReplay``), so that any one run fits."""
+process, over all runs (least recently shown out first; ~130 bytes a point); a run's bands are
+thinned to a quarter of it (``BandReplay``), so that four long runs fit together."""
 
 READ_PIECE = 250
 """Metric events a band replay reads and decodes at a time (a long run's whole log, read at
@@ -205,10 +204,6 @@ once, was held decoded in memory at once), giving way after each (see ``_judge``
 
 JUDGED_PIECE = 64
 """Reports a band replay judges between two times it gives way (~1 ms)."""
-
-HANDED_ON = 8
-"""Finished background replays held for their run's next view even where the ``Lru`` could
-not keep them (other runs' bands fill it), the oldest out first."""
 
 
 def shared_points(ranks: int, budget: int) -> int:
@@ -261,16 +256,18 @@ class RunBands:
     the run wait for it). Over it (the first view in a process of a long run, or one long
     unviewed), the replay is handed to ``replays`` (one low-priority thread: one run's at a
     time) and the view answers at once without bands (``ShownBands.through`` None); views of
-    the run meanwhile do the same, holding nothing; the finished replay is handed on to the
-    run's next view (``HANDED_ON``), kept or not. A replay that failed is the next view's
+    the run meanwhile do the same, holding nothing; the finished replay is kept for the next
+    (a run's bands are thinned to fit, below). A replay that failed is the next view's
     error (then the view after starts again); one under way stops at its next piece when the
     run is deleted here or the server stops (``close``). The points shown are priced too
     (``cost.BAND_POINT`` each): each rank shows ``max_points``, or fewer where that many of
     every rank's would cost more than the budget (``shared_points``).
 
     Bounded by ``most`` points (band points and reports ahead) over all runs, least recently
-    shown out first, each run's bands thinned to half of it (``BandReplay``); safe from worker
-    threads (one view or replay of a run at a time)."""
+    shown out first, each run's bands thinned to a quarter of it (``BandReplay``: a view shows
+    at most what is kept, ~50,000 points over the run's ranks; a job of more than ~16,000 ranks
+    keeps 3 a rank, at most ~200,000 points); safe from worker threads (one view or replay of
+    a run at a time)."""
 
     def __init__(self, store: BaseStore, budget: int, replays: Executor, most: int = KEPT_BAND_POINTS
                  ) -> None:
@@ -283,7 +280,6 @@ class RunBands:
         self._viewing: weakref.WeakValueDictionary[str, RunLock] = weakref.WeakValueDictionary()
         self._replaying: set[str] = set()  # runs whose replay is in ``replays``
         self._deleted: set[str] = set()  # ... and deleted here since: it stops
-        self._handed: OrderedDict[str, _Replayed] = OrderedDict()  # finished replays, for the next view
         self._failed: dict[str, BaseException] = {}  # failed replays: the next view's error
         self._stopping = threading.Event()
 
@@ -306,21 +302,19 @@ class RunBands:
             with self._lock:  # handed to the background while this view waited
                 if run_id in self._replaying:
                     return ShownBands({}, None)
-                failed, handed = self._failed.pop(run_id, None), self._handed.get(run_id)
+                failed = self._failed.pop(run_id, None)
             if failed is not None:
                 raise failed
-            kept = handed or self._kept.get(run_id)
+            kept = self._kept.get(run_id)
             if kept is None or (kept.created_at, kept.replay.settings) != (created_at, settings) \
                     or kept.horizon > horizon:
-                kept = _Replayed(created_at, BandReplay(settings, self.most // 2), 0, -1, [])
+                kept = _Replayed(created_at, BandReplay(settings, self.most // 4), 0, -1, [])
             to_read = self._weighed(run_id, kept, last_seq)  # raises before anything kept changed
             self._kept.pop(run_id)  # changed from here on: weighed again when kept
-            with self._lock:
-                self._handed.pop(run_id, None)
-                if to_read is None:
+            if to_read is None:
+                with self._lock:
                     self._replaying.add(run_id)
                     self._deleted.discard(run_id)
-            if to_read is None:
                 self._hand_over(run_id, kept, horizon, last_seq)
                 return ShownBands({}, None)
             if to_read:
@@ -393,7 +387,7 @@ class RunBands:
 
     def _replay_later(self, run_id: str, kept: _Replayed, horizon: int, last_seq: int) -> None:
         """The replay in the background thread, ``kept`` its own (views of the run answer
-        without it until it is done); kept, and handed to the run's next view."""
+        without it until it is done); kept for the next."""
 
         def stop() -> bool:
             return self._stopping.is_set() or run_id in self._deleted
@@ -408,14 +402,13 @@ class RunBands:
         except Exception as error:  # noqa: BLE001 - any failure: the run's next view raises it
             log.warning("replaying run %r's spike-guard bands failed (its next view says why): %s",
                         run_id, error)
-            with self._lock:
-                self._failed[run_id] = error
+            with self._lock:  # (the lock ``forget`` takes: not for a run deleted meanwhile)
+                if run_id not in self._deleted:
+                    self._failed[run_id] = error
         else:
-            self._kept.put(run_id, kept)
             with self._lock:
-                self._handed[run_id] = kept
-                while len(self._handed) > HANDED_ON:
-                    self._handed.popitem(last=False)
+                if run_id not in self._deleted:
+                    self._kept.put(run_id, kept)
         finally:
             with self._lock:
                 self._replaying.discard(run_id)
@@ -425,7 +418,6 @@ class RunBands:
         """The run was deleted: what was kept of it goes, and its replay under way stops."""
         self._kept.pop(run_id)
         with self._lock:
-            self._handed.pop(run_id, None)
             self._failed.pop(run_id, None)
             if run_id in self._replaying:
                 self._deleted.add(run_id)

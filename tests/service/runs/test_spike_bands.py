@@ -220,38 +220,71 @@ def _small_bands(manager, most: int) -> RunBands:
     return bands
 
 
+def _until_replayed(manager, run_id: str, seconds: float = 120) -> None:
+    while run_id in manager.reads.bands._replaying:
+        assert seconds > 0, "the background replay did not end"
+        time.sleep(0.01)
+        seconds -= 0.01
+
+
 def test_a_run_of_more_points_than_are_kept_is_thinned_and_shown(url, open_manager):
-    """The bands of 400 reports with 100 points kept per process: the run's are thinned to at
-    most 50 (every 16th report of each rank and its latest: at every 8th, 52), shown after
-    the background replay, and the same again at the next view (the tree before: more than
-    the bound, never kept, and so never shown after a background replay, each view starting
-    another)."""
+    """The bands of 400 reports with 200 points kept per process: the run's are thinned to at
+    most a quarter of that, 50 (every 16th report of each rank and its latest: at every 8th,
+    52), shown after the background replay, and the same again at the next view (the first
+    version of this change: more than the bound, never kept, and so never shown after a
+    background replay, each view starting another)."""
     manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
     _guarded_run(manager)
-    _small_bands(manager, most=100)
+    _small_bands(manager, most=200)
     view = _replayed(manager, "g", 1000)
     for rank, band in view.bands.items():
         assert band.steps == [*range(1, 201, 16), 200], rank
     assert manager.spike_guard("g", 1000).bands == view.bands  # kept: within the budget, nothing new
 
 
-def test_runs_that_fill_what_is_kept_in_turn_each_show_their_bands(url, open_manager):
-    """Three runs whose bands do not fit together, viewed in turn: each finished replay is
-    handed to its run's next view, though the others' pushed it out (before: none shown, each
-    view replaying again)."""
+def test_four_long_runs_are_kept_together(url, open_manager):
+    """Four runs of 400 points each with 800 kept per process: each thinned to 200 at most, all
+    four kept after their replays, so their next views read nothing again."""
     manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
-    for run_id in ("a", "b", "c"):
+    for run_id in "abcd":
         _guarded_run(manager, run_id)
-    bands = _small_bands(manager, most=800)  # 400 points a run, none thinned: two fit
-    for run_id in ("a", "b", "c"):
-        assert manager.spike_guard(run_id, 50).bands_through is None
-        while run_id in bands._replaying:
-            time.sleep(0.01)
-    assert bands._kept.get("a") is None  # pushed out by c's
-    for run_id in ("a", "b", "c"):  # each handed on all the same
+    bands = _small_bands(manager, most=800)
+    shown = {}
+    for run_id in "abcd":
+        shown[run_id] = _replayed(manager, run_id, 50).bands
+    assert all(bands._kept.get(run_id) is not None for run_id in "abcd")
+    assert sum(bands._kept.get(run_id).points for run_id in "abcd") <= 800
+    for run_id in "abcd":
         view = manager.spike_guard(run_id, 50)
-        assert view.bands_through == 201 and view.bands == _whole_log(manager.store, view.settings, 201, 50,
-                                                                       run_id=run_id)
+        assert view.bands_through == 201 and view.bands == shown[run_id]
+
+
+def test_what_was_kept_stays_when_a_view_cannot_weigh_the_new_reports(url, open_manager, monkeypatch):
+    """A view whose weighing fails (the database down for a moment) is a 503 and changes
+    nothing kept: the next view goes on from the last one (before: the kept replay dropped, and
+    the whole log replayed again)."""
+    manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET))
+    _guarded_run(manager, steps=100)  # 200 reports: within the budget, read by the view
+    first = manager.spike_guard("g", 50)
+    store, weighing = manager.store, manager.store.weigh_events_of
+
+    def down(*args, **how):
+        raise StoreUnavailable("the database is down")
+
+    monkeypatch.setattr(store, "weigh_events_of", down)
+    manager.window("g", 102, 0)
+    manager.record_metrics("g", [{"step": 102, "name": "loss", "value": 0.3, "rank": 0}])
+    manager.window("g", 103, 0)
+    with pytest.raises(StoreUnavailable):
+        manager.spike_guard("g", 50)
+    monkeypatch.setattr(store, "weigh_events_of", weighing)
+    read_from = []
+    reading = store.read_events_of
+    monkeypatch.setattr(store, "read_events_of", lambda run_id, kinds, **how: (
+        read_from.append(how.get("after_seq")), reading(run_id, kinds, **how))[1])
+    view = manager.spike_guard("g", 50)
+    assert read_from and read_from[0] > 0  # from the last one read, not 0: nothing kept was lost
+    assert view.bands == _whole_log(store, view.settings, 103, 50) and view.bands != first.bands
 
 
 def test_a_failed_replay_is_the_next_views_error_and_the_one_after_starts_again(
@@ -268,8 +301,7 @@ def test_a_failed_replay_is_the_next_views_error_and_the_one_after_starts_again(
 
     monkeypatch.setattr(store, "read_events_of", failing)
     assert manager.spike_guard("g", 50).bands_through is None
-    while "g" in manager.reads.bands._replaying:
-        time.sleep(0.01)
+    _until_replayed(manager, "g")
     with pytest.raises(StoreUnavailable, match="the database is down"):
         manager.spike_guard("g", 50)
     view = _replayed(manager, "g", 50)  # the view after starts it again: no failure left
@@ -287,7 +319,9 @@ def test_a_replay_stops_when_its_run_is_deleted_or_the_server_stops(url, open_ma
     threads = _metric_reads(manager.store, monkeypatch, hold)
     try:
         assert manager.spike_guard("g", 50).bands_through is None
+        deadline = time.monotonic() + 60
         while not threads:
+            assert time.monotonic() < deadline, "the replay never began"
             time.sleep(0.01)
         if how == "deleted":
             manager.delete_run("g")
@@ -297,4 +331,5 @@ def test_a_replay_stops_when_its_run_is_deleted_or_the_server_stops(url, open_ma
         hold.set()
     manager.reads._replays.shutdown(wait=True)
     assert len(threads) == 1  # the piece held, then no more: ~80 pieces left unread
-    assert "g" not in manager.reads.bands._replaying and manager.reads.bands._kept.get("g") is None
+    bands = manager.reads.bands
+    assert "g" not in bands._replaying and bands._kept.get("g") is None and "g" not in bands._failed
