@@ -375,7 +375,8 @@ class SpikeGuardPublic(BaseModel):
         description="Per rank, as the detector met each report applied up to `bands_through`: "
         "`max_points` points each, spread evenly, or fewer where every rank's would cost more than the "
         "work budget (4 units a point: each rank shows `LRSERVE_WORK_BUDGET // (4 x ranks)`, at least 2), "
-        "or than the server keeps of a long run (~50,000 points over its ranks, spread evenly, the latest kept)."
+        "or than the server keeps of a long run (~50,000 points over its ranks, spread evenly, the "
+        "latest kept)."
     )
     bands_through: int | None = Field(
         description="The horizon the bands are judged up to: `horizon`, or null (and `band` empty) while "
