@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import fcntl
 import http.client
 import json
@@ -21,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HOST = "127.0.0.1"  # loopback only: nothing in the suite leaves this machine
@@ -168,8 +169,8 @@ class Server:
         """Start the process and return at once (``wait_ready`` or ``first_answer`` next)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env,
-                                     cwd=self.tree, start_new_session=True)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env, cwd=self.tree,
+                                     start_new_session=True, preexec_fn=_dies_with_its_starter())
         log.close()
         _running.add(self)
         return self
@@ -316,6 +317,27 @@ class Server:
 
 
 _running: set[Server] = set()  # spawned and not yet stopped or killed
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _dies_with_its_starter() -> Callable[[], None] | None:
+    """For ``Popen(preexec_fn=)``: the server is sent SIGTERM (it stops, and its workers with
+    it) when the process that started it dies, even by SIGKILL, where ``_kill_leftovers``
+    cannot run (a bench tool killed by its test's timeout left its server running before).
+    Linux, and only from the main thread: the signal comes when the thread that started it
+    ends."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    starter = os.getpid()
+
+    def in_the_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != starter:  # the starter died before the call: no signal will come
+            os._exit(1)
+
+    return in_the_child
 
 
 @atexit.register

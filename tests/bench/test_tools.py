@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,38 @@ def test_spike_views_times_a_long_runs_first_view_on_both_trees(tmp_path: Path) 
     for got in trees.values():
         assert 0 < got["view_s"] <= got["bands_s"] and got["worst_s"] > 0, got
         assert all(got[f"{phase}_p99_ms"] > 0 for phase in ("idle", "busy")), got
+
+
+@pytest.mark.slow
+def test_a_server_dies_with_the_process_that_started_it_even_by_sigkill(tmp_path: Path) -> None:
+    """A bench tool killed by SIGKILL (its test's timeout) took no ``atexit`` with it, and its
+    server ran on, holding a port, a database and a core; now the kernel sends the server
+    SIGTERM when its starter dies, and it stops."""
+    starter = (
+        "import sys, time\n"
+        "from bench.servers import Server\n"
+        f"server = Server('sqlite:///{tmp_path}/db.sqlite', '{tmp_path}').start()\n"
+        "print(server.proc.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    command = [sys.executable, "-c", starter]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            server = int(proc.stdout.readline())
+            assert _alive(server)
+        finally:
+            proc.kill()
+    deadline = time.monotonic() + 60
+    while _alive(server):
+        assert time.monotonic() < deadline, "the server outlived its starter"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet waited for by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
