@@ -349,11 +349,15 @@ class RunBands:
             raise ServerStopping("the server is stopping; retry (another replica, or once it is up)"
                                  ) from error
 
-    def _read(self, run_id: str, kept: _Replayed, last_seq: int, stop: Callable[[], bool] | None = None
-              ) -> None:
+    def _read(self, run_id: str, kept: _Replayed, last_seq: int, stop: Callable[[], bool] | None = None,
+              marks: Sequence[tuple[int, int]] = ()) -> None:
         """Read the metric events after ``kept``'s up to ``last_seq``, ``READ_PIECE`` at a
-        time: their reports wait in ``kept.ahead`` to be judged. ``stop``: asked between pieces."""
+        time: their reports wait in ``kept.ahead`` to be judged. ``stop``: asked between pieces.
+        ``marks``: the run's snapshots' ``(step, seq)`` by step (``snapshot_marks``): once the
+        events up to a mark's seq are read, every report applied up to its step is, and those
+        are judged then (so ``ahead`` holds the reports of a snapshot's steps, not the run's)."""
         monitor = kept.replay.settings.monitor
+        marks = list(marks)
         while True:
             if stop is not None and stop():
                 raise _Stopped
@@ -365,6 +369,10 @@ class RunBands:
                 if at is not None:
                     kept.ahead.extend((at, event.seq, Report.from_payload(r))
                                       for r in reports if r.get("name") == monitor)
+            while marks and marks[0][1] <= kept.last_seq:
+                step = marks.pop(0)[0]
+                if step > kept.horizon:
+                    self._judge(kept, step, stop)
             if len(new) < READ_PIECE:
                 break
             time.sleep(0)  # gives way: see ``_judge``
@@ -393,7 +401,8 @@ class RunBands:
             return self._stopping.is_set() or run_id in self._deleted
 
         try:
-            self._read(run_id, kept, last_seq, stop)
+            marks = self.store.snapshot_marks(run_id, after_step=kept.horizon, through_step=horizon)
+            self._read(run_id, kept, last_seq, stop, marks)
             self._judge(kept, horizon, stop)
             if stop():  # deleted while its last piece was read (it read none, or the new run's)
                 raise _Stopped

@@ -465,6 +465,13 @@ class BaseStore(abc.ABC):
         """The snapshot with the highest step (at most ``max_step``), or None."""
 
     @abc.abstractmethod
+    def snapshot_marks(self, run_id: str, *, after_step: int, through_step: int) -> list[tuple[int, int]]:
+        """``(step, seq)`` of the run's snapshots with ``after_step < step <= through_step``, by
+        step (their states not read). A snapshot at ``step`` is saved after the commit that made
+        it final, with the run's ``last_seq`` then: every event placed at or below ``step`` has a
+        seq at or below ``seq``."""
+
+    @abc.abstractmethod
     def append_metrics(self, run_id: str, records: Sequence[MetricRecord]) -> int:
         """Record metric values for history; a record already stored is kept as it was.
 

@@ -1415,6 +1415,19 @@ class SqlStore(BaseStore):
             return None
         return Snapshot(step=row.step, seq=row.seq, state=_loads(row.state))
 
+    def snapshot_marks(self, run_id: str, *, after_step: int, through_step: int) -> list[tuple[int, int]]:
+        """``(step, seq)`` of the run's snapshots with ``after_step < step <= through_step``, by
+        step (one index range; their states not read).
+
+        Raises:
+            StoreUnavailable: the database failed.
+        """
+        within = (snapshots.c.run_id == run_id, snapshots.c.step > after_step,
+                  snapshots.c.step <= through_step)
+        query = select(snapshots.c.step, snapshots.c.seq).where(*within).order_by(snapshots.c.step)
+        with self._reading() as conn:
+            return [(int(step), int(seq)) for step, seq in conn.execute(query)]
+
     # -- metrics and the barrier -------------------------------------------------------------
 
     def append_metrics(self, run_id: str, records: Sequence[MetricRecord]) -> int:

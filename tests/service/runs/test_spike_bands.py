@@ -333,3 +333,23 @@ def test_a_replay_stops_when_its_run_is_deleted_or_the_server_stops(url, open_ma
     assert len(threads) == 1  # the piece held, then no more: ~80 pieces left unread
     bands = manager.reads.bands
     assert "g" not in bands._replaying and bands._kept.get("g") is None and "g" not in bands._failed
+
+
+def test_a_background_replay_judges_at_each_snapshot_holding_few_reports(url, open_manager, monkeypatch):
+    """A replay of 800 reports in 10-event pieces of a run snapshotted every 50 steps judges
+    what applies up to each snapshot's step once the events up to its seq are read: it never
+    holds much more than a snapshot's reports waiting (before: the whole run's, 800), and its
+    bands are the whole log's."""
+    manager = open_manager(Settings(db=url, work_budget=LEAST_BUDGET, snapshot_every=50))
+    _guarded_run(manager, steps=400)
+    monkeypatch.setattr(read_models, "READ_PIECE", 10)
+    waiting, judging = [], RunBands._judge
+
+    def judge(kept, horizon, stop=None):
+        waiting.append(len(kept.ahead))
+        judging(kept, horizon, stop)
+
+    monkeypatch.setattr(RunBands, "_judge", staticmethod(judge))
+    view = _replayed(manager, "g", 50)
+    assert view.bands == _whole_log(manager.store, view.settings, 401, 50)
+    assert len(waiting) >= 8 and max(waiting) <= 2 * 50 + 10 + 2  # a snapshot's steps, a piece, the last

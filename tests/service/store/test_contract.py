@@ -436,8 +436,12 @@ class TestStoreContract:
         assert store.load_snapshot("r1", max_step=25) == Snapshot(20, 21, {"step": 20})
         assert store.load_snapshot("r1", max_step=20).step == 20
         assert store.load_snapshot("r1", max_step=9) is None
+        assert store.snapshot_marks("r1", after_step=0, through_step=30) == [(10, 11), (20, 21), (30, 31)]
+        assert store.snapshot_marks("r1", after_step=10, through_step=29) == [(20, 21)]
         store.save_snapshot("r1", Snapshot(20, 50, {"replaced": True}))
         assert store.load_snapshot("r1", max_step=29) == Snapshot(20, 50, {"replaced": True})
+        assert store.snapshot_marks("r1", after_step=10, through_step=20) == [(20, 50)]
+        assert store.snapshot_marks("r2", after_step=0, through_step=30) == []
 
     def test_metrics_are_idempotent_and_sorted(self, store):
         make(store)
