@@ -442,7 +442,7 @@ class Committer:
             chunk = ValueChunk(first, state.horizon + 1 - first, state.n_groups, pack_lrs(lrs))
             jsonable = codec.to_jsonable(payload)
             snapshot = Snapshot(state.horizon, state.last_seq, jsonable, codec.encoded(jsonable))
-            self.store.save_snapshot(state.run_id, snapshot, chunk)
+            self.store.save_snapshot(state.run_id, snapshot, chunk, created_at=state.created_at)
             state.checkpointed_to = state.horizon
 
 

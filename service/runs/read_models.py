@@ -196,7 +196,7 @@ class RunEvents:
 KEPT_BAND_POINTS = 200_000
 """Most band points (a rank's report as the detector met it) ``RunBands`` keeps per server
 process, over all runs (least recently shown out first; ~130 bytes a point); a run's bands are
-thinned to a quarter of it (``BandReplay``), so that four long runs fit together."""
+thinned to a quarter of it (``BandReplay``), so that about four long runs fit together."""
 
 READ_PIECE = 250
 """Metric events a band replay reads and decodes at a time (a long run's whole log, read at
@@ -266,8 +266,8 @@ class RunBands:
     Bounded by ``most`` points (band points and reports ahead) over all runs, least recently
     shown out first, each run's bands thinned to a quarter of it (``BandReplay``: a view shows
     at most what is kept, ~50,000 points over the run's ranks; a job of more than ~16,000 ranks
-    keeps 3 a rank, at most ~200,000 points); safe from worker threads (one view or replay of
-    a run at a time)."""
+    keeps 3 a rank: it may not fit, and is then replayed at each view); safe from worker
+    threads (one view or replay of a run at a time)."""
 
     def __init__(self, store: BaseStore, budget: int, replays: Executor, most: int = KEPT_BAND_POINTS
                  ) -> None:
@@ -425,8 +425,8 @@ class RunBands:
 
     def forget(self, run_id: str) -> None:
         """The run was deleted: what was kept of it goes, and its replay under way stops."""
-        self._kept.pop(run_id)
-        with self._lock:
+        with self._lock:  # the lock a replay keeps its bands under: none kept after this
+            self._kept.pop(run_id)
             self._failed.pop(run_id, None)
             if run_id in self._replaying:
                 self._deleted.add(run_id)

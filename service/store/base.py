@@ -453,8 +453,10 @@ class BaseStore(abc.ABC):
         """The highest global event id committed so far (0 before the first event)."""
 
     @abc.abstractmethod
-    def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None) -> None:
-        """Keep an engine snapshot (replaces one at the same step), with the LRs since the last one."""
+    def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None, *,
+                      created_at: datetime | None = None) -> None:
+        """Keep an engine snapshot (replaces one at the same step), with the LRs since the last one;
+        ``created_at``: of the run it is a snapshot of (``RunNotFound`` if the run is another)."""
 
     @abc.abstractmethod
     def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:

@@ -1,7 +1,9 @@
 """The SQL store: one SQLAlchemy Core code path for SQLite and PostgreSQL.
 
 Every statement runs inside ``SqlStore._transaction``, the one place that begins,
-commits, rolls back and turns driver errors into ``StoreUnavailable``. The two dialects
+commits, rolls back and turns driver errors into ``StoreUnavailable`` (or its leaner kin: the
+hot writes' ``_driver_write``, the row reads' ``_driver_read``, and ``_reading`` for a read of
+one statement, each with the same errors). The two dialects
 differ in only two places, both below and both branched on purpose:
 
 - ``_insert``: the dialect's ``INSERT`` construct, for ``ON CONFLICT DO NOTHING/UPDATE``.
@@ -561,8 +563,9 @@ class SqlStore(BaseStore):
         """A connection for one read statement. PostgreSQL: outside any transaction (the
         statement its own, ``AUTOCOMMIT``), one round trip: in ``_transaction`` it was three
         (psycopg's ``BEGIN``, the statement, the ``COMMIT``: 256 against 147 µs a read here).
-        SQLite: ``_transaction()``'s (no round trip to save). For reads of several statements
-        that must see one state, ``_transaction()``.
+        SQLite: ``_transaction()``'s (no round trip to save). Reads of several statements keep
+        ``_transaction()`` (on PostgreSQL, at READ COMMITTED, each of its statements still sees
+        the commits before it, not one snapshot).
         """
         if not self._postgres:
             with self._transaction() as conn:
@@ -1339,9 +1342,13 @@ class SqlStore(BaseStore):
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None) -> None:
+    def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None, *,
+                      created_at: datetime | None = None) -> None:
         """Keep an engine snapshot; one at the same step is replaced. ``chunk``: the run's final
-        LRs since the last snapshot (for ``read_lrs``).
+        LRs since the last snapshot (for ``read_lrs``). ``created_at``: the run's it is a snapshot
+        of: a snapshot is saved after its commit, in transactions of its own, and another process
+        may delete the run and create it again in between; that run must not get this one's
+        engine or LRs (checked in each transaction, under the row's lock).
 
         The chunk is written in pieces of at most ``CHUNK_PIECE_BYTES``, each in a write
         transaction of its own, the snapshot's row with the last: on SQLite every commit of
@@ -1364,7 +1371,7 @@ class SqlStore(BaseStore):
         pieces = [] if chunk is None else chunk.pieces(CHUNK_PIECE_BYTES)
         for i, piece in enumerate(pieces, 1):
             with self._transaction(write=True) as conn:
-                self._require_run(conn, run_id, "keep")
+                self._require_same_run(conn, run_id, created_at)
                 kept = self._insert(value_chunks).values(
                     run_id=run_id, first_step=piece.first_step, steps=piece.steps, groups=piece.groups,
                     lrs=piece.lrs)
@@ -1374,8 +1381,15 @@ class SqlStore(BaseStore):
                     conn.execute(upsert)
         if not pieces:
             with self._transaction(write=True) as conn:
-                self._require_run(conn, run_id, "keep")
+                self._require_same_run(conn, run_id, created_at)
                 conn.execute(upsert)
+
+    def _require_same_run(self, conn: Connection, run_id: str, created_at: datetime | None) -> None:
+        """The run, its row held against a delete (``RunNotFound``: gone, or created again since
+        ``created_at``, where given)."""
+        row = self._require_run(conn, run_id, "keep")
+        if created_at is not None and row.created_at != created_at:
+            raise RunNotFound(run_id)
 
     def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
         """The stored final LRs of those of ``steps`` a value chunk holds (a step none holds is left out).

@@ -442,6 +442,12 @@ class TestStoreContract:
         assert store.load_snapshot("r1", max_step=29) == Snapshot(20, 50, {"replaced": True})
         assert store.snapshot_marks("r1", after_step=10, through_step=20) == [(20, 50)]
         assert store.snapshot_marks("r2", after_step=0, through_step=30) == []
+        created_at = store.read_run("r1").created_at
+        store.save_snapshot("r1", Snapshot(40, 41, {"step": 40}), created_at=created_at)
+        older = created_at - timedelta(seconds=1)
+        with pytest.raises(RunNotFound):  # a snapshot of a run deleted and created again since
+            store.save_snapshot("r1", Snapshot(50, 51, {"old": True}), created_at=older)
+        assert store.load_snapshot("r1").step == 40
 
     def test_metrics_are_idempotent_and_sorted(self, store):
         make(store)
