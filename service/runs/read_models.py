@@ -318,8 +318,8 @@ class RunBands:
                 self._hand_over(run_id, kept, horizon, last_seq)
                 return ShownBands({}, None)
             if to_read:
-                try:
-                    self._read(run_id, kept, last_seq)
+                try:  # in one piece: at most what the budget pays for
+                    self._read(run_id, kept, last_seq, piece=to_read + 1)
                 except Exception:
                     self._kept.put(run_id, kept)  # what was read is judged by the next view
                     raise
@@ -350,19 +350,19 @@ class RunBands:
                                  ) from error
 
     def _read(self, run_id: str, kept: _Replayed, last_seq: int, stop: Callable[[], bool] | None = None,
-              marks: Sequence[tuple[int, int]] = ()) -> None:
-        """Read the metric events after ``kept``'s up to ``last_seq``, ``READ_PIECE`` at a
-        time: their reports wait in ``kept.ahead`` to be judged. ``stop``: asked between pieces.
+              marks: Sequence[tuple[int, int]] = (), piece: int | None = None) -> None:
+        """Read the metric events after ``kept``'s up to ``last_seq``, ``piece`` (by default
+        ``READ_PIECE``) at a time: their reports wait in ``kept.ahead`` to be judged. ``stop``:
+        asked between pieces.
         ``marks``: the run's snapshots' ``(step, seq)`` by step (``snapshot_marks``): once the
         events up to a mark's seq are read, every report applied up to its step is, and those
         are judged then (so ``ahead`` holds the reports of a snapshot's steps, not the run's)."""
-        monitor = kept.replay.settings.monitor
-        marks = list(marks)
+        monitor, marks, piece = kept.replay.settings.monitor, list(marks), piece or READ_PIECE
         while True:
             if stop is not None and stop():
                 raise _Stopped
             new = self.store.read_events_of(run_id, [EventKind.METRIC], after_seq=kept.last_seq,
-                                            through_seq=last_seq, first=READ_PIECE)
+                                            through_seq=last_seq, first=piece)
             for event in new:
                 kept.last_seq = event.seq
                 at, reports = event.step, event.payload.get("reports", ())
@@ -373,7 +373,7 @@ class RunBands:
                 step = marks.pop(0)[0]
                 if step > kept.horizon:
                     self._judge(kept, step, stop)
-            if len(new) < READ_PIECE:
+            if len(new) < piece:
                 break
             time.sleep(0)  # gives way: see ``_judge``
 
