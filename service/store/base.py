@@ -456,7 +456,7 @@ class BaseStore(abc.ABC):
     def save_snapshot(self, run_id: str, snapshot: Snapshot, chunk: ValueChunk | None = None, *,
                       created_at: datetime | None = None) -> None:
         """Keep an engine snapshot (replaces one at the same step), with the LRs since the last one;
-        ``created_at``: of the run it is a snapshot of (``RunNotFound`` if the run is another)."""
+        ``created_at``: of the run it is a snapshot of (``RunConflict`` if the run is another)."""
 
     @abc.abstractmethod
     def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:

@@ -35,7 +35,7 @@ from secrets import token_hex
 from typing import Any, Literal, NoReturn
 
 from lrserve.service.engine.status import RunStatus
-from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
+from lrserve.service.errors import InvalidInput, RunConflict, RunNotFound, StoreUnavailable
 from lrserve.service.store.base import (
     MARK_METRIC_ROWS,
     BarrierTally,
@@ -1359,6 +1359,7 @@ class SqlStore(BaseStore):
 
         Raises:
             RunNotFound: no such run.
+            RunConflict: the run was created again since ``created_at``.
             StoreUnavailable: the database failed.
         """
         row = {"run_id": run_id, "step": snapshot.step, "seq": snapshot.seq,
@@ -1385,11 +1386,12 @@ class SqlStore(BaseStore):
                 conn.execute(upsert)
 
     def _require_same_run(self, conn: Connection, run_id: str, created_at: datetime | None) -> None:
-        """The run, its row held against a delete (``RunNotFound``: gone, or created again since
-        ``created_at``, where given)."""
+        """The run, its row held against a delete (``RunNotFound``: gone; ``RunConflict``: created
+        again since ``created_at``, where given)."""
         row = self._require_run(conn, run_id, "keep")
         if created_at is not None and row.created_at != created_at:
-            raise RunNotFound(run_id)
+            raise RunConflict(f"run {run_id!r} was deleted and created again while this request "
+                              "committed to it: ask again")
 
     def read_lrs(self, run_id: str, steps: Sequence[int]) -> dict[int, tuple[float, ...]]:
         """The stored final LRs of those of ``steps`` a value chunk holds (a step none holds is left out).

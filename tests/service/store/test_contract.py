@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from lrserve.service.engine.status import RunStatus
-from lrserve.service.errors import InvalidInput, RunNotFound, StoreUnavailable
+from lrserve.service.errors import InvalidInput, RunConflict, RunNotFound, StoreUnavailable
 from lrserve.service.store import (
     BaseStore,
     EventKind,
@@ -445,7 +445,7 @@ class TestStoreContract:
         created_at = store.read_run("r1").created_at
         store.save_snapshot("r1", Snapshot(40, 41, {"step": 40}), created_at=created_at)
         older = created_at - timedelta(seconds=1)
-        with pytest.raises(RunNotFound):  # a snapshot of a run deleted and created again since
+        with pytest.raises(RunConflict, match="created again"):  # of a run deleted and created again since
             store.save_snapshot("r1", Snapshot(50, 51, {"old": True}), created_at=older)
         assert store.load_snapshot("r1").step == 40
 
