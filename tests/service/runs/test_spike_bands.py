@@ -278,10 +278,13 @@ def test_what_was_kept_stays_when_a_view_cannot_weigh_the_new_reports(url, open_
     with pytest.raises(StoreUnavailable):
         manager.spike_guard("g", 50)
     monkeypatch.setattr(store, "weigh_events_of", weighing)
-    read_from = []
-    reading = store.read_events_of
-    monkeypatch.setattr(store, "read_events_of", lambda run_id, kinds, **how: (
-        read_from.append(how.get("after_seq")), reading(run_id, kinds, **how))[1])
+    read_from, reading = [], store.read_events_of
+
+    def spied(run_id, kinds, **how):
+        read_from.append(how.get("after_seq"))
+        return reading(run_id, kinds, **how)
+
+    monkeypatch.setattr(store, "read_events_of", spied)
     view = manager.spike_guard("g", 50)
     assert read_from and read_from[0] > 0  # from the last one read, not 0: nothing kept was lost
     assert view.bands == _whole_log(store, view.settings, 103, 50) and view.bands != first.bands
