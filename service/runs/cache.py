@@ -28,6 +28,14 @@ LOAD_TRIES = 3
 reads of one (``RunCache._load``)."""
 
 
+def still_the_run(store: BaseStore, run_id: str, created_at: datetime) -> bool:
+    """Whether the run is still the one created at ``created_at``, read from its row now: another
+    process may have deleted it and created it again since something was read of it (its seqs
+    count from 1 again), the one question a load, a catch-up and a history's events ask after
+    their reads (``RunNotFound``: deleted)."""
+    return store.run_head(run_id).created_at == created_at
+
+
 class RunCache:
     """Loads runs lazily and keeps them; event loop safe where a method says so."""
 
@@ -125,10 +133,10 @@ class RunCache:
             except StoreUnavailable:
                 raise
             except Exception:  # another run's snapshot or log, say: read again if it was replaced
-                if self._still(run_id, record.created_at):
+                if still_the_run(self.store, run_id, record.created_at):
                     raise
                 continue
-            if self._still(run_id, record.created_at):
+            if still_the_run(self.store, run_id, record.created_at):
                 state.advance_to(record.horizon)
                 state.publish()
                 return state
@@ -141,10 +149,6 @@ class RunCache:
         self.evict(state)
         raise RunConflict(f"run {state.run_id!r} was deleted and created again while its steps were "
                           "read: ask again")
-
-    def _still(self, run_id: str, created_at: datetime) -> bool:
-        """Whether the run is still the one created at ``created_at`` (``RunNotFound``: deleted)."""
-        return self.store.run_head(run_id).created_at == created_at
 
     def values_between(self, run_id: str, start: int, end: int) -> list[Values]:
         """Final values of steps ``start..end`` (all at or below the horizon), replaying if needed.
@@ -179,10 +183,10 @@ class RunCache:
             except StoreUnavailable:
                 raise
             except Exception:  # another run's snapshot or log, say: a 409 if it was replaced
-                if not self._still(run_id, record.created_at):
+                if not still_the_run(self.store, run_id, record.created_at):
                     self._replaced(state)
                 raise
-            if not self._still(run_id, record.created_at):
+            if not still_the_run(self.store, run_id, record.created_at):
                 self._replaced(state)
             own = end - replay.first_step + 1
             joins = end <= state.horizon and replay.first_step <= until  # what it replays meets what is held

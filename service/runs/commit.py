@@ -34,7 +34,7 @@ from lrserve.service.engine.spike_guard import Spike
 from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, RunConflict
 from lrserve.service.offload import BigWork
-from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.cache import RunCache, still_the_run
 from lrserve.service.runs.group_commit import GroupCommit
 from lrserve.service.runs.replay import apply_control, apply_logs
 from lrserve.service.runs.state import RunState, StepOutcome
@@ -219,7 +219,7 @@ class Committer:
             with state.lock, self._evicting_on_error(state):
                 if not state.evicted and state.horizon < record.horizon:
                     events = self.store.read_events(run_id, state.last_seq)
-                    if self.store.run_head(run_id).created_at != state.created_at:
+                    if not still_the_run(self.store, run_id, state.created_at):
                         self.runs.evict(state)  # replaced meanwhile: the commit below loads the new run
                     else:
                         apply_logs(state, events)

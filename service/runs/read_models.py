@@ -22,7 +22,7 @@ from lrserve.service.engine.spec import guard_of
 from lrserve.service.engine.spike_guard import Band, BandReplay, GuardSettings, Report, Spike
 from lrserve.service.errors import RunConflict, ServerStopping
 from lrserve.service.lru import Lru
-from lrserve.service.runs.cache import RunCache, RunLock
+from lrserve.service.runs.cache import RunCache, RunLock, still_the_run
 from lrserve.service.runs.commit import Committer
 from lrserve.service.runs.state import RunState
 from lrserve.service.runs.value_log import step_tuples
@@ -182,7 +182,7 @@ class RunEvents:
         if to_show.to_read:
             read = self.store.read_events_of(to_show.run_id, SHOWN, after_seq=to_show.read_after,
                                              through_seq=to_show.through_seq, latest=len(to_show.to_read))
-            if (self.store.run_head(to_show.run_id).created_at != kept.created_at
+            if (not still_the_run(self.store, to_show.run_id, kept.created_at)
                     or [e.seq for e in read] != [seq for seq, _ in to_show.to_read]):
                 raise RunConflict(f"run {to_show.run_id!r} was deleted and created again while its "
                                   "history was read: ask again")
