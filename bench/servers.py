@@ -333,7 +333,9 @@ def _dies_with_its_starter() -> Callable[[], None] | None:
     starter = os.getpid()
 
     def in_the_child() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:  # a sandbox that refuses it: said in the log
+            os.write(2, f"bench: prctl(PR_SET_PDEATHSIG) refused (errno {ctypes.get_errno()}): "
+                        "this server outlives its starter if that is killed\n".encode())
         if os.getppid() != starter:  # the starter died before the call: no signal will come
             os._exit(1)
 

@@ -164,6 +164,31 @@ def test_a_server_dies_with_the_process_that_started_it_even_by_sigkill(tmp_path
         time.sleep(0.1)
 
 
+def test_a_refused_prctl_is_said_in_the_servers_log(monkeypatch) -> None:
+    """Where a sandbox refuses ``prctl`` the server would outlive its starter silently; the child
+    says so on its stderr (the server's log) and starts anyway."""
+    import ctypes
+
+    import bench.servers as servers
+
+    class Refusing:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        @staticmethod
+        def prctl(*args: object) -> int:
+            ctypes.set_errno(1)
+            return -1
+
+    monkeypatch.setattr(servers.ctypes, "CDLL", Refusing)
+    preexec = servers._dies_with_its_starter()
+    assert preexec is not None
+    proc = subprocess.run([sys.executable, "-c", "print('started')"], preexec_fn=preexec,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "started\n"
+    assert "prctl(PR_SET_PDEATHSIG) refused (errno 1)" in proc.stderr
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, dead but not yet waited for by its new parent, does not)."""
     try:
