@@ -45,7 +45,6 @@ from lrserve.service.store.base import (
     LockedRun,
     MetricRecord,
     RunHead,
-    RunMoved,
     RunRecord,
     RunTransaction,
     Snapshot,
@@ -246,17 +245,12 @@ class Committer:
         with self._evicting_on_error(state):
             if self.store.must_not_wait:  # on the event loop: at once and small, or not at all
                 self._check_small(state, target)
-                stored = state.as_stored()
-                if stored is None:
-                    raise WouldWait("the run's row is not known here")  # a worker thread reads it
-                try:  # WouldWait: the write slot is taken
-                    with self.store.lock_run(run_id, expected=stored) as tx:
-                        outcomes, placed, new_events = _compute(  # small: never the worker process
-                            state, state.horizon, target, metric, action, extra_events, need, reports, None)
-                        _append(state, tx, outcomes, new_events, records)
-                except RunMoved:  # another process moved the run: computed on a state gone by
-                    self.runs.evict(state)
-                    raise WouldWait("another process moved the run") from None  # a worker thread loads it
+                with self.store.lock_run(run_id) as tx:  # WouldWait: the write slot is taken
+                    if _moved(tx.run, state):
+                        raise WouldWait("another process moved the run")  # a worker thread catches up
+                    outcomes, placed, new_events = _compute(  # small: never the worker process
+                        state, state.horizon, target, metric, action, extra_events, need, reports, None)
+                    _append(state, tx, outcomes, new_events, records)
             elif not self.store.one_writer or _moved(self.store.run_head(run_id), state):
                 # PostgreSQL: the lock is the run's row alone, so computing in it holds back no
                 # other run, and a read before it would cost a round trip of its own every commit.

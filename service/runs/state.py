@@ -20,7 +20,6 @@ from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import ScheduleError
 from lrserve.service.offload import BigWork, is_big
 from lrserve.service.runs.value_log import ValueLog
-from lrserve.service.store.base import LockedRun
 from lrserve.service.store.events import SERVER
 
 
@@ -118,13 +117,6 @@ class RunState:
     def horizon(self) -> int:
         """The highest step whose values are final, durable and visible here."""
         return self.first_step + len(self.values) - 1
-
-    def as_stored(self) -> LockedRun | None:
-        """The run's row as this process last read or wrote it, for a commit to expect
-        (``BaseStore.lock_run(expected=)``); None where its ``created_at`` is not known."""
-        if self.created_at is None:
-            return None
-        return LockedRun(self.run_id, self.status, self.horizon, self.last_seq, self.created_at)
 
     def restore_marks(self, marks: Marks) -> None:
         """Set the status at the engine's step (a snapshot's), before anything was published."""

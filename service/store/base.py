@@ -42,11 +42,6 @@ class WouldWait(Exception):
     the write slot another thread or process holds, for the network): nothing was written."""
 
 
-class RunMoved(Exception):
-    """``lock_run(expected=)``: the stored run is not the one expected (another process appended
-    to it, or deleted it, or deleted it and created it anew): nothing was written."""
-
-
 class Lock(Protocol):
     """What ``held`` needs of a lock (``threading.Lock``, ``threading.RLock``)."""
 
@@ -316,36 +311,24 @@ class BaseStore(abc.ABC):
         """Delete a run and everything of it. Raises RunNotFound."""
 
     @abc.abstractmethod
-    def lock_run(
-        self, run_id: str, *, expected: LockedRun | None = None
-    ) -> AbstractContextManager[RunTransaction]:
+    def lock_run(self, run_id: str) -> AbstractContextManager[RunTransaction]:
         """Open a transaction holding the run's lock; commits on exit, rolls back on error.
 
-        ``expected``: the run as the caller holds it. The transaction's ``run`` is then
-        ``expected``, and the store makes sure the stored run is that one (its ``created_at``,
-        ``horizon`` and ``last_seq``) before anything commits, where it may do so more cheaply
-        than by reading the row first (SQLite: in the row's UPDATE at the end).
-
         Raises:
-            RunNotFound: no such run (on enter), where no ``expected`` run is given.
-            RunMoved: the stored run is not ``expected``, or gone (on enter or on exit).
+            RunNotFound: no such run (on enter).
             StoreUnavailable: the database failed.
         """
 
     @abc.abstractmethod
     def lock_runs(
-        self, run_ids: Sequence[str], *, skip_locked: bool = False,
-        expected: Mapping[str, LockedRun] | None = None,
+        self, run_ids: Sequence[str], *, skip_locked: bool = False
     ) -> AbstractContextManager[dict[str, RunTransaction]]:
         """``lock_run`` for several runs in one transaction, for group commit: a transaction
         object per run that exists (a missing one is left out); they commit together on exit,
         or none does. ``skip_locked``: a run whose lock another transaction holds is left out
         too, never waited for (PostgreSQL's row locks; SQLite's lock is the file's).
-        ``expected``: runs as the caller holds them, by id (among ``run_ids``), each checked as
-        ``lock_run``'s; one that is not as expected fails the whole transaction.
 
         Raises:
-            RunMoved: a run of ``expected`` is not as expected, or gone.
             StoreUnavailable: the database failed.
         """
 

@@ -46,7 +46,6 @@ from lrserve.service.store.base import (
     MetricRecord,
     MetricRow,
     RunHead,
-    RunMoved,
     RunRecord,
     RunTransaction,
     Snapshot,
@@ -242,11 +241,6 @@ _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _UPDATE_RUN = update(runs).where(runs.c.run_id == bindparam("b_run_id")).values(
     horizon=bindparam("b_horizon"), status=bindparam("b_status"), last_seq=bindparam("b_last_seq"),
     updated_at=bindparam("b_updated_at"))
-_UPDATE_EXPECTED_RUN = _UPDATE_RUN.where(
-    runs.c.horizon == bindparam("b_was_horizon"), runs.c.last_seq == bindparam("b_was_last_seq"),
-    runs.c.created_at == bindparam("b_was_created_at"))
-"""SQLite's ``lock_run(expected=)``: the run's UPDATE where the row is still the one expected
-(``SqlStore.lock_run``)."""
 _FREE_ROWS = select(runs.c.run_id).where(
     runs.c.run_id == any_(bindparam("run_ids", type_=ARRAY(Text)))
 ).order_by(runs.c.run_id).with_for_update(key_share=True, skip_locked=True)
@@ -1048,7 +1042,7 @@ class SqlStore(BaseStore):
     # -- the event log ---------------------------------------------------------------------
 
     @contextmanager
-    def lock_run(self, run_id: str, *, expected: LockedRun | None = None) -> Iterator[RunTransaction]:
+    def lock_run(self, run_id: str) -> Iterator[RunTransaction]:
         """Open a transaction holding the run's lock; commits on exit, rolls back on error.
 
         PostgreSQL: ``SELECT ... FOR NO KEY UPDATE`` on the run's row (other runs, and
@@ -1057,27 +1051,18 @@ class SqlStore(BaseStore):
         block, write only through the transaction: another write method of the store
         would wait for this very lock on SQLite (and fail after the busy timeout).
 
-        ``expected`` (``BaseStore.lock_run``): on SQLite the row is not read; its UPDATE at
-        the end changes it only if it is still ``expected``, and raises ``RunMoved`` if it is
-        not (a transaction that leaves the row as it was reads it there instead). The file's
-        write lock, held from ``BEGIN IMMEDIATE``, keeps every other writer out meanwhile, so
-        this is the check a read on enter made, one statement fewer. PostgreSQL: the row read
-        on enter, under its lock, compared there.
-
         Raises:
-            RunNotFound: no such run (on enter), where no ``expected`` run is given.
-            RunMoved: the stored run is not ``expected``, or gone.
+            RunNotFound: no such run (on enter).
             StoreUnavailable: the database failed.
         """
-        with self.lock_runs([run_id], expected=None if expected is None else {run_id: expected}) as locked:
+        with self.lock_runs([run_id]) as locked:
             if run_id not in locked:
                 raise RunNotFound(run_id)
             yield locked[run_id]
 
     @contextmanager
     def lock_runs(
-        self, run_ids: Sequence[str], *, skip_locked: bool = False,
-        expected: Mapping[str, LockedRun] | None = None,
+        self, run_ids: Sequence[str], *, skip_locked: bool = False
     ) -> Iterator[dict[str, RunTransaction]]:
         """``lock_run`` for several runs in one transaction (group commit): a ``RunTransaction``
         per run that exists, by id; all of them commit together on exit, or none does.
@@ -1088,30 +1073,18 @@ class SqlStore(BaseStore):
         processes locking overlapping sets never deadlock (and the global event ids, whose
         counter row an append locks on PostgreSQL, are taken only once every row is held).
 
-        ``expected``: runs as the caller holds them, by id, checked as ``lock_run`` says (each
-        is in the dict; one that is not as expected, or gone, fails the whole transaction with
-        ``RunMoved``).
-
         Raises:
-            RunMoved: a run of ``expected`` is not as expected, or gone.
             StoreUnavailable: the database failed.
         """
-        expected = expected or {}
+        hold = (self._driver_sql("hold free", _LOCKED_FREE) if skip_locked
+                else self._driver_sql("hold", _LOCKED_ROWS["hold"]))
         with self._driver_write() as cursor:
             locked: dict[str, SqlRunTransaction] = {}
             ids = sorted(set(run_ids))
-            if self._sqlite_writers is not None:  # SQLite: checked in their UPDATE (``_write_held``)
-                for run_id, run in expected.items():
-                    locked[run_id] = SqlRunTransaction(run, self, cursor, expected=run)
-                ids = [run_id for run_id in ids if run_id not in expected]
-            hold = (self._driver_sql("hold free", _LOCKED_FREE) if skip_locked
-                    else self._driver_sql("hold", _LOCKED_ROWS["hold"]))
-            held_rows = hold.rows_each(cursor, [{"run_id": run_id} for run_id in ids]) if ids else []
+            held_rows = hold.rows_each(cursor, [{"run_id": run_id} for run_id in ids])
             for run_id, row in zip(ids, held_rows, strict=True):
                 if row:  # one row, or none
                     locked[run_id] = SqlRunTransaction(_locked_run(*row[0]), self, cursor)
-                if run_id in expected:  # PostgreSQL: checked here, the row read under its lock
-                    _require_expected(locked[run_id].run if row else None, expected[run_id])
             try:
                 yield dict(locked)
                 self._write_held(cursor, list(locked.values()))
@@ -1254,23 +1227,7 @@ class SqlStore(BaseStore):
         counter's row lock, held until COMMIT, which every transaction that appends events, in
         every process, waits for (so it is held for the last statements, not for a whole
         group's work)."""
-        changed = []
-        for tx in txs:
-            row = tx.run_row()
-            was = tx.expected
-            if was is not None:  # SQLite's ``lock_runs(expected=)``: the row checked here
-                if row is None:
-                    hold = self._driver_sql("hold", _LOCKED_ROWS["hold"])
-                    held = hold.rows(hold.execute(cursor, {"run_id": was.run_id}))
-                    _require_expected(_locked_run(*held[0]) if held else None, was)
-                else:
-                    row.update(b_was_horizon=was.horizon, b_was_last_seq=was.last_seq,
-                               b_was_created_at=was.created_at)
-                    self._driver_sql("update_expected_run", _UPDATE_EXPECTED_RUN).execute(cursor, row)
-                    if cursor.rowcount != 1:
-                        raise RunMoved(tx.run.run_id)
-            elif row is not None:
-                changed.append(row)
+        changed = [row for tx in txs if (row := tx.run_row()) is not None]
         if changed:
             self._driver_sql("update_run", _UPDATE_RUN).executemany(cursor, changed)
         self._insert_held_events(cursor, txs)
@@ -1694,12 +1651,9 @@ class SqlRunTransaction(RunTransaction):
     ``SqlStore._write_held``.
     """
 
-    def __init__(
-        self, run: LockedRun, store: SqlStore, cursor: Any, *, expected: LockedRun | None = None
-    ) -> None:
+    def __init__(self, run: LockedRun, store: SqlStore, cursor: Any) -> None:
         self._cursor = cursor  # the transaction's DBAPI cursor (``SqlStore._driver_write``)
         self.run = run
-        self.expected = expected  # ``run`` as the caller gave it, not read: checked at the end
         self.closed = False
         self._store = store
         self._updated_at: datetime | None = None  # set by a change of the run's row
@@ -1825,13 +1779,6 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         yield cursor
     finally:
         cursor.close()
-
-
-def _require_expected(run: LockedRun | None, expected: LockedRun) -> None:
-    """Raises RunMoved unless ``run`` (its row read under the lock; None: none) is ``expected``."""
-    if run is None or (run.created_at, run.horizon, run.last_seq) != (
-            expected.created_at, expected.horizon, expected.last_seq):
-        raise RunMoved(expected.run_id)
 
 
 def _locked_run(run_id: str, status: str, horizon: int, last_seq: int, created_at: datetime) -> LockedRun:

@@ -145,30 +145,6 @@ def test_a_run_another_thread_holds_is_not_waited_for(managers):
     unchanged(a, 0)
 
 
-@pytest.mark.parametrize("how", ["stepped", "created anew"])
-def test_a_run_another_process_moved_is_refused_on_the_loop_and_its_state_dropped(managers, monkeypatch, how):
-    """The loop's commit does not read the run's row first: the row's UPDATE at its end finds
-    the run another process stepped (or deleted and created anew) since this one last saw it,
-    and the whole transaction is undone. Nothing this process computed on its stale state
-    stays: the state is dropped, and the worker thread's commit loads the run as stored."""
-    a, b = managers
-    assert step(a, 1) is not None
-    if how == "stepped":
-        b.step_run("r", 2, {"val_loss": 5.0}, 0, 0)  # worse: b halves the LR at step 3
-    else:
-        b.delete_run("r")
-        b.create_run({"run_id": "r", "schedule": PLATEAU, "base_lrs": [0.3, 0.4]})
-    stale, before = a.loaded("r"), b.store.read_run("r")
-    reads = transactions(a, monkeypatch)
-    assert step(a, 3) is None
-    assert reads == [["r"]]  # refused at its UPDATE, not before its transaction
-    assert stale.evicted and a.loaded("r") is None
-    assert b.store.read_run("r") == before  # nothing of a's written
-    window = a.step_run("r", 3, {"val_loss": 5.0}, 0, 0)  # the worker thread's way
-    assert window.values == b.window("r", 3, 0).values
-    assert a.window("r", 0, 3).values == b.window("r", 0, 3).values
-
-
 def test_big_work_a_snapshot_due_or_a_run_not_loaded_go_to_a_worker_thread(managers):
     a, b = managers
     assert step(a, 1, ahead=150) is None  # 151 steps of 2 groups: over ON_LOOP_WORK

@@ -28,7 +28,6 @@ from lrserve.service.store import (
     Snapshot,
     open_store,
 )
-from lrserve.service.store.base import LockedRun, RunMoved
 from lrserve.service.store.schema import SCHEMA_VERSION
 from lrserve.service.store.sql import _dumps
 from sqlalchemy import create_engine, text
@@ -418,73 +417,6 @@ class TestStoreContract:
                 tx.append_metrics([MetricRecord("loss", 2, 0, 0.4)])
                 raise ZeroDivisionError
         assert store.read_metrics("r1") == {"loss": [(1, 0, 0.5)]}
-
-    # -- lock_run(expected=): the run as the caller holds it, checked by the store ----------
-
-    @staticmethod
-    def _as_stored(store, run_id="r1") -> LockedRun:
-        record = store.read_run(run_id)
-        return LockedRun(run_id, RunStatus(record.status), record.horizon, record.last_seq, record.created_at)
-
-    def test_a_run_as_expected_commits(self, store):
-        make(store)
-        expected = self._as_stored(store)
-        with store.lock_run("r1", expected=expected) as tx:
-            assert tx.run == expected
-            tx.append_events([NewEvent(EventKind.CONTROL, 1, {"n": 1})])
-            tx.update_run(horizon=1)
-        record = store.read_run("r1")
-        assert (record.horizon, record.last_seq) == (1, 2)
-        assert [e.kind for e in store.read_events("r1")] == [EventKind.CREATED, EventKind.CONTROL]
-
-    @pytest.mark.parametrize("change", ["appended", "gone", "created anew"])
-    @pytest.mark.parametrize("writes", ["events", "metrics only"])
-    def test_a_run_not_as_expected_is_run_moved_and_nothing_is_written(self, store, change, writes):
-        """Another writer appended to the run, deleted it, or deleted it and created it again
-        (same horizon and ``last_seq``: only ``created_at`` tells them apart) since the caller
-        read it: its transaction fails whole, whether it changes the run's row or not."""
-        make(store)
-        expected = self._as_stored(store)
-        if change == "appended":
-            advance(store, "r1", 1)
-        else:
-            store.delete_run("r1")
-            if change == "created anew":
-                time.sleep(0.002)  # another created_at
-                make(store)
-        before = store.read_run("r1") if change != "gone" else None
-        with pytest.raises(RunMoved):
-            with store.lock_run("r1", expected=expected) as tx:
-                tx.append_metrics([MetricRecord("loss", 1, 0, 0.5)])
-                if writes == "events":
-                    tx.append_events([NewEvent(EventKind.CONTROL, 1, {"n": 1})])
-                    tx.update_run(horizon=1)
-        if change == "gone":
-            with pytest.raises(RunNotFound):
-                store.read_run("r1")
-            return
-        after = store.read_run("r1")
-        assert (after.horizon, after.last_seq, after.created_at) == (before.horizon, before.last_seq,
-                                                                     before.created_at)
-        assert store.read_metrics("r1") == {}
-        assert len(store.read_events("r1")) == before.last_seq
-        advance(store, "r1", 1)  # the lock was released
-
-    def test_runs_as_expected_and_read_in_one_transaction(self, store):
-        for run_id in ("a", "b", "c"):
-            make(store, run_id)
-        expected = {"b": self._as_stored(store, "b")}
-        with store.lock_runs(["a", "b", "c"], expected=expected) as locked:
-            assert sorted(locked) == ["a", "b", "c"] and locked["b"].run == expected["b"]
-            for run_id, tx in locked.items():
-                tx.append_events([NewEvent(EventKind.CONTROL, 1, {"run": run_id})])
-        assert [store.read_run(r).last_seq for r in ("a", "b", "c")] == [2, 2, 2]
-        advance(store, "b", 1)
-        with pytest.raises(RunMoved):  # b moved: a's and c's appends go with it
-            with store.lock_runs(["a", "b", "c"], expected=expected) as locked:
-                for tx in locked.values():
-                    tx.append_events([NewEvent(EventKind.CONTROL, 2, {})])
-        assert [store.read_run(r).last_seq for r in ("a", "b", "c")] == [2, 3, 2]
 
     def test_transaction_is_unusable_after_its_block(self, store):
         make(store)
