@@ -130,6 +130,7 @@ class Committer:
         reports: Reports = (),
         if_behind: bool = False,
         need: int | None = None,
+        of_run: datetime | None = None,
     ) -> int | None:
         """Advance the run to ``target`` (at least), placing a new decision on the way.
 
@@ -138,17 +139,23 @@ class Committer:
         skips the store when this process holds ``target`` already (another request took
         the run there while this one waited for its lock: ranks asking the same window).
         ``need``: the last step that must be reached; the steps of a window after a step the
-        schedule cannot take are left out (``RunState.advance_to``).
+        schedule cannot take are left out (``RunState.advance_to``). ``of_run``: the
+        ``created_at`` of the run the caller checked its inputs against (an action, against the
+        run's param groups and horizon).
 
         Returns:
             The step an ``action`` was placed at, if one was given.
+
+        Raises:
+            RunReplacedMeanwhile: the run is not the one of ``of_run`` (deleted and created anew
+                by another process): nothing was written; check the inputs again.
         """
         def locked(state: RunState) -> int | None:
             if if_behind and state.horizon >= target:
                 return None
             return self._commit_locked(state, target, metric, action, extra_events, records, need, reports)
 
-        return self._with_run(run_id, locked)
+        return self._with_run(run_id, locked, of_run)
 
     def report_to_barrier(
         self,
@@ -185,12 +192,15 @@ class Committer:
 
         return self._with_run(run_id, locked)
 
-    def _with_run(self, run_id: str, locked: Callable[[RunState], _T]) -> _T:
+    def _with_run(self, run_id: str, locked: Callable[[RunState], _T], of_run: datetime | None = None) -> _T:
         """``locked(state)`` holding the run's lock, on its loaded state; again, on the state
         loaded anew, when a commit failed while this one waited (``evicted``) or the run turned
-        out replaced on the way (``_RunReplaced``)."""
+        out replaced on the way (``_RunReplaced``), unless it must be the run of ``of_run``
+        (``commit``)."""
         while True:
             state = self.runs.state(run_id)
+            if of_run is not None and state.created_at != of_run:
+                raise RunReplacedMeanwhile(run_id)
             with held(state.lock, now=self.store.must_not_wait, what="the run"):
                 if state.evicted:  # a commit failed while we waited: take the reloaded state
                     continue
@@ -508,6 +518,7 @@ def _place(
                 "at_step", f"must be above the horizon ({horizon}), got {at_step}"
             )
         placed = at_step if at_step is not None else first_free
+        refuse_after_a_stop(state, placed)
     if events:
         apply_logs(state, [_as_event(event) for event in events])
     if action is not None:  # as apply_logs takes its event, with the action as parsed, not parsed back
@@ -515,6 +526,16 @@ def _place(
         apply_control(state, placed, action.action, action.actor, action.reason)
         events.append(NewEvent(EventKind.CONTROL, placed, action.payload, action.actor, action.reason))
     return events, placed
+
+
+def refuse_after_a_stop(state: RunState, step: int) -> None:
+    """Raises RunConflict where a stop is placed at or before ``step``: the run is stopped by then
+    (an action after it would change the LRs of a stopped run, a ``resume`` would be recorded as
+    its status although it stays stopped)."""
+    stops_at = state.stops_at()
+    if stops_at is not None and step >= stops_at:
+        raise RunConflict(f"run {state.run_id!r} stops after step {stops_at}; it takes no actions "
+                          f"placed at or after that step (this one: {step})")
 
 
 def behind(stored: RunRecord, state: RunState) -> bool:
@@ -556,6 +577,11 @@ class _Pending(Exception):
 
 class _RunReplaced(Exception):
     """A loaded run turned out to be deleted and created anew by another process."""
+
+
+class RunReplacedMeanwhile(Exception):
+    """``Committer.commit(of_run=)``: the run was deleted and created anew (same id) by another
+    process after the caller checked its inputs against it; nothing was written."""
 
 
 def guard_reports(state: RunState, records: Sequence[MetricRecord]) -> list[dict[str, Any]]:

@@ -32,16 +32,18 @@ from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, LRServeError, RunConflict, RunNotFound, ServerStopping
 from lrserve.service.lru import Lru
 from lrserve.service.offload import BigWork, is_big
-from lrserve.service.runs.cache import RunCache
+from lrserve.service.runs.cache import LOAD_TRIES, RunCache
 from lrserve.service.runs.commit import (
     LOCAL_ACTOR,
     BarrierDecision,
     Committer,
     PlacedAction,
     Reports,
+    RunReplacedMeanwhile,
     behind,
     guard_reports,
     metric_records,
+    refuse_after_a_stop,
 )
 from lrserve.service.runs.read_models import History, LRFinder, ReadModels, SpikeGuardView
 from lrserve.service.runs.state import RunState, StepOutcome
@@ -736,15 +738,28 @@ class RunManager:
         Returns:
             The step it applies at, and the ``control`` event recorded there.
         """
-        state = self.state(run_id)
+        for _ in range(LOAD_TRIES):
+            try:
+                return self._control_on(self.state(run_id), request, at_step, actor, reason)
+            except RunReplacedMeanwhile:  # deleted and created anew by another process: check it again
+                continue
+        raise RunConflict(f"run {run_id!r} was deleted and created anew at each of {LOAD_TRIES} tries "
+                          "while this action was placed; send it again")
+
+    def _control_on(
+        self, state: RunState, request: Mapping[str, Any], at_step: int | None, actor: str, reason: str | None
+    ) -> tuple[int, NewEvent]:
+        """``control``, the action checked against the run ``state`` holds and placed on that run
+        only (``RunReplacedMeanwhile``: it is not the stored one any more)."""
         if state.status is RunStatus.STOPPED:  # for good; another replica may know it first (commit)
-            raise RunConflict(f"run {run_id!r} is stopped; it takes no more actions")
+            raise RunConflict(f"run {state.run_id!r} is stopped; it takes no more actions")
+        refuse_after_a_stop(state, state.horizon + 1 if at_step is None else at_step)
         action = action_for_run(
             request, n_groups=state.n_groups, reports_momentum=state.engine.reports_momentum,
             check_cost=lambda s: self._check_schedule_cost(s, state.n_groups),
         )
         placing = PlacedAction(at_step, action, actor, reason)
-        placed = self.committer.commit(run_id, state.horizon, action=placing)
+        placed = self.committer.commit(state.run_id, state.horizon, action=placing, of_run=state.created_at)
         assert placed is not None
         return placed, NewEvent(EventKind.CONTROL, placed, placing.payload, actor, reason)
 

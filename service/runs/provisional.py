@@ -187,4 +187,5 @@ def _copy_inputs(inputs: Inputs) -> Inputs:
     copy.metrics = defaultdict(dict, {k: dict(v) for k, v in inputs.metrics.items()})
     copy.actions = defaultdict(list, {k: list(v) for k, v in inputs.actions.items()})  # Control: frozen
     copy.reports = defaultdict(list, {k: list(v) for k, v in inputs.reports.items()})  # spike-guard reports
+    copy.stops = set(inputs.stops)
     return copy

@@ -42,6 +42,8 @@ class Inputs:
     metrics: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     actions: dict[int, list[Control]] = field(default_factory=lambda: defaultdict(list))
     reports: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    stops: set[int] = field(default_factory=set)
+    """The steps of ``actions`` where one stops the run (``RunState.stops_at``)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,11 @@ class RunState:
         """The highest step whose values are final, durable and visible here."""
         return self.first_step + len(self.values) - 1
 
+    def stops_at(self) -> int | None:
+        """The first step above the horizon after which a placed action stops the run (None:
+        no stop is placed): the run takes no action at or after it."""
+        return min(self.inputs.stops, default=None)
+
     def restore_marks(self, marks: Marks) -> None:
         """Set the status at the engine's step (a snapshot's), before anything was published."""
         self.marks = marks
@@ -142,6 +149,8 @@ class RunState:
         """An operator action placed at ``step``, above the horizon: taken right after it
         (``_take_step``), and a new schedule priced from there on (``prices``)."""
         self.inputs.actions[step].append(control)
+        if control.action.sets_status is RunStatus.STOPPED:
+            self.inputs.stops.add(step)
         if isinstance(control.action, ReplaceSchedule):
             self.prices = self.prices.placed(step, control.action.spec(self.n_groups))
 
@@ -276,6 +285,7 @@ class RunState:
         metrics = self.inputs.metrics.pop(step, None)
         reports = self.inputs.reports.pop(step, ())
         actions = self.inputs.actions.pop(step, [])
+        self.inputs.stops.discard(step)
         before = copy.deepcopy(self.engine) if actions else None  # rare: steps with actions
         try:
             reductions = self.engine.advance(metrics, reports)

@@ -94,3 +94,24 @@ def test_a_selector_matching_more_than_the_cap_is_422_before_anything_changes(se
         assert answer.json()["errors"][0]["field"] == "selector" and "more than 2" in answer.json()["detail"]
         assert _fleet(api, selector={"labels": {"sweep": "7"}}, dry_run=True).status_code == 422
         assert all(len(api.get(f"/v1/runs/{r}/history").json()["events"]) == 1 for r in "abc")
+
+
+def test_an_action_after_a_stop_placed_ahead_is_409_for_the_run_and_for_the_fleet(api):
+    """A stop placed ahead stops the run after its step: an action placed at or after it is the
+    conflict a stopped run's is, through the route and through fleet control, and nothing is
+    stored; an action before it still goes in."""
+    make_run(api, "a", labels={"team": "y"})
+    assert api.post("/v1/runs/a/control", json={"action": "stop", "at_step": 5}).status_code == 200
+    events = api.get("/v1/runs/a/history").json()["events"]
+    refused = api.post("/v1/runs/a/control", json={"action": "set_lr", "lr": 0.7, "at_step": 8})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "run_conflict" and "stops after step 5" in refused.json()["detail"]
+    assert api.get("/v1/runs/a/history").json()["events"] == events
+    make_run(api, "b", labels={"team": "y"})
+    assert api.post("/v1/runs/b/control", json={"action": "stop"}).status_code == 200  # after step 1
+    answer = api.post("/v1/control", json={"selector": {"labels": {"team": "y"}},
+                                           "action": {"action": "resume"}}).json()
+    by_run = {r["run_id"]: r for r in answer["results"]}
+    assert by_run["a"] == {"run_id": "a", "applied_at": 1}  # before a's stop: taken
+    refusal = by_run["b"]["error"]
+    assert refusal["code"] == "run_conflict" and "stops after step 1" in refusal["detail"]

@@ -5,6 +5,7 @@ gives (another replica loading the run), on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import pytest
+from lrserve.service.errors import InvalidInput, RunConflict
 from lrserve.service.runs import replay
 from lrserve.service.runs.manager import RunManager
 from lrserve.service.runs.state import RunState
@@ -65,3 +66,45 @@ def test_the_live_state_after_an_action_is_the_replayed_one(managers, request_):
     assert (live.watched, live.guard_monitors) == (replayed.watched, replayed.guard_monitors)
     assert a.window("r", 4, 8).values == b.window("r", 4, 8).values  # the action applied alike
     assert a.window("r", 4, 8).status == b.window("r", 4, 8).status
+
+
+@pytest.mark.parametrize("stop_at", [None, 5])
+def test_a_run_with_a_stop_placed_takes_no_action_at_or_after_it(managers, stop_at):
+    """A stop placed ahead (or on the first free step, not yet final) stops the run after its
+    step: an action placed at or after it would change a stopped run's LRs, and a ``resume``
+    there was recorded as the run's status though the run stays stopped. Both are refused as
+    on a stopped run; an action placed before the stop still goes in."""
+    a, b = managers
+    stops_after, _ = a.control("r", {"action": "stop"}, stop_at)
+    for at in (stops_after, stops_after + 3):
+        for request_ in ({"action": "set_lr", "lr": 0.7}, {"action": "resume"}):
+            with pytest.raises(RunConflict, match=f"stops after step {stops_after}"):
+                a.control("r", request_, at)
+    if stop_at is None:  # both on the first free step: the resume after the stop
+        with pytest.raises(RunConflict):
+            a.control("r", {"action": "resume"}, None)
+    else:  # before the stop: taken
+        assert a.control("r", {"action": "scale", "factor": 0.5}, stop_at - 1)[0] == stop_at - 1
+    with pytest.raises(RunConflict):  # another process holding the run as stored refuses it too
+        b.control("r", {"action": "set_lr", "lr": 0.7}, stops_after + 1)
+    window = a.window("r", 0, stops_after + 4)
+    assert (window.status, window.stopped_at) == ("stopped", stops_after)
+    statuses = [(e.step, e.payload["status"]) for e in a.store.read_events("r") if e.kind.value == "status"]
+    assert statuses == [(stops_after, "stopped")]  # no "active" recorded after it
+
+
+def test_an_action_checked_against_a_run_another_process_replaced_is_checked_again(managers):
+    """Another process deleted the run and created it anew with other param groups after this
+    one loaded it: an action is checked against the new run (a 422 naming ``lrs`` where it was
+    a 500), and placed on its first free step, not moved to the old run's horizon."""
+    a, b = managers
+    assert a.loaded("r").horizon == 3
+    b.delete_run("r")
+    b.create_run({"run_id": "r", "schedule": PLATEAU, "base_lrs": [0.1, 0.2, 0.3]})
+    with pytest.raises(InvalidInput) as refused:
+        a.control("r", {"action": "set_lr", "lrs": [0.5, 0.5]}, None)
+    assert "lrs" in str(refused.value.errors)
+    at, event = a.control("r", {"action": "scale", "factor": 0.5}, None)
+    assert (at, event.step) == (1, 1)
+    assert b.store.read_run("r").horizon == 0  # nobody asked for a step of the new run
+    assert a.window("r", 0, 2).values == b.window("r", 0, 2).values
