@@ -51,6 +51,7 @@ class LRServeCallback(TrainerCallback):
         self.name = ""  # the name the schedule watches it under
         self.reported_at: int | None = None  # the global step last reported
         self.missing: tuple[int, list[str]] | None = None  # (step, metrics) of an evaluation without it
+        self.stepped = False  # a training step began since ``on_train_begin``
 
     def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **_: Any) -> None:
         scheduler = remote_scheduler(lr_scheduler)
@@ -78,10 +79,13 @@ class LRServeCallback(TrainerCallback):
         self.name = reported_name(scheduler, self.monitor)
         scheduler.reports_after_step = True
         self.scheduler = scheduler
+        self.stepped = False
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **_: Any) -> None:
-        if self.scheduler is None or self.reported_at == state.global_step:
-            return  # outside training (trainer.evaluate()), or this step is decided already
+        if self.scheduler is None or not self.stepped or self.reported_at == state.global_step:
+            # outside training (trainer.evaluate()); before its first step (``eval_on_start``, which
+            # the Trainer's own ReduceLROnPlateau is not stepped with); or this step is decided already
+            return
         if metrics and self.key in metrics:
             self.scheduler.report(**{self.name: metrics[self.key]})
             self.reported_at, self.missing = state.global_step, None
@@ -89,6 +93,7 @@ class LRServeCallback(TrainerCallback):
             self.missing = (state.global_step, sorted(metrics or {}))
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.stepped = True
         self._check_reported()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:

@@ -85,6 +85,24 @@ def test_hf_plain_plateau_matches_the_trainers_own_reduce_lr_on_plateau(server, 
     assert set(drops(lrs)) <= set(evals)
 
 
+def test_hf_eval_on_start_is_not_reported_as_the_trainers_own_path_does_not_step_with_it(server, tmp_path):
+    """``eval_on_start=True``: an evaluation before the first step, which the Trainer does not
+    step its own ReduceLROnPlateau with (``skip_scheduler``); reported, it was one report too
+    many and every cut came an epoch early."""
+    from lrserve.client.integrations.huggingface import LRServeCallback
+
+    local, local_lrs, evals = job.hf_train(tmp_path / "torch", job.torch_plateau, [], eval_on_start=True)
+    assert 0 in evals and len(set(local_lrs)) >= 3
+    made = []
+    served, lrs, served_evals = job.hf_train(
+        tmp_path / "lrserve", hf_remote(server, "hf-eval-on-start", job.PLATEAU, made), [LRServeCallback()],
+        eval_on_start=True)
+    made[0].close()
+    assert served_evals == evals
+    assert lrs == local_lrs
+    assert same_weights(served, local)
+
+
 def test_hf_several_eval_datasets_report_the_one_metric_for_best_model(server, tmp_path):
     """Each eval dataset is evaluated apart (one on_evaluate each); the Trainer's own path
     steps its plateau with ``eval_<metric_for_best_model>`` of the merged metrics."""
@@ -145,6 +163,7 @@ def test_hf_callback_raises_when_no_evaluation_of_a_step_had_the_metric(server, 
     with RemoteScheduler(torch.optim.SGD(job.net().parameters(), lr=0.1), job.PLATEAU, run_id="hf-no-loss",
                          url=server.url) as sched:
         callback.on_train_begin(args, state, control, lr_scheduler=sched)
+        callback.on_step_begin(args, state, control)  # training began
         state.global_step = 8
         callback.on_evaluate(args, state, control, metrics={"eval_a_loss": 1.0})  # eval set "a"
         callback.on_evaluate(args, state, control, metrics={"eval_b_acc": 0.5})  # eval set "b"
