@@ -56,7 +56,20 @@ class OptimizerWriter:
         return lrs
 
     def base_momentums(self) -> list[float] | None:
-        return base_momentums(self.optimizer.param_groups)
+        """Each group's ``initial_momentum``, else its momentum (``momentum`` or ``betas[0]``),
+        noting it as ``initial_momentum``. A momentum-cycling schedule moves the momentum, and
+        a checkpoint's optimizer state, loaded before the scheduler is built, holds the moved
+        one: the run's spec would differ from the one it joins. (torch keeps ``initial_lr``
+        for the LR the same way; it needs none for the momentum, which its cycling schedulers
+        take from their own arguments.)"""
+        groups = self.optimizer.param_groups
+        moms = base_momentums(groups)
+        if moms is None:
+            return None
+        initial = [float(g.get("initial_momentum", m)) for g, m in zip(groups, moms, strict=True)]
+        for group, mom in zip(groups, moms, strict=True):
+            group.setdefault("initial_momentum", mom)
+        return initial
 
     def write(self, row: Sequence[float], moms: Sequence[float] | None) -> None:
         """Write a step's LRs (and momentums, when it sets them) into every group."""

@@ -221,6 +221,42 @@ def test_resume_from_a_checkpoint_replays_identical_values(api):
     assert resumed == straight[47:]
 
 
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+def test_resume_of_a_momentum_cycling_schedule_with_the_optimizers_state_loaded_first(api, optimizer_name):
+    """torch's resume order "optimizer.load_state_dict, then build the scheduler, then its
+    load_state_dict": the optimizer's momentum is the cycled one by then. It was sent as the
+    run's base momentum and the create was a 409 (another spec); the one noted at the first
+    create (``initial_momentum``) is sent, and the values go on as torch's do."""
+    spec = {"type": "OneCycleLR", "max_lr": 0.5, "total_steps": 40}
+    values = {}
+    for name in ("torch", "lrserve"):
+        torch.manual_seed(0)
+        model, opt = make_model(optimizer_name)
+        first = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=40) if name == "torch"
+                 else RemoteScheduler(opt, spec, run_id=f"cycled-{optimizer_name}", http_client=api))
+        for _ in range(5):
+            opt.step()
+            first.step()
+        checkpoint = {"opt": opt.state_dict(), "sched": first.state_dict()}
+        if name == "lrserve":
+            first.close()
+        torch.manual_seed(0)
+        model, opt = make_model(optimizer_name)
+        opt.load_state_dict(checkpoint["opt"])  # the momentum is the cycled one now
+        again = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=40) if name == "torch"
+                 else RemoteScheduler(opt, spec, run_id=f"cycled-{optimizer_name}", http_client=api))
+        again.load_state_dict(checkpoint["sched"])
+        seen = []
+        for _ in range(10):
+            opt.step()
+            again.step()
+            seen.append([(g["lr"], g.get("momentum", g.get("betas", (None,))[0])) for g in opt.param_groups])
+        values[name] = seen
+        if name == "lrserve":
+            again.close()
+    assert values["lrserve"] == values["torch"]
+
+
 def test_operator_stop_reaches_the_job(api):
     model, opt = make_model("sgd")
     with RemoteScheduler(
