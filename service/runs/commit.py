@@ -637,11 +637,11 @@ def _output_events(outcomes: list[StepOutcome], old_horizon: int, state: RunStat
             events.append(NewEvent(EventKind.PLATEAU_REDUCTION, outcome.step, {
                 "stage": r.stage, "monitor": r.monitor, "value": r.value,
                 "lrs_before": list(r.before), "lrs_after": list(r.after)}))
-        for control in outcome.actions:
+        for control in outcome.statuses:  # the action's doing: its actor and reason
             status = control.action.sets_status
-            if status is not None:  # the action's doing: its actor and reason
-                events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status.value},
-                                       control.actor, control.reason))
+            assert status is not None
+            events.append(NewEvent(EventKind.STATUS, outcome.step, {"status": status.value},
+                                   control.actor, control.reason))
     return events
 
 

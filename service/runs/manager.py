@@ -32,7 +32,7 @@ from lrserve.service.engine.status import RunStatus
 from lrserve.service.errors import InvalidInput, LRServeError, RunConflict, RunNotFound, ServerStopping
 from lrserve.service.lru import Lru
 from lrserve.service.offload import BigWork, is_big
-from lrserve.service.runs.cache import LOAD_TRIES, RunCache
+from lrserve.service.runs.cache import LOAD_TRIES, RunCache, still_the_run
 from lrserve.service.runs.commit import (
     LOCAL_ACTOR,
     BarrierDecision,
@@ -739,10 +739,15 @@ class RunManager:
             The step it applies at, and the ``control`` event recorded there.
         """
         for _ in range(LOAD_TRIES):
+            state = self.state(run_id)
             try:
-                return self._control_on(self.state(run_id), request, at_step, actor, reason)
+                return self._control_on(state, request, at_step, actor, reason)
             except RunReplacedMeanwhile:  # deleted and created anew by another process: check it again
                 continue
+            except (InvalidInput, RunConflict):  # refused by the run this process holds: the stored one?
+                if state.created_at is None or still_the_run(self.store, run_id, state.created_at):
+                    raise
+                self.runs.evict(state)  # deleted and created anew meanwhile: ask the new run
         raise RunConflict(f"run {run_id!r} was deleted and created anew at each of {LOAD_TRIES} tries "
                           "while this action was placed; send it again")
 

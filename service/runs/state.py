@@ -54,6 +54,9 @@ class StepOutcome:
     reductions: list[Decision]
     actions: list[Control]
     """The operator actions applied right after this step."""
+    statuses: list[Control] = field(default_factory=list)
+    """Those of ``actions`` that set the run's status (``hold``, ``resume``, ``stop``), unless it
+    was stopped already: a stopped run's status and ``stopped_at`` stay its first stop's."""
 
 
 @dataclass(frozen=True)
@@ -267,9 +270,8 @@ class RunState:
         stops = any(isinstance(r, Spike) and r.stop for r in reductions)
         if stops and self.marks.status is not RunStatus.STOPPED:
             self.marks = replace(self.marks, status=RunStatus.STOPPED, stopped_at=step)
-        for control in actions:
-            self._track_status(control.action, step)
-        outcomes.append(StepOutcome(step, reductions, actions))
+        statuses = [control for control in actions if self._track_status(control.action, step)]
+        outcomes.append(StepOutcome(step, reductions, actions, statuses))
 
     def spikes_between(self, start: int, end: int) -> list[Spike]:
         """Spikes that took effect at steps ``start .. end`` (final ones only: call with end <= horizon)."""
@@ -302,9 +304,12 @@ class RunState:
             self.engine.check_values(step, f"after the operator's actions ({kinds}), the")
         return reductions, actions
 
-    def _track_status(self, action: Action, step: int) -> None:
+    def _track_status(self, action: Action, step: int) -> bool:
+        """Take the status ``action`` sets at ``step``; whether it set one (a stopped run stays
+        stopped from its first stop's step)."""
         status, marks = action.sets_status, self.marks
-        if status is RunStatus.STOPPED:
-            self.marks = replace(marks, status=status, stopped_at=step)
-        elif status is not None and marks.status is not RunStatus.STOPPED:
-            self.marks = replace(marks, status=status)
+        if status is None or marks.status is RunStatus.STOPPED:
+            return False
+        stopped_at = step if status is RunStatus.STOPPED else marks.stopped_at
+        self.marks = replace(marks, status=status, stopped_at=stopped_at)
+        return True

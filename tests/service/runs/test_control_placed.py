@@ -108,3 +108,40 @@ def test_an_action_checked_against_a_run_another_process_replaced_is_checked_aga
     assert (at, event.step) == (1, 1)
     assert b.store.read_run("r").horizon == 0  # nobody asked for a step of the new run
     assert a.window("r", 0, 2).values == b.window("r", 0, 2).values
+
+
+def test_a_process_that_loaded_the_run_before_a_stop_was_placed_elsewhere_refuses_under_the_lock(managers):
+    """b holds the run as it was before a placed the stop: its own check passes, and the check
+    made under the run's lock, on the run as stored, refuses."""
+    a, b = managers
+    b.window("r", 0, 3)  # loaded now, without the stop
+    a.control("r", {"action": "stop"}, 5)
+    with pytest.raises(RunConflict, match="stops after step 5"):
+        b.control("r", {"action": "set_lr", "lr": 0.7}, 7)
+    assert [e.kind.value for e in a.store.read_events("r")][-1] == "control"  # the stop, last
+
+
+def test_a_stop_placed_below_pending_actions_stops_the_run_there_for_good(managers):
+    """Actions placed before a stop was placed below them keep their steps (the log is the
+    log), but the run is stopped from the stop's step: the ``resume`` and a second stop after it
+    record no status, and ``stopped_at`` is the first stop's step."""
+    a, _ = managers
+    a.control("r", {"action": "resume"}, 8)
+    a.control("r", {"action": "stop"}, 9)
+    a.control("r", {"action": "stop"}, 5)
+    window = a.window("r", 0, 10)
+    assert (window.status, window.stopped_at) == ("stopped", 5)
+    statuses = [(e.step, e.payload["status"]) for e in a.store.read_events("r") if e.kind.value == "status"]
+    assert statuses == [(5, "stopped")]
+
+
+def test_a_process_holding_a_replaced_run_asks_the_new_one_before_refusing(managers):
+    """The run this process holds refuses the action (another number of param groups, a stop
+    pending); the stored run, created anew by another process, is another: it is asked."""
+    a, b = managers
+    a.control("r", {"action": "stop"}, 6)
+    b.delete_run("r")
+    b.create_run({"run_id": "r", "schedule": PLATEAU, "base_lrs": [0.1, 0.2, 0.3]})
+    assert a.control("r", {"action": "set_lr", "lrs": [0.5, 0.5, 0.5]}, None)[0] == 1
+    assert a.control("r", {"action": "scale", "factor": 0.5}, 7)[0] == 7
+    assert len(b.store.read_events("r")) == 3  # created, and both actions
