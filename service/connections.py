@@ -14,7 +14,12 @@ protocol, passed as ``http=``) adds two rules, per server process:
   the new one gets the ``503`` instead. So a flood of half-sent requests evicts itself, and a
   client that sends its request at once (``/healthz``, a training job) still gets in.
 
-Both answers are the API's error body and say ``connection: close``. What happened is
+- **Head size** (``MAX_HEAD_BYTES``, 64 KiB): a request's line and headers larger than this
+  are answered ``431`` and the connection closed. uvicorn's parser keeps them whole, with no
+  limit of its own: one connection streaming header lines grew a server by 7 GB in 6 s, and
+  a 170 MB URL (kept by repeated concatenation) held ``/healthz`` for seconds.
+
+The answers are the API's error body and say ``connection: close``. What happened is
 logged at most once per 5 seconds per kind, with a count (a flood would bury the log).
 """
 
@@ -29,7 +34,7 @@ from typing import Any
 
 import orjson
 from lrserve.service.api.responses import error_body
-from lrserve.service.errors import LRServeError, RequestTimeout, TooManyConnections
+from lrserve.service.errors import HeadTooLarge, LRServeError, RequestTimeout, TooManyConnections
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("lrserve")
@@ -57,7 +62,11 @@ class _Tally:
             self.logged_at = now
 
 
+MAX_HEAD_BYTES = 64 << 10
+"""Most bytes of a request's line and headers (nginx's default buffers take 32 KiB)."""
+
 _timed_out = _Tally("request not received in LRSERVE_REQUEST_TIMEOUT_S: answered 408 and closed")
+_too_large = _Tally(f"request line and headers over {MAX_HEAD_BYTES} bytes: answered 431 and closed")
 _evicted = _Tally("LRSERVE_MAX_CONNECTIONS reached: answered 503 and closed")
 
 
@@ -83,6 +92,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.max_connections = max_connections
         self._deadline: asyncio.TimerHandle | None = None
         self._deferred: tuple[Any, Any] | None = None  # (cycle, app) of a request not all received
+        self._head: int | None = 0  # bytes received of the awaited request's line and headers
 
     # -- the request timeout: armed while a request is awaited, until it is all received --
 
@@ -114,6 +124,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     # -- uvicorn's callbacks ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is not None:  # the awaited request's headers are not all in yet
+            self._head += len(data)
+            if self._head > MAX_HEAD_BYTES:
+                self._head = None
+                _too_large.add()
+                self._close_with(_answer(b"Request Header Fields Too Large", HeadTooLarge(
+                    f"the request's line and headers exceed {MAX_HEAD_BYTES} bytes")))
+                return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._head = None  # its body's size is the body limit's (LRSERVE_MAX_BODY_BYTES)
+        super().on_headers_complete()
 
     # asyncio.Transport, as uvicorn's own protocols declare it (asyncio says BaseTransport)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -147,6 +172,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()  # received in full: the application's time starts
+        self._head = 0  # the next request's, on a keep-alive connection
         super().on_message_complete()
         self._start_deferred()
 

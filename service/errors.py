@@ -84,6 +84,14 @@ class LimitExceeded(LRServeError):
     code = "limit_exceeded"
 
 
+class HeadTooLarge(LRServeError):
+    """A request's line and headers are larger than the server reads (the connection is closed
+    after the answer)."""
+
+    status_code = 431
+    code = "request_head_too_large"
+
+
 class RequestTimeout(LRServeError):
     """The request was not received in time (the connection is closed after the answer)."""
 
