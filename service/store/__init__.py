@@ -30,6 +30,7 @@ from lrserve.service.store.sql import (
     begin_sqlite,
     restore_busy_timeout,
 )
+from lrserve.service.store.wal import WAL_KEEP_BYTES
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy import exc as sa_exc
 
@@ -216,6 +217,7 @@ def _install_sqlite_hooks(engine: Engine, synchronous: str, database: Path) -> N
             record.info[SQLITE_WAL] = _enable_wal(cursor)
             cursor.execute(f"PRAGMA synchronous={synchronous}")  # checked against a fixed list
             cursor.execute("PRAGMA wal_autocheckpoint=0")  # not in a COMMIT: a thread's (store/wal.py)
+            cursor.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")  # the log's file once it restarts
         finally:
             cursor.close()
 

@@ -488,7 +488,8 @@ class SqlStore(BaseStore):
         # here instead and go in as soon as the last one commits; other processes still nap.
         self._sqlite_writers = None if self._postgres else threading.RLock()
         # SQLite's WAL checkpoints, outside that slot (its own COMMIT ran them: ``store/wal.py``)
-        self.checkpointer = Checkpointer(engine, self) if self._sqlite_writers is not None else None
+        self.checkpointer = (Checkpointer(engine, self, write_slot=self._sqlite_writers)
+                             if self._sqlite_writers is not None else None)
         self._hurried = threading.local()  # ``without_waiting``: .on is True inside it
         self._commit_watchers: list[Callable[[], object]] = []
         self._compiled: dict[str, _DriverSql] = {}

@@ -14,6 +14,16 @@ or writer: commits go on while it copies (it copies the frames no reader still n
 later one the rest). Once a checkpoint has copied the whole log, the next writer starts the
 log again from its beginning, as with SQLite's own checkpoints; durability is the commit's
 (its frames in the log), not the checkpoint's.
+
+Under a steady stream of commits, though, a passive checkpoint never finds the whole log
+copied (commits land while it copies), so the log never starts again: a bug hunt's one
+client stepping one run grew it by 30 MB a second, without end, until the disk was full.
+So where a passive checkpoint leaves more than ``RESTART_PAGES`` in the log, uncopied, the
+checkpointer runs another one holding this process's write slot (``write_slot``): it copies
+only the frames committed during the first (a few ms of this process's commits waiting),
+and waits for nothing (a reader keeping old frames only delays the restart to a later
+round). And ``journal_size_limit`` (``WAL_KEEP_BYTES``) truncates the file when the log
+starts again, so a burst's log does not keep its size on disk for good.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import logging
 import sqlite3
 import threading
 import weakref
+from contextlib import AbstractContextManager
 from typing import Any
 
 from lrserve.service.errors import OutageLog, StoreUnavailable
@@ -32,6 +43,11 @@ log = logging.getLogger("lrserve")
 
 CHECKPOINT_EVERY_S = 0.5
 """At most one checkpoint per this many seconds, and only after a write."""
+RESTART_PAGES = 4096
+"""Pages a passive checkpoint may leave in the log uncopied before the next one holds the write
+slot (16 MiB of 4 KiB pages; SQLite's own automatic checkpoints start at 1,000 pages)."""
+WAL_KEEP_BYTES = 16 << 20
+"""``journal_size_limit``: the log file is truncated to this size when the log starts again."""
 
 
 class Checkpointer:
@@ -41,10 +57,14 @@ class Checkpointer:
     so a store nobody closed leaves no thread turning).
     """
 
-    def __init__(self, engine: Engine, owner: object, every_s: float = CHECKPOINT_EVERY_S) -> None:
+    def __init__(
+        self, engine: Engine, owner: object, every_s: float = CHECKPOINT_EVERY_S, *,
+        write_slot: AbstractContextManager[Any] | None = None,
+    ) -> None:
         self._engine = engine
         self._owner = weakref.ref(owner)
         self._every_s = every_s
+        self._write_slot = write_slot  # this process's writers' turn (``SqlStore._sqlite_writers``)
         self._wrote = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,8 +93,16 @@ class Checkpointer:
             thread.join(10)
 
     def checkpoint(self) -> tuple[int, int, int] | None:
-        """One passive checkpoint now: SQLite's ``(busy, log pages, pages checkpointed)``, or
-        ``None`` if the database failed (logged once per outage)."""
+        """A passive checkpoint now, and another holding the write slot where the first left
+        more than ``RESTART_PAGES`` uncopied: SQLite's ``(busy, log pages, pages checkpointed)``
+        of the last, or ``None`` if the database failed (logged once per outage)."""
+        found = self._passive()
+        if found is not None and self._write_slot is not None and found[1] > RESTART_PAGES:
+            with self._write_slot:  # the log did not start again: commits landed while it copied
+                found = self._passive()
+        return found
+
+    def _passive(self) -> tuple[int, int, int] | None:
         try:
             raw = self._engine.raw_connection()
             try:

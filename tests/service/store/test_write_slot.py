@@ -8,6 +8,7 @@ and checkpoints run in a thread of the store (``service/store/wal.py``), never i
 
 from __future__ import annotations
 
+import os
 import time
 from array import array
 
@@ -17,6 +18,7 @@ from lrserve.service.settings import Settings
 from lrserve.service.store import open_store
 from lrserve.service.store.base import ValueChunk, pack_lrs
 from lrserve.service.store.sql import CHUNK_PIECE_BYTES
+from lrserve.service.store.wal import WAL_KEEP_BYTES
 from sqlalchemy import event, text
 
 from tests.conftest import BACKENDS
@@ -100,6 +102,35 @@ def test_no_commit_runs_a_checkpoint_a_thread_of_the_store_does(tmp_path):
         assert thread is not None and not thread.is_alive()
         busy, log_pages, copied = checkpointer.checkpoint() or (1, -1, -2)
         assert busy == 0 and log_pages == copied  # the whole log is in the database file
+    finally:
+        store.close()
+
+
+def test_the_log_starts_again_under_a_steady_stream_of_commits(tmp_path):
+    """A bug hunt's one client stepping one run grew the log by 30 MB a second, without end: a
+    passive checkpoint copies the frames there when it starts, commits land while it copies,
+    so the writer never found the log all copied and never started it again. Where a passive
+    checkpoint leaves the log over ``RESTART_PAGES``, another holds the write slot; and the
+    file is cut back to ``WAL_KEEP_BYTES`` when the log starts again. The defaults: commits as
+    fast as a thread makes them, until the file is cut back (however slow the machine: it
+    takes ``WAL_KEEP_BYTES`` of commits first), or has grown past 16 times it (the tree before:
+    in 2-8 s)."""
+    db = tmp_path / "steady.db"
+    store = open_store(f"sqlite:///{db}")
+    try:
+        manager = RunManager(store, Settings(db=f"sqlite:///{db}"))
+        manager.create_run({"run_id": "r", "schedule": {"type": "StepLR", "step_size": 7}, "base_lrs": [0.1]})
+        wal, most, step, cut_back = f"{db}-wal", 0, 0, False
+        deadline = time.monotonic() + 120
+        while not cut_back and most < 16 * WAL_KEEP_BYTES and time.monotonic() < deadline:
+            step += 1
+            manager.step_run("r", step, {"loss": 1.0}, 0, 0)
+            if step % 20 == 0:
+                size = os.path.getsize(wal)
+                cut_back = most > WAL_KEEP_BYTES and size <= WAL_KEEP_BYTES
+                most = max(most, size)
+        assert cut_back, f"the log grew to {most / 2**20:.0f} MiB in {step} commits and never started again"
+        manager.close()
     finally:
         store.close()
 
