@@ -28,6 +28,7 @@ starts again, so a burst's log does not keep its size on disk for good.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -98,15 +99,16 @@ class Checkpointer:
         of the last, or ``None`` if the database failed (logged once per outage)."""
         found = self._passive()
         if found is not None and self._write_slot is not None and found[1] > RESTART_PAGES:
-            with self._write_slot:  # the log did not start again: commits landed while it copied
-                found = self._passive()
+            found = self._passive(holding=self._write_slot)  # commits landed while it copied
         return found
 
-    def _passive(self) -> tuple[int, int, int] | None:
+    def _passive(self, holding: AbstractContextManager[Any] | None = None) -> tuple[int, int, int] | None:
         try:
             raw = self._engine.raw_connection()
             try:
-                row: Any = raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
+                with holding or contextlib.nullcontext():  # its connection first: held for the copy alone
+                    row: Any = raw.driver_connection.execute(  # type: ignore[union-attr]
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             finally:
                 raw.close()
         # clients hear of it from writes; StoreUnavailable: the file guard refused a new connection
