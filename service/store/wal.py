@@ -18,8 +18,9 @@ log again from its beginning, as with SQLite's own checkpoints; durability is th
 Under a steady stream of commits, though, a passive checkpoint never finds the whole log
 copied (commits land while it copies), so the log never starts again: a bug hunt's one
 client stepping one run grew it by 30 MB a second, without end, until the disk was full.
-So where a passive checkpoint leaves more than ``RESTART_PAGES`` in the log, uncopied, the
-checkpointer runs another one holding this process's write slot (``write_slot``): it copies
+So where the log has grown past ``RESTART_PAGES`` since it last started (each checkpoint
+copied what was there, but commits landed meanwhile), the checkpointer runs another passive
+checkpoint holding this process's write slot (``write_slot``): it copies
 only the frames committed during the first (a few ms of this process's commits waiting),
 and waits for nothing (a reader keeping old frames only delays the restart to a later
 round). And ``journal_size_limit`` (``WAL_KEEP_BYTES``) truncates the file when the log
@@ -94,9 +95,9 @@ class Checkpointer:
             thread.join(10)
 
     def checkpoint(self) -> tuple[int, int, int] | None:
-        """A passive checkpoint now, and another holding the write slot where the first left
-        more than ``RESTART_PAGES`` uncopied: SQLite's ``(busy, log pages, pages checkpointed)``
-        of the last, or ``None`` if the database failed (logged once per outage)."""
+        """A passive checkpoint now, and another holding the write slot where the log has grown
+        past ``RESTART_PAGES`` since it last started: SQLite's ``(busy, log pages, pages
+        checkpointed)`` of the last, or ``None`` if the database failed (logged once per outage)."""
         found = self._passive()
         if found is not None and self._write_slot is not None and found[1] > RESTART_PAGES:
             found = self._passive(holding=self._write_slot)  # commits landed while it copied

@@ -109,8 +109,8 @@ def test_no_commit_runs_a_checkpoint_a_thread_of_the_store_does(tmp_path):
 def test_the_log_starts_again_under_a_steady_stream_of_commits(tmp_path):
     """A bug hunt's one client stepping one run grew the log by 30 MB a second, without end: a
     passive checkpoint copies the frames there when it starts, commits land while it copies,
-    so the writer never found the log all copied and never started it again. Where a passive
-    checkpoint leaves the log over ``RESTART_PAGES``, another holds the write slot; and the
+    so the writer never found the log all copied and never started it again. Where the log
+    has grown past ``RESTART_PAGES``, another checkpoint holds the write slot; and the
     file is cut back to ``WAL_KEEP_BYTES`` when the log starts again. The defaults: commits as
     fast as a thread makes them, until the file is cut back (however slow the machine: it
     takes ``WAL_KEEP_BYTES`` of commits first), or has grown past 16 times it (the tree before:
