@@ -555,7 +555,7 @@ class SqlStore(BaseStore):
                 with conn.begin():
                     yield conn
                     if write and self._guard is not None:
-                        self._guard.check()  # never commit (and acknowledge) into a file that is gone
+                        self._guard.check(log_open=True)  # never commit (and acknowledge) into a file gone
             if write and self.checkpointer is not None:
                 self.checkpointer.wrote()
 
@@ -607,7 +607,7 @@ class SqlStore(BaseStore):
                         begin_sqlite(cursor, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
                         yield cursor
                         if self._guard is not None:
-                            self._guard.check()  # never commit (and acknowledge) into a file that is gone
+                            self._guard.check(log_open=True)  # never commit (acknowledge) into a file gone
                         cursor.execute(_COMMIT)
                         if counted is not None:
                             counted.rows = max(int(counted.cursor.rowcount), 0)
@@ -1630,6 +1630,9 @@ class SqlStore(BaseStore):
             self._guard.check()
         with self._transaction() as conn:
             conn.execute(text("SELECT 1"))
+            if self._guard is not None:  # a read of the file: SQLite holds its log open now
+                conn.exec_driver_sql("PRAGMA schema_version")
+                self._guard.check(log_open=True)
 
     def close(self) -> None:
         """Release every pooled connection (idempotent)."""

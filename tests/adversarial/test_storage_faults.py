@@ -131,6 +131,28 @@ def test_moved_database_refuses_writes_until_it_is_back_and_loses_nothing(server
         assert history["metrics"]["loss"]["steps"] == list(range(1, acked + 2))
 
 
+def test_a_deleted_write_ahead_log_refuses_writes_and_a_clean_stop_keeps_every_acknowledged_step(server, db):
+    """``rm lrserve.db-wal`` under a running server: SQLite wrote on into the removed log, every
+    write was acknowledged and ``/readyz`` said ready; a kill -9 then lost them all (a bug
+    hunt: 20 steps). Now a write is a 503 and readiness fails, for good until a restart (a
+    connection opened later would start another log); a SIGTERM's last connection copies the
+    removed log, which the server still holds open, into the database: nothing acknowledged
+    is lost."""
+    acked = start_steps(server, 6)
+    served = httpx.get(f"{server.url}/v1/runs/r/lr", params={"step": 0, "ahead": acked}).json()
+    os.remove(f"{db}-wal")
+    for k in range(acked + 1, acked + 4):
+        assert_clean_503(step(server, k), db)
+    assert_clean_503(httpx.get(f"{server.url}/readyz"), db)
+    lines = log_lines(server, "left without its write-ahead log")
+    assert len(lines) == 1 and "SIGTERM, not kill -9" in lines[0]
+    server.stop()  # SIGTERM
+    with ServerProcess(f"sqlite:///{db}", db.parent.parent) as again:
+        assert httpx.get(f"{again.url}/v1/runs/r").json()["horizon"] == acked
+        assert httpx.get(f"{again.url}/v1/runs/r/lr", params={"step": 0, "ahead": acked}).json() == served
+        assert step(again, acked + 1).status_code == 200
+
+
 def test_the_first_start_creates_the_database_and_its_marker(db, tmp_path):
     db.parent.mkdir()
     with ServerProcess(f"sqlite:///{db}", tmp_path):
