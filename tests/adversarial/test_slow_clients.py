@@ -99,6 +99,53 @@ def test_a_request_head_over_64_kib_is_a_431_and_costs_no_memory(server):
             assert client.get("/healthz", headers={"X-Pad": "a" * (60 << 10)}).status_code == 200
 
 
+def test_answers_nobody_reads_are_dropped_after_the_request_timeout(server):
+    """Connections that ask a big window and never read it: each held its whole answer, closed
+    or not, for as long as the client kept it open (a bug hunt's 150 held 1.3 GB past 25 s).
+    Now one whose answer sits unread for the request timeout (10 s) is dropped, and its
+    memory with it. The defaults."""
+    import socket
+
+    run = {"run_id": "wide", "schedule": {"type": "StepLR", "step_size": 7}, "base_lrs": [0.1] * 64}
+    assert httpx.post(f"{server.url}/v1/runs", json=run, timeout=60).status_code == 201
+    host, port = server.url.removeprefix("http://").split(":")
+    ask = b"GET /v1/runs/wide/lr?step=0&ahead=10000 HTTP/1.1\r\nHost: x\r\n\r\n"
+    whole = len(httpx.get(f"{server.url}/v1/runs/wide/lr?step=0&ahead=10000", timeout=120).content)
+    assert whole > 4 << 20
+    before = _rss_mib(server.proc.pid)
+    readers = []
+    for _ in range(20):
+        conn = socket.socket()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer stays in the server
+        conn.connect((host, int(port)))
+        conn.sendall(ask)
+        readers.append(conn)
+    try:
+        deadline = time.monotonic() + 60
+        while _rss_mib(server.proc.pid) - before < 40 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        held = _rss_mib(server.proc.pid) - before
+        assert held >= 40  # the answers are in the server, unread
+        deadline = time.monotonic() + 60  # the request timeout is 10 s
+        while not server.log_tail().count("answer not read") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
+        assert _rss_mib(server.proc.pid) - before < held / 2, (before, held, _rss_mib(server.proc.pid))
+        for conn in readers:  # dropped: what the kernel held already, then the end
+            conn.settimeout(30)
+            got = 0
+            try:
+                while chunk := conn.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+            assert got < whole
+    finally:
+        for conn in readers:
+            conn.close()
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
 def test_a_flood_of_half_sent_requests_leaves_healthz_answering(server):
     """More than the 4,096 connections allowed. How many of them the server evicts (503) and
     how many time out (408) depends on how fast it accepts: the 4,097th is evicted only if
