@@ -10,7 +10,7 @@ Every exception the client raises on purpose derives from ``LRServiceError``::
     │   ├── InvalidRequest ........ 422 invalid_input: a bad field value (also a ``ValueError``)
     │   │   ├── InvalidSchedule ... 422 invalid_spec: the schedule spec is wrong
     │   │   └── ScheduleError ..... 422 schedule_error: torch itself would raise at that step
-    │   ├── LimitExceeded ......... 413 limit_exceeded
+    │   ├── LimitExceeded ......... 413 limit_exceeded, 431 request_head_too_large
     │   ├── AuthenticationError ... 401 unauthorized: missing or unknown token
     │   ├── PermissionDenied ...... 403 forbidden: the token's role may not do this
     │   ├── RunNotFound ........... 404 run_not_found
@@ -177,6 +177,7 @@ CODE_TO_EXCEPTION: dict[str, type[ServerError]] = {
     "invalid_spec": InvalidSchedule,
     "schedule_error": ScheduleError,
     "limit_exceeded": LimitExceeded,
+    "request_head_too_large": LimitExceeded,  # 431: the request's line and headers over 64 KiB
     "unauthorized": AuthenticationError,
     "forbidden": PermissionDenied,
     "run_not_found": RunNotFound,

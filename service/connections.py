@@ -161,13 +161,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._head is not None:  # the awaited request's headers are not all in yet
             self._head += len(data)
-            if self._head > MAX_HEAD_BYTES:
-                self._head = None
-                _too_large.add()
-                self._close_with(_answer(b"Request Header Fields Too Large", HeadTooLarge(
-                    f"the request's line and headers exceed {MAX_HEAD_BYTES} bytes")))
-                return
-        super().data_received(data)
+        super().data_received(data)  # may end them (``_head`` None), and the request (0)
+        if self._head is not None and self._head > MAX_HEAD_BYTES:  # still not all in: refused
+            self._head = None  # (at most one read, 256 KiB, parsed past the limit)
+            _too_large.add()
+            self._close_with(_answer(b"Request Header Fields Too Large", HeadTooLarge(
+                f"the request's line and headers exceed {MAX_HEAD_BYTES} bytes")))
 
     def on_headers_complete(self) -> None:
         self._head = None  # its body's size is the body limit's (LRSERVE_MAX_BODY_BYTES)

@@ -97,6 +97,16 @@ def test_a_request_head_over_64_kib_is_a_431_and_costs_no_memory(server):
     with httpx.Client(base_url=server.url, timeout=30) as client:
         for _ in range(3):  # each request's head counted on its own
             assert client.get("/healthz", headers={"X-Pad": "a" * (60 << 10)}).status_code == 200
+        # a body is not the head, though it comes in the same read (a first version refused
+        # a job's 1,000 logged metrics so)
+        run = {"run_id": "heads", "schedule": {"type": "StepLR", "step_size": 7}, "base_lrs": [0.1]}
+        assert client.post("/v1/runs", json=run).status_code == 201
+    records = [{"name": "loss", "step": k, "value": 1.0 / k} for k in range(1, 3001)]
+    body = json.dumps({"records": records}).encode()
+    one_write = (b"POST /v1/runs/heads/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    answer, _ = asyncio.run(_send_and_wait(server.url, one_write))  # as the client sends it: one write
+    assert answer.startswith(b"HTTP/1.1 202 "), answer[:200]
 
 
 def test_answers_nobody_reads_are_dropped_after_the_request_timeout(server):

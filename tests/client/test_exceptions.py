@@ -13,6 +13,7 @@ SERVER_CODES = {
     "invalid_input": (422, client.InvalidRequest),
     "schedule_error": (422, client.ScheduleError),
     "limit_exceeded": (413, client.LimitExceeded),
+    "request_head_too_large": (431, client.LimitExceeded),
     "run_not_found": (404, client.RunNotFound),
     "run_conflict": (409, client.RunConflict),
     "unauthorized": (401, client.AuthenticationError),
