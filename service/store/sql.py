@@ -555,7 +555,8 @@ class SqlStore(BaseStore):
                 with conn.begin():
                     yield conn
                     if write and self._guard is not None:
-                        self._guard.check(log_open=True)  # never commit (and acknowledge) into a file gone
+                        # never commit (and acknowledge) into a file gone
+                        self._guard.check(log_open=_in_wal(conn.connection.info))
             if write and self.checkpointer is not None:
                 self.checkpointer.wrote()
 
@@ -607,7 +608,7 @@ class SqlStore(BaseStore):
                         begin_sqlite(cursor, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
                         yield cursor
                         if self._guard is not None:
-                            self._guard.check(log_open=True)  # never commit (acknowledge) into a file gone
+                            self._guard.check(log_open=_in_wal(raw.info))  # never commit into a file gone
                         cursor.execute(_COMMIT)
                         if counted is not None:
                             counted.rows = max(int(counted.cursor.rowcount), 0)
@@ -1632,7 +1633,7 @@ class SqlStore(BaseStore):
             conn.execute(text("SELECT 1"))
             if self._guard is not None:  # a read of the file: SQLite holds its log open now
                 conn.exec_driver_sql("PRAGMA schema_version")
-                self._guard.check(log_open=True)
+                self._guard.check(log_open=_in_wal(conn.connection.info))
 
     def close(self) -> None:
         """Release every pooled connection (idempotent)."""
@@ -1783,6 +1784,12 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         yield cursor
     finally:
         cursor.close()
+
+
+def _in_wal(info: Mapping[str, Any]) -> bool:
+    """Whether a SQLite connection (its pool record's ``info``) is in WAL mode: then, inside a
+    transaction, SQLite holds its ``-wal`` file open (``FileIdentity.check(log_open=)``)."""
+    return bool(info.get(SQLITE_WAL))
 
 
 def _locked_run(run_id: str, status: str, horizon: int, last_seq: int, created_at: datetime) -> LockedRun:

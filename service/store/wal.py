@@ -19,17 +19,18 @@ Under a steady stream of commits, though, a passive checkpoint never finds the w
 copied (commits land while it copies), so the log never starts again: a bug hunt's one
 client stepping one run grew it by 30 MB a second, without end, until the disk was full.
 So where the log has grown past ``RESTART_PAGES`` since it last started (each checkpoint
-copied what was there, but commits landed meanwhile), the checkpointer runs another passive
-checkpoint holding this process's write slot (``write_slot``): it copies
-only the frames committed during the first (a few ms of this process's commits waiting),
-and waits for nothing (a reader keeping old frames only delays the restart to a later
-round). And ``journal_size_limit`` (``WAL_KEEP_BYTES``) truncates the file when the log
-starts again, so a burst's log does not keep its size on disk for good.
+copied what was there, but commits landed meanwhile, or readers kept old frames), the
+checkpointer runs a ``RESTART`` checkpoint holding this process's write slot
+(``write_slot``): SQLite's writer lock keeps other processes' writers out too, it copies
+only the frames committed during the first (a few ms of commits waiting), and it waits at
+most ``RESTART_WAIT_MS`` for a writer of another process and for readers still on the old
+log, so that the next writer starts the log again. And ``journal_size_limit``
+(``WAL_KEEP_BYTES``) truncates the file when the log starts again, so a burst's log does not
+keep its size on disk for good.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
 import threading
@@ -48,6 +49,10 @@ CHECKPOINT_EVERY_S = 0.5
 RESTART_PAGES = 4096
 """Pages a passive checkpoint may leave in the log uncopied before the next one holds the write
 slot (16 MiB of 4 KiB pages; SQLite's own automatic checkpoints start at 1,000 pages)."""
+RESTART_WAIT_MS = 50
+"""How long the held checkpoint waits for other processes' writers and for readers of the old
+log (then it copies what it can, as a passive one, and a later round tries again): every
+writer of the file waits meanwhile."""
 WAL_KEEP_BYTES = 16 << 20
 """``journal_size_limit``: the log file is truncated to this size when the log starts again."""
 
@@ -98,18 +103,29 @@ class Checkpointer:
         """A passive checkpoint now, and another holding the write slot where the log has grown
         past ``RESTART_PAGES`` since it last started: SQLite's ``(busy, log pages, pages
         checkpointed)`` of the last, or ``None`` if the database failed (logged once per outage)."""
-        found = self._passive()
+        found = self._checkpoint()
         if found is not None and self._write_slot is not None and found[1] > RESTART_PAGES:
-            found = self._passive(holding=self._write_slot)  # commits landed while it copied
+            found = self._checkpoint(restart=True)  # commits landed while it copied, or readers held on
         return found
 
-    def _passive(self, holding: AbstractContextManager[Any] | None = None) -> tuple[int, int, int] | None:
+    def _checkpoint(self, *, restart: bool = False) -> tuple[int, int, int] | None:
+        """``PASSIVE``; or, ``restart``, ``RESTART`` holding this process's write slot and waiting
+        at most ``RESTART_WAIT_MS`` for other processes' writers and for readers of the old log."""
         try:
-            raw = self._engine.raw_connection()
+            raw = self._engine.raw_connection()  # its connection first: the slot held for the copy alone
             try:
-                with holding or contextlib.nullcontext():  # its connection first: held for the copy alone
-                    row: Any = raw.driver_connection.execute(  # type: ignore[union-attr]
-                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                driver: Any = raw.driver_connection
+                if not restart:
+                    row: Any = driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                else:
+                    assert self._write_slot is not None
+                    waits = driver.execute("PRAGMA busy_timeout").fetchone()[0]
+                    driver.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+                    try:
+                        with self._write_slot:
+                            row = driver.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    finally:
+                        driver.execute(f"PRAGMA busy_timeout={int(waits)}")
             finally:
                 raw.close()
         # clients hear of it from writes; StoreUnavailable: the file guard refused a new connection

@@ -135,6 +135,60 @@ def test_the_log_starts_again_under_a_steady_stream_of_commits(tmp_path):
         store.close()
 
 
+def test_the_log_starts_again_with_two_processes_writing_and_a_reader_reading_all_along(tmp_path):
+    """Two stores on one file (as two server processes: a write slot each) commit all along,
+    and a reader reads a growing history back to back: the checkpoint that holds one process's
+    write slot must keep the other's writers out too, and wait for the readers of the old log
+    (``RESTART``, at most ``RESTART_WAIT_MS``); a passive one held the log growing (964 MiB
+    in 13 s with two processes)."""
+    import threading
+
+    db = tmp_path / "shared.db"
+    url = f"sqlite:///{db}"
+    stores = [open_store(url), open_store(url)]
+    managers = [RunManager(store, Settings(db=url)) for store in stores]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def steps(manager: RunManager, run_id: str) -> None:
+        manager.create_run({"run_id": run_id, "schedule": {"type": "StepLR", "step_size": 7},
+                            "base_lrs": [0.1]})
+        k = 0
+        try:
+            while not stop.is_set():
+                k += 1
+                manager.step_run(run_id, k, {"loss": 1.0}, 0, 0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    def reads() -> None:
+        while not stop.is_set():
+            stores[0].read_metrics("a")
+
+    threads = [threading.Thread(target=steps, args=(managers[0], "a")),
+               threading.Thread(target=steps, args=(managers[1], "b")), threading.Thread(target=reads)]
+    for thread in threads:
+        thread.start()
+    try:
+        wal, most, cut_back = f"{db}-wal", 0, False
+        deadline = time.monotonic() + 120
+        while not cut_back and most < 16 * WAL_KEEP_BYTES and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)
+            if os.path.exists(wal):
+                size = os.path.getsize(wal)
+                cut_back = most > WAL_KEEP_BYTES and size <= WAL_KEEP_BYTES
+                most = max(most, size)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        for manager, store in zip(managers, stores, strict=True):
+            manager.close()
+            store.close()
+    assert not errors, errors
+    assert cut_back, f"the log grew to {most / 2**20:.0f} MiB and never started again"
+
+
 def _checkpointing(path):
     """A store whose checkpoint thread runs (told of a write), and the thread."""
     store = open_store(f"sqlite:///{path}")
