@@ -47,8 +47,8 @@ log = logging.getLogger("lrserve")
 CHECKPOINT_EVERY_S = 0.5
 """At most one checkpoint per this many seconds, and only after a write."""
 RESTART_PAGES = 4096
-"""Pages a passive checkpoint may leave in the log uncopied before the next one holds the write
-slot (16 MiB of 4 KiB pages; SQLite's own automatic checkpoints start at 1,000 pages)."""
+"""Pages the log may hold since it last started before a checkpoint holds the write slot to
+start it again (16 MiB of 4 KiB pages; SQLite's own automatic checkpoints start at 1,000)."""
 RESTART_WAIT_MS = 50
 """How long the held checkpoint waits for other processes' writers and for readers of the old
 log (then it copies what it can, as a passive one, and a later round tries again): every
