@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def write_marker(database: Path) -> None:
                     marker, exc.strerror)
 
 
-_LOG_DELETED = "left without its write-ahead log (its -wal file deleted)"
+_LOG_DELETED = "left without its write-ahead log (its -wal file deleted or replaced)"
 _LOG_GONE = (" (stop the server with SIGTERM, not kill -9: its last connection's close copies the "
              "removed log, which it still holds open, into the database file, with every commit "
              "acknowledged before)")
@@ -111,11 +112,51 @@ class FileIdentity:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._where = str(path)  # ``os.stat`` of a str: a Path is turned into one on every call
-        self._log = self._where + "-wal"
-        self._log_lost = False
         self._identity = self._stat()
         self._problem: str | None = None
         self._lock = threading.Lock()
+        self._log = self._where + "-wal"
+        self._log_lost = False
+        self._log_identity: tuple[int, int] | None = None
+        self._holding: sqlite3.Connection | None = None
+        self._hold_log()
+
+    def _hold_log(self) -> None:
+        """Keep a connection of our own open on the file for the store's life, once it has read
+        the file (so SQLite has its write-ahead log open), and note the log's identity. While
+        any connection to the file is open SQLite neither deletes nor starts another log file,
+        in this process or any other: a log missing or another file is someone else's doing."""
+        try:
+            holding = sqlite3.connect(self._where, check_same_thread=False)
+            holding.execute("PRAGMA schema_version").fetchone()
+            if holding.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                holding.close()  # no log to watch (a file SQLite keeps out of WAL mode)
+                return
+            st = os.stat(self._log)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("cannot watch the write-ahead log of %s (%s): its removal would not be noticed",
+                        self.path, exc)
+            return
+        self._holding, self._log_identity = holding, (st.st_dev, st.st_ino)
+
+    def _log_gone(self) -> bool:
+        if self._log_lost:
+            return True
+        if self._log_identity is None:
+            return False
+        try:
+            st = os.stat(self._log)
+        except FileNotFoundError:
+            self._log_lost = True
+            return True
+        self._log_lost = (st.st_dev, st.st_ino) != self._log_identity
+        return self._log_lost
+
+    def close(self) -> None:
+        """Close the connection that holds the log (the store's last)."""
+        holding, self._holding = self._holding, None
+        if holding is not None:
+            holding.close()
 
     def _stat(self) -> tuple[int, int] | None:
         try:
@@ -124,24 +165,22 @@ class FileIdentity:
             return None
         return st.st_dev, st.st_ino
 
-    def check(self, *, log_open: bool = False) -> None:
-        """Raises StoreUnavailable if the file at the path is not the one opened; with
-        ``log_open`` (a transaction of this store holds the file, so SQLite has its write-ahead
-        log open), also if that log's file is gone: SQLite writes on into the removed one, and
-        a commit acknowledged then is lost with it (a bug hunt's ``rm lrserve.db-wal``: 20
-        steps acknowledged, then gone after a kill -9). Not replaced by a check of the log's
-        identity: SQLite itself starts a new one after the last connection to the file closes.
+    def check(self) -> None:
+        """Raises StoreUnavailable if the file at the path is not the one opened, or its
+        write-ahead log not the one SQLite holds open (``_hold_log``): SQLite writes on into a
+        removed log, and a commit acknowledged then is lost with it (a bug hunt's ``rm
+        lrserve.db-wal``: 20 steps acknowledged, then gone after a kill -9). The log's loss is
+        for good, until a restart: a connection opened later would start another log beside the
+        removed one the others still write to (another bug hunt's: the check of the log's
+        presence alone passed again once the checkpoint thread had opened one).
 
-        Cost: one ``stat`` (about a microsecond; two with ``log_open``), once per write
-        transaction and once per connection the pool opens (``refuse_another_file``).
+        Cost: two ``stat`` calls (about a microsecond each), once per write transaction and
+        once per connection the pool opens (``refuse_another_file``).
         """
         problem: str | None = None
         try:
             now = self._stat()
-            if self._log_lost or (log_open and now == self._identity and not os.path.exists(self._log)):
-                # for good, until a restart: a connection opened later would start another log
-                # beside the removed one the others still write to
-                self._log_lost = True
+            if now == self._identity and self._log_gone():
                 problem = _LOG_DELETED
         except OSError as exc:  # the directory itself went away or is unreadable
             now, problem = None, f"cannot be checked ({exc.strerror})"

@@ -555,8 +555,7 @@ class SqlStore(BaseStore):
                 with conn.begin():
                     yield conn
                     if write and self._guard is not None:
-                        # never commit (and acknowledge) into a file gone
-                        self._guard.check(log_open=_in_wal(conn.connection.info))
+                        self._guard.check()  # never commit (and acknowledge) into a file that is gone
             if write and self.checkpointer is not None:
                 self.checkpointer.wrote()
 
@@ -608,7 +607,7 @@ class SqlStore(BaseStore):
                         begin_sqlite(cursor, "IMMEDIATE NOW" if now else "IMMEDIATE", raw.info)
                         yield cursor
                         if self._guard is not None:
-                            self._guard.check(log_open=_in_wal(raw.info))  # never commit into a file gone
+                            self._guard.check()  # never commit (and acknowledge) into a file that is gone
                         cursor.execute(_COMMIT)
                         if counted is not None:
                             counted.rows = max(int(counted.cursor.rowcount), 0)
@@ -1631,9 +1630,6 @@ class SqlStore(BaseStore):
             self._guard.check()
         with self._transaction() as conn:
             conn.execute(text("SELECT 1"))
-            if self._guard is not None:  # a read of the file: SQLite holds its log open now
-                conn.exec_driver_sql("PRAGMA schema_version")
-                self._guard.check(log_open=_in_wal(conn.connection.info))
 
     def close(self) -> None:
         """Release every pooled connection (idempotent)."""
@@ -1644,6 +1640,8 @@ class SqlStore(BaseStore):
         if kept is not None:
             kept[0].close()
         self._engine.dispose()
+        if self._guard is not None:
+            self._guard.close()
 
 
 class SqlRunTransaction(RunTransaction):
@@ -1784,12 +1782,6 @@ def _cursor(conn: Connection) -> Iterator[Any]:
         yield cursor
     finally:
         cursor.close()
-
-
-def _in_wal(info: Mapping[str, Any]) -> bool:
-    """Whether a SQLite connection (its pool record's ``info``) is in WAL mode: then, inside a
-    transaction, SQLite holds its ``-wal`` file open (``FileIdentity.check(log_open=)``)."""
-    return bool(info.get(SQLITE_WAL))
 
 
 def _locked_run(run_id: str, status: str, horizon: int, last_seq: int, created_at: datetime) -> LockedRun:

@@ -141,11 +141,18 @@ def test_a_deleted_write_ahead_log_refuses_writes_and_a_clean_stop_keeps_every_a
     acked = start_steps(server, 6)
     served = httpx.get(f"{server.url}/v1/runs/r/lr", params={"step": 0, "ahead": acked}).json()
     os.remove(f"{db}-wal")
+    assert_clean_503(step(server, acked + 1), db)
+    # a connection opened now starts another log at the path (a first version, which looked
+    # for the file alone, passed again once one had: its commits went into the void again)
+    other = sqlite3.connect(db)
+    other.execute("PRAGMA schema_version").fetchone()
+    assert os.path.exists(f"{db}-wal")
     for k in range(acked + 1, acked + 4):
         assert_clean_503(step(server, k), db)
     assert_clean_503(httpx.get(f"{server.url}/readyz"), db)
     lines = log_lines(server, "left without its write-ahead log")
     assert len(lines) == 1 and "SIGTERM, not kill -9" in lines[0]
+    other.close()
     server.stop()  # SIGTERM
     with ServerProcess(f"sqlite:///{db}", db.parent.parent) as again:
         assert httpx.get(f"{again.url}/v1/runs/r").json()["horizon"] == acked
