@@ -171,8 +171,8 @@ class FileIdentity:
         removed log, and a commit acknowledged then is lost with it (a bug hunt's ``rm
         lrserve.db-wal``: 20 steps acknowledged, then gone after a kill -9). The log's loss is
         for good, until a restart: a connection opened later would start another log beside the
-        removed one the others still write to (another bug hunt's: the check of the log's
-        presence alone passed again once the checkpoint thread had opened one).
+        removed one the others still write to (a first version checked the log's presence
+        alone: it passed again once the checkpoint thread had opened a connection, under load).
 
         Cost: two ``stat`` calls (about a microsecond each), once per write transaction and
         once per connection the pool opens (``refuse_another_file``).
