@@ -79,7 +79,7 @@ class LRServeCallback(TrainerCallback):
         self.name = reported_name(scheduler, self.monitor)
         scheduler.reports_after_step = True
         self.scheduler = scheduler
-        self.stepped = False
+        self.stepped, self.reported_at = False, None  # a train() of its own (the callback reused)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **_: Any) -> None:
         if self.scheduler is None or not self.stepped or self.reported_at == state.global_step:

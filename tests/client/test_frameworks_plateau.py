@@ -172,6 +172,29 @@ def test_hf_callback_raises_when_no_evaluation_of_a_step_had_the_metric(server, 
     assert httpx.get(f"{server.url}/v1/runs/hf-no-loss/history", timeout=30).json()["metrics"] == {}
 
 
+def test_hf_callback_reused_for_another_train_reports_its_evaluations(server, tmp_path):
+    """The step last reported was kept from one ``train()`` to the next: a second training with
+    the same callback skipped its evaluation at that step as decided already."""
+    import transformers
+    from lrserve.client.integrations.huggingface import LRServeCallback
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch", use_cpu=True,
+                                          report_to=[])
+    callback = LRServeCallback()
+    reported: list[tuple[str, dict]] = []
+    for run_id in ("hf-reused-1", "hf-reused-2"):
+        state, control = transformers.TrainerState(), transformers.TrainerControl()
+        with RemoteScheduler(torch.optim.SGD(job.net().parameters(), lr=0.1), job.PLATEAU, run_id=run_id,
+                             url=server.url) as sched:
+            sched.report = lambda run_id=run_id, **values: reported.append((run_id, values))  # type: ignore[method-assign]
+            callback.on_train_begin(args, state, control, lr_scheduler=sched)
+            callback.on_step_begin(args, state, control)
+            state.global_step = 8
+            callback.on_evaluate(args, state, control, metrics={"eval_loss": 1.0})
+            callback.on_train_end(args, state, control)
+    assert reported == [("hf-reused-1", {"val_loss": 1.0}), ("hf-reused-2", {"val_loss": 1.0})]
+
+
 def test_hf_callback_needs_a_remote_scheduler(tmp_path):
     from lrserve.client.integrations.huggingface import LRServeCallback
 
