@@ -15,6 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.servers import rss_of
 from tests.adversarial.flood import flood
 from tests.live_server import ServerProcess, free_port
 
@@ -49,8 +50,7 @@ def test_a_request_that_never_finishes_is_a_408_after_the_timeout(server):
 
 
 def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+    return rss_of(pid) / 2**20
 
 
 async def _stream_head(url: str, first: bytes, more: bytes, most: int) -> tuple[int, bytes]:
